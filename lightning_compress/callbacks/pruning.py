@@ -1,0 +1,355 @@
+"""MagnitudePruning: gradual magnitude pruning as a Lightning callback."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_compress.core.distributed import broadcast_from_rank_zero
+from lightning_compress.core.reporting import report_table
+from lightning_compress.core.schedule import StepLike, resolve_step, steps_are_ordered, validate_step
+from lightning_compress.core.targeting import Target, select_layers, validate_targets
+from lightning_compress.core.transforms import (
+    Stage,
+    add_weight_transform,
+    raw_weight,
+    remove_weight_transform,
+    weight_before,
+)
+from lightning_compress.sparsity.masks import (
+    MaskedWeight,
+    SparsityPattern,
+    check_nm_compatible,
+    global_masks,
+    layer_mask,
+    pack_mask,
+    unpack_mask,
+)
+from lightning_compress.sparsity.schedules import SCHEDULES, scheduled_sparsity
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_STATE_VERSION = 1
+# With `update_every=None` the masks change this many times over the schedule.
+_DEFAULT_UPDATES = 20
+
+
+class MagnitudePruning(Callback):
+    r"""Prune the smallest weights gradually while the model trains.
+
+    The sparsity target follows Zhu & Gupta's cubic schedule (or a linear or one-shot
+    one) in optimizer steps, and at each update the lowest-magnitude weights are masked.
+    Masked weights are exactly zero from then on: the mask multiplies the weight in the
+    forward pass (so their gradients and optimizer state are zero) and the stored weight
+    is zeroed after every optimizer step, so the checkpoint and the trained module hold
+    the sparse weights and load into your unmodified class.
+
+    Example::
+
+        trainer = Trainer(callbacks=[MagnitudePruning(0.8, end_step=0.7)])
+
+    Args:
+        final_sparsity: fraction of the targeted weights pruned at ``end_step``, in
+            ``[0, 1)``. Defaults to 0.5, or to ``(M - N) / M`` for an N:M ``pattern``
+            (which fixes it).
+        initial_sparsity: the sparsity at ``start_step``.
+        schedule: ``"cubic"`` (Zhu & Gupta), ``"linear"`` or ``"one_shot"`` (prune to
+            ``final_sparsity`` at ``start_step``).
+        start_step: first pruning step: an int optimizer step, or a float in ``[0, 1]``
+            read as a fraction of ``trainer.estimated_stepping_batches``.
+        end_step: step at which ``final_sparsity`` is reached (same forms). Masks stay
+            applied after it.
+        update_every: optimizer steps between mask updates; ``None`` spreads 20 updates
+            over the schedule.
+        pattern: ``"unstructured"`` (single weights), ``"structured"`` (whole output
+            channels / filters by ``norm``) or ``"N:M"`` such as ``"2:4"`` (N kept in
+            every M consecutive weights along the input dimension).
+        scope: ``"layer"`` (every layer reaches the target) or ``"global"`` (one
+            threshold over all targeted layers).
+        norm: 1 or 2: the norm that ranks channels for ``pattern="structured"``.
+        targets: layer types and/or name globs to prune; ``None`` prunes every Linear
+            and Conv layer. Biases and norm layers are never pruned.
+        exclude: layer types and/or name globs to leave dense.
+    """
+
+    def __init__(
+        self,
+        final_sparsity: float | None = None,
+        *,
+        initial_sparsity: float = 0.0,
+        schedule: str = "cubic",
+        start_step: StepLike = 0,
+        end_step: StepLike = 0.75,
+        update_every: int | None = None,
+        pattern: str = "unstructured",
+        scope: str = "layer",
+        norm: int = 1,
+        targets: Sequence[Target] | None = None,
+        exclude: Sequence[Target] | None = None,
+    ) -> None:
+        self.pattern = SparsityPattern.parse(pattern)
+        fixed = self.pattern.fixed_sparsity
+        if final_sparsity is None:
+            final_sparsity = 0.5 if fixed is None else fixed
+        _check_fraction("final_sparsity", final_sparsity)
+        _check_fraction("initial_sparsity", initial_sparsity)
+        if fixed is not None and abs(final_sparsity - fixed) > 1e-12:
+            raise ValueError(
+                f"`pattern`='{self.pattern}' fixes the sparsity at {fixed}; leave"
+                f" `final_sparsity` unset (got {final_sparsity})"
+            )
+        if initial_sparsity > final_sparsity:
+            raise ValueError(
+                f"`initial_sparsity`={initial_sparsity} exceeds `final_sparsity`={final_sparsity};"
+                " sparsity only grows during pruning"
+            )
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown `schedule` {schedule!r}; choose one of {SCHEDULES}")
+        validate_step("start_step", start_step)
+        validate_step("end_step", end_step)
+        if schedule != "one_shot" and steps_are_ordered(start_step, end_step) is False:
+            raise ValueError(
+                f"`end_step`={end_step} must come after `start_step`={start_step}"
+            )
+        if update_every is not None and (
+            isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1
+        ):
+            raise ValueError(f"`update_every` must be a positive int or None, got {update_every!r}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"unknown `scope` {scope!r}; choose 'layer' or 'global'")
+        if scope == "global" and self.pattern.kind == "n:m":
+            raise ValueError(
+                f"`scope`='global' cannot be combined with `pattern`='{self.pattern}': N:M fixes"
+                " every group's sparsity. Use scope='layer'."
+            )
+        if norm not in (1, 2):
+            raise ValueError(f"`norm` must be 1 or 2, got {norm!r}")
+
+        self.final_sparsity = float(final_sparsity)
+        self.initial_sparsity = float(initial_sparsity)
+        self.schedule = schedule
+        self.start_step = start_step
+        self.end_step = end_step
+        self.update_every = update_every
+        self.scope = scope
+        self.norm = norm
+        self.targets = validate_targets("targets", targets, PRUNABLE_TYPES)
+        self.exclude = validate_targets("exclude", exclude, PRUNABLE_TYPES)
+
+        self._layers: Dict[str, nn.Module] = {}
+        self._masks: Dict[str, MaskedWeight] = {}
+        self._restored: Dict[str, Any] | None = None
+        self._applied_sparsity = 0.0
+        self._actual_sparsity = 0.0
+        self._window: tuple[int, int, int] | None = None
+        self._hook_handles: List[Any] = []
+        self._last_logged_step = -1
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def state_key(self) -> str:
+        # Two pruning callbacks over different layers keep separate checkpoint state.
+        return self._generate_state_key(
+            targets=_describe(self.targets), exclude=_describe(self.exclude), pattern=str(self.pattern)
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._layers = select_layers(
+            pl_module,
+            targets=self.targets,
+            exclude=self.exclude,
+            supported=PRUNABLE_TYPES,
+            default=DEFAULT_TARGET_TYPES,
+        )
+        for name, layer in self._layers.items():
+            check_nm_compatible(name, raw_weight(layer), self.pattern)
+            transform = MaskedWeight()
+            add_weight_transform(layer, Stage.MASK, transform)
+            self._masks[name] = transform
+        if self._restored is not None:
+            self._apply_restored()
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._window = self._resolve_window(trainer.estimated_stepping_batches)
+        for optimizer in trainer.optimizers:
+            # After every optimizer step, not every batch: right under gradient
+            # accumulation and manual optimization alike.
+            self._hook_handles.append(optimizer.register_step_post_hook(self._zero_pruned_weights))
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        start, end, every = self._window
+        target = scheduled_sparsity(
+            step,
+            initial=self.initial_sparsity,
+            final=self.final_sparsity,
+            start=start,
+            end=end,
+            update_every=every,
+            kind=self.schedule,
+        )
+        if target is not None and target != self._applied_sparsity:
+            self._update_masks(target)
+        if step != self._last_logged_step:
+            self._last_logged_step = step
+            pl_module.log_dict(
+                {
+                    "pruning/sparsity_scheduled": 0.0 if target is None else target,
+                    "pruning/sparsity_actual": self._actual_sparsity,
+                },
+                on_step=True,
+                on_epoch=False,
+            )
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        report_table(
+            trainer,
+            "pruning/layers",
+            ["layer", "type", "params", "zeros", "sparsity"],
+            self.layer_report(),
+        )
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        # The stored weights are already zero where masked, so the user gets back their
+        # own layer classes holding the sparse weights; a later fit re-attaches the masks.
+        self._restored = self._state_of_masks()
+        for name, layer in self._layers.items():
+            remove_weight_transform(layer, Stage.MASK)
+        self._masks.clear()
+        self._layers.clear()
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "pattern": str(self.pattern),
+            "applied_sparsity": self._applied_sparsity,
+            "actual_sparsity": self._actual_sparsity,
+            "masks": self._state_of_masks() if self._masks else (self._restored or {}),
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"MagnitudePruning state version {state_dict.get('version')!r} is not"
+                f" {_STATE_VERSION}; the checkpoint comes from another lightning-compress version"
+            )
+        if state_dict["pattern"] != str(self.pattern):
+            raise ValueError(
+                f"the checkpoint was pruned with pattern '{state_dict['pattern']}' but this"
+                f" MagnitudePruning uses `pattern`='{self.pattern}'; resume with the same pattern"
+            )
+        self._applied_sparsity = float(state_dict["applied_sparsity"])
+        self._actual_sparsity = float(state_dict["actual_sparsity"])
+        self._restored = dict(state_dict["masks"])
+        if self._masks:  # restored after setup (the usual order): apply now
+            self._apply_restored()
+
+    # ------------------------------------------------------------------ public helpers
+    def layer_report(self) -> List[List[Any]]:
+        """Rows of ``[layer, type, params, zeros, sparsity]`` for the targeted layers."""
+        rows = []
+        for name, layer in self._layers.items():
+            weight = layer.weight.detach()
+            zeros = int((weight == 0).sum())
+            rows.append([name, type(layer).__name__, weight.numel(), zeros, zeros / weight.numel()])
+        return rows
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the targeted weights the masks prune now."""
+        return self._actual_sparsity
+
+    # ------------------------------------------------------------------ internals
+    def _resolve_window(self, total_steps: float) -> tuple[int, int, int]:
+        start = resolve_step("start_step", self.start_step, total_steps)
+        end = resolve_step("end_step", self.end_step, total_steps)
+        if self.schedule == "one_shot":
+            end = start
+        elif end <= start:
+            raise ValueError(
+                f"`end_step` resolves to step {end}, not after `start_step` (step {start}) in this"
+                f" run of {total_steps} steps; move `end_step` later"
+            )
+        elif end > total_steps:
+            rank_zero_warn(
+                f"MagnitudePruning: `end_step` is step {end} but the run has {total_steps}"
+                f" optimizer steps; `final_sparsity`={self.final_sparsity} will not be reached."
+            )
+        every = self.update_every or max(1, (end - start) // _DEFAULT_UPDATES)
+        return start, end, every
+
+    @torch.no_grad()
+    def _update_masks(self, sparsity: float) -> None:
+        # Score what the MASK stage sees: the merged weight when adapters sit below it.
+        weights = {name: weight_before(layer, Stage.MASK) for name, layer in self._layers.items()}
+        if self.scope == "global":
+            keeps = global_masks(weights, sparsity, self.pattern, self.norm)
+        else:
+            keeps = {n: layer_mask(w, sparsity, self.pattern, self.norm) for n, w in weights.items()}
+        names = list(keeps)
+        packed = broadcast_from_rank_zero([pack_mask(keeps[n]) for n in names])
+        for name, bits in zip(names, packed):
+            self._set_mask(name, unpack_mask(bits, keeps[name].shape))
+        self._applied_sparsity = sparsity
+        self._actual_sparsity = self._measure()
+
+    def _set_mask(self, name: str, keep: torch.Tensor) -> None:
+        weight = raw_weight(self._layers[name])
+        self._masks[name].set(keep, like=weight)
+        with torch.no_grad():
+            weight.mul_(self._masks[name].mask)
+
+    def _measure(self) -> float:
+        pruned = sum(int((t.mask == 0).sum()) for t in self._masks.values() if t.mask is not None)
+        total = sum(raw_weight(layer).numel() for layer in self._layers.values())
+        return pruned / total
+
+    @torch.no_grad()
+    def _zero_pruned_weights(self, *_: Any) -> None:
+        for name, transform in self._masks.items():
+            if transform.mask is not None:
+                raw_weight(self._layers[name]).mul_(transform.mask)
+
+    def _state_of_masks(self) -> Dict[str, Any]:
+        state = {}
+        for name, transform in self._masks.items():
+            if transform.mask is not None:
+                keep = transform.keep
+                state[name] = {"packed": pack_mask(keep).cpu(), "shape": list(keep.shape)}
+        return state
+
+    def _apply_restored(self) -> None:
+        restored, self._restored = self._restored or {}, None
+        unknown = sorted(set(restored) - set(self._layers))
+        if unknown:
+            raise ValueError(
+                f"the checkpoint holds pruning masks for layers this MagnitudePruning does not"
+                f" target: {unknown}. Resume with the same `targets` and `exclude`."
+            )
+        for name, entry in restored.items():
+            self._set_mask(name, unpack_mask(entry["packed"], tuple(entry["shape"])))
+        self._actual_sparsity = self._measure()
+
+
+def _check_fraction(argument: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"`{argument}` must be a number in [0, 1), got {value!r}")
+
+
+def _describe(targets: Sequence[Target] | None) -> str:
+    if targets is None:
+        return "default"
+    return ",".join(t if isinstance(t, str) else t.__name__ for t in targets)

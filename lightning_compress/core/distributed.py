@@ -1,0 +1,35 @@
+"""Keeping compression state identical on every rank."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_from_rank_zero(tensors: List[Tensor]) -> List[Tensor]:
+    """Return ``tensors`` as rank 0 holds them, on every rank, in one collective.
+
+    Masks and quantizer ranges are computed on every rank from weights that DDP keeps
+    identical; broadcasting rank 0's copy makes agreement a guarantee rather than a
+    consequence of deterministic kernels (GPU top-k ties, reduction order).
+    All tensors must share one dtype (pack masks to uint8 first: 1/8 of the bytes).
+    """
+    if not tensors or not is_distributed():
+        return tensors
+    flat = torch.cat([t.detach().flatten() for t in tensors])
+    if dist.get_backend() == "nccl":
+        flat = flat.cuda()
+    dist.broadcast(flat, src=0)
+    out, offset = [], 0
+    for tensor in tensors:
+        chunk = flat[offset : offset + tensor.numel()].view_as(tensor)
+        out.append(chunk.to(tensor.device))
+        offset += tensor.numel()
+    return out

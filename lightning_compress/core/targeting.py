@@ -1,0 +1,144 @@
+"""Choosing which layers a callback compresses.
+
+A target is either a layer type (``nn.Linear``) or a glob over fully-qualified module
+names (``"encoder.*.ffn.*"``). A glob matches the whole name or a trailing part of it, so
+``"query"`` selects ``encoder.layer.0.attention.self.query`` as PEFT's
+``target_modules`` does. A glob that selects nothing is an error listing close names:
+a typo must never silently compress nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Dict, Iterable, Sequence, Tuple, Type, Union
+
+from torch import nn
+
+Target = Union[str, Type[nn.Module]]
+
+
+def validate_targets(
+    argument: str, targets: Sequence[Target] | None, supported: Tuple[type, ...]
+) -> Tuple[Target, ...] | None:
+    """Check a ``targets``/``exclude`` argument at ``__init__`` time.
+
+    Raises:
+        ValueError: naming ``argument`` for an entry that is neither a non-empty string
+            nor a supported layer type.
+    """
+    if targets is None:
+        return None
+    if isinstance(targets, (str, type)):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)):
+        raise ValueError(
+            f"`{argument}` must be a list of layer types or name globs, got {type(targets).__name__}"
+        )
+    for target in targets:
+        if isinstance(target, str):
+            if not target.strip():
+                raise ValueError(f"`{argument}` has an empty name pattern; remove it")
+        elif isinstance(target, type) and issubclass(target, nn.Module):
+            if not issubclass(target, supported):
+                names = ", ".join(t.__name__ for t in supported)
+                raise ValueError(
+                    f"`{argument}` names the layer type {target.__name__}, which this method"
+                    f" cannot compress; supported types: {names}"
+                )
+        else:
+            raise ValueError(
+                f"`{argument}` entries must be layer types or name globs, got {target!r}"
+            )
+    return tuple(targets)
+
+
+def select_layers(
+    root: nn.Module,
+    *,
+    targets: Sequence[Target] | None,
+    exclude: Sequence[Target] | None,
+    supported: Tuple[type, ...],
+    default: Tuple[type, ...],
+    argument: str = "targets",
+) -> Dict[str, nn.Module]:
+    """Return ``{qualified name: layer}`` for the layers a callback should compress.
+
+    Args:
+        root: the LightningModule (names are relative to it).
+        targets: types or globs; ``None`` selects every layer of the ``default`` types.
+        exclude: types or globs removed from the selection.
+        supported: the layer types the method can compress; anything else is skipped by
+            type targets and rejected when a glob selects only unsupported layers.
+        default: the types chosen when ``targets`` is ``None``.
+
+    Raises:
+        ValueError: a glob matches no layer (with close names), a glob matches only
+            layers of unsupported types, or nothing at all is selected.
+    """
+    named = [(name, module) for name, module in root.named_modules() if name]
+    candidates = {name: module for name, module in named if _compressible(module, supported)}
+
+    if targets is None:
+        selected = {n: m for n, m in candidates.items() if isinstance(m, default)}
+    else:
+        selected = {}
+        for target in targets:
+            matches = _match(target, named)
+            if isinstance(target, str):
+                if not matches:
+                    raise ValueError(_no_match_message(argument, target, named))
+                usable = {n: m for n, m in matches.items() if n in candidates}
+                if not usable:
+                    kinds = sorted({type(m).__name__ for m in matches.values()})
+                    raise ValueError(
+                        f"`{argument}` pattern {target!r} matches only layers of unsupported"
+                        f" types ({', '.join(kinds)}); supported:"
+                        f" {', '.join(t.__name__ for t in supported)}"
+                    )
+                selected.update(usable)
+            else:
+                selected.update({n: m for n, m in matches.items() if n in candidates})
+
+    for pattern in exclude or ():
+        matches = _match(pattern, named)
+        if isinstance(pattern, str) and not matches:
+            raise ValueError(_no_match_message("exclude", pattern, named))
+        for name in matches:
+            selected.pop(name, None)
+
+    if not selected:
+        raise ValueError(
+            f"`{argument}` selects no layer of {type(root).__name__}"
+            f" (supported types: {', '.join(t.__name__ for t in supported)})."
+            " Check `targets` and `exclude`."
+        )
+    # Model order, so reports and checkpoints list layers as the model defines them.
+    return {name: selected[name] for name, _ in named if name in selected}
+
+
+def _compressible(module: nn.Module, supported: Tuple[type, ...]) -> bool:
+    return isinstance(module, supported) and module._parameters.get("weight") is not None
+
+
+def _match(target: Target, named: Iterable[Tuple[str, nn.Module]]) -> Dict[str, nn.Module]:
+    if isinstance(target, str):
+        return {
+            n: m
+            for n, m in named
+            if fnmatch.fnmatchcase(n, target) or fnmatch.fnmatchcase(n, "*." + target)
+        }
+    return {n: m for n, m in named if isinstance(m, target)}
+
+
+def _no_match_message(argument: str, pattern: str, named: Iterable[Tuple[str, nn.Module]]) -> str:
+    names = [n for n, _ in named]
+    # Compare against whole names and their last components ("qurey" vs "query").
+    pool = sorted(set(names) | {n.rsplit(".", 1)[-1] for n in names})
+    close = difflib.get_close_matches(pattern, pool, n=5, cutoff=0.5)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return (
+        f"`{argument}` pattern {pattern!r} matches no module.{hint}"
+        f" Module names look like: {sample}"
+    )

@@ -1,0 +1,1 @@
+"""Small, download-free examples used by the demo, the tests and the benchmarks."""

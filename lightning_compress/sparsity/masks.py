@@ -1,0 +1,227 @@
+"""Magnitude masks: unstructured, structured (output channels) and N:M.
+
+Pure torch, no Lightning. A mask is a bool tensor shaped like the weight, ``True`` where
+the weight is kept. Every function prunes an exact count (ties broken by position), so
+the masks are deterministic: identical weights on every DDP rank give identical masks,
+and a resumed run recomputes exactly the masks of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Mapping
+
+import torch
+from torch import Tensor
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class SparsityPattern:
+    """What a unit of pruning is: one weight, one output channel, or N-of-M groups."""
+
+    kind: str  # "unstructured" | "structured" | "n:m"
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "SparsityPattern":
+        """Read ``"unstructured"``, ``"structured"`` or ``"N:M"`` (e.g. ``"2:4"``).
+
+        Raises:
+            ValueError: an unknown pattern, or N:M with ``N >= M`` or ``N < 1``.
+        """
+        if not isinstance(text, str):
+            raise ValueError(f"`pattern` must be a string, got {text!r}")
+        lowered = text.strip().lower()
+        if lowered in ("unstructured", "structured"):
+            return cls(lowered)
+        match = _NM.match(lowered)
+        if not match:
+            raise ValueError(
+                f"unknown `pattern` {text!r}; choose 'unstructured', 'structured' or 'N:M'"
+                " such as '2:4'"
+            )
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 1 <= n < m:
+            raise ValueError(
+                f"`pattern`={text!r} must keep N of every M weights with 1 <= N < M (e.g. '2:4')"
+            )
+        return cls("n:m", n, m)
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """The sparsity an N:M pattern implies; ``None`` for the others."""
+        return (self.m - self.n) / self.m if self.kind == "n:m" else None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "n:m" else self.kind
+
+
+def layer_mask(weight: Tensor, sparsity: float, pattern: SparsityPattern, norm: int = 1) -> Tensor:
+    """Keep-mask for one layer at ``sparsity``, pruning the lowest-magnitude units.
+
+    Args:
+        weight: ``[out, in, *kernel]`` (Linear, Conv, Embedding).
+        sparsity: fraction of the weights to prune.
+        pattern: unit of pruning. Structured prunes whole output channels (rows of
+            ``weight``); N:M prunes within groups of ``m`` consecutive weights along the
+            input dimension and reaches exactly N:M at ``sparsity = (m - n) / m``.
+        norm: 1 or 2, the channel norm for structured pruning.
+    """
+    weight = weight.detach()
+    if pattern.kind == "structured":
+        scores = _channel_scores(weight, norm)
+        prune = _lowest(scores, round(sparsity * scores.numel()))
+        return _expand_channels(~prune, weight)
+    scores = _element_scores(weight, pattern)
+    count = round(sparsity * weight.numel())
+    if pattern.kind == "n:m":
+        count = min(count, weight.numel() // pattern.m * (pattern.m - pattern.n))
+    prune = _lowest(scores.flatten(), count)
+    return ~prune.view_as(weight)
+
+
+def global_masks(
+    weights: Mapping[str, Tensor], sparsity: float, pattern: SparsityPattern, norm: int = 1
+) -> Dict[str, Tensor]:
+    """Keep-masks with one threshold over all layers: ``sparsity`` of all their weights.
+
+    Structured channels are compared by mean magnitude (L1) or root mean square (L2), so
+    channels of layers with different fan-in are comparable; channels are pruned lowest
+    first until the pruned weights reach the target.
+
+    Raises:
+        ValueError: for N:M, whose sparsity is fixed per group.
+    """
+    if pattern.kind == "n:m":
+        raise ValueError("N:M sparsity is per group; use scope='layer' with an N:M `pattern`")
+    names = list(weights)
+    tensors = [weights[n].detach() for n in names]
+    total = sum(t.numel() for t in tensors)
+    if pattern.kind == "unstructured":
+        scores = torch.cat([t.abs().flatten().float() for t in tensors])
+        prune = _lowest(scores, round(sparsity * total))
+        masks, offset = {}, 0
+        for name, tensor in zip(names, tensors):
+            masks[name] = ~prune[offset : offset + tensor.numel()].view_as(tensor)
+            offset += tensor.numel()
+        return masks
+
+    scores = torch.cat([_channel_scores(t, norm) for t in tensors])
+    sizes = torch.cat([torch.full((t.shape[0],), t[0].numel()) for t in tensors])
+    order = torch.sort(scores, stable=True).indices
+    pruned_weights = torch.cumsum(sizes[order], 0)
+    # The largest prefix of lowest-score channels that does not exceed the target count.
+    count = int(torch.searchsorted(pruned_weights, round(sparsity * total), right=True))
+    prune = torch.zeros_like(scores, dtype=torch.bool)
+    prune[order[:count]] = True
+    masks, offset = {}, 0
+    for name, tensor in zip(names, tensors):
+        masks[name] = _expand_channels(~prune[offset : offset + tensor.shape[0]], tensor)
+        offset += tensor.shape[0]
+    return masks
+
+
+def check_nm_compatible(name: str, weight: Tensor, pattern: SparsityPattern) -> None:
+    """Raise ``ValueError`` if ``weight``'s input dimension cannot be split into M-groups."""
+    if pattern.kind != "n:m":
+        return
+    width = weight.shape[1]
+    if width % pattern.m:
+        raise ValueError(
+            f"layer {name!r} has input size {width}, not divisible by M={pattern.m} of"
+            f" pattern '{pattern}'; add {name!r} to `exclude` or choose an M that divides it"
+        )
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pack a bool mask into uint8, 8 entries a byte, low bit first (1/32 of fp32)."""
+    flat = mask.flatten().to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
+    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor, shape: torch.Size | tuple) -> Tensor:
+    """Inverse of :func:`pack_mask`."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.view(-1, 1) >> shifts) & 1
+    return bits.flatten()[:numel].view(shape).bool()
+
+
+def _element_scores(weight: Tensor, pattern: SparsityPattern) -> Tensor:
+    scores = weight.abs().float()
+    if pattern.kind != "n:m":
+        return scores
+    # Only the (m - n) smallest of each group may be pruned; the rest score +inf, so at
+    # the final sparsity (m - n) / m every group holds exactly n weights.
+    grouped = scores.movedim(1, -1)
+    shape = grouped.shape
+    groups = grouped.reshape(-1, pattern.m)
+    candidates = torch.zeros_like(groups, dtype=torch.bool)
+    smallest = torch.topk(groups, pattern.m - pattern.n, dim=1, largest=False, sorted=False)
+    candidates.scatter_(1, smallest.indices, True)
+    gated = torch.where(candidates, groups, torch.full_like(groups, float("inf")))
+    return gated.view(shape).movedim(-1, 1)
+
+
+def _channel_scores(weight: Tensor, norm: int) -> Tensor:
+    per_channel = weight.float().flatten(1)
+    if norm == 1:
+        return per_channel.abs().mean(dim=1)
+    return per_channel.pow(2).mean(dim=1).sqrt()
+
+
+def _expand_channels(keep: Tensor, weight: Tensor) -> Tensor:
+    return keep.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
+
+
+def _lowest(scores: Tensor, count: int) -> Tensor:
+    """Bool mask of exactly ``count`` lowest entries of 1-D ``scores``, ties by position."""
+    count = max(0, min(int(count), scores.numel()))
+    prune = torch.zeros_like(scores, dtype=torch.bool)
+    if count == 0:
+        return prune
+    # kthvalue is several times faster than topk/sort on CPU for large layers.
+    threshold = torch.kthvalue(scores, count).values
+    prune = scores < threshold
+    missing = count - int(prune.sum())
+    if missing > 0:
+        ties = torch.nonzero(scores == threshold).flatten()[:missing]
+        prune[ties] = True
+    return prune
+
+
+class MaskedWeight:
+    """The MASK stage of a layer's weight-transform stack: ``weight * mask``.
+
+    Before the first mask exists it passes the weight through. The mask is held in the
+    weight's dtype (a float multiply is about twice as fast as a bool one on CPU) and
+    follows the weight to its device on first use, so masks restored from a checkpoint
+    on CPU work after the model moves to a GPU. The multiply also masks the gradient,
+    so optimizer state of pruned weights stays zero.
+    """
+
+    def __init__(self) -> None:
+        self.mask: Tensor | None = None
+
+    def set(self, keep: Tensor, like: Tensor) -> None:
+        self.mask = keep.to(device=like.device, dtype=like.dtype)
+
+    @property
+    def keep(self) -> Tensor | None:
+        return None if self.mask is None else self.mask != 0
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        mask = self.mask
+        if mask is None:
+            return weight
+        if mask.device != weight.device or mask.dtype != weight.dtype:
+            mask = self.mask = mask.to(device=weight.device, dtype=weight.dtype)
+        return weight * mask
