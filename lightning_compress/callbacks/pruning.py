@@ -185,18 +185,7 @@ class MagnitudePruning(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        start, end, every = self._window
-        target = scheduled_sparsity(
-            step,
-            initial=self.initial_sparsity,
-            final=self.final_sparsity,
-            start=start,
-            end=end,
-            update_every=every,
-            kind=self.schedule,
-        )
-        if target is not None and target != self._applied_sparsity:
-            self._update_masks(target)
+        target = self._follow_schedule(step)
         if step != self._last_logged_step:
             self._last_logged_step = step
             pl_module.log_dict(
@@ -207,6 +196,11 @@ class MagnitudePruning(Callback):
                 on_step=True,
                 on_epoch=False,
             )
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # `end_step` may be the run's last step (e.g. `end_step=1.0`): no batch follows
+        # it, so the final update happens here and the model ends at the sparsity asked for.
+        self._follow_schedule(trainer.global_step)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         report_table(
@@ -273,6 +267,22 @@ class MagnitudePruning(Callback):
         return self._actual_sparsity
 
     # ------------------------------------------------------------------ internals
+    def _follow_schedule(self, step: int) -> float | None:
+        """Update the masks if the schedule's target at ``step`` differs from the applied one."""
+        start, end, every = self._window
+        target = scheduled_sparsity(
+            step,
+            initial=self.initial_sparsity,
+            final=self.final_sparsity,
+            start=start,
+            end=end,
+            update_every=every,
+            kind=self.schedule,
+        )
+        if target is not None and target != self._applied_sparsity:
+            self._update_masks(target)
+        return target
+
     def _resolve_window(self, total_steps: float) -> tuple[int, int, int]:
         start = resolve_step("start_step", self.start_step, total_steps)
         end = resolve_step("end_step", self.end_step, total_steps)

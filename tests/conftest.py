@@ -1,0 +1,64 @@
+import logging
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+def make_trainer(**overrides) -> pl.Trainer:
+    """A quiet CPU Trainer; tests pass what they exercise."""
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+    )
+    options.update(overrides)
+    return pl.Trainer(**options)
+
+
+class TinyRegressor(pl.LightningModule):
+    """Linear + Conv model on a fixed random regression task: fast and deterministic."""
+
+    def __init__(self, optimizer: str = "adamw", lr: float = 1e-2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-2)
+
+
+def tiny_loader(batches: int = 8, batch_size: int = 16, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batches * batch_size, 4, 8, generator=generator)
+    y = torch.randn(batches * batch_size, 8, generator=generator)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+
+
+@pytest.fixture
+def seeded():
+    pl.seed_everything(0, verbose=False)

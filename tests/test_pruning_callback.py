@@ -1,0 +1,259 @@
+"""MagnitudePruning under a real Lightning Trainer on CPU."""
+
+import csv
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_compress import MagnitudePruning
+from lightning_compress.core.transforms import raw_weight
+from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+
+LAYERS = ("conv", "fc1", "fc2")
+
+
+def weight_sparsity(model, names=LAYERS):
+    return {n: float((getattr(model, n).weight == 0).double().mean()) for n in names}
+
+
+class Recorder(Callback):
+    """Records (global_step, per-layer sparsity of the stored weights) at each batch start."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rows.append((trainer.global_step, weight_sparsity(pl_module)))
+
+
+def test_schedule_counts_optimizer_steps_under_gradient_accumulation(tmp_path, seeded):
+    pruning = MagnitudePruning(0.6, schedule="linear", start_step=0, end_step=6, update_every=2)
+    recorder = Recorder()
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(
+        max_epochs=3, accumulate_grad_batches=4, callbacks=[pruning, recorder], logger=logger, log_every_n_steps=1
+    )
+    model = TinyRegressor()
+    trainer.fit(model, tiny_loader(batches=8))
+    assert trainer.global_step == 6
+
+    expected = {0: 0.0, 1: 0.0, 2: 0.2, 3: 0.2, 4: 0.4, 5: 0.4}
+    assert [step for step, _ in recorder.rows] == [s for s in range(6) for _ in range(4)]
+    for step, sparsity in recorder.rows:
+        for name, value in sparsity.items():
+            numel = getattr(model, name).weight.numel()
+            assert value == pytest.approx(round(expected[step] * numel) / numel, abs=1e-9), (step, name)
+
+    with open(next(tmp_path.rglob("metrics.csv"))) as handle:
+        logged = {
+            int(row["step"]): float(row["pruning/sparsity_scheduled"])
+            for row in csv.DictReader(handle)
+            if row.get("pruning/sparsity_scheduled")
+        }
+    assert logged == pytest.approx(expected)
+    assert pruning.sparsity == pytest.approx(0.6, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "pattern, scope",
+    [
+        ("unstructured", "layer"),
+        ("unstructured", "global"),
+        ("structured", "layer"),
+        ("structured", "global"),
+        ("2:4", "layer"),
+    ],
+)
+def test_final_sparsity_is_reached_for_each_pattern_and_scope(pattern, scope, seeded):
+    final = None if pattern == "2:4" else 0.75
+    pruning = MagnitudePruning(final, pattern=pattern, scope=scope, start_step=2, end_step=12, update_every=2)
+    model = TinyRegressor()
+    make_trainer(max_epochs=2, callbacks=[pruning]).fit(model, tiny_loader(batches=8))
+    weights = {n: getattr(model, n).weight.detach() for n in LAYERS}
+
+    if pattern == "2:4":
+        for name, weight in weights.items():
+            zeros_per_group = (weight == 0).movedim(1, -1).reshape(-1, 4).sum(-1)
+            assert bool((zeros_per_group >= 2).all()), name
+            assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+        return
+    if pattern == "structured":
+        for name, weight in weights.items():
+            rows = (weight == 0).flatten(1)
+            assert bool((rows.all(1) | ~rows.any(1)).all()), f"{name} has partly pruned channels"
+    total = sum(w.numel() for w in weights.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    if scope == "global":
+        widest = max(w[0].numel() for w in weights.values()) if pattern == "structured" else 1
+        assert abs(zeros - 0.75 * total) <= widest
+    else:
+        for name, weight in weights.items():
+            unit = weight[0].numel() if pattern == "structured" else 1
+            assert abs(int((weight == 0).sum()) - 0.75 * weight.numel()) <= unit, name
+    assert pruning.sparsity == pytest.approx(zeros / total)
+
+
+class MaskWatcher(Callback):
+    """After every batch, checks that weights pruned at the one-shot step are still zero."""
+
+    def __init__(self, pruning):
+        self.pruning = pruning
+        self.pruned = None
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.pruned is None and trainer.global_step > 2:
+            self.pruned = {n: pl_module.get_submodule(n).weight.detach() == 0 for n in LAYERS}
+        if self.pruned is not None:
+            for name, pruned in self.pruned.items():
+                assert bool((raw_weight(pl_module.get_submodule(name))[pruned] == 0).all()), name
+            self.checked += 1
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_pruned_weights_stay_zero_under_momentum_and_adam(optimizer, seeded):
+    pruning = MagnitudePruning(0.7, schedule="one_shot", start_step=2)
+    watcher = MaskWatcher(pruning)
+    model = TinyRegressor(optimizer=optimizer, lr=0.05)
+    make_trainer(max_epochs=3, callbacks=[pruning, watcher]).fit(model, tiny_loader(batches=8))
+    assert watcher.checked >= 20
+    # Momentum/Adam state was built before pruning; the weights still never came back.
+    for name in LAYERS:
+        assert float((getattr(model, name).weight == 0).float().mean()) == pytest.approx(0.7, abs=0.01)
+
+
+class StopAfterEpoch(Callback):
+    def __init__(self, epoch, path):
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def _pruning():
+    return MagnitudePruning(0.8, start_step=4, end_step=40, update_every=4, scope="global")
+
+
+def test_resume_inside_the_schedule_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    reference = TinyRegressor()
+    initial = {k: v.clone() for k, v in reference.state_dict().items()}
+    uninterrupted = _pruning()
+    make_trainer(max_epochs=6, callbacks=[uninterrupted]).fit(reference, tiny_loader(batches=8))
+
+    first = TinyRegressor()
+    first.load_state_dict(initial)
+    ckpt = tmp_path / "mid.ckpt"
+    make_trainer(max_epochs=6, callbacks=[_pruning(), StopAfterEpoch(1, ckpt)]).fit(first, tiny_loader(batches=8))
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == 16 and 0 < state["callbacks"][_pruning().state_key]["applied_sparsity"] < 0.8
+
+    resumed_model = TinyRegressor()
+    resumed = _pruning()
+    make_trainer(max_epochs=6, callbacks=[resumed]).fit(resumed_model, tiny_loader(batches=8), ckpt_path=ckpt)
+
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+    assert resumed.state_dict()["masks"].keys() == uninterrupted.state_dict()["masks"].keys()
+    for name, entry in uninterrupted.state_dict()["masks"].items():
+        assert torch.equal(resumed.state_dict()["masks"][name]["packed"], entry["packed"]), name
+
+
+def test_final_checkpoint_loads_strictly_into_the_unmodified_class(tmp_path, seeded):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = TinyRegressor()
+    trainer = make_trainer(max_epochs=2, callbacks=[MagnitudePruning(0.5, end_step=8), checkpoint], enable_checkpointing=True)
+    trainer.fit(model, tiny_loader(batches=8))
+    assert type(model.fc1) is nn.Linear  # the stack is removed at the end of fit
+
+    loaded = TinyRegressor.load_from_checkpoint(tmp_path / "last.ckpt", strict=True)
+    assert set(loaded.state_dict()) == set(TinyRegressor().state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert weight_sparsity(loaded) == pytest.approx({n: 0.5 for n in LAYERS}, abs=0.01)
+
+
+def test_resume_with_another_pattern_is_refused(tmp_path, seeded):
+    ckpt = tmp_path / "a.ckpt"
+    make_trainer(max_epochs=2, callbacks=[MagnitudePruning(0.5, end_step=8), StopAfterEpoch(0, ckpt)]).fit(
+        TinyRegressor(), tiny_loader(batches=8)
+    )
+    state = torch.load(ckpt, weights_only=True)
+    pruning = MagnitudePruning(0.5, end_step=8, pattern="structured")
+    # Different pattern means a different state key, so restore it by hand as a user would.
+    with pytest.raises(ValueError, match="pattern 'unstructured'.*`pattern`='structured'"):
+        pruning.load_state_dict(state["callbacks"][MagnitudePruning(0.5).state_key])
+
+
+def test_fraction_steps_resolve_against_estimated_stepping_batches(seeded):
+    pruning = MagnitudePruning(0.5, start_step=0.25, end_step=0.5)
+    make_trainer(max_epochs=2, callbacks=[pruning]).fit(TinyRegressor(), tiny_loader(batches=8))
+    assert pruning._window[:2] == (4, 8)
+
+
+def test_layer_report_counts_zeros(seeded):
+    pruning = MagnitudePruning(0.5, end_step=4, targets=["fc1", nn.Conv1d])
+    model = TinyRegressor()
+    trainer = make_trainer(max_epochs=1, callbacks=[pruning])
+    trainer.fit(model, tiny_loader(batches=8))
+    assert weight_sparsity(model)["fc2"] == 0.0
+    pruning.setup(trainer, model, "fit")
+    rows = {row[0]: row for row in pruning.layer_report()}
+    assert set(rows) == {"conv", "fc1"}
+    assert rows["fc1"][2:] == [2048, 1024, 0.5]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(final_sparsity=1.0), "`final_sparsity` must be a number in \\[0, 1\\)"),
+        (dict(final_sparsity=-0.1), "`final_sparsity`"),
+        (dict(final_sparsity=True), "`final_sparsity`"),
+        (dict(initial_sparsity=0.6, final_sparsity=0.5), "`initial_sparsity`=0.6 exceeds"),
+        (dict(start_step=10, end_step=10), "`end_step`=10 must come after `start_step`=10"),
+        (dict(start_step=0.5, end_step=0.2), "`end_step`=0.2 must come after"),
+        (dict(start_step=-1), "`start_step` must be >= 0"),
+        (dict(end_step=1.5), "`end_step`=1.5 is a float"),
+        (dict(pattern="blocks"), "unknown `pattern`"),
+        (dict(pattern="4:4"), "1 <= N < M"),
+        (dict(pattern="2:4", final_sparsity=0.7), "fixes the sparsity at 0.5"),
+        (dict(pattern="2:4", scope="global"), "`scope`='global' cannot be combined"),
+        (dict(scope="model"), "unknown `scope`"),
+        (dict(schedule="exp"), "unknown `schedule`"),
+        (dict(update_every=0), "`update_every` must be a positive int"),
+        (dict(norm=3), "`norm` must be 1 or 2"),
+        (dict(targets=[nn.LayerNorm]), "`targets` names the layer type LayerNorm"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MagnitudePruning(**kwargs)
+
+
+def test_target_that_matches_nothing_fails_before_training(seeded):
+    model = TinyRegressor()
+    trainer = make_trainer(callbacks=[MagnitudePruning(0.5, targets=["fc_1"])])
+    with pytest.raises(ValueError, match=r"'fc_1' matches no module\. Close names: fc1"):
+        trainer.fit(model, tiny_loader())
+    assert trainer.global_step == 0
+
+
+def test_n_m_on_a_layer_whose_input_is_not_divisible_names_the_layer(seeded):
+    model = TinyRegressor()
+    model.fc2 = nn.Linear(32, 8)
+    model.fc1 = nn.Linear(64, 30)
+    model.fc2 = nn.Linear(30, 8)
+    with pytest.raises(ValueError, match=r"layer 'fc2' has input size 30, not divisible by M=4.*exclude"):
+        make_trainer(callbacks=[MagnitudePruning(pattern="2:4")]).fit(model, tiny_loader())
+
+
+def test_end_step_fraction_resolving_before_start_is_refused(seeded):
+    pruning = MagnitudePruning(0.5, start_step=10, end_step=0.5)
+    with pytest.raises(ValueError, match="`end_step` resolves to step 4"):
+        make_trainer(callbacks=[pruning]).fit(TinyRegressor(), tiny_loader())

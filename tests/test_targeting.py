@@ -1,0 +1,80 @@
+import pytest
+from torch import nn
+
+from lightning_compress.core.targeting import select_layers, validate_targets
+
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.Embedding)
+DEFAULT = (nn.Linear, nn.Conv2d)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(8, 8)
+        self.value = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.stem = nn.Conv2d(1, 8, 3)
+        self.encoder = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(8, 2)
+
+
+def select(targets=None, exclude=None):
+    return list(select_layers(Net(), targets=targets, exclude=exclude, supported=SUPPORTED, default=DEFAULT))
+
+
+def test_default_selects_default_types_in_model_order():
+    assert select() == [
+        "stem",
+        "encoder.0.query",
+        "encoder.0.value",
+        "encoder.1.query",
+        "encoder.1.value",
+        "head",
+    ]
+
+
+def test_glob_matches_full_name_or_trailing_part():
+    assert select(["query"]) == ["encoder.0.query", "encoder.1.query"]
+    assert select(["encoder.1.*"]) == ["encoder.1.query", "encoder.1.value"]
+
+
+def test_type_targets_and_excludes():
+    assert select([nn.Embedding, "head"]) == ["embed", "head"]
+    assert select(exclude=["encoder.*", nn.Conv2d]) == ["head"]
+
+
+def test_glob_that_matches_nothing_lists_close_names():
+    with pytest.raises(ValueError, match=r"'qurey' matches no module\. Close names: query"):
+        select(["qurey"])
+    with pytest.raises(ValueError, match=r"`exclude` pattern 'haed'.*Close names: head"):
+        select(exclude=["haed"])
+
+
+def test_glob_selecting_only_unsupported_layers_is_an_error():
+    with pytest.raises(ValueError, match=r"'norm' matches only layers of unsupported types \(LayerNorm\)"):
+        select(["norm"])
+
+
+def test_excluding_everything_is_an_error():
+    with pytest.raises(ValueError, match="selects no layer"):
+        select(["head"], exclude=["head"])
+
+
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        ([nn.LayerNorm], "cannot compress"),
+        ([""], "empty name pattern"),
+        ([3], "layer types or name globs"),
+        (3, "must be a list"),
+    ],
+)
+def test_validate_targets(targets, message):
+    with pytest.raises(ValueError, match=message):
+        validate_targets("targets", targets, SUPPORTED)
