@@ -1,0 +1,51 @@
+"""`make bench`: run every benchmark here and rewrite BENCHMARKS.md with what they print.
+
+Each benchmark prints a markdown section (a heading line starting with '#', a table,
+and its target). Nothing in BENCHMARKS.md is written by hand: every figure there comes
+from the run recorded beside it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SKIP = {"common.py", "run_all.py"}
+
+
+def main() -> int:
+    scripts = sorted(p for p in HERE.glob("*.py") if p.name not in SKIP)
+    if len(sys.argv) > 1:
+        scripts = [p for p in scripts if p.stem in sys.argv[1:]]
+    sections = []
+    for script in scripts:
+        print(f"running {script.name} ...", flush=True)
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=HERE.parent)
+        took = time.perf_counter() - started
+        if result.returncode != 0:
+            print(result.stdout[-2000:], result.stderr[-4000:], sep="\n")
+            return result.returncode
+        lines = [line for line in result.stdout.splitlines() if line.startswith(("#", "|", "Target"))]
+        heading, body = lines[0].lstrip("# "), lines[1:]
+        sections.append(
+            f"## {script.stem}\n\n{heading}\n\nCommand: `python benchmarks/{script.name}` ({took:.0f} s)\n\n"
+            + "\n".join(body)
+        )
+        print("\n".join(lines), flush=True)
+    today = datetime.date.today().isoformat()
+    header = (
+        "# Benchmarks\n\n"
+        f"Written by `make bench` on {today}. Each table is measured side by side in one process, so"
+        " ratios are comparable even when the shared machine's absolute speed drifts.\n\n"
+    )
+    (HERE.parent / "BENCHMARKS.md").write_text(header + "\n\n".join(sections) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
