@@ -46,15 +46,19 @@ class TinyRegressor(pl.LightningModule):
         self.log("train/loss", loss)
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", torch.nn.functional.mse_loss(self(x), y))
+
     def configure_optimizers(self):
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-2)
 
 
-def tiny_loader(batches: int = 8, batch_size: int = 16, seed: int = 0):
+def tiny_loader(batches: int = 8, batch_size: int = 16, seed: int = 0, scale: float = 1.0):
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batches * batch_size, 4, 8, generator=generator)
+    x = torch.randn(batches * batch_size, 4, 8, generator=generator) * scale
     y = torch.randn(batches * batch_size, 8, generator=generator)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
 

@@ -7,29 +7,51 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"
 
 
-def run_ddp_script(name: str, out_dir: Path, *args: str) -> list:
+def run_ddp(out_dir: Path, *args: str) -> list:
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / name), str(out_dir), *args],
+        [sys.executable, str(SCRIPT), str(out_dir), *args],
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=SCRIPTS.parents[1],
+        cwd=SCRIPT.parents[2],
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_ddp_ranks_hold_identical_masks_and_weights(tmp_path, pattern):
-    rank0, rank1 = run_ddp_script("ddp_pruning.py", tmp_path, pattern)
-    assert rank0["world_size"] == rank1["world_size"] == 2
-    assert rank0["masks"].keys() == rank1["masks"].keys() == {"conv", "fc1", "fc2"}
-    for name in rank0["masks"]:
-        assert torch.equal(rank0["masks"][name]["packed"], rank1["masks"][name]["packed"]), name
+def assert_same_weights(rank0, rank1):
     for key in rank0["weights"]:
         assert torch.equal(rank0["weights"][key], rank1["weights"][key]), key
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_pruning_ranks_hold_identical_masks_and_weights(tmp_path, pattern):
+    rank0, rank1 = run_ddp(tmp_path, "prune", pattern)
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    masks0, masks1 = rank0["callback"]["masks"], rank1["callback"]["masks"]
+    assert masks0.keys() == masks1.keys() == {"conv", "fc1", "fc2"}
+    for name in masks0:
+        assert torch.equal(masks0[name]["packed"], masks1[name]["packed"]), name
+    assert_same_weights(rank0, rank1)
     expected = 0.7 if pattern == "unstructured" else 0.5
     assert rank0["sparsity"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_qat_observer_ranges_are_all_reduced_and_learned_scales_agree(tmp_path):
+    rank0, rank1 = run_ddp(tmp_path, "qat")
+    # The ranks saw different shards of the data...
+    assert rank0["input_range"] != rank1["input_range"]
+    layers0, layers1 = rank0["callback"]["layers"], rank1["callback"]["layers"]
+    for name in layers0:
+        for key in ("low", "high"):
+            assert torch.equal(layers0[name]["observer"][key], layers1[name]["observer"][key]), (name, key)
+        assert torch.equal(layers0[name]["scale"], layers1[name]["scale"]), name
+    # ...and the first layer's observed range is the range over both shards (min-max).
+    low = min(rank0["input_range"][0], rank1["input_range"][0])
+    high = max(rank0["input_range"][1], rank1["input_range"][1])
+    assert layers0["conv"]["observer"]["low"].item() == pytest.approx(low)
+    assert layers0["conv"]["observer"]["high"].item() == pytest.approx(high)
+    assert_same_weights(rank0, rank1)

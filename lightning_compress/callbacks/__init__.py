@@ -1,5 +1,6 @@
 """Lightning callbacks: thin glue over ``core``, ``sparsity`` and ``quant``."""
 
 from lightning_compress.callbacks.pruning import MagnitudePruning
+from lightning_compress.callbacks.qat import QuantizationAwareTraining
 
-__all__ = ["MagnitudePruning"]
+__all__ = ["MagnitudePruning", "QuantizationAwareTraining"]

@@ -33,3 +33,25 @@ def broadcast_from_rank_zero(tensors: List[Tensor]) -> List[Tensor]:
         out.append(chunk.to(tensor.device))
         offset += tensor.numel()
     return out
+
+
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """Element-wise maximum over ranks (``tensor`` itself when not distributed)."""
+    if not is_distributed():
+        return tensor
+    reduced = tensor.detach().clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return reduced
+
+
+def all_reduce_mean_(tensors: List[Tensor]) -> None:
+    """Average ``tensors`` over ranks in place (gradients DDP does not see)."""
+    if not tensors or not is_distributed():
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()

@@ -1,0 +1,309 @@
+"""QuantizationAwareTraining: fake-quantized weights (and activations) while training."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Dict, List, Mapping, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from lightning_compress.core.distributed import all_reduce_mean_
+from lightning_compress.core.schedule import StepLike, resolve_step, validate_step
+from lightning_compress.core.targeting import Target, select_layers, validate_targets
+from lightning_compress.core.transforms import Stage, add_weight_transform, raw_weight
+from lightning_compress.quant.activations import (
+    ACTIVATION_MODES,
+    OBSERVERS,
+    DynamicTokenQuantizer,
+    StaticRangeObserver,
+)
+from lightning_compress.quant.fake_quant import check_divisible
+from lightning_compress.quant.spec import GRANULARITIES, QuantSpec, parse_bits, spec_from_options
+from lightning_compress.quant.weights import WeightFakeQuantizer
+
+QUANTIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_STATE_VERSION = 1
+
+
+class QuantizationAwareTraining(Callback):
+    r"""Train with the rounding the model will meet after export.
+
+    Weights of the targeted layers are fake-quantized in every forward pass from
+    ``start_step`` on (quantize, then dequantize, on torchao's grid; the backward is the
+    straight-through estimator with clipping), so the network learns weights that survive
+    rounding. Fake quantization is the last stage of the weight-transform stack: it sees
+    the pruned (and LoRA-merged) weight, and zero is on every grid, so pruned weights stay
+    exactly zero. It stays attached after ``fit`` so ``trainer.validate``/``test`` and the
+    export see the quantized model; use :func:`lightning_compress.quantized_weights` for the
+    integer codes.
+
+    Example::
+
+        trainer = Trainer(callbacks=[QuantizationAwareTraining(weights="int4", group_size=32)])
+
+    Args:
+        weights: ``"int8"``, ``"int4"``, ... (``"int2"`` to ``"int8"``) or bits as an int.
+        granularity: ``"channel"`` (one scale per output channel), ``"group"`` (one per
+            ``group_size`` inputs) or ``"tensor"``. Defaults to ``"group"`` when
+            ``group_size`` is given, else ``"channel"``.
+        group_size: inputs per scale for ``granularity="group"``; must divide every
+            targeted layer's input size (Conv: ``in_channels * kernel``).
+        symmetric: zero point 0 (default), or an integer zero point per scale.
+        learn_ranges: learn the weight scales (LSQ) instead of taking them from the
+            weight's min/max each step. They train in an extra optimizer parameter group.
+        activations: ``None`` (weight-only), ``"int8_dynamic"`` (per-token, ranges from
+            each input) or ``"int8_static"`` (per-tensor, observed then frozen).
+        observer: for ``"int8_static"``: ``"minmax"`` or ``"moving_average"``.
+        calibration_steps: optimizer steps after ``start_step`` during which the static
+            observers update; they are frozen afterwards.
+        start_step: first fake-quantized step (train in float before it): an int
+            optimizer step or a float fraction of the run.
+        freeze_bn_step: from this step on BatchNorm layers keep their running statistics
+            (eval mode) while training; ``None`` never freezes them.
+        overrides: ``{name glob: {option: value}}`` for mixed precision, with options
+            ``bits``/``weights``, ``granularity``, ``group_size``, ``symmetric``; e.g.
+            ``{"features.0": {"bits": 8}, "classifier": {"bits": 8}}``. The first matching
+            glob wins.
+        targets: layer types and/or name globs; default every Linear and Conv layer.
+            Embedding layers are quantizable when targeted.
+        exclude: layer types and/or name globs to keep in float.
+    """
+
+    def __init__(
+        self,
+        weights: str | int = "int8",
+        *,
+        granularity: str | None = None,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        learn_ranges: bool = False,
+        activations: str | None = None,
+        observer: str = "minmax",
+        calibration_steps: int = 100,
+        start_step: StepLike = 0,
+        freeze_bn_step: StepLike | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        targets: Sequence[Target] | None = None,
+        exclude: Sequence[Target] | None = None,
+    ) -> None:
+        bits = parse_bits("weights", weights)
+        if granularity is None:
+            granularity = "group" if group_size is not None else "channel"
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown `granularity` {granularity!r}; choose one of {GRANULARITIES}")
+        self.spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric)
+        if not isinstance(learn_ranges, bool):
+            raise ValueError(f"`learn_ranges` must be True or False, got {learn_ranges!r}")
+        if activations is not None and activations not in ACTIVATION_MODES:
+            raise ValueError(f"unknown `activations` {activations!r}; choose None or one of {ACTIVATION_MODES}")
+        if observer not in OBSERVERS:
+            raise ValueError(f"unknown `observer` {observer!r}; choose one of {OBSERVERS}")
+        if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 1:
+            raise ValueError(f"`calibration_steps` must be a positive int, got {calibration_steps!r}")
+        validate_step("start_step", start_step)
+        if freeze_bn_step is not None:
+            validate_step("freeze_bn_step", freeze_bn_step)
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise ValueError("`overrides` must map name globs to option dicts, e.g. {'head': {'bits': 8}}")
+        self.overrides = {}
+        for pattern, options in (overrides or {}).items():
+            if not isinstance(options, Mapping):
+                raise ValueError(f"`overrides[{pattern!r}]` must be a dict of options, got {options!r}")
+            self.overrides[pattern] = spec_from_options(f"overrides[{pattern!r}]", options, self.spec)
+
+        self.learn_ranges = learn_ranges
+        self.activations = activations
+        self.observer = observer
+        self.calibration_steps = calibration_steps
+        self.start_step = start_step
+        self.freeze_bn_step = freeze_bn_step
+        self.targets = validate_targets("targets", targets, QUANTIZABLE_TYPES)
+        self.exclude = validate_targets("exclude", exclude, QUANTIZABLE_TYPES)
+
+        self._layers: Dict[str, nn.Module] = {}
+        self._weight_quantizers: Dict[str, WeightFakeQuantizer] = {}
+        self._input_quantizers: Dict[str, Any] = {}
+        self._hook_handles: List[Any] = []
+        self._restored: Dict[str, Any] | None = None
+        self._start = 0
+        self._freeze_bn_at: int | None = None
+        self._param_groups_added: List[torch.optim.Optimizer] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(spec=self.spec.describe(), targets=repr(self.targets), exclude=repr(self.exclude))
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self._layers:
+            return
+        self._layers = select_layers(
+            pl_module,
+            targets=self.targets,
+            exclude=self.exclude,
+            supported=QUANTIZABLE_TYPES,
+            default=DEFAULT_TARGET_TYPES,
+        )
+        specs = self._layer_specs()
+        for name, layer in self._layers.items():
+            check_divisible(name, raw_weight(layer), specs[name])
+        for name, layer in self._layers.items():
+            quantizer = WeightFakeQuantizer(specs[name], learned=self.learn_ranges)
+            if self.learn_ranges:
+                quantizer.create_parameters(raw_weight(layer).detach())
+            add_weight_transform(layer, Stage.FAKE_QUANT, quantizer)
+            self._weight_quantizers[name] = quantizer
+            if self.activations is not None and not isinstance(layer, nn.Embedding):
+                self._add_input_quantizer(name, layer)
+        if self._restored is not None:
+            self._apply_restored()
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        total = trainer.estimated_stepping_batches
+        self._start = resolve_step("start_step", self.start_step, total)
+        self._freeze_bn_at = (
+            None if self.freeze_bn_step is None else resolve_step("freeze_bn_step", self.freeze_bn_step, total)
+        )
+        if self.learn_ranges:
+            self._add_scale_param_groups(trainer)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        self._set_enabled(step >= self._start)
+        calibrating = step < self._start + self.calibration_steps
+        for quantizer in self._input_quantizers.values():
+            if isinstance(quantizer, StaticRangeObserver):
+                quantizer.calibrating = quantizer.calibrating and calibrating
+        if self._freeze_bn_at is not None and step >= self._freeze_bn_at:
+            for module in pl_module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()  # Lightning puts the model in train mode every epoch
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        # The learned scales live outside the DDP-wrapped module, so DDP does not
+        # average their gradients: do it here so every rank takes the same step.
+        if self.learn_ranges:
+            all_reduce_mean_([q.scale.grad for q in self._weight_quantizers.values() if q.scale.grad is not None])
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._param_groups_added.clear()
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> Dict[str, Any]:
+        if not self._weight_quantizers:
+            return self._restored or {"version": _STATE_VERSION, "layers": {}}
+        layers = {}
+        for name, quantizer in self._weight_quantizers.items():
+            entry: Dict[str, Any] = {"spec": quantizer.spec.describe(), "enabled": quantizer.enabled}
+            if quantizer.learned:
+                entry["scale"] = quantizer.scale.detach().cpu().clone()
+                entry["zero_point"] = quantizer.zero_point.cpu().clone()
+                entry["initialized"] = quantizer.initialized
+            observer = self._input_quantizers.get(name)
+            if isinstance(observer, StaticRangeObserver):
+                entry["observer"] = observer.state_dict()
+            layers[name] = entry
+        return {"version": _STATE_VERSION, "layers": layers}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"QuantizationAwareTraining state version {state_dict.get('version')!r} is not"
+                f" {_STATE_VERSION}; the checkpoint comes from another lightning-compress version"
+            )
+        self._restored = state_dict
+        if self._weight_quantizers:
+            self._apply_restored()
+
+    # ------------------------------------------------------------------ internals
+    def _layer_specs(self) -> Dict[str, QuantSpec]:
+        specs = {}
+        used = set()
+        for name in self._layers:
+            specs[name] = self.spec
+            for pattern, spec in self.overrides.items():
+                if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
+                    specs[name] = spec
+                    used.add(pattern)
+                    break
+        unused = [p for p in self.overrides if p not in used]
+        if unused:
+            raise ValueError(
+                f"`overrides` pattern(s) {unused} match no quantized layer; quantized layers:"
+                f" {', '.join(self._layers)}"
+            )
+        return specs
+
+    def _add_input_quantizer(self, name: str, layer: nn.Module) -> None:
+        if self.activations == "int8_dynamic":
+            quantizer: Any = DynamicTokenQuantizer(channels_first=isinstance(layer, _CONV))
+
+            def hook(module, args, quantizer=quantizer):
+                return (quantizer(args[0]), *args[1:])
+
+        else:
+            quantizer = StaticRangeObserver(self.observer)
+
+            def hook(module, args, quantizer=quantizer):
+                return (quantizer(args[0], module.training), *args[1:])
+
+        self._input_quantizers[name] = quantizer
+        self._hook_handles.append(layer.register_forward_pre_hook(hook))
+
+    def _set_enabled(self, enabled: bool) -> None:
+        for quantizer in self._weight_quantizers.values():
+            quantizer.enabled = enabled
+        for quantizer in self._input_quantizers.values():
+            quantizer.enabled = enabled
+
+    def _add_scale_param_groups(self, trainer: Trainer) -> None:
+        scales = []
+        for name, quantizer in self._weight_quantizers.items():
+            weight = raw_weight(self._layers[name])
+            # Same Parameter object, new storage: the optimizer keeps its reference.
+            quantizer.scale.data = quantizer.scale.data.to(weight.device)
+            quantizer.zero_point = quantizer.zero_point.to(weight.device)
+            scales.append(quantizer.scale)
+        for optimizer in trainer.optimizers:
+            if optimizer in self._param_groups_added:
+                continue
+            group: Dict[str, Any] = {"params": scales}
+            if "weight_decay" in optimizer.defaults:
+                group["weight_decay"] = 0.0  # decaying a scale shrinks the grid
+            optimizer.add_param_group(group)
+            self._param_groups_added.append(optimizer)
+            break  # one optimizer owns the scales
+
+    def _apply_restored(self) -> None:
+        state, self._restored = self._restored, None
+        layers = state["layers"]
+        unknown = sorted(set(layers) - set(self._weight_quantizers))
+        if unknown:
+            raise ValueError(
+                f"the checkpoint holds QAT state for layers this callback does not target: {unknown}."
+                " Resume with the same `targets` and `exclude`."
+            )
+        for name, entry in layers.items():
+            quantizer = self._weight_quantizers[name]
+            if entry["spec"] != quantizer.spec.describe():
+                raise ValueError(
+                    f"layer {name!r} was trained with {entry['spec']} but this callback quantizes it"
+                    f" as {quantizer.spec.describe()}; resume with the same settings"
+                )
+            quantizer.enabled = entry["enabled"]
+            if quantizer.learned and "scale" in entry:
+                with torch.no_grad():
+                    quantizer.scale.copy_(entry["scale"])
+                quantizer.zero_point = entry["zero_point"].to(quantizer.scale.device)
+                quantizer.initialized = entry["initialized"]
+            observer = self._input_quantizers.get(name)
+            if isinstance(observer, StaticRangeObserver) and "observer" in entry:
+                observer.load_state_dict(entry["observer"])
+        for name, quantizer in self._input_quantizers.items():
+            quantizer.enabled = self._weight_quantizers[name].enabled
+

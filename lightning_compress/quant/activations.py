@@ -1,0 +1,102 @@
+"""Activation fake quantization: int8 dynamic per-token, or static per-tensor with an observer.
+
+Applied to a layer's input (a forward pre-hook installed by the QAT callback). A
+"token" is one input vector of the layer's GEMM: the last dimension for Linear, the
+channel vector at each position for Conv.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import Tensor
+
+from lightning_compress.core.distributed import all_reduce_max
+from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
+from lightning_compress.quant.spec import QuantSpec
+
+ACTIVATION_MODES = ("int8_dynamic", "int8_static")
+OBSERVERS = ("minmax", "moving_average")
+# torchao's per-token activation grid: int8, asymmetric, one scale per token.
+_PER_TOKEN = QuantSpec(bits=8, granularity="channel", symmetric=False)
+_PER_TENSOR = QuantSpec(bits=8, granularity="tensor", symmetric=False)
+
+
+def _tokens_last(x: Tensor, channels_first: bool) -> Tensor:
+    return x.movedim(1, -1) if channels_first else x
+
+
+class DynamicTokenQuantizer:
+    """int8 asymmetric per-token fake quantization, ranges computed on every call."""
+
+    def __init__(self, channels_first: bool = False) -> None:
+        self.channels_first = channels_first
+        self.enabled = False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        tokens = _tokens_last(x, self.channels_first)
+        matrix = tokens.reshape(-1, tokens.shape[-1])
+        scale, zero_point = choose_qparams(matrix, _PER_TOKEN)
+        out = fake_quantize(matrix.float(), scale, zero_point, _PER_TOKEN).to(x.dtype)
+        out = out.view(tokens.shape)
+        return out.movedim(-1, 1) if self.channels_first else out
+
+
+class StaticRangeObserver:
+    """int8 asymmetric per-tensor fake quantization with an observed, then frozen, range.
+
+    While ``calibrating`` and in training mode it tracks the input range (``"minmax"``:
+    running min/max; ``"moving_average"``: exponential average of batch min/max with
+    ``momentum``). Under DDP each batch's range is reduced over ranks before the update,
+    so every rank holds the same range. Validation, test and predict never update it.
+    """
+
+    def __init__(self, kind: str = "minmax", momentum: float = 0.01) -> None:
+        self.kind = kind
+        self.momentum = momentum
+        self.enabled = False
+        self.calibrating = True
+        self.low: Tensor | None = None
+        self.high: Tensor | None = None
+
+    def observe(self, x: Tensor) -> None:
+        low, high = torch.aminmax(x.detach().float())
+        # One collective: the max of (-low, high) over ranks gives the min and the max.
+        negated_low, high = all_reduce_max(torch.stack([-low, high]))
+        low = -negated_low
+        if self.low is None:
+            self.low, self.high = low, high
+        elif self.kind == "minmax":
+            self.low, self.high = torch.minimum(self.low, low), torch.maximum(self.high, high)
+        else:
+            self.low = self.low + self.momentum * (low - self.low)
+            self.high = self.high + self.momentum * (high - self.high)
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        return choose_qparams(torch.stack([self.low, self.high]).view(1, 2), _PER_TENSOR)
+
+    def __call__(self, x: Tensor, training: bool) -> Tensor:
+        if not self.enabled:
+            return x
+        if self.calibrating and training and torch.is_grad_enabled():
+            self.observe(x)
+        if self.low is None:
+            return x
+        scale, zero_point = self.qparams()
+        out = torch.fake_quantize_per_tensor_affine(
+            x.float(), scale, zero_point, _PER_TENSOR.qmin, _PER_TENSOR.qmax
+        )
+        return out.to(x.dtype)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "low": None if self.low is None else self.low.cpu(),
+            "high": None if self.high is None else self.high.cpu(),
+            "calibrating": self.calibrating,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.low, self.high, self.calibrating = state["low"], state["high"], state["calibrating"]

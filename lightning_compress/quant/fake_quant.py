@@ -1,0 +1,133 @@
+"""Fake quantization: the grid torchao uses, computed with PyTorch's fused kernels.
+
+Quantization parameters follow torchao's ``choose_qparams_affine`` formulas exactly:
+
+- symmetric: ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)``, zero point 0 (this is
+  the grid of torchao's ``IntxFakeQuantizer`` for per-channel and per-group weights);
+- asymmetric: ``scale = (max(max, 0) - min(min, 0)) / (qmax - qmin)``,
+  ``zero_point = clamp(qmin - round(min(min, 0) / scale))``: zero is always on the grid.
+  (torchao's ``IntxFakeQuantizer`` takes a tinygemm float zero point for asymmetric
+  groups and truncates it to an integer, which leaves zero off the grid; we keep to the
+  zero-preserving primitive so pruned weights stay exactly zero.)
+
+Rounding is ``q = clamp(round(x * (1 / scale)) + zero_point, qmin, qmax)``,
+``x_hat = (q - zero_point) * scale``, computed by ``torch.fake_quantize_per_channel_affine``
+on a ``[groups, group_size]`` view: one fused pass whose backward is the straight-through
+estimator with clipping (gradient 1 inside the grid, 0 where ``q`` was clamped). The
+tests check both against torchao bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_compress.quant.spec import QuantSpec
+
+
+def as_matrix(weight: Tensor) -> Tensor:
+    """``[out, in]`` view of a Linear/Embedding weight, ``[out, in * kernel]`` of a Conv."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def group_width(matrix_shape: torch.Size | tuple, spec: QuantSpec) -> int:
+    """Number of consecutive elements of a matrix row that share one scale."""
+    if spec.granularity == "group":
+        return spec.group_size
+    if spec.granularity == "channel":
+        return matrix_shape[1]
+    return matrix_shape[0] * matrix_shape[1]
+
+
+def check_divisible(name: str, weight: Tensor, spec: QuantSpec) -> None:
+    """Raise ``ValueError`` naming the layer when ``group_size`` does not divide its rows."""
+    if spec.granularity != "group":
+        return
+    width = as_matrix(weight).shape[1]
+    if width % spec.group_size:
+        divisors = [g for g in (256, 128, 64, 32, 16, 8) if width % g == 0]
+        fix = f"use group_size={divisors[0]}" if divisors else "use granularity='channel'"
+        raise ValueError(
+            f"`group_size`={spec.group_size} does not divide the input size {width} of layer"
+            f" {name!r}; {fix} for it with an override, or add it to `exclude`"
+        )
+
+
+def choose_qparams(matrix: Tensor, spec: QuantSpec, eps: float | None = None) -> tuple[Tensor, Tensor]:
+    """Scales (float32) and integer zero points (int32), one per group, shaped ``[n_groups]``.
+
+    Groups are consecutive runs of :func:`group_width` elements in row-major order.
+    """
+    width = group_width(matrix.shape, spec)
+    groups = matrix.detach().reshape(-1, width)
+    if eps is None:
+        eps = torch.finfo(matrix.dtype).smallest_normal
+    low, high = torch.aminmax(groups, dim=1)
+    low = torch.minimum(low, torch.zeros_like(low))
+    high = torch.maximum(high, torch.zeros_like(high))
+    if spec.symmetric:
+        scale = torch.maximum(-low, high) / (float(spec.qmax - spec.qmin) / 2)
+        scale = torch.clamp(scale, min=eps)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = torch.clamp((high - low) / float(spec.qmax - spec.qmin), min=eps)
+        zero_point = torch.clamp(spec.qmin - torch.round(low / scale), spec.qmin, spec.qmax)
+        zero_point = zero_point.to(torch.int32)
+    return scale.to(torch.float32), zero_point
+
+
+def fake_quantize(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """Quantize-dequantize ``matrix`` on the grid (STE with clipping in backward)."""
+    width = group_width(matrix.shape, spec)
+    groups = matrix.reshape(-1, width)
+    out = torch.fake_quantize_per_channel_affine(groups, scale, zero_point, 0, spec.qmin, spec.qmax)
+    return out.view(matrix.shape)
+
+
+def fake_quantize_learned(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """LSQ (Esser et al. 2020): like :func:`fake_quantize`, and ``scale`` (a parameter)
+    receives the LSQ gradient, scaled by ``1 / sqrt(group_width * qmax)``."""
+    width = group_width(matrix.shape, spec)
+    groups = matrix.reshape(-1, width)
+    grad_factor = 1.0 / (width * spec.qmax) ** 0.5
+    out = torch._fake_quantize_learnable_per_channel_affine(
+        groups, scale, zero_point.to(scale.dtype), 0, spec.qmin, spec.qmax, grad_factor
+    )
+    return out.view(matrix.shape)
+
+
+def quantize_codes(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """The integer codes (int8) that :func:`fake_quantize` rounds ``matrix`` to."""
+    width = group_width(matrix.shape, spec)
+    groups = matrix.detach().reshape(-1, width).float()
+    inv_scale = 1.0 / scale.view(-1, 1)
+    codes = torch.round(groups * inv_scale) + zero_point.view(-1, 1)
+    return torch.clamp(codes, spec.qmin, spec.qmax).to(torch.int8).view(matrix.shape)
+
+
+def dequantize_codes(codes: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """``(codes - zero_point) * scale`` in float32, shaped like ``codes``."""
+    width = group_width(codes.shape, spec)
+    groups = codes.reshape(-1, width).float()
+    return ((groups - zero_point.view(-1, 1).float()) * scale.view(-1, 1)).view(codes.shape)
+
+
+@dataclass
+class QuantizedWeight:
+    """A layer's weight as the fake-quant saw it: exact integer codes and their grid.
+
+    ``codes`` is int8 ``[out, in * kernel]``; ``scale`` (float32) and ``zero_point``
+    (int32) are ``[out, in * kernel / group_width]`` (``[1, 1]`` per tensor);
+    ``dequantize()`` equals the fake-quantized training weight bit for bit.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    spec: QuantSpec
+    shape: tuple
+
+    def dequantize(self) -> Tensor:
+        return dequantize_codes(self.codes, self.scale, self.zero_point, self.spec).view(self.shape)

@@ -1,0 +1,80 @@
+"""Run by tests/test_ddp.py under strategy="ddp" with 2 CPU processes (gloo).
+
+    python ddp_run.py OUT_DIR prune PATTERN   # MagnitudePruning
+    python ddp_run.py OUT_DIR qat             # QAT: learned scales + static observers
+
+Lightning's launcher re-runs this script for rank 1. Each rank saves what it holds to
+OUT_DIR/rank<r>.pt.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
+
+from lightning_compress import MagnitudePruning, QuantizationAwareTraining  # noqa: E402
+from tests.conftest import TinyRegressor, tiny_loader  # noqa: E402
+
+
+class SaveRankState(Callback):
+    """Saves the callback state and weights at the end of fit, and the range of the raw
+    inputs this rank saw while the observers calibrated."""
+
+    def __init__(self, compression, out_dir):
+        self.compression, self.out_dir = compression, Path(out_dir)
+        self.input_low, self.input_high = float("inf"), float("-inf")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step < 8:
+            self.input_low = min(self.input_low, batch[0].min().item())
+            self.input_high = max(self.input_high, batch[0].max().item())
+
+    def on_fit_end(self, trainer, pl_module):
+        state = {
+            "callback": self.compression.state_dict(),
+            "weights": {k: v.clone() for k, v in pl_module.state_dict().items()},
+            "world_size": trainer.world_size,
+            "input_range": (self.input_low, self.input_high),
+        }
+        if isinstance(self.compression, MagnitudePruning):
+            state["sparsity"] = self.compression.sparsity
+        torch.save(state, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def build(mode: str, pattern: str):
+    if mode == "prune":
+        n_m = ":" in pattern
+        return MagnitudePruning(
+            None if n_m else 0.7,
+            pattern=pattern,
+            start_step=2,
+            end_step=8,
+            update_every=2,
+            scope="layer" if n_m else "global",
+        )
+    return QuantizationAwareTraining(
+        "int4", group_size=4, learn_ranges=True, activations="int8_static", start_step=0, calibration_steps=8
+    )
+
+
+if __name__ == "__main__":
+    out_dir, mode = sys.argv[1], sys.argv[2]
+    pattern = sys.argv[3] if len(sys.argv) > 3 else "unstructured"
+    pl.seed_everything(0, verbose=False)
+    compression = build(mode, pattern)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[compression, SaveRankState(compression, out_dir)],
+    )
+    trainer.fit(TinyRegressor(), tiny_loader(batches=8))

@@ -1,0 +1,243 @@
+"""QuantizationAwareTraining under a real Lightning Trainer on CPU."""
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from torch import nn
+
+from lightning_compress import MagnitudePruning, QuantizationAwareTraining, quantized_weights
+from lightning_compress.core.transforms import raw_weight
+from lightning_compress.quant.fake_quant import as_matrix, choose_qparams, fake_quantize
+from lightning_compress.quant.spec import QuantSpec
+from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+
+LAYERS = ("conv", "fc1", "fc2")
+
+
+class EffectiveWeights(Callback):
+    """After each batch: whether each layer computed with its raw float weight."""
+
+    def __init__(self):
+        self.float_steps, self.quantized_steps = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1  # the step whose forward just ran
+        same = all(torch.equal(pl_module.get_submodule(n).weight, raw_weight(pl_module.get_submodule(n))) for n in LAYERS)
+        (self.float_steps if same else self.quantized_steps).append(step)
+
+
+def test_float_before_start_step_and_quantized_after(seeded):
+    qat = QuantizationAwareTraining("int4", group_size=4, start_step=5)
+    watcher = EffectiveWeights()
+    model = TinyRegressor()
+    make_trainer(max_epochs=2, callbacks=[qat, watcher]).fit(model, tiny_loader(batches=8))
+    assert watcher.float_steps == [0, 1, 2, 3, 4]
+    assert watcher.quantized_steps == list(range(5, 16))
+    spec = QuantSpec(4, "group", 4)
+    for name in LAYERS:
+        layer = model.get_submodule(name)
+        matrix = as_matrix(raw_weight(layer).detach())
+        scale, zero_point = choose_qparams(matrix, spec)
+        expected = fake_quantize(matrix, scale, zero_point, spec).view_as(layer.weight)
+        assert torch.equal(layer.weight, expected), name
+
+
+class ObserverLog(Callback):
+    def __init__(self, qat):
+        self.qat, self.ranges = qat, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        observer = self.qat._input_quantizers["fc1"]
+        if observer.low is not None:
+            self.ranges.append((trainer.global_step, observer.low.item(), observer.high.item()))
+
+
+def test_static_observer_freezes_at_its_step_and_validation_does_not_move_it(seeded):
+    qat = QuantizationAwareTraining("int8", activations="int8_static", start_step=2, calibration_steps=3)
+    log = ObserverLog(qat)
+    model = TinyRegressor()
+    # Training batches only up to step 2 + 3 update the range; validation data is 100x larger.
+    trainer = make_trainer(max_epochs=2, callbacks=[qat, log], limit_val_batches=2, num_sanity_val_steps=0)
+    trainer.fit(model, tiny_loader(batches=8, seed=1), tiny_loader(batches=2, seed=2, scale=100.0))
+    assert log.ranges[0][0] == 3  # first observed in the step-2 forward (logged after the step)
+    frozen = [(lo, hi) for step, lo, hi in log.ranges if step > 5]
+    assert len(set(frozen)) == 1
+    calibrating = [(lo, hi) for step, lo, hi in log.ranges if step <= 5]
+    assert len(set(calibrating)) > 1
+    low, high = frozen[0]
+    assert low == 0.0 and 0 < high < 20  # post-ReLU inputs; not the validation inputs' range
+    trainer.validate(model, tiny_loader(batches=2, seed=2, scale=100.0))
+    observer = qat._input_quantizers["fc1"]
+    assert (observer.low.item(), observer.high.item()) == (low, high)
+
+
+class StopAfterEpoch(Callback):
+    def __init__(self, epoch, path):
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def _qat():
+    return QuantizationAwareTraining(
+        "int4", group_size=4, learn_ranges=True, activations="int8_static", start_step=4, calibration_steps=20
+    )
+
+
+def _quantizer_state(qat):
+    state = qat.state_dict()["layers"]
+    return {name: (entry["scale"], entry["observer"]["low"], entry["observer"]["high"]) for name, entry in state.items()}
+
+
+def test_resume_mid_qat_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    reference = TinyRegressor()
+    initial = {k: v.clone() for k, v in reference.state_dict().items()}
+    uninterrupted = _qat()
+    make_trainer(max_epochs=4, callbacks=[uninterrupted]).fit(reference, tiny_loader(batches=8))
+
+    first = TinyRegressor()
+    first.load_state_dict(initial)
+    ckpt = tmp_path / "mid.ckpt"
+    make_trainer(max_epochs=4, callbacks=[_qat(), StopAfterEpoch(1, ckpt)]).fit(first, tiny_loader(batches=8))
+
+    resumed_model = TinyRegressor()
+    resumed = _qat()
+    make_trainer(max_epochs=4, callbacks=[resumed]).fit(resumed_model, tiny_loader(batches=8), ckpt_path=ckpt)
+
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+    expected, got = _quantizer_state(uninterrupted), _quantizer_state(resumed)
+    for name in expected:
+        for a, b in zip(expected[name], got[name]):
+            assert torch.equal(a, b), name
+    # The learned scales moved away from their min/max initialisation.
+    fc1 = uninterrupted._weight_quantizers["fc1"]
+    initial_scale, _ = choose_qparams(as_matrix(raw_weight(reference.fc1).detach()), fc1.spec)
+    assert not torch.equal(fc1.scale.detach(), initial_scale)
+
+
+@pytest.mark.parametrize("qat_first", [True, False])
+def test_qat_with_pruning_in_either_order_gives_the_same_model(qat_first, seeded):
+    def run(order_qat_first):
+        torch.manual_seed(0)
+        model = TinyRegressor()
+        pruning = MagnitudePruning(0.5, start_step=2, end_step=10, update_every=2)
+        qat = QuantizationAwareTraining("int4", group_size=4, learn_ranges=True, start_step=4)
+        callbacks = [qat, pruning] if order_qat_first else [pruning, qat]
+        make_trainer(max_epochs=2, callbacks=callbacks).fit(model, tiny_loader(batches=8))
+        return model, qat
+
+    model_a, qat_a = run(qat_first)
+    model_b, qat_b = run(not qat_first)
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(model_b.state_dict()[key], value), key
+    for name in LAYERS:
+        assert torch.equal(qat_a._weight_quantizers[name].scale, qat_b._weight_quantizers[name].scale)
+        pruned = raw_weight(model_a.get_submodule(name)) == 0
+        assert pruned.float().mean() == pytest.approx(0.5, abs=0.02)
+        # Pruned weights are exactly zero in the fake-quantized weight and in the codes.
+        assert bool((model_a.get_submodule(name).weight[pruned] == 0).all())
+    for name, packed in quantized_weights(model_a).items():
+        pruned = as_matrix(raw_weight(model_a.get_submodule(name))) == 0
+        zero_points = packed.zero_point.repeat_interleave(packed.codes.shape[1] // packed.zero_point.shape[1], dim=1)
+        assert torch.equal(packed.codes[pruned].long(), zero_points[pruned].long())
+
+
+def test_quantized_weights_dequantize_to_the_effective_weight(seeded):
+    qat = QuantizationAwareTraining(
+        "int4", group_size=4, overrides={"fc2": {"bits": 8, "granularity": "channel"}}, start_step=0
+    )
+    model = TinyRegressor()
+    make_trainer(max_epochs=1, callbacks=[qat]).fit(model, tiny_loader(batches=4))
+    packed = quantized_weights(model)
+    assert set(packed) == set(LAYERS)
+    assert packed["fc1"].spec == QuantSpec(4, "group", 4) and packed["fc1"].scale.shape == (32, 16)
+    assert packed["fc2"].spec == QuantSpec(8, "channel") and packed["fc2"].scale.shape == (8, 1)
+    assert int(packed["fc1"].codes.min()) >= -8 and int(packed["fc1"].codes.max()) <= 7
+    assert int(packed["fc2"].codes.abs().max()) > 7  # 8-bit layer uses the wider grid
+    for name, entry in packed.items():
+        assert torch.equal(entry.dequantize(), model.get_submodule(name).weight.detach()), name
+
+
+class BNModel(TinyRegressor):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).flatten(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+class RunningMean(Callback):
+    def __init__(self):
+        self.means = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.means[trainer.global_step] = pl_module.bn.running_mean.clone()
+
+
+def test_batchnorm_statistics_freeze_after_freeze_bn_step(seeded):
+    log = RunningMean()
+    qat = QuantizationAwareTraining("int8", start_step=0, freeze_bn_step=4)
+    make_trainer(max_epochs=2, callbacks=[qat, log]).fit(BNModel(), tiny_loader(batches=8))
+    assert not torch.equal(log.means[2], log.means[4])
+    for step in range(5, 17):
+        assert torch.equal(log.means[step], log.means[4]), step
+
+
+def test_dynamic_activation_quantization_changes_layer_inputs(seeded):
+    model = TinyRegressor()
+    qat = QuantizationAwareTraining("int8", activations="int8_dynamic", start_step=0)
+    make_trainer(max_epochs=1, callbacks=[qat], limit_train_batches=1).fit(model, tiny_loader())
+    seen = {}
+    model.fc1.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    x = torch.randn(2, 4, 8)
+    model(x)
+    flat = torch.relu(model.conv(x)).flatten(1)
+    assert not torch.equal(seen["x"], flat)
+    assert torch.allclose(seen["x"], flat, atol=flat.abs().max().item() / 100)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(weights="int1"), "`weights` must be 'int2'..'int8'"),
+        (dict(weights=9), "`weights` must be 'int2'..'int8'"),
+        (dict(granularity="row"), "unknown `granularity`"),
+        (dict(granularity="channel", group_size=32), "only applies to granularity='group'"),
+        (dict(activations="int4"), "unknown `activations`"),
+        (dict(observer="histogram"), "unknown `observer`"),
+        (dict(calibration_steps=0), "`calibration_steps` must be a positive int"),
+        (dict(start_step=-3), "`start_step` must be >= 0"),
+        (dict(freeze_bn_step=2.5), "`freeze_bn_step`=2.5 is a float"),
+        (dict(learn_ranges="yes"), "`learn_ranges` must be True or False"),
+        (dict(overrides={"fc1": 8}), "must be a dict of options"),
+        (dict(overrides={"fc1": {"bitz": 8}}), r"unknown option\(s\) \['bitz'\]"),
+        (dict(overrides={"fc1": {"bits": 12}}), "`overrides\\['fc1'\\].bits` must be"),
+        (dict(targets=[nn.LayerNorm]), "`targets` names the layer type LayerNorm"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_group_size_that_does_not_divide_a_layer_names_it_and_offers_a_fix(seeded):
+    qat = QuantizationAwareTraining("int4", group_size=32)
+    with pytest.raises(ValueError, match=r"does not divide the input size 12 of layer 'conv'; use granularity='channel'"):
+        make_trainer(callbacks=[qat]).fit(TinyRegressor(), tiny_loader())
+
+
+def test_unsupported_layer_in_targets_and_unused_override_fail_before_training(seeded):
+    model = BNModel()
+    with pytest.raises(ValueError, match=r"'bn' matches only layers of unsupported types \(BatchNorm1d\)"):
+        make_trainer(callbacks=[QuantizationAwareTraining(targets=["bn"])]).fit(model, tiny_loader())
+    with pytest.raises(ValueError, match=r"`overrides` pattern\(s\) \['head'\] match no quantized layer"):
+        make_trainer(callbacks=[QuantizationAwareTraining(overrides={"head": {"bits": 8}})]).fit(
+            TinyRegressor(), tiny_loader()
+        )

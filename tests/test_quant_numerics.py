@@ -1,0 +1,174 @@
+"""Fake-quant numerics against torchao, bit for bit, and the STE gradients."""
+
+import pytest
+import torch
+
+from lightning_compress._torchao import import_torchao
+from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver
+from lightning_compress.quant.fake_quant import (
+    as_matrix,
+    choose_qparams,
+    dequantize_codes,
+    fake_quantize,
+    fake_quantize_learned,
+    quantize_codes,
+)
+from lightning_compress.quant.spec import QuantSpec, parse_bits, spec_from_options
+
+qat = import_torchao("torchao.quantization.qat")
+primitives = import_torchao("torchao.quantization.quant_primitives")
+
+BITS = [2, 3, 4, 5, 6, 7, 8]
+DTYPES = {2: "int2", 3: "int3", 4: "int4", 5: "int5", 6: "int6", 7: "int7", 8: "int8"}
+
+
+def torch_dtype(bits):
+    return torch.int8 if bits == 8 else getattr(torch, DTYPES[bits])
+
+
+def ours(matrix, spec):
+    scale, zero_point = choose_qparams(matrix, spec)
+    return fake_quantize(matrix, scale, zero_point, spec)
+
+
+def sample(rows=16, cols=128, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator) * torch.rand(rows, 1, generator=generator)
+    weight[0, :7] = 0.0  # pruned weights
+    return weight
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_symmetric_weights_equal_torchao_intx_fake_quantizer(bits, granularity):
+    weight = sample()
+    if granularity == "group":
+        spec = QuantSpec(bits, "group", 32)
+        config = qat.IntxFakeQuantizeConfig(torch_dtype(bits), group_size=32)
+    else:
+        spec = QuantSpec(bits, "channel")
+        config = qat.IntxFakeQuantizeConfig(torch_dtype(bits), "per_channel")
+    expected = qat.IntxFakeQuantizer(config)(weight)
+    assert torch.equal(ours(weight, spec), expected)
+
+
+def torchao_affine(weight, bits, block_size, symmetric):
+    mapping = primitives.MappingType.SYMMETRIC if symmetric else primitives.MappingType.ASYMMETRIC
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale, zero_point = primitives.choose_qparams_affine(
+        weight, mapping, block_size, torch.int8, qmin, qmax, zero_point_dtype=torch.int32
+    )
+    return primitives._fake_quantize_affine(weight, block_size, scale, zero_point, torch.int32, qmin, qmax)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_all_granularities_equal_torchao_affine_primitives(bits, granularity, symmetric):
+    weight = sample()
+    block = {"tensor": tuple(weight.shape), "channel": (1, weight.shape[1]), "group": (1, 32)}[granularity]
+    spec = QuantSpec(bits, granularity, 32 if granularity == "group" else None, symmetric)
+    assert torch.equal(ours(weight, spec), torchao_affine(weight, bits, block, symmetric))
+
+
+def test_conv_weight_matches_per_channel_numerics_of_its_2d_view():
+    weight = torch.randn(8, 4, 3, 3)
+    config = qat.IntxFakeQuantizeConfig(torch.int4, "per_channel")
+    expected = qat.IntxFakeQuantizer(config)(weight.reshape(8, -1)).view_as(weight)
+    matrix = as_matrix(weight)
+    assert torch.equal(ours(matrix, QuantSpec(4, "channel")).view_as(weight), expected)
+
+
+def test_activation_per_token_equals_torchao():
+    x = torch.randn(3, 5, 64) * 3
+    config = qat.IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+    expected = qat.IntxFakeQuantizer(config)(x)
+    quantizer = DynamicTokenQuantizer()
+    quantizer.enabled = True
+    assert torch.equal(quantizer(x), expected)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_zero_is_on_every_grid(bits, symmetric):
+    weight = sample()
+    for granularity, group in [("tensor", None), ("channel", None), ("group", 16)]:
+        out = ours(weight, QuantSpec(bits, granularity, group, symmetric))
+        assert bool((out[weight == 0] == 0).all()), (granularity, bits, symmetric)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_codes_dequantize_to_the_fake_quantized_weight_exactly(bits, symmetric):
+    weight = sample()
+    spec = QuantSpec(bits, "group", 32, symmetric)
+    scale, zero_point = choose_qparams(weight, spec)
+    codes = quantize_codes(weight, scale, zero_point, spec)
+    assert codes.dtype == torch.int8
+    assert int(codes.min()) >= spec.qmin and int(codes.max()) <= spec.qmax
+    assert torch.equal(dequantize_codes(codes, scale, zero_point, spec), fake_quantize(weight, scale, zero_point, spec))
+
+
+def test_ste_passes_gradients_inside_the_range_and_clips_outside():
+    spec = QuantSpec(4, "tensor")
+    scale = torch.tensor([0.1])
+    zero_point = torch.tensor([0], dtype=torch.int32)
+    # Grid covers [-0.8, 0.7]; 0.9 and -1.0 lie outside.
+    x = torch.tensor([[0.05, -0.33, 0.69, 0.9, -1.0, 0.0]], requires_grad=True)
+    fake_quantize(x, scale, zero_point, spec).sum().backward()
+    assert x.grad.tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0, 1.0]]
+
+
+def test_learned_ranges_receive_gradients_and_match_the_fixed_grid_forward():
+    weight = sample()
+    spec = QuantSpec(4, "group", 32)
+    scale, zero_point = choose_qparams(weight, spec)
+    learned = torch.nn.Parameter(scale.clone())
+    out = fake_quantize_learned(weight, learned, zero_point, spec)
+    assert torch.equal(out, fake_quantize(weight, scale, zero_point, spec))
+    (out * torch.randn_like(out)).sum().backward()
+    assert learned.grad is not None and learned.grad.abs().sum() > 0
+
+
+def test_static_observer_minmax_and_moving_average():
+    minmax = StaticRangeObserver("minmax")
+    average = StaticRangeObserver("moving_average", momentum=0.5)
+    for observer in (minmax, average):
+        observer.enabled = True
+        observer(torch.tensor([-1.0, 2.0]), training=True)
+        observer(torch.tensor([-3.0, 1.0]), training=True)
+    assert (minmax.low.item(), minmax.high.item()) == (-3.0, 2.0)
+    assert (average.low.item(), average.high.item()) == (-2.0, 1.5)
+    # Not in training (validation/test/predict): the range does not move.
+    minmax(torch.tensor([-10.0, 10.0]), training=False)
+    assert (minmax.low.item(), minmax.high.item()) == (-3.0, 2.0)
+    minmax.calibrating = False
+    minmax(torch.tensor([-10.0, 10.0]), training=True)
+    assert (minmax.low.item(), minmax.high.item()) == (-3.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bits=1), "`bits` must be an int from 2 to 8"),
+        (dict(bits=9), "`bits` must be an int from 2 to 8"),
+        (dict(granularity="row"), "unknown `granularity`"),
+        (dict(granularity="group"), "`group_size` must be an int >= 2"),
+        (dict(granularity="channel", group_size=32), "only applies to granularity='group'"),
+        (dict(symmetric="yes"), "`symmetric` must be True or False"),
+    ],
+)
+def test_bad_specs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantSpec(**kwargs)
+
+
+def test_parse_bits_and_overrides():
+    assert parse_bits("weights", "int4") == 4 and parse_bits("weights", 3) == 3
+    with pytest.raises(ValueError, match="`weights` must be 'int2'..'int8'"):
+        parse_bits("weights", "fp8")
+    base = QuantSpec(4, "group", 32)
+    assert spec_from_options("o", {"bits": 8}, base) == QuantSpec(8, "group", 32)
+    assert spec_from_options("o", {"granularity": "channel"}, base) == QuantSpec(4, "channel")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bitz'\]"):
+        spec_from_options("o", {"bitz": 8}, base)
