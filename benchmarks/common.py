@@ -54,3 +54,55 @@ def median(values) -> float:
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+class TrainTime(pl.Callback):
+    """Seconds per optimizer step over a whole fit, epoch-end hooks included."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seconds_per_step = (time.perf_counter() - self.started) / trainer.global_step
+
+
+def interleaved(configs, run, rounds: int) -> dict:
+    """Run every configuration once per round, rotating the order; ``{config: [s/step]}``."""
+    times = {c: [] for c in configs}
+    for round_index in range(rounds):
+        shift = round_index % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            times[config].append(run(config))
+    return times
+
+
+def paired_ratio(times: dict, config: str, baseline: str) -> float:
+    """Median over rounds of config / baseline of the same round.
+
+    The machine is shared and drifts by +-15% between runs; pairing runs that were
+    measured next to each other cancels most of that drift.
+    """
+    return median([t / b for t, b in zip(times[config], times[baseline])])
+
+
+class MLPBlock(pl.LightningModule):
+    """A transformer MLP block (d -> 4d -> d, GELU) trained with AdamW on an MSE target."""
+
+    def __init__(self, d_model: int = 768) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(d_model, 4 * d_model)
+        self.down = torch.nn.Linear(4 * d_model, d_model)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.down(torch.nn.functional.gelu(self.up(x))), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+def token_batches(tokens: int, batches: int, d_model: int = 768):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batches * tokens, d_model, generator=generator)
+    y = torch.randn(batches * tokens, d_model, generator=generator)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=tokens)

@@ -13,41 +13,14 @@ prunes there).
 from __future__ import annotations
 
 import argparse
-import time
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelPruning
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from common import machine, median, quiet_trainer  # noqa: E402  (sets sys.path)
+from common import MLPBlock, TrainTime, interleaved, machine, median, paired_ratio, quiet_trainer, token_batches
 
 from lightning_compress import MagnitudePruning
 from lightning_compress.sparsity.schedules import scheduled_sparsity
-
-
-class MLPBlock(pl.LightningModule):
-    def __init__(self, d_model: int = 768) -> None:
-        super().__init__()
-        self.up = nn.Linear(d_model, 4 * d_model)
-        self.down = nn.Linear(4 * d_model, d_model)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self.down(F.gelu(self.up(x))), y)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-4)
-
-
-class TrainTime(pl.Callback):
-    def on_train_start(self, trainer, pl_module):
-        self.started = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        self.seconds_per_step = (time.perf_counter() - self.started) / trainer.global_step
 
 
 def lightning_amounts(final: float, end: int, every: int):
@@ -65,7 +38,7 @@ def lightning_amounts(final: float, end: int, every: int):
     return amount
 
 
-def run(config: str, data: DataLoader, steps: int, every: int, final: float) -> float:
+def run(config: str, data, steps: int, every: int, final: float) -> float:
     torch.manual_seed(0)
     model = MLPBlock()
     timer = TrainTime()
@@ -94,29 +67,16 @@ def main() -> None:
     parser.add_argument("--update-every", type=int, default=10)
     args = parser.parse_args()
 
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(args.update_every * args.tokens, 768, generator=generator)
-    y = torch.randn(args.update_every * args.tokens, 768, generator=generator)
-    data = DataLoader(TensorDataset(x, y), batch_size=args.tokens)
-
+    data = token_batches(args.tokens, args.update_every)
     configs = ["plain", "ours", "lightning"]
-    times = {c: [] for c in configs}
-    for round_index in range(args.rounds):
-        # Rotate the order each round so no configuration always runs first.
-        for config in configs[round_index % 3 :] + configs[: round_index % 3]:
-            times[config].append(run(config, data, args.steps, args.update_every, final=0.8))
-
-    # The machine is shared and its speed drifts by +-15% between runs: compare each
-    # configuration with the plain run of the same round, then take the median ratio.
-    def paired(config: str) -> float:
-        return median([t / p for t, p in zip(times[config], times["plain"])])
+    times = interleaved(configs, lambda c: run(c, data, args.steps, args.update_every, final=0.8), args.rounds)
 
     print(f"# pruning overhead: MLP block d=768, {args.tokens} tokens/step, AdamW, 80% cubic,"
           f" update every {args.update_every} steps; {args.steps} steps x {args.rounds} rounds; {machine()}")
     print("| configuration | s/step (median) | vs plain (median of paired ratios) |")
     print("|---|---|---|")
     for config, label in [("plain", "plain training"), ("ours", "MagnitudePruning"), ("lightning", "Lightning ModelPruning")]:
-        print(f"| {label} | {median(times[config]):.4f} | {paired(config):.3f}x |")
+        print(f"| {label} | {median(times[config]):.4f} | {paired_ratio(times, config, 'plain'):.3f}x |")
     print("Target (issue 2): MagnitudePruning at most 1.03x of plain training.")
 
 

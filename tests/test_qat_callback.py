@@ -241,3 +241,20 @@ def test_unsupported_layer_in_targets_and_unused_override_fail_before_training(s
         make_trainer(callbacks=[QuantizationAwareTraining(overrides={"head": {"bits": 8}})]).fit(
             TinyRegressor(), tiny_loader()
         )
+
+
+def test_round_to_nearest_quantizes_in_place_without_training(seeded):
+    from lightning_compress.quant import round_to_nearest
+
+    model = TinyRegressor()
+    raw = {n: model.get_submodule(n).weight.detach().clone() for n in LAYERS}
+    quantizers = round_to_nearest(model, QuantSpec(3, "channel"), exclude=["fc2"])
+    assert set(quantizers) == {"conv", "fc1"}
+    for name in ("conv", "fc1"):
+        matrix = as_matrix(raw[name])
+        scale, zero_point = choose_qparams(matrix, QuantSpec(3, "channel"))
+        expected = fake_quantize(matrix, scale, zero_point, QuantSpec(3, "channel")).view_as(raw[name])
+        assert torch.equal(model.get_submodule(name).weight, expected)
+        assert len(torch.unique(model.get_submodule(name).weight[0])) <= 8  # 3-bit grid
+    assert torch.equal(model.fc2.weight, raw["fc2"])
+    assert set(quantized_weights(model)) == {"conv", "fc1"}

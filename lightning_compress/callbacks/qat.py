@@ -12,19 +12,21 @@ from torch import nn
 from lightning_compress.core.distributed import all_reduce_mean_
 from lightning_compress.core.schedule import StepLike, resolve_step, validate_step
 from lightning_compress.core.targeting import Target, select_layers, validate_targets
-from lightning_compress.core.transforms import Stage, add_weight_transform, raw_weight
+from lightning_compress.core.transforms import raw_weight
 from lightning_compress.quant.activations import (
     ACTIVATION_MODES,
     OBSERVERS,
     DynamicTokenQuantizer,
     StaticRangeObserver,
 )
-from lightning_compress.quant.fake_quant import check_divisible
 from lightning_compress.quant.spec import GRANULARITIES, QuantSpec, parse_bits, spec_from_options
-from lightning_compress.quant.weights import WeightFakeQuantizer
+from lightning_compress.quant.weights import (
+    DEFAULT_TARGET_TYPES,
+    QUANTIZABLE_TYPES,
+    WeightFakeQuantizer,
+    attach_weight_quantizers,
+)
 
-QUANTIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _STATE_VERSION = 1
 
@@ -148,17 +150,11 @@ class QuantizationAwareTraining(Callback):
             supported=QUANTIZABLE_TYPES,
             default=DEFAULT_TARGET_TYPES,
         )
-        specs = self._layer_specs()
-        for name, layer in self._layers.items():
-            check_divisible(name, raw_weight(layer), specs[name])
-        for name, layer in self._layers.items():
-            quantizer = WeightFakeQuantizer(specs[name], learned=self.learn_ranges)
-            if self.learn_ranges:
-                quantizer.create_parameters(raw_weight(layer).detach())
-            add_weight_transform(layer, Stage.FAKE_QUANT, quantizer)
-            self._weight_quantizers[name] = quantizer
-            if self.activations is not None and not isinstance(layer, nn.Embedding):
-                self._add_input_quantizer(name, layer)
+        self._weight_quantizers = attach_weight_quantizers(self._layers, self._layer_specs(), self.learn_ranges)
+        if self.activations is not None:
+            for name, layer in self._layers.items():
+                if not isinstance(layer, nn.Embedding):  # its input is token ids
+                    self._add_input_quantizer(name, layer)
         if self._restored is not None:
             self._apply_restored()
 

@@ -2,6 +2,6 @@
 
 from lightning_compress.quant.fake_quant import QuantizedWeight
 from lightning_compress.quant.spec import QuantSpec
-from lightning_compress.quant.weights import quantized_weights
+from lightning_compress.quant.weights import quantized_weights, round_to_nearest
 
-__all__ = ["QuantSpec", "QuantizedWeight", "quantized_weights"]
+__all__ = ["QuantSpec", "QuantizedWeight", "quantized_weights", "round_to_nearest"]

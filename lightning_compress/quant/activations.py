@@ -86,10 +86,8 @@ class StaticRangeObserver:
         if self.low is None:
             return x
         scale, zero_point = self.qparams()
-        out = torch.fake_quantize_per_tensor_affine(
-            x.float(), scale, zero_point, _PER_TENSOR.qmin, _PER_TENSOR.qmax
-        )
-        return out.to(x.dtype)
+        flat = x.float().reshape(1, -1)
+        return fake_quantize(flat, scale, zero_point, _PER_TENSOR).view(x.shape).to(x.dtype)
 
     def state_dict(self) -> Dict[str, Any]:
         return {

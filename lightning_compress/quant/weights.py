@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.transforms import Stage, get_weight_transform, weight_before
+from lightning_compress.core.targeting import Target, select_layers
+from lightning_compress.core.transforms import Stage, add_weight_transform, get_weight_transform, raw_weight, weight_before
 from lightning_compress.quant.fake_quant import (
     QuantizedWeight,
     as_matrix,
+    check_divisible,
     choose_qparams,
     fake_quantize,
     fake_quantize_learned,
@@ -99,3 +101,48 @@ def quantized_weights(model: nn.Module) -> Dict[str, QuantizedWeight]:
             shape=tuple(weight.shape),
         )
     return out
+
+
+QUANTIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def attach_weight_quantizers(
+    layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec], learned: bool = False
+) -> Dict[str, WeightFakeQuantizer]:
+    """Put a (disabled) :class:`WeightFakeQuantizer` at the FAKE_QUANT stage of each layer.
+
+    Raises:
+        ValueError: a layer's input size is not divisible by its spec's group size.
+    """
+    for name, layer in layers.items():
+        check_divisible(name, raw_weight(layer), specs[name])
+    quantizers = {}
+    for name, layer in layers.items():
+        quantizer = WeightFakeQuantizer(specs[name], learned=learned)
+        if learned:
+            quantizer.create_parameters(raw_weight(layer).detach())
+        add_weight_transform(layer, Stage.FAKE_QUANT, quantizer)
+        quantizers[name] = quantizer
+    return quantizers
+
+
+def round_to_nearest(
+    model: nn.Module,
+    spec: QuantSpec,
+    *,
+    targets: Sequence[Target] | None = None,
+    exclude: Sequence[Target] | None = None,
+) -> Dict[str, WeightFakeQuantizer]:
+    """Post-training quantization baseline: fake-quantize ``model``'s weights in place,
+    without training, on the same grid QAT uses (round to nearest, min/max ranges).
+
+    Returns the attached quantizers; :func:`quantized_weights` reads their codes.
+    """
+    layers = select_layers(
+        model, targets=targets, exclude=exclude, supported=QUANTIZABLE_TYPES, default=DEFAULT_TARGET_TYPES
+    )
+    quantizers = attach_weight_quantizers(layers, {name: spec for name in layers})
+    for quantizer in quantizers.values():
+        quantizer.enabled = True
+    return quantizers
