@@ -40,6 +40,13 @@ def test_pruning_ranks_hold_identical_masks_and_weights(tmp_path, pattern):
     assert rank0["sparsity"] == pytest.approx(expected, abs=1e-3)
 
 
+def test_pruning_masks_come_from_rank_zero_even_when_weights_differ(tmp_path):
+    rank0, rank1 = run_ddp(tmp_path, "prune-perturbed")
+    assert not torch.equal(rank0["weights"]["fc1.weight"], rank1["weights"]["fc1.weight"])  # perturbation held
+    for name in rank0["callback"]["masks"]:
+        assert torch.equal(rank0["callback"]["masks"][name]["packed"], rank1["callback"]["masks"][name]["packed"]), name
+
+
 def test_qat_observer_ranges_are_all_reduced_and_learned_scales_agree(tmp_path):
     rank0, rank1 = run_ddp(tmp_path, "qat")
     # The ranks saw different shards of the data...
@@ -48,7 +55,7 @@ def test_qat_observer_ranges_are_all_reduced_and_learned_scales_agree(tmp_path):
     for name in layers0:
         for key in ("low", "high"):
             assert torch.equal(layers0[name]["observer"][key], layers1[name]["observer"][key]), (name, key)
-        assert torch.equal(layers0[name]["scale"], layers1[name]["scale"]), name
+        assert torch.equal(layers0[name]["log_scale"], layers1[name]["log_scale"]), name
     # ...and the first layer's observed range is the range over both shards (min-max).
     low = min(rank0["input_range"][0], rank1["input_range"][0])
     high = max(rank0["input_range"][1], rank1["input_range"][1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import nn
 
 from lightning_compress import MagnitudePruning
@@ -179,16 +179,64 @@ def test_final_checkpoint_loads_strictly_into_the_unmodified_class(tmp_path, see
     assert weight_sparsity(loaded) == pytest.approx({n: 0.5 for n in LAYERS}, abs=0.01)
 
 
-def test_resume_with_another_pattern_is_refused(tmp_path, seeded):
+@pytest.mark.parametrize(
+    "changed, message",
+    [
+        (dict(pattern="structured"), "pruned with pattern 'unstructured'"),
+        (dict(targets=["fc1"]), r"only in the checkpoint: \['conv', 'fc2'\]"),
+    ],
+)
+def test_resume_with_changed_settings_is_refused(tmp_path, seeded, changed, message):
     ckpt = tmp_path / "a.ckpt"
     make_trainer(max_epochs=2, callbacks=[MagnitudePruning(0.5, end_step=8), StopAfterEpoch(0, ckpt)]).fit(
         TinyRegressor(), tiny_loader(batches=8)
     )
-    state = torch.load(ckpt, weights_only=True)
-    pruning = MagnitudePruning(0.5, end_step=8, pattern="structured")
-    # Different pattern means a different state key, so restore it by hand as a user would.
-    with pytest.raises(ValueError, match="pattern 'unstructured'.*`pattern`='structured'"):
-        pruning.load_state_dict(state["callbacks"][MagnitudePruning(0.5).state_key])
+    settings = dict(final_sparsity=0.5, end_step=8, **changed)
+    with pytest.raises(ValueError, match=message):
+        make_trainer(max_epochs=2, callbacks=[MagnitudePruning(**settings)]).fit(
+            TinyRegressor(), tiny_loader(batches=8), ckpt_path=ckpt
+        )
+
+
+def test_end_step_on_the_last_step_is_in_the_last_checkpoint(tmp_path, seeded):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = TinyRegressor()
+    pruning = MagnitudePruning(0.8, end_step=1.0, update_every=4)
+    make_trainer(max_epochs=2, callbacks=[pruning, checkpoint], enable_checkpointing=True).fit(
+        model, tiny_loader(batches=8)
+    )
+    assert pruning.sparsity == pytest.approx(0.8, abs=1e-3)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert state["callbacks"][pruning.state_key]["applied_sparsity"] == 0.8
+    loaded = TinyRegressor.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert weight_sparsity(loaded) == pytest.approx({n: 0.8 for n in LAYERS}, abs=0.01)
+
+
+def test_a_callback_reused_for_another_model_starts_from_its_dense_weights(seeded):
+    pruning = MagnitudePruning(0.5, start_step=4, end_step=8)
+    first, second = TinyRegressor(), TinyRegressor()
+    make_trainer(max_epochs=2, callbacks=[pruning]).fit(first, tiny_loader(batches=8))
+    seen = Recorder()
+    make_trainer(max_epochs=2, callbacks=[pruning, seen]).fit(second, tiny_loader(batches=8))
+    assert seen.rows[0][1] == {n: 0.0 for n in LAYERS}  # nothing of the first model's masks
+    assert weight_sparsity(second) == pytest.approx({n: 0.5 for n in LAYERS}, abs=0.01)
+
+
+def test_a_failed_setup_changes_nothing_and_the_suggested_fix_works(seeded):
+    model = TinyRegressor()
+    model.fc1 = nn.Linear(64, 30)
+    model.fc2 = nn.Linear(30, 8)
+    with pytest.raises(ValueError, match="exclude"):
+        make_trainer(callbacks=[MagnitudePruning(pattern="2:4")]).fit(model, tiny_loader())
+    assert all(type(model.get_submodule(n)) in (nn.Conv1d, nn.Linear) for n in LAYERS)
+    make_trainer(callbacks=[MagnitudePruning(pattern="2:4", exclude=["fc2"], end_step=2)]).fit(model, tiny_loader())
+    assert weight_sparsity(model, ["conv", "fc1"]) == pytest.approx({"conv": 0.5, "fc1": 0.5}, abs=0.01)
+
+
+def test_two_pruning_callbacks_on_one_layer_conflict(seeded):
+    callbacks = [MagnitudePruning(0.5, name="a"), MagnitudePruning(0.7, targets=["fc1"], name="b")]
+    with pytest.raises(ValueError, match="two active callbacks put a MASK transform"):
+        make_trainer(callbacks=callbacks).fit(TinyRegressor(), tiny_loader())
 
 
 def test_fraction_steps_resolve_against_estimated_stepping_batches(seeded):
@@ -197,16 +245,45 @@ def test_fraction_steps_resolve_against_estimated_stepping_batches(seeded):
     assert pruning._window[:2] == (4, 8)
 
 
-def test_layer_report_counts_zeros(seeded):
-    pruning = MagnitudePruning(0.5, end_step=4, targets=["fc1", nn.Conv1d])
+class TableLogger(Logger):
+    """A Lightning logger that keeps what it is given, tables included."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables = {}
+
+    @property
+    def name(self):
+        return "tables"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_table(self, key, columns, data):
+        self.tables[key] = (columns, data)
+
+
+def test_per_layer_table_at_the_end_of_fit_counts_pruned_not_quantized_zeros(seeded):
+    from lightning_compress import QuantizationAwareTraining
+
+    logger = TableLogger()
+    pruning = MagnitudePruning(0.3, end_step=4, targets=["fc1", nn.Conv1d])
+    qat = QuantizationAwareTraining("int2", start_step=0)  # rounds many small weights to zero
     model = TinyRegressor()
-    trainer = make_trainer(max_epochs=1, callbacks=[pruning])
-    trainer.fit(model, tiny_loader(batches=8))
-    assert weight_sparsity(model)["fc2"] == 0.0
-    pruning.setup(trainer, model, "fit")
-    rows = {row[0]: row for row in pruning.layer_report()}
+    make_trainer(max_epochs=1, callbacks=[pruning, qat], logger=logger).fit(model, tiny_loader(batches=8))
+    columns, rows = logger.tables["pruning/layers"]
+    assert columns == ["layer", "type", "params", "zeros", "sparsity"]
+    rows = {row[0]: row for row in rows}
     assert set(rows) == {"conv", "fc1"}
-    assert rows["fc1"][2:] == [2048, 1024, 0.5]
+    assert rows["fc1"][2:4] == [2048, round(0.3 * 2048)]
+    assert float((model.fc1.weight == 0).double().mean()) > 0.35  # quantized zeros exist
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ def _qat():
 
 def _quantizer_state(qat):
     state = qat.state_dict()["layers"]
-    return {name: (entry["scale"], entry["observer"]["low"], entry["observer"]["high"]) for name, entry in state.items()}
+    return {name: (entry["log_scale"], entry["observer"]["low"], entry["observer"]["high"]) for name, entry in state.items()}
 
 
 def test_resume_mid_qat_is_bit_identical(tmp_path):
@@ -117,7 +117,7 @@ def test_resume_mid_qat_is_bit_identical(tmp_path):
     # The learned scales moved away from their min/max initialisation.
     fc1 = uninterrupted._weight_quantizers["fc1"]
     initial_scale, _ = choose_qparams(as_matrix(raw_weight(reference.fc1).detach()), fc1.spec)
-    assert not torch.equal(fc1.scale.detach(), initial_scale)
+    assert not torch.allclose(fc1.log_scale.detach().exp(), initial_scale)
 
 
 @pytest.mark.parametrize("qat_first", [True, False])
@@ -136,7 +136,7 @@ def test_qat_with_pruning_in_either_order_gives_the_same_model(qat_first, seeded
     for key, value in model_a.state_dict().items():
         assert torch.equal(model_b.state_dict()[key], value), key
     for name in LAYERS:
-        assert torch.equal(qat_a._weight_quantizers[name].scale, qat_b._weight_quantizers[name].scale)
+        assert torch.equal(qat_a._weight_quantizers[name].log_scale, qat_b._weight_quantizers[name].log_scale)
         pruned = raw_weight(model_a.get_submodule(name)) == 0
         assert pruned.float().mean() == pytest.approx(0.5, abs=0.02)
         # Pruned weights are exactly zero in the fake-quantized weight and in the codes.
@@ -258,3 +258,90 @@ def test_round_to_nearest_quantizes_in_place_without_training(seeded):
         assert len(torch.unique(model.get_submodule(name).weight[0])) <= 8  # 3-bit grid
     assert torch.equal(model.fc2.weight, raw["fc2"])
     assert set(quantized_weights(model)) == {"conv", "fc1"}
+
+
+def test_checkpoint_loads_into_the_plain_class_and_evaluates_quantized_in_a_new_trainer(tmp_path, seeded):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = TinyRegressor()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(
+        max_epochs=2, callbacks=[QuantizationAwareTraining("int4", group_size=4, start_step=3), checkpoint],
+        enable_checkpointing=True,
+    )
+    val = tiny_loader(batches=2, seed=5)
+    trainer.fit(model, tiny_loader(batches=8))
+    quantized_loss = trainer.validate(model, val)[0]["val/loss"]
+
+    # The checkpoint holds the user's keys only: the plain class loads it strictly (float).
+    plain = TinyRegressor.load_from_checkpoint(tmp_path / "last.ckpt", strict=True)
+    float_loss = make_trainer().validate(plain, val)[0]["val/loss"]
+    assert float_loss != quantized_loss
+
+    # A new Trainer with the callback evaluates the quantized model from the checkpoint.
+    fresh = make_trainer(callbacks=[QuantizationAwareTraining("int4", group_size=4, start_step=3)])
+    restored_loss = fresh.validate(TinyRegressor(), val, ckpt_path=tmp_path / "last.ckpt")[0]["val/loss"]
+    assert restored_loss == quantized_loss
+
+
+def test_learned_ranges_fine_tune_a_float_checkpoint_with_an_lr_scheduler(tmp_path, seeded):
+    class Scheduled(TinyRegressor):
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    ckpt = tmp_path / "float.ckpt"
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(Scheduled(), tiny_loader(batches=8))
+    trainer.save_checkpoint(ckpt)
+
+    class ScaleWatch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 9:  # one step after the scales were initialised at 8
+                self.after_init = qat._weight_quantizers["fc1"].log_scale.detach().clone()
+
+        def on_train_end(self, trainer, pl_module):
+            self.groups = len(trainer.optimizers[0].param_groups)
+
+    model = Scheduled()
+    qat = QuantizationAwareTraining("int4", group_size=4, learn_ranges=True, start_step=8)
+    watch = ScaleWatch()
+    make_trainer(max_epochs=2, callbacks=[qat, watch]).fit(model, tiny_loader(batches=8), ckpt_path=ckpt)
+    assert watch.groups == 1  # the user's optimizer is untouched
+    assert not torch.equal(qat._weight_quantizers["fc1"].log_scale.detach(), watch.after_init)  # scales trained
+    assert qat.state_dict()["range_optimizer"]["state"]  # Adam state is checkpointed
+
+
+def test_reusing_a_callback_or_replacing_one_quantizes_each_model_once(seeded):
+    qat = QuantizationAwareTraining("int4", group_size=4, activations="int8_dynamic", start_step=0)
+    first, second = TinyRegressor(), TinyRegressor()
+    make_trainer(max_epochs=1, callbacks=[qat]).fit(first, tiny_loader(batches=2))
+    make_trainer(max_epochs=1, callbacks=[qat]).fit(second, tiny_loader(batches=2))
+    assert not torch.equal(second.fc1.weight, raw_weight(second.fc1))  # the second model is quantized
+
+    # A new callback on an already quantized model replaces the old quantizers.
+    replacement = QuantizationAwareTraining("int8", start_step=0)
+    make_trainer(max_epochs=1, callbacks=[replacement]).fit(first, tiny_loader(batches=2))
+    assert quantized_weights(first)["fc1"].spec == QuantSpec(8, "channel")
+    assert len(first.fc1._forward_pre_hooks) == 0  # the old input quantizer is gone
+
+
+def test_quantized_weights_has_no_side_effects_before_start(seeded):
+    qat = QuantizationAwareTraining("int4", group_size=4, learn_ranges=True, start_step=100)
+    model = TinyRegressor()
+    make_trainer(max_epochs=1, callbacks=[qat]).fit(model, tiny_loader(batches=2))
+    quantizer = qat._weight_quantizers["fc1"]
+    before = quantizer.log_scale.detach().clone()
+    quantized_weights(model)
+    assert not quantizer.initialized and torch.equal(quantizer.log_scale.detach(), before)
+
+
+def test_bf16_weights_dequantize_exactly_in_their_dtype(seeded):
+    model = TinyRegressor().to(torch.bfloat16)
+    from lightning_compress.quant import round_to_nearest
+
+    assert round_to_nearest(model, QuantSpec(4, "group", 4))
+    for name, entry in quantized_weights(model).items():
+        assert entry.dtype == torch.bfloat16
+        assert torch.equal(entry.dequantize(), model.get_submodule(name).weight), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Dict, List, Sequence
 
 import torch
@@ -15,7 +16,10 @@ from lightning_compress.core.schedule import StepLike, resolve_step, steps_are_o
 from lightning_compress.core.targeting import Target, select_layers, validate_targets
 from lightning_compress.core.transforms import (
     Stage,
-    add_weight_transform,
+    bind_owner,
+    install_weight_transform,
+    is_bound,
+    owner_tokens,
     raw_weight,
     remove_weight_transform,
     weight_before,
@@ -74,6 +78,8 @@ class MagnitudePruning(Callback):
         targets: layer types and/or name globs to prune; ``None`` prunes every Linear
             and Conv layer. Biases and norm layers are never pruned.
         exclude: layer types and/or name globs to leave dense.
+        name: distinguishes the checkpoint state of several pruning callbacks in one
+            Trainer (e.g. different sparsities for different layers).
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class MagnitudePruning(Callback):
         norm: int = 1,
         targets: Sequence[Target] | None = None,
         exclude: Sequence[Target] | None = None,
+        name: str | None = None,
     ) -> None:
         self.pattern = SparsityPattern.parse(pattern)
         fixed = self.pattern.fixed_sparsity
@@ -128,6 +135,8 @@ class MagnitudePruning(Callback):
             )
         if norm not in (1, 2):
             raise ValueError(f"`norm` must be 1 or 2, got {norm!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
 
         self.final_sparsity = float(final_sparsity)
         self.initial_sparsity = float(initial_sparsity)
@@ -139,6 +148,8 @@ class MagnitudePruning(Callback):
         self.norm = norm
         self.targets = validate_targets("targets", targets, PRUNABLE_TYPES)
         self.exclude = validate_targets("exclude", exclude, PRUNABLE_TYPES)
+        self.name = name
+        self.owner_token = uuid.uuid4().hex
 
         self._layers: Dict[str, nn.Module] = {}
         self._masks: Dict[str, MaskedWeight] = {}
@@ -152,27 +163,32 @@ class MagnitudePruning(Callback):
     # ------------------------------------------------------------------ identity
     @property
     def state_key(self) -> str:
-        # Two pruning callbacks over different layers keep separate checkpoint state.
-        return self._generate_state_key(
-            targets=_describe(self.targets), exclude=_describe(self.exclude), pattern=str(self.pattern)
-        )
+        # Stable across changed settings, so a resume with another pattern or other
+        # targets finds the state and `load_state_dict` says what changed.
+        return self._generate_state_key(name=self.name)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
-            return
-        self._layers = select_layers(
+            return  # the stored weights are already zero where pruned
+        if not is_bound(pl_module, self.owner_token):
+            self._forget()  # reused for another model: start from its dense weights
+        layers = select_layers(
             pl_module,
             targets=self.targets,
             exclude=self.exclude,
             supported=PRUNABLE_TYPES,
             default=DEFAULT_TARGET_TYPES,
         )
-        for name, layer in self._layers.items():
+        for name, layer in layers.items():  # check everything before changing anything
             check_nm_compatible(name, raw_weight(layer), self.pattern)
+        rivals = owner_tokens(trainer.callbacks) - {self.owner_token}
+        for name, layer in layers.items():
             transform = MaskedWeight()
-            add_weight_transform(layer, Stage.MASK, transform)
+            install_weight_transform(layer, Stage.MASK, transform, owner=self.owner_token, active_owners=rivals)
             self._masks[name] = transform
+        self._layers = layers
+        bind_owner(pl_module, self.owner_token)
         if self._restored is not None:
             self._apply_restored()
 
@@ -185,7 +201,7 @@ class MagnitudePruning(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        target = self._follow_schedule(step)
+        target = self._follow_schedule(step)  # first batch of a run or of a resume
         if step != self._last_logged_step:
             self._last_logged_step = step
             pl_module.log_dict(
@@ -197,9 +213,10 @@ class MagnitudePruning(Callback):
                 on_epoch=False,
             )
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # `end_step` may be the run's last step (e.g. `end_step=1.0`): no batch follows
-        # it, so the final update happens here and the model ends at the sparsity asked for.
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Right after the optimizer step that reaches an update point, so checkpoints
+        # written at this batch or epoch end (ModelCheckpoint runs after us) hold the new
+        # masks, and a schedule ending on the run's last step (`end_step=1.0`) is applied.
         self._follow_schedule(trainer.global_step)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -219,7 +236,7 @@ class MagnitudePruning(Callback):
         # The stored weights are already zero where masked, so the user gets back their
         # own layer classes holding the sparse weights; a later fit re-attaches the masks.
         self._restored = self._state_of_masks()
-        for name, layer in self._layers.items():
+        for layer in self._layers.values():
             remove_weight_transform(layer, Stage.MASK)
         self._masks.clear()
         self._layers.clear()
@@ -233,6 +250,12 @@ class MagnitudePruning(Callback):
             "actual_sparsity": self._actual_sparsity,
             "masks": self._state_of_masks() if self._masks else (self._restored or {}),
         }
+
+    def _forget(self) -> None:
+        self._restored = None
+        self._applied_sparsity = 0.0
+        self._actual_sparsity = 0.0
+        self._last_logged_step = -1
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if state_dict.get("version") != _STATE_VERSION:
@@ -256,7 +279,8 @@ class MagnitudePruning(Callback):
         """Rows of ``[layer, type, params, zeros, sparsity]`` for the targeted layers."""
         rows = []
         for name, layer in self._layers.items():
-            weight = layer.weight.detach()
+            # Before fake quantization: weights rounded to zero by QAT are not pruned.
+            weight = weight_before(layer, Stage.FAKE_QUANT).detach()
             zeros = int((weight == 0).sum())
             rows.append([name, type(layer).__name__, weight.numel(), zeros, zeros / weight.numel()])
         return rows
@@ -344,10 +368,12 @@ class MagnitudePruning(Callback):
     def _apply_restored(self) -> None:
         restored, self._restored = self._restored or {}, None
         unknown = sorted(set(restored) - set(self._layers))
-        if unknown:
+        missing = sorted(set(self._layers) - set(restored)) if restored else []
+        if unknown or missing:
             raise ValueError(
-                f"the checkpoint holds pruning masks for layers this MagnitudePruning does not"
-                f" target: {unknown}. Resume with the same `targets` and `exclude`."
+                f"the checkpoint's pruning masks cover other layers than this MagnitudePruning"
+                f" targets (only in the checkpoint: {unknown}; only targeted now: {missing})."
+                " Resume with the same `targets` and `exclude`."
             )
         for name, entry in restored.items():
             self._set_mask(name, unpack_mask(entry["packed"], tuple(entry["shape"])))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import uuid
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from lightning_compress.core.distributed import all_reduce_mean_
 from lightning_compress.core.schedule import StepLike, resolve_step, validate_step
 from lightning_compress.core.targeting import Target, select_layers, validate_targets
-from lightning_compress.core.transforms import raw_weight
+from lightning_compress.core.transforms import bind_owner, is_bound, owner_tokens, raw_weight
 from lightning_compress.quant.activations import (
     ACTIVATION_MODES,
     OBSERVERS,
@@ -56,7 +57,11 @@ class QuantizationAwareTraining(Callback):
             targeted layer's input size (Conv: ``in_channels * kernel``).
         symmetric: zero point 0 (default), or an integer zero point per scale.
         learn_ranges: learn the weight scales (LSQ) instead of taking them from the
-            weight's min/max each step. They train in an extra optimizer parameter group.
+            weight's min/max each step. They train with their own Adam optimizer (stepped
+            right after yours, checkpointed with this callback), so your optimizer and LR
+            schedulers are untouched.
+        range_lr: Adam learning rate of the learned ranges. The scales are learned as
+            ``log(scale)``, so this is a relative step size, whatever the layer.
         activations: ``None`` (weight-only), ``"int8_dynamic"`` (per-token, ranges from
             each input) or ``"int8_static"`` (per-tensor, observed then frozen).
         observer: for ``"int8_static"``: ``"minmax"`` or ``"moving_average"``.
@@ -73,6 +78,7 @@ class QuantizationAwareTraining(Callback):
         targets: layer types and/or name globs; default every Linear and Conv layer.
             Embedding layers are quantizable when targeted.
         exclude: layer types and/or name globs to keep in float.
+        name: distinguishes the checkpoint state of several QAT callbacks in one Trainer.
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class QuantizationAwareTraining(Callback):
         group_size: int | None = None,
         symmetric: bool = True,
         learn_ranges: bool = False,
+        range_lr: float = 1e-3,
         activations: str | None = None,
         observer: str = "minmax",
         calibration_steps: int = 100,
@@ -91,6 +98,7 @@ class QuantizationAwareTraining(Callback):
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         targets: Sequence[Target] | None = None,
         exclude: Sequence[Target] | None = None,
+        name: str | None = None,
     ) -> None:
         bits = parse_bits("weights", weights)
         if granularity is None:
@@ -100,6 +108,10 @@ class QuantizationAwareTraining(Callback):
         self.spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric)
         if not isinstance(learn_ranges, bool):
             raise ValueError(f"`learn_ranges` must be True or False, got {learn_ranges!r}")
+        if isinstance(range_lr, bool) or not isinstance(range_lr, (int, float)) or not range_lr > 0:
+            raise ValueError(f"`range_lr` must be a positive number, got {range_lr!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
         if activations is not None and activations not in ACTIVATION_MODES:
             raise ValueError(f"unknown `activations` {activations!r}; choose None or one of {ACTIVATION_MODES}")
         if observer not in OBSERVERS:
@@ -118,6 +130,7 @@ class QuantizationAwareTraining(Callback):
             self.overrides[pattern] = spec_from_options(f"overrides[{pattern!r}]", options, self.spec)
 
         self.learn_ranges = learn_ranges
+        self.range_lr = float(range_lr)
         self.activations = activations
         self.observer = observer
         self.calibration_steps = calibration_steps
@@ -125,36 +138,56 @@ class QuantizationAwareTraining(Callback):
         self.freeze_bn_step = freeze_bn_step
         self.targets = validate_targets("targets", targets, QUANTIZABLE_TYPES)
         self.exclude = validate_targets("exclude", exclude, QUANTIZABLE_TYPES)
+        self.name = name
+        self.owner_token = uuid.uuid4().hex
 
+        self._reset()
+        self._start = 0
+        self._freeze_bn_at: int | None = None
+
+    def _reset(self) -> None:
         self._layers: Dict[str, nn.Module] = {}
         self._weight_quantizers: Dict[str, WeightFakeQuantizer] = {}
         self._input_quantizers: Dict[str, Any] = {}
-        self._hook_handles: List[Any] = []
         self._restored: Dict[str, Any] | None = None
-        self._start = 0
-        self._freeze_bn_at: int | None = None
-        self._param_groups_added: List[torch.optim.Optimizer] = []
+        self._range_optimizer: torch.optim.Optimizer | None = None
+        self._pending_range_state: Dict[str, Any] | None = None
+        self._step_hooks: List[Any] = []
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(spec=self.spec.describe(), targets=repr(self.targets), exclude=repr(self.exclude))
+        # Stable across changed settings, so a resume with other settings finds the state
+        # and `load_state_dict` can say what changed instead of silently starting over.
+        return self._generate_state_key(name=self.name)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self._layers:
-            return
-        self._layers = select_layers(
+        # Every stage, not only fit: `Trainer(callbacks=[qat]).test(model, ckpt_path=...)`
+        # must evaluate the quantized model the checkpoint describes.
+        if self._layers and is_bound(pl_module, self.owner_token) and self._owns_layers_of(pl_module):
+            return  # a later fit/validate of the same model: everything is in place
+        if self._layers:
+            self._reset()  # this callback is reused for another model
+        layers = select_layers(
             pl_module,
             targets=self.targets,
             exclude=self.exclude,
             supported=QUANTIZABLE_TYPES,
             default=DEFAULT_TARGET_TYPES,
         )
-        self._weight_quantizers = attach_weight_quantizers(self._layers, self._layer_specs(), self.learn_ranges)
-        if self.activations is not None:
-            for name, layer in self._layers.items():
-                if not isinstance(layer, nn.Embedding):  # its input is token ids
-                    self._add_input_quantizer(name, layer)
+        rivals = owner_tokens(trainer.callbacks) - {self.owner_token}
+        self._weight_quantizers = attach_weight_quantizers(
+            layers, self._layer_specs(layers), self.learn_ranges, owner=self.owner_token, active_owners=rivals
+        )
+        self._layers = layers
+        bind_owner(pl_module, self.owner_token)
+        for name, layer in layers.items():
+            # An input quantizer left by an earlier QAT callback goes with its weights.
+            previous = layer.__dict__.pop("_lc_input_quant_hook", None)
+            if previous is not None:
+                previous.remove()
+            if self.activations is not None and not isinstance(layer, nn.Embedding):  # ids in
+                self._add_input_quantizer(name, layer)
         if self._restored is not None:
             self._apply_restored()
 
@@ -165,7 +198,14 @@ class QuantizationAwareTraining(Callback):
             None if self.freeze_bn_step is None else resolve_step("freeze_bn_step", self.freeze_bn_step, total)
         )
         if self.learn_ranges:
-            self._add_scale_param_groups(trainer)
+            for name, quantizer in self._weight_quantizers.items():
+                quantizer._follow_device(raw_weight(self._layers[name]).device)
+            self._ranges_optimizer()
+            if self._pending_range_state is not None:
+                self._load_range_optimizer()
+            # Stepped right after the first optimizer's step: right under gradient
+            # accumulation and manual optimization, and the user's LR schedulers are untouched.
+            self._step_hooks.append(trainer.optimizers[0].register_step_post_hook(self._step_ranges))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -179,15 +219,11 @@ class QuantizationAwareTraining(Callback):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()  # Lightning puts the model in train mode every epoch
 
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        # The learned scales live outside the DDP-wrapped module, so DDP does not
-        # average their gradients: do it here so every rank takes the same step.
-        if self.learn_ranges:
-            all_reduce_mean_([q.scale.grad for q in self._weight_quantizers.values() if q.scale.grad is not None])
-
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._param_groups_added.clear()
+            for handle in self._step_hooks:
+                handle.remove()
+            self._step_hooks.clear()
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
@@ -197,14 +233,17 @@ class QuantizationAwareTraining(Callback):
         for name, quantizer in self._weight_quantizers.items():
             entry: Dict[str, Any] = {"spec": quantizer.spec.describe(), "enabled": quantizer.enabled}
             if quantizer.learned:
-                entry["scale"] = quantizer.scale.detach().cpu().clone()
+                entry["log_scale"] = quantizer.log_scale.detach().cpu().clone()
                 entry["zero_point"] = quantizer.zero_point.cpu().clone()
                 entry["initialized"] = quantizer.initialized
             observer = self._input_quantizers.get(name)
             if isinstance(observer, StaticRangeObserver):
                 entry["observer"] = observer.state_dict()
             layers[name] = entry
-        return {"version": _STATE_VERSION, "layers": layers}
+        state = {"version": _STATE_VERSION, "layers": layers}
+        if self._range_optimizer is not None:
+            state["range_optimizer"] = self._range_optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if state_dict.get("version") != _STATE_VERSION:
@@ -217,10 +256,10 @@ class QuantizationAwareTraining(Callback):
             self._apply_restored()
 
     # ------------------------------------------------------------------ internals
-    def _layer_specs(self) -> Dict[str, QuantSpec]:
+    def _layer_specs(self, layers: Mapping[str, nn.Module]) -> Dict[str, QuantSpec]:
         specs = {}
         used = set()
-        for name in self._layers:
+        for name in layers:
             specs[name] = self.spec
             for pattern, spec in self.overrides.items():
                 if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
@@ -231,7 +270,7 @@ class QuantizationAwareTraining(Callback):
         if unused:
             raise ValueError(
                 f"`overrides` pattern(s) {unused} match no quantized layer; quantized layers:"
-                f" {', '.join(self._layers)}"
+                f" {', '.join(layers)}"
             )
         return specs
 
@@ -249,7 +288,7 @@ class QuantizationAwareTraining(Callback):
                 return (quantizer(args[0], module.training), *args[1:])
 
         self._input_quantizers[name] = quantizer
-        self._hook_handles.append(layer.register_forward_pre_hook(hook))
+        layer.__dict__["_lc_input_quant_hook"] = layer.register_forward_pre_hook(hook)
 
     def _set_enabled(self, enabled: bool) -> None:
         for quantizer in self._weight_quantizers.values():
@@ -257,23 +296,30 @@ class QuantizationAwareTraining(Callback):
         for quantizer in self._input_quantizers.values():
             quantizer.enabled = enabled
 
-    def _add_scale_param_groups(self, trainer: Trainer) -> None:
-        scales = []
-        for name, quantizer in self._weight_quantizers.items():
-            weight = raw_weight(self._layers[name])
-            # Same Parameter object, new storage: the optimizer keeps its reference.
-            quantizer.scale.data = quantizer.scale.data.to(weight.device)
-            quantizer.zero_point = quantizer.zero_point.to(weight.device)
-            scales.append(quantizer.scale)
-        for optimizer in trainer.optimizers:
-            if optimizer in self._param_groups_added:
-                continue
-            group: Dict[str, Any] = {"params": scales}
-            if "weight_decay" in optimizer.defaults:
-                group["weight_decay"] = 0.0  # decaying a scale shrinks the grid
-            optimizer.add_param_group(group)
-            self._param_groups_added.append(optimizer)
-            break  # one optimizer owns the scales
+    def _owns_layers_of(self, pl_module: LightningModule) -> bool:
+        return all(pl_module.get_submodule(name) is layer for name, layer in self._layers.items())
+
+    def _ranges_optimizer(self) -> torch.optim.Optimizer:
+        if self._range_optimizer is None:
+            scales = [q.log_scale for q in self._weight_quantizers.values()]
+            self._range_optimizer = torch.optim.Adam(scales, lr=self.range_lr)
+        return self._range_optimizer
+
+    def _load_range_optimizer(self) -> None:
+        # Optimizer.load_state_dict moves the state to the parameters' device.
+        self._range_optimizer.load_state_dict(self._pending_range_state)
+        self._pending_range_state = None
+
+    def _step_ranges(self, *_: Any) -> None:
+        scales = [q.log_scale for q in self._weight_quantizers.values() if q.log_scale.grad is not None]
+        if not scales:
+            return
+        # The scales live outside the DDP-wrapped module, so DDP does not average their
+        # gradients: do it here so every rank takes the same step.
+        all_reduce_mean_([s.grad for s in scales])
+        optimizer = self._ranges_optimizer()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def _apply_restored(self) -> None:
         state, self._restored = self._restored, None
@@ -292,14 +338,18 @@ class QuantizationAwareTraining(Callback):
                     f" as {quantizer.spec.describe()}; resume with the same settings"
                 )
             quantizer.enabled = entry["enabled"]
-            if quantizer.learned and "scale" in entry:
+            if quantizer.learned and "log_scale" in entry:
                 with torch.no_grad():
-                    quantizer.scale.copy_(entry["scale"])
-                quantizer.zero_point = entry["zero_point"].to(quantizer.scale.device)
+                    quantizer.log_scale.copy_(entry["log_scale"])
+                quantizer.zero_point = entry["zero_point"].to(quantizer.log_scale.device)
                 quantizer.initialized = entry["initialized"]
             observer = self._input_quantizers.get(name)
             if isinstance(observer, StaticRangeObserver) and "observer" in entry:
                 observer.load_state_dict(entry["observer"])
         for name, quantizer in self._input_quantizers.items():
             quantizer.enabled = self._weight_quantizers[name].enabled
+        if "range_optimizer" in state:
+            self._pending_range_state = state["range_optimizer"]
+            if self._range_optimizer is not None:  # restored after on_fit_start
+                self._load_range_optimizer()
 

@@ -150,6 +150,41 @@ def _transformed_class(base: Type[nn.Module]) -> type:
     return _TRANSFORMED_CLASSES[base]
 
 
+def install_weight_transform(
+    layer: nn.Module, stage: Stage, transform: WeightTransform, *, owner: str, active_owners: set
+) -> None:
+    """Like :func:`add_weight_transform` for a callback identified by ``owner``.
+
+    A transform left at ``stage`` by a callback that no longer trains this model (not in
+    ``active_owners``, e.g. QAT from an earlier Trainer) is replaced; one held by an active
+    callback is a conflict.
+    """
+    existing = get_weight_transform(layer, stage)
+    if existing is not None:
+        if getattr(existing, "owner", None) in active_owners:
+            raise ValueError(
+                f"two active callbacks put a {stage.name} transform on the same"
+                f" {type(layer).__name__}; give them disjoint `targets`/`exclude`"
+            )
+        remove_weight_transform(layer, stage)
+    transform.owner = owner
+    add_weight_transform(layer, stage, transform)
+
+
+def bind_owner(module: nn.Module, owner: str) -> None:
+    """Record that callback ``owner`` has set up ``module`` (a plain attribute, not state)."""
+    module.__dict__.setdefault("_lc_owners", set()).add(owner)
+
+
+def is_bound(module: nn.Module, owner: str) -> bool:
+    return owner in module.__dict__.get("_lc_owners", ())
+
+
+def owner_tokens(callbacks) -> set:
+    """The owner tokens of the lightning-compress callbacks in ``callbacks``."""
+    return {token for cb in callbacks if (token := getattr(cb, "owner_token", None))}
+
+
 def detach_all(root: nn.Module) -> None:
     """Remove every transform from every layer under ``root`` (used by tests and export)."""
     for module in root.modules():
@@ -167,4 +202,8 @@ __all__ = [
     "weight_before",
     "is_transformed",
     "detach_all",
+    "install_weight_transform",
+    "bind_owner",
+    "is_bound",
+    "owner_tokens",
 ]

@@ -85,6 +85,8 @@ class StaticRangeObserver:
             self.observe(x)
         if self.low is None:
             return x
+        if self.low.device != x.device:  # restored from a checkpoint on CPU
+            self.low, self.high = self.low.to(x.device), self.high.to(x.device)
         scale, zero_point = self.qparams()
         flat = x.float().reshape(1, -1)
         return fake_quantize(flat, scale, zero_point, _PER_TENSOR).view(x.shape).to(x.dtype)

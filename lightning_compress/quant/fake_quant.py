@@ -152,6 +152,9 @@ class QuantizedWeight:
     zero_point: Tensor
     spec: QuantSpec
     shape: tuple
+    dtype: torch.dtype = torch.float32
 
     def dequantize(self) -> Tensor:
-        return dequantize_codes(self.codes, self.scale, self.zero_point, self.spec).view(self.shape)
+        """``(codes - zero_point) * scale`` computed in float32, returned in the weight's dtype."""
+        weight = dequantize_codes(self.codes, self.scale, self.zero_point, self.spec)
+        return weight.view(self.shape).to(self.dtype)

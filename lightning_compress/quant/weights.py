@@ -8,7 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.targeting import Target, select_layers
-from lightning_compress.core.transforms import Stage, add_weight_transform, get_weight_transform, raw_weight, weight_before
+from lightning_compress.core.transforms import (
+    Stage,
+    get_weight_transform,
+    install_weight_transform,
+    raw_weight,
+    weight_before,
+)
 from lightning_compress.quant.fake_quant import (
     QuantizedWeight,
     as_matrix,
@@ -25,31 +31,32 @@ class WeightFakeQuantizer:
     """Fake-quantizes the weight entering the FAKE_QUANT stage (the masked, merged weight).
 
     Disabled until the QAT callback's ``start_step``. With ``learned=True`` the scales are
-    a parameter trained with LSQ; they are initialised from the weight on the first
-    forward after enabling (after every callback's batch-start hook has run, so the
-    initial ranges do not depend on the order callbacks are listed in).
+    trained with LSQ (Esser et al. 2020) as ``scale = exp(log_scale)``, so one relative
+    learning rate suits every layer and bit width. They are initialised from the weight's
+    min/max on the first forward after enabling (after every callback's batch-start hook,
+    so the result does not depend on the order callbacks are listed in).
     """
 
     def __init__(self, spec: QuantSpec, learned: bool = False) -> None:
         self.spec = spec
         self.enabled = False
         self.learned = learned
-        self.scale: nn.Parameter | None = None
+        self.log_scale: nn.Parameter | None = None
         self.zero_point: Tensor | None = None
         self.initialized = False
 
     def create_parameters(self, weight: Tensor) -> nn.Parameter:
-        """Allocate the learned scales (before the optimizer is built)."""
-        scale, zero_point = choose_qparams(as_matrix(weight), self.spec)
-        self.scale = nn.Parameter(scale)
+        """Allocate the learned log-scales (values are set on first use)."""
+        scale, zero_point = choose_qparams(as_matrix(weight.detach().float()), self.spec)
+        self.log_scale = nn.Parameter(scale.log())
         self.zero_point = zero_point
-        return self.scale
+        return self.log_scale
 
     def qparams(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """The scales and zero points the forward uses for ``weight`` now."""
-        if self.learned:
-            return self.scale.detach(), self.zero_point
-        return choose_qparams(as_matrix(weight), self.spec)
+        """The scales and zero points the forward uses for ``weight`` now (no side effects)."""
+        if self.learned and self.initialized:
+            return self.log_scale.detach().exp(), self.zero_point
+        return choose_qparams(as_matrix(weight.detach().float()), self.spec)
 
     def __call__(self, weight: Tensor) -> Tensor:
         if not self.enabled:
@@ -57,19 +64,27 @@ class WeightFakeQuantizer:
         matrix = as_matrix(weight)
         compute = matrix if matrix.dtype == torch.float32 else matrix.float()
         if self.learned:
+            self._follow_device(weight.device)
             if not self.initialized:
-                self._initialize(matrix)
-            out = fake_quantize_learned(compute, self.scale, self.zero_point, self.spec)
+                self._initialize(compute)
+            out = fake_quantize_learned(compute, self.log_scale.exp(), self.zero_point, self.spec)
         else:
             scale, zero_point = choose_qparams(compute, self.spec)
             out = fake_quantize(compute, scale, zero_point, self.spec)
         return out.to(weight.dtype).view(weight.shape)
 
+    def _follow_device(self, device: torch.device) -> None:
+        # Same Parameter object, new storage: optimizers keep their reference. Covers
+        # scales restored on CPU for a model that runs on a GPU.
+        if self.log_scale.device != device:
+            self.log_scale.data = self.log_scale.data.to(device)
+            self.zero_point = self.zero_point.to(device)
+
     @torch.no_grad()
     def _initialize(self, matrix: Tensor) -> None:
         scale, zero_point = choose_qparams(matrix, self.spec)
-        self.scale.copy_(scale)
-        self.zero_point = zero_point.to(self.scale.device)
+        self.log_scale.copy_(scale.log())
+        self.zero_point = zero_point.to(self.log_scale.device)
         self.initialized = True
 
 
@@ -78,19 +93,18 @@ def quantized_weights(model: nn.Module) -> Dict[str, QuantizedWeight]:
     scales and zero points the fake quantization uses now.
 
     ``result[name].dequantize()`` equals the effective weight the layer computes with,
-    bit for bit; the export packs exactly these codes. Layers whose fake quantization has
-    not started yet (before ``start_step``) are included with the grid they will use.
+    bit for bit (in the weight's dtype); the export packs exactly these codes. Layers
+    whose fake quantization has not started yet are included with the grid they would use
+    now. Reading them changes nothing.
     """
     out = {}
     for name, layer in model.named_modules():
         quantizer = get_weight_transform(layer, Stage.FAKE_QUANT)
         if not isinstance(quantizer, WeightFakeQuantizer):
             continue
-        weight = weight_before(layer, Stage.FAKE_QUANT).detach().float()
-        if quantizer.learned and not quantizer.initialized:
-            quantizer._initialize(as_matrix(weight))
+        weight = weight_before(layer, Stage.FAKE_QUANT).detach()
+        matrix = as_matrix(weight.float())
         scale, zero_point = quantizer.qparams(weight)
-        matrix = as_matrix(weight)
         codes = quantize_codes(matrix, scale, zero_point, quantizer.spec)
         grid_shape = (1, 1) if quantizer.spec.granularity == "tensor" else (matrix.shape[0], -1)
         out[name] = QuantizedWeight(
@@ -99,6 +113,7 @@ def quantized_weights(model: nn.Module) -> Dict[str, QuantizedWeight]:
             zero_point=zero_point.reshape(grid_shape).clone(),
             spec=quantizer.spec,
             shape=tuple(weight.shape),
+            dtype=weight.dtype,
         )
     return out
 
@@ -108,21 +123,35 @@ DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def attach_weight_quantizers(
-    layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec], learned: bool = False
+    layers: Mapping[str, nn.Module],
+    specs: Mapping[str, QuantSpec],
+    learned: bool = False,
+    *,
+    owner: str = "round_to_nearest",
+    active_owners: set = frozenset(),
 ) -> Dict[str, WeightFakeQuantizer]:
     """Put a (disabled) :class:`WeightFakeQuantizer` at the FAKE_QUANT stage of each layer.
 
+    Every layer is checked before any is changed, so a failure leaves the model as it was.
+
     Raises:
-        ValueError: a layer's input size is not divisible by its spec's group size.
+        ValueError: a layer's input size is not divisible by its spec's group size, or
+            another active callback already fake-quantizes one of the layers.
     """
     for name, layer in layers.items():
         check_divisible(name, raw_weight(layer), specs[name])
+        existing = get_weight_transform(layer, Stage.FAKE_QUANT)
+        if existing is not None and getattr(existing, "owner", None) in active_owners:
+            raise ValueError(
+                f"layer {name!r} is already fake-quantized by another QuantizationAwareTraining"
+                " callback in this Trainer; give them disjoint `targets`/`exclude`"
+            )
     quantizers = {}
     for name, layer in layers.items():
         quantizer = WeightFakeQuantizer(specs[name], learned=learned)
         if learned:
-            quantizer.create_parameters(raw_weight(layer).detach())
-        add_weight_transform(layer, Stage.FAKE_QUANT, quantizer)
+            quantizer.create_parameters(raw_weight(layer))
+        install_weight_transform(layer, Stage.FAKE_QUANT, quantizer, owner=owner, active_owners=active_owners)
         quantizers[name] = quantizer
     return quantizers
 

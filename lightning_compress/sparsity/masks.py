@@ -111,7 +111,7 @@ def global_masks(
         return masks
 
     scores = torch.cat([_channel_scores(t, norm) for t in tensors])
-    sizes = torch.cat([torch.full((t.shape[0],), t[0].numel()) for t in tensors])
+    sizes = torch.cat([torch.full((t.shape[0],), t[0].numel(), device=scores.device) for t in tensors])
     order = torch.sort(scores, stable=True).indices
     pruned_weights = torch.cumsum(sizes[order], 0)
     # The largest prefix of lowest-score channels that does not exceed the target count.

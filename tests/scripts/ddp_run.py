@@ -1,6 +1,7 @@
 """Run by tests/test_ddp.py under strategy="ddp" with 2 CPU processes (gloo).
 
     python ddp_run.py OUT_DIR prune PATTERN   # MagnitudePruning
+    python ddp_run.py OUT_DIR prune-perturbed # rank 1's weights differ at the first update
     python ddp_run.py OUT_DIR qat             # QAT: learned scales + static observers
 
 Lightning's launcher re-runs this script for rank 1. Each rank saves what it holds to
@@ -18,6 +19,16 @@ from lightning.pytorch import Callback  # noqa: E402
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining  # noqa: E402
 from tests.conftest import TinyRegressor, tiny_loader  # noqa: E402
+
+
+class PerturbRankOne(Callback):
+    """Makes rank 1's fc1 weights differ from rank 0's just before the first mask update,
+    so masks computed locally would differ: only the broadcast can make them agree."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2 and trainer.global_rank == 1:
+            with torch.no_grad():
+                pl_module.fc1.weight.add_(torch.randn_like(pl_module.fc1.weight))
 
 
 class SaveRankState(Callback):
@@ -46,7 +57,7 @@ class SaveRankState(Callback):
 
 
 def build(mode: str, pattern: str):
-    if mode == "prune":
+    if mode.startswith("prune"):
         n_m = ":" in pattern
         return MagnitudePruning(
             None if n_m else 0.7,
@@ -75,6 +86,7 @@ if __name__ == "__main__":
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[compression, SaveRankState(compression, out_dir)],
+        callbacks=([PerturbRankOne()] if mode == "prune-perturbed" else [])
+        + [compression, SaveRankState(compression, out_dir)],
     )
     trainer.fit(TinyRegressor(), tiny_loader(batches=8))
