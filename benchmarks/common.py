@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao enum registration notice
 
 
 def quiet_trainer(**overrides) -> pl.Trainer:
