@@ -56,6 +56,18 @@ class TinyRegressor(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-2)
 
 
+class StopAfterEpoch(pl.Callback):
+    """Saves a checkpoint at the end of epoch ``epoch`` and stops: an interrupted run."""
+
+    def __init__(self, epoch, path):
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
 def tiny_loader(batches: int = 8, batch_size: int = 16, seed: int = 0, scale: float = 1.0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batches * batch_size, 4, 8, generator=generator) * scale

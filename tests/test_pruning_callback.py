@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_compress import MagnitudePruning
 from lightning_compress.core.transforms import raw_weight
-from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+from tests.conftest import StopAfterEpoch, TinyRegressor, make_trainer, tiny_loader
 
 LAYERS = ("conv", "fc1", "fc2")
 
@@ -124,16 +124,6 @@ def test_pruned_weights_stay_zero_under_momentum_and_adam(optimizer, seeded):
     # Momentum/Adam state was built before pruning; the weights still never came back.
     for name in LAYERS:
         assert float((getattr(model, name).weight == 0).float().mean()) == pytest.approx(0.7, abs=0.01)
-
-
-class StopAfterEpoch(Callback):
-    def __init__(self, epoch, path):
-        self.epoch, self.path = epoch, path
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
 
 
 def _pruning():
@@ -306,6 +296,7 @@ def test_per_layer_table_at_the_end_of_fit_counts_pruned_not_quantized_zeros(see
         (dict(update_every=0), "`update_every` must be a positive int"),
         (dict(norm=3), "`norm` must be 1 or 2"),
         (dict(targets=[nn.LayerNorm]), "`targets` names the layer type LayerNorm"),
+        (dict(name=""), "`name` must be a non-empty string"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, message):

@@ -9,7 +9,7 @@ from lightning_compress import MagnitudePruning, QuantizationAwareTraining, quan
 from lightning_compress.core.transforms import raw_weight
 from lightning_compress.quant.fake_quant import as_matrix, choose_qparams, fake_quantize
 from lightning_compress.quant.spec import QuantSpec
-from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+from tests.conftest import StopAfterEpoch, TinyRegressor, make_trainer, tiny_loader
 
 LAYERS = ("conv", "fc1", "fc2")
 
@@ -69,16 +69,6 @@ def test_static_observer_freezes_at_its_step_and_validation_does_not_move_it(see
     trainer.validate(model, tiny_loader(batches=2, seed=2, scale=100.0))
     observer = qat._input_quantizers["fc1"]
     assert (observer.low.item(), observer.high.item()) == (low, high)
-
-
-class StopAfterEpoch(Callback):
-    def __init__(self, epoch, path):
-        self.epoch, self.path = epoch, path
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
 
 
 def _qat():
@@ -220,6 +210,8 @@ def test_dynamic_activation_quantization_changes_layer_inputs(seeded):
         (dict(overrides={"fc1": {"bitz": 8}}), r"unknown option\(s\) \['bitz'\]"),
         (dict(overrides={"fc1": {"bits": 12}}), "`overrides\\['fc1'\\].bits` must be"),
         (dict(targets=[nn.LayerNorm]), "`targets` names the layer type LayerNorm"),
+        (dict(range_lr=0), "`range_lr` must be a positive number"),
+        (dict(name=3), "`name` must be a non-empty string"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, message):
@@ -345,3 +337,15 @@ def test_bf16_weights_dequantize_exactly_in_their_dtype(seeded):
     for name, entry in quantized_weights(model).items():
         assert entry.dtype == torch.bfloat16
         assert torch.equal(entry.dequantize(), model.get_submodule(name).weight), name
+
+
+def test_embedding_layers_are_quantized_per_row_when_targeted():
+    from lightning_compress.quant import round_to_nearest
+
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
+    rows = model[0].weight.detach().clone()
+    round_to_nearest(model, QuantSpec(4, "channel"), targets=[nn.Embedding])
+    scale, zero_point = choose_qparams(rows, QuantSpec(4, "channel"))
+    assert torch.equal(model[0].weight, fake_quantize(rows, scale, zero_point, QuantSpec(4, "channel")))
+    assert torch.equal(model(torch.tensor([3]))[0], model[1](model[0].weight[3]))
+    assert set(quantized_weights(model)) == {"0"}

@@ -13,7 +13,7 @@ from torch import nn
 from lightning_compress.core.distributed import broadcast_from_rank_zero
 from lightning_compress.core.reporting import report_table
 from lightning_compress.core.schedule import StepLike, resolve_step, steps_are_ordered, validate_step
-from lightning_compress.core.targeting import Target, select_layers, validate_targets
+from lightning_compress.core.targeting import Target, select_layers, validate_name, validate_targets
 from lightning_compress.core.transforms import (
     Stage,
     bind_owner,
@@ -135,8 +135,6 @@ class MagnitudePruning(Callback):
             )
         if norm not in (1, 2):
             raise ValueError(f"`norm` must be 1 or 2, got {norm!r}")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
 
         self.final_sparsity = float(final_sparsity)
         self.initial_sparsity = float(initial_sparsity)
@@ -148,7 +146,7 @@ class MagnitudePruning(Callback):
         self.norm = norm
         self.targets = validate_targets("targets", targets, PRUNABLE_TYPES)
         self.exclude = validate_targets("exclude", exclude, PRUNABLE_TYPES)
-        self.name = name
+        self.name = validate_name(name)
         self.owner_token = uuid.uuid4().hex
 
         self._layers: Dict[str, nn.Module] = {}

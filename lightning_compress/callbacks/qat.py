@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_compress.core.distributed import all_reduce_mean_
 from lightning_compress.core.schedule import StepLike, resolve_step, validate_step
-from lightning_compress.core.targeting import Target, select_layers, validate_targets
+from lightning_compress.core.targeting import Target, select_layers, validate_name, validate_targets
 from lightning_compress.core.transforms import bind_owner, is_bound, owner_tokens, raw_weight
 from lightning_compress.quant.activations import (
     ACTIVATION_MODES,
@@ -110,8 +110,6 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"`learn_ranges` must be True or False, got {learn_ranges!r}")
         if isinstance(range_lr, bool) or not isinstance(range_lr, (int, float)) or not range_lr > 0:
             raise ValueError(f"`range_lr` must be a positive number, got {range_lr!r}")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
         if activations is not None and activations not in ACTIVATION_MODES:
             raise ValueError(f"unknown `activations` {activations!r}; choose None or one of {ACTIVATION_MODES}")
         if observer not in OBSERVERS:
@@ -138,7 +136,7 @@ class QuantizationAwareTraining(Callback):
         self.freeze_bn_step = freeze_bn_step
         self.targets = validate_targets("targets", targets, QUANTIZABLE_TYPES)
         self.exclude = validate_targets("exclude", exclude, QUANTIZABLE_TYPES)
-        self.name = name
+        self.name = validate_name(name)
         self.owner_token = uuid.uuid4().hex
 
         self._reset()

@@ -53,6 +53,13 @@ def validate_targets(
     return tuple(targets)
 
 
+def validate_name(name: str | None) -> str | None:
+    """Check a callback's optional ``name`` (it keys the callback's checkpoint state)."""
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
+    return name
+
+
 def select_layers(
     root: nn.Module,
     *,

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining  # noqa: E402
-from tests.conftest import TinyRegressor, tiny_loader  # noqa: E402
+from tests.conftest import TinyRegressor, make_trainer, tiny_loader  # noqa: E402
 
 
 class PerturbRankOne(Callback):
@@ -77,15 +77,10 @@ if __name__ == "__main__":
     pattern = sys.argv[3] if len(sys.argv) > 3 else "unstructured"
     pl.seed_everything(0, verbose=False)
     compression = build(mode, pattern)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = make_trainer(
         devices=2,
         strategy="ddp",
         max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=([PerturbRankOne()] if mode == "prune-perturbed" else [])
         + [compression, SaveRankState(compression, out_dir)],
     )
