@@ -33,18 +33,27 @@ def main() -> int:
         lines = [line for line in result.stdout.splitlines() if line.startswith(("#", "|", "Target"))]
         heading, body = lines[0].lstrip("# "), lines[1:]
         sections.append(
-            f"## {script.stem}\n\n{heading}\n\nCommand: `python benchmarks/{script.name}` ({took:.0f} s)\n\n"
-            + "\n".join(body)
+            f"## {script.stem}\n\n{heading}\n\nCommand: `python benchmarks/{script.name}`"
+            f" ({took:.0f} s, {datetime.date.today().isoformat()})\n\n" + "\n".join(body)
         )
         print("\n".join(lines), flush=True)
     today = datetime.date.today().isoformat()
+    # `python benchmarks/run_all.py NAME` refreshes NAME's section and keeps the others.
+    target = HERE.parent / "BENCHMARKS.md"
+    kept = _sections(target.read_text()) if target.exists() and len(sys.argv) > 1 else {}
+    kept.update({section.split("\n", 1)[0][3:]: section for section in sections})
     header = (
         "# Benchmarks\n\n"
-        f"Written by `make bench` on {today}. Each table is measured side by side in one process, so"
-        " ratios are comparable even when the shared machine's absolute speed drifts.\n\n"
+        f"Written by `make bench` (last run {today}). Each table is measured side by side in one"
+        " process, so ratios are comparable even when the shared machine's absolute speed drifts.\n\n"
     )
-    (HERE.parent / "BENCHMARKS.md").write_text(header + "\n\n".join(sections) + "\n")
+    target.write_text(header + "\n\n".join(kept[name] for name in sorted(kept)) + "\n")
     return 0
+
+
+def _sections(text: str) -> dict:
+    parts = text.split("\n## ")[1:]
+    return {part.split("\n", 1)[0]: "## " + part.strip() for part in parts}
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ Add the callbacks to the ``Trainer`` you already have; they stack on one model a
 resume exactly from checkpoints.
 """
 
-from lightning_compress.callbacks import MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.callbacks import KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.quant import QuantizedWeight, QuantSpec, quantized_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KnowledgeDistillation",
     "MagnitudePruning",
     "QuantizationAwareTraining",
     "QuantSpec",

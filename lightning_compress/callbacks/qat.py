@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import fnmatch
 import uuid
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lightning_compress.core.distributed import all_reduce_mean_
+from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import StepLike, resolve_step, validate_step
 from lightning_compress.core.targeting import Target, select_layers, validate_name, validate_targets
 from lightning_compress.core.transforms import bind_owner, is_bound, owner_tokens, raw_weight
@@ -148,9 +148,7 @@ class QuantizationAwareTraining(Callback):
         self._weight_quantizers: Dict[str, WeightFakeQuantizer] = {}
         self._input_quantizers: Dict[str, Any] = {}
         self._restored: Dict[str, Any] | None = None
-        self._range_optimizer: torch.optim.Optimizer | None = None
-        self._pending_range_state: Dict[str, Any] | None = None
-        self._step_hooks: List[Any] = []
+        self._ranges = SideOptimizer(self.range_lr)
 
     @property
     def state_key(self) -> str:
@@ -198,12 +196,8 @@ class QuantizationAwareTraining(Callback):
         if self.learn_ranges:
             for name, quantizer in self._weight_quantizers.items():
                 quantizer._follow_device(raw_weight(self._layers[name]).device)
-            self._ranges_optimizer()
-            if self._pending_range_state is not None:
-                self._load_range_optimizer()
-            # Stepped right after the first optimizer's step: right under gradient
-            # accumulation and manual optimization, and the user's LR schedulers are untouched.
-            self._step_hooks.append(trainer.optimizers[0].register_step_post_hook(self._step_ranges))
+            self._ranges.track([q.log_scale for q in self._weight_quantizers.values()])
+            self._ranges.follow(trainer.optimizers[0])
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -219,9 +213,7 @@ class QuantizationAwareTraining(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            for handle in self._step_hooks:
-                handle.remove()
-            self._step_hooks.clear()
+            self._ranges.stop()
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
@@ -239,8 +231,8 @@ class QuantizationAwareTraining(Callback):
                 entry["observer"] = observer.state_dict()
             layers[name] = entry
         state = {"version": _STATE_VERSION, "layers": layers}
-        if self._range_optimizer is not None:
-            state["range_optimizer"] = self._range_optimizer.state_dict()
+        if self.learn_ranges:
+            state["range_optimizer"] = self._ranges.state_dict()
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -297,28 +289,6 @@ class QuantizationAwareTraining(Callback):
     def _owns_layers_of(self, pl_module: LightningModule) -> bool:
         return all(pl_module.get_submodule(name) is layer for name, layer in self._layers.items())
 
-    def _ranges_optimizer(self) -> torch.optim.Optimizer:
-        if self._range_optimizer is None:
-            scales = [q.log_scale for q in self._weight_quantizers.values()]
-            self._range_optimizer = torch.optim.Adam(scales, lr=self.range_lr)
-        return self._range_optimizer
-
-    def _load_range_optimizer(self) -> None:
-        # Optimizer.load_state_dict moves the state to the parameters' device.
-        self._range_optimizer.load_state_dict(self._pending_range_state)
-        self._pending_range_state = None
-
-    def _step_ranges(self, *_: Any) -> None:
-        scales = [q.log_scale for q in self._weight_quantizers.values() if q.log_scale.grad is not None]
-        if not scales:
-            return
-        # The scales live outside the DDP-wrapped module, so DDP does not average their
-        # gradients: do it here so every rank takes the same step.
-        all_reduce_mean_([s.grad for s in scales])
-        optimizer = self._ranges_optimizer()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     def _apply_restored(self) -> None:
         state, self._restored = self._restored, None
         layers = state["layers"]
@@ -347,7 +317,5 @@ class QuantizationAwareTraining(Callback):
         for name, quantizer in self._input_quantizers.items():
             quantizer.enabled = self._weight_quantizers[name].enabled
         if "range_optimizer" in state:
-            self._pending_range_state = state["range_optimizer"]
-            if self._range_optimizer is not None:  # restored after on_fit_start
-                self._load_range_optimizer()
+            self._ranges.load_state_dict(state["range_optimizer"])
 

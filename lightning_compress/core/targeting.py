@@ -138,14 +138,15 @@ def _match(target: Target, named: Iterable[Tuple[str, nn.Module]]) -> Dict[str, 
     return {n: m for n, m in named if isinstance(m, target)}
 
 
-def _no_match_message(argument: str, pattern: str, named: Iterable[Tuple[str, nn.Module]]) -> str:
-    names = [n for n, _ in named]
+def close_names_hint(name: str, names: Sequence[str]) -> str:
+    """" Close names: ... Module names look like: ..." for an error about ``name``."""
     # Compare against whole names and their last components ("qurey" vs "query").
     pool = sorted(set(names) | {n.rsplit(".", 1)[-1] for n in names})
-    close = difflib.get_close_matches(pattern, pool, n=5, cutoff=0.5)
+    close = difflib.get_close_matches(name, pool, n=5, cutoff=0.5)
     hint = f" Close names: {', '.join(close)}." if close else ""
     sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-    return (
-        f"`{argument}` pattern {pattern!r} matches no module.{hint}"
-        f" Module names look like: {sample}"
-    )
+    return f"{hint} Module names look like: {sample}"
+
+
+def _no_match_message(argument: str, pattern: str, named: Iterable[Tuple[str, nn.Module]]) -> str:
+    return f"`{argument}` pattern {pattern!r} matches no module." + close_names_hint(pattern, [n for n, _ in named])

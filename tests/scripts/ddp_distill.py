@@ -1,0 +1,72 @@
+"""Run by tests/test_distillation.py under strategy="ddp" with 2 CPU processes (gloo).
+
+    python ddp_distill.py OUT_DIR
+
+KnowledgeDistillation with a separate teacher and a feature pair that needs a learned
+projection. Lightning's launcher re-runs this script for rank 1. Each rank checks that the
+teacher is not DDP-wrapped and not part of the wrapped model, and saves what it holds to
+OUT_DIR/rank<r>.pt.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from lightning_compress.callbacks.distillation import KnowledgeDistillation  # noqa: E402
+from tests.conftest import TinyRegressor, make_trainer, tiny_loader  # noqa: E402
+
+
+class WideTeacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.fc1 = nn.Linear(64, 48)
+        self.fc2 = nn.Linear(48, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+class CheckAndSave(Callback):
+    def __init__(self, kd, out_dir):
+        self.kd, self.out_dir = kd, Path(out_dir)
+        self.checked = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.checked:
+            return
+        wrapped = trainer.strategy.model
+        assert isinstance(wrapped, DistributedDataParallel), type(wrapped)
+        assert not isinstance(self.kd.teacher, DistributedDataParallel)
+        assert all(m is not self.kd.teacher for m in wrapped.modules()), "the teacher is inside the DDP model"
+        teacher_params = {id(p) for p in self.kd.teacher.parameters()}
+        assert not teacher_params & {id(p) for p in wrapped.parameters()}
+        for group in trainer.optimizers[0].param_groups:
+            assert not teacher_params & {id(p) for p in group["params"]}
+        self.checked = True
+
+    def on_fit_end(self, trainer, pl_module):
+        state = {
+            "checked": self.checked,
+            "world_size": trainer.world_size,
+            "weights": {k: v.clone() for k, v in pl_module.state_dict().items()},
+            "callback": self.kd.state_dict(),
+            "teacher": {k: v.clone() for k, v in self.kd.teacher.state_dict().items()},
+        }
+        torch.save(state, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    out_dir = sys.argv[1]
+    pl.seed_everything(0, verbose=False)
+    teacher = WideTeacher()
+    kd = KnowledgeDistillation(teacher, features=[("fc1", "fc1")], projection_lr=1e-2)
+    trainer = make_trainer(devices=2, strategy="ddp", max_epochs=2, callbacks=[kd, CheckAndSave(kd, out_dir)])
+    trainer.fit(TinyRegressor(), tiny_loader(batches=8))
