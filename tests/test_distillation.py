@@ -418,3 +418,18 @@ def test_setup_and_first_batch_errors_name_the_problem(kwargs, message, seeded):
     with pytest.raises(ValueError, match=message):
         make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(**kwargs)]).fit(model, tiny_loader(batches=2))
     assert "training_step" not in model.__dict__ and not model._forward_hooks
+
+
+def test_teacher_output_cache_grows_gathers_in_order_and_round_trips(tmp_path):
+    from lightning_compress.distill.cache import TeacherOutputCache
+
+    cache = TeacherOutputCache()
+    first = torch.arange(6.0).view(3, 2)
+    cache.store([10, 3, 7], first)
+    assert cache.lookup([7, 10]).tolist() == [[4.0, 5.0], [0.0, 1.0]]
+    assert cache.lookup([7, 99]) is None  # any missing sample means: run the teacher
+    cache.store(list(range(100, 120)), torch.ones(20, 2))  # beyond the initial capacity
+    assert len(cache) == 23 and cache.lookup([3, 119]).tolist() == [[2.0, 3.0], [1.0, 1.0]]
+    cache.save(tmp_path / "c.safetensors")
+    loaded = TeacherOutputCache.load(tmp_path / "c.safetensors")
+    assert torch.equal(loaded.lookup([3, 10, 119]), cache.lookup([3, 10, 119]))

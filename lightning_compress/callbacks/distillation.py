@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.targeting import close_names_hint, validate_name
 from lightning_compress.core.transforms import detach_all
+from lightning_compress.distill.cache import TeacherOutputCache
 from lightning_compress.distill.losses import LOSSES, distillation_loss, top1_agreement
 
 CACHES = ("memory", "disk")
@@ -84,7 +85,8 @@ class KnowledgeDistillation(Callback):
         projection_lr: learning rate of the projections' Adam.
         cache: ``None``, ``"memory"`` or ``"disk"``: compute each sample's teacher output
             once and reuse it in later epochs (needs ``index_fn``). ``"disk"`` keeps it in
-            ``cache_dir/teacher_outputs.safetensors`` (one file per rank under DDP),
+            ``cache_dir/teacher_outputs.safetensors`` (``indices`` and ``outputs``; one file
+            per rank under DDP),
             written at every epoch end and read at the start of fit.
         cache_dir: folder of the disk cache.
         index_fn: ``callable(batch) -> LongTensor`` of the batch's sample indices.
@@ -183,8 +185,7 @@ class KnowledgeDistillation(Callback):
         self._projection_optimizer = SideOptimizer(self.projection_lr)
         self._restored: Dict[str, Any] | None = None
         self._steps = 0
-        self._cache: Dict[int, Tensor] | None = {} if cache else None
-        self._cache_dirty = False
+        self._cache: TeacherOutputCache | None = TeacherOutputCache() if cache else None
         self._cache_file: Path | None = None
 
     @property
@@ -264,9 +265,7 @@ class KnowledgeDistillation(Callback):
             suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
             self._cache_file = self.cache_dir / CACHE_FILE.replace(".safetensors", f"{suffix}.safetensors")
             if self._cache_file.exists():
-                from safetensors.torch import load_file
-
-                self._cache = {int(k): v for k, v in load_file(self._cache_file).items()}
+                self._cache = TeacherOutputCache.load(self._cache_file)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -430,8 +429,9 @@ class KnowledgeDistillation(Callback):
         if self._cache is not None:
             indices = self.index_fn(step.batch)
             keys = [int(i) for i in torch.as_tensor(indices).flatten().tolist()]
-            if keys and all(k in self._cache for k in keys):
-                return torch.stack([self._cache[k] for k in keys])
+            cached = self._cache.lookup(keys)
+            if cached is not None:
+                return cached
         if self.teacher_inputs is not None:
             inputs = self.teacher_inputs(step.batch)
             args, kwargs = (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
@@ -454,10 +454,7 @@ class KnowledgeDistillation(Callback):
                     f"`index_fn` returned {len(keys)} indices for a batch of {logits.shape[0]} teacher"
                     " outputs; it must return one index per sample"
                 )
-            rows = logits.detach().cpu()
-            for row, key in enumerate(keys):
-                self._cache[key] = rows[row].clone()
-            self._cache_dirty = True
+            self._cache.store(keys, logits)
         return logits
 
     def _feature_loss(self, step: "_Step") -> Tensor:
@@ -518,15 +515,8 @@ class KnowledgeDistillation(Callback):
 
     # ------------------------------------------------------------------ internals
     def _flush_cache(self) -> None:
-        if self.cache != "disk" or not self._cache_dirty or self._cache_file is None:
-            return
-        from safetensors.torch import save_file
-
-        self._cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = self._cache_file.with_name(self._cache_file.name + ".partial")
-        save_file({str(k): v.contiguous() for k, v in self._cache.items()}, str(partial))
-        os.replace(partial, self._cache_file)  # atomic: a crash never leaves half a cache
-        self._cache_dirty = False
+        if self.cache == "disk" and self._cache.dirty and self._cache_file is not None:
+            self._cache.save(self._cache_file)
 
     def _detach(self) -> None:
         for handle in self._hooks:
