@@ -42,11 +42,7 @@ def kl_divergence(student: Tensor, teacher: Tensor, temperature: float = 1.0) ->
 
 def reverse_kl_divergence(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
     """Mode-seeking ``T**2 * KL(softmax(s/T) || softmax(t/T))``, averaged like :func:`kl_divergence`."""
-    s, t = _as_rows(student, teacher)
-    log_p_s = F.log_softmax(s / temperature, dim=-1)
-    log_p_t = F.log_softmax(t / temperature, dim=-1)
-    kl = (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
-    return kl.mean() * temperature**2
+    return kl_divergence(teacher, student, temperature)  # the same divergence, roles swapped
 
 
 def mse(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
