@@ -433,3 +433,73 @@ def test_teacher_output_cache_grows_gathers_in_order_and_round_trips(tmp_path):
     cache.save(tmp_path / "c.safetensors")
     loaded = TeacherOutputCache.load(tmp_path / "c.safetensors")
     assert torch.equal(loaded.lookup([3, 10, 119]), cache.lookup([3, 10, 119]))
+
+
+# ---------------------------------------------------------------------- review fixes
+def test_a_bf16_true_student_distils_from_a_float32_teacher(seeded):
+    teacher = WideTeacher()
+    kd = KnowledgeDistillation(teacher=teacher)
+    make_trainer(max_epochs=1, precision="bf16-true", callbacks=[kd]).fit(TinyRegressor(), tiny_loader(batches=2))
+    assert next(teacher.parameters()).dtype == torch.float32
+
+
+def test_one_distillation_callback_per_model(seeded):
+    callbacks = [KnowledgeDistillation(teacher=WideTeacher()), KnowledgeDistillation(teacher=WideTeacher(), name="b")]
+    model = TinyRegressor()
+    with pytest.raises(ValueError, match="another KnowledgeDistillation already distils this model"):
+        make_trainer(callbacks=callbacks).fit(model, tiny_loader(batches=2))
+    assert "training_step" not in model.__dict__  # the first wrapper was removed on the error
+
+
+def test_a_teacher_that_shares_a_layer_with_the_student_is_refused(seeded):
+    model, teacher = TinyRegressor(), WideTeacher()
+    teacher.conv = model.conv
+    with pytest.raises(ValueError, match="shares parameters with the student"):
+        make_trainer(callbacks=[KnowledgeDistillation(teacher=teacher)]).fit(model, tiny_loader(batches=2))
+    assert model.conv.weight.requires_grad
+
+
+class InplaceAfterLayer(TinyRegressor):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.act(self.conv(x)).flatten(1)  # modifies conv's output in place
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def test_a_student_output_modified_in_place_is_an_error_not_a_wrong_loss(seeded):
+    kd = KnowledgeDistillation(teacher="self", student_layer="conv", loss="mse")
+    with pytest.raises(RuntimeError, match="modified in place"):
+        make_trainer(callbacks=[kd]).fit(InplaceAfterLayer(), tiny_loader(batches=2))
+
+
+def test_reading_kd_loss_under_automatic_optimization_is_refused(seeded):
+    class Reads(TinyRegressor):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) + self.trainer.callbacks[0].loss
+
+    with pytest.raises(RuntimeError, match="counts it twice"):
+        make_trainer(callbacks=[KnowledgeDistillation(teacher=WideTeacher())]).fit(Reads(), tiny_loader(batches=2))
+
+
+def test_state_keeps_counting_after_a_resume_without_features(tmp_path, seeded):
+    ckpt = tmp_path / "a.ckpt"
+    teacher = WideTeacher()
+    make_trainer(max_epochs=3, callbacks=[KnowledgeDistillation(teacher=teacher), StopAfterEpoch(0, ckpt)]).fit(
+        TinyRegressor(), tiny_loader(batches=4)
+    )
+    kd = KnowledgeDistillation(teacher=teacher)
+    make_trainer(max_epochs=3, callbacks=[kd]).fit(TinyRegressor(), tiny_loader(batches=4), ckpt_path=ckpt)
+    assert kd.state_dict()["steps"] == 12
+
+
+def test_side_optimizers_refuse_fp16_loss_scaling():
+    from types import SimpleNamespace
+
+    from lightning_compress.core.side_optimizer import SideOptimizer
+
+    trainer = SimpleNamespace(precision="16-mixed", optimizers=[torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)])
+    with pytest.raises(ValueError, match="`learn_ranges` trains parameters outside your optimizer.*bf16-mixed"):
+        SideOptimizer(1e-3).follow(trainer, "`learn_ranges`")

@@ -210,6 +210,11 @@ class KnowledgeDistillation(Callback):
         forward, and add it to your loss before ``manual_backward``.
         """
         step = self._require_step("loss")
+        if self._student is not None and self._student.automatic_optimization:
+            raise RuntimeError(
+                "`kd.loss` is for manual optimization: under automatic optimization the callback"
+                " already adds it to what training_step returns, so adding it yourself counts it twice"
+            )
         step.read = True
         return step.weighted(self)
 
@@ -226,10 +231,12 @@ class KnowledgeDistillation(Callback):
             teacher = _frozen_copy(pl_module, trainer)
         else:
             teacher = self._teacher_arg
-            if teacher is pl_module or any(m is teacher for m in pl_module.modules()):
+            student_parameters = {id(p) for p in pl_module.parameters()}
+            if any(id(p) in student_parameters for p in teacher.parameters()):
                 raise ValueError(
-                    "`teacher` is the student or one of its submodules, so it would be trained and"
-                    " checkpointed with it; pass a separate model, or teacher='self' for a frozen copy"
+                    "`teacher` shares parameters with the student (it is the student, one of its"
+                    " submodules, or holds one of them), so freezing the teacher would freeze the"
+                    " student; pass a separate model, or teacher='self' for a frozen copy"
                 )
         student_module = _submodule(pl_module, "student_layer", self.student_layer or "")
         teacher_entry = teacher
@@ -260,7 +267,7 @@ class KnowledgeDistillation(Callback):
         if self._projections is not None:
             self._projections.to(pl_module.device)
         if self.features:
-            self._projection_optimizer.follow(trainer.optimizers[0])
+            self._projection_optimizer.follow(trainer, "`features` (projections)")
         if self.cache == "disk":
             suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
             self._cache_file = self.cache_dir / CACHE_FILE.replace(".safetensors", f"{suffix}.safetensors")
@@ -322,7 +329,7 @@ class KnowledgeDistillation(Callback):
                 f" {list(self.features)}; resume with the same `features`"
             )
         self._steps = state_dict.get("steps", 0)
-        self._restored = state_dict
+        self._restored = state_dict if self.features else None  # only projections wait for it
         if self._projections is not None:
             self._apply_restored()
 
@@ -334,6 +341,8 @@ class KnowledgeDistillation(Callback):
     def _capture_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._capturing:
             self._step.output = output
+            tensor = output if isinstance(output, Tensor) else None
+            self._step.output_version = None if tensor is None else tensor._version
             self._step.result = None  # a new forward: recompute on the next read
 
     def _capture_feature(self, index: int, module: nn.Module, args: tuple, output: Any) -> None:
@@ -345,6 +354,11 @@ class KnowledgeDistillation(Callback):
             self._teacher_features[index] = _first_tensor(output, "features")
 
     def _wrap_training_step(self, pl_module: LightningModule) -> None:
+        if getattr(pl_module.__dict__.get("training_step"), "_lc_distillation", False):
+            raise ValueError(
+                "another KnowledgeDistillation already distils this model; use one callback per"
+                " model (several teachers can be averaged into one teacher module)"
+            )
         original = pl_module.training_step
         own = pl_module.__dict__.get("training_step")
 
@@ -353,6 +367,7 @@ class KnowledgeDistillation(Callback):
         def training_step(*args: Any, **kwargs: Any) -> Any:
             return self._training_step(pl_module, original, args, kwargs)
 
+        training_step._lc_distillation = True
         pl_module.training_step = training_step
         self._restore_step = (pl_module, own)
 
@@ -406,6 +421,13 @@ class KnowledgeDistillation(Callback):
                 " (self(x)) in training_step, or set `student_layer` to the module that computes the outputs"
             )
         student = _first_tensor(step.output, "student_layer")
+        if step.output_version is not None and student._version != step.output_version:
+            where = repr(self.student_layer) if self.student_layer else "the LightningModule's forward"
+            raise RuntimeError(
+                f"the output of {where} was modified in place after it was computed (e.g. by a"
+                " following nn.ReLU(inplace=True)), so it is not the output to distil; choose the"
+                " module after that operation as `student_layer`, or make it not in place"
+            )
         teacher = self._teacher_outputs(step)
         if teacher.shape != student.shape:
             raise ValueError(
@@ -437,8 +459,11 @@ class KnowledgeDistillation(Callback):
             args, kwargs = (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
         else:
             args, kwargs = step.inputs
-        if self.teacher_dtype is not None:
-            args, kwargs = _cast_floats((args, kwargs), self.teacher_dtype)
+        # The teacher computes in its own dtype: a bf16-true student's inputs are cast up
+        # for a float32 teacher (or down to `teacher_dtype`).
+        teacher_dtype = self.teacher_dtype or _floating_dtype(self._teacher_entry)
+        if teacher_dtype is not None:
+            args, kwargs = _cast_floats((args, kwargs), teacher_dtype)
         self._teacher_features = {}
         self._teacher_running = True
         try:
@@ -479,6 +504,7 @@ class KnowledgeDistillation(Callback):
             if key in projections:
                 student = projections[key](student.to(projections[key].weight.dtype))
             loss = loss + torch.nn.functional.mse_loss(student.float(), teacher.float().to(student.device))
+        self._teacher_features = {}  # not kept alive through the next forward
         return loss
 
     def _ensure_projections(self, widths: List[Tuple[int, int]], like: Tensor) -> nn.ModuleDict:
@@ -543,6 +569,7 @@ class _Step:
         self.batch = batch
         self.inputs: Tuple[tuple, dict] = ((), {})
         self.output: Any = None
+        self.output_version: int | None = None
         self.features: Dict[int, Tensor] = {}
         self.result: Tensor | None = None
         self.read = False
@@ -694,6 +721,13 @@ def _first_tensor(output: Any, argument: str) -> Tensor:
 def _as_float(tensor: Tensor) -> Tensor:
     # A copy made outside inference mode is an ordinary tensor that autograd may save.
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32), copy=True)
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype | None:
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return None
 
 
 def _cast_floats(value: Any, dtype: torch.dtype) -> Any:

@@ -197,7 +197,7 @@ class QuantizationAwareTraining(Callback):
             for name, quantizer in self._weight_quantizers.items():
                 quantizer._follow_device(raw_weight(self._layers[name]).device)
             self._ranges.track([q.log_scale for q in self._weight_quantizers.values()])
-            self._ranges.follow(trainer.optimizers[0])
+            self._ranges.follow(trainer, "`learn_ranges`")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

@@ -33,10 +33,22 @@ class SideOptimizer:
         self._pending_state: Dict[str, Any] | None = None
         self._hook: Any = None
 
-    def follow(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step after every ``optimizer.step()`` until :meth:`stop`."""
+    def follow(self, trainer: Any, feature: str) -> None:
+        """Step after every step of ``trainer.optimizers[0]`` until :meth:`stop`.
+
+        Raises:
+            ValueError: under fp16 loss scaling (``precision="16-mixed"``), whose scaled
+                gradients and skipped steps this optimizer does not see; ``feature`` names
+                the argument that needs it.
+        """
+        if str(trainer.precision).startswith("16"):
+            raise ValueError(
+                f"{feature} trains parameters outside your optimizer, which fp16 loss scaling"
+                f" (precision={trainer.precision!r}) does not cover; use precision='bf16-mixed'"
+                " or '32-true', or turn that option off"
+            )
         self.stop()
-        self._hook = optimizer.register_step_post_hook(self._step)
+        self._hook = trainer.optimizers[0].register_step_post_hook(self._step)
 
     def stop(self) -> None:
         if self._hook is not None:
