@@ -68,6 +68,30 @@ class StopAfterEpoch(pl.Callback):
             trainer.should_stop = True
 
 
+def fit_interrupted_and_resumed(make_callback, tmp_path, *, epochs, stop_after, batches=8):
+    """Train from one initial state three ways: uninterrupted; stopped (checkpoint) after
+    epoch ``stop_after``; resumed from that checkpoint. ``make_callback()`` builds a fresh
+    callback per run. Returns ``(reference, reference_callback, resumed, resumed_callback,
+    checkpoint)``: a resume invariant compares the first pair with the second.
+    """
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in TinyRegressor().state_dict().items()}
+
+    def run(extra, ckpt_path=None):
+        model = TinyRegressor()
+        model.load_state_dict(initial)
+        callback = make_callback()
+        trainer = make_trainer(max_epochs=epochs, callbacks=[callback, *extra])
+        trainer.fit(model, tiny_loader(batches=batches), ckpt_path=ckpt_path)
+        return model, callback
+
+    reference, reference_callback = run([])
+    checkpoint = tmp_path / "mid.ckpt"
+    run([StopAfterEpoch(stop_after, checkpoint)])
+    resumed, resumed_callback = run([], checkpoint)
+    return reference, reference_callback, resumed, resumed_callback, checkpoint
+
+
 def tiny_loader(batches: int = 8, batch_size: int = 16, seed: int = 0, scale: float = 1.0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batches * batch_size, 4, 8, generator=generator) * scale

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.callbacks.distillation import CACHE_FILE, KnowledgeDistillation
 from lightning_compress.distill import losses
-from tests.conftest import StopAfterEpoch, TinyRegressor, make_trainer, tiny_loader
+from tests.conftest import StopAfterEpoch, TinyRegressor, fit_interrupted_and_resumed, make_trainer, tiny_loader
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_distill.py"
 
@@ -232,22 +232,17 @@ def _resume_kd():
 
 
 def test_resume_is_bit_identical_for_student_and_projections(tmp_path):
-    torch.manual_seed(0)
-    teacher_state, initial = clone_state(WideTeacher()), clone_state(TinyRegressor())
+    teacher_state = clone_state(WideTeacher())
 
-    def run(callbacks, ckpt_path=None):
+    def make_kd():
         kd = _resume_kd()
         kd._teacher_arg.load_state_dict(teacher_state)
-        model = TinyRegressor()
-        model.load_state_dict(initial)
-        make_trainer(max_epochs=3, callbacks=[kd, *callbacks]).fit(model, tiny_loader(batches=4), ckpt_path=ckpt_path)
-        return model, kd
+        return kd
 
-    reference, uninterrupted = run([])
-    ckpt = tmp_path / "mid.ckpt"
-    run([StopAfterEpoch(0, ckpt)])
+    reference, uninterrupted, resumed, kd, ckpt = fit_interrupted_and_resumed(
+        make_kd, tmp_path, epochs=3, stop_after=0, batches=4
+    )
     assert torch.load(ckpt, weights_only=True)["callbacks"][_resume_kd().state_key]["projections"]
-    resumed, kd = run([], ckpt_path=ckpt)
 
     assert_same_state(clone_state(resumed), clone_state(reference))
     a, b = kd.state_dict(), uninterrupted.state_dict()

@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_compress import MagnitudePruning
 from lightning_compress.core.transforms import raw_weight
-from tests.conftest import StopAfterEpoch, TinyRegressor, make_trainer, tiny_loader
+from tests.conftest import StopAfterEpoch, TinyRegressor, fit_interrupted_and_resumed, make_trainer, tiny_loader
 
 LAYERS = ("conv", "fc1", "fc2")
 
@@ -131,22 +131,11 @@ def _pruning():
 
 
 def test_resume_inside_the_schedule_is_bit_identical(tmp_path):
-    torch.manual_seed(0)
-    reference = TinyRegressor()
-    initial = {k: v.clone() for k, v in reference.state_dict().items()}
-    uninterrupted = _pruning()
-    make_trainer(max_epochs=6, callbacks=[uninterrupted]).fit(reference, tiny_loader(batches=8))
-
-    first = TinyRegressor()
-    first.load_state_dict(initial)
-    ckpt = tmp_path / "mid.ckpt"
-    make_trainer(max_epochs=6, callbacks=[_pruning(), StopAfterEpoch(1, ckpt)]).fit(first, tiny_loader(batches=8))
+    reference, uninterrupted, resumed_model, resumed, ckpt = fit_interrupted_and_resumed(
+        _pruning, tmp_path, epochs=6, stop_after=1
+    )
     state = torch.load(ckpt, weights_only=True)
     assert state["global_step"] == 16 and 0 < state["callbacks"][_pruning().state_key]["applied_sparsity"] < 0.8
-
-    resumed_model = TinyRegressor()
-    resumed = _pruning()
-    make_trainer(max_epochs=6, callbacks=[resumed]).fit(resumed_model, tiny_loader(batches=8), ckpt_path=ckpt)
 
     for key, value in reference.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[key], value), key

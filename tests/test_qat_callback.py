@@ -9,7 +9,7 @@ from lightning_compress import MagnitudePruning, QuantizationAwareTraining, quan
 from lightning_compress.core.transforms import raw_weight
 from lightning_compress.quant.fake_quant import as_matrix, choose_qparams, fake_quantize
 from lightning_compress.quant.spec import QuantSpec
-from tests.conftest import StopAfterEpoch, TinyRegressor, make_trainer, tiny_loader
+from tests.conftest import TinyRegressor, fit_interrupted_and_resumed, make_trainer, tiny_loader
 
 LAYERS = ("conv", "fc1", "fc2")
 
@@ -83,20 +83,9 @@ def _quantizer_state(qat):
 
 
 def test_resume_mid_qat_is_bit_identical(tmp_path):
-    torch.manual_seed(0)
-    reference = TinyRegressor()
-    initial = {k: v.clone() for k, v in reference.state_dict().items()}
-    uninterrupted = _qat()
-    make_trainer(max_epochs=4, callbacks=[uninterrupted]).fit(reference, tiny_loader(batches=8))
-
-    first = TinyRegressor()
-    first.load_state_dict(initial)
-    ckpt = tmp_path / "mid.ckpt"
-    make_trainer(max_epochs=4, callbacks=[_qat(), StopAfterEpoch(1, ckpt)]).fit(first, tiny_loader(batches=8))
-
-    resumed_model = TinyRegressor()
-    resumed = _qat()
-    make_trainer(max_epochs=4, callbacks=[resumed]).fit(resumed_model, tiny_loader(batches=8), ckpt_path=ckpt)
+    reference, uninterrupted, resumed_model, resumed, _ = fit_interrupted_and_resumed(
+        _qat, tmp_path, epochs=4, stop_after=1
+    )
 
     for key, value in reference.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[key], value), key

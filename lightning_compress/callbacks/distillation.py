@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from lightning_compress.core.side_optimizer import SideOptimizer
+from lightning_compress.core.state import STATE_VERSION, check_state_version
 from lightning_compress.core.targeting import close_names_hint, validate_name
 from lightning_compress.core.transforms import detach_all
 from lightning_compress.distill.cache import TeacherOutputCache
@@ -22,7 +23,6 @@ from lightning_compress.distill.losses import LOSSES, distillation_loss, top1_ag
 
 CACHES = ("memory", "disk")
 CACHE_FILE = "teacher_outputs.safetensors"
-_STATE_VERSION = 1
 
 
 class KnowledgeDistillation(Callback):
@@ -303,7 +303,7 @@ class KnowledgeDistillation(Callback):
         if self._projections is None and self._restored is not None:
             return self._restored
         state: Dict[str, Any] = {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "features": [list(pair) for pair in self.features],
             "steps": self._steps,
             "projections": {},
@@ -317,11 +317,7 @@ class KnowledgeDistillation(Callback):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"KnowledgeDistillation state version {state_dict.get('version')!r} is not"
-                f" {_STATE_VERSION}; the checkpoint comes from another lightning-compress version"
-            )
+        check_state_version("KnowledgeDistillation", state_dict)
         saved = [tuple(pair) for pair in state_dict.get("features", [])]
         if saved != list(self.features):
             raise ValueError(

@@ -13,6 +13,7 @@ from torch import nn
 from lightning_compress.core.distributed import broadcast_from_rank_zero
 from lightning_compress.core.reporting import report_table
 from lightning_compress.core.schedule import StepLike, resolve_step, steps_are_ordered, validate_step
+from lightning_compress.core.state import STATE_VERSION, check_state_version
 from lightning_compress.core.targeting import Target, select_layers, validate_name, validate_targets
 from lightning_compress.core.transforms import (
     Stage,
@@ -37,7 +38,6 @@ from lightning_compress.sparsity.schedules import SCHEDULES, scheduled_sparsity
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_STATE_VERSION = 1
 # With `update_every=None` the masks change this many times over the schedule.
 _DEFAULT_UPDATES = 20
 
@@ -242,7 +242,7 @@ class MagnitudePruning(Callback):
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "pattern": str(self.pattern),
             "applied_sparsity": self._applied_sparsity,
             "actual_sparsity": self._actual_sparsity,
@@ -256,11 +256,7 @@ class MagnitudePruning(Callback):
         self._last_logged_step = -1
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"MagnitudePruning state version {state_dict.get('version')!r} is not"
-                f" {_STATE_VERSION}; the checkpoint comes from another lightning-compress version"
-            )
+        check_state_version("MagnitudePruning", state_dict)
         if state_dict["pattern"] != str(self.pattern):
             raise ValueError(
                 f"the checkpoint was pruned with pattern '{state_dict['pattern']}' but this"
@@ -382,8 +378,3 @@ def _check_fraction(argument: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"`{argument}` must be a number in [0, 1), got {value!r}")
 
-
-def _describe(targets: Sequence[Target] | None) -> str:
-    if targets is None:
-        return "default"
-    return ",".join(t if isinstance(t, str) else t.__name__ for t in targets)

@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import StepLike, resolve_step, validate_step
+from lightning_compress.core.state import STATE_VERSION, check_state_version
 from lightning_compress.core.targeting import Target, select_layers, validate_name, validate_targets
 from lightning_compress.core.transforms import bind_owner, is_bound, owner_tokens, raw_weight
 from lightning_compress.quant.activations import (
@@ -29,7 +30,6 @@ from lightning_compress.quant.weights import (
 )
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_STATE_VERSION = 1
 
 
 class QuantizationAwareTraining(Callback):
@@ -218,7 +218,7 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
         if not self._weight_quantizers:
-            return self._restored or {"version": _STATE_VERSION, "layers": {}}
+            return self._restored or {"version": STATE_VERSION, "layers": {}}
         layers = {}
         for name, quantizer in self._weight_quantizers.items():
             entry: Dict[str, Any] = {"spec": quantizer.spec.describe(), "enabled": quantizer.enabled}
@@ -230,17 +230,13 @@ class QuantizationAwareTraining(Callback):
             if isinstance(observer, StaticRangeObserver):
                 entry["observer"] = observer.state_dict()
             layers[name] = entry
-        state = {"version": _STATE_VERSION, "layers": layers}
+        state = {"version": STATE_VERSION, "layers": layers}
         if self.learn_ranges:
             state["range_optimizer"] = self._ranges.state_dict()
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"QuantizationAwareTraining state version {state_dict.get('version')!r} is not"
-                f" {_STATE_VERSION}; the checkpoint comes from another lightning-compress version"
-            )
+        check_state_version("QuantizationAwareTraining", state_dict)
         self._restored = state_dict
         if self._weight_quantizers:
             self._apply_restored()
