@@ -150,3 +150,19 @@ def close_names_hint(name: str, names: Sequence[str]) -> str:
 
 def _no_match_message(argument: str, pattern: str, named: Iterable[Tuple[str, nn.Module]]) -> str:
     return f"`{argument}` pattern {pattern!r} matches no module." + close_names_hint(pattern, [n for n, _ in named])
+
+
+def match_modules(root: nn.Module, patterns: Sequence[str], argument: str) -> Dict[str, nn.Module]:
+    """``{name: module}`` for the modules whose names match any glob in ``patterns``.
+
+    Raises:
+        ValueError: a pattern matches no module (naming ``argument`` and close names).
+    """
+    named = [(name, module) for name, module in root.named_modules() if name]
+    selected: Dict[str, nn.Module] = {}
+    for pattern in patterns:
+        matches = _match(pattern, named)
+        if not matches:
+            raise ValueError(_no_match_message(argument, pattern, named))
+        selected.update(matches)
+    return selected

@@ -20,13 +20,14 @@ is the mechanism of ``torch.nn.utils.parametrize``, minus its renaming of the pa
 from __future__ import annotations
 
 import enum
-from typing import Callable, Dict, Type
+from typing import Any, Callable, Dict, Type
 
 from torch import Tensor, nn
 
 WeightTransform = Callable[[Tensor], Tensor]
 
 _TRANSFORMS_ATTR = "_lc_weight_transforms"
+_FORWARD_ATTR = "_lc_forward"
 _TRANSFORMED_CLASSES: Dict[type, type] = {}
 
 
@@ -82,6 +83,7 @@ def remove_weight_transform(layer: nn.Module, stage: Stage) -> None:
         _sort(layer)
         return
     del layer.__dict__[_TRANSFORMS_ATTR]
+    layer.__dict__.pop(_FORWARD_ATTR, None)
     layer.__class__ = _original_class(type(layer))
 
 
@@ -90,12 +92,47 @@ def weight_before(layer: nn.Module, stage: Stage) -> Tensor:
 
     Pruning scores the merged ``W + B·A`` this way, and QAT quantizes the masked weight.
     """
-    weight = raw_weight(layer)
+    return run_stages(layer, raw_weight(layer), after=None, before=stage)
+
+
+def run_stages(layer: nn.Module, weight: Tensor, *, after: Stage | None, before: Stage | None) -> Tensor:
+    """Apply ``layer``'s stages strictly between ``after`` and ``before`` to ``weight``.
+
+    ``None`` leaves that end open. LoRA's merge uses it to mask a weight it merged itself.
+    """
     for transform_stage, transform in layer.__dict__.get("_lc_sorted", ()):
-        if transform_stage >= stage:
+        if before is not None and transform_stage >= before:
             break
-        weight = transform(weight)
+        if after is None or transform_stage > after:
+            weight = transform(weight)
     return weight
+
+
+def stages(layer: nn.Module) -> tuple:
+    """The stages present in ``layer``'s stack, in the order they run."""
+    return tuple(stage for stage, _ in layer.__dict__.get("_lc_sorted", ()))
+
+
+def set_forward(layer: nn.Module, forward: Callable[..., Any] | None) -> None:
+    """Make a transformed ``layer`` compute its output with ``forward(*args, **kwargs)``.
+
+    For a stage that has a cheaper exact form than transforming the weight: a LoRA
+    adapter computes ``W x + scale · B(A x)`` instead of ``(W + scale · B·A) x``, which
+    skips the full-size weight gradient. ``layer.weight`` still runs the stack, so code
+    that reads the weight directly (``nn.MultiheadAttention``, tied weights) sees the
+    effective weight. ``None`` restores the layer's own forward.
+    """
+    if forward is None:
+        layer.__dict__.pop(_FORWARD_ATTR, None)
+        return
+    if not is_transformed(layer):
+        raise ValueError(f"set_forward needs a layer with a weight transform, got {type(layer).__name__}")
+    layer.__dict__[_FORWARD_ATTR] = forward
+
+
+def own_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Run the forward of ``layer``'s own class (which reads the effective ``weight``)."""
+    return _original_class(type(layer)).forward(layer, *args, **kwargs)
 
 
 def _transforms(layer: nn.Module) -> Dict[Stage, WeightTransform]:
@@ -136,12 +173,21 @@ def _reduce_ex(self: nn.Module, protocol: int):
 
 def _transformed_class(base: Type[nn.Module]) -> type:
     if base not in _TRANSFORMED_CLASSES:
+        base_forward = base.forward
+
+        def forward(self, *args, **kwargs):
+            override = self.__dict__.get(_FORWARD_ATTR)
+            if override is not None:
+                return override(*args, **kwargs)
+            return base_forward(self, *args, **kwargs)
+
         # Same name as the base so `print(model)` and summaries look as the user expects.
         _TRANSFORMED_CLASSES[base] = type(
             base.__name__,
             (base,),
             {
                 "weight": property(_effective_weight),
+                "forward": forward,
                 "__reduce_ex__": _reduce_ex,
                 "__module__": base.__module__,
                 "__qualname__": base.__qualname__,
@@ -200,6 +246,10 @@ __all__ = [
     "remove_weight_transform",
     "raw_weight",
     "weight_before",
+    "run_stages",
+    "stages",
+    "set_forward",
+    "own_forward",
     "is_transformed",
     "detach_all",
     "install_weight_transform",

@@ -1,0 +1,1 @@
+"""On-disk formats: safetensors + JSON only, never pickle."""

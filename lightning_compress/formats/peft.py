@@ -1,0 +1,234 @@
+"""LoRA adapters in PEFT's on-disk format.
+
+A directory with ``adapter_model.safetensors`` (keys
+``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight``, or ``lora_embedding_A`` /
+``lora_embedding_B`` for Embedding layers, plus the full weights of ``modules_to_save``
+as ``base_model.model.<module>.<tensor>``) and ``adapter_config.json``
+(``peft_type: "LORA"``, ``r``, ``lora_alpha``, ...). ``peft.PeftModel.from_pretrained``
+loads what :func:`save_adapters` writes onto the same base model, and
+:func:`load_adapters` reads what PEFT saved. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from lightning_compress.core.targeting import close_names_hint, match_modules
+from lightning_compress.formats.atomic import atomic_write_bytes
+from lightning_compress.lora.adapter import adapter_shapes
+from lightning_compress.lora.config import LoRAConfig
+from lightning_compress.lora.inject import adapters_of, inject_adapters
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_PREFIX = "base_model.model."
+# PEFT options whose non-default values change the math; we refuse them rather than ignore them.
+_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+                "rank_pattern": {}, "alpha_pattern": {}}
+
+
+class AdapterFormatError(ValueError):
+    """An adapter directory that cannot be read as LoRA for this model; the message names
+    the file and the entry."""
+
+
+def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -> Path:
+    """Write ``model``'s adapters (and its ``config.modules_to_save``) in PEFT's format.
+
+    Layer names are relative to ``model``: pass the module PEFT will see as its base model
+    (for a LightningModule that wraps a transformers model, that inner model). Each file is
+    written atomically. Returns the directory.
+
+    Raises:
+        ValueError: ``model`` holds no adapters (not injected, or merged already).
+    """
+    adapters = adapters_of(model)
+    if not adapters:
+        raise ValueError("no LoRA adapters to save under this module: save before merging, or pass the"
+                         " module that holds the adapters")
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, adapter in adapters.items():
+        for key, parameter in zip(_adapter_keys(adapter.layer), (adapter.layer.lora_A, adapter.layer.lora_B)):
+            tensors[f"{_PREFIX}{name}.{key}"] = parameter.detach().cpu().contiguous()
+    to_save = match_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else {}
+    for name, module in to_save.items():
+        for key, value in module.state_dict().items():
+            tensors[f"{_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous()
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "use_rslora": config.use_rslora,
+        "target_modules": _target_modules(model, list(adapters)),
+        "modules_to_save": list(to_save) or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        **_UNSUPPORTED,
+    }
+    directory = Path(directory)
+    atomic_write_bytes(directory / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / ADAPTER_CONFIG, (json.dumps(peft_config, indent=2) + "\n").encode())
+    return directory
+
+
+def read_adapter_config(directory: str | Path, **overrides: Any) -> LoRAConfig:
+    """The :class:`LoRAConfig` an adapter directory describes (``overrides`` replace fields)."""
+    path = Path(directory) / ADAPTER_CONFIG
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterFormatError(f"{path}: no such file; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise AdapterFormatError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        found = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
+        raise AdapterFormatError(f"{path}: `peft_type` is {found!r}; only LoRA adapters ('LORA') can be loaded")
+    for key, default in _UNSUPPORTED.items():
+        if raw.get(key, default) not in (default, None):
+            raise AdapterFormatError(f"{path}: `{key}`={raw[key]!r} is not supported (only {default!r});"
+                                     " save the adapter without it")
+    fields = {key: raw[key] for key in ("r", "lora_alpha", "lora_dropout", "use_rslora") if key in raw}
+    modules_to_save = raw.get("modules_to_save")
+    fields["modules_to_save"] = tuple(modules_to_save) if modules_to_save else None
+    fields.update(overrides)
+    try:
+        return LoRAConfig(**fields)
+    except ValueError as error:
+        raise AdapterFormatError(f"{path}: {error}") from None
+
+
+def load_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig | None = None) -> LoRAConfig:
+    """Load PEFT LoRA adapters (and ``modules_to_save`` weights) from ``directory`` into ``model``.
+
+    A model that already holds adapters (put there by the ``LoRA`` callback) must hold
+    them on the file's layers, with the same scaling, and gets the saved values; on a plain
+    model the adapters are injected first, with the rank and scaling of the file (or of
+    ``config``), and everything else is frozen. Everything is checked before anything
+    changes.
+
+    Raises:
+        AdapterFormatError: a missing or corrupted file, an unsupported PEFT option, a
+            layer the model lacks, or a tensor whose shape does not fit (file and tensor
+            named).
+    """
+    directory = Path(directory)
+    config = config or read_adapter_config(directory)
+    weights_path = directory / ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(str(weights_path))
+    except FileNotFoundError:
+        raise AdapterFormatError(f"{weights_path}: no such file") from None
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterFormatError(f"{weights_path}: not a readable safetensors file ({error})") from None
+
+    pairs, module_tensors = _split_keys(weights_path, tensors)
+    named = dict(model.named_modules())
+    existing = adapters_of(model)
+    for layer_name, (lora_a, lora_b) in pairs.items():
+        layer = _module(weights_path, named, layer_name)
+        expected = adapter_shapes(layer, config.r)
+        for key, tensor, shape in zip("AB", (lora_a, lora_b), expected):
+            if tuple(tensor.shape) != tuple(shape):
+                raise AdapterFormatError(
+                    f"{weights_path}: lora_{key} of layer {layer_name!r} has shape {tuple(tensor.shape)}, but a"
+                    f" rank-{config.r} adapter on this {type(layer).__name__} needs {tuple(shape)}"
+                )
+        if layer_name in existing and existing[layer_name].scaling != config.scaling:
+            raise AdapterFormatError(
+                f"{weights_path}: layer {layer_name!r} holds an adapter with scaling"
+                f" {existing[layer_name].scaling}, the file's is {config.scaling} (r={config.r},"
+                f" lora_alpha={config.lora_alpha}); use the same `r`, `lora_alpha` and `use_rslora`"
+            )
+    owners = _module_tensor_owners(weights_path, named, module_tensors)
+    if existing and set(existing) != set(pairs):
+        raise AdapterFormatError(
+            f"{weights_path}: the file holds adapters for {sorted(pairs)}, but the model's adapters sit on"
+            f" {sorted(existing)}; use the same `target_modules`"
+        )
+    if not existing:
+        inject_adapters(model, config, {name: named[name] for name in pairs}, owner="load_adapters")
+        existing = adapters_of(model)
+    with torch.no_grad():
+        for layer_name, (lora_a, lora_b) in pairs.items():
+            layer = existing[layer_name].layer
+            layer.lora_A.copy_(lora_a)
+            layer.lora_B.copy_(lora_b)
+        for key, tensor in module_tensors.items():
+            module_name, tensor_name = owners[key]
+            module_state = named[module_name].state_dict(keep_vars=True)
+            module_state[tensor_name].copy_(tensor)
+    return config
+
+
+# ---------------------------------------------------------------- internals
+def _adapter_keys(layer: nn.Module) -> Tuple[str, str]:
+    if isinstance(layer, nn.Embedding):
+        return "lora_embedding_A", "lora_embedding_B"
+    return "lora_A.weight", "lora_B.weight"
+
+
+_ADAPTER_KEY = re.compile(r"^(?P<layer>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))$")
+
+
+def _split_keys(path: Path, tensors: Dict[str, torch.Tensor]):
+    pairs: Dict[str, Dict[str, torch.Tensor]] = {}
+    module_tensors = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(_PREFIX):
+            raise AdapterFormatError(f"{path}: tensor {key!r} does not start with {_PREFIX!r}; not a PEFT adapter file")
+        name = key[len(_PREFIX):]
+        match = _ADAPTER_KEY.match(name)
+        if match:
+            pairs.setdefault(match["layer"], {})[match["ab"] or match["eab"]] = tensor
+        else:
+            module_tensors[name] = tensor
+    for layer, found in pairs.items():
+        if set(found) != {"A", "B"}:
+            lacking = "B" if "A" in found else "A"
+            raise AdapterFormatError(f"{path}: layer {layer!r} has no lora_{lacking} tensor; the file is incomplete")
+    return {layer: (found["A"], found["B"]) for layer, found in pairs.items()}, module_tensors
+
+
+def _module(path: Path, named: Dict[str, nn.Module], name: str) -> nn.Module:
+    if name not in named:
+        names = [n for n in named if n]
+        raise AdapterFormatError(f"{path}: the model has no module {name!r}." + close_names_hint(name, names))
+    return named[name]
+
+
+def _module_tensor_owners(path: Path, named: Dict[str, nn.Module], module_tensors: Dict[str, torch.Tensor]):
+    """``{key: (module name, tensor name)}`` for ``modules_to_save`` tensors, shape-checked."""
+    owners = {}
+    for key, tensor in module_tensors.items():
+        module_name, _, tensor_name = key.rpartition(".")
+        module = _module(path, named, module_name)
+        state = module.state_dict(keep_vars=True)
+        if tensor_name not in state:
+            raise AdapterFormatError(f"{path}: module {module_name!r} has no tensor {tensor_name!r}")
+        if tuple(state[tensor_name].shape) != tuple(tensor.shape):
+            raise AdapterFormatError(
+                f"{path}: {key!r} has shape {tuple(tensor.shape)}, the model's is {tuple(state[tensor_name].shape)}"
+            )
+        owners[key] = (module_name, tensor_name)
+    return owners
+
+
+def _target_modules(model: nn.Module, names: list):
+    """PEFT's ``target_modules`` for exactly ``names``: the list itself unless PEFT's suffix
+    matching would also catch another module (then an anchored regex)."""
+    chosen = set(names)
+    others = [n for n, _ in model.named_modules() if n and n not in chosen]
+    if any(other.endswith("." + name) for other in others for name in names):
+        return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    return sorted(names)

@@ -1,0 +1,154 @@
+"""Putting LoRA adapters on a model, freezing the rest, and merging them back."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List
+
+import torch
+from torch import nn
+
+from lightning_compress.core.targeting import match_modules, select_layers
+from lightning_compress.core.transforms import (
+    Stage,
+    get_weight_transform,
+    install_weight_transform,
+    raw_weight,
+    set_forward,
+)
+from lightning_compress.lora.adapter import MERGED_MARK, DropoutRNG, LoRAAdapter
+from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig
+from lightning_compress.quant.nf4 import check_nf4_compatible, is_nf4, to_nf4, weight_nbytes
+
+ADAPTER_PARAMETERS = ("lora_A", "lora_B")
+
+
+def select_adapter_layers(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
+    """The layers ``config`` adapts, checked for what LoRA (and an NF4 base) can hold.
+
+    Raises:
+        ValueError: a target matches nothing (with close names), a grouped convolution,
+            or (``base="nf4"``) a layer that is not Linear or whose size the NF4 blocks do
+            not divide.
+    """
+    layers = select_layers(
+        model,
+        targets=config.target_modules,
+        exclude=config.exclude_modules,
+        supported=ADAPTABLE_TYPES,
+        default=(nn.Linear,),
+        argument="target_modules",
+    )
+    for name, layer in layers.items():
+        if getattr(layer, "groups", 1) != 1:
+            raise ValueError(f"layer {name!r} is a grouped convolution (groups={layer.groups}); LoRA adapts"
+                             " only groups=1 convolutions. Remove it from `target_modules`")
+        if config.base == "nf4":
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"layer {name!r} is a {type(layer).__name__}; base='nf4' (QLoRA) stores"
+                                 " Linear weights only. Exclude it, or use base='float'")
+            check_nf4_compatible(name, raw_weight(layer), config.nf4_block_size, config.nf4_scaler_block_size)
+    return layers
+
+
+def inject_adapters(
+    model: nn.Module,
+    config: LoRAConfig,
+    layers: Dict[str, nn.Module] | None = None,
+    *,
+    dropout: DropoutRNG | None = None,
+    owner: str = "lora",
+    active_owners: set = frozenset(),
+) -> Dict[str, LoRAAdapter]:
+    """Give every selected layer an adapter (``B = 0``, so outputs are unchanged), store
+    its base in NF4 for ``base="nf4"``, and freeze every parameter of ``model`` except the
+    adapters and ``config.modules_to_save``.
+
+    Everything is checked before the model is changed.
+    """
+    layers = select_adapter_layers(model, config) if layers is None else layers
+    to_save = match_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else {}
+    for name in layers:
+        if any(name == kept or name.startswith(kept + ".") for kept in to_save):
+            raise ValueError(f"layer {name!r} is both adapted and in `modules_to_save`; a module either"
+                             " trains fully or gets an adapter. Remove it from one of them")
+    dropout = dropout or DropoutRNG(config.lora_dropout)
+    adapters = {}
+    for name, layer in layers.items():
+        weight = raw_weight(layer)
+        base_dtype = weight.dtype
+        if config.base == "nf4" and not is_nf4(weight):
+            layer._parameters["weight"] = nn.Parameter(
+                to_nf4(weight, config.nf4_block_size, config.nf4_scaler_block_size), requires_grad=False
+            )
+        LoRAAdapter.create_parameters(layer, config.r, base_dtype)
+        adapter = LoRAAdapter(layer, config.scaling, dropout, config.compute_dtype, base_dtype)
+        install_weight_transform(layer, Stage.ADAPTER, adapter, owner=owner, active_owners=active_owners)
+        set_forward(layer, adapter.forward)
+        layer.__dict__.pop(MERGED_MARK, None)
+        adapters[name] = adapter
+    freeze_except(model, adapters, to_save)
+    return adapters
+
+
+def freeze_except(model: nn.Module, adapters: Dict[str, LoRAAdapter], modules_to_save: Dict[str, nn.Module]) -> None:
+    """``requires_grad`` only for adapter parameters and those of ``modules_to_save``."""
+    trainable = {id(p) for m in modules_to_save.values() for p in m.parameters()}
+    trainable |= {id(getattr(a.layer, n)) for a in adapters.values() for n in ADAPTER_PARAMETERS}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in trainable)
+
+
+def adapters_of(model: nn.Module) -> Dict[str, LoRAAdapter]:
+    """``{layer name: adapter}`` for every layer of ``model`` that holds a LoRA adapter."""
+    found = {}
+    for name, module in model.named_modules():
+        adapter = get_weight_transform(module, Stage.ADAPTER)
+        if isinstance(adapter, LoRAAdapter):
+            found[name] = adapter
+    return found
+
+
+def merge_adapters(model: nn.Module) -> List[str]:
+    """Merge every adapter of ``model`` into its layer's weight (see
+    :meth:`LoRAAdapter.merge`) and return the merged layers' names.
+
+    Raises:
+        ValueError: the model has no adapters, or they were merged already.
+    """
+    adapters = adapters_of(model)
+    if not adapters:
+        merged = [name for name, module in model.named_modules() if module.__dict__.get(MERGED_MARK)]
+        if merged:
+            raise ValueError(
+                f"the LoRA adapters of this model are already merged (into {', '.join(merged[:5])}"
+                f"{', ...' if len(merged) > 5 else ''}); merge once"
+            )
+        raise ValueError("this model has no LoRA adapters to merge")
+    for adapter in adapters.values():
+        adapter.merge()
+    return list(adapters)
+
+
+def parameter_counts(model: nn.Module) -> Dict[str, float]:
+    """Trainable and total parameters, the trainable share, and the bytes of the frozen
+    weights (NF4 weights counted packed: codes, scales and tables)."""
+    parameters = list(model.parameters())
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    total = sum(p.numel() for p in parameters)
+    frozen_bytes = sum(weight_nbytes(p) for p in parameters if not p.requires_grad)
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable / max(total, 1),
+        "base_weight_bytes": frozen_bytes,
+    }
+
+
+def adapter_state(adapters: Dict[str, LoRAAdapter]) -> Dict[str, torch.Tensor]:
+    """``{"<layer>.lora_A": A, "<layer>.lora_B": B}``: the adapter weights by layer."""
+    return {f"{name}.{n}": getattr(a.layer, n) for name, a in adapters.items() for n in ADAPTER_PARAMETERS}
+
+
+def parameter_names(model: nn.Module, parameters: Iterable[nn.Parameter]) -> List[str]:
+    wanted = {id(p) for p in parameters}
+    return [name for name, p in model.named_parameters() if id(p) in wanted]

@@ -1,0 +1,68 @@
+"""4-bit NormalFloat (NF4) weights for QLoRA, on torchao's ``NF4Tensor``.
+
+NF4 (Dettmers et al. 2023) stores each weight as one of 16 quantiles of N(0, 1), scaled
+by the absolute maximum of its block of ``block_size`` weights. Double quantization
+stores those block scales in 8 bits, in blocks of ``scaler_block_size`` after subtracting
+their mean. torchao's tensor does both, runs on CPU and CUDA, dequantizes inside
+``F.linear`` (saving only the 4-bit tensor for backward), and is an allowed global for
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_compress._torchao import import_torchao
+
+_nf4 = import_torchao("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+NF4Tensor = _nf4.NF4Tensor
+
+NF4_BLOCK_SIZE = 64
+NF4_SCALER_BLOCK_SIZE = 256
+
+
+def check_nf4_compatible(name: str, weight: Tensor, block_size: int, scaler_block_size: int) -> None:
+    """Raise a ValueError naming layer ``name`` if its weight cannot be stored in NF4 blocks.
+
+    The weight is quantized flattened, so its size must split into blocks of
+    ``block_size``, and the number of blocks into scale blocks of ``scaler_block_size``.
+    """
+    numel = weight.numel()
+    if weight.dim() > 2:
+        raise ValueError(f"layer {name!r}: NF4 stores 1-D or 2-D weights, got shape {tuple(weight.shape)}")
+    if numel % block_size:
+        raise ValueError(
+            f"layer {name!r}: `nf4_block_size`={block_size} does not divide its {numel} weights"
+            f" (shape {tuple(weight.shape)}); choose a block size that divides it, or exclude the layer"
+        )
+    blocks = numel // block_size
+    if blocks % scaler_block_size:
+        raise ValueError(
+            f"layer {name!r}: its {blocks} NF4 blocks do not split into `nf4_scaler_block_size`="
+            f"{scaler_block_size} scale blocks; choose a scaler block size that divides {blocks},"
+            " or exclude the layer"
+        )
+
+
+def to_nf4(weight: Tensor, block_size: int = NF4_BLOCK_SIZE, scaler_block_size: int = NF4_SCALER_BLOCK_SIZE) -> Tensor:
+    """Quantize ``weight`` to an NF4 tensor that dequantizes to ``weight.dtype``."""
+    return _nf4.to_nf4(weight.detach().contiguous(), block_size, scaler_block_size)
+
+
+def is_nf4(tensor: Tensor) -> bool:
+    return isinstance(tensor, NF4Tensor)
+
+
+def dequantize_nf4(tensor: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The dense weight an NF4 tensor stands for (in ``dtype``, default its own)."""
+    dense = tensor.get_original_weight()
+    return dense if dtype is None else dense.to(dtype)
+
+
+def weight_nbytes(tensor: Tensor) -> int:
+    """Bytes a weight occupies: packed codes, scales and tables for NF4; plain size otherwise."""
+    if is_nf4(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in names)
+    return tensor.numel() * tensor.element_size()
