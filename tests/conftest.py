@@ -80,6 +80,7 @@ def fit_interrupted_and_resumed(make_callback, tmp_path, *, epochs, stop_after, 
     def run(extra, ckpt_path=None):
         model = TinyRegressor()
         model.load_state_dict(initial)
+        torch.manual_seed(1)  # each run is a fresh process that seeds itself
         callback = make_callback()
         trainer = make_trainer(max_epochs=epochs, callbacks=[callback, *extra])
         trainer.fit(model, tiny_loader(batches=batches), ckpt_path=ckpt_path)

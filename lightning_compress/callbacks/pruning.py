@@ -23,6 +23,7 @@ from lightning_compress.core.transforms import (
     owner_tokens,
     raw_weight,
     remove_weight_transform,
+    stages,
     weight_before,
 )
 from lightning_compress.sparsity.masks import (
@@ -231,11 +232,15 @@ class MagnitudePruning(Callback):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
-        # The stored weights are already zero where masked, so the user gets back their
-        # own layer classes holding the sparse weights; a later fit re-attaches the masks.
+        # The stored weights are zero where masked, so the user gets back their own layer
+        # classes holding the sparse weights; a later fit re-attaches the masks. A layer
+        # whose weight is still W + B·A (LoRA, not merged) keeps its mask: zeros in W
+        # alone would not make the effective weight sparse.
         self._restored = self._state_of_masks()
-        for layer in self._layers.values():
-            remove_weight_transform(layer, Stage.MASK)
+        for name, layer in self._layers.items():
+            if _mask_sees_raw(layer):
+                self._zero_raw(name)
+                remove_weight_transform(layer, Stage.MASK)
         self._masks.clear()
         self._layers.clear()
 
@@ -335,21 +340,26 @@ class MagnitudePruning(Callback):
         self._actual_sparsity = self._measure()
 
     def _set_mask(self, name: str, keep: torch.Tensor) -> None:
-        weight = raw_weight(self._layers[name])
-        self._masks[name].set(keep, like=weight)
-        with torch.no_grad():
-            weight.mul_(self._masks[name].mask)
+        self._masks[name].set(keep, like=raw_weight(self._layers[name]))
+        self._zero_raw(name)
+
+    @torch.no_grad()
+    def _zero_raw(self, name: str) -> None:
+        # Only where the mask acts on the raw parameter itself: under a LoRA adapter the
+        # mask acts on W + B·A (and W is frozen, perhaps NF4), so the MASK stage alone
+        # keeps the effective weight sparse.
+        layer, transform = self._layers[name], self._masks[name]
+        if transform.mask is not None and _mask_sees_raw(layer):
+            raw_weight(layer).mul_(transform.mask)
 
     def _measure(self) -> float:
         pruned = sum(int((t.mask == 0).sum()) for t in self._masks.values() if t.mask is not None)
         total = sum(raw_weight(layer).numel() for layer in self._layers.values())
         return pruned / total
 
-    @torch.no_grad()
     def _zero_pruned_weights(self, *_: Any) -> None:
-        for name, transform in self._masks.items():
-            if transform.mask is not None:
-                raw_weight(self._layers[name]).mul_(transform.mask)
+        for name in self._masks:
+            self._zero_raw(name)
 
     def _state_of_masks(self) -> Dict[str, Any]:
         state = {}
@@ -372,6 +382,10 @@ class MagnitudePruning(Callback):
         for name, entry in restored.items():
             self._set_mask(name, unpack_mask(entry["packed"], tuple(entry["shape"])))
         self._actual_sparsity = self._measure()
+
+
+def _mask_sees_raw(layer: nn.Module) -> bool:
+    return not any(stage < Stage.MASK for stage in stages(layer))
 
 
 def _check_fraction(argument: str, value: Any) -> None:

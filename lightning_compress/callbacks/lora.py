@@ -1,0 +1,402 @@
+"""LoRA: low-rank adapters (QLoRA with an NF4 base) on an unchanged LightningModule."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
+from lightning_compress.core.state import STATE_VERSION, check_state_version
+from lightning_compress.core.targeting import Target, validate_name
+from lightning_compress.core.transforms import Stage, bind_owner, get_weight_transform, is_bound, owner_tokens, raw_weight, stages
+from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
+from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter
+from lightning_compress.lora.config import LoRAConfig
+from lightning_compress.lora.inject import inject_adapters, parameter_counts, select_adapter_layers
+from lightning_compress.quant.nf4 import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, is_nf4
+
+
+class LoRA(Callback):
+    r"""Fine-tune a pretrained model through low-rank adapters; everything else is frozen.
+
+    Each targeted layer computes with ``W + scaling · B·A`` where ``A`` (``r × in``,
+    Kaiming-initialised) and ``B`` (``out × r``, zeros) are new parameters registered on
+    the layer as ``lora_A``/``lora_B`` and ``scaling = lora_alpha / r``. They are added in
+    ``setup`` (or right after your ``configure_model``), before ``configure_optimizers``
+    runs, so your optimizer gets them; then every parameter except the adapters and
+    ``modules_to_save`` is frozen and dropped from the optimizer. The adapter is the
+    first stage of the weight-transform stack: pruning masks the merged weight and QAT
+    fake-quantizes the masked merged weight, so the model that trains is the model that
+    exports. With ``base="nf4"`` (QLoRA) the frozen weights of the adapted layers are
+    stored in 4-bit NormalFloat with double-quantized block scales, and dequantized
+    inside each matmul only.
+
+    Example::
+
+        lora = LoRA(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+        Trainer(callbacks=[lora]).fit(model, datamodule)
+        lora.save_adapters("adapter/")      # PEFT format: PeftModel.from_pretrained(base, "adapter/")
+
+    Args:
+        r: adapter rank (> 0).
+        lora_alpha: the numerator of the scaling.
+        target_modules: layer types and/or name globs to adapt (a glob matches a whole
+            name or its last parts, as PEFT's ``target_modules``: ``"query"`` matches
+            ``encoder.layer.0.attention.self.query``). Linear, Embedding and Conv1d/2d/3d
+            (``groups=1``) layers; default every Linear layer.
+        lora_dropout: dropout probability on the adapter's input (Linear and Conv). It
+            needs the adapter as a separate branch, so a layer that pruning or QAT also
+            transforms cannot have it. Drawn from a generator of its own, checkpointed with
+            this callback, so a resumed run draws the same masks.
+        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        exclude_modules: layer types and/or name globs not to adapt.
+        modules_to_save: names or globs of modules that train fully (a new head).
+        base: ``"float"``, or ``"nf4"`` for QLoRA: the adapted layers' frozen weights are
+            kept in NF4 (Linear layers only).
+        compute_dtype: for ``base="nf4"``: the dtype an adapted layer dequantizes its
+            base to and computes in (e.g. ``torch.bfloat16``); its output is returned in
+            the input's dtype. Default: the input's dtype.
+        nf4_block_size, nf4_scaler_block_size: NF4 block of weights sharing one scale
+            (64), and block of scales quantized together (256), as in the QLoRA paper.
+        merge_on_fit_end: at the end of ``fit``, merge the adapters into the weights (in
+            float32; an NF4 base is dequantized first; pruning masks are applied again),
+            leaving your model's own classes and ``state_dict`` keys.
+        adapter_dir: at the end of ``fit`` (before any merge), write the adapters there in
+            PEFT's format.
+        peft_root: name of the submodule PEFT sees as the base model (``"model"`` when your
+            LightningModule keeps a transformers model in ``self.model``); the names in
+            the adapter files are relative to it. Default: the LightningModule.
+        adapter_only_checkpoints: leave the frozen weights out of checkpoints (keeping
+            adapters, ``modules_to_save`` and buffers). NF4 bases are always left out. A
+            resume or ``ckpt_path=`` evaluation takes them from your module as built, and
+            fails with a clear error if they differ from those trained on.
+        name: distinguishes the checkpoint state of several LoRA callbacks in one Trainer.
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        lora_alpha: float = 16.0,
+        target_modules: Sequence[Target] | None = None,
+        *,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        exclude_modules: Sequence[Target] | None = None,
+        modules_to_save: Sequence[str] | None = None,
+        base: str = "float",
+        compute_dtype: torch.dtype | str | None = None,
+        nf4_block_size: int = NF4_BLOCK_SIZE,
+        nf4_scaler_block_size: int = NF4_SCALER_BLOCK_SIZE,
+        merge_on_fit_end: bool = False,
+        adapter_dir: str | Path | None = None,
+        peft_root: str | None = None,
+        adapter_only_checkpoints: bool = False,
+        name: str | None = None,
+    ) -> None:
+        self.config = LoRAConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            target_modules=target_modules,
+            exclude_modules=exclude_modules,
+            modules_to_save=modules_to_save,
+            base=base,
+            compute_dtype=compute_dtype,
+            nf4_block_size=nf4_block_size,
+            nf4_scaler_block_size=nf4_scaler_block_size,
+        )
+        for argument, value in (("merge_on_fit_end", merge_on_fit_end), ("adapter_only_checkpoints", adapter_only_checkpoints)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{argument}` must be True or False, got {value!r}")
+        if adapter_dir is not None and not isinstance(adapter_dir, (str, Path)):
+            raise ValueError(f"`adapter_dir` must be a directory path or None, got {adapter_dir!r}")
+        if peft_root is not None and (not isinstance(peft_root, str) or not peft_root):
+            raise ValueError(f"`peft_root` must be a submodule name such as 'model', got {peft_root!r}")
+        self.merge_on_fit_end = merge_on_fit_end
+        self.adapter_dir = None if adapter_dir is None else Path(adapter_dir)
+        self.peft_root = peft_root
+        self.adapter_only_checkpoints = adapter_only_checkpoints
+        self.name = validate_name(name)
+        self.owner_token = uuid.uuid4().hex
+
+        self._module: LightningModule | None = None
+        self._adapters: Dict[str, LoRAAdapter] = {}
+        self._merged: list = []
+        self._dropout = DropoutRNG(self.config.lora_dropout)
+        self._dropped_keys: list = []
+        self._fingerprint: tuple | None = None
+        self._restored: Dict[str, Any] | None = None
+        self._pending_adapter_dir: Path | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    @property
+    def adapters(self) -> Dict[str, LoRAAdapter]:
+        """``{layer name: adapter}`` of the model this callback adapts."""
+        return dict(self._adapters)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _wrap_on_load_checkpoint(pl_module, self._before_model_load)
+        if self._in_place(pl_module):
+            return  # a later validate/test/fit of the same model
+        if self._merged and self._module is pl_module and stage != "fit":
+            return  # merged: evaluate the merged model as it is
+        if _overrides_configure_model(pl_module):
+            _run_after_configure_model(pl_module, lambda: self._inject(trainer, pl_module))
+        else:
+            self._inject(trainer, pl_module)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.config.lora_dropout > 0:
+            for name, adapter in self._adapters.items():
+                if stages(adapter.layer) != (Stage.ADAPTER,):
+                    raise ValueError(
+                        f"`lora_dropout`={self.config.lora_dropout} acts on the adapter's input, but pruning or"
+                        f" QAT also transform the weight of {name!r}, so its adapter is merged into that"
+                        " weight; set lora_dropout=0 or keep the layer out of the other callback's targets"
+                    )
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                # Frozen parameters would never move; keeping them only costs every step.
+                group["params"] = [p for p in group["params"] if p.requires_grad]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        counts = parameter_counts(pl_module)
+        pl_module.log_dict(
+            {f"lora/{key}": float(counts[key]) for key in ("trainable_params", "trainable_share", "base_weight_bytes")},
+            on_step=False,
+            on_epoch=True,
+        )
+        rank_zero_info(
+            f"LoRA: {len(self._adapters)} adapted layers; {counts['trainable_params']:,} trainable of"
+            f" {counts['total_params']:,} parameters ({counts['trainable_share']:.2%}); frozen weights"
+            f" {counts['base_weight_bytes'] / 2**20:.1f} MiB"
+        )
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.adapter_dir is not None and self._adapters:
+            if trainer.is_global_zero:
+                self.save_adapters(self.adapter_dir)
+            trainer.strategy.barrier("lora_adapter_dir")
+        if self.merge_on_fit_end and self._adapters:
+            self.merge()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pl_module.__dict__.pop("on_load_checkpoint", None)
+
+    # ------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
+        # NF4 bases (which Lightning's loader cannot map to a device) and, with
+        # `adapter_only_checkpoints`, every frozen weight stay out: they are rebuilt from
+        # the user's module, and a fingerprint proves they are the same on resume.
+        if self._adapters:
+            for key in self._dropped_keys:
+                checkpoint["state_dict"].pop(key, None)
+
+    def _before_model_load(self, checkpoint: Dict[str, Any]) -> None:
+        """Runs just before Lightning loads the model's weights (from the module's
+        ``on_load_checkpoint``): refuse a checkpoint of other adapters with a clear
+        message, and put back the frozen weights the checkpoint leaves out."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not state or not self._adapters:
+            return
+        self._check_compatible(state)
+        dropped = state.get("dropped_keys") or []
+        if not dropped:
+            return
+        if state.get("base_fingerprint") != self._base_fingerprint(dropped):
+            raise ValueError(
+                "the frozen base weights of this model differ from those the adapters in this checkpoint"
+                " were trained on; build the model from the same pretrained weights"
+            )
+        current = self._module.state_dict(keep_vars=True)
+        for key in dropped:
+            checkpoint["state_dict"][key] = current[key]
+
+    def state_dict(self) -> Dict[str, Any]:
+        if not self._adapters and self._restored is not None:
+            return self._restored
+        return {
+            "version": STATE_VERSION,
+            "r": self.config.r,
+            "scaling": self.config.scaling,
+            "base": self.config.base,
+            "layers": list(self._adapters),
+            "merged": list(self._merged),
+            "dropout": self._dropout.state_dict(),
+            "dropped_keys": list(self._dropped_keys) if self._adapters else [],
+            "base_fingerprint": self._base_fingerprint(self._dropped_keys) if self._adapters and self._dropped_keys else None,
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        check_state_version("LoRA", state_dict)
+        self._check_compatible(state_dict)
+        self._restored = state_dict
+        if self._adapters:
+            self._apply_restored()
+
+    # ------------------------------------------------------------------ public helpers
+    def merge(self) -> list:
+        """Merge the adapters into the model's weights now (see ``merge_on_fit_end``).
+
+        Raises:
+            ValueError: nothing to merge: the adapters were merged already, or the
+                callback has not set up a model yet.
+        """
+        if not self._adapters:
+            if self._merged:
+                raise ValueError(f"the LoRA adapters were already merged (into {', '.join(self._merged[:5])}); merge once")
+            raise ValueError("LoRA has no adapters to merge yet: merge after fit (or validate/test) has set them up")
+        for adapter in self._adapters.values():
+            adapter.merge()
+        self._merged, self._adapters = list(self._adapters), {}
+        return self._merged
+
+    def save_adapters(self, directory: str | Path) -> Path:
+        """Write the adapters (and ``modules_to_save``) in PEFT's format to ``directory``."""
+        root = self._peft_root()
+        outside = [n for n, a in self._adapters.items() if not any(a.layer is m for m in root.modules())]
+        if outside:
+            raise ValueError(f"adapters on {outside[:5]} lie outside `peft_root`={self.peft_root!r}; choose a"
+                             " root that holds every adapted layer")
+        return save_adapters(root, directory, self.config)
+
+    def load_adapters(self, directory: str | Path) -> None:
+        """Start from adapters saved in PEFT's format (ours or PEFT's own): loaded now if
+        the adapters exist, else right after they are set up. The file's rank and scaling
+        must match this callback's."""
+        directory = Path(directory)
+        saved = read_adapter_config(directory)
+        if (saved.r, saved.scaling) != (self.config.r, self.config.scaling):
+            raise ValueError(
+                f"{directory} holds adapters with r={saved.r}, scaling={saved.scaling} but this callback has"
+                f" r={self.config.r}, scaling={self.config.scaling}; build LoRA with the file's `r` and `lora_alpha`"
+            )
+        if self._adapters:
+            load_adapters(self._peft_root(), directory)
+        else:
+            self._pending_adapter_dir = directory
+
+    # ------------------------------------------------------------------ internals
+    def _in_place(self, pl_module: LightningModule) -> bool:
+        return bool(self._adapters) and is_bound(pl_module, self.owner_token) and all(
+            get_weight_transform(a.layer, Stage.ADAPTER) is a for a in self._adapters.values()
+        )
+
+    def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        layers = select_adapter_layers(pl_module, self.config)
+        if self.config.base == "nf4" and is_distributed():
+            # Every rank quantizes rank 0's weights: the frozen NF4 base is not a parameter
+            # DDP can broadcast, so it must be identical by construction.
+            weights = [raw_weight(layer) for layer in layers.values() if not is_nf4(raw_weight(layer))]
+            with torch.no_grad():
+                for weight, synced in zip(weights, broadcast_from_rank_zero([w.detach() for w in weights])):
+                    weight.copy_(synced)
+        # Each rank draws its own dropout masks; seeded from the (seeded) global RNG.
+        self._dropout.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + trainer.global_rank
+        rivals = owner_tokens(trainer.callbacks) - {self.owner_token}
+        self._adapters = inject_adapters(
+            pl_module, self.config, layers, dropout=self._dropout, owner=self.owner_token, active_owners=rivals
+        )
+        self._module, self._merged, self._fingerprint = pl_module, [], None
+        bind_owner(pl_module, self.owner_token)
+        self._dropped_keys = [
+            key
+            for key, parameter in pl_module.named_parameters(remove_duplicate=False)
+            if not parameter.requires_grad and (self.adapter_only_checkpoints or is_nf4(parameter))
+        ]
+        if self._pending_adapter_dir is not None:
+            directory, self._pending_adapter_dir = self._pending_adapter_dir, None
+            load_adapters(self._peft_root(), directory)
+        if self._restored is not None:
+            self._apply_restored()
+
+    def _check_compatible(self, state: Dict[str, Any]) -> None:
+        for key, argument, mine in (("r", "r", self.config.r), ("scaling", "lora_alpha/use_rslora", self.config.scaling),
+                                    ("base", "base", self.config.base)):
+            if state[key] != mine:
+                raise ValueError(
+                    f"the checkpoint's LoRA adapters have {key}={state[key]!r} but this callback has"
+                    f" {key}={mine!r}; resume with the same `{argument}`"
+                )
+        if self._adapters and state["layers"] and state["layers"] != list(self._adapters):
+            raise ValueError(
+                f"the checkpoint's LoRA adapters sit on {state['layers']}, this callback adapts"
+                f" {list(self._adapters)}; resume with the same `target_modules` and `exclude_modules`"
+            )
+
+    def _apply_restored(self) -> None:
+        state, self._restored = self._restored, None
+        self._check_compatible(state)
+        self._dropout.load_state_dict(state["dropout"])
+
+    def _peft_root(self) -> nn.Module:
+        if self._module is None:
+            raise ValueError("LoRA has not set up a model yet: call this after fit (or validate/test) starts")
+        return self._module if self.peft_root is None else self._module.get_submodule(self.peft_root)
+
+    def _base_fingerprint(self, keys) -> str:
+        """SHA-256 of the frozen weights ``keys`` (an NF4 weight's codes and scales)."""
+        cache_key = tuple(keys)
+        if self._fingerprint is None or self._fingerprint[0] != cache_key:
+            digest = hashlib.sha256()
+            named = self._module.state_dict(keep_vars=True)
+            for key in keys:
+                digest.update(key.encode())
+                for tensor in _storage_tensors(named[key]):
+                    flat = tensor.detach().cpu().reshape(-1)
+                    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
+                        flat = flat.view(torch.int16)
+                    digest.update(flat.numpy().tobytes())
+            self._fingerprint = (cache_key, digest.hexdigest())
+        return self._fingerprint[1]
+
+
+def _storage_tensors(tensor: torch.Tensor):
+    if is_nf4(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return [getattr(tensor, n) for n in names]
+    return [tensor]
+
+
+def _wrap_on_load_checkpoint(pl_module: LightningModule, before_load) -> None:
+    """Run ``before_load(checkpoint)`` after the module's own ``on_load_checkpoint``, which
+    Lightning calls right before it loads the weights (callback hooks run only after)."""
+    if "on_load_checkpoint" in vars(pl_module):
+        return
+    own = pl_module.on_load_checkpoint
+
+    def on_load_checkpoint(checkpoint: Dict[str, Any]) -> None:
+        own(checkpoint)
+        before_load(checkpoint)
+
+    pl_module.on_load_checkpoint = on_load_checkpoint
+
+
+def _overrides_configure_model(pl_module: LightningModule) -> bool:
+    return type(pl_module).configure_model is not LightningModule.configure_model and "configure_model" not in vars(pl_module)
+
+
+def _run_after_configure_model(pl_module: LightningModule, action) -> None:
+    """Run ``action`` right after the module's own ``configure_model`` (which Lightning
+    calls after ``setup`` and before ``configure_optimizers``): layers built there exist
+    then, and the optimizer is not built yet."""
+    own = pl_module.configure_model
+
+    def configure_model() -> None:
+        own()
+        del pl_module.configure_model  # back to the class's hook
+        action()
+
+    pl_module.configure_model = configure_model
