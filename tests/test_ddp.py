@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_compress.quant.nf4 import is_nf4
+
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"
 
 
@@ -62,3 +64,22 @@ def test_qat_observer_ranges_are_all_reduced_and_learned_scales_agree(tmp_path):
     assert layers0["conv"]["observer"]["low"].item() == pytest.approx(low)
     assert layers0["conv"]["observer"]["high"].item() == pytest.approx(high)
     assert_same_weights(rank0, rank1)
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_lora_adapters_and_bases_are_identical_on_both_ranks(tmp_path, mode):
+    rank0, rank1 = run_ddp(tmp_path, mode)
+    assert rank0["world_size"] == 2
+    adapters = [k for k in rank0["weights"] if ".lora_" in k]
+    assert len(adapters) == (6 if mode == "lora" else 4)
+    for key in adapters:  # trained, and kept in step by DDP
+        assert torch.count_nonzero(rank0["weights"][key]).item() > 0, key
+    for key, value in rank0["weights"].items():
+        other = rank1["weights"][key]
+        if is_nf4(value):  # the frozen base: quantized from rank 0's weights on both ranks
+            assert torch.equal(value.quantized_data, other.quantized_data), key
+            assert torch.equal(value.quantized_scalers, other.quantized_scalers), key
+        else:
+            assert torch.equal(value, other), key
+    # Dropout masks differ per rank (own generator, seeded per rank).
+    assert rank0["callback"]["dropout"]["seed"] != rank1["callback"]["dropout"]["seed"]

@@ -12,10 +12,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
 from lightning_compress.core.state import STATE_VERSION, check_state_version
 from lightning_compress.core.targeting import Target, validate_name
-from lightning_compress.core.transforms import Stage, bind_owner, get_weight_transform, is_bound, owner_tokens, raw_weight, stages
+from lightning_compress.core.transforms import Stage, bind_owner, get_weight_transform, is_bound, owner_tokens, stages
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter
 from lightning_compress.lora.config import LoRAConfig
@@ -296,13 +295,6 @@ class LoRA(Callback):
 
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
         layers = select_adapter_layers(pl_module, self.config)
-        if self.config.base == "nf4" and is_distributed():
-            # Every rank quantizes rank 0's weights: the frozen NF4 base is not a parameter
-            # DDP can broadcast, so it must be identical by construction.
-            weights = [raw_weight(layer) for layer in layers.values() if not is_nf4(raw_weight(layer))]
-            with torch.no_grad():
-                for weight, synced in zip(weights, broadcast_from_rank_zero([w.detach() for w in weights])):
-                    weight.copy_(synced)
         # Each rank draws its own dropout masks; seeded from the (seeded) global RNG.
         self._dropout.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + trainer.global_rank
         rivals = owner_tokens(trainer.callbacks) - {self.owner_token}

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from typing import Dict, List
 
-import torch
 from torch import nn
 
 from lightning_compress.core.targeting import match_modules, select_layers
@@ -142,13 +141,3 @@ def parameter_counts(model: nn.Module) -> Dict[str, float]:
         "trainable_share": trainable / max(total, 1),
         "base_weight_bytes": frozen_bytes,
     }
-
-
-def adapter_state(adapters: Dict[str, LoRAAdapter]) -> Dict[str, torch.Tensor]:
-    """``{"<layer>.lora_A": A, "<layer>.lora_B": B}``: the adapter weights by layer."""
-    return {f"{name}.{n}": getattr(a.layer, n) for name, a in adapters.items() for n in ADAPTER_PARAMETERS}
-
-
-def parameter_names(model: nn.Module, parameters: Iterable[nn.Parameter]) -> List[str]:
-    wanted = {id(p) for p in parameters}
-    return [name for name, p in model.named_parameters() if id(p) in wanted]

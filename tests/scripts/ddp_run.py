@@ -3,6 +3,8 @@
     python ddp_run.py OUT_DIR prune PATTERN   # MagnitudePruning
     python ddp_run.py OUT_DIR prune-perturbed # rank 1's weights differ at the first update
     python ddp_run.py OUT_DIR qat             # QAT: learned scales + static observers
+    python ddp_run.py OUT_DIR lora            # LoRA with dropout on conv, fc1, fc2
+    python ddp_run.py OUT_DIR qlora           # QLoRA; rank 1's base differs before setup
 
 Lightning's launcher re-runs this script for rank 1. Each rank saves what it holds to
 OUT_DIR/rank<r>.pt.
@@ -17,7 +19,8 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 
-from lightning_compress import MagnitudePruning, QuantizationAwareTraining  # noqa: E402
+from lightning_compress.quant.nf4 import is_nf4  # noqa: E402
+from lightning_compress import LoRA, MagnitudePruning, QuantizationAwareTraining  # noqa: E402
 from tests.conftest import TinyRegressor, make_trainer, tiny_loader  # noqa: E402
 
 
@@ -29,6 +32,17 @@ class PerturbRankOne(Callback):
         if trainer.global_step == 2 and trainer.global_rank == 1:
             with torch.no_grad():
                 pl_module.fc1.weight.add_(torch.randn_like(pl_module.fc1.weight))
+
+
+class PerturbBaseOnRankOne(Callback):
+    """Before LoRA's setup, makes rank 1's fc1 weights differ, so rank 1 quantizes another
+    NF4 base: DDP's broadcast of the module state from rank 0 (which covers NF4 tensors)
+    must make the frozen bases agree."""
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.global_rank == 1:
+            with torch.no_grad():
+                pl_module.fc1.weight.add_(1.0)
 
 
 class SaveRankState(Callback):
@@ -47,7 +61,8 @@ class SaveRankState(Callback):
     def on_fit_end(self, trainer, pl_module):
         state = {
             "callback": self.compression.state_dict(),
-            "weights": {k: v.clone() for k, v in pl_module.state_dict().items()},
+            # NF4's clone() re-quantizes with default blocks: keep the tensor itself.
+            "weights": {k: v if is_nf4(v) else v.clone() for k, v in pl_module.state_dict().items()},
             "world_size": trainer.world_size,
             "input_range": (self.input_low, self.input_high),
         }
@@ -57,6 +72,10 @@ class SaveRankState(Callback):
 
 
 def build(mode: str, pattern: str):
+    if mode == "lora":
+        return LoRA(r=4, target_modules=["conv", "fc1", "fc2"], lora_dropout=0.3)
+    if mode == "qlora":
+        return LoRA(r=4, target_modules=["fc1", "fc2"], base="nf4", nf4_block_size=32, nf4_scaler_block_size=8)
     if mode.startswith("prune"):
         n_m = ":" in pattern
         return MagnitudePruning(
@@ -82,6 +101,7 @@ if __name__ == "__main__":
         strategy="ddp",
         max_epochs=3,
         callbacks=([PerturbRankOne()] if mode == "prune-perturbed" else [])
+        + ([PerturbBaseOnRankOne()] if mode == "qlora" else [])
         + [compression, SaveRankState(compression, out_dir)],
     )
     trainer.fit(TinyRegressor(), tiny_loader(batches=8))
