@@ -19,7 +19,7 @@ from lightning_compress.formats.peft import load_adapters, read_adapter_config, 
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter
 from lightning_compress.lora.config import LoRAConfig
 from lightning_compress.lora.inject import inject_adapters, parameter_counts, select_adapter_layers
-from lightning_compress.quant.nf4 import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, is_nf4
+from lightning_compress.quant.nf4 import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, is_nf4, tensor_digest
 
 
 class LoRA(Callback):
@@ -346,34 +346,15 @@ class LoRA(Callback):
             named = self._module.state_dict(keep_vars=True)
             for key in keys:
                 digest.update(key.encode())
-                for tensor in _storage_tensors(named[key]):
-                    flat = tensor.detach().cpu().reshape(-1)
-                    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
-                        flat = flat.view(torch.int16)
-                    digest.update(flat.numpy().tobytes())
+                tensor_digest(digest, named[key])
             self._fingerprint = (cache_key, digest.hexdigest())
         return self._fingerprint[1]
-
-
-def _storage_tensors(tensor: torch.Tensor):
-    if is_nf4(tensor):
-        names, _ = tensor.__tensor_flatten__()
-        return [getattr(tensor, n) for n in names]
-    return [tensor]
 
 
 def _wrap_on_load_checkpoint(pl_module: LightningModule, before_load) -> None:
     """Run ``before_load(checkpoint)`` after the module's own ``on_load_checkpoint``, which
     Lightning calls right before it loads the weights (callback hooks run only after)."""
-    if "on_load_checkpoint" in vars(pl_module):
-        return
-    own = pl_module.on_load_checkpoint
-
-    def on_load_checkpoint(checkpoint: Dict[str, Any]) -> None:
-        own(checkpoint)
-        before_load(checkpoint)
-
-    pl_module.on_load_checkpoint = on_load_checkpoint
+    _chain_hook(pl_module, "on_load_checkpoint", before_load, once=False)
 
 
 def _overrides_configure_model(pl_module: LightningModule) -> bool:
@@ -384,11 +365,21 @@ def _run_after_configure_model(pl_module: LightningModule, action) -> None:
     """Run ``action`` right after the module's own ``configure_model`` (which Lightning
     calls after ``setup`` and before ``configure_optimizers``): layers built there exist
     then, and the optimizer is not built yet."""
-    own = pl_module.configure_model
+    _chain_hook(pl_module, "configure_model", lambda: action(), once=True)
 
-    def configure_model() -> None:
-        own()
-        del pl_module.configure_model  # back to the class's hook
-        action()
 
-    pl_module.configure_model = configure_model
+def _chain_hook(pl_module: LightningModule, hook: str, after, *, once: bool) -> None:
+    """Make the instance's ``hook(*args)`` call the class's hook, then ``after(*args)``.
+    Lightning looks hooks up on the instance; ``once`` removes the wrapper after one call.
+    A hook already wrapped is left as it is."""
+    if hook in vars(pl_module):
+        return
+    own = getattr(pl_module, hook)
+
+    def wrapper(*args):
+        own(*args)
+        if once:
+            delattr(pl_module, hook)  # back to the class's hook
+        after(*args)
+
+    setattr(pl_module, hook, wrapper)

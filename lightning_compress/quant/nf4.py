@@ -60,9 +60,23 @@ def dequantize_nf4(tensor: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return dense if dtype is None else dense.to(dtype)
 
 
-def weight_nbytes(tensor: Tensor) -> int:
-    """Bytes a weight occupies: packed codes, scales and tables for NF4; plain size otherwise."""
+def storage_tensors(tensor: Tensor) -> list:
+    """The plain tensors that hold ``tensor``: NF4's codes, scales and tables, else itself."""
     if is_nf4(tensor):
         names, _ = tensor.__tensor_flatten__()
-        return sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in names)
-    return tensor.numel() * tensor.element_size()
+        return [getattr(tensor, n) for n in names]
+    return [tensor]
+
+
+def weight_nbytes(tensor: Tensor) -> int:
+    """Bytes a weight occupies: packed codes, scales and tables for NF4; plain size otherwise."""
+    return sum(t.numel() * t.element_size() for t in storage_tensors(tensor))
+
+
+def tensor_digest(digest, tensor: Tensor) -> None:
+    """Feed the bytes that store ``tensor`` (NF4: its codes and scales) into a hashlib digest."""
+    for part in storage_tensors(tensor):
+        flat = part.detach().cpu().reshape(-1)
+        if flat.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
+            flat = flat.view(torch.int16)
+        digest.update(flat.numpy().tobytes())
