@@ -17,6 +17,7 @@ from lightning_compress.core.targeting import Target, select_layers, validate_na
 from lightning_compress.core.transforms import bind_owner, is_bound, owner_tokens, raw_weight
 from lightning_compress.quant.activations import (
     ACTIVATION_MODES,
+    INPUT_QUANTIZER_ATTR,
     OBSERVERS,
     DynamicTokenQuantizer,
     StaticRangeObserver,
@@ -56,6 +57,10 @@ class QuantizationAwareTraining(Callback):
         group_size: inputs per scale for ``granularity="group"``; must divide every
             targeted layer's input size (Conv: ``in_channels * kernel``).
         symmetric: zero point 0 (default), or an integer zero point per scale.
+        scale_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``: the dtype
+            the export stores scales in. Scales are rounded to it while training, so the
+            exported model computes exactly what was trained; ``"float16"`` makes int4
+            group-128 files about 3% smaller.
         learn_ranges: learn the weight scales (LSQ) instead of taking them from the
             weight's min/max each step. They train with their own Adam optimizer (stepped
             right after yours, checkpointed with this callback), so your optimizer and LR
@@ -88,6 +93,7 @@ class QuantizationAwareTraining(Callback):
         granularity: str | None = None,
         group_size: int | None = None,
         symmetric: bool = True,
+        scale_dtype: str = "float32",
         learn_ranges: bool = False,
         range_lr: float = 1e-3,
         activations: str | None = None,
@@ -105,9 +111,16 @@ class QuantizationAwareTraining(Callback):
             granularity = "group" if group_size is not None else "channel"
         if granularity not in GRANULARITIES:
             raise ValueError(f"unknown `granularity` {granularity!r}; choose one of {GRANULARITIES}")
-        self.spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric)
+        self.spec = QuantSpec(
+            bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype
+        )
         if not isinstance(learn_ranges, bool):
             raise ValueError(f"`learn_ranges` must be True or False, got {learn_ranges!r}")
+        if learn_ranges and scale_dtype != "float32":
+            raise ValueError(
+                f"`learn_ranges=True` trains float32 scales, which `scale_dtype`={scale_dtype!r} would"
+                " round at export; use scale_dtype='float32' with learned ranges"
+            )
         if isinstance(range_lr, bool) or not isinstance(range_lr, (int, float)) or not range_lr > 0:
             raise ValueError(f"`range_lr` must be a positive number, got {range_lr!r}")
         if activations is not None and activations not in ACTIVATION_MODES:
@@ -180,6 +193,7 @@ class QuantizationAwareTraining(Callback):
         for name, layer in layers.items():
             # An input quantizer left by an earlier QAT callback goes with its weights.
             previous = layer.__dict__.pop("_lc_input_quant_hook", None)
+            layer.__dict__.pop(INPUT_QUANTIZER_ATTR, None)
             if previous is not None:
                 previous.remove()
             if self.activations is not None and not isinstance(layer, nn.Embedding):  # ids in
@@ -275,6 +289,7 @@ class QuantizationAwareTraining(Callback):
 
         self._input_quantizers[name] = quantizer
         layer.__dict__["_lc_input_quant_hook"] = layer.register_forward_pre_hook(hook)
+        layer.__dict__[INPUT_QUANTIZER_ATTR] = quantizer  # read by the export
 
     def _set_enabled(self, enabled: bool) -> None:
         for quantizer in self._weight_quantizers.values():

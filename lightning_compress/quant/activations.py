@@ -19,6 +19,8 @@ from lightning_compress.quant.spec import QuantSpec
 ACTIVATION_MODES = ("int8_dynamic", "int8_static")
 OBSERVERS = ("minmax", "moving_average")
 # torchao's per-token activation grid: int8, asymmetric, one scale per token.
+# Where the QAT callback leaves a layer's input quantizer, for the export to read.
+INPUT_QUANTIZER_ATTR = "_lc_input_quantizer"
 _PER_TOKEN = QuantSpec(bits=8, granularity="channel", symmetric=False)
 _PER_TENSOR = QuantSpec(bits=8, granularity="tensor", symmetric=False)
 
@@ -100,3 +102,8 @@ class StaticRangeObserver:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.low, self.high, self.calibrating = state["low"], state["high"], state["calibrating"]
+
+
+def input_quantizer_of(layer) -> "DynamicTokenQuantizer | StaticRangeObserver | None":
+    """The activation quantizer the QAT callback put on ``layer``'s input, if any."""
+    return layer.__dict__.get(INPUT_QUANTIZER_ATTR)

@@ -64,20 +64,29 @@ def choose_qparams(matrix: Tensor, spec: QuantSpec, eps: float | None = None) ->
     """
     width = group_width(matrix.shape, spec)
     groups = matrix.detach().reshape(-1, width)
+    storage = getattr(torch, spec.scale_dtype)
     if eps is None:
         eps = torch.finfo(matrix.dtype).smallest_normal
+    # A scale must survive storage in `scale_dtype`: at least its smallest normal number.
+    eps = max(eps, torch.finfo(storage).smallest_normal)
     if spec.symmetric:
         # max(-min(low, 0), max(high, 0)) == max|x| exactly, in one cheaper reduction.
         scale = groups.abs().amax(dim=1) / (float(spec.qmax - spec.qmin) / 2)
-        scale = torch.clamp(scale, min=eps)
+        scale = _round_to_storage(torch.clamp(scale, min=eps), storage)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
         low = torch.clamp(groups.amin(dim=1), max=0.0)
         high = torch.clamp(groups.amax(dim=1), min=0.0)
-        scale = torch.clamp((high - low) / float(spec.qmax - spec.qmin), min=eps)
+        scale = _round_to_storage(torch.clamp((high - low) / float(spec.qmax - spec.qmin), min=eps), storage)
         zero_point = torch.clamp(spec.qmin - torch.round(low / scale), spec.qmin, spec.qmax)
         zero_point = zero_point.to(torch.int32)
     return scale.to(torch.float32), zero_point
+
+
+def _round_to_storage(scale: Tensor, storage: torch.dtype) -> Tensor:
+    if storage == torch.float32:
+        return scale
+    return scale.to(storage).to(scale.dtype)
 
 
 class _RoundClampSTE(torch.autograd.Function):

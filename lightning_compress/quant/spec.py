@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 GRANULARITIES = ("tensor", "channel", "group")
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,16 @@ class QuantSpec:
         group_size: inputs sharing a scale; required for (and only for) ``"group"``.
         symmetric: zero point fixed at 0 (else a per-scale integer zero point). Both
             keep 0.0 exactly representable, so pruned weights stay exactly zero.
+        scale_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: the dtype scales are
+            stored in after export. Scales are rounded to it while training, so the
+            exported weights dequantize to exactly the trained ones.
     """
 
     bits: int = 8
     granularity: str = "channel"
     group_size: int | None = None
     symmetric: bool = True
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -47,6 +52,8 @@ class QuantSpec:
             )
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"`symmetric` must be True or False, got {self.symmetric!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"unknown `scale_dtype` {self.scale_dtype!r}; choose one of {SCALE_DTYPES}")
 
     @property
     def qmin(self) -> int:
@@ -58,7 +65,9 @@ class QuantSpec:
 
     def describe(self) -> str:
         size = f"g{self.group_size}" if self.granularity == "group" else self.granularity
-        return f"int{self.bits} {size} {'sym' if self.symmetric else 'asym'}"
+        text = f"int{self.bits} {size} {'sym' if self.symmetric else 'asym'}"
+        # float32 scales are left out so checkpoints written before `scale_dtype` still match.
+        return text if self.scale_dtype == "float32" else f"{text} {self.scale_dtype} scales"
 
     def replace(self, **changes: Any) -> "QuantSpec":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -90,7 +99,7 @@ def spec_from_options(argument: str, options: Mapping[str, Any], base: QuantSpec
     Raises:
         ValueError: an unknown option key (with the allowed ones) or a bad value.
     """
-    allowed = {"bits", "weights", "granularity", "group_size", "symmetric"}
+    allowed = {"bits", "weights", "granularity", "group_size", "symmetric", "scale_dtype"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"`{argument}` has unknown option(s) {unknown}; allowed: {sorted(allowed)}")

@@ -1,0 +1,75 @@
+"""``config.json`` for a Hugging Face model exported in compressed-tensors' layout.
+
+``transformers`` (with the ``compressed-tensors`` package) reads the
+``quantization_config`` below and decompresses ``weight_packed``/``weight`` +
+``weight_scale`` (+ ``weight_zero_point``) of each listed layer. Layers sharing bits,
+granularity, group size and symmetry form one config group that targets them by name;
+8-bit groups use the ``int-quantized`` format (int8 ``weight``), the others
+``pack-quantized``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Mapping
+
+from torch import nn
+
+from lightning_compress.formats.packed import PackedLayer
+
+COMPATIBLE_MODULES = ("Linear", "Embedding")
+
+
+def is_transformers_model(module: nn.Module) -> bool:
+    """A ``transformers`` ``PreTrainedModel`` (checked without importing transformers)."""
+    return any(cls.__name__ == "PreTrainedModel" for cls in type(module).__mro__) and hasattr(module, "config")
+
+
+def incompatibilities(layers: Mapping[str, PackedLayer]) -> Dict[str, str]:
+    """``{layer: reason}`` for layers compressed-tensors cannot load."""
+    reasons = {}
+    for name, layer in layers.items():
+        if layer.module not in COMPATIBLE_MODULES:
+            reasons[name] = f"{layer.module} layers are our extension"
+    return reasons
+
+
+def quantization_config(layers: Mapping[str, PackedLayer]) -> Dict[str, Any]:
+    groups: Dict[tuple, list] = {}
+    for name, layer in layers.items():
+        spec = layer.weight.spec
+        groups.setdefault((spec.bits, spec.granularity, spec.group_size, spec.symmetric), []).append(name)
+    config_groups = {}
+    formats = set()
+    for index, ((bits, granularity, group_size, symmetric), names) in enumerate(sorted(groups.items(), key=str)):
+        layout = "int-quantized" if bits == 8 else "pack-quantized"
+        formats.add(layout)
+        config_groups[f"group_{index}"] = {
+            "targets": sorted(names),
+            "weights": {
+                "num_bits": bits,
+                "type": "int",
+                "symmetric": symmetric,
+                "strategy": granularity,
+                "group_size": group_size,
+                "dynamic": False,
+                "observer": "minmax",
+            },
+            "input_activations": None,
+            "output_activations": None,
+            "format": layout,
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": [],
+    }
+
+
+def config_json(model: nn.Module, layers: Mapping[str, PackedLayer]) -> bytes:
+    """The model's own ``config.json`` with the ``quantization_config`` added."""
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config(layers)
+    return json.dumps(config, indent=2, sort_keys=True).encode()

@@ -1,0 +1,109 @@
+"""``load_packed``: a packed directory + the user's module → a runnable compressed model."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Union
+
+import torch
+from torch import nn
+
+from lightning_compress.formats.errors import PackedFormatError
+from lightning_compress.formats.packed import PackedModel, read_packed
+from lightning_compress.formats.runtime import BACKENDS, build_packed_module, kernel_report
+from lightning_compress.quant.fake_quant import as_matrix
+
+
+def load_packed(
+    directory: Union[str, os.PathLike],
+    model: Union[nn.Module, Callable[[], nn.Module]],
+    *,
+    backend: str = "auto",
+) -> nn.Module:
+    """Rebuild the compressed model saved by :func:`lightning_compress.export`.
+
+    Args:
+        directory: the export directory.
+        model: a fresh instance of the exported module (e.g. ``MyModule()``), or a
+            callable that builds one. Its float weights are replaced; quantized layers
+            become :class:`~lightning_compress.formats.runtime.PackedLinear` /
+            ``PackedConv`` / ``PackedEmbedding`` computing from the packed codes.
+        backend: ``"auto"``: int8 per-channel/per-tensor Linear layers trained with int8
+            activations run on the fbgemm int8 GEMM (dynamic int8 activations, about 2x
+            float32 speed on CPU), every other layer on the exact dequantize path.
+            ``"dequantize"``: every layer exactly as the fake-quant model computes.
+            ``"fbgemm"``: every int8 per-channel/per-tensor Linear on the int8 GEMM,
+            weight-only ones included, and an unavailable kernel is an error.
+
+    Returns:
+        The model, in eval mode; ``model.packed_kernels`` maps each packed layer to the
+        kernel it runs (``"fbgemm"`` or ``"dequantize"``).
+
+    Raises:
+        PackedFormatError: the directory is missing, corrupted, of an unknown version, or
+            does not fit ``model`` (the message names the file and the tensor or layer).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown `backend` {backend!r}; choose one of {BACKENDS}")
+    packed = read_packed(directory)
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise TypeError(f"`model` must be an nn.Module or a callable returning one, got {type(model).__name__}")
+        model = model()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the `model` factory returned {type(model).__name__}, not an nn.Module")
+    install_packed(model, packed, backend)
+    return model.eval()
+
+
+def install_packed(model: nn.Module, packed: PackedModel, backend: str) -> Dict[str, nn.Module]:
+    """Load ``packed`` into ``model`` in place: dense tensors into its state, quantized
+    layers swapped for packed modules. Returns the swapped-out original layers."""
+    expected = dict(model.state_dict())
+    originals = {}
+    for name, layer in packed.layers.items():
+        original = _submodule(model, name)
+        weight = getattr(original, "weight", None)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(layer.weight.shape):
+            raise PackedFormatError(
+                f"layer {name!r}: the file holds a weight of shape {list(layer.weight.shape)}, the model's is"
+                f" {None if weight is None else list(weight.shape)}; load it into the model that was exported"
+            )
+        expected.pop(f"{name}.weight" if name else "weight", None)
+        originals[name] = original
+    missing = sorted(set(expected) - set(packed.tensors))
+    unexpected = sorted(set(packed.tensors) - set(expected))
+    if missing or unexpected:
+        raise PackedFormatError(
+            f"the packed model does not fit {type(model).__name__}: missing {missing[:5]}, unexpected"
+            f" {unexpected[:5]}; load it into the module class that was exported"
+        )
+    for key, tensor in packed.tensors.items():
+        if tuple(expected[key].shape) != tuple(tensor.shape):
+            raise PackedFormatError(
+                f"tensor {key!r}: the file holds shape {list(tensor.shape)}, the model's is"
+                f" {list(expected[key].shape)}"
+            )
+    model.load_state_dict(packed.tensors, strict=False)
+    for name, layer in packed.layers.items():
+        original = originals[name]
+        replacement = build_packed_module(layer, original, backend).to(as_matrix(original.weight).device)
+        _set_submodule(model, name, replacement)
+    model.packed_kernels = kernel_report(model)
+    return originals
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise PackedFormatError(
+            f"layer {name!r} of the packed model is not in {type(model).__name__}; load it into the module"
+            " that was exported"
+        ) from None
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -1,0 +1,438 @@
+"""The packed-model directory: ``model.safetensors`` + ``compression.json``, no pickle.
+
+Tensor names follow compressed-tensors for every quantized layer (Linear and Embedding
+load in ``transformers``; Conv uses the same names as our documented extension). For a
+layer whose state-dict prefix is ``p.``:
+
+=========================  =====================================================
+``p.weight``               int8 codes in the weight's shape (8-bit, dense)
+``p.weight_packed``        int32, codes densely packed along the input dimension
+                           (see :mod:`lightning_compress.quant.packing`), ``[out,
+                           ceil(in * bits / 32)]``; 1-D when bitmask-sparse
+``p.weight_shape``         int64, the weight's shape (packed layers)
+``p.weight_scale``         ``scale_dtype``: ``[out, groups]``, ``[out, 1]`` per
+                           channel, ``[1]`` per tensor
+``p.weight_zero_point``    asymmetric only: int8 codes shaped like the scale; packed
+                           along the output dimension for sub-8-bit channel/group
+``p.weight_bitmask``       sparse layers: uint8, one bit per weight (row-major, low
+                           bit first), set where the code is not the zero point; the
+                           values hold only those codes, in order
+``p.input_scale``,         static int8 activations: the frozen input range
+``p.input_zero_point``
+``k_bitmask``,             a float tensor ``k`` stored sparse
+``k_values``
+=========================  =====================================================
+
+Everything else keeps its name, dtype and values. ``compression.json`` holds the format
+version, per-layer bits/granularity/group size/symmetry/packing/sparsity, the recipe, the
+library versions, and SHA-256 checksums of the weights file and of itself: a reader
+refuses any byte that changed, so corruption cannot give a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_compress.formats.errors import ExportError, PackedFormatError
+from lightning_compress.quant.fake_quant import QuantizedWeight
+from lightning_compress.quant.packing import pack_codes, packed_words, unpack_codes
+from lightning_compress.quant.spec import QuantSpec
+from lightning_compress.sparsity.masks import pack_mask, unpack_mask
+
+FORMAT_NAME = "lightning-compress/packed"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "compression.json"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ExportError(f"cannot store a tensor of dtype {dtype}; supported: {sorted(_DTYPES)}")
+
+
+@dataclass
+class PackedLayer:
+    """One quantized layer as stored: its codes and grid, plus how the runtime should
+    treat its input (``activations``: ``None``, ``"int8_dynamic"`` or ``"int8_static"``)."""
+
+    weight: QuantizedWeight
+    module: str
+    activations: Optional[str] = None
+    input_qparams: Optional[tuple] = None  # (scale [1] float32, zero point [1] int32), static only
+
+
+@dataclass
+class PackedModel:
+    """What a packed directory holds, decoded: quantized layers by module name, every other
+    state-dict tensor by key (sparse ones made dense again), and the metadata."""
+
+    layers: Dict[str, PackedLayer]
+    tensors: Dict[str, Tensor]
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- encode
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _scale_shape(q: QuantizedWeight) -> tuple:
+    if q.spec.granularity == "tensor":
+        return (1,)
+    return (q.shape[0], -1)
+
+
+def encode_layer(name: str, layer: PackedLayer, sparse_threshold: Optional[float]) -> tuple[dict, dict]:
+    """Tensors and metadata entry of one quantized layer."""
+    q, spec, p = layer.weight, layer.weight.spec, _prefix(name)
+    matrix = q.codes.reshape(q.shape[0], -1)
+    zero = q.zero_point.reshape(-1, 1).to(torch.int8)
+    width = matrix.numel() // zero.numel()
+    kept = (matrix.reshape(-1, width) != zero).reshape(-1)
+    bits = spec.bits
+    dense_bits = matrix.shape[0] * packed_words(matrix.shape[1], bits) * 32 if bits < 8 else matrix.numel() * 8
+    sparse_bits = math.ceil(matrix.numel() / 8) * 8 + packed_words(int(kept.sum()), bits) * 32
+    sparse = _use_sparse(matrix.numel(), int(kept.sum()), dense_bits, sparse_bits, sparse_threshold)
+    tensors: Dict[str, Tensor] = {}
+    if sparse:
+        values = matrix.reshape(-1)[kept]
+        tensors[p + "weight_bitmask"] = pack_mask(kept)
+        if bits == 8:
+            tensors[p + "weight"] = values.contiguous()
+        else:
+            tensors[p + "weight_packed"] = pack_codes(values, bits)
+    elif bits == 8:
+        tensors[p + "weight"] = q.codes.reshape(q.shape).contiguous()
+    else:
+        tensors[p + "weight_packed"] = pack_codes(matrix, bits)
+    if bits < 8:
+        tensors[p + "weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
+    scale_dtype = _DTYPES[spec.scale_dtype]
+    tensors[p + "weight_scale"] = q.scale.reshape(_scale_shape(q)).to(scale_dtype).contiguous()
+    if not spec.symmetric:
+        zero_point = q.zero_point.reshape(_scale_shape(q)).to(torch.int8)
+        if bits < 8 and spec.granularity != "tensor":
+            zero_point = pack_codes(zero_point.t().contiguous(), bits).t()
+        tensors[p + "weight_zero_point"] = zero_point.contiguous()
+    if layer.activations == "int8_static":
+        scale, zero_point = layer.input_qparams
+        tensors[p + "input_scale"] = scale.reshape(1).float()
+        tensors[p + "input_zero_point"] = zero_point.reshape(1).to(torch.int8)
+    entry = {
+        "module": layer.module,
+        "shape": list(q.shape),
+        "dtype": dtype_name(q.dtype),
+        "bits": bits,
+        "granularity": spec.granularity,
+        "group_size": spec.group_size,
+        "symmetric": spec.symmetric,
+        "scale_dtype": spec.scale_dtype,
+        "packing": "int8" if bits == 8 else "int32-dense",
+        "sparsity": "bitmask" if sparse else "dense",
+        "kept": int(kept.sum()),
+        "activations": layer.activations,
+        "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+    }
+    return tensors, entry
+
+
+def encode_tensor(key: str, tensor: Tensor, sparse_threshold: Optional[float]) -> tuple[dict, dict]:
+    """Tensors and metadata entry of one unquantized state-dict tensor."""
+    tensor = tensor.detach().cpu().contiguous()
+    kept = (tensor != 0).reshape(-1)
+    count = int(kept.sum())
+    bits = tensor.element_size() * 8
+    sparse = tensor.is_floating_point() and _use_sparse(
+        tensor.numel(), count, tensor.numel() * bits, math.ceil(tensor.numel() / 8) * 8 + count * bits, sparse_threshold
+    )
+    entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "sparsity": "dense"}
+    if not sparse:
+        return {key: tensor}, entry
+    entry.update(sparsity="bitmask", kept=count)
+    return {key + "_bitmask": pack_mask(kept), key + "_values": tensor.reshape(-1)[kept].contiguous()}, entry
+
+
+def _use_sparse(numel: int, kept: int, dense_bits: int, sparse_bits: int, threshold: Optional[float]) -> bool:
+    if threshold is None or numel == 0:
+        return False
+    return 1 - kept / numel >= threshold and sparse_bits < dense_bits
+
+
+# ---------------------------------------------------------------------- decode
+class _Reader:
+    """Takes tensors out of a loaded safetensors dict, checking names, dtypes and shapes."""
+
+    def __init__(self, tensors: Dict[str, Tensor]) -> None:
+        self.tensors = dict(tensors)
+
+    def take(self, key: str, dtype: torch.dtype, shape: Optional[tuple] = None) -> Tensor:
+        if key not in self.tensors:
+            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} is missing")
+        tensor = self.tensors.pop(key)
+        if tensor.dtype != dtype:
+            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} is {tensor.dtype}, expected {dtype}")
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise PackedFormatError(
+                f"{WEIGHTS_FILE}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+            )
+        return tensor
+
+
+def _field(entry: Mapping, key: str, kind, where: str):
+    value = entry.get(key) if isinstance(entry, Mapping) else None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise PackedFormatError(f"{METADATA_FILE}: {where} needs {key!r} of type {kind}, got {value!r}")
+    return value
+
+
+def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
+    where = f"layer {name!r}"
+    try:
+        spec = QuantSpec(
+            bits=_field(entry, "bits", int, where),
+            granularity=_field(entry, "granularity", str, where),
+            group_size=entry.get("group_size"),
+            symmetric=_field(entry, "symmetric", bool, where),
+            scale_dtype=_field(entry, "scale_dtype", str, where),
+        )
+    except ValueError as err:
+        raise PackedFormatError(f"{METADATA_FILE}: {where}: {err}") from None
+    shape = tuple(_field(entry, "shape", list, where))
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has a bad shape {list(shape)}")
+    dtype = _DTYPES.get(entry.get("dtype"))
+    if dtype is None or not dtype.is_floating_point:
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has a bad dtype {entry.get('dtype')!r}")
+    rows, cols = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
+    numel, p, bits = rows * cols, _prefix(name), spec.bits
+    if spec.granularity == "group" and cols % spec.group_size:
+        raise PackedFormatError(f"{METADATA_FILE}: {where}: group_size {spec.group_size} does not divide {cols}")
+    groups = {"tensor": 1, "channel": rows, "group": rows * cols // (spec.group_size or 1)}[spec.granularity]
+    sparsity = entry.get("sparsity")
+    if sparsity == "bitmask":
+        kept_count = _field(entry, "kept", int, where)
+        if not 0 <= kept_count <= numel:
+            raise PackedFormatError(f"{METADATA_FILE}: {where} keeps {kept_count} of {numel} weights")
+        kept = unpack_mask(reader.take(p + "weight_bitmask", torch.uint8, (math.ceil(numel / 8),)), (numel,))
+        if int(kept.sum()) != kept_count:
+            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {p + 'weight_bitmask'!r} does not match 'kept'")
+        if bits == 8:
+            values = reader.take(p + "weight", torch.int8, (kept_count,))
+        else:
+            values = unpack_codes(
+                reader.take(p + "weight_packed", torch.int32, (packed_words(kept_count, bits),)), bits, kept_count
+            )
+    elif sparsity == "dense":
+        kept = values = None
+        if bits == 8:
+            codes = reader.take(p + "weight", torch.int8, shape).reshape(rows, cols)
+        else:
+            codes = unpack_codes(reader.take(p + "weight_packed", torch.int32, (rows, packed_words(cols, bits))), bits, cols)
+    else:
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown sparsity {sparsity!r}")
+    if bits < 8:
+        stored_shape = reader.take(p + "weight_shape", torch.int64, (len(shape),))
+        if tuple(stored_shape.tolist()) != shape:
+            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {p + 'weight_shape'!r} disagrees with the metadata")
+    scale_shape = (1,) if spec.granularity == "tensor" else (rows, groups // rows)
+    scale = reader.take(p + "weight_scale", _DTYPES[spec.scale_dtype], scale_shape).float()
+    if not torch.isfinite(scale).all() or (scale <= 0).any():
+        raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {p + 'weight_scale'!r} holds non-positive or non-finite scales")
+    if spec.symmetric:
+        zero_point = torch.zeros(scale_shape, dtype=torch.int32)
+    elif bits < 8 and spec.granularity != "tensor":
+        packed_zp = reader.take(p + "weight_zero_point", torch.int32, (packed_words(rows, bits), scale_shape[1]))
+        zero_point = unpack_codes(packed_zp.t().contiguous(), bits, rows).t().contiguous().to(torch.int32)
+    else:
+        zero_point = reader.take(p + "weight_zero_point", torch.int8, scale_shape).to(torch.int32)
+    if ((zero_point < spec.qmin) | (zero_point > spec.qmax)).any():
+        raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {p + 'weight_zero_point'!r} is off the {bits}-bit grid")
+    if kept is not None:
+        width = numel // groups
+        codes = zero_point.reshape(-1, 1).expand(groups, width).reshape(-1).to(torch.int8).clone()
+        codes[kept] = values
+        codes = codes.reshape(rows, cols)
+    activations = entry.get("activations")
+    input_qparams = None
+    if activations == "int8_static":
+        input_qparams = (
+            reader.take(p + "input_scale", torch.float32, (1,)),
+            reader.take(p + "input_zero_point", torch.int8, (1,)).to(torch.int32),
+        )
+    elif activations not in (None, "int8_dynamic"):
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown activations {activations!r}")
+    weight = QuantizedWeight(
+        codes=codes,
+        scale=scale.reshape(1, 1) if spec.granularity == "tensor" else scale,
+        zero_point=zero_point.reshape(1, 1) if spec.granularity == "tensor" else zero_point,
+        spec=spec,
+        shape=shape,
+        dtype=dtype,
+    )
+    return PackedLayer(weight, str(entry.get("module")), activations, input_qparams)
+
+
+def decode_tensor(key: str, entry: Mapping, reader: _Reader) -> Tensor:
+    where = f"tensor {key!r}"
+    shape = tuple(_field(entry, "shape", list, where))
+    dtype = _DTYPES.get(entry.get("dtype"))
+    if dtype is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has a bad dtype or shape")
+    sparsity = entry.get("sparsity")
+    if sparsity == "dense":
+        return reader.take(key, dtype, shape)
+    if sparsity != "bitmask":
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown sparsity {sparsity!r}")
+    numel = math.prod(shape)
+    kept_count = _field(entry, "kept", int, where)
+    kept = unpack_mask(reader.take(key + "_bitmask", torch.uint8, (math.ceil(numel / 8),)), (numel,))
+    if int(kept.sum()) != kept_count:
+        raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key + '_bitmask'!r} does not match 'kept'")
+    values = reader.take(key + "_values", dtype, (kept_count,))
+    dense = torch.zeros(numel, dtype=dtype)
+    dense[kept] = values
+    return dense.reshape(shape)
+
+
+# ---------------------------------------------------------------------- files
+def _canonical(body: Mapping) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def metadata_bytes(body: Dict[str, Any]) -> bytes:
+    """``compression.json``: ``body`` plus a checksum of itself (any edit is detected)."""
+    body = {k: v for k, v in body.items() if k != "metadata_sha256"}
+    body["metadata_sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
+    return json.dumps(body, indent=2, sort_keys=True).encode()
+
+
+def read_metadata(directory: Path) -> Dict[str, Any]:
+    """Parse and verify ``compression.json`` (checksum and format version)."""
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        raise PackedFormatError(f"{path}: no such file; is {directory} a lightning-compress export?")
+    try:
+        body = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise PackedFormatError(f"{path}: not valid JSON ({err.__class__.__name__}); the file is corrupted") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
+        raise PackedFormatError(f"{path}: not a lightning-compress packed model (format {FORMAT_NAME!r} expected)")
+    version = body.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION or version < 1:
+        raise PackedFormatError(
+            f"{path}: format_version {version!r} is not one this reader knows (1 to {FORMAT_VERSION});"
+            " upgrade lightning-compress to read it"
+        )
+    claimed = body.pop("metadata_sha256", None)
+    if claimed != hashlib.sha256(_canonical(body)).hexdigest():
+        raise PackedFormatError(f"{path}: checksum mismatch; the metadata was edited or corrupted")
+    for key, kind in (("layers", dict), ("tensors", dict), ("aliases", dict), ("weights_sha256", str)):
+        if not isinstance(body.get(key), kind):
+            raise PackedFormatError(f"{path}: {key!r} is missing or not a {kind.__name__}")
+    return body
+
+
+def read_packed(directory: str | os.PathLike) -> PackedModel:
+    """Read and verify a packed directory; every problem raises :class:`PackedFormatError`."""
+    from safetensors.torch import load as load_safetensors
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PackedFormatError(f"{directory}: no such directory")
+    metadata = read_metadata(directory)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise PackedFormatError(f"{weights_path}: no such file")
+    data = weights_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != metadata["weights_sha256"]:
+        raise PackedFormatError(f"{weights_path}: checksum mismatch; the file is truncated or corrupted")
+    try:
+        reader = _Reader(load_safetensors(data))
+    except Exception as err:  # safetensors raises its own error type for bad headers
+        raise PackedFormatError(f"{weights_path}: unreadable safetensors file ({err})") from None
+    layers = {}
+    for name, entry in metadata["layers"].items():
+        if not isinstance(entry, dict):
+            raise PackedFormatError(f"{METADATA_FILE}: layer {name!r} entry is not an object")
+        layers[name] = decode_layer(name, entry, reader)
+    tensors = {}
+    for key, entry in metadata["tensors"].items():
+        if not isinstance(entry, dict):
+            raise PackedFormatError(f"{METADATA_FILE}: tensor {key!r} entry is not an object")
+        tensors[key] = decode_tensor(key, entry, reader)
+    for alias, source in metadata["aliases"].items():
+        if source not in tensors:
+            raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} points at unknown tensor {source!r}")
+        tensors[alias] = tensors[source]
+    if reader.tensors:
+        raise PackedFormatError(f"{weights_path}: unexpected tensors {sorted(reader.tensors)[:5]}")
+    return PackedModel(layers, tensors, metadata)
+
+
+def write_directory(
+    out_dir: Path,
+    files: Mapping[str, bytes],
+    overwrite: bool,
+    finish: Optional[Callable[[Path], Mapping[str, bytes]]] = None,
+) -> None:
+    """Write ``files`` into ``out_dir`` all at once: a temporary sibling directory, then a
+    rename. ``finish(temporary)`` runs before the rename (the parity check reads the files
+    back there) and returns files to add or replace; if it raises, nothing is written.
+    An existing ``out_dir`` is kept unless ``overwrite``; when replaced, the old one is
+    only deleted once the new one is in place."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
+    try:
+        _write_files(temporary, files)
+        if finish is not None:
+            _write_files(temporary, finish(temporary))
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+        os.replace(temporary, out_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_files(directory: Path, files: Mapping[str, bytes]) -> None:
+    for name, data in files.items():
+        with open(directory / name, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
