@@ -4,7 +4,16 @@ Add the callbacks to the ``Trainer`` you already have; they stack on one model a
 resume exactly from checkpoints.
 """
 
-from lightning_compress.callbacks import KnowledgeDistillation, LoRA, MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.callbacks import (
+    CompressedExport,
+    KnowledgeDistillation,
+    LoRA,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+)
+from lightning_compress.formats.errors import ExportError, PackedFormatError, ParityError
+from lightning_compress.formats.export import ExportReport, export
+from lightning_compress.formats.loader import load_packed
 from lightning_compress.formats.peft import AdapterFormatError, load_adapters, save_adapters
 from lightning_compress.lora import LoRAConfig, merge_adapters
 from lightning_compress.quant import QuantizedWeight, QuantSpec, quantized_weights
@@ -13,6 +22,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFormatError",
+    "CompressedExport",
+    "ExportError",
+    "ExportReport",
+    "PackedFormatError",
+    "ParityError",
+    "export",
+    "load_packed",
     "KnowledgeDistillation",
     "LoRA",
     "LoRAConfig",

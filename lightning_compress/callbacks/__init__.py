@@ -1,8 +1,9 @@
-"""Lightning callbacks: thin glue over ``core``, ``sparsity``, ``quant`` and ``lora``."""
+"""Lightning callbacks: thin glue over ``core``, ``sparsity``, ``quant``, ``lora`` and ``formats``."""
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
+from lightning_compress.callbacks.export import CompressedExport
 from lightning_compress.callbacks.lora import LoRA
 from lightning_compress.callbacks.pruning import MagnitudePruning
 from lightning_compress.callbacks.qat import QuantizationAwareTraining
 
-__all__ = ["KnowledgeDistillation", "LoRA", "MagnitudePruning", "QuantizationAwareTraining"]
+__all__ = ["CompressedExport", "KnowledgeDistillation", "LoRA", "MagnitudePruning", "QuantizationAwareTraining"]

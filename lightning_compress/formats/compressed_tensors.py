@@ -29,8 +29,13 @@ def incompatibilities(layers: Mapping[str, PackedLayer]) -> Dict[str, str]:
     """``{layer: reason}`` for layers compressed-tensors cannot load."""
     reasons = {}
     for name, layer in layers.items():
+        spec = layer.weight.spec
         if layer.module not in COMPATIBLE_MODULES:
             reasons[name] = f"{layer.module} layers are our extension"
+        elif not spec.symmetric and spec.bits < 8 and spec.granularity != "tensor":
+            # transformers 5.x allocates these unpacked and refuses the packed tensor
+            # (checked with compressed-tensors 0.20): keep such exports to our loader.
+            reasons[name] = "asymmetric sub-8-bit zero points do not load in transformers"
     return reasons
 
 

@@ -57,9 +57,10 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,15 +97,17 @@ class OnnxExportReport:
         float_file_bytes: size of the plain float export of the same model, for comparison.
         opset: the default-domain opset of the graph.
         external_data: the side file holding the tensors when the graph is over 2 GiB.
+        nodes: per quantized layer, how many graph nodes were rewritten (a layer called
+            twice in ``forward`` has two, sharing one set of integer initializers).
     """
 
     path: Path
-    layers: Dict[str, str]
+    layers: dict[str, str]
     file_bytes: int
     float_file_bytes: int
     opset: int
     external_data: Path | None = None
-    nodes: Dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -188,7 +191,7 @@ def export_onnx(
     )
 
 
-def run_onnx(path, inputs: tuple, *, session_config: Mapping[str, str] | None = None) -> List[np.ndarray]:
+def run_onnx(path, inputs: tuple, *, session_config: Mapping[str, str] | None = None) -> list[np.ndarray]:
     """Run the ONNX file at ``path`` on CPU with onnxruntime; returns every output.
 
     ``inputs`` are positional (torch tensors or numpy arrays), matched to the graph inputs
@@ -254,7 +257,7 @@ def pack_int4_zero_points(zero_point: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- planning
 
 
-def _plan(model: nn.Module, quantized: Mapping[str, QuantizedWeight], dynamic: bool) -> Dict[str, _Plan]:
+def _plan(model: nn.Module, quantized: Mapping[str, QuantizedWeight], dynamic: bool) -> dict[str, _Plan]:
     # Everything is checked before exporting, so a bad mapping fails fast and names the layer.
     modules = dict(model.named_modules())
     missing = [name for name in quantized if name not in modules]
@@ -345,7 +348,7 @@ def _export_copy(model: nn.Module, plans: Mapping[str, _Plan]) -> nn.Module:
     return clone.eval()
 
 
-def _flatten(value: Any) -> List[torch.Tensor]:
+def _flatten(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
@@ -440,17 +443,17 @@ class _Candidate:
     via_transpose: int | None  # index of a Transpose node feeding MatMul's B
 
 
-def _value_key(matrix: np.ndarray) -> Tuple[tuple, str]:
+def _value_key(matrix: np.ndarray) -> tuple[tuple, str]:
     # + 0.0 turns -0.0 into 0.0, so equal values hash equal.
     data = np.ascontiguousarray(matrix.astype(np.float32) + np.float32(0.0))
     return matrix.shape, hashlib.sha1(data.tobytes()).hexdigest()
 
 
-def _candidates(graph, initializers: Mapping[str, Any]) -> List[_Candidate]:
+def _candidates(graph, initializers: Mapping[str, Any]) -> list[_Candidate]:
     from onnx import helper, numpy_helper
 
     producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
-    arrays: Dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray] = {}
 
     def array(name: str) -> np.ndarray | None:
         if name not in initializers:
@@ -492,9 +495,9 @@ def _candidates(graph, initializers: Mapping[str, Any]) -> List[_Candidate]:
     return found
 
 
-def _match(plans: Mapping[str, _Plan], candidates: Sequence[_Candidate]) -> Dict[int, _Plan]:
+def _match(plans: Mapping[str, _Plan], candidates: Sequence[_Candidate]) -> dict[int, _Plan]:
     """Node index -> the layer that replaces it. Raises if a layer has no node."""
-    claimed: Dict[int, _Plan] = {}
+    claimed: dict[int, _Plan] = {}
     found = set()
     # 1. By name: the exporter keeps `fc1.weight` for parameters it uses as they are.
     for plan in plans.values():
@@ -507,7 +510,7 @@ def _match(plans: Mapping[str, _Plan], candidates: Sequence[_Candidate]) -> Dict
     # 2. By value: folded transposes get generated names ("onnx::MatMul_12"). The weights
     # hold exactly q.dequantize(), so equality is exact. Layers with identical weights may
     # share one initializer (the exporter deduplicates them): any matching node counts.
-    by_value: Dict[tuple, List[_Candidate]] = {}
+    by_value: dict[tuple, list[_Candidate]] = {}
     for candidate in candidates:
         by_value.setdefault(_value_key(candidate.matrix), []).append(candidate)
     for plan in plans.values():
@@ -524,7 +527,7 @@ def _match(plans: Mapping[str, _Plan], candidates: Sequence[_Candidate]) -> Dict
     return claimed
 
 
-def _rewrite(graph_model, plans: Mapping[str, _Plan]) -> Dict[str, int]:
+def _rewrite(graph_model, plans: Mapping[str, _Plan]) -> dict[str, int]:
     """Replace the float weights of ``plans``' layers in ``graph_model`` (in place)."""
     from onnx import helper
 
@@ -536,9 +539,9 @@ def _rewrite(graph_model, plans: Mapping[str, _Plan]) -> Dict[str, int]:
     claimed = _match(plans, candidates)
     by_index = {c.index: c for c in candidates}
 
-    new_initializers: Dict[str, Any] = {}
-    replacement: Dict[int, list] = {}
-    counts: Dict[str, int] = {}
+    new_initializers: dict[str, Any] = {}
+    replacement: dict[int, list] = {}
+    counts: dict[str, int] = {}
     for index, plan in claimed.items():
         candidate = by_index[index]
         node = graph.node[index]
@@ -575,9 +578,9 @@ def _rewrite(graph_model, plans: Mapping[str, _Plan]) -> Dict[str, int]:
         del container[:]
         container.extend(kept)
 
-    if any(plan.op == MATMUL_NBITS for plan in claimed.values()):
-        if not any(o.domain == _MS_DOMAIN for o in graph_model.opset_import):
-            graph_model.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
+    uses_contrib = any(plan.op == MATMUL_NBITS for plan in claimed.values())
+    if uses_contrib and not any(o.domain == _MS_DOMAIN for o in graph_model.opset_import):
+        graph_model.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
     return counts
 
 
@@ -715,4 +718,4 @@ def _save_atomic(graph_model, path: Path) -> Path | None:
     return data
 
 
-__all__ = ["OnnxExportReport", "export_onnx", "run_onnx", "pack_int4", "pack_int4_zero_points"]
+__all__ = ["OnnxExportReport", "export_onnx", "pack_int4", "pack_int4_zero_points", "run_onnx"]

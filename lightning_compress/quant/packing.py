@@ -73,7 +73,8 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
 
 def _unpack_bytes(rows: Tensor, bits: int, cols: int, offset: int) -> Tensor:
     # Codes of 2, 4 and 8 bits never straddle a byte: split bytes instead of words.
-    data = rows.contiguous().view(torch.uint8)
+    # reshape(-1) first: a contiguous [n, 1] tensor may still carry a stride other than 1.
+    data = rows.contiguous().reshape(-1).view(torch.uint8).view(rows.shape[0], -1)
     if bits == 8:
         values = data
     elif bits == 4:

@@ -1,0 +1,325 @@
+"""The packed format: golden byte layouts, round trips, sparsity, sizes, and bad files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import ExportError, PackedFormatError, ParityError, export, load_packed
+from lightning_compress.formats.packed import FORMAT_VERSION, METADATA_FILE, WEIGHTS_FILE, metadata_bytes
+from lightning_compress.core.transforms import raw_weight
+from lightning_compress.quant.packing import pack_codes, unpack_codes
+from lightning_compress.quant.spec import QuantSpec
+from lightning_compress.quant.weights import quantized_weights, round_to_nearest
+
+
+def mlp(seed: int = 0, width: int = 64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 8))
+
+
+def quantized_mlp(spec: QuantSpec, seed: int = 0, width: int = 64) -> nn.Module:
+    model = mlp(seed, width)
+    round_to_nearest(model, spec)
+    return model
+
+
+# ---------------------------------------------------------------------- golden layouts
+def test_int4_golden_nibble_order():
+    # codes -8..7 (+8 → 0..15), 8 a word, value i at bits [4i, 4i+4): low nibble first.
+    codes = torch.tensor([[-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7]], dtype=torch.int8)
+    packed = pack_codes(codes, 4)
+    assert packed.dtype == torch.int32 and packed.shape == (1, 2)
+    assert packed[0, 0].item() == 0x76543210
+    assert packed[0, 1].item() == 0xFEDCBA98 - 2**32  # int32 two's complement
+    assert packed.numpy().tobytes() == bytes([0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE])
+    assert torch.equal(unpack_codes(packed, 4, 16), codes)
+
+
+def test_int8_and_int3_golden_layouts():
+    codes = torch.tensor([[-128, -1, 0, 127]], dtype=torch.int8)
+    assert pack_codes(codes, 8).numpy().tobytes() == bytes([0x00, 0x7F, 0x80, 0xFF])
+    # int3: +4 → 0..7; 11 codes straddle the first word boundary (bits 30..32).
+    three = torch.tensor([[-4, -3, -2, -1, 0, 1, 2, 3, 3, 3, 3]], dtype=torch.int8)
+    unsigned = [c + 4 for c in three[0].tolist()]
+    stream = sum(v << (3 * i) for i, v in enumerate(unsigned))
+    expected = [(stream >> 0) & 0xFFFFFFFF, (stream >> 32) & 0xFFFFFFFF]
+    packed = pack_codes(three, 3)
+    assert packed.shape == (1, 2)
+    assert [w & 0xFFFFFFFF for w in packed[0].tolist()] == expected
+    assert torch.equal(unpack_codes(packed, 3, 11), three)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_packing_matches_compressed_tensors(bits):
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    generator = torch.Generator().manual_seed(bits)
+    codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (7, 45), generator=generator, dtype=torch.int8)
+    ours = pack_codes(codes, bits)
+    assert ours.shape == (7, math.ceil(45 * bits / 32))
+    assert torch.equal(ours, helpers.pack_to_int32(codes, bits))
+    assert torch.equal(helpers.unpack_from_int32(ours, bits, codes.shape), codes)
+    assert torch.equal(unpack_codes(ours, bits, 45), codes)
+
+
+# ---------------------------------------------------------------------- round trips
+SPECS = [
+    QuantSpec(bits, granularity, group_size=16 if granularity == "group" else None, symmetric=symmetric)
+    for bits in range(2, 9)
+    for granularity in ("tensor", "channel", "group")
+    for symmetric in (True, False)
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe().replace(" ", "-"))
+def test_round_trip_every_bit_width_and_granularity(tmp_path, spec):
+    model = quantized_mlp(spec)
+    inputs = [torch.randn(4, 32)]
+    report = export(model, tmp_path / "out", inputs=inputs)
+    assert report.parity.weights_exact and report.parity.relative_error == 0.0
+    loaded = load_packed(tmp_path / "out", mlp(seed=1), backend="dequantize")
+    trained = quantized_weights(model)
+    for name, q in trained.items():
+        assert torch.equal(loaded.get_submodule(name).weight, q.dequantize())
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs[0]), model(inputs[0]))
+    # Codes take `bits` bits: the packed file of the 64x64 layer is bits/8 bytes a weight.
+    layer_entry = json.loads((tmp_path / "out" / METADATA_FILE).read_text())["layers"]["2"]
+    assert layer_entry["bits"] == spec.bits and layer_entry["granularity"] == spec.granularity
+    scale_bytes = {"tensor": 4, "channel": 64 * 4, "group": 64 * 4 * 4}[spec.granularity]
+    zero_bytes = 0 if spec.symmetric else (1 if spec.granularity == "tensor" else None)
+    code_bytes = 64 * math.ceil(64 * spec.bits / 32) * 4
+    if zero_bytes is not None:
+        shape_bytes = 16 if spec.bits < 8 else 0
+        assert layer_entry["bytes"] == code_bytes + scale_bytes + zero_bytes + shape_bytes
+
+
+def test_float16_scales_are_exact_and_smaller(tmp_path):
+    model32 = quantized_mlp(QuantSpec(4, "group", 16))
+    model16 = quantized_mlp(QuantSpec(4, "group", 16, scale_dtype="float16"))
+    small = export(model16, tmp_path / "f16", inputs=[torch.randn(2, 32)])
+    large = export(model32, tmp_path / "f32")
+    assert small.parity.weights_exact and small.parity.relative_error == 0.0
+    assert small.file_bytes < large.file_bytes
+    for q in quantized_weights(model16).values():
+        assert torch.equal(q.scale, q.scale.half().float())  # representable: stored losslessly
+
+
+def test_int4_group128_size_ratio_on_linear_heavy_model(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512, bias=False), nn.Linear(512, 512, bias=False))
+    round_to_nearest(model, QuantSpec(4, "group", 128, scale_dtype="float16"))
+    report = export(model, tmp_path / "out")
+    # 4 bits + 16/128 bits of scale = 4.125 bits a weight: 7.76x minus the file header.
+    assert 7.5 <= report.compression_ratio <= 32 / 4.125
+
+
+# ---------------------------------------------------------------------- sparsity
+def _prune(model: nn.Module, sparsity: float) -> None:
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                cut = layer.weight.abs().flatten().kthvalue(int(sparsity * layer.weight.numel())).values
+                layer.weight[layer.weight.abs() <= cut] = 0
+
+
+def test_sparse_int8_is_stored_as_bitmask_and_at_least_10x_smaller(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256, bias=False), nn.Linear(256, 256, bias=False))
+    _prune(model, 0.9)
+    round_to_nearest(model, QuantSpec(8))
+    report = export(model, tmp_path / "out", inputs=[torch.randn(3, 256)])
+    meta = json.loads((tmp_path / "out" / METADATA_FILE).read_text())
+    assert {entry["sparsity"] for entry in meta["layers"].values()} == {"bitmask"}
+    assert report.compression_ratio >= 10
+    loaded = load_packed(tmp_path / "out", nn.Sequential(nn.Linear(256, 256, bias=False), nn.Linear(256, 256, bias=False)))
+    for name in ("0", "1"):
+        assert torch.equal(loaded.get_submodule(name).weight, model.get_submodule(name).weight)
+        assert int((loaded.get_submodule(name).weight == 0).sum()) >= int(0.9 * 256 * 256)  # pruned stays 0
+
+
+def test_two_four_layers_store_half_the_values(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False))
+    with torch.no_grad():
+        groups = model[0].weight.view(-1, 4)
+        smallest = groups.abs().topk(2, dim=1, largest=False).indices
+        groups.scatter_(1, smallest, 0.0)
+    round_to_nearest(model, QuantSpec(4, "channel"))
+    export(model, tmp_path / "out")
+    entry = json.loads((tmp_path / "out" / METADATA_FILE).read_text())["layers"]["0"]
+    assert entry["sparsity"] == "bitmask" and entry["kept"] <= 64 * 64 // 2
+
+
+def test_pruned_float_tensor_is_stored_sparse_and_restored(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 4))
+    _prune(model, 0.8)
+    export(model, tmp_path / "out", inputs=[torch.randn(2, 128)])
+    meta = json.loads((tmp_path / "out" / METADATA_FILE).read_text())
+    assert meta["tensors"]["0.weight"]["sparsity"] == "bitmask"
+    loaded = load_packed(tmp_path / "out", nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 4)))
+    assert torch.equal(loaded[0].weight, model[0].weight) and torch.equal(loaded[1].bias, model[1].bias)
+
+
+# ---------------------------------------------------------------------- other layer types
+class ConvEmbed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.conv = nn.Conv1d(16, 32, 3, padding=1)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids).transpose(1, 2)
+        return self.head(torch.relu(self.conv(h)).mean(dim=2))
+
+
+def test_conv_and_embedding_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = ConvEmbed()
+    round_to_nearest(model, QuantSpec(4, "group", 16), targets=[nn.Embedding, nn.Conv1d, nn.Linear])
+    ids = torch.randint(0, 50, (3, 7))
+    report = export(model, tmp_path / "out", inputs=[ids])
+    assert report.parity.relative_error == 0.0
+    loaded = load_packed(tmp_path / "out", ConvEmbed)
+    assert set(loaded.packed_kernels) == {"embed", "conv", "head"}
+    assert type(loaded.embed).__name__ == "PackedEmbedding"
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+# ---------------------------------------------------------------------- the int8 GEMM path
+def test_int8_gemm_backend_reaches_35db_and_says_which_kernel_ran(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 16))
+    round_to_nearest(model, QuantSpec(8))
+    inputs = [torch.randn(32, 256) for _ in range(2)]
+    report = export(model, tmp_path / "out", inputs=inputs, backend="fbgemm")
+    assert report.parity.fast_layers == ["0", "2"]
+    assert report.parity.sqnr_db >= 35 and report.parity.relative_error == 0.0
+    loaded = load_packed(tmp_path / "out", nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 16)),
+                         backend="fbgemm")
+    assert loaded.packed_kernels == {"0": "fbgemm", "2": "fbgemm"}
+    exact = load_packed(tmp_path / "out", nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 16)))
+    assert exact.packed_kernels == {"0": "dequantize", "2": "dequantize"}  # weight-only stays exact
+
+
+def test_failed_parity_writes_nothing_and_names_the_worst_layers(tmp_path):
+    model = quantized_mlp(QuantSpec(8))
+    with pytest.raises(ParityError, match="worst layers: ") as caught:
+        export(model, tmp_path / "out", inputs=[torch.randn(8, 32)], backend="fbgemm", min_sqnr_db=200)
+    assert caught.value.report.layers and not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind
+
+
+# ---------------------------------------------------------------------- safety
+def test_nan_weight_aborts_naming_the_layer(tmp_path):
+    model = quantized_mlp(QuantSpec(8))
+    with torch.no_grad():
+        raw_weight(model[2])[3, 4] = float("nan")
+    with pytest.raises(ExportError, match="'2'.*NaN"):
+        export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_directory_needs_overwrite_and_survives_a_failed_export(tmp_path):
+    model = quantized_mlp(QuantSpec(8))
+    export(model, tmp_path / "out")
+    before = (tmp_path / "out" / WEIGHTS_FILE).read_bytes()
+    with pytest.raises(ExportError, match="overwrite=True"):
+        export(model, tmp_path / "out")
+    with pytest.raises(ParityError):
+        export(quantized_mlp(QuantSpec(8), seed=3), tmp_path / "out", overwrite=True,
+               inputs=[torch.randn(4, 32)], backend="fbgemm", min_sqnr_db=200)
+    assert (tmp_path / "out" / WEIGHTS_FILE).read_bytes() == before
+    export(quantized_mlp(QuantSpec(4, "channel"), seed=3), tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / WEIGHTS_FILE).read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(backend="gpu"), "`backend`"),
+        (dict(sparse_threshold=1.5), "`sparse_threshold`"),
+        (dict(max_relative_error=-1), "`max_relative_error`"),
+        (dict(min_sqnr_db="high"), "`min_sqnr_db`"),
+        (dict(inputs=torch.randn(2, 32)), "`inputs`"),
+        (dict(compressed_tensors="yes"), "`compressed_tensors`"),
+    ],
+)
+def test_bad_export_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        export(quantized_mlp(QuantSpec(8)), tmp_path / "out", **kwargs)
+
+
+def test_compressed_tensors_requires_a_transformers_model(tmp_path):
+    with pytest.raises(ExportError, match="transformers model"):
+        export(quantized_mlp(QuantSpec(8)), tmp_path / "out", compressed_tensors=True)
+
+
+# ---------------------------------------------------------------------- bad files
+@pytest.fixture
+def exported(tmp_path):
+    model = quantized_mlp(QuantSpec(4, "group", 16))
+    export(model, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def _rewrite_metadata(directory, change):
+    body = json.loads((directory / METADATA_FILE).read_text())
+    change(body)
+    (directory / METADATA_FILE).write_bytes(metadata_bytes(body))
+
+
+def test_unknown_version_is_refused(exported):
+    _rewrite_metadata(exported, lambda body: body.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(PackedFormatError, match=f"format_version {FORMAT_VERSION + 1}.*upgrade"):
+        load_packed(exported, mlp())
+
+
+def test_truncated_weights_are_refused(exported):
+    data = (exported / WEIGHTS_FILE).read_bytes()
+    (exported / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(PackedFormatError, match=f"{WEIGHTS_FILE}: checksum mismatch"):
+        load_packed(exported, mlp())
+
+
+def test_edited_metadata_is_refused(exported):
+    text = (exported / METADATA_FILE).read_text().replace('"bits": 4', '"bits": 5', 1)
+    (exported / METADATA_FILE).write_text(text)
+    with pytest.raises(PackedFormatError, match="checksum mismatch; the metadata"):
+        load_packed(exported, mlp())
+
+
+def test_missing_files_are_named(exported):
+    (exported / WEIGHTS_FILE).unlink()
+    with pytest.raises(PackedFormatError, match=WEIGHTS_FILE):
+        load_packed(exported, mlp())
+    with pytest.raises(PackedFormatError, match="no such directory"):
+        load_packed(exported / "nope", mlp())
+
+
+def test_metadata_that_disagrees_with_the_tensors_names_the_tensor(exported):
+    _rewrite_metadata(exported, lambda body: body["layers"]["2"].update(shape=[64, 32]))
+    with pytest.raises(PackedFormatError, match="tensor '2.weight_packed' has shape"):
+        load_packed(exported, mlp())
+
+
+def test_wrong_model_is_refused_naming_the_layer(exported):
+    with pytest.raises(PackedFormatError, match="layer '0'.*shape.*\\[64, 32\\].*\\[48, 32\\]"):
+        load_packed(exported, mlp(width=48))
+    with pytest.raises(PackedFormatError, match="not in"):
+        load_packed(exported, nn.Sequential(nn.Linear(32, 64)))
+
+
+def test_bad_loader_arguments(exported):
+    with pytest.raises(ValueError, match="`backend`"):
+        load_packed(exported, mlp(), backend="cuda")
+    with pytest.raises(TypeError, match="`model`"):
+        load_packed(exported, 3)
