@@ -1,0 +1,200 @@
+"""CompressedExport under a real Trainer, the transformers load check, and a reader fuzz."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_compress import (
+    CompressedExport,
+    LoRA,
+    MagnitudePruning,
+    PackedFormatError,
+    QuantizationAwareTraining,
+    export,
+    load_packed,
+    quantized_weights,
+)
+from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE
+from lightning_compress.quant.spec import QuantSpec
+from lightning_compress.quant.weights import round_to_nearest
+from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+
+
+def test_stacked_fit_exports_exactly_what_was_trained(tmp_path, seeded):
+    model = TinyRegressor()
+    callbacks = [
+        MagnitudePruning(final_sparsity=0.75, start_step=0, end_step=6, update_every=2),
+        QuantizationAwareTraining("int4", group_size=16, start_step=2, overrides={"conv": {"granularity": "channel"}}),
+        CompressedExport(tmp_path / "packed"),
+    ]
+    trainer = make_trainer(callbacks=callbacks, max_steps=10)
+    trainer.fit(model, tiny_loader(), tiny_loader(batches=2, seed=1))
+    report = callbacks[-1].report
+    assert report.parity.passed and report.parity.weights_exact and report.parity.relative_error == 0.0
+    trained = quantized_weights(model)
+    loaded = load_packed(tmp_path / "packed", TinyRegressor())
+    for name, q in trained.items():
+        assert torch.equal(loaded.get_submodule(name).weight, q.dequantize())
+        assert int((q.dequantize() == 0).sum()) >= int(0.75 * q.codes.numel())  # pruned stays exactly zero
+    x = next(iter(tiny_loader(batches=1, seed=2)))[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    meta = json.loads((tmp_path / "packed" / METADATA_FILE).read_text())
+    assert meta["parity"]["passed"] and meta["library_versions"]["torch"] == torch.__version__
+    assert {entry["sparsity"] for entry in meta["layers"].values()} == {"bitmask"}
+
+
+def test_int8_dynamic_activations_run_on_the_int8_gemm(tmp_path, seeded):
+    model = TinyRegressor()
+    export_cb = CompressedExport(tmp_path / "packed")
+    trainer = make_trainer(callbacks=[QuantizationAwareTraining("int8", activations="int8_dynamic"), export_cb],
+                           max_steps=4)
+    trainer.fit(model, tiny_loader(), tiny_loader(batches=2, seed=1))
+    parity = export_cb.report.parity
+    assert parity.fast_layers == ["fc1", "fc2"] and parity.sqnr_db >= 35
+    assert parity.relative_error <= 1e-5  # the exact path applies the same activation fake-quant
+    loaded = load_packed(tmp_path / "packed", TinyRegressor())
+    assert loaded.packed_kernels == {"conv": "dequantize", "fc1": "fbgemm", "fc2": "fbgemm"}
+
+
+def test_lora_adapters_are_merged_into_the_export(tmp_path, seeded):
+    model = TinyRegressor()
+    export_cb = CompressedExport(tmp_path / "packed")
+    trainer = make_trainer(
+        callbacks=[LoRA(r=4, target_modules=["fc1", "fc2"]), QuantizationAwareTraining("int8"), export_cb],
+        max_steps=4,
+    )
+    trainer.fit(model, tiny_loader(), tiny_loader(batches=2, seed=1))
+    assert export_cb.report.parity.passed
+    loaded = load_packed(tmp_path / "packed", TinyRegressor())
+    assert not any("lora" in key for key in loaded.state_dict())
+    x = next(iter(tiny_loader(batches=1, seed=2)))[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_existing_directory_is_refused_before_training(tmp_path):
+    (tmp_path / "packed").mkdir()
+    trainer = make_trainer(callbacks=[CompressedExport(tmp_path / "packed")], max_steps=1)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        trainer.fit(TinyRegressor(), tiny_loader())
+
+
+def test_unknown_submodule_is_refused_before_training(tmp_path):
+    trainer = make_trainer(callbacks=[CompressedExport(tmp_path / "packed", module="model")], max_steps=1)
+    with pytest.raises(ValueError, match="`module`='model'.*children are"):
+        trainer.fit(TinyRegressor(), tiny_loader())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dirpath=""), "`dirpath`"),
+        (dict(module=""), "`module`"),
+        (dict(overwrite="yes"), "`overwrite`"),
+        (dict(parity_batches=0), "`parity_batches`"),
+        (dict(input_fn=3), "`input_fn`"),
+        (dict(backend="gpu"), "`backend`"),
+        (dict(sparse_threshold=2), "`sparse_threshold`"),
+        (dict(recipe=[1]), "`recipe`"),
+    ],
+)
+def test_bad_callback_arguments(tmp_path, kwargs, message):
+    options = dict(dirpath=tmp_path / "x")
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        CompressedExport(**options)
+
+
+# ---------------------------------------------------------------------- transformers
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=32)
+    return transformers, transformers.BertModel(config).eval()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec(4, "group", 32), QuantSpec(4, "group", 32, scale_dtype="float16"), QuantSpec(8, "channel"),
+     QuantSpec(8, "channel", symmetric=False), QuantSpec(3, "channel")],
+    ids=lambda s: s.describe().replace(" ", "-"),
+)
+def test_transformers_loads_the_export_with_compressed_tensors(tmp_path, spec, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    transformers, model = _tiny_bert()
+    round_to_nearest(model, spec, targets=[nn.Linear])
+    ids = torch.randint(0, 100, (2, 10))
+    report = export(model, tmp_path / "hf", inputs=[{"input_ids": ids}])
+    assert report.compressed_tensors and report.parity.relative_error == 0.0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    assert config["format"] == ("int-quantized" if spec.bits == 8 else "pack-quantized")
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ours = model(input_ids=ids).last_hidden_state
+        theirs = loaded(input_ids=ids).last_hidden_state
+    assert ((ours - theirs).norm() / ours.norm()).item() <= 1e-5
+    query = loaded.encoder.layer[0].attention.self.query.weight
+    assert torch.equal(query, model.encoder.layer[0].attention.self.query.weight)
+
+
+def test_asymmetric_int4_export_of_a_transformers_model_stays_ours(tmp_path):
+    _, model = _tiny_bert()
+    round_to_nearest(model, QuantSpec(4, "group", 32, symmetric=False), targets=[nn.Linear])
+    report = export(model, tmp_path / "hf")
+    assert not report.compressed_tensors and "zero points" in report.notes[0]
+    assert not (tmp_path / "hf" / "config.json").exists()
+
+
+# ---------------------------------------------------------------------- fuzz
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    round_to_nearest(model, QuantSpec(4, "group", 16))
+    out = tmp_path_factory.mktemp("fuzz") / "packed"
+    export(model, out)
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    which=st.sampled_from([WEIGHTS_FILE, METADATA_FILE]),
+    position=st.floats(0, 1),
+    mask=st.integers(1, 255),
+    truncate=st.booleans(),
+)
+def test_fuzzed_files_never_load_silently(packed_dir, tmp_path_factory, which, position, mask, truncate):
+    work = tmp_path_factory.mktemp("case")
+    for name in (WEIGHTS_FILE, METADATA_FILE):
+        (work / name).write_bytes((packed_dir / name).read_bytes())
+    data = bytearray((work / which).read_bytes())
+    index = min(int(position * len(data)), len(data) - 1)
+    if truncate:
+        data = data[:index]
+    else:
+        data[index] ^= mask
+    (work / which).write_bytes(bytes(data))
+    build = lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))  # noqa: E731
+    try:
+        loaded = load_packed(work, build())
+    except PackedFormatError:
+        return
+    # Only a change JSON ignores (whitespace turned into other whitespace) may load, and
+    # then the model must be exactly the exported one.
+    assert which == METADATA_FILE and not truncate
+    reference = load_packed(packed_dir, build())
+    x = torch.randn(3, 16)
+    assert torch.equal(loaded(x), reference(x))
+    for (key, a), (_, b) in zip(loaded.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), key
