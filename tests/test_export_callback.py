@@ -198,3 +198,25 @@ def test_fuzzed_files_never_load_silently(packed_dir, tmp_path_factory, which, p
     assert torch.equal(loaded(x), reference(x))
     for (key, a), (_, b) in zip(loaded.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), key
+
+
+def test_onnx_export_runs_in_onnxruntime_with_parity(tmp_path, seeded):
+    pytest.importorskip("onnxruntime")
+    model = TinyRegressor()
+    export_cb = CompressedExport(tmp_path / "packed", formats=["safetensors", "onnx"])
+    trainer = make_trainer(
+        callbacks=[QuantizationAwareTraining("int4", group_size=16, overrides={"conv": {"bits": 8, "granularity": "channel"}}), export_cb],
+        max_steps=3,
+    )
+    trainer.fit(model, tiny_loader(), tiny_loader(batches=2, seed=1))
+    meta = json.loads((tmp_path / "packed" / METADATA_FILE).read_text())
+    assert meta["onnx"]["layers"] == {"fc1": "MatMulNBits", "fc2": "MatMulNBits"}
+    assert meta["onnx"]["relative_error"] <= 1e-5
+    assert (tmp_path / "packed" / "model.onnx").stat().st_size > 0
+
+
+def test_onnx_needs_traceable_inputs(tmp_path):
+    with pytest.raises(ValueError, match="inputs"):
+        export(nn.Linear(4, 4), tmp_path / "x", formats=["safetensors", "onnx"])
+    with pytest.raises(ValueError, match="`formats`"):
+        CompressedExport(tmp_path / "x", formats=["gguf"])

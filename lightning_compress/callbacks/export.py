@@ -62,6 +62,8 @@ class CompressedExport(Callback):
             smaller); ``None`` keeps everything dense.
         compressed_tensors: see :func:`lightning_compress.export`.
         recipe: the recipe to store in the metadata.
+        formats: ``["safetensors"]``, or ``["safetensors", "onnx"]`` to also write
+            ``model.onnx`` (int4 as ``MatMulNBits``, int8 as QDQ), checked in onnxruntime.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class CompressedExport(Callback):
         sparse_threshold: Optional[float] = 0.3,
         compressed_tensors: Optional[bool] = None,
         recipe: Optional[Mapping[str, Any]] = None,
+        formats: Sequence[str] = ("safetensors",),
     ) -> None:
         if not isinstance(dirpath, (str, os.PathLike)) or not str(dirpath):
             raise ValueError(f"`dirpath` must be a directory path, got {dirpath!r}")
@@ -102,12 +105,14 @@ class CompressedExport(Callback):
         self.options = dict(
             overwrite=overwrite, parity=parity, max_relative_error=max_relative_error, min_sqnr_db=min_sqnr_db,
             backend=backend, sparse_threshold=sparse_threshold, compressed_tensors=compressed_tensors, recipe=recipe,
+            formats=tuple(formats),
         )
         self.report: Optional[ExportReport] = None
         # Checked here, not after hours of training (export validates the same way).
-        from lightning_compress.formats.export import _validate
+        from lightning_compress.formats.export import _validate, _validate_formats
 
         _validate(backend, sparse_threshold, max_relative_error, min_sqnr_db, None, compressed_tensors)
+        _validate_formats(formats, [None] if "onnx" in formats else None)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -37,6 +37,7 @@ from lightning_compress.quant.weights import quantized_weights
 
 REPORT_FILE = "report.txt"
 CONFIG_FILE = "config.json"
+ONNX_FILE = "model.onnx"
 
 
 @dataclass
@@ -82,6 +83,7 @@ def export(
     sparse_threshold: Optional[float] = 0.3,
     compressed_tensors: Optional[bool] = None,
     recipe: Optional[Mapping[str, Any]] = None,
+    formats: Sequence[str] = ("safetensors",),
 ) -> ExportReport:
     """Pack ``model`` (as its compression callbacks left it) into ``out_dir``.
 
@@ -109,6 +111,11 @@ def export(
             storage is then off). ``None``: on when ``model`` is a ``transformers``
             model whose quantized layers are all Linear/Embedding.
         recipe: the recipe that produced the model, stored in the metadata.
+        formats: ``("safetensors",)``, or with ``"onnx"`` also ``model.onnx``: int4
+            Linear layers as onnxruntime's ``MatMulNBits``, int8 as QDQ (see
+            :mod:`lightning_compress.formats.onnx_export`); other layers stay float
+            there. It is traced with ``inputs[0]`` (a tensor or tuple) and checked by
+            running it in onnxruntime against the fake-quant model.
 
     Raises:
         ExportError: NaN/Inf in a weight (naming the layer), ``out_dir`` exists without
@@ -116,6 +123,7 @@ def export(
         ParityError: the packed model misses a threshold; ``err.report`` has the figures.
     """
     _validate(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
+    _validate_formats(formats, inputs)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass overwrite=True to replace it")
@@ -169,10 +177,43 @@ def export(
             if not report.parity.passed:
                 raise ParityError(f"parity check failed, nothing was written: {report.parity.summary()}", report.parity)
             body["parity"] = report.parity.as_dict()
+        if "onnx" in formats:
+            body["onnx"] = _export_onnx(model, layers, list(inputs), directory, max_relative_error)
+            report.notes.append(
+                f"model.onnx: {len(body['onnx']['layers'])} integer layers, onnxruntime relative error"
+                f" {body['onnx']['relative_error']:.2e}"
+            )
         return {METADATA_FILE: metadata_bytes(body), REPORT_FILE: (report.table() + "\n").encode()}
 
     write_directory(out_dir, files, overwrite, finish=finish)
     return report
+
+
+def _export_onnx(model, layers, inputs, directory: Path, max_relative_error: float) -> Dict[str, Any]:
+    from lightning_compress.formats.onnx_export import export_onnx, run_onnx
+    from lightning_compress.formats.parity import _eval_mode, _quantization_enabled, flatten_outputs, relative_error
+
+    example = inputs[0] if isinstance(inputs[0], tuple) else (inputs[0],)
+    linear = {name: layer.weight for name, layer in layers.items()
+              if layer.module == "Linear" and layer.weight.spec.bits in (4, 8)}
+    with _quantization_enabled(model), _eval_mode(model), torch.no_grad():
+        onnx_report = export_onnx(model, example, directory / ONNX_FILE, linear)
+        reference = flatten_outputs(model(*example))
+    got = torch.cat([torch.from_numpy(a).reshape(-1).float() for a in run_onnx(directory / ONNX_FILE, example)])
+    error = relative_error(reference, got)
+    if error > max_relative_error:
+        raise ParityError(f"model.onnx in onnxruntime differs from the fake-quant model: relative error {error:.2e}"
+                          f" > {max_relative_error:g}", None)
+    return {"layers": onnx_report.layers, "relative_error": error, "bytes": onnx_report.file_bytes}
+
+
+def _validate_formats(formats, inputs) -> None:
+    if isinstance(formats, str) or not isinstance(formats, Sequence) or not set(formats) <= {"safetensors", "onnx"}:
+        raise ValueError(f"`formats` must be a list from ['safetensors', 'onnx'], got {formats!r}")
+    if "safetensors" not in formats:
+        raise ValueError("`formats` must include 'safetensors' (the loader and the parity check read it)")
+    if "onnx" in formats and (not inputs or isinstance(inputs[0], Mapping)):
+        raise ValueError("formats=['onnx'] traces the model with `inputs[0]`: pass `inputs` with a tensor or tuple")
 
 
 def collect(model: nn.Module):
