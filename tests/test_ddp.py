@@ -83,3 +83,22 @@ def test_lora_adapters_and_bases_are_identical_on_both_ranks(tmp_path, mode):
             assert torch.equal(value, other), key
     # Dropout masks differ per rank (own generator, seeded per rank).
     assert rank0["callback"]["dropout"]["seed"] != rank1["callback"]["dropout"]["seed"]
+
+
+def test_export_is_written_once_by_rank_zero(tmp_path):
+    from lightning_compress import load_packed
+    from tests.conftest import TinyRegressor
+
+    rank0, rank1 = run_ddp(tmp_path, "export")
+    assert_same_weights(rank0, rank1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["packed"]  # no temporary left
+    loaded = load_packed(tmp_path / "packed", TinyRegressor())
+    assert loaded.packed_kernels == {"conv": "dequantize", "fc1": "fbgemm", "fc2": "fbgemm"}
+
+
+def test_failed_export_fails_every_rank_without_hanging(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "export-fail"], capture_output=True,
+                            text=True, timeout=300, cwd=SCRIPT.parents[2])
+    assert result.returncode != 0
+    assert "ParityError" in result.stdout + result.stderr
+    assert not (tmp_path / "packed").exists()

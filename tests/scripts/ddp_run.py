@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 
 from lightning_compress.quant.nf4 import is_nf4  # noqa: E402
-from lightning_compress import LoRA, MagnitudePruning, QuantizationAwareTraining  # noqa: E402
+from lightning_compress import CompressedExport, LoRA, MagnitudePruning, QuantizationAwareTraining  # noqa: E402
 from tests.conftest import TinyRegressor, make_trainer, tiny_loader  # noqa: E402
 
 
@@ -76,6 +76,8 @@ def build(mode: str, pattern: str):
         return LoRA(r=4, target_modules=["conv", "fc1", "fc2"], lora_dropout=0.3)
     if mode == "qlora":
         return LoRA(r=4, target_modules=["fc1", "fc2"], base="nf4", nf4_block_size=32, nf4_scaler_block_size=8)
+    if mode.startswith("export"):
+        return QuantizationAwareTraining("int8", activations="int8_dynamic")
     if mode.startswith("prune"):
         n_m = ":" in pattern
         return MagnitudePruning(
@@ -96,12 +98,17 @@ if __name__ == "__main__":
     pattern = sys.argv[3] if len(sys.argv) > 3 else "unstructured"
     pl.seed_everything(0, verbose=False)
     compression = build(mode, pattern)
+    exporting = []
+    if mode.startswith("export"):
+        # "export-fail": a parity threshold no int8 GEMM meets, so rank 0's export fails.
+        exporting = [CompressedExport(Path(out_dir) / "packed", backend="fbgemm",
+                                      min_sqnr_db=200 if mode == "export-fail" else 0)]
     trainer = make_trainer(
         devices=2,
         strategy="ddp",
         max_epochs=3,
         callbacks=([PerturbRankOne()] if mode == "prune-perturbed" else [])
         + ([PerturbBaseOnRankOne()] if mode == "qlora" else [])
-        + [compression, SaveRankState(compression, out_dir)],
+        + [compression, SaveRankState(compression, out_dir)] + exporting,
     )
     trainer.fit(TinyRegressor(), tiny_loader(batches=8))
