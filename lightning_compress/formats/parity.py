@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.transforms import Stage, get_weight_transform
+from lightning_compress.core.transforms import Stage, get_weight_transform, is_transformed
 from lightning_compress.formats.loader import _set_submodule
 from lightning_compress.formats.packed import PackedModel
 from lightning_compress.formats.runtime import build_packed_module
@@ -174,7 +174,7 @@ def _effective(model: nn.Module, key: str, state: Mapping[str, Tensor]) -> Tenso
     owner, _, leaf = key.rpartition(".")
     if leaf == "weight":
         module = model.get_submodule(owner) if owner else model
-        if module.__dict__.get("_lc_sorted"):  # a transformed layer: compare the effective weight
+        if is_transformed(module):  # compare the effective weight
             return module.weight
     return state.get(key)
 
