@@ -5,5 +5,6 @@ from lightning_compress.callbacks.export import CompressedExport
 from lightning_compress.callbacks.lora import LoRA
 from lightning_compress.callbacks.pruning import MagnitudePruning
 from lightning_compress.callbacks.qat import QuantizationAwareTraining
+from lightning_compress.callbacks.recipe_record import RecipeRecord
 
-__all__ = ["CompressedExport", "KnowledgeDistillation", "LoRA", "MagnitudePruning", "QuantizationAwareTraining"]
+__all__ = ["CompressedExport", "KnowledgeDistillation", "LoRA", "MagnitudePruning", "QuantizationAwareTraining", "RecipeRecord"]

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -47,7 +49,8 @@ def check_divisible(name: str, weight: Tensor, spec: QuantSpec) -> None:
     """Raise ``ValueError`` naming the layer when ``group_size`` does not divide its rows."""
     if spec.granularity != "group":
         return
-    width = as_matrix(weight).shape[1]
+    # From the shape alone: an NF4 base (QLoRA) has no float view to reshape.
+    width = math.prod(weight.shape[1:])
     if width % spec.group_size:
         divisors = [g for g in (256, 128, 64, 32, 16, 8) if width % g == 0]
         fix = f"use group_size={divisors[0]}" if divisors else "use granularity='channel'"

@@ -1,0 +1,45 @@
+"""RecipeRecord: keeps the resolved recipe with the run."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Mapping, Optional
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+CHECKPOINT_KEY = "lightning_compress"
+
+
+class RecipeRecord(Callback):
+    """Store the resolved recipe in every checkpoint and log it to the experiment config.
+
+    :func:`lightning_compress.from_recipe` appends one to the callbacks it returns; there
+    is no need to add it by hand. The recipe lands in ``checkpoint["lightning_compress"]
+    ["recipe"]`` (read it back with :func:`recipe_in_checkpoint`, or let
+    ``lightning-compress export`` use it) and under ``compression_recipe`` in every
+    logger's hyperparameters (W&B config, CSV/TensorBoard ``hparams``).
+
+    Args:
+        recipe: the resolved recipe, plain values only.
+    """
+
+    def __init__(self, recipe: Mapping[str, Any]) -> None:
+        if not isinstance(recipe, Mapping):
+            raise ValueError(f"`recipe` must be a mapping (the resolved recipe), got {type(recipe).__name__}")
+        self.recipe: Dict[str, Any] = copy.deepcopy(dict(recipe))
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"compression_recipe": self.recipe})
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
+        from lightning_compress import __version__
+
+        checkpoint[CHECKPOINT_KEY] = {"recipe": copy.deepcopy(self.recipe), "version": __version__}
+
+
+def recipe_in_checkpoint(checkpoint: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The recipe a checkpoint (a loaded dict) was trained with, or None."""
+    record = checkpoint.get(CHECKPOINT_KEY)
+    return dict(record["recipe"]) if isinstance(record, Mapping) and "recipe" in record else None

@@ -1,0 +1,181 @@
+"""``lightning-compress``: fit, export, inspect and demo from the command line.
+
+    lightning-compress fit --recipe r.yaml --model pkg.Module [--data pkg.DataModule] \\
+        [--trainer.max_epochs 3] [--override pruning.final_sparsity=0.8 ...]
+    lightning-compress export --checkpoint last.ckpt --model pkg.Module -o packed/ [--recipe r.yaml]
+    lightning-compress inspect packed/         (or a checkpoint)
+    lightning-compress demo
+
+Bad input (a missing file, a bad recipe, an unknown class path) ends with a one-paragraph
+error on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+USAGE_ERROR = 2
+COMMANDS = ("fit", "export", "inspect", "demo")
+
+
+class CommandError(Exception):
+    """Bad input on the command line: printed as one paragraph, exit code 2."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``lightning-compress`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else USAGE_ERROR
+    command, rest = argv[0], argv[1:]
+    handlers: Dict[str, Callable[[List[str]], int]] = {
+        "fit": _fit,
+        "export": _export,
+        "inspect": _inspect,
+        "demo": _demo,
+    }
+    if command not in handlers:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return _fail("lightning-compress", f"unknown command {command!r}; {hint}commands are {', '.join(COMMANDS)}")
+    try:
+        return handlers[command](rest)
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        return _fail(f"lightning-compress {command}", str(err))
+
+
+def _is_user_error(err: BaseException) -> bool:
+    from lightning_compress.formats.errors import ExportError, PackedFormatError, ParityError
+    from lightning_compress.recipes import RecipeError
+
+    return isinstance(
+        err, (CommandError, RecipeError, PackedFormatError, ExportError, ParityError, FileNotFoundError, argparse.ArgumentError)
+    )
+
+
+def _fail(prefix: str, message: str) -> int:
+    paragraph = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+    print(f"{prefix}: error: {paragraph}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CommandError(f"{message} (see --help)")
+
+
+# ---------------------------------------------------------------------- fit
+def _fit(argv: List[str]) -> int:
+    from lightning_compress.commands.fit import run_fit
+
+    for option in ("--model", "--data"):
+        value = _option_value(argv, option)
+        if value is not None and _looks_like_class_path(value):
+            _import_class(value, option)
+    return run_fit(_collect_overrides(argv))
+
+
+def _option_value(argv: Sequence[str], option: str) -> Optional[str]:
+    for i, item in enumerate(argv):
+        if item == option and i + 1 < len(argv):
+            return argv[i + 1]
+        if item.startswith(option + "="):
+            return item.split("=", 1)[1]
+    return None
+
+
+def _looks_like_class_path(value: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", value)) and not Path(value).exists()
+
+
+def _collect_overrides(argv: List[str]) -> List[str]:
+    """Turn repeated ``--override KEY=VALUE`` into the one list LightningCLI parses."""
+    overrides, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--override":
+            if i + 1 >= len(argv):
+                raise CommandError("--override needs a value, for example --override pruning.final_sparsity=0.8")
+            overrides.append(argv[i + 1])
+            i += 2
+            continue
+        if argv[i].startswith("--override="):
+            overrides.append(argv[i].split("=", 1)[1])
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest + ([f"--override={json.dumps(overrides)}"] if overrides else [])
+
+
+def _import_class(path: str, option: str) -> type:
+    from lightning_compress.recipes import RecipeError, import_object
+
+    try:
+        target = import_object(path)
+    except RecipeError as err:
+        raise CommandError(f"{option} {path}: unknown class path: {err}") from None
+    if not isinstance(target, type):
+        raise CommandError(f"{option} {path} is not a class")
+    return target
+
+
+# ---------------------------------------------------------------------- export
+def _export(argv: List[str]) -> int:
+    parser = _Parser(prog="lightning-compress export", description="Pack a trained checkpoint into a directory.")
+    parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint of a compression run")
+    parser.add_argument("--model", required=True, help="the LightningModule class, as a dotted import path")
+    parser.add_argument("--recipe", help="the recipe (default: the one stored in the checkpoint)")
+    parser.add_argument("--override", action="append", default=[], help="recipe override KEY=VALUE (repeatable)")
+    parser.add_argument("-o", "--output", help="directory to write (default: the recipe's export.dirpath)")
+    parser.add_argument("--data", help="a LightningDataModule class path: batches for the output parity check")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    args = parser.parse_args(argv)
+
+    from lightning_compress.checkpoints import export_checkpoint
+
+    model_class = _import_class(args.model, "--model")
+    data_class = _import_class(args.data, "--data") if args.data else None
+    report = export_checkpoint(
+        args.checkpoint,
+        model_class,
+        recipe=args.recipe,
+        overrides=args.override,
+        output=args.output,
+        datamodule_class=data_class,
+        overwrite=args.overwrite,
+    )
+    print(report.table())
+    return 0
+
+
+# ---------------------------------------------------------------------- inspect
+def _inspect(argv: List[str]) -> int:
+    parser = _Parser(prog="lightning-compress inspect", description="Per-layer table of a packed directory or a checkpoint.")
+    parser.add_argument("path", help="a packed directory (from export) or a Lightning checkpoint")
+    args = parser.parse_args(argv)
+
+    from lightning_compress.formats.inspection import inspect_path
+
+    print(inspect_path(args.path))
+    return 0
+
+
+# ---------------------------------------------------------------------- demo
+def _demo(argv: List[str]) -> int:
+    from lightning_compress import demo
+
+    return demo.main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

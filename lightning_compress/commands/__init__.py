@@ -1,0 +1,1 @@
+"""The pieces of the ``lightning-compress`` command that pull in heavy imports."""

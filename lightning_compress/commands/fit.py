@@ -1,0 +1,71 @@
+"""``lightning-compress fit``: LightningCLI with a compression recipe."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, List, Optional
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningCLI
+
+
+class CompressionCLI(LightningCLI):
+    """``LightningCLI`` plus ``--recipe`` and ``--override``.
+
+    Everything LightningCLI takes still works (``--model``, ``--data``, ``--trainer.*``,
+    ``--config``, ``--ckpt_path``); the recipe's callbacks join any ``--trainer.callbacks``.
+    Without ``--trainer.logger``, runs are tracked with Weights & Biases (offline when
+    no API key is set, see :func:`lightning_compress.core.tracking.wandb_logger`).
+    """
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--recipe", type=Optional[str], default=None, help="compression recipe (YAML)")
+        parser.add_argument(
+            "--override", type=List[str], default=[], help="recipe overrides KEY=VALUE; repeat the option for more"
+        )
+
+    def instantiate_trainer(self, **kwargs: Any):
+        from lightning_compress.cli import CommandError
+        from lightning_compress.core.tracking import wandb_logger
+        from lightning_compress.recipes import load_recipe
+
+        config = self.config_init[self.subcommand]
+        recipe, overrides = config.get("recipe"), list(config.get("override") or [])
+        if recipe is None and overrides:
+            raise CommandError("--override changes a recipe; pass --recipe too")
+        recipe_callbacks = load_recipe(recipe, overrides).callbacks() if recipe is not None else []
+        trainer_config = config.get("trainer") or {}
+        kwargs["callbacks"] = [*_as_list(trainer_config.get("callbacks")), *recipe_callbacks]
+        if trainer_config.get("logger") is None:
+            kwargs["logger"] = wandb_logger(save_dir=trainer_config.get("default_root_dir") or ".")
+        return super().instantiate_trainer(**kwargs)
+
+
+def _as_list(callbacks: Any) -> List[Callback]:
+    if callbacks is None:
+        return []
+    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+
+
+def run_fit(argv: List[str]) -> int:
+    """Run ``fit`` with LightningCLI on ``argv``; print where the W&B run was written."""
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both argv and args are set
+    try:
+        cli = CompressionCLI(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=["fit", *argv],
+            parser_kwargs={"exit_on_error": False},
+            save_config_kwargs={"overwrite": True},
+        )
+    finally:
+        sys.argv = saved
+    from lightning_compress.core.tracking import wandb_run_dir
+
+    for logger in cli.trainer.loggers:
+        run_dir = wandb_run_dir(logger)
+        if run_dir is not None:
+            print(f"W&B run written to {run_dir}")
+    return 0

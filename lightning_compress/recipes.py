@@ -1,0 +1,430 @@
+"""Recipes: one YAML file describes a whole compression experiment.
+
+A recipe has one section per callback, named after it, holding that callback's
+arguments::
+
+    # 90% gradual magnitude pruning, then int4 QAT for the last quarter of the run
+    vars:                       # free-form values for ${...} interpolation
+      qat_start: 0.75
+    pruning:
+      final_sparsity: 0.9
+      end_step: ${vars.qat_start}
+    qat:
+      weights: int4
+      group_size: 128
+      start_step: ${vars.qat_start}
+
+The schema is built from the callbacks' own ``__init__`` signatures, so a new callback
+argument is a new recipe key with no other change. Everything is checked before any
+training: unknown keys (with a close-match suggestion), wrong types, missing values
+(``???``) and out-of-range values (the callback's own validation), each reported with the
+key's full path. Steps are absolute optimizer steps (an int) or fractions of the run
+(a float), as in the callbacks.
+
+Values a YAML file cannot hold directly are written as strings: classes and functions as
+dotted import paths (``teacher_class: my_pkg.models.Teacher``), dtypes by name
+(``teacher_dtype: bfloat16``).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import difflib
+import functools
+import importlib
+import inspect
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from lightning_compress.callbacks import (
+    CompressedExport,
+    KnowledgeDistillation,
+    LoRA,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+)
+from lightning_compress.callbacks.recipe_record import RecipeRecord
+
+RecipeSource = Union[str, os.PathLike, Mapping[str, Any], DictConfig]
+
+# Canonical order: the order `from_recipe` returns the callbacks in. LoRA installs its
+# adapters first and CompressedExport writes at fit end after the others are done.
+SECTIONS: Dict[str, type] = {
+    "lora": LoRA,
+    "distillation": KnowledgeDistillation,
+    "pruning": MagnitudePruning,
+    "qat": QuantizationAwareTraining,
+    "export": CompressedExport,
+}
+VARS_SECTION = "vars"
+# Arguments the recipe machinery fills in itself.
+_SET_BY_RECIPE = {"export": {"recipe"}}
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used: the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class RecipeField:
+    """One recipe key: a callback argument."""
+
+    name: str
+    annotation: Any
+    default: Any
+    required: bool
+
+    def describe(self) -> str:
+        return _describe(self.annotation)
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_schema() -> Dict[str, Dict[str, RecipeField]]:
+    """The recipe schema: section name -> key -> field, read from the callbacks' signatures."""
+    schema = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls.__init__)
+        fields = {}
+        for name, parameter in inspect.signature(cls.__init__).parameters.items():
+            if name == "self" or name in _SET_BY_RECIPE.get(section, ()):
+                continue
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            required = parameter.default is inspect.Parameter.empty
+            fields[name] = RecipeField(name, hints.get(name, Any), None if required else parameter.default, required)
+        schema[section] = fields
+    return schema
+
+
+@dataclass
+class Recipe:
+    """A loaded, resolved and validated recipe.
+
+    Attributes:
+        config: the resolved recipe as plain values (interpolations and overrides
+            applied), in canonical section order; what checkpoints and exports record.
+        source: the file it came from, if any.
+    """
+
+    config: Dict[str, Dict[str, Any]]
+    source: Optional[str] = None
+    _arguments: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    @property
+    def sections(self) -> List[str]:
+        return list(self.config)
+
+    def callbacks(self, *, exclude: Sequence[str] = ()) -> List[Callback]:
+        """New callbacks for this recipe in canonical order, then a :class:`RecipeRecord`.
+
+        Args:
+            exclude: section names to leave out (e.g. ``["distillation"]`` to rebuild a
+                trained student without loading its teacher).
+        """
+        unknown = sorted(set(exclude) - set(SECTIONS))
+        if unknown:
+            raise RecipeError(f"exclude names unknown recipe sections {unknown}; sections are {list(SECTIONS)}")
+        built = []
+        for section, arguments in self._arguments.items():
+            if section in exclude:
+                continue
+            extra = {"recipe": self.config} if section == "export" else {}
+            built.append(_instantiate(section, {**arguments, **extra}))
+        return [*built, RecipeRecord(self.config)]
+
+
+def load_recipe(source: RecipeSource, overrides: Union[Sequence[str], Mapping[str, Any], None] = None) -> Recipe:
+    """Read, resolve and validate a recipe.
+
+    Args:
+        source: a YAML file path, or the recipe as a mapping.
+        overrides: dotlist overrides applied on top of the file before interpolation, as
+            ``["pruning.final_sparsity=0.8", "qat.weights=int4"]`` or a (nested) mapping.
+
+    Raises:
+        RecipeError: for a missing or unreadable file, bad YAML, an unknown key, a wrong
+            type, a missing value, a broken interpolation or an out-of-range value.
+    """
+    raw, origin = _read(source)
+    raw = OmegaConf.merge(raw, _overrides(overrides))
+    try:
+        resolved = OmegaConf.to_container(raw, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        key = err.full_key
+        raise RecipeError(
+            f"recipe key {key} has no value (???); set it in the recipe or pass an override {key}=VALUE"
+        ) from None
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"recipe key {err.full_key}: {_first_line(err)}") from None
+    config, arguments = _validate(resolved)
+    recipe = Recipe(config=config, source=origin, _arguments=arguments)
+    recipe.callbacks()  # out-of-range values fail now, in the callbacks' own validation
+    return recipe
+
+
+def from_recipe(source: RecipeSource, overrides: Union[Sequence[str], Mapping[str, Any], None] = None) -> List[Callback]:
+    """The callbacks a recipe describes, ready for your ``Trainer``.
+
+    Returned in canonical order (LoRA, distillation, pruning, QAT, export), followed by
+    a :class:`RecipeRecord` that stores the resolved recipe in every checkpoint and logs
+    it to the experiment config. See :func:`load_recipe` for the arguments and errors.
+
+    Example::
+
+        trainer = Trainer(callbacks=from_recipe("recipes/int8_qat.yaml", ["qat.start_step=0.5"]))
+    """
+    return load_recipe(source, overrides).callbacks()
+
+
+# ---------------------------------------------------------------------- reading
+def _read(source: RecipeSource) -> tuple[DictConfig, Optional[str]]:
+    if isinstance(source, (DictConfig, Mapping)):
+        return _as_dictconfig(source, "the recipe mapping"), None
+    if not isinstance(source, (str, os.PathLike)):
+        raise RecipeError(f"a recipe is a YAML file path or a mapping, got {type(source).__name__}")
+    path = Path(source)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} not found; pass the path of a YAML recipe (see recipes/)")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml's errors carry the line and column
+        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {_first_line(err, lines=3)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of sections, not a list or a value")
+    return loaded, str(path)
+
+
+def _as_dictconfig(source: Any, what: str) -> DictConfig:
+    try:
+        return source if isinstance(source, DictConfig) else OmegaConf.create(dict(source))
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"{what} cannot be read: {_first_line(err)}") from None
+
+
+def _overrides(overrides: Union[Sequence[str], Mapping[str, Any], None]) -> DictConfig:
+    if overrides is None:
+        return OmegaConf.create({})
+    if isinstance(overrides, Mapping):
+        return _as_dictconfig(overrides, "overrides")
+    if isinstance(overrides, str):
+        raise RecipeError(f"overrides must be a list of 'key=value' strings, got the single string {overrides!r}")
+    for item in overrides:
+        if not isinstance(item, str) or not _OVERRIDE.match(item):
+            raise RecipeError(
+                f"override {item!r} is not 'section.key=value' (for example pruning.final_sparsity=0.8)"
+            )
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"overrides cannot be read: {_first_line(err)}") from None
+
+
+# ---------------------------------------------------------------------- validation
+def _validate(resolved: Any) -> tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]]]:
+    """Check every key against the schema; return (plain config, converted arguments)."""
+    schema = recipe_schema()
+    unknown = [key for key in resolved if key not in schema and key != VARS_SECTION]
+    if unknown:
+        raise RecipeError(_unknown_key(str(unknown[0]), list(schema) + [VARS_SECTION], "top-level section"))
+    present = [section for section in schema if section in resolved]
+    if not present:
+        raise RecipeError(f"the recipe has no compression section; add at least one of {list(schema)}")
+    config, arguments = {}, {}
+    for section in present:
+        values = resolved[section]
+        if values is None:  # `qat:` alone turns the method on with its defaults
+            values = {}
+        if not isinstance(values, dict):
+            raise RecipeError(
+                f"recipe section {section} must be a mapping of {SECTIONS[section].__name__} arguments,"
+                f" got {values!r}"
+            )
+        fields = schema[section]
+        converted = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise RecipeError(_unknown_key(f"{section}.{key}", [f"{section}.{name}" for name in fields], "key"))
+            converted[key] = _convert(value, fields[key].annotation, f"{section}.{key}")
+        missing = [name for name, spec in fields.items() if spec.required and name not in values]
+        if missing:
+            raise RecipeError(f"recipe key {section}.{missing[0]} is required; set it in the recipe")
+        config[section] = values
+        arguments[section] = converted
+    return config, arguments
+
+
+def _unknown_key(key: str, candidates: List[str], kind: str) -> str:
+    message = f"unknown recipe {kind} {key!r}"
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"{message}; did you mean {close[0]}?"
+    section = key.split(".")[0]
+    listed = [c.split(".")[-1] for c in candidates] if "." in key else candidates
+    return f"{message}; {'valid keys of ' + section if '.' in key else 'valid sections'} are {listed}"
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    try:
+        return _coerce(value, annotation)
+    except RecipeError as err:  # an import path that does not import
+        raise RecipeError(f"recipe key {key}: {err}") from None
+    except _Mismatch:
+        raise RecipeError(
+            f"recipe key {key} expects {_describe(annotation)}, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` converted to ``tp``; raises _Mismatch when it cannot be."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin in (Union, types.UnionType):
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(value, member)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if tp is bool:
+        return _exact(value, bool)
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Mismatch
+        return _exact(value, int)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Mismatch
+        return float(value)
+    if tp is str or tp is os.PathLike or tp is Path or origin is os.PathLike:
+        return _exact(value, str)
+    if tp is torch.dtype:
+        dtype = getattr(torch, value, None) if isinstance(value, str) else None
+        if not isinstance(dtype, torch.dtype):
+            raise _Mismatch
+        return dtype
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(args) != len(value):
+            raise _Mismatch
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if origin in (list, collections.abc.Sequence):
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_coerce(v, item) for v in value]
+    if origin in (dict, collections.abc.Mapping):
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return {_coerce(k, key_tp): _coerce(v, value_tp) for k, v in value.items()}
+    if origin in (type, collections.abc.Callable) or tp in (type, collections.abc.Callable):
+        if not isinstance(value, str):
+            raise _Mismatch
+        target = import_object(value)
+        if origin is type and typing.get_args(tp) and isinstance(typing.get_args(tp)[0], type):
+            if not (isinstance(target, type) and issubclass(target, typing.get_args(tp)[0])):
+                raise _Mismatch
+        return target
+    raise _Mismatch  # e.g. nn.Module: a YAML file cannot hold a model
+
+
+def _exact(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise _Mismatch
+    return value
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        parts = [_describe(m) for m in typing.get_args(tp)]
+        parts = [p for p in dict.fromkeys(parts) if p is not None]
+        return " or ".join(parts)
+    if tp is type(None):
+        return "null"
+    if tp in (bool, int, float, str):
+        return {"bool": "true/false", "int": "an int", "float": "a float", "str": "a string"}[tp.__name__]
+    if tp is os.PathLike or tp is Path or origin is os.PathLike:
+        return "a path"
+    if tp is torch.dtype:
+        return "a dtype name (float32, bfloat16, float16)"
+    if origin in (list, tuple, collections.abc.Sequence):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"a list of ({' , '.join(_describe(a) for a in args) or 'anything'})"
+    if origin in (dict, collections.abc.Mapping):
+        return "a mapping"
+    if origin is type or tp is type:
+        return "a class as a dotted import path"
+    if origin is collections.abc.Callable or tp is collections.abc.Callable:
+        return "a function as a dotted import path"
+    if tp is Any:
+        return "anything"
+    return f"a {getattr(tp, '__name__', tp)} (not expressible in YAML; pass it in Python)"
+
+
+def import_object(path: str) -> Any:
+    """The object a dotted path (``pkg.mod.Name`` or ``pkg.mod:Name``) names.
+
+    Raises:
+        RecipeError: when the module or the attribute does not exist.
+    """
+    module_name, _, attribute = path.replace(":", ".").rpartition(".")
+    if not module_name:
+        raise RecipeError(f"{path!r} is not a dotted import path like 'my_pkg.models.Teacher'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RecipeError(f"cannot import {path!r}: {err}; check the module path and that it is installed") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        names = [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(attribute, names, n=1)
+        hint = f"; did you mean {module_name}.{close[0]}?" if close else ""
+        raise RecipeError(f"module {module_name!r} has no attribute {attribute!r}{hint}") from None
+
+
+def _instantiate(section: str, arguments: Dict[str, Any]) -> Callback:
+    try:
+        return SECTIONS[section](**arguments)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"recipe key {_key_named_in(section, str(err), arguments)}: {err}") from None
+
+
+def _key_named_in(section: str, message: str, arguments: Mapping[str, Any]) -> str:
+    """The ``section.key`` an error message is about (the first argument it names)."""
+    hits = []
+    for name in recipe_schema()[section]:
+        match = re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", message)
+        if match:
+            hits.append((name not in arguments, match.start(), name))
+    return f"{section}.{min(hits)[2]}" if hits else section
+
+
+def _first_line(err: BaseException, lines: int = 1) -> str:
+    text = str(err).strip().splitlines()
+    return " ".join(line.strip() for line in text[:lines]) if text else type(err).__name__

@@ -1,0 +1,60 @@
+"""Small importable LightningModules and a DataModule for recipe and command-line tests.
+
+Importable as ``tests.cli_models.*`` (the ``lightning-compress`` subprocesses run with the
+repository root on PYTHONPATH). Input sizes are multiples of 128 so every recipe in
+``recipes/`` (int4 group 128, 2:4) applies unchanged.
+"""
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+FEATURES, CLASSES = 128, 8
+
+
+class RecipeMLP(pl.LightningModule):
+    """A two-hidden-layer classifier; ``hidden`` sets its size (a teacher is wider)."""
+
+    def __init__(self, hidden: int = 128, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, 128), nn.ReLU(), nn.Linear(128, CLASSES)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+
+class RecipeData(pl.LightningDataModule):
+    """A fixed random classification task (labels from a fixed random linear map)."""
+
+    def __init__(self, samples: int = 256, batch_size: int = 32, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(samples, FEATURES, generator=generator)
+        y = (x @ torch.randn(FEATURES, CLASSES, generator=generator)).argmax(1)
+        self.batch_size = batch_size
+        split = samples * 3 // 4
+        self.train_set = TensorDataset(x[:split], y[:split])
+        self.val_set = TensorDataset(x[split:], y[split:])
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size)
