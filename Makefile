@@ -20,7 +20,7 @@ $(INSTALLED): pyproject.toml $(TORCH_CONSTRAINTS)
 	@touch $@
 
 demo: $(INSTALLED)
-	$(PY) -m lightning_compress.demo
+	$(VENV)/bin/lightning-compress demo --output demo-output
 
 test: $(INSTALLED)
 	$(PY) -m pytest

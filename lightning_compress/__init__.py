@@ -11,12 +11,14 @@ from lightning_compress.callbacks import (
     MagnitudePruning,
     QuantizationAwareTraining,
 )
+from lightning_compress.core.tracking import wandb_logger, wandb_run_dir
 from lightning_compress.formats.errors import ExportError, PackedFormatError, ParityError
 from lightning_compress.formats.export import ExportReport, export
 from lightning_compress.formats.loader import load_packed
 from lightning_compress.formats.peft import AdapterFormatError, load_adapters, save_adapters
 from lightning_compress.lora import LoRAConfig, merge_adapters
 from lightning_compress.quant import QuantizedWeight, QuantSpec, quantized_weights
+from lightning_compress.recipes import Recipe, RecipeError, from_recipe, load_recipe
 
 __version__ = "0.1.0"
 
@@ -28,6 +30,10 @@ __all__ = [
     "PackedFormatError",
     "ParityError",
     "export",
+    "from_recipe",
+    "load_recipe",
+    "Recipe",
+    "RecipeError",
     "load_packed",
     "KnowledgeDistillation",
     "LoRA",
@@ -40,5 +46,7 @@ __all__ = [
     "merge_adapters",
     "save_adapters",
     "quantized_weights",
+    "wandb_logger",
+    "wandb_run_dir",
     "__version__",
 ]

@@ -254,7 +254,7 @@ def _validate(resolved: Any) -> tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[
         converted = {}
         for key, value in values.items():
             if key not in fields:
-                raise RecipeError(_unknown_key(f"{section}.{key}", [f"{section}.{name}" for name in fields], "key"))
+                raise RecipeError(_unknown_key(f"{section}.{key}", list(fields), "key"))
             converted[key] = _convert(value, fields[key].annotation, f"{section}.{key}")
         missing = [name for name, spec in fields.items() if spec.required and name not in values]
         if missing:
@@ -264,14 +264,14 @@ def _validate(resolved: Any) -> tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[
     return config, arguments
 
 
-def _unknown_key(key: str, candidates: List[str], kind: str) -> str:
+def _unknown_key(key: str, names: List[str], kind: str) -> str:
+    """The message for an unknown ``key``: a close match among ``names``, or all of them."""
+    section, _, leaf = key.rpartition(".")
     message = f"unknown recipe {kind} {key!r}"
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
     if close:
-        return f"{message}; did you mean {close[0]}?"
-    section = key.split(".")[0]
-    listed = [c.split(".")[-1] for c in candidates] if "." in key else candidates
-    return f"{message}; {'valid keys of ' + section if '.' in key else 'valid sections'} are {listed}"
+        return f"{message}; did you mean {section + '.' if section else ''}{close[0]}?"
+    return f"{message}; {'valid keys of ' + section if section else 'valid sections'} are {names}"
 
 
 class _Mismatch(Exception):

@@ -1,0 +1,283 @@
+"""Recipes: schema from the callbacks' signatures, every error path, and every recipe in recipes/."""
+
+import inspect
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_compress import (
+    CompressedExport,
+    KnowledgeDistillation,
+    LoRA,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+    from_recipe,
+    load_packed,
+)
+from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_checkpoint
+from lightning_compress.formats.packed import read_metadata
+from lightning_compress.recipes import SECTIONS, RecipeError, load_recipe, recipe_schema
+from tests.cli_models import RecipeData, RecipeMLP
+from tests.conftest import make_trainer
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------- schema
+def test_schema_is_the_callbacks_signatures():
+    schema = recipe_schema()
+    assert list(schema) == ["lora", "distillation", "pruning", "qat", "export"]
+    for section, cls in SECTIONS.items():
+        parameters = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+        expected = [n for n in parameters if not (section == "export" and n == "recipe")]
+        assert list(schema[section]) == expected
+        for name in expected:
+            default = inspect.signature(cls.__init__).parameters[name].default
+            assert schema[section][name].required == (default is inspect.Parameter.empty)
+    assert schema["export"]["dirpath"].required
+
+
+def test_a_new_callback_argument_is_a_new_recipe_key(monkeypatch):
+    class WiderPruning(MagnitudePruning):
+        def __init__(self, final_sparsity: float | None = None, *, warmup_fraction: float = 0.0, **kwargs):
+            super().__init__(final_sparsity, **kwargs)
+            self.warmup_fraction = warmup_fraction
+
+    monkeypatch.setitem(SECTIONS, "pruning", WiderPruning)
+    recipe_schema.cache_clear()
+    try:
+        (pruning, record) = from_recipe({"pruning": {"final_sparsity": 0.5, "warmup_fraction": 0.25}})
+        assert isinstance(pruning, WiderPruning) and pruning.warmup_fraction == 0.25
+        with pytest.raises(RecipeError, match="pruning.warmup_fraction expects a float"):
+            load_recipe({"pruning": {"warmup_fraction": "soon"}})
+    finally:
+        recipe_schema.cache_clear()
+
+
+# ---------------------------------------------------------------------- loading
+def test_interpolation_overrides_and_step_forms(tmp_path):
+    path = write(
+        tmp_path,
+        """
+vars:
+  switch: 0.6
+pruning:
+  final_sparsity: 0.8
+  start_step: 10          # an int: optimizer step 10
+  end_step: ${vars.switch}  # a float: 60% of the run
+qat:
+  weights: int4
+  group_size: 32
+  start_step: ${vars.switch}
+""",
+    )
+    recipe = load_recipe(path, ["vars.switch=0.7", "pruning.final_sparsity=0.5"])
+    assert recipe.config == {
+        "pruning": {"final_sparsity": 0.5, "start_step": 10, "end_step": 0.7},
+        "qat": {"weights": "int4", "group_size": 32, "start_step": 0.7},
+    }
+    pruning, qat, record = recipe.callbacks()
+    assert pruning.final_sparsity == 0.5
+    assert type(pruning.start_step) is int and pruning.start_step == 10
+    assert type(pruning.end_step) is float and pruning.end_step == 0.7
+    assert qat.start_step == 0.7 and isinstance(record, RecipeRecord) and record.recipe == recipe.config
+    # overrides as a mapping do the same
+    assert load_recipe(path, {"pruning": {"final_sparsity": 0.25}}).config["pruning"]["final_sparsity"] == 0.25
+
+
+def test_callbacks_come_in_canonical_order_whatever_the_file_order(tmp_path):
+    recipe = {
+        "export": {"dirpath": str(tmp_path / "out")},
+        "qat": {"weights": "int8"},
+        "pruning": {"final_sparsity": 0.5},
+        "distillation": {"teacher": "self"},
+        "lora": {"r": 4},
+    }
+    kinds = [type(c) for c in from_recipe(recipe)]
+    assert kinds == [LoRA, KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining, CompressedExport, RecipeRecord]
+
+
+def test_a_section_with_no_arguments_uses_the_callback_defaults():
+    (qat, _record) = from_recipe({"qat": None})
+    assert qat.spec.describe() == QuantizationAwareTraining().spec.describe() == "int8 channel sym"
+
+
+def test_import_paths_and_dtypes_are_converted(tmp_path):
+    ckpt = tmp_path / "teacher.ckpt"
+    ckpt.write_bytes(b"x")
+    (kd, _record) = from_recipe(
+        {
+            "distillation": {
+                "teacher": str(ckpt),
+                "teacher_class": "tests.cli_models.RecipeMLP",
+                "teacher_dtype": "bfloat16",
+            }
+        }
+    )
+    assert kd.teacher_class is RecipeMLP and kd.teacher_dtype is torch.bfloat16
+
+
+MALFORMED = [
+    # (recipe or YAML text, overrides, expected message fragment)
+    ({"pruning": {"final_sparsty": 0.5}}, None, "unknown recipe key 'pruning.final_sparsty'; did you mean pruning.final_sparsity?"),
+    ({"prunning": {"final_sparsity": 0.5}}, None, "unknown recipe top-level section 'prunning'; did you mean pruning?"),
+    ({"pruning": {"zzz": 1}}, None, "valid keys of pruning are ['final_sparsity'"),
+    ({"quantize": {}}, None, "valid sections are ['lora', 'distillation'"),
+    ({"pruning": {"final_sparsity": "abc"}}, None, "recipe key pruning.final_sparsity expects a float or null, got 'abc'"),
+    ({"pruning": {"final_sparsity": 1.5}}, None, "recipe key pruning.final_sparsity: `final_sparsity` must be a number in [0, 1)"),
+    ({"pruning": {"final_sparsity": 0.5, "start_step": True}}, None, "pruning.start_step expects an int or a float, got True"),
+    ({"pruning": {"final_sparsity": 0.5, "start_step": 0.8, "end_step": 0.2}}, None, "recipe key pruning."),
+    ({"qat": {"weights": "int9"}}, None, "recipe key qat.weights:"),
+    ({"qat": {"weights": "int4", "group_size": 0}}, None, "recipe key qat.group_size:"),
+    ({"qat": {"symmetric": "yes"}}, None, "qat.symmetric expects true/false"),
+    ({"qat": [1, 2]}, None, "recipe section qat must be a mapping of QuantizationAwareTraining arguments"),
+    ({"lora": {"r": 4, "target_modules": "fc1"}}, None, "lora.target_modules expects a list of"),
+    ({"lora": {"r": -1}}, None, "recipe key lora.r:"),
+    ({"distillation": {"teacher": "???"}}, None, "recipe key distillation.teacher has no value (???)"),
+    ({"distillation": {"teacher": "self", "teacher_class": "no_such_pkg.Model"}}, None, "distillation.teacher_class: cannot import 'no_such_pkg.Model'"),
+    ({"distillation": {"teacher": "self", "teacher_class": "torch.nn.Linea"}}, None, "did you mean torch.nn.Linear?"),
+    ({"distillation": {"teacher": "self", "teacher_dtype": "float33"}}, None, "distillation.teacher_dtype expects"),
+    ({"distillation": {"teacher": "self", "temperature": 0}}, None, "recipe key distillation.temperature:"),
+    ({"pruning": {"final_sparsity": "${vars.missing}"}}, None, "recipe key pruning.final_sparsity: Interpolation key 'vars.missing' not found"),
+    ({"export": {}}, None, "recipe key export.dirpath is required"),
+    ({"export": {"dirpath": "x", "formats": ["safetensors", "gguf"]}}, None, "recipe key export.formats:"),
+    ({}, None, "the recipe has no compression section"),
+    ({"vars": {"a": 1}}, None, "the recipe has no compression section"),
+    ({"pruning": {"final_sparsity": 0.5}}, ["pruning.final_sparsity"], "override 'pruning.final_sparsity' is not 'section.key=value'"),
+    ({"pruning": {"final_sparsity": 0.5}}, ["final_sparsity=0.5"], "is not 'section.key=value'"),
+    ({"pruning": {"final_sparsity": 0.5}}, ["pruning.final_sparsty=0.5"], "did you mean pruning.final_sparsity?"),
+    ({"pruning": {"final_sparsity": 0.5}}, "pruning.final_sparsity=0.5", "a list of 'key=value' strings"),
+    ({"pruning": {"final_sparsity": 0.5}}, ["pruning.final_sparsity=high"], "pruning.final_sparsity expects a float"),
+    ("pruning: [unclosed", None, "is not valid YAML"),
+    ("- pruning\n- qat\n", None, "must hold a mapping of sections"),
+    ("", None, "the recipe has no compression section"),
+    ("pruning:\n  final_sparsity: 0.5\npruning:\n  final_sparsity: 0.6\n", None, "is not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(("recipe", "overrides", "message"), MALFORMED)
+def test_malformed_recipes_fail_before_training_with_the_key_and_the_fix(tmp_path, recipe, overrides, message):
+    source = write(tmp_path, recipe) if isinstance(recipe, str) else recipe
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(source, overrides)
+    assert message in str(caught.value)
+
+
+def test_missing_file_and_wrong_source_type(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file '.*nope.yaml' not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="a YAML file path or a mapping, got int"):
+        load_recipe(3)
+    with pytest.raises(RecipeError, match="exclude names unknown recipe sections"):
+        load_recipe({"qat": {}}).callbacks(exclude=["quant"])
+
+
+def test_recipe_record_validates_its_argument():
+    with pytest.raises(ValueError, match="`recipe` must be a mapping"):
+        RecipeRecord(["qat"])
+
+
+# ---------------------------------------------------------------------- the run records its recipe
+def test_recipe_is_stored_in_checkpoints_export_metadata_and_logger_config(tmp_path):
+    recipe = {
+        "vars": {"target": 0.5},
+        "pruning": {"final_sparsity": "${vars.target}", "end_step": 0.5},
+        "qat": {"weights": "int8", "start_step": 0.5},
+        "export": {"dirpath": str(tmp_path / "packed")},
+    }
+    expected = {
+        "pruning": {"final_sparsity": 0.5, "end_step": 0.5},
+        "qat": {"weights": "int8", "start_step": 0.5},
+        "export": {"dirpath": str(tmp_path / "packed")},
+    }
+    logger = CSVLogger(tmp_path / "logs", name="run")
+    trainer = make_trainer(
+        max_epochs=2,
+        logger=logger,
+        enable_checkpointing=True,
+        callbacks=[*from_recipe(recipe), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+    )
+    trainer.fit(RecipeMLP(), RecipeData(samples=128))
+
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert recipe_in_checkpoint(checkpoint) == expected
+    assert read_metadata(tmp_path / "packed")["recipe"] == expected
+    hparams = yaml.safe_load(Path(logger.log_dir, "hparams.yaml").read_text())
+    assert hparams["compression_recipe"] == expected
+
+
+# ---------------------------------------------------------------------- every ready recipe
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
+    pl.seed_everything(0)
+    trainer = make_trainer(max_epochs=2)
+    trainer.fit(RecipeMLP(hidden=256), RecipeData(samples=128))
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_the_recipes_folder_holds_the_documented_recipes():
+    names = {path.stem for path in RECIPES}
+    assert names == {
+        "int8_qat",
+        "int4_weight_only",
+        "gradual_pruning_90",
+        "sparse24_int4",
+        "distill_prune_quantize",
+        "lora",
+        "qlora",
+    }
+    for path in RECIPES:
+        header = path.read_text().splitlines()[:3]
+        assert header[0].startswith("# ") and any("For:" in line for line in path.read_text().splitlines()[:12]), path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_runs_on_a_tiny_model_and_exports_what_it_says(tmp_path, path, teacher_checkpoint):
+    overrides = [f"export.dirpath={tmp_path / 'packed'}"]
+    if path.stem == "distill_prune_quantize":
+        overrides += [f"distillation.teacher={teacher_checkpoint}", "distillation.teacher_class=tests.cli_models.RecipeMLP"]
+    if path.stem == "qlora":  # the 8-class head has too few NF4 blocks for a 256-scale block
+        overrides += ["lora.exclude_modules=[net.4]"]
+    recipe = load_recipe(path, overrides)
+    pl.seed_everything(0)
+    model = RecipeMLP()
+    trainer = make_trainer(max_epochs=2, callbacks=recipe.callbacks())
+    trainer.fit(model, RecipeData(samples=128))
+
+    metadata = read_metadata(tmp_path / "packed")
+    assert metadata["recipe"] == recipe.config
+    layers = metadata["layers"]
+    qat, pruning = recipe.config.get("qat"), recipe.config.get("pruning")
+    linear_names = ["net.0", "net.2", "net.4"]
+    if qat is not None:
+        bits = int(qat["weights"].removeprefix("int"))
+        targeted = [n for n in linear_names if n in layers]
+        assert targeted and all(layers[n]["bits"] == bits for n in targeted)
+        if "group_size" in qat:
+            assert all(layers[n]["group_size"] == qat["group_size"] for n in targeted)
+    reloaded = load_packed(tmp_path / "packed", RecipeMLP, backend="dequantize")
+    for name in linear_names:
+        weight = reloaded.get_submodule(name).weight.detach()
+        if pruning is not None and pruning.get("pattern") == "2:4":
+            groups = weight.reshape(weight.shape[0], -1, 4)
+            assert int((groups != 0).sum(-1).max()) <= 2
+        elif pruning is not None:
+            assert float((weight == 0).float().mean()) >= pruning["final_sparsity"] - 1e-6
+    # the model the run ends with computes what the reloaded files compute
+    x = next(iter(RecipeData(samples=128).val_dataloader()))[0]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=1e-5, atol=1e-5)
