@@ -128,7 +128,8 @@ def export_checkpoint(
 
 
 def _build(model_class: type, checkpoint: Mapping[str, Any]) -> pl.LightningModule:
-    hyperparameters = dict(checkpoint.get("hyper_parameters") or {})
+    # LightningCLI adds its own keys (`_class_path`, `_instantiator`) next to the module's.
+    hyperparameters = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
     try:
         return model_class(**hyperparameters)
     except TypeError as err:

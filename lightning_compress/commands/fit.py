@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, List, Optional
+
+# Lightning still calls jsonargparse APIs that warn about their own deprecation; a user of
+# this command can do nothing about them.
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI

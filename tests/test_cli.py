@@ -1,0 +1,224 @@
+"""The ``lightning-compress`` command: fit / export / inspect / demo end to end, and its errors.
+
+End-to-end runs use the installed entry point in a subprocess (exit codes and output as a
+user sees them); the error table runs ``main()`` in process, which is the same code.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_compress.cli import main
+from lightning_compress.formats.packed import read_metadata
+from tests.wandb_offline import read_offline_run
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY_POINT = Path(sys.executable).parent / "lightning-compress"
+MODEL = "tests.cli_models.RecipeMLP"
+DATA = "tests.cli_models.RecipeData"
+RECIPE = """
+pruning:
+  final_sparsity: 0.5
+  end_step: 0.5
+qat:
+  weights: int4
+  group_size: 32
+  start_step: 0.5
+export:
+  dirpath: packed
+"""
+
+
+def run_cli(args, cwd, timeout=300):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(PYTHONPATH=str(REPO), HOME=str(cwd), WANDB_SILENT="true")  # no API key, no netrc: offline
+    return subprocess.run(
+        [str(ENTRY_POINT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_paragraph_error(stderr: str, fragment: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr
+    assert lines and lines[-1].startswith("lightning-compress") and ": error: " in lines[-1], stderr
+    assert fragment in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One real ``lightning-compress fit`` run with a recipe, overrides and a checkpoint."""
+    cwd = tmp_path_factory.mktemp("fit")
+    (cwd / "r.yaml").write_text(RECIPE)
+    result = run_cli(
+        [
+            "fit", "--recipe", "r.yaml", "--model", MODEL, "--data", DATA,
+            "--override", "pruning.final_sparsity=0.6", "--override=qat.start_step=0.6",
+            "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+            "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=ckpt",
+            "--trainer.callbacks.save_last=true", "--seed_everything", "0",
+        ],
+        cwd,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, result
+
+
+def test_fit_trains_with_the_recipe_and_tracks_the_run_offline(fitted):
+    cwd, result = fitted
+    expected = {
+        "pruning": {"final_sparsity": 0.6, "end_step": 0.5},
+        "qat": {"weights": "int4", "group_size": 32, "start_step": 0.6},
+        "export": {"dirpath": "packed"},
+    }
+    assert read_metadata(cwd / "packed")["recipe"] == expected
+    checkpoint = torch.load(cwd / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["lightning_compress"]["recipe"] == expected
+    weight = checkpoint["state_dict"]["net.0.weight"]
+    assert float((weight == 0).float().mean()) == pytest.approx(0.6, abs=1 / weight.numel())
+
+    run_dir = Path(re.search(r"W&B run written to (\S+)", result.stdout).group(1))
+    run_dir = run_dir if run_dir.is_absolute() else cwd / run_dir
+    assert run_dir.name.startswith("offline-run-")
+    run = read_offline_run(run_dir)
+    assert run["config"]["compression_recipe"] == expected
+    actual = [row["pruning/sparsity_actual"] for row in run["history"] if "pruning/sparsity_actual" in row]
+    assert actual and actual[-1] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_export_from_the_checkpoint_reproduces_the_fit_export(fitted):
+    cwd, _ = fitted
+    result = run_cli(["export", "--checkpoint", "ckpt/last.ckpt", "--model", MODEL, "--data", DATA, "-o", "again"], cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parity: weights exact" in result.stdout
+    first, again = read_metadata(cwd / "packed"), read_metadata(cwd / "again")
+    assert again["weights_sha256"] == first["weights_sha256"]
+    assert again["recipe"] == first["recipe"]  # taken from the checkpoint: no --recipe given
+    # An existing directory is kept unless --overwrite.
+    refused = run_cli(["export", "--checkpoint", "ckpt/last.ckpt", "--model", MODEL, "-o", "again"], cwd)
+    assert refused.returncode == 2
+    assert_one_paragraph_error(refused.stderr, "already exists; pass overwrite=True")
+
+
+def test_inspect_tables_of_the_packed_directory_and_the_checkpoint(fitted):
+    cwd, _ = fitted
+    params = 128 * 128 + 128 + 128 * 128 + 128 + 128 * 8 + 8
+    packed = run_cli(["inspect", "packed"], cwd)
+    assert packed.returncode == 0, packed.stderr
+    rows = {line.split()[0]: line.split() for line in packed.stdout.splitlines() if line.startswith(("net.", "total"))}
+    assert rows["total"][1] == str(params)
+    assert rows["net.0"][1:3] == ["16384", "4"]
+    assert 0.6 <= float(rows["net.0"][3]) < 0.62  # pruned 60%, plus weights int4 rounds to zero
+    size = (cwd / "packed" / "model.safetensors").stat().st_size
+    assert f"model.safetensors: {size:,} bytes for {params:,} parameters" in packed.stdout
+
+    checkpoint = run_cli(["inspect", "ckpt/last.ckpt"], cwd)
+    assert checkpoint.returncode == 0, checkpoint.stderr
+    rows = {line.split()[0]: line.split() for line in checkpoint.stdout.splitlines() if line.startswith(("net.", "total"))}
+    assert rows["net.0.weight"][1:5] == ["16384", "4", "0.6000", str(16384 * 4)]
+    assert rows["net.0.bias"][2] == "32"
+    assert rows["total"][1] == str(params)
+    assert "recipe: {'pruning': {'final_sparsity': 0.6" in checkpoint.stdout
+
+
+def test_subprocess_errors_exit_2_with_one_paragraph(tmp_path):
+    (tmp_path / "r.yaml").write_text("pruning:\n  final_sparsty: 0.5\n")
+    bad_recipe = run_cli(["fit", "--recipe", "r.yaml", "--model", MODEL, "--trainer.max_epochs", "1"], tmp_path)
+    assert bad_recipe.returncode == 2
+    assert_one_paragraph_error(bad_recipe.stderr, "did you mean pruning.final_sparsity?")
+    bad_class = run_cli(["fit", "--model", "tests.cli_models.NoSuchModel"], tmp_path)
+    assert bad_class.returncode == 2
+    assert_one_paragraph_error(bad_class.stderr, "unknown class path")
+
+
+ERRORS = [
+    (["fitt"], "unknown command 'fitt'; did you mean 'fit'?"),
+    (["fit", "--recipe", "missing.yaml", "--model", MODEL], "recipe file 'missing.yaml' not found"),
+    (["fit", "--model", "no_such_package.Model"], "--model no_such_package.Model: unknown class path"),
+    (["fit", "--model", MODEL, "--data", "tests.cli_models.NoData"], "has no attribute 'NoData'"),
+    (["fit", "--model", MODEL, "--override", "qat.weights=int4"], "--override changes a recipe; pass --recipe too"),
+    (["fit", "--model", MODEL, "--override"], "--override needs a value"),
+    (["fit", "--model", MODEL, "--trainer.max_epochz", "1"], "unrecognized arguments"),
+    (["export", "--model", MODEL], "the following arguments are required: --checkpoint"),
+    (["export", "--checkpoint", "missing.ckpt", "--model", MODEL, "-o", "x"], "checkpoint 'missing.ckpt' not found"),
+    (["export", "--checkpoint", "plain.ckpt", "--model", MODEL, "-o", "x"], "stores no recipe"),
+    (["export", "--checkpoint", "plain.ckpt", "--model", "torch.nn.Linear", "-o", "x"], "must be a LightningModule class"),
+    (["export", "--checkpoint", "garbage.ckpt", "--model", MODEL, "-o", "x"], "cannot be loaded with weights_only=True"),
+    (["export", "--checkpoint", "plain.ckpt", "--model", MODEL, "--recipe", "qat.yaml"], "no output directory"),
+    (["export", "--checkpoint", "plain.ckpt", "--model", MODEL, "--recipe", "qat.yaml", "-o", "x"],
+     "the checkpoint holds no state for ['QuantizationAwareTraining']"),
+    (["inspect", "missing"], "'missing' is neither a packed directory nor a checkpoint file"),
+    (["inspect", "garbage.ckpt"], "cannot be loaded with weights_only=True"),
+    (["inspect", "fake_packed"], "not a lightning-compress packed model"),
+    (["inspect"], "the following arguments are required: path"),
+]
+
+
+@pytest.mark.parametrize(("argv", "fragment"), ERRORS, ids=[" ".join(a)[:40] for a, _ in ERRORS])
+def test_bad_input_exits_2_with_one_paragraph(tmp_path, monkeypatch, capsys, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    from tests.cli_models import RecipeMLP
+
+    torch.save({"state_dict": RecipeMLP().state_dict(), "hyper_parameters": {"hidden": 128}}, tmp_path / "plain.ckpt")
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    (tmp_path / "qat.yaml").write_text("qat:\n  weights: int8\n")
+    (tmp_path / "fake_packed").mkdir()
+    (tmp_path / "fake_packed" / "compression.json").write_text(json.dumps({"format": "other"}))
+    assert main(argv) == 2
+    assert_one_paragraph_error(capsys.readouterr().err, fragment)
+
+
+def test_help_exits_0_and_no_command_exits_2(capsys):
+    assert main(["--help"]) == 0
+    assert "lightning-compress fit" in capsys.readouterr().out
+    assert main([]) == 2
+
+
+def test_lightningcli_config_with_class_path_callbacks(tmp_path, monkeypatch, capsys):
+    """The callbacks are plain ``class_path``/``init_args`` entries of a LightningCLI config."""
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 2,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": [
+                {"class_path": "lightning_compress.MagnitudePruning", "init_args": {"final_sparsity": 0.75, "end_step": 0.5}},
+                {"class_path": "lightning_compress.QuantizationAwareTraining", "init_args": {"weights": "int8", "start_step": 0.5}},
+                {"class_path": "lightning_compress.CompressedExport", "init_args": {"dirpath": str(tmp_path / "packed")}},
+            ],
+        },
+        "model": {"class_path": MODEL, "init_args": {"hidden": 128}},
+        "data": {"class_path": DATA},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", "config.yaml"]) == 0
+    metadata = read_metadata(tmp_path / "packed")
+    assert {entry["bits"] for entry in metadata["layers"].values()} == {8}
+    assert min(1 - e["kept"] / (e["shape"][0] * e["shape"][1]) for e in metadata["layers"].values()) >= 0.75 - 1e-3
+
+
+def test_demo_runs_and_prints_the_table(tmp_path):
+    result = run_cli(["demo", "--epochs", "2", "--no-progress", "--output", str(tmp_path / "out")], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("digits:"):]
+    rows = [line for line in table.splitlines() if line.startswith(("teacher", "student"))]
+    assert len(rows) == 3
+    accuracies = [float(re.split(r"\s{2,}", row)[1]) for row in rows]
+    assert all(0.1 < a <= 1.0 for a in accuracies)  # better than chance (10 classes) after 2 epochs
+    packed_bytes = int(re.split(r"\s{2,}", rows[2])[2])
+    assert packed_bytes == (tmp_path / "out" / "student-packed" / "model.safetensors").stat().st_size
+    assert "weights exact" in rows[2]
+    run_dir = Path(re.search(r"W&B run written to (\S+)", result.stdout).group(1))
+    assert run_dir.is_dir() and run_dir.name.startswith("offline-run-")
+    assert read_offline_run(run_dir)["config"]["compression_recipe"]["qat"]["weights"] == "int4"
