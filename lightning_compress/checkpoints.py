@@ -112,7 +112,8 @@ def export_checkpoint(
             raise RecipeError(
                 f"{str(checkpoint_path)!r} stores no recipe (it was not trained with from_recipe); pass --recipe"
             )
-    loaded = load_recipe(recipe, list(overrides))
+    # The teacher is not needed to rebuild the student; its checkpoint may be gone.
+    loaded = load_recipe(recipe, list(overrides), exclude=["distillation"])
     options = dict(loaded.config.get("export", {}))
     out_dir = output if output is not None else options.pop("dirpath", None)
     options.pop("dirpath", None)

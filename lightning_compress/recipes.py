@@ -119,6 +119,7 @@ class Recipe:
 
     config: Dict[str, Dict[str, Any]]
     source: Optional[str] = None
+    excluded: tuple = ()
     _arguments: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False)
 
     @property
@@ -129,28 +130,35 @@ class Recipe:
         """New callbacks for this recipe in canonical order, then a :class:`RecipeRecord`.
 
         Args:
-            exclude: section names to leave out (e.g. ``["distillation"]`` to rebuild a
-                trained student without loading its teacher).
+            exclude: section names to leave out, besides those excluded when the recipe
+                was loaded.
         """
-        unknown = sorted(set(exclude) - set(SECTIONS))
-        if unknown:
-            raise RecipeError(f"exclude names unknown recipe sections {unknown}; sections are {list(SECTIONS)}")
+        _check_sections(exclude)
         built = []
         for section, arguments in self._arguments.items():
-            if section in exclude:
+            if section in exclude or section in self.excluded:
                 continue
             extra = {"recipe": self.config} if section == "export" else {}
             built.append(_instantiate(section, {**arguments, **extra}))
         return [*built, RecipeRecord(self.config)]
 
 
-def load_recipe(source: RecipeSource, overrides: Union[Sequence[str], Mapping[str, Any], None] = None) -> Recipe:
+def load_recipe(
+    source: RecipeSource,
+    overrides: Union[Sequence[str], Mapping[str, Any], None] = None,
+    *,
+    exclude: Sequence[str] = (),
+) -> Recipe:
     """Read, resolve and validate a recipe.
 
     Args:
         source: a YAML file path, or the recipe as a mapping.
         overrides: dotlist overrides applied on top of the file before interpolation, as
             ``["pruning.final_sparsity=0.8", "qat.weights=int4"]`` or a (nested) mapping.
+        exclude: sections whose callbacks are neither built now nor by
+            :meth:`Recipe.callbacks` (their keys and types are still checked, and they
+            stay in ``config``): ``["distillation"]`` rebuilds a trained student without
+            needing its teacher's checkpoint.
 
     Raises:
         RecipeError: for a missing or unreadable file, bad YAML, an unknown key, a wrong
@@ -167,8 +175,9 @@ def load_recipe(source: RecipeSource, overrides: Union[Sequence[str], Mapping[st
         ) from None
     except OmegaConfBaseException as err:
         raise RecipeError(f"recipe key {err.full_key}: {_first_line(err)}") from None
+    _check_sections(exclude)
     config, arguments = _validate(resolved)
-    recipe = Recipe(config=config, source=origin, _arguments=arguments)
+    recipe = Recipe(config=config, source=origin, excluded=tuple(exclude), _arguments=arguments)
     recipe.callbacks()  # out-of-range values fail now, in the callbacks' own validation
     return recipe
 
@@ -185,6 +194,12 @@ def from_recipe(source: RecipeSource, overrides: Union[Sequence[str], Mapping[st
         trainer = Trainer(callbacks=from_recipe("recipes/int8_qat.yaml", ["qat.start_step=0.5"]))
     """
     return load_recipe(source, overrides).callbacks()
+
+
+def _check_sections(names: Sequence[str]) -> None:
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown:
+        raise RecipeError(f"exclude names unknown recipe sections {unknown}; sections are {list(SECTIONS)}")
 
 
 # ---------------------------------------------------------------------- reading
@@ -374,7 +389,7 @@ def _describe(tp: Any) -> str:
         return "a dtype name (float32, bfloat16, float16)"
     if origin in (list, tuple, collections.abc.Sequence):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return f"a list of ({' , '.join(_describe(a) for a in args) or 'anything'})"
+        return f"a list of ({' and '.join(_describe(a) for a in args) or 'anything'})"
     if origin in (dict, collections.abc.Mapping):
         return "a mapping"
     if origin is type or tp is type:

@@ -222,3 +222,36 @@ def test_demo_runs_and_prints_the_table(tmp_path):
     run_dir = Path(re.search(r"W&B run written to (\S+)", result.stdout).group(1))
     assert run_dir.is_dir() and run_dir.name.startswith("offline-run-")
     assert read_offline_run(run_dir)["config"]["compression_recipe"]["qat"]["weights"] == "int4"
+
+
+def test_export_of_a_distilled_run_does_not_need_the_teacher(tmp_path, monkeypatch):
+    """The recipe stored in the checkpoint names a teacher file that is gone by export time."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_compress import from_recipe
+    from lightning_compress.checkpoints import export_checkpoint
+    from tests.cli_models import RecipeData, RecipeMLP
+    from tests.conftest import make_trainer
+
+    monkeypatch.chdir(tmp_path)
+    teacher_trainer = make_trainer(max_epochs=1)
+    teacher_trainer.fit(RecipeMLP(hidden=256), RecipeData(samples=64))
+    teacher_trainer.save_checkpoint(tmp_path / "teacher.ckpt")
+    recipe = {
+        "distillation": {"teacher": str(tmp_path / "teacher.ckpt"), "teacher_class": MODEL},
+        "qat": {"weights": "int4", "group_size": 64},
+        "export": {"dirpath": str(tmp_path / "packed")},
+    }
+    pl.seed_everything(0)
+    trainer = make_trainer(
+        max_epochs=1,
+        enable_checkpointing=True,
+        callbacks=[*from_recipe(recipe), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+    )
+    trainer.fit(RecipeMLP(), RecipeData(samples=64))
+    (tmp_path / "teacher.ckpt").unlink()
+
+    report = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", RecipeMLP, output=tmp_path / "again")
+    assert report.parity.weights_exact
+    assert read_metadata(tmp_path / "again")["weights_sha256"] == read_metadata(tmp_path / "packed")["weights_sha256"]
