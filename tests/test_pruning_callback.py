@@ -257,11 +257,12 @@ def test_per_layer_table_at_the_end_of_fit_counts_pruned_not_quantized_zeros(see
     qat = QuantizationAwareTraining("int2", start_step=0)  # rounds many small weights to zero
     model = TinyRegressor()
     make_trainer(max_epochs=1, callbacks=[pruning, qat], logger=logger).fit(model, tiny_loader(batches=8))
-    columns, rows = logger.tables["pruning/layers"]
-    assert columns == ["layer", "type", "params", "zeros", "sparsity"]
+    columns, rows = logger.tables["compression/layers"]
+    assert columns[:5] == ["layer", "type", "params", "sparsity", "weight_bits"]
     rows = {row[0]: row for row in rows}
-    assert set(rows) == {"conv", "fc1"}
-    assert rows["fc1"][2:4] == [2048, round(0.3 * 2048)]
+    assert set(rows) == {"conv", "fc1", "fc2"}  # fc2 is quantized, not pruned
+    assert rows["fc1"][2:5] == [2048, round(0.3 * 2048) / 2048, 2]
+    assert rows["fc2"][3] == 0.0
     assert float((model.fc1.weight == 0).double().mean()) > 0.35  # quantized zeros exist
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Sequence
@@ -10,7 +11,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from lightning_compress.core.reporting import expect_layer_table, report_layer_table
+from lightning_compress.core.tracking import log_artifact
 from lightning_compress.formats.export import ExportReport, export
+from lightning_compress.formats.packed import METADATA_FILE
 from lightning_compress.formats.runtime import BACKENDS
 
 _LABEL_KEYS = ("labels", "label", "target", "targets", "y")
@@ -42,6 +46,9 @@ class CompressedExport(Callback):
                                      CompressedExport("exports/run1")])
         ...
         model = load_packed("exports/run1", MyModule())
+
+    With a ``WandbLogger`` attached, the directory is also logged as a W&B Artifact of
+    type ``"model"`` named after it (``run1``), with ``compression.json`` as its metadata.
 
     Args:
         dirpath: the directory to write (created; see ``overwrite``).
@@ -123,13 +130,19 @@ class CompressedExport(Callback):
                     " overwrite=True (checked before training so no run is lost)"
                 )
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        expect_layer_table(trainer)
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        report_layer_table(trainer, pl_module)
         error: Optional[str] = None
         if trainer.is_global_zero:
             try:
                 self.report = export(self._target(pl_module), self.dirpath, inputs=self._inputs(trainer, pl_module),
                                      **self.options)
                 rank_zero_info(self.report.table())
+                metadata = json.loads((self.dirpath / METADATA_FILE).read_text())
+                log_artifact(trainer, self.dirpath, type="model", metadata=metadata)
             except Exception as err:  # re-raised below, on every rank
                 error = f"{type(err).__name__}: {err}"
                 if trainer.world_size == 1:

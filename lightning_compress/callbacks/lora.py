@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.state import STATE_VERSION, check_state_version
 from lightning_compress.core.targeting import Target, validate_name
 from lightning_compress.core.transforms import Stage, bind_owner, get_weight_transform, is_bound, owner_tokens, stages
@@ -157,6 +158,7 @@ class LoRA(Callback):
             self._inject(trainer, pl_module)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        expect_layer_table(trainer)
         if self.config.lora_dropout > 0:
             for name, adapter in self._adapters.items():
                 if stages(adapter.layer) != (Stage.ADAPTER,):
@@ -184,6 +186,7 @@ class LoRA(Callback):
         )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        report_layer_table(trainer, pl_module)  # before the merge removes the adapters
         if self.adapter_dir is not None and self._adapters:
             if trainer.is_global_zero:
                 self.save_adapters(self.adapter_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any, Dict, List, Sequence
 
@@ -11,9 +12,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.core.distributed import broadcast_from_rank_zero
-from lightning_compress.core.reporting import report_table
+from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.schedule import StepLike, resolve_step, steps_are_ordered, validate_step
 from lightning_compress.core.state import STATE_VERSION, check_state_version
+from lightning_compress.core.tracking import log_line_chart
 from lightning_compress.core.targeting import Target, select_layers, validate_name, validate_targets
 from lightning_compress.core.transforms import (
     Stage,
@@ -56,6 +58,13 @@ class MagnitudePruning(Callback):
     Example::
 
         trainer = Trainer(callbacks=[MagnitudePruning(0.8, end_step=0.7)])
+
+    Logged with ``pl_module.log`` every step: ``pruning/sparsity_scheduled``,
+    ``pruning/sparsity_actual`` (what the masks prune) and ``pruning/sparsity/<group>``
+    for each group of layers (the first part of their names: ``encoder`` for
+    ``encoder.layer.0.fc``). With a ``WandbLogger``, the whole scheduled curve is logged
+    at fit start as a chart, ``pruning/schedule``; at fit end one table,
+    ``compression/layers``, describes every compressed layer (also printed).
 
     Args:
         final_sparsity: fraction of the targeted weights pruned at ``end_step``, in
@@ -155,6 +164,7 @@ class MagnitudePruning(Callback):
         self._restored: Dict[str, Any] | None = None
         self._applied_sparsity = 0.0
         self._actual_sparsity = 0.0
+        self._group_sparsity: Dict[str, float] = {}
         self._window: tuple[int, int, int] | None = None
         self._hook_handles: List[Any] = []
         self._last_logged_step = -1
@@ -187,12 +197,20 @@ class MagnitudePruning(Callback):
             install_weight_transform(layer, Stage.MASK, transform, owner=self.owner_token, active_owners=rivals)
             self._masks[name] = transform
         self._layers = layers
+        self._measure()  # logged from the first step, before any mask exists
         bind_owner(pl_module, self.owner_token)
         if self._restored is not None:
             self._apply_restored()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._window = self._resolve_window(trainer.estimated_stepping_batches)
+        expect_layer_table(trainer)
+        total = trainer.estimated_stepping_batches
+        self._window = self._resolve_window(total)
+        if math.isfinite(total):
+            log_line_chart(
+                trainer, "pruning/schedule", range(int(total) + 1), lambda step: self._scheduled(step) or 0.0,
+                x="step", y="sparsity", title="scheduled sparsity",
+            )
         for optimizer in trainer.optimizers:
             # After every optimizer step, not every batch: right under gradient
             # accumulation and manual optimization alike.
@@ -203,14 +221,12 @@ class MagnitudePruning(Callback):
         target = self._follow_schedule(step)  # first batch of a run or of a resume
         if step != self._last_logged_step:
             self._last_logged_step = step
-            pl_module.log_dict(
-                {
-                    "pruning/sparsity_scheduled": 0.0 if target is None else target,
-                    "pruning/sparsity_actual": self._actual_sparsity,
-                },
-                on_step=True,
-                on_epoch=False,
-            )
+            metrics = {
+                "pruning/sparsity_scheduled": 0.0 if target is None else target,
+                "pruning/sparsity_actual": self._actual_sparsity,
+            }
+            metrics.update({f"pruning/sparsity/{group}": value for group, value in self._group_sparsity.items()})
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Right after the optimizer step that reaches an update point, so checkpoints
@@ -219,12 +235,7 @@ class MagnitudePruning(Callback):
         self._follow_schedule(trainer.global_step)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        report_table(
-            trainer,
-            "pruning/layers",
-            ["layer", "type", "params", "zeros", "sparsity"],
-            self.layer_report(),
-        )
+        report_layer_table(trainer, pl_module)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -258,6 +269,7 @@ class MagnitudePruning(Callback):
         self._restored = None
         self._applied_sparsity = 0.0
         self._actual_sparsity = 0.0
+        self._group_sparsity = {}
         self._last_logged_step = -1
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -274,26 +286,16 @@ class MagnitudePruning(Callback):
             self._apply_restored()
 
     # ------------------------------------------------------------------ public helpers
-    def layer_report(self) -> List[List[Any]]:
-        """Rows of ``[layer, type, params, zeros, sparsity]`` for the targeted layers."""
-        rows = []
-        for name, layer in self._layers.items():
-            # Before fake quantization: weights rounded to zero by QAT are not pruned.
-            weight = weight_before(layer, Stage.FAKE_QUANT).detach()
-            zeros = int((weight == 0).sum())
-            rows.append([name, type(layer).__name__, weight.numel(), zeros, zeros / weight.numel()])
-        return rows
-
     @property
     def sparsity(self) -> float:
         """Fraction of the targeted weights the masks prune now."""
         return self._actual_sparsity
 
     # ------------------------------------------------------------------ internals
-    def _follow_schedule(self, step: int) -> float | None:
-        """Update the masks if the schedule's target at ``step`` differs from the applied one."""
+    def _scheduled(self, step: int) -> float | None:
+        """The schedule's target at ``step`` in this run (``None`` before it starts)."""
         start, end, every = self._window
-        target = scheduled_sparsity(
+        return scheduled_sparsity(
             step,
             initial=self.initial_sparsity,
             final=self.final_sparsity,
@@ -302,6 +304,10 @@ class MagnitudePruning(Callback):
             update_every=every,
             kind=self.schedule,
         )
+
+    def _follow_schedule(self, step: int) -> float | None:
+        """Update the masks if the schedule's target at ``step`` differs from the applied one."""
+        target = self._scheduled(step)
         if target is not None and target != self._applied_sparsity:
             self._update_masks(target)
         return target
@@ -337,7 +343,7 @@ class MagnitudePruning(Callback):
         for name, bits in zip(names, packed):
             self._set_mask(name, unpack_mask(bits, keeps[name].shape))
         self._applied_sparsity = sparsity
-        self._actual_sparsity = self._measure()
+        self._measure()
 
     def _set_mask(self, name: str, keep: torch.Tensor) -> None:
         self._masks[name].set(keep, like=raw_weight(self._layers[name]))
@@ -352,10 +358,17 @@ class MagnitudePruning(Callback):
         if transform.mask is not None and _mask_sees_raw(layer):
             raw_weight(layer).mul_(transform.mask)
 
-    def _measure(self) -> float:
-        pruned = sum(int((t.mask == 0).sum()) for t in self._masks.values() if t.mask is not None)
-        total = sum(raw_weight(layer).numel() for layer in self._layers.values())
-        return pruned / total
+    def _measure(self) -> None:
+        """The fraction of the targeted weights the masks prune: overall, and per group of
+        layers (the first component of a layer's name: ``encoder`` for ``encoder.layer.0.fc``)."""
+        pruned: Dict[str, int] = {}
+        total: Dict[str, int] = {}
+        for name, layer in self._layers.items():
+            group, mask = name.split(".")[0], self._masks[name].mask
+            pruned[group] = pruned.get(group, 0) + (0 if mask is None else int((mask == 0).sum()))
+            total[group] = total.get(group, 0) + raw_weight(layer).numel()
+        self._actual_sparsity = sum(pruned.values()) / sum(total.values())
+        self._group_sparsity = {group: pruned[group] / total[group] for group in total}
 
     def _zero_pruned_weights(self, *_: Any) -> None:
         for name in self._masks:
@@ -381,7 +394,7 @@ class MagnitudePruning(Callback):
             )
         for name, entry in restored.items():
             self._set_mask(name, unpack_mask(entry["packed"], tuple(entry["shape"])))
-        self._actual_sparsity = self._measure()
+        self._measure()
 
 
 def _mask_sees_raw(layer: nn.Module) -> bool:

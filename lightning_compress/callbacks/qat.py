@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import StepLike, resolve_step, validate_step
 from lightning_compress.core.state import STATE_VERSION, check_state_version
@@ -48,6 +49,11 @@ class QuantizationAwareTraining(Callback):
     Example::
 
         trainer = Trainer(callbacks=[QuantizationAwareTraining(weights="int4", group_size=32)])
+
+    Logged with ``pl_module.log`` every step: ``qat/enabled`` (0 before ``start_step``,
+    then 1), ``qat/weight_bits`` (the mean weight bits of the quantized layers, weighted
+    by their parameter counts; 32 while they still compute in float) and, with
+    ``activations``, ``qat/activation_bits`` (8, or 32 before ``start_step``).
 
     Args:
         weights: ``"int8"``, ``"int4"``, ... (``"int2"`` to ``"int8"``) or bits as an int.
@@ -155,6 +161,7 @@ class QuantizationAwareTraining(Callback):
         self._reset()
         self._start = 0
         self._freeze_bn_at: int | None = None
+        self._last_logged_step = -1
 
     def _reset(self) -> None:
         self._layers: Dict[str, nn.Module] = {}
@@ -202,6 +209,8 @@ class QuantizationAwareTraining(Callback):
             self._apply_restored()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        expect_layer_table(trainer)
+        self._last_logged_step = -1
         total = trainer.estimated_stepping_batches
         self._start = resolve_step("start_step", self.start_step, total)
         self._freeze_bn_at = (
@@ -215,7 +224,14 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        self._set_enabled(step >= self._start)
+        enabled = step >= self._start
+        self._set_enabled(enabled)
+        if step != self._last_logged_step:
+            self._last_logged_step = step
+            metrics = {"qat/enabled": float(enabled), "qat/weight_bits": self._weight_bits() if enabled else 32.0}
+            if self.activations is not None:
+                metrics["qat/activation_bits"] = 8.0 if enabled else 32.0
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         calibrating = step < self._start + self.calibration_steps
         for quantizer in self._input_quantizers.values():
             if isinstance(quantizer, StaticRangeObserver):
@@ -224,6 +240,9 @@ class QuantizationAwareTraining(Callback):
             for module in pl_module.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()  # Lightning puts the model in train mode every epoch
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        report_layer_table(trainer, pl_module)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -290,6 +309,12 @@ class QuantizationAwareTraining(Callback):
         self._input_quantizers[name] = quantizer
         layer.__dict__["_lc_input_quant_hook"] = layer.register_forward_pre_hook(hook)
         layer.__dict__[INPUT_QUANTIZER_ATTR] = quantizer  # read by the export
+
+    def _weight_bits(self) -> float:
+        """Mean bits of the quantized weights, weighted by each layer's parameter count."""
+        counts = {name: raw_weight(layer).numel() for name, layer in self._layers.items()}
+        bits = sum(counts[name] * q.spec.bits for name, q in self._weight_quantizers.items())
+        return bits / sum(counts.values())
 
     def _set_enabled(self, enabled: bool) -> None:
         for quantizer in self._weight_quantizers.values():

@@ -1,15 +1,31 @@
-"""Per-layer reports: one table per callback, never one panel per layer.
+"""Per-layer reports: one table for the whole compressed model, never one panel per layer.
 
-Scalars go through ``pl_module.log`` so every Lightning logger receives them; a
+Scalars go through ``pl_module.log`` so every Lightning logger receives them; the
 per-layer table goes to loggers that have tables (W&B's ``log_table``) and is printed on
 rank zero, because a dashboard with hundreds of per-layer panels is unreadable.
+
+The table is read from the weight-transform stack of the module, not from any one
+callback, so it describes whatever combination of methods is attached. Each stage (and
+a layer's activation quantizer) contributes its columns through a ``table_fields()``
+method returning ``{column: value}``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Dict, List, Sequence
 
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_compress.core.tracking import log_table
+from lightning_compress.core.transforms import Stage, get_weight_transform, stages, weight_before
+from lightning_compress.quant.activations import input_quantizer_of
+
+LAYER_TABLE_KEY = "compression/layers"
+LAYER_COLUMNS = ("layer", "type", "params", "sparsity", "weight_bits", "granularity", "activation_bits", "lora_rank")
+# A column no stage fills: the layer computes in float there (bits) or has no adapter.
+_DEFAULTS = {"weight_bits": 32, "granularity": "float", "activation_bits": 32, "lora_rank": 0}
+_PENDING = "_lc_layer_table_pending"
 
 
 def format_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -22,11 +38,51 @@ def format_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any
 
 def report_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Send a table to every logger that takes tables and print it once."""
-    for logger in trainer.loggers:
-        log_table = getattr(logger, "log_table", None)
-        if callable(log_table) and trainer.is_global_zero:
-            log_table(key=key, columns=list(columns), data=[list(r) for r in rows])
+    log_table(trainer, key, columns, rows)
     rank_zero_info(format_table(key, columns, rows))
+
+
+def layer_rows(module: nn.Module) -> List[List[Any]]:
+    """One row (in :data:`LAYER_COLUMNS` order) per layer under ``module`` that has a
+    weight transform. ``sparsity`` counts the zeros of the weight entering fake
+    quantization: pruned weights, not weights that quantization rounds to zero."""
+    rows = []
+    for name, layer in module.named_modules():
+        if not stages(layer):
+            continue
+        fields: Dict[str, Any] = dict(_DEFAULTS)
+        for stage in stages(layer):
+            fields.update(_fields_of(get_weight_transform(layer, stage)))
+        fields.update(_fields_of(input_quantizer_of(layer)))
+        weight = weight_before(layer, Stage.FAKE_QUANT).detach()
+        numel = weight.numel()
+        fields.update(layer=name, type=type(layer).__name__, params=numel, sparsity=int((weight == 0).sum()) / numel)
+        rows.append([fields[column] for column in LAYER_COLUMNS])
+    return rows
+
+
+def expect_layer_table(trainer) -> None:
+    """Called by every compression callback at fit start: this fit owes one layer table."""
+    setattr(trainer, _PENDING, True)
+
+
+def report_layer_table(trainer, pl_module: nn.Module) -> None:
+    """Called by every compression callback first thing at fit end: the first call of the
+    fit logs and prints the table (before any callback changes the model, e.g. merges
+    LoRA); the others find it done. Nothing is logged for a model with no compressed layer."""
+    if not getattr(trainer, _PENDING, False):
+        return
+    setattr(trainer, _PENDING, False)
+    if not trainer.is_global_zero:
+        return
+    rows = layer_rows(pl_module)
+    if rows:
+        report_table(trainer, LAYER_TABLE_KEY, LAYER_COLUMNS, rows)
+
+
+def _fields_of(part: Any) -> Dict[str, Any]:
+    table_fields = getattr(part, "table_fields", None)
+    return dict(table_fields()) if callable(table_fields) else {}
 
 
 def _cell(value: Any) -> str:

@@ -117,6 +117,10 @@ class LoRAAdapter:
         base = dequantize_nf4(weight, self.base_dtype) if is_nf4(weight) else weight
         return base + self.delta(base.dtype)
 
+    def table_fields(self) -> Dict[str, Any]:
+        """This stage's column of the per-layer table."""
+        return {"lora_rank": self.layer.lora_A.shape[0]}
+
     # ------------------------------------------------------------ forward
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         layer = self.layer

@@ -46,6 +46,10 @@ class DynamicTokenQuantizer:
         out = out.view(tokens.shape)
         return out.movedim(-1, 1) if self.channels_first else out
 
+    def table_fields(self) -> Dict[str, Any]:
+        """This quantizer's column of the per-layer table (none while it is disabled)."""
+        return {"activation_bits": _PER_TOKEN.bits} if self.enabled else {}
+
 
 class StaticRangeObserver:
     """int8 asymmetric per-tensor fake quantization with an observed, then frozen, range.
@@ -102,6 +106,10 @@ class StaticRangeObserver:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.low, self.high, self.calibrating = state["low"], state["high"], state["calibrating"]
+
+    def table_fields(self) -> Dict[str, Any]:
+        """This quantizer's column of the per-layer table (none while it is disabled)."""
+        return {"activation_bits": _PER_TENSOR.bits} if self.enabled else {}
 
 
 def input_quantizer_of(layer) -> "DynamicTokenQuantizer | StaticRangeObserver | None":

@@ -63,9 +63,13 @@ class QuantSpec:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
+    @property
+    def granularity_label(self) -> str:
+        """``"tensor"``, ``"channel"`` or ``"g<group_size>"``."""
+        return f"g{self.group_size}" if self.granularity == "group" else self.granularity
+
     def describe(self) -> str:
-        size = f"g{self.group_size}" if self.granularity == "group" else self.granularity
-        text = f"int{self.bits} {size} {'sym' if self.symmetric else 'asym'}"
+        text = f"int{self.bits} {self.granularity_label} {'sym' if self.symmetric else 'asym'}"
         # float32 scales are left out so checkpoints written before `scale_dtype` still match.
         return text if self.scale_dtype == "float32" else f"{text} {self.scale_dtype} scales"
 

@@ -73,6 +73,12 @@ class WeightFakeQuantizer:
             out = fake_quantize(compute, scale, zero_point, self.spec)
         return out.to(weight.dtype).view(weight.shape)
 
+    def table_fields(self) -> Dict[str, object]:
+        """This stage's columns of the per-layer table (none while it is disabled)."""
+        if not self.enabled:
+            return {}
+        return {"weight_bits": self.spec.bits, "granularity": self.spec.granularity_label}
+
     def _follow_device(self, device: torch.device) -> None:
         # Same Parameter object, new storage: optimizers keep their reference. Covers
         # scales restored on CPU for a model that runs on a GPU.
