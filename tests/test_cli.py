@@ -36,6 +36,15 @@ export:
 """
 
 
+@pytest.fixture(autouse=True)
+def wandb_files_in_tmp(tmp_path, monkeypatch):
+    """In-process runs keep every W&B file (runs, cache, staged artifacts) under tmp_path."""
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
 def run_cli(args, cwd, timeout=300):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(PYTHONPATH=str(REPO), HOME=str(cwd), WANDB_SILENT="true")  # no API key, no netrc: offline
