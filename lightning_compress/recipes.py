@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -223,7 +224,7 @@ def _read(source: RecipeSource) -> tuple[DictConfig, Optional[str]]:
 def _as_dictconfig(source: Any, what: str) -> DictConfig:
     try:
         return source if isinstance(source, DictConfig) else OmegaConf.create(dict(source))
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as err:
         raise RecipeError(f"{what} cannot be read: {_first_line(err)}") from None
 
 
@@ -241,7 +242,7 @@ def _overrides(overrides: Union[Sequence[str], Mapping[str, Any], None]) -> Dict
             )
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError) as err:  # values are parsed as YAML
         raise RecipeError(f"overrides cannot be read: {_first_line(err)}") from None
 
 

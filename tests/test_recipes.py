@@ -281,3 +281,21 @@ def test_every_recipe_runs_on_a_tiny_model_and_exports_what_it_says(tmp_path, pa
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_on_disk_is_touched_when_a_run_is_refused(tmp_path):
+    """A bad recipe, or an export over an existing directory, stops before the first step."""
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "model.safetensors").write_bytes(b"an earlier export")
+    with pytest.raises(RecipeError, match="qat.group_size"):
+        from_recipe({"qat": {"weights": "int4", "group_size": -4}, "export": {"dirpath": str(packed)}})
+    model = RecipeMLP()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = make_trainer(max_epochs=1, callbacks=from_recipe({"qat": {"weights": "int8"}, "export": {"dirpath": str(packed)}}))
+    with pytest.raises(FileExistsError, match="already exists; choose another `dirpath` or pass overwrite=True"):
+        trainer.fit(model, RecipeData(samples=64))
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
+    assert (packed / "model.safetensors").read_bytes() == b"an earlier export"
