@@ -204,6 +204,15 @@ class MagnitudePruning(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         expect_layer_table(trainer)
+        for optimizer in trainer.optimizers:
+            # After every optimizer step, not every batch: right under gradient
+            # accumulation and manual optimization alike.
+            self._hook_handles.append(optimizer.register_step_post_hook(self._zero_pruned_weights))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not in on_fit_start: `estimated_stepping_batches` builds the train dataloader,
+        # and before the checkpoint's loop state is restored that makes Lightning drop a
+        # resumable dataloader's saved position (a mid-epoch resume would replay data).
         total = trainer.estimated_stepping_batches
         self._window = self._resolve_window(total)
         if math.isfinite(total):
@@ -211,10 +220,6 @@ class MagnitudePruning(Callback):
                 trainer, "pruning/schedule", range(int(total) + 1), lambda step: self._scheduled(step) or 0.0,
                 x="step", y="sparsity", title="scheduled sparsity",
             )
-        for optimizer in trainer.optimizers:
-            # After every optimizer step, not every batch: right under gradient
-            # accumulation and manual optimization alike.
-            self._hook_handles.append(optimizer.register_step_post_hook(self._zero_pruned_weights))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

@@ -211,16 +211,20 @@ class QuantizationAwareTraining(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         expect_layer_table(trainer)
         self._last_logged_step = -1
-        total = trainer.estimated_stepping_batches
-        self._start = resolve_step("start_step", self.start_step, total)
-        self._freeze_bn_at = (
-            None if self.freeze_bn_step is None else resolve_step("freeze_bn_step", self.freeze_bn_step, total)
-        )
         if self.learn_ranges:
             for name, quantizer in self._weight_quantizers.items():
                 quantizer._follow_device(raw_weight(self._layers[name]).device)
             self._ranges.track([q.log_scale for q in self._weight_quantizers.values()])
             self._ranges.follow(trainer, "`learn_ranges`")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not in on_fit_start: there `estimated_stepping_batches` would make Lightning drop
+        # a resumable dataloader's saved position (see MagnitudePruning.on_train_start).
+        total = trainer.estimated_stepping_batches
+        self._start = resolve_step("start_step", self.start_step, total)
+        self._freeze_bn_at = (
+            None if self.freeze_bn_step is None else resolve_step("freeze_bn_step", self.freeze_bn_step, total)
+        )
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
