@@ -55,6 +55,7 @@ from lightning_compress.callbacks import (
     QuantizationAwareTraining,
 )
 from lightning_compress.callbacks.recipe_record import RecipeRecord
+from lightning_compress.core.compatibility import check_recipe
 
 RecipeSource = Union[str, os.PathLike, Mapping[str, Any], DictConfig]
 
@@ -179,7 +180,8 @@ def load_recipe(
     _check_sections(exclude)
     config, arguments = _validate(resolved)
     recipe = Recipe(config=config, source=origin, excluded=tuple(exclude), _arguments=arguments)
-    recipe.callbacks()  # out-of-range values fail now, in the callbacks' own validation
+    # Out-of-range values fail now, in the callbacks' own validation; then combinations.
+    check_recipe(recipe.callbacks(), error=RecipeError)
     return recipe
 
 

@@ -14,12 +14,14 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from lightning_compress.core.compatibility import prepare_stack
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.state import STATE_VERSION, check_state_version
 from lightning_compress.core.targeting import close_names_hint, validate_name
 from lightning_compress.core.transforms import detach_all
 from lightning_compress.distill.cache import TeacherOutputCache
 from lightning_compress.distill.losses import LOSSES, distillation_loss, top1_agreement
+from lightning_compress.quant.nf4 import nf4_deepcopy_memo
 
 CACHES = ("memory", "disk")
 CACHE_FILE = "teacher_outputs.safetensors"
@@ -172,6 +174,7 @@ class KnowledgeDistillation(Callback):
         self.name = validate_name(name)
 
         self._teacher: nn.Module | None = None  # the whole frozen teacher
+        self._self_copy: nn.Module | None = None  # teacher="self", copied before other callbacks' setup
         self._teacher_entry: nn.Module | None = None  # the module the teacher's inputs go to
         self._loaded_teacher: nn.Module | None = None
         self._student: LightningModule | None = None
@@ -219,16 +222,25 @@ class KnowledgeDistillation(Callback):
         return step.weighted(self)
 
     # ------------------------------------------------------------------ hooks
+    def before_compression_setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Called by the first compression callback to set up (see ``core.compatibility``):
+        ``teacher="self"`` copies the student here, before LoRA (NF4 bases) or any other
+        callback listed before this one has changed it."""
+        if _is_self(self._teacher_arg) and self._self_copy is None and not self._hooks:
+            self._self_copy = _frozen_copy(pl_module, trainer)
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        prepare_stack(trainer, pl_module, stage)
         if stage != "fit":
             return
+        self_copy, self._self_copy = self._self_copy, None
         self._detach()  # a previous fit of this callback
         if self._teacher_path is not None:
             if self._loaded_teacher is None:
                 self._loaded_teacher = _load_teacher(self._teacher_path, self.teacher_class)
             teacher = self._loaded_teacher
         elif _is_self(self._teacher_arg):
-            teacher = _frozen_copy(pl_module, trainer)
+            teacher = self_copy if self_copy is not None else _frozen_copy(pl_module, trainer)
         else:
             teacher = self._teacher_arg
             student_parameters = {id(p) for p in pl_module.parameters()}
@@ -297,6 +309,7 @@ class KnowledgeDistillation(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._detach()  # give the user back their own training_step
+        self._self_copy = None
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
@@ -647,10 +660,10 @@ def _submodule(root: nn.Module, argument: str, name: str, owner: str = "student"
 
 def _frozen_copy(pl_module: LightningModule, trainer: Trainer) -> nn.Module:
     # The memo keeps the Trainer (and everything it holds) out of the copy.
-    teacher = copy.deepcopy(pl_module, {id(trainer): None})
-    # Other callbacks' transforms and hooks may already be on the student (setup runs in
-    # list order); the raw weights are still the starting ones, so strip them all and the
-    # teacher is the same whatever the order.
+    teacher = copy.deepcopy(pl_module, {id(trainer): None, **nf4_deepcopy_memo(pl_module)})
+    # Taken before the other callbacks of this fit set up (see `before_compression_setup`),
+    # but transforms and hooks of an earlier fit (QAT stays attached) may be on the
+    # student; the raw weights are the starting ones, so strip them all.
     detach_all(teacher)
     for module in teacher.modules():
         for hooks in (

@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from lightning_compress.core.compatibility import prepare_stack
 from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.tracking import log_artifact
 from lightning_compress.formats.export import ExportReport, export
@@ -122,6 +123,7 @@ class CompressedExport(Callback):
         _validate_formats(formats, [None] if "onnx" in formats else None)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        prepare_stack(trainer, pl_module, stage)
         if stage == "fit":
             self._target(pl_module)  # a wrong `module` fails before training
             if self.dirpath.exists() and not self.options["overwrite"]:

@@ -12,10 +12,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_compress.core.compatibility import prepare_stack
 from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.state import STATE_VERSION, check_state_version
 from lightning_compress.core.targeting import Target, validate_name
-from lightning_compress.core.transforms import Stage, bind_owner, get_weight_transform, is_bound, owner_tokens, stages
+from lightning_compress.core.transforms import Stage, bind_owner, get_weight_transform, is_bound, owner_tokens
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter
 from lightning_compress.lora.config import LoRAConfig
@@ -147,6 +148,7 @@ class LoRA(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        prepare_stack(trainer, pl_module, stage)
         _wrap_on_load_checkpoint(pl_module, self._before_model_load)
         if self._in_place(pl_module):
             return  # a later validate/test/fit of the same model
@@ -159,14 +161,6 @@ class LoRA(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         expect_layer_table(trainer)
-        if self.config.lora_dropout > 0:
-            for name, adapter in self._adapters.items():
-                if stages(adapter.layer) != (Stage.ADAPTER,):
-                    raise ValueError(
-                        f"`lora_dropout`={self.config.lora_dropout} acts on the adapter's input, but pruning or"
-                        f" QAT also transform the weight of {name!r}, so its adapter is merged into that"
-                        " weight; set lora_dropout=0 or keep the layer out of the other callback's targets"
-                    )
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 # Frozen parameters would never move; keeping them only costs every step.

@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_compress.core.compatibility import prepare_stack
 from lightning_compress.core.distributed import broadcast_from_rank_zero
 from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.schedule import StepLike, resolve_step, steps_are_ordered, validate_step
@@ -178,6 +179,7 @@ class MagnitudePruning(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        prepare_stack(trainer, pl_module, stage)
         if stage != "fit":
             return  # the stored weights are already zero where pruned
         if not is_bound(pl_module, self.owner_token):

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lightning_compress.core.compatibility import check_quantization_trains, prepare_stack
 from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import StepLike, resolve_step, validate_step
@@ -180,6 +181,7 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Every stage, not only fit: `Trainer(callbacks=[qat]).test(model, ckpt_path=...)`
         # must evaluate the quantized model the checkpoint describes.
+        prepare_stack(trainer, pl_module, stage)
         if self._layers and is_bound(pl_module, self.owner_token) and self._owns_layers_of(pl_module):
             return  # a later fit/validate of the same model: everything is in place
         if self._layers:
@@ -222,6 +224,7 @@ class QuantizationAwareTraining(Callback):
         # a resumable dataloader's saved position (see MagnitudePruning.on_train_start).
         total = trainer.estimated_stepping_batches
         self._start = resolve_step("start_step", self.start_step, total)
+        check_quantization_trains(trainer, self, self._start, total)
         self._freeze_bn_at = (
             None if self.freeze_bn_step is None else resolve_step("freeze_bn_step", self.freeze_bn_step, total)
         )
@@ -343,7 +346,8 @@ class QuantizationAwareTraining(Callback):
             if entry["spec"] != quantizer.spec.describe():
                 raise ValueError(
                     f"layer {name!r} was trained with {entry['spec']} but this callback quantizes it"
-                    f" as {quantizer.spec.describe()}; resume with the same settings"
+                    f" as {quantizer.spec.describe()}, so it would continue or be exported on a grid it was not"
+                    " trained on; resume or export with the QAT settings of the run that trained it"
                 )
             quantizer.enabled = entry["enabled"]
             if quantizer.learned and "log_scale" in entry:

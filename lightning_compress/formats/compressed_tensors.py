@@ -11,11 +11,12 @@ granularity, group size and symmetry form one config group that targets them by 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 from torch import nn
 
 from lightning_compress.formats.packed import PackedLayer
+from lightning_compress.quant.spec import QuantSpec
 
 COMPATIBLE_MODULES = ("Linear", "Embedding")
 
@@ -29,14 +30,23 @@ def incompatibilities(layers: Mapping[str, PackedLayer]) -> Dict[str, str]:
     """``{layer: reason}`` for layers compressed-tensors cannot load."""
     reasons = {}
     for name, layer in layers.items():
-        spec = layer.weight.spec
-        if layer.module not in COMPATIBLE_MODULES:
-            reasons[name] = f"{layer.module} layers are our extension"
-        elif not spec.symmetric and spec.bits < 8 and spec.granularity != "tensor":
-            # transformers 5.x allocates these unpacked and refuses the packed tensor
-            # (checked with compressed-tensors 0.20): keep such exports to our loader.
-            reasons[name] = "asymmetric sub-8-bit zero points do not load in transformers"
+        reason = incompatibility(layer.module, layer.weight.spec)
+        if reason is not None:
+            reasons[name] = reason
     return reasons
+
+
+def incompatibility(module: str, spec: QuantSpec) -> Optional[str]:
+    """Why compressed-tensors cannot load a ``module`` layer (a class name) quantized with
+    ``spec``, or ``None``. The export uses it on the packed layers, and the callbacks
+    before training on what QAT will train."""
+    if module not in COMPATIBLE_MODULES:
+        return f"{module} layers are our extension"
+    if not spec.symmetric and spec.bits < 8 and spec.granularity != "tensor":
+        # transformers 5.x allocates these unpacked and refuses the packed tensor
+        # (checked with compressed-tensors 0.20): keep such exports to our loader.
+        return "asymmetric sub-8-bit zero points do not load in transformers"
+    return None
 
 
 def quantization_config(layers: Mapping[str, PackedLayer]) -> Dict[str, Any]:

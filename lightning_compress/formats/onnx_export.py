@@ -69,6 +69,8 @@ from torch import nn
 from lightning_compress.core.targeting import close_names_hint
 from lightning_compress.core.transforms import detach_all, is_transformed
 from lightning_compress.quant.fake_quant import QuantizedWeight
+from lightning_compress.quant.nf4 import nf4_deepcopy_memo
+from lightning_compress.quant.spec import QuantSpec
 
 MATMUL_NBITS = "MatMulNBits"
 QDQ = "QDQ"
@@ -275,7 +277,7 @@ def _plan(model: nn.Module, quantized: Mapping[str, QuantizedWeight], dynamic: b
                 " exported with integer weights. Leave it out of `quantized` (it is then"
                 " exported in float)."
             )
-        op = _choose_op(name, q, dynamic)
+        op = onnx_op(name, q.spec, dynamic)
         expected = (layer.out_features, layer.in_features)
         if tuple(q.codes.shape) != expected:
             raise ValueError(
@@ -299,8 +301,12 @@ def _plan(model: nn.Module, quantized: Mapping[str, QuantizedWeight], dynamic: b
     return plans
 
 
-def _choose_op(name: str, q: QuantizedWeight, dynamic: bool) -> str:
-    spec = q.spec
+def onnx_op(name: str, spec: QuantSpec, dynamic: bool = False) -> str:
+    """The op that computes layer ``name`` quantized with ``spec`` in the ONNX graph.
+
+    Raises:
+        ValueError: naming the layer, for a grid this export cannot write.
+    """
     if spec.bits == 4:
         if spec.granularity in ("channel", "tensor"):
             return MATMUL_NBITS
@@ -328,6 +334,7 @@ def _export_copy(model: nn.Module, plans: Mapping[str, _Plan]) -> nn.Module:
     # Trainer (and all it holds) out of the copy.
     trainer = model.__dict__.get("_trainer")
     memo = {id(trainer): None} if trainer is not None else {}
+    memo.update(nf4_deepcopy_memo(model))  # QLoRA bases, copied exactly
     clone = copy.deepcopy(model, memo)
     # Fold every weight transform (fake quant, masks, adapters) into a plain weight, so the
     # exporter sees a constant initializer instead of tracing round/clamp ops; quantized

@@ -11,7 +11,7 @@ their mean. torchao's tensor does both, runs on CPU and CUDA, dequantizes inside
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_compress._torchao import import_torchao
 
@@ -48,6 +48,27 @@ def check_nf4_compatible(name: str, weight: Tensor, block_size: int, scaler_bloc
 def to_nf4(weight: Tensor, block_size: int = NF4_BLOCK_SIZE, scaler_block_size: int = NF4_SCALER_BLOCK_SIZE) -> Tensor:
     """Quantize ``weight`` to an NF4 tensor that dequantizes to ``weight.dtype``."""
     return _nf4.to_nf4(weight.detach().contiguous(), block_size, scaler_block_size)
+
+
+def copy_nf4(tensor: Tensor) -> Tensor:
+    """An exact copy of an NF4 tensor: its codes and scales cloned.
+
+    ``copy.deepcopy`` goes through torchao's ``clone``, which quantizes the dequantized
+    weight again with the default block sizes: a different tensor, or an error for block
+    sizes that do not divide it that way.
+    """
+    names, context = tensor.__tensor_flatten__()
+    inner = {name: getattr(tensor, name).clone() for name in names}
+    return NF4Tensor.__tensor_unflatten__(inner, context, tensor.size(), tensor.stride())
+
+
+def nf4_deepcopy_memo(module: nn.Module) -> dict:
+    """Entries for ``copy.deepcopy(module, memo)`` that copy its NF4 parameters exactly."""
+    return {
+        id(p): nn.Parameter(copy_nf4(p), requires_grad=p.requires_grad)
+        for _, p in module.named_parameters(remove_duplicate=False)
+        if is_nf4(p)
+    }
 
 
 def is_nf4(tensor: Tensor) -> bool:

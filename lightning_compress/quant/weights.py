@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Mapping, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from lightning_compress.quant.fake_quant import (
     check_divisible,
     choose_qparams,
     fake_quantize,
+    group_width,
     fake_quantize_learned,
     quantize_codes,
 )
@@ -46,10 +48,16 @@ class WeightFakeQuantizer:
         self.initialized = False
 
     def create_parameters(self, weight: Tensor) -> nn.Parameter:
-        """Allocate the learned log-scales (values are set on first use)."""
-        scale, zero_point = choose_qparams(as_matrix(weight.detach().float()), self.spec)
-        self.log_scale = nn.Parameter(scale.log())
-        self.zero_point = zero_point
+        """Allocate the learned log-scales for ``weight``'s shape.
+
+        Only the shape is read: the values are set on first use from the weight entering
+        the stage, which other stages (a LoRA adapter on an NF4 base, a mask) may change
+        after this, and the raw parameter may be an NF4 tensor with no float view.
+        """
+        rows, columns = weight.shape[0], math.prod(weight.shape[1:])
+        groups = rows * columns // group_width((rows, columns), self.spec)
+        self.log_scale = nn.Parameter(torch.zeros(groups, device=weight.device))
+        self.zero_point = torch.zeros(groups, dtype=torch.int32, device=weight.device)
         return self.log_scale
 
     def qparams(self, weight: Tensor) -> tuple[Tensor, Tensor]:
