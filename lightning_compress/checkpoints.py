@@ -7,15 +7,18 @@ anyone who wants the compressed module in hand without a Trainer loop.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_compress.callbacks.export import CompressedExport
 from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_checkpoint
-from lightning_compress.formats.export import ExportReport, export
+from lightning_compress.formats.export import ExportReport
 from lightning_compress.recipes import Recipe, RecipeError, load_recipe
 
 # Sections that do not change the student's weights, so a rebuilt model does without them.
@@ -48,8 +51,9 @@ def restore_from_checkpoint(
     model: pl.LightningModule, checkpoint: Mapping[str, Any], recipe: Recipe
 ) -> pl.LightningModule:
     """Put ``model`` in the compressed state ``checkpoint`` holds: masks, quantizers,
-    adapters, in the same order Lightning restores them (callbacks set up, then model
-    weights, then callback state).
+    adapters (NF4 bases included), in Lightning's own restore order: callbacks set up,
+    the module's ``on_load_checkpoint``, its weights, then the callbacks'
+    ``on_load_checkpoint`` and state.
 
     Raises:
         RecipeError: when the checkpoint has no state for a callback of the recipe.
@@ -71,10 +75,13 @@ def restore_from_checkpoint(
             f"the checkpoint holds no state for {missing}; export with the recipe the run was trained with"
             f" (the checkpoint has {sorted(states)})"
         )
+    checkpoint = dict(checkpoint)  # on_load_checkpoint hooks may add to it (LoRA puts NF4 bases back)
     for callback in callbacks:
         callback.setup(trainer, model, stage="validate")
+    model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     for callback in callbacks:
+        callback.on_load_checkpoint(trainer, model, checkpoint)
         callback.load_state_dict(states[callback.state_key])
     model.eval()
     return model
@@ -87,10 +94,11 @@ def export_checkpoint(
     recipe: Union[str, os.PathLike, Mapping[str, Any], None] = None,
     overrides: Sequence[str] = (),
     output: Union[str, os.PathLike, None] = None,
-    datamodule_class: Optional[type] = None,
+    datamodule: Optional[pl.LightningDataModule] = None,
     overwrite: bool = False,
 ) -> ExportReport:
-    """Export a compression run's checkpoint to a packed directory.
+    """Export a compression run's checkpoint to a packed directory, as the run's own
+    ``CompressedExport`` would have (same ``module``, ``input_fn`` and options).
 
     Args:
         checkpoint_path: the Lightning checkpoint.
@@ -99,8 +107,8 @@ def export_checkpoint(
         recipe: the recipe the run used; default: the one stored in the checkpoint.
         overrides: recipe overrides (``"export.backend=dequantize"``).
         output: the directory; default: the recipe's ``export.dirpath``.
-        datamodule_class: when given, its validation (else training) batches feed the
-            output parity check; without it only the weights are checked.
+        datamodule: when given, its validation (else training) batches feed the output
+            parity check; without it only the weights are checked.
         overwrite: replace an existing directory.
     """
     if not (isinstance(model_class, type) and issubclass(model_class, pl.LightningModule)):
@@ -112,20 +120,18 @@ def export_checkpoint(
             raise RecipeError(
                 f"{str(checkpoint_path)!r} stores no recipe (it was not trained with from_recipe); pass --recipe"
             )
+    changes = [*overrides]
+    if output is not None:
+        changes.append(f"export.dirpath={json.dumps(str(output))}")
+    if overwrite:
+        changes.append("export.overwrite=true")
     # The teacher is not needed to rebuild the student; its checkpoint may be gone.
-    loaded = load_recipe(recipe, list(overrides), exclude=["distillation"])
-    options = dict(loaded.config.get("export", {}))
-    out_dir = output if output is not None else options.pop("dirpath", None)
-    options.pop("dirpath", None)
-    if out_dir is None:
-        raise RecipeError("no output directory: pass -o/--output or set export.dirpath in the recipe")
-    for callback_only in ("module", "parity_batches", "input_fn"):
-        options.pop(callback_only, None)
-    model = _build(model_class, checkpoint)
-    restore_from_checkpoint(model, checkpoint, loaded)
-    inputs = _parity_inputs(datamodule_class, loaded) if datamodule_class is not None else None
-    options["overwrite"] = overwrite or options.get("overwrite", False)
-    return export(model, out_dir, inputs=inputs, recipe=loaded.config, **options)
+    loaded = load_recipe(recipe, changes, exclude=["distillation"])
+    if "export" not in loaded.config:
+        raise RecipeError("no output directory: pass -o/--output or add an export section with a dirpath to the recipe")
+    (writer,) = [c for c in loaded.callbacks() if isinstance(c, CompressedExport)]
+    model = restore_from_checkpoint(_build(model_class, checkpoint), checkpoint, loaded)
+    return writer.write(model, _batches(datamodule) if datamodule is not None else ())
 
 
 def _build(model_class: type, checkpoint: Mapping[str, Any]) -> pl.LightningModule:
@@ -140,21 +146,10 @@ def _build(model_class: type, checkpoint: Mapping[str, Any]) -> pl.LightningModu
         ) from None
 
 
-def _parity_inputs(datamodule_class: type, recipe: Recipe) -> list:
-    from lightning_compress.callbacks.export import default_input_fn
-
-    datamodule = datamodule_class()
+def _batches(datamodule: pl.LightningDataModule):
     datamodule.prepare_data()
     datamodule.setup("validate")
-    try:
-        loader = datamodule.val_dataloader()
-    except Exception:  # a datamodule without validation data
-        datamodule.setup("fit")
-        loader = datamodule.train_dataloader()
-    batches = int(recipe.config.get("export", {}).get("parity_batches", 2))
-    inputs = []
-    for batch in loader:
-        inputs.append(default_input_fn(batch))
-        if len(inputs) == batches:
-            break
-    return inputs
+    if is_overridden("val_dataloader", datamodule, pl.LightningDataModule):
+        return iter(datamodule.val_dataloader())
+    datamodule.setup("fit")
+    return iter(datamodule.train_dataloader())

@@ -45,6 +45,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         close = difflib.get_close_matches(command, COMMANDS, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return _fail("lightning-compress", f"unknown command {command!r}; {hint}commands are {', '.join(COMMANDS)}")
+    from lightning_compress.commands import state
+
+    state.reset()
     try:
         return handlers[command](rest)
     except Exception as err:
@@ -54,12 +57,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _is_user_error(err: BaseException) -> bool:
+    """Errors that describe bad input, not a failure of the library.
+
+    The callbacks validate their settings against the model before the first training
+    step (a group size that does not divide a layer, a target that matches nothing, an
+    export directory that exists, a checkpoint trained with other settings) and raise
+    ValueError, TypeError or FileExistsError; once training has started, the same types
+    are real failures and keep their traceback.
+    """
+    from lightning_compress.commands.state import training_started
     from lightning_compress.formats.errors import ExportError, PackedFormatError, ParityError
     from lightning_compress.recipes import RecipeError
 
-    return isinstance(
-        err, (CommandError, RecipeError, PackedFormatError, ExportError, ParityError, FileNotFoundError, argparse.ArgumentError)
-    )
+    explicit = (CommandError, RecipeError, PackedFormatError, ExportError, ParityError, FileNotFoundError, argparse.ArgumentError)
+    return isinstance(err, explicit) or (isinstance(err, (ValueError, TypeError, FileExistsError)) and not training_started())
 
 
 def _fail(prefix: str, message: str) -> int:
@@ -141,17 +152,28 @@ def _export(argv: List[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
 
-    from lightning_compress.checkpoints import export_checkpoint
+    from lightning_compress.checkpoints import export_checkpoint, read_checkpoint
 
     model_class = _import_class(args.model, "--model")
-    data_class = _import_class(args.data, "--data") if args.data else None
+    datamodule = None
+    if args.data:
+        data_class = _import_class(args.data, "--data")
+        saved = read_checkpoint(args.checkpoint).get("datamodule_hyper_parameters") or {}
+        arguments = {k: v for k, v in saved.items() if not k.startswith("_")}
+        try:
+            datamodule = data_class(**arguments)
+        except TypeError as err:
+            raise CommandError(
+                f"--data {args.data}: cannot build it from the checkpoint's datamodule hyperparameters"
+                f" {sorted(arguments)}: {err}; call save_hyperparameters() in its __init__"
+            ) from None
     report = export_checkpoint(
         args.checkpoint,
         model_class,
         recipe=args.recipe,
         overrides=args.override,
         output=args.output,
-        datamodule_class=data_class,
+        datamodule=datamodule,
         overwrite=args.overwrite,
     )
     print(report.table())

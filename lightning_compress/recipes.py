@@ -33,6 +33,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import json
 import os
 import re
 import types
@@ -166,10 +167,20 @@ def load_recipe(
         RecipeError: for a missing or unreadable file, bad YAML, an unknown key, a wrong
             type, a missing value, a broken interpolation or an out-of-range value.
     """
+    _check_sections(exclude)
     raw, origin = _read(source)
-    raw = OmegaConf.merge(raw, _overrides(overrides))
     try:
-        resolved = OmegaConf.to_container(raw, resolve=True, throw_on_missing=True)
+        raw = OmegaConf.merge(raw, _overrides(overrides))
+    except (OmegaConfBaseException, TypeError, ValueError) as err:  # e.g. a key under a list
+        raise RecipeError(
+            f"the overrides {list(overrides) if not isinstance(overrides, Mapping) else dict(overrides)} cannot be"
+            f" applied to the recipe: {_first_line(err)}; an override must keep the shape of the key it"
+            " replaces (a value for a value, a list for a list)"
+        ) from None
+    # Excluded sections are recorded as written: their `???` and references may be unset.
+    kept = OmegaConf.masked_copy(raw, [key for key in raw if key not in exclude])
+    try:
+        resolved = OmegaConf.to_container(kept, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as err:
         key = err.full_key
         raise RecipeError(
@@ -177,8 +188,12 @@ def load_recipe(
         ) from None
     except OmegaConfBaseException as err:
         raise RecipeError(f"recipe key {err.full_key}: {_first_line(err)}") from None
-    _check_sections(exclude)
+    excluded_sections = {key: _lenient(raw, key) for key in raw if key in exclude}
     config, arguments = _validate(resolved)
+    for section in list(SECTIONS):  # canonical order, excluded sections included
+        if section in excluded_sections:
+            config[section] = excluded_sections[section]
+    config = {section: config[section] for section in SECTIONS if section in config}
     recipe = Recipe(config=config, source=origin, excluded=tuple(exclude), _arguments=arguments)
     # Out-of-range values fail now, in the callbacks' own validation; then combinations.
     check_recipe(recipe.callbacks(), error=RecipeError)
@@ -197,6 +212,14 @@ def from_recipe(source: RecipeSource, overrides: Union[Sequence[str], Mapping[st
         trainer = Trainer(callbacks=from_recipe("recipes/int8_qat.yaml", ["qat.start_step=0.5"]))
     """
     return load_recipe(source, overrides).callbacks()
+
+
+def _lenient(raw: DictConfig, key: str) -> Any:
+    """An excluded section as plain values, resolved where it can be."""
+    try:
+        return OmegaConf.to_container(raw[key], resolve=True)
+    except OmegaConfBaseException:
+        return OmegaConf.to_container(raw[key], resolve=False)
 
 
 def _check_sections(names: Sequence[str]) -> None:
@@ -243,9 +266,28 @@ def _overrides(overrides: Union[Sequence[str], Mapping[str, Any], None]) -> Dict
                 f"override {item!r} is not 'section.key=value' (for example pruning.final_sparsity=0.8)"
             )
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        return OmegaConf.from_dotlist([_quote_if_text(item) for item in overrides])
     except (OmegaConfBaseException, yaml.YAMLError) as err:  # values are parsed as YAML
         raise RecipeError(f"overrides cannot be read: {_first_line(err)}") from None
+
+
+def _quote_if_text(item: str) -> str:
+    """``pruning.pattern=2:4`` keeps "2:4" as text: YAML 1.1 would read it as the number 124.
+
+    Only for keys whose type is a string and never a number; other values are parsed as
+    YAML (``0.5``, ``[a, b]``, ``null``)."""
+    key, value = item.split("=", 1)
+    section, _, name = key.partition(".")
+    field_spec = recipe_schema().get(section, {}).get(name)
+    if field_spec is None or not _text_only(field_spec.annotation) or value.startswith(("'", '"', "$")) or value == "null":
+        return item
+    return f"{key}={json.dumps(value)}"
+
+
+def _text_only(annotation: Any) -> bool:
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    members = [m for m in members if m is not type(None)]
+    return bool(members) and all(m is str or m is os.PathLike or m is Path for m in members)
 
 
 # ---------------------------------------------------------------------- validation
@@ -302,8 +344,9 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     except RecipeError as err:  # an import path that does not import
         raise RecipeError(f"recipe key {key}: {err}") from None
     except _Mismatch:
+        hint = "; quote it in YAML ('2:4'): unquoted, YAML reads 2:4 as the number 124" if isinstance(value, int) and _text_only(annotation) else ""
         raise RecipeError(
-            f"recipe key {key} expects {_describe(annotation)}, got {value!r} ({type(value).__name__})"
+            f"recipe key {key} expects {_describe(annotation)}, got {value!r} ({type(value).__name__}){hint}"
         ) from None
 
 

@@ -108,7 +108,8 @@ def test_export_from_the_checkpoint_reproduces_the_fit_export(fitted):
     assert "parity: weights exact" in result.stdout
     first, again = read_metadata(cwd / "packed"), read_metadata(cwd / "again")
     assert again["weights_sha256"] == first["weights_sha256"]
-    assert again["recipe"] == first["recipe"]  # taken from the checkpoint: no --recipe given
+    # The recipe comes from the checkpoint (no --recipe given), with -o as its export.dirpath.
+    assert again["recipe"] == {**first["recipe"], "export": {"dirpath": "again"}}
     # An existing directory is kept unless --overwrite.
     refused = run_cli(["export", "--checkpoint", "ckpt/last.ckpt", "--model", MODEL, "-o", "again"], cwd)
     assert refused.returncode == 2
@@ -264,3 +265,104 @@ def test_export_of_a_distilled_run_does_not_need_the_teacher(tmp_path, monkeypat
     report = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", RecipeMLP, output=tmp_path / "again")
     assert report.parity.weights_exact
     assert read_metadata(tmp_path / "again")["weights_sha256"] == read_metadata(tmp_path / "packed")["weights_sha256"]
+
+
+class Wrapped(__import__("lightning.pytorch", fromlist=["LightningModule"]).LightningModule):
+    """A LightningModule keeping its network in ``self.model``, exported with ``module="model"``."""
+
+    def __init__(self, hidden: int = 128) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from tests.cli_models import RecipeMLP
+
+        self.model = RecipeMLP(hidden).net
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("name", "recipe", "model_class"),
+    [
+        ("qlora", {"lora": {"r": 4, "base": "nf4", "exclude_modules": ["net.4"]}, "qat": {"weights": "int4", "group_size": 64}}, "mlp"),
+        ("lora-adapter-only", {"lora": {"r": 4, "adapter_only_checkpoints": True}, "pruning": {"final_sparsity": 0.5}}, "mlp"),
+        ("submodule", {"qat": {"weights": "int4", "group_size": 32}, "export": {"module": "model"}}, "wrapped"),
+    ],
+)
+def test_export_from_checkpoint_matches_the_fit_export(tmp_path, monkeypatch, name, recipe, model_class):
+    """QLoRA (NF4 bases restored by the module's on_load_checkpoint), adapter-only checkpoints,
+    and ``export.module``: the command writes the files the run's own export wrote."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_compress import from_recipe
+    from tests.cli_models import RecipeData, RecipeMLP
+    from tests.conftest import make_trainer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    cls = RecipeMLP if model_class == "mlp" else Wrapped
+    recipe = {**recipe, "export": {**recipe.get("export", {}), "dirpath": str(tmp_path / "packed")}}
+    pl.seed_everything(0)
+    trainer = make_trainer(
+        max_epochs=2,
+        enable_checkpointing=True,
+        callbacks=[*from_recipe(recipe), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+    )
+    trainer.fit(cls(), RecipeData(samples=128))
+    model_path = "tests.cli_models.RecipeMLP" if model_class == "mlp" else "tests.test_cli.Wrapped"
+    # Checkpoints without the frozen bases (NF4, adapter-only) take them from the module as
+    # built, as a pretrained model would rebuild them: the same seed stands in for that.
+    pl.seed_everything(0)
+    assert main(["export", "--checkpoint", "ckpt/last.ckpt", "--model", model_path, "-o", "again"]) == 0
+    first, again = read_metadata(tmp_path / "packed"), read_metadata(tmp_path / "again")
+    assert again["weights_sha256"] == first["weights_sha256"]
+    assert sorted(again["layers"]) == sorted(first["layers"])
+    if model_class == "wrapped":
+        assert sorted(first["layers"]) == ["0", "2", "4"]  # names inside `model`, as fit wrote them
+
+
+def test_configuration_errors_found_before_training_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    base = ["fit", "--model", MODEL, "--data", DATA, "--trainer.max_epochs", "1", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    (tmp_path / "packed").mkdir()
+    cases = [
+        (["--recipe", "r.yaml"], "packed already exists"),  # an earlier export is never overwritten
+        (["--recipe", "r.yaml", "--override", "export.dirpath=fresh", "--override", "qat.group_size=96"],
+         "does not divide the input size 128"),
+        (["--recipe", "r.yaml", "--override", "export.dirpath=fresh", "--trainer.callbacks+=lightning_compress.MagnitudePruning",
+          "--trainer.callbacks.final_sparsity=0.5"], "['MagnitudePruning'] come both from --trainer.callbacks and from the recipe"),
+        (["--recipe", "r.yaml", "--override", "pruning.pattern=2:4", "--override", "pruning.final_sparsity=null",
+          "--override", "export.dirpath=fresh", "--override", "qat.group_size=2"], "group"),
+    ]
+    for extra, fragment in cases:
+        assert main(base + extra) == 2, extra
+        assert_one_paragraph_error(capsys.readouterr().err, fragment)
+    assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == []
+
+
+def test_resume_without_recipe_uses_the_one_in_the_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    (tmp_path / "r.yaml").write_text("pruning:\n  final_sparsity: 0.7\n  end_step: 0.5\n")
+    base = ["fit", "--model", MODEL, "--data", DATA, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.callbacks.dirpath=ckpt", "--trainer.callbacks.save_last=true", "--seed_everything", "0"]
+    assert main(base + ["--recipe", "r.yaml", "--trainer.max_epochs", "1"]) == 0
+    assert main(base + ["--trainer.max_epochs", "2", "--ckpt_path", "ckpt/last.ckpt"]) == 0
+    assert "resuming with the recipe stored in ckpt/last.ckpt" in capsys.readouterr().out
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["lightning_compress"]["recipe"]["pruning"]["final_sparsity"] == 0.7
+    weight = checkpoint["state_dict"]["net.0.weight"]
+    assert float((weight == 0).float().mean()) == pytest.approx(0.7, abs=1e-3)

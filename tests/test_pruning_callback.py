@@ -315,3 +315,29 @@ def test_end_step_fraction_resolving_before_start_is_refused(seeded):
     pruning = MagnitudePruning(0.5, start_step=10, end_step=0.5)
     with pytest.raises(ValueError, match="`end_step` resolves to step 4"):
         make_trainer(callbacks=[pruning]).fit(TinyRegressor(), tiny_loader())
+
+
+def test_validate_from_a_checkpoint_masks_lora_layers(tmp_path, seeded):
+    """An unmerged LoRA layer computes mask * (W + B·A): validate/test with ckpt_path must
+    install the masks too, or the adapter makes the pruned weights non-zero again."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_compress import LoRA
+
+    model = TinyRegressor()
+    trainer = make_trainer(
+        max_epochs=2,
+        enable_checkpointing=True,
+        callbacks=[LoRA(r=4, target_modules=["fc1", "fc2"]), MagnitudePruning(0.5, end_step=0.5),
+                   ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
+    val = tiny_loader(batches=2, seed=5)
+    trainer.fit(model, tiny_loader(batches=8))
+    trained_loss = trainer.validate(model, val)[0]["val/loss"]
+    assert float((model.fc1.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+
+    fresh = TinyRegressor()
+    evaluator = make_trainer(callbacks=[MagnitudePruning(0.5, end_step=0.5), LoRA(r=4, target_modules=["fc1", "fc2"])])
+    assert evaluator.validate(fresh, val, ckpt_path=tmp_path / "last.ckpt")[0]["val/loss"] == trained_loss
+    for name in ("fc1", "fc2"):
+        assert torch.equal(fresh.get_submodule(name).weight, model.get_submodule(name).weight)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_compress.core.compatibility import prepare_stack
@@ -140,11 +143,8 @@ class CompressedExport(Callback):
         error: Optional[str] = None
         if trainer.is_global_zero:
             try:
-                self.report = export(self._target(pl_module), self.dirpath, inputs=self._inputs(trainer, pl_module),
-                                     **self.options)
+                self.write(pl_module, self._parity_loader(trainer))
                 rank_zero_info(self.report.table())
-                metadata = json.loads((self.dirpath / METADATA_FILE).read_text())
-                log_artifact(trainer, self.dirpath, type="model", metadata=metadata)
             except Exception as err:  # re-raised below, on every rank
                 error = f"{type(err).__name__}: {err}"
                 if trainer.world_size == 1:
@@ -152,6 +152,25 @@ class CompressedExport(Callback):
         error = trainer.strategy.broadcast(error, src=0)
         if error is not None:
             raise RuntimeError(f"CompressedExport failed on rank 0: {error}")
+        if trainer.is_global_zero:
+            self._log_artifact(trainer)
+
+    def write(self, pl_module: nn.Module, batches: Iterable[Any] = ()) -> ExportReport:
+        """Export ``pl_module`` now: what ``on_fit_end`` does, usable outside a fit
+        (``lightning-compress export`` rebuilds a model from a checkpoint and calls this).
+
+        Args:
+            pl_module: the module as the compression callbacks left it.
+            batches: batches to take the parity check's inputs from (the first
+                ``parity_batches``, through ``input_fn``); none checks the weights only.
+        """
+        inputs = []
+        if self.options["parity"]:
+            device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+            for batch in itertools.islice(batches, self.parity_batches):
+                inputs.append(move_data_to_device(self.input_fn(batch), device))
+        self.report = export(self._target(pl_module), self.dirpath, inputs=inputs, **self.options)
+        return self.report
 
     # ------------------------------------------------------------------ internals
     def _target(self, pl_module: LightningModule):
@@ -166,16 +185,16 @@ class CompressedExport(Callback):
                 f" {children}"
             ) from None
 
-    def _inputs(self, trainer: Trainer, pl_module: LightningModule) -> List[Any]:
-        if not self.options["parity"]:
-            return []
+    def _parity_loader(self, trainer: Trainer) -> Iterable[Any]:
         loaders = trainer.val_dataloaders or trainer.train_dataloader
         if loaders is None:
-            return []
-        loader = loaders[0] if isinstance(loaders, Sequence) else loaders
-        inputs = []
-        for batch in loader:
-            inputs.append(move_data_to_device(self.input_fn(batch), pl_module.device))
-            if len(inputs) == self.parity_batches:
-                break
-        return inputs
+            return ()
+        return loaders[0] if isinstance(loaders, Sequence) else loaders
+
+    def _log_artifact(self, trainer: Trainer) -> None:
+        # The files are written and verified: a tracking failure must not fail the run.
+        try:
+            metadata = json.loads((self.dirpath / METADATA_FILE).read_text())
+            log_artifact(trainer, self.dirpath, type="model", metadata=metadata)
+        except Exception as err:
+            rank_zero_warn(f"CompressedExport: the export in {self.dirpath} is complete, but logging it as a W&B artifact failed: {err}")

@@ -62,8 +62,9 @@ class MagnitudePruning(Callback):
 
     Logged with ``pl_module.log`` every step: ``pruning/sparsity_scheduled``,
     ``pruning/sparsity_actual`` (what the masks prune) and ``pruning/sparsity/<group>``
-    for each group of layers (the first part of their names: ``encoder`` for
-    ``encoder.layer.0.fc``). With a ``WandbLogger``, the whole scheduled curve is logged
+    for each group of layers (the first part of their names after the prefix all targeted
+    layers share: ``encoder`` for ``model.encoder.layer.0.fc`` next to ``model.pooler.fc``).
+    With a ``WandbLogger``, the whole scheduled curve is logged
     at fit start as a chart, ``pruning/schedule``; at fit end one table,
     ``compression/layers``, describes every compressed layer (also printed).
 
@@ -180,8 +181,9 @@ class MagnitudePruning(Callback):
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         prepare_stack(trainer, pl_module, stage)
-        if stage != "fit":
-            return  # the stored weights are already zero where pruned
+        # Every stage, not only fit: `validate`/`test` with `ckpt_path` must see the masks,
+        # because a LoRA layer's weight W + B·A is not sparse unless the mask multiplies it
+        # (and an adapter-only checkpoint does not even hold the zeroed W).
         if not is_bound(pl_module, self.owner_token):
             self._forget()  # reused for another model: start from its dense weights
         layers = select_layers(
@@ -367,11 +369,12 @@ class MagnitudePruning(Callback):
 
     def _measure(self) -> None:
         """The fraction of the targeted weights the masks prune: overall, and per group of
-        layers (the first component of a layer's name: ``encoder`` for ``encoder.layer.0.fc``)."""
+        layers (see :func:`_layer_groups`)."""
         pruned: Dict[str, int] = {}
         total: Dict[str, int] = {}
+        groups = _layer_groups(list(self._layers))
         for name, layer in self._layers.items():
-            group, mask = name.split(".")[0], self._masks[name].mask
+            group, mask = groups[name], self._masks[name].mask
             pruned[group] = pruned.get(group, 0) + (0 if mask is None else int((mask == 0).sum()))
             total[group] = total.get(group, 0) + raw_weight(layer).numel()
         self._actual_sparsity = sum(pruned.values()) / sum(total.values())
@@ -402,6 +405,17 @@ class MagnitudePruning(Callback):
         for name, entry in restored.items():
             self._set_mask(name, unpack_mask(entry["packed"], tuple(entry["shape"])))
         self._measure()
+
+
+def _layer_groups(names: List[str]) -> Dict[str, str]:
+    """Layer name -> group: the first name component after the prefix all targeted layers
+    share, so a model kept in ``self.model`` (``model.encoder.layer.3.output.dense``) is
+    grouped by block (``3``) rather than all in ``model``."""
+    parts = [name.split(".") for name in names]
+    shared = 0
+    while parts and all(len(p) > shared + 1 for p in parts) and len({p[shared] for p in parts}) == 1:
+        shared += 1
+    return {name: p[shared] for name, p in zip(names, parts)}
 
 
 def _mask_sees_raw(layer: nn.Module) -> bool:

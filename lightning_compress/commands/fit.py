@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, List, Optional
 
 # Lightning still calls jsonargparse APIs that warn about their own deprecation; a user of
@@ -31,19 +32,40 @@ class CompressionCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         from lightning_compress.cli import CommandError
+        from lightning_compress.commands.state import MarkTrainingStarted
         from lightning_compress.core.tracking import wandb_logger
-        from lightning_compress.recipes import load_recipe
 
         config = self.config_init[self.subcommand]
-        recipe, overrides = config.get("recipe"), list(config.get("override") or [])
-        if recipe is None and overrides:
-            raise CommandError("--override changes a recipe; pass --recipe too")
-        recipe_callbacks = load_recipe(recipe, overrides).callbacks() if recipe is not None else []
         trainer_config = config.get("trainer") or {}
-        kwargs["callbacks"] = [*_as_list(trainer_config.get("callbacks")), *recipe_callbacks]
+        recipe_callbacks = self._recipe_callbacks(config)
+        user_callbacks = _as_list(trainer_config.get("callbacks"))
+        clashes = sorted({type(c).__name__ for c in recipe_callbacks} & {type(c).__name__ for c in user_callbacks})
+        if clashes:
+            raise CommandError(
+                f"{clashes} come both from --trainer.callbacks and from the recipe; configure each method in"
+                " one place (remove it from --trainer.callbacks, or its section from the recipe)"
+            )
+        kwargs["callbacks"] = [*user_callbacks, *recipe_callbacks, MarkTrainingStarted()]
         if trainer_config.get("logger") is None:
             kwargs["logger"] = wandb_logger(save_dir=trainer_config.get("default_root_dir") or ".")
         return super().instantiate_trainer(**kwargs)
+
+    def _recipe_callbacks(self, config: Any) -> List[Callback]:
+        """The recipe's callbacks; a resume without --recipe uses the one its checkpoint stores."""
+        from lightning_compress.callbacks.recipe_record import recipe_in_checkpoint
+        from lightning_compress.checkpoints import read_checkpoint
+        from lightning_compress.cli import CommandError
+        from lightning_compress.recipes import load_recipe
+
+        recipe, overrides = config.get("recipe"), list(config.get("override") or [])
+        resume_from = config.get("ckpt_path")
+        if recipe is None and resume_from not in (None, "last", "best", "hpc", "registry"):
+            recipe = recipe_in_checkpoint(read_checkpoint(resume_from))
+            if recipe is not None:
+                print(f"lightning-compress: resuming with the recipe stored in {resume_from}")
+        if recipe is None and overrides:
+            raise CommandError("--override changes a recipe; pass --recipe too")
+        return load_recipe(recipe, overrides).callbacks() if recipe is not None else []
 
 
 def _as_list(callbacks: Any) -> List[Callback]:
@@ -63,7 +85,8 @@ def run_fit(argv: List[str]) -> int:
             subclass_mode_data=True,
             args=["fit", *argv],
             parser_kwargs={"exit_on_error": False},
-            save_config_kwargs={"overwrite": True},
+            # One config file per run, next to the others: a rerun never overwrites one.
+            save_config_kwargs={"config_filename": f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml"},
         )
     finally:
         sys.argv = saved
