@@ -132,9 +132,9 @@ def _compare(reference, resumed, path=""):
 
 
 def _state_at(checkpoint):
-    callbacks = checkpoint["callbacks"]
-    key = lambda prefix: next(k for k in callbacks if k.startswith(prefix))  # noqa: E731
-    return callbacks[key("MagnitudePruning")], callbacks[key("QuantizationAwareTraining")]
+    """The pruning and QAT states in a checkpoint."""
+    states = {key.split("{")[0]: value for key, value in checkpoint["callbacks"].items()}
+    return states["MagnitudePruning"], states["QuantizationAwareTraining"]
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))

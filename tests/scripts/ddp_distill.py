@@ -34,23 +34,28 @@ class WideTeacher(nn.Module):
         return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
 
 
+def check_teacher_outside_ddp(trainer, kd):
+    """The model is DDP-wrapped (when distributed), the teacher is not, and neither the
+    wrapped model nor the optimizer holds a teacher parameter."""
+    wrapped = trainer.strategy.model
+    assert isinstance(wrapped, DistributedDataParallel) == (trainer.world_size > 1), type(wrapped)
+    assert not isinstance(kd.teacher, DistributedDataParallel)
+    assert all(m is not kd.teacher for m in wrapped.modules()), "the teacher is inside the DDP model"
+    teacher_params = {id(p) for p in kd.teacher.parameters()}
+    assert not teacher_params & {id(p) for p in wrapped.parameters()}
+    for group in trainer.optimizers[0].param_groups:
+        assert not teacher_params & {id(p) for p in group["params"]}
+
+
 class CheckAndSave(Callback):
     def __init__(self, kd, out_dir):
         self.kd, self.out_dir = kd, Path(out_dir)
         self.checked = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.checked:
-            return
-        wrapped = trainer.strategy.model
-        assert isinstance(wrapped, DistributedDataParallel), type(wrapped)
-        assert not isinstance(self.kd.teacher, DistributedDataParallel)
-        assert all(m is not self.kd.teacher for m in wrapped.modules()), "the teacher is inside the DDP model"
-        teacher_params = {id(p) for p in self.kd.teacher.parameters()}
-        assert not teacher_params & {id(p) for p in wrapped.parameters()}
-        for group in trainer.optimizers[0].param_groups:
-            assert not teacher_params & {id(p) for p in group["params"]}
-        self.checked = True
+        if not self.checked:
+            check_teacher_outside_ddp(trainer, self.kd)
+            self.checked = True
 
     def on_fit_end(self, trainer, pl_module):
         state = {

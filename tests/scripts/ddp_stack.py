@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from lightning_compress import (  # noqa: E402
     CompressedExport,
@@ -28,7 +27,7 @@ from lightning_compress import (  # noqa: E402
     QuantizationAwareTraining,
 )
 from tests.conftest import TinyRegressor, make_trainer  # noqa: E402
-from tests.scripts.stacked_run import Teacher  # noqa: E402
+from tests.scripts.ddp_distill import WideTeacher, check_teacher_outside_ddp  # noqa: E402
 
 GLOBAL_BATCH, EPOCHS, QAT_START = 16, 4, 8
 # Logged losses are averaged over the ranks (equal shards: the global batch's loss);
@@ -61,14 +60,7 @@ class Record(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if not self.teacher_checked:
-            wrapped = trainer.strategy.model
-            assert isinstance(wrapped, DistributedDataParallel) == (trainer.world_size > 1), type(wrapped)
-            assert not isinstance(self.kd.teacher, DistributedDataParallel)
-            assert all(m is not self.kd.teacher for m in wrapped.modules()), "the teacher is inside the DDP model"
-            teacher_parameters = {id(p) for p in self.kd.teacher.parameters()}
-            assert not teacher_parameters & {id(p) for p in wrapped.parameters()}
-            for group in trainer.optimizers[0].param_groups:
-                assert not teacher_parameters & {id(p) for p in group["params"]}
+            check_teacher_outside_ddp(trainer, self.kd)
             self.teacher_checked = True
         if trainer.global_step == QAT_START and self.before_qat is None:
             self.before_qat = {
@@ -101,9 +93,12 @@ class Data(pl.LightningDataModule):
     def __init__(self):
         super().__init__()
         generator = torch.Generator().manual_seed(0)
-        tensors = lambda n: torch.utils.data.TensorDataset(  # noqa: E731
-            torch.randn(n, 4, 8, generator=generator), torch.randn(n, 8, generator=generator))
-        self.train, self.val = tensors(64), tensors(32)
+
+        def samples(n):
+            return torch.utils.data.TensorDataset(torch.randn(n, 4, 8, generator=generator),
+                                                  torch.randn(n, 8, generator=generator))
+
+        self.train, self.val = samples(64), samples(32)
 
     def _loader(self, dataset):
         world_size, rank = self.trainer.world_size, self.trainer.global_rank
@@ -123,7 +118,7 @@ def fit(export_dir, devices):
     pl.seed_everything(0, verbose=False)
     student = Student()
     torch.manual_seed(1)
-    kd = KnowledgeDistillation(Teacher(), features=[("fc1", "fc1")], projection_lr=1e-2)
+    kd = KnowledgeDistillation(WideTeacher(), features=[("fc1", "fc1")], projection_lr=1e-2)
     pruning = MagnitudePruning(0.6, start_step=2, end_step=QAT_START, update_every=2)
     # Asymmetric: the symmetric grid (torchao's scale = max|w| / 7.5) puts every group's
     # largest weight exactly on a rounding tie, so the last-bit differences between a sum
@@ -133,7 +128,7 @@ def fit(export_dir, devices):
                                     overrides={"fc2": {"bits": 8}})
     export = CompressedExport(export_dir, min_sqnr_db=20.0)
     record = Record(kd, pruning, qat, export)
-    options = dict(devices=2, strategy="ddp") if devices == 2 else {}
+    options = {"devices": 2, "strategy": "ddp"} if devices == 2 else {}
     trainer = make_trainer(max_epochs=EPOCHS, callbacks=[kd, pruning, qat, export, record],
                            use_distributed_sampler=False, **options)
     trainer.fit(student, datamodule=Data())

@@ -36,7 +36,6 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from torch import nn  # noqa: E402
 
 from lightning_compress import (  # noqa: E402
     CompressedExport,
@@ -45,22 +44,10 @@ from lightning_compress import (  # noqa: E402
     QuantizationAwareTraining,
 )
 from tests.conftest import TinyRegressor, make_trainer  # noqa: E402
+from tests.scripts.ddp_distill import WideTeacher  # noqa: E402
 
 EPOCHS, BATCHES, BATCH_SIZE = 5, 4, 8
 CHECKPOINT_EVERY = 2
-
-
-class Teacher(nn.Module):
-    """Wider than the student's fc1 (48 vs 32): the feature pair needs a projection."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv1d(4, 8, 3, padding=1)
-        self.fc1 = nn.Linear(64, 48)
-        self.fc2 = nn.Linear(48, 8)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
 
 
 class Student(TinyRegressor):
@@ -148,7 +135,7 @@ def main(run_dir, pause_after=None, resume=False):
     pl.seed_everything(0, verbose=False)
     student = Student()
     torch.manual_seed(1)
-    teacher = Teacher()
+    teacher = WideTeacher()
     callbacks = [
         KnowledgeDistillation(teacher, features=[("fc1", "fc1")], projection_lr=1e-2),
         MagnitudePruning(0.6, start_step=4, end_step=10, update_every=2),
