@@ -100,7 +100,8 @@ def check_recipe(callbacks: Sequence[Any], error: Callable[[str], Exception] = I
 
 
 def check_quantization_trains(trainer: Any, qat: Any, start: int, total: float) -> None:
-    """From QAT's ``on_fit_start``: refuse an export of grids no training step used.
+    """From QAT's ``on_train_start`` (where ``start_step`` resolves, before the first
+    step): refuse an export of grids no training step used.
 
     Raises:
         IncompatibleSettings: when QAT's ``start_step`` resolves to the end of the run or
