@@ -48,13 +48,17 @@ class Launcher:
             self.process = subprocess.Popen([sys.executable, str(SCRIPT), *runs], stdout=log,
                                             stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
 
-    def _wait_for(self, path: Path, line: str) -> str:
+    def _wait_for(self, path: Path, line: str, child: str | None = None) -> str:
+        """Waits until ``line`` is in ``path``; fails early if the launcher (or ``child``,
+        whose output ``path`` is) has ended without writing it."""
         deadline = time.monotonic() + TIMEOUT
         while True:
             text = path.read_text() if path.exists() else ""
             if line in text:
                 return text
-            assert self.process.poll() is None or path != self.log, f"{self.log}:\n{self.log.read_text()[-4000:]}"
+            ended = self.process.poll() is not None and path == self.log
+            ended = ended or (child is not None and f"EXITED {self.base / child} " in self.log.read_text())
+            assert not ended, f"no {line!r} in {path}:\n{text[-4000:]}"
             assert time.monotonic() < deadline, f"no {line!r} in {path} within {TIMEOUT} s:\n{text[-4000:]}"
             time.sleep(0.1)
 
@@ -63,7 +67,7 @@ class Launcher:
         return int(text.split(f"STARTED {self.base / name} ")[1].split()[0])
 
     def wait_for_line(self, name: str, line: str) -> None:
-        self._wait_for(self.base / f"{name}.log", line)
+        self._wait_for(self.base / f"{name}.log", line, child=name)
 
     def exit_status(self, name: str) -> int:
         text = self._wait_for(self.log, f"EXITED {self.base / name} ")
