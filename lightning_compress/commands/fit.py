@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+from datetime import datetime
 from typing import Any, List, Optional
 
 # Lightning still calls jsonargparse APIs that warn about their own deprecation; a user of
@@ -85,8 +85,9 @@ def run_fit(argv: List[str]) -> int:
             subclass_mode_data=True,
             args=["fit", *argv],
             parser_kwargs={"exit_on_error": False},
-            # One config file per run, next to the others: a rerun never overwrites one.
-            save_config_kwargs={"config_filename": f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml"},
+            # One config file per run, next to the others: a rerun never overwrites one (microseconds:
+            # a short run and its resume can start within the same second).
+            save_config_kwargs={"config_filename": f"config-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.yaml"},
         )
     finally:
         sys.argv = saved
