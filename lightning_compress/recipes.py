@@ -88,9 +88,6 @@ class RecipeField:
     default: Any
     required: bool
 
-    def describe(self) -> str:
-        return _describe(self.annotation)
-
 
 @functools.lru_cache(maxsize=None)
 def recipe_schema() -> Dict[str, Dict[str, RecipeField]]:
@@ -124,10 +121,6 @@ class Recipe:
     source: Optional[str] = None
     excluded: tuple = ()
     _arguments: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False)
-
-    @property
-    def sections(self) -> List[str]:
-        return list(self.config)
 
     def callbacks(self, *, exclude: Sequence[str] = ()) -> List[Callback]:
         """New callbacks for this recipe in canonical order, then a :class:`RecipeRecord`.

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Union
 
 from lightning_compress.core.reporting import format_table
-from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE, read_metadata
+from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE, dtype_bits, read_metadata
 
 COLUMNS = ["layer", "params", "bits", "sparsity", "bytes"]
-_DTYPE_BITS = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16, "int64": 64, "int32": 32, "int8": 8, "uint8": 8, "bool": 8}
 
 
 def inspect_path(path: Union[str, os.PathLike]) -> str:
@@ -34,7 +33,7 @@ def inspect_packed(directory: Path) -> str:
         rows.append([name, params, entry["bits"], 1.0 - entry["kept"] / params, entry["bytes"]])
     for name, entry in metadata["tensors"].items():
         params = math.prod(entry["shape"])
-        bits = _DTYPE_BITS.get(entry["dtype"], 32)
+        bits = dtype_bits(entry["dtype"])
         kept = entry.get("kept", params)
         stored = (math.ceil(params / 8) + kept * bits // 8) if entry["sparsity"] == "bitmask" else params * bits // 8
         rows.append([name, params, bits, 1.0 - kept / max(params, 1), stored])

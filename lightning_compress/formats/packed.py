@@ -69,6 +69,13 @@ _DTYPES = {
 }
 
 
+def dtype_bits(name: str) -> int:
+    """Bits per element of a dtype as ``compression.json`` names it."""
+    if name not in _DTYPES:
+        raise PackedFormatError(f"{METADATA_FILE}: unknown dtype {name!r}; supported: {sorted(_DTYPES)}")
+    return _DTYPES[name].itemsize * 8
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     for name, value in _DTYPES.items():
         if value == dtype:
