@@ -1,26 +1,18 @@
 """Real DDP: 2 CPU processes (gloo) launched by Lightning from a script."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_compress.quant.nf4 import is_nf4
+from tests.ddp_process import run_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"
 
 
 def run_ddp(out_dir: Path, *args: str) -> list:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=SCRIPT.parents[2],
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_script(SCRIPT, out_dir, *args)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -97,8 +89,7 @@ def test_export_is_written_once_by_rank_zero(tmp_path):
 
 
 def test_failed_export_fails_every_rank_without_hanging(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "export-fail"], capture_output=True,
-                            text=True, timeout=300, cwd=SCRIPT.parents[2])
+    result = run_script(SCRIPT, tmp_path, "export-fail", check=False)
     assert result.returncode != 0
     assert "ParityError" in result.stdout + result.stderr
     assert not (tmp_path / "packed").exists()

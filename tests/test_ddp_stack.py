@@ -4,13 +4,12 @@ teacher out of DDP, writes one export, and trains what one process with the same
 batch trains (tests/scripts/ddp_stack.py)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from lightning_compress import load_packed
+from tests.ddp_process import run_script
 from tests.scripts import ddp_stack
 
 SCRIPT = ddp_stack.__file__
@@ -19,9 +18,7 @@ SCRIPT = ddp_stack.__file__
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ddp_stack")
-    result = subprocess.run([sys.executable, SCRIPT, str(out_dir)], capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path_factory.getbasetemp())
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_script(SCRIPT, out_dir, cwd=tmp_path_factory.getbasetemp())
     return out_dir, [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

@@ -1,7 +1,5 @@
 """KnowledgeDistillation: loss numerics, and the callback under a real Lightning Trainer on CPU."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ from lightning_compress import MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.callbacks.distillation import CACHE_FILE, KnowledgeDistillation
 from lightning_compress.distill import losses
 from tests.conftest import StopAfterEpoch, TinyRegressor, fit_interrupted_and_resumed, make_trainer, tiny_loader
+from tests.ddp_process import run_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_distill.py"
 
@@ -345,14 +344,7 @@ def test_cached_teacher_runs_in_the_first_epoch_only_and_gives_the_same_losses(t
 
 
 def test_ddp_teacher_is_not_wrapped_and_ranks_agree(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=SCRIPT.parents[2],
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_script(SCRIPT, tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert rank0["checked"] and rank1["checked"]
     assert rank0["world_size"] == rank1["world_size"] == 2

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation  # noqa: E402
 from tests.conftest import TinyRegressor, make_trainer, tiny_loader  # noqa: E402
+from tests.ddp_process import close_process_group  # noqa: E402
 
 
 class WideTeacher(nn.Module):
@@ -75,3 +76,4 @@ if __name__ == "__main__":
     kd = KnowledgeDistillation(teacher, features=[("fc1", "fc1")], projection_lr=1e-2)
     trainer = make_trainer(devices=2, strategy="ddp", max_epochs=2, callbacks=[kd, CheckAndSave(kd, out_dir)])
     trainer.fit(TinyRegressor(), tiny_loader(batches=8))
+    close_process_group()

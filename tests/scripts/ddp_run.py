@@ -22,6 +22,7 @@ from lightning.pytorch import Callback  # noqa: E402
 from lightning_compress.quant.nf4 import is_nf4  # noqa: E402
 from lightning_compress import CompressedExport, LoRA, MagnitudePruning, QuantizationAwareTraining  # noqa: E402
 from tests.conftest import TinyRegressor, make_trainer, tiny_loader  # noqa: E402
+from tests.ddp_process import close_process_group  # noqa: E402
 
 
 class PerturbRankOne(Callback):
@@ -112,3 +113,4 @@ if __name__ == "__main__":
         + [compression, SaveRankState(compression, out_dir)] + exporting,
     )
     trainer.fit(TinyRegressor(), tiny_loader(batches=8))
+    close_process_group()

@@ -1,0 +1,41 @@
+"""Running a DDP test script (tests/scripts/ddp_*.py) as a real process tree.
+
+Lightning's launcher starts rank 1 by re-running the script; rank 0 is the process this
+module starts. Both get ``PYTHONFAULTHANDLER=1``, so a native abort (SIGABRT, SIGSEGV)
+prints every thread's Python stack in the failure message instead of a bare
+"terminate called ..." line.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+
+
+def run_script(script, *args, check: bool = True, cwd=ROOT) -> subprocess.CompletedProcess:
+    """Run ``script`` with ``args`` in ``cwd``; with ``check``, fail the test with the end
+    of its output unless it exited 0."""
+    result = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                            timeout=300, cwd=cwd, env=ENV)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def close_process_group() -> None:
+    """End of a DDP script: destroy the process group while the interpreter is whole.
+
+    Lightning destroys it in an atexit hook, during interpreter shutdown. One CI run saw
+    rank 0 of the export script abort with "terminate called without an active
+    exception" (exit -6), which is what a C++ thread destroyed while still running
+    prints; it did not recur in 80 local runs. Destroying the group here, after a
+    barrier, is torch's documented way to end a script's distributed work and keeps
+    native teardown out of interpreter shutdown."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
