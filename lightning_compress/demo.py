@@ -21,7 +21,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Union
 
 import lightning.pytorch as pl
 import torch
@@ -33,9 +33,9 @@ from lightning_compress.core.tracking import wandb_logger, wandb_run_dir
 from lightning_compress.examples.digits import DigitsClassifier, DigitsDataModule, accuracy, load_digits_tensors
 from lightning_compress.formats.loader import load_packed
 from lightning_compress.formats.packed import WEIGHTS_FILE
-from lightning_compress.recipes import from_recipe
+from lightning_compress.recipes import BUILTIN_RECIPES_DIR, from_recipe
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "distill_prune_quantize.yaml"
+DEFAULT_RECIPE = BUILTIN_RECIPES_DIR / "distill_prune_quantize.yaml"
 TEACHER = dict(arch="cnn", hidden=128)
 STUDENT = dict(arch="mlp", hidden=64)
 
@@ -71,7 +71,7 @@ def _latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int = 30) -> s
     return f"{1000 * sorted(times)[len(times) // 2]:.2f}"
 
 
-def run(output: Path, epochs: int, seed: int, recipe: Path, progress: bool = True) -> List[List[Any]]:
+def run(output: Path, epochs: int, seed: int, recipe: Union[str, Path], progress: bool = True) -> List[List[Any]]:
     """Train, compress, export and reload; return the table rows."""
     output.mkdir(parents=True, exist_ok=True)
     _, _, x_val, y_val = load_digits_tensors(seed)
@@ -135,7 +135,8 @@ def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-compress demo", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20, help="epochs of each of the three trainings")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the student's compression recipe")
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE),
+                        help="the student's compression recipe: a YAML path or a ready recipe's name")
     parser.add_argument("--output", type=Path, default=None, help="where to write (default: a temporary directory)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     args = parser.parse_args(argv)

@@ -24,6 +24,10 @@ key's full path. Steps are absolute optimizer steps (an int) or fractions of the
 Values a YAML file cannot hold directly are written as strings: classes and functions as
 dotted import paths (``teacher_class: my_pkg.models.Teacher``), dtypes by name
 (``teacher_dtype: bfloat16``).
+
+The ready recipes ship inside the package (``recipes/`` in a checkout points at them), so
+an installed package finds them by name: ``from_recipe("int8_qat")`` or
+``lightning-compress fit --recipe int8_qat``. A path that exists always wins over a name.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ VARS_SECTION = "vars"
 # Arguments the recipe machinery fills in itself.
 _SET_BY_RECIPE = {"export": {"recipe"}}
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
+BUILTIN_RECIPES_DIR = Path(__file__).resolve().parent / "builtin_recipes"
 
 
 class RecipeError(ValueError):
@@ -148,7 +153,8 @@ def load_recipe(
     """Read, resolve and validate a recipe.
 
     Args:
-        source: a YAML file path, or the recipe as a mapping.
+        source: a YAML file path, the name of a ready recipe (:func:`builtin_recipes`), or
+            the recipe as a mapping.
         overrides: dotlist overrides applied on top of the file before interpolation, as
             ``["pruning.final_sparsity=0.8", "qat.weights=int4"]`` or a (nested) mapping.
         exclude: sections whose callbacks are neither built now nor by
@@ -202,7 +208,7 @@ def from_recipe(source: RecipeSource, overrides: Union[Sequence[str], Mapping[st
 
     Example::
 
-        trainer = Trainer(callbacks=from_recipe("recipes/int8_qat.yaml", ["qat.start_step=0.5"]))
+        trainer = Trainer(callbacks=from_recipe("int8_qat", ["qat.start_step=0.5"]))
     """
     return load_recipe(source, overrides).callbacks()
 
@@ -227,9 +233,7 @@ def _read(source: RecipeSource) -> tuple[DictConfig, Optional[str]]:
         return _as_dictconfig(source, "the recipe mapping"), None
     if not isinstance(source, (str, os.PathLike)):
         raise RecipeError(f"a recipe is a YAML file path or a mapping, got {type(source).__name__}")
-    path = Path(source)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {str(path)!r} not found; pass the path of a YAML recipe (see recipes/)")
+    path = _locate(source)
     try:
         loaded = OmegaConf.load(path)
     except Exception as err:  # yaml's errors carry the line and column
@@ -237,6 +241,31 @@ def _read(source: RecipeSource) -> tuple[DictConfig, Optional[str]]:
     if not isinstance(loaded, DictConfig):
         raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of sections, not a list or a value")
     return loaded, str(path)
+
+
+def builtin_recipes() -> Dict[str, Path]:
+    """The ready recipes shipped with the package, by name (``"int8_qat"`` → its file)."""
+    return {path.stem: path for path in sorted(BUILTIN_RECIPES_DIR.glob("*.yaml"))}
+
+
+def _locate(source: Union[str, os.PathLike]) -> Path:
+    """A recipe file: ``source`` as a path when it exists, else a ready recipe's name."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    # Only a bare name ("int8_qat" or "int8_qat.yaml") can mean a ready recipe: a path with
+    # a folder in it that does not exist is a typo the user must see.
+    ready = builtin_recipes()
+    if path.parent == Path(".") and path.stem in ready and path.suffix in ("", ".yaml"):
+        return ready[path.stem]
+    if path.is_dir():
+        raise RecipeError(f"recipe {str(path)!r} is a directory; pass the path of a YAML recipe file")
+    suggestion = difflib.get_close_matches(path.stem, list(ready), n=1)
+    hint = f"did you mean {suggestion[0]!r}? " if suggestion else ""
+    raise RecipeError(
+        f"recipe file {str(path)!r} not found; {hint}pass the path of a YAML recipe or the name of a ready"
+        f" recipe: {', '.join(ready)}"
+    )
 
 
 def _as_dictconfig(source: Any, what: str) -> DictConfig:

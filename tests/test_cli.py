@@ -150,6 +150,7 @@ def test_subprocess_errors_exit_2_with_one_paragraph(tmp_path):
 ERRORS = [
     (["fitt"], "unknown command 'fitt'; did you mean 'fit'?"),
     (["fit", "--recipe", "missing.yaml", "--model", MODEL], "recipe file 'missing.yaml' not found"),
+    (["fit", "--recipe", "int4_weight_onyl", "--model", MODEL], "did you mean 'int4_weight_only'?"),
     (["fit", "--model", "no_such_package.Model"], "--model no_such_package.Model: unknown class path"),
     (["fit", "--model", MODEL, "--data", "tests.cli_models.NoData"], "has no attribute 'NoData'"),
     (["fit", "--model", MODEL, "--override", "qat.weights=int4"], "--override changes a recipe; pass --recipe too"),
@@ -350,6 +351,17 @@ def test_configuration_errors_found_before_training_exit_2(tmp_path, monkeypatch
         assert_one_paragraph_error(capsys.readouterr().err, fragment)
     assert not (tmp_path / "fresh").exists()
     assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == []
+
+
+def test_fit_takes_a_ready_recipe_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    assert main(["fit", "--recipe", "int4_weight_only", "--override", "export.dirpath=packed", "--model", MODEL,
+                 "--data", DATA, "--trainer.max_epochs", "1", "--trainer.logger", "false",
+                 "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]) == 0
+    layers = read_metadata(tmp_path / "packed")["layers"]
+    assert {name: (layer["bits"], layer["group_size"]) for name, layer in layers.items()} == {
+        "net.0": (4, 128), "net.2": (4, 128), "net.4": (4, 128)}
 
 
 def test_resume_without_recipe_uses_the_one_in_the_checkpoint(tmp_path, monkeypatch, capsys):

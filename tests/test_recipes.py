@@ -299,3 +299,32 @@ def test_nothing_on_disk_is_touched_when_a_run_is_refused(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
     assert (packed / "model.safetensors").read_bytes() == b"an earlier export"
+
+
+# ---------------------------------------------------------------------- ready recipes by name
+def test_ready_recipes_load_by_name_and_a_real_path_wins(tmp_path, monkeypatch):
+    by_path = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "int8_qat.yaml").config
+    assert by_path["qat"]["weights"] == "int8"
+    assert load_recipe("int8_qat").config == load_recipe("int8_qat.yaml").config == by_path
+    # A file of that name in the working directory is what the user means.
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "pruning:\n  final_sparsity: 0.25\n", name="int8_qat.yaml")
+    assert load_recipe("int8_qat.yaml").config == {"pruning": {"final_sparsity": 0.25}}
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("int8_qta", "recipe file 'int8_qta' not found; did you mean 'int8_qat'? pass the path of a YAML recipe or the"
+                 " name of a ready recipe: distill_prune_quantize, gradual_pruning_90,"),
+    # A path with a folder is never taken for a ready recipe's name.
+    ("elsewhere/int8_qat.yaml", "recipe file 'elsewhere/int8_qat.yaml' not found; did you mean 'int8_qat'?"),
+    ("int8_qat.yml", "recipe file 'int8_qat.yml' not found; did you mean 'int8_qat'?"),
+])
+def test_unknown_recipe_names_suggest_the_ready_ones(source, message):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(source)
+    assert message in str(caught.value)
+
+
+def test_a_directory_is_not_a_recipe(tmp_path):
+    with pytest.raises(RecipeError, match="is a directory; pass the path of a YAML recipe file"):
+        load_recipe(tmp_path)

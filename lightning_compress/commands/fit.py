@@ -25,7 +25,7 @@ class CompressionCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_argument("--recipe", type=Optional[str], default=None, help="compression recipe (YAML)")
+        parser.add_argument("--recipe", type=Optional[str], default=None, help="compression recipe: a YAML path, or a ready recipe's name (int8_qat, qlora, ...)")
         parser.add_argument(
             "--override", type=List[str], default=[], help="recipe overrides KEY=VALUE; repeat the option for more"
         )

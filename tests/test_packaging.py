@@ -1,0 +1,53 @@
+"""What a non-editable install holds: the ready recipes ship in the wheel, and an installed
+copy finds them by name (the demo's default recipe included)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from lightning_compress.recipes import BUILTIN_RECIPES_DIR, builtin_recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+READY = {"distill_prune_quantize", "gradual_pruning_90", "int4_weight_only", "int8_qat", "lora", "qlora",
+         "sparse24_int4"}
+
+
+def test_the_checkouts_recipes_folder_is_the_packaged_one():
+    assert set(builtin_recipes()) == READY
+    assert (ROOT / "recipes").resolve() == BUILTIN_RECIPES_DIR
+    assert BUILTIN_RECIPES_DIR.parent == ROOT / "lightning_compress"
+
+
+def test_an_installed_wheel_finds_the_ready_recipes_by_name(tmp_path):
+    # Build from a copy: setuptools writes build/ and *.egg-info next to pyproject.toml.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "lightning_compress", source / "lightning_compress",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("lightning_compress-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path / "site")
+    assert {f"lightning_compress/builtin_recipes/{name}.yaml" for name in READY} <= names
+
+    # The installed copy, not the checkout, answers: run from elsewhere with it first on the path.
+    probe = (
+        "import lightning_compress, lightning_compress.demo as demo\n"
+        "from lightning_compress import load_recipe\n"
+        "print(lightning_compress.__file__)\n"
+        "print(load_recipe('int8_qat').config['qat']['weights'])\n"
+        "print(demo.DEFAULT_RECIPE.is_file())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    location, weights, demo_recipe = result.stdout.split()[-3:]
+    assert Path(location).is_relative_to(tmp_path / "site")
+    assert weights == "int8" and demo_recipe == "True"
