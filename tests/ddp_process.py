@@ -33,7 +33,7 @@ def close_process_group() -> None:
     Lightning destroys it in an atexit hook, during interpreter shutdown. One CI run saw
     rank 0 of the export script abort with "terminate called without an active
     exception" (exit -6), which is what a C++ thread destroyed while still running
-    prints; it did not recur in 80 local runs. Destroying the group here, after a
+    prints; it did not recur in 95 local runs of the DDP scripts. Destroying the group here, after a
     barrier, is torch's documented way to end a script's distributed work and keeps
     native teardown out of interpreter shutdown."""
     if dist.is_available() and dist.is_initialized():

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_compress import ExportError, PackedFormatError, ParityError, export, load_packed
 from lightning_compress.formats.packed import FORMAT_VERSION, METADATA_FILE, WEIGHTS_FILE, metadata_bytes
 from lightning_compress.core.transforms import raw_weight
-from lightning_compress.quant.packing import pack_codes, unpack_codes
+from lightning_compress.quant.packing import pack_codes, unpack_biased, unpack_codes
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import quantized_weights, round_to_nearest
 
@@ -64,6 +64,11 @@ def test_packing_matches_compressed_tensors(bits):
     assert torch.equal(ours, helpers.pack_to_int32(codes, bits))
     assert torch.equal(helpers.unpack_from_int32(ours, bits, codes.shape), codes)
     assert torch.equal(unpack_codes(ours, bits, 45), codes)
+    biased = unpack_biased(ours, bits, 45)  # the runtime's fast path: stored codes, unsigned
+    if bits in (2, 4):
+        assert biased.dtype == torch.uint8 and torch.equal(biased.to(torch.int16) - 2 ** (bits - 1), codes.to(torch.int16))
+    else:
+        assert biased is None
 
 
 # ---------------------------------------------------------------------- round trips

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.activations import DynamicTokenQuantizer
 from lightning_compress.quant.fake_quant import fake_quantize, group_width
-from lightning_compress.quant.packing import pack_codes, unpack_codes
+from lightning_compress.quant.packing import pack_codes, unpack_biased, unpack_codes
 from lightning_compress.quant.spec import QuantSpec
 
 BACKENDS = ("auto", "dequantize", "fbgemm")
@@ -60,7 +60,7 @@ class PackedWeight(nn.Module):
 
     def dequantize(self, rows: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The weight (or only ``rows`` of it, for Embedding) in ``dtype``."""
-        codes = self.int_codes() if rows is None else self._row_codes(rows)
+        codes, zero_offset = self._codes_and_offset(rows)
         width = group_width(self._matrix_shape(), self.spec)
         groups_per_row = self.cols // width if self.spec.granularity != "tensor" else 0
         if self.spec.granularity == "tensor":
@@ -71,9 +71,21 @@ class PackedWeight(nn.Module):
             if rows is not None:
                 scale, zero = scale[rows], zero[rows]
         grouped = codes.reshape(codes.shape[0], -1, width if self.spec.granularity != "tensor" else self.cols)
-        weight = (grouped.float() - zero) * scale
+        # One pass to float (integer codes minus a float zero promote to float32), one in place.
+        weight = torch.sub(grouped, zero + zero_offset).mul_(scale)
         shape = self.shape if rows is None else (rows.numel(), *self.shape[1:])
         return weight.reshape(shape).to(dtype or self.dtype)
+
+    def _codes_and_offset(self, rows: Optional[Tensor]) -> tuple:
+        """Integer codes, and what to add to ``zero_point`` before subtracting it."""
+        if rows is not None:
+            return self._row_codes(rows), 0
+        biased = unpack_biased(self.codes, self.spec.bits, self.cols) if self.spec.bits < 8 else None
+        if biased is None:
+            return self.int_codes(), 0
+        # Stored codes are q + 2**(bits-1); subtracting zero + 2**(bits-1) (integers, so exact
+        # in float32) gives the same q - zero, and so the same weight bit for bit.
+        return biased, 1 << (self.spec.bits - 1)
 
     def _row_codes(self, rows: Tensor) -> Tensor:
         selected = self.codes[rows]
