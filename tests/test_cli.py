@@ -113,7 +113,8 @@ def test_export_from_the_checkpoint_reproduces_the_fit_export(fitted):
     # An existing directory is kept unless --overwrite.
     refused = run_cli(["export", "--checkpoint", "ckpt/last.ckpt", "--model", MODEL, "-o", "again"], cwd)
     assert refused.returncode == 2
-    assert_one_paragraph_error(refused.stderr, "already exists; pass overwrite=True")
+    assert_one_paragraph_error(refused.stderr, "--output again already exists; choose another directory or pass"
+                                               " --overwrite to replace it")
 
 
 def test_inspect_tables_of_the_packed_directory_and_the_checkpoint(fitted):
@@ -338,7 +339,9 @@ def test_configuration_errors_found_before_training_exit_2(tmp_path, monkeypatch
     (tmp_path / "r.yaml").write_text(RECIPE)
     (tmp_path / "packed").mkdir()
     cases = [
-        (["--recipe", "r.yaml"], "packed already exists"),  # an earlier export is never overwritten
+        # An earlier export is never overwritten.
+        (["--recipe", "r.yaml"], "packed already exists; choose another `dirpath` or pass overwrite=True (in a recipe:"
+                                 " export.overwrite=true)"),
         (["--recipe", "r.yaml", "--override", "export.dirpath=fresh", "--override", "qat.group_size=96"],
          "does not divide the input size 128"),
         (["--recipe", "r.yaml", "--override", "export.dirpath=fresh", "--trainer.callbacks+=lightning_compress.MagnitudePruning",

@@ -132,7 +132,7 @@ class CompressedExport(Callback):
             if self.dirpath.exists() and not self.options["overwrite"]:
                 raise FileExistsError(
                     f"CompressedExport: {self.dirpath} already exists; choose another `dirpath` or pass"
-                    " overwrite=True (checked before training so no run is lost)"
+                    " overwrite=True (in a recipe: export.overwrite=true); checked before training so no run is lost"
                 )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
