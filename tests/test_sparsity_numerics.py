@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from lightning_compress.sparsity.masks import (
+    _RADIX_MIN_SCORES,
     SparsityPattern,
+    _kth_smallest,
     global_masks,
     layer_mask,
     pack_mask,
@@ -47,11 +49,43 @@ def test_unstructured_layer_mask_prunes_exact_count_of_smallest(sparsity):
         assert weight[~keep].abs().max() <= weight[keep].abs().min()
 
 
+def test_large_global_masks_prune_exactly_the_smallest():
+    # Over _RADIX_MIN_SCORES weights: the counts and the threshold of the radix select.
+    g = torch.Generator().manual_seed(1)
+    weights = {"a": torch.randn(300, 256, generator=g), "b": torch.randn(128, 300, generator=g).round(decimals=1)}
+    keeps = global_masks(weights, 0.7, UNSTRUCTURED)
+    pruned = torch.cat([w[~keeps[n]].abs() for n, w in weights.items()])
+    kept = torch.cat([w[keeps[n]].abs() for n, w in weights.items()])
+    assert pruned.numel() == round(0.7 * (300 * 256 + 128 * 300))
+    assert pruned.max() <= kept.min()
+
+
 def test_ties_are_broken_deterministically_with_exact_count():
     weight = torch.ones(4, 4)
     keep = layer_mask(weight, 0.5, UNSTRUCTURED)
     assert int((~keep).sum()) == 8
     assert torch.equal(keep, layer_mask(weight.clone(), 0.5, UNSTRUCTURED))
+
+
+SCORE_SETS = {
+    "gaussian magnitudes": lambda g: torch.randn(300_000, generator=g).abs(),
+    # A pruned layer: most scores exactly 0, the rest spread over many exponents.
+    "mostly zeros": lambda g: torch.where(torch.rand(200_000, generator=g) < 0.8, 0.0,
+                                          torch.rand(200_000, generator=g) * 10.0 ** torch.randint(-6, 6, (200_000,), generator=g)),
+    # Few distinct values: the k-th sits in a long run of ties.
+    "ties": lambda g: torch.randint(0, 5, (100_000,), generator=g).float(),
+    "denormals and infinity": lambda g: torch.cat([torch.full((70_000,), 1e-42), torch.rand(70_000, generator=g),
+                                                   torch.full((10,), float("inf"))]),
+}
+
+
+@pytest.mark.parametrize("name", SCORE_SETS)
+def test_radix_select_equals_kthvalue(name):
+    scores = SCORE_SETS[name](torch.Generator().manual_seed(0))
+    assert scores.numel() >= _RADIX_MIN_SCORES  # the radix path, not the small-input fallback
+    n = scores.numel()
+    for k in (1, 2, n // 3, n // 2, n - 1, n):
+        assert torch.equal(_kth_smallest(scores, k), torch.kthvalue(scores, k).values), k
 
 
 @pytest.mark.parametrize("norm", [1, 2])

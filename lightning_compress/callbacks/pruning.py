@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.core.compatibility import prepare_stack
-from lightning_compress.core.distributed import broadcast_from_rank_zero
+from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
 from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.schedule import StepLike, resolve_step, steps_are_ordered, validate_step
 from lightning_compress.core.state import STATE_VERSION, check_state_version
@@ -347,10 +347,12 @@ class MagnitudePruning(Callback):
             keeps = global_masks(weights, sparsity, self.pattern, self.norm)
         else:
             keeps = {n: layer_mask(w, sparsity, self.pattern, self.norm) for n, w in weights.items()}
-        names = list(keeps)
-        packed = broadcast_from_rank_zero([pack_mask(keeps[n]) for n in names])
-        for name, bits in zip(names, packed):
-            self._set_mask(name, unpack_mask(bits, keeps[name].shape))
+        if is_distributed():  # every rank takes rank 0's masks, sent as bits
+            names = list(keeps)
+            packed = broadcast_from_rank_zero([pack_mask(keeps[n]) for n in names])
+            keeps = {name: unpack_mask(bits, keeps[name].shape) for name, bits in zip(names, packed)}
+        for name, keep in keeps.items():
+            self._set_mask(name, keep)
         self._applied_sparsity = sparsity
         self._measure()
 
