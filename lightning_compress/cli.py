@@ -167,9 +167,6 @@ def _export(argv: List[str]) -> int:
                 f"--data {args.data}: cannot build it from the checkpoint's datamodule hyperparameters"
                 f" {sorted(arguments)}: {err}; call save_hyperparameters() in its __init__"
             ) from None
-    if args.output is not None and Path(args.output).exists() and not args.overwrite:
-        raise CommandError(f"--output {args.output} already exists; choose another directory or pass --overwrite to"
-                           " replace it (nothing was written)")
     report = export_checkpoint(
         args.checkpoint,
         model_class,

@@ -253,6 +253,8 @@ def _locate(source: Union[str, os.PathLike]) -> Path:
     path = Path(source)
     if path.is_file():
         return path
+    if path.parent == Path(".") and not path.suffix and path.with_suffix(".yaml").is_file():
+        return path.with_suffix(".yaml")  # "int8_qat" with an int8_qat.yaml here: the user's file
     # Only a bare name ("int8_qat" or "int8_qat.yaml") can mean a ready recipe: a path with
     # a folder in it that does not exist is a typo the user must see.
     ready = builtin_recipes()

@@ -113,8 +113,12 @@ def test_export_from_the_checkpoint_reproduces_the_fit_export(fitted):
     # An existing directory is kept unless --overwrite.
     refused = run_cli(["export", "--checkpoint", "ckpt/last.ckpt", "--model", MODEL, "-o", "again"], cwd)
     assert refused.returncode == 2
-    assert_one_paragraph_error(refused.stderr, "--output again already exists; choose another directory or pass"
-                                               " --overwrite to replace it")
+    assert_one_paragraph_error(refused.stderr, "again already exists; choose another output directory or pass"
+                                               " overwrite=True (on the command line: --overwrite)")
+    # Without -o the recipe's export.dirpath (the fit's own export) is refused the same way.
+    default = run_cli(["export", "--checkpoint", "ckpt/last.ckpt", "--model", MODEL], cwd)
+    assert default.returncode == 2
+    assert_one_paragraph_error(default.stderr, "packed already exists; choose another output directory")
 
 
 def test_inspect_tables_of_the_packed_directory_and_the_checkpoint(fitted):

@@ -184,6 +184,27 @@ class ConvEmbed(nn.Module):
         return self.head(torch.relu(self.conv(h)).mean(dim=2))
 
 
+def test_unpack_biased_refuses_a_wrong_column_count_and_reads_one_word_rows():
+    codes = torch.randint(-8, 8, (5, 8), dtype=torch.int8)
+    packed = pack_codes(codes, 4)  # [5, 1]: one word a row
+    assert torch.equal(unpack_biased(packed, 4, 8).to(torch.int16) - 8, codes.to(torch.int16))
+    with pytest.raises(ValueError, match="1 words per row cannot hold 9 codes of 4 bits"):
+        unpack_biased(packed, 4, 9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_stays_float32_exact_after_the_model_is_cast(tmp_path, dtype):
+    spec = QuantSpec(4, "group", 16, symmetric=False)
+    export(quantized_mlp(spec), tmp_path / "out", inputs=[torch.randn(2, 32)])
+    layer = load_packed(tmp_path / "out", mlp(seed=1)).get_submodule("2").to(dtype)
+    packed = layer.packed
+    # The reference: signed codes minus the (cast) zero point, times the (cast) scale, in float32.
+    codes = unpack_codes(packed.codes, 4, packed.cols).float().view(64, -1, 16)
+    expected = ((codes - packed.zero_point.float().view(64, -1, 1)) * packed.scale.float().view(64, -1, 1)).view(64, 64)
+    assert packed.scale.dtype == dtype
+    assert torch.equal(packed.dequantize(dtype=torch.float32), expected)
+
+
 def test_conv_and_embedding_round_trip(tmp_path):
     torch.manual_seed(0)
     model = ConvEmbed()

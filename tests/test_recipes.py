@@ -21,11 +21,11 @@ from lightning_compress import (
 )
 from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_checkpoint
 from lightning_compress.formats.packed import read_metadata
-from lightning_compress.recipes import SECTIONS, RecipeError, load_recipe, recipe_schema
+from lightning_compress.recipes import BUILTIN_RECIPES_DIR, SECTIONS, RecipeError, load_recipe, recipe_schema
 from tests.cli_models import RecipeData, RecipeMLP
 from tests.conftest import make_trainer
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted(BUILTIN_RECIPES_DIR.glob("*.yaml"))  # recipes/ in a checkout links here
 
 
 def write(tmp_path, text, name="r.yaml"):
@@ -309,7 +309,7 @@ def test_ready_recipes_load_by_name_and_a_real_path_wins(tmp_path, monkeypatch):
     # A file of that name in the working directory is what the user means.
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "pruning:\n  final_sparsity: 0.25\n", name="int8_qat.yaml")
-    assert load_recipe("int8_qat.yaml").config == {"pruning": {"final_sparsity": 0.25}}
+    assert load_recipe("int8_qat.yaml").config == load_recipe("int8_qat").config == {"pruning": {"final_sparsity": 0.25}}
 
 
 @pytest.mark.parametrize(("source", "message"), [

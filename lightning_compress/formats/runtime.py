@@ -72,7 +72,8 @@ class PackedWeight(nn.Module):
                 scale, zero = scale[rows], zero[rows]
         grouped = codes.reshape(codes.shape[0], -1, width if self.spec.granularity != "tensor" else self.cols)
         # One pass to float (integer codes minus a float zero promote to float32), one in place.
-        weight = torch.sub(grouped, zero + zero_offset).mul_(scale)
+        # float32 whatever dtype .to()/.half() left the buffers in, as before.
+        weight = torch.sub(grouped, zero.float() + zero_offset).mul_(scale.float())
         shape = self.shape if rows is None else (rows.numel(), *self.shape[1:])
         return weight.reshape(shape).to(dtype or self.dtype)
 

@@ -79,7 +79,10 @@ def unpack_biased(packed: Tensor, bits: int, cols: int) -> Optional[Tensor]:
     directly, which skips :func:`unpack_codes`' signed int8 copy (half the passes)."""
     if not (_LITTLE_ENDIAN and bits in (2, 4)) or packed.dtype != torch.int32 or packed.dim() != 2:
         return None
-    data = packed.contiguous().view(torch.uint8)  # [rows, words * 4] bytes, low byte first
+    if packed.shape[1] != packed_words(cols, bits):
+        raise ValueError(f"{packed.shape[1]} words per row cannot hold {cols} codes of {bits} bits")
+    # reshape(-1) first: a contiguous [n, 1] tensor may still carry a stride other than 1.
+    data = packed.contiguous().reshape(-1).view(torch.uint8).view(packed.shape[0], -1)  # low byte first
     per_byte = 8 // bits
     out = torch.empty(*data.shape, per_byte, dtype=torch.uint8, device=data.device)
     mask = (1 << bits) - 1
