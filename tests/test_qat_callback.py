@@ -7,7 +7,7 @@ from torch import nn
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining, quantized_weights
 from lightning_compress.core.transforms import raw_weight
-from lightning_compress.quant.fake_quant import as_matrix, choose_qparams, fake_quantize
+from lightning_compress.quant.fake_quant import as_matrix, choose_qparams, choose_qparams_mse, fake_quantize
 from lightning_compress.quant.spec import QuantSpec
 from tests.conftest import TinyRegressor, fit_interrupted_and_resumed, make_trainer, tiny_loader
 
@@ -263,6 +263,22 @@ def test_checkpoint_loads_into_the_plain_class_and_evaluates_quantized_in_a_new_
     fresh = make_trainer(callbacks=[QuantizationAwareTraining("int4", group_size=4, start_step=3)])
     restored_loss = fresh.validate(TinyRegressor(), val, ckpt_path=tmp_path / "last.ckpt")[0]["val/loss"]
     assert restored_loss == quantized_loss
+
+
+def test_learned_ranges_start_from_the_least_error_clipping(seeded):
+    class AtStart(Callback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            if trainer.global_step == 3:  # the forward that switched fake quantization on
+                weight = as_matrix(raw_weight(pl_module.fc1).detach())
+                self.expected = choose_qparams_mse(weight, qat.spec)[0].log()
+                self.minmax = choose_qparams(weight, qat.spec)[0].log()
+                self.initial = qat._weight_quantizers["fc1"].log_scale.detach().clone()
+
+    qat = QuantizationAwareTraining("int4", group_size=4, learn_ranges=True, start_step=3)
+    watch = AtStart()
+    make_trainer(max_epochs=1, callbacks=[qat, watch]).fit(TinyRegressor(), tiny_loader(batches=4))
+    assert torch.equal(watch.initial, watch.expected)
+    assert bool((watch.initial <= watch.minmax).all()) and bool((watch.initial < watch.minmax).any())
 
 
 def test_learned_ranges_fine_tune_a_float_checkpoint_with_an_lr_scheduler(tmp_path, seeded):

