@@ -6,6 +6,7 @@ prints every thread's Python stack in the failure message instead of a bare
 "terminate called ..." line.
 """
 
+import faulthandler
 import os
 import subprocess
 import sys
@@ -15,16 +16,24 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+TIMEOUT_S = 300
 
 
 def run_script(script, *args, check: bool = True, cwd=ROOT) -> subprocess.CompletedProcess:
     """Run ``script`` with ``args`` in ``cwd``; with ``check``, fail the test with the end
     of its output unless it exited 0."""
     result = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                            timeout=300, cwd=cwd, env=ENV)
+                            timeout=TIMEOUT_S, cwd=cwd, env=ENV)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
+
+
+def arm_hang_report() -> None:
+    """Start of a DDP script: a rank still running shortly before the test gives up on
+    it prints every thread's stack and exits, so a hang (a collective one rank never
+    joins) fails with where each rank was instead of a bare timeout."""
+    faulthandler.dump_traceback_later(TIMEOUT_S - 30, exit=True)
 
 
 def close_process_group() -> None:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation  # noqa: E402
 from tests.conftest import TinyRegressor, make_trainer, tiny_loader  # noqa: E402
-from tests.ddp_process import close_process_group  # noqa: E402
+from tests.ddp_process import arm_hang_report, close_process_group  # noqa: E402
 
 
 class WideTeacher(nn.Module):
@@ -70,6 +70,7 @@ class CheckAndSave(Callback):
 
 
 if __name__ == "__main__":
+    arm_hang_report()
     out_dir = sys.argv[1]
     pl.seed_everything(0, verbose=False)
     teacher = WideTeacher()

@@ -22,7 +22,7 @@ from lightning.pytorch import Callback  # noqa: E402
 from lightning_compress.quant.nf4 import is_nf4  # noqa: E402
 from lightning_compress import CompressedExport, LoRA, MagnitudePruning, QuantizationAwareTraining  # noqa: E402
 from tests.conftest import TinyRegressor, make_trainer, tiny_loader  # noqa: E402
-from tests.ddp_process import close_process_group  # noqa: E402
+from tests.ddp_process import arm_hang_report, close_process_group  # noqa: E402
 
 
 class PerturbRankOne(Callback):
@@ -95,6 +95,7 @@ def build(mode: str, pattern: str):
 
 
 if __name__ == "__main__":
+    arm_hang_report()
     out_dir, mode = sys.argv[1], sys.argv[2]
     pattern = sys.argv[3] if len(sys.argv) > 3 else "unstructured"
     pl.seed_everything(0, verbose=False)

@@ -27,7 +27,7 @@ from lightning_compress import (  # noqa: E402
     QuantizationAwareTraining,
 )
 from tests.conftest import TinyRegressor, make_trainer  # noqa: E402
-from tests.ddp_process import close_process_group  # noqa: E402
+from tests.ddp_process import arm_hang_report, close_process_group  # noqa: E402
 from tests.scripts.ddp_distill import WideTeacher, check_teacher_outside_ddp  # noqa: E402
 
 GLOBAL_BATCH, EPOCHS, QAT_START = 16, 4, 8
@@ -137,6 +137,7 @@ def fit(export_dir, devices):
 
 
 if __name__ == "__main__":
+    arm_hang_report()
     out_dir = Path(sys.argv[1])
     state = fit(out_dir / "packed", devices=2)
     torch.save(state, out_dir / f"rank{state['rank']}.pt")
