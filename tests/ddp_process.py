@@ -10,6 +10,7 @@ import faulthandler
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -17,13 +18,16 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
 TIMEOUT_S = 300
+DEADLINE_VAR = "LIGHTNING_COMPRESS_TEST_DEADLINE"
 
 
 def run_script(script, *args, check: bool = True, cwd=ROOT) -> subprocess.CompletedProcess:
     """Run ``script`` with ``args`` in ``cwd``; with ``check``, fail the test with the end
     of its output unless it exited 0."""
+    # Both ranks arm their hang report against this deadline (rank 1 inherits the env).
+    env = {**ENV, DEADLINE_VAR: str(time.time() + TIMEOUT_S)}
     result = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                            timeout=TIMEOUT_S, cwd=cwd, env=ENV)
+                            timeout=TIMEOUT_S, cwd=cwd, env=env)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
@@ -33,7 +37,8 @@ def arm_hang_report() -> None:
     """Start of a DDP script: a rank still running shortly before the test gives up on
     it prints every thread's stack and exits, so a hang (a collective one rank never
     joins) fails with where each rank was instead of a bare timeout."""
-    faulthandler.dump_traceback_later(TIMEOUT_S - 30, exit=True)
+    deadline = float(os.environ.get(DEADLINE_VAR, time.time() + TIMEOUT_S))
+    faulthandler.dump_traceback_later(max(deadline - time.time() - 30, 1.0), exit=True)
 
 
 def close_process_group() -> None:

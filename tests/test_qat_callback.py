@@ -334,6 +334,25 @@ def test_quantized_weights_has_no_side_effects_before_start(seeded):
     assert not quantizer.initialized and torch.equal(quantizer.log_scale.detach(), before)
 
 
+def test_a_run_stopped_before_learned_ranges_start_exports_exactly_and_stays_unstarted(tmp_path, seeded):
+    from lightning_compress import export
+
+    qat = QuantizationAwareTraining("int4", group_size=4, learn_ranges=True, start_step=100)
+    model = TinyRegressor()
+    make_trainer(max_epochs=1, callbacks=[qat]).fit(model, tiny_loader(batches=2))
+    before = {name: q.log_scale.detach().clone() for name, q in qat._weight_quantizers.items()}
+    expected = quantized_weights(model)
+    # The parity check runs the model with fake quantization on: the grid it computes with is
+    # the one quantized_weights reported (exp(log(scale)), as after start), bit for bit.
+    report = export(model, tmp_path / "out", inputs=[torch.randn(4, 4, 8)])
+    assert report.parity.weights_exact and report.parity.relative_error == 0.0
+    for name, quantizer in qat._weight_quantizers.items():
+        # Measuring did not start QAT: start_step still initialises the scales from the weights then.
+        assert not quantizer.initialized and not quantizer.enabled, name
+        assert torch.equal(quantizer.log_scale.detach(), before[name]), name
+        assert torch.equal(quantized_weights(model)[name].codes, expected[name].codes), name
+
+
 def test_bf16_weights_dequantize_exactly_in_their_dtype(seeded):
     model = TinyRegressor().to(torch.bfloat16)
     from lightning_compress.quant import round_to_nearest

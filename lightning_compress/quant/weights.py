@@ -67,7 +67,10 @@ class WeightFakeQuantizer:
         if self.learned:
             if self.initialized:
                 return self.log_scale.detach().exp(), self.zero_point
-            return choose_qparams_mse(as_matrix(weight.detach().float()), self.spec)  # what start would set
+            # What start would set: the forward computes with exp(log(scale)), which differs
+            # from `scale` in its last bit for most values.
+            scale, zero_point = choose_qparams_mse(as_matrix(weight.detach().float()), self.spec)
+            return scale.log().exp(), zero_point
         return choose_qparams(as_matrix(weight.detach().float()), self.spec)
 
     def __call__(self, weight: Tensor) -> Tensor:

@@ -212,7 +212,9 @@ def _kth_smallest(scores: Tensor, k: int) -> Tensor:
     """
     if scores.dtype != torch.float32 or scores.numel() < _RADIX_MIN_SCORES:
         return torch.kthvalue(scores, k).values
-    buckets = scores.view(torch.int32) >> 16  # 0 .. 0x7FFF for non-negative floats and NaN
+    # Without the sign bit: 0 .. 0x7FFF for non-negative floats and NaN (a NaN score, from a
+    # NaN weight, may carry the sign; kthvalue orders every NaN last, as this does).
+    buckets = (scores.view(torch.int32) & 0x7FFFFFFF) >> 16
     filled = torch.cumsum(torch.bincount(buckets, minlength=1 << 15), 0)
     bucket = int(torch.searchsorted(filled, k))  # the first bucket that reaches k scores
     before = int(filled[bucket - 1]) if bucket > 0 else 0
