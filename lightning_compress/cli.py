@@ -4,6 +4,7 @@
         [--trainer.max_epochs 3] [--override pruning.final_sparsity=0.8 ...]
     lightning-compress export --checkpoint last.ckpt --model pkg.Module -o packed/ [--recipe r.yaml]
     lightning-compress inspect packed/         (or a checkpoint)
+    lightning-compress recipes [NAME]          (the ready recipes; NAME prints one to copy)
     lightning-compress demo
 
 Bad input (a missing file, a bad recipe, an unknown class path) ends with a one-paragraph
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 USAGE_ERROR = 2
-COMMANDS = ("fit", "export", "inspect", "demo")
+COMMANDS = ("fit", "export", "inspect", "recipes", "demo")
 
 
 class CommandError(Exception):
@@ -39,6 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "fit": _fit,
         "export": _export,
         "inspect": _inspect,
+        "recipes": _recipes,
         "demo": _demo,
     }
     if command not in handlers:
@@ -190,6 +192,37 @@ def _inspect(argv: List[str]) -> int:
 
     print(inspect_path(args.path))
     return 0
+
+
+# ---------------------------------------------------------------------- recipes
+def _recipes(argv: List[str]) -> int:
+    parser = _Parser(prog="lightning-compress recipes",
+                     description="List the ready recipes, or print one (to copy and edit: recipes NAME > my.yaml).")
+    parser.add_argument("name", nargs="?", help="a ready recipe's name")
+    args = parser.parse_args(argv)
+
+    from lightning_compress.recipes import builtin_recipes, load_recipe
+
+    ready = builtin_recipes()
+    if args.name is None:
+        width = max(map(len, ready))
+        for name, path in ready.items():
+            print(f"{name:<{width}}  {_header_line(path)}")
+        print("\nUse one with --recipe NAME; print it to edit with: lightning-compress recipes NAME > my.yaml")
+        return 0
+    if args.name not in ready:
+        load_recipe(args.name)  # raises the not-found error, with a close match and the list
+        raise CommandError(f"{args.name!r} is a recipe file, not a ready recipe's name; choose one of {', '.join(ready)}")
+    print(ready[args.name].read_text(), end="")
+    return 0
+
+
+def _header_line(path: Path) -> str:
+    """The first comment line of a recipe: what it is for."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and line.strip("# "):
+            return line.lstrip("# ").strip()
+    return ""
 
 
 # ---------------------------------------------------------------------- demo

@@ -156,6 +156,8 @@ ERRORS = [
     (["fitt"], "unknown command 'fitt'; did you mean 'fit'?"),
     (["fit", "--recipe", "missing.yaml", "--model", MODEL], "recipe file 'missing.yaml' not found"),
     (["fit", "--recipe", "int4_weight_onyl", "--model", MODEL], "did you mean 'int4_weight_only'?"),
+    (["recipes", "int8_qt"], "did you mean 'int8_qat'?"),
+    (["recipes", "a", "b"], "unrecognized arguments: b"),
     (["fit", "--model", "no_such_package.Model"], "--model no_such_package.Model: unknown class path"),
     (["fit", "--model", MODEL, "--data", "tests.cli_models.NoData"], "has no attribute 'NoData'"),
     (["fit", "--model", MODEL, "--override", "qat.weights=int4"], "--override changes a recipe; pass --recipe too"),
@@ -369,6 +371,21 @@ def test_fit_takes_a_ready_recipe_by_name(tmp_path, monkeypatch):
     layers = read_metadata(tmp_path / "packed")["layers"]
     assert {name: (layer["bits"], layer["group_size"]) for name, layer in layers.items()} == {
         "net.0": (4, 128), "net.2": (4, 128), "net.4": (4, 128)}
+
+
+def test_recipes_lists_the_ready_ones_and_prints_one_to_copy(tmp_path, capsys):
+    from lightning_compress.recipes import BUILTIN_RECIPES_DIR, load_recipe
+
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    names = sorted(path.stem for path in BUILTIN_RECIPES_DIR.glob("*.yaml"))
+    assert [line.split()[0] for line in listing[: len(names)]] == names
+    assert listing[names.index("int8_qat")].split(None, 1)[1] == "int8 quantization-aware training (W8A8)."
+    assert main(["recipes", "int8_qat"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (BUILTIN_RECIPES_DIR / "int8_qat.yaml").read_text()
+    (tmp_path / "mine.yaml").write_text(printed)  # what `recipes int8_qat > mine.yaml` leaves
+    assert load_recipe(tmp_path / "mine.yaml").config == load_recipe("int8_qat").config
 
 
 def test_resume_without_recipe_uses_the_one_in_the_checkpoint(tmp_path, monkeypatch, capsys):
