@@ -1,4 +1,4 @@
-"""``lightning-compress``: fit, export, inspect and demo from the command line.
+"""``lightning-compress``: fit, export, inspect, recipes and demo from the command line.
 
     lightning-compress fit --recipe r.yaml --model pkg.Module [--data pkg.DataModule] \\
         [--trainer.max_epochs 3] [--override pruning.final_sparsity=0.8 ...]
