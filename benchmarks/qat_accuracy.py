@@ -6,7 +6,8 @@
 - a character-level transformer (2 layers, d=64) on standard-library docstrings, learning
   rate decaying linearly over the whole run: a float base trained 1200 steps, then 200
   more steps either in float (float and PTQ baselines) or with QAT (int8, int4, int3
-  group-32 symmetric weights; min/max or learned ranges); held-out perplexity.
+  group-32 symmetric weights; min/max or "mse" clipped ranges, fixed or learned);
+  held-out perplexity.
 
 PTQ quantizes the float model with the same grid (``round_to_nearest``). "gap closed" is
 (PTQ error - QAT error) / (PTQ error - float error).
@@ -33,7 +34,19 @@ from lightning_compress.quant import round_to_nearest
 
 
 DIGITS_BITS = (8, 4, 3, 2)
-LM_VARIANTS = ((8, False), (4, False), (3, False), (4, True), (3, True))  # (bits, learned ranges)
+# (bits, learned ranges, weight_range)
+LM_VARIANTS = ((8, False, "minmax"), (4, False, "minmax"), (3, False, "minmax"), (4, False, "mse"), (3, False, "mse"),
+               (4, True, "minmax"), (4, True, "mse"), (3, True, "mse"))
+
+
+def variant_key(bits: int, learned: bool, weight_range: str) -> str:
+    return f"qat{bits}{'lsq' if learned else ''}{weight_range}"
+
+
+def variant_label(bits: int, learned: bool, weight_range: str) -> str:
+    if learned:
+        return f"int{bits} g32 learned ranges from {'mse' if weight_range == 'mse' else 'min/max'}"
+    return f"int{bits} g32" + (" mse ranges" if weight_range == "mse" else "")
 
 
 def digits_runs(seed: int, bits_list) -> dict:
@@ -75,14 +88,15 @@ def charlm_runs(seed: int, variants, base_steps: int, extra_steps: int, d_model:
     float_model, _ = train(total, resume=checkpoint)
     val = data.val_dataloader()
     results = {"float": perplexity(float_model, val)}
-    for bits, learned in variants:
+    for bits, learned, weight_range in variants:
         if f"ptq{bits}" not in results:
             ptq = copy.deepcopy(float_model)
             round_to_nearest(ptq, QuantSpec(bits, "group", 32))
             results[f"ptq{bits}"] = perplexity(ptq, val)
-        qat = QuantizationAwareTraining(bits, group_size=32, learn_ranges=learned, start_step=base_steps)
+        qat = QuantizationAwareTraining(bits, group_size=32, learn_ranges=learned, weight_range=weight_range,
+                                        start_step=base_steps)
         qat_model, _ = train(total, [qat], resume=checkpoint)
-        results[f"qat{bits}{'lsq' if learned else ''}"] = perplexity(qat_model, val)
+        results[variant_key(bits, learned, weight_range)] = perplexity(qat_model, val)
     return results
 
 
@@ -116,11 +130,11 @@ def main() -> None:
         headline("accuracy vs PTQ", f"digits CNN int{bits} channel: accuracy float / PTQ / QAT",
                  f"{1 - f:.4f} / {1 - p:.4f} / {1 - q:.4f} (gap closed: {closed})",
                  "within 0.3 points of float (issue 3)" if bits == 8 else ">= 70% of the gap closed (issue 3)" if bits == 4 else None)
-    for bits, learned in LM_VARIANTS:
-        key = f"qat{bits}{'lsq' if learned else ''}"
+    for bits, learned, weight_range in LM_VARIANTS:
+        key = variant_key(bits, learned, weight_range)
         f, p, q = (mean(charlm, k) for k in ("float", f"ptq{bits}", key))
         closed = (p - q) / (p - f) if p != f else float("nan")
-        label = f"int{bits} g32" + (" learned ranges" if learned else "")
+        label = variant_label(bits, learned, weight_range)
         print(f"| char LM, perplexity | {label} | {f:.3f} | {p:.3f} | {q:.3f} | {closed:.0%} |")
         headline("accuracy vs PTQ", f"char LM {label}: perplexity float / PTQ / QAT",
                  f"{f:.3f} / {p:.3f} / {q:.3f} (gap closed: {closed:.0%})",

@@ -99,6 +99,31 @@ def test_resume_mid_qat_is_bit_identical(tmp_path):
     assert not torch.allclose(fc1.log_scale.detach().exp(), initial_scale)
 
 
+def test_mse_ranges_resume_bit_identical_export_exactly_and_refuse_other_ranges(tmp_path):
+    from lightning_compress import export
+
+    def mse():
+        return QuantizationAwareTraining("int4", group_size=4, weight_range="mse", start_step=4)
+
+    reference, uninterrupted, resumed_model, resumed, checkpoint = fit_interrupted_and_resumed(
+        mse, tmp_path, epochs=3, stop_after=0
+    )
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+    (saved,) = [state for key, state in torch.load(checkpoint, weights_only=True)["callbacks"].items()
+                if key.startswith("QuantizationAwareTraining")]
+    for name, quantizer in uninterrupted._weight_quantizers.items():
+        # The ratios chosen at step 4 came back from the checkpoint, not from the weights of the resume.
+        assert torch.equal(saved["layers"][name]["clip"], quantizer.clip), name
+        assert torch.equal(resumed._weight_quantizers[name].clip, quantizer.clip), name
+    report = export(resumed_model, tmp_path / "packed", inputs=[torch.randn(4, 4, 8)])
+    assert report.parity.weights_exact and report.parity.relative_error == 0.0
+
+    other = QuantizationAwareTraining("int4", group_size=4, start_step=4)
+    with pytest.raises(ValueError, match="was trained with weight_range='mse' but this callback uses weight_range='minmax'"):
+        make_trainer(max_epochs=3, callbacks=[other]).fit(TinyRegressor(), tiny_loader(), ckpt_path=checkpoint)
+
+
 @pytest.mark.parametrize("qat_first", [True, False])
 def test_qat_with_pruning_in_either_order_gives_the_same_model(qat_first, seeded):
     def run(order_qat_first):
@@ -191,6 +216,7 @@ def test_dynamic_activation_quantization_changes_layer_inputs(seeded):
         (dict(granularity="channel", group_size=32), "only applies to granularity='group'"),
         (dict(activations="int4"), "unknown `activations`"),
         (dict(observer="histogram"), "unknown `observer`"),
+        (dict(weight_range="percentile"), r"unknown `weight_range` 'percentile'; choose one of \('minmax', 'mse'\)"),
         (dict(calibration_steps=0), "`calibration_steps` must be a positive int"),
         (dict(start_step=-3), "`start_step` must be >= 0"),
         (dict(freeze_bn_step=2.5), "`freeze_bn_step`=2.5 is a float"),
@@ -265,79 +291,41 @@ def test_checkpoint_loads_into_the_plain_class_and_evaluates_quantized_in_a_new_
     assert restored_loss == quantized_loss
 
 
-def test_learned_ranges_start_from_the_least_error_clipping(seeded):
+@pytest.mark.parametrize("weight_range", ["minmax", "mse"])
+@pytest.mark.parametrize("learned", [False, True])
+def test_ranges_start_from_the_weight_range_grid(seeded, weight_range, learned):
     class AtStart(Callback):
         def on_before_backward(self, trainer, pl_module, loss):
-            if trainer.global_step == 3:  # the forward that switched fake quantization on
+            if trainer.global_step in (3, 5):  # the forward that switched fake quantization on, and a later one
                 weight = as_matrix(raw_weight(pl_module.fc1).detach())
-                self.expected = choose_qparams_mse(weight, qat.spec)[0].log()
-                self.minmax = choose_qparams(weight, qat.spec)[0].log()
-                self.initial = qat._weight_quantizers["fc1"].log_scale.detach().clone()
+                if trainer.global_step == 3:
+                    self.minmax = choose_qparams(weight, qat.spec)[0]
+                    self.mse_scale, _, self.clip = choose_qparams_mse(weight, qat.spec)
+                    self.used = quantized_weights(pl_module)["fc1"].scale.flatten()
+                else:
+                    self.later = weight.clone()
+                    self.used_later = quantized_weights(pl_module)["fc1"].scale.flatten()
 
-    qat = QuantizationAwareTraining("int4", group_size=4, learn_ranges=True, start_step=3)
+    qat = QuantizationAwareTraining("int4", group_size=4, weight_range=weight_range, learn_ranges=learned,
+                                    start_step=3)
     watch = AtStart()
-    make_trainer(max_epochs=1, callbacks=[qat, watch]).fit(TinyRegressor(), tiny_loader(batches=4))
-    assert torch.equal(watch.initial, watch.expected)
-    assert bool((watch.initial <= watch.minmax).all()) and bool((watch.initial < watch.minmax).any())
-
-
-def test_learned_ranges_fine_tune_a_float_checkpoint_with_an_lr_scheduler(tmp_path, seeded):
-    class Scheduled(TinyRegressor):
-        def configure_optimizers(self):
-            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    ckpt = tmp_path / "float.ckpt"
-    trainer = make_trainer(max_epochs=1)
-    trainer.fit(Scheduled(), tiny_loader(batches=8))
-    trainer.save_checkpoint(ckpt)
-
-    class ScaleWatch(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == 9:  # one step after the scales were initialised at 8
-                self.after_init = qat._weight_quantizers["fc1"].log_scale.detach().clone()
-
-        def on_train_end(self, trainer, pl_module):
-            self.groups = len(trainer.optimizers[0].param_groups)
-
-    model = Scheduled()
-    qat = QuantizationAwareTraining("int4", group_size=4, learn_ranges=True, start_step=8)
-    watch = ScaleWatch()
-    make_trainer(max_epochs=2, callbacks=[qat, watch]).fit(model, tiny_loader(batches=8), ckpt_path=ckpt)
-    assert watch.groups == 1  # the user's optimizer is untouched
-    assert not torch.equal(qat._weight_quantizers["fc1"].log_scale.detach(), watch.after_init)  # scales trained
-    assert qat.state_dict()["range_optimizer"]["state"]  # Adam state is checkpointed
-
-
-def test_reusing_a_callback_or_replacing_one_quantizes_each_model_once(seeded):
-    qat = QuantizationAwareTraining("int4", group_size=4, activations="int8_dynamic", start_step=0)
-    first, second = TinyRegressor(), TinyRegressor()
-    make_trainer(max_epochs=1, callbacks=[qat]).fit(first, tiny_loader(batches=2))
-    make_trainer(max_epochs=1, callbacks=[qat]).fit(second, tiny_loader(batches=2))
-    assert not torch.equal(second.fc1.weight, raw_weight(second.fc1))  # the second model is quantized
-
-    # A new callback on an already quantized model replaces the old quantizers.
-    replacement = QuantizationAwareTraining("int8", start_step=0)
-    make_trainer(max_epochs=1, callbacks=[replacement]).fit(first, tiny_loader(batches=2))
-    assert quantized_weights(first)["fc1"].spec == QuantSpec(8, "channel")
-    assert len(first.fc1._forward_pre_hooks) == 0  # the old input quantizer is gone
-
-
-def test_quantized_weights_has_no_side_effects_before_start(seeded):
-    qat = QuantizationAwareTraining("int4", group_size=4, learn_ranges=True, start_step=100)
-    model = TinyRegressor()
-    make_trainer(max_epochs=1, callbacks=[qat]).fit(model, tiny_loader(batches=2))
-    quantizer = qat._weight_quantizers["fc1"]
-    before = quantizer.log_scale.detach().clone()
-    quantized_weights(model)
-    assert not quantizer.initialized and torch.equal(quantizer.log_scale.detach(), before)
+    make_trainer(max_epochs=1, callbacks=[qat, watch]).fit(TinyRegressor(), tiny_loader(batches=8))
+    start = watch.mse_scale if weight_range == "mse" else watch.minmax
+    # Learned scales compute with exp(log(scale)).
+    assert torch.equal(watch.used, start.log().exp() if learned else start)
+    if weight_range == "mse":
+        assert bool((watch.clip <= 1).all()) and bool((watch.clip < 1).any())  # clipped, never widened
+    if not learned:
+        # Later steps: min/max follows the weights; "mse" keeps the ratios chosen at start.
+        clip = watch.clip if weight_range == "mse" else None
+        assert torch.equal(watch.used_later, choose_qparams(watch.later, qat.spec, clip=clip)[0])
+        assert (qat._weight_quantizers["fc1"].clip is None) == (weight_range == "minmax")
 
 
 def test_a_run_stopped_before_learned_ranges_start_exports_exactly_and_stays_unstarted(tmp_path, seeded):
     from lightning_compress import export
 
-    qat = QuantizationAwareTraining("int4", group_size=4, learn_ranges=True, start_step=100)
+    qat = QuantizationAwareTraining("int4", group_size=4, weight_range="mse", learn_ranges=True, start_step=100)
     model = TinyRegressor()
     make_trainer(max_epochs=1, callbacks=[qat]).fit(model, tiny_loader(batches=2))
     before = {name: q.log_scale.detach().clone() for name, q in qat._weight_quantizers.items()}

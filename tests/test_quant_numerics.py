@@ -136,25 +136,30 @@ def test_learned_ranges_receive_gradients_and_match_the_fixed_grid_forward():
                                   QuantSpec(2, "group", 16), QuantSpec(8, "tensor")], ids=lambda s: s.describe())
 def test_mse_ranges_pick_the_clipping_with_the_least_error(spec):
     weight = sample()
-    weight[1, :32] = 0.0  # an all-zero group keeps its min/max scale
+    weight[1, :32] = 0.0  # an all-zero group keeps ratio 1
     weight[2, 5] = 6.0  # an outlier, which clipping trades away
-    minmax_scale, minmax_zero = choose_qparams(weight, spec)
-    scale, zero_point = choose_qparams_mse(weight, spec)
-    assert torch.equal(zero_point, minmax_zero)
-    # Reference: every ratio for every group, one at a time; the first of equal errors wins.
-    groups = weight.reshape(minmax_scale.numel(), -1)
+    scale, zero_point, clip = choose_qparams_mse(weight, spec)
+    # The ratios reproduce the grid.
+    again = choose_qparams(weight, spec, clip=clip)
+    assert torch.equal(again[0], scale) and torch.equal(again[1], zero_point)
+    # Reference: every ratio for every group, one group at a time; the first of equal errors wins.
+    width = weight.numel() // scale.numel()
+    groups = weight.reshape(-1, width)
     for g in range(groups.shape[0]):
         errors = []
         for ratio in CLIP_RATIOS:
-            candidate = (minmax_scale[g] * ratio).reshape(1)
-            hat = fake_quantize(groups[g : g + 1], candidate, minmax_zero[g : g + 1], spec)
-            errors.append(float((hat - groups[g : g + 1]).square().sum()))
+            one = QuantSpec(spec.bits, "channel", symmetric=spec.symmetric)  # the group as a one-row matrix
+            s, z = choose_qparams(groups[g : g + 1], one, clip=torch.tensor([ratio]))
+            errors.append(float((fake_quantize(groups[g : g + 1], s, z, one) - groups[g : g + 1]).square().sum()))
         best = min(range(len(errors)), key=lambda i: (errors[i], i))
-        assert scale[g] == torch.clamp(minmax_scale[g] * CLIP_RATIOS[best], min=torch.finfo(torch.float32).smallest_normal), g
-    error = lambda s: (fake_quantize(weight, s, zero_point, spec) - weight).square().sum()  # noqa: E731
-    assert error(scale) <= error(minmax_scale)
+        assert clip[g] == torch.tensor(CLIP_RATIOS[best]), g
+    minmax = choose_qparams(weight, spec)
+    error = lambda s, z: (fake_quantize(weight, s, z, spec) - weight).square().sum()  # noqa: E731
+    assert error(scale, zero_point) <= error(*minmax)
     if spec.bits <= 4:
-        assert error(scale) < error(minmax_scale)  # clipping pays at low bit widths
+        assert error(scale, zero_point) < error(*minmax)  # clipping pays at low bit widths
+    if spec.granularity == "group":
+        assert clip[weight.shape[1] // width] == 1.0  # the first group of row 1, all zeros
 
 
 def test_static_observer_minmax_and_moving_average():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -247,24 +247,16 @@ def _quantization_enabled(model: nn.Module):
     for module in model.modules():
         for part in (get_weight_transform(module, Stage.FAKE_QUANT), input_quantizer_of(module)):
             if part is not None and hasattr(part, "enabled"):
-                switches.append((part, part.enabled, _learned_state(part)))
+                start = part.start_state() if hasattr(part, "start_state") else None
+                switches.append((part, part.enabled, start))
                 part.enabled = True
     try:
         yield
     finally:
-        for part, enabled, learned in switches:
+        for part, enabled, start in switches:
             part.enabled = enabled
-            if learned is not None:  # learned scales set up by this measurement are undone:
-                part.initialized, part.zero_point = learned[0], learned[1]  # QAT's start sets them
-                with torch.no_grad():
-                    part.log_scale.copy_(learned[2])
-
-
-def _learned_state(part) -> Optional[tuple]:
-    """A learned-range quantizer's initialisation state, for one that has none yet."""
-    if getattr(part, "learned", False) and not part.initialized:
-        return part.initialized, part.zero_point, part.log_scale.detach().clone()
-    return None
+            if start is not None:  # ranges this measurement chose are QAT's start_step's to choose
+                part.restore_start_state(start)
 
 
 @contextlib.contextmanager

@@ -30,23 +30,34 @@ from lightning_compress.quant.fake_quant import (
 from lightning_compress.quant.spec import QuantSpec
 
 
+WEIGHT_RANGES = ("minmax", "mse")
+
+
 class WeightFakeQuantizer:
     """Fake-quantizes the weight entering the FAKE_QUANT stage (the masked, merged weight).
 
-    Disabled until the QAT callback's ``start_step``. With ``learned=True`` the scales are
-    trained with LSQ (Esser et al. 2020) as ``scale = exp(log_scale)``, so one relative
-    learning rate suits every layer and bit width. They are initialised on the first
-    forward after enabling (after every callback's batch-start hook, so the result does
-    not depend on the order callbacks are listed in) to each group's min/max range clipped
-    where that lowers the squared quantization error (:func:`choose_qparams_mse`).
+    Disabled until the QAT callback's ``start_step``. Ranges (``weight_range``):
+
+    - ``"minmax"``: each group's min/max, recomputed every step (torchao's QAT grid);
+    - ``"mse"``: each group's min/max times a clipping ratio chosen on the first forward
+      after enabling, the one of 1.0 .. 0.5 with the least squared quantization error
+      (:func:`choose_qparams_mse`), then kept: the range follows the weights at that ratio.
+
+    With ``learned=True`` the scales are trained with LSQ (Esser et al. 2020) as
+    ``scale = exp(log_scale)``, so one relative learning rate suits every layer and bit
+    width, starting from the ``weight_range`` grid. Whatever is chosen on the first
+    forward after enabling happens after every callback's batch-start hook, so the result
+    does not depend on the order callbacks are listed in.
     """
 
-    def __init__(self, spec: QuantSpec, learned: bool = False) -> None:
+    def __init__(self, spec: QuantSpec, learned: bool = False, weight_range: str = "minmax") -> None:
         self.spec = spec
         self.enabled = False
         self.learned = learned
+        self.weight_range = weight_range
         self.log_scale: nn.Parameter | None = None
         self.zero_point: Tensor | None = None
+        self.clip: Tensor | None = None  # per-group ratios ("mse", fixed ranges), once chosen
         self.initialized = False
 
     def create_parameters(self, weight: Tensor) -> nn.Parameter:
@@ -63,15 +74,20 @@ class WeightFakeQuantizer:
         return self.log_scale
 
     def qparams(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """The scales and zero points the forward uses for ``weight`` now (no side effects)."""
+        """The scales and zero points the forward uses for ``weight`` now (no side effects);
+        before the first enabled forward, those that forward would choose."""
+        matrix = as_matrix(weight.detach().float())
         if self.learned:
             if self.initialized:
                 return self.log_scale.detach().exp(), self.zero_point
-            # What start would set: the forward computes with exp(log(scale)), which differs
-            # from `scale` in its last bit for most values.
-            scale, zero_point = choose_qparams_mse(as_matrix(weight.detach().float()), self.spec)
+            scale, zero_point = self._initial_grid(matrix)
+            # The forward computes with exp(log(scale)), which differs from `scale` in its
+            # last bit for most values.
             return scale.log().exp(), zero_point
-        return choose_qparams(as_matrix(weight.detach().float()), self.spec)
+        clip = self.clip
+        if clip is None and self.weight_range == "mse":
+            clip = choose_qparams_mse(matrix, self.spec)[2]
+        return choose_qparams(matrix, self.spec, clip=clip)
 
     def __call__(self, weight: Tensor) -> Tensor:
         if not self.enabled:
@@ -84,15 +100,37 @@ class WeightFakeQuantizer:
                 self._initialize(compute)
             out = fake_quantize_learned(compute, self.log_scale.exp(), self.zero_point, self.spec)
         else:
-            scale, zero_point = choose_qparams(compute, self.spec)
+            if self.weight_range == "mse" and self.clip is None:
+                self.clip = choose_qparams_mse(compute, self.spec)[2]
+            if self.clip is not None and self.clip.device != weight.device:
+                self.clip = self.clip.to(weight.device)
+            scale, zero_point = choose_qparams(compute, self.spec, clip=self.clip)
             out = fake_quantize(compute, scale, zero_point, self.spec)
         return out.to(weight.dtype).view(weight.shape)
+
+    def start_state(self) -> tuple:
+        """What the first enabled forward sets (see :meth:`restore_start_state`)."""
+        scale = None if self.log_scale is None else self.log_scale.detach().clone()
+        return self.initialized, self.zero_point, scale, self.clip
+
+    def restore_start_state(self, state: tuple) -> None:
+        """Undo a forward that ran enabled for a measurement only (the export's parity
+        check), so ``start_step`` still chooses the ranges from the weights of then."""
+        self.initialized, self.zero_point, scale, self.clip = state
+        if scale is not None:
+            with torch.no_grad():
+                self.log_scale.copy_(scale)
 
     def table_fields(self) -> Dict[str, object]:
         """This stage's columns of the per-layer table (none while it is disabled)."""
         if not self.enabled:
             return {}
         return {"weight_bits": self.spec.bits, "granularity": self.spec.granularity_label}
+
+    def _initial_grid(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        if self.weight_range == "mse":
+            return choose_qparams_mse(matrix, self.spec)[:2]
+        return choose_qparams(matrix, self.spec)
 
     def _follow_device(self, device: torch.device) -> None:
         # Same Parameter object, new storage: optimizers keep their reference. Covers
@@ -103,7 +141,7 @@ class WeightFakeQuantizer:
 
     @torch.no_grad()
     def _initialize(self, matrix: Tensor) -> None:
-        scale, zero_point = choose_qparams_mse(matrix, self.spec)
+        scale, zero_point = self._initial_grid(matrix)
         self.log_scale.copy_(scale.log())
         self.zero_point = zero_point.to(self.log_scale.device)
         self.initialized = True
@@ -148,6 +186,7 @@ def attach_weight_quantizers(
     specs: Mapping[str, QuantSpec],
     learned: bool = False,
     *,
+    weight_range: str = "minmax",
     owner: str = "round_to_nearest",
     active_owners: set = frozenset(),
 ) -> Dict[str, WeightFakeQuantizer]:
@@ -169,7 +208,7 @@ def attach_weight_quantizers(
             )
     quantizers = {}
     for name, layer in layers.items():
-        quantizer = WeightFakeQuantizer(specs[name], learned=learned)
+        quantizer = WeightFakeQuantizer(specs[name], learned=learned, weight_range=weight_range)
         if learned:
             quantizer.create_parameters(raw_weight(layer))
         install_weight_transform(layer, Stage.FAKE_QUANT, quantizer, owner=owner, active_owners=active_owners)
