@@ -322,6 +322,75 @@ def test_ranges_start_from_the_weight_range_grid(seeded, weight_range, learned):
         assert (qat._weight_quantizers["fc1"].clip is None) == (weight_range == "minmax")
 
 
+def test_learned_ranges_fine_tune_a_float_checkpoint_with_an_lr_scheduler(tmp_path, seeded):
+    class Scheduled(TinyRegressor):
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    ckpt = tmp_path / "float.ckpt"
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(Scheduled(), tiny_loader(batches=8))
+    trainer.save_checkpoint(ckpt)
+
+    class ScaleWatch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 9:  # one step after the scales were initialised at 8
+                self.after_init = qat._weight_quantizers["fc1"].log_scale.detach().clone()
+
+        def on_train_end(self, trainer, pl_module):
+            self.groups = len(trainer.optimizers[0].param_groups)
+
+    model = Scheduled()
+    qat = QuantizationAwareTraining("int4", group_size=4, learn_ranges=True, start_step=8)
+    watch = ScaleWatch()
+    make_trainer(max_epochs=2, callbacks=[qat, watch]).fit(model, tiny_loader(batches=8), ckpt_path=ckpt)
+    assert watch.groups == 1  # the user's optimizer is untouched
+    assert not torch.equal(qat._weight_quantizers["fc1"].log_scale.detach(), watch.after_init)  # scales trained
+    assert qat.state_dict()["range_optimizer"]["state"]  # Adam state is checkpointed
+
+
+def test_reusing_a_callback_or_replacing_one_quantizes_each_model_once(seeded):
+    qat = QuantizationAwareTraining("int4", group_size=4, activations="int8_dynamic", start_step=0)
+    first, second = TinyRegressor(), TinyRegressor()
+    make_trainer(max_epochs=1, callbacks=[qat]).fit(first, tiny_loader(batches=2))
+    make_trainer(max_epochs=1, callbacks=[qat]).fit(second, tiny_loader(batches=2))
+    assert not torch.equal(second.fc1.weight, raw_weight(second.fc1))  # the second model is quantized
+
+    # A new callback on an already quantized model replaces the old quantizers.
+    replacement = QuantizationAwareTraining("int8", start_step=0)
+    make_trainer(max_epochs=1, callbacks=[replacement]).fit(first, tiny_loader(batches=2))
+    assert quantized_weights(first)["fc1"].spec == QuantSpec(8, "channel")
+    assert len(first.fc1._forward_pre_hooks) == 0  # the old input quantizer is gone
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_quantized_weights_has_no_side_effects_before_start(seeded, learned):
+    qat = QuantizationAwareTraining("int4", group_size=4, weight_range="mse", learn_ranges=learned, start_step=100)
+    model = TinyRegressor()
+    make_trainer(max_epochs=1, callbacks=[qat]).fit(model, tiny_loader(batches=2))
+    quantizer = qat._weight_quantizers["fc1"]
+    before = None if quantizer.log_scale is None else quantizer.log_scale.detach().clone()
+    quantized_weights(model)
+    assert not quantizer.initialized and quantizer.clip is None
+    if learned:
+        assert torch.equal(quantizer.log_scale.detach(), before)
+
+
+def test_a_reused_mse_callback_chooses_the_ratios_of_each_model(seeded):
+    qat = QuantizationAwareTraining("int4", group_size=4, weight_range="mse", start_step=0)
+    first, second = TinyRegressor(), TinyRegressor()
+    make_trainer(max_epochs=1, callbacks=[qat]).fit(first, tiny_loader(batches=2))
+    first_clip = qat.state_dict()["layers"]["fc1"]["clip"]
+    initial = as_matrix(second.fc1.weight.detach().clone())
+    make_trainer(max_epochs=1, callbacks=[qat]).fit(second, tiny_loader(batches=2))
+    second_clip = qat._weight_quantizers["fc1"].clip
+    # Chosen from the second model's weights at its first step, not carried over.
+    assert torch.equal(second_clip, choose_qparams_mse(initial, qat.spec)[2])
+    assert not torch.equal(first_clip, second_clip)
+
+
 def test_a_run_stopped_before_learned_ranges_start_exports_exactly_and_stays_unstarted(tmp_path, seeded):
     from lightning_compress import export
 

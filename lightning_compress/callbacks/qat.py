@@ -365,7 +365,7 @@ class QuantizationAwareTraining(Callback):
                     f" as {quantizer.spec.describe()}, so it would continue or be exported on a grid it was not"
                     " trained on; resume or export with the QAT settings of the run that trained it"
                 )
-            # Checkpoints from before `weight_range` existed used min/max ranges.
+            # Checkpoints from before `weight_range` existed (released code) used min/max ranges.
             trained_range = entry.get("weight_range", "minmax")
             if trained_range != quantizer.weight_range:
                 raise ValueError(

@@ -77,14 +77,16 @@ class WeightFakeQuantizer:
         """The scales and zero points the forward uses for ``weight`` now (no side effects);
         before the first enabled forward, those that forward would choose."""
         matrix = as_matrix(weight.detach().float())
+        # The state may sit on another device than the weight: a model moved back to the CPU
+        # after a GPU fit, or state restored on the CPU for a model on a GPU.
         if self.learned:
             if self.initialized:
-                return self.log_scale.detach().exp(), self.zero_point
+                return self.log_scale.detach().exp().to(matrix.device), self.zero_point.to(matrix.device)
             scale, zero_point = self._initial_grid(matrix)
             # The forward computes with exp(log(scale)), which differs from `scale` in its
             # last bit for most values.
             return scale.log().exp(), zero_point
-        clip = self.clip
+        clip = None if self.clip is None else self.clip.to(matrix.device)
         if clip is None and self.weight_range == "mse":
             clip = choose_qparams_mse(matrix, self.spec)[2]
         return choose_qparams(matrix, self.spec, clip=clip)
