@@ -72,8 +72,8 @@ class QuantizationAwareTraining(Callback):
         weight_range: how each group's range is set. ``"minmax"`` (default): its
             min/max, every step (torchao's QAT grid). ``"mse"``: its min/max times a
             clipping ratio from 1.0 down to 0.5, chosen at ``start_step`` as the one with
-            the least squared quantization error, then kept; better at 4 bits and below
-            (char-LM int4 g32: 72% of the PTQ gap closed against 55%, BENCHMARKS.md).
+            the least squared quantization error, then kept; it closes more of the PTQ
+            gap at 4 bits and below (BENCHMARKS.md).
             With ``learn_ranges``, the grid the learned scales start from.
         learn_ranges: learn the weight scales (LSQ) instead of computing them from the
             weight each step, starting from the ``weight_range`` grid. They train with
