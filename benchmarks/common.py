@@ -63,6 +63,14 @@ def headline(area: str, metric: str, figure: str, target: str | None = None) -> 
     print("ROW " + json.dumps({"area": area, "metric": metric, "figure": figure, "target": target}), flush=True)
 
 
+def print_table(header, rows) -> None:
+    """A markdown table: ``header`` and each row are sequences of cell strings."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def median(values) -> float:
     return statistics.median(values)
 

@@ -44,7 +44,9 @@ import transformers
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import StepTimer, headline, interleaved, machine, median, minilm_dir, paired_ratio, quiet_trainer
+from common import (
+    StepTimer, headline, interleaved, machine, median, minilm_dir, paired_ratio, print_table, quiet_trainer,
+)
 
 from lightning_compress import LoRA
 from lightning_compress.core.transforms import raw_weight
@@ -291,10 +293,8 @@ def main() -> None:
         f"# LoRA / QLoRA on all-MiniLM-L6-v2 (BERT, 6 layers, d=384), {BATCH_SIZE} x {MAX_LENGTH} tokens/step, AdamW;"
         f" {args.rounds} interleaved rounds of {WARMUP_STEPS} + {args.steps} steps; {machine()}"
     )
-    print("| measurement | figure | target |")
-    print("|---|---|---|")
+    print_table(("measurement", "figure", "target"), rows)
     for row in rows:
-        print("| " + " | ".join(row) + " |")
         if row[0].startswith("s/step, LoRA") or row[0].startswith("s/step, QLoRA"):
             headline("training overhead", f"MiniLM {row[0][len('s/step, '):]} vs full fine-tuning (s/step)",
                      row[1].split("= ")[-1].split(" of full")[0], None)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from common import TrainTime, headline, machine, minilm_dir, quiet_trainer
+from common import TrainTime, headline, machine, minilm_dir, print_table, quiet_trainer
 
 from lightning_compress import (
     CompressedExport,
@@ -249,10 +249,7 @@ def main() -> None:
         f" sentences (mean, min), {args.batch_size} sentences/step, AdamW lr {args.lr:g} (QLoRA {args.qlora_lr:g});"
         f" {machine()}"
     )
-    print("| measurement | figure | target |")
-    print("|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(("measurement", "figure", "target"), rows)
     print(
         "Target (issue 8): the distilled, pruned, int4 student beats PTQ (same pruning, same grid) in cosine to"
         " the float model; the compressed-tensors export loads in transformers and gives our fake-quant"

@@ -11,12 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_compress import from_recipe
+from lightning_compress.checkpoints import export_checkpoint
 from lightning_compress.cli import main
 from lightning_compress.formats.packed import read_metadata
+from lightning_compress.recipes import BUILTIN_RECIPES_DIR, load_recipe
+from tests.cli_models import RecipeData, RecipeMLP
+from tests.conftest import make_trainer
 from tests.wandb_offline import read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,8 +189,6 @@ ERRORS = [
 def test_bad_input_exits_2_with_one_paragraph(tmp_path, monkeypatch, capsys, argv, fragment):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(REPO))
-    from tests.cli_models import RecipeMLP
-
     torch.save({"state_dict": RecipeMLP().state_dict(), "hyper_parameters": {"hidden": 128}}, tmp_path / "plain.ckpt")
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
     (tmp_path / "qat.yaml").write_text("qat:\n  weights: int8\n")
@@ -242,16 +247,20 @@ def test_demo_runs_and_prints_the_table(tmp_path):
     assert read_offline_run(run_dir)["config"]["compression_recipe"]["qat"]["weights"] == "int4"
 
 
+def fit_recipe_with_last_checkpoint(tmp_path, recipe, model_class, *, epochs, samples):
+    """Fit a ``model_class()`` built from seed 0 with ``recipe``'s callbacks, keeping
+    ``ckpt/last.ckpt``."""
+    pl.seed_everything(0)
+    trainer = make_trainer(
+        max_epochs=epochs,
+        enable_checkpointing=True,
+        callbacks=[*from_recipe(recipe), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+    )
+    trainer.fit(model_class(), RecipeData(samples=samples))
+
+
 def test_export_of_a_distilled_run_does_not_need_the_teacher(tmp_path, monkeypatch):
     """The recipe stored in the checkpoint names a teacher file that is gone by export time."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from lightning_compress import from_recipe
-    from lightning_compress.checkpoints import export_checkpoint
-    from tests.cli_models import RecipeData, RecipeMLP
-    from tests.conftest import make_trainer
-
     monkeypatch.chdir(tmp_path)
     teacher_trainer = make_trainer(max_epochs=1)
     teacher_trainer.fit(RecipeMLP(hidden=256), RecipeData(samples=64))
@@ -261,13 +270,7 @@ def test_export_of_a_distilled_run_does_not_need_the_teacher(tmp_path, monkeypat
         "qat": {"weights": "int4", "group_size": 64},
         "export": {"dirpath": str(tmp_path / "packed")},
     }
-    pl.seed_everything(0)
-    trainer = make_trainer(
-        max_epochs=1,
-        enable_checkpointing=True,
-        callbacks=[*from_recipe(recipe), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
-    )
-    trainer.fit(RecipeMLP(), RecipeData(samples=64))
+    fit_recipe_with_last_checkpoint(tmp_path, recipe, RecipeMLP, epochs=1, samples=64)
     (tmp_path / "teacher.ckpt").unlink()
 
     report = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", RecipeMLP, output=tmp_path / "again")
@@ -275,14 +278,12 @@ def test_export_of_a_distilled_run_does_not_need_the_teacher(tmp_path, monkeypat
     assert read_metadata(tmp_path / "again")["weights_sha256"] == read_metadata(tmp_path / "packed")["weights_sha256"]
 
 
-class Wrapped(__import__("lightning.pytorch", fromlist=["LightningModule"]).LightningModule):
+class Wrapped(pl.LightningModule):
     """A LightningModule keeping its network in ``self.model``, exported with ``module="model"``."""
 
     def __init__(self, hidden: int = 128) -> None:
         super().__init__()
         self.save_hyperparameters()
-        from tests.cli_models import RecipeMLP
-
         self.model = RecipeMLP(hidden).net
 
     def forward(self, x):
@@ -307,24 +308,11 @@ class Wrapped(__import__("lightning.pytorch", fromlist=["LightningModule"]).Ligh
 def test_export_from_checkpoint_matches_the_fit_export(tmp_path, monkeypatch, name, recipe, model_class):
     """QLoRA (NF4 bases restored by the module's on_load_checkpoint), adapter-only checkpoints,
     and ``export.module``: the command writes the files the run's own export wrote."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from lightning_compress import from_recipe
-    from tests.cli_models import RecipeData, RecipeMLP
-    from tests.conftest import make_trainer
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(REPO))
     cls = RecipeMLP if model_class == "mlp" else Wrapped
     recipe = {**recipe, "export": {**recipe.get("export", {}), "dirpath": str(tmp_path / "packed")}}
-    pl.seed_everything(0)
-    trainer = make_trainer(
-        max_epochs=2,
-        enable_checkpointing=True,
-        callbacks=[*from_recipe(recipe), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
-    )
-    trainer.fit(cls(), RecipeData(samples=128))
+    fit_recipe_with_last_checkpoint(tmp_path, recipe, cls, epochs=2, samples=128)
     model_path = "tests.cli_models.RecipeMLP" if model_class == "mlp" else "tests.test_cli.Wrapped"
     # Checkpoints without the frozen bases (NF4, adapter-only) take them from the module as
     # built, as a pretrained model would rebuild them: the same seed stands in for that.
@@ -374,8 +362,6 @@ def test_fit_takes_a_ready_recipe_by_name(tmp_path, monkeypatch):
 
 
 def test_recipes_lists_the_ready_ones_and_prints_one_to_copy(tmp_path, capsys):
-    from lightning_compress.recipes import BUILTIN_RECIPES_DIR, load_recipe
-
     assert main(["recipes"]) == 0
     listing = capsys.readouterr().out.splitlines()
     names = sorted(path.stem for path in BUILTIN_RECIPES_DIR.glob("*.yaml"))

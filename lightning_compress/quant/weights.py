@@ -96,16 +96,14 @@ class WeightFakeQuantizer:
             return weight
         matrix = as_matrix(weight)
         compute = matrix if matrix.dtype == torch.float32 else matrix.float()
+        self._follow_device(weight.device)
         if self.learned:
-            self._follow_device(weight.device)
             if not self.initialized:
                 self._initialize(compute)
             out = fake_quantize_learned(compute, self.log_scale.exp(), self.zero_point, self.spec)
         else:
             if self.weight_range == "mse" and self.clip is None:
                 self.clip = choose_qparams_mse(compute, self.spec)[2]
-            if self.clip is not None and self.clip.device != weight.device:
-                self.clip = self.clip.to(weight.device)
             scale, zero_point = choose_qparams(compute, self.spec, clip=self.clip)
             out = fake_quantize(compute, scale, zero_point, self.spec)
         return out.to(weight.dtype).view(weight.shape)
@@ -135,11 +133,13 @@ class WeightFakeQuantizer:
         return choose_qparams(matrix, self.spec)
 
     def _follow_device(self, device: torch.device) -> None:
-        # Same Parameter object, new storage: optimizers keep their reference. Covers
-        # scales restored on CPU for a model that runs on a GPU.
-        if self.log_scale.device != device:
+        # State restored on the CPU for a model that runs on a GPU. Learned scales keep
+        # their Parameter object (new storage), so optimizers keep their reference.
+        if self.log_scale is not None and self.log_scale.device != device:
             self.log_scale.data = self.log_scale.data.to(device)
             self.zero_point = self.zero_point.to(device)
+        if self.clip is not None and self.clip.device != device:
+            self.clip = self.clip.to(device)
 
     @torch.no_grad()
     def _initialize(self, matrix: Tensor) -> None:
