@@ -6,11 +6,17 @@ import torch
 from torch import nn
 
 from lightning_compress.core.transforms import (
+    INPUT,
     Stage,
+    add_input_transform,
     add_weight_transform,
+    all_transforms,
+    detach_all,
     get_weight_transform,
+    install_weight_transform,
     raw_weight,
     remove_weight_transform,
+    transformed_slots,
     weight_before,
 )
 
@@ -102,3 +108,84 @@ def test_parent_that_reads_child_weight_directly_sees_the_stack():
     q = torch.randn(5, 1, 8)
     out, _ = attention(q, q, q)
     torch.testing.assert_close(out, attention.out_proj.bias.expand_as(out), rtol=0, atol=0)
+
+
+def test_stage_on_multihead_attention_in_proj_weight():
+    """MultiheadAttention reads `in_proj_weight` itself: a stage there changes its output
+    exactly as a float model with the transformed weight, and state_dict keys stay."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2)
+    reference = copy.deepcopy(attention)
+    keys = list(attention.state_dict())
+    keep = (torch.arange(3 * 8 * 8).view(24, 8) % 3 != 0).float()
+    add_weight_transform(attention, Stage.MASK, Scale(keep), param="in_proj_weight")
+    assert list(attention.state_dict()) == keys
+    assert [n for n, _ in attention.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    assert transformed_slots(attention) == ("in_proj_weight",)
+    with torch.no_grad():
+        reference.in_proj_weight.mul_(keep)
+    q = torch.randn(5, 1, 8)
+    torch.testing.assert_close(attention(q, q, q)[0], reference(q, q, q)[0], rtol=0, atol=0)
+    # The raw parameter is untouched and still the one the optimizer sees.
+    assert raw_weight(attention, "in_proj_weight") is dict(attention.named_parameters())["in_proj_weight"]
+    assert not torch.equal(raw_weight(attention, "in_proj_weight"), reference.in_proj_weight)
+
+
+def test_stage_on_lstm_weights_reaches_its_flat_weights():
+    """nn.LSTM computes from a cached list of its parameters; the stack hands it the
+    effective weights, so a zeroed `weight_hh_l0` gives the output of an LSTM without
+    recurrence weights, the gradient reaches the raw parameter, and keys are unchanged."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 3, num_layers=2)
+    reference = copy.deepcopy(lstm)
+    keys = list(lstm.state_dict())
+    add_weight_transform(lstm, Stage.MASK, Scale(0.0), param="weight_hh_l0")
+    add_weight_transform(lstm, Stage.FAKE_QUANT, Shift(0.5), param="weight_ih_l1")
+    assert list(lstm.state_dict()) == keys
+    with torch.no_grad():
+        reference.weight_hh_l0.zero_()
+        reference.weight_ih_l1.add_(0.5)
+    x = torch.randn(6, 2, 4)
+    out, (h, c) = lstm(x)
+    expected, (h_ref, c_ref) = reference(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(c, c_ref, rtol=0, atol=0)
+    out.sum().backward()
+    assert torch.equal(raw_weight(lstm, "weight_hh_l0").grad, torch.zeros(12, 3))
+    assert raw_weight(lstm, "weight_ih_l1").grad.abs().sum() > 0
+    # After the forward the module still caches its raw parameters.
+    assert all(w is p for w, p in zip(lstm._flat_weights, (getattr(lstm, "_parameters")[n] for n in lstm._flat_weights_names)))
+    detach_all(lstm)
+    assert type(lstm) is nn.LSTM
+    torch.testing.assert_close(lstm(x)[0], copy.deepcopy(lstm)(x)[0], rtol=0, atol=0)
+
+
+def test_stage_on_a_parameter_the_layer_does_not_have_is_refused():
+    with pytest.raises(ValueError, match="no floating parameter `in_proj_weight`.*\\['weight', 'bias'\\]"):
+        add_weight_transform(nn.Linear(2, 2), Stage.MASK, Scale(1.0), param="in_proj_weight")
+
+
+class Clamp:
+    def __call__(self, x, layer):
+        return x.clamp(-0.5, 0.5) if layer.training else x
+
+
+def test_input_stage_runs_before_the_layer_and_is_seen_by_every_reader():
+    layer = nn.Linear(4, 2)
+    reference = copy.deepcopy(layer)
+    keys = list(layer.state_dict())
+    install_weight_transform(layer, Stage.INPUT_QUANT, Clamp(), owner="qat", active_owners=set(), param=INPUT)
+    assert list(layer.state_dict()) == keys
+    x = torch.randn(3, 4) * 4
+    torch.testing.assert_close(layer(x), reference(x.clamp(-0.5, 0.5)), rtol=0, atol=0)
+    layer.eval()  # the transform gets the layer: here it acts only in training
+    torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
+    assert [(slot, stage) for slot, stage, _ in all_transforms(layer)] == [(INPUT, Stage.INPUT_QUANT)]
+    # An input stage held by an active owner is a conflict, as for weights.
+    with pytest.raises(ValueError, match="two active callbacks"):
+        install_weight_transform(layer, Stage.INPUT_QUANT, Clamp(), owner="other", active_owners={"qat"}, param=INPUT)
+    with pytest.raises(ValueError, match="already taken"):
+        add_input_transform(layer, Stage.INPUT_QUANT, Clamp())
+    copied = copy.deepcopy(layer)
+    copied.train()
+    torch.testing.assert_close(copied(x), reference(x.clamp(-0.5, 0.5)), rtol=0, atol=0)

@@ -16,10 +16,18 @@ from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import StepLike, resolve_step, validate_step
 from lightning_compress.core.state import STATE_VERSION, check_state_version
 from lightning_compress.core.targeting import Target, select_layers, validate_name, validate_targets
-from lightning_compress.core.transforms import bind_owner, is_bound, owner_tokens, raw_weight
+from lightning_compress.core.transforms import (
+    INPUT,
+    Stage,
+    bind_owner,
+    install_weight_transform,
+    is_bound,
+    owner_tokens,
+    raw_weight,
+    remove_input_transform,
+)
 from lightning_compress.quant.activations import (
     ACTIVATION_MODES,
-    INPUT_QUANTIZER_ATTR,
     OBSERVERS,
     DynamicTokenQuantizer,
     StaticRangeObserver,
@@ -214,12 +222,9 @@ class QuantizationAwareTraining(Callback):
         bind_owner(pl_module, self.owner_token)
         for name, layer in layers.items():
             # An input quantizer left by an earlier QAT callback goes with its weights.
-            previous = layer.__dict__.pop("_lc_input_quant_hook", None)
-            layer.__dict__.pop(INPUT_QUANTIZER_ATTR, None)
-            if previous is not None:
-                previous.remove()
+            remove_input_transform(layer, Stage.INPUT_QUANT)
             if self.activations is not None and not isinstance(layer, nn.Embedding):  # ids in
-                self._add_input_quantizer(name, layer)
+                self._add_input_quantizer(name, layer, rivals)
         if self._restored is not None:
             self._apply_restored()
 
@@ -316,22 +321,15 @@ class QuantizationAwareTraining(Callback):
             )
         return specs
 
-    def _add_input_quantizer(self, name: str, layer: nn.Module) -> None:
+    def _add_input_quantizer(self, name: str, layer: nn.Module, rivals: set) -> None:
         if self.activations == "int8_dynamic":
             quantizer: Any = DynamicTokenQuantizer(channels_first=isinstance(layer, _CONV))
-
-            def hook(module, args, quantizer=quantizer):
-                return (quantizer(args[0]), *args[1:])
-
         else:
             quantizer = StaticRangeObserver(self.observer)
-
-            def hook(module, args, quantizer=quantizer):
-                return (quantizer(args[0], module.training), *args[1:])
-
+        install_weight_transform(
+            layer, Stage.INPUT_QUANT, quantizer, owner=self.owner_token, active_owners=rivals, param=INPUT
+        )
         self._input_quantizers[name] = quantizer
-        layer.__dict__["_lc_input_quant_hook"] = layer.register_forward_pre_hook(hook)
-        layer.__dict__[INPUT_QUANTIZER_ATTR] = quantizer  # read by the export
 
     def _weight_bits(self) -> float:
         """Mean bits of the quantized weights, weighted by each layer's parameter count."""

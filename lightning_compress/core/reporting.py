@@ -4,10 +4,10 @@ Scalars go through ``pl_module.log`` so every Lightning logger receives them; th
 per-layer table goes to loggers that have tables (W&B's ``log_table``) and is printed on
 rank zero, because a dashboard with hundreds of per-layer panels is unreadable.
 
-The table is read from the weight-transform stack of the module, not from any one
-callback, so it describes whatever combination of methods is attached. Each stage (and
-a layer's activation quantizer) contributes its columns through a ``table_fields()``
-method returning ``{column: value}``.
+The table is read from the transform stack of the module, not from any one callback, so
+it describes whatever combination of methods is attached. Each stage, on a weight or on
+the layer's input, contributes its columns through a ``table_fields()`` method
+returning ``{column: value}``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_compress.core.tracking import log_table
-from lightning_compress.core.transforms import Stage, get_weight_transform, stages, weight_before
-from lightning_compress.quant.activations import input_quantizer_of
+from lightning_compress.core.transforms import INPUT, Stage, all_transforms, transformed_slots, weight_before
 
 LAYER_TABLE_KEY = "compression/layers"
 LAYER_COLUMNS = ("layer", "type", "params", "sparsity", "weight_bits", "granularity", "activation_bits", "lora_rank")
@@ -44,19 +43,22 @@ def report_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Seque
 
 def layer_rows(module: nn.Module) -> List[List[Any]]:
     """One row (in :data:`LAYER_COLUMNS` order) per layer under ``module`` that has a
-    weight transform. ``sparsity`` counts the zeros of the weight entering fake
-    quantization: pruned weights, not weights that quantization rounds to zero."""
+    transform. ``params`` and ``sparsity`` cover its transformed weights; ``sparsity``
+    counts the zeros of the weights entering fake quantization: pruned weights, not
+    weights that quantization rounds to zero."""
     rows = []
     for name, layer in module.named_modules():
-        if not stages(layer):
+        weights = [slot for slot in transformed_slots(layer) if slot != INPUT]
+        if not weights:
             continue
         fields: Dict[str, Any] = dict(_DEFAULTS)
-        for stage in stages(layer):
-            fields.update(_fields_of(get_weight_transform(layer, stage)))
-        fields.update(_fields_of(input_quantizer_of(layer)))
-        weight = weight_before(layer, Stage.FAKE_QUANT).detach()
-        numel = weight.numel()
-        fields.update(layer=name, type=type(layer).__name__, params=numel, sparsity=int((weight == 0).sum()) / numel)
+        for _, _, transform in all_transforms(layer):
+            fields.update(_fields_of(transform))
+        numel = zeros = 0
+        for slot in weights:
+            weight = weight_before(layer, Stage.FAKE_QUANT, slot).detach()
+            numel, zeros = numel + weight.numel(), zeros + int((weight == 0).sum())
+        fields.update(layer=name, type=type(layer).__name__, params=numel, sparsity=zeros / numel)
         rows.append([fields[column] for column in LAYER_COLUMNS])
     return rows
 

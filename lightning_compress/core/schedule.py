@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Union
 
+from lightning_compress.core.validate import ArgumentError
+
 StepLike = Union[int, float]
 
 
@@ -18,18 +20,18 @@ def validate_step(argument: str, value: StepLike) -> StepLike:
     """Check a step argument at ``__init__`` time; returns it unchanged.
 
     Raises:
-        ValueError: naming ``argument`` when the value is not a non-negative int or a
+        ArgumentError: naming ``argument`` when the value is not a non-negative int or a
             float in ``[0, 1]``.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(
+        raise ArgumentError(argument, 
             f"`{argument}` must be an int (optimizer step) or a float in [0, 1] (fraction of"
             f" the run), got {value!r}"
         )
     if isinstance(value, int) and value < 0:
-        raise ValueError(f"`{argument}` must be >= 0, got {value}")
+        raise ArgumentError(argument, f"`{argument}` must be >= 0, got {value}")
     if isinstance(value, float) and not 0.0 <= value <= 1.0:
-        raise ValueError(
+        raise ArgumentError(argument, 
             f"`{argument}`={value} is a float, so it is read as a fraction of the run and must"
             f" lie in [0, 1]; pass an int for an absolute step (e.g. {int(value)})"
         )

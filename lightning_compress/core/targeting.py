@@ -15,6 +15,8 @@ from typing import Dict, Iterable, Sequence, Tuple, Type, Union
 
 from torch import nn
 
+from lightning_compress.core.validate import ArgumentError
+
 Target = Union[str, Type[nn.Module]]
 
 
@@ -24,7 +26,7 @@ def validate_targets(
     """Check a ``targets``/``exclude`` argument at ``__init__`` time.
 
     Raises:
-        ValueError: naming ``argument`` for an entry that is neither a non-empty string
+        ArgumentError: naming ``argument`` for an entry that is neither a non-empty string
             nor a supported layer type.
     """
     if targets is None:
@@ -32,22 +34,25 @@ def validate_targets(
     if isinstance(targets, (str, type)):
         targets = [targets]
     if not isinstance(targets, (list, tuple)):
-        raise ValueError(
+        raise ArgumentError(
+            argument,
             f"`{argument}` must be a list of layer types or name globs, got {type(targets).__name__}"
         )
     for target in targets:
         if isinstance(target, str):
             if not target.strip():
-                raise ValueError(f"`{argument}` has an empty name pattern; remove it")
+                raise ArgumentError(argument, f"`{argument}` has an empty name pattern; remove it")
         elif isinstance(target, type) and issubclass(target, nn.Module):
             if not issubclass(target, supported):
                 names = ", ".join(t.__name__ for t in supported)
-                raise ValueError(
+                raise ArgumentError(
+                    argument,
                     f"`{argument}` names the layer type {target.__name__}, which this method"
                     f" cannot compress; supported types: {names}"
                 )
         else:
-            raise ValueError(
+            raise ArgumentError(
+                argument,
                 f"`{argument}` entries must be layer types or name globs, got {target!r}"
             )
     return tuple(targets)
@@ -56,7 +61,7 @@ def validate_targets(
 def validate_name(name: str | None) -> str | None:
     """Check a callback's optional ``name`` (it keys the callback's checkpoint state)."""
     if name is not None and (not isinstance(name, str) or not name):
-        raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
+        raise ArgumentError("name", f"`name` must be a non-empty string or None, got {name!r}")
     return name
 
 

@@ -1,106 +1,120 @@
-"""The one stack of weight transforms that every compression method writes into.
+"""The one stack of transforms that every compression method writes into.
 
 A layer's effective weight is
 
     effective_weight = fake_quant( mask ⊙ (W + scale · B·A) )
                        FAKE_QUANT  MASK     ADAPTER
 
-Each method owns one :class:`Stage`; the stages always run in that order, whatever the
+and its input, before the layer computes, passes through its input stages
+(``INPUT_QUANT``: fake-quantized activations). Each method owns one :class:`Stage` of a
+*slot*: a named floating parameter of the layer (``"weight"``, ``"in_proj_weight"`` of
+``nn.MultiheadAttention``, ``"weight_ih_l0"`` of ``nn.LSTM``) or the layer's input
+(:data:`INPUT`). The stages of a slot always run in :class:`Stage` order, whatever the
 order the callbacks were listed in, so methods compose instead of fighting.
 
-How: the layer's class is swapped for a cached subclass whose ``weight`` is a property
-that runs the stack over the raw parameter. The raw parameter stays in
-``layer._parameters["weight"]``, so ``state_dict`` keys, ``named_parameters`` (and so the
-optimizer and DDP) see the user's parameter under its own name, and any code that reads
+How: the layer's class is swapped for a cached subclass in which each transformed
+parameter name is a property that runs the stack over the raw parameter, and whose
+``forward`` runs the input stages on the first argument. The raw parameters stay in
+``layer._parameters``, so ``state_dict`` keys, ``named_parameters`` (and so the optimizer
+and DDP) see the user's parameters under their own names, and any code that reads
 ``layer.weight`` (the layer's own ``forward``, or a parent such as
 ``nn.MultiheadAttention`` that reads ``out_proj.weight``) gets the effective weight. This
 is the mechanism of ``torch.nn.utils.parametrize``, minus its renaming of the parameter.
+Recurrent layers compute from a cached list of their weights (``_flat_weights``); the
+subclass hands them the effective weights for the duration of each forward.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Dict, Type
+from typing import Any, Callable, Dict, Iterator, Tuple, Type
 
 from torch import Tensor, nn
 
 WeightTransform = Callable[[Tensor], Tensor]
 
-_TRANSFORMS_ATTR = "_lc_weight_transforms"
+WEIGHT = "weight"
+INPUT = "<input>"  # the slot of a layer's first forward argument (never a parameter name)
+_STACK_ATTR = "_lc_stack"  # {slot: {stage: transform}}
+_SORTED_ATTR = "_lc_sorted"  # {slot: ((stage, transform), ...)}, read on every forward
 _FORWARD_ATTR = "_lc_forward"
 _TRANSFORMED_CLASSES: Dict[type, type] = {}
 
 
 class Stage(enum.IntEnum):
-    """Canonical position of a transform in the stack: lower runs first."""
+    """Canonical position of a transform in its slot's stack: lower runs first."""
 
     ADAPTER = 10  # W + scale · B·A  (LoRA)
     MASK = 20  # mask ⊙ W          (pruning)
     FAKE_QUANT = 30  # fake_quant(W) (QAT)
+    INPUT_QUANT = 40  # fake_quant(x) on the layer's input (QAT activations)
 
 
-def raw_weight(layer: nn.Module) -> nn.Parameter:
-    """The trainable parameter ``W`` under the stack (what the optimizer updates)."""
-    return layer._parameters["weight"]
+# ---------------------------------------------------------------------- weights
+def raw_weight(layer: nn.Module, param: str = WEIGHT) -> nn.Parameter:
+    """The trainable parameter under the stack (what the optimizer updates)."""
+    return layer._parameters[param]
 
 
 def is_transformed(layer: nn.Module) -> bool:
     return type(layer) in _TRANSFORMED_CLASSES.values()
 
 
-def add_weight_transform(layer: nn.Module, stage: Stage, transform: WeightTransform) -> None:
-    """Put ``transform`` at ``stage`` of ``layer``'s stack.
+def add_weight_transform(layer: nn.Module, stage: Stage, transform: WeightTransform, param: str = WEIGHT) -> None:
+    """Put ``transform`` at ``stage`` of the stack of ``layer``'s parameter ``param``.
 
     Raises:
-        ValueError: if another transform already holds that stage of this layer (two
-            callbacks of the same method targeting one layer).
+        ValueError: if ``param`` is not a floating parameter of the layer, or another
+            transform already holds that stage (two callbacks of the same method
+            targeting one layer).
     """
-    if "weight" not in layer._parameters or layer._parameters["weight"] is None:
-        raise ValueError(f"{type(layer).__name__} has no `weight` parameter to transform")
-    transforms = _transforms(layer)
-    if stage in transforms:
+    parameter = layer._parameters.get(param)
+    if parameter is None or not parameter.is_floating_point():
+        floating = [n for n, p in layer._parameters.items() if p is not None and p.is_floating_point()]
         raise ValueError(
-            f"stage {stage.name} of this {type(layer).__name__} is already taken; two callbacks"
-            " of the same kind target the same layer. Give them disjoint `targets`/`exclude`."
+            f"{type(layer).__name__} has no floating parameter `{param}` to transform; its floating parameters"
+            f" are {floating}"
         )
-    if not is_transformed(layer):
-        layer.__class__ = _transformed_class(type(layer))
-    transforms[stage] = transform
-    _sort(layer)
+    _add(layer, param, stage, transform)
 
 
-def get_weight_transform(layer: nn.Module, stage: Stage) -> WeightTransform | None:
-    return layer.__dict__.get(_TRANSFORMS_ATTR, {}).get(stage)
+def get_weight_transform(layer: nn.Module, stage: Stage, param: str = WEIGHT) -> WeightTransform | None:
+    return layer.__dict__.get(_STACK_ATTR, {}).get(param, {}).get(stage)
 
 
-def remove_weight_transform(layer: nn.Module, stage: Stage) -> None:
-    """Remove ``stage`` from the stack; with nothing left the layer gets its own class back."""
-    transforms = layer.__dict__.get(_TRANSFORMS_ATTR)
-    if not transforms or stage not in transforms:
+def remove_weight_transform(layer: nn.Module, stage: Stage, param: str = WEIGHT) -> None:
+    """Remove ``stage`` from ``param``'s stack; with nothing left on any slot the layer
+    gets its own class back."""
+    stack = layer.__dict__.get(_STACK_ATTR)
+    if not stack or stage not in stack.get(param, {}):
         return
-    del transforms[stage]
-    if transforms:
+    del stack[param][stage]
+    if not stack[param]:
+        del stack[param]
+    if stack:
         _sort(layer)
         return
-    del layer.__dict__[_TRANSFORMS_ATTR]
-    layer.__dict__.pop(_FORWARD_ATTR, None)
+    for attr in (_STACK_ATTR, _SORTED_ATTR, _FORWARD_ATTR):
+        layer.__dict__.pop(attr, None)
     layer.__class__ = _original_class(type(layer))
 
 
-def weight_before(layer: nn.Module, stage: Stage) -> Tensor:
+def weight_before(layer: nn.Module, stage: Stage, param: str = WEIGHT) -> Tensor:
     """The weight as it enters ``stage``: the raw parameter with earlier stages applied.
 
     Pruning scores the merged ``W + B·A`` this way, and QAT quantizes the masked weight.
     """
-    return run_stages(layer, raw_weight(layer), after=None, before=stage)
+    return run_stages(layer, raw_weight(layer, param), after=None, before=stage, param=param)
 
 
-def run_stages(layer: nn.Module, weight: Tensor, *, after: Stage | None, before: Stage | None) -> Tensor:
-    """Apply ``layer``'s stages strictly between ``after`` and ``before`` to ``weight``.
+def run_stages(
+    layer: nn.Module, weight: Tensor, *, after: Stage | None, before: Stage | None, param: str = WEIGHT
+) -> Tensor:
+    """Apply the stages of ``param`` strictly between ``after`` and ``before`` to ``weight``.
 
     ``None`` leaves that end open. LoRA's merge uses it to mask a weight it merged itself.
     """
-    for transform_stage, transform in layer.__dict__.get("_lc_sorted", ()):
+    for transform_stage, transform in layer.__dict__.get(_SORTED_ATTR, {}).get(param, ()):
         if before is not None and transform_stage >= before:
             break
         if after is None or transform_stage > after:
@@ -108,11 +122,44 @@ def run_stages(layer: nn.Module, weight: Tensor, *, after: Stage | None, before:
     return weight
 
 
-def stages(layer: nn.Module) -> tuple:
-    """The stages present in ``layer``'s stack, in the order they run."""
-    return tuple(stage for stage, _ in layer.__dict__.get("_lc_sorted", ()))
+def stages(layer: nn.Module, param: str = WEIGHT) -> tuple:
+    """The stages present in the stack of ``param`` (or :data:`INPUT`), in the order they run."""
+    return tuple(stage for stage, _ in layer.__dict__.get(_SORTED_ATTR, {}).get(param, ()))
 
 
+def transformed_slots(layer: nn.Module) -> Tuple[str, ...]:
+    """The parameter names (and :data:`INPUT`) of ``layer`` that carry stages."""
+    return tuple(layer.__dict__.get(_SORTED_ATTR, {}))
+
+
+def all_transforms(layer: nn.Module) -> Iterator[Tuple[str, Stage, Any]]:
+    """Every ``(slot, stage, transform)`` of ``layer``: what reports and exports read."""
+    for slot, entries in layer.__dict__.get(_SORTED_ATTR, {}).items():
+        for stage, transform in entries:
+            yield slot, stage, transform
+
+
+# ---------------------------------------------------------------------- inputs
+def add_input_transform(layer: nn.Module, stage: Stage, transform: Callable[..., Tensor]) -> None:
+    """Put ``transform`` at ``stage`` of ``layer``'s input stack: the layer's first forward
+    argument passes through it before the layer computes. ``transform(x, layer)`` gets
+    the layer too (an observer updates only while it trains).
+
+    Raises:
+        ValueError: if another transform already holds that stage.
+    """
+    _add(layer, INPUT, stage, transform)
+
+
+def get_input_transform(layer: nn.Module, stage: Stage) -> Callable[..., Tensor] | None:
+    return get_weight_transform(layer, stage, param=INPUT)
+
+
+def remove_input_transform(layer: nn.Module, stage: Stage) -> None:
+    remove_weight_transform(layer, stage, param=INPUT)
+
+
+# ---------------------------------------------------------------------- forward
 def set_forward(layer: nn.Module, forward: Callable[..., Any] | None) -> None:
     """Make a transformed ``layer`` compute its output with ``forward(*args, **kwargs)``.
 
@@ -120,7 +167,7 @@ def set_forward(layer: nn.Module, forward: Callable[..., Any] | None) -> None:
     adapter computes ``W x + scale · B(A x)`` instead of ``(W + scale · B·A) x``, which
     skips the full-size weight gradient. ``layer.weight`` still runs the stack, so code
     that reads the weight directly (``nn.MultiheadAttention``, tied weights) sees the
-    effective weight. ``None`` restores the layer's own forward.
+    effective weight. Input stages run before it. ``None`` restores the layer's own forward.
     """
     if forward is None:
         layer.__dict__.pop(_FORWARD_ATTR, None)
@@ -131,90 +178,40 @@ def set_forward(layer: nn.Module, forward: Callable[..., Any] | None) -> None:
 
 
 def own_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """Run the forward of ``layer``'s own class (which reads the effective ``weight``)."""
+    """Run the forward of ``layer``'s own class (which reads the effective weights)."""
     return _original_class(type(layer)).forward(layer, *args, **kwargs)
 
 
-def _transforms(layer: nn.Module) -> Dict[Stage, WeightTransform]:
-    if _TRANSFORMS_ATTR not in layer.__dict__:
-        layer.__dict__[_TRANSFORMS_ATTR] = {}
-    return layer.__dict__[_TRANSFORMS_ATTR]
-
-
-def _sort(layer: nn.Module) -> None:
-    # Kept as a tuple so the hot path (`weight` on every forward) does no sorting.
-    layer.__dict__["_lc_sorted"] = tuple(sorted(_transforms(layer).items()))
-
-
-def _effective_weight(self: nn.Module) -> Tensor:
-    weight = self._parameters["weight"]
-    for _, transform in self.__dict__["_lc_sorted"]:
-        weight = transform(weight)
-    return weight
-
-
-def _original_class(cls: type) -> type:
-    for base, transformed in _TRANSFORMED_CLASSES.items():
-        if transformed is cls:
-            return base
-    return cls
-
-
-def _new_transformed(base: type) -> nn.Module:
-    return object.__new__(_transformed_class(base))
-
-
-def _reduce_ex(self: nn.Module, protocol: int):
-    # Pickle (torch.save(model), ddp_spawn) and deepcopy rebuild the cached subclass from
-    # its importable base instead of failing on a class that has no module-level name.
-    state = self.__getstate__() if hasattr(self, "__getstate__") else self.__dict__
-    return (_new_transformed, (_original_class(type(self)),), state)
-
-
-def _transformed_class(base: Type[nn.Module]) -> type:
-    if base not in _TRANSFORMED_CLASSES:
-        base_forward = base.forward
-
-        def forward(self, *args, **kwargs):
-            override = self.__dict__.get(_FORWARD_ATTR)
-            if override is not None:
-                return override(*args, **kwargs)
-            return base_forward(self, *args, **kwargs)
-
-        # Same name as the base so `print(model)` and summaries look as the user expects.
-        _TRANSFORMED_CLASSES[base] = type(
-            base.__name__,
-            (base,),
-            {
-                "weight": property(_effective_weight),
-                "forward": forward,
-                "__reduce_ex__": _reduce_ex,
-                "__module__": base.__module__,
-                "__qualname__": base.__qualname__,
-            },
-        )
-    return _TRANSFORMED_CLASSES[base]
-
-
+# ---------------------------------------------------------------------- ownership
 def install_weight_transform(
-    layer: nn.Module, stage: Stage, transform: WeightTransform, *, owner: str, active_owners: set
+    layer: nn.Module,
+    stage: Stage,
+    transform: Any,
+    *,
+    owner: str,
+    active_owners: set,
+    param: str = WEIGHT,
 ) -> None:
-    """Like :func:`add_weight_transform` for a callback identified by ``owner``.
+    """Like :func:`add_weight_transform` (or :func:`add_input_transform` for
+    ``param=INPUT``) for a callback identified by ``owner``.
 
     A transform left at ``stage`` by a callback that no longer trains this model (not in
     ``active_owners``, e.g. QAT from an earlier Trainer) is replaced; one held by an active
     callback is a conflict.
     """
-    existing = get_weight_transform(layer, stage)
+    existing = get_weight_transform(layer, stage, param)
     if existing is not None:
         if getattr(existing, "owner", None) in active_owners:
             raise ValueError(
                 f"two active callbacks put a {stage.name} transform on the same"
                 f" {type(layer).__name__}; give them disjoint `targets`/`exclude`"
             )
-        remove_weight_transform(layer, stage)
+        remove_weight_transform(layer, stage, param)
     transform.owner = owner
-    add_weight_transform(layer, stage, transform)
+    if param == INPUT:
+        add_input_transform(layer, stage, transform)
+    else:
+        add_weight_transform(layer, stage, transform, param)
 
 
 def bind_owner(module: nn.Module, owner: str) -> None:
@@ -234,20 +231,133 @@ def owner_tokens(callbacks) -> set:
 def detach_all(root: nn.Module) -> None:
     """Remove every transform from every layer under ``root`` (used by tests and export)."""
     for module in root.modules():
-        for stage in list(module.__dict__.get(_TRANSFORMS_ATTR, {})):
-            remove_weight_transform(module, stage)
+        for slot, stage, _ in list(all_transforms(module)):
+            remove_weight_transform(module, stage, slot)
+
+
+# ---------------------------------------------------------------------- internals
+def _add(layer: nn.Module, slot: str, stage: Stage, transform: Any) -> None:
+    stack = layer.__dict__.setdefault(_STACK_ATTR, {})
+    if stage in stack.get(slot, {}):
+        raise ValueError(
+            f"stage {stage.name} of this {type(layer).__name__} is already taken; two callbacks"
+            " of the same kind target the same layer. Give them disjoint `targets`/`exclude`."
+        )
+    if not is_transformed(layer):
+        layer.__class__ = _transformed_class(type(layer))
+    if slot != INPUT:
+        _expose(type(layer), slot)
+    stack.setdefault(slot, {})[stage] = transform
+    _sort(layer)
+
+
+def _sort(layer: nn.Module) -> None:
+    # Kept sorted so the hot path (every read of a weight, every forward) does no sorting.
+    layer.__dict__[_SORTED_ATTR] = {
+        slot: tuple(sorted(entries.items())) for slot, entries in layer.__dict__[_STACK_ATTR].items()
+    }
+
+
+def _effective(name: str) -> property:
+    def effective(self: nn.Module) -> Tensor:
+        weight = self._parameters[name]
+        for _, transform in self.__dict__[_SORTED_ATTR].get(name, ()):
+            weight = transform(weight)
+        return weight
+
+    return property(effective)
+
+
+def _expose(cls: type, name: str) -> None:
+    """Make ``name`` a property of the transformed class: a layer of that class without
+    stages on ``name`` reads its raw parameter through it."""
+    if not isinstance(cls.__dict__.get(name), property):
+        setattr(cls, name, _effective(name))
+
+
+def _original_class(cls: type) -> type:
+    for base, transformed in _TRANSFORMED_CLASSES.items():
+        if transformed is cls:
+            return base
+    return cls
+
+
+def _new_transformed(base: type, slots: Tuple[str, ...] = ()) -> nn.Module:
+    cls = _transformed_class(base)
+    for slot in slots:  # unpickled in a fresh process: the class has not exposed them yet
+        if slot != INPUT:
+            _expose(cls, slot)
+    return object.__new__(cls)
+
+
+def _reduce_ex(self: nn.Module, protocol: int):
+    # Pickle (torch.save(model), ddp_spawn) and deepcopy rebuild the cached subclass from
+    # its importable base instead of failing on a class that has no module-level name.
+    state = self.__getstate__() if hasattr(self, "__getstate__") else self.__dict__
+    return (_new_transformed, (_original_class(type(self)), transformed_slots(self)), state)
+
+
+def _run_inputs(layer: nn.Module, args: tuple) -> tuple:
+    entries = layer.__dict__[_SORTED_ATTR].get(INPUT)
+    if not entries or not args:
+        return args
+    x = args[0]
+    for _, transform in entries:
+        x = transform(x, layer)
+    return (x, *args[1:])
+
+
+def _transformed_class(base: Type[nn.Module]) -> type:
+    if base not in _TRANSFORMED_CLASSES:
+        base_forward = base.forward
+        recurrent = issubclass(base, nn.RNNBase)
+
+        def forward(self, *args, **kwargs):
+            args = _run_inputs(self, args)
+            override = self.__dict__.get(_FORWARD_ATTR)
+            if override is not None:
+                return override(*args, **kwargs)
+            if not recurrent:
+                return base_forward(self, *args, **kwargs)
+            # nn.RNNBase computes from `_flat_weights`, a list of its raw parameters.
+            raw = self._flat_weights
+            self._flat_weights = [getattr(self, name) for name in self._flat_weights_names]
+            try:
+                return base_forward(self, *args, **kwargs)
+            finally:
+                self._flat_weights = raw
+
+        # Same name as the base so `print(model)` and summaries look as the user expects.
+        _TRANSFORMED_CLASSES[base] = type(
+            base.__name__,
+            (base,),
+            {
+                "forward": forward,
+                "__reduce_ex__": _reduce_ex,
+                "__module__": base.__module__,
+                "__qualname__": base.__qualname__,
+            },
+        )
+    return _TRANSFORMED_CLASSES[base]
 
 
 __all__ = [
     "Stage",
     "WeightTransform",
+    "WEIGHT",
+    "INPUT",
     "add_weight_transform",
     "get_weight_transform",
     "remove_weight_transform",
+    "add_input_transform",
+    "get_input_transform",
+    "remove_input_transform",
     "raw_weight",
     "weight_before",
     "run_stages",
     "stages",
+    "transformed_slots",
+    "all_transforms",
     "set_forward",
     "own_forward",
     "is_transformed",

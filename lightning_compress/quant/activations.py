@@ -1,6 +1,8 @@
 """Activation fake quantization: int8 dynamic per-token, or static per-tensor with an observer.
 
-Applied to a layer's input (a forward pre-hook installed by the QAT callback). A
+Applied to a layer's input: the QAT callback installs a quantizer as the layer's
+``INPUT_QUANT`` stage of the transform stack (``core.transforms``), which calls it as
+``quantizer(x, layer)`` before the layer computes. A
 "token" is one input vector of the layer's GEMM: the last dimension for Linear, the
 channel vector at each position for Conv.
 """
@@ -13,14 +15,13 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.distributed import all_reduce_max
+from lightning_compress.core.transforms import Stage, get_input_transform
 from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
 from lightning_compress.quant.spec import QuantSpec
 
 ACTIVATION_MODES = ("int8_dynamic", "int8_static")
 OBSERVERS = ("minmax", "moving_average")
 # torchao's per-token activation grid: int8, asymmetric, one scale per token.
-# Where the QAT callback leaves a layer's input quantizer, for the export to read.
-INPUT_QUANTIZER_ATTR = "_lc_input_quantizer"
 _PER_TOKEN = QuantSpec(bits=8, granularity="channel", symmetric=False)
 _PER_TENSOR = QuantSpec(bits=8, granularity="tensor", symmetric=False)
 
@@ -36,7 +37,7 @@ class DynamicTokenQuantizer:
         self.channels_first = channels_first
         self.enabled = False
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, layer: Any = None) -> Tensor:
         if not self.enabled:
             return x
         tokens = _tokens_last(x, self.channels_first)
@@ -84,9 +85,13 @@ class StaticRangeObserver:
     def qparams(self) -> tuple[Tensor, Tensor]:
         return choose_qparams(torch.stack([self.low, self.high]).view(1, 2), _PER_TENSOR)
 
-    def __call__(self, x: Tensor, training: bool) -> Tensor:
+    def __call__(self, x: Tensor, layer: Any = None, *, training: bool | None = None) -> Tensor:
+        """Fake-quantize ``x``; observe it first while calibrating and ``training`` (by
+        default: ``layer.training``, the layer whose input stage this is)."""
         if not self.enabled:
             return x
+        if training is None:
+            training = layer is not None and layer.training
         if self.calibrating and training and torch.is_grad_enabled():
             self.observe(x)
         if self.low is None:
@@ -113,5 +118,5 @@ class StaticRangeObserver:
 
 
 def input_quantizer_of(layer) -> "DynamicTokenQuantizer | StaticRangeObserver | None":
-    """The activation quantizer the QAT callback put on ``layer``'s input, if any."""
-    return layer.__dict__.get(INPUT_QUANTIZER_ATTR)
+    """The activation quantizer at ``layer``'s ``INPUT_QUANT`` stage, if any."""
+    return get_input_transform(layer, Stage.INPUT_QUANT)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from lightning_compress.core.validate import ArgumentError
+
 GRANULARITIES = ("tensor", "channel", "group")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -37,23 +39,25 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"`bits` must be an int from 2 to 8, got {self.bits!r}")
+            raise ArgumentError("bits", f"`bits` must be an int from 2 to 8, got {self.bits!r}")
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown `granularity` {self.granularity!r}; choose one of {GRANULARITIES}")
+            raise ArgumentError("granularity", f"unknown `granularity` {self.granularity!r}; choose one of {GRANULARITIES}")
         if self.granularity == "group":
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
-                raise ValueError(
+                raise ArgumentError(
+                    "group_size",
                     f"`group_size` must be an int >= 2 for granularity='group', got {self.group_size!r}"
                 )
         elif self.group_size is not None:
-            raise ValueError(
+            raise ArgumentError(
+                "group_size",
                 f"`group_size`={self.group_size} only applies to granularity='group' (got"
                 f" granularity={self.granularity!r}); drop group_size or use granularity='group'"
             )
         if not isinstance(self.symmetric, bool):
-            raise ValueError(f"`symmetric` must be True or False, got {self.symmetric!r}")
+            raise ArgumentError("symmetric", f"`symmetric` must be True or False, got {self.symmetric!r}")
         if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"unknown `scale_dtype` {self.scale_dtype!r}; choose one of {SCALE_DTYPES}")
+            raise ArgumentError("scale_dtype", f"unknown `scale_dtype` {self.scale_dtype!r}; choose one of {SCALE_DTYPES}")
 
     @property
     def qmin(self) -> int:
@@ -85,12 +89,13 @@ def parse_bits(argument: str, value: Any) -> int:
     """``"int4"``, ``"int8"`` or an int from 2 to 8 → bits.
 
     Raises:
-        ValueError: naming ``argument`` for anything else.
+        ArgumentError: naming ``argument`` for anything else.
     """
     if isinstance(value, str) and value.lower().startswith("int") and value[3:].isdigit():
         value = int(value[3:])
     if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-        raise ValueError(
+        raise ArgumentError(
+            argument,
             f"`{argument}` must be 'int2'..'int8' or an int from 2 to 8 (bits), got {value!r}"
         )
     return value
@@ -101,12 +106,12 @@ def spec_from_options(argument: str, options: Mapping[str, Any], base: QuantSpec
     ``group_size``, ``symmetric``) applied; used for per-layer overrides.
 
     Raises:
-        ValueError: an unknown option key (with the allowed ones) or a bad value.
+        ArgumentError: an unknown option key (with the allowed ones) or a bad value.
     """
     allowed = {"bits", "weights", "granularity", "group_size", "symmetric", "scale_dtype"}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"`{argument}` has unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+        raise ArgumentError(argument, f"`{argument}` has unknown option(s) {unknown}; allowed: {sorted(allowed)}")
     changes = dict(options)
     if "weights" in changes:
         changes["bits"] = parse_bits(f"{argument}.weights", changes.pop("weights"))
@@ -117,4 +122,4 @@ def spec_from_options(argument: str, options: Mapping[str, Any], base: QuantSpec
     try:
         return base.replace(**changes)
     except ValueError as err:
-        raise ValueError(f"`{argument}`: {err}") from None
+        raise ArgumentError(argument, f"`{argument}`: {err}") from None

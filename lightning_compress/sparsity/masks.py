@@ -15,6 +15,8 @@ from typing import Dict, Mapping
 import torch
 from torch import Tensor
 
+from lightning_compress.core.validate import ArgumentError
+
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -34,19 +36,21 @@ class SparsityPattern:
             ValueError: an unknown pattern, or N:M with ``N >= M`` or ``N < 1``.
         """
         if not isinstance(text, str):
-            raise ValueError(f"`pattern` must be a string, got {text!r}")
+            raise ArgumentError("pattern", f"`pattern` must be a string, got {text!r}")
         lowered = text.strip().lower()
         if lowered in ("unstructured", "structured"):
             return cls(lowered)
         match = _NM.match(lowered)
         if not match:
-            raise ValueError(
+            raise ArgumentError(
+                "pattern",
                 f"unknown `pattern` {text!r}; choose 'unstructured', 'structured' or 'N:M'"
                 " such as '2:4'"
             )
         n, m = int(match.group(1)), int(match.group(2))
         if not 1 <= n < m:
-            raise ValueError(
+            raise ArgumentError(
+                "pattern",
                 f"`pattern`={text!r} must keep N of every M weights with 1 <= N < M (e.g. '2:4')"
             )
         return cls("n:m", n, m)
