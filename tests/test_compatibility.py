@@ -18,7 +18,7 @@ from lightning_compress import (
     QuantizationAwareTraining,
     from_recipe,
 )
-from lightning_compress.core.compatibility import IncompatibleSettings
+from lightning_compress.callbacks.compatibility import IncompatibleSettings
 from lightning_compress.recipes import RecipeError, load_recipe
 from tests.cli_models import RecipeData, RecipeMLP
 from tests.conftest import TinyRegressor, make_trainer, tiny_loader

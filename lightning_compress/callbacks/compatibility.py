@@ -2,7 +2,9 @@
 
 Each callback checks its own arguments when it is built. What fails only in combination
 (one callback's setting that another cannot honour on the same layer) is checked here, in
-one place, from two entry points:
+one place, from two entry points. The rules read the callbacks through their public
+API only (``section``, ``config``, ``selected_layers``, ``layer_specs``), so this module
+imports no callback:
 
 - :func:`prepare_stack`, first thing in every compression callback's ``setup``: the first
   callback to set up checks the whole stack against the model, before any callback has
@@ -21,6 +23,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 from torch import nn
 
+from lightning_compress.formats.compressed_tensors import incompatibility, is_transformers_model
+from lightning_compress.formats.onnx import onnx_op
 from lightning_compress.quant.spec import QuantSpec
 
 # With no model (a recipe), a callback with default targets selects "every layer of the
@@ -48,9 +52,9 @@ class Conflict:
     problem: str  # why, naming the layer when there is one
     fix: str
 
-    def for_callbacks(self) -> str:
-        classes = _section_classes()
-        named = " and ".join(f"{classes[s.section].__name__}({s.argument}={s.value!r})" for s in self.settings)
+    def for_callbacks(self, classes: Mapping[str, str]) -> str:
+        """The message for callbacks; ``classes`` maps a section to its callback's class name."""
+        named = " and ".join(f"{classes[s.section]}({s.argument}={s.value!r})" for s in self.settings)
         return f"{named} cannot be used together: {self.problem}. {self.fix}"
 
     def for_recipe(self) -> str:
@@ -77,7 +81,7 @@ def prepare_stack(trainer: Any, pl_module: nn.Module, stage: str) -> None:
     key = (id(pl_module), tuple(id(cb) for cb in callbacks))
     if trainer.__dict__.get(_CHECKED_ATTR) != key:
         for conflict in conflicts(callbacks, pl_module):
-            raise IncompatibleSettings(conflict.for_callbacks())
+            raise IncompatibleSettings(conflict.for_callbacks(_class_names(callbacks)))
         trainer.__dict__[_CHECKED_ATTR] = key
     for callback in callbacks:
         before = getattr(callback, "before_compression_setup", None)
@@ -107,19 +111,18 @@ def check_quantization_trains(trainer: Any, qat: Any, start: int, total: float) 
         IncompatibleSettings: when QAT's ``start_step`` resolves to the end of the run or
             later while a CompressedExport will pack the quantized codes.
     """
-    classes = _section_classes()
-    exports = [cb for cb in trainer.callbacks if isinstance(cb, classes["export"])]
+    exports = _of_section(trainer.callbacks, "export")
     if exports and start >= total and trainer.global_step < total:
-        bits = sorted({q.spec.bits for q in qat._weight_quantizers.values()})
+        bits = sorted({spec.bits for spec in qat.layer_specs.values()})
         conflict = Conflict(
-            (Setting("qat", "start_step", qat.start_step), Setting("export", "dirpath", str(exports[0].dirpath))),
+            (Setting("qat", "start_step", qat.config.start_step), Setting("export", "dirpath", str(exports[0].config.dirpath))),
             f"start_step resolves to step {start} but this run has {int(total)} optimizer steps, so no step trains"
             f" with int{'/'.join(map(str, bits))} fake quantization and the export would pack weights that never saw"
             " that grid (round-to-nearest of the float weights)",
             "Set QuantizationAwareTraining(start_step=...) before the end of the run (e.g. 0.5 = halfway), or train"
             " for more steps",
         )
-        raise IncompatibleSettings(conflict.for_callbacks())
+        raise IncompatibleSettings(conflict.for_callbacks(_class_names(trainer.callbacks)))
 
 
 def conflicts(callbacks: Sequence[Any], model: nn.Module | None) -> Iterator[Conflict]:
@@ -135,21 +138,18 @@ class _Stack:
     """The compression callbacks of a Trainer (or a recipe) and the layers each touches."""
 
     def __init__(self, callbacks: Sequence[Any], model: nn.Module | None) -> None:
-        classes = _section_classes()
+        self.callbacks = list(callbacks)
         self.model = model
-        self.by_section: Dict[str, List[Any]] = {
-            section: [cb for cb in callbacks if isinstance(cb, cls)] for section, cls in classes.items()
-        }
         self._layers: Dict[int, Dict[str, nn.Module] | None] = {}
 
     def __getitem__(self, section: str) -> List[Any]:
-        return self.by_section[section]
+        return _of_section(self.callbacks, section)
 
     def layers(self, callback: Any) -> Dict[str, nn.Module | None] | None:
         """``{name: layer}`` the callback compresses; ``None`` when unknown (its own
         setup reports bad targets, and a recipe has no model)."""
         if id(callback) not in self._layers:
-            self._layers[id(callback)] = self._select(callback)
+            self._layers[id(callback)] = callback.selected_layers(self.model)
         return self._layers[id(callback)]
 
     def shared(self, a: Any, b: Any) -> List[str]:
@@ -164,47 +164,18 @@ class _Stack:
         layers = self.layers(qat)
         if layers is None:
             return {}
-        main = Setting("qat", "weights", f"int{qat.spec.bits}")
+        config = qat.config
+        main = Setting("qat", "weights", f"int{config.spec.bits}")
         if self.model is None:  # only the main spec is known to reach every default layer
-            return {} if qat.overrides else {EVERY_LAYER: (qat.spec, main)}
+            return {} if config.layer_overrides else {EVERY_LAYER: (config.spec, main)}
         specs = {}
         for name in layers:
-            specs[name] = (qat.spec, main)
-            for pattern, spec in qat.overrides.items():
+            specs[name] = (config.spec, main)
+            for pattern, spec in config.layer_overrides.items():
                 if _matches(name, pattern):
                     specs[name] = (spec, Setting("qat", f"overrides[{pattern!r}]", spec.describe()))
                     break
         return specs
-
-    def _select(self, callback: Any) -> Dict[str, nn.Module | None] | None:
-        classes = _section_classes()
-        if isinstance(callback, classes["lora"]):
-            default = callback.config.target_modules is None and callback.config.exclude_modules is None
-        else:
-            default = callback.targets is None and callback.exclude is None
-        if self.model is None:
-            return {EVERY_LAYER: None} if default else None
-        try:
-            if isinstance(callback, classes["lora"]):
-                from lightning_compress.lora.inject import select_adapter_layers
-
-                return select_adapter_layers(self.model, callback.config)
-            from lightning_compress.core.targeting import select_layers
-
-            if isinstance(callback, classes["pruning"]):
-                from lightning_compress.callbacks.pruning import DEFAULT_TARGET_TYPES, PRUNABLE_TYPES
-
-                supported, default_types = PRUNABLE_TYPES, DEFAULT_TARGET_TYPES
-            else:
-                from lightning_compress.quant.weights import DEFAULT_TARGET_TYPES, QUANTIZABLE_TYPES
-
-                supported, default_types = QUANTIZABLE_TYPES, DEFAULT_TARGET_TYPES
-            return select_layers(
-                self.model, targets=callback.targets, exclude=callback.exclude, supported=supported,
-                default=default_types,
-            )
-        except ValueError:
-            return None  # the callback's own setup says what is wrong with its targets
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -225,7 +196,7 @@ def _two_quantizers_on_one_layer(stack: _Stack) -> Iterator[Conflict]:
         for second in callbacks[i + 1:]:
             for name in stack.shared(first, second)[:1]:
                 # Named in an order of their own (wider grid first), not the list's.
-                pair = sorted((first, second), key=lambda qat: (-stack.qat_specs(qat)[name][0].bits, str(qat.targets)))
+                pair = sorted((first, second), key=lambda qat: (-stack.qat_specs(qat)[name][0].bits, str(qat.config.targets)))
                 specs = [stack.qat_specs(qat)[name][0] for qat in pair]
                 yield Conflict(
                     tuple(Setting("qat", "targets", _targets_of(qat)) for qat in pair),
@@ -240,7 +211,7 @@ def _nm_sparsity_and_quantization_groups(stack: _Stack) -> Iterator[Conflict]:
     """N:M pruning keeps N of every M consecutive inputs; a quantization group must hold
     whole blocks, or one block's kept weights get different scales."""
     for pruning in stack["pruning"]:
-        pattern = pruning.pattern
+        pattern = pruning.config.sparsity_pattern
         if pattern.kind != "n:m":
             continue
         for qat in stack["qat"]:
@@ -292,12 +263,9 @@ def _export_formats_and_quantization(stack: _Stack) -> Iterator[Conflict]:
     (transformers) loads symmetric or 8-bit weights of Linear/Embedding layers and no
     activation quantization; the ONNX export writes int4 and int8 Linear layers on
     onnxruntime's grids only. Otherwise fit fails at its end, after the training."""
-    from lightning_compress.formats.compressed_tensors import incompatibility, is_transformers_model
-    from lightning_compress.formats.onnx_export import onnx_op
-
     for export in stack["export"]:
-        compressed_tensors = export.options["compressed_tensors"] is True
-        onnx = "onnx" in export.options["formats"]
+        compressed_tensors = export.config.compressed_tensors is True
+        onnx = "onnx" in export.config.formats
         if not (compressed_tensors or onnx):
             continue
         exported = _exported_modules(stack, export)
@@ -305,7 +273,7 @@ def _export_formats_and_quantization(stack: _Stack) -> Iterator[Conflict]:
             target = _export_target(stack, export)
             if target is not None and not is_transformers_model(target):
                 yield Conflict(
-                    (Setting("export", "compressed_tensors", True), Setting("export", "module", export.module)),
+                    (Setting("export", "compressed_tensors", True), Setting("export", "module", export.config.module)),
                     f"compressed_tensors=True writes a transformers config.json, but {type(target).__name__} is not"
                     " a transformers model",
                     "Set CompressedExport(module=...) to the attribute that holds it (e.g. module='model'), or pass"
@@ -337,10 +305,11 @@ def _export_formats_and_quantization(stack: _Stack) -> Iterator[Conflict]:
                             fix,
                         )
                         return
-                    if qat.activations is not None and kind != "Embedding":  # token ids are not quantized
+                    activations = qat.config.activations
+                    if activations is not None and kind != "Embedding":  # token ids are not quantized
                         yield Conflict(
-                            (Setting("export", "compressed_tensors", True), Setting("qat", "activations", qat.activations)),
-                            f"{_where(name, _EVERY_QUANTIZED)}, QAT trains {qat.activations} activations, but the"
+                            (Setting("export", "compressed_tensors", True), Setting("qat", "activations", activations)),
+                            f"{_where(name, _EVERY_QUANTIZED)}, QAT trains {activations} activations, but the"
                             " compressed-tensors config.json describes weights only, so transformers would run the"
                             " layer with float activations instead",
                             "Drop `activations` (weight-only QAT), or export with compressed_tensors=False and load"
@@ -354,7 +323,7 @@ def _export_formats_and_quantization(stack: _Stack) -> Iterator[Conflict]:
                         if setting.argument == "weights" and spec.granularity == "group":
                             setting = Setting("qat", "group_size", spec.group_size)
                         yield Conflict(
-                            (Setting("export", "formats", list(export.options["formats"])), setting),
+                            (Setting("export", "formats", list(export.config.formats)), setting),
                             f"{_where(name, _EVERY_QUANTIZED)}, QAT trains {spec.describe()}, which the ONNX export"
                             " cannot write"
                             " (int4: per channel, per tensor or groups of a power of two >= 16; int8: per channel"
@@ -371,10 +340,10 @@ _EVERY_QUANTIZED = "on every layer QAT quantizes"
 def _export_target(stack: _Stack, export: Any) -> nn.Module | None:
     """The module the export writes (``None``: no model, or a bad ``module`` that the
     export's own setup reports)."""
-    if stack.model is None or export.module is None:
+    if stack.model is None or export.config.module is None:
         return stack.model
     try:
-        return stack.model.get_submodule(export.module)
+        return stack.model.get_submodule(export.config.module)
     except AttributeError:
         return None
 
@@ -386,29 +355,19 @@ def _exported_modules(stack: _Stack, export: Any) -> set | None:
 
 
 def _targets_of(callback: Any) -> Any:
-    targets = callback.config.target_modules if hasattr(callback, "config") else callback.targets
+    config = callback.config
+    targets = config.target_modules if callback.section == "lora" else config.targets
     if targets is None:
         return None
     return [t if isinstance(t, str) else t.__name__ for t in targets]
 
 
-def _section_classes() -> Mapping[str, type]:
-    # Imported here: the callbacks import this module.
-    from lightning_compress.callbacks import (
-        CompressedExport,
-        KnowledgeDistillation,
-        LoRA,
-        MagnitudePruning,
-        QuantizationAwareTraining,
-    )
+def _of_section(callbacks: Sequence[Any], section: str) -> List[Any]:
+    return [cb for cb in callbacks if getattr(cb, "section", None) == section]
 
-    return {
-        "lora": LoRA,
-        "distillation": KnowledgeDistillation,
-        "pruning": MagnitudePruning,
-        "qat": QuantizationAwareTraining,
-        "export": CompressedExport,
-    }
+
+def _class_names(callbacks: Sequence[Any]) -> Dict[str, str]:
+    return {cb.section: type(cb).__name__ for cb in callbacks if getattr(cb, "section", None)}
 
 
 _RULES = (

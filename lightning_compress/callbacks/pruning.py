@@ -3,50 +3,45 @@
 from __future__ import annotations
 
 import math
-import uuid
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
-from lightning_compress.core.compatibility import prepare_stack
+from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.callbacks.compatibility import EVERY_LAYER
 from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
-from lightning_compress.core.reporting import expect_layer_table, report_layer_table
-from lightning_compress.core.schedule import StepLike, resolve_step, steps_are_ordered, validate_step
-from lightning_compress.core.state import STATE_VERSION, check_state_version
+from lightning_compress.core.schedule import resolve_step
 from lightning_compress.core.tracking import log_line_chart
-from lightning_compress.core.targeting import Target, select_layers, validate_name, validate_targets
+from lightning_compress.core.targeting import select_layers
 from lightning_compress.core.transforms import (
     Stage,
-    bind_owner,
     install_weight_transform,
     is_bound,
-    owner_tokens,
     raw_weight,
     remove_weight_transform,
     stages,
     weight_before,
 )
+from lightning_compress.sparsity.config import DEFAULT_TARGET_TYPES, PRUNABLE_TYPES, PruningConfig
 from lightning_compress.sparsity.masks import (
     MaskedWeight,
-    SparsityPattern,
     check_nm_compatible,
     global_masks,
     layer_mask,
     pack_mask,
     unpack_mask,
 )
-from lightning_compress.sparsity.schedules import SCHEDULES, scheduled_sparsity
+from lightning_compress.sparsity.schedules import scheduled_sparsity
 
-PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # With `update_every=None` the masks change this many times over the schedule.
 _DEFAULT_UPDATES = 20
 
 
-class MagnitudePruning(Callback):
+class MagnitudePruning(CompressionCallback):
     r"""Prune the smallest weights gradually while the model trains.
 
     The sparsity target follows Zhu & Gupta's cubic schedule (or a linear or one-shot
@@ -92,127 +87,58 @@ class MagnitudePruning(Callback):
         exclude: layer types and/or name globs to leave dense.
         name: distinguishes the checkpoint state of several pruning callbacks in one
             Trainer (e.g. different sparsities for different layers).
+        config: a built :class:`~lightning_compress.sparsity.config.PruningConfig`
+            instead of the arguments above.
+
+    Raises:
+        ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
+        ValueError: at setup, for targets that match no prunable layer or an N:M
+            pattern a layer's input size cannot hold; when resuming, for a checkpoint
+            pruned with another pattern or other layers.
     """
 
-    def __init__(
-        self,
-        final_sparsity: float | None = None,
-        *,
-        initial_sparsity: float = 0.0,
-        schedule: str = "cubic",
-        start_step: StepLike = 0,
-        end_step: StepLike = 0.75,
-        update_every: int | None = None,
-        pattern: str = "unstructured",
-        scope: str = "layer",
-        norm: int = 1,
-        targets: Sequence[Target] | None = None,
-        exclude: Sequence[Target] | None = None,
-        name: str | None = None,
-    ) -> None:
-        self.pattern = SparsityPattern.parse(pattern)
-        fixed = self.pattern.fixed_sparsity
-        if final_sparsity is None:
-            final_sparsity = 0.5 if fixed is None else fixed
-        _check_fraction("final_sparsity", final_sparsity)
-        _check_fraction("initial_sparsity", initial_sparsity)
-        if fixed is not None and abs(final_sparsity - fixed) > 1e-12:
-            raise ValueError(
-                f"`pattern`='{self.pattern}' fixes the sparsity at {fixed}; leave"
-                f" `final_sparsity` unset (got {final_sparsity})"
-            )
-        if initial_sparsity > final_sparsity:
-            raise ValueError(
-                f"`initial_sparsity`={initial_sparsity} exceeds `final_sparsity`={final_sparsity};"
-                " sparsity only grows during pruning"
-            )
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown `schedule` {schedule!r}; choose one of {SCHEDULES}")
-        validate_step("start_step", start_step)
-        validate_step("end_step", end_step)
-        if schedule != "one_shot" and steps_are_ordered(start_step, end_step) is False:
-            raise ValueError(
-                f"`end_step`={end_step} must come after `start_step`={start_step}"
-            )
-        if update_every is not None and (
-            isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1
-        ):
-            raise ValueError(f"`update_every` must be a positive int or None, got {update_every!r}")
-        if scope not in ("layer", "global"):
-            raise ValueError(f"unknown `scope` {scope!r}; choose 'layer' or 'global'")
-        if scope == "global" and self.pattern.kind == "n:m":
-            raise ValueError(
-                f"`scope`='global' cannot be combined with `pattern`='{self.pattern}': N:M fixes"
-                " every group's sparsity. Use scope='layer'."
-            )
-        if norm not in (1, 2):
-            raise ValueError(f"`norm` must be 1 or 2, got {norm!r}")
+    section = "pruning"
+    config_class = PruningConfig
 
-        self.final_sparsity = float(final_sparsity)
-        self.initial_sparsity = float(initial_sparsity)
-        self.schedule = schedule
-        self.start_step = start_step
-        self.end_step = end_step
-        self.update_every = update_every
-        self.scope = scope
-        self.norm = norm
-        self.targets = validate_targets("targets", targets, PRUNABLE_TYPES)
-        self.exclude = validate_targets("exclude", exclude, PRUNABLE_TYPES)
-        self.name = validate_name(name)
-        self.owner_token = uuid.uuid4().hex
-
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._layers: Dict[str, nn.Module] = {}
         self._masks: Dict[str, MaskedWeight] = {}
-        self._restored: Dict[str, Any] | None = None
         self._applied_sparsity = 0.0
         self._actual_sparsity = 0.0
         self._group_sparsity: Dict[str, float] = {}
         self._window: tuple[int, int, int] | None = None
         self._hook_handles: List[Any] = []
-        self._last_logged_step = -1
-
-    # ------------------------------------------------------------------ identity
-    @property
-    def state_key(self) -> str:
-        # Stable across changed settings, so a resume with another pattern or other
-        # targets finds the state and `load_state_dict` says what changed.
-        return self._generate_state_key(name=self.name)
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        prepare_stack(trainer, pl_module, stage)
+    @override
+    def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Every stage, not only fit: `validate`/`test` with `ckpt_path` must see the masks,
         # because a LoRA layer's weight W + B·A is not sparse unless the mask multiplies it
         # (and an adapter-only checkpoint does not even hold the zeroed W).
         if not is_bound(pl_module, self.owner_token):
             self._forget()  # reused for another model: start from its dense weights
-        layers = select_layers(
-            pl_module,
-            targets=self.targets,
-            exclude=self.exclude,
-            supported=PRUNABLE_TYPES,
-            default=DEFAULT_TARGET_TYPES,
-        )
+        layers = self.select(pl_module)
         for name, layer in layers.items():  # check everything before changing anything
-            check_nm_compatible(name, raw_weight(layer), self.pattern)
-        rivals = owner_tokens(trainer.callbacks) - {self.owner_token}
+            check_nm_compatible(name, raw_weight(layer), self.sparsity_pattern)
+        rivals = self.rivals(trainer)
         for name, layer in layers.items():
             transform = MaskedWeight()
             install_weight_transform(layer, Stage.MASK, transform, owner=self.owner_token, active_owners=rivals)
             self._masks[name] = transform
         self._layers = layers
         self._measure()  # logged from the first step, before any mask exists
-        bind_owner(pl_module, self.owner_token)
-        if self._restored is not None:
-            self._apply_restored()
+        self.finish_install(pl_module)
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        expect_layer_table(trainer)
+        super().on_fit_start(trainer, pl_module)
         for optimizer in trainer.optimizers:
             # After every optimizer step, not every batch: right under gradient
             # accumulation and manual optimization alike.
             self._hook_handles.append(optimizer.register_step_post_hook(self._zero_pruned_weights))
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Not in on_fit_start: `estimated_stepping_batches` builds the train dataloader,
         # and before the checkpoint's loop state is restored that makes Lightning drop a
@@ -225,27 +151,25 @@ class MagnitudePruning(Callback):
                 x="step", y="sparsity", title="scheduled sparsity",
             )
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         target = self._follow_schedule(step)  # first batch of a run or of a resume
-        if step != self._last_logged_step:
-            self._last_logged_step = step
-            metrics = {
-                "pruning/sparsity_scheduled": 0.0 if target is None else target,
-                "pruning/sparsity_actual": self._actual_sparsity,
-            }
-            metrics.update({f"pruning/sparsity/{group}": value for group, value in self._group_sparsity.items()})
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        metrics = {
+            "pruning/sparsity_scheduled": 0.0 if target is None else target,
+            "pruning/sparsity_actual": self._actual_sparsity,
+        }
+        metrics.update({f"pruning/sparsity/{group}": value for group, value in self._group_sparsity.items()})
+        self.log_once(pl_module, step, metrics)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Right after the optimizer step that reaches an update point, so checkpoints
         # written at this batch or epoch end (ModelCheckpoint runs after us) hold the new
         # masks, and a schedule ending on the run's last step (`end_step=1.0`) is applied.
         self._follow_schedule(trainer.global_step)
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        report_layer_table(trainer, pl_module)
-
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -256,7 +180,7 @@ class MagnitudePruning(Callback):
         # classes holding the sparse weights; a later fit re-attaches the masks. A layer
         # whose weight is still W + B·A (LoRA, not merged) keeps its mask: zeros in W
         # alone would not make the effective weight sparse.
-        self._restored = self._state_of_masks()
+        self._restored = self.state_dict()
         for name, layer in self._layers.items():
             if _mask_sees_raw(layer):
                 self._zero_raw(name)
@@ -264,15 +188,63 @@ class MagnitudePruning(Callback):
         self._masks.clear()
         self._layers.clear()
 
-    # ------------------------------------------------------------------ checkpoint
-    def state_dict(self) -> Dict[str, Any]:
+    # ------------------------------------------------------------------ base-class hooks
+    def select(self, model: nn.Module) -> Dict[str, nn.Module]:
+        """``{name: layer}`` of the layers this callback prunes in ``model``.
+
+        Raises:
+            ValueError: for targets that match nothing or layers it cannot prune.
+        """
+        return select_layers(
+            model, targets=self.targets, exclude=self.exclude, supported=PRUNABLE_TYPES, default=DEFAULT_TARGET_TYPES
+        )
+
+    @override
+    def selected_layers(self, model: nn.Module | None) -> Dict[str, nn.Module | None] | None:
+        if model is None:
+            return {EVERY_LAYER: None} if self.targets is None and self.exclude is None else None
+        try:
+            return self.select(model)
+        except ValueError:
+            return None  # its own setup says what is wrong with its targets
+
+    @override
+    def is_set_up(self) -> bool:
+        return bool(self._masks)
+
+    @override
+    def method_state(self) -> Dict[str, Any]:
         return {
-            "version": STATE_VERSION,
-            "pattern": str(self.pattern),
+            "pattern": str(self.sparsity_pattern),
             "applied_sparsity": self._applied_sparsity,
             "actual_sparsity": self._actual_sparsity,
-            "masks": self._state_of_masks() if self._masks else (self._restored or {}),
+            "masks": self._state_of_masks(),
         }
+
+    @override
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        if state["pattern"] != str(self.sparsity_pattern):
+            raise ValueError(
+                f"the checkpoint was pruned with pattern '{state['pattern']}' but this"
+                f" MagnitudePruning uses `pattern`='{self.sparsity_pattern}'; resume with the same pattern"
+            )
+
+    @override
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self._applied_sparsity = float(state["applied_sparsity"])
+        self._actual_sparsity = float(state["actual_sparsity"])
+        masks = dict(state["masks"])
+        unknown = sorted(set(masks) - set(self._layers))
+        missing = sorted(set(self._layers) - set(masks)) if masks else []
+        if unknown or missing:
+            raise ValueError(
+                f"the checkpoint's pruning masks cover other layers than this MagnitudePruning"
+                f" targets (only in the checkpoint: {unknown}; only targeted now: {missing})."
+                " Resume with the same `targets` and `exclude`."
+            )
+        for name, entry in masks.items():
+            self._set_mask(name, unpack_mask(entry["packed"], tuple(entry["shape"])))
+        self._measure()
 
     def _forget(self) -> None:
         self._restored = None
@@ -280,19 +252,6 @@ class MagnitudePruning(Callback):
         self._actual_sparsity = 0.0
         self._group_sparsity = {}
         self._last_logged_step = -1
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        check_state_version("MagnitudePruning", state_dict)
-        if state_dict["pattern"] != str(self.pattern):
-            raise ValueError(
-                f"the checkpoint was pruned with pattern '{state_dict['pattern']}' but this"
-                f" MagnitudePruning uses `pattern`='{self.pattern}'; resume with the same pattern"
-            )
-        self._applied_sparsity = float(state_dict["applied_sparsity"])
-        self._actual_sparsity = float(state_dict["actual_sparsity"])
-        self._restored = dict(state_dict["masks"])
-        if self._masks:  # restored after setup (the usual order): apply now
-            self._apply_restored()
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -344,9 +303,9 @@ class MagnitudePruning(Callback):
         # Score what the MASK stage sees: the merged weight when adapters sit below it.
         weights = {name: weight_before(layer, Stage.MASK) for name, layer in self._layers.items()}
         if self.scope == "global":
-            keeps = global_masks(weights, sparsity, self.pattern, self.norm)
+            keeps = global_masks(weights, sparsity, self.sparsity_pattern, self.norm)
         else:
-            keeps = {n: layer_mask(w, sparsity, self.pattern, self.norm) for n, w in weights.items()}
+            keeps = {n: layer_mask(w, sparsity, self.sparsity_pattern, self.norm) for n, w in weights.items()}
         if is_distributed():  # every rank takes rank 0's masks, sent as bits
             names = list(keeps)
             packed = broadcast_from_rank_zero([pack_mask(keeps[n]) for n in names])
@@ -394,20 +353,6 @@ class MagnitudePruning(Callback):
                 state[name] = {"packed": pack_mask(keep).cpu(), "shape": list(keep.shape)}
         return state
 
-    def _apply_restored(self) -> None:
-        restored, self._restored = self._restored or {}, None
-        unknown = sorted(set(restored) - set(self._layers))
-        missing = sorted(set(self._layers) - set(restored)) if restored else []
-        if unknown or missing:
-            raise ValueError(
-                f"the checkpoint's pruning masks cover other layers than this MagnitudePruning"
-                f" targets (only in the checkpoint: {unknown}; only targeted now: {missing})."
-                " Resume with the same `targets` and `exclude`."
-            )
-        for name, entry in restored.items():
-            self._set_mask(name, unpack_mask(entry["packed"], tuple(entry["shape"])))
-        self._measure()
-
 
 def _layer_groups(names: List[str]) -> Dict[str, str]:
     """Layer name -> group: the first name component after the prefix all targeted layers
@@ -422,9 +367,3 @@ def _layer_groups(names: List[str]) -> Dict[str, str]:
 
 def _mask_sees_raw(layer: nn.Module) -> bool:
     return not any(stage < Stage.MASK for stage in stages(layer))
-
-
-def _check_fraction(argument: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"`{argument}` must be a number in [0, 1), got {value!r}")
-

@@ -3,40 +3,32 @@
 from __future__ import annotations
 
 import fnmatch
-import uuid
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, Mapping
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import nn
+from typing_extensions import override
 
-from lightning_compress.core.compatibility import check_quantization_trains, prepare_stack
-from lightning_compress.core.reporting import expect_layer_table, report_layer_table
+from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.callbacks.compatibility import EVERY_LAYER, check_quantization_trains
 from lightning_compress.core.side_optimizer import SideOptimizer
-from lightning_compress.core.schedule import StepLike, resolve_step, validate_step
-from lightning_compress.core.state import STATE_VERSION, check_state_version
-from lightning_compress.core.targeting import Target, select_layers, validate_name, validate_targets
+from lightning_compress.core.schedule import resolve_step
+from lightning_compress.core.targeting import select_layers
 from lightning_compress.core.transforms import (
     INPUT,
     Stage,
-    bind_owner,
     install_weight_transform,
     is_bound,
-    owner_tokens,
     raw_weight,
     remove_input_transform,
 )
-from lightning_compress.quant.activations import (
-    ACTIVATION_MODES,
-    OBSERVERS,
-    DynamicTokenQuantizer,
-    StaticRangeObserver,
-)
-from lightning_compress.quant.spec import GRANULARITIES, QuantSpec, parse_bits, spec_from_options
+from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver
+from lightning_compress.quant.config import QATConfig
+from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import (
     DEFAULT_TARGET_TYPES,
     QUANTIZABLE_TYPES,
-    WEIGHT_RANGES,
     WeightFakeQuantizer,
     attach_weight_quantizers,
 )
@@ -44,7 +36,7 @@ from lightning_compress.quant.weights import (
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(CompressionCallback):
     r"""Train with the rounding the model will meet after export.
 
     Weights of the targeted layers are fake-quantized in every forward pass from
@@ -107,136 +99,73 @@ class QuantizationAwareTraining(Callback):
             Embedding layers are quantizable when targeted.
         exclude: layer types and/or name globs to keep in float.
         name: distinguishes the checkpoint state of several QAT callbacks in one Trainer.
+        config: a built :class:`~lightning_compress.quant.config.QATConfig` instead of
+            the arguments above.
+
+    Raises:
+        ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
+        ValueError: at setup, for targets that match no quantizable layer, a
+            ``group_size`` that does not divide a layer's inputs or an ``overrides`` glob
+            that matches nothing; when resuming, for a checkpoint trained on another grid
+            or other layers.
+        IncompatibleSettings: before the first step, for a ``start_step`` at or past the
+            end of a run that exports (no step would train the exported grid).
     """
 
-    def __init__(
-        self,
-        weights: str | int = "int8",
-        *,
-        granularity: str | None = None,
-        group_size: int | None = None,
-        symmetric: bool = True,
-        scale_dtype: str = "float32",
-        weight_range: str = "minmax",
-        learn_ranges: bool = False,
-        range_lr: float = 1e-3,
-        activations: str | None = None,
-        observer: str = "minmax",
-        calibration_steps: int = 100,
-        start_step: StepLike = 0,
-        freeze_bn_step: StepLike | None = None,
-        overrides: Mapping[str, Mapping[str, Any]] | None = None,
-        targets: Sequence[Target] | None = None,
-        exclude: Sequence[Target] | None = None,
-        name: str | None = None,
-    ) -> None:
-        bits = parse_bits("weights", weights)
-        if granularity is None:
-            granularity = "group" if group_size is not None else "channel"
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"unknown `granularity` {granularity!r}; choose one of {GRANULARITIES}")
-        self.spec = QuantSpec(
-            bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype
-        )
-        if weight_range not in WEIGHT_RANGES:
-            raise ValueError(f"unknown `weight_range` {weight_range!r}; choose one of {WEIGHT_RANGES}")
-        if not isinstance(learn_ranges, bool):
-            raise ValueError(f"`learn_ranges` must be True or False, got {learn_ranges!r}")
-        if learn_ranges and scale_dtype != "float32":
-            raise ValueError(
-                f"`learn_ranges=True` trains float32 scales, which `scale_dtype`={scale_dtype!r} would"
-                " round at export; use scale_dtype='float32' with learned ranges"
-            )
-        if isinstance(range_lr, bool) or not isinstance(range_lr, (int, float)) or not range_lr > 0:
-            raise ValueError(f"`range_lr` must be a positive number, got {range_lr!r}")
-        if activations is not None and activations not in ACTIVATION_MODES:
-            raise ValueError(f"unknown `activations` {activations!r}; choose None or one of {ACTIVATION_MODES}")
-        if observer not in OBSERVERS:
-            raise ValueError(f"unknown `observer` {observer!r}; choose one of {OBSERVERS}")
-        if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 1:
-            raise ValueError(f"`calibration_steps` must be a positive int, got {calibration_steps!r}")
-        validate_step("start_step", start_step)
-        if freeze_bn_step is not None:
-            validate_step("freeze_bn_step", freeze_bn_step)
-        if overrides is not None and not isinstance(overrides, Mapping):
-            raise ValueError("`overrides` must map name globs to option dicts, e.g. {'head': {'bits': 8}}")
-        self.overrides = {}
-        for pattern, options in (overrides or {}).items():
-            if not isinstance(options, Mapping):
-                raise ValueError(f"`overrides[{pattern!r}]` must be a dict of options, got {options!r}")
-            self.overrides[pattern] = spec_from_options(f"overrides[{pattern!r}]", options, self.spec)
+    section = "qat"
+    config_class = QATConfig
 
-        self.weight_range = weight_range
-        self.learn_ranges = learn_ranges
-        self.range_lr = float(range_lr)
-        self.activations = activations
-        self.observer = observer
-        self.calibration_steps = calibration_steps
-        self.start_step = start_step
-        self.freeze_bn_step = freeze_bn_step
-        self.targets = validate_targets("targets", targets, QUANTIZABLE_TYPES)
-        self.exclude = validate_targets("exclude", exclude, QUANTIZABLE_TYPES)
-        self.name = validate_name(name)
-        self.owner_token = uuid.uuid4().hex
-
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._reset()
         self._start = 0
         self._freeze_bn_at: int | None = None
-        self._last_logged_step = -1
 
     def _reset(self) -> None:
         self._layers: Dict[str, nn.Module] = {}
         self._weight_quantizers: Dict[str, WeightFakeQuantizer] = {}
         self._input_quantizers: Dict[str, Any] = {}
-        self._restored: Dict[str, Any] | None = None
+        self._restored = None
         self._ranges = SideOptimizer(self.range_lr)
 
     @property
-    def state_key(self) -> str:
-        # Stable across changed settings, so a resume with other settings finds the state
-        # and `load_state_dict` can say what changed instead of silently starting over.
-        return self._generate_state_key(name=self.name)
+    def layer_specs(self) -> Dict[str, QuantSpec]:
+        """``{layer name: the grid it is quantized on}`` of the model set up."""
+        return {name: quantizer.spec for name, quantizer in self._weight_quantizers.items()}
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    @override
+    def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Every stage, not only fit: `Trainer(callbacks=[qat]).test(model, ckpt_path=...)`
         # must evaluate the quantized model the checkpoint describes.
-        prepare_stack(trainer, pl_module, stage)
         if self._layers and is_bound(pl_module, self.owner_token) and self._owns_layers_of(pl_module):
             return  # a later fit/validate of the same model: everything is in place
         if self._layers:
             self._reset()  # this callback is reused for another model
-        layers = select_layers(
-            pl_module,
-            targets=self.targets,
-            exclude=self.exclude,
-            supported=QUANTIZABLE_TYPES,
-            default=DEFAULT_TARGET_TYPES,
-        )
-        rivals = owner_tokens(trainer.callbacks) - {self.owner_token}
+        layers = self.select(pl_module)
+        rivals = self.rivals(trainer)
         self._weight_quantizers = attach_weight_quantizers(
             layers, self._layer_specs(layers), self.learn_ranges, weight_range=self.weight_range,
             owner=self.owner_token, active_owners=rivals,
         )
         self._layers = layers
-        bind_owner(pl_module, self.owner_token)
         for name, layer in layers.items():
             # An input quantizer left by an earlier QAT callback goes with its weights.
             remove_input_transform(layer, Stage.INPUT_QUANT)
             if self.activations is not None and not isinstance(layer, nn.Embedding):  # ids in
                 self._add_input_quantizer(name, layer, rivals)
-        if self._restored is not None:
-            self._apply_restored()
+        self.finish_install(pl_module)
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        expect_layer_table(trainer)
-        self._last_logged_step = -1
+        super().on_fit_start(trainer, pl_module)
         if self.learn_ranges:
             for name, quantizer in self._weight_quantizers.items():
-                quantizer._follow_device(raw_weight(self._layers[name]).device)
+                quantizer.follow_device(raw_weight(self._layers[name]).device)
             self._ranges.track([q.log_scale for q in self._weight_quantizers.values()])
             self._ranges.follow(trainer, "`learn_ranges`")
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Not in on_fit_start: there `estimated_stepping_batches` would make Lightning drop
         # a resumable dataloader's saved position (see MagnitudePruning.on_train_start).
@@ -247,16 +176,15 @@ class QuantizationAwareTraining(Callback):
             None if self.freeze_bn_step is None else resolve_step("freeze_bn_step", self.freeze_bn_step, total)
         )
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         enabled = step >= self._start
         self._set_enabled(enabled)
-        if step != self._last_logged_step:
-            self._last_logged_step = step
-            metrics = {"qat/enabled": float(enabled), "qat/weight_bits": self._weight_bits() if enabled else 32.0}
-            if self.activations is not None:
-                metrics["qat/activation_bits"] = 8.0 if enabled else 32.0
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        metrics = {"qat/enabled": float(enabled), "qat/weight_bits": self._weight_bits() if enabled else 32.0}
+        if self.activations is not None:
+            metrics["qat/activation_bits"] = 8.0 if enabled else 32.0
+        self.log_once(pl_module, step, metrics)
         calibrating = step < self._start + self.calibration_steps
         for quantizer in self._input_quantizers.values():
             if isinstance(quantizer, StaticRangeObserver):
@@ -266,17 +194,37 @@ class QuantizationAwareTraining(Callback):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()  # Lightning puts the model in train mode every epoch
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        report_layer_table(trainer, pl_module)
-
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._ranges.stop()
 
-    # ------------------------------------------------------------------ checkpoint
-    def state_dict(self) -> Dict[str, Any]:
-        if not self._weight_quantizers:
-            return self._restored or {"version": STATE_VERSION, "layers": {}}
+    # ------------------------------------------------------------------ base-class hooks
+    def select(self, model: nn.Module) -> Dict[str, nn.Module]:
+        """``{name: layer}`` of the layers this callback quantizes in ``model``.
+
+        Raises:
+            ValueError: for targets that match nothing or layers it cannot quantize.
+        """
+        return select_layers(
+            model, targets=self.targets, exclude=self.exclude, supported=QUANTIZABLE_TYPES, default=DEFAULT_TARGET_TYPES
+        )
+
+    @override
+    def selected_layers(self, model: nn.Module | None) -> Dict[str, nn.Module | None] | None:
+        if model is None:
+            return {EVERY_LAYER: None} if self.targets is None and self.exclude is None else None
+        try:
+            return self.select(model)
+        except ValueError:
+            return None  # its own setup says what is wrong with its targets
+
+    @override
+    def is_set_up(self) -> bool:
+        return bool(self._weight_quantizers)
+
+    @override
+    def method_state(self) -> Dict[str, Any]:
         layers = {}
         for name, quantizer in self._weight_quantizers.items():
             entry: Dict[str, Any] = {"spec": quantizer.spec.describe(), "enabled": quantizer.enabled,
@@ -291,16 +239,10 @@ class QuantizationAwareTraining(Callback):
             if isinstance(observer, StaticRangeObserver):
                 entry["observer"] = observer.state_dict()
             layers[name] = entry
-        state = {"version": STATE_VERSION, "layers": layers}
-        if self.learn_ranges:
+        state: Dict[str, Any] = {"layers": layers}
+        if self.learn_ranges and self._weight_quantizers:
             state["range_optimizer"] = self._ranges.state_dict()
         return state
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        check_state_version("QuantizationAwareTraining", state_dict)
-        self._restored = state_dict
-        if self._weight_quantizers:
-            self._apply_restored()
 
     # ------------------------------------------------------------------ internals
     def _layer_specs(self, layers: Mapping[str, nn.Module]) -> Dict[str, QuantSpec]:
@@ -308,12 +250,12 @@ class QuantizationAwareTraining(Callback):
         used = set()
         for name in layers:
             specs[name] = self.spec
-            for pattern, spec in self.overrides.items():
+            for pattern, spec in self.layer_overrides.items():
                 if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
                     specs[name] = spec
                     used.add(pattern)
                     break
-        unused = [p for p in self.overrides if p not in used]
+        unused = [p for p in self.layer_overrides if p not in used]
         if unused:
             raise ValueError(
                 f"`overrides` pattern(s) {unused} match no quantized layer; quantized layers:"
@@ -346,8 +288,8 @@ class QuantizationAwareTraining(Callback):
     def _owns_layers_of(self, pl_module: LightningModule) -> bool:
         return all(pl_module.get_submodule(name) is layer for name, layer in self._layers.items())
 
-    def _apply_restored(self) -> None:
-        state, self._restored = self._restored, None
+    @override
+    def restore(self, state: Mapping[str, Any]) -> None:
         layers = state["layers"]
         unknown = sorted(set(layers) - set(self._weight_quantizers))
         if unknown:

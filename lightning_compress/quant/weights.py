@@ -96,7 +96,7 @@ class WeightFakeQuantizer:
             return weight
         matrix = as_matrix(weight)
         compute = matrix if matrix.dtype == torch.float32 else matrix.float()
-        self._follow_device(weight.device)
+        self.follow_device(weight.device)
         if self.learned:
             if not self.initialized:
                 self._initialize(compute)
@@ -132,7 +132,8 @@ class WeightFakeQuantizer:
             return choose_qparams_mse(matrix, self.spec)[:2]
         return choose_qparams(matrix, self.spec)
 
-    def _follow_device(self, device: torch.device) -> None:
+    def follow_device(self, device: torch.device) -> None:
+        """Move the quantizer's state to ``device`` (the weight's)."""
         # State restored on the CPU for a model that runs on a GPU. Learned scales keep
         # their Parameter object (new storage), so optimizers keep their reference.
         if self.log_scale is not None and self.log_scale.device != device:

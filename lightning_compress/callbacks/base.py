@@ -1,0 +1,196 @@
+"""CompressionCallback: the lifecycle every compression method shares.
+
+Each method (pruning, QAT, distillation, LoRA, export) is a subclass that fills in a few
+hooks, the way Lightning's ``BaseFinetuning`` subclasses fill in
+``freeze_before_training``/``finetune_function``:
+
+- ``config_class``: the frozen dataclass of the method's arguments, validated once. The
+  callback takes the config's fields as keyword arguments (its signature *is* the
+  config's) or a built ``config=``; the fields read as the callback's attributes.
+- :meth:`install`: select the layers and put the method's stages on them; it calls
+  :meth:`finish_install` once they are in place (now, or after ``configure_model``).
+- :meth:`method_state` / :meth:`restore`: the method's checkpoint state, stored under
+  one versioned layout (``{"version": STATE_VERSION, ...}``) and applied once both the
+  state and the installed stages exist, whichever comes first.
+- :meth:`selected_layers`: which layers it would compress, for the compatibility rules.
+
+The base owns the rest: the stack check before any callback changes the model, the
+owner token that tells this callback's stages from a rival's, logging once per step,
+and the per-layer table at the end of fit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+import uuid
+from typing import Any, ClassVar, Dict, Mapping, Optional
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress.callbacks.compatibility import prepare_stack
+from lightning_compress.core.reporting import expect_layer_table, report_layer_table
+from lightning_compress.core.state import STATE_VERSION, check_state_version
+from lightning_compress.core.transforms import bind_owner, owner_tokens
+from lightning_compress.core.validate import ArgumentError
+
+
+class CompressionCallback(Callback):
+    """Base class of the lightning-compress callbacks.
+
+    Subclasses set ``section`` (the recipe section and registry name) and
+    ``config_class``, and fill in :meth:`install`, :meth:`method_state`,
+    :meth:`restore` and :meth:`is_set_up` as their method needs.
+
+    Args:
+        *args, **kwargs: the fields of ``config_class``.
+        config: a built ``config_class`` instance instead of the fields.
+
+    Raises:
+        ArgumentError: (a ``ValueError``) for a bad argument, naming it; or for
+            ``config`` together with fields.
+    """
+
+    section: ClassVar[str] = ""
+    config_class: ClassVar[Optional[type]] = None
+
+    def __init__(self, *args: Any, config: Any = None, **kwargs: Any) -> None:
+        cls = type(self).config_class
+        if config is None:
+            config = cls(*args, **kwargs)
+        elif args or kwargs:
+            raise ArgumentError("config", f"pass either `config` or {type(self).__name__}'s arguments, not both")
+        elif not isinstance(config, cls):
+            raise ArgumentError("config", f"`config` must be a {cls.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.owner_token = uuid.uuid4().hex
+        self._restored: Optional[Dict[str, Any]] = None
+        self._last_logged_step = -1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.config_class is not None:
+            own = vars(cls).get("__init__")
+            if own is None:
+                def own(self, *args: Any, **kwargs: Any) -> None:
+                    CompressionCallback.__init__(self, *args, **kwargs)
+
+                cls.__init__ = own
+            _take_config_signature(own, cls)
+
+    def __getattr__(self, name: str) -> Any:
+        # The config's fields read as the callback's attributes (`qat.start_step`).
+        config = self.__dict__.get("config")
+        if config is not None and name in getattr(config, "__dataclass_fields__", {}):
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def state_key(self) -> str:
+        # Stable across changed settings, so a resume with other settings finds the state
+        # and `restore` can say what changed instead of silently starting over.
+        return self._generate_state_key(name=self.config.name)
+
+    # ------------------------------------------------------------------ hooks to fill in
+    def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Select the layers and put this method's stages on them, then call
+        :meth:`finish_install`. Runs in ``setup`` after the stack check."""
+
+    def is_set_up(self) -> bool:
+        """Whether the stages are in place (restored state can be applied)."""
+        return False
+
+    def method_state(self) -> Dict[str, Any]:
+        """This method's checkpoint state (without the version)."""
+        return {}
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Refuse, when it is loaded, checkpoint ``state`` that cannot fit these settings
+        (before any model exists to apply it to).
+
+        Raises:
+            ValueError: naming the setting to change.
+        """
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Apply checkpoint ``state`` to the installed stages.
+
+        Raises:
+            ValueError: when the state does not fit this callback's settings.
+        """
+
+    def selected_layers(self, model: Optional[nn.Module]) -> Optional[Dict[str, Optional[nn.Module]]]:
+        """``{name: layer}`` this callback would compress on ``model`` (for the
+        compatibility rules); ``None`` when unknown. Without a model (a recipe), callbacks
+        with default targets answer ``{"*": None}``."""
+        return None
+
+    # ------------------------------------------------------------------ lifecycle
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        prepare_stack(trainer, pl_module, stage)
+        self.install(trainer, pl_module, stage)
+
+    def finish_install(self, pl_module: nn.Module) -> None:
+        """Record that this callback set up ``pl_module`` and apply checkpoint state that
+        arrived before the stages existed."""
+        bind_owner(pl_module, self.owner_token)
+        if self._restored is not None:
+            state, self._restored = self._restored, None
+            self.restore(state)
+
+    def rivals(self, trainer: Trainer) -> set:
+        """Owner tokens of the other compression callbacks of ``trainer``: their stages
+        are conflicts; stages of anyone else (an earlier Trainer's) may be replaced."""
+        return owner_tokens(trainer.callbacks) - {self.owner_token}
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        expect_layer_table(trainer)
+        self._last_logged_step = -1
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Before any subclass work (a LoRA merge) changes the model.
+        report_layer_table(trainer, pl_module)
+
+    def log_once(self, pl_module: LightningModule, step: int, metrics: Dict[str, float]) -> None:
+        """Log ``metrics`` at the first batch of optimizer step ``step`` only (gradient
+        accumulation runs several batches per step)."""
+        if step != self._last_logged_step:
+            self._last_logged_step = step
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ checkpoint
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        if self._restored is not None and not self.is_set_up():
+            return self._restored  # loaded but not applied yet: passed on unchanged
+        return {"version": STATE_VERSION, **self.method_state()}
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        check_state_version(type(self).__name__, state_dict)
+        self.check_state(state_dict)
+        self._restored = state_dict
+        if self.is_set_up():  # restored after setup (the usual order): apply now
+            state, self._restored = self._restored, None
+            self.restore(state)
+
+
+def _take_config_signature(init: Any, cls: type) -> None:
+    """Give ``cls.__init__`` (which takes ``*args, **kwargs``) the signature of its
+    config's fields (``config=`` is accepted too), so ``help()``, IDEs and LightningCLI's ``init_args``
+    see the real arguments."""
+    hints = typing.get_type_hints(cls.config_class)
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for parameter in inspect.signature(cls.config_class).parameters.values():
+        parameters.append(parameter.replace(annotation=hints.get(parameter.name, parameter.annotation)))
+    init.__signature__ = inspect.Signature(parameters)
+    init.__annotations__ = {p.name: p.annotation for p in parameters[1:]}
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+
+
+__all__ = ["CompressionCallback"]

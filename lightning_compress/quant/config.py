@@ -1,0 +1,100 @@
+"""QAT settings, validated once: the arguments of :class:`lightning_compress.QuantizationAwareTraining`."""
+
+from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any, Dict, Mapping, Tuple
+
+from lightning_compress.core.schedule import StepLike, validate_step
+from lightning_compress.core.targeting import Target, validate_name, validate_targets
+from lightning_compress.core.validate import ArgumentError, check_bool, check_choice, check_int, check_positive
+from lightning_compress.quant.activations import ACTIVATION_MODES, OBSERVERS
+from lightning_compress.quant.spec import GRANULARITIES, QuantSpec, parse_bits, spec_from_options
+from lightning_compress.quant.weights import QUANTIZABLE_TYPES, WEIGHT_RANGES
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """The grid QAT trains and when. See :class:`lightning_compress.QuantizationAwareTraining`
+    for the meaning of each field; every field is checked when the config is built.
+
+    ``spec`` (the main grid) and ``layer_overrides`` (``{glob: QuantSpec}``) are derived
+    from the fields.
+
+    Raises:
+        ArgumentError: naming the bad field.
+    """
+
+    weights: str | int = "int8"
+    _: KW_ONLY
+    granularity: str | None = None
+    group_size: int | None = None
+    symmetric: bool = True
+    scale_dtype: str = "float32"
+    weight_range: str = "minmax"
+    learn_ranges: bool = False
+    range_lr: float = 1e-3
+    activations: str | None = None
+    observer: str = "minmax"
+    calibration_steps: int = 100
+    start_step: StepLike = 0
+    freeze_bn_step: StepLike | None = None
+    overrides: Dict[str, Dict[str, Any]] | None = None
+    targets: Tuple[Target, ...] | None = None
+    exclude: Tuple[Target, ...] | None = None
+    name: str | None = None
+    spec: QuantSpec = field(init=False, repr=False, compare=False)
+    layer_overrides: Dict[str, QuantSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        bits = parse_bits("weights", self.weights)
+        granularity = self.granularity
+        if granularity is None:
+            granularity = "group" if self.group_size is not None else "channel"
+        check_choice("granularity", granularity, GRANULARITIES)
+        try:
+            spec = QuantSpec(bits, granularity, self.group_size, self.symmetric, self.scale_dtype)
+        except ArgumentError as err:  # QuantSpec names `bits`; the argument here is `weights`
+            raise ArgumentError("weights" if err.argument == "bits" else err.argument, str(err)) from None
+        check_choice("weight_range", self.weight_range, WEIGHT_RANGES)
+        check_bool("learn_ranges", self.learn_ranges)
+        if self.learn_ranges and self.scale_dtype != "float32":
+            raise ArgumentError(
+                "scale_dtype",
+                f"`learn_ranges=True` trains float32 scales, which `scale_dtype`={self.scale_dtype!r} would"
+                " round at export; use scale_dtype='float32' with learned ranges",
+            )
+        check_positive("range_lr", self.range_lr)
+        check_choice("activations", self.activations, ACTIVATION_MODES, allow_none=True)
+        check_choice("observer", self.observer, OBSERVERS)
+        check_int("calibration_steps", self.calibration_steps)
+        validate_step("start_step", self.start_step)
+        if self.freeze_bn_step is not None:
+            validate_step("freeze_bn_step", self.freeze_bn_step)
+        object.__setattr__(self, "range_lr", float(self.range_lr))
+        object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "layer_overrides", _parse_overrides(self.overrides, spec))
+        object.__setattr__(self, "targets", validate_targets("targets", self.targets, QUANTIZABLE_TYPES))
+        object.__setattr__(self, "exclude", validate_targets("exclude", self.exclude, QUANTIZABLE_TYPES))
+        object.__setattr__(self, "name", validate_name(self.name))
+
+
+def _parse_overrides(overrides: Any, base: QuantSpec) -> Dict[str, QuantSpec]:
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise ArgumentError(
+            "overrides", "`overrides` must map name globs to option dicts, e.g. {'head': {'bits': 8}}"
+        )
+    specs = {}
+    for pattern, options in overrides.items():
+        if not isinstance(options, Mapping):
+            raise ArgumentError("overrides", f"`overrides[{pattern!r}]` must be a dict of options, got {options!r}")
+        try:
+            specs[pattern] = spec_from_options(f"overrides[{pattern!r}]", options, base)
+        except ArgumentError as err:
+            raise ArgumentError("overrides", str(err)) from None
+    return specs
+
+
+__all__ = ["QATConfig"]

@@ -1,0 +1,91 @@
+"""Pruning settings, validated once: the arguments of :class:`lightning_compress.MagnitudePruning`."""
+
+from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Tuple
+
+from torch import nn
+
+from lightning_compress.core.schedule import StepLike, steps_are_ordered, validate_step
+from lightning_compress.core.targeting import Target, validate_name, validate_targets
+from lightning_compress.core.validate import ArgumentError, check_choice, check_fraction, check_int
+from lightning_compress.sparsity.masks import SparsityPattern
+from lightning_compress.sparsity.schedules import SCHEDULES
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SCOPES = ("layer", "global")
+NORMS = (1, 2)
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """What to prune, how much and when. See :class:`lightning_compress.MagnitudePruning`
+    for the meaning of each field; every field is checked when the config is built.
+
+    Raises:
+        ArgumentError: naming the bad field.
+    """
+
+    final_sparsity: float | None = None
+    _: KW_ONLY
+    initial_sparsity: float = 0.0
+    schedule: str = "cubic"
+    start_step: StepLike = 0
+    end_step: StepLike = 0.75
+    update_every: int | None = None
+    pattern: str = "unstructured"
+    scope: str = "layer"
+    norm: int = 1
+    targets: Tuple[Target, ...] | None = None
+    exclude: Tuple[Target, ...] | None = None
+    name: str | None = None
+    sparsity_pattern: SparsityPattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pattern = SparsityPattern.parse(self.pattern)
+        fixed = pattern.fixed_sparsity
+        final = self.final_sparsity
+        if final is None:
+            final = 0.5 if fixed is None else fixed
+        final = check_fraction("final_sparsity", final)
+        initial = check_fraction("initial_sparsity", self.initial_sparsity)
+        if fixed is not None and abs(final - fixed) > 1e-12:
+            raise ArgumentError(
+                "final_sparsity",
+                f"`pattern`='{pattern}' fixes the sparsity at {fixed}; leave `final_sparsity` unset (got {final})",
+            )
+        if initial > final:
+            raise ArgumentError(
+                "initial_sparsity",
+                f"`initial_sparsity`={initial} exceeds `final_sparsity`={final}; sparsity only grows during pruning",
+            )
+        check_choice("schedule", self.schedule, SCHEDULES)
+        validate_step("start_step", self.start_step)
+        validate_step("end_step", self.end_step)
+        if self.schedule != "one_shot" and steps_are_ordered(self.start_step, self.end_step) is False:
+            raise ArgumentError(
+                "end_step", f"`end_step`={self.end_step} must come after `start_step`={self.start_step}"
+            )
+        if self.update_every is not None:
+            check_int("update_every", self.update_every, what="a positive int or None")
+        if self.scope not in SCOPES:
+            raise ArgumentError("scope", f"unknown `scope` {self.scope!r}; choose 'layer' or 'global'")
+        if self.scope == "global" and pattern.kind == "n:m":
+            raise ArgumentError(
+                "scope",
+                f"`scope`='global' cannot be combined with `pattern`='{pattern}': N:M fixes every group's"
+                " sparsity. Use scope='layer'.",
+            )
+        if self.norm not in NORMS or isinstance(self.norm, bool):
+            raise ArgumentError("norm", f"`norm` must be 1 or 2, got {self.norm!r}")
+        object.__setattr__(self, "final_sparsity", final)
+        object.__setattr__(self, "initial_sparsity", initial)
+        object.__setattr__(self, "targets", validate_targets("targets", self.targets, PRUNABLE_TYPES))
+        object.__setattr__(self, "exclude", validate_targets("exclude", self.exclude, PRUNABLE_TYPES))
+        object.__setattr__(self, "name", validate_name(self.name))
+        object.__setattr__(self, "sparsity_pattern", pattern)
+
+
+__all__ = ["PruningConfig", "PRUNABLE_TYPES", "DEFAULT_TARGET_TYPES"]
