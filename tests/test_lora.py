@@ -332,7 +332,7 @@ def test_test_from_a_checkpoint_in_a_fresh_model_reproduces_the_trained_outputs(
         (dict(r=-2), r"`r` .* got -2"),
         (dict(r=2.5), r"`r` .* got 2.5"),
         (dict(lora_alpha=0), "`lora_alpha` must be a positive number"),
-        (dict(lora_dropout=1.0), r"`lora_dropout` must be in \[0, 1\)"),
+        (dict(lora_dropout=1.0), r"`lora_dropout` must be a number in \[0, 1\)"),
         (dict(use_rslora="yes"), "`use_rslora` must be True or False"),
         (dict(base="int4"), "unknown `base` 'int4'; choose 'float' or 'nf4'"),
         (dict(compute_dtype="bfloat16"), "`compute_dtype` .* needs base='nf4'"),

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
-from lightning_compress.core.compatibility import prepare_stack
-from lightning_compress.core.reporting import expect_layer_table, report_layer_table
-from lightning_compress.core.state import STATE_VERSION, check_state_version
-from lightning_compress.core.targeting import Target, validate_name
-from lightning_compress.core.transforms import Stage, bind_owner, get_weight_transform, is_bound, owner_tokens
+from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.callbacks.compatibility import EVERY_LAYER
+from lightning_compress.core.transforms import Stage, get_weight_transform, is_bound
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter
 from lightning_compress.lora.config import LoRAConfig
 from lightning_compress.lora.inject import inject_adapters, parameter_counts, select_adapter_layers
-from lightning_compress.quant.nf4 import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, is_nf4, tensor_digest
+from lightning_compress.quant.nf4 import is_nf4, tensor_digest
 
 
-class LoRA(Callback):
+class LoRA(CompressionCallback):
     r"""Fine-tune a pretrained model through low-rank adapters; everything else is frozen.
 
     Each targeted layer computes with ``W + scaling · B·A`` where ``A`` (``r × in``,
@@ -79,67 +77,29 @@ class LoRA(Callback):
             resume or ``ckpt_path=`` evaluation takes them from your module as built, and
             fails with a clear error if they differ from those trained on.
         name: distinguishes the checkpoint state of several LoRA callbacks in one Trainer.
+        config: a built :class:`~lightning_compress.LoRAConfig` instead of the arguments
+            above.
+
+    Raises:
+        ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
+        ValueError: at setup, for targets that match no adaptable layer or an NF4 block
+            size a weight cannot hold; when resuming, for a checkpoint of adapters with
+            another rank, scaling, base or layers, or frozen weights that differ from
+            those trained on.
     """
 
-    def __init__(
-        self,
-        r: int = 8,
-        lora_alpha: float = 16.0,
-        target_modules: Sequence[Target] | None = None,
-        *,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        exclude_modules: Sequence[Target] | None = None,
-        modules_to_save: Sequence[str] | None = None,
-        base: str = "float",
-        compute_dtype: torch.dtype | str | None = None,
-        nf4_block_size: int = NF4_BLOCK_SIZE,
-        nf4_scaler_block_size: int = NF4_SCALER_BLOCK_SIZE,
-        merge_on_fit_end: bool = False,
-        adapter_dir: str | Path | None = None,
-        peft_root: str | None = None,
-        adapter_only_checkpoints: bool = False,
-        name: str | None = None,
-    ) -> None:
-        self.config = LoRAConfig(
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            use_rslora=use_rslora,
-            target_modules=target_modules,
-            exclude_modules=exclude_modules,
-            modules_to_save=modules_to_save,
-            base=base,
-            compute_dtype=compute_dtype,
-            nf4_block_size=nf4_block_size,
-            nf4_scaler_block_size=nf4_scaler_block_size,
-        )
-        for argument, value in (("merge_on_fit_end", merge_on_fit_end), ("adapter_only_checkpoints", adapter_only_checkpoints)):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{argument}` must be True or False, got {value!r}")
-        if adapter_dir is not None and not isinstance(adapter_dir, (str, Path)):
-            raise ValueError(f"`adapter_dir` must be a directory path or None, got {adapter_dir!r}")
-        if peft_root is not None and (not isinstance(peft_root, str) or not peft_root):
-            raise ValueError(f"`peft_root` must be a submodule name such as 'model', got {peft_root!r}")
-        self.merge_on_fit_end = merge_on_fit_end
-        self.adapter_dir = None if adapter_dir is None else Path(adapter_dir)
-        self.peft_root = peft_root
-        self.adapter_only_checkpoints = adapter_only_checkpoints
-        self.name = validate_name(name)
-        self.owner_token = uuid.uuid4().hex
+    section = "lora"
+    config_class = LoRAConfig
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._module: LightningModule | None = None
         self._adapters: Dict[str, LoRAAdapter] = {}
         self._merged: list = []
         self._dropout = DropoutRNG(self.config.lora_dropout)
         self._dropped_keys: list = []
         self._fingerprint: tuple | None = None
-        self._restored: Dict[str, Any] | None = None
         self._pending_adapter_dir: Path | None = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
 
     @property
     def adapters(self) -> Dict[str, LoRAAdapter]:
@@ -147,8 +107,8 @@ class LoRA(Callback):
         return dict(self._adapters)
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        prepare_stack(trainer, pl_module, stage)
+    @override
+    def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _wrap_on_load_checkpoint(pl_module, self._before_model_load)
         if self._in_place(pl_module):
             return  # a later validate/test/fit of the same model
@@ -159,13 +119,15 @@ class LoRA(Callback):
         else:
             self._inject(trainer, pl_module)
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        expect_layer_table(trainer)
+        super().on_fit_start(trainer, pl_module)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 # Frozen parameters would never move; keeping them only costs every step.
                 group["params"] = [p for p in group["params"] if p.requires_grad]
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         counts = parameter_counts(pl_module)
         pl_module.log_dict(
@@ -179,8 +141,9 @@ class LoRA(Callback):
             f" {counts['base_weight_bytes'] / 2**20:.1f} MiB"
         )
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        report_layer_table(trainer, pl_module)  # before the merge removes the adapters
+        super().on_fit_end(trainer, pl_module)  # the layer table, before the merge removes the adapters
         if self.adapter_dir is not None and self._adapters:
             if trainer.is_global_zero:
                 self.save_adapters(self.adapter_dir)
@@ -188,10 +151,12 @@ class LoRA(Callback):
         if self.merge_on_fit_end and self._adapters:
             self.merge()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         pl_module.__dict__.pop("on_load_checkpoint", None)
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
         # NF4 bases (which Lightning's loader cannot map to a device) and, with
         # `adapter_only_checkpoints`, every frozen weight stay out: they are rebuilt from
@@ -220,11 +185,24 @@ class LoRA(Callback):
         for key in dropped:
             checkpoint["state_dict"][key] = current[key]
 
-    def state_dict(self) -> Dict[str, Any]:
-        if not self._adapters and self._restored is not None:
-            return self._restored
+    # ------------------------------------------------------------------ base-class hooks
+    @override
+    def selected_layers(self, model: nn.Module | None) -> Dict[str, nn.Module | None] | None:
+        if model is None:
+            default = self.config.target_modules is None and self.config.exclude_modules is None
+            return {EVERY_LAYER: None} if default else None
+        try:
+            return select_adapter_layers(model, self.config)
+        except ValueError:
+            return None  # its own setup says what is wrong with its targets
+
+    @override
+    def is_set_up(self) -> bool:
+        return bool(self._adapters)
+
+    @override
+    def method_state(self) -> Dict[str, Any]:
         return {
-            "version": STATE_VERSION,
             "r": self.config.r,
             "scaling": self.config.scaling,
             "base": self.config.base,
@@ -235,12 +213,14 @@ class LoRA(Callback):
             "base_fingerprint": self._base_fingerprint(self._dropped_keys) if self._adapters and self._dropped_keys else None,
         }
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        check_state_version("LoRA", state_dict)
-        self._check_compatible(state_dict)
-        self._restored = state_dict
-        if self._adapters:
-            self._apply_restored()
+    @override
+    def check_state(self, state: Dict[str, Any]) -> None:
+        self._check_compatible(state)
+
+    @override
+    def restore(self, state: Dict[str, Any]) -> None:
+        self._check_compatible(state)
+        self._dropout.load_state_dict(state["dropout"])
 
     # ------------------------------------------------------------------ public helpers
     def merge(self) -> list:
@@ -294,12 +274,11 @@ class LoRA(Callback):
         layers = select_adapter_layers(pl_module, self.config)
         # Each rank draws its own dropout masks; seeded from the (seeded) global RNG.
         self._dropout.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + trainer.global_rank
-        rivals = owner_tokens(trainer.callbacks) - {self.owner_token}
+        rivals = self.rivals(trainer)
         self._adapters = inject_adapters(
             pl_module, self.config, layers, dropout=self._dropout, owner=self.owner_token, active_owners=rivals
         )
         self._module, self._merged, self._fingerprint = pl_module, [], None
-        bind_owner(pl_module, self.owner_token)
         self._dropped_keys = [
             key
             for key, parameter in pl_module.named_parameters(remove_duplicate=False)
@@ -308,8 +287,7 @@ class LoRA(Callback):
         if self._pending_adapter_dir is not None:
             directory, self._pending_adapter_dir = self._pending_adapter_dir, None
             load_adapters(self._peft_root(), directory)
-        if self._restored is not None:
-            self._apply_restored()
+        self.finish_install(pl_module)
 
     def _check_compatible(self, state: Dict[str, Any]) -> None:
         for key, argument, mine in (("r", "r", self.config.r), ("scaling", "lora_alpha/use_rslora", self.config.scaling),
@@ -324,11 +302,6 @@ class LoRA(Callback):
                 f"the checkpoint's LoRA adapters sit on {state['layers']}, this callback adapts"
                 f" {list(self._adapters)}; resume with the same `target_modules` and `exclude_modules`"
             )
-
-    def _apply_restored(self) -> None:
-        state, self._restored = self._restored, None
-        self._check_compatible(state)
-        self._dropout.load_state_dict(state["dropout"])
 
     def _peft_root(self) -> nn.Module:
         if self._module is None:
