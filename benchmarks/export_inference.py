@@ -125,7 +125,7 @@ def main() -> None:
                                  ("ONNX int4 (MatMulNBits) in onnxruntime", int4_dir, False)]:
         onnx_path = path / ("model_dynamic.onnx" if dynamic else "model.onnx")
         if dynamic:
-            from lightning_compress.formats.onnx_export import export_onnx
+            from lightning_compress.formats.onnx import export_onnx
             from lightning_compress.quant.weights import quantized_weights
 
             export_onnx(int8, (x1,), onnx_path, quantized_weights(int8), dynamic_int8_activations=True)

@@ -11,8 +11,8 @@ pytest.importorskip("onnxruntime")
 
 from onnx import numpy_helper
 
-from lightning_compress.formats import onnx_export
-from lightning_compress.formats.onnx_export import (
+from lightning_compress.formats.onnx import io as onnx_io
+from lightning_compress.formats.onnx import (
     export_onnx,
     pack_int4,
     pack_int4_zero_points,
@@ -261,7 +261,7 @@ def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path):
 
 
 def test_external_data_when_over_protobuf_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(onnx_io, "_PROTOBUF_LIMIT", 0)
     torch.manual_seed(0)
     model = MLP()
     quantized = quantize(model, INT8_CHANNEL)

@@ -120,10 +120,10 @@ class CompressedExport(Callback):
         )
         self.report: Optional[ExportReport] = None
         # Checked here, not after hours of training (export validates the same way).
-        from lightning_compress.formats.export import _validate, _validate_formats
+        from lightning_compress.formats.export import validate_export_formats, validate_export_options
 
-        _validate(backend, sparse_threshold, max_relative_error, min_sqnr_db, None, compressed_tensors)
-        _validate_formats(formats, [None] if "onnx" in formats else None)
+        validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, None, compressed_tensors)
+        validate_export_formats(formats, [None] if "onnx" in formats else None)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         prepare_stack(trainer, pl_module, stage)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 from torch import Tensor
+
+from lightning_compress.core.atomic import atomic_write
 
 
 class TeacherOutputCache:
@@ -57,10 +58,9 @@ class TeacherOutputCache:
         indices = torch.empty(count, dtype=torch.long)
         for key, row in self._rows.items():
             indices[row] = key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        save_file({"indices": indices, "outputs": self._values[:count].contiguous()}, str(partial))
-        os.replace(partial, path)  # a crash never leaves half a cache
+        tensors = {"indices": indices, "outputs": self._values[:count].contiguous()}
+        # A crash never leaves half a cache.
+        atomic_write(path, lambda temporary: save_file(tensors, str(temporary)))
         self.dirty = False
 
     @classmethod

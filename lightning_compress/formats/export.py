@@ -13,8 +13,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.atomic import atomic_write_directory
 from lightning_compress.core.reporting import format_table
 from lightning_compress.core.transforms import Stage, is_transformed, weight_before
+from lightning_compress.core.validate import ArgumentError, check_choice, check_number
 from lightning_compress.formats import compressed_tensors as ct
 from lightning_compress.formats.errors import ExportError, ParityError
 from lightning_compress.formats.packed import (
@@ -27,7 +29,6 @@ from lightning_compress.formats.packed import (
     encode_tensor,
     metadata_bytes,
     read_packed,
-    write_directory,
 )
 from lightning_compress.formats.parity import ParityReport, check_parity
 from lightning_compress.formats.runtime import BACKENDS
@@ -113,7 +114,7 @@ def export(
         recipe: the recipe that produced the model, stored in the metadata.
         formats: ``("safetensors",)``, or with ``"onnx"`` also ``model.onnx``: int4
             Linear layers as onnxruntime's ``MatMulNBits``, int8 as QDQ (see
-            :mod:`lightning_compress.formats.onnx_export`); other layers stay float
+            :mod:`lightning_compress.formats.onnx`); other layers stay float
             there. It is traced with ``inputs[0]`` (a tensor or tuple) and checked by
             running it in onnxruntime against the fake-quant model.
 
@@ -122,11 +123,13 @@ def export(
             ``overwrite``, or an option does not fit the model.
         ParityError: the packed model misses a threshold; ``err.report`` has the figures.
     """
-    _validate(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
-    _validate_formats(formats, inputs)
+    validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
+    validate_export_formats(formats, inputs)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory")
     layers, tensors, aliases = collect(model)
     notes: List[str] = []
     use_ct = _decide_compressed_tensors(model, layers, compressed_tensors, notes)
@@ -185,18 +188,18 @@ def export(
             )
         return {METADATA_FILE: metadata_bytes(body), REPORT_FILE: (report.table() + "\n").encode()}
 
-    write_directory(out_dir, files, overwrite, finish=finish)
+    atomic_write_directory(out_dir, files, overwrite=overwrite, finish=finish)
     return report
 
 
 def _export_onnx(model, layers, inputs, directory: Path, max_relative_error: float) -> Dict[str, Any]:
-    from lightning_compress.formats.onnx_export import export_onnx, run_onnx
-    from lightning_compress.formats.parity import _eval_mode, _quantization_enabled, flatten_outputs, relative_error
+    from lightning_compress.formats.onnx import export_onnx, run_onnx
+    from lightning_compress.formats.parity import eval_mode, flatten_outputs, quantization_enabled, relative_error
 
     example = inputs[0] if isinstance(inputs[0], tuple) else (inputs[0],)
     linear = {name: layer.weight for name, layer in layers.items()
               if layer.module == "Linear" and layer.weight.spec.bits in (4, 8)}
-    with _quantization_enabled(model), _eval_mode(model), torch.no_grad():
+    with quantization_enabled(model), eval_mode(model), torch.no_grad():
         onnx_report = export_onnx(model, example, directory / ONNX_FILE, linear)
         reference = flatten_outputs(model(*example))
     got = torch.cat([torch.from_numpy(a).reshape(-1).float() for a in run_onnx(directory / ONNX_FILE, example)])
@@ -207,13 +210,21 @@ def _export_onnx(model, layers, inputs, directory: Path, max_relative_error: flo
     return {"layers": onnx_report.layers, "relative_error": error, "bytes": onnx_report.file_bytes}
 
 
-def _validate_formats(formats, inputs) -> None:
+def validate_export_formats(formats, inputs) -> None:
+    """Check :func:`export`'s ``formats`` and that ``inputs`` can trace an ONNX export
+    (pass ``[None]`` for inputs that will exist by export time).
+
+    Raises:
+        ArgumentError: a ``ValueError`` naming ``formats`` or ``inputs``.
+    """
     if isinstance(formats, str) or not isinstance(formats, Sequence) or not set(formats) <= {"safetensors", "onnx"}:
-        raise ValueError(f"`formats` must be a list from ['safetensors', 'onnx'], got {formats!r}")
+        raise ArgumentError("formats", f"`formats` must be a list from ['safetensors', 'onnx'], got {formats!r}")
     if "safetensors" not in formats:
-        raise ValueError("`formats` must include 'safetensors' (the loader and the parity check read it)")
+        raise ArgumentError("formats", "`formats` must include 'safetensors' (the loader and the parity check read it)")
     if "onnx" in formats and (not inputs or isinstance(inputs[0], Mapping)):
-        raise ValueError("formats=['onnx'] traces the model with `inputs[0]`: pass `inputs` with a tensor or tuple")
+        raise ArgumentError(
+            "inputs", "formats=['onnx'] traces the model with `inputs[0]`: pass `inputs` with a tensor or tuple"
+        )
 
 
 def collect(model: nn.Module):
@@ -323,19 +334,23 @@ def _versions() -> Dict[str, str]:
     return versions
 
 
-def _validate(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown `backend` {backend!r}; choose one of {BACKENDS}")
-    if sparse_threshold is not None and (
-        isinstance(sparse_threshold, bool) or not isinstance(sparse_threshold, (int, float))
-        or not 0 <= sparse_threshold <= 1
-    ):
-        raise ValueError(f"`sparse_threshold` must be a fraction in [0, 1] or None, got {sparse_threshold!r}")
-    if isinstance(max_relative_error, bool) or not isinstance(max_relative_error, (int, float)) or max_relative_error < 0:
-        raise ValueError(f"`max_relative_error` must be a number >= 0, got {max_relative_error!r}")
-    if isinstance(min_sqnr_db, bool) or not isinstance(min_sqnr_db, (int, float)):
-        raise ValueError(f"`min_sqnr_db` must be a number (dB), got {min_sqnr_db!r}")
+def validate_export_options(
+    backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors
+) -> None:
+    """Check the options of :func:`export` (``inputs=None`` skips that one), so a caller
+    that exports later (``CompressedExport``) can refuse them before training.
+
+    Raises:
+        ArgumentError: a ``ValueError`` naming the bad argument (its ``argument``).
+    """
+    check_choice("backend", backend, BACKENDS)
+    if sparse_threshold is not None:
+        check_number("sparse_threshold", sparse_threshold, low=0.0, high=1.0, what="a fraction in [0, 1] or None")
+    check_number("max_relative_error", max_relative_error, low=0.0, what="a number >= 0")
+    check_number("min_sqnr_db", min_sqnr_db, what="a number (dB)")
     if inputs is not None and (isinstance(inputs, (Tensor, Mapping)) or not isinstance(inputs, Sequence)):
-        raise ValueError("`inputs` must be a list of batches (e.g. [x1, x2]), not a single tensor or dict")
+        raise ArgumentError("inputs", "`inputs` must be a list of batches (e.g. [x1, x2]), not a single tensor or dict")
     if compressed_tensors is not None and not isinstance(compressed_tensors, bool):
-        raise ValueError(f"`compressed_tensors` must be True, False or None, got {compressed_tensors!r}")
+        raise ArgumentError(
+            "compressed_tensors", f"`compressed_tensors` must be True, False or None, got {compressed_tensors!r}"
+        )

@@ -88,7 +88,7 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str) -> Dict[
     for name, layer in packed.layers.items():
         original = originals[name]
         replacement = build_packed_module(layer, original, backend).to(as_matrix(original.weight).device)
-        _set_submodule(model, name, replacement)
+        set_submodule(model, name, replacement)
     model.packed_kernels = kernel_report(model)
     return originals
 
@@ -103,7 +103,9 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
         ) from None
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in ``model`` under the dotted ``name`` (``"encoder.0.fc"``), replacing
+    the layer there; its parent must exist."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

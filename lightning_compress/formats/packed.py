@@ -35,11 +35,9 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -400,46 +398,3 @@ def read_packed(directory: str | os.PathLike) -> PackedModel:
     if reader.tensors:
         raise PackedFormatError(f"{weights_path}: unexpected tensors {sorted(reader.tensors)[:5]}")
     return PackedModel(layers, tensors, metadata)
-
-
-def write_directory(
-    out_dir: Path,
-    files: Mapping[str, bytes],
-    overwrite: bool,
-    finish: Optional[Callable[[Path], Mapping[str, bytes]]] = None,
-) -> None:
-    """Write ``files`` into ``out_dir`` all at once: a temporary sibling directory, then a
-    rename. ``finish(temporary)`` runs before the rename (the parity check reads the files
-    back there) and returns files to add or replace; if it raises, nothing is written.
-    An existing ``out_dir`` is kept unless ``overwrite``; when replaced, the old one is
-    only deleted once the new one is in place."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir()
-    try:
-        _write_files(temporary, files)
-        if finish is not None:
-            _write_files(temporary, finish(temporary))
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-        os.replace(temporary, out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_files(directory: Path, files: Mapping[str, bytes]) -> None:
-    for name, data in files.items():
-        with open(directory / name, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())

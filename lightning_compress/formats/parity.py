@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.transforms import Stage, get_weight_transform, is_transformed
-from lightning_compress.formats.loader import _set_submodule
+from lightning_compress.formats.loader import set_submodule
 from lightning_compress.formats.packed import PackedModel
 from lightning_compress.formats.runtime import build_packed_module
 
@@ -130,7 +130,7 @@ def check_parity(
 
     ``model`` is restored afterwards (its layers, quantizer switches and train/eval mode).
     """
-    with _quantization_enabled(model), _eval_mode(model), torch.no_grad():
+    with quantization_enabled(model), eval_mode(model), torch.no_grad():
         mismatches = _weight_mismatches(model, packed)
         fast = _fast_layers(model, packed, backend)
         report = ParityReport(
@@ -230,17 +230,21 @@ def _swapped(model: nn.Module, packed: PackedModel, backend: str):
             original = model.get_submodule(name)
             originals[name] = original
             device = original.weight.device
-            _set_submodule(model, name, build_packed_module(layer, original, backend).to(device))
+            set_submodule(model, name, build_packed_module(layer, original, backend).to(device))
         yield
     finally:
         for name, original in originals.items():
-            _set_submodule(model, name, original)
+            set_submodule(model, name, original)
 
 
 @contextlib.contextmanager
-def _quantization_enabled(model: nn.Module):
-    """Fake quantization on while measuring (a run stopped before QAT's start_step still
-    exports quantized weights; the reference is the model that computes with them)."""
+def quantization_enabled(model: nn.Module):
+    """Fake quantization (weights and inputs) on while measuring, restored afterwards.
+
+    A run stopped before QAT's start_step still exports quantized weights; the reference
+    is the model that computes with them. Ranges a quantizer chooses on its first enabled
+    forward are put back to their start state on exit (choosing them is start_step's job).
+    """
     from lightning_compress.quant.activations import input_quantizer_of
 
     switches = []
@@ -260,7 +264,9 @@ def _quantization_enabled(model: nn.Module):
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
+    """``model.eval()`` while measuring; every submodule's own train/eval flag is restored
+    on exit (not just the root's)."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:

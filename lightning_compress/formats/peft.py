@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
+from lightning_compress.core.atomic import atomic_write_bytes
 from lightning_compress.core.targeting import close_names_hint, match_modules
-from lightning_compress.formats.atomic import atomic_write_bytes
 from lightning_compress.lora.adapter import adapter_shapes
 from lightning_compress.lora.config import LoRAConfig
 from lightning_compress.lora.inject import adapters_of, inject_adapters

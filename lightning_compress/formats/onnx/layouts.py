@@ -1,0 +1,252 @@
+"""Integer weight layouts in ONNX: which op computes a grid, and how its tensors are laid out.
+
+Per bit width:
+
+- **int4** (group size a power of two >= 16, per channel, or per tensor): onnxruntime's
+  contrib op ``com.microsoft.MatMulNBits`` (``Y = A @ dequant(B)^T``). Its codes are
+  *unsigned* nibbles with a default zero point of 8, so our signed code ``q`` in
+  ``[-8, 7]`` is stored as ``q + 8`` and an asymmetric zero point ``z`` as ``z + 8``:
+  ``(q + 8 - (z + 8)) * s == (q - z) * s``, the same dequantized weight bit for bit.
+  ``B`` is uint8 ``[N, n_blocks, block_size / 2]``, two codes a byte, the first (lower
+  ``k``) in the low nibble; ``scales`` is float ``[N * n_blocks]``; zero points (only
+  for asymmetric grids, since 8 is the default) are uint8 ``[N * ceil(n_blocks / 2)]``,
+  packed the same way row by row. ORT wants ``block_size`` a power of two >= 16, so a
+  group size is used as is, and a per-channel (or per-tensor, broadcast to every row)
+  grid becomes one block per row of ``K`` rounded up to a power of two, the tail padded
+  with code 0 (never read: ``A`` has only ``K`` columns).
+- **int8** (per channel or per tensor), the default: QDQ, ``DequantizeLinear`` of an int8
+  initializer feeding a plain ``MatMul``. The initializer holds the *transposed* codes
+  ``[K, N]`` (MatMul's ``B`` layout, which also serves 3-D inputs, where ``Gemm`` would
+  not), so the per-channel axis is 1. The dequantization is ``(q - z) * s``, exact: the
+  output differs from PyTorch by float accumulation order only. Caveat: onnxruntime's
+  default session (1.2x) fuses a symmetric per-channel DequantizeLinear + MatMul into a
+  ``MatMulNBits`` with ``accuracy_level=4``, which rounds the activations to int8 as well;
+  the session config ``session.qdq_matmulnbits_accuracy_level=0`` keeps it weight-only,
+  and :func:`~lightning_compress.formats.onnx.io.run_onnx` sets it.
+- **int8 with** ``dynamic_int8_activations=True``: ``DynamicQuantizeLinear`` (uint8
+  activations, one scale per tensor, computed at run time) + ``MatMulInteger`` + a
+  rescale by ``x_scale * w_scale``. Weights are stored as uint8 ``q + 128`` with a
+  ``b_zero_point`` of 128 rather than int8: on x86 CPUs without VNNI, onnxruntime's
+  uint8 x int8 kernel adds pairs of products in saturating int16 (``vpmaddubsw``), which
+  overflows for full-range codes; the uint8 x uint8 kernel does not. Symmetric grids only,
+  because the rescale after the integer product needs a zero weight zero point.
+
+Anything else (int2/3/5/6/7, int8 groups, int4 groups that are not a power of two >= 16,
+Conv layers) is refused with a ``ValueError`` naming the layer, before anything is
+exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightning_compress.quant.fake_quant import QuantizedWeight
+from lightning_compress.quant.spec import QuantSpec
+
+MATMUL_NBITS = "MatMulNBits"
+QDQ = "QDQ"
+MATMUL_INTEGER = "MatMulInteger"
+
+SUPPORTED = (
+    "int4 per group (group_size a power of two >= 16), per channel or per tensor, symmetric or"
+    " asymmetric (MatMulNBits); int8 per channel or per tensor (QDQ, or MatMulInteger with"
+    " dynamic_int8_activations=True, symmetric only)"
+)
+
+MS_DOMAIN = "com.microsoft"
+"""The opset domain of onnxruntime's contrib ops (``MatMulNBits``)."""
+
+
+@dataclass
+class LayerPlan:
+    """One quantized Linear layer to store as integers: its name, the op that computes it
+    (:func:`onnx_op`), its codes and grid, and the float weight the plain export holds."""
+
+    name: str
+    op: str
+    q: QuantizedWeight
+    dequantized: np.ndarray  # [N, K] float32, what the float export holds
+
+
+def onnx_op(name: str, spec: QuantSpec, dynamic: bool = False) -> str:
+    """The op that computes layer ``name`` quantized with ``spec`` in the ONNX graph.
+
+    Raises:
+        ValueError: naming the layer, for a grid this export cannot write.
+    """
+    if spec.bits == 4:
+        if spec.granularity in ("channel", "tensor"):
+            return MATMUL_NBITS
+        size = spec.group_size
+        if size >= 16 and size & (size - 1) == 0:
+            return MATMUL_NBITS
+    elif spec.bits == 8 and spec.granularity in ("channel", "tensor"):
+        if not dynamic:
+            return QDQ
+        if spec.symmetric:
+            return MATMUL_INTEGER
+        raise ValueError(
+            f"layer {name!r} is {spec.describe()}: dynamic_int8_activations=True (MatMulInteger)"
+            " supports symmetric int8 weights only; export it with dynamic_int8_activations=False"
+            " (QDQ) or quantize it symmetrically"
+        )
+    raise ValueError(f"layer {name!r} is {spec.describe()}, which this ONNX export does not support. Supported: {SUPPORTED}")
+
+
+def pack_int4(codes: np.ndarray, block_size: int) -> np.ndarray:
+    """MatMulNBits' ``B``: signed int4 codes ``[N, K]`` -> uint8 ``[N, n_blocks, block_size / 2]``.
+
+    Each code is stored as ``q + 8`` (ORT's nibbles are unsigned, zero point 8); two per
+    byte, the lower ``k`` in the low nibble; ``K`` is padded to ``n_blocks * block_size``
+    with code 0.
+    """
+    codes = np.asarray(codes)
+    rows, k = codes.shape
+    n_blocks = -(-k // block_size)
+    unsigned = np.full((rows, n_blocks * block_size), 8, dtype=np.uint8)
+    unsigned[:, :k] = (codes.astype(np.int16) + 8).astype(np.uint8)
+    packed = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
+    return packed.reshape(rows, n_blocks, block_size // 2)
+
+
+def pack_int4_zero_points(zero_point: np.ndarray) -> np.ndarray:
+    """MatMulNBits' ``zero_points``: signed int4 ``[N, n_blocks]`` -> uint8
+    ``[N * ceil(n_blocks / 2)]``, ``z + 8`` packed two a byte (low nibble first), each row
+    padded to whole bytes."""
+    zero_point = np.asarray(zero_point)
+    rows, n_blocks = zero_point.shape
+    unsigned = np.zeros((rows, n_blocks + n_blocks % 2), dtype=np.uint8)
+    unsigned[:, :n_blocks] = (zero_point.astype(np.int16) + 8).astype(np.uint8)
+    return (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).reshape(-1)
+
+
+def layer_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, initializers: dict) -> list:
+    """The nodes computing ``y = a @ W^T`` for ``plan``'s layer in its op's layout.
+
+    Args:
+        plan: the layer.
+        a: the name of the activation input.
+        y: the name of the output.
+        prefix: the node name prefix (unique per call of the layer).
+        elem_type: the ONNX element type of the float weight being replaced (scales are
+            stored in it).
+        initializers: ``{name: TensorProto}`` collecting the integer initializers; a layer
+            called twice adds its initializers once.
+    """
+    builder = {MATMUL_NBITS: _nbits_nodes, QDQ: _qdq_nodes, MATMUL_INTEGER: _dynamic_nodes}[plan.op]
+    return builder(plan, a, y, prefix, elem_type, initializers)
+
+
+def _nbits_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, inits: dict) -> list:
+    from onnx import helper
+
+    q = plan.q
+    spec = q.spec
+    n, k = q.codes.shape
+    codes = q.codes.cpu().numpy()
+    scale = q.scale.detach().float().cpu().numpy()
+    zero_point = q.zero_point.cpu().numpy().astype(np.int32)
+    if spec.granularity == "group":
+        block_size = spec.group_size
+    else:
+        # One block per row, K rounded up to a power of two (ORT's block size rule).
+        block_size = max(16, 1 << (k - 1).bit_length())
+        scale = np.broadcast_to(scale.reshape(-1, 1), (n, 1))
+        zero_point = np.broadcast_to(zero_point.reshape(-1, 1), (n, 1))
+    names = [f"{plan.name}.weight_q4", f"{plan.name}.weight_scales"]
+    inputs = [a, *names]
+    if names[0] not in inits:
+        inits[names[0]] = _tensor(names[0], pack_int4(codes, block_size))
+        inits[names[1]] = _tensor(names[1], scale.reshape(-1), elem_type)
+    if not spec.symmetric:  # symmetric: ORT's default zero point 8 is our 0
+        zp_name = f"{plan.name}.weight_zero_points"
+        if zp_name not in inits:
+            inits[zp_name] = _tensor(zp_name, pack_int4_zero_points(zero_point))
+        inputs.append(zp_name)
+    return [
+        helper.make_node(
+            MATMUL_NBITS,
+            inputs,
+            [y],
+            name=prefix,
+            domain=MS_DOMAIN,
+            K=k,
+            N=n,
+            bits=4,
+            block_size=block_size,
+        )
+    ]
+
+
+def _qdq_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, inits: dict) -> list:
+    from onnx import helper
+
+    q = plan.q
+    weight, scale, zp = f"{plan.name}.weight_int8", f"{plan.name}.weight_scale", f"{plan.name}.weight_zero_point"
+    per_channel = q.spec.granularity == "channel"
+    if weight not in inits:
+        # MatMul's B is [K, N]: transposed codes, one scale per column (axis 1).
+        inits[weight] = _tensor(weight, q.codes.cpu().numpy().T.astype(np.int8))
+        scales = q.scale.detach().float().cpu().numpy().reshape(-1)
+        points = q.zero_point.cpu().numpy().reshape(-1).astype(np.int8)
+        inits[scale] = _tensor(scale, scales if per_channel else scales.reshape(()), elem_type)
+        inits[zp] = _tensor(zp, points if per_channel else points.reshape(()))
+    dequantized = f"{prefix}/weight"
+    attrs = {"axis": 1} if per_channel else {}
+    return [
+        helper.make_node("DequantizeLinear", [weight, scale, zp], [dequantized], name=f"{prefix}/dequantize", **attrs),
+        helper.make_node("MatMul", [a, dequantized], [y], name=f"{prefix}/matmul"),
+    ]
+
+
+def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, inits: dict) -> list:
+    from onnx import TensorProto, helper
+
+    if elem_type != TensorProto.FLOAT:
+        raise ValueError(
+            f"layer {plan.name!r}: dynamic_int8_activations needs a float32 model"
+            " (DynamicQuantizeLinear takes float32)"
+        )
+    q = plan.q
+    weight, wzp, wscale = f"{plan.name}.weight_uint8", f"{plan.name}.weight_zero_point", f"{plan.name}.weight_scale"
+    if weight not in inits:
+        # uint8 codes + 128 with zero point 128: see the module docstring (int16 saturation).
+        codes = q.codes.cpu().numpy().T.astype(np.int16) + 128
+        inits[weight] = _tensor(weight, codes.astype(np.uint8))
+        inits[wzp] = _tensor(wzp, np.array(128, dtype=np.uint8))
+        scales = q.scale.detach().float().cpu().numpy().reshape(-1)
+        inits[wscale] = _tensor(wscale, scales if q.spec.granularity == "channel" else scales.reshape(()))
+    xq, xs, xz = f"{prefix}/x_q", f"{prefix}/x_scale", f"{prefix}/x_zero_point"
+    acc, acc_f, rescale = f"{prefix}/int32", f"{prefix}/float", f"{prefix}/scale"
+    return [
+        helper.make_node("DynamicQuantizeLinear", [a], [xq, xs, xz], name=f"{prefix}/quantize"),
+        helper.make_node("MatMulInteger", [xq, weight, xz, wzp], [acc], name=f"{prefix}/matmul"),
+        helper.make_node("Cast", [acc], [acc_f], name=f"{prefix}/cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", [xs, wscale], [rescale], name=f"{prefix}/scales"),
+        helper.make_node("Mul", [acc_f, rescale], [y], name=f"{prefix}/rescale"),
+    ]
+
+
+def _tensor(name: str, array: np.ndarray, elem_type: int | None = None):
+    from onnx import helper, numpy_helper
+
+    array = np.ascontiguousarray(array)
+    if elem_type is not None:
+        array = array.astype(helper.tensor_dtype_to_np_dtype(elem_type))
+    return numpy_helper.from_array(array, name)
+
+
+__all__ = [
+    "MATMUL_INTEGER",
+    "MATMUL_NBITS",
+    "MS_DOMAIN",
+    "QDQ",
+    "SUPPORTED",
+    "LayerPlan",
+    "layer_nodes",
+    "onnx_op",
+    "pack_int4",
+    "pack_int4_zero_points",
+]
