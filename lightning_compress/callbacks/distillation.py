@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import copy
-import functools
-import inspect
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from lightning_compress.core.compatibility import prepare_stack
-from lightning_compress.core.side_optimizer import SideOptimizer
+from lightning_compress.callbacks.compatibility import prepare_stack
 from lightning_compress.core.state import STATE_VERSION, check_state_version
-from lightning_compress.core.targeting import close_names_hint, validate_name
-from lightning_compress.core.transforms import detach_all
+from lightning_compress.core.targeting import validate_name
 from lightning_compress.distill.cache import TeacherOutputCache
+from lightning_compress.distill.capture import OutputCapture, StepCapture, check_features, submodule
 from lightning_compress.distill.losses import LOSSES, distillation_loss, top1_agreement
-from lightning_compress.quant.nf4 import nf4_deepcopy_memo
+from lightning_compress.distill.projections import FeatureProjections, match_features
+from lightning_compress.distill.teacher import check_not_shared, check_teacher, freeze, frozen_copy, is_self, load_teacher
 
 CACHES = ("memory", "disk")
 CACHE_FILE = "teacher_outputs.safetensors"
@@ -114,7 +111,7 @@ class KnowledgeDistillation(Callback):
         index_fn: Callable[[Any], Tensor] | None = None,
         name: str | None = None,
     ) -> None:
-        self._teacher_path = _check_teacher(teacher, teacher_class)
+        self._teacher_path = check_teacher(teacher, teacher_class)
         if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"`temperature` must be a positive number (e.g. 4.0), got {temperature!r}")
         if not callable(alpha):
@@ -134,7 +131,7 @@ class KnowledgeDistillation(Callback):
             raise ValueError(
                 f"`teacher_dtype` must be a floating torch dtype such as torch.bfloat16, got {teacher_dtype!r}"
             )
-        self.features = _check_features(features)
+        self.features = check_features(features)
         if not _is_number(feature_weight) or not feature_weight >= 0:
             raise ValueError(f"`feature_weight` must be a number >= 0, got {feature_weight!r}")
         if not _is_number(projection_lr) or not projection_lr > 0:
@@ -158,6 +155,7 @@ class KnowledgeDistillation(Callback):
                 " cached. Drop `cache`, or distil outputs only."
             )
 
+
         self._teacher_arg = None if self._teacher_path is not None else teacher
         self.teacher_class = teacher_class
         self.temperature = float(temperature)
@@ -178,15 +176,8 @@ class KnowledgeDistillation(Callback):
         self._teacher_entry: nn.Module | None = None  # the module the teacher's inputs go to
         self._loaded_teacher: nn.Module | None = None
         self._student: LightningModule | None = None
-        self._restore_step: Tuple[LightningModule, Any] | None = None
-        self._hooks: List[Any] = []
-        self._capturing = False
-        self._teacher_running = False
-        self._step: _Step | None = None
-        self._teacher_features: Dict[int, Tensor] = {}
-        self._projections: nn.ModuleDict | None = None
-        self._projection_optimizer = SideOptimizer(self.projection_lr)
-        self._restored: Dict[str, Any] | None = None
+        self._capture = OutputCapture()
+        self._projections = FeatureProjections(self.features, self.projection_lr)
         self._steps = 0
         self._cache: TeacherOutputCache | None = TeacherOutputCache() if cache else None
         self._cache_file: Path | None = None
@@ -219,15 +210,15 @@ class KnowledgeDistillation(Callback):
                 " already adds it to what training_step returns, so adding it yourself counts it twice"
             )
         step.read = True
-        return step.weighted(self)
+        return self._weighted(step)
 
     # ------------------------------------------------------------------ hooks
     def before_compression_setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Called by the first compression callback to set up (see ``core.compatibility``):
+        """Called by the first compression callback to set up (see ``callbacks.compatibility``):
         ``teacher="self"`` copies the student here, before LoRA (NF4 bases) or any other
         callback listed before this one has changed it."""
-        if _is_self(self._teacher_arg) and self._self_copy is None and not self._hooks:
-            self._self_copy = _frozen_copy(pl_module, trainer)
+        if is_self(self._teacher_arg) and self._self_copy is None and not self._capture.attached:
+            self._self_copy = frozen_copy(pl_module, leave_out=[trainer])
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         prepare_stack(trainer, pl_module, stage)
@@ -237,49 +228,33 @@ class KnowledgeDistillation(Callback):
         self._detach()  # a previous fit of this callback
         if self._teacher_path is not None:
             if self._loaded_teacher is None:
-                self._loaded_teacher = _load_teacher(self._teacher_path, self.teacher_class)
+                self._loaded_teacher = load_teacher(self._teacher_path, self.teacher_class)
             teacher = self._loaded_teacher
-        elif _is_self(self._teacher_arg):
-            teacher = self_copy if self_copy is not None else _frozen_copy(pl_module, trainer)
+        elif is_self(self._teacher_arg):
+            teacher = self_copy if self_copy is not None else frozen_copy(pl_module, leave_out=[trainer])
         else:
             teacher = self._teacher_arg
-            student_parameters = {id(p) for p in pl_module.parameters()}
-            if any(id(p) in student_parameters for p in teacher.parameters()):
-                raise ValueError(
-                    "`teacher` shares parameters with the student (it is the student, one of its"
-                    " submodules, or holds one of them), so freezing the teacher would freeze the"
-                    " student; pass a separate model, or teacher='self' for a frozen copy"
-                )
-        student_module = _submodule(pl_module, "student_layer", self.student_layer or "")
+            check_not_shared(teacher, pl_module)
+        student_module = submodule(pl_module, "student_layer", self.student_layer or "")
         teacher_entry = teacher
-        if _is_self(self._teacher_arg) and self.student_layer:
+        if is_self(self._teacher_arg) and self.student_layer:
             teacher_entry = teacher.get_submodule(self.student_layer)
         feature_modules = [
-            (_submodule(pl_module, "features", s), _submodule(teacher, "features", t, owner="teacher"))
+            (submodule(pl_module, "features", s), submodule(teacher, "features", t, owner="teacher"))
             for s, t in self.features
         ]
 
-        teacher.eval()
-        teacher.requires_grad_(False)
-        if self.teacher_dtype is not None:
-            teacher.to(self.teacher_dtype)
-        self._teacher, self._teacher_entry, self._student = teacher, teacher_entry, pl_module
-        # prepend: the inputs as the module receives them, before other callbacks' pre-hooks.
-        self._hooks.append(
-            student_module.register_forward_pre_hook(self._capture_inputs, with_kwargs=True, prepend=True)
-        )
-        self._hooks.append(student_module.register_forward_hook(self._capture_output))
-        for index, (student_layer, teacher_layer) in enumerate(feature_modules):
-            self._hooks.append(student_layer.register_forward_hook(functools.partial(self._capture_feature, index)))
-            self._hooks.append(teacher_layer.register_forward_hook(functools.partial(self._capture_teacher_feature, index)))
-        self._wrap_training_step(pl_module)
+        self._teacher = freeze(teacher, self.teacher_dtype)
+        self._teacher_entry, self._student = teacher_entry, pl_module
+        self._capture.attach(student_module, feature_modules)
+        self._capture.wrap_training_step(pl_module, lambda: pl_module.trainer.global_step, self._finish_step)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._teacher.to(pl_module.device)
-        if self._projections is not None:
-            self._projections.to(pl_module.device)
+        if self._projections.layers is not None:
+            self._projections.layers.to(pl_module.device)
         if self.features:
-            self._projection_optimizer.follow(trainer, "`features` (projections)")
+            self._projections.optimizer.follow(trainer, "`features` (projections)")
         if self.cache == "disk":
             suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
             self._cache_file = self.cache_dir / CACHE_FILE.replace(".safetensors", f"{suffix}.safetensors")
@@ -289,7 +264,7 @@ class KnowledgeDistillation(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step, self._step = self._step, None
+        step = self._capture.take_step()
         if step is not None and not pl_module.automatic_optimization and not step.read:
             raise RuntimeError(
                 "KnowledgeDistillation: training_step did not read `kd.loss` in this step, so the"
@@ -313,21 +288,14 @@ class KnowledgeDistillation(Callback):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
-        if self._projections is None and self._restored is not None:
-            return self._restored
-        state: Dict[str, Any] = {
+        if self._projections.pending is not None:
+            return self._projections.pending  # as it was loaded, until the projections are built
+        return {
             "version": STATE_VERSION,
             "features": [list(pair) for pair in self.features],
             "steps": self._steps,
-            "projections": {},
+            **self._projections.state_dict(),
         }
-        if self._projections is not None:
-            state["projections"] = {
-                key: {k: v.detach().cpu().clone() for k, v in layer.state_dict().items()}
-                for key, layer in self._projections.items()
-            }
-            state["projection_optimizer"] = self._projection_optimizer.state_dict()
-        return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         check_state_version("KnowledgeDistillation", state_dict)
@@ -338,79 +306,34 @@ class KnowledgeDistillation(Callback):
                 f" {list(self.features)}; resume with the same `features`"
             )
         self._steps = state_dict.get("steps", 0)
-        self._restored = state_dict if self.features else None  # only projections wait for it
-        if self._projections is not None:
-            self._apply_restored()
+        if self.features:
+            self._projections.load_state_dict(state_dict)
 
-    # ------------------------------------------------------------------ capture
-    def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._capturing:
-            self._step.inputs = (args, kwargs)
-
-    def _capture_output(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._capturing:
-            self._step.output = output
-            tensor = output if isinstance(output, Tensor) else None
-            self._step.output_version = None if tensor is None else tensor._version
-            self._step.result = None  # a new forward: recompute on the next read
-
-    def _capture_feature(self, index: int, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._capturing and not self._teacher_running:
-            self._step.features[index] = _first_tensor(output, "features")
-
-    def _capture_teacher_feature(self, index: int, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._teacher_running:
-            self._teacher_features[index] = _first_tensor(output, "features")
-
-    def _wrap_training_step(self, pl_module: LightningModule) -> None:
-        if getattr(pl_module.__dict__.get("training_step"), "_lc_distillation", False):
-            raise ValueError(
-                "another KnowledgeDistillation already distils this model; use one callback per"
-                " model (several teachers can be averaged into one teacher module)"
-            )
-        original = pl_module.training_step
-        own = pl_module.__dict__.get("training_step")
-
-        # functools.wraps: Lightning reads the signature (batch_idx or not) through __wrapped__.
-        @functools.wraps(original)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            return self._training_step(pl_module, original, args, kwargs)
-
-        training_step._lc_distillation = True
-        pl_module.training_step = training_step
-        self._restore_step = (pl_module, own)
-
-    def _training_step(self, pl_module: LightningModule, original: Callable, args: tuple, kwargs: dict) -> Any:
-        batch = args[0] if args else kwargs.get("batch")
-        self._step = _Step(pl_module.trainer.global_step, batch)
-        self._capturing = True
-        try:
-            output = original(*args, **kwargs)
-        finally:
-            self._capturing = False
+    # ------------------------------------------------------------------ training_step
+    def _finish_step(self, output: Any) -> Any:
+        """What the wrapped training_step returns: the user's output with the distillation loss added."""
+        pl_module = self._student
         task = output.get("loss") if isinstance(output, Mapping) else output
         if isinstance(task, Tensor):
-            pl_module.log("distill/task_loss", task.detach(), on_step=True, on_epoch=False, batch_size=1)
+            self._log("distill/task_loss", task.detach())
         if not pl_module.automatic_optimization:
             return output  # the user added `kd.loss`; checked at the batch end
+        step = self._capture.take_step()
         if task is None:
-            self._step = None
             return output  # a skipped step
-        step, self._step = self._step, None
-        alpha = step.alpha(self)
-        total = alpha * task + step.weighted(self)
+        total = self._alpha_at(step.global_step) * task + self._weighted(step)
         if isinstance(output, Mapping):
             return {**output, "loss": total}
         return total
 
     # ------------------------------------------------------------------ distillation
-    def _require_step(self, what: str) -> "_Step":
-        if not self._capturing or self._step is None:
+    def _require_step(self, what: str) -> StepCapture:
+        if not self._capture.capturing or self._capture.step is None:
             raise RuntimeError(
                 f"`KnowledgeDistillation.{what}` belongs to a training step: read it inside"
                 " training_step, after the student's forward"
             )
-        return self._step
+        return self._capture.step
 
     def _alpha_at(self, global_step: int) -> float:
         if not callable(self.alpha):
@@ -422,21 +345,13 @@ class KnowledgeDistillation(Callback):
             )
         return float(value)
 
-    def _distill(self, step: "_Step") -> Tensor:
-        if step.output is None:
-            where = f"`student_layer` {self.student_layer!r}" if self.student_layer else "the LightningModule's forward"
-            raise RuntimeError(
-                f"KnowledgeDistillation saw no call of {where} in this training_step; call the model"
-                " (self(x)) in training_step, or set `student_layer` to the module that computes the outputs"
-            )
-        student = _first_tensor(step.output, "student_layer")
-        if step.output_version is not None and student._version != step.output_version:
-            where = repr(self.student_layer) if self.student_layer else "the LightningModule's forward"
-            raise RuntimeError(
-                f"the output of {where} was modified in place after it was computed (e.g. by a"
-                " following nn.ReLU(inplace=True)), so it is not the output to distil; choose the"
-                " module after that operation as `student_layer`, or make it not in place"
-            )
+    def _weighted(self, step: StepCapture) -> Tensor:
+        if step.result is None:
+            step.result = (1.0 - self._alpha_at(step.global_step)) * self._distill(step)
+        return step.result
+
+    def _distill(self, step: StepCapture) -> Tensor:
+        student = step.student_output(self.student_layer)
         teacher = self._teacher_outputs(step)
         if teacher.shape != student.shape:
             raise ValueError(
@@ -447,15 +362,15 @@ class KnowledgeDistillation(Callback):
         teacher = teacher.to(student.device)
         kd = distillation_loss(self.loss_name, student, teacher, self.temperature)
         if self.features:
-            kd = kd + self.feature_weight * self._feature_loss(step)
+            pairs = match_features(self.features, step.features, self._capture.take_teacher_features())
+            kd = kd + self.feature_weight * self._projections.loss(pairs)
         self._steps += 1
-        module = self._student
-        module.log("distill/kd_loss", kd.detach(), on_step=True, on_epoch=False, batch_size=1)
-        module.log("distill/alpha", step.alpha(self), on_step=True, on_epoch=False, batch_size=1)
-        module.log("distill/top1_agreement", top1_agreement(student, teacher), on_step=True, on_epoch=False, batch_size=1)
+        self._log("distill/kd_loss", kd.detach())
+        self._log("distill/alpha", self._alpha_at(step.global_step))
+        self._log("distill/top1_agreement", top1_agreement(student, teacher))
         return kd
 
-    def _teacher_outputs(self, step: "_Step") -> Tensor:
+    def _teacher_outputs(self, step: StepCapture) -> Tensor:
         keys = None
         if self._cache is not None:
             indices = self.index_fn(step.batch)
@@ -463,25 +378,8 @@ class KnowledgeDistillation(Callback):
             cached = self._cache.lookup(keys)
             if cached is not None:
                 return cached
-        if self.teacher_inputs is not None:
-            inputs = self.teacher_inputs(step.batch)
-            args, kwargs = (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
-        else:
-            args, kwargs = step.inputs
-        # The teacher computes in its own dtype: a bf16-true student's inputs are cast up
-        # for a float32 teacher (or down to `teacher_dtype`).
-        teacher_dtype = self.teacher_dtype or _floating_dtype(self._teacher_entry)
-        if teacher_dtype is not None:
-            args, kwargs = _cast_floats((args, kwargs), teacher_dtype)
-        self._teacher_features = {}
-        self._teacher_running = True
-        try:
-            with torch.inference_mode():
-                output = self._teacher_entry(*args, **kwargs)
-        finally:
-            self._teacher_running = False
-        logits = _as_float(_first_tensor(output, "teacher"))
-        self._teacher_features = {i: _as_float(f) for i, f in self._teacher_features.items()}
+        args, kwargs = step.teacher_args(self.teacher_inputs)
+        logits = self._capture.run_teacher(self._teacher_entry, args, kwargs, self.teacher_dtype)
         if keys is not None:
             if logits.shape[0] != len(keys):
                 raise ValueError(
@@ -491,264 +389,21 @@ class KnowledgeDistillation(Callback):
             self._cache.store(keys, logits)
         return logits
 
-    def _feature_loss(self, step: "_Step") -> Tensor:
-        pairs = []
-        for index, (student_name, teacher_name) in enumerate(self.features):
-            if index not in step.features:
-                raise RuntimeError(f"`features` student layer {student_name!r} was not called in this training_step")
-            if index not in self._teacher_features:
-                raise RuntimeError(f"`features` teacher layer {teacher_name!r} was not called by the teacher's forward")
-            student, teacher = step.features[index], self._teacher_features[index]
-            if student.shape[:-1] != teacher.shape[:-1]:
-                raise ValueError(
-                    f"`features` pair ({student_name!r}, {teacher_name!r}): student shape"
-                    f" {tuple(student.shape)} and teacher shape {tuple(teacher.shape)} differ before the"
-                    " last dimension; only the width may differ"
-                )
-            pairs.append((student, teacher))
-        projections = self._ensure_projections([(s.shape[-1], t.shape[-1]) for s, t in pairs], pairs[0][0])
-        loss = pairs[0][0].new_zeros((), dtype=torch.float32)
-        for index, (student, teacher) in enumerate(pairs):
-            key = str(index)
-            if key in projections:
-                student = projections[key](student.to(projections[key].weight.dtype))
-            loss = loss + torch.nn.functional.mse_loss(student.float(), teacher.float().to(student.device))
-        self._teacher_features = {}  # not kept alive through the next forward
-        return loss
-
-    def _ensure_projections(self, widths: List[Tuple[int, int]], like: Tensor) -> nn.ModuleDict:
-        if self._projections is None:
-            projections = nn.ModuleDict()
-            for index, (student_width, teacher_width) in enumerate(widths):
-                if student_width != teacher_width:
-                    projections[str(index)] = _projection(student_width, teacher_width, seed=index)
-            self._projections = projections.to(device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
-            self._projection_optimizer.track(list(self._projections.parameters()))
-            if self._restored is not None:
-                self._apply_restored()
-        for key, layer in self._projections.items():
-            student_width, teacher_width = widths[int(key)]
-            if (layer.in_features, layer.out_features) != (student_width, teacher_width):
-                raise ValueError(
-                    f"`features` pair {self.features[int(key)]} has widths {student_width} -> {teacher_width}"
-                    f" but its projection maps {layer.in_features} -> {layer.out_features}"
-                )
-        return self._projections
-
-    def _apply_restored(self) -> None:
-        state, self._restored = self._restored, None
-        saved = state.get("projections", {})
-        if set(saved) != set(self._projections.keys()):
-            raise ValueError(
-                f"the checkpoint holds feature projections {sorted(saved)} but this run needs"
-                f" {sorted(self._projections.keys())}; resume with the same models and `features`"
-            )
-        for key, weights in saved.items():
-            self._projections[key].load_state_dict(weights)
-        if state.get("projection_optimizer") is not None:
-            self._projection_optimizer.load_state_dict(state["projection_optimizer"])
-
     # ------------------------------------------------------------------ internals
+    def _log(self, name: str, value: Any) -> None:
+        self._student.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+
     def _flush_cache(self) -> None:
         if self.cache == "disk" and self._cache.dirty and self._cache_file is not None:
             self._cache.save(self._cache_file)
 
     def _detach(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        self._projection_optimizer.stop()
-        if self._restore_step is not None:
-            module, own = self._restore_step
-            if own is None:
-                module.__dict__.pop("training_step", None)
-            else:
-                module.training_step = own
-            self._restore_step = None
-        self._capturing = self._teacher_running = False
-        self._step = None
-        self._teacher_features = {}
+        self._capture.detach()
+        self._projections.optimizer.stop()
 
 
-class _Step:
-    """What one training step captured, and its distillation loss once computed."""
-
-    def __init__(self, global_step: int, batch: Any) -> None:
-        self.global_step = global_step
-        self.batch = batch
-        self.inputs: Tuple[tuple, dict] = ((), {})
-        self.output: Any = None
-        self.output_version: int | None = None
-        self.features: Dict[int, Tensor] = {}
-        self.result: Tensor | None = None
-        self.read = False
-
-    def alpha(self, kd: KnowledgeDistillation) -> float:
-        return kd._alpha_at(self.global_step)
-
-    def weighted(self, kd: KnowledgeDistillation) -> Tensor:
-        if self.result is None:
-            self.result = (1.0 - self.alpha(kd)) * kd._distill(self)
-        return self.result
-
-
-# ---------------------------------------------------------------------- helpers
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_self(teacher: Any) -> bool:
-    return isinstance(teacher, str) and teacher == "self"
-
-
-def _check_teacher(teacher: Any, teacher_class: Any) -> Path | None:
-    """Validate the teacher arguments; return the checkpoint path when one is given."""
-    usage = (
-        "pass the teacher model (an nn.Module or LightningModule), a Lightning checkpoint path with"
-        " `teacher_class=YourModule`, or 'self' (a frozen copy of the student's starting weights)"
-    )
-    if teacher is None:
-        raise ValueError(f"`teacher` is required: {usage}")
-    if isinstance(teacher, nn.Module) or _is_self(teacher):
-        if teacher_class is not None:
-            raise ValueError("`teacher_class` is only used when `teacher` is a checkpoint path; remove it")
-        return None
-    if not isinstance(teacher, (str, os.PathLike)):
-        raise ValueError(f"`teacher` must be a model, a checkpoint path or 'self', got {type(teacher).__name__}: {usage}")
-    path = Path(teacher)
-    if not path.is_file():
-        raise ValueError(f"`teacher` checkpoint path {str(path)!r} does not exist; {usage}")
-    if teacher_class is None:
-        raise ValueError(
-            f"`teacher` is a checkpoint path ({str(path)!r}); also pass `teacher_class=`, the"
-            " LightningModule class it was saved from"
-        )
-    if not (isinstance(teacher_class, type) and issubclass(teacher_class, nn.Module)):
-        raise ValueError(f"`teacher_class` must be the teacher's nn.Module/LightningModule class, got {teacher_class!r}")
-    return path
-
-
-def _check_features(features: Any) -> Tuple[Tuple[str, str], ...]:
-    if features is None:
-        return ()
-    example = "e.g. [('model.layer3', 'model.layer3')]"
-    if not isinstance(features, (list, tuple)):
-        raise ValueError(f"`features` must be a list of (student layer, teacher layer) name pairs, {example}")
-    pairs = []
-    for pair in features:
-        if not (
-            isinstance(pair, (list, tuple))
-            and len(pair) == 2
-            and all(isinstance(n, str) and n for n in pair)
-        ):
-            raise ValueError(
-                f"`features` entries must be (student layer, teacher layer) pairs of names, got {pair!r}; {example}"
-            )
-        pairs.append((pair[0], pair[1]))
-    return tuple(pairs)
-
-
-def _submodule(root: nn.Module, argument: str, name: str, owner: str = "student") -> nn.Module:
-    modules = dict(root.named_modules())
-    if name in modules:
-        return modules[name]
-    raise ValueError(
-        f"`{argument}` layer {name!r} does not exist in the {owner} ({type(root).__name__})."
-        + close_names_hint(name, [n for n in modules if n])
-    )
-
-
-def _frozen_copy(pl_module: LightningModule, trainer: Trainer) -> nn.Module:
-    # The memo keeps the Trainer (and everything it holds) out of the copy.
-    teacher = copy.deepcopy(pl_module, {id(trainer): None, **nf4_deepcopy_memo(pl_module)})
-    # Taken before the other callbacks of this fit set up (see `before_compression_setup`),
-    # but transforms and hooks of an earlier fit (QAT stays attached) may be on the
-    # student; the raw weights are the starting ones, so strip them all.
-    detach_all(teacher)
-    for module in teacher.modules():
-        for hooks in (
-            module._forward_pre_hooks,
-            module._forward_pre_hooks_with_kwargs,
-            module._forward_hooks,
-            module._forward_hooks_with_kwargs,
-            module._forward_hooks_always_called,
-        ):
-            hooks.clear()
-        for key in [k for k in module.__dict__ if k.startswith("_lc_")]:
-            del module.__dict__[key]
-    teacher.__dict__.pop("training_step", None)
-    return teacher
-
-
-def _load_teacher(path: Path, cls: type) -> nn.Module:
-    # weights_only: tensors and plain containers only; nothing is unpickled.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
-        raise ValueError(f"`teacher` checkpoint {str(path)!r} has no 'state_dict'; pass a Lightning checkpoint")
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    parameters = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        hparams = {k: v for k, v in hparams.items() if k in parameters}
-    teacher = cls(**hparams)
-    try:
-        teacher.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise ValueError(
-            f"`teacher` checkpoint {str(path)!r} does not fit `teacher_class` {cls.__name__}: {error}"
-        ) from None
-    return teacher
-
-
-def _projection(student_width: int, teacher_width: int, seed: int) -> nn.Linear:
-    # nn.Linear's own initialisation, from a fixed generator: every rank builds the same
-    # projection, and the global RNG (dropout, shuffling) is left as it was.
-    layer = nn.utils.skip_init(nn.Linear, student_width, teacher_width)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-        bound = 1 / math.sqrt(student_width)
-        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-    return layer
-
-
-def _first_tensor(output: Any, argument: str) -> Tensor:
-    """The logits of a module output: a tensor, ``.logits``/``["logits"]``, or the first element."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and "logits" in output:
-        return _first_tensor(output["logits"], argument)
-    if isinstance(getattr(output, "logits", None), Tensor):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output:
-        return _first_tensor(output[0], argument)
-    raise ValueError(
-        f"cannot find a tensor in a module output of type {type(output).__name__}; set `{argument}` to a"
-        " module that returns a tensor (or a tuple/dict with one first / under 'logits')"
-    )
-
-
-def _as_float(tensor: Tensor) -> Tensor:
-    # A copy made outside inference mode is an ordinary tensor that autograd may save.
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32), copy=True)
-
-
-def _floating_dtype(module: nn.Module) -> torch.dtype | None:
-    for parameter in module.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return None
-
-
-def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, tuple):
-        return tuple(_cast_floats(v, dtype) for v in value)
-    if isinstance(value, list):
-        return [_cast_floats(v, dtype) for v in value]
-    if isinstance(value, dict):
-        return {k: _cast_floats(v, dtype) for k, v in value.items()}
-    return value
 
 
 __all__ = ["KnowledgeDistillation", "CACHES", "CACHE_FILE"]

@@ -1,0 +1,165 @@
+"""The teacher: argument checks, loading from a checkpoint, a frozen copy of the student,
+and running it without gradients in its own dtype. Pure torch, no Lightning import."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Tuple
+
+import torch
+from torch import nn
+
+from lightning_compress.core.transforms import detach_all
+from lightning_compress.quant.nf4 import nf4_deepcopy_memo
+
+
+def is_self(teacher: Any) -> bool:
+    """Whether ``teacher`` is ``"self"``: a frozen copy of the student's starting weights."""
+    return isinstance(teacher, str) and teacher == "self"
+
+
+def check_teacher(teacher: Any, teacher_class: Any) -> Path | None:
+    """Validate the teacher arguments; return the checkpoint path when one is given."""
+    usage = (
+        "pass the teacher model (an nn.Module or LightningModule), a Lightning checkpoint path with"
+        " `teacher_class=YourModule`, or 'self' (a frozen copy of the student's starting weights)"
+    )
+    if teacher is None:
+        raise ValueError(f"`teacher` is required: {usage}")
+    if isinstance(teacher, nn.Module) or is_self(teacher):
+        if teacher_class is not None:
+            raise ValueError("`teacher_class` is only used when `teacher` is a checkpoint path; remove it")
+        return None
+    if not isinstance(teacher, (str, os.PathLike)):
+        raise ValueError(f"`teacher` must be a model, a checkpoint path or 'self', got {type(teacher).__name__}: {usage}")
+    path = Path(teacher)
+    if not path.is_file():
+        raise ValueError(f"`teacher` checkpoint path {str(path)!r} does not exist; {usage}")
+    if teacher_class is None:
+        raise ValueError(
+            f"`teacher` is a checkpoint path ({str(path)!r}); also pass `teacher_class=`, the"
+            " LightningModule class it was saved from"
+        )
+    if not (isinstance(teacher_class, type) and issubclass(teacher_class, nn.Module)):
+        raise ValueError(f"`teacher_class` must be the teacher's nn.Module/LightningModule class, got {teacher_class!r}")
+    return path
+
+
+def check_not_shared(teacher: nn.Module, student: nn.Module) -> None:
+    """Refuse a teacher holding any of the student's parameters: freezing it would freeze them."""
+    student_parameters = {id(p) for p in student.parameters()}
+    if any(id(p) in student_parameters for p in teacher.parameters()):
+        raise ValueError(
+            "`teacher` shares parameters with the student (it is the student, one of its"
+            " submodules, or holds one of them), so freezing the teacher would freeze the"
+            " student; pass a separate model, or teacher='self' for a frozen copy"
+        )
+
+
+def load_teacher(path: Path, cls: type) -> nn.Module:
+    """Build ``cls`` from a Lightning checkpoint's ``hyper_parameters`` and load its ``state_dict``.
+
+    Raises:
+        ValueError: the file is not a Lightning checkpoint, or its weights do not fit ``cls``.
+    """
+    # weights_only: tensors and plain containers only; nothing is unpickled.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ValueError(f"`teacher` checkpoint {str(path)!r} has no 'state_dict'; pass a Lightning checkpoint")
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    parameters = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        hparams = {k: v for k, v in hparams.items() if k in parameters}
+    teacher = cls(**hparams)
+    try:
+        teacher.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(
+            f"`teacher` checkpoint {str(path)!r} does not fit `teacher_class` {cls.__name__}: {error}"
+        ) from None
+    return teacher
+
+
+def frozen_copy(module: nn.Module, leave_out: Iterable[Any] = ()) -> nn.Module:
+    """A frozen deep copy of ``module``'s raw weights, without compression transforms or hooks.
+
+    References to the objects in ``leave_out`` (the Trainer) become ``None`` in the copy
+    instead of being copied with it.
+    """
+    memo = {id(obj): None for obj in leave_out}
+    teacher = copy.deepcopy(module, {**memo, **nf4_deepcopy_memo(module)})
+    # Taken before the other callbacks of this fit set up (see `before_compression_setup`),
+    # but transforms and hooks of an earlier fit (QAT stays attached) may be on the
+    # student; the raw weights are the starting ones, so strip them all.
+    detach_all(teacher)
+    for submodule in teacher.modules():
+        for hooks in (
+            submodule._forward_pre_hooks,
+            submodule._forward_pre_hooks_with_kwargs,
+            submodule._forward_hooks,
+            submodule._forward_hooks_with_kwargs,
+            submodule._forward_hooks_always_called,
+        ):
+            hooks.clear()
+        for key in [k for k in submodule.__dict__ if k.startswith("_lc_")]:
+            del submodule.__dict__[key]
+    teacher.__dict__.pop("training_step", None)
+    return freeze(teacher)
+
+
+def freeze(teacher: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Put ``teacher`` in eval mode without gradients (and in ``dtype``), in place; return it."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    if dtype is not None:
+        teacher.to(dtype)
+    return teacher
+
+
+def floating_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating parameter (``None`` without one)."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return None
+
+
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating tensor in it (through tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(cast_floats(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [cast_floats(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def run_teacher(teacher: nn.Module, args: Tuple[Any, ...], kwargs: dict, dtype: torch.dtype | None = None) -> Any:
+    """``teacher(*args, **kwargs)`` under inference mode, its floating inputs cast to ``dtype``
+    (by default the teacher's own parameter dtype)."""
+    # The teacher computes in its own dtype: a bf16-true student's inputs are cast up
+    # for a float32 teacher (or down to `teacher_dtype`).
+    dtype = dtype or floating_dtype(teacher)
+    if dtype is not None:
+        args, kwargs = cast_floats((args, kwargs), dtype)
+    with torch.inference_mode():
+        return teacher(*args, **kwargs)
+
+
+__all__ = [
+    "cast_floats",
+    "check_not_shared",
+    "check_teacher",
+    "floating_dtype",
+    "freeze",
+    "frozen_copy",
+    "is_self",
+    "load_teacher",
+    "run_teacher",
+]
