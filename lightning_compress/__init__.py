@@ -19,8 +19,8 @@ from lightning_compress.formats.peft import AdapterFormatError, load_adapters, s
 from lightning_compress.lora import LoRAConfig, merge_adapters
 from lightning_compress.quant import QuantizedWeight, QuantSpec, quantized_weights
 from lightning_compress.recipes import Recipe, RecipeError, from_recipe, load_recipe
+from lightning_compress.version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterFormatError",

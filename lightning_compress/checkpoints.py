@@ -130,7 +130,7 @@ def export_checkpoint(
     if "export" not in loaded.config:
         raise RecipeError("no output directory: pass -o/--output or add an export section with a dirpath to the recipe")
     (writer,) = [c for c in loaded.callbacks() if isinstance(c, CompressedExport)]
-    if writer.dirpath.exists() and not writer.options["overwrite"]:  # before the model is rebuilt
+    if writer.dirpath.exists() and not writer.config.overwrite:  # before the model is rebuilt
         raise FileExistsError(
             f"{writer.dirpath} already exists; choose another output directory or pass overwrite=True"
             " (on the command line: --overwrite) to replace it; nothing was written"

@@ -21,12 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from lightning_compress.commands.errors import CommandError
+
 USAGE_ERROR = 2
 COMMANDS = ("fit", "export", "inspect", "recipes", "demo")
-
-
-class CommandError(Exception):
-    """Bad input on the command line: printed as one paragraph, exit code 2."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -131,11 +129,11 @@ def _collect_overrides(argv: List[str]) -> List[str]:
 
 
 def _import_class(path: str, option: str) -> type:
-    from lightning_compress.recipes import RecipeError, import_object
+    from lightning_compress.recipe_types import ImportPathError, import_object
 
     try:
         target = import_object(path)
-    except RecipeError as err:
+    except ImportPathError as err:
         raise CommandError(f"{option} {path}: unknown class path: {err}") from None
     if not isinstance(target, type):
         raise CommandError(f"{option} {path} is not a class")

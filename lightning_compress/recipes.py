@@ -14,8 +14,8 @@ arguments::
       group_size: 128
       start_step: ${vars.qat_start}
 
-The schema is built from the callbacks' own ``__init__`` signatures, so a new callback
-argument is a new recipe key with no other change. Everything is checked before any
+The schema is built from the registry's method configs (the callbacks' arguments), so a
+new config field is a new recipe key with no other change. Everything is checked before any
 training: unknown keys (with a close-match suggestion), wrong types, missing values
 (``???``) and out-of-range values (the callback's own validation), each reported with the
 key's full path. Steps are absolute optimizer steps (an int) or fractions of the run
@@ -32,47 +32,33 @@ an installed package finds them by name: ``from_recipe("int8_qat")`` or
 
 from __future__ import annotations
 
-import collections.abc
+import dataclasses
 import difflib
 import functools
-import importlib
-import inspect
 import json
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from lightning_compress.callbacks import (
-    CompressedExport,
-    KnowledgeDistillation,
-    LoRA,
-    MagnitudePruning,
-    QuantizationAwareTraining,
-)
+from lightning_compress.callbacks.compatibility import check_recipe
 from lightning_compress.callbacks.recipe_record import RecipeRecord
-from lightning_compress.core.compatibility import check_recipe
+from lightning_compress.callbacks.registry import METHODS
+from lightning_compress.core.validate import ArgumentError
+from lightning_compress.recipe_types import ImportPathError, Mismatch, coerce, describe, text_only
 
 RecipeSource = Union[str, os.PathLike, Mapping[str, Any], DictConfig]
 
-# Canonical order: the order `from_recipe` returns the callbacks in. LoRA installs its
-# adapters first and CompressedExport writes at fit end after the others are done.
-SECTIONS: Dict[str, type] = {
-    "lora": LoRA,
-    "distillation": KnowledgeDistillation,
-    "pruning": MagnitudePruning,
-    "qat": QuantizationAwareTraining,
-    "export": CompressedExport,
-}
+# Section -> callback class, in the registry's canonical order (the order `from_recipe`
+# returns the callbacks in).
+SECTIONS: Dict[str, type] = {section: method.callback for section, method in METHODS.items()}
 VARS_SECTION = "vars"
 # Arguments the recipe machinery fills in itself.
 _SET_BY_RECIPE = {"export": {"recipe"}}
@@ -96,18 +82,16 @@ class RecipeField:
 
 @functools.lru_cache(maxsize=None)
 def recipe_schema() -> Dict[str, Dict[str, RecipeField]]:
-    """The recipe schema: section name -> key -> field, read from the callbacks' signatures."""
+    """The recipe schema: section name -> key -> field, read from each callback's config."""
     schema = {}
     for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(cls.config_class)
         fields = {}
-        for name, parameter in inspect.signature(cls.__init__).parameters.items():
-            if name == "self" or name in _SET_BY_RECIPE.get(section, ()):
+        for spec in dataclasses.fields(cls.config_class):
+            if not spec.init or spec.name in _SET_BY_RECIPE.get(section, ()):
                 continue
-            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-                continue
-            required = parameter.default is inspect.Parameter.empty
-            fields[name] = RecipeField(name, hints.get(name, Any), None if required else parameter.default, required)
+            required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+            fields[spec.name] = RecipeField(spec.name, hints.get(spec.name, Any), None if required else spec.default, required)
         schema[section] = fields
     return schema
 
@@ -303,15 +287,9 @@ def _quote_if_text(item: str) -> str:
     key, value = item.split("=", 1)
     section, _, name = key.partition(".")
     field_spec = recipe_schema().get(section, {}).get(name)
-    if field_spec is None or not _text_only(field_spec.annotation) or value.startswith(("'", '"', "$")) or value == "null":
+    if field_spec is None or not text_only(field_spec.annotation) or value.startswith(("'", '"', "$")) or value == "null":
         return item
     return f"{key}={json.dumps(value)}"
-
-
-def _text_only(annotation: Any) -> bool:
-    members = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
-    members = [m for m in members if m is not type(None)]
-    return bool(members) and all(m is str or m is os.PathLike or m is Path for m in members)
 
 
 # ---------------------------------------------------------------------- validation
@@ -358,156 +336,23 @@ def _unknown_key(key: str, names: List[str], kind: str) -> str:
     return f"{message}; {'valid keys of ' + section if section else 'valid sections'} are {names}"
 
 
-class _Mismatch(Exception):
-    pass
-
-
 def _convert(value: Any, annotation: Any, key: str) -> Any:
     try:
-        return _coerce(value, annotation)
-    except RecipeError as err:  # an import path that does not import
+        return coerce(value, annotation)
+    except ImportPathError as err:  # an import path that does not import
         raise RecipeError(f"recipe key {key}: {err}") from None
-    except _Mismatch:
-        hint = "; quote it in YAML ('2:4'): unquoted, YAML reads 2:4 as the number 124" if isinstance(value, int) and _text_only(annotation) else ""
+    except Mismatch:
+        hint = "; quote it in YAML ('2:4'): unquoted, YAML reads 2:4 as the number 124" if isinstance(value, int) and text_only(annotation) else ""
         raise RecipeError(
-            f"recipe key {key} expects {_describe(annotation)}, got {value!r} ({type(value).__name__}){hint}"
+            f"recipe key {key} expects {describe(annotation)}, got {value!r} ({type(value).__name__}){hint}"
         ) from None
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """``value`` converted to ``tp``; raises _Mismatch when it cannot be."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if origin in (Union, types.UnionType):
-        for member in typing.get_args(tp):
-            try:
-                return _coerce(value, member)
-            except _Mismatch:
-                continue
-        raise _Mismatch
-    if tp is bool:
-        return _exact(value, bool)
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Mismatch
-        return _exact(value, int)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Mismatch
-        return float(value)
-    if tp is str or tp is os.PathLike or tp is Path or origin is os.PathLike:
-        return _exact(value, str)
-    if tp is torch.dtype:
-        dtype = getattr(torch, value, None) if isinstance(value, str) else None
-        if not isinstance(dtype, torch.dtype):
-            raise _Mismatch
-        return dtype
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0]) for v in value)
-        if len(args) != len(value):
-            raise _Mismatch
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
-    if origin in (list, collections.abc.Sequence):
-        (item,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        return [_coerce(v, item) for v in value]
-    if origin in (dict, collections.abc.Mapping):
-        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return {_coerce(k, key_tp): _coerce(v, value_tp) for k, v in value.items()}
-    if origin in (type, collections.abc.Callable) or tp in (type, collections.abc.Callable):
-        if not isinstance(value, str):
-            raise _Mismatch
-        target = import_object(value)
-        if origin is type and typing.get_args(tp) and isinstance(typing.get_args(tp)[0], type):
-            if not (isinstance(target, type) and issubclass(target, typing.get_args(tp)[0])):
-                raise _Mismatch
-        return target
-    raise _Mismatch  # e.g. nn.Module: a YAML file cannot hold a model
-
-
-def _exact(value: Any, kind: type) -> Any:
-    if not isinstance(value, kind):
-        raise _Mismatch
-    return value
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        parts = [_describe(m) for m in typing.get_args(tp)]
-        parts = [p for p in dict.fromkeys(parts) if p is not None]
-        return " or ".join(parts)
-    if tp is type(None):
-        return "null"
-    if tp in (bool, int, float, str):
-        return {"bool": "true/false", "int": "an int", "float": "a float", "str": "a string"}[tp.__name__]
-    if tp is os.PathLike or tp is Path or origin is os.PathLike:
-        return "a path"
-    if tp is torch.dtype:
-        return "a dtype name (float32, bfloat16, float16)"
-    if origin in (list, tuple, collections.abc.Sequence):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return f"a list of ({' and '.join(_describe(a) for a in args) or 'anything'})"
-    if origin in (dict, collections.abc.Mapping):
-        return "a mapping"
-    if origin is type or tp is type:
-        return "a class as a dotted import path"
-    if origin is collections.abc.Callable or tp is collections.abc.Callable:
-        return "a function as a dotted import path"
-    if tp is Any:
-        return "anything"
-    return f"a {getattr(tp, '__name__', tp)} (not expressible in YAML; pass it in Python)"
-
-
-def import_object(path: str) -> Any:
-    """The object a dotted path (``pkg.mod.Name`` or ``pkg.mod:Name``) names.
-
-    Raises:
-        RecipeError: when the module or the attribute does not exist.
-    """
-    module_name, _, attribute = path.replace(":", ".").rpartition(".")
-    if not module_name:
-        raise RecipeError(f"{path!r} is not a dotted import path like 'my_pkg.models.Teacher'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise RecipeError(f"cannot import {path!r}: {err}; check the module path and that it is installed") from None
-    try:
-        return getattr(module, attribute)
-    except AttributeError:
-        names = [n for n in dir(module) if not n.startswith("_")]
-        close = difflib.get_close_matches(attribute, names, n=1)
-        hint = f"; did you mean {module_name}.{close[0]}?" if close else ""
-        raise RecipeError(f"module {module_name!r} has no attribute {attribute!r}{hint}") from None
 
 
 def _instantiate(section: str, arguments: Dict[str, Any]) -> Callback:
     try:
         return SECTIONS[section](**arguments)
-    except (ValueError, TypeError) as err:
-        raise RecipeError(f"recipe key {_key_named_in(section, str(err), arguments)}: {err}") from None
-
-
-def _key_named_in(section: str, message: str, arguments: Mapping[str, Any]) -> str:
-    """The ``section.key`` an error message is about (the first argument it names)."""
-    hits = []
-    for name in recipe_schema()[section]:
-        match = re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", message)
-        if match:
-            hits.append((name not in arguments, match.start(), name))
-    return f"{section}.{min(hits)[2]}" if hits else section
+    except ArgumentError as err:  # the config names the argument: `overrides['x']` is `overrides`
+        raise RecipeError(f"recipe key {section}.{err.argument.split('[')[0]}: {err}") from None
 
 
 def _first_line(err: BaseException, lines: int = 1) -> str:

@@ -235,7 +235,7 @@ def test_resume_is_bit_identical_for_student_and_projections(tmp_path):
 
     def make_kd():
         kd = _resume_kd()
-        kd._teacher_arg.load_state_dict(teacher_state)
+        kd.config.teacher.load_state_dict(teacher_state)
         return kd
 
     reference, uninterrupted, resumed, kd, ckpt = fit_interrupted_and_resumed(

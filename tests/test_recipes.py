@@ -1,5 +1,6 @@
-"""Recipes: schema from the callbacks' signatures, every error path, and every recipe in recipes/."""
+"""Recipes: schema from the registry's configs, every error path, and every recipe in recipes/."""
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from lightning_compress import (
     load_packed,
 )
 from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_checkpoint
+from lightning_compress.callbacks.registry import METHODS
+from lightning_compress.core.validate import check_number
+from lightning_compress.quant.config import QATConfig
+from lightning_compress.sparsity.config import PruningConfig
 from lightning_compress.formats.packed import read_metadata
 from lightning_compress.recipes import BUILTIN_RECIPES_DIR, SECTIONS, RecipeError, load_recipe, recipe_schema
 from tests.cli_models import RecipeData, RecipeMLP
@@ -36,10 +41,14 @@ def write(tmp_path, text, name="r.yaml"):
 
 # ---------------------------------------------------------------------- schema
 def test_schema_is_the_callbacks_signatures():
+    """The registry's configs are the schema; each callback's signature is its config's."""
     schema = recipe_schema()
     assert list(schema) == ["lora", "distillation", "pruning", "qat", "export"]
+    assert list(SECTIONS) == list(METHODS) and all(SECTIONS[s] is METHODS[s].callback for s in SECTIONS)
     for section, cls in SECTIONS.items():
+        assert cls.section == section
         parameters = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+        assert parameters == [f.name for f in dataclasses.fields(cls.config_class) if f.init]
         expected = [n for n in parameters if not (section == "export" and n == "recipe")]
         assert list(schema[section]) == expected
         for name in expected:
@@ -48,21 +57,43 @@ def test_schema_is_the_callbacks_signatures():
     assert schema["export"]["dirpath"].required
 
 
-def test_a_new_callback_argument_is_a_new_recipe_key(monkeypatch):
+def test_a_new_config_field_is_a_new_recipe_key(monkeypatch):
+    @dataclasses.dataclass(frozen=True)
+    class WiderConfig(PruningConfig):
+        warmup_fraction: float = 0.0
+
+        def __post_init__(self):
+            super().__post_init__()
+            check_number("warmup_fraction", self.warmup_fraction, low=0.0, high=1.0)
+
     class WiderPruning(MagnitudePruning):
-        def __init__(self, final_sparsity: float | None = None, *, warmup_fraction: float = 0.0, **kwargs):
-            super().__init__(final_sparsity, **kwargs)
-            self.warmup_fraction = warmup_fraction
+        config_class = WiderConfig
 
     monkeypatch.setitem(SECTIONS, "pruning", WiderPruning)
     recipe_schema.cache_clear()
     try:
         (pruning, record) = from_recipe({"pruning": {"final_sparsity": 0.5, "warmup_fraction": 0.25}})
         assert isinstance(pruning, WiderPruning) and pruning.warmup_fraction == 0.25
+        assert inspect.signature(WiderPruning).parameters["warmup_fraction"].default == 0.0
         with pytest.raises(RecipeError, match="pruning.warmup_fraction expects a float"):
             load_recipe({"pruning": {"warmup_fraction": "soon"}})
+        # The config's own check names its field: the recipe key comes from the error's data.
+        with pytest.raises(RecipeError, match=r"recipe key pruning.warmup_fraction: `warmup_fraction` must be a number in \[0, 1\]"):
+            load_recipe({"pruning": {"warmup_fraction": 2.0}})
     finally:
         recipe_schema.cache_clear()
+
+
+def test_a_callback_takes_its_fields_or_a_built_config():
+    config = PruningConfig(0.7, end_step=0.5)
+    assert MagnitudePruning(config=config).config is config
+    assert MagnitudePruning(0.7, end_step=0.5).config == config
+    with pytest.raises(ValueError, match="either `config` or MagnitudePruning's arguments"):
+        MagnitudePruning(0.7, config=config)
+    with pytest.raises(ValueError, match="`config` must be a PruningConfig, got QATConfig"):
+        MagnitudePruning(config=QATConfig())
+    with pytest.raises(AttributeError, match="no attribute 'final_sparsty'"):
+        MagnitudePruning(0.7).final_sparsty
 
 
 # ---------------------------------------------------------------------- loading

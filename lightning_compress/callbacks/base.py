@@ -55,6 +55,8 @@ class CompressionCallback(Callback):
 
     section: ClassVar[str] = ""
     config_class: ClassVar[Optional[type]] = None
+    # False for a method that keeps nothing in checkpoints (the export).
+    stateful: ClassVar[bool] = True
 
     def __init__(self, *args: Any, config: Any = None, **kwargs: Any) -> None:
         cls = type(self).config_class
@@ -73,9 +75,10 @@ class CompressionCallback(Callback):
         super().__init_subclass__(**kwargs)
         if cls.config_class is not None:
             own = vars(cls).get("__init__")
-            if own is None:
+            if own is None:  # a wrapper of its own, to carry this class's config signature
+
                 def own(self, *args: Any, **kwargs: Any) -> None:
-                    CompressionCallback.__init__(self, *args, **kwargs)
+                    super(cls, self).__init__(*args, **kwargs)
 
                 cls.__init__ = own
             _take_config_signature(own, cls)
@@ -166,12 +169,16 @@ class CompressionCallback(Callback):
     # ------------------------------------------------------------------ checkpoint
     @override
     def state_dict(self) -> Dict[str, Any]:
+        if not self.stateful:
+            return {}
         if self._restored is not None and not self.is_set_up():
             return self._restored  # loaded but not applied yet: passed on unchanged
         return {"version": STATE_VERSION, **self.method_state()}
 
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if not self.stateful:
+            return
         check_state_version(type(self).__name__, state_dict)
         self.check_state(state_dict)
         self._restored = state_dict

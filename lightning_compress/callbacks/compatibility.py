@@ -129,7 +129,7 @@ def conflicts(callbacks: Sequence[Any], model: nn.Module | None) -> Iterator[Con
     """Every conflict among ``callbacks``: on ``model``'s layers, or (``None``) those that
     hold for any model."""
     stack = _Stack(callbacks, model)
-    for rule in _RULES:
+    for rule in RULES:
         yield from rule(stack)
 
 
@@ -370,7 +370,7 @@ def _class_names(callbacks: Sequence[Any]) -> Dict[str, str]:
     return {cb.section: type(cb).__name__ for cb in callbacks if getattr(cb, "section", None)}
 
 
-_RULES = (
+RULES = (
     _two_quantizers_on_one_layer,
     _nm_sparsity_and_quantization_groups,
     _adapter_dropout_under_other_stages,

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import math
-import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_compress.callbacks.compatibility import prepare_stack
-from lightning_compress.core.state import STATE_VERSION, check_state_version
-from lightning_compress.core.targeting import validate_name
+from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.core.validate import is_number
 from lightning_compress.distill.cache import TeacherOutputCache
-from lightning_compress.distill.capture import OutputCapture, StepCapture, check_features, submodule
-from lightning_compress.distill.losses import LOSSES, distillation_loss, top1_agreement
+from lightning_compress.distill.capture import OutputCapture, StepCapture, submodule
+from lightning_compress.distill.config import CACHES, DistillationConfig
+from lightning_compress.distill.losses import distillation_loss, top1_agreement
 from lightning_compress.distill.projections import FeatureProjections, match_features
-from lightning_compress.distill.teacher import check_not_shared, check_teacher, freeze, frozen_copy, is_self, load_teacher
+from lightning_compress.distill.teacher import check_not_shared, freeze, frozen_copy, is_self, load_teacher
 
-CACHES = ("memory", "disk")
 CACHE_FILE = "teacher_outputs.safetensors"
 
 
-class KnowledgeDistillation(Callback):
+class KnowledgeDistillation(CompressionCallback):
     r"""Distil a frozen teacher into the model you train, without editing its code.
 
     Your ``training_step`` still computes its own (task) loss; the callback adds the
@@ -90,87 +88,24 @@ class KnowledgeDistillation(Callback):
         cache_dir: folder of the disk cache.
         index_fn: ``callable(batch) -> LongTensor`` of the batch's sample indices.
         name: distinguishes the checkpoint state of several distillation callbacks.
+        config: a built :class:`~lightning_compress.distill.config.DistillationConfig`
+            instead of the arguments above.
+
+    Raises:
+        ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
+        ValueError: at setup, for a ``student_layer`` or ``features`` layer that does not
+            exist, a teacher that shares parameters with the student or a checkpoint that
+            does not fit ``teacher_class``; while training, for teacher and student outputs
+            of different shapes or an ``alpha`` schedule that leaves ``[0, 1]``; when
+            resuming, for a checkpoint distilled with other ``features``.
+        RuntimeError: under manual optimization, for a step that did not read ``kd.loss``.
     """
 
-    def __init__(
-        self,
-        teacher: nn.Module | str | os.PathLike | None = None,
-        *,
-        teacher_class: type | None = None,
-        temperature: float = 4.0,
-        alpha: float | Callable[[int], float] = 0.5,
-        loss: str = "kl",
-        student_layer: str | None = None,
-        teacher_inputs: Callable[[Any], Any] | None = None,
-        teacher_dtype: torch.dtype | None = None,
-        features: Sequence[Tuple[str, str]] | None = None,
-        feature_weight: float = 1.0,
-        projection_lr: float = 1e-3,
-        cache: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        index_fn: Callable[[Any], Tensor] | None = None,
-        name: str | None = None,
-    ) -> None:
-        self._teacher_path = check_teacher(teacher, teacher_class)
-        if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"`temperature` must be a positive number (e.g. 4.0), got {temperature!r}")
-        if not callable(alpha):
-            if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
-                raise ValueError(
-                    f"`alpha` must be a float in [0, 1] (the task loss weight) or a callable"
-                    f" alpha(step) -> float, got {alpha!r}"
-                )
-            alpha = float(alpha)
-        if loss not in LOSSES:
-            raise ValueError(f"unknown `loss` {loss!r}; choose one of {tuple(LOSSES)}")
-        if student_layer is not None and not isinstance(student_layer, str):
-            raise ValueError(f"`student_layer` must be a module name such as 'model.classifier', got {student_layer!r}")
-        if teacher_inputs is not None and not callable(teacher_inputs):
-            raise ValueError("`teacher_inputs` must be a callable batch -> args tuple (or tensor), or None")
-        if teacher_dtype is not None and not (isinstance(teacher_dtype, torch.dtype) and teacher_dtype.is_floating_point):
-            raise ValueError(
-                f"`teacher_dtype` must be a floating torch dtype such as torch.bfloat16, got {teacher_dtype!r}"
-            )
-        self.features = check_features(features)
-        if not _is_number(feature_weight) or not feature_weight >= 0:
-            raise ValueError(f"`feature_weight` must be a number >= 0, got {feature_weight!r}")
-        if not _is_number(projection_lr) or not projection_lr > 0:
-            raise ValueError(f"`projection_lr` must be a positive number, got {projection_lr!r}")
-        if cache is not None and cache not in CACHES:
-            raise ValueError(f"unknown `cache` {cache!r}; choose None or one of {CACHES}")
-        if cache is not None and index_fn is None:
-            raise ValueError(
-                f"`cache`={cache!r} needs `index_fn`: a callable batch -> LongTensor of sample indices,"
-                " so teacher outputs can be reused per sample"
-            )
-        if index_fn is not None and (cache is None or not callable(index_fn)):
-            raise ValueError("`index_fn` (a callable batch -> sample indices) is only used with `cache`; set both")
-        if cache == "disk" and cache_dir is None:
-            raise ValueError("`cache`='disk' needs `cache_dir`, the folder for teacher_outputs.safetensors")
-        if cache_dir is not None and cache != "disk":
-            raise ValueError("`cache_dir` is only used with `cache`='disk'; set both")
-        if cache is not None and self.features:
-            raise ValueError(
-                "`features` cannot be combined with `cache`: intermediate teacher features are not"
-                " cached. Drop `cache`, or distil outputs only."
-            )
+    section = "distillation"
+    config_class = DistillationConfig
 
-
-        self._teacher_arg = None if self._teacher_path is not None else teacher
-        self.teacher_class = teacher_class
-        self.temperature = float(temperature)
-        self.alpha = alpha
-        self.loss_name = loss
-        self.student_layer = student_layer
-        self.teacher_inputs = teacher_inputs
-        self.teacher_dtype = teacher_dtype
-        self.feature_weight = float(feature_weight)
-        self.projection_lr = float(projection_lr)
-        self.cache = cache
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.index_fn = index_fn
-        self.name = validate_name(name)
-
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._teacher: nn.Module | None = None  # the whole frozen teacher
         self._self_copy: nn.Module | None = None  # teacher="self", copied before other callbacks' setup
         self._teacher_entry: nn.Module | None = None  # the module the teacher's inputs go to
@@ -179,12 +114,8 @@ class KnowledgeDistillation(Callback):
         self._capture = OutputCapture()
         self._projections = FeatureProjections(self.features, self.projection_lr)
         self._steps = 0
-        self._cache: TeacherOutputCache | None = TeacherOutputCache() if cache else None
+        self._cache: TeacherOutputCache | None = TeacherOutputCache() if self.cache else None
         self._cache_file: Path | None = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -217,27 +148,27 @@ class KnowledgeDistillation(Callback):
         """Called by the first compression callback to set up (see ``callbacks.compatibility``):
         ``teacher="self"`` copies the student here, before LoRA (NF4 bases) or any other
         callback listed before this one has changed it."""
-        if is_self(self._teacher_arg) and self._self_copy is None and not self._capture.attached:
+        if is_self(self.config.teacher) and self._self_copy is None and not self._capture.attached:
             self._self_copy = frozen_copy(pl_module, leave_out=[trainer])
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        prepare_stack(trainer, pl_module, stage)
+    @override
+    def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self_copy, self._self_copy = self._self_copy, None
         self._detach()  # a previous fit of this callback
-        if self._teacher_path is not None:
+        if self.teacher_path is not None:
             if self._loaded_teacher is None:
-                self._loaded_teacher = load_teacher(self._teacher_path, self.teacher_class)
+                self._loaded_teacher = load_teacher(self.teacher_path, self.teacher_class)
             teacher = self._loaded_teacher
-        elif is_self(self._teacher_arg):
+        elif is_self(self.config.teacher):
             teacher = self_copy if self_copy is not None else frozen_copy(pl_module, leave_out=[trainer])
         else:
-            teacher = self._teacher_arg
+            teacher = self.config.teacher
             check_not_shared(teacher, pl_module)
         student_module = submodule(pl_module, "student_layer", self.student_layer or "")
         teacher_entry = teacher
-        if is_self(self._teacher_arg) and self.student_layer:
+        if is_self(self.config.teacher) and self.student_layer:
             teacher_entry = teacher.get_submodule(self.student_layer)
         feature_modules = [
             (submodule(pl_module, "features", s), submodule(teacher, "features", t, owner="teacher"))
@@ -248,8 +179,11 @@ class KnowledgeDistillation(Callback):
         self._teacher_entry, self._student = teacher_entry, pl_module
         self._capture.attach(student_module, feature_modules)
         self._capture.wrap_training_step(pl_module, lambda: pl_module.trainer.global_step, self._finish_step)
+        self.finish_install(pl_module)
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         self._teacher.to(pl_module.device)
         if self._projections.layers is not None:
             self._projections.layers.to(pl_module.device)
@@ -261,6 +195,7 @@ class KnowledgeDistillation(Callback):
             if self._cache_file.exists():
                 self._cache = TeacherOutputCache.load(self._cache_file)
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -274,40 +209,48 @@ class KnowledgeDistillation(Callback):
                 " `self.manual_backward(kd.task_weight * loss + kd.loss)`."
             )
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush_cache()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._flush_cache()
             self._detach()
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._detach()  # give the user back their own training_step
         self._self_copy = None
 
-    # ------------------------------------------------------------------ checkpoint
-    def state_dict(self) -> Dict[str, Any]:
-        if self._projections.pending is not None:
-            return self._projections.pending  # as it was loaded, until the projections are built
-        return {
-            "version": STATE_VERSION,
-            "features": [list(pair) for pair in self.features],
-            "steps": self._steps,
-            **self._projections.state_dict(),
-        }
+    # ------------------------------------------------------------------ base-class hooks
+    @override
+    def is_set_up(self) -> bool:
+        return self._capture.attached
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        check_state_version("KnowledgeDistillation", state_dict)
-        saved = [tuple(pair) for pair in state_dict.get("features", [])]
+    @override
+    def method_state(self) -> Dict[str, Any]:
+        pending = self._projections.pending  # as it was loaded, until the projections are built
+        projections = self._projections.state_dict() if pending is None else {
+            key: value for key, value in pending.items() if key not in ("version", "features", "steps")
+        }
+        return {"features": [list(pair) for pair in self.features], "steps": self._steps, **projections}
+
+    @override
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        saved = [tuple(pair) for pair in state.get("features", [])]
         if saved != list(self.features):
             raise ValueError(
                 f"the checkpoint was distilled with `features`={saved} but this callback has"
                 f" {list(self.features)}; resume with the same `features`"
             )
-        self._steps = state_dict.get("steps", 0)
+
+    @override
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self._steps = state.get("steps", 0)
         if self.features:
-            self._projections.load_state_dict(state_dict)
+            self._projections.load_state_dict(state)
 
     # ------------------------------------------------------------------ training_step
     def _finish_step(self, output: Any) -> Any:
@@ -339,7 +282,7 @@ class KnowledgeDistillation(Callback):
         if not callable(self.alpha):
             return self.alpha
         value = self.alpha(global_step)
-        if not _is_number(value) or not 0.0 <= value <= 1.0:
+        if not is_number(value) or not 0.0 <= value <= 1.0:
             raise ValueError(
                 f"the `alpha` schedule returned {value!r} at step {global_step}; it must return a float in [0, 1]"
             )
@@ -360,7 +303,7 @@ class KnowledgeDistillation(Callback):
                 " `student_layer`/`teacher_inputs` so both produce the same shape"
             )
         teacher = teacher.to(student.device)
-        kd = distillation_loss(self.loss_name, student, teacher, self.temperature)
+        kd = distillation_loss(self.config.loss, student, teacher, self.temperature)
         if self.features:
             pairs = match_features(self.features, step.features, self._capture.take_teacher_features())
             kd = kd + self.feature_weight * self._projections.loss(pairs)
@@ -400,10 +343,6 @@ class KnowledgeDistillation(Callback):
     def _detach(self) -> None:
         self._capture.detach()
         self._projections.optimizer.stop()
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 __all__ = ["KnowledgeDistillation", "CACHES", "CACHE_FILE"]

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from lightning.fabric.utilities.apply_func import move_data_to_device
+from typing_extensions import override
 
-from lightning_compress.core.compatibility import prepare_stack
-from lightning_compress.core.reporting import expect_layer_table, report_layer_table
+from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.tracking import log_artifact
+from lightning_compress.formats.config import ExportConfig
 from lightning_compress.formats.export import ExportReport, export
 from lightning_compress.formats.packed import METADATA_FILE
-from lightning_compress.formats.runtime import BACKENDS
 
 _LABEL_KEYS = ("labels", "label", "target", "targets", "y")
 
@@ -34,7 +32,7 @@ def default_input_fn(batch: Any) -> Any:
     return batch
 
 
-class CompressedExport(Callback):
+class CompressedExport(CompressionCallback):
     """At the end of ``fit``, pack the model the other callbacks trained into ``dirpath``.
 
     Quantized layers are stored as their exact integer codes (int4 truly packed), pruned
@@ -75,71 +73,49 @@ class CompressedExport(Callback):
         recipe: the recipe to store in the metadata.
         formats: ``["safetensors"]``, or ``["safetensors", "onnx"]`` to also write
             ``model.onnx`` (int4 as ``MatMulNBits``, int8 as QDQ), checked in onnxruntime.
+        config: a built :class:`~lightning_compress.formats.config.ExportConfig` instead
+            of the arguments above.
+
+    Raises:
+        ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
+        FileExistsError: at setup, before training, when ``dirpath`` exists and
+            ``overwrite`` is False.
+        ValueError: at setup, when ``module`` is not a submodule of the LightningModule.
+        ParityError: at fit end, when the exported model does not match the trained
+            one (nothing is written); under DDP a ``RuntimeError`` on every rank.
     """
 
-    def __init__(
-        self,
-        dirpath: str | os.PathLike,
-        *,
-        module: Optional[str] = None,
-        overwrite: bool = False,
-        parity: bool = True,
-        parity_batches: int = 2,
-        input_fn: Optional[Callable[[Any], Any]] = None,
-        max_relative_error: float = 1e-5,
-        min_sqnr_db: float = 35.0,
-        backend: str = "auto",
-        sparse_threshold: Optional[float] = 0.3,
-        compressed_tensors: Optional[bool] = None,
-        recipe: Optional[Mapping[str, Any]] = None,
-        formats: Sequence[str] = ("safetensors",),
-    ) -> None:
-        if not isinstance(dirpath, (str, os.PathLike)) or not str(dirpath):
-            raise ValueError(f"`dirpath` must be a directory path, got {dirpath!r}")
-        if module is not None and (not isinstance(module, str) or not module):
-            raise ValueError(f"`module` must be an attribute path such as 'model', got {module!r}")
-        for argument, value in (("overwrite", overwrite), ("parity", parity)):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{argument}` must be True or False, got {value!r}")
-        if isinstance(parity_batches, bool) or not isinstance(parity_batches, int) or parity_batches < 1:
-            raise ValueError(f"`parity_batches` must be a positive int, got {parity_batches!r}")
-        if input_fn is not None and not callable(input_fn):
-            raise ValueError("`input_fn` must be a callable taking a batch and returning the model's inputs")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown `backend` {backend!r}; choose one of {BACKENDS}")
-        if recipe is not None and not isinstance(recipe, Mapping):
-            raise ValueError(f"`recipe` must be a dict, got {type(recipe).__name__}")
-        self.dirpath = Path(dirpath)
-        self.module = module
-        self.parity_batches = parity_batches
-        self.input_fn = input_fn or default_input_fn
-        self.options = dict(
-            overwrite=overwrite, parity=parity, max_relative_error=max_relative_error, min_sqnr_db=min_sqnr_db,
-            backend=backend, sparse_threshold=sparse_threshold, compressed_tensors=compressed_tensors, recipe=recipe,
-            formats=tuple(formats),
-        )
+    section = "export"
+    config_class = ExportConfig
+    stateful = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.report: Optional[ExportReport] = None
-        # Checked here, not after hours of training (export validates the same way).
-        from lightning_compress.formats.export import validate_export_formats, validate_export_options
 
-        validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, None, compressed_tensors)
-        validate_export_formats(formats, [None] if "onnx" in formats else None)
+    @property
+    def state_key(self) -> str:
+        # The export holds no state; its key stays the class name, as before the base class.
+        return type(self).__qualname__
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        prepare_stack(trainer, pl_module, stage)
+    @property
+    def options(self):
+        """The keyword arguments of :func:`lightning_compress.export` this callback passes."""
+        return self.config.export_options()
+
+    @override
+    def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._target(pl_module)  # a wrong `module` fails before training
-            if self.dirpath.exists() and not self.options["overwrite"]:
+            if self.dirpath.exists() and not self.overwrite:
                 raise FileExistsError(
                     f"CompressedExport: {self.dirpath} already exists; choose another `dirpath` or pass"
                     " overwrite=True (in a recipe: export.overwrite=true); checked before training so no run is lost"
                 )
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        expect_layer_table(trainer)
-
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        report_layer_table(trainer, pl_module)
+        super().on_fit_end(trainer, pl_module)
         error: Optional[str] = None
         if trainer.is_global_zero:
             try:
@@ -165,15 +141,16 @@ class CompressedExport(Callback):
                 ``parity_batches``, through ``input_fn``); none checks the weights only.
         """
         inputs = []
-        if self.options["parity"]:
+        if self.parity:
+            input_fn = self.input_fn or default_input_fn
             device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
             for batch in itertools.islice(batches, self.parity_batches):
-                inputs.append(move_data_to_device(self.input_fn(batch), device))
+                inputs.append(move_data_to_device(input_fn(batch), device))
         self.report = export(self._target(pl_module), self.dirpath, inputs=inputs, **self.options)
         return self.report
 
     # ------------------------------------------------------------------ internals
-    def _target(self, pl_module: LightningModule):
+    def _target(self, pl_module: LightningModule) -> nn.Module:
         if self.module is None:
             return pl_module
         try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
 
-CHECKPOINT_KEY = "lightning_compress"
+from lightning_compress.core.state import RECIPE_CHECKPOINT_KEY, recipe_in_checkpoint
+from lightning_compress.version import __version__
 
 
 class RecipeRecord(Callback):
@@ -28,18 +30,15 @@ class RecipeRecord(Callback):
             raise ValueError(f"`recipe` must be a mapping (the resolved recipe), got {type(recipe).__name__}")
         self.recipe: Dict[str, Any] = copy.deepcopy(dict(recipe))
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             for logger in trainer.loggers:
                 logger.log_hyperparams({"compression_recipe": self.recipe})
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
-        from lightning_compress import __version__
-
-        checkpoint[CHECKPOINT_KEY] = {"recipe": copy.deepcopy(self.recipe), "version": __version__}
+        checkpoint[RECIPE_CHECKPOINT_KEY] = {"recipe": copy.deepcopy(self.recipe), "version": __version__}
 
 
-def recipe_in_checkpoint(checkpoint: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    """The recipe a checkpoint (a loaded dict) was trained with, or None."""
-    record = checkpoint.get(CHECKPOINT_KEY)
-    return dict(record["recipe"]) if isinstance(record, Mapping) and "recipe" in record else None
+__all__ = ["RecipeRecord", "recipe_in_checkpoint"]

@@ -31,7 +31,7 @@ class CompressionCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any):
-        from lightning_compress.cli import CommandError
+        from lightning_compress.commands.errors import CommandError
         from lightning_compress.commands.state import MarkTrainingStarted
         from lightning_compress.core.tracking import wandb_logger
 
@@ -54,7 +54,7 @@ class CompressionCLI(LightningCLI):
         """The recipe's callbacks; a resume without --recipe uses the one its checkpoint stores."""
         from lightning_compress.callbacks.recipe_record import recipe_in_checkpoint
         from lightning_compress.checkpoints import read_checkpoint
-        from lightning_compress.cli import CommandError
+        from lightning_compress.commands.errors import CommandError
         from lightning_compress.recipes import load_recipe
 
         recipe, overrides = config.get("recipe"), list(config.get("override") or [])

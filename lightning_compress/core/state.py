@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 STATE_VERSION = 1
+# Where RecipeRecord keeps the resolved recipe in a checkpoint.
+RECIPE_CHECKPOINT_KEY = "lightning_compress"
 
 
 def check_state_version(owner: str, state: Mapping[str, Any]) -> None:
@@ -18,3 +20,9 @@ def check_state_version(owner: str, state: Mapping[str, Any]) -> None:
             f"{owner} state version {state.get('version')!r} is not {STATE_VERSION}; the"
             " checkpoint comes from another lightning-compress version"
         )
+
+
+def recipe_in_checkpoint(checkpoint: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The recipe a checkpoint (a loaded dict) was trained with, or None."""
+    record = checkpoint.get(RECIPE_CHECKPOINT_KEY)
+    return dict(record["recipe"]) if isinstance(record, Mapping) and "recipe" in record else None

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.targeting import close_names_hint
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.distill.teacher import run_teacher
 
 
@@ -23,7 +24,7 @@ def check_features(features: Any) -> Tuple[Tuple[str, str], ...]:
         return ()
     example = "e.g. [('model.layer3', 'model.layer3')]"
     if not isinstance(features, (list, tuple)):
-        raise ValueError(f"`features` must be a list of (student layer, teacher layer) name pairs, {example}")
+        raise ArgumentError("features", f"`features` must be a list of (student layer, teacher layer) name pairs, {example}")
     pairs = []
     for pair in features:
         if not (
@@ -31,7 +32,8 @@ def check_features(features: Any) -> Tuple[Tuple[str, str], ...]:
             and len(pair) == 2
             and all(isinstance(n, str) and n for n in pair)
         ):
-            raise ValueError(
+            raise ArgumentError(
+                "features",
                 f"`features` entries must be (student layer, teacher layer) pairs of names, got {pair!r}; {example}"
             )
         pairs.append((pair[0], pair[1]))

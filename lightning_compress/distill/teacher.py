@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.transforms import detach_all
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.quant.nf4 import nf4_deepcopy_memo
 
 
@@ -22,29 +23,34 @@ def is_self(teacher: Any) -> bool:
 
 
 def check_teacher(teacher: Any, teacher_class: Any) -> Path | None:
-    """Validate the teacher arguments; return the checkpoint path when one is given."""
+    """Validate the teacher arguments; return the checkpoint path when one is given.
+
+    Raises:
+        ArgumentError: naming ``teacher`` or ``teacher_class``.
+    """
     usage = (
         "pass the teacher model (an nn.Module or LightningModule), a Lightning checkpoint path with"
         " `teacher_class=YourModule`, or 'self' (a frozen copy of the student's starting weights)"
     )
     if teacher is None:
-        raise ValueError(f"`teacher` is required: {usage}")
+        raise ArgumentError("teacher", f"`teacher` is required: {usage}")
     if isinstance(teacher, nn.Module) or is_self(teacher):
         if teacher_class is not None:
-            raise ValueError("`teacher_class` is only used when `teacher` is a checkpoint path; remove it")
+            raise ArgumentError("teacher_class", "`teacher_class` is only used when `teacher` is a checkpoint path; remove it")
         return None
     if not isinstance(teacher, (str, os.PathLike)):
-        raise ValueError(f"`teacher` must be a model, a checkpoint path or 'self', got {type(teacher).__name__}: {usage}")
+        raise ArgumentError("teacher", f"`teacher` must be a model, a checkpoint path or 'self', got {type(teacher).__name__}: {usage}")
     path = Path(teacher)
     if not path.is_file():
-        raise ValueError(f"`teacher` checkpoint path {str(path)!r} does not exist; {usage}")
+        raise ArgumentError("teacher", f"`teacher` checkpoint path {str(path)!r} does not exist; {usage}")
     if teacher_class is None:
-        raise ValueError(
+        raise ArgumentError(
+            "teacher_class",
             f"`teacher` is a checkpoint path ({str(path)!r}); also pass `teacher_class=`, the"
             " LightningModule class it was saved from"
         )
     if not (isinstance(teacher_class, type) and issubclass(teacher_class, nn.Module)):
-        raise ValueError(f"`teacher_class` must be the teacher's nn.Module/LightningModule class, got {teacher_class!r}")
+        raise ArgumentError("teacher_class", f"`teacher_class` must be the teacher's nn.Module/LightningModule class, got {teacher_class!r}")
     return path
 
 

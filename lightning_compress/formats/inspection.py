@@ -53,7 +53,7 @@ def inspect_packed(directory: Path) -> str:
 
 def inspect_checkpoint(path: Path) -> str:
     """Rows from a Lightning checkpoint: weights, their zeros, and the QAT bits per layer."""
-    from lightning_compress.callbacks.recipe_record import recipe_in_checkpoint
+    from lightning_compress.core.state import recipe_in_checkpoint
     from lightning_compress.checkpoints import read_checkpoint
 
     checkpoint = read_checkpoint(path)

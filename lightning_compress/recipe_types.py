@@ -1,0 +1,153 @@
+"""Recipe values to typed arguments: what a YAML file holds, converted to what a config
+field's annotation asks for (``"bfloat16"`` -> ``torch.bfloat16``, a dotted path -> the
+class or function it names, a list -> a tuple), or refused with a description of the type.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import difflib
+import importlib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+
+class ImportPathError(ValueError):
+    """A dotted import path that does not import."""
+
+
+def text_only(annotation: Any) -> bool:
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    members = [m for m in members if m is not type(None)]
+    return bool(members) and all(m is str or m is os.PathLike or m is Path for m in members)
+
+
+class Mismatch(Exception):
+    """A value that cannot be converted to the annotated type."""
+
+
+def coerce(value: Any, tp: Any) -> Any:
+    """``value`` converted to ``tp``; raises Mismatch when it cannot be."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise Mismatch
+    if origin in (Union, types.UnionType):
+        for member in typing.get_args(tp):
+            try:
+                return coerce(value, member)
+            except Mismatch:
+                continue
+        raise Mismatch
+    if tp is bool:
+        return _exact(value, bool)
+    if tp is int:
+        if isinstance(value, bool):
+            raise Mismatch
+        return _exact(value, int)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Mismatch
+        return float(value)
+    if tp is str or tp is os.PathLike or tp is Path or origin is os.PathLike:
+        return _exact(value, str)
+    if tp is torch.dtype:
+        dtype = getattr(torch, value, None) if isinstance(value, str) else None
+        if not isinstance(dtype, torch.dtype):
+            raise Mismatch
+        return dtype
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise Mismatch
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0]) for v in value)
+        if len(args) != len(value):
+            raise Mismatch
+        return tuple(coerce(v, a) for v, a in zip(value, args))
+    if origin in (list, collections.abc.Sequence):
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise Mismatch
+        return [coerce(v, item) for v in value]
+    if origin in (dict, collections.abc.Mapping):
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise Mismatch
+        return {coerce(k, key_tp): coerce(v, value_tp) for k, v in value.items()}
+    if origin in (type, collections.abc.Callable) or tp in (type, collections.abc.Callable):
+        if not isinstance(value, str):
+            raise Mismatch
+        target = import_object(value)
+        if origin is type and typing.get_args(tp) and isinstance(typing.get_args(tp)[0], type):
+            if not (isinstance(target, type) and issubclass(target, typing.get_args(tp)[0])):
+                raise Mismatch
+        return target
+    raise Mismatch  # e.g. nn.Module: a YAML file cannot hold a model
+
+
+def _exact(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise Mismatch
+    return value
+
+
+def describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        parts = [describe(m) for m in typing.get_args(tp)]
+        parts = [p for p in dict.fromkeys(parts) if p is not None]
+        return " or ".join(parts)
+    if tp is type(None):
+        return "null"
+    if tp in (bool, int, float, str):
+        return {"bool": "true/false", "int": "an int", "float": "a float", "str": "a string"}[tp.__name__]
+    if tp is os.PathLike or tp is Path or origin is os.PathLike:
+        return "a path"
+    if tp is torch.dtype:
+        return "a dtype name (float32, bfloat16, float16)"
+    if origin in (list, tuple, collections.abc.Sequence):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"a list of ({' and '.join(describe(a) for a in args) or 'anything'})"
+    if origin in (dict, collections.abc.Mapping):
+        return "a mapping"
+    if origin is type or tp is type:
+        return "a class as a dotted import path"
+    if origin is collections.abc.Callable or tp is collections.abc.Callable:
+        return "a function as a dotted import path"
+    if tp is Any:
+        return "anything"
+    return f"a {getattr(tp, '__name__', tp)} (not expressible in YAML; pass it in Python)"
+
+
+def import_object(path: str) -> Any:
+    """The object a dotted path (``pkg.mod.Name`` or ``pkg.mod:Name``) names.
+
+    Raises:
+        ImportPathError: when the module or the attribute does not exist.
+    """
+    module_name, _, attribute = path.replace(":", ".").rpartition(".")
+    if not module_name:
+        raise ImportPathError(f"{path!r} is not a dotted import path like 'my_pkg.models.Teacher'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportPathError(f"cannot import {path!r}: {err}; check the module path and that it is installed") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        names = [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(attribute, names, n=1)
+        hint = f"; did you mean {module_name}.{close[0]}?" if close else ""
+        raise ImportPathError(f"module {module_name!r} has no attribute {attribute!r}{hint}") from None
+
+
+__all__ = ["ImportPathError", "Mismatch", "coerce", "describe", "import_object", "text_only"]
