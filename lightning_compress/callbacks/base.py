@@ -12,7 +12,8 @@ hooks, the way Lightning's ``BaseFinetuning`` subclasses fill in
 - :meth:`method_state` / :meth:`restore`: the method's checkpoint state, stored under
   one versioned layout (``{"version": STATE_VERSION, ...}``) and applied once both the
   state and the installed stages exist, whichever comes first.
-- :meth:`selected_layers`: which layers it would compress, for the compatibility rules.
+- :meth:`select` / :meth:`uses_default_targets`: which layers it compresses, which the
+  compatibility rules read through :meth:`selected_layers`.
 
 The base owns the rest: the stack check before any callback changes the model, the
 owner token that tells this callback's stages from a rival's, logging once per step,
@@ -30,9 +31,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.callbacks.compatibility import prepare_stack
+from lightning_compress.callbacks.compatibility import EVERY_LAYER, prepare_stack
 from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.state import STATE_VERSION, check_state_version
+from lightning_compress.core.targeting import select_layers
 from lightning_compress.core.transforms import bind_owner, owner_tokens
 from lightning_compress.core.validate import ArgumentError
 
@@ -41,8 +43,9 @@ class CompressionCallback(Callback):
     """Base class of the lightning-compress callbacks.
 
     Subclasses set ``section`` (the recipe section and registry name) and
-    ``config_class``, and fill in :meth:`install`, :meth:`method_state`,
-    :meth:`restore` and :meth:`is_set_up` as their method needs.
+    ``config_class``, and fill in :meth:`install`, :meth:`is_set_up`,
+    :meth:`method_state`, :meth:`check_state`, :meth:`restore` and :meth:`select` as
+    their method needs.
 
     Args:
         *args, **kwargs: the fields of ``config_class``.
@@ -68,6 +71,7 @@ class CompressionCallback(Callback):
             raise ArgumentError("config", f"`config` must be a {cls.__name__}, got {type(config).__name__}")
         self.config = config
         self.owner_token = uuid.uuid4().hex
+        self._layers: Dict[str, nn.Module] = {}  # the layers this callback has set up, by name
         self._restored: Optional[Dict[str, Any]] = None
         self._last_logged_step = -1
 
@@ -103,7 +107,7 @@ class CompressionCallback(Callback):
 
     def is_set_up(self) -> bool:
         """Whether the stages are in place (restored state can be applied)."""
-        return False
+        return bool(self._layers)
 
     def method_state(self) -> Dict[str, Any]:
         """This method's checkpoint state (without the version)."""
@@ -124,11 +128,29 @@ class CompressionCallback(Callback):
             ValueError: when the state does not fit this callback's settings.
         """
 
-    def selected_layers(self, model: Optional[nn.Module]) -> Optional[Dict[str, Optional[nn.Module]]]:
-        """``{name: layer}`` this callback would compress on ``model`` (for the
-        compatibility rules); ``None`` when unknown. Without a model (a recipe), callbacks
-        with default targets answer ``{"*": None}``."""
+    def select(self, model: nn.Module) -> Optional[Dict[str, nn.Module]]:
+        """``{name: layer}`` of the layers this callback compresses in ``model``; ``None``
+        for a method that does not compress layers itself (distillation, the export).
+
+        Raises:
+            ValueError: for targets that match nothing or layers the method cannot take.
+        """
         return None
+
+    def uses_default_targets(self) -> bool:
+        """Whether the callback compresses every layer of its default types."""
+        return False
+
+    def selected_layers(self, model: Optional[nn.Module]) -> Optional[Dict[str, Optional[nn.Module]]]:
+        """What :meth:`select` answers, for the compatibility rules: ``None`` when unknown
+        (bad targets, which the callback's own setup reports). Without a model (a recipe),
+        a callback on its default targets answers ``{EVERY_LAYER: None}``."""
+        if model is None:
+            return {EVERY_LAYER: None} if self.uses_default_targets() else None
+        try:
+            return self.select(model)
+        except ValueError:
+            return None
 
     # ------------------------------------------------------------------ lifecycle
     @override
@@ -187,6 +209,24 @@ class CompressionCallback(Callback):
             self.restore(state)
 
 
+class LayerCompressionCallback(CompressionCallback):
+    """A method that puts stages on layers chosen by its config's ``targets``/``exclude``
+    (layer types and/or name globs) among the config's ``supported_types``; by default
+    every layer of its ``default_types``."""
+
+    @override
+    def select(self, model: nn.Module) -> Dict[str, nn.Module]:
+        config = self.config
+        return select_layers(
+            model, targets=config.targets, exclude=config.exclude, supported=config.supported_types,
+            default=config.default_types,
+        )
+
+    @override
+    def uses_default_targets(self) -> bool:
+        return self.config.targets is None and self.config.exclude is None
+
+
 def _take_config_signature(init: Any, cls: type) -> None:
     """Give ``cls.__init__`` (which takes ``*args, **kwargs``) the signature of its
     config's fields (``config=`` is accepted too), so ``help()``, IDEs and LightningCLI's ``init_args``
@@ -200,4 +240,4 @@ def _take_config_signature(init: Any, cls: type) -> None:
     init.__qualname__ = f"{cls.__qualname__}.__init__"
 
 
-__all__ = ["CompressionCallback"]
+__all__ = ["CompressionCallback", "LayerCompressionCallback"]

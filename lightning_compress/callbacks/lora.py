@@ -13,7 +13,6 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
-from lightning_compress.callbacks.compatibility import EVERY_LAYER
 from lightning_compress.core.transforms import Stage, get_weight_transform, is_bound
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter
@@ -187,14 +186,12 @@ class LoRA(CompressionCallback):
 
     # ------------------------------------------------------------------ base-class hooks
     @override
-    def selected_layers(self, model: nn.Module | None) -> Dict[str, nn.Module | None] | None:
-        if model is None:
-            default = self.config.target_modules is None and self.config.exclude_modules is None
-            return {EVERY_LAYER: None} if default else None
-        try:
-            return select_adapter_layers(model, self.config)
-        except ValueError:
-            return None  # its own setup says what is wrong with its targets
+    def select(self, model: nn.Module) -> Dict[str, nn.Module]:
+        return select_adapter_layers(model, self.config)
+
+    @override
+    def uses_default_targets(self) -> bool:
+        return self.config.target_modules is None and self.config.exclude_modules is None
 
     @override
     def is_set_up(self) -> bool:
@@ -271,7 +268,7 @@ class LoRA(CompressionCallback):
         )
 
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        layers = select_adapter_layers(pl_module, self.config)
+        layers = self.select(pl_module)
         # Each rank draws its own dropout masks; seeded from the (seeded) global RNG.
         self._dropout.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + trainer.global_rank
         rivals = self.rivals(trainer)

@@ -11,12 +11,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.callbacks.base import CompressionCallback
-from lightning_compress.callbacks.compatibility import EVERY_LAYER
+from lightning_compress.callbacks.base import LayerCompressionCallback
 from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
 from lightning_compress.core.schedule import resolve_step
 from lightning_compress.core.tracking import log_line_chart
-from lightning_compress.core.targeting import select_layers
 from lightning_compress.core.transforms import (
     Stage,
     install_weight_transform,
@@ -41,7 +39,7 @@ from lightning_compress.sparsity.schedules import scheduled_sparsity
 _DEFAULT_UPDATES = 20
 
 
-class MagnitudePruning(CompressionCallback):
+class MagnitudePruning(LayerCompressionCallback):
     r"""Prune the smallest weights gradually while the model trains.
 
     The sparsity target follows Zhu & Gupta's cubic schedule (or a linear or one-shot
@@ -102,7 +100,6 @@ class MagnitudePruning(CompressionCallback):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._layers: Dict[str, nn.Module] = {}
         self._masks: Dict[str, MaskedWeight] = {}
         self._applied_sparsity = 0.0
         self._actual_sparsity = 0.0
@@ -189,29 +186,6 @@ class MagnitudePruning(CompressionCallback):
         self._layers.clear()
 
     # ------------------------------------------------------------------ base-class hooks
-    def select(self, model: nn.Module) -> Dict[str, nn.Module]:
-        """``{name: layer}`` of the layers this callback prunes in ``model``.
-
-        Raises:
-            ValueError: for targets that match nothing or layers it cannot prune.
-        """
-        return select_layers(
-            model, targets=self.targets, exclude=self.exclude, supported=PRUNABLE_TYPES, default=DEFAULT_TARGET_TYPES
-        )
-
-    @override
-    def selected_layers(self, model: nn.Module | None) -> Dict[str, nn.Module | None] | None:
-        if model is None:
-            return {EVERY_LAYER: None} if self.targets is None and self.exclude is None else None
-        try:
-            return self.select(model)
-        except ValueError:
-            return None  # its own setup says what is wrong with its targets
-
-    @override
-    def is_set_up(self) -> bool:
-        return bool(self._masks)
-
     @override
     def method_state(self) -> Dict[str, Any]:
         return {

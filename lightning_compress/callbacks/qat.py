@@ -10,11 +10,10 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.callbacks.base import CompressionCallback
-from lightning_compress.callbacks.compatibility import EVERY_LAYER, check_quantization_trains
+from lightning_compress.callbacks.base import LayerCompressionCallback
+from lightning_compress.callbacks.compatibility import check_quantization_trains
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import resolve_step
-from lightning_compress.core.targeting import select_layers
 from lightning_compress.core.transforms import (
     INPUT,
     Stage,
@@ -36,7 +35,7 @@ from lightning_compress.quant.weights import (
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class QuantizationAwareTraining(CompressionCallback):
+class QuantizationAwareTraining(LayerCompressionCallback):
     r"""Train with the rounding the model will meet after export.
 
     Weights of the targeted layers are fake-quantized in every forward pass from
@@ -200,29 +199,6 @@ class QuantizationAwareTraining(CompressionCallback):
             self._ranges.stop()
 
     # ------------------------------------------------------------------ base-class hooks
-    def select(self, model: nn.Module) -> Dict[str, nn.Module]:
-        """``{name: layer}`` of the layers this callback quantizes in ``model``.
-
-        Raises:
-            ValueError: for targets that match nothing or layers it cannot quantize.
-        """
-        return select_layers(
-            model, targets=self.targets, exclude=self.exclude, supported=QUANTIZABLE_TYPES, default=DEFAULT_TARGET_TYPES
-        )
-
-    @override
-    def selected_layers(self, model: nn.Module | None) -> Dict[str, nn.Module | None] | None:
-        if model is None:
-            return {EVERY_LAYER: None} if self.targets is None and self.exclude is None else None
-        try:
-            return self.select(model)
-        except ValueError:
-            return None  # its own setup says what is wrong with its targets
-
-    @override
-    def is_set_up(self) -> bool:
-        return bool(self._weight_quantizers)
-
     @override
     def method_state(self) -> Dict[str, Any]:
         layers = {}

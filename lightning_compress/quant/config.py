@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Tuple
 
 from lightning_compress.core.schedule import StepLike, validate_step
 from lightning_compress.core.targeting import Target, validate_name, validate_targets
 from lightning_compress.core.validate import ArgumentError, check_bool, check_choice, check_int, check_positive
 from lightning_compress.quant.activations import ACTIVATION_MODES, OBSERVERS
 from lightning_compress.quant.spec import GRANULARITIES, QuantSpec, parse_bits, spec_from_options
-from lightning_compress.quant.weights import QUANTIZABLE_TYPES, WEIGHT_RANGES
+from lightning_compress.quant.weights import DEFAULT_TARGET_TYPES, QUANTIZABLE_TYPES, WEIGHT_RANGES
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class QATConfig:
     name: str | None = None
     spec: QuantSpec = field(init=False, repr=False, compare=False)
     layer_overrides: Dict[str, QuantSpec] = field(init=False, repr=False, compare=False)
+    supported_types: ClassVar[Tuple[type, ...]] = QUANTIZABLE_TYPES  # what `targets` may name
+    default_types: ClassVar[Tuple[type, ...]] = DEFAULT_TARGET_TYPES  # what no `targets` means
 
     def __post_init__(self) -> None:
         bits = parse_bits("weights", self.weights)

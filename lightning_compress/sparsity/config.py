@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Tuple
+from typing import ClassVar, Tuple
 
 from torch import nn
 
@@ -42,6 +42,8 @@ class PruningConfig:
     exclude: Tuple[Target, ...] | None = None
     name: str | None = None
     sparsity_pattern: SparsityPattern = field(init=False, repr=False, compare=False)
+    supported_types: ClassVar[Tuple[type, ...]] = PRUNABLE_TYPES  # what `targets` may name
+    default_types: ClassVar[Tuple[type, ...]] = DEFAULT_TARGET_TYPES  # what no `targets` means
 
     def __post_init__(self) -> None:
         pattern = SparsityPattern.parse(self.pattern)
