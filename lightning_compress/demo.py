@@ -21,7 +21,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Union
+from typing import Any, List, Union
 
 import lightning.pytorch as pl
 import torch

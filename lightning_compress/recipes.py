@@ -50,7 +50,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from lightning_compress.callbacks.compatibility import check_recipe
 from lightning_compress.callbacks.recipe_record import RecipeRecord
-from lightning_compress.callbacks.registry import METHODS
+from lightning_compress.callbacks.registry import METHODS, Method
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.recipe_types import ImportPathError, Mismatch, coerce, describe, text_only
 
@@ -85,10 +85,11 @@ def recipe_schema() -> Dict[str, Dict[str, RecipeField]]:
     """The recipe schema: section name -> key -> field, read from each callback's config."""
     schema = {}
     for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls.config_class)
+        method = Method(section, cls)  # SECTIONS may hold a user's subclass (tests patch it)
+        hints = typing.get_type_hints(method.config)
         fields = {}
-        for spec in dataclasses.fields(cls.config_class):
-            if not spec.init or spec.name in _SET_BY_RECIPE.get(section, ()):
+        for spec in method.arguments():
+            if spec.name in _SET_BY_RECIPE.get(section, ()):
                 continue
             required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
             fields[spec.name] = RecipeField(spec.name, hints.get(spec.name, Any), None if required else spec.default, required)
@@ -353,6 +354,8 @@ def _instantiate(section: str, arguments: Dict[str, Any]) -> Callback:
         return SECTIONS[section](**arguments)
     except ArgumentError as err:  # the config names the argument: `overrides['x']` is `overrides`
         raise RecipeError(f"recipe key {section}.{err.argument.split('[')[0]}: {err}") from None
+    except (ValueError, TypeError) as err:  # not one argument's fault: the section's
+        raise RecipeError(f"recipe section {section}: {err}") from None
 
 
 def _first_line(err: BaseException, lines: int = 1) -> str:

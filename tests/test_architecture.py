@@ -158,7 +158,14 @@ def callback_violations(callbacks_dir: Path, hooks: set[str], root: Path) -> lis
     """Method callbacks subclass CompressionCallback, mark hooks @override, document Args/Raises."""
     base = callbacks_dir / "base.py"
     found = []  # without the base class, still list the rest: it is the work left to do
-    if not base.exists() or not any(getattr(n, "name", "") == "CompressionCallback" for n in ast.parse(base.read_text()).body):
+    # The base and its subclasses declared in base.py (e.g. LayerCompressionCallback).
+    bases_of_methods: dict[str, bool] = {}
+    if base.exists():
+        for cls in (n for n in ast.parse(base.read_text()).body if isinstance(n, ast.ClassDef)):
+            bases_of_methods[cls.name] = cls.name == "CompressionCallback" or any(
+                bases_of_methods.get(_base_name(b)) for b in cls.bases
+            )
+    if not bases_of_methods.get("CompressionCallback"):
         found.append(f"{base.relative_to(root)}: no class CompressionCallback")
     for filename in METHOD_FILES:
         path = callbacks_dir / filename
@@ -171,7 +178,9 @@ def callback_violations(callbacks_dir: Path, hooks: set[str], root: Path) -> lis
             bases = [_base_name(b) for b in cls.bases]
             if not any(b.endswith("Callback") or b in callbacks for b in bases):
                 continue  # a helper such as a dataclass or a per-step record
-            callbacks[cls.name] = any(b == "CompressionCallback" or callbacks.get(b) for b in bases)
+            callbacks[cls.name] = any(
+                b == "CompressionCallback" or bases_of_methods.get(b) or callbacks.get(b) for b in bases
+            )
             if not callbacks[cls.name]:
                 found.append(f"{where}:{cls.lineno} {cls.name} subclasses {', '.join(bases)}, not CompressionCallback")
             doc = ast.get_docstring(cls) or ""
@@ -281,6 +290,16 @@ def test_callback_checker(tmp_path):
     files = {f"callbacks/{f}": CALLBACK.format(name=f[:-3].title()) for f in METHOD_FILES}
     write(tmp_path, {**files, "callbacks/base.py": "class CompressionCallback(Callback): ..."})
     assert callback_violations(tmp_path / "callbacks", {"setup"}, tmp_path) == []
+    # a subclass of an intermediate base declared in base.py counts as a CompressionCallback
+    layered = files["callbacks/qat.py"].replace("(CompressionCallback)", "(LayerCompressionCallback)")
+    base = "class CompressionCallback(Callback): ...\nclass LayerCompressionCallback(CompressionCallback): ..."
+    write(tmp_path, {"callbacks/qat.py": layered, "callbacks/base.py": base})
+    assert callback_violations(tmp_path / "callbacks", {"setup"}, tmp_path) == []
+    write(tmp_path, {"callbacks/base.py": "class CompressionCallback(Callback): ...\nclass LayerCompressionCallback: ..."})
+    assert callback_violations(tmp_path / "callbacks", {"setup"}, tmp_path) == [
+        "callbacks/qat.py:1 Qat subclasses LayerCompressionCallback, not CompressionCallback"
+    ]
+    write(tmp_path, {"callbacks/qat.py": files["callbacks/qat.py"]})
     # a plain Callback, no Raises:, a decorator that is not @override; a file without callback
     bad = files["callbacks/lora.py"].replace("(Compression", "(").replace("Raises:", "Notes:").replace("@override", "@no_grad")
     write(tmp_path, {"callbacks/lora.py": bad, "callbacks/export.py": "class _Helper: ...", "callbacks/base.py": ""})

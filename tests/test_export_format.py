@@ -349,3 +349,34 @@ def test_bad_loader_arguments(exported):
         load_packed(exported, mlp(), backend="cuda")
     with pytest.raises(TypeError, match="`model`"):
         load_packed(exported, 3)
+
+
+def test_export_reads_stages_on_any_named_weight(tmp_path):
+    """Stages on `in_proj_weight` of MultiheadAttention and `weight_hh_l0` of an LSTM are
+    exported as the effective weights: the packed model computes what the transformed one
+    does, and its file holds the masked values."""
+    from lightning_compress.core.transforms import Stage, add_weight_transform
+
+    class AttentionLSTM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2)
+            self.rnn = nn.LSTM(8, 8)
+
+        def forward(self, x):
+            attended, _ = self.attention(x, x, x)
+            return self.rnn(attended)[0]
+
+    torch.manual_seed(0)
+    model = AttentionLSTM()
+    keep_in = (torch.arange(24 * 8).view(24, 8) % 2 == 0).float()
+    keep_hh = (torch.arange(32 * 8).view(32, 8) % 4 != 0).float()
+    add_weight_transform(model.attention, Stage.MASK, lambda w: w * keep_in, param="in_proj_weight")
+    add_weight_transform(model.rnn, Stage.MASK, lambda w: w * keep_hh, param="weight_hh_l0")
+    x = torch.randn(5, 2, 8)
+    report = export(model, tmp_path / "out", inputs=[x])
+    assert report.parity.relative_error == 0.0
+    loaded = load_packed(tmp_path / "out", AttentionLSTM())
+    assert torch.equal(loaded(x), model(x))
+    assert torch.equal(loaded.attention.in_proj_weight, raw_weight(model.attention, "in_proj_weight") * keep_in)
+    assert torch.equal(loaded.rnn.weight_hh_l0, raw_weight(model.rnn, "weight_hh_l0") * keep_hh)

@@ -6,7 +6,6 @@ from lightning.pytorch import Callback
 from torch import nn
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining, quantized_weights
-from lightning_compress._torchao import import_torchao
 from lightning_compress.core.transforms import raw_weight
 from lightning_compress.quant.fake_quant import as_matrix, choose_qparams, choose_qparams_mse, fake_quantize
 from lightning_compress.quant.spec import QuantSpec
@@ -200,18 +199,12 @@ def test_dynamic_activation_quantization_changes_layer_inputs(seeded):
     qat = QuantizationAwareTraining("int8", activations="int8_dynamic", start_step=0)
     make_trainer(max_epochs=1, callbacks=[qat], limit_train_batches=1).fit(model, tiny_loader())
     seen = {}
-    model.fc1.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    model.fc1.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
     x = torch.randn(2, 4, 8)
     model(x)
     flat = torch.relu(model.conv(x)).flatten(1)
-    # The input stage runs inside the layer (as in the packed layer): hooks see the input
-    # as given, and the layer computes on torchao's per-token int8 grid of it.
-    assert torch.equal(seen["x"], flat)
-    per_token = import_torchao("torchao.quantization.qat")
-    config = per_token.IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
-    quantized = per_token.IntxFakeQuantizer(config)(flat)
-    assert not torch.equal(quantized, flat)
-    torch.testing.assert_close(seen["out"], nn.functional.linear(quantized, model.fc1.weight, model.fc1.bias), rtol=0, atol=0)
+    assert not torch.equal(seen["x"], flat)
+    assert torch.allclose(seen["x"], flat, atol=flat.abs().max().item() / 100)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from lightning_compress.core.transforms import (
     get_weight_transform,
     install_weight_transform,
     raw_weight,
+    remove_input_transform,
     remove_weight_transform,
     transformed_slots,
     weight_before,
@@ -189,3 +190,69 @@ def test_input_stage_runs_before_the_layer_and_is_seen_by_every_reader():
     copied = copy.deepcopy(layer)
     copied.train()
     torch.testing.assert_close(copied(x), reference(x.clamp(-0.5, 0.5)), rtol=0, atol=0)
+
+
+class Counting:
+    """A weight stage that counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, weight):
+        self.calls += 1
+        return weight * 0.5
+
+
+def test_recurrent_stack_runs_once_per_forward_and_copies_hold_raw_parameters():
+    lstm = nn.LSTM(4, 3)
+    stage = Counting()
+    add_weight_transform(lstm, Stage.MASK, stage, param="weight_ih_l0")
+    x = torch.randn(5, 2, 4)
+    out = lstm(x)[0]
+    assert stage.calls == 1
+    # The module caches its raw (leaf) parameters between forwards, so it deep-copies
+    # with gradients on, and the copy computes the same.
+    assert all(w is lstm._parameters[n] for w, n in zip(lstm._flat_weights, lstm._flat_weights_names))
+    copied = copy.deepcopy(lstm)
+    torch.testing.assert_close(copied(x)[0], out, rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(lstm, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=False)(x)[0], out, rtol=0, atol=0)
+    # `.to()` re-caches the weights: still the raw leaves, and the stage still applies.
+    lstm.to(torch.float64)
+    assert all(w is lstm._parameters[n] for w, n in zip(lstm._flat_weights, lstm._flat_weights_names))
+    torch.testing.assert_close(lstm(x.double())[0], out.double(), rtol=1e-6, atol=1e-6)
+    assert stage.calls == 2  # its two forwards, once each (copies run copies of the stage)
+
+
+def test_input_stage_sees_input_passed_by_keyword_and_keeps_the_attention_fast_path_off():
+    layer = nn.Linear(4, 2)
+    reference = copy.deepcopy(layer)
+    install_weight_transform(layer, Stage.INPUT_QUANT, Clamp(), owner="qat", active_owners=set(), param=INPUT)
+    x = torch.randn(3, 4) * 4
+    torch.testing.assert_close(layer(input=x), reference(x.clamp(-0.5, 0.5)), rtol=0, atol=0)
+    # In eval mode without gradients nn.TransformerEncoderLayer takes a fused path that
+    # never calls its Linear layers' forward; a layer with an input stage must keep it off,
+    # so the model computes what it trains (the stage here acts in eval mode too).
+    encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    plain = copy.deepcopy(encoder)
+
+    class Halve:
+        def __call__(self, x, layer):
+            return x * 0.5
+
+    install_weight_transform(encoder.linear2, Stage.INPUT_QUANT, Halve(), owner="qat", active_owners=set(), param=INPUT)
+    with torch.no_grad():
+        plain.linear2.weight.mul_(0.5)  # linear2(h / 2) == (W / 2) h + b
+        src = torch.randn(2, 5, 8)
+        torch.testing.assert_close(encoder(src), plain(src), rtol=1e-6, atol=1e-6)
+    remove_input_transform(encoder.linear2, Stage.INPUT_QUANT)
+    assert type(encoder.linear2) is nn.Linear and not encoder.linear2._forward_pre_hooks
+
+
+def test_stage_must_be_a_stage():
+    with pytest.raises(ValueError, match="`stage` must be a Stage"):
+        add_weight_transform(nn.Linear(2, 2), 99, Scale(1.0))
+    with pytest.raises(ValueError, match="no parameter `nope`; it has \\['bias', 'weight'\\]"):
+        raw_weight(nn.Linear(2, 2), "nope")

@@ -22,6 +22,7 @@ and the per-layer table at the end of fit.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import typing
 import uuid
@@ -64,7 +65,8 @@ class CompressionCallback(Callback):
     def __init__(self, *args: Any, config: Any = None, **kwargs: Any) -> None:
         cls = type(self).config_class
         if config is None:
-            config = cls(*args, **kwargs)
+            bound = _bind(type(self), cls, args, kwargs)
+            config = cls(*bound.args, **bound.kwargs)
         elif args or kwargs:
             raise ArgumentError("config", f"pass either `config` or {type(self).__name__}'s arguments, not both")
         elif not isinstance(config, cls):
@@ -84,6 +86,7 @@ class CompressionCallback(Callback):
                 def own(self, *args: Any, **kwargs: Any) -> None:
                     super(cls, self).__init__(*args, **kwargs)
 
+                own.__qualname__ = f"{cls.__qualname__}.__init__"
                 cls.__init__ = own
             _take_config_signature(own, cls)
 
@@ -93,6 +96,17 @@ class CompressionCallback(Callback):
         if config is not None and name in getattr(config, "__dataclass_fields__", {}):
             return getattr(config, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The config is the source of truth: an attribute of the same name would shadow it
+        # for this callback only, while checks and records read the config.
+        config = self.__dict__.get("config")
+        if config is not None and name in getattr(config, "__dataclass_fields__", {}):
+            raise AttributeError(
+                f"{type(self).__name__}.{name} comes from its frozen config; build a new callback, e.g."
+                f" {type(self).__name__}(config=dataclasses.replace(callback.config, {name}=...))"
+            )
+        super().__setattr__(name, value)
 
     @property
     def state_key(self) -> str:
@@ -227,17 +241,43 @@ class LayerCompressionCallback(CompressionCallback):
         return self.config.targets is None and self.config.exclude is None
 
 
+def _bind(callback: type, config_class: type, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """``args``/``kwargs`` bound to the config's fields, or an ArgumentError that names the
+    argument (with a close match for a misspelt keyword)."""
+    signature = inspect.signature(config_class)
+    unknown = [name for name in kwargs if name not in signature.parameters]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(signature.parameters), n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else f"; its arguments are {list(signature.parameters)}"
+        raise ArgumentError(unknown[0], f"{callback.__name__} has no argument `{unknown[0]}`{hint}")
+    try:
+        return signature.bind(*args, **kwargs)
+    except TypeError as err:  # too many positional arguments, or a required one missing
+        missing = [n for n, p in signature.parameters.items() if p.default is p.empty and n not in kwargs]
+        argument = missing[0] if missing and len(args) < len(missing) else "args"
+        raise ArgumentError(argument, f"{callback.__name__}: {err}; see help({callback.__name__})") from None
+
+
 def _take_config_signature(init: Any, cls: type) -> None:
-    """Give ``cls.__init__`` (which takes ``*args, **kwargs``) the signature of its
-    config's fields (``config=`` is accepted too), so ``help()``, IDEs and LightningCLI's ``init_args``
-    see the real arguments."""
+    """Give ``cls.__init__`` the signature of its config's fields where it takes them as
+    ``*args, **kwargs`` (``config=`` is accepted too), so ``help()``, IDEs and
+    LightningCLI's ``init_args`` see the real arguments. Arguments a subclass adds by name
+    (``def __init__(self, *args, extra=3, **kwargs)``) keep their place after them."""
+    own = inspect.signature(init).parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own):
+        return  # a subclass that spells out its own arguments keeps its signature
     hints = typing.get_type_hints(cls.config_class)
-    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    for parameter in inspect.signature(cls.config_class).parameters.values():
-        parameters.append(parameter.replace(annotation=hints.get(parameter.name, parameter.annotation)))
+    config_parameters = [
+        p.replace(annotation=hints.get(p.name, p.annotation)) for p in inspect.signature(cls.config_class).parameters.values()
+    ]
+    added = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {c.name for c in config_parameters}]
+    positional = [p for p in config_parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    keyword = [p for p in config_parameters if p.kind is inspect.Parameter.KEYWORD_ONLY] + added
+    if not any(p.kind is inspect.Parameter.KEYWORD_ONLY for p in config_parameters) and keyword:
+        keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in keyword]
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *positional, *keyword]
     init.__signature__ = inspect.Signature(parameters)
     init.__annotations__ = {p.name: p.annotation for p in parameters[1:]}
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
 
 
 __all__ = ["CompressionCallback", "LayerCompressionCallback"]

@@ -17,7 +17,6 @@ Every refusal names both settings, the layer where there is one, why, and what t
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 
@@ -170,16 +169,9 @@ class _Stack:
             return {} if config.layer_overrides else {EVERY_LAYER: (config.spec, main)}
         specs = {}
         for name in layers:
-            specs[name] = (config.spec, main)
-            for pattern, spec in config.layer_overrides.items():
-                if _matches(name, pattern):
-                    specs[name] = (spec, Setting("qat", f"overrides[{pattern!r}]", spec.describe()))
-                    break
+            spec, pattern = config.spec_for(name)
+            specs[name] = (spec, main if pattern is None else Setting("qat", f"overrides[{pattern!r}]", spec.describe()))
         return specs
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
 def _where(name: str, every: str = "on every layer both target") -> str:

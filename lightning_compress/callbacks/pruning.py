@@ -24,7 +24,7 @@ from lightning_compress.core.transforms import (
     stages,
     weight_before,
 )
-from lightning_compress.sparsity.config import DEFAULT_TARGET_TYPES, PRUNABLE_TYPES, PruningConfig
+from lightning_compress.sparsity.config import PruningConfig
 from lightning_compress.sparsity.masks import (
     MaskedWeight,
     check_nm_compatible,

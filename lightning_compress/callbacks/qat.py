@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any, Dict, Mapping
 
 import torch
@@ -25,12 +24,7 @@ from lightning_compress.core.transforms import (
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver
 from lightning_compress.quant.config import QATConfig
 from lightning_compress.quant.spec import QuantSpec
-from lightning_compress.quant.weights import (
-    DEFAULT_TARGET_TYPES,
-    QUANTIZABLE_TYPES,
-    WeightFakeQuantizer,
-    attach_weight_quantizers,
-)
+from lightning_compress.quant.weights import WeightFakeQuantizer, attach_weight_quantizers
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -225,12 +219,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         specs = {}
         used = set()
         for name in layers:
-            specs[name] = self.spec
-            for pattern, spec in self.layer_overrides.items():
-                if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
-                    specs[name] = spec
-                    used.add(pattern)
-                    break
+            specs[name], pattern = self.config.spec_for(name)
+            used.add(pattern)
         unused = [p for p in self.layer_overrides if p not in used]
         if unused:
             raise ValueError(

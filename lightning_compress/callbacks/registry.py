@@ -1,18 +1,19 @@
-"""The compression methods by name: recipe section -> callback class and config.
+"""The compression methods by name: recipe section -> callback class and its config.
 
-Recipes, the CLI and the compatibility check find the methods here, so adding a method
-is one entry (and its callback and config), with no edit in ``core/`` or ``recipes.py``.
-The order is canonical: the order ``from_recipe`` returns the callbacks in (LoRA puts
-its adapters in first; the export writes at fit end after the others are done).
+Recipes build their schema from here and the CLI finds a method's section here, so adding
+a method is one entry (its callback, whose ``config_class`` holds the arguments), with no
+edit in ``core/`` or ``recipes.py``. The rules between methods live in
+``compatibility.py`` and find the callbacks by their ``section``. The order is canonical:
+the order ``from_recipe`` returns the callbacks in (LoRA puts its adapters in first; the
+export writes at fit end after the others are done).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 from typing import Dict, Tuple
 
-from lightning_compress.callbacks.base import CompressionCallback
-from lightning_compress.callbacks.compatibility import RULES
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.export import CompressedExport
 from lightning_compress.callbacks.lora import LoRA
@@ -22,7 +23,7 @@ from lightning_compress.callbacks.qat import QuantizationAwareTraining
 
 @dataclass(frozen=True)
 class Method:
-    """One compression method: its recipe section, callback and config class."""
+    """One compression method: its recipe section and callback (and so its config)."""
 
     section: str
     callback: type
@@ -31,22 +32,14 @@ class Method:
     def config(self) -> type:
         return self.callback.config_class
 
-    def arguments(self) -> Tuple[str, ...]:
+    def arguments(self) -> Tuple[dataclasses.Field, ...]:
         """The config fields a user sets (the recipe keys), in declaration order."""
-        return tuple(f.name for f in fields(self.config) if f.init)
+        return tuple(f for f in dataclasses.fields(self.config) if f.init)
 
 
 METHODS: Dict[str, Method] = {
     cls.section: Method(cls.section, cls)
     for cls in (LoRA, KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining, CompressedExport)
 }
-# Rules between methods (see `compatibility`): checked for every Trainer and recipe.
-COMPATIBILITY_RULES = RULES
 
-
-def method_of(callback: CompressionCallback) -> Method:
-    """The registered method a callback instance belongs to."""
-    return METHODS[callback.section]
-
-
-__all__ = ["Method", "METHODS", "COMPATIBILITY_RULES", "method_of"]
+__all__ = ["Method", "METHODS"]

@@ -31,6 +31,7 @@ class CompressionCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any):
+        from lightning_compress.callbacks.base import CompressionCallback
         from lightning_compress.commands.errors import CommandError
         from lightning_compress.commands.state import MarkTrainingStarted
         from lightning_compress.core.tracking import wandb_logger
@@ -39,7 +40,9 @@ class CompressionCLI(LightningCLI):
         trainer_config = config.get("trainer") or {}
         recipe_callbacks = self._recipe_callbacks(config)
         user_callbacks = _as_list(trainer_config.get("callbacks"))
-        clashes = sorted({type(c).__name__ for c in recipe_callbacks} & {type(c).__name__ for c in user_callbacks})
+        # One method configured twice (the same section), whatever the classes (a subclass counts).
+        sections = {c.section for c in recipe_callbacks if isinstance(c, CompressionCallback)}
+        clashes = sorted({type(c).__name__ for c in user_callbacks if isinstance(c, CompressionCallback) and c.section in sections})
         if clashes:
             raise CommandError(
                 f"{clashes} come both from --trainer.callbacks and from the recipe; configure each method in"

@@ -9,6 +9,7 @@ holding it is fsynced so the rename itself survives a power loss. Temporaries ar
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -26,6 +27,10 @@ def fsync_directory(directory: str | os.PathLike) -> None:
     handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(handle)
+    except OSError as err:
+        # Some filesystems (network mounts, FUSE) cannot fsync a folder; the data is in place.
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(handle)
 

@@ -23,7 +23,7 @@ def validate_step(argument: str, value: StepLike) -> StepLike:
         ArgumentError: naming ``argument`` when the value is not a non-negative int or a
             float in ``[0, 1]``.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ArgumentError(argument, 
             f"`{argument}` must be an int (optimizer step) or a float in [0, 1] (fraction of"
             f" the run), got {value!r}"

@@ -13,20 +13,24 @@ and its input, before the layer computes, passes through its input stages
 order the callbacks were listed in, so methods compose instead of fighting.
 
 How: the layer's class is swapped for a cached subclass in which each transformed
-parameter name is a property that runs the stack over the raw parameter, and whose
-``forward`` runs the input stages on the first argument. The raw parameters stay in
+parameter name is a property that runs the stack over the raw parameter. The input stages
+run in one forward pre-hook the stack registers on the layer (so, as with any pre-hook,
+PyTorch's fused attention fast path, which would skip them, stays off for the module that
+holds the layer, and the layer's forward hooks see the transformed input). The raw parameters stay in
 ``layer._parameters``, so ``state_dict`` keys, ``named_parameters`` (and so the optimizer
 and DDP) see the user's parameters under their own names, and any code that reads
 ``layer.weight`` (the layer's own ``forward``, or a parent such as
 ``nn.MultiheadAttention`` that reads ``out_proj.weight``) gets the effective weight. This
 is the mechanism of ``torch.nn.utils.parametrize``, minus its renaming of the parameter.
 Recurrent layers compute from a cached list of their weights (``_flat_weights``); the
-subclass hands them the effective weights for the duration of each forward.
+subclass fills it with the effective weights for the duration of each forward (computed
+once) and keeps the raw parameters there otherwise (so copies hold leaf tensors).
 """
 
 from __future__ import annotations
 
 import enum
+import weakref
 from typing import Any, Callable, Dict, Iterator, Tuple, Type
 
 from torch import Tensor, nn
@@ -38,6 +42,7 @@ INPUT = "<input>"  # the slot of a layer's first forward argument (never a param
 _STACK_ATTR = "_lc_stack"  # {slot: {stage: transform}}
 _SORTED_ATTR = "_lc_sorted"  # {slot: ((stage, transform), ...)}, read on every forward
 _FORWARD_ATTR = "_lc_forward"
+_INPUT_HOOK_ATTR = "_lc_input_hook"  # the id of the forward pre-hook that runs the input stages
 _TRANSFORMED_CLASSES: Dict[type, type] = {}
 
 
@@ -52,8 +57,15 @@ class Stage(enum.IntEnum):
 
 # ---------------------------------------------------------------------- weights
 def raw_weight(layer: nn.Module, param: str = WEIGHT) -> nn.Parameter:
-    """The trainable parameter under the stack (what the optimizer updates)."""
-    return layer._parameters[param]
+    """The trainable parameter under the stack (what the optimizer updates).
+
+    Raises:
+        ValueError: when ``layer`` has no parameter ``param``.
+    """
+    parameter = layer._parameters.get(param)
+    if parameter is None:
+        raise ValueError(f"{type(layer).__name__} has no parameter `{param}`; it has {sorted(layer._parameters)}")
+    return parameter
 
 
 def is_transformed(layer: nn.Module) -> bool:
@@ -91,6 +103,8 @@ def remove_weight_transform(layer: nn.Module, stage: Stage, param: str = WEIGHT)
     del stack[param][stage]
     if not stack[param]:
         del stack[param]
+        if param == INPUT:
+            _remove_input_hook(layer)
     if stack:
         _sort(layer)
         return
@@ -130,6 +144,11 @@ def stages(layer: nn.Module, param: str = WEIGHT) -> tuple:
 def transformed_slots(layer: nn.Module) -> Tuple[str, ...]:
     """The parameter names (and :data:`INPUT`) of ``layer`` that carry stages."""
     return tuple(layer.__dict__.get(_SORTED_ATTR, {}))
+
+
+def weight_slots(layer: nn.Module) -> Tuple[str, ...]:
+    """The parameter names of ``layer`` that carry stages (its transformed weights)."""
+    return tuple(slot for slot in transformed_slots(layer) if slot != INPUT)
 
 
 def all_transforms(layer: nn.Module) -> Iterator[Tuple[str, Stage, Any]]:
@@ -228,15 +247,19 @@ def owner_tokens(callbacks) -> set:
     return {token for cb in callbacks if (token := getattr(cb, "owner_token", None))}
 
 
-def detach_all(root: nn.Module) -> None:
-    """Remove every transform from every layer under ``root`` (used by tests and export)."""
+def detach_all(root: nn.Module, *, keep_inputs: bool = False) -> None:
+    """Remove every transform from every layer under ``root``; with ``keep_inputs`` the
+    input stages stay (an export that folds the weights still quantizes activations)."""
     for module in root.modules():
         for slot, stage, _ in list(all_transforms(module)):
-            remove_weight_transform(module, stage, slot)
+            if not (keep_inputs and slot == INPUT):
+                remove_weight_transform(module, stage, slot)
 
 
 # ---------------------------------------------------------------------- internals
 def _add(layer: nn.Module, slot: str, stage: Stage, transform: Any) -> None:
+    if not isinstance(stage, Stage):
+        raise ValueError(f"`stage` must be a Stage ({', '.join(s.name for s in Stage)}), got {stage!r}")
     stack = layer.__dict__.setdefault(_STACK_ATTR, {})
     if stage in stack.get(slot, {}):
         raise ValueError(
@@ -247,6 +270,9 @@ def _add(layer: nn.Module, slot: str, stage: Stage, transform: Any) -> None:
         layer.__class__ = _transformed_class(type(layer))
     if slot != INPUT:
         _expose(type(layer), slot)
+    elif _INPUT_HOOK_ATTR not in layer.__dict__:
+        handle = layer.register_forward_pre_hook(_run_input_stages, with_kwargs=True)
+        layer.__dict__[_INPUT_HOOK_ATTR] = handle.id
     stack.setdefault(slot, {})[stage] = transform
     _sort(layer)
 
@@ -260,8 +286,10 @@ def _sort(layer: nn.Module) -> None:
 
 def _effective(name: str) -> property:
     def effective(self: nn.Module) -> Tensor:
+        if name not in self._parameters:  # another instance of the class has this parameter
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         weight = self._parameters[name]
-        for _, transform in self.__dict__[_SORTED_ATTR].get(name, ()):
+        for _, transform in self.__dict__.get(_SORTED_ATTR, {}).get(name, ()):
             weight = transform(weight)
         return weight
 
@@ -297,47 +325,81 @@ def _reduce_ex(self: nn.Module, protocol: int):
     return (_new_transformed, (_original_class(type(self)), transformed_slots(self)), state)
 
 
-def _run_inputs(layer: nn.Module, args: tuple) -> tuple:
-    entries = layer.__dict__[_SORTED_ATTR].get(INPUT)
-    if not entries or not args:
-        return args
-    x = args[0]
+def _run_input_stages(layer: nn.Module, args: tuple, kwargs: dict):
+    """The forward pre-hook of a layer with input stages: they transform its first
+    argument (``input=`` when it is passed by keyword)."""
+    entries = layer.__dict__.get(_SORTED_ATTR, {}).get(INPUT)
+    if not entries:
+        return None
+    if args:
+        x = args[0]
+    elif "input" in kwargs:
+        x = kwargs["input"]
+    else:
+        return None
     for _, transform in entries:
         x = transform(x, layer)
-    return (x, *args[1:])
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "input": x}
+
+
+def _remove_input_hook(layer: nn.Module) -> None:
+    hook_id = layer.__dict__.pop(_INPUT_HOOK_ATTR, None)
+    layer._forward_pre_hooks.pop(hook_id, None)
+    layer._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+
+
+def _raw_flat_weights(self: nn.RNNBase) -> list:
+    return [self._parameters.get(name) for name in self._flat_weights_names]
+
+
+def _raw_init_flat_weights(self: nn.RNNBase) -> None:
+    # RNNBase calls this after `.to()`/`.half()` and on construction: keep the raw leaves.
+    self._flat_weights = _raw_flat_weights(self)
+    self._flat_weight_refs = [None if w is None else weakref.ref(w) for w in self._flat_weights]
+    self.flatten_parameters()
+
+
+def _effective_flat_weights(self: nn.RNNBase) -> None:
+    # RNNBase.forward calls this first: its cached weight list becomes the effective
+    # weights, each stack run once (the base version would run them up to four times).
+    self._flat_weights = [getattr(self, name) for name in self._flat_weights_names]
+
+
+def _rnn_getstate(self: nn.RNNBase) -> dict:
+    # Copies and pickles hold the raw (leaf) parameters, never a forward's effective ones.
+    self._flat_weights = _raw_flat_weights(self)
+    state = self.__dict__.copy()
+    state.pop("_flat_weight_refs", None)
+    return state
 
 
 def _transformed_class(base: Type[nn.Module]) -> type:
     if base not in _TRANSFORMED_CLASSES:
         base_forward = base.forward
-        recurrent = issubclass(base, nn.RNNBase)
+        members: Dict[str, Any] = {"__reduce_ex__": _reduce_ex, "__module__": base.__module__,
+                                   "__qualname__": base.__qualname__}
 
         def forward(self, *args, **kwargs):
-            args = _run_inputs(self, args)
             override = self.__dict__.get(_FORWARD_ATTR)
             if override is not None:
                 return override(*args, **kwargs)
-            if not recurrent:
-                return base_forward(self, *args, **kwargs)
-            # nn.RNNBase computes from `_flat_weights`, a list of its raw parameters.
-            raw = self._flat_weights
-            self._flat_weights = [getattr(self, name) for name in self._flat_weights_names]
+            return base_forward(self, *args, **kwargs)
+
+        def recurrent_forward(self, *args, **kwargs):
             try:
                 return base_forward(self, *args, **kwargs)
             finally:
-                self._flat_weights = raw
+                self._flat_weights = _raw_flat_weights(self)
 
+        if issubclass(base, nn.RNNBase):
+            members.update(forward=recurrent_forward, _update_flat_weights=_effective_flat_weights,
+                           _init_flat_weights=_raw_init_flat_weights, __getstate__=_rnn_getstate)
+        else:
+            members["forward"] = forward
         # Same name as the base so `print(model)` and summaries look as the user expects.
-        _TRANSFORMED_CLASSES[base] = type(
-            base.__name__,
-            (base,),
-            {
-                "forward": forward,
-                "__reduce_ex__": _reduce_ex,
-                "__module__": base.__module__,
-                "__qualname__": base.__qualname__,
-            },
-        )
+        _TRANSFORMED_CLASSES[base] = type(base.__name__, (base,), members)
     return _TRANSFORMED_CLASSES[base]
 
 
@@ -357,6 +419,7 @@ __all__ = [
     "run_stages",
     "stages",
     "transformed_slots",
+    "weight_slots",
     "all_transforms",
     "set_forward",
     "own_forward",

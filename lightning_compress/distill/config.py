@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ class DistillationConfig:
     student_layer: str | None = None
     teacher_inputs: Callable[[Any], Any] | None = None
     teacher_dtype: torch.dtype | None = None
-    features: Tuple[Tuple[str, str], ...] | None = None
+    features: Sequence[Tuple[str, str]] | None = None
     feature_weight: float = 1.0
     projection_lr: float = 1e-3
     cache: str | None = None
@@ -102,6 +102,8 @@ class DistillationConfig:
                 " cached. Drop `cache`, or distil outputs only.",
             )
         if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
+                raise ArgumentError("cache_dir", f"`cache_dir` must be a folder path, got {self.cache_dir!r}")
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
 

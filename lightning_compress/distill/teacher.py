@@ -42,7 +42,8 @@ def check_teacher(teacher: Any, teacher_class: Any) -> Path | None:
         raise ArgumentError("teacher", f"`teacher` must be a model, a checkpoint path or 'self', got {type(teacher).__name__}: {usage}")
     path = Path(teacher)
     if not path.is_file():
-        raise ArgumentError("teacher", f"`teacher` checkpoint path {str(path)!r} does not exist; {usage}")
+        problem = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise ArgumentError("teacher", f"`teacher` checkpoint path {str(path)!r} {problem}; {usage}")
     if teacher_class is None:
         raise ArgumentError(
             "teacher_class",

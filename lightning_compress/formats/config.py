@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from lightning_compress.core.validate import ArgumentError, check_bool, check_callable, check_int, check_name
 from lightning_compress.formats.export import validate_export_formats, validate_export_options
@@ -35,7 +35,7 @@ class ExportConfig:
     sparse_threshold: Optional[float] = 0.3
     compressed_tensors: Optional[bool] = None
     recipe: Optional[Dict[str, Any]] = None
-    formats: Tuple[str, ...] = ("safetensors",)
+    formats: Sequence[str] = ("safetensors",)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dirpath, (str, os.PathLike)) or not str(self.dirpath):
@@ -50,7 +50,8 @@ class ExportConfig:
         validate_export_options(
             self.backend, self.sparse_threshold, self.max_relative_error, self.min_sqnr_db, None, self.compressed_tensors
         )
-        validate_export_formats(self.formats, [None] if "onnx" in self.formats else None)
+        onnx = isinstance(self.formats, (list, tuple)) and "onnx" in self.formats
+        validate_export_formats(self.formats, [None] if onnx else None)
         object.__setattr__(self, "dirpath", Path(self.dirpath))
         object.__setattr__(self, "formats", tuple(self.formats))
 

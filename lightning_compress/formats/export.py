@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.atomic import atomic_write_directory
 from lightning_compress.core.reporting import format_table
-from lightning_compress.core.transforms import Stage, is_transformed, weight_before
+from lightning_compress.core.transforms import Stage, is_transformed, weight_before, weight_slots
 from lightning_compress.core.validate import ArgumentError, check_choice, check_number
 from lightning_compress.formats import compressed_tensors as ct
 from lightning_compress.formats.errors import ExportError, ParityError
@@ -217,7 +217,9 @@ def validate_export_formats(formats, inputs) -> None:
     Raises:
         ArgumentError: a ``ValueError`` naming ``formats`` or ``inputs``.
     """
-    if isinstance(formats, str) or not isinstance(formats, Sequence) or not set(formats) <= {"safetensors", "onnx"}:
+    known = ("safetensors", "onnx")
+    if isinstance(formats, str) or not isinstance(formats, Sequence) or not all(f in known for f in formats if isinstance(f, str)) \
+            or not all(isinstance(f, str) for f in formats):
         raise ArgumentError("formats", f"`formats` must be a list from ['safetensors', 'onnx'], got {formats!r}")
     if "safetensors" not in formats:
         raise ArgumentError("formats", "`formats` must include 'safetensors' (the loader and the parity check read it)")
@@ -248,7 +250,8 @@ def collect(model: nn.Module):
             prefix = f"{name}." if name else ""
             for extra in ADAPTER_PARAMETERS:
                 state.pop(prefix + extra, None)
-            state[prefix + "weight"] = module.weight.detach()
+            for slot in weight_slots(module):
+                state[prefix + slot] = getattr(module, slot).detach()
     for name in layers:
         state.pop(f"{name}.weight" if name else "weight", None)
     tensors: Dict[str, Tensor] = {}

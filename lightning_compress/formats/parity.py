@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.transforms import Stage, get_weight_transform, is_transformed
+from lightning_compress.core.transforms import Stage, get_weight_transform, weight_slots
 from lightning_compress.formats.loader import set_submodule
 from lightning_compress.formats.packed import PackedModel
 from lightning_compress.formats.runtime import build_packed_module
@@ -172,10 +172,9 @@ def _weight_mismatches(model: nn.Module, packed: PackedModel) -> List[str]:
 
 def _effective(model: nn.Module, key: str, state: Mapping[str, Tensor]) -> Tensor | None:
     owner, _, leaf = key.rpartition(".")
-    if leaf == "weight":
-        module = model.get_submodule(owner) if owner else model
-        if is_transformed(module):  # compare the effective weight
-            return module.weight
+    module = model.get_submodule(owner) if owner else model
+    if leaf in weight_slots(module):  # compare the effective weight
+        return getattr(module, leaf)
     return state.get(key)
 
 
@@ -194,7 +193,8 @@ def _run_recording(model: nn.Module, layers: Mapping[str, Any], inputs: Iterable
     handles = []
     for name in layers:
         module = model.get_submodule(name)
-        # Prepended: the input before QAT's activation pre-hook, as a packed layer gets it.
+        # The input as the layer receives it (QAT's activation stage runs inside the layer),
+        # as a packed layer gets it; prepended, before any user pre-hook changes it.
         handles.append(module.register_forward_pre_hook(
             lambda _, args, name=name: seen_in[name].append(args[0].detach()), prepend=True))
         handles.append(module.register_forward_hook(

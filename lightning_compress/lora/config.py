@@ -35,14 +35,14 @@ class LoRAConfig:
 
     r: int = 8
     lora_alpha: float = 16.0
-    target_modules: Tuple[Target, ...] | None = None
+    target_modules: Sequence[Target] | None = None
     _: KW_ONLY
     lora_dropout: float = 0.0
     use_rslora: bool = False
-    exclude_modules: Tuple[Target, ...] | None = None
-    modules_to_save: Tuple[str, ...] | None = None
+    exclude_modules: Sequence[Target] | None = None
+    modules_to_save: Sequence[str] | None = None
     base: str = "float"
-    compute_dtype: torch.dtype | None = None
+    compute_dtype: torch.dtype | str | None = None
     nf4_block_size: int = NF4_BLOCK_SIZE
     nf4_scaler_block_size: int = NF4_SCALER_BLOCK_SIZE
     merge_on_fit_end: bool = False
@@ -72,7 +72,7 @@ class LoRAConfig:
         check_bool("merge_on_fit_end", self.merge_on_fit_end)
         check_bool("adapter_only_checkpoints", self.adapter_only_checkpoints)
         if self.adapter_dir is not None:
-            if not isinstance(self.adapter_dir, (str, os.PathLike)):
+            if not isinstance(self.adapter_dir, (str, os.PathLike)) or not str(self.adapter_dir):
                 raise ArgumentError(
                     "adapter_dir", f"`adapter_dir` must be a directory path or None, got {self.adapter_dir!r}"
                 )

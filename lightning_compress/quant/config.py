@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, ClassVar, Dict, Mapping, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Sequence, Tuple
 
 from lightning_compress.core.schedule import StepLike, validate_step
 from lightning_compress.core.targeting import Target, validate_name, validate_targets
@@ -40,13 +41,21 @@ class QATConfig:
     start_step: StepLike = 0
     freeze_bn_step: StepLike | None = None
     overrides: Dict[str, Dict[str, Any]] | None = None
-    targets: Tuple[Target, ...] | None = None
-    exclude: Tuple[Target, ...] | None = None
+    targets: Sequence[Target] | None = None
+    exclude: Sequence[Target] | None = None
     name: str | None = None
     spec: QuantSpec = field(init=False, repr=False, compare=False)
     layer_overrides: Dict[str, QuantSpec] = field(init=False, repr=False, compare=False)
     supported_types: ClassVar[Tuple[type, ...]] = QUANTIZABLE_TYPES  # what `targets` may name
     default_types: ClassVar[Tuple[type, ...]] = DEFAULT_TARGET_TYPES  # what no `targets` means
+
+    def spec_for(self, name: str) -> Tuple[QuantSpec, str | None]:
+        """The grid of layer ``name``: the first ``overrides`` glob that matches it (a whole
+        name or its last parts), else the main spec; and that glob (``None``: the main spec)."""
+        for pattern, spec in self.layer_overrides.items():
+            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
+                return spec, pattern
+        return self.spec, None
 
     def __post_init__(self) -> None:
         bits = parse_bits("weights", self.weights)
@@ -76,6 +85,8 @@ class QATConfig:
         object.__setattr__(self, "range_lr", float(self.range_lr))
         object.__setattr__(self, "spec", spec)
         object.__setattr__(self, "layer_overrides", _parse_overrides(self.overrides, spec))
+        if self.overrides is not None:  # a copy: the caller's dict may change later
+            object.__setattr__(self, "overrides", {k: dict(v) for k, v in self.overrides.items()})
         object.__setattr__(self, "targets", validate_targets("targets", self.targets, QUANTIZABLE_TYPES))
         object.__setattr__(self, "exclude", validate_targets("exclude", self.exclude, QUANTIZABLE_TYPES))
         object.__setattr__(self, "name", validate_name(self.name))
@@ -90,6 +101,8 @@ def _parse_overrides(overrides: Any, base: QuantSpec) -> Dict[str, QuantSpec]:
         )
     specs = {}
     for pattern, options in overrides.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ArgumentError("overrides", f"`overrides` keys must be layer name globs such as 'head', got {pattern!r}")
         if not isinstance(options, Mapping):
             raise ArgumentError("overrides", f"`overrides[{pattern!r}]` must be a dict of options, got {options!r}")
         try:

@@ -113,6 +113,8 @@ def spec_from_options(argument: str, options: Mapping[str, Any], base: QuantSpec
     if unknown:
         raise ArgumentError(argument, f"`{argument}` has unknown option(s) {unknown}; allowed: {sorted(allowed)}")
     changes = dict(options)
+    if "weights" in changes and "bits" in changes:
+        raise ArgumentError(argument, f"`{argument}` gives both `weights` and `bits`; keep one")
     if "weights" in changes:
         changes["bits"] = parse_bits(f"{argument}.weights", changes.pop("weights"))
     elif "bits" in changes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass, field
-from typing import ClassVar, Tuple
+from typing import ClassVar, Sequence, Tuple
 
 from torch import nn
 
@@ -38,8 +38,8 @@ class PruningConfig:
     pattern: str = "unstructured"
     scope: str = "layer"
     norm: int = 1
-    targets: Tuple[Target, ...] | None = None
-    exclude: Tuple[Target, ...] | None = None
+    targets: Sequence[Target] | None = None
+    exclude: Sequence[Target] | None = None
     name: str | None = None
     sparsity_pattern: SparsityPattern = field(init=False, repr=False, compare=False)
     supported_types: ClassVar[Tuple[type, ...]] = PRUNABLE_TYPES  # what `targets` may name

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_bytes, replace_file
-from lightning_compress.core.transforms import detach_all, is_transformed
+from lightning_compress.core.transforms import detach_all, weight_slots
 from lightning_compress.formats.onnx.graph import plan_layers, rewrite_graph
 from lightning_compress.formats.onnx.layouts import LayerPlan
 from lightning_compress.quant.fake_quant import QuantizedWeight
@@ -187,19 +187,21 @@ def _export_copy(model: nn.Module, plans: Mapping[str, LayerPlan]) -> nn.Module:
     # Fold every weight transform (fake quant, masks, adapters) into a plain weight, so the
     # exporter sees a constant initializer instead of tracing round/clamp ops; quantized
     # layers get exactly q.dequantize(), which the graph rewrite then finds by value.
+    # Activation quantization stays: it is traced into the graph as fake-quant ops.
     effective = {}
     with torch.no_grad():
         for name, module in clone.named_modules():
-            if name in plans:
-                weight = module._parameters["weight"]
-                value = torch.from_numpy(plans[name].dequantized).to(weight.device, weight.dtype)
-                effective[name] = value
-            elif is_transformed(module):
-                effective[name] = module.weight.detach().clone()
-    detach_all(clone)
+            for slot in weight_slots(module):
+                if name in plans and slot == "weight":
+                    weight = module._parameters["weight"]
+                    value = torch.from_numpy(plans[name].dequantized).to(weight.device, weight.dtype)
+                else:
+                    value = getattr(module, slot).detach().clone()
+                effective[(name, slot)] = value
+    detach_all(clone, keep_inputs=True)
     modules = dict(clone.named_modules())
-    for name, value in effective.items():
-        modules[name]._parameters["weight"] = nn.Parameter(value, requires_grad=False)
+    for (name, slot), value in effective.items():
+        modules[name]._parameters[slot] = nn.Parameter(value, requires_grad=False)
     return clone.eval()
 
 
