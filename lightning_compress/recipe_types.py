@@ -41,11 +41,18 @@ def coerce(value: Any, tp: Any) -> Any:
             return None
         raise Mismatch
     if origin in (Union, types.UnionType):
-        for member in typing.get_args(tp):
+        members = typing.get_args(tp)
+        # A dotted path that imports the class a member asks for is that class, not a name
+        # (`targets: [torch.nn.Linear]`); a string that imports nothing stays a string.
+        classes = [m for m in members if typing.get_origin(m) is type]
+        for member in [*classes, *(m for m in members if m not in classes)]:
             try:
                 return coerce(value, member)
             except Mismatch:
                 continue
+            except ImportPathError:
+                if str not in members:
+                    raise
         raise Mismatch
     if tp is bool:
         return _exact(value, bool)

@@ -157,6 +157,11 @@ def test_import_paths_and_dtypes_are_converted(tmp_path):
         }
     )
     assert kd.teacher_class is RecipeMLP and kd.teacher_dtype is torch.bfloat16
+    # Layer types as dotted paths are classes; anything that imports nothing is a name glob.
+    (pruning, _record) = from_recipe({"pruning": {"targets": ["torch.nn.Conv2d", "encoder.*", "head"]}})
+    assert pruning.targets == (torch.nn.Conv2d, "encoder.*", "head")
+    with pytest.raises(RecipeError, match="recipe key pruning.targets: `targets` names the layer type ReLU"):
+        load_recipe({"pruning": {"targets": ["torch.nn.ReLU"]}})
 
 
 MALFORMED = [

@@ -1,4 +1,5 @@
-"""Lightning callbacks: thin glue over ``core``, ``sparsity``, ``quant``, ``lora`` and ``formats``."""
+"""Lightning callbacks: thin glue over ``core``, ``sparsity``, ``quant``, ``lora``, ``distill`` and
+``formats``; ``base.CompressionCallback`` is their shared lifecycle, ``registry.METHODS`` lists them."""
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.export import CompressedExport

@@ -192,7 +192,7 @@ def set_forward(layer: nn.Module, forward: Callable[..., Any] | None) -> None:
         layer.__dict__.pop(_FORWARD_ATTR, None)
         return
     if not is_transformed(layer):
-        raise ValueError(f"set_forward needs a layer with a weight transform, got {type(layer).__name__}")
+        raise ValueError(f"set_forward needs a layer with a stage on the stack, got {type(layer).__name__}")
     layer.__dict__[_FORWARD_ATTR] = forward
 
 
@@ -221,8 +221,9 @@ def install_weight_transform(
     existing = get_weight_transform(layer, stage, param)
     if existing is not None:
         if getattr(existing, "owner", None) in active_owners:
+            where = "input" if param == INPUT else f"`{param}`"
             raise ValueError(
-                f"two active callbacks put a {stage.name} transform on the same"
+                f"two active callbacks put a {stage.name} transform on the {where} of the same"
                 f" {type(layer).__name__}; give them disjoint `targets`/`exclude`"
             )
         remove_weight_transform(layer, stage, param)
