@@ -26,7 +26,7 @@ import difflib
 import inspect
 import typing
 import uuid
-from typing import Any, ClassVar, Dict, Mapping, Optional
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
@@ -59,6 +59,8 @@ class CompressionCallback(Callback):
 
     section: ClassVar[str] = ""
     config_class: ClassVar[Optional[type]] = None
+    # Config fields that shape the trained state: a resume with other values is refused.
+    resume_settings: ClassVar[Tuple[str, ...]] = ()
     # False for a method that keeps nothing in checkpoints (the export).
     stateful: ClassVar[bool] = True
 
@@ -178,7 +180,7 @@ class CompressionCallback(Callback):
         bind_owner(pl_module, self.owner_token)
         if self._restored is not None:
             state, self._restored = self._restored, None
-            self.restore(state)
+            self._restore_checked(state)
 
     def rivals(self, trainer: Trainer) -> set:
         """Owner tokens of the other compression callbacks of ``trainer``: their stages
@@ -209,18 +211,103 @@ class CompressionCallback(Callback):
             return {}
         if self._restored is not None and not self.is_set_up():
             return self._restored  # loaded but not applied yet: passed on unchanged
-        return {"version": STATE_VERSION, **self.method_state()}
+        state = {"version": STATE_VERSION, **self.method_state()}
+        if self.resume_settings:
+            state["settings"] = self._settings()
+        return state
 
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if not self.stateful:
             return
-        check_state_version(type(self).__name__, state_dict)
-        self.check_state(state_dict)
+        name = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"the checkpoint's {name} state is a {type(state_dict).__name__}, not a mapping; {_FOREIGN}")
+        check_state_version(name, state_dict)
+        self._check_settings(state_dict.get("settings"))
+        self._guarded(self.check_state, state_dict)
         self._restored = state_dict
         if self.is_set_up():  # restored after setup (the usual order): apply now
             state, self._restored = self._restored, None
-            self.restore(state)
+            self._restore_checked(state)
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
+        # A run resumed without a method it was trained with would continue without it in
+        # silence (dense again, or in float); refuse, naming it.
+        if getattr(trainer.state, "fn", None) != "fit":
+            return  # evaluating or exporting: a subset of the methods may be rebuilt on purpose
+        taken = {getattr(cb, "state_key", None) for cb in trainer.callbacks}
+        left = [key for key in (checkpoint.get("callbacks") or {}) if key not in taken and _method_name(key)]
+        if left:
+            raise ValueError(
+                f"the checkpoint holds state of {', '.join(sorted({_method_name(k) for k in left}))} ({left}) but no"
+                " callback of this Trainer takes it, so the resumed run would continue without that method;"
+                " resume with the callbacks (or the recipe) the run was trained with, with the same `name`"
+            )
+
+    def _settings(self) -> Dict[str, Any]:
+        return {field: _plain(getattr(self.config, field)) for field in self.resume_settings}
+
+    def _check_settings(self, saved: Any) -> None:
+        if saved is None:  # written before settings were recorded
+            return
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"the checkpoint's {type(self).__name__} settings are malformed; {_FOREIGN}")
+        now = self._settings()
+        changed = [f"`{k}`: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
+        if changed:
+            raise ValueError(
+                f"{type(self).__name__} was trained with other settings ({'; '.join(changed)}), so the resumed run"
+                " would not continue the run it resumes; resume with the checkpoint's settings (the recipe stored in"
+                " it), or start a new run from its weights"
+            )
+
+    def _restore_checked(self, state: Mapping[str, Any]) -> None:
+        self._guarded(self.restore, state)
+
+    def _guarded(self, step: Any, state: Mapping[str, Any]) -> None:
+        # State that is not what this version writes (edited, truncated, from elsewhere)
+        # fails with the callback named, not with a KeyError from deep inside.
+        try:
+            step(state)
+        except (KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
+            raise ValueError(
+                f"the checkpoint's {type(self).__name__} state is malformed ({type(err).__name__}: {err}); {_FOREIGN}"
+            ) from None
+
+
+_FOREIGN = "it was edited or written by something else; resume from a checkpoint this run wrote"
+
+
+def _plain(value: Any) -> Any:
+    """A setting as plain data, comparable after a checkpoint round trip."""
+    if isinstance(value, type):
+        return value.__qualname__
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _method_name(state_key: str) -> Optional[str]:
+    """The compression method a checkpoint's callback-state key belongs to, if any."""
+    for cls in _method_classes(CompressionCallback):
+        if cls.stateful and state_key.startswith(cls.__qualname__ + "{"):
+            return cls.__qualname__
+    return None
+
+
+def _method_classes(root: type) -> List[type]:
+    found = []
+    for cls in root.__subclasses__():
+        if cls.config_class is not None:
+            found.append(cls)
+        found.extend(_method_classes(cls))
+    return found
 
 
 class LayerCompressionCallback(CompressionCallback):

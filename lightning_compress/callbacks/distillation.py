@@ -103,6 +103,8 @@ class KnowledgeDistillation(CompressionCallback):
 
     section = "distillation"
     config_class = DistillationConfig
+    # (`features` has its own check; `alpha` may be a function, and the teacher a model.)
+    resume_settings = ("temperature", "loss", "student_layer", "feature_weight")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -89,6 +89,8 @@ class LoRA(CompressionCallback):
 
     section = "lora"
     config_class = LoRAConfig
+    # (`r`, the scaling, the base and the adapted layers have their own checks.)
+    resume_settings = ("lora_dropout",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -97,6 +97,9 @@ class MagnitudePruning(LayerCompressionCallback):
 
     section = "pruning"
     config_class = PruningConfig
+    # (`pattern` has its own check, with its own message.)
+    resume_settings = ("final_sparsity", "initial_sparsity", "schedule", "start_step", "end_step", "update_every",
+                       "scope", "norm")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -206,7 +209,7 @@ class MagnitudePruning(LayerCompressionCallback):
     @override
     def restore(self, state: Mapping[str, Any]) -> None:
         self._applied_sparsity = float(state["applied_sparsity"])
-        self._actual_sparsity = float(state["actual_sparsity"])
+        recorded = float(state["actual_sparsity"])
         masks = dict(state["masks"])
         unknown = sorted(set(masks) - set(self._layers))
         missing = sorted(set(self._layers) - set(masks)) if masks else []
@@ -216,9 +219,29 @@ class MagnitudePruning(LayerCompressionCallback):
                 f" targets (only in the checkpoint: {unknown}; only targeted now: {missing})."
                 " Resume with the same `targets` and `exclude`."
             )
-        for name, entry in masks.items():
-            self._set_mask(name, unpack_mask(entry["packed"], tuple(entry["shape"])))
+        keeps = {name: self._checked_mask(name, entry) for name, entry in masks.items()}
+        for name, keep in keeps.items():
+            self._set_mask(name, keep)
         self._measure()
+        # The masks must prune what the state says they pruned when it was written: an
+        # emptied, all-pruned or edited mask set would resume at another sparsity.
+        if self._actual_sparsity != recorded:
+            raise ValueError(
+                f"the checkpoint's pruning masks prune {self._actual_sparsity:.4f} of the targeted weights but its"
+                f" state records {recorded:.4f}; the masks were edited or lost. Resume from a"
+                " checkpoint this run wrote"
+            )
+
+    def _checked_mask(self, name: str, entry: Mapping[str, Any]) -> torch.Tensor:
+        shape = tuple(raw_weight(self._layers[name]).shape)
+        packed = entry["packed"]
+        if tuple(entry["shape"]) != shape or not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 \
+                or packed.numel() != -(-math.prod(shape) // 8):
+            raise ValueError(
+                f"the checkpoint's pruning mask of layer {name!r} has shape {list(entry['shape'])} but the layer's weight"
+                f" is {list(shape)} (or its bits do not fill it); resume with the model the run trained"
+            )
+        return unpack_mask(packed, shape)
 
     def _forget(self) -> None:
         self._restored = None

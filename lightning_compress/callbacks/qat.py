@@ -107,6 +107,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
 
     section = "qat"
     config_class = QATConfig
+    # (The grid and `weight_range` are checked per layer, with their own messages.)
+    resume_settings = ("start_step", "learn_ranges", "activations", "observer", "calibration_steps", "freeze_bn_step")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
