@@ -380,3 +380,17 @@ def test_export_reads_stages_on_any_named_weight(tmp_path):
     assert torch.equal(loaded(x), model(x))
     assert torch.equal(loaded.attention.in_proj_weight, raw_weight(model.attention, "in_proj_weight") * keep_in)
     assert torch.equal(loaded.rnn.weight_hh_l0, raw_weight(model.rnn, "weight_hh_l0") * keep_hh)
+
+
+def test_overflowing_float16_scales_are_named_as_such(tmp_path):
+    """Finite weights whose float16 scales overflow are not blamed on the training run."""
+    from lightning_compress.quant.spec import QuantSpec
+    from lightning_compress.quant.weights import round_to_nearest
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight.fill_(1e6)  # / 7 (int4 max) is past float16's 65504
+    round_to_nearest(model, QuantSpec(4, "channel", scale_dtype="float16"))
+    with pytest.raises(ExportError, match=r"layer '0': its weights are finite but their float16 scales overflow.*scale_dtype='float32'"):
+        export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
