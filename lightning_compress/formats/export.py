@@ -241,13 +241,14 @@ def collect(model: nn.Module):
         module = modules[name]
         source = weight_before(module, Stage.FAKE_QUANT).detach()
         _check_finite(name, source)
-        if torch.isfinite(source).all() and not torch.isfinite(q.scale).all():
+        if torch.isinf(q.scale).any() and not torch.isnan(q.scale).any():
             # Finite weights, infinite scales: the grid's float16/bfloat16 scales overflowed.
             raise ExportError(
                 f"layer {name!r}: its weights are finite but their {q.spec.scale_dtype} scales overflow (largest"
                 f" |weight| {float(source.abs().max()):.3g}); train with QuantizationAwareTraining(scale_dtype='float32'),"
                 " or exclude the layer, and export again"
             )
+        _check_finite(name, q.scale)
         layers[name] = PackedLayer(q, type(module).__name__, *_activations(name, module))
     with torch.no_grad():
         for name, module in modules.items():
