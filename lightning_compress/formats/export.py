@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.atomic import atomic_write_directory
+from lightning_compress.core.atomic import DirectoryLockedError, InterruptedWriteError, atomic_write_directory
 from lightning_compress.core.reporting import format_table
 from lightning_compress.core.transforms import Stage, is_transformed, weight_before, weight_slots
 from lightning_compress.core.validate import ArgumentError, check_choice, check_number
@@ -100,7 +100,9 @@ def export(
         inputs: batches for the output parity check; each a tensor (``model(x)``), a
             tuple (``model(*x)``) or a dict (``model(**x)``). Without them only the
             weights are checked.
-        overwrite: replace an existing ``out_dir`` (only once the new one is complete).
+        overwrite: replace an existing ``out_dir`` (only once the new one is complete; a
+            crash at any instant leaves the old directory or the new one, see
+            :mod:`lightning_compress.core.atomic`).
         parity: run the parity check (default on).
         max_relative_error: threshold of the exact (dequantize) path's output error.
         min_sqnr_db: threshold of the int8-GEMM path's output SQNR, in dB.
@@ -119,8 +121,10 @@ def export(
             running it in onnxruntime against the fake-quant model.
 
     Raises:
-        ExportError: NaN/Inf in a weight (naming the layer), ``out_dir`` exists without
-            ``overwrite``, or an option does not fit the model.
+        ExportError: NaN/Inf in a weight (naming the layer), ``out_dir`` exists (or
+            appeared during the export) without ``overwrite``, another process is
+            exporting to ``out_dir`` (the message names its lock file and pid; this one
+            does not wait), or an option does not fit the model.
         ParityError: the packed model misses a threshold; ``err.report`` has the figures.
     """
     validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
@@ -188,7 +192,12 @@ def export(
             )
         return {METADATA_FILE: metadata_bytes(body), REPORT_FILE: (report.table() + "\n").encode()}
 
-    atomic_write_directory(out_dir, files, overwrite=overwrite, finish=finish)
+    try:
+        atomic_write_directory(out_dir, files, overwrite=overwrite, finish=finish)
+    except (FileExistsError, NotADirectoryError, DirectoryLockedError, InterruptedWriteError) as error:
+        # Refused before anything was replaced: another export holds the lock (no waiting:
+        # the second of two concurrent exports fails at once), or `out_dir` appeared meanwhile.
+        raise ExportError(str(error)) from error
     return report
 
 

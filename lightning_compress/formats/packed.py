@@ -366,9 +366,10 @@ def read_metadata(directory: Path) -> Dict[str, Any]:
 def read_packed(directory: str | os.PathLike) -> PackedModel:
     """Read and verify a packed directory; every problem raises :class:`PackedFormatError`."""
     from safetensors.torch import load as load_safetensors
+    from lightning_compress.core.atomic import recover_directory
 
     directory = Path(directory)
-    if not directory.is_dir():
+    if not directory.is_dir() and not recover_directory(directory):  # puts back what a killed export moved
         raise PackedFormatError(f"{directory}: no such directory")
     metadata = read_metadata(directory)
     weights_path = directory / WEIGHTS_FILE

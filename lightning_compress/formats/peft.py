@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from lightning_compress.core.atomic import atomic_write_bytes
+from lightning_compress.core.atomic import atomic_write_directory
 from lightning_compress.core.targeting import close_names_hint, match_modules
 from lightning_compress.lora.adapter import adapter_shapes
 from lightning_compress.lora.config import LoRAConfig
@@ -44,11 +44,16 @@ def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -
     """Write ``model``'s adapters (and its ``config.modules_to_save``) in PEFT's format.
 
     Layer names are relative to ``model``: pass the module PEFT will see as its base model
-    (for a LightningModule that wraps a transformers model, that inner model). Each file is
-    written atomically. Returns the directory.
+    (for a LightningModule that wraps a transformers model, that inner model). The
+    directory is written whole (:func:`~lightning_compress.core.atomic.atomic_write_directory`):
+    a crash at any instant leaves the old adapter files or the new ones, never a mix; other
+    files already in it are kept. Returns the directory.
 
     Raises:
-        ValueError: ``model`` holds no adapters (not injected, or merged already).
+        ValueError: ``model`` holds no adapters (not injected, or merged already), or
+            ``directory`` is a mount point or the current working directory.
+        DirectoryLockedError: another process is writing ``directory`` (an ``OSError``
+            naming the lock file and the writer's pid).
     """
     adapters = adapters_of(model)
     if not adapters:
@@ -77,8 +82,11 @@ def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -
         **_UNSUPPORTED,
     }
     directory = Path(directory)
-    atomic_write_bytes(directory / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(directory / ADAPTER_CONFIG, (json.dumps(peft_config, indent=2) + "\n").encode())
+    files = {ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"}),
+             ADAPTER_CONFIG: (json.dumps(peft_config, indent=2) + "\n").encode()}
+    # One directory swap, never two file renames: a crash between those would pair the new
+    # weights with the old config (and its `lora_alpha`).
+    atomic_write_directory(directory, files, overwrite=True, keep_others=True)
     return directory
 
 
