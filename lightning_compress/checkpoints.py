@@ -96,9 +96,14 @@ def export_checkpoint(
     output: Union[str, os.PathLike, None] = None,
     datamodule: Optional[pl.LightningDataModule] = None,
     overwrite: bool = False,
+    trust_recipe: bool = False,
 ) -> ExportReport:
     """Export a compression run's checkpoint to a packed directory, as the run's own
-    ``CompressedExport`` would have (same ``module``, ``input_fn`` and options).
+    ``CompressedExport`` would have (same ``module`` and options).
+
+    What the checkpoint holds is data: its stored recipe never decides where to write or
+    whether to replace anything, and a dotted path in it (``export.input_fn``) is refused
+    rather than imported, unless you pass the recipe again or set ``trust_recipe``.
 
     Args:
         checkpoint_path: the Lightning checkpoint.
@@ -106,30 +111,49 @@ def export_checkpoint(
             hyperparameters (``save_hyperparameters()``), or with no arguments.
         recipe: the recipe the run used; default: the one stored in the checkpoint.
         overrides: recipe overrides (``"export.backend=dequantize"``).
-        output: the directory; default: the recipe's ``export.dirpath``.
+        output: the directory to write; required with the stored recipe, else the
+            default is your ``recipe``'s ``export.dirpath``.
         datamodule: when given, its validation (else training) batches feed the output
             parity check; without it only the weights are checked.
-        overwrite: replace an existing directory.
+        overwrite: replace an existing directory (an ``export.overwrite`` in the recipe
+            is ignored: only this argument replaces anything).
+        trust_recipe: import and call the dotted paths of the stored recipe
+            (``export.input_fn``) as if you had passed it yourself.
+
+    Raises:
+        RecipeError: for a checkpoint without a recipe (and no ``recipe``), no output
+            directory, a stored dotted path without ``trust_recipe``, or a bad recipe.
+        FileExistsError: when the output directory exists and ``overwrite`` is False;
+            checked before the model is rebuilt, nothing is written.
     """
     if not (isinstance(model_class, type) and issubclass(model_class, pl.LightningModule)):
         raise RecipeError(f"--model must be a LightningModule class, got {model_class!r}")
     checkpoint = read_checkpoint(checkpoint_path)
-    if recipe is None:
+    stored = recipe is None
+    if stored:
         recipe = recipe_in_checkpoint(checkpoint)
         if recipe is None:
             raise RecipeError(
                 f"{str(checkpoint_path)!r} stores no recipe (it was not trained with from_recipe); pass --recipe"
             )
+        if output is None:
+            raise RecipeError(
+                "no output directory: pass -o/--output (output= in Python); the recipe stored in"
+                f" {str(checkpoint_path)!r} does not choose where to write"
+            )
     changes = [*overrides]
     if output is not None:
         changes.append(f"export.dirpath={json.dumps(str(output))}")
-    if overwrite:
-        changes.append("export.overwrite=true")
     # The teacher is not needed to rebuild the student; its checkpoint may be gone.
-    loaded = load_recipe(recipe, changes, exclude=["distillation"])
-    if "export" not in loaded.config:
+    options = dict(exclude=["distillation"], trusted=trust_recipe or not stored)
+    loaded = load_recipe(recipe, changes, **options)
+    writers = [c for c in loaded.callbacks() if isinstance(c, CompressedExport)]
+    if not writers:
         raise RecipeError("no output directory: pass -o/--output or add an export section with a dirpath to the recipe")
-    (writer,) = [c for c in loaded.callbacks() if isinstance(c, CompressedExport)]
+    if writers[0].config.overwrite is not bool(overwrite):  # only the caller replaces anything
+        loaded = load_recipe(recipe, [*changes, f"export.overwrite={str(bool(overwrite)).lower()}"], **options)
+        writers = [c for c in loaded.callbacks() if isinstance(c, CompressedExport)]
+    (writer,) = writers
     if writer.dirpath.exists() and not writer.config.overwrite:  # before the model is rebuilt
         raise FileExistsError(
             f"{writer.dirpath} already exists; choose another output directory or pass overwrite=True"

@@ -2,13 +2,16 @@
 
     lightning-compress fit --recipe r.yaml --model pkg.Module [--data pkg.DataModule] \\
         [--trainer.max_epochs 3] [--override pruning.final_sparsity=0.8 ...]
-    lightning-compress export --checkpoint last.ckpt --model pkg.Module -o packed/ [--recipe r.yaml]
+    lightning-compress export --checkpoint last.ckpt --model pkg.Module -o packed/ [--recipe r.yaml] [--overwrite]
     lightning-compress inspect packed/         (or a checkpoint)
     lightning-compress recipes [NAME]          (the ready recipes; NAME prints one to copy)
     lightning-compress demo
 
 Bad input (a missing file, a bad recipe, an unknown class path) ends with a one-paragraph
-error on stderr and exit code 2.
+error on stderr and exit code 2. A checkpoint's stored recipe is data: nothing in it is
+imported or called (``fit --ckpt_path`` and ``export`` refuse its dotted paths unless
+--recipe is passed again or --trust-checkpoint-recipe), and it never chooses where
+``export`` writes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from lightning_compress.commands.errors import CommandError
 
 USAGE_ERROR = 2
 COMMANDS = ("fit", "export", "inspect", "recipes", "demo")
+# A checkpoint's stored recipe is data; this flag lets its dotted paths be imported and called.
+TRUST_FLAG = "--trust-checkpoint-recipe"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -94,7 +99,8 @@ def _fit(argv: List[str]) -> int:
         value = _option_value(argv, option)
         if value is not None and _looks_like_class_path(value):
             _import_class(value, option)
-    return run_fit(_collect_overrides(argv))
+    trust = TRUST_FLAG in argv  # for this command only: never saved in the run's config
+    return run_fit(_collect_overrides([item for item in argv if item != TRUST_FLAG]), trust_checkpoint_recipe=trust)
 
 
 def _option_value(argv: Sequence[str], option: str) -> Optional[str]:
@@ -147,9 +153,13 @@ def _export(argv: List[str]) -> int:
     parser.add_argument("--model", required=True, help="the LightningModule class, as a dotted import path")
     parser.add_argument("--recipe", help="the recipe (default: the one stored in the checkpoint)")
     parser.add_argument("--override", action="append", default=[], help="recipe override KEY=VALUE (repeatable)")
-    parser.add_argument("-o", "--output", help="directory to write (default: the recipe's export.dirpath)")
+    parser.add_argument("-o", "--output",
+                        help="directory to write (required, unless --recipe is given: then its export.dirpath)")
     parser.add_argument("--data", help="a LightningDataModule class path: batches for the output parity check")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output directory (a recipe's export.overwrite is ignored)")
+    parser.add_argument(TRUST_FLAG, action="store_true",
+                        help="import and call the dotted paths of the checkpoint's stored recipe (export.input_fn)")
     args = parser.parse_args(argv)
 
     from lightning_compress.checkpoints import export_checkpoint, read_checkpoint
@@ -175,6 +185,7 @@ def _export(argv: List[str]) -> int:
         output=args.output,
         datamodule=datamodule,
         overwrite=args.overwrite,
+        trust_recipe=args.trust_checkpoint_recipe,
     )
     print(report.table())
     return 0

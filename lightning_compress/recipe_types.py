@@ -8,7 +8,10 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import importlib
+import importlib.util
 import os
+import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -21,6 +24,17 @@ class ImportPathError(ValueError):
     """A dotted import path that does not import."""
 
 
+class UntrustedImport(Exception):
+    """A value of an untrusted recipe that would import (or call) code: ``path``."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+_DOTTED = re.compile(r"[A-Za-z_]\w*([.:][A-Za-z_]\w*)+")
+
+
 def text_only(annotation: Any) -> bool:
     members = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
     members = [m for m in members if m is not type(None)]
@@ -31,8 +45,18 @@ class Mismatch(Exception):
     """A value that cannot be converted to the annotated type."""
 
 
-def coerce(value: Any, tp: Any) -> Any:
-    """``value`` converted to ``tp``; raises Mismatch when it cannot be."""
+def coerce(value: Any, tp: Any, *, trusted: bool = True) -> Any:
+    """``value`` converted to ``tp``; raises Mismatch when it cannot be.
+
+    With ``trusted=False`` (a recipe read from a checkpoint or an export: data, not code)
+    nothing is imported: a dotted path where a function or a class is expected raises
+    :class:`UntrustedImport`, except a class-or-name field (``targets``), which takes a
+    class only from a module already imported and reads anything else as a name.
+    """
+    return _coerce(value, tp, trusted, False)
+
+
+def _coerce(value: Any, tp: Any, trusted: bool, or_text: bool) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -47,7 +71,7 @@ def coerce(value: Any, tp: Any) -> Any:
         classes = [m for m in members if typing.get_origin(m) is type]
         for member in [*classes, *(m for m in members if m not in classes)]:
             try:
-                return coerce(value, member)
+                return _coerce(value, member, trusted, str in members)
             except Mismatch:
                 continue
             except ImportPathError:
@@ -76,24 +100,29 @@ def coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise Mismatch
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(v, args[0]) for v in value)
+            return tuple(_coerce(v, args[0], trusted, False) for v in value)
         if len(args) != len(value):
             raise Mismatch
-        return tuple(coerce(v, a) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, trusted, False) for v, a in zip(value, args))
     if origin in (list, collections.abc.Sequence):
         (item,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
             raise Mismatch
-        return [coerce(v, item) for v in value]
+        return [_coerce(v, item, trusted, False) for v in value]
     if origin in (dict, collections.abc.Mapping):
         key_tp, value_tp = typing.get_args(tp) or (Any, Any)
         if not isinstance(value, dict):
             raise Mismatch
-        return {coerce(k, key_tp): coerce(v, value_tp) for k, v in value.items()}
+        return {_coerce(k, key_tp, trusted, False): _coerce(v, value_tp, trusted, False) for k, v in value.items()}
     if origin in (type, collections.abc.Callable) or tp in (type, collections.abc.Callable):
         if not isinstance(value, str):
             raise Mismatch
-        target = import_object(value)
+        if trusted:
+            target = import_object(value)
+        elif or_text and origin is type:  # a class to match layers against, or a name glob
+            target = loaded_object(value)
+        else:  # a function would be called, a class built
+            raise UntrustedImport(value)
         if origin is type and typing.get_args(tp) and isinstance(typing.get_args(tp)[0], type):
             if not (isinstance(target, type) and issubclass(target, typing.get_args(tp)[0])):
                 raise Mismatch
@@ -157,4 +186,40 @@ def import_object(path: str) -> Any:
         raise ImportPathError(f"module {module_name!r} has no attribute {attribute!r}{hint}") from None
 
 
-__all__ = ["ImportPathError", "Mismatch", "coerce", "describe", "import_object", "text_only"]
+def loaded_object(path: str) -> Any:
+    """What a dotted path names in a module that is already imported, without importing
+    anything (nor running a module's ``__getattr__``).
+
+    Raises:
+        UntrustedImport: when the path names a module that exists but is not imported yet.
+        ImportPathError: when it names nothing (then it is not an import path at all).
+    """
+    if not _DOTTED.fullmatch(path):
+        raise ImportPathError(f"{path!r} is not a dotted import path")
+    module_name, _, attribute = path.replace(":", ".").rpartition(".")
+    if _would_import(module_name):
+        raise UntrustedImport(path)
+    module = sys.modules.get(module_name)
+    if module is None or attribute not in vars(module):
+        raise ImportPathError(f"{path!r} names nothing imported")
+    return vars(module)[attribute]
+
+
+def _would_import(module_name: str) -> bool:
+    """Whether importing ``module_name`` would run a module's code: some part of it is not
+    imported yet and can be found (finding a module does not run it)."""
+    parts = module_name.split(".")
+    for n in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:n])
+        if prefix in sys.modules:
+            continue
+        try:
+            return importlib.util.find_spec(prefix) is not None
+        except (ImportError, ValueError, AttributeError):
+            return False  # the import would fail right here, before running anything
+    return False
+
+
+__all__ = [
+    "ImportPathError", "Mismatch", "UntrustedImport", "coerce", "describe", "import_object", "loaded_object", "text_only",
+]

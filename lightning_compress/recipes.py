@@ -23,7 +23,12 @@ key's full path. Steps are absolute optimizer steps (an int) or fractions of the
 
 Values a YAML file cannot hold directly are written as strings: classes and functions as
 dotted import paths (``teacher_class: my_pkg.models.Teacher``), dtypes by name
-(``teacher_dtype: bfloat16``).
+(``teacher_dtype: bfloat16``). A recipe read from a checkpoint is data
+(``load_recipe(..., trusted=False)``): its dotted paths are refused, never imported.
+
+``${...}`` resolves one value at a time (:mod:`lightning_compress.recipe_resolve`), each
+value at most 64 KiB after interpolation; values read from the environment are used but
+recorded as their ``${oc.env:...}`` expression.
 
 The ready recipes ship inside the package (``recipes/`` in a checkout points at them), so
 an installed package finds them by name: ``from_recipe("int8_qat")`` or
@@ -46,13 +51,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import yaml
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from lightning_compress.callbacks.compatibility import check_recipe
 from lightning_compress.callbacks.recipe_record import RecipeRecord
 from lightning_compress.callbacks.registry import METHODS, Method
 from lightning_compress.core.validate import ArgumentError
-from lightning_compress.recipe_types import ImportPathError, Mismatch, coerce, describe, text_only
+from lightning_compress.recipe_resolve import Resolved, ResolutionError, resolve_recipe
+from lightning_compress.recipe_types import ImportPathError, Mismatch, UntrustedImport, coerce, describe, text_only
 
 RecipeSource = Union[str, os.PathLike, Mapping[str, Any], DictConfig]
 
@@ -103,7 +109,11 @@ class Recipe:
 
     Attributes:
         config: the resolved recipe as plain values (interpolations and overrides
-            applied), in canonical section order; what checkpoints and exports record.
+            applied), in canonical section order; what checkpoints, exports and the
+            experiment config record. A value read from the environment
+            (``${oc.env:VAR}``) keeps its expression here, never the variable's value
+            (with ``vars`` first when such an expression refers to it); the callbacks
+            use the resolved value.
         source: the file it came from, if any.
     """
 
@@ -134,6 +144,7 @@ def load_recipe(
     overrides: Union[Sequence[str], Mapping[str, Any], None] = None,
     *,
     exclude: Sequence[str] = (),
+    trusted: bool = True,
 ) -> Recipe:
     """Read, resolve and validate a recipe.
 
@@ -146,10 +157,16 @@ def load_recipe(
             :meth:`Recipe.callbacks` (their keys and types are still checked, and they
             stay in ``config``): ``["distillation"]`` rebuilds a trained student without
             needing its teacher's checkpoint.
+        trusted: False for a recipe read from a checkpoint or an export, which is data:
+            a dotted path it holds where a function or class is expected
+            (``export.input_fn``, ``distillation.alpha``, ``teacher_class``) is refused
+            instead of imported, unless ``overrides`` set that key. Class-or-name fields
+            (``targets``) take classes from modules already imported only.
 
     Raises:
         RecipeError: for a missing or unreadable file, bad YAML, an unknown key, a wrong
-            type, a missing value, a broken interpolation or an out-of-range value.
+            type, a missing value, a broken interpolation, a value longer than 64 KiB after
+            interpolation, an out-of-range value, or (untrusted) a dotted path to import.
     """
     _check_sections(exclude)
     raw, origin = _read(source)
@@ -161,23 +178,16 @@ def load_recipe(
             f" applied to the recipe: {_first_line(err)}; an override must keep the shape of the key it"
             " replaces (a value for a value, a list for a list)"
         ) from None
-    # Excluded sections are recorded as written: their `???` and references may be unset.
-    kept = OmegaConf.masked_copy(raw, [key for key in raw if key not in exclude])
+    # Value by value, with size limits; excluded sections keep what does not resolve as
+    # written (their `???` and references may be unset).
     try:
-        resolved = OmegaConf.to_container(kept, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as err:
-        key = err.full_key
-        raise RecipeError(
-            f"recipe key {key} has no value (???); set it in the recipe or pass an override {key}=VALUE"
-        ) from None
-    except OmegaConfBaseException as err:
-        raise RecipeError(f"recipe key {err.full_key}: {_first_line(err)}") from None
-    excluded_sections = {key: _lenient(raw, key) for key in raw if key in exclude}
-    config, arguments = _validate(resolved)
-    for section in list(SECTIONS):  # canonical order, excluded sections included
-        if section in excluded_sections:
-            config[section] = excluded_sections[section]
-    config = {section: config[section] for section in SECTIONS if section in config}
+        resolved = resolve_recipe(raw, lenient=exclude)
+    except ResolutionError as err:
+        raise RecipeError(str(err)) from None
+    kept = {key: value for key, value in resolved.values.items() if key not in exclude}
+    user_keys = None if trusted else _override_keys(overrides)
+    arguments = _validate(kept, user_keys)
+    config = _recorded(resolved)
     recipe = Recipe(config=config, source=origin, excluded=tuple(exclude), _arguments=arguments)
     # Out-of-range values fail now, in the callbacks' own validation; then combinations.
     check_recipe(recipe.callbacks(), error=RecipeError)
@@ -198,12 +208,24 @@ def from_recipe(source: RecipeSource, overrides: Union[Sequence[str], Mapping[st
     return load_recipe(source, overrides).callbacks()
 
 
-def _lenient(raw: DictConfig, key: str) -> Any:
-    """An excluded section as plain values, resolved where it can be."""
-    try:
-        return OmegaConf.to_container(raw[key], resolve=True)
-    except OmegaConfBaseException:
-        return OmegaConf.to_container(raw[key], resolve=False)
+def _recorded(resolved: Resolved) -> Dict[str, Any]:
+    """What the run records: its sections in canonical order, values read from the
+    environment as their expressions (with ``vars`` when an expression refers to it)."""
+    recorded = resolved.recorded
+    config = {section: recorded[section] if recorded[section] is not None else {} for section in SECTIONS if section in recorded}
+    uses_vars = any(VARS_SECTION in text for key, text in resolved.expressions.items() if key.split(".")[0] in SECTIONS)
+    if uses_vars and recorded.get(VARS_SECTION) is not None:
+        config = {VARS_SECTION: recorded[VARS_SECTION], **config}
+    return config
+
+
+def _override_keys(overrides: Union[Sequence[str], Mapping[str, Any], None]) -> set:
+    """The ``section.key`` names the caller's overrides set: the caller chose those values."""
+    if overrides is None:
+        return set()
+    if isinstance(overrides, Mapping):
+        return {f"{section}.{key}" for section, values in overrides.items() if isinstance(values, Mapping) for key in values}
+    return {".".join(item.split("=", 1)[0].split(".")[:2]) for item in overrides}
 
 
 def _check_sections(names: Sequence[str]) -> None:
@@ -294,8 +316,10 @@ def _quote_if_text(item: str) -> str:
 
 
 # ---------------------------------------------------------------------- validation
-def _validate(resolved: Any) -> tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]]]:
-    """Check every key against the schema; return (plain config, converted arguments)."""
+def _validate(resolved: Any, user_keys: Optional[set] = None) -> Dict[str, Dict[str, Any]]:
+    """Check every key against the schema; return the converted arguments by section.
+
+    ``user_keys`` (an untrusted recipe): nothing is imported except for these keys."""
     schema = recipe_schema()
     unknown = [key for key in resolved if key not in schema and key != VARS_SECTION]
     if unknown:
@@ -303,7 +327,7 @@ def _validate(resolved: Any) -> tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[
     present = [section for section in schema if section in resolved]
     if not present:
         raise RecipeError(f"the recipe has no compression section; add at least one of {list(schema)}")
-    config, arguments = {}, {}
+    arguments = {}
     for section in present:
         values = resolved[section]
         if values is None:  # `qat:` alone turns the method on with its defaults
@@ -318,13 +342,13 @@ def _validate(resolved: Any) -> tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[
         for key, value in values.items():
             if key not in fields:
                 raise RecipeError(_unknown_key(f"{section}.{key}", list(fields), "key"))
-            converted[key] = _convert(value, fields[key].annotation, f"{section}.{key}")
+            name = f"{section}.{key}"
+            converted[key] = _convert(value, fields[key].annotation, name, user_keys is None or name in user_keys)
         missing = [name for name, spec in fields.items() if spec.required and name not in values]
         if missing:
             raise RecipeError(f"recipe key {section}.{missing[0]} is required; set it in the recipe")
-        config[section] = values
         arguments[section] = converted
-    return config, arguments
+    return arguments
 
 
 def _unknown_key(key: str, names: List[str], kind: str) -> str:
@@ -337,9 +361,15 @@ def _unknown_key(key: str, names: List[str], kind: str) -> str:
     return f"{message}; {'valid keys of ' + section if section else 'valid sections'} are {names}"
 
 
-def _convert(value: Any, annotation: Any, key: str) -> Any:
+def _convert(value: Any, annotation: Any, key: str, trusted: bool = True) -> Any:
     try:
-        return coerce(value, annotation)
+        return coerce(value, annotation, trusted=trusted)
+    except UntrustedImport as err:
+        raise RecipeError(
+            f"recipe key {key}: {err.path!r} would be imported and run, and this recipe comes from a checkpoint or"
+            " an export, which is data: nothing in it is imported or called. Pass the recipe again (--recipe FILE;"
+            " recipe= in Python), or, if you trust the file, --trust-checkpoint-recipe (trust_recipe=True)"
+        ) from None
     except ImportPathError as err:  # an import path that does not import
         raise RecipeError(f"recipe key {key}: {err}") from None
     except Mismatch:

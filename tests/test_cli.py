@@ -122,10 +122,10 @@ def test_export_from_the_checkpoint_reproduces_the_fit_export(fitted):
     assert refused.returncode == 2
     assert_one_paragraph_error(refused.stderr, "again already exists; choose another output directory or pass"
                                                " overwrite=True (on the command line: --overwrite)")
-    # Without -o the recipe's export.dirpath (the fit's own export) is refused the same way.
+    # Without -o the stored recipe's export.dirpath is not used: a checkpoint does not choose where to write.
     default = run_cli(["export", "--checkpoint", "ckpt/last.ckpt", "--model", MODEL], cwd)
     assert default.returncode == 2
-    assert_one_paragraph_error(default.stderr, "packed already exists; choose another output directory")
+    assert_one_paragraph_error(default.stderr, "no output directory: pass -o/--output")
 
 
 def test_inspect_tables_of_the_packed_directory_and_the_checkpoint(fitted):

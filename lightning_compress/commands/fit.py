@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from datetime import datetime
-from typing import Any, List, Optional
+from pathlib import Path
+from typing import Any, List, Mapping, Optional
 
 # Lightning still calls jsonargparse APIs that warn about their own deprecation; a user of
 # this command can do nothing about them.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
@@ -22,13 +24,56 @@ class CompressionCLI(LightningCLI):
     ``--config``, ``--ckpt_path``); the recipe's callbacks join any ``--trainer.callbacks``.
     Without ``--trainer.logger``, runs are tracked with Weights & Biases (offline when
     no API key is set, see :func:`lightning_compress.core.tracking.wandb_logger`).
+
+    Args:
+        trust_checkpoint_recipe: a resume without ``--recipe`` imports and calls the
+            dotted paths of the checkpoint's stored recipe and honours its
+            ``export.overwrite``; without it, they are refused and ignored.
     """
+
+    def __init__(self, *args: Any, trust_checkpoint_recipe: bool = False, **kwargs: Any) -> None:
+        self.trust_checkpoint_recipe = trust_checkpoint_recipe
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--recipe", type=Optional[str], default=None, help="compression recipe: a YAML path, or a ready recipe's name (int8_qat, qlora, ...)")
         parser.add_argument(
             "--override", type=List[str], default=[], help="recipe overrides KEY=VALUE; repeat the option for more"
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the model's class and arguments from ``--ckpt_path``'s
+        hyperparameters and imports and builds the class they name; a checkpoint is data,
+        so that class must be the ``--model`` the user named, unless they trust it."""
+        if not self.trust_checkpoint_recipe:
+            self._check_checkpoint_classes()
+        super()._parse_ckpt_path()
+
+    def _check_checkpoint_classes(self) -> None:
+        from lightning_compress.commands.errors import CommandError
+
+        subcommand = self.config.get("subcommand")
+        settings = self.config.get(subcommand) if subcommand else None
+        ckpt_path = settings.get("ckpt_path") if settings is not None else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hyperparameters = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+        model = settings.get("model")
+        chosen = getattr(model, "class_path", None) if model is not None else None
+        stored = hyperparameters.get("_class_path")
+        if stored is not None and stored != chosen:
+            raise CommandError(
+                f"the hyperparameters in {ckpt_path} name the model class {stored!r}, which would be imported and"
+                f" built instead of --model {chosen!r}; a checkpoint is data: pass --model {stored} yourself if"
+                " that is the class you mean, or --trust-checkpoint-recipe if you trust the file"
+            )
+        nested = [key for key, value in hyperparameters.items() if _names_a_class(value)]
+        if nested:
+            raise CommandError(
+                f"the hyperparameters in {ckpt_path} hold class paths under {nested}, which would be imported and"
+                " built; a checkpoint is data: pass these arguments yourself (--model.KEY), or"
+                " --trust-checkpoint-recipe if you trust the file"
+            )
 
     def instantiate_trainer(self, **kwargs: Any):
         from lightning_compress.callbacks.base import CompressionCallback
@@ -61,14 +106,36 @@ class CompressionCLI(LightningCLI):
         from lightning_compress.recipes import load_recipe
 
         recipe, overrides = config.get("recipe"), list(config.get("override") or [])
+        if recipe is not None:
+            return load_recipe(recipe, overrides).callbacks()
         resume_from = config.get("ckpt_path")
-        if recipe is None and resume_from not in (None, "last", "best", "hpc", "registry"):
-            recipe = recipe_in_checkpoint(read_checkpoint(resume_from))
-            if recipe is not None:
-                print(f"lightning-compress: resuming with the recipe stored in {resume_from}")
-        if recipe is None and overrides:
-            raise CommandError("--override changes a recipe; pass --recipe too")
-        return load_recipe(recipe, overrides).callbacks() if recipe is not None else []
+        stored = None
+        if resume_from not in (None, "last", "best", "hpc", "registry"):
+            stored = recipe_in_checkpoint(read_checkpoint(resume_from))
+        if stored is None:
+            if overrides:
+                raise CommandError("--override changes a recipe; pass --recipe too")
+            return []
+        print(f"lightning-compress: resuming with the recipe stored in {resume_from}")
+        if self.trust_checkpoint_recipe:
+            return load_recipe(stored, overrides).callbacks()
+        # Data, not code: its dotted paths are refused (your --override keys excepted), and
+        # it replaces nothing on disk unless you say so on this command line.
+        export = stored.get("export")
+        if isinstance(export, Mapping) and export.get("overwrite", False) is not False:
+            print(f"lightning-compress: the stored export.overwrite is ignored (set it with --override"
+                  f" export.overwrite=true to replace {export.get('dirpath')})")
+            overrides = ["export.overwrite=false", *overrides]
+        return load_recipe(stored, overrides, trusted=False).callbacks()
+
+
+def _names_a_class(value: Any) -> bool:
+    """A jsonargparse ``class_path`` anywhere in a hyperparameter value."""
+    if isinstance(value, Mapping):
+        return "class_path" in value or any(_names_a_class(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_names_a_class(v) for v in value)
+    return False
 
 
 def _as_list(callbacks: Any) -> List[Callback]:
@@ -77,8 +144,10 @@ def _as_list(callbacks: Any) -> List[Callback]:
     return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
 
 
-def run_fit(argv: List[str]) -> int:
-    """Run ``fit`` with LightningCLI on ``argv``; print where the W&B run was written."""
+def run_fit(argv: List[str], *, trust_checkpoint_recipe: bool = False) -> int:
+    """Run ``fit`` with LightningCLI on ``argv``; print where the W&B run was written.
+
+    ``trust_checkpoint_recipe``: see :class:`CompressionCLI`."""
     saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both argv and args are set
     try:
         cli = CompressionCLI(
@@ -87,6 +156,7 @@ def run_fit(argv: List[str]) -> int:
             subclass_mode_model=True,
             subclass_mode_data=True,
             args=["fit", *argv],
+            trust_checkpoint_recipe=trust_checkpoint_recipe,
             parser_kwargs={"exit_on_error": False},
             # One config file per run, next to the others: a rerun never overwrites one (microseconds:
             # a short run and its resume can start within the same second).
