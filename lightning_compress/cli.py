@@ -3,7 +3,7 @@
     lightning-compress fit --recipe r.yaml --model pkg.Module [--data pkg.DataModule] \\
         [--trainer.max_epochs 3] [--override pruning.final_sparsity=0.8 ...]
     lightning-compress export --checkpoint last.ckpt --model pkg.Module -o packed/ [--recipe r.yaml] [--overwrite]
-    lightning-compress inspect packed/         (or a checkpoint)
+    lightning-compress inspect packed/ [--verify]   (or a checkpoint; --verify checks the weights' checksum)
     lightning-compress recipes [NAME]          (the ready recipes; NAME prints one to copy)
     lightning-compress demo
 
@@ -195,11 +195,16 @@ def _export(argv: List[str]) -> int:
 def _inspect(argv: List[str]) -> int:
     parser = _Parser(prog="lightning-compress inspect", description="Per-layer table of a packed directory or a checkpoint.")
     parser.add_argument("path", help="a packed directory (from export) or a Lightning checkpoint")
+    parser.add_argument("--verify", action="store_true",
+                        help="also read model.safetensors and check it against the checksums in compression.json")
     args = parser.parse_args(argv)
 
-    from lightning_compress.formats.inspection import inspect_path
+    from lightning_compress.formats.inspection import inspect_path, verify_path
 
+    verified = verify_path(args.path) if args.verify else None  # a failure prints no table
     print(inspect_path(args.path))
+    if verified:
+        print(verified)
     return 0
 
 

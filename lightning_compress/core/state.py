@@ -25,4 +25,5 @@ def check_state_version(owner: str, state: Mapping[str, Any]) -> None:
 def recipe_in_checkpoint(checkpoint: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     """The recipe a checkpoint (a loaded dict) was trained with, or None."""
     record = checkpoint.get(RECIPE_CHECKPOINT_KEY)
-    return dict(record["recipe"]) if isinstance(record, Mapping) and "recipe" in record else None
+    recipe = record.get("recipe") if isinstance(record, Mapping) else None
+    return dict(recipe) if isinstance(recipe, Mapping) else None

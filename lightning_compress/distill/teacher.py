@@ -70,22 +70,50 @@ def load_teacher(path: Path, cls: type) -> nn.Module:
     """Build ``cls`` from a Lightning checkpoint's ``hyper_parameters`` and load its ``state_dict``.
 
     Raises:
-        ValueError: the file is not a Lightning checkpoint, or its weights do not fit ``cls``.
+        ArgumentError: naming ``teacher`` when the file is not a weights-only Lightning
+            checkpoint, or ``teacher_class`` when its weights or hyperparameters do not fit
+            ``cls``.
     """
     # weights_only: tensors and plain containers only; nothing is unpickled.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
-        raise ValueError(f"`teacher` checkpoint {str(path)!r} has no 'state_dict'; pass a Lightning checkpoint")
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle's and torch's many error types; the reason goes in the message
+        # Never pass on torch's advice to retry with weights_only=False: that would run code from the file.
+        raise ArgumentError(
+            "teacher",
+            f"`teacher` checkpoint {str(path)!r} is not a weights-only Lightning checkpoint ({type(error).__name__});"
+            " it holds Python objects that would have to be unpickled, or is not a checkpoint at all. Save the"
+            " teacher with Lightning's Trainer.save_checkpoint (tensors and plain values only), or pass the"
+            " teacher model itself",
+        ) from None
+    state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state_dict, Mapping):
+        raise ArgumentError(
+            "teacher", f"`teacher` checkpoint {str(path)!r} has no 'state_dict' mapping; pass a Lightning checkpoint"
+        )
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if not isinstance(hparams, Mapping) or not all(isinstance(key, str) for key in hparams):
+        raise ArgumentError(
+            "teacher", f"`teacher` checkpoint {str(path)!r}: 'hyper_parameters' is not a mapping of argument names"
+        )
+    hparams = dict(hparams)
     parameters = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         hparams = {k: v for k, v in hparams.items() if k in parameters}
-    teacher = cls(**hparams)
     try:
-        teacher.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise ValueError(
-            f"`teacher` checkpoint {str(path)!r} does not fit `teacher_class` {cls.__name__}: {error}"
+        teacher = cls(**hparams)
+    except TypeError as error:
+        raise ArgumentError(
+            "teacher_class",
+            f"`teacher_class` {cls.__name__} cannot be built from the hyperparameters of {str(path)!r}"
+            f" ({sorted(hparams)}): {error}; pass the class the checkpoint was saved from",
+        ) from None
+    try:
+        teacher.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as error:
+        raise ArgumentError(
+            "teacher_class",
+            f"`teacher` checkpoint {str(path)!r} does not fit `teacher_class` {cls.__name__}: {error}",
         ) from None
     return teacher
 

@@ -84,13 +84,27 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str) -> Dict[
                 f"tensor {key!r}: the file holds shape {list(tensor.shape)}, the model's is"
                 f" {list(expected[key].shape)}"
             )
-    model.load_state_dict(packed.tensors, strict=False)
-    for name, layer in packed.layers.items():
+        if _kind(expected[key]) != _kind(tensor):
+            raise PackedFormatError(
+                f"tensor {key!r}: the file holds {tensor.dtype}, the model's is {expected[key].dtype}; load it into"
+                " the module class that was exported"
+            )
+    model.load_state_dict(packed.tensors, strict=False)  # first: the packed layers take their biases from it
+    replacements = {}
+    for name, layer in packed.layers.items():  # all built before any is swapped in
         original = originals[name]
-        replacement = build_packed_module(layer, original, backend).to(as_matrix(original.weight).device)
+        try:
+            replacements[name] = build_packed_module(layer, original, backend).to(as_matrix(original.weight).device)
+        except ValueError as err:
+            raise PackedFormatError(f"layer {name!r}: {err}") from None
+    for name, replacement in replacements.items():
         set_submodule(model, name, replacement)
     model.packed_kernels = kernel_report(model)
     return originals
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    return "float" if tensor.is_floating_point() else "bool" if tensor.dtype == torch.bool else "int"
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:

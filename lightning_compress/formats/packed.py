@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+from reprlib import repr as _short
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -65,13 +66,6 @@ _DTYPES = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
-
-
-def dtype_bits(name: str) -> int:
-    """Bits per element of a dtype as ``compression.json`` names it."""
-    if name not in _DTYPES:
-        raise PackedFormatError(f"{METADATA_FILE}: unknown dtype {name!r}; supported: {sorted(_DTYPES)}")
-    return _DTYPES[name].itemsize * 8
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -191,10 +185,13 @@ def _use_sparse(numel: int, kept: int, dense_bits: int, sparse_bits: int, thresh
 
 # ---------------------------------------------------------------------- decode
 class _Reader:
-    """Takes tensors out of a loaded safetensors dict, checking names, dtypes and shapes."""
+    """Takes tensors out of a loaded safetensors dict, checking names, dtypes and shapes.
+    ``max_numel`` bounds what a metadata shape may claim: no valid entry stores fewer
+    than one bit per element, so nothing larger fits in a file of that many bytes / 8."""
 
-    def __init__(self, tensors: Dict[str, Tensor]) -> None:
+    def __init__(self, tensors: Dict[str, Tensor], max_numel: int) -> None:
         self.tensors = dict(tensors)
+        self.max_numel = max_numel
 
     def take(self, key: str, dtype: torch.dtype, shape: Optional[tuple] = None) -> Tensor:
         if key not in self.tensors:
@@ -212,28 +209,59 @@ class _Reader:
 def _field(entry: Mapping, key: str, kind, where: str):
     value = entry.get(key) if isinstance(entry, Mapping) else None
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise PackedFormatError(f"{METADATA_FILE}: {where} needs {key!r} of type {kind}, got {value!r}")
+        raise PackedFormatError(f"{METADATA_FILE}: {where} needs {key!r} of type {kind.__name__}, got {_short(value)}")
     return value
+
+
+def entry_shape(entry: Mapping, where: str, max_numel: int, *, positive: bool = False) -> tuple:
+    """An entry's ``shape``: a list of ints >= 0 (>= 1 and not empty with ``positive``)
+    holding at most ``max_numel`` elements (see :class:`_Reader`)."""
+    shape, low = entry.get("shape"), int(positive)
+    if not isinstance(shape, list) or (positive and not shape) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= low for d in shape
+    ):
+        kind = "positive" if positive else "non-negative"
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has a bad shape {_short(shape)}; expected a list of {kind} ints")
+    if math.prod(shape) > max_numel:
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has shape {_short(shape)}, more than {WEIGHTS_FILE} can hold")
+    return tuple(shape)
+
+
+def entry_dtype(entry: Mapping, where: str, *, floating: bool = False) -> torch.dtype:
+    """An entry's ``dtype`` (a name from the table above; a float one with ``floating``)."""
+    name = entry.get("dtype")
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None or floating and not dtype.is_floating_point:
+        allowed = sorted(n for n, d in _DTYPES.items() if d.is_floating_point or not floating)
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has a bad dtype {_short(name)}; expected one of {allowed}")
+    return dtype
+
+
+def entry_count(entry: Mapping, key: str, where: str, high: int) -> int:
+    """An int field of an entry (``kept``, ``bytes``) in ``[0, high]``."""
+    value = _field(entry, key, int, where)
+    if not 0 <= value <= high:
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has {key!r} = {_short(value)}, outside [0, {high}]")
+    return value
+
+
+def _finite(key: str, tensor: Tensor) -> Tensor:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} holds NaN or Inf values, which the export never"
+                                " writes; the file was edited or corrupted: export the model again")
+    return tensor
 
 
 def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
     where = f"layer {name!r}"
+    fields = {key: _field(entry, key, kind, where)
+              for key, kind in (("bits", int), ("granularity", str), ("symmetric", bool), ("scale_dtype", str))}
     try:
-        spec = QuantSpec(
-            bits=_field(entry, "bits", int, where),
-            granularity=_field(entry, "granularity", str, where),
-            group_size=entry.get("group_size"),
-            symmetric=_field(entry, "symmetric", bool, where),
-            scale_dtype=_field(entry, "scale_dtype", str, where),
-        )
+        spec = QuantSpec(group_size=entry.get("group_size"), **fields)
     except ValueError as err:
         raise PackedFormatError(f"{METADATA_FILE}: {where}: {err}") from None
-    shape = tuple(_field(entry, "shape", list, where))
-    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-        raise PackedFormatError(f"{METADATA_FILE}: {where} has a bad shape {list(shape)}")
-    dtype = _DTYPES.get(entry.get("dtype"))
-    if dtype is None or not dtype.is_floating_point:
-        raise PackedFormatError(f"{METADATA_FILE}: {where} has a bad dtype {entry.get('dtype')!r}")
+    shape = entry_shape(entry, where, reader.max_numel, positive=True)
+    dtype = entry_dtype(entry, where, floating=True)
     rows, cols = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
     numel, p, bits = rows * cols, _prefix(name), spec.bits
     if spec.granularity == "group" and cols % spec.group_size:
@@ -241,10 +269,8 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
     groups = {"tensor": 1, "channel": rows, "group": rows * cols // (spec.group_size or 1)}[spec.granularity]
     sparsity = entry.get("sparsity")
     if sparsity == "bitmask":
-        kept_count = _field(entry, "kept", int, where)
-        if not 0 <= kept_count <= numel:
-            raise PackedFormatError(f"{METADATA_FILE}: {where} keeps {kept_count} of {numel} weights")
-        kept = unpack_mask(reader.take(p + "weight_bitmask", torch.uint8, (math.ceil(numel / 8),)), (numel,))
+        kept_count = entry_count(entry, "kept", where, numel)
+        kept = unpack_mask(reader.take(p + "weight_bitmask", torch.uint8, (-(-numel // 8),)), (numel,))
         if int(kept.sum()) != kept_count:
             raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {p + 'weight_bitmask'!r} does not match 'kept'")
         if bits == 8:
@@ -260,7 +286,7 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
         else:
             codes = unpack_codes(reader.take(p + "weight_packed", torch.int32, (rows, packed_words(cols, bits))), bits, cols)
     else:
-        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown sparsity {sparsity!r}")
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown sparsity {_short(sparsity)}")
     if bits < 8:
         stored_shape = reader.take(p + "weight_shape", torch.int64, (len(shape),))
         if tuple(stored_shape.tolist()) != shape:
@@ -290,8 +316,13 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
             reader.take(p + "input_scale", torch.float32, (1,)),
             reader.take(p + "input_zero_point", torch.int8, (1,)).to(torch.int32),
         )
+        if not torch.isfinite(input_qparams[0]).all() or (input_qparams[0] <= 0).any():
+            raise PackedFormatError(
+                f"{WEIGHTS_FILE}: tensor {p + 'input_scale'!r} (the static activation scale) is"
+                f" {input_qparams[0].item()}, not a finite positive number; the file was edited or corrupted"
+            )
     elif activations not in (None, "int8_dynamic"):
-        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown activations {activations!r}")
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown activations {_short(activations)}")
     weight = QuantizedWeight(
         codes=codes,
         scale=scale.reshape(1, 1) if spec.granularity == "tensor" else scale,
@@ -305,21 +336,19 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
 
 def decode_tensor(key: str, entry: Mapping, reader: _Reader) -> Tensor:
     where = f"tensor {key!r}"
-    shape = tuple(_field(entry, "shape", list, where))
-    dtype = _DTYPES.get(entry.get("dtype"))
-    if dtype is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise PackedFormatError(f"{METADATA_FILE}: {where} has a bad dtype or shape")
+    shape = entry_shape(entry, where, reader.max_numel)
+    dtype = entry_dtype(entry, where)
     sparsity = entry.get("sparsity")
     if sparsity == "dense":
-        return reader.take(key, dtype, shape)
+        return _finite(key, reader.take(key, dtype, shape))
     if sparsity != "bitmask":
-        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown sparsity {sparsity!r}")
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown sparsity {_short(sparsity)}")
     numel = math.prod(shape)
-    kept_count = _field(entry, "kept", int, where)
-    kept = unpack_mask(reader.take(key + "_bitmask", torch.uint8, (math.ceil(numel / 8),)), (numel,))
+    kept_count = entry_count(entry, "kept", where, numel)
+    kept = unpack_mask(reader.take(key + "_bitmask", torch.uint8, (-(-numel // 8),)), (numel,))
     if int(kept.sum()) != kept_count:
         raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key + '_bitmask'!r} does not match 'kept'")
-    values = reader.take(key + "_values", dtype, (kept_count,))
+    values = _finite(key + "_values", reader.take(key + "_values", dtype, (kept_count,)))
     dense = torch.zeros(numel, dtype=dtype)
     dense[kept] = values
     return dense.reshape(shape)
@@ -357,6 +386,11 @@ def read_metadata(directory: Path) -> Dict[str, Any]:
     claimed = body.pop("metadata_sha256", None)
     if claimed != hashlib.sha256(_canonical(body)).hexdigest():
         raise PackedFormatError(f"{path}: checksum mismatch; the metadata was edited or corrupted")
+    if "weights_sha256" not in body:
+        raise PackedFormatError(
+            f"{path}: no checksum recorded for {WEIGHTS_FILE} ('weights_sha256' is missing), so its bytes cannot be"
+            " verified; export the model again with this version of lightning-compress"
+        )
     for key, kind in (("layers", dict), ("tensors", dict), ("aliases", dict), ("weights_sha256", str)):
         if not isinstance(body.get(key), kind):
             raise PackedFormatError(f"{path}: {key!r} is missing or not a {kind.__name__}")
@@ -379,7 +413,7 @@ def read_packed(directory: str | os.PathLike) -> PackedModel:
     if hashlib.sha256(data).hexdigest() != metadata["weights_sha256"]:
         raise PackedFormatError(f"{weights_path}: checksum mismatch; the file is truncated or corrupted")
     try:
-        reader = _Reader(load_safetensors(data))
+        reader = _Reader(load_safetensors(data), max_numel=8 * len(data))
     except Exception as err:  # safetensors raises its own error type for bad headers
         raise PackedFormatError(f"{weights_path}: unreadable safetensors file ({err})") from None
     layers = {}
@@ -393,8 +427,10 @@ def read_packed(directory: str | os.PathLike) -> PackedModel:
             raise PackedFormatError(f"{METADATA_FILE}: tensor {key!r} entry is not an object")
         tensors[key] = decode_tensor(key, entry, reader)
     for alias, source in metadata["aliases"].items():
-        if source not in tensors:
-            raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} points at unknown tensor {source!r}")
+        if not isinstance(source, str) or source not in tensors or source in metadata["aliases"]:
+            raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} points at unknown tensor {_short(source)}")
+        if alias in tensors or alias in (f"{_prefix(name)}weight" for name in layers):
+            raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} would replace a stored tensor")
         tensors[alias] = tensors[source]
     if reader.tensors:
         raise PackedFormatError(f"{weights_path}: unexpected tensors {sorted(reader.tensors)[:5]}")

@@ -11,6 +11,7 @@ loads what :func:`save_adapters` writes onto the same base model, and
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 from lightning_compress.core.atomic import atomic_write_directory
 from lightning_compress.core.targeting import close_names_hint, match_modules
 from lightning_compress.lora.adapter import adapter_shapes
-from lightning_compress.lora.config import LoRAConfig
+from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig, check_rank
 from lightning_compress.lora.inject import adapters_of, inject_adapters
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -92,28 +93,8 @@ def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -
 
 def read_adapter_config(directory: str | Path, **overrides: Any) -> LoRAConfig:
     """The :class:`LoRAConfig` an adapter directory describes (``overrides`` replace fields)."""
-    path = Path(directory) / ADAPTER_CONFIG
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AdapterFormatError(f"{path}: no such file; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}") from None
-    except (ValueError, UnicodeDecodeError) as error:
-        raise AdapterFormatError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
-        found = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
-        raise AdapterFormatError(f"{path}: `peft_type` is {found!r}; only LoRA adapters ('LORA') can be loaded")
-    for key, default in _UNSUPPORTED.items():
-        if raw.get(key, default) not in (default, None):
-            raise AdapterFormatError(f"{path}: `{key}`={raw[key]!r} is not supported (only {default!r});"
-                                     " save the adapter without it")
-    fields = {key: raw[key] for key in ("r", "lora_alpha", "lora_dropout", "use_rslora") if key in raw}
-    modules_to_save = raw.get("modules_to_save")
-    fields["modules_to_save"] = tuple(modules_to_save) if modules_to_save else None
-    fields.update(overrides)
-    try:
-        return LoRAConfig(**fields)
-    except ValueError as error:
-        raise AdapterFormatError(f"{path}: {error}") from None
+    path, raw = _read_config_json(Path(directory))
+    return _config_from(path, raw, overrides)
 
 
 def load_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig | None = None) -> LoRAConfig:
@@ -122,16 +103,27 @@ def load_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig | 
     A model that already holds adapters (put there by the ``LoRA`` callback) must hold
     them on the file's layers, with the same scaling, and gets the saved values; on a plain
     model the adapters are injected first, with the rank and scaling of the file (or of
-    ``config``), and everything else is frozen. Everything is checked before anything
-    changes.
+    ``config``, whose ``r`` must be the file's), and everything else is frozen.
+
+    The two files must belong together: the weights file holds only ``lora_A``/``lora_B``
+    tensors of layers that ``adapter_config.json``'s ``target_modules`` selects, with its
+    rank ``r``, and the full tensors of its ``modules_to_save``; any other tensor (a base
+    weight, say) is refused, never copied into the model. Everything is checked before
+    anything changes.
 
     Raises:
         AdapterFormatError: a missing or corrupted file, an unsupported PEFT option, a
-            layer the model lacks, or a tensor whose shape does not fit (file and tensor
-            named).
+            layer the model lacks or the config does not target, a tensor that is not an
+            adapter or ``modules_to_save`` weight, NaN/Inf values, or a tensor whose shape
+            or dtype does not fit (file and tensor named).
     """
     directory = Path(directory)
-    config = config or read_adapter_config(directory)
+    config_path, raw = _read_config_json(directory)
+    saved = _config_from(config_path, raw, {})
+    if config is not None and config.r != saved.r:
+        raise AdapterFormatError(f"{config_path}: the adapters have r={saved.r}, the `config` passed has r={config.r};"
+                                 " pass a config with the file's `r`, or none")
+    config = config or saved
     weights_path = directory / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(weights_path))
@@ -143,22 +135,32 @@ def load_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig | 
     pairs, module_tensors = _split_keys(weights_path, tensors)
     named = dict(model.named_modules())
     existing = adapters_of(model)
-    for layer_name, (lora_a, lora_b) in pairs.items():
+    targets = _peft_matcher(config_path, raw, "target_modules")
+    excluded = _peft_matcher(config_path, raw, "exclude_modules")
+    for layer_name, (lora_a, lora_b, embedding_keys) in pairs.items():
         layer = _module(weights_path, named, layer_name)
+        _check_adapted_layer(weights_path, layer_name, layer, embedding_keys, targets, excluded, raw)
         expected = adapter_shapes(layer, config.r)
         for key, tensor, shape in zip("AB", (lora_a, lora_b), expected):
             if tuple(tensor.shape) != tuple(shape):
                 raise AdapterFormatError(
                     f"{weights_path}: lora_{key} of layer {layer_name!r} has shape {tuple(tensor.shape)}, but a"
                     f" rank-{config.r} adapter on this {type(layer).__name__} needs {tuple(shape)}"
+                    f" (r={config.r} in {ADAPTER_CONFIG}); the two files do not belong together"
                 )
+            _check_values(weights_path, f"lora_{key} of layer {layer_name!r}", tensor, torch.float32)
         if layer_name in existing and existing[layer_name].scaling != config.scaling:
             raise AdapterFormatError(
                 f"{weights_path}: layer {layer_name!r} holds an adapter with scaling"
                 f" {existing[layer_name].scaling}, the file's is {config.scaling} (r={config.r},"
                 f" lora_alpha={config.lora_alpha}); use the same `r`, `lora_alpha` and `use_rslora`"
             )
-    owners = _module_tensor_owners(weights_path, named, module_tensors)
+        if not existing:
+            try:
+                check_rank(layer_name, layer, config.r)
+            except ValueError as error:
+                raise AdapterFormatError(f"{config_path}: {error}") from None
+    owners = _module_tensor_owners(weights_path, named, module_tensors, raw.get("modules_to_save"), set(pairs))
     if existing and set(existing) != set(pairs):
         raise AdapterFormatError(
             f"{weights_path}: the file holds adapters for {sorted(pairs)}, but the model's adapters sit on"
@@ -168,7 +170,7 @@ def load_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig | 
         inject_adapters(model, config, {name: named[name] for name in pairs}, owner="load_adapters")
         existing = adapters_of(model)
     with torch.no_grad():
-        for layer_name, (lora_a, lora_b) in pairs.items():
+        for layer_name, (lora_a, lora_b, _) in pairs.items():
             layer = existing[layer_name].layer
             layer.lora_A.copy_(lora_a)
             layer.lora_B.copy_(lora_b)
@@ -189,8 +191,85 @@ def _adapter_keys(layer: nn.Module) -> Tuple[str, str]:
 _ADAPTER_KEY = re.compile(r"^(?P<layer>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))$")
 
 
+def _read_config_json(directory: Path) -> Tuple[Path, Dict[str, Any]]:
+    path = directory / ADAPTER_CONFIG
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterFormatError(f"{path}: no such file; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise AdapterFormatError(f"{path}: not valid JSON ({error})") from None
+    except OSError as error:
+        raise AdapterFormatError(f"{path}: cannot be read ({error})") from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        found = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
+        raise AdapterFormatError(f"{path}: `peft_type` is {found!r}; only LoRA adapters ('LORA') can be loaded")
+    for key, default in _UNSUPPORTED.items():
+        if raw.get(key, default) not in (default, None):
+            raise AdapterFormatError(f"{path}: `{key}`={raw[key]!r} is not supported (only {default!r});"
+                                     " save the adapter without it")
+    return path, raw
+
+
+def _config_from(path: Path, raw: Dict[str, Any], overrides: Dict[str, Any]) -> LoRAConfig:
+    fields = {key: raw[key] for key in ("r", "lora_alpha", "lora_dropout", "use_rslora") if key in raw}
+    modules_to_save = raw.get("modules_to_save")
+    if modules_to_save is not None and not (isinstance(modules_to_save, list) and all(isinstance(n, str) for n in modules_to_save)):
+        raise AdapterFormatError(f"{path}: `modules_to_save` must be a list of module names or null, got {modules_to_save!r}")
+    fields["modules_to_save"] = tuple(modules_to_save) if modules_to_save else None
+    fields.update(overrides)
+    try:
+        return LoRAConfig(**fields)
+    except (ValueError, TypeError) as error:
+        raise AdapterFormatError(f"{path}: {error}") from None
+
+
+def _peft_matcher(path: Path, raw: Dict[str, Any], key: str):
+    """PEFT's test of a module name against ``target_modules``/``exclude_modules``: a
+    string is a regex the whole name must match, a list holds names or name suffixes.
+    ``None`` where the file leaves it open (null, or PEFT's ``"all-linear"``)."""
+    value = raw.get(key)
+    if value is None or value == "all-linear":
+        return None
+    if isinstance(value, str):
+        try:
+            pattern = re.compile(value)
+        except re.error as error:
+            raise AdapterFormatError(f"{path}: `{key}` {value!r} is not a valid regular expression ({error})") from None
+        return lambda name: pattern.fullmatch(name) is not None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return lambda name: any(name == v or name.endswith("." + v) for v in value)
+    raise AdapterFormatError(f"{path}: `{key}` must be a regex, a list of module names or null, got {value!r}")
+
+
+def _check_adapted_layer(path: Path, name: str, layer: nn.Module, embedding_keys: bool, targets, excluded, raw) -> None:
+    if not isinstance(layer, ADAPTABLE_TYPES) or getattr(layer, "groups", 1) != 1:
+        raise AdapterFormatError(f"{path}: the file holds an adapter for {name!r}, a {type(layer).__name__};"
+                                 " LoRA adapts Linear, Embedding and (groups=1) Conv layers")
+    if embedding_keys != isinstance(layer, nn.Embedding):
+        expected = "lora_embedding_A/B" if isinstance(layer, nn.Embedding) else "lora_A.weight/lora_B.weight"
+        raise AdapterFormatError(f"{path}: layer {name!r} is a {type(layer).__name__}, whose adapter tensors are"
+                                 f" named {expected}; the file's are not")
+    if (targets is not None and not targets(name)) or (excluded is not None and excluded(name)):
+        raise AdapterFormatError(
+            f"{path}: the file holds an adapter for {name!r}, a layer {ADAPTER_CONFIG} does not target"
+            f" (target_modules={raw.get('target_modules')!r}, exclude_modules={raw.get('exclude_modules')!r});"
+            " the two files do not belong together"
+        )
+
+
+def _check_values(path: Path, what: str, tensor: torch.Tensor, like: torch.Tensor | torch.dtype) -> None:
+    floating = (like if isinstance(like, torch.dtype) else like.dtype).is_floating_point
+    if tensor.is_floating_point() != floating:
+        raise AdapterFormatError(f"{path}: {what} is {tensor.dtype}, the model's is"
+                                 f" {'a float' if floating else 'an integer'} tensor")
+    if floating and not torch.isfinite(tensor).all():
+        raise AdapterFormatError(f"{path}: {what} holds NaN or Inf values; the file is corrupted")
+
+
 def _split_keys(path: Path, tensors: Dict[str, torch.Tensor]):
     pairs: Dict[str, Dict[str, torch.Tensor]] = {}
+    styles: Dict[str, set] = {}
     module_tensors = {}
     for key, tensor in tensors.items():
         if not key.startswith(_PREFIX):
@@ -199,13 +278,16 @@ def _split_keys(path: Path, tensors: Dict[str, torch.Tensor]):
         match = _ADAPTER_KEY.match(name)
         if match:
             pairs.setdefault(match["layer"], {})[match["ab"] or match["eab"]] = tensor
+            styles.setdefault(match["layer"], set()).add(match["eab"] is not None)
         else:
             module_tensors[name] = tensor
     for layer, found in pairs.items():
         if set(found) != {"A", "B"}:
             lacking = "B" if "A" in found else "A"
             raise AdapterFormatError(f"{path}: layer {layer!r} has no lora_{lacking} tensor; the file is incomplete")
-    return {layer: (found["A"], found["B"]) for layer, found in pairs.items()}, module_tensors
+        if len(styles[layer]) > 1:
+            raise AdapterFormatError(f"{path}: layer {layer!r} has both lora_A/B.weight and lora_embedding_A/B tensors")
+    return {layer: (found["A"], found["B"], True in styles[layer]) for layer, found in pairs.items()}, module_tensors
 
 
 def _module(path: Path, named: Dict[str, nn.Module], name: str) -> nn.Module:
@@ -215,11 +297,27 @@ def _module(path: Path, named: Dict[str, nn.Module], name: str) -> nn.Module:
     return named[name]
 
 
-def _module_tensor_owners(path: Path, named: Dict[str, nn.Module], module_tensors: Dict[str, torch.Tensor]):
-    """``{key: (module name, tensor name)}`` for ``modules_to_save`` tensors, shape-checked."""
+def _module_tensor_owners(path: Path, named: Dict[str, nn.Module], module_tensors: Dict[str, torch.Tensor],
+                          modules_to_save, adapted: set):
+    """``{key: (module name, tensor name)}`` for ``modules_to_save`` tensors, checked: each
+    lies in a module the config's ``modules_to_save`` names (or under one), is not an
+    adapted layer, exists in the model and has its shape and kind."""
     owners = {}
     for key, tensor in module_tensors.items():
         module_name, _, tensor_name = key.rpartition(".")
+        parts = module_name.split(".")
+        owners_of_key = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if module_name else [""]
+        if not any(fnmatch.fnmatchcase(owner, pattern) or fnmatch.fnmatchcase(owner, "*." + pattern)
+                   for owner in owners_of_key for pattern in modules_to_save or ()):
+            raise AdapterFormatError(
+                f"{path}: tensor {_PREFIX + key!r} is neither a LoRA weight (lora_A/lora_B) nor part of the"
+                f" `modules_to_save` of {ADAPTER_CONFIG} ({modules_to_save!r}); refusing to overwrite the model's"
+                " weights with it. Save the adapter again with only its adapters, or list the module in"
+                " `modules_to_save`"
+            )
+        if any(owner in adapted for owner in owners_of_key):
+            raise AdapterFormatError(f"{path}: {key!r} belongs to a layer that also holds an adapter in the file;"
+                                     " a module either trains fully or gets an adapter")
         module = _module(path, named, module_name)
         state = module.state_dict(keep_vars=True)
         if tensor_name not in state:
@@ -228,6 +326,7 @@ def _module_tensor_owners(path: Path, named: Dict[str, nn.Module], module_tensor
             raise AdapterFormatError(
                 f"{path}: {key!r} has shape {tuple(tensor.shape)}, the model's is {tuple(state[tensor_name].shape)}"
             )
+        _check_values(path, repr(key), tensor, state[tensor_name])
         owners[key] = (module_name, tensor_name)
     return owners
 

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from lightning_compress.core.targeting import Target, validate_name, validate_targets
+from lightning_compress.core.transforms import raw_weight
 from lightning_compress.core.validate import ArgumentError, check_bool, check_fraction, check_name, check_positive, is_int
 from lightning_compress.quant.nf4 import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE
 
 ADAPTABLE_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+MAX_RANK = 65536  # far above any useful rank; stops a typo from allocating terabytes
 BASES = ("float", "nf4")
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,9 +54,10 @@ class LoRAConfig:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if not is_int(self.r) or self.r <= 0:
+        if not is_int(self.r) or self.r <= 0 or self.r > MAX_RANK:
             raise ArgumentError(
-                "r", f"`r` (the adapter rank) must be a positive int, got {self.r!r}; typical values are 4 to 64"
+                "r", f"`r` (the adapter rank) must be a positive int, got {self.r!r}; typical values are 4 to 64,"
+                f" and at most {MAX_RANK}"
             )
         check_positive("lora_alpha", self.lora_alpha)
         check_fraction("lora_dropout", self.lora_dropout)
@@ -84,6 +87,27 @@ class LoRAConfig:
     def scaling(self) -> float:
         """The factor on ``B·A``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def check_rank(name: str, layer: nn.Module, r: int) -> None:
+    """Refuse a rank above what ``layer`` can use: ``B·A`` has rank at most
+    ``min(fan_in, fan_out)``, so a larger ``r`` only adds parameters (and memory).
+
+    Raises:
+        ArgumentError: naming ``r`` and the layer.
+    """
+    if isinstance(layer, nn.Embedding):
+        fan_in, fan_out = layer.num_embeddings, layer.embedding_dim
+    else:
+        shape = tuple(raw_weight(layer).shape)
+        fan_in, fan_out = math.prod(shape[1:]), shape[0]
+    if r > min(fan_in, fan_out):
+        raise ArgumentError(
+            "r",
+            f"`r`={r} is larger than layer {name!r} ({type(layer).__name__}, {fan_in} in, {fan_out} out) can use:"
+            f" an adapter's rank is at most min(in, out) = {min(fan_in, fan_out)}. Lower `r`, or leave the layer"
+            " out (`target_modules` / `exclude_modules`)",
+        )
 
 
 def _compute_dtype(dtype, base: str) -> torch.dtype | None:

@@ -15,7 +15,7 @@ from lightning_compress.core.transforms import (
     set_forward,
 )
 from lightning_compress.lora.adapter import MERGED_MARK, DropoutRNG, LoRAAdapter
-from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig
+from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig, check_rank
 from lightning_compress.quant.nf4 import check_nf4_compatible, is_nf4, to_nf4, weight_nbytes
 
 ADAPTER_PARAMETERS = ("lora_A", "lora_B")
@@ -25,9 +25,10 @@ def select_adapter_layers(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.
     """The layers ``config`` adapts, checked for what LoRA (and an NF4 base) can hold.
 
     Raises:
-        ValueError: a target matches nothing (with close names), a grouped convolution,
-            or (``base="nf4"``) a layer that is not Linear or whose size the NF4 blocks do
-            not divide.
+        ValueError: a target matches nothing (with close names), a grouped convolution, a
+            layer smaller than the rank ``r`` (an ArgumentError naming ``r``), or
+            (``base="nf4"``) a layer that is not Linear or whose size the NF4 blocks do not
+            divide.
     """
     layers = select_layers(
         model,
@@ -46,6 +47,7 @@ def select_adapter_layers(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.
                 raise ValueError(f"layer {name!r} is a {type(layer).__name__}; base='nf4' (QLoRA) stores"
                                  " Linear weights only. Exclude it, or use base='float'")
             check_nf4_compatible(name, raw_weight(layer), config.nf4_block_size, config.nf4_scaler_block_size)
+        check_rank(name, layer, config.r)
     return layers
 
 
@@ -66,7 +68,8 @@ def inject_adapters(
     """
     layers = select_adapter_layers(model, config) if layers is None else layers
     to_save = match_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else {}
-    for name in layers:
+    for name, layer in layers.items():
+        check_rank(name, layer, config.r)
         if any(name == kept or name.startswith(kept + ".") for kept in to_save):
             raise ValueError(f"layer {name!r} is both adapted and in `modules_to_save`; a module either"
                              " trains fully or gets an adapter. Remove it from one of them")
