@@ -25,7 +25,7 @@ from torch import nn
 from lightning_compress.core.atomic import atomic_write_directory
 from lightning_compress.core.targeting import close_names_hint, match_modules
 from lightning_compress.lora.adapter import adapter_shapes
-from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig, check_rank
+from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig
 from lightning_compress.lora.inject import adapters_of, inject_adapters
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -155,11 +155,6 @@ def load_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig | 
                 f" {existing[layer_name].scaling}, the file's is {config.scaling} (r={config.r},"
                 f" lora_alpha={config.lora_alpha}); use the same `r`, `lora_alpha` and `use_rslora`"
             )
-        if not existing:
-            try:
-                check_rank(layer_name, layer, config.r)
-            except ValueError as error:
-                raise AdapterFormatError(f"{config_path}: {error}") from None
     owners = _module_tensor_owners(weights_path, named, module_tensors, raw.get("modules_to_save"), set(pairs))
     if existing and set(existing) != set(pairs):
         raise AdapterFormatError(
