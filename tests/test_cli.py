@@ -238,7 +238,12 @@ def test_demo_runs_and_prints_the_table(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith(("teacher", "student"))]
     assert len(rows) == 3
     accuracies = [float(re.split(r"\s{2,}", row)[1]) for row in rows]
-    assert all(0.1 < a <= 1.0 for a in accuracies)  # better than chance (10 classes) after 2 epochs
+    # Measured with the demo's fixed seed after 2 epochs: 0.93 (teacher), 0.94 (student),
+    # 0.84 (distilled, 50% pruned, int4, reloaded); chance is 0.1 (10 classes). The margins
+    # leave room for other platforms' float rounding, not for a broken pipeline.
+    assert all(a <= 1.0 for a in accuracies)
+    assert accuracies[0] >= 0.85 and accuracies[1] >= 0.85, accuracies
+    assert accuracies[2] >= 0.7 and accuracies[1] - accuracies[2] <= 0.2, accuracies
     packed_bytes = int(re.split(r"\s{2,}", rows[2])[2])
     assert packed_bytes == (tmp_path / "out" / "student-packed" / "model.safetensors").stat().st_size
     assert "weights exact" in rows[2]

@@ -248,12 +248,33 @@ def test_partial_quantization_and_model_unchanged(tmp_path):
     assert np.array_equal(torch_out(model, x), before)  # the model keeps its transforms
 
 
-def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path):
+def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path, monkeypatch):
+    import os
+
+    from lightning_compress.core import atomic
+
     torch.manual_seed(0)
     model = MLP()
     quantized = quantize(model, INT4_CHANNEL)
     path = tmp_path / "model.onnx"
     path.write_bytes(b"old")
+    # Atomic: an export that fails before its final rename leaves the old file whole
+    # (and the new bytes never touch the target before that rename).
+    real_replace = os.replace
+
+    def failing_replace(src, dst, *args, **kwargs):
+        assert path.read_bytes() == b"old"
+        if os.fspath(dst) == os.fspath(path):
+            raise OSError("injected")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="injected"):
+        export_onnx(model, (torch.randn(2, 64),), path, quantized)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
     export_onnx(model, (torch.randn(2, 64),), path, quantized)
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
     x = torch.randn(3, 64)

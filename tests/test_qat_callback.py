@@ -7,11 +7,51 @@ from torch import nn
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining, quantized_weights
 from lightning_compress.core.transforms import raw_weight
-from lightning_compress.quant.fake_quant import as_matrix, choose_qparams, choose_qparams_mse, fake_quantize
+from lightning_compress._torchao import import_torchao
+from lightning_compress.quant.fake_quant import as_matrix
 from lightning_compress.quant.spec import QuantSpec
 from tests.conftest import TinyRegressor, fit_interrupted_and_resumed, make_trainer, tiny_loader
 
 LAYERS = ("conv", "fc1", "fc2")
+torchao_qat = import_torchao("torchao.quantization.qat")
+
+
+# Oracles independent of the package's own choose_qparams / fake_quantize.
+def torchao_fake_quant(matrix, bits, group_size=None):
+    """torchao's IntxFakeQuantizer, symmetric, per group of ``group_size`` or per channel."""
+    dtype = torch.int8 if bits == 8 else getattr(torch, f"int{bits}")
+    if group_size:
+        config = torchao_qat.IntxFakeQuantizeConfig(dtype, group_size=group_size)
+    else:
+        config = torchao_qat.IntxFakeQuantizeConfig(dtype, "per_channel")
+    return torchao_qat.IntxFakeQuantizer(config)(matrix)
+
+
+def int4_scales(matrix, group, clip=None):
+    """Symmetric int4 scales written out: max|w| of each group of ``group`` (times its clip
+    ratio) over (qmax - qmin) / 2 = 7.5, at least float32's smallest normal."""
+    reach = matrix.reshape(-1, group).abs().amax(1)
+    if clip is not None:
+        reach = reach * clip
+    return torch.clamp(reach / 7.5, min=torch.finfo(torch.float32).smallest_normal)
+
+
+def int4_mse_clip(matrix, group):
+    """Per group, the first of the ratios 1.0, 0.95, ..., 0.5 whose clipped int4 grid
+    gives the least squared error, searched here one ratio at a time."""
+    groups = matrix.reshape(-1, group)
+    best_error, best_ratio = None, None
+    for i in range(11):
+        ratio = torch.full((groups.shape[0],), 1.0 - 0.05 * i)
+        scale = int4_scales(matrix, group, ratio).view(-1, 1)
+        approx = torch.clamp(torch.round(groups * (1.0 / scale)), -8, 7) * scale
+        error = (approx - groups).square().sum(1)
+        if best_error is None:
+            best_error, best_ratio = error, ratio
+        else:
+            better = error < best_error
+            best_error, best_ratio = torch.where(better, error, best_error), torch.where(better, ratio, best_ratio)
+    return best_ratio
 
 
 class EffectiveWeights(Callback):
@@ -37,8 +77,7 @@ def test_float_before_start_step_and_quantized_after(seeded):
     for name in LAYERS:
         layer = model.get_submodule(name)
         matrix = as_matrix(raw_weight(layer).detach())
-        scale, zero_point = choose_qparams(matrix, spec)
-        expected = fake_quantize(matrix, scale, zero_point, spec).view_as(layer.weight)
+        expected = torchao_fake_quant(matrix, 4, group_size=4).view_as(layer.weight)
         assert torch.equal(layer.weight, expected), name
 
 
@@ -95,7 +134,7 @@ def test_resume_mid_qat_is_bit_identical(tmp_path):
             assert torch.equal(a, b), name
     # The learned scales moved away from their min/max initialisation.
     fc1 = uninterrupted._weight_quantizers["fc1"]
-    initial_scale, _ = choose_qparams(as_matrix(raw_weight(reference.fc1).detach()), fc1.spec)
+    initial_scale = int4_scales(as_matrix(raw_weight(reference.fc1).detach()), 4)
     assert not torch.allclose(fc1.log_scale.detach().exp(), initial_scale)
 
 
@@ -258,9 +297,7 @@ def test_round_to_nearest_quantizes_in_place_without_training(seeded):
     quantizers = round_to_nearest(model, QuantSpec(3, "channel"), exclude=["fc2"])
     assert set(quantizers) == {"conv", "fc1"}
     for name in ("conv", "fc1"):
-        matrix = as_matrix(raw[name])
-        scale, zero_point = choose_qparams(matrix, QuantSpec(3, "channel"))
-        expected = fake_quantize(matrix, scale, zero_point, QuantSpec(3, "channel")).view_as(raw[name])
+        expected = torchao_fake_quant(as_matrix(raw[name]), 3).view_as(raw[name])
         assert torch.equal(model.get_submodule(name).weight, expected)
         assert len(torch.unique(model.get_submodule(name).weight[0])) <= 8  # 3-bit grid
     assert torch.equal(model.fc2.weight, raw["fc2"])
@@ -299,8 +336,9 @@ def test_ranges_start_from_the_weight_range_grid(seeded, weight_range, learned):
             if trainer.global_step in (3, 5):  # the forward that switched fake quantization on, and a later one
                 weight = as_matrix(raw_weight(pl_module.fc1).detach())
                 if trainer.global_step == 3:
-                    self.minmax = choose_qparams(weight, qat.spec)[0]
-                    self.mse_scale, _, self.clip = choose_qparams_mse(weight, qat.spec)
+                    self.minmax = int4_scales(weight, 4)
+                    self.clip = int4_mse_clip(weight, 4)
+                    self.mse_scale = int4_scales(weight, 4, self.clip)
                     self.used = quantized_weights(pl_module)["fc1"].scale.flatten()
                 else:
                     self.later = weight.clone()
@@ -318,7 +356,7 @@ def test_ranges_start_from_the_weight_range_grid(seeded, weight_range, learned):
     if not learned:
         # Later steps: min/max follows the weights; "mse" keeps the ratios chosen at start.
         clip = watch.clip if weight_range == "mse" else None
-        assert torch.equal(watch.used_later, choose_qparams(watch.later, qat.spec, clip=clip)[0])
+        assert torch.equal(watch.used_later, int4_scales(watch.later, 4, clip))
         assert (qat._weight_quantizers["fc1"].clip is None) == (weight_range == "minmax")
 
 
@@ -387,7 +425,7 @@ def test_a_reused_mse_callback_chooses_the_ratios_of_each_model(seeded):
     make_trainer(max_epochs=1, callbacks=[qat]).fit(second, tiny_loader(batches=2))
     second_clip = qat._weight_quantizers["fc1"].clip
     # Chosen from the second model's weights at its first step, not carried over.
-    assert torch.equal(second_clip, choose_qparams_mse(initial, qat.spec)[2])
+    assert torch.equal(second_clip, int4_mse_clip(initial, 4))
     assert not torch.equal(first_clip, second_clip)
 
 
@@ -426,7 +464,6 @@ def test_embedding_layers_are_quantized_per_row_when_targeted():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
     rows = model[0].weight.detach().clone()
     round_to_nearest(model, QuantSpec(4, "channel"), targets=[nn.Embedding])
-    scale, zero_point = choose_qparams(rows, QuantSpec(4, "channel"))
-    assert torch.equal(model[0].weight, fake_quantize(rows, scale, zero_point, QuantSpec(4, "channel")))
+    assert torch.equal(model[0].weight, torchao_fake_quant(rows, 4))
     assert torch.equal(model(torch.tensor([3]))[0], model[1](model[0].weight[3]))
     assert set(quantized_weights(model)) == {"0"}

@@ -24,7 +24,6 @@ from lightning_compress import (
 from lightning_compress.core.reporting import LAYER_COLUMNS, LAYER_TABLE_KEY
 from lightning_compress.core.tracking import artifact_name
 from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE
-from lightning_compress.sparsity.schedules import scheduled_sparsity
 from tests.conftest import TinyRegressor, make_trainer, tiny_loader
 from tests.test_pruning_callback import TableLogger
 from tests.wandb_offline import read_offline_run, scalar_series
@@ -69,10 +68,13 @@ def wandb_env(tmp_path, monkeypatch):
 
 
 def target(step: int) -> float:
-    """The cubic schedule of PRUNING at ``step``."""
-    return scheduled_sparsity(step, initial=0.0, kind="cubic", final=PRUNING["final_sparsity"],
-                              start=PRUNING["start_step"], end=PRUNING["end_step"],
-                              update_every=PRUNING["update_every"])
+    """The cubic schedule of PRUNING at ``step``, written out here (not the library's
+    function): Zhu & Gupta (2017), ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))**3``
+    on the update grid t0, t0 + dt, ..., held between updates, ``s_f`` from ``end_step`` on.
+    With s_i = 0, s_f = 0.5, t0 = 0, n dt = 8, dt = 2: 0.5 (1 - (1 - t / 8)**3)."""
+    hand = {0: 0.0, 2: 0.5 * (1 - 0.75**3), 4: 0.5 * (1 - 0.5**3), 6: 0.5 * (1 - 0.25**3)}
+    assert hand[2] == 0.2890625 and hand[4] == 0.4375 and hand[6] == 0.4921875
+    return 0.5 if step >= 8 else hand[step - step % 2]
 
 
 def expected_sparsity(step: int, layers) -> float:
