@@ -132,7 +132,8 @@ def test_teacher_stays_frozen_and_out_of_the_checkpoint(tmp_path, seeded):
     checkpoint = torch.load(tmp_path / "student.ckpt", weights_only=True)
     assert set(checkpoint["state_dict"]) == set(TinyRegressor().state_dict())
     state = checkpoint["callbacks"][kd.state_key]
-    assert set(state) == {"version", "features", "steps", "projections", "projection_optimizer"}
+    assert set(state) == {"version", "features", "steps", "settings", "projections", "projection_optimizer"}
+    assert state["settings"] == {"temperature": 4.0, "loss": "kl", "student_layer": None, "feature_weight": 1.0}
     saved = [t for entry in state["projections"].values() for t in entry.values()]
     teacher_tensors = list(teacher.state_dict().values())
     for tensor in saved + [t for t in checkpoint["state_dict"].values()]:
