@@ -1,9 +1,9 @@
 """The compression methods by name: recipe section -> callback class and its config.
 
-Recipes build their schema from here and the CLI finds a method's section here, so adding
-a method is one entry (its callback, whose ``config_class`` holds the arguments), with no
-edit in ``core/`` or ``recipes.py``. The rules between methods live in
-``compatibility.py`` and find the callbacks by their ``section``. The order is canonical:
+Recipes build their schema (and their sections) from here, so adding a method is one
+entry (its callback, whose ``config_class`` holds the arguments), with no edit in
+``core/`` or ``recipes.py``. The CLI and the rules between methods (``compatibility.py``)
+find a method by its callback's ``section``. The order is canonical:
 the order ``from_recipe`` returns the callbacks in (LoRA puts its adapters in first; the
 export writes at fit end after the others are done).
 """
