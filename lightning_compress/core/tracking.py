@@ -45,6 +45,8 @@ def wandb_logger(project: str = "lightning-compress", save_dir: str | os.PathLik
     """
     if "offline" not in kwargs and "mode" not in kwargs:
         kwargs["offline"] = not online_configured()
+    # wandb 0.18 (seen) writes the run to the system's temporary folder when ``dir`` does not exist.
+    os.makedirs(save_dir, exist_ok=True)
     return WandbLogger(project=project, save_dir=os.fspath(save_dir), **kwargs)
 
 
@@ -68,7 +70,9 @@ def wandb_run_dir(logger: WandbLogger) -> Optional[Path]:
     run = logger.experiment
     if getattr(run, "disabled", False):
         return None
-    return Path(run.sync_dir)
+    # ``run.dir`` is the run's ``files/`` folder in every wandb release we support
+    # (``run.sync_dir``, its parent, is new in wandb 0.22).
+    return Path(run.dir).parent
 
 
 def find_wandb_logger(trainer) -> Optional[WandbLogger]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Mapping, Optional
 
+import torch
 from torch import nn
 
 from lightning_compress.formats.packed import PackedLayer
@@ -87,4 +88,14 @@ def config_json(model: nn.Module, layers: Mapping[str, PackedLayer]) -> bytes:
     """The model's own ``config.json`` with the ``quantization_config`` added."""
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(layers)
+    if config.get("dtype") is None and config.get("torch_dtype") is None:
+        # Without a dtype, transformers 4.x loads a compressed-tensors model in float16
+        # (its quantizer's default): name the float dtype the model was exported in.
+        config["dtype"] = _float_dtype_name(model)
     return json.dumps(config, indent=2, sort_keys=True).encode()
+
+
+def _float_dtype_name(model: nn.Module) -> str:
+    """``"float32"`` for a float32 model: the dtype of its first floating parameter."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")

@@ -15,7 +15,10 @@ from torch import Tensor, nn
 
 from lightning_compress._torchao import import_torchao
 
-_nf4 = import_torchao("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+try:
+    _nf4 = import_torchao("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+except ModuleNotFoundError:  # torchao < 0.18 kept NF4Tensor under dtypes/ (the same class)
+    _nf4 = import_torchao("torchao.dtypes.nf4tensor")
 NF4Tensor = _nf4.NF4Tensor
 
 NF4_BLOCK_SIZE = 64
