@@ -358,7 +358,14 @@ def test_bad_arguments_fail_when_the_callback_is_built(kwargs, message):
     [
         (dict(target_modules=["fc_1"]), r"`target_modules` pattern 'fc_1' matches no module. Close names: fc1, fc2"),
         (dict(target_modules=["fc1"], modules_to_save=["haed"]), r"`modules_to_save` pattern 'haed' matches no module"),
-        (dict(target_modules=["fc1"], modules_to_save=["fc1"]), "'fc1' is both adapted and in `modules_to_save`"),
+        (dict(target_modules=["fc1"], modules_to_save=["fc1"]),
+         "'fc1' is both adapted and in `modules_to_save`: `target_modules` selects it and `modules_to_save` holds it"),
+        # A type is an explicit target too: only the default targets leave modules_to_save out.
+        (dict(target_modules=[nn.Linear], modules_to_save=["fc2"]),
+         "'fc2' is both adapted and in `modules_to_save`: `target_modules` selects it and `modules_to_save` holds it"),
+        (dict(modules_to_save=["fc1", "fc2"]),
+         r"every layer LoRA adapts by default \(each Linear layer\) lies in `modules_to_save` \['fc1', 'fc2'\].*name the"
+         " layers to adapt in `target_modules`"),
         (dict(target_modules=["conv"], base="nf4"), "'conv' is a Conv1d; base='nf4' .* Linear weights only"),
         (dict(target_modules=["fc1"], base="nf4", nf4_block_size=96), r"'fc1': `nf4_block_size`=96 does not divide its 2048 weights"),
         (dict(target_modules=["fc2"], base="nf4"), r"'fc2': its 4 NF4 blocks do not split into `nf4_scaler_block_size`=256"),
@@ -371,6 +378,24 @@ def test_bad_targets_fail_before_training_and_leave_the_model_unchanged(kwargs, 
         make_trainer(callbacks=[LoRA(**kwargs)]).fit(model, tiny_loader())
     assert list(model.state_dict()) == list(before)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def _body_and_head():
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(8, 8))
+    model.add_module("head", nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+    return model
+
+
+def test_default_targets_leave_out_modules_to_save_and_what_they_hold(seeded):
+    model = _body_and_head()
+    adapters = inject_adapters(model, LoRAConfig(r=2, modules_to_save=["head"]))
+    assert list(adapters) == ["body"]
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["body.lora_A", "body.lora_B", "head.0.bias", "head.0.weight", "head.2.bias", "head.2.weight"]
+    with pytest.raises(ValueError, match=r"layer 'head.0' is both adapted and in `modules_to_save`: `target_modules`"
+                                         r" selects it and `modules_to_save` holds 'head', which contains it"):
+        inject_adapters(_body_and_head(), LoRAConfig(r=2, target_modules=[nn.Linear], modules_to_save=["head"]))
 
 
 def test_grouped_convolution_is_refused():

@@ -100,6 +100,49 @@ def test_adapters_saved_by_peft_load_into_a_plain_model_and_into_the_callback(tm
     torch.testing.assert_close(module.model(input_ids=ids).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
 
 
+class SequenceClassifier(LightningModule):
+    """A transformers ``BertForSequenceClassification`` (a new ``classifier`` head) in ``self.model``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        config = transformers.BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )
+        self.model = transformers.BertForSequenceClassification(config)
+
+    def training_step(self, batch, batch_idx):
+        ids, labels = batch
+        return self.model(input_ids=ids, labels=labels).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_default_targets_with_a_head_in_modules_to_save_train_and_load_in_peft(tmp_path, seeded):
+    """Default targets + ``modules_to_save=["classifier"]``: every Linear but the head gets an
+    adapter, the head trains fully, and PEFT loads the result with equal logits."""
+    module = SequenceClassifier()
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+    lora = LoRA(r=4, lora_alpha=8, modules_to_save=["classifier"], peft_root="model", adapter_dir=tmp_path)
+    make_trainer(max_epochs=1, callbacks=[lora]).fit(module, bert_loader())
+    linear = [f"model.{n}" for n, m in SequenceClassifier().model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(lora.adapters) == sorted(n for n in linear if n != "model.classifier")
+    assert len(lora.adapters) == 2 * 6 + 1  # q, k, v, attention out, intermediate, output per layer; the pooler
+    assert not torch.equal(module.model.classifier.weight, initial["classifier.weight"])  # trained fully
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"] and "classifier" not in config["target_modules"]
+
+    ids = bert_loader().dataset.tensors[0]
+    module.eval()
+    ours = module.model(input_ids=ids).logits
+    base = SequenceClassifier().model
+    base.load_state_dict(initial)
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    torch.testing.assert_close(theirs(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
+
+
 def test_embedding_conv_and_modules_to_save_round_trip_both_ways(tmp_path, seeded):
     model = Mixed()
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -17,19 +17,8 @@ from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.tracking import log_artifact
 from lightning_compress.formats.config import ExportConfig
 from lightning_compress.formats.export import ExportReport, export
+from lightning_compress.formats.inputs import batch_inputs
 from lightning_compress.formats.packed import METADATA_FILE
-
-_LABEL_KEYS = ("labels", "label", "target", "targets", "y")
-
-
-def default_input_fn(batch: Any) -> Any:
-    """A dataloader batch → model inputs: ``x`` of ``(x, y, ...)``, a dict without its
-    label keys (passed as keyword arguments), or the batch itself."""
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
-    return batch
 
 
 class CompressedExport(CompressionCallback):
@@ -62,8 +51,12 @@ class CompressedExport(CompressionCallback):
         parity: run the parity check.
         parity_batches: validation batches (training batches when there is no
             validation loop) the outputs are compared on.
-        input_fn: turns a batch into the module's inputs; default
-            :func:`default_input_fn` (``x`` of ``(x, y)``; a dict without label keys).
+        input_fn: turns a batch into the module's inputs (a tuple is passed
+            positionally, a dict as keyword arguments); default
+            :func:`~lightning_compress.formats.inputs.batch_inputs`, which reads the
+            module's ``forward``: ``x`` of ``(x, y)``, ``(x1, x2)`` of ``(x1, x2, y)`` for
+            ``forward(x1, x2)``, a dict's entries ``forward`` takes (label keys left out),
+            or an error that says what to pass.
         max_relative_error: threshold of the exact path's output error (default 1e-5).
         min_sqnr_db: threshold of the int8-GEMM path's output SQNR (default 35 dB).
         backend: the loader backend the parity check measures.
@@ -142,7 +135,8 @@ class CompressedExport(CompressionCallback):
         """
         inputs = []
         if self.parity:
-            input_fn = self.input_fn or default_input_fn
+            target = self._target(pl_module)
+            input_fn = self.input_fn or (lambda batch: batch_inputs(batch, target))
             device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
             for batch in itertools.islice(batches, self.parity_batches):
                 inputs.append(move_data_to_device(input_fn(batch), device))

@@ -48,14 +48,15 @@ class LoRA(CompressionCallback):
         target_modules: layer types and/or name globs to adapt (a glob matches a whole
             name or its last parts, as PEFT's ``target_modules``: ``"query"`` matches
             ``encoder.layer.0.attention.self.query``). Linear, Embedding and Conv1d/2d/3d
-            (``groups=1``) layers; default every Linear layer.
+            (``groups=1``) layers; default every Linear layer outside ``modules_to_save``.
         lora_dropout: dropout probability on the adapter's input (Linear and Conv). It
             needs the adapter as a separate branch, so a layer that pruning or QAT also
             transforms cannot have it. Drawn from a generator of its own, checkpointed with
             this callback, so a resumed run draws the same masks.
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         exclude_modules: layer types and/or name globs not to adapt.
-        modules_to_save: names or globs of modules that train fully (a new head).
+        modules_to_save: names or globs of modules that train fully (a new head). The
+            default targets leave them out; naming one in ``target_modules`` too is an error.
         base: ``"float"``, or ``"nf4"`` for QLoRA: the adapted layers' frozen weights are
             kept in NF4 (Linear layers only).
         compute_dtype: for ``base="nf4"``: the dtype an adapted layer dequantizes its

@@ -14,6 +14,7 @@ from lightning_compress.core.transforms import (
     raw_weight,
     set_forward,
 )
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.lora.adapter import MERGED_MARK, DropoutRNG, LoRAAdapter
 from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig, check_rank
 from lightning_compress.quant.nf4 import check_nf4_compatible, is_nf4, to_nf4, weight_nbytes
@@ -24,9 +25,15 @@ ADAPTER_PARAMETERS = ("lora_A", "lora_B")
 def select_adapter_layers(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
     """The layers ``config`` adapts, checked for what LoRA (and an NF4 base) can hold.
 
+    The default targets (every Linear layer) leave out ``modules_to_save`` and the layers
+    inside them, as PEFT users expect of a new head; a layer that ``target_modules``
+    names explicitly and ``modules_to_save`` also holds is an error.
+
     Raises:
         ValueError: a target matches nothing (with close names), a grouped convolution, a
-            layer smaller than the rank ``r`` (an ArgumentError naming ``r``), or
+            layer smaller than the rank ``r`` (an ArgumentError naming ``r``), a layer both
+            targeted and in ``modules_to_save``, default targets that ``modules_to_save``
+            leaves empty (an ArgumentError naming ``target_modules``), or
             (``base="nf4"``) a layer that is not Linear or whose size the NF4 blocks do not
             divide.
     """
@@ -38,6 +45,18 @@ def select_adapter_layers(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.
         default=(nn.Linear,),
         argument="target_modules",
     )
+    if config.modules_to_save:
+        to_save = match_modules(model, config.modules_to_save, "modules_to_save")
+        if config.target_modules is None:
+            layers = {name: layer for name, layer in layers.items() if _saved_owner(name, to_save) is None}
+            if not layers:
+                raise ArgumentError(
+                    "target_modules",
+                    f"every layer LoRA adapts by default (each Linear layer) lies in `modules_to_save`"
+                    f" {list(config.modules_to_save)}, which train fully, so no layer is left to adapt; name the"
+                    " layers to adapt in `target_modules`",
+                )
+        check_not_saved(layers, to_save)
     for name, layer in layers.items():
         if getattr(layer, "groups", 1) != 1:
             raise ValueError(f"layer {name!r} is a grouped convolution (groups={layer.groups}); LoRA adapts"
@@ -70,9 +89,7 @@ def inject_adapters(
     to_save = match_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else {}
     for name, layer in layers.items():
         check_rank(name, layer, config.r)
-        if any(name == kept or name.startswith(kept + ".") for kept in to_save):
-            raise ValueError(f"layer {name!r} is both adapted and in `modules_to_save`; a module either"
-                             " trains fully or gets an adapter. Remove it from one of them")
+    check_not_saved(layers, to_save)
     dropout = dropout or DropoutRNG(config.lora_dropout)
     adapters = {}
     for name, layer in layers.items():
@@ -90,6 +107,29 @@ def inject_adapters(
         adapters[name] = adapter
     freeze_except(model, adapters, to_save)
     return adapters
+
+
+def check_not_saved(layers: Dict[str, nn.Module], to_save: Dict[str, nn.Module]) -> None:
+    """Refuse a layer that would both get an adapter and train fully.
+
+    Raises:
+        ValueError: naming the layer, ``target_modules`` and the ``modules_to_save`` entry.
+    """
+    for name in layers:
+        kept = _saved_owner(name, to_save)
+        if kept is not None:
+            held = "holds it" if kept == name else f"holds {kept!r}, which contains it"
+            raise ValueError(
+                f"layer {name!r} is both adapted and in `modules_to_save`: `target_modules` selects it and"
+                f" `modules_to_save` {held}; a module either trains fully or gets an adapter. Remove it from"
+                " `target_modules` (or leave `target_modules` unset: the default targets leave out"
+                " `modules_to_save`), or from `modules_to_save`"
+            )
+
+
+def _saved_owner(name: str, to_save: Dict[str, nn.Module]) -> str | None:
+    """The ``modules_to_save`` module that is layer ``name`` or contains it, if any."""
+    return next((kept for kept in to_save if name == kept or name.startswith(kept + ".")), None)
 
 
 def freeze_except(model: nn.Module, adapters: Dict[str, LoRAAdapter], modules_to_save: Dict[str, nn.Module]) -> None:

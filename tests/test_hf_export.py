@@ -1,0 +1,206 @@
+"""Exports of transformers head models load through ``AutoModel`` and their task class.
+
+A ``BertForSequenceClassification`` or ``LlamaForCausalLM`` names its layers under its base
+model (``bert.encoder...``, ``model.layers...``); ``AutoModel`` builds the base model alone.
+Both loads must compute with the packed weights, not fresh ones: the references are the
+fake-quant model we exported (its base model's hidden states, its logits) and its
+fake-quantized weights. Tiny models built from configs; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import compressed_tensors  # noqa: E402,F401  (a dev dependency: a missing one fails, never skips)
+import transformers  # noqa: E402
+
+from lightning_compress import CompressedExport, QuantizationAwareTraining, export  # noqa: E402
+from lightning_compress.core.transforms import raw_weight  # noqa: E402
+from lightning_compress.formats.packed import METADATA_FILE  # noqa: E402
+from lightning_compress.quant.spec import QuantSpec  # noqa: E402
+from lightning_compress.quant.weights import quantized_weights, round_to_nearest  # noqa: E402
+from tests.conftest import make_trainer  # noqa: E402
+
+VOCAB = 100
+
+
+def tiny_bert_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def tiny_llama(tied: bool) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=32, tie_word_embeddings=tied,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+# name -> (model, task class, a Linear of the base model left in float, one quantized at int8)
+MODELS = {
+    "bert": (tiny_bert_classifier, transformers.AutoModelForSequenceClassification, "bert.pooler.dense",
+             "bert.encoder.layer.1.output.dense"),
+    "llama": (lambda: tiny_llama(tied=False), transformers.AutoModelForCausalLM, "model.layers.1.mlp.down_proj",
+              "model.layers.0.self_attn.o_proj"),
+    "llama-tied": (lambda: tiny_llama(tied=True), transformers.AutoModelForCausalLM, "model.layers.1.mlp.down_proj",
+                   "model.layers.0.self_attn.o_proj"),
+}
+
+
+def token_batch(seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (3, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # padding, so the mask is used
+    return ids, mask
+
+
+def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return float((reference.double() - other.double()).norm() / reference.double().norm())
+
+
+def load_both(directory, task_class, caplog):
+    """``AutoModel`` and the task class on ``directory``, with compressed-tensors' "Could not
+    match" warnings of each load."""
+    loaded, unmatched = [], []
+    for auto in (transformers.AutoModel, task_class):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            loaded.append(auto.from_pretrained(directory).eval())
+        unmatched.append(sorted(r.getMessage().split("`")[1] for r in caplog.records if "Could not match" in r.getMessage()))
+    return loaded, unmatched
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_automodel_and_the_task_class_load_the_fake_quant_model(tmp_path, family, caplog):
+    build, task_class, float_layer, int8_layer = MODELS[family]
+    model = build()
+    prefix = model.base_model_prefix
+    round_to_nearest(model, QuantSpec(4, "group", 32), targets=[nn.Linear], exclude=[float_layer, int8_layer])
+    round_to_nearest(model, QuantSpec(8, "channel"), targets=[int8_layer])
+    quantized = {name: q.dequantize() for name, q in quantized_weights(model).items()}
+    head = [name for name in quantized if not name.startswith(prefix + ".")]
+    assert head == (["classifier"] if family == "bert" else ["lm_head"])
+    ids, mask = token_batch()
+    report = export(model, tmp_path / "hf", inputs=[{"input_ids": ids, "attention_mask": mask}])
+    assert report.compressed_tensors and report.parity.passed
+
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert written["architectures"] == [type(model).__name__]
+    assert len(written["quantization_config"]["config_groups"]) == 2  # int4 g32 and int8 channel
+    if family == "llama-tied":  # lm_head computes with its own codes, the embedding stays float
+        assert written["tie_word_embeddings"] is False
+
+    (base, task), unmatched = load_both(tmp_path / "hf", task_class, caplog)
+    assert type(base) is type(model.base_model) and type(task) is type(model)
+    assert unmatched == [head, []]  # the base model has no head; every other target matched
+    with torch.no_grad():
+        ours_hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours_logits = model(input_ids=ids, attention_mask=mask).logits
+        base_hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        task_logits = task(input_ids=ids, attention_mask=mask).logits
+    # Measured: 0.0 for all three models (the same weights, the same float operations).
+    assert relative_error(ours_hidden, base_hidden) <= 1e-6
+    assert relative_error(ours_logits, task_logits) <= 1e-6
+
+    # The weights are the packed codes (compressed-tensors decompressed them on the first
+    # forward above), not freshly initialised ones; the float layer is the model's own.
+    for name, weight in quantized.items():
+        assert torch.equal(task.get_submodule(name).weight, weight), name
+        if name not in head:
+            assert torch.equal(base.get_submodule(name.removeprefix(prefix + ".")).weight, weight), name
+    float_weight = raw_weight(model.get_submodule(float_layer))
+    assert torch.equal(task.get_submodule(float_layer).weight, float_weight)
+    assert torch.equal(base.get_submodule(float_layer.removeprefix(prefix + ".")).weight, float_weight)
+
+
+def test_targets_and_ignore_match_the_same_layers_in_both_classes(tmp_path):
+    """compressed-tensors' own matcher (what transformers and vLLM call) finds each
+    quantized layer in both classes, and ``ignore`` names the Linear layers left in float."""
+    from compressed_tensors.utils.match import match_named_modules
+
+    model = tiny_bert_classifier()
+    round_to_nearest(model, QuantSpec(4, "group", 32), targets=[nn.Linear], exclude=["pooler.dense"])
+    export(model, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    targets = config["config_groups"]["group_0"]["targets"]
+    quantized = sorted(quantized_weights(model))
+    task = tiny_bert_classifier()
+    assert sorted(name for name, _ in match_named_modules(task, targets)) == quantized
+    assert sorted(name for name, _ in match_named_modules(task.bert, targets)) == [
+        name.removeprefix("bert.") for name in quantized if name != "classifier"
+    ]
+    assert [name for name, _ in match_named_modules(task, config["ignore"])] == ["bert.pooler.dense"]
+    assert [name for name, _ in match_named_modules(task.bert, config["ignore"])] == ["pooler.dense"]
+
+
+# ---------------------------------------------------------------------- a real Trainer, dict batches
+class SequenceClassifier(LightningModule):
+    """A transformers head model in ``self.model``, trained on dict batches (with labels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_bert_classifier().train()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.model(**batch).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def dict_batches(batches: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(batches * 4):
+        ids = torch.randint(1, VOCAB, (12,), generator=generator)
+        used = int(torch.randint(6, 13, (), generator=generator))
+        samples.append({"input_ids": ids, "attention_mask": (torch.arange(12) < used).long(), "labels": ids[0] % 3})
+    return torch.utils.data.DataLoader(samples, batch_size=4)
+
+
+def test_trained_head_model_exports_from_dict_batches_and_loads_in_transformers(tmp_path, seeded, caplog):
+    """QAT under a real Trainer on ``{"input_ids", "attention_mask", "labels"}`` batches; the
+    default input_fn feeds the parity check and the ONNX trace without a hand-written one."""
+    import onnxruntime  # noqa: F401  (a dev dependency: a missing one fails, never skips)
+
+    module = SequenceClassifier()
+    export_cb = CompressedExport(tmp_path / "hf", module="model", formats=["safetensors", "onnx"])
+    qat = QuantizationAwareTraining("int4", group_size=32, start_step=1)
+    make_trainer(max_steps=4, callbacks=[qat, export_cb]).fit(module, dict_batches(4, seed=0), dict_batches(1, seed=1))
+    report = export_cb.report
+    assert report.compressed_tensors and report.parity.passed
+    assert report.parity.relative_error is not None and report.parity.relative_error <= 1e-5  # outputs compared
+    meta = json.loads((tmp_path / "hf" / METADATA_FILE).read_text())
+    assert meta["onnx"]["relative_error"] <= 1e-5
+
+    (base, task), unmatched = load_both(tmp_path / "hf", transformers.AutoModelForSequenceClassification, caplog)
+    assert unmatched == [["classifier"], []]
+    held_out = next(iter(dict_batches(1, seed=2)))
+    inputs = {key: held_out[key] for key in ("input_ids", "attention_mask")}
+    model = module.model.eval()
+    with torch.no_grad():
+        assert relative_error(model.bert(**inputs).last_hidden_state, base(**inputs).last_hidden_state) <= 1e-6
+        assert relative_error(model(**inputs).logits, task(**inputs).logits) <= 1e-6
+        assert F.cross_entropy(task(**inputs).logits, held_out["labels"]).isfinite()
+    for name, q in quantized_weights(model).items():
+        assert torch.equal(task.get_submodule(name).weight, q.dequantize()), name
