@@ -58,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:
         if not _is_user_error(err):
             raise
-        return _fail(f"lightning-compress {command}", str(err))
+        return _fail(f"lightning-compress {command}", "\n".join([str(err), *getattr(err, "__notes__", ())]))
 
 
 def _is_user_error(err: BaseException) -> bool:

@@ -93,3 +93,12 @@ def test_failed_export_fails_every_rank_without_hanging(tmp_path):
     assert result.returncode != 0
     assert "ParityError" in result.stdout + result.stderr
     assert not (tmp_path / "packed").exists()
+    assert (tmp_path / "packed.failed-parity" / "parity.json").is_file()  # the trained model, kept by rank 0
+
+
+def test_a_dry_export_failure_stops_every_rank_before_training(tmp_path):
+    result = run_script(SCRIPT, tmp_path, "export-dry-fail", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "dry export (before the first training step) failed on rank 0" in output and "NaN/Inf" in output
+    assert not any(tmp_path.glob("packed*")) and not any(tmp_path.glob("rank*.pt"))  # fit never ended

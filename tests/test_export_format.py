@@ -71,6 +71,18 @@ def test_packing_matches_compressed_tensors(bits):
         assert biased is None
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (5, 9), (2, 64), (4, 33)])
+def test_byte_packing_of_2_4_8_bits_matches_compressed_tensors(bits, shape):
+    """pack_codes builds 2/4/8-bit words from bytes (not a bit stream): every padding case
+    against compressed-tensors, and a 1-D tensor as its one row."""
+    from compressed_tensors.compressors.pack_quantized import helpers  # a dev dependency: never skipped
+    generator = torch.Generator().manual_seed(bits * 100 + shape[1])
+    codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), shape, generator=generator, dtype=torch.int8)
+    assert torch.equal(pack_codes(codes, bits), helpers.pack_to_int32(codes, bits))
+    assert torch.equal(pack_codes(codes[0], bits), helpers.pack_to_int32(codes[:1], bits)[0])
+
+
 # ---------------------------------------------------------------------- round trips
 SPECS = [
     QuantSpec(bits, granularity, group_size=16 if granularity == "group" else None, symmetric=symmetric)
@@ -235,12 +247,13 @@ def test_int8_gemm_backend_reaches_35db_and_says_which_kernel_ran(tmp_path):
     assert exact.packed_kernels == {"0": "dequantize", "2": "dequantize"}  # weight-only stays exact
 
 
-def test_failed_parity_writes_nothing_and_names_the_worst_layers(tmp_path):
+def test_failed_parity_leaves_out_dir_unwritten_and_names_the_worst_layers(tmp_path):
     model = quantized_mlp(QuantSpec(8))
     with pytest.raises(ParityError, match="worst layers: ") as caught:
         export(model, tmp_path / "out", inputs=[torch.randn(8, 32)], backend="fbgemm", min_sqnr_db=200)
     assert caught.value.report.layers and not (tmp_path / "out").exists()
-    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind
+    # No temporary directory left behind; the packed files are kept aside (tests/test_export_safety.py).
+    assert list(tmp_path.iterdir()) == [tmp_path / "out.failed-parity"]
 
 
 # ---------------------------------------------------------------------- safety

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any, Iterable, Optional, Sequence
+import os
+import warnings
+from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -16,9 +18,16 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.tracking import log_artifact
 from lightning_compress.formats.config import ExportConfig
+from lightning_compress.formats.dry_export import dry_export
 from lightning_compress.formats.export import ExportReport, export
+from lightning_compress.formats.failed_export import failed_path
 from lightning_compress.formats.inputs import batch_inputs
 from lightning_compress.formats.packed import METADATA_FILE
+_DRY_NOTE = (
+    "found by CompressedExport's dry export before the first training step: nothing was trained or written; the"
+    " export at the end of fit would fail the same way. dry_export=False (in a recipe: export.dry_export=false)"
+    " skips this check"
+)
 
 
 class CompressedExport(CompressionCallback):
@@ -27,9 +36,21 @@ class CompressedExport(CompressionCallback):
     Quantized layers are stored as their exact integer codes (int4 truly packed), pruned
     tensors as bitmask + values when that is smaller, LoRA adapters merged. The parity
     check reads the files back and compares them with the fake-quant model on a few
-    validation batches; if it fails, nothing is written and fit raises
-    :class:`~lightning_compress.formats.errors.ParityError` with the worst layers. Under
-    DDP, rank 0 writes and the other ranks wait (and raise the same error).
+    validation batches; if it fails, ``dirpath`` is not written, the packed files are
+    kept in ``<dirpath>.failed-parity/`` (with ``parity.json``; ``load_packed`` refuses
+    them unless ``allow_failed_parity=True``) and fit raises
+    :class:`~lightning_compress.formats.errors.ParityError` naming that directory and
+    the worst layers. Under DDP, rank 0 writes and the other ranks wait (and raise the
+    same error).
+
+    Before the first training step (on the first training batch of each fit, which it
+    uses as the parity input), a dry export of the model as it is then
+    (:func:`~lightning_compress.formats.dry_export.dry_export`: packing, the parity check
+    and the ONNX export when asked, in memory) stops the run with the error the export at
+    the end would raise for a format, kernel or ONNX problem, instead of after the last
+    step. It writes nothing and leaves the weights, quantizer ranges and random number
+    generators as they were, so the run trains to the same bits; it costs one packing of
+    the model and a few forwards of one batch without gradients (see ``dry_export``).
 
     Example::
 
@@ -47,10 +68,13 @@ class CompressedExport(CompressionCallback):
             ``transformers`` model held by the LightningModule, which then also gets a
             compressed-tensors ``config.json``); default the whole LightningModule.
         overwrite: replace an existing ``dirpath`` (the old one stays until the new
-            one is complete).
+            one is complete), and the ``<dirpath>.failed-parity`` of an earlier failed
+            export (replaced if this export fails too, removed once ``dirpath`` is written).
         parity: run the parity check.
         parity_batches: validation batches (training batches when there is no
             validation loop) the outputs are compared on.
+        dry_export: run the dry export before the first training step (default
+            ``True``); ``False`` skips it.
         input_fn: turns a batch into the module's inputs (a tuple is passed
             positionally, a dict as keyword arguments); default
             :func:`~lightning_compress.formats.inputs.batch_inputs`, which reads the
@@ -71,11 +95,14 @@ class CompressedExport(CompressionCallback):
 
     Raises:
         ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
-        FileExistsError: at setup, before training, when ``dirpath`` exists and
-            ``overwrite`` is False.
+        FileExistsError: at setup, before training, when ``dirpath`` or
+            ``<dirpath>.failed-parity`` exists and ``overwrite`` is False.
         ValueError: at setup, when ``module`` is not a submodule of the LightningModule.
+        ExportError: before the first training step, from the dry export (the error the
+            export at the end would raise; ``ParityError`` and ONNX errors too), and at fit
+            end; under DDP a ``RuntimeError`` on every rank.
         ParityError: at fit end, when the exported model does not match the trained
-            one (nothing is written); under DDP a ``RuntimeError`` on every rank.
+            one (``dirpath`` is not written; ``err.directory`` is where the files are).
     """
 
     section = "export"
@@ -85,6 +112,8 @@ class CompressedExport(CompressionCallback):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.report: Optional[ExportReport] = None
+        self.dry_report: Optional[ExportReport] = None  # the dry export's, before training
+        self._dry_pending = False
 
     @property
     def state_key(self) -> str:
@@ -105,23 +134,35 @@ class CompressedExport(CompressionCallback):
                     f"CompressedExport: {self.dirpath} already exists; choose another `dirpath` or pass"
                     " overwrite=True (in a recipe: export.overwrite=true); checked before training so no run is lost"
                 )
+            failed = failed_path(self.dirpath)
+            if os.path.lexists(failed) and not self.overwrite:
+                raise FileExistsError(
+                    f"CompressedExport: {failed} exists (an earlier export to {self.dirpath} failed its check and kept"
+                    " its files there); move it away, or pass overwrite=True (in a recipe: export.overwrite=true),"
+                    " which replaces it if this run's export fails too and removes it once the export is written;"
+                    " checked before training so no run is lost"
+                )
+            self._dry_pending = self.dry_export
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._dry_pending:
+            return
+        self._dry_pending = False
+        target = self._target(pl_module)
+
+        def dry() -> None:
+            self.dry_report = dry_export(target, self._inputs(pl_module, [batch], 1), **self.options)
+
+        self._on_rank_zero(trainer, dry, "dry export (before the first training step)", _DRY_NOTE)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
-        error: Optional[str] = None
+        self._dry_pending = False  # a fit without a training batch
+        self._on_rank_zero(trainer, lambda: self.write(pl_module, self._parity_loader(trainer)), "export")
         if trainer.is_global_zero:
-            try:
-                self.write(pl_module, self._parity_loader(trainer))
-                rank_zero_info(self.report.table())
-            except Exception as err:  # re-raised below, on every rank
-                error = f"{type(err).__name__}: {err}"
-                if trainer.world_size == 1:
-                    raise
-        error = trainer.strategy.broadcast(error, src=0)
-        if error is not None:
-            raise RuntimeError(f"CompressedExport failed on rank 0: {error}")
-        if trainer.is_global_zero:
+            rank_zero_info(self.report.table())
             self._log_artifact(trainer)
 
     def write(self, pl_module: nn.Module, batches: Iterable[Any] = ()) -> ExportReport:
@@ -133,17 +174,38 @@ class CompressedExport(CompressionCallback):
             batches: batches to take the parity check's inputs from (the first
                 ``parity_batches``, through ``input_fn``); none checks the weights only.
         """
-        inputs = []
-        if self.parity:
-            target = self._target(pl_module)
-            input_fn = self.input_fn or (lambda batch: batch_inputs(batch, target))
-            device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-            for batch in itertools.islice(batches, self.parity_batches):
-                inputs.append(move_data_to_device(input_fn(batch), device))
+        inputs = self._inputs(pl_module, batches, self.parity_batches)
         self.report = export(self._target(pl_module), self.dirpath, inputs=inputs, **self.options)
         return self.report
 
     # ------------------------------------------------------------------ internals
+    def _inputs(self, pl_module: nn.Module, batches: Iterable[Any], count: int) -> List[Any]:
+        """The model inputs of the first ``count`` batches: for the parity check, and for
+        tracing the ONNX export (which needs one even with ``parity=False``)."""
+        if not self.parity and "onnx" not in self.formats:
+            return []
+        target = self._target(pl_module)
+        input_fn = self.input_fn or (lambda batch: batch_inputs(batch, target))
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        return [move_data_to_device(input_fn(batch), device) for batch in itertools.islice(batches, count)]
+
+    @staticmethod
+    def _on_rank_zero(trainer: Trainer, work: Callable[[], Any], what: str, note: str = "") -> None:
+        """Run ``work`` on rank 0; its error is raised on every rank (as it is in one process)."""
+        error: Optional[str] = None
+        if trainer.is_global_zero:
+            try:
+                work()
+            except Exception as err:  # re-raised below, on every rank
+                if note:
+                    _add_note(err, note)
+                error = f"{type(err).__name__}: {err}{' (' + note + ')' if note else ''}"
+                if trainer.world_size == 1:
+                    raise
+        error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            raise RuntimeError(f"CompressedExport's {what} failed on rank 0: {error}")
+
     def _target(self, pl_module: LightningModule) -> nn.Module:
         if self.module is None:
             return pl_module
@@ -169,3 +231,10 @@ class CompressedExport(CompressionCallback):
             log_artifact(trainer, self.dirpath, type="model", metadata=metadata)
         except Exception as err:
             rank_zero_warn(f"CompressedExport: the export in {self.dirpath} is complete, but logging it as a W&B artifact failed: {err}")
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # Python 3.10
+        warnings.warn(note, RuntimeWarning, stacklevel=3)

@@ -179,6 +179,30 @@ def atomic_write_directory(
         _settle(target, old)
 
 
+def remove_directory(path: str | os.PathLike) -> bool:
+    """Delete the directory ``path`` under its write lock, first renamed to a ``.tmp-*``
+    name: it never lies half-deleted under its own name (the next write of ``path`` removes
+    what an interrupted removal left). Returns whether there was one to delete.
+
+    Raises:
+        DirectoryLockedError: another process is writing ``path``.
+        NotADirectoryError: ``path`` exists and is not a directory.
+    """
+    target = _target(path)
+    if not os.path.lexists(target):
+        return False
+    with write_lock(target):
+        if not os.path.lexists(target):
+            return False
+        if not target.is_dir():
+            raise NotADirectoryError(f"{target} exists and is not a directory")
+        garbage = _sibling(target, "tmp")
+        os.rename(target, garbage)
+        fsync_directory(target.parent)
+        shutil.rmtree(garbage, ignore_errors=True)
+    return True
+
+
 def recover_directory(path: str | os.PathLike) -> bool:
     """Undo an interrupted write of the directory ``path``, for readers: when ``path`` is
     missing and the old version lies beside it as ``.<name>.old-*`` (the
@@ -399,6 +423,7 @@ __all__ = [
     "fsync_file",
     "on_stage",
     "recover_directory",
+    "remove_directory",
     "rename_noreplace",
     "replace_file",
     "write_lock",

@@ -7,8 +7,18 @@ from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
-from lightning_compress.core.validate import ArgumentError, check_bool, check_callable, check_int, check_name
-from lightning_compress.formats.export import validate_export_formats, validate_export_options
+from torch import Tensor
+
+from lightning_compress.core.validate import (
+    ArgumentError,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_name,
+    check_number,
+)
+from lightning_compress.formats.runtime import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,7 @@ class ExportConfig:
     overwrite: bool = False
     parity: bool = True
     parity_batches: int = 2
+    dry_export: bool = True
     input_fn: Optional[Callable[[Any], Any]] = None
     max_relative_error: float = 1e-5
     min_sqnr_db: float = 35.0
@@ -44,6 +55,12 @@ class ExportConfig:
         check_bool("overwrite", self.overwrite)
         check_bool("parity", self.parity)
         check_int("parity_batches", self.parity_batches)
+        if not isinstance(self.dry_export, bool):
+            raise ArgumentError(
+                "dry_export", f"`dry_export` must be True (check the export on the first batch, before training) or"
+                f" False (skip that check), got {self.dry_export!r}; e.g. dry_export=False (in a recipe:"
+                " export.dry_export=false)"
+            )
         check_callable("input_fn", self.input_fn, what="a callable taking a batch and returning the model's inputs")
         if self.recipe is not None and not isinstance(self.recipe, Mapping):
             raise ArgumentError("recipe", f"`recipe` must be a dict, got {type(self.recipe).__name__}")
@@ -64,4 +81,45 @@ class ExportConfig:
         )
 
 
-__all__ = ["ExportConfig"]
+def validate_export_formats(formats, inputs) -> None:
+    """Check :func:`export`'s ``formats`` and that ``inputs`` can trace an ONNX export
+    (pass ``[None]`` for inputs that will exist by export time).
+
+    Raises:
+        ArgumentError: a ``ValueError`` naming ``formats`` or ``inputs``.
+    """
+    known = ("safetensors", "onnx")
+    if isinstance(formats, str) or not isinstance(formats, Sequence) or not all(f in known for f in formats if isinstance(f, str)) \
+            or not all(isinstance(f, str) for f in formats):
+        raise ArgumentError("formats", f"`formats` must be a list from ['safetensors', 'onnx'], got {formats!r}")
+    if "safetensors" not in formats:
+        raise ArgumentError("formats", "`formats` must include 'safetensors' (the loader and the parity check read it)")
+    if "onnx" in formats and (not inputs or isinstance(inputs[0], Mapping)):
+        raise ArgumentError(
+            "inputs", "formats=['onnx'] traces the model with `inputs[0]`: pass `inputs` with a tensor or tuple"
+        )
+
+
+def validate_export_options(
+    backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors
+) -> None:
+    """Check the options of :func:`export` (``inputs=None`` skips that one), so a caller
+    that exports later (``CompressedExport``) can refuse them before training.
+
+    Raises:
+        ArgumentError: a ``ValueError`` naming the bad argument (its ``argument``).
+    """
+    check_choice("backend", backend, BACKENDS)
+    if sparse_threshold is not None:
+        check_number("sparse_threshold", sparse_threshold, low=0.0, high=1.0, what="a fraction in [0, 1] or None")
+    check_number("max_relative_error", max_relative_error, low=0.0, what="a number >= 0")
+    check_number("min_sqnr_db", min_sqnr_db, what="a number (dB)")
+    if inputs is not None and (isinstance(inputs, (Tensor, Mapping)) or not isinstance(inputs, Sequence)):
+        raise ArgumentError("inputs", "`inputs` must be a list of batches (e.g. [x1, x2]), not a single tensor or dict")
+    if compressed_tensors is not None and not isinstance(compressed_tensors, bool):
+        raise ArgumentError(
+            "compressed_tensors", f"`compressed_tensors` must be True, False or None, got {compressed_tensors!r}"
+        )
+
+
+__all__ = ["ExportConfig", "validate_export_formats", "validate_export_options"]

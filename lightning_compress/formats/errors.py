@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 
 class PackedFormatError(ValueError):
     """A packed directory cannot be read: missing, truncated or corrupted files, an unknown
@@ -9,15 +12,30 @@ class PackedFormatError(ValueError):
     file and, where one is at fault, the tensor or layer."""
 
 
+class FailedExportError(PackedFormatError):
+    """The directory holds an export whose check failed (``<dir>.failed-parity/``, kept so
+    the run is not lost): ``load_packed`` refuses it unless ``allow_failed_parity=True``."""
+
+
 class ExportError(RuntimeError):
     """The export refused to write: NaN/Inf in a weight, an existing directory without
-    ``overwrite=True``, or a layer it cannot pack. Nothing on disk was changed."""
+    ``overwrite=True``, or a layer it cannot pack; nothing on disk was changed. Or the
+    check of the packed files failed after packing: then ``directory`` is where they were
+    kept instead (``<dir>.failed-parity/``, named in the message), or ``None`` if they could
+    not be written there either."""
+
+    def __init__(self, message: str, directory: Optional[Path] = None) -> None:
+        super().__init__(message)
+        self.directory = directory
 
 
 class ParityError(ExportError):
     """The packed model does not compute what the fake-quant model computes, beyond the
-    thresholds. ``report`` holds the figures, worst layers first. Nothing was written."""
+    thresholds. ``report`` holds the figures, worst layers first (``None`` when the ONNX
+    file failed its check). Nothing is written to the export directory; ``directory`` is
+    the ``<dir>.failed-parity/`` sibling the packed files were kept in (see
+    :mod:`lightning_compress.formats.failed_export`), ``None`` for a dry export."""
 
-    def __init__(self, message: str, report) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, report, directory: Optional[Path] = None) -> None:
+        super().__init__(message, directory)
         self.report = report

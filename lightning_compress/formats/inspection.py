@@ -13,6 +13,7 @@ import torch
 
 from lightning_compress.core.reporting import format_table
 from lightning_compress.formats.errors import PackedFormatError
+from lightning_compress.formats.failed_export import recorded_failure, refusal
 from lightning_compress.formats.packed import (
     METADATA_FILE,
     WEIGHTS_FILE,
@@ -64,10 +65,11 @@ def verify_packed(directory: Union[str, os.PathLike]) -> str:
     """
     packed = read_packed(directory)
     size = (Path(directory) / WEIGHTS_FILE).stat().st_size
-    return (
+    verified = (
         f"verified: {WEIGHTS_FILE} ({size:,} bytes) matches the SHA-256 recorded in {METADATA_FILE};"
         f" {len(packed.layers)} quantized layers and {len(packed.tensors)} tensors decode, all values finite"
     )
+    return _with_failure(verified, recorded_failure(packed.metadata), directory)
 
 
 def inspect_packed(directory: Path) -> str:
@@ -108,7 +110,12 @@ def inspect_packed(directory: Path) -> str:
     ]
     if metadata.get("recipe"):
         lines.append(f"recipe: {metadata['recipe']}")
-    return "\n".join(lines)
+    return _with_failure("\n".join(lines), recorded_failure(metadata), directory)
+
+
+def _with_failure(text: str, failure, directory) -> str:
+    """``text`` headed by a warning when the export failed its check (a ``.failed-parity`` directory)."""
+    return text if failure is None else f"WARNING: {refusal(directory, failure)}\n{text}"
 
 
 def inspect_checkpoint(path: Path) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Dict, Union
 
 import torch
 from torch import nn
 
 from lightning_compress.formats.errors import PackedFormatError
+from lightning_compress.formats.failed_export import recorded_failure, refusal
 from lightning_compress.formats.packed import PackedModel, read_packed
 from lightning_compress.formats.runtime import BACKENDS, build_packed_module, kernel_report
 from lightning_compress.quant.fake_quant import as_matrix
@@ -19,6 +21,7 @@ def load_packed(
     model: Union[nn.Module, Callable[[], nn.Module]],
     *,
     backend: str = "auto",
+    allow_failed_parity: bool = False,
 ) -> nn.Module:
     """Rebuild the compressed model saved by :func:`lightning_compress.export`.
 
@@ -34,6 +37,9 @@ def load_packed(
             ``"dequantize"``: every layer exactly as the fake-quant model computes.
             ``"fbgemm"``: every int8 per-channel/per-tensor Linear on the int8 GEMM,
             weight-only ones included, and an unavailable kernel is an error.
+        allow_failed_parity: load a directory whose export failed its check (the
+            ``<dir>.failed-parity/`` an export keeps so the run is not lost), with a
+            warning naming the failure; refused by default.
 
     Returns:
         The model, in eval mode; ``model.packed_kernels`` maps each packed layer to the
@@ -42,10 +48,18 @@ def load_packed(
     Raises:
         PackedFormatError: the directory is missing, corrupted, of an unknown version, or
             does not fit ``model`` (the message names the file and the tensor or layer).
+        FailedExportError: (a ``PackedFormatError``) the export failed its check and
+            ``allow_failed_parity`` is false.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown `backend` {backend!r}; choose one of {BACKENDS}")
     packed = read_packed(directory)
+    failure = recorded_failure(packed.metadata)
+    if failure is not None and not allow_failed_parity:
+        raise refusal(directory, failure)
+    if failure is not None:
+        warnings.warn(f"loading {directory}, an export that failed its check ({failure}); it is not verified to compute"
+                      " what the trained model computes (see its parity.json)", UserWarning, stacklevel=2)
     if not isinstance(model, nn.Module):
         if not callable(model):
             raise TypeError(f"`model` must be an nn.Module or a callable returning one, got {type(model).__name__}")

@@ -399,9 +399,7 @@ def read_metadata(directory: Path) -> Dict[str, Any]:
 
 def read_packed(directory: str | os.PathLike) -> PackedModel:
     """Read and verify a packed directory; every problem raises :class:`PackedFormatError`."""
-    from safetensors.torch import load as load_safetensors
     from lightning_compress.core.atomic import recover_directory
-
     directory = Path(directory)
     if not directory.is_dir() and not recover_directory(directory):  # puts back what a killed export moved
         raise PackedFormatError(f"{directory}: no such directory")
@@ -412,20 +410,22 @@ def read_packed(directory: str | os.PathLike) -> PackedModel:
     data = weights_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != metadata["weights_sha256"]:
         raise PackedFormatError(f"{weights_path}: checksum mismatch; the file is truncated or corrupted")
+    return decode_packed(metadata, data, weights_path)
+
+
+def decode_packed(metadata: Dict[str, Any], data: bytes, weights_path: str | os.PathLike) -> PackedModel:
+    """``model.safetensors`` bytes decoded as the (checked) ``metadata`` says; errors name ``weights_path``."""
+    from safetensors.torch import load as load_safetensors
     try:
         reader = _Reader(load_safetensors(data), max_numel=8 * len(data))
     except Exception as err:  # safetensors raises its own error type for bad headers
         raise PackedFormatError(f"{weights_path}: unreadable safetensors file ({err})") from None
-    layers = {}
-    for name, entry in metadata["layers"].items():
-        if not isinstance(entry, dict):
-            raise PackedFormatError(f"{METADATA_FILE}: layer {name!r} entry is not an object")
-        layers[name] = decode_layer(name, entry, reader)
-    tensors = {}
-    for key, entry in metadata["tensors"].items():
-        if not isinstance(entry, dict):
-            raise PackedFormatError(f"{METADATA_FILE}: tensor {key!r} entry is not an object")
-        tensors[key] = decode_tensor(key, entry, reader)
+    layers, tensors = {}, {}
+    for kind, decode, decoded in (("layer", decode_layer, layers), ("tensor", decode_tensor, tensors)):
+        for name, entry in metadata[kind + "s"].items():
+            if not isinstance(entry, dict):
+                raise PackedFormatError(f"{METADATA_FILE}: {kind} {name!r} entry is not an object")
+            decoded[name] = decode(name, entry, reader)
     for alias, source in metadata["aliases"].items():
         if not isinstance(source, str) or source not in tensors or source in metadata["aliases"]:
             raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} points at unknown tensor {_short(source)}")

@@ -5,6 +5,9 @@
     python ddp_run.py OUT_DIR qat             # QAT: learned scales + static observers
     python ddp_run.py OUT_DIR lora            # LoRA with dropout on conv, fc1, fc2
     python ddp_run.py OUT_DIR qlora           # QLoRA; rank 1's base differs before setup
+    python ddp_run.py OUT_DIR export          # QAT int8 + CompressedExport (rank 0 writes)
+    python ddp_run.py OUT_DIR export-fail     # ... whose final parity check fails
+    python ddp_run.py OUT_DIR export-dry-fail # ... of a model the dry export refuses
 
 Lightning's launcher re-runs this script for rank 1. Each rank saves what it holds to
 OUT_DIR/rank<r>.pt.
@@ -113,5 +116,8 @@ if __name__ == "__main__":
         + ([PerturbBaseOnRankOne()] if mode == "qlora" else [])
         + [compression, SaveRankState(compression, out_dir)] + exporting,
     )
-    trainer.fit(TinyRegressor(), tiny_loader(batches=8))
+    model = TinyRegressor()
+    if mode == "export-dry-fail":  # a causal mask of -inf, as GPT-style models keep one: the export refuses Inf
+        model.register_buffer("causal_mask", torch.full((8, 8), float("-inf")).triu(1))
+    trainer.fit(model, tiny_loader(batches=8))
     close_process_group()

@@ -1,0 +1,142 @@
+"""A dry export: what :func:`~lightning_compress.export` does, on the model as it is now,
+in memory, writing nothing.
+
+``CompressedExport`` runs it before the first training step, so a model the format cannot
+store, a loader kernel that fails, a parity threshold the packed model cannot meet or an
+ONNX graph that does not trace stops the run before training instead of after the last
+step, with the error the export at the end would raise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lightning_compress.core.transforms import all_transforms
+from lightning_compress.formats.config import validate_export_formats, validate_export_options
+from lightning_compress.formats.errors import ParityError
+from lightning_compress.formats.export import ExportReport, check_packing, pack
+from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE, decode_packed
+from lightning_compress.formats.parity import ParityReport
+
+
+def dry_export(
+    model: nn.Module,
+    inputs: Sequence[Any] = (),
+    *,
+    parity: bool = True,
+    max_relative_error: float = 1e-5,
+    min_sqnr_db: float = 35.0,
+    backend: str = "auto",
+    sparse_threshold: Optional[float] = 0.3,
+    compressed_tensors: Optional[bool] = None,
+    recipe: Optional[Mapping[str, Any]] = None,
+    formats: Sequence[str] = ("safetensors",),
+    overwrite: bool = False,
+) -> ExportReport:
+    """Pack ``model``, decode the packed bytes back from memory, run the parity check on
+    ``inputs`` and, with ``"onnx"`` in ``formats``, export and run ``model.onnx`` in a
+    temporary folder of the system's (removed after). The options are :func:`export`'s
+    (``overwrite`` is accepted and ignored: no directory is written).
+
+    Two differences from the export, for what training has not decided yet: static int8
+    activations that are not calibrated yet are checked as weight-only layers, and an
+    int8-GEMM SQNR under ``min_sqnr_db`` (when the weights and the exact path pass) is a
+    warning, since it depends on the trained weights; every other failure raises.
+
+    The model is left as it was: weights, train/eval modes, quantizer ranges (those a
+    measurement would choose are put back, as the parity check does) and the random
+    number generators (torch's CPU and CUDA ones, ``random``, ``numpy``).
+
+    Cost: one packing of the model, as the export does it but without the disk (peak
+    memory: the packed bytes and their decoded copy), then the parity check's forwards
+    on ``inputs``, in eval mode without gradients: the fake-quant model, the exact path,
+    the int8 path when a layer runs it, and each packed layer once more on its recorded
+    input (the inputs and outputs of every packed layer are held meanwhile); for ONNX,
+    one trace, one file in the temporary folder and one onnxruntime run. Measured on a
+    16.8M-parameter MLP (int4, groups of 128, a batch of 32, one CPU thread): 2.8 s, the
+    time of about 3 training steps.
+
+    Raises:
+        ExportError, ParityError, ArgumentError: as :func:`export` raises them for the
+            same model and options (a :class:`ParityError` has ``directory=None``: nothing
+            is kept), and whatever the ONNX export raises.
+    """
+    inputs = list(inputs)
+    validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
+    validate_export_formats(formats, inputs)
+    with preserved_rng(), preserved_ranges(model):
+        packing = pack(model, Path("(dry export)"), sparse_threshold=sparse_threshold,
+                       compressed_tensors=compressed_tensors, recipe=recipe, dry=True)
+        packed = None
+        if parity:  # read back as `read_packed` reads a directory, from the bytes in memory
+            metadata = json.loads(packing.files[METADATA_FILE])
+            metadata.pop("metadata_sha256", None)
+            packed = decode_packed(metadata, packing.files[WEIGHTS_FILE], f"{WEIGHTS_FILE} (dry export, in memory)")
+        options = dict(backend=backend, max_relative_error=max_relative_error, min_sqnr_db=min_sqnr_db, formats=formats)
+        onnx_folder = tempfile.TemporaryDirectory(prefix="lightning-compress-dry-") if "onnx" in formats else None
+        with onnx_folder or contextlib.nullcontext() as folder:
+            try:
+                check_packing(model, packing, packed, inputs, Path(folder or "."), parity=parity, **options)
+            except ParityError as error:
+                if not _only_the_int8_gemm_missed(error.report):
+                    raise
+                warnings.warn(
+                    f"dry export before training: {error}. The int8 GEMM's SQNR depends on the trained weights, so"
+                    " training goes on; the export at the end checks it again", UserWarning, stacklevel=2)
+                check_packing(model, packing, packed, inputs, Path(folder or "."), parity=False, **options)
+    return packing.report
+
+
+def _only_the_int8_gemm_missed(report: Optional[ParityReport]) -> bool:
+    """Whether the weights and the exact path passed and only the int8 GEMM's SQNR (which
+    depends on the weights training will change) missed its threshold."""
+    if report is None or not report.weights_exact or report.sqnr_db is None:
+        return False
+    return report.relative_error is None or report.relative_error <= report.max_relative_error
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Put back the state of torch's CPU (and initialised CUDA) generators, ``random``'s
+    and ``numpy``'s on exit."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    python_state = random.getstate()
+    try:
+        import numpy
+    except ImportError:  # numpy is optional for torch
+        numpy = None
+    numpy_state = None if numpy is None else numpy.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            if numpy is not None:
+                numpy.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def preserved_ranges(model: nn.Module) -> Iterator[None]:
+    """Put back what the first enabled forward of each weight quantizer chooses (its
+    ranges; see ``start_state``): reading an effective weight may choose them, which is
+    QAT's ``start_step``'s job, on the weights of then."""
+    saved = [(transform, transform.start_state())
+             for module in model.modules() for _, _, transform in all_transforms(module)
+             if hasattr(transform, "start_state")]
+    try:
+        yield
+    finally:
+        for transform, state in saved:
+            transform.restore_start_state(state)
+
+
+__all__ = ["dry_export", "preserved_ranges", "preserved_rng"]
