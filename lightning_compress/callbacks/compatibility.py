@@ -308,7 +308,7 @@ def _export_formats_and_quantization(stack: _Stack) -> Iterator[Conflict]:
                             " with lightning_compress.load_packed",
                         )
                         return
-                if onnx and kind == "Linear" and spec.bits in (4, 8):
+                if onnx and (module is None or isinstance(module, nn.Linear)) and spec.bits in (4, 8):
                     try:
                         onnx_op(name, spec)
                     except ValueError:

@@ -11,8 +11,10 @@ from typing_extensions import override
 
 from lightning_compress.callbacks.base import LayerCompressionCallback
 from lightning_compress.callbacks.compatibility import check_quantization_trains
+from lightning_compress.core.attention import out_proj_owner
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import resolve_step
+from lightning_compress.core.targeting import weight_name
 from lightning_compress.core.transforms import (
     INPUT,
     Stage,
@@ -88,8 +90,10 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             ``bits``/``weights``, ``granularity``, ``group_size``, ``symmetric``; e.g.
             ``{"features.0": {"bits": 8}, "classifier": {"bits": 8}}``. The first matching
             glob wins.
-        targets: layer types and/or name globs; default every Linear and Conv layer.
-            Embedding layers are quantizable when targeted.
+        targets: layer types and/or name globs; default every Linear, Conv and
+            ``nn.MultiheadAttention`` layer (its ``in_proj_weight``, with ``activations``
+            on query, key and value; its ``out_proj`` is a Linear). Embedding layers are
+            quantizable when targeted.
         exclude: layer types and/or name globs to keep in float.
         name: distinguishes the checkpoint state of several QAT callbacks in one Trainer.
         config: a built :class:`~lightning_compress.quant.config.QATConfig` instead of
@@ -98,8 +102,10 @@ class QuantizationAwareTraining(LayerCompressionCallback):
     Raises:
         ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
         ValueError: at setup, for targets that match no quantizable layer, a
-            ``group_size`` that does not divide a layer's inputs or an ``overrides`` glob
-            that matches nothing; when resuming, for a checkpoint trained on another grid
+            ``group_size`` that does not divide a layer's inputs, an ``overrides`` glob
+            that matches nothing, or ``activations`` on the ``out_proj`` of an
+            ``nn.MultiheadAttention`` this callback does not quantize (the attention layer
+            calls it); when resuming, for a checkpoint trained on another grid
             or other layers.
         IncompatibleSettings: before the first step, for a ``start_step`` at or past the
             end of a run that exports (no step would train the exported grid).
@@ -138,6 +144,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         if self._layers:
             self._reset()  # this callback is reused for another model
         layers = self.select(pl_module)
+        if self.activations is not None:
+            _check_output_projections(pl_module, layers, self.activations)
         rivals = self.rivals(trainer)
         self._weight_quantizers = attach_weight_quantizers(
             layers, self._layer_specs(layers), self.learn_ranges, weight_range=self.weight_range,
@@ -156,7 +164,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         super().on_fit_start(trainer, pl_module)
         if self.learn_ranges:
             for name, quantizer in self._weight_quantizers.items():
-                quantizer.follow_device(raw_weight(self._layers[name]).device)
+                layer = self._layers[name]
+                quantizer.follow_device(raw_weight(layer, weight_name(layer)).device)
             self._ranges.track([q.log_scale for q in self._weight_quantizers.values()])
             self._ranges.follow(trainer, "`learn_ranges`")
 
@@ -243,7 +252,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
 
     def _weight_bits(self) -> float:
         """Mean bits of the quantized weights, weighted by each layer's parameter count."""
-        counts = {name: raw_weight(layer).numel() for name, layer in self._layers.items()}
+        counts = {name: raw_weight(layer, weight_name(layer)).numel() for name, layer in self._layers.items()}
         bits = sum(counts[name] * q.spec.bits for name, q in self._weight_quantizers.items())
         return bits / sum(counts.values())
 
@@ -296,3 +305,20 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         if "range_optimizer" in state:
             self._ranges.load_state_dict(state["range_optimizer"])
 
+
+def _check_output_projections(model: nn.Module, layers: Mapping[str, nn.Module], activations: str) -> None:
+    """An attention layer's ``out_proj`` gets its input quantized only where the attention
+    layer calls it, which a quantized attention layer does (see ``core.attention``).
+
+    Raises:
+        ValueError: naming the layer, its attention layer and the fix.
+    """
+    for name in layers:
+        owner = out_proj_owner(model, name)
+        if owner is not None and owner not in layers:
+            raise ValueError(
+                f"`activations`={activations!r} on {name!r}: nn.MultiheadAttention {owner!r} computes its output"
+                " projection inside its own forward, which quantizes that input only when this callback quantizes"
+                f" the attention layer too; add {owner!r} (or nn.MultiheadAttention) to `targets` (and take it out"
+                f" of `exclude`), or exclude {name!r}"
+            )

@@ -15,6 +15,7 @@ from typing import Dict, Iterable, Sequence, Tuple, Type, Union
 
 from torch import nn
 
+from lightning_compress.core.attention import IN_PROJ, compressible_attention
 from lightning_compress.core.validate import ArgumentError
 
 Target = Union[str, Type[nn.Module]]
@@ -129,7 +130,16 @@ def select_layers(
     return {name: selected[name] for name, _ in named if name in selected}
 
 
+def weight_name(layer: nn.Module) -> str:
+    """The parameter a method compresses on ``layer``: ``in_proj_weight`` for an
+    ``nn.MultiheadAttention`` (query, key and value projections in one; its ``out_proj``
+    is a Linear of its own), ``weight`` for every other layer."""
+    return IN_PROJ if isinstance(layer, nn.MultiheadAttention) else "weight"
+
+
 def _compressible(module: nn.Module, supported: Tuple[type, ...]) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return isinstance(module, supported) and compressible_attention(module)
     return isinstance(module, supported) and module._parameters.get("weight") is not None
 
 

@@ -16,7 +16,8 @@ How: the layer's class is swapped for a cached subclass in which each transforme
 parameter name is a property that runs the stack over the raw parameter. The input stages
 run in one forward pre-hook the stack registers on the layer (so, as with any pre-hook,
 PyTorch's fused attention fast path, which would skip them, stays off for the module that
-holds the layer, and the layer's forward hooks see the transformed input). The raw parameters stay in
+holds the layer, and the layer's forward hooks see the transformed input). Attention
+layers: see :mod:`~lightning_compress.core.attention`. The raw parameters stay in
 ``layer._parameters``, so ``state_dict`` keys, ``named_parameters`` (and so the optimizer
 and DDP) see the user's parameters under their own names, and any code that reads
 ``layer.weight`` (the layer's own ``forward``, or a parent such as
@@ -34,6 +35,8 @@ import weakref
 from typing import Any, Callable, Dict, Iterator, Tuple, Type
 
 from torch import Tensor, nn
+
+from lightning_compress.core.attention import attention_forward, attention_inputs
 
 WeightTransform = Callable[[Tensor], Tensor]
 
@@ -332,14 +335,19 @@ def _run_input_stages(layer: nn.Module, args: tuple, kwargs: dict):
     entries = layer.__dict__.get(_SORTED_ATTR, {}).get(INPUT)
     if not entries:
         return None
+
+    def run(x: Tensor) -> Tensor:
+        for _, transform in entries:
+            x = transform(x, layer)
+        return x
+    if isinstance(layer, nn.MultiheadAttention):  # its input projection reads query, key and value
+        return attention_inputs(args, kwargs, run)
     if args:
-        x = args[0]
+        x = run(args[0])
     elif "input" in kwargs:
-        x = kwargs["input"]
+        x = run(kwargs["input"])
     else:
         return None
-    for _, transform in entries:
-        x = transform(x, layer)
     if args:
         return (x, *args[1:]), kwargs
     return args, {**kwargs, "input": x}
@@ -378,7 +386,8 @@ def _rnn_getstate(self: nn.RNNBase) -> dict:
 
 def _transformed_class(base: Type[nn.Module]) -> type:
     if base not in _TRANSFORMED_CLASSES:
-        base_forward = base.forward
+        # PyTorch's attention never calls out_proj and may take a fused path that skips the stack.
+        base_forward = attention_forward if base.forward is nn.MultiheadAttention.forward else base.forward
         members: Dict[str, Any] = {"__reduce_ex__": _reduce_ex, "__module__": base.__module__,
                                    "__qualname__": base.__qualname__}
 

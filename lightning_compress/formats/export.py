@@ -21,7 +21,9 @@ from lightning_compress.core.atomic import (
     atomic_write_directory,
     remove_directory,
 )
+from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.reporting import format_table
+from lightning_compress.core.targeting import weight_name
 from lightning_compress.core.transforms import Stage, is_transformed, weight_before, weight_slots
 from lightning_compress.formats import compressed_tensors as ct
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
@@ -293,9 +295,10 @@ def _export_onnx(model, layers, inputs, directory: Path, max_relative_error: flo
     )
 
     example = inputs[0] if isinstance(inputs[0], tuple) else (inputs[0],)
+    # Linear subclasses too: the `out_proj` (NonDynamicallyQuantizableLinear) of an attention layer.
     linear = {name: layer.weight for name, layer in layers.items()
-              if layer.module == "Linear" and layer.weight.spec.bits in (4, 8)}
-    with quantization_enabled(model), eval_mode(model), torch.no_grad():
+              if isinstance(model.get_submodule(name), nn.Linear) and layer.weight.spec.bits in (4, 8)}
+    with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
         onnx_report = export_onnx(model, example, directory / ONNX_FILE, linear)
         reference = flatten_outputs(model(*example))
     got = torch.cat([torch.from_numpy(a).reshape(-1).float() for a in run_onnx(directory / ONNX_FILE, example)])
@@ -323,7 +326,7 @@ def collect(model: nn.Module, *, dry: bool = False):
     layers: Dict[str, PackedLayer] = {}
     for name, q in quantized.items():
         module = modules[name]
-        source = weight_before(module, Stage.FAKE_QUANT).detach()
+        source = weight_before(module, Stage.FAKE_QUANT, weight_name(module)).detach()
         _check_finite(name, source)
         if torch.isinf(q.scale).any() and not torch.isnan(q.scale).any():
             # Finite weights, infinite scales: the grid's float16/bfloat16 scales overflowed.
@@ -333,7 +336,7 @@ def collect(model: nn.Module, *, dry: bool = False):
                 " or exclude the layer, and export again"
             )
         _check_finite(name, q.scale)
-        layers[name] = PackedLayer(q, type(module).__name__, *_activations(name, module, dry))
+        layers[name] = PackedLayer(q, type(module).__name__, *_activations(name, module, dry), weight_name(module))
     with torch.no_grad():
         for name, module in modules.items():
             if not is_transformed(module):
@@ -343,8 +346,8 @@ def collect(model: nn.Module, *, dry: bool = False):
                 state.pop(prefix + extra, None)
             for slot in weight_slots(module):
                 state[prefix + slot] = getattr(module, slot).detach()
-    for name in layers:
-        state.pop(f"{name}.weight" if name else "weight", None)
+    for name, layer in layers.items():
+        state.pop(f"{name}.{layer.param}" if name else layer.param, None)
     tensors: Dict[str, Tensor] = {}
     aliases: Dict[str, str] = {}
     seen: Dict[tuple, str] = {}

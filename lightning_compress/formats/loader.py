@@ -30,7 +30,8 @@ def load_packed(
         model: a fresh instance of the exported module (e.g. ``MyModule()``), or a
             callable that builds one. Its float weights are replaced; quantized layers
             become :class:`~lightning_compress.formats.runtime.PackedLinear` /
-            ``PackedConv`` / ``PackedEmbedding`` computing from the packed codes.
+            ``PackedConv`` / ``PackedEmbedding`` / ``PackedMultiheadAttention`` computing
+            from the packed codes.
         backend: ``"auto"``: int8 per-channel/per-tensor Linear layers trained with int8
             activations run on the fbgemm int8 GEMM (dynamic int8 activations, about 2x
             float32 speed on CPU), every other layer on the exact dequantize path.
@@ -77,13 +78,13 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str) -> Dict[
     originals = {}
     for name, layer in packed.layers.items():
         original = _submodule(model, name)
-        weight = getattr(original, "weight", None)
+        weight = getattr(original, layer.param, None)
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(layer.weight.shape):
             raise PackedFormatError(
                 f"layer {name!r}: the file holds a weight of shape {list(layer.weight.shape)}, the model's is"
                 f" {None if weight is None else list(weight.shape)}; load it into the model that was exported"
             )
-        expected.pop(f"{name}.weight" if name else "weight", None)
+        expected.pop(f"{name}.{layer.param}" if name else layer.param, None)
         originals[name] = original
     missing = sorted(set(expected) - set(packed.tensors))
     unexpected = sorted(set(packed.tensors) - set(expected))
@@ -108,11 +109,12 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str) -> Dict[
     for name, layer in packed.layers.items():  # all built before any is swapped in
         original = originals[name]
         try:
-            replacements[name] = build_packed_module(layer, original, backend).to(as_matrix(original.weight).device)
+            device = as_matrix(getattr(original, layer.param)).device
+            replacements[name] = build_packed_module(layer, original, backend).to(device)
         except ValueError as err:
             raise PackedFormatError(f"layer {name!r}: {err}") from None
-    for name, replacement in replacements.items():
-        set_submodule(model, name, replacement)
+    for name in sorted(replacements):  # parents first: an attention layer, then its out_proj
+        set_submodule(model, name, replacements[name])
     model.packed_kernels = kernel_report(model)
     return originals
 

@@ -19,6 +19,8 @@ layer whose state-dict prefix is ``p.``:
                            values hold only those codes, in order
 ``p.input_scale``,         static int8 activations: the frozen input range
 ``p.input_zero_point``
+``p.in_proj_weight*``      an ``nn.MultiheadAttention``'s input projection: the
+                           ``p.weight*`` tensors under this name (entry ``"param"``)
 ``k_bitmask``,             a float tensor ``k`` stored sparse
 ``k_values``
 =========================  =====================================================
@@ -52,6 +54,7 @@ from lightning_compress.sparsity.masks import pack_mask, unpack_mask
 FORMAT_NAME = "lightning-compress/packed"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+LAYER_PARAMS = ("weight", "in_proj_weight")  # the parameters a packed layer may hold
 METADATA_FILE = "compression.json"
 
 _DTYPES = {
@@ -78,12 +81,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 @dataclass
 class PackedLayer:
     """One quantized layer as stored: its codes and grid, plus how the runtime should
-    treat its input (``activations``: ``None``, ``"int8_dynamic"`` or ``"int8_static"``)."""
+    treat its input (``activations``: ``None``, ``"int8_dynamic"`` or ``"int8_static"``).
+    ``param``: the quantized parameter (``"in_proj_weight"`` of an attention layer)."""
 
     weight: QuantizedWeight
     module: str
     activations: Optional[str] = None
     input_qparams: Optional[tuple] = None  # (scale [1] float32, zero point [1] int32), static only
+    param: str = "weight"
 
 
 @dataclass
@@ -110,6 +115,7 @@ def _scale_shape(q: QuantizedWeight) -> tuple:
 def encode_layer(name: str, layer: PackedLayer, sparse_threshold: Optional[float]) -> tuple[dict, dict]:
     """Tensors and metadata entry of one quantized layer."""
     q, spec, p = layer.weight, layer.weight.spec, _prefix(name)
+    w = p + layer.param  # the weight's tensors: `p.weight`, `p.weight_scale`, ... (or `p.in_proj_weight...`)
     matrix = q.codes.reshape(q.shape[0], -1)
     zero = q.zero_point.reshape(-1, 1).to(torch.int8)
     width = matrix.numel() // zero.numel()
@@ -121,30 +127,31 @@ def encode_layer(name: str, layer: PackedLayer, sparse_threshold: Optional[float
     tensors: Dict[str, Tensor] = {}
     if sparse:
         values = matrix.reshape(-1)[kept]
-        tensors[p + "weight_bitmask"] = pack_mask(kept)
+        tensors[w + "_bitmask"] = pack_mask(kept)
         if bits == 8:
-            tensors[p + "weight"] = values.contiguous()
+            tensors[w] = values.contiguous()
         else:
-            tensors[p + "weight_packed"] = pack_codes(values, bits)
+            tensors[w + "_packed"] = pack_codes(values, bits)
     elif bits == 8:
-        tensors[p + "weight"] = q.codes.reshape(q.shape).contiguous()
+        tensors[w] = q.codes.reshape(q.shape).contiguous()
     else:
-        tensors[p + "weight_packed"] = pack_codes(matrix, bits)
+        tensors[w + "_packed"] = pack_codes(matrix, bits)
     if bits < 8:
-        tensors[p + "weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
+        tensors[w + "_shape"] = torch.tensor(q.shape, dtype=torch.int64)
     scale_dtype = _DTYPES[spec.scale_dtype]
-    tensors[p + "weight_scale"] = q.scale.reshape(_scale_shape(q)).to(scale_dtype).contiguous()
+    tensors[w + "_scale"] = q.scale.reshape(_scale_shape(q)).to(scale_dtype).contiguous()
     if not spec.symmetric:
         zero_point = q.zero_point.reshape(_scale_shape(q)).to(torch.int8)
         if bits < 8 and spec.granularity != "tensor":
             zero_point = pack_codes(zero_point.t().contiguous(), bits).t()
-        tensors[p + "weight_zero_point"] = zero_point.contiguous()
+        tensors[w + "_zero_point"] = zero_point.contiguous()
     if layer.activations == "int8_static":
         scale, zero_point = layer.input_qparams
         tensors[p + "input_scale"] = scale.reshape(1).float()
         tensors[p + "input_zero_point"] = zero_point.reshape(1).to(torch.int8)
     entry = {
         "module": layer.module,
+        **({} if layer.param == "weight" else {"param": layer.param}),
         "shape": list(q.shape),
         "dtype": dtype_name(q.dtype),
         "bits": bits,
@@ -264,46 +271,51 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
     dtype = entry_dtype(entry, where, floating=True)
     rows, cols = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
     numel, p, bits = rows * cols, _prefix(name), spec.bits
+    param = entry.get("param", "weight")
+    if param not in LAYER_PARAMS:
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown param {_short(param)};"
+                                f" expected one of {list(LAYER_PARAMS)}")
+    w = p + param
     if spec.granularity == "group" and cols % spec.group_size:
         raise PackedFormatError(f"{METADATA_FILE}: {where}: group_size {spec.group_size} does not divide {cols}")
     groups = {"tensor": 1, "channel": rows, "group": rows * cols // (spec.group_size or 1)}[spec.granularity]
     sparsity = entry.get("sparsity")
     if sparsity == "bitmask":
         kept_count = entry_count(entry, "kept", where, numel)
-        kept = unpack_mask(reader.take(p + "weight_bitmask", torch.uint8, (-(-numel // 8),)), (numel,))
+        kept = unpack_mask(reader.take(w + "_bitmask", torch.uint8, (-(-numel // 8),)), (numel,))
         if int(kept.sum()) != kept_count:
-            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {p + 'weight_bitmask'!r} does not match 'kept'")
+            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {w + '_bitmask'!r} does not match 'kept'")
         if bits == 8:
-            values = reader.take(p + "weight", torch.int8, (kept_count,))
+            values = reader.take(w, torch.int8, (kept_count,))
         else:
             values = unpack_codes(
-                reader.take(p + "weight_packed", torch.int32, (packed_words(kept_count, bits),)), bits, kept_count
+                reader.take(w + "_packed", torch.int32, (packed_words(kept_count, bits),)), bits, kept_count
             )
     elif sparsity == "dense":
         kept = values = None
         if bits == 8:
-            codes = reader.take(p + "weight", torch.int8, shape).reshape(rows, cols)
+            codes = reader.take(w, torch.int8, shape).reshape(rows, cols)
         else:
-            codes = unpack_codes(reader.take(p + "weight_packed", torch.int32, (rows, packed_words(cols, bits))), bits, cols)
+            codes = unpack_codes(reader.take(w + "_packed", torch.int32, (rows, packed_words(cols, bits))), bits, cols)
     else:
         raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown sparsity {_short(sparsity)}")
     if bits < 8:
-        stored_shape = reader.take(p + "weight_shape", torch.int64, (len(shape),))
+        stored_shape = reader.take(w + "_shape", torch.int64, (len(shape),))
         if tuple(stored_shape.tolist()) != shape:
-            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {p + 'weight_shape'!r} disagrees with the metadata")
+            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {w + '_shape'!r} disagrees with the metadata")
     scale_shape = (1,) if spec.granularity == "tensor" else (rows, groups // rows)
-    scale = reader.take(p + "weight_scale", _DTYPES[spec.scale_dtype], scale_shape).float()
+    scale = reader.take(w + "_scale", _DTYPES[spec.scale_dtype], scale_shape).float()
     if not torch.isfinite(scale).all() or (scale <= 0).any():
-        raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {p + 'weight_scale'!r} holds non-positive or non-finite scales")
+        raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {w + '_scale'!r} holds non-positive or non-finite scales")
     if spec.symmetric:
         zero_point = torch.zeros(scale_shape, dtype=torch.int32)
     elif bits < 8 and spec.granularity != "tensor":
-        packed_zp = reader.take(p + "weight_zero_point", torch.int32, (packed_words(rows, bits), scale_shape[1]))
+        packed_zp = reader.take(w + "_zero_point", torch.int32, (packed_words(rows, bits), scale_shape[1]))
         zero_point = unpack_codes(packed_zp.t().contiguous(), bits, rows).t().contiguous().to(torch.int32)
     else:
-        zero_point = reader.take(p + "weight_zero_point", torch.int8, scale_shape).to(torch.int32)
+        zero_point = reader.take(w + "_zero_point", torch.int8, scale_shape).to(torch.int32)
     if ((zero_point < spec.qmin) | (zero_point > spec.qmax)).any():
-        raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {p + 'weight_zero_point'!r} is off the {bits}-bit grid")
+        raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {w + '_zero_point'!r} is off the {bits}-bit grid")
     if kept is not None:
         width = numel // groups
         codes = zero_point.reshape(-1, 1).expand(groups, width).reshape(-1).to(torch.int8).clone()
@@ -331,7 +343,7 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
         shape=shape,
         dtype=dtype,
     )
-    return PackedLayer(weight, str(entry.get("module")), activations, input_qparams)
+    return PackedLayer(weight, str(entry.get("module")), activations, input_qparams, param)
 
 
 def decode_tensor(key: str, entry: Mapping, reader: _Reader) -> Tensor:
@@ -429,7 +441,7 @@ def decode_packed(metadata: Dict[str, Any], data: bytes, weights_path: str | os.
     for alias, source in metadata["aliases"].items():
         if not isinstance(source, str) or source not in tensors or source in metadata["aliases"]:
             raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} points at unknown tensor {_short(source)}")
-        if alias in tensors or alias in (f"{_prefix(name)}weight" for name in layers):
+        if alias in tensors or alias in (f"{_prefix(name)}{layer.param}" for name, layer in layers.items()):
             raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} would replace a stored tensor")
         tensors[alias] = tensors[source]
     if reader.tensors:

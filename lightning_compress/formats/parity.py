@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.transforms import Stage, get_weight_transform, weight_slots
 from lightning_compress.formats.loader import set_submodule
 from lightning_compress.formats.packed import PackedModel
@@ -129,8 +130,11 @@ def check_parity(
     """Compare ``packed`` (read back from disk) with the fake-quant ``model`` it came from.
 
     ``model`` is restored afterwards (its layers, quantizer switches and train/eval mode).
+    PyTorch's fused attention path is off while it runs (see
+    :func:`~lightning_compress.core.attention.fast_path_disabled`): both models run every
+    layer's forward, as the fake-quant model computes while it trains.
     """
-    with quantization_enabled(model), eval_mode(model), torch.no_grad():
+    with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
         mismatches = _weight_mismatches(model, packed)
         fast = _fast_layers(model, packed, backend)
         report = ParityReport(
@@ -159,7 +163,7 @@ def check_parity(
 def _weight_mismatches(model: nn.Module, packed: PackedModel) -> List[str]:
     bad = []
     for name, layer in packed.layers.items():
-        trained = model.get_submodule(name).weight.detach()
+        trained = getattr(model.get_submodule(name), layer.param).detach()
         if not torch.equal(layer.weight.dequantize().to(trained.device), trained):
             bad.append(name)
     state = model.state_dict()
@@ -188,17 +192,17 @@ def _fast_layers(model: nn.Module, packed: PackedModel, backend: str) -> List[st
 
 
 def _run_recording(model: nn.Module, layers: Mapping[str, Any], inputs: Iterable[Any]):
-    seen_in: Dict[str, List[Tensor]] = {name: [] for name in layers}
+    seen_in: Dict[str, List[tuple]] = {name: [] for name in layers}
     seen_out: Dict[str, List[Tensor]] = {name: [] for name in layers}
     handles = []
     for name in layers:
         module = model.get_submodule(name)
-        # The input as the layer receives it (QAT's activation stage runs inside the layer),
-        # as a packed layer gets it; prepended, before any user pre-hook changes it.
+        # The inputs as the layer receives them (QAT's activation stage runs inside the layer),
+        # as a packed layer gets them; prepended, before any user pre-hook changes them.
         handles.append(module.register_forward_pre_hook(
-            lambda _, args, name=name: seen_in[name].append(args[0].detach()), prepend=True))
+            lambda _, args, kwargs, name=name: seen_in[name].append((args, kwargs)), prepend=True, with_kwargs=True))
         handles.append(module.register_forward_hook(
-            lambda _, args, output, name=name: seen_out[name].append(output.detach())))
+            lambda _, args, output, name=name: seen_out[name].append(flatten_outputs(output))))
     try:
         outputs = torch.cat([flatten_outputs(call_model(model, x)) for x in inputs])
     finally:
@@ -212,10 +216,11 @@ def _per_layer(model: nn.Module, packed: PackedModel, layer_io: Mapping[str, Lis
     for name, pairs in layer_io.items():
         if not pairs:
             continue
-        module = build_packed_module(packed.layers[name], model.get_submodule(name), backend)
-        module = module.to(pairs[0][0].device)
-        ref = torch.cat([out.reshape(-1).float() for _, out in pairs])
-        got = torch.cat([module(x).reshape(-1).float() for x, _ in pairs])
+        original = model.get_submodule(name)
+        module = build_packed_module(packed.layers[name], original, backend)
+        module = module.to(getattr(original, packed.layers[name].param).device)
+        ref = torch.cat([out for _, out in pairs])
+        got = torch.cat([flatten_outputs(module(*args, **kwargs)) for (args, kwargs), _ in pairs])
         rows.append({"layer": name, "kernel": module.kernel,
                      "relative_error": relative_error(ref, got), "sqnr_db": sqnr_db(ref, got)})
     rows.sort(key=lambda row: -row["relative_error"])
@@ -226,14 +231,16 @@ def _per_layer(model: nn.Module, packed: PackedModel, layer_io: Mapping[str, Lis
 def _swapped(model: nn.Module, packed: PackedModel, backend: str):
     originals = {}
     try:
-        for name, layer in packed.layers.items():
+        # Parents first (an attention layer before its out_proj), put back in reverse.
+        for name in sorted(packed.layers):
+            layer = packed.layers[name]
             original = model.get_submodule(name)
             originals[name] = original
-            device = original.weight.device
+            device = getattr(original, layer.param).device
             set_submodule(model, name, build_packed_module(layer, original, backend).to(device))
         yield
     finally:
-        for name, original in originals.items():
+        for name, original in reversed(list(originals.items())):
             set_submodule(model, name, original)
 
 
@@ -249,7 +256,8 @@ def quantization_enabled(model: nn.Module):
 
     switches = []
     for module in model.modules():
-        for part in (get_weight_transform(module, Stage.FAKE_QUANT), input_quantizer_of(module)):
+        weights = [get_weight_transform(module, Stage.FAKE_QUANT, slot) for slot in weight_slots(module)]
+        for part in (*weights, input_quantizer_of(module)):
             if part is not None and hasattr(part, "enabled"):
                 start = part.start_state() if hasattr(part, "start_state") else None
                 switches.append((part, part.enabled, start))

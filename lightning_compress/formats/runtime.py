@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.core.attention import attention_forward, attention_inputs
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.activations import DynamicTokenQuantizer
 from lightning_compress.quant.fake_quant import fake_quantize, group_width
@@ -119,7 +120,11 @@ class _InputQuantizer(nn.Module):
 
 class _PackedModule(nn.Module):
     """Shared parts of the packed layers: the weight, the optional input quantizer, and
-    ``weight`` as a (dequantizing) property for parents that read it."""
+    ``weight`` as a (dequantizing) property for parents that read it.
+
+    The input quantizer runs in a forward pre-hook, as the fake-quant layer's input stage
+    does: a parent that would skip the layer's forward (PyTorch's fused attention paths)
+    then computes the same way for both (see :mod:`lightning_compress.core.attention`)."""
 
     kernel = "dequantize"
 
@@ -127,13 +132,22 @@ class _PackedModule(nn.Module):
         self.packed = PackedWeight(layer)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.input_quantizer = None if layer.activations is None else _InputQuantizer(layer, channels_first)
+        if self.input_quantizer is not None:
+            self.register_forward_pre_hook(_quantize_layer_input)
 
     @property
     def weight(self) -> Tensor:
         return self.packed.dequantize()
 
-    def _quantize_input(self, x: Tensor) -> Tensor:
-        return x if self.input_quantizer is None else self.input_quantizer(x)
+    def quantizes_itself(self, x: Tensor) -> bool:
+        """Whether the kernel that runs on ``x`` quantizes it itself (the int8 GEMM)."""
+        return False
+
+
+def _quantize_layer_input(module: _PackedModule, args: tuple):
+    if not args or module.quantizes_itself(args[0]):
+        return None
+    return (module.input_quantizer(args[0]), *args[1:])
 
 
 class PackedLinear(_PackedModule):
@@ -153,8 +167,11 @@ class PackedLinear(_PackedModule):
         if self._fbgemm is not None:
             self.kernel = "fbgemm"
 
+    def quantizes_itself(self, x: Tensor) -> bool:
+        return self._fbgemm is not None and x.device.type == "cpu" and x.dtype == torch.float32
+
     def forward(self, x: Tensor) -> Tensor:
-        if self._fbgemm is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        if self.quantizes_itself(x):
             flat = x.reshape(-1, x.shape[-1])
             # fbgemm quantizes the activations per tensor; dividing each token by its absmax
             # first (and multiplying the output back) makes that per token, as in training:
@@ -169,7 +186,6 @@ class PackedLinear(_PackedModule):
             if self.bias is not None:
                 out = out + self.bias
             return out.view(*x.shape[:-1], self.out_features)
-        x = self._quantize_input(x)
         return F.linear(x, self.packed.dequantize(dtype=x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -188,7 +204,6 @@ class PackedConv(_PackedModule):
             setattr(self, attr, getattr(original, attr))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self._quantize_input(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return self._conv._conv_forward(self, x, self.packed.dequantize(dtype=x.dtype), bias)
 
@@ -207,6 +222,48 @@ class PackedEmbedding(_PackedModule):
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
         return self.packed.dequantize(rows=flat).view(*ids.shape, self.embedding_dim)
+
+
+class PackedMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose ``in_proj_weight`` is packed (dequantized once per
+    call). It computes as a compressed attention layer does while it trains
+    (:func:`~lightning_compress.core.attention.attention_forward`: ``out_proj`` is called as
+    a module when it quantizes its input), and an input quantizer acts on query, key and
+    value in a forward pre-hook, as the fake-quant layer's input stage does."""
+
+    kernel = "dequantize"
+
+    def __init__(self, layer: PackedLayer, original: nn.MultiheadAttention) -> None:
+        nn.Module.__init__(self)
+        for attr in ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first",
+                     "head_dim", "add_zero_attn"):
+            setattr(self, attr, getattr(original, attr))
+        for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            self.register_parameter(name, None)
+        for name in ("in_proj_bias", "bias_k", "bias_v"):
+            value = getattr(original, name)
+            frozen = None if value is None else nn.Parameter(value.detach().clone(), requires_grad=False)
+            self.register_parameter(name, frozen)
+        self.out_proj = original.out_proj
+        self.packed = PackedWeight(layer)
+        self.input_quantizer = None if layer.activations is None else _InputQuantizer(layer, channels_first=False)
+        if self.input_quantizer is not None:
+            self.register_forward_pre_hook(_quantize_attention_inputs, with_kwargs=True)
+        self.train(original.training)  # its attention dropout acts in training mode only
+
+    @property
+    def in_proj_weight(self) -> Tensor:
+        return self.packed.dequantize()
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        return attention_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                 average_attn_weights, is_causal)
+
+
+def _quantize_attention_inputs(module: PackedMultiheadAttention, args: tuple, kwargs: dict):
+    return attention_inputs(args, kwargs, module.input_quantizer)
 
 
 def _fbgemm_prepack(packed: PackedWeight, strict: bool):
@@ -236,16 +293,21 @@ def _fallback(reason: str, strict: bool):
 
 
 def build_packed_module(layer: PackedLayer, original: nn.Module, backend: str) -> nn.Module:
-    """The packed replacement of ``original`` (a Linear, Conv or Embedding)."""
+    """The packed replacement of ``original`` (a Linear, Conv, Embedding or
+    MultiheadAttention)."""
+    if isinstance(original, nn.MultiheadAttention):
+        return PackedMultiheadAttention(layer, original)
     if isinstance(original, nn.Linear):
         return PackedLinear(layer, original.bias, backend)
     if isinstance(original, nn.modules.conv._ConvNd) and not isinstance(original, nn.modules.conv._ConvTransposeNd):
         return PackedConv(layer, original)
     if isinstance(original, nn.Embedding):
         return PackedEmbedding(layer, original)
-    raise ValueError(f"cannot run a packed {type(original).__name__}; packed layers are Linear, Conv and Embedding")
+    raise ValueError(f"cannot run a packed {type(original).__name__}; packed layers are Linear, Conv, Embedding"
+                     " and MultiheadAttention")
 
 
 def kernel_report(model: nn.Module) -> Dict[str, str]:
     """``{layer name: kernel}`` for every packed layer: ``"fbgemm"`` or ``"dequantize"``."""
-    return {name: module.kernel for name, module in model.named_modules() if isinstance(module, _PackedModule)}
+    packed = (_PackedModule, PackedMultiheadAttention)
+    return {name: module.kernel for name, module in model.named_modules() if isinstance(module, packed)}

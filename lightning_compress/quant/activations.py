@@ -27,7 +27,8 @@ _PER_TENSOR = QuantSpec(bits=8, granularity="tensor", symmetric=False)
 
 
 def _tokens_last(x: Tensor, channels_first: bool) -> Tensor:
-    return x.movedim(1, -1) if channels_first else x
+    # Positive dims: the ONNX exporter writes -1 into a Transpose `perm`, which onnxruntime refuses.
+    return x.movedim(1, x.dim() - 1) if channels_first else x
 
 
 class DynamicTokenQuantizer:
@@ -45,7 +46,7 @@ class DynamicTokenQuantizer:
         scale, zero_point = choose_qparams(matrix, _PER_TOKEN)
         out = fake_quantize(matrix.float(), scale, zero_point, _PER_TOKEN).to(x.dtype)
         out = out.view(tokens.shape)
-        return out.movedim(-1, 1) if self.channels_first else out
+        return out.movedim(out.dim() - 1, 1) if self.channels_first else out
 
     def table_fields(self) -> Dict[str, Any]:
         """This quantizer's column of the per-layer table (none while it is disabled)."""

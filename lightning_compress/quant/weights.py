@@ -8,7 +8,7 @@ from typing import Dict, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.targeting import Target, select_layers
+from lightning_compress.core.targeting import Target, select_layers, weight_name
 from lightning_compress.core.transforms import (
     Stage,
     get_weight_transform,
@@ -155,16 +155,19 @@ def quantized_weights(model: nn.Module) -> Dict[str, QuantizedWeight]:
     scales and zero points the fake quantization uses now.
 
     ``result[name].dequantize()`` equals the effective weight the layer computes with,
-    bit for bit (in the weight's dtype); the export packs exactly these codes. Layers
+    bit for bit (in the weight's dtype); the export packs exactly these codes (of
+    ``in_proj_weight`` for an ``nn.MultiheadAttention``, see
+    :func:`~lightning_compress.core.targeting.weight_name`). Layers
     whose fake quantization has not started yet are included with the grid they would use
     now. Reading them changes nothing.
     """
     out = {}
     for name, layer in model.named_modules():
-        quantizer = get_weight_transform(layer, Stage.FAKE_QUANT)
+        param = weight_name(layer)
+        quantizer = get_weight_transform(layer, Stage.FAKE_QUANT, param)
         if not isinstance(quantizer, WeightFakeQuantizer):
             continue
-        weight = weight_before(layer, Stage.FAKE_QUANT).detach()
+        weight = weight_before(layer, Stage.FAKE_QUANT, param).detach()
         matrix = as_matrix(weight.float())
         scale, zero_point = quantizer.qparams(weight)
         codes = quantize_codes(matrix, scale, zero_point, quantizer.spec)
@@ -180,8 +183,8 @@ def quantized_weights(model: nn.Module) -> Dict[str, QuantizedWeight]:
     return out
 
 
-QUANTIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+QUANTIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
+DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
 
 def attach_weight_quantizers(
@@ -202,8 +205,8 @@ def attach_weight_quantizers(
             another active callback already fake-quantizes one of the layers.
     """
     for name, layer in layers.items():
-        check_divisible(name, raw_weight(layer), specs[name])
-        existing = get_weight_transform(layer, Stage.FAKE_QUANT)
+        check_divisible(name, raw_weight(layer, weight_name(layer)), specs[name])
+        existing = get_weight_transform(layer, Stage.FAKE_QUANT, weight_name(layer))
         if existing is not None and getattr(existing, "owner", None) in active_owners:
             raise ValueError(
                 f"layer {name!r} is already fake-quantized by another QuantizationAwareTraining"
@@ -213,8 +216,9 @@ def attach_weight_quantizers(
     for name, layer in layers.items():
         quantizer = WeightFakeQuantizer(specs[name], learned=learned, weight_range=weight_range)
         if learned:
-            quantizer.create_parameters(raw_weight(layer))
-        install_weight_transform(layer, Stage.FAKE_QUANT, quantizer, owner=owner, active_owners=active_owners)
+            quantizer.create_parameters(raw_weight(layer, weight_name(layer)))
+        install_weight_transform(layer, Stage.FAKE_QUANT, quantizer, owner=owner, active_owners=active_owners,
+                                 param=weight_name(layer))
         quantizers[name] = quantizer
     return quantizers
 

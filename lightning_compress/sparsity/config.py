@@ -13,8 +13,9 @@ from lightning_compress.core.validate import ArgumentError, check_choice, check_
 from lightning_compress.sparsity.masks import SparsityPattern
 from lightning_compress.sparsity.schedules import SCHEDULES
 
-PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# nn.MultiheadAttention: its `in_proj_weight` (its `out_proj` is a Linear of its own).
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
+DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 SCOPES = ("layer", "global")
 NORMS = (1, 2)
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_bytes, replace_file
+from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.transforms import detach_all, weight_slots
 from lightning_compress.formats.onnx.graph import plan_layers, rewrite_graph
 from lightning_compress.formats.onnx.layouts import LayerPlan
@@ -219,6 +220,12 @@ def _export_float(
     model: nn.Module, example_inputs: tuple, path: Path, plans: Mapping[str, LayerPlan], opset: int | None
 ) -> None:
     clone = _export_copy(model, plans)
+    # PyTorch's fused attention ops have no ONNX form, and skip the layers' input stages.
+    with fast_path_disabled():
+        _trace(clone, example_inputs, path, opset)
+
+
+def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | None) -> None:
     with torch.no_grad():
         outputs = _flatten(clone(*example_inputs))
     tensor_inputs = [x for x in example_inputs if isinstance(x, torch.Tensor)]
