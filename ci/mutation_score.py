@@ -26,8 +26,9 @@ _KILLED = {1, 3, 24, -24, 36, 152, 255}  # a failing test, pytest's internal err
 _SURVIVED = {0}
 
 
-def equivalent_mutants(path: Path = EQUIVALENT_FILE) -> dict[str, str]:
-    """``{mutant name: reason}`` from lines ``name  # reason``."""
+def equivalent_mutants(path: Path | None = None) -> dict[str, str]:
+    """``{mutant name: reason}`` from lines ``name  # reason`` (of ``ci/equivalent_mutants.txt``)."""
+    path = EQUIVALENT_FILE if path is None else path
     found: dict[str, str] = {}
     if not path.exists():
         return found

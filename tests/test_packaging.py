@@ -2,6 +2,7 @@
 copy finds them by name (the demo's default recipe included). And what `make test-min`
 installs: every declared floor, pinned."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -101,3 +102,49 @@ def test_min_constraints_check_reports_a_version_above_its_floor():
 def test_every_declared_dependency_of_the_test_lanes_has_a_floor():
     floors = _min_constraints().floors(ROOT / "pyproject.toml", ["dev", "examples", "onnx"])
     assert {"torch", "lightning", "torchao", "transformers", "peft", "compressed-tensors", "onnxruntime"} <= set(floors)
+
+
+# ---------------------------------------------------------------------- make mutation
+def _mutation_score():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mutation_score", ROOT / "ci" / "mutation_score.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(tmp_path, codes, equivalent_lines):
+    meta = tmp_path / "mutants" / "pkg" / "mod.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"exit_code_by_key": codes}))
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "equivalent_mutants.txt").write_text("\n".join(equivalent_lines) + "\n")
+
+
+def test_mutation_score_counts_kills_and_timeouts_and_leaves_out_equivalents(tmp_path, monkeypatch, capsys):
+    module = _mutation_score()
+    # 9 killed (exit 1), 1 timeout (36), 1 survivor, 1 equivalent survivor: 10 of 11 = 90.9%
+    codes = {f"m{i}": 1 for i in range(9)} | {"slow": 36, "alive": 0, "same": 0}
+    _fake_run(tmp_path, codes, ["# comment", "same  # the default is never read"])
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.setattr(module, "EQUIVALENT_FILE", tmp_path / "ci" / "equivalent_mutants.txt")
+    assert module.main([]) == 0
+    out = capsys.readouterr().out
+    assert "mutation score 90.9%: 10 killed of 11 mutants (12 made, 1 equivalent)" in out
+    assert "survived: alive" in out and "survived: same" not in out
+    assert module.main(["--minimum", "95"]) == 1
+
+
+def test_mutation_score_fails_on_untested_mutants_stale_equivalents_and_no_run(tmp_path, monkeypatch, capsys):
+    module = _mutation_score()
+    _fake_run(tmp_path, {"a": 1, "b": 33, "c": None}, ["gone  # renamed since"])
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.setattr(module, "EQUIVALENT_FILE", tmp_path / "ci" / "equivalent_mutants.txt")
+    assert module.main(["--minimum", "0"]) == 1  # the stale name fails even at minimum 0
+    captured = capsys.readouterr()
+    assert "names gone, which this run did not make" in captured.err
+    assert "mutation score 33.3%" in captured.out and "survived: b" in captured.out  # no tests is not a kill
+    monkeypatch.setattr(module, "ROOT", tmp_path / "elsewhere")
+    assert module.main([]) == 1
+    assert "no results under mutants/" in capsys.readouterr().err
