@@ -20,12 +20,11 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_compress.core.transforms import all_transforms
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.errors import ParityError
 from lightning_compress.formats.export import ExportReport, check_packing, pack
 from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE, decode_packed
-from lightning_compress.formats.parity import ParityReport
+from lightning_compress.formats.parity import ParityReport, preserved_ranges
 
 
 def dry_export(
@@ -124,19 +123,4 @@ def preserved_rng() -> Iterator[None]:
                 numpy.random.set_state(numpy_state)
 
 
-@contextlib.contextmanager
-def preserved_ranges(model: nn.Module) -> Iterator[None]:
-    """Put back what the first enabled forward of each weight quantizer chooses (its
-    ranges; see ``start_state``): reading an effective weight may choose them, which is
-    QAT's ``start_step``'s job, on the weights of then."""
-    saved = [(transform, transform.start_state())
-             for module in model.modules() for _, _, transform in all_transforms(module)
-             if hasattr(transform, "start_state")]
-    try:
-        yield
-    finally:
-        for transform, state in saved:
-            transform.restore_start_state(state)
-
-
-__all__ = ["dry_export", "preserved_ranges", "preserved_rng"]
+__all__ = ["dry_export", "preserved_rng"]

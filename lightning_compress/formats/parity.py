@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.attention import fast_path_disabled
-from lightning_compress.core.transforms import Stage, get_weight_transform, weight_slots
+from lightning_compress.core.transforms import Stage, all_transforms, get_weight_transform, weight_slots
 from lightning_compress.formats.loader import set_submodule
 from lightning_compress.formats.packed import PackedModel
 from lightning_compress.formats.runtime import build_packed_module
@@ -259,16 +259,29 @@ def quantization_enabled(model: nn.Module):
         weights = [get_weight_transform(module, Stage.FAKE_QUANT, slot) for slot in weight_slots(module)]
         for part in (*weights, input_quantizer_of(module)):
             if part is not None and hasattr(part, "enabled"):
-                start = part.start_state() if hasattr(part, "start_state") else None
-                switches.append((part, part.enabled, start))
+                switches.append((part, part.enabled))
                 part.enabled = True
+    try:
+        with preserved_ranges(model):  # ranges this measurement chose are QAT's start_step's to choose
+            yield
+    finally:
+        for part, enabled in switches:
+            part.enabled = enabled
+
+
+@contextlib.contextmanager
+def preserved_ranges(model: nn.Module):
+    """Put back what the first enabled forward of each weight quantizer chooses (its
+    ranges; see ``start_state``): reading an effective weight may choose them, which is
+    QAT's ``start_step``'s job, on the weights of then."""
+    saved = [(transform, transform.start_state())
+             for module in model.modules() for _, _, transform in all_transforms(module)
+             if hasattr(transform, "start_state")]
     try:
         yield
     finally:
-        for part, enabled, start in switches:
-            part.enabled = enabled
-            if start is not None:  # ranges this measurement chose are QAT's start_step's to choose
-                part.restore_start_state(start)
+        for transform, state in saved:
+            transform.restore_start_state(state)
 
 
 @contextlib.contextmanager
