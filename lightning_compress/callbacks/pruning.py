@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import LayerCompressionCallback
 from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
 from lightning_compress.core.schedule import resolve_step
-from lightning_compress.core.targeting import weight_name
+from lightning_compress.core.targeting import weight_param
 from lightning_compress.core.tracking import log_line_chart
 from lightning_compress.core.transforms import (
     Stage,
@@ -122,12 +122,12 @@ class MagnitudePruning(LayerCompressionCallback):
             self._forget()  # reused for another model: start from its dense weights
         layers = self.select(pl_module)
         for name, layer in layers.items():  # check everything before changing anything
-            check_nm_compatible(name, _raw(layer), self.sparsity_pattern)
+            check_nm_compatible(name, _raw(layer, name), self.sparsity_pattern)
         rivals = self.rivals(trainer)
         for name, layer in layers.items():
             transform = MaskedWeight()
             install_weight_transform(layer, Stage.MASK, transform, owner=self.owner_token, active_owners=rivals,
-                                     param=weight_name(layer))
+                                     param=weight_param(name, layer))
             self._masks[name] = transform
         self._layers = layers
         self._measure()  # logged from the first step, before any mask exists
@@ -185,9 +185,9 @@ class MagnitudePruning(LayerCompressionCallback):
         # alone would not make the effective weight sparse.
         self._restored = self.state_dict()
         for name, layer in self._layers.items():
-            if _mask_sees_raw(layer):
+            if _mask_sees_raw(layer, name):
                 self._zero_raw(name)
-                remove_weight_transform(layer, Stage.MASK, weight_name(layer))
+                remove_weight_transform(layer, Stage.MASK, weight_param(name, layer))
         self._masks.clear()
         self._layers.clear()
 
@@ -236,7 +236,7 @@ class MagnitudePruning(LayerCompressionCallback):
             )
 
     def _checked_mask(self, name: str, entry: Mapping[str, Any]) -> torch.Tensor:
-        shape = tuple(_raw(self._layers[name]).shape)
+        shape = tuple(_raw(self._layers[name], name).shape)
         packed = entry["packed"]
         if tuple(entry["shape"]) != shape or not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 \
                 or packed.numel() != -(-math.prod(shape) // 8):
@@ -301,7 +301,8 @@ class MagnitudePruning(LayerCompressionCallback):
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:
         # Score what the MASK stage sees: the merged weight when adapters sit below it.
-        weights = {name: weight_before(layer, Stage.MASK, weight_name(layer)) for name, layer in self._layers.items()}
+        weights = {name: weight_before(layer, Stage.MASK, weight_param(name, layer))
+                   for name, layer in self._layers.items()}
         if self.scope == "global":
             keeps = global_masks(weights, sparsity, self.sparsity_pattern, self.norm)
         else:
@@ -316,7 +317,7 @@ class MagnitudePruning(LayerCompressionCallback):
         self._measure()
 
     def _set_mask(self, name: str, keep: torch.Tensor) -> None:
-        self._masks[name].set(keep, like=_raw(self._layers[name]))
+        self._masks[name].set(keep, like=_raw(self._layers[name], name))
         self._zero_raw(name)
 
     @torch.no_grad()
@@ -325,8 +326,8 @@ class MagnitudePruning(LayerCompressionCallback):
         # mask acts on W + B·A (and W is frozen, perhaps NF4), so the MASK stage alone
         # keeps the effective weight sparse.
         layer, transform = self._layers[name], self._masks[name]
-        if transform.mask is not None and _mask_sees_raw(layer):
-            _raw(layer).mul_(transform.mask)
+        if transform.mask is not None and _mask_sees_raw(layer, name):
+            _raw(layer, name).mul_(transform.mask)
 
     def _measure(self) -> None:
         """The fraction of the targeted weights the masks prune: overall, and per group of
@@ -337,7 +338,7 @@ class MagnitudePruning(LayerCompressionCallback):
         for name, layer in self._layers.items():
             group, mask = groups[name], self._masks[name].mask
             pruned[group] = pruned.get(group, 0) + (0 if mask is None else int((mask == 0).sum()))
-            total[group] = total.get(group, 0) + _raw(layer).numel()
+            total[group] = total.get(group, 0) + _raw(layer, name).numel()
         self._actual_sparsity = sum(pruned.values()) / sum(total.values())
         self._group_sparsity = {group: pruned[group] / total[group] for group in total}
 
@@ -365,10 +366,11 @@ def _layer_groups(names: List[str]) -> Dict[str, str]:
     return {name: p[shared] for name, p in zip(names, parts)}
 
 
-def _mask_sees_raw(layer: nn.Module) -> bool:
-    return not any(stage < Stage.MASK for stage in stages(layer, weight_name(layer)))
+def _mask_sees_raw(layer: nn.Module, key: str) -> bool:
+    return not any(stage < Stage.MASK for stage in stages(layer, weight_param(key, layer)))
 
 
-def _raw(layer: nn.Module) -> torch.Tensor:
-    """The parameter pruning masks on ``layer`` (``in_proj_weight`` of an attention layer)."""
-    return raw_weight(layer, weight_name(layer))
+def _raw(layer: nn.Module, key: str) -> torch.Tensor:
+    """The parameter the mask of weight key ``key`` prunes on ``layer`` (``in_proj_weight``
+    of an attention layer, one weight matrix of a recurrent one)."""
+    return raw_weight(layer, weight_param(key, layer))

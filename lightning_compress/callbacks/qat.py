@@ -14,7 +14,7 @@ from lightning_compress.callbacks.compatibility import check_quantization_trains
 from lightning_compress.core.attention import out_proj_owner
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import resolve_step
-from lightning_compress.core.targeting import weight_name
+from lightning_compress.core.targeting import module_name, weight_param
 from lightning_compress.core.transforms import (
     INPUT,
     Stage,
@@ -155,7 +155,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         for name, layer in layers.items():
             # An input quantizer left by an earlier QAT callback goes with its weights.
             remove_input_transform(layer, Stage.INPUT_QUANT)
-            if self.activations is not None and not isinstance(layer, nn.Embedding):  # ids in
+            # Ids go into an embedding; a recurrent layer is compressed weight-only.
+            if self.activations is not None and not isinstance(layer, (nn.Embedding, nn.RNNBase)):
                 self._add_input_quantizer(name, layer, rivals)
         self.finish_install(pl_module)
 
@@ -165,7 +166,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         if self.learn_ranges:
             for name, quantizer in self._weight_quantizers.items():
                 layer = self._layers[name]
-                quantizer.follow_device(raw_weight(layer, weight_name(layer)).device)
+                quantizer.follow_device(raw_weight(layer, weight_param(name, layer)).device)
             self._ranges.track([q.log_scale for q in self._weight_quantizers.values()])
             self._ranges.follow(trainer, "`learn_ranges`")
 
@@ -252,7 +253,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
 
     def _weight_bits(self) -> float:
         """Mean bits of the quantized weights, weighted by each layer's parameter count."""
-        counts = {name: raw_weight(layer, weight_name(layer)).numel() for name, layer in self._layers.items()}
+        counts = {name: raw_weight(layer, weight_param(name, layer)).numel() for name, layer in self._layers.items()}
         bits = sum(counts[name] * q.spec.bits for name, q in self._weight_quantizers.items())
         return bits / sum(counts.values())
 
@@ -263,7 +264,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             quantizer.enabled = enabled
 
     def _owns_layers_of(self, pl_module: LightningModule) -> bool:
-        return all(pl_module.get_submodule(name) is layer for name, layer in self._layers.items())
+        return all(pl_module.get_submodule(module_name(key, weight_param(key, layer))) is layer
+                   for key, layer in self._layers.items())
 
     @override
     def restore(self, state: Mapping[str, Any]) -> None:

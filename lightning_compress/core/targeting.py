@@ -5,12 +5,20 @@ names (``"encoder.*.ffn.*"``). A glob matches the whole name or a trailing part 
 ``"query"`` selects ``encoder.layer.0.attention.self.query`` as PEFT's
 ``target_modules`` does. A glob that selects nothing is an error listing close names:
 a typo must never silently compress nothing.
+
+A selection is keyed by *weight key*: the module's name for a layer that has one
+compressed weight (``weight``, or ``in_proj_weight`` of an attention layer), and
+``<module>.<parameter>`` for each weight of a recurrent layer (``rnn.weight_ih_l0``,
+``rnn.weight_hh_l0``, ...: an ``nn.LSTM`` computes with several weight matrices, each
+compressed on its own grid and mask). :func:`weight_param` and :func:`module_name` read
+a key back.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from typing import Dict, Iterable, Sequence, Tuple, Type, Union
 
 from torch import nn
@@ -19,6 +27,11 @@ from lightning_compress.core.attention import IN_PROJ, compressible_attention
 from lightning_compress.core.validate import ArgumentError
 
 Target = Union[str, Type[nn.Module]]
+
+RECURRENT_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
+# weight_ih_l0, weight_hh_l1_reverse, weight_hr_l0 (an LSTM's projection): the matrices of
+# a recurrent layer (its biases stay in float, as every layer's do).
+_RECURRENT_WEIGHT = re.compile(r"weight_(?:ih|hh|hr)_l\d+(?:_reverse)?")
 
 
 def validate_targets(
@@ -126,20 +139,62 @@ def select_layers(
             f" (supported types: {', '.join(t.__name__ for t in supported)})."
             " Check `targets` and `exclude`."
         )
-    # Model order, so reports and checkpoints list layers as the model defines them.
-    return {name: selected[name] for name, _ in named if name in selected}
+    # Model order, so reports and checkpoints list layers as the model defines them; a
+    # recurrent layer as one entry per weight matrix (see the module docstring).
+    keyed: Dict[str, nn.Module] = {}
+    for name, _ in named:
+        if name in selected:
+            keyed.update({key: selected[name] for key in layer_weights(name, selected[name])})
+    return keyed
 
 
 def weight_name(layer: nn.Module) -> str:
-    """The parameter a method compresses on ``layer``: ``in_proj_weight`` for an
-    ``nn.MultiheadAttention`` (query, key and value projections in one; its ``out_proj``
-    is a Linear of its own), ``weight`` for every other layer."""
+    """The parameter a method compresses on a layer that has one: ``in_proj_weight`` for
+    an ``nn.MultiheadAttention`` (query, key and value projections in one; its
+    ``out_proj`` is a Linear of its own), ``weight`` for every other layer but recurrent
+    ones (see :func:`weight_param`)."""
     return IN_PROJ if isinstance(layer, nn.MultiheadAttention) else "weight"
+
+
+def layer_weights(name: str, layer: nn.Module) -> Dict[str, str]:
+    """``{weight key: parameter name}`` of the weights a method compresses on ``layer``
+    (named ``name``): one for most layers, every weight matrix of a recurrent one."""
+    if isinstance(layer, nn.RNNBase):
+        prefix = f"{name}." if name else ""
+        return {prefix + param: param for param in layer._flat_weights_names if _RECURRENT_WEIGHT.fullmatch(param)}
+    return {name: weight_name(layer)}
+
+
+def is_recurrent_weight(param: str) -> bool:
+    """Whether ``param`` names a weight matrix of a recurrent layer (``weight_hh_l0``)."""
+    return bool(_RECURRENT_WEIGHT.fullmatch(param))
+
+
+def weight_param(key: str, layer: nn.Module) -> str:
+    """The parameter of ``layer`` that the weight key ``key`` stands for."""
+    if isinstance(layer, nn.RNNBase):
+        return key.rpartition(".")[2]
+    return weight_name(layer)
+
+
+def module_name(key: str, param: str) -> str:
+    """The name of the module that holds the weight ``key`` (whose parameter is ``param``)."""
+    if is_recurrent_weight(param):
+        return key[: -len(param)].rstrip(".")
+    return key
+
+
+def parameter_key(key: str, param: str) -> str:
+    """The state-dict key of the weight ``key``: ``<module>.<param>``."""
+    module = module_name(key, param)
+    return f"{module}.{param}" if module else param
 
 
 def _compressible(module: nn.Module, supported: Tuple[type, ...]) -> bool:
     if isinstance(module, nn.MultiheadAttention):
         return isinstance(module, supported) and compressible_attention(module)
+    if isinstance(module, nn.RNNBase):
+        return isinstance(module, supported) and any(map(is_recurrent_weight, module._flat_weights_names))
     return isinstance(module, supported) and module._parameters.get("weight") is not None
 
 

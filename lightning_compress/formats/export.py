@@ -23,7 +23,7 @@ from lightning_compress.core.atomic import (
 )
 from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.reporting import format_table
-from lightning_compress.core.targeting import weight_name
+from lightning_compress.core.targeting import module_name, parameter_key, weight_param
 from lightning_compress.core.transforms import Stage, is_transformed, weight_before, weight_slots
 from lightning_compress.formats import compressed_tensors as ct
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
@@ -297,7 +297,8 @@ def _export_onnx(model, layers, inputs, directory: Path, max_relative_error: flo
     example = inputs[0] if isinstance(inputs[0], tuple) else (inputs[0],)
     # Linear subclasses too: the `out_proj` (NonDynamicallyQuantizableLinear) of an attention layer.
     linear = {name: layer.weight for name, layer in layers.items()
-              if isinstance(model.get_submodule(name), nn.Linear) and layer.weight.spec.bits in (4, 8)}
+              if isinstance(model.get_submodule(module_name(name, layer.param)), nn.Linear)
+              and layer.weight.spec.bits in (4, 8)}
     with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
         onnx_report = export_onnx(model, example, directory / ONNX_FILE, linear)
         reference = flatten_outputs(model(*example))
@@ -324,9 +325,10 @@ def collect(model: nn.Module, *, dry: bool = False):
     modules = dict(model.named_modules())
     state = model.state_dict()
     layers: Dict[str, PackedLayer] = {}
-    for name, q in quantized.items():
-        module = modules[name]
-        source = weight_before(module, Stage.FAKE_QUANT, weight_name(module)).detach()
+    for name, q in quantized.items():  # by weight key: a recurrent layer has several
+        module = _holder(modules, name)
+        param = weight_param(name, module)
+        source = weight_before(module, Stage.FAKE_QUANT, param).detach()
         _check_finite(name, source)
         if torch.isinf(q.scale).any() and not torch.isnan(q.scale).any():
             # Finite weights, infinite scales: the grid's float16/bfloat16 scales overflowed.
@@ -336,7 +338,7 @@ def collect(model: nn.Module, *, dry: bool = False):
                 " or exclude the layer, and export again"
             )
         _check_finite(name, q.scale)
-        layers[name] = PackedLayer(q, type(module).__name__, *_activations(name, module, dry), weight_name(module))
+        layers[name] = PackedLayer(q, type(module).__name__, *_activations(name, module, dry), param)
     with torch.no_grad():
         for name, module in modules.items():
             if not is_transformed(module):
@@ -347,7 +349,7 @@ def collect(model: nn.Module, *, dry: bool = False):
             for slot in weight_slots(module):
                 state[prefix + slot] = getattr(module, slot).detach()
     for name, layer in layers.items():
-        state.pop(f"{name}.{layer.param}" if name else layer.param, None)
+        state.pop(parameter_key(name, layer.param), None)
     tensors: Dict[str, Tensor] = {}
     aliases: Dict[str, str] = {}
     seen: Dict[tuple, str] = {}
@@ -364,6 +366,14 @@ def collect(model: nn.Module, *, dry: bool = False):
             seen[identity] = key
         tensors[key] = tensor.cpu()
     return layers, tensors, aliases
+
+
+def _holder(modules: Dict[str, nn.Module], key: str) -> nn.Module:
+    """The module holding the weight ``key`` (a layer's name, or ``<layer>.<param>`` of a
+    recurrent layer's weight)."""
+    if key in modules:
+        return modules[key]
+    return modules[key.rpartition(".")[0]]
 
 
 def _activations(name: str, module: nn.Module, dry: bool = False):

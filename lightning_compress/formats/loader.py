@@ -12,7 +12,8 @@ from torch import nn
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.failed_export import recorded_failure, refusal
 from lightning_compress.formats.packed import PackedModel, read_packed
-from lightning_compress.formats.runtime import BACKENDS, build_packed_module, kernel_report
+from lightning_compress.core.targeting import module_name, parameter_key
+from lightning_compress.formats.runtime import BACKENDS, build_packed_unit, kernel_report, packed_units
 from lightning_compress.quant.fake_quant import as_matrix
 
 
@@ -76,15 +77,16 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str) -> Dict[
     layers swapped for packed modules. Returns the swapped-out original layers."""
     expected = dict(model.state_dict())
     originals = {}
-    for name, layer in packed.layers.items():
+    for key, layer in packed.layers.items():
+        name = module_name(key, layer.param)
         original = _submodule(model, name)
         weight = getattr(original, layer.param, None)
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(layer.weight.shape):
             raise PackedFormatError(
-                f"layer {name!r}: the file holds a weight of shape {list(layer.weight.shape)}, the model's is"
+                f"layer {key!r}: the file holds a weight of shape {list(layer.weight.shape)}, the model's is"
                 f" {None if weight is None else list(weight.shape)}; load it into the model that was exported"
             )
-        expected.pop(f"{name}.{layer.param}" if name else layer.param, None)
+        expected.pop(parameter_key(key, layer.param), None)
         originals[name] = original
     missing = sorted(set(expected) - set(packed.tensors))
     unexpected = sorted(set(packed.tensors) - set(expected))
@@ -106,11 +108,11 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str) -> Dict[
             )
     model.load_state_dict(packed.tensors, strict=False)  # first: the packed layers take their biases from it
     replacements = {}
-    for name, layer in packed.layers.items():  # all built before any is swapped in
+    for name, weights in packed_units(packed.layers).items():  # all built before any is swapped in
         original = originals[name]
         try:
-            device = as_matrix(getattr(original, layer.param)).device
-            replacements[name] = build_packed_module(layer, original, backend).to(device)
+            device = as_matrix(getattr(original, weights[0].param)).device
+            replacements[name] = build_packed_unit(weights, original, backend).to(device)
         except ValueError as err:
             raise PackedFormatError(f"layer {name!r}: {err}") from None
     for name in sorted(replacements):  # parents first: an attention layer, then its out_proj

@@ -19,8 +19,8 @@ layer whose state-dict prefix is ``p.``:
                            values hold only those codes, in order
 ``p.input_scale``,         static int8 activations: the frozen input range
 ``p.input_zero_point``
-``p.in_proj_weight*``      an ``nn.MultiheadAttention``'s input projection: the
-                           ``p.weight*`` tensors under this name (entry ``"param"``)
+``p.in_proj_weight*``      ``p.weight*`` of an attention layer's input projection (entry ``"param"``);
+                           ``p.weight_ih_l0*`` (entry ``"p.weight_ih_l0"``): a recurrent weight matrix
 ``k_bitmask``,             a float tensor ``k`` stored sparse
 ``k_values``
 =========================  =====================================================
@@ -45,6 +45,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
+from lightning_compress.core.targeting import is_recurrent_weight, parameter_key
 from lightning_compress.formats.errors import ExportError, PackedFormatError
 from lightning_compress.quant.fake_quant import QuantizedWeight
 from lightning_compress.quant.packing import pack_codes, packed_words, unpack_codes
@@ -72,9 +73,8 @@ _DTYPES = {
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    for name, value in _DTYPES.items():
-        if value == dtype:
-            return name
+    if dtype in _DTYPES.values():
+        return next(name for name, value in _DTYPES.items() if value == dtype)
     raise ExportError(f"cannot store a tensor of dtype {dtype}; supported: {sorted(_DTYPES)}")
 
 
@@ -115,7 +115,7 @@ def _scale_shape(q: QuantizedWeight) -> tuple:
 def encode_layer(name: str, layer: PackedLayer, sparse_threshold: Optional[float]) -> tuple[dict, dict]:
     """Tensors and metadata entry of one quantized layer."""
     q, spec, p = layer.weight, layer.weight.spec, _prefix(name)
-    w = p + layer.param  # the weight's tensors: `p.weight`, `p.weight_scale`, ... (or `p.in_proj_weight...`)
+    w = parameter_key(name, layer.param)  # the weight's tensors: `p.weight`, `p.weight_scale`, ...
     matrix = q.codes.reshape(q.shape[0], -1)
     zero = q.zero_point.reshape(-1, 1).to(torch.int8)
     width = matrix.numel() // zero.numel()
@@ -272,10 +272,11 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
     rows, cols = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
     numel, p, bits = rows * cols, _prefix(name), spec.bits
     param = entry.get("param", "weight")
-    if param not in LAYER_PARAMS:
+    recurrent = isinstance(param, str) and is_recurrent_weight(param) and name.rpartition(".")[2] == param
+    if param not in LAYER_PARAMS and not recurrent:
         raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown param {_short(param)};"
-                                f" expected one of {list(LAYER_PARAMS)}")
-    w = p + param
+                                f" expected one of {list(LAYER_PARAMS)} or a recurrent layer's weight_ih_l<k>...")
+    w = parameter_key(name, param)
     if spec.granularity == "group" and cols % spec.group_size:
         raise PackedFormatError(f"{METADATA_FILE}: {where}: group_size {spec.group_size} does not divide {cols}")
     groups = {"tensor": 1, "channel": rows, "group": rows * cols // (spec.group_size or 1)}[spec.granularity]
@@ -441,7 +442,7 @@ def decode_packed(metadata: Dict[str, Any], data: bytes, weights_path: str | os.
     for alias, source in metadata["aliases"].items():
         if not isinstance(source, str) or source not in tensors or source in metadata["aliases"]:
             raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} points at unknown tensor {_short(source)}")
-        if alias in tensors or alias in (f"{_prefix(name)}{layer.param}" for name, layer in layers.items()):
+        if alias in tensors or alias in (parameter_key(name, layer.param) for name, layer in layers.items()):
             raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} would replace a stored tensor")
         tensors[alias] = tensors[source]
     if reader.tensors:

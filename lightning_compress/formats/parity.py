@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.attention import fast_path_disabled
+from lightning_compress.core.targeting import module_name
 from lightning_compress.core.transforms import Stage, all_transforms, get_weight_transform, weight_slots
 from lightning_compress.formats.loader import set_submodule
 from lightning_compress.formats.packed import PackedModel
-from lightning_compress.formats.runtime import build_packed_module
+from lightning_compress.formats.runtime import build_packed_unit, packed_units
 
 
 @dataclass
@@ -148,7 +149,7 @@ def check_parity(
         )
         if not inputs:
             return report
-        reference, layer_io = _run_recording(model, packed.layers, inputs)
+        reference, layer_io = _run_recording(model, packed_units(packed.layers), inputs)
         with _swapped(model, packed, "dequantize"):
             exact = torch.cat([flatten_outputs(call_model(model, x)) for x in inputs])
         report.relative_error = relative_error(reference, exact)
@@ -162,10 +163,10 @@ def check_parity(
 
 def _weight_mismatches(model: nn.Module, packed: PackedModel) -> List[str]:
     bad = []
-    for name, layer in packed.layers.items():
-        trained = getattr(model.get_submodule(name), layer.param).detach()
+    for key, layer in packed.layers.items():
+        trained = getattr(model.get_submodule(module_name(key, layer.param)), layer.param).detach()
         if not torch.equal(layer.weight.dequantize().to(trained.device), trained):
-            bad.append(name)
+            bad.append(key)
     state = model.state_dict()
     for key, tensor in packed.tensors.items():
         current = _effective(model, key, state)
@@ -184,8 +185,8 @@ def _effective(model: nn.Module, key: str, state: Mapping[str, Tensor]) -> Tenso
 
 def _fast_layers(model: nn.Module, packed: PackedModel, backend: str) -> List[str]:
     fast = []
-    for name, layer in packed.layers.items():
-        module = build_packed_module(layer, model.get_submodule(name), backend)
+    for name, weights in packed_units(packed.layers).items():
+        module = build_packed_unit(weights, model.get_submodule(name), backend)
         if module.kernel != "dequantize":
             fast.append(name)
     return fast
@@ -212,13 +213,13 @@ def _run_recording(model: nn.Module, layers: Mapping[str, Any], inputs: Iterable
 
 
 def _per_layer(model: nn.Module, packed: PackedModel, layer_io: Mapping[str, List[tuple]], backend: str):
+    units = packed_units(packed.layers)
     rows = []
     for name, pairs in layer_io.items():
         if not pairs:
             continue
-        original = model.get_submodule(name)
-        module = build_packed_module(packed.layers[name], original, backend)
-        module = module.to(getattr(original, packed.layers[name].param).device)
+        original, weights = model.get_submodule(name), units[name]
+        module = build_packed_unit(weights, original, backend).to(getattr(original, weights[0].param).device)
         ref = torch.cat([out for _, out in pairs])
         got = torch.cat([flatten_outputs(module(*args, **kwargs)) for (args, kwargs), _ in pairs])
         rows.append({"layer": name, "kernel": module.kernel,
@@ -232,12 +233,12 @@ def _swapped(model: nn.Module, packed: PackedModel, backend: str):
     originals = {}
     try:
         # Parents first (an attention layer before its out_proj), put back in reverse.
-        for name in sorted(packed.layers):
-            layer = packed.layers[name]
+        units = packed_units(packed.layers)
+        for name in sorted(units):
             original = model.get_submodule(name)
             originals[name] = original
-            device = getattr(original, layer.param).device
-            set_submodule(model, name, build_packed_module(layer, original, backend).to(device))
+            device = getattr(original, units[name][0].param).device
+            set_submodule(model, name, build_packed_unit(units[name], original, backend).to(device))
         yield
     finally:
         for name, original in reversed(list(originals.items())):

@@ -21,14 +21,17 @@ Two paths:
 
 from __future__ import annotations
 
+import copy
 import warnings
-from typing import Dict, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.core.attention import attention_forward, attention_inputs
+from lightning_compress.core.targeting import module_name
+from lightning_compress.core.transforms import detach_all
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.activations import DynamicTokenQuantizer
 from lightning_compress.quant.fake_quant import fake_quantize, group_width
@@ -307,7 +310,46 @@ def build_packed_module(layer: PackedLayer, original: nn.Module, backend: str) -
                      " and MultiheadAttention")
 
 
+def packed_units(layers: Mapping[str, PackedLayer]) -> Dict[str, List[PackedLayer]]:
+    """``{module name: the packed weights it holds}`` of a packed model's layers (keyed by
+    weight key): one for a Linear, Conv, Embedding or attention layer, every weight
+    matrix of a recurrent one."""
+    units: Dict[str, List[PackedLayer]] = {}
+    for key, layer in layers.items():
+        units.setdefault(module_name(key, layer.param), []).append(layer)
+    return units
+
+
+def build_packed_unit(weights: Sequence[PackedLayer], original: nn.Module, backend: str) -> nn.Module:
+    """The replacement of ``original`` computing from its packed ``weights`` (see
+    :func:`packed_units`)."""
+    if isinstance(original, nn.RNNBase):
+        return dequantized_recurrent(weights, original)
+    if len(weights) != 1:
+        raise ValueError(f"{type(original).__name__} holds one packed weight, the file has {len(weights)}")
+    return build_packed_module(weights[0], original, backend)
+
+
+def dequantized_recurrent(weights: Sequence[PackedLayer], original: nn.RNNBase) -> nn.RNNBase:
+    """A copy of the recurrent layer ``original`` (stages removed) computing with its
+    packed weight matrices dequantized: exactly the weights the fake-quant layer computed
+    with. Weight-only: PyTorch's recurrent kernels take float weights, so the saving is
+    in the file, and the matrices are float in memory (``kernel`` is ``"dequantize"``)."""
+    module = copy.deepcopy(original)
+    detach_all(module)
+    for layer in weights:
+        current = module._parameters.get(layer.param)
+        if current is None or tuple(current.shape) != tuple(layer.weight.shape):
+            raise ValueError(f"{type(original).__name__} has no weight {layer.param!r} of shape"
+                             f" {list(layer.weight.shape)}")
+        weight = PackedWeight(layer).dequantize().to(current.device)
+        setattr(module, layer.param, nn.Parameter(weight, requires_grad=False))  # RNNBase refreshes _flat_weights
+    module.kernel = "dequantize"
+    return module
+
+
 def kernel_report(model: nn.Module) -> Dict[str, str]:
     """``{layer name: kernel}`` for every packed layer: ``"fbgemm"`` or ``"dequantize"``."""
     packed = (_PackedModule, PackedMultiheadAttention)
-    return {name: module.kernel for name, module in model.named_modules() if isinstance(module, packed)}
+    return {name: module.kernel for name, module in model.named_modules()
+            if isinstance(module, packed) or (isinstance(module, nn.RNNBase) and "kernel" in module.__dict__)}

@@ -8,7 +8,7 @@ from typing import Dict, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.targeting import Target, select_layers, weight_name
+from lightning_compress.core.targeting import RECURRENT_TYPES, Target, layer_weights, select_layers, weight_param
 from lightning_compress.core.transforms import (
     Stage,
     get_weight_transform,
@@ -154,25 +154,22 @@ def quantized_weights(model: nn.Module) -> Dict[str, QuantizedWeight]:
     """For every layer under ``model`` with fake-quantized weights: the exact integer codes,
     scales and zero points the fake quantization uses now.
 
-    ``result[name].dequantize()`` equals the effective weight the layer computes with,
+    Keyed by weight key (the layer's name; ``<layer>.<parameter>`` for each weight of a
+    recurrent layer, see :mod:`~lightning_compress.core.targeting`).
+    ``result[key].dequantize()`` equals the effective weight the layer computes with,
     bit for bit (in the weight's dtype); the export packs exactly these codes (of
-    ``in_proj_weight`` for an ``nn.MultiheadAttention``, see
-    :func:`~lightning_compress.core.targeting.weight_name`). Layers
+    ``in_proj_weight`` for an ``nn.MultiheadAttention``). Layers
     whose fake quantization has not started yet are included with the grid they would use
     now. Reading them changes nothing.
     """
     out = {}
-    for name, layer in model.named_modules():
-        param = weight_name(layer)
-        quantizer = get_weight_transform(layer, Stage.FAKE_QUANT, param)
-        if not isinstance(quantizer, WeightFakeQuantizer):
-            continue
+    for key, layer, param, quantizer in _fake_quantized(model):
         weight = weight_before(layer, Stage.FAKE_QUANT, param).detach()
         matrix = as_matrix(weight.float())
         scale, zero_point = quantizer.qparams(weight)
         codes = quantize_codes(matrix, scale, zero_point, quantizer.spec)
         grid_shape = (1, 1) if quantizer.spec.granularity == "tensor" else (matrix.shape[0], -1)
-        out[name] = QuantizedWeight(
+        out[key] = QuantizedWeight(
             codes=codes,
             scale=scale.detach().reshape(grid_shape).clone(),
             zero_point=zero_point.reshape(grid_shape).clone(),
@@ -183,8 +180,17 @@ def quantized_weights(model: nn.Module) -> Dict[str, QuantizedWeight]:
     return out
 
 
-QUANTIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
-DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+def _fake_quantized(model: nn.Module):
+    """``(weight key, layer, parameter, quantizer)`` of every fake-quantized weight."""
+    for name, layer in model.named_modules():
+        for key, param in layer_weights(name, layer).items():
+            quantizer = get_weight_transform(layer, Stage.FAKE_QUANT, param)
+            if isinstance(quantizer, WeightFakeQuantizer):
+                yield key, layer, param, quantizer
+
+
+QUANTIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention, *RECURRENT_TYPES)
+DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, *RECURRENT_TYPES)
 
 
 def attach_weight_quantizers(
@@ -205,8 +211,8 @@ def attach_weight_quantizers(
             another active callback already fake-quantizes one of the layers.
     """
     for name, layer in layers.items():
-        check_divisible(name, raw_weight(layer, weight_name(layer)), specs[name])
-        existing = get_weight_transform(layer, Stage.FAKE_QUANT, weight_name(layer))
+        check_divisible(name, raw_weight(layer, weight_param(name, layer)), specs[name])
+        existing = get_weight_transform(layer, Stage.FAKE_QUANT, weight_param(name, layer))
         if existing is not None and getattr(existing, "owner", None) in active_owners:
             raise ValueError(
                 f"layer {name!r} is already fake-quantized by another QuantizationAwareTraining"
@@ -216,9 +222,9 @@ def attach_weight_quantizers(
     for name, layer in layers.items():
         quantizer = WeightFakeQuantizer(specs[name], learned=learned, weight_range=weight_range)
         if learned:
-            quantizer.create_parameters(raw_weight(layer, weight_name(layer)))
+            quantizer.create_parameters(raw_weight(layer, weight_param(name, layer)))
         install_weight_transform(layer, Stage.FAKE_QUANT, quantizer, owner=owner, active_owners=active_owners,
-                                 param=weight_name(layer))
+                                 param=weight_param(name, layer))
         quantizers[name] = quantizer
     return quantizers
 

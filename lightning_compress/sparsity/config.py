@@ -8,14 +8,14 @@ from typing import ClassVar, Sequence, Tuple
 from torch import nn
 
 from lightning_compress.core.schedule import StepLike, steps_are_ordered, validate_step
-from lightning_compress.core.targeting import Target, validate_name, validate_targets
+from lightning_compress.core.targeting import RECURRENT_TYPES, Target, validate_name, validate_targets
 from lightning_compress.core.validate import ArgumentError, check_choice, check_fraction, check_int
 from lightning_compress.sparsity.masks import SparsityPattern
 from lightning_compress.sparsity.schedules import SCHEDULES
 
 # nn.MultiheadAttention: its `in_proj_weight` (its `out_proj` is a Linear of its own).
-PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
-DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention, *RECURRENT_TYPES)
+DEFAULT_TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, *RECURRENT_TYPES)
 SCOPES = ("layer", "global")
 NORMS = (1, 2)
 

@@ -32,6 +32,7 @@ from torch import nn
 from lightning_compress.core.atomic import atomic_write_bytes, replace_file
 from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.transforms import detach_all, weight_slots
+from lightning_compress.formats.errors import ExportError
 from lightning_compress.formats.onnx.graph import plan_layers, rewrite_graph
 from lightning_compress.formats.onnx.layouts import LayerPlan
 from lightning_compress.quant.fake_quant import QuantizedWeight
@@ -238,6 +239,13 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
     }
     try:
         _export_torchscript(clone, example_inputs, path, input_names, output_names, dynamic_axes, opset)
+    except torch.onnx.OnnxExporterError as unsupported:
+        # Its message goes on with the whole traced graph; the first line says what failed.
+        reason = str(unsupported).splitlines()[0].split(" [Caused by")[0].split(" Please feel free")[0].rstrip(". ")
+        raise ExportError(
+            f"PyTorch's ONNX exporter cannot export this model: {reason}. Leave 'onnx' out of"
+            " CompressedExport(formats=...) (the packed safetensors export does not need it), or change that layer"
+        ) from None
     except (TypeError, NotImplementedError, AttributeError) as legacy_error:
         # A PyTorch without the TorchScript exporter (deprecated since 2.9): the dynamo one
         # needs onnxscript. Forward errors cannot land here: the forward above ran already.
