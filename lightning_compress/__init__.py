@@ -11,6 +11,7 @@ from lightning_compress.callbacks import (
     MagnitudePruning,
     QuantizationAwareTraining,
 )
+from lightning_compress.callbacks.compatibility import IncompatibleLayersSkipped, IncompatibleSettings
 from lightning_compress.core.tracking import wandb_logger, wandb_run_dir
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.distill.config import DistillationConfig
@@ -37,6 +38,8 @@ __all__ = [
     "CompressedExport",
     "ExportError",
     "ExportReport",
+    "IncompatibleLayersSkipped",
+    "IncompatibleSettings",
     "PackedFormatError",
     "ParityError",
     "export",

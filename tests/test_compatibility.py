@@ -64,7 +64,7 @@ def test_nm_pruning_with_quantization_groups_that_split_its_blocks_is_refused():
         [MagnitudePruning(pattern="2:4", targets=["fc1", "fc2"]), QuantizationAwareTraining("int4", group_size=2)],
         "MagnitudePruning(pattern='2:4')",
         "QuantizationAwareTraining(group_size=2)",
-        "on layer 'fc1'",
+        "on layers 'fc1' and 'fc2'",  # every layer, in one message
         "split the 4-input blocks",
         "group_size that is a multiple of 4 (e.g. 32, 64, 128) or granularity='channel'",
     )
@@ -160,7 +160,7 @@ def test_onnx_export_of_a_grid_onnx_cannot_hold_is_refused(tmp_path):
          CompressedExport(tmp_path / "out", formats=["safetensors", "onnx"])],
         "CompressedExport(formats=['safetensors', 'onnx'])",
         "QuantizationAwareTraining(group_size=8)",
-        "on layer 'fc1', QAT trains int4 g8 sym, which the ONNX export cannot write",
+        "on layers 'fc1' and 'fc2', QAT trains int4 g8 sym, which the ONNX export cannot write",
         "group_size=32 for int4",
         "or drop 'onnx' from CompressedExport(formats=...)",
         tmp_path=tmp_path,
@@ -233,7 +233,7 @@ def test_compressed_tensors_export_of_what_transformers_cannot_load_is_refused(t
     _refused(
         [QuantizationAwareTraining(**qat), CompressedExport(tmp_path / "out", module="model", compressed_tensors=True)],
         "CompressedExport(compressed_tensors=True)",
-        "on layer 'model.",
+        "on layers 'model.",  # every layer it concerns, in one message
         *expected,
         model=_TinyBertRegressor,
         tmp_path=tmp_path,

@@ -12,8 +12,10 @@ hooks, the way Lightning's ``BaseFinetuning`` subclasses fill in
 - :meth:`method_state` / :meth:`restore`: the method's checkpoint state, stored under
   one versioned layout (``{"version": STATE_VERSION, ...}``) and applied once both the
   state and the installed stages exist, whichever comes first.
-- :meth:`select` / :meth:`uses_default_targets`: which layers it compresses, which the
-  compatibility rules read through :meth:`selected_layers`.
+- :meth:`target_layers` / :meth:`uses_default_targets`: which layers its targets
+  select, which the compatibility rules read through :meth:`selected_layers`;
+  :meth:`select` is that selection less the layers left out before training (see
+  :meth:`layer_issues` and ``on_incompatible``).
 
 The base owns the rest: the stack check before any callback changes the model, the
 owner token that tells this callback's stages from a rival's, logging once per step,
@@ -26,6 +28,7 @@ import difflib
 import inspect
 import typing
 import uuid
+import weakref
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -33,6 +36,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.compatibility import EVERY_LAYER, prepare_stack
+from lightning_compress.core.incompatible import LayerIssue
 from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.state import STATE_VERSION, check_state_version
 from lightning_compress.core.targeting import select_layers
@@ -78,6 +82,8 @@ class CompressionCallback(Callback):
         self._layers: Dict[str, nn.Module] = {}  # the layers this callback has set up, by name
         self._restored: Optional[Dict[str, Any]] = None
         self._last_logged_step = -1
+        self._skipped: Dict[str, str] = {}  # layers its targets select but it leaves out, with why
+        self._examined: Optional[weakref.ref] = None  # the model those were decided on
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -144,27 +150,75 @@ class CompressionCallback(Callback):
             ValueError: when the state does not fit this callback's settings.
         """
 
+    def target_layers(self, model: nn.Module) -> Optional[Dict[str, nn.Module]]:
+        """``{name: layer}`` of the layers this callback's targets select in ``model``;
+        ``None`` for a method that does not compress layers itself (distillation, the
+        export).
+
+        Raises:
+            ValueError: for targets that match nothing.
+        """
+        return None
+
+    def layer_issues(self, layers: Mapping[str, nn.Module]) -> Dict[str, LayerIssue]:
+        """``{name: why}`` for the ``layers`` (of :meth:`target_layers`) this method cannot
+        compress with its settings; asked before training, before any callback changes the
+        model. The config answers, layer by layer (``config.layer_issue``)."""
+        issue_of = getattr(self.config, "layer_issue", None)
+        if issue_of is None:
+            return {}
+        issues = {name: issue_of(name, layer) for name, layer in layers.items()}
+        return {name: issue for name, issue in issues.items() if issue is not None}
+
+    @property
+    def on_incompatible(self) -> str:
+        """``"error"`` or ``"skip"``: what to do with layers the method cannot compress."""
+        return getattr(self.config, "on_incompatible", "error")
+
+    @property
+    def skipped_layers(self) -> Dict[str, str]:
+        """``{name: why}`` of the layers its targets select that this callback leaves out
+        (``on_incompatible="skip"``, or a grouped convolution selected by type)."""
+        return dict(self._skipped)
+
+    def skip_layers(self, skipped: Mapping[str, str], model: nn.Module) -> None:
+        """Leave ``skipped`` (``{name: why}``) of ``model`` out of :meth:`select` from now
+        on (the compatibility check decides them before training; it replaces any earlier
+        set)."""
+        self._skipped = dict(skipped)
+        self._examined = weakref.ref(model)
+
+    def examined(self, model: nn.Module) -> bool:
+        """Whether the compatibility check has decided this callback's layers of ``model``."""
+        return self._examined is not None and self._examined() is model
+
     def select(self, model: nn.Module) -> Optional[Dict[str, nn.Module]]:
-        """``{name: layer}`` of the layers this callback compresses in ``model``; ``None``
-        for a method that does not compress layers itself (distillation, the export).
+        """``{name: layer}`` of the layers this callback compresses in ``model``: those of
+        :meth:`target_layers` less :attr:`skipped_layers`.
 
         Raises:
             ValueError: for targets that match nothing or layers the method cannot take.
         """
-        return None
+        layers = self.target_layers(model)
+        if layers is None or not self._skipped:
+            return layers
+        return {name: layer for name, layer in layers.items() if name not in self._skipped}
 
     def uses_default_targets(self) -> bool:
         """Whether the callback compresses every layer of its default types."""
         return False
 
-    def selected_layers(self, model: Optional[nn.Module]) -> Optional[Dict[str, Optional[nn.Module]]]:
-        """What :meth:`select` answers, for the compatibility rules: ``None`` when unknown
-        (bad targets, which the callback's own setup reports). Without a model (a recipe),
-        a callback on its default targets answers ``{EVERY_LAYER: None}``."""
+    def selected_layers(
+        self, model: Optional[nn.Module], *, targeted: bool = False
+    ) -> Optional[Dict[str, Optional[nn.Module]]]:
+        """What :meth:`select` (``targeted``: :meth:`target_layers`) answers, for the
+        compatibility rules: ``None`` when unknown (bad targets, which the callback's own
+        setup reports). Without a model (a recipe), a callback on its default targets
+        answers ``{EVERY_LAYER: None}``."""
         if model is None:
             return {EVERY_LAYER: None} if self.uses_default_targets() else None
         try:
-            return self.select(model)
+            return self.target_layers(model) if targeted else self.select(model)
         except ValueError:
             return None
 
@@ -195,13 +249,16 @@ class CompressionCallback(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Before any subclass work (a LoRA merge) changes the model.
-        report_layer_table(trainer, pl_module)
+        report_layer_table(trainer, pl_module, _skipped_by_layer(trainer.callbacks, pl_module))
 
     def log_once(self, pl_module: LightningModule, step: int, metrics: Dict[str, float]) -> None:
         """Log ``metrics`` at the first batch of optimizer step ``step`` only (gradient
-        accumulation runs several batches per step)."""
+        accumulation runs several batches per step), with ``<section>/skipped_layers``
+        when layers were left out."""
         if step != self._last_logged_step:
             self._last_logged_step = step
+            if self._skipped:
+                metrics = {**metrics, f"{self.section}/skipped_layers": float(len(self._skipped))}
             pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ checkpoint
@@ -280,6 +337,19 @@ class CompressionCallback(Callback):
 _FOREIGN = "it was edited or written by something else; resume from a checkpoint this run wrote"
 
 
+def _skipped_by_layer(callbacks: Any, model: nn.Module) -> Dict[str, List[str]]:
+    """``{module name: sections of the callbacks that left it out}`` (a recurrent
+    layer's weight keys, ``rnn.weight_ih_l0``, count for their module)."""
+    modules = {name for name, _ in model.named_modules()}
+    found: Dict[str, List[str]] = {}
+    for callback in callbacks:
+        for key in getattr(callback, "skipped_layers", None) or ():
+            name = key if key in modules else key.rpartition(".")[0]
+            if callback.section not in found.setdefault(name, []):
+                found[name].append(callback.section)
+    return found
+
+
 def _plain(value: Any) -> Any:
     """A setting as plain data, comparable after a checkpoint round trip."""
     if isinstance(value, type):
@@ -316,7 +386,7 @@ class LayerCompressionCallback(CompressionCallback):
     every layer of its ``default_types``."""
 
     @override
-    def select(self, model: nn.Module) -> Dict[str, nn.Module]:
+    def target_layers(self, model: nn.Module) -> Dict[str, nn.Module]:
         config = self.config
         return select_layers(
             model, targets=config.targets, exclude=config.exclude, supported=config.supported_types,

@@ -1,105 +1,121 @@
-"""Settings of different callbacks that cannot work together, refused before training.
+"""Settings that cannot train or export a correct model, refused before training, all at once.
 
-Each callback checks its own arguments when it is built. What fails only in combination
-(one callback's setting that another cannot honour on the same layer) is checked here, in
-one place, from two entry points. The rules read the callbacks through their public
-API only (``section``, ``config``, ``selected_layers``, ``layer_specs``), so this module
-imports no callback:
+Each callback checks its own arguments when it is built. What fails only on a given model
+(a layer a method cannot compress with its settings: a group size that does not divide
+it, N:M blocks that do not fit it, a grouped convolution LoRA cannot adapt) or only in
+combination (one callback's setting that another cannot honour on the same layer, the
+rules of :mod:`~lightning_compress.callbacks.conflicts`) is checked here, from two entry
+points, reading the callbacks through their public API only (this module imports no
+callback):
 
 - :func:`prepare_stack`, first thing in every compression callback's ``setup``: the first
-  callback to set up checks the whole stack against the model, before any callback has
-  changed it and before the first step, whatever the order of the list;
+  callback to set up examines the whole stack on the model, before any callback has
+  changed it and before the first step, whatever the order of the list. Every problem of
+  every callback is named in one :class:`IncompatibleSettings`, with the ``exclude``
+  entries (and recipe keys) that fix them; layers a callback may leave out
+  (``on_incompatible="skip"``, or a grouped convolution it cannot compress that it selected
+  by type, see :mod:`lightning_compress.core.incompatible`) are left out with one warning;
 - :func:`check_recipe`, from the recipe loader: the combinations visible without the
   model, named by their recipe keys.
 
-Every refusal names both settings, the layer where there is one, why, and what to change.
+Every refusal names the settings, the layers, why, and what to change.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from torch import nn
 
-from lightning_compress.formats.compressed_tensors import incompatibility, is_transformers_model
-from lightning_compress.formats.onnx import onnx_op
-from lightning_compress.quant.spec import QuantSpec
+from lightning_compress.callbacks.conflicts import (
+    EVERY_LAYER,
+    Conflict,
+    Setting,
+    Stack,
+    conflicts,
+    of_section,
+    targets_of,
+)
+from lightning_compress.core.incompatible import LayerIssue, describe_layer, grouped_convolution, named_by
 
-# With no model (a recipe), a callback with default targets selects "every layer of the
-# default types": `EVERY_LAYER` stands for them, so two default-target callbacks share it.
-EVERY_LAYER = "*"
 _CHECKED_ATTR = "_lc_checked_stack"
+_ORDER = ("lora", "distillation", "pruning", "qat", "export")  # the registry's canonical order
+# What a method does to a layer, and how a layer it leaves out stays.
+_VERBS = {"qat": ("quantize", "in float"), "pruning": ("prune", "dense"), "lora": ("adapt", "without an adapter")}
 
 
 class IncompatibleSettings(ValueError):
-    """Two callbacks' settings that cannot train or export a correct model together."""
+    """Settings that cannot train or export a correct model: layers a callback cannot
+    compress, or two callbacks' settings that cannot hold together."""
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One argument of one callback: ``section`` is its recipe section (``"qat"``)."""
-
-    section: str
-    argument: str
-    value: Any
-
-
-@dataclass(frozen=True)
-class Conflict:
-    settings: Tuple[Setting, ...]
-    problem: str  # why, naming the layer when there is one
-    fix: str
-
-    def for_callbacks(self, classes: Mapping[str, str]) -> str:
-        """The message for callbacks; ``classes`` maps a section to its callback's class name."""
-        named = " and ".join(f"{classes[s.section]}({s.argument}={s.value!r})" for s in self.settings)
-        return f"{named} cannot be used together: {self.problem}. {self.fix}"
-
-    def for_recipe(self) -> str:
-        keys = " and ".join(f"{s.section}.{s.argument}={s.value!r}" for s in self.settings)
-        return f"recipe keys {keys} cannot be used together: {self.problem}. {self.fix}"
+class IncompatibleLayersSkipped(UserWarning):
+    """Layers left out of a callback before training (named, with why)."""
 
 
 # ---------------------------------------------------------------------- entry points
 def prepare_stack(trainer: Any, pl_module: nn.Module, stage: str) -> None:
     """Run by every compression callback at the start of its ``setup``.
 
-    Before fit, the first call checks every combination of the Trainer's callbacks on
-    ``pl_module`` (later calls of the same fit find it checked), then lets callbacks that
-    need the model as the user built it (``KnowledgeDistillation(teacher="self")``) take
-    it through their ``before_compression_setup(trainer, pl_module)``, before any callback
-    has changed it.
+    The first call of a fit examines every callback of the Trainer on ``pl_module`` (later
+    calls of the same fit find it examined): it raises one error naming every problem, or
+    leaves the layers that may be left out out of their callbacks (one warning). Then it
+    lets callbacks that need the model as the user built it (``KnowledgeDistillation
+    (teacher="self")``) take it through their ``before_compression_setup(trainer,
+    pl_module)``, before any callback has changed it. In other stages (validate, test) the
+    same layers are left out, and only the layers callbacks cannot compress are refused.
 
     Raises:
-        IncompatibleSettings: for the first conflict found.
+        IncompatibleSettings: naming every problem found.
     """
-    if stage != "fit":
-        return
     callbacks = list(trainer.callbacks)
-    key = (id(pl_module), tuple(id(cb) for cb in callbacks))
+    fit = stage == "fit"
+    key = (fit, id(pl_module), tuple(id(cb) for cb in callbacks))
     if trainer.__dict__.get(_CHECKED_ATTR) != key:
-        for conflict in conflicts(callbacks, pl_module):
-            raise IncompatibleSettings(conflict.for_callbacks(_class_names(callbacks)))
+        verdict = examine(callbacks, pl_module)
+        if verdict.refused(with_conflicts=fit):
+            raise IncompatibleSettings(verdict.message(with_conflicts=fit))
+        verdict.apply()
         trainer.__dict__[_CHECKED_ATTR] = key
+    if not fit:
+        return
     for callback in callbacks:
         before = getattr(callback, "before_compression_setup", None)
         if callable(before):
             before(trainer, pl_module)
 
 
+def settle_layers(callback: Any, model: nn.Module) -> None:
+    """Examine one callback alone on ``model`` (one whose layers did not exist when the
+    stack was examined: LoRA on layers built in ``configure_model``).
+
+    Raises:
+        IncompatibleSettings: naming every layer it cannot compress.
+    """
+    verdict = examine([callback], model)
+    if verdict.refused(with_conflicts=False):
+        raise IncompatibleSettings(verdict.message(with_conflicts=False))
+    verdict.apply()
+
+
 def check_recipe(callbacks: Sequence[Any], error: Callable[[str], Exception] = IncompatibleSettings) -> None:
     """Refuse the combinations a recipe's callbacks (built from it) show without a model.
 
     Only combinations that hold on every model are refused here (both callbacks on their
-    default targets, settings that apply to every layer); the rest is checked when the
+    default targets, settings that apply to every layer), and not those a callback with
+    ``on_incompatible: skip`` resolves by leaving layers out; the rest is checked when the
     callbacks set up on the model.
 
     Raises:
-        ``error(message)`` naming the recipe keys.
+        ``error(message)`` naming the recipe keys of every such combination.
     """
-    for conflict in conflicts(callbacks, None):
-        raise error(conflict.for_recipe())
+    found = [c for c in conflicts(Stack(callbacks, None)) if _giver(c) is None]
+    if found:
+        texts = [c.for_recipe() for c in found]
+        raise error(texts[0] if len(texts) == 1 else "\n".join(
+            [f"{len(texts)} combinations of this recipe cannot be used together:", *(f"- {t}" for t in texts)]))
 
 
 def check_quantization_trains(trainer: Any, qat: Any, start: int, total: float) -> None:
@@ -110,7 +126,7 @@ def check_quantization_trains(trainer: Any, qat: Any, start: int, total: float) 
         IncompatibleSettings: when QAT's ``start_step`` resolves to the end of the run or
             later while a CompressedExport will pack the quantized codes.
     """
-    exports = _of_section(trainer.callbacks, "export")
+    exports = of_section(trainer.callbacks, "export")
     if exports and start >= total and trainer.global_step < total:
         bits = sorted({spec.bits for spec in qat.layer_specs.values()})
         conflict = Conflict(
@@ -124,257 +140,241 @@ def check_quantization_trains(trainer: Any, qat: Any, start: int, total: float) 
         raise IncompatibleSettings(conflict.for_callbacks(_class_names(trainer.callbacks)))
 
 
-def conflicts(callbacks: Sequence[Any], model: nn.Module | None) -> Iterator[Conflict]:
-    """Every conflict among ``callbacks``: on ``model``'s layers, or (``None``) those that
-    hold for any model."""
-    stack = _Stack(callbacks, model)
-    for rule in RULES:
-        yield from rule(stack)
+# ---------------------------------------------------------------------- the examination
+@dataclass(frozen=True)
+class LayerProblem:
+    """A layer ``callback`` selected but cannot compress. ``named``: a grouped convolution
+    a name glob selected, which is never left out."""
+
+    callback: Any
+    layer: str
+    kind: str
+    issue: LayerIssue
+    named: bool = False
+
+    def line(self) -> str:
+        targets = "target_modules" if self.callback.section == "lora" else "targets"
+        note = (f" (a grouped convolution that a name in `{targets}` selects is an error even with"
+                " on_incompatible='skip'; one selected by its type is left out with a warning)") if self.named else ""
+        return f"{self.layer!r} ({self.kind}): {self.issue.message}{note}"
 
 
-# ---------------------------------------------------------------------- the stack
-class _Stack:
-    """The compression callbacks of a Trainer (or a recipe) and the layers each touches."""
+@dataclass
+class Verdict:
+    """What :func:`examine` found: the layers to leave out of each callback, and what
+    stops the run."""
 
-    def __init__(self, callbacks: Sequence[Any], model: nn.Module | None) -> None:
-        self.callbacks = list(callbacks)
-        self.model = model
-        self._layers: Dict[int, Dict[str, nn.Module] | None] = {}
+    callbacks: List[Any]
+    model: nn.Module
+    skips: Dict[int, Dict[str, str]] = field(default_factory=dict)
+    problems: List[LayerProblem] = field(default_factory=list)
+    conflicts: List[Conflict] = field(default_factory=list)
+    emptied: List[Any] = field(default_factory=list)  # callbacks that skipping leaves with no layer
+    known: set = field(default_factory=set)  # ids of the callbacks whose layers were examined
+    targeted_count: Dict[int, int] = field(default_factory=dict)  # layers each examined callback targets
 
-    def __getitem__(self, section: str) -> List[Any]:
-        return _of_section(self.callbacks, section)
+    def refused(self, *, with_conflicts: bool) -> bool:
+        return bool(self.problems or self.emptied or (with_conflicts and self.conflicts))
 
-    def layers(self, callback: Any) -> Dict[str, nn.Module | None] | None:
-        """``{name: layer}`` the callback compresses; ``None`` when unknown (its own
-        setup reports bad targets, and a recipe has no model)."""
-        if id(callback) not in self._layers:
-            self._layers[id(callback)] = callback.selected_layers(self.model)
-        return self._layers[id(callback)]
+    def apply(self) -> None:
+        """Tell each examined callback which layers it leaves out, and warn once."""
+        for callback in self.callbacks:
+            if id(callback) in self.known:
+                callback.skip_layers(self.skips.get(id(callback), {}), self.model)
+        text = self.warning()
+        if text is not None:
+            warnings.warn(text, IncompatibleLayersSkipped, stacklevel=4)
 
-    def shared(self, a: Any, b: Any) -> List[str]:
-        """Names of the layers both callbacks transform (none when unknown)."""
-        first, second = self.layers(a), self.layers(b)
-        if first is None or second is None:
-            return []
-        return [name for name in first if name in second]
+    def message(self, *, with_conflicts: bool = True) -> str:
+        """Every problem, grouped by callback, then the ``exclude`` entries that fix them."""
+        blocks: List[List[str]] = []
+        for callback, problems in _by_callback(self.problems).items():
+            settings = dict.fromkeys(f"{p.issue.argument}={p.issue.value!r}" for p in problems)
+            verb = _VERBS.get(callback.section, ("compress", ""))[0]
+            head = f"{_label(callback, settings)} cannot {verb}"
+            if len(problems) == 1:
+                blocks.append([f"{head} layer {problems[0].line()}"])
+            else:
+                blocks.append([f"{head} {len(problems)} layers it targets:", *(f"  - {p.line()}" for p in problems)])
+        for callback in self.emptied:
+            skipped = self.skips.get(id(callback), {})
+            blocks.append([f"{_label(callback)} would compress no layer: it leaves out every layer its targets"
+                           " select; change its settings or its `targets`:",
+                           *(f"  - {name!r}: {why}" for name, why in skipped.items())])
+        classes = _class_names(self.callbacks)
+        if with_conflicts:
+            blocks.extend([c.for_callbacks(classes)] for c in sorted(self.conflicts, key=lambda c: c.for_callbacks(classes)))
+        if len(blocks) == 1:
+            text = "\n".join(blocks[0])
+        else:
+            lines = [f"{len(blocks)} problems stop this run before training (all of them, so one change fixes the run):"]
+            for block in blocks:
+                lines.append(f"- {block[0]}")
+                lines.extend(block[1:])
+            text = "\n".join(lines)
+        fix = self._fix(with_conflicts)
+        return f"{text}\n{fix}" if fix else text
 
-    def qat_specs(self, qat: Any) -> Dict[str, Tuple[QuantSpec, Setting]]:
-        """``{layer: (spec, the setting that chose it)}`` for a QAT callback's layers."""
-        layers = self.layers(qat)
+    def warning(self) -> str | None:
+        """One warning naming every layer left out, by callback, with why."""
+        skipped = {id(cb): cb for cb in self.callbacks if self.skips.get(id(cb))}
+        if not skipped:
+            return None
+        total = sum(len(self.skips[i]) for i in skipped)
+        lines = [f"{total} layer{'s' if total > 1 else ''} left out before training by the callbacks that cannot"
+                 " compress them (on_incompatible='skip', or a grouped convolution selected by its type):"]
+        for callback in _sorted_callbacks(skipped.values()):
+            layers = self.skips[id(callback)]
+            stays = _VERBS.get(callback.section, ("", "uncompressed"))[1]
+            lines.append(f"{_label(callback)} leaves {len(layers)} layer{'s' if len(layers) > 1 else ''} {stays}:")
+            lines.extend(f"  - {name!r}: {why}" for name, why in layers.items())
+        return "\n".join(lines)
+
+    def _fix(self, with_conflicts: bool) -> str:
+        """``Fix: add exclude=[...] to ...``: the full list of names for each callback
+        (not where that would leave it no layer: its settings must change)."""
+        excludes: Dict[int, List[str]] = {}
+        skippable: Dict[int, bool] = {}
+        owners: Dict[int, Any] = {}
+
+        def add(callback: Any, names: Sequence[str], can_skip: bool) -> None:
+            owners[id(callback)] = callback
+            listed = excludes.setdefault(id(callback), [])
+            listed.extend(n for n in names if n not in listed)
+            can_skip = can_skip and getattr(callback.config, "on_incompatible", None) == "error"
+            skippable[id(callback)] = skippable.get(id(callback), False) or can_skip
+
+        for problem in self.problems:
+            add(problem.callback, [problem.layer], not problem.named)
+        for conflict in self.conflicts if with_conflicts else ():
+            excluding = next((cb for cb in conflict.callbacks if _exclude_argument(cb)), None)
+            if excluding is not None and conflict.layers and EVERY_LAYER not in conflict.layers:
+                add(excluding, conflict.layers, True)
+        parts, skips = [], []
+        for callback in _sorted_callbacks(owners.values()):
+            names = excludes[id(callback)]
+            if len(names) >= self.targeted_count.get(id(callback), len(names) + 1):
+                continue  # excluding (or skipping) every layer leaves nothing to compress
+            argument = _exclude_argument(callback)
+            parts.append(f"{argument}={names!r} to {_label(callback)} (recipe key {callback.section}.{argument})")
+            if skippable[id(callback)]:
+                skips.append(callback)
+        text = f"Fix: add {'; and '.join(parts)}" if parts else ""
+        if skips:
+            keys = ", ".join(f"{cb.section}.on_incompatible" for cb in skips)
+            names = " and ".join(_label(cb) for cb in skips)
+            text += (f"; or pass on_incompatible='skip' to {names} (recipe key{'s' if len(skips) > 1 else ''} {keys})"
+                     " to leave such layers out with a warning")
+        return text + "." if text else ""
+
+
+def examine(callbacks: Sequence[Any], model: nn.Module) -> Verdict:
+    """Every problem of ``callbacks`` on ``model``, and the layers each may leave out.
+
+    First each callback's layer issues (:meth:`layer_issues`, asked on what its targets
+    select), then the rules between callbacks on the layers left, until leaving layers out
+    resolves nothing more.
+    """
+    stack = Stack(callbacks, model)
+    verdict = Verdict(list(callbacks), model)
+    compressing = [cb for cb in callbacks if callable(getattr(cb, "layer_issues", None)) and getattr(cb, "section", "")]
+    for callback in compressing:
+        layers = stack.targeted(callback)
         if layers is None:
-            return {}
-        config = qat.config
-        main = Setting("qat", "weights", f"int{config.spec.bits}")
-        if self.model is None:  # only the main spec is known to reach every default layer
-            return {} if config.layer_overrides else {EVERY_LAYER: (config.spec, main)}
-        specs = {}
-        for name in layers:
-            spec, pattern = config.spec_for(name)
-            specs[name] = (spec, main if pattern is None else Setting("qat", f"overrides[{pattern!r}]", spec.describe()))
-        return specs
-
-
-def _where(name: str, every: str = "on every layer both target") -> str:
-    return every if name == EVERY_LAYER else f"on layer {name!r}"
-
-
-# ---------------------------------------------------------------------- the rules
-def _two_quantizers_on_one_layer(stack: _Stack) -> Iterator[Conflict]:
-    """Two QAT callbacks on one layer: a layer has one grid, so one would train it (say at
-    int8) and the other export it (at int4). (Two callbacks of another kind on one layer
-    are refused by the transform stack, which holds one stage of each kind.)"""
-    callbacks = stack["qat"]
-    for i, first in enumerate(callbacks):
-        for second in callbacks[i + 1:]:
-            for name in stack.shared(first, second)[:1]:
-                # Named in an order of their own (wider grid first), not the list's.
-                pair = sorted((first, second), key=lambda qat: (-stack.qat_specs(qat)[name][0].bits, str(qat.config.targets)))
-                specs = [stack.qat_specs(qat)[name][0] for qat in pair]
-                yield Conflict(
-                    tuple(Setting("qat", "targets", _targets_of(qat)) for qat in pair),
-                    f"both quantize layer {name!r} ({specs[0].describe()} and {specs[1].describe()}); a layer has one"
-                    " grid, so it would be trained on one and exported on the other",
-                    "Give the callbacks disjoint `targets`/`exclude`, or use one QuantizationAwareTraining with"
-                    " `overrides` for mixed precision",
-                )
-
-
-def _nm_sparsity_and_quantization_groups(stack: _Stack) -> Iterator[Conflict]:
-    """N:M pruning keeps N of every M consecutive inputs; a quantization group must hold
-    whole blocks, or one block's kept weights get different scales."""
-    for pruning in stack["pruning"]:
-        pattern = pruning.config.sparsity_pattern
-        if pattern.kind != "n:m":
             continue
-        for qat in stack["qat"]:
-            specs = stack.qat_specs(qat)
-            for name in stack.shared(pruning, qat):
-                spec, setting = specs.get(name, (None, None))
-                if spec is None or spec.granularity != "group" or spec.group_size % pattern.m == 0:
-                    continue
-                if setting.argument == "weights":
-                    setting = Setting("qat", "group_size", spec.group_size)
-                multiples = [g for g in (32, 64, 128) if g % pattern.m == 0] or [8 * pattern.m, 16 * pattern.m]
-                yield Conflict(
-                    (Setting("pruning", "pattern", str(pattern)), setting),
-                    f"{_where(name)}, quantization groups of {spec.group_size} inputs split the {pattern.m}-input"
-                    f" blocks of {pattern} sparsity, so the kept weights of one block get different scales, which"
-                    " N:M sparse kernels (one scale per block) cannot run",
-                    f"Use a QuantizationAwareTraining group_size that is a multiple of {pattern.m} (e.g."
-                    f" {', '.join(map(str, multiples))}) or granularity='channel', or prune with another pattern",
-                )
-                break
+        verdict.known.add(id(callback))
+        verdict.targeted_count[id(callback)] = len(layers)
+        targets = targets_of(callback)
+        for name, issue in callback.layer_issues(layers).items():
+            grouped = grouped_convolution(layers[name])
+            named = grouped is not None and named_by(name, targets)
+            if (grouped is not None and not named) or (callback.on_incompatible == "skip" and not named):
+                why = issue.message + (" (a grouped convolution selected by its type)" if grouped else "")
+                verdict.skips.setdefault(id(callback), {})[name] = why
+            else:
+                verdict.problems.append(LayerProblem(callback, name, describe_layer(layers[name]), issue, named))
+            stack.leave_out(callback, name)
+    classes = _class_names(callbacks)
+    while True:
+        verdict.conflicts, resolved = [], False
+        for conflict in conflicts(stack):
+            giver = _giver(conflict)
+            if giver is None or id(giver) not in verdict.known:
+                verdict.conflicts.append(conflict)
+                continue
+            for name in conflict.layers:
+                verdict.skips.setdefault(id(giver), {})[name] = conflict.for_callbacks(classes)
+                stack.leave_out(giver, name)
+            resolved = True
+        if not resolved:
+            break
+    for callback in compressing:
+        skipped = verdict.skips.get(id(callback))
+        if skipped and len(skipped) == verdict.targeted_count[id(callback)]:
+            verdict.emptied.append(callback)
+    verdict.problems.sort(key=lambda p: _position(stack, p.callback, p.layer))
+    return verdict
 
 
-def _adapter_dropout_under_other_stages(stack: _Stack) -> Iterator[Conflict]:
-    """Dropout acts on the adapter's input, which exists only while the adapter runs as a
-    separate branch; pruning or QAT on the same weight make the layer compute with the
-    merged weight, where the dropout cannot act."""
-    for lora in stack["lora"]:
-        dropout = lora.config.lora_dropout
-        if dropout <= 0:
-            continue
-        for section in ("pruning", "qat"):
-            for other in stack[section]:
-                for name in stack.shared(lora, other)[:1]:
-                    what = (
-                        f"the weight of {name!r}, so its adapter is merged into that weight" if name != EVERY_LAYER
-                        else "every Linear weight LoRA adapts (both use their default targets), so those adapters"
-                        " are merged into the weights"
-                    )
-                    yield Conflict(
-                        (Setting("lora", "lora_dropout", dropout), Setting(section, "targets", _targets_of(other))),
-                        f"`lora_dropout`={dropout} acts on the adapter's input, but {type(other).__name__} also"
-                        f" transforms {what}",
-                        "Set lora_dropout=0, or keep the adapted layers out of the other callback's targets (`exclude`)",
-                    )
-
-
-def _export_formats_and_quantization(stack: _Stack) -> Iterator[Conflict]:
-    """What the export was asked to write must hold what QAT trains: compressed-tensors
-    (transformers) loads symmetric or 8-bit weights of Linear/Embedding layers and no
-    activation quantization; the ONNX export writes int4 and int8 Linear layers on
-    onnxruntime's grids only. Otherwise fit fails at its end, after the training."""
-    for export in stack["export"]:
-        compressed_tensors = export.config.compressed_tensors is True
-        onnx = "onnx" in export.config.formats
-        if not (compressed_tensors or onnx):
-            continue
-        exported = _exported_modules(stack, export)
-        if compressed_tensors and stack.model is not None:
-            target = _export_target(stack, export)
-            if target is not None and not is_transformers_model(target):
-                yield Conflict(
-                    (Setting("export", "compressed_tensors", True), Setting("export", "module", export.config.module)),
-                    f"compressed_tensors=True writes a transformers config.json, but {type(target).__name__} is not"
-                    " a transformers model",
-                    "Set CompressedExport(module=...) to the attribute that holds it (e.g. module='model'), or pass"
-                    " compressed_tensors=False",
-                )
-                return
-        for qat in stack["qat"]:
-            layers = stack.layers(qat) or {}
-            for name, (spec, setting) in stack.qat_specs(qat).items():
-                module = layers.get(name)
-                if exported is not None and id(module) not in exported:
-                    continue
-                kind = "Linear" if module is None else type(module).__name__
-                if compressed_tensors:
-                    reason = incompatibility(kind, spec)
-                    if reason is not None:
-                        if not spec.symmetric and kind in ("Linear", "Embedding"):
-                            setting = Setting("qat", "symmetric", False) if setting.argument == "weights" else setting
-                            fix = ("Quantize it symmetrically (symmetric=True), use 8 bits, or export with"
-                                   " compressed_tensors=False (our loader reads asymmetric zero points)")
-                        else:
-                            setting = Setting("qat", "targets", _targets_of(qat))
-                            fix = (f"Keep {name!r} out of QuantizationAwareTraining (exclude=[{name!r}]), or export"
-                                   " with compressed_tensors=False")
-                        yield Conflict(
-                            (Setting("export", "compressed_tensors", True), setting),
-                            f"{_where(name, _EVERY_QUANTIZED)}, QAT trains {spec.describe()}, which compressed-tensors"
-                            f" cannot store: {reason}",
-                            fix,
-                        )
-                        return
-                    activations = qat.config.activations
-                    if activations is not None and kind != "Embedding":  # token ids are not quantized
-                        yield Conflict(
-                            (Setting("export", "compressed_tensors", True), Setting("qat", "activations", activations)),
-                            f"{_where(name, _EVERY_QUANTIZED)}, QAT trains {activations} activations, but the"
-                            " compressed-tensors config.json describes weights only, so transformers would run the"
-                            " layer with float activations instead",
-                            "Drop `activations` (weight-only QAT), or export with compressed_tensors=False and load"
-                            " with lightning_compress.load_packed",
-                        )
-                        return
-                if onnx and (module is None or isinstance(module, nn.Linear)) and spec.bits in (4, 8):
-                    try:
-                        onnx_op(name, spec)
-                    except ValueError:
-                        if setting.argument == "weights" and spec.granularity == "group":
-                            setting = Setting("qat", "group_size", spec.group_size)
-                        yield Conflict(
-                            (Setting("export", "formats", list(export.config.formats)), setting),
-                            f"{_where(name, _EVERY_QUANTIZED)}, QAT trains {spec.describe()}, which the ONNX export"
-                            " cannot write"
-                            " (int4: per channel, per tensor or groups of a power of two >= 16; int8: per channel"
-                            " or per tensor)",
-                            "Choose such a grid for it (e.g. group_size=32 for int4, granularity='channel' for int8),"
-                            " or drop 'onnx' from CompressedExport(formats=...)",
-                        )
-                        return
-
-
-_EVERY_QUANTIZED = "on every layer QAT quantizes"
-
-
-def _export_target(stack: _Stack, export: Any) -> nn.Module | None:
-    """The module the export writes (``None``: no model, or a bad ``module`` that the
-    export's own setup reports)."""
-    if stack.model is None or export.config.module is None:
-        return stack.model
-    try:
-        return stack.model.get_submodule(export.config.module)
-    except AttributeError:
+def _giver(conflict: Conflict) -> Any:
+    """The callback that leaves the conflict's layers out (``on_incompatible="skip"``)."""
+    if not conflict.layers:
         return None
+    return next((cb for cb in conflict.callbacks if getattr(cb.config, "on_incompatible", "error") == "skip"), None)
 
 
-def _exported_modules(stack: _Stack, export: Any) -> set | None:
-    """``id``s of the modules the export writes; ``None``: all (or unknown)."""
-    target = _export_target(stack, export)
-    return None if target is None else {id(m) for m in target.modules()}
+def _position(stack: Stack, callback: Any, layer: str) -> Tuple[int, int]:
+    names = list(stack.targeted(callback) or ())
+    return (0, names.index(layer)) if layer in names else (1, 0)
 
 
-def _targets_of(callback: Any) -> Any:
+def _by_callback(problems: Sequence[LayerProblem]) -> Dict[Any, List[LayerProblem]]:
+    groups: Dict[int, List[LayerProblem]] = {}
+    for problem in problems:
+        groups.setdefault(id(problem.callback), []).append(problem)
+    callbacks = {id(p.callback): p.callback for p in problems}
+    return {cb: groups[id(cb)] for cb in _sorted_callbacks(callbacks.values())}
+
+
+def _sorted_callbacks(callbacks: Any) -> List[Any]:
+    """The registry's order, then by name and settings: the same whatever the list order."""
+    def key(cb: Any) -> tuple:
+        section = getattr(cb, "section", "")
+        return (_ORDER.index(section) if section in _ORDER else len(_ORDER), str(getattr(cb.config, "name", "")),
+                repr(cb.config))
+    return sorted(callbacks, key=key)
+
+
+def _label(callback: Any, settings: Sequence[str] = ()) -> str:
+    """``QuantizationAwareTraining(name='int4', group_size=128)``; ``settings``: ``"a=v"``."""
+    name = getattr(callback.config, "name", None)
+    arguments = ([f"name={name!r}"] if name else []) + list(settings)
+    return f"{type(callback).__name__}({', '.join(arguments)})" if arguments else type(callback).__name__
+
+
+def _exclude_argument(callback: Any) -> str | None:
     config = callback.config
-    targets = config.target_modules if callback.section == "lora" else config.targets
-    if targets is None:
-        return None
-    return [t if isinstance(t, str) else t.__name__ for t in targets]
-
-
-def _of_section(callbacks: Sequence[Any], section: str) -> List[Any]:
-    return [cb for cb in callbacks if getattr(cb, "section", None) == section]
+    for argument in ("exclude_modules", "exclude"):
+        if argument in getattr(config, "__dataclass_fields__", {}):
+            return argument
+    return None
 
 
 def _class_names(callbacks: Sequence[Any]) -> Dict[str, str]:
     return {cb.section: type(cb).__name__ for cb in callbacks if getattr(cb, "section", None)}
 
 
-RULES = (
-    _two_quantizers_on_one_layer,
-    _nm_sparsity_and_quantization_groups,
-    _adapter_dropout_under_other_stages,
-    _export_formats_and_quantization,
-)
-
 __all__ = [
+    "EVERY_LAYER",
+    "IncompatibleLayersSkipped",
     "IncompatibleSettings",
     "Conflict",
+    "LayerProblem",
     "Setting",
+    "Verdict",
     "prepare_stack",
+    "settle_layers",
     "check_recipe",
     "check_quantization_trains",
-    "conflicts",
+    "examine",
 ]

@@ -13,6 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.callbacks.compatibility import settle_layers
 from lightning_compress.core.transforms import Stage, get_weight_transform, is_bound
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter
@@ -49,6 +50,7 @@ class LoRA(CompressionCallback):
             name or its last parts, as PEFT's ``target_modules``: ``"query"`` matches
             ``encoder.layer.0.attention.self.query``). Linear, Embedding and Conv1d/2d/3d
             (``groups=1``) layers; default every Linear layer outside ``modules_to_save``.
+            A grouped convolution a layer type selects is left out with a warning.
         lora_dropout: dropout probability on the adapter's input (Linear and Conv). It
             needs the adapter as a separate branch, so a layer that pruning or QAT also
             transforms cannot have it. Drawn from a generator of its own, checkpointed with
@@ -76,14 +78,23 @@ class LoRA(CompressionCallback):
             adapters, ``modules_to_save`` and buffers). NF4 bases are always left out. A
             resume or ``ckpt_path=`` evaluation takes them from your module as built, and
             fails with a clear error if they differ from those trained on.
+        on_incompatible: ``"error"`` (default): targeted layers LoRA cannot adapt (a
+            grouped convolution, a layer smaller than ``r``, a layer an NF4 base cannot
+            store) stop the run before training, all named in one
+            ``IncompatibleSettings``; ``"skip"``: they get no adapter, named in one warning
+            at setup and counted (``lora/skipped_layers``, the layer table's ``skipped``
+            column). A grouped convolution selected by type is left out either way; one a
+            name glob selects stays an error.
         name: distinguishes the checkpoint state of several LoRA callbacks in one Trainer.
         config: a built :class:`~lightning_compress.LoRAConfig` instead of the arguments
             above.
 
     Raises:
         ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
-        ValueError: at setup, for targets that match no adaptable layer or an NF4 block
-            size a weight cannot hold; when resuming, for a checkpoint of adapters with
+        IncompatibleSettings: (a ``ValueError``) at setup, naming every targeted layer
+            LoRA cannot adapt (with ``on_incompatible="error"``).
+        ValueError: at setup, for targets that match no adaptable layer; when resuming,
+            for a checkpoint of adapters with
             another rank, scaling, base or layers, or frozen weights that differ from
             those trained on.
     """
@@ -132,11 +143,10 @@ class LoRA(CompressionCallback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         counts = parameter_counts(pl_module)
-        pl_module.log_dict(
-            {f"lora/{key}": float(counts[key]) for key in ("trainable_params", "trainable_share", "base_weight_bytes")},
-            on_step=False,
-            on_epoch=True,
-        )
+        metrics = {f"lora/{key}": float(counts[key]) for key in ("trainable_params", "trainable_share", "base_weight_bytes")}
+        if self.skipped_layers:
+            metrics["lora/skipped_layers"] = float(len(self.skipped_layers))
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
         rank_zero_info(
             f"LoRA: {len(self._adapters)} adapted layers; {counts['trainable_params']:,} trainable of"
             f" {counts['total_params']:,} parameters ({counts['trainable_share']:.2%}); frozen weights"
@@ -189,8 +199,9 @@ class LoRA(CompressionCallback):
 
     # ------------------------------------------------------------------ base-class hooks
     @override
-    def select(self, model: nn.Module) -> Dict[str, nn.Module]:
-        return select_adapter_layers(model, self.config)
+    def target_layers(self, model: nn.Module) -> Dict[str, nn.Module]:
+        # Each layer's fit is a layer issue (`LoRAConfig.layer_issue`), decided before training.
+        return select_adapter_layers(model, self.config, check=False)
 
     @override
     def uses_default_targets(self) -> bool:
@@ -271,6 +282,8 @@ class LoRA(CompressionCallback):
         )
 
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.examined(pl_module):  # its layers were built in `configure_model`, after the stack check
+            settle_layers(self, pl_module)
         layers = self.select(pl_module)
         # Each rank draws its own dropout masks; seeded from the (seeded) global RNG.
         self._dropout.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + trainer.global_rank

@@ -85,6 +85,14 @@ class MagnitudePruning(LayerCompressionCallback):
             Conv and ``nn.MultiheadAttention`` layer (its ``in_proj_weight``; its
             ``out_proj`` is a Linear). Biases and norm layers are never pruned.
         exclude: layer types and/or name globs to leave dense.
+        on_incompatible: ``"error"`` (default): targeted layers the ``pattern`` cannot
+            prune (N:M blocks that do not fit their inputs, per group for a grouped
+            convolution) stop the run before training, all named in one
+            ``IncompatibleSettings``; ``"skip"``: they stay dense, named in one warning at
+            setup and counted in the report (``pruning/skipped_layers``, the layer table's
+            ``skipped`` column). A grouped or depthwise convolution selected by type that
+            the pattern cannot prune is left out either way; one a name glob selects stays
+            an error.
         name: distinguishes the checkpoint state of several pruning callbacks in one
             Trainer (e.g. different sparsities for different layers).
         config: a built :class:`~lightning_compress.sparsity.config.PruningConfig`
@@ -92,8 +100,9 @@ class MagnitudePruning(LayerCompressionCallback):
 
     Raises:
         ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
-        ValueError: at setup, for targets that match no prunable layer or an N:M
-            pattern a layer's input size cannot hold; when resuming, for a checkpoint
+        IncompatibleSettings: (a ``ValueError``) at setup, naming every targeted layer
+            whose input size an N:M pattern cannot hold (with ``on_incompatible="error"``).
+        ValueError: at setup, for targets that match no prunable layer; when resuming, for a checkpoint
             pruned with another pattern or other layers.
     """
 

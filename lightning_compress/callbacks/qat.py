@@ -95,14 +95,23 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             on query, key and value; its ``out_proj`` is a Linear). Embedding layers are
             quantizable when targeted.
         exclude: layer types and/or name globs to keep in float.
+        on_incompatible: ``"error"`` (default): targeted layers this grid cannot quantize
+            (a ``group_size`` that does not divide them, a grid another callback's setting
+            rules out there) stop the run before training, all named in one
+            ``IncompatibleSettings``; ``"skip"``: they stay in float, named in one warning
+            at setup and counted in the report (``qat/skipped_layers``, the layer table's
+            ``skipped`` column). A grouped or depthwise convolution selected by type that
+            the grid cannot quantize is left out either way; one a name glob selects stays
+            an error.
         name: distinguishes the checkpoint state of several QAT callbacks in one Trainer.
         config: a built :class:`~lightning_compress.quant.config.QATConfig` instead of
             the arguments above.
 
     Raises:
         ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
-        ValueError: at setup, for targets that match no quantizable layer, a
-            ``group_size`` that does not divide a layer's inputs, an ``overrides`` glob
+        IncompatibleSettings: (a ``ValueError``) at setup, naming every targeted layer a
+            ``group_size`` does not divide (with ``on_incompatible="error"``).
+        ValueError: at setup, for targets that match no quantizable layer, an ``overrides`` glob
             that matches nothing, or ``activations`` on the ``out_proj`` of an
             ``nn.MultiheadAttention`` this callback does not quantize (the attention layer
             calls it); when resuming, for a checkpoint trained on another grid

@@ -7,12 +7,14 @@ rank zero, because a dashboard with hundreds of per-layer panels is unreadable.
 The table is read from the transform stack of the module, not from any one callback, so
 it describes whatever combination of methods is attached. Each stage, on a weight or on
 the layer's input, contributes its columns through a ``table_fields()`` method
-returning ``{column: value}``.
+returning ``{column: value}``. The ``skipped`` column names the methods that left a layer
+out (``on_incompatible="skip"``, or a grouped convolution a method cannot compress): such
+a layer has a row even when no method compresses it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -21,9 +23,12 @@ from lightning_compress.core.tracking import log_table
 from lightning_compress.core.transforms import INPUT, Stage, all_transforms, transformed_slots, weight_before
 
 LAYER_TABLE_KEY = "compression/layers"
-LAYER_COLUMNS = ("layer", "type", "params", "sparsity", "weight_bits", "granularity", "activation_bits", "lora_rank")
-# A column no stage fills: the layer computes in float there (bits) or has no adapter.
-_DEFAULTS = {"weight_bits": 32, "granularity": "float", "activation_bits": 32, "lora_rank": 0}
+LAYER_COLUMNS = (
+    "layer", "type", "params", "sparsity", "weight_bits", "granularity", "activation_bits", "lora_rank", "skipped"
+)
+# A column no stage fills: the layer computes in float there (bits), has no adapter, or
+# was left out by no method.
+_DEFAULTS = {"weight_bits": 32, "granularity": "float", "activation_bits": 32, "lora_rank": 0, "skipped": ""}
 _PENDING = "_lc_layer_table_pending"
 
 
@@ -41,14 +46,18 @@ def report_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Seque
     rank_zero_info(format_table(key, columns, rows))
 
 
-def layer_rows(module: nn.Module) -> List[List[Any]]:
+def layer_rows(module: nn.Module, skipped: Mapping[str, Sequence[str]] | None = None) -> List[List[Any]]:
     """One row (in :data:`LAYER_COLUMNS` order) per layer under ``module`` that has a
-    transform. ``params`` and ``sparsity`` cover its transformed weights; ``sparsity``
-    counts the zeros of the weights entering fake quantization: pruned weights, not
-    weights that quantization rounds to zero."""
+    transform or is named in ``skipped`` (``{layer name: methods that left it out}``).
+    ``params`` and ``sparsity`` cover its transformed weights (all its weights when none
+    is transformed); ``sparsity`` counts the zeros of the weights entering fake
+    quantization: pruned weights, not weights that quantization rounds to zero."""
+    skipped = skipped or {}
     rows = []
     for name, layer in module.named_modules():
         weights = [slot for slot in transformed_slots(layer) if slot != INPUT]
+        if not weights and name in skipped:
+            weights = [slot for slot, p in layer.named_parameters(recurse=False) if p.dim() > 1]
         if not weights:
             continue
         fields: Dict[str, Any] = dict(_DEFAULTS)
@@ -58,7 +67,8 @@ def layer_rows(module: nn.Module) -> List[List[Any]]:
         for slot in weights:
             weight = weight_before(layer, Stage.FAKE_QUANT, slot).detach()
             numel, zeros = numel + weight.numel(), zeros + int((weight == 0).sum())
-        fields.update(layer=name, type=type(layer).__name__, params=numel, sparsity=zeros / numel)
+        fields.update(layer=name, type=type(layer).__name__, params=numel, sparsity=zeros / max(numel, 1),
+                      skipped=",".join(skipped.get(name, ())))
         rows.append([fields[column] for column in LAYER_COLUMNS])
     return rows
 
@@ -68,16 +78,17 @@ def expect_layer_table(trainer) -> None:
     setattr(trainer, _PENDING, True)
 
 
-def report_layer_table(trainer, pl_module: nn.Module) -> None:
+def report_layer_table(trainer, pl_module: nn.Module, skipped: Mapping[str, Sequence[str]] | None = None) -> None:
     """Called by every compression callback first thing at fit end: the first call of the
     fit logs and prints the table (before any callback changes the model, e.g. merges
-    LoRA); the others find it done. Nothing is logged for a model with no compressed layer."""
+    LoRA); the others find it done. Nothing is logged for a model with no compressed or
+    skipped layer. ``skipped``: ``{layer name: methods that left it out}``."""
     if not getattr(trainer, _PENDING, False):
         return
     setattr(trainer, _PENDING, False)
     if not trainer.is_global_zero:
         return
-    rows = layer_rows(pl_module)
+    rows = layer_rows(pl_module, skipped)
     if rows:
         report_table(trainer, LAYER_TABLE_KEY, LAYER_COLUMNS, rows)
 

@@ -11,10 +11,11 @@ from typing import Sequence, Tuple
 import torch
 from torch import nn
 
+from lightning_compress.core.incompatible import LayerIssue, check_on_incompatible, grouped_convolution
 from lightning_compress.core.targeting import Target, validate_name, validate_targets
 from lightning_compress.core.transforms import raw_weight
 from lightning_compress.core.validate import ArgumentError, check_bool, check_fraction, check_name, check_positive, is_int
-from lightning_compress.quant.nf4 import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE
+from lightning_compress.quant.nf4 import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, check_nf4_compatible
 
 ADAPTABLE_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MAX_RANK = 65536  # far above any useful rank; stops a typo from allocating terabytes
@@ -51,6 +52,7 @@ class LoRAConfig:
     adapter_dir: str | os.PathLike | None = None
     peft_root: str | None = None
     adapter_only_checkpoints: bool = False
+    on_incompatible: str = "error"
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -81,7 +83,33 @@ class LoRAConfig:
                 )
             object.__setattr__(self, "adapter_dir", Path(self.adapter_dir))
         check_name("peft_root", self.peft_root, what="a submodule name such as 'model'")
+        check_on_incompatible(self.on_incompatible)
         object.__setattr__(self, "name", validate_name(self.name))
+
+    def layer_issue(self, name: str, layer: nn.Module) -> LayerIssue | None:
+        """Why LoRA (with this rank and base) cannot adapt the selected layer ``name``, or
+        ``None``: a grouped convolution, a layer an NF4 base cannot store, or one smaller
+        than the rank."""
+        grouped = grouped_convolution(layer)
+        if grouped is not None:
+            return LayerIssue(
+                "target_modules", _plain_targets(self.target_modules),
+                f"layer {name!r} is a grouped convolution ({grouped}); LoRA adapts only groups=1 convolutions (a"
+                " B·A adapter of rank r is not grouped, and PEFT's format has none). Remove it from `target_modules`",
+            )
+        if self.base == "nf4":
+            if not isinstance(layer, nn.Linear):
+                return LayerIssue("base", self.base, f"layer {name!r} is a {type(layer).__name__}; base='nf4' (QLoRA)"
+                                                     " stores Linear weights only. Exclude it, or use base='float'")
+            try:
+                check_nf4_compatible(name, raw_weight(layer), self.nf4_block_size, self.nf4_scaler_block_size)
+            except ValueError as err:
+                return LayerIssue("nf4_block_size", self.nf4_block_size, str(err))
+        try:
+            check_rank(name, layer, self.r)
+        except ArgumentError as err:
+            return LayerIssue("r", self.r, str(err))
+        return None
 
     @property
     def scaling(self) -> float:
@@ -108,6 +136,10 @@ def check_rank(name: str, layer: nn.Module, r: int) -> None:
             f" an adapter's rank is at most min(in, out) = {min(fan_in, fan_out)}. Lower `r`, or leave the layer"
             " out (`target_modules` / `exclude_modules`)",
         )
+
+
+def _plain_targets(targets: Sequence[Target] | None) -> list | None:
+    return None if targets is None else [t if isinstance(t, str) else t.__name__ for t in targets]
 
 
 def _compute_dtype(dtype, base: str) -> torch.dtype | None:

@@ -16,26 +16,27 @@ from lightning_compress.core.transforms import (
 )
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.lora.adapter import MERGED_MARK, DropoutRNG, LoRAAdapter
-from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig, check_rank
-from lightning_compress.quant.nf4 import check_nf4_compatible, is_nf4, to_nf4, weight_nbytes
+from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig
+from lightning_compress.quant.nf4 import is_nf4, to_nf4, weight_nbytes
 
 ADAPTER_PARAMETERS = ("lora_A", "lora_B")
 
 
-def select_adapter_layers(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
-    """The layers ``config`` adapts, checked for what LoRA (and an NF4 base) can hold.
+def select_adapter_layers(model: nn.Module, config: LoRAConfig, *, check: bool = True) -> Dict[str, nn.Module]:
+    """The layers ``config`` adapts; with ``check``, checked for what LoRA (and an NF4
+    base) can hold (:meth:`LoRAConfig.layer_issue`).
 
     The default targets (every Linear layer) leave out ``modules_to_save`` and the layers
     inside them, as PEFT users expect of a new head; a layer that ``target_modules``
     names explicitly and ``modules_to_save`` also holds is an error.
 
     Raises:
-        ValueError: a target matches nothing (with close names), a grouped convolution, a
-            layer smaller than the rank ``r`` (an ArgumentError naming ``r``), a layer both
-            targeted and in ``modules_to_save``, default targets that ``modules_to_save``
-            leaves empty (an ArgumentError naming ``target_modules``), or
-            (``base="nf4"``) a layer that is not Linear or whose size the NF4 blocks do not
-            divide.
+        ValueError: a target matches nothing (with close names), a layer both targeted and
+            in ``modules_to_save``, default targets that ``modules_to_save`` leaves empty
+            (an ArgumentError naming ``target_modules``); with ``check``, a grouped
+            convolution, a layer smaller than the rank ``r`` (an ArgumentError naming
+            ``r``), or (``base="nf4"``) a layer that is not Linear or whose size the NF4
+            blocks do not divide.
     """
     layers = select_layers(
         model,
@@ -57,17 +58,22 @@ def select_adapter_layers(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.
                     " layers to adapt in `target_modules`",
                 )
         check_not_saved(layers, to_save)
-    for name, layer in layers.items():
-        if getattr(layer, "groups", 1) != 1:
-            raise ValueError(f"layer {name!r} is a grouped convolution (groups={layer.groups}); LoRA adapts"
-                             " only groups=1 convolutions. Remove it from `target_modules`")
-        if config.base == "nf4":
-            if not isinstance(layer, nn.Linear):
-                raise ValueError(f"layer {name!r} is a {type(layer).__name__}; base='nf4' (QLoRA) stores"
-                                 " Linear weights only. Exclude it, or use base='float'")
-            check_nf4_compatible(name, raw_weight(layer), config.nf4_block_size, config.nf4_scaler_block_size)
-        check_rank(name, layer, config.r)
+    if check:
+        check_adaptable(layers, config)
     return layers
+
+
+def check_adaptable(layers: Dict[str, nn.Module], config: LoRAConfig) -> None:
+    """Refuse the first layer LoRA cannot adapt with ``config``.
+
+    Raises:
+        ValueError: its :meth:`LoRAConfig.layer_issue` (an ArgumentError naming ``r`` for a
+            layer smaller than the rank).
+    """
+    for name, layer in layers.items():
+        issue = config.layer_issue(name, layer)
+        if issue is not None:
+            raise ArgumentError("r", issue.message) if issue.argument == "r" else ValueError(issue.message)
 
 
 def inject_adapters(
@@ -87,8 +93,7 @@ def inject_adapters(
     """
     layers = select_adapter_layers(model, config) if layers is None else layers
     to_save = match_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else {}
-    for name, layer in layers.items():
-        check_rank(name, layer, config.r)
+    check_adaptable(layers, config)
     check_not_saved(layers, to_save)
     dropout = dropout or DropoutRNG(config.lora_dropout)
     adapters = {}

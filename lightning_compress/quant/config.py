@@ -6,10 +6,14 @@ import fnmatch
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar, Dict, Mapping, Sequence, Tuple
 
+from torch import nn
+
+from lightning_compress.core.incompatible import LayerIssue, check_on_incompatible, compressed_weight
 from lightning_compress.core.schedule import StepLike, validate_step
 from lightning_compress.core.targeting import Target, validate_name, validate_targets
 from lightning_compress.core.validate import ArgumentError, check_bool, check_choice, check_int, check_positive
 from lightning_compress.quant.activations import ACTIVATION_MODES, OBSERVERS
+from lightning_compress.quant.fake_quant import check_divisible
 from lightning_compress.quant.spec import GRANULARITIES, QuantSpec, parse_bits, spec_from_options
 from lightning_compress.quant.weights import DEFAULT_TARGET_TYPES, QUANTIZABLE_TYPES, WEIGHT_RANGES
 
@@ -43,6 +47,7 @@ class QATConfig:
     overrides: Dict[str, Dict[str, Any]] | None = None
     targets: Sequence[Target] | None = None
     exclude: Sequence[Target] | None = None
+    on_incompatible: str = "error"
     name: str | None = None
     spec: QuantSpec = field(init=False, repr=False, compare=False)
     layer_overrides: Dict[str, QuantSpec] = field(init=False, repr=False, compare=False)
@@ -56,6 +61,18 @@ class QATConfig:
             if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
                 return spec, pattern
         return self.spec, None
+
+    def layer_issue(self, key: str, layer: nn.Module) -> LayerIssue | None:
+        """Why this grid cannot quantize the selected layer ``key``, or ``None``: a
+        ``group_size`` (of the main grid or of an override) that does not divide its inputs."""
+        spec, pattern = self.spec_for(key)
+        try:
+            check_divisible(key, compressed_weight(key, layer), spec)
+        except ValueError as err:
+            if pattern is None:
+                return LayerIssue("group_size", spec.group_size, str(err))
+            return LayerIssue(f"overrides[{pattern!r}]", spec.describe(), str(err))
+        return None
 
     def __post_init__(self) -> None:
         bits = parse_bits("weights", self.weights)
@@ -89,6 +106,7 @@ class QATConfig:
             object.__setattr__(self, "overrides", {k: dict(v) for k, v in self.overrides.items()})
         object.__setattr__(self, "targets", validate_targets("targets", self.targets, QUANTIZABLE_TYPES))
         object.__setattr__(self, "exclude", validate_targets("exclude", self.exclude, QUANTIZABLE_TYPES))
+        check_on_incompatible(self.on_incompatible)
         object.__setattr__(self, "name", validate_name(self.name))
 
 

@@ -7,10 +7,11 @@ from typing import ClassVar, Sequence, Tuple
 
 from torch import nn
 
+from lightning_compress.core.incompatible import LayerIssue, check_on_incompatible, compressed_weight
 from lightning_compress.core.schedule import StepLike, steps_are_ordered, validate_step
 from lightning_compress.core.targeting import RECURRENT_TYPES, Target, validate_name, validate_targets
 from lightning_compress.core.validate import ArgumentError, check_choice, check_fraction, check_int
-from lightning_compress.sparsity.masks import SparsityPattern
+from lightning_compress.sparsity.masks import SparsityPattern, check_nm_compatible
 from lightning_compress.sparsity.schedules import SCHEDULES
 
 # nn.MultiheadAttention: its `in_proj_weight` (its `out_proj` is a Linear of its own).
@@ -41,10 +42,20 @@ class PruningConfig:
     norm: int = 1
     targets: Sequence[Target] | None = None
     exclude: Sequence[Target] | None = None
+    on_incompatible: str = "error"
     name: str | None = None
     sparsity_pattern: SparsityPattern = field(init=False, repr=False, compare=False)
     supported_types: ClassVar[Tuple[type, ...]] = PRUNABLE_TYPES  # what `targets` may name
     default_types: ClassVar[Tuple[type, ...]] = DEFAULT_TARGET_TYPES  # what no `targets` means
+
+    def layer_issue(self, key: str, layer: nn.Module) -> LayerIssue | None:
+        """Why this pattern cannot prune the selected layer ``key``, or ``None``: N:M
+        blocks that do not fit its inputs (per group, for a grouped convolution)."""
+        try:
+            check_nm_compatible(key, compressed_weight(key, layer), self.sparsity_pattern)
+        except ValueError as err:
+            return LayerIssue("pattern", str(self.sparsity_pattern), str(err))
+        return None
 
     def __post_init__(self) -> None:
         pattern = SparsityPattern.parse(self.pattern)
@@ -87,6 +98,7 @@ class PruningConfig:
         object.__setattr__(self, "initial_sparsity", initial)
         object.__setattr__(self, "targets", validate_targets("targets", self.targets, PRUNABLE_TYPES))
         object.__setattr__(self, "exclude", validate_targets("exclude", self.exclude, PRUNABLE_TYPES))
+        check_on_incompatible(self.on_incompatible)
         object.__setattr__(self, "name", validate_name(self.name))
         object.__setattr__(self, "sparsity_pattern", pattern)
 
