@@ -360,3 +360,63 @@ def test_fast_path_disabled_restores_the_setting():
         assert not torch.backends.mha.get_fastpath_enabled()  # put back as it was: off
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
+
+
+class PaddedEncoder(pl.LightningModule):
+    """A padded-batch encoder classifier: ``nn.TransformerEncoder`` with nested tensors on
+    (its default), given ``src_key_padding_mask``, and a validation loop (eval, no grad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(WIDTH, 2, 64, dropout=0.0, batch_first=True), 2)
+        self.head = nn.Linear(WIDTH, 2)
+
+    def forward(self, tokens, padding):
+        hidden = self.encoder(self.embed(tokens), src_key_padding_mask=padding)
+        return self.head(hidden.masked_fill(padding[..., None], 0.0).sum(1))
+
+    def training_step(self, batch, batch_idx):
+        tokens, padding, label = batch
+        return F.cross_entropy(self(tokens, padding), label)
+
+    def validation_step(self, batch, batch_idx):
+        tokens, padding, label = batch
+        self.log("val_loss", F.cross_entropy(self(tokens, padding), label))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+def padded_loader(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (32, LENGTH), generator=generator)
+    lengths = torch.randint(4, LENGTH + 1, (32,), generator=generator)
+    padding = torch.arange(LENGTH)[None, :] >= lengths[:, None]  # left-aligned, as a tokenizer pads
+    labels = (lengths > LENGTH // 2).long()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, padding, labels), batch_size=8)
+
+
+@pytest.mark.parametrize("activations", ["int8_dynamic", "int8_static"])
+def test_padded_batches_in_eval_reach_the_activation_quantizers_as_in_training(tmp_path, activations):
+    """In eval mode an ``nn.TransformerEncoder`` given a padding mask runs its layers on a
+    nested tensor, which token quantizers cannot take: validation with activation QAT
+    crashed ("NestedTensorImpl doesn't support sizes"). Now the fake-quant and the packed
+    model keep the padded batch and compute in eval what they compute in training."""
+    pl.seed_everything(0, verbose=False)
+    model = PaddedEncoder()
+    exporter = CompressedExport(tmp_path / "packed", input_fn=lambda batch: (batch[0], batch[1]), parity_batches=2)
+    trainer = make_trainer(callbacks=[QuantizationAwareTraining("int8", activations=activations, start_step=1), exporter],
+                           max_steps=6, limit_val_batches=2, val_check_interval=3)
+    trainer.fit(model, padded_loader(), padded_loader(seed=1))
+    assert exporter.report.parity.passed
+    tokens, padding, _ = next(iter(padded_loader(seed=2)))
+    assert padding.any()
+    model.train()
+    with torch.no_grad():  # dropout is 0: train mode computes what eval should
+        expected = model(tokens, padding)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(tokens, padding), expected)
+        loaded = load_packed(tmp_path / "packed", PaddedEncoder(), backend="dequantize")
+        assert torch.equal(loaded(tokens, padding), expected)

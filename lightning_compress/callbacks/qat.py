@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_compress.callbacks.base import LayerCompressionCallback
 from lightning_compress.callbacks.compatibility import check_quantization_trains
-from lightning_compress.core.attention import out_proj_owner
+from lightning_compress.core.attention import keep_padded_batches, out_proj_owner
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import resolve_step
 from lightning_compress.core.targeting import module_name, weight_param
@@ -167,6 +167,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             # Ids go into an embedding; a recurrent layer is compressed weight-only.
             if self.activations is not None and not isinstance(layer, (nn.Embedding, nn.RNNBase)):
                 self._add_input_quantizer(name, layer, rivals)
+        if self.activations is not None:
+            keep_padded_batches(pl_module)  # a padded eval batch must reach the quantizers as in training
         self.finish_install(pl_module)
 
     @override

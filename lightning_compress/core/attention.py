@@ -128,6 +128,23 @@ def out_proj_owner(root: nn.Module, name: str) -> Optional[str]:
     return parent if isinstance(owner, nn.MultiheadAttention) else None
 
 
+def keep_padded_batches(root: nn.Module) -> None:
+    """Make every ``nn.TransformerEncoder`` under ``root`` that holds a layer with forward
+    hooks keep a padded batch as it is in eval mode.
+
+    Given ``src_key_padding_mask`` in eval mode, the encoder turns the batch into a nested
+    tensor, which an input stage (an activation quantizer, a packed layer's input
+    quantizer: they quantize the tokens of a dense tensor) cannot take, and on which an
+    attention layer takes PyTorch's fused path, which never calls its ``out_proj``. With
+    ``use_nested_tensor`` off the encoder computes as it does while training.
+    """
+    for module in root.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(
+            sub._forward_pre_hooks or sub._forward_hooks for sub in module.modules()
+        ):
+            module.use_nested_tensor = False
+
+
 @contextlib.contextmanager
 def fast_path_disabled() -> Iterator[None]:
     """PyTorch's fused attention inference path (``nn.MultiheadAttention``,
@@ -149,5 +166,6 @@ __all__ = [
     "calls_out_proj",
     "compressible_attention",
     "fast_path_disabled",
+    "keep_padded_batches",
     "out_proj_owner",
 ]

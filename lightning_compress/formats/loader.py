@@ -12,6 +12,7 @@ from torch import nn
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.failed_export import recorded_failure, refusal
 from lightning_compress.formats.packed import PackedModel, read_packed
+from lightning_compress.core.attention import keep_padded_batches
 from lightning_compress.core.targeting import module_name, parameter_key
 from lightning_compress.formats.runtime import BACKENDS, build_packed_unit, kernel_report, packed_units
 from lightning_compress.quant.fake_quant import as_matrix
@@ -117,6 +118,7 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str) -> Dict[
             raise PackedFormatError(f"layer {name!r}: {err}") from None
     for name in sorted(replacements):  # parents first: an attention layer, then its out_proj
         set_submodule(model, name, replacements[name])
+    keep_padded_batches(model)  # packed layers quantize their input in a pre-hook
     model.packed_kernels = kernel_report(model)
     return originals
 
