@@ -407,3 +407,50 @@ def test_overflowing_float16_scales_are_named_as_such(tmp_path):
     with pytest.raises(ExportError, match=r"layer '0': its weights are finite but their float16 scales overflow.*scale_dtype='float32'"):
         export(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+class MaskedAttentionLM(nn.Module):
+    """A GPT-style block that keeps its causal mask as a buffer of 0 and -inf."""
+
+    def __init__(self, length: int = 6, width: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("causal", torch.triu(torch.full((length, length), float("-inf")), diagonal=1))
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        scores = x @ x.transpose(-1, -2) + self.causal
+        return self.proj(scores.softmax(-1) @ x)
+
+
+def test_a_buffer_of_infinities_exports_and_loads_but_nan_and_infinite_weights_do_not(tmp_path):
+    """A -inf causal mask is model data, not a diverged run: it is stored (its entry says
+    it holds infinities) and loads back; a NaN in a buffer, an Inf in a parameter, and an
+    Inf in a stored tensor whose entry does not say so are refused."""
+    torch.manual_seed(0)
+    model = MaskedAttentionLM()
+    round_to_nearest(model, QuantSpec(8, "channel"))
+    x = torch.randn(2, 6, 16)
+    report = export(model, tmp_path / "mask", inputs=[x])
+    assert report.parity.relative_error == 0.0
+    assert json.loads((tmp_path / "mask" / METADATA_FILE).read_text())["tensors"]["causal"]["infinite"] is True
+    loaded = load_packed(tmp_path / "mask", MaskedAttentionLM())
+    assert torch.equal(loaded.causal, model.causal) and int(loaded.causal.isinf().sum()) == 15
+    assert torch.equal(loaded(x), model(x))
+
+    body = json.loads((tmp_path / "mask" / METADATA_FILE).read_text())
+    body.pop("metadata_sha256", None)
+    del body["tensors"]["causal"]["infinite"]
+    (tmp_path / "mask" / METADATA_FILE).write_bytes(metadata_bytes(body))
+    with pytest.raises(PackedFormatError, match=r"tensor 'causal(_values)?' holds NaN or Inf"):
+        load_packed(tmp_path / "mask", MaskedAttentionLM())
+
+    nan_buffer = MaskedAttentionLM()
+    nan_buffer.causal[0, 0] = float("nan")
+    with pytest.raises(ExportError, match=r"'causal' holds 1 NaN value\(s\)"):
+        export(nan_buffer, tmp_path / "nan", inputs=[x])
+    infinite_weight = MaskedAttentionLM()
+    with torch.no_grad():
+        infinite_weight.proj.bias[3] = float("inf")
+    with pytest.raises(ExportError, match=r"'proj.bias' holds 1 NaN/Inf value\(s\)"):
+        export(infinite_weight, tmp_path / "inf", inputs=[x])
+    assert not (tmp_path / "nan").exists() and not (tmp_path / "inf").exists()

@@ -353,10 +353,11 @@ def collect(model: nn.Module, *, dry: bool = False):
     tensors: Dict[str, Tensor] = {}
     aliases: Dict[str, str] = {}
     seen: Dict[tuple, str] = {}
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     for key, tensor in state.items():
         tensor = tensor.detach()
-        if tensor.is_floating_point():
-            _check_finite(key, tensor)
+        if tensor.is_floating_point():  # a buffer may hold infinities (a causal mask of -inf), never NaN
+            _check_finite(key, tensor, allow_infinite=key not in parameters)
         identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                     tuple(tensor.stride()), tensor.dtype) if tensor.numel() else None
         if identity is not None and identity in seen:
@@ -393,10 +394,11 @@ def _activations(name: str, module: nn.Module, dry: bool = False):
     return None, None
 
 
-def _check_finite(name: str, tensor: Tensor) -> None:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        count = int((~torch.isfinite(tensor)).sum())
-        raise ExportError(f"{name!r} holds {count} NaN/Inf value(s); nothing was exported. Fix the training run"
+def _check_finite(name: str, tensor: Tensor, allow_infinite: bool = False) -> None:
+    bad = tensor.isnan() if allow_infinite else ~torch.isfinite(tensor)
+    if tensor.is_floating_point() and bad.any():
+        what = "NaN" if allow_infinite else "NaN/Inf"
+        raise ExportError(f"{name!r} holds {int(bad.sum())} {what} value(s); nothing was exported. Fix the training run"
                           " (lower the learning rate, check the data) and export again")
 
 

@@ -177,7 +177,8 @@ def encode_tensor(key: str, tensor: Tensor, sparse_threshold: Optional[float]) -
     sparse = tensor.is_floating_point() and _use_sparse(
         tensor.numel(), count, tensor.numel() * bits, math.ceil(tensor.numel() / 8) * 8 + count * bits, sparse_threshold
     )
-    entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "sparsity": "dense"}
+    entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "sparsity": "dense",
+             **({"infinite": True} if tensor.is_floating_point() and tensor.isinf().any() else {})}  # -inf masks
     if not sparse:
         return {key: tensor}, entry
     entry.update(sparsity="bitmask", kept=count)
@@ -207,9 +208,7 @@ class _Reader:
         if tensor.dtype != dtype:
             raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} is {tensor.dtype}, expected {dtype}")
         if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise PackedFormatError(
-                f"{WEIGHTS_FILE}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
-            )
+            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
         return tensor
 
 
@@ -252,8 +251,9 @@ def entry_count(entry: Mapping, key: str, where: str, high: int) -> int:
     return value
 
 
-def _finite(key: str, tensor: Tensor) -> Tensor:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+def _finite(key: str, tensor: Tensor, infinite: bool = False) -> Tensor:
+    """``tensor``, checked: no NaN, and no infinity unless its entry says it holds some."""
+    if tensor.is_floating_point() and (tensor.isnan().any() if infinite else not torch.isfinite(tensor).all()):
         raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} holds NaN or Inf values, which the export never"
                                 " writes; the file was edited or corrupted: export the model again")
     return tensor
@@ -351,9 +351,9 @@ def decode_tensor(key: str, entry: Mapping, reader: _Reader) -> Tensor:
     where = f"tensor {key!r}"
     shape = entry_shape(entry, where, reader.max_numel)
     dtype = entry_dtype(entry, where)
-    sparsity = entry.get("sparsity")
+    sparsity, infinite = entry.get("sparsity"), entry.get("infinite") is True
     if sparsity == "dense":
-        return _finite(key, reader.take(key, dtype, shape))
+        return _finite(key, reader.take(key, dtype, shape), infinite)
     if sparsity != "bitmask":
         raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown sparsity {_short(sparsity)}")
     numel = math.prod(shape)
@@ -361,7 +361,7 @@ def decode_tensor(key: str, entry: Mapping, reader: _Reader) -> Tensor:
     kept = unpack_mask(reader.take(key + "_bitmask", torch.uint8, (-(-numel // 8),)), (numel,))
     if int(kept.sum()) != kept_count:
         raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key + '_bitmask'!r} does not match 'kept'")
-    values = _finite(key + "_values", reader.take(key + "_values", dtype, (kept_count,)))
+    values = _finite(key + "_values", reader.take(key + "_values", dtype, (kept_count,)), infinite)
     dense = torch.zeros(numel, dtype=dtype)
     dense[kept] = values
     return dense.reshape(shape)
