@@ -454,3 +454,23 @@ def test_a_buffer_of_infinities_exports_and_loads_but_nan_and_infinite_weights_d
     with pytest.raises(ExportError, match=r"'proj.bias' holds 1 NaN/Inf value\(s\)"):
         export(infinite_weight, tmp_path / "inf", inputs=[x])
     assert not (tmp_path / "nan").exists() and not (tmp_path / "inf").exists()
+
+
+@pytest.mark.parametrize("unreadable", [METADATA_FILE, WEIGHTS_FILE])
+def test_a_file_that_cannot_be_read_is_a_packed_format_error_naming_it(exported, monkeypatch, unreadable):
+    """An I/O error reading either file (permissions, a failing disk: injected here, since
+    the tests may run as root) is a PackedFormatError naming the file, as the loader
+    promises for every problem, not a bare OSError."""
+    import errno
+    from pathlib import Path
+
+    read_bytes = Path.read_bytes
+
+    def failing(path):
+        if path.name == unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    with pytest.raises(PackedFormatError, match=rf"{unreadable}: cannot be read \(Permission denied\)"):
+        load_packed(exported, mlp())

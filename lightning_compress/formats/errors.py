@@ -12,6 +12,15 @@ class PackedFormatError(ValueError):
     file and, where one is at fault, the tensor or layer."""
 
 
+def read_packed_file(path: Path) -> bytes:
+    """The bytes of a file of a packed directory; an ``OSError`` reading it (permissions,
+    an I/O error) becomes a :class:`PackedFormatError` naming the file."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise PackedFormatError(f"{path}: cannot be read ({error.strerror or error})") from None
+
+
 class FailedExportError(PackedFormatError):
     """The directory holds an export whose check failed (``<dir>.failed-parity/``, kept so
     the run is not lost): ``load_packed`` refuses it unless ``allow_failed_parity=True``."""

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.targeting import is_recurrent_weight, parameter_key
-from lightning_compress.formats.errors import ExportError, PackedFormatError
+from lightning_compress.formats.errors import ExportError, PackedFormatError, read_packed_file
 from lightning_compress.quant.fake_quant import QuantizedWeight
 from lightning_compress.quant.packing import pack_codes, packed_words, unpack_codes
 from lightning_compress.quant.spec import QuantSpec
@@ -385,7 +385,7 @@ def read_metadata(directory: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise PackedFormatError(f"{path}: no such file; is {directory} a lightning-compress export?")
     try:
-        body = json.loads(path.read_bytes())
+        body = json.loads(read_packed_file(path))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise PackedFormatError(f"{path}: not valid JSON ({err.__class__.__name__}); the file is corrupted") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
@@ -420,7 +420,7 @@ def read_packed(directory: str | os.PathLike) -> PackedModel:
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise PackedFormatError(f"{weights_path}: no such file")
-    data = weights_path.read_bytes()
+    data = read_packed_file(weights_path)
     if hashlib.sha256(data).hexdigest() != metadata["weights_sha256"]:
         raise PackedFormatError(f"{weights_path}: checksum mismatch; the file is truncated or corrupted")
     return decode_packed(metadata, data, weights_path)
