@@ -102,10 +102,6 @@ class PackedModel:
 
 
 # ---------------------------------------------------------------------- encode
-def _prefix(name: str) -> str:
-    return f"{name}." if name else ""
-
-
 def _scale_shape(q: QuantizedWeight) -> tuple:
     if q.spec.granularity == "tensor":
         return (1,)
@@ -114,7 +110,7 @@ def _scale_shape(q: QuantizedWeight) -> tuple:
 
 def encode_layer(name: str, layer: PackedLayer, sparse_threshold: Optional[float]) -> tuple[dict, dict]:
     """Tensors and metadata entry of one quantized layer."""
-    q, spec, p = layer.weight, layer.weight.spec, _prefix(name)
+    q, spec, p = layer.weight, layer.weight.spec, (f"{name}." if name else "")
     w = parameter_key(name, layer.param)  # the weight's tensors: `p.weight`, `p.weight_scale`, ...
     matrix = q.codes.reshape(q.shape[0], -1)
     zero = q.zero_point.reshape(-1, 1).to(torch.int8)
@@ -270,7 +266,7 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
     shape = entry_shape(entry, where, reader.max_numel, positive=True)
     dtype = entry_dtype(entry, where, floating=True)
     rows, cols = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
-    numel, p, bits = rows * cols, _prefix(name), spec.bits
+    numel, p, bits = rows * cols, (f"{name}." if name else ""), spec.bits
     param = entry.get("param", "weight")
     recurrent = isinstance(param, str) and is_recurrent_weight(param) and name.rpartition(".")[2] == param
     if param not in LAYER_PARAMS and not recurrent:
@@ -384,8 +380,9 @@ def read_metadata(directory: Path) -> Dict[str, Any]:
     path = Path(directory) / METADATA_FILE
     if not path.is_file():
         raise PackedFormatError(f"{path}: no such file; is {directory} a lightning-compress export?")
+    data = read_packed_file(path)  # (a PackedFormatError is a ValueError: read outside the try)
     try:
-        body = json.loads(read_packed_file(path))
+        body = json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise PackedFormatError(f"{path}: not valid JSON ({err.__class__.__name__}); the file is corrupted") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
