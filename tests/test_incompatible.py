@@ -286,6 +286,21 @@ def test_skip_trains_and_exports_with_the_layers_left_out_named_and_counted(tmp_
     assert table["head"]["weight_bits"] == 32 and table["head"]["sparsity"] == 0.0
 
 
+def test_a_checkpoint_of_a_skip_run_exports_the_same_files(tmp_path):
+    from lightning_compress.checkpoints import export_checkpoint
+
+    callbacks = recipe_callbacks(tmp_path, "pruning.on_incompatible=skip", "qat.on_incompatible=skip",
+                                 "pruning.end_step=2", "qat.start_step=2")
+    _, trainer, _ = fit(callbacks)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IncompatibleLayersSkipped)  # the same layers, left out again
+        export_checkpoint(tmp_path / "run.ckpt", ConvNet, output=tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+    layers = [json.loads((tmp_path / d / METADATA_FILE).read_text())["layers"] for d in ("out", "again")]
+    assert layers[0] == layers[1] and sorted(layers[0]) == ["block.pw", "neck"]
+
+
 def test_skip_in_one_callback_leaves_the_layers_a_conflict_names_out_of_that_callback():
     # 2:4 blocks split by groups of 2 on every Linear: QAT (skip) leaves them in float.
     pruning = MagnitudePruning(pattern="2:4", targets=[nn.Linear], end_step=1)

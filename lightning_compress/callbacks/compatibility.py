@@ -23,10 +23,10 @@ Every refusal names the settings, the layers, why, and what to change.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.callbacks.conflicts import (
@@ -183,7 +183,7 @@ class Verdict:
                 callback.skip_layers(self.skips.get(id(callback), {}), self.model)
         text = self.warning()
         if text is not None:
-            warnings.warn(text, IncompatibleLayersSkipped, stacklevel=4)
+            rank_zero_warn(text, category=IncompatibleLayersSkipped)  # every rank decides the same
 
     def message(self, *, with_conflicts: bool = True) -> str:
         """Every problem, grouped by callback, then the ``exclude`` entries that fix them."""
