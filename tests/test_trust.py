@@ -228,6 +228,43 @@ def test_fit_resume_ignores_a_stored_overwrite(trained, tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize(
+    ("section", "values", "shown"),
+    [
+        ("export", {"dirpath": "/elsewhere/packed"}, "export.dirpath='/elsewhere/packed'"),
+        ("export", {"dirpath": "../../packed"}, "export.dirpath='../../packed'"),
+        ("export", {"dirpath": "${oc.env:HOME}/packed"}, "export.dirpath='${oc.env:HOME}/packed'"),
+        ("distillation", {"cache_dir": "/elsewhere/cache"}, "distillation.cache_dir='/elsewhere/cache'"),
+    ],
+)
+def test_fit_resume_writes_only_inside_the_current_directory(trained, tmp_path, monkeypatch, capsys, section, values,
+                                                             shown):
+    """A stored recipe's output paths are honoured only inside the current directory: a
+    checkpoint from elsewhere cannot make a resume write anywhere else."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.syspath_prepend(str(REPO))
+    sections = {"export": {"dirpath": "packed"}, section: values}  # (the fixture's own dirpath is outside `work`)
+    checkpoint = crafted(trained, tmp_path / "run.ckpt", **sections)
+    assert main(fit_args(tmp_path, checkpoint)) == 2
+    error = last_error(capsys)
+    assert f"writes outside the current directory ({shown})" in error
+    key = next(iter(values))
+    assert f"--override {section}.{key}=PATH" in error and "--trust-checkpoint-recipe" in error
+    assert sorted(p.name for p in work.iterdir()) == [] and not (tmp_path / "packed").exists()
+
+
+def test_fit_resume_writes_where_the_override_says(trained, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.syspath_prepend(str(REPO))
+    checkpoint = crafted(trained, tmp_path / "run.ckpt", export={"dirpath": "/elsewhere/packed"})
+    assert main(fit_args(tmp_path, checkpoint, "--override", f"export.dirpath={work / 'mine'}")) == 0
+    assert (work / "mine" / "model.safetensors").is_file() and not Path("/elsewhere").exists()
+
+
+@pytest.mark.parametrize(
     ("hyperparameters", "fragment"),
     [
         ({"_class_path": "planted_code.Model"}, "name the model class 'planted_code.Model', which would be imported"),

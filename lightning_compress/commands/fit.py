@@ -121,12 +121,48 @@ class CompressionCLI(LightningCLI):
             return load_recipe(stored, overrides).callbacks()
         # Data, not code: its dotted paths are refused (your --override keys excepted), and
         # it replaces nothing on disk unless you say so on this command line.
+        _check_stored_paths(stored, overrides, resume_from)
         export = stored.get("export")
         if isinstance(export, Mapping) and export.get("overwrite", False) is not False:
             print(f"lightning-compress: the stored export.overwrite is ignored (set it with --override"
                   f" export.overwrite=true to replace {export.get('dirpath')})")
             overrides = ["export.overwrite=false", *overrides]
         return load_recipe(stored, overrides, trusted=False).callbacks()
+
+
+# The recipe keys that name a directory the run writes to.
+_WRITTEN_PATHS = (("export", "dirpath"), ("lora", "adapter_dir"), ("distillation", "cache_dir"))
+
+
+def _check_stored_paths(stored: Mapping, overrides: List[str], checkpoint: Any) -> None:
+    """A stored recipe chooses where the resumed run writes only inside the current
+    directory: a checkpoint from elsewhere must not write anywhere else on the machine.
+
+    Raises:
+        CommandError: naming each key whose stored path is absolute outside the current
+            directory, climbs out of it with ``..``, or is an interpolation (resolved only
+            later), and the flags that choose the path instead.
+    """
+    from lightning_compress.commands.errors import CommandError
+
+    chosen = {item.split("=", 1)[0].strip() for item in overrides}
+    here = Path.cwd().resolve()
+    outside = []
+    for section, key in _WRITTEN_PATHS:
+        values = stored.get(section)
+        value = values.get(key) if isinstance(values, Mapping) else None
+        if value is None or f"{section}.{key}" in chosen:
+            continue
+        text = str(value)
+        if "${" in text or not (here / text).resolve().is_relative_to(here):
+            outside.append(f"{section}.{key}={text!r}")
+    if outside:
+        first = outside[0].split("=", 1)[0]
+        raise CommandError(
+            f"the recipe stored in {checkpoint} writes outside the current directory ({', '.join(outside)}); a"
+            f" checkpoint is data and does not choose where to write. Pass the path yourself (--override {first}=PATH,"
+            " or --recipe), run from a directory that holds it, or pass --trust-checkpoint-recipe if you trust the file"
+        )
 
 
 def _names_a_class(value: Any) -> bool:
