@@ -364,9 +364,9 @@ def test_bad_arguments_fail_when_the_callback_is_built(kwargs, message):
         (dict(target_modules=[nn.Linear], modules_to_save=["fc2"]),
          "'fc2' is both adapted and in `modules_to_save`: `target_modules` selects it and `modules_to_save` holds it"),
         (dict(modules_to_save=["fc1", "fc2"]),
-         r"every layer LoRA adapts by default \(each Linear layer\) lies in `modules_to_save` \['fc1', 'fc2'\].*name the"
+         r"every layer LoRA adapts by default \(each Linear and attention layer\) lies in `modules_to_save` \['fc1', 'fc2'\].*name the"
          " layers to adapt in `target_modules`"),
-        (dict(target_modules=["conv"], base="nf4"), "'conv' is a Conv1d; base='nf4' .* Linear weights only"),
+        (dict(target_modules=["conv"], base="nf4"), "'conv' is a Conv1d; base='nf4' .* Linear and attention layers only"),
         (dict(target_modules=["fc1"], base="nf4", nf4_block_size=96), r"'fc1': `nf4_block_size`=96 does not divide its 2048 weights"),
         (dict(target_modules=["fc2"], base="nf4"), r"'fc2': its 4 NF4 blocks do not split into `nf4_scaler_block_size`=256"),
     ],

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.callbacks.compatibility import settle_layers
-from lightning_compress.core.transforms import Stage, get_weight_transform, is_bound
+from lightning_compress.core.attention import out_proj_owner
+from lightning_compress.core.incompatible import LayerIssue
+from lightning_compress.core.transforms import is_bound
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
-from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter
+from lightning_compress.formats.peft_attention import peft_unpaired
+from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter, adapter_of
 from lightning_compress.lora.config import LoRAConfig
 from lightning_compress.lora.inject import inject_adapters, parameter_counts, select_adapter_layers
 from lightning_compress.quant.nf4 import is_nf4, tensor_digest
@@ -37,6 +41,12 @@ class LoRA(CompressionCallback):
     stored in 4-bit NormalFloat with double-quantized block scales, and dequantized
     inside each matmul only.
 
+    An ``nn.MultiheadAttention`` is adapted on its packed ``in_proj_weight`` (``A`` is
+    ``r × E``, ``B`` is ``3E × r``: query, key and value in one, as PEFT), and its
+    ``out_proj`` is a Linear of its own; the default targets adapt both, as PEFT does.
+    The attention layer reads both weights itself, so it always computes with the merged
+    weight (no branch, and no dropout there: as in PEFT).
+
     Example::
 
         lora = LoRA(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
@@ -48,29 +58,37 @@ class LoRA(CompressionCallback):
         lora_alpha: the numerator of the scaling.
         target_modules: layer types and/or name globs to adapt (a glob matches a whole
             name or its last parts, as PEFT's ``target_modules``: ``"query"`` matches
-            ``encoder.layer.0.attention.self.query``). Linear, Embedding and Conv1d/2d/3d
-            (``groups=1``) layers; default every Linear layer outside ``modules_to_save``.
-            A grouped convolution a layer type selects is left out with a warning.
+            ``encoder.layer.0.attention.self.query``). Linear, Embedding, Conv1d/2d/3d
+            (``groups=1``) and ``nn.MultiheadAttention`` (packed ``in_proj_weight``)
+            layers; default every Linear and attention layer outside ``modules_to_save``
+            (so an attention layer's ``in_proj_weight`` and ``out_proj`` both). A grouped
+            convolution a layer type selects is left out with a warning.
         lora_dropout: dropout probability on the adapter's input (Linear and Conv). It
             needs the adapter as a separate branch, so a layer that pruning or QAT also
-            transforms cannot have it. Drawn from a generator of its own, checkpointed with
-            this callback, so a resumed run draws the same masks.
+            transforms cannot have it, and it does not act on attention layers (their
+            ``in_proj_weight`` and ``out_proj``, read as weights; a warning names them).
+            Drawn from a generator of its own, checkpointed with this callback, so a
+            resumed run draws the same masks.
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         exclude_modules: layer types and/or name globs not to adapt.
         modules_to_save: names or globs of modules that train fully (a new head). The
             default targets leave them out; naming one in ``target_modules`` too is an error.
         base: ``"float"``, or ``"nf4"`` for QLoRA: the adapted layers' frozen weights are
-            kept in NF4 (Linear layers only).
+            kept in NF4 (Linear layers and attention layers' ``in_proj_weight`` only).
         compute_dtype: for ``base="nf4"``: the dtype an adapted layer dequantizes its
             base to and computes in (e.g. ``torch.bfloat16``); its output is returned in
-            the input's dtype. Default: the input's dtype.
+            the input's dtype. Default: the input's dtype. An attention layer dequantizes
+            to its weights' own dtype.
         nf4_block_size, nf4_scaler_block_size: NF4 block of weights sharing one scale
             (64), and block of scales quantized together (256), as in the QLoRA paper.
         merge_on_fit_end: at the end of ``fit``, merge the adapters into the weights (in
             float32; an NF4 base is dequantized first; pruning masks are applied again),
             leaving your model's own classes and ``state_dict`` keys.
         adapter_dir: at the end of ``fit`` (before any merge), write the adapters there in
-            PEFT's format.
+            PEFT's format. PEFT adapts an attention layer's two projections together only,
+            so with ``adapter_dir`` an attention layer adapted without its ``out_proj`` (or
+            an ``out_proj`` without its attention layer) is a layer LoRA cannot adapt,
+            refused before training like the others (see ``on_incompatible``).
         peft_root: name of the submodule PEFT sees as the base model (``"model"`` when your
             LightningModule keeps a transformers model in ``self.model``); the names in
             the adapter files are relative to it. Default: the LightningModule.
@@ -80,7 +98,8 @@ class LoRA(CompressionCallback):
             fails with a clear error if they differ from those trained on.
         on_incompatible: ``"error"`` (default): targeted layers LoRA cannot adapt (a
             grouped convolution, a layer smaller than ``r``, a layer an NF4 base cannot
-            store) stop the run before training, all named in one
+            store, one projection of an attention layer with ``adapter_dir``) stop the run
+            before training, all named in one
             ``IncompatibleSettings``; ``"skip"``: they get no adapter, named in one warning
             at setup and counted (``lora/skipped_layers``, the layer table's ``skipped``
             column). A grouped convolution selected by type is left out either way; one a
@@ -113,6 +132,7 @@ class LoRA(CompressionCallback):
         self._dropped_keys: list = []
         self._fingerprint: tuple | None = None
         self._pending_adapter_dir: Path | None = None
+        self._targeted_in: weakref.ref | None = None
 
     @property
     def adapters(self) -> Dict[str, LoRAAdapter]:
@@ -201,7 +221,18 @@ class LoRA(CompressionCallback):
     @override
     def target_layers(self, model: nn.Module) -> Dict[str, nn.Module]:
         # Each layer's fit is a layer issue (`LoRAConfig.layer_issue`), decided before training.
-        return select_adapter_layers(model, self.config, check=False)
+        layers = select_adapter_layers(model, self.config, check=False)
+        self._targeted_in = weakref.ref(model)  # what `layer_issues` asks about next
+        return layers
+
+    @override
+    def layer_issues(self, layers: Mapping[str, nn.Module]) -> Dict[str, LayerIssue]:
+        issues = super().layer_issues(layers)
+        model = self._targeted_in() if self._targeted_in is not None else None
+        if self.adapter_dir is not None and model is not None:
+            for name, why in peft_unpaired(model, [n for n in layers if n not in issues]).items():
+                issues[name] = LayerIssue("adapter_dir", str(self.adapter_dir), f"{why}; or set adapter_dir=None")
+        return issues
 
     @override
     def uses_default_targets(self) -> bool:
@@ -278,7 +309,7 @@ class LoRA(CompressionCallback):
     # ------------------------------------------------------------------ internals
     def _in_place(self, pl_module: LightningModule) -> bool:
         return bool(self._adapters) and is_bound(pl_module, self.owner_token) and all(
-            get_weight_transform(a.layer, Stage.ADAPTER) is a for a in self._adapters.values()
+            adapter_of(a.layer) is a for a in self._adapters.values()
         )
 
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -287,6 +318,15 @@ class LoRA(CompressionCallback):
         layers = self.select(pl_module)
         # Each rank draws its own dropout masks; seeded from the (seeded) global RNG.
         self._dropout.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + trainer.global_rank
+        unpaired = peft_unpaired(pl_module, layers) if self.adapter_dir is not None else {}
+        if unpaired:  # left unpaired by another layer's skip: the file written at the end would be refused
+            raise ValueError(f"`adapter_dir`={str(self.adapter_dir)!r}: " + "; ".join(unpaired.values()))
+        read = [n for n, layer in layers.items()
+                if isinstance(layer, nn.MultiheadAttention) or out_proj_owner(pl_module, n) is not None]
+        if self.lora_dropout > 0 and read:
+            shown = f"{read[:6]}{' ...' if len(read) > 6 else ''}"
+            rank_zero_warn(f"`lora_dropout`={self.lora_dropout} does not act on the projections of attention layers,"
+                           f" which read their merged weights (as in PEFT): {shown}")
         rivals = self.rivals(trainer)
         self._adapters = inject_adapters(
             pl_module, self.config, layers, dropout=self._dropout, owner=self.owner_token, active_owners=rivals

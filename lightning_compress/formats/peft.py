@@ -7,6 +7,8 @@ as ``base_model.model.<module>.<tensor>``) and ``adapter_config.json``
 (``peft_type: "LORA"``, ``r``, ``lora_alpha``, ...). ``peft.PeftModel.from_pretrained``
 loads what :func:`save_adapters` writes onto the same base model, and
 :func:`load_adapters` reads what PEFT saved. Nothing is unpickled.
+
+Attention layers: see :mod:`~lightning_compress.formats.peft_attention`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_directory
+from lightning_compress.core.attention import compressible_attention
 from lightning_compress.core.targeting import close_names_hint, match_modules
+from lightning_compress.formats.peft_attention import from_peft_names, peft_unpaired, to_peft_names, warn_out_proj_delta
 from lightning_compress.lora.adapter import adapter_shapes
 from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig
 from lightning_compress.lora.inject import adapters_of, inject_adapters
@@ -51,7 +55,9 @@ def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -
     files already in it are kept. Returns the directory.
 
     Raises:
-        ValueError: ``model`` holds no adapters (not injected, or merged already), or
+        ValueError: ``model`` holds no adapters (not injected, or merged already), an
+            attention layer is adapted on one projection only (every such layer named;
+            see :func:`~lightning_compress.formats.peft_attention.peft_unpaired`), or
             ``directory`` is a mount point or the current working directory.
         DirectoryLockedError: another process is writing ``directory`` (an ``OSError``
             naming the lock file and the writer's pid).
@@ -60,10 +66,15 @@ def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -
     if not adapters:
         raise ValueError("no LoRA adapters to save under this module: save before merging, or pass the"
                          " module that holds the adapters")
+    unpaired = peft_unpaired(model, adapters)
+    if unpaired:
+        raise ValueError(f"PEFT's format cannot hold the adapters of this model ({len(unpaired)} layer"
+                         f"{'s' if len(unpaired) > 1 else ''}):\n" + "\n".join(f"- {why}" for why in unpaired.values()))
     tensors: Dict[str, torch.Tensor] = {}
+    peft_names, targets = to_peft_names(model, adapters)
     for name, adapter in adapters.items():
         for key, parameter in zip(_adapter_keys(adapter.layer), (adapter.layer.lora_A, adapter.layer.lora_B)):
-            tensors[f"{_PREFIX}{name}.{key}"] = parameter.detach().cpu().contiguous()
+            tensors[f"{_PREFIX}{peft_names[name]}.{key}"] = parameter.detach().cpu().contiguous()
     to_save = match_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else {}
     for name, module in to_save.items():
         for key, value in module.state_dict().items():
@@ -76,7 +87,7 @@ def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
-        "target_modules": _target_modules(model, list(adapters)),
+        "target_modules": _target_modules(model, targets),
         "modules_to_save": list(to_save) or None,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -88,6 +99,7 @@ def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -
     # One directory swap, never two file renames: a crash between those would pair the new
     # weights with the old config (and its `lora_alpha`).
     atomic_write_directory(directory, files, overwrite=True, keep_others=True)
+    warn_out_proj_delta([n for n, a in adapters.items() if isinstance(a.layer, nn.MultiheadAttention)], "Saved the")
     return directory
 
 
@@ -132,14 +144,19 @@ def load_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig | 
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterFormatError(f"{weights_path}: not a readable safetensors file ({error})") from None
 
-    pairs, module_tensors = _split_keys(weights_path, tensors)
     named = dict(model.named_modules())
+    pairs, module_tensors = _split_keys(weights_path, tensors)
+    try:
+        pairs, targeted_as = from_peft_names(pairs, model, named)
+    except ValueError as error:
+        raise AdapterFormatError(f"{weights_path}: {error}") from None
     existing = adapters_of(model)
     targets = _peft_matcher(config_path, raw, "target_modules")
     excluded = _peft_matcher(config_path, raw, "exclude_modules")
     for layer_name, (lora_a, lora_b, embedding_keys) in pairs.items():
         layer = _module(weights_path, named, layer_name)
-        _check_adapted_layer(weights_path, layer_name, layer, embedding_keys, targets, excluded, raw)
+        _check_adapted_layer(weights_path, targeted_as.get(layer_name, layer_name), layer, embedding_keys, targets,
+                             excluded, raw)
         expected = adapter_shapes(layer, config.r)
         for key, tensor, shape in zip("AB", (lora_a, lora_b), expected):
             if tuple(tensor.shape) != tuple(shape):
@@ -173,6 +190,7 @@ def load_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig | 
             module_name, tensor_name = owners[key]
             module_state = named[module_name].state_dict(keep_vars=True)
             module_state[tensor_name].copy_(tensor)
+    warn_out_proj_delta(sorted(set(targeted_as.values())), "Loaded the")
     return config
 
 
@@ -238,9 +256,11 @@ def _peft_matcher(path: Path, raw: Dict[str, Any], key: str):
 
 
 def _check_adapted_layer(path: Path, name: str, layer: nn.Module, embedding_keys: bool, targets, excluded, raw) -> None:
-    if not isinstance(layer, ADAPTABLE_TYPES) or getattr(layer, "groups", 1) != 1:
+    packed = compressible_attention(layer) or not isinstance(layer, nn.MultiheadAttention)
+    if not isinstance(layer, ADAPTABLE_TYPES) or getattr(layer, "groups", 1) != 1 or not packed:
         raise AdapterFormatError(f"{path}: the file holds an adapter for {name!r}, a {type(layer).__name__};"
-                                 " LoRA adapts Linear, Embedding and (groups=1) Conv layers")
+                                 " LoRA adapts Linear, Embedding, (groups=1) Conv and nn.MultiheadAttention layers"
+                                 " (with one packed in_proj_weight)")
     if embedding_keys != isinstance(layer, nn.Embedding):
         expected = "lora_embedding_A/B" if isinstance(layer, nn.Embedding) else "lora_A.weight/lora_B.weight"
         raise AdapterFormatError(f"{path}: layer {name!r} is a {type(layer).__name__}, whose adapter tensors are"

@@ -4,7 +4,9 @@ The layer computes with ``W + scaling · B·A`` (``W`` dequantized first when it
 in NF4). ``A`` and ``B`` are registered on the layer as ``lora_A`` and ``lora_B``, so the
 user's ``configure_optimizers`` and DDP see them as ordinary parameters; the shapes are
 PEFT's: ``A`` is ``[r, in, *kernel]`` and ``B`` is ``[out, r, 1, ...]`` for Linear and Conv,
-and ``A`` is ``[r, num_embeddings]``, ``B`` is ``[embedding_dim, r]`` for Embedding.
+``A`` is ``[r, num_embeddings]``, ``B`` is ``[embedding_dim, r]`` for Embedding, and ``A``
+is ``[r, E]``, ``B`` is ``[3E, r]`` for the packed ``in_proj_weight`` of an
+``nn.MultiheadAttention`` (the weight an adapter transforms is :func:`weight_name`'s).
 
 Two exact ways to compute the same output:
 
@@ -12,7 +14,9 @@ Two exact ways to compute the same output:
   is never formed and an NF4 ``W`` is dequantized inside the matmul (torchao saves only
   the 4-bit tensor for backward). Used while the adapter is the layer's only stage.
 - merged: ``(W + scaling · B·A) x``, which is what ``layer.weight`` returns. Used when
-  pruning or QAT transform the same weight, since they act on the merged weight.
+  pruning or QAT transform the same weight, since they act on the merged weight. An
+  attention layer always computes this way: it reads its ``in_proj_weight`` (and its
+  ``out_proj``'s weight) itself, so there is no branch to run (nor dropout, as in PEFT).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.core.targeting import weight_name
 from lightning_compress.core.transforms import (
     Stage,
+    get_weight_transform,
     own_forward,
     raw_weight,
     remove_weight_transform,
@@ -84,11 +90,12 @@ class LoRAAdapter:
         self.dropout = dropout
         self.compute_dtype = compute_dtype
         self.base_dtype = base_dtype  # the float dtype of W (before NF4, if stored in NF4)
+        self.param = weight_name(layer)  # the parameter it transforms: `weight`, or `in_proj_weight`
 
     @classmethod
     def create_parameters(cls, layer: nn.Module, r: int, dtype: torch.dtype) -> None:
         """Register ``lora_A`` (Kaiming-uniform, as PEFT) and ``lora_B`` (zeros) on ``layer``."""
-        options = dict(dtype=dtype, device=raw_weight(layer).device)
+        options = dict(dtype=dtype, device=raw_weight(layer, weight_name(layer)).device)
         a_shape, b_shape = adapter_shapes(layer, r)
         lora_a = torch.empty(a_shape, **options)
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
@@ -104,11 +111,11 @@ class LoRAAdapter:
         product = lora_b.flatten(1) @ lora_a.flatten(1)
         if isinstance(self.layer, nn.Embedding):
             return product.t() * self.scaling
-        return (product * self.scaling).view(raw_weight(self.layer).shape)
+        return (product * self.scaling).view(raw_weight(self.layer, self.param).shape)
 
     def dense_base(self, dtype: torch.dtype | None = None) -> Tensor:
         """``W`` as a dense tensor (dequantized when stored in NF4)."""
-        weight = raw_weight(self.layer)
+        weight = raw_weight(self.layer, self.param)
         if is_nf4(weight):
             return dequantize_nf4(weight, dtype or self.base_dtype)
         return weight if dtype is None else weight.to(dtype)
@@ -162,23 +169,29 @@ class LoRAAdapter:
         rounding of the branch form."""
         layer = self.layer
         merged = self.dense_base(torch.float32) + self.delta(torch.float32)
-        merged = run_stages(layer, merged, after=Stage.ADAPTER, before=Stage.FAKE_QUANT)
-        weight = raw_weight(layer)
+        merged = run_stages(layer, merged, after=Stage.ADAPTER, before=Stage.FAKE_QUANT, param=self.param)
+        weight = raw_weight(layer, self.param)
         if is_nf4(weight):
-            layer._parameters["weight"] = nn.Parameter(merged.to(self.base_dtype), requires_grad=False)
+            layer._parameters[self.param] = nn.Parameter(merged.to(self.base_dtype), requires_grad=False)
         else:
             weight.copy_(merged.to(weight.dtype))
         set_forward(layer, None)
-        remove_weight_transform(layer, Stage.ADAPTER)
+        remove_weight_transform(layer, Stage.ADAPTER, self.param)
         del layer.lora_A, layer.lora_B
         layer.__dict__[MERGED_MARK] = True
+
+
+def adapter_of(layer: nn.Module) -> LoRAAdapter | None:
+    """The LoRA adapter on ``layer``'s adapted weight, if it holds one."""
+    adapter = get_weight_transform(layer, Stage.ADAPTER, weight_name(layer))
+    return adapter if isinstance(adapter, LoRAAdapter) else None
 
 
 def adapter_shapes(layer: nn.Module, r: int) -> tuple:
     """PEFT's shapes of ``(A, B)`` for a rank-``r`` adapter on ``layer``."""
     if isinstance(layer, nn.Embedding):
         return (r, layer.num_embeddings), (layer.embedding_dim, r)
-    shape = raw_weight(layer).shape
+    shape = raw_weight(layer, weight_name(layer)).shape
     kernel = tuple(shape[2:])
     return (r, shape[1], *kernel), (shape[0], r, *(1,) * len(kernel))
 

@@ -12,12 +12,15 @@ import torch
 from torch import nn
 
 from lightning_compress.core.incompatible import LayerIssue, check_on_incompatible, grouped_convolution
-from lightning_compress.core.targeting import Target, validate_name, validate_targets
+from lightning_compress.core.targeting import Target, validate_name, validate_targets, weight_name
 from lightning_compress.core.transforms import raw_weight
 from lightning_compress.core.validate import ArgumentError, check_bool, check_fraction, check_name, check_positive, is_int
 from lightning_compress.quant.nf4 import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, check_nf4_compatible
 
-ADAPTABLE_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# nn.MultiheadAttention: its packed `in_proj_weight` (query, key and value of one width); its
+# `out_proj` is a Linear of its own.
+ADAPTABLE_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+DEFAULT_TYPES = (nn.Linear, nn.MultiheadAttention)
 MAX_RANK = 65536  # far above any useful rank; stops a typo from allocating terabytes
 BASES = ("float", "nf4")
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,11 +101,13 @@ class LoRAConfig:
                 " B·A adapter of rank r is not grouped, and PEFT's format has none). Remove it from `target_modules`",
             )
         if self.base == "nf4":
-            if not isinstance(layer, nn.Linear):
+            if not isinstance(layer, (nn.Linear, nn.MultiheadAttention)):
                 return LayerIssue("base", self.base, f"layer {name!r} is a {type(layer).__name__}; base='nf4' (QLoRA)"
-                                                     " stores Linear weights only. Exclude it, or use base='float'")
+                                                     " stores the weights of Linear and attention layers only. Exclude"
+                                                     " it, or use base='float'")
             try:
-                check_nf4_compatible(name, raw_weight(layer), self.nf4_block_size, self.nf4_scaler_block_size)
+                check_nf4_compatible(name, raw_weight(layer, weight_name(layer)), self.nf4_block_size,
+                                     self.nf4_scaler_block_size)
             except ValueError as err:
                 return LayerIssue("nf4_block_size", self.nf4_block_size, str(err))
         try:
@@ -127,7 +132,7 @@ def check_rank(name: str, layer: nn.Module, r: int) -> None:
     if isinstance(layer, nn.Embedding):
         fan_in, fan_out = layer.num_embeddings, layer.embedding_dim
     else:
-        shape = tuple(raw_weight(layer).shape)
+        shape = tuple(raw_weight(layer, weight_name(layer)).shape)
         fan_in, fan_out = math.prod(shape[1:]), shape[0]
     if r > min(fan_in, fan_out):
         raise ArgumentError(

@@ -6,17 +6,11 @@ from typing import Dict, List
 
 from torch import nn
 
-from lightning_compress.core.targeting import match_modules, select_layers
-from lightning_compress.core.transforms import (
-    Stage,
-    get_weight_transform,
-    install_weight_transform,
-    raw_weight,
-    set_forward,
-)
+from lightning_compress.core.targeting import match_modules, select_layers, weight_name
+from lightning_compress.core.transforms import Stage, install_weight_transform, raw_weight, set_forward
 from lightning_compress.core.validate import ArgumentError
-from lightning_compress.lora.adapter import MERGED_MARK, DropoutRNG, LoRAAdapter
-from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig
+from lightning_compress.lora.adapter import MERGED_MARK, DropoutRNG, LoRAAdapter, adapter_of
+from lightning_compress.lora.config import ADAPTABLE_TYPES, DEFAULT_TYPES, LoRAConfig
 from lightning_compress.quant.nf4 import is_nf4, to_nf4, weight_nbytes
 
 ADAPTER_PARAMETERS = ("lora_A", "lora_B")
@@ -26,7 +20,9 @@ def select_adapter_layers(model: nn.Module, config: LoRAConfig, *, check: bool =
     """The layers ``config`` adapts; with ``check``, checked for what LoRA (and an NF4
     base) can hold (:meth:`LoRAConfig.layer_issue`).
 
-    The default targets (every Linear layer) leave out ``modules_to_save`` and the layers
+    The default targets (every Linear layer and every ``nn.MultiheadAttention``, whose
+    ``out_proj`` is a Linear: both projections of an attention layer, as PEFT adapts them
+    together) leave out ``modules_to_save`` and the layers
     inside them, as PEFT users expect of a new head; a layer that ``target_modules``
     names explicitly and ``modules_to_save`` also holds is an error.
 
@@ -43,7 +39,7 @@ def select_adapter_layers(model: nn.Module, config: LoRAConfig, *, check: bool =
         targets=config.target_modules,
         exclude=config.exclude_modules,
         supported=ADAPTABLE_TYPES,
-        default=(nn.Linear,),
+        default=DEFAULT_TYPES,
         argument="target_modules",
     )
     if config.modules_to_save:
@@ -53,7 +49,7 @@ def select_adapter_layers(model: nn.Module, config: LoRAConfig, *, check: bool =
             if not layers:
                 raise ArgumentError(
                     "target_modules",
-                    f"every layer LoRA adapts by default (each Linear layer) lies in `modules_to_save`"
+                    f"every layer LoRA adapts by default (each Linear and attention layer) lies in `modules_to_save`"
                     f" {list(config.modules_to_save)}, which train fully, so no layer is left to adapt; name the"
                     " layers to adapt in `target_modules`",
                 )
@@ -98,16 +94,18 @@ def inject_adapters(
     dropout = dropout or DropoutRNG(config.lora_dropout)
     adapters = {}
     for name, layer in layers.items():
-        weight = raw_weight(layer)
+        param = weight_name(layer)
+        weight = raw_weight(layer, param)
         base_dtype = weight.dtype
         if config.base == "nf4" and not is_nf4(weight):
-            layer._parameters["weight"] = nn.Parameter(
+            layer._parameters[param] = nn.Parameter(
                 to_nf4(weight, config.nf4_block_size, config.nf4_scaler_block_size), requires_grad=False
             )
         LoRAAdapter.create_parameters(layer, config.r, base_dtype)
         adapter = LoRAAdapter(layer, config.scaling, dropout, config.compute_dtype, base_dtype)
-        install_weight_transform(layer, Stage.ADAPTER, adapter, owner=owner, active_owners=active_owners)
-        set_forward(layer, adapter.forward)
+        install_weight_transform(layer, Stage.ADAPTER, adapter, owner=owner, active_owners=active_owners, param=param)
+        if not isinstance(layer, nn.MultiheadAttention):  # it reads its weights itself: no branch to run
+            set_forward(layer, adapter.forward)
         layer.__dict__.pop(MERGED_MARK, None)
         adapters[name] = adapter
     freeze_except(model, adapters, to_save)
@@ -149,8 +147,8 @@ def adapters_of(model: nn.Module) -> Dict[str, LoRAAdapter]:
     """``{layer name: adapter}`` for every layer of ``model`` that holds a LoRA adapter."""
     found = {}
     for name, module in model.named_modules():
-        adapter = get_weight_transform(module, Stage.ADAPTER)
-        if isinstance(adapter, LoRAAdapter):
+        adapter = adapter_of(module)
+        if adapter is not None:
             found[name] = adapter
     return found
 
