@@ -78,3 +78,22 @@ def test_excluding_everything_is_an_error():
 def test_validate_targets(targets, message):
     with pytest.raises(ValueError, match=message):
         validate_targets("targets", targets, SUPPORTED)
+
+
+def test_an_attention_layer_with_separate_projections_is_named_as_such():
+    """kdim/vdim other than embed_dim give q/k/v their own weights, which no method
+    compresses: a name that selects only such a layer says so, not "unsupported type"."""
+    import pytest
+    from torch import nn
+
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cross = nn.MultiheadAttention(16, 2, kdim=8, vdim=8)
+
+    with pytest.raises(ValueError, match=r"pattern 'cross' matches only layers of unsupported types \(MultiheadAttention\)"
+                                         r" \(cross: an nn\.MultiheadAttention with separate query/key/value weights"):
+        select_layers(CrossAttention(), targets=["cross"], exclude=None, supported=(nn.Linear, nn.MultiheadAttention),
+                      default=(nn.Linear,))
+    assert list(select_layers(CrossAttention(), targets=["cross.out_proj"], exclude=None,
+                              supported=(nn.Linear, nn.MultiheadAttention), default=(nn.Linear,))) == ["cross.out_proj"]

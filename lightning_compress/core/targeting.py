@@ -117,9 +117,14 @@ def select_layers(
                 usable = {n: m for n, m in matches.items() if n in candidates}
                 if not usable:
                     kinds = sorted({type(m).__name__ for m in matches.values()})
+                    separate = [n for n, m in matches.items() if isinstance(m, nn.MultiheadAttention)
+                                and isinstance(m, supported) and not compressible_attention(m)]
+                    why = (f" ({', '.join(separate)}: an nn.MultiheadAttention with separate query/key/value weights,"
+                           " as kdim/vdim other than embed_dim make it, is not compressed; its out_proj is a Linear"
+                           " you can target)") if separate else ""
                     raise ValueError(
                         f"`{argument}` pattern {target!r} matches only layers of unsupported"
-                        f" types ({', '.join(kinds)}); supported:"
+                        f" types ({', '.join(kinds)}){why}; supported:"
                         f" {', '.join(t.__name__ for t in supported)}"
                     )
                 selected.update(usable)
