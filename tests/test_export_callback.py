@@ -50,6 +50,32 @@ def test_stacked_fit_exports_exactly_what_was_trained(tmp_path, seeded):
     assert {entry["sparsity"] for entry in meta["layers"].values()} == {"bitmask"}
 
 
+def test_static_int8_activations_load_on_the_exact_path_and_pass_by_default(tmp_path, seeded):
+    """fbgemm's dynamic GEMM quantizes each call's range, not the calibrated static one
+    (nor its clipping): a 3-layer MLP calibrated for 2 steps failed the default export at
+    26 dB. By default such layers now run exact, so the export passes at error 0."""
+    class MLP(TinyRegressor):
+        def __init__(self):
+            super().__init__()
+            del self.conv, self.fc1, self.fc2
+            self.net = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 8))
+
+        def forward(self, x):
+            return self.net(x.flatten(1))
+
+    lightning_model = MLP()
+    export_cb = CompressedExport(tmp_path / "packed")
+    qat = QuantizationAwareTraining("int8", activations="int8_static", calibration_steps=2)
+    make_trainer(callbacks=[qat, export_cb], max_steps=6).fit(lightning_model, tiny_loader())
+    parity = export_cb.report.parity
+    assert parity.passed and parity.fast_layers == [] and parity.relative_error == 0.0
+    loaded = load_packed(tmp_path / "packed", MLP())
+    assert set(loaded.packed_kernels.values()) == {"dequantize"}
+    x = next(iter(tiny_loader(batches=1, seed=2)))[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), lightning_model.eval()(x))
+
+
 def test_int8_dynamic_activations_run_on_the_int8_gemm(tmp_path, seeded):
     model = TinyRegressor()
     export_cb = CompressedExport(tmp_path / "packed")

@@ -10,8 +10,9 @@ Two paths:
 - ``"fbgemm"`` (int8 Linear, per-channel or per-tensor, CPU): PyTorch's dynamic
   quantized linear (``torch.ops.quantized.linear_dynamic``): activations are quantized
   per tensor per call and the GEMM runs in int8, about 2x faster than float32 on CPU.
-  ``backend="auto"`` uses it for int8 layers trained with int8 activations (QAT's
-  ``activations=...``); weight-only layers stay exact unless ``backend="fbgemm"``.
+  ``backend="auto"`` uses it for int8 layers trained with dynamic int8 activations
+  (QAT's ``activations="int8_dynamic"``); weight-only and static-activation layers stay
+  exact unless ``backend="fbgemm"``.
   That op belongs to PyTorch's deprecated quantized-tensor API: when it is missing or
   fails, the layer falls back to ``"dequantize"`` with a warning, and
   :func:`kernel_report` says which path each layer runs.
@@ -164,8 +165,10 @@ class PackedLinear(_PackedModule):
         spec = layer.weight.spec
         int8_gemm = spec.bits == 8 and spec.granularity != "group"
         # "auto" keeps weight-only layers exact: the int8 GEMM quantizes activations, which
-        # only layers trained with int8 activations expect.
-        if int8_gemm and (backend == "fbgemm" or (backend == "auto" and layer.activations is not None)):
+        # only layers trained with int8 activations expect, and of those only dynamic ones:
+        # it quantizes each call's range, not the static range (and its clipping) training
+        # calibrated (measured: 25 to 34 dB SQNR against a static-range model, under 35).
+        if int8_gemm and (backend == "fbgemm" or (backend == "auto" and layer.activations == "int8_dynamic")):
             self._fbgemm = _fbgemm_prepack(self.packed, strict=backend == "fbgemm")
         if self._fbgemm is not None:
             self.kernel = "fbgemm"
