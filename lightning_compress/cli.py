@@ -2,7 +2,8 @@
 
     lightning-compress fit --recipe r.yaml --model pkg.Module [--data pkg.DataModule] \\
         [--trainer.max_epochs 3] [--override pruning.final_sparsity=0.8 ...]
-    lightning-compress export --checkpoint last.ckpt --model pkg.Module -o packed/ [--recipe r.yaml] [--overwrite]
+    lightning-compress export --checkpoint last.ckpt --model pkg.Module -o packed/ [--recipe r.yaml] [--overwrite] \\
+        [--format gguf] [--format onnx]
     lightning-compress inspect packed/ [--verify]   (or a checkpoint; --verify checks the weights' checksum)
     lightning-compress recipes [NAME]          (the ready recipes; NAME prints one to copy)
     lightning-compress demo
@@ -158,6 +159,8 @@ def _export(argv: List[str]) -> int:
     parser.add_argument("--data", help="a LightningDataModule class path: batches for the output parity check")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output directory (a recipe's export.overwrite is ignored)")
+    parser.add_argument("--format", action="append", default=[], choices=["onnx", "gguf"],
+                        help="also write model.onnx or model.gguf (repeatable; replaces the recipe's export.formats)")
     parser.add_argument(TRUST_FLAG, action="store_true",
                         help="import and call the dotted paths of the checkpoint's stored recipe (export.input_fn)")
     args = parser.parse_args(argv)
@@ -177,11 +180,12 @@ def _export(argv: List[str]) -> int:
                 f"--data {args.data}: cannot build it from the checkpoint's datamodule hyperparameters"
                 f" {sorted(arguments)}: {err}; call save_hyperparameters() in its __init__"
             ) from None
+    formats = [f"export.formats={json.dumps(['safetensors', *args.format])}"] if args.format else []
     report = export_checkpoint(
         args.checkpoint,
         model_class,
         recipe=args.recipe,
-        overrides=args.override,
+        overrides=[*args.override, *formats],
         output=args.output,
         datamodule=datamodule,
         overwrite=args.overwrite,

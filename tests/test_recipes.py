@@ -187,7 +187,7 @@ MALFORMED = [
     ({"distillation": {"teacher": "self", "temperature": 0}}, None, "recipe key distillation.temperature:"),
     ({"pruning": {"final_sparsity": "${vars.missing}"}}, None, "recipe key pruning.final_sparsity: Interpolation key 'vars.missing' not found"),
     ({"export": {}}, None, "recipe key export.dirpath is required"),
-    ({"export": {"dirpath": "x", "formats": ["safetensors", "gguf"]}}, None, "recipe key export.formats:"),
+    ({"export": {"dirpath": "x", "formats": ["safetensors", "tflite"]}}, None, "recipe key export.formats:"),
     ({}, None, "the recipe has no compression section"),
     ({"vars": {"a": 1}}, None, "the recipe has no compression section"),
     ({"pruning": {"final_sparsity": 0.5}}, ["pruning.final_sparsity"], "override 'pruning.final_sparsity' is not 'section.key=value'"),
@@ -274,13 +274,16 @@ def test_the_recipes_folder_holds_the_documented_recipes():
         "distill_prune_quantize",
         "lora",
         "qlora",
+        "gguf_q4_0",
+        "gguf_q8_0",
     }
     for path in RECIPES:
         header = path.read_text().splitlines()[:3]
         assert header[0].startswith("# ") and any("For:" in line for line in path.read_text().splitlines()[:12]), path
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+# The gguf recipes target a LLaMA-architecture transformers model: tests/test_gguf.py trains both.
+@pytest.mark.parametrize("path", [p for p in RECIPES if not p.stem.startswith("gguf_")], ids=lambda p: p.stem)
 def test_every_recipe_runs_on_a_tiny_model_and_exports_what_it_says(tmp_path, path, teacher_checkpoint):
     overrides = [f"export.dirpath={tmp_path / 'packed'}"]
     if path.stem == "distill_prune_quantize":
@@ -350,7 +353,7 @@ def test_ready_recipes_load_by_name_and_a_real_path_wins(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("source", "message"), [
     ("int8_qta", "recipe file 'int8_qta' not found; did you mean 'int8_qat'? pass the path of a YAML recipe or the"
-                 " name of a ready recipe: distill_prune_quantize, gradual_pruning_90,"),
+                 " name of a ready recipe: distill_prune_quantize, gguf_q4_0, gguf_q8_0, gradual_pruning_90,"),
     # A path with a folder is never taken for a ready recipe's name.
     ("elsewhere/int8_qat.yaml", "recipe file 'elsewhere/int8_qat.yaml' not found; did you mean 'int8_qat'?"),
     ("int8_qat.yml", "recipe file 'int8_qat.yml' not found; did you mean 'int8_qat'?"),

@@ -89,7 +89,12 @@ class CompressedExport(CompressionCallback):
         compressed_tensors: see :func:`lightning_compress.export`.
         recipe: the recipe to store in the metadata.
         formats: ``["safetensors"]``, or ``["safetensors", "onnx"]`` to also write
-            ``model.onnx`` (int4 as ``MatMulNBits``, int8 as QDQ), checked in onnxruntime.
+            ``model.onnx`` (int4 as ``MatMulNBits``, int8 as QDQ), checked in onnxruntime;
+            with ``"gguf"`` also ``model.gguf`` for llama.cpp (a LLaMA-architecture
+            transformers model: pass its ``module``), read back with the ``gguf`` package.
+        tokenizer: the vocabulary of ``model.gguf``: ``None`` (byte-level), a list of
+            token strings, a transformers tokenizer or the directory it was saved to (a
+            path in a recipe); see :mod:`lightning_compress.formats.gguf_vocab`.
         config: a built :class:`~lightning_compress.formats.config.ExportConfig` instead
             of the arguments above.
 

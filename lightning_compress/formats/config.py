@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from lightning_compress.core.validate import (
     check_name,
     check_number,
 )
+from lightning_compress.formats.gguf_vocab import check_tokenizer
 from lightning_compress.formats.runtime import BACKENDS
 
 
@@ -47,6 +49,7 @@ class ExportConfig:
     compressed_tensors: Optional[bool] = None
     recipe: Optional[Dict[str, Any]] = None
     formats: Sequence[str] = ("safetensors",)
+    tokenizer: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dirpath, (str, os.PathLike)) or not str(self.dirpath):
@@ -68,7 +71,7 @@ class ExportConfig:
             self.backend, self.sparse_threshold, self.max_relative_error, self.min_sqnr_db, None, self.compressed_tensors
         )
         onnx = isinstance(self.formats, (list, tuple)) and "onnx" in self.formats
-        validate_export_formats(self.formats, [None] if onnx else None)
+        validate_export_formats(self.formats, [None] if onnx else None, self.tokenizer)
         object.__setattr__(self, "dirpath", Path(self.dirpath))
         object.__setattr__(self, "formats", tuple(self.formats))
 
@@ -78,26 +81,35 @@ class ExportConfig:
             overwrite=self.overwrite, parity=self.parity, max_relative_error=self.max_relative_error,
             min_sqnr_db=self.min_sqnr_db, backend=self.backend, sparse_threshold=self.sparse_threshold,
             compressed_tensors=self.compressed_tensors, recipe=self.recipe, formats=self.formats,
+            tokenizer=self.tokenizer,
         )
 
 
-def validate_export_formats(formats, inputs) -> None:
-    """Check :func:`export`'s ``formats`` and that ``inputs`` can trace an ONNX export
-    (pass ``[None]`` for inputs that will exist by export time).
+def validate_export_formats(formats, inputs, tokenizer=None) -> None:
+    """Check :func:`export`'s ``formats``, that ``inputs`` can trace an ONNX export
+    (pass ``[None]`` for inputs that will exist by export time), and the GGUF ``tokenizer``.
 
     Raises:
-        ArgumentError: a ``ValueError`` naming ``formats`` or ``inputs``.
+        ArgumentError: a ``ValueError`` naming ``formats``, ``inputs`` or ``tokenizer``.
     """
-    known = ("safetensors", "onnx")
+    known = ("safetensors", "onnx", "gguf")
     if isinstance(formats, str) or not isinstance(formats, Sequence) or not all(f in known for f in formats if isinstance(f, str)) \
             or not all(isinstance(f, str) for f in formats):
-        raise ArgumentError("formats", f"`formats` must be a list from ['safetensors', 'onnx'], got {formats!r}")
+        raise ArgumentError("formats", f"`formats` must be a list from {list(known)}, got {formats!r}")
     if "safetensors" not in formats:
         raise ArgumentError("formats", "`formats` must include 'safetensors' (the loader and the parity check read it)")
     if "onnx" in formats and (not inputs or isinstance(inputs[0], Mapping)):
         raise ArgumentError(
             "inputs", "formats=['onnx'] traces the model with `inputs[0]`: pass `inputs` with a tensor or tuple"
         )
+    if "gguf" in formats:
+        check_tokenizer(tokenizer)
+        if importlib.util.find_spec("gguf") is None:
+            raise ArgumentError(
+                "formats", "formats=['gguf'] needs the `gguf` package: pip install 'lightning-compress[gguf]'")
+    elif tokenizer is not None:
+        raise ArgumentError(
+            "tokenizer", "`tokenizer` is the vocabulary of model.gguf: add 'gguf' to `formats`, or drop it")
 
 
 def validate_export_options(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -21,14 +20,14 @@ from lightning_compress.core.atomic import (
     atomic_write_directory,
     remove_directory,
 )
-from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.reporting import format_table
-from lightning_compress.core.targeting import module_name, parameter_key, weight_param
+from lightning_compress.core.targeting import parameter_key, weight_param
 from lightning_compress.core.transforms import Stage, is_transformed, weight_before, weight_slots
 from lightning_compress.formats import compressed_tensors as ct
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.errors import ExportError, ParityError
 from lightning_compress.formats.failed_export import failed_path, keep_failed, refuse_stale
+from lightning_compress.formats.gguf import plan_gguf, summary_line, write_gguf
 from lightning_compress.formats.packed import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -95,6 +94,7 @@ def export(
     compressed_tensors: Optional[bool] = None,
     recipe: Optional[Mapping[str, Any]] = None,
     formats: Sequence[str] = ("safetensors",),
+    tokenizer: Any = None,
 ) -> ExportReport:
     """Pack ``model`` (as its compression callbacks left it) into ``out_dir``.
 
@@ -134,7 +134,11 @@ def export(
             Linear layers as onnxruntime's ``MatMulNBits``, int8 as QDQ (see
             :mod:`lightning_compress.formats.onnx`); other layers stay float
             there. It is traced with ``inputs[0]`` (a tensor or tuple) and checked by
-            running it in onnxruntime against the fake-quant model.
+            running it in onnxruntime against the fake-quant model. With ``"gguf"``
+            also ``model.gguf`` for llama.cpp (see :mod:`lightning_compress.formats.gguf`).
+        tokenizer: the vocabulary ``model.gguf`` carries: ``None`` (byte-level), a list
+            of token strings, or a transformers tokenizer or its directory (see
+            :mod:`lightning_compress.formats.gguf_vocab`).
 
     Raises:
         ExportError: NaN/Inf in a weight (naming the layer), ``out_dir`` or
@@ -148,7 +152,7 @@ def export(
             (``None`` if the files could not be written there either; the message says why).
     """
     validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
-    validate_export_formats(formats, inputs)
+    validate_export_formats(formats, inputs, tokenizer)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass overwrite=True to replace it")
@@ -156,7 +160,7 @@ def export(
         raise ExportError(f"{out_dir} exists and is not a directory")
     refuse_stale(out_dir, overwrite)
     packing = pack(model, out_dir, sparse_threshold=sparse_threshold, compressed_tensors=compressed_tensors,
-                   recipe=recipe)
+                   recipe=recipe, formats=formats, tokenizer=tokenizer)
     failure: Dict[str, Any] = {}
 
     def finish(directory: Path) -> Dict[str, bytes]:
@@ -190,22 +194,25 @@ def export(
 
 @dataclass
 class Packing:
-    """A model packed in memory: the files to write, their metadata, the report, and the
-    quantized layers (for the ONNX export)."""
+    """A model packed in memory: the files to write, their metadata, the report, the
+    quantized layers (for the ONNX export) and ``model.gguf`` planned (or ``None``)."""
 
     files: Dict[str, bytes]
     body: Dict[str, Any]
     report: ExportReport
     layers: Dict[str, PackedLayer]
+    gguf: Any = None
 
 
 def pack(model: nn.Module, out_dir: Path, *, sparse_threshold: Optional[float], compressed_tensors: Optional[bool],
-         recipe: Optional[Mapping[str, Any]], dry: bool = False) -> Packing:
+         recipe: Optional[Mapping[str, Any]], dry: bool = False, formats: Sequence[str] = ("safetensors",),
+         tokenizer: Any = None) -> Packing:
     """Encode ``model`` as the files of an export to ``out_dir``, in memory (``dry``: see
-    :func:`collect`).
+    :func:`collect`), and plan ``model.gguf`` with ``tokenizer`` when ``formats`` has ``"gguf"``.
 
     Raises:
-        ExportError: NaN/Inf, overflowing scales, a dtype or layer the format cannot store.
+        ExportError: NaN/Inf, overflowing scales, a dtype or layer the format cannot store
+            (or a model, grid or tokenizer ``model.gguf`` cannot hold).
     """
     layers, tensors, aliases = collect(model, dry=dry)
     notes: List[str] = []
@@ -246,7 +253,7 @@ def pack(model: nn.Module, out_dir: Path, *, sparse_threshold: Optional[float], 
     files = {WEIGHTS_FILE: weights, METADATA_FILE: metadata_bytes(body)}
     if use_ct:
         files[CONFIG_FILE] = ct.config_json(model, layers)
-    return Packing(files, body, report, layers)
+    return Packing(files, body, report, layers, plan_gguf(model, layers, tokenizer) if "gguf" in formats else None)
 
 
 def check_packing(model: nn.Module, packing: Packing, packed: Optional[PackedModel], inputs, directory: Path, *,
@@ -267,11 +274,17 @@ def check_packing(model: nn.Module, packing: Packing, packed: Optional[PackedMod
             raise ParityError(f"parity check failed: {report.parity.summary()}", report.parity)
         body["parity"] = report.parity.as_dict()
     if "onnx" in formats:
-        body["onnx"] = _export_onnx(model, packing.layers, list(inputs), directory, max_relative_error, min_sqnr_db)
+        from lightning_compress.formats.onnx.check import export_and_check
+
+        body["onnx"] = export_and_check(model, packing.layers, list(inputs), directory / ONNX_FILE, max_relative_error,
+                                        min_sqnr_db)
         report.notes.append(
             f"model.onnx: {len(body['onnx']['layers'])} integer layers, onnxruntime relative error"
             f" {body['onnx']['relative_error']:.2e}"
         )
+    if "gguf" in formats:
+        body["gguf"] = write_gguf(packing.gguf, model, packing.layers, directory)
+        report.notes.append(summary_line(body["gguf"], packing.gguf.notes))
 
 
 def _remove_stale_failure(out_dir: Path) -> None:
@@ -281,39 +294,6 @@ def _remove_stale_failure(out_dir: Path) -> None:
     except Exception as error:  # the export is written; a leftover must not fail it
         warnings.warn(f"{out_dir} is written, but the files an earlier failed export kept in {failed} could not be"
                       f" removed ({error}); remove them by hand", RuntimeWarning, stacklevel=3)
-
-
-def _export_onnx(model, layers, inputs, directory: Path, max_relative_error: float,
-                 min_sqnr_db: float) -> Dict[str, Any]:
-    from lightning_compress.formats.onnx import export_onnx, run_onnx
-    from lightning_compress.formats.parity import (
-        eval_mode,
-        flatten_outputs,
-        quantization_enabled,
-        relative_error,
-        sqnr_db,
-    )
-
-    example = inputs[0] if isinstance(inputs[0], tuple) else (inputs[0],)
-    # Linear subclasses too: the `out_proj` (NonDynamicallyQuantizableLinear) of an attention layer.
-    linear = {name: layer.weight for name, layer in layers.items()
-              if isinstance(model.get_submodule(module_name(name, layer.param)), nn.Linear)
-              and layer.weight.spec.bits in (4, 8)}
-    with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
-        onnx_report = export_onnx(model, example, directory / ONNX_FILE, linear)
-        reference = flatten_outputs(model(*example))
-    got = torch.cat([torch.from_numpy(a).reshape(-1).float() for a in run_onnx(directory / ONNX_FILE, example)])
-    error, sqnr = relative_error(reference, got), sqnr_db(reference, got)
-    # onnxruntime's float ops (LayerNorm, softmax) round differently from PyTorch's, which
-    # moves a quantized activation on a rounding boundary by one int8 step: with
-    # activation quantization the file is held to the int8 path's SQNR threshold instead.
-    rounded = any(layer.activations is not None for layer in layers.values())
-    if error > max_relative_error and not (rounded and sqnr >= min_sqnr_db):
-        limit = f"SQNR {sqnr:.1f} dB < {min_sqnr_db:g}" if rounded else f"> {max_relative_error:g}"
-        raise ParityError(f"model.onnx in onnxruntime differs from the fake-quant model: relative error {error:.2e}"
-                          f" ({limit})", None)
-    return {"layers": onnx_report.layers, "relative_error": error, "bytes": onnx_report.file_bytes,
-            "sqnr_db": None if math.isinf(sqnr) else sqnr}
 
 
 def collect(model: nn.Module, *, dry: bool = False):

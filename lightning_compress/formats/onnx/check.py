@@ -1,0 +1,50 @@
+"""The ONNX file of an export, checked: what ``export(..., formats=[..., "onnx"])`` runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lightning_compress.core.attention import fast_path_disabled
+from lightning_compress.core.targeting import module_name
+from lightning_compress.formats.errors import ParityError
+from lightning_compress.formats.onnx.io import export_onnx, run_onnx
+from lightning_compress.formats.parity import eval_mode, flatten_outputs, quantization_enabled, relative_error, sqnr_db
+
+
+def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequence[Any], path: Path,
+                     max_relative_error: float, min_sqnr_db: float) -> Dict[str, Any]:
+    """Export ``model`` to ``path`` with the quantized ``layers``' codes (4- and 8-bit
+    Linear layers), run it in onnxruntime on ``inputs[0]`` and compare with the
+    fake-quant model; returns the figures stored in ``compression.json`` under ``"onnx"``.
+
+    Raises:
+        ParityError: the file's outputs miss the thresholds (``report=None``).
+    """
+    example = inputs[0] if isinstance(inputs[0], tuple) else (inputs[0],)
+    # Linear subclasses too: the `out_proj` (NonDynamicallyQuantizableLinear) of an attention layer.
+    linear = {name: layer.weight for name, layer in layers.items()
+              if isinstance(model.get_submodule(module_name(name, layer.param)), nn.Linear)
+              and layer.weight.spec.bits in (4, 8)}
+    with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
+        onnx_report = export_onnx(model, example, path, linear)
+        reference = flatten_outputs(model(*example))
+    got = torch.cat([torch.from_numpy(a).reshape(-1).float() for a in run_onnx(path, example)])
+    error, sqnr = relative_error(reference, got), sqnr_db(reference, got)
+    # onnxruntime's float ops (LayerNorm, softmax) round differently from PyTorch's, which
+    # moves a quantized activation on a rounding boundary by one int8 step: with
+    # activation quantization the file is held to the int8 path's SQNR threshold instead.
+    rounded = any(layer.activations is not None for layer in layers.values())
+    if error > max_relative_error and not (rounded and sqnr >= min_sqnr_db):
+        limit = f"SQNR {sqnr:.1f} dB < {min_sqnr_db:g}" if rounded else f"> {max_relative_error:g}"
+        raise ParityError(f"model.onnx in onnxruntime differs from the fake-quant model: relative error {error:.2e}"
+                          f" ({limit})", None)
+    return {"layers": onnx_report.layers, "relative_error": error, "bytes": onnx_report.file_bytes,
+            "sqnr_db": None if math.isinf(sqnr) else sqnr}
+
+
+__all__ = ["export_and_check"]
