@@ -422,3 +422,57 @@ def test_padded_batches_in_eval_reach_the_activation_quantizers_as_in_training(t
         assert torch.equal(model(tokens, padding), expected)
         loaded = load_packed(tmp_path / "packed", PaddedEncoder(), backend="dequantize")
         assert torch.equal(loaded(tokens, padding), expected)
+
+
+class CrossAttentionNet(pl.LightningModule):
+    """Cross-attention whose keys and values are narrower than its queries (kdim = vdim =
+    8, embed_dim 16): ``nn.MultiheadAttention`` then holds separate q/k/v weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Linear(4, 16)
+        self.memory = nn.Linear(4, 8)
+        self.attention = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, x):
+        memory = self.memory(x.transpose(1, 2))
+        attended, _ = self.attention(self.query(x.transpose(1, 2)), memory, memory)
+        return self.head(attended.mean(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+@pytest.mark.parametrize("activations", ["int8_dynamic", "int8_static"])
+def test_separate_query_key_value_weights_are_compressed_each(tmp_path, activations):
+    """The q/k/v weights of a cross-attention layer were left float and dense in silence;
+    now each is pruned and quantized on its own grid (torchao's), packed, exported to
+    ONNX and reloaded exactly, with the layer's input quantization."""
+    pl.seed_everything(0, verbose=False)
+    model = CrossAttentionNet()
+    exporter = CompressedExport(tmp_path / "packed", formats=["safetensors", "onnx"], input_fn=first, parity_batches=2)
+    callbacks = [MagnitudePruning(0.5, start_step=0, end_step=2, update_every=1),
+                 QuantizationAwareTraining("int8", activations=activations, start_step=2), exporter]
+    fit(model, signal_loader, callbacks, steps=6)
+    assert exporter.report.parity.passed and exporter.report.parity.relative_error <= 1e-5
+    metadata = json.loads((tmp_path / "packed" / METADATA_FILE).read_text())
+    parameters = dict(model.named_parameters())
+    loaded = load_packed(tmp_path / "packed", CrossAttentionNet(), backend="dequantize")
+    for param in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        key = f"attention.{param}"
+        entry = metadata["layers"][key]
+        assert (entry["module"], entry["param"], entry["bits"], entry["activations"], entry["sparsity"]) == \
+            ("MultiheadAttention", param, 8, activations, "bitmask")
+        raw = parameters[key].detach()
+        assert int((raw == 0).sum()) == raw.numel() // 2
+        assert torch.equal(getattr(loaded.attention, param), per_channel_int8(raw))
+    x = next(iter(signal_loader(seed=1)))[0]
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert type(loaded.attention).__name__ == "PackedMultiheadAttention"

@@ -235,3 +235,21 @@ def test_a_recurrent_entry_must_name_its_own_weight(tmp_path):
     metadata_path.write_bytes(metadata_bytes(metadata))  # with its checksum: well-formed, but wrong
     with pytest.raises(PackedFormatError, match="unknown param"):
         load_packed(tmp_path / "out", RecurrentLM("RNN"), backend="dequantize")
+
+
+def test_the_exclude_a_compatibility_error_suggests_names_single_matrices_and_works(tmp_path):
+    """group_size 32 does not divide the 16 inputs of the first GRU layer's two input
+    matrices: the one error before training names both weight keys, and the `exclude` it
+    suggests (those keys) trains, leaving exactly those matrices in float."""
+    from lightning_compress import IncompatibleSettings
+
+    pl.seed_everything(0, verbose=False)
+    with pytest.raises(IncompatibleSettings) as error:
+        make_trainer(callbacks=[QuantizationAwareTraining("int4", group_size=32)], max_steps=2).fit(
+            RecurrentLM("GRU"), token_loader())
+    message = str(error.value)
+    assert "exclude=['rnn.weight_ih_l0', 'rnn.weight_ih_l0_reverse']" in message
+    model = RecurrentLM("GRU")
+    qat = QuantizationAwareTraining("int4", group_size=32, exclude=["rnn.weight_ih_l0", "rnn.weight_ih_l0_reverse"])
+    make_trainer(callbacks=[qat], max_steps=2).fit(model, token_loader())
+    assert sorted(qat.layer_specs) == sorted({*LSTM_NO_PROJ, "head"} - {"rnn.weight_ih_l0", "rnn.weight_ih_l0_reverse"})

@@ -80,20 +80,33 @@ def test_validate_targets(targets, message):
         validate_targets("targets", targets, SUPPORTED)
 
 
-def test_an_attention_layer_with_separate_projections_is_named_as_such():
-    """kdim/vdim other than embed_dim give q/k/v their own weights, which no method
-    compresses: a name that selects only such a layer says so, not "unsupported type"."""
+def test_a_layer_with_several_weights_is_selected_and_excluded_weight_by_weight():
+    """An attention layer with separate q/k/v weights (kdim/vdim other than embed_dim) and
+    a recurrent layer are keyed one entry per weight; a glob in `targets` or `exclude` may
+    name one weight (the fix a compatibility error suggests for one matrix)."""
     import pytest
     from torch import nn
 
-    class CrossAttention(nn.Module):
+    class Mixed(nn.Module):
         def __init__(self):
             super().__init__()
             self.cross = nn.MultiheadAttention(16, 2, kdim=8, vdim=8)
+            self.rnn = nn.LSTM(4, 8, num_layers=2)
+            self.fc = nn.Linear(4, 4)
 
-    with pytest.raises(ValueError, match=r"pattern 'cross' matches only layers of unsupported types \(MultiheadAttention\)"
-                                         r" \(cross: an nn\.MultiheadAttention with separate query/key/value weights"):
-        select_layers(CrossAttention(), targets=["cross"], exclude=None, supported=(nn.Linear, nn.MultiheadAttention),
-                      default=(nn.Linear,))
-    assert list(select_layers(CrossAttention(), targets=["cross.out_proj"], exclude=None,
-                              supported=(nn.Linear, nn.MultiheadAttention), default=(nn.Linear,))) == ["cross.out_proj"]
+    supported = (nn.Linear, nn.MultiheadAttention, nn.LSTM)
+
+    def keys(targets=None, exclude=None):
+        return list(select_layers(Mixed(), targets=targets, exclude=exclude, supported=supported, default=supported))
+
+    projections = ["cross.q_proj_weight", "cross.k_proj_weight", "cross.v_proj_weight"]
+    matrices = ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1"]
+    assert keys() == projections + ["cross.out_proj"] + matrices + ["fc"]
+    assert keys(exclude=["rnn.weight_hh_l0", "cross.out_proj"]) == projections + [
+        "rnn.weight_ih_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1", "fc"]
+    assert keys(targets=["weight_hh_*", "cross"]) == projections + ["rnn.weight_hh_l0", "rnn.weight_hh_l1"]
+    assert keys(targets=[nn.LSTM], exclude=["weight_ih_l1"]) == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_hh_l1"]
+    with pytest.raises(ValueError, match="selects no layer"):
+        keys(targets=["rnn"], exclude=["rnn"])
+    with pytest.raises(ValueError, match=r"pattern 'rnn\.weight_hh_l9' matches no module\. Close names: rnn\.weight_hh_l1"):
+        keys(targets=["rnn.weight_hh_l9"])

@@ -38,7 +38,13 @@ from lightning_compress.callbacks.conflicts import (
     of_section,
     targets_of,
 )
-from lightning_compress.core.incompatible import LayerIssue, describe_layer, grouped_convolution, named_by
+from lightning_compress.core.incompatible import (
+    LayerIssue,
+    describe_layer,
+    grouped_convolution,
+    limited_by_type,
+    named_by,
+)
 
 _CHECKED_ATTR = "_lc_checked_stack"
 _ORDER = ("lora", "distillation", "pruning", "qat", "export")  # the registry's canonical order
@@ -222,7 +228,7 @@ class Verdict:
             return None
         total = sum(len(self.skips[i]) for i in skipped)
         lines = [f"{total} layer{'s' if total > 1 else ''} left out before training by the callbacks that cannot"
-                 " compress them (on_incompatible='skip', or a grouped convolution selected by its type):"]
+                 " compress them (on_incompatible='skip', or a form of a layer the method cannot take, selected by its type):"]
         for callback in _sorted_callbacks(skipped.values()):
             layers = self.skips[id(callback)]
             stays = _VERBS.get(callback.section, ("", "uncompressed"))[1]
@@ -286,10 +292,11 @@ def examine(callbacks: Sequence[Any], model: nn.Module) -> Verdict:
         verdict.targeted_count[id(callback)] = len(layers)
         targets = targets_of(callback)
         for name, issue in callback.layer_issues(layers).items():
-            grouped = grouped_convolution(layers[name])
-            named = grouped is not None and named_by(name, targets)
-            if (grouped is not None and not named) or (callback.on_incompatible == "skip" and not named):
-                why = issue.message + (" (a grouped convolution selected by its type)" if grouped else "")
+            limited = limited_by_type(layers[name])
+            named = limited is not None and named_by(name, targets)
+            if (limited is not None and not named) or (callback.on_incompatible == "skip" and not named):
+                kind = "a grouped convolution" if grouped_convolution(layers[name]) else f"a layer with {limited}"
+                why = issue.message + (f" ({kind} selected by its type)" if limited else "")
                 verdict.skips.setdefault(id(callback), {})[name] = why
             else:
                 verdict.problems.append(LayerProblem(callback, name, describe_layer(layers[name]), issue, named))

@@ -161,7 +161,11 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             owner=self.owner_token, active_owners=rivals,
         )
         self._layers = layers
+        seen = set()
         for name, layer in layers.items():
+            if id(layer) in seen:  # an attention layer's separate q/k/v weights: one input stage
+                continue
+            seen.add(id(layer))
             # An input quantizer left by an earlier QAT callback goes with its weights.
             remove_input_transform(layer, Stage.INPUT_QUANT)
             # Ids go into an embedding; a recurrent layer is compressed weight-only.
@@ -326,9 +330,10 @@ def _check_output_projections(model: nn.Module, layers: Mapping[str, nn.Module],
     Raises:
         ValueError: naming the layer, its attention layer and the fix.
     """
+    quantized = {module_name(key, weight_param(key, layer)) for key, layer in layers.items()}
     for name in layers:
         owner = out_proj_owner(model, name)
-        if owner is not None and owner not in layers:
+        if owner is not None and owner not in quantized:
             raise ValueError(
                 f"`activations`={activations!r} on {name!r}: nn.MultiheadAttention {owner!r} computes its output"
                 " projection inside its own forward, which quantizes that input only when this callback quantizes"

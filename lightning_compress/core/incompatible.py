@@ -63,6 +63,19 @@ def grouped_convolution(layer: nn.Module) -> str | None:
     return "depthwise" if groups == layer.in_channels else f"groups={groups}"
 
 
+def limited_by_type(layer: nn.Module) -> str | None:
+    """What makes ``layer`` a form of its type that some methods cannot compress (they
+    leave it out, with a warning, when a type selected it): a grouped convolution
+    (``"depthwise"``, ``"groups=G"``), or an ``nn.MultiheadAttention`` with separate
+    query/key/value weights (``"separate q/k/v weights"``); ``None`` otherwise."""
+    grouped = grouped_convolution(layer)
+    if grouped is not None:
+        return grouped
+    if isinstance(layer, nn.MultiheadAttention) and layer._parameters.get("in_proj_weight") is None:
+        return "separate q/k/v weights"
+    return None
+
+
 def named_by(name: str, targets: Sequence[Any] | None) -> bool:
     """Whether a name glob of ``targets`` selects layer ``name`` (the targeting rule: the
     whole name or a trailing part of it), rather than only a layer type."""
@@ -80,8 +93,8 @@ def compressed_weight(key: str, layer: nn.Module) -> Tensor:
 
 def describe_layer(layer: nn.Module) -> str:
     """``Conv2d``, ``Conv2d, depthwise``, ``Conv2d, groups=2``: a layer in a message."""
-    grouped = grouped_convolution(layer)
-    return type(layer).__name__ + (f", {grouped}" if grouped else "")
+    limited = limited_by_type(layer)
+    return type(layer).__name__ + (f", {limited}" if limited else "")
 
 
 __all__ = [
@@ -91,5 +104,6 @@ __all__ = [
     "compressed_weight",
     "describe_layer",
     "grouped_convolution",
+    "limited_by_type",
     "named_by",
 ]

@@ -8,10 +8,12 @@ a typo must never silently compress nothing.
 
 A selection is keyed by *weight key*: the module's name for a layer that has one
 compressed weight (``weight``, or ``in_proj_weight`` of an attention layer), and
-``<module>.<parameter>`` for each weight of a recurrent layer (``rnn.weight_ih_l0``,
-``rnn.weight_hh_l0``, ...: an ``nn.LSTM`` computes with several weight matrices, each
-compressed on its own grid and mask). :func:`weight_param` and :func:`module_name` read
-a key back.
+``<module>.<parameter>`` for each weight of a layer that has several, each compressed on
+its own grid and mask: the matrices of a recurrent layer (``rnn.weight_ih_l0``,
+``rnn.weight_hh_l0``, ...) and the separate query/key/value projections of an attention
+layer whose key or value width differs from its query's (``cross.q_proj_weight``). A glob
+in ``targets`` or ``exclude`` may name one such weight. :func:`weight_param` and
+:func:`module_name` read a key back.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import fnmatch
 import re
 from typing import Dict, Iterable, Sequence, Tuple, Type, Union
 
+import torch
 from torch import nn
 
 from lightning_compress.core.attention import IN_PROJ, compressible_attention
@@ -29,9 +32,11 @@ from lightning_compress.core.validate import ArgumentError
 Target = Union[str, Type[nn.Module]]
 
 RECURRENT_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
-# weight_ih_l0, weight_hh_l1_reverse, weight_hr_l0 (an LSTM's projection): the matrices of
-# a recurrent layer (its biases stay in float, as every layer's do).
-_RECURRENT_WEIGHT = re.compile(r"weight_(?:ih|hh|hr)_l\d+(?:_reverse)?")
+# The weights of layers that have several: weight_ih_l0, weight_hh_l1_reverse, weight_hr_l0
+# (an LSTM's projection) of a recurrent layer, and q/k/v_proj_weight of an attention layer
+# whose key and value widths differ from its query's (biases stay float, as every layer's).
+_SEVERAL_WEIGHTS = re.compile(r"weight_(?:ih|hh|hr)_l\d+(?:_reverse)?|[qkv]_proj_weight")
+SEPARATE_PROJECTIONS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 def validate_targets(
@@ -104,27 +109,27 @@ def select_layers(
     """
     named = [(name, module) for name, module in root.named_modules() if name]
     candidates = {name: module for name, module in named if _compressible(module, supported)}
+    # The weights of layers that have several (a recurrent layer's matrices), by weight key:
+    # a glob may name one of them, in `targets` and in `exclude`.
+    matrices = [(key, module) for name, module in candidates.items() for key in layer_weights(name, module)
+                if key != name]
+    pool = named + matrices
 
     if targets is None:
         selected = {n: m for n, m in candidates.items() if isinstance(m, default)}
     else:
         selected = {}
         for target in targets:
-            matches = _match(target, named)
+            matches = _match(target, pool)
             if isinstance(target, str):
                 if not matches:
-                    raise ValueError(_no_match_message(argument, target, named))
-                usable = {n: m for n, m in matches.items() if n in candidates}
+                    raise ValueError(_no_match_message(argument, target, pool))
+                usable = {n: m for n, m in matches.items() if n in candidates or (n, m) in matrices}
                 if not usable:
                     kinds = sorted({type(m).__name__ for m in matches.values()})
-                    separate = [n for n, m in matches.items() if isinstance(m, nn.MultiheadAttention)
-                                and isinstance(m, supported) and not compressible_attention(m)]
-                    why = (f" ({', '.join(separate)}: an nn.MultiheadAttention with separate query/key/value weights,"
-                           " as kdim/vdim other than embed_dim make it, is not compressed; its out_proj is a Linear"
-                           " you can target)") if separate else ""
                     raise ValueError(
                         f"`{argument}` pattern {target!r} matches only layers of unsupported"
-                        f" types ({', '.join(kinds)}){why}; supported:"
+                        f" types ({', '.join(kinds)}); supported:"
                         f" {', '.join(t.__name__ for t in supported)}"
                     )
                 selected.update(usable)
@@ -132,25 +137,34 @@ def select_layers(
                 selected.update({n: m for n, m in matches.items() if n in candidates})
 
     for pattern in exclude or ():
-        matches = _match(pattern, named)
+        matches = _match(pattern, pool)
         if isinstance(pattern, str) and not matches:
-            raise ValueError(_no_match_message("exclude", pattern, named))
+            raise ValueError(_no_match_message("exclude", pattern, pool))
         for name in matches:
             selected.pop(name, None)
+            for key in layer_weights(name, matches[name]) if name in candidates else ():
+                selected.pop(key, None)
 
-    if not selected:
+    # Model order, so reports and checkpoints list layers as the model defines them; a
+    # layer with several weights as one entry per weight (see the module docstring).
+    keyed: Dict[str, nn.Module] = {}
+    for name, module in named:
+        for key in layer_weights(name, module) if name in candidates else ():
+            if key in selected or name in selected and key not in _excluded_keys(name, module, exclude, pool):
+                keyed[key] = module
+    if not keyed:
         raise ValueError(
             f"`{argument}` selects no layer of {type(root).__name__}"
             f" (supported types: {', '.join(t.__name__ for t in supported)})."
             " Check `targets` and `exclude`."
         )
-    # Model order, so reports and checkpoints list layers as the model defines them; a
-    # recurrent layer as one entry per weight matrix (see the module docstring).
-    keyed: Dict[str, nn.Module] = {}
-    for name, _ in named:
-        if name in selected:
-            keyed.update({key: selected[name] for key in layer_weights(name, selected[name])})
     return keyed
+
+
+def _excluded_keys(name: str, module: nn.Module, exclude: Sequence[Target] | None, pool) -> set:
+    """The weight keys of layer ``name`` that an ``exclude`` glob names one by one."""
+    keys = set(layer_weights(name, module)) - {name}
+    return {key for pattern in exclude or () if isinstance(pattern, str) for key in _match(pattern, pool) if key in keys}
 
 
 def weight_name(layer: nn.Module) -> str:
@@ -164,20 +178,24 @@ def weight_name(layer: nn.Module) -> str:
 def layer_weights(name: str, layer: nn.Module) -> Dict[str, str]:
     """``{weight key: parameter name}`` of the weights a method compresses on ``layer``
     (named ``name``): one for most layers, every weight matrix of a recurrent one."""
+    prefix = f"{name}." if name else ""
     if isinstance(layer, nn.RNNBase):
-        prefix = f"{name}." if name else ""
-        return {prefix + param: param for param in layer._flat_weights_names if _RECURRENT_WEIGHT.fullmatch(param)}
+        return {prefix + param: param for param in layer._flat_weights_names if _SEVERAL_WEIGHTS.fullmatch(param)}
+    if _separate_projections(layer):
+        return {prefix + param: param for param in SEPARATE_PROJECTIONS}
     return {name: weight_name(layer)}
 
 
 def is_recurrent_weight(param: str) -> bool:
-    """Whether ``param`` names a weight matrix of a recurrent layer (``weight_hh_l0``)."""
-    return bool(_RECURRENT_WEIGHT.fullmatch(param))
+    """Whether ``param`` names one of several weights of a layer: a weight matrix of a
+    recurrent layer (``weight_hh_l0``), or a separate projection of an attention layer
+    (``q_proj_weight``); such a weight's key is ``<layer>.<param>``."""
+    return bool(_SEVERAL_WEIGHTS.fullmatch(param))
 
 
 def weight_param(key: str, layer: nn.Module) -> str:
     """The parameter of ``layer`` that the weight key ``key`` stands for."""
-    if isinstance(layer, nn.RNNBase):
+    if isinstance(layer, nn.RNNBase) or _separate_projections(layer):
         return key.rpartition(".")[2]
     return weight_name(layer)
 
@@ -189,6 +207,13 @@ def module_name(key: str, param: str) -> str:
     return key
 
 
+def _separate_projections(layer: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` whose query, key and value projections are separate
+    weights (its key or value width differs from its query's)."""
+    return isinstance(layer, nn.MultiheadAttention) and all(
+        isinstance(layer._parameters.get(param), torch.Tensor) for param in SEPARATE_PROJECTIONS)
+
+
 def parameter_key(key: str, param: str) -> str:
     """The state-dict key of the weight ``key``: ``<module>.<param>``."""
     module = module_name(key, param)
@@ -197,7 +222,7 @@ def parameter_key(key: str, param: str) -> str:
 
 def _compressible(module: nn.Module, supported: Tuple[type, ...]) -> bool:
     if isinstance(module, nn.MultiheadAttention):
-        return isinstance(module, supported) and compressible_attention(module)
+        return isinstance(module, supported) and (compressible_attention(module) or _separate_projections(module))
     if isinstance(module, nn.RNNBase):
         return isinstance(module, supported) and any(map(is_recurrent_weight, module._flat_weights_names))
     return isinstance(module, supported) and module._parameters.get("weight") is not None

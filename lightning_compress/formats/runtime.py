@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.core.attention import attention_forward, attention_inputs
-from lightning_compress.core.targeting import module_name
+from lightning_compress.core.targeting import SEPARATE_PROJECTIONS, module_name
 from lightning_compress.core.transforms import detach_all
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.activations import DynamicTokenQuantizer
@@ -231,35 +231,50 @@ class PackedEmbedding(_PackedModule):
 
 
 class PackedMultiheadAttention(nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` whose ``in_proj_weight`` is packed (dequantized once per
-    call). It computes as a compressed attention layer does while it trains
-    (:func:`~lightning_compress.core.attention.attention_forward`: ``out_proj`` is called as
-    a module when it quantizes its input), and an input quantizer acts on query, key and
-    value in a forward pre-hook, as the fake-quant layer's input stage does."""
+    """``nn.MultiheadAttention`` whose ``in_proj_weight`` (or, for an attention layer with
+    separate query/key/value weights, each of ``q/k/v_proj_weight``) is packed and
+    dequantized once per call. It computes as a compressed attention layer does while it
+    trains (:func:`~lightning_compress.core.attention.attention_forward`: ``out_proj`` is
+    called as a module when it quantizes its input), and an input quantizer acts on query,
+    key and value in a forward pre-hook, as the fake-quant layer's input stage does."""
 
     kernel = "dequantize"
 
-    def __init__(self, layer: PackedLayer, original: nn.MultiheadAttention) -> None:
+    def __init__(self, layer: PackedLayer | Sequence[PackedLayer], original: nn.MultiheadAttention) -> None:
         nn.Module.__init__(self)
+        layers = [layer] if isinstance(layer, PackedLayer) else list(layer)
+        params = sorted(packed.param for packed in layers)
+        if params not in (["in_proj_weight"], sorted(SEPARATE_PROJECTIONS)):
+            raise ValueError(f"an attention layer's packed weights are in_proj_weight or q/k/v_proj_weight, got {params}")
         for attr in ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first",
                      "head_dim", "add_zero_attn"):
             setattr(self, attr, getattr(original, attr))
-        for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
-            self.register_parameter(name, None)
         for name in ("in_proj_bias", "bias_k", "bias_v"):
             value = getattr(original, name)
             frozen = None if value is None else nn.Parameter(value.detach().clone(), requires_grad=False)
             self.register_parameter(name, frozen)
         self.out_proj = original.out_proj
-        self.packed = PackedWeight(layer)
-        self.input_quantizer = None if layer.activations is None else _InputQuantizer(layer, channels_first=False)
+        if params == ["in_proj_weight"]:
+            for name in SEPARATE_PROJECTIONS:
+                self.register_parameter(name, None)
+            self.packed = PackedWeight(layers[0])
+        else:  # read through __getattr__
+            self.packed = None
+            self.projections = nn.ModuleDict({packed.param: PackedWeight(packed) for packed in layers})
+        first = layers[0]
+        self.input_quantizer = None if first.activations is None else _InputQuantizer(first, channels_first=False)
         if self.input_quantizer is not None:
             self.register_forward_pre_hook(_quantize_attention_inputs, with_kwargs=True)
         self.train(original.training)  # its attention dropout acts in training mode only
 
     @property
-    def in_proj_weight(self) -> Tensor:
-        return self.packed.dequantize()
+    def in_proj_weight(self) -> Optional[Tensor]:
+        return None if self.packed is None else self.packed.dequantize()
+
+    def __getattr__(self, name: str):
+        if name in SEPARATE_PROJECTIONS and "projections" in self.__dict__["_modules"]:
+            return self._modules["projections"][name].dequantize()
+        return super().__getattr__(name)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
@@ -328,6 +343,8 @@ def build_packed_unit(weights: Sequence[PackedLayer], original: nn.Module, backe
     :func:`packed_units`)."""
     if isinstance(original, nn.RNNBase):
         return dequantized_recurrent(weights, original)
+    if isinstance(original, nn.MultiheadAttention):
+        return PackedMultiheadAttention(weights, original)
     if len(weights) != 1:
         raise ValueError(f"{type(original).__name__} holds one packed weight, the file has {len(weights)}")
     return build_packed_module(weights[0], original, backend)

@@ -100,6 +100,13 @@ class LoRAConfig:
                 f"layer {name!r} is a grouped convolution ({grouped}); LoRA adapts only groups=1 convolutions (a"
                 " B·A adapter of rank r is not grouped, and PEFT's format has none). Remove it from `target_modules`",
             )
+        if isinstance(layer, nn.MultiheadAttention) and layer._parameters.get("in_proj_weight") is None:
+            return LayerIssue(
+                "target_modules", _plain_targets(self.target_modules),
+                f"layer {name!r} is an nn.MultiheadAttention with separate query/key/value weights (its key or value"
+                " width differs from its query's); LoRA adapts an attention layer's packed in_proj_weight only (PEFT's"
+                " format has no form for separate ones). Remove it from `target_modules`; its out_proj is a Linear",
+            )
         if self.base == "nf4":
             if not isinstance(layer, (nn.Linear, nn.MultiheadAttention)):
                 return LayerIssue("base", self.base, f"layer {name!r} is a {type(layer).__name__}; base='nf4' (QLoRA)"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List
 
 from torch import nn
 
+from lightning_compress.core.incompatible import limited_by_type, named_by
 from lightning_compress.core.targeting import match_modules, select_layers, weight_name
 from lightning_compress.core.transforms import Stage, install_weight_transform, raw_weight, set_forward
 from lightning_compress.core.validate import ArgumentError
@@ -54,7 +56,18 @@ def select_adapter_layers(model: nn.Module, config: LoRAConfig, *, check: bool =
                     " layers to adapt in `target_modules`",
                 )
         check_not_saved(layers, to_save)
-    if check:
+    if check:  # used directly, not by the callback (whose compatibility check decides these)
+        limited = {name: kind for name, layer in layers.items()
+                   if (kind := limited_by_type(layer)) and not named_by(name, config.target_modules)}
+        if limited and len(limited) == len(layers):
+            shown = ", ".join(f"{n!r} ({k})" for n, k in limited.items())
+            raise ValueError(f"LoRA cannot adapt any layer `target_modules` selects: {shown} are of a form it cannot"
+                             " adapt (a grouped convolution, or an attention layer with separate q/k/v weights);"
+                             " target other layers")
+        if limited:
+            warnings.warn(f"LoRA leaves {', '.join(f'{n!r} ({k})' for n, k in limited.items())} without an adapter:"
+                          " layers of a form LoRA cannot adapt, selected by their type", UserWarning, stacklevel=3)
+            layers = {name: layer for name, layer in layers.items() if name not in limited}
         check_adaptable(layers, config)
     return layers
 
