@@ -38,6 +38,7 @@ from lightning_compress.callbacks.conflicts import (
     of_section,
     targets_of,
 )
+from lightning_compress.callbacks.coverage import warn_about_coverage
 from lightning_compress.core.incompatible import (
     LayerIssue,
     describe_layer,
@@ -84,6 +85,8 @@ def prepare_stack(trainer: Any, pl_module: nn.Module, stage: str) -> None:
         if verdict.refused(with_conflicts=fit):
             raise IncompatibleSettings(verdict.message(with_conflicts=fit))
         verdict.apply()
+        if fit:
+            warn_about_coverage(callbacks, pl_module)
         trainer.__dict__[_CHECKED_ATTR] = key
     if not fit:
         return
