@@ -253,3 +253,18 @@ def test_the_exclude_a_compatibility_error_suggests_names_single_matrices_and_wo
     qat = QuantizationAwareTraining("int4", group_size=32, exclude=["rnn.weight_ih_l0", "rnn.weight_ih_l0_reverse"])
     make_trainer(callbacks=[qat], max_steps=2).fit(model, token_loader())
     assert sorted(qat.layer_specs) == sorted({*LSTM_NO_PROJ, "head"} - {"rnn.weight_ih_l0", "rnn.weight_ih_l0_reverse"})
+
+
+def test_onnx_and_lstm_projections_are_named_with_the_other_problems_before_training(tmp_path):
+    """An LSTM with proj_size and formats=[..., 'onnx'] is one more problem in the one
+    error (beside a group size that does not divide a matrix), not a second run's."""
+    from lightning_compress import IncompatibleSettings
+
+    exporter = CompressedExport(tmp_path / "packed", formats=["safetensors", "onnx"], input_fn=lambda batch: (batch[0],))
+    trainer = make_trainer(callbacks=[QuantizationAwareTraining("int4", group_size=32), exporter], max_steps=2)
+    with pytest.raises(IncompatibleSettings) as error:
+        trainer.fit(RecurrentLM("LSTM"), token_loader())
+    message = str(error.value)
+    assert "the exported model holds the LSTM layer 'rnn' with proj_size > 0" in message
+    assert "rnn.weight_ih_l0" in message  # the group-size problem, in the same message
+    assert trainer.global_step == 0 and not (tmp_path / "packed").exists()

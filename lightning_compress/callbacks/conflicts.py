@@ -240,6 +240,8 @@ def _export_formats_and_quantization(stack: Stack) -> Iterator[Conflict]:
         if not (compressed_tensors or onnx):
             continue
         exported = _exported_modules(stack, export)
+        if onnx and stack.model is not None:
+            yield from _onnx_unexportable(stack, export)
         if compressed_tensors and stack.model is not None:
             target = _export_target(stack, export)
             if target is not None and not is_transformers_model(target):
@@ -270,6 +272,26 @@ def _export_formats_and_quantization(stack: Stack) -> Iterator[Conflict]:
                         found.append((("onnx", setting, spec.describe()), name))
             for key, names in _grouped(found).items():
                 yield _export_conflict(key, names, qat, export)
+
+
+def _onnx_unexportable(stack: Stack, export: Any) -> Iterator[Conflict]:
+    """Layers of the exported model PyTorch's ONNX exporter refuses whatever their
+    compression (an ``nn.LSTM`` with ``proj_size``): said with the other problems, not by
+    the dry export on the next run."""
+    target = _export_target(stack, export)
+    if target is None:
+        return
+    projected = tuple(name for name, module in target.named_modules()
+                      if isinstance(module, nn.LSTM) and getattr(module, "proj_size", 0) > 0)
+    if projected:
+        yield Conflict(
+            (Setting("export", "formats", list(export.config.formats)), Setting("export", "module", export.config.module)),
+            f"the exported model holds the LSTM {_layers(list(projected))} with proj_size > 0, which PyTorch's"
+            " ONNX exporter cannot export (\"LSTMs with projections\")",
+            "Drop 'onnx' from CompressedExport(formats=...) (the packed safetensors export holds the model), or build"
+            " the LSTM without proj_size",
+            projected,
+        )
 
 
 def _compressed_tensors_problems(qat: Any, kind: str, spec: QuantSpec, setting: Setting) -> List[tuple]:
