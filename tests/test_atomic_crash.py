@@ -12,6 +12,7 @@ write). Writers: ``export`` (packed directory, with ONNX once) and ``save_adapte
 
 import os
 import signal
+import tempfile
 import time
 import traceback
 
@@ -133,30 +134,46 @@ def test_killed_export_with_onnx_keeps_the_old_onnx(tmp_path, packed_weights):
     assert listing(tmp_path) == ["out"] and (target / "model.onnx").read_bytes() != old
 
 
-def test_second_concurrent_export_fails_cleanly(tmp_path, packed_weights):
+@pytest.fixture
+def system_temp(tmp_path, monkeypatch):
+    """The system's temporary directory (where an export that cannot write its directory
+    goes instead), moved into ``tmp_path``."""
+    folder = tmp_path.parent / f"{tmp_path.name}-system-tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_second_concurrent_export_fails_cleanly(tmp_path, packed_weights, system_temp):
     target = tmp_path / "out"
     export(quantized(1), target)
     with write_lock(target):  # what a first export holds while it works
-        with pytest.raises(ExportError, match=rf"being written by process {os.getpid()}, which holds .*\.out\.lock"):
+        with pytest.raises(ExportError, match=rf"being written by process {os.getpid()}, which holds .*\.out\.lock"
+                                              r".*export is complete and checked in .*out instead") as caught:
             export(quantized(2), target, overwrite=True)
     assert listing(tmp_path) == ["out"]
     assert_packed(target, 1, packed_weights)
+    assert_packed(caught.value.directory, 2, packed_weights)  # the second one is not lost
+    assert caught.value.directory.parent.parent == system_temp
 
 
 @pytest.mark.parametrize("empty", [True, False])
-def test_export_without_overwrite_never_replaces_a_directory_appearing_meanwhile(tmp_path, monkeypatch, empty):
+def test_export_without_overwrite_never_replaces_a_directory_appearing_meanwhile(tmp_path, monkeypatch, empty,
+                                                                                  system_temp, packed_weights):
     target = tmp_path / "out"
 
-    def appear():
-        target.mkdir()
-        if not empty:
-            (target / "theirs.txt").write_text("theirs")
+    def appear(reached):
+        if reached == "built" and not target.exists():
+            target.mkdir()
+            if not empty:
+                (target / "theirs.txt").write_text("theirs")
 
-    monkeypatch.setattr(atomic, "on_stage", lambda reached: appear() if reached == "built" else None)
-    with pytest.raises(ExportError, match="appeared while it was being written"):
+    monkeypatch.setattr(atomic, "on_stage", appear)
+    with pytest.raises(ExportError, match="appeared while it was being written") as caught:
         export(quantized(1), target)
     assert listing(target) == ([] if empty else ["theirs.txt"])
     assert listing(tmp_path) == ["out"]
+    assert_packed(caught.value.directory, 1, packed_weights)  # kept in the temporary directory
 
 
 # ---- PEFT adapters ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from torch import nn
 
 from lightning_compress import ArgumentError, CompressedExport, QuantizationAwareTraining, load_packed
@@ -191,3 +191,201 @@ def test_batches_without_the_inputs_say_what_to_pass(batch, module, message):
     with pytest.raises(ArgumentError, match=message) as error:
         batch_inputs(batch, module)
     assert error.value.argument == "input_fn"
+
+
+# ---------------------------------------------------------------------- batches the trial found mishandled
+class Pair(nn.Module):
+    def forward(self, pair):
+        return pair[0]
+
+
+class OneOptional(nn.Module):
+    def forward(self, x, mask=None):
+        return x
+
+
+def test_a_tuple_goes_whole_to_a_forward_that_takes_it_as_one_argument():
+    batch = ((X, C), Y)
+    inputs = batch_inputs(batch, Pair())
+    assert len(inputs) == 1 and inputs[0] is batch[0]  # forward(pair): the tuple itself
+    inputs = batch_inputs(batch, OneOptional())
+    assert len(inputs) == 2 and inputs[0] is X and inputs[1] is C  # forward(x, mask=None): its elements
+
+
+def test_a_packed_sequence_is_one_input_never_its_fields():
+    from torch.nn.utils.rnn import pack_sequence
+
+    packed = pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
+    for batch in ((packed, Y), packed, [packed]):
+        inputs = batch_inputs(batch, One())
+        assert isinstance(inputs, tuple) and len(inputs) == 1 and inputs[0] is packed, batch
+
+
+class PairsModule(LightningModule):
+    """Two tensors in, three classes out; ``forward``'s signature is the subclass's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(4, 16)
+        self.h = nn.Linear(16, 3)
+
+    def net(self, image, meta):
+        return self.h(torch.relu(self.a(image) + self.b(meta)))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.logits(batch), batch[-1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class TupleForward(PairsModule):
+    """``forward(self, pair)`` with ``((image, meta), y)`` batches."""
+
+    def forward(self, pair):
+        return self.net(*pair)
+
+    def logits(self, batch):
+        return self(batch[0])
+
+
+class VarArgs(PairsModule):
+    """``forward(self, *args)`` with ``(image, meta, y)`` batches: any count binds."""
+
+    def forward(self, *args):
+        return self.net(*args)
+
+    def logits(self, batch):
+        return self(batch[0], batch[1])
+
+
+class KeywordOnly(PairsModule):
+    """``forward(self, image, *, meta)`` with ``(image, meta, y)`` batches."""
+
+    def forward(self, image, *, meta):
+        return self.net(image, meta)
+
+    def logits(self, batch):
+        return self(batch[0], meta=batch[1])
+
+
+def pairs(nested: bool, batches: int = 2):
+    generator = torch.Generator().manual_seed(0)
+    image, meta = torch.randn(batches * 4, 8, generator=generator), torch.randn(batches * 4, 4, generator=generator)
+    y = torch.randint(0, 3, (batches * 4,), generator=generator)
+    rows = [((i, m), t) if nested else (i, m, t) for i, m, t in zip(image, meta, y)]
+    return torch.utils.data.DataLoader(rows, batch_size=4)
+
+
+class Steps(Callback):
+    count = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        Steps.count += 1
+
+
+def fit(module, loader, export_cb):
+    Steps.count = 0
+    make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8"), export_cb, Steps()]).fit(module, loader)
+
+
+def test_a_forward_taking_a_tuple_exports_with_the_default_input_fn(tmp_path, seeded):
+    """The trial's ``forward(self, pair)``: called with the tuple's two tensors, it failed
+    with a raw TypeError; now parity and the ONNX file (onnxruntime, run here) match."""
+    module = TupleForward()
+    export_cb = CompressedExport(tmp_path / "packed", formats=["safetensors", "onnx"])
+    fit(module, pairs(nested=True), export_cb)
+    assert export_cb.report.parity.passed and export_cb.report.parity.relative_error <= 1e-5
+    (image, meta), _ = next(iter(pairs(nested=True)))
+    module.eval()
+    with torch.no_grad():
+        reference = module((image, meta))
+    from lightning_compress.formats.onnx import run_onnx
+
+    got = torch.from_numpy(run_onnx(tmp_path / "packed" / "model.onnx", ((image, meta),))[0])
+    assert relative_error(reference, got) <= 1e-5
+
+
+def test_a_packed_sequence_batch_exports_with_the_default_input_fn(tmp_path, seeded):
+    from torch.nn.utils.rnn import pack_sequence
+
+    class Recurrent(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(4, 16), nn.Linear(16, 2)
+
+        def forward(self, packed):
+            return self.head(self.rnn(packed)[1][-1])
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [(torch.randn(length, 4, generator=generator), length % 2) for length in (2, 5, 3, 4, 6, 2, 3, 5)]
+
+    def collate(items):
+        return pack_sequence([x for x, _ in items], enforce_sorted=False), torch.tensor([y for _, y in items])
+
+    loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=collate)
+    module, export_cb = Recurrent(), CompressedExport(tmp_path / "packed")
+    fit(module, loader, export_cb)
+    assert export_cb.report.parity.passed and export_cb.report.parity.relative_error == 0
+    packed, _ = next(iter(loader))
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "packed", Recurrent(), backend="dequantize")(packed), module(packed))
+
+
+def test_a_user_input_fn_that_does_not_fit_forward_fails_before_training_naming_it(tmp_path):
+    export_cb = CompressedExport(tmp_path / "packed", input_fn=lambda batch: batch[0])
+    with pytest.raises(ArgumentError, match=r"^input_fn made 2 positional inputs \(tensor\[4, 8\], tensor\[4, 4\]\) from"
+                                            r" the batch \[\[tensor\[4, 8\], tensor\[4, 4\]\], tensor\[4\]\], but"
+                                            r" TupleForward.forward\(pair\) cannot take them \(too many positional"
+                                            r" arguments\).*input_fn=lambda batch: \(batch\[0\],\)") as caught:
+        fit(TupleForward(), pairs(nested=True), export_cb)
+    assert caught.value.argument == "input_fn" and Steps.count == 0
+
+
+def test_a_keyword_only_input_the_default_cannot_pass_fails_naming_input_fn(tmp_path, seeded):
+    export_cb = CompressedExport(tmp_path / "packed")
+    with pytest.raises(ArgumentError, match=r"^the default input_fn made one input tensor\[4, 8\] from the batch"
+                                            r" \[tensor\[4, 8\], tensor\[4, 4\], tensor\[4\]\], but"
+                                            r" KeywordOnly.forward\(image, \*, meta\) cannot take them \(missing a"
+                                            r" required argument: 'meta'\).*input_fn=lambda batch: \{'image': batch\[0\],"
+                                            r" 'meta': batch\[1\]\}; in a recipe: export.input_fn") as caught:
+        fit(KeywordOnly(), pairs(nested=False), export_cb)
+    assert caught.value.argument == "input_fn" and Steps.count == 0
+    # The input_fn the message gives exports the model.
+    export_cb = CompressedExport(tmp_path / "packed", input_fn=lambda batch: {"image": batch[0], "meta": batch[1]})
+    fit(KeywordOnly(), pairs(nested=False), export_cb)
+    assert export_cb.report.parity.passed and Steps.count == 2
+
+
+def test_a_forward_taking_varargs_that_fails_on_the_guess_names_input_fn(tmp_path, seeded):
+    """``forward(*args)`` binds any inputs, so the default's guess (the first element) is
+    only found wrong inside it; that TypeError becomes the ArgumentError, before training."""
+    export_cb = CompressedExport(tmp_path / "packed")
+    with pytest.raises(ArgumentError, match=r"^VarArgs.forward\(\*args\) takes \*args, so the default input_fn cannot"
+                                            r" tell .* it passed one input tensor\[4, 8\] from the batch .* the forward"
+                                            r" raised TypeError: .*missing 1 required positional argument: 'meta'.*"
+                                            r"input_fn=lambda batch: \(batch\[0\], batch\[1\]\)") as caught:
+        fit(VarArgs(), pairs(nested=False), export_cb)
+    assert caught.value.argument == "input_fn" and isinstance(caught.value.__cause__, TypeError)
+    assert Steps.count == 0
+    export_cb = CompressedExport(tmp_path / "packed", input_fn=lambda batch: (batch[0], batch[1]))
+    fit(VarArgs(), pairs(nested=False), export_cb)
+    assert export_cb.report.parity.passed and Steps.count == 2
+
+
+def test_a_type_error_inside_a_forward_that_takes_its_inputs_is_left_alone(tmp_path):
+    class Broken(TupleForward):
+        def forward(self, pair):
+            return self.net(*pair) + "oops"
+
+    with pytest.raises(TypeError, match="unsupported operand") as caught:
+        fit(Broken(), pairs(nested=True), CompressedExport(tmp_path / "packed"))
+    assert not isinstance(caught.value, ArgumentError) and Steps.count == 0

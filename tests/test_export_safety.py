@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 
 import lightning.pytorch as pl
 import numpy
@@ -156,10 +157,15 @@ def test_a_crashed_check_keeps_the_files_and_names_them(tmp_path, monkeypatch):
     assert torch.equal(loaded[0].weight, _mlp()[0].weight)
 
 
-def test_the_failure_says_so_when_the_files_cannot_be_kept_either(tmp_path, monkeypatch):
+def test_files_that_cannot_be_kept_beside_the_export_go_to_the_temporary_directory(tmp_path, monkeypatch):
     """A directory of that name appears while the export checks: it is not replaced
-    (no overwrite), and the error says where nothing could be written."""
+    (no overwrite); the packed files go to a new folder of the system's temporary
+    directory, marked failed like the sibling, and the error says so. If that fails too,
+    it says nothing was written."""
     real = export_module.check_parity
+    system_temp = tmp_path / "system-tmp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
 
     def check_while_someone_writes(*args, **kwargs):
         (tmp_path / "out.failed-parity").mkdir()
@@ -167,10 +173,27 @@ def test_the_failure_says_so_when_the_files_cannot_be_kept_either(tmp_path, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(export_module, "check_parity", check_while_someone_writes)
-    error = _failing_export(tmp_path, _int8_mlp(0))
+    model = _int8_mlp(0)
+    error = _failing_export(tmp_path, model)
     assert "could not be kept in" in str(error) and "out.failed-parity either (FileExistsError" in str(error)
-    assert error.directory is None and not (tmp_path / "out").exists()
+    kept = error.directory
+    assert kept.parent.parent == system_temp and kept.name == "out.failed-parity" and f"kept in {kept} instead" in str(error)
+    assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in (tmp_path / "out.failed-parity").iterdir()) == ["theirs.txt"]
+    with pytest.raises(FailedExportError):
+        load_packed(kept, nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)))
+    with pytest.warns(UserWarning):
+        loaded = load_packed(kept, nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)),
+                             backend="dequantize", allow_failed_parity=True)
+    assert torch.equal(loaded[0].weight, model[0].weight)
+
+    # Nowhere to write: the error says so and where the model still is.
+    (tmp_path / "out.failed-parity" / "theirs.txt").unlink()
+    (tmp_path / "out.failed-parity").rmdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    error = _failing_export(tmp_path, model)
+    assert error.directory is None and "nor in the system's temporary directory" in str(error)
+    assert "The trained model is still in memory" in str(error)
 
 
 def _int8_mlp(seed):

@@ -367,3 +367,67 @@ def test_mixed_bit_widths_at_opset_13(tmp_path):
     assert rel_err(torch_out(model, x), run_onnx(path, (x,))[0]) <= 1e-5
     with pytest.raises(ValueError, match="opset"):
         export_onnx(model, (x,), tmp_path / "old.onnx", quantized, opset=12)
+
+
+# ---------------------------------------------------------------- inputs that are not plain tensors
+class DictForward(nn.Module):
+    """``forward(self, batch)`` takes the dataloader's dict itself, labels included."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Linear(32, 16)
+        self.meta = nn.Linear(4, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, batch):
+        return self.head(torch.relu(self.image(batch["image"]) + self.meta(batch["meta"])))
+
+
+def test_a_forward_taking_a_dict_exports_and_onnxruntime_matches(tmp_path):
+    """PyTorch's exporter reads a trailing dict of its args as keyword arguments (then
+    ``forward()`` misses ``batch``, which was reported as a missing onnxscript); the dict
+    is one positional input, its tensors graph inputs, the unused labels left out."""
+    import json
+
+    from lightning_compress import export
+    from lightning_compress.formats.inputs import batch_inputs
+    from lightning_compress.formats.packed import METADATA_FILE
+
+    torch.manual_seed(0)
+    model = DictForward()
+    round_to_nearest(model, INT8_CHANNEL)
+    batch = {"image": torch.randn(6, 32), "meta": torch.randn(6, 4), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    inputs = batch_inputs(batch, model)
+    assert inputs == (batch,)
+    export(model, tmp_path / "out", inputs=[inputs], formats=["safetensors", "onnx"])
+    assert json.loads((tmp_path / "out" / METADATA_FILE).read_text())["onnx"]["relative_error"] <= 1e-5
+
+    graph = graph_of(tmp_path / "out" / "model.onnx")
+    assert [i.name for i in graph.input] == ["input_0", "input_1"]  # image, meta; the label is not used
+    other = {"image": torch.randn(3, 32), "meta": torch.randn(3, 4)}  # another batch size: dimension 0 is dynamic
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "model.onnx"), options,
+                                           providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_0": other["image"].numpy(), "input_1": other["meta"].numpy()})[0]
+    with torch.no_grad():
+        assert rel_err(model(other).numpy(), got) <= 1e-5
+    # run_onnx takes the same positional inputs as the model, dicts included.
+    assert rel_err(model(other).detach().numpy(), run_onnx(tmp_path / "out" / "model.onnx", (other,))[0]) <= 1e-5
+
+
+def test_an_exporter_call_mismatch_is_not_blamed_on_onnxscript(tmp_path, monkeypatch):
+    """When the TorchScript exporter's TypeError is a call that does not fit ``forward``,
+    the dynamo exporter would fail the same way: the error says what to pass, and does
+    not ask for onnxscript."""
+    model = MLP()
+    quantized = quantize(model, INT8_CHANNEL)
+
+    def exporter(*args, **kwargs):
+        raise TypeError("MLP.forward() missing 1 required positional argument: 'x'")
+
+    monkeypatch.setattr(torch.onnx, "export", exporter)
+    with pytest.raises(onnx_io.ExportError, match=r"could not call MLP.forward with the example inputs \(TypeError:"
+                                                  r" MLP.forward\(\) missing 1 required.*\).*`input_fn`") as caught:
+        export_onnx(model, (torch.randn(2, 64),), tmp_path / "m.onnx", quantized)
+    assert "onnxscript" not in str(caught.value)

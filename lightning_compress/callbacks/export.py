@@ -21,8 +21,10 @@ from lightning_compress.formats.config import ExportConfig
 from lightning_compress.formats.dry_export import dry_export
 from lightning_compress.formats.export import ExportReport, export
 from lightning_compress.formats.failed_export import failed_path
-from lightning_compress.formats.inputs import batch_inputs
+from lightning_compress.formats.inputs import batch_inputs, guessed_inputs_error, inputs_mismatch, mismatch_error
 from lightning_compress.formats.packed import METADATA_FILE
+from lightning_compress.formats.target import check_export_target
+
 _DRY_NOTE = (
     "found by CompressedExport's dry export before the first training step: nothing was trained or written; the"
     " export at the end of fit would fail the same way. dry_export=False (in a recipe: export.dry_export=false)"
@@ -42,6 +44,11 @@ class CompressedExport(CompressionCallback):
     :class:`~lightning_compress.formats.errors.ParityError` naming that directory and
     the worst layers. Under DDP, rank 0 writes and the other ranks wait (and raise the
     same error).
+
+    Nothing trained is lost at the end: when ``dirpath`` cannot be written then (a full
+    disk, permissions changed during training), the export is written and checked in a
+    new folder of the system's temporary directory instead, and the ``ExportError`` names
+    it (``err.directory``; see :mod:`~lightning_compress.formats.failed_export`).
 
     Before the first training step (on the first training batch of each fit, which it
     uses as the parity input), a dry export of the model as it is then
@@ -99,7 +106,13 @@ class CompressedExport(CompressionCallback):
             of the arguments above.
 
     Raises:
-        ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
+        ArgumentError: (a ``ValueError``) at construction, naming a bad argument; at
+            setup, before training, naming ``dirpath`` when the export could not write it
+            (a file is there, whatever ``overwrite`` says; a file in its path; a folder
+            this process cannot create files in: see
+            :func:`~lightning_compress.formats.target.check_export_target`); and naming
+            ``input_fn`` when the inputs it (or the default) makes from a batch do not fit
+            the module's ``forward``.
         FileExistsError: at setup, before training, when ``dirpath`` or
             ``<dirpath>.failed-parity`` exists and ``overwrite`` is False.
         ValueError: at setup, when ``module`` is not a submodule of the LightningModule.
@@ -134,6 +147,7 @@ class CompressedExport(CompressionCallback):
     def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._target(pl_module)  # a wrong `module` fails before training
+            check_export_target(self.dirpath, self.overwrite)  # a file, an unwritable folder
             if self.dirpath.exists() and not self.overwrite:
                 raise FileExistsError(
                     f"CompressedExport: {self.dirpath} already exists; choose another `dirpath` or pass"
@@ -157,7 +171,14 @@ class CompressedExport(CompressionCallback):
         target = self._target(pl_module)
 
         def dry() -> None:
-            self.dry_report = dry_export(target, self._inputs(pl_module, [batch], 1), **self.options)
+            inputs = self._inputs(pl_module, [batch], 1, check=True)
+            try:
+                self.dry_report = dry_export(target, inputs, **self.options)
+            except TypeError as error:  # inside a forward(*args) the default input_fn had to guess for
+                guessed = guessed_inputs_error(error, target, batch, inputs[0]) if inputs and not self.input_fn else None
+                if guessed is None:
+                    raise
+                raise guessed from error
 
         self._on_rank_zero(trainer, dry, "dry export (before the first training step)", _DRY_NOTE)
 
@@ -184,15 +205,27 @@ class CompressedExport(CompressionCallback):
         return self.report
 
     # ------------------------------------------------------------------ internals
-    def _inputs(self, pl_module: nn.Module, batches: Iterable[Any], count: int) -> List[Any]:
+    def _inputs(self, pl_module: nn.Module, batches: Iterable[Any], count: int, check: bool = False) -> List[Any]:
         """The model inputs of the first ``count`` batches: for the parity check, and for
-        tracing the ONNX export (which needs one even with ``parity=False``)."""
+        tracing the ONNX export (which needs one even with ``parity=False``).
+
+        ``check`` (before training): inputs that do not bind to the module's ``forward``
+        raise an ``ArgumentError`` naming ``input_fn``. At the end they are left to the
+        export's check, whose failure keeps the packed files (``<dirpath>.failed-parity``).
+        """
         if not self.parity and "onnx" not in self.formats:
             return []
         target = self._target(pl_module)
         input_fn = self.input_fn or (lambda batch: batch_inputs(batch, target))
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        return [move_data_to_device(input_fn(batch), device) for batch in itertools.islice(batches, count)]
+        inputs = []
+        for batch in itertools.islice(batches, count):
+            made = input_fn(batch)
+            problem = inputs_mismatch(target, made) if check else None
+            if problem is not None:
+                raise mismatch_error(target, batch, made, problem, default=self.input_fn is None)
+            inputs.append(move_data_to_device(made, device))
+        return inputs
 
     @staticmethod
     def _on_rank_zero(trainer: Trainer, work: Callable[[], Any], what: str, note: str = "") -> None:

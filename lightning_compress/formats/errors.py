@@ -30,8 +30,10 @@ class ExportError(RuntimeError):
     """The export refused to write: NaN/Inf in a weight, an existing directory without
     ``overwrite=True``, or a layer it cannot pack; nothing on disk was changed. Or the
     check of the packed files failed after packing: then ``directory`` is where they were
-    kept instead (``<dir>.failed-parity/``, named in the message), or ``None`` if they could
-    not be written there either."""
+    kept instead (``<dir>.failed-parity/``, named in the message). Or the directory could not
+    be written (a full disk, permissions): then ``directory`` is the new folder of the
+    system's temporary directory the export was written to instead. ``None`` when the files
+    could not be written anywhere."""
 
     def __init__(self, message: str, directory: Optional[Path] = None) -> None:
         super().__init__(message)

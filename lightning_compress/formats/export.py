@@ -14,19 +14,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.atomic import (
-    DirectoryLockedError,
-    InterruptedWriteError,
-    atomic_write_directory,
-    remove_directory,
-)
+from lightning_compress.core.atomic import atomic_write_directory, remove_directory
 from lightning_compress.core.reporting import format_table
 from lightning_compress.core.targeting import parameter_key, weight_param
 from lightning_compress.core.transforms import Stage, is_transformed, weight_before, weight_slots
 from lightning_compress.formats import compressed_tensors as ct
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.errors import ExportError, ParityError
-from lightning_compress.formats.failed_export import failed_path, keep_failed, refuse_stale
+from lightning_compress.formats.failed_export import failed_path, keep_elsewhere, keep_failed, refuse_stale
 from lightning_compress.formats.gguf import plan_gguf, summary_line, write_gguf
 from lightning_compress.formats.packed import (
     FORMAT_NAME,
@@ -146,10 +141,14 @@ def export(
             without ``overwrite``, another process is exporting to ``out_dir`` (the message
             names its lock file and pid; this one does not wait), or an option does not fit
             the model; or the check of the packed files crashed (``err.directory`` is where
-            they were kept).
+            they were kept); or ``out_dir`` could not be written (a full disk, permissions,
+            the lock): the export is then written and checked in a new folder of the system's
+            temporary directory instead, which ``err.directory`` and the message name
+            (``None`` if that failed too; see :mod:`~lightning_compress.formats.failed_export`).
         ParityError: the packed model (or ``model.onnx``) misses a threshold;
             ``err.report`` has the figures, ``err.directory`` is ``<out_dir>.failed-parity``
-            (``None`` if the files could not be written there either; the message says why).
+            (a folder of the system's temporary directory if that could not be written,
+            ``None`` if nothing could; the message says why).
     """
     validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
     validate_export_formats(formats, inputs, tokenizer)
@@ -176,17 +175,22 @@ def export(
             raise
         return {METADATA_FILE: metadata_bytes(packing.body), REPORT_FILE: (packing.report.table() + "\n").encode()}
 
+    def write(directory: Path, replace: bool) -> None:
+        try:
+            atomic_write_directory(directory, packing.files, overwrite=replace, finish=finish)
+        except Exception as error:
+            if failure.get("error") is error:  # packed, but the check failed: keep the files beside it
+                raise keep_failed(directory, failure["files"], packing.body, packing.report, error,
+                                  overwrite=replace) from error
+            raise
+
     try:
-        atomic_write_directory(out_dir, packing.files, overwrite=overwrite, finish=finish)
-    except Exception as error:
-        if failure.get("error") is error:  # packed, but the check failed: keep the files beside out_dir
-            raise keep_failed(out_dir, failure["files"], packing.body, packing.report, error,
-                              overwrite=overwrite) from error
-        if isinstance(error, (FileExistsError, NotADirectoryError, DirectoryLockedError, InterruptedWriteError)):
-            # Refused before anything was replaced: another export holds the lock (no waiting:
-            # the second of two concurrent exports fails at once), or `out_dir` appeared meanwhile.
-            raise ExportError(str(error)) from error
-        raise
+        write(out_dir, overwrite)
+    except OSError as error:
+        # Not written, nothing replaced: a full disk, permissions, another export holding the
+        # lock (no waiting: the second of two concurrent exports fails at once), `out_dir`
+        # appeared meanwhile. The packed model goes to the system's temporary directory.
+        raise keep_elsewhere(out_dir, error, lambda folder: write(folder, False)) from error
     if overwrite:
         _remove_stale_failure(out_dir)
     return packing.report

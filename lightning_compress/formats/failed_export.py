@@ -21,15 +21,27 @@ an existing sibling stops the export before anything is packed (``CompressedExpo
 before training), so a stale failure is never mistaken for this run's and never replaced;
 with it, a failing export replaces the sibling, and a passing one removes it once
 ``<dir>`` is in place.
+
+When a directory cannot be written at all (a full disk, permissions changed during
+training, another export holding it, a file put in its place), the files go to a new
+folder of the system's temporary directory instead (``$TMPDIR``, else ``/tmp``:
+``lightning-compress-<name>-*/<name>``), and the error names it: :func:`keep_elsewhere`
+for ``<dir>`` (the export is written and checked there as it would have been in
+``<dir>``, so a passing one is a complete export to move into place), and
+:func:`keep_failed` for ``<dir>.failed-parity``. That folder may be cleared (a reboot
+clears a ``/tmp`` in memory), so the message says to move it. Only when that fails too is
+nothing written; the model is then still in memory, and the error says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from lightning_compress.core.atomic import atomic_write_directory
 from lightning_compress.formats.errors import ExportError, FailedExportError, ParityError
@@ -107,18 +119,69 @@ def keep_failed(
     kept[METADATA_FILE] = metadata_bytes(body)
     kept[PARITY_FILE] = (json.dumps(details, indent=2, allow_nan=False) + "\n").encode()
     kept["report.txt"] = (f"EXPORT FAILED ITS CHECK: {what}\n{report.table()}\n").encode()
+    refused = " (the check's figures in {}; load_packed refuses them unless allow_failed_parity=True)"
     try:
         atomic_write_directory(failed, kept, overwrite=overwrite)
     except Exception as write_error:  # a lock, a sibling that appeared meanwhile, a full disk
-        where, directory = (f"; nothing was written to {out_dir}, and the packed files could not be kept in {failed}"
-                            f" either ({type(write_error).__name__}: {write_error})"), None
+        lost = f"; nothing was written to {out_dir}, and the packed files could not be kept in {failed} either"
+        lost += f" ({type(write_error).__name__}: {write_error})"
+        try:
+            directory = _in_temporary_folder(failed.name, lambda folder: atomic_write_directory(folder, kept))
+        except Exception as last_error:
+            where, directory = f"{lost}, nor in the system's temporary directory ({last_error}){_IN_MEMORY}", None
+        else:
+            where = f"{lost}: they are kept in {directory} instead{refused.format(directory / PARITY_FILE)}{_MOVE}"
     else:
         where, directory = (f"; nothing was written to {out_dir}: the packed files are kept in {failed}"
-                            f" (the check's figures in {failed / PARITY_FILE}; load_packed refuses them unless"
-                            " allow_failed_parity=True)"), failed
+                            f"{refused.format(failed / PARITY_FILE)}"), failed
     if isinstance(error, ParityError):
         return ParityError(f"{error}{where}", error.report, directory)
     return ExportError(f"the check of the packed files failed ({what}){where}", directory)
+
+
+def keep_elsewhere(out_dir: Path, error: OSError, write: Callable[[Path], None]) -> ExportError:
+    """``out_dir`` could not be written (``error``: not its check, which had not failed):
+    export to ``<system temporary directory>/lightning-compress-<name>-*/<name>`` instead
+    with ``write`` (which writes and checks a directory as the export of ``out_dir`` does)
+    and return the error to raise, naming where the files are.
+
+    Returns a :class:`ParityError` (or ``ExportError``) when the check fails there, with
+    ``directory`` where :func:`keep_failed` kept the files; an ``ExportError`` with
+    ``directory`` the complete export otherwise, or ``None`` if nothing could be written.
+    """
+    lead = f"{out_dir} could not be written ({type(error).__name__}: {error})"
+    try:
+        folder = _in_temporary_folder(Path(os.path.realpath(out_dir)).name or "export", write)
+    except OSError as last_error:
+        return ExportError(f"{lead}, nor could a folder in the system's temporary directory"
+                           f" ({type(last_error).__name__}: {last_error}){_IN_MEMORY}")
+    except ExportError as failed:  # written there, but its check failed: kept beside it
+        message = f"{lead}; exported to the system's temporary directory instead, where {failed}"
+        if isinstance(failed, ParityError):
+            return ParityError(message, failed.report, failed.directory)
+        return ExportError(message, failed.directory)
+    return ExportError(
+        f"{lead}; the export is complete and checked in {folder} instead{_MOVE} (e.g. mv {folder} {out_dir},"
+        " once that can be written)", folder)
+
+
+_IN_MEMORY = (": nothing was written. The trained model is still in memory (the module passed to fit or export):"
+              " export it again to a directory that can be written (free some space, or choose another dirpath)")
+_MOVE = ", in the system's temporary directory, which may be cleared: move the folder somewhere safe"
+
+
+def _in_temporary_folder(name: str, write: Callable[[Path], None]) -> Path:
+    """``write`` the directory ``<new folder of the system's temporary directory>/<name>``;
+    returns it. The new folder is removed again if ``write`` raises and left it empty (a
+    failed check keeps its files beside ``<name>``, in that folder)."""
+    root = Path(tempfile.mkdtemp(prefix=f"lightning-compress-{name}-"))
+    try:
+        write(root / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+        raise
+    return root / name
 
 
 def _json_safe(value: Any) -> Any:
@@ -132,4 +195,5 @@ def _json_safe(value: Any) -> Any:
     return value if value is None or isinstance(value, (bool, int, str)) else str(value)
 
 
-__all__ = ["FAILED_SUFFIX", "PARITY_FILE", "failed_path", "keep_failed", "recorded_failure", "refusal", "refuse_stale"]
+__all__ = ["FAILED_SUFFIX", "PARITY_FILE", "failed_path", "keep_elsewhere", "keep_failed", "recorded_failure",
+           "refusal", "refuse_stale"]

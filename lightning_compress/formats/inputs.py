@@ -12,21 +12,32 @@ module's ``forward`` signature to decide what of the batch they are:
   annotated as a dict, and that the dict does not name, gets the dict itself;
 - a tuple or list: as many leading elements as ``forward`` requires positional inputs,
   at least one: ``(x, y)`` -> ``x``, ``(x1, x2, y)`` for ``forward(x1, x2)`` ->
-  ``(x1, x2)``, and ``((x1, x2), y)`` or ``({...}, y)`` -> the first element. Optional
-  inputs (with defaults) are not passed; a batch of exactly as many elements as the
-  forward requires is all inputs;
+  ``(x1, x2)``, and ``((x1, x2), y)`` or ``({...}, y)`` -> the first element: its
+  elements as the inputs (``forward(x1, x2)``, ``forward(x, mask=None)``), or the tuple
+  whole when ``forward`` takes one argument and not its elements (``forward(pair)``).
+  Optional inputs (with defaults) are not passed; a batch of exactly as many elements
+  as the forward requires is all inputs;
+- a ``PackedSequence`` (a NamedTuple of four tensors, as the batch or its first
+  element) is one input, passed whole, never split into its fields;
 - anything else (a tensor): the one input.
 
 A batch it cannot read raises an :class:`~lightning_compress.core.validate.ArgumentError`
-naming ``input_fn`` and saying what to pass.
+naming ``input_fn`` and saying what to pass. ``CompressedExport`` also asks
+:func:`inputs_mismatch` whether the inputs (the default's, or those of the user's
+``input_fn``) bind to ``forward``'s signature before calling it, and for a ``forward``
+taking ``*args`` (whose inputs the default can only guess) turns a ``TypeError`` raised
+inside it into that ``ArgumentError`` too (:func:`guessed_inputs_error`).
 """
 
 from __future__ import annotations
 
 import inspect
+import traceback
 from typing import Any, List, Mapping, Optional, Sequence
 
+import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from lightning_compress.core.validate import ArgumentError
 
@@ -43,11 +54,71 @@ def batch_inputs(batch: Any, module: nn.Module) -> Any:
             gives an ``input_fn`` to pass instead.
     """
     signature = _forward_signature(module)
+    if isinstance(batch, PackedSequence):  # a NamedTuple of tensors: one input, never its fields
+        return (batch,)
     if isinstance(batch, Mapping):
         return _from_mapping(batch, signature, module)
     if isinstance(batch, (tuple, list)):
         return _from_sequence(batch, signature, module)
     return batch
+
+
+def inputs_mismatch(module: nn.Module, inputs: Any) -> Optional[str]:
+    """Why ``module.forward`` cannot be called with ``inputs`` as the export passes them
+    (a tuple or list positionally, a dict as keyword arguments, anything else as the one
+    input): the ``TypeError`` of binding them to its signature; ``None`` when they bind
+    or the signature cannot be read."""
+    signature = _forward_signature(module)
+    if signature is None:
+        return None
+    try:
+        if isinstance(inputs, Mapping):
+            signature.bind(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            signature.bind(*inputs)
+        else:
+            signature.bind(inputs)
+    except TypeError as error:
+        return str(error)
+    return None
+
+
+def mismatch_error(module: nn.Module, batch: Any, inputs: Any, problem: str, *, default: bool) -> ArgumentError:
+    """The error for ``inputs`` (made from ``batch`` by the default ``input_fn`` or, without
+    ``default``, the user's) that ``module.forward`` cannot take (``problem``: see
+    :func:`inputs_mismatch`)."""
+    who = "the default input_fn" if default else "input_fn"
+    return ArgumentError(
+        "input_fn",
+        f"{who} made {_describe_call(inputs)} from the batch {_structure(batch)}, but {_describe(module)}"
+        f"{_forward_signature(module)} cannot take them ({problem}). Pass `input_fn`: a function from a batch to the"
+        f" inputs (a tuple is passed positionally, a dict as keyword arguments), e.g."
+        f" input_fn={_suggestion(module, batch)}; in a recipe: export.input_fn, a dotted path to such a function",
+    )
+
+
+def guessed_inputs_error(error: TypeError, module: nn.Module, batch: Any, inputs: Any) -> Optional[ArgumentError]:
+    """For a ``forward`` taking ``*args``, whose inputs the default ``input_fn`` can only
+    guess (any number of them binds): the error to raise for a ``TypeError`` raised
+    inside that forward when called with the default's ``inputs``; ``None`` for any other
+    forward or error (a forward with a readable signature gets the inputs it takes, so a
+    ``TypeError`` inside it is its own)."""
+    signature = _forward_signature(module)
+    if signature is None or not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
+        return None
+    code = getattr(getattr(module.forward, "__func__", None), "__code__", None)
+    if code is None or not any(frame.f_code is code for frame, _ in traceback.walk_tb(error.__traceback__)):
+        return None
+    count = len(batch) - 1 if isinstance(batch, (tuple, list)) and len(batch) > 1 else 1
+    elements = [f"batch[{i}]" for i in range(count)] if isinstance(batch, (tuple, list)) else ["batch"]
+    return ArgumentError(
+        "input_fn",
+        f"{_describe(module)}{signature} takes *args, so the default input_fn cannot tell which of the batch's"
+        f" elements are its inputs: it passed {_describe_call(inputs)} from the batch {_structure(batch)}, and the"
+        f" forward raised TypeError: {error}. If it takes other inputs, pass `input_fn`: a function from a batch"
+        f" to the inputs (a tuple is passed positionally), e.g. input_fn={_example(elements, count, whole=True)};"
+        " in a recipe: export.input_fn, a dotted path to such a function",
+    )
 
 
 def _forward_signature(module: nn.Module) -> Optional[inspect.Signature]:
@@ -70,10 +141,12 @@ def _from_sequence(batch: Sequence[Any], signature: Optional[inspect.Signature],
     if len(required) <= 1 and len(batch):
         if isinstance(first, Mapping):  # ({...}, y): the dict is the inputs, or the one input
             return _from_mapping(first, signature, module)
-        return first  # x of (x, y)
+        if isinstance(first, PackedSequence) or (_is_sequence(first) and _takes_whole(signature, first)):
+            return (first,)  # forward(pair) of ((x1, x2), y): the tuple is the one input
+        return first  # x of (x, y); (x1, x2) of ((x1, x2), y) for forward(x1, x2=None)
     if isinstance(first, Mapping):
         return _from_mapping(first, signature, module)
-    if isinstance(first, (tuple, list)) and len(first) >= len(required):  # ((x1, x2), y)
+    if _is_sequence(first) and len(first) >= len(required):  # ((x1, x2), y)
         return tuple(first[: len(required)])
     if len(batch) < len(required):
         raise ArgumentError(
@@ -118,6 +191,24 @@ def _from_mapping(batch: Mapping[str, Any], signature: Optional[inspect.Signatur
     return kept
 
 
+def _is_sequence(value: Any) -> bool:
+    """A tuple or list of inputs: not a ``PackedSequence``, which is one input."""
+    return isinstance(value, (tuple, list)) and not isinstance(value, PackedSequence)
+
+
+def _binds(signature: inspect.Signature, *args: Any) -> bool:
+    try:
+        signature.bind(*args)
+    except TypeError:
+        return False
+    return True
+
+
+def _takes_whole(signature: Optional[inspect.Signature], value: Sequence[Any]) -> bool:
+    """Whether ``forward`` takes ``value`` as one argument and not its elements."""
+    return signature is not None and not _binds(signature, *value) and _binds(signature, value)
+
+
 def _takes_the_dict(parameter: inspect.Parameter) -> bool:
     """Whether a forward's one parameter is meant for a whole dict batch: named ``batch``
     or annotated as a dict."""
@@ -126,14 +217,63 @@ def _takes_the_dict(parameter: inspect.Parameter) -> bool:
     return parameter.name == "batch" or text.split("[")[0] in ("dict", "Dict", "Mapping")
 
 
-def _example(elements: List[str], count: int) -> str:
-    """``lambda batch: ...`` returning ``count`` of ``elements`` (``...`` where short)."""
+def _example(elements: List[str], count: int, whole: bool = False) -> str:
+    """``lambda batch: ...`` returning ``count`` of ``elements`` (``...`` where short);
+    ``whole``: one element in a 1-tuple, so that a tuple element is passed as it is."""
     chosen = (elements + ["..."] * count)[:count]
-    return f"lambda batch: {chosen[0]}" if count == 1 else f"lambda batch: ({', '.join(chosen)})"
+    if count == 1:
+        return f"lambda batch: ({chosen[0]},)" if whole else f"lambda batch: {chosen[0]}"
+    return f"lambda batch: ({', '.join(chosen)})"
+
+
+def _suggestion(module: nn.Module, batch: Any) -> str:
+    """An ``input_fn`` giving ``forward`` its required arguments from ``batch``'s leading
+    elements (or non-label keys): positionally, or by name when some are keyword-only."""
+    signature = _forward_signature(module)
+    parameters = [] if signature is None else list(signature.parameters.values())
+    names = [p.name for p in parameters if p.default is p.empty and p.kind in (*_POSITIONAL, p.KEYWORD_ONLY)]
+    if isinstance(batch, Mapping):
+        elements = [f"batch[{key!r}]" for key in batch if key not in LABEL_KEYS]
+    elif isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence):
+        elements = [f"batch[{i}]" for i in range(len(batch))]
+    else:
+        elements = ["batch"]
+    count = max(len(names), 1)
+    if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in parameters):
+        chosen = (elements + ["..."] * count)[:count]
+        return "lambda batch: {" + ", ".join(f"{name!r}: {value}" for name, value in zip(names, chosen)) + "}"
+    return _example(elements, count, whole=True)
+
+
+def _structure(value: Any, depth: int = 0) -> str:
+    """A short picture of a batch: ``((tensor[4, 8], tensor[4, 4]), tensor[4])``."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor[{', '.join(str(d) for d in value.shape)}]"
+    if isinstance(value, PackedSequence):
+        return "PackedSequence"
+    if depth >= 3:
+        return "..."
+    if isinstance(value, Mapping):
+        items = [f"{key!r}: {_structure(item, depth + 1)}" for key, item in list(value.items())[:6]]
+        return "{" + ", ".join(items + (["..."] if len(value) > 6 else [])) + "}"
+    if isinstance(value, (tuple, list)):
+        items = [_structure(item, depth + 1) for item in value[:6]] + (["..."] if len(value) > 6 else [])
+        text = ", ".join(items)
+        return f"[{text}]" if isinstance(value, list) else f"({text}{',' if len(value) == 1 else ''})"
+    return type(value).__name__
+
+
+def _describe_call(inputs: Any) -> str:
+    if isinstance(inputs, Mapping):
+        return f"keyword arguments {_structure(inputs)}"
+    if isinstance(inputs, (tuple, list)):
+        count = len(inputs)
+        return f"{count} positional input{'' if count == 1 else 's'} {_structure(tuple(inputs))}"
+    return f"one input {_structure(inputs)}"
 
 
 def _describe(module: nn.Module) -> str:
     return f"{type(module).__name__}.forward"
 
 
-__all__ = ["LABEL_KEYS", "batch_inputs"]
+__all__ = ["LABEL_KEYS", "batch_inputs", "guessed_inputs_error", "inputs_mismatch", "mismatch_error"]

@@ -13,11 +13,18 @@ The dynamo-based exporter (which needs the ``onnxscript`` package) is used only 
 TorchScript one is unavailable.
 
 Dimension 0 of every input and output is exported as a dynamic ``batch`` dimension.
+
+The example inputs are positional, whatever they hold: a dict among them is one argument
+(a ``forward(self, batch)`` taking a dict), never keyword arguments. PyTorch's exporter
+reads a trailing dict in its ``args`` as keyword arguments, so one is passed with the
+empty dict it documents for that case after it. Tensors inside dicts, tuples and lists
+are inputs of the graph, named ``input_<i>`` in the order :func:`run_onnx` feeds them.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -143,8 +150,11 @@ def export_onnx(
 def run_onnx(path, inputs: tuple, *, session_config: Mapping[str, str] | None = None) -> list[np.ndarray]:
     """Run the ONNX file at ``path`` on CPU with onnxruntime; returns every output.
 
-    ``inputs`` are positional (torch tensors or numpy arrays), matched to the graph inputs
-    in order; non-tensor entries (baked into the graph by the exporter) are skipped.
+    ``inputs`` are positional (torch tensors or numpy arrays, or tuples, lists and dicts
+    of them, flattened in order), matched to the graph inputs in order, or by their
+    ``input_<i>`` names when the exporter left some out (a tensor the model does not use,
+    such as the labels in a dict batch); non-tensor entries (baked into the graph by the
+    exporter) are skipped.
 
     The session keeps int8 QDQ layers weight-only: onnxruntime otherwise fuses
     ``DequantizeLinear`` + ``MatMul`` into a ``MatMulNBits`` with ``accuracy_level=4``,
@@ -156,11 +166,7 @@ def run_onnx(path, inputs: tuple, *, session_config: Mapping[str, str] | None = 
 
     if isinstance(inputs, (torch.Tensor, np.ndarray)):
         inputs = (inputs,)
-    arrays = [
-        x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-        for x in inputs
-        if isinstance(x, (torch.Tensor, np.ndarray))
-    ]
+    arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in _flatten(inputs)]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
     config = {"session.qdq_matmulnbits_accuracy_level": "0", **(session_config or {})}
@@ -168,6 +174,9 @@ def run_onnx(path, inputs: tuple, *, session_config: Mapping[str, str] | None = 
         options.add_session_config_entry(key, str(value))
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     graph_inputs = session.get_inputs()
+    indices = [re.fullmatch(r"input_(\d+)", spec.name) for spec in graph_inputs]
+    if len(graph_inputs) < len(arrays) and all(m is not None and int(m[1]) < len(arrays) for m in indices):
+        return session.run(None, {spec.name: arrays[int(m[1])] for spec, m in zip(graph_inputs, indices)})
     if len(graph_inputs) != len(arrays):
         raise ValueError(
             f"the graph takes {len(graph_inputs)} input(s) ({[i.name for i in graph_inputs]}),"
@@ -208,7 +217,9 @@ def _export_copy(model: nn.Module, plans: Mapping[str, LayerPlan]) -> nn.Module:
 
 
 def _flatten(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
+    """The tensors (and numpy arrays) in ``value``, depth first, a dict's in its order: the
+    order the exporter makes them graph inputs in."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
         return [value]
     if isinstance(value, (list, tuple)):
         return [t for item in value for t in _flatten(item)]
@@ -229,7 +240,7 @@ def _export_float(
 def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | None) -> None:
     with torch.no_grad():
         outputs = _flatten(clone(*example_inputs))
-    tensor_inputs = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    tensor_inputs = _flatten(example_inputs)
     input_names = [f"input_{i}" for i in range(len(tensor_inputs))]
     output_names = [f"output_{i}" for i in range(len(outputs))]
     dynamic_axes = {
@@ -247,6 +258,14 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
             " CompressedExport(formats=...) (the packed safetensors export does not need it), or change that layer"
         ) from None
     except (TypeError, NotImplementedError, AttributeError) as legacy_error:
+        if isinstance(legacy_error, TypeError) and _CALL_MISMATCH.search(str(legacy_error)):
+            # The exporter called forward with other arguments than the call above did.
+            raise ExportError(
+                f"PyTorch's ONNX exporter could not call {type(clone).__name__}.forward with the example inputs"
+                f" ({type(legacy_error).__name__}: {legacy_error}). It takes a tuple of tensors (and of tuples, lists"
+                " and dicts of them) as positional inputs: pass CompressedExport an `input_fn` returning one, or"
+                " leave 'onnx' out of CompressedExport(formats=...)"
+            ) from legacy_error
         # A PyTorch without the TorchScript exporter (deprecated since 2.9): the dynamo one
         # needs onnxscript. Forward errors cannot land here: the forward above ran already.
         try:
@@ -260,7 +279,16 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
         _export_dynamo(clone, example_inputs, path, input_names, output_names, opset)
 
 
+# Python's messages for a call that does not fit a signature.
+_CALL_MISMATCH = re.compile(r"\(\) (missing \d+ required|takes \d+|takes from|got an unexpected keyword|got multiple"
+                            r" values|got some positional-only)")
+
+
 def _export_torchscript(model, example_inputs, path, input_names, output_names, dynamic_axes, opset) -> None:
+    if example_inputs and isinstance(example_inputs[-1], dict):
+        # torch.onnx.export reads a trailing dict as keyword arguments; after it, the empty
+        # dict its documentation gives for this case keeps the one before it positional.
+        example_inputs = (*example_inputs, {})
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated but still the one without extra
         # dependencies; its warnings say nothing the user can act on here.

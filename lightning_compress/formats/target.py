@@ -1,0 +1,105 @@
+"""Whether an export directory can be written, asked before anything is trained.
+
+``CompressedExport`` checks its ``dirpath`` at setup, so a path the export at the end of
+fit could not write stops the run before its first step instead of after its last:
+
+- a ``dirpath`` that is a file is refused whatever ``overwrite`` says (the export writes a
+  directory and never replaces a file);
+- with ``overwrite=True``, an existing ``dirpath`` that is a mount point, or that is or
+  holds the current working directory, is refused (replacing it would fail, or strand
+  this process in a deleted folder);
+- the folder the export creates its files in (``dirpath``'s parent, created if missing)
+  must be creatable: its nearest existing ancestor must be a directory, not a file, in
+  which this process can create entries. That is asked with ``os.access`` and then by
+  creating and removing an empty folder there (``.lightning-compress-probe-*``), since
+  ``os.access`` says yes to root where the file system says no (``/proc``, say).
+
+A problem that appears during training (a full disk, permissions changed) is handled at
+the end instead: see :func:`~lightning_compress.formats.failed_export.keep_elsewhere`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from lightning_compress.core.validate import ArgumentError
+
+_CHECKED = "; checked before training, so no run is lost"
+_ELSEWHERE = "choose another `dirpath` (in a recipe: export.dirpath)"
+
+
+def check_export_target(dirpath: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a ``dirpath`` an export could not write (see the module docstring).
+
+    Does not refuse an existing directory: whether that may be replaced is ``overwrite``'s
+    business, checked by the caller.
+
+    Raises:
+        ArgumentError: (naming ``dirpath``) what is wrong with it and what to do instead.
+    """
+    target = Path(os.path.realpath(dirpath))  # a link is followed, as the export follows it
+    if target.exists() and not target.is_dir():
+        raise ArgumentError(
+            "dirpath",
+            f"CompressedExport: `dirpath` {dirpath} is a file, not a directory; the export writes a directory and"
+            f" never replaces a file (overwrite=True replaces only a directory): {_ELSEWHERE}, or move the file"
+            f" away{_CHECKED}",
+        )
+    if overwrite and target.is_dir():
+        _refuse_unreplaceable(dirpath, target)
+    ancestor = target.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ArgumentError(
+            "dirpath",
+            f"CompressedExport: `dirpath` {dirpath} cannot be created: {ancestor} is a file, not a folder: {_ELSEWHERE},"
+            f" or move the file away{_CHECKED}",
+        )
+    problem = _cannot_create_in(ancestor)
+    if problem is not None:
+        where = "its folder" if ancestor == target.parent else "its nearest existing folder"
+        raise ArgumentError(
+            "dirpath",
+            f"CompressedExport: `dirpath` {dirpath} cannot be written: this process cannot create files in {ancestor},"
+            f" {where} ({problem}); {_ELSEWHERE} in a folder you can write to, or fix that folder's"
+            f" permissions{_CHECKED}",
+        )
+
+
+def _refuse_unreplaceable(dirpath, target: Path) -> None:
+    if os.path.ismount(target):
+        raise ArgumentError(
+            "dirpath",
+            f"CompressedExport: `dirpath` {dirpath} is a mount point, which overwrite=True cannot replace: write to a"
+            f" directory inside it{_CHECKED}",
+        )
+    with contextlib.suppress(OSError):
+        cwd = os.getcwd()
+        if cwd == str(target) or cwd.startswith(str(target) + os.sep):
+            raise ArgumentError(
+                "dirpath",
+                f"CompressedExport: `dirpath` {dirpath} is (or holds) the current working directory, which"
+                f" overwrite=True would replace, leaving this process in a deleted folder: {_ELSEWHERE}, or change"
+                f" directory first{_CHECKED}",
+            )
+
+
+def _cannot_create_in(folder: Path) -> Optional[str]:
+    """Why this process cannot create entries in ``folder``, or ``None`` when it can."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "no write permission"
+    try:
+        probe = tempfile.mkdtemp(prefix=".lightning-compress-probe-", dir=folder)
+    except OSError as error:
+        return error.strerror or str(error)
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
+    return None
+
+
+__all__ = ["check_export_target"]

@@ -1,0 +1,163 @@
+"""An export path that cannot be written (issue 16, found by a new-user trial).
+
+- Before training: ``CompressedExport`` refuses a ``dirpath`` that is a file (whatever
+  ``overwrite`` says), under a file, in a folder this process cannot create files in, or
+  (with ``overwrite``) the current working directory, with an ``ArgumentError`` naming
+  ``dirpath`` and the fix; no step is run and nothing is created.
+- At the end: when writing ``dirpath`` fails (a full disk, injected through the atomic
+  writer's stage seam), the trained model is not lost: the export is written and checked
+  in a new folder of the system's temporary directory, which the ``ExportError`` names;
+  loaded from there it computes what the trained model computes. Only when nothing can
+  be written anywhere does the error say the model is only in memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import tempfile
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_compress import ArgumentError, CompressedExport, ExportError, QuantizationAwareTraining, load_packed
+from lightning_compress.core import atomic
+from lightning_compress.formats.packed import WEIGHTS_FILE
+from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+
+
+class Steps(pl.Callback):
+    def __init__(self):
+        self.count = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.count += 1
+
+
+def fit(dirpath, **options):
+    """Two steps of int8 QAT and the export; returns (model, export callback, step counter)."""
+    model, steps = TinyRegressor(), Steps()
+    export_cb = CompressedExport(dirpath, **options)
+    trainer = make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8"), export_cb, steps])
+    try:
+        trainer.fit(model, tiny_loader(batches=2), tiny_loader(batches=1, seed=1))
+    finally:
+        fit.steps = steps.count
+    return model, export_cb
+
+
+@pytest.fixture
+def system_temp(tmp_path, monkeypatch):
+    """The system's temporary directory, moved into ``tmp_path`` (``tempfile.tempdir``)."""
+    folder = tmp_path / "system-tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+# ====================================================================== before training
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_at_dirpath_is_refused_before_training_whatever_overwrite_says(tmp_path, overwrite):
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(ArgumentError, match=r"`dirpath` .*out is a file, not a directory.*overwrite=True replaces only"
+                                            r" a directory.*choose another `dirpath` \(in a recipe: export.dirpath\)"
+                                            r".*move the file away") as caught:
+        fit(tmp_path / "out", overwrite=overwrite)
+    assert caught.value.argument == "dirpath" and fit.steps == 0
+    assert (tmp_path / "out").read_text() == "not a directory"
+
+
+def test_a_dirpath_under_a_file_is_refused_before_training(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArgumentError, match=r"`dirpath` .*file/sub/out cannot be created: .*file is a file, not a"
+                                            r" folder: choose another `dirpath`") as caught:
+        fit(tmp_path / "file" / "sub" / "out")
+    assert caught.value.argument == "dirpath" and fit.steps == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+def test_a_folder_that_cannot_be_created_is_refused_before_training():
+    """The trial's case: ``/proc`` refuses new entries even to root, for whom ``os.access``
+    says yes; the nearest existing folder is named."""
+    with pytest.raises(ArgumentError, match=r"`dirpath` /proc/lightning-compress-test/x cannot be written: this process"
+                                            r" cannot create files in /proc, its nearest existing folder \(.*\);"
+                                            r" choose another `dirpath` .* in a folder you can write to") as caught:
+        fit("/proc/lightning-compress-test/x")
+    assert caught.value.argument == "dirpath" and fit.steps == 0
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to read-only folders")
+def test_a_read_only_folder_is_refused_before_training(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(ArgumentError, match=r"cannot create files in .*read-only, its folder \(no write permission\)"):
+            fit(folder / "out")
+    finally:
+        folder.chmod(0o700)
+    assert fit.steps == 0 and list(folder.iterdir()) == []
+
+
+def test_overwriting_the_working_directory_is_refused_before_training(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    with pytest.raises(ArgumentError, match=r"`dirpath` \. is \(or holds\) the current working directory"):
+        fit(".", overwrite=True)
+    assert fit.steps == 0
+
+
+def test_a_writable_dirpath_with_missing_parents_passes_and_leaves_no_probe(tmp_path):
+    _, export_cb = fit(tmp_path / "a" / "b" / "out", parity=False, dry_export=False)
+    assert fit.steps == 2 and (tmp_path / "a" / "b" / "out" / WEIGHTS_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # the probe folder is gone
+
+
+# ====================================================================== at the end
+def full_disk_once(monkeypatch, times=1):
+    """The next ``times`` directory writes fail with ENOSPC while their files are written."""
+    left = [times]
+
+    def stage(reached):
+        if reached == "building" and left[0] > 0:
+            left[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "on_stage", stage)
+
+
+def test_a_full_disk_at_the_end_keeps_the_trained_model_in_the_temporary_directory(tmp_path, system_temp,
+                                                                                    monkeypatch, seeded):
+    full_disk_once(monkeypatch)
+    with pytest.raises(ExportError) as caught:
+        fit(tmp_path / "out")
+    error, kept = caught.value, caught.value.directory
+    assert fit.steps == 2 and not (tmp_path / "out").exists()
+    assert kept is not None and kept.parent.parent == system_temp and kept.name == "out"
+    assert f"{tmp_path / 'out'} could not be written (OSError: [Errno {errno.ENOSPC}] No space left on device)" in str(error)
+    assert f"the export is complete and checked in {kept} instead" in str(error) and "move the folder" in str(error)
+    model = fit_model_again(tmp_path)
+    x, _ = next(iter(tiny_loader(batches=1, seed=2)))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(load_packed(kept, TinyRegressor(), backend="dequantize")(x), model(x))
+
+
+def fit_model_again(tmp_path):
+    """The same run (seeded the same, no disk fault): the model the kept export must equal."""
+    pl.seed_everything(0, verbose=False)
+    model, _ = fit(tmp_path / "again")
+    return model
+
+
+def test_when_nothing_can_be_written_the_error_says_the_model_is_in_memory(tmp_path, system_temp, monkeypatch):
+    full_disk_once(monkeypatch, times=2)  # dirpath, then the folder in the temporary directory
+    with pytest.raises(ExportError, match=r"could not be written .*No space left on device.*nor could a folder in the"
+                                          r" system's temporary directory .*nothing was written\. The trained model is"
+                                          r" still in memory") as caught:
+        fit(tmp_path / "out")
+    assert caught.value.directory is None and fit.steps == 2
+    assert list(system_temp.iterdir()) == [] and not (tmp_path / "out").exists()
