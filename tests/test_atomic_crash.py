@@ -109,15 +109,16 @@ def test_killed_export_leaves_old_or_new_directory(tmp_path, swap, stage, packed
     assert_packed(target, 3, packed_weights)
 
 
-def test_export_killed_between_the_renames_is_recovered_by_the_next_export(tmp_path, packed_weights):
+def test_export_killed_between_the_renames_is_recovered_by_the_next_export(tmp_path, packed_weights, system_temp):
     target = tmp_path / "out"
     export(quantized(1), target)
     killed_at("aside", "two renames", lambda: export(quantized(2), target, overwrite=True))
     assert not target.exists()
-    with pytest.raises(ExportError, match="overwrite=True"):  # the old one is back: not replaced
+    with pytest.raises(ExportError, match="overwrite=True") as caught:  # the old one is back: not replaced
         export(quantized(3), target)
     assert listing(tmp_path) == ["out"]
     assert_packed(target, 1, packed_weights)
+    assert_packed(caught.value.directory, 3, packed_weights)  # the refused export is kept in the temporary directory
 
 
 def test_killed_export_with_onnx_keeps_the_old_onnx(tmp_path, packed_weights):
