@@ -219,16 +219,14 @@ class _TinyBertRegressor(pl.LightningModule):
 @pytest.mark.parametrize(
     "qat, expected",
     [
-        (dict(weights="int4", group_size=16, symmetric=False),
-         ["QuantizationAwareTraining(symmetric=False)", "QAT trains int4 g16 asym, which compressed-tensors cannot store",
-          "asymmetric sub-8-bit zero points do not load in transformers", "Quantize it symmetrically (symmetric=True)"]),
-        (dict(weights="int8", activations="int8_dynamic"),
-         ["QuantizationAwareTraining(activations='int8_dynamic')", "QAT trains int8_dynamic activations",
-          "transformers would run the layer with float activations", "Drop `activations`"]),
+        (dict(weights="int3", group_size=16, symmetric=False),
+         ["QuantizationAwareTraining(symmetric=False)", "QAT trains int3 g16 asym, which compressed-tensors cannot store",
+          "asymmetric 3-bit weights load nowhere", "vLLM reads zero points at 4 and 8 bits only",
+          "Quantize it symmetrically (symmetric=True), use 4 or 8 bits"]),
     ],
-    ids=["asymmetric_int4", "int8_activations"],
+    ids=["asymmetric_int3"],
 )
-def test_compressed_tensors_export_of_what_transformers_cannot_load_is_refused(tmp_path, qat, expected):
+def test_compressed_tensors_export_of_what_no_reader_loads_is_refused(tmp_path, qat, expected):
     import transformers  # noqa: F401  (a dev dependency: a missing one fails, never skips)
     _refused(
         [QuantizationAwareTraining(**qat), CompressedExport(tmp_path / "out", module="model", compressed_tensors=True)],
@@ -240,19 +238,19 @@ def test_compressed_tensors_export_of_what_transformers_cannot_load_is_refused(t
     )
 
 
-def test_recipe_with_a_compressed_tensors_export_of_asymmetric_int4_names_both_keys(tmp_path):
+def test_recipe_with_a_compressed_tensors_export_of_asymmetric_int2_names_both_keys(tmp_path):
     export = {"dirpath": str(tmp_path / "out"), "module": "model", "compressed_tensors": True}
     _recipe_refused(
-        {"lora": {"base": "nf4"}, "qat": {"weights": "int4", "group_size": 64, "symmetric": False}, "export": export},
+        {"lora": {"base": "nf4"}, "qat": {"weights": "int2", "group_size": 64, "symmetric": False}, "export": export},
         "recipe keys export.compressed_tensors=True and qat.symmetric=False",
-        "asymmetric sub-8-bit zero points do not load in transformers",
+        "asymmetric 2-bit weights load nowhere",
         "compressed_tensors=False",
     )
-    _recipe_refused(
-        {"qat": {"weights": "int8", "activations": "int8_static"}, "export": export},
-        "recipe keys export.compressed_tensors=True and qat.activations='int8_static'",
-    )
-    # Asymmetric int8 (QLoRA or not) is what transformers loads: accepted.
+    # Written as trained (tests/test_compressed_tensors_vllm.py): int8 activations (W8A8), and
+    # asymmetric int4/int8 with packed zero points (QLoRA or not), as vLLM reads them.
+    load_recipe({"qat": {"weights": "int8", "activations": "int8_static"}, "export": export})
+    load_recipe({"lora": {"base": "nf4"}, "qat": {"weights": "int4", "group_size": 64, "symmetric": False},
+                 "export": export})
     load_recipe({"lora": {"base": "nf4"}, "qat": {"weights": "int8", "symmetric": False}, "export": export})
 
 

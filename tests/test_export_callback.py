@@ -151,7 +151,7 @@ def _tiny_bert():
 @pytest.mark.parametrize(
     "spec",
     [QuantSpec(4, "group", 32), QuantSpec(4, "group", 32, scale_dtype="float16"), QuantSpec(8, "channel"),
-     QuantSpec(8, "channel", symmetric=False), QuantSpec(3, "channel")],
+     QuantSpec(8, "tensor", symmetric=False), QuantSpec(3, "channel")],
     ids=lambda s: s.describe().replace(" ", "-"),
 )
 def test_transformers_loads_the_export_with_compressed_tensors(tmp_path, spec, monkeypatch):
@@ -165,7 +165,7 @@ def test_transformers_loads_the_export_with_compressed_tensors(tmp_path, spec, m
     assert written["dtype"] == "float32"  # transformers 4.x would otherwise load it in float16
     config = written["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"
-    assert config["format"] == ("int-quantized" if spec.bits == 8 else "pack-quantized")
+    assert config["format"] == "pack-quantized"  # weight-only, 8-bit too: what vLLM reads (W8A16)
     loaded = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         ours = model(input_ids=ids).last_hidden_state
@@ -175,11 +175,16 @@ def test_transformers_loads_the_export_with_compressed_tensors(tmp_path, spec, m
     assert torch.equal(query, model.encoder.layer[0].attention.self.query.weight)
 
 
-def test_asymmetric_int4_export_of_a_transformers_model_stays_ours(tmp_path):
+@pytest.mark.parametrize("spec", [QuantSpec(4, "group", 32, symmetric=False), QuantSpec(8, "channel", symmetric=False)],
+                         ids=["int4-g32-asym", "int8-channel-asym"])
+def test_asymmetric_export_of_a_transformers_model_stays_ours_by_default(tmp_path, spec):
+    """Packed zero points (what vLLM reads) do not load in the tested transformers: by
+    default no config.json; compressed_tensors=True writes it (tests/test_compressed_tensors_vllm.py)."""
     _, model = _tiny_bert()
-    round_to_nearest(model, QuantSpec(4, "group", 32, symmetric=False), targets=[nn.Linear])
+    round_to_nearest(model, spec, targets=[nn.Linear])
     report = export(model, tmp_path / "hf")
     assert not report.compressed_tensors and "zero points" in report.notes[0]
+    assert "compressed_tensors=True" in report.notes[0]
     assert not (tmp_path / "hf" / "config.json").exists()
 
 

@@ -130,22 +130,30 @@ def test_automodel_and_the_task_class_load_the_fake_quant_model(tmp_path, family
     assert torch.equal(base.get_submodule(float_layer.removeprefix(prefix + ".")).weight, float_weight)
 
 
-def test_targets_and_ignore_match_the_same_layers_in_both_classes(tmp_path):
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-scheme", "two-schemes"])
+def test_targets_and_ignore_match_the_same_layers_in_both_classes(tmp_path, mixed):
     """compressed-tensors' own matcher (what transformers and vLLM call) finds each
-    quantized layer in both classes, and ``ignore`` names the Linear layers left in float."""
+    quantized layer in both classes, and ``ignore`` names the Linear layers left in float.
+    One scheme for every quantized Linear layer targets the class (``["Linear"]``, as
+    llm-compressor writes it); several target each layer by name."""
     from compressed_tensors.utils.match import match_named_modules
 
     model = tiny_bert_classifier()
-    round_to_nearest(model, QuantSpec(4, "group", 32), targets=[nn.Linear], exclude=["pooler.dense"])
+    round_to_nearest(model, QuantSpec(4, "group", 32), targets=[nn.Linear], exclude=["pooler.dense", "classifier"])
+    round_to_nearest(model, QuantSpec(8, "channel") if mixed else QuantSpec(4, "group", 32), targets=["classifier"])
     export(model, tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
-    targets = config["config_groups"]["group_0"]["targets"]
+    groups = config["config_groups"].values()
+    assert [group["targets"] == ["Linear"] for group in groups] == ([False, False] if mixed else [True])
     quantized = sorted(quantized_weights(model))
     task = tiny_bert_classifier()
-    assert sorted(name for name, _ in match_named_modules(task, targets)) == quantized
-    assert sorted(name for name, _ in match_named_modules(task.bert, targets)) == [
-        name.removeprefix("bert.") for name in quantized if name != "classifier"
-    ]
+    for group in groups:
+        in_task = sorted(name for name, _ in match_named_modules(task, group["targets"], config["ignore"]))
+        in_base = sorted(name for name, _ in match_named_modules(task.bert, group["targets"], config["ignore"]))
+        expected = ["classifier"] if mixed and group["weights"]["num_bits"] == 8 else [
+            name for name in quantized if not (mixed and name == "classifier")]
+        assert in_task == expected
+        assert in_base == [name.removeprefix("bert.") for name in expected if name != "classifier"]
     assert [name for name, _ in match_named_modules(task, config["ignore"])] == ["bert.pooler.dense"]
     assert [name for name, _ in match_named_modules(task.bert, config["ignore"])] == ["pooler.dense"]
 
@@ -194,7 +202,7 @@ def test_trained_head_model_exports_from_dict_batches_and_loads_in_transformers(
     assert meta["onnx"]["relative_error"] <= 1e-5
 
     (base, task), unmatched = load_both(tmp_path / "hf", transformers.AutoModelForSequenceClassification, caplog)
-    assert unmatched == [["classifier"], []]
+    assert unmatched == [[], []]  # one scheme: the group targets the class, which both models hold
     held_out = next(iter(dict_batches(1, seed=2)))
     inputs = {key: held_out[key] for key in ("input_ids", "attention_mask")}
     model = module.model.eval()

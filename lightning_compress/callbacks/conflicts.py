@@ -231,9 +231,10 @@ _ONNX_GRIDS = "(int4: per channel, per tensor or groups of a power of two >= 16;
 
 def _export_formats_and_quantization(stack: Stack) -> Iterator[Conflict]:
     """What the export was asked to write must hold what QAT trains: compressed-tensors
-    (transformers) loads symmetric or 8-bit weights of Linear/Embedding layers and no
-    activation quantization; the ONNX export writes int4 and int8 Linear layers on
-    onnxruntime's grids only. Otherwise fit fails at its end, after the training."""
+    stores Linear/Embedding layers (asymmetric weights at 4 or 8 bits only, the widths vLLM
+    reads zero points at; int8 activations are written as trained); the ONNX export writes
+    int4 and int8 Linear layers on onnxruntime's grids only. Otherwise fit fails at its
+    end, after the training."""
     for export in stack["export"]:
         compressed_tensors = export.config.compressed_tensors is True
         onnx = "onnx" in export.config.formats
@@ -304,8 +305,6 @@ def _compressed_tensors_problems(qat: Any, kind: str, spec: QuantSpec, setting: 
             keys.append(("ct_grid", setting, spec.describe(), reason))
         else:
             keys.append(("ct_layer", Setting("qat", "targets", targets_of(qat)), spec.describe(), reason))
-    elif qat.config.activations is not None and kind != "Embedding":  # token ids are not quantized
-        keys.append(("ct_activations", Setting("qat", "activations", qat.config.activations)))
     return keys
 
 
@@ -321,19 +320,10 @@ def _export_conflict(key: tuple, names: List[str], qat: Any, export: Any) -> Con
             " 'onnx' from CompressedExport(formats=...)",
             layers, (qat,),
         )
-    if key[0] == "ct_activations":
-        return Conflict(
-            (ct, key[1]),
-            f"{where}, QAT trains {key[1].value} activations, but the compressed-tensors config.json describes"
-            " weights only, so transformers would run the layer with float activations instead",
-            "Drop `activations` (weight-only QAT), or export with compressed_tensors=False and load with"
-            " lightning_compress.load_packed",
-            layers, (qat,),
-        )
     _, setting, described, reason = key
     if key[0] == "ct_grid":
-        fix = ("Quantize it symmetrically (symmetric=True), use 8 bits, or export with compressed_tensors=False (our"
-               " loader reads asymmetric zero points)")
+        fix = ("Quantize it symmetrically (symmetric=True), use 4 or 8 bits, or export with compressed_tensors=False"
+               " (our loader reads asymmetric zero points of any width)")
     else:
         fix = (f"Keep {'it' if len(names) == 1 else 'them'} out of QuantizationAwareTraining (exclude={names!r}), or"
                " export with compressed_tensors=False")

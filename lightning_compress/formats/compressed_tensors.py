@@ -1,35 +1,61 @@
 """``config.json`` for a Hugging Face model exported in compressed-tensors' layout.
 
-``transformers`` (with the ``compressed-tensors`` package) reads the
-``quantization_config`` below and decompresses ``weight_packed``/``weight`` +
-``weight_scale`` (+ ``weight_zero_point``) of each listed layer. Layers sharing bits,
-granularity, group size and symmetry form one config group that targets them by name;
-8-bit groups use the ``int-quantized`` format (int8 ``weight``), the others
-``pack-quantized``.
+What vLLM and ``transformers`` (with the ``compressed-tensors`` package) read: the
+``quantization_config`` below, and per quantized layer the tensors llm-compressor writes
+for the same scheme (checked against llm-compressor 0.14's own output in
+``tests/test_compressed_tensors_vllm.py``):
+
+================================  ==============================================
+weight-only (W4A16, W8A16, ...)   ``pack-quantized``: ``weight_packed`` int32, ``weight_shape``,
+                                  ``weight_scale``; asymmetric: ``weight_zero_point`` int32,
+                                  packed along the output dimension
+int8 activations + int8 weights   ``int-quantized``: ``weight`` int8, ``weight_scale``;
+(W8A8)                            static activations add ``input_scale`` (float32 ``[1]``)
+                                  and ``input_zero_point`` (int8 ``[1]``)
+int8 activations + other weights  ``pack-quantized`` with ``input_activations``
+                                  (transformers runs it; vLLM has no scheme, see
+                                  :func:`vllm_notes`)
+================================  ==============================================
+
+Each distinct scheme (weights and input activations) is one config group. The activation
+quantizers QAT trains (:mod:`lightning_compress.quant.activations`) are int8 and asymmetric,
+with zero on the grid: per token with ranges from each input (``strategy: token, dynamic:
+true``), or per tensor with an observed range (``strategy: tensor``). The config says so:
+``symmetric: false``, as compressed-tensors computes such ranges. ``observer`` is left
+``null``: it names the calibration algorithm of a tool that recalibrates, and QAT's ranges
+(min/max, MSE-clipped or learned) are stored, not recomputed.
 
 A head model (``BertForSequenceClassification``) names its layers under its base model
 (``bert.encoder...``), but ``AutoModel`` builds the base model alone (``encoder...``) and
 compressed-tensors matches targets against the names of the model it builds (exactly,
-or by ``re.match`` for ``re:`` targets). A layer of the base model is therefore targeted
-by a regex with the prefix optional, which both classes (and vLLM) match; a layer of the
-head only (``classifier``, ``lm_head``) keeps its name. ``ignore`` lists the Linear
-layers left in float, as vLLM needs for a layer no target matches, and a quantized
-layer tied to another weight is written untied, as it computed.
+or by ``re.match`` for ``re:`` targets). When one scheme holds every quantized Linear
+layer the group targets the class (``["Linear"]``, as llm-compressor writes it); else each
+layer of the base model is targeted by a regex with the prefix optional, which both
+classes (and vLLM) match, and a layer of the head only (``classifier``, ``lm_head``)
+keeps its name. ``ignore`` lists the Linear layers left in float, and a quantized layer
+tied to another weight is written untied, as it computed.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
+from lightning_compress.formats.errors import ExportError
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.spec import QuantSpec
 
 COMPATIBLE_MODULES = ("Linear", "Embedding")
+# vLLM reads an asymmetric (zero-point) weight of these widths only (WNA16_ZP_SUPPORTED_TYPES_MAP).
+ZERO_POINT_BITS = (4, 8)
+TRANSFORMERS_ZERO_POINTS = (
+    "transformers 5.24 (tested here) refuses packed zero points (a size mismatch on weight_zero_point; 5.17 loaded"
+    " them), so only vLLM and lightning_compress.load_packed read such a directory"
+)
 
 
 def is_transformers_model(module: nn.Module) -> bool:
@@ -38,7 +64,7 @@ def is_transformers_model(module: nn.Module) -> bool:
 
 
 def incompatibilities(layers: Mapping[str, PackedLayer]) -> Dict[str, str]:
-    """``{layer: reason}`` for layers compressed-tensors cannot load."""
+    """``{layer: reason}`` for layers compressed-tensors cannot store for any reader."""
     reasons = {}
     for name, layer in layers.items():
         reason = incompatibility(layer.module, layer.weight.spec)
@@ -48,16 +74,105 @@ def incompatibilities(layers: Mapping[str, PackedLayer]) -> Dict[str, str]:
 
 
 def incompatibility(module: str, spec: QuantSpec) -> Optional[str]:
-    """Why compressed-tensors cannot load a ``module`` layer (a class name) quantized with
-    ``spec``, or ``None``. The export uses it on the packed layers, and the callbacks
+    """Why no compressed-tensors reader can load a ``module`` layer (a class name) quantized
+    with ``spec``, or ``None``. The export uses it on the packed layers, and the callbacks
     before training on what QAT will train."""
     if module not in COMPATIBLE_MODULES:
         return f"{module} layers are our extension"
-    if not spec.symmetric and spec.bits < 8 and spec.granularity != "tensor":
-        # transformers 5.x allocates these unpacked and refuses the packed tensor
-        # (checked with compressed-tensors 0.20): keep such exports to our loader.
-        return "asymmetric sub-8-bit zero points do not load in transformers"
+    if packs_zero_point(spec) and spec.bits not in ZERO_POINT_BITS:
+        return (f"asymmetric {spec.bits}-bit weights load nowhere in that format: vLLM reads zero points at 4 and 8"
+                " bits only, and transformers refuses packed zero points")
     return None
+
+
+def packs_zero_point(spec: QuantSpec) -> bool:
+    """Whether compressed-tensors stores this grid's zero points packed into int32 (an
+    asymmetric group or channel grid), which the tested transformers cannot load."""
+    return not spec.symmetric and spec.granularity != "tensor"
+
+
+def transformers_refusals(layers: Mapping[str, PackedLayer]) -> Dict[str, str]:
+    """``{layer: reason}`` for layers stored as vLLM reads them but transformers refuses."""
+    return {name: TRANSFORMERS_ZERO_POINTS for name, layer in layers.items() if packs_zero_point(layer.weight.spec)}
+
+
+def decide(model: nn.Module, layers: Mapping[str, PackedLayer], requested: Optional[bool], notes: List[str]) -> bool:
+    """Whether the export writes ``config.json`` (``requested``: the export's
+    ``compressed_tensors``; ``None`` writes it for a transformers model every layer of which
+    transformers loads), adding to ``notes`` why not, or what will not load where.
+
+    Raises:
+        ExportError: ``requested`` is ``True`` for a model that is not a transformers model,
+            or for a layer no compressed-tensors reader loads.
+    """
+    is_hf = is_transformers_model(model)
+    problems = incompatibilities(layers)
+    refusals = transformers_refusals(layers)
+    if requested is None:
+        if not is_hf:
+            return False
+        if problems or refusals:
+            reason = next(iter(problems.values())) if problems else next(iter(refusals.values()))
+            hint = "" if problems else "; pass compressed_tensors=True to write it for vLLM"
+            notes.append(f"compressed-tensors config not written: {reason}{hint}")
+            return False
+    elif not requested:
+        return False
+    if not is_hf:
+        raise ExportError(
+            f"compressed_tensors=True needs a transformers model (it writes its config.json), got"
+            f" {type(model).__name__}; export its transformers submodule, e.g. export(module.model, ...)"
+        )
+    if problems:
+        name, reason = next(iter(problems.items()))
+        raise ExportError(f"compressed_tensors=True cannot store layer {name!r}: {reason}; pass compressed_tensors=False")
+    if refusals:
+        notes.append(f"compressed-tensors: {len(refusals)} layer(s) have asymmetric weights (e.g."
+                     f" {next(iter(refusals))!r}), written with packed zero points as vLLM reads them;"
+                     f" {TRANSFORMERS_ZERO_POINTS}")
+    notes.extend(vllm_notes(quantization_config(layers, model), layers, model))
+    return True
+
+
+# ---------------------------------------------------------------------- schemes
+def quantization_args(bits: int, symmetric: bool, strategy: str, group_size: Optional[int] = None,
+                      dynamic: bool = False) -> Dict[str, Any]:
+    """compressed-tensors' ``QuantizationArgs`` of an integer grid, every field written as
+    llm-compressor writes it."""
+    return {
+        "num_bits": bits, "type": "int", "symmetric": symmetric, "group_size": group_size, "strategy": strategy,
+        "block_structure": None, "dynamic": dynamic, "actorder": None, "scale_dtype": None,
+        "zp_dtype": None if symmetric else "torch.int8", "observer": None, "observer_kwargs": {},
+    }
+
+
+def input_args(activations: Optional[str]) -> Optional[Dict[str, Any]]:
+    """``input_activations`` of a layer trained with ``activations`` (see the module docstring)."""
+    if activations is None:
+        return None
+    if activations == "int8_dynamic":
+        return quantization_args(8, False, "token", dynamic=True)
+    if activations == "int8_static":
+        return quantization_args(8, False, "tensor")
+    raise ValueError(f"unknown activations {activations!r}")
+
+
+def layer_scheme(layer: PackedLayer) -> Dict[str, Any]:
+    """The config group (without ``targets``) ``layer`` belongs to."""
+    spec = layer.weight.spec
+    inputs = input_args(layer.activations)
+    return {
+        "weights": quantization_args(spec.bits, spec.symmetric, spec.granularity, spec.group_size),
+        "input_activations": inputs,
+        "output_activations": None,
+        "format": "int-quantized" if inputs is not None and spec.bits == 8 else "pack-quantized",
+    }
+
+
+def packs_codes(layer: PackedLayer) -> bool:
+    """Whether the layer's codes are stored packed into int32 (``pack-quantized``; below
+    8 bits they always are)."""
+    return layer_scheme(layer)["format"] == "pack-quantized"
 
 
 def quantization_config(layers: Mapping[str, PackedLayer], model: Optional[nn.Module] = None) -> Dict[str, Any]:
@@ -65,30 +180,19 @@ def quantization_config(layers: Mapping[str, PackedLayer], model: Optional[nn.Mo
     from, targets that its base and task classes both match and ``ignore`` for its float
     Linear layers (see the module docstring)."""
     target = layer_target_function(model) if model is not None else (lambda name: name)
-    groups: Dict[tuple, list] = {}
+    schemes: Dict[str, tuple] = {}
     for name, layer in layers.items():
-        spec = layer.weight.spec
-        groups.setdefault((spec.bits, spec.granularity, spec.group_size, spec.symmetric), []).append(name)
+        scheme = layer_scheme(layer)
+        schemes.setdefault(json.dumps(scheme, sort_keys=True), (scheme, []))[1].append(name)
+    with_linear = [key for key, (_, names) in schemes.items() if any(layers[n].module == "Linear" for n in names)]
+    by_class = with_linear[0] if model is not None and len(with_linear) == 1 else None
     config_groups = {}
-    formats = set()
-    for index, ((bits, granularity, group_size, symmetric), names) in enumerate(sorted(groups.items(), key=str)):
-        layout = "int-quantized" if bits == 8 else "pack-quantized"
-        formats.add(layout)
-        config_groups[f"group_{index}"] = {
-            "targets": [target(name) for name in sorted(names)],
-            "weights": {
-                "num_bits": bits,
-                "type": "int",
-                "symmetric": symmetric,
-                "strategy": granularity,
-                "group_size": group_size,
-                "dynamic": False,
-                "observer": "minmax",
-            },
-            "input_activations": None,
-            "output_activations": None,
-            "format": layout,
-        }
+    for index, key in enumerate(sorted(schemes)):
+        scheme, names = schemes[key]
+        named = [n for n in names if key != by_class or layers[n].module != "Linear"]
+        targets = (["Linear"] if key == by_class else []) + sorted(target(name) for name in named)
+        config_groups[f"group_{index}"] = {"targets": targets, **scheme}
+    formats = {group["format"] for group in config_groups.values()}
     floats = [] if model is None else sorted(
         name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name and name not in layers
     )
@@ -98,9 +202,66 @@ def quantization_config(layers: Mapping[str, PackedLayer], model: Optional[nn.Mo
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": [target(name) for name in floats],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
     }
 
 
+def vllm_scheme(group: Mapping[str, Any]) -> Optional[str]:
+    """The vLLM scheme class a config group selects, or ``None`` where vLLM has none and
+    refuses the checkpoint: the integer cases of ``CompressedTensorsConfig._get_scheme_from_parts``
+    (``vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py``),
+    read from its source; vLLM itself does not run here."""
+    weights, inputs, layout = group["weights"], group["input_activations"], group["format"]
+    static_weights = weights["type"] == "int" and not weights["dynamic"]
+    if inputs is None:
+        if (static_weights and layout == "pack-quantized" and weights["strategy"] in ("channel", "group")
+                and weights["num_bits"] in (4, 8)):
+            return "CompressedTensorsWNA16"
+        return None
+    w8a8 = (static_weights and layout == "int-quantized" and weights["symmetric"] and weights["num_bits"] == 8
+            and inputs["num_bits"] == 8 and weights["strategy"] in ("tensor", "channel"))
+    if w8a8 and ((inputs["strategy"] == "token" and inputs["dynamic"])
+                 or (inputs["strategy"] == "tensor" and not inputs["dynamic"])):
+        return "CompressedTensorsW8A8Int8"
+    return None
+
+
+def vllm_notes(config: Mapping[str, Any], layers: Mapping[str, PackedLayer], model: nn.Module) -> List[str]:
+    """What in ``config`` vLLM would not serve (see :func:`vllm_scheme`), one line each."""
+    notes = []
+    for group_name, group in config["config_groups"].items():
+        if vllm_scheme(group) is None:
+            notes.append(
+                f"vLLM has no scheme for compressed-tensors {group_name} ({_describe(group)}); it serves weight-only"
+                " int4/int8 group or channel grids and W8A8 (int8 symmetric channel/tensor weights with int8"
+                " per-token dynamic or per-tensor static inputs)"
+            )
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules = dict(model.named_modules())
+    kept_float = [name for name, layer in layers.items()
+                  if layer.module == "Embedding" or (head is not None and modules.get(name) is head)]
+    if kept_float:
+        notes.append(
+            f"vLLM's compressed-tensors loader quantizes Linear layers only (LinearBase), not the output head or"
+            f" embeddings: it expects a float weight for {', '.join(kept_float)}, which this directory does not hold;"
+            " keep them out of QAT (exclude=[...]) to serve it with vLLM"
+        )
+    return notes
+
+
+def _describe(group: Mapping[str, Any]) -> str:
+    weights, inputs = group["weights"], group["input_activations"]
+    grid = weights["strategy"] if weights["group_size"] is None else f"g{weights['group_size']}"
+    text = f"int{weights['num_bits']} {grid} {'sym' if weights['symmetric'] else 'asym'} weights"
+    if inputs is not None:
+        text += f", int8 {'dynamic per-token' if inputs['dynamic'] else 'static per-tensor'} inputs"
+    return text
+
+
+# ---------------------------------------------------------------------- targets
 def layer_target(name: str, base_prefix: str) -> str:
     """The compressed-tensors target of the base-model layer ``name`` (named without
     ``base_prefix``): it matches ``name`` in the base model and ``<base_prefix>.<name>``
@@ -122,12 +283,12 @@ def layer_target_function(model: nn.Module) -> Callable[[str], str]:
 
 
 def config_json(model: nn.Module, layers: Mapping[str, PackedLayer]) -> bytes:
-    """The model's own ``config.json`` with the ``quantization_config`` added, naming the
-    model's class in ``architectures`` as ``save_pretrained`` does."""
-    config = model.config.to_dict()
+    """The ``config.json`` ``save_pretrained`` writes (the model's config without its
+    defaults, its class in ``architectures``), with the ``quantization_config`` added."""
+    config = model.config.to_diff_dict()
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config(layers, model)
-    if config.get("tie_word_embeddings") and _quantizes_a_shared_weight(model, layers):
+    if model.config.to_dict().get("tie_word_embeddings") and _quantizes_a_shared_weight(model, layers):
         # The quantized layer computes with its own codes while the weight it was tied to
         # stays float: tied again on load, transformers would find no `weight` to tie.
         config["tie_word_embeddings"] = False

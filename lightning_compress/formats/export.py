@@ -121,9 +121,12 @@ def export(
         sparse_threshold: tensors at least this sparse are stored as bitmask + values
             when that is smaller; ``None`` stores everything dense.
         compressed_tensors: write ``config.json`` with a compressed-tensors
-            ``quantization_config`` so ``transformers`` can load the directory (bitmask
-            storage is then off). ``None``: on when ``model`` is a ``transformers``
-            model whose quantized layers are all Linear/Embedding.
+            ``quantization_config`` (and the tensors as llm-compressor writes them) so
+            vLLM and ``transformers`` load the directory, int8 activations included
+            (bitmask storage is then off; see :mod:`~lightning_compress.formats.compressed_tensors`).
+            ``None``: on when ``model`` is a ``transformers`` model whose quantized
+            layers are all Linear/Embedding that transformers loads (not asymmetric
+            group/channel weights: their packed zero points are for vLLM, written with ``True``).
         recipe: the recipe that produced the model, stored in the metadata.
         formats: ``("safetensors",)``, or with ``"onnx"`` also ``model.onnx``: int4
             Linear layers as onnxruntime's ``MatMulNBits``, int8 as QDQ (see
@@ -220,13 +223,13 @@ def pack(model: nn.Module, out_dir: Path, *, sparse_threshold: Optional[float], 
     """
     layers, tensors, aliases = collect(model, dry=dry)
     notes: List[str] = []
-    use_ct = _decide_compressed_tensors(model, layers, compressed_tensors, notes)
+    use_ct = ct.decide(model, layers, compressed_tensors, notes)
     if use_ct:
         sparse_threshold = None
     stored: Dict[str, Tensor] = {}
     layer_meta, tensor_meta, rows = {}, {}, []
     for name, layer in layers.items():
-        encoded, entry = encode_layer(name, layer, sparse_threshold)
+        encoded, entry = encode_layer(name, layer, sparse_threshold, pack_8bit=use_ct and ct.packs_codes(layer))
         stored.update(encoded)
         layer_meta[name] = entry
         rows.append([name, layer.module, layer.weight.codes.numel(),
@@ -384,24 +387,6 @@ def _check_finite(name: str, tensor: Tensor, allow_infinite: bool = False) -> No
         what = "NaN" if allow_infinite else "NaN/Inf"
         raise ExportError(f"{name!r} holds {int(bad.sum())} {what} value(s); nothing was exported. Fix the training run"
                           " (lower the learning rate, check the data) and export again")
-
-
-def _decide_compressed_tensors(model, layers, requested, notes) -> bool:
-    is_hf = ct.is_transformers_model(model)
-    problems = ct.incompatibilities(layers)
-    if requested is None:
-        if is_hf and problems:
-            notes.append(f"compressed-tensors config not written: {next(iter(problems.values()))}")
-        return is_hf and not problems
-    if requested and not is_hf:
-        raise ExportError(
-            f"compressed_tensors=True needs a transformers model (it writes its config.json), got"
-            f" {type(model).__name__}; export its transformers submodule, e.g. export(module.model, ...)"
-        )
-    if requested and problems:
-        name, reason = next(iter(problems.items()))
-        raise ExportError(f"compressed_tensors=True cannot store layer {name!r}: {reason}; pass compressed_tensors=False")
-    return bool(requested)
 
 
 def _sparsity_text(entry: Mapping[str, Any]) -> str:

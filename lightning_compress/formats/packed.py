@@ -8,12 +8,13 @@ layer whose state-dict prefix is ``p.``:
 ``p.weight``               int8 codes in the weight's shape (8-bit, dense)
 ``p.weight_packed``        int32, codes densely packed along the input dimension
                            (see :mod:`lightning_compress.quant.packing`), ``[out,
-                           ceil(in * bits / 32)]``; 1-D when bitmask-sparse
+                           ceil(in * bits / 32)]``; 1-D when bitmask-sparse; 8-bit
+                           too in a compressed-tensors ``pack-quantized`` layer
 ``p.weight_shape``         int64, the weight's shape (packed layers)
 ``p.weight_scale``         ``scale_dtype``: ``[out, groups]``, ``[out, 1]`` per
                            channel, ``[1]`` per tensor
 ``p.weight_zero_point``    asymmetric only: int8 codes shaped like the scale; packed
-                           along the output dimension for sub-8-bit channel/group
+                           along the output dimension for packed channel/group layers
 ``p.weight_bitmask``       sparse layers: uint8, one bit per weight (row-major, low
                            bit first), set where the code is not the zero point; the
                            values hold only those codes, in order
@@ -108,8 +109,8 @@ def _scale_shape(q: QuantizedWeight) -> tuple:
     return (q.shape[0], -1)
 
 
-def encode_layer(name: str, layer: PackedLayer, sparse_threshold: Optional[float]) -> tuple[dict, dict]:
-    """Tensors and metadata entry of one quantized layer."""
+def encode_layer(name: str, layer: PackedLayer, sparse_threshold: Optional[float], pack_8bit: bool = False):
+    """Tensors and metadata entry of one quantized layer (``pack_8bit``: 8-bit codes too in int32)."""
     q, spec, p = layer.weight, layer.weight.spec, (f"{name}." if name else "")
     w = parameter_key(name, layer.param)  # the weight's tensors: `p.weight`, `p.weight_scale`, ...
     matrix = q.codes.reshape(q.shape[0], -1)
@@ -117,28 +118,29 @@ def encode_layer(name: str, layer: PackedLayer, sparse_threshold: Optional[float
     width = matrix.numel() // zero.numel()
     kept = (matrix.reshape(-1, width) != zero).reshape(-1)
     bits = spec.bits
-    dense_bits = matrix.shape[0] * packed_words(matrix.shape[1], bits) * 32 if bits < 8 else matrix.numel() * 8
+    packed = bits < 8 or pack_8bit
+    dense_bits = matrix.shape[0] * packed_words(matrix.shape[1], bits) * 32 if packed else matrix.numel() * 8
     sparse_bits = math.ceil(matrix.numel() / 8) * 8 + packed_words(int(kept.sum()), bits) * 32
     sparse = _use_sparse(matrix.numel(), int(kept.sum()), dense_bits, sparse_bits, sparse_threshold)
     tensors: Dict[str, Tensor] = {}
     if sparse:
         values = matrix.reshape(-1)[kept]
         tensors[w + "_bitmask"] = pack_mask(kept)
-        if bits == 8:
-            tensors[w] = values.contiguous()
-        else:
+        if packed:
             tensors[w + "_packed"] = pack_codes(values, bits)
-    elif bits == 8:
-        tensors[w] = q.codes.reshape(q.shape).contiguous()
-    else:
+        else:
+            tensors[w] = values.contiguous()
+    elif packed:
         tensors[w + "_packed"] = pack_codes(matrix, bits)
-    if bits < 8:
+    else:
+        tensors[w] = q.codes.reshape(q.shape).contiguous()
+    if packed:
         tensors[w + "_shape"] = torch.tensor(q.shape, dtype=torch.int64)
     scale_dtype = _DTYPES[spec.scale_dtype]
     tensors[w + "_scale"] = q.scale.reshape(_scale_shape(q)).to(scale_dtype).contiguous()
     if not spec.symmetric:
         zero_point = q.zero_point.reshape(_scale_shape(q)).to(torch.int8)
-        if bits < 8 and spec.granularity != "tensor":
+        if packed and spec.granularity != "tensor":
             zero_point = pack_codes(zero_point.t().contiguous(), bits).t()
         tensors[w + "_zero_point"] = zero_point.contiguous()
     if layer.activations == "int8_static":
@@ -155,7 +157,7 @@ def encode_layer(name: str, layer: PackedLayer, sparse_threshold: Optional[float
         "group_size": spec.group_size,
         "symmetric": spec.symmetric,
         "scale_dtype": spec.scale_dtype,
-        "packing": "int8" if bits == 8 else "int32-dense",
+        "packing": "int32-dense" if packed else "int8",
         "sparsity": "bitmask" if sparse else "dense",
         "kept": int(kept.sum()),
         "activations": layer.activations,
@@ -273,6 +275,7 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
         raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown param {_short(param)};"
                                 f" expected one of {list(LAYER_PARAMS)} or a recurrent layer's weight_ih_l<k>...")
     w = parameter_key(name, param)
+    packed = bits < 8 or entry.get("packing") == "int32-dense"  # 8-bit codes packed into int32 words too
     if spec.granularity == "group" and cols % spec.group_size:
         raise PackedFormatError(f"{METADATA_FILE}: {where}: group_size {spec.group_size} does not divide {cols}")
     groups = {"tensor": 1, "channel": rows, "group": rows * cols // (spec.group_size or 1)}[spec.granularity]
@@ -282,7 +285,7 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
         kept = unpack_mask(reader.take(w + "_bitmask", torch.uint8, (-(-numel // 8),)), (numel,))
         if int(kept.sum()) != kept_count:
             raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {w + '_bitmask'!r} does not match 'kept'")
-        if bits == 8:
+        if not packed:
             values = reader.take(w, torch.int8, (kept_count,))
         else:
             values = unpack_codes(
@@ -290,13 +293,13 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
             )
     elif sparsity == "dense":
         kept = values = None
-        if bits == 8:
+        if not packed:
             codes = reader.take(w, torch.int8, shape).reshape(rows, cols)
         else:
             codes = unpack_codes(reader.take(w + "_packed", torch.int32, (rows, packed_words(cols, bits))), bits, cols)
     else:
         raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown sparsity {_short(sparsity)}")
-    if bits < 8:
+    if packed:
         stored_shape = reader.take(w + "_shape", torch.int64, (len(shape),))
         if tuple(stored_shape.tolist()) != shape:
             raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {w + '_shape'!r} disagrees with the metadata")
@@ -306,7 +309,7 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
         raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {w + '_scale'!r} holds non-positive or non-finite scales")
     if spec.symmetric:
         zero_point = torch.zeros(scale_shape, dtype=torch.int32)
-    elif bits < 8 and spec.granularity != "tensor":
+    elif packed and spec.granularity != "tensor":
         packed_zp = reader.take(w + "_zero_point", torch.int32, (packed_words(rows, bits), scale_shape[1]))
         zero_point = unpack_codes(packed_zp.t().contiguous(), bits, rows).t().contiguous().to(torch.int32)
     else:
