@@ -35,32 +35,20 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.demos import Transformer
 from safetensors import safe_open
 from torch import nn
 
 from common import headline, print_table, quiet_trainer
 from lightning_compress import CompressedExport, MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.examples.demo_transformer import DemoTransformerLM
 
 VOCAB, LENGTH = 1000, 32
 # What the packed format stores for one quantized weight `w` (formats/packed.py).
 _WEIGHT_TENSORS = ("", "_packed", "_shape", "_scale", "_zero_point", "_bitmask")
 
 
-class DemoTransformerLM(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = Transformer(vocab_size=VOCAB)  # ninp 200, nhead 2, nhid 200, 2 layers
-
-    def forward(self, inputs, target):
-        return self.model(inputs, target)
-
-    def training_step(self, batch, batch_idx):
-        inputs, target = batch
-        return F.nll_loss(self(inputs, target), target.reshape(-1))
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+def demo_transformer() -> DemoTransformerLM:
+    return DemoTransformerLM(lr=1e-3, vocab_size=VOCAB)  # ninp 200, nhead 2, nhid 200, 2 layers
 
 
 class LSTMLM(pl.LightningModule):
@@ -96,7 +84,7 @@ def export_size(build, layer_type, group: int, compress_layers: bool, steps: int
     pl.seed_everything(0, verbose=False)
     model = build()
     exclude = None if compress_layers else [layer_type]
-    exporter = CompressedExport(directory, input_fn=lambda batch: tuple(batch) if build is DemoTransformerLM
+    exporter = CompressedExport(directory, input_fn=lambda batch: tuple(batch) if build is demo_transformer
                                 else (batch[0],), parity_batches=1)
     callbacks = [MagnitudePruning(0.5, start_step=0, end_step=max(1, steps // 2), exclude=exclude),
                  QuantizationAwareTraining("int4", group_size=group, scale_dtype="float16", start_step=max(1, steps // 2),
@@ -134,7 +122,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    cases = [("Lightning demo Transformer", DemoTransformerLM, nn.MultiheadAttention, "attention", 40),
+    cases = [("Lightning demo Transformer", demo_transformer, nn.MultiheadAttention, "attention", 40),
              ("LSTM language model", LSTMLM, nn.LSTM, "LSTM", 32)]
     rows = []
     print("# File size of attention and recurrent models (int4 + 50% sparsity)")

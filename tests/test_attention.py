@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.demos import Transformer
 from safetensors.torch import load_file
 from torch import nn
 
 from lightning_compress import CompressedExport, MagnitudePruning, QuantizationAwareTraining, export, load_packed
 from lightning_compress._torchao import import_torchao
+from lightning_compress.examples.demo_transformer import DemoTransformerLM as ExampleDemoTransformerLM
 from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.transforms import INPUT, Stage, install_weight_transform
 from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE
@@ -37,22 +37,9 @@ VOCAB, WIDTH, LENGTH = 40, 32, 12
 
 
 # ---------------------------------------------------------------------- models and data
-class DemoTransformerLM(pl.LightningModule):
+def DemoTransformerLM() -> ExampleDemoTransformerLM:  # noqa: N802 (used like the class it builds)
     """Lightning's demo Transformer (``lightning.pytorch.demos``), small."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = Transformer(vocab_size=VOCAB, ninp=WIDTH, nhead=2, nhid=64, nlayers=1, dropout=0.1)
-
-    def forward(self, inputs, target):
-        return self.model(inputs, target)
-
-    def training_step(self, batch, batch_idx):
-        inputs, target = batch
-        return F.nll_loss(self(inputs, target), target.reshape(-1))
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+    return ExampleDemoTransformerLM(vocab_size=VOCAB, ninp=WIDTH, nhead=2, nhid=64, nlayers=1, dropout=0.1)
 
 
 class EncoderLM(pl.LightningModule):
