@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_compress import export
-from lightning_compress.core.transforms import Stage, add_input_transform, get_weight_transform
+from lightning_compress.core.transforms import Stage, add_input_transform, add_weight_transform, get_weight_transform
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.distill.losses import (
     cosine,
@@ -36,7 +36,7 @@ from lightning_compress.quant.nf4 import (
     tensor_digest,
     to_nf4,
 )
-from lightning_compress.quant.fake_quant import check_divisible, quantize_codes
+from lightning_compress.quant.fake_quant import check_divisible, choose_qparams, quantize_codes
 from lightning_compress.quant.packing import pack_codes, unpack_biased, unpack_codes
 from lightning_compress.quant.spec import QuantSpec, spec_from_options
 from lightning_compress.quant.weights import (
@@ -496,8 +496,9 @@ def test_losses_compute_bfloat16_outputs_in_float32_without_warnings():
 
 
 def test_top1_agreement_compares_the_last_dimension():
-    student = torch.tensor([[[0.0, 5.0], [9.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]])  # argmax: [1, 0], [0, 1]
-    teacher = torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])  # argmax: [1, 1], [0, 0]
+    # [batch 2, positions 2, classes 3]
+    student = torch.tensor([[[0.0, 5.0, 1.0], [9.0, 0.0, 1.0]], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # [1, 0], [0, 1]
+    teacher = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]], [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])  # [1, 1], [0, 2]
     assert top1_agreement(student, teacher).item() == 0.5
 
 
@@ -541,8 +542,8 @@ def test_global_masks_by_hand():
     assert masks["a"].all() and not masks["b"].any() and masks["c"][:, 0].tolist() == [False, True]
     unstructured = SparsityPattern.parse("unstructured")
     masks = global_masks({"a": torch.tensor([[5.0, 6.0]]), "b": torch.tensor([[0.1, 7.0]]),
-                          "c": torch.tensor([[0.2, 8.0]])}, 2 / 6, unstructured)
-    assert [masks[k].tolist() for k in "abc"] == [[[True, True]], [[False, True]], [[False, True]]]
+                          "c": torch.tensor([[8.0, 0.2]])}, 2 / 6, unstructured)
+    assert [masks[k].tolist() for k in "abc"] == [[[True, True]], [[False, True]], [[True, False]]]
     with pytest.raises(ValueError) as caught:
         global_masks({"a": weight}, 0.5, SparsityPattern.parse("2:4"))
     assert str(caught.value) == "N:M sparsity is per group; use scope='layer' with an N:M `pattern`"
@@ -802,6 +803,8 @@ def test_mse_ranges_are_chosen_once_and_then_kept():
     doubled = weight * 2
     assert torch.allclose(quantizer.qparams(doubled)[0], torch.tensor(scales) * 2)
     assert torch.allclose(quantizer(doubled), out * 2, atol=1e-6)
+    swapped = weight.flip(0)  # a fresh choice would clip the other row now; the kept ratios do not
+    assert torch.allclose(quantizer.qparams(swapped)[0], torch.tensor([0.9 * 0.75 / 7.5, 2.9 / 7.5]))
 
 
 def test_a_bfloat16_weight_is_quantized_in_float32():
@@ -895,6 +898,7 @@ def test_weight_quantizer_defaults():
     # `enabled` is recorded in the QAT callback's state as it is: False, not just falsy
     assert quantizer.enabled is False and quantizer.learned is False and quantizer.weight_range == "minmax"
     assert quantizer.log_scale is None and quantizer.clip is None and quantizer.initialized is False
+    assert quantizer.zero_point is None and quantizer.start_state() == (False, None, None, None)
 
 
 @pytest.mark.parametrize(
@@ -930,3 +934,53 @@ def test_attached_quantizers_refuse_a_layer_another_active_callback_quantizes():
     # a quantizer left by a callback that no longer trains this model is replaced
     second = attach_weight_quantizers({"0": model[0]}, {"0": QuantSpec(8)}, owner="qat-b", active_owners={"qat-b"})
     assert get_weight_transform(model[0], Stage.FAKE_QUANT) is second["0"] and second["0"].learned is False
+
+
+def test_a_transform_without_an_owner_is_replaced():
+    layer = nn.Linear(4, 2)
+    add_weight_transform(layer, Stage.FAKE_QUANT, lambda weight: weight)  # put there by hand, no owner
+    quantizers = attach_weight_quantizers({"fc": layer}, {"fc": QuantSpec(8)}, owner="qat", active_owners={"qat"})
+    assert get_weight_transform(layer, Stage.FAKE_QUANT) is quantizers["fc"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [(dict(bits="8"), "bits"), (dict(bits=9), "bits"), (dict(granularity="row"), "granularity"),
+     (dict(granularity="group", group_size="32"), "group_size"), (dict(granularity="group", group_size=1), "group_size"),
+     (dict(symmetric=1), "symmetric"), (dict(scale_dtype="float64"), "scale_dtype")],
+)
+def test_spec_errors_name_the_field(kwargs, argument):
+    with pytest.raises(ArgumentError) as caught:
+        QuantSpec(**kwargs)
+    assert caught.value.argument == argument
+
+
+def test_the_smallest_group_is_two():
+    assert QuantSpec(4, "group", 2).group_size == 2
+
+
+# ---------------------------------------------------------------------- grids by hand
+def test_symmetric_grids_by_hand():
+    scale, zero_point = choose_qparams(torch.tensor([[1.5, -3.0], [0.75, 0.0]]), QuantSpec(4, "channel"))
+    assert torch.allclose(scale, torch.tensor([0.4, 0.1])) and scale.dtype == torch.float32
+    assert zero_point.tolist() == [0, 0] and zero_point.dtype == torch.int32
+    scale, _ = choose_qparams(torch.tensor([[1.5, -3.0]], dtype=torch.bfloat16), QuantSpec(4, "channel"))
+    assert scale.dtype == torch.float32  # scales are float32 whatever the weight
+
+
+def test_asymmetric_grids_keep_zero_on_the_grid_by_hand():
+    int4 = QuantSpec(4, "channel", symmetric=False)
+    # [0.5, 2]: the range is widened to [0, 2] so 0 is a code: scale 2/15, zero point -8
+    scale, zero_point = choose_qparams(torch.tensor([[0.5, 2.0]]), int4)
+    assert scale.item() == pytest.approx(2 / 15) and zero_point.tolist() == [-8] and zero_point.dtype == torch.int32
+    # clipped to half the range: [-0.5, 1], scale 1.5/15 = 0.1, zero point -8 - round(-5) = -3
+    scale, zero_point = choose_qparams(torch.tensor([[-1.0, 2.0]]), int4, clip=torch.tensor([0.5]))
+    assert scale.item() == pytest.approx(0.1) and zero_point.tolist() == [-3]
+    # float16 scales: 3/15 = 0.2 is stored as 0.199951171875
+    scale, _ = choose_qparams(torch.tensor([[-1.0, 2.0]]), QuantSpec(4, "channel", symmetric=False, scale_dtype="float16"))
+    assert scale.item() == 0.199951171875
+    # bfloat16 rounds the scale 255.8925 / 255 = 1.0035 down to 1.0, so the low end would need
+    # zero point -128 + 256 = 128: it is clamped to the grid's 127
+    _, zero_point = choose_qparams(torch.tensor([[-255.8925, -1.0]]),
+                                   QuantSpec(8, "tensor", symmetric=False, scale_dtype="bfloat16"))
+    assert zero_point.tolist() == [127]
