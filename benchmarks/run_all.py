@@ -4,9 +4,10 @@ Each benchmark prints a markdown section (a heading line starting with '#', tabl
 its target) and one ``ROW {json}`` line per headline figure (see ``common.headline``).
 The figures of every run are kept in ``benchmarks/results.json``; BENCHMARKS.md is made
 from that file: one summary table per area (training overhead, accuracy vs PTQ, file
-size, CPU inference), each row with its command, date and machine and the issue's target
-beside the figure, then every benchmark's own tables. Nothing in BENCHMARKS.md is written
-by hand.
+size, CPU inference, test quality), each row with its command, date and machine and the
+issue's target beside the figure, then every benchmark's own tables. The test-quality
+entry (the mutation score) is kept there by `make mutation` (`ci/mutation_score.py
+--record`), not by a benchmark script. Nothing in BENCHMARKS.md is written by hand.
 
     python benchmarks/run_all.py              # every benchmark (what `make bench` runs)
     python benchmarks/run_all.py NAME [NAME]  # re-run some; keep the others' last figures
@@ -26,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results.json"
 REPORT = HERE.parent / "BENCHMARKS.md"
-AREAS = ["training overhead", "accuracy vs PTQ", "file size", "CPU inference"]
+AREAS = ["training overhead", "accuracy vs PTQ", "file size", "CPU inference", "test quality"]
 # Fewer rounds/seeds than the scripts' defaults where that keeps `make bench` under 20
 # minutes on 2 cores; the scripts' own defaults are for a closer look at one area.
 ARGS = {
@@ -100,7 +101,8 @@ def render(results: dict) -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `make bench` from `benchmarks/results.json` (runs dated {', '.join(dates)})."
+        f"Written by `make bench` (the test-quality row by `make mutation`) from `benchmarks/results.json`"
+        f" (runs dated {', '.join(dates)})."
         " Each ratio is measured side by side in one process, so it holds when the shared"
         " machine's absolute speed drifts. " + NOISE_NOTE,
         "",

@@ -148,3 +148,66 @@ def test_mutation_score_fails_on_untested_mutants_stale_equivalents_and_no_run(t
     monkeypatch.setattr(module, "ROOT", tmp_path / "elsewhere")
     assert module.main([]) == 1
     assert "no results under mutants/" in capsys.readouterr().err
+
+
+def test_mutation_score_record_keeps_the_figures_and_rewrites_benchmarks_md(tmp_path, monkeypatch, capsys):
+    module = _mutation_score()
+    codes = {f"m{i}": 1 for i in range(8)} | {"slow": 36, "cpu": -24, "alive": 0, "bare": 33, "same": 0}
+    _fake_run(tmp_path, codes, ["same  # the default is never read"])
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(ROOT / "benchmarks" / "run_all.py", tmp_path / "benchmarks" / "run_all.py")
+    kept = {"command": "python benchmarks/x.py", "date": "2026-01-02", "machine": "m", "seconds": 5,
+            "heading": "x", "body": ["| a |"], "rows": [{"area": "file size", "metric": "x ratio", "figure": "2.00x",
+                                                          "target": None}]}
+    (tmp_path / "benchmarks" / "results.json").write_text(json.dumps({"x": kept}))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "ci"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "run"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.setattr(module, "EQUIVALENT_FILE", tmp_path / "ci" / "equivalent_mutants.txt")
+
+    assert module.main(["--record", "--seconds", "5400"]) == 1  # 10 of 12 = 83.3%: recorded, and failed
+    results = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    assert results["x"] == kept
+    entry = results["mutation_score"]
+    assert entry["command"] == "make mutation" and entry["seconds"] == 5400
+    assert entry["heading"] == f"mutation testing of the numeric core at commit {commit}"
+    assert entry["rows"] == [{"area": "test quality", "figure": "83.3% (10 of 12)", "target": ">= 90% (issue 15)",
+                              "metric": "mutation score of the numeric core (killed of non-equivalent mutants)"}]
+    table = "\n".join(entry["body"])
+    for line in ("| killed by a failing test | 8 |", "| killed by a timeout | 2 |", "| survived | 1 |",
+                 "| no test covers it | 1 |", "| other outcomes (not killed) | 0 |",
+                 "| equivalent, left out (`ci/equivalent_mutants.txt`) | 1 |", "| made | 13 |"):
+        assert line in table
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Test quality" in report and "| x ratio | 2.00x |" in report
+    assert "| mutation score of the numeric core (killed of non-equivalent mutants) | 83.3% (10 of 12) |" \
+           " >= 90% (issue 15) | `make mutation` |" in report
+    assert "Command: `make mutation` (5400 s," in report
+
+    # a later edit to a tracked file: the commit is marked as not what ran
+    (tmp_path / "ci" / "equivalent_mutants.txt").write_text("same  # the default is never read\n# edited\n")
+    assert module.main(["--record", "--seconds", "1", "--minimum", "80"]) == 0
+    entry = json.loads((tmp_path / "benchmarks" / "results.json").read_text())["mutation_score"]
+    assert entry["heading"].endswith(f"{commit} + uncommitted changes")
+    capsys.readouterr()
+
+
+def test_mutation_score_records_only_a_whole_run(tmp_path, monkeypatch, capsys):
+    module = _mutation_score()
+    _fake_run(tmp_path, {"a": 1, "b": None}, [])
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.setattr(module, "EQUIVALENT_FILE", tmp_path / "ci" / "equivalent_mutants.txt")
+    assert module.main(["--record", "--seconds", "9", "--minimum", "0"]) == 1
+    assert "not recorded: some mutants were never run" in capsys.readouterr().err
+    assert not (tmp_path / "BENCHMARKS.md").exists()
+    with pytest.raises(SystemExit):
+        module.main(["--record"])  # how long the run took is part of the record
+    assert "--record needs --seconds" in capsys.readouterr().err
+    # --mutants reads a run made in another checkout
+    elsewhere = tmp_path / "other"
+    _fake_run(elsewhere, {"a": 1, "b": 0}, [])
+    assert module.main(["--mutants", str(elsewhere / "mutants"), "--minimum", "50"]) == 0
+    assert "mutation score 50.0%: 1 killed of 2 mutants" in capsys.readouterr().out
