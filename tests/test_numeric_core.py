@@ -947,6 +947,7 @@ def test_a_transform_without_an_owner_is_replaced():
     ("kwargs", "argument"),
     [(dict(bits="8"), "bits"), (dict(bits=9), "bits"), (dict(granularity="row"), "granularity"),
      (dict(granularity="group", group_size="32"), "group_size"), (dict(granularity="group", group_size=1), "group_size"),
+     (dict(granularity="channel", group_size=16), "group_size"),
      (dict(symmetric=1), "symmetric"), (dict(scale_dtype="float64"), "scale_dtype")],
 )
 def test_spec_errors_name_the_field(kwargs, argument):
