@@ -686,7 +686,15 @@ def test_parity_report_summary_and_dict_by_hand():
         " int8-GEMM SQNR 30.0 dB (min 35); worst layers: l0 rel 6.00e-03 / 40.0 dB; l1 rel 5.00e-03 / 41.0 dB;"
         " l2 rel 4.00e-03 / 42.0 dB; l3 rel 3.00e-03 / 43.0 dB; l4 rel 2.00e-03 / 44.0 dB")
     assert failed.as_dict() == {"passed": False, "weights_exact": False, "relative_error": 2e-5, "sqnr_db": 30.0,
-                                "fast_layers": ["x"], "max_relative_error": 1e-5, "min_sqnr_db": 35.0}
+                                "fast_layers": ["x"], "max_relative_error": 1e-5, "min_sqnr_db": 35.0,
+                                "kernels": None, "fallbacks": {}}
+    chose = ParityReport(weights_exact=True, weight_mismatches=[], relative_error=0.0, sqnr_db=36.0,
+                         fast_layers=["x"], kernels={"x": "fbgemm", "y": "dequantize"},
+                         fallbacks={"y": "alone 30.0 dB"})
+    assert chose.summary() == ("weights exact; exact-path relative error 0.00e+00 (max 1e-05); int8-GEMM SQNR 36.0 dB"
+                               " (min 35); 1 layer(s) run exact instead of the int8 GEMM: y (alone 30.0 dB)")
+    assert chose.as_dict()["kernels"] == {"x": "fbgemm", "y": "dequantize"}
+    assert chose.as_dict()["fallbacks"] == {"y": "alone 30.0 dB"}
     passed = ParityReport(weights_exact=True, weight_mismatches=[], relative_error=None, sqnr_db=math.inf,
                           fast_layers=[], layers=rows)
     assert passed.summary() == "weights exact; outputs not checked (no inputs); int8-GEMM SQNR inf dB (min 35)"
@@ -761,7 +769,7 @@ def test_parity_calls_each_layer_alone_with_its_keyword_arguments(tmp_path):
     round_to_nearest(model, QuantSpec(8, "channel"))
     inputs = [torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1))]
     export(model, tmp_path / "out", inputs=inputs)
-    report = check_parity(model, read_packed(tmp_path / "out"), inputs)
+    report = check_parity(model, read_packed(tmp_path / "out"), inputs, backend="dequantize")
     assert [row["layer"] for row in report.layers][:1] and report.passed
     assert all(row["relative_error"] <= 1e-5 for row in report.layers)
 

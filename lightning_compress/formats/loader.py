@@ -9,12 +9,14 @@ from typing import Callable, Dict, Union
 import torch
 from torch import nn
 
+from lightning_compress.core.validate import check_bool
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.failed_export import recorded_failure, refusal
-from lightning_compress.formats.packed import PackedModel, read_packed
+from lightning_compress.formats.packed import METADATA_FILE, PackedModel, read_packed
 from lightning_compress.core.attention import keep_padded_batches
 from lightning_compress.core.targeting import module_name, parameter_key
-from lightning_compress.formats.runtime import BACKENDS, build_packed_unit, kernel_report, packed_units
+from lightning_compress.formats.runtime import (
+    BACKENDS, MEASURED_KERNELS, build_packed_unit, kernel_report, packed_units)
 from lightning_compress.quant.fake_quant import as_matrix
 
 
@@ -23,6 +25,7 @@ def load_packed(
     model: Union[nn.Module, Callable[[], nn.Module]],
     *,
     backend: str = "auto",
+    cache_dequantized: bool = False,
     allow_failed_parity: bool = False,
 ) -> nn.Module:
     """Rebuild the compressed model saved by :func:`lightning_compress.export`.
@@ -34,19 +37,27 @@ def load_packed(
             become :class:`~lightning_compress.formats.runtime.PackedLinear` /
             ``PackedConv`` / ``PackedEmbedding`` / ``PackedMultiheadAttention`` computing
             from the packed codes.
-        backend: ``"auto"``: int8 per-channel/per-tensor Linear layers trained with int8
-            activations run on the fbgemm int8 GEMM (dynamic int8 activations, about 2x
-            float32 speed on CPU), every other layer on the exact dequantize path.
+        backend: ``"auto"``: each layer runs the kernel the export's parity check chose
+            for it: the fbgemm int8 GEMM (dynamic int8 activations, about 2x float32
+            speed on CPU) for int8 per-channel/per-tensor Linear layers, weight-only or
+            trained with dynamic int8 activations, where it kept the export's SQNR
+            threshold alone and in the whole model; the exact dequantize path for every
+            other layer. An export checked without inputs measured nothing: then only
+            layers trained with dynamic int8 activations run the int8 GEMM.
             ``"dequantize"``: every layer exactly as the fake-quant model computes.
             ``"fbgemm"``: every int8 per-channel/per-tensor Linear on the int8 GEMM,
-            weight-only ones included, and an unavailable kernel is an error.
+            measured or not, and an unavailable kernel is an error.
+        cache_dequantized: layers on the dequantize path compute their float weight once
+            and keep it (kernel ``"cached"``): the same numbers at float speed, for the
+            memory of a float model. Off by default: packed weights stay packed in
+            memory (int4 at 4 bits a weight) and are dequantized inside each call.
         allow_failed_parity: load a directory whose export failed its check (the
             ``<dir>.failed-parity/`` an export keeps so the run is not lost), with a
             warning naming the failure; refused by default.
 
     Returns:
         The model, in eval mode; ``model.packed_kernels`` maps each packed layer to the
-        kernel it runs (``"fbgemm"`` or ``"dequantize"``).
+        kernel it runs (``"fbgemm"``, ``"dequantize"`` or ``"cached"``).
 
     Raises:
         PackedFormatError: the directory is missing, corrupted, of an unknown version, or
@@ -56,6 +67,7 @@ def load_packed(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown `backend` {backend!r}; choose one of {BACKENDS}")
+    check_bool("cache_dequantized", cache_dequantized)
     packed = read_packed(directory)
     failure = recorded_failure(packed.metadata)
     if failure is not None and not allow_failed_parity:
@@ -69,13 +81,16 @@ def load_packed(
         model = model()
         if not isinstance(model, nn.Module):
             raise TypeError(f"the `model` factory returned {type(model).__name__}, not an nn.Module")
-    install_packed(model, packed, backend)
+    install_packed(model, packed, backend, cache_dequantized)
     return model.eval()
 
 
-def install_packed(model: nn.Module, packed: PackedModel, backend: str) -> Dict[str, nn.Module]:
+def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: bool = False) -> Dict[str, nn.Module]:
     """Load ``packed`` into ``model`` in place: dense tensors into its state, quantized
-    layers swapped for packed modules. Returns the swapped-out original layers."""
+    layers swapped for packed modules (on the kernels the export chose, for ``"auto"``;
+    ``cache``: see ``load_packed``'s ``cache_dequantized``). Returns the swapped-out
+    original layers."""
+    chosen = measured_kernels(packed)
     expected = dict(model.state_dict())
     originals = {}
     for key, layer in packed.layers.items():
@@ -113,7 +128,7 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str) -> Dict[
         original = originals[name]
         try:
             device = as_matrix(getattr(original, weights[0].param)).device
-            replacements[name] = build_packed_unit(weights, original, backend).to(device)
+            replacements[name] = build_packed_unit(weights, original, backend, chosen.get(name), cache).to(device)
         except ValueError as err:
             raise PackedFormatError(f"layer {name!r}: {err}") from None
     for name in sorted(replacements):  # parents first: an attention layer, then its out_proj
@@ -121,6 +136,23 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str) -> Dict[
     keep_padded_batches(model)  # packed layers quantize their input in a pre-hook
     model.packed_kernels = kernel_report(model)
     return originals
+
+
+def measured_kernels(packed: PackedModel) -> Dict[str, str]:
+    """``{layer: kernel}`` the export's parity check chose (``parity.kernels`` in its
+    metadata); empty for an export that measured none."""
+    parity = packed.metadata.get("parity")
+    kernels = parity.get("kernels") if isinstance(parity, dict) else None
+    if kernels is None:
+        return {}
+    units = packed_units(packed.layers)
+    if not isinstance(kernels, dict) or any(
+            name not in units or kernel not in MEASURED_KERNELS for name, kernel in kernels.items()):
+        raise PackedFormatError(
+            f"{METADATA_FILE}: `parity.kernels` must map packed layers to one of {MEASURED_KERNELS}, got"
+            f" {str(kernels)[:200]}; the file was edited or damaged: export the model again"
+        )
+    return kernels
 
 
 def _kind(tensor: torch.Tensor) -> str:

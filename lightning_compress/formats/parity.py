@@ -6,8 +6,15 @@ Three measurements, on the files as written (read back from disk):
    bit for bit, and every other tensor equals the model's;
 2. outputs on the exact path (``"dequantize"``): relative error ``||a - b|| / ||a||``
    against the fake-quant model (float rounding only, so at most ``1e-5`` by default);
-3. outputs on the fast path (the fbgemm int8 GEMM with dynamic int8 activations, when a
-   layer runs it): SQNR ``20 log10(||a|| / ||a - b||)`` in dB (at least 35 by default).
+3. outputs on the fast path (the fbgemm int8 GEMM with dynamic int8 activations, where
+   a layer runs it): SQNR ``20 log10(||a|| / ||a - b||)`` in dB (at least 35 by default).
+
+With ``backend="auto"`` the check also chooses the kernels (see :func:`choose_kernels`):
+every layer that may run the int8 GEMM is measured alone on it, those within the SQNR
+threshold are tried together in the whole model, and the ones the model cannot afford
+run exact. The choice is recorded (``ParityReport.kernels``, ``parity.kernels`` in the
+export's metadata) and ``load_packed(backend="auto")`` runs it: a kernel choice never
+makes a correct export fail.
 
 Per-layer figures (each layer fed the input the fake-quant layer saw) name the worst
 layers when the check fails.
@@ -18,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +35,7 @@ from lightning_compress.core.targeting import module_name
 from lightning_compress.core.transforms import Stage, all_transforms, get_weight_transform, weight_slots
 from lightning_compress.formats.loader import set_submodule
 from lightning_compress.formats.packed import PackedModel
-from lightning_compress.formats.runtime import build_packed_unit, packed_units
+from lightning_compress.formats.runtime import build_packed_unit, int8_gemm_candidate, packed_units
 
 
 @dataclass
@@ -43,6 +50,8 @@ class ParityReport:
     layers: List[Dict[str, Any]] = field(default_factory=list)  # worst first
     max_relative_error: float = 1e-5
     min_sqnr_db: float = 35.0
+    kernels: Dict[str, str] | None = None  # measured choice {layer: kernel}; None: not measured
+    fallbacks: Dict[str, str] = field(default_factory=dict)  # {layer: why it runs exact}
 
     @property
     def passed(self) -> bool:
@@ -61,6 +70,9 @@ class ParityReport:
             parts.append(f"exact-path relative error {self.relative_error:.2e} (max {self.max_relative_error:g})")
         if self.sqnr_db is not None:
             parts.append(f"int8-GEMM SQNR {self.sqnr_db:.1f} dB (min {self.min_sqnr_db:g})")
+        if self.fallbacks:
+            shown = "; ".join(f"{name} ({why})" for name, why in list(self.fallbacks.items())[:5])
+            parts.append(f"{len(self.fallbacks)} layer(s) run exact instead of the int8 GEMM: {shown}")
         worst = [f"{row['layer']} rel {row['relative_error']:.2e} / {row['sqnr_db']:.1f} dB" for row in self.layers[:5]]
         if worst and not self.passed:
             parts.append("worst layers: " + "; ".join(worst))
@@ -75,6 +87,8 @@ class ParityReport:
             "fast_layers": self.fast_layers,
             "max_relative_error": self.max_relative_error,
             "min_sqnr_db": self.min_sqnr_db,
+            "kernels": self.kernels,
+            "fallbacks": self.fallbacks,
         }
 
 
@@ -150,15 +164,57 @@ def check_parity(
         if not inputs:
             return report
         reference, layer_io = _run_recording(model, packed_units(packed.layers), inputs)
-        with _swapped(model, packed, "dequantize"):
-            exact = torch.cat([flatten_outputs(call_model(model, x)) for x in inputs])
-        report.relative_error = relative_error(reference, exact)
+        report.relative_error = relative_error(reference, _outputs(model, packed, inputs, "dequantize"))
+        choice: Dict[str, str] = {}
+        if backend == "auto":
+            choice, report.fallbacks = choose_kernels(model, packed, inputs, reference, layer_io, min_sqnr_db)
+            report.kernels = choice
+            report.fast_layers = fast = _fast_layers(model, packed, backend, choice)
         if fast:
-            with _swapped(model, packed, backend):
-                quick = torch.cat([flatten_outputs(call_model(model, x)) for x in inputs])
-            report.sqnr_db = sqnr_db(reference, quick)
-        report.layers = _per_layer(model, packed, layer_io, backend)
+            report.sqnr_db = sqnr_db(reference, _outputs(model, packed, inputs, backend, choice))
+        report.layers = _per_layer(model, packed, layer_io, backend, choice)
     return report
+
+
+def choose_kernels(model: nn.Module, packed: PackedModel, inputs: Sequence[Any], reference: Tensor,
+                   layer_io: Mapping[str, List[tuple]], min_sqnr_db: float):
+    """The kernel of every layer that may run the int8 GEMM (:func:`int8_gemm_candidate`)
+    and ran on ``inputs``: ``"fbgemm"`` where it stays within ``min_sqnr_db``, alone and
+    in the whole model, else ``"dequantize"``. Returns ``({layer: kernel}, {layer: why it
+    runs exact})``.
+
+    Alone: the layer's int8-GEMM output against the fake-quant layer's, on the inputs it
+    saw. Together: the most accurate ``k`` of those that pass alone, with the largest ``k``
+    whose model output is within ``min_sqnr_db`` (searched by bisection, as the error
+    grows with every layer added; the ``k`` kept is always one measured within it). Layers that did not run are left out (unmeasured: the loader's default rule)."""
+    units = packed_units(packed.layers)
+    candidates = [name for name, weights in units.items() if layer_io.get(name) and len(weights) == 1
+                  and isinstance(model.get_submodule(name), nn.Linear) and int8_gemm_candidate(weights[0])]
+    choice = {name: "dequantize" for name in candidates}
+    fallbacks, alone = {}, {}
+    for name in candidates:
+        module = _build(model, units, name, "auto", {name: "fbgemm"})
+        if module.kernel != "fbgemm":  # the kernel is unavailable here (warned)
+            fallbacks[name] = "int8 GEMM unavailable"
+            continue
+        alone[name] = _layer_figures(module, layer_io[name])[1]
+        if alone[name] < min_sqnr_db:
+            fallbacks[name] = f"alone {alone[name]:.1f} dB"
+    ranked = sorted((name for name in alone if name not in fallbacks), key=lambda name: -alone[name])
+
+    def model_sqnr(count: int) -> float:
+        trial = {**choice, **{name: "fbgemm" for name in ranked[:count]}}
+        return sqnr_db(reference, _outputs(model, packed, inputs, "auto", trial))
+
+    # low: a count measured within the threshold (0 is: no candidate on the int8 GEMM).
+    low, high = 0, len(ranked)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if model_sqnr(middle) >= min_sqnr_db else (low, middle - 1)
+    for name in ranked[low:]:
+        fallbacks[name] = f"alone {alone[name]:.1f} dB; model output under {min_sqnr_db:g} dB with it"
+    choice.update({name: "fbgemm" for name in ranked[:low]})
+    return choice, fallbacks
 
 
 def _weight_mismatches(model: nn.Module, packed: PackedModel) -> List[str]:
@@ -183,13 +239,23 @@ def _effective(model: nn.Module, key: str, state: Mapping[str, Tensor]) -> Tenso
     return state.get(key)
 
 
-def _fast_layers(model: nn.Module, packed: PackedModel, backend: str) -> List[str]:
-    fast = []
-    for name, weights in packed_units(packed.layers).items():
-        module = build_packed_unit(weights, model.get_submodule(name), backend)
-        if module.kernel != "dequantize":
-            fast.append(name)
-    return fast
+def _fast_layers(model: nn.Module, packed: PackedModel, backend: str,
+                 choice: Optional[Mapping[str, str]] = None) -> List[str]:
+    units = packed_units(packed.layers)
+    return [name for name in units if _build(model, units, name, backend, choice, to_device=False).kernel == "fbgemm"]
+
+
+def _build(model: nn.Module, units: Mapping[str, List], name: str, backend: str,
+           choice: Optional[Mapping[str, str]], to_device: bool = True) -> nn.Module:
+    original = model.get_submodule(name)
+    module = build_packed_unit(units[name], original, backend, (choice or {}).get(name))
+    return module.to(getattr(original, units[name][0].param).device) if to_device else module
+
+
+def _outputs(model: nn.Module, packed: PackedModel, inputs: Sequence[Any], backend: str,
+             choice: Optional[Mapping[str, str]] = None) -> Tensor:
+    with _swapped(model, packed, backend, choice):
+        return torch.cat([flatten_outputs(call_model(model, x)) for x in inputs])
 
 
 def _run_recording(model: nn.Module, layers: Mapping[str, Any], inputs: Iterable[Any]):
@@ -212,33 +278,37 @@ def _run_recording(model: nn.Module, layers: Mapping[str, Any], inputs: Iterable
     return outputs, {name: list(zip(seen_in[name], seen_out[name])) for name in layers}
 
 
-def _per_layer(model: nn.Module, packed: PackedModel, layer_io: Mapping[str, List[tuple]], backend: str):
+def _per_layer(model: nn.Module, packed: PackedModel, layer_io: Mapping[str, List[tuple]], backend: str,
+               choice: Mapping[str, str]):
     units = packed_units(packed.layers)
     rows = []
     for name, pairs in layer_io.items():
         if not pairs:
             continue
-        original, weights = model.get_submodule(name), units[name]
-        module = build_packed_unit(weights, original, backend).to(getattr(original, weights[0].param).device)
-        ref = torch.cat([out for _, out in pairs])
-        got = torch.cat([flatten_outputs(module(*args, **kwargs)) for (args, kwargs), _ in pairs])
-        rows.append({"layer": name, "kernel": module.kernel,
-                     "relative_error": relative_error(ref, got), "sqnr_db": sqnr_db(ref, got)})
+        module = _build(model, units, name, backend, choice)
+        error, sqnr = _layer_figures(module, pairs)
+        rows.append({"layer": name, "kernel": module.kernel, "relative_error": error, "sqnr_db": sqnr})
     rows.sort(key=lambda row: -row["relative_error"])
     return rows
 
 
+def _layer_figures(module: nn.Module, pairs: Sequence[tuple]):
+    """(relative error, SQNR dB) of ``module`` against the fake-quant layer's recorded outputs."""
+    ref = torch.cat([out for _, out in pairs])
+    got = torch.cat([flatten_outputs(module(*args, **kwargs)) for (args, kwargs), _ in pairs])
+    return relative_error(ref, got), sqnr_db(ref, got)
+
+
 @contextlib.contextmanager
-def _swapped(model: nn.Module, packed: PackedModel, backend: str):
+def _swapped(model: nn.Module, packed: PackedModel, backend: str, choice: Optional[Mapping[str, str]] = None):
     originals = {}
     try:
         # Parents first (an attention layer before its out_proj), put back in reverse.
         units = packed_units(packed.layers)
         for name in sorted(units):
-            original = model.get_submodule(name)
-            originals[name] = original
-            device = getattr(original, units[name][0].param).device
-            set_submodule(model, name, build_packed_unit(units[name], original, backend).to(device))
+            replacement = _build(model, units, name, backend, choice)
+            originals[name] = model.get_submodule(name)
+            set_submodule(model, name, replacement)
         yield
     finally:
         for name, original in reversed(list(originals.items())):

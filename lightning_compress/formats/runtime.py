@@ -1,6 +1,6 @@
 """Modules that compute from packed weights, and the choice of the kernel that runs them.
 
-Two paths:
+Two kernels, and a cache:
 
 - ``"dequantize"`` (any layer, any device): the layer keeps its codes packed (int4 stays
   4 bits a weight in memory) and dequantizes them inside each forward into a temporary
@@ -9,13 +9,19 @@ Two paths:
   fake quantization).
 - ``"fbgemm"`` (int8 Linear, per-channel or per-tensor, CPU): PyTorch's dynamic
   quantized linear (``torch.ops.quantized.linear_dynamic``): activations are quantized
-  per tensor per call and the GEMM runs in int8, about 2x faster than float32 on CPU.
-  ``backend="auto"`` uses it for int8 layers trained with dynamic int8 activations
-  (QAT's ``activations="int8_dynamic"``); weight-only and static-activation layers stay
-  exact unless ``backend="fbgemm"``.
+  per token per call and the GEMM runs in int8, about 2x faster than float32 on CPU. It
+  is not exact: it rounds activations the fake-quant model kept in float (weight-only
+  layers) or rounded differently (7-bit per-tensor ranges in the kernel).
+  ``backend="auto"`` runs it where the export measured that it stays within the parity
+  thresholds (see :mod:`lightning_compress.formats.parity`): each candidate layer alone,
+  then the whole model; a layer that misses them runs ``"dequantize"`` and the export
+  says why. Without a measurement (an export without inputs) ``"auto"`` runs it only on
+  layers trained with dynamic int8 activations.
   That op belongs to PyTorch's deprecated quantized-tensor API: when it is missing or
   fails, the layer falls back to ``"dequantize"`` with a warning, and
   :func:`kernel_report` says which path each layer runs.
+- ``"cached"``: ``"dequantize"`` with the float weight computed once and kept
+  (``load_packed(cache_dequantized=True)``): float speed and float memory, exact.
 
 ``torch._int_mm`` runs at about 0.01x of float32 on CPU here, so it is not used.
 """
@@ -40,6 +46,8 @@ from lightning_compress.quant.packing import pack_codes, unpack_biased, unpack_c
 from lightning_compress.quant.spec import QuantSpec
 
 BACKENDS = ("auto", "dequantize", "fbgemm")
+MEASURED_KERNELS = ("fbgemm", "dequantize")
+"""Kernels an export's parity check may choose for a layer (``parity.kernels`` in its metadata)."""
 _PER_TENSOR_ACT = QuantSpec(bits=8, granularity="tensor", symmetric=False)
 
 
@@ -56,6 +64,8 @@ class PackedWeight(nn.Module):
         self.register_buffer("codes", codes.clone() if q.spec.bits == 8 else pack_codes(codes, q.spec.bits))
         self.register_buffer("scale", q.scale.float().reshape(-1, 1).clone())
         self.register_buffer("zero_point", q.zero_point.reshape(-1, 1).float().clone())
+        self.keep_float = False  # see keep_dequantized()
+        self._float: Optional[Tensor] = None
 
     def int_codes(self) -> Tensor:
         """int8 codes ``[out, in * kernel]``."""
@@ -65,6 +75,19 @@ class PackedWeight(nn.Module):
 
     def dequantize(self, rows: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The weight (or only ``rows`` of it, for Embedding) in ``dtype``."""
+        if self.keep_float:
+            weight = self._kept(dtype or self.dtype)
+            return weight if rows is None else weight[rows]
+        return self._dequantize(rows, dtype)
+
+    def _kept(self, dtype: torch.dtype) -> Tensor:
+        # Recomputed when the module moved or another dtype is asked for: one float copy kept.
+        kept = self._float
+        if kept is None or kept.dtype != dtype or kept.device != self.codes.device:
+            kept = self._float = self._dequantize(None, dtype)
+        return kept
+
+    def _dequantize(self, rows: Optional[Tensor], dtype: Optional[torch.dtype]) -> Tensor:
         codes, zero_offset = self._codes_and_offset(rows)
         width = group_width(self._matrix_shape(), self.spec)
         groups_per_row = self.cols // width if self.spec.granularity != "tensor" else 0
@@ -157,18 +180,14 @@ def _quantize_layer_input(module: _PackedModule, args: tuple):
 class PackedLinear(_PackedModule):
     """``nn.Linear`` computing from packed codes (see the module docstring for kernels)."""
 
-    def __init__(self, layer: PackedLayer, bias: Optional[Tensor], backend: str = "auto") -> None:
+    def __init__(self, layer: PackedLayer, bias: Optional[Tensor], backend: str = "auto",
+                 chosen: Optional[str] = None) -> None:
         super().__init__()
         self._setup(layer, bias, channels_first=False)
         self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]
         self._fbgemm = None
         spec = layer.weight.spec
-        int8_gemm = spec.bits == 8 and spec.granularity != "group"
-        # "auto" keeps weight-only layers exact: the int8 GEMM quantizes activations, which
-        # only layers trained with int8 activations expect, and of those only dynamic ones:
-        # it quantizes each call's range, not the static range (and its clipping) training
-        # calibrated (measured: 25 to 34 dB SQNR against a static-range model, under 35).
-        if int8_gemm and (backend == "fbgemm" or (backend == "auto" and layer.activations == "int8_dynamic")):
+        if spec.bits == 8 and spec.granularity != "group" and _runs_int8_gemm(layer, backend, chosen):
             self._fbgemm = _fbgemm_prepack(self.packed, strict=backend == "fbgemm")
         if self._fbgemm is not None:
             self.kernel = "fbgemm"
@@ -287,6 +306,25 @@ def _quantize_attention_inputs(module: PackedMultiheadAttention, args: tuple, kw
     return attention_inputs(args, kwargs, module.input_quantizer)
 
 
+def int8_gemm_candidate(layer: PackedLayer) -> bool:
+    """Whether ``backend="auto"`` may run ``layer`` on the int8 GEMM when the export's
+    measurement lets it: int8 per-channel/per-tensor weights, weight-only or trained with
+    dynamic int8 activations. Not static-activation layers: training clipped their inputs
+    to the calibrated range, which the dynamic kernel does not (measured: 25 to 34 dB SQNR
+    against a static-range model, under the default 35)."""
+    spec = layer.weight.spec
+    return spec.bits == 8 and spec.granularity != "group" and layer.activations in (None, "int8_dynamic")
+
+
+def _runs_int8_gemm(layer: PackedLayer, backend: str, chosen: Optional[str]) -> bool:
+    if backend != "auto":
+        return backend == "fbgemm"
+    if chosen is not None:  # the export measured this layer on both kernels
+        return chosen == "fbgemm"
+    # Unmeasured: only where training quantized the activations per token, as the kernel does.
+    return layer.activations == "int8_dynamic"
+
+
 def _fbgemm_prepack(packed: PackedWeight, strict: bool):
     if torch.backends.quantized.engine not in ("x86", "fbgemm", "onednn"):
         return _fallback("the quantized engine is " + torch.backends.quantized.engine, strict)
@@ -313,13 +351,13 @@ def _fallback(reason: str, strict: bool):
     return None
 
 
-def build_packed_module(layer: PackedLayer, original: nn.Module, backend: str) -> nn.Module:
+def build_packed_module(layer: PackedLayer, original: nn.Module, backend: str, chosen: Optional[str] = None) -> nn.Module:
     """The packed replacement of ``original`` (a Linear, Conv, Embedding or
-    MultiheadAttention)."""
+    MultiheadAttention); ``chosen``: the kernel the export measured for it (``"auto"`` only)."""
     if isinstance(original, nn.MultiheadAttention):
         return PackedMultiheadAttention(layer, original)
     if isinstance(original, nn.Linear):
-        return PackedLinear(layer, original.bias, backend)
+        return PackedLinear(layer, original.bias, backend, chosen)
     if isinstance(original, nn.modules.conv._ConvNd) and not isinstance(original, nn.modules.conv._ConvTransposeNd):
         return PackedConv(layer, original)
     if isinstance(original, nn.Embedding):
@@ -338,16 +376,32 @@ def packed_units(layers: Mapping[str, PackedLayer]) -> Dict[str, List[PackedLaye
     return units
 
 
-def build_packed_unit(weights: Sequence[PackedLayer], original: nn.Module, backend: str) -> nn.Module:
+def build_packed_unit(weights: Sequence[PackedLayer], original: nn.Module, backend: str,
+                      chosen: Optional[str] = None, cache: bool = False) -> nn.Module:
     """The replacement of ``original`` computing from its packed ``weights`` (see
-    :func:`packed_units`)."""
+    :func:`packed_units`); ``chosen`` as in :func:`build_packed_module`, ``cache``: see
+    :func:`keep_dequantized`."""
     if isinstance(original, nn.RNNBase):
         return dequantized_recurrent(weights, original)
     if isinstance(original, nn.MultiheadAttention):
-        return PackedMultiheadAttention(weights, original)
-    if len(weights) != 1:
+        module = PackedMultiheadAttention(weights, original)
+    elif len(weights) != 1:
         raise ValueError(f"{type(original).__name__} holds one packed weight, the file has {len(weights)}")
-    return build_packed_module(weights[0], original, backend)
+    else:
+        module = build_packed_module(weights[0], original, backend, chosen)
+    return keep_dequantized(module) if cache else module
+
+
+def keep_dequantized(module: nn.Module) -> nn.Module:
+    """Make ``module``'s dequantize-path weights computed once and kept in float (kernel
+    ``"cached"``): the speed of a float layer at the memory of one, and the same numbers
+    as the dequantize path. Layers on the int8 GEMM keep running it."""
+    if module.kernel == "dequantize":
+        for part in module.modules():
+            if isinstance(part, PackedWeight):
+                part.keep_float = True
+        module.kernel = "cached"
+    return module
 
 
 def dequantized_recurrent(weights: Sequence[PackedLayer], original: nn.RNNBase) -> nn.RNNBase:
@@ -369,7 +423,7 @@ def dequantized_recurrent(weights: Sequence[PackedLayer], original: nn.RNNBase) 
 
 
 def kernel_report(model: nn.Module) -> Dict[str, str]:
-    """``{layer name: kernel}`` for every packed layer: ``"fbgemm"`` or ``"dequantize"``."""
+    """``{layer name: kernel}`` for every packed layer: ``"fbgemm"``, ``"dequantize"`` or ``"cached"``."""
     packed = (_PackedModule, PackedMultiheadAttention)
     return {name: module.kernel for name, module in model.named_modules()
             if isinstance(module, packed) or (isinstance(module, nn.RNNBase) and "kernel" in module.__dict__)}
