@@ -154,11 +154,13 @@ def main() -> int:
     for script in chosen:
         print(f"running {script.name} {' '.join(ARGS.get(script.name, []))}...", flush=True)
         try:
-            results[script.stem] = run_benchmark(script)
+            entry = run_benchmark(script)
         except RuntimeError as err:
             print(err, file=sys.stderr)
             return 1
-        entry = results[script.stem]
+        # Read again: another run_all (of other benchmarks) may have saved meanwhile.
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        results[script.stem] = entry
         print(f"  {entry['seconds']} s; " + "; ".join(f"{r['metric']}: {r['figure']}" for r in entry["rows"][:3]), flush=True)
         # Saved after every benchmark, so an interrupted `make bench` keeps what it measured.
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
