@@ -19,6 +19,7 @@ from lightning_compress import QuantizationAwareTraining, export, load_packed
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.packed import METADATA_FILE, metadata_bytes
+from lightning_compress.formats.parity import CHOICE_MARGIN_DB
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import round_to_nearest
 from tests.conftest import make_trainer
@@ -73,14 +74,14 @@ def test_a_layer_the_int8_gemm_cannot_hold_runs_exact_and_the_export_passes(tmp_
 
 def test_weight_only_int8_runs_the_int8_gemm_on_the_layers_the_model_can_afford(tmp_path):
     """Every layer passes alone; together they do not. The kept set is the largest prefix
-    of the layers ranked by their own SQNR that keeps the model within the threshold:
-    adding the next one (edited into the file by hand) takes it under."""
+    of the layers ranked by their own SQNR that keeps the model within the threshold plus
+    the choice's margin: adding the next one (edited into the file by hand) takes it under."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256),
                           nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256)).eval()
     round_to_nearest(model, QuantSpec(8))
     x = torch.randn(32, 256, generator=torch.Generator().manual_seed(2))
-    threshold = 35.0  # the default
+    threshold = 35.0 + CHOICE_MARGIN_DB  # the default min_sqnr_db, and the margin the choice keeps
     report = export(model, tmp_path / "out", inputs=[x])
     parity = report.parity
     kept = [name for name, kernel in parity.kernels.items() if kernel == "fbgemm"]
@@ -217,3 +218,60 @@ def test_a_trained_llama_with_dynamic_int8_activations_exports_by_default(tmp_pa
     assert {name: kernel for name, kernel in loaded.packed_kernels.items() if name in parity.kernels} == parity.kernels
     with torch.no_grad():
         assert _db(module.model.eval()(input_ids=ids).logits, loaded(input_ids=ids).logits) >= 35.0
+
+
+def test_one_token_of_tiny_values_is_rescaled_like_a_batch(tmp_path):
+    """The int8 GEMM's activation range includes 0 with a rounded zero point: a lone token
+    of 1e-5-sized values came out as zeros before it was rescaled per token like a batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64, bias=False), nn.ReLU(), nn.Linear(64, 4, bias=False)).eval()
+    round_to_nearest(model, QuantSpec(8))
+    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(3)) * 1e-5
+    export(model, tmp_path / "out", inputs=[x])
+    loaded = load_packed(tmp_path / "out", nn.Sequential(nn.Linear(16, 64, bias=False), nn.ReLU(),
+                                                         nn.Linear(64, 4, bias=False)))
+    assert set(loaded.packed_kernels.values()) == {"fbgemm"}
+    with torch.no_grad():
+        assert _db(model(x[:1]), loaded(x[:1])) >= 35.0  # was 0 dB: all zeros
+        assert _db(model(x), loaded(x)) >= 35.0
+
+
+def test_a_bfloat16_model_is_not_put_on_a_kernel_its_inputs_never_reached(tmp_path):
+    """The int8 GEMM runs on float32 CPU inputs only: measuring a bfloat16 model ran the
+    exact path and would have recorded every layer as passing. They run exact, and say why."""
+    model, x = _dynamic_int8(_mlp().to(torch.bfloat16)), _heavy_tailed_inputs()
+    report = export(model, tmp_path / "out", inputs=[x.bfloat16()])
+    assert report.parity.kernels == {"0": "dequantize", "2": "dequantize", "4": "dequantize"}
+    assert set(report.parity.fallbacks.values()) == {
+        "its inputs are torch.bfloat16 on cpu; the int8 GEMM takes float32 CPU inputs"}
+    assert report.parity.fast_layers == [] and report.parity.sqnr_db is None
+
+
+def test_new_state_reaches_the_int8_gemm_and_the_kept_float_weight(tmp_path):
+    """load_state_dict replaces the codes and scales; the prepacked int8 weight and the
+    kept float weight are made again from them, not left from the first model."""
+    x = _heavy_tailed_inputs()
+    for seed, name in ((0, "a"), (5, "b")):
+        export(_dynamic_int8(_mlp(seed)), tmp_path / name, inputs=[x])
+    for cache in (False, True):
+        first = load_packed(tmp_path / "a", _mlp(1), cache_dequantized=cache)
+        second = load_packed(tmp_path / "b", _mlp(1), cache_dequantized=cache)
+        assert {"fbgemm", "cached" if cache else "dequantize"} == set(first.packed_kernels.values())
+        with torch.no_grad():
+            first(x)  # prepacked and kept from the first state
+            first.load_state_dict(second.state_dict())
+            assert torch.equal(first(x), second(x))
+
+
+def test_a_gradient_through_the_loaded_model_takes_the_exact_path(tmp_path):
+    """The int8 GEMM has no backward: asked for an input gradient, a layer computes on the
+    exact path, and the gradient is the fake-quant model's."""
+    model, x = _dynamic_int8(_mlp()), _heavy_tailed_inputs()
+    export(model, tmp_path / "out", inputs=[x])
+    loaded = load_packed(tmp_path / "out", _mlp(1))
+    assert "fbgemm" in loaded.packed_kernels.values()
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loaded(ours).pow(2).sum().backward()
+    exact = load_packed(tmp_path / "out", _mlp(1), backend="dequantize")
+    exact(theirs).pow(2).sum().backward()
+    assert torch.equal(ours.grad, theirs.grad)

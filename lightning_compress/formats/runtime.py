@@ -66,6 +66,8 @@ class PackedWeight(nn.Module):
         self.register_buffer("zero_point", q.zero_point.reshape(-1, 1).float().clone())
         self.keep_float = False  # see keep_dequantized()
         self._float: Optional[Tensor] = None
+        # New codes or scales (load_state_dict) make the kept float weight stale.
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_float", None))
 
     def int_codes(self) -> Tensor:
         """int8 codes ``[out, in * kernel]``."""
@@ -191,23 +193,27 @@ class PackedLinear(_PackedModule):
             self._fbgemm = _fbgemm_prepack(self.packed, strict=backend == "fbgemm")
         if self._fbgemm is not None:
             self.kernel = "fbgemm"
+            # The prepacked weight is a copy: new codes (load_state_dict) are packed again.
+            self.register_load_state_dict_post_hook(_prepack_again)
 
     def quantizes_itself(self, x: Tensor) -> bool:
-        return self._fbgemm is not None and x.device.type == "cpu" and x.dtype == torch.float32
+        # float32 CPU inputs only; and not when a gradient is asked for: the int8 GEMM has
+        # no backward (PyTorch would return a silently wrong input gradient).
+        return (self._fbgemm is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and not (x.requires_grad and torch.is_grad_enabled()))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.quantizes_itself(x):
             flat = x.reshape(-1, x.shape[-1])
             # fbgemm quantizes the activations per tensor; dividing each token by its absmax
             # first (and multiplying the output back) makes that per token, as in training:
-            # measured 36 to 38 dB SQNR instead of 30 to 35 on Gaussian inputs.
+            # measured 36 to 38 dB SQNR instead of 30 to 35 on Gaussian inputs. A single
+            # token too: the kernel's range includes 0 and its zero point is rounded, so a
+            # token of tiny values (1e-5) would otherwise round to zero.
             # reduce_range=True (7-bit activations): with 8 bits, fbgemm's u8*s8 pair sums
             # saturate int16 on CPUs without VNNI (measured here: 13 to 24 dB SQNR).
-            if flat.shape[0] > 1:
-                token_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(flat.dtype).tiny)
-                out = torch.ops.quantized.linear_dynamic(flat / token_scale, self._fbgemm, True) * token_scale
-            else:
-                out = torch.ops.quantized.linear_dynamic(flat, self._fbgemm, True)
+            token_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(flat.dtype).tiny)
+            out = torch.ops.quantized.linear_dynamic(flat / token_scale, self._fbgemm, True) * token_scale
             if self.bias is not None:
                 out = out + self.bias
             return out.view(*x.shape[:-1], self.out_features)
@@ -304,6 +310,10 @@ class PackedMultiheadAttention(nn.MultiheadAttention):
 
 def _quantize_attention_inputs(module: PackedMultiheadAttention, args: tuple, kwargs: dict):
     return attention_inputs(args, kwargs, module.input_quantizer)
+
+
+def _prepack_again(module: "PackedLinear", _incompatible) -> None:
+    module._fbgemm = _fbgemm_prepack(module.packed, strict=True)
 
 
 def int8_gemm_candidate(layer: PackedLayer) -> bool:
