@@ -68,6 +68,7 @@ def timed(fn, calls: int) -> float:
 
 INT8_DYNAMIC = "ours int8, dynamic int8 activations (load_packed defaults)"
 INT8_WEIGHT_ONLY = "ours int8 weight-only (load_packed defaults)"
+INT8_LOOSE = "ours int8 weight-only, exported with min_sqnr_db=30 (load_packed defaults)"
 INT4 = "ours int4 g128 (load_packed defaults: dequantize)"
 INFERENCE_TARGETS = {
     INT8_DYNAMIC: ">= 1.5x at both sizes (issues 6, 17)",
@@ -117,6 +118,8 @@ def main() -> None:
     round_to_nearest(int8, QuantSpec(8))
     int8_dir = work / "speed_int8"
     export(int8, int8_dir, inputs=parity_inputs, formats=["safetensors", "onnx"])
+    loose_dir = work / "speed_int8_30db"  # what a user who accepts 30 dB gets
+    export(int8, loose_dir, inputs=parity_inputs, min_sqnr_db=30)
     int8_dynamic = with_dynamic_int8_activations(build())
     dynamic_dir = work / "speed_int8_dynamic"
     export(int8_dynamic, dynamic_dir, inputs=parity_inputs)
@@ -128,13 +131,13 @@ def main() -> None:
     configs = {"float32 eager": reference}
     kernels = {}  # label -> the kernels its layers run ("3 fbgemm, 1 dequantize")
     for label, directory, model in [(INT8_DYNAMIC, dynamic_dir, int8_dynamic), (INT8_WEIGHT_ONLY, int8_dir, int8),
-                                    (INT4, int4_dir, int4)]:
+                                    (INT8_LOOSE, loose_dir, int8), (INT4, int4_dir, int4)]:
         for cached in (False, True):
             name = label if not cached else label.replace("load_packed defaults", "cache_dequantized=True").replace(
                 ": dequantize", "")
             loaded = load_packed(directory, build(1), cache_dequantized=cached)
             ran = sorted(loaded.packed_kernels.values())
-            if cached and "cached" not in ran:
+            if cached and ("cached" not in ran or label == INT8_LOOSE):
                 continue  # every layer on the int8 GEMM: the cache changes nothing
             configs[name], fake_quant[name] = loaded, model
             kernels[name] = ", ".join(f"{ran.count(kernel)} {kernel}" for kernel in dict.fromkeys(ran))
@@ -174,7 +177,7 @@ def main() -> None:
 
     rounds = 5
     results = {}
-    for batch, x, calls in [(1, x1, 200), (128, x128, 10)]:
+    for batch, x, calls in [(1, x1, 100), (128, x128, 10)]:
         times = {label: [] for label in configs}
         labels = list(configs)
         for index in range(rounds):
@@ -219,8 +222,9 @@ def main() -> None:
             headline("CPU inference", f"{label}{ran}: speed vs float32 eager, batch 1 / batch 128",
                      f"{base1 / t1:.2f}x / {base128 / t128:.2f}x", INFERENCE_TARGETS.get(label))
     print()
-    print("The kernels are those the export's parity check chose (35 dB SQNR per layer and for the model, on"
-          " 32 parity inputs): a layer whose int8 GEMM misses it runs the exact dequantize path.")
+    print("The kernels are those the export's parity check chose (min_sqnr_db, 35 dB by default, plus its 1 dB"
+          " margin, per layer and for the model, on 32 parity inputs): a layer whose int8 GEMM misses it runs the"
+          " exact dequantize path. The SQNR column is measured on the timed batch of 128, not the parity inputs.")
     print()
     # Each of our paths against torchao's at the same bit width. The int4 CPU serving path
     # is the ONNX export (MatMulNBits); the PyTorch-eager int4 layer dequantizes per call,
