@@ -66,6 +66,21 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def markdown_section(lines: list) -> list:
+    """The markdown a benchmark printed: heading, tables and target lines, with one blank
+    line where it left blank lines (so two tables, or a table and the line after it,
+    stay apart in GitHub's rendering); anything else it printed is left out."""
+    section: list = []
+    for line in lines:
+        if line.startswith(("#", "|", "Target")):
+            section.append(line)
+        elif not line.strip() and section and section[-1]:
+            section.append("")
+    while section and not section[-1]:
+        section.pop()
+    return section
+
+
 def run_benchmark(script: Path) -> dict:
     """Run one benchmark; its section, headline rows and how it was run."""
     args = ARGS.get(script.name, [])
@@ -76,7 +91,7 @@ def run_benchmark(script: Path) -> dict:
         raise RuntimeError(f"{script.name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     lines = result.stdout.splitlines()
     rows = [json.loads(line[4:]) for line in lines if line.startswith("ROW ")]
-    section = [line for line in lines if line.startswith(("#", "|", "Target"))]
+    section = markdown_section(lines)
     if not rows or not section:
         raise RuntimeError(f"{script.name} printed no ROW lines or no markdown section")
     return {
@@ -85,7 +100,7 @@ def run_benchmark(script: Path) -> dict:
         "machine": machine(),
         "seconds": round(seconds),
         "heading": section[0].lstrip("# "),
-        "body": section[1:],
+        "body": section[2:] if len(section) > 1 and not section[1] else section[1:],
         "rows": rows,
     }
 

@@ -211,3 +211,16 @@ def test_mutation_score_records_only_a_whole_run(tmp_path, monkeypatch, capsys):
     _fake_run(elsewhere, {"a": 1, "b": 0}, [])
     assert module.main(["--mutants", str(elsewhere / "mutants"), "--minimum", "50"]) == 0
     assert "mutation score 50.0%: 1 killed of 2 mutants" in capsys.readouterr().out
+
+
+def test_a_benchmarks_markdown_keeps_one_blank_line_between_its_tables():
+    """GitHub renders a line right under a table as one more row: run_all keeps the
+    benchmark's blank lines (one of a run), and leaves out what is not markdown."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    printed = ["running...", "## heading", "", "| a |", "|---|", "", "", "| b |", "ROW {}", "", "Target: x", "", ""]
+    assert module.markdown_section(printed) == ["## heading", "", "| a |", "|---|", "", "| b |", "", "Target: x"]
+    assert module.markdown_section(["", "chatter", ""]) == []

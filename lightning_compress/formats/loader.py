@@ -41,7 +41,8 @@ def load_packed(
             for it: the fbgemm int8 GEMM (dynamic int8 activations, about 2x float32
             speed on CPU) for int8 per-channel/per-tensor Linear layers, weight-only or
             trained with dynamic int8 activations, where it kept the export's SQNR
-            threshold alone and in the whole model; the exact dequantize path for every
+            threshold (plus a 1 dB margin) alone and in the whole model, on the export's
+            inputs; the exact dequantize path for every
             other layer. An export checked without inputs measured nothing: then only
             layers trained with dynamic int8 activations run the int8 GEMM.
             ``"dequantize"``: every layer exactly as the fake-quant model computes.
