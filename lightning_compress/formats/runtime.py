@@ -188,8 +188,7 @@ class PackedLinear(_PackedModule):
         self._setup(layer, bias, channels_first=False)
         self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]
         self._fbgemm = None
-        spec = layer.weight.spec
-        if spec.bits == 8 and spec.granularity != "group" and _runs_int8_gemm(layer, backend, chosen):
+        if _int8_gemm_grid(layer) and _runs_int8_gemm(layer, backend, chosen):
             self._fbgemm = _fbgemm_prepack(self.packed, strict=backend == "fbgemm")
         if self._fbgemm is not None:
             self.kernel = "fbgemm"
@@ -322,8 +321,13 @@ def int8_gemm_candidate(layer: PackedLayer) -> bool:
     dynamic int8 activations. Not static-activation layers: training clipped their inputs
     to the calibrated range, which the dynamic kernel does not (measured: 25 to 34 dB SQNR
     against a static-range model, under the default 35)."""
+    return _int8_gemm_grid(layer) and layer.activations in (None, "int8_dynamic")
+
+
+def _int8_gemm_grid(layer: PackedLayer) -> bool:
+    """int8 per-channel or per-tensor weights: the grids the fbgemm kernel takes."""
     spec = layer.weight.spec
-    return spec.bits == 8 and spec.granularity != "group" and layer.activations in (None, "int8_dynamic")
+    return spec.bits == 8 and spec.granularity != "group"
 
 
 def _runs_int8_gemm(layer: PackedLayer, backend: str, chosen: Optional[str]) -> bool:
