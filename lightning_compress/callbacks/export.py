@@ -16,6 +16,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.core.sharding import gathered
 from lightning_compress.core.tracking import log_artifact
 from lightning_compress.formats.config import ExportConfig
 from lightning_compress.formats.dry_export import dry_export
@@ -229,18 +230,21 @@ class CompressedExport(CompressionCallback):
 
     @staticmethod
     def _on_rank_zero(trainer: Trainer, work: Callable[[], Any], what: str, note: str = "") -> None:
-        """Run ``work`` on rank 0; its error is raised on every rank (as it is in one process)."""
+        """Run ``work`` on rank 0; its error is raised on every rank (as it is in one process).
+
+        Under FSDP2 every rank gathers the full weights first and rank 0 exports them."""
         error: Optional[str] = None
-        if trainer.is_global_zero:
-            try:
-                work()
-            except Exception as err:  # re-raised below, on every rank
-                if note:
-                    _add_note(err, note)
-                error = f"{type(err).__name__}: {err}{' (' + note + ')' if note else ''}"
-                if trainer.world_size == 1:
-                    raise
-        error = trainer.strategy.broadcast(error, src=0)
+        with gathered(trainer.lightning_module):
+            if trainer.is_global_zero:
+                try:
+                    work()
+                except Exception as err:  # re-raised below, on every rank
+                    if note:
+                        _add_note(err, note)
+                    error = f"{type(err).__name__}: {err}{' (' + note + ')' if note else ''}"
+                    if trainer.world_size == 1:
+                        raise
+            error = trainer.strategy.broadcast(error, src=0)  # the other ranks wait here
         if error is not None:
             raise RuntimeError(f"CompressedExport's {what} failed on rank 0: {error}")
 

@@ -9,6 +9,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -17,6 +18,8 @@ from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.callbacks.compatibility import settle_layers
 from lightning_compress.core.attention import out_proj_owner
 from lightning_compress.core.incompatible import LayerIssue
+from lightning_compress.core.sharding import full, is_shard
+from lightning_compress.core.targeting import weight_name
 from lightning_compress.core.transforms import is_bound
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
 from lightning_compress.formats.peft_attention import peft_unpaired
@@ -147,7 +150,11 @@ class LoRA(CompressionCallback):
             return  # a later validate/test/fit of the same model
         if self._merged and self._module is pl_module and stage != "fit":
             return  # merged: evaluate the merged model as it is
-        if _overrides_configure_model(pl_module):
+        # Under ModelParallelStrategy `configure_model` shards the layers, so the adapters
+        # (and NF4 bases) must exist before it: FSDP2 then shards them with the layer.
+        # Layers built there too are adapted after it (refused if they are sharded then).
+        early = isinstance(trainer.strategy, ModelParallelStrategy) and bool(self.selected_layers(pl_module))
+        if _overrides_configure_model(pl_module) and not early:
             _run_after_configure_model(pl_module, lambda: self._inject(trainer, pl_module))
         else:
             self._inject(trainer, pl_module)
@@ -316,6 +323,15 @@ class LoRA(CompressionCallback):
         if not self.examined(pl_module):  # its layers were built in `configure_model`, after the stack check
             settle_layers(self, pl_module)
         layers = self.select(pl_module)
+        sharded = [name for name, layer in layers.items() if any(is_shard(p) for p in layer.parameters(recurse=False))]
+        if sharded:
+            raise ValueError(
+                f"LoRA must add its adapters before `fully_shard`, but {sharded[:4]} are sharded already; build"
+                " these layers in `__init__` and shard them in `configure_model` (under ModelParallelStrategy LoRA"
+                " injects in `setup`, before `configure_model`)"
+            )
+        if self.config.base == "nf4" and isinstance(trainer.strategy, ModelParallelStrategy):
+            _check_nf4_shardable(layers, self.config, trainer.strategy.device_mesh["data_parallel"].size())
         # Each rank draws its own dropout masks; seeded from the (seeded) global RNG.
         self._dropout.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + trainer.global_rank
         unpaired = peft_unpaired(pl_module, layers) if self.adapter_dir is not None else {}
@@ -369,9 +385,23 @@ class LoRA(CompressionCallback):
             named = self._module.state_dict(keep_vars=True)
             for key in keys:
                 digest.update(key.encode())
-                tensor_digest(digest, named[key])
+                tensor_digest(digest, full(named[key]))  # FSDP2: the whole base, as one process digests it
             self._fingerprint = (cache_key, digest.hexdigest())
         return self._fingerprint[1]
+
+
+def _check_nf4_shardable(layers: Mapping[str, nn.Module], config: LoRAConfig, shards: int) -> None:
+    """FSDP2 cuts a weight into ``shards`` row blocks; torchao's NF4 tensor splits only
+    along whole scaler blocks (``nf4_block_size · nf4_scaler_block_size`` values)."""
+    unit = config.nf4_block_size * config.nf4_scaler_block_size
+    bad = [name for name, layer in layers.items()
+           if (w := layer.get_parameter(weight_name(layer))).shape[0] % shards or w.numel() % (unit * shards)]
+    if bad:
+        raise ValueError(
+            f"QLoRA under FSDP2 shards each NF4 base into {shards} row blocks of whole scaler blocks"
+            f" (nf4_block_size·nf4_scaler_block_size = {unit} values), which {bad[:4]} cannot be cut into; lower"
+            " `nf4_scaler_block_size` (or `nf4_block_size`), or leave these layers out with `exclude_modules`"
+        )
 
 
 def _wrap_on_load_checkpoint(pl_module: LightningModule, before_load) -> None:

@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import LayerCompressionCallback
 from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
 from lightning_compress.core.schedule import resolve_step
+from lightning_compress.core.sharding import local, shard_like
 from lightning_compress.core.targeting import weight_param
 from lightning_compress.core.tracking import log_line_chart
 from lightning_compress.core.transforms import (
@@ -336,7 +337,8 @@ class MagnitudePruning(LayerCompressionCallback):
         # keeps the effective weight sparse.
         layer, transform = self._layers[name], self._masks[name]
         if transform.mask is not None and _mask_sees_raw(layer, name):
-            _raw(layer, name).mul_(transform.mask)
+            raw = _raw(layer, name)
+            local(raw).mul_(shard_like(transform.mask, raw))  # under FSDP2, this rank's shard
 
     def _measure(self) -> None:
         """The fraction of the targeted weights the masks prune: overall, and per group of

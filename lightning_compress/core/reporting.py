@@ -86,10 +86,8 @@ def report_layer_table(trainer, pl_module: nn.Module, skipped: Mapping[str, Sequ
     if not getattr(trainer, _PENDING, False):
         return
     setattr(trainer, _PENDING, False)
-    if not trainer.is_global_zero:
-        return
-    rows = layer_rows(pl_module, skipped)
-    if rows:
+    rows = layer_rows(pl_module, skipped)  # on every rank: reading FSDP2 shards gathers them
+    if rows and trainer.is_global_zero:
         report_table(trainer, LAYER_TABLE_KEY, LAYER_COLUMNS, rows)
 
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, Iterator, Tuple, Type
 from torch import Tensor, nn
 
 from lightning_compress.core.attention import attention_forward, attention_inputs
+from lightning_compress.core.sharding import full, is_shard
 
 WeightTransform = Callable[[Tensor], Tensor]
 
@@ -120,8 +121,9 @@ def weight_before(layer: nn.Module, stage: Stage, param: str = WEIGHT) -> Tensor
     """The weight as it enters ``stage``: the raw parameter with earlier stages applied.
 
     Pruning scores the merged ``W + B·A`` this way, and QAT quantizes the masked weight.
+    A parameter FSDP2 holds sharded is gathered whole first (every rank must call this).
     """
-    return run_stages(layer, raw_weight(layer, param), after=None, before=stage, param=param)
+    return run_stages(layer, full(raw_weight(layer, param)), after=None, before=stage, param=param)
 
 
 def run_stages(
@@ -293,6 +295,8 @@ def _effective(name: str) -> property:
         if name not in self._parameters:  # another instance of the class has this parameter
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         weight = self._parameters[name]
+        if is_shard(weight):  # FSDP2 at rest: it reads its own sharded parameter back through here
+            return weight
         for _, transform in self.__dict__.get(_SORTED_ATTR, {}).get(name, ()):
             weight = transform(weight)
         return weight

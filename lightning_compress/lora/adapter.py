@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.core.sharding import full
 from lightning_compress.core.targeting import weight_name
 from lightning_compress.core.transforms import (
     Stage,
@@ -105,7 +106,8 @@ class LoRAAdapter:
     # ------------------------------------------------------------ weight transform
     def delta(self, dtype: torch.dtype | None = None) -> Tensor:
         """``scaling · B·A`` in the layer's weight shape (in ``dtype``, default ``A``'s)."""
-        lora_a, lora_b = self.layer.lora_A, self.layer.lora_B
+        # Whole under FSDP2 outside a forward (pruning scores, reports, the export).
+        lora_a, lora_b = full(self.layer.lora_A), full(self.layer.lora_B)
         if dtype is not None:
             lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
         product = lora_b.flatten(1) @ lora_a.flatten(1)
@@ -115,7 +117,7 @@ class LoRAAdapter:
 
     def dense_base(self, dtype: torch.dtype | None = None) -> Tensor:
         """``W`` as a dense tensor (dequantized when stored in NF4)."""
-        weight = raw_weight(self.layer, self.param)
+        weight = full(raw_weight(self.layer, self.param))
         if is_nf4(weight):
             return dequantize_nf4(weight, dtype or self.base_dtype)
         return weight if dtype is None else weight.to(dtype)

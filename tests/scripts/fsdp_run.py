@@ -1,0 +1,186 @@
+"""Run by tests/test_fsdp.py: compression under FSDP2, as Lightning users shard.
+
+    python fsdp_run.py OUT_DIR MODE[,MODE...]
+
+Each MODE is one fit of :class:`Sharded` (``fully_shard`` on conv, fc1, fc2 and the
+module itself in ``configure_model``) under ``ModelParallelStrategy`` with 2 CPU
+processes (gloo), 4 epochs of 4 steps of 8 samples per rank: the same global batches as
+one process with batch 16 (the test runs that one in-process with :func:`fit`).
+
+MODEs: ``prune``, ``prune-2:4``, ``qat``, ``kd``, ``lora``, ``qlora``, ``stack``
+(distillation + pruning + QAT + export), ``resume-sharded`` / ``resume-full`` (the
+stack stopped after epoch 1 with Lightning's distributed or full-state checkpoint, then
+resumed by a new Trainer), and the settings refused in setup (:data:`REFUSED`: their
+error message is saved instead). Each rank saves what it holds to OUT_DIR/MODE/rank<r>.pt.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+from lightning_compress import (  # noqa: E402
+    CompressedExport,
+    KnowledgeDistillation,
+    LoRA,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+)
+from lightning_compress.core.sharding import gathered, is_shard  # noqa: E402
+from lightning_compress.quant.nf4 import is_nf4  # noqa: E402
+from tests.conftest import make_trainer  # noqa: E402
+from tests.ddp_process import arm_hang_report, close_process_group  # noqa: E402
+from tests.scripts.ddp_distill import WideTeacher  # noqa: E402
+from tests.scripts.ddp_stack import EPOCHS, QAT_START, Data, Student  # noqa: E402
+
+
+class Sharded(Student):
+    """The student, sharded the way Lightning's FSDP2 examples do: each layer, then the root."""
+
+    def configure_model(self):
+        if self.device_mesh is None:  # one process: nothing to shard
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.conv, self.fc1, self.fc2):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+class BuiltInConfigureModel(Sharded):
+    """Builds fc1 in ``configure_model`` and shards it there: too late for LoRA."""
+
+    def __init__(self):
+        super().__init__()
+        del self.fc1
+
+    def configure_model(self):
+        if not hasattr(self, "fc1"):
+            self.fc1 = torch.nn.Linear(64, 32)
+        super().configure_model()
+
+
+class Record(Callback):
+    """What the test compares: the full weights and every compression callback's state,
+    just before fake quantization starts and at the end of fit (after the export)."""
+
+    def __init__(self, compression):
+        self.compression = compression
+        self.before_qat = self.state = None
+        self.teacher_sharded = None
+
+    def snapshot(self, trainer, pl_module):
+        with gathered(pl_module):  # every rank: the shards are gathered
+            weights = {k: v if is_nf4(v) else v.detach().clone() for k, v in pl_module.state_dict().items()}
+        return {
+            "weights": weights,
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.compression},
+            "sharded": sorted(n for n, p in pl_module.named_parameters() if is_shard(p)),
+        }
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        kd = next((cb for cb in self.compression if isinstance(cb, KnowledgeDistillation)), None)
+        if kd is not None and self.teacher_sharded is None:
+            self.teacher_sharded = any(is_shard(p) for p in kd.teacher.parameters())
+        if trainer.global_step == QAT_START and self.before_qat is None:
+            self.before_qat = self.snapshot(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module):
+        self.state = {"rank": trainer.global_rank, "world_size": trainer.world_size,
+                      "teacher_sharded": self.teacher_sharded, "before_qat": self.before_qat,
+                      **self.snapshot(trainer, pl_module)}
+
+
+class StopAfterFirstEpochs(Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def build(mode, out_dir):
+    """The compression callbacks of ``mode`` (fresh, seeded the same in every process)."""
+    torch.manual_seed(1)
+    if mode.startswith("prune"):
+        nm = mode == "prune-2:4"
+        return [MagnitudePruning(None if nm else 0.6, pattern="2:4" if nm else "unstructured",
+                                 scope="layer" if nm else "global", start_step=2, end_step=QAT_START, update_every=2)]
+    if mode == "qat":
+        # Asymmetric: see tests/scripts/ddp_stack.py (symmetric groups sit on rounding ties).
+        return [QuantizationAwareTraining("int4", group_size=4, symmetric=False, learn_ranges=True,
+                                          activations="int8_static", start_step=QAT_START, calibration_steps=4)]
+    if mode == "kd":
+        return [KnowledgeDistillation(WideTeacher(), features=[("fc1", "fc1")], projection_lr=1e-2)]
+    if mode == "lora":
+        return [LoRA(r=4, target_modules=["conv", "fc1", "fc2"])]
+    if mode in ("qlora", "qlora-unshardable"):
+        # fc2 holds 8 x 32 weights: one scaler block of 32 x 8 cannot be cut in two.
+        scaler_block = 4 if mode == "qlora" else 8
+        return [LoRA(r=4, target_modules=["fc1", "fc2"], base="nf4", nf4_block_size=32,
+                     nf4_scaler_block_size=scaler_block)]
+    if mode == "lora-late":
+        return [LoRA(r=4, target_modules=["fc1"])]
+    stack = [
+        KnowledgeDistillation(WideTeacher(), features=[("fc1", "fc1")], projection_lr=1e-2),
+        MagnitudePruning(0.6, start_step=2, end_step=QAT_START, update_every=2),
+        QuantizationAwareTraining("int4", group_size=4, symmetric=False, learn_ranges=True,
+                                  activations="int8_static", start_step=QAT_START, calibration_steps=4,
+                                  overrides={"fc2": {"bits": 8}}),
+    ]
+    return stack + [CompressedExport(Path(out_dir) / "packed", min_sqnr_db=20.0)] if mode == "stack" else stack
+
+
+def fit(mode, out_dir, devices, *, ckpt_path=None, stop_at=None, distributed_checkpoint=True):
+    """Train ``mode`` with ``devices`` processes (global batch 16); returns this process's
+    :class:`Record` state."""
+    torch.manual_seed(0)
+    model = BuiltInConfigureModel() if mode == "lora-late" else Sharded()
+    compression = build(mode, out_dir)
+    # Lightning re-seeds distributed processes from this seed when it sets them up (LoRA
+    # draws its adapters after that): one process starts its fit from the same RNG state.
+    pl.seed_everything(0, verbose=False)
+    record = Record(compression)
+    options = {}
+    if devices == 2:
+        options = {"devices": 2, "strategy": ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=distributed_checkpoint)}
+    extra = [StopAfterFirstEpochs(stop_at)] if stop_at else []
+    trainer = make_trainer(max_epochs=EPOCHS, callbacks=[*compression, record, *extra],
+                           use_distributed_sampler=False, **options)
+    trainer.fit(model, datamodule=Data(), ckpt_path=ckpt_path)
+    return record.state
+
+
+def run(mode, out_dir):
+    out_dir.mkdir(exist_ok=True)
+    if mode.startswith("resume"):  # stop after epoch 1, then resume in a new Trainer
+        distributed = mode == "resume-sharded"
+        checkpoint = out_dir / ("stopped.ckpt" if not distributed else "stopped")
+        fit("resumed", out_dir, 2, stop_at=checkpoint, distributed_checkpoint=distributed)
+        return fit("resumed", out_dir, 2, ckpt_path=checkpoint, distributed_checkpoint=distributed)
+    if mode in REFUSED:
+        try:
+            fit(mode, out_dir, 2)
+        except ValueError as error:  # raised the same way on both ranks, in setup
+            return {"rank": torch.distributed.get_rank(), "error": str(error)}
+        raise AssertionError(f"{mode} trained")
+    return fit(mode, out_dir, 2)
+
+
+REFUSED = ("qlora-unshardable", "lora-late")  # settings that must be refused before training
+
+if __name__ == "__main__":
+    arm_hang_report()
+    root = Path(sys.argv[1])
+    for name in sys.argv[2].split(","):
+        state = run(name, root / name)
+        torch.save(state, root / name / f"rank{state['rank']}.pt")
+    close_process_group()
