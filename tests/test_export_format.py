@@ -461,6 +461,7 @@ def test_a_file_that_cannot_be_read_is_a_packed_format_error_naming_it(exported,
     """An I/O error reading either file (permissions, a failing disk: injected here, since
     the tests may run as root) is a PackedFormatError naming the file, as the loader
     promises for every problem, not a bare OSError."""
+    import builtins
     import errno
     from pathlib import Path
 
@@ -472,5 +473,13 @@ def test_a_file_that_cannot_be_read_is_a_packed_format_error_naming_it(exported,
         return read_bytes(path)
 
     monkeypatch.setattr(Path, "read_bytes", failing)
+    real_open = builtins.open
+
+    def failing_open(file, *args, **kwargs):  # model.safetensors is read in chunks, not with read_bytes
+        if Path(str(file)).name == unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
     with pytest.raises(PackedFormatError, match=rf"{unreadable}: cannot be read \(Permission denied\)"):
         load_packed(exported, mlp())

@@ -2,77 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
-from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_directory, remove_directory
-from lightning_compress.core.reporting import format_table
-from lightning_compress.core.targeting import parameter_key, weight_param
-from lightning_compress.core.transforms import Stage, is_transformed, weight_before, weight_slots
-from lightning_compress.formats import compressed_tensors as ct
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.errors import ExportError, ParityError
 from lightning_compress.formats.failed_export import failed_path, keep_elsewhere, keep_failed, refuse_stale
-from lightning_compress.formats.gguf import plan_gguf, summary_line, write_gguf
-from lightning_compress.formats.packed import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    METADATA_FILE,
-    WEIGHTS_FILE,
-    PackedLayer,
-    PackedModel,
-    encode_layer,
-    encode_tensor,
-    metadata_bytes,
-    read_packed,
-)
-from lightning_compress.formats.parity import ParityReport, check_parity
-from lightning_compress.lora.inject import ADAPTER_PARAMETERS
-from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver, input_quantizer_of
-from lightning_compress.quant.weights import quantized_weights
+from lightning_compress.formats.gguf import summary_line, write_gguf
+from lightning_compress.formats.packed import METADATA_FILE, PackedModel, metadata_bytes, read_packed
+from lightning_compress.formats.packing import CONFIG_FILE, ExportReport, Packing, collect, pack, pack_into
+from lightning_compress.formats.parity import check_parity
 
 REPORT_FILE = "report.txt"
-CONFIG_FILE = "config.json"
 ONNX_FILE = "model.onnx"
-
-
-@dataclass
-class ExportReport:
-    """What an export wrote: per-layer rows, sizes, and the parity figures."""
-
-    directory: Path
-    rows: List[List[Any]]
-    float32_bytes: int
-    file_bytes: int
-    parity: Optional[ParityReport]
-    compressed_tensors: bool
-    notes: List[str] = field(default_factory=list)
-
-    @property
-    def compression_ratio(self) -> float:
-        """float32 size of the weights over the size of ``model.safetensors``."""
-        return self.float32_bytes / max(self.file_bytes, 1)
-
-    def table(self) -> str:
-        header = ["layer", "module", "params", "format", "sparsity", "bytes"]
-        lines = [format_table(f"export {self.directory}", header, self.rows)]
-        lines.append(
-            f"model.safetensors: {self.file_bytes:,} bytes; float32: {self.float32_bytes:,} bytes"
-            f" ({self.compression_ratio:.2f}x smaller)"
-        )
-        if self.parity is not None:
-            lines.append("parity: " + self.parity.summary())
-        lines.extend(self.notes)
-        return "\n".join(lines)
 
 
 def export(
@@ -101,6 +48,13 @@ def export(
     packed files are kept in ``<out_dir>.failed-parity/`` with the figures in
     ``parity.json`` (see :mod:`lightning_compress.formats.failed_export`), so a run's
     result is never lost, and the error names that directory.
+
+    Memory: the model is packed one layer at a time straight into ``model.safetensors``
+    (:mod:`~lightning_compress.formats.packing`), read back one layer at a time, and the
+    parity check holds the packed modules (int4: an eighth of the float weights) beside the
+    model, never a second float copy; large layers are quantized and compared in row
+    blocks. What remains is the fake-quant model's own forward (its largest layer's fake
+    quantization, as in training) and the batch's activations.
 
     Args:
         model: the trained module (a LightningModule or any ``nn.Module``).
@@ -161,28 +115,36 @@ def export(
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory")
     refuse_stale(out_dir, overwrite)
-    packing = pack(model, out_dir, sparse_threshold=sparse_threshold, compressed_tensors=compressed_tensors,
-                   recipe=recipe, formats=formats, tokenizer=tokenizer)
+    options = dict(sparse_threshold=sparse_threshold, compressed_tensors=compressed_tensors, recipe=recipe,
+                   formats=formats, tokenizer=tokenizer)
+    done: Dict[str, Any] = {}
     failure: Dict[str, Any] = {}
 
     def finish(directory: Path) -> Dict[str, bytes]:
+        # Packed straight into the directory being built (one layer at a time), read back from
+        # it and checked there; nothing is at `out_dir` until that passed.
+        packing = done["packing"] = pack_into(directory, model, out_dir, **options)
+        for name, data in packing.files.items():  # compression.json: read_packed reads it
+            (directory / name).write_bytes(data)
         try:
             check_packing(model, packing, read_packed(directory) if parity else None, inputs, directory,
                           parity=parity, backend=backend, max_relative_error=max_relative_error,
                           min_sqnr_db=min_sqnr_db, formats=formats)
         except Exception as error:
-            # The check's own files (model.onnx) are kept with the packed ones.
-            written = {p.name: p.read_bytes() for p in directory.iterdir()
-                       if p.is_file() and p.name not in packing.files}
-            failure.update(error=error, files={**packing.files, **written})
+            # The packed files and the check's own (model.onnx) are kept beside the export; only
+            # on this path is model.safetensors read into memory.
+            failure.update(error=error, files={p.name: p.read_bytes() for p in directory.iterdir()
+                                               if p.is_file() and not p.name.startswith(".")})
             raise
-        return {METADATA_FILE: metadata_bytes(packing.body), REPORT_FILE: (packing.report.table() + "\n").encode()}
+        return {**packing.files, METADATA_FILE: metadata_bytes(packing.body),
+                REPORT_FILE: (packing.report.table() + "\n").encode()}
 
     def write(directory: Path, replace: bool) -> None:
         try:
-            atomic_write_directory(directory, packing.files, overwrite=replace, finish=finish)
+            atomic_write_directory(directory, {}, overwrite=replace, finish=finish)
         except Exception as error:
             if failure.get("error") is error:  # packed, but the check failed: keep the files beside it
+                packing = done["packing"]
                 raise keep_failed(directory, failure["files"], packing.body, packing.report, error,
                                   overwrite=replace) from error
             raise
@@ -192,75 +154,11 @@ def export(
     except OSError as error:
         # Not written, nothing replaced: a full disk, permissions, another export holding the
         # lock (no waiting: the second of two concurrent exports fails at once), `out_dir`
-        # appeared meanwhile. The packed model goes to the system's temporary directory.
+        # appeared meanwhile. The model is packed again into the system's temporary directory.
         raise keep_elsewhere(out_dir, error, lambda folder: write(folder, False)) from error
     if overwrite:
         _remove_stale_failure(out_dir)
-    return packing.report
-
-
-@dataclass
-class Packing:
-    """A model packed in memory: the files to write, their metadata, the report, the
-    quantized layers (for the ONNX export) and ``model.gguf`` planned (or ``None``)."""
-
-    files: Dict[str, bytes]
-    body: Dict[str, Any]
-    report: ExportReport
-    layers: Dict[str, PackedLayer]
-    gguf: Any = None
-
-
-def pack(model: nn.Module, out_dir: Path, *, sparse_threshold: Optional[float], compressed_tensors: Optional[bool],
-         recipe: Optional[Mapping[str, Any]], dry: bool = False, formats: Sequence[str] = ("safetensors",),
-         tokenizer: Any = None) -> Packing:
-    """Encode ``model`` as the files of an export to ``out_dir``, in memory (``dry``: see
-    :func:`collect`), and plan ``model.gguf`` with ``tokenizer`` when ``formats`` has ``"gguf"``.
-
-    Raises:
-        ExportError: NaN/Inf, overflowing scales, a dtype or layer the format cannot store
-            (or a model, grid or tokenizer ``model.gguf`` cannot hold).
-    """
-    layers, tensors, aliases = collect(model, dry=dry)
-    notes: List[str] = []
-    use_ct = ct.decide(model, layers, compressed_tensors, notes)
-    if use_ct:
-        sparse_threshold = None
-    stored: Dict[str, Tensor] = {}
-    layer_meta, tensor_meta, rows = {}, {}, []
-    for name, layer in layers.items():
-        encoded, entry = encode_layer(name, layer, sparse_threshold, pack_8bit=use_ct and ct.packs_codes(layer))
-        stored.update(encoded)
-        layer_meta[name] = entry
-        rows.append([name, layer.module, layer.weight.codes.numel(),
-                     f"{layer.weight.spec.describe()} {entry['packing']}", _sparsity_text(entry), entry["bytes"]])
-    for key, tensor in tensors.items():
-        encoded, entry = encode_tensor(key, tensor, sparse_threshold)
-        stored.update(encoded)
-        tensor_meta[key] = entry
-        if entry["sparsity"] != "dense":
-            size = sum(t.numel() * t.element_size() for t in encoded.values())
-            rows.append([key, "tensor", tensor.numel(), entry["dtype"], _sparsity_text(entry), size])
-    weights = _safetensors_bytes(stored)
-    body = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "library_versions": _versions(),
-        "recipe": None if recipe is None else json.loads(json.dumps(recipe, default=str)),
-        "layers": layer_meta,
-        "tensors": tensor_meta,
-        "aliases": aliases,
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
-        "compressed_tensors": use_ct,
-    }
-    float32_bytes = sum(layer.weight.codes.numel() * 4 for layer in layers.values())
-    float32_bytes += sum(t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
-                         for t in tensors.values())
-    report = ExportReport(out_dir, rows, float32_bytes, len(weights), None, use_ct, notes)
-    files = {WEIGHTS_FILE: weights, METADATA_FILE: metadata_bytes(body)}
-    if use_ct:
-        files[CONFIG_FILE] = ct.config_json(model, layers)
-    return Packing(files, body, report, layers, plan_gguf(model, layers, tokenizer) if "gguf" in formats else None)
+    return done["packing"].report
 
 
 def check_packing(model: nn.Module, packing: Packing, packed: Optional[PackedModel], inputs, directory: Path, *,
@@ -303,112 +201,5 @@ def _remove_stale_failure(out_dir: Path) -> None:
                       f" removed ({error}); remove them by hand", RuntimeWarning, stacklevel=3)
 
 
-def collect(model: nn.Module, *, dry: bool = False):
-    """The model as it computes now: quantized layers (codes + grid), every other
-    state-dict tensor (transformed weights as their effective value, adapters merged),
-    and aliases for tensors that share storage (tied weights). ``dry`` (a check before
-    training): static int8 activations not calibrated yet are packed weight-only."""
-    quantized = quantized_weights(model)
-    modules = dict(model.named_modules())
-    state = model.state_dict()
-    layers: Dict[str, PackedLayer] = {}
-    for name, q in quantized.items():  # by weight key: a recurrent layer has several
-        module = _holder(modules, name)
-        param = weight_param(name, module)
-        source = weight_before(module, Stage.FAKE_QUANT, param).detach()
-        _check_finite(name, source)
-        if torch.isinf(q.scale).any() and not torch.isnan(q.scale).any():
-            # Finite weights, infinite scales: the grid's float16/bfloat16 scales overflowed.
-            raise ExportError(
-                f"layer {name!r}: its weights are finite but their {q.spec.scale_dtype} scales overflow (largest"
-                f" |weight| {float(source.abs().max()):.3g}); train with QuantizationAwareTraining(scale_dtype='float32'),"
-                " or exclude the layer, and export again"
-            )
-        _check_finite(name, q.scale)
-        layers[name] = PackedLayer(q, type(module).__name__, *_activations(name, module, dry), param)
-    with torch.no_grad():
-        for name, module in modules.items():
-            if not is_transformed(module):
-                continue
-            prefix = f"{name}." if name else ""
-            for extra in ADAPTER_PARAMETERS:
-                state.pop(prefix + extra, None)
-            for slot in weight_slots(module):
-                state[prefix + slot] = getattr(module, slot).detach()
-    for name, layer in layers.items():
-        state.pop(parameter_key(name, layer.param), None)
-    tensors: Dict[str, Tensor] = {}
-    aliases: Dict[str, str] = {}
-    seen: Dict[tuple, str] = {}
-    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    for key, tensor in state.items():
-        tensor = tensor.detach()
-        if tensor.is_floating_point():  # a buffer may hold infinities (a causal mask of -inf), never NaN
-            _check_finite(key, tensor, allow_infinite=key not in parameters)
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                    tuple(tensor.stride()), tensor.dtype) if tensor.numel() else None
-        if identity is not None and identity in seen:
-            aliases[key] = seen[identity]
-            continue
-        if identity is not None:
-            seen[identity] = key
-        tensors[key] = tensor.cpu()
-    return layers, tensors, aliases
-
-
-def _holder(modules: Dict[str, nn.Module], key: str) -> nn.Module:
-    """The module holding the weight ``key`` (a layer's name, or ``<layer>.<param>`` of a
-    recurrent layer's weight)."""
-    if key in modules:
-        return modules[key]
-    return modules[key.rpartition(".")[0]]
-
-
-def _activations(name: str, module: nn.Module, dry: bool = False):
-    quantizer = input_quantizer_of(module)
-    if isinstance(quantizer, DynamicTokenQuantizer):
-        return "int8_dynamic", None
-    if isinstance(quantizer, StaticRangeObserver):
-        if quantizer.low is None and dry:  # calibrated by training; uncalibrated, it passes inputs through
-            return None, None
-        if quantizer.low is None:
-            raise ExportError(
-                f"layer {name!r} has static int8 activations that were never calibrated; train past QAT's"
-                " start_step (the observers calibrate during training) before exporting"
-            )
-        scale, zero_point = quantizer.qparams()
-        return "int8_static", (scale.detach().cpu(), zero_point.cpu())
-    return None, None
-
-
-def _check_finite(name: str, tensor: Tensor, allow_infinite: bool = False) -> None:
-    bad = tensor.isnan() if allow_infinite else ~torch.isfinite(tensor)
-    if tensor.is_floating_point() and bad.any():
-        what = "NaN" if allow_infinite else "NaN/Inf"
-        raise ExportError(f"{name!r} holds {int(bad.sum())} {what} value(s); nothing was exported. Fix the training run"
-                          " (lower the learning rate, check the data) and export again")
-
-
-def _sparsity_text(entry: Mapping[str, Any]) -> str:
-    if entry["sparsity"] == "dense":
-        return "dense"
-    total = 1
-    for dim in entry["shape"]:
-        total *= dim
-    return f"bitmask {1 - entry['kept'] / max(total, 1):.0%}"
-
-
-def _safetensors_bytes(tensors: Mapping[str, Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
-
-
-def _versions() -> Dict[str, str]:
-    versions = {"torch": torch.__version__}
-    for package in ("lightning-compress", "lightning", "safetensors", "torchao"):
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return versions
+__all__ = ["CONFIG_FILE", "ExportReport", "ONNX_FILE", "Packing", "REPORT_FILE", "check_packing", "collect",
+           "export", "pack"]

@@ -12,11 +12,12 @@ from torch import nn
 from lightning_compress.core.validate import check_bool
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.failed_export import recorded_failure, refusal
-from lightning_compress.formats.packed import METADATA_FILE, PackedModel, read_packed
+from lightning_compress.formats.meta_load import build_on_meta, check_fit, check_meta_covered, load_tensors
+from lightning_compress.formats.packed import METADATA_FILE, PackedModel, open_packed
 from lightning_compress.core.attention import keep_padded_batches
 from lightning_compress.core.targeting import module_name, parameter_key
 from lightning_compress.formats.runtime import (
-    BACKENDS, MEASURED_KERNELS, build_packed_unit, kernel_report, packed_units)
+    BACKENDS, MEASURED_KERNELS, build_packed_unit, kernel_report)
 from lightning_compress.quant.fake_quant import as_matrix
 
 
@@ -32,8 +33,13 @@ def load_packed(
 
     Args:
         directory: the export directory.
-        model: a fresh instance of the exported module (e.g. ``MyModule()``), or a
-            callable that builds one. Its float weights are replaced; quantized layers
+        model: a fresh instance of the exported module (e.g. ``MyModule()``, or one built
+            on the meta device: ``with torch.device("meta"): MyModule()``, whose buffers the
+            file must then hold), or a callable that builds one (``MyModule``): it is built
+            with its parameters on the meta device (see
+            :mod:`~lightning_compress.formats.meta_load`), so no float copy of the model is
+            ever allocated; tensors are then read one layer at a time, and the peak is about
+            what the loaded model holds. Its float weights are replaced; quantized layers
             become :class:`~lightning_compress.formats.runtime.PackedLinear` /
             ``PackedConv`` / ``PackedEmbedding`` / ``PackedMultiheadAttention`` computing
             from the packed codes.
@@ -62,14 +68,15 @@ def load_packed(
 
     Raises:
         PackedFormatError: the directory is missing, corrupted, of an unknown version, or
-            does not fit ``model`` (the message names the file and the tensor or layer).
+            does not fit ``model`` (the message names the file and the tensor or layer), or a
+            tensor of ``model`` on the meta device gets no value from it (named, with the fix).
         FailedExportError: (a ``PackedFormatError``) the export failed its check and
             ``allow_failed_parity`` is false.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown `backend` {backend!r}; choose one of {BACKENDS}")
     check_bool("cache_dequantized", cache_dequantized)
-    packed = read_packed(directory)
+    packed = open_packed(directory)  # checksums verified; tensors are read layer by layer below
     failure = recorded_failure(packed.metadata)
     if failure is not None and not allow_failed_parity:
         raise refusal(directory, failure)
@@ -79,61 +86,53 @@ def load_packed(
     if not isinstance(model, nn.Module):
         if not callable(model):
             raise TypeError(f"`model` must be an nn.Module or a callable returning one, got {type(model).__name__}")
-        model = model()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"the `model` factory returned {type(model).__name__}, not an nn.Module")
+        model = build_on_meta(model)
     install_packed(model, packed, backend, cache_dequantized)
     return model.eval()
 
 
 def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: bool = False) -> Dict[str, nn.Module]:
-    """Load ``packed`` into ``model`` in place: dense tensors into its state, quantized
-    layers swapped for packed modules (on the kernels the export chose, for ``"auto"``;
-    ``cache``: see ``load_packed``'s ``cache_dequantized``). Returns the swapped-out
-    original layers."""
+    """Load ``packed`` into ``model`` in place, reading one tensor or layer at a time: dense
+    tensors into its state (parameters and buffers on the meta device take the file's
+    tensor itself, in their dtype), quantized layers swapped for packed modules (on the
+    kernels the export chose, for ``"auto"``; ``cache``: see ``load_packed``'s
+    ``cache_dequantized``). Everything is checked against the metadata before the model is
+    changed. Returns the swapped-out original layers.
+
+    Raises:
+        PackedFormatError: the file does not fit ``model``, or a tensor of ``model`` on the
+            meta device gets no value from it (both name the tensor or layer).
+    """
     chosen = measured_kernels(packed)
-    expected = dict(model.state_dict())
-    originals = {}
-    for key, layer in packed.layers.items():
-        name = module_name(key, layer.param)
-        original = _submodule(model, name)
-        weight = getattr(original, layer.param, None)
-        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(layer.weight.shape):
+    expected = dict(model.state_dict(keep_vars=True))
+    units: Dict[str, list] = {}
+    for key, grid in packed.grids.items():
+        name = module_name(key, grid.param)
+        weight = getattr(_submodule(model, name), grid.param, None)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(grid.weight.shape):
+            packed.layer(key)  # a file that disagrees with its own metadata says so first
             raise PackedFormatError(
-                f"layer {key!r}: the file holds a weight of shape {list(layer.weight.shape)}, the model's is"
+                f"layer {key!r}: the file holds a weight of shape {list(grid.weight.shape)}, the model's is"
                 f" {None if weight is None else list(weight.shape)}; load it into the model that was exported"
             )
-        expected.pop(parameter_key(key, layer.param), None)
-        originals[name] = original
-    missing = sorted(set(expected) - set(packed.tensors))
-    unexpected = sorted(set(packed.tensors) - set(expected))
-    if missing or unexpected:
-        raise PackedFormatError(
-            f"the packed model does not fit {type(model).__name__}: missing {missing[:5]}, unexpected"
-            f" {unexpected[:5]}; load it into the module class that was exported"
-        )
-    for key, tensor in packed.tensors.items():
-        if tuple(expected[key].shape) != tuple(tensor.shape):
-            raise PackedFormatError(
-                f"tensor {key!r}: the file holds shape {list(tensor.shape)}, the model's is"
-                f" {list(expected[key].shape)}"
-            )
-        if _kind(expected[key]) != _kind(tensor):
-            raise PackedFormatError(
-                f"tensor {key!r}: the file holds {tensor.dtype}, the model's is {expected[key].dtype}; load it into"
-                " the module class that was exported"
-            )
-    model.load_state_dict(packed.tensors, strict=False)  # first: the packed layers take their biases from it
-    replacements = {}
-    for name, weights in packed_units(packed.layers).items():  # all built before any is swapped in
-        original = originals[name]
+        expected.pop(parameter_key(key, grid.param), None)
+        units.setdefault(name, []).append(key)
+    check_fit(model, packed, expected)
+    check_meta_covered(model, expected, {parameter_key(key, grid.param) for key, grid in packed.grids.items()})
+    load_tensors(model, list(packed.tensors), packed.tensor, expected)  # first: packed layers take their biases
+    originals = {}
+    for name in sorted(units):  # parents first: an attention layer, then its out_proj
+        original = originals[name] = _submodule(model, name)
+        weights = [packed.layer(key) for key in units[name]]
         try:
             device = as_matrix(getattr(original, weights[0].param)).device
-            replacements[name] = build_packed_unit(weights, original, backend, chosen.get(name), cache).to(device)
+            device = torch.device("cpu") if device.type == "meta" else device
+            replacement = build_packed_unit(weights, original, backend, chosen.get(name), cache).to(device)
         except ValueError as err:
             raise PackedFormatError(f"layer {name!r}: {err}") from None
-    for name in sorted(replacements):  # parents first: an attention layer, then its out_proj
-        set_submodule(model, name, replacements[name])
+        set_submodule(model, name, replacement)
+        del weights, replacement
+    packed.check_complete()
     keep_padded_batches(model)  # packed layers quantize their input in a pre-hook
     model.packed_kernels = kernel_report(model)
     return originals
@@ -146,7 +145,7 @@ def measured_kernels(packed: PackedModel) -> Dict[str, str]:
     kernels = parity.get("kernels") if isinstance(parity, dict) else None
     if kernels is None:
         return {}
-    units = packed_units(packed.layers)
+    units = {module_name(key, grid.param) for key, grid in packed.grids.items()}
     if not isinstance(kernels, dict) or any(
             name not in units or kernel not in MEASURED_KERNELS for name, kernel in kernels.items()):
         raise PackedFormatError(
@@ -154,10 +153,6 @@ def measured_kernels(packed: PackedModel) -> Dict[str, str]:
             f" {str(kernels)[:200]}; the file was edited or damaged: export the model again"
         )
     return kernels
-
-
-def _kind(tensor: torch.Tensor) -> str:
-    return "float" if tensor.is_floating_point() else "bool" if tensor.dtype == torch.bool else "int"
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:

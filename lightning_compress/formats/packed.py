@@ -39,19 +39,22 @@ import json
 import math
 import os
 from reprlib import repr as _short
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
 from lightning_compress.core.targeting import is_recurrent_weight, parameter_key
+from lightning_compress.formats.blocks import finite, unpack_rows
+from lightning_compress.formats.decoded import DecodedEntries
 from lightning_compress.formats.errors import ExportError, PackedFormatError, read_packed_file
+from lightning_compress.formats.safetensors_stream import SafetensorsReader, file_sha256
 from lightning_compress.quant.fake_quant import QuantizedWeight
-from lightning_compress.quant.packing import pack_codes, packed_words, unpack_codes
+from lightning_compress.quant.packing import packed_words
 from lightning_compress.quant.spec import QuantSpec
-from lightning_compress.sparsity.masks import pack_mask, unpack_mask
+from lightning_compress.sparsity.masks import unpack_mask
 
 FORMAT_NAME = "lightning-compress/packed"
 FORMAT_VERSION = 1
@@ -59,7 +62,7 @@ WEIGHTS_FILE = "model.safetensors"
 LAYER_PARAMS = ("weight", "in_proj_weight")  # the parameters a packed layer may hold
 METADATA_FILE = "compression.json"
 
-_DTYPES = {
+DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -74,9 +77,9 @@ _DTYPES = {
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    if dtype in _DTYPES.values():
-        return next(name for name, value in _DTYPES.items() if value == dtype)
-    raise ExportError(f"cannot store a tensor of dtype {dtype}; supported: {sorted(_DTYPES)}")
+    if dtype in DTYPES.values():
+        return next(name for name, value in DTYPES.items() if value == dtype)
+    raise ExportError(f"cannot store a tensor of dtype {dtype}; supported: {sorted(DTYPES)}")
 
 
 @dataclass
@@ -93,121 +96,42 @@ class PackedLayer:
 
 
 @dataclass
-class PackedModel:
-    """What a packed directory holds, decoded: quantized layers by module name, every other
-    state-dict tensor by key (sparse ones made dense again), and the metadata."""
+class LayerGrid:
+    """What the metadata says of a quantized weight, no tensor read: a
+    :class:`PackedLayer`'s ``weight`` where only the grid is asked for (which kernel a
+    layer may run, which compressed-tensors scheme it gets)."""
 
-    layers: Dict[str, PackedLayer]
-    tensors: Dict[str, Tensor]
-    metadata: Dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------- encode
-def _scale_shape(q: QuantizedWeight) -> tuple:
-    if q.spec.granularity == "tensor":
-        return (1,)
-    return (q.shape[0], -1)
-
-
-def encode_layer(name: str, layer: PackedLayer, sparse_threshold: Optional[float], pack_8bit: bool = False):
-    """Tensors and metadata entry of one quantized layer (``pack_8bit``: 8-bit codes too in int32)."""
-    q, spec, p = layer.weight, layer.weight.spec, (f"{name}." if name else "")
-    w = parameter_key(name, layer.param)  # the weight's tensors: `p.weight`, `p.weight_scale`, ...
-    matrix = q.codes.reshape(q.shape[0], -1)
-    zero = q.zero_point.reshape(-1, 1).to(torch.int8)
-    width = matrix.numel() // zero.numel()
-    kept = (matrix.reshape(-1, width) != zero).reshape(-1)
-    bits = spec.bits
-    packed = bits < 8 or pack_8bit
-    dense_bits = matrix.shape[0] * packed_words(matrix.shape[1], bits) * 32 if packed else matrix.numel() * 8
-    sparse_bits = math.ceil(matrix.numel() / 8) * 8 + packed_words(int(kept.sum()), bits) * 32
-    sparse = _use_sparse(matrix.numel(), int(kept.sum()), dense_bits, sparse_bits, sparse_threshold)
-    tensors: Dict[str, Tensor] = {}
-    if sparse:
-        values = matrix.reshape(-1)[kept]
-        tensors[w + "_bitmask"] = pack_mask(kept)
-        if packed:
-            tensors[w + "_packed"] = pack_codes(values, bits)
-        else:
-            tensors[w] = values.contiguous()
-    elif packed:
-        tensors[w + "_packed"] = pack_codes(matrix, bits)
-    else:
-        tensors[w] = q.codes.reshape(q.shape).contiguous()
-    if packed:
-        tensors[w + "_shape"] = torch.tensor(q.shape, dtype=torch.int64)
-    scale_dtype = _DTYPES[spec.scale_dtype]
-    tensors[w + "_scale"] = q.scale.reshape(_scale_shape(q)).to(scale_dtype).contiguous()
-    if not spec.symmetric:
-        zero_point = q.zero_point.reshape(_scale_shape(q)).to(torch.int8)
-        if packed and spec.granularity != "tensor":
-            zero_point = pack_codes(zero_point.t().contiguous(), bits).t()
-        tensors[w + "_zero_point"] = zero_point.contiguous()
-    if layer.activations == "int8_static":
-        scale, zero_point = layer.input_qparams
-        tensors[p + "input_scale"] = scale.reshape(1).float()
-        tensors[p + "input_zero_point"] = zero_point.reshape(1).to(torch.int8)
-    entry = {
-        "module": layer.module,
-        **({} if layer.param == "weight" else {"param": layer.param}),
-        "shape": list(q.shape),
-        "dtype": dtype_name(q.dtype),
-        "bits": bits,
-        "granularity": spec.granularity,
-        "group_size": spec.group_size,
-        "symmetric": spec.symmetric,
-        "scale_dtype": spec.scale_dtype,
-        "packing": "int32-dense" if packed else "int8",
-        "sparsity": "bitmask" if sparse else "dense",
-        "kept": int(kept.sum()),
-        "activations": layer.activations,
-        "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-    }
-    return tensors, entry
-
-
-def encode_tensor(key: str, tensor: Tensor, sparse_threshold: Optional[float]) -> tuple[dict, dict]:
-    """Tensors and metadata entry of one unquantized state-dict tensor."""
-    tensor = tensor.detach().cpu().contiguous()
-    kept = (tensor != 0).reshape(-1)
-    count = int(kept.sum())
-    bits = tensor.element_size() * 8
-    sparse = tensor.is_floating_point() and _use_sparse(
-        tensor.numel(), count, tensor.numel() * bits, math.ceil(tensor.numel() / 8) * 8 + count * bits, sparse_threshold
-    )
-    entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "sparsity": "dense",
-             **({"infinite": True} if tensor.is_floating_point() and tensor.isinf().any() else {})}  # -inf masks
-    if not sparse:
-        return {key: tensor}, entry
-    entry.update(sparsity="bitmask", kept=count)
-    return {key + "_bitmask": pack_mask(kept), key + "_values": tensor.reshape(-1)[kept].contiguous()}, entry
-
-
-def _use_sparse(numel: int, kept: int, dense_bits: int, sparse_bits: int, threshold: Optional[float]) -> bool:
-    if threshold is None or numel == 0:
-        return False
-    return 1 - kept / numel >= threshold and sparse_bits < dense_bits
+    spec: QuantSpec
+    shape: tuple
+    dtype: torch.dtype
 
 
 # ---------------------------------------------------------------------- decode
-class _Reader:
-    """Takes tensors out of a loaded safetensors dict, checking names, dtypes and shapes.
-    ``max_numel`` bounds what a metadata shape may claim: no valid entry stores fewer
-    than one bit per element, so nothing larger fits in a file of that many bytes / 8."""
+class TensorReader:
+    """Reads tensors of a safetensors file one at a time, checking names, dtypes and shapes
+    against the header before reading. ``max_numel`` bounds what a metadata shape may
+    claim: no valid entry stores fewer than one bit per element, so nothing larger fits in
+    a file of that many bytes / 8."""
 
-    def __init__(self, tensors: Dict[str, Tensor], max_numel: int) -> None:
-        self.tensors = dict(tensors)
-        self.max_numel = max_numel
+    def __init__(self, file: SafetensorsReader) -> None:
+        self.file = file
+        self.max_numel = 8 * file.size
+        self.taken: set = set()
 
     def take(self, key: str, dtype: torch.dtype, shape: Optional[tuple] = None) -> Tensor:
-        if key not in self.tensors:
+        if key not in self.file.entries:
             raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} is missing")
-        tensor = self.tensors.pop(key)
-        if tensor.dtype != dtype:
-            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} is {tensor.dtype}, expected {dtype}")
-        if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-        return tensor
+        stored, stored_shape = self.file.info(key)
+        if stored != dtype:
+            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} is {stored}, expected {dtype}")
+        if shape is not None and stored_shape != tuple(shape):
+            raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} has shape {stored_shape}, expected {tuple(shape)}")
+        self.taken.add(key)
+        return self.file.read(key)
+
+    def unexpected(self) -> List[str]:
+        """Tensors of the file that no entry has taken (so far)."""
+        return sorted(set(self.file.entries) - self.taken)
 
 
 def _field(entry: Mapping, key: str, kind, where: str):
@@ -234,9 +158,9 @@ def entry_shape(entry: Mapping, where: str, max_numel: int, *, positive: bool = 
 def entry_dtype(entry: Mapping, where: str, *, floating: bool = False) -> torch.dtype:
     """An entry's ``dtype`` (a name from the table above; a float one with ``floating``)."""
     name = entry.get("dtype")
-    dtype = _DTYPES.get(name) if isinstance(name, str) else None
+    dtype = DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None or floating and not dtype.is_floating_point:
-        allowed = sorted(n for n, d in _DTYPES.items() if d.is_floating_point or not floating)
+        allowed = sorted(n for n, d in DTYPES.items() if d.is_floating_point or not floating)
         raise PackedFormatError(f"{METADATA_FILE}: {where} has a bad dtype {_short(name)}; expected one of {allowed}")
     return dtype
 
@@ -251,29 +175,44 @@ def entry_count(entry: Mapping, key: str, where: str, high: int) -> int:
 
 def _finite(key: str, tensor: Tensor, infinite: bool = False) -> Tensor:
     """``tensor``, checked: no NaN, and no infinity unless its entry says it holds some."""
-    if tensor.is_floating_point() and (tensor.isnan().any() if infinite else not torch.isfinite(tensor).all()):
+    if not finite(tensor, allow_infinite=infinite):
         raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key!r} holds NaN or Inf values, which the export never"
                                 " writes; the file was edited or corrupted: export the model again")
     return tensor
 
 
-def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
+def layer_grid(name: str, entry: Mapping, max_numel: int) -> PackedLayer:
+    """The layer ``name`` as its metadata ``entry`` describes it, checked, no tensor read:
+    a :class:`PackedLayer` whose ``weight`` is a :class:`LayerGrid`."""
     where = f"layer {name!r}"
+    if not isinstance(entry, dict):
+        raise PackedFormatError(f"{METADATA_FILE}: {where} entry is not an object")
     fields = {key: _field(entry, key, kind, where)
               for key, kind in (("bits", int), ("granularity", str), ("symmetric", bool), ("scale_dtype", str))}
     try:
         spec = QuantSpec(group_size=entry.get("group_size"), **fields)
     except ValueError as err:
         raise PackedFormatError(f"{METADATA_FILE}: {where}: {err}") from None
-    shape = entry_shape(entry, where, reader.max_numel, positive=True)
+    shape = entry_shape(entry, where, max_numel, positive=True)
     dtype = entry_dtype(entry, where, floating=True)
-    rows, cols = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
-    numel, p, bits = rows * cols, (f"{name}." if name else ""), spec.bits
     param = entry.get("param", "weight")
     recurrent = isinstance(param, str) and is_recurrent_weight(param) and name.rpartition(".")[2] == param
     if param not in LAYER_PARAMS and not recurrent:
         raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown param {_short(param)};"
                                 f" expected one of {list(LAYER_PARAMS)} or a recurrent layer's weight_ih_l<k>...")
+    activations = entry.get("activations")
+    if activations not in (None, "int8_dynamic", "int8_static"):
+        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown activations {_short(activations)}")
+    return PackedLayer(LayerGrid(spec, shape, dtype), str(entry.get("module")), activations, None, param)
+
+
+def decode_layer(name: str, entry: Mapping, reader: TensorReader) -> PackedLayer:
+    where = f"layer {name!r}"
+    grid = layer_grid(name, entry, reader.max_numel)
+    spec, shape, dtype, param, activations = (grid.weight.spec, grid.weight.shape, grid.weight.dtype, grid.param,
+                                              grid.activations)
+    rows, cols = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
+    numel, p, bits = rows * cols, (f"{name}." if name else ""), spec.bits
     w = parameter_key(name, param)
     packed = bits < 8 or entry.get("packing") == "int32-dense"  # 8-bit codes packed into int32 words too
     if spec.granularity == "group" and cols % spec.group_size:
@@ -283,12 +222,12 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
     if sparsity == "bitmask":
         kept_count = entry_count(entry, "kept", where, numel)
         kept = unpack_mask(reader.take(w + "_bitmask", torch.uint8, (-(-numel // 8),)), (numel,))
-        if int(kept.sum()) != kept_count:
+        if int(torch.count_nonzero(kept)) != kept_count:
             raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {w + '_bitmask'!r} does not match 'kept'")
         if not packed:
             values = reader.take(w, torch.int8, (kept_count,))
         else:
-            values = unpack_codes(
+            values = unpack_rows(
                 reader.take(w + "_packed", torch.int32, (packed_words(kept_count, bits),)), bits, kept_count
             )
     elif sparsity == "dense":
@@ -296,7 +235,7 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
         if not packed:
             codes = reader.take(w, torch.int8, shape).reshape(rows, cols)
         else:
-            codes = unpack_codes(reader.take(w + "_packed", torch.int32, (rows, packed_words(cols, bits))), bits, cols)
+            codes = unpack_rows(reader.take(w + "_packed", torch.int32, (rows, packed_words(cols, bits))), bits, cols)
     else:
         raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown sparsity {_short(sparsity)}")
     if packed:
@@ -304,24 +243,23 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
         if tuple(stored_shape.tolist()) != shape:
             raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {w + '_shape'!r} disagrees with the metadata")
     scale_shape = (1,) if spec.granularity == "tensor" else (rows, groups // rows)
-    scale = reader.take(w + "_scale", _DTYPES[spec.scale_dtype], scale_shape).float()
+    scale = reader.take(w + "_scale", DTYPES[spec.scale_dtype], scale_shape).float()
     if not torch.isfinite(scale).all() or (scale <= 0).any():
         raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {w + '_scale'!r} holds non-positive or non-finite scales")
     if spec.symmetric:
         zero_point = torch.zeros(scale_shape, dtype=torch.int32)
     elif packed and spec.granularity != "tensor":
         packed_zp = reader.take(w + "_zero_point", torch.int32, (packed_words(rows, bits), scale_shape[1]))
-        zero_point = unpack_codes(packed_zp.t().contiguous(), bits, rows).t().contiguous().to(torch.int32)
+        zero_point = unpack_rows(packed_zp.t().contiguous(), bits, rows).t().contiguous().to(torch.int32)
     else:
         zero_point = reader.take(w + "_zero_point", torch.int8, scale_shape).to(torch.int32)
     if ((zero_point < spec.qmin) | (zero_point > spec.qmax)).any():
         raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {w + '_zero_point'!r} is off the {bits}-bit grid")
     if kept is not None:
         width = numel // groups
-        codes = zero_point.reshape(-1, 1).expand(groups, width).reshape(-1).to(torch.int8).clone()
+        codes = zero_point.reshape(-1, 1).to(torch.int8).expand(groups, width).reshape(-1).clone()
         codes[kept] = values
         codes = codes.reshape(rows, cols)
-    activations = entry.get("activations")
     input_qparams = None
     if activations == "int8_static":
         input_qparams = (
@@ -333,8 +271,6 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
                 f"{WEIGHTS_FILE}: tensor {p + 'input_scale'!r} (the static activation scale) is"
                 f" {input_qparams[0].item()}, not a finite positive number; the file was edited or corrupted"
             )
-    elif activations not in (None, "int8_dynamic"):
-        raise PackedFormatError(f"{METADATA_FILE}: {where} has unknown activations {_short(activations)}")
     weight = QuantizedWeight(
         codes=codes,
         scale=scale.reshape(1, 1) if spec.granularity == "tensor" else scale,
@@ -343,10 +279,10 @@ def decode_layer(name: str, entry: Mapping, reader: _Reader) -> PackedLayer:
         shape=shape,
         dtype=dtype,
     )
-    return PackedLayer(weight, str(entry.get("module")), activations, input_qparams, param)
+    return PackedLayer(weight, grid.module, activations, input_qparams, param)
 
 
-def decode_tensor(key: str, entry: Mapping, reader: _Reader) -> Tensor:
+def decode_tensor(key: str, entry: Mapping, reader: TensorReader) -> Tensor:
     where = f"tensor {key!r}"
     shape = entry_shape(entry, where, reader.max_numel)
     dtype = entry_dtype(entry, where)
@@ -358,7 +294,7 @@ def decode_tensor(key: str, entry: Mapping, reader: _Reader) -> Tensor:
     numel = math.prod(shape)
     kept_count = entry_count(entry, "kept", where, numel)
     kept = unpack_mask(reader.take(key + "_bitmask", torch.uint8, (-(-numel // 8),)), (numel,))
-    if int(kept.sum()) != kept_count:
+    if int(torch.count_nonzero(kept)) != kept_count:
         raise PackedFormatError(f"{WEIGHTS_FILE}: tensor {key + '_bitmask'!r} does not match 'kept'")
     values = _finite(key + "_values", reader.take(key + "_values", dtype, (kept_count,)), infinite)
     dense = torch.zeros(numel, dtype=dtype)
@@ -410,8 +346,61 @@ def read_metadata(directory: Path) -> Dict[str, Any]:
     return body
 
 
-def read_packed(directory: str | os.PathLike) -> PackedModel:
-    """Read and verify a packed directory; every problem raises :class:`PackedFormatError`."""
+# ---------------------------------------------------------------------- the model
+class PackedModel:
+    """What a packed directory holds: quantized layers by weight key (``layers``), every
+    other state-dict tensor by key, sparse ones made dense again, aliases included
+    (``tensors``), and the metadata. Tensors are read from ``model.safetensors`` when asked
+    for (see :class:`~lightning_compress.formats.decoded.DecodedEntries`), so the model is never in memory twice; ``layer(key)`` and
+    ``tensor(key)`` read one without keeping it.
+
+    Raises:
+        PackedFormatError: an entry or an alias of the metadata is malformed.
+    """
+
+    def __init__(self, metadata: Dict[str, Any], reader: TensorReader) -> None:
+        self.metadata, self.reader = metadata, reader
+        entries = metadata["layers"]
+        bad = next((key for key, entry in metadata["tensors"].items() if not isinstance(entry, dict)), None)
+        if bad is not None:
+            raise PackedFormatError(f"{METADATA_FILE}: tensor {bad!r} entry is not an object")
+        self.grids = {key: layer_grid(key, entry, reader.max_numel) for key, entry in entries.items()}
+        stored = {parameter_key(key, grid.param) for key, grid in self.grids.items()}
+        aliases = metadata["aliases"]
+        for alias, source in aliases.items():
+            if not isinstance(source, str) or source not in metadata["tensors"] or source in aliases:
+                raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} points at unknown tensor {_short(source)}")
+            if alias in metadata["tensors"] or alias in stored:
+                raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} would replace a stored tensor")
+        self.layers = DecodedEntries(list(entries), lambda key: decode_layer(key, entries[key], reader), {})
+        self.tensors = DecodedEntries([*metadata["tensors"], *aliases],
+                                lambda key: decode_tensor(key, metadata["tensors"][key], reader), aliases)
+
+    def layer(self, key: str) -> PackedLayer:
+        return self.layers.fresh(key)
+
+    def tensor(self, key: str) -> Tensor:
+        return self.tensors.fresh(key)
+
+    def validate(self) -> "PackedModel":
+        """Decode every entry once (one at a time) and refuse tensors no entry names."""
+        for mapping in (self.layers, self.tensors):
+            for _ in mapping.values():
+                pass
+        self.check_complete()
+        return self
+
+    def check_complete(self) -> None:
+        """Refuse tensors of the file that no entry read (after a pass over all of them)."""
+        unexpected = self.reader.unexpected()
+        if unexpected:
+            raise PackedFormatError(f"{self.reader.file.label}: unexpected tensors {unexpected[:5]}")
+
+
+def open_packed(directory: Union[str, os.PathLike]) -> PackedModel:
+    """Open a packed directory: ``compression.json`` and the header of
+    ``model.safetensors`` read and checked, the weights' SHA-256 verified (read in chunks);
+    tensors are read when asked for. Every problem raises :class:`PackedFormatError`."""
     from lightning_compress.core.atomic import recover_directory
     directory = Path(directory)
     if not directory.is_dir() and not recover_directory(directory):  # puts back what a killed export moved
@@ -420,31 +409,20 @@ def read_packed(directory: str | os.PathLike) -> PackedModel:
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise PackedFormatError(f"{weights_path}: no such file")
-    data = read_packed_file(weights_path)
-    if hashlib.sha256(data).hexdigest() != metadata["weights_sha256"]:
-        raise PackedFormatError(f"{weights_path}: checksum mismatch; the file is truncated or corrupted")
-    return decode_packed(metadata, data, weights_path)
-
-
-def decode_packed(metadata: Dict[str, Any], data: bytes, weights_path: str | os.PathLike) -> PackedModel:
-    """``model.safetensors`` bytes decoded as the (checked) ``metadata`` says; errors name ``weights_path``."""
-    from safetensors.torch import load as load_safetensors
     try:
-        reader = _Reader(load_safetensors(data), max_numel=8 * len(data))
-    except Exception as err:  # safetensors raises its own error type for bad headers
-        raise PackedFormatError(f"{weights_path}: unreadable safetensors file ({err})") from None
-    layers, tensors = {}, {}
-    for kind, decode, decoded in (("layer", decode_layer, layers), ("tensor", decode_tensor, tensors)):
-        for name, entry in metadata[kind + "s"].items():
-            if not isinstance(entry, dict):
-                raise PackedFormatError(f"{METADATA_FILE}: {kind} {name!r} entry is not an object")
-            decoded[name] = decode(name, entry, reader)
-    for alias, source in metadata["aliases"].items():
-        if not isinstance(source, str) or source not in tensors or source in metadata["aliases"]:
-            raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} points at unknown tensor {_short(source)}")
-        if alias in tensors or alias in (parameter_key(name, layer.param) for name, layer in layers.items()):
-            raise PackedFormatError(f"{METADATA_FILE}: alias {alias!r} would replace a stored tensor")
-        tensors[alias] = tensors[source]
-    if reader.tensors:
-        raise PackedFormatError(f"{weights_path}: unexpected tensors {sorted(reader.tensors)[:5]}")
-    return PackedModel(layers, tensors, metadata)
+        digest = file_sha256(weights_path)
+    except OSError as error:
+        raise PackedFormatError(f"{weights_path}: cannot be read ({error.strerror or error})") from None
+    if digest != metadata["weights_sha256"]:
+        raise PackedFormatError(f"{weights_path}: checksum mismatch; the file is truncated or corrupted")
+    return PackedModel(metadata, TensorReader(SafetensorsReader(weights_path, str(weights_path))))
+
+
+def read_packed(directory: Union[str, os.PathLike]) -> PackedModel:
+    """:func:`open_packed`, then every tensor decoded once and checked (one at a time)."""
+    return open_packed(directory).validate()
+
+
+def decode_packed(metadata: Dict[str, Any], data: bytes, weights_path: Union[str, os.PathLike]) -> PackedModel:
+    """``model.safetensors`` bytes decoded as the (checked) ``metadata`` says; errors name ``weights_path``."""
+    return PackedModel(metadata, TensorReader(SafetensorsReader(data, str(weights_path)))).validate()

@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.targeting import module_name
 from lightning_compress.core.transforms import Stage, all_transforms, get_weight_transform, weight_slots
+from lightning_compress.formats.blocks import dequantizes_to
 from lightning_compress.formats.loader import set_submodule
-from lightning_compress.formats.packed import PackedModel
-from lightning_compress.formats.runtime import build_packed_unit, int8_gemm_candidate, packed_units
+from lightning_compress.formats.packed import PackedLayer, PackedModel
+from lightning_compress.formats.runtime import build_packed_unit, int8_gemm_candidate, planned_kernel
 
 
 @dataclass
@@ -153,19 +154,22 @@ def check_parity(
     with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
         mismatches = _weight_mismatches(model, packed)
         built = _Replacements(model, packed, backend)
-        fast = _fast_layers(built)
         report = ParityReport(
             weights_exact=not mismatches,
             weight_mismatches=mismatches,
             relative_error=None,
             sqnr_db=None,
-            fast_layers=fast,
+            fast_layers=[],
             max_relative_error=max_relative_error,
             min_sqnr_db=min_sqnr_db,
         )
         if not inputs:
+            report.fast_layers = _fast_layers(built)
             return report
+        # The fake-quant model runs before any packed module is built: its largest layer's
+        # fake quantization and the packed modules are not in memory together.
         reference, layer_io = _run_recording(model, built.units, inputs)
+        report.fast_layers = fast = _fast_layers(built)
         report.relative_error = relative_error(reference, _outputs(model, built.swapped("dequantize"), inputs))
         choice: Dict[str, str] = {}
         if backend == "auto":
@@ -199,8 +203,8 @@ def choose_kernels(model: nn.Module, built: "_Replacements", inputs: Sequence[An
     were not float32 on the CPU (a bfloat16 model) run exact: the int8 GEMM never ran on
     them, so nothing measured it."""
     needed = min_sqnr_db + CHOICE_MARGIN_DB
-    candidates = [name for name, weights in built.units.items() if layer_io.get(name) and len(weights) == 1
-                  and isinstance(built.originals[name], nn.Linear) and int8_gemm_candidate(weights[0])]
+    candidates = [name for name, keys in built.units.items() if layer_io.get(name) and len(keys) == 1
+                  and isinstance(built.originals[name], nn.Linear) and int8_gemm_candidate(built.grid(keys[0]))]
     choice = {name: "dequantize" for name in candidates}
     fallbacks, alone = {}, {}
     for name in candidates:
@@ -240,16 +244,20 @@ def _first_inputs(pairs: Sequence[tuple]) -> List[Tensor]:
 
 
 def _weight_mismatches(model: nn.Module, packed: PackedModel) -> List[str]:
+    """Keys whose packed value differs from the model's; one layer read (and its effective
+    weight computed) at a time."""
     bad = []
     for key, layer in packed.layers.items():
         trained = getattr(model.get_submodule(module_name(key, layer.param)), layer.param).detach()
-        if not torch.equal(layer.weight.dequantize().to(trained.device), trained):
+        if not dequantizes_to(layer.weight, trained):
             bad.append(key)
+        del layer, trained
     state = model.state_dict()
     for key, tensor in packed.tensors.items():
         current = _effective(model, key, state)
         if current is None or not torch.equal(tensor, current.detach().cpu()):
             bad.append(key)
+    packed.check_complete()
     return bad
 
 
@@ -266,23 +274,36 @@ def _fast_layers(built: "_Replacements", choice: Optional[Mapping[str, str]] = N
 
 
 class _Replacements:
-    """The packed module of each layer of ``model``, built once per kernel: the check
-    builds each layer several times (alone, in the model, per choice tried), and building
-    the int8 GEMM prepacks its weight."""
+    """The packed module of each layer of ``model``, built once per kernel (the check
+    builds each layer several times: alone, in the model, per choice tried, and building
+    the int8 GEMM prepacks its weight), from its weights read from ``packed`` when first
+    asked for: only the packed modules are held, never the decoded codes of all layers."""
 
     def __init__(self, model: nn.Module, packed: PackedModel, backend: str) -> None:
-        self.units = packed_units(packed.layers)
+        self.packed = packed
+        self.units: Dict[str, List[str]] = {}  # layer -> its weight keys
+        for key, grid in packed.grids.items():
+            self.units.setdefault(module_name(key, grid.param), []).append(key)
         self.originals = {name: model.get_submodule(name) for name in self.units}
         self.backend = backend
         self._built: Dict[tuple, nn.Module] = {}
 
+    def grid(self, key: str) -> PackedLayer:
+        """The layer ``key`` as the metadata describes it (no tensor read)."""
+        return self.packed.grids[key]
+
     def get(self, name: str, backend: Optional[str] = None, chosen: Optional[str] = None) -> nn.Module:
-        key = (name, backend or self.backend, chosen)
+        backend = backend or self.backend
+        original = self.originals[name]
+        keys = self.units[name]
+        # One module per kernel it runs: "auto" without a choice builds what "dequantize" builds
+        # for every layer that would not try the int8 GEMM.
+        key = (name, planned_kernel([self.grid(k) for k in keys], original, backend, chosen))
         if key not in self._built:
-            original = self.originals[name]
             # The device of the layer's own tensors: reading its weight would run its fake quantizer.
             device = next(itertools.chain(original.parameters(), original.buffers()), torch.empty(0)).device
-            self._built[key] = build_packed_unit(self.units[name], original, key[1], chosen).to(device)
+            weights = [self.packed.layer(k) for k in keys]
+            self._built[key] = build_packed_unit(weights, original, backend, chosen).to(device)
         return self._built[key]
 
     def swapped(self, backend: str, choice: Optional[Mapping[str, str]] = None) -> Dict[str, nn.Module]:

@@ -39,10 +39,11 @@ from torch import Tensor, nn
 from lightning_compress.core.attention import attention_forward, attention_inputs
 from lightning_compress.core.targeting import SEPARATE_PROJECTIONS, module_name
 from lightning_compress.core.transforms import detach_all
+from lightning_compress.formats.blocks import pack_rows
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.activations import DynamicTokenQuantizer
 from lightning_compress.quant.fake_quant import fake_quantize, group_width
-from lightning_compress.quant.packing import pack_codes, unpack_biased, unpack_codes
+from lightning_compress.quant.packing import unpack_biased, unpack_codes
 from lightning_compress.quant.spec import QuantSpec
 
 BACKENDS = ("auto", "dequantize", "fbgemm")
@@ -61,7 +62,7 @@ class PackedWeight(nn.Module):
         self.spec, self.shape, self.dtype, self.cols = q.spec, q.shape, q.dtype, q.codes.shape[1]
         codes = q.codes.reshape(q.shape[0], -1)
         # Sub-8-bit codes stay packed in memory; 8-bit codes are already one byte each.
-        self.register_buffer("codes", codes.clone() if q.spec.bits == 8 else pack_codes(codes, q.spec.bits))
+        self.register_buffer("codes", codes.clone() if q.spec.bits == 8 else pack_rows(codes, q.spec.bits))
         self.register_buffer("scale", q.scale.float().reshape(-1, 1).clone())
         self.register_buffer("zero_point", q.zero_point.reshape(-1, 1).float().clone())
         self.keep_float = False  # see keep_dequantized()
@@ -328,6 +329,12 @@ def _int8_gemm_grid(layer: PackedLayer) -> bool:
     """int8 per-channel or per-tensor weights: the grids the fbgemm kernel takes."""
     spec = layer.weight.spec
     return spec.bits == 8 and spec.granularity != "group"
+
+
+def planned_kernel(weights: Sequence[PackedLayer], original: nn.Module, backend: str, chosen: Optional[str] = None) -> str:
+    """The kernel :func:`build_packed_unit` tries for ``original``, from its ``weights``' grids alone."""
+    single = len(weights) == 1 and isinstance(original, nn.Linear)
+    return "fbgemm" if single and _int8_gemm_grid(weights[0]) and _runs_int8_gemm(weights[0], backend, chosen) else "dequantize"
 
 
 def _runs_int8_gemm(layer: PackedLayer, backend: str, chosen: Optional[str]) -> bool:
