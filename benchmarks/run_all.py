@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results.json"
 REPORT = HERE.parent / "BENCHMARKS.md"
-AREAS = ["training overhead", "accuracy vs PTQ", "file size", "CPU inference", "test quality"]
+AREAS = ["training overhead", "memory", "accuracy vs PTQ", "file size", "CPU inference", "test quality"]
 # Fewer rounds/seeds than the scripts' defaults where that keeps `make bench` under 20
 # minutes on 2 cores; the scripts' own defaults are for a closer look at one area.
 ARGS = {

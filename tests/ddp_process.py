@@ -13,7 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+
+from lightning_compress.quant.nf4 import is_nf4
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
@@ -53,3 +56,25 @@ def close_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def assert_same(a, b, path: str = "") -> None:
+    """``a`` and ``b`` (nested dicts, lists and tensors, as a rank saves its state) are
+    equal, tensors bit for bit (an NF4 tensor by its codes and scalers); ``path`` names
+    the first difference."""
+    if isinstance(a, torch.Tensor):
+        if is_nf4(a):
+            assert torch.equal(a.quantized_data, b.quantized_data), path
+            assert torch.equal(a.quantized_scalers, b.quantized_scalers), path
+        else:
+            assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_compress import load_packed
-from tests.ddp_process import run_script
+from tests.ddp_process import assert_same, run_script
 from tests.scripts import ddp_stack
 
 SCRIPT = ddp_stack.__file__
@@ -27,21 +27,6 @@ def single(tmp_path_factory):
     """The same run in this process, one device, batch 16."""
     out_dir = tmp_path_factory.mktemp("single")
     return out_dir, ddp_stack.fit(out_dir / "packed", devices=1)
-
-
-def _assert_equal(a, b, path=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _assert_equal(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{path}/{i}")
-    else:
-        assert a == b, path
 
 
 def _assert_close(actual, expected, path, rtol):
@@ -62,7 +47,7 @@ def test_every_rank_holds_the_same_masks_ranges_and_weights(ranks):
     # Bit for bit: masks, learned scales, observer ranges, both side optimizers (the
     # range Adam, the projection Adam), the projections, and the weights.
     for key in ("pruning", "qat", "distillation", "weights", "before_qat"):
-        _assert_equal(rank0[key], rank1[key], key)
+        assert_same(rank0[key], rank1[key], key)
 
 
 def test_the_export_is_written_once_and_loads(ranks, single):

@@ -401,6 +401,9 @@ def test_ddp_teacher_is_not_wrapped_and_ranks_agree(tmp_path):
         (dict(index_fn=lambda b: b[0]), r"`index_fn` .* is only used with `cache`"),
         (dict(features=[("fc1", "fc1")], cache="memory", index_fn=lambda b: b[0]), r"`features` cannot be combined with `cache`"),
         (dict(teacher_dtype=torch.int8), r"`teacher_dtype` must be a floating torch dtype"),
+        (dict(teacher_strategy="shard"), r"unknown `teacher_strategy` 'shard'; choose one of \('replicate', 'fsdp2'\)"),
+        (dict(teacher_strategy="fsdp2", cache="memory", index_fn=lambda b: b[0]),
+         r"`cache` cannot be combined with `teacher_strategy`='fsdp2'"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, message):
@@ -424,6 +427,11 @@ def test_checkpoint_path_without_class_is_refused(tmp_path):
         (dict(teacher=WideTeacher(), features=[("fc1", "fc3")]), r"`features` layer 'fc3' does not exist in the teacher .* Close names: .*fc1"),
         (dict(teacher=WideTeacher(), student_layer="fc9"), r"`student_layer` layer 'fc9' does not exist .* Close names: .*fc1"),
         (dict(teacher=WideTeacher(), alpha=lambda step: 1.5), r"the `alpha` schedule returned 1.5 at step 0"),
+        (dict(teacher=WideTeacher(), teacher_strategy="fsdp2"),
+         r"`teacher_strategy`='fsdp2' shards the teacher over ModelParallelStrategy's device mesh, but this Trainer"
+         r" uses SingleDeviceStrategy; use teacher_strategy='replicate'"),
+        (dict(teacher="self", student_layer="fc2", teacher_strategy="fsdp2"),
+         r"`teacher_strategy`='fsdp2' shards the teacher"),
     ],
 )
 def test_setup_and_first_batch_errors_name_the_problem(kwargs, message, seeded):

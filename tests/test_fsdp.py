@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from lightning_compress import load_packed
 from lightning_compress.quant.nf4 import is_nf4
-from tests.ddp_process import run_script
+from tests.ddp_process import assert_same, run_script
 from tests.scripts import fsdp_run
 
 ALONE = ("prune", "prune-2:4", "qat", "kd", "lora", "qlora")
-MODES = (*ALONE, "stack", "resume-sharded", "resume-full", *fsdp_run.REFUSED)
+MODES = (*ALONE, "kd-sharded-teacher", "stack", "resume-sharded", "resume-full", *fsdp_run.REFUSED)
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +42,6 @@ def _relative_error(actual, expected):
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max().clamp(min=1e-12)).item()
 
 
-def _assert_equal(a, b, path=""):
-    if isinstance(a, torch.Tensor):
-        assert (is_nf4(a) and _relative_error(a, b) == 0) or torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _assert_equal(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{path}/{i}")
-    else:
-        assert a == b, path
-
-
 @pytest.mark.parametrize("mode", ALONE)
 def test_each_callback_under_fsdp2_trains_what_one_process_trains(sharded, single, mode):
     _, runs = sharded
@@ -68,11 +53,11 @@ def test_each_callback_under_fsdp2_trains_what_one_process_trains(sharded, singl
     if mode.endswith("lora"):
         assert {"fc1.lora_A", "fc1.lora_B"} <= set(rank0["sharded"])
     # ...both ranks hold the same full weights and compression state, bit for bit...
-    _assert_equal(rank0["weights"], rank1["weights"], "weights")
+    assert_same(rank0["weights"], rank1["weights"], "weights")
     if mode.endswith("lora"):  # each rank draws its own dropout masks
         seeds = [rank["callbacks"]["LoRA"]["dropout"].pop("seed") for rank in (rank0, rank1)]
         assert seeds[1] == seeds[0] + 1
-    _assert_equal(rank0["callbacks"], rank1["callbacks"], "callbacks")
+    assert_same(rank0["callbacks"], rank1["callbacks"], "callbacks")
     # ...and they are what one process trains, up to the order of float sums (the gradient
     # of the global batch is reduced over two ranks). Before fake quantization starts for
     # QAT, and at the end for the others; see test_the_stack for QAT's end state.
@@ -100,8 +85,8 @@ def test_the_stack_under_fsdp2_matches_one_process_and_exports_the_same_codes(sh
     single_root, singles = single
     alone = singles["stack"]
     assert rank0["teacher_sharded"] is False and alone["teacher_sharded"] is False  # never sharded with the student
-    _assert_equal(rank0["weights"], rank1["weights"], "weights")
-    _assert_equal(rank0["callbacks"], rank1["callbacks"], "callbacks")
+    assert_same(rank0["weights"], rank1["weights"], "weights")
+    assert_same(rank0["callbacks"], rank1["callbacks"], "callbacks")
     before, alone_before = rank0["before_qat"], alone["before_qat"]
     for key, value in alone_before["weights"].items():
         assert _relative_error(before["weights"][key], value) <= 1e-5, key
@@ -135,9 +120,23 @@ def test_resume_under_fsdp2_is_bit_exact(sharded, kind):
     resumed, unstopped = runs[f"resume-{kind}"][0], runs["stack"][0]
     stopped = root / f"resume-{kind}" / ("stopped" if kind == "sharded" else "stopped.ckpt")
     assert stopped.is_dir() == (kind == "sharded")  # Lightning's distributed checkpoint is a directory
-    _assert_equal(resumed["weights"], unstopped["weights"], "weights")
+    assert_same(resumed["weights"], unstopped["weights"], "weights")
     for method in ("KnowledgeDistillation", "MagnitudePruning", "QuantizationAwareTraining"):
-        _assert_equal(resumed["callbacks"][method], unstopped["callbacks"][method], method)
+        assert_same(resumed["callbacks"][method], unstopped["callbacks"][method], method)
+
+
+def test_a_teacher_sharded_on_its_own_teaches_what_a_replicated_one_does(sharded, single):
+    _, runs = sharded
+    rank0, rank1 = runs["kd-sharded-teacher"]
+    assert rank0["teacher_sharded"] is True and runs["kd"][0]["teacher_sharded"] is False
+    assert not any(name.startswith("teacher") for name in rank0["sharded"])  # not sharded with the student
+    assert_same(rank0["weights"], rank1["weights"], "weights")
+    alone = single[1]["kd"]
+    for key, value in alone["weights"].items():
+        assert _relative_error(rank0["weights"][key], value) <= 1e-5, key
+    for key, value in alone["callbacks"]["KnowledgeDistillation"]["projections"]["0"].items():
+        mine = rank0["callbacks"]["KnowledgeDistillation"]["projections"]["0"][key]
+        assert _relative_error(mine, value) <= 1e-5, key
 
 
 def test_settings_fsdp2_cannot_shard_are_refused_before_training(sharded):
@@ -146,6 +145,8 @@ def test_settings_fsdp2_cannot_shard_are_refused_before_training(sharded):
         assert "['fc2'] cannot be cut into" in rank["error"] and "nf4_scaler_block_size" in rank["error"]
     for rank in runs["lora-late"]:
         assert "['fc1'] are sharded already" in rank["error"] and "__init__" in rank["error"]
+    for rank in runs["kd-self-layer-sharded"]:
+        assert "runs one submodule of it; use teacher_strategy='replicate'" in rank["error"]
 
 
 def test_export_is_written_once(sharded):

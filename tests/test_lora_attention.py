@@ -238,7 +238,7 @@ def test_merge_writes_w_plus_sba_then_the_mask_into_in_proj_weight():
     pruning = MagnitudePruning(0.5, targets=[nn.MultiheadAttention], start_step=0, end_step=2, update_every=1)
     fit(module, [LoRA(r=R, lora_alpha=ALPHA), pruning], steps=4)
     layer = module.model.attn
-    mask = get_weight_transform(layer, Stage.MASK, "in_proj_weight").mask
+    mask = get_weight_transform(layer, Stage.MASK, "in_proj_weight").keep
     expected = (layer._parameters["in_proj_weight"] + SCALING * layer.lora_B @ layer.lora_A) * mask
     inputs = a_batch()
     unmerged = run(module.model, *inputs)
@@ -272,8 +272,8 @@ def test_lora_pruning_qat_and_export_pack_the_adapted_attention_weights(tmp_path
         layer = module.get_submodule(key)
         # The packed in_proj_weight is the trained one: fake_quant(mask ⊙ (W + s·B·A)).
         assert torch.equal(loaded.get_submodule(key).in_proj_weight, layer.in_proj_weight.detach())
-        mask = get_weight_transform(layer, Stage.MASK, "in_proj_weight").mask
-        assert bool((loaded.get_submodule(key).in_proj_weight[mask == 0] == 0).all())
+        pruned = get_weight_transform(layer, Stage.MASK, "in_proj_weight").pruned
+        assert bool((loaded.get_submodule(key).in_proj_weight[pruned] == 0).all())
     inputs = a_batch()
     torch.testing.assert_close(run(loaded, *inputs), run(module, *inputs), rtol=0, atol=0)
 

@@ -556,19 +556,19 @@ def test_global_channel_ties_are_broken_by_position():
     assert not masks["a"].any() and masks["b"].all()
 
 
-def test_masked_weight_keeps_the_weights_dtype_and_device():
+def test_masked_weight_keeps_the_weights_dtype_and_device_and_holds_bits_as_bool():
     keep = torch.tensor([True, False, True])
     stage = MaskedWeight()
     stage.set(keep, like=torch.zeros(3))
-    assert stage.mask.dtype == torch.float32 and stage.keep.tolist() == [True, False, True]
+    assert stage.pruned.dtype == torch.bool and stage.keep.tolist() == [True, False, True]
     out = stage(torch.tensor([1.5, 2.5, -3.0], dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and out.tolist() == [1.5, 0.0, -3.0]
     on_meta = MaskedWeight()
     on_meta.set(keep, like=torch.zeros(3, device="meta"))
-    assert on_meta.mask.device.type == "meta"
+    assert on_meta.pruned.device.type == "meta"
     follows = MaskedWeight()
     follows.set(keep, like=torch.zeros(3))  # restored on the CPU, the model elsewhere
-    assert follows(torch.zeros(3, device="meta")).device.type == "meta" and follows.mask.device.type == "meta"
+    assert follows(torch.zeros(3, device="meta")).device.type == "meta" and follows.pruned.device.type == "meta"
 
 
 def test_mask_packing_stays_on_the_masks_device():

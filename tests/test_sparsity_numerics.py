@@ -180,3 +180,21 @@ def test_mask_packing_bit_order_is_low_bit_first():
 def test_bad_patterns(text, message):
     with pytest.raises(ValueError, match=message):
         SparsityPattern.parse(text)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.35, 0.7, 1.0])
+def test_global_masks_rank_layer_by_layer_exactly_as_over_the_concatenation(sparsity):
+    # Reference: the `count` lowest magnitudes of all weights laid end to end, ties by
+    # position (a stable sort). Rounded weights tie often, also across the layers.
+    g = torch.Generator().manual_seed(2)
+    weights = {"a": torch.randn(300, 200, generator=g).round(decimals=1),
+               "b": torch.randn(64, 300, generator=g).round(decimals=1).to(torch.bfloat16),
+               "c": torch.randn(7, 3, 5, generator=g).round(decimals=1)}
+    keeps = global_masks(weights, sparsity, UNSTRUCTURED)
+    scores = torch.cat([w.abs().float().flatten() for w in weights.values()])
+    count = round(sparsity * scores.numel())
+    expected = torch.ones_like(scores, dtype=torch.bool)
+    expected[torch.sort(scores, stable=True).indices[:count]] = False
+    got = torch.cat([keeps[name].flatten() for name in weights])
+    assert torch.equal(got, expected)
+    assert all(keeps[name].shape == w.shape and keeps[name].dtype == torch.bool for name, w in weights.items())

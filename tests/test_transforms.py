@@ -1,5 +1,7 @@
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -256,3 +258,77 @@ def test_stage_must_be_a_stage():
         add_weight_transform(nn.Linear(2, 2), 99, Scale(1.0))
     with pytest.raises(ValueError, match="no parameter `nope`; it has \\['bias', 'weight'\\]"):
         raw_weight(nn.Linear(2, 2), "nope")
+
+
+class _Remembering:
+    """A weight stage whose outputs it can tell are still alive (weak references only)."""
+
+    def __init__(self, factor):
+        self.factor, self.outputs = factor, []
+
+    def __call__(self, weight):
+        out = (weight * self.factor).view(weight.shape)  # a view, as fake quantization returns
+        self.outputs.append(weakref.ref(out._base))
+        return out
+
+
+@pytest.mark.parametrize("make_layer, shape", [(lambda: nn.Linear(6, 4), (3, 6)),
+                                               (lambda: nn.Conv1d(2, 4, 3), (3, 2, 5))])
+def test_effective_weights_are_recomputed_for_the_backward_not_kept(make_layer, shape):
+    torch.manual_seed(0)
+    layer, x = make_layer(), torch.randn(*shape, requires_grad=True)
+    reference = copy.deepcopy(layer)
+    mask = (torch.rand_like(layer.weight) > 0.3).float()
+    remembering = _Remembering(1.5)
+    add_weight_transform(layer, Stage.MASK, lambda w: w * mask)
+    add_weight_transform(layer, Stage.FAKE_QUANT, remembering)
+    out = layer(x)
+    gc.collect()
+    # Nothing holds the effective weight between the forward and the backward...
+    assert len(remembering.outputs) == 1 and remembering.outputs[0]() is None
+    out.square().sum().backward()
+    # ...and the gradients are those of the stack computed by hand, bit for bit.
+    x_ref = x.detach().clone().requires_grad_()
+    effective = reference.weight * mask * 1.5
+    functional = torch.nn.functional.linear if isinstance(layer, nn.Linear) else torch.nn.functional.conv1d
+    functional(x_ref, effective, reference.bias).square().sum().backward()
+    assert torch.equal(layer._parameters["weight"].grad, reference.weight.grad)
+    assert torch.equal(layer.bias.grad, reference.bias.grad) and torch.equal(x.grad, x_ref.grad)
+    assert len(remembering.outputs) == 2  # computed again once, in the backward
+
+
+def test_a_weight_changed_between_forward_and_backward_is_refused():
+    layer = nn.Linear(4, 3)
+    add_weight_transform(layer, Stage.FAKE_QUANT, lambda w: w * 2)
+    out = layer(torch.randn(2, 4, requires_grad=True))  # the input's gradient needs the weight
+    with torch.no_grad():
+        layer._parameters["weight"].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        out.sum().backward()
+
+
+def test_without_autograd_nothing_is_recorded():
+    layer = nn.Linear(4, 3)
+    remembering = _Remembering(2.0)
+    add_weight_transform(layer, Stage.FAKE_QUANT, remembering)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        out = layer(x)
+    expected = torch.nn.functional.linear(x, layer._parameters["weight"] * 2.0, layer.bias)
+    assert torch.equal(out, expected) and out.grad_fn is None and len(remembering.outputs) == 1
+
+
+def test_under_activation_checkpointing_the_checkpoint_decides_what_is_kept():
+    # Its hooks drop everything the block saves (the layer's input too) and run the block
+    # again in the backward; the gradients are those of the plain stack.
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    reference = copy.deepcopy(block)
+    for layer in (block[0], block[2]):
+        add_weight_transform(layer, Stage.FAKE_QUANT, Scale(0.5))
+    x = torch.randn(4, 6)
+    torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).square().sum().backward()
+    h = torch.tanh(torch.nn.functional.linear(x, reference[0].weight * 0.5, reference[0].bias))
+    torch.nn.functional.linear(h, reference[2].weight * 0.5, reference[2].bias).square().sum().backward()
+    for mine, theirs in ((block[0], reference[0]), (block[2], reference[2])):
+        torch.testing.assert_close(mine._parameters["weight"].grad, theirs.weight.grad, rtol=0, atol=0)

@@ -7,17 +7,19 @@ from typing import Any, Dict, Mapping
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.core.validate import is_number
 from lightning_compress.distill.cache import TeacherOutputCache
 from lightning_compress.distill.capture import OutputCapture, StepCapture, submodule
 from lightning_compress.distill.config import CACHES, DistillationConfig
 from lightning_compress.distill.losses import distillation_loss, top1_agreement
 from lightning_compress.distill.projections import FeatureProjections, match_features
-from lightning_compress.distill.teacher import check_not_shared, freeze, frozen_copy, is_self, load_teacher
+from lightning_compress.distill.teacher import check_not_shared, freeze, frozen_copy, is_self, load_teacher, shard_teacher
 
 CACHE_FILE = "teacher_outputs.safetensors"
 
@@ -73,6 +75,10 @@ class KnowledgeDistillation(CompressionCallback):
             inputs, when they differ from the student's.
         teacher_dtype: run the teacher in this dtype (e.g. ``torch.bfloat16``); its
             outputs are compared in float32.
+        teacher_strategy: under FSDP2 (``ModelParallelStrategy``): ``"replicate"`` (a
+            whole frozen teacher on every rank) or ``"fsdp2"`` (the teacher sharded on
+            its own, never with the student: each rank keeps its share and gathers one
+            block at a time for the teacher's forward).
         features: ``[(student layer, teacher layer), ...]``: also match these
             intermediate outputs with MSE, through a learned ``nn.Linear`` projection of
             the student feature when the widths differ. The projections train with their
@@ -157,6 +163,11 @@ class KnowledgeDistillation(CompressionCallback):
     def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.teacher_strategy == "fsdp2" and not isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ValueError(
+                f"`teacher_strategy`='fsdp2' shards the teacher over ModelParallelStrategy's device mesh, but this"
+                f" Trainer uses {type(trainer.strategy).__name__}; use teacher_strategy='replicate'"
+            )
         self_copy, self._self_copy = self._self_copy, None
         self._detach()  # a previous fit of this callback
         if self.teacher_path is not None:
@@ -172,6 +183,11 @@ class KnowledgeDistillation(CompressionCallback):
         teacher_entry = teacher
         if is_self(self.config.teacher) and self.student_layer:
             teacher_entry = teacher.get_submodule(self.student_layer)
+            if self.teacher_strategy == "fsdp2":  # FSDP2 gathers for a forward of the whole teacher only
+                raise ValueError(
+                    "`teacher_strategy`='fsdp2' runs the sharded teacher whole, but `student_layer` with teacher='self'"
+                    " runs one submodule of it; use teacher_strategy='replicate'"
+                )
         feature_modules = [
             (submodule(pl_module, "features", s), submodule(teacher, "features", t, owner="teacher"))
             for s, t in self.features
@@ -187,6 +203,8 @@ class KnowledgeDistillation(CompressionCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._teacher.to(pl_module.device)
+        if self.teacher_strategy == "fsdp2" and not is_sharded_model(self._teacher):
+            shard_teacher(self._teacher, trainer.strategy.device_mesh["data_parallel"])
         if self._projections.layers is not None:
             self._projections.layers.to(pl_module.device)
         if self.features:

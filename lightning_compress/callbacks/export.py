@@ -232,9 +232,10 @@ class CompressedExport(CompressionCallback):
     def _on_rank_zero(trainer: Trainer, work: Callable[[], Any], what: str, note: str = "") -> None:
         """Run ``work`` on rank 0; its error is raised on every rank (as it is in one process).
 
-        Under FSDP2 every rank gathers the full weights first and rank 0 exports them."""
+        Under FSDP2 rank 0 gathers the full weights first (the others only take part in
+        each gather) and exports them."""
         error: Optional[str] = None
-        with gathered(trainer.lightning_module):
+        with gathered(trainer.lightning_module, here=trainer.is_global_zero):
             if trainer.is_global_zero:
                 try:
                     work()

@@ -311,8 +311,7 @@ class MagnitudePruning(LayerCompressionCallback):
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:
         # Score what the MASK stage sees: the merged weight when adapters sit below it.
-        weights = {name: weight_before(layer, Stage.MASK, weight_param(name, layer))
-                   for name, layer in self._layers.items()}
+        weights = _WeightsBeforeMask(self._layers)
         if self.scope == "global":
             keeps = global_masks(weights, sparsity, self.sparsity_pattern, self.norm)
         else:
@@ -336,9 +335,9 @@ class MagnitudePruning(LayerCompressionCallback):
         # mask acts on W + B·A (and W is frozen, perhaps NF4), so the MASK stage alone
         # keeps the effective weight sparse.
         layer, transform = self._layers[name], self._masks[name]
-        if transform.mask is not None and _mask_sees_raw(layer, name):
+        if transform.pruned is not None and _mask_sees_raw(layer, name):
             raw = _raw(layer, name)
-            local(raw).mul_(shard_like(transform.mask, raw))  # under FSDP2, this rank's shard
+            local(raw).masked_fill_(shard_like(transform.pruned, raw), 0)  # under FSDP2, this rank's shard
 
     def _measure(self) -> None:
         """The fraction of the targeted weights the masks prune: overall, and per group of
@@ -347,8 +346,8 @@ class MagnitudePruning(LayerCompressionCallback):
         total: Dict[str, int] = {}
         groups = _layer_groups(list(self._layers))
         for name, layer in self._layers.items():
-            group, mask = groups[name], self._masks[name].mask
-            pruned[group] = pruned.get(group, 0) + (0 if mask is None else int((mask == 0).sum()))
+            group, mask = groups[name], self._masks[name].pruned
+            pruned[group] = pruned.get(group, 0) + (0 if mask is None else int(mask.sum()))
             total[group] = total.get(group, 0) + _raw(layer, name).numel()
         self._actual_sparsity = sum(pruned.values()) / sum(total.values())
         self._group_sparsity = {group: pruned[group] / total[group] for group in total}
@@ -360,10 +359,29 @@ class MagnitudePruning(LayerCompressionCallback):
     def _state_of_masks(self) -> Dict[str, Any]:
         state = {}
         for name, transform in self._masks.items():
-            if transform.mask is not None:
+            if transform.pruned is not None:
                 keep = transform.keep
                 state[name] = {"packed": pack_mask(keep).cpu(), "shape": list(keep.shape)}
         return state
+
+
+class _WeightsBeforeMask(Mapping):
+    """``{layer name: the weight its MASK stage sees}``, computed on each access: the
+    scores hold one layer's weight at a time (gathered whole under FSDP2), not a copy of
+    every targeted weight."""
+
+    def __init__(self, layers: Dict[str, nn.Module]) -> None:
+        self._layers = layers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        layer = self._layers[name]
+        return weight_before(layer, Stage.MASK, weight_param(name, layer))
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 def _layer_groups(names: List[str]) -> Dict[str, str]:

@@ -76,17 +76,25 @@ def is_sharded_model(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def gathered(module: nn.Module) -> Iterator[None]:
+def gathered(module: nn.Module, *, here: bool = True) -> Iterator[None]:
     """Inside, ``module`` is a plain model holding full copies of its parameters: each
     FSDP2 shard is gathered (a collective: every rank must enter), and FSDP2's classes
     and hooks are taken off, so its forward passes and ``state_dict`` run locally (rank 0
     alone can then run the export and its parity check). The memory is a whole copy of
-    the model's parameters per rank for the duration.
+    the model's parameters for the duration, on the ranks that pass ``here=True``; the
+    others join each gather and drop its result at once (one parameter at a time) and
+    must not use ``module`` inside.
 
     Writes to the copies are lost when it exits: change parameters through
     :func:`write_full_` outside it.
     """
     if not is_sharded_model(module):
+        yield
+        return
+    if not here:
+        for m in module.modules():
+            for shard in [p for p in m._parameters.values() if is_shard(p)]:
+                full(shard)
         yield
         return
     # Full copies swapped in for the shards (FSDP2's own unshard buffers would be freed

@@ -31,12 +31,13 @@ once) and keeps the raw parameters there otherwise (so copies hold leaf tensors)
 from __future__ import annotations
 
 import enum
-import weakref
 from typing import Any, Callable, Dict, Iterator, Tuple, Type
 
 from torch import Tensor, nn
 
 from lightning_compress.core.attention import attention_forward, attention_inputs
+from lightning_compress.core.recompute import note_effective, recomputed_weights
+from lightning_compress.core.recurrent import effective_flat_weights, raw_flat_weights, raw_init_flat_weights, recurrent_getstate
 from lightning_compress.core.sharding import full, is_shard
 
 WeightTransform = Callable[[Tensor], Tensor]
@@ -294,14 +295,20 @@ def _effective(name: str) -> property:
     def effective(self: nn.Module) -> Tensor:
         if name not in self._parameters:  # another instance of the class has this parameter
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        weight = self._parameters[name]
-        if is_shard(weight):  # FSDP2 at rest: it reads its own sharded parameter back through here
-            return weight
-        for _, transform in self.__dict__.get(_SORTED_ATTR, {}).get(name, ()):
-            weight = transform(weight)
+        raw = self._parameters[name]
+        if is_shard(raw):  # FSDP2 at rest: it reads its own sharded parameter back through here
+            return raw
+        weight = _run_stack(self, name, raw)
+        note_effective(self, name, raw, weight, _run_stack)
         return weight
 
     return property(effective)
+
+
+def _run_stack(layer: nn.Module, name: str, weight: Tensor) -> Tensor:
+    for _, transform in layer.__dict__.get(_SORTED_ATTR, {}).get(name, ()):
+        weight = transform(weight)
+    return weight
 
 
 def _expose(cls: type, name: str) -> None:
@@ -363,31 +370,6 @@ def _remove_input_hook(layer: nn.Module) -> None:
     layer._forward_pre_hooks_with_kwargs.pop(hook_id, None)
 
 
-def _raw_flat_weights(self: nn.RNNBase) -> list:
-    return [self._parameters.get(name) for name in self._flat_weights_names]
-
-
-def _raw_init_flat_weights(self: nn.RNNBase) -> None:
-    # RNNBase calls this after `.to()`/`.half()` and on construction: keep the raw leaves.
-    self._flat_weights = _raw_flat_weights(self)
-    self._flat_weight_refs = [None if w is None else weakref.ref(w) for w in self._flat_weights]
-    self.flatten_parameters()
-
-
-def _effective_flat_weights(self: nn.RNNBase) -> None:
-    # RNNBase.forward calls this first: its cached weight list becomes the effective
-    # weights, each stack run once (the base version would run them up to four times).
-    self._flat_weights = [getattr(self, name) for name in self._flat_weights_names]
-
-
-def _rnn_getstate(self: nn.RNNBase) -> dict:
-    # Copies and pickles hold the raw (leaf) parameters, never a forward's effective ones.
-    self._flat_weights = _raw_flat_weights(self)
-    state = self.__dict__.copy()
-    state.pop("_flat_weight_refs", None)
-    return state
-
-
 def _transformed_class(base: Type[nn.Module]) -> type:
     if base not in _TRANSFORMED_CLASSES:
         # PyTorch's attention never calls out_proj and may take a fused path that skips the stack.
@@ -397,19 +379,21 @@ def _transformed_class(base: Type[nn.Module]) -> type:
 
         def forward(self, *args, **kwargs):
             override = self.__dict__.get(_FORWARD_ATTR)
-            if override is not None:
-                return override(*args, **kwargs)
-            return base_forward(self, *args, **kwargs)
+            with recomputed_weights():
+                if override is not None:
+                    return override(*args, **kwargs)
+                return base_forward(self, *args, **kwargs)
 
         def recurrent_forward(self, *args, **kwargs):
             try:
-                return base_forward(self, *args, **kwargs)
+                with recomputed_weights():
+                    return base_forward(self, *args, **kwargs)
             finally:
-                self._flat_weights = _raw_flat_weights(self)
+                self._flat_weights = raw_flat_weights(self)
 
         if issubclass(base, nn.RNNBase):
-            members.update(forward=recurrent_forward, _update_flat_weights=_effective_flat_weights,
-                           _init_flat_weights=_raw_init_flat_weights, __getstate__=_rnn_getstate)
+            members.update(forward=recurrent_forward, _update_flat_weights=effective_flat_weights,
+                           _init_flat_weights=raw_init_flat_weights, __getstate__=recurrent_getstate)
         else:
             members["forward"] = forward
         # Same name as the base so `print(model)` and summaries look as the user expects.

@@ -17,6 +17,7 @@ from lightning_compress.distill.losses import LOSSES
 from lightning_compress.distill.teacher import check_teacher
 
 CACHES = ("memory", "disk")
+TEACHER_STRATEGIES = ("replicate", "fsdp2")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class DistillationConfig:
     student_layer: str | None = None
     teacher_inputs: Callable[[Any], Any] | None = None
     teacher_dtype: torch.dtype | None = None
+    teacher_strategy: str = "replicate"
     features: Sequence[Tuple[str, str]] | None = None
     feature_weight: float = 1.0
     projection_lr: float = 1e-3
@@ -70,6 +72,14 @@ class DistillationConfig:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ArgumentError(
                 "teacher_dtype", f"`teacher_dtype` must be a floating torch dtype such as torch.bfloat16, got {dtype!r}"
+            )
+        check_choice("teacher_strategy", self.teacher_strategy, TEACHER_STRATEGIES)
+        if self.teacher_strategy == "fsdp2" and self.cache is not None:
+            # A rank whose batch is cached would skip the teacher's forward, and with it the
+            # gathers the other ranks wait in.
+            raise ArgumentError(
+                "cache", "`cache` cannot be combined with `teacher_strategy`='fsdp2': every rank must run the sharded"
+                " teacher on every step. Drop `cache`, or keep the teacher replicated"
             )
         object.__setattr__(self, "features", check_features(self.features))
         object.__setattr__(self, "feature_weight", check_number("feature_weight", self.feature_weight, low=0.0, what="a number >= 0"))
@@ -107,4 +117,4 @@ class DistillationConfig:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
 
-__all__ = ["DistillationConfig", "CACHES"]
+__all__ = ["DistillationConfig", "CACHES", "TEACHER_STRATEGIES"]

@@ -198,3 +198,17 @@ __all__ = [
     "load_teacher",
     "run_teacher",
 ]
+
+
+def shard_teacher(teacher: nn.Module, mesh: Any) -> None:
+    """Shard the frozen ``teacher`` on its own with FSDP2 over ``mesh``: each block (an
+    element of an ``nn.ModuleList`` that holds parameters) and the rest at the root, so a
+    rank keeps its share of the teacher and gathers one block at a time for the forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module_list in [m for m in teacher.modules() if isinstance(m, nn.ModuleList)]:
+        for block in module_list:
+            if any(True for _ in block.parameters()):
+                fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    # The root too frees its parameters after each forward: the teacher has no backward.
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)

@@ -103,17 +103,10 @@ def global_masks(
     if pattern.kind == "n:m":
         raise ValueError("N:M sparsity is per group; use scope='layer' with an N:M `pattern`")
     names = list(weights)
+    if pattern.kind == "unstructured":
+        return _global_unstructured(weights, sparsity)
     tensors = [weights[n].detach() for n in names]
     total = sum(t.numel() for t in tensors)
-    if pattern.kind == "unstructured":
-        scores = torch.cat([t.abs().flatten().float() for t in tensors])
-        prune = _lowest(scores, round(sparsity * total))
-        masks, offset = {}, 0
-        for name, tensor in zip(names, tensors):
-            masks[name] = ~prune[offset : offset + tensor.numel()].view_as(tensor)
-            offset += tensor.numel()
-        return masks
-
     scores = torch.cat([_channel_scores(t, norm) for t in tensors])
     sizes = torch.cat([torch.full((t.shape[0],), t[0].numel(), device=scores.device) for t in tensors])
     order = torch.sort(scores, stable=True).indices
@@ -182,6 +175,65 @@ def _channel_scores(weight: Tensor, norm: int) -> Tensor:
     return per_channel.pow(2).mean(dim=1).sqrt()
 
 
+def _global_unstructured(weights: Mapping[str, Tensor], sparsity: float) -> Dict[str, Tensor]:
+    """Keep-masks pruning the ``sparsity`` lowest magnitudes of all ``weights`` together,
+    ties by position in their order: :func:`_lowest` over their concatenation, computed
+    one tensor at a time (each is read from ``weights`` once per pass, so a mapping that
+    gathers a sharded weight on access holds one at a time): no copy of every score."""
+    names = list(weights)
+    histogram, total = _histogram(weights)
+    count = max(0, min(round(sparsity * total), total))
+    threshold = _kth_from_histogram(weights, histogram, count) if count else None
+    masks, missing = {}, count
+    for name in names:
+        scores = _magnitudes(weights[name])
+        prune = scores < threshold if threshold is not None else torch.zeros_like(scores, dtype=torch.bool)
+        missing -= int(prune.sum())
+        masks[name] = prune
+    for name in names:  # the ties at the threshold, lowest positions first, as _lowest does
+        if missing <= 0:
+            break
+        ties = torch.nonzero(_magnitudes(weights[name]).flatten() == threshold).flatten()[:missing]
+        masks[name].view(-1)[ties] = True
+        missing -= ties.numel()
+    return {name: ~prune for name, prune in masks.items()}
+
+
+def _magnitudes(weight: Tensor) -> Tensor:
+    return weight.detach().abs().float()
+
+
+def _histogram(weights: Mapping[str, Tensor]) -> tuple[Tensor, int]:
+    """How many magnitudes of all ``weights`` fall in each bucket of :func:`_buckets`, and
+    how many there are."""
+    histogram, total = None, 0
+    for name in weights:
+        scores = _magnitudes(weights[name]).flatten()
+        counts = torch.bincount(_buckets(scores), minlength=1 << 15)
+        histogram = counts if histogram is None else histogram + counts.to(histogram.device)
+        total += scores.numel()
+    return histogram, total
+
+
+def _kth_from_histogram(weights: Mapping[str, Tensor], histogram: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest magnitude over all ``weights``: :func:`_kth_smallest`'s
+    radix select with the histogram of every tensor."""
+    filled = torch.cumsum(histogram, 0)
+    bucket = int(torch.searchsorted(filled, k))
+    before = int(filled[bucket - 1]) if bucket > 0 else 0
+    candidates = []
+    for name in weights:
+        scores = _magnitudes(weights[name]).flatten()
+        candidates.append(scores[_buckets(scores) == bucket].cpu())
+    return torch.kthvalue(torch.cat(candidates), k - before).values
+
+
+def _buckets(scores: Tensor) -> Tensor:
+    # Non-negative IEEE floats order like their bit patterns: the top 16 bits (without the
+    # sign, which a NaN may carry) are ordered buckets, 0 .. 0x7FFF.
+    return (scores.view(torch.int32) & 0x7FFFFFFF) >> 16
+
+
 def _expand_channels(keep: Tensor, weight: Tensor) -> Tensor:
     return keep.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
 
@@ -216,9 +268,9 @@ def _kth_smallest(scores: Tensor, k: int) -> Tensor:
     """
     if scores.dtype != torch.float32 or scores.numel() < _RADIX_MIN_SCORES:
         return torch.kthvalue(scores, k).values
-    # Without the sign bit: 0 .. 0x7FFF for non-negative floats and NaN (a NaN score, from a
-    # NaN weight, may carry the sign; kthvalue orders every NaN last, as this does).
-    buckets = (scores.view(torch.int32) & 0x7FFFFFFF) >> 16
+    # NaN (a NaN score, from a NaN weight) falls in the last buckets; kthvalue orders every
+    # NaN last, as this does.
+    buckets = _buckets(scores)
     filled = torch.cumsum(torch.bincount(buckets, minlength=1 << 15), 0)
     bucket = int(torch.searchsorted(filled, k))  # the first bucket that reaches k scores
     before = int(filled[bucket - 1]) if bucket > 0 else 0
@@ -226,29 +278,31 @@ def _kth_smallest(scores: Tensor, k: int) -> Tensor:
 
 
 class MaskedWeight:
-    """The MASK stage of a layer's weight-transform stack: ``weight * mask``.
+    """The MASK stage of a layer's weight-transform stack: the weight with its pruned
+    entries set to zero.
 
-    Before the first mask exists it passes the weight through. The mask is held in the
-    weight's dtype (a float multiply is about twice as fast as a bool one on CPU) and
-    follows the weight to its device on first use, so masks restored from a checkpoint
-    on CPU work after the model moves to a GPU. The multiply also masks the gradient,
-    so optimizer state of pruned weights stays zero.
+    Before the first mask exists it passes the weight through. The mask is held as bool,
+    ``True`` where pruned (a quarter of a float32 weight's bytes; ``masked_fill`` keeps
+    it as the one tensor its backward needs, where a float multiply would need a float
+    copy), and follows the weight to its device on first use, so masks restored from a
+    checkpoint on CPU work after the model moves to a GPU. The gradient of a pruned
+    weight is zero too, so its optimizer state stays zero.
     """
 
     def __init__(self) -> None:
-        self.mask: Tensor | None = None
+        self.pruned: Tensor | None = None
 
     def set(self, keep: Tensor, like: Tensor) -> None:
-        self.mask = keep.to(device=like.device, dtype=like.dtype)
+        self.pruned = ~keep.to(device=like.device, dtype=torch.bool)
 
     @property
     def keep(self) -> Tensor | None:
-        return None if self.mask is None else self.mask != 0
+        return None if self.pruned is None else ~self.pruned
 
     def __call__(self, weight: Tensor) -> Tensor:
-        mask = self.mask
-        if mask is None:
+        pruned = self.pruned
+        if pruned is None:
             return weight
-        if mask.device != weight.device or mask.dtype != weight.dtype:
-            mask = self.mask = mask.to(device=weight.device, dtype=weight.dtype)
-        return weight * mask
+        if pruned.device != weight.device:
+            pruned = self.pruned = pruned.to(weight.device)
+        return weight.masked_fill(pruned, 0)

@@ -7,7 +7,8 @@ module itself in ``configure_model``) under ``ModelParallelStrategy`` with 2 CPU
 processes (gloo), 4 epochs of 4 steps of 8 samples per rank: the same global batches as
 one process with batch 16 (the test runs that one in-process with :func:`fit`).
 
-MODEs: ``prune``, ``prune-2:4``, ``qat``, ``kd``, ``lora``, ``qlora``, ``stack``
+MODEs: ``prune``, ``prune-2:4``, ``qat``, ``kd`` (``kd-sharded-teacher``: the teacher
+sharded on its own), ``lora``, ``qlora``, ``stack``
 (distillation + pruning + QAT + export), ``resume-sharded`` / ``resume-full`` (the
 stack stopped after epoch 1 with Lightning's distributed or full-state checkpoint, then
 resumed by a new Trainer), and the settings refused in setup (:data:`REFUSED`: their
@@ -117,8 +118,10 @@ def build(mode, out_dir):
         # Asymmetric: see tests/scripts/ddp_stack.py (symmetric groups sit on rounding ties).
         return [QuantizationAwareTraining("int4", group_size=4, symmetric=False, learn_ranges=True,
                                           activations="int8_static", start_step=QAT_START, calibration_steps=4)]
-    if mode == "kd":
-        return [KnowledgeDistillation(WideTeacher(), features=[("fc1", "fc1")], projection_lr=1e-2)]
+    if mode in ("kd", "kd-sharded-teacher"):
+        strategy = "fsdp2" if mode == "kd-sharded-teacher" else "replicate"
+        return [KnowledgeDistillation(WideTeacher(), features=[("fc1", "fc1")], projection_lr=1e-2,
+                                      teacher_strategy=strategy)]
     if mode == "lora":
         return [LoRA(r=4, target_modules=["conv", "fc1", "fc2"])]
     if mode in ("qlora", "qlora-unshardable"):
@@ -126,6 +129,8 @@ def build(mode, out_dir):
         scaler_block = 4 if mode == "qlora" else 8
         return [LoRA(r=4, target_modules=["fc1", "fc2"], base="nf4", nf4_block_size=32,
                      nf4_scaler_block_size=scaler_block)]
+    if mode == "kd-self-layer-sharded":
+        return [KnowledgeDistillation("self", student_layer="fc2", teacher_strategy="fsdp2")]
     if mode == "lora-late":
         return [LoRA(r=4, target_modules=["fc1"])]
     stack = [
@@ -175,7 +180,7 @@ def run(mode, out_dir):
     return fit(mode, out_dir, 2)
 
 
-REFUSED = ("qlora-unshardable", "lora-late")  # settings that must be refused before training
+REFUSED = ("qlora-unshardable", "lora-late", "kd-self-layer-sharded")  # settings that must be refused before training
 
 if __name__ == "__main__":
     arm_hang_report()
