@@ -145,6 +145,8 @@ def test_settings_fsdp2_cannot_shard_are_refused_before_training(sharded):
         assert "['fc2'] cannot be cut into" in rank["error"] and "nf4_scaler_block_size" in rank["error"]
     for rank in runs["lora-late"]:
         assert "['fc1'] are sharded already" in rank["error"] and "__init__" in rank["error"]
+    for rank in runs["lora-late-partial"]:  # fc2 adapted in setup, fc1 built after it
+        assert "before `configure_model` built ['fc1']" in rank["error"] and "__init__" in rank["error"]
     for rank in runs["kd-self-layer-sharded"]:
         assert "runs one submodule of it; use teacher_strategy='replicate'" in rank["error"]
 

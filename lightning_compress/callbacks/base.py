@@ -36,6 +36,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.compatibility import EVERY_LAYER, prepare_stack
+from lightning_compress.callbacks.hooks import after_configure_model, overrides_configure_model, refuse_late_layers
 from lightning_compress.core.incompatible import LayerIssue
 from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.state import STATE_VERSION, check_state_version
@@ -126,6 +127,10 @@ class CompressionCallback(Callback):
     def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Select the layers and put this method's stages on them, then call
         :meth:`finish_install`. Runs in ``setup`` after the stack check."""
+
+    def set_up_layer_names(self) -> set:
+        """Names of the layers this callback has put its stages on."""
+        return set(self._layers)
 
     def is_set_up(self) -> bool:
         """Whether the stages are in place (restored state can be applied)."""
@@ -227,6 +232,8 @@ class CompressionCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         prepare_stack(trainer, pl_module, stage)
         self.install(trainer, pl_module, stage)
+        if overrides_configure_model(pl_module):  # a layer it builds would come after this setup
+            after_configure_model(pl_module, lambda: refuse_late_layers(self, pl_module))
 
     def finish_install(self, pl_module: nn.Module) -> None:
         """Record that this callback set up ``pl_module`` and apply checkpoint state that

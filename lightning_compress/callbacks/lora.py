@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.callbacks.compatibility import settle_layers
+from lightning_compress.callbacks.hooks import after_configure_model, overrides_configure_model
 from lightning_compress.core.attention import out_proj_owner
 from lightning_compress.core.incompatible import LayerIssue
 from lightning_compress.core.sharding import full, is_shard
@@ -137,6 +138,10 @@ class LoRA(CompressionCallback):
         self._pending_adapter_dir: Path | None = None
         self._targeted_in: weakref.ref | None = None
 
+    @override
+    def set_up_layer_names(self) -> set:
+        return set(self._adapters)
+
     @property
     def adapters(self) -> Dict[str, LoRAAdapter]:
         """``{layer name: adapter}`` of the model this callback adapts."""
@@ -154,8 +159,8 @@ class LoRA(CompressionCallback):
         # (and NF4 bases) must exist before it: FSDP2 then shards them with the layer.
         # Layers built there too are adapted after it (refused if they are sharded then).
         early = isinstance(trainer.strategy, ModelParallelStrategy) and bool(self.selected_layers(pl_module))
-        if _overrides_configure_model(pl_module) and not early:
-            _run_after_configure_model(pl_module, lambda: self._inject(trainer, pl_module))
+        if overrides_configure_model(pl_module) and not early:
+            after_configure_model(pl_module, lambda: self._inject(trainer, pl_module))
         else:
             self._inject(trainer, pl_module)
 
@@ -408,17 +413,6 @@ def _wrap_on_load_checkpoint(pl_module: LightningModule, before_load) -> None:
     """Run ``before_load(checkpoint)`` after the module's own ``on_load_checkpoint``, which
     Lightning calls right before it loads the weights (callback hooks run only after)."""
     _chain_hook(pl_module, "on_load_checkpoint", before_load, once=False)
-
-
-def _overrides_configure_model(pl_module: LightningModule) -> bool:
-    return type(pl_module).configure_model is not LightningModule.configure_model and "configure_model" not in vars(pl_module)
-
-
-def _run_after_configure_model(pl_module: LightningModule, action) -> None:
-    """Run ``action`` right after the module's own ``configure_model`` (which Lightning
-    calls after ``setup`` and before ``configure_optimizers``): layers built there exist
-    then, and the optimizer is not built yet."""
-    _chain_hook(pl_module, "configure_model", lambda: action(), once=True)
 
 
 def _chain_hook(pl_module: LightningModule, hook: str, after, *, once: bool) -> None:

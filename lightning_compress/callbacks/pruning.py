@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import LayerCompressionCallback
 from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
 from lightning_compress.core.schedule import resolve_step
-from lightning_compress.core.sharding import local, shard_like
+from lightning_compress.core.sharding import local, resharded, shard_like
 from lightning_compress.core.targeting import weight_param
 from lightning_compress.core.tracking import log_line_chart
 from lightning_compress.core.transforms import (
@@ -139,7 +139,7 @@ class MagnitudePruning(LayerCompressionCallback):
             install_weight_transform(layer, Stage.MASK, transform, owner=self.owner_token, active_owners=rivals,
                                      param=weight_param(name, layer))
             self._masks[name] = transform
-        self._layers = layers
+        self._layers, self._model = layers, pl_module
         self._measure()  # logged from the first step, before any mask exists
         self.finish_install(pl_module)
 
@@ -194,6 +194,7 @@ class MagnitudePruning(LayerCompressionCallback):
         # whose weight is still W + B·A (LoRA, not merged) keeps its mask: zeros in W
         # alone would not make the effective weight sparse.
         self._restored = self.state_dict()
+        resharded(pl_module)  # the zeros go into the shards FSDP2 keeps (after a validation too)
         for name, layer in self._layers.items():
             if _mask_sees_raw(layer, name):
                 self._zero_raw(name)
@@ -310,6 +311,7 @@ class MagnitudePruning(LayerCompressionCallback):
 
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:
+        resharded(self._model)  # see `teardown`: the mask update may follow the sanity check's validation
         # Score what the MASK stage sees: the merged weight when adapters sit below it.
         weights = _WeightsBeforeMask(self._layers)
         if self.scope == "global":
@@ -320,7 +322,8 @@ class MagnitudePruning(LayerCompressionCallback):
             names = list(keeps)
             packed = broadcast_from_rank_zero([pack_mask(keeps[n]) for n in names])
             keeps = {name: unpack_mask(bits, keeps[name].shape) for name, bits in zip(names, packed)}
-        for name, keep in keeps.items():
+        while keeps:  # each keep-mask freed once its layer holds its own: one set of masks at a time
+            name, keep = keeps.popitem()
             self._set_mask(name, keep)
         self._applied_sparsity = sparsity
         self._measure()

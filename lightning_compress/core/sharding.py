@@ -75,6 +75,19 @@ def is_sharded_model(module: nn.Module) -> bool:
     return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in module.modules())
 
 
+def resharded(module: nn.Module) -> None:
+    """Put every FSDP2 module under ``module`` back to its shards (local, no collective).
+
+    FSDP2 leaves the root's own parameters gathered after a forward without backward (a
+    validation loop, the sanity check): those are then FSDP2's temporary buffers, which
+    a write would not reach the shards through, and which it frees under anything that
+    still uses them. Compression that reads or writes parameters outside a training step
+    starts from the shards."""
+    for m in module.modules():
+        if FSDPModule is not None and isinstance(m, FSDPModule):
+            m.reshard()
+
+
 @contextlib.contextmanager
 def gathered(module: nn.Module, *, here: bool = True) -> Iterator[None]:
     """Inside, ``module`` is a plain model holding full copies of its parameters: each
@@ -91,6 +104,7 @@ def gathered(module: nn.Module, *, here: bool = True) -> Iterator[None]:
     if not is_sharded_model(module):
         yield
         return
+    resharded(module)
     if not here:
         for m in module.modules():
             for shard in [p for p in m._parameters.values() if is_shard(p)]:

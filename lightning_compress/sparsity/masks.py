@@ -196,7 +196,7 @@ def _global_unstructured(weights: Mapping[str, Tensor], sparsity: float) -> Dict
         ties = torch.nonzero(_magnitudes(weights[name]).flatten() == threshold).flatten()[:missing]
         masks[name].view(-1)[ties] = True
         missing -= ties.numel()
-    return {name: ~prune for name, prune in masks.items()}
+    return {name: prune.logical_not_() for name, prune in masks.items()}  # in place: no second set of masks
 
 
 def _magnitudes(weight: Tensor) -> Tensor:

@@ -131,8 +131,8 @@ def build(mode, out_dir):
                      nf4_scaler_block_size=scaler_block)]
     if mode == "kd-self-layer-sharded":
         return [KnowledgeDistillation("self", student_layer="fc2", teacher_strategy="fsdp2")]
-    if mode == "lora-late":
-        return [LoRA(r=4, target_modules=["fc1"])]
+    if mode in ("lora-late", "lora-late-partial"):  # fc1 is built in configure_model
+        return [LoRA(r=4, target_modules=["fc1"] if mode == "lora-late" else ["fc1", "fc2"])]
     stack = [
         KnowledgeDistillation(WideTeacher(), features=[("fc1", "fc1")], projection_lr=1e-2),
         MagnitudePruning(0.6, start_step=2, end_step=QAT_START, update_every=2),
@@ -147,7 +147,7 @@ def fit(mode, out_dir, devices, *, ckpt_path=None, stop_at=None, distributed_che
     """Train ``mode`` with ``devices`` processes (global batch 16); returns this process's
     :class:`Record` state."""
     torch.manual_seed(0)
-    model = BuiltInConfigureModel() if mode == "lora-late" else Sharded()
+    model = BuiltInConfigureModel() if mode.startswith("lora-late") else Sharded()
     compression = build(mode, out_dir)
     # Lightning re-seeds distributed processes from this seed when it sets them up (LoRA
     # draws its adapters after that): one process starts its fit from the same RNG state.
@@ -180,7 +180,7 @@ def run(mode, out_dir):
     return fit(mode, out_dir, 2)
 
 
-REFUSED = ("qlora-unshardable", "lora-late", "kd-self-layer-sharded")  # settings that must be refused before training
+REFUSED = ("qlora-unshardable", "lora-late", "lora-late-partial", "kd-self-layer-sharded")  # settings that must be refused before training
 
 if __name__ == "__main__":
     arm_hang_report()

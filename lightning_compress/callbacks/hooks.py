@@ -1,0 +1,61 @@
+"""Running callback code around the LightningModule's own ``configure_model``.
+
+Lightning calls the callbacks' ``setup`` first, then the module's ``configure_model``
+(where large models are built, and where ``ModelParallelStrategy`` users shard them),
+then ``configure_optimizers``. The compression callbacks install in ``setup``; what they
+must do after ``configure_model`` is queued here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from lightning.pytorch import LightningModule
+
+_QUEUE = "_lc_after_configure_model"  # instance attribute: actions to run once, in order
+
+
+def overrides_configure_model(pl_module: LightningModule) -> bool:
+    """Whether the module's class has its own ``configure_model`` (not yet wrapped here)."""
+    return type(pl_module).configure_model is not LightningModule.configure_model and (
+        "configure_model" not in vars(pl_module) or _QUEUE in vars(pl_module)
+    )
+
+
+def after_configure_model(pl_module: LightningModule, action: Callable[[], Any]) -> None:
+    """Run ``action()`` right after the module's own ``configure_model``, once; several
+    callbacks may queue actions, which run in the order they were queued."""
+    queue = pl_module.__dict__.get(_QUEUE)
+    if queue is None:
+        queue = pl_module.__dict__[_QUEUE] = []
+        own = pl_module.configure_model
+
+        def configure_model(*args: Any) -> None:
+            own(*args)
+            # Back to the class's hook before the actions run (one may raise).
+            del pl_module.configure_model
+            for queued in pl_module.__dict__.pop(_QUEUE, []):
+                queued()
+
+        pl_module.configure_model = configure_model
+    queue.append(action)
+
+
+def refuse_late_layers(callback: Any, pl_module: LightningModule) -> None:
+    """After ``configure_model``: the layers ``callback`` targets now must be those it set
+    up in ``setup``; a targeted layer built later would train uncompressed, unnoticed.
+
+    Raises:
+        ValueError: naming the layers built too late, and the fix.
+    """
+    installed = callback.set_up_layer_names()
+    if not installed:  # nothing set up in `setup` (nothing targeted, or set up after this)
+        return
+    late = sorted(set(callback.selected_layers(pl_module) or {}) - installed)
+    if late:
+        shown = f"{late[:4]}{' ...' if len(late) > 4 else ''}"
+        raise ValueError(
+            f"{type(callback).__name__} set up its layers in `setup`, before `configure_model` built {shown}, which"
+            " it also targets and would leave uncompressed; build them in `__init__` (`configure_model` may shard"
+            " them) or leave them out with `exclude`"
+        )

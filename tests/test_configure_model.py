@@ -1,0 +1,55 @@
+"""Layers a LightningModule builds in ``configure_model``, which Lightning calls after the
+callbacks' ``setup``: compressed as any other, or refused by name, never left out unnoticed."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import LoRA, MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.core.transforms import is_transformed
+from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+
+
+class HeadInConfigureModel(TinyRegressor):
+    """fc2 is built in ``configure_model`` (once: Lightning calls it for every stage)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.fc2
+
+    def configure_model(self):
+        if not hasattr(self, "fc2"):
+            self.fc2 = nn.Linear(32, 8)
+
+
+class AllInInit(TinyRegressor):
+    def configure_model(self):  # builds nothing: the layers of __init__ are the ones targeted
+        pass
+
+
+@pytest.mark.parametrize("make_callback", [lambda: MagnitudePruning(0.5, start_step=0, end_step=2),
+                                           lambda: QuantizationAwareTraining("int8")],
+                         ids=["pruning", "qat"])
+def test_a_targeted_layer_built_after_setup_is_refused_by_name(make_callback, seeded):
+    model = HeadInConfigureModel()
+    with pytest.raises(ValueError, match=r"before `configure_model` built \['fc2'\], which it also targets .*"
+                                         r"build them in `__init__`"):
+        make_trainer(max_steps=2, callbacks=[make_callback()]).fit(model, tiny_loader(batches=2))
+
+
+def test_layers_built_in_configure_model_get_lora_adapters(seeded):
+    model = HeadInConfigureModel()
+    lora = LoRA(r=2, target_modules=["fc1", "fc2"])
+    make_trainer(max_steps=2, callbacks=[lora]).fit(model, tiny_loader(batches=2))
+    assert set(lora.adapters) == {"fc1", "fc2"} and not model.fc2._parameters["weight"].requires_grad
+
+
+def test_a_configure_model_that_builds_nothing_new_trains_and_validates(seeded):
+    model = AllInInit()
+    pruning = MagnitudePruning(0.5, start_step=0, end_step=2)
+    trainer = make_trainer(max_steps=2, callbacks=[pruning, QuantizationAwareTraining("int8")])
+    trainer.fit(model, tiny_loader(batches=2), val_dataloaders=tiny_loader(batches=1))
+    trainer.validate(model, tiny_loader(batches=1))
+    assert pruning.sparsity == pytest.approx(0.5, abs=0.01) and is_transformed(model.fc1)  # validate keeps masks
+    assert int((model.fc1.weight == 0).sum()) > 0
+    assert "configure_model" not in vars(model)  # the class's own hook again
