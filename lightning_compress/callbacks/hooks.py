@@ -54,8 +54,9 @@ def refuse_late_layers(callback: Any, pl_module: LightningModule) -> None:
     late = sorted(set(callback.selected_layers(pl_module) or {}) - installed)
     if late:
         shown = f"{late[:4]}{' ...' if len(late) > 4 else ''}"
+        exclude = "exclude_modules" if hasattr(callback.config, "exclude_modules") else "exclude"  # LoRA: PEFT's name
         raise ValueError(
             f"{type(callback).__name__} set up its layers in `setup`, before `configure_model` built {shown}, which"
             " it also targets and would leave uncompressed; build them in `__init__` (`configure_model` may shard"
-            " them) or leave them out with `exclude`"
+            f" them) or leave them out with `{exclude}`"
         )
