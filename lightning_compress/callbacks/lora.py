@@ -20,13 +20,12 @@ from lightning_compress.callbacks.hooks import after_configure_model, overrides_
 from lightning_compress.core.attention import out_proj_owner
 from lightning_compress.core.incompatible import LayerIssue
 from lightning_compress.core.sharding import full, is_shard
-from lightning_compress.core.targeting import weight_name
 from lightning_compress.core.transforms import is_bound
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
 from lightning_compress.formats.peft_attention import peft_unpaired
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter, adapter_of
 from lightning_compress.lora.config import LoRAConfig
-from lightning_compress.lora.inject import inject_adapters, parameter_counts, select_adapter_layers
+from lightning_compress.lora.inject import check_nf4_shardable, inject_adapters, parameter_counts, select_adapter_layers
 from lightning_compress.quant.nf4 import is_nf4, tensor_digest
 
 
@@ -336,7 +335,7 @@ class LoRA(CompressionCallback):
                 " injects in `setup`, before `configure_model`)"
             )
         if self.config.base == "nf4" and isinstance(trainer.strategy, ModelParallelStrategy):
-            _check_nf4_shardable(layers, self.config, trainer.strategy.device_mesh["data_parallel"].size())
+            check_nf4_shardable(layers, self.config, trainer.strategy.device_mesh["data_parallel"].size())
         # Each rank draws its own dropout masks; seeded from the (seeded) global RNG.
         self._dropout.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + trainer.global_rank
         unpaired = peft_unpaired(pl_module, layers) if self.adapter_dir is not None else {}
@@ -395,38 +394,21 @@ class LoRA(CompressionCallback):
         return self._fingerprint[1]
 
 
-def _check_nf4_shardable(layers: Mapping[str, nn.Module], config: LoRAConfig, shards: int) -> None:
-    """FSDP2 cuts a weight into ``shards`` row blocks; torchao's NF4 tensor splits only
-    along whole scaler blocks (``nf4_block_size · nf4_scaler_block_size`` values)."""
-    unit = config.nf4_block_size * config.nf4_scaler_block_size
-    bad = [name for name, layer in layers.items()
-           if (w := layer.get_parameter(weight_name(layer))).shape[0] % shards or w.numel() % (unit * shards)]
-    if bad:
-        raise ValueError(
-            f"QLoRA under FSDP2 shards each NF4 base into {shards} row blocks of whole scaler blocks"
-            f" (nf4_block_size·nf4_scaler_block_size = {unit} values), which {bad[:4]} cannot be cut into; lower"
-            " `nf4_scaler_block_size` (or `nf4_block_size`), or leave these layers out with `exclude_modules`"
-        )
-
-
 def _wrap_on_load_checkpoint(pl_module: LightningModule, before_load) -> None:
     """Run ``before_load(checkpoint)`` after the module's own ``on_load_checkpoint``, which
     Lightning calls right before it loads the weights (callback hooks run only after)."""
-    _chain_hook(pl_module, "on_load_checkpoint", before_load, once=False)
+    _chain_hook(pl_module, "on_load_checkpoint", before_load)
 
 
-def _chain_hook(pl_module: LightningModule, hook: str, after, *, once: bool) -> None:
+def _chain_hook(pl_module: LightningModule, hook: str, after) -> None:
     """Make the instance's ``hook(*args)`` call the class's hook, then ``after(*args)``.
-    Lightning looks hooks up on the instance; ``once`` removes the wrapper after one call.
-    A hook already wrapped is left as it is."""
+    Lightning looks hooks up on the instance. A hook already wrapped is left as it is."""
     if hook in vars(pl_module):
         return
     own = getattr(pl_module, hook)
 
     def wrapper(*args):
         own(*args)
-        if once:
-            delattr(pl_module, hook)  # back to the class's hook
         after(*args)
 
     setattr(pl_module, hook, wrapper)

@@ -65,11 +65,6 @@ def shard_like(value: Tensor, like: Tensor) -> Tensor:
     return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
-def write_full_(param: Tensor, value: Tensor) -> None:
-    """Copy the full tensor ``value`` into ``param`` (a shard takes its own piece)."""
-    local(param).copy_(shard_like(value, param))
-
-
 def is_sharded_model(module: nn.Module) -> bool:
     """Whether ``fully_shard`` was applied to ``module`` or anything under it."""
     return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in module.modules())
@@ -98,8 +93,8 @@ def gathered(module: nn.Module, *, here: bool = True) -> Iterator[None]:
     others join each gather and drop its result at once (one parameter at a time) and
     must not use ``module`` inside.
 
-    Writes to the copies are lost when it exits: change parameters through
-    :func:`write_full_` outside it.
+    Writes to the copies are lost when it exits: change parameters outside it, each rank
+    its own piece (:func:`local`, :func:`shard_like`).
     """
     if not is_sharded_model(module):
         yield

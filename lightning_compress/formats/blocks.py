@@ -57,8 +57,6 @@ def dequantizes_to(q: QuantizedWeight, weight: Tensor) -> bool:
     return True
 
 
-
-
 PACK_ELEMENTS = 1 << 20
 """Codes per block when packing: bit widths other than 2, 4 and 8 hold an int64 per bit
 while packing (24 MB for a block of 3-bit codes)."""

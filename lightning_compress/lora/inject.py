@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Mapping
 
 from torch import nn
 
@@ -70,6 +70,25 @@ def select_adapter_layers(model: nn.Module, config: LoRAConfig, *, check: bool =
             layers = {name: layer for name, layer in layers.items() if name not in limited}
         check_adaptable(layers, config)
     return layers
+
+
+def check_nf4_shardable(layers: Mapping[str, nn.Module], config: LoRAConfig, shards: int) -> None:
+    """For QLoRA under FSDP2, which cuts each weight into ``shards`` row blocks: torchao's
+    NF4 tensor splits only along whole scaler blocks (``nf4_block_size ·
+    nf4_scaler_block_size`` values).
+
+    Raises:
+        ValueError: naming the layers that cannot be cut so, and the fix.
+    """
+    unit = config.nf4_block_size * config.nf4_scaler_block_size
+    bad = [name for name, layer in layers.items()
+           if (w := raw_weight(layer, weight_name(layer))).shape[0] % shards or w.numel() % (unit * shards)]
+    if bad:
+        raise ValueError(
+            f"QLoRA under FSDP2 shards each NF4 base into {shards} row blocks of whole scaler blocks"
+            f" (nf4_block_size·nf4_scaler_block_size = {unit} values), which {bad[:4]} cannot be cut into; lower"
+            " `nf4_scaler_block_size` (or `nf4_block_size`), or leave these layers out with `exclude_modules`"
+        )
 
 
 def check_adaptable(layers: Dict[str, nn.Module], config: LoRAConfig) -> None:

@@ -218,14 +218,19 @@ def _histogram(weights: Mapping[str, Tensor]) -> tuple[Tensor, int]:
 def _kth_from_histogram(weights: Mapping[str, Tensor], histogram: Tensor, k: int) -> Tensor:
     """The ``k``-th smallest magnitude over all ``weights``: :func:`_kth_smallest`'s
     radix select with the histogram of every tensor."""
-    filled = torch.cumsum(histogram, 0)
-    bucket = int(torch.searchsorted(filled, k))
-    before = int(filled[bucket - 1]) if bucket > 0 else 0
+    bucket, before = _bucket_of_kth(histogram, k)
     candidates = []
     for name in weights:
         scores = _magnitudes(weights[name]).flatten()
         candidates.append(scores[_buckets(scores) == bucket].cpu())
     return torch.kthvalue(torch.cat(candidates), k - before).values
+
+
+def _bucket_of_kth(histogram: Tensor, k: int) -> tuple[int, int]:
+    """The first bucket that reaches ``k`` scores, and how many scores lie below it."""
+    filled = torch.cumsum(histogram, 0)
+    bucket = int(torch.searchsorted(filled, k))
+    return bucket, int(filled[bucket - 1]) if bucket > 0 else 0
 
 
 def _buckets(scores: Tensor) -> Tensor:
@@ -271,9 +276,7 @@ def _kth_smallest(scores: Tensor, k: int) -> Tensor:
     # NaN (a NaN score, from a NaN weight) falls in the last buckets; kthvalue orders every
     # NaN last, as this does.
     buckets = _buckets(scores)
-    filled = torch.cumsum(torch.bincount(buckets, minlength=1 << 15), 0)
-    bucket = int(torch.searchsorted(filled, k))  # the first bucket that reaches k scores
-    before = int(filled[bucket - 1]) if bucket > 0 else 0
+    bucket, before = _bucket_of_kth(torch.bincount(buckets, minlength=1 << 15), k)
     return torch.kthvalue(scores[buckets == bucket], k - before).values
 
 
