@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Mapping
 
 import torch
@@ -14,6 +15,7 @@ from lightning_compress.callbacks.compatibility import check_quantization_trains
 from lightning_compress.core.attention import keep_padded_batches, out_proj_owner
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import resolve_step
+from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.core.targeting import module_name, weight_param
 from lightning_compress.core.transforms import (
     INPUT,
@@ -24,6 +26,7 @@ from lightning_compress.core.transforms import (
     remove_input_transform,
 )
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver
+from lightning_compress.quant.calibrated_start import CalibratedStart
 from lightning_compress.quant.config import QATConfig
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import WeightFakeQuantizer, attach_weight_quantizers
@@ -82,6 +85,34 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         observer: for ``"int8_static"``: ``"minmax"`` or ``"moving_average"``.
         calibration_steps: optimizer steps after ``start_step`` during which the static
             observers update; they are frozen afterwards.
+        init: where fake quantization starts from. ``None`` (default): the weights as
+            trained so far, on the ``weight_range`` grid. ``"gptq"``: at ``start_step``
+            each Linear weight is replaced by GPTQ's error-compensating rounding
+            (Frantar et al. 2022) from its inputs over the ``calibration_batches``
+            training batches before ``start_step``, and its grid is fixed at GPTQ's
+            scales (learned ranges start from them), so the first fake-quantized forward
+            is the GPTQ model; targets must be ``nn.Linear`` layers. ``"awq"``: per-input-
+            channel scales searched on those inputs for the least output error of the
+            quantized layers (Lin et al. 2024), folded into the norm or layer before them
+            (LLaMA-style and BERT-style block mappings, see
+            :mod:`~lightning_compress.quant.mappings`); a targeted layer no mapping
+            covers is refused at setup, named. Both combine with ``weight_range``
+            (``"mse"`` clips each group's range as it is rounded).
+        smoothing: SmoothQuant's ``alpha`` in ``[0, 1]`` (0.5 is the paper's default) for
+            int8 ``activations``: at ``start_step``, activation outliers are moved into
+            the weights with per-channel scales ``max|X|^alpha / max|W|^(1-alpha)``
+            from the calibration batches, folded through the same mappings as ``"awq"``.
+            Combines with ``init="gptq"``, not with ``"awq"``.
+        mappings: where ``"awq"``/``smoothing`` fold their scales, replacing the built-in
+            block mappings: ``{smooth module: [layers reading its output]}``, names
+            relative to one parent, e.g. ``{"norm1": ["qkv"], "norm2": ["up"]}``. The
+            smooth module is a norm (its weight and bias are divided; checked at
+            ``start_step``) or a Linear (its output rows), and nothing but the listed
+            layers may read its output (a residual connection may not).
+        calibration_batches: training batches before ``start_step`` whose layer inputs
+            calibrate ``init``/``smoothing`` (with gradient accumulation, the batches of
+            the last ``ceil(calibration_batches / accumulate_grad_batches)`` steps);
+            ``start_step`` must leave room for them.
         start_step: first fake-quantized step (train in float before it): an int
             optimizer step or a float fraction of the run.
         freeze_bn_step: from this step on BatchNorm layers keep their running statistics
@@ -123,7 +154,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
     section = "qat"
     config_class = QATConfig
     # (The grid and `weight_range` are checked per layer, with their own messages.)
-    resume_settings = ("start_step", "learn_ranges", "activations", "observer", "calibration_steps", "freeze_bn_step")
+    resume_settings = ("start_step", "learn_ranges", "activations", "observer", "calibration_steps", "freeze_bn_step",
+                       "init", "smoothing", "calibration_batches", "mappings")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -137,6 +169,10 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         self._input_quantizers: Dict[str, Any] = {}
         self._restored = None
         self._ranges = SideOptimizer(self.range_lr)
+        self._calibration: CalibratedStart | None = None
+        self._calibrated = False
+        self._calibrate_from = 0
+        self._pending_start = None  # the hook that applies the calibrated start
 
     @property
     def layer_specs(self) -> Dict[str, QuantSpec]:
@@ -173,6 +209,9 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                 self._add_input_quantizer(name, layer, rivals)
         if self.activations is not None:
             keep_padded_batches(pl_module)  # a padded eval batch must reach the quantizers as in training
+        if self.init is not None or self.smoothing is not None:
+            self._calibration = CalibratedStart(pl_module, layers, self._weight_quantizers, init=self.init,
+                                                smoothing=self.smoothing, mappings=self.mappings)
         self.finish_install(pl_module)
 
     @override
@@ -192,6 +231,10 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         total = trainer.estimated_stepping_batches
         self._start = resolve_step("start_step", self.start_step, total)
         check_quantization_trains(trainer, self, self._start, total)
+        if self._calibration is not None and not self._calibrated:
+            steps = math.ceil(self.calibration_batches / trainer.accumulate_grad_batches)
+            _check_calibration_fits(self, pl_module, self._start, steps)
+            self._calibrate_from = self._start - steps
         self._freeze_bn_at = (
             None if self.freeze_bn_step is None else resolve_step("freeze_bn_step", self.freeze_bn_step, total)
         )
@@ -200,6 +243,11 @@ class QuantizationAwareTraining(LayerCompressionCallback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         enabled = step >= self._start
+        if self._calibration is not None and not self._calibrated:
+            if enabled:
+                self._arm_calibrated_start()
+            elif step >= self._calibrate_from:
+                self._calibration.start_recording()
         self._set_enabled(enabled)
         metrics = {"qat/enabled": float(enabled), "qat/weight_bits": self._weight_bits() if enabled else 32.0}
         if self.activations is not None:
@@ -218,6 +266,9 @@ class QuantizationAwareTraining(LayerCompressionCallback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._ranges.stop()
+            if self._calibration is not None:
+                self._calibration.stop_recording()
+            self._disarm_calibrated_start()
 
     # ------------------------------------------------------------------ base-class hooks
     @override
@@ -228,6 +279,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                                      "weight_range": quantizer.weight_range}
             if quantizer.clip is not None:
                 entry["clip"] = quantizer.clip.cpu().clone()
+            if quantizer.grid is not None:
+                entry["grid"] = [t.cpu().clone() for t in quantizer.grid]
             if quantizer.learned:
                 entry["log_scale"] = quantizer.log_scale.detach().cpu().clone()
                 entry["zero_point"] = quantizer.zero_point.cpu().clone()
@@ -237,6 +290,10 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                 entry["observer"] = observer.state_dict()
             layers[name] = entry
         state: Dict[str, Any] = {"layers": layers}
+        if self._calibration is not None:
+            state["calibrated"] = self._calibrated
+            if not self._calibrated:
+                state["calibration"] = self._calibration.statistics.state_dict()
         if self.learn_ranges and self._weight_quantizers:
             state["range_optimizer"] = self._ranges.state_dict()
         return state
@@ -255,6 +312,31 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                 f" {', '.join(layers)}"
             )
         return specs
+
+    def _arm_calibrated_start(self) -> None:
+        """Apply the calibrated start at the first module forward of this step: after
+        every callback's batch-start hook (a mask pruning updates at this step is in
+        place, whatever the callback order), before anything computes with the weights."""
+        if self._pending_start is not None:
+            return
+
+        def start(*_: Any) -> None:
+            self._disarm_calibrated_start()
+            # In float while the start is computed: its checks run the smooth modules,
+            # which a quantizer would round, an observer observe, or a range rule fit.
+            self._set_enabled(False)
+            try:
+                self._calibration.apply()
+            finally:
+                self._set_enabled(True)
+            self._calibrated = True
+
+        self._pending_start = nn.modules.module.register_module_forward_pre_hook(start)
+
+    def _disarm_calibrated_start(self) -> None:
+        if self._pending_start is not None:
+            self._pending_start.remove()
+            self._pending_start = None
 
     def _add_input_quantizer(self, name: str, layer: nn.Module, rivals: set) -> None:
         if self.activations == "int8_dynamic":
@@ -309,6 +391,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                 )
             quantizer.enabled = entry["enabled"]
             quantizer.clip = entry.get("clip")
+            grid = entry.get("grid")
+            quantizer.grid = None if grid is None else (grid[0].float(), grid[1].to(torch.int32))
             if quantizer.learned and "log_scale" in entry:
                 with torch.no_grad():
                     quantizer.log_scale.copy_(entry["log_scale"])
@@ -321,6 +405,10 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             quantizer.enabled = self._weight_quantizers[name].enabled
         if "range_optimizer" in state:
             self._ranges.load_state_dict(state["range_optimizer"])
+        if self._calibration is not None:
+            self._calibrated = bool(state.get("calibrated", False))
+            if "calibration" in state:
+                self._calibration.statistics.load_state_dict(state["calibration"])
 
 
 def _check_output_projections(model: nn.Module, layers: Mapping[str, nn.Module], activations: str) -> None:
@@ -340,3 +428,24 @@ def _check_output_projections(model: nn.Module, layers: Mapping[str, nn.Module],
                 f" the attention layer too; add {owner!r} (or nn.MultiheadAttention) to `targets` (and take it out"
                 f" of `exclude`), or exclude {name!r}"
             )
+
+
+def _check_calibration_fits(qat: QuantizationAwareTraining, model: nn.Module, start: int, steps: int) -> None:
+    """``init``/``smoothing`` need ``steps`` optimizer steps of calibration batches
+    before ``start_step``, and whole weights (not FSDP2 shards).
+
+    Raises:
+        ValueError: naming ``start_step`` and ``calibration_batches``, or FSDP2.
+    """
+    setting = f"init={qat.init!r}" if qat.init is not None else f"smoothing={qat.smoothing}"
+    if start < steps:
+        raise ValueError(
+            f"{setting} calibrates on the {qat.calibration_batches} training batches ({steps} optimizer steps)"
+            f" before `start_step`, but `start_step` resolves to step {start}; set start_step >= {steps} (or"
+            " lower `calibration_batches`)"
+        )
+    if is_sharded_model(model):
+        raise ValueError(
+            f"{setting} is not supported under FSDP2 (`fully_shard`) yet: it rewrites whole weights at"
+            " `start_step`; train with DDP, or without it"
+        )

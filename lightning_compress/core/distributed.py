@@ -55,3 +55,14 @@ def all_reduce_mean_(tensors: List[Tensor]) -> None:
     for tensor in tensors:
         tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
         offset += tensor.numel()
+
+
+def all_reduce_sum_(tensors: List[Tensor]) -> None:
+    """Sum ``tensors`` over ranks in place (statistics each rank gathered from its own
+    batches, such as calibration Hessians)."""
+    if not is_distributed():
+        return
+    for tensor in tensors:
+        reduced = tensor.cuda() if dist.get_backend() == "nccl" else tensor
+        dist.all_reduce(reduced)
+        tensor.copy_(reduced)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, ClassVar, Dict, Mapping, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Sequence, Tuple
 
 from torch import nn
 
@@ -16,6 +16,9 @@ from lightning_compress.quant.activations import ACTIVATION_MODES, OBSERVERS
 from lightning_compress.quant.fake_quant import check_divisible
 from lightning_compress.quant.spec import GRANULARITIES, QuantSpec, parse_bits, spec_from_options
 from lightning_compress.quant.weights import DEFAULT_TARGET_TYPES, QUANTIZABLE_TYPES, WEIGHT_RANGES
+
+# Calibrated starting points (see lightning_compress.quant.calibrated_start).
+INITS = ("gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class QATConfig:
     activations: str | None = None
     observer: str = "minmax"
     calibration_steps: int = 100
+    init: str | None = None
+    smoothing: float | None = None
+    calibration_batches: int = 16
+    mappings: Dict[str, List[str]] | None = None
     start_step: StepLike = 0
     freeze_bn_step: StepLike | None = None
     overrides: Dict[str, Dict[str, Any]] | None = None
@@ -97,6 +104,8 @@ class QATConfig:
         check_choice("observer", self.observer, OBSERVERS)
         check_int("calibration_steps", self.calibration_steps)
         validate_step("start_step", self.start_step)
+        self._check_calibrated_start()
+        self._check_mappings()
         if self.freeze_bn_step is not None:
             validate_step("freeze_bn_step", self.freeze_bn_step)
         object.__setattr__(self, "range_lr", float(self.range_lr))
@@ -108,6 +117,41 @@ class QATConfig:
         object.__setattr__(self, "exclude", validate_targets("exclude", self.exclude, QUANTIZABLE_TYPES))
         check_on_incompatible(self.on_incompatible)
         object.__setattr__(self, "name", validate_name(self.name))
+
+    def _check_calibrated_start(self) -> None:
+        check_choice("init", self.init, INITS, allow_none=True)
+        check_int("calibration_batches", self.calibration_batches, minimum=1)
+        if self.smoothing is None:
+            return
+        if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, (int, float)) or not 0 <= self.smoothing <= 1:
+            raise ArgumentError("smoothing", f"`smoothing` is SmoothQuant's alpha, a number in [0, 1] (e.g. 0.5), got {self.smoothing!r}")
+        if self.activations is None:
+            raise ArgumentError(
+                "smoothing",
+                "`smoothing` moves activation outliers into the weights so int8 activations quantize better; it needs"
+                " activations='int8_dynamic' or 'int8_static' (for weight-only quantization use init='awq')",
+            )
+        if self.init == "awq":
+            raise ArgumentError(
+                "smoothing", "`smoothing` and init='awq' both fold per-channel scales into the same layers; choose one"
+            )
+        object.__setattr__(self, "smoothing", float(self.smoothing))
+
+    def _check_mappings(self) -> None:
+        if self.mappings is None:
+            return
+        if self.init != "awq" and self.smoothing is None:
+            raise ArgumentError("mappings", "`mappings` tell init='awq' and `smoothing` where to fold their scales; set one of them, or drop `mappings`")
+        fix = "e.g. {'norm1': ['qkv'], 'norm2': ['up']}: a norm or Linear, and the Linear layers beside it that read its output"
+        if not isinstance(self.mappings, Mapping) or not self.mappings:
+            raise ArgumentError("mappings", f"`mappings` must map module names to lists of layer names, {fix}; got {self.mappings!r}")
+        plain = {}
+        for smooth, balance in self.mappings.items():
+            if not isinstance(smooth, str) or not smooth or isinstance(balance, str) or not isinstance(balance, Sequence) \
+                    or not balance or not all(isinstance(b, str) and b for b in balance):
+                raise ArgumentError("mappings", f"`mappings[{smooth!r}]` must be a non-empty list of layer names, {fix}; got {balance!r}")
+            plain[smooth] = list(balance)
+        object.__setattr__(self, "mappings", plain)
 
 
 def _parse_overrides(overrides: Any, base: QuantSpec) -> Dict[str, QuantSpec]:

@@ -58,6 +58,9 @@ class WeightFakeQuantizer:
         self.log_scale: nn.Parameter | None = None
         self.zero_point: Tensor | None = None
         self.clip: Tensor | None = None  # per-group ratios ("mse", fixed ranges), once chosen
+        # (scale, zero point) per group, fixed by a calibrated start (GPTQ); None: the
+        # range rule above.
+        self.grid: tuple[Tensor, Tensor] | None = None
         self.initialized = False
 
     def create_parameters(self, weight: Tensor) -> nn.Parameter:
@@ -86,6 +89,8 @@ class WeightFakeQuantizer:
             # The forward computes with exp(log(scale)), which differs from `scale` in its
             # last bit for most values.
             return scale.log().exp(), zero_point
+        if self.grid is not None:
+            return self.grid[0].to(matrix.device), self.grid[1].to(matrix.device)
         clip = None if self.clip is None else self.clip.to(matrix.device)
         if clip is None and self.weight_range == "mse":
             clip = choose_qparams_mse(matrix, self.spec)[2]
@@ -102,11 +107,26 @@ class WeightFakeQuantizer:
                 self._initialize(compute)
             out = fake_quantize_learned(compute, self.log_scale.exp(), self.zero_point, self.spec)
         else:
-            if self.weight_range == "mse" and self.clip is None:
-                self.clip = choose_qparams_mse(compute, self.spec)[2]
-            scale, zero_point = choose_qparams(compute, self.spec, clip=self.clip)
+            if self.grid is not None:
+                scale, zero_point = self.grid
+            else:
+                if self.weight_range == "mse" and self.clip is None:
+                    self.clip = choose_qparams_mse(compute, self.spec)[2]
+                scale, zero_point = choose_qparams(compute, self.spec, clip=self.clip)
             out = fake_quantize(compute, scale, zero_point, self.spec)
         return out.to(weight.dtype).view(weight.shape)
+
+    @torch.no_grad()
+    def start_from(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Compute with this grid (one scale and zero point per group) from now on: a
+        calibrated start (GPTQ) rounded the weights on it. Learned scales start from it."""
+        zero_point = zero_point.to(torch.int32)
+        if self.learned:
+            self.log_scale.copy_(scale.log().to(self.log_scale.device))
+            self.zero_point = zero_point.to(self.log_scale.device)
+            self.initialized = True
+        else:
+            self.grid = (scale.float().clone(), zero_point.clone())
 
     def start_state(self) -> tuple:
         """What the first enabled forward sets (see :meth:`restore_start_state`)."""
@@ -141,6 +161,8 @@ class WeightFakeQuantizer:
             self.zero_point = self.zero_point.to(device)
         if self.clip is not None and self.clip.device != device:
             self.clip = self.clip.to(device)
+        if self.grid is not None and self.grid[0].device != device:
+            self.grid = (self.grid[0].to(device), self.grid[1].to(device))
 
     @torch.no_grad()
     def _initialize(self, matrix: Tensor) -> None:

@@ -1,0 +1,346 @@
+"""A calibrated starting point for QAT: GPTQ or AWQ, and SmoothQuant smoothing.
+
+QAT trains from wherever its first fake-quantized step finds the weights. Starting from
+a good post-training point closes more of the gap (ModelOpt and NNCF recommend it), so
+:class:`CalibratedStart` records, during the training batches just before
+``start_step``, what these methods need from the layers' inputs, and at ``start_step``
+changes the model so that its first fake-quantized forward *is* that post-training model:
+
+- ``smoothing=alpha`` (SmoothQuant): per-input-channel scales that move activation
+  outliers into the weights, folded into the preceding norm or layer (see
+  :mod:`~lightning_compress.quant.mappings`);
+- ``init="awq"``: per-input-channel scales searched on the recorded inputs for the
+  least output error of the quantized balance layers, folded the same way;
+- ``init="gptq"``: each Linear's weight replaced by GPTQ's error-compensated rounding
+  from the recorded inputs' Hessian, and its quantizer's grid fixed at GPTQ's scales
+  (learned ranges start from them).
+
+Nothing here imports Lightning: the QAT callback says when to record and when to start.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.core.distributed import all_reduce_max, all_reduce_sum_, broadcast_from_rank_zero
+from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
+from lightning_compress.quant.fake_quant import as_matrix, choose_qparams, choose_qparams_mse
+from lightning_compress.quant.gptq import accumulate_hessian, gptq_quantize
+from lightning_compress.quant.mappings import ScaleMapping, find_mappings
+from lightning_compress.quant.smoothing import (
+    awq_scales,
+    divide_output_rows_,
+    scale_input_columns_,
+    smoothquant_scales,
+)
+from lightning_compress.quant.weights import WeightFakeQuantizer
+
+# Input rows kept per mapping for AWQ's search: its loss is a sum over them, and the
+# first rows of every calibration batch are as good a sample as any.
+AWQ_ROWS = 1024
+# Input rows kept per mapping to check that its smooth module divides as folded.
+_PROBE_ROWS = 8
+
+
+class CalibrationStatistics:
+    """What the recorded forwards saw, per layer (GPTQ's Hessians) or per mapping (AWQ's
+    input rows, SmoothQuant's per-channel maxima), and how many batches: plain tensors,
+    checkpointed with the QAT callback so a run resumed inside the window continues."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.hessians: Dict[str, Tensor] = {}
+        self.rows: Dict[str, Tensor] = {}
+        self.absmax: Dict[str, Tensor] = {}
+        self.probes: Dict[str, Tensor] = {}
+
+    def state_dict(self) -> Dict[str, object]:
+        # Copies: the accumulators keep growing in place after a checkpoint is taken.
+        return {"batches": self.batches, **{field: {k: v.clone() for k, v in getattr(self, field).items()}
+                                            for field in ("hessians", "rows", "absmax", "probes")}}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.batches = int(state["batches"])
+        for field in ("hessians", "rows", "absmax", "probes"):
+            setattr(self, field, {str(k): v.clone() for k, v in state[field].items()})
+
+
+class CalibratedStart:
+    """Records the calibration inputs of ``layers`` and sets up the calibrated start.
+
+    Args:
+        model: the model the layers belong to (mappings are found in it).
+        layers: ``{weight key: layer}`` quantized by the QAT callback.
+        quantizers: ``{weight key: WeightFakeQuantizer}`` of those layers.
+        init: ``None``, ``"gptq"`` or ``"awq"``.
+        smoothing: SmoothQuant's ``alpha``, or ``None``.
+        mappings: ``{smooth module: [balance layers]}`` rules replacing the built-in
+            ones (see :func:`~lightning_compress.quant.mappings.find_mappings`).
+
+    Raises:
+        ValueError: at construction, naming the layers the setting cannot apply to:
+            a layer GPTQ cannot take (not an ``nn.Linear``), a quantized layer that no
+            mapping covers (AWQ, SmoothQuant), a mapping whose quantized layers are on
+            different grids (AWQ), or a smooth module whose output is not proportional to
+            its weight.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, nn.Module],
+        quantizers: Mapping[str, WeightFakeQuantizer],
+        *,
+        init: str | None,
+        smoothing: float | None,
+        mappings: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        self.model = model
+        self.layers = dict(layers)
+        self.quantizers = dict(quantizers)
+        self.init = init
+        self.smoothing = smoothing
+        self.statistics = CalibrationStatistics()
+        self.mappings: List[ScaleMapping] = []
+        self._handles: list = []
+        if init == "gptq":
+            _check_gptq_layers(self.layers)
+        if init == "awq" or smoothing is not None:
+            self.mappings = _covering_mappings(model, self.layers, self.quantizers, init, smoothing, mappings)
+
+    # ------------------------------------------------------------------ recording
+    @property
+    def recording(self) -> bool:
+        return bool(self._handles)
+
+    def start_recording(self) -> None:
+        """Record the inputs of every training forward (grad enabled, module in train
+        mode) from now until :meth:`stop_recording`."""
+        if self._handles:
+            return
+        modules = dict(self.model.named_modules())
+        if self.init == "gptq":
+            for key, layer in self.layers.items():
+                self._hook(layer, self._hessian_recorder(key))
+        for mapping in self.mappings:
+            self._hook(modules[mapping.balance[0]], self._mapping_recorder(mapping.smooth))
+            self._hook(modules[mapping.smooth], self._probe_recorder(mapping.smooth))
+        self._hook(self.model, self._count_batch)
+
+    def stop_recording(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, module: nn.Module, record: Callable[[Tensor], None]) -> None:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], Tensor) and module.training and torch.is_grad_enabled():
+                record(args[0].detach())
+
+        self._handles.append(module.register_forward_pre_hook(hook))
+
+    def _count_batch(self, _: Tensor) -> None:
+        self.statistics.batches += 1
+
+    def _hessian_recorder(self, key: str) -> Callable[[Tensor], None]:
+        hessians = self.statistics.hessians
+
+        def record(inputs: Tensor) -> None:
+            hessians[key] = accumulate_hessian(hessians.get(key), inputs.float())
+
+        return record
+
+    def _mapping_recorder(self, smooth: str) -> Callable[[Tensor], None]:
+        statistics = self.statistics
+
+        def record(inputs: Tensor) -> None:
+            rows = inputs.float().reshape(-1, inputs.shape[-1])
+            if self.smoothing is not None:
+                peak = rows.abs().amax(dim=0)
+                old = statistics.absmax.get(smooth)
+                statistics.absmax[smooth] = peak if old is None else torch.maximum(old, peak)
+            if self.init == "awq":
+                kept = statistics.rows.get(smooth)
+                room = AWQ_ROWS - (0 if kept is None else kept.shape[0])
+                if room > 0:
+                    new = rows[:room].clone()
+                    statistics.rows[smooth] = new if kept is None else torch.cat([kept, new])
+
+        return record
+
+    def _probe_recorder(self, smooth: str) -> Callable[[Tensor], None]:
+        probes = self.statistics.probes
+
+        def record(inputs: Tensor) -> None:
+            if smooth not in probes:
+                probes[smooth] = inputs.float().reshape(-1, inputs.shape[-1])[:_PROBE_ROWS].clone()
+
+        return record
+
+    # ------------------------------------------------------------------ the start
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Fold the smoothing/AWQ scales and run GPTQ, identically on every rank (the
+        statistics are summed or maxed over ranks; rank 0's results are broadcast).
+
+        Raises:
+            ValueError: naming a layer that saw no input while recording (its forward is
+                not called as a module: e.g. an attention layer's fused output
+                projection), or a smooth module whose output did not scale as folded.
+        """
+        self.stop_recording()
+        silent = [key for key in self._recorded_keys() if key not in self._recorded()]
+        if silent:
+            raise ValueError(
+                f"init={self.init!r}/smoothing: layer(s) {silent} received no input during the calibration batches"
+                " (their forward is not called as a module); add them to `exclude`"
+            )
+        modules = dict(self.model.named_modules())
+        for mapping in self.mappings:
+            scales = self._mapping_scales(mapping, modules)
+            (scales,) = broadcast_from_rank_zero([scales])
+            _fold(mapping, scales, modules, self.statistics.probes.get(mapping.smooth))
+            if self.init == "gptq":  # the layers' inputs are now X / s
+                for name in mapping.balance:
+                    if name in self.statistics.hessians:
+                        self.statistics.hessians[name] /= scales[:, None] * scales[None, :]
+        if self.init == "gptq":
+            for key in self.layers:
+                self._gptq(key)
+
+    def _recorded_keys(self) -> List[str]:
+        keys = list(self.layers) if self.init == "gptq" else []
+        return keys + [m.smooth for m in self.mappings]
+
+    def _recorded(self) -> set:
+        stats = self.statistics
+        return set(stats.hessians) | set(stats.rows) | set(stats.absmax)
+
+    def _mapping_scales(self, mapping: ScaleMapping, modules: Mapping[str, nn.Module]) -> Tensor:
+        quantized = [name for name in mapping.balance if name in self.quantizers]
+        if self.init == "awq":
+            weights = [as_matrix(weight_before(modules[n], Stage.FAKE_QUANT).detach().float()) for n in quantized]
+            quantizer = self.quantizers[quantized[0]]
+            result = awq_scales(self.statistics.rows[mapping.smooth], weights, quantizer.spec,
+                                choose=_grid_chooser(quantizer))
+            return result.scales
+        weights = [weight_before(modules[n], Stage.FAKE_QUANT).detach().float() for n in mapping.balance]
+        weight_absmax = torch.stack([as_matrix(w).abs().amax(dim=0) for w in weights]).amax(dim=0)
+        activation_absmax = all_reduce_max(self.statistics.absmax[mapping.smooth])
+        return smoothquant_scales(activation_absmax, weight_absmax, self.smoothing)
+
+    def _gptq(self, key: str) -> None:
+        layer, quantizer = self.layers[key], self.quantizers[key]
+        hessian = self.statistics.hessians[key].clone()
+        all_reduce_sum_([hessian])
+        weight = weight_before(layer, Stage.FAKE_QUANT).detach()
+        mask = get_weight_transform(layer, Stage.MASK)
+        keep = None if mask is None or mask.keep is None else as_matrix(mask.keep)
+        choose = _grid_chooser(quantizer)
+        if quantizer.learned:  # the forward computes with exp(log(scale))
+            base = choose
+            choose = lambda columns: _through_log(*base(columns))  # noqa: E731
+        quantized, scale, zero_point = gptq_quantize(as_matrix(weight.float()), hessian, quantizer.spec, choose,
+                                                     keep=keep)
+        quantized, scale = broadcast_from_rank_zero([quantized, scale])
+        (zero_point,) = broadcast_from_rank_zero([zero_point])
+        raw = raw_weight(layer)
+        new = quantized.view(raw.shape).to(raw.dtype)
+        raw.copy_(new if keep is None else torch.where(keep.view(raw.shape), new, raw))
+        quantizer.start_from(scale, zero_point)
+
+
+def _grid_chooser(quantizer: WeightFakeQuantizer) -> Callable[[Tensor], tuple]:
+    """The quantizer's own range rule, for a slice of columns."""
+    spec = quantizer.spec
+    if quantizer.weight_range == "mse":
+        return lambda columns: choose_qparams_mse(columns, spec)[:2]
+    return lambda columns: choose_qparams(columns, spec)
+
+
+def _through_log(scale: Tensor, zero_point: Tensor) -> tuple:
+    """Scales ``s`` with ``exp(log(s)) == s``: learned ranges compute with
+    ``exp(log_scale)``, so only such scales give the forward GPTQ's exact weights."""
+    for _ in range(4):  # a fixed point is one or two round trips away
+        again = scale.log().exp()
+        if torch.equal(again, scale):
+            break
+        scale = again
+    return scale, zero_point
+
+
+def _fold(mapping: ScaleMapping, scales: Tensor, modules: Mapping[str, nn.Module], probe: Tensor | None) -> None:
+    """Divide ``mapping.smooth``'s output channels by ``scales`` and scale the balance
+    layers' input columns by them; checked on recorded inputs of the smooth module."""
+    smooth = modules[mapping.smooth]
+    smooth_weight = raw_weight(smooth) if isinstance(smooth, nn.Linear) else smooth.weight
+    smooth_bias = getattr(smooth, "bias", None)
+    changed = [smooth_weight, *([] if smooth_bias is None else [smooth_bias])]
+    changed += [raw_weight(modules[name]) for name in mapping.balance]
+    saved = [tensor.detach().clone() for tensor in changed]
+    before = None if probe is None else smooth(probe.to(smooth_weight))
+    divide_output_rows_(smooth_weight, smooth_bias, scales)
+    for name in mapping.balance:
+        scale_input_columns_(raw_weight(modules[name]), scales)
+    if before is not None:
+        after = smooth(probe.to(smooth_weight)).float()
+        if not torch.allclose(after, before.float() / scales, rtol=1e-4, atol=1e-6):
+            for tensor, copy in zip(changed, saved):  # the model stays as it was trained
+                tensor.copy_(copy)
+            raise ValueError(
+                f"{mapping.smooth!r} ({type(smooth).__name__}) did not divide its output by the folded scales, so"
+                f" folding them would change the model; exclude {list(mapping.balance)} from `targets` or drop"
+                " init='awq'/`smoothing`"
+            )
+
+
+def _check_gptq_layers(layers: Mapping[str, nn.Module]) -> None:
+    others = [key for key, layer in layers.items() if not isinstance(layer, nn.Linear)]
+    if others:
+        raise ValueError(
+            f"init='gptq' rounds the weights of nn.Linear layers from their inputs; {others} are not nn.Linear."
+            " Exclude them (`exclude`), or quantize them in a second QuantizationAwareTraining callback without"
+            " `init`"
+        )
+
+
+def _covering_mappings(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    quantizers: Mapping[str, WeightFakeQuantizer],
+    init: str | None,
+    smoothing: float | None,
+    rules: Mapping[str, Sequence[str]] | None,
+) -> List[ScaleMapping]:
+    """The mappings whose balance layers include a quantized layer; every quantized
+    layer must be covered."""
+    setting = "init='awq'" if init == "awq" else f"smoothing={smoothing}"
+    mappings = [m for m in find_mappings(model, rules) if any(name in layers for name in m.balance)]
+    covered = {name for m in mappings for name in m.balance}
+    uncovered = [key for key in layers if key not in covered]
+    if uncovered:
+        known = (
+            f"`mappings` {dict(rules)}" if rules is not None else "mapping (LLaMA-style `input_layernorm -> q/k/v_proj`,"
+            " `post_attention_layernorm -> gate/up_proj`, `v_proj -> o_proj`, `up_proj -> down_proj`; BERT's"
+            " `attention.self.value -> attention.output.dense`)"
+        )
+        raise ValueError(
+            f"{setting} folds per-channel scales into the norm or layer before each quantized layer, and no {known}"
+            f" covers {uncovered}. Give `mappings` for your blocks (e.g. {{'norm1': ['qkv']}}), exclude them"
+            " (`exclude`), or quantize them in a second QuantizationAwareTraining callback without it"
+        )
+    if init == "awq":
+        for mapping in mappings:
+            grids = {quantizers[n].spec for n in mapping.balance if n in quantizers}
+            if len(grids) > 1:
+                raise ValueError(
+                    f"init='awq' searches one scale per input channel for {list(mapping.balance)}, which `overrides`"
+                    " put on different grids; give them one grid"
+                )
+    return mappings
+
+
+__all__ = ["AWQ_ROWS", "CalibratedStart", "CalibrationStatistics"]

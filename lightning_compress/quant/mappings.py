@@ -1,0 +1,84 @@
+"""Where per-input-channel scales can be folded: AWQ's and SmoothQuant's block mappings.
+
+AWQ and SmoothQuant rescale the inputs of a group of Linear layers ("balance" layers)
+channel by channel: the layers compute with ``W·diag(s)`` and their input must become
+``X / s``. That division is folded into the module that produces the input (the
+"smooth" module): a norm's weight (and bias), or the output rows of a Linear. It keeps
+the model's function only when the smooth module's output feeds nothing but the balance
+layers, which holds for these names and no others:
+
+- LLaMA-style pre-norm decoder blocks (LLaMA, Mistral, Qwen2; the mappings
+  llm-compressor ships for them): ``input_layernorm`` -> ``self_attn.{q,k,v}_proj``,
+  ``self_attn.v_proj`` -> ``self_attn.o_proj`` (when the shapes agree: not under
+  grouped-query attention), ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj``,
+  ``mlp.up_proj`` -> ``mlp.down_proj`` (the down projection's input is
+  ``act(gate) * up``, linear in ``up``).
+- BERT-style blocks: ``attention.self.value`` -> ``attention.output.dense`` (attention
+  mixes value rows across tokens, which commutes with a per-channel scale). BERT's
+  LayerNorms are post-norm: their output is also the residual stream, so nothing is
+  folded into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+from torch import nn
+
+# (smooth module, balance layers): names relative to the block that holds them.
+_RULES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+    ("attention.self.value", ("attention.output.dense",)),
+)
+
+
+@dataclass(frozen=True)
+class ScaleMapping:
+    """Layers ``balance`` all read the output of ``smooth``, and nothing else does."""
+
+    smooth: str
+    balance: Tuple[str, ...]
+
+
+def find_mappings(model: nn.Module, rules: Mapping[str, Sequence[str]] | None = None) -> List[ScaleMapping]:
+    """Every mapping of ``rules`` (default: the built-in ones above) found in ``model``,
+    in module order.
+
+    ``rules`` maps a smooth module's name (or its last parts) to the names of its
+    balance layers relative to the same parent, e.g. ``{"norm1": ["qkv"]}`` finds
+    ``blocks.0.norm1 -> blocks.0.qkv`` in every block. A mapping is used only when its
+    balance layers are ``nn.Linear`` layers whose input size equals the smooth module's
+    output size (a norm's ``weight`` length, a Linear's ``out_features``).
+    """
+    pairs = _RULES if rules is None else tuple((smooth, tuple(balance)) for smooth, balance in rules.items())
+    modules: Dict[str, nn.Module] = dict(model.named_modules())
+    found = []
+    for name, module in modules.items():
+        for smooth_suffix, balance_suffixes in pairs:
+            if name != smooth_suffix and not name.endswith("." + smooth_suffix):
+                continue
+            prefix = name[: len(name) - len(smooth_suffix)]
+            balance = tuple(prefix + suffix for suffix in balance_suffixes)
+            if all(_reads(modules.get(b), _output_size(module)) for b in balance):
+                found.append(ScaleMapping(name, balance))
+    return found
+
+
+def _output_size(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weight = getattr(module, "weight", None)  # a norm: LayerNorm, RMSNorm, LlamaRMSNorm, ...
+    if isinstance(weight, nn.Parameter) and weight.dim() == 1:
+        return weight.numel()
+    return None
+
+
+def _reads(layer: nn.Module | None, size: int | None) -> bool:
+    return isinstance(layer, nn.Linear) and size is not None and layer.in_features == size
+
+
+__all__ = ["ScaleMapping", "find_mappings"]

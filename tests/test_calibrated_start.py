@@ -1,0 +1,374 @@
+"""QAT's calibrated starting points (``init="gptq"|"awq"``, ``smoothing``) in real Trainers.
+
+The numerics (GPTQ, AWQ's search, SmoothQuant's scales) are checked against reference
+implementations in test_calibration_numerics.py; here: that the callback feeds them the
+inputs the layers really saw in the calibration batches, that the first fake-quantized
+forward is the calibrated model, that folding keeps the float model's function, and that
+runs resume bit for bit.
+"""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export, quantized_weights
+from lightning_compress.core.transforms import Stage, get_weight_transform
+from lightning_compress.core.validate import ArgumentError
+from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
+from lightning_compress.quant.gptq import gptq_quantize
+from lightning_compress.quant.smoothing import awq_scales, smoothquant_scales
+from lightning_compress.quant.spec import QuantSpec
+from tests.conftest import StopAfterEpoch, TinyRegressor, make_trainer, tiny_loader
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, HIDDEN = 64, 32
+SPEC = QuantSpec(4, "group", 16)
+
+
+class TinyLlama(pl.LightningModule):
+    """A transformers LlamaForCausalLM (1 block, multi-head attention) as a LightningModule."""
+
+    def __init__(self, kv_heads: int = 2) -> None:
+        super().__init__()
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=kv_heads, intermediate_size=64,
+                                          max_position_embeddings=32)
+        self.model = transformers.LlamaForCausalLM(config)
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        logits = self(ids)[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def token_loader(batches: int = 6, seed: int = 0):
+    # A skewed token distribution, so some embedding channels are outliers.
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batches * 4, 12), generator=generator) % (VOCAB // 2 + 7)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=4)
+
+
+def llama(kv_heads: int = 2, seed: int = 0) -> TinyLlama:
+    torch.manual_seed(seed)
+    return TinyLlama(kv_heads)
+
+
+LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Recorder(pl.Callback):
+    """Inputs of the given Linear layers in every training forward, and each layer's raw
+    weight and effective (fake-quantized) weight at the first batch of ``step``."""
+
+    def __init__(self, names, step):
+        self.names, self.step = names, step
+        self.inputs = {n: [] for n in names}
+        self.before, self.effective = {}, {}
+
+    def on_fit_start(self, trainer, pl_module):
+        modules = dict(pl_module.named_modules())
+        for name in self.names:
+            modules[name].register_forward_pre_hook(
+                lambda m, args, name=name: self.inputs[name].append(args[0].detach().clone()) if m.training else None)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and not self.before:
+            modules = dict(pl_module.named_modules())
+            self.before = {n: modules[n]._parameters["weight"].detach().clone() for n in self.names}
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step == self.step and not self.effective:
+            modules = dict(pl_module.named_modules())
+            self.effective = {n: modules[n].weight.detach().clone() for n in self.names}
+            self.raw = {n: modules[n]._parameters["weight"].detach().clone() for n in self.names}
+            self.started = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def hessian(batches):
+    """Sum over the batches of xᵀx over each batch's rows, in float32."""
+    total = 0
+    for batch in batches:
+        x = batch.reshape(-1, batch.shape[-1]).float()
+        total = total + x.T @ x
+    return total
+
+
+def fit(model, callbacks, *, steps=4, loader=None, **trainer_options):
+    trainer = make_trainer(max_steps=steps, callbacks=callbacks, **trainer_options)
+    trainer.fit(model, loader or token_loader())
+    return trainer
+
+
+def names(model, suffixes):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in suffixes]
+
+
+# ---------------------------------------------------------------------------- GPTQ
+def test_gptq_start_is_gptq_of_the_recorded_inputs_and_the_grid_stays_fixed(seeded):
+    model = llama()
+    layers = names(model, LINEAR_TARGETS)
+    recorder = Recorder(layers, step=2)
+    qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=2, start_step=2,
+                                    targets=LINEAR_TARGETS)
+    fit(model, [qat, recorder], steps=4)
+    for name in layers:
+        # The two calibration batches are the forwards of steps 0 and 1.
+        expected, scale, zero_point = gptq_quantize(recorder.before[name].float(), hessian(recorder.inputs[name][:2]),
+                                                    SPEC)
+        assert torch.equal(recorder.effective[name], expected), name
+        assert torch.equal(recorder.raw[name], expected), name  # the raw weight starts on the grid
+        quantizer = get_weight_transform(dict(model.named_modules())[name], Stage.FAKE_QUANT)
+        assert torch.equal(quantizer.grid[0], scale) and torch.equal(quantizer.grid[1], zero_point), name
+    # After start the grid is GPTQ's, not the min/max of later weights: the export reads it.
+    exported = quantized_weights(model)
+    for name in layers:
+        quantizer = get_weight_transform(dict(model.named_modules())[name], Stage.FAKE_QUANT)
+        assert torch.equal(exported[name].scale.flatten(), quantizer.grid[0])
+        assert torch.equal(exported[name].dequantize(), dict(model.named_modules())[name].weight.detach())
+
+
+def test_gptq_start_lowers_the_calibration_output_error_below_round_to_nearest(seeded):
+    model = llama()
+    layers = names(model, LINEAR_TARGETS)
+    recorder = Recorder(layers, step=2)
+    qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=2, start_step=2,
+                                    targets=LINEAR_TARGETS)
+    fit(model, [qat, recorder], steps=3)
+    for name in layers:
+        x = torch.cat([r.reshape(-1, r.shape[-1]) for r in recorder.inputs[name][:2]])
+        weight = recorder.before[name]
+        scale, zero_point = choose_qparams(weight, SPEC)
+        rtn = fake_quantize(weight, scale, zero_point, SPEC)
+        error = lambda w: (x @ (weight - w).T).square().sum().item()  # noqa: E731
+        assert error(recorder.effective[name]) < error(rtn), name
+
+
+def test_gptq_learned_ranges_start_from_gptq_exactly(seeded):
+    model = llama()
+    layers = names(model, ["q_proj", "down_proj"])
+    recorder = Recorder(layers, step=1)
+    qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=1, start_step=1,
+                                    learn_ranges=True, targets=["q_proj", "down_proj"])
+    fit(model, [qat, recorder], steps=2)
+    for name in layers:
+        quantizer = get_weight_transform(dict(model.named_modules())[name], Stage.FAKE_QUANT)
+        assert quantizer.grid is None and quantizer.initialized
+        # GPTQ's own scales were put through exp(log(.)), which the learned forward computes.
+        h = hessian(recorder.inputs[name][:1])
+        choose = lambda m: _exp_log(choose_qparams(m, SPEC))  # noqa: E731
+        expected, _, _ = gptq_quantize(recorder.before[name].float(), h, SPEC, choose)
+        assert torch.equal(recorder.effective[name], expected), name
+
+
+def _exp_log(grid):
+    scale, zero_point = grid
+    return scale.log().exp(), zero_point
+
+
+def test_gptq_keeps_pruned_weights_zero_whatever_the_callback_order(seeded):
+    results = []
+    for order in (0, 1):
+        model = llama()
+        qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=1, start_step=2,
+                                        targets=LINEAR_TARGETS)
+        # The last mask update is at step 2, the step GPTQ starts at.
+        pruning = MagnitudePruning(0.5, start_step=1, end_step=2, targets=LINEAR_TARGETS)
+        fit(model, [qat, pruning] if order == 0 else [pruning, qat], steps=3)
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+        for name in names(model, LINEAR_TARGETS):
+            # GPTQ's error compensation put nothing into the pruned half.
+            assert (dict(model.named_modules())[name].weight == 0).float().mean() >= 0.5, name
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
+# ---------------------------------------------------------------------------- AWQ
+def test_awq_start_keeps_the_float_function_and_beats_round_to_nearest(seeded):
+    model = llama(kv_heads=2)
+    layers = names(model, LINEAR_TARGETS)
+    recorder = Recorder(layers, step=2)
+    qat = QuantizationAwareTraining("int4", group_size=16, init="awq", calibration_batches=2, start_step=2,
+                                    targets=LINEAR_TARGETS)
+    ids = next(iter(token_loader()))[0]
+
+    class FloatOutput(pl.Callback):
+        """The model's float output just before and just after the scales are folded."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2 and not hasattr(self, "before"):
+                with torch.no_grad():
+                    self.before = pl_module(ids)
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            if trainer.global_step == 2 and not hasattr(self, "after"):
+                for q in qat._weight_quantizers.values():
+                    q.enabled = False
+                with torch.no_grad():
+                    self.after = pl_module(ids)
+                for q in qat._weight_quantizers.values():
+                    q.enabled = True
+
+    probe = FloatOutput()
+    fit(model, [probe, qat, recorder], steps=3)  # the probe's forward comes before QAT's batch start
+    torch.testing.assert_close(probe.after, probe.before, rtol=1e-4, atol=1e-5)
+    # q/k/v read input_layernorm: one shared AWQ search over the three, on step 0-1 inputs.
+    qkv = [n for n in layers if n.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj")]
+    x = torch.cat([r.reshape(-1, HIDDEN) for r in recorder.inputs[qkv[0]][:2]])
+    search = awq_scales(x, [recorder.before[n] for n in qkv], SPEC)
+    norm = "model.model.layers.0.input_layernorm.weight"
+    assert torch.equal(recorder.started[norm], recorder.state[norm] / search.scales)
+    for n in qkv:
+        scaled = recorder.before[n] * search.scales
+        assert torch.equal(recorder.raw[n], scaled), n
+        expected = fake_quantize(scaled, *choose_qparams(scaled, SPEC), SPEC)
+        assert torch.equal(recorder.effective[n], expected), n
+    assert search.loss <= search.rtn_loss
+
+
+def test_awq_under_grouped_query_attention_leaves_o_proj_unmapped_and_names_it(seeded):
+    model = llama(kv_heads=1)
+    qat = QuantizationAwareTraining("int4", group_size=16, init="awq", calibration_batches=1, start_step=1,
+                                    targets=LINEAR_TARGETS)
+    with pytest.raises(ValueError, match=r"o_proj.*mappings"):
+        fit(model, [qat], steps=2)
+
+
+def test_awq_on_a_model_without_mappings_names_every_layer_and_mappings_fix_it(seeded):
+    qat = QuantizationAwareTraining("int4", group_size=16, init="awq", calibration_batches=1, start_step=1,
+                                    targets=[nn.Linear])
+    with pytest.raises(ValueError, match=r"fc1.*fc2|fc2.*fc1"):
+        fit(TinyRegressor(), [qat], steps=2, loader=tiny_loader())
+    # fc1 reads relu(conv(x)), which is not linear in conv's output: only fc1 -> fc2 with a
+    # norm in between could be folded, so a user mapping of fc1 -> fc2 is accepted (the
+    # user asserts it), and the run trains.
+    model = TinyRegressor()
+    qat = QuantizationAwareTraining("int8", init="awq", calibration_batches=1, start_step=1, targets=["fc2"],
+                                    mappings={"fc1": ["fc2"]})
+    fit(model, [qat], steps=2, loader=tiny_loader())
+    assert qat._calibrated
+
+
+# ---------------------------------------------------------------------------- SmoothQuant
+def test_smoothing_divides_the_activation_outliers_by_the_smoothquant_scales(seeded):
+    model = llama()
+    layers = names(model, ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
+    recorder = Recorder(layers, step=2)
+    qat = QuantizationAwareTraining("int8", activations="int8_dynamic", smoothing=0.5, calibration_batches=2,
+                                    start_step=2, targets=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
+    fit(model, [qat, recorder], steps=3)
+    q = layers[0]
+    x = torch.cat([r.reshape(-1, HIDDEN) for r in recorder.inputs[q][:2]])
+    qkv = layers[:3]
+    weight_max = torch.stack([recorder.before[n].abs().amax(dim=0) for n in qkv]).amax(dim=0)
+    scales = smoothquant_scales(x.abs().amax(dim=0), weight_max, 0.5)
+    # By hand: s_j = sqrt(max|x_j| / max|w_j|).
+    torch.testing.assert_close(scales, (x.abs().amax(dim=0) / weight_max).sqrt())
+    for n in qkv:
+        assert torch.equal(recorder.raw[n], recorder.before[n] * scales), n
+    # The step-2 input of q_proj is the step-2 norm output divided by s.
+    step2 = recorder.inputs[q][2].reshape(-1, HIDDEN)
+    assert (step2.abs().amax(dim=0) * scales).max() > step2.abs().amax(dim=0).max()
+
+
+# ---------------------------------------------------------------------------- resume, DDP-free state
+@pytest.mark.parametrize("init", ["gptq", "awq"])
+def test_resume_inside_the_calibration_window_and_after_the_start_is_bit_exact(tmp_path, init):
+    def run(extra, ckpt_path=None, epochs=3):
+        model = llama()
+        torch.manual_seed(1)
+        qat = QuantizationAwareTraining("int4", group_size=16, init=init, calibration_batches=4, start_step=5,
+                                        targets=LINEAR_TARGETS)
+        trainer = make_trainer(max_epochs=epochs, callbacks=[qat, *extra])
+        trainer.fit(model, token_loader(batches=3), ckpt_path=ckpt_path)
+        return model
+
+    reference = run([])
+    for stop in (0, 1):  # epoch 0 ends at step 3 (inside the window 1..4), epoch 1 at step 6 (after start 5)
+        checkpoint = tmp_path / f"stop{stop}.ckpt"
+        run([StopAfterEpoch(stop, checkpoint)])
+        resumed = run([], checkpoint)
+        for key, value in reference.state_dict().items():
+            assert torch.equal(value, resumed.state_dict()[key]), (stop, key)
+    # The export packs the calibrated grid the resumed run computed with.
+    report = export(resumed, tmp_path / "packed", inputs=[next(iter(token_loader()))[0]])
+    assert report.parity.weights_exact and report.parity.relative_error == 0.0
+    other = QuantizationAwareTraining("int4", group_size=16, start_step=5, targets=LINEAR_TARGETS)
+    with pytest.raises(ValueError, match=r"`init`: '%s' in the checkpoint, None now" % init):
+        make_trainer(max_epochs=3, callbacks=[other]).fit(llama(), token_loader(batches=3), ckpt_path=checkpoint)
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(init="gtpq"), "init"),
+    (dict(calibration_batches=0), "calibration_batches"),
+    (dict(smoothing=0.5), "smoothing"),  # weight-only
+    (dict(smoothing=1.5, activations="int8_dynamic"), "smoothing"),
+    (dict(smoothing=True, activations="int8_dynamic"), "smoothing"),
+    (dict(smoothing=0.5, activations="int8_dynamic", init="awq"), "smoothing"),
+    (dict(mappings={"norm": ["fc"]}), "mappings"),  # no awq, no smoothing
+    (dict(init="awq", mappings={"norm": "fc"}), "mappings"),
+    (dict(init="awq", mappings=["norm", "fc"]), "mappings"),
+])
+def test_bad_calibrated_start_arguments_name_the_argument(kwargs, argument):
+    with pytest.raises(ArgumentError) as err:
+        QuantizationAwareTraining("int4", group_size=16, **kwargs)
+    assert err.value.argument == argument and f"`{argument}" in str(err.value)
+
+
+def test_a_start_step_without_room_for_the_calibration_batches_fails_before_training(seeded):
+    model = llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=4, targets=LINEAR_TARGETS)
+    with pytest.raises(ValueError, match=r"start_step >= 2"):
+        fit(model, [qat], steps=6, accumulate_grad_batches=2)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_gptq_names_layers_that_are_not_linear(seeded):
+    qat = QuantizationAwareTraining("int8", init="gptq", calibration_batches=1, start_step=1)
+    with pytest.raises(ValueError, match=r"\['conv'\] are not nn.Linear"):
+        fit(TinyRegressor(), [qat], steps=2, loader=tiny_loader())
+
+
+def test_a_norm_that_does_not_divide_as_folded_is_refused_at_start(seeded):
+    class Offset(nn.Module):
+        """A "norm" whose output is x * (1 + weight): Gemma's RMSNorm convention."""
+
+        def __init__(self, width):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(width))
+
+        def forward(self, x):
+            return x * (1 + self.weight)
+
+    class Model(TinyRegressor):
+        def __init__(self):
+            super().__init__()
+            self.norm = Offset(32)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x)).flatten(1)
+            return self.fc2(self.norm(torch.relu(self.fc1(h))))
+
+    qat = QuantizationAwareTraining("int8", activations="int8_dynamic", smoothing=0.5, calibration_batches=1,
+                                    start_step=1, targets=["fc2"], mappings={"norm": ["fc2"]})
+    model = Model()
+    recorder = Recorder([], step=1)
+    with pytest.raises(ValueError, match=r"'norm' \(Offset\) did not divide its output"):
+        fit(model, [qat, recorder], steps=2, loader=tiny_loader())
+    # The failed fold was undone: the model is as trained up to the start step.
+    for key, value in recorder.state.items():
+        assert torch.equal(model.state_dict()[key], value), key
