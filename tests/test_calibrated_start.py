@@ -155,6 +155,25 @@ def test_gptq_start_lowers_the_calibration_output_error_below_round_to_nearest(s
         assert error(recorder.effective[name]) < error(rtn), name
 
 
+def test_gptq_rounds_conv2d_layers_from_their_unfolded_inputs(seeded):
+    from lightning_compress.examples.digits import DigitsClassifier, DigitsDataModule
+    from lightning_compress.quant.gptq import conv_columns
+
+    model = DigitsClassifier(arch="cnn", hidden=32)
+    recorder = Recorder(["net.0", "net.3", "net.8"], step=1)
+    qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=1, start_step=1,
+                                    targets=["net.3", "net.8"])
+    data = DigitsDataModule(batch_size=32)
+    data.setup("fit")
+    fit(model, [qat, recorder], steps=2, loader=data.train_dataloader())
+    conv = model.net[3]
+    # The conv's Hessian, from its step-0 input unfolded by hand into [positions, in * 3 * 3].
+    x = F.unfold(recorder.inputs["net.3"][0], kernel_size=3, padding=1).transpose(1, 2).reshape(-1, 16 * 9)
+    torch.testing.assert_close(conv_columns(recorder.inputs["net.3"][0], conv), x)
+    expected, _, _ = gptq_quantize(recorder.before["net.3"].reshape(32, -1), x.T @ x, SPEC)
+    torch.testing.assert_close(recorder.effective["net.3"].reshape(32, -1), expected, rtol=0, atol=1e-6)
+
+
 def test_gptq_learned_ranges_start_from_gptq_exactly(seeded):
     model = llama()
     layers = names(model, ["q_proj", "down_proj"])
@@ -258,7 +277,7 @@ def test_awq_on_a_model_without_mappings_names_every_layer_and_mappings_fix_it(s
     qat = QuantizationAwareTraining("int8", init="awq", calibration_batches=1, start_step=1, targets=["fc2"],
                                     mappings={"fc1": ["fc2"]})
     fit(model, [qat], steps=2, loader=tiny_loader())
-    assert qat._calibrated
+    assert qat._calibration.applied
 
 
 # ---------------------------------------------------------------------------- SmoothQuant
@@ -328,18 +347,41 @@ def test_bad_calibrated_start_arguments_name_the_argument(kwargs, argument):
     assert err.value.argument == argument and f"`{argument}" in str(err.value)
 
 
-def test_a_start_step_without_room_for_the_calibration_batches_fails_before_training(seeded):
+class EnabledSteps(pl.Callback):
+    def __init__(self, qat):
+        self.qat, self.enabled = qat, {}
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.enabled[trainer.global_step] = all(q.enabled for q in self.qat._weight_quantizers.values())
+
+
+def test_a_run_without_the_batches_before_start_step_records_its_first_batches_then_starts(tmp_path):
+    # start_step=0 with 4 calibration batches and 2 batches per optimizer step: the batches
+    # of steps 0 and 1 are recorded in float, fake quantization starts at step 2.
     model = llama()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=4, targets=LINEAR_TARGETS)
-    with pytest.raises(ValueError, match=r"start_step >= 2"):
-        fit(model, [qat], steps=6, accumulate_grad_batches=2)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    enabled = EnabledSteps(qat)
+    with pytest.warns(UserWarning, match="fake quantization starts at step 2, not 0"):
+        fit(model, [qat, enabled], steps=4, accumulate_grad_batches=2, loader=token_loader(batches=8))
+    assert enabled.enabled == {0: False, 1: False, 2: True, 3: True}
+    assert qat._calibration.calibration.statistics.batches == 4  # what the start was computed from
+
+    # A float checkpoint fine-tuned with QAT from its last step: the window before it was
+    # never recorded, so the first step of the fine-tuning is recorded instead.
+    checkpoint = tmp_path / "float.ckpt"
+    trainer = make_trainer(max_steps=3)
+    trainer.fit(llama(), token_loader())
+    trainer.save_checkpoint(checkpoint)
+    qat = QuantizationAwareTraining("int4", group_size=16, init="awq", calibration_batches=1, start_step=3,
+                                    targets=LINEAR_TARGETS)
+    enabled = EnabledSteps(qat)
+    make_trainer(max_steps=6, max_epochs=3, callbacks=[qat, enabled]).fit(llama(), token_loader(), ckpt_path=checkpoint)
+    assert enabled.enabled == {3: False, 4: True, 5: True} and qat._calibration.applied
 
 
-def test_gptq_names_layers_that_are_not_linear(seeded):
+def test_gptq_names_layers_that_are_not_linear_or_conv2d(seeded):
     qat = QuantizationAwareTraining("int8", init="gptq", calibration_batches=1, start_step=1)
-    with pytest.raises(ValueError, match=r"\['conv'\] are not nn.Linear"):
+    with pytest.raises(ValueError, match=r"\['conv'\] are neither"):  # a Conv1d
         fit(TinyRegressor(), [qat], steps=2, loader=tiny_loader())
 
 

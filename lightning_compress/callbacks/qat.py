@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Mapping
 
 import torch
@@ -11,11 +10,11 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import LayerCompressionCallback
+from lightning_compress.callbacks.calibration_window import CalibrationWindow
 from lightning_compress.callbacks.compatibility import check_quantization_trains
 from lightning_compress.core.attention import keep_padded_batches, out_proj_owner
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import resolve_step
-from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.core.targeting import module_name, weight_param
 from lightning_compress.core.transforms import (
     INPUT,
@@ -112,7 +111,9 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         calibration_batches: training batches before ``start_step`` whose layer inputs
             calibrate ``init``/``smoothing`` (with gradient accumulation, the batches of
             the last ``ceil(calibration_batches / accumulate_grad_batches)`` steps);
-            ``start_step`` must leave room for them.
+            When the run does not hold them all (``start_step=0``, or a float
+            checkpoint fine-tuned from its last step), the next batches are recorded in
+            float first and fake quantization starts that many steps later (logged).
         start_step: first fake-quantized step (train in float before it): an int
             optimizer step or a float fraction of the run.
         freeze_bn_step: from this step on BatchNorm layers keep their running statistics
@@ -169,10 +170,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         self._input_quantizers: Dict[str, Any] = {}
         self._restored = None
         self._ranges = SideOptimizer(self.range_lr)
-        self._calibration: CalibratedStart | None = None
-        self._calibrated = False
-        self._calibrate_from = 0
-        self._pending_start = None  # the hook that applies the calibrated start
+        self._calibration: CalibrationWindow | None = None  # with `init`/`smoothing`
 
     @property
     def layer_specs(self) -> Dict[str, QuantSpec]:
@@ -210,8 +208,10 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         if self.activations is not None:
             keep_padded_batches(pl_module)  # a padded eval batch must reach the quantizers as in training
         if self.init is not None or self.smoothing is not None:
-            self._calibration = CalibratedStart(pl_module, layers, self._weight_quantizers, init=self.init,
-                                                smoothing=self.smoothing, mappings=self.mappings)
+            calibration = CalibratedStart(pl_module, layers, self._weight_quantizers, init=self.init,
+                                          smoothing=self.smoothing, mappings=self.mappings)
+            setting = f"init={self.init!r}" if self.init is not None else f"smoothing={self.smoothing}"
+            self._calibration = CalibrationWindow(calibration, self.calibration_batches, setting, self._set_enabled)
         self.finish_install(pl_module)
 
     @override
@@ -230,11 +230,9 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         # a resumable dataloader's saved position (see MagnitudePruning.on_train_start).
         total = trainer.estimated_stepping_batches
         self._start = resolve_step("start_step", self.start_step, total)
+        if self._calibration is not None:
+            self._start = self._calibration.start_step(trainer, pl_module, self._start)
         check_quantization_trains(trainer, self, self._start, total)
-        if self._calibration is not None and not self._calibrated:
-            steps = math.ceil(self.calibration_batches / trainer.accumulate_grad_batches)
-            _check_calibration_fits(self, pl_module, self._start, steps)
-            self._calibrate_from = self._start - steps
         self._freeze_bn_at = (
             None if self.freeze_bn_step is None else resolve_step("freeze_bn_step", self.freeze_bn_step, total)
         )
@@ -243,11 +241,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         enabled = step >= self._start
-        if self._calibration is not None and not self._calibrated:
-            if enabled:
-                self._arm_calibrated_start()
-            elif step >= self._calibrate_from:
-                self._calibration.start_recording()
+        if self._calibration is not None:
+            self._calibration.on_batch_start(step)
         self._set_enabled(enabled)
         metrics = {"qat/enabled": float(enabled), "qat/weight_bits": self._weight_bits() if enabled else 32.0}
         if self.activations is not None:
@@ -267,8 +262,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         if stage == "fit":
             self._ranges.stop()
             if self._calibration is not None:
-                self._calibration.stop_recording()
-            self._disarm_calibrated_start()
+                self._calibration.stop()
 
     # ------------------------------------------------------------------ base-class hooks
     @override
@@ -291,9 +285,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             layers[name] = entry
         state: Dict[str, Any] = {"layers": layers}
         if self._calibration is not None:
-            state["calibrated"] = self._calibrated
-            if not self._calibrated:
-                state["calibration"] = self._calibration.statistics.state_dict()
+            state["calibration"] = self._calibration.state_dict()
         if self.learn_ranges and self._weight_quantizers:
             state["range_optimizer"] = self._ranges.state_dict()
         return state
@@ -312,31 +304,6 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                 f" {', '.join(layers)}"
             )
         return specs
-
-    def _arm_calibrated_start(self) -> None:
-        """Apply the calibrated start at the first module forward of this step: after
-        every callback's batch-start hook (a mask pruning updates at this step is in
-        place, whatever the callback order), before anything computes with the weights."""
-        if self._pending_start is not None:
-            return
-
-        def start(*_: Any) -> None:
-            self._disarm_calibrated_start()
-            # In float while the start is computed: its checks run the smooth modules,
-            # which a quantizer would round, an observer observe, or a range rule fit.
-            self._set_enabled(False)
-            try:
-                self._calibration.apply()
-            finally:
-                self._set_enabled(True)
-            self._calibrated = True
-
-        self._pending_start = nn.modules.module.register_module_forward_pre_hook(start)
-
-    def _disarm_calibrated_start(self) -> None:
-        if self._pending_start is not None:
-            self._pending_start.remove()
-            self._pending_start = None
 
     def _add_input_quantizer(self, name: str, layer: nn.Module, rivals: set) -> None:
         if self.activations == "int8_dynamic":
@@ -406,9 +373,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         if "range_optimizer" in state:
             self._ranges.load_state_dict(state["range_optimizer"])
         if self._calibration is not None:
-            self._calibrated = bool(state.get("calibrated", False))
-            if "calibration" in state:
-                self._calibration.statistics.load_state_dict(state["calibration"])
+            self._calibration.load_state_dict(state["calibration"])
 
 
 def _check_output_projections(model: nn.Module, layers: Mapping[str, nn.Module], activations: str) -> None:
@@ -429,23 +394,3 @@ def _check_output_projections(model: nn.Module, layers: Mapping[str, nn.Module],
                 f" of `exclude`), or exclude {name!r}"
             )
 
-
-def _check_calibration_fits(qat: QuantizationAwareTraining, model: nn.Module, start: int, steps: int) -> None:
-    """``init``/``smoothing`` need ``steps`` optimizer steps of calibration batches
-    before ``start_step``, and whole weights (not FSDP2 shards).
-
-    Raises:
-        ValueError: naming ``start_step`` and ``calibration_batches``, or FSDP2.
-    """
-    setting = f"init={qat.init!r}" if qat.init is not None else f"smoothing={qat.smoothing}"
-    if start < steps:
-        raise ValueError(
-            f"{setting} calibrates on the {qat.calibration_batches} training batches ({steps} optimizer steps)"
-            f" before `start_step`, but `start_step` resolves to step {start}; set start_step >= {steps} (or"
-            " lower `calibration_batches`)"
-        )
-    if is_sharded_model(model):
-        raise ValueError(
-            f"{setting} is not supported under FSDP2 (`fully_shard`) yet: it rewrites whole weights at"
-            " `start_step`; train with DDP, or without it"
-        )

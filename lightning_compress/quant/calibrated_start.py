@@ -11,7 +11,7 @@ changes the model so that its first fake-quantized forward *is* that post-traini
   :mod:`~lightning_compress.quant.mappings`);
 - ``init="awq"``: per-input-channel scales searched on the recorded inputs for the
   least output error of the quantized balance layers, folded the same way;
-- ``init="gptq"``: each Linear's weight replaced by GPTQ's error-compensated rounding
+- ``init="gptq"``: each Linear's (or Conv2d's) weight replaced by GPTQ's error-compensated rounding
   from the recorded inputs' Hessian, and its quantizer's grid fixed at GPTQ's scales
   (learned ranges start from them).
 
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lightning_compress.core.distributed import all_reduce_max, all_reduce_sum_, broadcast_from_rank_zero
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
 from lightning_compress.quant.fake_quant import as_matrix, choose_qparams, choose_qparams_mse
-from lightning_compress.quant.gptq import accumulate_hessian, gptq_quantize
+from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_quantize
 from lightning_compress.quant.mappings import ScaleMapping, find_mappings
 from lightning_compress.quant.smoothing import (
     awq_scales,
@@ -137,7 +137,9 @@ class CalibratedStart:
 
     def _hook(self, module: nn.Module, record: Callable[[Tensor], None]) -> None:
         def hook(module: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], Tensor) and module.training and torch.is_grad_enabled():
+            # (`self._handles`: a forward already under way when recording stopped still
+            # calls the hooks it collected before.)
+            if self._handles and args and isinstance(args[0], Tensor) and module.training and torch.is_grad_enabled():
                 record(args[0].detach())
 
         self._handles.append(module.register_forward_pre_hook(hook))
@@ -147,9 +149,11 @@ class CalibratedStart:
 
     def _hessian_recorder(self, key: str) -> Callable[[Tensor], None]:
         hessians = self.statistics.hessians
+        layer = self.layers[key]
 
         def record(inputs: Tensor) -> None:
-            hessians[key] = accumulate_hessian(hessians.get(key), inputs.float())
+            rows = conv_columns(inputs, layer) if isinstance(layer, nn.Conv2d) else inputs
+            hessians[key] = accumulate_hessian(hessians.get(key), rows.float())
 
         return record
 
@@ -298,10 +302,12 @@ def _fold(mapping: ScaleMapping, scales: Tensor, modules: Mapping[str, nn.Module
 
 
 def _check_gptq_layers(layers: Mapping[str, nn.Module]) -> None:
-    others = [key for key, layer in layers.items() if not isinstance(layer, nn.Linear)]
+    others = [key for key, layer in layers.items()
+              if not isinstance(layer, nn.Linear) and not (isinstance(layer, nn.Conv2d) and layer.groups == 1)]
     if others:
         raise ValueError(
-            f"init='gptq' rounds the weights of nn.Linear layers from their inputs; {others} are not nn.Linear."
+            f"init='gptq' rounds the weights of nn.Linear and (ungrouped) nn.Conv2d layers from their inputs;"
+            f" {others} are neither."
             " Exclude them (`exclude`), or quantize them in a second QuantizationAwareTraining callback without"
             " `init`"
         )

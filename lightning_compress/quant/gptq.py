@@ -73,7 +73,7 @@ def conv_columns(inputs: Tensor, conv: nn.Module) -> Tensor:
         ArgumentError: ``conv`` is not a Conv2d, or is grouped (each group of outputs
             sees other inputs, so one Hessian does not fit them all).
     """
-    if type(conv) is not nn.Conv2d:
+    if not isinstance(conv, nn.Conv2d):  # (a layer with compression stages is a subclass)
         raise ArgumentError(
             "conv", f"conv_columns supports nn.Conv2d only, got {type(conv).__name__}; "
             "collect the Hessian of other layer types from their own input rows"

@@ -1,0 +1,126 @@
+"""When QAT's calibrated start records and when it applies (``init``/``smoothing``).
+
+Lightning glue around :class:`~lightning_compress.quant.calibrated_start.CalibratedStart`:
+which optimizer steps' batches are recorded, the step fake quantization starts at, the
+one-shot hook that applies the start, and the checkpoint state that makes a run resumed
+inside the window continue bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Mapping
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_compress.core.sharding import is_sharded_model
+from lightning_compress.quant.calibrated_start import CalibratedStart
+
+
+class CalibrationWindow:
+    """Records the batches of the ``calibration_batches`` before the start step and applies
+    the calibrated start at the first module forward of the start step.
+
+    Args:
+        calibration: what records and applies.
+        batches: ``calibration_batches``.
+        setting: the user's setting, for messages (``"init='gptq'"``).
+        set_enabled: switches the QAT callback's quantizers on or off.
+    """
+
+    def __init__(self, calibration: CalibratedStart, batches: int, setting: str,
+                 set_enabled: Callable[[bool], None]) -> None:
+        self.calibration = calibration
+        self.batches = batches
+        self.setting = setting
+        self._set_enabled = set_enabled
+        self.applied = False
+        self._first_recorded = 0
+        self._start: int | None = None  # decided at the first train start, then checkpointed
+        self._recorded_steps = 0
+        self._last_recorded = -1
+        self._pending = None
+
+    def start_step(self, trainer: Trainer, pl_module: LightningModule, requested: int) -> int:
+        """The first fake-quantized step: ``requested``, or later when the batches before
+        it are not all in this run (``start_step`` 0, or a float checkpoint fine-tuned
+        from its last step): then the next batches are recorded in float first.
+
+        Raises:
+            ValueError: under FSDP2, which holds no whole weight to rewrite.
+        """
+        if self._start is not None and (self.applied or self._recorded_steps):
+            return self._start  # decided by the run this one resumes
+        if is_sharded_model(pl_module):
+            raise ValueError(
+                f"{self.setting} is not supported under FSDP2 (`fully_shard`) yet: it rewrites whole weights at"
+                " `start_step`; train with DDP, or without it"
+            )
+        steps = math.ceil(self.batches / trainer.accumulate_grad_batches)
+        start = max(requested, trainer.global_step + steps)
+        if start > requested:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: fake quantization starts at step {start}, not {requested}: {self.setting}"
+                f" records the layers' inputs over {steps} optimizer step(s) of this run first"
+            )
+        self._first_recorded, self._start = start - steps, start
+        return start
+
+    def on_batch_start(self, step: int) -> None:
+        """Record this step's batches inside the window; arm the start at its step."""
+        if self.applied or self._start is None:
+            return
+        if step >= self._start:
+            self._arm()
+        elif step >= self._first_recorded:
+            self.calibration.start_recording()
+            if step != self._last_recorded:
+                self._recorded_steps, self._last_recorded = self._recorded_steps + 1, step
+
+    def stop(self) -> None:
+        self.calibration.stop_recording()
+        self._disarm()
+
+    def state_dict(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {"calibrated": self.applied, "start": self._start}
+        if not self.applied:
+            state["calibration"] = self.calibration.statistics.state_dict()
+            state["recorded_steps"] = self._recorded_steps
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.applied = bool(state["calibrated"])
+        self._start = state["start"]
+        if "calibration" in state:
+            self.calibration.statistics.load_state_dict(state["calibration"])
+            self._recorded_steps = int(state["recorded_steps"])
+
+    def _arm(self) -> None:
+        # At the first module forward of the step: after every callback's batch-start hook
+        # (a mask pruning updates at this step is in place, whatever the callback order),
+        # before anything computes with the weights.
+        if self._pending is not None:
+            return
+
+        def start(*_: Any) -> None:
+            self._disarm()
+            # In float while the start is computed: its checks run the smooth modules,
+            # which a quantizer would round, an observer observe, or a range rule fit.
+            self._set_enabled(False)
+            try:
+                self.calibration.apply()
+            finally:
+                self._set_enabled(True)
+            self.applied = True
+
+        self._pending = nn.modules.module.register_module_forward_pre_hook(start)
+
+    def _disarm(self) -> None:
+        if self._pending is not None:
+            self._pending.remove()
+            self._pending = None
+
+
+__all__ = ["CalibrationWindow"]
