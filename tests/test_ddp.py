@@ -41,6 +41,35 @@ def test_pruning_masks_come_from_rank_zero_even_when_weights_differ(tmp_path):
         assert torch.equal(rank0["callback"]["masks"][name]["packed"], rank1["callback"]["masks"][name]["packed"]), name
 
 
+def test_wanda_ranks_with_the_statistics_of_both_ranks(tmp_path):
+    from lightning_compress.sparsity.masks import unpack_mask
+
+    rank0, rank1 = run_ddp(tmp_path, "prune-wanda")
+    local = [torch.load(tmp_path / f"wanda_rank{r}.pt", weights_only=True) for r in range(2)]
+    assert not torch.allclose(local[0]["sums"]["conv"], local[1]["sums"]["conv"])  # different data per rank
+    masks0, masks1 = rank0["callback"]["masks"], rank1["callback"]["masks"]
+    for name in masks0:
+        assert torch.equal(masks0[name]["packed"], masks1[name]["packed"]), name
+
+    def global_keeps(sums):
+        """Keep-masks of |W|·‖X‖ (the weights at the update) at 50% over all layers, by sorting."""
+        weights = local[0]["weights"]
+        scores = {n: weights[n].double().abs() * (s.view(1, -1, 1) if weights[n].dim() == 3 else s).sqrt()
+                  for n, s in sums.items()}
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        keep[torch.sort(flat).indices[: round(0.5 * flat.numel())]] = False
+        sizes = [s.numel() for s in scores.values()]
+        return {n: k.view_as(scores[n]) for n, k in zip(scores, keep.split(sizes))}
+
+    both = global_keeps({n: local[0]["sums"][n] + local[1]["sums"][n] for n in local[0]["sums"]})
+    for name, keep in both.items():
+        assert torch.equal(local[0]["weights"][name], local[1]["weights"][name]), name
+        assert torch.equal(unpack_mask(masks0[name]["packed"], keep.shape), keep), name
+    rank0_alone = global_keeps(local[0]["sums"])  # what rank 0's statistics alone would keep
+    assert any(not torch.equal(keep, both[n]) for n, keep in rank0_alone.items())
+
+
 def test_qat_observer_ranges_are_all_reduced_and_learned_scales_agree(tmp_path):
     rank0, rank1 = run_ddp(tmp_path, "qat")
     # The ranks saw different shards of the data...

@@ -1,4 +1,4 @@
-"""MagnitudePruning: gradual magnitude pruning as a Lightning callback."""
+"""MagnitudePruning: gradual magnitude (or activation-aware) pruning as a Lightning callback."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from lightning_compress.core.transforms import (
     stages,
     weight_before,
 )
+from lightning_compress.core.validate import ArgumentError
+from lightning_compress.sparsity.activation_norms import InputNorms, wanda_start_message
 from lightning_compress.sparsity.config import PruningConfig
 from lightning_compress.sparsity.masks import (
     MaskedWeight,
@@ -82,6 +84,14 @@ class MagnitudePruning(LayerCompressionCallback):
         scope: ``"layer"`` (every layer reaches the target) or ``"global"`` (one
             threshold over all targeted layers).
         norm: 1 or 2: the norm that ranks channels for ``pattern="structured"``.
+        score: what ranks the weights at every update: ``"magnitude"`` (``|W_ij|``) or
+            ``"wanda"`` (Sun et al. 2023: ``|W_ij| · ‖X_j‖₂``, ``X_j`` the ``j``-th input
+            feature of the layer, per input channel for a convolution, over the training
+            forwards since the previous update, summed over DDP/FSDP2 ranks; not
+            validation). Same patterns and scopes. Linear and Conv layers only: others
+            (Embedding, ``nn.MultiheadAttention`` and its ``out_proj``, recurrent layers)
+            are reported by ``on_incompatible``. Needs ``start_step`` >= 1 when the first
+            update prunes (one-shot, or ``initial_sparsity`` > 0).
         targets: layer types and/or name globs to prune; ``None`` prunes every Linear,
             Conv and ``nn.MultiheadAttention`` layer (its ``in_proj_weight``; its
             ``out_proj`` is a Linear). Biases and norm layers are never pruned.
@@ -102,9 +112,11 @@ class MagnitudePruning(LayerCompressionCallback):
     Raises:
         ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
         IncompatibleSettings: (a ``ValueError``) at setup, naming every targeted layer
-            whose input size an N:M pattern cannot hold (with ``on_incompatible="error"``).
+            whose input size an N:M pattern cannot hold, or that ``score="wanda"`` cannot
+            rank (with ``on_incompatible="error"``).
         ValueError: at setup, for targets that match no prunable layer; when resuming, for a checkpoint
-            pruned with another pattern or other layers.
+            pruned with another pattern, score or other layers. With ``score="wanda"``: at fit start, for
+            a first update at step 0; at an update, for a layer no training forward reached.
     """
 
     section = "pruning"
@@ -121,6 +133,7 @@ class MagnitudePruning(LayerCompressionCallback):
         self._group_sparsity: Dict[str, float] = {}
         self._window: tuple[int, int, int] | None = None
         self._hook_handles: List[Any] = []
+        self._norms: InputNorms | None = None  # score="wanda": the layers' input statistics
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -140,6 +153,7 @@ class MagnitudePruning(LayerCompressionCallback):
                                      param=weight_param(name, layer))
             self._masks[name] = transform
         self._layers, self._model = layers, pl_module
+        self._norms = InputNorms(layers) if self.score == "wanda" else None
         self._measure()  # logged from the first step, before any mask exists
         self.finish_install(pl_module)
 
@@ -150,6 +164,8 @@ class MagnitudePruning(LayerCompressionCallback):
             # After every optimizer step, not every batch: right under gradient
             # accumulation and manual optimization alike.
             self._hook_handles.append(optimizer.register_step_post_hook(self._zero_pruned_weights))
+        if self._norms is not None:
+            self._norms.attach()
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -158,6 +174,8 @@ class MagnitudePruning(LayerCompressionCallback):
         # resumable dataloader's saved position (a mid-epoch resume would replay data).
         total = trainer.estimated_stepping_batches
         self._window = self._resolve_window(total)
+        if self._norms is not None and trainer.global_step == 0 and self._scheduled(0):
+            raise ArgumentError("start_step", wanda_start_message(self.start_step))
         if math.isfinite(total):
             log_line_chart(
                 trainer, "pruning/schedule", range(int(total) + 1), lambda step: self._scheduled(step) or 0.0,
@@ -174,12 +192,16 @@ class MagnitudePruning(LayerCompressionCallback):
         }
         metrics.update({f"pruning/sparsity/{group}": value for group, value in self._group_sparsity.items()})
         self.log_once(pl_module, step, metrics)
+        if self._norms is not None:  # statistics for the updates still to come
+            self._norms.start_batch(collect=step < self._window[1])
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Right after the optimizer step that reaches an update point, so checkpoints
         # written at this batch or epoch end (ModelCheckpoint runs after us) hold the new
         # masks, and a schedule ending on the run's last step (`end_step=1.0`) is applied.
+        if self._norms is not None:
+            self._norms.end_batch()  # before the update it may feed
         self._follow_schedule(trainer.global_step)
 
     @override
@@ -189,6 +211,8 @@ class MagnitudePruning(LayerCompressionCallback):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        if self._norms is not None:
+            self._norms.detach()
         # The stored weights are zero where masked, so the user gets back their own layer
         # classes holding the sparse weights; a later fit re-attaches the masks. A layer
         # whose weight is still W + B·A (LoRA, not merged) keeps its mask: zeros in W
@@ -210,6 +234,8 @@ class MagnitudePruning(LayerCompressionCallback):
             "applied_sparsity": self._applied_sparsity,
             "actual_sparsity": self._actual_sparsity,
             "masks": self._state_of_masks(),
+            "score": self.score,
+            **({"activation_norms": self._norms.state()} if self._norms is not None else {}),
         }
 
     @override
@@ -218,6 +244,11 @@ class MagnitudePruning(LayerCompressionCallback):
             raise ValueError(
                 f"the checkpoint was pruned with pattern '{state['pattern']}' but this"
                 f" MagnitudePruning uses `pattern`='{self.sparsity_pattern}'; resume with the same pattern"
+            )
+        if state.get("score", "magnitude") != self.score:  # written before `score` existed: magnitude
+            raise ValueError(
+                f"the checkpoint was pruned with score '{state.get('score', 'magnitude')}' but this"
+                f" MagnitudePruning uses `score`='{self.score}'; resume with the same score"
             )
 
     @override
@@ -234,6 +265,8 @@ class MagnitudePruning(LayerCompressionCallback):
                 " Resume with the same `targets` and `exclude`."
             )
         keeps = {name: self._checked_mask(name, entry) for name, entry in masks.items()}
+        if self._norms is not None:
+            self._norms.load(state["activation_norms"])
         for name, keep in keeps.items():
             self._set_mask(name, keep)
         self._measure()
@@ -312,8 +345,9 @@ class MagnitudePruning(LayerCompressionCallback):
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:
         resharded(self._model)  # see `teardown`: the mask update may follow the sanity check's validation
-        # Score what the MASK stage sees: the merged weight when adapters sit below it.
-        weights = _WeightsBeforeMask(self._layers)
+        # Score what the MASK stage sees: the merged weight when adapters sit below it;
+        # with wanda, times its input norms (all ranks' since the last update).
+        weights = _WeightsBeforeMask(self._layers, self._norms.take_scales() if self._norms is not None else {})
         if self.scope == "global":
             keeps = global_masks(weights, sparsity, self.sparsity_pattern, self.norm)
         else:
@@ -369,16 +403,19 @@ class MagnitudePruning(LayerCompressionCallback):
 
 
 class _WeightsBeforeMask(Mapping):
-    """``{layer name: the weight its MASK stage sees}``, computed on each access: the
+    """``{layer name: the weight its MASK stage sees}`` (times its ``scales``, when given:
+    wanda's input norms, so ``|scores|`` are ``|W|·‖X‖``), computed on each access: the
     scores hold one layer's weight at a time (gathered whole under FSDP2), not a copy of
     every targeted weight."""
 
-    def __init__(self, layers: Dict[str, nn.Module]) -> None:
-        self._layers = layers
+    def __init__(self, layers: Dict[str, nn.Module], scales: Mapping[str, torch.Tensor]) -> None:
+        self._layers, self._scales = layers, scales
 
     def __getitem__(self, name: str) -> torch.Tensor:
         layer = self._layers[name]
-        return weight_before(layer, Stage.MASK, weight_param(name, layer))
+        weight = weight_before(layer, Stage.MASK, weight_param(name, layer))
+        scale = self._scales.get(name)
+        return weight if scale is None else weight * scale.to(weight.device)
 
     def __iter__(self):
         return iter(self._layers)

@@ -11,6 +11,7 @@ from lightning_compress.core.incompatible import LayerIssue, check_on_incompatib
 from lightning_compress.core.schedule import StepLike, steps_are_ordered, validate_step
 from lightning_compress.core.targeting import RECURRENT_TYPES, Target, validate_name, validate_targets
 from lightning_compress.core.validate import ArgumentError, check_choice, check_fraction, check_int
+from lightning_compress.sparsity.activation_norms import SCORES, wanda_issue, wanda_start_message
 from lightning_compress.sparsity.masks import SparsityPattern, check_nm_compatible
 from lightning_compress.sparsity.schedules import SCHEDULES
 
@@ -40,6 +41,7 @@ class PruningConfig:
     pattern: str = "unstructured"
     scope: str = "layer"
     norm: int = 1
+    score: str = "magnitude"
     targets: Sequence[Target] | None = None
     exclude: Sequence[Target] | None = None
     on_incompatible: str = "error"
@@ -49,8 +51,11 @@ class PruningConfig:
     default_types: ClassVar[Tuple[type, ...]] = DEFAULT_TARGET_TYPES  # what no `targets` means
 
     def layer_issue(self, key: str, layer: nn.Module) -> LayerIssue | None:
-        """Why this pattern cannot prune the selected layer ``key``, or ``None``: N:M
+        """Why these settings cannot prune the selected layer ``key``, or ``None``: a layer
+        ``score="wanda"`` cannot rank (its input is not a float feature matrix), or N:M
         blocks that do not fit its inputs (per group, for a grouped convolution)."""
+        if self.score == "wanda" and (why := wanda_issue(key, layer)) is not None:
+            return LayerIssue("score", self.score, why)
         try:
             check_nm_compatible(key, compressed_weight(key, layer), self.sparsity_pattern)
         except ValueError as err:
@@ -94,6 +99,11 @@ class PruningConfig:
             )
         if self.norm not in NORMS or isinstance(self.norm, bool):
             raise ArgumentError("norm", f"`norm` must be 1 or 2, got {self.norm!r}")
+        check_choice("score", self.score, SCORES)
+        # The first update at step 0 (one-shot, or a non-zero `initial_sparsity`) comes
+        # before any training forward; a float start resolving to 0 is caught at fit start.
+        if self.score == "wanda" and self.start_step == 0 and (self.schedule == "one_shot" or initial > 0):
+            raise ArgumentError("start_step", wanda_start_message(self.start_step))
         object.__setattr__(self, "final_sparsity", final)
         object.__setattr__(self, "initial_sparsity", initial)
         object.__setattr__(self, "targets", validate_targets("targets", self.targets, PRUNABLE_TYPES))

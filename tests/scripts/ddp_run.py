@@ -2,6 +2,7 @@
 
     python ddp_run.py OUT_DIR prune PATTERN   # MagnitudePruning
     python ddp_run.py OUT_DIR prune-perturbed # rank 1's weights differ at the first update
+    python ddp_run.py OUT_DIR prune-wanda     # score="wanda"; the ranks see different data
     python ddp_run.py OUT_DIR qat             # QAT: learned scales + static observers
     python ddp_run.py OUT_DIR lora            # LoRA with dropout on conv, fc1, fc2
     python ddp_run.py OUT_DIR qlora           # QLoRA; rank 1's base differs before setup
@@ -75,7 +76,39 @@ class SaveRankState(Callback):
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
+class RecordWanda(Callback):
+    """For "prune-wanda": this rank's own sums of squares of each layer's inputs over the
+    training batches before the update at step 3, and the weights that update ranks
+    (listed before the pruning callback), saved to OUT_DIR/wanda_rank<r>.pt."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.sums, self.weights, self.collecting = Path(out_dir), {}, {}, False
+
+    def on_train_start(self, trainer, pl_module):
+        for name in ("conv", "fc1", "fc2"):
+            layer = pl_module.get_submodule(name)
+            layer.register_forward_hook(lambda m, args, out, name=name: self._add(name, m, args[0]))
+
+    def _add(self, name, layer, x):
+        if self.collecting:
+            dims = (0, 2) if isinstance(layer, torch.nn.Conv1d) else (0,)
+            self.sums[name] = self.sums.get(name, 0) + x.detach().double().pow(2).sum(dim=dims)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.collecting = trainer.global_step < 3
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.collecting = False
+        if trainer.global_step == 3:
+            self.weights = {n: pl_module.get_submodule(n).weight.detach().clone() for n in self.sums}
+
+    def on_fit_end(self, trainer, pl_module):
+        torch.save({"sums": self.sums, "weights": self.weights}, self.out_dir / f"wanda_rank{trainer.global_rank}.pt")
+
+
 def build(mode: str, pattern: str):
+    if mode == "prune-wanda":
+        return MagnitudePruning(0.5, schedule="one_shot", start_step=3, scope="global", score="wanda")
     if mode == "lora":
         return LoRA(r=4, target_modules=["conv", "fc1", "fc2"], lora_dropout=0.3)
     if mode == "qlora":
@@ -113,11 +146,15 @@ if __name__ == "__main__":
         strategy="ddp",
         max_epochs=3,
         callbacks=([PerturbRankOne()] if mode == "prune-perturbed" else [])
+        + ([RecordWanda(out_dir)] if mode == "prune-wanda" else [])
         + ([PerturbBaseOnRankOne()] if mode == "qlora" else [])
         + [compression, SaveRankState(compression, out_dir)] + exporting,
     )
     model = TinyRegressor()
     if mode == "export-dry-fail":  # a buffer holding NaN (a diverged running statistic): the export refuses it
         model.register_buffer("running_stat", torch.tensor([1.0, float("nan"), 2.0]))
-    trainer.fit(model, tiny_loader(batches=8))
+    loader = tiny_loader(batches=8)
+    if mode == "prune-wanda":  # rank 1 (odd samples, DistributedSampler) sees a 50x larger input channel 2
+        loader.dataset.tensors[0][1::2, 2] *= 50.0
+    trainer.fit(model, loader)
     close_process_group()

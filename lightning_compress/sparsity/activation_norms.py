@@ -1,0 +1,221 @@
+"""Input-feature norms for activation-aware pruning (Wanda: Sun et al. 2023, "A Simple and
+Effective Pruning Approach for Large Language Models").
+
+Wanda ranks weight ``W_ij`` by ``|W_ij| · ‖X_j‖₂``, where ``X_j`` is the ``j``-th input
+feature of the layer over the tokens it has seen: a small weight on a feature with large
+activations still matters. :class:`InputNorms` collects, for each layer, the sum of
+squares of every input feature over the training forwards since the last mask update;
+:meth:`InputNorms.scales` turns them into the norms to multiply each weight by. The
+scores are non-negative, so the mask functions of :mod:`~lightning_compress.sparsity.masks`
+rank ``weight * norms`` exactly as they rank ``|W|·‖X‖``.
+
+Pure torch (``torch.distributed`` for the sum over ranks), no Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_compress.core.distributed import is_distributed
+from lightning_compress.core.targeting import weight_param
+from lightning_compress.core.transforms import WEIGHT, raw_weight
+
+SCORES = ("magnitude", "wanda")
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# What PyTorch makes an nn.MultiheadAttention's `out_proj`: the attention layer reads its
+# weight without calling it, so no hook ever sees its input.
+_ATTENTION_OUTPUT = nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def wanda_issue(key: str, layer: nn.Module) -> str | None:
+    """Why ``score="wanda"`` cannot rank the weight ``key`` of ``layer`` (a message that
+    names it and the fix), or ``None``: it needs a layer whose input is a float feature
+    matrix it multiplies its ``weight`` by (Linear, Conv)."""
+    if isinstance(layer, _ATTENTION_OUTPUT):
+        why = ("it is the output projection of an nn.MultiheadAttention, which reads its weight without calling it,"
+               " so its inputs are never seen")
+    elif isinstance(layer, (nn.Linear, _CONV)) and weight_param(key, layer) == WEIGHT:
+        return None
+    else:
+        why = (f"its input is not a float feature matrix its weight multiplies (a {type(layer).__name__}: indices,"
+               " attention inputs or recurrent states)")
+    return (f"layer {key!r} cannot be ranked with score='wanda' (|weight| times the norm of its input feature): {why};"
+            f" add {key!r} to `exclude`, or use score='magnitude'")
+
+
+def wanda_start_message(start_step: Any) -> str:
+    """The refusal of a first mask update at step 0, before any training forward."""
+    return (f"`score`='wanda' ranks weights with the activations of the training steps before each mask update, but"
+            f" `start_step`={start_step!r} puts the first update at step 0, before any; set `start_step` >= 1 (or"
+            " use score='magnitude')")
+
+
+class InputNorms:
+    """Per layer, the sum of squares of each input feature (float32, ``[in_features]``;
+    a convolution: one per input channel, summed over the batch and every position, and
+    shared by the kernel positions of that channel) over the forwards seen while
+    :attr:`collecting`, since the last :meth:`reset`.
+
+    Between :meth:`start_batch` and :meth:`end_batch` (a training batch), a forward hook
+    on each layer adds its input into a per-batch buffer (not during the backward pass,
+    where activation checkpointing runs forwards again); :meth:`end_batch` adds the
+    buffers, summed over the ranks under DDP/FSDP2, into the totals. So every rank holds
+    the same totals at every batch end, and a checkpoint (:meth:`state`) written between
+    two mask updates resumes them exactly. :meth:`take_scales` reads them for an update
+    and starts the next interval from zero.
+
+    Args:
+        layers: ``{weight key: layer}``: Linear and Conv layers (see :func:`wanda_issue`).
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+        self._layers = dict(layers)
+        self._sums = {name: torch.zeros(_width(layer)) for name, layer in self._layers.items()}
+        self._pending: Dict[str, Tensor] = {}
+        self._handles: List[Any] = []
+        self.collecting = False
+
+    def attach(self) -> None:
+        """Hook the layers (once) and hold the buffers on their devices."""
+        if self._handles:
+            return
+        for name, layer in self._layers.items():
+            device = raw_weight(layer).device
+            self._pending[name] = torch.zeros(_width(layer), device=device)
+            self._sums[name] = self._sums[name].to(device)
+            self._handles.append(layer.register_forward_hook(self._observer(name), with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending.clear()
+        self.collecting = False
+
+    def start_batch(self, collect: bool) -> None:
+        """Count the forwards from now to :meth:`end_batch` when ``collect``."""
+        self.collecting = collect
+
+    def end_batch(self) -> None:
+        """Add what this batch's forwards saw (summed over ranks) to the totals. Every rank
+        calls it after the same batches (a collective when it collected)."""
+        if not self.collecting:
+            return
+        self.collecting = False
+        names = list(self._pending)
+        _all_reduce_sum_([self._pending[name] for name in names])
+        for name in names:
+            self._sums[name] += self._pending[name]
+            self._pending[name].zero_()
+
+    def reset(self) -> None:
+        for tensor in (*self._sums.values(), *self._pending.values()):
+            tensor.zero_()
+
+    def take_scales(self) -> Dict[str, Tensor]:
+        """``{key: ‖X_j‖₂}`` shaped to multiply the layer's weight (``[out, in, *kernel]``),
+        from the totals, which start again from zero.
+
+        Raises:
+            ValueError: naming the layers no training forward has reached since the last
+                update (all their feature norms are zero).
+        """
+        empty = [name for name, sums in self._sums.items() if not bool(sums.any())]
+        if empty:
+            raise ValueError(
+                f"score='wanda' has no activation statistics for {empty}: no training forward passed through"
+                " them since the last mask update (or their inputs were all zero); make sure they run in"
+                " `training_step`, add them to `exclude`, or use score='magnitude'"
+            )
+        scales = {name: _shaped(self._layers[name], sums.sqrt()) for name, sums in self._sums.items()}
+        self.reset()
+        return scales
+
+    def sums(self) -> Dict[str, Tensor]:
+        """A copy of the totals, ``{key: sum of squares per input feature}``."""
+        return {name: sums.clone() for name, sums in self._sums.items()}
+
+    def state(self) -> Dict[str, Tensor]:
+        return {name: sums.detach().cpu().clone() for name, sums in self._sums.items()}
+
+    def load(self, state: Mapping[str, Tensor]) -> None:
+        """Take the totals of :meth:`state`.
+
+        Raises:
+            ValueError: for other layers or widths than these layers'.
+        """
+        if set(state) != set(self._sums):
+            raise ValueError(
+                f"the checkpoint's wanda statistics cover {sorted(state)} but this MagnitudePruning ranks"
+                f" {sorted(self._sums)}; resume with the same `targets` and `exclude`"
+            )
+        for name, saved in state.items():
+            if not isinstance(saved, Tensor) or saved.shape != self._sums[name].shape:
+                raise ValueError(f"the checkpoint's wanda statistics of layer {name!r} do not fit its input size")
+            self._sums[name] = saved.to(device=self._sums[name].device, dtype=torch.float32).clone()
+
+    def _observer(self, name: str):
+        def observe(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not self.collecting or _in_backward():
+                return
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, Tensor):
+                buffer = self._pending[name]
+                buffer += _sum_of_squares(layer, x.detach()).to(buffer.device)
+        return observe
+
+
+def _width(layer: nn.Module) -> int:
+    return layer.in_channels if isinstance(layer, _CONV) else layer.in_features
+
+
+def _sum_of_squares(layer: nn.Module, x: Tensor) -> Tensor:
+    """Per input feature: the last dimension of a Linear's input, the channel dimension of
+    a convolution's (batched or not), summed over everything else."""
+    if isinstance(layer, _CONV):
+        channel = x.dim() - len(layer.kernel_size) - 1
+        x = x.movedim(channel, -1)
+    # vector_norm accumulates in float32 without a float32 copy of the input.
+    return torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), dim=0, dtype=torch.float32).square()
+
+
+def _shaped(layer: nn.Module, norms: Tensor) -> Tensor:
+    """``norms`` (per input feature) broadcast against the layer's weight: over its rows,
+    and for a convolution over its kernel positions, each group's rows reading the norms
+    of that group's channels."""
+    if not isinstance(layer, _CONV):
+        return norms
+    kernel = [1] * len(layer.kernel_size)
+    per_group = norms.view(layer.groups, -1)
+    if layer.groups == 1:
+        return per_group.view(1, -1, *kernel)
+    rows = per_group.repeat_interleave(layer.out_channels // layer.groups, dim=0)
+    return rows.view(*rows.shape, *kernel)
+
+
+def _in_backward() -> bool:
+    # A forward run inside the backward pass is activation checkpointing recomputing one
+    # (its first run was counted, even the reentrant kind's, under no_grad).
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+def _all_reduce_sum_(tensors: List[Tensor]) -> None:
+    """Sum ``tensors`` over ranks in place, in one collective."""
+    if not tensors or not is_distributed():
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    reduced = flat.cuda() if dist.get_backend() == "nccl" else flat
+    dist.all_reduce(reduced)
+    flat = reduced.to(flat.device)
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
+__all__ = ["SCORES", "InputNorms", "wanda_issue", "wanda_start_message"]

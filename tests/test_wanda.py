@@ -1,0 +1,297 @@
+"""MagnitudePruning(score="wanda"): |W_ij| · ‖X_j‖₂ under a real Lightning Trainer on CPU."""
+
+import pytest
+import torch
+import torch.utils.checkpoint
+from lightning.pytorch import Callback, LightningModule
+from torch import nn
+
+from lightning_compress import IncompatibleLayersSkipped, IncompatibleSettings, MagnitudePruning
+from lightning_compress.core.validate import ArgumentError
+from lightning_compress.sparsity.activation_norms import InputNorms
+from lightning_compress.sparsity.masks import unpack_mask
+from tests.conftest import StopAfterEpoch, TinyRegressor, fit_interrupted_and_resumed, make_trainer, tiny_loader
+
+LAYERS = ("conv", "fc1", "fc2")
+LOUD = 2  # the input channel whose activations are 1000x the others', and whose conv weights are 20x smaller
+
+
+def loud_loader(batches=8, batch_size=16):
+    loader = tiny_loader(batches=batches, batch_size=batch_size)
+    loader.dataset.tensors[0][:, LOUD] *= 1000.0
+    return loader
+
+
+def quiet_model():
+    torch.manual_seed(0)
+    model = TinyRegressor(optimizer="sgd", lr=0.0)  # the weights the update ranks are the initial ones
+    with torch.no_grad():
+        model.conv.weight[:, LOUD] *= 0.05
+    return model
+
+
+def masks_of(pruning, model):
+    state = pruning.state_dict()["masks"]
+    return {name: unpack_mask(state[name]["packed"], getattr(model, name).weight.shape) for name in LAYERS}
+
+
+def dense_inputs(model, loader, batches):
+    """Each layer's inputs over the first ``batches`` training batches, as the dense model
+    computes them (float64)."""
+    inputs = {name: [] for name in LAYERS}
+    with torch.no_grad():
+        for index, (x, _) in zip(range(batches), loader):
+            h = torch.relu(model.conv(x)).flatten(1)
+            inputs["conv"].append(x)
+            inputs["fc1"].append(h)
+            inputs["fc2"].append(torch.relu(model.fc1(h)))
+    return {name: torch.cat(xs).double() for name, xs in inputs.items()}
+
+
+def reference_scores(model, inputs):
+    """|W|·‖X‖ per weight: Linear by input column; Conv by input channel (over batch and
+    positions), the same for every kernel position."""
+    scores = {}
+    for name in LAYERS:
+        weight, x = getattr(model, name).weight.detach().double(), inputs[name]
+        if weight.dim() == 3:
+            norms = x.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, 1)
+        else:
+            norms = x.norm(dim=0)
+        scores[name] = weight.abs() * norms
+    return scores
+
+
+def reference_keeps(scores, sparsity, pattern, scope):
+    """Keep-masks by plain sorting (ties cannot happen with these random values)."""
+    if scope == "global":
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        prune = torch.zeros_like(flat, dtype=torch.bool)
+        prune[torch.sort(flat).indices[: round(sparsity * flat.numel())]] = True
+        keeps, offset = {}, 0
+        for name, s in scores.items():
+            keeps[name] = ~prune[offset : offset + s.numel()].view_as(s)
+            offset += s.numel()
+        return keeps
+    keeps = {}
+    for name, s in scores.items():
+        if pattern == "2:4":  # the 2 largest of every 4 consecutive inputs
+            groups = s.movedim(1, -1).reshape(-1, 4)
+            keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(2, dim=1).indices, True)
+            keeps[name] = keep.view(s.movedim(1, -1).shape).movedim(-1, 1)
+        elif pattern == "structured":  # output channels by mean score (norm=1)
+            channel = s.flatten(1).mean(dim=1)
+            keep = torch.ones_like(channel, dtype=torch.bool)
+            keep[torch.sort(channel).indices[: round(sparsity * channel.numel())]] = False
+            keeps[name] = keep.view(-1, *[1] * (s.dim() - 1)).expand_as(s)
+        else:
+            keep = torch.ones(s.numel(), dtype=torch.bool)
+            keep[torch.sort(s.flatten()).indices[: round(sparsity * s.numel())]] = False
+            keeps[name] = keep.view_as(s)
+    return keeps
+
+
+def prune_once(score, pattern, scope):
+    """One-shot update at step 4 after 4 training batches (lr 0: the weights stay the initial ones)."""
+    model, loader = quiet_model(), loud_loader()
+    initial = {name: getattr(model, name).weight.detach().clone() for name in LAYERS}
+    sparsity = None if pattern == "2:4" else 0.5
+    pruning = MagnitudePruning(sparsity, schedule="one_shot", start_step=4, pattern=pattern, scope=scope, score=score)
+    make_trainer(max_steps=4, callbacks=[pruning]).fit(model, loader, loud_loader(batches=2))  # validation too
+    return pruning, model, initial
+
+
+@pytest.mark.parametrize(
+    "pattern, scope", [("unstructured", "layer"), ("unstructured", "global"), ("2:4", "layer"), ("structured", "layer")]
+)
+def test_wanda_masks_equal_a_sort_of_weight_times_input_norm(pattern, scope):
+    pruning, model, initial = prune_once("wanda", pattern, scope)
+    reference_model = quiet_model()
+    scores = reference_scores(reference_model, dense_inputs(reference_model, loud_loader(), batches=4))
+    expected = reference_keeps(scores, 0.5, pattern, scope)
+    masks = masks_of(pruning, model)
+    for name in LAYERS:
+        assert torch.equal(initial[name], reference_model.get_submodule(name).weight), name  # what was ranked
+        assert torch.equal(masks[name], expected[name]), name
+    if pattern != "structured":  # magnitude prunes the loud channel's small weights; wanda keeps them
+        loud_kept = masks["conv"][:, LOUD].float().mean()
+        magnitude, magnitude_model, _ = prune_once("magnitude", pattern, scope)
+        assert masks_of(magnitude, magnitude_model)["conv"][:, LOUD].float().mean() == 0.0
+        assert loud_kept == 1.0
+
+
+class Fed(Callback):
+    """After each training batch (after the pruning callback's batch end): the batch fed
+    and the pruning state's statistics."""
+
+    def __init__(self, pruning):
+        self.pruning, self.rows = pruning, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        sums = self.pruning.state_dict()["activation_norms"]
+        self.rows.append((trainer.global_step, batch[0].clone(), {k: v.clone() for k, v in sums.items()}))
+
+
+def test_statistics_are_the_sum_of_squares_of_the_training_inputs_since_the_last_update():
+    torch.manual_seed(0)
+    pruning = MagnitudePruning(0.5, initial_sparsity=0.1, start_step=2, end_step=8, update_every=3, score="wanda")
+    fed = Fed(pruning)
+    # Validation (10x larger inputs) before training and after every 3 batches: not counted.
+    trainer = make_trainer(max_steps=10, callbacks=[pruning, fed], val_check_interval=3)
+    trainer.fit(TinyRegressor(), tiny_loader(batches=10), tiny_loader(batches=2, seed=3, scale=10.0))
+    per_channel = [x.double().pow(2).sum(dim=(0, 2)) for _, x, _ in fed.rows]  # batch i ends at step i + 1
+    by_step = {step: sums["conv"].double() for step, _, sums in fed.rows}
+    assert torch.allclose(by_step[1], per_channel[0], rtol=1e-5)
+    for update in (2, 5, 8):  # reset at each update
+        assert torch.count_nonzero(by_step[update]) == 0
+    assert torch.allclose(by_step[3], per_channel[2], rtol=1e-5)
+    assert torch.allclose(by_step[4], per_channel[2] + per_channel[3], rtol=1e-5)  # across a validation
+    assert torch.count_nonzero(by_step[9]) == 0  # past the last update: nothing collected
+    assert all(sums["fc1"].shape == (64,) and sums["fc2"].shape == (32,) for _, _, sums in fed.rows)
+
+
+def test_linear_statistics_of_token_inputs_and_grouped_conv_scales():
+    linear, grouped = nn.Linear(6, 3), nn.Conv1d(4, 6, 3, groups=2)
+    norms = InputNorms({"linear": linear, "grouped": grouped})
+    norms.attach()
+    x, y = torch.randn(2, 5, 6), torch.randn(2, 4, 7)
+    norms.start_batch(collect=True)
+    linear(x), grouped(y)
+    with torch.enable_grad():  # a forward inside the backward (activation checkpointing): not counted again
+        for reentrant in (False, True):
+            block = lambda x: torch.relu(linear(x))  # noqa: E731
+            torch.utils.checkpoint.checkpoint(block, x.requires_grad_(), use_reentrant=reentrant).sum().backward()
+    norms.end_batch()
+    linear(x)  # outside a training batch: not counted
+    sums = norms.sums()
+    assert torch.allclose(sums["linear"], 3 * x.detach().pow(2).sum(dim=(0, 1)))
+    assert torch.allclose(sums["grouped"], y.pow(2).sum(dim=(0, 2)))
+    scales = norms.take_scales()
+    # Output channels 0-2 read input channels 0-1 (group 0), 3-5 read 2-3; over every kernel position.
+    expected = torch.cat([sums["grouped"][:2].sqrt().expand(3, 2), sums["grouped"][2:].sqrt().expand(3, 2)])
+    assert torch.equal(scales["grouped"].expand_as(grouped.weight), expected.unsqueeze(-1).expand(6, 2, 3))
+    assert torch.count_nonzero(norms.sums()["linear"]) == 0  # taken: the next interval starts from zero
+    norms.detach()
+    assert not linear._forward_hooks and not grouped._forward_hooks
+
+
+def _wanda():
+    return MagnitudePruning(0.8, start_step=4, end_step=20, update_every=5, scope="global", score="wanda")
+
+
+def test_resume_between_two_updates_is_bit_identical(tmp_path):
+    reference, uninterrupted, resumed_model, resumed, ckpt = fit_interrupted_and_resumed(
+        _wanda, tmp_path, epochs=3, stop_after=1
+    )
+    state = torch.load(ckpt, weights_only=True)["callbacks"][_wanda().state_key]
+    assert state["score"] == "wanda"  # checkpointed at step 16, two batches after the update at 14
+    assert all(torch.count_nonzero(sums) > 0 for sums in state["activation_norms"].values())
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+    for name, entry in uninterrupted.state_dict()["masks"].items():
+        assert torch.equal(resumed.state_dict()["masks"][name]["packed"], entry["packed"]), name
+
+
+def _checkpoint(tmp_path, **settings):
+    ckpt = tmp_path / "a.ckpt"
+    torch.manual_seed(0)
+    make_trainer(max_epochs=2, callbacks=[MagnitudePruning(0.5, start_step=2, end_step=12, **settings),
+                                          StopAfterEpoch(0, ckpt)]).fit(TinyRegressor(), tiny_loader())
+    return ckpt
+
+
+def _resume(ckpt, **settings):
+    pruning = MagnitudePruning(0.5, start_step=2, end_step=12, **settings)
+    make_trainer(max_epochs=2, callbacks=[pruning]).fit(TinyRegressor(), tiny_loader(), ckpt_path=ckpt)
+    return pruning
+
+
+def test_resume_with_another_score_is_refused_and_an_old_checkpoint_resumes_as_magnitude(tmp_path):
+    ckpt = _checkpoint(tmp_path, score="wanda")
+    with pytest.raises(ValueError, match="pruned with score 'wanda' but this .* uses `score`='magnitude'"):
+        _resume(ckpt)
+    old = _checkpoint(tmp_path)  # magnitude, then written as before `score` existed
+    checkpoint = torch.load(old, weights_only=True)
+    state = checkpoint["callbacks"][MagnitudePruning(0.5).state_key]
+    del state["score"]
+    torch.save(checkpoint, old)
+    assert _resume(old).sparsity == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ValueError, match="pruned with score 'magnitude' but .* `score`='wanda'"):
+        _resume(old, score="wanda")
+
+
+def test_bad_score_names_the_argument_and_the_choices():
+    choices = r"unknown `score` 'activation'; choose one of \('magnitude', 'wanda'\)"
+    with pytest.raises(ArgumentError, match=choices) as err:
+        MagnitudePruning(score="activation")
+    assert err.value.argument == "score"
+
+
+class Tagger(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 4)
+
+    def training_step(self, batch, batch_idx):
+        return self.fc(self.emb(batch[0])).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _tokens():
+    data = torch.utils.data.TensorDataset(torch.randint(0, 10, (32, 5)))
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def test_wanda_on_an_embedding_is_refused_or_skipped_by_name():
+    pruning = MagnitudePruning(0.5, start_step=1, end_step=3, update_every=1, score="wanda",
+                               targets=[nn.Embedding, nn.Linear])
+    with pytest.raises(IncompatibleSettings, match=r"'emb' \(Embedding\): layer 'emb' cannot be ranked with"
+                                                  r" score='wanda'.*add 'emb' to `exclude`, or use score='magnitude'"):
+        make_trainer(callbacks=[pruning]).fit(Tagger(), _tokens())
+    model = Tagger()
+    skipping = MagnitudePruning(0.5, start_step=1, end_step=3, update_every=1, score="wanda",
+                                targets=[nn.Embedding, nn.Linear], on_incompatible="skip")
+    with pytest.warns(IncompatibleLayersSkipped, match="'emb'"):
+        make_trainer(callbacks=[skipping]).fit(model, _tokens())
+    assert skipping.skipped_layers.keys() == {"emb"}
+    assert torch.count_nonzero(model.emb.weight) == model.emb.weight.numel()
+    assert float((model.fc.weight == 0).float().mean()) == pytest.approx(0.5)
+
+
+def test_attention_layers_and_their_output_projection_are_refused():
+    class Attending(Tagger):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+    with pytest.raises(IncompatibleSettings) as err:
+        make_trainer(callbacks=[MagnitudePruning(start_step=1, score="wanda")]).fit(Attending(), _tokens())
+    assert "'attn' (MultiheadAttention)" in str(err.value) and "'attn.out_proj'" in str(err.value)
+    assert "output projection of an nn.MultiheadAttention" in str(err.value)
+
+
+@pytest.mark.parametrize("settings", [dict(schedule="one_shot"), dict(initial_sparsity=0.2)])
+def test_a_first_update_at_step_zero_is_refused(settings):
+    refusal = r"`start_step`=0 puts the first update at step 0.*`start_step` >= 1"
+    with pytest.raises(ArgumentError, match=refusal) as err:
+        MagnitudePruning(0.5, score="wanda", **settings)
+    assert err.value.argument == "start_step"
+    MagnitudePruning(0.5, score="wanda")  # cubic from 0: the first update that prunes is at a later step
+    late = MagnitudePruning(0.5, start_step=0.01, end_step=0.5, score="wanda", **settings)  # step 0 of 8
+    trainer = make_trainer(callbacks=[late])
+    with pytest.raises(ArgumentError, match=r"`start_step`=0.01 puts the first update at step 0"):
+        trainer.fit(TinyRegressor(), tiny_loader())
+    assert trainer.global_step == 0
+
+
+def test_an_update_without_statistics_names_the_layer():
+    class Unused(TinyRegressor):
+        def __init__(self):
+            super().__init__()
+            self.spare = nn.Linear(8, 8)  # never called by training_step
+
+    pruning = MagnitudePruning(0.5, start_step=2, end_step=4, update_every=1, score="wanda")
+    with pytest.raises(ValueError, match=r"no activation statistics for \['spare'\]"):
+        make_trainer(callbacks=[pruning]).fit(Unused(), tiny_loader())
