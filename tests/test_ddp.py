@@ -131,3 +131,30 @@ def test_a_dry_export_failure_stops_every_rank_before_training(tmp_path):
     assert result.returncode != 0
     assert "dry export (before the first training step) failed on rank 0" in output and "NaN value" in output
     assert not any(tmp_path.glob("packed*")) and not any(tmp_path.glob("rank*.pt"))  # fit never ended
+
+
+def test_calibrated_start_uses_the_statistics_of_both_ranks(tmp_path):
+    """GPTQ + SmoothQuant: the maxima are maxed and the Hessians summed over the ranks, so
+    both ranks start from the GPTQ rounding of the smoothed weight under both ranks' data."""
+    from lightning_compress.quant.gptq import gptq_quantize
+    from lightning_compress.quant.smoothing import smoothquant_scales
+    from lightning_compress.quant.spec import QuantSpec
+
+    rank0, rank1 = run_ddp(tmp_path, "qat-calibrated")
+    assert_same_weights(rank0, rank1)
+    local = [torch.load(tmp_path / f"calibration_rank{r}.pt", weights_only=True) for r in range(2)]
+    assert len(local[0]["inputs"]) == len(local[1]["inputs"]) == 2
+    assert torch.equal(local[0]["before"], local[1]["before"])
+    peaks = [torch.cat(r["inputs"]).abs().amax(dim=0) for r in local]
+    assert not torch.equal(peaks[0], peaks[1])  # different data per rank
+    before = local[0]["before"]
+    scales = smoothquant_scales(torch.maximum(*peaks), before.abs().amax(dim=0), 0.5)
+    hessian = 0
+    for rank in local:  # each rank sums x^T x per batch, scales it, then the ranks' sums are added
+        own = 0
+        for x in rank["inputs"]:
+            own = own + x.T @ x
+        hessian = hessian + own / (scales[:, None] * scales[None, :])
+    expected, _, _ = gptq_quantize(before * scales, hessian, QuantSpec(4, "group", 8))
+    for rank in local:
+        assert torch.equal(rank["effective"], expected)

@@ -4,6 +4,7 @@
     python ddp_run.py OUT_DIR prune-perturbed # rank 1's weights differ at the first update
     python ddp_run.py OUT_DIR prune-wanda     # score="wanda"; the ranks see different data
     python ddp_run.py OUT_DIR qat             # QAT: learned scales + static observers
+    python ddp_run.py OUT_DIR qat-calibrated  # QAT init="gptq" + smoothing; ranks see different data
     python ddp_run.py OUT_DIR lora            # LoRA with dropout on conv, fc1, fc2
     python ddp_run.py OUT_DIR qlora           # QLoRA; rank 1's base differs before setup
     python ddp_run.py OUT_DIR export          # QAT int8 + CompressedExport (rank 0 writes)
@@ -106,7 +107,37 @@ class RecordWanda(Callback):
         torch.save({"sums": self.sums, "weights": self.weights}, self.out_dir / f"wanda_rank{trainer.global_rank}.pt")
 
 
+class RecordCalibration(Callback):
+    """For "qat-calibrated": this rank's own fc2 inputs over the calibration steps 0 and 1,
+    fc2's raw weight just before the start (step 2's batch start) and its effective weight
+    in step 2's forward, saved to OUT_DIR/calibration_rank<r>.pt."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.inputs, self.record = Path(out_dir), [], False
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.fc2.register_forward_pre_hook(lambda m, args: self.inputs.append(args[0].detach().clone())
+                                                if self.record else None)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.record = trainer.global_step < 2
+        if trainer.global_step == 2 and not hasattr(self, "before"):
+            self.before = pl_module.fc2._parameters["weight"].detach().clone()
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step == 2 and not hasattr(self, "effective"):
+            self.effective = pl_module.fc2.weight.detach().clone()
+
+    def on_fit_end(self, trainer, pl_module):
+        torch.save({"inputs": self.inputs, "before": self.before, "effective": self.effective},
+                   self.out_dir / f"calibration_rank{trainer.global_rank}.pt")
+
+
 def build(mode: str, pattern: str):
+    if mode == "qat-calibrated":  # relu(x / s) == relu(x) / s, so fc1 -> fc2 is a valid mapping
+        return QuantizationAwareTraining("int4", group_size=8, init="gptq", activations="int8_dynamic", smoothing=0.5,
+                                         mappings={"fc1": ["fc2"]}, targets=["fc2"], calibration_batches=2,
+                                         start_step=2)
     if mode == "prune-wanda":
         return MagnitudePruning(0.5, schedule="one_shot", start_step=3, scope="global", score="wanda")
     if mode == "lora":
@@ -147,6 +178,7 @@ if __name__ == "__main__":
         max_epochs=3,
         callbacks=([PerturbRankOne()] if mode == "prune-perturbed" else [])
         + ([RecordWanda(out_dir)] if mode == "prune-wanda" else [])
+        + ([RecordCalibration(out_dir)] if mode == "qat-calibrated" else [])
         + ([PerturbBaseOnRankOne()] if mode == "qlora" else [])
         + [compression, SaveRankState(compression, out_dir)] + exporting,
     )
@@ -154,7 +186,7 @@ if __name__ == "__main__":
     if mode == "export-dry-fail":  # a buffer holding NaN (a diverged running statistic): the export refuses it
         model.register_buffer("running_stat", torch.tensor([1.0, float("nan"), 2.0]))
     loader = tiny_loader(batches=8)
-    if mode == "prune-wanda":  # rank 1 (odd samples, DistributedSampler) sees a 50x larger input channel 2
+    if mode in ("prune-wanda", "qat-calibrated"):  # rank 1 (odd samples, DistributedSampler) sees a 50x larger input channel 2
         loader.dataset.tensors[0][1::2, 2] *= 50.0
     trainer.fit(model, loader)
     close_process_group()
