@@ -414,3 +414,24 @@ def test_a_norm_that_does_not_divide_as_folded_is_refused_at_start(seeded):
     # The failed fold was undone: the model is as trained up to the start step.
     for key, value in recorder.state.items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_a_recipe_with_a_calibrated_start_and_wanda_trains_and_names_bad_keys(tmp_path, seeded):
+    from lightning_compress import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "pruning:\n  final_sparsity: 0.5\n  score: wanda\n  start_step: 1\n  end_step: 3\n"
+        "  targets: [q_proj, up_proj]\n"
+        "qat:\n  weights: int4\n  group_size: 16\n  init: awq\n  calibration_batches: 2\n  start_step: 2\n"
+        "  targets: [q_proj, k_proj, v_proj, gate_proj, up_proj]\n"
+    )
+    pruning, qat, record = load_recipe(path).callbacks()
+    assert qat.init == "awq" and pruning.score == "wanda"
+    model = llama()
+    fit(model, [pruning, qat, record], steps=4)
+    assert qat._calibration.applied
+    q = model.model.model.layers[0].self_attn.q_proj
+    assert (q.weight == 0).float().mean() >= 0.5  # AWQ's column scaling kept the pruned weights at zero
+    with pytest.raises(ValueError, match=r"qat\.smoothing"):
+        load_recipe({"qat": {"weights": "int8", "smoothing": 0.5}}).callbacks()
