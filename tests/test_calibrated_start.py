@@ -137,20 +137,11 @@ def test_gptq_start_is_gptq_of_the_recorded_inputs_and_the_grid_stays_fixed(seed
         quantizer = get_weight_transform(dict(model.named_modules())[name], Stage.FAKE_QUANT)
         assert torch.equal(exported[name].scale.flatten(), quantizer.grid[0])
         assert torch.equal(exported[name].dequantize(), dict(model.named_modules())[name].weight.detach())
-
-
-def test_gptq_start_lowers_the_calibration_output_error_below_round_to_nearest(seeded):
-    model = llama()
-    layers = names(model, LINEAR_TARGETS)
-    recorder = Recorder(layers, step=2)
-    qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=2, start_step=2,
-                                    targets=LINEAR_TARGETS)
-    fit(model, [qat, recorder], steps=3)
+    # And it rounds better than round-to-nearest for the inputs it was calibrated on.
     for name in layers:
         x = torch.cat([r.reshape(-1, r.shape[-1]) for r in recorder.inputs[name][:2]])
         weight = recorder.before[name]
-        scale, zero_point = choose_qparams(weight, SPEC)
-        rtn = fake_quantize(weight, scale, zero_point, SPEC)
+        rtn = fake_quantize(weight, *choose_qparams(weight, SPEC), SPEC)
         error = lambda w: (x @ (weight - w).T).square().sum().item()  # noqa: E731
         assert error(recorder.effective[name]) < error(rtn), name
 

@@ -376,42 +376,28 @@ def test_awq_rejects_bad_arguments():
         awq_scales(inputs, [torch.randn(8, 32)], INT3_CHANNEL, grid=0)
 
 
-def test_folding_linear_into_linear_keeps_the_function():
+def assert_folding_keeps_the_function(producer, consumer, inputs, channels):
+    """Dividing ``producer``'s output channels and scaling ``consumer``'s inputs by the
+    same scales leaves ``consumer(producer(x))`` unchanged."""
+    with torch.no_grad():
+        expected = consumer(producer(inputs))
+        before = producer(inputs)
+    scales = torch.rand(channels) * 4 + 0.1
+    divide_output_rows_(producer.weight, producer.bias, scales)
+    scale_input_columns_(consumer.weight, scales)
+    with torch.no_grad():
+        assert torch.allclose(consumer(producer(inputs)), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(producer(inputs), before)  # the producer did change
+
+
+def test_folding_keeps_the_function_of_linear_layernorm_and_conv_pairs():
     torch.manual_seed(29)
-    first, second = nn.Linear(6, 8), nn.Linear(8, 3)
-    inputs = torch.randn(5, 6)
-    with torch.no_grad():
-        expected = second(first(inputs))
-    scales = torch.rand(8) * 4 + 0.1
-    divide_output_rows_(first.weight, first.bias, scales)
-    scale_input_columns_(second.weight, scales)
-    with torch.no_grad():
-        assert torch.allclose(second(first(inputs)), expected, rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(first(inputs), first(inputs) * scales)  # the rows did change
-
-
-def test_folding_layernorm_into_linear_and_conv_keeps_the_function():
-    torch.manual_seed(30)
-    norm, linear = nn.LayerNorm(8), nn.Linear(8, 4)
+    assert_folding_keeps_the_function(nn.Linear(6, 8), nn.Linear(8, 3), torch.randn(5, 6), 8)
+    norm = nn.LayerNorm(8)
     nn.init.normal_(norm.weight)
     nn.init.normal_(norm.bias)
-    inputs = torch.randn(5, 8)
-    with torch.no_grad():
-        expected = linear(norm(inputs))
-    scales = torch.rand(8) * 4 + 0.1
-    divide_output_rows_(norm.weight, norm.bias, scales)
-    scale_input_columns_(linear.weight, scales)
-    with torch.no_grad():
-        assert torch.allclose(linear(norm(inputs)), expected, rtol=1e-5, atol=1e-5)
-
-    first, conv = nn.Conv2d(2, 6, 1), nn.Conv2d(6, 3, 3)
-    images = torch.randn(1, 2, 7, 7)
-    with torch.no_grad():
-        expected = conv(first(images))
-    scales = torch.rand(6) * 4 + 0.1
-    divide_output_rows_(first.weight, first.bias, scales)
-    scale_input_columns_(conv.weight, scales)
-    with torch.no_grad():
-        assert torch.allclose(conv(first(images)), expected, rtol=1e-5, atol=1e-5)
+    assert_folding_keeps_the_function(norm, nn.Linear(8, 4), torch.randn(5, 8), 8)
+    conv = nn.Conv2d(6, 3, 3)
+    assert_folding_keeps_the_function(nn.Conv2d(2, 6, 1), conv, torch.randn(1, 2, 7, 7), 6)
     with pytest.raises(ValueError, match="scales"):
         scale_input_columns_(conv.weight, torch.ones(5))
