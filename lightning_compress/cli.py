@@ -1,4 +1,4 @@
-"""``lightning-compress``: fit, export, inspect, recipes and demo from the command line.
+"""``lightning-compress``: fit, export, inspect, recipes, sensitivity and demo from the command line.
 
     lightning-compress fit --recipe r.yaml --model pkg.Module [--data pkg.DataModule] \\
         [--trainer.max_epochs 3] [--override pruning.final_sparsity=0.8 ...]
@@ -6,6 +6,8 @@
         [--format gguf] [--format onnx]
     lightning-compress inspect packed/ [--verify]   (or a checkpoint; --verify checks the weights' checksum)
     lightning-compress recipes [NAME]          (the ready recipes; NAME prints one to copy)
+    lightning-compress sensitivity --model pkg.Module [--checkpoint last.ckpt] [--data pkg.DataModule] \\
+        [--bits 8 4 3] [--group-size 32] [--budget-bits 4.0] [-o sensitivity]   (per-layer table, csv, recipe)
     lightning-compress demo
 
 Bad input (a missing file, a bad recipe, an unknown class path) ends with a one-paragraph
@@ -28,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from lightning_compress.commands.errors import CommandError
 
 USAGE_ERROR = 2
-COMMANDS = ("fit", "export", "inspect", "recipes", "demo")
+COMMANDS = ("fit", "export", "inspect", "recipes", "sensitivity", "demo")
 # A checkpoint's stored recipe is data; this flag lets its dotted paths be imported and called.
 TRUST_FLAG = "--trust-checkpoint-recipe"
 
@@ -45,6 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "export": _export,
         "inspect": _inspect,
         "recipes": _recipes,
+        "sensitivity": _sensitivity,
         "demo": _demo,
     }
     if command not in handlers:
@@ -241,6 +244,13 @@ def _header_line(path: Path) -> str:
         if line.startswith("#") and line.strip("# "):
             return line.lstrip("# ").strip()
     return ""
+
+
+# ---------------------------------------------------------------------- sensitivity
+def _sensitivity(argv: List[str]) -> int:
+    from lightning_compress.commands.sensitivity import run_sensitivity
+
+    return run_sensitivity(argv)
 
 
 # ---------------------------------------------------------------------- demo

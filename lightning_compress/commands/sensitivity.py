@@ -1,0 +1,213 @@
+"""``lightning-compress sensitivity``: per-layer sensitivity table, CSV, plot, and a
+mixed-precision recipe for a bit budget.
+
+    lightning-compress sensitivity --model pkg.Module [--checkpoint last.ckpt] [--data pkg.DataModule] \\
+        [--batches 8] [--bits 8 4 3] [--sparsity 0.5 0.75] [--group-size 32] [--reference loss|kl] \\
+        [--targets GLOB ...] [--exclude GLOB ...] [--budget-bits 4.0] [-o sensitivity] [--overwrite] [--wandb]
+
+The model is built as ``export`` builds it: ``--model`` from the checkpoint's saved
+hyperparameters with its weights loaded (read with ``weights_only=True``), or with no
+arguments without ``--checkpoint`` (a module that loads its pretrained weights itself).
+Batches are the first ``--batches`` of ``--data``'s validation loader (its training
+loader when it has none; built from the checkpoint's datamodule hyperparameters), or of
+the model's own ``val_dataloader``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+from pathlib import Path
+from typing import Any, List, Mapping, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_compress.commands.errors import CommandError
+
+CSV_NAME, PLOT_NAME, RECIPE_NAME = "sensitivity.csv", "sensitivity.png", "mixed_precision.yaml"
+_CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises (one paragraph, exit code 2) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CommandError(f"{message} (see --help)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lightning-compress sensitivity",
+                description="Measure each layer's loss increase when quantized (or pruned) alone; optionally choose"
+                            " bits per layer for an average-bits budget and write the QAT recipe.")
+    p.add_argument("--model", required=True, help="the LightningModule class, as a dotted import path")
+    p.add_argument("--checkpoint", help="a Lightning checkpoint of the trained float model (default: --model built"
+                                        " with no arguments)")
+    p.add_argument("--data", help="a LightningDataModule class path: its validation batches (default: the model's"
+                                  " own val_dataloader)")
+    p.add_argument("--batches", type=int, default=8, help="how many batches to evaluate each case on (default 8)")
+    p.add_argument("--bits", nargs="+", default=["8", "4", "3"], help="candidate bit widths, 2..8 (default 8 4 3)")
+    p.add_argument("--sparsity", nargs="+", type=float, default=[], help="candidate sparsities in (0, 1) (default none)")
+    p.add_argument("--group-size", type=int, help="QAT group size (default: one scale per output channel)")
+    p.add_argument("--reference", default="loss", help="'loss' (training_step's loss) or 'kl' (KL to the float outputs)")
+    p.add_argument("--targets", nargs="+", help="layer name globs or layer classes (torch.nn.Embedding)")
+    p.add_argument("--exclude", nargs="+", help="layer name globs or layer classes to leave out")
+    p.add_argument("--budget-bits", type=float, help=f"average bits per weight: also write {RECIPE_NAME}")
+    p.add_argument("-o", "--output", default="sensitivity", help="directory to write to (default: sensitivity)")
+    p.add_argument("--overwrite", action="store_true", help="replace files of an earlier run in --output")
+    p.add_argument("--wandb", action="store_true", help="also log the table to Weights & Biases (offline unless set up)")
+    return p
+
+
+def run_sensitivity(argv: List[str]) -> int:
+    """Run the command on ``argv``; returns the exit code.
+
+    Raises:
+        CommandError: bad options, an unknown class path, no batches, files in the way.
+    """
+    args = parser().parse_args(argv)
+    from lightning_compress.sensitivity import layer_sensitivity, mixed_precision_recipe
+
+    output = Path(args.output)
+    written = [output / CSV_NAME, output / PLOT_NAME] + ([output / RECIPE_NAME] if args.budget_bits is not None else [])
+    existing = [str(path) for path in written if path.exists()]
+    if existing and not args.overwrite:  # before any work
+        raise CommandError(f"{', '.join(existing)} already exist; pass --overwrite to replace them, or another -o")
+    if args.batches < 1:
+        raise CommandError(f"--batches must be a positive int, got {args.batches}")
+    model, checkpoint = _model(args.model, args.checkpoint)
+    batches = list(itertools.islice(_loader(model, args.data, checkpoint), args.batches))
+    if not batches:
+        raise CommandError("the data gave no batches; check --data (its validation set may be empty)")
+    report = layer_sensitivity(
+        model, batches, bits=[_bits(b) for b in args.bits], sparsities=args.sparsity, group_size=args.group_size,
+        targets=_targets(args.targets), exclude=_targets(args.exclude), reference=args.reference,
+    )
+    recipe = mixed_precision_recipe(report, args.budget_bits) if args.budget_bits is not None else None
+    print(report.table())
+    print(f"wrote {report.write_csv(output / CSV_NAME)}")
+    if report.plot(output / PLOT_NAME):
+        print(f"wrote {output / PLOT_NAME}")
+    else:
+        print(f"{PLOT_NAME} not written: matplotlib is not installed (pip install matplotlib)")
+    if recipe is not None:
+        _write_recipe(report, recipe, args.budget_bits, output / RECIPE_NAME)
+    if args.wandb:
+        _log_to_wandb(report, recipe, output)
+    return 0
+
+
+def _write_recipe(report: Any, recipe: Mapping[str, Any], budget: float, path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from lightning_compress.core.atomic import atomic_write_bytes
+    from lightning_compress.sensitivity import allocate_bits
+
+    allocation = allocate_bits(report, budget)
+    summary = (f"average {allocation.average_bits:.3f} bits per weight (budget {budget:g}), estimated"
+               f" {'loss increase' if report.reference == 'loss' else 'KL'} {allocation.estimated_delta:+.4g}")
+    header = ("# Mixed-precision QAT from `lightning-compress sensitivity`: each layer's bits chosen for the least\n"
+              f"# summed per-layer delta within the budget; {summary}.\n")
+    atomic_write_bytes(path, (header + OmegaConf.to_yaml(OmegaConf.create(dict(recipe)))).encode())
+    print(f"mixed precision: {summary}")
+    print(f"wrote {path} (use it with --recipe {path}, or from_recipe({str(path)!r}))")
+
+
+def _log_to_wandb(report: Any, recipe: Optional[Mapping[str, Any]], output: Path) -> None:
+    from lightning_compress.core.tracking import wandb_logger, wandb_run_dir
+
+    logger = wandb_logger(save_dir=output, job_type="sensitivity")
+    if recipe is not None:
+        logger.log_hyperparams({"compression_recipe": dict(recipe)})
+    report.log(logger)
+    run_dir = wandb_run_dir(logger)
+    logger.experiment.finish()
+    if run_dir is not None:
+        print(f"W&B run written to {run_dir}")
+
+
+def _import(path: str, option: str) -> Any:
+    from lightning_compress.recipe_types import ImportPathError, import_object
+
+    try:
+        return import_object(path)
+    except ImportPathError as err:
+        raise CommandError(f"{option} {path}: unknown class path: {err}") from None
+
+
+def _model(path: str, checkpoint_path: Optional[str]):
+    model_class = _import(path, "--model")
+    if not (isinstance(model_class, type) and issubclass(model_class, pl.LightningModule)):
+        raise CommandError(f"--model must be a LightningModule class, got {path}")
+    checkpoint = {}
+    if checkpoint_path is not None:
+        from lightning_compress.checkpoints import read_checkpoint
+
+        checkpoint = read_checkpoint(checkpoint_path)
+    arguments = _hyperparameters(checkpoint.get("hyper_parameters"))
+    try:
+        model = model_class(**arguments)
+    except TypeError as err:
+        raise CommandError(f"--model {path}: cannot build it from the checkpoint's hyperparameters {sorted(arguments)}:"
+                           f" {err}; call save_hyperparameters() in its __init__") from None
+    if checkpoint:
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
+    return model, checkpoint
+
+
+def _loader(model: pl.LightningModule, data: Optional[str], checkpoint: Mapping[str, Any]):
+    if data is None:
+        if is_overridden("val_dataloader", model, pl.LightningModule):
+            return iter(model.val_dataloader())
+        raise CommandError("no batches: pass --data my_pkg.MyDataModule (or give the model a val_dataloader)")
+    data_class = _import(data, "--data")
+    if not (isinstance(data_class, type) and issubclass(data_class, pl.LightningDataModule)):
+        raise CommandError(f"--data must be a LightningDataModule class, got {data}")
+    arguments = _hyperparameters(checkpoint.get("datamodule_hyper_parameters"))
+    try:
+        datamodule = data_class(**arguments)
+    except TypeError as err:
+        raise CommandError(f"--data {data}: cannot build it from the checkpoint's datamodule hyperparameters"
+                           f" {sorted(arguments)}: {err}; call save_hyperparameters() in its __init__") from None
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    if is_overridden("val_dataloader", datamodule, pl.LightningDataModule):
+        return iter(datamodule.val_dataloader())
+    datamodule.setup("fit")
+    return iter(datamodule.train_dataloader())
+
+
+def _hyperparameters(saved: Any) -> dict:
+    # LightningCLI adds its own keys (`_class_path`, `_instantiator`) next to the module's.
+    return {k: v for k, v in (saved or {}).items() if not str(k).startswith("_")}
+
+
+def _bits(text: str) -> Any:
+    return int(text) if text.isdigit() else text  # "int4" is checked by layer_sensitivity
+
+
+def _targets(values: Optional[List[str]]) -> Optional[List[Any]]:
+    """Globs as they are; a dotted path that imports to a layer class is that class."""
+    if values is None:
+        return None
+    from torch import nn
+
+    from lightning_compress.recipe_types import ImportPathError, import_object
+
+    out: List[Any] = []
+    for value in values:
+        target: Any = value
+        if _CLASS_PATH.fullmatch(value):
+            try:
+                found = import_object(value)
+            except ImportPathError:
+                found = None
+            if isinstance(found, type) and issubclass(found, nn.Module):
+                target = found
+        out.append(target)
+    return out
+
+
+__all__ = ["run_sensitivity", "parser", "CSV_NAME", "PLOT_NAME", "RECIPE_NAME"]
