@@ -276,6 +276,7 @@ def test_the_recipes_folder_holds_the_documented_recipes():
         "qlora",
         "gguf_q4_0",
         "gguf_q8_0",
+        "qad_int4",
     }
     for path in RECIPES:
         header = path.read_text().splitlines()[:3]

@@ -8,16 +8,17 @@ from typing import Any, Dict, Mapping
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.core.validate import is_number
-from lightning_compress.distill.cache import TeacherOutputCache
+from lightning_compress.distill.cache import TeacherOutputCache, weights_fingerprint
 from lightning_compress.distill.capture import OutputCapture, StepCapture, submodule
 from lightning_compress.distill.config import CACHES, DistillationConfig
-from lightning_compress.distill.losses import distillation_loss, top1_agreement
+from lightning_compress.distill.losses import TopKTargets, distillation_loss, top1_agreement
 from lightning_compress.distill.projections import FeatureProjections, match_features
 from lightning_compress.distill.teacher import check_not_shared, freeze, frozen_copy, is_self, load_teacher, shard_teacher
 
@@ -58,8 +59,12 @@ class KnowledgeDistillation(CompressionCallback):
             checkpoint path (with ``teacher_class``), loaded with ``weights_only=True``;
             or ``"self"``: a frozen copy of the student's own weights at the start of fit
             (without the compression transforms other callbacks attach), for distilling a
-            compressed student from its float self. An instance is frozen, moved and
-            (with ``teacher_dtype``) converted in place.
+            compressed student from its float self. With ``fit(ckpt_path=...)`` of a
+            checkpoint this callback did not write (fine-tuning a float checkpoint), the
+            copy takes the checkpoint's weights; resuming a run this callback
+            checkpointed keeps the weights that run started from, and is refused when the
+            model is built with other starting weights (checked by fingerprint). An
+            instance is frozen, moved and (with ``teacher_dtype``) converted in place.
         teacher_class: the LightningModule class the checkpoint path was saved from; it
             is built with the checkpoint's ``hyper_parameters``.
         temperature: softmax temperature ``T`` of the ``"kl"``/``"reverse_kl"`` losses
@@ -88,10 +93,16 @@ class KnowledgeDistillation(CompressionCallback):
         projection_lr: learning rate of the projections' Adam.
         cache: ``None``, ``"memory"`` or ``"disk"``: compute each sample's teacher output
             once and reuse it in later epochs (needs ``index_fn``). ``"disk"`` keeps it in
-            ``cache_dir/teacher_outputs.safetensors`` (``indices`` and ``outputs``; one file
-            per rank under DDP),
-            written at every epoch end and read at the start of fit.
+            ``cache_dir/teacher_outputs.safetensors`` (format in
+            :mod:`lightning_compress.distill.cache`; one file per rank under DDP),
+            written atomically at every epoch end and read at the start of fit.
         cache_dir: folder of the disk cache.
+        cache_top_k: cache only the teacher's ``k`` largest logits per position (and
+            the log of the remaining mass at ``temperature``), not its full ``[..., vocab]``
+            outputs. The ``"kl"``/``"reverse_kl"`` loss is then, from the first epoch on,
+            the exact KL of the two distributions coarsened to ``k + 1`` outcomes (the
+            top-k entries and one "rest" bucket): at most the full KL, equal to it when
+            ``k`` is the vocabulary size. Not for ``"mse"``/``"cosine"``.
         index_fn: ``callable(batch) -> LongTensor`` of the batch's sample indices.
         name: distinguishes the checkpoint state of several distillation callbacks.
         config: a built :class:`~lightning_compress.distill.config.DistillationConfig`
@@ -102,8 +113,10 @@ class KnowledgeDistillation(CompressionCallback):
         ValueError: at setup, for a ``student_layer`` or ``features`` layer that does not
             exist, a teacher that shares parameters with the student or a checkpoint that
             does not fit ``teacher_class``; while training, for teacher and student outputs
-            of different shapes or an ``alpha`` schedule that leaves ``[0, 1]``; when
-            resuming, for a checkpoint distilled with other ``features``.
+            of different shapes, a ``cache_top_k`` above the outputs per position or an
+            ``alpha`` schedule that leaves ``[0, 1]``; when resuming, for a checkpoint
+            distilled with other ``features`` or ``cache_top_k``, or (``teacher="self"``)
+            other starting weights; for a disk cache of another ``cache_top_k`` or ``temperature``.
         RuntimeError: under manual optimization, for a step that did not read ``kd.loss``.
     """
 
@@ -122,8 +135,9 @@ class KnowledgeDistillation(CompressionCallback):
         self._capture = OutputCapture()
         self._projections = FeatureProjections(self.features, self.projection_lr)
         self._steps = 0
-        self._cache: TeacherOutputCache | None = TeacherOutputCache() if self.cache else None
+        self._cache = TeacherOutputCache(self.cache_top_k, self.temperature) if self.cache else None
         self._cache_file: Path | None = None
+        self._fingerprint: str | None = None  # of a teacher="self" copy, checked on resume
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -194,7 +208,7 @@ class KnowledgeDistillation(CompressionCallback):
         ]
 
         self._teacher = freeze(teacher, self.teacher_dtype)
-        self._teacher_entry, self._student = teacher_entry, pl_module
+        self._teacher_entry, self._student, self._fingerprint = teacher_entry, pl_module, None
         self._capture.attach(student_module, feature_modules)
         self._capture.wrap_training_step(pl_module, lambda: pl_module.trainer.global_step, self._finish_step)
         self.finish_install(pl_module)
@@ -213,7 +227,7 @@ class KnowledgeDistillation(CompressionCallback):
             suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
             self._cache_file = self.cache_dir / CACHE_FILE.replace(".safetensors", f"{suffix}.safetensors")
             if self._cache_file.exists():
-                self._cache = TeacherOutputCache.load(self._cache_file)
+                self._cache = TeacherOutputCache.load(self._cache_file, self.cache_top_k, self.temperature)
 
     @override
     def on_train_batch_end(
@@ -238,6 +252,23 @@ class KnowledgeDistillation(CompressionCallback):
         if stage == "fit":
             self._flush_cache()
             self._detach()
+            if self._cache is not None and len(self._cache):
+                rank_zero_info(f"KnowledgeDistillation: {self._cache.report()}")
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        # Lightning restores `ckpt_path`'s weights after setup copied teacher="self". A checkpoint of
+        # this callback resumes its run (teacher: that run's start, checked in `restore`); any other
+        # is fine-tuned, so its weights are the start.
+        resuming = self.state_key in (checkpoint.get("callbacks") or {})
+        if is_self(self.config.teacher) and getattr(trainer.state, "fn", None) == "fit" and not resuming:
+            self._teacher_from(checkpoint)
+
+    @property
+    def output_cache(self) -> TeacherOutputCache | None:
+        """The teacher-output cache (``report()`` gives its size against full outputs)."""
+        return self._cache
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -253,9 +284,16 @@ class KnowledgeDistillation(CompressionCallback):
     def method_state(self) -> Dict[str, Any]:
         pending = self._projections.pending  # as it was loaded, until the projections are built
         projections = self._projections.state_dict() if pending is None else {
-            key: value for key, value in pending.items() if key not in ("version", "features", "steps")
+            key: value for key, value in pending.items()
+            if key not in ("version", "features", "steps", "cache_top_k", "teacher_fingerprint")
         }
-        return {"features": [list(pair) for pair in self.features], "steps": self._steps, **projections}
+        state = {"features": [list(pair) for pair in self.features], "steps": self._steps, **projections}
+        if self.cache_top_k is not None:
+            state["cache_top_k"] = self.cache_top_k
+        fingerprint = self._teacher_fingerprint() if is_self(self.config.teacher) else None
+        if fingerprint is not None:
+            state["teacher_fingerprint"] = fingerprint
+        return state
 
     @override
     def check_state(self, state: Mapping[str, Any]) -> None:
@@ -265,12 +303,25 @@ class KnowledgeDistillation(CompressionCallback):
                 f"the checkpoint was distilled with `features`={saved} but this callback has"
                 f" {list(self.features)}; resume with the same `features`"
             )
+        if state.get("cache_top_k") != self.cache_top_k:  # another loss: the run would not continue
+            raise ValueError(
+                f"the checkpoint was distilled with `cache_top_k`={state.get('cache_top_k')!r} but this callback has"
+                f" {self.cache_top_k!r}; resume with the same `cache_top_k`"
+            )
 
     @override
     def restore(self, state: Mapping[str, Any]) -> None:
         self._steps = state.get("steps", 0)
         if self.features:
             self._projections.load_state_dict(state)
+        saved = state.get("teacher_fingerprint")
+        if saved is not None and self._teacher_fingerprint() not in (None, saved):
+            raise ValueError(
+                "the checkpoint was distilled from teacher='self' with other starting weights than the teacher this"
+                " run has (the model is built differently, or that run fine-tuned a checkpoint's weights), so the"
+                " resumed run would distil from another teacher; build the model with the weights that run started"
+                " from, or pass them as `teacher` (a model, or that checkpoint with `teacher_class`)"
+            )
 
     # ------------------------------------------------------------------ training_step
     def _finish_step(self, output: Any) -> Any:
@@ -333,7 +384,7 @@ class KnowledgeDistillation(CompressionCallback):
         self._log("distill/top1_agreement", top1_agreement(student, teacher))
         return kd
 
-    def _teacher_outputs(self, step: StepCapture) -> Tensor:
+    def _teacher_outputs(self, step: StepCapture) -> Tensor | TopKTargets:
         keys = None
         if self._cache is not None:
             indices = self.index_fn(step.batch)
@@ -343,6 +394,13 @@ class KnowledgeDistillation(CompressionCallback):
                 return cached
         args, kwargs = step.teacher_args(self.teacher_inputs)
         logits = self._capture.run_teacher(self._teacher_entry, args, kwargs, self.teacher_dtype)
+        if self.cache_top_k is not None:
+            if not logits.dim() or self.cache_top_k > logits.shape[-1]:
+                raise ValueError(
+                    f"`cache_top_k`={self.cache_top_k} is more than the teacher's {logits.shape[-1:].numel()} outputs"
+                    " per position; choose a smaller `cache_top_k`"
+                )
+            logits = TopKTargets.from_logits(logits, self.cache_top_k, self.temperature)
         if keys is not None:
             if logits.shape[0] != len(keys):
                 raise ValueError(
@@ -360,9 +418,30 @@ class KnowledgeDistillation(CompressionCallback):
         if self.cache == "disk" and self._cache.dirty and self._cache_file is not None:
             self._cache.save(self._cache_file)
 
+    def _teacher_fingerprint(self) -> str | None:
+        """Of the teacher's weights, once per fit (``None`` before setup, or when sharded)."""
+        if self._fingerprint is None and self._teacher is not None and not is_sharded_model(self._teacher):
+            self._fingerprint = weights_fingerprint(self._teacher)
+        return self._fingerprint
+
+    def _teacher_from(self, checkpoint: Mapping[str, Any]) -> None:
+        """Load teacher="self" with the weights of the checkpoint being fine-tuned."""
+        weights, teacher = checkpoint.get("state_dict"), self._teacher
+        own = teacher.state_dict()
+        missing = [key for key in own if not isinstance(weights, Mapping) or key not in weights]
+        try:
+            if missing or is_sharded_model(teacher):
+                raise RuntimeError(f"it lacks {missing[:4]}" if missing else "a sharded teacher")
+            teacher.load_state_dict({key: weights[key] for key in own})
+        except RuntimeError as error:
+            raise ValueError(
+                f"teacher='self' copies the weights of the checkpoint `ckpt_path` fine-tunes, but cannot take them ({error});"
+                " load them before fit (`YourModule.load_from_checkpoint`) and drop `ckpt_path`, or pass the teacher"
+            ) from None
+        self._fingerprint = None
+
     def _detach(self) -> None:
         self._capture.detach()
         self._projections.optimizer.stop()
-
 
 __all__ = ["KnowledgeDistillation", "CACHES", "CACHE_FILE"]

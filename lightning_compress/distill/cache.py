@@ -1,7 +1,27 @@
-"""Teacher outputs stored by sample index, so the teacher runs once per sample."""
+"""Teacher outputs stored by sample index, so the teacher runs once per sample.
+
+A cache holds either the teacher's full outputs or, with ``top_k``, its
+:class:`~lightning_compress.distill.losses.TopKTargets` (the top-k logits, their indices
+and two numbers per position: the log-normalizer and the log of the mass outside the top
+k, both at the run's temperature).
+
+On disk it is one safetensors file, written atomically (a crash leaves the old file or
+the new one) and read without unpickling:
+
+- tensors: ``indices`` (int64 ``[N]``, the sample indices ``index_fn`` gave) and either
+  ``outputs`` (``[N, ...]`` full outputs, the teacher's dtype) or ``topk_values``
+  (``[N, ..., k]``, the teacher's dtype), ``topk_indices`` (``[N, ..., k]``, int16 when
+  the vocabulary is at most 32768, else int32), ``log_normalizer`` and ``log_rest``
+  (``[N, ...]``, float32);
+- metadata (strings): ``format``, ``version``, ``top_k`` (``""`` for full outputs) and,
+  for top-k, ``temperature`` and ``vocab``. A file written with another ``top_k`` or
+  another temperature is refused, naming the setting. (Files written before the metadata
+  existed hold full outputs.)
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Dict, List
 
@@ -9,66 +29,191 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.atomic import atomic_write
+from lightning_compress.distill.losses import TopKTargets
+
+FORMAT = "lightning_compress.teacher_outputs"
+VERSION = "2"
+TOP_K_FIELDS = ("topk_values", "topk_indices", "log_normalizer", "log_rest")
 
 
 class TeacherOutputCache:
-    """Outputs in one contiguous tensor with a row per sample: a batch is one gather.
+    """Outputs in one contiguous tensor per field with a row per sample: a batch is one gather.
 
     (A dict of per-sample tensors costs a Python-level stack of every row each step,
     which on a 2048-sample batch was slower than the savings it was meant to buy.)
+
+    Args:
+        top_k: ``None`` to keep full outputs (tensors); else the ``k`` of the
+            :class:`TopKTargets` it keeps.
+        temperature: the temperature those top-k targets were computed at.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, top_k: int | None = None, temperature: float | None = None) -> None:
+        self.top_k = top_k
+        self.temperature = None if top_k is None else float(temperature)
+        self.vocab: int | None = None
         self._rows: Dict[int, int] = {}
-        self._values: Tensor | None = None
+        self._fields: Dict[str, Tensor] = {}
         self.dirty = False
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def lookup(self, keys: List[int]) -> Tensor | None:
+    def lookup(self, keys: List[int]) -> Tensor | TopKTargets | None:
         """The outputs of ``keys`` in order, or ``None`` if any of them is missing."""
         rows = [self._rows.get(key) for key in keys]
         if not rows or any(row is None for row in rows):
             return None
-        return self._values[torch.tensor(rows)]
+        rows = torch.tensor(rows)
+        fields = {name: values[rows] for name, values in self._fields.items()}
+        if self.top_k is None:
+            return fields["outputs"]
+        values, indices, log_normalizer, log_rest = (fields[name] for name in TOP_K_FIELDS)
+        return TopKTargets(values, indices, log_normalizer, log_rest, self.vocab, self.temperature)
 
-    def store(self, keys: List[int], outputs: Tensor) -> None:
-        """Keep ``outputs[i]`` (moved to CPU) as the output of sample ``keys[i]``."""
-        outputs = outputs.detach().cpu()
-        if self._values is None:
-            self._values = outputs.new_empty((max(len(keys), 1) * 4, *outputs.shape[1:]))
+    def store(self, keys: List[int], outputs: Tensor | TopKTargets) -> None:
+        """Keep ``outputs[i]`` (moved to CPU) as the output of sample ``keys[i]``.
+
+        Raises:
+            ValueError: for outputs of another kind (full or top-k), ``k``, temperature or
+                vocabulary than the cache holds.
+        """
+        fields = self._as_fields(outputs)
+        if not self._fields:
+            capacity = max(len(keys), 1) * 4
+            self._fields = {name: value.new_empty((capacity, *value.shape[1:])) for name, value in fields.items()}
         for position, key in enumerate(keys):
             row = self._rows.get(key)
             if row is None:
                 row = len(self._rows)
-                if row == self._values.shape[0]:  # grow by doubling
-                    grown = self._values.new_empty((2 * row, *self._values.shape[1:]))
-                    grown[:row] = self._values
-                    self._values = grown
+                if row == self._capacity():  # grow by doubling
+                    self._fields = {name: _grown(values, row) for name, values in self._fields.items()}
                 self._rows[key] = row
-            self._values[row] = outputs[position]
+            for name, value in fields.items():
+                self._fields[name][row] = value[position]
         self.dirty = True
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored outputs and sample indices (about the file's size)."""
+        count = len(self._rows)
+        return count * (8 + sum(values[0].numel() * values.element_size() for values in self._fields.values()))
+
+    @property
+    def full_nbytes(self) -> int:
+        """Bytes the teacher's full outputs for the same samples would take."""
+        if self.top_k is None or not self._fields:
+            return self.nbytes
+        values = self._fields["topk_values"]
+        positions = values[0].numel() // self.top_k
+        return len(self._rows) * (8 + positions * self.vocab * values.element_size())
+
+    def report(self) -> str:
+        """One line: the samples and bytes held, and (top-k) what full outputs would take."""
+        mib = 2**20
+        line = f"teacher-output cache: {len(self)} samples, {self.nbytes / mib:.2f} MiB"
+        if self.top_k is not None and len(self):
+            line += (f" (top-{self.top_k} of {self.vocab} per position; full outputs would take"
+                     f" {self.full_nbytes / mib:.2f} MiB, {self.full_nbytes / self.nbytes:.1f}x more)")
+        return line
+
     def save(self, path: Path) -> None:
-        """Write ``indices`` and ``outputs`` to a safetensors file, atomically."""
+        """Write the cache to a safetensors file, atomically (the format is in the module docstring)."""
         from safetensors.torch import save_file
 
         count = len(self._rows)
         indices = torch.empty(count, dtype=torch.long)
         for key, row in self._rows.items():
             indices[row] = key
-        tensors = {"indices": indices, "outputs": self._values[:count].contiguous()}
+        tensors = {"indices": indices, **{name: values[:count].contiguous() for name, values in self._fields.items()}}
+        metadata = {"format": FORMAT, "version": VERSION, "top_k": "" if self.top_k is None else str(self.top_k)}
+        if self.top_k is not None:
+            metadata.update(temperature=repr(self.temperature), vocab=str(self.vocab))
         # A crash never leaves half a cache.
-        atomic_write(path, lambda temporary: save_file(tensors, str(temporary)))
+        atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
         self.dirty = False
 
     @classmethod
-    def load(cls, path: Path) -> "TeacherOutputCache":
-        from safetensors.torch import load_file
+    def load(cls, path: Path, top_k: int | None = None, temperature: float | None = None) -> "TeacherOutputCache":
+        """The cache in ``path``, for a run with ``top_k`` and ``temperature``.
 
-        tensors = load_file(str(path))
-        cache = cls()
-        cache._values = tensors["outputs"]
+        Raises:
+            ValueError: for a file written with another ``cache_top_k`` or ``temperature``
+                (naming the setting), or one this format does not describe.
+        """
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+        cache = cls(top_k, temperature)
+        saved_k = metadata.get("top_k") or None
+        if saved_k != (None if top_k is None else str(top_k)):
+            held = "full teacher outputs" if saved_k is None else f"top-{saved_k} teacher outputs"
+            raise ValueError(
+                f"the teacher-output cache {str(path)!r} holds {held}, but this run has `cache_top_k`={top_k!r};"
+                f" run with `cache_top_k`={None if saved_k is None else int(saved_k)!r}, or delete the file (or"
+                " choose another `cache_dir`) to compute the teacher's outputs again"
+            )
+        expected = ("outputs",) if top_k is None else TOP_K_FIELDS
+        if set(tensors) != {"indices", *expected} or tensors["indices"].dtype != torch.long:
+            raise ValueError(
+                f"the teacher-output cache {str(path)!r} holds {sorted(tensors)}, not the tensors a"
+                f" {'full' if top_k is None else 'top-k'} cache writes; delete it to compute the teacher's outputs again"
+            )
+        if top_k is not None:
+            if float(metadata.get("temperature", "nan")) != cache.temperature:
+                raise ValueError(
+                    f"the teacher-output cache {str(path)!r} was computed at `temperature`={metadata.get('temperature')},"
+                    f" but this run has `temperature`={cache.temperature!r} (top-k targets hold probabilities at one"
+                    " temperature); run with the cache's temperature, or delete the file (or choose another"
+                    " `cache_dir`) to compute them again"
+                )
+            vocab = metadata.get("vocab", "")
+            if not vocab.isdigit() or int(vocab) < top_k:
+                raise ValueError(f"the teacher-output cache {str(path)!r} is malformed: its `vocab` is {vocab!r}")
+            cache.vocab = int(vocab)
+        count = tensors["indices"].shape[0]
+        cache._fields = {name: tensors[name] for name in expected}
+        if any(values.shape[0] != count for values in cache._fields.values()):
+            raise ValueError(f"the teacher-output cache {str(path)!r} is malformed: its tensors have different lengths")
         cache._rows = {int(key): row for row, key in enumerate(tensors["indices"].tolist())}
         return cache
+
+    # ------------------------------------------------------------------ internals
+    def _capacity(self) -> int:
+        return next(iter(self._fields.values())).shape[0]
+
+    def _as_fields(self, outputs: Tensor | TopKTargets) -> Dict[str, Tensor]:
+        if self.top_k is None:
+            if not isinstance(outputs, Tensor):
+                raise ValueError("this cache keeps full teacher outputs (tensors), not top-k targets")
+            return {"outputs": outputs.detach().cpu()}
+        if not isinstance(outputs, TopKTargets) or outputs.k != self.top_k or outputs.temperature != self.temperature:
+            raise ValueError(f"this cache keeps top-{self.top_k} targets at temperature {self.temperature}")
+        if self.vocab is None:
+            self.vocab = outputs.vocab
+        elif outputs.vocab != self.vocab:
+            raise ValueError(f"this cache keeps top-k targets over {self.vocab} outputs, not {outputs.vocab}")
+        tensors = (outputs.values, outputs.indices, outputs.log_normalizer, outputs.log_rest)
+        return {name: tensor.detach().cpu() for name, tensor in zip(TOP_K_FIELDS, tensors)}
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of ``module``'s state (names, dtypes, shapes and bytes): which teacher a
+    checkpoint was distilled from, without storing it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _grown(values: Tensor, rows: int) -> Tensor:
+    grown = values.new_empty((2 * rows, *values.shape[1:]))
+    grown[:rows] = values[:rows]
+    return grown
+
+
+__all__ = ["TeacherOutputCache", "FORMAT", "TOP_K_FIELDS", "weights_fingerprint"]

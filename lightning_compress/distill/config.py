@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.targeting import validate_name
-from lightning_compress.core.validate import ArgumentError, check_callable, check_choice, check_number, check_positive, is_number
+from lightning_compress.core.validate import ArgumentError, check_callable, check_choice, check_number, check_positive, is_int, is_number
 from lightning_compress.distill.capture import check_features
-from lightning_compress.distill.losses import LOSSES
+from lightning_compress.distill.losses import LOSSES, TOP_K_LOSSES
 from lightning_compress.distill.teacher import check_teacher
 
 CACHES = ("memory", "disk")
@@ -47,6 +47,7 @@ class DistillationConfig:
     projection_lr: float = 1e-3
     cache: str | None = None
     cache_dir: str | os.PathLike | None = None
+    cache_top_k: int | None = None
     index_fn: Callable[[Any], Tensor] | None = None
     name: str | None = None
     teacher_path: Optional[Path] = field(init=False, repr=False, compare=False)
@@ -111,6 +112,22 @@ class DistillationConfig:
                 "`features` cannot be combined with `cache`: intermediate teacher features are not"
                 " cached. Drop `cache`, or distil outputs only.",
             )
+        top_k = self.cache_top_k
+        if top_k is not None:
+            if not is_int(top_k) or top_k < 1:
+                raise ArgumentError(
+                    "cache_top_k", f"`cache_top_k` must be a positive int (the logits kept per position, e.g. 64) or None, got {top_k!r}"
+                )
+            if cache is None:
+                raise ArgumentError(
+                    "cache_top_k", "`cache_top_k` keeps the teacher's top-k logits in the teacher-output cache; set `cache`"
+                    " ('memory' or 'disk') and `index_fn` too, or drop `cache_top_k`"
+                )
+            if self.loss not in TOP_K_LOSSES:
+                raise ArgumentError(
+                    "cache_top_k", f"`cache_top_k` keeps only the teacher's top-k logits, which the {self.loss!r} loss cannot"
+                    f" use (it needs every output); use `loss` in {TOP_K_LOSSES}, or drop `cache_top_k`"
+                )
         if self.cache_dir is not None:
             if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
                 raise ArgumentError("cache_dir", f"`cache_dir` must be a folder path, got {self.cache_dir!r}")

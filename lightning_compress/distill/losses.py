@@ -8,6 +8,8 @@ does not lose the small probabilities a soft-target KL is made of.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, replace
 from typing import Callable, Dict
 
 import torch
@@ -65,21 +67,132 @@ LOSSES: Dict[str, LossFn] = {
 }
 
 
-def distillation_loss(name: str, student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
-    """The loss called ``name`` (one of :data:`LOSSES`)."""
+@dataclass(frozen=True)
+class TopKTargets:
+    """A teacher's ``[..., C]`` logits kept on their ``k`` largest entries per position,
+    with what an exact KL on that support needs at one temperature ``T``:
+
+    - ``values``: the top-k logits, largest first, in the teacher's output dtype (lossless);
+    - ``indices``: their positions in ``[0, C)`` (int16 when ``C <= 32768``, else int32);
+    - ``log_normalizer``: ``logsumexp(logits / T)`` over all ``C`` entries, so the
+      teacher's probability of a kept entry is ``exp(value / T - log_normalizer)``;
+    - ``log_rest``: the log of the teacher's probability outside the top k at ``T``
+      (computed from the excluded logits, not as ``1 - sum``; ``-inf`` when ``k == C``).
+
+    The last two are float32 (float64 for a float64 teacher): one pair per position.
+
+    It reads like the logits it stands for where the callback needs that: ``shape`` is
+    ``(..., C)``.
+    """
+
+    values: Tensor
+    indices: Tensor
+    log_normalizer: Tensor
+    log_rest: Tensor
+    vocab: int
+    temperature: float
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, k: int, temperature: float) -> "TopKTargets":
+        """Keep the ``k`` largest of ``logits`` (``[..., C]``) per position at ``temperature``.
+
+        Raises:
+            ValueError: for ``k`` outside ``[1, C]``.
+        """
+        logits = logits.detach()
+        vocab = logits.shape[-1]
+        if not 1 <= k <= vocab:
+            raise ValueError(f"top-k needs 1 <= k <= {vocab} (the outputs per position), got k={k}")
+        values, indices = logits.topk(k, dim=-1)
+        scaled = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        log_normalizer = torch.logsumexp(scaled, dim=-1)
+        outside = scaled.scatter(-1, indices, -math.inf)
+        log_rest = torch.logsumexp(outside, dim=-1) - log_normalizer  # -inf - finite = -inf when k == C
+        index_dtype = torch.int16 if vocab <= 2**15 else torch.int32
+        return cls(values, indices.to(index_dtype), log_normalizer, log_rest, vocab, float(temperature))
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the logits these stand for: ``(..., C)``."""
+        return torch.Size((*self.values.shape[:-1], self.vocab))
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    def to(self, device: torch.device | str) -> "TopKTargets":
+        tensors = ("values", "indices", "log_normalizer", "log_rest")
+        return replace(self, **{name: getattr(self, name).to(device) for name in tensors})
+
+
+def top_k_kl_divergence(student: Tensor, teacher: TopKTargets, temperature: float = 1.0, reverse: bool = False) -> Tensor:
+    """``T**2 * KL`` between the teacher's and the student's distributions coarsened to
+    ``k + 1`` outcomes: the teacher's top-k entries one by one, and one "rest" bucket
+    holding everything else (the teacher's remaining mass, and ``1 - sum`` of the
+    student's probabilities on those k entries). This is exactly the KL of the two
+    coarsened distributions (``KL(p_T || p_S)``, or ``KL(p_S || p_T)`` with ``reverse``),
+    never more than the full-vocabulary KL, and equal to it (up to float rounding) when
+    ``k == C``. Averaged over positions like :func:`kl_divergence`.
+
+    Raises:
+        ValueError: for shapes that differ, or a ``temperature`` other than the one the
+            targets were computed at.
+    """
+    if tuple(student.shape) != tuple(teacher.shape):
+        raise ValueError(
+            f"student output shape {tuple(student.shape)} differs from teacher output shape {tuple(teacher.shape)}"
+        )
+    if float(temperature) != teacher.temperature:
+        raise ValueError(
+            f"the top-k teacher targets were computed at temperature {teacher.temperature}, not {temperature}"
+        )
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    k, vocab = teacher.k, teacher.vocab
+    scaled = student.reshape(-1, vocab).to(dtype) / temperature
+    indices = teacher.indices.reshape(-1, k).long()
+    log_normalizer = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    log_q = scaled.gather(-1, indices) - log_normalizer
+    log_p = teacher.values.reshape(-1, k).to(dtype) / temperature - teacher.log_normalizer.reshape(-1, 1).to(dtype)
+    if k < vocab:  # the rest bucket (empty when every entry is kept)
+        log_q_rest = torch.logsumexp(scaled.scatter(-1, indices, -math.inf), dim=-1, keepdim=True) - log_normalizer
+        log_q = torch.cat([log_q, log_q_rest], dim=-1)
+        log_p = torch.cat([log_p, teacher.log_rest.reshape(-1, 1).to(dtype)], dim=-1)
+    if reverse:
+        log_p, log_q = log_q, log_p
+    # An outcome the first distribution gives no mass adds nothing (0 log 0 = 0).
+    terms = torch.where(torch.isneginf(log_p), 0.0, log_p.exp() * (log_p - log_q))
+    return terms.sum(-1).mean() * temperature**2
+
+
+TOP_K_LOSSES = ("kl", "reverse_kl")
+
+
+def distillation_loss(name: str, student: Tensor, teacher: Tensor | TopKTargets, temperature: float = 1.0) -> Tensor:
+    """The loss called ``name`` (one of :data:`LOSSES`); on :class:`TopKTargets`, the
+    coarsened KL of :func:`top_k_kl_divergence` (``"kl"`` and ``"reverse_kl"`` only)."""
     if name not in LOSSES:
         raise ValueError(f"unknown distillation loss {name!r}; choose one of {tuple(LOSSES)}")
+    if isinstance(teacher, TopKTargets):
+        if name not in TOP_K_LOSSES:
+            raise ValueError(f"loss {name!r} needs the teacher's full outputs, not top-k targets; use one of {TOP_K_LOSSES}")
+        return top_k_kl_divergence(student, teacher, temperature, reverse=name == "reverse_kl")
     return LOSSES[name](student, teacher, temperature)
 
 
-def top1_agreement(student: Tensor, teacher: Tensor) -> Tensor:
+def top1_agreement(student: Tensor, teacher: Tensor | TopKTargets) -> Tensor:
     """Fraction of positions where the argmax over the last dimension agrees."""
-    student, teacher = student.detach(), teacher.detach()
-    return (student.argmax(-1) == teacher.argmax(-1)).float().mean()
+    if isinstance(teacher, TopKTargets):
+        teacher_top = teacher.indices[..., 0].long()  # largest first
+    else:
+        teacher_top = teacher.detach().argmax(-1)
+    return (student.detach().argmax(-1) == teacher_top).float().mean()
 
 
 __all__ = [
     "LOSSES",
+    "TOP_K_LOSSES",
+    "TopKTargets",
+    "top_k_kl_divergence",
     "distillation_loss",
     "kl_divergence",
     "reverse_kl_divergence",
