@@ -24,6 +24,7 @@ from lightning_compress.lora import LoRAConfig, merge_adapters
 from lightning_compress.quant import QuantizedWeight, QuantSpec, quantized_weights
 from lightning_compress.quant.config import QATConfig
 from lightning_compress.recipes import Recipe, RecipeError, from_recipe, load_recipe
+from lightning_compress.sensitivity import layer_sensitivity, mixed_precision_recipe
 from lightning_compress.sparsity.config import PruningConfig
 from lightning_compress.version import __version__
 
@@ -59,6 +60,8 @@ __all__ = [
     "merge_adapters",
     "save_adapters",
     "quantized_weights",
+    "layer_sensitivity",
+    "mixed_precision_recipe",
     "wandb_logger",
     "wandb_run_dir",
     "__version__",

@@ -16,7 +16,7 @@ from lightning_compress.recipes import BUILTIN_RECIPES_DIR, builtin_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 READY = {"distill_prune_quantize", "gradual_pruning_90", "int4_weight_only", "int8_qat", "lora", "qlora",
-         "sparse24_int4", "gguf_q4_0", "gguf_q8_0"}
+         "sparse24_int4", "gguf_q4_0", "gguf_q8_0", "qad_int4"}
 
 
 def test_the_checkouts_recipes_folder_is_the_packaged_one():
