@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export, quantized_weights
-from lightning_compress.core.transforms import Stage, get_weight_transform
+from lightning_compress.core.transforms import Stage, get_weight_transform, is_transformed
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
 from lightning_compress.quant.gptq import gptq_quantize
@@ -376,35 +376,96 @@ def test_gptq_names_layers_that_are_not_linear_or_conv2d(seeded):
         fit(TinyRegressor(), [qat], steps=2, loader=tiny_loader())
 
 
-def test_a_norm_that_does_not_divide_as_folded_is_refused_at_start(seeded):
-    class Offset(nn.Module):
-        """A "norm" whose output is x * (1 + weight): Gemma's RMSNorm convention."""
+class Offset(nn.Module):
+    """A "norm" whose output is x * (1 + weight): Gemma's RMSNorm convention."""
 
-        def __init__(self, width):
-            super().__init__()
-            self.weight = nn.Parameter(torch.zeros(width))
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(width))
 
-        def forward(self, x):
-            return x * (1 + self.weight)
+    def forward(self, x):
+        return x * (1 + self.weight)
 
-    class Model(TinyRegressor):
-        def __init__(self):
-            super().__init__()
-            self.norm = Offset(32)
 
-        def forward(self, x):
-            h = torch.relu(self.conv(x)).flatten(1)
-            return self.fc2(self.norm(torch.relu(self.fc1(h))))
+class OffsetModel(TinyRegressor):
+    def __init__(self):
+        super().__init__()
+        self.norm = Offset(32)
 
-    qat = QuantizationAwareTraining("int8", activations="int8_dynamic", smoothing=0.5, calibration_batches=1,
-                                    start_step=1, targets=["fc2"], mappings={"norm": ["fc2"]})
-    model = Model()
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.fc2(self.norm(torch.relu(self.fc1(h))))
+
+
+def smoothing_on_offset_norm():
+    return QuantizationAwareTraining("int8", activations="int8_dynamic", smoothing=0.5, calibration_batches=1,
+                                     start_step=1, targets=["fc2"], mappings={"norm": ["fc2"]})
+
+
+def test_a_norm_that_does_not_scale_with_its_weight_is_refused_at_setup_and_nothing_is_attached(seeded):
+    model = OffsetModel()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'norm' \(Offset\) by dividing its weight, but its output does not scale"):
+        fit(model, [smoothing_on_offset_norm()], steps=2, loader=tiny_loader())
+    assert not any(is_transformed(m) for m in model.modules())  # no QAT stage left behind
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_a_fold_that_fails_at_start_is_undone_and_leaves_the_model_in_float(seeded, monkeypatch):
+    # Past the setup probe (patched out here), the start checks the fold on recorded inputs.
+    import lightning_compress.quant.calibrated_start as calibrated_start
+
+    monkeypatch.setattr(calibrated_start, "_check_norm_divides", lambda *args: None)
+    model = OffsetModel()
     recorder = Recorder([], step=1)
+    qat = smoothing_on_offset_norm()
     with pytest.raises(ValueError, match=r"'norm' \(Offset\) did not divide its output"):
         fit(model, [qat, recorder], steps=2, loader=tiny_loader())
-    # The failed fold was undone: the model is as trained up to the start step.
-    for key, value in recorder.state.items():
+    for key, value in recorder.state.items():  # as trained up to the start step
         assert torch.equal(model.state_dict()[key], value), key
+    assert not any(q.enabled for q in qat._weight_quantizers.values())
+
+
+def test_tied_weights_are_refused_by_name(seeded):
+    model = TinyLlama()
+    model.model.config.tie_word_embeddings = True
+    model.model.tie_weights()
+    assert model.model.lm_head.weight is model.model.model.embed_tokens.weight
+    qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=1, start_step=1,
+                                    targets=[nn.Linear])
+    with pytest.raises(ValueError, match=r"'model.lm_head' in place, but it is tied.*exclude=\['lm_head'\]"):
+        fit(model, [qat], steps=2)
+
+
+def test_a_model_left_in_eval_mode_still_records_its_training_forwards(seeded):
+    # Lightning keeps submodules in the mode they were built in: a transformers model
+    # loaded with from_pretrained is in eval mode.
+    model = llama()
+    model.model.eval()
+    qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=2, start_step=2,
+                                    targets=LINEAR_TARGETS)
+    fit(model, [qat], steps=3)
+    assert qat._calibration.applied and set(qat._calibration.calibration.statistics.hessians) == set(qat._layers)
+
+
+def test_awq_beside_a_second_callback_that_quantizes_the_layers_it_folds_into(seeded):
+    # AWQ scales o_proj and down_proj, folding into v_proj and up_proj, which another QAT
+    # callback quantizes symmetrically from the same step: the fold is checked in float.
+    model = llama()
+    awq = QuantizationAwareTraining("int4", group_size=16, init="awq", calibration_batches=1, start_step=1,
+                                    targets=["o_proj", "down_proj"], name="awq")
+    rest = QuantizationAwareTraining("int4", group_size=16, start_step=1,
+                                     targets=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], name="rest")
+    fit(model, [rest, awq], steps=2)
+    assert awq._calibration.applied
+
+
+def test_a_calibrated_start_the_run_never_reaches_is_warned_about(seeded):
+    qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=16, targets=LINEAR_TARGETS)
+    with pytest.warns(UserWarning, match=r"would start fake quantization at step 16.*this run ends at step 4"):
+        fit(llama(), [qat], steps=4)
+    assert not qat._calibration.applied
 
 
 def test_a_recipe_with_a_calibrated_start_and_wanda_trains_and_names_bad_keys(tmp_path, seeded):
@@ -426,3 +487,23 @@ def test_a_recipe_with_a_calibrated_start_and_wanda_trains_and_names_bad_keys(tm
     assert (q.weight == 0).float().mean() >= 0.5  # AWQ's column scaling kept the pruned weights at zero
     with pytest.raises(ValueError, match=r"qat\.smoothing"):
         load_recipe({"qat": {"weights": "int8", "smoothing": 0.5}}).callbacks()
+
+
+class AttentionRegressor(TinyRegressor):
+    """An nn.MultiheadAttention computes its output projection without calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        h, _ = self.attn(x.transpose(1, 2), x.transpose(1, 2), x.transpose(1, 2))
+        return super().forward(h.transpose(1, 2))
+
+
+def test_a_layer_whose_forward_is_never_called_is_named_at_the_start(seeded):
+    model = AttentionRegressor()
+    qat = QuantizationAwareTraining("int4", group_size=4, init="gptq", calibration_batches=1, start_step=1,
+                                    targets=["attn.out_proj", "fc2"])
+    with pytest.raises(ValueError, match=r"\['attn.out_proj'\] received no input in the 1 calibration batch"):
+        fit(model, [qat], steps=2, loader=tiny_loader())

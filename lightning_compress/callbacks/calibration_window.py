@@ -26,15 +26,16 @@ class CalibrationWindow:
     Args:
         calibration: what records and applies.
         batches: ``calibration_batches``.
-        setting: the user's setting, for messages (``"init='gptq'"``).
         set_enabled: switches the QAT callback's quantizers on or off.
     """
 
-    def __init__(self, calibration: CalibratedStart, batches: int, setting: str,
-                 set_enabled: Callable[[bool], None]) -> None:
+    def __init__(self, calibration: CalibratedStart, batches: int, set_enabled: Callable[[bool], None]) -> None:
         self.calibration = calibration
         self.batches = batches
-        self.setting = setting
+        self.setting = " with ".join(
+            ([f"init={calibration.init!r}"] if calibration.init is not None else [])
+            + ([f"smoothing={calibration.smoothing}"] if calibration.smoothing is not None else [])
+        )
         self._set_enabled = set_enabled
         self.applied = False
         self._first_recorded = 0
@@ -60,7 +61,14 @@ class CalibrationWindow:
             )
         steps = math.ceil(self.batches / trainer.accumulate_grad_batches)
         start = max(requested, trainer.global_step + steps)
-        if start > requested:
+        total = trainer.estimated_stepping_batches
+        if start >= total:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: {self.setting} would start fake quantization at step {start}, after its"
+                f" {steps} calibration step(s), but this run ends at step {int(total)}: no step trains quantized. Lower"
+                " `calibration_batches` or `start_step`, or train for more steps"
+            )
+        elif start > requested:
             rank_zero_warn(
                 f"QuantizationAwareTraining: fake quantization starts at step {start}, not {requested}: {self.setting}"
                 f" records the layers' inputs over {steps} optimizer step(s) of this run first"
@@ -76,6 +84,7 @@ class CalibrationWindow:
             self._arm()
         elif step >= self._first_recorded:
             self.calibration.start_recording()
+            self.calibration.statistics.batches += 1
             if step != self._last_recorded:
                 self._recorded_steps, self._last_recorded = self._recorded_steps + 1, step
 
@@ -109,10 +118,8 @@ class CalibrationWindow:
             # In float while the start is computed: its checks run the smooth modules,
             # which a quantizer would round, an observer observe, or a range rule fit.
             self._set_enabled(False)
-            try:
-                self.calibration.apply()
-            finally:
-                self._set_enabled(True)
+            self.calibration.apply()  # on failure it leaves the model as trained, in float
+            self._set_enabled(True)
             self.applied = True
 
         self._pending = nn.modules.module.register_module_forward_pre_hook(start)

@@ -143,8 +143,8 @@ def check_quantization_trains(trainer: Any, qat: Any, start: int, total: float) 
             f"start_step resolves to step {start} but this run has {int(total)} optimizer steps, so no step trains"
             f" with int{'/'.join(map(str, bits))} fake quantization and the export would pack weights that never saw"
             " that grid (round-to-nearest of the float weights)",
-            "Set QuantizationAwareTraining(start_step=...) before the end of the run (e.g. 0.5 = halfway), or train"
-            " for more steps",
+            "Set QuantizationAwareTraining(start_step=...) before the end of the run (e.g. 0.5 = halfway; with `init`"
+            " or `smoothing`, leave room for `calibration_batches` before it, or lower them), or train for more steps",
         )
         raise IncompatibleSettings(conflict.for_callbacks(_class_names(trainer.callbacks)))
 

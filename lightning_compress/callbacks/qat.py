@@ -25,7 +25,7 @@ from lightning_compress.core.transforms import (
     remove_input_transform,
 )
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver
-from lightning_compress.quant.calibrated_start import CalibratedStart
+from lightning_compress.quant.calibrated_start import CalibratedStart, plan_calibrated_start
 from lightning_compress.quant.config import QATConfig
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import WeightFakeQuantizer, attach_weight_quantizers
@@ -190,8 +190,13 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         if self.activations is not None:
             _check_output_projections(pl_module, layers, self.activations)
         rivals = self.rivals(trainer)
+        specs = self._layer_specs(layers)
+        calibrated = self.init is not None or self.smoothing is not None
+        # Checked before anything is attached: a refused setting leaves the model as it was.
+        mappings = plan_calibrated_start(pl_module, layers, specs, init=self.init, smoothing=self.smoothing,
+                                         rules=self.mappings) if calibrated else []
         self._weight_quantizers = attach_weight_quantizers(
-            layers, self._layer_specs(layers), self.learn_ranges, weight_range=self.weight_range,
+            layers, specs, self.learn_ranges, weight_range=self.weight_range,
             owner=self.owner_token, active_owners=rivals,
         )
         self._layers = layers
@@ -207,11 +212,10 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                 self._add_input_quantizer(name, layer, rivals)
         if self.activations is not None:
             keep_padded_batches(pl_module)  # a padded eval batch must reach the quantizers as in training
-        if self.init is not None or self.smoothing is not None:
+        if calibrated:
             calibration = CalibratedStart(pl_module, layers, self._weight_quantizers, init=self.init,
-                                          smoothing=self.smoothing, mappings=self.mappings)
-            setting = f"init={self.init!r}" if self.init is not None else f"smoothing={self.smoothing}"
-            self._calibration = CalibrationWindow(calibration, self.calibration_batches, setting, self._set_enabled)
+                                          smoothing=self.smoothing, mappings=mappings)
+            self._calibration = CalibrationWindow(calibration, self.calibration_batches, self._set_enabled)
         self.finish_install(pl_module)
 
     @override

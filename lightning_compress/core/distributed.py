@@ -58,11 +58,15 @@ def all_reduce_mean_(tensors: List[Tensor]) -> None:
 
 
 def all_reduce_sum_(tensors: List[Tensor]) -> None:
-    """Sum ``tensors`` over ranks in place (statistics each rank gathered from its own
-    batches, such as calibration Hessians)."""
-    if not is_distributed():
+    """Sum ``tensors`` over ranks in place, in one collective (statistics each rank
+    gathered from its own batches: calibration Hessians, input-feature norms)."""
+    if not tensors or not is_distributed():
         return
+    flat = torch.cat([t.flatten() for t in tensors])
+    reduced = flat.cuda() if dist.get_backend() == "nccl" else flat
+    dist.all_reduce(reduced)
+    flat = reduced.to(flat.device)
+    offset = 0
     for tensor in tensors:
-        reduced = tensor.cuda() if dist.get_backend() == "nccl" else tensor
-        dist.all_reduce(reduced)
-        tensor.copy_(reduced)
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()

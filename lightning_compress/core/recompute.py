@@ -23,6 +23,14 @@ _Entry = Tuple[Tensor, nn.Module, str, Tensor, int, Stack]
 _RECORDS: List[Dict[int, _Entry]] = []  # one per recording forward running
 
 
+def in_backward() -> bool:
+    """Whether this runs inside a backward pass: a forward run there is activation
+    checkpointing recomputing one (counted once already, even the reentrant kind's, which
+    first ran under no_grad), which statistics of the training forwards must not count twice."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
 def note_effective(layer: nn.Module, slot: str, raw: Tensor, effective: Tensor, stack: Stack) -> None:
     """Called with each effective weight ``stack`` computed from ``raw``: inside a forward
     that records, it is saved as a recipe rather than as a tensor."""

@@ -23,13 +23,16 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_max, all_reduce_sum_, broadcast_from_rank_zero
+from lightning_compress.core.recompute import in_backward
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
 from lightning_compress.quant.fake_quant import as_matrix, choose_qparams, choose_qparams_mse
 from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_quantize
 from lightning_compress.quant.mappings import ScaleMapping, find_mappings
+from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.smoothing import (
     awq_scales,
     divide_output_rows_,
@@ -72,20 +75,12 @@ class CalibratedStart:
     """Records the calibration inputs of ``layers`` and sets up the calibrated start.
 
     Args:
-        model: the model the layers belong to (mappings are found in it).
+        model: the model the layers belong to.
         layers: ``{weight key: layer}`` quantized by the QAT callback.
         quantizers: ``{weight key: WeightFakeQuantizer}`` of those layers.
         init: ``None``, ``"gptq"`` or ``"awq"``.
         smoothing: SmoothQuant's ``alpha``, or ``None``.
-        mappings: ``{smooth module: [balance layers]}`` rules replacing the built-in
-            ones (see :func:`~lightning_compress.quant.mappings.find_mappings`).
-
-    Raises:
-        ValueError: at construction, naming the layers the setting cannot apply to:
-            a layer GPTQ cannot take (not an ``nn.Linear``), a quantized layer that no
-            mapping covers (AWQ, SmoothQuant), a mapping whose quantized layers are on
-            different grids (AWQ), or a smooth module whose output is not proportional to
-            its weight.
+        mappings: where AWQ/SmoothQuant fold, from :func:`plan_calibrated_start`.
     """
 
     def __init__(
@@ -96,7 +91,7 @@ class CalibratedStart:
         *,
         init: str | None,
         smoothing: float | None,
-        mappings: Mapping[str, Sequence[str]] | None = None,
+        mappings: Sequence[ScaleMapping] = (),
     ) -> None:
         self.model = model
         self.layers = dict(layers)
@@ -104,12 +99,8 @@ class CalibratedStart:
         self.init = init
         self.smoothing = smoothing
         self.statistics = CalibrationStatistics()
-        self.mappings: List[ScaleMapping] = []
+        self.mappings: List[ScaleMapping] = list(mappings)
         self._handles: list = []
-        if init == "gptq":
-            _check_gptq_layers(self.layers)
-        if init == "awq" or smoothing is not None:
-            self.mappings = _covering_mappings(model, self.layers, self.quantizers, init, smoothing, mappings)
 
     # ------------------------------------------------------------------ recording
     @property
@@ -117,8 +108,9 @@ class CalibratedStart:
         return bool(self._handles)
 
     def start_recording(self) -> None:
-        """Record the inputs of every training forward (grad enabled, module in train
-        mode) from now until :meth:`stop_recording`."""
+        """Record the inputs of every forward with grad enabled (training forwards: not
+        validation, not a recompute inside the backward) until :meth:`stop_recording`.
+        The caller counts the batches (``statistics.batches``)."""
         if self._handles:
             return
         modules = dict(self.model.named_modules())
@@ -128,7 +120,6 @@ class CalibratedStart:
         for mapping in self.mappings:
             self._hook(modules[mapping.balance[0]], self._mapping_recorder(mapping.smooth))
             self._hook(modules[mapping.smooth], self._probe_recorder(mapping.smooth))
-        self._hook(self.model, self._count_batch)
 
     def stop_recording(self) -> None:
         for handle in self._handles:
@@ -137,15 +128,13 @@ class CalibratedStart:
 
     def _hook(self, module: nn.Module, record: Callable[[Tensor], None]) -> None:
         def hook(module: nn.Module, args: tuple) -> None:
-            # (`self._handles`: a forward already under way when recording stopped still
-            # calls the hooks it collected before.)
-            if self._handles and args and isinstance(args[0], Tensor) and module.training and torch.is_grad_enabled():
+            # Not `module.training`: Lightning leaves submodules in the mode they were built
+            # in (a transformers model loads in eval mode). `self._handles`: a forward
+            # already under way when recording stopped still calls the hooks it collected.
+            if self._handles and args and isinstance(args[0], Tensor) and torch.is_grad_enabled() and not in_backward():
                 record(args[0].detach())
 
         self._handles.append(module.register_forward_pre_hook(hook))
-
-    def _count_batch(self, _: Tensor) -> None:
-        self.statistics.batches += 1
 
     def _hessian_recorder(self, key: str) -> Callable[[Tensor], None]:
         hessians = self.statistics.hessians
@@ -188,7 +177,8 @@ class CalibratedStart:
     @torch.no_grad()
     def apply(self) -> None:
         """Fold the smoothing/AWQ scales and run GPTQ, identically on every rank (the
-        statistics are summed or maxed over ranks; rank 0's results are broadcast).
+        statistics are summed or maxed over ranks; rank 0's results are broadcast). On
+        any failure every tensor it changed is put back: the model stays as trained.
 
         Raises:
             ValueError: naming a layer that saw no input while recording (its forward is
@@ -199,21 +189,31 @@ class CalibratedStart:
         silent = [key for key in self._recorded_keys() if key not in self._recorded()]
         if silent:
             raise ValueError(
-                f"init={self.init!r}/smoothing: layer(s) {silent} received no input during the calibration batches"
-                " (their forward is not called as a module); add them to `exclude`"
+                f"{_setting(self.init, self.smoothing)}: {silent} received no input in the"
+                f" {self.statistics.batches} calibration batch(es): their forward is not called as a module"
+                " (the layers it would record are named); exclude the layers they feed"
             )
+        changed: List[tuple] = []  # (tensor, its value before), to put back on failure
+        try:
+            self._fold_all(changed)
+            if self.init == "gptq":
+                for key in self.layers:
+                    self._gptq(key, changed)
+        except BaseException:
+            for tensor, before in reversed(changed):
+                tensor.copy_(before)
+            raise
+
+    def _fold_all(self, changed: List[tuple]) -> None:
         modules = dict(self.model.named_modules())
         for mapping in self.mappings:
             scales = self._mapping_scales(mapping, modules)
             (scales,) = broadcast_from_rank_zero([scales])
-            _fold(mapping, scales, modules, self.statistics.probes.get(mapping.smooth))
+            _fold(mapping, scales, modules, self.statistics.probes.get(mapping.smooth), changed)
             if self.init == "gptq":  # the layers' inputs are now X / s
                 for name in mapping.balance:
                     if name in self.statistics.hessians:
                         self.statistics.hessians[name] /= scales[:, None] * scales[None, :]
-        if self.init == "gptq":
-            for key in self.layers:
-                self._gptq(key)
 
     def _recorded_keys(self) -> List[str]:
         keys = list(self.layers) if self.init == "gptq" else []
@@ -236,7 +236,7 @@ class CalibratedStart:
         activation_absmax = all_reduce_max(self.statistics.absmax[mapping.smooth])
         return smoothquant_scales(activation_absmax, weight_absmax, self.smoothing)
 
-    def _gptq(self, key: str) -> None:
+    def _gptq(self, key: str, changed: List[tuple]) -> None:
         layer, quantizer = self.layers[key], self.quantizers[key]
         hessian = self.statistics.hessians[key].clone()
         all_reduce_sum_([hessian])
@@ -253,6 +253,7 @@ class CalibratedStart:
         (zero_point,) = broadcast_from_rank_zero([zero_point])
         raw = raw_weight(layer)
         new = quantized.view(raw.shape).to(raw.dtype)
+        changed.append((raw, raw.detach().clone()))
         raw.copy_(new if keep is None else torch.where(keep.view(raw.shape), new, raw))
         quantizer.start_from(scale, zero_point)
 
@@ -276,24 +277,24 @@ def _through_log(scale: Tensor, zero_point: Tensor) -> tuple:
     return scale, zero_point
 
 
-def _fold(mapping: ScaleMapping, scales: Tensor, modules: Mapping[str, nn.Module], probe: Tensor | None) -> None:
+def _fold(mapping: ScaleMapping, scales: Tensor, modules: Mapping[str, nn.Module], probe: Tensor | None,
+          changed: List[tuple]) -> None:
     """Divide ``mapping.smooth``'s output channels by ``scales`` and scale the balance
-    layers' input columns by them; checked on recorded inputs of the smooth module."""
+    layers' input columns by them, appending what changed to ``changed``; checked on
+    recorded inputs of the smooth module, in float (any fake quantization bypassed)."""
     smooth = modules[mapping.smooth]
     smooth_weight = raw_weight(smooth) if isinstance(smooth, nn.Linear) else smooth.weight
     smooth_bias = getattr(smooth, "bias", None)
-    changed = [smooth_weight, *([] if smooth_bias is None else [smooth_bias])]
-    changed += [raw_weight(modules[name]) for name in mapping.balance]
-    saved = [tensor.detach().clone() for tensor in changed]
-    before = None if probe is None else smooth(probe.to(smooth_weight))
+    tensors = [smooth_weight, *([] if smooth_bias is None else [smooth_bias])]
+    tensors += [raw_weight(modules[name]) for name in mapping.balance]
+    changed.extend((tensor, tensor.detach().clone()) for tensor in tensors)
+    before = None if probe is None else _float_output(smooth, probe.to(smooth_weight))
     divide_output_rows_(smooth_weight, smooth_bias, scales)
     for name in mapping.balance:
         scale_input_columns_(raw_weight(modules[name]), scales)
     if before is not None:
-        after = smooth(probe.to(smooth_weight)).float()
-        if not torch.allclose(after, before.float() / scales, rtol=1e-4, atol=1e-6):
-            for tensor, copy in zip(changed, saved):  # the model stays as it was trained
-                tensor.copy_(copy)
+        after = _float_output(smooth, probe.to(smooth_weight))
+        if not torch.allclose(after, before / scales, rtol=1e-4, atol=1e-6):
             raise ValueError(
                 f"{mapping.smooth!r} ({type(smooth).__name__}) did not divide its output by the folded scales, so"
                 f" folding them would change the model; exclude {list(mapping.balance)} from `targets` or drop"
@@ -301,37 +302,121 @@ def _fold(mapping: ScaleMapping, scales: Tensor, modules: Mapping[str, nn.Module
             )
 
 
-def _check_gptq_layers(layers: Mapping[str, nn.Module]) -> None:
-    others = [key for key, layer in layers.items()
-              if not isinstance(layer, nn.Linear) and not (isinstance(layer, nn.Conv2d) and layer.groups == 1)]
-    if others:
+def _float_output(module: nn.Module, inputs: Tensor) -> Tensor:
+    """``module(inputs)`` in float32, a Linear computed from the weight entering its
+    fake quantization (another QAT callback's quantizer may be on)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(inputs, weight_before(module, Stage.FAKE_QUANT), module.bias).float()
+    return module(inputs).float()
+
+
+def _setting(init: str | None, smoothing: float | None) -> str:
+    parts = ([f"init={init!r}"] if init is not None else []) + ([f"smoothing={smoothing}"] if smoothing is not None else [])
+    return " with ".join(parts)
+
+
+def plan_calibrated_start(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    specs: Mapping[str, QuantSpec],
+    *,
+    init: str | None,
+    smoothing: float | None,
+    rules: Mapping[str, Sequence[str]] | None = None,
+) -> List[ScaleMapping]:
+    """Check, before anything is attached, that ``init``/``smoothing`` can apply to the
+    quantized ``layers`` (on grids ``specs``) of ``model``; return the mappings AWQ or
+    SmoothQuant fold through (``rules``: the user's ``mappings``, else the built-in ones).
+
+    Raises:
+        ValueError: naming the layers: one GPTQ cannot take (not an ``nn.Linear`` or
+            ungrouped ``nn.Conv2d``), a quantized layer no mapping covers, a mapping whose
+            quantized layers are on different grids (AWQ), a norm whose output does not
+            scale with its weight (Gemma's ``x * (1 + weight)``), or a weight the start
+            would rewrite that another module shares (tied embeddings).
+    """
+    setting = _setting(init, smoothing)
+    written = {}
+    if init == "gptq":
+        others = [key for key, layer in layers.items()
+                  if not isinstance(layer, nn.Linear) and not (isinstance(layer, nn.Conv2d) and layer.groups == 1)]
+        if others:
+            raise ValueError(
+                f"init='gptq' rounds the weights of nn.Linear and (ungrouped) nn.Conv2d layers from their inputs;"
+                f" {others} are neither. Exclude them (`exclude`), or quantize them in a second"
+                " QuantizationAwareTraining callback without `init`"
+            )
+        written.update({key: raw_weight(layer) for key, layer in layers.items()})
+    mappings: List[ScaleMapping] = []
+    if init == "awq" or smoothing is not None:
+        mappings = _covering_mappings(model, layers, specs, setting, init, rules)
+        modules = dict(model.named_modules())
+        for mapping in mappings:
+            smooth = modules[mapping.smooth]
+            if not isinstance(smooth, nn.Linear):
+                _check_norm_divides(mapping.smooth, smooth, setting)
+            written[mapping.smooth] = raw_weight(smooth)
+            written.update({name: raw_weight(modules[name]) for name in mapping.balance})
+    _check_untied(model, written, setting)
+    return mappings
+
+
+def _check_norm_divides(name: str, norm: nn.Module, setting: str) -> None:
+    """A norm's output must scale with its weight (and bias): ``y(2w, 2b) == 2 y(w, b)``."""
+    weight, bias = norm.weight, getattr(norm, "bias", None)
+    probe = torch.randn(4, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight)
+    with torch.no_grad():
+        before = norm(probe).float()
+        for tensor in (weight, bias):
+            if tensor is not None:
+                tensor.mul_(2)  # exact, as is the division that undoes it
+        after = norm(probe).float()
+        for tensor in (weight, bias):
+            if tensor is not None:
+                tensor.div_(2)
+    if not torch.allclose(after, 2 * before, rtol=1e-4, atol=1e-6):
         raise ValueError(
-            f"init='gptq' rounds the weights of nn.Linear and (ungrouped) nn.Conv2d layers from their inputs;"
-            f" {others} are neither."
-            " Exclude them (`exclude`), or quantize them in a second QuantizationAwareTraining callback without"
-            " `init`"
+            f"{setting} folds its scales into {name!r} ({type(norm).__name__}) by dividing its weight, but its output"
+            " does not scale with its weight (e.g. it computes x * (1 + weight)), so folding would change the model;"
+            " exclude the layers that read it, or give `mappings` that leave it out"
         )
+
+
+def _check_untied(model: nn.Module, written: Mapping[str, Tensor], setting: str) -> None:
+    """The start rewrites these weights in place: one another module shares (a head tied
+    to the input embedding) would change there too."""
+    owners: Dict[int, List[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(name)
+    for key, weight in written.items():
+        names = owners.get(id(weight), [])
+        if len(names) > 1:
+            raise ValueError(
+                f"{setting} rewrites the weight of {key!r} in place, but it is tied: {names} are one tensor, so the"
+                f" other module would change too; exclude {key!r} (e.g. exclude=[{key.rpartition('.')[2]!r}]) or untie"
+                " the weights"
+            )
 
 
 def _covering_mappings(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
-    quantizers: Mapping[str, WeightFakeQuantizer],
+    specs: Mapping[str, QuantSpec],
+    setting: str,
     init: str | None,
-    smoothing: float | None,
     rules: Mapping[str, Sequence[str]] | None,
 ) -> List[ScaleMapping]:
     """The mappings whose balance layers include a quantized layer; every quantized
     layer must be covered."""
-    setting = "init='awq'" if init == "awq" else f"smoothing={smoothing}"
     mappings = [m for m in find_mappings(model, rules) if any(name in layers for name in m.balance)]
     covered = {name for m in mappings for name in m.balance}
     uncovered = [key for key in layers if key not in covered]
     if uncovered:
         known = (
-            f"`mappings` {dict(rules)}" if rules is not None else "mapping (LLaMA-style `input_layernorm -> q/k/v_proj`,"
-            " `post_attention_layernorm -> gate/up_proj`, `v_proj -> o_proj`, `up_proj -> down_proj`; BERT's"
-            " `attention.self.value -> attention.output.dense`)"
+            f"`mappings` {dict(rules)}" if rules is not None else "built-in mapping (LLaMA-style `input_layernorm ->"
+            " q/k/v_proj`, `post_attention_layernorm -> gate/up_proj`, `up_proj -> down_proj`, `v_proj -> o_proj`"
+            " where their sizes agree, which grouped-query attention breaks; BERT's `attention.self.value ->"
+            " attention.output.dense`)"
         )
         raise ValueError(
             f"{setting} folds per-channel scales into the norm or layer before each quantized layer, and no {known}"
@@ -340,7 +425,7 @@ def _covering_mappings(
         )
     if init == "awq":
         for mapping in mappings:
-            grids = {quantizers[n].spec for n in mapping.balance if n in quantizers}
+            grids = {specs[n] for n in mapping.balance if n in specs}
             if len(grids) > 1:
                 raise ValueError(
                     f"init='awq' searches one scale per input channel for {list(mapping.balance)}, which `overrides`"
@@ -349,4 +434,4 @@ def _covering_mappings(
     return mappings
 
 
-__all__ = ["AWQ_ROWS", "CalibratedStart", "CalibrationStatistics"]
+__all__ = ["AWQ_ROWS", "CalibratedStart", "CalibrationStatistics", "plan_calibrated_start"]

@@ -125,15 +125,15 @@ class QATConfig:
             return
         if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, (int, float)) or not 0 <= self.smoothing <= 1:
             raise ArgumentError("smoothing", f"`smoothing` is SmoothQuant's alpha, a number in [0, 1] (e.g. 0.5), got {self.smoothing!r}")
+        if self.init == "awq":
+            raise ArgumentError(
+                "smoothing", "`smoothing` and init='awq' both fold per-channel scales into the same layers; choose one"
+            )
         if self.activations is None:
             raise ArgumentError(
                 "smoothing",
                 "`smoothing` moves activation outliers into the weights so int8 activations quantize better; it needs"
                 " activations='int8_dynamic' or 'int8_static' (for weight-only quantization use init='awq')",
-            )
-        if self.init == "awq":
-            raise ArgumentError(
-                "smoothing", "`smoothing` and init='awq' both fold per-channel scales into the same layers; choose one"
             )
         object.__setattr__(self, "smoothing", float(self.smoothing))
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_compress.core.distributed import is_distributed
+from lightning_compress.core.distributed import all_reduce_sum_
+from lightning_compress.core.recompute import in_backward
 from lightning_compress.core.targeting import weight_param
 from lightning_compress.core.transforms import WEIGHT, raw_weight
 
@@ -41,7 +41,7 @@ def wanda_issue(key: str, layer: nn.Module) -> str | None:
     elif isinstance(layer, (nn.Linear, _CONV)) and weight_param(key, layer) == WEIGHT:
         return None
     else:
-        why = (f"its input is not a float feature matrix its weight multiplies (a {type(layer).__name__}: indices,"
+        why = (f"its input is not a float feature matrix its weight multiplies ({type(layer).__name__}: indices,"
                " attention inputs or recurrent states)")
     return (f"layer {key!r} cannot be ranked with score='wanda' (|weight| times the norm of its input feature): {why};"
             f" add {key!r} to `exclude`, or use score='magnitude'")
@@ -107,7 +107,7 @@ class InputNorms:
             return
         self.collecting = False
         names = list(self._pending)
-        _all_reduce_sum_([self._pending[name] for name in names])
+        all_reduce_sum_([self._pending[name] for name in names])
         for name in names:
             self._sums[name] += self._pending[name]
             self._pending[name].zero_()
@@ -160,7 +160,7 @@ class InputNorms:
 
     def _observer(self, name: str):
         def observe(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if not self.collecting or _in_backward():
+            if not self.collecting or in_backward():
                 return
             x = args[0] if args else kwargs.get("input")
             if isinstance(x, Tensor):
@@ -195,27 +195,6 @@ def _shaped(layer: nn.Module, norms: Tensor) -> Tensor:
         return per_group.view(1, -1, *kernel)
     rows = per_group.repeat_interleave(layer.out_channels // layer.groups, dim=0)
     return rows.view(*rows.shape, *kernel)
-
-
-def _in_backward() -> bool:
-    # A forward run inside the backward pass is activation checkpointing recomputing one
-    # (its first run was counted, even the reentrant kind's, under no_grad).
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current is not None and current() != -1
-
-
-def _all_reduce_sum_(tensors: List[Tensor]) -> None:
-    """Sum ``tensors`` over ranks in place, in one collective."""
-    if not tensors or not is_distributed():
-        return
-    flat = torch.cat([t.flatten() for t in tensors])
-    reduced = flat.cuda() if dist.get_backend() == "nccl" else flat
-    dist.all_reduce(reduced)
-    flat = reduced.to(flat.device)
-    offset = 0
-    for tensor in tensors:
-        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-        offset += tensor.numel()
 
 
 __all__ = ["SCORES", "InputNorms", "wanda_issue", "wanda_start_message"]
