@@ -22,8 +22,13 @@ $(INSTALLED): pyproject.toml $(TORCH_CONSTRAINTS)
 demo: $(INSTALLED)
 	$(VENV)/bin/lightning-compress demo --output demo-output
 
+# Two pytest workers, one torch thread each: most tests are Lightning's Python overhead,
+# which one process cannot spread over two cores, and two workers of two OpenMP threads
+# each on 2 cores spin-wait on each other (tiny models ran up to 40x slower). A file's
+# tests stay on one worker (--dist loadfile), so module-scoped fixtures run once.
+TEST_WORKERS ?= 2
 test: $(INSTALLED)
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The suite on the oldest release of every dependency pyproject.toml declares (its
 # floors, pinned by ci/min_constraints.py; torch stays on TORCH_CONSTRAINTS' build), in
