@@ -24,11 +24,13 @@ demo: $(INSTALLED)
 
 # Two pytest workers, one torch thread each: most tests are Lightning's Python overhead,
 # which one process cannot spread over two cores, and two workers of two OpenMP threads
-# each on 2 cores spin-wait on each other (tiny models ran up to 40x slower). A file's
-# tests stay on one worker (--dist loadfile), so module-scoped fixtures run once.
+# each on 2 cores spin-wait on each other (tiny models ran up to 40x slower). Tests go to
+# whichever worker is free (--dist load), so the slow DDP tests of one file spread over
+# both; a module-scoped fixture may then run once per worker. (--dist load would
+# keep those together, but pytest-xdist 3.8 did not group under pytest 9.2 here.)
 TEST_WORKERS ?= 2
 test: $(INSTALLED)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist load
 
 # The suite on the oldest release of every dependency pyproject.toml declares (its
 # floors, pinned by ci/min_constraints.py; torch stays on TORCH_CONSTRAINTS' build), in

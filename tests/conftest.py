@@ -103,3 +103,4 @@ def tiny_loader(batches: int = 8, batch_size: int = 16, seed: int = 0, scale: fl
 @pytest.fixture
 def seeded():
     pl.seed_everything(0, verbose=False)
+
