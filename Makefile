@@ -26,7 +26,7 @@ demo: $(INSTALLED)
 # which one process cannot spread over two cores, and two workers of two OpenMP threads
 # each on 2 cores spin-wait on each other (tiny models ran up to 40x slower). Tests go to
 # whichever worker is free (--dist load), so the slow DDP tests of one file spread over
-# both; a module-scoped fixture may then run once per worker. (--dist load would
+# both; a module-scoped fixture may then run once per worker. (--dist loadgroup would
 # keep those together, but pytest-xdist 3.8 did not group under pytest 9.2 here.)
 TEST_WORKERS ?= 2
 test: $(INSTALLED)
