@@ -3,6 +3,7 @@ pretrained MiniLM (loaded from an installed package, never downloaded)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -69,6 +70,22 @@ def print_table(header, rows) -> None:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def charlm_arguments() -> argparse.Namespace:
+    """``--seeds``, ``--base-steps`` (the float base) and ``--extra-steps`` (the runs
+    branched from it) of the char-LM benchmarks."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--base-steps", type=int, default=1200)
+    parser.add_argument("--extra-steps", type=int, default=200)
+    return parser.parse_args()
+
+
+def seed_summary(runs, key) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one run) of ``run[key]`` over the seeds' runs."""
+    values = [run[key] for run in runs]
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def median(values) -> float:

@@ -24,7 +24,7 @@ import statistics
 import lightning.pytorch as pl
 import torch
 
-from common import headline, machine, quiet_trainer
+from common import headline, machine, seed_summary as summary, quiet_trainer
 
 from lightning_compress import KnowledgeDistillation
 from lightning_compress.distill.losses import TopKTargets, kl_divergence, top_k_kl_divergence
@@ -74,11 +74,6 @@ def run_seed(seed: int, teacher_steps: int, steps: int) -> dict:
         "student params": sum(p.numel() for p in alone.parameters()),
         **cache_figures(teacher, alone, val),
     }
-
-
-def summary(runs, key):
-    values = [run[key] for run in runs]
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def main() -> None:

@@ -14,15 +14,14 @@ start and steps); held-out perplexity.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 from pathlib import Path
 
 from torch import nn
 
-from common import headline, machine
-from qat_init import CALIBRATION_BATCHES, CharLMSeed, summary
+from common import headline, machine, charlm_arguments, seed_summary as summary
+from qat_init import CALIBRATION_BATCHES, CharLMSeed
 
 from lightning_compress import from_recipe
 from lightning_compress.examples.charlm import perplexity
@@ -65,11 +64,7 @@ def run_seed(run: CharLMSeed) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--base-steps", type=int, default=1200)
-    parser.add_argument("--extra-steps", type=int, default=200)
-    args = parser.parse_args()
+    args = charlm_arguments()
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run_seed(CharLMSeed(seed, args.base_steps, args.extra_steps, Path(tmp) / f"base{seed}.ckpt"))
                 for seed in range(args.seeds)]

@@ -25,9 +25,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import argparse
 import copy
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -36,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import headline, machine, minilm_dir, quiet_trainer
+from common import headline, machine, charlm_arguments, seed_summary as summary, minilm_dir, quiet_trainer
 
 from lightning_compress import MagnitudePruning
 from lightning_compress.examples.charlm import CharDataModule, CharTransformer, perplexity
@@ -139,17 +137,8 @@ def minilm_one_shot() -> dict:
     return results
 
 
-def summary(runs, key):
-    values = [run[key] for run in runs]
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--base-steps", type=int, default=1200)
-    parser.add_argument("--extra-steps", type=int, default=200)
-    args = parser.parse_args()
+    args = charlm_arguments()
     with tempfile.TemporaryDirectory() as tmp:
         runs = [charlm_seed(seed, args.base_steps, args.extra_steps, Path(tmp) / f"base{seed}.ckpt")
                 for seed in range(args.seeds)]

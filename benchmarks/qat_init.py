@@ -32,9 +32,7 @@ starts record those 16 batches; the runs differ only in where QAT starts from.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -42,7 +40,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from common import headline, machine, quiet_trainer
+from common import headline, machine, charlm_arguments, seed_summary as summary, quiet_trainer
 
 from lightning_compress import KnowledgeDistillation, QuantizationAwareTraining, QuantSpec
 from lightning_compress.examples.charlm import CharDataModule, CharTransformer, perplexity
@@ -155,17 +153,8 @@ class _SaveAtEnd(pl.Callback):
         trainer.save_checkpoint(self.path)
 
 
-def summary(runs, key):
-    values = [run[key] for run in runs]
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--base-steps", type=int, default=1200)
-    parser.add_argument("--extra-steps", type=int, default=200)
-    args = parser.parse_args()
+    args = charlm_arguments()
 
     with tempfile.TemporaryDirectory() as tmp:
         seeds = [CharLMSeed(seed, args.base_steps, args.extra_steps, Path(tmp) / f"base{seed}.ckpt")

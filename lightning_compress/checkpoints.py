@@ -159,23 +159,30 @@ def export_checkpoint(
             f"{writer.dirpath} already exists; choose another output directory or pass overwrite=True"
             " (on the command line: --overwrite) to replace it; nothing was written"
         )
-    model = restore_from_checkpoint(_build(model_class, checkpoint), checkpoint, loaded)
-    return writer.write(model, _batches(datamodule) if datamodule is not None else ())
+    model = restore_from_checkpoint(build_from_hyperparameters(model_class, checkpoint.get("hyper_parameters")), checkpoint, loaded)
+    return writer.write(model, evaluation_batches(datamodule) if datamodule is not None else ())
 
 
-def _build(model_class: type, checkpoint: Mapping[str, Any]) -> pl.LightningModule:
+def build_from_hyperparameters(cls: type, saved: Any, what: str = "hyperparameters") -> Any:
+    """``cls(**saved)``: a LightningModule or LightningDataModule rebuilt from the
+    hyperparameters a checkpoint holds (``what`` names them in the error).
+
+    Raises:
+        RecipeError: when they do not fit ``cls``'s ``__init__``.
+    """
     # LightningCLI adds its own keys (`_class_path`, `_instantiator`) next to the module's.
-    hyperparameters = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    hyperparameters = {k: v for k, v in (saved or {}).items() if not str(k).startswith("_")}
     try:
-        return model_class(**hyperparameters)
+        return cls(**hyperparameters)
     except TypeError as err:
         raise RecipeError(
-            f"cannot build {model_class.__name__} from the checkpoint's hyperparameters {sorted(hyperparameters)}:"
+            f"cannot build {cls.__name__} from the checkpoint's {what} {sorted(hyperparameters)}:"
             f" {err}; call save_hyperparameters() in its __init__"
         ) from None
 
 
-def _batches(datamodule: pl.LightningDataModule):
+def evaluation_batches(datamodule: pl.LightningDataModule):
+    """The datamodule's validation batches, or its training batches when it has none."""
     datamodule.prepare_data()
     datamodule.setup("validate")
     if is_overridden("val_dataloader", datamodule, pl.LightningDataModule):

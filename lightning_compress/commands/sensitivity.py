@@ -137,20 +137,19 @@ def _import(path: str, option: str) -> Any:
 
 
 def _model(path: str, checkpoint_path: Optional[str]):
+    from lightning_compress.checkpoints import build_from_hyperparameters, read_checkpoint
+    from lightning_compress.recipes import RecipeError
+
     model_class = _import(path, "--model")
     if not (isinstance(model_class, type) and issubclass(model_class, pl.LightningModule)):
         raise CommandError(f"--model must be a LightningModule class, got {path}")
     checkpoint = {}
     if checkpoint_path is not None:
-        from lightning_compress.checkpoints import read_checkpoint
-
         checkpoint = read_checkpoint(checkpoint_path)
-    arguments = _hyperparameters(checkpoint.get("hyper_parameters"))
     try:
-        model = model_class(**arguments)
-    except TypeError as err:
-        raise CommandError(f"--model {path}: cannot build it from the checkpoint's hyperparameters {sorted(arguments)}:"
-                           f" {err}; call save_hyperparameters() in its __init__") from None
+        model = build_from_hyperparameters(model_class, checkpoint.get("hyper_parameters"))
+    except RecipeError as err:
+        raise CommandError(f"--model {path}: {err}") from None
     if checkpoint:
         model.on_load_checkpoint(checkpoint)
         model.load_state_dict(checkpoint["state_dict"])
@@ -158,6 +157,9 @@ def _model(path: str, checkpoint_path: Optional[str]):
 
 
 def _loader(model: pl.LightningModule, data: Optional[str], checkpoint: Mapping[str, Any]):
+    from lightning_compress.checkpoints import build_from_hyperparameters, evaluation_batches
+    from lightning_compress.recipes import RecipeError
+
     if data is None:
         if is_overridden("val_dataloader", model, pl.LightningModule):
             return iter(model.val_dataloader())
@@ -165,23 +167,12 @@ def _loader(model: pl.LightningModule, data: Optional[str], checkpoint: Mapping[
     data_class = _import(data, "--data")
     if not (isinstance(data_class, type) and issubclass(data_class, pl.LightningDataModule)):
         raise CommandError(f"--data must be a LightningDataModule class, got {data}")
-    arguments = _hyperparameters(checkpoint.get("datamodule_hyper_parameters"))
     try:
-        datamodule = data_class(**arguments)
-    except TypeError as err:
-        raise CommandError(f"--data {data}: cannot build it from the checkpoint's datamodule hyperparameters"
-                           f" {sorted(arguments)}: {err}; call save_hyperparameters() in its __init__") from None
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    if is_overridden("val_dataloader", datamodule, pl.LightningDataModule):
-        return iter(datamodule.val_dataloader())
-    datamodule.setup("fit")
-    return iter(datamodule.train_dataloader())
-
-
-def _hyperparameters(saved: Any) -> dict:
-    # LightningCLI adds its own keys (`_class_path`, `_instantiator`) next to the module's.
-    return {k: v for k, v in (saved or {}).items() if not str(k).startswith("_")}
+        datamodule = build_from_hyperparameters(data_class, checkpoint.get("datamodule_hyper_parameters"),
+                                                "datamodule hyperparameters")
+    except RecipeError as err:
+        raise CommandError(f"--data {data}: {err}") from None
+    return evaluation_batches(datamodule)
 
 
 def _bits(text: str) -> Any:
