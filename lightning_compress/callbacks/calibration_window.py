@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.core.sharding import is_sharded_model
-from lightning_compress.quant.calibrated_start import CalibratedStart
+from lightning_compress.quant.calibrated_start import CalibratedStart, describe_setting
 
 
 class CalibrationWindow:
@@ -32,10 +32,7 @@ class CalibrationWindow:
     def __init__(self, calibration: CalibratedStart, batches: int, set_enabled: Callable[[bool], None]) -> None:
         self.calibration = calibration
         self.batches = batches
-        self.setting = " with ".join(
-            ([f"init={calibration.init!r}"] if calibration.init is not None else [])
-            + ([f"smoothing={calibration.smoothing}"] if calibration.smoothing is not None else [])
-        )
+        self.setting = describe_setting(calibration.init, calibration.smoothing)
         self._set_enabled = set_enabled
         self.applied = False
         self._first_recorded = 0

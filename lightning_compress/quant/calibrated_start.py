@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lightning_compress.core.distributed import all_reduce_max, all_reduce_sum_, broadcast_from_rank_zero
 from lightning_compress.core.recompute import in_backward
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
-from lightning_compress.quant.fake_quant import as_matrix, choose_qparams, choose_qparams_mse
+from lightning_compress.quant.fake_quant import as_matrix
 from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_quantize
 from lightning_compress.quant.mappings import ScaleMapping, find_mappings
 from lightning_compress.quant.spec import QuantSpec
@@ -103,10 +103,6 @@ class CalibratedStart:
         self._handles: list = []
 
     # ------------------------------------------------------------------ recording
-    @property
-    def recording(self) -> bool:
-        return bool(self._handles)
-
     def start_recording(self) -> None:
         """Record the inputs of every forward with grad enabled (training forwards: not
         validation, not a recompute inside the backward) until :meth:`stop_recording`.
@@ -189,7 +185,7 @@ class CalibratedStart:
         silent = [key for key in self._recorded_keys() if key not in self._recorded()]
         if silent:
             raise ValueError(
-                f"{_setting(self.init, self.smoothing)}: {silent} received no input in the"
+                f"{describe_setting(self.init, self.smoothing)}: {silent} received no input in the"
                 f" {self.statistics.batches} calibration batch(es): their forward is not called as a module"
                 " (the layers it would record are named); exclude the layers they feed"
             )
@@ -229,7 +225,7 @@ class CalibratedStart:
             weights = [as_matrix(weight_before(modules[n], Stage.FAKE_QUANT).detach().float()) for n in quantized]
             quantizer = self.quantizers[quantized[0]]
             result = awq_scales(self.statistics.rows[mapping.smooth], weights, quantizer.spec,
-                                choose=_grid_chooser(quantizer))
+                                choose=quantizer.range_grid)
             return result.scales
         weights = [weight_before(modules[n], Stage.FAKE_QUANT).detach().float() for n in mapping.balance]
         weight_absmax = torch.stack([as_matrix(w).abs().amax(dim=0) for w in weights]).amax(dim=0)
@@ -243,7 +239,7 @@ class CalibratedStart:
         weight = weight_before(layer, Stage.FAKE_QUANT).detach()
         mask = get_weight_transform(layer, Stage.MASK)
         keep = None if mask is None or mask.keep is None else as_matrix(mask.keep)
-        choose = _grid_chooser(quantizer)
+        choose = quantizer.range_grid
         if quantizer.learned:  # the forward computes with exp(log(scale))
             base = choose
             choose = lambda columns: _through_log(*base(columns))  # noqa: E731
@@ -256,14 +252,6 @@ class CalibratedStart:
         changed.append((raw, raw.detach().clone()))
         raw.copy_(new if keep is None else torch.where(keep.view(raw.shape), new, raw))
         quantizer.start_from(scale, zero_point)
-
-
-def _grid_chooser(quantizer: WeightFakeQuantizer) -> Callable[[Tensor], tuple]:
-    """The quantizer's own range rule, for a slice of columns."""
-    spec = quantizer.spec
-    if quantizer.weight_range == "mse":
-        return lambda columns: choose_qparams_mse(columns, spec)[:2]
-    return lambda columns: choose_qparams(columns, spec)
 
 
 def _through_log(scale: Tensor, zero_point: Tensor) -> tuple:
@@ -310,7 +298,8 @@ def _float_output(module: nn.Module, inputs: Tensor) -> Tensor:
     return module(inputs).float()
 
 
-def _setting(init: str | None, smoothing: float | None) -> str:
+def describe_setting(init: str | None, smoothing: float | None) -> str:
+    """``init='gptq' with smoothing=0.5``: the user's setting, for messages."""
     parts = ([f"init={init!r}"] if init is not None else []) + ([f"smoothing={smoothing}"] if smoothing is not None else [])
     return " with ".join(parts)
 
@@ -335,7 +324,7 @@ def plan_calibrated_start(
             scale with its weight (Gemma's ``x * (1 + weight)``), or a weight the start
             would rewrite that another module shares (tied embeddings).
     """
-    setting = _setting(init, smoothing)
+    setting = describe_setting(init, smoothing)
     written = {}
     if init == "gptq":
         others = [key for key, layer in layers.items()
@@ -434,4 +423,4 @@ def _covering_mappings(
     return mappings
 
 
-__all__ = ["AWQ_ROWS", "CalibratedStart", "CalibrationStatistics", "plan_calibrated_start"]
+__all__ = ["AWQ_ROWS", "CalibratedStart", "CalibrationStatistics", "describe_setting", "plan_calibrated_start"]

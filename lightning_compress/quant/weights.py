@@ -85,7 +85,7 @@ class WeightFakeQuantizer:
         if self.learned:
             if self.initialized:
                 return self.log_scale.detach().exp().to(matrix.device), self.zero_point.to(matrix.device)
-            scale, zero_point = self._initial_grid(matrix)
+            scale, zero_point = self.range_grid(matrix)
             # The forward computes with exp(log(scale)), which differs from `scale` in its
             # last bit for most values.
             return scale.log().exp(), zero_point
@@ -147,7 +147,9 @@ class WeightFakeQuantizer:
             return {}
         return {"weight_bits": self.spec.bits, "granularity": self.spec.granularity_label}
 
-    def _initial_grid(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
+    def range_grid(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        """Scales and zero points of ``matrix`` (or a slice of its columns) by this
+        quantizer's ``weight_range`` rule: min/max, or the mse clipping search."""
         if self.weight_range == "mse":
             return choose_qparams_mse(matrix, self.spec)[:2]
         return choose_qparams(matrix, self.spec)
@@ -166,7 +168,7 @@ class WeightFakeQuantizer:
 
     @torch.no_grad()
     def _initialize(self, matrix: Tensor) -> None:
-        scale, zero_point = self._initial_grid(matrix)
+        scale, zero_point = self.range_grid(matrix)
         self.log_scale.copy_(scale.log())
         self.zero_point = zero_point.to(self.log_scale.device)
         self.initialized = True
