@@ -82,6 +82,23 @@ def charlm_arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def charlm_cache(seed: int, base_steps: int, extra_steps: int) -> Path:
+    """The folder that keeps one char-LM seed's float base and float model between the
+    char-LM benchmarks (``$LC_BENCH_CACHE``, default ``benchmarks/.cache``).
+
+    Its name hashes what the trained weights depend on: the seed, the step counts, torch's
+    version and the char LM's source, so a change to any of them trains afresh.
+    """
+    import hashlib
+
+    from lightning_compress.examples import charlm
+
+    key = hashlib.sha256(f"{seed}/{base_steps}/{extra_steps}/{torch.__version__}/".encode()
+                         + Path(charlm.__file__).read_bytes()).hexdigest()[:16]
+    root = Path(os.environ.get("LC_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
+    return root / f"charlm-seed{seed}-{key}"
+
+
 def seed_summary(runs, key) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one run) of ``run[key]`` over the seeds' runs."""
     values = [run[key] for run in runs]

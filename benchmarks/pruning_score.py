@@ -26,18 +26,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import copy
-import tempfile
-from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import headline, machine, charlm_arguments, seed_summary as summary, minilm_dir, quiet_trainer
+from common import charlm_arguments, headline, machine, minilm_dir, seed_summary as summary
+from qat_init import CharLMSeed
 
 from lightning_compress import MagnitudePruning
-from lightning_compress.examples.charlm import CharDataModule, CharTransformer, perplexity
+from lightning_compress.examples.charlm import perplexity
 from lightning_compress.sparsity.masks import SparsityPattern, layer_mask
 
 PATTERNS = {"50%": ("unstructured", 0.5), "2:4": ("2:4", None)}
@@ -76,39 +74,24 @@ def linear_layers(model: nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def charlm_seed(seed: int, base_steps: int, extra_steps: int, checkpoint: Path) -> dict:
-    data = CharDataModule(seed=seed)
-    data.setup()
-    total = base_steps + extra_steps
+def charlm_seed(seed: int, base_steps: int, extra_steps: int) -> dict:
+    run = CharLMSeed(seed, base_steps, extra_steps)
     start = base_steps + CALIBRATION_BATCHES
-
-    def train(max_steps, callbacks=(), resume=True):
-        pl.seed_everything(seed, verbose=False)
-        model = CharTransformer(vocab_size=len(data.vocabulary), d_model=64, decay_steps=total)
-        trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=list(callbacks))
-        trainer.fit(model, data, ckpt_path=checkpoint if resume else None)
-        return model, trainer
-
-    _, base_trainer = train(base_steps, resume=False)
-    base_trainer.save_checkpoint(checkpoint)
-    float_model, _ = train(total)
-    val = data.val_dataloader()
-    results = {"float": perplexity(float_model, val)}
-    calibration = [batch for _, batch in zip(range(CALIBRATION_BATCHES), data.train_dataloader())]
-    norms = input_norms(float_model, linear_layers(float_model), [(ids,) for ids, _ in calibration])
+    results = {"float": run.results["float"]}
+    calibration = [batch for _, batch in zip(range(CALIBRATION_BATCHES), run.data.train_dataloader())]
+    norms = input_norms(run.float_model, linear_layers(run.float_model), [(ids,) for ids, _ in calibration])
     for pattern, (kind, sparsity) in PATTERNS.items():
         for score in SCORES:
-            pruned = copy.deepcopy(float_model)
+            pruned = copy.deepcopy(run.float_model)
             prune_one_shot(pruned, linear_layers(pruned), pattern, score, norms)
-            results[f"one-shot {pattern} {score}"] = perplexity(pruned, val)
+            results[f"one-shot {pattern} {score}"] = perplexity(pruned, run.val)
             schedules = {"one-shot + fine-tuning": dict(schedule="one_shot", start_step=start)}
             if sparsity is not None:
                 schedules["gradual"] = dict(start_step=start, end_step=base_steps + int(0.75 * extra_steps),
                                             update_every=10)
             for label, options in schedules.items():
                 pruning = MagnitudePruning(sparsity, pattern=kind, score=score, **options)
-                model, _ = train(total, [pruning])
-                results[f"{label} {pattern} {score}"] = perplexity(model, val)
+                results[f"{label} {pattern} {score}"] = perplexity(run.train(run.total, [pruning]), run.val)
     return results
 
 
@@ -139,9 +122,7 @@ def minilm_one_shot() -> dict:
 
 def main() -> None:
     args = charlm_arguments()
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = [charlm_seed(seed, args.base_steps, args.extra_steps, Path(tmp) / f"base{seed}.ckpt")
-                for seed in range(args.seeds)]
+    runs = [charlm_seed(seed, args.base_steps, args.extra_steps) for seed in range(args.seeds)]
     minilm = minilm_one_shot()
 
     print(f"# Pruning scores: char LM perplexity (mean ± sd of {args.seeds} seeds) and MiniLM FFN cosine; {machine()}")

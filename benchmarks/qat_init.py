@@ -33,14 +33,13 @@ starts record those 16 batches; the runs differ only in where QAT starts from.
 from __future__ import annotations
 
 import copy
-import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from common import headline, machine, charlm_arguments, seed_summary as summary, quiet_trainer
+from common import charlm_arguments, charlm_cache, headline, machine, seed_summary as summary, quiet_trainer
 
 from lightning_compress import KnowledgeDistillation, QuantizationAwareTraining, QuantSpec
 from lightning_compress.examples.charlm import CharDataModule, CharTransformer, perplexity
@@ -109,21 +108,38 @@ def ptq_point(float_model: CharTransformer, spec: QuantSpec, init: str, data: Ch
 
 class CharLMSeed:
     """One seed: the float base (checkpointed), the float model trained on from it, and
-    QAT runs branched from the base."""
+    QAT runs branched from the base.
 
-    def __init__(self, seed: int, base_steps: int, extra_steps: int, checkpoint: Path) -> None:
-        self.seed, self.base_steps, self.checkpoint = seed, base_steps, checkpoint
+    The base checkpoint and the float model's weights are kept in ``cache_dir``
+    (``common.charlm_cache``), keyed by the seed, the step counts, torch's version and the
+    char LM's source, so the char-LM benchmarks train each seed's base once between them.
+    """
+
+    def __init__(self, seed: int, base_steps: int, extra_steps: int, cache_dir: Path | None = None) -> None:
+        self.seed, self.base_steps = seed, base_steps
         self.total = base_steps + extra_steps
+        folder = charlm_cache(seed, base_steps, extra_steps) if cache_dir is None else cache_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = folder / "base.ckpt"
         self.data = CharDataModule(seed=seed)
         self.data.setup()
         self.val = self.data.val_dataloader()
-        self.train(base_steps, [_SaveAtEnd(checkpoint)], resume=None)
-        self.float_model = self.train(self.total)
+        float_weights = folder / "float.pt"
+        if not (self.checkpoint.exists() and float_weights.exists()):
+            self.train(base_steps, [_SaveAtEnd(self.checkpoint)], resume=None)
+            model = self.train(self.total)
+            torch.save(model.state_dict(), float_weights.with_suffix(".tmp"))
+            float_weights.with_suffix(".tmp").replace(float_weights)  # complete or absent
+        self.float_model = self.new_model()
+        self.float_model.load_state_dict(torch.load(float_weights, weights_only=True))
         self.results = {"float": perplexity(self.float_model, self.val)}
 
-    def train(self, max_steps, callbacks=(), resume="base"):
+    def new_model(self) -> CharTransformer:
         pl.seed_everything(self.seed, verbose=False)
-        model = CharTransformer(vocab_size=len(self.data.vocabulary), d_model=64, decay_steps=self.total)
+        return CharTransformer(vocab_size=len(self.data.vocabulary), d_model=64, decay_steps=self.total)
+
+    def train(self, max_steps, callbacks=(), resume="base"):
+        model = self.new_model()
         trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=list(callbacks))
         trainer.fit(model, self.data, ckpt_path=self.checkpoint if resume else None)
         return model
@@ -150,28 +166,28 @@ class _SaveAtEnd(pl.Callback):
         self.path = path
 
     def on_train_end(self, trainer, pl_module):
-        trainer.save_checkpoint(self.path)
+        partial = self.path.with_suffix(".partial")
+        trainer.save_checkpoint(partial)
+        partial.replace(self.path)  # a killed run leaves no half-written base behind
 
 
 def main() -> None:
     args = charlm_arguments()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        seeds = [CharLMSeed(seed, args.base_steps, args.extra_steps, Path(tmp) / f"base{seed}.ckpt")
-                 for seed in range(args.seeds)]
-        for run in seeds:
-            run.ptq()
-            for bits in BITS:
-                for name, options in STARTS.items():
-                    run.qat(f"qat {name} {bits}", options, bits, group_size=32)
-            for name, smoothing in (("w8a8", None), ("w8a8 smoothquant", 0.5)):
-                run.qat(f"qat {name}", {"activations": "int8_dynamic", "smoothing": smoothing}, 8)
-        runs = [run.results for run in seeds]
-        # Distillation from the float model on top of the best start at int4, at both widths.
-        best = min(STARTS, key=lambda name: summary(runs, f"qat {name} 4")[0])
-        for run in seeds:
-            for bits in BITS:
-                run.qat(f"qat {best} + KD {bits}", STARTS[best], bits, distill=True, group_size=32)
+    seeds = [CharLMSeed(seed, args.base_steps, args.extra_steps) for seed in range(args.seeds)]
+    for run in seeds:
+        run.ptq()
+        for bits in BITS:
+            for name, options in STARTS.items():
+                run.qat(f"qat {name} {bits}", options, bits, group_size=32)
+        for name, smoothing in (("w8a8", None), ("w8a8 smoothquant", 0.5)):
+            run.qat(f"qat {name}", {"activations": "int8_dynamic", "smoothing": smoothing}, 8)
+    runs = [run.results for run in seeds]
+    # Distillation from the float model on top of the best start at int4, at both widths.
+    best = min(STARTS, key=lambda name: summary(runs, f"qat {name} 4")[0])
+    for run in seeds:
+        for bits in BITS:
+            run.qat(f"qat {best} + KD {bits}", STARTS[best], bits, distill=True, group_size=32)
 
     print(f"# Where QAT starts from: char LM, mean ± sd of {args.seeds} seeds; {machine()}")
     print("| grid | start | perplexity | gap closed (vs RTN PTQ) |")

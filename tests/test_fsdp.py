@@ -16,7 +16,7 @@ from lightning_compress.sparsity.masks import unpack_mask
 from tests.ddp_process import assert_same, run_script
 from tests.scripts import fsdp_run
 
-ALONE = ("prune", "prune-2:4", "qat", "kd", "lora", "qlora")
+ALONE = ("prune", "prune-2:4", "prune-wanda", "qat", "kd", "lora", "qlora")
 MODES = (*ALONE, "kd-sharded-teacher", "stack", "resume-sharded", "resume-full", *fsdp_run.REFUSED)
 
 
@@ -154,6 +154,8 @@ def test_settings_fsdp2_cannot_shard_are_refused_before_training(sharded):
         assert "before `configure_model` built ['fc1']" in rank["error"] and "`exclude_modules`" in rank["error"]
     for rank in runs["kd-self-layer-sharded"]:
         assert "runs one submodule of it; use teacher_strategy='replicate'" in rank["error"]
+    for rank in runs["qat-gptq"]:
+        assert "init='gptq' is not supported under FSDP2" in rank["error"] and "train with DDP" in rank["error"]
 
 
 def test_export_is_written_once(sharded):

@@ -115,8 +115,12 @@ def build(mode, out_dir):
     torch.manual_seed(1)
     if mode.startswith("prune"):
         nm = mode == "prune-2:4"
-        return [MagnitudePruning(None if nm else 0.6, pattern="2:4" if nm else "unstructured",
+        score = "wanda" if mode == "prune-wanda" else "magnitude"  # wanda: norms of the inputs each rank saw
+        return [MagnitudePruning(None if nm else 0.6, pattern="2:4" if nm else "unstructured", score=score,
                                  scope="layer" if nm else "global", start_step=2, end_step=QAT_START, update_every=2)]
+    if mode == "qat-gptq":  # rewrites whole weights at its start: refused under FSDP2
+        return [QuantizationAwareTraining("int4", group_size=4, init="gptq", targets=["fc1", "fc2"],
+                                          start_step=QAT_START, calibration_batches=2)]
     if mode == "qat":
         # Asymmetric: see tests/scripts/ddp_stack.py (symmetric groups sit on rounding ties).
         return [QuantizationAwareTraining("int4", group_size=4, symmetric=False, learn_ranges=True,
@@ -184,7 +188,7 @@ def run(mode, out_dir):
     return fit(mode, out_dir, 2)
 
 
-REFUSED = ("qlora-unshardable", "lora-late", "lora-late-partial", "kd-self-layer-sharded")  # settings that must be refused before training
+REFUSED = ("qlora-unshardable", "lora-late", "lora-late-partial", "kd-self-layer-sharded", "qat-gptq")  # settings that must be refused before training
 
 if __name__ == "__main__":
     arm_hang_report()
