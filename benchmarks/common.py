@@ -82,21 +82,29 @@ def charlm_arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def charlm_cache(seed: int, base_steps: int, extra_steps: int) -> Path:
-    """The folder that keeps one char-LM seed's float base and float model between the
-    char-LM benchmarks (``$LC_BENCH_CACHE``, default ``benchmarks/.cache``).
+def charlm_cache(label: str, *key) -> Path:
+    """The folder that keeps trained char-LM weights between the char-LM benchmarks
+    (``$LC_BENCH_CACHE``, default ``benchmarks/.cache``): ``charlm-<label>-<hash>``.
 
-    Its name hashes what the trained weights depend on: the seed, the step counts, torch's
-    version and the char LM's source, so a change to any of them trains afresh.
+    The hash covers what the trained weights depend on: ``key`` (the seed, the step
+    counts, the shape), torch's version and the char LM's source, so a change to any of
+    them trains afresh.
     """
     import hashlib
 
     from lightning_compress.examples import charlm
 
-    key = hashlib.sha256(f"{seed}/{base_steps}/{extra_steps}/{torch.__version__}/".encode()
-                         + Path(charlm.__file__).read_bytes()).hexdigest()[:16]
+    text = "".join(f"{part}/" for part in (*key, torch.__version__))
+    digest = hashlib.sha256(text.encode() + Path(charlm.__file__).read_bytes()).hexdigest()[:16]
     root = Path(os.environ.get("LC_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
-    return root / f"charlm-seed{seed}-{key}"
+    return root / f"charlm-{label}-{digest}"
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file: complete or absent."""
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)
 
 
 def seed_summary(runs, key) -> tuple[float, float]:

@@ -24,7 +24,7 @@ import statistics
 import lightning.pytorch as pl
 import torch
 
-from common import headline, machine, seed_summary as summary, quiet_trainer
+from common import charlm_cache, headline, machine, quiet_trainer, save_atomically, seed_summary as summary
 
 from lightning_compress import KnowledgeDistillation
 from lightning_compress.distill.losses import TopKTargets, kl_divergence, top_k_kl_divergence
@@ -39,6 +39,17 @@ def train(data, seed, steps, callbacks=(), **shape) -> CharTransformer:
     model = CharTransformer(vocab_size=len(data.vocabulary), decay_steps=steps, **shape)
     quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=list(callbacks)).fit(model, data)
     return model.eval()
+
+
+def cached_teacher(data: CharDataModule, steps: int) -> CharTransformer:
+    """The teacher (2 layers, d=128, seed 0), trained once and kept in ``charlm_cache``."""
+    weights = charlm_cache("teacher", 0, steps, 128, 2) / "teacher.pt"
+    if not weights.exists():
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        save_atomically(train(data, 0, steps, d_model=128, layers=2).state_dict(), weights)
+    teacher = CharTransformer(vocab_size=len(data.vocabulary), decay_steps=steps, d_model=128, layers=2)
+    teacher.load_state_dict(torch.load(weights, weights_only=True))
+    return teacher.eval()
 
 
 @torch.no_grad()
@@ -85,7 +96,7 @@ def main() -> None:
     # the student's initialisation and data order (the held-out split is the same for all).
     data = CharDataModule(seed=0)
     data.setup()
-    teacher = train(data, 0, args.teacher_steps, d_model=128, layers=2)
+    teacher = cached_teacher(data, args.teacher_steps)
     runs = [run_seed(seed, teacher, args.steps) for seed in range(args.seeds)]
 
     teacher, _ = summary(runs, "teacher")

@@ -39,7 +39,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from common import charlm_arguments, charlm_cache, headline, machine, seed_summary as summary, quiet_trainer
+from common import charlm_arguments, charlm_cache, headline, machine, quiet_trainer, save_atomically
+from common import seed_summary as summary
 
 from lightning_compress import KnowledgeDistillation, QuantizationAwareTraining, QuantSpec
 from lightning_compress.examples.charlm import CharDataModule, CharTransformer, perplexity
@@ -118,7 +119,7 @@ class CharLMSeed:
     def __init__(self, seed: int, base_steps: int, extra_steps: int, cache_dir: Path | None = None) -> None:
         self.seed, self.base_steps = seed, base_steps
         self.total = base_steps + extra_steps
-        folder = charlm_cache(seed, base_steps, extra_steps) if cache_dir is None else cache_dir
+        folder = charlm_cache(f"seed{seed}", seed, base_steps, extra_steps) if cache_dir is None else cache_dir
         folder.mkdir(parents=True, exist_ok=True)
         self.checkpoint = folder / "base.ckpt"
         self.data = CharDataModule(seed=seed)
@@ -128,8 +129,7 @@ class CharLMSeed:
         if not (self.checkpoint.exists() and float_weights.exists()):
             self.train(base_steps, [_SaveAtEnd(self.checkpoint)], resume=None)
             model = self.train(self.total)
-            torch.save(model.state_dict(), float_weights.with_suffix(".tmp"))
-            float_weights.with_suffix(".tmp").replace(float_weights)  # complete or absent
+            save_atomically(model.state_dict(), float_weights)
         self.float_model = self.new_model()
         self.float_model.load_state_dict(torch.load(float_weights, weights_only=True))
         self.results = {"float": perplexity(self.float_model, self.val)}
