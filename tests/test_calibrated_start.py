@@ -259,6 +259,24 @@ def test_awq_start_keeps_the_float_function_and_beats_round_to_nearest(seeded):
     assert search.loss <= search.rtn_loss
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+@pytest.mark.parametrize("setting", [dict(init="awq"), dict(smoothing=0.5, activations="int8_dynamic")])
+def test_awq_and_smoothing_fold_under_bf16(seeded, precision, setting):
+    # The fold check compared bf16 outputs with a float32 tolerance and refused every
+    # bf16 run at start_step (a new user's trial); now it checks outside autocast with a
+    # tolerance of the weights' dtype. The folded norm is the trained one over the scales.
+    model = llama()
+    bits = {"init": "int4"}.get(next(iter(setting)), "int8")
+    qat = QuantizationAwareTraining(bits, group_size=16, calibration_batches=2, start_step=2,
+                                    targets=LINEAR_TARGETS, **setting)
+    norm = "model.model.layers.0.input_layernorm.weight"
+    fit(model, [qat], steps=3, precision=precision)
+    assert qat._calibration.applied
+    trained = dict(model.named_parameters())[norm]
+    assert trained.dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    assert not torch.equal(trained, torch.ones_like(trained))  # divided by the scales
+
+
 def test_awq_under_grouped_query_attention_leaves_o_proj_unmapped_and_names_it(seeded):
     model = llama(kv_heads=1)
     qat = QuantizationAwareTraining("int4", group_size=16, init="awq", calibration_batches=1, start_step=1,
