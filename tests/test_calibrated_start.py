@@ -128,18 +128,7 @@ def test_gptq_start_is_gptq_of_the_recorded_inputs_and_the_grid_stays_fixed(seed
         expected, scale, zero_point = gptq_quantize(recorder.before[name].float(), hessian(recorder.inputs[name][:2]),
                                                     SPEC)
         assert torch.equal(recorder.effective[name], expected), name
-        # The raw weight stays where GPTQ kept round to nearest's code, and elsewhere moves
-        # towards GPTQ's value only as far as needed to round to it, stopping short of its
-        # rounding interval's boundary by 1% of a step, so training moves codes from there.
-        trained, raw, step = recorder.before[name], recorder.raw[name], \
-            scale.view(recorder.before[name].shape[0], -1).repeat_interleave(16, dim=1)
-        rtn = (trained * (1.0 / step)).round().clamp(-8, 7) * step  # as the forward rounds, ties included
-        assert torch.equal(raw[rtn == expected], trained[rtn == expected]), name
-        moved = rtn != expected
-        assert moved.any(), name  # GPTQ did change codes here
-        gap = (raw - expected)[moved].abs() / step[moved]
-        assert torch.allclose(gap, torch.full_like(gap, 0.49), atol=1e-5), name
-        assert ((raw - trained).sign() == (expected - trained).sign())[moved].all(), name
+        assert torch.equal(recorder.raw[name], expected), name  # the raw weight starts on the grid
         quantizer = get_weight_transform(dict(model.named_modules())[name], Stage.FAKE_QUANT)
         assert torch.equal(quantizer.grid[0], scale) and torch.equal(quantizer.grid[1], zero_point), name
     # After start the grid is GPTQ's, not the min/max of later weights: the export reads it.

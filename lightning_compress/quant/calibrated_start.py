@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lightning_compress.core.distributed import all_reduce_max, all_reduce_sum_, broadcast_from_rank_zero
 from lightning_compress.core.recompute import in_backward
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
-from lightning_compress.quant.fake_quant import as_matrix, fake_quantize, fake_quantize_learned, group_width
+from lightning_compress.quant.fake_quant import as_matrix
 from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_quantize
 from lightning_compress.quant.mappings import ScaleMapping, find_mappings
 from lightning_compress.quant.spec import QuantSpec
@@ -248,48 +248,10 @@ class CalibratedStart:
         quantized, scale = broadcast_from_rank_zero([quantized, scale])
         (zero_point,) = broadcast_from_rank_zero([zero_point])
         raw = raw_weight(layer)
-        new = _nearest_in_codes(as_matrix(weight.float()), quantized, scale, zero_point, quantizer,
-                                raw.dtype).view(raw.shape)
+        new = quantized.view(raw.shape).to(raw.dtype)
         changed.append((raw, raw.detach().clone()))
         raw.copy_(new if keep is None else torch.where(keep.view(raw.shape), new, raw))
         quantizer.start_from(scale, zero_point)
-
-
-# How far inside a rounding interval a moved weight lands, in steps: far enough from the
-# boundary that the rounding formulas of the two fake-quant paths agree, near enough that
-# a small update can still carry it across.
-_INSIDE = 0.49
-
-
-@torch.no_grad()
-def _nearest_in_codes(weight: Tensor, quantized: Tensor, scale: Tensor, zero_point: Tensor,
-                      quantizer: WeightFakeQuantizer, dtype: torch.dtype) -> Tensor:
-    """The raw weight (``dtype``) a GPTQ start leaves: for each entry, the value nearest
-    the trained ``weight`` that fake-quantizes to GPTQ's value ``quantized`` (matrices).
-
-    Where GPTQ kept round-to-nearest's code the trained weight stays as it is; where it
-    chose another code the weight moves just inside that code's rounding interval. Setting
-    every weight to its grid point instead (the interval's centre) gives the same first
-    forward, but then each weight needs half a step of updates before any code can change,
-    and QAT stalls (a new user's trial: 1.3% of codes moved in 26 steps, 18.8% from a
-    round-to-nearest start). Checked through the forward's own fake quantization: an entry
-    that the cast to ``dtype`` moved off its code takes the grid point.
-    """
-    spec = quantizer.spec
-    width = group_width(weight.shape, spec)
-    step = scale.reshape(-1, 1).float()
-    codes = torch.round(quantized.reshape(-1, width) / step)  # GPTQ's values are grid points
-    low, high = spec.qmin, spec.qmax
-    if not spec.symmetric:
-        shift = zero_point.reshape(-1, 1).float()
-        low, high = spec.qmin - shift, spec.qmax - shift
-    floor = torch.where(codes <= low, -torch.inf, (codes - _INSIDE) * step)
-    ceiling = torch.where(codes >= high, torch.inf, (codes + _INSIDE) * step)
-    moved = torch.minimum(torch.maximum(weight.reshape(-1, width), floor), ceiling).view(weight.shape).to(dtype)
-    rounds = fake_quantize_learned if quantizer.learned else fake_quantize
-    trained = weight.to(dtype)
-    new = torch.where(rounds(trained.float(), scale, zero_point, spec) == quantized, trained, moved)
-    return torch.where(rounds(new.float(), scale, zero_point, spec) == quantized, new, quantized.to(dtype))
 
 
 def _through_log(scale: Tensor, zero_point: Tensor) -> tuple:
