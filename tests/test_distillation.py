@@ -369,6 +369,20 @@ def test_cached_teacher_runs_in_the_first_epoch_only_and_gives_the_same_losses(t
         assert calls == 0 and all(torch.equal(a, b) for a, b in zip(again, uncached))
 
 
+@pytest.mark.parametrize("index_fn, message", [
+    (lambda batch: batch[0] * 0, r"`index_fn` returned indices \[0\] more than once in one batch"),
+    (lambda batch: batch[0].float(), r"`index_fn` must return integer sample indices .* torch.float32"),
+    (lambda batch: batch[0] > 3, r"`index_fn` must return integer sample indices .* torch.bool"),
+    (lambda batch: "all", r"`index_fn` must return the batch's integer sample indices; it returned 'all'"),
+])
+def test_cache_index_fn_that_cannot_tell_samples_apart_is_refused(uncached, index_fn, message):
+    # A repeated index read one sample's cached teacher outputs for every sample of the
+    # batch, silently (a new user's trial: the KD loss stopped following training).
+    teacher_state, initial, _ = uncached
+    with pytest.raises(ValueError, match=message):
+        _cached_run(teacher_state, initial, cache="memory", index_fn=index_fn)
+
+
 def test_ddp_teacher_is_not_wrapped_and_ranks_agree(tmp_path):
     run_script(SCRIPT, tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
