@@ -182,12 +182,15 @@ class CalibratedStart:
                 projection), or a smooth module whose output did not scale as folded.
         """
         self.stop_recording()
-        silent = [key for key in self._recorded_keys() if key not in self._recorded()]
+        recorded = self._recorded()
+        silent = [key for key in self._recorded_keys() if key not in recorded]
         if silent:
+            layers = [key for key in silent if key in self.layers]
+            fix = ("exclude them (`exclude`) or quantize them in a second QuantizationAwareTraining callback without"
+                   " `init`") if layers else "exclude the layers they feed from `targets`, or fix `mappings`"
             raise ValueError(
                 f"{describe_setting(self.init, self.smoothing)}: {silent} received no input in the"
-                f" {self.statistics.batches} calibration batch(es): their forward is not called as a module"
-                " (the layers it would record are named); exclude the layers they feed"
+                f" {self.statistics.batches} calibration batch(es): their forward is not called as a module; {fix}"
             )
         changed: List[tuple] = []  # (tensor, its value before), to put back on failure
         try:
@@ -341,6 +344,15 @@ def plan_calibrated_start(
             raise ValueError(
                 f"init='gptq' rounds the weights of nn.Linear and (ungrouped) nn.Conv2d layers from their inputs;"
                 f" {others} are neither. Exclude them (`exclude`), or quantize them in a second"
+                " QuantizationAwareTraining callback without `init`"
+            )
+        fused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+        unrecorded = [key for key, layer in layers.items() if id(layer) in fused]
+        if unrecorded:
+            raise ValueError(
+                f"init='gptq' rounds each layer from the inputs its forward receives, but {unrecorded} are"
+                " nn.MultiheadAttention's out_proj, whose weight the attention uses without calling the layer: its"
+                " inputs cannot be recorded. Exclude them (`exclude=['*out_proj']`), or quantize them in a second"
                 " QuantizationAwareTraining callback without `init`"
             )
         written.update({key: raw_weight(layer) for key, layer in layers.items()})
