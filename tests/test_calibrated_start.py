@@ -8,6 +8,7 @@ runs resume bit for bit.
 """
 
 import math
+import re
 
 import lightning.pytorch as pl
 import pytest
@@ -289,6 +290,42 @@ def test_awq_on_a_model_without_mappings_names_every_layer_and_mappings_fix_it(s
     assert qat._calibration.applied
 
 
+@pytest.mark.parametrize("mappings, reason", [
+    ({"fc0": ["fc2"]}, r"'fc0' names no module \(close: \['fc\d', 'fc\d'"),
+    ({"fc1": ["fc3"]}, r"'fc3' \(under 'fc1'\) names no module"),
+    ({"conv": ["fc2"]}, r"'conv' \(Conv1d\) is neither a norm with a 1-D weight nor an nn.Linear"),
+    ({"fc2": ["fc1"]}, r"'fc1' reads 64 features but 'fc2' gives 8"),
+    ({"fc1": ["conv"]}, r"'conv' is Conv1d: mappings scale the input columns of nn.Linear layers only"),
+])
+def test_user_mappings_that_match_nothing_say_why(seeded, mappings, reason):
+    # They all used to give one message, "no `mappings` ... covers ['fc2']" (a new user's trial).
+    qat = QuantizationAwareTraining("int8", init="awq", calibration_batches=1, start_step=1, targets=["fc2"],
+                                    mappings=mappings)
+    with pytest.raises(ValueError, match=r"covers \['fc2'\]") as error:
+        fit(TinyRegressor(), [qat], steps=2, loader=tiny_loader())
+    assert re.search(reason, str(error.value)), str(error.value)
+
+
+def test_a_layer_under_two_mappings_is_refused_naming_both(seeded):
+    model = OffsetFreeModel()
+    qat = QuantizationAwareTraining("int8", init="awq", calibration_batches=1, start_step=1, targets=["fc2"],
+                                    mappings={"norm": ["fc2"], "fc1": ["fc2"]})
+    with pytest.raises(ValueError, match=r"lists 'fc2' under both '(norm|fc1)' and '(fc1|norm)'"):
+        fit(model, [qat], steps=2, loader=tiny_loader())
+
+
+class OffsetFreeModel(TinyRegressor):
+    """fc1 -> LayerNorm -> fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.fc2(self.norm(self.fc1(h)))
+
+
 # ---------------------------------------------------------------------------- SmoothQuant
 def test_smoothing_divides_the_activation_outliers_by_the_smoothquant_scales(seeded):
     model = llama()
@@ -349,6 +386,7 @@ def test_resume_inside_the_calibration_window_and_after_the_start_is_bit_exact(t
     (dict(mappings={"norm": ["fc"]}), "mappings"),  # no awq, no smoothing
     (dict(init="awq", mappings={"norm": "fc"}), "mappings"),
     (dict(init="awq", mappings=["norm", "fc"]), "mappings"),
+    (dict(init="awq", mappings={1: ["fc"]}), "mappings"),  # the key is what is wrong: named as such
 ])
 def test_bad_calibrated_start_arguments_name_the_argument(kwargs, argument):
     with pytest.raises(ArgumentError) as err:

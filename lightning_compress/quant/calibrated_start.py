@@ -31,7 +31,7 @@ from lightning_compress.core.recompute import in_backward
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
 from lightning_compress.quant.fake_quant import as_matrix
 from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_quantize
-from lightning_compress.quant.mappings import ScaleMapping, find_mappings
+from lightning_compress.quant.mappings import ScaleMapping, find_mappings, unmatched_rules
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.smoothing import (
     awq_scales,
@@ -418,11 +418,21 @@ def _covering_mappings(
     """The mappings whose balance layers include a quantized layer; every quantized
     layer must be covered."""
     mappings = [m for m in find_mappings(model, rules) if any(name in layers for name in m.balance)]
-    covered = {name for m in mappings for name in m.balance}
-    uncovered = [key for key in layers if key not in covered]
+    owners: Dict[str, str] = {}
+    for mapping in mappings:
+        for name in mapping.balance:
+            if name in owners:
+                raise ValueError(
+                    f"`mappings` lists {name!r} under both {owners[name]!r} and {mapping.smooth!r}: a layer's input"
+                    " columns can take the scales of one mapping only; keep it under the module whose output it reads"
+                )
+            owners[name] = mapping.smooth
+    uncovered = [key for key in layers if key not in owners]
     if uncovered:
+        reasons = unmatched_rules(model, rules) if rules is not None else []
         known = (
-            f"`mappings` {dict(rules)}" if rules is not None else "built-in mapping (LLaMA-style `input_layernorm ->"
+            f"`mappings` {dict(rules)}" + (f" ({'; '.join(reasons)})" if reasons else "")
+            if rules is not None else "built-in mapping (LLaMA-style `input_layernorm ->"
             " q/k/v_proj`, `post_attention_layernorm -> gate/up_proj`, `up_proj -> down_proj`, `v_proj -> o_proj`"
             " where their sizes agree, which grouped-query attention breaks; BERT's `attention.self.value ->"
             " attention.output.dense`)"

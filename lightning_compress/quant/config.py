@@ -147,7 +147,10 @@ class QATConfig:
             raise ArgumentError("mappings", f"`mappings` must map module names to lists of layer names, {fix}; got {self.mappings!r}")
         plain = {}
         for smooth, balance in self.mappings.items():
-            if not isinstance(smooth, str) or not smooth or isinstance(balance, str) or not isinstance(balance, Sequence) \
+            if not isinstance(smooth, str) or not smooth:
+                raise ArgumentError("mappings", f"`mappings` keys must be module names (non-empty strings), {fix}; got the"
+                                                f" key {smooth!r}")
+            if isinstance(balance, str) or not isinstance(balance, Sequence) \
                     or not balance or not all(isinstance(b, str) and b for b in balance):
                 raise ArgumentError("mappings", f"`mappings[{smooth!r}]` must be a non-empty list of layer names, {fix}; got {balance!r}")
             plain[smooth] = list(balance)

@@ -21,6 +21,8 @@ layers, which holds for these names and no others:
 
 from __future__ import annotations
 
+import difflib
+
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence, Tuple
 
@@ -68,6 +70,39 @@ def find_mappings(model: nn.Module, rules: Mapping[str, Sequence[str]] | None = 
     return found
 
 
+def unmatched_rules(model: nn.Module, rules: Mapping[str, Sequence[str]]) -> List[str]:
+    """Why each of the user's ``rules`` that :func:`find_mappings` does not find in
+    ``model`` is not there: one sentence per rule, for error messages."""
+    modules: Dict[str, nn.Module] = dict(model.named_modules())
+    found = {mapping.smooth for mapping in find_mappings(model, rules)}
+    reasons = []
+    for smooth_suffix, balance_suffixes in rules.items():
+        names = [n for n in modules if n == smooth_suffix or n.endswith("." + smooth_suffix)]
+        if not names:
+            close = difflib.get_close_matches(smooth_suffix, sorted({n.rpartition(".")[2] for n in modules} | set(modules)),
+                                              n=3)
+            reasons.append(f"{smooth_suffix!r} names no module" + (f" (close: {close})" if close else ""))
+            continue
+        if any(n in found for n in names):
+            continue
+        name = names[0]
+        prefix, size = name[: len(name) - len(smooth_suffix)], _output_size(modules[name])
+        if size is None:
+            reasons.append(f"{name!r} ({type(modules[name]).__name__}) is neither a norm with a 1-D weight nor an"
+                           " nn.Linear, so no scale can be folded into it")
+            continue
+        for suffix in balance_suffixes:
+            layer = modules.get(prefix + suffix)
+            if layer is None:
+                reasons.append(f"{prefix + suffix!r} (under {smooth_suffix!r}) names no module")
+            elif not isinstance(layer, nn.Linear):
+                reasons.append(f"{prefix + suffix!r} is {type(layer).__name__}: mappings scale the input columns of"
+                               " nn.Linear layers only")
+            elif layer.in_features != size:
+                reasons.append(f"{prefix + suffix!r} reads {layer.in_features} features but {name!r} gives {size}")
+    return reasons
+
+
 def _output_size(module: nn.Module) -> int | None:
     if isinstance(module, nn.Linear):
         return module.out_features
@@ -81,4 +116,4 @@ def _reads(layer: nn.Module | None, size: int | None) -> bool:
     return isinstance(layer, nn.Linear) and size is not None and layer.in_features == size
 
 
-__all__ = ["ScaleMapping", "find_mappings"]
+__all__ = ["ScaleMapping", "find_mappings", "unmatched_rules"]
