@@ -127,7 +127,7 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
         try:
             device = as_matrix(getattr(original, weights[0].param)).device
             device = torch.device("cpu") if device.type == "meta" else device
-            replacement = build_packed_unit(weights, original, backend, chosen.get(name), cache).to(device)
+            replacement = _to_device(build_packed_unit(weights, original, backend, chosen.get(name), cache), device)
         except ValueError as err:
             raise PackedFormatError(f"layer {name!r}: {err}") from None
         set_submodule(model, name, replacement)
@@ -171,3 +171,10 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module.to(device)``, leaving tensors on the meta device where they are: a packed
+    attention layer holds its ``out_proj``, which a model built on the meta device gets
+    only when the loop reaches it (it is packed on its own, after its parent)."""
+    return module._apply(lambda tensor: tensor if tensor.is_meta else tensor.to(device))
