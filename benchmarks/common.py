@@ -82,20 +82,23 @@ def charlm_arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def charlm_cache(label: str, *key) -> Path:
+def charlm_cache(label: str, *key, code=()) -> Path:
     """The folder that keeps trained char-LM weights between the char-LM benchmarks
     (``$LC_BENCH_CACHE``, default ``benchmarks/.cache``): ``charlm-<label>-<hash>``.
 
     The hash covers what the trained weights depend on: ``key`` (the seed, the step
-    counts, the shape), torch's version and the char LM's source, so a change to any of
-    them trains afresh.
+    counts, the shape), the Python version (the corpus is its standard library's
+    docstrings), torch's and Lightning's versions, the char LM's source and the source of
+    ``code`` (the functions that train it), so a change to any of them trains afresh.
     """
     import hashlib
+    import inspect
 
     from lightning_compress.examples import charlm
 
-    text = "".join(f"{part}/" for part in (*key, torch.__version__))
-    digest = hashlib.sha256(text.encode() + Path(charlm.__file__).read_bytes()).hexdigest()[:16]
+    text = "".join(f"{part}/" for part in (*key, sys.version, torch.__version__, pl.__version__))
+    sources = Path(charlm.__file__).read_text() + "".join(inspect.getsource(obj) for obj in (quiet_trainer, *code))
+    digest = hashlib.sha256((text + sources).encode()).hexdigest()[:16]
     root = Path(os.environ.get("LC_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
     return root / f"charlm-{label}-{digest}"
 

@@ -16,7 +16,7 @@ and what a top-k teacher cache keeps.
   ``cache="disk"`` stores without ``cache_top_k``) vs its top 8 / 16 logits per character
   (``cache_top_k``): the bytes each would take (float32 values, int16 indices, two float32
   per position), and the distillation loss the no-KD student gets from each, full KL vs
-  top-k KL (``distill.losses.top_k_kl_divergence``), at the run's temperature.
+  top-k KL (``distill.losses.top_k_kl_divergence``), at T=2.
 
     python benchmarks/distill_students.py [--seeds 3]
 """
@@ -49,7 +49,7 @@ def train(data, seed, steps, callbacks=(), **shape) -> CharTransformer:
 
 def cached_teacher(data: CharDataModule, steps: int) -> CharTransformer:
     """The teacher (2 layers, d=128, seed 0), trained once and kept in ``charlm_cache``."""
-    weights = charlm_cache("teacher", 0, steps, 128, 2) / "teacher.pt"
+    weights = charlm_cache("teacher", 0, steps, 128, 2, code=(train, cached_teacher)) / "teacher.pt"
     if not weights.exists():
         weights.parent.mkdir(parents=True, exist_ok=True)
         save_atomically(train(data, 0, steps, d_model=128, layers=2).state_dict(), weights)

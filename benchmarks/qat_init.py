@@ -119,7 +119,7 @@ class CharLMSeed:
     def __init__(self, seed: int, base_steps: int, extra_steps: int, cache_dir: Path | None = None) -> None:
         self.seed, self.base_steps = seed, base_steps
         self.total = base_steps + extra_steps
-        folder = charlm_cache(f"seed{seed}", seed, base_steps, extra_steps) if cache_dir is None else cache_dir
+        folder = cache_dir or charlm_cache(f"seed{seed}", seed, base_steps, extra_steps, code=(CharLMSeed, _SaveAtEnd))
         folder.mkdir(parents=True, exist_ok=True)
         self.checkpoint = folder / "base.ckpt"
         self.data = CharDataModule(seed=seed)

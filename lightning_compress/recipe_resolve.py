@@ -15,12 +15,12 @@ the experiment config keep never holds the variable's value (a token, a password
 from __future__ import annotations
 
 import contextvars
+import inspect
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Collection, Dict, List, Optional, Set, Tuple
 
-import omegaconf
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -30,7 +30,10 @@ MAX_RECIPE_CHARS = 1024 * 1024  # the whole recipe, after interpolation
 # of them could stand for; past this, it is refused without building it.
 _MAX_BUILD_CHARS = 16 * 1024 * 1024
 _RESOLVER = "lightning_compress.recipe_value"
-_OMEGACONF_VERSION = tuple(int(part) for part in re.findall(r"\d+", omegaconf.__version__)[:2])
+# OmegaConf 2.4 renamed register_new_resolver to register_resolver (deprecating the old
+# name); before it, register_resolver is the legacy string-argument API. Told apart by
+# the signature, not the version: 2.4 development builds still have the legacy one.
+_RESOLVER_API_IS_NEW = "use_cache" in inspect.signature(OmegaConf.register_resolver).parameters
 _ENVIRONMENT = re.compile(r"\$\{\s*oc\.env\s*:")
 _MISSING = "???"
 _ACTIVE: contextvars.ContextVar[Optional["_Resolution"]] = contextvars.ContextVar("lightning_compress_recipe", default=None)
@@ -86,9 +89,7 @@ def resolve_recipe(raw: DictConfig, *, lenient: Collection[str] = ()) -> Resolve
 def _register_resolver() -> None:
     if not OmegaConf.has_resolver(_RESOLVER):
         # Uncached: the same index means another value in the next recipe resolved.
-        # OmegaConf 2.4 renamed register_new_resolver to register_resolver (deprecating the
-        # old name); in 2.3 register_resolver is the legacy string-argument API.
-        if _OMEGACONF_VERSION >= (2, 4):
+        if _RESOLVER_API_IS_NEW:
             OmegaConf.register_resolver(_RESOLVER, _value_of, use_cache=False)
         else:
             OmegaConf.register_new_resolver(_RESOLVER, _value_of, use_cache=False)

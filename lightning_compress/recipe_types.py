@@ -156,7 +156,7 @@ def describe(tp: Any) -> str:
     if origin in (dict, collections.abc.Mapping):
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is not Any:  # what each value must be is what users get wrong
-            return f"a mapping of {describe(args[0])} to {describe(args[1])}"
+            return f"a mapping of ({describe(args[0])}) to ({describe(args[1])})"
         return "a mapping"
     if origin is type or tp is type:
         return "a class as a dotted import path"

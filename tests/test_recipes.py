@@ -2,6 +2,8 @@
 
 import dataclasses
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -368,3 +370,12 @@ def test_unknown_recipe_names_suggest_the_ready_ones(source, message):
 def test_a_directory_is_not_a_recipe(tmp_path):
     with pytest.raises(RecipeError, match="is a directory; pass the path of a YAML recipe file"):
         load_recipe(tmp_path)
+
+
+def test_loading_a_recipe_warns_nothing():
+    # omegaconf 2.4 deprecates register_new_resolver and warned on every first recipe
+    # load; registration happens once per process, so this runs in a fresh one.
+    script = "from lightning_compress import load_recipe; load_recipe('qad_int4').callbacks()"
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-W", "error::DeprecationWarning", "-c", script],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

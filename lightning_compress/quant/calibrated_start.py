@@ -182,16 +182,7 @@ class CalibratedStart:
                 projection), or a smooth module whose output did not scale as folded.
         """
         self.stop_recording()
-        recorded = self._recorded()
-        silent = [key for key in self._recorded_keys() if key not in recorded]
-        if silent:
-            layers = [key for key in silent if key in self.layers]
-            fix = ("exclude them (`exclude`) or quantize them in a second QuantizationAwareTraining callback without"
-                   " `init`") if layers else "exclude the layers they feed from `targets`, or fix `mappings`"
-            raise ValueError(
-                f"{describe_setting(self.init, self.smoothing)}: {silent} received no input in the"
-                f" {self.statistics.batches} calibration batch(es): their forward is not called as a module; {fix}"
-            )
+        self._check_everything_recorded()
         changed: List[tuple] = []  # (tensor, its value before), to put back on failure
         try:
             self._fold_all(changed)
@@ -214,13 +205,27 @@ class CalibratedStart:
                     if name in self.statistics.hessians:
                         self.statistics.hessians[name] /= scales[:, None] * scales[None, :]
 
-    def _recorded_keys(self) -> List[str]:
-        keys = list(self.layers) if self.init == "gptq" else []
-        return keys + [m.smooth for m in self.mappings]
-
-    def _recorded(self) -> set:
-        stats = self.statistics
-        return set(stats.hessians) | set(stats.rows) | set(stats.absmax)
+    def _check_everything_recorded(self) -> None:
+        """Every GPTQ layer has a Hessian and every mapping its activation statistics
+        (recorded on the inputs of its first balance layer): else name what saw no input."""
+        stats, setting, batches = self.statistics, describe_setting(self.init, self.smoothing), self.statistics.batches
+        if self.init == "gptq":
+            silent = [key for key in self.layers if key not in stats.hessians]
+            if silent:
+                raise ValueError(
+                    f"{setting}: {silent} received no input in the {batches} calibration batch(es): their forward is"
+                    " not called as a module. Exclude them (`exclude`) or quantize them in a second"
+                    " QuantizationAwareTraining callback without `init`"
+                )
+        recorded = stats.rows if self.init == "awq" else stats.absmax
+        silent_mappings = [m for m in self.mappings if m.smooth not in recorded]
+        if silent_mappings:
+            balance = [name for m in silent_mappings for name in m.balance]
+            raise ValueError(
+                f"{setting}: {[m.balance[0] for m in silent_mappings]} received no input in the {batches} calibration"
+                f" batch(es): their forward is not called as a module, so the scales of the mappings they belong to"
+                f" cannot be chosen. Exclude {balance} (`exclude`), or fix `mappings`"
+            )
 
     def _mapping_scales(self, mapping: ScaleMapping, modules: Mapping[str, nn.Module]) -> Tensor:
         quantized = [name for name in mapping.balance if name in self.quantizers]
@@ -285,12 +290,17 @@ def _fold(mapping: ScaleMapping, scales: Tensor, modules: Mapping[str, nn.Module
         scale_input_columns_(raw_weight(modules[name]), scales)
     if before is not None:
         after = _float_output(smooth, probe.to(smooth_weight))
-        # Relative to the whole output: the folded weights are rounded to their dtype (in
-        # bf16 that moves outputs near zero by more than any elementwise tolerance), and a
-        # norm that does not scale with its weight (x * (1 + w)) is off by far more.
+        # Relative to each channel's whole output: the folded weights are rounded to their
+        # dtype (in bf16 that moves outputs near zero by more than any elementwise
+        # tolerance), and a norm that does not scale with its weight (x * (1 + w)) is off
+        # by far more.
         expected = before / scales
         tolerance = max(1e-4, 8 * torch.finfo(smooth_weight.dtype).eps)
-        if (after - expected).norm() > tolerance * expected.norm():
+        # Per output channel: the scales span orders of magnitude, and an error confined
+        # to channels of small output would vanish in the whole output's norm.
+        error = (after - expected).reshape(-1, expected.shape[-1]).norm(dim=0)
+        size = expected.reshape(-1, expected.shape[-1]).norm(dim=0)
+        if (error > tolerance * size + 1e-6 * size.max()).any():
             raise ValueError(
                 f"{mapping.smooth!r} ({type(smooth).__name__}) did not divide its output by the folded scales, so"
                 f" folding them would change the model; exclude {list(mapping.balance)} from `targets` or drop"
@@ -343,8 +353,9 @@ def plan_calibrated_start(
         if others:
             raise ValueError(
                 f"init='gptq' rounds the weights of nn.Linear and (ungrouped) nn.Conv2d layers from their inputs;"
-                f" {others} are neither. Exclude them (`exclude`), or quantize them in a second"
-                " QuantizationAwareTraining callback without `init`"
+                f" {others} are neither. Exclude them (`exclude`; an nn.MultiheadAttention's out_proj too, whose"
+                " inputs cannot be recorded), or quantize them in a second QuantizationAwareTraining callback without"
+                " `init`"
             )
         fused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
         unrecorded = [key for key, layer in layers.items() if id(layer) in fused]
@@ -352,7 +363,7 @@ def plan_calibrated_start(
             raise ValueError(
                 f"init='gptq' rounds each layer from the inputs its forward receives, but {unrecorded} are"
                 " nn.MultiheadAttention's out_proj, whose weight the attention uses without calling the layer: its"
-                " inputs cannot be recorded. Exclude them (`exclude=['*out_proj']`), or quantize them in a second"
+                f" inputs cannot be recorded. Exclude them (`exclude={unrecorded}`), or quantize them in a second"
                 " QuantizationAwareTraining callback without `init`"
             )
         written.update({key: raw_weight(layer) for key, layer in layers.items()})
@@ -431,16 +442,16 @@ def _covering_mappings(
     if uncovered:
         reasons = unmatched_rules(model, rules) if rules is not None else []
         known = (
-            f"`mappings` {dict(rules)}" + (f" ({'; '.join(reasons)})" if reasons else "")
-            if rules is not None else "built-in mapping (LLaMA-style `input_layernorm ->"
+            f"`mappings` {dict(rules)}" if rules is not None else "built-in mapping (LLaMA-style `input_layernorm ->"
             " q/k/v_proj`, `post_attention_layernorm -> gate/up_proj`, `up_proj -> down_proj`, `v_proj -> o_proj`"
             " where their sizes agree, which grouped-query attention breaks; BERT's `attention.self.value ->"
             " attention.output.dense`)"
         )
         raise ValueError(
             f"{setting} folds per-channel scales into the norm or layer before each quantized layer, and no {known}"
-            f" covers {uncovered}. Give `mappings` for your blocks (e.g. {{'norm1': ['qkv']}}), exclude them"
-            " (`exclude`), or quantize them in a second QuantizationAwareTraining callback without it"
+            f" covers {uncovered}" + (f": {'; '.join(reasons[:6])}." if reasons else ".") + " Give `mappings` for"
+            " your blocks (e.g. {'norm1': ['qkv']}), exclude them (`exclude`), or quantize them in a second"
+            " QuantizationAwareTraining callback without it"
         )
     if init == "awq":
         for mapping in mappings:

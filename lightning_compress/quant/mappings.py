@@ -71,35 +71,42 @@ def find_mappings(model: nn.Module, rules: Mapping[str, Sequence[str]] | None = 
 
 
 def unmatched_rules(model: nn.Module, rules: Mapping[str, Sequence[str]]) -> List[str]:
-    """Why each of the user's ``rules`` that :func:`find_mappings` does not find in
-    ``model`` is not there: one sentence per rule, for error messages."""
+    """Why the user's ``rules`` miss where they miss: one sentence for each rule that
+    names no module, and for each place a rule's smooth module is found without the
+    mapping (per block), for error messages."""
     modules: Dict[str, nn.Module] = dict(model.named_modules())
-    found = {mapping.smooth for mapping in find_mappings(model, rules)}
-    reasons = []
+    leaves = sorted({n.rpartition(".")[2] for n in modules if n})
+    reasons: List[str] = []
     for smooth_suffix, balance_suffixes in rules.items():
         names = [n for n in modules if n == smooth_suffix or n.endswith("." + smooth_suffix)]
         if not names:
-            close = difflib.get_close_matches(smooth_suffix, sorted({n.rpartition(".")[2] for n in modules} | set(modules)),
-                                              n=3)
+            close = difflib.get_close_matches(smooth_suffix.rpartition(".")[2], leaves, n=3)
             reasons.append(f"{smooth_suffix!r} names no module" + (f" (close: {close})" if close else ""))
             continue
-        if any(n in found for n in names):
-            continue
-        name = names[0]
-        prefix, size = name[: len(name) - len(smooth_suffix)], _output_size(modules[name])
-        if size is None:
-            reasons.append(f"{name!r} ({type(modules[name]).__name__}) is neither a norm with a 1-D weight nor an"
-                           " nn.Linear, so no scale can be folded into it")
-            continue
-        for suffix in balance_suffixes:
-            layer = modules.get(prefix + suffix)
-            if layer is None:
-                reasons.append(f"{prefix + suffix!r} (under {smooth_suffix!r}) names no module")
-            elif not isinstance(layer, nn.Linear):
-                reasons.append(f"{prefix + suffix!r} is {type(layer).__name__}: mappings scale the input columns of"
-                               " nn.Linear layers only")
-            elif layer.in_features != size:
-                reasons.append(f"{prefix + suffix!r} reads {layer.in_features} features but {name!r} gives {size}")
+        found = {m.smooth for m in find_mappings(model, {smooth_suffix: balance_suffixes})}
+        for name in names:
+            if name not in found:
+                reasons.extend(_why_not(modules, name, name[: len(name) - len(smooth_suffix)], balance_suffixes, leaves))
+    return list(dict.fromkeys(reasons))
+
+
+def _why_not(modules: Mapping[str, nn.Module], name: str, prefix: str, balance_suffixes: Sequence[str],
+             leaves: Sequence[str]) -> List[str]:
+    size = _output_size(modules[name])
+    if size is None:
+        return [f"{name!r} ({type(modules[name]).__name__}) is neither a norm with a 1-D weight nor an nn.Linear, so"
+                " no scale can be folded into it"]
+    reasons = []
+    for suffix in balance_suffixes:
+        layer = modules.get(prefix + suffix)
+        if layer is None:
+            close = difflib.get_close_matches(suffix.rpartition(".")[2], leaves, n=3)
+            reasons.append(f"{prefix + suffix!r} (under {name!r}) names no module" + (f" (close: {close})" if close else ""))
+        elif not isinstance(layer, nn.Linear):
+            reasons.append(f"{prefix + suffix!r} is {type(layer).__name__}: mappings scale the input columns of"
+                           " nn.Linear layers only")
+        elif layer.in_features != size:
+            reasons.append(f"{prefix + suffix!r} reads {layer.in_features} features but {name!r} gives {size}")
     return reasons
 
 
