@@ -74,7 +74,8 @@ def allocate_bits(report: SensitivityReport, budget_bits: float) -> BitAllocatio
         raise ArgumentError(
             "budget_bits",
             f"`budget_bits`={budget_bits} is below the smallest candidate ({min(report.bits)} bits): no assignment fits;"
-            f" raise the budget to at least {min(report.bits)} or measure a smaller candidate (`bits=(..., 2)` in Python, `--bits ... 2` on the command line)",
+            f" raise the budget to at least {min(report.bits)} (`--budget-bits` on the command line) or measure a smaller"
+            " candidate (`bits=(..., 2)` in Python, `--bits ... 2` on the command line)",
         )
     layers = report.layers
     choices = [{row.bits: row.delta for row in report.rows if row.layer == layer and row.bits is not None} for layer in layers]
