@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, Mapping
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -15,7 +14,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.core.validate import is_number
-from lightning_compress.distill.cache import TeacherOutputCache, weights_fingerprint
+from lightning_compress.distill.cache import TeacherOutputCache, sample_keys, weights_fingerprint
 from lightning_compress.distill.capture import OutputCapture, StepCapture, submodule
 from lightning_compress.distill.config import CACHES, DistillationConfig
 from lightning_compress.distill.losses import TopKTargets, distillation_loss, top1_agreement
@@ -387,7 +386,7 @@ class KnowledgeDistillation(CompressionCallback):
     def _teacher_outputs(self, step: StepCapture) -> Tensor | TopKTargets:
         keys = None
         if self._cache is not None:
-            keys = _sample_keys(self.index_fn(step.batch))
+            keys = sample_keys(self.index_fn(step.batch))
             cached = self._cache.lookup(keys)
             if cached is not None:
                 return cached
@@ -444,22 +443,3 @@ class KnowledgeDistillation(CompressionCallback):
         self._projections.optimizer.stop()
 
 __all__ = ["KnowledgeDistillation", "CACHES", "CACHE_FILE"]
-
-
-def _sample_keys(indices: Any) -> List[int]:
-    """``index_fn``'s sample indices as ints: integers, one per sample, none repeated (a
-    repeated index would store or read one sample's teacher outputs for another's)."""
-    try:
-        tensor = torch.as_tensor(indices)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise ValueError(f"`index_fn` must return the batch's integer sample indices; it returned {indices!r}"
-                         f" ({error})") from None
-    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
-        raise ValueError(f"`index_fn` must return integer sample indices (a LongTensor); it returned {tensor.dtype}"
-                         " values: return e.g. `batch['index']` from a dataset that yields each sample's index")
-    keys = [int(i) for i in tensor.flatten().tolist()]
-    if len(set(keys)) != len(keys):
-        repeated = sorted({k for k in keys if keys.count(k) > 1})[:8]
-        raise ValueError(f"`index_fn` returned indices {repeated} more than once in one batch: each sample needs its"
-                         " own index (the cache keeps one teacher output per index)")
-    return keys

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 from torch import Tensor
@@ -216,4 +216,23 @@ def _grown(values: Tensor, rows: int) -> Tensor:
     return grown
 
 
-__all__ = ["TeacherOutputCache", "FORMAT", "TOP_K_FIELDS", "weights_fingerprint"]
+def sample_keys(indices: Any) -> List[int]:
+    """``index_fn``'s sample indices as ints: integers, one per sample, none repeated (a
+    repeated index would store or read one sample's teacher outputs for another's)."""
+    try:
+        tensor = torch.as_tensor(indices)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"`index_fn` must return the batch's integer sample indices; it returned {indices!r}"
+                         f" ({error})") from None
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise ValueError(f"`index_fn` must return integer sample indices (a LongTensor); it returned {tensor.dtype}"
+                         " values: return e.g. `batch['index']` from a dataset that yields each sample's index")
+    keys = [int(i) for i in tensor.flatten().tolist()]
+    if len(set(keys)) != len(keys):
+        repeated = sorted({k for k in keys if keys.count(k) > 1})[:8]
+        raise ValueError(f"`index_fn` returned indices {repeated} more than once in one batch: each sample needs its"
+                         " own index (the cache keeps one teacher output per index)")
+    return keys
+
+
+__all__ = ["TeacherOutputCache", "FORMAT", "TOP_K_FIELDS", "sample_keys", "weights_fingerprint"]

@@ -31,7 +31,7 @@ from lightning_compress.core.recompute import in_backward
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
 from lightning_compress.quant.fake_quant import as_matrix
 from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_quantize
-from lightning_compress.quant.mappings import ScaleMapping, find_mappings, unmatched_rules
+from lightning_compress.quant.mappings import ScaleMapping, covering_mappings
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.smoothing import (
     awq_scales,
@@ -369,7 +369,7 @@ def plan_calibrated_start(
         written.update({key: raw_weight(layer) for key, layer in layers.items()})
     mappings: List[ScaleMapping] = []
     if init == "awq" or smoothing is not None:
-        mappings = _covering_mappings(model, layers, specs, setting, init, rules)
+        mappings = covering_mappings(model, layers, specs, setting, init, rules)
         modules = dict(model.named_modules())
         for mapping in mappings:
             smooth = modules[mapping.smooth]
@@ -416,52 +416,6 @@ def _check_untied(model: nn.Module, written: Mapping[str, Tensor], setting: str)
                 f" other module would change too; exclude {key!r} (e.g. exclude=[{key.rpartition('.')[2]!r}]) or untie"
                 " the weights"
             )
-
-
-def _covering_mappings(
-    model: nn.Module,
-    layers: Mapping[str, nn.Module],
-    specs: Mapping[str, QuantSpec],
-    setting: str,
-    init: str | None,
-    rules: Mapping[str, Sequence[str]] | None,
-) -> List[ScaleMapping]:
-    """The mappings whose balance layers include a quantized layer; every quantized
-    layer must be covered."""
-    mappings = [m for m in find_mappings(model, rules) if any(name in layers for name in m.balance)]
-    owners: Dict[str, str] = {}
-    for mapping in mappings:
-        for name in mapping.balance:
-            if name in owners:
-                raise ValueError(
-                    f"`mappings` lists {name!r} under both {owners[name]!r} and {mapping.smooth!r}: a layer's input"
-                    " columns can take the scales of one mapping only; keep it under the module whose output it reads"
-                )
-            owners[name] = mapping.smooth
-    uncovered = [key for key in layers if key not in owners]
-    if uncovered:
-        reasons = unmatched_rules(model, rules) if rules is not None else []
-        known = (
-            f"`mappings` {dict(rules)}" if rules is not None else "built-in mapping (LLaMA-style `input_layernorm ->"
-            " q/k/v_proj`, `post_attention_layernorm -> gate/up_proj`, `up_proj -> down_proj`, `v_proj -> o_proj`"
-            " where their sizes agree, which grouped-query attention breaks; BERT's `attention.self.value ->"
-            " attention.output.dense`)"
-        )
-        raise ValueError(
-            f"{setting} folds per-channel scales into the norm or layer before each quantized layer, and no {known}"
-            f" covers {uncovered}" + (f": {'; '.join(reasons[:6])}." if reasons else ".") + " Give `mappings` for"
-            " your blocks (e.g. {'norm1': ['qkv']}), exclude them (`exclude`), or quantize them in a second"
-            " QuantizationAwareTraining callback without it"
-        )
-    if init == "awq":
-        for mapping in mappings:
-            grids = {specs[n] for n in mapping.balance if n in specs}
-            if len(grids) > 1:
-                raise ValueError(
-                    f"init='awq' searches one scale per input channel for {list(mapping.balance)}, which `overrides`"
-                    " put on different grids; give them one grid"
-                )
-    return mappings
 
 
 __all__ = ["AWQ_ROWS", "CalibratedStart", "CalibrationStatistics", "describe_setting", "plan_calibrated_start"]

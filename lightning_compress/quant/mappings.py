@@ -28,6 +28,8 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 from torch import nn
 
+from lightning_compress.quant.spec import QuantSpec
+
 # (smooth module, balance layers): names relative to the block that holds them.
 _RULES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -110,6 +112,59 @@ def _why_not(modules: Mapping[str, nn.Module], name: str, prefix: str, balance_s
     return reasons
 
 
+def covering_mappings(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    specs: Mapping[str, QuantSpec],
+    setting: str,
+    init: str | None,
+    rules: Mapping[str, Sequence[str]] | None,
+) -> List[ScaleMapping]:
+    """The mappings (of ``rules``, else the built-in ones) whose balance layers include
+    one of the quantized ``layers`` (on grids ``specs``); ``setting`` names the start
+    for messages.
+
+    Raises:
+        ValueError: a quantized layer no mapping covers (with why the user's rules miss),
+            a layer under two mappings, or (``init='awq'``) a mapping whose layers are on
+            different grids.
+    """
+    mappings = [m for m in find_mappings(model, rules) if any(name in layers for name in m.balance)]
+    owners: Dict[str, str] = {}
+    for mapping in mappings:
+        for name in mapping.balance:
+            if name in owners:
+                raise ValueError(
+                    f"`mappings` lists {name!r} under both {owners[name]!r} and {mapping.smooth!r}: a layer's input"
+                    " columns can take the scales of one mapping only; keep it under the module whose output it reads"
+                )
+            owners[name] = mapping.smooth
+    uncovered = [key for key in layers if key not in owners]
+    if uncovered:
+        reasons = unmatched_rules(model, rules) if rules is not None else []
+        known = (
+            f"`mappings` {dict(rules)}" if rules is not None else "built-in mapping (LLaMA-style `input_layernorm ->"
+            " q/k/v_proj`, `post_attention_layernorm -> gate/up_proj`, `up_proj -> down_proj`, `v_proj -> o_proj`"
+            " where their sizes agree, which grouped-query attention breaks; BERT's `attention.self.value ->"
+            " attention.output.dense`)"
+        )
+        raise ValueError(
+            f"{setting} folds per-channel scales into the norm or layer before each quantized layer, and no {known}"
+            f" covers {uncovered}" + (f": {'; '.join(reasons[:6])}." if reasons else ".") + " Give `mappings` for"
+            " your blocks (e.g. {'norm1': ['qkv']}), exclude them (`exclude`), or quantize them in a second"
+            " QuantizationAwareTraining callback without it"
+        )
+    if init == "awq":
+        for mapping in mappings:
+            grids = {specs[n] for n in mapping.balance if n in specs}
+            if len(grids) > 1:
+                raise ValueError(
+                    f"init='awq' searches one scale per input channel for {list(mapping.balance)}, which `overrides`"
+                    " put on different grids; give them one grid"
+                )
+    return mappings
+
+
 def _output_size(module: nn.Module) -> int | None:
     if isinstance(module, nn.Linear):
         return module.out_features
@@ -123,4 +178,4 @@ def _reads(layer: nn.Module | None, size: int | None) -> bool:
     return isinstance(layer, nn.Linear) and size is not None and layer.in_features == size
 
 
-__all__ = ["ScaleMapping", "find_mappings", "unmatched_rules"]
+__all__ = ["ScaleMapping", "covering_mappings", "find_mappings", "unmatched_rules"]
