@@ -26,7 +26,7 @@ from lightning_compress.formats.peft_attention import peft_unpaired
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter, adapter_of
 from lightning_compress.lora.config import LoRAConfig
 from lightning_compress.lora.inject import check_nf4_shardable, inject_adapters, parameter_counts, select_adapter_layers
-from lightning_compress.quant.nf4 import is_nf4, tensor_digest
+from lightning_compress.quant.nf4 import is_nf4, nf4_sharding_issue, tensor_digest
 
 
 class LoRA(CompressionCallback):
@@ -335,6 +335,8 @@ class LoRA(CompressionCallback):
                 " injects in `setup`, before `configure_model`)"
             )
         if self.config.base == "nf4" and isinstance(trainer.strategy, ModelParallelStrategy):
+            if (issue := nf4_sharding_issue()) is not None:
+                raise ValueError(issue)
             check_nf4_shardable(layers, self.config, trainer.strategy.device_mesh["data_parallel"].size())
         # Each rank draws its own dropout masks; seeded from the (seeded) global RNG.
         self._dropout.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + trainer.global_rank

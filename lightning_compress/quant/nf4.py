@@ -25,6 +25,23 @@ NF4_BLOCK_SIZE = 64
 NF4_SCALER_BLOCK_SIZE = 256
 
 
+def nf4_sharding_issue() -> str | None:
+    """Why FSDP2 cannot all-gather an NF4 weight with this torch and torchao, or None.
+
+    From torch 2.11 FSDP2 wraps each all-gathered shard with
+    ``_c10d_functional._wrap_tensor_autograd``; torchao's NF4Tensor handles that op only
+    in its newer releases (0.18 does, 0.13 does not), and fails inside the first forward.
+    """
+    op = getattr(torch.ops._c10d_functional, "_wrap_tensor_autograd", None)
+    if op is None or op.default in _nf4.NF4_OPS_TABLE:
+        return None
+    import torchao
+
+    return (f"QLoRA under FSDP2: torch {torch.__version__} wraps FSDP2's all-gathered shards with"
+            f" _c10d_functional._wrap_tensor_autograd, which torchao {torchao.__version__}'s NF4Tensor does not"
+            " handle; upgrade torchao (0.18 handles it), or train QLoRA with DDP")
+
+
 def check_nf4_compatible(name: str, weight: Tensor, block_size: int, scaler_block_size: int) -> None:
     """Raise a ValueError naming layer ``name`` if its weight cannot be stored in NF4 blocks.
 

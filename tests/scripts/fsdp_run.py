@@ -34,7 +34,7 @@ from lightning_compress import (  # noqa: E402
     QuantizationAwareTraining,
 )
 from lightning_compress.core.sharding import gathered, is_shard  # noqa: E402
-from lightning_compress.quant.nf4 import is_nf4  # noqa: E402
+from lightning_compress.quant.nf4 import is_nf4, nf4_sharding_issue  # noqa: E402
 from tests.conftest import make_trainer  # noqa: E402
 from tests.ddp_process import arm_hang_report, close_process_group  # noqa: E402
 from tests.scripts.ddp_distill import WideTeacher  # noqa: E402
@@ -189,6 +189,11 @@ def run(mode, out_dir):
 
 
 REFUSED = ("qlora-unshardable", "lora-late", "lora-late-partial", "kd-self-layer-sharded", "qat-gptq")  # settings that must be refused before training
+# QLoRA is refused too where this torch and torchao cannot all-gather NF4 (the floor
+# versions of `make test-min`: torch 2.13 with torchao 0.13).
+NF4_UNSHARDABLE = nf4_sharding_issue() is not None
+if NF4_UNSHARDABLE:
+    REFUSED += ("qlora",)
 
 if __name__ == "__main__":
     arm_hang_report()
