@@ -24,13 +24,13 @@ TIMEOUT_S = 300
 DEADLINE_VAR = "LIGHTNING_COMPRESS_TEST_DEADLINE"
 
 
-def run_script(script, *args, check: bool = True, cwd=ROOT) -> subprocess.CompletedProcess:
-    """Run ``script`` with ``args`` in ``cwd``; with ``check``, fail the test with the end
-    of its output unless it exited 0."""
+def run_script(script, *args, check: bool = True, cwd=ROOT, timeout_s: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run ``script`` with ``args`` in ``cwd``, for at most ``timeout_s``; with ``check``,
+    fail the test with the end of its output unless it exited 0."""
     # Both ranks arm their hang report against this deadline (rank 1 inherits the env).
-    env = {**ENV, DEADLINE_VAR: str(time.time() + TIMEOUT_S)}
+    env = {**ENV, DEADLINE_VAR: str(time.time() + timeout_s)}
     result = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                            timeout=TIMEOUT_S, cwd=cwd, env=env)
+                            timeout=timeout_s, cwd=cwd, env=env)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result

@@ -24,7 +24,9 @@ MODES = (*ALONE, "kd-sharded-teacher", "stack", "resume-sharded", "resume-full",
 def sharded(tmp_path_factory):
     """``{mode: (rank 0 state, rank 1 state)}``: every mode in one pair of processes."""
     root = tmp_path_factory.mktemp("fsdp")
-    run_script(fsdp_run.__file__, root, ",".join(MODES), cwd=tmp_path_factory.getbasetemp())
+    # 16 runs in one pair of processes: 50 s on an idle machine, several times that beside
+    # another worker's DDP test on 2 cores (a CI run passed the 300 s default's hang report).
+    run_script(fsdp_run.__file__, root, ",".join(MODES), cwd=tmp_path_factory.getbasetemp(), timeout_s=900)
     return root, {mode: [torch.load(root / mode / f"rank{r}.pt", weights_only=True) for r in range(2)]
                   for mode in MODES}
 
