@@ -314,7 +314,7 @@ def test_awq_on_a_model_without_mappings_names_every_layer_and_mappings_fix_it(s
 
 
 @pytest.mark.parametrize("mappings, reason", [
-    ({"fc0": ["fc2"]}, r"'fc0' names no module \(close: \['fc\d', 'fc\d'"),
+    ({"fc0": ["fc2"]}, r"'fc0' names no module\. Close names: fc\d, fc\d"),
     ({"fc1": ["fc3"]}, r"'fc3' \(under 'fc1'\) names no module"),
     ({"conv": ["fc2"]}, r"'conv' \(Conv1d\) is neither a norm with a 1-D weight nor an nn.Linear"),
     ({"fc2": ["fc1"]}, r"'fc1' reads 64 features but 'fc2' gives 8"),

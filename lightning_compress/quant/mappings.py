@@ -21,13 +21,12 @@ layers, which holds for these names and no others:
 
 from __future__ import annotations
 
-import difflib
-
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 from torch import nn
 
+from lightning_compress.core.targeting import close_names_hint
 from lightning_compress.quant.spec import QuantSpec
 
 # (smooth module, balance layers): names relative to the block that holds them.
@@ -77,13 +76,12 @@ def unmatched_rules(model: nn.Module, rules: Mapping[str, Sequence[str]]) -> Lis
     names no module, and for each place a rule's smooth module is found without the
     mapping (per block), for error messages."""
     modules: Dict[str, nn.Module] = dict(model.named_modules())
-    leaves = sorted({n.rpartition(".")[2] for n in modules if n})
+    leaves = [n for n in modules if n]  # close_names_hint compares their last parts too
     reasons: List[str] = []
     for smooth_suffix, balance_suffixes in rules.items():
         names = [n for n in modules if n == smooth_suffix or n.endswith("." + smooth_suffix)]
         if not names:
-            close = difflib.get_close_matches(smooth_suffix.rpartition(".")[2], leaves, n=3)
-            reasons.append(f"{smooth_suffix!r} names no module" + (f" (close: {close})" if close else ""))
+            reasons.append(f"{smooth_suffix!r} names no module.{close_names_hint(smooth_suffix, leaves)}")
             continue
         found = {m.smooth for m in find_mappings(model, {smooth_suffix: balance_suffixes})}
         for name in names:
@@ -102,8 +100,7 @@ def _why_not(modules: Mapping[str, nn.Module], name: str, prefix: str, balance_s
     for suffix in balance_suffixes:
         layer = modules.get(prefix + suffix)
         if layer is None:
-            close = difflib.get_close_matches(suffix.rpartition(".")[2], leaves, n=3)
-            reasons.append(f"{prefix + suffix!r} (under {name!r}) names no module" + (f" (close: {close})" if close else ""))
+            reasons.append(f"{prefix + suffix!r} (under {name!r}) names no module.{close_names_hint(suffix, leaves)}")
         elif not isinstance(layer, nn.Linear):
             reasons.append(f"{prefix + suffix!r} is {type(layer).__name__}: mappings scale the input columns of"
                            " nn.Linear layers only")
