@@ -556,10 +556,11 @@ def test_global_channel_ties_are_broken_by_position():
     assert not masks["a"].any() and masks["b"].all()
 
 
-def test_masked_weight_keeps_the_weights_dtype_and_device_and_holds_bits_as_bool():
+def test_masked_weight_keeps_the_weights_dtype_and_device_and_holds_packed_bits():
     keep = torch.tensor([True, False, True])
     stage = MaskedWeight()
     stage.set(keep, like=torch.zeros(3))
+    assert stage.bits.dtype == torch.uint8 and stage.bits.tolist() == [0b010]  # pruned entries, low bit first
     assert stage.pruned.dtype == torch.bool and stage.keep.tolist() == [True, False, True]
     out = stage(torch.tensor([1.5, 2.5, -3.0], dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and out.tolist() == [1.5, 0.0, -3.0]
@@ -569,6 +570,84 @@ def test_masked_weight_keeps_the_weights_dtype_and_device_and_holds_bits_as_bool
     follows = MaskedWeight()
     follows.set(keep, like=torch.zeros(3))  # restored on the CPU, the model elsewhere
     assert follows(torch.zeros(3, device="meta")).device.type == "meta" and follows.pruned.device.type == "meta"
+
+
+def test_masked_weight_matches_masked_fill_and_saves_only_the_bits_for_its_backward():
+    # The reference: torch's own masked_fill with a bool mask (values and gradient).
+    torch.manual_seed(0)
+    keep = torch.rand(37, 29) > 0.6
+    weight = torch.randn(37, 29, dtype=torch.float64, requires_grad=True)
+    reference = torch.randn(37, 29, dtype=torch.float64, requires_grad=True)
+    stage = MaskedWeight()
+    stage.set(keep, like=weight)
+    saved = []
+
+    def record(tensor):
+        saved.append((tensor.dtype, tensor.numel()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
+        out = stage(weight)
+    (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    with torch.no_grad():
+        reference.copy_(weight)
+    expected = reference.masked_fill(~keep, 0)
+    (expected * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    assert torch.equal(out, expected) and torch.equal(weight.grad, reference.grad)
+    assert (weight.grad[~keep] == 0).all()
+    # What lives from the forward to the backward: the packed bits (37 * 29 / 8 bytes,
+    # rounded up), not a bool mask the weight's size (masked_fill saves that one).
+    assert saved == [(torch.uint8, -(-37 * 29 // 8))]
+    assert torch.autograd.gradcheck(lambda w: stage(w), (weight.detach().clone().requires_grad_(),))
+
+
+def test_masked_weight_supports_forward_mode_ad_and_torch_func_as_masked_fill_does():
+    keep = torch.tensor([[True, False, True], [False, True, True]])
+    stage = MaskedWeight()
+    stage.set(keep, like=torch.zeros(2, 3))
+    weight, tangent = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    with torch.autograd.forward_ad.dual_level():
+        out = torch.autograd.forward_ad.unpack_dual(stage(torch.autograd.forward_ad.make_dual(weight, tangent)))
+    assert torch.equal(out.primal, weight.masked_fill(~keep, 0)) and torch.equal(out.tangent, tangent.masked_fill(~keep, 0))
+    grad = torch.func.grad(lambda w: (stage(w) * 3).sum())(weight)
+    assert torch.equal(grad, torch.full_like(weight, 3.0).masked_fill(~keep, 0))
+    batch = torch.randn(4, 2, 3)
+    assert torch.equal(torch.func.vmap(stage)(batch), batch.masked_fill(~keep, 0))
+
+
+def test_masked_weight_made_under_inference_mode_still_trains():
+    # Bits made under inference mode (moved to the model's device by Lightning's
+    # sanity-check validation, or set there) must still be savable for a backward.
+    stage = MaskedWeight()
+    with torch.inference_mode():
+        stage.set(torch.tensor([True, False]), like=torch.zeros(2))
+        assert stage(torch.ones(2)).tolist() == [1.0, 0.0]
+    assert stage.bits.is_inference()
+    weight = torch.ones(2, requires_grad=True)
+    stage(weight).sum().backward()
+    assert weight.grad.tolist() == [1.0, 0.0]
+
+
+def test_masked_weight_pickled_with_a_bool_mask_loads_as_bits():
+    import pickle
+
+    legacy = MaskedWeight.__new__(MaskedWeight)
+    legacy.__dict__.update(pruned=torch.tensor([False, True, True]))  # how the stage was before packed bits
+    stage = pickle.loads(pickle.dumps(legacy))
+    assert stage.keep.tolist() == [True, False, False]
+    assert stage(torch.tensor([1.0, 2.0, 3.0])).tolist() == [1.0, 0.0, 0.0]
+    empty = MaskedWeight.__new__(MaskedWeight)
+    empty.__dict__.update(pruned=None)
+    assert pickle.loads(pickle.dumps(empty))(torch.tensor([1.0])).tolist() == [1.0]
+
+
+def test_unpacking_under_fake_tensors_leaves_real_unpacking_real():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    packed = pack_mask(torch.tensor([True, False, True]))
+    with FakeTensorMode() as mode:
+        unpack_mask(mode.from_tensor(packed), (3,))
+    assert unpack_mask(packed, (3,)).tolist() == [True, False, True]
 
 
 def test_mask_packing_stays_on_the_masks_device():

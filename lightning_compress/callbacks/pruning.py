@@ -372,7 +372,7 @@ class MagnitudePruning(LayerCompressionCallback):
         # mask acts on W + B·A (and W is frozen, perhaps NF4), so the MASK stage alone
         # keeps the effective weight sparse.
         layer, transform = self._layers[name], self._masks[name]
-        if transform.pruned is not None and _mask_sees_raw(layer, name):
+        if transform.bits is not None and _mask_sees_raw(layer, name):
             raw = _raw(layer, name)
             local(raw).masked_fill_(shard_like(transform.pruned, raw), 0)  # under FSDP2, this rank's shard
 
@@ -396,8 +396,8 @@ class MagnitudePruning(LayerCompressionCallback):
     def _state_of_masks(self) -> Dict[str, Any]:
         state = {}
         for name, transform in self._masks.items():
-            if transform.pruned is not None:
-                keep = transform.keep
+            keep = transform.keep
+            if keep is not None:
                 state[name] = {"packed": pack_mask(keep).cpu(), "shape": list(keep.shape)}
         return state
 
