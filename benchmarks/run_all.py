@@ -29,10 +29,10 @@ RESULTS = HERE / "results.json"
 REPORT = HERE.parent / "BENCHMARKS.md"
 AREAS = ["training overhead", "memory", "accuracy vs PTQ", "file size", "CPU inference", "test quality"]
 # Fewer rounds/seeds than the scripts' defaults for the quicker benchmarks; the scripts' own
-# defaults are for a closer look at one area. The whole of `make bench` took about 4.5 hours
-# on 2 cores (the recorded durations in BENCHMARKS.md, 2026-11-29): most of it the
-# several-seed accuracy benchmarks of issue 19 (qat_init alone 104 minutes), which train
-# every seed's model, so `python benchmarks/run_all.py NAME` is the way to re-run one area.
+# defaults are for a closer look at one area. The durations recorded in BENCHMARKS.md add up
+# to about 5.5 hours on 2 cores (2026-11-29): most of it the several-seed accuracy benchmarks
+# of issue 19 (qat_init alone 104 minutes), which train every seed's model, so
+# `python benchmarks/run_all.py NAME` is the way to re-run one area.
 ARGS = {
     "qat_accuracy.py": ["--seeds", "2"],
     "qat_overhead.py": ["--rounds", "3"],
