@@ -495,6 +495,33 @@ def test_losses_compute_bfloat16_outputs_in_float32_without_warnings():
     assert str(caught.value) == "student output shape (2, 3) differs from teacher output shape (2, 4)"
 
 
+def test_kl_is_computed_in_row_chunks_that_keep_only_the_logits_for_the_backward(monkeypatch):
+    from lightning_compress.distill import losses
+
+    monkeypatch.setattr(losses, "_CHUNK_BYTES", 4 * 7 * 16)  # 16 rows of 7 classes a chunk: 4 chunks of 50 rows
+    torch.manual_seed(0)
+    student = torch.randn(5, 10, 7, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(5, 10, 7, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        kl = kl_divergence(student, teacher, temperature=2.0)
+    kl.backward()
+    # Reference: the textbook formula, by hand, on the same float64 values.
+    reference_student = student.detach().clone().requires_grad_()
+    log_s = (reference_student / 2.0).log_softmax(-1)
+    log_t = (teacher / 2.0).log_softmax(-1)
+    expected = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * 4.0
+    expected.backward()
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert torch.allclose(student.grad, reference_student.grad, rtol=0, atol=1e-15)
+    # What the backward keeps: the two logit tensors (views of the inputs), no softmax of them.
+    assert len(saved) == 2 and {x.data_ptr() for x in saved} == {student.data_ptr(), teacher.data_ptr()}
+    # reverse_kl differentiates the second argument: the unchunked formula, same value.
+    reverse = reverse_kl_divergence(student, teacher, temperature=2.0)
+    assert reverse.item() == pytest.approx(kl_divergence(teacher, student.detach(), temperature=2.0).item(), rel=1e-12)
+    assert torch.isnan(kl_divergence(torch.zeros(0, 3), torch.zeros(0, 3)))  # the mean of no rows, as before
+
+
 def test_top1_agreement_compares_the_last_dimension():
     # [batch 2, positions 2, classes 3]
     student = torch.tensor([[[0.0, 5.0, 1.0], [9.0, 0.0, 1.0]], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # [1, 0], [0, 1]

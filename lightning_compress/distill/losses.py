@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +36,56 @@ def kl_divergence(student: Tensor, teacher: Tensor, temperature: float = 1.0) ->
     over every leading position of ``[..., C]`` logits.
     """
     s, t = _as_rows(student, teacher)
-    log_p_s = F.log_softmax(s / temperature, dim=-1)
-    log_p_t = F.log_softmax(t / temperature, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    return kl.mean() * temperature**2
+    if t.requires_grad and torch.is_grad_enabled():  # reverse_kl: the student is the second argument
+        log_p_s = F.log_softmax(s / temperature, dim=-1)
+        log_p_t = F.log_softmax(t / temperature, dim=-1)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+        return kl.mean() * temperature**2
+    return _ChunkedSoftTargetKL.apply(s, t.detach(), temperature)
+
+
+_CHUNK_BYTES = 1 << 24
+"""Rows of ``[N, C]`` float32 logits per chunk of :class:`_ChunkedSoftTargetKL`: about 16 MiB."""
+
+
+def _row_chunks(rows: int, columns: int) -> range:
+    return range(0, rows, max(1, _CHUNK_BYTES // (4 * max(columns, 1))))
+
+
+class _ChunkedSoftTargetKL(torch.autograd.Function):
+    """:func:`kl_divergence` of ``[N, C]`` rows against a teacher that takes no gradient,
+    computed a chunk of rows at a time; the backward recomputes each chunk's softmaxes from
+    the logits (``d/ds = T · (softmax(s/T) - softmax(t/T)) / N``) instead of keeping them.
+
+    The plain formula keeps two ``[N, C]`` float32 tensors for its backward and makes four
+    more while it runs: for a language model's vocabulary that is several times the
+    logits, alive at the top of the training step's memory. Here only the two logit
+    tensors, which exist anyway, are kept.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, t: Tensor, temperature: float) -> Tensor:
+        ctx.save_for_backward(s, t)
+        ctx.temperature = temperature
+        total = s.new_zeros(())
+        step = _row_chunks(*s.shape).step
+        for start in _row_chunks(*s.shape):
+            log_p_s = F.log_softmax(s[start:start + step] / temperature, dim=-1)
+            log_p_t = F.log_softmax(t[start:start + step] / temperature, dim=-1)
+            total += (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+        return total / s.shape[0] * temperature**2  # no rows: NaN, as the mean of nothing
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None, None]:
+        s, t = ctx.saved_tensors
+        temperature, step = ctx.temperature, _row_chunks(*s.shape).step
+        scale = grad * temperature / max(s.shape[0], 1)
+        chunks = [
+            (F.softmax(s[start:start + step] / temperature, dim=-1)
+             - F.softmax(t[start:start + step] / temperature, dim=-1)) * scale
+            for start in _row_chunks(*s.shape)
+        ]
+        return (torch.cat(chunks) if chunks else torch.zeros_like(s)), None, None
 
 
 def reverse_kl_divergence(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
