@@ -628,6 +628,8 @@ def test_masked_weight_matches_masked_fill_and_saves_only_the_bits_for_its_backw
     assert torch.autograd.gradcheck(lambda w: stage(w), (weight.detach().clone().requires_grad_(),))
 
 
+# The first use of torch.func scripts helpers with torch.jit, which torch 2.13 deprecates (not our warning).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_masked_weight_supports_forward_mode_ad_and_torch_func_as_masked_fill_does():
     keep = torch.tensor([[True, False, True], [False, True, True]])
     stage = MaskedWeight()
