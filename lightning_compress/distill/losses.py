@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,19 +37,24 @@ def kl_divergence(student: Tensor, teacher: Tensor, temperature: float = 1.0) ->
     """
     s, t = _as_rows(student, teacher)
     if t.requires_grad and torch.is_grad_enabled():  # reverse_kl: the student is the second argument
-        log_p_s = F.log_softmax(s / temperature, dim=-1)
-        log_p_t = F.log_softmax(t / temperature, dim=-1)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-        return kl.mean() * temperature**2
+        return _kl_sum(s, t, temperature) / s.shape[0] * temperature**2
     return _ChunkedSoftTargetKL.apply(s, t.detach(), temperature)
 
 
+def _kl_sum(s: Tensor, t: Tensor, temperature: float) -> Tensor:
+    """``sum over rows of KL(softmax(t/T) || softmax(s/T))`` of ``[N, C]`` logits."""
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+
+
 _CHUNK_BYTES = 1 << 24
-"""Rows of ``[N, C]`` float32 logits per chunk of :class:`_ChunkedSoftTargetKL`: about 16 MiB."""
+"""Size of the row chunks of :class:`_ChunkedSoftTargetKL`: about 16 MiB of float32 logits."""
 
 
-def _row_chunks(rows: int, columns: int) -> range:
-    return range(0, rows, max(1, _CHUNK_BYTES // (4 * max(columns, 1))))
+def _row_chunks(rows: int, columns: int) -> List[slice]:
+    step = max(1, _CHUNK_BYTES // (4 * max(columns, 1)))
+    return [slice(start, start + step) for start in range(0, rows, step)]
 
 
 class _ChunkedSoftTargetKL(torch.autograd.Function):
@@ -67,23 +72,17 @@ class _ChunkedSoftTargetKL(torch.autograd.Function):
     def forward(ctx: Any, s: Tensor, t: Tensor, temperature: float) -> Tensor:
         ctx.save_for_backward(s, t)
         ctx.temperature = temperature
-        total = s.new_zeros(())
-        step = _row_chunks(*s.shape).step
-        for start in _row_chunks(*s.shape):
-            log_p_s = F.log_softmax(s[start:start + step] / temperature, dim=-1)
-            log_p_t = F.log_softmax(t[start:start + step] / temperature, dim=-1)
-            total += (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+        total = sum((_kl_sum(s[rows], t[rows], temperature) for rows in _row_chunks(*s.shape)), s.new_zeros(()))
         return total / s.shape[0] * temperature**2  # no rows: NaN, as the mean of nothing
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None, None]:
         s, t = ctx.saved_tensors
-        temperature, step = ctx.temperature, _row_chunks(*s.shape).step
+        temperature = ctx.temperature
         scale = grad * temperature / max(s.shape[0], 1)
         chunks = [
-            (F.softmax(s[start:start + step] / temperature, dim=-1)
-             - F.softmax(t[start:start + step] / temperature, dim=-1)) * scale
-            for start in _row_chunks(*s.shape)
+            (F.softmax(s[rows] / temperature, dim=-1) - F.softmax(t[rows] / temperature, dim=-1)) * scale
+            for rows in _row_chunks(*s.shape)
         ]
         return (torch.cat(chunks) if chunks else torch.zeros_like(s)), None, None
 

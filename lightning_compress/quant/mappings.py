@@ -62,9 +62,9 @@ def find_mappings(model: nn.Module, rules: Mapping[str, Sequence[str]] | None = 
     found = []
     for name, module in modules.items():
         for smooth_suffix, balance_suffixes in pairs:
-            if name != smooth_suffix and not name.endswith("." + smooth_suffix):
+            prefix = _block_prefix(name, smooth_suffix)
+            if prefix is None:
                 continue
-            prefix = name[: len(name) - len(smooth_suffix)]
             balance = tuple(prefix + suffix for suffix in balance_suffixes)
             if all(_reads(modules.get(b), _output_size(module)) for b in balance):
                 found.append(ScaleMapping(name, balance))
@@ -79,14 +79,14 @@ def unmatched_rules(model: nn.Module, rules: Mapping[str, Sequence[str]]) -> Lis
     leaves = [n for n in modules if n]  # close_names_hint compares their last parts too
     reasons: List[str] = []
     for smooth_suffix, balance_suffixes in rules.items():
-        names = [n for n in modules if n == smooth_suffix or n.endswith("." + smooth_suffix)]
+        names = [n for n in modules if _block_prefix(n, smooth_suffix) is not None]
         if not names:
             reasons.append(f"{smooth_suffix!r} names no module.{close_names_hint(smooth_suffix, leaves)}")
             continue
         found = {m.smooth for m in find_mappings(model, {smooth_suffix: balance_suffixes})}
         for name in names:
             if name not in found:
-                reasons.extend(_why_not(modules, name, name[: len(name) - len(smooth_suffix)], balance_suffixes, leaves))
+                reasons.extend(_why_not(modules, name, _block_prefix(name, smooth_suffix), balance_suffixes, leaves))
     return list(dict.fromkeys(reasons))
 
 
@@ -160,6 +160,14 @@ def covering_mappings(
                     " put on different grids; give them one grid"
                 )
     return mappings
+
+
+def _block_prefix(name: str, suffix: str) -> str | None:
+    """The part of module ``name`` before ``suffix`` (its block, ending in ``.``, or
+    ``""``) when ``name`` is ``suffix`` or ends with ``"." + suffix``; else ``None``."""
+    if name != suffix and not name.endswith("." + suffix):
+        return None
+    return name[: len(name) - len(suffix)]
 
 
 def _output_size(module: nn.Module) -> int | None:
