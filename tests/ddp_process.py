@@ -32,8 +32,15 @@ def run_script(script, *args, check: bool = True, cwd=ROOT, timeout_s: float = T
     result = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
                             timeout=timeout_s, cwd=cwd, env=env)
     if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        assert result.returncode == 0, _crash_report(result.stdout) + result.stderr[-6000:]
     return result
+
+
+def _crash_report(output: str) -> str:
+    """The end of ``output``; from a rank's "Fatal Python error" on when there is one (its
+    thread tracebacks come before a list of extension modules that would fill the tail)."""
+    start = output.rfind("Fatal Python error")
+    return output[start:start + 6000] if start >= 0 else output[-3000:]
 
 
 def arm_hang_report() -> None:
