@@ -10,6 +10,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_directory, remove_directory
+from lightning_compress.core.memory import release_freed_memory
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.errors import ExportError, ParityError
 from lightning_compress.formats.failed_export import failed_path, keep_elsewhere, keep_failed, refuse_stale
@@ -53,8 +54,11 @@ def export(
     (:mod:`~lightning_compress.formats.packing`), read back one layer at a time, and the
     parity check holds the packed modules (int4: an eighth of the float weights) beside the
     model, never a second float copy; large layers are quantized and compared in row
-    blocks. What remains is the fake-quant model's own forward (its largest layer's fake
-    quantization, as in training) and the batch's activations.
+    blocks, and each packed layer's output is compared while the fake-quant model runs
+    (nothing is kept per layer, only the model's outputs). What remains is the largest
+    layer's float weight (fake-quantized, or dequantized) and one batch's activations;
+    freed blocks are handed back to the system between layers
+    (:mod:`lightning_compress.core.memory`), so they do not add to the peak.
 
     Args:
         model: the trained module (a LightningModule or any ``nn.Module``).
@@ -122,7 +126,9 @@ def export(
 
     def finish(directory: Path) -> Dict[str, bytes]:
         # Packed straight into the directory being built (one layer at a time), read back from
-        # it and checked there; nothing is at `out_dir` until that passed.
+        # it and checked there; nothing is at `out_dir` until that passed. What the run before
+        # freed is returned first: its peak is the export's own (see core.memory).
+        release_freed_memory()
         packing = done["packing"] = pack_into(directory, model, out_dir, **options)
         for name, data in packing.files.items():  # compression.json: read_packed reads it
             (directory / name).write_bytes(data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Callable, Dict, Union
@@ -9,6 +10,7 @@ from typing import Callable, Dict, Union
 import torch
 from torch import nn
 
+from lightning_compress.core.memory import ReleasePacer, release_freed_memory
 from lightning_compress.core.validate import check_bool
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.failed_export import recorded_failure, refusal
@@ -120,7 +122,8 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
     check_fit(model, packed, expected)
     check_meta_covered(model, expected, {parameter_key(key, grid.param) for key, grid in packed.grids.items()})
     load_tensors(model, list(packed.tensors), packed.tensor, expected)  # first: packed layers take their biases
-    originals = {}
+    release_freed_memory()
+    originals, pacer = {}, ReleasePacer()
     for name in sorted(units):  # parents first: an attention layer, then its out_proj
         original = originals[name] = _submodule(model, name)
         weights = [packed.layer(key) for key in units[name]]
@@ -132,6 +135,7 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
             raise PackedFormatError(f"layer {name!r}: {err}") from None
         set_submodule(model, name, replacement)
         del weights, replacement
+        pacer.done(4 * sum(math.prod(packed.grids[key].weight.shape) for key in units[name]))  # see core.memory
     packed.check_complete()
     keep_padded_batches(model)  # packed layers quantize their input in a pre-hook
     model.packed_kernels = kernel_report(model)

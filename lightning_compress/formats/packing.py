@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.memory import ReleasePacer
 from lightning_compress.core.reporting import format_table
 from lightning_compress.core.targeting import layer_weights, parameter_key
 from lightning_compress.core.transforms import Stage, get_weight_transform, is_transformed, weight_before, weight_slots
@@ -143,11 +144,12 @@ def _encode(model, out_dir, writer: SafetensorsWriter, sparse_threshold, compres
     use_ct = ct.decide(model, grids, compressed_tensors, notes)
     if use_ct:
         sparse_threshold = None
-    layer_meta, tensor_meta, rows, float32_bytes = {}, {}, [], 0
+    layer_meta, tensor_meta, rows, float32_bytes, pacer = {}, {}, [], 0, ReleasePacer()
     for name, layer in quantized_layers(model, dry):
         encoded, entry = encode_layer(name, layer, sparse_threshold, pack_8bit=use_ct and ct.packs_codes(layer))
         for key, tensor in encoded.items():
             writer.add(key, tensor)
+        pacer.done(layer.weight.codes.numel() * 4)  # this layer's temporaries: see lightning_compress.core.memory
         layer_meta[name] = entry
         rows.append([name, layer.module, layer.weight.codes.numel(),
                      f"{layer.weight.spec.describe()} {entry['packing']}", _sparsity_text(entry), entry["bytes"]])

@@ -16,8 +16,9 @@ run exact. The choice is recorded (``ParityReport.kernels``, ``parity.kernels`` 
 export's metadata) and ``load_packed(backend="auto")`` runs it: a kernel choice never
 makes a correct export fail.
 
-Per-layer figures (each layer fed the input the fake-quant layer saw) name the worst
-layers when the check fails.
+Per-layer figures (each layer fed the input the fake-quant layer saw, as the fake-quant
+model runs: running sums only, whatever the number of batches) name the worst layers when
+the check fails.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.attention import fast_path_disabled
+from lightning_compress.core.memory import ReleasePacer
 from lightning_compress.core.targeting import module_name
 from lightning_compress.core.transforms import Stage, all_transforms, get_weight_transform, weight_slots
 from lightning_compress.formats.blocks import dequantizes_to
 from lightning_compress.formats.loader import set_submodule
+from lightning_compress.formats.outputs import OutputError, call_model, flatten_outputs, relative_error, sqnr_db
 from lightning_compress.formats.packed import PackedLayer, PackedModel
 from lightning_compress.formats.runtime import build_packed_unit, int8_gemm_candidate, planned_kernel
 
@@ -94,47 +97,6 @@ class ParityReport:
         }
 
 
-def relative_error(reference: Tensor, other: Tensor) -> float:
-    norm = reference.double().norm()
-    diff = (reference.double() - other.double()).norm()
-    return float(diff / norm) if norm > 0 else float(diff)
-
-
-def sqnr_db(reference: Tensor, other: Tensor) -> float:
-    diff = (reference.double() - other.double()).norm()
-    return math.inf if diff == 0 else float(20 * torch.log10(reference.double().norm() / diff))
-
-
-def flatten_outputs(output: Any) -> Tensor:
-    """Every floating-point tensor in a (nested) model output, flattened and joined."""
-    found: List[Tensor] = []
-
-    def visit(value: Any) -> None:
-        if isinstance(value, Tensor):
-            if value.is_floating_point():
-                found.append(value.detach().reshape(-1).float().cpu())
-        elif isinstance(value, Mapping):
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-
-    visit(output)
-    if not found:
-        raise ValueError("the model's output holds no floating-point tensor to compare")
-    return torch.cat(found)
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict, else ``model(inputs)``."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def check_parity(
     model: nn.Module,
     packed: PackedModel,
@@ -166,19 +128,18 @@ def check_parity(
         if not inputs:
             report.fast_layers = _fast_layers(built)
             return report
-        # The fake-quant model runs before any packed module is built: its largest layer's
-        # fake quantization and the packed modules are not in memory together.
-        reference, layer_io = _run_recording(model, built.units, inputs)
+        candidates = _int8_gemm_candidates(built) if backend == "auto" else set()
+        reference, measured = _run_measuring(model, built, candidates, inputs)
         report.fast_layers = fast = _fast_layers(built)
-        report.relative_error = relative_error(reference, _outputs(model, built.swapped("dequantize"), inputs))
+        report.relative_error = _compared(model, built.swapped("dequantize"), inputs, reference).relative_error
         choice: Dict[str, str] = {}
         if backend == "auto":
-            choice, report.fallbacks = choose_kernels(model, built, inputs, reference, layer_io, min_sqnr_db)
+            choice, report.fallbacks = choose_kernels(model, built, inputs, reference, measured, min_sqnr_db)
             report.kernels = choice
             report.fast_layers = fast = _fast_layers(built, choice)
         if fast:
-            report.sqnr_db = sqnr_db(reference, _outputs(model, built.swapped(backend, choice), inputs))
-        report.layers = _per_layer(built, layer_io, choice)
+            report.sqnr_db = _compared(model, built.swapped(backend, choice), inputs, reference).sqnr_db
+        report.layers = _per_layer(built, measured, choice)
     return report
 
 
@@ -189,42 +150,39 @@ LLaMA chosen at exactly 35 dB measured 34.9 to 35.3 dB on 40 fresh batches)."""
 
 
 def choose_kernels(model: nn.Module, built: "_Replacements", inputs: Sequence[Any], reference: Tensor,
-                   layer_io: Mapping[str, List[tuple]], min_sqnr_db: float):
+                   measured: Mapping[str, "_Measured"], min_sqnr_db: float):
     """The kernel of every layer that may run the int8 GEMM (:func:`int8_gemm_candidate`)
     and ran on ``inputs``: ``"fbgemm"`` where it stays within ``min_sqnr_db`` plus
     :data:`CHOICE_MARGIN_DB`, alone and in the whole model, else ``"dequantize"``.
     Returns ``({layer: kernel}, {layer: why it runs exact})``.
 
     Alone: the layer's int8-GEMM output against the fake-quant layer's, on the inputs it
-    saw. Together: the most accurate ``k`` of those that pass alone, with the largest ``k``
-    whose model output is within the threshold (searched by bisection, as the error grows
-    with every layer added; the ``k`` kept is always one measured within it). Layers that
-    did not run are left out (unmeasured: the loader's default rule); layers whose inputs
-    were not float32 on the CPU (a bfloat16 model) run exact: the int8 GEMM never ran on
-    them, so nothing measured it."""
+    saw (``measured`` while the fake-quant model ran). Together: the most accurate ``k`` of
+    those that pass alone, with the largest ``k`` whose model output is within the
+    threshold (searched by bisection, as the error grows with every layer added; the ``k``
+    kept is always one measured within it). Layers that did not run are left out
+    (unmeasured: the loader's default rule); layers whose inputs were not float32 on the
+    CPU (a bfloat16 model) run exact: the int8 GEMM never ran on them, so nothing measured
+    it."""
     needed = min_sqnr_db + CHOICE_MARGIN_DB
-    candidates = [name for name, keys in built.units.items() if layer_io.get(name) and len(keys) == 1
-                  and isinstance(built.originals[name], nn.Linear) and int8_gemm_candidate(built.grid(keys[0]))]
+    candidates = [name for name, layer in measured.items() if "fbgemm" in layer.kernels]
     choice = {name: "dequantize" for name in candidates}
     fallbacks, alone = {}, {}
     for name in candidates:
-        module = built.get(name, "auto", "fbgemm")
-        if module.kernel != "fbgemm":  # the kernel is unavailable here (warned)
+        layer = measured[name]
+        if layer.kernels["fbgemm"] is None:  # the kernel is unavailable here (warned)
             fallbacks[name] = "int8 GEMM unavailable"
-            continue
-        unfit = [x for x in _first_inputs(layer_io[name]) if not module.quantizes_itself(x)]
-        if unfit:
-            fallbacks[name] = (f"its inputs are {unfit[0].dtype} on {unfit[0].device.type}; the int8 GEMM takes"
-                               " float32 CPU inputs")
-            continue
-        alone[name] = _layer_figures(module, layer_io[name])[1]
-        if alone[name] < needed:
-            fallbacks[name] = f"alone {alone[name]:.1f} dB"
+        elif layer.unfit is not None:
+            fallbacks[name] = f"its inputs are {layer.unfit}; the int8 GEMM takes float32 CPU inputs"
+        else:
+            alone[name] = layer.kernels["fbgemm"].sqnr_db
+            if alone[name] < needed:
+                fallbacks[name] = f"alone {alone[name]:.1f} dB"
     ranked = sorted((name for name in alone if name not in fallbacks), key=lambda name: -alone[name])
 
     def model_sqnr(count: int) -> float:
         trial = {**choice, **{name: "fbgemm" for name in ranked[:count]}}
-        return sqnr_db(reference, _outputs(model, built.swapped("auto", trial), inputs))
+        return _compared(model, built.swapped("auto", trial), inputs, reference).sqnr_db
 
     # low: a count measured within the threshold (0 is: no candidate on the int8 GEMM).
     low, high = 0, len(ranked)
@@ -237,21 +195,16 @@ def choose_kernels(model: nn.Module, built: "_Replacements", inputs: Sequence[An
     return choice, fallbacks
 
 
-def _first_inputs(pairs: Sequence[tuple]) -> List[Tensor]:
-    """A Linear layer's recorded input tensors (positional, or ``input=``)."""
-    found = [args[0] if args else kwargs.get("input") for (args, kwargs), _ in pairs]
-    return [x for x in found if isinstance(x, Tensor)]
-
-
 def _weight_mismatches(model: nn.Module, packed: PackedModel) -> List[str]:
     """Keys whose packed value differs from the model's; one layer read (and its effective
     weight computed) at a time."""
-    bad = []
+    bad, pacer = [], ReleasePacer()
     for key, layer in packed.layers.items():
         trained = getattr(model.get_submodule(module_name(key, layer.param)), layer.param).detach()
         if not dequantizes_to(layer.weight, trained):
             bad.append(key)
         del layer, trained
+        pacer.done(4 * math.prod(packed.grids[key].weight.shape))  # see lightning_compress.core.memory
     state = model.state_dict()
     for key, tensor in packed.tensors.items():
         current = _effective(model, key, state)
@@ -292,6 +245,10 @@ class _Replacements:
         """The layer ``key`` as the metadata describes it (no tensor read)."""
         return self.packed.grids[key]
 
+    def float_bytes(self, name: str) -> int:
+        """The size of layer ``name``'s weights in float32."""
+        return 4 * sum(math.prod(self.grid(key).weight.shape) for key in self.units[name])
+
     def get(self, name: str, backend: Optional[str] = None, chosen: Optional[str] = None) -> nn.Module:
         backend = backend or self.backend
         original = self.originals[name]
@@ -311,48 +268,114 @@ class _Replacements:
         return {name: self.get(name, backend, (choice or {}).get(name)) for name in self.units}
 
 
-def _outputs(model: nn.Module, replacements: Mapping[str, nn.Module], inputs: Sequence[Any]) -> Tensor:
+def _compared(model: nn.Module, replacements: Mapping[str, nn.Module], inputs: Sequence[Any],
+              reference: Tensor) -> OutputError:
+    """``model`` with ``replacements`` swapped in, run on ``inputs`` and compared with the
+    fake-quant model's outputs ``reference`` (:func:`_run_measuring`'s, joined in order) a
+    batch at a time."""
+    error, start = OutputError(), 0
     with _swapped(model, replacements):
-        return torch.cat([flatten_outputs(call_model(model, x)) for x in inputs])
+        for x in inputs:
+            got = flatten_outputs(call_model(model, x))
+            error.add(reference[start: start + got.numel()], got)
+            start += got.numel()
+    if start != reference.numel():
+        raise ValueError(f"the packed model's outputs hold {start} values, the fake-quant model's {reference.numel()}")
+    return error
 
 
-def _run_recording(model: nn.Module, layers: Mapping[str, Any], inputs: Iterable[Any]):
-    seen_in: Dict[str, List[tuple]] = {name: [] for name in layers}
-    seen_out: Dict[str, List[Tensor]] = {name: [] for name in layers}
+def _int8_gemm_candidates(built: "_Replacements") -> set:
+    """Layers the kernel choice measures on the int8 GEMM: single-weight Linear layers on
+    an int8 grid it runs (:func:`int8_gemm_candidate`)."""
+    return {name for name, keys in built.units.items() if len(keys) == 1
+            and isinstance(built.originals[name], nn.Linear) and int8_gemm_candidate(built.grid(keys[0]))}
+
+
+@dataclass
+class _Measured:
+    """One layer's packed outputs against the fake-quant layer's on the inputs it saw:
+    ``kernels`` maps a kernel choice (``None``: the backend's own) to its figures (``None``:
+    that kernel is unavailable here); ``unfit`` describes an input the int8 GEMM does not
+    take (not float32 on the CPU), if one came."""
+
+    kernels: Dict[Optional[str], Optional[OutputError]]
+    unfit: Optional[str] = None
+
+
+def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, inputs: Iterable[Any]):
+    """Run the fake-quant ``model`` on ``inputs``; each layer's packed module is fed the
+    input the layer received as it comes (QAT's activation stage runs inside the layer, as
+    in a packed layer), and its output compared there: nothing is held per layer but
+    running sums, whatever the number and size of the batches. A candidate of the int8
+    GEMM is measured on it and on the exact path (the choice needs both).
+
+    Returns the model's outputs and ``{layer: _Measured}`` for the layers that ran, in
+    the order of ``built.units``."""
+    # The exact path of every layer, built before the hooks are in place: a recurrent unit
+    # starts as a deep copy of its layer, which would copy them (and the model's outputs
+    # need every one later). The int8 GEMM's are Linear layers built new, when first run.
+    exact = {name: ("dequantize" if name in candidates else None) for name in built.units}
+    modules = {name: built.get(name, chosen=kernel) for name, kernel in exact.items()}
+    measured: Dict[str, _Measured] = {}
+    pending: Dict[str, List[tuple]] = {name: [] for name in built.units}
+    running_packed = []  # non-empty while a packed module runs: an attention unit runs its
+    # layer's own out_proj (shared, not copied), whose hooks must not measure that call
+    pacer = ReleasePacer()
     handles = []
-    for name in layers:
+
+    def compare(name: str, args, kwargs, output) -> None:
+        kernels = (exact[name], "fbgemm") if name in candidates else (None,)
+        layer = measured.setdefault(name, _Measured({kernel: OutputError() for kernel in kernels}))
+        reference = flatten_outputs(output)
+        running_packed.append(name)
+        try:
+            for kernel in kernels:
+                module = modules[name] if kernel == exact[name] else built.get(name, chosen=kernel)
+                if kernel == "fbgemm":
+                    if module.kernel != "fbgemm":
+                        layer.kernels[kernel] = None
+                        continue
+                    x = args[0] if args else kwargs.get("input")
+                    if isinstance(x, Tensor) and not module.quantizes_itself(x):
+                        layer.unfit = layer.unfit or f"{x.dtype} on {x.device.type}"
+                        continue
+                if layer.kernels[kernel] is not None:
+                    layer.kernels[kernel].add(reference, flatten_outputs(module(*args, **kwargs)))
+        finally:
+            running_packed.pop()
+        pacer.done(built.float_bytes(name))  # its fake quantization and dequantization (core.memory)
+
+    def record(name: str, args, kwargs) -> None:
+        if not running_packed:
+            pending[name].append((args, kwargs))
+
+    def measure(name: str, output) -> None:
+        if not running_packed:
+            compare(name, *pending[name].pop(), output)
+
+    for name in built.units:
         module = model.get_submodule(name)
-        # The inputs as the layer receives them (QAT's activation stage runs inside the layer),
-        # as a packed layer gets them; prepended, before any user pre-hook changes them.
+        # The inputs as the layer receives them, before any user pre-hook changes them.
         handles.append(module.register_forward_pre_hook(
-            lambda _, args, kwargs, name=name: seen_in[name].append((args, kwargs)), prepend=True, with_kwargs=True))
-        handles.append(module.register_forward_hook(
-            lambda _, args, output, name=name: seen_out[name].append(flatten_outputs(output))))
+            lambda _, args, kwargs, name=name: record(name, args, kwargs), prepend=True, with_kwargs=True))
+        handles.append(module.register_forward_hook(lambda _, __, output, name=name: measure(name, output)))
     try:
         outputs = torch.cat([flatten_outputs(call_model(model, x)) for x in inputs])
     finally:
         for handle in handles:
             handle.remove()
-    return outputs, {name: list(zip(seen_in[name], seen_out[name])) for name in layers}
+    return outputs, {name: measured[name] for name in built.units if name in measured}
 
 
-def _per_layer(built: _Replacements, layer_io: Mapping[str, List[tuple]], choice: Mapping[str, str]):
+def _per_layer(built: "_Replacements", measured: Mapping[str, _Measured], choice: Mapping[str, str]):
     rows = []
-    for name, pairs in layer_io.items():
-        if not pairs:
-            continue
-        module = built.get(name, chosen=choice.get(name))
-        error, sqnr = _layer_figures(module, pairs)
-        rows.append({"layer": name, "kernel": module.kernel, "relative_error": error, "sqnr_db": sqnr})
+    for name, layer in measured.items():
+        figures = layer.kernels[choice.get(name)]
+        kernel = built.get(name, chosen=choice.get(name)).kernel
+        rows.append({"layer": name, "kernel": kernel, "relative_error": figures.relative_error,
+                     "sqnr_db": figures.sqnr_db})
     rows.sort(key=lambda row: -row["relative_error"])
     return rows
-
-
-def _layer_figures(module: nn.Module, pairs: Sequence[tuple]):
-    """(relative error, SQNR dB) of ``module`` against the fake-quant layer's recorded outputs."""
-    ref = torch.cat([out for _, out in pairs])
-    got = torch.cat([flatten_outputs(module(*args, **kwargs)) for (args, kwargs), _ in pairs])
-    return relative_error(ref, got), sqnr_db(ref, got)
 
 
 @contextlib.contextmanager
@@ -420,3 +443,7 @@ def eval_mode(model: nn.Module):
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+__all__ = ["CHOICE_MARGIN_DB", "OutputError", "ParityReport", "call_model", "check_parity", "choose_kernels",
+           "eval_mode", "flatten_outputs", "preserved_ranges", "quantization_enabled", "relative_error", "sqnr_db"]

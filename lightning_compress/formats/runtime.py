@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from lightning_compress.core.attention import attention_forward, attention_inputs
 from lightning_compress.core.targeting import SEPARATE_PROJECTIONS, module_name
 from lightning_compress.core.transforms import detach_all
-from lightning_compress.formats.blocks import pack_rows
+from lightning_compress.formats.blocks import pack_rows, row_blocks
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.activations import DynamicTokenQuantizer
 from lightning_compress.quant.fake_quant import fake_quantize, group_width
@@ -91,39 +91,39 @@ class PackedWeight(nn.Module):
         return kept
 
     def _dequantize(self, rows: Optional[Tensor], dtype: Optional[torch.dtype]) -> Tensor:
-        codes, zero_offset = self._codes_and_offset(rows)
-        width = group_width(self._matrix_shape(), self.spec)
-        groups_per_row = self.cols // width if self.spec.granularity != "tensor" else 0
-        if self.spec.granularity == "tensor":
-            scale, zero = self.scale.view(1, 1, 1), self.zero_point.view(1, 1, 1)
-        else:
-            scale = self.scale.view(self.shape[0], groups_per_row, 1)
-            zero = self.zero_point.view(self.shape[0], groups_per_row, 1)
-            if rows is not None:
-                scale, zero = scale[rows], zero[rows]
-        grouped = codes.reshape(codes.shape[0], -1, width if self.spec.granularity != "tensor" else self.cols)
-        # One pass to float (integer codes minus a float zero promote to float32), one in place.
-        # float32 whatever dtype .to()/.half() left the buffers in, as before.
-        weight = torch.sub(grouped, zero.float() + zero_offset).mul_(scale.float())
-        shape = self.shape if rows is None else (rows.numel(), *self.shape[1:])
-        return weight.reshape(shape).to(dtype or self.dtype)
+        if rows is not None:  # an Embedding's lookups: a few rows
+            weight = self._dequantize_rows(rows, None)
+            return weight.reshape(rows.numel(), *self.shape[1:]).to(dtype or self.dtype)
+        # A row block at a time into one float32 tensor: one block's unpacked codes are the only temporary
+        # (a whole int4 32000x768 head's are 24 MB of uint8; 3-bit codes unpack via an int64 per bit).
+        weight = torch.empty(self._matrix_shape(), dtype=torch.float32, device=self.codes.device)
+        for block in row_blocks(*self._matrix_shape()):
+            self._dequantize_rows(block, weight[block])
+        return weight.reshape(self.shape).to(dtype or self.dtype)
 
-    def _codes_and_offset(self, rows: Optional[Tensor]) -> tuple:
-        """Integer codes, and what to add to ``zero_point`` before subtracting it."""
-        if rows is not None:
-            return self._row_codes(rows), 0
-        biased = unpack_biased(self.codes, self.spec.bits, self.cols) if self.spec.bits < 8 else None
-        if biased is None:
-            return self.int_codes(), 0
-        # Stored codes are q + 2**(bits-1); subtracting zero + 2**(bits-1) (integers, so exact
-        # in float32) gives the same q - zero, and so the same weight bit for bit.
-        return biased, 1 << (self.spec.bits - 1)
+    def _dequantize_rows(self, rows, out: Optional[Tensor]) -> Tensor:
+        """Rows ``rows`` (an index tensor or a slice) dequantized in float32, into ``out`` if given."""
+        codes, zero_offset = self._codes(rows)
+        per_tensor = self.spec.granularity == "tensor"
+        groups = 1 if per_tensor else self.cols // group_width(self._matrix_shape(), self.spec)
+        grouped = codes.reshape(codes.shape[0], groups, self.cols // groups)
+        scale, zero = (self.scale.view(-1, 1, 1), self.zero_point.view(-1, 1, 1)) if per_tensor else (
+            self.scale.view(self.shape[0], groups, 1)[rows], self.zero_point.view(self.shape[0], groups, 1)[rows])
+        # One copy to float32, then in place (whatever dtype .to()/.half() left the scale and zero
+        # point buffers in): a mixed-dtype `torch.sub` would add a second float copy of the codes.
+        weight = grouped.to(torch.float32, copy=True) if out is None else out.view(grouped.shape).copy_(grouped)
+        return weight.sub_(zero.float() + zero_offset).mul_(scale.float())
 
-    def _row_codes(self, rows: Tensor) -> Tensor:
+    def _codes(self, rows) -> tuple:
+        """The integer codes of ``rows``, and what to add to ``zero_point`` before subtracting it."""
         selected = self.codes[rows]
         if self.spec.bits == 8:
-            return selected
-        return unpack_codes(selected, self.spec.bits, self.cols)
+            return selected, 0
+        biased = unpack_biased(selected, self.spec.bits, self.cols)
+        if biased is None:
+            return unpack_codes(selected, self.spec.bits, self.cols), 0
+        # Stored codes are q + 2**(bits-1); subtracting zero + 2**(bits-1) (exact integers) gives q - zero.
+        return biased, 1 << (self.spec.bits - 1)
 
     def _matrix_shape(self) -> tuple:
         return (self.shape[0], self.cols)

@@ -77,14 +77,16 @@ def choose_qparams(
     # A scale must survive storage in `scale_dtype`: at least its smallest normal number.
     eps = max(eps, torch.finfo(storage).smallest_normal)
     if spec.symmetric:
-        # max(-min(low, 0), max(high, 0)) == max|x| exactly, in one cheaper reduction.
-        reach = groups.abs().amax(dim=1)
+        # max(-min(low, 0), max(high, 0)) == max(-min, max) == max|x| exactly; aminmax reads the
+        # groups once without the float copy `abs()` makes (94 MB for a 32000x768 head).
+        low, high = torch.aminmax(groups, dim=1)
+        reach = torch.maximum(high, low.neg_())
         scale = (reach if clip is None else reach * clip) / (float(spec.qmax - spec.qmin) / 2)
         scale = _round_to_storage(torch.clamp(scale, min=eps), storage)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
-        low = torch.clamp(groups.amin(dim=1), max=0.0)
-        high = torch.clamp(groups.amax(dim=1), min=0.0)
+        low, high = torch.aminmax(groups, dim=1)
+        low, high = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
         if clip is not None:
             low, high = low * clip, high * clip
         scale = _round_to_storage(torch.clamp((high - low) / float(spec.qmax - spec.qmin), min=eps), storage)
@@ -138,9 +140,10 @@ class _RoundClampSTE(torch.autograd.Function):
         # fewer temporaries measured 26% faster on a 3072x768 weight.
         codes = groups * (1.0 / scale)
         codes.round_()
-        clamped = codes.clamp(low, high)
-        ctx.save_for_backward(codes == clamped)
-        return clamped.mul_(scale)
+        # The clipping mask is taken before the clamp so that the clamp runs in place: one
+        # float temporary of the weight's size, not two (94 MB less for a 32000x768 head).
+        ctx.save_for_backward(codes.ge(low).logical_and_(codes.le(high)))
+        return codes.clamp_(low, high).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -159,7 +162,11 @@ def fake_quantize(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: Quant
         # clamp(round(x/s) + z, qmin, qmax) - z == clamp(round(x/s), qmin - z, qmax - z)
         zero_point = zero_point.reshape(-1, 1).to(scale.dtype)
         low, high = spec.qmin - zero_point, spec.qmax - zero_point
-    return _RoundClampSTE.apply(groups, scale, low, high).view(matrix.shape)
+    if torch.is_grad_enabled() and (groups.requires_grad or scale.requires_grad):
+        return _RoundClampSTE.apply(groups, scale, low, high).view(matrix.shape)
+    # Nothing to differentiate (evaluation, the export's parity check): the same arithmetic
+    # in place on one temporary, without the clipping mask.
+    return groups.mul(1.0 / scale).round_().clamp_(low, high).mul_(scale).view(matrix.shape)
 
 
 def fake_quantize_learned(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
@@ -186,8 +193,9 @@ def quantize_codes(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: Quan
 def dequantize_codes(codes: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
     """``(codes - zero_point) * scale`` in float32, shaped like ``codes``."""
     width = group_width(codes.shape, spec)
-    groups = codes.reshape(-1, width).float()
-    return ((groups - zero_point.view(-1, 1).float()) * scale.view(-1, 1)).view(codes.shape)
+    # One float copy of the codes, then in place: the export compares large layers with this.
+    weight = codes.reshape(-1, width).to(torch.float32, copy=True)
+    return weight.sub_(zero_point.view(-1, 1).float()).mul_(scale.view(-1, 1)).view(codes.shape)
 
 
 @dataclass

@@ -13,7 +13,8 @@ from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.targeting import module_name
 from lightning_compress.formats.errors import ParityError
 from lightning_compress.formats.onnx.io import export_onnx, run_onnx
-from lightning_compress.formats.parity import eval_mode, flatten_outputs, quantization_enabled, relative_error, sqnr_db
+from lightning_compress.formats.outputs import flatten_outputs, relative_error, sqnr_db
+from lightning_compress.formats.parity import eval_mode, quantization_enabled
 
 
 def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequence[Any], path: Path,

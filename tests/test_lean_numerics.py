@@ -1,0 +1,270 @@
+"""The memory-lean arithmetic of fake quantization, dequantization and the parity check
+computes what the plain formulas and PyTorch's own fake-quant kernels compute, and the
+memory it returns is returned."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import export, load_packed
+from lightning_compress.core.memory import release_freed_memory
+from lightning_compress.formats import runtime
+from lightning_compress.formats.blocks import row_blocks
+from lightning_compress.formats.packed import read_packed
+from lightning_compress.formats.parity import OutputError, check_parity
+from lightning_compress.formats.runtime import PackedWeight
+from lightning_compress.quant.fake_quant import (
+    QuantizedWeight,
+    choose_qparams,
+    dequantize_codes,
+    fake_quantize,
+    quantize_codes,
+)
+from lightning_compress.quant.spec import QuantSpec
+from lightning_compress.quant.weights import round_to_nearest
+
+SPECS = [QuantSpec(bits, "group", 32, symmetric) for bits in (2, 3, 4, 8) for symmetric in (True, False)] + [
+    QuantSpec(4, "channel"), QuantSpec(8, "tensor", symmetric=False)]
+
+
+def _weight(rows=24, cols=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=generator) * torch.rand(rows, 1, generator=generator)
+
+
+def _torch_fake_quant(weight, scale, zero_point, spec):
+    """PyTorch's fused per-channel fake quantization, one channel per group: its forward is
+    ``(clamp(round(x * (1/s)) + z) - z) * s`` and its gradient 1 inside the grid, 0 outside."""
+    width = weight.numel() // scale.numel()
+    groups = weight.reshape(-1, width)
+    return torch.fake_quantize_per_channel_affine(groups, scale.reshape(-1), zero_point.reshape(-1).to(torch.int32),
+                                                  0, spec.qmin, spec.qmax).view(weight.shape)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.describe())
+def test_fake_quantize_equals_torch_fused_kernel_with_and_without_gradient(spec):
+    weight = _weight() * 1.3  # the grid below is chosen on the smaller weight: some values clip
+    scale, zero_point = choose_qparams(_weight(), spec)
+    leaf = weight.clone().requires_grad_()
+    expected = _torch_fake_quant(leaf, scale, zero_point, spec)
+    expected.backward(torch.ones_like(expected))
+    ours = weight.clone().requires_grad_()
+    trained = fake_quantize(ours, scale, zero_point, spec)
+    trained.backward(torch.ones_like(trained))
+    with torch.no_grad():
+        evaluated = fake_quantize(weight, scale, zero_point, spec)
+    assert torch.equal(trained, expected) and torch.equal(evaluated, expected)
+    assert torch.equal(ours.grad, leaf.grad)
+    assert 0 < int((leaf.grad == 0).sum()) < weight.numel()  # some values clipped, some not
+    assert evaluated.grad_fn is None and trained.grad_fn is not None
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.describe())
+def test_ranges_equal_the_min_max_formula(spec):
+    weight = _weight()
+    weight[0, :32] = 0.0  # a group of zeros
+    groups = weight.reshape(scale_count(weight, spec), -1)
+    scale, zero_point = choose_qparams(weight, spec)
+    steps = spec.qmax - spec.qmin
+    storage = getattr(torch, spec.scale_dtype)
+    floor = torch.finfo(storage).smallest_normal  # at least float32's: a scale survives storage
+    if spec.symmetric:
+        reach = torch.tensor([max(abs(float(g.min())), abs(float(g.max()))) for g in groups])
+        expected = (reach / (steps / 2)).clamp(min=floor)
+    else:
+        low = groups.min(dim=1).values.clamp(max=0)
+        high = groups.max(dim=1).values.clamp(min=0)
+        expected = ((high - low) / steps).clamp(min=floor)
+    expected = expected.to(storage).float()
+    assert torch.equal(scale, expected)
+    if spec.granularity == "group":  # the group of zeros gets the smallest scale storage keeps
+        assert float(scale[0]) == torch.tensor(floor).to(storage).item()
+
+
+def scale_count(weight, spec):
+    return {"group": weight.numel() // 32, "channel": weight.shape[0], "tensor": 1}[spec.granularity]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.describe())
+def test_packed_weight_dequantizes_a_row_block_at_a_time_to_the_formula(spec, monkeypatch):
+    # Blocks of 5 rows (the default is 4M elements): 24 rows end in a short block.
+    monkeypatch.setattr(runtime, "row_blocks", lambda rows, cols: row_blocks(rows, cols, 5 * cols))
+    weight = _weight()
+    scale, zero_point = choose_qparams(weight, spec)
+    codes = quantize_codes(weight, scale, zero_point, spec)
+    layer = type("Layer", (), {})()
+    layer.weight = QuantizedWeight(codes, scale, zero_point, spec, tuple(weight.shape))
+    packed = PackedWeight(layer)
+    by_hand = (codes.float().reshape(-1, weight.numel() // scale.numel()) - zero_point.float().reshape(-1, 1)) \
+        * scale.reshape(-1, 1)
+    assert torch.equal(packed.dequantize(), by_hand.view(weight.shape))
+    assert torch.equal(packed.dequantize(), dequantize_codes(codes, scale, zero_point, spec))
+    rows = torch.tensor([23, 0, 7, 7])
+    assert torch.equal(packed.dequantize(rows=rows), by_hand.view(weight.shape)[rows])
+
+
+def test_output_error_sums_match_the_norms_by_hand(monkeypatch):
+    figures = OutputError().add(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0]))
+    assert figures.relative_error == pytest.approx(0.8, abs=1e-15)  # ||(0, 4)|| / ||(3, 4)||
+    assert figures.sqnr_db == pytest.approx(20 * math.log10(5 / 4), abs=1e-12)
+    assert OutputError().add(torch.zeros(3), torch.zeros(3)).sqnr_db == math.inf
+    zero = OutputError().add(torch.zeros(2), torch.tensor([0.0, 2.0]))
+    assert zero.relative_error == 2.0 and zero.sqnr_db == -math.inf
+    overflowed = OutputError().add(torch.ones(2), torch.tensor([1.0, math.inf]))
+    assert overflowed.relative_error == math.inf and overflowed.sqnr_db == -math.inf
+    assert math.isnan(OutputError().add(torch.ones(2), torch.tensor([1.0, math.nan])).sqnr_db)
+    # Over several batches and chunks: the norms of the joined outputs, in float64.
+    monkeypatch.setattr(OutputError, "CHUNK", 7)
+    generator = torch.Generator().manual_seed(0)
+    a = [torch.randn(n, generator=generator) for n in (5, 20, 1)]
+    b = [x + 1e-3 * torch.randn(x.shape, generator=generator) for x in a]
+    running = OutputError()
+    for x, y in zip(a, b):
+        running.add(x, y)
+    joined_a, joined_b = torch.cat(a).double(), torch.cat(b).double()
+    by_hand = float((joined_a - joined_b).norm() / joined_a.norm())
+    assert running.relative_error == pytest.approx(by_hand, rel=1e-12)
+    with pytest.raises(ValueError, match="outputs of 2 and 3 elements"):
+        OutputError().add(torch.zeros(2), torch.zeros(3))
+
+
+class _Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_per_layer_figures_over_several_batches_equal_the_layers_run_by_hand(tmp_path):
+    """The check compares each layer as the model runs (nothing held per layer); its figures
+    equal those of the loaded packed layers fed the recorded inputs, joined over the batches."""
+    torch.manual_seed(0)
+    model = _Chain()
+    round_to_nearest(model, QuantSpec(8, "channel"))
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(n, 16, generator=generator) for n in (3, 5, 4)]
+    export(model, tmp_path / "out", inputs=inputs)
+    report = check_parity(model, read_packed(tmp_path / "out"), inputs, backend="fbgemm")
+    loaded = load_packed(tmp_path / "out", _Chain, backend="fbgemm")
+    assert loaded.packed_kernels == {"first": "fbgemm", "second": "fbgemm"}
+    seen = {name: [] for name in ("first", "second")}
+    hooks = [getattr(model, name).register_forward_hook(
+        lambda _, args, out, name=name: seen[name].append((args[0], out))) for name in seen]
+    with torch.no_grad():
+        for x in inputs:
+            model(x)
+    for hook in hooks:
+        hook.remove()
+    rows = {row["layer"]: row for row in report.layers}
+    for name, pairs in seen.items():
+        reference = torch.cat([out.reshape(-1) for _, out in pairs]).double()
+        with torch.no_grad():
+            got = torch.cat([getattr(loaded, name)(x).reshape(-1) for x, _ in pairs]).double()
+        error = float((reference - got).norm() / reference.norm())
+        assert 0 < error < 0.05
+        assert rows[name]["relative_error"] == pytest.approx(error, rel=1e-9)
+        assert rows[name]["sqnr_db"] == pytest.approx(-20 * math.log10(error), rel=1e-9)
+        assert rows[name]["kernel"] == "fbgemm"
+
+
+TRIM_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from lightning_compress.core.memory import release_freed_memory
+
+    def rss():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+
+    torch.empty(8 << 18).fill_(1)  # freeing an 8 MB block raises glibc's mmap threshold past 4 MB
+    blocks = [torch.ones(1 << 20) for _ in range(64)]  # 64 x 4 MB, now from the heap
+    del blocks[:-1]  # freed; the last one keeps the heap's top in place
+    before = rss()
+    trimmed = release_freed_memory()
+    print(json.dumps({"trimmed": trimmed, "released": before - rss()}))
+""")
+
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc_trim")
+def test_release_freed_memory_returns_freed_heap_blocks_to_the_system():
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}  # glibc defaults
+    done = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["trimmed"] is True
+    assert figures["released"] >= 200 << 20, figures  # of the 252 MB freed
+    assert release_freed_memory() is True
+
+
+@pytest.mark.parametrize("failure", ["no malloc_trim", "CDLL(None) raises TypeError (Windows)", "not posix"])
+def test_release_freed_memory_does_nothing_where_the_c_library_has_no_trim(monkeypatch, failure):
+    from lightning_compress.core import memory
+
+    class NoTrim:
+        pass
+
+    def cdll(name):
+        if failure.startswith("CDLL"):
+            raise TypeError("argument of type 'NoneType' is not iterable")
+        return NoTrim()
+
+    monkeypatch.setattr(memory, "_trim", memory._UNSET)
+    monkeypatch.setattr(memory.ctypes, "CDLL", cdll)
+    if failure == "not posix":
+        monkeypatch.setattr(memory.os, "name", "nt")
+    assert memory.release_freed_memory() is False
+    assert memory.release_freed_memory() is False  # decided once, no second attempt raises
+    pacer = memory.ReleasePacer(every=10)
+    pacer.done(25)  # trims (nothing to call), no error
+    assert pacer.pending == 0
+
+
+def test_release_pacer_trims_once_per_every_bytes(monkeypatch):
+    from lightning_compress.core import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1) or True)
+    pacer = memory.ReleasePacer(every=100)
+    for size in (40, 40, 40, 10, 90, 5):  # 120 -> trim, 100 -> trim, 5 pending
+        pacer.done(size)
+    assert len(calls) == 2 and pacer.pending == 5
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_an_attention_unit_running_its_own_out_proj_does_not_measure_that_layer_twice(tmp_path, monkeypatch):
+    """A packed attention layer runs the model's own ``out_proj`` (shared, not copied): while it
+    runs, ``out_proj``'s hooks must not add a second, foreign measurement of that layer."""
+    torch.manual_seed(0)
+    model = _SelfAttention()
+    round_to_nearest(model, QuantSpec(8, "channel"))
+    inputs = [torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(n)) for n in range(3)]
+    export(model, tmp_path / "out", inputs=inputs)
+    added = []
+    original_add = OutputError.add
+    monkeypatch.setattr(OutputError, "add", lambda self, a, b: added.append(a.numel()) or original_add(self, a, b))
+    report = check_parity(model, read_packed(tmp_path / "out"), inputs, backend="dequantize")
+    assert report.passed and sorted(row["layer"] for row in report.layers) == ["attn", "attn.out_proj"]
+    outputs = 3 * 2 * 3 * 8  # per layer: 3 batches of 2 x 3 tokens x 8 features
+    # once per layer and batch, then the whole model's outputs once
+    assert sum(added) == 2 * outputs + outputs, added
