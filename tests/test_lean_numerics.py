@@ -268,3 +268,35 @@ def test_an_attention_unit_running_its_own_out_proj_does_not_measure_that_layer_
     outputs = 3 * 2 * 3 * 8  # per layer: 3 batches of 2 x 3 tokens x 8 features
     # once per layer and batch, then the whole model's outputs once
     assert sum(added) == 2 * outputs + outputs, added
+
+
+class _Thresholded(nn.Module):
+    """An output whose size depends on its values (kept detections, kept tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return y[y > 0.05]
+
+
+def test_an_output_whose_size_changes_on_the_int8_gemm_keeps_the_layers_exact(tmp_path):
+    """The int8 GEMM moves values across the threshold, so the output has another size: that
+    is an infinite error, and the layers run exact (a kernel choice never fails a correct
+    export); forced onto the int8 GEMM, the export fails the check and says so."""
+    from lightning_compress import ParityError
+
+    torch.manual_seed(0)
+    model = _Thresholded().eval()
+    round_to_nearest(model, QuantSpec(8, "channel"))
+    inputs = [torch.randn(64, 32, generator=torch.Generator().manual_seed(2))]
+    report = export(model, tmp_path / "auto", inputs=inputs).parity
+    assert report.passed and report.relative_error == 0.0 and report.kernels == {"a": "dequantize", "b": "dequantize"}
+    assert all("model output under" in why for why in report.fallbacks.values())
+    loaded = load_packed(tmp_path / "auto", _Thresholded)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs[0]), model(inputs[0]))
+    with pytest.raises(ParityError, match="int8-GEMM SQNR -inf dB"):
+        export(model, tmp_path / "forced", inputs=inputs, backend="fbgemm")

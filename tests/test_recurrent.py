@@ -177,6 +177,10 @@ def test_static_int8_activations_pass_parity_with_gru_and_rnn(tmp_path, kind):
     model.eval()
     with torch.no_grad():
         assert torch.equal(load_packed(tmp_path / "packed", RecurrentLM(kind), backend="dequantize")(tokens), model(tokens))
+        # From a factory (the model built on the meta device): the recurrent weights are made on the CPU.
+        built = load_packed(tmp_path / "packed", lambda: RecurrentLM(kind), backend="dequantize")
+        assert {p.device.type for p in built.parameters()} == {"cpu"}
+        assert torch.equal(built(tokens), model(tokens))
 
 
 def test_weight_bits_logged_count_the_recurrent_weights():

@@ -149,7 +149,7 @@ choice is measured on the export's inputs only, and new inputs land near it (a t
 LLaMA chosen at exactly 35 dB measured 34.9 to 35.3 dB on 40 fresh batches)."""
 
 
-def choose_kernels(model: nn.Module, built: "_Replacements", inputs: Sequence[Any], reference: Tensor,
+def choose_kernels(model: nn.Module, built: "_Replacements", inputs: Sequence[Any], reference: Sequence[Tensor],
                    measured: Mapping[str, "_Measured"], min_sqnr_db: float):
     """The kernel of every layer that may run the int8 GEMM (:func:`int8_gemm_candidate`)
     and ran on ``inputs``: ``"fbgemm"`` where it stays within ``min_sqnr_db`` plus
@@ -269,18 +269,20 @@ class _Replacements:
 
 
 def _compared(model: nn.Module, replacements: Mapping[str, nn.Module], inputs: Sequence[Any],
-              reference: Tensor) -> OutputError:
+              reference: Sequence[Tensor]) -> OutputError:
     """``model`` with ``replacements`` swapped in, run on ``inputs`` and compared with the
-    fake-quant model's outputs ``reference`` (:func:`_run_measuring`'s, joined in order) a
-    batch at a time."""
-    error, start = OutputError(), 0
+    fake-quant model's output on each batch (``reference``, from :func:`_run_measuring`). A
+    batch whose output holds another number of values (an output whose size depends on its
+    values, such as ``y[y > t]``) is an infinite error: the replacements change what the
+    model computes."""
+    error = OutputError()
     with _swapped(model, replacements):
-        for x in inputs:
+        for x, expected in zip(inputs, reference):
             got = flatten_outputs(call_model(model, x))
-            error.add(reference[start: start + got.numel()], got)
-            start += got.numel()
-    if start != reference.numel():
-        raise ValueError(f"the packed model's outputs hold {start} values, the fake-quant model's {reference.numel()}")
+            if got.numel() != expected.numel():
+                error.difference = math.inf
+                continue
+            error.add(expected, got)
     return error
 
 
@@ -309,8 +311,8 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
     running sums, whatever the number and size of the batches. A candidate of the int8
     GEMM is measured on it and on the exact path (the choice needs both).
 
-    Returns the model's outputs and ``{layer: _Measured}`` for the layers that ran, in
-    the order of ``built.units``."""
+    Returns the model's outputs (one flat tensor per batch) and ``{layer: _Measured}`` for
+    the layers that ran, in the order of ``built.units``."""
     # The exact path of every layer, built before the hooks are in place: a recurrent unit
     # starts as a deep copy of its layer, which would copy them (and the model's outputs
     # need every one later). The int8 GEMM's are Linear layers built new, when first run.
@@ -318,8 +320,7 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
     modules = {name: built.get(name, chosen=kernel) for name, kernel in exact.items()}
     measured: Dict[str, _Measured] = {}
     pending: Dict[str, List[tuple]] = {name: [] for name in built.units}
-    running_packed = []  # non-empty while a packed module runs: an attention unit runs its
-    # layer's own out_proj (shared, not copied), whose hooks must not measure that call
+    running_packed = []  # non-empty while a packed unit runs (an attention unit runs its own, hooked, out_proj)
     pacer = ReleasePacer()
     handles = []
 
@@ -360,7 +361,7 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
             lambda _, args, kwargs, name=name: record(name, args, kwargs), prepend=True, with_kwargs=True))
         handles.append(module.register_forward_hook(lambda _, __, output, name=name: measure(name, output)))
     try:
-        outputs = torch.cat([flatten_outputs(call_model(model, x)) for x in inputs])
+        outputs = [flatten_outputs(call_model(model, x)) for x in inputs]
     finally:
         for handle in handles:
             handle.remove()
