@@ -437,8 +437,7 @@ def dequantized_recurrent(weights: Sequence[PackedLayer], original: nn.RNNBase) 
         if current is None or tuple(current.shape) != tuple(layer.weight.shape):
             raise ValueError(f"{type(original).__name__} has no weight {layer.param!r} of shape"
                              f" {list(layer.weight.shape)}")
-        weight = PackedWeight(layer).dequantize()  # a meta-device model takes it where it is made
-        weight = weight if current.is_meta else weight.to(current.device)
+        weight = PackedWeight(layer).dequantize().to("cpu" if current.is_meta else current.device)  # meta: CPU
         setattr(module, layer.param, nn.Parameter(weight, requires_grad=False))  # RNNBase refreshes _flat_weights
     module.kernel = "dequantize"
     return module
