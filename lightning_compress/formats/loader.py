@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from typing import Callable, Dict, Union
@@ -135,7 +134,7 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
             raise PackedFormatError(f"layer {name!r}: {err}") from None
         set_submodule(model, name, replacement)
         del weights, replacement
-        pacer.done(4 * sum(math.prod(packed.grids[key].weight.shape) for key in units[name]))  # see core.memory
+        pacer.done(sum(packed.grids[key].float32_bytes for key in units[name]))  # see core.memory
     packed.check_complete()
     keep_padded_batches(model)  # packed layers quantize their input in a pre-hook
     model.packed_kernels = kernel_report(model)

@@ -32,6 +32,11 @@ class OutputError:
             self.difference += float(torch.dot(b, b))
         return self
 
+    def add_unequal(self) -> "OutputError":
+        """Count outputs that do not even hold the same number of values: an infinite error."""
+        self.difference = math.inf
+        return self
+
     @property
     def relative_error(self) -> float:
         """``||a - b|| / ||a||`` (``||a - b||`` when ``a`` is zero)."""

@@ -94,6 +94,12 @@ class PackedLayer:
     input_qparams: Optional[tuple] = None  # (scale [1] float32, zero point [1] int32), static only
     param: str = "weight"
 
+    @property
+    def float32_bytes(self) -> int:
+        """The weight's size in float32: what a pass over the layer makes and frees (see
+        :class:`~lightning_compress.core.memory.ReleasePacer`)."""
+        return 4 * math.prod(self.weight.shape)
+
 
 @dataclass
 class LayerGrid:

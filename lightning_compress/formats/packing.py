@@ -149,7 +149,7 @@ def _encode(model, out_dir, writer: SafetensorsWriter, sparse_threshold, compres
         encoded, entry = encode_layer(name, layer, sparse_threshold, pack_8bit=use_ct and ct.packs_codes(layer))
         for key, tensor in encoded.items():
             writer.add(key, tensor)
-        pacer.done(layer.weight.codes.numel() * 4)  # this layer's temporaries: see lightning_compress.core.memory
+        pacer.done(layer.float32_bytes)  # this layer's temporaries: see lightning_compress.core.memory
         layer_meta[name] = entry
         rows.append([name, layer.module, layer.weight.codes.numel(),
                      f"{layer.weight.spec.describe()} {entry['packing']}", _sparsity_text(entry), entry["bytes"]])

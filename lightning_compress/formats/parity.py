@@ -204,7 +204,7 @@ def _weight_mismatches(model: nn.Module, packed: PackedModel) -> List[str]:
         if not dequantizes_to(layer.weight, trained):
             bad.append(key)
         del layer, trained
-        pacer.done(4 * math.prod(packed.grids[key].weight.shape))  # see lightning_compress.core.memory
+        pacer.done(packed.grids[key].float32_bytes)  # see lightning_compress.core.memory
     state = model.state_dict()
     for key, tensor in packed.tensors.items():
         current = _effective(model, key, state)
@@ -245,10 +245,6 @@ class _Replacements:
         """The layer ``key`` as the metadata describes it (no tensor read)."""
         return self.packed.grids[key]
 
-    def float_bytes(self, name: str) -> int:
-        """The size of layer ``name``'s weights in float32."""
-        return 4 * sum(math.prod(self.grid(key).weight.shape) for key in self.units[name])
-
     def get(self, name: str, backend: Optional[str] = None, chosen: Optional[str] = None) -> nn.Module:
         backend = backend or self.backend
         original = self.originals[name]
@@ -280,9 +276,9 @@ def _compared(model: nn.Module, replacements: Mapping[str, nn.Module], inputs: S
         for x, expected in zip(inputs, reference):
             got = flatten_outputs(call_model(model, x))
             if got.numel() != expected.numel():
-                error.difference = math.inf
-                continue
-            error.add(expected, got)
+                error.add_unequal()
+            else:
+                error.add(expected, got)
     return error
 
 
@@ -317,7 +313,8 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
     # starts as a deep copy of its layer, which would copy them (and the model's outputs
     # need every one later). The int8 GEMM's are Linear layers built new, when first run.
     exact = {name: ("dequantize" if name in candidates else None) for name in built.units}
-    modules = {name: built.get(name, chosen=kernel) for name, kernel in exact.items()}
+    for name, kernel in exact.items():
+        built.get(name, chosen=kernel)
     measured: Dict[str, _Measured] = {}
     pending: Dict[str, List[tuple]] = {name: [] for name in built.units}
     running_packed = []  # non-empty while a packed unit runs (an attention unit runs its own, hooked, out_proj)
@@ -331,7 +328,7 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
         running_packed.append(name)
         try:
             for kernel in kernels:
-                module = modules[name] if kernel == exact[name] else built.get(name, chosen=kernel)
+                module = built.get(name, chosen=kernel)
                 if kernel == "fbgemm":
                     if module.kernel != "fbgemm":
                         layer.kernels[kernel] = None
@@ -344,7 +341,8 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
                     layer.kernels[kernel].add(reference, flatten_outputs(module(*args, **kwargs)))
         finally:
             running_packed.pop()
-        pacer.done(built.float_bytes(name))  # its fake quantization and dequantization (core.memory)
+        # Its fake quantization and dequantization (see core.memory).
+        pacer.done(sum(built.grid(key).float32_bytes for key in built.units[name]))
 
     def record(name: str, args, kwargs) -> None:
         if not running_packed:
