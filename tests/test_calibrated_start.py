@@ -241,8 +241,16 @@ def test_awq_start_keeps_the_float_function_and_beats_round_to_nearest(seeded):
     search = awq_scales(x, [recorder.before[n] for n in qkv], SPEC)
     norm = "model.model.layers.0.input_layernorm.weight"
     assert torch.equal(recorder.started[norm], recorder.state[norm] / search.scales)
+    # v_proj is also the smooth module of o_proj (multi-head attention: the shapes agree):
+    # its output rows are then divided by o_proj's own scales, searched on o_proj's inputs.
+    o_proj = [n for n in layers if n.endswith("o_proj")][0]
+    o_inputs = torch.cat([r.reshape(-1, HIDDEN) for r in recorder.inputs[o_proj][:2]])
+    o_scales = awq_scales(o_inputs, [recorder.before[o_proj]], SPEC).scales
+    assert torch.equal(recorder.raw[o_proj], recorder.before[o_proj] * o_scales)
     for n in qkv:
         scaled = recorder.before[n] * search.scales
+        if n.endswith("v_proj"):  # folded first: transformers registers self_attn before input_layernorm
+            scaled = recorder.before[n] / o_scales[:, None] * search.scales
         assert torch.equal(recorder.raw[n], scaled), n
         expected = fake_quantize(scaled, *choose_qparams(scaled, SPEC), SPEC)
         assert torch.equal(recorder.effective[n], expected), n
