@@ -54,7 +54,8 @@ FILE_SIZE_NOTE = (
 
 CPU_NOTE = (
     "The mission's target, faster than torchao on CPU, is checked on our CPU serving path at"
-    " each bit width: int8 through fbgemm in PyTorch, int4 through onnxruntime's MatMulNBits on"
+    " each bit width: int8 through our int8 GEMM in PyTorch (oneDNN's u8 x s8 GEMM; the kernel's"
+    " name, `fbgemm`, is PyTorch's name for its x86 int8 engine), int4 through onnxruntime's MatMulNBits on"
     " our ONNX export. PyTorch has no fast int4 CPU kernel on this machine (ATen's"
     " `_weight_int4pack_mm_for_cpu` ran at 0.07x of float32 at batch 1 and 0.02x at batch 128 on"
     " a 3072x3072 layer, in a one-off check outside these benchmarks), so our PyTorch int4 layer"

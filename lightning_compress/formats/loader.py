@@ -45,8 +45,10 @@ def load_packed(
             ``PackedConv`` / ``PackedEmbedding`` / ``PackedMultiheadAttention`` computing
             from the packed codes.
         backend: ``"auto"``: each layer runs the kernel the export's parity check chose
-            for it: the fbgemm int8 GEMM (dynamic int8 activations, about 2x float32
-            speed on CPU) for int8 per-channel/per-tensor Linear layers, weight-only or
+            for it: the int8 GEMM (activations quantized per token as int8 dynamic
+            training does, integer products through oneDNN: 2.3x to 10x float32 on an
+            AVX-512/AMX CPU; see :mod:`~lightning_compress.formats.int8_gemm`) for int8
+            per-channel/per-tensor Linear layers, weight-only or
             trained with dynamic int8 activations, where it kept the export's SQNR
             threshold (plus a 1 dB margin) alone and in the whole model, on the export's
             inputs; the exact dequantize path for every

@@ -6,8 +6,9 @@ Three measurements, on the files as written (read back from disk):
    bit for bit, and every other tensor equals the model's;
 2. outputs on the exact path (``"dequantize"``): relative error ``||a - b|| / ||a||``
    against the fake-quant model (float rounding only, so at most ``1e-5`` by default);
-3. outputs on the fast path (the fbgemm int8 GEMM with dynamic int8 activations, where
-   a layer runs it): SQNR ``20 log10(||a|| / ||a - b||)`` in dB (at least 35 by default).
+3. outputs on the fast path (the int8 GEMM of :mod:`~lightning_compress.formats.int8_gemm`,
+   where a layer runs it: exact up to float rounding on layers trained with int8 dynamic
+   activations, 8-bit per-token activations on weight-only ones): SQNR ``20 log10(||a|| / ||a - b||)`` in dB (at least 35 by default).
 
 With ``backend="auto"`` the check also chooses the kernels (see :func:`choose_kernels`):
 every layer that may run the int8 GEMM is measured alone on it, those within the SQNR

@@ -22,7 +22,7 @@ from lightning_compress.quant.spec import QuantSpec
 ACTIVATION_MODES = ("int8_dynamic", "int8_static")
 OBSERVERS = ("minmax", "moving_average")
 # torchao's per-token activation grid: int8, asymmetric, one scale per token.
-_PER_TOKEN = QuantSpec(bits=8, granularity="channel", symmetric=False)
+PER_TOKEN = QuantSpec(bits=8, granularity="channel", symmetric=False)
 _PER_TENSOR = QuantSpec(bits=8, granularity="tensor", symmetric=False)
 
 
@@ -43,14 +43,14 @@ class DynamicTokenQuantizer:
             return x
         tokens = _tokens_last(x, self.channels_first)
         matrix = tokens.reshape(-1, tokens.shape[-1])
-        scale, zero_point = choose_qparams(matrix, _PER_TOKEN)
-        out = fake_quantize(matrix.float(), scale, zero_point, _PER_TOKEN).to(x.dtype)
+        scale, zero_point = choose_qparams(matrix, PER_TOKEN)
+        out = fake_quantize(matrix.float(), scale, zero_point, PER_TOKEN).to(x.dtype)
         out = out.view(tokens.shape)
         return out.movedim(out.dim() - 1, 1) if self.channels_first else out
 
     def table_fields(self) -> Dict[str, Any]:
         """This quantizer's column of the per-layer table (none while it is disabled)."""
-        return {"activation_bits": _PER_TOKEN.bits} if self.enabled else {}
+        return {"activation_bits": PER_TOKEN.bits} if self.enabled else {}
 
 
 class StaticRangeObserver:

@@ -1,0 +1,134 @@
+"""The int8 GEMM of packed Linear layers: integer codes in, exact integer products.
+
+Activations are quantized per token with the 8-bit asymmetric grid training uses for
+``activations="int8_dynamic"`` (:class:`~lightning_compress.quant.activations.DynamicTokenQuantizer`:
+same ranges, same rounding), so a layer trained that way gets exactly the integer codes
+its fake-quant layer computed with. The codes, shifted to ``uint8``, go through oneDNN's
+u8 x s8 GEMM (``torch.ops.onednn.qlinear_pointwise``, the op PyTorch's x86 int8
+inference lowers to; VNNI/AMX where the CPU has them) with an input scale of 1 and zero
+point 0, which accumulates ``sum_k x_code * w_code`` in int32. Zero points are taken out
+afterwards with per-token and per-channel sums:
+
+    sum_k (x - zx)(w - zw) = A - zw * sum_k x - zx * (sum_k w - K * zw)
+
+so the only rounding is float32's on the rescaled result (measured here: 129 to 138 dB
+SQNR against float64, as close as the fake-quant model's own float32 GEMM). On a layer
+trained with int8 dynamic activations it therefore matches the fake-quant model to
+float rounding; on a weight-only layer the per-token 8-bit rounding of the activations
+is its only approximation (what the parity check's SQNR threshold measures).
+
+Measured on this 2-core AVX-512/AMX CPU against float32 ``F.linear``: 2.3x to 2.7x at
+batch 1, 8x to 10x at batch 128 (768x3072 and 3072x768 layers). The kernel must not
+saturate: CPUs without VNNI multiply u8 x s8 pairs into int16 with saturation
+(``vpmaddubsw``), which would corrupt 8-bit codes. :func:`int8_gemm_available` runs a
+probe that saturates such a CPU once per process, and layers fall back to the exact
+dequantize path where it fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from lightning_compress.quant.activations import PER_TOKEN
+
+
+@functools.lru_cache(maxsize=None)
+def int8_gemm_available() -> Optional[str]:
+    """``None`` when the int8 GEMM runs exactly here, else why it does not (checked once)."""
+    try:
+        codes = torch.tensor([[127] * 64, [-128] * 64, [127, -128] * 32], dtype=torch.int8)
+        inputs = torch.tensor([[255] * 64, [255, 0] * 32], dtype=torch.uint8)
+        got = _gemm(inputs, _prepack(codes), torch.ones(3), torch.zeros(3, dtype=torch.long))
+    except (AttributeError, RuntimeError, NotImplementedError) as err:
+        return f"{type(err).__name__}: {err}"
+    # Pairs 255 * 127 + 255 * 127 and 255 * -128 + 255 * -128 overflow int16: a saturating
+    # CPU gets other sums.
+    expected = inputs.double() @ codes.double().T
+    if not torch.equal(got.double(), expected):
+        return "the CPU's u8 x s8 products saturate (no VNNI)"
+    return None
+
+
+def _prepack(codes: Tensor) -> Tensor:
+    return torch.ops.onednn.qlinear_prepack(codes, None)
+
+
+def _gemm(inputs: Tensor, prepacked: Tensor, channel_scale: Tensor, zeros: Tensor) -> Tensor:
+    """``channel_scale[n] * sum_k inputs[t, k] * codes[n, k]`` in float32 (int32
+    accumulation); ``zeros``: the weight's zero points, one int64 zero per channel."""
+    return torch.ops.onednn.qlinear_pointwise(inputs, 1.0, 0, prepacked, channel_scale, zeros, None, 1.0, 0,
+                                              torch.float32, "none", [], "")
+
+
+class Int8Gemm:
+    """One int8 weight ``(codes - zero_point) * scale`` (per channel or per tensor),
+    prepared for the int8 GEMM; calling it on float32 activations ``[tokens, in]`` returns
+    ``[tokens, out]`` (no bias)."""
+
+    def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> None:
+        out_features, self.in_features = codes.shape
+        self.scale = scale.float().reshape(-1).expand(out_features).contiguous()
+        zero = zero_point.float().reshape(-1).expand(out_features)
+        code_sums = codes.sum(dim=1, dtype=torch.int64).double()
+        # Per output channel: scale * zw, and scale * (sum_k w - K * zw); exact in float64, then float32.
+        self.zero_term = (self.scale.double() * zero.double()).float()
+        self.input_zero_term = (self.scale.double() * (code_sums - self.in_features * zero.double())).float()
+        self.weight_has_zero = bool(zero.any())
+        self.prepacked = _prepack(codes.contiguous())
+        self.zeros = torch.zeros(out_features, dtype=torch.long)  # zero points are taken out above
+
+    def __call__(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """``F.linear`` of ``x`` (float32 ``[tokens, in]``) and this weight, plus ``bias``."""
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.scale.numel())
+        codes, shift, scale = token_codes(x)
+        out = _gemm(codes, self.prepacked, self.scale, self.zeros)
+        out.addcmul_(shift, self.input_zero_term, value=-1.0)
+        if self.weight_has_zero:
+            out.addcmul_(codes.sum(dim=1, keepdim=True, dtype=torch.float32), self.zero_term, value=-1.0)
+        # In place: at batch 1 every allocation and launch counts against a GEMM of ~90 us.
+        return out.mul_(scale) if bias is None else out.mul_(scale).add_(bias)
+
+
+def token_codes(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training's per-token int8 rounding of float32 ``x`` ``[tokens, in]`` as ``uint8``
+    codes ``q - qmin``, with ``zero_point - qmin`` and the scale per token (``[tokens, 1]``).
+
+    Bit for bit what :func:`~lightning_compress.quant.fake_quant.choose_qparams` and
+    :func:`~lightning_compress.quant.fake_quant.fake_quantize` compute for
+    :data:`~lightning_compress.quant.activations.PER_TOKEN` (a test compares them), in a
+    third of their operations: at batch 1 each small operation costs as much as a
+    fifth of the int8 GEMM of a 768x3072 layer.
+    """
+    levels = float(PER_TOKEN.qmax - PER_TOKEN.qmin)
+    low, high = torch.aminmax(x, dim=1, keepdim=True)
+    low.clamp_(max=0.0)
+    scale = high.clamp_(min=0.0).sub_(low).div_(levels).clamp_(min=torch.finfo(torch.float32).smallest_normal)
+    # zero_point - qmin = clamp(-round(low / scale), 0, levels): integers, exact in float32.
+    shift = low.div_(scale).round_().neg_().clamp_(0.0, levels)
+    # clamp(round(x / s), qmin - z, qmax - z) + (z - qmin) == clamp(round(x / s) + z - qmin, 0, levels).
+    codes = x.mul(scale.reciprocal()).round_().add_(shift).clamp_(0.0, levels).to(torch.uint8)
+    return codes, shift, scale
+
+
+def prepare_int8_gemm(codes: Tensor, scale: Tensor, zero_point: Tensor, strict: bool) -> Optional[Int8Gemm]:
+    """The int8 GEMM of one weight, or ``None`` (with a warning; an error when ``strict``)
+    where it does not run exactly on this machine."""
+    reason = int8_gemm_available()
+    if reason is None:
+        try:
+            return Int8Gemm(codes, scale, zero_point)
+        except (RuntimeError, NotImplementedError) as err:
+            reason = f"{type(err).__name__}: {err}"
+    if strict:
+        raise RuntimeError(f"the int8 GEMM kernel is not available ({reason}); use backend='auto'")
+    warnings.warn(f"int8 GEMM kernel unavailable ({reason}); int8 layers run on the dequantize path")
+    return None
+
+
+__all__ = ["Int8Gemm", "int8_gemm_available", "prepare_int8_gemm", "token_codes"]

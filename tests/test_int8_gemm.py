@@ -1,0 +1,124 @@
+"""The int8 GEMM against float64 arithmetic computed here, and its refusal to run where
+the CPU would saturate its u8 x s8 products (emulated, as this CPU has VNNI)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import export, load_packed
+from lightning_compress.formats import int8_gemm
+from lightning_compress.formats.int8_gemm import Int8Gemm, int8_gemm_available, token_codes
+from lightning_compress.quant.activations import PER_TOKEN, DynamicTokenQuantizer
+from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
+from tests.test_numeric_core import _dynamic_int8
+
+
+def _db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    noise = (reference.double() - other.double()).norm()
+    return math.inf if noise == 0 else 20 * math.log10(float(reference.double().norm() / noise))
+
+
+def _training_rounding(x: torch.Tensor) -> torch.Tensor:
+    quantizer = DynamicTokenQuantizer()
+    quantizer.enabled = True
+    return quantizer(x)
+
+
+def test_token_codes_are_trainings_codes_bit_for_bit():
+    """The lean per-token rounding against training's (choose_qparams + fake_quantize) on
+    rows that reach every branch: mixed signs, all positive, all negative, all zero,
+    subnormal values (the scale's floor), one huge outlier, ties at .5 of the grid."""
+    generator = torch.Generator().manual_seed(3)
+    rows = [torch.randn(64, generator=generator), torch.rand(64, generator=generator) + 1,
+            -torch.rand(64, generator=generator) - 1, torch.zeros(64), torch.full((64,), 1e-41),
+            torch.randn(64, generator=generator) * 1e-3, torch.cat([torch.tensor([3e4]), torch.randn(63)]),
+            torch.arange(64, dtype=torch.float32) / 2 - 10]
+    x = torch.stack(rows)
+    codes, shift, scale = token_codes(x)
+    expected_scale, expected_zero = choose_qparams(x, PER_TOKEN)
+    assert codes.dtype == torch.uint8
+    assert torch.equal(scale.view(-1), expected_scale)
+    assert torch.equal(shift.view(-1), (expected_zero - PER_TOKEN.qmin).float())
+    # codes - shift == (q - qmin) - (z - qmin) == q - z: the integers fake_quantize multiplies by the scale.
+    assert torch.equal((codes.float() - shift) * scale, fake_quantize(x, expected_scale, expected_zero, PER_TOKEN))
+
+
+@pytest.mark.parametrize("zero_points", ["symmetric", "per-channel", "per-tensor"])
+def test_integer_products_equal_float64_on_training_codes(zero_points):
+    """``(x_hat) @ ((codes - zero_point) * scale).T`` in float64, x_hat being training's per-token
+    rounding of x: with weight zero points (asymmetric grids) and a per-tensor scale too."""
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(-128, 128, (48, 96), generator=generator, dtype=torch.int8)
+    scale = torch.rand(48, 1, generator=generator) * 0.01 + 1e-3
+    zero = torch.zeros(48, 1)
+    if zero_points == "per-channel":
+        zero = torch.randint(-20, 20, (48, 1), generator=generator).float()
+    elif zero_points == "per-tensor":
+        scale, zero = scale[:1], torch.tensor([[7.0]])
+    x = torch.randn(10, 96, generator=generator) * 3 + 1  # an offset: token zero points far from the middle
+    x[3] = torch.rand(96, generator=generator)  # all positive: the token's zero point at the grid's end
+    weight = ((codes.double() - zero.double()) * scale.double())
+    float64 = _training_rounding(x).double() @ weight.T
+    got = Int8Gemm(codes, scale, zero)(x)
+    assert got.dtype == torch.float32 and got.shape == (10, 48)
+    assert _db(float64, got) > 120
+    assert Int8Gemm(codes, scale, zero)(x[:0]).shape == (0, 48)
+
+
+def _saturating_gemm(inputs, prepacked, channel_scale, zeros):
+    """A CPU without VNNI (``vpmaddubsw``): adjacent u8 x s8 products summed into int16 with
+    saturation, then accumulated in int32. ``prepacked`` is the int8 weight here."""
+    products = inputs.long()[:, None, :] * prepacked.long()[None, :, :]
+    pairs = products.view(*products.shape[:2], -1, 2).sum(-1).clamp(-32768, 32767)
+    return pairs.sum(-1).float() * channel_scale
+
+
+@pytest.fixture
+def saturating_cpu(monkeypatch):
+    monkeypatch.setattr(int8_gemm, "_prepack", lambda codes: codes)
+    monkeypatch.setattr(int8_gemm, "_gemm", _saturating_gemm)
+    int8_gemm_available.cache_clear()
+    yield
+    int8_gemm_available.cache_clear()
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+def test_a_cpu_that_saturates_runs_the_exact_path_and_says_why(tmp_path, saturating_cpu):
+    """The probe finds the saturation, so a model trained for the int8 GEMM loads on the
+    exact path with a warning, and asking for the int8 GEMM by name is refused."""
+    assert int8_gemm_available() == "the CPU's u8 x s8 products saturate (no VNNI)"
+    model = _dynamic_int8(_mlp())
+    x = torch.randn(4, 16)
+    unavailable = r"int8 GEMM kernel unavailable \(the CPU's u8 x s8 products saturate"
+    with pytest.warns(UserWarning, match=unavailable):  # the export's check builds the layers too
+        export(model, tmp_path / "out")
+    with pytest.warns(UserWarning, match=unavailable):
+        loaded = load_packed(tmp_path / "out", _mlp())
+    assert set(loaded.packed_kernels.values()) == {"dequantize"}
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(RuntimeError, match="the int8 GEMM kernel is not available .*use backend='auto'"):
+        load_packed(tmp_path / "out", _mlp(), backend="fbgemm")
+
+
+def test_the_probe_passes_where_products_do_not_saturate(monkeypatch):
+    """The same emulation without the int16 clamp is exact, and the probe accepts it: the
+    probe's failure above is the saturation, not the emulation."""
+    def exact(inputs, prepacked, channel_scale, zeros):
+        return (inputs.double() @ prepacked.double().T).float() * channel_scale
+
+    monkeypatch.setattr(int8_gemm, "_prepack", lambda codes: codes)
+    monkeypatch.setattr(int8_gemm, "_gemm", exact)
+    int8_gemm_available.cache_clear()
+    try:
+        assert int8_gemm_available() is None
+    finally:
+        int8_gemm_available.cache_clear()
