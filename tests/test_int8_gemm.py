@@ -3,6 +3,7 @@ the CPU would saturate its u8 x s8 products (emulated, as this CPU has VNNI)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -69,12 +70,13 @@ def test_integer_products_equal_float64_on_training_codes(zero_points):
     assert Int8Gemm(codes, scale, zero)(x[:0]).shape == (0, 48)
 
 
-def _saturating_gemm(inputs, prepacked, channel_scale, zeros):
+def _saturating_gemm(inputs, prepacked, channel_scale, zeros, input_zero):
     """A CPU without VNNI (``vpmaddubsw``): adjacent u8 x s8 products summed into int16 with
-    saturation, then accumulated in int32. ``prepacked`` is the int8 weight here."""
+    saturation, then accumulated in int32, the input zero point taken out with the weight's
+    row sums (as oneDNN compensates it). ``prepacked`` is the int8 weight here."""
     products = inputs.long()[:, None, :] * prepacked.long()[None, :, :]
     pairs = products.view(*products.shape[:2], -1, 2).sum(-1).clamp(-32768, 32767)
-    return pairs.sum(-1).float() * channel_scale
+    return (pairs.sum(-1) - input_zero * prepacked.long().sum(1)).float() * channel_scale
 
 
 @pytest.fixture
@@ -112,8 +114,8 @@ def test_a_cpu_that_saturates_runs_the_exact_path_and_says_why(tmp_path, saturat
 def test_the_probe_passes_where_products_do_not_saturate(monkeypatch):
     """The same emulation without the int16 clamp is exact, and the probe accepts it: the
     probe's failure above is the saturation, not the emulation."""
-    def exact(inputs, prepacked, channel_scale, zeros):
-        return (inputs.double() @ prepacked.double().T).float() * channel_scale
+    def exact(inputs, prepacked, channel_scale, zeros, input_zero):
+        return ((inputs.double() - input_zero) @ prepacked.double().T).float() * channel_scale
 
     monkeypatch.setattr(int8_gemm, "_prepack", lambda codes: codes)
     monkeypatch.setattr(int8_gemm, "_gemm", exact)
@@ -122,3 +124,104 @@ def test_the_probe_passes_where_products_do_not_saturate(monkeypatch):
         assert int8_gemm_available() is None
     finally:
         int8_gemm_available.cache_clear()
+
+
+def test_tokens_with_outliers_of_both_signs_lose_nothing_to_cancellation():
+    """All-positive weight rows (large row sums) and tokens of small values with one
+    outlier of each sign: each token's zero point sits mid-grid, and taking it out in
+    float32 after the GEMM cancelled two large terms (measured 54.9 dB against float64
+    before the GEMM took it out in integers; the float32 fake-quant model: 126 dB)."""
+    generator = torch.Generator().manual_seed(4)
+    codes = torch.randint(110, 128, (16, 8192), generator=generator, dtype=torch.int8)
+    scale, zero = torch.full((16, 1), 1e-3), torch.zeros(16, 1)
+    x = torch.randn(8, 8192, generator=generator) * 1e-2
+    x[:, 0], x[:, 1] = 50.0, -50.0
+    x[5] = torch.rand(8192, generator=generator)  # and one token whose zero point is the grid's end
+    float64 = _training_rounding(x).double() @ ((codes.double() - zero.double()) * scale.double()).T
+    got = Int8Gemm(codes, scale, zero)(x)
+    for token in range(8):
+        assert _db(float64[token], got[token]) > 110, token
+    assert _db(float64[:1], Int8Gemm(codes, scale, zero)(x[:1])) > 120  # one token: its zero point in integers
+
+
+def _loaded_dynamic(tmp_path):
+    model = _dynamic_int8(_mlp())
+    export(model, tmp_path / "out", inputs=[torch.randn(8, 16)])
+    loaded = load_packed(tmp_path / "out", _mlp())
+    assert set(loaded.packed_kernels.values()) == {"fbgemm"}
+    return model, loaded
+
+
+def test_a_loaded_model_copies_and_pickles_with_its_int8_gemm(tmp_path):
+    """oneDNN's prepared weight has no storage: deepcopy and pickling prepare it again
+    from the copied codes (both raised NotImplementedError), and the copy computes alone."""
+    model, loaded = _loaded_dynamic(tmp_path)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = loaded(x)
+        copied = copy.deepcopy(loaded)
+        assert copied[0]._fbgemm._arguments[0] is copied[0].packed.codes  # the copy's own codes
+        torch.save(loaded, tmp_path / "whole.pt")
+        unpickled = torch.load(tmp_path / "whole.pt", weights_only=False)
+        del loaded
+        assert torch.equal(copied(x), expected) and torch.equal(unpickled(x), expected)
+        assert _db(model(x), expected) > 120
+
+
+def test_tracing_runs_the_exact_path_and_compiling_keeps_the_int8_gemm(tmp_path):
+    """torch.jit graphs cannot hold the prepared weight (trace raised "Unsupported value
+    kind: Tensor"): traced, the layers compute exactly; torch.compile runs the GEMM eagerly
+    (Inductor's lowering raised an AssertionError)."""
+    model, loaded = _loaded_dynamic(tmp_path)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        exact = load_packed(tmp_path / "out", _mlp(), backend="dequantize")
+        traced = torch.jit.trace(loaded, x)
+        assert torch.equal(traced(x), exact(x))
+        compiled = torch.compile(loaded)
+        assert torch.allclose(compiled(x), loaded(x), rtol=0, atol=1e-6)
+
+
+def test_a_weight_only_attention_out_proj_holds_no_int8_gemm_it_never_runs(tmp_path):
+    """PyTorch's attention reads ``out_proj.weight`` itself (``out_proj`` is its
+    ``NonDynamicallyQuantizableLinear``): weight-only, those layers stay on the exact path
+    and are reported so (Lightning's demo Transformer reported them on the int8 GEMM and
+    held its prepared weights), while the feed-forward layers and the head run it."""
+    from lightning.pytorch.demos import Transformer
+
+    from lightning_compress.quant.spec import QuantSpec
+    from lightning_compress.quant.weights import round_to_nearest
+
+    def demo():
+        torch.manual_seed(0)
+        return Transformer(vocab_size=50, ninp=32, nhead=2, nhid=64, nlayers=1, dropout=0.0).eval()
+
+    model = demo()
+    round_to_nearest(model, QuantSpec(8))
+    generator = torch.Generator().manual_seed(0)
+    src, tgt = torch.randint(0, 50, (3, 10), generator=generator), torch.randint(0, 50, (3, 10), generator=generator)
+    export(model, tmp_path / "out", inputs=[(src, tgt)])
+    loaded = load_packed(tmp_path / "out", demo())
+    out_projs = [name for name in loaded.packed_kernels if name.endswith("out_proj")]
+    assert len(out_projs) == 3 and {loaded.packed_kernels[name] for name in out_projs} == {"dequantize"}
+    assert all(loaded.get_submodule(name)._fbgemm is None for name in out_projs)
+    assert [name for name, kernel in loaded.packed_kernels.items() if kernel == "fbgemm"] == [
+        "transformer.encoder.layers.0.linear1", "transformer.encoder.layers.0.linear2",
+        "transformer.decoder.layers.0.linear1", "transformer.decoder.layers.0.linear2", "decoder"]
+    calls = []
+    original_call = Int8Gemm.__call__
+
+    def counted(self, *args):
+        calls.append(self)
+        return original_call(self, *args)
+
+    with torch.no_grad():
+        Int8Gemm.__call__ = counted
+        try:
+            # PyTorch's fused encoder path (on by default) would read linear1/2.weight and skip them.
+            assert torch.backends.mha.get_fastpath_enabled()
+            got = loaded(src, tgt)
+        finally:
+            Int8Gemm.__call__ = original_call
+        assert len(calls) == 5  # each layer reported on the int8 GEMM ran it
+        assert _db(model(src, tgt), got) > 40

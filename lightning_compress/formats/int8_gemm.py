@@ -5,20 +5,27 @@ Activations are quantized per token with the 8-bit asymmetric grid training uses
 same ranges, same rounding), so a layer trained that way gets exactly the integer codes
 its fake-quant layer computed with. The codes, shifted to ``uint8``, go through oneDNN's
 u8 x s8 GEMM (``torch.ops.onednn.qlinear_pointwise``, the op PyTorch's x86 int8
-inference lowers to; VNNI/AMX where the CPU has them) with an input scale of 1 and zero
-point 0, which accumulates ``sum_k x_code * w_code`` in int32. Zero points are taken out
-afterwards with per-token and per-channel sums:
+inference lowers to; VNNI/AMX where the CPU has them) with an input scale of 1 and one
+input zero point ``p`` (the batch's median token's), which it takes out in int32:
+``G = sum_k (x - p) * w``. The rest is taken out with per-token and per-channel sums:
 
-    sum_k (x - zx)(w - zw) = A - zw * sum_k x - zx * (sum_k w - K * zw)
+    sum_k (x - zx)(w - zw) = G - zw * sum_k (x - p) - (zx - p) * (sum_k w - K * zw)
 
-so the only rounding is float32's on the rescaled result (measured here: 129 to 138 dB
-SQNR against float64, as close as the fake-quant model's own float32 GEMM). On a layer
+``G`` is exact in int32 and, with ``x - p`` centred, of about the result's size; ``zx - p``
+and ``sum_k (x - p)`` are small exact integers. So the rounding is float32's on terms of
+about the result's size (measured here: 129 to 138 dB SQNR against float64, as
+close as the fake-quant model's own float32 GEMM). Taking every token's zero point out
+after the GEMM instead cancelled large terms in float32 (47 to 55 dB on tokens with
+outliers of both signs). Asymmetric weights' ``zw`` term can still cancel when codes sit
+near their zero point; symmetric weights (the default, and vLLM's) have none. On a layer
 trained with int8 dynamic activations it therefore matches the fake-quant model to
 float rounding; on a weight-only layer the per-token 8-bit rounding of the activations
 is its only approximation (what the parity check's SQNR threshold measures).
 
-Measured on this 2-core AVX-512/AMX CPU against float32 ``F.linear``: 2.3x to 2.7x at
-batch 1, 8x to 10x at batch 128 (768x3072 and 3072x768 layers). The kernel must not
+Measured on this 2-core AVX-512/AMX CPU against float32 ``F.linear`` on 768x3072 and
+3072x768 layers: the GEMM alone 2.3x to 2.7x at batch 1 and 8x to 10x at batch 128; with
+the per-token quantization, a whole call 1.2x and 3x (at batch 1 the quantization's
+dozen small eager operations cost about as much as the GEMM). The kernel must not
 saturate: CPUs without VNNI multiply u8 x s8 pairs into int16 with saturation
 (``vpmaddubsw``), which would corrupt 8-bit codes. :func:`int8_gemm_available` runs a
 probe that saturates such a CPU once per process, and layers fall back to the exact
@@ -27,6 +34,7 @@ dequantize path where it fails.
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from typing import Optional, Tuple
@@ -43,14 +51,15 @@ def int8_gemm_available() -> Optional[str]:
     try:
         codes = torch.tensor([[127] * 64, [-128] * 64, [127, -128] * 32], dtype=torch.int8)
         inputs = torch.tensor([[255] * 64, [255, 0] * 32], dtype=torch.uint8)
-        got = _gemm(inputs, _prepack(codes), torch.ones(3), torch.zeros(3, dtype=torch.long))
+        got = [_gemm(inputs, _prepack(codes), torch.ones(3), torch.zeros(3, dtype=torch.long), zero)
+               for zero in (0, 100)]
     except (AttributeError, RuntimeError, NotImplementedError) as err:
         return f"{type(err).__name__}: {err}"
     # Pairs 255 * 127 + 255 * 127 and 255 * -128 + 255 * -128 overflow int16: a saturating
-    # CPU gets other sums.
-    expected = inputs.double() @ codes.double().T
-    if not torch.equal(got.double(), expected):
-        return "the CPU's u8 x s8 products saturate (no VNNI)"
+    # CPU gets other sums. The input zero point must be taken out in integers.
+    for zero, result in zip((0, 100), got):
+        if not torch.equal(result.double(), (inputs.double() - zero) @ codes.double().T):
+            return "the CPU's u8 x s8 products saturate (no VNNI)" if zero == 0 else "input zero points are ignored"
     return None
 
 
@@ -58,19 +67,25 @@ def _prepack(codes: Tensor) -> Tensor:
     return torch.ops.onednn.qlinear_prepack(codes, None)
 
 
-def _gemm(inputs: Tensor, prepacked: Tensor, channel_scale: Tensor, zeros: Tensor) -> Tensor:
-    """``channel_scale[n] * sum_k inputs[t, k] * codes[n, k]`` in float32 (int32
-    accumulation); ``zeros``: the weight's zero points, one int64 zero per channel."""
-    return torch.ops.onednn.qlinear_pointwise(inputs, 1.0, 0, prepacked, channel_scale, zeros, None, 1.0, 0,
+def _gemm(inputs: Tensor, prepacked: Tensor, channel_scale: Tensor, zeros: Tensor, input_zero: int) -> Tensor:
+    """``channel_scale[n] * sum_k (inputs[t, k] - input_zero) * codes[n, k]`` in float32
+    (int32 accumulation, the zero point taken out in integers); ``zeros``: the weight's
+    zero points, one int64 zero per channel."""
+    return torch.ops.onednn.qlinear_pointwise(inputs, 1.0, input_zero, prepacked, channel_scale, zeros, None, 1.0, 0,
                                               torch.float32, "none", [], "")
 
 
 class Int8Gemm:
     """One int8 weight ``(codes - zero_point) * scale`` (per channel or per tensor),
     prepared for the int8 GEMM; calling it on float32 activations ``[tokens, in]`` returns
-    ``[tokens, out]`` (no bias)."""
+    ``[tokens, out]``.
+
+    The prepared weight is a copy of ``codes`` in oneDNN's layout (as much memory again
+    as the int8 codes); copies and pickles of the module prepare it again from ``codes``.
+    """
 
     def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> None:
+        self._arguments = (codes, scale, zero_point)  # what copies and pickles are made from
         out_features, self.in_features = codes.shape
         self.scale = scale.float().reshape(-1).expand(out_features).contiguous()
         zero = zero_point.float().reshape(-1).expand(out_features)
@@ -80,17 +95,34 @@ class Int8Gemm:
         self.input_zero_term = (self.scale.double() * (code_sums - self.in_features * zero.double())).float()
         self.weight_has_zero = bool(zero.any())
         self.prepacked = _prepack(codes.contiguous())
-        self.zeros = torch.zeros(out_features, dtype=torch.long)  # zero points are taken out above
+        self.zeros = torch.zeros(out_features, dtype=torch.long)  # weight zero points are taken out below
 
+    def __deepcopy__(self, memo: dict) -> "Int8Gemm":
+        # oneDNN's prepared weight has no storage to copy; the memo maps `codes` to the copy
+        # the module's own buffer got, so the new prepared weight matches the copied module.
+        return Int8Gemm(*copy.deepcopy(self._arguments, memo))
+
+    def __reduce__(self):
+        return Int8Gemm, self._arguments
+
+    @torch.compiler.disable  # the prepared weight is not a tensor Inductor can hold: run it eagerly
     def __call__(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """``F.linear`` of ``x`` (float32 ``[tokens, in]``) and this weight, plus ``bias``."""
         if x.shape[0] == 0:
             return x.new_zeros(0, self.scale.numel())
         codes, shift, scale = token_codes(x)
-        out = _gemm(codes, self.prepacked, self.scale, self.zeros)
-        out.addcmul_(shift, self.input_zero_term, value=-1.0)
+        # The GEMM takes one input zero point out in integers; the other tokens' differences
+        # from it are small integers times a per-channel sum. One token: none left at all.
+        # (Taking every token's out in float32 afterwards lost up to 80 dB to cancellation
+        # on tokens with outliers of both signs: measured 55 dB against float64.)
+        single = shift.shape[0] == 1
+        zero = int(shift) if single else int(shift.view(-1).median())
+        out = _gemm(codes, self.prepacked, self.scale, self.zeros, zero)
+        if not single:
+            out.addcmul_(shift - zero, self.input_zero_term, value=-1.0)
         if self.weight_has_zero:
-            out.addcmul_(codes.sum(dim=1, keepdim=True, dtype=torch.float32), self.zero_term, value=-1.0)
+            rows = codes.sum(dim=1, keepdim=True, dtype=torch.float32).sub_(self.in_features * zero)
+            out.addcmul_(rows, self.zero_term, value=-1.0)
         # In place: at batch 1 every allocation and launch counts against a GEMM of ~90 us.
         return out.mul_(scale) if bias is None else out.mul_(scale).add_(bias)
 

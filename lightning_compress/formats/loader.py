@@ -46,7 +46,7 @@ def load_packed(
             from the packed codes.
         backend: ``"auto"``: each layer runs the kernel the export's parity check chose
             for it: the int8 GEMM (activations quantized per token as int8 dynamic
-            training does, integer products through oneDNN: 2.3x to 10x float32 on an
+            training does, integer products through oneDNN: a layer 1.2x to 3x float32 on an
             AVX-512/AMX CPU; see :mod:`~lightning_compress.formats.int8_gemm`) for int8
             per-channel/per-tensor Linear layers, weight-only or
             trained with dynamic int8 activations, where it kept the export's SQNR

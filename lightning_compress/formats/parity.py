@@ -41,7 +41,7 @@ from lightning_compress.formats.blocks import dequantizes_to
 from lightning_compress.formats.loader import set_submodule
 from lightning_compress.formats.outputs import OutputError, call_model, flatten_outputs, relative_error, sqnr_db
 from lightning_compress.formats.packed import PackedLayer, PackedModel
-from lightning_compress.formats.runtime import build_packed_unit, int8_gemm_candidate, planned_kernel
+from lightning_compress.formats.runtime import build_packed_unit, calls_its_forward, int8_gemm_candidate, planned_kernel
 
 
 @dataclass
@@ -284,10 +284,11 @@ def _compared(model: nn.Module, replacements: Mapping[str, nn.Module], inputs: S
 
 
 def _int8_gemm_candidates(built: "_Replacements") -> set:
-    """Layers the kernel choice measures on the int8 GEMM: single-weight Linear layers on
-    an int8 grid it runs (:func:`int8_gemm_candidate`)."""
+    """Layers the kernel choice measures on the int8 GEMM: single-weight Linear layers
+    called as modules (:func:`calls_its_forward`) on an int8 grid it runs
+    (:func:`int8_gemm_candidate`)."""
     return {name for name, keys in built.units.items() if len(keys) == 1
-            and isinstance(built.originals[name], nn.Linear) and int8_gemm_candidate(built.grid(keys[0]))}
+            and calls_its_forward(built.grid(keys[0]), built.originals[name]) and int8_gemm_candidate(built.grid(keys[0]))}
 
 
 @dataclass

@@ -10,8 +10,8 @@ Two kernels, and a cache:
 - ``"fbgemm"`` (int8 Linear, per-channel or per-tensor, CPU; the name of PyTorch's x86
   int8 engine, kept for existing exports): the int8 GEMM of
   :mod:`lightning_compress.formats.int8_gemm`. Activations are quantized per token on
-  training's int8 dynamic grid and multiplied as integers (oneDNN, VNNI/AMX): 2.3x to
-  2.7x float32 at batch 1 and 8x to 10x at batch 128 on this CPU. A layer trained with
+  training's int8 dynamic grid and multiplied as integers (oneDNN, VNNI/AMX): a layer
+  1.2x float32 at batch 1 and 3x at batch 128 on this CPU. A layer trained with
   int8 dynamic activations gets the codes it trained with, so it matches the fake-quant
   model to float rounding; a weight-only layer's activations are rounded to 8 bits.
   ``backend="auto"`` runs it where the export measured that it stays within the parity
@@ -69,7 +69,7 @@ class PackedWeight(nn.Module):
         self.keep_float = False  # see keep_dequantized()
         self._float: Optional[Tensor] = None
         # New codes or scales (load_state_dict) make the kept float weight stale.
-        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_float", None))
+        self.register_load_state_dict_post_hook(_forget_kept_float)
 
     def int_codes(self) -> Tensor:
         """int8 codes ``[out, in * kernel]``."""
@@ -130,6 +130,10 @@ class PackedWeight(nn.Module):
         return (self.shape[0], self.cols)
 
 
+def _forget_kept_float(module: PackedWeight, _incompatible) -> None:
+    module._float = None  # a function, not a lambda: a loaded model pickles whole
+
+
 class _InputQuantizer(nn.Module):
     """The activation fake quantization the layer was trained with (exact path only)."""
 
@@ -175,6 +179,10 @@ class _PackedModule(nn.Module):
         return False
 
 
+def _called_as_module(module: nn.Module, args: tuple) -> None:
+    return None
+
+
 def _quantize_layer_input(module: _PackedModule, args: tuple):
     if not args or module.quantizes_itself(args[0]):
         return None
@@ -194,14 +202,20 @@ class PackedLinear(_PackedModule):
             self._fbgemm = _fbgemm_prepack(self.packed, strict=backend == "fbgemm")
         if self._fbgemm is not None:
             self.kernel = "fbgemm"
+            if self.input_quantizer is None:  # (one holds a hook already)
+                # PyTorch's fused encoder path reads `linear.weight` and skips the module
+                # unless a module in the layer has hooks: this one opts out, so the kernel the
+                # export measured runs.
+                self.register_forward_pre_hook(_called_as_module)
             # The prepacked weight is a copy: new codes (load_state_dict) are packed again.
             self.register_load_state_dict_post_hook(_prepack_again)
 
     def quantizes_itself(self, x: Tensor) -> bool:
         # float32 CPU inputs only; and not when a gradient is asked for: the int8 GEMM has
-        # no backward (PyTorch would return a silently wrong input gradient).
+        # no backward (PyTorch would return a silently wrong input gradient). Not while
+        # torch.jit traces either: its graphs cannot hold oneDNN's prepared weight.
         return (self._fbgemm is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and not (x.requires_grad and torch.is_grad_enabled()))
+                and not (x.requires_grad and torch.is_grad_enabled()) and not torch.jit.is_tracing())
 
     def forward(self, x: Tensor) -> Tensor:
         if self.quantizes_itself(x):
@@ -320,9 +334,17 @@ def _int8_gemm_grid(layer: PackedLayer) -> bool:
     return spec.bits == 8 and spec.granularity != "group"
 
 
+def calls_its_forward(layer: PackedLayer, original: nn.Module) -> bool:
+    """Whether the packed replacement of the Linear ``original`` is called as a module, so
+    that a kernel of its own can run: not a weight-only ``out_proj`` of an attention
+    layer, whose weight PyTorch's attention reads directly (PyTorch's own marker class)."""
+    return isinstance(original, nn.Linear) and not (
+        isinstance(original, nn.modules.linear.NonDynamicallyQuantizableLinear) and layer.activations is None)
+
+
 def planned_kernel(weights: Sequence[PackedLayer], original: nn.Module, backend: str, chosen: Optional[str] = None) -> str:
     """The kernel :func:`build_packed_unit` tries for ``original``, from its ``weights``' grids alone."""
-    single = len(weights) == 1 and isinstance(original, nn.Linear)
+    single = len(weights) == 1 and calls_its_forward(weights[0], original)
     return "fbgemm" if single and _int8_gemm_grid(weights[0]) and _runs_int8_gemm(weights[0], backend, chosen) else "dequantize"
 
 
@@ -345,7 +367,7 @@ def build_packed_module(layer: PackedLayer, original: nn.Module, backend: str, c
     if isinstance(original, nn.MultiheadAttention):
         return PackedMultiheadAttention(layer, original)
     if isinstance(original, nn.Linear):
-        return PackedLinear(layer, original.bias, backend, chosen)
+        return PackedLinear(layer, original.bias, backend if calls_its_forward(layer, original) else "dequantize", chosen)
     if isinstance(original, nn.modules.conv._ConvNd) and not isinstance(original, nn.modules.conv._ConvTransposeNd):
         return PackedConv(layer, original)
     if isinstance(original, nn.Embedding):
