@@ -179,6 +179,33 @@ def test_int8_dynamic_activations(tmp_path, make_model, feature_shape):
         assert sqnr_db(torch_out(model, x), out) >= 35
 
 
+@pytest.mark.parametrize("spec", [INT4_G32, INT4_G32_ASYM], ids=["symmetric", "asymmetric"])
+def test_int4_with_dynamic_int8_activations_asks_onnxruntime_for_int8_dot_products(tmp_path, spec):
+    """``dynamic_int8_activations=True`` writes int4 layers' MatMulNBits with
+    ``accuracy_level=4``: onnxruntime then rounds the activations to int8, so the output
+    is no longer exact but close (a weight-only export stays exact and leaves it unset)."""
+    torch.manual_seed(0)
+    model = MLP()
+    quantized = quantize(model, spec)
+    exact, fast = tmp_path / "exact.onnx", tmp_path / "fast.onnx"
+    export_onnx(model, (torch.randn(2, 64),), exact, quantized)
+    report = export_onnx(model, (torch.randn(2, 64),), fast, quantized, dynamic_int8_activations=True)
+    assert set(report.layers.values()) == {"MatMulNBits"}
+
+    def accuracy_levels(path):
+        return [next((a.i for a in node.attribute if a.name == "accuracy_level"), None)
+                for node in graph_of(path).node if node.op_type == "MatMulNBits"]
+
+    assert accuracy_levels(exact) == [None] * len(quantized)
+    assert accuracy_levels(fast) == [4] * len(quantized)
+    x = torch.randn(64, 64)
+    reference = torch_out(model, x)
+    assert rel_err(reference, run_onnx(exact, (x,))[0]) <= 1e-5
+    (out,) = run_onnx(fast, (x,))
+    assert rel_err(reference, out) > 1e-4  # the activations were rounded
+    assert sqnr_db(reference, out) >= 30
+
+
 def test_matmulnbits_packing_golden(tmp_path):
     codes = torch.arange(-8, 8, dtype=torch.int8).reshape(1, 16)  # N=1, K=16
     expected = [0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE]  # q+8, low nibble first

@@ -72,7 +72,7 @@ def plan_layers(model: nn.Module, quantized: Mapping[str, QuantizedWeight], dyna
                 f" (max abs difference {error:.3g}); pass the QuantizedWeight read from this"
                 " model (quantized_weights(model)) after its last update"
             )
-        plans[name] = LayerPlan(name, op, q, dequantized.numpy())
+        plans[name] = LayerPlan(name, op, q, dequantized.numpy(), int8_activations=dynamic)
     return plans
 
 

@@ -107,7 +107,9 @@ def export_onnx(
             (per-channel ``DequantizeLinear``).
         dynamic_int8_activations: compute int8 layers with ``DynamicQuantizeLinear`` +
             ``MatMulInteger`` (faster, approximate: activations are rounded to uint8)
-            instead of weight-only QDQ (exact). int4 layers use ``MatMulNBits`` either way.
+            instead of weight-only QDQ (exact), and int4 layers' ``MatMulNBits`` with
+            ``accuracy_level=4`` (activations rounded to int8 per block, int8 dot
+            products) instead of float activations (exact).
 
     Returns:
         An :class:`OnnxExportReport` (op per layer, file sizes).

