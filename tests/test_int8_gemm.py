@@ -225,3 +225,22 @@ def test_a_weight_only_attention_out_proj_holds_no_int8_gemm_it_never_runs(tmp_p
             Int8Gemm.__call__ = original_call
         assert len(calls) == 5  # each layer reported on the int8 GEMM ran it
         assert _db(model(src, tgt), got) > 40
+
+
+def test_a_token_of_nan_or_overflow_gives_its_own_row_nan_and_leaves_the_others():
+    """The fake-quant model's answer: NaN where a token's range is NaN or overflows, the
+    other tokens untouched (the batch's zero point came from a NaN: ValueError)."""
+    generator = torch.Generator().manual_seed(5)
+    codes = torch.randint(-127, 128, (8, 16), generator=generator, dtype=torch.int8)
+    gemm = Int8Gemm(codes, torch.rand(8, 1, generator=generator) / 100, torch.zeros(8, 1))
+    x = torch.randn(4, 16, generator=generator)
+    x[1, 3] = float("nan")
+    x[2] = 1e38
+    x[2, ::2] = -1e38  # its range overflows to inf
+    got = gemm(x)
+    weight = codes.double() * gemm.scale.double()[:, None]
+    for token in (0, 3):
+        assert _db(_training_rounding(x[token:token + 1]).double() @ weight.T, got[token]) > 120
+    expected = _training_rounding(x).double() @ weight.T  # NaN rows where the fake-quant model has them
+    assert torch.equal(got.isnan(), expected.isnan()) and got[1].isnan().all()
+    assert gemm(x[1:2]).isnan().all()  # alone too
