@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.core.memory import release_freed_memory
 from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.core.validate import is_number
 from lightning_compress.distill.cache import TeacherOutputCache, sample_keys, weights_fingerprint
@@ -392,6 +393,10 @@ class KnowledgeDistillation(CompressionCallback):
                 return cached
         args, kwargs = step.teacher_args(self.teacher_inputs)
         logits = self._capture.run_teacher(self._teacher_entry, args, kwargs, self.teacher_dtype)
+        # The teacher's activations are freed now, but glibc's heap keeps blocks of up to
+        # 32 MiB resident, on top of the student's backward: measured 0.21x the model on a
+        # 134M LLaMA taught by itself. Handing them back costs 5 us to 0.3 ms a step.
+        release_freed_memory()
         if self.cache_top_k is not None:
             if not logits.dim() or self.cache_top_k > logits.shape[-1]:
                 raise ValueError(

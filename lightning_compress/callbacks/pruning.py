@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_compress.callbacks.base import LayerCompressionCallback
 from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
+from lightning_compress.core.memory import release_freed_memory
 from lightning_compress.core.schedule import resolve_step
 from lightning_compress.core.sharding import local, resharded, shard_like
 from lightning_compress.core.targeting import weight_param
@@ -361,6 +362,9 @@ class MagnitudePruning(LayerCompressionCallback):
             self._set_mask(name, keep)
         self._applied_sparsity = sparsity
         self._measure()
+        # The ranking's temporaries (a keep-mask per layer, score chunks) are freed blocks
+        # glibc's heap would keep resident through training: hand them back.
+        release_freed_memory()
 
     def _set_mask(self, name: str, keep: torch.Tensor) -> None:
         self._masks[name].set(keep, like=_raw(self._layers[name], name))
