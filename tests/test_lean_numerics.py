@@ -321,3 +321,27 @@ def test_training_hands_back_the_heap_after_each_mask_update_and_each_teacher_fo
     # Mask updates at steps 2, 4 and 6 (the schedule prunes 0% at step 0), each before
     # that step's teacher forward.
     assert calls == ["teacher", "teacher", "pruning"] * 3 + ["teacher", "teacher"]
+
+
+def test_the_teachers_logits_are_used_as_it_made_them_and_autograd_can_save_them():
+    """The teacher runs without gradients rather than in inference mode, whose tensors
+    autograd refuses to save, so its float32 logits need no copy (0.13x of a 134M LLaMA
+    with a 32000-token vocabulary at the step's peak); a bfloat16 teacher's are converted."""
+    from lightning_compress.distill.capture import OutputCapture
+    from lightning_compress.distill.losses import kl_divergence
+
+    made = []
+
+    class Teacher(nn.Module):
+        def forward(self, x):
+            made.append(x @ torch.ones(4, 6, dtype=x.dtype))
+            return made[-1]
+
+    capture = OutputCapture()
+    logits = capture.run_teacher(Teacher(), (torch.randn(3, 4),), {}, None)
+    assert logits is made[-1] and not logits.is_inference() and not logits.requires_grad
+    student = torch.randn(3, 6, requires_grad=True)
+    kl_divergence(student, logits, temperature=2.0).backward()  # saved for the backward: no error
+    assert student.grad is not None and student.grad.isfinite().all()
+    converted = capture.run_teacher(Teacher(), (torch.randn(3, 4),), {}, torch.bfloat16)
+    assert converted.dtype == torch.float32 and torch.equal(converted, made[-1].float())

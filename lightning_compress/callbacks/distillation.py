@@ -36,7 +36,7 @@ class KnowledgeDistillation(CompressionCallback):
     The student output is captured with forward hooks on the LightningModule (or on
     ``student_layer``) during ``training_step``; the last call wins when there are several.
     The teacher receives the same inputs that module received (or
-    ``teacher_inputs(batch)``), runs under ``torch.inference_mode()`` in eval mode, and is
+    ``teacher_inputs(batch)``), runs under ``torch.no_grad()`` in eval mode, and is
     kept in this callback: it is never a submodule of your model, never in its optimizer,
     never wrapped in DDP and never in its checkpoint.
 

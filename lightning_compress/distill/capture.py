@@ -67,10 +67,9 @@ def first_tensor(output: Any, argument: str) -> Tensor:
     )
 
 
-def as_float(tensor: Tensor) -> Tensor:
-    """A float32 (or wider) copy of ``tensor``."""
-    # A copy made outside inference mode is an ordinary tensor that autograd may save.
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32), copy=True)
+def as_float(tensor: Tensor, copy: bool = True) -> Tensor:
+    """``tensor`` in float32 (or wider): a copy, unless ``copy=False`` and it already is."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32), copy=copy)
 
 
 class StepCapture:
@@ -219,9 +218,10 @@ class OutputCapture:
             output = run_teacher(teacher, args, kwargs, dtype)
         finally:
             self.teacher_running = False
-        # Converted here, after inference mode (see as_float).
-        logits = as_float(first_tensor(output, "teacher"))
-        self.teacher_features = {i: as_float(f) for i, f in self.teacher_features.items()}
+        # Made under no_grad (see run_teacher), so autograd may save them as they are: only
+        # converted (a bfloat16 teacher's), not copied.
+        logits = as_float(first_tensor(output, "teacher"), copy=False)
+        self.teacher_features = {i: as_float(f, copy=False) for i, f in self.teacher_features.items()}
         return logits
 
     def take_teacher_features(self) -> Dict[int, Tensor]:

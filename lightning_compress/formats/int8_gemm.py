@@ -58,7 +58,7 @@ def int8_gemm_available() -> Optional[str]:
         inputs = torch.tensor([[255] * 64, [255, 0] * 32], dtype=torch.uint8)
         got = [_gemm(inputs, _prepack(codes), torch.ones(3), torch.zeros(3, dtype=torch.long), zero)
                for zero in (0, 100)]
-    except (AttributeError, RuntimeError, NotImplementedError) as err:
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError) as err:  # an op of another signature
         return f"{type(err).__name__}: {err}"
     # Pairs 255 * 127 + 255 * 127 and 255 * -128 + 255 * -128 overflow int16: a saturating
     # CPU gets other sums. The input zero point must be taken out in integers.
@@ -163,7 +163,7 @@ def prepare_int8_gemm(codes: Tensor, scale: Tensor, zero_point: Tensor, strict: 
     if reason is None:
         try:
             return Int8Gemm(codes, scale, zero_point)
-        except (RuntimeError, NotImplementedError) as err:
+        except (RuntimeError, NotImplementedError, TypeError) as err:
             reason = f"{type(err).__name__}: {err}"
     if strict:
         raise RuntimeError(f"the int8 GEMM kernel is not available ({reason}); use backend='auto'")
