@@ -345,3 +345,24 @@ def test_the_teachers_logits_are_used_as_it_made_them_and_autograd_can_save_them
     assert student.grad is not None and student.grad.isfinite().all()
     converted = capture.run_teacher(Teacher(), (torch.randn(3, 4),), {}, torch.bfloat16)
     assert converted.dtype == torch.float32 and torch.equal(converted, made[-1].float())
+
+
+def test_a_copied_transformers_teacher_keeps_no_key_value_cache():
+    """In eval mode a transformers model fills a key/value cache in every forward, for
+    generation; the teacher's copy only scores, so it does not (0.07x of a 134M LLaMA at
+    the teacher's peak). Its logits are the model's; the student's own setting is kept."""
+    import transformers
+
+    from lightning_compress.distill.teacher import freeze, frozen_copy
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=32)
+    student = transformers.LlamaForCausalLM(config).eval()
+    teacher = freeze(frozen_copy(student))
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        ours, theirs = teacher(input_ids=ids), student(input_ids=ids)
+    assert student.config.use_cache is True and theirs.past_key_values is not None
+    assert teacher.config.use_cache is False and ours.past_key_values is None
+    assert torch.equal(ours.logits, theirs.logits)
