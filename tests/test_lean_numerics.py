@@ -305,8 +305,9 @@ def test_an_output_whose_size_changes_on_the_int8_gemm_keeps_the_layers_exact(tm
 def test_training_hands_back_the_heap_after_each_mask_update_and_each_teacher_forward(monkeypatch):
     """glibc keeps freed blocks of up to 32 MiB resident: a mask update's keep-masks and a
     teacher's activations would sit on top of the student's backward (0.1x and 0.2x of a
-    134M LLaMA under glibc's defaults, benchmarks/training_memory.py). Each is followed by
-    a release: once per mask update, once per teacher forward."""
+    134M LLaMA under glibc's defaults, benchmarks/training_memory.py), as would a step's
+    masked-weight temporaries. Each is followed by a release: once per mask update, once per
+    teacher forward, once per step."""
     from lightning_compress import KnowledgeDistillation, MagnitudePruning
     from lightning_compress.callbacks import distillation, pruning
     from tests.conftest import TinyRegressor, make_trainer, tiny_loader
@@ -318,9 +319,10 @@ def test_training_hands_back_the_heap_after_each_mask_update_and_each_teacher_fo
     prune = MagnitudePruning(0.5, start_step=0, end_step=6, update_every=2)
     make_trainer(max_steps=8, callbacks=[prune, KnowledgeDistillation(teacher="self")]).fit(
         TinyRegressor(), tiny_loader())
-    # Mask updates at steps 2, 4 and 6 (the schedule prunes 0% at step 0), each before
-    # that step's teacher forward.
-    assert calls == ["teacher", "teacher", "pruning"] * 3 + ["teacher", "teacher"]
+    # A teacher forward and then the step's end in every step; mask updates after steps 1,
+    # 3 and 5 (the schedule prunes 0% at step 0), at their step's end.
+    step, update = ["teacher", "pruning"], ["teacher", "pruning", "pruning"]
+    assert calls == (step + update) * 3 + step * 2
 
 
 def test_the_teachers_logits_are_used_as_it_made_them_and_autograd_can_save_them():

@@ -204,6 +204,10 @@ class MagnitudePruning(LayerCompressionCallback):
         if self._norms is not None:
             self._norms.end_batch()  # before the update it may feed
         self._follow_schedule(trainer.global_step)
+        # The step's masked-weight temporaries are freed blocks glibc would keep resident
+        # beside the next step's (0.02x to 0.21x of a 134M LLaMA over plain training; with
+        # this, below plain). 5 us on a small heap to 0.3 ms on a large one, once a step.
+        release_freed_memory()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
