@@ -13,6 +13,7 @@ from torch import nn
 from lightning_compress import export, load_packed
 from lightning_compress.formats import int8_gemm
 from lightning_compress.formats.int8_gemm import Int8Gemm, int8_gemm_available, token_codes
+from lightning_compress.formats.runtime import kernel_report
 from lightning_compress.quant.activations import PER_TOKEN, DynamicTokenQuantizer
 from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
 from tests.test_numeric_core import _dynamic_int8
@@ -111,6 +112,32 @@ def test_a_cpu_that_saturates_runs_the_exact_path_and_says_why(tmp_path, saturat
         load_packed(tmp_path / "out", _mlp(), backend="fbgemm")
 
 
+def test_a_model_pickled_here_loads_exact_where_the_int8_gemm_would_saturate(tmp_path, monkeypatch):
+    """Unpickling probes again (the machine may be another one): where the probe fails the
+    layers run exact, say so, and compute the fake-quant model's numbers."""
+    model, loaded = _loaded_dynamic(tmp_path)
+    torch.save(loaded, tmp_path / "whole.pt")
+    monkeypatch.setattr(int8_gemm, "_prepack", lambda codes: codes)
+    monkeypatch.setattr(int8_gemm, "_gemm", _saturating_gemm)
+    int8_gemm_available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="int8 GEMM kernel unavailable"):
+            unpickled = torch.load(tmp_path / "whole.pt", weights_only=False)
+    finally:
+        int8_gemm_available.cache_clear()
+    # (`packed_kernels` is what load_packed recorded; the layers say what runs now.)
+    assert set(kernel_report(unpickled).values()) == {"dequantize"}
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.equal(unpickled(x), model(x))
+
+
+def test_an_input_of_another_width_gets_torchs_shape_error(tmp_path):
+    _, loaded = _loaded_dynamic(tmp_path)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"), torch.no_grad():
+        loaded[0](torch.randn(3, 15))
+
+
 def test_the_probe_passes_where_products_do_not_saturate(monkeypatch):
     """The same emulation without the int16 clamp is exact, and the probe accepts it: the
     probe's failure above is the saturation, not the emulation."""
@@ -178,8 +205,20 @@ def test_tracing_runs_the_exact_path_and_compiling_keeps_the_int8_gemm(tmp_path)
         exact = load_packed(tmp_path / "out", _mlp(), backend="dequantize")
         traced = torch.jit.trace(loaded, x)
         assert torch.equal(traced(x), exact(x))
-        compiled = torch.compile(loaded)
-        assert torch.allclose(compiled(x), loaded(x), rtol=0, atol=1e-6)
+        calls = []
+        original_call = Int8Gemm.__call__
+
+        def counted(self, *args):
+            calls.append(self)
+            return original_call(self, *args)
+
+        Int8Gemm.__call__ = counted
+        try:
+            got = torch.compile(loaded)(x)
+        finally:
+            Int8Gemm.__call__ = original_call
+        assert len(calls) == 2  # both layers ran the int8 GEMM, between compiled parts
+        assert torch.allclose(got, loaded(x), rtol=0, atol=1e-6)
 
 
 def test_a_weight_only_attention_out_proj_holds_no_int8_gemm_it_never_runs(tmp_path):

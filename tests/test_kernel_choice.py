@@ -20,10 +20,10 @@ from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.packed import METADATA_FILE, metadata_bytes
 from lightning_compress.formats.parity import CHOICE_MARGIN_DB
+from lightning_compress.quant.activations import DynamicTokenQuantizer
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import round_to_nearest
 from tests.conftest import make_trainer
-from lightning_compress.quant.activations import DynamicTokenQuantizer
 from tests.test_numeric_core import _dynamic_int8  # int8 weights + QAT's dynamic int8 input stage
 
 

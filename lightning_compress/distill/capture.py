@@ -67,9 +67,10 @@ def first_tensor(output: Any, argument: str) -> Tensor:
     )
 
 
-def as_float(tensor: Tensor, copy: bool = True) -> Tensor:
-    """``tensor`` in float32 (or wider): a copy, unless ``copy=False`` and it already is."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32), copy=copy)
+def as_float(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 (or wider) that autograd may save: itself when it already is
+    one, else a copy (an inference tensor, or another dtype)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32), copy=tensor.is_inference())
 
 
 class StepCapture:
@@ -219,9 +220,10 @@ class OutputCapture:
         finally:
             self.teacher_running = False
         # Made under no_grad (see run_teacher), so autograd may save them as they are: only
-        # converted (a bfloat16 teacher's), not copied.
-        logits = as_float(first_tensor(output, "teacher"), copy=False)
-        self.teacher_features = {i: as_float(f, copy=False) for i, f in self.teacher_features.items()}
+        # converted (a bfloat16 teacher's), not copied; unless the teacher's own forward
+        # ran in inference mode, whose tensors autograd refuses to save.
+        logits = as_float(first_tensor(output, "teacher"))
+        self.teacher_features = {i: as_float(f) for i, f in self.teacher_features.items()}
         return logits
 
     def take_teacher_features(self) -> Dict[int, Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Tuple
 
@@ -150,8 +151,9 @@ def _no_kv_cache(module: nn.Module) -> None:
     """A transformers model in eval mode fills a key/value cache in every forward (for
     generation); a teacher only scores, so its copy does not keep one (0.07x of a 134M
     LLaMA at the teacher's peak, 8 x 64 tokens)."""
+    transformers = sys.modules.get("transformers")  # a transformers model means it is imported
     config = getattr(module, "config", None)
-    if getattr(config, "use_cache", None) is True:  # a transformers PretrainedConfig's switch
+    if transformers is not None and isinstance(config, transformers.PretrainedConfig) and config.use_cache:
         config.use_cache = False
 
 

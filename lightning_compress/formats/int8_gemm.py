@@ -53,11 +53,16 @@ from lightning_compress.quant.activations import PER_TOKEN
 @functools.lru_cache(maxsize=None)
 def int8_gemm_available() -> Optional[str]:
     """``None`` when the int8 GEMM runs exactly here, else why it does not (checked once)."""
+    generator = torch.Generator().manual_seed(0)
     try:
         codes = torch.tensor([[127] * 64, [-128] * 64, [127, -128] * 32], dtype=torch.int8)
         inputs = torch.tensor([[255] * 64, [255, 0] * 32], dtype=torch.uint8)
         got = [_gemm(inputs, _prepack(codes), torch.ones(3), torch.zeros(3, dtype=torch.long), zero)
                for zero in (0, 100)]
+        # And a layer-sized shape, for which oneDNN may pick another kernel.
+        big_codes = torch.randint(-128, 128, (48, 512), generator=generator, dtype=torch.int8)
+        big_inputs = torch.randint(0, 256, (40, 512), generator=generator, dtype=torch.uint8)
+        big = _gemm(big_inputs, _prepack(big_codes), torch.ones(48), torch.zeros(48, dtype=torch.long), 0)
     except (AttributeError, RuntimeError, NotImplementedError, TypeError) as err:  # an op of another signature
         return f"{type(err).__name__}: {err}"
     # Pairs 255 * 127 + 255 * 127 and 255 * -128 + 255 * -128 overflow int16: a saturating
@@ -65,6 +70,9 @@ def int8_gemm_available() -> Optional[str]:
     for zero, result in zip((0, 100), got):
         if not torch.equal(result.double(), (inputs.double() - zero) @ codes.double().T):
             return "the CPU's u8 x s8 products saturate (no VNNI)" if zero == 0 else "input zero points are ignored"
+    # Sums below 2**24: exact in float32 as well.
+    if not torch.equal(big.double(), big_inputs.double() @ big_codes.double().T):
+        return "the CPU's u8 x s8 products saturate (no VNNI)"
     return None
 
 
@@ -102,13 +110,13 @@ class Int8Gemm:
         self.prepacked = _prepack(codes.contiguous())
         self.zeros = torch.zeros(out_features, dtype=torch.long)  # weight zero points are taken out below
 
-    def __deepcopy__(self, memo: dict) -> "Int8Gemm":
+    def __deepcopy__(self, memo: dict) -> Optional["Int8Gemm"]:
         # oneDNN's prepared weight has no storage to copy; the memo maps `codes` to the copy
         # the module's own buffer got, so the new prepared weight matches the copied module.
-        return Int8Gemm(*copy.deepcopy(self._arguments, memo))
+        return _prepared_again(*copy.deepcopy(self._arguments, memo))
 
     def __reduce__(self):
-        return Int8Gemm, self._arguments
+        return _prepared_again, self._arguments
 
     @torch.compiler.disable  # the prepared weight is not a tensor Inductor can hold: run it eagerly
     def __call__(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -154,6 +162,12 @@ def token_codes(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     # clamp(round(x / s), qmin - z, qmax - z) + (z - qmin) == clamp(round(x / s) + z - qmin, 0, levels).
     codes = x.mul(scale.reciprocal()).round_().add_(shift).clamp_(0.0, levels).to(torch.uint8)
     return codes, shift, scale
+
+
+def _prepared_again(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Optional[Int8Gemm]:
+    """A copy's or an unpickled model's int8 GEMM: probed again (the machine may be another
+    one), ``None`` with a warning where it does not run exactly."""
+    return prepare_int8_gemm(codes, scale, zero_point, strict=False)
 
 
 def prepare_int8_gemm(codes: Tensor, scale: Tensor, zero_point: Tensor, strict: bool) -> Optional[Int8Gemm]:

@@ -203,19 +203,26 @@ class PackedLinear(_PackedModule):
         if self._fbgemm is not None:
             self.kernel = "fbgemm"
             if self.input_quantizer is None:  # (one holds a hook already)
-                # PyTorch's fused encoder path reads `linear.weight` and skips the module
-                # unless a module in the layer has hooks: this one opts out, so the kernel the
-                # export measured runs.
+                # PyTorch's fused encoder path (and its nested tensors for padded batches)
+                # reads `linear.weight` and skips the module unless a module in the layer has
+                # hooks: this one opts out, so the kernel the export measured runs.
                 self.register_forward_pre_hook(_called_as_module)
             # The prepacked weight is a copy: new codes (load_state_dict) are packed again.
             self.register_load_state_dict_post_hook(_prepack_again)
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self._fbgemm is None and self.kernel == "fbgemm":  # unpickled where it does not run (warned)
+            self.kernel = "dequantize"
+
     def quantizes_itself(self, x: Tensor) -> bool:
         # float32 CPU inputs only; and not when a gradient is asked for: the int8 GEMM has
         # no backward (PyTorch would return a silently wrong input gradient). Not while
-        # torch.jit traces either: its graphs cannot hold oneDNN's prepared weight.
+        # torch.jit traces either: its graphs cannot hold oneDNN's prepared weight. An input
+        # of another width gets F.linear's error, not oneDNN's.
         return (self._fbgemm is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and not (x.requires_grad and torch.is_grad_enabled()) and not torch.jit.is_tracing())
+                and x.shape[-1] == self.in_features and not (x.requires_grad and torch.is_grad_enabled())
+                and not torch.jit.is_tracing())
 
     def forward(self, x: Tensor) -> Tensor:
         if self.quantizes_itself(x):

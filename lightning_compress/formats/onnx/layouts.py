@@ -26,7 +26,8 @@ Per bit width:
 - **int4 with** ``dynamic_int8_activations=True``: ``MatMulNBits`` with
   ``accuracy_level=4``: onnxruntime rounds the activations to int8 (one scale per block of
   ``block_size``) and multiplies integers, an approximation (36 dB SQNR on a GELU MLP)
-  that ran 3.9x faster than float32 PyTorch at batch 1 here, against 2.3x weight-only.
+  that ran 3.5x faster than float32 PyTorch at batch 1 here, against 1.9x weight-only
+  (BENCHMARKS.md, export_inference).
 - **int8 with** ``dynamic_int8_activations=True``: ``DynamicQuantizeLinear`` (uint8
   activations, one scale per tensor, computed at run time) + ``MatMulInteger`` + a
   rescale by ``x_scale * w_scale``. Weights are stored as uint8 ``q + 128`` with a
@@ -182,7 +183,7 @@ def _nbits_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, i
             bits=4,
             block_size=block_size,
             # 4: onnxruntime rounds each block of activations to int8 and runs int8 dot
-            # products (3.9x float32 at batch 1 here, 36 dB); unset: float activations, exact.
+            # products (3.5x float32 at batch 1 here, 37 dB); unset: float activations, exact.
             **({"accuracy_level": 4} if plan.int8_activations else {}),
         )
     ]
