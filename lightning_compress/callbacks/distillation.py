@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
-from lightning_compress.core.memory import release_freed_memory
+from lightning_compress.core.memory import release_after
 from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.core.validate import is_number
 from lightning_compress.distill.cache import TeacherOutputCache, sample_keys, weights_fingerprint
@@ -394,9 +394,9 @@ class KnowledgeDistillation(CompressionCallback):
         args, kwargs = step.teacher_args(self.teacher_inputs)
         logits = self._capture.run_teacher(self._teacher_entry, args, kwargs, self.teacher_dtype)
         # glibc keeps the teacher's freed activations resident on top of the student's
-        # backward (0.21x of a 134M LLaMA taught by itself): hand them back.
+        # backward (0.21x of a 134M LLaMA taught by itself); its size stands for theirs.
         if logits.device.type == "cpu":
-            release_freed_memory()
+            release_after(sum(p.numel() * p.element_size() for p in self._teacher_entry.parameters()))
         if self.cache_top_k is not None:
             if not logits.dim() or self.cache_top_k > logits.shape[-1]:
                 raise ValueError(

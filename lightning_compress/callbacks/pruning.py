@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_compress.callbacks.base import LayerCompressionCallback
 from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
-from lightning_compress.core.memory import release_freed_memory
+from lightning_compress.core.memory import release_after
 from lightning_compress.core.schedule import resolve_step
 from lightning_compress.core.sharding import local, resharded, shard_like
 from lightning_compress.core.targeting import weight_param
@@ -204,8 +204,6 @@ class MagnitudePruning(LayerCompressionCallback):
         if self._norms is not None:
             self._norms.end_batch()  # before the update it may feed
         self._follow_schedule(trainer.global_step)
-        if pl_module.device.type == "cpu":  # glibc keeps the step's freed temporaries (and a mask update's)
-            release_freed_memory()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -364,6 +362,8 @@ class MagnitudePruning(LayerCompressionCallback):
             self._set_mask(name, keep)
         self._applied_sparsity = sparsity
         self._measure()
+        if self._model.device.type == "cpu":  # glibc keeps the freed keep-masks (a byte a weight) resident
+            release_after(sum(_raw(layer, name).numel() for name, layer in self._layers.items()))
 
     def _set_mask(self, name: str, keep: torch.Tensor) -> None:
         self._masks[name].set(keep, like=_raw(self._layers[name], name))
