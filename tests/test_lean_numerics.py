@@ -320,8 +320,9 @@ def test_training_hands_back_the_heap_after_large_mask_updates_and_teacher_forwa
     trims = []
     monkeypatch.setattr(memory, "release_freed_memory", lambda: trims.append(1) or True)
     seen = {"pruning": [], "teacher": []}
-    monkeypatch.setattr(pruning, "release_after", lambda n: seen["pruning"].append(n) or original(n))
-    monkeypatch.setattr(distillation, "release_after", lambda n: seen["teacher"].append(n) or original(n))
+    monkeypatch.setattr(pruning, "release_after", lambda n, device: seen["pruning"].append(n) or original(n, device))
+    monkeypatch.setattr(distillation, "release_after",
+                        lambda n, device: seen["teacher"].append(n) or original(n, device))
     torch.manual_seed(0)
     module = TinyRegressor()
     prune = MagnitudePruning(0.5, start_step=0, end_step=6, update_every=2)
@@ -332,6 +333,9 @@ def test_training_hands_back_the_heap_after_large_mask_updates_and_teacher_forwa
     weights = sum(p.numel() for name, p in module.named_parameters() if name.endswith("weight"))
     assert seen["pruning"] == [weights] * 3
     assert seen["teacher"] == [4 * sum(p.numel() for p in module.parameters())] * 8
+    assert len(trims) == (11 if threshold == 0 else 0)
+    # Work on an accelerator frees the accelerator's memory, not the heap: no trim for it.
+    assert memory.release_after(1 << 40, torch.device("meta")) is False
     assert len(trims) == (11 if threshold == 0 else 0)
 
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
-from lightning_compress.core.memory import release_after
+from lightning_compress.core.memory import parameter_bytes, release_after
 from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.core.validate import is_number
 from lightning_compress.distill.cache import TeacherOutputCache, sample_keys, weights_fingerprint
@@ -209,6 +209,7 @@ class KnowledgeDistillation(CompressionCallback):
 
         self._teacher = freeze(teacher, self.teacher_dtype)
         self._teacher_entry, self._student, self._fingerprint = teacher_entry, pl_module, None
+        self._teacher_bytes = parameter_bytes(self._teacher)  # see _teacher_outputs
         self._capture.attach(student_module, feature_modules)
         self._capture.wrap_training_step(pl_module, lambda: pl_module.trainer.global_step, self._finish_step)
         self.finish_install(pl_module)
@@ -395,8 +396,7 @@ class KnowledgeDistillation(CompressionCallback):
         logits = self._capture.run_teacher(self._teacher_entry, args, kwargs, self.teacher_dtype)
         # glibc keeps the teacher's freed activations resident on top of the student's
         # backward (0.21x of a 134M LLaMA taught by itself); its size stands for theirs.
-        if logits.device.type == "cpu":
-            release_after(sum(p.numel() * p.element_size() for p in self._teacher_entry.parameters()))
+        release_after(self._teacher_bytes, logits.device)
         if self.cache_top_k is not None:
             if not logits.dim() or self.cache_top_k > logits.shape[-1]:
                 raise ValueError(

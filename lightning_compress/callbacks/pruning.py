@@ -362,8 +362,8 @@ class MagnitudePruning(LayerCompressionCallback):
             self._set_mask(name, keep)
         self._applied_sparsity = sparsity
         self._measure()
-        if self._model.device.type == "cpu":  # glibc keeps the freed keep-masks (a byte a weight) resident
-            release_after(sum(_raw(layer, name).numel() for name, layer in self._layers.items()))
+        # glibc keeps the freed keep-masks (a byte a weight) resident
+        release_after(sum(_raw(layer, name).numel() for name, layer in self._layers.items()), self._model.device)
 
     def _set_mask(self, name: str, keep: torch.Tensor) -> None:
         self._masks[name].set(keep, like=_raw(self._layers[name], name))

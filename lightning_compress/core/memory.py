@@ -19,6 +19,9 @@ import ctypes
 import os
 from typing import Callable, Optional
 
+import torch
+from torch import nn
+
 _UNSET = object()
 _trim: object = _UNSET
 
@@ -57,10 +60,16 @@ of a 4.7M-weight MLP at 2048 tokens cost 23% of its step time (benchmarks/prunin
 the model and the teacher's by 0.2x."""
 
 
-def release_after(nbytes: int) -> bool:
-    """:func:`release_freed_memory` when work that freed about ``nbytes`` (as the caller
-    counts them) is at least :data:`TRAINING_RELEASE_BYTES`; ``False`` when it did not trim."""
-    return nbytes >= TRAINING_RELEASE_BYTES and release_freed_memory()
+def release_after(nbytes: int, device: torch.device) -> bool:
+    """:func:`release_freed_memory` when work on ``device`` freed about ``nbytes`` of host
+    memory (as the caller counts them), at least :data:`TRAINING_RELEASE_BYTES`; ``False``
+    when it did not trim (work on an accelerator frees its memory, not the heap's)."""
+    return device.type == "cpu" and nbytes >= TRAINING_RELEASE_BYTES and release_freed_memory()
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """What ``module``'s parameters hold, in bytes."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 class ReleasePacer:

@@ -42,12 +42,12 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from lightning_compress.quant.activations import PER_TOKEN
+from lightning_compress.quant.activations import token_codes
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,27 +143,6 @@ class Int8Gemm:
         return out.mul_(scale) if bias is None else out.mul_(scale).add_(bias)
 
 
-def token_codes(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Training's per-token int8 rounding of float32 ``x`` ``[tokens, in]`` as ``uint8``
-    codes ``q - qmin``, with ``zero_point - qmin`` and the scale per token (``[tokens, 1]``).
-
-    Bit for bit what :func:`~lightning_compress.quant.fake_quant.choose_qparams` and
-    :func:`~lightning_compress.quant.fake_quant.fake_quantize` compute for
-    :data:`~lightning_compress.quant.activations.PER_TOKEN` (a test compares them), in a
-    third of their operations: at batch 1 each small operation costs as much as a
-    fifth of the int8 GEMM of a 768x3072 layer.
-    """
-    levels = float(PER_TOKEN.qmax - PER_TOKEN.qmin)
-    low, high = torch.aminmax(x, dim=1, keepdim=True)
-    low.clamp_(max=0.0)
-    scale = high.clamp_(min=0.0).sub_(low).div_(levels).clamp_(min=torch.finfo(torch.float32).smallest_normal)
-    # zero_point - qmin = clamp(-round(low / scale), 0, levels): integers, exact in float32.
-    shift = low.div_(scale).round_().neg_().clamp_(0.0, levels)
-    # clamp(round(x / s), qmin - z, qmax - z) + (z - qmin) == clamp(round(x / s) + z - qmin, 0, levels).
-    codes = x.mul(scale.reciprocal()).round_().add_(shift).clamp_(0.0, levels).to(torch.uint8)
-    return codes, shift, scale
-
-
 def _prepared_again(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Optional[Int8Gemm]:
     """A copy's or an unpickled model's int8 GEMM: probed again (the machine may be another
     one), ``None`` with a warning where it does not run exactly."""
@@ -185,4 +164,4 @@ def prepare_int8_gemm(codes: Tensor, scale: Tensor, zero_point: Tensor, strict: 
     return None
 
 
-__all__ = ["Int8Gemm", "int8_gemm_available", "prepare_int8_gemm", "token_codes"]
+__all__ = ["Int8Gemm", "int8_gemm_available", "prepare_int8_gemm"]
