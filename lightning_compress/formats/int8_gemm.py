@@ -27,14 +27,31 @@ int8 dynamic activations matches the fake-quant model to between float rounding 
 65 dB, far above the parity check's 35 dB; on a weight-only layer the per-token 8-bit
 rounding of the activations is the approximation that matters (what the check measures).
 
+One token (batch 1, a decoder's step) takes another path: at batch 1 every tensor
+operation between two GEMMs costs several times its own duration (the GEMM's weights
+evict the interpreter's and ATen's working set from cache: 7 to 25 us an operation here,
+against 1 to 3 us in a tight loop), and the batched path's dozen made a call no faster
+than float32's. The token's scale and zero point are computed as Python numbers (the
+same float32 arithmetic, :func:`~lightning_compress.quant.activations.single_token_qparams`)
+and handed to fbgemm's quantize-and-multiply (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``,
+1.5x oneDNN's GEMM for one token here), which adds the bias too. fbgemm adds the zero
+point before it rounds, so a value within float32 rounding of a code boundary may take
+another code than training's ``round(x * (1 / s)) + z``: for a layer trained with int8
+dynamic activations it is given training's fake-quantized values instead (one more
+operation), which it maps back to training's codes exactly; a weight-only layer, which
+has no trained codes, is given the token as it is. fbgemm's packed weight is another copy
+of the int8 weight, made at the first token. Asymmetric weights, and CPUs where a probe
+finds fbgemm saturating or rounding otherwise, run the token through oneDNN with its
+scale, zero point and bias as arguments.
+
 Measured on this 2-core AVX-512/AMX CPU against float32 ``F.linear`` on 768x3072 and
-3072x768 layers: the GEMM alone 2.3x to 2.7x at batch 1 and 8x to 10x at batch 128; with
-the per-token quantization, a whole call 1.2x and 3x (at batch 1 the quantization's
-dozen small eager operations cost about as much as the GEMM). The kernel must not
+3072x768 layers: oneDNN's GEMM alone 2.3x to 2.7x at batch 1 and 8x to 10x at batch 128;
+fbgemm's one-token call (its quantization included) 3.9x at batch 1; a whole batched
+call 3x at batch 128. The kernels must not
 saturate: CPUs without VNNI multiply u8 x s8 pairs into int16 with saturation
 (``vpmaddubsw``), which would corrupt 8-bit codes. :func:`int8_gemm_available` runs a
 probe that saturates such a CPU once per process, and layers fall back to the exact
-dequantize path where it fails.
+dequantize path where it fails (:func:`one_token_gemm_available` checks fbgemm alike).
 """
 
 from __future__ import annotations
@@ -47,7 +64,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_compress.quant.activations import token_codes
+from lightning_compress.quant.activations import (single_token_codes, single_token_on_grid, single_token_qparams,
+                                                   token_codes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,16 +94,63 @@ def int8_gemm_available() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def one_token_gemm_available() -> Optional[str]:
+    """``None`` when fbgemm's one-token kernel recovers training's codes exactly and does not
+    saturate here, else why not (checked once)."""
+    generator = torch.Generator().manual_seed(1)
+    try:
+        # An identity weight returns the input's codes: values on the grid, near its
+        # boundaries too, and a width that is not a multiple of the vector length.
+        width, scale, zero = 263, 0.0371, 117
+        on_grid = (torch.randint(0, 256, (1, width), generator=generator).float() - zero) * scale
+        identity = _one_token_gemm(on_grid, scale, zero, _one_token_prepack(torch.eye(width, dtype=torch.int8),
+                                                                            torch.ones(width)))
+        # Products 255 * 127 in adjacent pairs overflow int16 where the CPU saturates them.
+        codes = torch.tensor([[127] * 64, [-128] * 64], dtype=torch.int8)
+        full = _one_token_gemm(torch.full((1, 64), 255.0), 1.0, 0, _one_token_prepack(codes, torch.ones(2)))
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError) as err:  # no fbgemm, or another signature
+        return f"{type(err).__name__}: {err}"
+    if not torch.equal(identity, on_grid):
+        return "fbgemm's input rounding is not training's"
+    if not torch.equal(full, torch.tensor([[255.0 * 127 * 64, -255.0 * 128 * 64]])):
+        return "the CPU's u8 x s8 products saturate (no VNNI)"
+    return None
+
+
+def _one_token_prepack(codes: Tensor, scale: Tensor, bias: Optional[Tensor] = None):
+    """fbgemm's packed weight (symmetric int8, one float scale per channel)."""
+    previous = torch.backends.quantized.engine
+    with warnings.catch_warnings():
+        # Quantized tensors are deprecated as a user API; fbgemm's packing still takes one.
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch._make_per_channel_quantized_tensor(codes, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        try:
+            torch.backends.quantized.engine = "fbgemm"  # which packing quantized.linear_prepack makes
+            return torch.ops.quantized.linear_prepack(weight, bias)
+        finally:
+            torch.backends.quantized.engine = previous
+
+
+def _one_token_gemm(on_grid: Tensor, scale: float, zero: int, packed) -> Tensor:
+    """fbgemm rounds ``on_grid / scale + zero`` (a fused multiply-add: a value near a code
+    boundary may round the other way than training's ``round(x * (1 / scale)) + zero``;
+    values already on the grid come back exactly), multiplies the uint8 codes with the
+    int8 weight in int32, and scales the sums to float32 with the packed bias."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(on_grid, scale, zero, packed)
+
+
 def _prepack(codes: Tensor) -> Tensor:
     return torch.ops.onednn.qlinear_prepack(codes, None)
 
 
-def _gemm(inputs: Tensor, prepacked: Tensor, channel_scale: Tensor, zeros: Tensor, input_zero: int) -> Tensor:
-    """``channel_scale[n] * sum_k (inputs[t, k] - input_zero) * codes[n, k]`` in float32
-    (int32 accumulation, the zero point taken out in integers); ``zeros``: the weight's
-    zero points, one int64 zero per channel."""
-    return torch.ops.onednn.qlinear_pointwise(inputs, 1.0, input_zero, prepacked, channel_scale, zeros, None, 1.0, 0,
-                                              torch.float32, "none", [], "")
+def _gemm(inputs: Tensor, prepacked: Tensor, channel_scale: Tensor, zeros: Tensor, input_zero: int,
+          input_scale: float = 1.0, bias: Optional[Tensor] = None) -> Tensor:
+    """``input_scale * channel_scale[n] * sum_k (inputs[..., k] - input_zero) * codes[n, k]
+    + bias[n]`` in float32 (int32 accumulation, the zero point taken out in integers);
+    ``zeros``: the weight's zero points, one int64 zero per channel."""
+    return torch.ops.onednn.qlinear_pointwise(inputs, input_scale, input_zero, prepacked, channel_scale, zeros, bias,
+                                              1.0, 0, torch.float32, "none", [], "")
 
 
 class Int8Gemm:
@@ -94,11 +159,13 @@ class Int8Gemm:
     ``[tokens, out]``.
 
     The prepared weight is a copy of ``codes`` in oneDNN's layout (as much memory again
-    as the int8 codes); copies and pickles of the module prepare it again from ``codes``.
+    as the int8 codes), and fbgemm's another, made at the first single token; copies and
+    pickles of the module prepare them again from ``codes``.
     """
 
-    def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> None:
-        self._arguments = (codes, scale, zero_point)  # what copies and pickles are made from
+    def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor, trained_codes: bool = True) -> None:
+        self._arguments = (codes, scale, zero_point, trained_codes)  # what copies and pickles are made from
+        self.trained_codes = trained_codes
         out_features, self.in_features = codes.shape
         self.scale = scale.float().reshape(-1).expand(out_features).contiguous()
         zero = zero_point.float().reshape(-1).expand(out_features)
@@ -109,6 +176,8 @@ class Int8Gemm:
         self.weight_has_zero = bool(zero.any())
         self.prepacked = _prepack(codes.contiguous())
         self.zeros = torch.zeros(out_features, dtype=torch.long)  # weight zero points are taken out below
+        # fbgemm's packed weight, packed at the first token, and the bias packed in it.
+        self._one_token_weight, self._one_token_bias, self._one_token_version = None, None, None
 
     def __deepcopy__(self, memo: dict) -> Optional["Int8Gemm"]:
         # oneDNN's prepared weight has no storage to copy; the memo maps `codes` to the copy
@@ -118,9 +187,21 @@ class Int8Gemm:
     def __reduce__(self):
         return _prepared_again, self._arguments
 
-    @torch.compiler.disable  # the prepared weight is not a tensor Inductor can hold: run it eagerly
     def __call__(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        """``F.linear`` of ``x`` (float32 ``[tokens, in]``) and this weight, plus ``bias``."""
+        """``F.linear`` of ``x`` (float32 ``[..., in]``) and this weight, plus ``bias``."""
+        if x.numel() == self.in_features:  # one token: its scale and zero point go to the kernel
+            qparams = single_token_qparams(x)
+            if qparams is not None:
+                return self._one_token(x, *qparams, bias)
+        return self._tokens(x.reshape(-1, self.in_features), bias).view(*x.shape[:-1], self.scale.numel())
+
+    @torch.compiler.disable  # the prepared weights are not tensors Inductor can hold: run them eagerly
+    def eager(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """``self(x, bias)`` for code that ``torch.compile`` traces (a graph break);
+        eager callers call the object itself (the wrapper costs ~5 us a call at batch 1)."""
+        return self(x, bias)
+
+    def _tokens(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         if x.shape[0] == 0:
             return x.new_zeros(0, self.scale.numel())
         codes, shift, scale = token_codes(x)
@@ -143,19 +224,57 @@ class Int8Gemm:
         return out.mul_(scale) if bias is None else out.mul_(scale).add_(bias)
 
 
-def _prepared_again(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Optional[Int8Gemm]:
+    def _one_token(self, x: Tensor, scale: float, zero: int, bias: Optional[Tensor]) -> Tensor:
+        # The kernels scale by the token's scale and add the bias themselves: at batch 1
+        # every tensor operation between GEMMs costs several times its own duration.
+        packed = self._one_token_packed(bias)
+        if packed is not None:
+            # Given the values training's fake quantization leaves (exactly on the grid),
+            # fbgemm's own rounding gives back training's codes, at the cost of one more
+            # operation (~20 us here, in a layer of ~170 us). A weight-only layer has no
+            # trained codes to keep: its input rounding is the approximation either way.
+            on_grid = single_token_on_grid(x, scale, zero) if self.trained_codes else x
+            out = _one_token_gemm(on_grid, scale, zero, packed)
+            return out if self._one_token_bias is bias else out.add_(bias)
+        codes = single_token_codes(x, scale, zero)
+        out = _gemm(codes, self.prepacked, self.scale, self.zeros, zero, scale, bias)
+        if self.weight_has_zero:
+            row = float(codes.sum(dtype=torch.int64)) - self.in_features * zero  # an exact integer
+            out.sub_(self.zero_term, alpha=scale * row)
+        return out
+
+    def _one_token_packed(self, bias: Optional[Tensor]):
+        """fbgemm's packed weight (its GEMM is 1.5x oneDNN's for one token here), with
+        ``bias`` in it, packed at the first token and again when the bias changes; ``None``
+        for asymmetric weights or where the kernel is not exact."""
+        if self.weight_has_zero or one_token_gemm_available() is not None:
+            return None
+        # An inference tensor has no version counter to see in-place changes: added apart.
+        packed_bias = None if bias is None or bias.is_inference() else bias
+        version = None if packed_bias is None else packed_bias._version
+        if (self._one_token_weight is None or packed_bias is not self._one_token_bias
+                or version != self._one_token_version):
+            self._one_token_weight = _one_token_prepack(self._arguments[0].contiguous(), self.scale,
+                                                        None if packed_bias is None else packed_bias.detach().float())
+            self._one_token_bias, self._one_token_version = packed_bias, version
+        return self._one_token_weight
+
+
+def _prepared_again(codes: Tensor, scale: Tensor, zero_point: Tensor, trained_codes: bool = True) -> Optional[Int8Gemm]:
     """A copy's or an unpickled model's int8 GEMM: probed again (the machine may be another
     one), ``None`` with a warning where it does not run exactly."""
-    return prepare_int8_gemm(codes, scale, zero_point, strict=False)
+    return prepare_int8_gemm(codes, scale, zero_point, strict=False, trained_codes=trained_codes)
 
 
-def prepare_int8_gemm(codes: Tensor, scale: Tensor, zero_point: Tensor, strict: bool) -> Optional[Int8Gemm]:
+def prepare_int8_gemm(codes: Tensor, scale: Tensor, zero_point: Tensor, strict: bool,
+                      trained_codes: bool = True) -> Optional[Int8Gemm]:
     """The int8 GEMM of one weight, or ``None`` (with a warning; an error when ``strict``)
-    where it does not run exactly on this machine."""
+    where it does not run exactly on this machine. ``trained_codes``: the layer was trained
+    with int8 dynamic activations, whose codes every path keeps bit for bit."""
     reason = int8_gemm_available()
     if reason is None:
         try:
-            return Int8Gemm(codes, scale, zero_point)
+            return Int8Gemm(codes, scale, zero_point, trained_codes)
         except (RuntimeError, NotImplementedError, TypeError) as err:
             reason = f"{type(err).__name__}: {err}"
     if strict:
@@ -164,4 +283,4 @@ def prepare_int8_gemm(codes: Tensor, scale: Tensor, zero_point: Tensor, strict: 
     return None
 
 
-__all__ = ["Int8Gemm", "int8_gemm_available", "prepare_int8_gemm"]
+__all__ = ["Int8Gemm", "int8_gemm_available", "one_token_gemm_available", "prepare_int8_gemm"]

@@ -9,8 +9,9 @@ channel vector at each position for Conv.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,6 +75,44 @@ def token_codes(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     # clamp(round(x / s), qmin - z, qmax - z) + (z - qmin) == clamp(round(x / s) + z - qmin, 0, levels).
     codes = x.mul(scale.reciprocal()).round_().add_(shift).clamp_(0.0, levels).to(torch.uint8)
     return codes, shift, scale
+
+
+_LEVELS = np.float32(PER_TOKEN.qmax - PER_TOKEN.qmin)
+_SMALLEST_SCALE = np.float32(torch.finfo(torch.float32).smallest_normal)
+_ZERO = np.float32(0.0)
+_OVERFLOWS = 2.0**128 - 2.0**103  # the smallest real number float32 rounds to infinity
+
+
+def single_token_qparams(x: Tensor) -> Optional[Tuple[float, int]]:
+    """:func:`token_codes`' scale and ``zero_point - qmin`` of ``x`` holding one token (any
+    shape), as Python numbers; ``None`` when the token is not finite.
+
+    The same float32 arithmetic on scalars: numpy's float32 rounds each operation as
+    torch's float32 kernels do (a test compares them bit for bit). Kernels then take the
+    scale and zero point as arguments: at batch 1 each tensor operation between two GEMMs
+    costs several times its own duration (measured here: 7 to 25 us per operation before a
+    90 us GEMM, whose weights evict the interpreter's and ATen's working set from cache).
+    """
+    low, high = torch.aminmax(x)
+    low, high = min(np.float32(low.item()), _ZERO), max(np.float32(high.item()), _ZERO)
+    # NaN fails the comparison; float32's `high - low` overflows from this span (float64 is exact here).
+    if not float(high) - float(low) < _OVERFLOWS:
+        return None
+    scale = max((high - low) / _LEVELS, _SMALLEST_SCALE)
+    return float(scale), int(min(max(-np.rint(low / scale), _ZERO), _LEVELS))
+
+
+def single_token_codes(x: Tensor, scale: float, shift: int) -> Tensor:
+    """:func:`token_codes`' codes of one token with its :func:`single_token_qparams`."""
+    inverse = float(np.float32(1.0) / np.float32(scale))
+    return x.mul(inverse).round_().add_(float(shift)).clamp_(0.0, float(_LEVELS)).to(torch.uint8)
+
+
+def single_token_on_grid(x: Tensor, scale: float, shift: int) -> Tensor:
+    """Training's fake quantization of one token with its :func:`single_token_qparams`: the
+    float values ``(codes - shift) * scale``, in one ATen operation (its rounding is
+    training's, bit for bit: a test compares them, near ties included)."""
+    return torch.fake_quantize_per_tensor_affine(x, scale, shift, 0, int(_LEVELS))
 
 
 class StaticRangeObserver:
