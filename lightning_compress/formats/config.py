@@ -22,6 +22,8 @@ from lightning_compress.core.validate import (
 from lightning_compress.formats.gguf_vocab import check_tokenizer
 from lightning_compress.formats.runtime import BACKENDS
 
+ONNX_ACTIVATIONS = ("float", "int8")  # what model.onnx's integer layers compute from
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -50,6 +52,7 @@ class ExportConfig:
     recipe: Optional[Dict[str, Any]] = None
     formats: Sequence[str] = ("safetensors",)
     tokenizer: Any = None
+    onnx_activations: str = "float"
 
     def __post_init__(self) -> None:
         if not isinstance(self.dirpath, (str, os.PathLike)) or not str(self.dirpath):
@@ -71,7 +74,7 @@ class ExportConfig:
             self.backend, self.sparse_threshold, self.max_relative_error, self.min_sqnr_db, None, self.compressed_tensors
         )
         onnx = isinstance(self.formats, (list, tuple)) and "onnx" in self.formats
-        validate_export_formats(self.formats, [None] if onnx else None, self.tokenizer)
+        validate_export_formats(self.formats, [None] if onnx else None, self.tokenizer, self.onnx_activations)
         object.__setattr__(self, "dirpath", Path(self.dirpath))
         object.__setattr__(self, "formats", tuple(self.formats))
 
@@ -81,13 +84,14 @@ class ExportConfig:
             overwrite=self.overwrite, parity=self.parity, max_relative_error=self.max_relative_error,
             min_sqnr_db=self.min_sqnr_db, backend=self.backend, sparse_threshold=self.sparse_threshold,
             compressed_tensors=self.compressed_tensors, recipe=self.recipe, formats=self.formats,
-            tokenizer=self.tokenizer,
+            tokenizer=self.tokenizer, onnx_activations=self.onnx_activations,
         )
 
 
-def validate_export_formats(formats, inputs, tokenizer=None) -> None:
+def validate_export_formats(formats, inputs, tokenizer=None, onnx_activations="float") -> None:
     """Check :func:`export`'s ``formats``, that ``inputs`` can trace an ONNX export
-    (pass ``[None]`` for inputs that will exist by export time), and the GGUF ``tokenizer``.
+    (pass ``[None]`` for inputs that will exist by export time), the GGUF ``tokenizer``
+    and ``onnx_activations``.
 
     Raises:
         ArgumentError: a ``ValueError`` naming ``formats``, ``inputs`` or ``tokenizer``.
@@ -102,6 +106,11 @@ def validate_export_formats(formats, inputs, tokenizer=None) -> None:
         raise ArgumentError(
             "inputs", "formats=['onnx'] traces the model with `inputs[0]`: pass `inputs` with a tensor or tuple"
         )
+    check_choice("onnx_activations", onnx_activations, ONNX_ACTIVATIONS)
+    if onnx_activations != "float" and "onnx" not in formats:
+        raise ArgumentError(
+            "onnx_activations", f"`onnx_activations={onnx_activations!r}` sets how model.onnx computes: add 'onnx' to"
+            " `formats`, or drop it")
     if "gguf" in formats:
         check_tokenizer(tokenizer)
         if importlib.util.find_spec("gguf") is None:

@@ -18,10 +18,12 @@ from lightning_compress.formats.parity import eval_mode, quantization_enabled
 
 
 def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequence[Any], path: Path,
-                     max_relative_error: float, min_sqnr_db: float) -> Dict[str, Any]:
+                     max_relative_error: float, min_sqnr_db: float, int8_activations: bool = False) -> Dict[str, Any]:
     """Export ``model`` to ``path`` with the quantized ``layers``' codes (4- and 8-bit
     Linear layers), run it in onnxruntime on ``inputs[0]`` and compare with the
     fake-quant model; returns the figures stored in ``compression.json`` under ``"onnx"``.
+    ``int8_activations``: the integer layers round their inputs to int8 in onnxruntime
+    (``export_onnx(dynamic_int8_activations=True)``); the file is then held to ``min_sqnr_db``.
 
     Raises:
         ParityError: the file's outputs miss the thresholds (``report=None``).
@@ -32,20 +34,20 @@ def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequen
               if isinstance(model.get_submodule(module_name(name, layer.param)), nn.Linear)
               and layer.weight.spec.bits in (4, 8)}
     with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
-        onnx_report = export_onnx(model, example, path, linear)
+        onnx_report = export_onnx(model, example, path, linear, dynamic_int8_activations=int8_activations)
         reference = flatten_outputs(model(*example))
     got = torch.cat([torch.from_numpy(a).reshape(-1).float() for a in run_onnx(path, example)])
     error, sqnr = relative_error(reference, got), sqnr_db(reference, got)
     # onnxruntime's float ops (LayerNorm, softmax) round differently from PyTorch's, which
     # moves a quantized activation on a rounding boundary by one int8 step: with
     # activation quantization the file is held to the int8 path's SQNR threshold instead.
-    rounded = any(layer.activations is not None for layer in layers.values())
+    rounded = int8_activations or any(layer.activations is not None for layer in layers.values())
     if error > max_relative_error and not (rounded and sqnr >= min_sqnr_db):
         limit = f"SQNR {sqnr:.1f} dB < {min_sqnr_db:g}" if rounded else f"> {max_relative_error:g}"
         raise ParityError(f"model.onnx in onnxruntime differs from the fake-quant model: relative error {error:.2e}"
                           f" ({limit})", None)
     return {"layers": onnx_report.layers, "relative_error": error, "bytes": onnx_report.file_bytes,
-            "sqnr_db": None if math.isinf(sqnr) else sqnr}
+            "sqnr_db": None if math.isinf(sqnr) else sqnr, "int8_activations": int8_activations}
 
 
 __all__ = ["export_and_check"]
