@@ -35,12 +35,15 @@ than float32's. The token's scale and zero point are computed as Python numbers 
 same float32 arithmetic, :func:`~lightning_compress.quant.activations.single_token_qparams`)
 and handed to fbgemm's quantize-and-multiply (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``,
 1.5x oneDNN's GEMM for one token here), which adds the bias too. fbgemm adds the zero
-point before it rounds, so a value within float32 rounding of a code boundary may take
-another code than training's ``round(x * (1 / s)) + z``: for a layer trained with int8
-dynamic activations it is given training's fake-quantized values instead (one more
-operation), which it maps back to training's codes exactly; a weight-only layer, which
-has no trained codes, is given the token as it is. fbgemm's packed weight is another copy
-of the int8 weight, made at the first token. Asymmetric weights, and CPUs where a probe
+point before it rounds, so a value within float32 rounding of the midpoint between two
+codes may take the other one than training's ``round(x * (1 / s)) + z`` (as close to
+it: both are half a step away). Measured: 2 of 230,400 Gaussian values; on the 2-block
+GELU MLP of ``benchmarks/export_inference.py`` trained with dynamic int8 activations,
+55.2 dB from the fake-quant model one token at a time against 57.0 dB batched (where
+float rounding already moves later layers' inputs across such midpoints). Handing fbgemm
+training's fake-quantized values instead gives back training's codes exactly, but that
+one more operation per layer cost 10% of the model's time at batch 1. fbgemm's packed
+weight is another copy of the int8 weight, made at the first token. Asymmetric weights, and CPUs where a probe
 finds fbgemm saturating or rounding otherwise, run the token through oneDNN with its
 scale, zero point and bias as arguments.
 
@@ -64,8 +67,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_compress.quant.activations import (single_token_codes, single_token_on_grid, single_token_qparams,
-                                                   token_codes)
+from lightning_compress.quant.activations import single_token_codes, single_token_qparams, token_codes
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,22 +98,26 @@ def int8_gemm_available() -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def one_token_gemm_available() -> Optional[str]:
-    """``None`` when fbgemm's one-token kernel recovers training's codes exactly and does not
-    saturate here, else why not (checked once)."""
+    """``None`` when fbgemm's one-token kernel rounds its input as training does (but for
+    values at a code midpoint) and does not saturate here, else why not (checked once)."""
     generator = torch.Generator().manual_seed(1)
     try:
-        # An identity weight returns the input's codes: values on the grid, near its
-        # boundaries too, and a width that is not a multiple of the vector length.
-        width, scale, zero = 263, 0.0371, 117
-        on_grid = (torch.randint(0, 256, (1, width), generator=generator).float() - zero) * scale
-        identity = _one_token_gemm(on_grid, scale, zero, _one_token_prepack(torch.eye(width, dtype=torch.int8),
-                                                                            torch.ones(width)))
+        # An identity weight returns the input's codes times the scale; a width that is
+        # not a multiple of the vector length.
+        width, scale, zero = 263, 0.03709999844431877, 117  # a float32 number
+        x = torch.empty(1, width).uniform_(-zero * scale, (255 - zero) * scale, generator=generator)
+        identity = _one_token_gemm(x, scale, zero, _one_token_prepack(torch.eye(width, dtype=torch.int8),
+                                                                      torch.ones(width)))
         # Products 255 * 127 in adjacent pairs overflow int16 where the CPU saturates them.
         codes = torch.tensor([[127] * 64, [-128] * 64], dtype=torch.int8)
         full = _one_token_gemm(torch.full((1, 64), 255.0), 1.0, 0, _one_token_prepack(codes, torch.ones(2)))
     except (AttributeError, RuntimeError, NotImplementedError, TypeError) as err:  # no fbgemm, or another signature
         return f"{type(err).__name__}: {err}"
-    if not torch.equal(identity, on_grid):
+    got = torch.round(identity.double() / scale) + zero
+    trained = single_token_codes(x, scale, zero).double()
+    steps = x.double() / scale
+    at_midpoint = (steps - steps.floor() - 0.5).abs() < 1e-3
+    if (got - trained).abs().max() > 1 or bool(((got != trained) & ~at_midpoint).any()):
         return "fbgemm's input rounding is not training's"
     if not torch.equal(full, torch.tensor([[255.0 * 127 * 64, -255.0 * 128 * 64]])):
         return "the CPU's u8 x s8 products saturate (no VNNI)"
@@ -132,12 +138,12 @@ def _one_token_prepack(codes: Tensor, scale: Tensor, bias: Optional[Tensor] = No
             torch.backends.quantized.engine = previous
 
 
-def _one_token_gemm(on_grid: Tensor, scale: float, zero: int, packed) -> Tensor:
-    """fbgemm rounds ``on_grid / scale + zero`` (a fused multiply-add: a value near a code
-    boundary may round the other way than training's ``round(x * (1 / scale)) + zero``;
-    values already on the grid come back exactly), multiplies the uint8 codes with the
-    int8 weight in int32, and scales the sums to float32 with the packed bias."""
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(on_grid, scale, zero, packed)
+def _one_token_gemm(x: Tensor, scale: float, zero: int, packed) -> Tensor:
+    """fbgemm rounds ``x`` to uint8 codes with ``scale`` and ``zero`` (adding the zero
+    point before it rounds: a value within float32 rounding of a code midpoint may take
+    the other neighbour than training's ``round(x * (1 / scale)) + zero``), multiplies them
+    with the int8 weight in int32, and scales the sums to float32 with the packed bias."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, scale, zero, packed)
 
 
 def _prepack(codes: Tensor) -> Tensor:
@@ -163,9 +169,8 @@ class Int8Gemm:
     pickles of the module prepare them again from ``codes``.
     """
 
-    def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor, trained_codes: bool = True) -> None:
-        self._arguments = (codes, scale, zero_point, trained_codes)  # what copies and pickles are made from
-        self.trained_codes = trained_codes
+    def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> None:
+        self._arguments = (codes, scale, zero_point)  # what copies and pickles are made from
         out_features, self.in_features = codes.shape
         self.scale = scale.float().reshape(-1).expand(out_features).contiguous()
         zero = zero_point.float().reshape(-1).expand(out_features)
@@ -229,12 +234,11 @@ class Int8Gemm:
         # every tensor operation between GEMMs costs several times its own duration.
         packed = self._one_token_packed(bias)
         if packed is not None:
-            # Given the values training's fake quantization leaves (exactly on the grid),
-            # fbgemm's own rounding gives back training's codes, at the cost of one more
-            # operation (~20 us here, in a layer of ~170 us). A weight-only layer has no
-            # trained codes to keep: its input rounding is the approximation either way.
-            on_grid = single_token_on_grid(x, scale, zero) if self.trained_codes else x
-            out = _one_token_gemm(on_grid, scale, zero, packed)
+            # fbgemm rounds a value within float32 rounding of a code midpoint to either
+            # neighbour (see the module docstring). Handing it training's fake-quantized
+            # values instead gave back training's codes exactly, but that one more operation
+            # cost 10% of the model's time at batch 1 (1.44x float32 instead of 1.58x).
+            out = _one_token_gemm(x, scale, zero, packed)
             return out if self._one_token_bias is bias else out.add_(bias)
         codes = single_token_codes(x, scale, zero)
         out = _gemm(codes, self.prepacked, self.scale, self.zeros, zero, scale, bias)
@@ -260,21 +264,19 @@ class Int8Gemm:
         return self._one_token_weight
 
 
-def _prepared_again(codes: Tensor, scale: Tensor, zero_point: Tensor, trained_codes: bool = True) -> Optional[Int8Gemm]:
+def _prepared_again(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Optional[Int8Gemm]:
     """A copy's or an unpickled model's int8 GEMM: probed again (the machine may be another
     one), ``None`` with a warning where it does not run exactly."""
-    return prepare_int8_gemm(codes, scale, zero_point, strict=False, trained_codes=trained_codes)
+    return prepare_int8_gemm(codes, scale, zero_point, strict=False)
 
 
-def prepare_int8_gemm(codes: Tensor, scale: Tensor, zero_point: Tensor, strict: bool,
-                      trained_codes: bool = True) -> Optional[Int8Gemm]:
+def prepare_int8_gemm(codes: Tensor, scale: Tensor, zero_point: Tensor, strict: bool) -> Optional[Int8Gemm]:
     """The int8 GEMM of one weight, or ``None`` (with a warning; an error when ``strict``)
-    where it does not run exactly on this machine. ``trained_codes``: the layer was trained
-    with int8 dynamic activations, whose codes every path keeps bit for bit."""
+    where it does not run exactly on this machine."""
     reason = int8_gemm_available()
     if reason is None:
         try:
-            return Int8Gemm(codes, scale, zero_point, trained_codes)
+            return Int8Gemm(codes, scale, zero_point)
         except (RuntimeError, NotImplementedError, TypeError) as err:
             reason = f"{type(err).__name__}: {err}"
     if strict:

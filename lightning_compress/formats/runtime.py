@@ -199,8 +199,7 @@ class PackedLinear(_PackedModule):
         self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]
         self._fbgemm = None
         if _int8_gemm_grid(layer) and _runs_int8_gemm(layer, backend, chosen):
-            self._fbgemm = _fbgemm_prepack(self.packed, strict=backend == "fbgemm",
-                                           trained_codes=self.input_quantizer is not None)
+            self._fbgemm = _fbgemm_prepack(self.packed, strict=backend == "fbgemm")
         if self._fbgemm is not None:
             self.kernel = "fbgemm"
             if self.input_quantizer is None:  # (one holds a hook already)
@@ -324,7 +323,7 @@ def _quantize_attention_inputs(module: PackedMultiheadAttention, args: tuple, kw
 
 
 def _prepack_again(module: "PackedLinear", _incompatible) -> None:
-    module._fbgemm = _fbgemm_prepack(module.packed, strict=True, trained_codes=module.input_quantizer is not None)
+    module._fbgemm = _fbgemm_prepack(module.packed, strict=True)
 
 
 def int8_gemm_candidate(layer: PackedLayer) -> bool:
@@ -365,8 +364,8 @@ def _runs_int8_gemm(layer: PackedLayer, backend: str, chosen: Optional[str]) -> 
     return layer.activations == "int8_dynamic"
 
 
-def _fbgemm_prepack(packed: PackedWeight, strict: bool, trained_codes: bool) -> Optional[Int8Gemm]:
-    return prepare_int8_gemm(packed.codes, packed.scale, packed.zero_point, strict, trained_codes)
+def _fbgemm_prepack(packed: PackedWeight, strict: bool) -> Optional[Int8Gemm]:
+    return prepare_int8_gemm(packed.codes, packed.scale, packed.zero_point, strict)
 
 
 def build_packed_module(layer: PackedLayer, original: nn.Module, backend: str, chosen: Optional[str] = None) -> nn.Module:
