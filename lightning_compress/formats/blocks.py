@@ -5,9 +5,10 @@ bit for bit what the whole matrix gives."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_compress.quant.fake_quant import QuantizedWeight, dequantize_codes, quantize_codes
@@ -23,6 +24,19 @@ def row_blocks(rows: int, cols: int, elements: int = BLOCK_ELEMENTS) -> Iterator
     step = max(1, elements // max(cols, 1))
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
+
+
+def linear_in_row_blocks(x: Tensor, weight_rows: Callable[[slice], Tensor], out_features: int,
+                         bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, weight, bias)`` with ``weight`` made a block of rows (output features)
+    at a time by ``weight_rows(block)``, so a layer larger than a block (a vocabulary head)
+    never has its whole float weight in memory. The output is written in place, a block of
+    columns at a time (each column is the same dot product as in one ``F.linear``, up to
+    the BLAS's summation order)."""
+    out = x.new_empty(*x.shape[:-1], out_features)
+    for block in row_blocks(out_features, x.shape[-1]):
+        out[..., block] = F.linear(x, weight_rows(block), None if bias is None else bias[block].to(x.dtype))
+    return out
 
 
 def grid_rows(grid: Tensor, rows: slice, total_rows: int, spec: QuantSpec) -> Tensor:
@@ -49,7 +63,8 @@ def dequantizes_to(q: QuantizedWeight, weight: Tensor) -> bool:
     if tuple(weight.shape) != tuple(q.shape):
         return False
     matrix = weight.reshape(codes.shape)
-    for rows in row_blocks(*codes.shape):
+    # Smaller blocks than the default: the whole effective weight is held beside them.
+    for rows in row_blocks(*codes.shape, BLOCK_ELEMENTS // 4):
         block = dequantize_codes(codes[rows], grid_rows(q.scale, rows, codes.shape[0], q.spec),
                                  grid_rows(q.zero_point, rows, codes.shape[0], q.spec), q.spec)
         if not torch.equal(block.to(q.dtype).to(matrix.device), matrix[rows]):

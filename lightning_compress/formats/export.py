@@ -15,7 +15,7 @@ from lightning_compress.formats.config import validate_export_formats, validate_
 from lightning_compress.formats.errors import ExportError, ParityError
 from lightning_compress.formats.failed_export import failed_path, keep_elsewhere, keep_failed, refuse_stale
 from lightning_compress.formats.gguf import summary_line, write_gguf
-from lightning_compress.formats.packed import METADATA_FILE, PackedModel, metadata_bytes, read_packed
+from lightning_compress.formats.packed import METADATA_FILE, PackedModel, metadata_bytes, open_packed
 from lightning_compress.formats.packing import CONFIG_FILE, ExportReport, Packing, collect, pack, pack_into
 from lightning_compress.formats.parity import check_parity
 
@@ -139,8 +139,10 @@ def export(
         packing = done["packing"] = pack_into(directory, model, out_dir, **options)
         for name, data in packing.files.items():  # compression.json: read_packed reads it
             (directory / name).write_bytes(data)
+        release_freed_memory()  # the packing's temporaries, before the check's own
         try:
-            check_packing(model, packing, read_packed(directory) if parity else None, inputs, directory,
+            # Not `read_packed`: its pass over every entry is the weight check's first step.
+            check_packing(model, packing, open_packed(directory) if parity else None, inputs, directory,
                           parity=parity, backend=backend, max_relative_error=max_relative_error,
                           min_sqnr_db=min_sqnr_db, formats=formats, onnx_activations=onnx_activations)
         except Exception as error:

@@ -34,14 +34,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.attention import fast_path_disabled
-from lightning_compress.core.memory import ReleasePacer
+from lightning_compress.core.memory import ReleasePacer, release_freed_memory
 from lightning_compress.core.targeting import module_name
 from lightning_compress.core.transforms import Stage, all_transforms, get_weight_transform, weight_slots
-from lightning_compress.formats.blocks import dequantizes_to
 from lightning_compress.formats.loader import set_submodule
 from lightning_compress.formats.outputs import OutputError, call_model, flatten_outputs, relative_error, sqnr_db
 from lightning_compress.formats.packed import PackedLayer, PackedModel
 from lightning_compress.formats.runtime import build_packed_unit, calls_its_forward, int8_gemm_candidate, planned_kernel
+from lightning_compress.formats.weight_check import weight_mismatches
 
 
 @dataclass
@@ -115,7 +115,9 @@ def check_parity(
     layer's forward, as the fake-quant model computes while it trains.
     """
     with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
-        mismatches = _weight_mismatches(model, packed)
+        release_freed_memory()  # what the caller freed (the packing), before this check's own
+        mismatches = weight_mismatches(model, packed)
+        release_freed_memory()
         built = _Replacements(model, packed, backend)
         report = ParityReport(
             weights_exact=not mismatches,
@@ -131,8 +133,10 @@ def check_parity(
             return report
         candidates = _int8_gemm_candidates(built) if backend == "auto" else set()
         reference, measured = _run_measuring(model, built, candidates, inputs)
+        release_freed_memory()  # each phase's freed blocks, before the next makes its own
         report.fast_layers = fast = _fast_layers(built)
         report.relative_error = _compared(model, built.swapped("dequantize"), inputs, reference).relative_error
+        release_freed_memory()
         choice: Dict[str, str] = {}
         if backend == "auto":
             choice, report.fallbacks = choose_kernels(model, built, inputs, reference, measured, min_sqnr_db)
@@ -196,33 +200,6 @@ def choose_kernels(model: nn.Module, built: "_Replacements", inputs: Sequence[An
     return choice, fallbacks
 
 
-def _weight_mismatches(model: nn.Module, packed: PackedModel) -> List[str]:
-    """Keys whose packed value differs from the model's; one layer read (and its effective
-    weight computed) at a time."""
-    bad, pacer = [], ReleasePacer()
-    for key, layer in packed.layers.items():
-        trained = getattr(model.get_submodule(module_name(key, layer.param)), layer.param).detach()
-        if not dequantizes_to(layer.weight, trained):
-            bad.append(key)
-        del layer, trained
-        pacer.done(packed.grids[key].float32_bytes)  # see lightning_compress.core.memory
-    state = model.state_dict()
-    for key, tensor in packed.tensors.items():
-        current = _effective(model, key, state)
-        if current is None or not torch.equal(tensor, current.detach().cpu()):
-            bad.append(key)
-    packed.check_complete()
-    return bad
-
-
-def _effective(model: nn.Module, key: str, state: Mapping[str, Tensor]) -> Tensor | None:
-    owner, _, leaf = key.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    if leaf in weight_slots(module):  # compare the effective weight
-        return getattr(module, leaf)
-    return state.get(key)
-
-
 def _fast_layers(built: "_Replacements", choice: Optional[Mapping[str, str]] = None) -> List[str]:
     return [name for name in built.units if built.get(name, chosen=(choice or {}).get(name)).kernel == "fbgemm"]
 
@@ -259,6 +236,11 @@ class _Replacements:
             weights = [self.packed.layer(k) for k in keys]
             self._built[key] = build_packed_unit(weights, original, backend, chosen).to(device)
         return self._built[key]
+
+    def drop(self, name: str) -> None:
+        """Forget ``name``'s built modules (built again when next asked for)."""
+        for key in [key for key in self._built if key[0] == name]:
+            del self._built[key]
 
     def swapped(self, backend: str, choice: Optional[Mapping[str, str]] = None) -> Dict[str, nn.Module]:
         """``{layer: its packed module}`` of every layer, for :func:`_swapped`."""
@@ -311,12 +293,14 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
 
     Returns the model's outputs (one flat tensor per batch) and ``{layer: _Measured}`` for
     the layers that ran, in the order of ``built.units``."""
-    # The exact path of every layer, built before the hooks are in place: a recurrent unit
-    # starts as a deep copy of its layer, which would copy them (and the model's outputs
-    # need every one later). The int8 GEMM's are Linear layers built new, when first run.
+    # A recurrent unit's exact path is built before the hooks are in place: it starts as a
+    # deep copy of its layer, which would copy them. The others are built when their layer
+    # runs and dropped after it, so that only one layer's packed modules are held at a time
+    # (an int4 LLM's codes are a tenth of its float weights, a third of the export's margin).
     exact = {name: ("dequantize" if name in candidates else None) for name in built.units}
-    for name, kernel in exact.items():
-        built.get(name, chosen=kernel)
+    prebuilt = {name for name in built.units if isinstance(built.originals[name], nn.RNNBase)}
+    for name in prebuilt:
+        built.get(name, chosen=exact[name])
     measured: Dict[str, _Measured] = {}
     pending: Dict[str, List[tuple]] = {name: [] for name in built.units}
     running_packed = []  # non-empty while a packed unit runs (an attention unit runs its own, hooked, out_proj)
@@ -327,6 +311,10 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
         kernels = (exact[name], "fbgemm") if name in candidates else (None,)
         layer = measured.setdefault(name, _Measured({kernel: OutputError() for kernel in kernels}))
         reference = flatten_outputs(output)
+        # The fake-quant layer's own temporaries (its fake-quantized weight) are freed by
+        # now: handed back before the packed module makes its own (see core.memory).
+        float_bytes = sum(built.grid(key).float32_bytes for key in built.units[name])
+        pacer.done(float_bytes)
         running_packed.append(name)
         try:
             for kernel in kernels:
@@ -343,8 +331,9 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
                     layer.kernels[kernel].add(reference, flatten_outputs(module(*args, **kwargs)))
         finally:
             running_packed.pop()
-        # Its fake quantization and dequantization (see core.memory).
-        pacer.done(sum(built.grid(key).float32_bytes for key in built.units[name]))
+        if name not in prebuilt and not running_packed:
+            built.drop(name)
+        pacer.done(float_bytes)  # and the packed modules' codes and dequantized weights
 
     def record(name: str, args, kwargs) -> None:
         if not running_packed:
