@@ -81,57 +81,73 @@ def _gemm_and_float64(zero_points: bool, width: int = 263):
     return Int8Gemm(codes, scale, zero), weight, bias
 
 
-def _fbgemm_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fbgemm's codes of one token, read through an identity weight, and training's."""
+def _integer_valued(seed: int) -> torch.Tensor:
+    """A token of small integers (counts, ids, rounded features): its odd values sit
+    exactly on code midpoints (-5..5 is a range of 10: 25.5 steps a unit)."""
+    return torch.randint(-5, 6, (1, 263), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def _fbgemm_codes(x: torch.Tensor, trained_codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes one token gets on fbgemm, read through an identity weight, and training's."""
     scale, shift = single_token_qparams(x)
-    identity = Int8Gemm(torch.eye(x.shape[1], dtype=torch.int8), torch.ones(x.shape[1], 1), torch.zeros(x.shape[1], 1))
+    width = x.shape[1]
+    identity = Int8Gemm(torch.eye(width, dtype=torch.int8), torch.ones(width, 1), torch.zeros(width, 1), trained_codes)
     got = torch.round(identity(x).double() / scale) + shift
+    assert identity._one_token_weight is not None  # fbgemm ran
     return got, single_token_codes(x, scale, shift).double()
 
 
-def test_fbgemm_takes_the_other_neighbour_only_at_a_code_midpoint():
-    """Where fbgemm's codes differ from training's, by one, the value lies within float32
-    rounding of the midpoint between them (both codes are as close to it); on a token of
-    ordinary values they are training's. What it costs a layer at worst, every value of
-    the token at a midpoint: 41 to 45 dB from training's products (a fifth of the codes move)."""
+def test_a_layer_trained_with_dynamic_activations_gets_trainings_codes_at_midpoints_too():
+    """fbgemm adds the zero point before it rounds: on tokens whose values sit on code
+    midpoints (integer-valued features, a symmetric range's minimum, values a float32 step
+    from a midpoint) a weight-only layer's codes move by one there, and only there (as
+    close to the value); a layer trained with int8 dynamic activations hands fbgemm
+    training's fake-quantized values and gets training's codes back, every one."""
     assert one_token_gemm_available() is None
-    differed = 0
-    for seed in range(10):
-        x = _near_boundaries(263, seed)
-        got, trained = _fbgemm_codes(x)
+    symmetric = torch.randn(1, 263, generator=torch.Generator().manual_seed(4)) * 1e-2
+    symmetric[0, 0], symmetric[0, 1] = 50.0, -50.0  # the minimum is -127.5 steps from zero
+    tokens = [_near_boundaries(263, seed) for seed in range(10)] + [_integer_valued(s) for s in range(5)] + [symmetric]
+    moved = 0
+    for x in tokens:
+        got, trained = _fbgemm_codes(x, trained_codes=True)
+        assert torch.equal(got, trained)
+        got, trained = _fbgemm_codes(x, trained_codes=False)
         steps = x.double() / single_token_qparams(x)[0]
         at_midpoint = (steps - steps.floor() - 0.5).abs() < 1e-5
         assert (got - trained).abs().max() <= 1 and not ((got != trained) & ~at_midpoint).any()
-        differed += int((got != trained).sum())
-    assert differed > 0  # the tokens do reach the values where the roundings part
-    # A token whose range is symmetric puts its minimum on a midpoint (-127.5 steps): fbgemm
-    # moves it a step in, as close to it as training's code.
-    x = torch.randn(1, 263, generator=torch.Generator().manual_seed(4)) * 1e-2
-    x[0, 0], x[0, 1] = 50.0, -50.0
-    got, trained = _fbgemm_codes(x)
-    assert (got != trained).nonzero()[:, 1].tolist() == [1] and (got - trained)[0, 1] == 1
-    got, trained = _fbgemm_codes(torch.randn(1, 263, generator=torch.Generator().manual_seed(9)))
-    assert torch.equal(got, trained)
-    gemm, weight, bias = _gemm_and_float64(False)
-    for seed in range(10):
-        x = _near_boundaries(263, seed)
-        assert _db(_training_rounding(x).double() @ weight.T + bias.double(), gemm(x, bias)) > 40
+        moved += int((got != trained).sum())
+    assert moved > 263  # what the grid step is for: hundreds of codes would move
+    got, trained = _fbgemm_codes(torch.randn(1, 263, generator=torch.Generator().manual_seed(9)), trained_codes=False)
+    assert torch.equal(got, trained)  # ordinary values: the same codes either way
 
 
 @pytest.mark.parametrize("zero_points", [False, True], ids=["symmetric", "asymmetric"])
 def test_one_token_equals_float64_on_training_codes(zero_points):
-    """fbgemm (symmetric weights) and oneDNN (asymmetric: fbgemm is not used) on one token,
-    2-D and 3-D, with the bias: training's codes times the weight in float64, to float32
-    rounding; oneDNN keeps training's codes near midpoints too."""
+    """fbgemm (symmetric weights) and the batched oneDNN path (asymmetric weights) on one
+    token, 1-D, 2-D and 3-D, with the bias, on every branch, near midpoints and on
+    integer values: training's codes times the weight in float64, to float32 rounding."""
     gemm, weight, bias = _gemm_and_float64(zero_points)
-    tokens = [row.view(1, -1) for row in _rows(263)]
-    tokens += [_near_boundaries(263, seed) for seed in range(10)] if zero_points else []
-    for x in tokens:
+    tokens = [row.view(1, -1) for row in _rows(263)] + [_near_boundaries(263, seed) for seed in range(5)]
+    for x in tokens + [_integer_valued(seed) for seed in range(3)]:
         expected = _training_rounding(x).double() @ weight.T + bias.double()
         got = gemm(x, bias)
         assert got.shape == (1, 48) and _db(expected, got) > 120
         assert torch.equal(gemm(x.view(1, 1, -1), bias), got.view(1, 1, 48))
+        assert torch.equal(gemm(x.view(-1), bias), got.view(48))
     assert (gemm._one_token_weight is None) == zero_points
+
+
+def test_a_token_of_a_huge_range_runs_the_batched_path():
+    """Values past ~1e32 (a scale past 2**100): fbgemm's float32 requantization lost about
+    1% at 1.6e38, so the token runs the batched path, which keeps training's numbers (at
+    1e37 too, where the asymmetric one-token path it replaced overflowed to inf)."""
+    gemm, weight, bias = _gemm_and_float64(False)
+    x = torch.randn(1, 263, generator=torch.Generator().manual_seed(3)) * 1e36
+    x[0, 0], x[0, 1] = 1e37, -1e37
+    expected = _training_rounding(x).double() @ weight.T + bias.double()
+    got = gemm(x, bias)
+    assert torch.isfinite(got).all() and _db(expected, got) > 100
+    assert gemm._one_token_weight is None  # fbgemm was not asked
 
 
 def test_a_changed_bias_is_packed_again():
@@ -214,3 +230,40 @@ def test_an_inference_mode_bias_is_added_apart_and_follows_its_changes():
         frozen.add_(3.0)
         assert _db(rounded + frozen.double(), gemm(x, frozen)) > 120
     assert _db(rounded + bias.double(), gemm(x, bias)) > 120
+
+
+def test_a_bias_whose_data_is_replaced_or_that_asks_for_a_gradient():
+    """``bias.data = ...`` (as Module.half()/.float() do) keeps the object and its version:
+    the one-token path sees the new values; a bias that requires a gradient is added
+    apart, so one token's output carries its gradient."""
+    gemm, weight, bias = _gemm_and_float64(False)
+    x = torch.randn(1, 263, generator=torch.Generator().manual_seed(1))
+    rounded = _training_rounding(x).double() @ weight.T
+    parameter = nn.Parameter(bias.clone(), requires_grad=False)
+    assert _db(rounded + parameter.double(), gemm(x, parameter)) > 120
+    parameter.data = torch.zeros(48)
+    assert _db(rounded, gemm(x, parameter)) > 120
+    parameter.requires_grad_(True)
+    out = gemm(x, parameter)
+    out.sum().backward()
+    assert torch.equal(parameter.grad, torch.ones(48)) and _db(rounded, out.detach()) > 120
+    with torch.no_grad():  # no gradient asked: packed again, with it
+        assert _db(rounded, gemm(x, parameter)) > 120 and gemm._one_token_bias is parameter
+
+
+def test_concurrent_first_tokens_put_the_quantized_engine_back():
+    """fbgemm's weight is packed with PyTorch's quantized engine switched to it: threads
+    packing at once each put back what the user had (7 of 20 runs left it switched)."""
+    import threading
+
+    before = torch.backends.quantized.engine
+    for _ in range(10):
+        gemms = [_gemm_and_float64(False)[0] for _ in range(4)]
+        x = torch.randn(1, 263)
+        threads = [threading.Thread(target=gemm, args=(x,)) for gemm in gemms]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert torch.backends.quantized.engine == before
+        assert all(gemm._one_token_weight is not None for gemm in gemms)

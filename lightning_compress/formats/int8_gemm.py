@@ -61,13 +61,22 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from lightning_compress.quant.activations import single_token_codes, single_token_qparams, token_codes
+from lightning_compress.quant.activations import (single_token_codes, single_token_on_grid, single_token_qparams,
+                                                   token_codes)
+
+# A token whose scale is past this (values beyond ~1e32) runs the batched path: fbgemm's
+# float32 requantization of such products loses about 1% (measured at 1.6e38).
+_LARGEST_SCALE = 2.0**100
+# fbgemm's weight is packed with PyTorch's quantized engine set to it (global state):
+# one thread at a time, so that concurrent first tokens put back what the user had.
+_ENGINE_SWITCH = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,8 +178,9 @@ class Int8Gemm:
     pickles of the module prepare them again from ``codes``.
     """
 
-    def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> None:
-        self._arguments = (codes, scale, zero_point)  # what copies and pickles are made from
+    def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor, trained_codes: bool = True) -> None:
+        self._arguments = (codes, scale, zero_point, trained_codes)  # what copies and pickles are made from
+        self.trained_codes = trained_codes  # trained with int8 dynamic activations: keep their codes
         out_features, self.in_features = codes.shape
         self.scale = scale.float().reshape(-1).expand(out_features).contiguous()
         zero = zero_point.float().reshape(-1).expand(out_features)
@@ -194,10 +204,10 @@ class Int8Gemm:
 
     def __call__(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """``F.linear`` of ``x`` (float32 ``[..., in]``) and this weight, plus ``bias``."""
-        if x.numel() == self.in_features:  # one token: its scale and zero point go to the kernel
-            qparams = single_token_qparams(x)
-            if qparams is not None:
-                return self._one_token(x, *qparams, bias)
+        if x.numel() == self.in_features:  # one token (a decoder's step): fbgemm, where it takes it
+            out = self._one_token(x if x.dim() > 1 else x.view(1, -1), bias)
+            if out is not None:
+                return out if x.dim() > 1 else out.view(-1)
         return self._tokens(x.reshape(-1, self.in_features), bias).view(*x.shape[:-1], self.scale.numel())
 
     @torch.compiler.disable  # the prepared weights are not tensors Inductor can hold: run them eagerly
@@ -229,54 +239,59 @@ class Int8Gemm:
         return out.mul_(scale) if bias is None else out.mul_(scale).add_(bias)
 
 
-    def _one_token(self, x: Tensor, scale: float, zero: int, bias: Optional[Tensor]) -> Tensor:
-        # The kernels scale by the token's scale and add the bias themselves: at batch 1
-        # every tensor operation between GEMMs costs several times its own duration.
-        packed = self._one_token_packed(bias)
-        if packed is not None:
-            # fbgemm rounds a value within float32 rounding of a code midpoint to either
-            # neighbour (see the module docstring). Handing it training's fake-quantized
-            # values instead gave back training's codes exactly, but that one more operation
-            # cost 10% of the model's time at batch 1 (1.44x float32 instead of 1.58x).
-            out = _one_token_gemm(x, scale, zero, packed)
-            return out if self._one_token_bias is bias else out.add_(bias)
-        codes = single_token_codes(x, scale, zero)
-        out = _gemm(codes, self.prepacked, self.scale, self.zeros, zero, scale, bias)
-        if self.weight_has_zero:
-            row = float(codes.sum(dtype=torch.int64)) - self.in_features * zero  # an exact integer
-            out.sub_(self.zero_term, alpha=scale * row)
-        return out
+    def _one_token(self, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        """One token on fbgemm, its scale and zero point and the bias handed to the kernel
+        (at batch 1 every tensor operation between GEMMs costs several times its own
+        duration); ``None`` where the batched path takes it: asymmetric weights, fbgemm not
+        exact here, a token that is not finite or of a range past ``_LARGEST_SCALE``."""
+        if self.weight_has_zero or one_token_gemm_available() is not None:
+            return None
+        qparams = single_token_qparams(x)
+        if qparams is None or qparams[0] > _LARGEST_SCALE:
+            return None
+        scale, zero = qparams
+        # fbgemm adds the zero point before it rounds, so a value on a code midpoint takes the
+        # other neighbour than training's rounding (integer-valued inputs in -5..5 put 43% of
+        # their values there). A layer trained with int8 dynamic activations hands it
+        # training's fake-quantized values, whose codes come back exactly: one more operation
+        # (10% of a 768x3072 MLP's time at batch 1). A weight-only layer has no codes to keep.
+        on_grid = single_token_on_grid(x, scale, zero) if self.trained_codes else x
+        out = _one_token_gemm(on_grid, scale, zero, self._one_token_packed(bias))
+        return out if self._one_token_bias is bias else out.add_(bias)
 
     def _one_token_packed(self, bias: Optional[Tensor]):
         """fbgemm's packed weight (its GEMM is 1.5x oneDNN's for one token here), with
-        ``bias`` in it, packed at the first token and again when the bias changes; ``None``
-        for asymmetric weights or where the kernel is not exact."""
-        if self.weight_has_zero or one_token_gemm_available() is not None:
-            return None
-        # An inference tensor has no version counter to see in-place changes: added apart.
-        packed_bias = None if bias is None or bias.is_inference() else bias
-        version = None if packed_bias is None else packed_bias._version
+        ``bias`` in it, packed at the first token and again when the bias changes."""
+        # Added apart: an inference tensor has no version counter to see in-place changes,
+        # and a bias that asks for a gradient must get one.
+        packed_bias = None if bias is None or bias.is_inference() or (
+            bias.requires_grad and torch.is_grad_enabled()) else bias
+        # `.data` replaced (as Module.half() does) keeps the object and its version: the address tells.
+        version = None if packed_bias is None else (packed_bias._version, packed_bias.data_ptr())
         if (self._one_token_weight is None or packed_bias is not self._one_token_bias
                 or version != self._one_token_version):
-            self._one_token_weight = _one_token_prepack(self._arguments[0].contiguous(), self.scale,
-                                                        None if packed_bias is None else packed_bias.detach().float())
+            with _ENGINE_SWITCH:
+                self._one_token_weight = _one_token_prepack(
+                    self._arguments[0].contiguous(), self.scale, None if packed_bias is None else packed_bias.detach().float())
             self._one_token_bias, self._one_token_version = packed_bias, version
         return self._one_token_weight
 
 
-def _prepared_again(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Optional[Int8Gemm]:
+def _prepared_again(codes: Tensor, scale: Tensor, zero_point: Tensor, trained_codes: bool = True) -> Optional[Int8Gemm]:
     """A copy's or an unpickled model's int8 GEMM: probed again (the machine may be another
     one), ``None`` with a warning where it does not run exactly."""
-    return prepare_int8_gemm(codes, scale, zero_point, strict=False)
+    return prepare_int8_gemm(codes, scale, zero_point, strict=False, trained_codes=trained_codes)
 
 
-def prepare_int8_gemm(codes: Tensor, scale: Tensor, zero_point: Tensor, strict: bool) -> Optional[Int8Gemm]:
+def prepare_int8_gemm(codes: Tensor, scale: Tensor, zero_point: Tensor, strict: bool,
+                      trained_codes: bool = True) -> Optional[Int8Gemm]:
     """The int8 GEMM of one weight, or ``None`` (with a warning; an error when ``strict``)
-    where it does not run exactly on this machine."""
+    where it does not run exactly on this machine. ``trained_codes``: the layer was trained
+    with int8 dynamic activations, whose codes one token keeps too."""
     reason = int8_gemm_available()
     if reason is None:
         try:
-            return Int8Gemm(codes, scale, zero_point)
+            return Int8Gemm(codes, scale, zero_point, trained_codes)
         except (RuntimeError, NotImplementedError, TypeError) as err:
             reason = f"{type(err).__name__}: {err}"
     if strict:

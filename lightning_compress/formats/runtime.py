@@ -200,7 +200,7 @@ class PackedLinear(_PackedModule):
         self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]
         self._fbgemm = None
         if _int8_gemm_grid(layer) and _runs_int8_gemm(layer, backend, chosen):
-            self._fbgemm = _fbgemm_prepack(self.packed, strict=backend == "fbgemm")
+            self._fbgemm = _fbgemm_prepack(self.packed, backend == "fbgemm", self.input_quantizer is not None)
         if self._fbgemm is not None:
             self.kernel = "fbgemm"
             if self.input_quantizer is None:  # (one holds a hook already)
@@ -217,13 +217,13 @@ class PackedLinear(_PackedModule):
             self.kernel = "dequantize"
 
     def quantizes_itself(self, x: Tensor) -> bool:
-        # float32 CPU inputs only; and not when a gradient is asked for: the int8 GEMM has
-        # no backward (PyTorch would return a silently wrong input gradient). Not while
-        # torch.jit traces either: its graphs cannot hold oneDNN's prepared weight. An input
-        # of another width gets F.linear's error, not oneDNN's.
-        return (self._fbgemm is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.shape[-1] == self.in_features and not (x.requires_grad and torch.is_grad_enabled())
-                and not torch.jit.is_tracing())
+        # float32 CPU inputs only; not when a gradient is asked for (the int8 GEMM has no
+        # backward: a silently wrong input gradient), nor while torch.jit traces (its graphs
+        # cannot hold the prepared weight); another width gets F.linear's error. Cheapest
+        # checks first (twice a layer at batch 1); the tracer warned of the shape comparison.
+        return (self._fbgemm is not None and x.dtype is torch.float32 and x.is_cpu
+                and not (x.requires_grad and torch.is_grad_enabled()) and not torch.jit.is_tracing()
+                and x.shape[-1] == self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.quantizes_itself(x):
@@ -327,7 +327,7 @@ def _quantize_attention_inputs(module: PackedMultiheadAttention, args: tuple, kw
 
 
 def _prepack_again(module: "PackedLinear", _incompatible) -> None:
-    module._fbgemm = _fbgemm_prepack(module.packed, strict=True)
+    module._fbgemm = _fbgemm_prepack(module.packed, strict=True, trained_codes=module.input_quantizer is not None)
 
 
 def int8_gemm_candidate(layer: PackedLayer) -> bool:
@@ -368,8 +368,8 @@ def _runs_int8_gemm(layer: PackedLayer, backend: str, chosen: Optional[str]) -> 
     return layer.activations == "int8_dynamic"
 
 
-def _fbgemm_prepack(packed: PackedWeight, strict: bool) -> Optional[Int8Gemm]:
-    return prepare_int8_gemm(packed.codes, packed.scale, packed.zero_point, strict)
+def _fbgemm_prepack(packed: PackedWeight, strict: bool, trained_codes: bool) -> Optional[Int8Gemm]:
+    return prepare_int8_gemm(packed.codes, packed.scale, packed.zero_point, strict, trained_codes)
 
 
 def build_packed_module(layer: PackedLayer, original: nn.Module, backend: str, chosen: Optional[str] = None) -> nn.Module:

@@ -108,6 +108,13 @@ def single_token_codes(x: Tensor, scale: float, shift: int) -> Tensor:
     return x.mul(inverse).round_().add_(float(shift)).clamp_(0.0, float(_LEVELS)).to(torch.uint8)
 
 
+def single_token_on_grid(x: Tensor, scale: float, shift: int) -> Tensor:
+    """Training's fake quantization of one token with its :func:`single_token_qparams`: the
+    values ``(codes - shift) * scale``, in one ATen operation (whose rounding is training's,
+    bit for bit: a test compares them, near code midpoints included)."""
+    return torch.fake_quantize_per_tensor_affine(x, scale, shift, 0, int(_LEVELS))
+
+
 class StaticRangeObserver:
     """int8 asymmetric per-tensor fake quantization with an observed, then frozen, range.
 
