@@ -334,7 +334,7 @@ def test_export_refuses_files_whose_read_back_weights_differ(tmp_path, monkeypat
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
     round_to_nearest(model, QuantSpec(4, "group", 16))
-    real = export_module.read_packed
+    real = export_module.open_packed
 
     def corrupted(directory):
         packed = real(directory)
@@ -342,7 +342,7 @@ def test_export_refuses_files_whose_read_back_weights_differ(tmp_path, monkeypat
         codes[0, 0] = 1 if codes[0, 0] != 1 else 2
         return packed
 
-    monkeypatch.setattr(export_module, "read_packed", corrupted)
+    monkeypatch.setattr(export_module, "open_packed", corrupted)
     with pytest.raises(ParityError, match=r"weights differ in \['0'\]"):
         export(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == [tmp_path / "out.failed-parity"]  # kept aside, never at `out`

@@ -72,14 +72,13 @@ def test_integer_products_equal_float64_on_training_codes(zero_points):
     assert Int8Gemm(codes, scale, zero)(x[:0]).shape == (0, 48)
 
 
-def _saturating_gemm(inputs, prepacked, channel_scale, zeros, input_zero, input_scale=1.0, bias=None):
+def _saturating_gemm(inputs, prepacked, channel_scale, zeros, input_zero):
     """A CPU without VNNI (``vpmaddubsw``): adjacent u8 x s8 products summed into int16 with
     saturation, then accumulated in int32, the input zero point taken out with the weight's
     row sums (as oneDNN compensates it). ``prepacked`` is the int8 weight here."""
     products = inputs.long()[:, None, :] * prepacked.long()[None, :, :]
     pairs = products.view(*products.shape[:2], -1, 2).sum(-1).clamp(-32768, 32767)
-    out = (pairs.sum(-1) - input_zero * prepacked.long().sum(1)).float() * channel_scale * input_scale
-    return out if bias is None else out + bias
+    return (pairs.sum(-1) - input_zero * prepacked.long().sum(1)).float() * channel_scale
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ here; near code midpoints, where fbgemm may round to the other neighbour."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -13,21 +11,11 @@ from torch import nn
 from lightning_compress import export, load_packed
 from lightning_compress.formats import int8_gemm
 from lightning_compress.formats.int8_gemm import Int8Gemm, one_token_gemm_available
-from lightning_compress.quant.activations import (PER_TOKEN, DynamicTokenQuantizer, single_token_codes,
+from lightning_compress.quant.activations import (PER_TOKEN, single_token_codes, single_token_on_grid,
                                                   single_token_qparams, token_codes)
 from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
+from tests.test_int8_gemm import _db, _training_rounding
 from tests.test_numeric_core import _dynamic_int8
-
-
-def _db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    noise = (reference.double() - other.double()).norm()
-    return math.inf if noise == 0 else 20 * math.log10(float(reference.double().norm() / noise))
-
-
-def _training_rounding(x: torch.Tensor) -> torch.Tensor:
-    quantizer = DynamicTokenQuantizer()
-    quantizer.enabled = True
-    return quantizer(x)
 
 
 def _rows(width: int) -> list[torch.Tensor]:
@@ -66,7 +54,9 @@ def test_one_tokens_numbers_are_trainings_bit_for_bit(width):
         assert (scale, shift) == (float(expected_scale), int(expected_zero) - PER_TOKEN.qmin)
         codes = single_token_codes(x, scale, shift)
         assert torch.equal(codes, token_codes(x)[0])
-        assert torch.equal((codes.float() - shift) * scale, fake_quantize(x, expected_scale, expected_zero, PER_TOKEN))
+        trained = fake_quantize(x, expected_scale, expected_zero, PER_TOKEN)
+        assert torch.equal((codes.float() - shift) * scale, trained)
+        assert torch.equal(single_token_on_grid(x, scale, shift), trained)  # what fbgemm is handed
     assert single_token_qparams(torch.tensor([[1.0, float("nan")]])) is None
     assert single_token_qparams(torch.tensor([[3e38, -3e38]])) is None  # the range overflows
 

@@ -122,3 +122,87 @@ def test_a_recipe_sets_it_and_names_a_bad_value(tmp_path):
     assert export_cb.config.onnx_activations == "int8"
     with pytest.raises(RecipeError, match=r"export.onnx_activations: unknown `onnx_activations` 'int9'"):
         load_recipe(BUILTIN_RECIPES_DIR / "int4_weight_only.yaml", base + ["export.onnx_activations=int9"]).callbacks()
+
+
+def _dynamic_trained(spec: QuantSpec) -> nn.Module:
+    from tests.test_numeric_core import _dynamic_int8
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    _dynamic_int8(model)
+    if not spec.symmetric:  # asymmetric int8 weights, on the same model
+        round_to_nearest(model, spec)
+    return model
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_int8_layers_round_each_token_as_training_did(tmp_path, symmetric):
+    """A model trained with int8 dynamic activations: model.onnx rounds each token on
+    training's grid (its own scale and zero point), so it matches the fake-quant model to
+    float rounding, per token whatever else is in the batch (one scale for the whole tensor
+    gave 37 dB alone and 9 dB beside a sample 50x louder), with asymmetric weights too;
+    the traced fake-quant ops are gone (the per-token nodes are them)."""
+    model = _dynamic_trained(QuantSpec(8, symmetric=symmetric))
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    export(model, tmp_path / "out", inputs=[x], formats=["safetensors", "onnx"], onnx_activations="int8")
+    path = tmp_path / "out" / "model.onnx"
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMulInteger") == ops.count("ReduceMin") == 2 and "DynamicQuantizeLinear" not in ops
+    generator = torch.Generator().manual_seed(2)
+    a, loud = torch.randn(4, 64, generator=generator), torch.randn(1, 64, generator=generator) * 50
+    with torch.no_grad():
+        reference = model(a).numpy()
+    alone = run_onnx(path, (a,))[0]
+    beside = run_onnx(path, (torch.cat([a, loud]),))[0][:4]
+    assert _sqnr_db(reference, alone) > 100 and _sqnr_db(reference, beside) > 100
+
+
+def test_a_weight_only_int8_layer_rounds_its_tokens_per_token(tmp_path):
+    """Weight-only int8: each token rounded to 8 bits on its own grid (what load_packed's
+    int8 GEMM does), the same outputs alone or beside a loud sample."""
+    model = _mlp(QuantSpec(8))
+    export(model, tmp_path / "out", inputs=[torch.randn(16, 64)], formats=["safetensors", "onnx"],
+           onnx_activations="int8")
+    path = tmp_path / "out" / "model.onnx"
+    generator = torch.Generator().manual_seed(2)
+    a, loud = torch.randn(4, 64, generator=generator), torch.randn(1, 64, generator=generator) * 50
+    alone, beside = run_onnx(path, (a,))[0], run_onnx(path, (torch.cat([a, loud]),))[0][:4]
+    assert np.array_equal(alone, beside)
+    with torch.no_grad():
+        assert 30 < _sqnr_db(model(a).numpy(), alone) < 80
+
+
+def test_a_sequence_model_rounds_each_position(tmp_path):
+    """[batch, sequence, features]: a token is each position's feature vector (the last
+    axis), as in training; the fake-quant model's numbers to float rounding."""
+    model = _dynamic_trained(QuantSpec(8))
+    sequence = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(3))
+    export(model, tmp_path / "out", inputs=[sequence], formats=["safetensors", "onnx"], onnx_activations="int8")
+    other = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(4)) * 3
+    with torch.no_grad():
+        assert _sqnr_db(model(other).numpy(), run_onnx(tmp_path / "out" / "model.onnx", (other,))[0]) > 100
+
+
+def test_the_dry_export_warns_when_the_rounded_file_misses_and_the_export_refuses(tmp_path, seeded):
+    """Before training, model.onnx's SQNR with rounded activations depends on weights not
+    trained yet: a warning that says so, and training runs; the export at the end holds it
+    to min_sqnr_db and keeps the result (ParityError naming the fix)."""
+    model = TinyRegressor()
+    export_cb = CompressedExport(tmp_path / "packed", formats=["safetensors", "onnx"], onnx_activations="int8",
+                                 min_sqnr_db=150)
+    qat = QuantizationAwareTraining("int4", group_size=16, overrides={"conv": {"bits": 8, "granularity": "channel"}})
+    trainer = make_trainer(callbacks=[qat, export_cb], max_steps=2)
+    with pytest.warns(UserWarning, match=r"dry export before training: model.onnx .* \(SQNR [0-9.]+ dB < 150\);"
+                                         r" lower min_sqnr_db, or export with onnx_activations='float'.*"
+                                         r"model.onnx's SQNR depends on the trained weights"):
+        with pytest.raises(Exception, match="onnx_activations='float'"):
+            trainer.fit(model, tiny_loader(), tiny_loader(batches=2, seed=1))
+    assert trainer.global_step == 2  # it trained
+    assert not (tmp_path / "packed").exists() and (tmp_path / "packed.failed-parity" / "model.safetensors").exists()
+
+
+def test_no_integer_layer_in_the_file_is_said(tmp_path):
+    model = _mlp(QuantSpec(3))  # int3: stored packed, exported to ONNX in float
+    with pytest.warns(UserWarning, match="onnx_activations='int8' changes nothing here: model.onnx has no integer"):
+        export(model, tmp_path / "out", inputs=[torch.randn(4, 64)], formats=["safetensors", "onnx"],
+               onnx_activations="int8")

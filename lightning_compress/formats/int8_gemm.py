@@ -35,17 +35,15 @@ than float32's. The token's scale and zero point are computed as Python numbers 
 same float32 arithmetic, :func:`~lightning_compress.quant.activations.single_token_qparams`)
 and handed to fbgemm's quantize-and-multiply (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``,
 1.5x oneDNN's GEMM for one token here), which adds the bias too. fbgemm adds the zero
-point before it rounds, so a value within float32 rounding of the midpoint between two
-codes may take the other one than training's ``round(x * (1 / s)) + z`` (as close to
-it: both are half a step away). Measured: 2 of 230,400 Gaussian values; on the 2-block
-GELU MLP of ``benchmarks/export_inference.py`` trained with dynamic int8 activations,
-55.2 dB from the fake-quant model one token at a time against 57.0 dB batched (where
-float rounding already moves later layers' inputs across such midpoints). Handing fbgemm
-training's fake-quantized values instead gives back training's codes exactly, but that
-one more operation per layer cost 10% of the model's time at batch 1. fbgemm's packed
-weight is another copy of the int8 weight, made at the first token. Asymmetric weights, and CPUs where a probe
-finds fbgemm saturating or rounding otherwise, run the token through oneDNN with its
-scale, zero point and bias as arguments.
+point before it rounds, so a value on the midpoint between two codes would take the
+other one than training's ``round(x * (1 / s)) + z``: 2 of 230,400 Gaussian values, but
+43% of a token of integers in -5..5 (38 dB from the fake-quant model). A layer trained
+with int8 dynamic activations therefore hands fbgemm training's fake-quantized values
+(one more operation, about 10% of a 768x3072 MLP's time at batch 1), whose codes come
+back exactly; a weight-only layer, which has no trained codes, hands it the token.
+fbgemm's packed weight is another copy of the int8 weight, made at the first token.
+Asymmetric weights, tokens of a range past about 1e32, and CPUs where a probe finds
+fbgemm saturating or rounding otherwise run the batched path.
 
 Measured on this 2-core AVX-512/AMX CPU against float32 ``F.linear`` on 768x3072 and
 3072x768 layers: oneDNN's GEMM alone 2.3x to 2.7x at batch 1 and 8x to 10x at batch 128;
@@ -159,13 +157,12 @@ def _prepack(codes: Tensor) -> Tensor:
     return torch.ops.onednn.qlinear_prepack(codes, None)
 
 
-def _gemm(inputs: Tensor, prepacked: Tensor, channel_scale: Tensor, zeros: Tensor, input_zero: int,
-          input_scale: float = 1.0, bias: Optional[Tensor] = None) -> Tensor:
-    """``input_scale * channel_scale[n] * sum_k (inputs[..., k] - input_zero) * codes[n, k]
-    + bias[n]`` in float32 (int32 accumulation, the zero point taken out in integers);
-    ``zeros``: the weight's zero points, one int64 zero per channel."""
-    return torch.ops.onednn.qlinear_pointwise(inputs, input_scale, input_zero, prepacked, channel_scale, zeros, bias,
-                                              1.0, 0, torch.float32, "none", [], "")
+def _gemm(inputs: Tensor, prepacked: Tensor, channel_scale: Tensor, zeros: Tensor, input_zero: int) -> Tensor:
+    """``channel_scale[n] * sum_k (inputs[t, k] - input_zero) * codes[n, k]`` in float32
+    (int32 accumulation, the zero point taken out in integers); ``zeros``: the weight's
+    zero points, one int64 zero per channel."""
+    return torch.ops.onednn.qlinear_pointwise(inputs, 1.0, input_zero, prepacked, channel_scale, zeros, None, 1.0, 0,
+                                              torch.float32, "none", [], "")
 
 
 class Int8Gemm:

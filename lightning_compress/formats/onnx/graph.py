@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from lightning_compress.core.targeting import close_names_hint
+from lightning_compress.core.transforms import Stage, get_input_transform
 from lightning_compress.formats.onnx.layouts import MATMUL_NBITS, MS_DOMAIN, LayerPlan, layer_nodes, onnx_op
+from lightning_compress.quant.activations import StaticRangeObserver
 from lightning_compress.quant.fake_quant import QuantizedWeight
 
 
@@ -52,7 +54,8 @@ def plan_layers(model: nn.Module, quantized: Mapping[str, QuantizedWeight], dyna
                 " exported with integer weights. Leave it out of `quantized` (it is then"
                 " exported in float)."
             )
-        op = onnx_op(name, q.spec, dynamic)
+        # A layer trained with static int8 activations keeps them (traced): weight-only there.
+        op = onnx_op(name, q.spec, dynamic and not _static_activations(layer))
         expected = (layer.out_features, layer.in_features)
         if tuple(q.codes.shape) != expected:
             raise ValueError(
@@ -186,6 +189,7 @@ def rewrite_graph(graph_model, plans: Mapping[str, LayerPlan]) -> dict[str, int]
     if not plans:
         return {}
     initializers = {init.name: init for init in graph.initializer}
+    opset = next((o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx")), 17)
     candidates = _candidates(graph, initializers)
     claimed = _match(plans, candidates)
     by_index = {c.index: c for c in candidates}
@@ -200,7 +204,7 @@ def rewrite_graph(graph_model, plans: Mapping[str, LayerPlan]) -> dict[str, int]
         output = node.output[0]
         product = f"{output}/matmul" if candidate.bias else output
         prefix = f"/{plan.name}/{plan.op}_{counts.get(plan.name, 0)}"
-        nodes = layer_nodes(plan, node.input[0], product, prefix, elem_type, new_initializers)
+        nodes = layer_nodes(plan, node.input[0], product, prefix, elem_type, new_initializers, opset)
         if candidate.bias:
             nodes.append(helper.make_node("Add", [product, candidate.bias], [output], name=f"{prefix}/bias"))
         replacement[index] = nodes
@@ -232,6 +236,11 @@ def rewrite_graph(graph_model, plans: Mapping[str, LayerPlan]) -> dict[str, int]
     if uses_contrib and not any(o.domain == MS_DOMAIN for o in graph_model.opset_import):
         graph_model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return counts
+
+
+def _static_activations(layer: nn.Module) -> bool:
+    stage = get_input_transform(layer, Stage.INPUT_QUANT)
+    return isinstance(stage, StaticRangeObserver) and stage.enabled
 
 
 __all__ = ["plan_layers", "rewrite_graph"]

@@ -38,10 +38,10 @@ from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_bytes, replace_file
 from lightning_compress.core.attention import fast_path_disabled
-from lightning_compress.core.transforms import detach_all, weight_slots
+from lightning_compress.core.transforms import Stage, detach_all, get_input_transform, remove_input_transform, weight_slots
 from lightning_compress.formats.errors import ExportError
 from lightning_compress.formats.onnx.graph import plan_layers, rewrite_graph
-from lightning_compress.formats.onnx.layouts import LayerPlan
+from lightning_compress.formats.onnx.layouts import MATMUL_INTEGER, LayerPlan
 from lightning_compress.quant.fake_quant import QuantizedWeight
 from lightning_compress.quant.nf4 import nf4_deepcopy_memo
 
@@ -213,6 +213,10 @@ def _export_copy(model: nn.Module, plans: Mapping[str, LayerPlan]) -> nn.Module:
                 effective[(name, slot)] = value
     detach_all(clone, keep_inputs=True)
     modules = dict(clone.named_modules())
+    for name, plan in plans.items():
+        # The per-token int8 nodes that replace the layer's MatMul compute its dynamic input stage.
+        if plan.op == MATMUL_INTEGER and get_input_transform(modules[name], Stage.INPUT_QUANT) is not None:
+            remove_input_transform(modules[name], Stage.INPUT_QUANT)
     for (name, slot), value in effective.items():
         modules[name]._parameters[slot] = nn.Parameter(value, requires_grad=False)
     return clone.eval()

@@ -28,13 +28,17 @@ Per bit width:
   ``block_size``) and multiplies integers, an approximation (36 dB SQNR on a GELU MLP)
   that ran 3.5x faster than float32 PyTorch at batch 1 here, against 1.9x weight-only
   (BENCHMARKS.md, export_inference).
-- **int8 with** ``dynamic_int8_activations=True``: ``DynamicQuantizeLinear`` (uint8
-  activations, one scale per tensor, computed at run time) + ``MatMulInteger`` + a
-  rescale by ``x_scale * w_scale``. Weights are stored as uint8 ``q + 128`` with a
-  ``b_zero_point`` of 128 rather than int8: on x86 CPUs without VNNI, onnxruntime's
-  uint8 x int8 kernel adds pairs of products in saturating int16 (``vpmaddubsw``), which
-  overflows for full-range codes; the uint8 x uint8 kernel does not. Symmetric grids only,
-  because the rescale after the integer product needs a zero weight zero point.
+- **int8 with** ``dynamic_int8_activations=True``: each token (row of the activations)
+  rounded to uint8 on the grid int8 dynamic training uses (its own scale and zero point
+  from its min and max, ``round(x * (1 / scale)) + zero``: the same float32 operations,
+  so the same codes), ``MatMulInteger`` with the weight, the token's zero point taken
+  out in int32 with the weight's column sums, then a rescale by ``x_scale * w_scale``.
+  One scale per token keeps each sample's output independent of the rest of the batch
+  (``DynamicQuantizeLinear``'s one scale per tensor did not: 37 dB alone, 9 dB beside a
+  sample 50x louder). Weights are stored as uint8 ``q + 128`` with a ``b_zero_point`` of
+  ``zero_point + 128`` rather than int8: on x86 CPUs without VNNI, onnxruntime's uint8 x
+  int8 kernel adds pairs of products in saturating int16 (``vpmaddubsw``), which
+  overflows for full-range codes; the uint8 x uint8 kernel does not.
 
 Anything else (int2/3/5/6/7, int8 groups, int4 groups that are not a power of two >= 16,
 Conv layers) is refused with a ``ValueError`` naming the layer, before anything is
@@ -57,7 +61,7 @@ MATMUL_INTEGER = "MatMulInteger"
 SUPPORTED = (
     "int4 per group (group_size a power of two >= 16), per channel or per tensor, symmetric or"
     " asymmetric (MatMulNBits); int8 per channel or per tensor (QDQ, or MatMulInteger with"
-    " dynamic_int8_activations=True, symmetric only)"
+    " dynamic_int8_activations=True)"
 )
 
 MS_DOMAIN = "com.microsoft"
@@ -89,15 +93,7 @@ def onnx_op(name: str, spec: QuantSpec, dynamic: bool = False) -> str:
         if size >= 16 and size & (size - 1) == 0:
             return MATMUL_NBITS
     elif spec.bits == 8 and spec.granularity in ("channel", "tensor"):
-        if not dynamic:
-            return QDQ
-        if spec.symmetric:
-            return MATMUL_INTEGER
-        raise ValueError(
-            f"layer {name!r} is {spec.describe()}: dynamic_int8_activations=True (MatMulInteger)"
-            " supports symmetric int8 weights only; export it with dynamic_int8_activations=False"
-            " (QDQ) or quantize it symmetrically"
-        )
+        return MATMUL_INTEGER if dynamic else QDQ
     raise ValueError(f"layer {name!r} is {spec.describe()}, which this ONNX export does not support. Supported: {SUPPORTED}")
 
 
@@ -128,7 +124,8 @@ def pack_int4_zero_points(zero_point: np.ndarray) -> np.ndarray:
     return (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).reshape(-1)
 
 
-def layer_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, initializers: dict) -> list:
+def layer_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, initializers: dict,
+                opset: int = 17) -> list:
     """The nodes computing ``y = a @ W^T`` for ``plan``'s layer in its op's layout.
 
     Args:
@@ -140,8 +137,12 @@ def layer_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, in
             stored in it).
         initializers: ``{name: TensorProto}`` collecting the integer initializers; a layer
             called twice adds its initializers once.
+        opset: the graph's default-domain opset (``ReduceMin`` takes its axes as an input
+            from 18).
     """
-    builder = {MATMUL_NBITS: _nbits_nodes, QDQ: _qdq_nodes, MATMUL_INTEGER: _dynamic_nodes}[plan.op]
+    if plan.op == MATMUL_INTEGER:
+        return _dynamic_nodes(plan, a, y, prefix, elem_type, initializers, opset)
+    builder = {MATMUL_NBITS: _nbits_nodes, QDQ: _qdq_nodes}[plan.op]
     return builder(plan, a, y, prefix, elem_type, initializers)
 
 
@@ -210,31 +211,72 @@ def _qdq_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, ini
     ]
 
 
-def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, inits: dict) -> list:
+def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int, inits: dict, opset: int) -> list:
     from onnx import TensorProto, helper
 
     if elem_type != TensorProto.FLOAT:
         raise ValueError(
-            f"layer {plan.name!r}: dynamic_int8_activations needs a float32 model"
-            " (DynamicQuantizeLinear takes float32)"
-        )
+            f"layer {plan.name!r}: int8 activations need a float32 model (training's grid is float32)")
     q = plan.q
     weight, wzp, wscale = f"{plan.name}.weight_uint8", f"{plan.name}.weight_zero_point", f"{plan.name}.weight_scale"
+    sums, consts = f"{plan.name}.weight_column_sums", "lightning_compress.token_grid"
+    per_channel = q.spec.granularity == "channel"
     if weight not in inits:
-        # uint8 codes + 128 with zero point 128: see the module docstring (int16 saturation).
-        codes = q.codes.cpu().numpy().T.astype(np.int16) + 128
-        inits[weight] = _tensor(weight, codes.astype(np.uint8))
-        inits[wzp] = _tensor(wzp, np.array(128, dtype=np.uint8))
+        # uint8 codes + 128, zero point + 128: see the module docstring (int16 saturation).
+        codes = q.codes.cpu().numpy().T.astype(np.int32)  # [K, N]
+        points = q.zero_point.cpu().numpy().reshape(-1).astype(np.int32)
+        inits[weight] = _tensor(weight, (codes + 128).astype(np.uint8))
+        inits[wzp] = _tensor(wzp, (points + 128).astype(np.uint8) if per_channel else np.uint8(points[0] + 128))
+        inits[sums] = _tensor(sums, (codes - points).sum(axis=0).astype(np.int32))  # sum_k (q - zero_point)
         scales = q.scale.detach().float().cpu().numpy().reshape(-1)
-        inits[wscale] = _tensor(wscale, scales if q.spec.granularity == "channel" else scales.reshape(()))
-    xq, xs, xz = f"{prefix}/x_q", f"{prefix}/x_scale", f"{prefix}/x_zero_point"
-    acc, acc_f, rescale = f"{prefix}/int32", f"{prefix}/float", f"{prefix}/scale"
+        inits[wscale] = _tensor(wscale, scales if per_channel else scales.reshape(()))
+    for name, value in (("zero", 0.0), ("one", 1.0), ("levels", 255.0),
+                        ("smallest", float(np.finfo(np.float32).tiny))):
+        if f"{consts}.{name}" not in inits:
+            inits[f"{consts}.{name}"] = _tensor(f"{consts}.{name}", np.float32(value))
+    if f"{consts}.zero_uint8" not in inits:
+        inits[f"{consts}.zero_uint8"] = _tensor(f"{consts}.zero_uint8", np.uint8(0))
+        inits[f"{consts}.last_axis"] = _tensor(f"{consts}.last_axis", np.array([-1], dtype=np.int64))
+    zero, one, levels, smallest = (f"{consts}.{n}" for n in ("zero", "one", "levels", "smallest"))
+    t = {n: f"{prefix}/{n}" for n in ("low", "high", "low0", "high0", "range", "raw_scale", "scale", "shifted",
+                                       "rounded", "neg", "x_zero", "inverse", "scaled", "codes_f", "moved",
+                                       "clipped", "codes", "acc", "zero_i", "correction", "exact", "float",
+                                       "token_scaled")}
+
+    def node(op, inputs, output, **attrs):
+        return helper.make_node(op, inputs, [t[output]], name=t[output], **attrs)
+
+    # Training's per-token grid (DynamicTokenQuantizer), the same float32 operations:
+    # scale = max(max(high, 0) - min(low, 0), ...) / 255, zero = clamp(-round(low / scale), 0, 255),
+    # codes = clamp(round(x * (1 / scale)) + zero, 0, 255).
+    reduce = ({"axes": [-1]} if opset < 18 else {})
+    reduce_inputs = [] if opset < 18 else [f"{consts}.last_axis"]
     return [
-        helper.make_node("DynamicQuantizeLinear", [a], [xq, xs, xz], name=f"{prefix}/quantize"),
-        helper.make_node("MatMulInteger", [xq, weight, xz, wzp], [acc], name=f"{prefix}/matmul"),
-        helper.make_node("Cast", [acc], [acc_f], name=f"{prefix}/cast", to=TensorProto.FLOAT),
-        helper.make_node("Mul", [xs, wscale], [rescale], name=f"{prefix}/scales"),
-        helper.make_node("Mul", [acc_f, rescale], [y], name=f"{prefix}/rescale"),
+        node("ReduceMin", [a, *reduce_inputs], "low", keepdims=1, **reduce),
+        node("ReduceMax", [a, *reduce_inputs], "high", keepdims=1, **reduce),
+        node("Min", [t["low"], zero], "low0"),
+        node("Max", [t["high"], zero], "high0"),
+        node("Sub", [t["high0"], t["low0"]], "range"),
+        node("Div", [t["range"], levels], "raw_scale"),
+        node("Max", [t["raw_scale"], smallest], "scale"),
+        node("Div", [t["low0"], t["scale"]], "shifted"),
+        node("Round", [t["shifted"]], "rounded"),
+        node("Neg", [t["rounded"]], "neg"),
+        node("Clip", [t["neg"], zero, levels], "x_zero"),
+        node("Div", [one, t["scale"]], "inverse"),
+        node("Mul", [a, t["inverse"]], "scaled"),
+        node("Round", [t["scaled"]], "codes_f"),
+        node("Add", [t["codes_f"], t["x_zero"]], "moved"),
+        node("Clip", [t["moved"], zero, levels], "clipped"),
+        node("Cast", [t["clipped"]], "codes", to=TensorProto.UINT8),
+        # sum_k (codes - zero) (q - zero_point) = sum_k codes (q - zero_point) - zero * sum_k (q - zero_point), in int32.
+        node("MatMulInteger", [t["codes"], weight, f"{consts}.zero_uint8", wzp], "acc"),
+        node("Cast", [t["x_zero"]], "zero_i", to=TensorProto.INT32),
+        node("Mul", [t["zero_i"], sums], "correction"),
+        node("Sub", [t["acc"], t["correction"]], "exact"),
+        node("Cast", [t["exact"]], "float", to=TensorProto.FLOAT),
+        node("Mul", [t["float"], t["scale"]], "token_scaled"),
+        helper.make_node("Mul", [t["token_scaled"], wscale], [y], name=f"{prefix}/rescale"),
     ]
 
 
