@@ -133,16 +133,17 @@ def one_token_gemm_available() -> Optional[str]:
 
 def _one_token_prepack(codes: Tensor, scale: Tensor, bias: Optional[Tensor] = None):
     """fbgemm's packed weight (symmetric int8, one float scale per channel)."""
-    previous = torch.backends.quantized.engine
     with warnings.catch_warnings():
         # Quantized tensors are deprecated as a user API; fbgemm's packing still takes one.
         warnings.simplefilter("ignore", UserWarning)
         weight = torch._make_per_channel_quantized_tensor(codes, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-        try:
-            torch.backends.quantized.engine = "fbgemm"  # which packing quantized.linear_prepack makes
-            return torch.ops.quantized.linear_prepack(weight, bias)
-        finally:
-            torch.backends.quantized.engine = previous
+        with _ENGINE_SWITCH:
+            previous = torch.backends.quantized.engine
+            try:
+                torch.backends.quantized.engine = "fbgemm"  # which packing quantized.linear_prepack makes
+                return torch.ops.quantized.linear_prepack(weight, bias)
+            finally:
+                torch.backends.quantized.engine = previous
 
 
 def _one_token_gemm(x: Tensor, scale: float, zero: int, packed) -> Tensor:
@@ -267,9 +268,8 @@ class Int8Gemm:
         version = None if packed_bias is None else (packed_bias._version, packed_bias.data_ptr())
         if (self._one_token_weight is None or packed_bias is not self._one_token_bias
                 or version != self._one_token_version):
-            with _ENGINE_SWITCH:
-                self._one_token_weight = _one_token_prepack(
-                    self._arguments[0].contiguous(), self.scale, None if packed_bias is None else packed_bias.detach().float())
+            self._one_token_weight = _one_token_prepack(
+                self._arguments[0].contiguous(), self.scale, None if packed_bias is None else packed_bias.detach().float())
             self._one_token_bias, self._one_token_version = packed_bias, version
         return self._one_token_weight
 
