@@ -201,8 +201,66 @@ def test_the_dry_export_warns_when_the_rounded_file_misses_and_the_export_refuse
     assert not (tmp_path / "packed").exists() and (tmp_path / "packed.failed-parity" / "model.safetensors").exists()
 
 
-def test_no_integer_layer_in_the_file_is_said(tmp_path):
-    model = _mlp(QuantSpec(3))  # int3: stored packed, exported to ONNX in float
-    with pytest.warns(UserWarning, match="onnx_activations='int8' changes nothing here: model.onnx has no integer"):
-        export(model, tmp_path / "out", inputs=[torch.randn(4, 64)], formats=["safetensors", "onnx"],
-               onnx_activations="int8")
+def test_a_file_where_no_layer_takes_int8_activations_is_said(tmp_path):
+    """int3 layers (exported to ONNX in float), or layers trained with static int8
+    activations (kept as trained, QDQ): a warning, and the report does not claim them."""
+    message = "onnx_activations='int8' changes nothing here: no layer of model.onnx takes int8 activations"
+    with pytest.warns(UserWarning, match=message):
+        report = export(_mlp(QuantSpec(3)), tmp_path / "int3", inputs=[torch.randn(4, 64)],
+                        formats=["safetensors", "onnx"], onnx_activations="int8")
+    assert not any("int8 activations" in note for note in report.notes)
+    assert json.loads((tmp_path / "int3" / METADATA_FILE).read_text())["onnx"]["int8_activations"] is False
+
+
+def test_static_int8_activations_keep_their_calibrated_range(tmp_path, seeded):
+    """A model trained with static int8 activations: its layers stay QDQ with the traced
+    static fake quantization (the per-token grid is not theirs), the file matches the
+    model to float rounding, and the export says onnx_activations changed nothing."""
+    model = TinyRegressor()
+    qat = QuantizationAwareTraining("int8", activations="int8_static", start_step=0, calibration_steps=2,
+                                    exclude=["conv"])
+    export_cb = CompressedExport(tmp_path / "packed", formats=["safetensors", "onnx"], onnx_activations="int8",
+                                 backend="dequantize")
+    with pytest.warns(UserWarning, match="onnx_activations='int8' changes nothing here"):
+        make_trainer(callbacks=[qat, export_cb], max_steps=4).fit(model, tiny_loader(), tiny_loader(batches=2, seed=1))
+    meta = json.loads((tmp_path / "packed" / METADATA_FILE).read_text())["onnx"]
+    assert set(meta["layers"].values()) == {"QDQ"} and meta["int8_activations"] is False
+    assert meta["relative_error"] <= 1e-5
+
+
+def test_integer_valued_tokens_a_nan_token_and_a_layer_called_twice(tmp_path):
+    """Three ways the per-token nodes went wrong in onnxruntime: its optimizer turned
+    Mul(x, 1/s) into x/s, which moved codes of integer-valued tokens (values on midpoints:
+    44.6 dB); a NaN vanished in ReduceMin/Max and the uint8 cast (a finite row); a Linear
+    called twice on 3-D inputs reached its second MatMul through an Identity the rewrite
+    skipped (a float MatMul on unrounded activations: 49.5 dB)."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(33, 33), nn.Linear(33, 7)
+
+        def forward(self, x):
+            return self.b(self.a(torch.relu(self.a(x))))
+
+    model = _dynamic_trained(QuantSpec(8))
+    twice = Twice()
+    from tests.test_numeric_core import _dynamic_int8
+
+    _dynamic_int8(twice).eval()
+    export(model, tmp_path / "mlp", inputs=[torch.randn(8, 64)], formats=["safetensors", "onnx"],
+           onnx_activations="int8")
+    export(twice, tmp_path / "twice", inputs=[torch.randn(2, 6, 33)], formats=["safetensors", "onnx"],
+           onnx_activations="int8")
+    integers = torch.randint(-5, 6, (8, 64), generator=torch.Generator().manual_seed(1)).float()
+    with torch.no_grad():
+        assert _sqnr_db(model(integers).numpy(), run_onnx(tmp_path / "mlp" / "model.onnx", (integers,))[0]) > 100
+        poisoned = torch.randn(3, 64)
+        poisoned[1, 5] = float("nan")
+        got = run_onnx(tmp_path / "mlp" / "model.onnx", (poisoned,))[0]
+        assert np.isnan(got[1]).all() and np.isfinite(got[[0, 2]]).all()
+        sequence = torch.randn(2, 6, 33, generator=torch.Generator().manual_seed(2))
+        assert _sqnr_db(twice(sequence).numpy(), run_onnx(tmp_path / "twice" / "model.onnx", (sequence,))[0]) > 100
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "twice" / "model.onnx")).graph.node]
+    assert ops.count("MatMulInteger") == 3 and "MatMul" not in ops

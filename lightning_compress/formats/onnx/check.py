@@ -14,6 +14,7 @@ from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.targeting import module_name
 from lightning_compress.formats.errors import ParityError
 from lightning_compress.formats.onnx.io import export_onnx, run_onnx
+from lightning_compress.formats.onnx.layouts import MATMUL_INTEGER, MATMUL_NBITS
 from lightning_compress.formats.outputs import flatten_outputs, relative_error, sqnr_db
 from lightning_compress.formats.parity import eval_mode, quantization_enabled
 
@@ -42,10 +43,15 @@ def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequen
     # onnxruntime's float ops (LayerNorm, softmax) round differently from PyTorch's, which
     # moves a quantized activation on a rounding boundary by one int8 step: with
     # activation quantization the file is held to the int8 path's SQNR threshold instead.
+    # Which layers round their activations: int4 MatMulNBits, int8 MatMulInteger (not QDQ:
+    # a layer trained with static int8 activations keeps those).
+    asked, int8_activations = int8_activations, int8_activations and any(
+        op in (MATMUL_NBITS, MATMUL_INTEGER) for op in onnx_report.layers.values())
+    if asked and not int8_activations:
+        warnings.warn("onnx_activations='int8' changes nothing here: no layer of model.onnx takes int8 activations"
+                      " (int4 or int8 Linear layers do; static int8 activations are kept as trained)",
+                      UserWarning, stacklevel=3)
     rounded = int8_activations or any(layer.activations is not None for layer in layers.values())
-    if int8_activations and not onnx_report.layers:
-        warnings.warn("onnx_activations='int8' changes nothing here: model.onnx has no integer layers (int4 or int8"
-                      " Linear); its other layers compute in float", UserWarning, stacklevel=3)
     if error > max_relative_error and not (rounded and sqnr >= min_sqnr_db):
         limit = f"SQNR {sqnr:.2f} dB < {min_sqnr_db:g}" if rounded else f"> {max_relative_error:g}"
         fix = "; lower min_sqnr_db, or export with onnx_activations='float' (exact)" if int8_activations else ""

@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_compress.core.targeting import close_names_hint
 from lightning_compress.core.transforms import Stage, get_input_transform
-from lightning_compress.formats.onnx.layouts import MATMUL_NBITS, MS_DOMAIN, LayerPlan, layer_nodes, onnx_op
+from lightning_compress.formats.onnx.layouts import MATMUL_INTEGER, MATMUL_NBITS, MS_DOMAIN, LayerPlan, layer_nodes, onnx_op
 from lightning_compress.quant.activations import StaticRangeObserver
 from lightning_compress.quant.fake_quant import QuantizedWeight
 
@@ -130,6 +130,12 @@ def _candidates(graph, initializers: Mapping[str, Any]) -> list[_Candidate]:
                 found.append(_Candidate(index, b, value.T, None, None))
                 continue
             producer = producers.get(b)
+            if producer is not None and graph.node[producer].op_type == "Identity":
+                # A Linear called again on 3-D inputs: the exporter feeds it W^T through an Identity.
+                value = array(graph.node[producer].input[0])
+                if value is not None:
+                    found.append(_Candidate(index, graph.node[producer].input[0], value.T, None, producer))
+                continue
             if producer is None or graph.node[producer].op_type != "Transpose":
                 continue
             transpose = graph.node[producer]
@@ -226,6 +232,14 @@ def rewrite_graph(graph_model, plans: Mapping[str, LayerPlan]) -> dict[str, int]
     del graph.node[:]
     graph.node.extend(kept_nodes)
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    # A layer whose input stage the per-token int8 nodes replace must have every call rewritten.
+    multiplied = {name for node in graph.node if node.op_type in ("MatMul", "Gemm", "Transpose", "Identity")
+                  for name in node.input}
+    unrewritten = sorted({plan.name for i, plan in claimed.items()
+                          if plan.op == MATMUL_INTEGER and by_index[i].weight_name in multiplied})
+    if unrewritten:
+        raise ValueError(f"layer(s) {unrewritten} are also called through a MatMul this export does not rewrite;"
+                         " export them with onnx_activations='float' (dynamic_int8_activations=False)")
     dropped = {by_index[i].weight_name for i in claimed} - used
     for container in (graph.initializer, graph.input, graph.value_info):
         kept = [v for v in container if v.name not in dropped]

@@ -105,11 +105,13 @@ def export_onnx(
             they are not supported here). Layers not named are exported in float.
         opset: default-domain opset; ``None`` takes the exporter's default. At least 13
             (per-channel ``DequantizeLinear``).
-        dynamic_int8_activations: compute int8 layers with ``DynamicQuantizeLinear`` +
-            ``MatMulInteger`` (faster, approximate: activations are rounded to uint8)
-            instead of weight-only QDQ (exact), and int4 layers' ``MatMulNBits`` with
-            ``accuracy_level=4`` (activations rounded to int8 per block, int8 dot
-            products) instead of float activations (exact).
+        dynamic_int8_activations: compute int8 layers with ``MatMulInteger`` on each
+            token rounded to uint8 on training's int8 dynamic grid (faster; the codes a
+            layer trained with int8 dynamic activations trained with, an 8-bit rounding for
+            a weight-only layer) instead of weight-only QDQ (exact), and int4 layers'
+            ``MatMulNBits`` with ``accuracy_level=4`` (activations rounded to int8 per
+            block, int8 dot products) instead of float activations (exact). Layers trained
+            with static int8 activations stay QDQ.
 
     Returns:
         An :class:`OnnxExportReport` (op per layer, file sizes).

@@ -230,18 +230,18 @@ def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int,
         inits[sums] = _tensor(sums, (codes - points).sum(axis=0).astype(np.int32))  # sum_k (q - zero_point)
         scales = q.scale.detach().float().cpu().numpy().reshape(-1)
         inits[wscale] = _tensor(wscale, scales if per_channel else scales.reshape(()))
-    for name, value in (("zero", 0.0), ("one", 1.0), ("levels", 255.0),
+    for name, value in (("zero", 0.0), ("levels", 255.0),
                         ("smallest", float(np.finfo(np.float32).tiny))):
         if f"{consts}.{name}" not in inits:
             inits[f"{consts}.{name}"] = _tensor(f"{consts}.{name}", np.float32(value))
     if f"{consts}.zero_uint8" not in inits:
         inits[f"{consts}.zero_uint8"] = _tensor(f"{consts}.zero_uint8", np.uint8(0))
         inits[f"{consts}.last_axis"] = _tensor(f"{consts}.last_axis", np.array([-1], dtype=np.int64))
-    zero, one, levels, smallest = (f"{consts}.{n}" for n in ("zero", "one", "levels", "smallest"))
+    zero, levels, smallest = (f"{consts}.{n}" for n in ("zero", "levels", "smallest"))
     t = {n: f"{prefix}/{n}" for n in ("low", "high", "low0", "high0", "range", "raw_scale", "scale", "shifted",
                                        "rounded", "neg", "x_zero", "inverse", "scaled", "codes_f", "moved",
                                        "clipped", "codes", "acc", "zero_i", "correction", "exact", "float",
-                                       "token_scaled")}
+                                       "nan_probe", "nan_sum", "checked_scale", "token_scaled")}
 
     def node(op, inputs, output, **attrs):
         return helper.make_node(op, inputs, [t[output]], name=t[output], **attrs)
@@ -263,7 +263,9 @@ def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int,
         node("Round", [t["shifted"]], "rounded"),
         node("Neg", [t["rounded"]], "neg"),
         node("Clip", [t["neg"], zero, levels], "x_zero"),
-        node("Div", [one, t["scale"]], "inverse"),
+        # Reciprocal, not Div(1, scale): onnxruntime's optimizer turns Mul(x, Div(1, s)) into
+        # Div(x, s), which rounds otherwise (40% of a token of integers moved a code).
+        node("Reciprocal", [t["scale"]], "inverse"),
         node("Mul", [a, t["inverse"]], "scaled"),
         node("Round", [t["scaled"]], "codes_f"),
         node("Add", [t["codes_f"], t["x_zero"]], "moved"),
@@ -275,7 +277,12 @@ def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int,
         node("Mul", [t["zero_i"], sums], "correction"),
         node("Sub", [t["acc"], t["correction"]], "exact"),
         node("Cast", [t["exact"]], "float", to=TensorProto.FLOAT),
-        node("Mul", [t["float"], t["scale"]], "token_scaled"),
+        # A NaN value vanishes in ReduceMin/Max and in the uint8 cast: x * 0 summed is NaN
+        # for a token holding one (or an infinity), 0 otherwise, and goes into its scale.
+        node("Mul", [a, zero], "nan_probe"),
+        node("ReduceSum", [t["nan_probe"], f"{consts}.last_axis"], "nan_sum", keepdims=1),  # axes an input from 13
+        node("Add", [t["scale"], t["nan_sum"]], "checked_scale"),
+        node("Mul", [t["float"], t["checked_scale"]], "token_scaled"),
         helper.make_node("Mul", [t["token_scaled"], wscale], [y], name=f"{prefix}/rescale"),
     ]
 
