@@ -460,3 +460,20 @@ def test_an_exporter_call_mismatch_is_not_blamed_on_onnxscript(tmp_path, monkeyp
                                                   r" MLP.forward\(\) missing 1 required.*\).*`input_fn`") as caught:
         export_onnx(model, (torch.randn(2, 64),), tmp_path / "m.onnx", quantized)
     assert "onnxscript" not in str(caught.value)
+
+
+def test_an_op_the_exporter_cannot_convert_is_named_with_the_way_out(tmp_path, monkeypatch):
+    """The TorchScript exporter asserts on an op it has no conversion for (a LLaMA with
+    grouped-query attention: scaled_dot_product_attention with enable_gqa): an ExportError
+    naming it and saying to leave 'onnx' out of `formats`, not a bare AssertionError."""
+    model = MLP()
+    quantized = quantize(model, INT8_CHANNEL)
+
+    def exporter(*args, **kwargs):
+        raise AssertionError("conversion of scaled_dot_product_attention not implemented if enable_gqa is True"
+                             "\n<the traced graph>")
+
+    monkeypatch.setattr(torch.onnx, "export", exporter)
+    with pytest.raises(onnx_io.ExportError, match=r"cannot export this model: conversion of scaled_dot_product_attention"
+                                                  r" not implemented if enable_gqa is True\. Leave 'onnx' out of `formats`"):
+        export_onnx(model, (torch.randn(2, 64),), tmp_path / "m.onnx", quantized)

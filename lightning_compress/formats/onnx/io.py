@@ -258,12 +258,13 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
     }
     try:
         _export_torchscript(clone, example_inputs, path, input_names, output_names, dynamic_axes, opset)
-    except torch.onnx.OnnxExporterError as unsupported:
-        # Its message goes on with the whole traced graph; the first line says what failed.
+    except (torch.onnx.OnnxExporterError, AssertionError) as unsupported:
+        # Its message goes on with the whole traced graph; the first line says what failed. (An
+        # op it has no conversion for asserts: scaled_dot_product_attention with enable_gqa.)
         reason = str(unsupported).splitlines()[0].split(" [Caused by")[0].split(" Please feel free")[0].rstrip(". ")
         raise ExportError(
-            f"PyTorch's ONNX exporter cannot export this model: {reason}. Leave 'onnx' out of"
-            " CompressedExport(formats=...) (the packed safetensors export does not need it), or change that layer"
+            f"PyTorch's ONNX exporter cannot export this model: {reason}. Leave 'onnx' out of `formats`"
+            " (the packed safetensors export does not need it), or change that layer"
         ) from None
     except (TypeError, NotImplementedError, AttributeError) as legacy_error:
         if isinstance(legacy_error, TypeError) and _CALL_MISMATCH.search(str(legacy_error)):
