@@ -45,8 +45,12 @@ class ParityError(ExportError):
     thresholds. ``report`` holds the figures, worst layers first (``None`` when the ONNX
     file failed its check). Nothing is written to the export directory; ``directory`` is
     the ``<dir>.failed-parity/`` sibling the packed files were kept in (see
-    :mod:`lightning_compress.formats.failed_export`), ``None`` for a dry export."""
+    :mod:`lightning_compress.formats.failed_export`), ``None`` for a dry export.
+    ``onnx_sqnr_missed``: the ONNX file, whose activations are rounded, missed
+    ``min_sqnr_db`` (a figure that depends on the trained weights, as the int8 GEMM's)."""
 
-    def __init__(self, message: str, report, directory: Optional[Path] = None) -> None:
+    def __init__(self, message: str, report, directory: Optional[Path] = None, *,
+                 onnx_sqnr_missed: bool = False) -> None:
         super().__init__(message, directory)
         self.report = report
+        self.onnx_sqnr_missed = onnx_sqnr_missed

@@ -198,9 +198,8 @@ class PackedLinear(_PackedModule):
         super().__init__()
         self._setup(layer, bias, channels_first=False)
         self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]
-        self._fbgemm = None
-        if _int8_gemm_grid(layer) and _runs_int8_gemm(layer, backend, chosen):
-            self._fbgemm = _fbgemm_prepack(self.packed, backend == "fbgemm", self.input_quantizer is not None)
+        runs = _int8_gemm_grid(layer) and _runs_int8_gemm(layer, backend, chosen)
+        self._fbgemm = _fbgemm_prepack(self, strict=backend == "fbgemm") if runs else None
         if self._fbgemm is not None:
             self.kernel = "fbgemm"
             if self.input_quantizer is None:  # (one holds a hook already)
@@ -327,7 +326,7 @@ def _quantize_attention_inputs(module: PackedMultiheadAttention, args: tuple, kw
 
 
 def _prepack_again(module: "PackedLinear", _incompatible) -> None:
-    module._fbgemm = _fbgemm_prepack(module.packed, strict=True, trained_codes=module.input_quantizer is not None)
+    module._fbgemm = _fbgemm_prepack(module, strict=True)
 
 
 def int8_gemm_candidate(layer: PackedLayer) -> bool:
@@ -368,7 +367,8 @@ def _runs_int8_gemm(layer: PackedLayer, backend: str, chosen: Optional[str]) -> 
     return layer.activations == "int8_dynamic"
 
 
-def _fbgemm_prepack(packed: PackedWeight, strict: bool, trained_codes: bool) -> Optional[Int8Gemm]:
+def _fbgemm_prepack(module: "PackedLinear", strict: bool) -> Optional[Int8Gemm]:
+    packed, trained_codes = module.packed, module.input_quantizer is not None  # (int8 dynamic activations)
     return prepare_int8_gemm(packed.codes, packed.scale, packed.zero_point, strict, trained_codes)
 
 
