@@ -56,7 +56,8 @@ def test_one_tokens_numbers_are_trainings_bit_for_bit(width):
         assert torch.equal(codes, token_codes(x)[0])
         trained = fake_quantize(x, expected_scale, expected_zero, PER_TOKEN)
         assert torch.equal((codes.float() - shift) * scale, trained)
-        assert torch.equal(single_token_on_grid(x, scale, shift), trained)  # what fbgemm is handed
+        # What fbgemm is handed: values whose codes, rounded again, are training's.
+        assert torch.equal(single_token_codes(single_token_on_grid(x, scale, shift), scale, shift), codes)
     assert single_token_qparams(torch.tensor([[1.0, float("nan")]])) is None
     assert single_token_qparams(torch.tensor([[3e38, -3e38]])) is None  # the range overflows
 
