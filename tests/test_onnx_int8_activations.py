@@ -256,10 +256,11 @@ def test_integer_valued_tokens_a_nan_token_and_a_layer_called_twice(tmp_path):
     integers = torch.randint(-5, 6, (8, 64), generator=torch.Generator().manual_seed(1)).float()
     with torch.no_grad():
         assert _sqnr_db(model(integers).numpy(), run_onnx(tmp_path / "mlp" / "model.onnx", (integers,))[0]) > 100
-        poisoned = torch.randn(3, 64)
-        poisoned[1, 5] = float("nan")
+        poisoned = torch.randn(5, 64)
+        poisoned[1, 5], poisoned[3, 2], poisoned[4, 9] = float("nan"), float("inf"), -float("inf")
         got = run_onnx(tmp_path / "mlp" / "model.onnx", (poisoned,))[0]
-        assert np.isnan(got[1]).all() and np.isfinite(got[[0, 2]]).all()
+        assert np.isnan(got[[1, 3, 4]]).all() and np.isfinite(got[[0, 2]]).all()
+        assert np.array_equal(np.isnan(got), np.isnan(model(poisoned).numpy()))  # as the fake-quant model
         sequence = torch.randn(2, 6, 33, generator=torch.Generator().manual_seed(2))
         assert _sqnr_db(twice(sequence).numpy(), run_onnx(tmp_path / "twice" / "model.onnx", (sequence,))[0]) > 100
     ops = [node.op_type for node in onnx.load(str(tmp_path / "twice" / "model.onnx")).graph.node]

@@ -35,10 +35,13 @@ Per bit width:
   out in int32 with the weight's column sums, then a rescale by ``x_scale * w_scale``.
   One scale per token keeps each sample's output independent of the rest of the batch
   (``DynamicQuantizeLinear``'s one scale per tensor did not: 37 dB alone, 9 dB beside a
-  sample 50x louder). Weights are stored as uint8 ``q + 128`` with a ``b_zero_point`` of
-  ``zero_point + 128`` rather than int8: on x86 CPUs without VNNI, onnxruntime's uint8 x
-  int8 kernel adds pairs of products in saturating int16 (``vpmaddubsw``), which
-  overflows for full-range codes; the uint8 x uint8 kernel does not.
+  sample 50x louder). Weights are int8 codes with an int8 ``b_zero_point``, the uint8 x
+  int8 layout onnxruntime's own ``quantize_dynamic`` writes: its kernel for it (VNNI, AMX)
+  was 10x its uint8 x uint8 one at 128 tokens here (144 us against 1,538 us for a
+  768 x 3072 weight). Caveat, as for onnxruntime's own int8 models: on x86 CPUs without
+  VNNI (Intel before Cascade Lake, AMD before Zen 4) that kernel adds pairs of products in
+  saturating int16 (``vpmaddubsw``), which full-range codes can overflow; export on the
+  serving machine (the export's check runs the file in onnxruntime) to see its numbers.
 
 Anything else (int2/3/5/6/7, int8 groups, int4 groups that are not a power of two >= 16,
 Conv layers) is refused with a ``ValueError`` naming the layer, before anything is
@@ -218,15 +221,15 @@ def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int,
         raise ValueError(
             f"layer {plan.name!r}: int8 activations need a float32 model (training's grid is float32)")
     q = plan.q
-    weight, wzp, wscale = f"{plan.name}.weight_uint8", f"{plan.name}.weight_zero_point", f"{plan.name}.weight_scale"
+    weight, wzp, wscale = f"{plan.name}.weight_int8", f"{plan.name}.weight_zero_point", f"{plan.name}.weight_scale"
     sums, consts = f"{plan.name}.weight_column_sums", "lightning_compress.token_grid"
     per_channel = q.spec.granularity == "channel"
     if weight not in inits:
-        # uint8 codes + 128, zero point + 128: see the module docstring (int16 saturation).
+        # int8 codes and zero points: onnxruntime's fast uint8 x int8 kernel (module docstring).
         codes = q.codes.cpu().numpy().T.astype(np.int32)  # [K, N]
         points = q.zero_point.cpu().numpy().reshape(-1).astype(np.int32)
-        inits[weight] = _tensor(weight, (codes + 128).astype(np.uint8))
-        inits[wzp] = _tensor(wzp, (points + 128).astype(np.uint8) if per_channel else np.uint8(points[0] + 128))
+        inits[weight] = _tensor(weight, codes.astype(np.int8))
+        inits[wzp] = _tensor(wzp, points.astype(np.int8) if per_channel else np.int8(points[0]))
         inits[sums] = _tensor(sums, (codes - points).sum(axis=0).astype(np.int32))  # sum_k (q - zero_point)
         scales = q.scale.detach().float().cpu().numpy().reshape(-1)
         inits[wscale] = _tensor(wscale, scales if per_channel else scales.reshape(()))
@@ -277,11 +280,13 @@ def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int,
         node("Mul", [t["zero_i"], sums], "correction"),
         node("Sub", [t["acc"], t["correction"]], "exact"),
         node("Cast", [t["exact"]], "float", to=TensorProto.FLOAT),
-        # A NaN value vanishes in ReduceMin/Max and in the uint8 cast: x * 0 summed is NaN
-        # for a token holding one (or an infinity), 0 otherwise, and goes into its scale.
-        node("Mul", [a, zero], "nan_probe"),
-        node("ReduceSum", [t["nan_probe"], f"{consts}.last_axis"], "nan_sum", keepdims=1),  # axes an input from 13
-        node("Add", [t["scale"], t["nan_sum"]], "checked_scale"),
+        # A NaN value vanishes in ReduceMin/Max and in the uint8 cast. Its rounded step is NaN
+        # (an infinity's too: its scale is infinite, and inf * 0 is NaN); the steps of any
+        # other token are integers within +-256, whose sum is finite: sum - sum is NaN for a
+        # token holding one, 0 otherwise, and goes into its scale.
+        node("ReduceSum", [t["codes_f"], f"{consts}.last_axis"], "nan_sum", keepdims=1),  # axes an input from 13
+        node("Sub", [t["nan_sum"], t["nan_sum"]], "nan_probe"),
+        node("Add", [t["scale"], t["nan_probe"]], "checked_scale"),
         node("Mul", [t["float"], t["checked_scale"]], "token_scaled"),
         helper.make_node("Mul", [t["token_scaled"], wscale], [y], name=f"{prefix}/rescale"),
     ]
