@@ -243,6 +243,32 @@ def test_release_pacer_trims_once_per_every_bytes(monkeypatch):
     assert len(calls) == 2 and pacer.pending == 5
 
 
+def test_effective_weights_of_a_training_step_are_trimmed_every_so_many_bytes(monkeypatch):
+    """Each effective weight a transformed layer makes (forward, and its recomputation in the
+    backward) counts toward a trim; a raw weight read through a layer without stages does
+    not, nor does one on another device."""
+    from lightning_compress.core import memory
+    from lightning_compress.core.transforms import Stage, add_weight_transform
+
+    calls = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1) or True)
+    layer_bytes = 64 * 32 * 4
+    monkeypatch.setattr(memory, "_EFFECTIVE_WEIGHTS", memory.ReleasePacer(every=3 * layer_bytes))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32, bias=False))
+    plain = nn.Linear(32, 64)  # no stages: its weight is the raw parameter
+    for layer in (model[0], model[2]):
+        add_weight_transform(layer, Stage.FAKE_QUANT, lambda w: w * 2)
+    for _ in range(3):
+        # Two in the forward, one recomputed in the backward (the first layer's weight is not
+        # saved: its input needs no gradient): 3 a step, 9 in all, a trim every 3.
+        model(torch.randn(4, 32)).sum().backward()
+        plain(torch.randn(4, 32))
+    assert len(calls) == 3 and memory._EFFECTIVE_WEIGHTS.pending == 0
+    memory.effective_weight_made(torch.empty(64, 32, device="meta"))
+    assert memory._EFFECTIVE_WEIGHTS.pending == 0
+
+
 class _SelfAttention(nn.Module):
     def __init__(self):
         super().__init__()

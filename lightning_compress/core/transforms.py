@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Iterator, Tuple, Type
 from torch import Tensor, nn
 
 from lightning_compress.core.attention import attention_forward, attention_inputs
+from lightning_compress.core.memory import effective_weight_made
 from lightning_compress.core.recompute import note_effective, recomputed_weights
 from lightning_compress.core.recurrent import effective_flat_weights, raw_flat_weights, raw_init_flat_weights, recurrent_getstate
 from lightning_compress.core.sharding import full, is_shard
@@ -306,8 +307,11 @@ def _effective(name: str) -> property:
 
 
 def _run_stack(layer: nn.Module, name: str, weight: Tensor) -> Tensor:
+    raw = weight
     for _, transform in layer.__dict__.get(_SORTED_ATTR, {}).get(name, ()):
         weight = transform(weight)
+    if weight is not raw:
+        effective_weight_made(weight)  # its freed blocks are handed back now and then (core.memory)
     return weight
 
 
