@@ -198,6 +198,23 @@ def test_a_loaded_model_copies_and_pickles_with_its_int8_gemm(tmp_path):
         assert _db(model(x), expected) > 120
 
 
+def test_a_dtype_round_trip_prepares_the_int8_gemm_from_the_rounded_scales(tmp_path):
+    """.half().float() rounds the scale buffers to float16 and back: the int8 GEMM (batch 1
+    and batched) computes with those, as the exact path does (it kept the float32 scales:
+    3.3e-4 apart); a no-op .to() prepares nothing again."""
+    _, loaded = _loaded_dynamic(tmp_path)
+    layer = loaded[0]
+    before = layer._fbgemm
+    assert loaded.to("cpu")[0]._fbgemm is before  # the same buffers: nothing to redo
+    loaded.half().float()
+    assert layer._fbgemm is not before and layer.kernel == "fbgemm"
+    assert not torch.equal(layer.packed.scale, before.scale)  # float16 moved the scales
+    for x in (torch.randn(5, 16), torch.randn(1, 16)):
+        fast = loaded(x).detach()  # no gradient asked: the int8 GEMM
+        exact = loaded(x.clone().requires_grad_()).detach()  # the exact path, on the buffers
+        assert _db(exact, fast) > 120
+
+
 def test_tracing_runs_the_exact_path_and_compiling_keeps_the_int8_gemm(tmp_path):
     """torch.jit graphs cannot hold the prepared weight (trace raised "Unsupported value
     kind: Tensor"): traced, the layers compute exactly; torch.compile runs the GEMM eagerly

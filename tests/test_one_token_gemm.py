@@ -128,6 +128,17 @@ def test_one_token_equals_float64_on_training_codes(zero_points):
     assert (gemm._one_token_weight is None) == zero_points
 
 
+def test_a_token_of_a_tiny_range_keeps_float32_precision():
+    """Values around 1e-37: token scale x weight scale falls below float32's normal numbers,
+    where fbgemm's requantization lost bits (3.6e-5 relative error, 89 dB): the token runs
+    the batched path, which applies the scales one at a time."""
+    gemm, weight, _ = _gemm_and_float64(False)
+    for magnitude in (1e-30, 1e-37):
+        x = torch.randn(1, 263, generator=torch.Generator().manual_seed(5)) * magnitude
+        expected = _training_rounding(x).double() @ weight.T
+        assert _db(expected, gemm(x)) > 120
+
+
 def test_a_token_of_a_huge_range_runs_the_batched_path():
     """Values past ~1e32 (a scale past 2**100): fbgemm's float32 requantization lost about
     1% at 1.6e38, so the token runs the batched path, which keeps training's numbers (at

@@ -16,7 +16,7 @@ from lightning_compress.formats.errors import ExportError, ParityError
 from lightning_compress.formats.failed_export import failed_path, keep_elsewhere, keep_failed, refuse_stale
 from lightning_compress.formats.gguf import summary_line, write_gguf
 from lightning_compress.formats.packed import METADATA_FILE, PackedModel, metadata_bytes, open_packed
-from lightning_compress.formats.packing import CONFIG_FILE, ExportReport, Packing, collect, pack, pack_into
+from lightning_compress.formats.packing import CONFIG_FILE, ExportReport, Packing, collect, pack, pack_into, plan_layers
 from lightning_compress.formats.parity import check_parity
 
 REPORT_FILE = "report.txt"
@@ -128,6 +128,8 @@ def export(
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory")
     refuse_stale(out_dir, overwrite)
+    if "onnx" in formats:
+        _refuse_onnx_misfits(model, onnx_activations)
     options = dict(sparse_threshold=sparse_threshold, compressed_tensors=compressed_tensors, recipe=recipe,
                    formats=formats, tokenizer=tokenizer)
     done: Dict[str, Any] = {}
@@ -210,6 +212,19 @@ def check_packing(model: nn.Module, packing: Packing, packed: Optional[PackedMod
     if "gguf" in formats:
         body["gguf"] = write_gguf(packing.gguf, model, packing.layers, directory)
         report.notes.append(summary_line(body["gguf"], packing.gguf.notes))
+
+
+def _refuse_onnx_misfits(model: nn.Module, onnx_activations: str) -> None:
+    """model.onnx's refusals (a grid no op holds, int8 activations on a layer that is not
+    float32) before anything is packed: an option that does not fit the model, not a
+    failed check of packed files."""
+    from lightning_compress.formats.onnx.graph import check_onnx_fit
+
+    layers = ((key, layer, quantizer.spec) for key, layer, param, quantizer in plan_layers(model) if param == "weight")
+    try:
+        check_onnx_fit(layers, int8_activations=onnx_activations == "int8")
+    except ValueError as error:
+        raise ExportError(f"model.onnx cannot be written: {error}") from error
 
 
 def _remove_stale_failure(out_dir: Path) -> None:

@@ -72,6 +72,10 @@ from lightning_compress.quant.activations import (single_token_codes, single_tok
 # A token whose scale is past this (values beyond ~1e32) runs the batched path: fbgemm's
 # float32 requantization of such products loses about 1% (measured at 1.6e38).
 _LARGEST_SCALE = 2.0**100
+# fbgemm multiplies the sums by token scale x weight scale in float32: below the smallest
+# normal number that product loses bits (3.6e-5 relative error at |x| ~ 1e-37), so a token
+# whose scale would take it there runs the batched path (which applies them one by one).
+_SMALLEST_PRODUCT = float(torch.finfo(torch.float32).smallest_normal)
 # fbgemm's weight is packed with PyTorch's quantized engine set to it (global state):
 # one thread at a time, so that concurrent first tokens put back what the user had.
 _ENGINE_SWITCH = threading.Lock()
@@ -187,6 +191,7 @@ class Int8Gemm:
         self.zero_term = (self.scale.double() * zero.double()).float()
         self.input_zero_term = (self.scale.double() * (code_sums - self.in_features * zero.double())).float()
         self.weight_has_zero = bool(zero.any())
+        self._smallest_one_token_scale = _SMALLEST_PRODUCT / max(float(self.scale.min()), _SMALLEST_PRODUCT)
         self.prepacked = _prepack(codes.contiguous())
         self.zeros = torch.zeros(out_features, dtype=torch.long)  # weight zero points are taken out below
         # fbgemm's packed weight, packed at the first token, and the bias packed in it.
@@ -241,11 +246,12 @@ class Int8Gemm:
         """One token on fbgemm, its scale and zero point and the bias handed to the kernel
         (at batch 1 every tensor operation between GEMMs costs several times its own
         duration); ``None`` where the batched path takes it: asymmetric weights, fbgemm not
-        exact here, a token that is not finite or of a range past ``_LARGEST_SCALE``."""
+        exact here, a token that is not finite or whose scale is past ``_LARGEST_SCALE`` or so
+        small that its product with a weight scale is not a normal float32 number."""
         if self.weight_has_zero or one_token_gemm_available() is not None:
             return None
         qparams = single_token_qparams(x)
-        if qparams is None or qparams[0] > _LARGEST_SCALE:
+        if qparams is None or not self._smallest_one_token_scale <= qparams[0] <= _LARGEST_SCALE:
             return None
         scale, zero = qparams
         # fbgemm adds the zero point before it rounds, so a value on a code midpoint takes the

@@ -40,7 +40,8 @@ from lightning_compress.core.transforms import Stage, all_transforms, get_weight
 from lightning_compress.formats.loader import set_submodule
 from lightning_compress.formats.outputs import OutputError, call_model, flatten_outputs, relative_error, sqnr_db
 from lightning_compress.formats.packed import PackedLayer, PackedModel
-from lightning_compress.formats.runtime import build_packed_unit, calls_its_forward, int8_gemm_candidate, planned_kernel
+from lightning_compress.formats.kernel_choice import calls_its_forward, int8_gemm_candidate, planned_kernel
+from lightning_compress.formats.runtime import build_packed_unit
 from lightning_compress.formats.weight_check import weight_mismatches
 
 

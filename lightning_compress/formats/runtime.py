@@ -39,6 +39,7 @@ from lightning_compress.core.targeting import SEPARATE_PROJECTIONS, module_name
 from lightning_compress.core.transforms import detach_all
 from lightning_compress.formats.blocks import BLOCK_ELEMENTS, linear_in_row_blocks, pack_rows, row_blocks
 from lightning_compress.formats.int8_gemm import Int8Gemm, prepare_int8_gemm
+from lightning_compress.formats.kernel_choice import calls_its_forward, int8_gemm_grid, runs_int8_gemm
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.activations import DynamicTokenQuantizer
 from lightning_compress.quant.fake_quant import fake_quantize, group_width
@@ -198,7 +199,7 @@ class PackedLinear(_PackedModule):
         super().__init__()
         self._setup(layer, bias, channels_first=False)
         self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]
-        runs = _int8_gemm_grid(layer) and _runs_int8_gemm(layer, backend, chosen)
+        runs = int8_gemm_grid(layer) and runs_int8_gemm(layer, backend, chosen)
         self._fbgemm = _fbgemm_prepack(self, strict=backend == "fbgemm") if runs else None
         if self._fbgemm is not None:
             self.kernel = "fbgemm"
@@ -214,6 +215,17 @@ class PackedLinear(_PackedModule):
         super().__setstate__(state)
         if self._fbgemm is None and self.kernel == "fbgemm":  # unpickled where it does not run (warned)
             self.kernel = "dequantize"
+
+    def _apply(self, fn, recurse: bool = True):
+        # .half().float() and .to() replace the buffers (the scale rounded on the way): the
+        # prepared copy follows them, or the two paths would compute with different scales.
+        super()._apply(fn, recurse)
+        packed = self.packed
+        if self._fbgemm is not None and packed.codes.is_cpu and any(
+                a is not b for a, b in zip(self._fbgemm._arguments, (packed.codes, packed.scale, packed.zero_point))):
+            self._fbgemm = _fbgemm_prepack(self, strict=False)
+            self.kernel = "fbgemm" if self._fbgemm is not None else "dequantize"
+        return self
 
     def quantizes_itself(self, x: Tensor) -> bool:
         # float32 CPU inputs only; not when a gradient is asked for (the int8 GEMM has no
@@ -327,44 +339,6 @@ def _quantize_attention_inputs(module: PackedMultiheadAttention, args: tuple, kw
 
 def _prepack_again(module: "PackedLinear", _incompatible) -> None:
     module._fbgemm = _fbgemm_prepack(module, strict=True)
-
-
-def int8_gemm_candidate(layer: PackedLayer) -> bool:
-    """Whether ``backend="auto"`` may run ``layer`` on the int8 GEMM when the export's
-    measurement lets it: int8 per-channel/per-tensor weights, weight-only or trained with
-    dynamic int8 activations. Not static-activation layers: training clipped their inputs
-    to the calibrated range, which the dynamic kernel does not (measured: 25 to 34 dB SQNR
-    against a static-range model, under the default 35)."""
-    return _int8_gemm_grid(layer) and layer.activations in (None, "int8_dynamic")
-
-
-def _int8_gemm_grid(layer: PackedLayer) -> bool:
-    """int8 per-channel or per-tensor weights: the grids the fbgemm kernel takes."""
-    spec = layer.weight.spec
-    return spec.bits == 8 and spec.granularity != "group"
-
-
-def calls_its_forward(layer: PackedLayer, original: nn.Module) -> bool:
-    """Whether the packed replacement of the Linear ``original`` is called as a module, so
-    that a kernel of its own can run: not a weight-only ``out_proj`` of an attention
-    layer, whose weight PyTorch's attention reads directly (PyTorch's own marker class)."""
-    return isinstance(original, nn.Linear) and not (
-        isinstance(original, nn.modules.linear.NonDynamicallyQuantizableLinear) and layer.activations is None)
-
-
-def planned_kernel(weights: Sequence[PackedLayer], original: nn.Module, backend: str, chosen: Optional[str] = None) -> str:
-    """The kernel :func:`build_packed_unit` tries for ``original``, from its ``weights``' grids alone."""
-    single = len(weights) == 1 and calls_its_forward(weights[0], original)
-    return "fbgemm" if single and _int8_gemm_grid(weights[0]) and _runs_int8_gemm(weights[0], backend, chosen) else "dequantize"
-
-
-def _runs_int8_gemm(layer: PackedLayer, backend: str, chosen: Optional[str]) -> bool:
-    if backend != "auto":
-        return backend == "fbgemm"
-    if chosen is not None:  # the export measured this layer on both kernels
-        return chosen == "fbgemm"
-    # Unmeasured: only where training quantized the activations per token, as the kernel does.
-    return layer.activations == "int8_dynamic"
 
 
 def _fbgemm_prepack(module: "PackedLinear", strict: bool) -> Optional[Int8Gemm]:

@@ -14,7 +14,7 @@ from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.targeting import module_name
 from lightning_compress.formats.errors import ParityError
 from lightning_compress.formats.onnx.io import export_onnx, run_onnx
-from lightning_compress.formats.onnx.layouts import MATMUL_INTEGER, MATMUL_NBITS
+from lightning_compress.formats.onnx.layouts import INTEGER_BITS, MATMUL_INTEGER, MATMUL_NBITS
 from lightning_compress.formats.outputs import flatten_outputs, relative_error, sqnr_db
 from lightning_compress.formats.parity import eval_mode, quantization_enabled
 
@@ -34,7 +34,7 @@ def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequen
     # Linear subclasses too: the `out_proj` (NonDynamicallyQuantizableLinear) of an attention layer.
     linear = {name: layer.weight for name, layer in layers.items()
               if isinstance(model.get_submodule(module_name(name, layer.param)), nn.Linear)
-              and layer.weight.spec.bits in (4, 8)}
+              and layer.weight.spec.bits in INTEGER_BITS}
     with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
         onnx_report = export_onnx(model, example, path, linear, dynamic_int8_activations=int8_activations)
         reference = flatten_outputs(model(*example))

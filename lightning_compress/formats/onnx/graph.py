@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Tuple
 
 import numpy as np
 import torch
@@ -24,9 +24,10 @@ from torch import nn
 
 from lightning_compress.core.targeting import close_names_hint
 from lightning_compress.core.transforms import Stage, get_input_transform
-from lightning_compress.formats.onnx.layouts import MATMUL_INTEGER, MATMUL_NBITS, MS_DOMAIN, LayerPlan, layer_nodes, onnx_op
+from lightning_compress.formats.onnx.layouts import INTEGER_BITS, MATMUL_INTEGER, MATMUL_NBITS, MS_DOMAIN, LayerPlan, layer_nodes, onnx_op
 from lightning_compress.quant.activations import StaticRangeObserver
 from lightning_compress.quant.fake_quant import QuantizedWeight
+from lightning_compress.quant.spec import QuantSpec
 
 
 def plan_layers(model: nn.Module, quantized: Mapping[str, QuantizedWeight], dynamic: bool) -> dict[str, LayerPlan]:
@@ -252,9 +253,29 @@ def rewrite_graph(graph_model, plans: Mapping[str, LayerPlan]) -> dict[str, int]
     return counts
 
 
+def check_onnx_fit(layers: Iterable[Tuple[str, nn.Module, QuantSpec]], int8_activations: bool) -> None:
+    """What :func:`plan_layers` would refuse about ``layers`` (``(name, layer, grid)`` of
+    each quantized weight), checked before anything is packed: a Linear grid no ONNX op
+    holds, or int8 activations on a layer that is not float32.
+
+    Raises:
+        ValueError: naming the layer and the way out.
+    """
+    for name, layer, spec in layers:
+        if not isinstance(layer, nn.Linear) or spec.bits not in INTEGER_BITS:
+            continue  # exported as its dequantized float values
+        dynamic = int8_activations and not _static_activations(layer)
+        op = onnx_op(name, spec, dynamic)
+        if dynamic and op == MATMUL_INTEGER and layer.weight.dtype != torch.float32:
+            raise ValueError(
+                f"layer {name!r} is {str(layer.weight.dtype).replace('torch.', '')}: onnx_activations='int8' rounds"
+                " its activations on training's float32 grid; export a float32 model (model.float()), or leave"
+                " onnx_activations='float'")
+
+
 def _static_activations(layer: nn.Module) -> bool:
     stage = get_input_transform(layer, Stage.INPUT_QUANT)
     return isinstance(stage, StaticRangeObserver) and stage.enabled
 
 
-__all__ = ["plan_layers", "rewrite_graph"]
+__all__ = ["check_onnx_fit", "plan_layers", "rewrite_graph"]

@@ -67,6 +67,9 @@ SUPPORTED = (
     " dynamic_int8_activations=True)"
 )
 
+INTEGER_BITS = (4, 8)
+"""The widths whose Linear layers ``model.onnx`` holds as integers; others stay float."""
+
 MS_DOMAIN = "com.microsoft"
 """The opset domain of onnxruntime's contrib ops (``MatMulNBits``)."""
 
@@ -244,7 +247,7 @@ def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int,
     t = {n: f"{prefix}/{n}" for n in ("low", "high", "low0", "high0", "range", "raw_scale", "scale", "shifted",
                                        "rounded", "neg", "x_zero", "inverse", "scaled", "codes_f", "moved",
                                        "clipped", "codes", "acc", "zero_i", "correction", "exact", "float",
-                                       "nan_probe", "nan_sum", "checked_scale", "token_scaled")}
+                                       "nan_probe", "nan_sum", "checked_scale", "channel_scaled")}
 
     def node(op, inputs, output, **attrs):
         return helper.make_node(op, inputs, [t[output]], name=t[output], **attrs)
@@ -287,8 +290,10 @@ def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int,
         node("ReduceSum", [t["codes_f"], f"{consts}.last_axis"], "nan_sum", keepdims=1),  # axes an input from 13
         node("Sub", [t["nan_sum"], t["nan_sum"]], "nan_probe"),
         node("Add", [t["scale"], t["nan_probe"]], "checked_scale"),
-        node("Mul", [t["float"], t["checked_scale"]], "token_scaled"),
-        helper.make_node("Mul", [t["token_scaled"], wscale], [y], name=f"{prefix}/rescale"),
+        # The weight's scale first, as the int8 GEMM in PyTorch applies them: the sums times
+        # a huge token's scale overflowed float32 (inf at |x| ~ 1e36) before it came down.
+        node("Mul", [t["float"], wscale], "channel_scaled"),
+        helper.make_node("Mul", [t["channel_scaled"], t["checked_scale"]], [y], name=f"{prefix}/rescale"),
     ]
 
 
@@ -302,6 +307,7 @@ def _tensor(name: str, array: np.ndarray, elem_type: int | None = None):
 
 
 __all__ = [
+    "INTEGER_BITS",
     "MATMUL_INTEGER",
     "MATMUL_NBITS",
     "MS_DOMAIN",
