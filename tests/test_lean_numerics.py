@@ -269,6 +269,26 @@ def test_effective_weights_of_a_training_step_are_trimmed_every_so_many_bytes(mo
     assert memory._EFFECTIVE_WEIGHTS.pending == 0
 
 
+def test_a_compiled_transformed_model_compiles_once_whatever_the_trim_count(monkeypatch):
+    """The count is Python state: a compiled graph that read it guarded on it and recompiled
+    at every call (fullgraph: an error at the recompile limit); a trim inside a trace could
+    not be traced. Compiled forwards leave the count alone."""
+    from lightning_compress.core import memory
+    from lightning_compress.core.transforms import Stage, add_weight_transform
+
+    monkeypatch.setattr(memory, "_EFFECTIVE_WEIGHTS", memory.ReleasePacer(every=64 * 32 * 4 * 3))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    for layer in (model[0], model[2]):
+        add_weight_transform(layer, Stage.FAKE_QUANT, lambda w: w * 2)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        expected = model(x)
+        for _ in range(12):  # past the recompile limit (8)
+            assert torch.equal(compiled(x), expected)
+
+
 class _SelfAttention(nn.Module):
     def __init__(self):
         super().__init__()

@@ -104,6 +104,10 @@ _EFFECTIVE_WEIGHTS = ReleasePacer(EFFECTIVE_WEIGHT_RELEASE_BYTES)
 
 def effective_weight_made(weight: torch.Tensor) -> None:
     """Count a new effective weight (freed after its use) toward the next trim; host
-    memory only (an accelerator's allocator keeps its own)."""
+    memory only (an accelerator's allocator keeps its own). Not while ``torch.compile``
+    traces: a compiled graph would guard on the count (recompiling at every call) and
+    cannot call into the C library."""
+    if torch.compiler.is_compiling():
+        return
     if weight.device.type == "cpu":
         _EFFECTIVE_WEIGHTS.done(weight.numel() * weight.element_size())
