@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.targeting import close_names_hint
-from lightning_compress.core.transforms import Stage, get_input_transform
+from lightning_compress.core.transforms import Stage, get_input_transform, raw_weight
 from lightning_compress.formats.onnx.layouts import INTEGER_BITS, MATMUL_INTEGER, MATMUL_NBITS, MS_DOMAIN, LayerPlan, layer_nodes, onnx_op
 from lightning_compress.quant.activations import StaticRangeObserver
 from lightning_compress.quant.fake_quant import QuantizedWeight
@@ -266,9 +266,10 @@ def check_onnx_fit(layers: Iterable[Tuple[str, nn.Module, QuantSpec]], int8_acti
             continue  # exported as its dequantized float values
         dynamic = int8_activations and not _static_activations(layer)
         op = onnx_op(name, spec, dynamic)
-        if dynamic and op == MATMUL_INTEGER and layer.weight.dtype != torch.float32:
+        dtype = raw_weight(layer).dtype  # (not `layer.weight`: that computes the fake-quant weight)
+        if dynamic and op == MATMUL_INTEGER and dtype != torch.float32:
             raise ValueError(
-                f"layer {name!r} is {str(layer.weight.dtype).replace('torch.', '')}: onnx_activations='int8' rounds"
+                f"layer {name!r} is {str(dtype).replace('torch.', '')}: onnx_activations='int8' rounds"
                 " its activations on training's float32 grid; export a float32 model (model.float()), or leave"
                 " onnx_activations='float'")
 
