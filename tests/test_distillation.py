@@ -165,10 +165,13 @@ class LossChecker(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         total, task, kd, alpha, agreement = self.expected
-        torch.testing.assert_close(outputs["loss"], total, rtol=1e-5, atol=1e-7)
+        # A small KL (~1e-3) is a difference of nearly equal float32 sums: its relative
+        # error follows the threads' reduction order (2.4e-5 with 2 threads, against the
+        # float64 hand computation); a wrong weighting or temperature is off by far more.
+        torch.testing.assert_close(outputs["loss"], total, rtol=1e-4, atol=1e-7)
         logged = trainer.callback_metrics
         torch.testing.assert_close(logged["distill/task_loss"], task, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(logged["distill/kd_loss"], kd, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(logged["distill/kd_loss"], kd, rtol=1e-4, atol=1e-7)
         assert logged["distill/alpha"].item() == pytest.approx(alpha)
         assert logged["distill/top1_agreement"].item() == pytest.approx(agreement, abs=1e-6)
         self.checked += 1

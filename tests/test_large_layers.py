@@ -67,6 +67,28 @@ def test_the_head_runs_a_row_block_at_a_time_with_the_fake_quant_models_numbers(
     assert torch.allclose(wants_grad.grad, reference.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_loading_keeps_the_files_int4_words_without_unpacking_them(exported, monkeypatch):
+    """load_packed puts the file's int32 words of an int4 layer in the module as they are:
+    no int8 codes (twice their size) and no repacking, which had loaded a model dominated
+    by an int4 head at 3.5x its file size; the numbers are the fake-quant model's."""
+    from lightning_compress.formats import blocks, packed, runtime
+    from lightning_compress.formats.packed import open_packed
+    from lightning_compress.quant.packing import pack_codes
+
+    model, directory = exported
+    calls = []
+    for module, name in ((blocks, "unpack_rows"), (packed, "unpack_rows"), (runtime, "pack_rows")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    loaded = load_packed(directory, _lm_head_model(1), backend="dequantize")
+    assert calls == []
+    head, stored = loaded[2].packed, open_packed(directory).layers["2"].weight
+    assert torch.equal(head.codes, pack_codes(stored.codes, 4))  # the words are the codes, packed
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_the_exports_check_holds_one_layers_packed_modules_while_it_measures(monkeypatch, tmp_path):
     """While the fake-quant model runs, each layer's packed module is built when the layer
     runs and dropped after it (the whole packed model is built only for the model-level

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.targeting import is_recurrent_weight, parameter_key
-from lightning_compress.formats.blocks import finite, unpack_rows
+from lightning_compress.formats.blocks import WordsWeight, finite, unpack_rows
 from lightning_compress.formats.decoded import DecodedEntries
 from lightning_compress.formats.errors import ExportError, PackedFormatError, read_packed_file
 from lightning_compress.formats.safetensors_stream import SafetensorsReader, file_sha256
@@ -237,9 +237,11 @@ def decode_layer(name: str, entry: Mapping, reader: TensorReader) -> PackedLayer
                 reader.take(w + "_packed", torch.int32, (packed_words(kept_count, bits),)), bits, kept_count
             )
     elif sparsity == "dense":
-        kept = values = None
+        kept = values = words = None
         if not packed:
             codes = reader.take(w, torch.int8, shape).reshape(rows, cols)
+        elif bits < 8:  # kept packed: see WordsWeight
+            words = reader.take(w + "_packed", torch.int32, (rows, packed_words(cols, bits)))
         else:
             codes = unpack_rows(reader.take(w + "_packed", torch.int32, (rows, packed_words(cols, bits))), bits, cols)
     else:
@@ -277,14 +279,11 @@ def decode_layer(name: str, entry: Mapping, reader: TensorReader) -> PackedLayer
                 f"{WEIGHTS_FILE}: tensor {p + 'input_scale'!r} (the static activation scale) is"
                 f" {input_qparams[0].item()}, not a finite positive number; the file was edited or corrupted"
             )
-    weight = QuantizedWeight(
-        codes=codes,
-        scale=scale.reshape(1, 1) if spec.granularity == "tensor" else scale,
-        zero_point=zero_point.reshape(1, 1) if spec.granularity == "tensor" else zero_point,
-        spec=spec,
-        shape=shape,
-        dtype=dtype,
-    )
+    grid_fields = dict(scale=scale.reshape(1, 1) if spec.granularity == "tensor" else scale,
+                       zero_point=zero_point.reshape(1, 1) if spec.granularity == "tensor" else zero_point,
+                       spec=spec, shape=shape, dtype=dtype)
+    weight = (QuantizedWeight(codes=codes, **grid_fields) if sparsity != "dense" or words is None
+              else WordsWeight(words, cols, **grid_fields))
     return PackedLayer(weight, grid.module, activations, input_qparams, param)
 
 

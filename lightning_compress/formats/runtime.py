@@ -28,6 +28,7 @@ Two kernels, and a cache:
 from __future__ import annotations
 
 import copy
+import math
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from lightning_compress.core.attention import attention_forward, attention_inputs
 from lightning_compress.core.targeting import SEPARATE_PROJECTIONS, module_name
 from lightning_compress.core.transforms import detach_all
-from lightning_compress.formats.blocks import BLOCK_ELEMENTS, linear_in_row_blocks, pack_rows, row_blocks
+from lightning_compress.formats.blocks import BLOCK_ELEMENTS, WordsWeight, linear_in_row_blocks, pack_rows, row_blocks
 from lightning_compress.formats.int8_gemm import Int8Gemm, prepare_int8_gemm
 from lightning_compress.formats.kernel_choice import calls_its_forward, int8_gemm_grid, runs_int8_gemm
 from lightning_compress.formats.packed import PackedLayer
@@ -59,10 +60,15 @@ class PackedWeight(nn.Module):
     def __init__(self, layer: PackedLayer) -> None:
         super().__init__()
         q = layer.weight
-        self.spec, self.shape, self.dtype, self.cols = q.spec, q.shape, q.dtype, q.codes.shape[1]
-        codes = q.codes.reshape(q.shape[0], -1)
-        # Sub-8-bit codes stay packed in memory; 8-bit codes are already one byte each.
-        self.register_buffer("codes", codes.clone() if q.spec.bits == 8 else pack_rows(codes, q.spec.bits))
+        self.spec, self.shape, self.dtype = q.spec, q.shape, q.dtype
+        self.cols = math.prod(q.shape) // q.shape[0]
+        # Sub-8-bit codes stay packed in memory (a file's words as read: nothing else holds
+        # them); 8-bit codes are already one byte each.
+        if isinstance(q, WordsWeight):
+            self.register_buffer("codes", q.words)
+        else:
+            codes = q.codes.reshape(q.shape[0], -1)
+            self.register_buffer("codes", codes.clone() if q.spec.bits == 8 else pack_rows(codes, q.spec.bits))
         self.register_buffer("scale", q.scale.float().reshape(-1, 1).clone())
         self.register_buffer("zero_point", q.zero_point.reshape(-1, 1).float().clone())
         self.keep_float = False  # see keep_dequantized()
