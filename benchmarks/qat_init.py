@@ -46,6 +46,7 @@ from lightning_compress import KnowledgeDistillation, QuantizationAwareTraining,
 from lightning_compress.examples.charlm import CharDataModule, CharTransformer, perplexity
 from lightning_compress.quant import round_to_nearest
 from lightning_compress.quant.calibrated_start import CalibratedStart
+from lightning_compress.quant.mappings import find_mappings
 from lightning_compress.quant.weights import attach_weight_quantizers
 
 CALIBRATION_BATCHES = 16
@@ -93,7 +94,7 @@ def ptq_point(float_model: CharTransformer, spec: QuantSpec, init: str, data: Ch
         layers = mapped
     quantizers = attach_weight_quantizers(layers, {n: spec for n in layers})
     start = CalibratedStart(model, layers, quantizers, init=init, smoothing=None,
-                            mappings=MAPPINGS if init == "awq" else None)
+                            mappings=find_mappings(model, MAPPINGS) if init == "awq" else ())
     model.train()
     start.start_recording()
     with torch.enable_grad():

@@ -483,3 +483,40 @@ def test_a_file_that_cannot_be_read_is_a_packed_format_error_naming_it(exported,
     monkeypatch.setattr(builtins, "open", failing_open)
     with pytest.raises(PackedFormatError, match=rf"{unreadable}: cannot be read \(Permission denied\)"):
         load_packed(exported, mlp())
+
+
+class _EmbedAttend(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        return self.norm(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_a_loaded_model_follows_half_and_float_in_its_embedding_and_attention(tmp_path):
+    """An Embedding's lookups and attention's in_proj_weight are rebuilt in the module's
+    dtype: after .half() they were still float32 (a mixed-dtype error in LayerNorm and in
+    attention); after .float(), float32 again."""
+    from lightning_compress.quant.spec import QuantSpec
+    from lightning_compress.quant.weights import round_to_nearest
+
+    model = _EmbedAttend().eval()
+    round_to_nearest(model, QuantSpec(4, "channel"))
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    export(model, tmp_path / "out", inputs=[ids])
+    loaded = load_packed(tmp_path / "out", _EmbedAttend()).eval()
+    with torch.no_grad():
+        expected = loaded(ids)
+        assert loaded.embed.weight.dtype == torch.float32
+        loaded.half()
+        assert loaded.embed.weight.dtype == loaded.attn.in_proj_weight.dtype == torch.float16
+        halved = loaded(ids)
+        assert halved.dtype == torch.float16
+        assert torch.allclose(halved.float(), expected, rtol=0.0, atol=2e-2)
+        loaded.float()  # (the float parameters and scales keep their float16 rounding)
+        assert loaded.embed.weight.dtype == torch.float32 and loaded(ids).dtype == torch.float32

@@ -116,3 +116,20 @@ def test_the_exports_check_holds_one_layers_packed_modules_while_it_measures(mon
     report = export(model, tmp_path / "out", inputs=[torch.randn(4, 32)])
     assert len(held) == 6 and max(held) == 1
     assert report.parity.passed and len(report.parity.layers) == 6
+
+
+def test_a_weight_read_from_the_file_replaces_and_takes_codes_as_any_other(exported):
+    """dataclasses.replace and assigning ``codes`` work on an int4 weight read from the file
+    (its codes kept in the file's words until read) as on any QuantizedWeight."""
+    import dataclasses
+
+    from lightning_compress.formats.packed import open_packed
+
+    _, directory = exported
+    stored = open_packed(directory).layers["2"].weight
+    codes = stored.codes.clone()
+    as_bf16 = dataclasses.replace(stored, dtype=torch.bfloat16)
+    assert torch.equal(as_bf16.codes, codes) and as_bf16.dtype == torch.bfloat16
+    assert torch.equal(as_bf16.dequantize(), stored.dequantize().to(torch.bfloat16))
+    stored.codes = torch.zeros_like(codes)
+    assert stored.words is None and not stored.codes.any()

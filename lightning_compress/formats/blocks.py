@@ -141,9 +141,10 @@ class WordsWeight(QuantizedWeight):
     them never exist (a 65.5M-weight int4 g128 head, a 35 MB file, peaked at 3.48x the
     file's size while loading, 1.41x now)."""
 
-    def __init__(self, words: Tensor, cols: int, **fields) -> None:
+    def __init__(self, words: Optional[Tensor] = None, cols: int = 0, *, codes: Optional[Tensor] = None,
+                 **fields) -> None:
         self.words, self.cols, self._codes = words, cols, None
-        super().__init__(codes=None, **fields)
+        super().__init__(codes=codes, **fields)  # given codes (dataclasses.replace) replace the words
 
     @property
     def codes(self) -> Tensor:
@@ -153,6 +154,5 @@ class WordsWeight(QuantizedWeight):
 
     @codes.setter
     def codes(self, value: Optional[Tensor]) -> None:
-        if value is not None:
-            raise AttributeError("the codes of a weight read from a file are its `words`")
-
+        if value is not None:  # the words no longer hold the codes
+            self._codes, self.words = value, None

@@ -62,9 +62,9 @@ class PackedWeight(nn.Module):
         q = layer.weight
         self.spec, self.shape, self.dtype = q.spec, q.shape, q.dtype
         self.cols = math.prod(q.shape) // q.shape[0]
-        # Sub-8-bit codes stay packed in memory (a file's words as read: nothing else holds
-        # them); 8-bit codes are already one byte each.
-        if isinstance(q, WordsWeight):
+        # Sub-8-bit codes stay packed in memory (a file's words as read, without a copy:
+        # load_packed reads each layer afresh); 8-bit codes are already one byte each.
+        if isinstance(q, WordsWeight) and q.words is not None:
             self.register_buffer("codes", q.words)
         else:
             codes = q.codes.reshape(q.shape[0], -1)
@@ -75,6 +75,16 @@ class PackedWeight(nn.Module):
         self._float: Optional[Tensor] = None
         # New codes or scales (load_state_dict) make the kept float weight stale.
         self.register_load_state_dict_post_hook(_forget_kept_float)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .half() / .to(dtype): the weight it rebuilds takes the new dtype, as a float
+        # layer's parameter would (an Embedding's lookups and attention's in_proj_weight
+        # are returned in it; they kept float32 after the model's .half()).
+        super()._apply(fn, recurse)
+        converted = fn(torch.empty(0, dtype=self.dtype))
+        if converted.is_floating_point():
+            self.dtype = converted.dtype
+        return self
 
     def int_codes(self) -> Tensor:
         """int8 codes ``[out, in * kernel]``."""
