@@ -1,0 +1,45 @@
+"""Helpers of the benchmark scripts that call the library directly (not the benchmarks:
+those are timed runs, `make bench`): an API change that breaks them fails here, not an
+hour into a benchmark."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def qat_init(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import qat_init
+
+    yield qat_init
+    sys.modules.pop("qat_init", None)
+
+
+@pytest.mark.parametrize("init", ["gptq", "awq"])
+def test_the_qat_init_benchmarks_ptq_point_is_the_quantized_float_model(qat_init, init):
+    """qat_init's post-training points (it handed CalibratedStart the mapping rules, or
+    None, and crashed): every Linear's weight lands on its int4 group-32 grid."""
+    from lightning_compress.examples.charlm import CharDataModule, CharTransformer
+    from lightning_compress.quant.spec import QuantSpec
+
+    torch.manual_seed(0)
+    data = CharDataModule(seed=0)
+    data.setup()
+    model = CharTransformer(vocab_size=len(data.vocabulary), d_model=64, decay_steps=10)
+    spec = QuantSpec(4, "group", 32)
+    point = qat_init.ptq_point(model, spec, init, data)
+    layers = {name: layer for name, layer in point.named_modules() if isinstance(layer, torch.nn.Linear)}
+    assert layers
+    for name, layer in layers.items():
+        groups = layer.weight.detach().reshape(-1, 32).sort(dim=1).values
+        distinct = 1 + (groups[:, 1:] != groups[:, :-1]).sum(dim=1)
+        assert int(distinct.max()) <= 16, name  # int4 group-32: at most 16 values a group
+    float_head = model.head.weight.detach().reshape(-1, 32).sort(dim=1).values
+    assert int((1 + (float_head[:, 1:] != float_head[:, :-1]).sum(dim=1)).max()) == 32  # the float model's are not
