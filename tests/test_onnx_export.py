@@ -477,3 +477,27 @@ def test_an_op_the_exporter_cannot_convert_is_named_with_the_way_out(tmp_path, m
     with pytest.raises(onnx_io.ExportError, match=r"cannot export this model: conversion of scaled_dot_product_attention"
                                                   r" not implemented if enable_gqa is True\. Leave 'onnx' out of `formats`"):
         export_onnx(model, (torch.randn(2, 64),), tmp_path / "m.onnx", quantized)
+
+
+class _KeyValueCache:
+    """Not a tensor: what a transformers model with use_cache on returns beside its logits."""
+
+
+class _ReturnsCache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(x), _KeyValueCache()
+
+
+def test_a_model_returning_a_cache_object_gets_the_way_out(tmp_path):
+    """The TorchScript tracer refuses an output that is not tensors with a RuntimeError
+    about JIT inputs; the export says which type, and how a transformers model drops its cache."""
+    from lightning_compress import ExportError, export
+
+    model = _ReturnsCache().eval()
+    round_to_nearest(model, QuantSpec(4, "group", 16))
+    with pytest.raises(ExportError, match=r"_ReturnsCache returns a _KeyValueCache\. .*use_cache = False"):
+        export(model, tmp_path / "out", inputs=[torch.randn(2, 32)], formats=["safetensors", "onnx"])

@@ -266,6 +266,16 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
             f"PyTorch's ONNX exporter cannot export this model: {reason}. Leave 'onnx' out of `formats`"
             " (the packed safetensors export does not need it), or change that layer"
         ) from None
+    except RuntimeError as error:
+        unsupported_type = _UNSUPPORTED_TYPE.search(str(error))
+        if unsupported_type is None:
+            raise
+        # An output that is not tensors: a transformers model with use_cache on returns its cache.
+        raise ExportError(
+            f"PyTorch's ONNX exporter takes tensors (in tuples, lists and dicts) as outputs; {type(clone).__name__}"
+            f" returns a {unsupported_type.group(1)}. A transformers model returns its key/value cache unless"
+            " `model.config.use_cache = False`; otherwise leave 'onnx' out of `formats`"
+        ) from None
     except (TypeError, NotImplementedError, AttributeError) as legacy_error:
         if isinstance(legacy_error, TypeError) and _CALL_MISMATCH.search(str(legacy_error)):
             # The exporter called forward with other arguments than the call above did.
@@ -288,6 +298,8 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
         _export_dynamo(clone, example_inputs, path, input_names, output_names, opset)
 
 
+# The TorchScript tracer's message for an input or output that is not tensors.
+_UNSUPPORTED_TYPE = re.compile(r"received an (?:input|output) of unsupported type: (\w+)")
 # Python's messages for a call that does not fit a signature.
 _CALL_MISMATCH = re.compile(r"\(\) (missing \d+ required|takes \d+|takes from|got an unexpected keyword|got multiple"
                             r" values|got some positional-only)")
