@@ -143,7 +143,6 @@ def export(
         packing = done["packing"] = pack_into(directory, model, out_dir, **options)
         for name, data in packing.files.items():  # compression.json: read_packed reads it
             (directory / name).write_bytes(data)
-        release_freed_memory()  # the packing's temporaries, before the check's own
         try:
             # Not `read_packed`: its pass over every entry is the weight check's first step.
             check_packing(model, packing, open_packed(directory) if parity else None, inputs, directory,

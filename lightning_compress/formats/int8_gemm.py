@@ -38,9 +38,10 @@ and handed to fbgemm's quantize-and-multiply (``quantized::linear_with_input_q_d
 point before it rounds, so a value on the midpoint between two codes would take the
 other one than training's ``round(x * (1 / s)) + z``: 2 of 230,400 Gaussian values, but
 43% of a token of integers in -5..5 (38 dB from the fake-quant model). A layer trained
-with int8 dynamic activations therefore hands fbgemm training's fake-quantized values
-(one more operation, about 10% of a 768x3072 MLP's time at batch 1), whose codes come
-back exactly; a weight-only layer, which has no trained codes, hands it the token.
+with int8 dynamic activations therefore hands fbgemm the token already on training's grid
+(:func:`~lightning_compress.quant.activations.single_token_on_grid`, three in-place
+operations), whose codes come back exactly; a weight-only layer, which has no trained
+codes, hands it the token.
 fbgemm's packed weight is another copy of the int8 weight, made at the first token.
 Asymmetric weights, tokens of a range past about 1e32, and CPUs where a probe finds
 fbgemm saturating or rounding otherwise run the batched path.
@@ -256,9 +257,9 @@ class Int8Gemm:
         scale, zero = qparams
         # fbgemm adds the zero point before it rounds, so a value on a code midpoint takes the
         # other neighbour than training's rounding (integer-valued inputs in -5..5 put 43% of
-        # their values there). A layer trained with int8 dynamic activations hands it
-        # training's fake-quantized values, whose codes come back exactly: one more operation
-        # (10% of a 768x3072 MLP's time at batch 1). A weight-only layer has no codes to keep.
+        # their values there). A layer trained with int8 dynamic activations hands it the
+        # token on training's grid, whose codes come back exactly (three in-place operations,
+        # 7 us on 3,072 values). A weight-only layer has no codes to keep.
         on_grid = single_token_on_grid(x, scale, zero) if self.trained_codes else x
         out = _one_token_gemm(on_grid, scale, zero, self._one_token_packed(bias))
         return out if self._one_token_bias is bias else out.add_(bias)

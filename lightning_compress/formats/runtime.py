@@ -11,7 +11,7 @@ Two kernels, and a cache:
   int8 engine, kept for existing exports): the int8 GEMM of
   :mod:`lightning_compress.formats.int8_gemm`: activations rounded per token on training's
   int8 dynamic grid, multiplied as integers (oneDNN or fbgemm, VNNI/AMX); on a 768x3072
-  MLP 1.4x to 1.8x float32 at batch 1 and 2.3x at batch 128 here. A layer trained with
+  MLP 1.6x to 2.2x float32 at batch 1 and 2.0x to 2.5x at batch 128 here. A layer trained with
   int8 dynamic activations matches the fake-quant model to float rounding (its codes); a
   weight-only layer's activations are rounded to 8 bits.
   ``backend="auto"`` runs it where the export measured that it stays within the parity

@@ -102,10 +102,14 @@ def single_token_qparams(x: Tensor) -> Optional[Tuple[float, int]]:
     return float(scale), int(min(max(-np.rint(low / scale), _ZERO), _LEVELS))
 
 
+def _token_steps(x: Tensor, scale: float) -> Tensor:
+    """``round(x * (1 / scale))`` in float32, as training rounds (ties to even)."""
+    return x.mul(float(np.float32(1.0) / np.float32(scale))).round_()
+
+
 def single_token_codes(x: Tensor, scale: float, shift: int) -> Tensor:
     """:func:`token_codes`' codes of one token with its :func:`single_token_qparams`."""
-    inverse = float(np.float32(1.0) / np.float32(scale))
-    return x.mul(inverse).round_().add_(float(shift)).clamp_(0.0, float(_LEVELS)).to(torch.uint8)
+    return _token_steps(x, scale).add_(float(shift)).clamp_(0.0, float(_LEVELS)).to(torch.uint8)
 
 
 def single_token_on_grid(x: Tensor, scale: float, shift: int) -> Tensor:
@@ -117,8 +121,7 @@ def single_token_on_grid(x: Tensor, scale: float, shift: int) -> Tensor:
 
     Three in-place ATen operations: half the time of ``fake_quantize_per_tensor_affine``
     (measured 7 us against 14 us on 3,072 values), which also writes a mask."""
-    inverse = float(np.float32(1.0) / np.float32(scale))
-    return x.mul(inverse).round_().mul_(scale)
+    return _token_steps(x, scale).mul_(scale)
 
 
 class StaticRangeObserver:
