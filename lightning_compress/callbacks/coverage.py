@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Sequence
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_compress.core.targeting import module_name, weight_param
+from lightning_compress.core.targeting import first_registration, module_name, shared_module_names, weight_param
 from lightning_compress.core.transforms import raw_weight
 
 # Sections whose default targets mean "every layer we can compress".
@@ -67,7 +67,10 @@ def uncompressed_by_type(model: nn.Module, supported: tuple) -> Dict[str, str]:
 
 def shared_weights(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, List[str]]:
     """``{weight key: [other parameter names]}`` for each selected weight that modules
-    outside the selection also hold (the same parameter object)."""
+    outside the selection also hold (the same parameter object). The other names of the
+    selected module itself (a module registered twice, as in ``nn.ModuleList([block] * n)``)
+    are not listed: that module is the one pruned, wherever it is used."""
+    same_module = shared_module_names(model)
     by_id: Dict[int, List[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(parameter), []).append(name)
@@ -77,7 +80,8 @@ def shared_weights(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, 
         param = weight_param(key, layer)
         owner = module_name(key, param)
         others = [name for name in by_id.get(id(raw_weight(layer, param)), [])
-                  if name.rpartition(".")[0] not in selected_modules and name != f"{owner}.{param}"]
+                  if name.rpartition(".")[0] not in selected_modules
+                  and first_registration(name, same_module) != f"{owner}.{param}"]
         if others:
             shared[key] = others
     return shared

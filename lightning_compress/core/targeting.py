@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from typing import Dict, Iterable, Sequence, Tuple, Type, Union
+from typing import Dict, Iterable, Mapping, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -212,6 +212,27 @@ def _separate_projections(layer: nn.Module) -> bool:
     weights (its key or value width differs from its query's)."""
     return isinstance(layer, nn.MultiheadAttention) and all(
         isinstance(layer._parameters.get(param), torch.Tensor) for param in SEPARATE_PROJECTIONS)
+
+
+def shared_module_names(model: nn.Module) -> Dict[str, str]:
+    """``{name: first name}`` for every module registered under more than one name (a
+    layer reused by reference, e.g. ``nn.ModuleList([block] * n)``): each later name maps
+    to the name ``named_modules()`` lists it under, which is the one compression uses.
+    Modules below a shared one are shared too, and are listed."""
+    first: Dict[int, str] = {}
+    shared: Dict[str, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        known = first.setdefault(id(module), name)
+        if known != name:
+            shared[name] = known
+    return shared
+
+
+def first_registration(key: str, shared: Mapping[str, str]) -> str:
+    """The state-dict ``key`` under the first name of its module (``key`` itself when its
+    module has one name); ``shared`` is :func:`shared_module_names`."""
+    module, dot, leaf = key.rpartition(".")
+    return f"{shared[module]}.{leaf}" if dot and module in shared else key
 
 
 def parameter_key(key: str, param: str) -> str:

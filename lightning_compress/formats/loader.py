@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Dict, Union
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from lightning_compress.formats.failed_export import recorded_failure, refusal
 from lightning_compress.formats.meta_load import build_on_meta, check_fit, check_meta_covered, load_tensors
 from lightning_compress.formats.packed import METADATA_FILE, PackedModel, open_packed
 from lightning_compress.core.attention import keep_padded_batches
-from lightning_compress.core.targeting import module_name, parameter_key
+from lightning_compress.core.targeting import module_name, parameter_key, shared_module_names
 from lightning_compress.formats.runtime import (
     BACKENDS, MEASURED_KERNELS, build_packed_unit, kernel_report)
 from lightning_compress.quant.fake_quant import as_matrix
@@ -108,7 +108,9 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
     """
     chosen = measured_kernels(packed)
     expected = dict(model.state_dict(keep_vars=True))
+    shared = shared_module_names(model)
     units: Dict[str, list] = {}
+    weight_keys = set()  # the packed layers' weights, under every name of their module
     for key, grid in packed.grids.items():
         name = module_name(key, grid.param)
         weight = getattr(_submodule(model, name), grid.param, None)
@@ -118,10 +120,13 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
                 f"layer {key!r}: the file holds a weight of shape {list(grid.weight.shape)}, the model's is"
                 f" {None if weight is None else list(weight.shape)}; load it into the model that was exported"
             )
-        expected.pop(parameter_key(key, grid.param), None)
+        for registered in names_of(name, shared):  # a layer shared by several names is stored once
+            weight_keys.add(parameter_key(key, grid.param) if registered == name else f"{registered}.{grid.param}")
         units.setdefault(name, []).append(key)
+    for key in weight_keys:
+        expected.pop(key, None)
     check_fit(model, packed, expected)
-    check_meta_covered(model, expected, {parameter_key(key, grid.param) for key, grid in packed.grids.items()})
+    check_meta_covered(model, expected, weight_keys)
     load_tensors(model, list(packed.tensors), packed.tensor, expected)  # first: packed layers take their biases
     release_freed_memory()
     originals, pacer = {}, ReleasePacer()
@@ -134,7 +139,7 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
             replacement = _to_device(build_packed_unit(weights, original, backend, chosen.get(name), cache), device)
         except ValueError as err:
             raise PackedFormatError(f"layer {name!r}: {err}") from None
-        set_submodule(model, name, replacement)
+        replace_module(model, name, replacement, shared)
         del weights, replacement
         pacer.done(sum(packed.grids[key].float32_bytes for key in units[name]))  # see core.memory
     packed.check_complete()
@@ -183,3 +188,20 @@ def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
     attention layer holds its ``out_proj``, which a model built on the meta device gets
     only when the loop reaches it (it is packed on its own, after its parent)."""
     return module._apply(lambda tensor: tensor if tensor.is_meta else tensor.to(device))
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module, shared: Optional[Mapping[str, str]] = None) -> None:
+    """Put ``module`` in ``model`` under ``name`` and under every other name the module now
+    at ``name`` is registered under (a layer shared by reference, as in
+    ``nn.ModuleList([block] * n)``), so every use of it computes with ``module``.
+    ``shared``: :func:`~lightning_compress.core.targeting.shared_module_names` of ``model``,
+    if already computed (replacing every name of a module leaves it unchanged)."""
+    for registered in names_of(name, shared_module_names(model) if shared is None else shared):
+        set_submodule(model, registered, module)
+
+
+def names_of(name: str, shared: Mapping[str, str]) -> List[str]:
+    """``name`` and the other names of the module registered under it (``shared`` is
+    :func:`~lightning_compress.core.targeting.shared_module_names`), ``name`` first."""
+    first = shared.get(name, name)
+    return [name, *(other for other in [first, *shared] if other != name and shared.get(other, other) == first)]

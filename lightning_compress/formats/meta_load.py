@@ -124,7 +124,7 @@ def load_tensors(model: nn.Module, keys: Iterable[str], read: Callable[[str], Te
     they are (in the model's dtype) where it is on the meta device. Tensors the model
     shares (tied weights) get one tensor, read once, and stay shared."""
     replaced: Dict[int, Tensor] = {}  # id of a meta tensor -> what took its place
-    owners = dict(model.named_modules())
+    owners = dict(model.named_modules(remove_duplicate=False))  # a shared module under each of its names
     for key in keys:
         target = expected[key]
         if not target.is_meta:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.memory import ReleasePacer
 from lightning_compress.core.reporting import format_table
-from lightning_compress.core.targeting import layer_weights, parameter_key
+from lightning_compress.core.targeting import first_registration, layer_weights, parameter_key, shared_module_names
 from lightning_compress.core.transforms import Stage, get_weight_transform, is_transformed, weight_before, weight_slots
 from lightning_compress.formats import compressed_tensors as ct
 from lightning_compress.formats.blocks import finite, quantize_rows
@@ -260,7 +260,10 @@ def float_tensors(model: nn.Module) -> Iterator[Tuple[str, Optional[Tensor], Opt
     """``(key, tensor, None)`` for every state-dict tensor of ``model`` that is not a
     quantized weight (a transformed weight as its effective value, computed when its turn
     comes; LoRA adapters left out, they are merged), or ``(key, None, source)`` for one
-    that shares storage with an earlier one (tied weights).
+    that shares storage with an earlier one (tied weights). A module registered under
+    several names is stored under its first: its other names' tensors are aliases of those,
+    and its quantized weight is left out under them (the loader puts the packed module
+    under every name).
 
     Raises:
         ExportError: NaN (or, in a parameter, Inf) values.
@@ -284,7 +287,14 @@ def float_tensors(model: nn.Module) -> Iterator[Tuple[str, Optional[Tensor], Opt
     owned = {_identity(tensor) for key, tensor in state.items()
              if key not in effective and key not in quantized and tensor.numel()}
     seen: Dict[tuple, str] = {}
+    shared, written = shared_module_names(model), {}  # written: key -> the stored key it reads
     for key in state:
+        first = first_registration(key, shared)
+        if first != key:  # a module registered under several names: stored once, under its first
+            if first in written:
+                written[key] = written[first]
+                yield key, None, written[first]
+            continue  # quantized, or a merged adapter: the loader puts the module under every name
         if key in quantized:
             continue
         if key in effective:
@@ -297,10 +307,12 @@ def float_tensors(model: nn.Module) -> Iterator[Tuple[str, Optional[Tensor], Opt
             _check_finite(key, tensor, allow_infinite=key not in parameters)
         identity = _identity(tensor) if tensor.numel() else None
         if identity in seen:
+            written[key] = seen[identity]
             yield key, None, seen[identity]
             continue
         if identity in owned:
             seen[identity] = key
+        written[key] = key
         yield key, tensor.cpu(), None
 
 

@@ -37,7 +37,7 @@ from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.memory import ReleasePacer, release_freed_memory
 from lightning_compress.core.targeting import module_name
 from lightning_compress.core.transforms import Stage, all_transforms, get_weight_transform, weight_slots
-from lightning_compress.formats.loader import set_submodule
+from lightning_compress.formats.loader import replace_module
 from lightning_compress.formats.outputs import OutputError, call_model, flatten_outputs, relative_error, sqnr_db
 from lightning_compress.formats.packed import PackedLayer, PackedModel
 from lightning_compress.formats.kernel_choice import calls_its_forward, int8_gemm_candidate, planned_kernel
@@ -376,11 +376,11 @@ def _swapped(model: nn.Module, replacements: Mapping[str, nn.Module]):
         # Parents first (an attention layer before its out_proj), put back in reverse.
         for name in sorted(replacements):
             originals[name] = model.get_submodule(name)
-            set_submodule(model, name, replacements[name])
+            replace_module(model, name, replacements[name])
         yield
     finally:
         for name, original in reversed(list(originals.items())):
-            set_submodule(model, name, original)
+            replace_module(model, name, original)
 
 
 @contextlib.contextmanager
