@@ -13,13 +13,15 @@ import warnings
 import onnxruntime
 import pytest
 import torch
+import transformers
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning.pytorch as pl
-from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export, load_packed
+from lightning_compress import ExportError, MagnitudePruning, PackedFormatError, QuantizationAwareTraining, QuantSpec, export, load_packed
 from lightning_compress.core.targeting import first_registration, shared_module_names
 from lightning_compress.formats.packed import METADATA_FILE
+from lightning_compress.quant import round_to_nearest
 
 from tests.conftest import make_trainer
 
@@ -127,3 +129,72 @@ def test_shared_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
     (output,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(output), model(x), rtol=1e-5, atol=1e-5)
+
+
+class TwoLayers(nn.Module):
+    """``b`` is ``a`` (shared) or a layer of its own."""
+
+    def __init__(self, share: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(32, 32)
+        self.b = self.a if share else nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_a_file_that_stores_the_names_apart_is_refused_by_a_model_that_shares_them(tmp_path, quantized):
+    # Loading both a.* and b.* into the one shared module would keep the last, silently
+    # (a 0.49 output error before this check).
+    model = TwoLayers(share=False)
+    if quantized:
+        round_to_nearest(model, QuantSpec(4, "group", 32))
+    export(model, tmp_path / "out", inputs=[torch.randn(2, 32)])
+    for target in (TwoLayers(share=True), lambda: TwoLayers(share=True)):
+        with pytest.raises(PackedFormatError, match="stores 'b' on its own, but in TwoLayers 'b' is another name of 'a'"):
+            load_packed(tmp_path / "out", target)
+
+
+def test_gptq_start_on_a_module_shared_with_itself_is_not_refused_as_tied(tmp_path):
+    model = SharedBlocks()
+    qat = QuantizationAwareTraining(weights="int4", group_size=32, init="gptq", start_step=2, calibration_batches=2)
+    make_trainer(max_steps=4, callbacks=[qat]).fit(model, _data())
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        expected = model(x)
+    export(model, tmp_path / "out", inputs=[x])
+    with torch.no_grad():
+        torch.testing.assert_close(load_packed(tmp_path / "out", SharedBlocks)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_transformers_model_with_a_shared_layer_gets_no_compressed_tensors_config(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.model.layers[1] = model.model.layers[0]
+    round_to_nearest(model, QuantSpec(4, "group", 16), targets=[nn.Linear])
+    ids = torch.randint(0, 64, (2, 8))
+    # transformers reads every name, and the file holds layers.1 only as layers.0: no config.json.
+    report = export(model, tmp_path / "auto", inputs=[ids])
+    assert not (tmp_path / "auto" / "config.json").exists()
+    assert any("'model.layers.1' is another name of 'model.layers.0'" in note for note in report.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(load_packed(tmp_path / "auto", lambda: _shared_llama(config))(ids).logits,
+                                   model(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ExportError, match="compressed_tensors=True cannot store layer 'model.layers.1'"):
+        export(model, tmp_path / "forced", inputs=[ids], compressed_tensors=True)
+
+
+def _shared_llama(config):
+    model = transformers.LlamaForCausalLM(config)
+    model.model.layers[1] = model.model.layers[0]
+    return model
+
+
+@pytest.mark.parametrize("argument", ["targets", "exclude"])
+def test_naming_only_the_second_name_of_a_shared_module_says_which_name_to_use(argument):
+    with pytest.raises(ValueError, match=rf"`{argument}` pattern 'b' matches only 'b', another name of 'a' .*name 'a'"):
+        round_to_nearest(TwoLayers(share=True), QuantSpec(4, "group", 32), **{argument: ["b"]})

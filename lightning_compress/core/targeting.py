@@ -123,7 +123,7 @@ def select_layers(
             matches = _match(target, pool)
             if isinstance(target, str):
                 if not matches:
-                    raise ValueError(_no_match_message(argument, target, pool))
+                    raise ValueError(_no_match_message(argument, target, pool, root))
                 usable = {n: m for n, m in matches.items() if n in candidates or (n, m) in matrices}
                 if not usable:
                     kinds = sorted({type(m).__name__ for m in matches.values()})
@@ -139,7 +139,7 @@ def select_layers(
     for pattern in exclude or ():
         matches = _match(pattern, pool)
         if isinstance(pattern, str) and not matches:
-            raise ValueError(_no_match_message("exclude", pattern, pool))
+            raise ValueError(_no_match_message("exclude", pattern, pool, root))
         for name in matches:
             selected.pop(name, None)
             for key in layer_weights(name, matches[name]) if name in candidates else ():
@@ -269,7 +269,14 @@ def close_names_hint(name: str, names: Sequence[str]) -> str:
     return f"{hint} Module names look like: {sample}"
 
 
-def _no_match_message(argument: str, pattern: str, named: Iterable[Tuple[str, nn.Module]]) -> str:
+def _no_match_message(argument: str, pattern: str, named: Iterable[Tuple[str, nn.Module]], root: nn.Module) -> str:
+    shared = shared_module_names(root)
+    later = [name for name in shared if _match(pattern, [(name, None)])]
+    if later:  # named_modules() lists a module registered under several names once, under the first
+        first = shared[later[0]]
+        return (f"`{argument}` pattern {pattern!r} matches only {later[0]!r}, another name of {first!r} (one module"
+                f" registered under both names); a shared module is compressed as one, wherever it is used: name"
+                f" {first!r}")
     return f"`{argument}` pattern {pattern!r} matches no module." + close_names_hint(pattern, [n for n, _ in named])
 
 
@@ -284,6 +291,6 @@ def match_modules(root: nn.Module, patterns: Sequence[str], argument: str) -> Di
     for pattern in patterns:
         matches = _match(pattern, named)
         if not matches:
-            raise ValueError(_no_match_message(argument, pattern, named))
+            raise ValueError(_no_match_message(argument, pattern, named, root))
         selected.update(matches)
     return selected

@@ -45,6 +45,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
+from lightning_compress.core.targeting import shared_module_names
 from lightning_compress.formats.errors import ExportError
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.spec import QuantSpec
@@ -107,6 +108,11 @@ def decide(model: nn.Module, layers: Mapping[str, PackedLayer], requested: Optio
     """
     is_hf = is_transformers_model(model)
     problems = incompatibilities(layers)
+    shared = shared_module_names(model)
+    if shared:  # stored once under its first name; transformers would find the others missing
+        alias, first = next(iter(shared.items()))
+        problems[alias] = (f"{alias!r} is another name of {first!r} (one module registered under both), which the"
+                           " packed format stores once but transformers reads under every name")
     refusals = transformers_refusals(layers)
     if requested is None:
         if not is_hf:

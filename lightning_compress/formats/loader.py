@@ -111,6 +111,7 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
     shared = shared_module_names(model)
     units: Dict[str, list] = {}
     weight_keys = set()  # the packed layers' weights, under every name of their module
+    _check_same_sharing(model, packed, shared)
     for key, grid in packed.grids.items():
         name = module_name(key, grid.param)
         weight = getattr(_submodule(model, name), grid.param, None)
@@ -146,6 +147,20 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
     keep_padded_batches(model)  # packed layers quantize their input in a pre-hook
     model.packed_kernels = kernel_report(model)
     return originals
+
+
+def _check_same_sharing(model: nn.Module, packed: PackedModel, shared: Mapping[str, str]) -> None:
+    """Refuse a file that stores separately a module ``model`` registers as another name of
+    an earlier one: loading both into the one module would keep whichever came last."""
+    stored = [module_name(key, grid.param) for key, grid in packed.grids.items()]
+    stored += [key.rpartition(".")[0] for key in packed.metadata["tensors"]]
+    separate = next((name for name in stored if name in shared), None)
+    if separate is not None:
+        raise PackedFormatError(
+            f"the file stores {separate!r} on its own, but in {type(model).__name__} {separate!r} is another name of"
+            f" {shared[separate]!r} (one module registered under both names); load it into a model built as the"
+            " exported one was"
+        )
 
 
 def measured_kernels(packed: PackedModel) -> Dict[str, str]:
