@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Sequence
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_compress.core.targeting import first_registration, module_name, shared_module_names, weight_param
+from lightning_compress.core.targeting import module_name, tied_parameter_names, weight_param
 from lightning_compress.core.transforms import raw_weight
 
 # Sections whose default targets mean "every layer we can compress".
@@ -70,18 +70,14 @@ def shared_weights(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, 
     outside the selection also hold (the same parameter object). The other names of the
     selected module itself (a module registered twice, as in ``nn.ModuleList([block] * n)``)
     are not listed: that module is the one pruned, wherever it is used."""
-    same_module = shared_module_names(model)
-    by_id: Dict[int, List[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(parameter), []).append(name)
+    by_id = tied_parameter_names(model)
     selected_modules = {module_name(key, weight_param(key, layer)) for key, layer in layers.items()}
     shared = {}
     for key, layer in layers.items():
         param = weight_param(key, layer)
         owner = module_name(key, param)
         others = [name for name in by_id.get(id(raw_weight(layer, param)), [])
-                  if name.rpartition(".")[0] not in selected_modules
-                  and first_registration(name, same_module) != f"{owner}.{param}"]
+                  if name.rpartition(".")[0] not in selected_modules and name != f"{owner}.{param}"]
         if others:
             shared[key] = others
     return shared

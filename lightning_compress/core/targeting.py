@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from typing import Dict, Iterable, Mapping, Sequence, Tuple, Type, Union
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -233,6 +233,25 @@ def first_registration(key: str, shared: Mapping[str, str]) -> str:
     module has one name); ``shared`` is :func:`shared_module_names`."""
     module, dot, leaf = key.rpartition(".")
     return f"{shared[module]}.{leaf}" if dot and module in shared else key
+
+
+def names_of(name: str, shared: Mapping[str, str]) -> List[str]:
+    """``name`` and the other names of the module registered under it (``shared`` is
+    :func:`shared_module_names`), ``name`` first."""
+    first = shared.get(name, name)
+    return [name, *(other for other in [first, *shared] if other != name and shared.get(other, other) == first)]
+
+
+def tied_parameter_names(model: nn.Module) -> Dict[int, List[str]]:
+    """``{id(parameter): its names}`` for each parameter that several modules hold (tied
+    weights: a head and the input embedding). A module registered under several names is
+    one module: only its first name counts (:func:`shared_module_names`)."""
+    shared = shared_module_names(model)
+    names: Dict[int, List[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if first_registration(name, shared) == name:
+            names.setdefault(id(parameter), []).append(name)
+    return {identity: group for identity, group in names.items() if len(group) > 1}
 
 
 def parameter_key(key: str, param: str) -> str:

@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from lightning_compress.core.targeting import shared_module_names
+from lightning_compress.core.targeting import shared_module_names, tied_parameter_names
 from lightning_compress.formats.errors import ExportError
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.spec import QuantSpec
@@ -308,10 +308,7 @@ def config_json(model: nn.Module, layers: Mapping[str, PackedLayer]) -> bytes:
 def _quantizes_a_shared_weight(model: nn.Module, layers: Mapping[str, PackedLayer]) -> bool:
     """Whether a quantized layer's weight is tied to another parameter (``lm_head`` to the
     input embedding)."""
-    names: Dict[int, list] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    shared = {name for group in names.values() if len(group) > 1 for name in group}
+    shared = {name for group in tied_parameter_names(model).values() for name in group}
     return any(f"{layer}.weight" in shared for layer in layers)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Dict, List, Mapping, Optional, Union
+from typing import Callable, Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from lightning_compress.formats.failed_export import recorded_failure, refusal
 from lightning_compress.formats.meta_load import build_on_meta, check_fit, check_meta_covered, load_tensors
 from lightning_compress.formats.packed import METADATA_FILE, PackedModel, open_packed
 from lightning_compress.core.attention import keep_padded_batches
-from lightning_compress.core.targeting import module_name, parameter_key, shared_module_names
+from lightning_compress.core.targeting import module_name, names_of, parameter_key, shared_module_names
 from lightning_compress.formats.runtime import (
     BACKENDS, MEASURED_KERNELS, build_packed_unit, kernel_report)
 from lightning_compress.quant.fake_quant import as_matrix
@@ -214,9 +214,3 @@ def replace_module(model: nn.Module, name: str, module: nn.Module, shared: Optio
     for registered in names_of(name, shared_module_names(model) if shared is None else shared):
         set_submodule(model, registered, module)
 
-
-def names_of(name: str, shared: Mapping[str, str]) -> List[str]:
-    """``name`` and the other names of the module registered under it (``shared`` is
-    :func:`~lightning_compress.core.targeting.shared_module_names`), ``name`` first."""
-    first = shared.get(name, name)
-    return [name, *(other for other in [first, *shared] if other != name and shared.get(other, other) == first)]

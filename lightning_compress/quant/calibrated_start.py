@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_max, all_reduce_sum_, broadcast_from_rank_zero
 from lightning_compress.core.recompute import in_backward
-from lightning_compress.core.targeting import first_registration, shared_module_names
+from lightning_compress.core.targeting import tied_parameter_names
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
 from lightning_compress.quant.fake_quant import as_matrix
 from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_quantize
@@ -406,13 +406,10 @@ def _check_norm_divides(name: str, norm: nn.Module, setting: str) -> None:
 def _check_untied(model: nn.Module, written: Mapping[str, Tensor], setting: str) -> None:
     """The start rewrites these weights in place: one another module shares (a head tied
     to the input embedding) would change there too."""
-    owners: Dict[int, List[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(parameter), []).append(name)
-    same_module = shared_module_names(model)  # a module under several names is one module, not a tie
+    tied = tied_parameter_names(model)
     for key, weight in written.items():
-        names = owners.get(id(weight), [])
-        if len({first_registration(name, same_module) for name in names}) > 1:
+        names = tied.get(id(weight))
+        if names:
             raise ValueError(
                 f"{setting} rewrites the weight of {key!r} in place, but it is tied: {names} are one tensor, so the"
                 f" other module would change too; exclude {key!r} (e.g. exclude=[{key.rpartition('.')[2]!r}]) or untie"
