@@ -40,6 +40,7 @@ from lightning_compress.core.atomic import atomic_write_bytes, replace_file
 from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.transforms import Stage, detach_all, get_input_transform, remove_input_transform, weight_slots
 from lightning_compress.formats.errors import ExportError
+from lightning_compress.formats.onnx.exporter_gaps import cast_bool_cumsum, missing_symbolics
 from lightning_compress.formats.onnx.graph import plan_layers, rewrite_graph
 from lightning_compress.formats.onnx.layouts import MATMUL_INTEGER, LayerPlan
 from lightning_compress.quant.fake_quant import QuantizedWeight
@@ -136,6 +137,7 @@ def export_onnx(
         import onnx
 
         graph_model = onnx.load(str(float_path))
+    cast_bool_cumsum(graph_model)
     nodes = rewrite_graph(graph_model, plans)
     external = save_onnx(graph_model, path)
     opset_used = next(o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx"))
@@ -257,7 +259,8 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
         if tensor.dim() > 0
     }
     try:
-        _export_torchscript(clone, example_inputs, path, input_names, output_names, dynamic_axes, opset)
+        with missing_symbolics(opset):
+            _export_torchscript(clone, example_inputs, path, input_names, output_names, dynamic_axes, opset)
     except (torch.onnx.OnnxExporterError, AssertionError) as unsupported:
         # Its message goes on with the whole traced graph; the first line says what failed. (An
         # op it has no conversion for asserts: scaled_dot_product_attention with enable_gqa.)

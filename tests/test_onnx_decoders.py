@@ -1,0 +1,178 @@
+"""transformers decoders export to ONNX and run in onnxruntime.
+
+A LLaMA called without an attention mask and without a cache looks for packed sequences
+with ``(torch.diff(position_ids, prepend=...) != 1).cumsum(-1)``. PyTorch's TorchScript
+exporter has no conversion for ``aten::diff`` and writes a ``CumSum`` of bools that
+onnxruntime refuses to load; the export supplies the first and mends the second. The
+references: ``torch.diff`` and ``torch.cumsum`` themselves, and the trained model's logits.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import onnx  # noqa: E402
+import onnxruntime  # noqa: E402,F401  (a dev dependency: a missing one fails, never skips)
+import transformers  # noqa: E402
+from lightning.pytorch import LightningModule  # noqa: E402
+
+from lightning_compress import CompressedExport, QuantizationAwareTraining  # noqa: E402
+from lightning_compress.formats.onnx import export_onnx, run_onnx  # noqa: E402
+from tests.conftest import make_trainer  # noqa: E402
+
+VOCAB = 96
+
+
+class Diff(nn.Module):
+    def __init__(self, n: int, dim: int, prepend: bool, append: bool) -> None:
+        super().__init__()
+        self.n, self.dim, self.prepend, self.append = n, dim, prepend, append
+
+    def forward(self, x):
+        edge = x.narrow(self.dim, 0, 1)
+        return torch.diff(x, n=self.n, dim=self.dim, prepend=edge - 1.5 if self.prepend else None,
+                          append=edge * 3 if self.append else None)
+
+
+def onnx_ops(path) -> list[str]:
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+@pytest.mark.parametrize("n, dim, prepend, append", [
+    (1, -1, False, False), (1, 1, True, False), (2, -1, True, True), (1, 2, False, True), (3, 1, True, True),
+])
+def test_diff_conversion_matches_torch_diff(tmp_path, n, dim, prepend, append):
+    module = Diff(n, dim, prepend, append)
+    example = torch.randn(2, 6, 5)
+    export_onnx(module, (example,), tmp_path / "diff.onnx", {})
+    other_batch = torch.randn(3, 6, 5)  # the batch dimension is dynamic
+    (out,) = run_onnx(tmp_path / "diff.onnx", (other_batch,))
+    expected = torch.diff(other_batch, n=n, dim=dim, prepend=other_batch.narrow(dim, 0, 1) - 1.5 if prepend else None,
+                          append=other_batch.narrow(dim, 0, 1) * 3 if append else None)
+    assert out.shape == tuple(expected.shape)
+    np.testing.assert_allclose(out, expected.numpy(), rtol=0, atol=1e-6)
+
+
+class PackedSequenceIds(nn.Module):
+    """transformers' packed-sequence ids: a new sequence wherever positions do not step by 1."""
+
+    def forward(self, positions):
+        return (torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+
+
+def test_a_cumsum_of_bools_loads_in_onnxruntime_and_sums_as_int64(tmp_path):
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    export_onnx(PackedSequenceIds(), (positions,), tmp_path / "packed.onnx", {})
+    assert "Cast" in onnx_ops(tmp_path / "packed.onnx")
+    other = torch.tensor([[0, 1, 0, 1, 0, 1], [5, 6, 7, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
+    (out,) = run_onnx(tmp_path / "packed.onnx", (other,))
+    assert out.dtype == np.int64
+    np.testing.assert_array_equal(out, [[0, 0, 1, 1, 2, 2], [0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(out, PackedSequenceIds()(other).numpy())
+
+
+class FloatCumsum(nn.Module):
+    def forward(self, x):
+        return x.cumsum(-1)
+
+
+def test_a_float_cumsum_is_left_as_the_exporter_writes_it(tmp_path):
+    x = torch.randn(2, 7)
+    export_onnx(FloatCumsum(), (x,), tmp_path / "cumsum.onnx", {})
+    assert "Cast" not in onnx_ops(tmp_path / "cumsum.onnx")
+    (out,) = run_onnx(tmp_path / "cumsum.onnx", (x,))
+    np.testing.assert_allclose(out, x.cumsum(-1).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def plain_torchscript_export(module, example, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), dynamo=False)
+
+
+def test_the_diff_conversion_lasts_only_as_long_as_the_export(tmp_path):
+    """The caller's exporter is left as found: a plain export afterwards still refuses diff."""
+    module = Diff(1, -1, False, False)
+    export_onnx(module, (torch.randn(2, 4),), tmp_path / "ours.onnx", {})
+    with pytest.raises(torch.onnx.OnnxExporterError, match="aten::diff"):
+        plain_torchscript_export(module, torch.randn(2, 4), tmp_path / "plain.onnx")
+
+
+def test_a_diff_conversion_the_user_registered_is_used_and_kept(tmp_path):
+    calls = []
+
+    def users_diff(g, x, n, dim, prepend, append):  # a first difference that also records its call
+        calls.append(True)
+        one, big, start, before_last = (g.op("Constant", value_t=torch.tensor([v])) for v in (1, 2**62, 0, -1))
+        axis = g.op("Constant", value_t=torch.tensor([-1]))
+        return g.op("Sub", g.op("Slice", x, one, big, axis), g.op("Slice", x, start, before_last, axis))
+
+    torch.onnx.register_custom_op_symbolic("aten::diff", users_diff, 9)
+    try:
+        x = torch.randn(2, 5)
+        export_onnx(Diff(1, -1, False, False), (x,), tmp_path / "ours.onnx", {})
+        assert calls  # the user's conversion, not ours
+        (out,) = run_onnx(tmp_path / "ours.onnx", (x,))
+        np.testing.assert_allclose(out, torch.diff(x).numpy(), atol=1e-6)
+        calls.clear()
+        plain_torchscript_export(Diff(1, -1, False, False), x, tmp_path / "plain.onnx")
+        assert calls  # still registered after our export
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::diff", 9)
+
+
+# --------------------------------------------------------------- a LLaMA trained with QAT
+class CausalLM(LightningModule):
+    """A tiny transformers LLaMA (grouped-query attention) trained on unpadded token batches:
+    no attention mask, so transformers looks for packed sequences in the position ids."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, max_position_embeddings=32, use_cache=False,
+        )
+        self.model = transformers.LlamaForCausalLM(config)
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        logits = self(ids)
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def token_batches(batches: int, seed: int):
+    ids = torch.randint(0, VOCAB, (batches * 4, 12), generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=4)
+
+
+def test_a_llama_trained_with_int4_qat_exports_to_onnx_and_onnxruntime_matches(tmp_path, seeded):
+    module = CausalLM()
+    export_cb = CompressedExport(tmp_path / "llama", formats=["safetensors", "onnx"])
+    qat = QuantizationAwareTraining("int4", group_size=32, start_step=1)
+    make_trainer(max_steps=3, callbacks=[qat, export_cb]).fit(module, token_batches(3, seed=0))
+    assert export_cb.report.parity.passed
+    path = tmp_path / "llama" / "model.onnx"
+    linears = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    assert onnx_ops(path).count("MatMulNBits") == len(linears) == 15  # 7 per layer and the head
+
+    held_out = next(iter(token_batches(2, seed=5)))[0][:3]  # another batch size than training's 4
+    (logits,) = run_onnx(path, (held_out,))
+    with torch.no_grad():
+        expected = module.eval()(held_out)
+    relative = np.linalg.norm(logits - expected.numpy()) / np.linalg.norm(expected.numpy())
+    assert relative <= 1e-5
