@@ -33,6 +33,7 @@ starts record those 16 batches; the runs differ only in where QAT starts from.
 from __future__ import annotations
 
 import copy
+import sysconfig
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -108,22 +109,47 @@ def ptq_point(float_model: CharTransformer, spec: QuantSpec, init: str, data: Ch
     return model
 
 
+class SourceDataModule(CharDataModule):
+    """The char LM's windows over Python's own standard-library source (the top-level
+    ``.py`` files, sorted by name, the first ``max_chars`` characters): about 4.7 MB of
+    real text on disk, read, never imported, so 1400 steps see each window about once
+    where the docstring corpus (about 0.33 MB) is seen about 8 times."""
+
+    def setup(self, stage: str | None = None) -> None:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        text = "".join(path.read_text(errors="replace") for path in sorted(root.glob("*.py")))
+        ids = self.vocabulary.encode(text[: self.max_chars])
+        split = int(len(ids) * 0.9)
+        self.train_set = self._windows(ids[:split], stride=self.context // 2)
+        self.val_set = self._windows(ids[split:], stride=self.context)
+
+
+CORPORA = {
+    "docstrings": lambda seed: CharDataModule(seed=seed),
+    "source": lambda seed: SourceDataModule(seed=seed, max_chars=3_000_000),
+}
+
+
 class CharLMSeed:
     """One seed: the float base (checkpointed), the float model trained on from it, and
     QAT runs branched from the base.
 
     The base checkpoint and the float model's weights are kept in ``cache_dir``
-    (``common.charlm_cache``), keyed by the seed, the step counts, torch's version and the
-    char LM's source, so the char-LM benchmarks train each seed's base once between them.
+    (``common.charlm_cache``), keyed by the seed, the step counts, the width, the corpus,
+    torch's version and the char LM's source, so the char-LM benchmarks train each seed's
+    base once between them. ``corpus`` is a key of :data:`CORPORA`: the standard library's
+    docstrings (the default, the benchmarks' corpus) or its source.
     """
 
-    def __init__(self, seed: int, base_steps: int, extra_steps: int, cache_dir: Path | None = None) -> None:
-        self.seed, self.base_steps = seed, base_steps
+    def __init__(self, seed: int, base_steps: int, extra_steps: int, cache_dir: Path | None = None, *,
+                 d_model: int = 64, corpus: str = "docstrings") -> None:
+        self.seed, self.base_steps, self.d_model = seed, base_steps, d_model
         self.total = base_steps + extra_steps
-        folder = cache_dir or charlm_cache(f"seed{seed}", seed, base_steps, extra_steps, code=(CharLMSeed, _SaveAtEnd))
+        folder = cache_dir or charlm_cache(f"seed{seed}", seed, base_steps, extra_steps, d_model, corpus,
+                                           code=(CharLMSeed, _SaveAtEnd, SourceDataModule))
         folder.mkdir(parents=True, exist_ok=True)
         self.checkpoint = folder / "base.ckpt"
-        self.data = CharDataModule(seed=seed)
+        self.data = CORPORA[corpus](seed)
         self.data.setup()
         self.val = self.data.val_dataloader()
         float_weights = folder / "float.pt"
@@ -137,7 +163,7 @@ class CharLMSeed:
 
     def new_model(self) -> CharTransformer:
         pl.seed_everything(self.seed, verbose=False)
-        return CharTransformer(vocab_size=len(self.data.vocabulary), d_model=64, decay_steps=self.total)
+        return CharTransformer(vocab_size=len(self.data.vocabulary), d_model=self.d_model, decay_steps=self.total)
 
     def train(self, max_steps, callbacks=(), resume="base"):
         model = self.new_model()

@@ -40,6 +40,7 @@ ARGS = {
     "lora_minilm.py": ["--rounds", "3"],
     "distill_accuracy.py": ["--seeds", "2"],
     "qat_init.py": ["--seeds", "3"],
+    "qat_regimes.py": ["--seeds", "3"],
 }
 NOISE_NOTE = (
     "On this 2-core shared machine, repeated runs of the same overhead benchmark moved by up"

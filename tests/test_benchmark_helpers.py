@@ -43,3 +43,29 @@ def test_the_qat_init_benchmarks_ptq_point_is_the_quantized_float_model(qat_init
         assert int(distinct.max()) <= 16, name  # int4 group-32: at most 16 values a group
     float_head = model.head.weight.detach().reshape(-1, 32).sort(dim=1).values
     assert int((1 + (float_head[:, 1:] != float_head[:, :-1]).sum(dim=1)).max()) == 32  # the float model's are not
+
+
+def test_the_source_corpus_is_the_standard_librarys_own_source(qat_init):
+    """qat_regimes' second corpus: windows of the stdlib's top-level ``.py`` files, read
+    as text, the held-out tenth after the training text."""
+    import sysconfig
+
+    data = qat_init.SourceDataModule(seed=0, max_chars=50_000)
+    data.setup()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    first_file = sorted(root.glob("*.py"))[0].read_text(errors="replace")
+    decode = "".join
+    chars = data.vocabulary.chars
+    ids, targets = data.train_set[0]
+    assert decode(chars[i] for i in ids.tolist()) == first_file[:64]  # the corpus starts with the first file
+    assert torch.equal(ids[1:], targets[:-1])  # next-character targets
+    # 65-character windows (64 inputs, one more target) over the first 45,000 characters
+    # (90%) at stride 32, and over the last 5,000 at stride 64.
+    assert len(data.train_set) == (45_000 - 65) // 32 + 1 == 1405
+    assert len(data.val_set) == (5_000 - 65) // 64 + 1 == 78
+    val_ids, _ = data.val_set[0]
+    assert decode(chars[i] for i in val_ids.tolist()) == data_text(root)[45_000:45_064]
+
+
+def data_text(root: Path) -> str:
+    return "".join(path.read_text(errors="replace") for path in sorted(root.glob("*.py")))
