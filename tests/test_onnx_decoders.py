@@ -176,3 +176,106 @@ def test_a_llama_trained_with_int4_qat_exports_to_onnx_and_onnxruntime_matches(t
         expected = module.eval()(held_out)
     relative = np.linalg.norm(logits - expected.numpy()) / np.linalg.norm(expected.numpy())
     assert relative <= 1e-5
+
+
+# ------------------------------------------- a transformers model exported itself (module="model")
+def tiny_llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=32, use_cache=False,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def padded_batch(batch: int, seed: int):
+    ids = torch.randint(0, VOCAB, (batch, 12), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding, so the mask matters
+    return ids, mask
+
+
+def test_a_causal_lm_exported_itself_takes_only_the_inputs_given(tmp_path):
+    """The exporter turned forward's defaults into graph inputs: transformers'
+    ``logits_to_keep=0`` became an input, which the export's own onnxruntime check refused
+    (and whose tensor 0 kept one position's logits instead of all)."""
+    model = tiny_llama().eval()
+    export_onnx(model, padded_batch(2, seed=0), tmp_path / "llama.onnx", {})
+    assert [i.name for i in onnx.load(str(tmp_path / "llama.onnx")).graph.input] == ["input_0", "input_1"]
+    ids, mask = padded_batch(3, seed=1)
+    logits = run_onnx(tmp_path / "llama.onnx", (ids, mask))[0]
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    assert logits.shape == (3, 12, VOCAB)
+    np.testing.assert_allclose(logits, expected.numpy(), rtol=0, atol=1e-4)
+
+
+class HoldsTransformersModel(LightningModule):
+    """The usual pattern: a transformers model in ``self.model`` trained on dict batches."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.train()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def dict_batches(batches: int, seed: int):
+    samples = []
+    for index in range(batches * 4):
+        ids, mask = padded_batch(1, seed=seed * 100 + index)
+        samples.append({"input_ids": ids[0], "attention_mask": mask[0], "labels": ids[0]})
+    return torch.utils.data.DataLoader(samples, batch_size=4)
+
+
+def test_a_llama_in_self_model_trained_on_dict_batches_exports_to_onnx(tmp_path, seeded):
+    module = HoldsTransformersModel(tiny_llama())
+    export_cb = CompressedExport(tmp_path / "out", module="model", formats=["safetensors", "onnx"])
+    qat = QuantizationAwareTraining("int4", group_size=32, start_step=1)
+    make_trainer(max_steps=3, callbacks=[qat, export_cb]).fit(module, dict_batches(3, seed=0))
+    assert export_cb.report.parity.passed
+    ids, mask = padded_batch(3, seed=7)
+    logits = run_onnx(tmp_path / "out" / "model.onnx", (ids, mask))[0]
+    with torch.no_grad():
+        expected = module.model.eval()(input_ids=ids, attention_mask=mask).logits.numpy()
+    assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) <= 1e-5
+
+
+def tiny_gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32, use_cache=False)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_keyword_inputs_for_onnx_get_an_input_fn_to_pass(tmp_path, seeded):
+    """GPT-2's forward takes ``past_key_values`` second, so the default input_fn passes a
+    dict batch as keyword arguments, which the ONNX trace cannot take: the message names
+    CompressedExport's ``input_fn`` (it said to pass ``inputs``, which the callback lacks);
+    with that input_fn the export runs and onnxruntime matches."""
+    module = HoldsTransformersModel(tiny_gpt2())
+    export_cb = CompressedExport(tmp_path / "refused", module="model", formats=["safetensors", "onnx"])
+    with pytest.raises(ValueError, match=r"formats=\['safetensors', 'onnx'\] includes 'onnx'.* keyword arguments"
+                                         r" \(input_ids, attention_mask\).*CompressedExport\(input_fn=lambda batch:"
+                                         r" \(batch\['input_ids'\],\)\)"):
+        make_trainer(max_steps=2, callbacks=[export_cb]).fit(module, dict_batches(2, seed=0))
+
+    export_cb = CompressedExport(tmp_path / "out", module="model", formats=["safetensors", "onnx"],
+                                 input_fn=lambda batch: (batch["input_ids"],))
+    make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8"), export_cb]).fit(module, dict_batches(2, 0))
+    ids, _ = padded_batch(3, seed=7)
+    logits = run_onnx(tmp_path / "out" / "model.onnx", (ids,))[0]
+    with torch.no_grad():
+        expected = module.model.eval()(input_ids=ids).logits.numpy()
+    assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) <= 1e-5
+
+
+def test_onnx_without_inputs_says_to_pass_them(tmp_path):
+    from lightning_compress import export
+
+    model = FloatCumsum()
+    with pytest.raises(ValueError, match=r"formats=\['safetensors', 'onnx'\] includes 'onnx'.*pass `inputs`"):
+        export(model, tmp_path / "out", inputs=[], formats=["safetensors", "onnx"])

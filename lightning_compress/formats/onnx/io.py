@@ -313,6 +313,12 @@ def _export_torchscript(model, example_inputs, path, input_names, output_names, 
         # torch.onnx.export reads a trailing dict as keyword arguments; after it, the empty
         # dict its documentation gives for this case keeps the one before it positional.
         example_inputs = (*example_inputs, {})
+    # The exporter passes forward's default values after the inputs given, as more graph
+    # inputs: transformers' `logits_to_keep=0` became a graph input, whose tensor 0 then
+    # kept the logits of one position instead of all. The copy's forward takes the inputs
+    # given, so the defaults stay Python values inside the traced call.
+    forward = model.forward
+    model.forward = lambda *inputs: forward(*inputs)
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated but still the one without extra
         # dependencies; its warnings say nothing the user can act on here.
