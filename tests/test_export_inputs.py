@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule
 from torch import nn
 
-from lightning_compress import ArgumentError, CompressedExport, QuantizationAwareTraining, load_packed
+from lightning_compress import ArgumentError, CompressedExport, QuantizationAwareTraining, QuantSpec, export, load_packed
 from lightning_compress.formats.inputs import batch_inputs
 from lightning_compress.formats.packed import METADATA_FILE
+from lightning_compress.quant.weights import round_to_nearest
 from tests.conftest import make_trainer
 
 
@@ -171,8 +172,21 @@ def test_a_transformers_dict_batch_goes_in_the_forward_order():
     ids, mask, types = torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4), torch.zeros(1, 4, dtype=torch.long)
     inputs = batch_inputs({"attention_mask": mask, "input_ids": ids, "labels": Y}, model)
     assert len(inputs) == 2 and inputs[0] is ids and inputs[1] is mask
-    # Not the leading parameters (attention_mask is missing): keyword arguments.
-    assert batch_inputs({"input_ids": ids, "token_type_ids": types}, model) == {"input_ids": ids, "token_type_ids": types}
+    # attention_mask missing between them: None in its place, so an ONNX trace still takes a tuple.
+    inputs = batch_inputs({"input_ids": ids, "token_type_ids": types}, model)
+    assert len(inputs) == 3 and inputs[0] is ids and inputs[1] is None and inputs[2] is types
+
+
+class GapWithADefault(nn.Module):
+    def forward(self, x, scale=1.0, mask=None):
+        return x * scale
+
+
+def test_a_dict_skipping_a_parameter_that_defaults_to_a_value_stays_keywords():
+    """Passing None for ``scale`` would replace its 1.0: keyword arguments instead."""
+    assert batch_inputs({"x": X, "mask": Y}, GapWithADefault()) == {"x": X, "mask": Y}
+    inputs = batch_inputs({"x": X, "scale": C}, GapWithADefault())
+    assert len(inputs) == 2 and inputs[0] is X and inputs[1] is C
 
 
 @pytest.mark.parametrize(
@@ -389,3 +403,30 @@ def test_a_type_error_inside_a_forward_that_takes_its_inputs_is_left_alone(tmp_p
     with pytest.raises(TypeError, match="unsupported operand") as caught:
         fit(Broken(), pairs(nested=True), CompressedExport(tmp_path / "packed"))
     assert not isinstance(caught.value, ArgumentError) and Steps.count == 0
+
+
+class RefusesWideBatches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, scale=None):
+        if scale is not None and scale.dim() > 1:
+            raise RuntimeError("scale must be a vector")
+        return self.fc(x)
+
+
+def test_a_model_that_cannot_run_on_the_inputs_is_not_blamed_on_the_packed_files(tmp_path):
+    """The model's own forward raised on ``inputs``: its error as it is, with a note of how
+    forward bound the inputs, and nothing written or kept as a failed export (it said "the
+    check of the packed files failed" and kept them in a .failed-parity folder)."""
+    model = RefusesWideBatches()
+    round_to_nearest(model, QuantSpec(8, "channel"))
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match=r"^scale must be a vector") as caught:
+        export(model, tmp_path / "out", inputs=[(x,), (x, x)])
+    assert caught.value.__notes__ == [
+        "RefusesWideBatches.forward raised this on the export's inputs[1] as x=tensor[2, 8], scale=tensor[2, 8]. The"
+        " export checks the packed model on these inputs (CompressedExport: what `input_fn` returns): pass inputs"
+        " forward takes, positionally in its order with None for the parameters between them, or as keywords"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

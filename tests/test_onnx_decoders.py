@@ -10,6 +10,7 @@ references: ``torch.diff`` and ``torch.cumsum`` themselves, and the trained mode
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import numpy as np
@@ -251,26 +252,34 @@ def tiny_gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
-def test_keyword_inputs_for_onnx_get_an_input_fn_to_pass(tmp_path, seeded):
-    """GPT-2's forward takes ``past_key_values`` second, so the default input_fn passes a
-    dict batch as keyword arguments, which the ONNX trace cannot take: the message names
-    CompressedExport's ``input_fn`` (it said to pass ``inputs``, which the callback lacks);
-    with that input_fn the export runs and onnxruntime matches."""
+def test_gpt2_on_dict_batches_exports_its_attention_mask(tmp_path, seeded):
+    """GPT-2's forward takes ``past_key_values`` between ``input_ids`` and
+    ``attention_mask``: the default input_fn passes ``(input_ids, None, attention_mask)``,
+    so the graph takes the mask. (It asked for an input_fn, whose suggested form dropped
+    the mask: a graph 0.25 off on padded batches, the export's check passing.)"""
     module = HoldsTransformersModel(tiny_gpt2())
-    export_cb = CompressedExport(tmp_path / "refused", module="model", formats=["safetensors", "onnx"])
-    with pytest.raises(ValueError, match=r"formats=\['safetensors', 'onnx'\] includes 'onnx'.* keyword arguments"
-                                         r" \(input_ids, attention_mask\).*CompressedExport\(input_fn=lambda batch:"
-                                         r" \(batch\['input_ids'\],\)\)"):
-        make_trainer(max_steps=2, callbacks=[export_cb]).fit(module, dict_batches(2, seed=0))
-
-    export_cb = CompressedExport(tmp_path / "out", module="model", formats=["safetensors", "onnx"],
-                                 input_fn=lambda batch: (batch["input_ids"],))
+    export_cb = CompressedExport(tmp_path / "out", module="model", formats=["safetensors", "onnx"])
     make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8"), export_cb]).fit(module, dict_batches(2, 0))
-    ids, _ = padded_batch(3, seed=7)
-    logits = run_onnx(tmp_path / "out" / "model.onnx", (ids,))[0]
+    assert [i.name for i in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.input] == ["input_0", "input_1"]
+    ids, mask = padded_batch(3, seed=7)
+    logits = run_onnx(tmp_path / "out" / "model.onnx", (ids, mask))[0]
     with torch.no_grad():
-        expected = module.model.eval()(input_ids=ids).logits.numpy()
+        expected = module.model.eval()(input_ids=ids, attention_mask=mask).logits.numpy()
+        unmasked = module.model(input_ids=ids).logits.numpy()
     assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) <= 1e-5
+    assert np.linalg.norm(unmasked - expected) / np.linalg.norm(expected) > 1e-2  # the mask matters here
+
+
+def test_keyword_inputs_for_onnx_say_to_pass_a_tuple_in_forward_order(tmp_path):
+    from lightning_compress import export
+
+    ids, mask = padded_batch(2, seed=0)
+    with pytest.raises(ValueError, match=r"formats=\['safetensors', 'onnx'\] includes 'onnx'.* keyword arguments"
+                                         r" \(input_ids, attention_mask\)\. Pass a tuple in forward's parameter order"
+                                         r".*None where they default to None"):
+        export(tiny_gpt2().eval(), tmp_path / "out", inputs=[{"input_ids": ids, "attention_mask": mask}],
+               formats=["safetensors", "onnx"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_onnx_without_inputs_says_to_pass_them(tmp_path):
@@ -279,3 +288,15 @@ def test_onnx_without_inputs_says_to_pass_them(tmp_path):
     model = FloatCumsum()
     with pytest.raises(ValueError, match=r"formats=\['safetensors', 'onnx'\] includes 'onnx'.*pass `inputs`"):
         export(model, tmp_path / "out", inputs=[], formats=["safetensors", "onnx"])
+
+
+def test_gpt2_given_its_mask_second_says_where_the_mask_went(tmp_path):
+    """``(input_ids, attention_mask)`` binds the mask to GPT-2's second parameter, its
+    cache: the model raises, with a note saying so, and the packed files are not blamed."""
+    from lightning_compress import export
+
+    with pytest.raises(AttributeError) as caught:
+        export(tiny_gpt2().eval(), tmp_path / "out", inputs=[padded_batch(2, seed=0)], formats=["safetensors", "onnx"])
+    assert re.match(r"GPT2LMHeadModel.forward raised this on the export's inputs\[0\] as input_ids=tensor\[2, 12\],"
+                    r" \w+=tensor\[2, 12\]\.", caught.value.__notes__[0])
+    assert list(tmp_path.iterdir()) == []

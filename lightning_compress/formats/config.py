@@ -107,14 +107,15 @@ def validate_export_formats(formats, inputs, tokenizer=None, onnx_activations="f
             "inputs", f"formats={list(formats)!r} includes 'onnx', which traces the model with `inputs[0]`: pass"
             " `inputs` with a tensor or a tuple of tensors")
     if "onnx" in formats and isinstance(inputs[0], Mapping):
-        # CompressedExport's default input_fn makes keyword arguments of a dict batch whose
-        # keys are not forward's leading parameters (GPT-2: past_key_values comes second).
-        first = next(iter(inputs[0]), "input_ids")
+        # CompressedExport's default input_fn makes keyword arguments of a dict batch only when
+        # a parameter between its keys has a default other than None.
+        first = next(iter(inputs[0]), "input_ids")  # inputs[0] is a dict the user gave: it may be empty
         raise ArgumentError(
             "inputs", f"formats={list(formats)!r} includes 'onnx', which traces the model with positional inputs,"
-            f" but the inputs are keyword arguments ({', '.join(map(str, inputs[0]))}). Pass a tuple of the tensors"
-            f" forward takes first, in its order: CompressedExport(input_fn=lambda batch: (batch[{first!r}],)),"
-            " or export(inputs=[...]) with such tuples")
+            f" but the inputs are keyword arguments ({', '.join(map(str, inputs[0]))}). Pass a tuple in forward's"
+            " parameter order, with the values of the parameters between them (None where they default to None):"
+            f" CompressedExport(input_fn=lambda batch: (batch[{first!r}], ...)), or export(inputs=[...]) with such"
+            " tuples")
     check_choice("onnx_activations", onnx_activations, ONNX_ACTIVATIONS)
     if onnx_activations != "float" and "onnx" not in formats:
         raise ArgumentError(

@@ -17,6 +17,7 @@ from lightning_compress.formats.failed_export import failed_path, keep_elsewhere
 from lightning_compress.formats.gguf import summary_line, write_gguf
 from lightning_compress.formats.packed import METADATA_FILE, PackedModel, metadata_bytes, open_packed
 from lightning_compress.formats.packing import CONFIG_FILE, ExportReport, Packing, collect, pack, pack_into, plan_layers
+from lightning_compress.formats.outputs import raised_by_the_model
 from lightning_compress.formats.parity import check_parity
 
 REPORT_FILE = "report.txt"
@@ -149,6 +150,8 @@ def export(
                           parity=parity, backend=backend, max_relative_error=max_relative_error,
                           min_sqnr_db=min_sqnr_db, formats=formats, onnx_activations=onnx_activations)
         except Exception as error:
+            if raised_by_the_model(error):
+                raise  # the model itself cannot run on `inputs`: the packed files are not at fault
             # The packed files and the check's own (model.onnx) are kept beside the export; only
             # on this path is model.safetensors read into memory.
             failure.update(error=error, files={p.name: p.read_bytes() for p in directory.iterdir()

@@ -7,8 +7,9 @@ module's ``forward`` signature to decide what of the batch they are:
 
 - a dict (``{"input_ids", "attention_mask", "labels"}`` for a transformers model): the
   entries ``forward`` takes, label keys left out, as keyword arguments; positionally in
-  the forward's order when they are exactly its leading parameters, so an ONNX export
-  can trace them. A ``forward`` whose one required parameter is named ``batch`` or
+  the forward's order when they are positional parameters of it and those between them
+  default to None (passed as None: GPT-2's ``(input_ids, None, attention_mask)``), so an
+  ONNX export can trace them. A ``forward`` whose one required parameter is named ``batch`` or
   annotated as a dict, and that the dict does not name, gets the dict itself;
 - a tuple or list: as many leading elements as ``forward`` requires positional inputs,
   at least one: ``(x, y)`` -> ``x``, ``(x1, x2, y)`` for ``forward(x1, x2)`` ->
@@ -95,6 +96,23 @@ def mismatch_error(module: nn.Module, batch: Any, inputs: Any, problem: str, *, 
         f" inputs (a tuple is passed positionally, a dict as keyword arguments), e.g."
         f" input_fn={_suggestion(module, batch)}; in a recipe: export.input_fn, a dotted path to such a function",
     )
+
+
+def model_call_note(module: nn.Module, inputs: Any, index: int) -> str:
+    """The note added to an error ``module`` raised on the export's ``inputs[index]``: how
+    ``forward`` bound them, and that the export runs the model on them."""
+    signature = _forward_signature(module)
+    bound = None
+    if signature is not None:
+        try:
+            bound = (signature.bind_partial(**inputs) if isinstance(inputs, Mapping) else signature.bind_partial(
+                *(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))).arguments
+        except TypeError:
+            pass
+    binding = "" if bound is None else f" as {', '.join(f'{k}={_structure(v)}' for k, v in bound.items())}"
+    return (f"{_describe(module)} raised this on the export's inputs[{index}]{binding}. The export checks the packed"
+            " model on these inputs (CompressedExport: what `input_fn` returns): pass inputs forward takes,"
+            " positionally in its order with None for the parameters between them, or as keywords")
 
 
 def guessed_inputs_error(error: TypeError, module: nn.Module, batch: Any, inputs: Any) -> Optional[ArgumentError]:
@@ -185,9 +203,14 @@ def _from_mapping(batch: Mapping[str, Any], signature: Optional[inspect.Signatur
             f"{' (or input_fn=lambda batch: (batch,) to pass the whole dict)' if len(required) == 1 else ''};"
             " in a recipe: export.input_fn, a dotted path to such a function",
         )
-    leading = [name for name, p in parameters.items() if p.kind in _POSITIONAL][: len(kept)]
-    if kept and set(leading) == set(kept):
-        return tuple(kept[name] for name in leading)  # positionally: an ONNX export traces a tuple
+    positional = [name for name, p in parameters.items() if p.kind in _POSITIONAL]
+    if kept and set(kept) <= set(positional):
+        # Positionally, so an ONNX export can trace them: in forward's order, None for the
+        # parameters between them that default to None (GPT-2 takes past_key_values before
+        # attention_mask; dropping the mask instead would export a graph without it).
+        upto = positional[: 1 + max(positional.index(name) for name in kept)]
+        if all(name in kept or parameters[name].default is None for name in upto):
+            return tuple(kept.get(name) for name in upto)
     return kept
 
 
@@ -276,4 +299,5 @@ def _describe(module: nn.Module) -> str:
     return f"{type(module).__name__}.forward"
 
 
-__all__ = ["LABEL_KEYS", "batch_inputs", "guessed_inputs_error", "inputs_mismatch", "mismatch_error"]
+__all__ = ["LABEL_KEYS", "batch_inputs", "guessed_inputs_error", "inputs_mismatch", "mismatch_error",
+           "model_call_note"]

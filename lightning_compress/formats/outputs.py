@@ -4,10 +4,12 @@ relative error and SQNR of one output against another, as running sums over batc
 from __future__ import annotations
 
 import math
-from typing import Any, List, Mapping
+from typing import Any, List, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from lightning_compress.formats.inputs import model_call_note
 
 
 class OutputError:
@@ -85,13 +87,30 @@ def _collect_floating(value: Any, found: List[Tensor]) -> None:
             _collect_floating(item, found)
 
 
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict, else ``model(inputs)``."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+def call_model(model: nn.Module, inputs: Any, index: int | None = None, *, packed_failed: Sequence = ()) -> Any:
+    """``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict, else ``model(inputs)``.
+
+    With ``index`` (the position of ``inputs`` among the export's), an error the model's own
+    forward raises (not a packed layer the check runs inside it: ``packed_failed`` names
+    one then) goes on as it is, with a note saying how ``forward`` bound the inputs, and
+    :func:`raised_by_the_model` tells it apart from a failure of the packed files.
+    """
+    try:
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
+    except Exception as error:
+        if index is not None and not packed_failed:
+            error.add_note(model_call_note(model, inputs, index))
+            error.lc_raised_by_the_model = True
+        raise
 
 
-__all__ = ["OutputError", "call_model", "flatten_outputs", "relative_error", "sqnr_db"]
+def raised_by_the_model(error: BaseException) -> bool:
+    """Whether ``error`` came from the model's own forward on the export's inputs."""
+    return getattr(error, "lc_raised_by_the_model", False)
+
+
+__all__ = ["OutputError", "call_model", "raised_by_the_model", "flatten_outputs", "relative_error", "sqnr_db"]

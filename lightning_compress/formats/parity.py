@@ -342,7 +342,11 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
 
     def measure(name: str, output) -> None:
         if not running_packed:
-            compare(name, *pending[name].pop(), output)
+            try:
+                compare(name, *pending[name].pop(), output)
+            except Exception:
+                failed.append(name)  # a packed layer failed, not the model on its inputs
+                raise
 
     for name in built.units:
         module = model.get_submodule(name)
@@ -350,8 +354,9 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
         handles.append(module.register_forward_pre_hook(
             lambda _, args, kwargs, name=name: record(name, args, kwargs), prepend=True, with_kwargs=True))
         handles.append(module.register_forward_hook(lambda _, __, output, name=name: measure(name, output)))
+    failed: List[str] = []
     try:
-        outputs = [flatten_outputs(call_model(model, x)) for x in inputs]
+        outputs = [flatten_outputs(call_model(model, x, index, packed_failed=failed)) for index, x in enumerate(inputs)]
     finally:
         for handle in handles:
             handle.remove()
