@@ -25,7 +25,9 @@ from min/max ranges.
 Every QAT run starts at the same step, 16 steps into the resumed run, so the calibrated
 starts record those 16 batches; the runs differ only in where QAT starts from.
 
-"gap closed" is (RTN PTQ perplexity - x) / (RTN PTQ perplexity - float perplexity).
+"gap closed" is (RTN PTQ perplexity - x) / (RTN PTQ perplexity - float perplexity). Its
+denominator holds the float model's own progress over those 200 steps, and the model
+overfits its small corpus; qat_regimes.py measures how the figure moves with both.
 
     python benchmarks/qat_init.py [--seeds 3]
 """
