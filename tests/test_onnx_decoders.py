@@ -9,6 +9,7 @@ references: ``torch.diff`` and ``torch.cumsum`` themselves, and the trained mode
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -27,6 +28,7 @@ from lightning.pytorch import LightningModule  # noqa: E402
 
 from lightning_compress import CompressedExport, QuantizationAwareTraining  # noqa: E402
 from lightning_compress.formats.onnx import export_onnx, run_onnx  # noqa: E402
+from lightning_compress.formats.packed import METADATA_FILE  # noqa: E402
 from tests.conftest import make_trainer  # noqa: E402
 
 VOCAB = 96
@@ -300,3 +302,116 @@ def test_gpt2_given_its_mask_second_says_where_the_mask_went(tmp_path):
     assert re.match(r"GPT2LMHeadModel.forward raised this on the export's inputs\[0\] as input_ids=tensor\[2, 12\],"
                     r" \w+=tensor\[2, 12\]\.", caught.value.__notes__[0])
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------ any sequence length (onnx_dynamic_sequence)
+def test_a_llama_exported_for_any_sequence_length_matches_at_other_lengths(tmp_path, seeded):
+    module = HoldsTransformersModel(tiny_llama())
+    export_cb = CompressedExport(tmp_path / "out", module="model", formats=["safetensors", "onnx"],
+                                 onnx_dynamic_sequence=True)
+    make_trainer(max_steps=3, callbacks=[QuantizationAwareTraining("int4", group_size=32, start_step=1),
+                                         export_cb]).fit(module, dict_batches(3, seed=0))
+    path = tmp_path / "out" / "model.onnx"
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(path)).graph.input]
+    assert dims == [["batch", "sequence"], ["batch", "sequence"]]
+    meta = json.loads((tmp_path / "out" / METADATA_FILE).read_text())
+    assert meta["onnx"]["dynamic_sequence"]["checked_length"] == 12 - 12 // 4  # the example shortened by a quarter
+    model = module.model.eval()
+    for length in (5, 12, 20):
+        ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        logits = run_onnx(path, (ids, mask))[0]
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
+        assert logits.shape == (2, length, VOCAB)
+        assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) <= 1e-5, length
+
+
+class HoldsItsLength(nn.Module):
+    """Averages over a length read as a Python number: the trace keeps the example's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, ids):
+        return self.fc(self.embed(ids).sum(1) / float(ids.shape[1]))
+
+
+def quantized_example(model, tmp_path):
+    from lightning_compress.quant.weights import round_to_nearest
+    from lightning_compress.quant.spec import QuantSpec
+
+    round_to_nearest(model, QuantSpec(8, "channel"), targets=[nn.Linear])
+    return model.eval()
+
+
+def test_a_trace_that_keeps_the_length_is_refused_for_any_length(tmp_path):
+    from lightning_compress import ParityError, export
+
+    model = quantized_example(HoldsItsLength(), tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warning about the Python number
+        with pytest.raises(ParityError, match=r"at sequence length 9, shorter than the example's: the trace kept the"
+                                              r" example's length as a constant"):
+            export(model, tmp_path / "out", inputs=[(ids,)], formats=["safetensors", "onnx"],
+                   onnx_dynamic_sequence=True)
+        export(model, tmp_path / "static", inputs=[(ids,)], formats=["safetensors", "onnx"])  # the fixed length holds
+
+
+class FixedFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((2, 16), r"cannot run on the example shortened to length 12 along dimension 1 \(RuntimeError: "),
+    ((2,), r"needs inputs with a sequence of two or more along dimension 1 \(got lengths \[\]\)"),
+])
+def test_inputs_without_a_sequence_dimension_are_refused_for_any_length(tmp_path, shape, message):
+    from lightning_compress import ArgumentError, export
+
+    model = quantized_example(FixedFeatures() if len(shape) == 2 else Scalar(), tmp_path)
+    with pytest.raises(ArgumentError, match=message) as caught:
+        export(model, tmp_path / "out", inputs=[(torch.randn(*shape),)], formats=["safetensors", "onnx"],
+               onnx_dynamic_sequence=True)
+    assert caught.value.argument == "onnx_dynamic_sequence"
+    assert list(tmp_path.iterdir()) == []
+
+
+class Scalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, 4)
+
+    def forward(self, x):
+        return self.fc(x[:, None])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"onnx_dynamic_sequence": "yes", "formats": ["safetensors", "onnx"]}, r"onnx_dynamic_sequence"),
+    ({"onnx_dynamic_sequence": True}, r"`onnx_dynamic_sequence=True` makes model.onnx take any sequence length: add"
+                                      r" 'onnx' to `formats`"),
+])
+def test_onnx_dynamic_sequence_is_validated_when_the_callback_is_built(tmp_path, options, message):
+    from lightning_compress import ArgumentError
+
+    with pytest.raises(ArgumentError, match=message) as caught:
+        CompressedExport(tmp_path / "out", **options)
+    assert caught.value.argument == "onnx_dynamic_sequence"
+
+
+def test_a_recipe_sets_onnx_dynamic_sequence(tmp_path):
+    from lightning_compress import from_recipe
+
+    callbacks = from_recipe({"export": {"dirpath": str(tmp_path / "out"), "formats": ["safetensors", "onnx"],
+                                        "onnx_dynamic_sequence": True}})
+    (export_cb,) = [c for c in callbacks if isinstance(c, CompressedExport)]
+    assert export_cb.config.onnx_dynamic_sequence is True

@@ -106,6 +106,8 @@ class CompressedExport(CompressionCallback):
         onnx_activations: ``"float"`` (exact) or ``"int8"`` (``model.onnx`` rounds the
             integer layers' activations to int8: 2x to 4x faster at batch 1, held to
             ``min_sqnr_db``); see :func:`lightning_compress.export`.
+        onnx_dynamic_sequence: ``model.onnx`` takes any sequence length (dimension 1),
+            checked at a shorter one too; see :func:`lightning_compress.export`.
         config: a built :class:`~lightning_compress.formats.config.ExportConfig` instead
             of the arguments above.
 

@@ -53,6 +53,7 @@ class ExportConfig:
     formats: Sequence[str] = ("safetensors",)
     tokenizer: Any = None
     onnx_activations: str = "float"
+    onnx_dynamic_sequence: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.dirpath, (str, os.PathLike)) or not str(self.dirpath):
@@ -74,7 +75,8 @@ class ExportConfig:
             self.backend, self.sparse_threshold, self.max_relative_error, self.min_sqnr_db, None, self.compressed_tensors
         )
         onnx = isinstance(self.formats, (list, tuple)) and "onnx" in self.formats
-        validate_export_formats(self.formats, [None] if onnx else None, self.tokenizer, self.onnx_activations)
+        validate_export_formats(self.formats, [None] if onnx else None, self.tokenizer, self.onnx_activations,
+                                self.onnx_dynamic_sequence)
         object.__setattr__(self, "dirpath", Path(self.dirpath))
         object.__setattr__(self, "formats", tuple(self.formats))
 
@@ -85,13 +87,15 @@ class ExportConfig:
             min_sqnr_db=self.min_sqnr_db, backend=self.backend, sparse_threshold=self.sparse_threshold,
             compressed_tensors=self.compressed_tensors, recipe=self.recipe, formats=self.formats,
             tokenizer=self.tokenizer, onnx_activations=self.onnx_activations,
+            onnx_dynamic_sequence=self.onnx_dynamic_sequence,
         )
 
 
-def validate_export_formats(formats, inputs, tokenizer=None, onnx_activations="float") -> None:
+def validate_export_formats(formats, inputs, tokenizer=None, onnx_activations="float",
+                            onnx_dynamic_sequence=False) -> None:
     """Check :func:`export`'s ``formats``, that ``inputs`` can trace an ONNX export
-    (pass ``[None]`` for inputs that will exist by export time), the GGUF ``tokenizer``
-    and ``onnx_activations``.
+    (pass ``[None]`` for inputs that will exist by export time), the GGUF ``tokenizer``,
+    ``onnx_activations`` and ``onnx_dynamic_sequence``.
 
     Raises:
         ArgumentError: a ``ValueError`` naming ``formats``, ``inputs`` or ``tokenizer``.
@@ -121,6 +125,11 @@ def validate_export_formats(formats, inputs, tokenizer=None, onnx_activations="f
         raise ArgumentError(
             "onnx_activations", f"`onnx_activations={onnx_activations!r}` sets how model.onnx computes: add 'onnx' to"
             " `formats`, or drop it")
+    check_bool("onnx_dynamic_sequence", onnx_dynamic_sequence)
+    if onnx_dynamic_sequence and "onnx" not in formats:
+        raise ArgumentError(
+            "onnx_dynamic_sequence", "`onnx_dynamic_sequence=True` makes model.onnx take any sequence length: add"
+            " 'onnx' to `formats`, or drop it")
     if "gguf" in formats:
         check_tokenizer(tokenizer)
         if importlib.util.find_spec("gguf") is None:

@@ -42,6 +42,7 @@ def dry_export(
     overwrite: bool = False,
     tokenizer: Any = None,
     onnx_activations: str = "float",
+    onnx_dynamic_sequence: bool = False,
 ) -> ExportReport:
     """Pack ``model``, decode the packed bytes back from memory, run the parity check on
     ``inputs`` and, with ``"onnx"`` in ``formats``, export and run ``model.onnx`` (with
@@ -75,7 +76,7 @@ def dry_export(
     """
     inputs = list(inputs)
     validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
-    validate_export_formats(formats, inputs, tokenizer, onnx_activations)
+    validate_export_formats(formats, inputs, tokenizer, onnx_activations, onnx_dynamic_sequence)
     with preserved_rng(), preserved_ranges(model):
         packing = pack(model, Path("(dry export)"), sparse_threshold=sparse_threshold,
                        compressed_tensors=compressed_tensors, recipe=recipe, dry=True, formats=formats,
@@ -86,7 +87,7 @@ def dry_export(
             metadata.pop("metadata_sha256", None)
             packed = decode_packed(metadata, packing.files[WEIGHTS_FILE], f"{WEIGHTS_FILE} (dry export, in memory)")
         options = dict(backend=backend, max_relative_error=max_relative_error, min_sqnr_db=min_sqnr_db, formats=formats,
-                       onnx_activations=onnx_activations)
+                       onnx_activations=onnx_activations, onnx_dynamic_sequence=onnx_dynamic_sequence)
         writes = {"onnx", "gguf"} & set(formats)  # model.onnx, model.gguf: written and read back
         onnx_folder = tempfile.TemporaryDirectory(prefix="lightning-compress-dry-") if writes else None
         with onnx_folder or contextlib.nullcontext() as folder:

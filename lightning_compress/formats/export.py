@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_directory, remove_directory
 from lightning_compress.core.memory import release_freed_memory
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.errors import ExportError, ParityError
 from lightning_compress.formats.failed_export import failed_path, keep_elsewhere, keep_failed, refuse_stale
@@ -40,6 +41,7 @@ def export(
     formats: Sequence[str] = ("safetensors",),
     tokenizer: Any = None,
     onnx_activations: str = "float",
+    onnx_dynamic_sequence: bool = False,
 ) -> ExportReport:
     """Pack ``model`` (as its compression callbacks left it) into ``out_dir``.
 
@@ -105,6 +107,11 @@ def export(
             its codes): 3x to 6x float32 at batch 1 here, approximate for weight-only
             layers, so the file is held to ``min_sqnr_db`` instead. Layers trained with
             static int8 activations keep them. Only with ``"onnx"`` in ``formats``.
+        onnx_dynamic_sequence: ``model.onnx`` takes any length along dimension 1 of each
+            input and output with two or more dimensions (token ids, masks, hidden states,
+            logits), not only the example's; checked in onnxruntime at a shorter length
+            too, since a traced model can hold a length as a constant. Only with
+            ``"onnx"`` in ``formats``.
 
     Raises:
         ExportError: NaN/Inf in a weight (naming the layer), ``out_dir`` or
@@ -122,7 +129,7 @@ def export(
             ``None`` if nothing could; the message says why).
     """
     validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
-    validate_export_formats(formats, inputs, tokenizer, onnx_activations)
+    validate_export_formats(formats, inputs, tokenizer, onnx_activations, onnx_dynamic_sequence)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass overwrite=True to replace it")
@@ -148,10 +155,11 @@ def export(
             # Not `read_packed`: its pass over every entry is the weight check's first step.
             check_packing(model, packing, open_packed(directory) if parity else None, inputs, directory,
                           parity=parity, backend=backend, max_relative_error=max_relative_error,
-                          min_sqnr_db=min_sqnr_db, formats=formats, onnx_activations=onnx_activations)
+                          min_sqnr_db=min_sqnr_db, formats=formats, onnx_activations=onnx_activations,
+                          onnx_dynamic_sequence=onnx_dynamic_sequence)
         except Exception as error:
-            if raised_by_the_model(error):
-                raise  # the model itself cannot run on `inputs`: the packed files are not at fault
+            if raised_by_the_model(error) or isinstance(error, ArgumentError):
+                raise  # the model cannot run on `inputs`, or an option does not fit it: the files are not at fault
             # The packed files and the check's own (model.onnx) are kept beside the export; only
             # on this path is model.safetensors read into memory.
             failure.update(error=error, files={p.name: p.read_bytes() for p in directory.iterdir()
@@ -184,7 +192,7 @@ def export(
 
 def check_packing(model: nn.Module, packing: Packing, packed: Optional[PackedModel], inputs, directory: Path, *,
                   parity: bool, backend: str, max_relative_error: float, min_sqnr_db: float, formats,
-                  onnx_activations: str = "float") -> None:
+                  onnx_activations: str = "float", onnx_dynamic_sequence: bool = False) -> None:
     """The export's check of ``packed`` (``packing``'s files, read back): parity, then the
     ONNX file (written to ``directory``) in onnxruntime; the figures go into ``packing``.
 
@@ -204,7 +212,8 @@ def check_packing(model: nn.Module, packing: Packing, packed: Optional[PackedMod
         from lightning_compress.formats.onnx.check import export_and_check
 
         body["onnx"] = export_and_check(model, packing.layers, list(inputs), directory / ONNX_FILE, max_relative_error,
-                                        min_sqnr_db, int8_activations=onnx_activations == "int8")
+                                        min_sqnr_db, int8_activations=onnx_activations == "int8",
+                                        dynamic_sequence=onnx_dynamic_sequence)
         sqnr = body["onnx"]["sqnr_db"]
         report.notes.append(
             f"model.onnx: {len(body['onnx']['layers'])} integer layers"

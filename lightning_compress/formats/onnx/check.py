@@ -12,23 +12,29 @@ from torch import nn
 
 from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.targeting import module_name
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.errors import ParityError
-from lightning_compress.formats.onnx.io import export_onnx, run_onnx
+from lightning_compress.formats.onnx.io import export_onnx, graph_tensors, run_onnx
 from lightning_compress.formats.onnx.layouts import INTEGER_BITS, MATMUL_INTEGER, MATMUL_NBITS
 from lightning_compress.formats.outputs import flatten_outputs, relative_error, sqnr_db
 from lightning_compress.formats.parity import eval_mode, quantization_enabled
 
 
 def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequence[Any], path: Path,
-                     max_relative_error: float, min_sqnr_db: float, int8_activations: bool = False) -> Dict[str, Any]:
+                     max_relative_error: float, min_sqnr_db: float, int8_activations: bool = False,
+                     dynamic_sequence: bool = False) -> Dict[str, Any]:
     """Export ``model`` to ``path`` with the quantized ``layers``' codes (4- and 8-bit
     Linear layers), run it in onnxruntime on ``inputs[0]`` and compare with the
     fake-quant model; returns the figures stored in ``compression.json`` under ``"onnx"``.
     ``int8_activations``: the integer layers round their inputs to int8 in onnxruntime
     (``export_onnx(dynamic_int8_activations=True)``); the file is then held to ``min_sqnr_db``.
+    ``dynamic_sequence``: dimension 1 is dynamic too (``export_onnx(dynamic_sequence=True)``),
+    and the file is also compared on ``inputs[0]`` shortened along it (:func:`shortened`).
 
     Raises:
         ParityError: the file's outputs miss the thresholds (``report=None``).
+        ArgumentError: ``dynamic_sequence`` and the inputs have no dimension 1 to shorten,
+            or the model cannot run on them shortened.
     """
     example = inputs[0] if isinstance(inputs[0], tuple) else (inputs[0],)
     # Linear subclasses too: the `out_proj` (NonDynamicallyQuantizableLinear) of an attention layer.
@@ -36,10 +42,8 @@ def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequen
               if isinstance(model.get_submodule(module_name(name, layer.param)), nn.Linear)
               and layer.weight.spec.bits in INTEGER_BITS}
     with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
-        onnx_report = export_onnx(model, example, path, linear, dynamic_int8_activations=int8_activations)
-        reference = flatten_outputs(model(*example))
-    got = torch.cat([torch.from_numpy(a).reshape(-1).float() for a in run_onnx(path, example)])
-    error, sqnr = relative_error(reference, got), sqnr_db(reference, got)
+        onnx_report = export_onnx(model, example, path, linear, dynamic_int8_activations=int8_activations,
+                                  dynamic_sequence=dynamic_sequence)
     # onnxruntime's float ops (LayerNorm, softmax) round differently from PyTorch's, which
     # moves a quantized activation on a rounding boundary by one int8 step: with
     # activation quantization the file is held to the int8 path's SQNR threshold instead.
@@ -52,13 +56,69 @@ def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequen
                       " (int4 or int8 Linear layers do; static int8 activations are kept as trained)",
                       UserWarning, stacklevel=3)
     rounded = int8_activations or any(layer.activations is not None for layer in layers.values())
+    thresholds = (max_relative_error, min_sqnr_db, rounded, int8_activations)
+    error, sqnr = _compare(model, path, example, *thresholds, "")
+    figures = {"layers": onnx_report.layers, "relative_error": error, "bytes": onnx_report.file_bytes,
+               "sqnr_db": None if math.isinf(sqnr) else sqnr, "int8_activations": int8_activations}
+    if dynamic_sequence:
+        short, length = shortened(example)
+        figures["dynamic_sequence"] = {"checked_length": length,
+                                       "relative_error": _compare(model, path, short, *thresholds, length)[0]}
+    return figures
+
+
+def _compare(model: nn.Module, path: Path, example: tuple, max_relative_error: float, min_sqnr_db: float,
+             rounded: bool, int8_activations: bool, length) -> tuple:
+    """The relative error and SQNR of ``model.onnx`` against the fake-quant model on
+    ``example`` (at sequence ``length``, when shortened); a :class:`ParityError` past the thresholds."""
+    with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
+        try:
+            reference = flatten_outputs(model(*example))
+        except Exception as error:
+            if length == "":
+                raise
+            raise ArgumentError(
+                "onnx_dynamic_sequence", f"onnx_dynamic_sequence=True: the model cannot run on the example shortened to length {length} along"
+                f" dimension 1 ({type(error).__name__}: {error}), where its check runs; it needs the sequence at"
+                " dimension 1 of every input with two or more dimensions. Export without onnx_dynamic_sequence"
+            ) from error
+    got = torch.cat([torch.from_numpy(a).reshape(-1).float() for a in run_onnx(path, example)])
+    error, sqnr = relative_error(reference, got), sqnr_db(reference, got)
     if error > max_relative_error and not (rounded and sqnr >= min_sqnr_db):
         limit = f"SQNR {sqnr:.2f} dB < {min_sqnr_db:g}" if rounded else f"> {max_relative_error:g}"
         fix = "; lower min_sqnr_db, or export with onnx_activations='float' (exact)" if int8_activations else ""
+        if length != "":
+            fix = (f" at sequence length {length}, shorter than the example's: the trace kept the example's length"
+                   " as a constant somewhere, so the file holds at that length only; export without"
+                   f" onnx_dynamic_sequence{fix}")
         raise ParityError(f"model.onnx in onnxruntime differs from the fake-quant model: relative error {error:.2e}"
                           f" ({limit}){fix}", None, onnx_sqnr_missed=rounded)
-    return {"layers": onnx_report.layers, "relative_error": error, "bytes": onnx_report.file_bytes,
-            "sqnr_db": None if math.isinf(sqnr) else sqnr, "int8_activations": int8_activations}
+    return error, sqnr
+
+
+def shortened(example: tuple) -> tuple:
+    """``example`` with every tensor of two or more dimensions cut along dimension 1 to a
+    quarter less of the shortest such length (one less at least): ``(inputs, length)``.
+
+    Raises:
+        ArgumentError: no such tensor, or one of length 1 (nothing to shorten).
+    """
+    lengths = [t.shape[1] for t in graph_tensors(example) if t.ndim > 1]
+    if not lengths or min(lengths) < 2:
+        raise ArgumentError("onnx_dynamic_sequence", "onnx_dynamic_sequence=True needs inputs with a sequence of two or"
+                            f" more along dimension 1 (got lengths {lengths}); export without onnx_dynamic_sequence")
+    cut = max(1, min(lengths) // 4)
+
+    def cut_one(value):
+        if isinstance(value, torch.Tensor):
+            return value.narrow(1, 0, value.shape[1] - cut) if value.dim() > 1 else value
+        if isinstance(value, (tuple, list)):
+            return type(value)(cut_one(v) for v in value)
+        if isinstance(value, Mapping):
+            return {k: cut_one(v) for k, v in value.items()}
+        return value
+
+    return cut_one(example), min(lengths) - cut
 
 
 __all__ = ["export_and_check"]

@@ -88,6 +88,7 @@ def export_onnx(
     *,
     opset: int | None = None,
     dynamic_int8_activations: bool = False,
+    dynamic_sequence: bool = False,
 ) -> OnnxExportReport:
     """Export ``model`` to ONNX with the Linear layers in ``quantized`` stored as integers.
 
@@ -114,6 +115,11 @@ def export_onnx(
             block, int8 dot products) instead of float activations (exact). Layers trained
             with static int8 activations stay QDQ.
 
+        dynamic_sequence: also export dimension 1 of each input and output with two or
+            more dimensions as dynamic (``sequence``), not only dimension 0. The trace runs
+            at the example's length: a model that turns it into a constant computes wrongly
+            at another, so check the file there (the export's check does).
+
     Returns:
         An :class:`OnnxExportReport` (op per layer, file sizes).
 
@@ -132,7 +138,7 @@ def export_onnx(
 
     with tempfile.TemporaryDirectory(prefix="lc-onnx-") as workdir:
         float_path = Path(workdir) / "float.onnx"
-        _export_float(model, example_inputs, float_path, plans, opset)
+        _export_float(model, example_inputs, float_path, plans, opset, dynamic_sequence)
         float_bytes = _size_with_data(float_path)
         import onnx
 
@@ -172,7 +178,7 @@ def run_onnx(path, inputs: tuple, *, session_config: Mapping[str, str] | None = 
 
     if isinstance(inputs, (torch.Tensor, np.ndarray)):
         inputs = (inputs,)
-    arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in _flatten(inputs)]
+    arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in graph_tensors(inputs)]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
     config = {"session.qdq_matmulnbits_accuracy_level": "0", **(session_config or {})}
@@ -226,35 +232,36 @@ def _export_copy(model: nn.Module, plans: Mapping[str, LayerPlan]) -> nn.Module:
     return clone.eval()
 
 
-def _flatten(value: Any) -> list[torch.Tensor]:
+def graph_tensors(value: Any) -> list[torch.Tensor]:
     """The tensors (and numpy arrays) in ``value``, depth first, a dict's in its order: the
     order the exporter makes them graph inputs in."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return [value]
     if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _flatten(item)]
+        return [t for item in value for t in graph_tensors(item)]
     if isinstance(value, dict):
-        return [t for item in value.values() for t in _flatten(item)]
+        return [t for item in value.values() for t in graph_tensors(item)]
     return []
 
 
 def _export_float(
-    model: nn.Module, example_inputs: tuple, path: Path, plans: Mapping[str, LayerPlan], opset: int | None
+    model: nn.Module, example_inputs: tuple, path: Path, plans: Mapping[str, LayerPlan], opset: int | None,
+    dynamic_sequence: bool = False,
 ) -> None:
     clone = _export_copy(model, plans)
     # PyTorch's fused attention ops have no ONNX form, and skip the layers' input stages.
     with fast_path_disabled():
-        _trace(clone, example_inputs, path, opset)
+        _trace(clone, example_inputs, path, opset, dynamic_sequence)
 
 
-def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | None) -> None:
+def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | None, dynamic_sequence: bool) -> None:
     with torch.no_grad():
-        outputs = _flatten(clone(*example_inputs))
-    tensor_inputs = _flatten(example_inputs)
+        outputs = graph_tensors(clone(*example_inputs))
+    tensor_inputs = graph_tensors(example_inputs)
     input_names = [f"input_{i}" for i in range(len(tensor_inputs))]
     output_names = [f"output_{i}" for i in range(len(outputs))]
     dynamic_axes = {
-        name: {0: "batch"}
+        name: {0: "batch", 1: "sequence"} if dynamic_sequence and tensor.dim() > 1 else {0: "batch"}
         for name, tensor in zip(input_names + output_names, tensor_inputs + outputs)
         if tensor.dim() > 0
     }
