@@ -57,7 +57,7 @@ def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequen
                       UserWarning, stacklevel=3)
     rounded = int8_activations or any(layer.activations is not None for layer in layers.values())
     thresholds = (max_relative_error, min_sqnr_db, rounded, int8_activations)
-    error, sqnr = _compare(model, path, example, *thresholds, "")
+    error, sqnr = _compare(model, path, example, *thresholds)
     figures = {"layers": onnx_report.layers, "relative_error": error, "bytes": onnx_report.file_bytes,
                "sqnr_db": None if math.isinf(sqnr) else sqnr, "int8_activations": int8_activations}
     if dynamic_sequence:
@@ -68,26 +68,27 @@ def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequen
 
 
 def _compare(model: nn.Module, path: Path, example: tuple, max_relative_error: float, min_sqnr_db: float,
-             rounded: bool, int8_activations: bool, length) -> tuple:
+             rounded: bool, int8_activations: bool, length: int | None = None) -> tuple:
     """The relative error and SQNR of ``model.onnx`` against the fake-quant model on
-    ``example`` (at sequence ``length``, when shortened); a :class:`ParityError` past the thresholds."""
+    ``example`` (``length``: the example shortened to it, see :func:`shortened`); a
+    :class:`ParityError` past the thresholds."""
     with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
         try:
             reference = flatten_outputs(model(*example))
         except Exception as error:
-            if length == "":
+            if length is None:
                 raise
             raise ArgumentError(
-                "onnx_dynamic_sequence", f"onnx_dynamic_sequence=True: the model cannot run on the example shortened to length {length} along"
-                f" dimension 1 ({type(error).__name__}: {error}), where its check runs; it needs the sequence at"
-                " dimension 1 of every input with two or more dimensions. Export without onnx_dynamic_sequence"
-            ) from error
+                "onnx_dynamic_sequence", f"onnx_dynamic_sequence=True: the model cannot run on the example shortened"
+                f" to length {length} along dimension 1 ({type(error).__name__}: {error}), where its check runs; it"
+                " needs the sequence at dimension 1 of every input with two or more dimensions. Export without"
+                " onnx_dynamic_sequence") from error
     got = torch.cat([torch.from_numpy(a).reshape(-1).float() for a in run_onnx(path, example)])
     error, sqnr = relative_error(reference, got), sqnr_db(reference, got)
     if error > max_relative_error and not (rounded and sqnr >= min_sqnr_db):
         limit = f"SQNR {sqnr:.2f} dB < {min_sqnr_db:g}" if rounded else f"> {max_relative_error:g}"
         fix = "; lower min_sqnr_db, or export with onnx_activations='float' (exact)" if int8_activations else ""
-        if length != "":
+        if length is not None:
             fix = (f" at sequence length {length}, shorter than the example's: the trace kept the example's length"
                    " as a constant somewhere, so the file holds at that length only; export without"
                    f" onnx_dynamic_sequence{fix}")
