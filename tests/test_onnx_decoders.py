@@ -313,9 +313,9 @@ def test_a_llama_exported_for_any_sequence_length_matches_at_other_lengths(tmp_p
                                          export_cb]).fit(module, dict_batches(3, seed=0))
     path = tmp_path / "out" / "model.onnx"
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(path)).graph.input]
-    assert dims == [["batch", "sequence"], ["batch", "sequence"]]
+    assert dims == [["batch", "input_0_length"], ["batch", "input_1_length"]]
     meta = json.loads((tmp_path / "out" / METADATA_FILE).read_text())
-    assert meta["onnx"]["dynamic_sequence"]["checked_length"] == 12 - 12 // 4  # the example shortened by a quarter
+    assert meta["onnx"]["dynamic_sequence"]["checked_lengths"] == [9, 15]  # the example's 12, a quarter less and more
     model = module.model.eval()
     for length in (5, 12, 20):
         ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
@@ -348,18 +348,118 @@ def quantized_example(model, tmp_path):
     return model.eval()
 
 
-def test_a_trace_that_keeps_the_length_is_refused_for_any_length(tmp_path):
-    from lightning_compress import ParityError, export
+def export_for_any_length(model, tmp_path, *inputs):
+    from lightning_compress import export
 
-    model = quantized_example(HoldsItsLength(), tmp_path)
-    ids = torch.randint(0, VOCAB, (2, 12))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's own warning about the Python number
-        with pytest.raises(ParityError, match=r"at sequence length 9, shorter than the example's: the trace kept the"
-                                              r" example's length as a constant"):
-            export(model, tmp_path / "out", inputs=[(ids,)], formats=["safetensors", "onnx"],
-                   onnx_dynamic_sequence=True)
-        export(model, tmp_path / "static", inputs=[(ids,)], formats=["safetensors", "onnx"])  # the fixed length holds
+        warnings.simplefilter("ignore")  # the tracer's own warnings about Python numbers
+        return export(model, tmp_path / "out", inputs=[inputs], formats=["safetensors", "onnx"],
+                      onnx_dynamic_sequence=True)
+
+
+class LongBranch(nn.Module):
+    """A branch on the length, traced at 12 where it is not taken: wrong only when longer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        if h.shape[1] > 12:
+            h = h * 0.5
+        return self.fc(h.mean(1))
+
+
+class SelfAttention(nn.Module):
+    """PyTorch's nn.MultiheadAttention: its trace keeps the length in a Reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.fc(self.attention(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("model, message", [
+    (HoldsItsLength(), r"model.onnx at sequence length 9, shorter than the example's, fails its check \(ParityError: "),
+    (LongBranch(), r"model.onnx at sequence length 15, longer than the example's, fails its check \(ParityError: "),
+    (SelfAttention(), r"model.onnx at sequence length 9, shorter than the example's, fails its check \(\w+: "),
+])
+def test_a_trace_that_keeps_the_length_is_refused_for_any_length(tmp_path, model, message):
+    """A file that holds at the example's length only fails at a shorter or a longer one,
+    naming the option, and nothing is kept as a failed export (the packed files are fine);
+    without the option the same model exports."""
+    from lightning_compress import ArgumentError, export
+
+    model = quantized_example(model, tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with pytest.raises(ArgumentError, match=message + r".*kept the example's length as a constant") as caught:
+        export_for_any_length(model, tmp_path, ids)
+    assert caught.value.argument == "onnx_dynamic_sequence"
+    assert list(tmp_path.iterdir()) == []
+    export(model, tmp_path / "static", inputs=[(ids,)], formats=["safetensors", "onnx"])
+
+
+class MaskedAttention(nn.Module):
+    """Attention masked with -inf: a row of only padding is NaN, in PyTorch and onnxruntime."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, ids, mask):
+        h = self.fc(self.embed(ids))
+        scores = (h @ h.transpose(1, 2) / 8).masked_fill(mask[:, None, :] == 0, float("-inf"))
+        return scores.softmax(-1) @ h
+
+
+def test_rows_of_only_padding_are_compared_by_their_nans(tmp_path):
+    """Cut to 3, the example's first row is all padding: NaN in both. Equal NaNs pass and
+    the rest is compared (a NaN error passed a `>` test, whatever the rest held)."""
+    model = quantized_example(MaskedAttention(), tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 4))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    report = export_for_any_length(model, tmp_path, ids, mask)
+    meta = json.loads((tmp_path / "out" / METADATA_FILE).read_text())
+    assert meta["onnx"]["dynamic_sequence"]["checked_lengths"] == [3, 5]
+    assert meta["onnx"]["dynamic_sequence"]["relative_error"] <= 1e-5
+    assert "any sequence length (checked at [3, 5] too)" in report.table() + "\n".join(report.notes)
+
+
+class CrossAttention(nn.Module):
+    """An encoder-decoder's two inputs of different lengths."""
+
+    def __init__(self):
+        super().__init__()
+        self.source, self.target = nn.Embedding(VOCAB, 32), nn.Embedding(VOCAB, 32)
+        self.fc = nn.Linear(32, VOCAB)
+
+    def forward(self, source_ids, target_ids):
+        memory, queries = self.source(source_ids), self.target(target_ids)
+        attended = (queries @ memory.transpose(1, 2) / 8).softmax(-1) @ memory
+        return self.fc(attended), self.fc(attended).argmax(-1)  # an integer output beside the logits
+
+
+def test_inputs_of_different_lengths_each_get_their_own(tmp_path):
+    """Each input's dimension 1 has its own name (one name for all made onnxruntime assume
+    equal lengths and fail on the example itself); the integer output is left out of the
+    comparison, as from the model's (it made outputs of unequal sizes fail a correct file)."""
+    model = quantized_example(CrossAttention(), tmp_path)
+    export_for_any_length(model, tmp_path, torch.randint(0, VOCAB, (2, 12)), torch.randint(0, VOCAB, (2, 8)))
+    source, target = torch.randint(0, VOCAB, (3, 17)), torch.randint(0, VOCAB, (3, 5))
+    logits, chosen = run_onnx(tmp_path / "out" / "model.onnx", (source, target))
+    with torch.no_grad():
+        expected_logits, expected_chosen = model(source, target)
+    np.testing.assert_allclose(logits, expected_logits.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(chosen, expected_chosen.numpy())
 
 
 class FixedFeatures(nn.Module):
@@ -373,7 +473,7 @@ class FixedFeatures(nn.Module):
 
 @pytest.mark.parametrize("shape, message", [
     ((2, 16), r"cannot run on the example shortened to length 12 along dimension 1 \(RuntimeError: "),
-    ((2,), r"needs inputs with a sequence of two or more along dimension 1 \(got lengths \[\]\)"),
+    ((2,), r"needs inputs with a sequence of two or more along dimension 1 \(got lengths \[\] there"),
 ])
 def test_inputs_without_a_sequence_dimension_are_refused_for_any_length(tmp_path, shape, message):
     from lightning_compress import ArgumentError, export

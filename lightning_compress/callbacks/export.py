@@ -107,7 +107,7 @@ class CompressedExport(CompressionCallback):
             integer layers' activations to int8: 2x to 4x faster at batch 1, held to
             ``min_sqnr_db``); see :func:`lightning_compress.export`.
         onnx_dynamic_sequence: ``model.onnx`` takes any sequence length (dimension 1),
-            checked at a shorter one too; see :func:`lightning_compress.export`.
+            checked at a shorter and a longer one too; see :func:`lightning_compress.export`.
         config: a built :class:`~lightning_compress.formats.config.ExportConfig` instead
             of the arguments above.
 

@@ -109,9 +109,9 @@ def export(
             static int8 activations keep them. Only with ``"onnx"`` in ``formats``.
         onnx_dynamic_sequence: ``model.onnx`` takes any length along dimension 1 of each
             input and output with two or more dimensions (token ids, masks, hidden states,
-            logits), not only the example's; checked in onnxruntime at a shorter length
-            too, since a traced model can hold a length as a constant. Only with
-            ``"onnx"`` in ``formats``.
+            logits), not only the example's; checked in onnxruntime at a quarter shorter
+            and longer too, since a traced model can hold a length as a constant. Only
+            with ``"onnx"`` in ``formats``.
 
     Raises:
         ExportError: NaN/Inf in a weight (naming the layer), ``out_dir`` or
@@ -219,6 +219,8 @@ def check_packing(model: nn.Module, packing: Packing, packed: Optional[PackedMod
             f"model.onnx: {len(body['onnx']['layers'])} integer layers"
             f"{', int8 activations' if body['onnx']['int8_activations'] else ''}, onnxruntime relative error"
             f" {body['onnx']['relative_error']:.2e}" + ("" if sqnr is None else f" ({sqnr:.1f} dB)")
+            + (f"; any sequence length (checked at {body['onnx']['dynamic_sequence']['checked_lengths']} too)"
+               if "dynamic_sequence" in body["onnx"] else "")
         )
     if "gguf" in formats:
         body["gguf"] = write_gguf(packing.gguf, model, packing.layers, directory)

@@ -29,12 +29,12 @@ def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequen
     ``int8_activations``: the integer layers round their inputs to int8 in onnxruntime
     (``export_onnx(dynamic_int8_activations=True)``); the file is then held to ``min_sqnr_db``.
     ``dynamic_sequence``: dimension 1 is dynamic too (``export_onnx(dynamic_sequence=True)``),
-    and the file is also compared on ``inputs[0]`` shortened along it (:func:`shortened`).
+    and the file is also compared at other lengths (:func:`_check_other_lengths`).
 
     Raises:
         ParityError: the file's outputs miss the thresholds (``report=None``).
-        ArgumentError: ``dynamic_sequence`` and the inputs have no dimension 1 to shorten,
-            or the model cannot run on them shortened.
+        ArgumentError: ``dynamic_sequence`` and the file does not hold at other lengths
+            (see :func:`_check_other_lengths`).
     """
     example = inputs[0] if isinstance(inputs[0], tuple) else (inputs[0],)
     # Linear subclasses too: the `out_proj` (NonDynamicallyQuantizableLinear) of an attention layer.
@@ -57,49 +57,83 @@ def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequen
                       UserWarning, stacklevel=3)
     rounded = int8_activations or any(layer.activations is not None for layer in layers.values())
     thresholds = (max_relative_error, min_sqnr_db, rounded, int8_activations)
-    error, sqnr = _compare(model, path, example, *thresholds)
+    with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
+        reference = flatten_outputs(model(*example))
+    error, sqnr = _compare(reference, run_onnx(path, example), *thresholds)
     figures = {"layers": onnx_report.layers, "relative_error": error, "bytes": onnx_report.file_bytes,
                "sqnr_db": None if math.isinf(sqnr) else sqnr, "int8_activations": int8_activations}
     if dynamic_sequence:
-        short, length = shortened(example)
-        figures["dynamic_sequence"] = {"checked_length": length,
-                                       "relative_error": _compare(model, path, short, *thresholds, length)[0]}
+        figures["dynamic_sequence"] = _check_other_lengths(model, path, example, thresholds)
     return figures
 
 
-def _compare(model: nn.Module, path: Path, example: tuple, max_relative_error: float, min_sqnr_db: float,
-             rounded: bool, int8_activations: bool, length: int | None = None) -> tuple:
-    """The relative error and SQNR of ``model.onnx`` against the fake-quant model on
-    ``example`` (``length``: the example shortened to it, see :func:`shortened`); a
-    :class:`ParityError` past the thresholds."""
-    with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
-        try:
-            reference = flatten_outputs(model(*example))
-        except Exception as error:
-            if length is None:
-                raise
-            raise ArgumentError(
-                "onnx_dynamic_sequence", f"onnx_dynamic_sequence=True: the model cannot run on the example shortened"
-                f" to length {length} along dimension 1 ({type(error).__name__}: {error}), where its check runs; it"
-                " needs the sequence at dimension 1 of every input with two or more dimensions. Export without"
-                " onnx_dynamic_sequence") from error
-    got = torch.cat([torch.from_numpy(a).reshape(-1).float() for a in run_onnx(path, example)])
-    error, sqnr = relative_error(reference, got), sqnr_db(reference, got)
-    if error > max_relative_error and not (rounded and sqnr >= min_sqnr_db):
+def _compare(reference: torch.Tensor, arrays, max_relative_error: float, min_sqnr_db: float, rounded: bool,
+             int8_activations: bool) -> tuple:
+    """The relative error and SQNR of onnxruntime's ``arrays`` against the fake-quant model's
+    floating-point outputs (``reference``); a :class:`ParityError` past the thresholds.
+
+    Integer outputs (an argmax beside the logits) are left out, as ``reference`` leaves
+    them out; a NaN where the model has one (a row of only padding) is equal, and any
+    other NaN fails (a NaN error would pass a ``>`` test)."""
+    got = torch.cat([torch.from_numpy(a).reshape(-1).float() for a in arrays if a.dtype.kind == "f"])
+    if got.numel() == reference.numel() and torch.equal(torch.isnan(reference), torch.isnan(got)):
+        kept = ~torch.isnan(reference)
+        error, sqnr = relative_error(reference[kept], got[kept]), sqnr_db(reference[kept], got[kept])
+    else:
+        error, sqnr = math.inf, -math.inf
+    if not error <= max_relative_error and not (rounded and sqnr >= min_sqnr_db):
         limit = f"SQNR {sqnr:.2f} dB < {min_sqnr_db:g}" if rounded else f"> {max_relative_error:g}"
         fix = "; lower min_sqnr_db, or export with onnx_activations='float' (exact)" if int8_activations else ""
-        if length is not None:
-            fix = (f" at sequence length {length}, shorter than the example's: the trace kept the example's length"
-                   " as a constant somewhere, so the file holds at that length only; export without"
-                   f" onnx_dynamic_sequence{fix}")
         raise ParityError(f"model.onnx in onnxruntime differs from the fake-quant model: relative error {error:.2e}"
                           f" ({limit}){fix}", None, onnx_sqnr_missed=rounded)
     return error, sqnr
 
 
-def shortened(example: tuple) -> tuple:
-    """``example`` with every tensor of two or more dimensions cut along dimension 1 to a
-    quarter less of the shortest such length (one less at least): ``(inputs, length)``.
+def _check_other_lengths(model: nn.Module, path: Path, example: tuple, thresholds: tuple) -> Dict[str, Any]:
+    """``model.onnx`` against the model at a shorter and a longer sequence than the
+    example's (dimension 1 cut, or extended with its first positions, by a quarter): a
+    trace can keep the example's length as a constant (a Python number from a shape, a
+    branch on it, PyTorch's ``nn.MultiheadAttention`` reshapes), and the file then
+    computes wrongly or fails elsewhere. The longer check is skipped when the model itself
+    cannot run there (past its position table).
+
+    Raises:
+        ArgumentError: (naming ``onnx_dynamic_sequence``) no input with a sequence at
+            dimension 1, the model cannot run at the shorter length, or the file differs
+            or fails at either length.
+    """
+    errors = {}
+    for longer in (False, True):
+        resized, length = other_length(example, longer)
+        which = "longer" if longer else "shorter"
+        with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
+            try:
+                reference = flatten_outputs(model(*resized))
+            except Exception as error:
+                if longer:
+                    continue
+                raise ArgumentError(
+                    "onnx_dynamic_sequence", f"onnx_dynamic_sequence=True: the model cannot run on the example"
+                    f" shortened to length {length} along dimension 1 ({type(error).__name__}: {error}), where its"
+                    " check runs; it needs the sequence at dimension 1 of every input with two or more dimensions."
+                    " Export without onnx_dynamic_sequence") from error
+        try:
+            errors[length] = _compare(reference, run_onnx(path, resized), *thresholds)[0]
+        except Exception as error:
+            problem = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            raise ArgumentError(
+                "onnx_dynamic_sequence", f"onnx_dynamic_sequence=True: model.onnx at sequence length {length}, {which}"
+                f" than the example's, fails its check ({problem}): the trace kept the example's length as a"
+                " constant somewhere (a Python number taken from a shape, a branch on the length, PyTorch's"
+                " nn.MultiheadAttention), so the file holds at that length only. Export without"
+                " onnx_dynamic_sequence") from error
+    return {"checked_lengths": sorted(errors), "relative_error": max(errors.values())}
+
+
+def other_length(example: tuple, longer: bool) -> tuple:
+    """``example`` with every tensor of two or more dimensions cut along dimension 1 (or
+    extended with its first positions) by a quarter of the shortest such length, one at
+    least: ``(inputs, new shortest length)``.
 
     Raises:
         ArgumentError: no such tensor, or one of length 1 (nothing to shorten).
@@ -107,19 +141,22 @@ def shortened(example: tuple) -> tuple:
     lengths = [t.shape[1] for t in graph_tensors(example) if t.ndim > 1]
     if not lengths or min(lengths) < 2:
         raise ArgumentError("onnx_dynamic_sequence", "onnx_dynamic_sequence=True needs inputs with a sequence of two or"
-                            f" more along dimension 1 (got lengths {lengths}); export without onnx_dynamic_sequence")
-    cut = max(1, min(lengths) // 4)
+                            f" more along dimension 1 (got lengths {lengths} there, one per input with two or more"
+                            " dimensions); export without onnx_dynamic_sequence")
+    step = max(1, min(lengths) // 4)
 
-    def cut_one(value):
-        if isinstance(value, torch.Tensor):
-            return value.narrow(1, 0, value.shape[1] - cut) if value.dim() > 1 else value
+    def resize(value):
+        if isinstance(value, torch.Tensor) and value.dim() > 1:
+            if longer:
+                return torch.cat([value, value.narrow(1, 0, step)], dim=1)
+            return value.narrow(1, 0, value.shape[1] - step)
         if isinstance(value, (tuple, list)):
-            return type(value)(cut_one(v) for v in value)
+            return type(value)(resize(v) for v in value)
         if isinstance(value, Mapping):
-            return {k: cut_one(v) for k, v in value.items()}
+            return {k: resize(v) for k, v in value.items()}
         return value
 
-    return cut_one(example), min(lengths) - cut
+    return resize(example), min(lengths) + (step if longer else -step)
 
 
 __all__ = ["export_and_check"]

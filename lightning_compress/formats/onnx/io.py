@@ -116,7 +116,7 @@ def export_onnx(
             with static int8 activations stay QDQ.
 
         dynamic_sequence: also export dimension 1 of each input and output with two or
-            more dimensions as dynamic (``sequence``), not only dimension 0. The trace runs
+            more dimensions as dynamic (``input_0_length``, ...), not only dimension 0. The trace runs
             at the example's length: a model that turns it into a constant computes wrongly
             at another, so check the file there (the export's check does).
 
@@ -261,7 +261,8 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
     input_names = [f"input_{i}" for i in range(len(tensor_inputs))]
     output_names = [f"output_{i}" for i in range(len(outputs))]
     dynamic_axes = {
-        name: {0: "batch", 1: "sequence"} if dynamic_sequence and tensor.dim() > 1 else {0: "batch"}
+        # One name per tensor: an encoder-decoder's two inputs have lengths of their own.
+        name: {0: "batch", 1: f"{name}_length"} if dynamic_sequence and tensor.dim() > 1 else {0: "batch"}
         for name, tensor in zip(input_names + output_names, tensor_inputs + outputs)
         if tensor.dim() > 0
     }
