@@ -303,6 +303,7 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
     for name in prebuilt:
         built.get(name, chosen=exact[name])
     measured: Dict[str, _Measured] = {}
+    failed: List[str] = []  # the packed layer whose comparison raised, if one did
     pending: Dict[str, List[tuple]] = {name: [] for name in built.units}
     running_packed = []  # non-empty while a packed unit runs (an attention unit runs its own, hooked, out_proj)
     pacer = ReleasePacer()
@@ -354,7 +355,6 @@ def _run_measuring(model: nn.Module, built: "_Replacements", candidates: set, in
         handles.append(module.register_forward_pre_hook(
             lambda _, args, kwargs, name=name: record(name, args, kwargs), prepend=True, with_kwargs=True))
         handles.append(module.register_forward_hook(lambda _, __, output, name=name: measure(name, output)))
-    failed: List[str] = []
     try:
         outputs = [flatten_outputs(call_model(model, x, index, packed_failed=failed)) for index, x in enumerate(inputs)]
     finally:

@@ -14,7 +14,7 @@ from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.targeting import module_name
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.errors import ParityError
-from lightning_compress.formats.onnx.io import export_onnx, graph_tensors, run_onnx
+from lightning_compress.formats.onnx.io import export_onnx, graph_tensors, map_graph_tensors, run_onnx
 from lightning_compress.formats.onnx.layouts import INTEGER_BITS, MATMUL_INTEGER, MATMUL_NBITS
 from lightning_compress.formats.outputs import flatten_outputs, relative_error, sqnr_db
 from lightning_compress.formats.parity import eval_mode, quantization_enabled
@@ -57,14 +57,18 @@ def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequen
                       UserWarning, stacklevel=3)
     rounded = int8_activations or any(layer.activations is not None for layer in layers.values())
     thresholds = (max_relative_error, min_sqnr_db, rounded, int8_activations)
-    with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
-        reference = flatten_outputs(model(*example))
-    error, sqnr = _compare(reference, run_onnx(path, example), *thresholds)
+    error, sqnr = _compare(_reference(model, example), run_onnx(path, example), *thresholds)
     figures = {"layers": onnx_report.layers, "relative_error": error, "bytes": onnx_report.file_bytes,
                "sqnr_db": None if math.isinf(sqnr) else sqnr, "int8_activations": int8_activations}
     if dynamic_sequence:
         figures["dynamic_sequence"] = _check_other_lengths(model, path, example, thresholds)
     return figures
+
+
+def _reference(model: nn.Module, example: tuple) -> torch.Tensor:
+    """The fake-quant model's floating-point outputs on ``example``, as the export computes them."""
+    with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
+        return flatten_outputs(model(*example))
 
 
 def _compare(reference: torch.Tensor, arrays, max_relative_error: float, min_sqnr_db: float, rounded: bool,
@@ -106,17 +110,16 @@ def _check_other_lengths(model: nn.Module, path: Path, example: tuple, threshold
     for longer in (False, True):
         resized, length = other_length(example, longer)
         which = "longer" if longer else "shorter"
-        with quantization_enabled(model), eval_mode(model), fast_path_disabled(), torch.no_grad():
-            try:
-                reference = flatten_outputs(model(*resized))
-            except Exception as error:
-                if longer:
-                    continue
-                raise ArgumentError(
-                    "onnx_dynamic_sequence", f"onnx_dynamic_sequence=True: the model cannot run on the example"
-                    f" shortened to length {length} along dimension 1 ({type(error).__name__}: {error}), where its"
-                    " check runs; it needs the sequence at dimension 1 of every input with two or more dimensions."
-                    " Export without onnx_dynamic_sequence") from error
+        try:
+            reference = _reference(model, resized)
+        except Exception as error:
+            if longer:
+                continue
+            raise ArgumentError(
+                "onnx_dynamic_sequence", f"onnx_dynamic_sequence=True: the model cannot run on the example"
+                f" shortened to length {length} along dimension 1 ({type(error).__name__}: {error}), where its"
+                " check runs; it needs the sequence at dimension 1 of every input with two or more dimensions."
+                " Export without onnx_dynamic_sequence") from error
         try:
             errors[length] = _compare(reference, run_onnx(path, resized), *thresholds)[0]
         except Exception as error:
@@ -145,18 +148,14 @@ def other_length(example: tuple, longer: bool) -> tuple:
                             " dimensions); export without onnx_dynamic_sequence")
     step = max(1, min(lengths) // 4)
 
-    def resize(value):
-        if isinstance(value, torch.Tensor) and value.dim() > 1:
-            if longer:
-                return torch.cat([value, value.narrow(1, 0, step)], dim=1)
-            return value.narrow(1, 0, value.shape[1] - step)
-        if isinstance(value, (tuple, list)):
-            return type(value)(resize(v) for v in value)
-        if isinstance(value, Mapping):
-            return {k: resize(v) for k, v in value.items()}
-        return value
+    def resize(tensor):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
+            return tensor
+        if longer:
+            return torch.cat([tensor, tensor.narrow(1, 0, step)], dim=1)
+        return tensor.narrow(1, 0, tensor.shape[1] - step)
 
-    return resize(example), min(lengths) + (step if longer else -step)
+    return map_graph_tensors(example, resize), min(lengths) + (step if longer else -step)
 
 
 __all__ = ["export_and_check"]

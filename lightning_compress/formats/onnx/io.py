@@ -232,16 +232,24 @@ def _export_copy(model: nn.Module, plans: Mapping[str, LayerPlan]) -> nn.Module:
     return clone.eval()
 
 
-def graph_tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors (and numpy arrays) in ``value``, depth first, a dict's in its order: the
-    order the exporter makes them graph inputs in."""
+def map_graph_tensors(value: Any, fn) -> Any:
+    """``value`` with ``fn`` applied to each tensor (and numpy array) in it, depth first, a
+    dict's in its order: the order the exporter makes them graph inputs in."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
-        return [value]
+        return fn(value)
     if isinstance(value, (list, tuple)):
-        return [t for item in value for t in graph_tensors(item)]
+        items = [map_graph_tensors(item, fn) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a NamedTuple: its fields
     if isinstance(value, dict):
-        return [t for item in value.values() for t in graph_tensors(item)]
-    return []
+        return {key: map_graph_tensors(item, fn) for key, item in value.items()}
+    return value
+
+
+def graph_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors (and numpy arrays) in ``value``, in :func:`map_graph_tensors`'s order."""
+    found: list = []
+    map_graph_tensors(value, found.append)
+    return found
 
 
 def _export_float(
