@@ -41,6 +41,7 @@ ARGS = {
     "distill_accuracy.py": ["--seeds", "2"],
     "qat_init.py": ["--seeds", "3"],
     "qat_regimes.py": ["--seeds", "3"],
+    "qat_finetune.py": ["--seeds", "3"],
 }
 NOISE_NOTE = (
     "On this 2-core shared machine, repeated runs of the same overhead benchmark moved by up"

@@ -22,6 +22,15 @@ def qat_init(monkeypatch):
     sys.modules.pop("qat_init", None)
 
 
+@pytest.fixture
+def qat_finetune(qat_init):
+    import qat_finetune
+
+    yield qat_finetune
+    for name in ("qat_finetune", "qat_regimes"):
+        sys.modules.pop(name, None)
+
+
 @pytest.mark.parametrize("init", ["gptq", "awq"])
 def test_the_qat_init_benchmarks_ptq_point_is_the_quantized_float_model(qat_init, init):
     """qat_init's post-training points (it handed CalibratedStart the mapping rules, or
@@ -69,3 +78,27 @@ def test_the_source_corpus_is_the_standard_librarys_own_source(qat_init):
 
 def data_text(root: Path) -> str:
     return "".join(path.read_text(errors="replace") for path in sorted(root.glob("*.py")))
+
+
+def test_the_fine_tune_protocol_trains_the_finished_float_model_at_its_final_learning_rate(qat_finetune):
+    """qat_finetune's float and QAT fine-tunes start from the finished float model and take
+    AdamW steps of its schedule's last learning rate: on a fresh AdamW the first step moves
+    every weight with a gradient by lr (|m / sqrt(v)| = 1, less where |g| is near Adam's
+    eps) plus the decoupled weight decay."""
+    import types
+
+    from lightning_compress.examples.charlm import CharDataModule, CharTransformer
+
+    data = CharDataModule(seed=0, max_chars=20_000)
+    data.setup()
+    torch.manual_seed(0)
+    finished = CharTransformer(vocab_size=len(data.vocabulary), d_model=64, decay_steps=100)
+    run = types.SimpleNamespace(seed=0, data=data, d_model=64, float_model=finished)
+    tuned = qat_finetune.fine_tune(run, 1)
+    lr = 3e-3 * 0.1  # CharTransformer's peak learning rate, decayed to a tenth
+    before, after = finished.head.weight.detach(), tuned.head.weight.detach()
+    step = (before * (1 - lr * 0.01) - after).abs()  # AdamW: w * (1 - lr * wd), then the Adam step
+    moved = step[step > 1e-9]
+    assert moved.numel() > 0.9 * step.numel()
+    assert float(moved.max()) <= lr * 1.001
+    assert float(moved.median()) == pytest.approx(lr, rel=1e-3)
