@@ -27,7 +27,8 @@ starts record those 16 batches; the runs differ only in where QAT starts from.
 
 "gap closed" is (RTN PTQ perplexity - x) / (RTN PTQ perplexity - float perplexity). Its
 denominator holds the float model's own progress over those 200 steps, and the model
-overfits its small corpus; qat_regimes.py measures how the figure moves with both.
+overfits its small corpus; qat_regimes.py measures how the figure moves with both, and
+qat_finetune.py measures QAT as a fine-tune of the finished float model instead.
 
     python benchmarks/qat_init.py [--seeds 3]
 """
