@@ -341,3 +341,40 @@ def test_validate_from_a_checkpoint_masks_lora_layers(tmp_path, seeded):
     assert evaluator.validate(fresh, val, ckpt_path=tmp_path / "last.ckpt")[0]["val/loss"] == trained_loss
     for name in ("fc1", "fc2"):
         assert torch.equal(fresh.get_submodule(name).weight, model.get_submodule(name).weight)
+
+
+def test_numpy_scalars_are_the_numbers_they_hold(seeded):
+    """np.int64 steps are absolute steps (isinstance(np.int64(2), int) is False: taken as
+    a fraction they would resolve to step 2 * total), np.float32 a sparsity."""
+    import numpy as np
+
+    pruning = MagnitudePruning(np.float32(0.5), start_step=np.int64(2), end_step=np.int64(6), update_every=np.int64(1))
+    assert type(pruning.config.start_step) is int and type(pruning.config.final_sparsity) is float
+    make_trainer(max_steps=8, callbacks=[pruning]).fit(TinyRegressor(), tiny_loader())
+    assert pruning._window == (2, 6, 1)
+    assert pruning.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_fast_dev_run_too_short_for_the_fractions_ramps_over_one_step(seeded):
+    pruning = MagnitudePruning(0.8, start_step=0.05, end_step=0.5)
+    with pytest.warns(UserWarning, match=r"too short for `start_step`=0\.05 and `end_step`=0\.5: both resolve to"
+                                         r" step 0, so the schedule ramps from step 0 to step 1"):
+        make_trainer(fast_dev_run=True, callbacks=[pruning]).fit(TinyRegressor(), tiny_loader())
+    assert pruning._window[:2] == (0, 1)
+
+
+@pytest.mark.parametrize("rows, sparsity", [(2, 0.8), (3, 0.9)])
+def test_rounding_never_prunes_a_layer_whole(rows, sparsity, seeded):
+    """0.8 of two rows rounds to both: the model's output would no longer depend on its
+    input. One row stays, the one of the largest mean |w|; unstructured, one weight."""
+    model = TinyRegressor()
+    model.fc1, model.fc2 = nn.Linear(64, rows), nn.Linear(rows, 8)
+    before = model.fc1.weight.detach().clone()
+    pruning = MagnitudePruning(sparsity, pattern="structured", targets=["fc1"], schedule="one_shot", start_step=1)
+    make_trainer(max_steps=2, callbacks=[pruning]).fit(model, tiny_loader(batches=2))
+    kept = model.fc1.weight.detach() != 0
+    assert kept.all(dim=1).sum() == 1 and (~kept).all(dim=1).sum() == rows - 1
+    assert bool(kept[before.abs().mean(dim=1).argmax()].all())
+    from lightning_compress.sparsity.masks import SparsityPattern, layer_mask
+
+    assert layer_mask(torch.tensor([[0.3, -0.5]]), 0.8, SparsityPattern.parse("unstructured")).tolist() == [[False, True]]

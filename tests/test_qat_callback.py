@@ -467,3 +467,14 @@ def test_embedding_layers_are_quantized_per_row_when_targeted():
     assert torch.equal(model[0].weight, torchao_fake_quant(rows, 4))
     assert torch.equal(model(torch.tensor([3]))[0], model[1](model[0].weight[3]))
     assert set(quantized_weights(model)) == {"0"}
+
+
+def test_a_start_step_the_run_never_reaches_is_warned_about(seeded):
+    """As MagnitudePruning warns of an end_step after the run: without the warning the
+    model ends in float and looks like a QAT result."""
+    model = TinyRegressor()
+    qat = QuantizationAwareTraining("int4", group_size=16, start_step=100, exclude=["conv"])
+    with pytest.warns(UserWarning, match=r"`start_step` resolves to step 100 but this run has 4 optimizer steps: no"
+                                         r" step trains with fake quantization"):
+        make_trainer(max_steps=4, callbacks=[qat]).fit(model, tiny_loader())
+    assert torch.equal(model.fc1.weight, raw_weight(model.fc1))  # in float

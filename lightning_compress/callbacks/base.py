@@ -42,7 +42,7 @@ from lightning_compress.core.reporting import expect_layer_table, report_layer_t
 from lightning_compress.core.state import STATE_VERSION, check_state_version
 from lightning_compress.core.targeting import select_layers
 from lightning_compress.core.transforms import bind_owner, owner_tokens
-from lightning_compress.core.validate import ArgumentError
+from lightning_compress.core.validate import ArgumentError, plain_values
 
 
 class CompressionCallback(Callback):
@@ -73,7 +73,7 @@ class CompressionCallback(Callback):
         cls = type(self).config_class
         if config is None:
             bound = _bind(type(self), cls, args, kwargs)
-            config = cls(*bound.args, **bound.kwargs)
+            config = cls(*plain_values(bound.args), **plain_values(bound.kwargs))
         elif args or kwargs:
             raise ArgumentError("config", f"pass either `config` or {type(self).__name__}'s arguments, not both")
         elif not isinstance(config, cls):

@@ -85,6 +85,11 @@ class CalibrationWindow:
             if step != self._last_recorded:
                 self._recorded_steps, self._last_recorded = self._recorded_steps + 1, step
 
+    def on_batch_end(self) -> None:
+        """Stop recording until the next training batch: validation between two batches of
+        the window (and anything else outside a training batch) is not recorded."""
+        self.calibration.stop_recording()
+
     def stop(self) -> None:
         self.calibration.stop_recording()
         self._disarm()

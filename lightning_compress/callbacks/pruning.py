@@ -38,7 +38,7 @@ from lightning_compress.sparsity.masks import (
     pack_mask,
     unpack_mask,
 )
-from lightning_compress.sparsity.schedules import scheduled_sparsity
+from lightning_compress.sparsity.schedules import schedule_window, scheduled_sparsity
 
 # With `update_every=None` the masks change this many times over the schedule.
 _DEFAULT_UPDATES = 20
@@ -326,20 +326,8 @@ class MagnitudePruning(LayerCompressionCallback):
         return target
 
     def _resolve_window(self, total_steps: float) -> tuple[int, int, int]:
-        start = resolve_step("start_step", self.start_step, total_steps)
-        end = resolve_step("end_step", self.end_step, total_steps)
-        if self.schedule == "one_shot":
-            end = start
-        elif end <= start:
-            raise ValueError(
-                f"`end_step` resolves to step {end}, not after `start_step` (step {start}) in this"
-                f" run of {total_steps} steps; move `end_step` later"
-            )
-        elif end > total_steps:
-            rank_zero_warn(
-                f"MagnitudePruning: `end_step` is step {end} but the run has {total_steps}"
-                f" optimizer steps; `final_sparsity`={self.final_sparsity} will not be reached."
-            )
+        start, end = schedule_window(self.start_step, self.end_step, total_steps, one_shot=self.schedule == "one_shot",
+                                     final_sparsity=self.final_sparsity, warn=rank_zero_warn)
         every = self.update_every or max(1, (end - start) // _DEFAULT_UPDATES)
         return start, end, every
 

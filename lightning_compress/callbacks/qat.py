@@ -6,6 +6,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -237,6 +238,12 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         if self._calibration is not None:
             self._start = self._calibration.start_step(trainer, pl_module, self._start)
         check_quantization_trains(trainer, self, self._start, total)
+        if self._calibration is None and self._start >= total > trainer.global_step:  # a calibrated start warns itself
+            rank_zero_warn(
+                f"QuantizationAwareTraining: `start_step` resolves to step {self._start} but this run has {int(total)}"
+                " optimizer steps: no step trains with fake quantization and the model ends in float. Set"
+                " `start_step` before the end of the run (e.g. 0.5 = halfway), or train for more steps"
+            )
         self._freeze_bn_at = (
             None if self.freeze_bn_step is None else resolve_step("freeze_bn_step", self.freeze_bn_step, total)
         )
@@ -260,6 +267,12 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             for module in pl_module.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()  # Lightning puts the model in train mode every epoch
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._calibration is not None:
+            self._calibration.on_batch_end()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
+
 
 class ArgumentError(ValueError):
     """A bad argument. ``argument`` is its name (``"final_sparsity"``); the message says
@@ -18,6 +20,19 @@ class ArgumentError(ValueError):
     def __init__(self, argument: str, message: str) -> None:
         super().__init__(message)
         self.argument = argument
+
+
+def plain_values(value: Any) -> Any:
+    """``value`` with NumPy scalars (in lists, tuples and dicts too) turned into the Python
+    int, float, bool or str they hold: ``np.int64(10)`` is a step count to a user, and
+    ``isinstance(np.int64(10), int)`` is False, which would make it a fraction of the run."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if type(value) is dict:
+        return {plain_values(key): plain_values(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(plain_values(item) for item in value)
+    return value
 
 
 def is_number(value: Any) -> bool:
@@ -119,6 +134,7 @@ def _describe_range(low, high, low_open, high_open) -> str:
 
 __all__ = [
     "ArgumentError",
+    "plain_values",
     "is_number",
     "is_int",
     "check_bool",

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.distributed import all_reduce_max
+from lightning_compress.core.recompute import in_backward
 from lightning_compress.core.transforms import Stage, get_input_transform
 from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
 from lightning_compress.quant.spec import QuantSpec
@@ -164,7 +165,11 @@ class StaticRangeObserver:
             return x
         if training is None:
             training = layer is not None and layer.training
-        if self.calibrating and training and torch.is_grad_enabled():
+        # Not inside the backward: activation checkpointing's recompute of this forward
+        # must neither count the batch twice nor see another range than the forward did.
+        # Grad mode is no test of a training forward: reentrant checkpointing runs the
+        # forward itself under no_grad.
+        if self.calibrating and training and not in_backward():
             self.observe(x)
         if self.low is None:
             return x

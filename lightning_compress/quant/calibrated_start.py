@@ -105,9 +105,9 @@ class CalibratedStart:
 
     # ------------------------------------------------------------------ recording
     def start_recording(self) -> None:
-        """Record the inputs of every forward with grad enabled (training forwards: not
-        validation, not a recompute inside the backward) until :meth:`stop_recording`.
-        The caller counts the batches (``statistics.batches``)."""
+        """Record the inputs of every forward (not a recompute inside the backward) until
+        :meth:`stop_recording`: the caller records training batches only, and counts them
+        (``statistics.batches``)."""
         if self._handles:
             return
         modules = dict(self.model.named_modules())
@@ -126,9 +126,11 @@ class CalibratedStart:
     def _hook(self, module: nn.Module, record: Callable[[Tensor], None]) -> None:
         def hook(module: nn.Module, args: tuple) -> None:
             # Not `module.training`: Lightning leaves submodules in the mode they were built
-            # in (a transformers model loads in eval mode). `self._handles`: a forward
-            # already under way when recording stopped still calls the hooks it collected.
-            if self._handles and args and isinstance(args[0], Tensor) and torch.is_grad_enabled() and not in_backward():
+            # in (a transformers model loads in eval mode). Not grad mode either: reentrant
+            # activation checkpointing runs the forward under no_grad, then again inside the
+            # backward, which must not count twice. `self._handles`: a forward already under
+            # way when recording stopped still calls the hooks it collected.
+            if self._handles and args and isinstance(args[0], Tensor) and not in_backward():
                 record(args[0].detach())
 
         self._handles.append(module.register_forward_pre_hook(hook))

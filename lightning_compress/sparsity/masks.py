@@ -69,19 +69,21 @@ def layer_mask(weight: Tensor, sparsity: float, pattern: SparsityPattern, norm: 
 
     Args:
         weight: ``[out, in, *kernel]`` (Linear, Conv, Embedding).
-        sparsity: fraction of the weights to prune.
+        sparsity: fraction of the weights to prune (rounded; never all of them).
         pattern: unit of pruning. Structured prunes whole output channels (rows of
             ``weight``); N:M prunes within groups of ``m`` consecutive weights along the
             input dimension and reaches exactly N:M at ``sparsity = (m - n) / m``.
         norm: 1 or 2, the channel norm for structured pruning.
     """
     weight = weight.detach()
+    # One channel (one weight) always stays: rounding would prune a small layer whole (0.8
+    # of a two-row head rounds to both rows) and cut the model's output off its input.
     if pattern.kind == "structured":
         scores = _channel_scores(weight, norm)
-        prune = _lowest(scores, round(sparsity * scores.numel()))
+        prune = _lowest(scores, min(round(sparsity * scores.numel()), scores.numel() - 1))
         return _expand_channels(~prune, weight)
     scores = _element_scores(weight, pattern)
-    count = round(sparsity * weight.numel())
+    count = min(round(sparsity * weight.numel()), weight.numel() - 1)
     if pattern.kind == "n:m":
         count = min(count, weight.numel() // pattern.m * (pattern.m - pattern.n))
     prune = _lowest(scores.flatten(), count)

@@ -2,7 +2,49 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Callable
+
+from lightning_compress.core.schedule import StepLike, resolve_step
+from lightning_compress.core.validate import ArgumentError
+
 SCHEDULES = ("cubic", "linear", "one_shot")
+
+
+def schedule_window(start_step: StepLike, end_step: StepLike, total_steps: float, *, one_shot: bool,
+                    final_sparsity: float, warn: Callable[[str], None] = warnings.warn) -> tuple[int, int]:
+    """The optimizer steps the schedule starts and ends at in a run of ``total_steps``;
+    ``warn`` (Lightning's ``rank_zero_warn`` under DDP) says where it will not run as set.
+
+    Raises:
+        ArgumentError: a fraction made ``end_step`` resolve before ``start_step``.
+    """
+    start = resolve_step("start_step", start_step, total_steps)
+    end = resolve_step("end_step", end_step, total_steps)
+    if one_shot:
+        return start, start
+    if end == start:
+        # A fraction of a run too short to tell the two steps apart (`fast_dev_run`): a
+        # smoke test still runs, with the ramp over one step. (Two ints that are not
+        # ordered never get here: the config refuses them.)
+        warn(
+            f"MagnitudePruning: this run of {total_steps} steps is too short for `start_step`={start_step} and"
+            f" `end_step`={end_step}: both resolve to step {start}, so the schedule ramps from step {start} to"
+            f" step {start + 1}"
+        )
+        return start, start + 1
+    if end < start:
+        raise ArgumentError(
+            "end_step",
+            f"`end_step` resolves to step {end}, not after `start_step` (step {start}) in this run of {total_steps}"
+            " steps; move `end_step` later",
+        )
+    if end > total_steps:
+        warn(
+            f"MagnitudePruning: `end_step` is step {end} but the run has {total_steps} optimizer steps;"
+            f" `final_sparsity`={final_sparsity} will not be reached."
+        )
+    return start, end
 
 
 def scheduled_sparsity(

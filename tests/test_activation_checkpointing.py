@@ -1,0 +1,94 @@
+"""Statistics gathered from training forwards under activation checkpointing.
+
+Checkpointing runs a block's forward again inside the backward (the reentrant kind runs
+the first forward under no_grad). A static activation observer, a GPTQ start's Hessians
+and wanda's input norms must count each training forward once, and see what the forward
+saw, so a checkpointed run ends exactly where the same run without checkpointing ends.
+"""
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lightning_compress import MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.quant.activations import input_quantizer_of
+from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+
+
+class CheckpointedRegressor(TinyRegressor):
+    """TinyRegressor with ``fc1`` run under activation checkpointing (``reentrant``), or
+    without (None)."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        if self.reentrant is not None:  # the reentrant kind only trains fc1 for an input needing grad
+            h = checkpoint(self.fc1, h, use_reentrant=self.reentrant)
+        else:
+            h = self.fc1(h)
+        return self.fc2(torch.relu(h))
+
+
+CALLBACKS = {
+    "static observer": lambda: QuantizationAwareTraining("int8", activations="int8_static",
+                                                         observer="moving_average", calibration_steps=6),
+    "gptq start": lambda: QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=2,
+                                                    start_step=3, targets=["fc1", "fc2"]),
+    "wanda": lambda: MagnitudePruning(0.5, score="wanda", start_step=1, end_step=4, update_every=1,
+                                      targets=["fc1", "fc2"]),
+}
+
+
+def trained(reentrant, make_callback, **trainer_options):
+    torch.manual_seed(0)
+    model = CheckpointedRegressor(reentrant)
+    trainer = make_trainer(max_steps=6, callbacks=[make_callback()], **trainer_options)
+    trainer.fit(model, tiny_loader(batches=8))
+    return model
+
+
+@pytest.mark.parametrize("setting", sorted(CALLBACKS))
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_run_ends_where_the_run_without_checkpointing_ends(setting, reentrant):
+    reference = trained(None, CALLBACKS[setting])
+    model = trained(reentrant, CALLBACKS[setting])
+    result = model.state_dict()
+    assert reference.state_dict().keys() == result.keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(result[key], value), key
+    assert torch.equal(model.fc1.weight, reference.fc1.weight)  # the effective weight
+    # The checkpointed layer's statistics were gathered (the checks above would also pass
+    # if neither run gathered any).
+    effective = model.fc1.weight.detach()
+    if setting == "wanda":
+        assert (effective == 0).float().mean() == 0.5
+    elif setting == "gptq start":  # int4 group 16: at most 16 values a group
+        groups = effective.reshape(-1, 16).sort(dim=1).values
+        assert int((1 + (groups[:, 1:] != groups[:, :-1]).sum(dim=1)).max()) <= 16
+    else:
+        observer, expected = input_quantizer_of(model.fc1), input_quantizer_of(reference.fc1)
+        assert observer.high > 0 and (observer.low, observer.high) == (expected.low, expected.high)
+
+
+def test_validation_inside_the_calibration_window_is_not_recorded():
+    """Validation after every batch, under no_grad (``inference_mode=False``) and in
+    training mode for the modules (a model built in train mode that validates without
+    eval is what no_grad alone does not tell apart), leaves the GPTQ start unchanged."""
+
+    class ValidatesInTrainMode(CheckpointedRegressor):
+        def validation_step(self, batch, batch_idx):
+            self.train()
+            return super().validation_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    reference = trained(None, CALLBACKS["gptq start"]).state_dict()
+    torch.manual_seed(0)
+    model = ValidatesInTrainMode(None)
+    trainer = make_trainer(max_steps=6, callbacks=[CALLBACKS["gptq start"]()], val_check_interval=1,
+                           limit_val_batches=2, num_sanity_val_steps=0, inference_mode=False)
+    trainer.fit(model, tiny_loader(batches=8), tiny_loader(batches=2, seed=1, scale=10.0))
+    for key, value in reference.items():
+        assert torch.equal(model.state_dict()[key], value), key
