@@ -164,3 +164,48 @@ def test_when_nothing_can_be_written_the_error_says_the_model_is_in_memory(tmp_p
         fit(tmp_path / "out")
     assert caught.value.directory is None and fit.steps == 2
     assert list(system_temp.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_a_folder_made_at_dirpath_during_training_does_not_lose_the_trained_model(tmp_path, system_temp, seeded):
+    """Another process (or a ModelCheckpoint saving there) makes `dirpath` after the setup
+    check: the export goes to the temporary directory, not nowhere."""
+    out = tmp_path / "out"
+
+    class MakesTheFolder(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            out.mkdir(exist_ok=True)
+            (out / "theirs.txt").write_text("kept")
+
+    model, steps = TinyRegressor(), Steps()
+    trainer = make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8"), CompressedExport(out),
+                                                   MakesTheFolder(), steps])
+    with pytest.raises(ExportError) as caught:
+        trainer.fit(model, tiny_loader(batches=2), tiny_loader(batches=1, seed=1))
+    kept = caught.value.directory
+    assert steps.count == 2 and sorted(p.name for p in out.iterdir()) == ["theirs.txt"]  # theirs untouched
+    assert kept is not None and kept.parent.parent == system_temp and kept.name == "out"
+    assert f"{out} could not be written (FileExistsError: {out} was made during training)" in str(caught.value)
+    x, _ = next(iter(tiny_loader(batches=1, seed=2)))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(load_packed(kept, TinyRegressor(), backend="dequantize")(x), model(x))
+
+
+@pytest.mark.parametrize("inside", [".", "ckpt", "ckpt/deeper"])
+def test_overwrite_of_a_folder_holding_the_runs_checkpoints_is_refused_before_training(tmp_path, inside):
+    """overwrite=True replaces `dirpath` whole at the end: the checkpoints saved in it
+    during the run would go with it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out, steps = tmp_path / "out", Steps()
+    trainer = make_trainer(max_steps=2, enable_checkpointing=True, callbacks=[
+        QuantizationAwareTraining("int8"), CompressedExport(out, overwrite=True),
+        ModelCheckpoint(dirpath=out / inside), steps])
+    with pytest.raises(ArgumentError, match=rf"`dirpath` {out} holds ModelCheckpoint's dirpath \({out / inside}\),"
+                                            r" which overwrite=True would delete"):
+        trainer.fit(TinyRegressor(), tiny_loader(batches=2))
+    assert steps.count == 0
+    make_trainer(max_steps=2, enable_checkpointing=True, callbacks=[  # beside it: fine
+        QuantizationAwareTraining("int8"), CompressedExport(out, overwrite=True, parity=False, dry_export=False),
+        ModelCheckpoint(dirpath=tmp_path / "ckpt")]).fit(TinyRegressor(), tiny_loader(batches=2))
+    assert (out / WEIGHTS_FILE).is_file() and any((tmp_path / "ckpt").iterdir())

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import compressed_tensors  # noqa: E402,F401  (a dev dependency: a missing one fails, never skips)
 import transformers  # noqa: E402
 
-from lightning_compress import CompressedExport, QuantizationAwareTraining, export  # noqa: E402
+from lightning_compress import CompressedExport, QuantizationAwareTraining, export, load_packed  # noqa: E402
 from lightning_compress.core.transforms import raw_weight  # noqa: E402
 from lightning_compress.formats.packed import METADATA_FILE  # noqa: E402
 from lightning_compress.quant.spec import QuantSpec  # noqa: E402
@@ -128,6 +128,38 @@ def test_automodel_and_the_task_class_load_the_fake_quant_model(tmp_path, family
     float_weight = raw_weight(model.get_submodule(float_layer))
     assert torch.equal(task.get_submodule(float_layer).weight, float_weight)
     assert torch.equal(base.get_submodule(float_layer.removeprefix(prefix + ".")).weight, float_weight)
+
+
+@pytest.mark.parametrize("family, embedding", [("bert", "bert.embeddings.word_embeddings"),
+                                               ("llama", "model.embed_tokens")])
+def test_an_export_with_a_quantized_embedding_leaves_out_the_config_transformers_cannot_load(tmp_path, family,
+                                                                                            embedding):
+    """compressed-tensors runs packed Linear layers only: transformers' load of a packed
+    Embedding fails (no `weight`), and decompressing it on load gives wrong rows. Such an
+    export writes no config.json and says why; load_packed reads it exactly."""
+    build, task_class, _, _ = MODELS[family]
+    model = build()
+    round_to_nearest(model, QuantSpec(4, "group", 32), targets=[nn.Linear])
+    round_to_nearest(model, QuantSpec(8, "channel"), targets=[embedding])
+    ids, mask = token_batch()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    report = export(model, tmp_path / "out", inputs=[batch])
+    assert not (tmp_path / "out" / "config.json").exists() and not report.compressed_tensors
+    assert any(f"compressed-tensors config not written: transformers 5.24 with compressed-tensors 0.20 (tested"
+               f" here) cannot load a packed Embedding" in note for note in report.notes), report.notes
+    loaded = load_packed(tmp_path / "out", build(), backend="dequantize")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    # What the note is about, so a transformers that loads it shows here: written anyway
+    # (for vLLM), the directory does not load, or loads other rows.
+    forced = export(model, tmp_path / "forced", inputs=[batch], compressed_tensors=True)
+    assert any(f"{embedding!r} is a quantized Embedding" in note for note in forced.notes)
+    try:
+        task = task_class.from_pretrained(tmp_path / "forced")
+    except AttributeError as error:
+        assert "'Embedding' object has no attribute 'weight'" in str(error)
+    else:
+        assert not torch.equal(task.get_submodule(embedding).weight, quantized_weights(model)[embedding].dequantize())
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["one-scheme", "two-schemes"])

@@ -21,10 +21,10 @@ from lightning_compress.core.tracking import log_artifact
 from lightning_compress.formats.config import ExportConfig
 from lightning_compress.formats.dry_export import dry_export
 from lightning_compress.formats.export import ExportReport, export
-from lightning_compress.formats.failed_export import failed_path
+from lightning_compress.formats.failed_export import failed_path, keep_elsewhere
 from lightning_compress.formats.inputs import batch_inputs, guessed_inputs_error, inputs_mismatch, mismatch_error
 from lightning_compress.formats.packed import METADATA_FILE
-from lightning_compress.formats.target import check_export_target
+from lightning_compress.formats.target import check_export_target, check_keeps_apart
 
 _DRY_NOTE = (
     "found by CompressedExport's dry export before the first training step: nothing was trained or written; the"
@@ -170,6 +170,14 @@ class CompressedExport(CompressionCallback):
             self._dry_pending = self.dry_export
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.overwrite:  # after every callback's setup, where ModelCheckpoint decides its folder
+            check_keeps_apart(self.dirpath, {f"{type(callback).__name__}'s dirpath": callback.dirpath
+                                             for callback in trainer.checkpoint_callbacks
+                                             if getattr(callback, "dirpath", None)})
+
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._dry_pending:
             return
@@ -192,7 +200,7 @@ class CompressedExport(CompressionCallback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
         self._dry_pending = False  # a fit without a training batch
-        self._on_rank_zero(trainer, lambda: self.write(pl_module, self._parity_loader(trainer)), "export")
+        self._on_rank_zero(trainer, lambda: self._write_at_fit_end(pl_module, self._parity_loader(trainer)), "export")
         if trainer.is_global_zero:
             rank_zero_info(self.report.table())
             self._log_artifact(trainer)
@@ -211,6 +219,17 @@ class CompressedExport(CompressionCallback):
         return self.report
 
     # ------------------------------------------------------------------ internals
+    def _write_at_fit_end(self, pl_module: nn.Module, batches: Iterable[Any]) -> None:
+        if self.dirpath.exists() and not self.overwrite:
+            # Absent at setup (checked there), so made during training: by another process,
+            # or a ModelCheckpoint saving there. The trained model is exported to the system's
+            # temporary directory, which the error names, instead of being lost with the process.
+            inputs, target = self._inputs(pl_module, batches, self.parity_batches), self._target(pl_module)
+            appeared = FileExistsError(f"{self.dirpath} was made during training")
+            raise keep_elsewhere(self.dirpath, appeared, lambda folder: export(target, folder, inputs=inputs,
+                                                                               **self.options))
+        self.write(pl_module, batches)
+
     def _inputs(self, pl_module: nn.Module, batches: Iterable[Any], count: int, check: bool = False) -> List[Any]:
         """The model inputs of the first ``count`` batches: for the parity check, and for
         tracing the ONNX export (which needs one even with ``parity=False``).

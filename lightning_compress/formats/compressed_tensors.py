@@ -57,6 +57,12 @@ TRANSFORMERS_ZERO_POINTS = (
     "transformers 5.24 (tested here) refuses packed zero points (a size mismatch on weight_zero_point; 5.17 loaded"
     " them), so only vLLM and lightning_compress.load_packed read such a directory"
 )
+TRANSFORMERS_EMBEDDING = (
+    "transformers 5.24 with compressed-tensors 0.20 (tested here) cannot load a packed Embedding: compressed-tensors"
+    " runs packed Linear layers only, so the load fails on the Embedding's missing weight (and decompressing on load"
+    " gives wrong rows); lightning_compress.load_packed reads it, and an export with the embedding left in float"
+    " (`exclude`) loads in transformers"
+)
 
 
 def is_transformers_model(module: nn.Module) -> bool:
@@ -93,8 +99,15 @@ def packs_zero_point(spec: QuantSpec) -> bool:
 
 
 def transformers_refusals(layers: Mapping[str, PackedLayer]) -> Dict[str, str]:
-    """``{layer: reason}`` for layers stored as vLLM reads them but transformers refuses."""
-    return {name: TRANSFORMERS_ZERO_POINTS for name, layer in layers.items() if packs_zero_point(layer.weight.spec)}
+    """``{layer: reason}`` for layers stored in compressed-tensors' layout that transformers
+    cannot load."""
+    refusals = {}
+    for name, layer in layers.items():
+        if packs_zero_point(layer.weight.spec):
+            refusals[name] = TRANSFORMERS_ZERO_POINTS
+        elif layer.module == "Embedding":
+            refusals[name] = TRANSFORMERS_EMBEDDING
+    return refusals
 
 
 def decide(model: nn.Module, layers: Mapping[str, PackedLayer], requested: Optional[bool], notes: List[str]) -> bool:
@@ -119,7 +132,7 @@ def decide(model: nn.Module, layers: Mapping[str, PackedLayer], requested: Optio
             return False
         if problems or refusals:
             reason = next(iter(problems.values())) if problems else next(iter(refusals.values()))
-            hint = "" if problems else "; pass compressed_tensors=True to write it for vLLM"
+            hint = "; pass compressed_tensors=True to write it for vLLM" if reason == TRANSFORMERS_ZERO_POINTS else ""
             notes.append(f"compressed-tensors config not written: {reason}{hint}")
             return False
     elif not requested:
@@ -132,10 +145,14 @@ def decide(model: nn.Module, layers: Mapping[str, PackedLayer], requested: Optio
     if problems:
         name, reason = next(iter(problems.items()))
         raise ExportError(f"compressed_tensors=True cannot store layer {name!r}: {reason}; pass compressed_tensors=False")
-    if refusals:
-        notes.append(f"compressed-tensors: {len(refusals)} layer(s) have asymmetric weights (e.g."
-                     f" {next(iter(refusals))!r}), written with packed zero points as vLLM reads them;"
+    asymmetric = [name for name, reason in refusals.items() if reason == TRANSFORMERS_ZERO_POINTS]
+    if asymmetric:
+        notes.append(f"compressed-tensors: {len(asymmetric)} layer(s) have asymmetric weights (e.g."
+                     f" {asymmetric[0]!r}), written with packed zero points as vLLM reads them;"
                      f" {TRANSFORMERS_ZERO_POINTS}")
+    embeddings = [name for name, reason in refusals.items() if reason == TRANSFORMERS_EMBEDDING]
+    if embeddings:
+        notes.append(f"compressed-tensors: {embeddings[0]!r} is a quantized Embedding; {TRANSFORMERS_EMBEDDING}")
     notes.extend(vllm_notes(quantization_config(layers, model), layers, model))
     return True
 

@@ -7,15 +7,16 @@ fit could not write stops the run before its first step instead of after its las
   directory and never replaces a file);
 - with ``overwrite=True``, an existing ``dirpath`` that is a mount point, or that is or
   holds the current working directory, is refused (replacing it would fail, or strand
-  this process in a deleted folder);
+  this process in a deleted folder), and so is one that is or holds the folder of the
+  run's checkpoints (:func:`check_keeps_apart`: replacing it would delete them);
 - the folder the export creates its files in (``dirpath``'s parent, created if missing)
   must be creatable: its nearest existing ancestor must be a directory, not a file, in
   which this process can create entries. That is asked with ``os.access`` and then by
   creating and removing an empty folder there (``.lightning-compress-probe-*``), since
   ``os.access`` says yes to root where the file system says no (``/proc``, say).
 
-A problem that appears during training (a full disk, permissions changed) is handled at
-the end instead: see :func:`~lightning_compress.formats.failed_export.keep_elsewhere`.
+A problem that appears during training (a full disk, permissions changed, a folder made
+at ``dirpath`` meanwhile) is handled at the end instead: see :func:`~lightning_compress.formats.failed_export.keep_elsewhere`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from lightning_compress.core.validate import ArgumentError
 
@@ -71,6 +72,25 @@ def check_export_target(dirpath: str | os.PathLike, overwrite: bool) -> None:
         )
 
 
+def check_keeps_apart(dirpath: str | os.PathLike, kept: Mapping[str, str | os.PathLike]) -> None:
+    """With ``overwrite=True`` the export replaces ``dirpath`` whole, with everything in it:
+    refuse a ``dirpath`` that is or holds a path the run writes elsewhere (``kept``, what
+    each is -> its path: a ModelCheckpoint's folder), existing yet or not.
+
+    Raises:
+        ArgumentError: (naming ``dirpath``) which path it holds.
+    """
+    target = Path(os.path.realpath(dirpath))
+    for what, path in kept.items():
+        held = Path(os.path.realpath(path))
+        if held == target or target in held.parents:
+            raise ArgumentError(
+                "dirpath",
+                f"CompressedExport: `dirpath` {dirpath} holds {what} ({path}), which overwrite=True would delete with"
+                f" the folder it replaces at the end of the run: {_ELSEWHERE}, or keep {what} outside it{_CHECKED}",
+            )
+
+
 def _refuse_unreplaceable(dirpath, target: Path) -> None:
     if os.path.ismount(target):
         raise ArgumentError(
@@ -102,4 +122,4 @@ def _cannot_create_in(folder: Path) -> Optional[str]:
     return None
 
 
-__all__ = ["check_export_target"]
+__all__ = ["check_export_target", "check_keeps_apart"]
