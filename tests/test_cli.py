@@ -348,11 +348,15 @@ def test_configuration_errors_found_before_training_exit_2(tmp_path, monkeypatch
         (["--recipe", "r.yaml", "--override", "pruning.pattern=2:4", "--override", "pruning.final_sparsity=null",
           "--override", "export.dirpath=fresh", "--override", "qat.group_size=2"], "group"),
     ]
+    (tmp_path / "packed" / "r.yaml").write_text(RECIPE)
+    # overwrite=True replaces the folder whole: not the one the recipe is read from.
+    cases.append((["--recipe", "packed/r.yaml", "--override", "export.overwrite=true"],
+                  "`dirpath` packed holds the recipe file (packed/r.yaml), which overwrite=True would delete"))
     for extra, fragment in cases:
         assert main(base + extra) == 2, extra
         assert_one_paragraph_error(capsys.readouterr().err, fragment)
     assert not (tmp_path / "fresh").exists()
-    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == ["r.yaml"]
 
 
 def test_fit_takes_a_ready_recipe_by_name(tmp_path, monkeypatch):

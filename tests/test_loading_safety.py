@@ -550,3 +550,14 @@ def test_the_fixture_itself_loads_and_matches(packed_dir):
     x = torch.randn(8, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), exported_model().eval()(x))
+
+
+def test_a_model_still_carrying_compression_stages_is_refused(packed_dir):
+    """Loading into the trained model itself (or another run's) would fake-quantize the
+    packed weights again with the stages it still carries: wrong outputs, silently."""
+    with pytest.raises(PackedFormatError, match=r"`model` still carries a training run's compression stages \(layer"
+                                                r" '0'.*pass a freshly built model"):
+        load_packed(packed_dir, exported_model())
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(load_packed(packed_dir, small_model(seed=1), backend="dequantize")(x), exported_model()(x))

@@ -209,9 +209,13 @@ def test_the_observer_reads_training_from_its_layer():
     layer.train()
     observer(torch.tensor([-1.0, 3.0]), layer)
     assert (observer.low.item(), observer.high.item()) == (-1.0, 3.0)
-    with torch.no_grad():
-        observer(torch.tensor([-9.0, 9.0]), layer)  # no gradient (validation): not observed
+    observer.in_training_batch = False  # between training batches (validation in train mode, after fit)
+    observer(torch.tensor([-9.0, 9.0]), layer)
     assert (observer.low.item(), observer.high.item()) == (-1.0, 3.0)
+    observer.in_training_batch = True
+    with torch.no_grad():  # reentrant checkpointing runs a training forward so: observed
+        observer(torch.tensor([-2.0, 5.0]), layer)
+    assert (observer.low.item(), observer.high.item()) == (-2.0, 5.0)
 
 
 def test_the_observer_follows_the_input_device_and_keeps_its_dtype():

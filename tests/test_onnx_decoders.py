@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -282,6 +283,43 @@ def test_keyword_inputs_for_onnx_say_to_pass_a_tuple_in_forward_order(tmp_path):
         export(tiny_gpt2().eval(), tmp_path / "out", inputs=[{"input_ids": ids, "attention_mask": mask}],
                formats=["safetensors", "onnx"])
     assert not (tmp_path / "out").exists()
+
+
+def test_keyword_only_forward_for_onnx_says_to_export_a_submodule(tmp_path):
+    """forward(**batch) takes no positional input: the tuple the message above suggests
+    would be refused next, so the message names `module=` instead."""
+    from lightning_compress import CompressedExport, QuantizationAwareTraining
+
+    class KeywordsOnly(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(16, 4))
+
+        def forward(self, **batch):
+            return self.body(batch["features"])
+
+        def training_step(self, batch, batch_idx):
+            return self(features=batch["features"]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    features = torch.randn(16, 16)
+    batches = torch.utils.data.DataLoader([{"features": row} for row in features], batch_size=8)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[
+                             QuantizationAwareTraining("int8"), CompressedExport(tmp_path / "out", formats=["safetensors", "onnx"])])
+    with pytest.raises(ValueError, match=r"but KeywordsOnly\.forward takes keyword arguments only: export a submodule"
+                                         r" whose forward takes them positionally \(CompressedExport\(module=\.\.\.\)"):
+        trainer.fit(KeywordsOnly(), batches)
+    assert trainer.global_step == 0
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[
+                             QuantizationAwareTraining("int8"),
+                             CompressedExport(tmp_path / "out", formats=["safetensors", "onnx"], module="body",
+                                              input_fn=lambda batch: batch["features"])])
+    trainer.fit(KeywordsOnly(), batches)  # the fix the message names works
+    assert (tmp_path / "out" / "model.onnx").is_file()
 
 
 def test_onnx_without_inputs_says_to_pass_them(tmp_path):

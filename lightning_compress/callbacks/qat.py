@@ -263,6 +263,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         for quantizer in self._input_quantizers.values():
             if isinstance(quantizer, StaticRangeObserver):
                 quantizer.calibrating = quantizer.calibrating and calibrating
+                quantizer.in_training_batch = True
         if self._freeze_bn_at is not None and step >= self._freeze_bn_at:
             for module in pl_module.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -273,13 +274,20 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                            batch_idx: int) -> None:
         if self._calibration is not None:
             self._calibration.on_batch_end()
+        self._end_training_batch()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._end_training_batch()
             self._ranges.stop()
             if self._calibration is not None:
                 self._calibration.stop()
+
+    def _end_training_batch(self) -> None:
+        for quantizer in self._input_quantizers.values():
+            if isinstance(quantizer, StaticRangeObserver):
+                quantizer.in_training_batch = False
 
     # ------------------------------------------------------------------ base-class hooks
     @override

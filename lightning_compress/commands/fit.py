@@ -100,14 +100,21 @@ class CompressionCLI(LightningCLI):
 
     def _recipe_callbacks(self, config: Any) -> List[Callback]:
         """The recipe's callbacks; a resume without --recipe uses the one its checkpoint stores."""
+        from lightning_compress.callbacks.export import CompressedExport
         from lightning_compress.callbacks.recipe_record import recipe_in_checkpoint
         from lightning_compress.checkpoints import read_checkpoint
         from lightning_compress.commands.errors import CommandError
+        from lightning_compress.formats.target import check_keeps_apart
         from lightning_compress.recipes import load_recipe
 
         recipe, overrides = config.get("recipe"), list(config.get("override") or [])
         if recipe is not None:
-            return load_recipe(recipe, overrides).callbacks()
+            callbacks = load_recipe(recipe, overrides).callbacks()
+            if os.path.isfile(recipe):  # not a ready recipe's name
+                for callback in callbacks:
+                    if isinstance(callback, CompressedExport) and callback.overwrite:
+                        check_keeps_apart(callback.dirpath, {"the recipe file": recipe})
+            return callbacks
         resume_from = config.get("ckpt_path")
         stored = None
         if resume_from not in (None, "last", "best", "hpc", "registry"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
@@ -92,10 +93,10 @@ class ExportConfig:
 
 
 def validate_export_formats(formats, inputs, tokenizer=None, onnx_activations="float",
-                            onnx_dynamic_sequence=False) -> None:
-    """Check :func:`export`'s ``formats``, that ``inputs`` can trace an ONNX export
-    (pass ``[None]`` for inputs that will exist by export time), the GGUF ``tokenizer``,
-    ``onnx_activations`` and ``onnx_dynamic_sequence``.
+                            onnx_dynamic_sequence=False, model=None) -> None:
+    """Check :func:`export`'s ``formats``, that ``inputs`` can trace an ONNX export of
+    ``model`` (pass ``[None]`` for inputs that will exist by export time), the GGUF
+    ``tokenizer``, ``onnx_activations`` and ``onnx_dynamic_sequence``.
 
     Raises:
         ArgumentError: a ``ValueError`` naming ``formats``, ``inputs`` or ``tokenizer``.
@@ -114,6 +115,12 @@ def validate_export_formats(formats, inputs, tokenizer=None, onnx_activations="f
         # CompressedExport's default input_fn makes keyword arguments of a dict batch only when
         # a parameter between its keys has a default other than None.
         first = next(iter(inputs[0]), "input_ids")  # inputs[0] is a dict the user gave: it may be empty
+        if model is not None and not _takes_positional(model):
+            raise ArgumentError(
+                "inputs", f"formats={list(formats)!r} includes 'onnx', which traces the model with positional inputs,"
+                f" but {type(model).__name__}.forward takes keyword arguments only: export a submodule whose forward"
+                " takes them positionally (CompressedExport(module=...), e.g. module='model' for a transformers model"
+                " held as self.model), or leave 'onnx' out of `formats`")
         raise ArgumentError(
             "inputs", f"formats={list(formats)!r} includes 'onnx', which traces the model with positional inputs,"
             f" but the inputs are keyword arguments ({', '.join(map(str, inputs[0]))}). Pass a tuple in forward's"
@@ -162,4 +169,14 @@ def validate_export_options(
         )
 
 
+def _takes_positional(model) -> bool:
+    """Whether ``model.forward`` has a parameter a positional input can fill."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: let the trace say
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
+
+
 __all__ = ["ExportConfig", "validate_export_formats", "validate_export_options"]
+

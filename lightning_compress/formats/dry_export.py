@@ -76,7 +76,7 @@ def dry_export(
     """
     inputs = list(inputs)
     validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
-    validate_export_formats(formats, inputs, tokenizer, onnx_activations, onnx_dynamic_sequence)
+    validate_export_formats(formats, inputs, tokenizer, onnx_activations, onnx_dynamic_sequence, model)
     with preserved_rng(), preserved_ranges(model):
         packing = pack(model, Path("(dry export)"), sparse_threshold=sparse_threshold,
                        compressed_tensors=compressed_tensors, recipe=recipe, dry=True, formats=formats,

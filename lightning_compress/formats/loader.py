@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.memory import ReleasePacer, release_freed_memory
+from lightning_compress.core.transforms import is_transformed
 from lightning_compress.core.validate import check_bool
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.failed_export import recorded_failure, refusal
@@ -90,6 +91,14 @@ def load_packed(
         if not callable(model):
             raise TypeError(f"`model` must be an nn.Module or a callable returning one, got {type(model).__name__}")
         model = build_on_meta(model)
+    carrying = next((name for name, module in model.named_modules() if is_transformed(module)), None)
+    if carrying is not None:
+        # Its fake quantization (or mask, or adapter) would act again on the loaded weights.
+        raise PackedFormatError(
+            f"`model` still carries a training run's compression stages (layer {carrying!r}, e.g. fake quantization"
+            " from QuantizationAwareTraining), which would act again on the packed weights: pass a freshly built"
+            f" model (e.g. {type(model).__name__}(...)), or a function that builds one"
+        )
     install_packed(model, packed, backend, cache_dequantized)
     return model.eval()
 

@@ -139,6 +139,10 @@ class StaticRangeObserver:
         self.momentum = momentum
         self.enabled = False
         self.calibrating = True
+        # Whether the forwards now are a training batch's: the QAT callback clears it between
+        # batches, so a forward outside one (validation in train mode, a forward after fit)
+        # does not move the range. True for an observer used without a Trainer.
+        self.in_training_batch = True
         self.low: Tensor | None = None
         self.high: Tensor | None = None
 
@@ -169,7 +173,7 @@ class StaticRangeObserver:
         # must neither count the batch twice nor see another range than the forward did.
         # Grad mode is no test of a training forward: reentrant checkpointing runs the
         # forward itself under no_grad.
-        if self.calibrating and training and not in_backward():
+        if self.calibrating and training and self.in_training_batch and not in_backward():
             self.observe(x)
         if self.low is None:
             return x
