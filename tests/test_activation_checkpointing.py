@@ -73,22 +73,69 @@ def test_a_checkpointed_run_ends_where_the_run_without_checkpointing_ends(settin
         assert observer.high > 0 and (observer.low, observer.high) == (expected.low, expected.high)
 
 
-def test_validation_inside_the_calibration_window_is_not_recorded():
+@pytest.mark.parametrize("setting", ["gptq start", "static observer"])
+def test_validation_inside_the_calibration_window_is_not_recorded(setting):
     """Validation after every batch, under no_grad (``inference_mode=False``) and in
-    training mode for the modules (a model built in train mode that validates without
-    eval is what no_grad alone does not tell apart), leaves the GPTQ start unchanged."""
+    training mode for the modules (what no_grad alone does not tell apart from reentrant
+    checkpointing's forward), leaves the GPTQ start and the observed range unchanged; so
+    does a forward in train mode after fit."""
 
     class ValidatesInTrainMode(CheckpointedRegressor):
         def validation_step(self, batch, batch_idx):
             self.train()
             return super().validation_step(batch, batch_idx)
 
-    torch.manual_seed(0)
-    reference = trained(None, CALLBACKS["gptq start"]).state_dict()
+    reference = trained(None, CALLBACKS[setting])
     torch.manual_seed(0)
     model = ValidatesInTrainMode(None)
-    trainer = make_trainer(max_steps=6, callbacks=[CALLBACKS["gptq start"]()], val_check_interval=1,
+    trainer = make_trainer(max_steps=6, callbacks=[CALLBACKS[setting]()], val_check_interval=1,
                            limit_val_batches=2, num_sanity_val_steps=0, inference_mode=False)
     trainer.fit(model, tiny_loader(batches=8), tiny_loader(batches=2, seed=1, scale=10.0))
-    for key, value in reference.items():
+    for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+    if setting == "static observer":
+        observer, expected = input_quantizer_of(model.fc1), input_quantizer_of(reference.fc1)
+        assert (observer.low, observer.high) == (expected.low, expected.high)
+        model.train()
+        with torch.no_grad():
+            model(tiny_loader(batches=1, seed=2, scale=10.0).dataset.tensors[0])
+        assert (observer.low, observer.high) == (expected.low, expected.high)
+
+
+def test_the_export_checks_inside_the_calibration_window_are_not_recorded(tmp_path):
+    """The dry export before the first step (parity check and ONNX trace, no_grad, the
+    model's hooks on its copies) runs inside the first training batch: with a GPTQ start
+    recording from step 0, the run ends where the run without the export ends."""
+    from lightning_compress import CompressedExport
+
+    def gptq():
+        return QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=2,
+                                         targets=["fc1", "fc2"])
+
+    reference = trained(None, gptq)
+    torch.manual_seed(0)
+    model = CheckpointedRegressor(None)
+    export = CompressedExport(tmp_path / "out", formats=["safetensors", "onnx"], dry_export=True)
+    make_trainer(max_steps=6, callbacks=[gptq(), export]).fit(model, tiny_loader(batches=8))
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert export.dry_report is not None and (tmp_path / "out" / "model.onnx").is_file()
+
+
+def test_a_fit_that_raises_inside_the_window_leaves_no_recording_hook_behind():
+    """No teardown follows an exception: the recording hooks would count every later
+    forward of the user's model, and an observer would keep observing."""
+
+    class FailsAtStep1(CheckpointedRegressor):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 1:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    model = FailsAtStep1(None)
+    qat = CALLBACKS["gptq start"]()
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer(max_steps=6, callbacks=[qat]).fit(model, tiny_loader(batches=8))
+    assert not qat._calibration.calibration._handles
+    assert not model.fc1._forward_pre_hooks and not model.fc2._forward_pre_hooks

@@ -191,18 +191,21 @@ def test_a_folder_made_at_dirpath_during_training_does_not_lose_the_trained_mode
         assert torch.equal(load_packed(kept, TinyRegressor(), backend="dequantize")(x), model(x))
 
 
+@pytest.mark.parametrize("overwrite", [True, False])
 @pytest.mark.parametrize("inside", [".", "ckpt", "ckpt/deeper"])
-def test_overwrite_of_a_folder_holding_the_runs_checkpoints_is_refused_before_training(tmp_path, inside):
+def test_a_dirpath_holding_the_runs_checkpoints_is_refused_before_training(tmp_path, inside, overwrite):
     """overwrite=True replaces `dirpath` whole at the end: the checkpoints saved in it
-    during the run would go with it."""
+    during the run would go with it; without it, the checkpoints make `dirpath` exist and
+    the export cannot write there."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     out, steps = tmp_path / "out", Steps()
     trainer = make_trainer(max_steps=2, enable_checkpointing=True, callbacks=[
-        QuantizationAwareTraining("int8"), CompressedExport(out, overwrite=True),
+        QuantizationAwareTraining("int8"), CompressedExport(out, overwrite=overwrite),
         ModelCheckpoint(dirpath=out / inside), steps])
+    fate = "which overwrite=True would delete" if overwrite else "which the run creates, so the export at the end"
     with pytest.raises(ArgumentError, match=rf"`dirpath` {out} holds ModelCheckpoint's dirpath \({out / inside}\),"
-                                            r" which overwrite=True would delete"):
+                                            rf" {fate}"):
         trainer.fit(TinyRegressor(), tiny_loader(batches=2))
     assert steps.count == 0
     make_trainer(max_steps=2, enable_checkpointing=True, callbacks=[  # beside it: fine

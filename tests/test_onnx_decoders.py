@@ -320,6 +320,10 @@ def test_keyword_only_forward_for_onnx_says_to_export_a_submodule(tmp_path):
                                               input_fn=lambda batch: batch["features"])])
     trainer.fit(KeywordsOnly(), batches)  # the fix the message names works
     assert (tmp_path / "out" / "model.onnx").is_file()
+    from lightning_compress import export
+
+    with pytest.raises(ValueError, match=r"KeywordsOnly\.forward takes keyword arguments only"):  # tuple inputs too
+        export(KeywordsOnly(), tmp_path / "tuple", inputs=[(features[:2],)], formats=["safetensors", "onnx"])
 
 
 def test_onnx_without_inputs_says_to_pass_them(tmp_path):

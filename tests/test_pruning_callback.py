@@ -315,6 +315,10 @@ def test_end_step_fraction_resolving_before_start_is_refused(seeded):
     pruning = MagnitudePruning(0.5, start_step=10, end_step=0.5)
     with pytest.raises(ValueError, match="`end_step` resolves to step 4"):
         make_trainer(callbacks=[pruning]).fit(TinyRegressor(), tiny_loader())
+    # Reached on the start step itself: an int start_step is no run too short for fractions.
+    pruning = MagnitudePruning(0.5, start_step=4, end_step=0.5)
+    with pytest.raises(ValueError, match=r"`end_step` resolves to step 4, not after `start_step` \(step 4\)"):
+        make_trainer(callbacks=[pruning]).fit(TinyRegressor(), tiny_loader())
 
 
 def test_validate_from_a_checkpoint_masks_lora_layers(tmp_path, seeded):
@@ -344,8 +348,8 @@ def test_validate_from_a_checkpoint_masks_lora_layers(tmp_path, seeded):
 
 
 def test_numpy_scalars_are_the_numbers_they_hold(seeded):
-    """np.int64 steps are absolute steps (isinstance(np.int64(2), int) is False: taken as
-    a fraction they would resolve to step 2 * total), np.float32 a sparsity."""
+    """np.int64 steps are absolute steps and np.float32 a sparsity (they were refused:
+    isinstance(np.int64(2), int) is False)."""
     import numpy as np
 
     pruning = MagnitudePruning(np.float32(0.5), start_step=np.int64(2), end_step=np.int64(6), update_every=np.int64(1))

@@ -283,10 +283,16 @@ def test_unsupported_layer_in_targets_and_unused_override_fail_before_training(s
     model = BNModel()
     with pytest.raises(ValueError, match=r"'bn' matches only layers of unsupported types \(BatchNorm1d\)"):
         make_trainer(callbacks=[QuantizationAwareTraining(targets=["bn"])]).fit(model, tiny_loader())
-    with pytest.raises(ValueError, match=r"`overrides` pattern\(s\) \['head'\] match no quantized layer"):
+    with pytest.raises(ValueError, match=r"`overrides` pattern\(s\) \['head'\] set no quantized layer's grid"):
         make_trainer(callbacks=[QuantizationAwareTraining(overrides={"head": {"bits": 8}})]).fit(
             TinyRegressor(), tiny_loader()
         )
+    # A pattern that matches, but after a broader one: the first match wins, and the message says so.
+    shadowed = QuantizationAwareTraining(overrides={"fc*": {"bits": 8}, "fc2": {"bits": 3}}, exclude=["conv"])
+    with pytest.raises(ValueError, match=r"\['fc2'\] set no quantized layer's grid \('fc2' matches fc2, which an"
+                                         r" earlier pattern \('fc\*'\) matches first: list the more specific pattern"
+                                         r" first\)"):
+        make_trainer(callbacks=[shadowed]).fit(TinyRegressor(), tiny_loader())
 
 
 def test_round_to_nearest_quantizes_in_place_without_training(seeded):

@@ -172,10 +172,10 @@ class CompressedExport(CompressionCallback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self.overwrite:  # after every callback's setup, where ModelCheckpoint decides its folder
-            check_keeps_apart(self.dirpath, {f"{type(callback).__name__}'s dirpath": callback.dirpath
-                                             for callback in trainer.checkpoint_callbacks
-                                             if getattr(callback, "dirpath", None)})
+        # After every callback's setup, where ModelCheckpoint decides its folder.
+        check_keeps_apart(self.dirpath, {f"{type(callback).__name__}'s dirpath": callback.dirpath
+                                         for callback in trainer.checkpoint_callbacks
+                                         if getattr(callback, "dirpath", None)}, self.overwrite)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

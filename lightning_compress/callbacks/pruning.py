@@ -14,7 +14,6 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import LayerCompressionCallback
 from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
 from lightning_compress.core.memory import release_after
-from lightning_compress.core.schedule import resolve_step
 from lightning_compress.core.sharding import local, resharded, shard_like
 from lightning_compress.core.targeting import weight_param
 from lightning_compress.core.tracking import log_line_chart

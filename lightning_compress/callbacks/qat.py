@@ -27,7 +27,7 @@ from lightning_compress.core.transforms import (
 )
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver
 from lightning_compress.quant.calibrated_start import CalibratedStart, plan_calibrated_start
-from lightning_compress.quant.config import QATConfig
+from lightning_compress.quant.config import QATConfig, override_matches
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import WeightFakeQuantizer, attach_weight_quantizers
 
@@ -277,6 +277,14 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         self._end_training_batch()
 
     @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # No teardown follows: a recording hook or an observing observer left on the model
+        # would count every later forward.
+        if self._calibration is not None:
+            self._calibration.stop()
+        self._end_training_batch()
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._end_training_batch()
@@ -324,9 +332,12 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             used.add(pattern)
         unused = [p for p in self.layer_overrides if p not in used]
         if unused:
+            shadowed = {p: [n for n in layers if override_matches(n, p)] for p in unused}
+            why = "; ".join(f"{p!r} matches {', '.join(names)}, which an earlier pattern ({self.config.spec_for(names[0])[1]!r})"
+                            " matches first: list the more specific pattern first" for p, names in shadowed.items() if names)
             raise ValueError(
-                f"`overrides` pattern(s) {unused} match no quantized layer; quantized layers:"
-                f" {', '.join(layers)}"
+                f"`overrides` pattern(s) {unused} set no quantized layer's grid"
+                + (f" ({why})" if why else "") + f"; quantized layers: {', '.join(layers)}"
             )
         return specs
 
@@ -335,6 +346,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             quantizer: Any = DynamicTokenQuantizer(channels_first=isinstance(layer, _CONV))
         else:
             quantizer = StaticRangeObserver(self.observer)
+            quantizer.in_training_batch = False  # until the first training batch starts
         install_weight_transform(
             layer, Stage.INPUT_QUANT, quantizer, owner=self.owner_token, active_owners=rivals, param=INPUT
         )

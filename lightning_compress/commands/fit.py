@@ -113,7 +113,7 @@ class CompressionCLI(LightningCLI):
             if os.path.isfile(recipe):  # not a ready recipe's name
                 for callback in callbacks:
                     if isinstance(callback, CompressedExport) and callback.overwrite:
-                        check_keeps_apart(callback.dirpath, {"the recipe file": recipe})
+                        check_keeps_apart(callback.dirpath, {"the recipe file": recipe}, overwrite=True)
             return callbacks
         resume_from = config.get("ckpt_path")
         stored = None

@@ -23,12 +23,35 @@ _Entry = Tuple[Tensor, nn.Module, str, Tensor, int, Stack]
 _RECORDS: List[Dict[int, _Entry]] = []  # one per recording forward running
 
 
+_CHECKS_RUNNING = [0]  # export checks (dry export, parity, the ONNX trace) under way
+
+
 def in_backward() -> bool:
     """Whether this runs inside a backward pass: a forward run there is activation
     checkpointing recomputing one (counted once already, even the reentrant kind's, which
     first ran under no_grad), which statistics of the training forwards must not count twice."""
+    if torch.compiler.is_compiling():  # not traceable; a compiled graph's recompute is its own
+        return False
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current is not None and current() != -1
+
+
+@contextlib.contextmanager
+def export_checks() -> Iterator[None]:
+    """Forwards that check an export (the dry export before the first step, the parity
+    check, the ONNX trace), which may run inside a training batch: not training forwards."""
+    _CHECKS_RUNNING[0] += 1
+    try:
+        yield
+    finally:
+        _CHECKS_RUNNING[0] -= 1
+
+
+def counts_as_training_forward() -> bool:
+    """Whether a forward now may add to statistics of the training forwards (a static
+    observer's range, a calibrated start's inputs, wanda's input norms): not a recompute
+    inside the backward (:func:`in_backward`), not an export's check (:func:`export_checks`)."""
+    return not _CHECKS_RUNNING[0] and not in_backward()
 
 
 def note_effective(layer: nn.Module, slot: str, raw: Tensor, effective: Tensor, stack: Stack) -> None:

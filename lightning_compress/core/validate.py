@@ -24,8 +24,9 @@ class ArgumentError(ValueError):
 
 def plain_values(value: Any) -> Any:
     """``value`` with NumPy scalars (in lists, tuples and dicts too) turned into the Python
-    int, float, bool or str they hold: ``np.int64(10)`` is a step count to a user, and
-    ``isinstance(np.int64(10), int)`` is False, which would make it a fraction of the run."""
+    int, float, bool or str they hold: ``np.int64(10)`` is a step count to a user, but
+    ``isinstance(np.int64(10), int)`` is False, so the validators refused it. Applied to a
+    callback's arguments (not to a config built directly)."""
     if isinstance(value, np.generic):
         return value.item()
     if type(value) is dict:

@@ -130,10 +130,13 @@ def decide(model: nn.Module, layers: Mapping[str, PackedLayer], requested: Optio
     if requested is None:
         if not is_hf:
             return False
-        if problems or refusals:
-            reason = next(iter(problems.values())) if problems else next(iter(refusals.values()))
-            hint = "; pass compressed_tensors=True to write it for vLLM" if reason == TRANSFORMERS_ZERO_POINTS else ""
-            notes.append(f"compressed-tensors config not written: {reason}{hint}")
+        if problems:
+            notes.append(f"compressed-tensors config not written: {next(iter(problems.values()))}")
+            return False
+        if refusals:
+            reasons = list(dict.fromkeys(refusals.values()))  # each kind once, in layer order
+            hint = "; pass compressed_tensors=True to write it for vLLM" if reasons == [TRANSFORMERS_ZERO_POINTS] else ""
+            notes.append(f"compressed-tensors config not written: {'; and '.join(reasons)}{hint}")
             return False
     elif not requested:
         return False

@@ -111,16 +111,16 @@ def validate_export_formats(formats, inputs, tokenizer=None, onnx_activations="f
         raise ArgumentError(
             "inputs", f"formats={list(formats)!r} includes 'onnx', which traces the model with `inputs[0]`: pass"
             " `inputs` with a tensor or a tuple of tensors")
+    if "onnx" in formats and model is not None and not _takes_positional(model):
+        raise ArgumentError(
+            "inputs", f"formats={list(formats)!r} includes 'onnx', which traces the model with positional inputs,"
+            f" but {type(model).__name__}.forward takes keyword arguments only: export a submodule whose forward"
+            " takes them positionally (CompressedExport(module=...), e.g. module='model' for a transformers model"
+            " held as self.model; or export(model.<submodule>, ...)), or leave 'onnx' out of `formats`")
     if "onnx" in formats and isinstance(inputs[0], Mapping):
         # CompressedExport's default input_fn makes keyword arguments of a dict batch only when
         # a parameter between its keys has a default other than None.
         first = next(iter(inputs[0]), "input_ids")  # inputs[0] is a dict the user gave: it may be empty
-        if model is not None and not _takes_positional(model):
-            raise ArgumentError(
-                "inputs", f"formats={list(formats)!r} includes 'onnx', which traces the model with positional inputs,"
-                f" but {type(model).__name__}.forward takes keyword arguments only: export a submodule whose forward"
-                " takes them positionally (CompressedExport(module=...), e.g. module='model' for a transformers model"
-                " held as self.model), or leave 'onnx' out of `formats`")
         raise ArgumentError(
             "inputs", f"formats={list(formats)!r} includes 'onnx', which traces the model with positional inputs,"
             f" but the inputs are keyword arguments ({', '.join(map(str, inputs[0]))}). Pass a tuple in forward's"
@@ -179,4 +179,3 @@ def _takes_positional(model) -> bool:
 
 
 __all__ = ["ExportConfig", "validate_export_formats", "validate_export_options"]
-

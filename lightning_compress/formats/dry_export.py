@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_compress.core.recompute import export_checks
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.errors import ParityError
 from lightning_compress.formats.export import ExportReport, check_packing, pack
@@ -27,6 +28,7 @@ from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE, decod
 from lightning_compress.formats.parity import ParityReport, preserved_ranges
 
 
+@export_checks()  # its forwards are not training forwards, even inside a training batch
 def dry_export(
     model: nn.Module,
     inputs: Sequence[Any] = (),

@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_directory, remove_directory
 from lightning_compress.core.memory import release_freed_memory
+from lightning_compress.core.recompute import export_checks
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.errors import ExportError, ParityError
@@ -25,6 +26,7 @@ REPORT_FILE = "report.txt"
 ONNX_FILE = "model.onnx"
 
 
+@export_checks()  # its forwards are not training forwards, even inside a training batch
 def export(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -87,8 +89,9 @@ def export(
             vLLM and ``transformers`` load the directory, int8 activations included
             (bitmask storage is then off; see :mod:`~lightning_compress.formats.compressed_tensors`).
             ``None``: on when ``model`` is a ``transformers`` model whose quantized
-            layers are all Linear/Embedding that transformers loads (not asymmetric
-            group/channel weights: their packed zero points are for vLLM, written with ``True``).
+            layers are all Linear layers that transformers loads (not asymmetric
+            group/channel weights: their packed zero points are for vLLM, written with
+            ``True``; not Embedding layers, which compressed-tensors does not run packed).
         recipe: the recipe that produced the model, stored in the metadata.
         formats: ``("safetensors",)``, or with ``"onnx"`` also ``model.onnx``: int4
             Linear layers as onnxruntime's ``MatMulNBits``, int8 as QDQ (see

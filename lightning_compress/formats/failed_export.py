@@ -160,9 +160,9 @@ def keep_elsewhere(out_dir: Path, error: OSError, write: Callable[[Path], None])
         if isinstance(failed, ParityError):
             return ParityError(message, failed.report, failed.directory)
         return ExportError(message, failed.directory)
-    return ExportError(
-        f"{lead}; the export is complete and checked in {folder} instead{_MOVE} (e.g. mv {folder} {out_dir},"
-        " once that can be written)", folder)
+    move = (f"e.g. mv {folder} <a new path>, or remove or rename {out_dir} first" if isinstance(error, FileExistsError)
+            else f"e.g. mv {folder} {out_dir}, once that can be written")
+    return ExportError(f"{lead}; the export is complete and checked in {folder} instead{_MOVE} ({move})", folder)
 
 
 _IN_MEMORY = (": nothing was written. The trained model is still in memory (the module passed to fit or export):"

@@ -1,7 +1,8 @@
 """The packed-model directory: ``model.safetensors`` + ``compression.json``, no pickle.
 
-Tensor names follow compressed-tensors for every quantized layer (Linear and Embedding
-load in ``transformers``; Conv uses the same names as our documented extension). For a
+Tensor names follow compressed-tensors for every quantized layer (Linear layers load in
+``transformers``; Embedding is stored in its names but does not load there; Conv uses the
+same names as our documented extension). For a
 layer whose state-dict prefix is ``p.``:
 
 =========================  =====================================================

@@ -7,8 +7,10 @@ fit could not write stops the run before its first step instead of after its las
   directory and never replaces a file);
 - with ``overwrite=True``, an existing ``dirpath`` that is a mount point, or that is or
   holds the current working directory, is refused (replacing it would fail, or strand
-  this process in a deleted folder), and so is one that is or holds the folder of the
-  run's checkpoints (:func:`check_keeps_apart`: replacing it would delete them);
+  this process in a deleted folder);
+- a ``dirpath`` that is or holds the folder of the run's checkpoints is refused
+  (:func:`check_keeps_apart`: ``overwrite=True`` would delete them, and without it the
+  export would find the folder taken);
 - the folder the export creates its files in (``dirpath``'s parent, created if missing)
   must be creatable: its nearest existing ancestor must be a directory, not a file, in
   which this process can create entries. That is asked with ``os.access`` and then by
@@ -72,10 +74,11 @@ def check_export_target(dirpath: str | os.PathLike, overwrite: bool) -> None:
         )
 
 
-def check_keeps_apart(dirpath: str | os.PathLike, kept: Mapping[str, str | os.PathLike]) -> None:
-    """With ``overwrite=True`` the export replaces ``dirpath`` whole, with everything in it:
-    refuse a ``dirpath`` that is or holds a path the run writes elsewhere (``kept``, what
-    each is -> its path: a ModelCheckpoint's folder), existing yet or not.
+def check_keeps_apart(dirpath: str | os.PathLike, kept: Mapping[str, str | os.PathLike], overwrite: bool) -> None:
+    """Refuse a ``dirpath`` that is or holds a path the run writes itself (``kept``, what
+    each is -> its path: a ModelCheckpoint's folder), existing yet or not: the export at
+    the end replaces ``dirpath`` whole with ``overwrite=True``, deleting it, and without
+    ``overwrite`` finds ``dirpath`` made by it and cannot write there.
 
     Raises:
         ArgumentError: (naming ``dirpath``) which path it holds.
@@ -84,10 +87,12 @@ def check_keeps_apart(dirpath: str | os.PathLike, kept: Mapping[str, str | os.Pa
     for what, path in kept.items():
         held = Path(os.path.realpath(path))
         if held == target or target in held.parents:
+            fate = ("which overwrite=True would delete with the folder it replaces at the end of the run" if overwrite
+                    else "which the run creates, so the export at the end would find `dirpath` taken")
             raise ArgumentError(
                 "dirpath",
-                f"CompressedExport: `dirpath` {dirpath} holds {what} ({path}), which overwrite=True would delete with"
-                f" the folder it replaces at the end of the run: {_ELSEWHERE}, or keep {what} outside it{_CHECKED}",
+                f"CompressedExport: `dirpath` {dirpath} holds {what} ({path}), {fate}: {_ELSEWHERE}, or keep {what}"
+                f" outside it{_CHECKED}",
             )
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.distributed import all_reduce_max
-from lightning_compress.core.recompute import in_backward
+from lightning_compress.core.recompute import counts_as_training_forward
 from lightning_compress.core.transforms import Stage, get_input_transform
 from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
 from lightning_compress.quant.spec import QuantSpec
@@ -128,9 +128,10 @@ def single_token_on_grid(x: Tensor, scale: float, shift: int) -> Tensor:
 class StaticRangeObserver:
     """int8 asymmetric per-tensor fake quantization with an observed, then frozen, range.
 
-    While ``calibrating`` and in training mode it tracks the input range (``"minmax"``:
+    While ``calibrating``, in training mode and ``in_training_batch`` (which the QAT
+    callback sets around each training batch) it tracks the input range (``"minmax"``:
     running min/max; ``"moving_average"``: exponential average of batch min/max with
-    ``momentum``). Under DDP each batch's range is reduced over ranks before the update,
+    ``momentum``); not in a recompute inside the backward, nor in an export's check. Under DDP each batch's range is reduced over ranks before the update,
     so every rank holds the same range. Validation, test and predict never update it.
     """
 
@@ -173,7 +174,7 @@ class StaticRangeObserver:
         # must neither count the batch twice nor see another range than the forward did.
         # Grad mode is no test of a training forward: reentrant checkpointing runs the
         # forward itself under no_grad.
-        if self.calibrating and training and self.in_training_batch and not in_backward():
+        if self.calibrating and training and self.in_training_batch and counts_as_training_forward():
             self.observe(x)
         if self.low is None:
             return x

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_max, all_reduce_sum_, broadcast_from_rank_zero
-from lightning_compress.core.recompute import in_backward
+from lightning_compress.core.recompute import counts_as_training_forward
 from lightning_compress.core.targeting import tied_parameter_names
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
 from lightning_compress.quant.fake_quant import as_matrix
@@ -130,7 +130,7 @@ class CalibratedStart:
             # activation checkpointing runs the forward under no_grad, then again inside the
             # backward, which must not count twice. `self._handles`: a forward already under
             # way when recording stopped still calls the hooks it collected.
-            if self._handles and args and isinstance(args[0], Tensor) and not in_backward():
+            if self._handles and args and isinstance(args[0], Tensor) and counts_as_training_forward():
                 record(args[0].detach())
 
         self._handles.append(module.register_forward_pre_hook(hook))

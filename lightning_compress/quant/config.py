@@ -21,6 +21,11 @@ from lightning_compress.quant.weights import DEFAULT_TARGET_TYPES, QUANTIZABLE_T
 INITS = ("gptq", "awq")
 
 
+def override_matches(name: str, pattern: str) -> bool:
+    """Whether an ``overrides`` glob selects layer ``name``: the whole name or its last parts."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
 @dataclass(frozen=True)
 class QATConfig:
     """The grid QAT trains and when. See :class:`lightning_compress.QuantizationAwareTraining`
@@ -65,7 +70,7 @@ class QATConfig:
         """The grid of layer ``name``: the first ``overrides`` glob that matches it (a whole
         name or its last parts), else the main spec; and that glob (``None``: the main spec)."""
         for pattern, spec in self.layer_overrides.items():
-            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
+            if override_matches(name, pattern):
                 return spec, pattern
         return self.spec, None
 
@@ -177,4 +182,4 @@ def _parse_overrides(overrides: Any, base: QuantSpec) -> Dict[str, QuantSpec]:
     return specs
 
 
-__all__ = ["QATConfig"]
+__all__ = ["QATConfig", "override_matches"]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_sum_
-from lightning_compress.core.recompute import in_backward
+from lightning_compress.core.recompute import counts_as_training_forward
 from lightning_compress.core.targeting import weight_param
 from lightning_compress.core.transforms import WEIGHT, raw_weight
 
@@ -160,7 +160,7 @@ class InputNorms:
 
     def _observer(self, name: str):
         def observe(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if not self.collecting or in_backward():
+            if not self.collecting or not counts_as_training_forward():
                 return
             x = args[0] if args else kwargs.get("input")
             if isinstance(x, Tensor):

@@ -23,17 +23,17 @@ def schedule_window(start_step: StepLike, end_step: StepLike, total_steps: float
     end = resolve_step("end_step", end_step, total_steps)
     if one_shot:
         return start, start
-    if end == start:
-        # A fraction of a run too short to tell the two steps apart (`fast_dev_run`): a
-        # smoke test still runs, with the ramp over one step. (Two ints that are not
-        # ordered never get here: the config refuses them.)
+    if end == start and isinstance(end_step, float) and (isinstance(start_step, float) or start_step == 0):
+        # Fractions of a run too short to tell the two steps apart (`fast_dev_run`): a smoke
+        # test still runs, with the ramp over one step. (An int start_step that a fractional
+        # end_step reaches no later is a setting that does not fit the run: refused below.)
         warn(
             f"MagnitudePruning: this run of {total_steps} steps is too short for `start_step`={start_step} and"
             f" `end_step`={end_step}: both resolve to step {start}, so the schedule ramps from step {start} to"
             f" step {start + 1}"
         )
         return start, start + 1
-    if end < start:
+    if end <= start:
         raise ArgumentError(
             "end_step",
             f"`end_step` resolves to step {end}, not after `start_step` (step {start}) in this run of {total_steps}"
