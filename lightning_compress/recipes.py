@@ -56,7 +56,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lightning_compress.callbacks.compatibility import check_recipe
 from lightning_compress.callbacks.recipe_record import RecipeRecord
 from lightning_compress.callbacks.registry import METHODS, Method
-from lightning_compress.core.validate import ArgumentError
+from lightning_compress.core.validate import ArgumentError, plain_values
 from lightning_compress.recipe_resolve import Resolved, ResolutionError, resolve_recipe
 from lightning_compress.recipe_types import ImportPathError, Mismatch, UntrustedImport, coerce, describe, text_only
 
@@ -279,7 +279,7 @@ def _locate(source: Union[str, os.PathLike]) -> Path:
 
 def _as_dictconfig(source: Any, what: str) -> DictConfig:
     try:
-        return source if isinstance(source, DictConfig) else OmegaConf.create(dict(source))
+        return source if isinstance(source, DictConfig) else OmegaConf.create(plain_values(dict(source)))
     except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as err:
         raise RecipeError(f"{what} cannot be read: {_first_line(err)}") from None
 

@@ -122,20 +122,26 @@ def test_the_export_checks_inside_the_calibration_window_are_not_recorded(tmp_pa
     assert export.dry_report is not None and (tmp_path / "out" / "model.onnx").is_file()
 
 
-def test_a_fit_that_raises_inside_the_window_leaves_no_recording_hook_behind():
-    """No teardown follows an exception: the recording hooks would count every later
-    forward of the user's model, and an observer would keep observing."""
+class FailsAtStep2(CheckpointedRegressor):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
 
-    class FailsAtStep1(CheckpointedRegressor):
-        def training_step(self, batch, batch_idx):
-            if self.global_step == 1:
-                raise RuntimeError("boom")
-            return super().training_step(batch, batch_idx)
 
+@pytest.mark.parametrize("setting", ["gptq start", "wanda"])
+def test_a_fit_that_raises_leaves_no_statistics_hook_behind(setting):
+    """No teardown follows an exception: a calibrated start's recording hooks or wanda's
+    input-norm hooks (and its step hook zeroing pruned weights) would count every later
+    forward of the user's model. Step 2 is inside both windows."""
     torch.manual_seed(0)
-    model = FailsAtStep1(None)
-    qat = CALLBACKS["gptq start"]()
+    model = FailsAtStep2(None)
+    callback = CALLBACKS[setting]()
     with pytest.raises(RuntimeError, match="boom"):
-        make_trainer(max_steps=6, callbacks=[qat]).fit(model, tiny_loader(batches=8))
-    assert not qat._calibration.calibration._handles
-    assert not model.fc1._forward_pre_hooks and not model.fc2._forward_pre_hooks
+        make_trainer(max_steps=6, callbacks=[callback]).fit(model, tiny_loader(batches=8))
+    for layer in (model.fc1, model.fc2):
+        assert not layer._forward_pre_hooks and not layer._forward_hooks
+    if setting == "wanda":
+        assert not callback._hook_handles and not callback._norms.collecting
+    else:
+        assert not callback._calibration.calibration._handles

@@ -352,11 +352,14 @@ def test_configuration_errors_found_before_training_exit_2(tmp_path, monkeypatch
     # overwrite=True replaces the folder whole: not the one the recipe is read from.
     cases.append((["--recipe", "packed/r.yaml", "--override", "export.overwrite=true"],
                   "`dirpath` packed holds the recipe file (packed/r.yaml), which overwrite=True would delete"))
+    (tmp_path / "packed" / "c.yaml").write_text("trainer:\n  max_steps: 2\n")
+    cases.append((["--recipe", "r.yaml", "-c", "packed/c.yaml", "--override", "export.overwrite=true"],
+                  "packed/c.yaml), which overwrite=True would delete"))
     for extra, fragment in cases:
         assert main(base + extra) == 2, extra
         assert_one_paragraph_error(capsys.readouterr().err, fragment)
     assert not (tmp_path / "fresh").exists()
-    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == ["r.yaml"]
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == ["c.yaml", "r.yaml"]
 
 
 def test_fit_takes_a_ready_recipe_by_name(tmp_path, monkeypatch):

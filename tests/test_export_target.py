@@ -212,3 +212,17 @@ def test_a_dirpath_holding_the_runs_checkpoints_is_refused_before_training(tmp_p
         QuantizationAwareTraining("int8"), CompressedExport(out, overwrite=True, parity=False, dry_export=False),
         ModelCheckpoint(dirpath=tmp_path / "ckpt")]).fit(TinyRegressor(), tiny_loader(batches=2))
     assert (out / WEIGHTS_FILE).is_file() and any((tmp_path / "ckpt").iterdir())
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_dirpath_holding_the_loggers_folder_is_refused_before_training(tmp_path, overwrite):
+    """A CSVLogger writing inside the export folder: overwrite=True deleted its logs at
+    the end, and without it the export found the folder the logger made."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    out, steps = tmp_path / "out", Steps()
+    trainer = make_trainer(max_steps=2, logger=CSVLogger(out, name="logs"), callbacks=[
+        QuantizationAwareTraining("int8"), CompressedExport(out, overwrite=overwrite), steps])
+    with pytest.raises(ArgumentError, match=rf"`dirpath` {out} holds CSVLogger's folder \({out}/logs/version_0\)"):
+        trainer.fit(TinyRegressor(), tiny_loader(batches=2))
+    assert steps.count == 0

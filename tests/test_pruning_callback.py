@@ -347,7 +347,7 @@ def test_validate_from_a_checkpoint_masks_lora_layers(tmp_path, seeded):
         assert torch.equal(fresh.get_submodule(name).weight, model.get_submodule(name).weight)
 
 
-def test_numpy_scalars_are_the_numbers_they_hold(seeded):
+def test_numpy_scalars_are_the_numbers_they_hold(tmp_path, seeded):
     """np.int64 steps are absolute steps and np.float32 a sparsity (they were refused:
     isinstance(np.int64(2), int) is False)."""
     import numpy as np
@@ -357,6 +357,17 @@ def test_numpy_scalars_are_the_numbers_they_hold(seeded):
     make_trainer(max_steps=8, callbacks=[pruning]).fit(TinyRegressor(), tiny_loader())
     assert pruning._window == (2, 6, 1)
     assert pruning.sparsity == pytest.approx(0.5, abs=0.01)
+    # In a recipe and in what an export records, as numbers.
+    from lightning_compress import from_recipe
+    from lightning_compress.formats.export import export
+    from lightning_compress.formats.packed import METADATA_FILE
+
+    assert from_recipe({"qat": {"weights": 4, "group_size": np.int64(32)}})[0].config.group_size == 32
+    model = nn.Sequential(nn.Linear(8, 4))
+    export(model, tmp_path / "out", inputs=[torch.randn(2, 8)], recipe={"qat": {"weights": np.int64(8), "flag": np.bool_(True)}})
+    import json
+
+    assert json.loads((tmp_path / "out" / METADATA_FILE).read_text())["recipe"] == {"qat": {"weights": 8, "flag": True}}
 
 
 def test_a_fast_dev_run_too_short_for_the_fractions_ramps_over_one_step(seeded):

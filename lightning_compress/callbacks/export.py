@@ -154,6 +154,8 @@ class CompressedExport(CompressionCallback):
         if stage == "fit":
             self._target(pl_module)  # a wrong `module` fails before training
             check_export_target(self.dirpath, self.overwrite)  # a file, an unwritable folder
+            # Before the existence check: a logger writing inside `dirpath` made it exist.
+            check_keeps_apart(self.dirpath, _run_folders(trainer), self.overwrite)
             if self.dirpath.exists() and not self.overwrite:
                 raise FileExistsError(
                     f"CompressedExport: {self.dirpath} already exists; choose another `dirpath` or pass"
@@ -172,10 +174,8 @@ class CompressedExport(CompressionCallback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        # After every callback's setup, where ModelCheckpoint decides its folder.
-        check_keeps_apart(self.dirpath, {f"{type(callback).__name__}'s dirpath": callback.dirpath
-                                         for callback in trainer.checkpoint_callbacks
-                                         if getattr(callback, "dirpath", None)}, self.overwrite)
+        # Again after every callback's setup, where a ModelCheckpoint without a dirpath decides it.
+        check_keeps_apart(self.dirpath, _run_folders(trainer), self.overwrite)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -305,3 +305,14 @@ def _add_note(error: BaseException, note: str) -> None:
         error.add_note(note)
     else:  # Python 3.10
         warnings.warn(note, RuntimeWarning, stacklevel=3)
+
+def _run_folders(trainer: Trainer) -> dict:
+    """The folders the run writes besides the export: its ModelCheckpoint folders (those
+    decided yet) and its loggers' folders, by what each is."""
+    kept = {f"{type(callback).__name__}'s dirpath": callback.dirpath
+            for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)}
+    for logger in trainer.loggers:
+        folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        if folder:
+            kept[f"{type(logger).__name__}'s folder"] = folder
+    return kept

@@ -205,14 +205,17 @@ class MagnitudePruning(LayerCompressionCallback):
         self._follow_schedule(trainer.global_step)
 
     @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # No teardown follows: wanda's hooks would count every later forward, and the step
+        # hook would zero weights in a later optimizer's steps. The masks stay, as the
+        # model was when the exception came.
+        self._remove_hooks()
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
-        if self._norms is not None:
-            self._norms.detach()
+        self._remove_hooks()
         # The stored weights are zero where masked, so the user gets back their own layer
         # classes holding the sparse weights; a later fit re-attaches the masks. A layer
         # whose weight is still W + B·A (LoRA, not merged) keeps its mask: zeros in W
@@ -304,6 +307,13 @@ class MagnitudePruning(LayerCompressionCallback):
         return self._actual_sparsity
 
     # ------------------------------------------------------------------ internals
+    def _remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        if self._norms is not None:
+            self._norms.detach()
+
     def _scheduled(self, step: int) -> float | None:
         """The schedule's target at ``step`` in this run (``None`` before it starts)."""
         start, end, every = self._window

@@ -110,10 +110,12 @@ class CompressionCLI(LightningCLI):
         recipe, overrides = config.get("recipe"), list(config.get("override") or [])
         if recipe is not None:
             callbacks = load_recipe(recipe, overrides).callbacks()
+            files = {"the config file": os.fspath(path) for path in (config.get("config") or [])}
             if os.path.isfile(recipe):  # not a ready recipe's name
-                for callback in callbacks:
-                    if isinstance(callback, CompressedExport) and callback.overwrite:
-                        check_keeps_apart(callback.dirpath, {"the recipe file": recipe}, overwrite=True)
+                files["the recipe file"] = recipe
+            for callback in callbacks:
+                if isinstance(callback, CompressedExport) and callback.overwrite:
+                    check_keeps_apart(callback.dirpath, files, overwrite=True)
             return callbacks
         resume_from = config.get("ckpt_path")
         stored = None

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_compress.core.atomic import atomic_write_directory, remove_directory
 from lightning_compress.core.memory import release_freed_memory
 from lightning_compress.core.recompute import export_checks
-from lightning_compress.core.validate import ArgumentError
+from lightning_compress.core.validate import ArgumentError, plain_values
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.errors import ExportError, ParityError
 from lightning_compress.formats.failed_export import failed_path, keep_elsewhere, keep_failed, refuse_stale
@@ -141,7 +141,8 @@ def export(
     refuse_stale(out_dir, overwrite)
     if "onnx" in formats:
         _refuse_onnx_misfits(model, onnx_activations)
-    options = dict(sparse_threshold=sparse_threshold, compressed_tensors=compressed_tensors, recipe=recipe,
+    options = dict(sparse_threshold=sparse_threshold, compressed_tensors=compressed_tensors,
+                   recipe=plain_values(recipe),
                    formats=formats, tokenizer=tokenizer)
     done: Dict[str, Any] = {}
     failure: Dict[str, Any] = {}
