@@ -382,7 +382,7 @@ class HoldsItsLength(nn.Module):
         return self.fc(self.embed(ids).sum(1) / float(ids.shape[1]))
 
 
-def quantized_example(model, tmp_path):
+def quantized_example(model):
     from lightning_compress.quant.weights import round_to_nearest
     from lightning_compress.quant.spec import QuantSpec
 
@@ -399,13 +399,8 @@ def export_for_any_length(model, tmp_path, *inputs):
                       onnx_dynamic_sequence=True)
 
 
-class LongBranch(nn.Module):
+class LongBranch(HoldsItsLength):
     """A branch on the length, traced at 12 where it is not taken: wrong only when longer."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 32)
-        self.fc = nn.Linear(32, 4)
 
     def forward(self, ids):
         h = self.embed(ids)
@@ -439,7 +434,7 @@ def test_a_trace_that_keeps_the_length_is_refused_for_any_length(tmp_path, model
     without the option the same model exports."""
     from lightning_compress import ArgumentError, export
 
-    model = quantized_example(model, tmp_path)
+    model = quantized_example(model)
     ids = torch.randint(0, VOCAB, (2, 12))
     with pytest.raises(ArgumentError, match=message + r".*kept the example's length as a constant") as caught:
         export_for_any_length(model, tmp_path, ids)
@@ -465,7 +460,7 @@ class MaskedAttention(nn.Module):
 def test_rows_of_only_padding_are_compared_by_their_nans(tmp_path):
     """Cut to 3, the example's first row is all padding: NaN in both. Equal NaNs pass and
     the rest is compared (a NaN error passed a `>` test, whatever the rest held)."""
-    model = quantized_example(MaskedAttention(), tmp_path)
+    model = quantized_example(MaskedAttention())
     ids = torch.randint(0, VOCAB, (2, 4))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -494,7 +489,7 @@ def test_inputs_of_different_lengths_each_get_their_own(tmp_path):
     """Each input's dimension 1 has its own name (one name for all made onnxruntime assume
     equal lengths and fail on the example itself); the integer output is left out of the
     comparison, as from the model's (it made outputs of unequal sizes fail a correct file)."""
-    model = quantized_example(CrossAttention(), tmp_path)
+    model = quantized_example(CrossAttention())
     export_for_any_length(model, tmp_path, torch.randint(0, VOCAB, (2, 12)), torch.randint(0, VOCAB, (2, 8)))
     source, target = torch.randint(0, VOCAB, (3, 17)), torch.randint(0, VOCAB, (3, 5))
     logits, chosen = run_onnx(tmp_path / "out" / "model.onnx", (source, target))
@@ -520,7 +515,7 @@ class FixedFeatures(nn.Module):
 def test_inputs_without_a_sequence_dimension_are_refused_for_any_length(tmp_path, shape, message):
     from lightning_compress import ArgumentError, export
 
-    model = quantized_example(FixedFeatures() if len(shape) == 2 else Scalar(), tmp_path)
+    model = quantized_example(FixedFeatures() if len(shape) == 2 else Scalar())
     with pytest.raises(ArgumentError, match=message) as caught:
         export(model, tmp_path / "out", inputs=[(torch.randn(*shape),)], formats=["safetensors", "onnx"],
                onnx_dynamic_sequence=True)

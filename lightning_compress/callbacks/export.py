@@ -306,6 +306,7 @@ def _add_note(error: BaseException, note: str) -> None:
     else:  # Python 3.10
         warnings.warn(note, RuntimeWarning, stacklevel=3)
 
+
 def _run_folders(trainer: Trainer) -> dict:
     """The folders the run writes besides the export: its ModelCheckpoint folders (those
     decided yet) and its loggers' folders, by what each is."""

@@ -263,7 +263,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         for quantizer in self._input_quantizers.values():
             if isinstance(quantizer, StaticRangeObserver):
                 quantizer.calibrating = quantizer.calibrating and calibrating
-                quantizer.in_training_batch = True
+        self._mark_training_batch(True)
         if self._freeze_bn_at is not None and step >= self._freeze_bn_at:
             for module in pl_module.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -274,7 +274,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                            batch_idx: int) -> None:
         if self._calibration is not None:
             self._calibration.on_batch_end()
-        self._end_training_batch()
+        self._mark_training_batch(False)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -282,20 +282,21 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         # would count every later forward.
         if self._calibration is not None:
             self._calibration.stop()
-        self._end_training_batch()
+        self._mark_training_batch(False)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._end_training_batch()
+            self._mark_training_batch(False)
             self._ranges.stop()
             if self._calibration is not None:
                 self._calibration.stop()
 
-    def _end_training_batch(self) -> None:
+    def _mark_training_batch(self, active: bool) -> None:
+        """Tell the static observers whether the forwards now are a training batch's."""
         for quantizer in self._input_quantizers.values():
             if isinstance(quantizer, StaticRangeObserver):
-                quantizer.in_training_batch = False
+                quantizer.in_training_batch = active
 
     # ------------------------------------------------------------------ base-class hooks
     @override
@@ -332,12 +333,17 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             used.add(pattern)
         unused = [p for p in self.layer_overrides if p not in used]
         if unused:
-            shadowed = {p: [n for n in layers if override_matches(n, p)] for p in unused}
-            why = "; ".join(f"{p!r} matches {', '.join(names)}, which an earlier pattern ({self.config.spec_for(names[0])[1]!r})"
-                            " matches first: list the more specific pattern first" for p, names in shadowed.items() if names)
+            shadowed = []  # patterns that match, after an earlier one that matches first
+            for pattern in unused:
+                names = [name for name in layers if override_matches(name, pattern)]
+                if names:
+                    earlier = self.config.spec_for(names[0])[1]
+                    shadowed.append(f"{pattern!r} matches {', '.join(names)}, which an earlier pattern ({earlier!r})"
+                                    " matches first: list the more specific pattern first")
+            why = f" ({'; '.join(shadowed)})" if shadowed else ""
             raise ValueError(
-                f"`overrides` pattern(s) {unused} set no quantized layer's grid"
-                + (f" ({why})" if why else "") + f"; quantized layers: {', '.join(layers)}"
+                f"`overrides` pattern(s) {unused} set no quantized layer's grid{why}; quantized layers:"
+                f" {', '.join(layers)}"
             )
         return specs
 

@@ -131,8 +131,9 @@ class StaticRangeObserver:
     While ``calibrating``, in training mode and ``in_training_batch`` (which the QAT
     callback sets around each training batch) it tracks the input range (``"minmax"``:
     running min/max; ``"moving_average"``: exponential average of batch min/max with
-    ``momentum``); not in a recompute inside the backward, nor in an export's check. Under DDP each batch's range is reduced over ranks before the update,
-    so every rank holds the same range. Validation, test and predict never update it.
+    ``momentum``); not in a recompute inside the backward, nor in an export's check. Under
+    DDP each batch's range is reduced over ranks before the update, so every rank holds
+    the same range. Validation, test and predict never update it.
     """
 
     def __init__(self, kind: str = "minmax", momentum: float = 0.01) -> None:
