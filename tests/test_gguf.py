@@ -9,6 +9,7 @@ dequantization.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -150,6 +151,8 @@ def test_a_recipe_trains_the_grid_gguf_holds_and_the_file_dequantizes_to_it_bit_
     assert {k for n, k in kinds.items() if "norm" in n} == {"F32"}
     metadata = read_metadata(tmp_path / "out")
     assert metadata["gguf"]["weights_exact"] and metadata["gguf"]["tensors"] == kinds
+    gguf_digest = hashlib.sha256((tmp_path / "out" / "model.gguf").read_bytes()).hexdigest()
+    assert metadata["files_sha256"]["model.gguf"] == gguf_digest  # what `inspect --verify` checks
     report = (tmp_path / "out" / "report.txt").read_text()
     assert "every tensor read back by the gguf package equals the trained weight exactly" in report
     fallbacks = [n for n, k in kinds.items() if k == "Q5_0"]

@@ -26,6 +26,7 @@ import transformers  # noqa: E402
 
 from lightning_compress import CompressedExport, QuantizationAwareTraining, export, load_packed  # noqa: E402
 from lightning_compress.core.transforms import raw_weight  # noqa: E402
+from lightning_compress.formats.inspection import verify_packed  # noqa: E402
 from lightning_compress.formats.packed import METADATA_FILE  # noqa: E402
 from lightning_compress.quant.spec import QuantSpec  # noqa: E402
 from lightning_compress.quant.weights import quantized_weights, round_to_nearest  # noqa: E402
@@ -103,6 +104,7 @@ def test_automodel_and_the_task_class_load_the_fake_quant_model(tmp_path, family
 
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert written["architectures"] == [type(model).__name__]
+    assert "config.json" in verify_packed(tmp_path / "hf")  # its SHA-256 recorded and checked
     assert len(written["quantization_config"]["config_groups"]) == 2  # int4 g32 and int8 channel
     if family == "llama-tied":  # lm_head computes with its own codes, the embedding stays float
         assert written["tie_word_embeddings"] is False

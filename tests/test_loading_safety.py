@@ -387,6 +387,51 @@ def test_an_export_without_a_recorded_checksum_says_so(copy, capsys):
     assert code == 2 and "no checksum recorded" in err
 
 
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory) -> Path:
+    model = small_model()
+    round_to_nearest(model, QuantSpec(4, "group", 16), targets=["0", "2"])
+    out = tmp_path_factory.mktemp("onnx") / "out"
+    export(model, out, inputs=[torch.randn(4, 32)], formats=["safetensors", "onnx"])
+    return out
+
+
+def test_verify_checks_the_files_other_engines_read(onnx_export, tmp_path, capsys):
+    body = json.loads((onnx_export / METADATA_FILE).read_text())
+    onnx_bytes = (onnx_export / "model.onnx").read_bytes()
+    assert body["files_sha256"] == {"model.onnx": hashlib.sha256(onnx_bytes).hexdigest()}
+    assert "model.onnx match their SHA-256" in verify_packed(onnx_export)
+    copy = Path(shutil.copytree(onnx_export, tmp_path / "copy"))
+    flipped = bytearray(onnx_bytes)
+    flipped[len(flipped) // 2] ^= 0x01
+    (copy / "model.onnx").write_bytes(bytes(flipped))
+    assert _cli(capsys, "inspect", str(copy))[0] == 0  # the table reads the metadata only
+    code, out, err = _cli(capsys, "inspect", "--verify", str(copy))
+    assert code == 2 and out == "" and "model.onnx: checksum mismatch" in err
+    (copy / "model.onnx").unlink()
+    with pytest.raises(PackedFormatError, match=r"model.onnx: missing; the export wrote it"):
+        verify_packed(copy)
+
+
+@pytest.mark.parametrize(
+    "record, match",
+    [
+        ({"../../etc/passwd": "0" * 64}, r"records checksums for \['../../etc/passwd'\], which no export writes"),
+        (["model.onnx"], r"'files_sha256' in compression.json is not a mapping"),
+        ({"model.onnx": 7}, r"'files_sha256' in compression.json is not a mapping"),
+    ],
+)
+def test_a_malformed_companion_record_is_refused_not_followed(onnx_export, tmp_path, record, match):
+    copy = Path(shutil.copytree(onnx_export, tmp_path / "copy"))
+    _edit_metadata(copy, lambda body: body.update(files_sha256=record))
+    with pytest.raises(PackedFormatError, match=match):
+        verify_packed(copy)
+
+
+def test_an_export_without_companion_files_records_none(packed_dir):
+    assert "files_sha256" not in json.loads((packed_dir / METADATA_FILE).read_text())
+
+
 def test_verify_of_a_checkpoint_says_there_is_no_checksum(tmp_path, capsys):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "a.ckpt")
     code, out, err = _cli(capsys, "inspect", "--verify", str(tmp_path / "a.ckpt"))

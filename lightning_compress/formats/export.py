@@ -13,6 +13,7 @@ from lightning_compress.core.atomic import atomic_write_directory, remove_direct
 from lightning_compress.core.memory import release_freed_memory
 from lightning_compress.core.recompute import export_checks
 from lightning_compress.core.validate import ArgumentError, plain_values
+from lightning_compress.formats.companions import ONNX_FILE, RECORD_KEY, companion_checksums
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.errors import ExportError, ParityError
 from lightning_compress.formats.failed_export import failed_path, keep_elsewhere, keep_failed, refuse_stale
@@ -23,7 +24,6 @@ from lightning_compress.formats.outputs import raised_by_the_model
 from lightning_compress.formats.parity import check_parity
 
 REPORT_FILE = "report.txt"
-ONNX_FILE = "model.onnx"
 
 
 @export_checks()  # its forwards are not training forwards, even inside a training batch
@@ -169,6 +169,10 @@ def export(
             failure.update(error=error, files={p.name: p.read_bytes() for p in directory.iterdir()
                                                if p.is_file() and not p.name.startswith(".")})
             raise
+        # What other engines read (model.onnx, model.gguf, config.json), as checked just now.
+        checksums = companion_checksums(directory)
+        if checksums:
+            packing.body[RECORD_KEY] = checksums
         return {**packing.files, METADATA_FILE: metadata_bytes(packing.body),
                 REPORT_FILE: (packing.report.table() + "\n").encode()}
 

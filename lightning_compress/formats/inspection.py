@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Union
 import torch
 
 from lightning_compress.core.reporting import format_table
+from lightning_compress.formats.companions import verify_companions
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.failed_export import recorded_failure, refusal
 from lightning_compress.formats.packed import (
@@ -56,7 +57,9 @@ def verify_path(path: Union[str, os.PathLike]) -> str:
 def verify_packed(directory: Union[str, os.PathLike]) -> str:
     """Read ``model.safetensors`` whole, check it against the SHA-256 recorded in
     ``compression.json`` and decode every tensor (names, dtypes, shapes, grids, finite
-    values), as :func:`~lightning_compress.load_packed` does before it builds a model.
+    values), as :func:`~lightning_compress.load_packed` does before it builds a model;
+    then check the files written for other engines (``model.onnx``, ``model.gguf``,
+    ``config.json``) against theirs (:mod:`~lightning_compress.formats.companions`).
     Returns a one-line summary.
 
     Raises:
@@ -64,9 +67,11 @@ def verify_packed(directory: Union[str, os.PathLike]) -> str:
             that records no checksum (the message says which file and which tensor).
     """
     packed = read_packed(directory)
+    companions = verify_companions(Path(directory), packed.metadata)
     size = (Path(directory) / WEIGHTS_FILE).stat().st_size
     verified = (
-        f"verified: {WEIGHTS_FILE} ({size:,} bytes) matches the SHA-256 recorded in {METADATA_FILE};"
+        f"verified: {WEIGHTS_FILE} ({size:,} bytes)" + "".join(f", {name}" for name in companions)
+        + f" {'match their' if companions else 'matches the'} SHA-256 recorded in {METADATA_FILE};"
         f" {len(packed.layers)} quantized layers and {len(packed.tensors)} tensors decode, all values finite"
     )
     return _with_failure(verified, recorded_failure(packed.metadata), directory)

@@ -30,7 +30,8 @@ layer whose state-dict prefix is ``p.``:
 Everything else keeps its name, dtype and values. ``compression.json`` holds the format
 version, per-layer bits/granularity/group size/symmetry/packing/sparsity, the recipe, the
 library versions, and SHA-256 checksums of the weights file and of itself: a reader
-refuses any byte that changed, so corruption cannot give a silently wrong model.
+refuses any byte that changed, so corruption cannot give a silently wrong model. The
+files written for other engines have theirs too (:mod:`~lightning_compress.formats.companions`).
 """
 
 from __future__ import annotations
