@@ -229,6 +229,8 @@ class KnowledgeDistillation(CompressionCallback):
             self._cache_file = self.cache_dir / CACHE_FILE.replace(".safetensors", f"{suffix}.safetensors")
             if self._cache_file.exists():
                 self._cache = TeacherOutputCache.load(self._cache_file, self.cache_top_k, self.temperature)
+        if self._cache is not None:
+            self._cache.verified = False  # the first hit is checked against the teacher (other data, another teacher)
 
     @override
     def on_train_batch_end(
@@ -367,7 +369,7 @@ class KnowledgeDistillation(CompressionCallback):
 
     def _distill(self, step: StepCapture) -> Tensor:
         student = step.student_output(self.student_layer)
-        teacher = self._teacher_outputs(step)
+        teacher = self._teacher_outputs(step, student.shape)
         if teacher.shape != student.shape:
             raise ValueError(
                 f"teacher output shape {tuple(teacher.shape)} differs from the student output shape"
@@ -385,12 +387,12 @@ class KnowledgeDistillation(CompressionCallback):
         self._log("distill/top1_agreement", top1_agreement(student, teacher))
         return kd
 
-    def _teacher_outputs(self, step: StepCapture) -> Tensor | TopKTargets:
-        keys = None
+    def _teacher_outputs(self, step: StepCapture, shape: torch.Size) -> Tensor | TopKTargets:
+        keys = cached = None
         if self._cache is not None:
             keys = sample_keys(self.index_fn(step.batch))
-            cached = self._cache.lookup(keys)
-            if cached is not None:
+            cached = self._cache.lookup(keys, shape)
+            if cached is not None and self._cache.verified:
                 return cached
         args, kwargs = step.teacher_args(self.teacher_inputs)
         logits = self._capture.run_teacher(self._teacher_entry, args, kwargs, self.teacher_dtype)
@@ -404,13 +406,11 @@ class KnowledgeDistillation(CompressionCallback):
                     " per position; choose a smaller `cache_top_k`"
                 )
             logits = TopKTargets.from_logits(logits, self.cache_top_k, self.temperature)
+        if cached is not None:  # the fit's first hit: does the cache hold this teacher's outputs on this data?
+            self._cache.check_hit(cached, logits)
+            return cached
         if keys is not None:
-            if logits.shape[0] != len(keys):
-                raise ValueError(
-                    f"`index_fn` returned {len(keys)} indices for a batch of {logits.shape[0]} teacher"
-                    " outputs; it must return one index per sample"
-                )
-            self._cache.store(keys, logits)
+            self._cache.store(keys, logits, self._capture.teacher_dtype)
         return logits
 
     # ------------------------------------------------------------------ internals

@@ -17,6 +17,12 @@ the new one) and read without unpickling:
   for top-k, ``temperature`` and ``vocab``. A file written with another ``top_k`` or
   another temperature is refused, naming the setting. (Files written before the metadata
   existed hold full outputs.)
+
+What it holds is checked where a wrong target would otherwise train silently: each
+sample's outputs must keep one shape (a batch padded to another length is refused, naming
+the fix), and the first outputs read from the cache in each fit are compared with the
+teacher's own on that batch (:meth:`TeacherOutputCache.check_hit`), which refuses a cache
+computed by another teacher or on other data under the same indices.
 """
 
 from __future__ import annotations
@@ -29,9 +35,15 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.atomic import atomic_write
+from lightning_compress.distill.capture import as_float
 from lightning_compress.distill.losses import TopKTargets
 
 FORMAT = "lightning_compress.teacher_outputs"
+_ONE_SHAPE = (
+    "a cache keeps one output per sample index, so each sample must have the same shape in every batch: pad"
+    " sequences to one fixed length (e.g. `padding='max_length'`), not to the longest of each batch, or run"
+    " without `cache`. A cache file computed on other data: delete it or choose another `cache_dir`"
+)
 VERSION = "2"
 TOP_K_FIELDS = ("topk_values", "topk_indices", "log_normalizer", "log_rest")
 
@@ -55,33 +67,88 @@ class TeacherOutputCache:
         self._rows: Dict[int, int] = {}
         self._fields: Dict[str, Tensor] = {}
         self.dirty = False
+        self.path: Path | None = None  # the file it was loaded from, for messages
+        # Whether a hit was compared with the teacher's own outputs in this fit (check_hit).
+        self.verified = False
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def lookup(self, keys: List[int]) -> Tensor | TopKTargets | None:
-        """The outputs of ``keys`` in order, or ``None`` if any of them is missing."""
+    def lookup(self, keys: List[int], shape: torch.Size) -> Tensor | TopKTargets | None:
+        """The outputs of ``keys`` in order (float32 or wider), or ``None`` if any of them is
+        missing. ``shape``: the student's outputs for the batch, which the stored ones must have.
+
+        Raises:
+            ValueError: the stored outputs have another shape (variable-length batches, or
+                a cache computed on other data).
+        """
         rows = [self._rows.get(key) for key in keys]
         if not rows or any(row is None for row in rows):
             return None
         rows = torch.tensor(rows)
         fields = {name: values[rows] for name, values in self._fields.items()}
+        first = TOP_K_FIELDS[0] if self.top_k is not None else "outputs"
+        fields[first] = as_float(fields[first])  # stored in the teacher's dtype, computed with in float32
         if self.top_k is None:
-            return fields["outputs"]
-        values, indices, log_normalizer, log_rest = (fields[name] for name in TOP_K_FIELDS)
-        return TopKTargets(values, indices, log_normalizer, log_rest, self.vocab, self.temperature)
+            found = fields["outputs"]
+        else:
+            found = TopKTargets(*(fields[name] for name in TOP_K_FIELDS), self.vocab, self.temperature)
+        if tuple(found.shape) != tuple(shape):
+            raise ValueError(f"{self._name()} holds outputs of shape {tuple(found.shape)[1:]} per sample for this"
+                             f" batch, but the student's outputs are {tuple(shape)}; {_ONE_SHAPE}")
+        return found
 
-    def store(self, keys: List[int], outputs: Tensor | TopKTargets) -> None:
-        """Keep ``outputs[i]`` (moved to CPU) as the output of sample ``keys[i]``.
+    def check_hit(self, cached: Tensor | TopKTargets, fresh: Tensor | TopKTargets) -> None:
+        """Compare the first outputs read from the cache in a fit with the teacher's own on the
+        same batch: a cache computed by another teacher, or on other data under the same
+        sample indices, differs (above 5% relative error, or under 90% agreement on the top
+        entry); rounding from another batch composition or a bfloat16 teacher stays far below.
 
         Raises:
-            ValueError: for outputs of another kind (full or top-k), ``k``, temperature or
-                vocabulary than the cache holds.
+            ValueError: they differ; the message says how much and what to do.
         """
+        def top1_and_values(outputs):
+            if isinstance(outputs, TopKTargets):
+                return outputs.indices[..., 0].long(), outputs.values.float()
+            return outputs.argmax(-1), outputs.float()
+
+        (cached_top1, cached_values), (top1, values) = top1_and_values(cached), top1_and_values(fresh.to("cpu"))
+        error = float((cached_values - values).norm() / values.norm().clamp_min(1e-12))
+        agreement = float((cached_top1 == top1).float().mean())
+        if not (error <= 0.05 and agreement >= 0.9):
+            raise ValueError(
+                f"{self._name()} does not hold this teacher's outputs for the samples of this batch (relative error"
+                f" {error:.3g}, top-1 agreement {agreement:.0%} against the teacher run on them): it was computed by"
+                " another teacher, or on other data under the same sample indices, or the data gives a sample other"
+                " inputs each epoch (random augmentation, which a cache cannot serve). Delete it or choose another"
+                " `cache_dir` to compute the teacher's outputs again"
+            )
+        self.verified = True
+
+    def store(self, keys: List[int], outputs: Tensor | TopKTargets, dtype: torch.dtype | None = None) -> None:
+        """Keep ``outputs[i]`` (moved to CPU) as the output of sample ``keys[i]``; the outputs
+        (top-k values) in ``dtype``, the teacher's own output dtype, in which they are exact.
+
+        Raises:
+            ValueError: for outputs of another kind (full or top-k), ``k``, temperature,
+                vocabulary or shape per sample than the cache holds, or another number of
+                them than ``keys``.
+        """
+        if outputs.shape[0] != len(keys):
+            raise ValueError(f"`index_fn` returned {len(keys)} indices for a batch of {outputs.shape[0]} teacher"
+                             " outputs; it must return one index per sample")
         fields = self._as_fields(outputs)
+        first = TOP_K_FIELDS[0] if self.top_k is not None else "outputs"
+        if dtype is not None and dtype.is_floating_point and dtype.itemsize < fields[first].dtype.itemsize:
+            fields[first] = fields[first].to(dtype)
         if not self._fields:
             capacity = max(len(keys), 1) * 4
             self._fields = {name: value.new_empty((capacity, *value.shape[1:])) for name, value in fields.items()}
+        held = self._fields[first].shape[1:]
+        if fields[first].shape[1:] != held:
+            stored = (*held[:-1], self.vocab) if self.top_k is not None else tuple(held)
+            raise ValueError(f"{self._name()} holds outputs of shape {tuple(stored)} per sample, and this batch's are"
+                             f" {tuple(outputs.shape)[1:]}; {_ONE_SHAPE}")
         for position, key in enumerate(keys):
             row = self._rows.get(key)
             if row is None:
@@ -147,6 +214,7 @@ class TeacherOutputCache:
             metadata = file.metadata() or {}
             tensors = {name: file.get_tensor(name) for name in file.keys()}
         cache = cls(top_k, temperature)
+        cache.path = Path(path)
         saved_k = metadata.get("top_k") or None
         if saved_k != (None if top_k is None else str(top_k)):
             held = "full teacher outputs" if saved_k is None else f"top-{saved_k} teacher outputs"
@@ -181,6 +249,9 @@ class TeacherOutputCache:
         return cache
 
     # ------------------------------------------------------------------ internals
+    def _name(self) -> str:
+        return "the in-memory teacher-output cache" if self.path is None else f"the teacher-output cache {str(self.path)!r}"
+
     def _capacity(self) -> int:
         return next(iter(self._fields.values())).shape[0]
 

@@ -138,6 +138,7 @@ class OutputCapture:
         self.capturing = False  # inside the user's training_step
         self.teacher_running = False
         self.teacher_features: Dict[int, Tensor] = {}
+        self.teacher_dtype: torch.dtype | None = None  # of the teacher's last outputs, before float32
 
     @property
     def attached(self) -> bool:
@@ -222,7 +223,9 @@ class OutputCapture:
         # Made under no_grad (see run_teacher), so autograd may save them as they are: only
         # converted (a bfloat16 teacher's), not copied; unless the teacher's own forward
         # ran in inference mode, whose tensors autograd refuses to save.
-        logits = as_float(first_tensor(output, "teacher"))
+        logits = first_tensor(output, "teacher")
+        self.teacher_dtype = logits.dtype  # what a cache stores them in (exactly)
+        logits = as_float(logits)
         self.teacher_features = {i: as_float(f) for i, f in self.teacher_features.items()}
         return logits
 

@@ -1,0 +1,122 @@
+"""What a teacher-output cache holds is checked before it trains anything: a cache file
+from another teacher or from other data under the same sample indices, and batches whose
+samples change shape (dynamic padding), are refused with the fix named; a bfloat16
+teacher's outputs are stored in bfloat16 (exactly). From a new user's trial: a reused
+`cache_dir` distilled silently from the previous experiment's teacher, and a padded
+batch of another length crashed inside the cache with a raw RuntimeError."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import KnowledgeDistillation
+from lightning_compress.callbacks.distillation import CACHE_FILE
+from lightning_compress.distill.cache import TeacherOutputCache
+from tests.conftest import make_trainer
+from tests.test_distill_topk import BATCH, LENGTH, SAMPLES, VOCAB, TinyLM, lm_states, sample_index  # noqa: F401
+
+TOP_K = {"full": None, "top-k": 8}
+
+
+def loader(seed: int = 0, lengths=None) -> DataLoader:
+    """Samples ``(index, tokens)``; ``lengths``: cut batch i to ``lengths[i]`` tokens, as a
+    collate function padding to the longest sample of each batch does."""
+    tokens = torch.randint(0, VOCAB, (SAMPLES, LENGTH + 1), generator=torch.Generator().manual_seed(seed))
+    dataset = TensorDataset(torch.arange(SAMPLES), tokens)
+    if lengths is None:
+        return DataLoader(dataset, batch_size=BATCH)
+    batches = iter(lengths * SAMPLES)
+
+    def collate(samples):
+        index, tokens = torch.utils.data.default_collate(samples)
+        return index, tokens[:, : next(batches) + 1]
+
+    return DataLoader(dataset, batch_size=BATCH, collate_fn=collate)
+
+
+def run(student_state, teacher_state, data: DataLoader, *, epochs: int = 1, teacher_dtype=None, **options):
+    teacher = TinyLM(width=32)
+    teacher.load_state_dict(teacher_state)
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    if options.get("cache"):
+        options["index_fn"] = sample_index
+    kd = KnowledgeDistillation(teacher, temperature=2.0, alpha=0.5, teacher_dtype=teacher_dtype, **options)
+    model = TinyLM()
+    model.load_state_dict(student_state)
+    torch.manual_seed(1)
+    make_trainer(max_epochs=epochs, callbacks=[kd]).fit(model, data)
+    return kd, len(calls), model
+
+
+def other_teacher(teacher_state):
+    return {name: value * 1.5 if name == "head.weight" else value for name, value in teacher_state.items()}
+
+
+@pytest.mark.parametrize("kind", TOP_K)
+def test_a_cache_file_from_another_teacher_or_other_data_is_refused(lm_states, tmp_path, kind):
+    student, teacher = lm_states
+    options = dict(cache="disk", cache_dir=tmp_path, cache_top_k=TOP_K[kind])
+    run(student, teacher, loader(), **options)
+    before = (tmp_path / CACHE_FILE).read_bytes()
+    with pytest.raises(ValueError, match=rf"teacher-output cache '.*{CACHE_FILE}' does not hold this teacher's outputs"
+                                         r" .*computed by another teacher, or on other data"):
+        run(student, other_teacher(teacher), loader(), **options)
+    with pytest.raises(ValueError, match=r"top-1 agreement \d+% against the teacher run on them"):
+        run(student, teacher, loader(seed=5), **options)  # other tokens under the same sample indices
+    assert (tmp_path / CACHE_FILE).read_bytes() == before  # refused, not overwritten
+    _, calls, _ = run(student, teacher, loader(), **options)  # the same teacher and data pass the check
+    assert calls == 1
+
+
+def test_a_memory_cache_is_checked_again_in_each_fit(lm_states):
+    student, teacher = lm_states
+    teacher_model = TinyLM(width=32)
+    teacher_model.load_state_dict(teacher)
+    kd = KnowledgeDistillation(teacher_model, temperature=2.0, index_fn=sample_index, cache="memory")
+    make_trainer(max_epochs=1, callbacks=[kd]).fit(TinyLM(), loader())
+    with pytest.raises(ValueError, match=r"the in-memory teacher-output cache does not hold this teacher's outputs"):
+        make_trainer(max_epochs=1, callbacks=[kd]).fit(TinyLM(), loader(seed=5))
+
+
+@pytest.mark.parametrize("kind", TOP_K)
+def test_batches_padded_to_other_lengths_are_refused_naming_the_fix(lm_states, tmp_path, kind):
+    student, teacher = lm_states
+    with pytest.raises(ValueError, match=r"holds outputs of shape \(8, 512\) per sample, and this batch's are"
+                                         r" \(6, 512\); .*pad sequences to one fixed length"):
+        run(student, teacher, loader(lengths=[8, 6]), cache="memory", cache_top_k=TOP_K[kind])
+    # A disk cache built at one length, read by batches of another: refused at the lookup.
+    run(student, teacher, loader(), cache="disk", cache_dir=tmp_path, cache_top_k=TOP_K[kind])
+    with pytest.raises(ValueError, match=r"holds outputs of shape \(8, 512\) per sample for this batch, but the"
+                                         r" student's outputs are \(8, 6, 512\)"):
+        run(student, teacher, loader(lengths=[6]), cache="disk", cache_dir=tmp_path, cache_top_k=TOP_K[kind])
+
+
+@pytest.mark.parametrize("kind", TOP_K)
+def test_a_bfloat16_teachers_outputs_are_stored_in_bfloat16_exactly(lm_states, tmp_path, kind):
+    student, teacher = lm_states
+    kd, calls, _ = run(student, teacher, loader(), epochs=2, teacher_dtype=torch.bfloat16, cache="disk",
+                       cache_dir=tmp_path, cache_top_k=TOP_K[kind])
+    assert calls == SAMPLES // BATCH + 1
+    loaded = TeacherOutputCache.load(tmp_path / CACHE_FILE, TOP_K[kind], 2.0)
+    stored = loaded._fields["outputs" if kind == "full" else "topk_values"]
+    assert stored.dtype == torch.bfloat16
+    # What a lookup gives back is the bfloat16 teacher's outputs, exactly (computed here on its own).
+    model = TinyLM(width=32).to(torch.bfloat16)
+    model.load_state_dict(teacher)
+    index, tokens = next(iter(loader()))
+    with torch.no_grad():
+        logits = model(tokens[:, :-1]).float()
+    found = loaded.lookup(index.tolist(), logits.shape)
+    assert torch.equal(found if kind == "full" else found.values, logits if kind == "full" else logits.topk(8).values)
+    width = VOCAB if kind == "full" else TOP_K[kind]
+    extra = 0 if kind == "full" else SAMPLES * LENGTH * (TOP_K[kind] * 2 + 2 * 4)  # int16 indices, 2 float32 per position
+    assert kd.output_cache.nbytes == SAMPLES * (8 + LENGTH * width * 2) + extra
+
+
+def test_index_fn_giving_another_number_of_indices_is_refused():
+    cache = TeacherOutputCache()
+    with pytest.raises(ValueError, match=r"`index_fn` returned 3 indices for a batch of 2 teacher outputs"):
+        cache.store([0, 1, 2], torch.zeros(2, 4))
