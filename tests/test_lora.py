@@ -265,6 +265,19 @@ def test_unmerged_adapters_keep_the_pruning_mask_after_fit(seeded):
     assert (model.fc1.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
 
 
+def test_evaluations_after_fit_keep_the_mask_of_an_adapted_layer(seeded):
+    # A new user's trial: the second `validate` after fit installed fresh (empty) masks on
+    # the LoRA layers, so it and every later test/predict measured a dense W + B·A.
+    model = TinyRegressor()
+    prune = MagnitudePruning(0.5, start_step=0, end_step=4, update_every=1, targets=["fc1"])
+    trainer = make_trainer(max_epochs=1, callbacks=[prune, LoRA(r=4, target_modules=["fc1"])])
+    trainer.fit(model, tiny_loader())
+    pruned = model.fc1.weight.detach().clone()
+    assert (pruned == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    losses = [trainer.validate(model, tiny_loader(), verbose=False)[0]["val/loss"] for _ in range(3)]
+    assert torch.equal(model.fc1.weight, pruned) and len(set(losses)) == 1
+
+
 def test_dropout_with_a_stage_on_the_same_weight_is_refused(seeded):
     callbacks = [LoRA(r=4, lora_dropout=0.1, target_modules=["fc1"]), QuantizationAwareTraining("int8", targets=["fc1"])]
     with pytest.raises(ValueError, match=r"`lora_dropout`=0.1 acts on the adapter's input.*'fc1'"):
