@@ -25,7 +25,13 @@ from lightning_compress.formats.peft import load_adapters, read_adapter_config, 
 from lightning_compress.formats.peft_attention import peft_unpaired
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter, adapter_of
 from lightning_compress.lora.config import LoRAConfig
-from lightning_compress.lora.inject import check_nf4_shardable, inject_adapters, parameter_counts, select_adapter_layers
+from lightning_compress.lora.inject import (
+    check_nf4_shardable,
+    inject_adapters,
+    merge_into,
+    parameter_counts,
+    select_adapter_layers,
+)
 from lightning_compress.quant.nf4 import is_nf4, nf4_sharding_issue, tensor_digest
 
 
@@ -287,8 +293,7 @@ class LoRA(CompressionCallback):
             if self._merged:
                 raise ValueError(f"the LoRA adapters were already merged (into {', '.join(self._merged[:5])}); merge once")
             raise ValueError("LoRA has no adapters to merge yet: merge after fit (or validate/test) has set them up")
-        for adapter in self._adapters.values():
-            adapter.merge()
+        merge_into(self._module, self._adapters)
         self._merged, self._adapters = list(self._adapters), {}
         return self._merged
 

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.targeting import shared_module_names, tied_parameter_names
+from lightning_compress.core.transforms import embeddings_untied
 from lightning_compress.formats.errors import ExportError
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.spec import QuantSpec
@@ -314,9 +315,12 @@ def config_json(model: nn.Module, layers: Mapping[str, PackedLayer]) -> bytes:
     config = model.config.to_diff_dict()
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config(layers, model)
-    if model.config.to_dict().get("tie_word_embeddings") and _quantizes_a_shared_weight(model, layers):
+    if model.config.to_dict().get("tie_word_embeddings") and (
+        _quantizes_a_shared_weight(model, layers) or embeddings_untied(model)
+    ):
         # The quantized layer computes with its own codes while the weight it was tied to
-        # stays float: tied again on load, transformers would find no `weight` to tie.
+        # stays float, or the head holds a weight of its own (an NF4 base, a LoRA merge):
+        # tied again on load, transformers would find no `weight` to tie, or drop the head's.
         config["tie_word_embeddings"] = False
     if config.get("dtype") is None and config.get("torch_dtype") is None:
         # Without a dtype, transformers 4.x loads a compressed-tensors model in float16

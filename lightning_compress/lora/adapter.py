@@ -164,17 +164,20 @@ class LoRAAdapter:
 
     # ------------------------------------------------------------ merge
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, untie: bool = False) -> None:
         """Write ``W + scaling · B·A`` into ``W`` (in float32, an NF4 ``W`` dequantized first),
         re-apply the stages between ADAPTER and FAKE_QUANT (pruning masks) to it, and
         remove the adapter. The layer then computes what it computed before, up to float
-        rounding of the branch form."""
+        rounding of the branch form. ``untie``: ``W`` is shared with another layer (a head
+        tied to the input embedding), which must keep computing with it: the merged weight
+        becomes a parameter of this layer's own."""
         layer = self.layer
         merged = self.dense_base(torch.float32) + self.delta(torch.float32)
         merged = run_stages(layer, merged, after=Stage.ADAPTER, before=Stage.FAKE_QUANT, param=self.param)
         weight = raw_weight(layer, self.param)
-        if is_nf4(weight):
-            layer._parameters[self.param] = nn.Parameter(merged.to(self.base_dtype), requires_grad=False)
+        if is_nf4(weight) or untie:
+            dtype = self.base_dtype if is_nf4(weight) else weight.dtype
+            layer._parameters[self.param] = nn.Parameter(merged.to(dtype), requires_grad=False)
         else:
             weight.copy_(merged.to(weight.dtype))
         set_forward(layer, None)

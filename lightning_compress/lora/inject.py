@@ -8,8 +8,8 @@ from typing import Dict, List, Mapping
 from torch import nn
 
 from lightning_compress.core.incompatible import limited_by_type, named_by
-from lightning_compress.core.targeting import match_modules, select_layers, weight_name
-from lightning_compress.core.transforms import Stage, install_weight_transform, raw_weight, set_forward
+from lightning_compress.core.targeting import match_modules, select_layers, tied_parameter_names, weight_name
+from lightning_compress.core.transforms import Stage, embeddings_untied, install_weight_transform, raw_weight, set_forward
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.lora.adapter import MERGED_MARK, DropoutRNG, LoRAAdapter, adapter_of
 from lightning_compress.lora.config import ADAPTABLE_TYPES, DEFAULT_TYPES, LoRAConfig
@@ -201,9 +201,30 @@ def merge_adapters(model: nn.Module) -> List[str]:
                 f"{', ...' if len(merged) > 5 else ''}); merge once"
             )
         raise ValueError("this model has no LoRA adapters to merge")
-    for adapter in adapters.values():
-        adapter.merge()
+    merge_into(model, adapters)
     return list(adapters)
+
+
+def merge_into(model: nn.Module, adapters: Mapping[str, LoRAAdapter]) -> None:
+    """Merge ``adapters`` (of layers of ``model``). A weight ``model`` shares between layers
+    (``lm_head`` tied to the input embedding) is untied, never written through: the other
+    layer keeps the weight it computed with. A transformers model whose head is then no
+    longer its input embedding gets ``config.tie_word_embeddings = False``, so
+    ``save_pretrained``/``from_pretrained`` do not tie them again (with a warning)."""
+    shared = tied_parameter_names(model)
+    for adapter in adapters.values():
+        adapter.merge(untie=id(raw_weight(adapter.layer, adapter.param)) in shared)
+    untied = [m for m in model.modules() if getattr(getattr(m, "config", None), "tie_word_embeddings", False)
+              and embeddings_untied(m)]
+    for module in untied:
+        module.config.tie_word_embeddings = False
+    if untied:
+        warnings.warn(
+            f"the output embedding of {type(untied[0]).__name__} no longer shares its input embedding's weight (the"
+            " LoRA merge, or the NF4 base, gave it one of its own, so each computes as it did); its config now says"
+            " tie_word_embeddings=False, so save_pretrained and from_pretrained keep both",
+            UserWarning, stacklevel=3,
+        )
 
 
 def parameter_counts(model: nn.Module) -> Dict[str, float]:

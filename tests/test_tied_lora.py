@@ -1,0 +1,77 @@
+"""LoRA on a transformers model whose head is tied to its input embedding (LLaMA with
+``tie_word_embeddings=True``, as Llama-3.2-1B and Qwen2.5-0.5B ship). From a new user's
+trial: merging wrote the head's delta through the shared weight into the embedding
+(logits moved by 4e-2, silently), and a QLoRA export kept ``tie_word_embeddings: true``
+though the head held its own weight, so transformers could not load it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import transformers  # noqa: E402
+
+from lightning_compress import CompressedExport, LoRA, QuantizationAwareTraining  # noqa: E402
+from tests.conftest import make_trainer  # noqa: E402
+from tests.test_hf_export import VOCAB, relative_error, tiny_llama  # noqa: E402
+from tests.test_lora import TINY_NF4  # noqa: E402
+
+
+class TiedLM(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama(tied=True).train()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def tokens(batches: int = 4, seed: int = 0):
+    ids = torch.randint(1, VOCAB, (batches * 2, 12), generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
+
+
+def logits(module: TiedLM, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module.model.eval()(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("targets", [["lm_head", "q_proj"], ["*"]], ids=["head", "head-and-embedding"])
+def test_merging_an_adapter_of_a_tied_head_unties_it_and_keeps_what_the_model_computes(seeded, tmp_path, targets):
+    module = TiedLM()
+    assert module.model.lm_head.weight is module.model.model.embed_tokens.weight
+    lora = LoRA(r=4, lora_alpha=8, target_modules=targets)
+    make_trainer(max_steps=3, callbacks=[lora]).fit(module, tokens())
+    ids = next(iter(tokens(seed=1)))[0]
+    before = logits(module, ids)
+    with pytest.warns(UserWarning, match=r"output embedding of LlamaForCausalLM no longer shares its input embedding"):
+        lora.merge()
+    assert relative_error(before, logits(module, ids)) < 1e-6  # 4e-2 away when the head's delta went into both
+    assert module.model.lm_head.weight is not module.model.model.embed_tokens.weight
+    assert module.model.config.tie_word_embeddings is False
+    module.model.save_pretrained(tmp_path / "merged")  # and transformers keeps both weights through a save
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert relative_error(before, loaded(input_ids=ids).logits) < 1e-6
+
+
+def test_a_qlora_export_of_a_tied_model_loads_in_transformers(seeded, tmp_path):
+    module = TiedLM()
+    callbacks = [LoRA(r=4, lora_alpha=8, **TINY_NF4),
+                 QuantizationAwareTraining("int4", group_size=32, start_step=1),
+                 CompressedExport(tmp_path / "hf", module="model")]
+    make_trainer(max_steps=3, callbacks=callbacks).fit(module, tokens())
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = next(iter(tokens(seed=1)))[0]
+    with torch.no_grad():
+        assert relative_error(logits(module, ids), loaded(input_ids=ids).logits) < 1e-5
