@@ -15,6 +15,7 @@ import peft  # noqa: E402  (a test dependency: the real package, never skipped)
 import transformers  # noqa: E402
 
 from lightning_compress import AdapterFormatError, LoRA, LoRAConfig, load_adapters, save_adapters  # noqa: E402
+from lightning_compress.core.validate import ArgumentError  # noqa: E402
 from lightning_compress.lora import inject_adapters  # noqa: E402
 from tests.conftest import make_trainer  # noqa: E402
 from tests.test_lora import Mixed, _perturb_adapters  # noqa: E402
@@ -228,3 +229,26 @@ def test_callback_refuses_adapters_of_another_rank(tmp_path):
 def test_saving_needs_adapters():
     with pytest.raises(ValueError, match="no LoRA adapters to save"):
         save_adapters(Mixed(), "unused", LoRAConfig())
+
+
+@pytest.mark.parametrize(
+    "options, argument, message",
+    [
+        (dict(peft_root="mdl"), "peft_root", r"`peft_root`='mdl' is no submodule of BertClassifier. Close names: model"),
+        (dict(peft_root="model."), "peft_root", r"`peft_root`='model.' is no submodule"),
+        (dict(peft_root="model", target_modules=["query", "head"], r=2), "peft_root",
+         r"adapters on \['head'\] lie outside `peft_root`='model'"),
+        (dict(peft_root="model", modules_to_save=["head"]), "modules_to_save",
+         r"`modules_to_save` pattern 'head' matches no module.*inside `peft_root`='model', where PEFT looks for them"),
+    ],
+)
+def test_a_peft_layout_that_cannot_be_written_is_refused_before_training(tmp_path, options, argument, message):
+    # A new user's trial: these failed in on_fit_end, after the whole run, with no adapters
+    # written (a typo gave a raw AttributeError).
+    module = BertClassifier()
+    options = {"r": 2, "target_modules": ["query"], **options}
+    trainer = make_trainer(max_epochs=1, callbacks=[LoRA(**options, adapter_dir=tmp_path / "adapter")])
+    with pytest.raises(ArgumentError, match=message) as caught:
+        trainer.fit(module, bert_loader())
+    assert caught.value.argument == argument and trainer.global_step == 0
+    assert not (tmp_path / "adapter").exists()

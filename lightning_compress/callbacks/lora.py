@@ -20,7 +20,9 @@ from lightning_compress.callbacks.hooks import after_configure_model, overrides_
 from lightning_compress.core.attention import out_proj_owner
 from lightning_compress.core.incompatible import LayerIssue
 from lightning_compress.core.sharding import full, is_shard
+from lightning_compress.core.targeting import close_names_hint, match_modules
 from lightning_compress.core.transforms import is_bound
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
 from lightning_compress.formats.peft_attention import peft_unpaired
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter, adapter_of
@@ -299,12 +301,7 @@ class LoRA(CompressionCallback):
 
     def save_adapters(self, directory: str | Path) -> Path:
         """Write the adapters (and ``modules_to_save``) in PEFT's format to ``directory``."""
-        root = self._peft_root()
-        outside = [n for n, a in self._adapters.items() if not any(a.layer is m for m in root.modules())]
-        if outside:
-            raise ValueError(f"adapters on {outside[:5]} lie outside `peft_root`={self.peft_root!r}; choose a"
-                             " root that holds every adapted layer")
-        return save_adapters(root, directory, self.config)
+        return save_adapters(self._checked_peft_root(), directory, self.config)
 
     def load_adapters(self, directory: str | Path) -> None:
         """Start from adapters saved in PEFT's format (ours or PEFT's own): loaded now if
@@ -354,6 +351,8 @@ class LoRA(CompressionCallback):
             shown = f"{read[:6]}{' ...' if len(read) > 6 else ''}"
             rank_zero_warn(f"`lora_dropout`={self.lora_dropout} does not act on the projections of attention layers,"
                            f" which read their merged weights (as in PEFT): {shown}")
+        if self.adapter_dir is not None:  # not after training, when the file is written
+            self._checked_peft_root(pl_module, layers)
         rivals = self.rivals(trainer)
         self._adapters = inject_adapters(
             pl_module, self.config, layers, dropout=self._dropout, owner=self.owner_token, active_owners=rivals
@@ -383,10 +382,36 @@ class LoRA(CompressionCallback):
                 f" {list(self._adapters)}; resume with the same `target_modules` and `exclude_modules`"
             )
 
-    def _peft_root(self) -> nn.Module:
-        if self._module is None:
+    def _peft_root(self, module: nn.Module | None = None) -> nn.Module:
+        module = module or self._module
+        if module is None:
             raise ValueError("LoRA has not set up a model yet: call this after fit (or validate/test) starts")
-        return self._module if self.peft_root is None else self._module.get_submodule(self.peft_root)
+        if self.peft_root is None:
+            return module
+        try:
+            return module.get_submodule(self.peft_root)
+        except AttributeError:
+            names = [name for name, _ in module.named_modules() if name]
+            raise ArgumentError("peft_root", f"`peft_root`={self.peft_root!r} is no submodule of"
+                                f" {type(module).__name__}.{close_names_hint(self.peft_root, names)}") from None
+
+    def _checked_peft_root(self, module: nn.Module | None = None, layers: Dict[str, nn.Module] | None = None) -> nn.Module:
+        """The PEFT root, holding every adapted layer (``layers``, by default those adapted)
+        and every ``modules_to_save`` layer, whose names are matched inside it; checked
+        before the adapters are added too, as the file is written after training."""
+        root = self._peft_root(module)
+        layers = {n: a.layer for n, a in self._adapters.items()} if layers is None else layers
+        outside = [n for n, layer in layers.items() if not any(layer is m for m in root.modules())]
+        if outside:
+            raise ArgumentError("peft_root", f"adapters on {outside[:5]} lie outside `peft_root`={self.peft_root!r};"
+                                " choose a root that holds every adapted layer")
+        if self.config.modules_to_save and self.peft_root is not None:
+            try:
+                match_modules(root, self.config.modules_to_save, "modules_to_save")
+            except ValueError as error:
+                raise ArgumentError("modules_to_save", f"{error} (inside `peft_root`={self.peft_root!r}, where PEFT"
+                                    " looks for them: a layer outside it cannot be written with the adapters)") from None
+        return root
 
     def _base_fingerprint(self, keys) -> str:
         """SHA-256 of the frozen weights ``keys`` (an NF4 weight's codes and scales)."""
