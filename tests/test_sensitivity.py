@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
+import lightning_compress.sensitivity
 from lightning_compress.callbacks.qat import QuantizationAwareTraining
 from lightning_compress.cli import main
 from lightning_compress.core.transforms import Stage, get_weight_transform, is_transformed
@@ -252,6 +253,36 @@ def test_bad_measurement_arguments_name_the_argument(changes, argument, fragment
     assert caught.value.argument == argument
 
 
+def test_a_float_model_whose_loss_is_not_finite_on_a_batch_is_refused_naming_it():
+    # A new user's trial: a batch with every label ignored gave nan for the baseline and every
+    # delta, no warning, then an IndexError from the budget's solver.
+    batches = fragile_batches(_model(), 3)
+    batches[1][1][:] = -100
+    with pytest.raises(ArgumentError, match=r"the float model's loss on batch\(es\) \[1\] \(counting from 0\) is not"
+                                            r" finite.*labels are all ignored") as caught:
+        layer_sensitivity(_model(), batches)
+    assert caught.value.argument == "batches"
+    batches = fragile_batches(_model(), 2)
+    batches[0] = (torch.full_like(batches[0][0], float("inf")), batches[0][1])
+    with pytest.raises(ArgumentError, match=r"the float model's outputs on batch\(es\) \[0\]"):
+        layer_sensitivity(_model(), batches, reference="kl")
+
+
+def test_ranking_names_what_was_not_measured(fragile):
+    _, _, report = fragile
+    assert [layer for layer, _ in report.ranking(bits=8)] and report.ranking(sparsity=0.5)
+    for kwargs, argument, message in [(dict(bits=2), "bits", r"bits=2 was not measured; the report has \[8, 4, 3\]"),
+                                      (dict(sparsity=0.7), "sparsity", r"sparsity=0.7 was not measured")]:
+        with pytest.raises(ArgumentError, match=message) as caught:
+            report.ranking(**kwargs)
+        assert caught.value.argument == argument
+    pruning_only = SensitivityReport([SensitivityRow("x", "Linear", 4, None, 0.5, 0.1)], "loss", 0.0, (), (0.5,),
+                                     None, None, None, 1)
+    with pytest.raises(ArgumentError, match=r"measured no bit widths, only sparsities \[0.5\]"):
+        pruning_only.ranking()
+    assert pruning_only.ranking(sparsity=0.5) == [("x", 0.1)]
+
+
 def test_layer_problems_name_the_layer():
     with pytest.raises(ValueError, match=r"`group_size`=12 does not divide the input size 16 of layer 'a'"):
         layer_sensitivity(_model(), _batches(), group_size=12)
@@ -282,6 +313,8 @@ BAD_BUDGETS = [
     (dict(report=SensitivityReport([], "loss", 0.0, (), (0.5,), None, None, None, 1)), "report", "bit-width candidates"),
     (dict(report=SensitivityReport([SensitivityRow("x", "Linear", 4, 8, 0.0, 0.0)], "loss", 0.0, (8, 4), (), None, None, None, 1)),
      "report", "no row for some of the bits (8, 4) of layers ['x']"),
+    (dict(report=toy_report([10, 20], [[0, 1, 2], [0, float("nan"), 2]])), "report",
+     "the deltas of ['layer1'] are not finite numbers ('layer1': {8: 0, 4: nan, 3: 2})"),
     (dict(base="int4"), "base", "a recipe as a dict"),
     (dict(base={"qat": {"group_size": 64}}), "base", "sets ['group_size']"),
     (dict(base={"qat": "int4"}), "base", "dict of QAT settings"),
@@ -440,3 +473,26 @@ def test_the_command_writes_the_table_csv_recipe_and_wandb_table(tmp_path, monke
     assert "`bits` must be 'int2'..'int8'" in capsys.readouterr().err
     assert main(["sensitivity", "--model", "tests.cli_models.RecipeMLP", "-o", "other"]) == 2
     assert "no batches: pass --data" in capsys.readouterr().err
+
+
+def test_the_command_refuses_a_budget_before_measuring_and_keeps_the_table_when_the_choice_fails(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    argv = ["sensitivity", "--model", "tests.cli_models.RecipeMLP", "--data", "tests.cli_models.RecipeData",
+            "--batches", "1", "--bits", "8", "4"]
+    measured = []
+    real = lightning_compress.sensitivity.layer_sensitivity
+    monkeypatch.setattr(lightning_compress.sensitivity, "layer_sensitivity",
+                        lambda *a, **k: measured.append(1) or real(*a, **k))
+    assert main([*argv, "--budget-bits", "2", "-o", "a"]) == 2  # no assignment of 8 and 4 bits averages 2
+    assert "`budget_bits`=2.0 is below the smallest candidate (4 bits)" in capsys.readouterr().err
+    assert measured == [] and not (tmp_path / "a").exists()
+
+    def no_choice(report, budget):
+        raise ArgumentError("report", "no choice")
+
+    monkeypatch.setattr(lightning_compress.sensitivity, "allocate_bits", no_choice)
+    assert main([*argv, "--budget-bits", "6", "-o", "b"]) == 2
+    assert measured == [1] and (tmp_path / "b" / "sensitivity.csv").is_file()  # the measurement is kept

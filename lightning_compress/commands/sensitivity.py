@@ -67,7 +67,7 @@ def run_sensitivity(argv: List[str]) -> int:
         CommandError: bad options, an unknown class path, no batches, files in the way.
     """
     args = parser().parse_args(argv)
-    from lightning_compress.sensitivity import layer_sensitivity, mixed_precision_recipe
+    from lightning_compress.sensitivity import allocate_bits, check_bits, check_budget, layer_sensitivity, recipe_for
 
     output = Path(args.output)
     written = [output / CSV_NAME, output / PLOT_NAME] + ([output / RECIPE_NAME] if args.budget_bits is not None else [])
@@ -76,6 +76,8 @@ def run_sensitivity(argv: List[str]) -> int:
         raise CommandError(f"{', '.join(existing)} already exist; pass --overwrite to replace them, or another -o")
     if args.batches < 1:
         raise CommandError(f"--batches must be a positive int, got {args.batches}")
+    if args.budget_bits is not None:  # before the measurement, which may take hours
+        check_budget(args.budget_bits, check_bits([_bits(b) for b in args.bits]))
     model, checkpoint = _model(args.model, args.checkpoint)
     batches = list(itertools.islice(_loader(model, args.data, checkpoint), args.batches))
     if not batches:
@@ -84,29 +86,30 @@ def run_sensitivity(argv: List[str]) -> int:
         model, batches, bits=[_bits(b) for b in args.bits], sparsities=args.sparsity, group_size=args.group_size,
         targets=_targets(args.targets), exclude=_targets(args.exclude), reference=args.reference,
     )
-    recipe = mixed_precision_recipe(report, args.budget_bits) if args.budget_bits is not None else None
     print(report.table())
-    print(f"wrote {report.write_csv(output / CSV_NAME)}")
+    print(f"wrote {report.write_csv(output / CSV_NAME)}")  # kept whatever the budget's choice says
     if report.plot(output / PLOT_NAME):
         print(f"wrote {output / PLOT_NAME}")
     else:
         print(f"{PLOT_NAME} not written: matplotlib is not installed (pip install matplotlib)")
-    if recipe is not None:
-        _write_recipe(report, recipe, args.budget_bits, output / RECIPE_NAME)
+    recipe = None
+    if args.budget_bits is not None:
+        allocation = allocate_bits(report, args.budget_bits)
+        recipe = recipe_for(report, allocation)
+        _write_recipe(report, allocation, recipe, args.budget_bits, output / RECIPE_NAME)
     if args.wandb:
         _log_to_wandb(report, recipe, output)
     return 0
 
 
-def _write_recipe(report: Any, recipe: Mapping[str, Any], budget: float, path: Path) -> None:
+def _write_recipe(report: Any, allocation: Any, recipe: Mapping[str, Any], budget: float, path: Path) -> None:
     from omegaconf import OmegaConf
 
     from lightning_compress.core.atomic import atomic_write_bytes
-    from lightning_compress.sensitivity import allocate_bits
 
-    allocation = allocate_bits(report, budget)
     summary = (f"average {allocation.average_bits:.3f} bits per weight (budget {budget:g}), estimated"
-               f" {'loss increase' if report.reference == 'loss' else 'KL'} {allocation.estimated_delta:+.4g}")
+               f" {'loss increase' if report.reference == 'loss' else 'KL'} {allocation.estimated_delta:+.4g}"
+               + ("" if allocation.exact else " (near-optimal: the search was thinned, see sensitivity.budget)"))
     header = ("# Mixed-precision QAT from `lightning-compress sensitivity`: each layer's bits chosen for the least\n"
               f"# summed per-layer delta within the budget; {summary}.\n")
     atomic_write_bytes(path, (header + OmegaConf.to_yaml(OmegaConf.create(dict(recipe)))).encode())

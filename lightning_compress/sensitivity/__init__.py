@@ -12,17 +12,20 @@ bit width per layer within an average-bits budget with the least summed increase
 runs all three from the command line.
 """
 
-from lightning_compress.sensitivity.budget import BitAllocation, allocate_bits, mixed_precision_recipe
-from lightning_compress.sensitivity.measure import REFERENCES, layer_sensitivity
+from lightning_compress.sensitivity.budget import BitAllocation, allocate_bits, check_budget, mixed_precision_recipe, recipe_for
+from lightning_compress.sensitivity.measure import REFERENCES, check_bits, layer_sensitivity
 from lightning_compress.sensitivity.report import COLUMNS, TABLE_KEY, SensitivityReport, SensitivityRow
 
 __all__ = [
     "layer_sensitivity",
+    "check_bits",
     "SensitivityReport",
     "SensitivityRow",
     "allocate_bits",
     "BitAllocation",
     "mixed_precision_recipe",
+    "recipe_for",
+    "check_budget",
     "REFERENCES",
     "COLUMNS",
     "TABLE_KEY",

@@ -68,20 +68,20 @@ def allocate_bits(report: SensitivityReport, budget_bits: float) -> BitAllocatio
         raise ArgumentError(
             "report", "`report` must be a SensitivityReport measured with bit-width candidates (layer_sensitivity(..., bits=(8, 4, 3)))"
         )
-    check_number("budget_bits", budget_bits, low=0, low_open=True, high=MAX_BUDGET_BITS,
-                 what=f"a number of bits per weight in (0, {MAX_BUDGET_BITS:g}]")
-    if budget_bits < min(report.bits):
-        raise ArgumentError(
-            "budget_bits",
-            f"`budget_bits`={budget_bits} is below the smallest candidate ({min(report.bits)} bits): no assignment fits;"
-            f" raise the budget to at least {min(report.bits)} (`--budget-bits` on the command line) or measure a smaller"
-            " candidate (`bits=(..., 2)` in Python, `--bits ... 2` on the command line)",
-        )
+    check_budget(budget_bits, report.bits)
     layers = report.layers
     choices = [{row.bits: row.delta for row in report.rows if row.layer == layer and row.bits is not None} for layer in layers]
     missing = [layer for layer, choice in zip(layers, choices) if set(choice) != set(report.bits)]
     if missing:
         raise ArgumentError("report", f"`report` has no row for some of the bits {report.bits} of layers {missing}; measure them")
+    unmeasured = {layer: choice for layer, choice in zip(layers, choices) if not all(map(math.isfinite, choice.values()))}
+    if unmeasured:
+        first, deltas = next(iter(unmeasured.items()))
+        raise ArgumentError(
+            "report", f"the deltas of {list(unmeasured)[:5]}{' ...' if len(unmeasured) > 5 else ''} are not finite"
+            f" numbers ({first!r}: {deltas}), so no choice can be made from them; measure on batches where the model's"
+            " loss is finite"
+        )
     params = list(layers.values())
     capacity = int(Fraction(repr(float(budget_bits))) * sum(params))  # exact: 3.3 means 33/10
     chosen, exact = _knapsack(params, choices, capacity)
@@ -89,6 +89,24 @@ def allocate_bits(report: SensitivityReport, budget_bits: float) -> BitAllocatio
     total = sum(n * b for n, b in zip(params, chosen))
     delta = sum(choice[b] for choice, b in zip(choices, chosen))
     return BitAllocation(bits=bits, average_bits=total / sum(params), estimated_delta=delta, exact=exact)
+
+
+def check_budget(budget_bits: Any, candidates: Sequence[int]) -> None:
+    """Refuse a ``budget_bits`` that is not a number in (0, 32] or that no assignment of
+    ``candidates`` (bit widths) fits: before measuring anything.
+
+    Raises:
+        ArgumentError: naming ``budget_bits`` and the fix.
+    """
+    check_number("budget_bits", budget_bits, low=0, low_open=True, high=MAX_BUDGET_BITS,
+                 what=f"a number of bits per weight in (0, {MAX_BUDGET_BITS:g}]")
+    if candidates and budget_bits < min(candidates):
+        raise ArgumentError(
+            "budget_bits",
+            f"`budget_bits`={budget_bits} is below the smallest candidate ({min(candidates)} bits): no assignment fits;"
+            f" raise the budget to at least {min(candidates)} (`--budget-bits` on the command line) or measure a"
+            " smaller candidate (`bits=(..., 2)` in Python, `--bits ... 2` on the command line)",
+        )
 
 
 def mixed_precision_recipe(
@@ -117,7 +135,13 @@ def mixed_precision_recipe(
             or sets one of the keys above.
         RecipeError: ``base`` is not a valid recipe.
     """
-    allocation = allocate_bits(report, budget_bits)
+    return recipe_for(report, allocate_bits(report, budget_bits), base=base)
+
+
+def recipe_for(report: SensitivityReport, allocation: BitAllocation, *,
+               base: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """:func:`mixed_precision_recipe` for an ``allocation`` already chosen from ``report``
+    (by :func:`allocate_bits`), so a caller that also reports it solves once."""
     recipe = _check_base(base)
     counts, params, sizes = Counter(allocation.bits.values()), Counter(), report.layers
     for layer, bits in allocation.bits.items():
@@ -226,4 +250,4 @@ def _check_base(base: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     return recipe
 
 
-__all__ = ["BitAllocation", "allocate_bits", "mixed_precision_recipe", "MAX_FRONT"]
+__all__ = ["BitAllocation", "allocate_bits", "check_budget", "mixed_precision_recipe", "recipe_for", "MAX_FRONT"]

@@ -94,7 +94,7 @@ def layer_sensitivity(
     """
     if not isinstance(model, nn.Module):
         raise ArgumentError("model", f"`model` must be an nn.Module (a LightningModule), got {type(model).__name__}")
-    candidate_bits = _check_bits(bits)
+    candidate_bits = check_bits(bits)
     candidate_sparsities = _check_sparsities(sparsities)
     if not candidate_bits and not candidate_sparsities:
         raise ArgumentError("bits", "`bits` and `sparsities` are both empty: give at least one candidate, e.g. bits=(8, 4)")
@@ -159,9 +159,19 @@ class _Evaluator:
         if reference == "loss":
             self.float_losses = [self._loss(batch) for batch in batches]
             self.baseline = math.fsum(self.float_losses) / len(batches)
+            unusable = [i for i, loss in enumerate(self.float_losses) if not math.isfinite(loss)]
+            what = "loss"
         else:
             self.float_log_probs = [_log_probs(_outputs(model, batch)) for batch in batches]
             self.baseline = 0.0
+            unusable = [i for i, log_probs in enumerate(self.float_log_probs) if not log_probs.isfinite().all()]
+            what = "outputs"
+        if unusable:  # every delta would be nan: a report of nothing, and a budget solved on nan
+            raise ArgumentError(
+                "batches", f"the float model's {what} on batch(es) {unusable[:8]} (counting from 0) is not finite, so no"
+                " delta can be measured against it (a batch whose labels are all ignored, -100, gives a nan mean"
+                " cross-entropy); leave such batches out, or pass a `loss_fn` that handles them"
+            )
 
     def __call__(self) -> float:
         if self.reference == "loss":
@@ -237,7 +247,12 @@ def _log_probs(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits.double(), dim=-1)
 
 
-def _check_bits(bits: Any) -> tuple:
+def check_bits(bits: Any) -> tuple:
+    """``bits`` (an int, ``"int4"``, or a list of them) as distinct ints, highest first.
+
+    Raises:
+        ArgumentError: not a list of bit widths from 2 to 8, or one listed twice.
+    """
     if isinstance(bits, (int, str)) and not isinstance(bits, bool):
         bits = (bits,)
     if not isinstance(bits, (list, tuple)):

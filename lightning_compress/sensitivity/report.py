@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from lightning_compress.core.atomic import atomic_write, atomic_write_bytes
 from lightning_compress.core.reporting import format_table
 from lightning_compress.core.targeting import Target
+from lightning_compress.core.validate import ArgumentError
 
 COLUMNS = ("layer", "type", "params", "bits", "sparsity", "delta")
 TABLE_KEY = "sensitivity/layers"
@@ -90,9 +91,20 @@ class SensitivityReport:
 
     def ranking(self, *, bits: Optional[int] = None, sparsity: float = 0.0) -> List[Tuple[str, float]]:
         """``[(layer, delta), ...]`` most sensitive first, at ``bits`` (default: the lowest
-        candidate) or, with ``sparsity`` set, at that sparsity."""
+        candidate) or, with ``sparsity`` set, at that sparsity.
+
+        Raises:
+            ArgumentError: ``bits`` or ``sparsity`` is not a candidate the report measured.
+        """
         if bits is None and not sparsity:
+            if not self.bits:
+                raise ArgumentError("bits", f"this report measured no bit widths, only sparsities {list(self.sparsities)};"
+                                    " rank those with ranking(sparsity=...)")
             bits = min(self.bits)
+        if sparsity and sparsity not in self.sparsities:
+            raise ArgumentError("sparsity", f"sparsity={sparsity!r} was not measured; the report has {list(self.sparsities)}")
+        if not sparsity and bits not in self.bits:
+            raise ArgumentError("bits", f"bits={bits!r} was not measured; the report has {list(self.bits)}")
         chosen = [(row.layer, row.delta) for row in self.rows if row.bits == bits and row.sparsity == sparsity]
         return sorted(chosen, key=lambda item: -item[1])
 
