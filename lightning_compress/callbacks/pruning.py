@@ -32,6 +32,7 @@ from lightning_compress.sparsity.config import PruningConfig
 from lightning_compress.sparsity.masks import (
     MaskedWeight,
     check_nm_compatible,
+    check_untied,
     global_masks,
     layer_mask,
     pack_mask,
@@ -144,10 +145,10 @@ class MagnitudePruning(LayerCompressionCallback):
         if not is_bound(pl_module, self.owner_token):
             self._forget()  # reused for another model: start from its dense weights
         elif self.is_set_up() and self._restored is None:
-            # Set up by an earlier validate/test of this model (only fit's teardown clears it):
-            # its masks go onto the new stages, not empty ones (a LoRA layer's W + B·A went dense).
+            # Set up by an earlier validate/test: its masks, not empty ones (W + B·A went dense).
             self._restored = self.state_dict()
         layers = self.select(pl_module)
+        check_untied(pl_module, layers)
         for name, layer in layers.items():  # check everything before changing anything
             check_nm_compatible(name, _raw(layer, name), self.sparsity_pattern)
         rivals = self.rivals(trainer)

@@ -1,8 +1,9 @@
-"""LoRA on a transformers model whose head is tied to its input embedding (LLaMA with
-``tie_word_embeddings=True``, as Llama-3.2-1B and Qwen2.5-0.5B ship). From a new user's
-trial: merging wrote the head's delta through the shared weight into the embedding
-(logits moved by 4e-2, silently), and a QLoRA export kept ``tie_word_embeddings: true``
-though the head held its own weight, so transformers could not load it."""
+"""LoRA and pruning on a transformers model whose head is tied to its input embedding
+(LLaMA with ``tie_word_embeddings=True``, as Llama-3.2-1B and Qwen2.5-0.5B ship). From a
+new user's trial: merging wrote the head's delta through the shared weight into the
+embedding (logits moved by 4e-2, silently); a QLoRA export kept ``tie_word_embeddings:
+true`` though the head held its own weight, so transformers could not load it; pruning
+the head zeroed half the embedding after fit, and the export did not load into the model."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import transformers  # noqa: E402
 
-from lightning_compress import CompressedExport, LoRA, QuantizationAwareTraining  # noqa: E402
+from lightning_compress import CompressedExport, LoRA, MagnitudePruning, QuantizationAwareTraining, load_packed  # noqa: E402
 from tests.conftest import make_trainer  # noqa: E402
 from tests.test_hf_export import VOCAB, relative_error, tiny_llama  # noqa: E402
 from tests.test_lora import TINY_NF4  # noqa: E402
@@ -75,3 +76,23 @@ def test_a_qlora_export_of_a_tied_model_loads_in_transformers(seeded, tmp_path):
     ids = next(iter(tokens(seed=1)))[0]
     with torch.no_grad():
         assert relative_error(logits(module, ids), loaded(input_ids=ids).logits) < 1e-5
+
+
+def test_pruning_a_tied_head_is_refused_before_training_and_excluding_it_loads_back(seeded, tmp_path):
+    module = TiedLM()
+    embedding = module.model.model.embed_tokens.weight.detach().clone()
+    trainer = make_trainer(max_steps=3, callbacks=[MagnitudePruning(0.5, start_step=1, end_step=2, update_every=1)])
+    with pytest.raises(ValueError, match=r"layer 'model.lm_head' shares its weight with \['model.model.embed_tokens'\]"
+                                         r" .*add 'lm_head' to `exclude`"):
+        trainer.fit(module, tokens())
+    assert trainer.global_step == 0 and torch.equal(module.model.model.embed_tokens.weight, embedding)
+
+    pruning = MagnitudePruning(0.5, start_step=1, end_step=2, update_every=1, exclude=["lm_head"])
+    make_trainer(max_steps=3, callbacks=[pruning, CompressedExport(tmp_path / "out", module="model")]).fit(
+        module, tokens())
+    assert module.model.lm_head.weight is module.model.model.embed_tokens.weight  # still tied, never pruned
+    assert (module.model.model.layers[0].mlp.up_proj.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    loaded = load_packed(tmp_path / "out", tiny_llama(tied=True)).eval()
+    ids = next(iter(tokens(seed=1)))[0]
+    with torch.no_grad():
+        assert torch.equal(logits(module, ids), loaded(input_ids=ids).logits)
