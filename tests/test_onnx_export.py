@@ -378,7 +378,18 @@ def test_layer_not_called_in_forward_is_reported(tmp_path):
     torch.manual_seed(0)
     model = Unused()
     quantized = quantize(model, INT4_G32)
-    with pytest.raises(ValueError, match="spare"):
+    with pytest.raises(ValueError, match=r"uses the weight of layer\(s\) \['spare'\]; was the layer called in forward"):
+        export_onnx(model, (torch.randn(2, 64),), tmp_path / "m.onnx", quantized)
+
+    class CalledButUnused(Unused):  # BERT's pooler when only last_hidden_state is used
+        def forward(self, x):
+            self.spare(x)
+            return super().forward(x)
+
+    model = CalledButUnused()
+    quantized = quantize(model, INT4_G32)
+    with pytest.raises(ValueError, match=r"\['spare'\].*output never reaches the model's outputs is left out of the"
+                                         r" trace.*\(`exclude`\), or export the module whose outputs use it"):
         export_onnx(model, (torch.randn(2, 64),), tmp_path / "m.onnx", quantized)
 
 

@@ -174,7 +174,9 @@ def _match(plans: Mapping[str, LayerPlan], candidates: Sequence[_Candidate]) -> 
     if missing:
         raise ValueError(
             f"no MatMul/Gemm in the exported graph uses the weight of layer(s) {missing}; was the"
-            " layer called in forward, and as a plain Linear (x @ W.T + b)?"
+            " layer called in forward, and as a plain Linear (x @ W.T + b)? A layer whose output never reaches the"
+            " model's outputs is left out of the trace (BERT's pooler when only last_hidden_state is used): leave"
+            " it out of the compression `targets` (`exclude`), or export the module whose outputs use it (`module=`)"
         )
     return claimed
 
