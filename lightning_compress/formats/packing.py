@@ -24,7 +24,13 @@ from torch import Tensor, nn
 
 from lightning_compress.core.memory import ReleasePacer
 from lightning_compress.core.reporting import format_table
-from lightning_compress.core.targeting import first_registration, layer_weights, parameter_key, shared_module_names
+from lightning_compress.core.targeting import (
+    first_registration,
+    layer_weights,
+    parameter_key,
+    shared_module_names,
+    tied_parameter_names,
+)
 from lightning_compress.core.transforms import Stage, get_weight_transform, is_transformed, weight_before, weight_slots
 from lightning_compress.formats import compressed_tensors as ct
 from lightning_compress.formats.blocks import finite, quantize_rows
@@ -145,6 +151,18 @@ def _encode(model, out_dir, writer: SafetensorsWriter, sparse_threshold, compres
     if use_ct:
         sparse_threshold = None
     layer_meta, tensor_meta, rows, float32_bytes, pacer = {}, {}, [], 0, ReleasePacer()
+    # A weight tied to another (a quantized lm_head and the float embedding) is stored twice
+    # but weighs once in the float32 model the ratio is measured against.
+    tied = {key: identity for identity, group in tied_parameter_names(model).items() for key in group}
+    counted = set()
+
+    def first_time(key: str) -> bool:
+        if key not in tied:
+            return True
+        fresh = tied[key] not in counted
+        counted.add(tied[key])
+        return fresh
+
     for name, layer in quantized_layers(model, dry):
         encoded, entry = encode_layer(name, layer, sparse_threshold, pack_8bit=use_ct and ct.packs_codes(layer))
         for key, tensor in encoded.items():
@@ -153,7 +171,7 @@ def _encode(model, out_dir, writer: SafetensorsWriter, sparse_threshold, compres
         layer_meta[name] = entry
         rows.append([name, layer.module, layer.weight.codes.numel(),
                      f"{layer.weight.spec.describe()} {entry['packing']}", _sparsity_text(entry), entry["bytes"]])
-        float32_bytes += layer.weight.codes.numel() * 4
+        float32_bytes += layer.weight.codes.numel() * 4 if first_time(parameter_key(name, layer.param)) else 0
         if kept is not None:
             kept[name] = layer
     aliases: Dict[str, str] = {}
@@ -165,7 +183,7 @@ def _encode(model, out_dir, writer: SafetensorsWriter, sparse_threshold, compres
         for name, part in encoded.items():
             writer.add(name, part)
         tensor_meta[key] = entry
-        float32_bytes += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
+        float32_bytes += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size()) if first_time(key) else 0
         if entry["sparsity"] != "dense":
             size = sum(t.numel() * t.element_size() for t in encoded.values())
             rows.append([key, "tensor", tensor.numel(), entry["dtype"], _sparsity_text(entry), size])
