@@ -1,13 +1,11 @@
 """What a stack of callbacks leaves untouched, or touches beyond its targets, said at setup.
 
-Two things a user would not see otherwise, each one warning before the first step:
-
-- layers whose weights a method on its default targets does not compress because of
-  their type (transformers' ``Conv1D``, the projections of GPT-2; ``nn.ConvTranspose2d``;
-  ``nn.Bilinear``): they stay float and dense, and "QAT on GPT-2" would quantize only its
-  ``lm_head`` without a word;
-- a pruned weight that another module shares (a tied ``lm_head`` and input embedding):
-  pruning zeroes the shared parameter, so the module that was not targeted is pruned too.
+Layers whose weights a method on its default targets does not compress because of their
+type (transformers' ``Conv1D``, the projections of GPT-2; ``nn.ConvTranspose2d``;
+``nn.Bilinear``) stay float and dense, and "QAT on GPT-2" would quantize only its
+``lm_head`` without a word: a warning names them before the first step.
+:func:`shared_weights` finds a pruned weight that another module shares (a tied
+``lm_head`` and input embedding), which ``MagnitudePruning`` refuses.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ _SHOWN = 4
 
 def warn_about_coverage(callbacks: Sequence[Any], model: nn.Module) -> None:
     """Warn (rank zero) about the layers of ``model`` that the default targets of QAT and
-    pruning leave out by type, and about pruned weights that other modules share."""
+    pruning leave out by type."""
     for callback in callbacks:
         section = getattr(callback, "section", None)
         if section in _EVERY_LAYER_SECTIONS and callback.uses_default_targets():
@@ -35,17 +33,6 @@ def warn_about_coverage(callbacks: Sequence[Any], model: nn.Module) -> None:
             if left:
                 rank_zero_warn(f"{type(callback).__name__} (default targets) leaves in float the layers of types it does"
                                f" not compress: {_by_type(left)}. {_hint(left)}", category=UserWarning)
-        if section == "pruning":
-            try:
-                layers = callback.select(model) or {}
-            except ValueError:  # bad targets: the callback's own setup says so
-                continue
-            shared = shared_weights(model, layers)
-            if shared:
-                listed = "; ".join(f"{key!r} is also {', '.join(map(repr, others))}" for key, others in shared.items())
-                rank_zero_warn(f"{type(callback).__name__} prunes weights other modules share (tied): {listed}. Pruning"
-                               " zeroes the shared parameter, so those modules are pruned too; untie them, or exclude"
-                               " the layer", category=UserWarning)
 
 
 def uncompressed_by_type(model: nn.Module, supported: tuple) -> Dict[str, str]:
@@ -81,6 +68,26 @@ def shared_weights(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, 
         if others:
             shared[key] = others
     return shared
+
+
+def refuse_shared_weights(model: nn.Module, layers: Dict[str, nn.Module]) -> None:
+    """Refuse to prune a weight that a module outside ``layers`` shares (a head tied to the
+    input embedding, ``tie_word_embeddings=True``): the mask would act on the head alone in
+    training, then its zeros in the shared weight would prune the embedding after fit, a
+    model other than the one trained and validated.
+
+    Raises:
+        ValueError: naming each such layer, the modules sharing its weight and the fix.
+    """
+    shared = shared_weights(model, layers)
+    if shared:
+        listed = "; ".join(f"{key!r} is also {', '.join(map(repr, others))}" for key, others in shared.items())
+        first = next(iter(shared)).rpartition(".")[2]
+        raise ValueError(
+            f"MagnitudePruning would prune weights other modules share (tied, as tie_word_embeddings=True makes them):"
+            f" {listed}. Its zeros would prune those modules too, after training them dense; add {first!r} to"
+            " `exclude` (recipe key pruning.exclude), or untie the weights before training"
+        )
 
 
 def _by_type(left: Dict[str, str]) -> str:

@@ -12,6 +12,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import LayerCompressionCallback
+from lightning_compress.callbacks.coverage import refuse_shared_weights
 from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
 from lightning_compress.core.memory import release_after
 from lightning_compress.core.sharding import local, resharded, shard_like
@@ -32,7 +33,6 @@ from lightning_compress.sparsity.config import PruningConfig
 from lightning_compress.sparsity.masks import (
     MaskedWeight,
     check_nm_compatible,
-    check_untied,
     global_masks,
     layer_mask,
     pack_mask,
@@ -148,7 +148,7 @@ class MagnitudePruning(LayerCompressionCallback):
             # Set up by an earlier validate/test: its masks, not empty ones (W + B·A went dense).
             self._restored = self.state_dict()
         layers = self.select(pl_module)
-        check_untied(pl_module, layers)
+        refuse_shared_weights(pl_module, layers)
         for name, layer in layers.items():  # check everything before changing anything
             check_nm_compatible(name, _raw(layer, name), self.sparsity_pattern)
         rivals = self.rivals(trainer)

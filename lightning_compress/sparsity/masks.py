@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_compress.core.targeting import tied_parameter_names, weight_param
 from lightning_compress.core.validate import ArgumentError
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -135,27 +134,6 @@ def check_nm_compatible(name: str, weight: Tensor, pattern: SparsityPattern) -> 
             f"layer {name!r} has input size {width}, not divisible by M={pattern.m} of"
             f" pattern '{pattern}'; add {name!r} to `exclude` or choose an M that divides it"
         )
-
-
-def check_untied(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
-    """Refuse to prune a weight another module shares (a head tied to the input embedding,
-    ``tie_word_embeddings=True``): the mask would act on the head alone during training,
-    then the zeros it leaves in the shared weight would prune the embedding too.
-
-    Raises:
-        ValueError: naming the layer, the module sharing its weight and the fix.
-    """
-    shared = tied_parameter_names(model)
-    for name, layer in layers.items():
-        param = weight_param(name, layer)
-        group = shared.get(id(layer._parameters.get(param)), [])
-        others = [other.rpartition(".")[0] for other in group if other != f"{name}.{param}"]
-        if others:
-            raise ValueError(
-                f"layer {name!r} shares its weight with {others} (tied weights, as tie_word_embeddings=True makes"
-                f" them): pruning it would zero that module's weight too; add {name.rpartition('.')[2]!r} to"
-                " `exclude` (recipe key pruning.exclude), or untie the weights before training"
-            )
 
 
 def pack_mask(mask: Tensor) -> Tensor:
