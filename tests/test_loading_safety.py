@@ -411,6 +411,12 @@ def test_verify_checks_the_files_other_engines_read(onnx_export, tmp_path, capsy
     (copy / "model.onnx").unlink()
     with pytest.raises(PackedFormatError, match=r"model.onnx: missing; the export wrote it"):
         verify_packed(copy)
+    # Without the record (an older export, a .failed-parity folder), the file is named as unchecked.
+    (copy / "model.onnx").write_bytes(bytes(flipped))
+    _edit_metadata(copy, lambda body: body.pop("files_sha256"))
+    summary = verify_packed(copy)
+    assert summary.endswith("; NOT verified: model.onnx (no SHA-256 recorded for them: an export older than the"
+                            " record, or one whose check failed)")
 
 
 @pytest.mark.parametrize(

@@ -272,7 +272,8 @@ def test_ranking_names_what_was_not_measured(fragile):
     _, _, report = fragile
     assert [layer for layer, _ in report.ranking(bits=8)] and report.ranking(sparsity=0.5)
     for kwargs, argument, message in [(dict(bits=2), "bits", r"bits=2 was not measured; the report has \[8, 4, 3\]"),
-                                      (dict(sparsity=0.7), "sparsity", r"sparsity=0.7 was not measured")]:
+                                      (dict(sparsity=0.7), "sparsity", r"sparsity=0.7 was not measured"),
+                                      (dict(bits=4, sparsity=0.5), "sparsity", r"rank bits=4 or sparsity=0.5, not both")]:
         with pytest.raises(ArgumentError, match=message) as caught:
             report.ranking(**kwargs)
         assert caught.value.argument == argument
@@ -281,6 +282,8 @@ def test_ranking_names_what_was_not_measured(fragile):
     with pytest.raises(ArgumentError, match=r"measured no bit widths, only sparsities \[0.5\]"):
         pruning_only.ranking()
     assert pruning_only.ranking(sparsity=0.5) == [("x", 0.1)]
+    broken = toy_report([10, 20, 30], [[0, 1, 2], [0, float("nan"), 2], [0, 3, 4]])
+    assert [layer for layer, _ in broken.ranking(bits=4)] == ["layer1", "layer2", "layer0"]  # nan: broke the loss
 
 
 def test_layer_problems_name_the_layer():

@@ -84,9 +84,11 @@ def test_a_memory_cache_is_checked_again_in_each_fit(lm_states):
 @pytest.mark.parametrize("kind", TOP_K)
 def test_batches_padded_to_other_lengths_are_refused_naming_the_fix(lm_states, tmp_path, kind):
     student, teacher = lm_states
-    with pytest.raises(ValueError, match=r"holds outputs of shape \(8, 512\) per sample, and this batch's are"
-                                         r" \(6, 512\); .*pad sequences to one fixed length"):
+    with pytest.raises(ValueError, match=r"the in-memory teacher-output cache holds outputs of shape \(8, 512\) per"
+                                         r" sample, and this batch's are \(6, 512\); .*pad sequences to one fixed length"):
         run(student, teacher, loader(lengths=[8, 6]), cache="memory", cache_top_k=TOP_K[kind])
+    with pytest.raises(ValueError, match=rf"the teacher-output cache '.*new.*{CACHE_FILE}' holds outputs of shape"):
+        run(student, teacher, loader(lengths=[8, 6]), cache="disk", cache_dir=tmp_path / "new", cache_top_k=TOP_K[kind])
     # A disk cache built at one length, read by batches of another: refused at the lookup.
     run(student, teacher, loader(), cache="disk", cache_dir=tmp_path, cache_top_k=TOP_K[kind])
     with pytest.raises(ValueError, match=r"holds outputs of shape \(8, 512\) per sample for this batch, but the"

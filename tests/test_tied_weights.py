@@ -109,3 +109,18 @@ def test_the_export_report_weighs_a_tied_weight_once(tmp_path):
     report = export(model, tmp_path / "out", inputs=[{"input_ids": next(iter(tokens()))[0]}])
     assert report.float32_bytes == float32
     assert report.compression_ratio == float32 / (tmp_path / "out" / "model.safetensors").stat().st_size
+
+
+def test_an_export_with_an_unmerged_adapter_on_a_tied_head_writes_it_untied(seeded, tmp_path):
+    # A trial of the fix above: the head computed with W + B·A, the embedding with W, and the
+    # config still said they were tied (a loader following it would drop the head's delta).
+    module = TiedLM()
+    callbacks = [LoRA(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]),
+                 QuantizationAwareTraining("int4", group_size=32, start_step=1, exclude=["lm_head"]),
+                 CompressedExport(tmp_path / "hf", module="model")]
+    make_trainer(max_steps=3, callbacks=callbacks).fit(module, tokens())
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = next(iter(tokens(seed=1)))[0]
+    with torch.no_grad():
+        assert relative_error(logits(module, ids), loaded(input_ids=ids).logits) < 1e-5

@@ -229,8 +229,8 @@ class KnowledgeDistillation(CompressionCallback):
             self._cache_file = self.cache_dir / CACHE_FILE.replace(".safetensors", f"{suffix}.safetensors")
             if self._cache_file.exists():
                 self._cache = TeacherOutputCache.load(self._cache_file, self.cache_top_k, self.temperature)
-        if self._cache is not None:
-            self._cache.verified = False  # the first hit is checked against the teacher (other data, another teacher)
+        if self._cache is not None:  # its first hit is checked against the teacher (other data, another teacher)
+            self._cache.start_fit(self._cache_file if self.cache == "disk" else None)
 
     @override
     def on_train_batch_end(

@@ -74,6 +74,11 @@ class TeacherOutputCache:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def start_fit(self, path: Path | None) -> None:
+        """A fit begins: the cache is kept at ``path`` (``None``: in memory), and its first hit
+        is checked against the teacher again (:meth:`check_hit`)."""
+        self.path, self.verified = path, False
+
     def lookup(self, keys: List[int], shape: torch.Size) -> Tensor | TopKTargets | None:
         """The outputs of ``keys`` in order (float32 or wider), or ``None`` if any of them is
         missing. ``shape``: the student's outputs for the batch, which the stored ones must have.

@@ -15,7 +15,7 @@ a path to open (see :func:`verify_companions`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Tuple
 
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.gguf import GGUF_FILE
@@ -32,9 +32,10 @@ def companion_checksums(directory: Path) -> Dict[str, str]:
     return {name: file_sha256(directory / name) for name in COMPANION_FILES if (directory / name).is_file()}
 
 
-def verify_companions(directory: Path, metadata: Mapping[str, Any]) -> List[str]:
+def verify_companions(directory: Path, metadata: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
     """Check each companion file recorded in ``metadata`` against its SHA-256; returns the
-    names checked (none for an export written before the record existed).
+    names checked, and those present with no SHA-256 recorded (an export written before the
+    record existed, or a ``.failed-parity`` folder, whose files were never checked whole).
 
     Raises:
         PackedFormatError: a recorded file is missing, or its bytes differ from the record,
@@ -58,7 +59,8 @@ def verify_companions(directory: Path, metadata: Mapping[str, Any]) -> List[str]
                 f"{path}: checksum mismatch with the SHA-256 recorded in compression.json; the file is truncated,"
                 " corrupted or was replaced after the export checked it"
             )
-    return sorted(recorded)
+    unchecked = [name for name in COMPANION_FILES if name not in recorded and (directory / name).is_file()]
+    return sorted(recorded), unchecked
 
 
 __all__ = ["COMPANION_FILES", "ONNX_FILE", "RECORD_KEY", "companion_checksums", "verify_companions"]

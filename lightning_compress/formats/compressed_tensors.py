@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.targeting import shared_module_names, tied_parameter_names
-from lightning_compress.core.transforms import embeddings_untied
+from lightning_compress.core.transforms import embeddings_untied, is_transformed
 from lightning_compress.formats.errors import ExportError
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.spec import QuantSpec
@@ -316,11 +316,12 @@ def config_json(model: nn.Module, layers: Mapping[str, PackedLayer]) -> bytes:
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config(layers, model)
     if model.config.to_dict().get("tie_word_embeddings") and (
-        _quantizes_a_shared_weight(model, layers) or embeddings_untied(model)
+        _quantizes_a_shared_weight(model, layers) or embeddings_untied(model) or _embeddings_transformed(model)
     ):
         # The quantized layer computes with its own codes while the weight it was tied to
-        # stays float, or the head holds a weight of its own (an NF4 base, a LoRA merge):
-        # tied again on load, transformers would find no `weight` to tie, or drop the head's.
+        # stays float, or the head holds a weight of its own (an NF4 base, a LoRA merge), or
+        # computes with W + B·A (an unmerged adapter): tied again on load, transformers would
+        # find no `weight` to tie, or drop the head's.
         config["tie_word_embeddings"] = False
     if config.get("dtype") is None and config.get("torch_dtype") is None:
         # Without a dtype, transformers 4.x loads a compressed-tensors model in float16
@@ -334,6 +335,13 @@ def _quantizes_a_shared_weight(model: nn.Module, layers: Mapping[str, PackedLaye
     input embedding)."""
     shared = {name for group in tied_parameter_names(model).values() for name in group}
     return any(f"{layer}.weight" in shared for layer in layers)
+
+
+def _embeddings_transformed(model: nn.Module) -> bool:
+    """Whether the head or the input embedding computes with a weight its stages change (an
+    unmerged LoRA adapter): the export stores each one's effective weight."""
+    layers = (model.get_output_embeddings(), model.get_input_embeddings())
+    return any(isinstance(layer, nn.Module) and is_transformed(layer) for layer in layers)
 
 
 def _float_dtype_name(model: nn.Module) -> str:

@@ -67,12 +67,14 @@ def verify_packed(directory: Union[str, os.PathLike]) -> str:
             that records no checksum (the message says which file and which tensor).
     """
     packed = read_packed(directory)
-    companions = verify_companions(Path(directory), packed.metadata)
+    companions, unchecked = verify_companions(Path(directory), packed.metadata)
     size = (Path(directory) / WEIGHTS_FILE).stat().st_size
     verified = (
         f"verified: {WEIGHTS_FILE} ({size:,} bytes)" + "".join(f", {name}" for name in companions)
         + f" {'match their' if companions else 'matches the'} SHA-256 recorded in {METADATA_FILE};"
         f" {len(packed.layers)} quantized layers and {len(packed.tensors)} tensors decode, all values finite"
+        + (f"; NOT verified: {', '.join(unchecked)} (no SHA-256 recorded for them: an export older than the"
+           " record, or one whose check failed)" if unchecked else "")
     )
     return _with_failure(verified, recorded_failure(packed.metadata), directory)
 

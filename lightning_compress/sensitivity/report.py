@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,8 @@ class SensitivityReport:
 
     def ranking(self, *, bits: Optional[int] = None, sparsity: float = 0.0) -> List[Tuple[str, float]]:
         """``[(layer, delta), ...]`` most sensitive first, at ``bits`` (default: the lowest
-        candidate) or, with ``sparsity`` set, at that sparsity.
+        candidate) or, with ``sparsity`` set, at that sparsity. A delta that is not a number
+        ranks first: that layer alone broke the model's loss.
 
         Raises:
             ArgumentError: ``bits`` or ``sparsity`` is not a candidate the report measured.
@@ -101,12 +103,15 @@ class SensitivityReport:
                 raise ArgumentError("bits", f"this report measured no bit widths, only sparsities {list(self.sparsities)};"
                                     " rank those with ranking(sparsity=...)")
             bits = min(self.bits)
+        if bits is not None and sparsity:
+            raise ArgumentError("sparsity", f"each row holds one candidate, bits or a sparsity: rank bits={bits!r} or"
+                                f" sparsity={sparsity!r}, not both")
         if sparsity and sparsity not in self.sparsities:
             raise ArgumentError("sparsity", f"sparsity={sparsity!r} was not measured; the report has {list(self.sparsities)}")
         if not sparsity and bits not in self.bits:
             raise ArgumentError("bits", f"bits={bits!r} was not measured; the report has {list(self.bits)}")
         chosen = [(row.layer, row.delta) for row in self.rows if row.bits == bits and row.sparsity == sparsity]
-        return sorted(chosen, key=lambda item: -item[1])
+        return sorted(chosen, key=lambda item: -math.inf if math.isnan(item[1]) else -item[1])  # nan: broke the model
 
     def table(self) -> str:
         """The console table (deltas to 4 significant digits)."""
