@@ -88,7 +88,7 @@ def test_pruning_a_tied_lm_head_is_refused_and_the_shared_weight_is_found():
     assert llama.lm_head.weight is llama.model.embed_tokens.weight
     embedding = llama.model.embed_tokens.weight.detach().clone()
     # It was a warning; then the zeros pruned the embedding after fit, which had trained it dense.
-    with pytest.raises(ValueError, match=r"'model.lm_head' is also 'model.model.embed_tokens.weight'"):
+    with pytest.raises(ValueError, match=r"layer 'model.lm_head' shares its weight with 'model.model.embed_tokens.weight'"):
         fit_and_warnings(CausalLM(llama), [MagnitudePruning(0.5, start_step=0, end_step=1)])
     assert torch.equal(llama.model.embed_tokens.weight, embedding)
     # Both modules selected: the one weight is pruned for both, nothing to say.

@@ -38,7 +38,7 @@ from lightning_compress.callbacks.conflicts import (
     of_section,
     targets_of,
 )
-from lightning_compress.callbacks.coverage import warn_about_coverage
+from lightning_compress.callbacks.coverage import tied_weight_issues, warn_about_coverage
 from lightning_compress.core.incompatible import (
     LayerIssue,
     describe_layer,
@@ -287,6 +287,7 @@ def examine(callbacks: Sequence[Any], model: nn.Module) -> Verdict:
     stack = Stack(callbacks, model)
     verdict = Verdict(list(callbacks), model)
     compressing = [cb for cb in callbacks if callable(getattr(cb, "layer_issues", None)) and getattr(cb, "section", "")]
+    adapted = {name for cb in compressing if cb.section == "lora" for name in (stack.targeted(cb) or {})}
     for callback in compressing:
         layers = stack.targeted(callback)
         if layers is None:
@@ -294,7 +295,11 @@ def examine(callbacks: Sequence[Any], model: nn.Module) -> Verdict:
         verdict.known.add(id(callback))
         verdict.targeted_count[id(callback)] = len(layers)
         targets = targets_of(callback)
-        for name, issue in callback.layer_issues(layers).items():
+        issues = callback.layer_issues(layers)
+        if callback.section == "pruning":  # a weight the mask's zeros would change for another module
+            issues.update(tied_weight_issues(model, {n: layers[n] for n in layers if n not in issues}, adapted,
+                                             callback.config.targets))
+        for name, issue in issues.items():
             limited = limited_by_type(layers[name])
             named = limited is not None and named_by(name, targets)
             if (limited is not None and not named) or (callback.on_incompatible == "skip" and not named):

@@ -5,16 +5,17 @@ type (transformers' ``Conv1D``, the projections of GPT-2; ``nn.ConvTranspose2d``
 ``nn.Bilinear``) stay float and dense, and "QAT on GPT-2" would quantize only its
 ``lm_head`` without a word: a warning names them before the first step.
 :func:`shared_weights` finds a pruned weight that another module shares (a tied
-``lm_head`` and input embedding), which ``MagnitudePruning`` refuses.
+``lm_head`` and input embedding), which pruning may not zero (:func:`tied_weight_issues`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Set
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_compress.core.incompatible import LayerIssue
 from lightning_compress.core.targeting import module_name, tied_parameter_names, weight_param
 from lightning_compress.core.transforms import raw_weight
 
@@ -70,24 +71,22 @@ def shared_weights(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, 
     return shared
 
 
-def refuse_shared_weights(model: nn.Module, layers: Dict[str, nn.Module]) -> None:
-    """Refuse to prune a weight that a module outside ``layers`` shares (a head tied to the
-    input embedding, ``tie_word_embeddings=True``): the mask would act on the head alone in
-    training, then its zeros in the shared weight would prune the embedding after fit, a
-    model other than the one trained and validated.
-
-    Raises:
-        ValueError: naming each such layer, the modules sharing its weight and the fix.
-    """
-    shared = shared_weights(model, layers)
-    if shared:
-        listed = "; ".join(f"{key!r} is also {', '.join(map(repr, others))}" for key, others in shared.items())
-        first = next(iter(shared)).rpartition(".")[2]
-        raise ValueError(
-            f"MagnitudePruning would prune weights other modules share (tied, as tie_word_embeddings=True makes them):"
-            f" {listed}. Its zeros would prune those modules too, after training them dense; add {first!r} to"
-            " `exclude` (recipe key pruning.exclude), or untie the weights before training"
-        )
+def tied_weight_issues(model: nn.Module, layers: Dict[str, nn.Module], adapted: Set[str],
+                       targets: Any = None) -> Dict[str, LayerIssue]:
+    """``{name: issue}`` for each of the pruned ``layers`` whose weight a module outside
+    them shares (a head tied to the input embedding, ``tie_word_embeddings=True``): the mask
+    would act on the layer alone in training, then its zeros in the shared weight would
+    prune the other module after fit, a model other than the one trained and validated. A
+    layer with a LoRA adapter (``adapted``) is fine: its mask acts on ``W + B·A`` and leaves
+    ``W`` as it is (an NF4 base even gives the layer a weight of its own). ``targets``: the
+    pruning callback's, which selected the layer (named in the issue)."""
+    shared = shared_weights(model, {name: layer for name, layer in layers.items() if name not in adapted})
+    return {
+        name: LayerIssue("targets", targets, f"layer {name!r} shares its weight with {', '.join(map(repr, others))}"
+                         " (tied, as tie_word_embeddings=True makes them): the mask's zeros would prune that too, after"
+                         " training it dense; leave the layer out, or untie the weights before training")
+        for name, others in shared.items()
+    }
 
 
 def _by_type(left: Dict[str, str]) -> str:

@@ -12,7 +12,6 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import LayerCompressionCallback
-from lightning_compress.callbacks.coverage import refuse_shared_weights
 from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
 from lightning_compress.core.memory import release_after
 from lightning_compress.core.sharding import local, resharded, shard_like
@@ -148,7 +147,6 @@ class MagnitudePruning(LayerCompressionCallback):
             # Set up by an earlier validate/test: its masks, not empty ones (W + B·A went dense).
             self._restored = self.state_dict()
         layers = self.select(pl_module)
-        refuse_shared_weights(pl_module, layers)
         for name, layer in layers.items():  # check everything before changing anything
             check_nm_compatible(name, _raw(layer, name), self.sparsity_pattern)
         rivals = self.rivals(trainer)

@@ -254,6 +254,23 @@ def tied_parameter_names(model: nn.Module) -> Dict[int, List[str]]:
     return {identity: group for identity, group in names.items() if len(group) > 1}
 
 
+def input_and_output_embeddings(model: nn.Module) -> Tuple[nn.Module, nn.Module] | None:
+    """A transformers ``model``'s (input embedding, head), or ``None`` when it has not both
+    (no such accessors, one returns ``None``, or the base class's ``NotImplementedError``)."""
+    try:
+        pair = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return pair if all(isinstance(layer, nn.Module) for layer in pair) else None
+
+
+def embeddings_untied(model: nn.Module) -> bool:
+    """Whether a transformers ``model``'s head holds another weight than its input embedding
+    (they may have been tied, then split by an NF4 base or a LoRA merge)."""
+    pair = input_and_output_embeddings(model)
+    return pair is not None and pair[0]._parameters.get("weight") is not pair[1]._parameters.get("weight")
+
+
 def parameter_key(key: str, param: str) -> str:
     """The state-dict key of the weight ``key``: ``<module>.<param>``."""
     module = module_name(key, param)

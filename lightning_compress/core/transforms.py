@@ -74,18 +74,6 @@ def raw_weight(layer: nn.Module, param: str = WEIGHT) -> nn.Parameter:
     return parameter
 
 
-def embeddings_untied(model: nn.Module) -> bool:
-    """Whether a transformers ``model``'s head computes with another weight than its input
-    embedding's (they may have been tied, then split by an NF4 base or a LoRA merge)."""
-    head_of, embedding_of = (getattr(model, name, None) for name in ("get_output_embeddings", "get_input_embeddings"))
-    if not callable(head_of) or not callable(embedding_of):
-        return False
-    head, embedding = head_of(), embedding_of()
-    if not isinstance(head, nn.Module) or not isinstance(embedding, nn.Module):
-        return False
-    return head._parameters.get(WEIGHT) is not embedding._parameters.get(WEIGHT)
-
-
 def is_transformed(layer: nn.Module) -> bool:
     return type(layer) in _TRANSFORMED_CLASSES.values()
 
@@ -418,7 +406,6 @@ def _transformed_class(base: Type[nn.Module]) -> type:
 
 
 __all__ = [
-    "embeddings_untied",
     "Stage",
     "WeightTransform",
     "WEIGHT",

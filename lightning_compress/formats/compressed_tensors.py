@@ -45,8 +45,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from lightning_compress.core.targeting import shared_module_names, tied_parameter_names
-from lightning_compress.core.transforms import embeddings_untied, is_transformed
+from lightning_compress.core.targeting import (
+    embeddings_untied,
+    input_and_output_embeddings,
+    shared_module_names,
+    tied_parameter_names,
+)
+from lightning_compress.core.transforms import is_transformed
 from lightning_compress.formats.errors import ExportError
 from lightning_compress.formats.packed import PackedLayer
 from lightning_compress.quant.spec import QuantSpec
@@ -340,8 +345,8 @@ def _quantizes_a_shared_weight(model: nn.Module, layers: Mapping[str, PackedLaye
 def _embeddings_transformed(model: nn.Module) -> bool:
     """Whether the head or the input embedding computes with a weight its stages change (an
     unmerged LoRA adapter): the export stores each one's effective weight."""
-    layers = (model.get_output_embeddings(), model.get_input_embeddings())
-    return any(isinstance(layer, nn.Module) and is_transformed(layer) for layer in layers)
+    pair = input_and_output_embeddings(model)
+    return pair is not None and any(map(is_transformed, pair))
 
 
 def _float_dtype_name(model: nn.Module) -> str:

@@ -5,11 +5,18 @@ from __future__ import annotations
 import warnings
 from typing import Dict, List, Mapping
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.core.incompatible import limited_by_type, named_by
-from lightning_compress.core.targeting import match_modules, select_layers, tied_parameter_names, weight_name
-from lightning_compress.core.transforms import Stage, embeddings_untied, install_weight_transform, raw_weight, set_forward
+from lightning_compress.core.targeting import (
+    embeddings_untied,
+    match_modules,
+    select_layers,
+    tied_parameter_names,
+    weight_name,
+)
+from lightning_compress.core.transforms import Stage, install_weight_transform, raw_weight, set_forward
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.lora.adapter import MERGED_MARK, DropoutRNG, LoRAAdapter, adapter_of
 from lightning_compress.lora.config import ADAPTABLE_TYPES, DEFAULT_TYPES, LoRAConfig
@@ -219,11 +226,11 @@ def merge_into(model: nn.Module, adapters: Mapping[str, LoRAAdapter]) -> None:
     for module in untied:
         module.config.tie_word_embeddings = False
     if untied:
-        warnings.warn(
+        rank_zero_warn(
             f"the output embedding of {type(untied[0]).__name__} no longer shares its input embedding's weight (the"
             " LoRA merge, or the NF4 base, gave it one of its own, so each computes as it did); its config now says"
             " tie_word_embeddings=False, so save_pretrained and from_pretrained keep both",
-            UserWarning, stacklevel=3,
+            category=UserWarning,
         )
 
 
