@@ -9,6 +9,7 @@ fake-quantized weights. Tiny models built from configs; nothing is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -104,7 +105,9 @@ def test_automodel_and_the_task_class_load_the_fake_quant_model(tmp_path, family
 
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert written["architectures"] == [type(model).__name__]
-    assert "config.json" in verify_packed(tmp_path / "hf")  # its SHA-256 recorded and checked
+    config_digest = hashlib.sha256((tmp_path / "hf" / "config.json").read_bytes()).hexdigest()
+    assert json.loads((tmp_path / "hf" / METADATA_FILE).read_text())["files_sha256"]["config.json"] == config_digest
+    assert "config.json match their SHA-256" in verify_packed(tmp_path / "hf")  # checked, not listed as unchecked
     assert len(written["quantization_config"]["config_groups"]) == 2  # int4 g32 and int8 channel
     if family == "llama-tied":  # lm_head computes with its own codes, the embedding stays float
         assert written["tie_word_embeddings"] is False

@@ -264,7 +264,7 @@ def test_a_float_model_whose_loss_is_not_finite_on_a_batch_is_refused_naming_it(
     assert caught.value.argument == "batches"
     batches = fragile_batches(_model(), 2)
     batches[0] = (torch.full_like(batches[0][0], float("inf")), batches[0][1])
-    with pytest.raises(ArgumentError, match=r"the float model's outputs on batch\(es\) \[0\]"):
+    with pytest.raises(ArgumentError, match=r"the float model's outputs on batch\(es\) \[0\].*masked vocabulary"):
         layer_sensitivity(_model(), batches, reference="kl")
 
 
@@ -282,6 +282,9 @@ def test_ranking_names_what_was_not_measured(fragile):
     with pytest.raises(ArgumentError, match=r"measured no bit widths, only sparsities \[0.5\]"):
         pruning_only.ranking()
     assert pruning_only.ranking(sparsity=0.5) == [("x", 0.1)]
+    # A candidate whose delta is not finite is no choice; the others still are.
+    # (4 bits each would fit 4.0 exactly: layer1 cannot take 4)
+    assert allocate_bits(toy_report([10, 20], [[0, 1, 2], [0, float("nan"), 2]]), 4.0).bits == {"layer0": 4, "layer1": 3}
     broken = toy_report([10, 20, 30], [[0, 1, 2], [0, float("nan"), 2], [0, 3, 4]])
     assert [layer for layer, _ in broken.ranking(bits=4)] == ["layer1", "layer2", "layer0"]  # nan: broke the loss
 
@@ -316,8 +319,10 @@ BAD_BUDGETS = [
     (dict(report=SensitivityReport([], "loss", 0.0, (), (0.5,), None, None, None, 1)), "report", "bit-width candidates"),
     (dict(report=SensitivityReport([SensitivityRow("x", "Linear", 4, 8, 0.0, 0.0)], "loss", 0.0, (8, 4), (), None, None, None, 1)),
      "report", "no row for some of the bits (8, 4) of layers ['x']"),
-    (dict(report=toy_report([10, 20], [[0, 1, 2], [0, float("nan"), 2]])), "report",
-     "the deltas of ['layer1'] are not finite numbers ('layer1': {8: 0, 4: nan, 3: 2})"),
+    (dict(report=toy_report([10, 20], [[0, 1, 2], [float("nan"), float("inf"), float("nan")]])), "report",
+     "every candidate of ['layer1'] gave a loss that is not finite"),
+    (dict(report=toy_report([10, 20], [[0, 1, 2], [0, 1, float("inf")]]), budget_bits=3.5), "budget_bits",
+     "`budget_bits`=3.5 cannot be met: without the candidates whose delta is not finite, the fewest bits average 3.667"),
     (dict(base="int4"), "base", "a recipe as a dict"),
     (dict(base={"qat": {"group_size": 64}}), "base", "sets ['group_size']"),
     (dict(base={"qat": "int4"}), "base", "dict of QAT settings"),

@@ -76,7 +76,8 @@ def test_a_memory_cache_is_checked_again_in_each_fit(lm_states):
     teacher_model = TinyLM(width=32)
     teacher_model.load_state_dict(teacher)
     kd = KnowledgeDistillation(teacher_model, temperature=2.0, index_fn=sample_index, cache="memory")
-    make_trainer(max_epochs=1, callbacks=[kd]).fit(TinyLM(), loader())
+    make_trainer(max_epochs=2, callbacks=[kd]).fit(TinyLM(), loader())  # epoch 2 reads the cache: checked
+    assert kd.output_cache.verified
     with pytest.raises(ValueError, match=r"the in-memory teacher-output cache does not hold this teacher's outputs"):
         make_trainer(max_epochs=1, callbacks=[kd]).fit(TinyLM(), loader(seed=5))
 
@@ -122,3 +123,25 @@ def test_index_fn_giving_another_number_of_indices_is_refused():
     cache = TeacherOutputCache()
     with pytest.raises(ValueError, match=r"`index_fn` returned 3 indices for a batch of 2 teacher outputs"):
         cache.store([0, 1, 2], torch.zeros(2, 4))
+
+
+def test_near_ties_flipped_by_rounding_are_not_taken_for_another_teacher():
+    # A bfloat16 teacher on a GPU rounds its logits by a step differently with the batch's
+    # composition, which can swap two entries that are within a step of each other.
+    generator = torch.Generator().manual_seed(0)
+    fresh = torch.randn(4, 6, 32, generator=generator)
+    fresh[..., 0], fresh[..., 1] = 10.0, 9.9375  # one bfloat16 step apart at 10
+    cached = fresh.clone()
+    cached[..., 0], cached[..., 1] = 9.9375, 10.0
+    cache = TeacherOutputCache()
+    cache.store(list(range(4)), fresh, torch.bfloat16)
+    cache.check_hit(cached, fresh)
+    assert cache.verified
+    decided = fresh.clone()
+    decided[..., 1] = 4.0  # the top entry leads by 6: a swap now is another teacher's choice
+    swapped = decided.clone()
+    swapped[..., 0], swapped[..., 1] = 4.0, 10.0
+    cache.verified = False
+    with pytest.raises(ValueError, match=r"top-1 agreement 0% against the teacher run on them"):
+        cache.check_hit(swapped, decided)
+    assert not cache.verified

@@ -300,7 +300,11 @@ class LoRA(CompressionCallback):
         return self._merged
 
     def save_adapters(self, directory: str | Path) -> Path:
-        """Write the adapters (and ``modules_to_save``) in PEFT's format to ``directory``."""
+        """Write the adapters (and ``modules_to_save``) in PEFT's format to ``directory``.
+
+        Raises:
+            ArgumentError: ``peft_root`` or ``modules_to_save`` cannot be written (checked before training too)
+        """
         return save_adapters(self._checked_peft_root(), directory, self.config)
 
     def load_adapters(self, directory: str | Path) -> None:
@@ -383,7 +387,7 @@ class LoRA(CompressionCallback):
             )
 
     def _peft_root(self, module: nn.Module | None = None) -> nn.Module:
-        module = module or self._module
+        module = module if module is not None else self._module
         if module is None:
             raise ValueError("LoRA has not set up a model yet: call this after fit (or validate/test) starts")
         if self.peft_root is None:

@@ -67,7 +67,7 @@ def run_sensitivity(argv: List[str]) -> int:
         CommandError: bad options, an unknown class path, no batches, files in the way.
     """
     args = parser().parse_args(argv)
-    from lightning_compress.sensitivity import allocate_bits, check_bits, check_budget, layer_sensitivity, recipe_for
+    from lightning_compress.sensitivity import allocate_bits, check_bits, check_budget, layer_sensitivity, recipe_from_allocation
 
     output = Path(args.output)
     written = [output / CSV_NAME, output / PLOT_NAME] + ([output / RECIPE_NAME] if args.budget_bits is not None else [])
@@ -76,14 +76,15 @@ def run_sensitivity(argv: List[str]) -> int:
         raise CommandError(f"{', '.join(existing)} already exist; pass --overwrite to replace them, or another -o")
     if args.batches < 1:
         raise CommandError(f"--batches must be a positive int, got {args.batches}")
+    candidate_bits = check_bits([_bits(b) for b in args.bits])
     if args.budget_bits is not None:  # before the measurement, which may take hours
-        check_budget(args.budget_bits, check_bits([_bits(b) for b in args.bits]))
+        check_budget(args.budget_bits, candidate_bits)
     model, checkpoint = _model(args.model, args.checkpoint)
     batches = list(itertools.islice(_loader(model, args.data, checkpoint), args.batches))
     if not batches:
         raise CommandError("the data gave no batches; check --data (its validation set may be empty)")
     report = layer_sensitivity(
-        model, batches, bits=[_bits(b) for b in args.bits], sparsities=args.sparsity, group_size=args.group_size,
+        model, batches, bits=candidate_bits, sparsities=args.sparsity, group_size=args.group_size,
         targets=_targets(args.targets), exclude=_targets(args.exclude), reference=args.reference,
     )
     print(report.table())
@@ -95,7 +96,7 @@ def run_sensitivity(argv: List[str]) -> int:
     recipe = None
     if args.budget_bits is not None:
         allocation = allocate_bits(report, args.budget_bits)
-        recipe = recipe_for(report, allocation)
+        recipe = recipe_from_allocation(report, allocation)
         _write_recipe(report, allocation, recipe, args.budget_bits, output / RECIPE_NAME)
     if args.wandb:
         _log_to_wandb(report, recipe, output)

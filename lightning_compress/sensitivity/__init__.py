@@ -12,7 +12,7 @@ bit width per layer within an average-bits budget with the least summed increase
 runs all three from the command line.
 """
 
-from lightning_compress.sensitivity.budget import BitAllocation, allocate_bits, check_budget, mixed_precision_recipe, recipe_for
+from lightning_compress.sensitivity.budget import BitAllocation, allocate_bits, check_budget, mixed_precision_recipe, recipe_from_allocation
 from lightning_compress.sensitivity.measure import REFERENCES, check_bits, layer_sensitivity
 from lightning_compress.sensitivity.report import COLUMNS, TABLE_KEY, SensitivityReport, SensitivityRow
 
@@ -24,7 +24,7 @@ __all__ = [
     "allocate_bits",
     "BitAllocation",
     "mixed_precision_recipe",
-    "recipe_for",
+    "recipe_from_allocation",
     "check_budget",
     "REFERENCES",
     "COLUMNS",

@@ -74,16 +74,23 @@ def allocate_bits(report: SensitivityReport, budget_bits: float) -> BitAllocatio
     missing = [layer for layer, choice in zip(layers, choices) if set(choice) != set(report.bits)]
     if missing:
         raise ArgumentError("report", f"`report` has no row for some of the bits {report.bits} of layers {missing}; measure them")
-    unmeasured = {layer: choice for layer, choice in zip(layers, choices) if not all(map(math.isfinite, choice.values()))}
-    if unmeasured:
-        first, deltas = next(iter(unmeasured.items()))
+    # A candidate whose delta is not finite (a 2-bit layer that overflowed the loss) is no choice.
+    choices = [{bits: delta for bits, delta in choice.items() if math.isfinite(delta)} for choice in choices]
+    broken = [layer for layer, choice in zip(layers, choices) if not choice]
+    if broken:
         raise ArgumentError(
-            "report", f"the deltas of {list(unmeasured)[:5]}{' ...' if len(unmeasured) > 5 else ''} are not finite"
-            f" numbers ({first!r}: {deltas}), so no choice can be made from them; measure on batches where the model's"
-            " loss is finite"
+            "report", f"every candidate of {broken[:5]}{' ...' if len(broken) > 5 else ''} gave a loss that is not"
+            " finite, so no bit width can be chosen for them; measure them at more bits, or leave them out of the"
+            " report (`exclude`)"
         )
     params = list(layers.values())
     capacity = int(Fraction(repr(float(budget_bits))) * sum(params))  # exact: 3.3 means 33/10
+    least = sum(n * min(choice) for n, choice in zip(params, choices))
+    if least > capacity:  # possible only where non-finite candidates were left out
+        raise ArgumentError(
+            "budget_bits", f"`budget_bits`={budget_bits} cannot be met: without the candidates whose delta is not"
+            f" finite, the fewest bits average {least / sum(params):.3f}; raise the budget to at least that"
+        )
     chosen, exact = _knapsack(params, choices, capacity)
     bits = dict(zip(layers, chosen))
     total = sum(n * b for n, b in zip(params, chosen))
@@ -135,10 +142,10 @@ def mixed_precision_recipe(
             or sets one of the keys above.
         RecipeError: ``base`` is not a valid recipe.
     """
-    return recipe_for(report, allocate_bits(report, budget_bits), base=base)
+    return recipe_from_allocation(report, allocate_bits(report, budget_bits), base=base)
 
 
-def recipe_for(report: SensitivityReport, allocation: BitAllocation, *,
+def recipe_from_allocation(report: SensitivityReport, allocation: BitAllocation, *,
                base: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """:func:`mixed_precision_recipe` for an ``allocation`` already chosen from ``report``
     (by :func:`allocate_bits`), so a caller that also reports it solves once."""
@@ -250,4 +257,4 @@ def _check_base(base: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     return recipe
 
 
-__all__ = ["BitAllocation", "allocate_bits", "check_budget", "mixed_precision_recipe", "recipe_for", "MAX_FRONT"]
+__all__ = ["BitAllocation", "allocate_bits", "check_budget", "mixed_precision_recipe", "recipe_from_allocation", "MAX_FRONT"]

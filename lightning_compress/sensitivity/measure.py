@@ -167,11 +167,12 @@ class _Evaluator:
             unusable = [i for i, log_probs in enumerate(self.float_log_probs) if not log_probs.isfinite().all()]
             what = "outputs"
         if unusable:  # every delta would be nan: a report of nothing, and a budget solved on nan
-            raise ArgumentError(
-                "batches", f"the float model's {what} on batch(es) {unusable[:8]} (counting from 0) is not finite, so no"
-                " delta can be measured against it (a batch whose labels are all ignored, -100, gives a nan mean"
-                " cross-entropy); leave such batches out, or pass a `loss_fn` that handles them"
-            )
+            why = ("a batch whose labels are all ignored, -100, gives a nan mean cross-entropy; leave such batches"
+                   " out, or pass a `loss_fn` that handles them") if what == "loss" else (
+                   "logits of -inf or nan, as a masked vocabulary gives, make the KL nan; mask with a large finite"
+                   " negative value, or use reference='loss'")
+            raise ArgumentError("batches", f"the float model's {what} on batch(es) {unusable[:8]} (counting from 0)"
+                                f" is not finite, so no delta can be measured against it ({why})")
 
     def __call__(self) -> float:
         if self.reference == "loss":
