@@ -283,6 +283,12 @@ def test_ranking_names_what_was_not_measured(fragile):
         pruning_only.ranking()
     assert pruning_only.ranking(sparsity=0.5) == [("x", 0.1)]
     # A candidate whose delta is not finite is no choice; the others still are.
+    # The least average a message names is rounded up, so passing it is accepted (26/7 bits).
+    inf = float("inf")
+    tight = toy_report([1, 6], [[0, inf, inf], [0, 1, 2]])
+    with pytest.raises(ArgumentError, match=r"the fewest bits average 3.715 \(rounded up\)"):
+        allocate_bits(tight, 3.714)
+    assert allocate_bits(tight, 3.715).bits == {"layer0": 8, "layer1": 3}
     # (4 bits each would fit 4.0 exactly: layer1 cannot take 4)
     assert allocate_bits(toy_report([10, 20], [[0, 1, 2], [0, float("nan"), 2]]), 4.0).bits == {"layer0": 4, "layer1": 3}
     broken = toy_report([10, 20, 30], [[0, 1, 2], [0, float("nan"), 2], [0, 3, 4]])
@@ -320,9 +326,9 @@ BAD_BUDGETS = [
     (dict(report=SensitivityReport([SensitivityRow("x", "Linear", 4, 8, 0.0, 0.0)], "loss", 0.0, (8, 4), (), None, None, None, 1)),
      "report", "no row for some of the bits (8, 4) of layers ['x']"),
     (dict(report=toy_report([10, 20], [[0, 1, 2], [float("nan"), float("inf"), float("nan")]])), "report",
-     "every candidate of ['layer1'] gave a loss that is not finite"),
+     "every candidate of ['layer1'] gave a delta (loss or KL) that is not finite"),
     (dict(report=toy_report([10, 20], [[0, 1, 2], [0, 1, float("inf")]]), budget_bits=3.5), "budget_bits",
-     "`budget_bits`=3.5 cannot be met: without the candidates whose delta is not finite, the fewest bits average 3.667"),
+     "`budget_bits`=3.5 cannot be met: without the candidates whose delta is not finite, the fewest bits average 3.667 (rounded up)"),
     (dict(base="int4"), "base", "a recipe as a dict"),
     (dict(base={"qat": {"group_size": 64}}), "base", "sets ['group_size']"),
     (dict(base={"qat": "int4"}), "base", "dict of QAT settings"),

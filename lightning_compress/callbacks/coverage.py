@@ -83,8 +83,10 @@ def tied_weight_issues(model: nn.Module, layers: Dict[str, nn.Module], adapted: 
     shared = shared_weights(model, {name: layer for name, layer in layers.items() if name not in adapted})
     return {
         name: LayerIssue("targets", targets, f"layer {name!r} shares its weight with {', '.join(map(repr, others))}"
-                         " (tied, as tie_word_embeddings=True makes them): the mask's zeros would prune that too, after"
-                         " training it dense; leave the layer out, or untie the weights before training")
+                         " (one parameter, as tie_word_embeddings=True makes of a transformers head and its input"
+                         " embedding): the mask's zeros would prune that too, after training it dense; leave the layer"
+                         " out, untie the weights before training, or put a LoRA adapter on the layer (its mask then"
+                         " acts on W + B·A)")
         for name, others in shared.items()
     }
 

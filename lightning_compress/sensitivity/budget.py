@@ -79,7 +79,7 @@ def allocate_bits(report: SensitivityReport, budget_bits: float) -> BitAllocatio
     broken = [layer for layer, choice in zip(layers, choices) if not choice]
     if broken:
         raise ArgumentError(
-            "report", f"every candidate of {broken[:5]}{' ...' if len(broken) > 5 else ''} gave a loss that is not"
+            "report", f"every candidate of {broken[:5]}{' ...' if len(broken) > 5 else ''} gave a delta (loss or KL) that is not"
             " finite, so no bit width can be chosen for them; measure them at more bits, or leave them out of the"
             " report (`exclude`)"
         )
@@ -89,7 +89,8 @@ def allocate_bits(report: SensitivityReport, budget_bits: float) -> BitAllocatio
     if least > capacity:  # possible only where non-finite candidates were left out
         raise ArgumentError(
             "budget_bits", f"`budget_bits`={budget_bits} cannot be met: without the candidates whose delta is not"
-            f" finite, the fewest bits average {least / sum(params):.3f}; raise the budget to at least that"
+            f" finite, the fewest bits average {math.ceil(least / sum(params) * 1000) / 1000:.3f} (rounded up); raise"
+            " the budget to at least that"
         )
     chosen, exact = _knapsack(params, choices, capacity)
     bits = dict(zip(layers, chosen))
