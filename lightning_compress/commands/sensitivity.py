@@ -67,7 +67,13 @@ def run_sensitivity(argv: List[str]) -> int:
         CommandError: bad options, an unknown class path, no batches, files in the way.
     """
     args = parser().parse_args(argv)
-    from lightning_compress.sensitivity import allocate_bits, check_bits, check_budget, layer_sensitivity, recipe_from_allocation
+    from lightning_compress.sensitivity import (
+        allocate_bits,
+        check_bits,
+        check_budget,
+        layer_sensitivity,
+        recipe_from_allocation,
+    )
 
     output = Path(args.output)
     written = [output / CSV_NAME, output / PLOT_NAME] + ([output / RECIPE_NAME] if args.budget_bits is not None else [])

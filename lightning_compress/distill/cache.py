@@ -115,10 +115,11 @@ class TeacherOutputCache:
             ValueError: they differ; the message says how much and what to do.
         """
         def top_two_and_values(outputs):
-            values = (outputs.values if isinstance(outputs, TopKTargets) else outputs).float()
-            if isinstance(outputs, TopKTargets):
+            if isinstance(outputs, TopKTargets):  # values sorted, largest first
+                values = outputs.values.float()
                 return outputs.indices[..., 0].long(), values[..., :2], values
-            return outputs.argmax(-1), values.topk(min(2, values.shape[-1]), dim=-1).values, values
+            values = outputs.float()
+            return values.argmax(-1), values.topk(min(2, values.shape[-1]), dim=-1).values, values
 
         (cached_top1, _, cached_values), (top1, top_two, values) = map(top_two_and_values, (cached, fresh.to("cpu")))
         error = float((cached_values - values).norm() / values.norm().clamp_min(1e-12))

@@ -171,7 +171,8 @@ def _encode(model, out_dir, writer: SafetensorsWriter, sparse_threshold, compres
         layer_meta[name] = entry
         rows.append([name, layer.module, layer.weight.codes.numel(),
                      f"{layer.weight.spec.describe()} {entry['packing']}", _sparsity_text(entry), entry["bytes"]])
-        float32_bytes += layer.weight.codes.numel() * 4 if first_time(parameter_key(name, layer.param)) else 0
+        if first_time(parameter_key(name, layer.param)):
+            float32_bytes += layer.weight.codes.numel() * 4
         if kept is not None:
             kept[name] = layer
     aliases: Dict[str, str] = {}
@@ -183,7 +184,8 @@ def _encode(model, out_dir, writer: SafetensorsWriter, sparse_threshold, compres
         for name, part in encoded.items():
             writer.add(name, part)
         tensor_meta[key] = entry
-        float32_bytes += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size()) if first_time(key) else 0
+        if first_time(key):
+            float32_bytes += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
         if entry["sparsity"] != "dense":
             size = sum(t.numel() * t.element_size() for t in encoded.values())
             rows.append([key, "tensor", tensor.numel(), entry["dtype"], _sparsity_text(entry), size])

@@ -79,8 +79,8 @@ def allocate_bits(report: SensitivityReport, budget_bits: float) -> BitAllocatio
     broken = [layer for layer, choice in zip(layers, choices) if not choice]
     if broken:
         raise ArgumentError(
-            "report", f"every candidate of {broken[:5]}{' ...' if len(broken) > 5 else ''} gave a delta (loss or KL) that is not"
-            " finite, so no bit width can be chosen for them; measure them at more bits, or leave them out of the"
+            "report", f"every candidate of {broken[:5]}{' ...' if len(broken) > 5 else ''} gave a delta (loss or KL)"
+            " that is not finite, so no bit width can be chosen for them; measure them at more bits, or leave them out of the"
             " report (`exclude`)"
         )
     params = list(layers.values())
@@ -146,8 +146,9 @@ def mixed_precision_recipe(
     return recipe_from_allocation(report, allocate_bits(report, budget_bits), base=base)
 
 
-def recipe_from_allocation(report: SensitivityReport, allocation: BitAllocation, *,
-               base: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+def recipe_from_allocation(
+    report: SensitivityReport, allocation: BitAllocation, *, base: Optional[Mapping[str, Any]] = None
+) -> Dict[str, Any]:
     """:func:`mixed_precision_recipe` for an ``allocation`` already chosen from ``report``
     (by :func:`allocate_bits`), so a caller that also reports it solves once."""
     recipe = _check_base(base)
@@ -258,4 +259,5 @@ def _check_base(base: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     return recipe
 
 
-__all__ = ["BitAllocation", "allocate_bits", "check_budget", "mixed_precision_recipe", "recipe_from_allocation", "MAX_FRONT"]
+__all__ = ["BitAllocation", "allocate_bits", "check_budget", "mixed_precision_recipe", "recipe_from_allocation",
+           "MAX_FRONT"]
