@@ -17,7 +17,7 @@ from tests.ddp_process import assert_same, run_script
 from tests.scripts import fsdp_run
 
 ALONE = ("prune", "prune-2:4", "prune-wanda", "qat", "kd", "lora", *(() if fsdp_run.NF4_UNSHARDABLE else ("qlora",)))
-MODES = (*ALONE, "kd-sharded-teacher", "stack", "resume-sharded", "resume-full", *fsdp_run.REFUSED)
+MODES = (*ALONE, "kd-sharded-teacher", "kd-sharded-cache", "kd-sharded-uncached", "stack", "resume-sharded", "resume-full", *fsdp_run.REFUSED)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +144,18 @@ def test_a_teacher_sharded_on_its_own_teaches_what_a_replicated_one_does(sharded
     for key, value in alone["callbacks"]["KnowledgeDistillation"]["projections"]["0"].items():
         mine = rank0["callbacks"]["KnowledgeDistillation"]["projections"]["0"][key]
         assert _relative_error(mine, value) <= 1e-5, key
+
+
+def test_a_sharded_teacher_with_a_cache_one_rank_never_hits_teaches_what_it_does_uncached(sharded):
+    # Rank 0 finds its batches cached from epoch 2 on, rank 1 never does; the sharded
+    # teacher's forward is a collective, so it runs on both ranks whenever rank 1 needs it
+    # (rank 0 skipping it left rank 1 waiting in its all-gather forever).
+    _, runs = sharded
+    cached, uncached = runs["kd-sharded-cache"], runs["kd-sharded-uncached"]
+    assert cached[0]["teacher_sharded"] is True
+    assert [rank["cached_samples"] for rank in cached] == [32, 4 * 32]  # 4 epochs of 32 samples per rank
+    for rank in range(2):
+        assert_same(cached[rank]["weights"], uncached[rank]["weights"], "weights")
 
 
 def test_settings_fsdp2_cannot_shard_are_refused_before_training(sharded):

@@ -15,7 +15,8 @@ from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.memory import parameter_bytes, release_after
 from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.core.validate import is_number
-from lightning_compress.distill.cache import TeacherOutputCache, sample_keys, weights_fingerprint
+from lightning_compress.distill.cache import TeacherOutputCache, cached_top_k, sample_keys, weights_fingerprint
+from lightning_compress.distill.cache_ranks import CacheRankAgreement
 from lightning_compress.distill.capture import OutputCapture, StepCapture, submodule
 from lightning_compress.distill.config import CACHES, DistillationConfig
 from lightning_compress.distill.losses import TopKTargets, distillation_loss, top1_agreement
@@ -137,6 +138,7 @@ class KnowledgeDistillation(CompressionCallback):
         self._steps = 0
         self._cache = TeacherOutputCache(self.cache_top_k, self.temperature) if self.cache else None
         self._cache_file: Path | None = None
+        self._ranks = CacheRankAgreement()
         self._fingerprint: str | None = None  # of a teacher="self" copy, checked on resume
 
     @property
@@ -231,6 +233,7 @@ class KnowledgeDistillation(CompressionCallback):
                 self._cache = TeacherOutputCache.load(self._cache_file, self.cache_top_k, self.temperature)
         if self._cache is not None:  # its first hit is checked against the teacher (other data, another teacher)
             self._cache.start_fit(self._cache_file if self.cache == "disk" else None)
+            self._ranks.start_fit(sharded_teacher=is_sharded_model(self._teacher))
 
     @override
     def on_train_batch_end(
@@ -388,30 +391,26 @@ class KnowledgeDistillation(CompressionCallback):
         return kd
 
     def _teacher_outputs(self, step: StepCapture, shape: torch.Size) -> Tensor | TopKTargets:
-        keys = cached = None
-        if self._cache is not None:
-            keys = sample_keys(self.index_fn(step.batch))
-            cached = self._cache.lookup(keys, shape)
-            if cached is not None and self._cache.verified:
-                return cached
+        if self._cache is None:
+            return self._run_teacher(step)
+        keys = sample_keys(self.index_fn(step.batch))
+        cached = self._cache.lookup(keys, shape)
+        # Every rank agrees on running a sharded teacher and on a refused cache (distill/cache_ranks.py).
+        needed = cached is None or not self._cache.verified
+        fresh = self._run_teacher(step) if self._ranks.teacher_needed(needed) else None
+        self._ranks.check_first_hit(self._cache, cached, fresh)
+        if cached is not None:
+            return cached
+        self._cache.store(keys, fresh, self._capture.teacher_dtype)
+        return fresh
+
+    def _run_teacher(self, step: StepCapture) -> Tensor | TopKTargets:
         args, kwargs = step.teacher_args(self.teacher_inputs)
         logits = self._capture.run_teacher(self._teacher_entry, args, kwargs, self.teacher_dtype)
         # glibc keeps the teacher's freed activations resident on top of the student's
         # backward (0.21x of a 134M LLaMA taught by itself); its size stands for theirs.
         release_after(self._teacher_bytes, logits.device)
-        if self.cache_top_k is not None:
-            if not logits.dim() or self.cache_top_k > logits.shape[-1]:
-                raise ValueError(
-                    f"`cache_top_k`={self.cache_top_k} is more than the teacher's {logits.shape[-1:].numel()} outputs"
-                    " per position; choose a smaller `cache_top_k`"
-                )
-            logits = TopKTargets.from_logits(logits, self.cache_top_k, self.temperature)
-        if cached is not None:  # the fit's first hit: does the cache hold this teacher's outputs on this data?
-            self._cache.check_hit(cached, logits)
-            return cached
-        if keys is not None:
-            self._cache.store(keys, logits, self._capture.teacher_dtype)
-        return logits
+        return logits if self.cache_top_k is None else cached_top_k(logits, self.cache_top_k, self.temperature)
 
     # ------------------------------------------------------------------ internals
     def _log(self, name: str, value: Any) -> None:

@@ -48,6 +48,18 @@ VERSION = "2"
 TOP_K_FIELDS = ("topk_values", "topk_indices", "log_normalizer", "log_rest")
 
 
+def cached_top_k(logits: Tensor, top_k: int, temperature: float) -> TopKTargets:
+    """What a cache with ``cache_top_k`` keeps of the teacher's ``logits``.
+
+    Raises:
+        ValueError: ``top_k`` is more than the outputs per position (naming ``cache_top_k``).
+    """
+    if not logits.dim() or top_k > logits.shape[-1]:
+        raise ValueError(f"`cache_top_k`={top_k} is more than the teacher's {logits.shape[-1:].numel()} outputs"
+                         " per position; choose a smaller `cache_top_k`")
+    return TopKTargets.from_logits(logits, top_k, temperature)
+
+
 class TeacherOutputCache:
     """Outputs in one contiguous tensor per field with a row per sample: a batch is one gather.
 

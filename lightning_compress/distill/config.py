@@ -75,13 +75,6 @@ class DistillationConfig:
                 "teacher_dtype", f"`teacher_dtype` must be a floating torch dtype such as torch.bfloat16, got {dtype!r}"
             )
         check_choice("teacher_strategy", self.teacher_strategy, TEACHER_STRATEGIES)
-        if self.teacher_strategy == "fsdp2" and self.cache is not None:
-            # A rank whose batch is cached would skip the teacher's forward, and with it the
-            # gathers the other ranks wait in.
-            raise ArgumentError(
-                "cache", "`cache` cannot be combined with `teacher_strategy`='fsdp2': every rank must run the sharded"
-                " teacher on every step. Drop `cache`, or keep the teacher replicated"
-            )
         object.__setattr__(self, "features", check_features(self.features))
         object.__setattr__(self, "feature_weight", check_number("feature_weight", self.feature_weight, low=0.0, what="a number >= 0"))
         object.__setattr__(self, "temperature", float(self.temperature))

@@ -1,11 +1,15 @@
 """Run by tests/test_distillation.py under strategy="ddp" with 2 CPU processes (gloo).
 
-    python ddp_distill.py OUT_DIR
+    python ddp_distill.py OUT_DIR [cache-refused]
 
 KnowledgeDistillation with a separate teacher and a feature pair that needs a learned
 projection. Lightning's launcher re-runs this script for rank 1. Each rank checks that the
 teacher is not DDP-wrapped and not part of the wrapped model, and saves what it holds to
 OUT_DIR/rank<r>.pt.
+
+``cache-refused``: a disk cache written with one teacher, then a fit with another teacher
+in which only rank 0 finds its cache file (rank 1's is deleted), so only rank 0 checks a
+hit and refuses it. Each rank saves the error it stopped with to OUT_DIR/rank<r>.txt.
 """
 
 import sys
@@ -69,9 +73,32 @@ class CheckAndSave(Callback):
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
+def sample_ids(batch):
+    """One integer per sample of tiny_loader's data, from its values (the batch holds no index)."""
+    return (batch[0][:, 0, 0] * 2**20).round().long()
+
+
+def fit_with_refused_cache(out_dir: Path) -> None:
+    cache_dir = out_dir / "cache"
+    for seed in (0, 1):  # the cache is written with teacher 0, then read with teacher 1
+        torch.manual_seed(seed)
+        kd = KnowledgeDistillation(WideTeacher(), cache="disk", cache_dir=cache_dir, index_fn=sample_ids)
+        trainer = make_trainer(devices=2, strategy="ddp", max_epochs=1, callbacks=[kd])
+        if seed == 1 and torch.distributed.get_rank() == 1:  # the group lives on after the first fit
+            (cache_dir / "teacher_outputs.rank1.safetensors").unlink()
+        try:
+            trainer.fit(TinyRegressor(), tiny_loader(batches=4))
+        except Exception as error:  # noqa: BLE001 - the test reads which error each rank stopped with
+            (out_dir / f"rank{torch.distributed.get_rank()}.txt").write_text(f"{type(error).__name__}: {error}")
+
+
 if __name__ == "__main__":
     arm_hang_report()
     out_dir = sys.argv[1]
+    if sys.argv[2:] == ["cache-refused"]:
+        fit_with_refused_cache(Path(out_dir))
+        close_process_group()
+        sys.exit(0)
     pl.seed_everything(0, verbose=False)
     teacher = WideTeacher()
     kd = KnowledgeDistillation(teacher, features=[("fc1", "fc1")], projection_lr=1e-2)

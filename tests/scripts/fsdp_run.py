@@ -8,7 +8,8 @@ processes (gloo), 4 epochs of 4 steps of 8 samples per rank: the same global bat
 one process with batch 16 (the test runs that one in-process with :func:`fit`).
 
 MODEs: ``prune``, ``prune-2:4``, ``qat``, ``kd`` (``kd-sharded-teacher``: the teacher
-sharded on its own), ``lora``, ``qlora``, ``stack``
+sharded on its own; ``kd-sharded-cache``: that teacher with a cache that rank 1 never hits,
+``kd-sharded-uncached`` the same without it), ``lora``, ``qlora``, ``stack``
 (distillation + pruning + QAT + export), ``resume-sharded`` / ``resume-full`` (the
 stack stopped after epoch 1 with Lightning's distributed or full-state checkpoint, then
 resumed by a new Trainer), and the settings refused in setup (:data:`REFUSED`: their
@@ -95,7 +96,9 @@ class Record(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         pl_module.state_dict()  # FSDP2's own (sharded) state dict works after the export, on every rank
-        self.state = {"rank": trainer.global_rank, "world_size": trainer.world_size,
+        kd = next((cb for cb in self.compression if isinstance(cb, KnowledgeDistillation)), None)
+        cached = len(kd.output_cache) if kd is not None and kd.output_cache is not None else None
+        self.state = {"rank": trainer.global_rank, "world_size": trainer.world_size, "cached_samples": cached,
                       "teacher_sharded": self.teacher_sharded, "before_qat": self.before_qat,
                       **self.snapshot(trainer, pl_module)}
 
@@ -108,6 +111,16 @@ class StopAfterFirstEpochs(Callback):
         if trainer.current_epoch == 1:
             trainer.save_checkpoint(self.path)
             trainer.should_stop = True
+
+
+def ids_missing_on_rank_one(batch):
+    """Sample indices (from the values: the batch holds none); on rank 1 new ones at every
+    call, so rank 1 never finds a batch in its cache while rank 0 does from epoch 2 on."""
+    ids = (batch[0][:, 0, 0] * 2**20).round().long()
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+        ids_missing_on_rank_one.calls = getattr(ids_missing_on_rank_one, "calls", 0) + 1
+        ids = ids + ids_missing_on_rank_one.calls * 2**40
+    return ids
 
 
 def build(mode, out_dir):
@@ -129,6 +142,9 @@ def build(mode, out_dir):
         strategy = "fsdp2" if mode == "kd-sharded-teacher" else "replicate"
         return [KnowledgeDistillation(WideTeacher(), features=[("fc1", "fc1")], projection_lr=1e-2,
                                       teacher_strategy=strategy)]
+    if mode in ("kd-sharded-cache", "kd-sharded-uncached"):
+        cache = dict(cache="memory", index_fn=ids_missing_on_rank_one) if mode == "kd-sharded-cache" else {}
+        return [KnowledgeDistillation(WideTeacher(), teacher_strategy="fsdp2", **cache)]
     if mode == "lora":
         return [LoRA(r=4, target_modules=["conv", "fc1", "fc2"])]
     if mode in ("qlora", "qlora-unshardable"):
