@@ -14,6 +14,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 from lightning_compress.core import atomic, filesystem
 from lightning_compress.core.atomic import (
@@ -143,6 +144,14 @@ def test_new_file_gets_umask_mode_not_0600(tmp_path, umask):
     # mkstemp would give 0600, which breaks files shared with other users/processes.
     atomic_write_bytes(tmp_path / "f.bin", b"x")
     assert mode(tmp_path / "f.bin") == 0o666 & ~umask == 0o644
+
+
+def test_a_writer_that_recreates_the_file_0600_still_lands_with_the_umask_mode(tmp_path, umask):
+    # safetensors' save_file writes 0600 (a teacher-output cache, a streamed export's weights).
+    from safetensors.torch import save_file
+
+    atomic_write(tmp_path / "t.safetensors", lambda temporary: save_file({"a": torch.zeros(2)}, str(temporary)))
+    assert mode(tmp_path / "t.safetensors") == 0o666 & ~umask == 0o644
 
 
 # ---- directories -------------------------------------------------------------------------

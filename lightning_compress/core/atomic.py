@@ -107,8 +107,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     temporary = _sibling(path, "tmp")
     # An ordinary exclusive create (not mkstemp) so the file gets the usual umask mode.
     temporary.open("xb").close()
+    mode = temporary.stat().st_mode & 0o777
     try:
         write(temporary)
+        # A writer that recreates the file may give it its own mode: safetensors' writes
+        # 0600, which a server process of another user (a vLLM container) cannot read.
+        if temporary.stat().st_mode & 0o777 != mode:
+            temporary.chmod(mode)
         replace_file(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
