@@ -364,7 +364,7 @@ def test_cached_teacher_runs_in_the_first_epoch_only_and_gives_the_same_losses(t
     if cache == "disk":
         options["cache_dir"] = tmp_path
     calls, cached = _cached_run(teacher_state, initial, **options)
-    assert calls == 4 + 1  # epoch 1, and epoch 2's first batch: the check of the fit's first hit
+    assert calls == 4  # epoch 1 only: epoch 2 reads what this fit computed, which needs no check
     assert len(cached) == 8 and all(torch.equal(a, b) for a, b in zip(cached, uncached))
     if cache == "disk":
         assert (tmp_path / CACHE_FILE).is_file()
@@ -396,15 +396,28 @@ def test_ddp_teacher_is_not_wrapped_and_ranks_agree(tmp_path):
     assert_same_state(rank0["teacher"], rank1["teacher"])
 
 
-def test_ddp_a_cache_refused_on_one_rank_stops_every_rank_in_the_same_step(tmp_path):
-    # Rank 0 reads its cache (written by another teacher) and refuses it; rank 1 has no
-    # cache file, never checks a hit, and used to wait in the gradient all-reduce for a rank
-    # that had left (a hang under NCCL; a lost-connection error under gloo).
-    run_script(SCRIPT, tmp_path, "cache-refused")
-    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
-    assert rank0.startswith("ValueError: ") and "does not hold this teacher's outputs" in rank0
-    assert rank1 == ("ValueError: the teacher-output cache of rank 0 was refused in this step (its error names the"
-                     " cause and the fix), so every rank stops here rather than wait for it")
+@pytest.mark.parametrize("scenario, cause", [
+    ("refused", "does not hold this teacher's outputs"),  # rank 0 reads another teacher's cache; rank 1 has none
+    ("index-fn", "`index_fn` must return integer sample indices"),  # rank 1's indices are floats
+    ("truncated", "cannot be read"),  # rank 1's file is cut short: refused in on_fit_start
+])
+def test_ddp_a_cache_error_on_one_rank_stops_every_rank_at_once(ddp_cache_errors, scenario, cause):
+    # The other rank used to wait in the gradient all-reduce (or a barrier) for a rank that had
+    # left: a hang under NCCL, a lost-connection error under gloo.
+    failed = 0 if scenario == "refused" else 1
+    errors = {rank: (ddp_cache_errors / f"rank{rank}-{scenario}.txt").read_text() for rank in range(2)}
+    assert errors[failed].startswith("ValueError: ") and cause in errors[failed]
+    assert errors[1 - failed] == (
+        f"ValueError: KnowledgeDistillation's teacher-output cache failed on rank {failed} in this step (its error"
+        " names the cause and the fix), so every rank stops here rather than wait for it")
+
+
+@pytest.fixture(scope="module")
+def ddp_cache_errors(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ddp_cache_errors")
+    run_script(SCRIPT, out_dir, "cache-errors")
+    assert not list(out_dir.glob("*-written.txt"))  # the first fit, which writes the caches, trains
+    return out_dir
 
 
 # ---------------------------------------------------------------------- bad input

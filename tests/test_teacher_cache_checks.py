@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress import KnowledgeDistillation
 from lightning_compress.callbacks.distillation import CACHE_FILE
 from lightning_compress.distill.cache import TeacherOutputCache
+from lightning_compress.distill.losses import TopKTargets
 from tests.conftest import make_trainer
 from tests.test_distill_topk import BATCH, LENGTH, SAMPLES, VOCAB, TinyLM, lm_states, sample_index  # noqa: F401
 
@@ -34,6 +35,11 @@ def loader(seed: int = 0, lengths=None) -> DataLoader:
         return index, tokens[:, : next(batches) + 1]
 
     return DataLoader(dataset, batch_size=BATCH, collate_fn=collate)
+
+
+def batches(*groups, seed: int = 0) -> DataLoader:
+    """The samples of ``loader(seed)`` in the batches ``groups`` (lists of sample indices)."""
+    return DataLoader(loader(seed).dataset, batch_sampler=[list(group) for group in groups])
 
 
 def run(student_state, teacher_state, data: DataLoader, *, epochs: int = 1, teacher_dtype=None, **options):
@@ -76,10 +82,42 @@ def test_a_memory_cache_is_checked_again_in_each_fit(lm_states):
     teacher_model = TinyLM(width=32)
     teacher_model.load_state_dict(teacher)
     kd = KnowledgeDistillation(teacher_model, temperature=2.0, index_fn=sample_index, cache="memory")
-    make_trainer(max_epochs=2, callbacks=[kd]).fit(TinyLM(), loader())  # epoch 2 reads the cache: checked
+    make_trainer(max_epochs=2, callbacks=[kd]).fit(TinyLM(), loader())  # all computed in this fit: nothing to check
     assert kd.output_cache.verified
-    with pytest.raises(ValueError, match=r"the in-memory teacher-output cache does not hold this teacher's outputs"):
+    with pytest.raises(ValueError, match=r"the in-memory teacher-output cache does not hold this teacher's outputs.*"
+                                         r" filled in an earlier fit of this callback: .* with a new KnowledgeDistillation"):
         make_trainer(max_epochs=1, callbacks=[kd]).fit(TinyLM(), loader(seed=5))
+
+
+@pytest.mark.parametrize("kind", TOP_K)
+def test_the_check_compares_samples_from_before_the_fit_not_a_batch_it_computed(lm_states, tmp_path, kind):
+    # From a new user's trial: the first batch read from the cache had been computed earlier
+    # in the same fit, so it "passed" the check, and the file's other samples, another
+    # teacher's outputs, were then distilled from in silence.
+    student, teacher = lm_states
+    options = dict(cache="disk", cache_dir=tmp_path, cache_top_k=TOP_K[kind])
+    run(student, teacher, batches(range(4, 8)), **options)  # samples 4-7 from the first teacher
+    with pytest.raises(ValueError, match=r"does not hold this teacher's outputs"):
+        # [0, 1] is computed, then read back (this fit's own: nothing proven); [4, 5] is the old teacher's
+        run(student, other_teacher(teacher), batches([0, 1], [0, 1], [4, 5]), **options)
+    # The same teacher passes, and a batch mixing new and old samples is compared on the old ones.
+    kd, calls, _ = run(student, teacher, batches([0, 1], [0, 1], [0, 1, 4, 5], [6, 7]), **options)
+    assert calls == 2 and kd.output_cache.verified  # [0, 1] computed, [0, 1, 4, 5] checked, [6, 7] read
+
+
+def test_a_truncated_cache_file_is_refused_naming_it_and_the_fix(lm_states, tmp_path):
+    student, teacher = lm_states
+    (tmp_path / CACHE_FILE).write_bytes(b"\x08\x00\x00")
+    with pytest.raises(ValueError, match=rf"the teacher-output cache '.*{CACHE_FILE}' cannot be read \(.*\); delete it"):
+        run(student, teacher, loader(), cache="disk", cache_dir=tmp_path)
+
+
+def test_the_report_says_when_top_k_saves_nothing():
+    cache = TeacherOutputCache(top_k=4, temperature=1.0)
+    cache.store([0, 1], TopKTargets.from_logits(torch.randn(2, 3, 4), 4, 1.0))
+    # per position: 4 float32 values + 4 int16 indices + 8 bytes (32) against 4 float32 logits (16)
+    assert cache.nbytes == 2 * (8 + 3 * 32) and cache.full_nbytes == 2 * (8 + 3 * 16)
+    assert cache.report().endswith("full outputs would take 0.00 MiB, less: a `cache_top_k` this close to 4 saves nothing)")
 
 
 @pytest.mark.parametrize("kind", TOP_K)
@@ -88,12 +126,12 @@ def test_batches_padded_to_other_lengths_are_refused_naming_the_fix(lm_states, t
     with pytest.raises(ValueError, match=r"the in-memory teacher-output cache holds outputs of shape \(8, 512\) per"
                                          r" sample, and this batch's are \(6, 512\); .*pad sequences to one fixed length"):
         run(student, teacher, loader(lengths=[8, 6]), cache="memory", cache_top_k=TOP_K[kind])
-    with pytest.raises(ValueError, match=rf"the teacher-output cache '.*new.*{CACHE_FILE}' holds outputs of shape"):
+    with pytest.raises(ValueError, match=rf"the teacher-output cache '.*new.*{CACHE_FILE}' \(not yet written\) holds"):
         run(student, teacher, loader(lengths=[8, 6]), cache="disk", cache_dir=tmp_path / "new", cache_top_k=TOP_K[kind])
     # A disk cache built at one length, read by batches of another: refused at the lookup.
     run(student, teacher, loader(), cache="disk", cache_dir=tmp_path, cache_top_k=TOP_K[kind])
     with pytest.raises(ValueError, match=r"holds outputs of shape \(8, 512\) per sample for this batch, but the"
-                                         r" student's outputs are \(8, 6, 512\)"):
+                                         r" student's are \(6, 512\) per sample \(batch outputs \(8, 6, 512\)\)"):
         run(student, teacher, loader(lengths=[6]), cache="disk", cache_dir=tmp_path, cache_top_k=TOP_K[kind])
 
 
@@ -102,7 +140,7 @@ def test_a_bfloat16_teachers_outputs_are_stored_in_bfloat16_exactly(lm_states, t
     student, teacher = lm_states
     kd, calls, _ = run(student, teacher, loader(), epochs=2, teacher_dtype=torch.bfloat16, cache="disk",
                        cache_dir=tmp_path, cache_top_k=TOP_K[kind])
-    assert calls == SAMPLES // BATCH + 1
+    assert calls == SAMPLES // BATCH  # epoch 1; epoch 2 reads what this fit computed
     loaded = TeacherOutputCache.load(tmp_path / CACHE_FILE, TOP_K[kind], 2.0)
     stored = loaded._fields["outputs" if kind == "full" else "topk_values"]
     assert stored.dtype == torch.bfloat16

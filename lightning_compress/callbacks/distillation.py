@@ -229,11 +229,16 @@ class KnowledgeDistillation(CompressionCallback):
         if self.cache == "disk":
             suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
             self._cache_file = self.cache_dir / CACHE_FILE.replace(".safetensors", f"{suffix}.safetensors")
-            if self._cache_file.exists():
-                self._cache = TeacherOutputCache.load(self._cache_file, self.cache_top_k, self.temperature)
-        if self._cache is not None:  # its first hit is checked against the teacher (other data, another teacher)
+            failure = None
+            try:
+                if self._cache_file.exists():
+                    self._cache = TeacherOutputCache.load(self._cache_file, self.cache_top_k, self.temperature)
+            except ValueError as error:  # every rank stops, not only the one whose file it is
+                failure = error
+            self._ranks.agree(failure)
+        if self._cache is not None:  # a batch it held before is checked against the teacher (other data, teacher)
             self._cache.start_fit(self._cache_file if self.cache == "disk" else None)
-            self._ranks.start_fit(sharded_teacher=is_sharded_model(self._teacher))
+            self._ranks.sharded_teacher = is_sharded_model(self._teacher)
 
     @override
     def on_train_batch_end(
@@ -259,7 +264,8 @@ class KnowledgeDistillation(CompressionCallback):
             self._flush_cache()
             self._detach()
             if self._cache is not None and len(self._cache):
-                rank_zero_info(f"KnowledgeDistillation: {self._cache.report()}")
+                whose = "rank 0's " if trainer.world_size > 1 else ""
+                rank_zero_info(f"KnowledgeDistillation: {whose}{self._cache.report()}")
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
@@ -393,16 +399,8 @@ class KnowledgeDistillation(CompressionCallback):
     def _teacher_outputs(self, step: StepCapture, shape: torch.Size) -> Tensor | TopKTargets:
         if self._cache is None:
             return self._run_teacher(step)
-        keys = sample_keys(self.index_fn(step.batch))
-        cached = self._cache.lookup(keys, shape)
-        # Every rank agrees on running a sharded teacher and on a refused cache (distill/cache_ranks.py).
-        needed = cached is None or not self._cache.verified
-        fresh = self._run_teacher(step) if self._ranks.teacher_needed(needed) else None
-        self._ranks.check_first_hit(self._cache, cached, fresh)
-        if cached is not None:
-            return cached
-        self._cache.store(keys, fresh, self._capture.teacher_dtype)
-        return fresh
+        return self._ranks.outputs(self._cache, lambda: sample_keys(self.index_fn(step.batch)), shape,
+                                   lambda: self._run_teacher(step), lambda: self._capture.teacher_dtype)
 
     def _run_teacher(self, step: StepCapture) -> Tensor | TopKTargets:
         args, kwargs = step.teacher_args(self.teacher_inputs)

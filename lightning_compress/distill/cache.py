@@ -60,6 +60,15 @@ def cached_top_k(logits: Tensor, top_k: int, temperature: float) -> TopKTargets:
     return TopKTargets.from_logits(logits, top_k, temperature)
 
 
+def select_samples(outputs: Tensor | TopKTargets, positions: List[int]) -> Tensor | TopKTargets:
+    """The samples at ``positions`` of a batch's outputs (full, or top-k targets)."""
+    rows = torch.tensor(positions, dtype=torch.long)
+    if isinstance(outputs, TopKTargets):
+        fields = (outputs.values, outputs.indices, outputs.log_normalizer, outputs.log_rest)
+        return TopKTargets(*(field[rows] for field in fields), outputs.vocab, outputs.temperature)
+    return outputs[rows]
+
+
 class TeacherOutputCache:
     """Outputs in one contiguous tensor per field with a row per sample: a batch is one gather.
 
@@ -82,14 +91,26 @@ class TeacherOutputCache:
         self.path: Path | None = None  # the file it was loaded from, for messages
         # Whether a hit was compared with the teacher's own outputs in this fit (check_hit).
         self.verified = False
+        # Samples held from before this fit (a file, an earlier fit) not since rewritten: the
+        # check compares those, as a batch computed in this fit proves nothing about them.
+        self._from_before: set = set()
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def start_fit(self, path: Path | None) -> None:
-        """A fit begins: the cache is kept at ``path`` (``None``: in memory), and its first hit
-        is checked against the teacher again (:meth:`check_hit`)."""
-        self.path, self.verified = path, False
+        """A fit begins: the cache is kept at ``path`` (``None``: in memory), and the first
+        batch that reads samples it held before this fit is checked against the teacher
+        (:meth:`unchecked_positions`, :meth:`check_hit`)."""
+        self.path, self._from_before = path, set(self._rows)
+        self.verified = not self._from_before
+
+    def unchecked_positions(self, keys: List[int]) -> List[int]:
+        """Until a check passed in this fit: the positions in ``keys`` of samples held from
+        before it (those the check must compare); ``[]`` once one has."""
+        if self.verified:
+            return []
+        return [position for position, key in enumerate(keys) if key in self._from_before]
 
     def lookup(self, keys: List[int], shape: torch.Size) -> Tensor | TopKTargets | None:
         """The outputs of ``keys`` in order (float32 or wider), or ``None`` if any of them is
@@ -112,12 +133,15 @@ class TeacherOutputCache:
             found = TopKTargets(*(fields[name] for name in TOP_K_FIELDS), self.vocab, self.temperature)
         if tuple(found.shape) != tuple(shape):
             raise ValueError(f"{self._name()} holds outputs of shape {tuple(found.shape)[1:]} per sample for this"
-                             f" batch, but the student's outputs are {tuple(shape)}; {_FIXED_SHAPE_HINT}")
+                             f" batch, but the student's are {tuple(shape)[1:]} per sample (batch outputs"
+                             f" {tuple(shape)}); {_FIXED_SHAPE_HINT}")
         return found
 
-    def check_hit(self, cached: Tensor | TopKTargets, fresh: Tensor | TopKTargets) -> None:
-        """Compare the first outputs read from the cache in a fit with the teacher's own on the
-        same batch: a cache computed by another teacher, or on other data under the same
+    def check_hit(self, cached: Tensor | TopKTargets, fresh: Tensor | TopKTargets,
+                  positions: List[int] | None = None) -> None:
+        """Compare outputs read from the cache (those at ``positions`` of the batch, the samples
+        held from before this fit; all by default) with the teacher's own on the same batch: a
+        cache computed by another teacher, or on other data under the same
         sample indices, differs by tens of percent, or picks other top entries. Refused above
         5% relative error, or under 90% agreement on the top entry where the teacher's lead
         over its second entry is beyond rounding (a bfloat16 teacher's logits move by a step
@@ -133,6 +157,8 @@ class TeacherOutputCache:
             values = outputs.float()
             return values.argmax(-1), values.topk(min(2, values.shape[-1]), dim=-1).values, values
 
+        if positions is not None:
+            cached, fresh = select_samples(cached, positions), select_samples(fresh.to("cpu"), positions)
         (cached_top1, _, cached_values), (top1, top_two, values) = map(top_two_and_values, (cached, fresh.to("cpu")))
         error = float((cached_values - values).norm() / values.norm().clamp_min(1e-12))
         lead = top_two[..., 0] - top_two[..., -1]
@@ -144,8 +170,11 @@ class TeacherOutputCache:
                 f"{self._name()} does not hold this teacher's outputs for the samples of this batch (relative error"
                 f" {error:.3g}, top-1 agreement {agreement:.0%} against the teacher run on them): it was computed by"
                 " another teacher, or on other data under the same sample indices, or the data gives a sample other"
-                " inputs each epoch (random augmentation, which a cache cannot serve). Delete it or choose another"
-                " `cache_dir` to compute the teacher's outputs again"
+                " inputs each epoch (random augmentation, which a cache cannot serve), or `index_fn` returns positions"
+                " within the batch rather than each sample's own index in the dataset. "
+                + ("Delete it or choose another `cache_dir` to compute the teacher's outputs again" if self.path
+                   else "It was filled in an earlier fit of this callback: distill from other data or another teacher"
+                        " with a new KnowledgeDistillation")
             )
         self.verified = True
 
@@ -173,6 +202,7 @@ class TeacherOutputCache:
             stored = (*held[:-1], self.vocab) if self.top_k is not None else tuple(held)
             raise ValueError(f"{self._name()} holds outputs of shape {tuple(stored)} per sample, and this batch's are"
                              f" {tuple(outputs.shape)[1:]}; {_FIXED_SHAPE_HINT}")
+        self._from_before.difference_update(keys)
         for position, key in enumerate(keys):
             row = self._rows.get(key)
             if row is None:
@@ -204,8 +234,10 @@ class TeacherOutputCache:
         mib = 2**20
         line = f"teacher-output cache: {len(self)} samples, {self.nbytes / mib:.2f} MiB"
         if self.top_k is not None and len(self):
+            ratio = self.full_nbytes / self.nbytes
+            versus = f"{ratio:.1f}x more" if ratio >= 1 else f"less: a `cache_top_k` this close to {self.vocab} saves nothing"
             line += (f" (top-{self.top_k} of {self.vocab} per position; full outputs would take"
-                     f" {self.full_nbytes / mib:.2f} MiB, {self.full_nbytes / self.nbytes:.1f}x more)")
+                     f" {self.full_nbytes / mib:.2f} MiB, {versus})")
         return line
 
     def save(self, path: Path) -> None:
@@ -232,11 +264,15 @@ class TeacherOutputCache:
             ValueError: for a file written with another ``cache_top_k`` or ``temperature``
                 (naming the setting), or one this format does not describe.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                tensors = {name: file.get_tensor(name) for name in file.keys()}
+        except SafetensorError as error:  # truncated or not safetensors: no path or fix in its message
+            raise ValueError(f"the teacher-output cache {str(path)!r} cannot be read ({error}); delete it (or choose"
+                             " another `cache_dir`) to compute the teacher's outputs again") from None
         cache = cls(top_k, temperature)
         cache.path = Path(path)
         saved_k = metadata.get("top_k") or None
@@ -279,7 +315,9 @@ class TeacherOutputCache:
         return TOP_K_FIELDS[0] if self.top_k is not None else "outputs"
 
     def _name(self) -> str:
-        return "the in-memory teacher-output cache" if self.path is None else f"the teacher-output cache {str(self.path)!r}"
+        if self.path is None:
+            return "the in-memory teacher-output cache"
+        return f"the teacher-output cache {str(self.path)!r}{'' if self.path.exists() else ' (not yet written)'}"
 
     def _capacity(self) -> int:
         return next(iter(self._fields.values())).shape[0]

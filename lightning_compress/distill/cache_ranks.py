@@ -1,23 +1,24 @@
 """Keeping the ranks of a distributed run in step around their teacher-output caches.
 
 Under DDP or FSDP2 each rank keeps its own cache of the samples it saw, so in one step a
-rank may find its batch cached while another does not, and the first hit of each fit, which
-is compared with the teacher (:meth:`TeacherOutputCache.check_hit`), comes in a different
-step on each rank. Two things must still happen on every rank at once:
+rank may find its batch cached while another does not, and the check of each fit's first
+batch read from before it (:meth:`TeacherOutputCache.check_hit`) comes in a different step
+on each rank. Two things must still happen on every rank at once:
 
 - a sharded teacher (``teacher_strategy="fsdp2"``) runs as a collective, so it runs on every
   rank when any rank needs it, or on none (a rank skipping it would leave the others
   waiting in its all-gather forever);
-- a cache refused on one rank stops every rank in the same step, each with a message,
-  instead of one rank raising while the others wait in the next gradient all-reduce.
+- an error of the cache on one rank (``index_fn``, a shape, a refused cache) stops every
+  rank in the same step, each with a message, instead of one rank raising while the others
+  wait in the next gradient all-reduce.
 
-Each costs one all-reduce of a few numbers per step: the first only with a sharded teacher,
-the second only until every rank has checked its first hit.
+Under a distributed run with a cache this costs two all-reduces of ``world_size + 1``
+numbers per step (before and after the teacher's forward), none in one process.
 """
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, Callable, List
 
 import torch
 import torch.distributed as dist
@@ -43,56 +44,59 @@ class CacheRankAgreement:
 
     def __init__(self, sharded_teacher: bool = False) -> None:
         self.sharded_teacher = sharded_teacher
-        self.settled = False  # every rank has checked its first hit in this fit
 
-    def start_fit(self, sharded_teacher: bool) -> None:
-        self.sharded_teacher, self.settled = sharded_teacher, False
-
-    def teacher_needed(self, needed_here: bool) -> bool:
-        """Whether to run the teacher in this step: where it is sharded, on every rank when any
-        rank needs it (a rank that skipped it would stall the others' all-gathers)."""
-        if not (self.sharded_teacher and is_distributed()):
-            return needed_here
-        return _all_reduce_sum([float(needed_here)])[0] > 0
-
-    def check_first_hit(self, cache: TeacherOutputCache, cached: Any, fresh: Any) -> None:
-        """Compare ``cached`` (this step's outputs read from ``cache``, or ``None``) with the
-        teacher's ``fresh`` ones if it is the fit's first hit (:meth:`TeacherOutputCache.check_hit`),
-        then :meth:`settle` with every rank."""
-        failure = None
-        if cached is not None and not cache.verified:
-            try:
-                cache.check_hit(cached, fresh)
-            except ValueError as error:
-                failure = str(error)
-        self.settle(failure, cache.verified)
-
-    def settle(self, failure: str | None, verified: bool) -> None:
-        """After this step's cache check: raise on every rank when the check failed on any,
-        in the same step (``failure``: this rank's message, or ``None``). Collective until
-        every rank has ``verified`` its cache; alone, it raises ``failure`` if there is one.
+    def agree(self, failure: BaseException | None, flag: bool = False) -> bool:
+        """Whether ``flag`` is set on any rank; first, if this step failed on any rank
+        (``failure``: this rank's error, or ``None``), raise on every rank: this rank's own
+        error, or one naming the ranks that failed. Alone: raises ``failure``, returns ``flag``.
 
         Raises:
-            ValueError: this rank's check failed (its message), or another rank's did.
+            Exception: ``failure``, or a ``ValueError`` where another rank failed.
         """
-        if self.settled:
-            return
         if not is_distributed():
-            self.settled = verified
             if failure is not None:
-                raise ValueError(failure)
-            return
+                raise failure
+            return flag
         world, rank = dist.get_world_size(), dist.get_rank()
         flags = [0.0] * (world + 1)
-        flags[rank] = float(failure is not None)
-        flags[world] = float(not verified)
+        flags[rank], flags[world] = float(failure is not None), float(flag)
         reduced = _all_reduce_sum(flags)
-        failed = [r for r in range(world) if reduced[r] > 0]
         if failure is not None:
-            raise ValueError(failure)
+            raise failure
+        failed = [str(r) for r in range(world) if reduced[r] > 0]
         if failed:
             raise ValueError(
-                f"the teacher-output cache of rank {', '.join(map(str, failed))} was refused in this step (its error"
-                " names the cause and the fix), so every rank stops here rather than wait for it"
+                f"KnowledgeDistillation's teacher-output cache failed on rank {', '.join(failed)} in this step (its"
+                " error names the cause and the fix), so every rank stops here rather than wait for it"
             )
-        self.settled = reduced[world] == 0
+        return reduced[world] > 0
+
+    def outputs(self, cache: TeacherOutputCache, keys_of_batch: Callable[[], List[int]], shape: torch.Size,
+                run_teacher: Callable[[], Any], teacher_dtype: Callable[[], torch.dtype | None]) -> Any:
+        """The teacher's outputs for this step's batch, from ``cache`` where it holds them all,
+        else from ``run_teacher()`` (then stored in ``teacher_dtype()``, that of its outputs); a batch reading samples held
+        from before this fit is run through the teacher too and compared
+        (:meth:`TeacherOutputCache.check_hit`). Errors of the cache steps (``index_fn``, shapes,
+        the check) stop every rank at once (:meth:`agree`)."""
+        keys = cached = failure = None
+        unchecked: List[int] = []
+        try:
+            keys = keys_of_batch()
+            cached = cache.lookup(keys, shape)
+            unchecked = cache.unchecked_positions(keys) if cached is not None else []
+        except Exception as error:  # noqa: BLE001 - raised on every rank by agree()
+            failure = error
+        needed = cached is None or bool(unchecked)
+        needed_anywhere = self.agree(failure, needed)
+        fresh = None
+        try:
+            if needed or (self.sharded_teacher and needed_anywhere):  # a sharded forward is a collective
+                fresh = run_teacher()
+            if unchecked:
+                cache.check_hit(cached, fresh, unchecked)
+            elif cached is None:
+                cache.store(keys, fresh, teacher_dtype())
+        except Exception as error:  # noqa: BLE001
+            failure = error
+        self.agree(failure)
+        return fresh if cached is None else cached

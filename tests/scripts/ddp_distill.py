@@ -1,15 +1,14 @@
 """Run by tests/test_distillation.py under strategy="ddp" with 2 CPU processes (gloo).
 
-    python ddp_distill.py OUT_DIR [cache-refused]
+    python ddp_distill.py OUT_DIR [cache-errors]
 
 KnowledgeDistillation with a separate teacher and a feature pair that needs a learned
 projection. Lightning's launcher re-runs this script for rank 1. Each rank checks that the
 teacher is not DDP-wrapped and not part of the wrapped model, and saves what it holds to
 OUT_DIR/rank<r>.pt.
 
-``cache-refused``: a disk cache written with one teacher, then a fit with another teacher
-in which only rank 0 finds its cache file (rank 1's is deleted), so only rank 0 checks a
-hit and refuses it. Each rank saves the error it stopped with to OUT_DIR/rank<r>.txt.
+``cache-errors``: fits whose teacher-output cache fails on one rank only (:func:`cache_errors`);
+each rank saves the error it stopped with to OUT_DIR/rank<r>-<scenario>.txt.
 """
 
 import sys
@@ -78,25 +77,45 @@ def sample_ids(batch):
     return (batch[0][:, 0, 0] * 2**20).round().long()
 
 
-def fit_with_refused_cache(out_dir: Path) -> None:
-    cache_dir = out_dir / "cache"
-    for seed in (0, 1):  # the cache is written with teacher 0, then read with teacher 1
-        torch.manual_seed(seed)
-        kd = KnowledgeDistillation(WideTeacher(), cache="disk", cache_dir=cache_dir, index_fn=sample_ids)
-        trainer = make_trainer(devices=2, strategy="ddp", max_epochs=1, callbacks=[kd])
-        if seed == 1 and torch.distributed.get_rank() == 1:  # the group lives on after the first fit
-            (cache_dir / "teacher_outputs.rank1.safetensors").unlink()
-        try:
-            trainer.fit(TinyRegressor(), tiny_loader(batches=4))
-        except Exception as error:  # noqa: BLE001 - the test reads which error each rank stopped with
-            (out_dir / f"rank{torch.distributed.get_rank()}.txt").write_text(f"{type(error).__name__}: {error}")
+def float_ids_on_rank_one(batch):
+    ids = sample_ids(batch)
+    return ids.float() if torch.distributed.get_rank() == 1 else ids
+
+
+def fit_until_error(out_dir: Path, scenario: str, teacher_seed: int, index_fn=sample_ids) -> None:
+    """One fit with a disk cache in OUT_DIR/cache; the error each rank stopped with (if any)
+    goes to OUT_DIR/rank<r>-<scenario>.txt."""
+    torch.manual_seed(teacher_seed)
+    kd = KnowledgeDistillation(WideTeacher(), cache="disk", cache_dir=out_dir / "cache", index_fn=index_fn)
+    trainer = make_trainer(devices=2, strategy="ddp", max_epochs=1, callbacks=[kd])
+    try:
+        trainer.fit(TinyRegressor(), tiny_loader(batches=4))
+    except Exception as error:  # noqa: BLE001 - the test reads which error each rank stopped with
+        (out_dir / f"rank{torch.distributed.get_rank()}-{scenario}.txt").write_text(f"{type(error).__name__}: {error}")
+
+
+def cache_errors(out_dir: Path) -> None:
+    """Errors of the cache on one rank only; each must stop both ranks in the same step."""
+    files = [out_dir / "cache" / f"teacher_outputs.rank{r}.safetensors" for r in range(2)]
+    fit_until_error(out_dir, "written", teacher_seed=0)  # both ranks' caches, from teacher 0
+    rank = torch.distributed.get_rank()
+    # Only rank 0 reads its cache (rank 1's is deleted), and it is another teacher's.
+    if rank == 1:
+        files[1].unlink()
+    fit_until_error(out_dir, "refused", teacher_seed=1)
+    # Rank 1's index_fn gives float indices (refused by the cache on that rank only).
+    fit_until_error(out_dir, "index-fn", teacher_seed=1, index_fn=float_ids_on_rank_one)
+    # Rank 1's file is cut short (refused when it is loaded, in on_fit_start).
+    if rank == 1:
+        files[1].write_bytes(files[0].read_bytes()[:100])
+    fit_until_error(out_dir, "truncated", teacher_seed=1)
 
 
 if __name__ == "__main__":
     arm_hang_report()
     out_dir = sys.argv[1]
-    if sys.argv[2:] == ["cache-refused"]:
-        fit_with_refused_cache(Path(out_dir))
+    if sys.argv[2:] == ["cache-errors"]:
+        cache_errors(Path(out_dir))
         close_process_group()
         sys.exit(0)
     pl.seed_everything(0, verbose=False)
