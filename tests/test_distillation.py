@@ -408,8 +408,8 @@ def test_ddp_a_cache_error_on_one_rank_stops_every_rank_at_once(ddp_cache_errors
     errors = {rank: (ddp_cache_errors / f"rank{rank}-{scenario}.txt").read_text() for rank in range(2)}
     assert errors[failed].startswith("ValueError: ") and cause in errors[failed]
     assert errors[1 - failed] == (
-        f"ValueError: KnowledgeDistillation's teacher-output cache failed on rank {failed} in this step (its error"
-        " names the cause and the fix), so every rank stops here rather than wait for it")
+        f"ValueError: KnowledgeDistillation: the teacher or its output cache failed on rank {failed} in this step (that"
+        " rank's error names the cause and the fix), so every rank stops here rather than wait")
 
 
 @pytest.fixture(scope="module")

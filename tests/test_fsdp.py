@@ -17,7 +17,7 @@ from tests.ddp_process import assert_same, run_script
 from tests.scripts import fsdp_run
 
 ALONE = ("prune", "prune-2:4", "prune-wanda", "qat", "kd", "lora", *(() if fsdp_run.NF4_UNSHARDABLE else ("qlora",)))
-MODES = (*ALONE, "kd-sharded-teacher", "kd-sharded-cache", "kd-sharded-uncached", "stack", "resume-sharded", "resume-full", *fsdp_run.REFUSED)
+MODES = (*ALONE, "kd-sharded-teacher", "kd-sharded-cache", "kd-sharded-cache-hits", "kd-sharded-uncached", "stack", "resume-sharded", "resume-full", *fsdp_run.REFUSED)
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +151,15 @@ def test_a_sharded_teacher_with_a_cache_one_rank_never_hits_teaches_what_it_does
     # teacher's forward is a collective, so it runs on both ranks whenever rank 1 needs it
     # (rank 0 skipping it left rank 1 waiting in its all-gather forever).
     _, runs = sharded
-    cached, uncached = runs["kd-sharded-cache"], runs["kd-sharded-uncached"]
+    cached, hits, uncached = runs["kd-sharded-cache"], runs["kd-sharded-cache-hits"], runs["kd-sharded-uncached"]
     assert cached[0]["teacher_sharded"] is True
     assert [rank["cached_samples"] for rank in cached] == [32, 4 * 32]  # 4 epochs of 32 samples per rank
+    assert [rank["teacher_forwards"] for rank in cached] == [16, 16]  # every step, on both ranks
+    # Where both ranks hit from epoch 2, the sharded teacher runs in epoch 1 only, on both.
+    assert [rank["teacher_forwards"] for rank in hits] == [4, 4]
     for rank in range(2):
         assert_same(cached[rank]["weights"], uncached[rank]["weights"], "weights")
+        assert_same(hits[rank]["weights"], uncached[rank]["weights"], "weights")
 
 
 def test_settings_fsdp2_cannot_shard_are_refused_before_training(sharded):

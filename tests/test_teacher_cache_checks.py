@@ -108,8 +108,33 @@ def test_the_check_compares_samples_from_before_the_fit_not_a_batch_it_computed(
 def test_a_truncated_cache_file_is_refused_naming_it_and_the_fix(lm_states, tmp_path):
     student, teacher = lm_states
     (tmp_path / CACHE_FILE).write_bytes(b"\x08\x00\x00")
-    with pytest.raises(ValueError, match=rf"the teacher-output cache '.*{CACHE_FILE}' cannot be read \(.*\); delete it"):
+    with pytest.raises(ValueError, match=rf"the teacher-output cache '.*{CACHE_FILE}' cannot be read \(.*header.*\); make it readable, or"
+                                         r" delete it"):
         run(student, teacher, loader(), cache="disk", cache_dir=tmp_path)
+
+
+def test_a_cache_path_that_cannot_be_opened_is_refused_naming_it_and_the_fix(lm_states, tmp_path):
+    student, teacher = lm_states
+    (tmp_path / CACHE_FILE).mkdir()  # a folder where the file goes (safetensors: a raw OSError)
+    with pytest.raises(ValueError, match=rf"the teacher-output cache '.*{CACHE_FILE}' cannot be read \(.*\); make it"
+                                         r" readable, or delete it"):
+        run(student, teacher, loader(), cache="disk", cache_dir=tmp_path)
+
+
+def test_a_refused_disk_cache_deleted_as_advised_is_not_refused_again_by_the_same_callback(lm_states, tmp_path):
+    # From a review: the callback kept the refused file's samples in memory and refused them
+    # again after the file was deleted, naming a file that no longer existed.
+    student, teacher = lm_states
+    options = dict(cache="disk", cache_dir=tmp_path, index_fn=sample_index)
+    run(student, teacher, loader(), **options)  # the first teacher's cache
+    teacher_model = TinyLM(width=32)
+    teacher_model.load_state_dict(other_teacher(teacher))
+    kd = KnowledgeDistillation(teacher_model, temperature=2.0, **options)
+    with pytest.raises(ValueError, match="does not hold this teacher's outputs"):
+        make_trainer(max_epochs=1, callbacks=[kd]).fit(TinyLM(), loader())
+    (tmp_path / CACHE_FILE).unlink()
+    make_trainer(max_epochs=1, callbacks=[kd]).fit(TinyLM(), loader())  # computes them again
+    assert len(kd.output_cache) == SAMPLES and (tmp_path / CACHE_FILE).is_file()
 
 
 def test_the_report_says_when_top_k_saves_nothing():

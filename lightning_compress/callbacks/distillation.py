@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.memory import parameter_bytes, release_after
-from lightning_compress.core.sharding import is_sharded_model
+from lightning_compress.core.sharding import has_collective_forward, is_sharded_model
 from lightning_compress.core.validate import is_number
 from lightning_compress.distill.cache import TeacherOutputCache, cached_top_k, sample_keys, weights_fingerprint
 from lightning_compress.distill.cache_ranks import CacheRankAgreement
@@ -229,16 +229,16 @@ class KnowledgeDistillation(CompressionCallback):
         if self.cache == "disk":
             suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
             self._cache_file = self.cache_dir / CACHE_FILE.replace(".safetensors", f"{suffix}.safetensors")
-            failure = None
+            failure, self._cache = None, TeacherOutputCache(self.cache_top_k, self.temperature)  # the file or nothing
             try:
                 if self._cache_file.exists():
                     self._cache = TeacherOutputCache.load(self._cache_file, self.cache_top_k, self.temperature)
-            except ValueError as error:  # every rank stops, not only the one whose file it is
+            except Exception as error:  # noqa: BLE001 - every rank stops, not only the one whose file it is
                 failure = error
             self._ranks.agree(failure)
         if self._cache is not None:  # a batch it held before is checked against the teacher (other data, teacher)
             self._cache.start_fit(self._cache_file if self.cache == "disk" else None)
-            self._ranks.sharded_teacher = is_sharded_model(self._teacher)
+            self._ranks.sharded_teacher = has_collective_forward(self._teacher)
 
     @override
     def on_train_batch_end(
@@ -397,14 +397,14 @@ class KnowledgeDistillation(CompressionCallback):
         return kd
 
     def _teacher_outputs(self, step: StepCapture, shape: torch.Size) -> Tensor | TopKTargets:
+        args = lambda: step.teacher_args(self.teacher_inputs)  # noqa: E731
         if self._cache is None:
-            return self._run_teacher(step)
-        return self._ranks.outputs(self._cache, lambda: sample_keys(self.index_fn(step.batch)), shape,
-                                   lambda: self._run_teacher(step), lambda: self._capture.teacher_dtype)
+            return self._run_teacher(args())
+        return self._ranks.outputs(self._cache, lambda: sample_keys(self.index_fn(step.batch)), shape, args,
+                                   self._run_teacher, lambda: self._capture.teacher_dtype)
 
-    def _run_teacher(self, step: StepCapture) -> Tensor | TopKTargets:
-        args, kwargs = step.teacher_args(self.teacher_inputs)
-        logits = self._capture.run_teacher(self._teacher_entry, args, kwargs, self.teacher_dtype)
+    def _run_teacher(self, args_and_kwargs: Tuple[tuple, dict]) -> Tensor | TopKTargets:
+        logits = self._capture.run_teacher(self._teacher_entry, *args_and_kwargs, self.teacher_dtype)
         # glibc keeps the teacher's freed activations resident on top of the student's
         # backward (0.21x of a 134M LLaMA taught by itself); its size stands for theirs.
         release_after(self._teacher_bytes, logits.device)

@@ -70,6 +70,12 @@ def is_sharded_model(module: nn.Module) -> bool:
     return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in module.modules())
 
 
+def has_collective_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s forward runs collectives every rank must join: FSDP2 applied
+    under it, or ``DTensor`` parameters (tensor parallel) however they were made."""
+    return is_sharded_model(module) or any(is_shard(p) for p in module.parameters())
+
+
 def resharded(module: nn.Module) -> None:
     """Put every FSDP2 module under ``module`` back to its shards (local, no collective).
 

@@ -20,9 +20,10 @@ the new one) and read without unpickling:
 
 What it holds is checked where a wrong target would otherwise train silently: each
 sample's outputs must keep one shape (a batch padded to another length is refused, naming
-the fix), and the first outputs read from the cache in each fit are compared with the
-teacher's own on that batch (:meth:`TeacherOutputCache.check_hit`), which refuses a cache
-computed by another teacher or on other data under the same indices.
+the fix), and in each fit the first fully cached batch that reads samples held from before
+the fit (the file, an earlier fit) is compared on those samples with the teacher's own
+outputs (:meth:`TeacherOutputCache.check_hit`), which refuses a cache computed by another
+teacher or on other data under the same indices.
 """
 
 from __future__ import annotations
@@ -61,12 +62,11 @@ def cached_top_k(logits: Tensor, top_k: int, temperature: float) -> TopKTargets:
 
 
 def select_samples(outputs: Tensor | TopKTargets, positions: List[int]) -> Tensor | TopKTargets:
-    """The samples at ``positions`` of a batch's outputs (full, or top-k targets)."""
+    """The samples at ``positions`` of a batch's outputs (full, or top-k targets), on CPU."""
     rows = torch.tensor(positions, dtype=torch.long)
     if isinstance(outputs, TopKTargets):
-        fields = (outputs.values, outputs.indices, outputs.log_normalizer, outputs.log_rest)
-        return TopKTargets(*(field[rows] for field in fields), outputs.vocab, outputs.temperature)
-    return outputs[rows]
+        return outputs.select(rows).to("cpu")
+    return outputs[rows.to(outputs.device)].cpu()
 
 
 class TeacherOutputCache:
@@ -89,7 +89,7 @@ class TeacherOutputCache:
         self._fields: Dict[str, Tensor] = {}
         self.dirty = False
         self.path: Path | None = None  # the file it was loaded from, for messages
-        # Whether a hit was compared with the teacher's own outputs in this fit (check_hit).
+        # Whether this fit needs no more checks (check_hit): one passed, or nothing was held before it.
         self.verified = False
         # Samples held from before this fit (a file, an earlier fit) not since rewritten: the
         # check compares those, as a batch computed in this fit proves nothing about them.
@@ -157,9 +157,9 @@ class TeacherOutputCache:
             values = outputs.float()
             return values.argmax(-1), values.topk(min(2, values.shape[-1]), dim=-1).values, values
 
-        if positions is not None:
-            cached, fresh = select_samples(cached, positions), select_samples(fresh.to("cpu"), positions)
-        (cached_top1, _, cached_values), (top1, top_two, values) = map(top_two_and_values, (cached, fresh.to("cpu")))
+        positions = range(cached.shape[0]) if positions is None else positions
+        cached, fresh = select_samples(cached, list(positions)), select_samples(fresh, list(positions))
+        (cached_top1, _, cached_values), (top1, top_two, values) = map(top_two_and_values, (cached, fresh))
         error = float((cached_values - values).norm() / values.norm().clamp_min(1e-12))
         lead = top_two[..., 0] - top_two[..., -1]
         rounding = 8 * torch.finfo(self._fields[self._value_field].dtype).eps * top_two[..., 0].abs().clamp_min(1.0)
@@ -270,9 +270,10 @@ class TeacherOutputCache:
             with safe_open(str(path), framework="pt") as file:
                 metadata = file.metadata() or {}
                 tensors = {name: file.get_tensor(name) for name in file.keys()}
-        except SafetensorError as error:  # truncated or not safetensors: no path or fix in its message
-            raise ValueError(f"the teacher-output cache {str(path)!r} cannot be read ({error}); delete it (or choose"
-                             " another `cache_dir`) to compute the teacher's outputs again") from None
+        except (SafetensorError, OSError) as error:  # truncated, not safetensors, unreadable: no path or fix
+            why = f"{error}; a file without read permission reads as missing" if isinstance(error, OSError) else error
+            raise ValueError(f"the teacher-output cache {str(path)!r} cannot be read ({why}); make it readable, or"
+                             " delete it (or choose another `cache_dir`) to compute the teacher's outputs again") from None
         cache = cls(top_k, temperature)
         cache.path = Path(path)
         saved_k = metadata.get("top_k") or None
@@ -373,4 +374,5 @@ def sample_keys(indices: Any) -> List[int]:
     return keys
 
 
-__all__ = ["TeacherOutputCache", "FORMAT", "TOP_K_FIELDS", "sample_keys", "weights_fingerprint"]
+__all__ = ["TeacherOutputCache", "FORMAT", "TOP_K_FIELDS", "cached_top_k", "sample_keys", "select_samples",
+           "weights_fingerprint"]

@@ -12,8 +12,9 @@ on each rank. Two things must still happen on every rank at once:
   rank in the same step, each with a message, instead of one rank raising while the others
   wait in the next gradient all-reduce.
 
-Under a distributed run with a cache this costs two all-reduces of ``world_size + 1``
-numbers per step (before and after the teacher's forward), none in one process.
+Under a distributed run with a cache this costs an all-reduce of ``world_size + 1`` numbers
+per step, and a second after the teacher's forward in steps where it runs; none in one
+process.
 """
 
 from __future__ import annotations
@@ -23,23 +24,16 @@ from typing import Any, Callable, List
 import torch
 import torch.distributed as dist
 
-from lightning_compress.core.distributed import is_distributed
+from lightning_compress.core.distributed import all_reduce_sum_, is_distributed
 from lightning_compress.distill.cache import TeacherOutputCache
-
-
-def _all_reduce_sum(values: List[float]) -> List[float]:
-    flat = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
-        flat = flat.cuda()
-    dist.all_reduce(flat)
-    return flat.cpu().tolist()
 
 
 class CacheRankAgreement:
     """The decisions every rank of a fit must take together about the teacher and its cache.
 
     Args:
-        sharded_teacher: the teacher's forward is a collective (FSDP2-sharded).
+        sharded_teacher: the teacher's forward is a collective (FSDP2-sharded or holding
+            DTensor parameters).
     """
 
     def __init__(self, sharded_teacher: bool = False) -> None:
@@ -58,40 +52,47 @@ class CacheRankAgreement:
                 raise failure
             return flag
         world, rank = dist.get_world_size(), dist.get_rank()
-        flags = [0.0] * (world + 1)
+        flags = torch.zeros(world + 1, dtype=torch.float64)
         flags[rank], flags[world] = float(failure is not None), float(flag)
-        reduced = _all_reduce_sum(flags)
+        all_reduce_sum_([flags])
         if failure is not None:
             raise failure
-        failed = [str(r) for r in range(world) if reduced[r] > 0]
+        failed = [str(r) for r in range(world) if flags[r] > 0]
         if failed:
             raise ValueError(
-                f"KnowledgeDistillation's teacher-output cache failed on rank {', '.join(failed)} in this step (its"
-                " error names the cause and the fix), so every rank stops here rather than wait for it"
+                f"KnowledgeDistillation: the teacher or its output cache failed on rank {', '.join(failed)} in this"
+                " step (that rank's error names the cause and the fix), so every rank stops here rather than wait"
             )
-        return reduced[world] > 0
+        return bool(flags[world] > 0)
 
     def outputs(self, cache: TeacherOutputCache, keys_of_batch: Callable[[], List[int]], shape: torch.Size,
-                run_teacher: Callable[[], Any], teacher_dtype: Callable[[], torch.dtype | None]) -> Any:
-        """The teacher's outputs for this step's batch, from ``cache`` where it holds them all,
-        else from ``run_teacher()`` (then stored in ``teacher_dtype()``, that of its outputs); a batch reading samples held
-        from before this fit is run through the teacher too and compared
-        (:meth:`TeacherOutputCache.check_hit`). Errors of the cache steps (``index_fn``, shapes,
-        the check) stop every rank at once (:meth:`agree`)."""
-        keys = cached = failure = None
+                teacher_args: Callable[[], Any], run_teacher: Callable[[Any], Any],
+                teacher_dtype: Callable[[], torch.dtype | None]) -> Any:
+        """The teacher's outputs for this step's batch: from ``cache`` where it holds the whole
+        batch, else ``run_teacher(teacher_args())`` (then stored in ``teacher_dtype()``, that of
+        its outputs); a fully cached batch reading samples held from before this fit is run
+        through the teacher too and compared on them (:meth:`TeacherOutputCache.check_hit`).
+
+        An error on one rank stops every rank at once (:meth:`agree`), save one raised inside
+        a sharded teacher's forward, whose collectives the other ranks are in by then.
+        """
+        keys = cached = failure = args = None
         unchecked: List[int] = []
-        try:
+        try:  # what can fail on one rank before any collective: the batch's indices, shapes, inputs
             keys = keys_of_batch()
             cached = cache.lookup(keys, shape)
             unchecked = cache.unchecked_positions(keys) if cached is not None else []
+            args = teacher_args()
         except Exception as error:  # noqa: BLE001 - raised on every rank by agree()
             failure = error
         needed = cached is None or bool(unchecked)
         needed_anywhere = self.agree(failure, needed)
-        fresh = None
+        if not needed_anywhere:  # every rank reads its cache: nothing runs, nothing can fail
+            return cached
+        fresh = run_teacher(args) if self.sharded_teacher else None  # a collective: on every rank
         try:
-            if needed or (self.sharded_teacher and needed_anywhere):  # a sharded forward is a collective
-                fresh = run_teacher()
+            if needed and fresh is None:
+                fresh = run_teacher(args)
             if unchecked:
                 cache.check_hit(cached, fresh, unchecked)
             elif cached is None:
@@ -100,3 +101,6 @@ class CacheRankAgreement:
             failure = error
         self.agree(failure)
         return fresh if cached is None else cached
+
+
+__all__ = ["CacheRankAgreement"]

@@ -166,8 +166,15 @@ class TopKTargets:
         return self.values.shape[-1]
 
     def to(self, device: torch.device | str) -> "TopKTargets":
+        return self._map(lambda tensor: tensor.to(device))
+
+    def select(self, rows: Tensor) -> "TopKTargets":
+        """The samples ``rows`` (indices along the first dimension) of these targets."""
+        return self._map(lambda tensor: tensor[rows.to(tensor.device)])
+
+    def _map(self, function) -> "TopKTargets":
         tensors = ("values", "indices", "log_normalizer", "log_rest")
-        return replace(self, **{name: getattr(self, name).to(device) for name in tensors})
+        return replace(self, **{name: function(getattr(self, name)) for name in tensors})
 
 
 def top_k_kl_divergence(student: Tensor, teacher: TopKTargets, temperature: float = 1.0, reverse: bool = False) -> Tensor:

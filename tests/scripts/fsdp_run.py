@@ -9,7 +9,7 @@ one process with batch 16 (the test runs that one in-process with :func:`fit`).
 
 MODEs: ``prune``, ``prune-2:4``, ``qat``, ``kd`` (``kd-sharded-teacher``: the teacher
 sharded on its own; ``kd-sharded-cache``: that teacher with a cache that rank 1 never hits,
-``kd-sharded-uncached`` the same without it), ``lora``, ``qlora``, ``stack``
+``kd-sharded-cache-hits``: one both ranks hit from epoch 2, ``kd-sharded-uncached``: none), ``lora``, ``qlora``, ``stack``
 (distillation + pruning + QAT + export), ``resume-sharded`` / ``resume-full`` (the
 stack stopped after epoch 1 with Lightning's distributed or full-state checkpoint, then
 resumed by a new Trainer), and the settings refused in setup (:data:`REFUSED`: their
@@ -77,6 +77,7 @@ class Record(Callback):
         self.compression = compression
         self.before_qat = self.state = None
         self.teacher_sharded = None
+        self.teacher_forwards = []
 
     def snapshot(self, trainer, pl_module):
         with gathered(pl_module):  # every rank: the shards are gathered
@@ -91,6 +92,7 @@ class Record(Callback):
         kd = next((cb for cb in self.compression if isinstance(cb, KnowledgeDistillation)), None)
         if kd is not None and self.teacher_sharded is None:
             self.teacher_sharded = any(is_shard(p) for p in kd.teacher.parameters())
+            kd.teacher.register_forward_hook(lambda *_: self.teacher_forwards.append(1))
         if trainer.global_step == QAT_START and self.before_qat is None:
             self.before_qat = self.snapshot(trainer, pl_module)
 
@@ -99,6 +101,7 @@ class Record(Callback):
         kd = next((cb for cb in self.compression if isinstance(cb, KnowledgeDistillation)), None)
         cached = len(kd.output_cache) if kd is not None and kd.output_cache is not None else None
         self.state = {"rank": trainer.global_rank, "world_size": trainer.world_size, "cached_samples": cached,
+                      "teacher_forwards": len(self.teacher_forwards),
                       "teacher_sharded": self.teacher_sharded, "before_qat": self.before_qat,
                       **self.snapshot(trainer, pl_module)}
 
@@ -113,10 +116,15 @@ class StopAfterFirstEpochs(Callback):
             trainer.should_stop = True
 
 
+def sample_ids(batch):
+    """Sample indices, from the values (the batch holds none)."""
+    return (batch[0][:, 0, 0] * 2**20).round().long()
+
+
 def ids_missing_on_rank_one(batch):
-    """Sample indices (from the values: the batch holds none); on rank 1 new ones at every
-    call, so rank 1 never finds a batch in its cache while rank 0 does from epoch 2 on."""
-    ids = (batch[0][:, 0, 0] * 2**20).round().long()
+    """:func:`sample_ids`; on rank 1 new ones at every call, so rank 1 never finds a batch in
+    its cache while rank 0 does from epoch 2 on."""
+    ids = sample_ids(batch)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
         ids_missing_on_rank_one.calls = getattr(ids_missing_on_rank_one, "calls", 0) + 1
         ids = ids + ids_missing_on_rank_one.calls * 2**40
@@ -142,8 +150,9 @@ def build(mode, out_dir):
         strategy = "fsdp2" if mode == "kd-sharded-teacher" else "replicate"
         return [KnowledgeDistillation(WideTeacher(), features=[("fc1", "fc1")], projection_lr=1e-2,
                                       teacher_strategy=strategy)]
-    if mode in ("kd-sharded-cache", "kd-sharded-uncached"):
-        cache = dict(cache="memory", index_fn=ids_missing_on_rank_one) if mode == "kd-sharded-cache" else {}
+    if mode in ("kd-sharded-cache", "kd-sharded-cache-hits", "kd-sharded-uncached"):
+        ids = ids_missing_on_rank_one if mode == "kd-sharded-cache" else sample_ids
+        cache = dict(cache="memory", index_fn=ids) if mode != "kd-sharded-uncached" else {}
         return [KnowledgeDistillation(WideTeacher(), teacher_strategy="fsdp2", **cache)]
     if mode == "lora":
         return [LoRA(r=4, target_modules=["conv", "fc1", "fc2"])]
