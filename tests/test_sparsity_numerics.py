@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -153,6 +155,18 @@ def test_global_structured_reaches_target_within_one_channel():
     for name, mask in masks.items():
         rows = mask.all(1) | (~mask).all(1)
         assert bool(rows.all()), name
+
+
+@pytest.mark.parametrize("pattern", [UNSTRUCTURED, STRUCTURED], ids=["unstructured", "structured"])
+def test_global_pruning_that_empties_a_layer_warns_naming_it(pattern):
+    # "small" holds 40 of 140 weights, all below every weight of "big": at 40% it loses all.
+    weights = {"big": torch.rand(10, 10) + 1.0, "small": torch.rand(4, 10) * 1e-3}
+    with pytest.warns(UserWarning, match=r"scope='global' pruned every weight of \['small'\]"):
+        masks = global_masks(weights, 0.4, pattern)
+    assert not masks["small"].any() and masks["big"].any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        global_masks(weights, 0.2, pattern)  # a part of "small" stays: no warning
 
 
 def test_global_refuses_n_m():

@@ -8,6 +8,8 @@ and a resumed run recomputes exactly the masks of an uninterrupted one.
 
 from __future__ import annotations
 
+import warnings
+
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Tuple
@@ -104,9 +106,18 @@ def global_masks(
     """
     if pattern.kind == "n:m":
         raise ValueError("N:M sparsity is per group; use scope='layer' with an N:M `pattern`")
+    masks = _global_unstructured(weights, sparsity) if pattern.kind == "unstructured" else _global_channels(weights, sparsity, norm)
+    emptied = [name for name, keep in masks.items() if keep.numel() and not keep.any()]
+    if emptied:  # a layer of small weights (a scaled projection) loses all of them to larger ones elsewhere
+        warnings.warn(
+            # (No sparsity in the text: Python shows a message once, not at every update of a schedule.)
+            f"scope='global' pruned every weight of {emptied}, so their outputs are constant (their bias);"
+            " use scope='layer', leave them out (`exclude`), or prune less", stacklevel=2)
+    return masks
+
+
+def _global_channels(weights: Mapping[str, Tensor], sparsity: float, norm: int) -> Dict[str, Tensor]:
     names = list(weights)
-    if pattern.kind == "unstructured":
-        return _global_unstructured(weights, sparsity)
     tensors = [weights[n].detach() for n in names]
     total = sum(t.numel() for t in tensors)
     scores = torch.cat([_channel_scores(t, norm) for t in tensors])
