@@ -364,7 +364,7 @@ def test_cached_teacher_runs_in_the_first_epoch_only_and_gives_the_same_losses(t
     if cache == "disk":
         options["cache_dir"] = tmp_path
     calls, cached = _cached_run(teacher_state, initial, **options)
-    assert calls == 4  # epoch 1 only: epoch 2 reads what this fit computed, which needs no check
+    assert calls == 4 + 1  # epoch 1, and epoch 2's first batch: the check of the fit's first full hit
     assert len(cached) == 8 and all(torch.equal(a, b) for a, b in zip(cached, uncached))
     if cache == "disk":
         assert (tmp_path / CACHE_FILE).is_file()

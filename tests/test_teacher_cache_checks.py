@@ -48,7 +48,7 @@ def run(student_state, teacher_state, data: DataLoader, *, epochs: int = 1, teac
     calls = []
     teacher.register_forward_hook(lambda *_: calls.append(1))
     if options.get("cache"):
-        options["index_fn"] = sample_index
+        options["index_fn"] = options.pop("index_fn_override", sample_index)
     kd = KnowledgeDistillation(teacher, temperature=2.0, alpha=0.5, teacher_dtype=teacher_dtype, **options)
     model = TinyLM()
     model.load_state_dict(student_state)
@@ -85,7 +85,7 @@ def test_a_memory_cache_is_checked_again_in_each_fit(lm_states):
     make_trainer(max_epochs=2, callbacks=[kd]).fit(TinyLM(), loader())  # all computed in this fit: nothing to check
     assert kd.output_cache.verified
     with pytest.raises(ValueError, match=r"the in-memory teacher-output cache does not hold this teacher's outputs.*"
-                                         r" filled in an earlier fit of this callback: .* with a new KnowledgeDistillation"):
+                                         r" filled in an earlier fit of this callback or in this one: .* with a new KnowledgeDistillation"):
         make_trainer(max_epochs=1, callbacks=[kd]).fit(TinyLM(), loader(seed=5))
 
 
@@ -102,7 +102,8 @@ def test_the_check_compares_samples_from_before_the_fit_not_a_batch_it_computed(
         run(student, other_teacher(teacher), batches([0, 1], [0, 1], [4, 5]), **options)
     # The same teacher passes, and a batch mixing new and old samples is compared on the old ones.
     kd, calls, _ = run(student, teacher, batches([0, 1], [0, 1], [0, 1, 4, 5], [6, 7]), **options)
-    assert calls == 2 and kd.output_cache.verified  # [0, 1] computed, [0, 1, 4, 5] checked, [6, 7] read
+    # [0, 1] computed, then checked (the fit's first full hit), [0, 1, 4, 5] checked on 4, 5, [6, 7] read
+    assert calls == 3 and kd.output_cache.verified
 
 
 def test_a_truncated_cache_file_is_refused_naming_it_and_the_fix(lm_states, tmp_path):
@@ -165,7 +166,7 @@ def test_a_bfloat16_teachers_outputs_are_stored_in_bfloat16_exactly(lm_states, t
     student, teacher = lm_states
     kd, calls, _ = run(student, teacher, loader(), epochs=2, teacher_dtype=torch.bfloat16, cache="disk",
                        cache_dir=tmp_path, cache_top_k=TOP_K[kind])
-    assert calls == SAMPLES // BATCH  # epoch 1; epoch 2 reads what this fit computed
+    assert calls == SAMPLES // BATCH + 1  # epoch 1, and the check of epoch 2's first batch
     loaded = TeacherOutputCache.load(tmp_path / CACHE_FILE, TOP_K[kind], 2.0)
     stored = loaded._fields["outputs" if kind == "full" else "topk_values"]
     assert stored.dtype == torch.bfloat16
@@ -198,13 +199,86 @@ def test_near_ties_flipped_by_rounding_are_not_taken_for_another_teacher():
     cached[..., 0], cached[..., 1] = 9.9375, 10.0
     cache = TeacherOutputCache()
     cache.store(list(range(4)), fresh, torch.bfloat16)
-    cache.check_hit(cached, fresh)
+    cache.check_hit(cached, fresh, [0, 1, 2, 3])
     assert cache.verified
     decided = fresh.clone()
     decided[..., 1] = 4.0  # the top entry leads by 6: a swap now is another teacher's choice
     swapped = decided.clone()
     swapped[..., 0], swapped[..., 1] = 4.0, 10.0
-    cache.verified = False
+    cache.hit_checked = False
     with pytest.raises(ValueError, match=r"top-1 agreement 0% against the teacher run on them"):
-        cache.check_hit(swapped, decided)
+        cache.check_hit(swapped, decided, [0, 1, 2, 3])
     assert not cache.verified
+
+
+# ------------------------------------------------------------- from a second trial of the cache
+def test_samples_from_before_are_compared_in_a_batch_computed_anew_before_they_are_overwritten(lm_states, tmp_path):
+    # A run with another teacher that only saw mixed batches rewrote some samples and saved
+    # them beside the old teacher's; the next run's first full hit was one of those and passed.
+    student, teacher = lm_states
+    options = dict(cache="disk", cache_dir=tmp_path)
+    run(student, teacher, batches([0, 1], [2, 3]), **options)
+    with pytest.raises(ValueError, match="does not hold this teacher's outputs"):
+        run(student, other_teacher(teacher), batches([0, 8], [1, 9]), **options)  # 0 and 1 are the first teacher's
+
+
+def test_batch_positions_as_indices_are_refused_within_one_fit(lm_states):
+    student, teacher = lm_states
+    with pytest.raises(ValueError, match=r"`index_fn` returns positions within the batch"):
+        run(student, teacher, loader(), epochs=1, cache="memory", index_fn_override=lambda batch: torch.arange(len(batch[0])))
+
+
+def test_a_wrong_bfloat16_cache_is_refused_when_every_logit_shares_a_large_offset():
+    # Softmax ignores the offset; compared raw, it hid the rest (2% relative error), and it
+    # made every bfloat16 top entry look undecided (0.5 rounding steps at -100).
+    generator = torch.Generator().manual_seed(0)
+    fresh = (-100 + 1.7 * torch.randn(4, 6, 32, generator=generator)).bfloat16().float()
+    other = (-100 + 1.7 * torch.randn(4, 6, 32, generator=generator)).bfloat16().float()
+    cache = TeacherOutputCache()
+    cache.store(list(range(4)), fresh, torch.bfloat16)
+    with pytest.raises(ValueError, match="does not hold this teacher's outputs"):
+        cache.check_hit(other, fresh, list(range(4)))
+    one_step = fresh.clone()
+    one_step[..., ::3] += 0.5  # one bfloat16 rounding step at 100, on a third of the logits
+    cache.check_hit(one_step, fresh, list(range(4)))  # rounding, not another teacher
+    shifted = fresh + 3.0  # the same softmax
+    cache.hit_checked = False
+    cache.check_hit(shifted, fresh, list(range(4)))
+
+
+def test_a_teacher_with_other_outputs_than_the_cache_is_refused_naming_it():
+    cache = TeacherOutputCache()
+    cache.store([0, 1], torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"holds outputs of shape \(5,\) per sample, but the teacher's are \(7,\): it"
+                                         r" was computed by another teacher"):
+        cache.check_hit(cache.lookup([0, 1], torch.Size((2, 5))), torch.zeros(2, 7), [0, 1])
+
+
+def test_index_fn_giving_fewer_indices_than_a_cached_batch_holds_is_refused_naming_it():
+    cache = TeacherOutputCache()
+    cache.store([0, 1], torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"`index_fn` returned 1 indices for a batch of 2 outputs"):
+        cache.lookup([0], torch.Size((2, 5)))
+
+
+@pytest.mark.parametrize("tensors, metadata, problem", [
+    ({"indices": torch.zeros(2, 2, dtype=torch.long), "outputs": torch.zeros(2, 5)}, {}, "different lengths"),
+    ({"indices": torch.arange(2), "outputs": torch.zeros(2, 5, dtype=torch.int32)}, {}, "not floating point"),
+    ({"indices": torch.tensor([3, 3]), "outputs": torch.zeros(2, 5)}, {}, "a sample index more than once"),
+    ({"indices": torch.arange(2), "outputs": torch.zeros(2, 5)}, {"top_k": "abc"}, "its `top_k` is 'abc'"),
+], ids=["2-D indices", "integer outputs", "repeated index", "top_k text"])
+def test_a_malformed_cache_file_is_refused_naming_the_problem(tmp_path, tensors, metadata, problem):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / CACHE_FILE), metadata={"format": "lightning_compress.teacher_outputs", **metadata})
+    with pytest.raises(ValueError, match=rf"is malformed: .*{problem}; delete it"):
+        TeacherOutputCache.load(tmp_path / CACHE_FILE)
+
+
+def test_an_empty_cache_file_loads_as_an_empty_cache_that_fills(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"indices": torch.zeros(0, dtype=torch.long), "outputs": torch.zeros(0, 5)}, str(tmp_path / CACHE_FILE))
+    cache = TeacherOutputCache.load(tmp_path / CACHE_FILE)
+    cache.store([7, 8], torch.ones(2, 5))
+    assert len(cache) == 2 and torch.equal(cache.lookup([8], torch.Size((1, 5))), torch.ones(1, 5))

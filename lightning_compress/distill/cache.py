@@ -20,8 +20,8 @@ the new one) and read without unpickling:
 
 What it holds is checked where a wrong target would otherwise train silently: each
 sample's outputs must keep one shape (a batch padded to another length is refused, naming
-the fix), and in each fit the first fully cached batch that reads samples held from before
-the fit (the file, an earlier fit) is compared on those samples with the teacher's own
+the fix), and in each fit the first fully cached batch, and the first batch holding samples
+held from before the fit (the file, an earlier fit), are compared with the teacher's own
 outputs (:meth:`TeacherOutputCache.check_hit`), which refuses a cache computed by another
 teacher or on other data under the same indices.
 """
@@ -89,28 +89,39 @@ class TeacherOutputCache:
         self._fields: Dict[str, Tensor] = {}
         self.dirty = False
         self.path: Path | None = None  # the file it was loaded from, for messages
-        # Whether this fit needs no more checks (check_hit): one passed, or nothing was held before it.
-        self.verified = False
-        # Samples held from before this fit (a file, an earlier fit) not since rewritten: the
-        # check compares those, as a batch computed in this fit proves nothing about them.
+        # The checks of a fit (check_hit): a fully cached batch read back (its indices and inputs
+        # stay the same: no augmentation, no batch positions as indices), and the samples held
+        # from before the fit (a file, an earlier fit) not since rewritten, which that batch,
+        # computed in this fit, may say nothing about.
+        self.hit_checked, self.before_checked = False, True
         self._from_before: set = set()
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def start_fit(self, path: Path | None) -> None:
-        """A fit begins: the cache is kept at ``path`` (``None``: in memory), and the first
-        batch that reads samples it held before this fit is checked against the teacher
-        (:meth:`unchecked_positions`, :meth:`check_hit`)."""
+        """A fit begins: the cache is kept at ``path`` (``None``: in memory); its first fully
+        cached batch, and the first batch holding samples it held before this fit, are
+        checked against the teacher (:meth:`positions_to_check`, :meth:`check_hit`)."""
         self.path, self._from_before = path, set(self._rows)
-        self.verified = not self._from_before
+        self.hit_checked, self.before_checked = False, not self._from_before
 
-    def unchecked_positions(self, keys: List[int]) -> List[int]:
-        """Until a check passed in this fit: the positions in ``keys`` of samples held from
-        before it (those the check must compare); ``[]`` once one has."""
-        if self.verified:
+    @property
+    def verified(self) -> bool:
+        """Whether this fit's checks are done."""
+        return self.hit_checked and self.before_checked
+
+    def positions_to_check(self, keys: List[int], hit: bool) -> List[int]:
+        """The positions in ``keys`` (a batch, fully cached if ``hit``) whose cached outputs to
+        compare with the teacher's: all of the fit's first fully cached batch, and until one
+        passed, those of samples held from before the fit (in a batch computed anew too,
+        before they are overwritten)."""
+        if hit and not self.hit_checked:
+            return list(range(len(keys)))
+        if self.before_checked:
             return []
         return [position for position, key in enumerate(keys) if key in self._from_before]
+
 
     def lookup(self, keys: List[int], shape: torch.Size) -> Tensor | TopKTargets | None:
         """The outputs of ``keys`` in order (float32 or wider), or ``None`` if any of them is
@@ -120,6 +131,9 @@ class TeacherOutputCache:
             ValueError: the stored outputs have another shape (variable-length batches, or
                 a cache computed on other data).
         """
+        if len(keys) != shape[0]:
+            raise ValueError(f"`index_fn` returned {len(keys)} indices for a batch of {shape[0]} outputs; it must"
+                             " return one index per sample")
         rows = [self._rows.get(key) for key in keys]
         if not rows or any(row is None for row in rows):
             return None
@@ -137,12 +151,14 @@ class TeacherOutputCache:
                              f" {tuple(shape)}); {_FIXED_SHAPE_HINT}")
         return found
 
-    def check_hit(self, cached: Tensor | TopKTargets, fresh: Tensor | TopKTargets,
-                  positions: List[int] | None = None) -> None:
-        """Compare outputs read from the cache (those at ``positions`` of the batch, the samples
-        held from before this fit; all by default) with the teacher's own on the same batch: a
-        cache computed by another teacher, or on other data under the same
-        sample indices, differs by tens of percent, or picks other top entries. Refused above
+    def check_hit(self, cached: Tensor | TopKTargets, fresh: Tensor | TopKTargets, keys: List[int],
+                  hit: bool = True) -> None:
+        """Compare outputs read from the cache for samples ``keys`` with the teacher's own for
+        them (``hit``: they are a whole fully cached batch): a cache computed by another
+        teacher, or on other data under the same sample indices, differs by tens of percent,
+        or picks other top entries. Both are compared as log-probabilities up to a shift per
+        position (softmax ignores one; an offset shared by all logits would hide the rest),
+        differences within two roundings of the stored dtype left out. Refused above
         5% relative error, or under 90% agreement on the top entry where the teacher's lead
         over its second entry is beyond rounding (a bfloat16 teacher's logits move by a step
         with the batch's composition on a GPU, which flips near-ties, not decided entries).
@@ -157,12 +173,21 @@ class TeacherOutputCache:
             values = outputs.float()
             return values.argmax(-1), values.topk(min(2, values.shape[-1]), dim=-1).values, values
 
-        positions = range(cached.shape[0]) if positions is None else positions
-        cached, fresh = select_samples(cached, list(positions)), select_samples(fresh, list(positions))
+        if tuple(cached.shape) != tuple(fresh.shape):
+            raise ValueError(f"{self._name()} holds outputs of shape {tuple(cached.shape)[1:]} per sample, but the"
+                             f" teacher's are {tuple(fresh.shape)[1:]}: it was computed by another teacher. "
+                             + self._start_again())
+        fresh = fresh.to("cpu")
         (cached_top1, _, cached_values), (top1, top_two, values) = map(top_two_and_values, (cached, fresh))
-        error = float((cached_values - values).norm() / values.norm().clamp_min(1e-12))
+        eps = torch.finfo(self._fields[self._value_field].dtype).eps
+        difference = cached_values - values
+        difference[difference.abs() <= 2 * eps * torch.maximum(cached_values.abs(), values.abs())] = 0  # rounding
+        # Both without their shift per position (the same softmax): a large offset shared by all
+        # logits no longer hides how they differ.
+        difference = difference - difference.mean(-1, keepdim=True)
+        error = float(difference.norm() / (values - values.mean(-1, keepdim=True)).norm().clamp_min(1e-12))
         lead = top_two[..., 0] - top_two[..., -1]
-        rounding = 8 * torch.finfo(self._fields[self._value_field].dtype).eps * top_two[..., 0].abs().clamp_min(1.0)
+        rounding = 2 * eps * top_two[..., 0].abs().clamp_min(1.0)
         decided = (lead > rounding) | (top_two.shape[-1] == 1)
         agreement = float((cached_top1 == top1)[decided].float().mean()) if decided.any() else 1.0
         if not (error <= 0.05 and agreement >= 0.9):
@@ -171,12 +196,16 @@ class TeacherOutputCache:
                 f" {error:.3g}, top-1 agreement {agreement:.0%} against the teacher run on them): it was computed by"
                 " another teacher, or on other data under the same sample indices, or the data gives a sample other"
                 " inputs each epoch (random augmentation, which a cache cannot serve), or `index_fn` returns positions"
-                " within the batch rather than each sample's own index in the dataset. "
-                + ("Delete it or choose another `cache_dir` to compute the teacher's outputs again" if self.path
-                   else "It was filled in an earlier fit of this callback: distill from other data or another teacher"
-                        " with a new KnowledgeDistillation")
+                " within the batch rather than each sample's own index in the dataset. " + self._start_again()
             )
-        self.verified = True
+        self.hit_checked = self.hit_checked or hit
+        self.before_checked = self.before_checked or any(key in self._from_before for key in keys)
+
+    def _start_again(self) -> str:
+        if self.path is not None:
+            return "Delete it or choose another `cache_dir` to compute the teacher's outputs again"
+        return ("It was filled in an earlier fit of this callback or in this one: distill from other data or another"
+                " teacher with a new KnowledgeDistillation")
 
     def store(self, keys: List[int], outputs: Tensor | TopKTargets, dtype: torch.dtype | None = None) -> None:
         """Keep ``outputs[i]`` (moved to CPU) as the output of sample ``keys[i]``; the outputs
@@ -271,12 +300,16 @@ class TeacherOutputCache:
                 metadata = file.metadata() or {}
                 tensors = {name: file.get_tensor(name) for name in file.keys()}
         except (SafetensorError, OSError) as error:  # truncated, not safetensors, unreadable: no path or fix
-            why = f"{error}; a file without read permission reads as missing" if isinstance(error, OSError) else error
+            why = error
+            if isinstance(error, OSError):
+                why = f"{error}; {'a directory' if Path(path).is_dir() else 'a file without read permission reads as missing'}"
             raise ValueError(f"the teacher-output cache {str(path)!r} cannot be read ({why}); make it readable, or"
                              " delete it (or choose another `cache_dir`) to compute the teacher's outputs again") from None
         cache = cls(top_k, temperature)
         cache.path = Path(path)
         saved_k = metadata.get("top_k") or None
+        if saved_k is not None and not saved_k.isdigit():
+            raise ValueError(f"the teacher-output cache {str(path)!r} is malformed: its `top_k` is {saved_k!r}; delete it")
         if saved_k != (None if top_k is None else str(top_k)):
             held = "full teacher outputs" if saved_k is None else f"top-{saved_k} teacher outputs"
             raise ValueError(
@@ -302,11 +335,21 @@ class TeacherOutputCache:
             if not vocab.isdigit() or int(vocab) < top_k:
                 raise ValueError(f"the teacher-output cache {str(path)!r} is malformed: its `vocab` is {vocab!r}")
             cache.vocab = int(vocab)
-        count = tensors["indices"].shape[0]
-        cache._fields = {name: tensors[name] for name in expected}
-        if any(values.shape[0] != count for values in cache._fields.values()):
-            raise ValueError(f"the teacher-output cache {str(path)!r} is malformed: its tensors have different lengths")
-        cache._rows = {int(key): row for row, key in enumerate(tensors["indices"].tolist())}
+        indices = tensors["indices"]
+        fields = {name: tensors[name] for name in expected}
+        problem = None
+        if indices.dim() != 1 or any(values.dim() == 0 or values.shape[0] != len(indices) for values in fields.values()):
+            problem = "its tensors have different lengths"
+        elif not fields[cache._value_field].dtype.is_floating_point:
+            problem = f"its outputs are {fields[cache._value_field].dtype}, not floating point"
+        elif len(set(indices.tolist())) != len(indices):
+            problem = "it holds a sample index more than once"
+        if problem is not None:
+            raise ValueError(f"the teacher-output cache {str(path)!r} is malformed: {problem}; delete it to compute the"
+                             " teacher's outputs again")
+        if len(indices):  # (an empty file: an empty cache, which the first store shapes)
+            cache._fields = fields
+            cache._rows = {int(key): row for row, key in enumerate(indices.tolist())}
         return cache
 
     # ------------------------------------------------------------------ internals

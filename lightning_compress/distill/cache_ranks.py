@@ -1,9 +1,8 @@
 """Keeping the ranks of a distributed run in step around their teacher-output caches.
 
 Under DDP or FSDP2 each rank keeps its own cache of the samples it saw, so in one step a
-rank may find its batch cached while another does not, and the check of each fit's first
-batch read from before it (:meth:`TeacherOutputCache.check_hit`) comes in a different step
-on each rank. Two things must still happen on every rank at once:
+rank may find its batch cached while another does not, and the checks of a fit
+(:meth:`TeacherOutputCache.check_hit`) come in a different step on each rank. Two things must still happen on every rank at once:
 
 - a sharded teacher (``teacher_strategy="fsdp2"``) runs as a collective, so it runs on every
   rank when any rank needs it, or on none (a rank skipping it would leave the others
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_compress.core.distributed import all_reduce_sum_, is_distributed
-from lightning_compress.distill.cache import TeacherOutputCache
+from lightning_compress.distill.cache import TeacherOutputCache, select_samples
 
 
 class CacheRankAgreement:
@@ -70,22 +69,23 @@ class CacheRankAgreement:
                 teacher_dtype: Callable[[], torch.dtype | None]) -> Any:
         """The teacher's outputs for this step's batch: from ``cache`` where it holds the whole
         batch, else ``run_teacher(teacher_args())`` (then stored in ``teacher_dtype()``, that of
-        its outputs); a fully cached batch reading samples held from before this fit is run
-        through the teacher too and compared on them (:meth:`TeacherOutputCache.check_hit`).
+        its outputs); the fit's first fully cached batch, and samples held from before the fit
+        until they passed once, are compared with the teacher's own outputs
+        (:meth:`TeacherOutputCache.positions_to_check`, :meth:`TeacherOutputCache.check_hit`).
 
         An error on one rank stops every rank at once (:meth:`agree`), save one raised inside
         a sharded teacher's forward, whose collectives the other ranks are in by then.
         """
         keys = cached = failure = args = None
-        unchecked: List[int] = []
+        check: List[int] = []
         try:  # what can fail on one rank before any collective: the batch's indices, shapes, inputs
             keys = keys_of_batch()
             cached = cache.lookup(keys, shape)
-            unchecked = cache.unchecked_positions(keys) if cached is not None else []
+            check = cache.positions_to_check(keys, hit=cached is not None)
             args = teacher_args()
         except Exception as error:  # noqa: BLE001 - raised on every rank by agree()
             failure = error
-        needed = cached is None or bool(unchecked)
+        needed = cached is None or bool(check)
         needed_anywhere = self.agree(failure, needed)
         if not needed_anywhere:  # every rank reads its cache: nothing runs, nothing can fail
             return cached
@@ -93,9 +93,11 @@ class CacheRankAgreement:
         try:
             if needed and fresh is None:
                 fresh = run_teacher(args)
-            if unchecked:
-                cache.check_hit(cached, fresh, unchecked)
-            elif cached is None:
+            if check:  # compared before a batch computed anew overwrites them
+                checked = [keys[position] for position in check]
+                held = cache.lookup(checked, torch.Size((len(check), *shape[1:])))
+                cache.check_hit(held, select_samples(fresh, check), checked, hit=cached is not None)
+            if cached is None:
                 cache.store(keys, fresh, teacher_dtype())
         except Exception as error:  # noqa: BLE001
             failure = error
