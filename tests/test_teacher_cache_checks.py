@@ -7,6 +7,8 @@ batch of another length crashed inside the cache with a raw RuntimeError."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -70,7 +72,7 @@ def test_a_cache_file_from_another_teacher_or_other_data_is_refused(lm_states, t
     with pytest.raises(ValueError, match=rf"teacher-output cache '.*{CACHE_FILE}' does not hold this teacher's outputs"
                                          r" .*computed by another teacher, or on other data"):
         run(student, other_teacher(teacher), loader(), **options)
-    with pytest.raises(ValueError, match=r"top-1 agreement \d+% against the teacher run on them"):
+    with pytest.raises(ValueError, match=r"agreement on the top entries \d+% against the teacher run on them"):
         run(student, teacher, loader(seed=5), **options)  # other tokens under the same sample indices
     assert (tmp_path / CACHE_FILE).read_bytes() == before  # refused, not overwritten
     _, calls, _ = run(student, teacher, loader(), **options)  # the same teacher and data pass the check
@@ -206,7 +208,7 @@ def test_near_ties_flipped_by_rounding_are_not_taken_for_another_teacher():
     swapped = decided.clone()
     swapped[..., 0], swapped[..., 1] = 4.0, 10.0
     cache.hit_checked = False
-    with pytest.raises(ValueError, match=r"top-1 agreement 0% against the teacher run on them"):
+    with pytest.raises(ValueError, match=r"agreement on the top entries 0% against the teacher run on them"):
         cache.check_hit(swapped, decided, [0, 1, 2, 3])
     assert not cache.verified
 
@@ -282,3 +284,61 @@ def test_an_empty_cache_file_loads_as_an_empty_cache_that_fills(tmp_path):
     cache = TeacherOutputCache.load(tmp_path / CACHE_FILE)
     cache.store([7, 8], torch.ones(2, 5))
     assert len(cache) == 2 and torch.equal(cache.lookup([8], torch.Size((1, 5))), torch.ones(1, 5))
+
+
+# ------------------------------------------------------------- from a third trial of the cache
+def checked(cached, fresh, softmax: bool = True):
+    """Run the check of a cache holding ``cached`` against the teacher's ``fresh`` outputs."""
+    cache = TeacherOutputCache(top_k=cached.k, temperature=cached.temperature) if isinstance(cached, TopKTargets) \
+        else TeacherOutputCache()
+    cache.softmax_targets = softmax
+    keys = list(range(fresh.shape[0]))
+    cache.store(keys, cached)
+    cache.check_hit(cache.lookup(keys, fresh.shape), fresh, keys)
+
+
+def test_regression_targets_are_compared_as_they_are_not_up_to_a_shift():
+    # A one-wide MSE teacher always "agreed" once centred; a shifted one is another teacher.
+    generator = torch.Generator().manual_seed(0)
+    one_wide, three_wide = torch.randn(8, 1, generator=generator), torch.randn(8, 3, generator=generator)
+    for cached, fresh in ((one_wide, torch.randn(8, 1, generator=generator)), (three_wide + 5.0, three_wide)):
+        with pytest.raises(ValueError, match="does not hold this teacher's outputs"):
+            checked(cached, fresh, softmax=False)
+    checked(three_wide + 5.0, three_wide, softmax=True)  # logits of a softmax loss: the same distribution
+    checked(one_wide.clone(), one_wide, softmax=False)
+
+
+def test_top_k_targets_are_compared_on_their_probabilities_indices_and_rest():
+    generator = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(6, 4, 16, generator=generator)
+    logits[..., 0] = logits.max() + 1  # one clear first entry, which k=1 keeps
+    other = logits.clone()
+    other[..., 1:] += torch.randn(6, 4, 15, generator=generator)  # the same first entry, another distribution
+    swapped = logits.clone()
+    second, third = logits.topk(3, dim=-1).indices[..., 1:].unbind(-1)
+    swapped.scatter_(-1, second[..., None], logits.gather(-1, third[..., None]))
+    swapped.scatter_(-1, third[..., None], logits.gather(-1, second[..., None]))
+    lowered = logits.clone()
+    lowered[logits < logits.topk(2, dim=-1).values[..., -1:]] -= 3.0  # only the mass outside the top 2 moves
+    for k, wrong in ((1, 3 * logits), (1, other), (3, swapped), (2, lowered)):
+        with pytest.raises(ValueError, match="does not hold this teacher's outputs"):
+            checked(TopKTargets.from_logits(wrong, k, 2.0), TopKTargets.from_logits(logits, k, 2.0))
+    for k in (1, 3, 16):
+        checked(TopKTargets.from_logits(logits, k, 2.0), TopKTargets.from_logits(logits, k, 2.0))
+
+
+@pytest.mark.parametrize("k", [None, 16, 2], ids=["full", "k=vocab", "k=2"])
+def test_a_teacher_masking_logits_with_minus_infinity_is_not_refused(k):
+    # -inf - -inf is nan: a correct cache was refused with "relative error nan".
+    logits = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(0))
+    logits[..., 3:] = -math.inf
+    same = logits.clone()
+    if k is None:
+        checked(same, logits)
+    else:
+        checked(TopKTargets.from_logits(same, k, 1.0), TopKTargets.from_logits(logits, k, 1.0))
+    unmasked = logits.clone()
+    unmasked[..., 3] = 0.0  # one entry the teacher masks is finite in the cache
+    with pytest.raises(ValueError, match="relative error inf"):
+        checked(unmasked if k is None else TopKTargets.from_logits(unmasked, 16, 1.0),
+                logits if k is None else TopKTargets.from_logits(logits, 16, 1.0))

@@ -238,6 +238,7 @@ class KnowledgeDistillation(CompressionCallback):
             self._ranks.agree(failure)
         if self._cache is not None:  # a batch it held before is checked against the teacher (other data, teacher)
             self._cache.start_fit(self._cache_file if self.cache == "disk" else None)
+            self._cache.softmax_targets = self.config.loss in ("kl", "reverse_kl")  # MSE/cosine: not shifted
             self._ranks.sharded_teacher = has_collective_forward(self._teacher)
 
     @override

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.atomic import atomic_write
+from lightning_compress.distill.cache_check import difference_from
 from lightning_compress.distill.capture import as_float
 from lightning_compress.distill.losses import TopKTargets
 
@@ -94,6 +95,8 @@ class TeacherOutputCache:
         # from before the fit (a file, an earlier fit) not since rewritten, which that batch,
         # computed in this fit, may say nothing about.
         self.hit_checked, self.before_checked = False, True
+        # Whether the outputs are logits a softmax loss reads (KL), which the check may shift.
+        self.softmax_targets = True
         self._from_before: set = set()
 
     def __len__(self) -> int:
@@ -166,34 +169,16 @@ class TeacherOutputCache:
         Raises:
             ValueError: they differ; the message says how much and what to do.
         """
-        def top_two_and_values(outputs):
-            if isinstance(outputs, TopKTargets):  # values sorted, largest first
-                values = outputs.values.float()
-                return outputs.indices[..., 0].long(), values[..., :2], values
-            values = outputs.float()
-            return values.argmax(-1), values.topk(min(2, values.shape[-1]), dim=-1).values, values
-
         if tuple(cached.shape) != tuple(fresh.shape):
             raise ValueError(f"{self._name()} holds outputs of shape {tuple(cached.shape)[1:]} per sample, but the"
                              f" teacher's are {tuple(fresh.shape)[1:]}: it was computed by another teacher. "
                              + self._start_again())
-        fresh = fresh.to("cpu")
-        (cached_top1, _, cached_values), (top1, top_two, values) = map(top_two_and_values, (cached, fresh))
         eps = torch.finfo(self._fields[self._value_field].dtype).eps
-        difference = cached_values - values
-        difference[difference.abs() <= 2 * eps * torch.maximum(cached_values.abs(), values.abs())] = 0  # rounding
-        # Both without their shift per position (the same softmax): a large offset shared by all
-        # logits no longer hides how they differ.
-        difference = difference - difference.mean(-1, keepdim=True)
-        error = float(difference.norm() / (values - values.mean(-1, keepdim=True)).norm().clamp_min(1e-12))
-        lead = top_two[..., 0] - top_two[..., -1]
-        rounding = 2 * eps * top_two[..., 0].abs().clamp_min(1.0)
-        decided = (lead > rounding) | (top_two.shape[-1] == 1)
-        agreement = float((cached_top1 == top1)[decided].float().mean()) if decided.any() else 1.0
+        error, agreement = difference_from(cached, fresh.to("cpu"), eps, self.softmax_targets)
         if not (error <= 0.05 and agreement >= 0.9):
             raise ValueError(
                 f"{self._name()} does not hold this teacher's outputs for the samples of this batch (relative error"
-                f" {error:.3g}, top-1 agreement {agreement:.0%} against the teacher run on them): it was computed by"
+                f" {error:.3g}, agreement on the top entries {agreement:.0%} against the teacher run on them): it was computed by"
                 " another teacher, or on other data under the same sample indices, or the data gives a sample other"
                 " inputs each epoch (random augmentation, which a cache cannot serve), or `index_fn` returns positions"
                 " within the batch rather than each sample's own index in the dataset. " + self._start_again()
