@@ -339,6 +339,23 @@ def test_a_teacher_masking_logits_with_minus_infinity_is_not_refused(k):
         checked(TopKTargets.from_logits(same, k, 1.0), TopKTargets.from_logits(logits, k, 1.0))
     unmasked = logits.clone()
     unmasked[..., 3] = 0.0  # one entry the teacher masks is finite in the cache
-    with pytest.raises(ValueError, match="relative error inf"):
+    with pytest.raises(ValueError, match="does not hold this teacher's outputs"):
         checked(unmasked if k is None else TopKTargets.from_logits(unmasked, 16, 1.0),
                 logits if k is None else TopKTargets.from_logits(logits, 16, 1.0))
+
+
+@pytest.mark.parametrize("mask", [-math.inf, torch.finfo(torch.float32).min], ids=["-inf", "finfo.min"])
+@pytest.mark.parametrize("k", [None, 2, 7], ids=["full", "k=2", "k=7 (a masked entry kept)"])
+def test_another_teacher_is_refused_behind_masks_and_a_shared_offset(mask, k):
+    # From a fourth trial: masked entries zeroed before centring kept a +100 offset in, and
+    # finfo.min masks outweighed every real difference (relative error ~0).
+    generator = torch.Generator().manual_seed(0)
+    first = 100 + 2 * torch.randn(3, 4, 8, generator=generator)
+    first[..., 0] += 8  # a clear first entry, which the other teacher shares: only the rest differs
+    second = first + 0.7 * torch.randn(3, 4, 8, generator=generator)
+    for logits in (first, second):
+        logits[..., 6:] = mask
+    as_cached = (lambda x: x) if k is None else (lambda x: TopKTargets.from_logits(x, k, 1.0))
+    with pytest.raises(ValueError, match="does not hold this teacher's outputs"):
+        checked(as_cached(second), as_cached(first))
+    checked(as_cached(first.clone()), as_cached(first))
