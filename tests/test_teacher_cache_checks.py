@@ -259,7 +259,7 @@ def test_a_teacher_with_other_outputs_than_the_cache_is_refused_naming_it():
 def test_index_fn_giving_fewer_indices_than_a_cached_batch_holds_is_refused_naming_it():
     cache = TeacherOutputCache()
     cache.store([0, 1], torch.zeros(2, 5))
-    with pytest.raises(ValueError, match=r"`index_fn` returned 1 indices for a batch of 2 outputs"):
+    with pytest.raises(ValueError, match=r"`index_fn` returned 1 indices for a batch of 2 teacher outputs"):
         cache.lookup([0], torch.Size((2, 5)))
 
 

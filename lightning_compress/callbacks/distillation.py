@@ -19,7 +19,7 @@ from lightning_compress.distill.cache import TeacherOutputCache, cached_top_k, s
 from lightning_compress.distill.cache_ranks import CacheRankAgreement
 from lightning_compress.distill.capture import OutputCapture, StepCapture, submodule
 from lightning_compress.distill.config import CACHES, DistillationConfig
-from lightning_compress.distill.losses import TopKTargets, distillation_loss, top1_agreement
+from lightning_compress.distill.losses import SOFTMAX_LOSSES, TopKTargets, distillation_loss, top1_agreement
 from lightning_compress.distill.projections import FeatureProjections, match_features
 from lightning_compress.distill.teacher import check_not_shared, freeze, frozen_copy, is_self, load_teacher, shard_teacher
 
@@ -238,7 +238,7 @@ class KnowledgeDistillation(CompressionCallback):
             self._ranks.agree(failure)
         if self._cache is not None:  # a batch it held before is checked against the teacher (other data, teacher)
             self._cache.start_fit(self._cache_file if self.cache == "disk" else None)
-            self._cache.softmax_targets = self.config.loss in ("kl", "reverse_kl")  # MSE/cosine: not shifted
+            self._cache.softmax_targets = self.config.loss in SOFTMAX_LOSSES  # MSE/cosine targets: not shifted
             self._ranks.sharded_teacher = has_collective_forward(self._teacher)
 
     @override

@@ -62,6 +62,12 @@ def cached_top_k(logits: Tensor, top_k: int, temperature: float) -> TopKTargets:
     return TopKTargets.from_logits(logits, top_k, temperature)
 
 
+def _one_index_per_sample(keys: List[int], samples: int) -> None:
+    if len(keys) != samples:
+        raise ValueError(f"`index_fn` returned {len(keys)} indices for a batch of {samples} teacher outputs; it must"
+                         " return one index per sample")
+
+
 def select_samples(outputs: Tensor | TopKTargets, positions: List[int]) -> Tensor | TopKTargets:
     """The samples at ``positions`` of a batch's outputs (full, or top-k targets), on CPU."""
     rows = torch.tensor(positions, dtype=torch.long)
@@ -125,7 +131,6 @@ class TeacherOutputCache:
             return []
         return [position for position, key in enumerate(keys) if key in self._from_before]
 
-
     def lookup(self, keys: List[int], shape: torch.Size) -> Tensor | TopKTargets | None:
         """The outputs of ``keys`` in order (float32 or wider), or ``None`` if any of them is
         missing. ``shape``: the student's outputs for the batch, which the stored ones must have.
@@ -134,9 +139,7 @@ class TeacherOutputCache:
             ValueError: the stored outputs have another shape (variable-length batches, or
                 a cache computed on other data).
         """
-        if len(keys) != shape[0]:
-            raise ValueError(f"`index_fn` returned {len(keys)} indices for a batch of {shape[0]} outputs; it must"
-                             " return one index per sample")
+        _one_index_per_sample(keys, shape[0])
         rows = [self._rows.get(key) for key in keys]
         if not rows or any(row is None for row in rows):
             return None
@@ -159,12 +162,10 @@ class TeacherOutputCache:
         """Compare outputs read from the cache for samples ``keys`` with the teacher's own for
         them (``hit``: they are a whole fully cached batch): a cache computed by another
         teacher, or on other data under the same sample indices, differs by tens of percent,
-        or picks other top entries. Both are compared as log-probabilities up to a shift per
-        position (softmax ignores one; an offset shared by all logits would hide the rest),
-        differences within two roundings of the stored dtype left out. Refused above
-        5% relative error, or under 90% agreement on the top entry where the teacher's lead
-        over its second entry is beyond rounding (a bfloat16 teacher's logits move by a step
-        with the batch's composition on a GPU, which flips near-ties, not decided entries).
+        or picks other top entries. Refused above 5% relative error, or under 90% agreement on
+        the top entries where the teacher's margin is beyond rounding (a bfloat16 teacher's
+        logits move by a step with the batch's composition on a GPU, which flips near-ties,
+        not decided entries); how each is measured: :func:`~.cache_check.difference_from`.
 
         Raises:
             ValueError: they differ; the message says how much and what to do.
@@ -178,8 +179,8 @@ class TeacherOutputCache:
         if not (error <= 0.05 and agreement >= 0.9):
             raise ValueError(
                 f"{self._name()} does not hold this teacher's outputs for the samples of this batch (relative error"
-                f" {error:.3g}, agreement on the top entries {agreement:.0%} against the teacher run on them): it was computed by"
-                " another teacher, or on other data under the same sample indices, or the data gives a sample other"
+                f" {error:.3g}, agreement on the top entries {agreement:.0%} against the teacher run on them): it was"
+                " computed by another teacher, or on other data under the same sample indices, or the data gives a sample other"
                 " inputs each epoch (random augmentation, which a cache cannot serve), or `index_fn` returns positions"
                 " within the batch rather than each sample's own index in the dataset. " + self._start_again()
             )
@@ -201,9 +202,7 @@ class TeacherOutputCache:
                 vocabulary or shape per sample than the cache holds, or another number of
                 them than ``keys``.
         """
-        if outputs.shape[0] != len(keys):
-            raise ValueError(f"`index_fn` returned {len(keys)} indices for a batch of {outputs.shape[0]} teacher"
-                             " outputs; it must return one index per sample")
+        _one_index_per_sample(keys, outputs.shape[0])
         fields = self._as_fields(outputs)
         first = self._value_field
         if dtype is not None and dtype.is_floating_point and dtype.itemsize < fields[first].dtype.itemsize:

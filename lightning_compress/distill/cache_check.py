@@ -33,9 +33,10 @@ def difference_from(cached: Tensor | TopKTargets, fresh: Tensor | TopKTargets, e
         values = fresh.values.float()
         c, v = _top_k_log_probabilities(cached), _top_k_log_probabilities(fresh)
         scale = torch.cat([values.abs() / fresh.temperature, torch.zeros_like(v[..., -1:])], -1)
+        steps = values[..., :-1] - values[..., 1:]
         gaps = torch.full_like(values, math.inf)  # to the neighbouring kept entries
-        gaps[..., 1:] = values[..., :-1] - values[..., 1:]
-        gaps[..., :-1] = torch.minimum(gaps[..., :-1], values[..., :-1] - values[..., 1:])
+        gaps[..., 1:] = steps
+        gaps[..., :-1] = torch.minimum(gaps[..., :-1], steps)
         decided = gaps > 2 * eps * values.abs().clamp_min(1.0)
         agree = cached.indices.long() == fresh.indices.long()
     else:

@@ -216,7 +216,8 @@ def top_k_kl_divergence(student: Tensor, teacher: TopKTargets, temperature: floa
     return terms.sum(-1).mean() * temperature**2
 
 
-TOP_K_LOSSES = ("kl", "reverse_kl")
+SOFTMAX_LOSSES = ("kl", "reverse_kl")  # losses of the teacher's softmax: a shift of its logits changes nothing
+TOP_K_LOSSES = SOFTMAX_LOSSES  # (a top-k cache holds what a KL of the softmax reads)
 
 
 def distillation_loss(name: str, student: Tensor, teacher: Tensor | TopKTargets, temperature: float = 1.0) -> Tensor:
@@ -242,6 +243,7 @@ def top1_agreement(student: Tensor, teacher: Tensor | TopKTargets) -> Tensor:
 
 __all__ = [
     "LOSSES",
+    "SOFTMAX_LOSSES",
     "TOP_K_LOSSES",
     "TopKTargets",
     "top_k_kl_divergence",
