@@ -8,7 +8,7 @@ TORCH_CONSTRAINTS ?= constraints-cpu.txt
 EXTRAS ?= dev,examples,onnx
 INSTALLED := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: demo test test-min mutation bench install clean
+.PHONY: demo test test-gpu test-min mutation bench install clean
 
 install: $(INSTALLED)
 
@@ -31,6 +31,11 @@ demo: $(INSTALLED)
 TEST_WORKERS ?= 2
 test: $(INSTALLED)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist load
+
+# The suite with every test's Trainer on the GPU, where a CUDA build of torch is installed
+# (`make test-gpu TORCH_CONSTRAINTS=/dev/null`); its log and junit report go to gpu-check/.
+test-gpu: $(INSTALLED)
+	PY=$(PY) ci/gpu_check.sh
 
 # The suite on the oldest release of every dependency pyproject.toml declares (its
 # floors, pinned by ci/min_constraints.py; torch stays on TORCH_CONSTRAINTS' build), in

@@ -1,4 +1,5 @@
 import logging
+import os
 import warnings
 
 import lightning.pytorch as pl
@@ -11,10 +12,19 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
+# `LC_TEST_ACCELERATOR=gpu` runs every test's Trainer on that accelerator (`make test-gpu`):
+# the device check of the callbacks, the exports and the loaders from a model trained there.
+ACCELERATOR = os.environ.get("LC_TEST_ACCELERATOR", "cpu")
+if ACCELERATOR != "cpu":
+    # Resume and stacking tests compare runs bit for bit; CUDA's fastest kernels are not
+    # deterministic (atomic adds in some backward passes).
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def make_trainer(**overrides) -> pl.Trainer:
-    """A quiet CPU Trainer; tests pass what they exercise."""
+    """A quiet Trainer (CPU unless `LC_TEST_ACCELERATOR` says otherwise); tests pass what they exercise."""
     options = dict(
-        accelerator="cpu",
+        accelerator=ACCELERATOR,
         devices=1,
         logger=False,
         enable_checkpointing=False,

@@ -369,7 +369,7 @@ def test_a_keyword_only_input_the_default_cannot_pass_fails_naming_input_fn(tmp_
     with pytest.raises(ArgumentError, match=r"^the default input_fn made one input tensor\[4, 8\] from the batch"
                                             r" \[tensor\[4, 8\], tensor\[4, 4\], tensor\[4\]\], but"
                                             r" KeywordOnly.forward\(image, \*, meta\) cannot take them \(missing a"
-                                            r" required argument: 'meta'\).*input_fn=lambda batch: \{'image': batch\[0\],"
+                                            r" required (keyword-only )?argument: 'meta'\).*input_fn=lambda batch: \{'image': batch\[0\],"
                                             r" 'meta': batch\[1\]\}; in a recipe: export.input_fn") as caught:
         fit(KeywordOnly(), pairs(nested=False), export_cb)
     assert caught.value.argument == "input_fn" and Steps.count == 0

@@ -264,6 +264,8 @@ class KnowledgeDistillation(CompressionCallback):
         if stage == "fit":
             self._flush_cache()
             self._detach()
+            if self._teacher is not None and not is_sharded_model(self._teacher):  # as Lightning moves the student
+                self._teacher.to(pl_module.device)  # (to the CPU: off the GPU after a fit there)
             if self._cache is not None and len(self._cache):
                 whose = "rank 0's " if trainer.world_size > 1 else ""
                 rank_zero_info(f"KnowledgeDistillation: {whose}{self._cache.report()}")

@@ -24,6 +24,12 @@ class DemoTransformerLM(pl.LightningModule):
     def forward(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.model(inputs, target)
 
+    def _apply(self, fn, recurse: bool = True):
+        # The demo's positional table is a plain attribute made on the first forward's
+        # device, which `.to()` does not move: made again on the next forward's.
+        self.model.pos_encoder.pe = None
+        return super()._apply(fn, recurse)
+
     def training_step(self, batch, batch_idx):
         inputs, target = batch
         return F.nll_loss(self(inputs, target), target.reshape(-1))

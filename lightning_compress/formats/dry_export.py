@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from lightning_compress.core.recompute import export_checks
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
+from lightning_compress.formats.devices import on_the_cpu
 from lightning_compress.formats.errors import ParityError
 from lightning_compress.formats.export import ExportReport, check_packing, pack
 from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE, decode_packed
@@ -76,7 +78,14 @@ def dry_export(
             same model and options (a :class:`ParityError` has ``directory=None``: nothing
             is kept), and whatever the ONNX export raises.
     """
-    inputs = list(inputs)
+    with on_the_cpu(model) as moved:  # where the export at the end of fit checks (see on_the_cpu)
+        return _dry_export(model, move_data_to_device(list(inputs), "cpu") if moved else list(inputs), parity,
+                           max_relative_error, min_sqnr_db, backend, sparse_threshold, compressed_tensors, recipe,
+                           formats, tokenizer, onnx_activations, onnx_dynamic_sequence)
+
+
+def _dry_export(model, inputs, parity, max_relative_error, min_sqnr_db, backend, sparse_threshold, compressed_tensors,
+                recipe, formats, tokenizer, onnx_activations, onnx_dynamic_sequence) -> ExportReport:
     validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
     validate_export_formats(formats, inputs, tokenizer, onnx_activations, onnx_dynamic_sequence, model)
     with preserved_rng(), preserved_ranges(model):

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_directory, remove_directory
@@ -15,6 +16,7 @@ from lightning_compress.core.recompute import export_checks
 from lightning_compress.core.validate import ArgumentError, plain_values
 from lightning_compress.formats.companions import ONNX_FILE, RECORD_KEY, companion_checksums
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
+from lightning_compress.formats.devices import on_the_cpu
 from lightning_compress.formats.errors import ExportError, ParityError
 from lightning_compress.formats.failed_export import failed_path, keep_elsewhere, keep_failed, refuse_stale
 from lightning_compress.formats.gguf import summary_line, write_gguf
@@ -152,6 +154,10 @@ def export(
         # it and checked there; nothing is at `out_dir` until that passed. What the run before
         # freed is returned first: its peak is the export's own (see core.memory).
         release_freed_memory()
+        with on_the_cpu(model) as moved:  # where the files are checked (see on_the_cpu)
+            return _packed_and_checked(directory, move_data_to_device(inputs, "cpu") if moved and inputs else inputs)
+
+    def _packed_and_checked(directory: Path, inputs) -> Dict[str, bytes]:
         packing = done["packing"] = pack_into(directory, model, out_dir, **options)
         for name, data in packing.files.items():  # compression.json: read_packed reads it
             (directory / name).write_bytes(data)

@@ -182,7 +182,7 @@ def check_gguf(path: Path, plan: GGUFPlan, model: nn.Module, layers: Mapping[str
         values = torch.from_numpy(np.array(gguf.quants.dequantize(read.data, read.tensor_type), dtype=np.float32))
         if tensor.layer is not None:
             q = layers[tensor.layer].weight
-            expected = dequantize_codes(q.codes, q.scale, q.zero_point, q.spec)
+            expected = dequantize_codes(q.codes, q.scale, q.zero_point, q.spec).cpu()
         else:
             expected = getattr(model.get_submodule(entry.module), entry.param).detach().cpu().float()
         if entry.heads is not None:
@@ -203,6 +203,7 @@ def summary_line(summary: Mapping[str, Any], notes: List[str]) -> str:
 
 
 def _float_data(tensor: torch.Tensor, kind: str) -> np.ndarray:
+    tensor = tensor.detach().cpu()
     if kind == "F32":
         return tensor.float().contiguous().numpy()
     if kind == "F16":

@@ -61,11 +61,13 @@ def encode(weight: QuantizedWeight, kind: str, rows: Optional[torch.Tensor] = No
     with its rows reordered by ``rows`` (the rotary permutation of q/k projections; codes,
     scales and zero points move together). Returns the blocks and the type written, which
     is ``"Q5_0"`` for a ``"Q4_1"`` layer whose minimums float16 cannot hold."""
-    codes, scale, zero = weight.codes, weight.scale, weight.zero_point
+    # On the CPU: the blocks become numpy arrays (a model trained on a GPU packs its codes there).
+    codes, scale, zero = weight.codes.cpu(), weight.scale.detach().cpu(), weight.zero_point.cpu()
     codes = codes.reshape(codes.shape[0], -1, BLOCK).to(torch.int16)
     scale = scale.reshape(codes.shape[0], -1).double()
     zero = zero.reshape(codes.shape[0], -1).to(torch.int16)
     if rows is not None:
+        rows = rows.cpu()
         codes, scale, zero = codes[rows], scale[rows], zero[rows]
     if kind == "Q4_0":
         return _concat(_half(scale), _nibbles(codes + 8)), kind

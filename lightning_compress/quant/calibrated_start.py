@@ -20,7 +20,7 @@ Nothing here imports Lightning: the QAT callback says when to record and when to
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,18 @@ class CalibrationStatistics:
         self.batches = int(state["batches"])
         for field in ("hessians", "rows", "absmax", "probes"):
             setattr(self, field, {str(k): v.clone() for k, v in state[field].items()})
+
+    def to(self, device: torch.device) -> None:
+        """Every statistic on ``device``: those restored from a checkpoint are on the CPU, and
+        a resume after the last calibration batch records none that would move them."""
+        for field in ("hessians", "rows", "absmax", "probes"):
+            setattr(self, field, {k: v.to(device) for k, v in getattr(self, field).items()})
+
+
+def _on(kept: Optional[Tensor], new: Tensor) -> Optional[Tensor]:
+    """``kept`` on ``new``'s device: statistics restored from a checkpoint are on the CPU,
+    the inputs of a model trained on a GPU are not."""
+    return None if kept is None else kept.to(new.device)
 
 
 class CalibratedStart:
@@ -141,7 +153,7 @@ class CalibratedStart:
 
         def record(inputs: Tensor) -> None:
             rows = conv_columns(inputs, layer) if isinstance(layer, nn.Conv2d) else inputs
-            hessians[key] = accumulate_hessian(hessians.get(key), rows.float())
+            hessians[key] = accumulate_hessian(_on(hessians.get(key), rows), rows.float())
 
         return record
 
@@ -152,10 +164,10 @@ class CalibratedStart:
             rows = inputs.float().reshape(-1, inputs.shape[-1])
             if self.smoothing is not None:
                 peak = rows.abs().amax(dim=0)
-                old = statistics.absmax.get(smooth)
+                old = _on(statistics.absmax.get(smooth), peak)
                 statistics.absmax[smooth] = peak if old is None else torch.maximum(old, peak)
             if self.init == "awq":
-                kept = statistics.rows.get(smooth)
+                kept = _on(statistics.rows.get(smooth), rows)
                 room = AWQ_ROWS - (0 if kept is None else kept.shape[0])
                 if room > 0:
                     new = rows[:room].clone()
@@ -186,6 +198,8 @@ class CalibratedStart:
         """
         self.stop_recording()
         self._check_everything_recorded()
+        for layer in list(self.layers.values())[:1]:  # (a layer's parameters: Linear, attention, recurrent)
+            self.statistics.to(next(layer.parameters()).device)
         changed: List[tuple] = []  # (tensor, its value before), to put back on failure
         try:
             self._fold_all(changed)

@@ -81,7 +81,7 @@ def choose_qparams(
         # groups once without the float copy `abs()` makes (94 MB for a 32000x768 head).
         low, high = torch.aminmax(groups, dim=1)
         reach = torch.maximum(high, low.neg_())
-        scale = (reach if clip is None else reach * clip) / (float(spec.qmax - spec.qmin) / 2)
+        scale = (reach if clip is None else reach * clip) / _divisor(float(spec.qmax - spec.qmin) / 2, reach)
         scale = _round_to_storage(torch.clamp(scale, min=eps), storage)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
@@ -89,7 +89,8 @@ def choose_qparams(
         low, high = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
         if clip is not None:
             low, high = low * clip, high * clip
-        scale = _round_to_storage(torch.clamp((high - low) / float(spec.qmax - spec.qmin), min=eps), storage)
+        scale = _round_to_storage(torch.clamp((high - low) / _divisor(float(spec.qmax - spec.qmin), low), min=eps),
+                                  storage)
         zero_point = torch.clamp(spec.qmin - torch.round(low / scale), spec.qmin, spec.qmax)
         zero_point = zero_point.to(torch.int32)
     return scale.to(torch.float32), zero_point
@@ -123,6 +124,14 @@ def choose_qparams_mse(matrix: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor,
         better = error < best[3]
         best = [torch.where(better, new, old) for new, old in zip((scale, zero_point, clip, error), best)]
     return best[0], best[1], best[2]
+
+
+def _divisor(value: float, like: Tensor) -> Tensor:
+    """``value`` as a tensor on ``like``'s device. Dividing a CUDA tensor by a Python number
+    multiplies it by the number's reciprocal, which differs from the quotient in the last
+    bit; a tensor divisor divides on every device, so a grid chosen on a GPU is the grid
+    the CPU chooses (the export's checks and the ONNX check recompute it there)."""
+    return torch.full((), value, dtype=like.dtype, device=like.device)  # a fill: no copy from the host
 
 
 def _round_to_storage(scale: Tensor, storage: torch.dtype) -> Tensor:
@@ -169,15 +178,43 @@ def fake_quantize(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: Quant
     return groups.mul(1.0 / scale).round_().clamp_(low, high).mul_(scale).view(matrix.shape)
 
 
+class _LearnedScaleSTE(torch.autograd.Function):
+    """:class:`_RoundClampSTE`'s forward, and the LSQ gradient of the scale."""
+
+    @staticmethod
+    def forward(ctx, groups: Tensor, scale: Tensor, low, high, grad_factor: float) -> Tensor:
+        ctx.save_for_backward(groups, scale)
+        ctx.low, ctx.high, ctx.grad_factor = low, high, grad_factor
+        return groups.mul(1.0 / scale).round_().clamp_(low, high).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        groups, scale = ctx.saved_tensors
+        steps = groups * (1.0 / scale)
+        codes = steps.round()
+        inside = codes.ge(ctx.low).logical_and_(codes.le(ctx.high))
+        # d x_hat / d s: round(x/s) - x/s inside the grid, the clamped code outside it.
+        slope = torch.where(inside, codes - steps, codes.clamp_(ctx.low, ctx.high))
+        grad_scale = grad.mul(slope).sum(dim=1, keepdim=True).mul_(ctx.grad_factor)
+        return torch.where(inside, grad, 0.0), grad_scale, None, None, None
+
+
 def fake_quantize_learned(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
     """LSQ (Esser et al. 2020): like :func:`fake_quantize`, and ``scale`` (a parameter)
-    receives the LSQ gradient, scaled by ``1 / sqrt(group_width * qmax)``."""
+    receives the LSQ gradient, scaled by ``1 / sqrt(group_width * qmax)``.
+
+    The forward is :func:`fake_quantize`'s arithmetic, not PyTorch's learnable fake-quant
+    kernel: that kernel's CUDA build rounds the product differently in the last bit, and the
+    export's check compares the trained weight with ``codes * scale`` bit for bit."""
     width = group_width(matrix.shape, spec)
     groups = matrix.reshape(-1, width)
+    if spec.symmetric:
+        low, high = spec.qmin, spec.qmax
+    else:
+        zero_point = zero_point.reshape(-1, 1).to(scale.dtype)
+        low, high = spec.qmin - zero_point, spec.qmax - zero_point
     grad_factor = 1.0 / (width * spec.qmax) ** 0.5
-    out = torch._fake_quantize_learnable_per_channel_affine(
-        groups, scale, zero_point.to(scale.dtype), 0, spec.qmin, spec.qmax, grad_factor
-    )
+    out = _LearnedScaleSTE.apply(groups, scale.reshape(-1, 1), low, high, grad_factor)
     return out.view(matrix.shape)
 
 

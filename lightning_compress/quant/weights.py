@@ -84,7 +84,9 @@ class WeightFakeQuantizer:
         # after a GPU fit, or state restored on the CPU for a model on a GPU.
         if self.learned:
             if self.initialized:
-                return self.log_scale.detach().exp().to(matrix.device), self.zero_point.to(matrix.device)
+                # exp where the forward computes it (on the weight's device, see follow_device):
+                # CUDA's exp and the CPU's differ in the last bit.
+                return self.log_scale.detach().to(matrix.device).exp(), self.zero_point.to(matrix.device)
             scale, zero_point = self.range_grid(matrix)
             # The forward computes with exp(log(scale)), which differs from `scale` in its
             # last bit for most values.
