@@ -203,9 +203,10 @@ def fake_quantize_learned(matrix: Tensor, scale: Tensor, zero_point: Tensor, spe
     """LSQ (Esser et al. 2020): like :func:`fake_quantize`, and ``scale`` (a parameter)
     receives the LSQ gradient, scaled by ``1 / sqrt(group_width * qmax)``.
 
-    The forward is :func:`fake_quantize`'s arithmetic, not PyTorch's learnable fake-quant
-    kernel: that kernel's CUDA build rounds the product differently in the last bit, and the
-    export's check compares the trained weight with ``codes * scale`` bit for bit."""
+    The forward is :func:`fake_quantize`'s arithmetic (PyTorch's learnable fake-quant
+    kernel computed the same bits on the CPU and on an H200, but the export's check compares
+    the trained weight with ``codes * scale`` bit for bit, which one shared arithmetic keeps
+    true by construction); the backward recomputes the codes instead of saving them."""
     width = group_width(matrix.shape, spec)
     groups = matrix.reshape(-1, width)
     if spec.symmetric:
