@@ -136,7 +136,7 @@ def test_gptq_start_is_gptq_of_the_recorded_inputs_and_the_grid_stays_fixed(seed
     exported = quantized_weights(model)
     for name in layers:
         quantizer = get_weight_transform(dict(model.named_modules())[name], Stage.FAKE_QUANT)
-        assert torch.equal(exported[name].scale.flatten(), quantizer.grid[0])
+        assert torch.equal(exported[name].scale.flatten(), quantizer.grid[0].cpu())
         assert torch.equal(exported[name].dequantize(), dict(model.named_modules())[name].weight.detach())
     # And it rounds better than round-to-nearest for the inputs it was calibrated on.
     for name in layers:
@@ -221,14 +221,14 @@ def test_awq_start_keeps_the_float_function_and_beats_round_to_nearest(seeded):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 2 and not hasattr(self, "before"):
                 with torch.no_grad():
-                    self.before = pl_module(ids)
+                    self.before = pl_module(ids.to(pl_module.device))
 
         def on_before_backward(self, trainer, pl_module, loss):
             if trainer.global_step == 2 and not hasattr(self, "after"):
                 for q in qat._weight_quantizers.values():
                     q.enabled = False
                 with torch.no_grad():
-                    self.after = pl_module(ids)
+                    self.after = pl_module(ids.to(pl_module.device))
                 for q in qat._weight_quantizers.values():
                     q.enabled = True
 
@@ -277,7 +277,7 @@ def test_awq_and_smoothing_fold_under_bf16(seeded, precision, setting):
             if trainer.global_step == 2:
                 self.norm_before = dict(pl_module.named_parameters())[norm].detach().clone()
                 with torch.no_grad():
-                    self.before = pl_module(ids).float()
+                    self.before = pl_module(ids.to(pl_module.device)).float()
 
         def on_before_backward(self, trainer, pl_module, loss):
             if trainer.global_step == 2:
@@ -285,7 +285,7 @@ def test_awq_and_smoothing_fold_under_bf16(seeded, precision, setting):
                 for q in qat._weight_quantizers.values():
                     q.enabled = False
                 with torch.no_grad():
-                    self.after = pl_module(ids).float()
+                    self.after = pl_module(ids.to(pl_module.device)).float()
                 for q in qat._weight_quantizers.values():
                     q.enabled = True
 
@@ -514,7 +514,7 @@ def test_a_fold_that_fails_at_start_is_undone_and_leaves_the_model_in_float(seed
     with pytest.raises(ValueError, match=r"'norm' \(Offset\) did not divide its output"):
         fit(model, [qat, recorder], steps=2, loader=tiny_loader())
     for key, value in recorder.state.items():  # as trained up to the start step
-        assert torch.equal(model.state_dict()[key], value), key
+        assert torch.equal(model.state_dict()[key], value.cpu()), key
     assert not any(q.enabled for q in qat._weight_quantizers.values())
 
 

@@ -97,7 +97,7 @@ class TinyLM(pl.LightningModule):
 
     def forward(self, tokens):
         h = self.embed(tokens)
-        h = h + torch.cumsum(h, 1) / torch.arange(1, tokens.shape[1] + 1)[:, None]  # causal: a running mean
+        h = h + torch.cumsum(h, 1) / torch.arange(1, tokens.shape[1] + 1, device=h.device)[:, None]  # causal: a running mean
         return self.head(torch.tanh(self.mix(h)))
 
     def training_step(self, batch, batch_idx):

@@ -157,7 +157,7 @@ class LossChecker(Callback):
         x, y = batch
         with torch.no_grad():
             out = pl_module(x)
-            task = torch.nn.functional.mse_loss(out, y)
+            task = torch.nn.functional.mse_loss(out, y).cpu()
             teacher_out = self.teacher(x)
             kd = torch.tensor(hand_kl(out, teacher_out, self.temperature), dtype=torch.float32)
         alpha = self.alpha(trainer.global_step) if callable(self.alpha) else self.alpha
@@ -168,10 +168,10 @@ class LossChecker(Callback):
         # A small KL (~1e-3) is a difference of nearly equal float32 sums: its relative
         # error follows the threads' reduction order (2.4e-5 with 2 threads, against the
         # float64 hand computation); a wrong weighting or temperature is off by far more.
-        torch.testing.assert_close(outputs["loss"], total, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(outputs["loss"].cpu(), total, rtol=1e-4, atol=1e-7)
         logged = trainer.callback_metrics
-        torch.testing.assert_close(logged["distill/task_loss"], task, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(logged["distill/kd_loss"], kd, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(logged["distill/task_loss"].cpu(), task, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(logged["distill/kd_loss"].cpu(), kd, rtol=1e-4, atol=1e-7)
         assert logged["distill/alpha"].item() == pytest.approx(alpha)
         assert logged["distill/top1_agreement"].item() == pytest.approx(agreement, abs=1e-6)
         self.checked += 1

@@ -151,7 +151,7 @@ def test_final_checkpoint_loads_strictly_into_the_unmodified_class(tmp_path, see
     trainer.fit(model, tiny_loader(batches=8))
     assert type(model.fc1) is nn.Linear  # the stack is removed at the end of fit
 
-    loaded = TinyRegressor.load_from_checkpoint(tmp_path / "last.ckpt", strict=True)
+    loaded = TinyRegressor.load_from_checkpoint(tmp_path / "last.ckpt", strict=True, map_location="cpu")
     assert set(loaded.state_dict()) == set(TinyRegressor().state_dict())
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key

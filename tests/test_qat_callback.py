@@ -135,7 +135,7 @@ def test_resume_mid_qat_is_bit_identical(tmp_path):
     # The learned scales moved away from their min/max initialisation.
     fc1 = uninterrupted._weight_quantizers["fc1"]
     initial_scale = int4_scales(as_matrix(raw_weight(reference.fc1).detach()), 4)
-    assert not torch.allclose(fc1.log_scale.detach().exp(), initial_scale)
+    assert not torch.allclose(fc1.log_scale.detach().exp().cpu(), initial_scale)
 
 
 def test_mse_ranges_resume_bit_identical_export_exactly_and_refuse_other_ranges(tmp_path):
@@ -153,8 +153,8 @@ def test_mse_ranges_resume_bit_identical_export_exactly_and_refuse_other_ranges(
                 if key.startswith("QuantizationAwareTraining")]
     for name, quantizer in uninterrupted._weight_quantizers.items():
         # The ratios chosen at step 4 came back from the checkpoint, not from the weights of the resume.
-        assert torch.equal(saved["layers"][name]["clip"], quantizer.clip), name
-        assert torch.equal(resumed._weight_quantizers[name].clip, quantizer.clip), name
+        assert torch.equal(saved["layers"][name]["clip"], quantizer.clip.cpu()), name
+        assert torch.equal(resumed._weight_quantizers[name].clip.cpu(), quantizer.clip.cpu()), name
     report = export(resumed_model, tmp_path / "packed", inputs=[torch.randn(4, 4, 8)])
     assert report.parity.weights_exact and report.parity.relative_error == 0.0
 
@@ -340,23 +340,24 @@ def test_ranges_start_from_the_weight_range_grid(seeded, weight_range, learned):
     class AtStart(Callback):
         def on_before_backward(self, trainer, pl_module, loss):
             if trainer.global_step in (3, 5):  # the forward that switched fake quantization on, and a later one
-                weight = as_matrix(raw_weight(pl_module.fc1).detach())
+                raw = as_matrix(raw_weight(pl_module.fc1).detach())
+                self.device, weight = raw.device, raw.cpu()  # the references are computed on the CPU
                 if trainer.global_step == 3:
                     self.minmax = int4_scales(weight, 4)
                     self.clip = int4_mse_clip(weight, 4)
                     self.mse_scale = int4_scales(weight, 4, self.clip)
-                    self.used = quantized_weights(pl_module)["fc1"].scale.flatten()
+                    self.used = quantized_weights(pl_module)["fc1"].scale.flatten().cpu()
                 else:
                     self.later = weight.clone()
-                    self.used_later = quantized_weights(pl_module)["fc1"].scale.flatten()
+                    self.used_later = quantized_weights(pl_module)["fc1"].scale.flatten().cpu()
 
     qat = QuantizationAwareTraining("int4", group_size=4, weight_range=weight_range, learn_ranges=learned,
                                     start_step=3)
     watch = AtStart()
     make_trainer(max_epochs=1, callbacks=[qat, watch]).fit(TinyRegressor(), tiny_loader(batches=8))
     start = watch.mse_scale if weight_range == "mse" else watch.minmax
-    # Learned scales compute with exp(log(scale)).
-    assert torch.equal(watch.used, start.log().exp() if learned else start)
+    # Learned scales compute with exp(log(scale)) (on the training device: exp differs by device).
+    assert torch.equal(watch.used, start.to(watch.device).log().exp().cpu() if learned else start)
     if weight_range == "mse":
         assert bool((watch.clip <= 1).all()) and bool((watch.clip < 1).any())  # clipped, never widened
     if not learned:
@@ -431,7 +432,7 @@ def test_a_reused_mse_callback_chooses_the_ratios_of_each_model(seeded):
     make_trainer(max_epochs=1, callbacks=[qat]).fit(second, tiny_loader(batches=2))
     second_clip = qat._weight_quantizers["fc1"].clip
     # Chosen from the second model's weights at its first step, not carried over.
-    assert torch.equal(second_clip, int4_mse_clip(initial, 4))
+    assert torch.equal(second_clip.cpu(), int4_mse_clip(initial, 4))
     assert not torch.equal(first_clip, second_clip)
 
 
@@ -450,7 +451,7 @@ def test_a_run_stopped_before_learned_ranges_start_exports_exactly_and_stays_uns
     for name, quantizer in qat._weight_quantizers.items():
         # Measuring did not start QAT: start_step still initialises the scales from the weights then.
         assert not quantizer.initialized and not quantizer.enabled, name
-        assert torch.equal(quantizer.log_scale.detach(), before[name]), name
+        assert torch.equal(quantizer.log_scale.detach().cpu(), before[name].cpu()), name
         assert torch.equal(quantized_weights(model)[name].codes, expected[name].codes), name
 
 

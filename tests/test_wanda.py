@@ -129,7 +129,7 @@ class Fed(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         sums = self.pruning.state_dict()["activation_norms"]
-        self.rows.append((trainer.global_step, batch[0].clone(), {k: v.clone() for k, v in sums.items()}))
+        self.rows.append((trainer.global_step, batch[0].clone().cpu(), {k: v.clone().cpu() for k, v in sums.items()}))
 
 
 def test_statistics_are_the_sum_of_squares_of_the_training_inputs_since_the_last_update():
