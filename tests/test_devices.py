@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from lightning_compress.quant.fake_quant import (
 )
 from lightning_compress.quant.spec import QuantSpec
 from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+from tests.test_distillation import WideTeacher
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ACCELERATOR = {"cpu": "cpu", "cuda": "gpu"}
@@ -144,3 +146,22 @@ def test_on_the_cpu_moves_only_a_whole_model_on_one_accelerator():
                 assert moved and all(p.device.type == "cpu" for p in model.parameters())
                 raise RuntimeError("inside")
         assert all(p.device.type == "cuda" for p in model.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_failed_fit_takes_the_teacher_and_its_projections_off_the_device(device):
+    """Lightning skips ``teardown`` when fit raises; the teacher and the feature projections
+    still leave the GPU (``on_exception``), as Lightning's own teardown moves the student."""
+
+    class Fails(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            raise RuntimeError("a failing step")
+
+    torch.manual_seed(0)
+    teacher = WideTeacher()  # fc1 wider than the student's: a projection is trained
+    kd = KnowledgeDistillation(teacher, features=[("fc1", "fc1")])
+    with pytest.raises(RuntimeError, match="a failing step"):
+        make_trainer(accelerator=ACCELERATOR[device], max_steps=2, callbacks=[kd, Fails()]).fit(
+            _DistilledRegressor(), tiny_loader())
+    projections = list(kd._projections.layers.parameters())
+    assert projections and all(p.device.type == "cpu" for p in (*teacher.parameters(), *projections))

@@ -21,7 +21,7 @@ from lightning_compress.distill.capture import OutputCapture, StepCapture, submo
 from lightning_compress.distill.config import CACHES, DistillationConfig
 from lightning_compress.distill.losses import SOFTMAX_LOSSES, TopKTargets, distillation_loss, top1_agreement
 from lightning_compress.distill.projections import FeatureProjections, match_features
-from lightning_compress.distill.teacher import check_not_shared, freeze, frozen_copy, is_self, load_teacher, shard_teacher
+from lightning_compress.distill.teacher import check_not_shared, freeze, frozen_copy, is_self, load_teacher, shard_teacher, to_host
 
 CACHE_FILE = "teacher_outputs.safetensors"
 
@@ -264,8 +264,7 @@ class KnowledgeDistillation(CompressionCallback):
         if stage == "fit":
             self._flush_cache()
             self._detach()
-            if self._teacher is not None and not is_sharded_model(self._teacher):  # as Lightning moves the student
-                self._teacher.to(pl_module.device)  # (to the CPU: off the GPU after a fit there)
+            to_host(self._teacher, self._projections.layers)
             if self._cache is not None and len(self._cache):
                 whose = "rank 0's " if trainer.world_size > 1 else ""
                 rank_zero_info(f"KnowledgeDistillation: {whose}{self._cache.report()}")
@@ -289,6 +288,7 @@ class KnowledgeDistillation(CompressionCallback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._detach()  # give the user back their own training_step
         self._self_copy = None
+        to_host(self._teacher, self._projections.layers)
 
     # ------------------------------------------------------------------ base-class hooks
     @override

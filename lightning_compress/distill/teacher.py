@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Tuple
 import torch
 from torch import nn
 
+from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.core.transforms import detach_all
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.quant.nf4 import nf4_deepcopy_memo
@@ -202,7 +203,17 @@ def run_teacher(teacher: nn.Module, args: Tuple[Any, ...], kwargs: dict, dtype: 
         return teacher(*args, **kwargs)
 
 
+def to_host(*modules: nn.Module | None) -> None:
+    """``modules`` (the frozen teacher, the feature projections) to the CPU at the end of a
+    fit, finished or failed, as Lightning moves the student: off the GPU, whose memory they
+    would hold. A sharded module stays (its shards are the mesh's)."""
+    for module in modules:
+        if module is not None and not is_sharded_model(module):
+            module.cpu()
+
+
 __all__ = [
+    "to_host",
     "cast_floats",
     "check_not_shared",
     "check_teacher",
