@@ -149,9 +149,9 @@ def test_on_the_cpu_moves_only_a_whole_model_on_one_accelerator():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_failed_fit_takes_the_teacher_and_its_projections_off_the_device(device):
-    """Lightning skips ``teardown`` when fit raises; the teacher and the feature projections
-    still leave the GPU (``on_exception``), as Lightning's own teardown moves the student."""
+def test_a_failed_fit_takes_the_teacher_off_the_device(device):
+    """Lightning skips ``teardown`` when fit raises; the teacher still leaves the GPU
+    (``on_exception``), as Lightning's own teardown moves the student."""
 
     class Fails(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -163,5 +163,5 @@ def test_a_failed_fit_takes_the_teacher_and_its_projections_off_the_device(devic
     with pytest.raises(RuntimeError, match="a failing step"):
         make_trainer(accelerator=ACCELERATOR[device], max_steps=2, callbacks=[kd, Fails()]).fit(
             _DistilledRegressor(), tiny_loader())
-    projections = list(kd._projections.layers.parameters())
-    assert projections and all(p.device.type == "cpu" for p in (*teacher.parameters(), *projections))
+    assert kd._projections.layers is not None  # the projection was built: the fit got that far
+    assert all(p.device.type == "cpu" for p in teacher.parameters())

@@ -139,6 +139,7 @@ class Checker(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         tokens = batch[1][:, :-1]
+        self.teacher.to(pl_module.device)
         with torch.no_grad():
             s, t = pl_module(tokens), self.teacher(tokens)
         coarse = brute_coarsened_kl(s, t, self.k, self.temperature) if self.k else None

@@ -17,7 +17,7 @@ from lightning_compress import KnowledgeDistillation
 from lightning_compress.callbacks.distillation import CACHE_FILE
 from lightning_compress.distill.cache import TeacherOutputCache
 from lightning_compress.distill.losses import TopKTargets
-from tests.conftest import make_trainer
+from tests.conftest import ACCELERATOR, make_trainer
 from tests.test_distill_topk import BATCH, LENGTH, SAMPLES, VOCAB, TinyLM, lm_states, sample_index  # noqa: F401
 
 TOP_K = {"full": None, "top-k": 8}
@@ -172,12 +172,14 @@ def test_a_bfloat16_teachers_outputs_are_stored_in_bfloat16_exactly(lm_states, t
     loaded = TeacherOutputCache.load(tmp_path / CACHE_FILE, TOP_K[kind], 2.0)
     stored = loaded._fields["outputs" if kind == "full" else "topk_values"]
     assert stored.dtype == torch.bfloat16
-    # What a lookup gives back is the bfloat16 teacher's outputs, exactly (computed here on its own).
-    model = TinyLM(width=32).to(torch.bfloat16)
+    # What a lookup gives back is the bfloat16 teacher's outputs, exactly (computed here on its
+    # own, on the device the fit ran on: bfloat16 GEMMs round differently on another).
+    device = "cpu" if ACCELERATOR == "cpu" else "cuda"
+    model = TinyLM(width=32).to(device, torch.bfloat16)
     model.load_state_dict(teacher)
     index, tokens = next(iter(loader()))
     with torch.no_grad():
-        logits = model(tokens[:, :-1]).float()
+        logits = model(tokens[:, :-1].to(device)).float().cpu()
     found = loaded.lookup(index.tolist(), logits.shape)
     assert torch.equal(found if kind == "full" else found.values, logits if kind == "full" else logits.topk(8).values)
     width = VOCAB if kind == "full" else TOP_K[kind]

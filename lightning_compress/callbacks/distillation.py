@@ -264,7 +264,7 @@ class KnowledgeDistillation(CompressionCallback):
         if stage == "fit":
             self._flush_cache()
             self._detach()
-            to_host(self._teacher, self._projections.layers)
+            to_host(self._teacher)
             if self._cache is not None and len(self._cache):
                 whose = "rank 0's " if trainer.world_size > 1 else ""
                 rank_zero_info(f"KnowledgeDistillation: {whose}{self._cache.report()}")
@@ -288,7 +288,7 @@ class KnowledgeDistillation(CompressionCallback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._detach()  # give the user back their own training_step
         self._self_copy = None
-        to_host(self._teacher, self._projections.layers)
+        to_host(self._teacher)
 
     # ------------------------------------------------------------------ base-class hooks
     @override
