@@ -3,7 +3,18 @@
 # see tests/conftest.py), then the device tests again on their own. Run it where a CUDA
 # build of torch is installed: `make test-gpu` in a venv of ours, or `ci/gpu_check.sh` under
 # another python (PY=...). A machine with no package index installs the wheels of what it
-# lacks from $WHEELS first (pip download them elsewhere for its Python and platform).
+# lacks from $WHEELS first. For a CUDA image with torch, Lightning, transformers, peft and
+# onnxruntime but no index (Python 3.12 there), these were enough on 2026-11-30, fetched here:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --abi cp312 --abi abi3 --abi none --platform manylinux_2_28_x86_64 \
+#     --platform manylinux2014_x86_64 --platform any -d .devwheels torchao==0.18.0 \
+#     omegaconf wandb gguf compressed-tensors jsonargparse docstring-parser typeshed-client \
+#     pydantic pydantic-core annotated-types typing-inspection loguru platformdirs distro \
+#     sniffio cwevals googleapis-common-protos opentelemetry-api opentelemetry-sdk \
+#     opentelemetry-proto opentelemetry-semantic-conventions opentelemetry-exporter-otlp-proto-http \
+#     opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-otlp-common \
+#     opentelemetry-exporter-http-transport
+# (pin each to the version `pip list` shows in .venv).
 # Writes the log and junit report to $OUT (default: gpu-check/).
 set -uo pipefail
 PY=${PY:-python3}
