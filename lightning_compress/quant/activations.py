@@ -70,9 +70,9 @@ def token_codes(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     levels = float(PER_TOKEN.qmax - PER_TOKEN.qmin)
     low, high = torch.aminmax(x, dim=1, keepdim=True)
     low.clamp_(max=0.0)
-    # A tensor divisor: CUDA multiplies by a Python number's reciprocal (see fake_quant._divisor).
-    divisor = torch.full((), levels, dtype=x.dtype, device=x.device)
-    scale = high.clamp_(min=0.0).sub_(low).div_(divisor).clamp_(min=torch.finfo(torch.float32).smallest_normal)
+    # (A Python divisor: this runs on the CPU only, where it divides as training's tensor
+    # divisor does; see fake_quant._divisor for CUDA.)
+    scale = high.clamp_(min=0.0).sub_(low).div_(levels).clamp_(min=torch.finfo(torch.float32).smallest_normal)
     # zero_point - qmin = clamp(-round(low / scale), 0, levels): integers, exact in float32.
     shift = low.div_(scale).round_().neg_().clamp_(0.0, levels)
     # clamp(round(x / s), qmin - z, qmax - z) + (z - qmin) == clamp(round(x / s) + z - qmin, 0, levels).
