@@ -203,14 +203,13 @@ def run_teacher(teacher: nn.Module, args: Tuple[Any, ...], kwargs: dict, dtype: 
         return teacher(*args, **kwargs)
 
 
-def to_host(*modules: nn.Module | None) -> None:
-    """``modules`` (the frozen teacher) to the CPU at the end of a fit, finished or failed,
-    as Lightning moves the student: off the GPU, whose memory it would hold. A sharded
-    module stays (its shards are the mesh's). Not the feature projections: they are small,
-    and their optimizer's state stays where they trained."""
-    for module in modules:
-        if module is not None and not is_sharded_model(module):
-            module.cpu()
+def to_host(teacher: nn.Module | None) -> None:
+    """The frozen ``teacher`` to the CPU at the end of a fit, finished or failed, as
+    Lightning moves the student: off the GPU, whose memory it would hold. A sharded teacher
+    stays (its shards are the mesh's). Not the feature projections: they are small, and
+    their optimizer's state stays where they trained."""
+    if teacher is not None and not is_sharded_model(teacher):
+        teacher.cpu()
 
 
 __all__ = [

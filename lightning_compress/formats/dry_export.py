@@ -78,44 +78,39 @@ def dry_export(
             same model and options (a :class:`ParityError` has ``directory=None``: nothing
             is kept), and whatever the ONNX export raises.
     """
+    inputs = list(inputs)
     with on_the_cpu(model) as moved:  # where the export at the end of fit checks (see on_the_cpu)
-        return _dry_export(model, move_data_to_device(list(inputs), "cpu") if moved else list(inputs), parity,
-                           max_relative_error, min_sqnr_db, backend, sparse_threshold, compressed_tensors, recipe,
-                           formats, tokenizer, onnx_activations, onnx_dynamic_sequence)
-
-
-def _dry_export(model, inputs, parity, max_relative_error, min_sqnr_db, backend, sparse_threshold, compressed_tensors,
-                recipe, formats, tokenizer, onnx_activations, onnx_dynamic_sequence) -> ExportReport:
-    validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
-    validate_export_formats(formats, inputs, tokenizer, onnx_activations, onnx_dynamic_sequence, model)
-    with preserved_rng(), preserved_ranges(model):
-        packing = pack(model, Path("(dry export)"), sparse_threshold=sparse_threshold,
-                       compressed_tensors=compressed_tensors, recipe=recipe, dry=True, formats=formats,
-                       tokenizer=tokenizer)
-        packed = None
-        if parity:  # read back as `read_packed` reads a directory, from the bytes in memory
-            metadata = json.loads(packing.files[METADATA_FILE])
-            metadata.pop("metadata_sha256", None)
-            packed = decode_packed(metadata, packing.files[WEIGHTS_FILE], f"{WEIGHTS_FILE} (dry export, in memory)")
-        options = dict(backend=backend, max_relative_error=max_relative_error, min_sqnr_db=min_sqnr_db, formats=formats,
-                       onnx_activations=onnx_activations, onnx_dynamic_sequence=onnx_dynamic_sequence)
-        writes = {"onnx", "gguf"} & set(formats)  # model.onnx, model.gguf: written and read back
-        onnx_folder = tempfile.TemporaryDirectory(prefix="lightning-compress-dry-") if writes else None
-        with onnx_folder or contextlib.nullcontext() as folder:
-            try:
-                check_packing(model, packing, packed, inputs, Path(folder or "."), parity=parity, **options)
-            except ParityError as error:
-                # model.onnx with rounded activations: its parity passed, the ONNX check came after.
-                onnx_missed = error.onnx_sqnr_missed
-                if not (onnx_missed or _only_the_int8_gemm_missed(error.report)):
-                    raise
-                what = "model.onnx's SQNR" if onnx_missed else "The int8 GEMM's SQNR"
-                warnings.warn(
-                    f"dry export before training: {error}. {what} depends on the trained weights, so training"
-                    " goes on; the export at the end checks it again", UserWarning, stacklevel=2)
-                rest = dict(options, formats=[f for f in formats if f != "onnx"]) if onnx_missed else options
-                check_packing(model, packing, packed, inputs, Path(folder or "."), parity=False, **rest)
-    return packing.report
+        inputs = move_data_to_device(inputs, "cpu") if moved else inputs
+        validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
+        validate_export_formats(formats, inputs, tokenizer, onnx_activations, onnx_dynamic_sequence, model)
+        with preserved_rng(), preserved_ranges(model):
+            packing = pack(model, Path("(dry export)"), sparse_threshold=sparse_threshold,
+                           compressed_tensors=compressed_tensors, recipe=recipe, dry=True, formats=formats,
+                           tokenizer=tokenizer)
+            packed = None
+            if parity:  # read back as `read_packed` reads a directory, from the bytes in memory
+                metadata = json.loads(packing.files[METADATA_FILE])
+                metadata.pop("metadata_sha256", None)
+                packed = decode_packed(metadata, packing.files[WEIGHTS_FILE], f"{WEIGHTS_FILE} (dry export, in memory)")
+            options = dict(backend=backend, max_relative_error=max_relative_error, min_sqnr_db=min_sqnr_db, formats=formats,
+                           onnx_activations=onnx_activations, onnx_dynamic_sequence=onnx_dynamic_sequence)
+            writes = {"onnx", "gguf"} & set(formats)  # model.onnx, model.gguf: written and read back
+            onnx_folder = tempfile.TemporaryDirectory(prefix="lightning-compress-dry-") if writes else None
+            with onnx_folder or contextlib.nullcontext() as folder:
+                try:
+                    check_packing(model, packing, packed, inputs, Path(folder or "."), parity=parity, **options)
+                except ParityError as error:
+                    # model.onnx with rounded activations: its parity passed, the ONNX check came after.
+                    onnx_missed = error.onnx_sqnr_missed
+                    if not (onnx_missed or _only_the_int8_gemm_missed(error.report)):
+                        raise
+                    what = "model.onnx's SQNR" if onnx_missed else "The int8 GEMM's SQNR"
+                    warnings.warn(
+                        f"dry export before training: {error}. {what} depends on the trained weights, so training"
+                        " goes on; the export at the end checks it again", UserWarning, stacklevel=2)
+                    rest = dict(options, formats=[f for f in formats if f != "onnx"]) if onnx_missed else options
+                    check_packing(model, packing, packed, inputs, Path(folder or "."), parity=False, **rest)
+        return packing.report
 
 
 def _only_the_int8_gemm_missed(report: Optional[ParityReport]) -> bool:

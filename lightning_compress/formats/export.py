@@ -155,32 +155,30 @@ def export(
         # freed is returned first: its peak is the export's own (see core.memory).
         release_freed_memory()
         with on_the_cpu(model) as moved:  # where the files are checked (see on_the_cpu)
-            return _packed_and_checked(directory, move_data_to_device(inputs, "cpu") if moved and inputs else inputs)
-
-    def _packed_and_checked(directory: Path, inputs) -> Dict[str, bytes]:
-        packing = done["packing"] = pack_into(directory, model, out_dir, **options)
-        for name, data in packing.files.items():  # compression.json: read_packed reads it
-            (directory / name).write_bytes(data)
-        try:
-            # Not `read_packed`: its pass over every entry is the weight check's first step.
-            check_packing(model, packing, open_packed(directory) if parity else None, inputs, directory,
-                          parity=parity, backend=backend, max_relative_error=max_relative_error,
-                          min_sqnr_db=min_sqnr_db, formats=formats, onnx_activations=onnx_activations,
-                          onnx_dynamic_sequence=onnx_dynamic_sequence)
-        except Exception as error:
-            if raised_by_the_model(error) or isinstance(error, ArgumentError):
-                raise  # the model cannot run on `inputs`, or an option does not fit it: the files are not at fault
-            # The packed files and the check's own (model.onnx) are kept beside the export; only
-            # on this path is model.safetensors read into memory.
-            failure.update(error=error, files={p.name: p.read_bytes() for p in directory.iterdir()
-                                               if p.is_file() and not p.name.startswith(".")})
-            raise
-        # What other engines read (model.onnx, model.gguf, config.json), as checked just now.
-        checksums = companion_checksums(directory)
-        if checksums:
-            packing.body[RECORD_KEY] = checksums
-        return {**packing.files, METADATA_FILE: metadata_bytes(packing.body),
-                REPORT_FILE: (packing.report.table() + "\n").encode()}
+            checked_inputs = move_data_to_device(inputs, "cpu") if moved and inputs else inputs
+            packing = done["packing"] = pack_into(directory, model, out_dir, **options)
+            for name, data in packing.files.items():  # compression.json: read_packed reads it
+                (directory / name).write_bytes(data)
+            try:
+                # Not `read_packed`: its pass over every entry is the weight check's first step.
+                check_packing(model, packing, open_packed(directory) if parity else None, checked_inputs, directory,
+                              parity=parity, backend=backend, max_relative_error=max_relative_error,
+                              min_sqnr_db=min_sqnr_db, formats=formats, onnx_activations=onnx_activations,
+                              onnx_dynamic_sequence=onnx_dynamic_sequence)
+            except Exception as error:
+                if raised_by_the_model(error) or isinstance(error, ArgumentError):
+                    raise  # the model cannot run on `inputs`, or an option does not fit it: the files are not at fault
+                # The packed files and the check's own (model.onnx) are kept beside the export; only
+                # on this path is model.safetensors read into memory.
+                failure.update(error=error, files={p.name: p.read_bytes() for p in directory.iterdir()
+                                                   if p.is_file() and not p.name.startswith(".")})
+                raise
+            # What other engines read (model.onnx, model.gguf, config.json), as checked just now.
+            checksums = companion_checksums(directory)
+            if checksums:
+                packing.body[RECORD_KEY] = checksums
+            return {**packing.files, METADATA_FILE: metadata_bytes(packing.body),
+                    REPORT_FILE: (packing.report.table() + "\n").encode()}
 
     def write(directory: Path, replace: bool) -> None:
         try:

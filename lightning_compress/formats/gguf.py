@@ -203,7 +203,6 @@ def summary_line(summary: Mapping[str, Any], notes: List[str]) -> str:
 
 
 def _float_data(tensor: torch.Tensor, kind: str) -> np.ndarray:
-    tensor = tensor.detach().cpu()
     if kind == "F32":
         return tensor.float().contiguous().numpy()
     if kind == "F16":

@@ -198,7 +198,8 @@ class CalibratedStart:
         """
         self.stop_recording()
         self._check_everything_recorded()
-        for layer in list(self.layers.values())[:1]:  # (a layer's parameters: Linear, attention, recurrent)
+        layer = next(iter(self.layers.values()), None)  # (its parameters: Linear, attention, recurrent)
+        if layer is not None:
             self.statistics.to(next(layer.parameters()).device)
         changed: List[tuple] = []  # (tensor, its value before), to put back on failure
         try:

@@ -162,20 +162,29 @@ class _RoundClampSTE(torch.autograd.Function):
 
 def fake_quantize(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
     """Quantize-dequantize ``matrix`` on the grid (STE with clipping in backward)."""
-    width = group_width(matrix.shape, spec)
-    groups = matrix.reshape(-1, width)
+    groups = matrix.reshape(-1, group_width(matrix.shape, spec))
     scale = scale.reshape(-1, 1)
-    if spec.symmetric:
-        low, high = spec.qmin, spec.qmax
-    else:
-        # clamp(round(x/s) + z, qmin, qmax) - z == clamp(round(x/s), qmin - z, qmax - z)
-        zero_point = zero_point.reshape(-1, 1).to(scale.dtype)
-        low, high = spec.qmin - zero_point, spec.qmax - zero_point
+    low, high = _code_bounds(zero_point, scale, spec)
     if torch.is_grad_enabled() and (groups.requires_grad or scale.requires_grad):
         return _RoundClampSTE.apply(groups, scale, low, high).view(matrix.shape)
     # Nothing to differentiate (evaluation, the export's parity check): the same arithmetic
     # in place on one temporary, without the clipping mask.
-    return groups.mul(1.0 / scale).round_().clamp_(low, high).mul_(scale).view(matrix.shape)
+    return _on_grid(groups, scale, low, high).view(matrix.shape)
+
+
+def _code_bounds(zero_point: Tensor, scale: Tensor, spec: QuantSpec):
+    """The range ``round(x / s)`` is clamped to: ``[qmin, qmax]`` shifted by the zero point,
+    since clamp(round(x/s) + z, qmin, qmax) - z == clamp(round(x/s), qmin - z, qmax - z)."""
+    if spec.symmetric:
+        return spec.qmin, spec.qmax
+    zero_point = zero_point.reshape(-1, 1).to(scale.dtype)
+    return spec.qmin - zero_point, spec.qmax - zero_point
+
+
+def _on_grid(groups: Tensor, scale: Tensor, low, high) -> Tensor:
+    """``clamp(round(x / s), low, high) * s`` in place on one temporary: the export packs codes
+    whose ``codes * scale`` equals this bit for bit."""
+    return groups.mul(1.0 / scale).round_().clamp_(low, high).mul_(scale)
 
 
 class _LearnedScaleSTE(torch.autograd.Function):
@@ -185,7 +194,7 @@ class _LearnedScaleSTE(torch.autograd.Function):
     def forward(ctx, groups: Tensor, scale: Tensor, low, high, grad_factor: float) -> Tensor:
         ctx.save_for_backward(groups, scale)
         ctx.low, ctx.high, ctx.grad_factor = low, high, grad_factor
-        return groups.mul(1.0 / scale).round_().clamp_(low, high).mul_(scale)
+        return _on_grid(groups, scale, low, high)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -208,15 +217,10 @@ def fake_quantize_learned(matrix: Tensor, scale: Tensor, zero_point: Tensor, spe
     the trained weight with ``codes * scale`` bit for bit, which one shared arithmetic keeps
     true by construction); the backward recomputes the codes instead of saving them."""
     width = group_width(matrix.shape, spec)
-    groups = matrix.reshape(-1, width)
-    if spec.symmetric:
-        low, high = spec.qmin, spec.qmax
-    else:
-        zero_point = zero_point.reshape(-1, 1).to(scale.dtype)
-        low, high = spec.qmin - zero_point, spec.qmax - zero_point
+    groups, scale = matrix.reshape(-1, width), scale.reshape(-1, 1)
+    low, high = _code_bounds(zero_point, scale, spec)
     grad_factor = 1.0 / (width * spec.qmax) ** 0.5
-    out = _LearnedScaleSTE.apply(groups, scale.reshape(-1, 1), low, high, grad_factor)
-    return out.view(matrix.shape)
+    return _LearnedScaleSTE.apply(groups, scale, low, high, grad_factor).view(matrix.shape)
 
 
 def quantize_codes(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:

@@ -8,13 +8,11 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Sequence
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.targeting import module_name
 from lightning_compress.core.validate import ArgumentError
-from lightning_compress.formats.devices import on_the_cpu
 from lightning_compress.formats.errors import ParityError
 from lightning_compress.formats.onnx.io import export_onnx, graph_tensors, map_graph_tensors, run_onnx
 from lightning_compress.formats.onnx.layouts import INTEGER_BITS, MATMUL_INTEGER, MATMUL_NBITS
@@ -38,14 +36,7 @@ def export_and_check(model: nn.Module, layers: Mapping[str, Any], inputs: Sequen
         ArgumentError: ``dynamic_sequence`` and the file does not hold at other lengths
             (see :func:`_check_other_lengths`).
     """
-    with on_the_cpu(model):  # onnxruntime runs the file there: its reference is computed there too
-        return _export_and_check(model, layers, inputs, path, max_relative_error, min_sqnr_db, int8_activations,
-                                 dynamic_sequence)
-
-
-def _export_and_check(model, layers, inputs, path, max_relative_error, min_sqnr_db, int8_activations,
-                      dynamic_sequence) -> Dict[str, Any]:
-    example = move_data_to_device(inputs[0] if isinstance(inputs[0], tuple) else (inputs[0],), "cpu")
+    example = inputs[0] if isinstance(inputs[0], tuple) else (inputs[0],)
     # Linear subclasses too: the `out_proj` (NonDynamicallyQuantizableLinear) of an attention layer.
     linear = {name: layer.weight for name, layer in layers.items()
               if isinstance(model.get_submodule(module_name(name, layer.param)), nn.Linear)
