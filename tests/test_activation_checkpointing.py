@@ -122,6 +122,37 @@ def test_the_export_checks_inside_the_calibration_window_are_not_recorded(tmp_pa
     assert export.dry_report is not None and (tmp_path / "out" / "model.onnx").is_file()
 
 
+@pytest.mark.parametrize("export_first", [False, True])
+def test_a_run_resumed_at_the_start_step_applies_the_start_after_the_dry_export(tmp_path, export_first):
+    """A checkpoint saved at the end of the calibration window (the next step is the start
+    step): the resumed run's dry export runs inside its first training batch, after QAT
+    armed the start (QAT listed first) or before (listed second). Either way the dry export
+    checks the model as it is, and the start applies at the training forward: the run ends
+    where the uninterrupted run ends."""
+    from lightning_compress import CompressedExport
+    from tests.conftest import StopAfterEpoch
+
+    def run(extra, ckpt_path=None):
+        torch.manual_seed(0)
+        model = CheckpointedRegressor(None)
+        qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=2, start_step=4,
+                                        targets=["fc1", "fc2"])
+        export = CompressedExport(tmp_path / "out", overwrite=True)
+        callbacks = [export, qat] if export_first else [qat, export]
+        make_trainer(max_epochs=3, callbacks=[*callbacks, *extra]).fit(model, tiny_loader(batches=4),
+                                                                       ckpt_path=ckpt_path)
+        return model, export, qat
+
+    reference, _, _ = run([])
+    checkpoint = tmp_path / "at_start.ckpt"
+    run([StopAfterEpoch(0, checkpoint)])  # epoch 0 is steps 0-3: the window records steps 2 and 3
+    resumed, export, qat = run([], checkpoint)
+    assert export.dry_report is not None and export.dry_report.parity.relative_error == 0.0
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert qat._calibration.applied  # by the resumed run, from the two batches the checkpoint holds
+
+
 class FailsAtStep2(CheckpointedRegressor):
     def training_step(self, batch, batch_idx):
         if self.global_step == 2:

@@ -15,6 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_compress.core.recompute import counts_as_training_forward
 from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.quant.calibrated_start import CalibratedStart, describe_setting
 
@@ -116,6 +117,10 @@ class CalibrationWindow:
             return
 
         def start(*_: Any) -> None:
+            if not counts_as_training_forward():
+                # The dry export of a run resumed at the start step checks the model as
+                # it is before this step; the start waits for the training forward.
+                return
             self._disarm()
             # In float while the start is computed: its checks run the smooth modules,
             # which a quantizer would round, an observer observe, or a range rule fit.
