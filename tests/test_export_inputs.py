@@ -430,3 +430,87 @@ def test_a_model_that_cannot_run_on_the_inputs_is_not_blamed_on_the_packed_files
         " export checks the packed model on these inputs (CompressedExport: what `input_fn` returns): pass inputs"
         " forward takes, positionally in its order with None for the parameters between them, or as keywords"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- the batches of the check at fit end
+def test_a_bf16_true_run_checks_its_export_on_inputs_in_the_dtype_the_steps_get(tmp_path, seeded):
+    """``precision="bf16-true"`` casts float inputs for every step; the check at the end of
+    fit takes its batches from the loader, and fed them as float32 to bfloat16 layers
+    ("mat1 and mat2 must have the same dtype"), so the trained run was not exported."""
+    module = TwoInputs()
+    export_cb = CompressedExport(tmp_path / "packed")
+    make_trainer(max_steps=4, precision="bf16-true",
+                 callbacks=[QuantizationAwareTraining("int4", group_size=16), export_cb]).fit(
+        module, two_input_loader(4, 0), two_input_loader(2, 1))
+    assert export_cb.report.parity.passed and export_cb.report.parity.relative_error == 0.0
+    x, context, _ = next(iter(two_input_loader(1, seed=2)))
+    module.eval()
+    with torch.no_grad():
+        fake_quant = module(x.bfloat16(), context.bfloat16())
+        packed = load_packed(tmp_path / "packed", TwoInputs().bfloat16())(x.bfloat16(), context.bfloat16())
+    assert fake_quant.dtype == packed.dtype == torch.bfloat16 and torch.equal(fake_quant, packed)
+
+
+class ScalesItsBytes(TwoInputs):
+    """The loader yields uint8 rows; ``on_after_batch_transfer`` makes them floats in
+    [0, 1] (as image pipelines do on the device): a Linear cannot take the raw batch."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, context, y = batch
+        return x.float() / 255, context.float() / 255, y
+
+
+def byte_loader(batches: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, 256, (batches * 8, 16), generator=generator, dtype=torch.uint8) for _ in range(2)]
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*rows, torch.randn(batches * 8, 4)),
+                                       batch_size=8)
+
+
+def test_the_check_at_fit_end_gets_the_batches_through_the_module_batch_hooks(tmp_path, seeded):
+    module = ScalesItsBytes()
+    export_cb = CompressedExport(tmp_path / "packed")
+    make_trainer(max_steps=4, callbacks=[QuantizationAwareTraining("int4", group_size=16), export_cb]).fit(
+        module, byte_loader(4, 0), byte_loader(2, 1))
+    parity = export_cb.report.parity
+    assert parity.passed and parity.relative_error is not None and parity.relative_error <= 1e-5
+
+
+class RaisesOnFiveRows(TwoInputs):
+    """Trains on batches of 8; its forward refuses the validation loader's batch of 5."""
+
+    def forward(self, x, context):
+        if x.shape[0] == 5:
+            raise RuntimeError("no batches of 5")
+        return super().forward(x, context)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_a_model_that_cannot_run_on_the_inputs_at_fit_end_keeps_the_trained_export(tmp_path, seeded):
+    """The error may end the process, and the run with it: the packed files are kept in
+    <dirpath>.failed-parity (refused by load_packed unless asked) and the error says why
+    the check could not run; export() called by hand keeps nothing (test above)."""
+    from lightning_compress.formats.errors import ExportError, FailedExportError
+
+    module = RaisesOnFiveRows()
+    export_cb = CompressedExport(tmp_path / "packed")
+    validation = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(5, 16), torch.randn(5, 16), torch.randn(5, 4)), batch_size=5)
+    with pytest.raises(ExportError) as caught:
+        make_trainer(max_steps=4, callbacks=[QuantizationAwareTraining("int4", group_size=16),
+                                                                  export_cb]).fit(
+            module, two_input_loader(4, 0), validation)
+    kept = tmp_path / "packed.failed-parity"
+    message = str(caught.value)
+    assert message.startswith("the packed files could not be checked: RuntimeError: no batches of 5.")
+    assert "RaisesOnFiveRows.forward raised this on the export's inputs[0]" in message and str(kept) in message
+    assert caught.value.directory == kept and not (tmp_path / "packed").exists()
+    with pytest.raises(FailedExportError):
+        load_packed(kept, TwoInputs())
+    x, context, _ = next(iter(two_input_loader(1, seed=2)))
+    module.eval()
+    with pytest.warns(UserWarning), torch.no_grad():
+        packed = load_packed(kept, TwoInputs(), allow_failed_parity=True)(x, context)
+        assert relative_error(module(x, context), packed) <= 1e-6

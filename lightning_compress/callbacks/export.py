@@ -200,7 +200,8 @@ class CompressedExport(CompressionCallback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
         self._dry_pending = False  # a fit without a training batch
-        self._on_rank_zero(trainer, lambda: self._write_at_fit_end(pl_module, self._parity_loader(trainer)), "export")
+        batches = self._parity_loader(trainer, pl_module)
+        self._on_rank_zero(trainer, lambda: self._write_at_fit_end(pl_module, batches), "export")
         if trainer.is_global_zero:
             rank_zero_info(self.report.table())
             self._log_artifact(trainer)
@@ -220,15 +221,20 @@ class CompressedExport(CompressionCallback):
 
     # ------------------------------------------------------------------ internals
     def _write_at_fit_end(self, pl_module: nn.Module, batches: Iterable[Any]) -> None:
+        inputs, target = self._inputs(pl_module, batches, self.parity_batches), self._target(pl_module)
+
+        def write(folder) -> ExportReport:
+            # A model that cannot run on the check's inputs keeps the packed files too
+            # (<dirpath>.failed-parity): the error may end the process, and the run with it.
+            return export(target, folder, inputs=inputs, **self.options, keep_unchecked=True)
+
         if self.dirpath.exists() and not self.overwrite:
             # Absent at setup (checked there), so made during training: by another process,
             # or a ModelCheckpoint saving there. The trained model is exported to the system's
             # temporary directory, which the error names, instead of being lost with the process.
-            inputs, target = self._inputs(pl_module, batches, self.parity_batches), self._target(pl_module)
             appeared = FileExistsError(f"{self.dirpath} was made during training")
-            raise keep_elsewhere(self.dirpath, appeared, lambda folder: export(target, folder, inputs=inputs,
-                                                                               **self.options))
-        self.write(pl_module, batches)
+            raise keep_elsewhere(self.dirpath, appeared, write)
+        self.report = write(self.dirpath)
 
     def _inputs(self, pl_module: nn.Module, batches: Iterable[Any], count: int, check: bool = False) -> List[Any]:
         """The model inputs of the first ``count`` batches: for the parity check, and for
@@ -285,11 +291,19 @@ class CompressedExport(CompressionCallback):
                 f" {children}"
             ) from None
 
-    def _parity_loader(self, trainer: Trainer) -> Iterable[Any]:
+    def _parity_loader(self, trainer: Trainer, pl_module: LightningModule) -> Iterable[Any]:
+        """The batches of the check at the end of fit: the first validation loader's (else
+        the training loader's), each as a step receives it (and as the dry export received
+        its batch): in the precision plugin's input dtype (``precision="bf16-true"`` casts
+        float inputs) and through the module's batch hooks (``on_before_batch_transfer``,
+        ``transfer_batch_to_device``, ``on_after_batch_transfer``)."""
         loaders = trainer.val_dataloaders or trainer.train_dataloader
         if loaders is None:
-            return ()
-        return loaders[0] if isinstance(loaders, Sequence) else loaders
+            return
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        for batch in loaders[0] if isinstance(loaders, Sequence) else loaders:
+            batch = pl_module._on_before_batch_transfer(trainer.precision_plugin.convert_input(batch))
+            yield pl_module._apply_batch_transfer_handler(batch, device=device)
 
     def _log_artifact(self, trainer: Trainer) -> None:
         # The files are written and verified: a tracking failure must not fail the run.

@@ -46,6 +46,7 @@ def export(
     tokenizer: Any = None,
     onnx_activations: str = "float",
     onnx_dynamic_sequence: bool = False,
+    keep_unchecked: bool = False,
 ) -> ExportReport:
     """Pack ``model`` (as its compression callbacks left it) into ``out_dir``.
 
@@ -117,6 +118,12 @@ def export(
             logits), not only the example's; checked in onnxruntime at a quarter shorter
             and longer too, since a traced model can hold a length as a constant. Only
             with ``"onnx"`` in ``formats``.
+        keep_unchecked: when the model's own forward raises on ``inputs`` (or an option
+            does not fit it), the packed files cannot be checked: by default only that
+            error is raised and nothing is written (the model is in memory, to export
+            again); with ``True`` the files are kept as a failed check keeps them, in
+            ``<out_dir>.failed-parity/``, and an ``ExportError`` naming it is raised
+            (``CompressedExport`` at the end of fit, where the error may end the process).
 
     Raises:
         ExportError: NaN/Inf in a weight (naming the layer), ``out_dir`` or
@@ -128,6 +135,7 @@ def export(
             the lock): the export is then written and checked in a new folder of the system's
             temporary directory instead, which ``err.directory`` and the message name
             (``None`` if that failed too; see :mod:`~lightning_compress.formats.failed_export`).
+            With ``keep_unchecked``, also when the model raised on ``inputs``.
         ParityError: the packed model (or ``model.onnx``) misses a threshold;
             ``err.report`` has the figures, ``err.directory`` is ``<out_dir>.failed-parity``
             (a folder of the system's temporary directory if that could not be written,
@@ -166,7 +174,8 @@ def export(
                               min_sqnr_db=min_sqnr_db, formats=formats, onnx_activations=onnx_activations,
                               onnx_dynamic_sequence=onnx_dynamic_sequence)
             except Exception as error:
-                if raised_by_the_model(error) or isinstance(error, ArgumentError):
+                unchecked = raised_by_the_model(error) or isinstance(error, ArgumentError)
+                if unchecked and not keep_unchecked:
                     raise  # the model cannot run on `inputs`, or an option does not fit it: the files are not at fault
                 # The packed files and the check's own (model.onnx) are kept beside the export; only
                 # on this path is model.safetensors read into memory.

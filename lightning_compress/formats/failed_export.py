@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from lightning_compress.core.atomic import atomic_write_directory
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.errors import ExportError, FailedExportError, ParityError
+from lightning_compress.formats.outputs import raised_by_the_model
 from lightning_compress.formats.packed import METADATA_FILE, metadata_bytes
 
 FAILED_SUFFIX = ".failed-parity"
@@ -136,6 +138,9 @@ def keep_failed(
                             f"{refused.format(failed / PARITY_FILE)}"), failed
     if isinstance(error, ParityError):
         return ParityError(f"{error}{where}", error.report, directory)
+    if raised_by_the_model(error) or isinstance(error, ArgumentError):  # not the files' fault
+        notes = "".join(f" {note}" for note in getattr(error, "__notes__", ()))
+        return ExportError(f"the packed files could not be checked: {what}.{notes}{where}", directory)
     return ExportError(f"the check of the packed files failed ({what}){where}", directory)
 
 
