@@ -157,6 +157,45 @@ def test_a_file_that_stores_the_names_apart_is_refused_by_a_model_that_shares_th
             load_packed(tmp_path / "out", target)
 
 
+class TiedHead(nn.Module):
+    """An embedding and an output head that share one weight (``tie``), as language models do."""
+
+    def __init__(self, tie):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.mix = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mix(self.embed(ids))))
+
+
+def test_a_file_that_stores_two_tensors_is_refused_by_a_model_that_ties_them(tmp_path):
+    """The exported model had its head untied (LoRA's merge unties a head it adapted): both
+    weights are stored. A tied model would take them into its one tensor, the second over
+    the first; the load stopped later at "unexpected tensors ['embed.weight']"."""
+    torch.manual_seed(0)
+    model = TiedHead(tie=True)
+    with torch.no_grad():
+        model.head.weight = nn.Parameter(model.embed.weight + 0.01 * torch.randn_like(model.embed.weight))
+    round_to_nearest(model, QuantSpec(4, "group", 32), targets=["mix"])
+    ids = torch.randint(0, 64, (2, 8))
+    export(model, tmp_path / "out", inputs=[ids])
+    with pytest.raises(PackedFormatError, match="the file stores 'embed.weight' and 'head.weight' as two tensors .*"
+                                                " but TiedHead ties them .* build the model untied"):
+        load_packed(tmp_path / "out", lambda: TiedHead(tie=True))
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "out", lambda: TiedHead(tie=False))(ids), model(ids))
+    # A tied model's export (the tie kept) loads into the tied model, still tied.
+    tied = TiedHead(tie=True)
+    export(tied, tmp_path / "tied", inputs=[ids])
+    loaded = load_packed(tmp_path / "tied", lambda: TiedHead(tie=True))
+    with torch.no_grad():
+        assert loaded.head.weight is loaded.embed.weight and torch.equal(loaded(ids), tied(ids))
+
+
 def test_gptq_start_on_a_module_shared_with_itself_is_not_refused_as_tied(tmp_path):
     model = SharedBlocks()
     qat = QuantizationAwareTraining(weights="int4", group_size=32, init="gptq", start_step=2, calibration_batches=2)

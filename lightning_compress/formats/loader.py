@@ -135,6 +135,7 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
         units.setdefault(name, []).append(key)
     for key in weight_keys:
         expected.pop(key, None)
+    _check_same_ties(model, packed, expected)
     check_fit(model, packed, expected)
     check_meta_covered(model, expected, weight_keys)
     load_tensors(model, list(packed.tensors), packed.tensor, expected)  # first: packed layers take their biases
@@ -170,6 +171,25 @@ def _check_same_sharing(model: nn.Module, packed: PackedModel, shared: Mapping[s
             f" {shared[separate]!r} (one module registered under both names); load it into a model built as the"
             " exported one was"
         )
+
+
+def _check_same_ties(model: nn.Module, packed: PackedModel, expected: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a file that stores as two tensors what ``model`` ties into one (an input
+    embedding and an output head): the second would overwrite the first. The export
+    records a tie it saw as an alias; two stored tensors mean the exported model had
+    them apart (LoRA's merge unties a tied head it adapted)."""
+    first: Dict[int, str] = {}
+    for key in packed.metadata["tensors"]:
+        target = expected.get(key)
+        if target is None:
+            continue
+        tied = first.setdefault(id(target), key)
+        if tied != key:
+            raise PackedFormatError(
+                f"the file stores {tied!r} and {key!r} as two tensors (the exported model's were not tied), but"
+                f" {type(model).__name__} ties them (one tensor under both names): build the model untied, as the"
+                " exported one was (transformers: tie_word_embeddings=False in its config)"
+            )
 
 
 def measured_kernels(packed: PackedModel) -> Dict[str, str]:
