@@ -400,3 +400,19 @@ def test_resume_without_recipe_uses_the_one_in_the_checkpoint(tmp_path, monkeypa
     assert checkpoint["epoch"] == 1 and checkpoint["lightning_compress"]["recipe"]["pruning"]["final_sparsity"] == 0.7
     weight = checkpoint["state_dict"]["net.0.weight"]
     assert float((weight == 0).float().mean()) == pytest.approx(0.7, abs=1e-3)
+
+
+def test_fit_with_a_csv_logger_ends_with_exit_0(tmp_path, monkeypatch, capsys):
+    """After fit, the command prints where a W&B run was written; it asked every logger
+    for a W&B run directory, and a CSVLogger's writer has none (AttributeError, exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    argv = ["fit", "--model", MODEL, "--data", DATA, "--recipe", "r.yaml", "--trainer.max_epochs", "1",
+            "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "logs", "--trainer.enable_progress_bar",
+            "false", "--trainer.enable_checkpointing", "false", "--trainer.log_every_n_steps", "1"]
+    assert main(argv) == 0
+    assert "W&B run written" not in capsys.readouterr().out
+    metrics = list((tmp_path / "logs").rglob("metrics.csv"))
+    assert len(metrics) == 1 and "pruning/sparsity_actual" in metrics[0].read_text().splitlines()[0]
+    assert (tmp_path / "packed" / "model.safetensors").is_file()

@@ -209,10 +209,12 @@ def run_fit(argv: List[str], *, trust_checkpoint_recipe: bool = False) -> int:
         )
     finally:
         sys.argv = saved
+    from lightning.pytorch.loggers import WandbLogger
+
     from lightning_compress.core.tracking import wandb_run_dir
 
     for logger in cli.trainer.loggers:
-        run_dir = wandb_run_dir(logger)
+        run_dir = wandb_run_dir(logger) if isinstance(logger, WandbLogger) else None  # CSV, TensorBoard: none
         if run_dir is not None:
             print(f"W&B run written to {run_dir}")
     return 0
