@@ -88,3 +88,40 @@ def test_evaluating_with_a_subset_of_the_methods_is_allowed(stopped):
     # validate/test from a checkpoint may rebuild part of the stack on purpose
     trainer = make_trainer(callbacks=[QuantizationAwareTraining("int8", start_step=4)])
     trainer.validate(TinyRegressor(), tiny_loader(batches=2), ckpt_path=stopped)
+
+
+def test_a_resume_with_more_epochs_continues_the_schedule_the_fractions_resolved_to(tmp_path):
+    """Fractional steps resolve against the length of the run that started them: resumed
+    with more epochs, the pruning window 0.25-0.75 and the QAT start 0.5 of a 3-epoch run
+    (24 steps: 6-18, 12) stay where they were, as in a 4-epoch run given those steps.
+    Resolved again against 32 steps (8-24, 16), the resumed run released masks the
+    checkpoint held, and trained in float again until step 16."""
+    def run(epochs, prune, qat, extra=(), ckpt_path=None):
+        torch.manual_seed(0)
+        model = TinyRegressor()
+        make_trainer(max_epochs=epochs, callbacks=[prune, qat, *extra]).fit(model, tiny_loader(), ckpt_path=ckpt_path)
+        return model
+
+    def fractions():
+        return (MagnitudePruning(0.5, start_step=0.25, end_step=0.75, update_every=2),
+                QuantizationAwareTraining("int8", start_step=0.5))
+
+    reference = run(4, MagnitudePruning(0.5, start_step=6, end_step=18, update_every=2),
+                    QuantizationAwareTraining("int8", start_step=12))
+    path = tmp_path / "epoch1.ckpt"
+    run(3, *fractions(), extra=[StopAfterEpoch(1, path)])  # steps 0-15: pruned to 0.45, QAT on since 12
+    prune, qat = fractions()
+    with pytest.warns(UserWarning, match=r"MagnitudePruning: this run has 32 optimizer steps, the run it resumes had"
+                                         r" 24; `start_step`=0\.25, `end_step`=0\.75 still resolve against 24"):
+        resumed = run(4, prune, qat, ckpt_path=path)
+    assert qat._start == 12 and prune._window[:2] == (6, 18)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    # The length is kept in the checkpoints of the resumed run too.
+    assert torch.load(path, weights_only=True)["callbacks"][qat.state_key]["total_steps"] == 24
+
+
+def test_a_run_length_that_is_not_a_number_is_refused(stopped):
+    edit(stopped, lambda s: s.update(total_steps="24"))
+    with pytest.raises(ValueError, match=r"MagnitudePruning state is malformed \(`total_steps` '24' is not a number\)"):
+        resume(stopped, pruning(), QuantizationAwareTraining("int8", start_step=4))

@@ -18,8 +18,8 @@ hooks, the way Lightning's ``BaseFinetuning`` subclasses fill in
   :meth:`layer_issues` and ``on_incompatible``).
 
 The base owns the rest: the stack check before any callback changes the model, the
-owner token that tells this callback's stages from a rival's, logging once per step,
-and the per-layer table at the end of fit.
+owner token that tells this callback's stages from a rival's, logging once per step, the
+run length fractional steps resolve against (``RunLength``), and the layer table at the end.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from lightning_compress.callbacks.compatibility import EVERY_LAYER, prepare_stac
 from lightning_compress.callbacks.hooks import after_configure_model, overrides_configure_model, refuse_late_layers
 from lightning_compress.core.incompatible import LayerIssue
 from lightning_compress.core.reporting import expect_layer_table, report_layer_table
+from lightning_compress.core.schedule import RunLength
 from lightning_compress.core.state import STATE_VERSION, check_state_version
 from lightning_compress.core.targeting import select_layers
 from lightning_compress.core.transforms import bind_owner, owner_tokens
@@ -85,6 +86,7 @@ class CompressionCallback(Callback):
         self._last_logged_step = -1
         self._skipped: Dict[str, str] = {}  # layers its targets select but it leaves out, with why
         self._examined: Optional[weakref.ref] = None  # the model those were decided on
+        self.run_length = RunLength()  # what fractional steps resolve against, checkpointed
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -230,6 +232,7 @@ class CompressionCallback(Callback):
     # ------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.run_length.total = None  # this fit's, unless its checkpoint (restored after setup) says
         prepare_stack(trainer, pl_module, stage)
         self.install(trainer, pl_module, stage)
         if overrides_configure_model(pl_module):  # a layer it builds would come after this setup
@@ -275,7 +278,7 @@ class CompressionCallback(Callback):
             return {}
         if self._restored is not None and not self.is_set_up():
             return self._restored  # loaded but not applied yet: passed on unchanged
-        state = {"version": STATE_VERSION, **self.method_state()}
+        state = {"version": STATE_VERSION, **self.method_state(), "total_steps": self.run_length.total}
         if self.resume_settings:
             state["settings"] = self._settings()
         return state
@@ -290,6 +293,7 @@ class CompressionCallback(Callback):
         check_state_version(name, state_dict)
         self._check_settings(state_dict.get("settings"))
         self._guarded(self.check_state, state_dict)
+        self.run_length.load(name, state_dict.get("total_steps"))
         self._restored = state_dict
         if self.is_set_up():  # restored after setup (the usual order): apply now
             state, self._restored = self._restored, None
@@ -381,9 +385,7 @@ def _method_name(state_key: str) -> Optional[str]:
 def _method_classes(root: type) -> List[type]:
     found = []
     for cls in root.__subclasses__():
-        if cls.config_class is not None:
-            found.append(cls)
-        found.extend(_method_classes(cls))
+        found += ([cls] if cls.config_class is not None else []) + _method_classes(cls)
     return found
 
 

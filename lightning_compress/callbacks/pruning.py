@@ -37,6 +37,7 @@ from lightning_compress.sparsity.masks import (
     pack_mask,
     unpack_mask,
 )
+from lightning_compress.core.schedule import fractional_steps
 from lightning_compress.sparsity.schedules import schedule_window, scheduled_sparsity
 
 # With `update_every=None` the masks change this many times over the schedule.
@@ -172,11 +173,11 @@ class MagnitudePruning(LayerCompressionCallback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Not in on_fit_start: `estimated_stepping_batches` builds the train dataloader,
-        # and before the checkpoint's loop state is restored that makes Lightning drop a
-        # resumable dataloader's saved position (a mid-epoch resume would replay data).
+        # Not in on_fit_start: `estimated_stepping_batches` builds the train dataloader, and before the checkpoint's
+        # loop state is restored Lightning then drops a resumable loader's position (a mid-epoch resume would replay).
         total = trainer.estimated_stepping_batches
-        self._window = self._resolve_window(total)
+        fractions = fractional_steps(self.config, ("start_step", "end_step"))  # resumed: the run's length kept
+        self._window = self._resolve_window(self.run_length.resolve(trainer, type(self).__name__, fractions))
         if self._norms is not None and trainer.global_step == 0 and self._scheduled(0):
             raise ArgumentError("start_step", wanda_start_message(self.start_step))
         if math.isfinite(total):

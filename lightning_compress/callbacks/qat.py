@@ -15,7 +15,7 @@ from lightning_compress.callbacks.calibration_window import CalibrationWindow
 from lightning_compress.callbacks.compatibility import check_quantization_trains
 from lightning_compress.core.attention import keep_padded_batches, out_proj_owner
 from lightning_compress.core.side_optimizer import SideOptimizer
-from lightning_compress.core.schedule import resolve_step
+from lightning_compress.core.schedule import fractional_steps, resolve_step
 from lightning_compress.core.targeting import module_name, weight_param
 from lightning_compress.core.transforms import (
     INPUT,
@@ -234,7 +234,9 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         # Not in on_fit_start: there `estimated_stepping_batches` would make Lightning drop
         # a resumable dataloader's saved position (see MagnitudePruning.on_train_start).
         total = trainer.estimated_stepping_batches
-        self._start = resolve_step("start_step", self.start_step, total)
+        length = self.run_length.resolve(trainer, type(self).__name__,
+                                         fractional_steps(self.config, ("start_step", "freeze_bn_step")))
+        self._start = resolve_step("start_step", self.start_step, length)
         if self._calibration is not None:
             self._start = self._calibration.start_step(trainer, pl_module, self._start)
         check_quantization_trains(trainer, self, self._start, total)
@@ -245,7 +247,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                 " `start_step` before the end of the run (e.g. 0.5 = halfway), or train for more steps"
             )
         self._freeze_bn_at = (
-            None if self.freeze_bn_step is None else resolve_step("freeze_bn_step", self.freeze_bn_step, total)
+            None if self.freeze_bn_step is None else resolve_step("freeze_bn_step", self.freeze_bn_step, length)
         )
 
     @override

@@ -63,3 +63,52 @@ def resolve_step(argument: str, value: StepLike, total_steps: float) -> int:
             " absolute step (int) instead."
         )
     return int(round(value * total_steps))
+
+
+class RunLength:
+    """The run length a callback's fractions resolve against, kept in its checkpoints.
+
+    A resumed run keeps the length of the run it resumes: a resume with more (or fewer)
+    epochs continues the schedule it was on. Resolved against the new length, a pruning
+    window of 0.1-0.6 would start over further on (its masks released until the schedule
+    caught up) and QAT switch back to float until its start came round again.
+    """
+
+    def __init__(self) -> None:
+        self.total: float | None = None  # None until this fit decides it (or a checkpoint gives it)
+
+    def load(self, owner: str, total) -> None:
+        """Take a checkpoint's ``total_steps`` (absent, ``None``, from checkpoints written
+        before it was kept: this run's length is used then).
+
+        Raises:
+            ValueError: it is not a number.
+        """
+        if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float))):
+            raise ValueError(f"the checkpoint's {owner} state is malformed (`total_steps` {total!r} is not a number);"
+                             " it was edited or written by something else; resume from a checkpoint this run wrote")
+        self.total = total
+
+    def resolve(self, trainer, owner: str, fractions: dict) -> float:
+        """The length to resolve ``fractions`` (``{argument: value}``, the fractional step
+        arguments) against: the checkpoint's, with a warning when it differs from this
+        run's and a fraction depends on it; else this run's."""
+        now = trainer.estimated_stepping_batches
+        if self.total is None:
+            self.total = now
+        elif self.total != now and fractions:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            given = ", ".join(f"`{name}`={value}" for name, value in fractions.items())
+            rank_zero_warn(
+                f"{owner}: this run has {now} optimizer steps, the run it resumes had {self.total}; {given} still"
+                f" resolve{'s' if len(fractions) == 1 else ''} against {self.total}, so the schedule continues where it was. Give absolute steps (ints)"
+                " in a new run to place it in a longer one"
+            )
+        return self.total
+
+
+def fractional_steps(config, arguments) -> dict:
+    """``{argument: value}`` of ``config``'s step ``arguments`` given as fractions of the run."""
+    values = {name: getattr(config, name, None) for name in arguments}
+    return {name: value for name, value in values.items() if isinstance(value, float)}
