@@ -189,6 +189,40 @@ def test_qat_that_starts_after_the_run_ends_is_refused_with_an_export(tmp_path):
     assert trainer.global_step == 2
 
 
+def test_an_export_of_layers_that_never_computed_on_their_grid_says_so(tmp_path):
+    """A run with no training step (max_steps=0, an empty loader) never reaches QAT's
+    start, and an export from a checkpoint saved before it neither: the codes are round
+    to nearest of float-trained weights. The export warns and its report says so; it
+    packed them silently."""
+    import warnings
+
+    from lightning_compress import load_packed
+    from lightning_compress.quant import QuantSpec, round_to_nearest
+
+    torch.manual_seed(0)
+    model = TinyRegressor()
+    float_model = TinyRegressor()
+    float_model.load_state_dict(model.state_dict())
+    exporter = CompressedExport(tmp_path / "out")
+    with pytest.warns(UserWarning, match=r"2 quantized layer\(s\) \(fc1, fc2\) never computed on their grid: .*\(PTQ\)"):
+        make_trainer(max_steps=0, callbacks=[QuantizationAwareTraining("int4", group_size=8, targets=["fc1", "fc2"]),
+                                             exporter]).fit(model, tiny_loader(batches=2))
+    assert any("never computed on their grid" in note for note in exporter.report.notes)
+    assert "never computed on their grid" in (tmp_path / "out" / "report.txt").read_text()
+    # What was packed is round to nearest of the untrained float weights.
+    round_to_nearest(float_model, QuantSpec(4, "group", 8), targets=["fc1", "fc2"])
+    x = tiny_loader(batches=1).dataset.tensors[0]
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "out", TinyRegressor())(x), float_model(x))
+    # A run whose QAT started exports without the note.
+    trained = CompressedExport(tmp_path / "trained")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*never computed on their grid")
+        make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int4", group_size=8, targets=["fc1", "fc2"]),
+                                             trained]).fit(TinyRegressor(), tiny_loader(batches=2))
+    assert not any("never computed" in note for note in trained.report.notes)
+
+
 def test_compressed_tensors_export_of_a_plain_module_is_refused_before_training(tmp_path):
     _refused(
         [QuantizationAwareTraining("int8"), CompressedExport(tmp_path / "out", compressed_tensors=True)],

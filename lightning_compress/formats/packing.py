@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -147,6 +148,8 @@ def _encode(model, out_dir, writer: SafetensorsWriter, sparse_threshold, compres
     the report and, when the compressed-tensors layout is used, the layers' grids."""
     notes: List[str] = []
     grids = _plan_grids(model, dry)
+    if not dry:
+        _note_float_trained(model, notes)
     use_ct = ct.decide(model, grids, compressed_tensors, notes)
     if use_ct:
         sparse_threshold = None
@@ -201,6 +204,20 @@ def _encode(model, out_dir, writer: SafetensorsWriter, sparse_threshold, compres
     }
     report = ExportReport(out_dir, rows, float32_bytes, 0, None, use_ct, notes)
     return body, report, grids if use_ct else None
+
+
+def _note_float_trained(model: nn.Module, notes: List[str]) -> None:
+    """Warn (and note in the report) when quantized layers export with their fake
+    quantization off: nothing computed on that grid before now (QAT's ``start_step`` not
+    reached: a run with no training step, a checkpoint saved before the start), so their
+    codes are round to nearest of weights trained in float: PTQ, not QAT."""
+    off = [key for key, _module, _param, quantizer in plan_layers(model) if not quantizer.enabled]
+    if off:
+        note = (f"{len(off)} quantized layer(s) ({', '.join(off[:3])}{', ...' if len(off) > 3 else ''}) never computed"
+                " on their grid: their fake quantization is off (QuantizationAwareTraining's start_step not reached),"
+                " so they are packed as round to nearest of weights trained in float (PTQ), not as trained with QAT")
+        notes.append(note)
+        warnings.warn(note, UserWarning, stacklevel=4)
 
 
 def _finish_body(body: Dict[str, Any], report: ExportReport, sha256: str, size: int) -> None:
