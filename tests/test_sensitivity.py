@@ -503,6 +503,12 @@ def test_the_command_refuses_a_budget_before_measuring_and_keeps_the_table_when_
     assert main([*argv, "--budget-bits", "2", "-o", "a"]) == 2  # no assignment of 8 and 4 bits averages 2
     assert "`budget_bits`=2.0 is below the smallest candidate (4 bits)" in capsys.readouterr().err
     assert measured == [] and not (tmp_path / "a").exists()
+    # An -o that cannot be written stops the command before the measurement, naming -o.
+    (tmp_path / "a_file").write_text("mine")
+    for output, why in (("a_file", "is a file, not a directory"), ("a_file/sub", "cannot be written (Not a directory)")):
+        assert main([*argv, "-o", output]) == 2
+        assert f"-o {output} {why}" in capsys.readouterr().err
+    assert measured == [] and (tmp_path / "a_file").read_text() == "mine"
 
     def no_choice(report, budget):
         raise ArgumentError("report", "no choice")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
@@ -85,6 +86,7 @@ def run_sensitivity(argv: List[str]) -> int:
     candidate_bits = check_bits([_bits(b) for b in args.bits])
     if args.budget_bits is not None:  # before the measurement, which may take hours
         check_budget(args.budget_bits, candidate_bits)
+    _check_writable(output)  # before the measurement too
     model, checkpoint = _model(args.model, args.checkpoint)
     batches = list(itertools.islice(_loader(model, args.data, checkpoint), args.batches))
     if not batches:
@@ -107,6 +109,24 @@ def run_sensitivity(argv: List[str]) -> int:
     if args.wandb:
         _log_to_wandb(report, recipe, output)
     return 0
+
+
+def _check_writable(output: Path) -> None:
+    """Make ``-o`` (with its parents) and check a file can be made in it, so a path that
+    cannot be written stops the command before the measurement, not after.
+
+    Raises:
+        CommandError: naming ``-o``: it is a file, or it cannot be made or written.
+    """
+    if output.exists() and not output.is_dir():
+        raise CommandError(f"-o {output} is a file, not a directory; pass a directory to write the results to"
+                           " (it is made if missing)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output).close()
+    except OSError as error:
+        raise CommandError(f"-o {output} cannot be written ({error.strerror or error}); pass a directory you can"
+                           " write to") from None
 
 
 def _write_recipe(report: Any, allocation: Any, recipe: Mapping[str, Any], budget: float, path: Path) -> None:
