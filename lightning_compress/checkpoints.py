@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
 
 from lightning_compress.callbacks.export import CompressedExport
 from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_checkpoint
@@ -25,8 +27,10 @@ from lightning_compress.recipes import Recipe, RecipeError, load_recipe
 _NOT_NEEDED_TO_REBUILD = ("distillation", "export")
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Load a Lightning checkpoint without unpickling code (``weights_only=True``).
+def read_checkpoint(path: Union[str, os.PathLike], mmap: bool = False) -> Dict[str, Any]:
+    """Load a Lightning checkpoint without unpickling code (``weights_only=True``);
+    ``mmap``: its tensors mapped from the file, not read (to check a checkpoint that
+    Lightning loads next; a file in the legacy format is read).
 
     Raises:
         FileNotFoundError: when there is no such file.
@@ -36,7 +40,8 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        mapped = mmap and zipfile.is_zipfile(path)  # mmap needs torch.save's zip format
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except Exception as err:
         raise RecipeError(
             f"checkpoint {str(path)!r} cannot be loaded with weights_only=True ({type(err).__name__}: "
@@ -45,6 +50,23 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise RecipeError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
     return checkpoint
+
+
+def load_weights(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """``model.load_state_dict`` of the checkpoint's weights.
+
+    Raises:
+        RecipeError: they do not fit ``model`` (missing or unexpected keys, other shapes),
+            naming its class and the first differences.
+    """
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:  # torch's "Error(s) in loading state_dict for ...", one line per kind
+        details = "; ".join(line.strip() for line in str(err).splitlines()[1:4] if line.strip())
+        raise RecipeError(
+            f"the checkpoint's weights do not fit {type(model).__name__} ({details[:600]}); pass the model class"
+            " (--model) the run was trained with, built with the same hyperparameters"
+        ) from None
 
 
 def restore_from_checkpoint(
@@ -79,7 +101,7 @@ def restore_from_checkpoint(
     for callback in callbacks:
         callback.setup(trainer, model, stage="validate")
     model.on_load_checkpoint(checkpoint)
-    model.load_state_dict(checkpoint["state_dict"])
+    load_weights(model, checkpoint)
     for callback in callbacks:
         callback.on_load_checkpoint(trainer, model, checkpoint)
         callback.load_state_dict(states[callback.state_key])

@@ -178,6 +178,15 @@ ERRORS = [
     (["export", "--checkpoint", "plain.ckpt", "--model", MODEL, "--recipe", "qat.yaml"], "no output directory"),
     (["export", "--checkpoint", "plain.ckpt", "--model", MODEL, "--recipe", "qat.yaml", "-o", "x"],
      "the checkpoint holds no state for ['QuantizationAwareTraining']"),
+    # A checkpoint of another model (hidden 64, built as 128 from its hyperparameters): torch's
+    # load_state_dict error was a traceback (exit 1).
+    (["export", "--checkpoint", "wide.ckpt", "--model", MODEL, "--recipe", "export.yaml", "-o", "x"],
+     "the checkpoint's weights do not fit RecipeMLP (size mismatch for net.0.weight"),
+    (["sensitivity", "--checkpoint", "wide.ckpt", "--model", MODEL, "--data", "tests.cli_models.RecipeData"],
+     "the checkpoint's weights do not fit RecipeMLP (size mismatch for net.0.weight"),
+    # Lightning's unpickling error on a file that is not a checkpoint was a traceback (exit 1).
+    (["fit", "--recipe", "qat.yaml", "--model", MODEL, "--data", "tests.cli_models.RecipeData", "--ckpt_path",
+      "garbage.ckpt"], "checkpoint 'garbage.ckpt' cannot be loaded with weights_only=True"),
     (["inspect", "missing"], "'missing' is neither a packed directory nor a checkpoint file"),
     (["inspect", "garbage.ckpt"], "cannot be loaded with weights_only=True"),
     (["inspect", "fake_packed"], "not a lightning-compress packed model"),
@@ -192,6 +201,9 @@ def test_bad_input_exits_2_with_one_paragraph(tmp_path, monkeypatch, capsys, arg
     torch.save({"state_dict": RecipeMLP().state_dict(), "hyper_parameters": {"hidden": 128}}, tmp_path / "plain.ckpt")
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
     (tmp_path / "qat.yaml").write_text("qat:\n  weights: int8\n")
+    (tmp_path / "export.yaml").write_text("export:\n  dirpath: x\n")
+    torch.save({"state_dict": RecipeMLP(hidden=64).state_dict(), "hyper_parameters": {"hidden": 128}},
+               tmp_path / "wide.ckpt")
     (tmp_path / "fake_packed").mkdir()
     (tmp_path / "fake_packed" / "compression.json").write_text(json.dumps({"format": "other"}))
     assert main(argv) == 2

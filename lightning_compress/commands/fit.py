@@ -12,7 +12,6 @@ from typing import Any, List, Mapping, Optional
 # this command can do nothing about them.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
@@ -45,19 +44,22 @@ class CompressionCLI(LightningCLI):
         """LightningCLI reads the model's class and arguments from ``--ckpt_path``'s
         hyperparameters and imports and builds the class they name; a checkpoint is data,
         so that class must be the ``--model`` the user named, unless they trust it."""
-        if not self.trust_checkpoint_recipe:
-            self._check_checkpoint_classes()
-        super()._parse_ckpt_path()
-
-    def _check_checkpoint_classes(self) -> None:
-        from lightning_compress.commands.errors import CommandError
+        from lightning_compress.checkpoints import read_checkpoint
 
         subcommand = self.config.get("subcommand")
         settings = self.config.get(subcommand) if subcommand else None
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        hyperparameters = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+        if ckpt_path and Path(ckpt_path).is_file():
+            # A file that is not a checkpoint fails here, in a sentence, not in Lightning's unpickling.
+            checkpoint = read_checkpoint(ckpt_path, mmap=True)
+            if not self.trust_checkpoint_recipe:
+                self._check_checkpoint_classes(settings, ckpt_path, checkpoint.get("hyper_parameters") or {})
+        super()._parse_ckpt_path()
+
+    @staticmethod
+    def _check_checkpoint_classes(settings: Any, ckpt_path: str, hyperparameters: Mapping[str, Any]) -> None:
+        from lightning_compress.commands.errors import CommandError
+
         model = settings.get("model")
         chosen = getattr(model, "class_path", None) if model is not None else None
         stored = hyperparameters.get("_class_path")

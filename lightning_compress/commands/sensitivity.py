@@ -167,7 +167,7 @@ def _import(path: str, option: str) -> Any:
 
 
 def _model(path: str, checkpoint_path: Optional[str]):
-    from lightning_compress.checkpoints import build_from_hyperparameters, read_checkpoint
+    from lightning_compress.checkpoints import build_from_hyperparameters, load_weights, read_checkpoint
     from lightning_compress.recipes import RecipeError
 
     model_class = _import(path, "--model")
@@ -182,7 +182,7 @@ def _model(path: str, checkpoint_path: Optional[str]):
         raise CommandError(f"--model {path}: {err}") from None
     if checkpoint:
         model.on_load_checkpoint(checkpoint)
-        model.load_state_dict(checkpoint["state_dict"])
+        load_weights(model, checkpoint)
     return model, checkpoint
 
 
