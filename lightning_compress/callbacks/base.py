@@ -278,7 +278,7 @@ class CompressionCallback(Callback):
             return {}
         if self._restored is not None and not self.is_set_up():
             return self._restored  # loaded but not applied yet: passed on unchanged
-        state = {"version": STATE_VERSION, **self.method_state(), "total_steps": self.run_length.total}
+        state = {"version": STATE_VERSION, **self.method_state(), **self.run_length.state()}
         if self.resume_settings:
             state["settings"] = self._settings()
         return state

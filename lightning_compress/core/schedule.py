@@ -77,6 +77,10 @@ class RunLength:
     def __init__(self) -> None:
         self.total: float | None = None  # None until this fit decides it (or a checkpoint gives it)
 
+    def state(self) -> dict:
+        """``{"total_steps": ...}`` for a checkpoint, once a step resolved against it."""
+        return {} if self.total is None else {"total_steps": self.total}
+
     def load(self, owner: str, total) -> None:
         """Take a checkpoint's ``total_steps`` (absent, ``None``, from checkpoints written
         before it was kept: this run's length is used then).
