@@ -110,3 +110,24 @@ def test_a_layer_with_several_weights_is_selected_and_excluded_weight_by_weight(
         keys(targets=["rnn"], exclude=["rnn"])
     with pytest.raises(ValueError, match=r"pattern 'rnn\.weight_hh_l9' matches no module\. Close names: rnn\.weight_hh_l1"):
         keys(targets=["rnn.weight_hh_l9"])
+
+
+def test_a_target_error_in_a_trainer_names_the_callback_it_came_from():
+    """Two callbacks of one class (each with its own ``name``) may target apart: the error
+    says which one's ``targets`` matched nothing."""
+    import torch
+
+    from lightning_compress import MagnitudePruning, QuantizationAwareTraining
+    from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+
+    cases = [
+        ([QuantizationAwareTraining("int8", targets=["fc1"], name="first"),
+          QuantizationAwareTraining("int4", group_size=8, targets=["fc_2"], name="second")],
+         r"^QuantizationAwareTraining\(name='second'\): `targets` pattern 'fc_2' matches no module\. Close names: fc2"),
+        ([MagnitudePruning(0.5, targets=["fc1"], exclude=["fc1"])],
+         r"^MagnitudePruning: `targets` selects no layer of TinyRegressor"),
+    ]
+    for callbacks, message in cases:
+        torch.manual_seed(0)
+        with pytest.raises(ValueError, match=message):
+            make_trainer(max_steps=1, callbacks=callbacks).fit(TinyRegressor(), tiny_loader(batches=1))

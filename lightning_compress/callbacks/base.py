@@ -390,17 +390,18 @@ def _method_classes(root: type) -> List[type]:
 
 
 class LayerCompressionCallback(CompressionCallback):
-    """A method that puts stages on layers chosen by its config's ``targets``/``exclude``
-    (layer types and/or name globs) among the config's ``supported_types``; by default
-    every layer of its ``default_types``."""
+    """A method that puts stages on layers its config's ``targets``/``exclude`` choose (layer types and/or
+    name globs) among its ``supported_types``; by default every layer of its ``default_types``."""
 
     @override
     def target_layers(self, model: nn.Module) -> Dict[str, nn.Module]:
         config = self.config
-        return select_layers(
-            model, targets=config.targets, exclude=config.exclude, supported=config.supported_types,
-            default=config.default_types,
-        )
+        try:
+            return select_layers(model, targets=config.targets, exclude=config.exclude,
+                                 supported=config.supported_types, default=config.default_types)
+        except ValueError as error:  # naming the callback: two of one class may target apart
+            error.args = (f"{type(self).__name__}{f'(name={config.name!r})' if config.name else ''}: {error.args[0]}",)
+            raise
 
     @override
     def uses_default_targets(self) -> bool:
