@@ -119,6 +119,21 @@ def test_a_writable_dirpath_with_missing_parents_passes_and_leaves_no_probe(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # the probe folder is gone
 
 
+def test_a_dirpath_starting_with_a_tilde_is_in_the_home_directory(tmp_path, monkeypatch):
+    """As ModelCheckpoint's: ``~/packed`` made a folder named ``~`` in the working directory."""
+    from lightning_compress import export
+    from lightning_compress.quant import QuantSpec, round_to_nearest
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    _, export_cb = fit("~/packed", parity=False, dry_export=False)
+    assert export_cb.dirpath == tmp_path / "home" / "packed" and (tmp_path / "home" / "packed" / WEIGHTS_FILE).is_file()
+    model = TinyRegressor()
+    round_to_nearest(model, QuantSpec(8, "channel"))
+    export(model, "~/by_hand")
+    assert (tmp_path / "home" / "by_hand" / WEIGHTS_FILE).is_file() and not (tmp_path / "~").exists()
+
+
 # ====================================================================== at the end
 def full_disk_once(monkeypatch, times=1):
     """The next ``times`` directory writes fail with ENOSPC while their files are written."""

@@ -78,7 +78,7 @@ class ExportConfig:
         onnx = isinstance(self.formats, (list, tuple)) and "onnx" in self.formats
         validate_export_formats(self.formats, [None] if onnx else None, self.tokenizer, self.onnx_activations,
                                 self.onnx_dynamic_sequence)
-        object.__setattr__(self, "dirpath", Path(self.dirpath))
+        object.__setattr__(self, "dirpath", Path(self.dirpath).expanduser())  # as ModelCheckpoint's dirpath
         object.__setattr__(self, "formats", tuple(self.formats))
 
     def export_options(self) -> Dict[str, Any]:
