@@ -245,7 +245,9 @@ def _read(source: RecipeSource) -> tuple[DictConfig, Optional[str]]:
         loaded = OmegaConf.load(path)
     except Exception as err:  # yaml's errors carry the line and column
         raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {_first_line(err, lines=3)}") from None
-    if not isinstance(loaded, DictConfig):
+    # OmegaConf reads a file holding one string as YAML text again: "just a string" became
+    # the section {"just a string": None}. What the file holds is what YAML reads.
+    if not isinstance(loaded, DictConfig) or not isinstance(yaml.safe_load(path.read_text()) or {}, dict):
         raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of sections, not a list or a value")
     return loaded, str(path)
 

@@ -199,6 +199,8 @@ MALFORMED = [
     ({"pruning": {"final_sparsity": 0.5}}, ["pruning.final_sparsity=high"], "pruning.final_sparsity expects a float"),
     ("pruning: [unclosed", None, "is not valid YAML"),
     ("- pruning\n- qat\n", None, "must hold a mapping of sections"),
+    ("just a string\n", None, "must hold a mapping of sections"),  # was "unknown recipe top-level section 'just a string'"
+    ("root:x:0:0:root:/root:/bin/bash\n", None, "must hold a mapping of sections"),  # not a file's text echoed back
     ("", None, "the recipe has no compression section"),
     ("pruning:\n  final_sparsity: 0.5\npruning:\n  final_sparsity: 0.6\n", None, "is not valid YAML"),
 ]
