@@ -281,6 +281,25 @@ def test_existing_directory_needs_overwrite_and_survives_a_failed_export(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_file_at_out_dir_is_refused_as_such_with_or_without_overwrite(tmp_path):
+    """The refusal said "pass overwrite=True", which then failed as "not a directory"."""
+    (tmp_path / "victim.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match=r"victim\.txt exists and is not a directory; export to a directory path"):
+            export(quantized_mlp(QuantSpec(8)), tmp_path / "victim.txt", overwrite=overwrite)
+    assert (tmp_path / "victim.txt").read_text() == "mine"
+
+
+def test_the_report_says_larger_when_the_file_is_larger_than_the_float_model(tmp_path):
+    """Nothing quantized or pruned: headers and metadata make the file a little larger; it
+    said "0.98x smaller"."""
+    report = export(nn.Sequential(nn.Linear(8, 4)), tmp_path / "out")
+    assert report.file_bytes > report.float32_bytes == (8 * 4 + 4) * 4
+    assert f"({report.file_bytes / report.float32_bytes:.2f}x larger: nothing is quantized" in report.table()
+    assert "smaller" not in report.table()
+    assert "x smaller)" in export(quantized_mlp(QuantSpec(4, "group", 32)), tmp_path / "q").table()
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

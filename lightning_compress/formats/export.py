@@ -144,10 +144,10 @@ def export(
     validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
     validate_export_formats(formats, inputs, tokenizer, onnx_activations, onnx_dynamic_sequence, model)
     out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():  # first: overwrite=True would not replace a file
+        raise ExportError(f"{out_dir} exists and is not a directory; export to a directory path")
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory")
     refuse_stale(out_dir, overwrite)
     if "onnx" in formats:
         _refuse_onnx_misfits(model, onnx_activations)

@@ -73,7 +73,9 @@ class ExportReport:
         lines = [format_table(f"export {self.directory}", header, self.rows)]
         lines.append(
             f"model.safetensors: {self.file_bytes:,} bytes; float32: {self.float32_bytes:,} bytes"
-            f" ({self.compression_ratio:.2f}x smaller)"
+            + (f" ({self.compression_ratio:.2f}x smaller)" if self.file_bytes < self.float32_bytes else
+               f" ({self.file_bytes / max(self.float32_bytes, 1):.2f}x larger: nothing is quantized or stored sparse"
+               " here, and the file holds headers and metadata)")
         )
         if self.parity is not None:
             lines.append("parity: " + self.parity.summary())
