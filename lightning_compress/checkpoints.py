@@ -185,9 +185,11 @@ def export_checkpoint(
     return writer.write(model, evaluation_batches(datamodule) if datamodule is not None else ())
 
 
-def build_from_hyperparameters(cls: type, saved: Any, what: str = "hyperparameters") -> Any:
+def build_from_hyperparameters(cls: type, saved: Any, what: str = "hyperparameters", *,
+                               checkpoint: bool = True) -> Any:
     """``cls(**saved)``: a LightningModule or LightningDataModule rebuilt from the
-    hyperparameters a checkpoint holds (``what`` names them in the error).
+    hyperparameters a checkpoint holds (``what`` names them in the error); without a
+    ``checkpoint``, ``cls()``.
 
     Raises:
         RecipeError: when they do not fit ``cls``'s ``__init__``.
@@ -197,6 +199,9 @@ def build_from_hyperparameters(cls: type, saved: Any, what: str = "hyperparamete
     try:
         return cls(**hyperparameters)
     except TypeError as err:
+        if not checkpoint:
+            raise RecipeError(f"cannot build {cls.__name__} without arguments: {err}; give it defaults, or pass a"
+                              " --checkpoint whose hyperparameters (save_hyperparameters()) build it") from None
         raise RecipeError(
             f"cannot build {cls.__name__} from the checkpoint's {what} {sorted(hyperparameters)}:"
             f" {err}; call save_hyperparameters() in its __init__"

@@ -40,6 +40,13 @@ class RecipeMLP(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
+class NeedsWidth(RecipeMLP):
+    """A module whose constructor has an argument without a default."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(hidden=width)
+
+
 class RecipeData(pl.LightningDataModule):
     """A fixed random classification task (labels from a fixed random linear map)."""
 

@@ -187,6 +187,8 @@ ERRORS = [
     # Lightning's unpickling error on a file that is not a checkpoint was a traceback (exit 1).
     (["fit", "--recipe", "qat.yaml", "--model", MODEL, "--data", "tests.cli_models.RecipeData", "--ckpt_path",
       "garbage.ckpt"], "checkpoint 'garbage.ckpt' cannot be loaded with weights_only=True"),
+    (["sensitivity", "--model", "tests.cli_models.NeedsWidth", "--data", "tests.cli_models.RecipeData"],
+     "cannot build NeedsWidth without arguments: "),  # it named "the checkpoint's hyperparameters []", with none
     (["inspect", "missing"], "'missing' is neither a packed directory nor a checkpoint file"),
     (["inspect", "garbage.ckpt"], "cannot be loaded with weights_only=True"),
     (["inspect", "fake_packed"], "not a lightning-compress packed model"),

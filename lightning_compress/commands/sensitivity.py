@@ -177,7 +177,7 @@ def _model(path: str, checkpoint_path: Optional[str]):
     if checkpoint_path is not None:
         checkpoint = read_checkpoint(checkpoint_path)
     try:
-        model = build_from_hyperparameters(model_class, checkpoint.get("hyper_parameters"))
+        model = build_from_hyperparameters(model_class, checkpoint.get("hyper_parameters"), checkpoint=bool(checkpoint))
     except RecipeError as err:
         raise CommandError(f"--model {path}: {err}") from None
     if checkpoint:
@@ -199,7 +199,7 @@ def _loader(model: pl.LightningModule, data: Optional[str], checkpoint: Mapping[
         raise CommandError(f"--data must be a LightningDataModule class, got {data}")
     try:
         datamodule = build_from_hyperparameters(data_class, checkpoint.get("datamodule_hyper_parameters"),
-                                                "datamodule hyperparameters")
+                                                "datamodule hyperparameters", checkpoint=bool(checkpoint))
     except RecipeError as err:
         raise CommandError(f"--data {data}: {err}") from None
     return evaluation_batches(datamodule)
