@@ -112,7 +112,7 @@ def test_a_resume_with_more_epochs_continues_the_schedule_the_fractions_resolved
     run(3, *fractions(), extra=[StopAfterEpoch(1, path)])  # steps 0-15: pruned to 0.45, QAT on since 12
     prune, qat = fractions()
     with pytest.warns(UserWarning, match=r"MagnitudePruning: this run has 32 optimizer steps, the run it resumes had"
-                                         r" 24; `start_step`=0\.25, `end_step`=0\.75 still resolve against 24"):
+                                         r" 24; `start_step`=0\.25 at step 6, `end_step`=0\.75 at step 18 stay"):
         resumed = run(4, prune, qat, ckpt_path=path)
     assert qat._start == 12 and prune._window[:2] == (6, 18)
     for key, value in reference.state_dict().items():
@@ -125,3 +125,53 @@ def test_a_run_length_that_is_not_a_number_is_refused(stopped):
     edit(stopped, lambda s: s.update(total_steps="24"))
     with pytest.raises(ValueError, match=r"MagnitudePruning state is malformed \(`total_steps` '24' is not a number\)"):
         resume(stopped, pruning(), QuantizationAwareTraining("int8", start_step=4))
+
+
+def test_a_shorter_resume_keeps_the_window_and_says_it_will_not_end(tmp_path):
+    """Resumed with 16 steps where the run had 24, the window 0.25-0.75 stays at steps 6-18,
+    and the end-of-run warning is about this run: step 18 is past its 16 steps."""
+    import warnings
+
+    path = tmp_path / "epoch0.ckpt"
+    torch.manual_seed(0)
+    make_trainer(max_epochs=3, callbacks=[MagnitudePruning(0.5, start_step=0.25, end_step=0.75, update_every=2),
+                                          StopAfterEpoch(0, path)]).fit(TinyRegressor(), tiny_loader())
+    prune = MagnitudePruning(0.5, start_step=0.25, end_step=0.75, update_every=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(max_epochs=2, callbacks=[prune]).fit(TinyRegressor(), tiny_loader(), ckpt_path=path)
+    messages = [str(w.message) for w in caught]
+    assert prune._window[:2] == (6, 18)
+    assert any("`end_step` is step 18 but the run has 16 optimizer steps; `final_sparsity`=0.5 will not be reached"
+               in m for m in messages), messages
+    assert any("the run it resumes had 24; `start_step`=0.25 at step 6, `end_step`=0.75 at step 18 stay" in m
+               for m in messages), messages
+
+
+def test_absolute_steps_keep_no_run_length_and_warn_about_this_run(tmp_path):
+    """Steps given as ints do not depend on the length: nothing is kept, and a longer
+    resume does not warn that `end_step` 20 lies past the first run's 16 steps."""
+    import warnings
+
+    path = tmp_path / "epoch0.ckpt"
+    torch.manual_seed(0)
+    first = MagnitudePruning(0.5, start_step=4, end_step=20, update_every=2)
+    with pytest.warns(UserWarning, match="`end_step` is step 20 but the run has 16 optimizer steps"):
+        make_trainer(max_epochs=2, callbacks=[first, StopAfterEpoch(0, path)]).fit(TinyRegressor(), tiny_loader())
+    assert "total_steps" not in torch.load(path, weights_only=True)["callbacks"][first.state_key]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(will not be reached|the run it resumes had)")
+        make_trainer(max_epochs=4, callbacks=[MagnitudePruning(0.5, start_step=4, end_step=20, update_every=2)]).fit(
+            TinyRegressor(), tiny_loader(), ckpt_path=path)
+
+
+def test_a_checkpoint_saved_after_validate_keeps_the_run_length(tmp_path):
+    """validate() between fit and save_checkpoint set the callbacks up again; the length
+    the fractions resolved against must survive it."""
+    torch.manual_seed(0)
+    qat = QuantizationAwareTraining("int8", start_step=0.5)
+    trainer = make_trainer(max_epochs=3, callbacks=[qat])
+    trainer.fit(TinyRegressor(), tiny_loader())
+    trainer.validate(trainer.lightning_module, tiny_loader(batches=2), verbose=False)
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    assert torch.load(tmp_path / "after.ckpt", weights_only=True)["callbacks"][qat.state_key]["total_steps"] == 24

@@ -232,7 +232,7 @@ class CompressionCallback(Callback):
     # ------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.run_length.total = None  # this fit's, unless its checkpoint (restored after setup) says
+        self.run_length.begin(stage)  # before a checkpoint's state, restored after setup
         prepare_stack(trainer, pl_module, stage)
         self.install(trainer, pl_module, stage)
         if overrides_configure_model(pl_module):  # a layer it builds would come after this setup

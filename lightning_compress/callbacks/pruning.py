@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import LayerCompressionCallback
 from lightning_compress.core.distributed import broadcast_from_rank_zero, is_distributed
 from lightning_compress.core.memory import release_after
+from lightning_compress.core.schedule import fractional_steps
 from lightning_compress.core.sharding import local, resharded, shard_like
 from lightning_compress.core.targeting import weight_param
 from lightning_compress.core.tracking import log_line_chart
@@ -37,7 +38,6 @@ from lightning_compress.sparsity.masks import (
     pack_mask,
     unpack_mask,
 )
-from lightning_compress.core.schedule import fractional_steps
 from lightning_compress.sparsity.schedules import schedule_window, scheduled_sparsity
 
 # With `update_every=None` the masks change this many times over the schedule.
@@ -177,7 +177,7 @@ class MagnitudePruning(LayerCompressionCallback):
         # loop state is restored Lightning then drops a resumable loader's position (a mid-epoch resume would replay).
         total = trainer.estimated_stepping_batches
         fractions = fractional_steps(self.config, ("start_step", "end_step"))  # resumed: the run's length kept
-        self._window = self._resolve_window(self.run_length.resolve(trainer, type(self).__name__, fractions))
+        self._window = self._resolve_window(total, self.run_length.resolve(trainer, type(self).__name__, fractions))
         if self._norms is not None and trainer.global_step == 0 and self._scheduled(0):
             raise ArgumentError("start_step", wanda_start_message(self.start_step))
         if math.isfinite(total):
@@ -338,9 +338,9 @@ class MagnitudePruning(LayerCompressionCallback):
             self._update_masks(target)
         return target
 
-    def _resolve_window(self, total_steps: float) -> tuple[int, int, int]:
+    def _resolve_window(self, total_steps: float, length: float) -> tuple[int, int, int]:
         start, end = schedule_window(self.start_step, self.end_step, total_steps, one_shot=self.schedule == "one_shot",
-                                     final_sparsity=self.final_sparsity, warn=rank_zero_warn)
+                                     final_sparsity=self.final_sparsity, warn=rank_zero_warn, length=length)
         every = self.update_every or max(1, (end - start) // _DEFAULT_UPDATES)
         return start, end, every
 

@@ -77,6 +77,12 @@ class RunLength:
     def __init__(self) -> None:
         self.total: float | None = None  # None until this fit decides it (or a checkpoint gives it)
 
+    def begin(self, stage: str) -> None:
+        """A new fit decides its own length (unless its checkpoint gives one); a
+        ``validate``/``test`` between fits keeps it for the checkpoints saved after."""
+        if stage == "fit":
+            self.total = None
+
     def state(self) -> dict:
         """``{"total_steps": ...}`` for a checkpoint, once a step resolved against it."""
         return {} if self.total is None else {"total_steps": self.total}
@@ -95,20 +101,26 @@ class RunLength:
 
     def resolve(self, trainer, owner: str, fractions: dict) -> float:
         """The length to resolve ``fractions`` (``{argument: value}``, the fractional step
-        arguments) against: the checkpoint's, with a warning when it differs from this
-        run's and a fraction depends on it; else this run's."""
+        arguments) against: the checkpoint's, with a warning where a step would resolve
+        elsewhere in this run's; else this run's, kept from now on. Without fractions
+        nothing depends on it, and nothing is kept."""
         now = trainer.estimated_stepping_batches
+        if not fractions:
+            return now
         if self.total is None:
             self.total = now
-        elif self.total != now and fractions:
-            from lightning.pytorch.utilities import rank_zero_warn
+        elif self.total != now and math.isfinite(now):
+            kept = {name: int(round(value * self.total)) for name, value in fractions.items()}
+            moved = {name: step for name, step in kept.items() if step != int(round(fractions[name] * now))}
+            if moved:
+                from lightning.pytorch.utilities import rank_zero_warn
 
-            given = ", ".join(f"`{name}`={value}" for name, value in fractions.items())
-            rank_zero_warn(
-                f"{owner}: this run has {now} optimizer steps, the run it resumes had {self.total}; {given} still"
-                f" resolve{'s' if len(fractions) == 1 else ''} against {self.total}, so the schedule continues where it was. Give absolute steps (ints)"
-                " in a new run to place it in a longer one"
-            )
+                given = ", ".join(f"`{name}`={fractions[name]} at step {step}" for name, step in moved.items())
+                rank_zero_warn(
+                    f"{owner}: this run has {now} optimizer steps, the run it resumes had {self.total}; {given} stay"
+                    " where they resolved in that run, so the schedule continues where it was (to lay it out over"
+                    " the new length, start a new run from the checkpoint's weights)"
+                )
         return self.total
 
 

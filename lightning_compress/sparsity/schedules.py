@@ -12,15 +12,19 @@ SCHEDULES = ("cubic", "linear", "one_shot")
 
 
 def schedule_window(start_step: StepLike, end_step: StepLike, total_steps: float, *, one_shot: bool,
-                    final_sparsity: float, warn: Callable[[str], None] = warnings.warn) -> tuple[int, int]:
-    """The optimizer steps the schedule starts and ends at in a run of ``total_steps``;
-    ``warn`` (Lightning's ``rank_zero_warn`` under DDP) says where it will not run as set.
+                    final_sparsity: float, warn: Callable[[str], None] = warnings.warn,
+                    length: float | None = None) -> tuple[int, int]:
+    """The optimizer steps the schedule starts and ends at in a run of ``total_steps``,
+    fractions resolved against ``length`` (default ``total_steps``; a resumed run's
+    :class:`~lightning_compress.core.schedule.RunLength`); ``warn`` (Lightning's
+    ``rank_zero_warn`` under DDP) says where it will not run as set.
 
     Raises:
         ArgumentError: a fraction made ``end_step`` resolve before ``start_step``.
     """
-    start = resolve_step("start_step", start_step, total_steps)
-    end = resolve_step("end_step", end_step, total_steps)
+    length = total_steps if length is None else length
+    start = resolve_step("start_step", start_step, length)
+    end = resolve_step("end_step", end_step, length)
     if one_shot:
         return start, start
     if end == start and isinstance(end_step, float) and (isinstance(start_step, float) or start_step == 0):
@@ -28,7 +32,7 @@ def schedule_window(start_step: StepLike, end_step: StepLike, total_steps: float
         # test still runs, with the ramp over one step. (An int start_step that a fractional
         # end_step reaches no later is a setting that does not fit the run: refused below.)
         warn(
-            f"MagnitudePruning: this run of {total_steps} steps is too short for `start_step`={start_step} and"
+            f"MagnitudePruning: this run of {length} steps is too short for `start_step`={start_step} and"
             f" `end_step`={end_step}: both resolve to step {start}, so the schedule ramps from step {start} to"
             f" step {start + 1}"
         )
@@ -36,7 +40,7 @@ def schedule_window(start_step: StepLike, end_step: StepLike, total_steps: float
     if end <= start:
         raise ArgumentError(
             "end_step",
-            f"`end_step` resolves to step {end}, not after `start_step` (step {start}) in this run of {total_steps}"
+            f"`end_step` resolves to step {end}, not after `start_step` (step {start}) in this run of {length}"
             " steps; move `end_step` later",
         )
     if end > total_steps:
