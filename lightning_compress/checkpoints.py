@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_compress.callbacks.export import CompressedExport
 from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_checkpoint
+from lightning_compress.core.filesystem import user_path
 from lightning_compress.formats.export import ExportReport
 from lightning_compress.recipes import Recipe, RecipeError, load_recipe
 
@@ -36,7 +37,7 @@ def read_checkpoint(path: Union[str, os.PathLike], mmap: bool = False) -> Dict[s
         FileNotFoundError: when there is no such file.
         RecipeError: when the file is not a checkpoint that loads safely.
     """
-    path = Path(path)
+    path = user_path(path, "checkpoint")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
     try:
@@ -61,7 +62,10 @@ def load_weights(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
     """
     try:
         model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:  # torch's "Error(s) in loading state_dict for ...", one line per kind
+    except RuntimeError as err:
+        if not str(err).startswith("Error(s) in loading state_dict"):
+            raise  # not a mismatch (a load hook's own error, out of memory): as it is
+        # torch's message: a first line, then one line per kind of mismatch
         details = "; ".join(line.strip() for line in str(err).splitlines()[1:4] if line.strip())
         raise RecipeError(
             f"the checkpoint's weights do not fit {type(model).__name__} ({details[:600]}); pass the model class"

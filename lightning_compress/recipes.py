@@ -242,12 +242,13 @@ def _read(source: RecipeSource) -> tuple[DictConfig, Optional[str]]:
         raise RecipeError(f"a recipe is a YAML file path or a mapping, got {type(source).__name__}")
     path = _locate(source)
     try:
-        loaded = OmegaConf.load(path)
+        # What the file holds first, as YAML reads it: OmegaConf reads a file holding one
+        # string as YAML text again ("just a string" became the section {"just a string": None}).
+        held = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = OmegaConf.load(path) if isinstance(held, dict) or held is None else None
     except Exception as err:  # yaml's errors carry the line and column
         raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {_first_line(err, lines=3)}") from None
-    # OmegaConf reads a file holding one string as YAML text again: "just a string" became
-    # the section {"just a string": None}. What the file holds is what YAML reads.
-    if not isinstance(loaded, DictConfig) or not isinstance(yaml.safe_load(path.read_text()) or {}, dict):
+    if not isinstance(loaded, DictConfig):
         raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of sections, not a list or a value")
     return loaded, str(path)
 

@@ -430,3 +430,23 @@ def test_fit_with_a_csv_logger_ends_with_exit_0(tmp_path, monkeypatch, capsys):
     metrics = list((tmp_path / "logs").rglob("metrics.csv"))
     assert len(metrics) == 1 and "pruning/sparsity_actual" in metrics[0].read_text().splitlines()[0]
     assert (tmp_path / "packed" / "model.safetensors").is_file()
+
+
+def test_only_a_state_dict_mismatch_is_reworded_as_the_wrong_model():
+    """A load hook's own error (or running out of memory) is not a checkpoint of another
+    model: it goes on as it is, not as "the checkpoint's weights do not fit ... ()"."""
+    from lightning_compress.checkpoints import load_weights
+    from lightning_compress.recipes import RecipeError
+
+    class RefusesToLoad(RecipeMLP):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            raise RuntimeError("the hook says no")
+
+    checkpoint = {"state_dict": RecipeMLP().state_dict()}
+    with pytest.raises(RuntimeError, match="^the hook says no$"):
+        load_weights(RefusesToLoad(), checkpoint)
+    with pytest.raises(RecipeError, match=r"do not fit RecipeMLP \(size mismatch for net\.0\.weight"):
+        load_weights(RecipeMLP(hidden=64), checkpoint)
+    model = RecipeMLP()
+    load_weights(model, checkpoint)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint["state_dict"].items())

@@ -132,6 +132,11 @@ def test_a_dirpath_starting_with_a_tilde_is_in_the_home_directory(tmp_path, monk
     round_to_nearest(model, QuantSpec(8, "channel"))
     export(model, "~/by_hand")
     assert (tmp_path / "home" / "by_hand" / WEIGHTS_FILE).is_file() and not (tmp_path / "~").exists()
+    x = tiny_loader(batches=1).dataset.tensors[0]
+    with torch.no_grad():  # and the loaders read it back from there
+        assert torch.equal(load_packed("~/by_hand", TinyRegressor())(x), model(x))
+    with pytest.raises(ArgumentError, match=r"`dirpath`='~no_such_user_here/packed': its leading ~ names no home"):
+        CompressedExport("~no_such_user_here/packed")
 
 
 # ====================================================================== at the end

@@ -201,6 +201,8 @@ MALFORMED = [
     ("- pruning\n- qat\n", None, "must hold a mapping of sections"),
     ("just a string\n", None, "must hold a mapping of sections"),  # was "unknown recipe top-level section 'just a string'"
     ("root:x:0:0:root:/root:/bin/bash\n", None, "must hold a mapping of sections"),  # not a file's text echoed back
+    ("0\n", None, "must hold a mapping of sections"),  # was "is not valid YAML: Invalid loaded object type: int"
+    ("true\n", None, "must hold a mapping of sections"),
     ("", None, "the recipe has no compression section"),
     ("pruning:\n  final_sparsity: 0.5\npruning:\n  final_sparsity: 0.6\n", None, "is not valid YAML"),
 ]

@@ -43,7 +43,8 @@ class CompressedExport(CompressionCallback):
     kept in ``<dirpath>.failed-parity/`` (with ``parity.json``; ``load_packed`` refuses
     them unless ``allow_failed_parity=True``) and fit raises
     :class:`~lightning_compress.formats.errors.ParityError` naming that directory and
-    the worst layers. Under DDP, rank 0 writes and the other ranks wait (and raise the
+    the worst layers (when the model itself raises on the check's inputs, the files are
+    kept there too, with an ``ExportError`` carrying its error). Under DDP, rank 0 writes and the other ranks wait (and raise the
     same error).
 
     Nothing trained is lost at the end: when ``dirpath`` cannot be written then (a full
@@ -300,10 +301,9 @@ class CompressedExport(CompressionCallback):
         loaders = trainer.val_dataloaders or trainer.train_dataloader
         if loaders is None:
             return
-        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         for batch in loaders[0] if isinstance(loaders, Sequence) else loaders:
             batch = pl_module._on_before_batch_transfer(trainer.precision_plugin.convert_input(batch))
-            yield pl_module._apply_batch_transfer_handler(batch, device=device)
+            yield pl_module._apply_batch_transfer_handler(batch, device=trainer.strategy.root_device)
 
     def _log_artifact(self, trainer: Trainer) -> None:
         # The files are written and verified: a tracking failure must not fail the run.

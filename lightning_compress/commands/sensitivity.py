@@ -86,11 +86,11 @@ def run_sensitivity(argv: List[str]) -> int:
     candidate_bits = check_bits([_bits(b) for b in args.bits])
     if args.budget_bits is not None:  # before the measurement, which may take hours
         check_budget(args.budget_bits, candidate_bits)
-    _check_writable(output)  # before the measurement too
     model, checkpoint = _model(args.model, args.checkpoint)
     batches = list(itertools.islice(_loader(model, args.data, checkpoint), args.batches))
     if not batches:
         raise CommandError("the data gave no batches; check --data (its validation set may be empty)")
+    _check_writable(output)  # before the measurement, once nothing else can fail first
     report = layer_sensitivity(
         model, batches, bits=candidate_bits, sparsities=args.sparsity, group_size=args.group_size,
         targets=_targets(args.targets), exclude=_targets(args.exclude), reference=args.reference,

@@ -199,3 +199,19 @@ __all__ = [
     "rename_noreplace",
     "write_lock",
 ]
+
+
+def user_path(path: str | os.PathLike, argument: str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded, as a shell (and Lightning's
+    ``ModelCheckpoint``) does: ``~/packed`` is in the home directory, not a folder named ``~``.
+
+    Raises:
+        ArgumentError: ``~user`` names no home directory (naming ``argument``).
+    """
+    from lightning_compress.core.validate import ArgumentError
+
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory"
+        raise ArgumentError(argument, f"`{argument}`={str(path)!r}: its leading ~ names no home directory on this"
+                                      " machine; give the path in full") from None

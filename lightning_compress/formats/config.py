@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from torch import Tensor
 
+from lightning_compress.core.filesystem import user_path
 from lightning_compress.core.validate import (
     ArgumentError,
     check_bool,
@@ -78,7 +79,7 @@ class ExportConfig:
         onnx = isinstance(self.formats, (list, tuple)) and "onnx" in self.formats
         validate_export_formats(self.formats, [None] if onnx else None, self.tokenizer, self.onnx_activations,
                                 self.onnx_dynamic_sequence)
-        object.__setattr__(self, "dirpath", Path(self.dirpath).expanduser())  # as ModelCheckpoint's dirpath
+        object.__setattr__(self, "dirpath", user_path(self.dirpath, "dirpath"))  # ~ expanded, as ModelCheckpoint's
         object.__setattr__(self, "formats", tuple(self.formats))
 
     def export_options(self) -> Dict[str, Any]:

@@ -11,6 +11,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_directory, remove_directory
+from lightning_compress.core.filesystem import user_path
 from lightning_compress.core.memory import release_freed_memory
 from lightning_compress.core.recompute import export_checks
 from lightning_compress.core.validate import ArgumentError, plain_values
@@ -143,7 +144,7 @@ def export(
     """
     validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
     validate_export_formats(formats, inputs, tokenizer, onnx_activations, onnx_dynamic_sequence, model)
-    out_dir = Path(out_dir).expanduser()
+    out_dir = user_path(out_dir, "out_dir")
     if out_dir.exists() and not out_dir.is_dir():  # first: overwrite=True would not replace a file
         raise ExportError(f"{out_dir} exists and is not a directory; export to a directory path")
     if out_dir.exists() and not overwrite:

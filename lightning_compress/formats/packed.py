@@ -409,7 +409,8 @@ def open_packed(directory: Union[str, os.PathLike]) -> PackedModel:
     ``model.safetensors`` read and checked, the weights' SHA-256 verified (read in chunks);
     tensors are read when asked for. Every problem raises :class:`PackedFormatError`."""
     from lightning_compress.core.atomic import recover_directory
-    directory = Path(directory)
+    from lightning_compress.core.filesystem import user_path
+    directory = user_path(directory, "directory")
     if not directory.is_dir() and not recover_directory(directory):  # puts back what a killed export moved
         raise PackedFormatError(f"{directory}: no such directory")
     metadata = read_metadata(directory)

@@ -74,8 +74,7 @@ class ExportReport:
         lines.append(
             f"model.safetensors: {self.file_bytes:,} bytes; float32: {self.float32_bytes:,} bytes"
             + (f" ({self.compression_ratio:.2f}x smaller)" if self.file_bytes < self.float32_bytes else
-               f" ({self.file_bytes / max(self.float32_bytes, 1):.2f}x larger: nothing is quantized or stored sparse"
-               " here, and the file holds headers and metadata)")
+               f" ({self.file_bytes / max(self.float32_bytes, 1):.2f}x that: not smaller)")
         )
         if self.parity is not None:
             lines.append("parity: " + self.parity.summary())
@@ -219,7 +218,7 @@ def _note_float_trained(model: nn.Module, notes: List[str]) -> None:
                 " on their grid: their fake quantization is off (QuantizationAwareTraining's start_step not reached),"
                 " so they are packed as round to nearest of weights trained in float (PTQ), not as trained with QAT")
         notes.append(note)
-        warnings.warn(note, UserWarning, stacklevel=4)
+        warnings.warn(note, UserWarning, stacklevel=2)
 
 
 def _finish_body(body: Dict[str, Any], report: ExportReport, sha256: str, size: int) -> None:
