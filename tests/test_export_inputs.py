@@ -451,6 +451,59 @@ def test_a_bf16_true_run_checks_its_export_on_inputs_in_the_dtype_the_steps_get(
     assert fake_quant.dtype == packed.dtype == torch.bfloat16 and torch.equal(fake_quant, packed)
 
 
+class MakesATensor(TwoInputs):
+    """Its forward makes a tensor (as a positional table is made): in the default dtype,
+    which Lightning's "-true" precisions set to the weights' around every step."""
+
+    def forward(self, x, context):
+        return super().forward(x * torch.ones(x.shape[-1]), context)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_the_export_checks_run_the_forward_under_the_default_dtype_the_steps_ran_under(tmp_path, seeded, precision,
+                                                                                        dtype):
+    """The dry export (before the first step) and the check at the end ran the forward
+    with float32 as the default dtype: torch.ones(16) met bfloat16 weights ("mat1 and
+    mat2 must have the same dtype"), before training with the dry export, after it
+    without (the files then kept aside as unchecked)."""
+    module = MakesATensor()
+    export_cb = CompressedExport(tmp_path / "packed")
+    make_trainer(max_steps=3, precision=precision,
+                 callbacks=[QuantizationAwareTraining("int8"), export_cb]).fit(
+        module, two_input_loader(3, 0), two_input_loader(2, 1))
+    assert export_cb.dry_report is not None and export_cb.report.parity.relative_error == 0.0
+    assert torch.get_default_dtype() == torch.float32  # put back
+    x, context, _ = next(iter(two_input_loader(1, seed=2)))
+    module.eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.no_grad():
+            expected = module(x.to(dtype), context.to(dtype))
+            packed = load_packed(tmp_path / "packed", MakesATensor().to(dtype))(x.to(dtype), context.to(dtype))
+    finally:
+        torch.set_default_dtype(previous)
+    assert packed.dtype == dtype and torch.equal(packed, expected)
+
+
+def test_the_int8_gemm_probe_does_not_depend_on_the_callers_default_dtype():
+    """It is checked once per process: run first under a bfloat16 default (a bf16-true
+    model's check), its float tensors were bfloat16 and the kernel stayed off for good."""
+    from lightning_compress.formats.int8_gemm import int8_gemm_available, one_token_gemm_available
+
+    for probe in (int8_gemm_available, one_token_gemm_available):
+        probe.cache_clear()
+        expected = probe()
+        probe.cache_clear()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            assert probe() == expected
+        finally:
+            torch.set_default_dtype(previous)
+        assert torch.get_default_dtype() == previous
+
+
 class ScalesItsBytes(TwoInputs):
     """The loader yields uint8 rows; ``on_after_batch_transfer`` makes them floats in
     [0, 1] (as image pipelines do on the device): a Linear cannot take the raw batch."""

@@ -82,7 +82,25 @@ _SMALLEST_PRODUCT = float(torch.finfo(torch.float32).smallest_normal)
 _ENGINE_SWITCH = threading.Lock()
 
 
+def _float32_default(function):
+    """``function`` run with float32 as torch's default dtype, whatever its caller set
+    (Lightning's ``"bf16-true"`` sets bfloat16 around every step, and the export's checks
+    run a bfloat16 model that way): its probes and tensors are float32 kernels' inputs, and
+    a probe that failed for a caller's default would stay failed (it is checked once)."""
+    @functools.wraps(function)
+    def with_float32_default(*args, **kwargs):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+
+    return with_float32_default
+
+
 @functools.lru_cache(maxsize=None)
+@_float32_default
 def int8_gemm_available() -> Optional[str]:
     """``None`` when the int8 GEMM runs exactly here, else why it does not (checked once)."""
     generator = torch.Generator().manual_seed(0)
@@ -109,6 +127,7 @@ def int8_gemm_available() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
+@_float32_default
 def one_token_gemm_available() -> Optional[str]:
     """``None`` when fbgemm's one-token kernel rounds its input as training does (but for
     values at a code midpoint) and does not saturate here, else why not (checked once)."""
@@ -181,6 +200,7 @@ class Int8Gemm:
     pickles of the module prepare them again from ``codes``.
     """
 
+    @_float32_default
     def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor, trained_codes: bool = True) -> None:
         self._arguments = (codes, scale, zero_point, trained_codes)  # what copies and pickles are made from
         self.trained_codes = trained_codes  # trained with int8 dynamic activations: keep their codes

@@ -3,8 +3,9 @@ relative error and SQNR of one output against another, as running sums over batc
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, List, Mapping, Sequence
+from typing import Any, Iterator, List, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +88,25 @@ def _collect_floating(value: Any, found: List[Tensor]) -> None:
             _collect_floating(item, found)
 
 
+@contextlib.contextmanager
+def trained_default_dtype(model: nn.Module) -> Iterator[None]:
+    """Torch's default dtype as a model whose floating parameters are all bfloat16, float16
+    or float64 trained under: Lightning's ``"bf16-true"``, ``"16-true"`` and ``"64-true"``
+    set it around every step, so a tensor the forward makes (``torch.ones``, a positional
+    table) is in the weights' dtype; the export's checks run the forward the same way."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if dtype not in (torch.bfloat16, torch.float16, torch.float64):
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def call_model(model: nn.Module, inputs: Any, index: int | None = None, *, packed_failed: Sequence = ()) -> Any:
     """``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict, else ``model(inputs)``.
 
@@ -96,11 +116,12 @@ def call_model(model: nn.Module, inputs: Any, index: int | None = None, *, packe
     :func:`raised_by_the_model` tells it apart from a failure of the packed files.
     """
     try:
-        if isinstance(inputs, Mapping):
-            return model(**inputs)
-        if isinstance(inputs, (tuple, list)):
-            return model(*inputs)
-        return model(inputs)
+        with trained_default_dtype(model):
+            if isinstance(inputs, Mapping):
+                return model(**inputs)
+            if isinstance(inputs, (tuple, list)):
+                return model(*inputs)
+            return model(inputs)
     except Exception as error:
         if index is not None and not packed_failed:
             error.add_note(model_call_note(model, inputs, index))
