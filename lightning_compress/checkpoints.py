@@ -38,6 +38,8 @@ def read_checkpoint(path: Union[str, os.PathLike], mmap: bool = False) -> Dict[s
         RecipeError: when the file is not a checkpoint that loads safely.
     """
     path = user_path(path, "checkpoint")
+    if path.is_dir():
+        raise RecipeError(f"checkpoint {str(path)!r} is a directory; pass the checkpoint file (a .ckpt) in it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
     try:
@@ -67,8 +69,9 @@ def load_weights(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
             raise  # not a mismatch (a load hook's own error, out of memory): as it is
         # torch's message: a first line, then one line per kind of mismatch
         details = "; ".join(line.strip() for line in str(err).splitlines()[1:4] if line.strip())
+        details = details if len(details) <= 600 else details[:600].rsplit(",", 1)[0] + ", ..."
         raise RecipeError(
-            f"the checkpoint's weights do not fit {type(model).__name__} ({details[:600]}); pass the model class"
+            f"the checkpoint's weights do not fit {type(model).__name__} ({details}); pass the model class"
             " (--model) the run was trained with, built with the same hyperparameters"
         ) from None
 
@@ -208,7 +211,8 @@ def build_from_hyperparameters(cls: type, saved: Any, what: str = "hyperparamete
                               " --checkpoint whose hyperparameters (save_hyperparameters()) build it") from None
         raise RecipeError(
             f"cannot build {cls.__name__} from the checkpoint's {what} {sorted(hyperparameters)}:"
-            f" {err}; call save_hyperparameters() in its __init__"
+            f" {err}; is the checkpoint one of {cls.__name__}'s (pass the class it was saved from)? If so, call"
+            " save_hyperparameters() in its __init__"
         ) from None
 
 

@@ -79,7 +79,19 @@ def _is_user_error(err: BaseException) -> bool:
     from lightning_compress.recipes import RecipeError
 
     explicit = (CommandError, RecipeError, PackedFormatError, ExportError, ParityError, FileNotFoundError, argparse.ArgumentError)
-    return isinstance(err, explicit) or (isinstance(err, (ValueError, TypeError, FileExistsError)) and not training_started())
+    before = (ValueError, TypeError, FileExistsError, IsADirectoryError)  # IsADirectoryError: a --ckpt_path folder
+    return isinstance(err, explicit) or (isinstance(err, before) or _weights_of_another_model(err)) and not training_started()
+
+
+def _weights_of_another_model(err: BaseException) -> bool:
+    """torch's error for a checkpoint whose weights do not fit the model (Lightning's
+    restore of ``--ckpt_path``), given a note saying what to pass."""
+    if not (isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict")):
+        return False
+    if not any("--model" in note for note in getattr(err, "__notes__", ())):
+        err.add_note("the checkpoint holds another model's weights: pass the --model (and its arguments) the run"
+                     " was trained with")
+    return True
 
 
 def _fail(prefix: str, message: str) -> int:

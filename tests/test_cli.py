@@ -450,3 +450,32 @@ def test_only_a_state_dict_mismatch_is_reworded_as_the_wrong_model():
     model = RecipeMLP()
     load_weights(model, checkpoint)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint["state_dict"].items())
+
+
+def test_fit_from_a_plain_state_dict_file_a_folder_or_another_models_checkpoint_exits_2(tmp_path, monkeypatch, capsys):
+    """Before, a KeyError ('pytorch-lightning_version'), an IsADirectoryError and torch's
+    load_state_dict RuntimeError, each a traceback with exit 1."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    torch.save({"state_dict": RecipeMLP().state_dict(), "epoch": 3}, tmp_path / "plain.ckpt")
+    (tmp_path / "folder").mkdir()
+    torch.manual_seed(0)
+    trainer = make_trainer(max_steps=1, default_root_dir=str(tmp_path))
+    trainer.fit(RecipeMLP(hidden=64), RecipeData())
+    trainer.save_checkpoint(tmp_path / "wide.ckpt")
+    checkpoint = torch.load(tmp_path / "wide.ckpt", weights_only=True)
+    del checkpoint["hyper_parameters"]  # --model builds RecipeMLP() (128 wide); the weights are 64 wide
+    torch.save(checkpoint, tmp_path / "wide.ckpt")
+    base = ["fit", "--model", MODEL, "--data", DATA, "--trainer.max_epochs", "1", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"]
+    cases = [
+        ("plain.ckpt", "--ckpt_path plain.ckpt is not a checkpoint Lightning wrote (no 'pytorch-lightning_version'"),
+        ("folder", "Is a directory"),
+        ("wide.ckpt", "size mismatch for net.0.weight"),
+    ]
+    for path, fragment in cases:
+        assert main([*base, "--ckpt_path", path]) == 2, path
+        err = capsys.readouterr().err
+        assert_one_paragraph_error(err, fragment)
+        if path == "wide.ckpt":
+            assert "pass the --model (and its arguments) the run was trained with" in err

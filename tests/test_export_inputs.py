@@ -427,8 +427,9 @@ def test_a_model_that_cannot_run_on_the_inputs_is_not_blamed_on_the_packed_files
         export(model, tmp_path / "out", inputs=[(x,), (x, x)])
     assert caught.value.__notes__ == [
         "RefusesWideBatches.forward raised this on the export's inputs[1] as x=tensor[2, 8], scale=tensor[2, 8]. The"
-        " export checks the packed model on these inputs (CompressedExport: what `input_fn` returns): pass inputs"
-        " forward takes, positionally in its order with None for the parameters between them, or as keywords"]
+        " export checks the packed model on these inputs (CompressedExport: what `input_fn` returns); if they are not"
+        " what forward takes, pass inputs it takes, positionally in its order with None for the parameters between"
+        " them, or as keywords"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -545,7 +546,7 @@ def test_a_model_that_cannot_run_on_the_inputs_at_fit_end_keeps_the_trained_expo
     """The error may end the process, and the run with it: the packed files are kept in
     <dirpath>.failed-parity (refused by load_packed unless asked) and the error says why
     the check could not run; export() called by hand keeps nothing (test above)."""
-    from lightning_compress.formats.errors import ExportError, FailedExportError
+    from lightning_compress.formats.errors import ExportError, FailedExportError, PackedFormatError
 
     module = RaisesOnFiveRows()
     export_cb = CompressedExport(tmp_path / "packed")
@@ -562,6 +563,8 @@ def test_a_model_that_cannot_run_on_the_inputs_at_fit_end_keeps_the_trained_expo
     assert caught.value.directory == kept and not (tmp_path / "packed").exists()
     with pytest.raises(FailedExportError):
         load_packed(kept, TwoInputs())
+    with pytest.raises(PackedFormatError, match=r"packed: no such directory; .*packed\.failed-parity holds the files"):
+        load_packed(tmp_path / "packed", TwoInputs())
     x, context, _ = next(iter(two_input_loader(1, seed=2)))
     module.eval()
     with pytest.warns(UserWarning), torch.no_grad():

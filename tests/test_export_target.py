@@ -135,6 +135,9 @@ def test_a_dirpath_starting_with_a_tilde_is_in_the_home_directory(tmp_path, monk
     x = tiny_loader(batches=1).dataset.tensors[0]
     with torch.no_grad():  # and the loaders read it back from there
         assert torch.equal(load_packed("~/by_hand", TinyRegressor())(x), model(x))
+    from lightning_compress.formats.inspection import inspect_path
+
+    assert "by_hand" in inspect_path("~/by_hand")
     with pytest.raises(ArgumentError, match=r"`dirpath`='~no_such_user_here/packed': its leading ~ names no home"):
         CompressedExport("~no_such_user_here/packed")
 

@@ -45,6 +45,7 @@ class CompressionCLI(LightningCLI):
         hyperparameters and imports and builds the class they name; a checkpoint is data,
         so that class must be the ``--model`` the user named, unless they trust it."""
         from lightning_compress.checkpoints import read_checkpoint
+        from lightning_compress.commands.errors import CommandError
 
         subcommand = self.config.get("subcommand")
         settings = self.config.get(subcommand) if subcommand else None
@@ -54,6 +55,12 @@ class CompressionCLI(LightningCLI):
             checkpoint = read_checkpoint(ckpt_path, mmap=True)
             if not self.trust_checkpoint_recipe:
                 self._check_checkpoint_classes(settings, ckpt_path, checkpoint.get("hyper_parameters") or {})
+            if "pytorch-lightning_version" not in checkpoint:  # Lightning's restore raised a KeyError
+                raise CommandError(
+                    f"--ckpt_path {ckpt_path} is not a checkpoint Lightning wrote (no 'pytorch-lightning_version'; a"
+                    " torch.save of a state dict?): resume from one a Trainer saved, or start a new run and load"
+                    " these weights into the model yourself"
+                )
         super()._parse_ckpt_path()
 
     @staticmethod

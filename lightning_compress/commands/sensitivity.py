@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_compress.commands.errors import CommandError
+from lightning_compress.core.filesystem import user_path
 
 CSV_NAME, PLOT_NAME, RECIPE_NAME = "sensitivity.csv", "sensitivity.png", "mixed_precision.yaml"
 _CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
@@ -76,11 +77,12 @@ def run_sensitivity(argv: List[str]) -> int:
         recipe_from_allocation,
     )
 
-    output = Path(args.output)
+    output = user_path(args.output, "-o")
     written = [output / CSV_NAME, output / PLOT_NAME] + ([output / RECIPE_NAME] if args.budget_bits is not None else [])
     existing = [str(path) for path in written if path.exists()]
     if existing and not args.overwrite:  # before any work
-        raise CommandError(f"{', '.join(existing)} already exist; pass --overwrite to replace them, or another -o")
+        raise CommandError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass --overwrite to"
+                           " replace them, or another -o")
     if args.batches < 1:
         raise CommandError(f"--batches must be a positive int, got {args.batches}")
     candidate_bits = check_bits([_bits(b) for b in args.bits])

@@ -89,7 +89,7 @@ def refusal(directory: str | os.PathLike, failure: str) -> FailedExportError:
     return FailedExportError(
         f"{directory} holds an export that failed its check ({failure}): it was kept so the run is not lost, but"
         " it is not verified to compute what the trained model computes. Read its parity.json; load it anyway"
-        " with load_packed(..., allow_failed_parity=True), or export again with thresholds it meets"
+        " with load_packed(..., allow_failed_parity=True), or export again once what it says is fixed"
     )
 
 

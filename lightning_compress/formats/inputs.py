@@ -111,8 +111,9 @@ def model_call_note(module: nn.Module, inputs: Any, index: int) -> str:
             pass
     binding = "" if bound is None else f" as {', '.join(f'{k}={_structure(v)}' for k, v in bound.items())}"
     return (f"{_describe(module)} raised this on the export's inputs[{index}]{binding}. The export checks the packed"
-            " model on these inputs (CompressedExport: what `input_fn` returns): pass inputs forward takes,"
-            " positionally in its order with None for the parameters between them, or as keywords")
+            " model on these inputs (CompressedExport: what `input_fn` returns); if they are not what forward takes,"
+            " pass inputs it takes, positionally in its order with None for the parameters between them, or as"
+            " keywords")
 
 
 def guessed_inputs_error(error: TypeError, module: nn.Module, batch: Any, inputs: Any) -> Optional[ArgumentError]:

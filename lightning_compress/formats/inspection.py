@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Mapping, Union
 
 import torch
 
+from lightning_compress.core.filesystem import user_path
 from lightning_compress.core.reporting import format_table
 from lightning_compress.formats.companions import verify_companions
 from lightning_compress.formats.errors import PackedFormatError
@@ -30,7 +31,7 @@ COLUMNS = ["layer", "params", "bits", "sparsity", "bytes"]
 
 def inspect_path(path: Union[str, os.PathLike]) -> str:
     """The per-layer table and totals of a packed directory or a Lightning checkpoint."""
-    path = Path(path)
+    path = user_path(path, "path")
     if path.is_dir():
         return inspect_packed(path)
     if path.is_file():
@@ -45,7 +46,7 @@ def verify_path(path: Union[str, os.PathLike]) -> str:
         PackedFormatError: the directory fails verification.
         ValueError: ``path`` is a checkpoint file, not a packed directory.
     """
-    path = Path(path)
+    path = user_path(path, "path")
     if path.is_file():
         raise ValueError(
             f"{str(path)!r} is a checkpoint file: no checksum recorded in it to verify against; --verify checks"
