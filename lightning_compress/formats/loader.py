@@ -9,11 +9,12 @@ from typing import Callable, Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from lightning_compress.core.filesystem import user_path
 from lightning_compress.core.memory import ReleasePacer, release_freed_memory
 from lightning_compress.core.transforms import is_transformed
 from lightning_compress.core.validate import check_bool
 from lightning_compress.formats.errors import PackedFormatError
-from lightning_compress.formats.failed_export import recorded_failure, refusal
+from lightning_compress.formats.failed_export import failed_path, recorded_failure, refusal
 from lightning_compress.formats.meta_load import build_on_meta, check_fit, check_meta_covered, load_tensors
 from lightning_compress.formats.packed import METADATA_FILE, PackedModel, open_packed
 from lightning_compress.core.attention import keep_padded_batches
@@ -80,7 +81,14 @@ def load_packed(
     if backend not in BACKENDS:
         raise ValueError(f"unknown `backend` {backend!r}; choose one of {BACKENDS}")
     check_bool("cache_dequantized", cache_dequantized)
-    packed = open_packed(directory)  # checksums verified; tensors are read layer by layer below
+    try:
+        packed = open_packed(directory)  # checksums verified; tensors are read layer by layer below
+    except PackedFormatError as error:
+        kept = failed_path(user_path(directory, "directory"))
+        if not user_path(directory, "directory").is_dir() and kept.is_dir():
+            raise PackedFormatError(f"{error}; {kept} holds the files of an export to it that failed its check (see"
+                                    " its parity.json)") from None
+        raise
     failure = recorded_failure(packed.metadata)
     if failure is not None and not allow_failed_parity:
         raise refusal(directory, failure)

@@ -412,12 +412,7 @@ def open_packed(directory: Union[str, os.PathLike]) -> PackedModel:
     from lightning_compress.core.filesystem import user_path
     directory = user_path(directory, "directory")
     if not directory.is_dir() and not recover_directory(directory):  # puts back what a killed export moved
-        from lightning_compress.formats.failed_export import failed_path
-
-        kept = failed_path(directory)
-        raise PackedFormatError(f"{directory}: no such directory" + (
-            f"; {kept} holds the files of an export to it that failed its check (see its parity.json)"
-            if kept.is_dir() else ""))
+        raise PackedFormatError(f"{directory}: no such directory")
     metadata = read_metadata(directory)
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
