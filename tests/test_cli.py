@@ -479,3 +479,32 @@ def test_fit_from_a_plain_state_dict_file_a_folder_or_another_models_checkpoint_
         assert_one_paragraph_error(err, fragment)
         if path == "wide.ckpt":
             assert "pass the --model (and its arguments) the run was trained with" in err
+
+
+def test_export_from_a_checkpoint_checks_batches_through_the_batch_hooks(tmp_path, monkeypatch):
+    """As the run's own check at the end of fit does: the raw uint8 batch met float32
+    layers ("mat1 and mat2 must have the same dtype") and the export was kept aside."""
+    from tests.cli_models import ByteData, ScalesItsBytes
+
+    monkeypatch.chdir(tmp_path)
+    recipe = {"qat": {"weights": "int8"}, "export": {"dirpath": str(tmp_path / "packed")}}
+    pl.seed_everything(0)
+    trainer = make_trainer(max_epochs=1, enable_checkpointing=True,
+                           callbacks=[*from_recipe(recipe), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    trainer.fit(ScalesItsBytes(), ByteData(samples=64))
+    report = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", ScalesItsBytes, output=tmp_path / "again",
+                               datamodule=ByteData(samples=64))
+    assert report.parity.relative_error is not None and report.parity.relative_error <= 1e-5
+    assert read_metadata(tmp_path / "again")["weights_sha256"] == read_metadata(tmp_path / "packed")["weights_sha256"]
+
+
+
+def test_sensitivity_measures_on_batches_through_the_batch_hooks(tmp_path, monkeypatch, capsys):
+    """training_step got the raw uint8 batch (a dtype error inside the measurement)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    argv = ["sensitivity", "--model", "tests.cli_models.ScalesItsBytes", "--data", "tests.cli_models.ByteData",
+            "--batches", "1", "--bits", "8", "-o", "s"]
+    assert main(argv) == 0
+    rows = (tmp_path / "s" / "sensitivity.csv").read_text().splitlines()
+    assert len(rows) == 4 and all("nan" not in row for row in rows)  # a header and the three Linear layers

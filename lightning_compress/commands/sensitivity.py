@@ -189,12 +189,12 @@ def _model(path: str, checkpoint_path: Optional[str]):
 
 
 def _loader(model: pl.LightningModule, data: Optional[str], checkpoint: Mapping[str, Any]):
-    from lightning_compress.checkpoints import build_from_hyperparameters, evaluation_batches
+    from lightning_compress.checkpoints import batches_as_steps_get_them, build_from_hyperparameters, evaluation_batches
     from lightning_compress.recipes import RecipeError
 
     if data is None:
         if is_overridden("val_dataloader", model, pl.LightningModule):
-            return iter(model.val_dataloader())
+            return batches_as_steps_get_them(iter(model.val_dataloader()), model, None)
         raise CommandError("no batches: pass --data my_pkg.MyDataModule (or give the model a val_dataloader)")
     data_class = _import(data, "--data")
     if not (isinstance(data_class, type) and issubclass(data_class, pl.LightningDataModule)):
@@ -204,7 +204,7 @@ def _loader(model: pl.LightningModule, data: Optional[str], checkpoint: Mapping[
                                                 "datamodule hyperparameters", checkpoint=bool(checkpoint))
     except RecipeError as err:
         raise CommandError(f"--data {data}: {err}") from None
-    return evaluation_batches(datamodule)
+    return batches_as_steps_get_them(evaluation_batches(datamodule), model, datamodule)
 
 
 def _bits(text: str) -> Any:
