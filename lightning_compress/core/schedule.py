@@ -118,8 +118,9 @@ class RunLength:
                 given = ", ".join(f"`{name}`={fractions[name]} at step {step}" for name, step in moved.items())
                 rank_zero_warn(
                     f"{owner}: this run has {now} optimizer steps, the run it resumes had {self.total}; {given}"
-                    f" {'stays where it' if len(moved) == 1 else 'stay where they'} resolved in that run, so the schedule continues where it was (to lay it out over"
-                    " the new length, start a new run from the checkpoint's weights)"
+                    f" {'stays where it' if len(moved) == 1 else 'stay where they'} resolved in that run, so the"
+                    " schedule continues where it was (to lay it out over the new length, start a new run from the"
+                    " checkpoint's weights)"
                 )
         return self.total
 
