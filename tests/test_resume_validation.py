@@ -175,3 +175,18 @@ def test_a_checkpoint_saved_after_validate_keeps_the_run_length(tmp_path):
     trainer.validate(trainer.lightning_module, tiny_loader(batches=2), verbose=False)
     trainer.save_checkpoint(tmp_path / "after.ckpt")
     assert torch.load(tmp_path / "after.ckpt", weights_only=True)["callbacks"][qat.state_key]["total_steps"] == 24
+
+
+def test_changed_settings_and_layer_grids_are_refused_in_one_error(stopped):
+    """The settings were refused first and the grids only once those were put back: one
+    run per difference to find them all."""
+    with pytest.raises(ValueError) as caught:
+        resume(stopped, pruning(), QuantizationAwareTraining("int4", start_step=6))
+    message = str(caught.value)
+    assert message.startswith("QuantizationAwareTraining was trained with other settings (`start_step`: 4 in the"
+                              " checkpoint, 6 now; layer ")
+    assert "was trained with int8 channel sym but this callback quantizes it as int4 channel sym" in message
+    # A grid alone is still refused by the restore, as before.
+    with pytest.raises(ValueError, match=r"was trained with int8 channel sym but this callback quantizes it as int4"
+                                         r" channel sym.*, so it would continue or be exported on a grid"):
+        resume(stopped, pruning(), QuantizationAwareTraining("int4", start_step=4))

@@ -40,7 +40,7 @@ from lightning_compress.callbacks.hooks import after_configure_model, overrides_
 from lightning_compress.core.incompatible import LayerIssue
 from lightning_compress.core.reporting import expect_layer_table, report_layer_table
 from lightning_compress.core.schedule import RunLength
-from lightning_compress.core.state import STATE_VERSION, check_state_version
+from lightning_compress.core.state import STATE_VERSION, check_state_version, plain_setting
 from lightning_compress.core.targeting import select_layers
 from lightning_compress.core.transforms import bind_owner, owner_tokens
 from lightning_compress.core.validate import ArgumentError, plain_values
@@ -149,6 +149,11 @@ class CompressionCallback(Callback):
         Raises:
             ValueError: naming the setting to change.
         """
+
+    def state_differences(self, state: Mapping[str, Any]) -> List[str]:
+        """How checkpoint ``state`` differs from the installed stages (per layer), listed
+        with the changed settings in one error; :meth:`restore` refuses them too."""
+        return []
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Apply checkpoint ``state`` to the installed stages.
@@ -291,7 +296,7 @@ class CompressionCallback(Callback):
         if not isinstance(state_dict, Mapping):
             raise ValueError(f"the checkpoint's {name} state is a {type(state_dict).__name__}, not a mapping; {_FOREIGN}")
         check_state_version(name, state_dict)
-        self._check_settings(state_dict.get("settings"))
+        self._check_settings(state_dict)
         self._guarded(self.check_state, state_dict)
         self.run_length.load(name, state_dict.get("total_steps"))
         self._restored = state_dict
@@ -315,15 +320,16 @@ class CompressionCallback(Callback):
             )
 
     def _settings(self) -> Dict[str, Any]:
-        return {field: _plain(getattr(self.config, field)) for field in self.resume_settings}
+        return {field: plain_setting(getattr(self.config, field)) for field in self.resume_settings}
 
-    def _check_settings(self, saved: Any) -> None:
-        if saved is None:  # written before settings were recorded
-            return
+    def _check_settings(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("settings") or {}  # None: written before settings were recorded
         if not isinstance(saved, Mapping):
             raise ValueError(f"the checkpoint's {type(self).__name__} settings are malformed; {_FOREIGN}")
         now = self._settings()
         changed = [f"`{k}`: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
+        if changed and self.is_set_up():  # every difference in one error, the installed layers' too
+            self._guarded(lambda state: changed.extend(self.state_differences(state)), state)
         if changed:
             raise ValueError(
                 f"{type(self).__name__} was trained with other settings ({'; '.join(changed)}), so the resumed run"
@@ -359,19 +365,6 @@ def _skipped_by_layer(callbacks: Any, model: nn.Module) -> Dict[str, List[str]]:
             if callback.section not in found.setdefault(name, []):
                 found[name].append(callback.section)
     return found
-
-
-def _plain(value: Any) -> Any:
-    """A setting as plain data, comparable after a checkpoint round trip."""
-    if isinstance(value, type):
-        return value.__qualname__
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
 
 
 def _method_name(state_key: str) -> Optional[str]:

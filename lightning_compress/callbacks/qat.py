@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -377,6 +377,22 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                    for key, layer in self._layers.items())
 
     @override
+    def state_differences(self, state: Mapping[str, Any]) -> List[str]:
+        differences = []
+        for name, entry in state["layers"].items():
+            quantizer = self._weight_quantizers.get(name)
+            if quantizer is None:
+                continue  # refused by `restore`, naming the targets
+            if entry["spec"] != quantizer.spec.describe():
+                differences.append(f"layer {name!r} was trained with {entry['spec']} but this callback quantizes it"
+                                   f" as {quantizer.spec.describe()}")
+            # Checkpoints from before `weight_range` existed (released code) used min/max ranges.
+            if entry.get("weight_range", "minmax") != quantizer.weight_range:
+                differences.append(f"layer {name!r} was trained with weight_range={entry.get('weight_range', 'minmax')!r}"
+                                   f" but this callback uses weight_range={quantizer.weight_range!r}")
+        return differences[:4] + ([f"{len(differences) - 4} more"] if len(differences) > 4 else [])
+
+    @override
     def restore(self, state: Mapping[str, Any]) -> None:
         layers = state["layers"]
         unknown = sorted(set(layers) - set(self._weight_quantizers))
@@ -385,22 +401,14 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                 f"the checkpoint holds QAT state for layers this callback does not target: {unknown}."
                 " Resume with the same `targets` and `exclude`."
             )
+        differences = self.state_differences(state)
+        if differences:
+            raise ValueError(
+                f"{'; '.join(differences)}, so it would continue or be exported on a grid it was not trained on;"
+                " resume or export with the QAT settings of the run that trained it"
+            )
         for name, entry in layers.items():
             quantizer = self._weight_quantizers[name]
-            if entry["spec"] != quantizer.spec.describe():
-                raise ValueError(
-                    f"layer {name!r} was trained with {entry['spec']} but this callback quantizes it"
-                    f" as {quantizer.spec.describe()}, so it would continue or be exported on a grid it was not"
-                    " trained on; resume or export with the QAT settings of the run that trained it"
-                )
-            # Checkpoints from before `weight_range` existed (released code) used min/max ranges.
-            trained_range = entry.get("weight_range", "minmax")
-            if trained_range != quantizer.weight_range:
-                raise ValueError(
-                    f"layer {name!r} was trained with weight_range={trained_range!r} but this callback uses"
-                    f" weight_range={quantizer.weight_range!r}; resume or export with the QAT settings of the run"
-                    " that trained it"
-                )
             quantizer.enabled = entry["enabled"]
             quantizer.clip = entry.get("clip")
             grid = entry.get("grid")

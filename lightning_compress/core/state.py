@@ -27,3 +27,17 @@ def recipe_in_checkpoint(checkpoint: Mapping[str, Any]) -> Optional[Dict[str, An
     record = checkpoint.get(RECIPE_CHECKPOINT_KEY)
     recipe = record.get("recipe") if isinstance(record, Mapping) else None
     return dict(recipe) if isinstance(recipe, Mapping) else None
+
+
+def plain_setting(value: Any) -> Any:
+    """A setting as plain data, comparable after a checkpoint round trip."""
+    if isinstance(value, type):
+        return value.__qualname__
+    if isinstance(value, (list, tuple)):
+        return [plain_setting(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): plain_setting(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
