@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_compress.callbacks.export import CompressedExport
 from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_checkpoint
+from lightning_compress.core.batches import as_steps_get_them
 from lightning_compress.core.filesystem import user_path
 from lightning_compress.formats.export import ExportReport
 from lightning_compress.recipes import Recipe, RecipeError, load_recipe
@@ -189,22 +190,8 @@ def export_checkpoint(
             " (on the command line: --overwrite) to replace it; nothing was written"
         )
     model = restore_from_checkpoint(build_from_hyperparameters(model_class, checkpoint.get("hyper_parameters")), checkpoint, loaded)
-    return writer.write(model, batches_as_steps_get_them(evaluation_batches(datamodule), model, datamodule)
+    return writer.write(model, as_steps_get_them(evaluation_batches(datamodule), model, datamodule)
                         if datamodule is not None else ())
-
-
-def batches_as_steps_get_them(batches, model: pl.LightningModule, datamodule: Optional[pl.LightningDataModule]):
-    """``batches`` through the batch hooks as Lightning's loops call them (the
-    datamodule's where it overrides one, else the module's: ``on_before_batch_transfer``,
-    ``transfer_batch_to_device``, ``on_after_batch_transfer``), on the CPU, where the
-    model was rebuilt: what the run's own check at the end of fit gave the model."""
-    def hook(name: str):
-        overridden = datamodule is not None and is_overridden(name, datamodule, pl.LightningDataModule)
-        return getattr(datamodule if overridden else model, name)
-
-    for batch in batches:
-        batch = hook("transfer_batch_to_device")(hook("on_before_batch_transfer")(batch, 0), torch.device("cpu"), 0)
-        yield hook("on_after_batch_transfer")(batch, 0)
 
 
 def build_from_hyperparameters(cls: type, saved: Any, what: str = "hyperparameters", *,

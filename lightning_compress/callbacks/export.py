@@ -16,6 +16,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.core.batches import as_steps_get_them
 from lightning_compress.core.sharding import gathered
 from lightning_compress.core.tracking import log_artifact
 from lightning_compress.formats.config import ExportConfig
@@ -300,10 +301,10 @@ class CompressedExport(CompressionCallback):
         ``transfer_batch_to_device``, ``on_after_batch_transfer``)."""
         loaders = trainer.val_dataloaders or trainer.train_dataloader
         if loaders is None:
-            return
-        for batch in loaders[0] if isinstance(loaders, Sequence) else loaders:
-            batch = pl_module._on_before_batch_transfer(trainer.precision_plugin.convert_input(batch))
-            yield pl_module._apply_batch_transfer_handler(batch, device=trainer.strategy.root_device)
+            return ()
+        return as_steps_get_them(loaders[0] if isinstance(loaders, Sequence) else loaders, pl_module,
+                                 trainer.datamodule, device=trainer.strategy.root_device,
+                                 convert=trainer.precision_plugin.convert_input)
 
     def _log_artifact(self, trainer: Trainer) -> None:
         # The files are written and verified: a tracking failure must not fail the run.

@@ -386,10 +386,10 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             if entry["spec"] != quantizer.spec.describe():
                 differences.append(f"layer {name!r} was trained with {entry['spec']} but this callback quantizes it"
                                    f" as {quantizer.spec.describe()}")
-            # Checkpoints from before `weight_range` existed (released code) used min/max ranges.
-            if entry.get("weight_range", "minmax") != quantizer.weight_range:
-                differences.append(f"layer {name!r} was trained with weight_range={entry.get('weight_range', 'minmax')!r}"
-                                   f" but this callback uses weight_range={quantizer.weight_range!r}")
+            trained_range = entry.get("weight_range", "minmax")  # checkpoints from before it existed: min/max
+            if trained_range != quantizer.weight_range:
+                differences.append(f"layer {name!r} was trained with weight_range={trained_range!r} but this callback"
+                                   f" uses weight_range={quantizer.weight_range!r}")
         return differences[:4] + ([f"{len(differences) - 4} more"] if len(differences) > 4 else [])
 
     @override

@@ -46,11 +46,12 @@ class CompressionCLI(LightningCLI):
         so that class must be the ``--model`` the user named, unless they trust it."""
         from lightning_compress.checkpoints import read_checkpoint
         from lightning_compress.commands.errors import CommandError
+        from lightning_compress.core.filesystem import user_path
 
         subcommand = self.config.get("subcommand")
         settings = self.config.get(subcommand) if subcommand else None
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
-        if ckpt_path and Path(ckpt_path).is_file():
+        if ckpt_path and user_path(ckpt_path, "ckpt_path").is_file():  # `~` expanded, as Lightning does
             # A file that is not a checkpoint fails here, in a sentence, not in Lightning's unpickling.
             checkpoint = read_checkpoint(ckpt_path, mmap=True)
             if not self.trust_checkpoint_recipe:

@@ -189,12 +189,13 @@ def _model(path: str, checkpoint_path: Optional[str]):
 
 
 def _loader(model: pl.LightningModule, data: Optional[str], checkpoint: Mapping[str, Any]):
-    from lightning_compress.checkpoints import batches_as_steps_get_them, build_from_hyperparameters, evaluation_batches
+    from lightning_compress.checkpoints import build_from_hyperparameters, evaluation_batches
+    from lightning_compress.core.batches import as_steps_get_them
     from lightning_compress.recipes import RecipeError
 
     if data is None:
         if is_overridden("val_dataloader", model, pl.LightningModule):
-            return batches_as_steps_get_them(iter(model.val_dataloader()), model, None)
+            return as_steps_get_them(iter(model.val_dataloader()), model)
         raise CommandError("no batches: pass --data my_pkg.MyDataModule (or give the model a val_dataloader)")
     data_class = _import(data, "--data")
     if not (isinstance(data_class, type) and issubclass(data_class, pl.LightningDataModule)):
@@ -204,7 +205,7 @@ def _loader(model: pl.LightningModule, data: Optional[str], checkpoint: Mapping[
                                                 "datamodule hyperparameters", checkpoint=bool(checkpoint))
     except RecipeError as err:
         raise CommandError(f"--data {data}: {err}") from None
-    return batches_as_steps_get_them(evaluation_batches(datamodule), model, datamodule)
+    return as_steps_get_them(evaluation_batches(datamodule), model, datamodule)
 
 
 def _bits(text: str) -> Any:

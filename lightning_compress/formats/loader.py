@@ -84,8 +84,9 @@ def load_packed(
     try:
         packed = open_packed(directory)  # checksums verified; tensors are read layer by layer below
     except PackedFormatError as error:
-        kept = failed_path(user_path(directory, "directory"))
-        if not user_path(directory, "directory").is_dir() and kept.is_dir():
+        where = user_path(directory, "directory")
+        kept = failed_path(where)
+        if not where.is_dir() and kept.is_dir():
             raise PackedFormatError(f"{error}; {kept} holds the files of an export to it that failed its check (see"
                                     " its parity.json)") from None
         raise
