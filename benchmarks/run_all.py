@@ -41,6 +41,7 @@ ARGS = {
     "distill_accuracy.py": ["--seeds", "2"],
     "qat_init.py": ["--seeds", "3"],
     "qat_regimes.py": ["--seeds", "3"],
+    "qat_trajectory.py": ["--seeds", "3"],
     "qat_finetune.py": ["--seeds", "3"],
 }
 NOISE_NOTE = (
