@@ -92,6 +92,7 @@ def select_layers(
     supported: Tuple[type, ...],
     default: Tuple[type, ...],
     argument: str = "targets",
+    exclude_argument: str = "exclude",
 ) -> Dict[str, nn.Module]:
     """Return ``{qualified name: layer}`` for the layers a callback should compress.
 
@@ -139,7 +140,7 @@ def select_layers(
     for pattern in exclude or ():
         matches = _match(pattern, pool)
         if isinstance(pattern, str) and not matches:
-            raise ValueError(_no_match_message("exclude", pattern, pool, root))
+            raise ValueError(_no_match_message(exclude_argument, pattern, pool, root))
         for name in matches:
             selected.pop(name, None)
             for key in layer_weights(name, matches[name]) if name in candidates else ():
@@ -156,7 +157,7 @@ def select_layers(
         raise ValueError(
             f"`{argument}` selects no layer of {type(root).__name__}"
             f" (supported types: {', '.join(t.__name__ for t in supported)})."
-            " Check `targets` and `exclude`."
+            f" Check `{argument}` and `{exclude_argument}`."
         )
     return keyed
 

@@ -26,7 +26,8 @@ from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_directory
 from lightning_compress.core.attention import compressible_attention
-from lightning_compress.core.targeting import close_names_hint, match_modules
+from lightning_compress.core.targeting import close_names_hint, match_modules, tied_parameter_names
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.peft_attention import from_peft_names, peft_unpaired, to_peft_names, warn_out_proj_delta
 from lightning_compress.lora.adapter import adapter_shapes
 from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig
@@ -54,7 +55,14 @@ def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -
     a crash at any instant leaves the old adapter files or the new ones, never a mix; other
     files already in it are kept. Returns the directory.
 
+    A ``modules_to_save`` module whose weight another module shares (a head tied to the
+    input embedding) is saved with that module: both train as the one weight, while
+    PEFT gives each module in ``modules_to_save`` a copy of its own, so PEFT reproduces
+    the trained model only with both copies in the file.
+
     Raises:
+        ArgumentError: ``config`` is not the adapters' (another ``r`` or scaling: PEFT
+            would load them with the file's), naming the layers and both values.
         ValueError: ``model`` holds no adapters (not injected, or merged already), an
             attention layer is adapted on one projection only (every such layer named;
             see :func:`~lightning_compress.formats.peft_attention.peft_unpaired`), or
@@ -66,6 +74,7 @@ def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -
     if not adapters:
         raise ValueError("no LoRA adapters to save under this module: save before merging, or pass the"
                          " module that holds the adapters")
+    _check_config_describes(adapters, config)
     unpaired = peft_unpaired(model, adapters)
     if unpaired:
         raise ValueError(f"PEFT's format cannot hold the adapters of this model ({len(unpaired)} layer"
@@ -75,10 +84,12 @@ def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -
     for name, adapter in adapters.items():
         for key, parameter in zip(_adapter_keys(adapter.layer), (adapter.layer.lora_A, adapter.layer.lora_B)):
             tensors[f"{_PREFIX}{peft_names[name]}.{key}"] = parameter.detach().cpu().contiguous()
-    to_save = match_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else {}
+    to_save = _with_tied_partners(model, match_modules(model, config.modules_to_save, "modules_to_save")
+                                  if config.modules_to_save else {}, adapters)
     for name, module in to_save.items():
         for key, value in module.state_dict().items():
-            tensors[f"{_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous()
+            # a copy each: safetensors refuses two names for one storage (tied partners)
+            tensors[f"{_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous().clone()
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -195,6 +206,36 @@ def load_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig | 
 
 
 # ---------------------------------------------------------------- internals
+def _check_config_describes(adapters: Dict[str, Any], config: LoRAConfig) -> None:
+    """Refuse a ``config`` whose ``r`` or scaling is not the adapters': the file would
+    pair their tensors with another ``lora_alpha`` (PEFT then computes another model) or
+    another rank (PEFT refuses the shapes)."""
+    wrong = [f"{name!r} (r={adapter.layer.lora_A.shape[0]}, scaling {adapter.scaling:g})"
+             for name, adapter in adapters.items()
+             if adapter.layer.lora_A.shape[0] != config.r or adapter.scaling != config.scaling]
+    if wrong:
+        raise ArgumentError(
+            "config",
+            f"`config` (r={config.r}, lora_alpha={config.lora_alpha}, use_rslora={config.use_rslora}: scaling"
+            f" {config.scaling:g}) does not describe the adapters it would be saved with: {', '.join(wrong[:4])}"
+            f"{', ...' if len(wrong) > 4 else ''}; pass the LoRAConfig they were trained with (the LoRA callback's"
+            " own `save_adapters(directory)` does)",
+        )
+
+
+def _with_tied_partners(model: nn.Module, to_save: Dict[str, nn.Module], adapted) -> Dict[str, nn.Module]:
+    """``to_save`` and every other module that holds one of their parameters (tied
+    weights) and no adapter (``adapted``: the adapted layers' names), in the model's
+    module order."""
+    held = {id(p) for module in to_save.values() for p in module.parameters()}
+    partners = {name.rpartition(".")[0] for names in tied_parameter_names(model).values()
+                for name in names if id(model.get_parameter(name)) in held}
+    named = dict(model.named_modules())
+    wanted = set(to_save) | {name for name in partners if name and not any(
+        name == kept or name.startswith(kept + ".") for kept in to_save) and name not in adapted}
+    return {name: named[name] for name in named if name in wanted}
+
+
 def _adapter_keys(layer: nn.Module) -> Tuple[str, str]:
     if isinstance(layer, nn.Embedding):
         return "lora_embedding_A", "lora_embedding_B"

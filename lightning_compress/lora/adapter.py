@@ -85,13 +85,20 @@ class DropoutRNG:
 class LoRAAdapter:
     """The ADAPTER stage of one layer (create it with :meth:`attach`)."""
 
-    def __init__(self, layer: nn.Module, scaling: float, dropout: DropoutRNG, compute_dtype: torch.dtype | None, base_dtype: torch.dtype) -> None:
+    def __init__(self, layer: nn.Module, scaling: float, dropout: DropoutRNG, compute_dtype: torch.dtype | None) -> None:
         self.layer = layer
         self.scaling = scaling
         self.dropout = dropout
         self.compute_dtype = compute_dtype
-        self.base_dtype = base_dtype  # the float dtype of W (before NF4, if stored in NF4)
         self.param = weight_name(layer)  # the parameter it transforms: `weight`, or `in_proj_weight`
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The float dtype ``W`` computes in (an NF4 ``W`` dequantizes to it): ``A``'s,
+        made in ``W``'s dtype and converted with the rest of the model since (Lightning's
+        ``precision="bf16-true"`` converts the model after the adapters are made, and
+        leaves an NF4 ``W`` as it is)."""
+        return self.layer.lora_A.dtype
 
     @classmethod
     def create_parameters(cls, layer: nn.Module, r: int, dtype: torch.dtype) -> None:

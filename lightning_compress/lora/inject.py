@@ -50,6 +50,7 @@ def select_adapter_layers(model: nn.Module, config: LoRAConfig, *, check: bool =
         supported=ADAPTABLE_TYPES,
         default=DEFAULT_TYPES,
         argument="target_modules",
+        exclude_argument="exclude_modules",
     )
     if config.modules_to_save:
         to_save = match_modules(model, config.modules_to_save, "modules_to_save")
@@ -124,24 +125,29 @@ def inject_adapters(
     its base in NF4 for ``base="nf4"``, and freeze every parameter of ``model`` except the
     adapters and ``config.modules_to_save``.
 
+    A model that already holds adapters (an earlier Trainer's LoRA, or
+    :func:`~lightning_compress.formats.peft.load_adapters`) keeps them: they are taken
+    over, with their values, where they fit ``config`` (see :func:`adapters_to_keep`).
+
     Everything is checked before the model is changed.
     """
     layers = select_adapter_layers(model, config) if layers is None else layers
     to_save = match_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else {}
     check_adaptable(layers, config)
     check_not_saved(layers, to_save)
+    kept = adapters_to_keep(model, layers, config, active_owners)
     dropout = dropout or DropoutRNG(config.lora_dropout)
     adapters = {}
     for name, layer in layers.items():
         param = weight_name(layer)
         weight = raw_weight(layer, param)
-        base_dtype = weight.dtype
         if config.base == "nf4" and not is_nf4(weight):
             layer._parameters[param] = nn.Parameter(
                 to_nf4(weight, config.nf4_block_size, config.nf4_scaler_block_size), requires_grad=False
             )
-        LoRAAdapter.create_parameters(layer, config.r, base_dtype)
-        adapter = LoRAAdapter(layer, config.scaling, dropout, config.compute_dtype, base_dtype)
+        if name not in kept:
+            LoRAAdapter.create_parameters(layer, config.r, weight.dtype)
+        adapter = LoRAAdapter(layer, config.scaling, dropout, config.compute_dtype)
         install_weight_transform(layer, Stage.ADAPTER, adapter, owner=owner, active_owners=active_owners, param=param)
         if not isinstance(layer, nn.MultiheadAttention):  # it reads its weights itself: no branch to run
             set_forward(layer, adapter.forward)
@@ -149,6 +155,45 @@ def inject_adapters(
         adapters[name] = adapter
     freeze_except(model, adapters, to_save)
     return adapters
+
+
+def adapters_to_keep(
+    model: nn.Module, layers: Mapping[str, nn.Module], config: LoRAConfig, active_owners: set = frozenset()
+) -> Dict[str, LoRAAdapter]:
+    """The adapters ``model`` already holds, outside any callback in ``active_owners``,
+    that a new injection of ``layers`` with ``config`` takes over: a second Trainer's LoRA
+    (another training stage, or a ``validate``) goes on with the adapters the first one
+    trained instead of starting new ones from ``B = 0``.
+
+    Raises:
+        ValueError: they do not fit ``config`` (another ``r``, scaling or ``base``), or sit
+            on layers ``layers`` leaves out; every difference named, with the two fixes.
+            Or a layer of ``layers`` holds an adapter of a callback in ``active_owners``.
+    """
+    present = adapters_of(model)
+    rival = [name for name, adapter in present.items() if name in layers and adapter.owner in active_owners]
+    if rival:
+        raise ValueError(
+            f"{', '.join(map(repr, rival[:6]))}{' ...' if len(rival) > 6 else ''} already hold an adapter of another"
+            " LoRA callback in this Trainer; give the two disjoint `target_modules`/`exclude_modules`"
+        )
+    held = {name: adapter for name, adapter in present.items() if adapter.owner not in active_owners}
+    differences = [f"{name!r} has an adapter and is not among this LoRA's targets" for name in held if name not in layers]
+    for name, adapter in held.items():
+        rank, nf4 = adapter.layer.lora_A.shape[0], is_nf4(raw_weight(adapter.layer, adapter.param))
+        for setting, theirs, mine in (("r", rank, config.r), ("scaling (lora_alpha/r, or rsLoRA's)", adapter.scaling,
+                                      config.scaling), ("base", "nf4" if nf4 else "float", config.base)):
+            if name in layers and theirs != mine:
+                differences.append(f"{name!r} has {setting} {theirs!r}, this LoRA {mine!r}")
+    if differences:
+        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+        raise ValueError(
+            "the model already holds LoRA adapters (from an earlier Trainer's LoRA callback, or load_adapters), which"
+            f" a new LoRA callback goes on training only where they fit its settings: {shown}. Give LoRA the"
+            " settings and targets they were made with, or merge them into the weights first"
+            " (lightning_compress.merge_adapters(model)) to train new adapters on top"
+        )
+    return held
 
 
 def check_not_saved(layers: Dict[str, nn.Module], to_save: Dict[str, nn.Module]) -> None:
