@@ -516,3 +516,56 @@ def test_the_command_refuses_a_budget_before_measuring_and_keeps_the_table_when_
     monkeypatch.setattr(lightning_compress.sensitivity, "allocate_bits", no_choice)
     assert main([*argv, "--budget-bits", "6", "-o", "b"]) == 2
     assert measured == [1] and (tmp_path / "b" / "sensitivity.csv").is_file()  # the measurement is kept
+
+
+class _TinyDemoLSTM(pl.LightningModule):
+    """Lightning's demo LightningLSTM (its training_step carries `self.hidden` over from one
+    call to the next) on a tiny SimpleLSTM."""
+
+    def __new__(cls):
+        from lightning.pytorch.demos import LightningLSTM, SimpleLSTM
+
+        model = LightningLSTM(vocab_size=40)
+        model.model = SimpleLSTM(vocab_size=40, ninp=16, nhid=16, nlayers=1, dropout=0.0)
+        return model
+
+
+def test_a_model_whose_loss_drifts_between_calls_is_refused_and_a_fresh_loss_fn_measures_it():
+    torch.manual_seed(0)
+    model = _TinyDemoLSTM()
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 40, (4, 10), generator=generator), torch.randint(0, 40, (4, 10), generator=generator))
+               for _ in range(2)]
+    with pytest.raises(ArgumentError, match=r"changed between two evaluations \(batch 0: .* then .*LightningLSTM.*"
+                       r"reference='kl'") as error:
+        layer_sensitivity(model, batches, bits=(8, 4))
+    assert error.value.argument == "loss_fn"
+    first, second = map(float, re.search(r"batch 0: (\S+) then (\S+?)[,)]", str(error.value)).groups())
+    drift = abs(second - first)
+    # A loss_fn that starts every batch from a fresh hidden state measures: each 8-bit delta
+    # is far below the drift the default loss would have reported as every layer's delta.
+    def fresh(module, batch):
+        output, _ = module.model(batch[0], module.model.init_hidden(batch[0].size(0)))
+        return F.nll_loss(output, batch[1].view(-1))
+
+    report = layer_sensitivity(model, batches, fresh, bits=(8, 2))
+    for layer in {row.layer for row in report.rows}:
+        delta = {row.bits: row.delta for row in report.rows if row.layer == layer}
+        assert abs(delta[8]) < drift / 20 and delta[8] != delta[2], (layer, delta, drift)
+
+
+def test_outputs_that_drift_between_calls_are_refused_for_reference_kl():
+    class Running(nn.Module):  # a running state in forward: each call answers differently
+        def __init__(self):
+            super().__init__()
+            self.fc, self.calls = nn.Linear(4, 3), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.fc(x) * self.calls
+
+    batches = [torch.randn(5, 4, generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(ArgumentError, match=r"outputs on the same batches changed between two evaluations \(batch\(es\)"
+                       r" \[0\]\).*reset that state") as error:
+        layer_sensitivity(Running(), batches, bits=(8,), reference="kl")
+    assert error.value.argument == "batches"

@@ -87,7 +87,9 @@ def layer_sensitivity(
     Raises:
         ArgumentError: naming the argument, for empty ``batches``, bits outside 2..8,
             a sparsity outside (0, 1), no candidate at all, a bad ``group_size``, an
-            unknown ``reference``, or ``reference="loss"`` without a loss to use.
+            unknown ``reference``, ``reference="loss"`` without a loss to use, or a
+            float model whose loss (outputs) on the same batches differs between two
+            evaluations (state carried from one call to the next).
         ValueError: a target that matches no layer, a ``group_size`` that does not
             divide a layer's inputs, or a layer that already carries the stage a
             candidate needs (a model under QAT or pruning: measure the float model).
@@ -173,6 +175,40 @@ class _Evaluator:
                    " negative value, or use reference='loss'")
             raise ArgumentError("batches", f"the float model's {what} on batch(es) {unusable[:8]} (counting from 0)"
                                 f" is not finite, so no delta can be measured against it ({why})")
+        self._check_repeatable(what)
+
+    def _check_repeatable(self, what: str) -> None:
+        """Evaluate the float model a second time: a model that answers the same batches
+        differently from one call to the next (a ``training_step`` that carries a hidden
+        state over, as Lightning's demo ``LightningLSTM`` does) would report that drift as
+        every layer's delta, the 8-bit ones included, and a budget solved on noise.
+
+        Raises:
+            ArgumentError: naming ``loss_fn`` (or ``batches`` for ``reference="kl"``),
+                with both values and the fixes.
+        """
+        if what == "loss":
+            again = [self._loss(batch) for batch in self.batches]
+            moved = [(i, a, b) for i, (a, b) in enumerate(zip(self.float_losses, again))
+                     if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)]
+            shown = ", ".join(f"batch {i}: {a:.6g} then {b:.6g}" for i, a, b in moved[:3])
+        else:
+            again = [_log_probs(_outputs(self.model, batch)) for batch in self.batches]
+            moved = [i for i, (a, b) in enumerate(zip(self.float_log_probs, again))
+                     if not torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)]
+            shown = f"batch(es) {moved[:8]}"
+        if moved:
+            argument, fix = (("loss_fn", "pass a `loss_fn(model, batch)` that starts every batch afresh, or"
+                              " reference='kl' (the outputs of `model(batch)`)") if what == "loss" else
+                             ("batches", "reset that state in the model's forward, or use reference='loss' with a"
+                              " `loss_fn` that does"))
+            raise ArgumentError(
+                argument,
+                f"the float model's {what} on the same batches changed between two evaluations ({shown}): the model"
+                " keeps state from one call to the next (a training_step that carries a hidden state over, as"
+                " Lightning's demo LightningLSTM does, or dropout left on in eval mode), so every layer's delta would"
+                f" measure that drift, not the layer; {fix}",
+            )
 
     def __call__(self) -> float:
         if self.reference == "loss":
