@@ -279,3 +279,37 @@ def test_onnx_and_lstm_projections_are_named_with_the_other_problems_before_trai
     assert "the exported model holds the LSTM layer 'rnn' with proj_size > 0" in message
     assert "rnn.weight_ih_l0" in message  # the group-size problem, in the same message
     assert trainer.global_step == 0 and not (tmp_path / "packed").exists()
+
+
+def test_layer_table_and_inspect_give_each_recurrent_matrix_its_own_grid(tmp_path, capsys):
+    """Half the LSTM's matrices at int8 g8, the rest int4 g16, all 50% pruned: the fit's layer
+    table has one row per matrix with its own grid and sparsity, and `inspect` of the
+    checkpoint reads each matrix's bits (it showed 32 for all, and the table one row)."""
+    from lightning_compress.cli import main
+    from tests.test_pruning_callback import TableLogger
+
+    pl.seed_everything(0, verbose=False)
+    model, logger = RecurrentLM("GRU"), TableLogger()
+    qat = QuantizationAwareTraining("int4", group_size=16, start_step=0, overrides={"rnn.weight_hh*": {"weights": "int8",
+                                                                                                   "group_size": 8}})
+    trainer = make_trainer(callbacks=[MagnitudePruning(0.5, start_step=0, end_step=1), qat], max_steps=2, logger=logger)
+    trainer.fit(model, token_loader())
+    columns, rows = logger.tables["compression/layers"]
+    table = {row[0]: dict(zip(columns, row)) for row in rows}
+    gru = [f"rnn.weight_{kind}_l{layer}{suffix}" for layer in (0, 1) for suffix in ("", "_reverse") for kind in ("ih", "hh")]
+    assert sorted(table) == sorted(gru + ["head"])
+    for key in gru:
+        expected = (8, "g8") if "_hh_" in key else (4, "g16")
+        assert (table[key]["weight_bits"], table[key]["granularity"]) == expected, key
+        inputs = HIDDEN if "_hh_" in key else WIDTH if "_l0" in key else 2 * HIDDEN  # GRU: 3 gates x HIDDEN rows
+        assert table[key]["params"] == 3 * HIDDEN * inputs
+        assert table[key]["sparsity"] == pytest.approx(0.5, abs=1 / table[key]["params"])
+        assert table[key]["type"] == "GRU"
+
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "run.ckpt")]) == 0
+    printed = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for key in gru:
+        assert printed[f"rnn.{key.split('.')[1]}"][2] == ("8" if "_hh_" in key else "4"), key
+    assert printed["head.weight"][2] == "4" and printed["head.bias"][2] == "32"

@@ -48,28 +48,34 @@ def report_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Seque
 
 def layer_rows(module: nn.Module, skipped: Mapping[str, Sequence[str]] | None = None) -> List[List[Any]]:
     """One row (in :data:`LAYER_COLUMNS` order) per layer under ``module`` that has a
-    transform or is named in ``skipped`` (``{layer name: methods that left it out}``).
-    ``params`` and ``sparsity`` cover its transformed weights (all its weights when none
+    transform or is named in ``skipped`` (``{layer name: methods that left it out}``), or
+    one per transformed weight of a layer that has several (each matrix of a recurrent
+    layer may have its own grid: ``rnn.weight_hh_l0``, as QAT and the export name it).
+    ``params`` and ``sparsity`` cover the row's weights (all the layer's weights when none
     is transformed); ``sparsity`` counts the zeros of the weights entering fake
     quantization: pruned weights, not weights that quantization rounds to zero."""
     skipped = skipped or {}
     rows = []
     for name, layer in module.named_modules():
-        weights = [slot for slot in transformed_slots(layer) if slot != INPUT]
-        if not weights and name in skipped:
-            weights = [slot for slot, p in layer.named_parameters(recurse=False) if p.dim() > 1]
-        if not weights:
-            continue
-        fields: Dict[str, Any] = dict(_DEFAULTS)
-        for _, _, transform in all_transforms(layer):
-            fields.update(_fields_of(transform))
-        numel = zeros = 0
-        for slot in weights:
-            weight = weight_before(layer, Stage.FAKE_QUANT, slot).detach()
-            numel, zeros = numel + weight.numel(), zeros + int((weight == 0).sum())
-        fields.update(layer=name, type=type(layer).__name__, params=numel, sparsity=zeros / max(numel, 1),
-                      skipped=",".join(skipped.get(name, ())))
-        rows.append([fields[column] for column in LAYER_COLUMNS])
+        transformed = [slot for slot in transformed_slots(layer) if slot != INPUT]
+        weights = transformed or ([slot for slot, p in layer.named_parameters(recurse=False) if p.dim() > 1]
+                                  if name in skipped else [])
+        if len(transformed) > 1:
+            groups = [(f"{name}.{slot}", [slot]) for slot in transformed]
+        else:
+            groups = [(name, weights)] if weights else []
+        for row_name, slots in groups:
+            fields: Dict[str, Any] = dict(_DEFAULTS)
+            for slot, _, transform in all_transforms(layer):
+                if slot == INPUT or slot in slots:
+                    fields.update(_fields_of(transform))
+            numel = zeros = 0
+            for slot in slots:
+                weight = weight_before(layer, Stage.FAKE_QUANT, slot).detach()
+                numel, zeros = numel + weight.numel(), zeros + int((weight == 0).sum())
+            fields.update(layer=row_name, type=type(layer).__name__, params=numel, sparsity=zeros / max(numel, 1),
+                          skipped=",".join(skipped.get(name, ())))
+            rows.append([fields[column] for column in LAYER_COLUMNS])
     return rows
 
 

@@ -146,8 +146,10 @@ def inspect_checkpoint(path: Path) -> str:
         if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
             continue
         key = str(key)
-        layer = key.rsplit(".", 1)[0]
-        layer_bits = bits.get(layer, tensor.element_size() * 8) if key.endswith("weight") else tensor.element_size() * 8
+        stored = tensor.element_size() * 8
+        # QAT keys a layer's `weight` by the layer's name, each matrix of a recurrent layer
+        # (`rnn.weight_hh_l0`) by its own
+        layer_bits = bits.get(key, bits.get(key.rsplit(".", 1)[0], stored) if key.endswith("weight") else stored)
         zeros = int((tensor == 0).sum()) if tensor.is_floating_point() else 0
         rows.append([key, tensor.numel(), layer_bits, zeros / tensor.numel(), tensor.numel() * tensor.element_size()])
     lines = [
