@@ -416,6 +416,27 @@ def test_resume_without_recipe_uses_the_one_in_the_checkpoint(tmp_path, monkeypa
     assert float((weight == 0).float().mean()) == pytest.approx(0.7, abs=1e-3)
 
 
+def test_fit_resumes_a_checkpoint_a_plain_trainer_saved(tmp_path, monkeypatch):
+    """`save_hyperparameters()` outside LightningCLI stores the arguments without the class;
+    LightningCLI read them as the base LightningModule's ("Option 'hidden' is not accepted",
+    exit 2). They are --model's: the resumed model has the checkpoint's width, not the default."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    (tmp_path / "r.yaml").write_text("pruning:\n  final_sparsity: 0.7\n  end_step: 0.5\n")
+    pl.seed_everything(0)
+    trainer = make_trainer(max_epochs=1, callbacks=from_recipe("r.yaml"))
+    trainer.fit(RecipeMLP(hidden=64), RecipeData())
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    assert "_class_path" not in torch.load(tmp_path / "plain.ckpt", weights_only=True)["hyper_parameters"]
+    assert main(["fit", "--model", MODEL, "--data", DATA, "--recipe", "r.yaml", "--trainer.max_epochs", "2",
+                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--ckpt_path", "plain.ckpt",
+                 "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=ckpt",
+                 "--trainer.callbacks.save_last=true"]) == 0
+    resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["hyper_parameters"]["hidden"] == 64
+    assert resumed["state_dict"]["net.0.weight"].shape == (64, 128)
+
+
 def test_fit_with_a_csv_logger_ends_with_exit_0(tmp_path, monkeypatch, capsys):
     """After fit, the command prints where a W&B run was written; it asked every logger
     for a W&B run directory, and a CSVLogger's writer has none (AttributeError, exit 1)."""

@@ -54,14 +54,25 @@ class CompressionCLI(LightningCLI):
         if ckpt_path and user_path(ckpt_path, "ckpt_path").is_file():  # `~` expanded, as Lightning does
             # A file that is not a checkpoint fails here, in a sentence, not in Lightning's unpickling.
             checkpoint = read_checkpoint(ckpt_path, mmap=True)
+            hyperparameters = checkpoint.get("hyper_parameters") or {}
             if not self.trust_checkpoint_recipe:
-                self._check_checkpoint_classes(settings, ckpt_path, checkpoint.get("hyper_parameters") or {})
+                self._check_checkpoint_classes(settings, ckpt_path, hyperparameters)
             if "pytorch-lightning_version" not in checkpoint:  # Lightning's restore raised a KeyError
                 raise CommandError(
                     f"--ckpt_path {ckpt_path} is not a checkpoint Lightning wrote (no 'pytorch-lightning_version'; a"
                     " torch.save of a state dict?): resume from one a Trainer saved, or start a new run and load"
                     " these weights into the model yourself"
                 )
+            arguments = {k: v for k, v in hyperparameters.items() if k != "_instantiator"} if isinstance(
+                hyperparameters, Mapping) else {}
+            chosen = getattr(settings.get("model"), "class_path", None)
+            if arguments and "_class_path" not in arguments and chosen:
+                # Saved by a Trainer outside LightningCLI: `save_hyperparameters()` stored the
+                # arguments but not the class, which LightningCLI then reads as the base
+                # LightningModule's ("Option 'vocab_size' is not accepted"): they are --model's.
+                model = {"class_path": chosen, "dict_kwargs": arguments}
+                self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+                return
         super()._parse_ckpt_path()
 
     @staticmethod
