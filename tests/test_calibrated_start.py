@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export, quantized_weights
+from lightning_compress.callbacks.compatibility import IncompatibleSettings
 from lightning_compress.core.transforms import Stage, get_weight_transform, is_transformed
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
@@ -461,10 +462,18 @@ def test_a_run_without_the_batches_before_start_step_records_its_first_batches_t
     assert enabled.enabled == {3: False, 4: True, 5: True} and qat._calibration.applied
 
 
-def test_gptq_names_layers_that_are_not_linear_or_conv2d(seeded):
+def test_gptq_names_layers_that_are_not_linear_or_conv2d_with_the_other_callbacks_problems(seeded):
+    """Before training, in the one error that names every callback's problems (a pruning
+    setting's too), and `on_incompatible="skip"` leaves them out."""
     qat = QuantizationAwareTraining("int8", init="gptq", calibration_batches=1, start_step=1)
-    with pytest.raises(ValueError, match=r"\['conv'\] are neither"):  # a Conv1d
+    pruning = MagnitudePruning(pattern="2:8", targets=["fc2", "conv"])  # conv: 4 inputs x 3 taps, not blocks of 8
+    with pytest.raises(IncompatibleSettings, match=r"(?s)2 problems.*MagnitudePruning\(pattern='2:8'\) cannot prune.*"
+                       r"QuantizationAwareTraining\(init='gptq'\) cannot quantize layer 'conv'.*'conv' is an nn.Conv1d"):
+        fit(TinyRegressor(), [pruning, qat], steps=2, loader=tiny_loader())
+    qat = QuantizationAwareTraining("int8", init="gptq", calibration_batches=1, start_step=1, on_incompatible="skip")
+    with pytest.warns(UserWarning, match=r"'conv' is an nn.Conv1d"):
         fit(TinyRegressor(), [qat], steps=2, loader=tiny_loader())
+    assert sorted(qat.layer_specs) == ["fc1", "fc2"]
 
 
 class Offset(nn.Module):
@@ -600,8 +609,8 @@ def test_multihead_attention_out_proj_is_refused_at_setup_naming_the_exclude(see
     before = {k: v.clone() for k, v in model.state_dict().items()}
     qat = QuantizationAwareTraining("int4", group_size=4, init="gptq", calibration_batches=1, start_step=1,
                                     exclude=[nn.MultiheadAttention, "conv"])
-    with pytest.raises(ValueError, match=r"\['attn.out_proj'\] are nn.MultiheadAttention's out_proj.*"
-                                         r"`exclude=\['attn.out_proj'\]`"):
+    with pytest.raises(ValueError, match=r"(?s)'attn.out_proj' is an nn.MultiheadAttention's out_proj, whose weight the"
+                                         r" attention reads without calling it.*exclude=\['attn.out_proj'\]"):
         fit(model, [qat], steps=2, loader=tiny_loader())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     fit(model, [QuantizationAwareTraining("int4", group_size=4, init="gptq", calibration_batches=1, start_step=1,
@@ -628,3 +637,4 @@ def test_a_layer_whose_forward_is_never_called_is_named_at_the_start(seeded):
     with pytest.raises(ValueError, match=r"\['fc2'\] received no input .* mappings they belong to .*"
                                          r"Exclude \['fc2'\]"):
         fit(FunctionalRegressor(), [smoothing], steps=2, loader=tiny_loader())
+

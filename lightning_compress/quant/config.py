@@ -76,7 +76,13 @@ class QATConfig:
 
     def layer_issue(self, key: str, layer: nn.Module) -> LayerIssue | None:
         """Why this grid cannot quantize the selected layer ``key``, or ``None``: a
-        ``group_size`` (of the main grid or of an override) that does not divide its inputs."""
+        ``group_size`` (of the main grid or of an override) that does not divide its
+        inputs, or ``init="gptq"`` on a layer GPTQ cannot round (not an ``nn.Linear`` or
+        ungrouped ``nn.Conv2d``)."""
+        if self.init == "gptq" and (why := _gptq_issue(key, layer)) is not None:
+            return LayerIssue("init", "gptq", f"init='gptq' rounds the weights of nn.Linear and ungrouped nn.Conv2d"
+                              f" layers from the inputs their forward receives, and {key!r} {why}; quantize it in a"
+                              " second QuantizationAwareTraining callback without `init`")
         spec, pattern = self.spec_for(key)
         try:
             check_divisible(key, compressed_weight(key, layer), spec)
@@ -183,3 +189,12 @@ def _parse_overrides(overrides: Any, base: QuantSpec) -> Dict[str, QuantSpec]:
 
 
 __all__ = ["QATConfig", "override_matches"]
+
+
+def _gptq_issue(key: str, layer: nn.Module) -> str | None:
+    """Why GPTQ cannot round ``layer``'s weight from its recorded inputs, or ``None``."""
+    if isinstance(layer, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return "is an nn.MultiheadAttention's out_proj, whose weight the attention reads without calling it"
+    if isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1):
+        return None
+    return f"is an nn.{type(layer).__name__}"
