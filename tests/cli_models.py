@@ -83,3 +83,26 @@ class ScalesItsBytes(RecipeMLP):
         x, y = batch
         return (x.float() - 128) / 31, y
 
+
+
+class StepOnly(pl.LightningModule):
+    """A module with no forward: it computes in training_step alone (as Lightning's demo
+    LightningLSTM), its network in ``self.net``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(FEATURES, 128), nn.ReLU(), nn.Linear(128, CLASSES))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class FailsInTraining(RecipeMLP):
+    """A bug of the user's model in its first training step: a real failure, not bad input."""
+
+    def training_step(self, batch, batch_idx):
+        raise ValueError("the model's own bug")

@@ -437,6 +437,36 @@ def test_fit_resumes_a_checkpoint_a_plain_trainer_saved(tmp_path, monkeypatch):
     assert resumed["state_dict"]["net.0.weight"].shape == (64, 128)
 
 
+def test_a_module_without_forward_is_named_before_training_in_one_paragraph(tmp_path, monkeypatch, capsys):
+    """The export's dry run (first batch start) found it, after `on_train_start`: the command
+    printed a NotImplementedError traceback from inside torch. It names the submodule to
+    export instead; with it, the run exports."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    (tmp_path / "r.yaml").write_text("qat:\n  weights: int8\nexport:\n  dirpath: packed\n")
+    argv = ["fit", "--model", "tests.cli_models.StepOnly", "--data", DATA, "--recipe", "r.yaml", "--trainer.max_epochs",
+            "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_checkpointing", "false"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("lightning-compress fit: error: StepOnly has no forward")
+    assert "CompressedExport(module='net') (in a recipe: export.module: net)" in error
+    assert not (tmp_path / "packed").exists()
+    assert main([*argv, "--override", "export.module=net"]) == 0
+    assert (tmp_path / "packed" / "model.safetensors").is_file()
+
+
+def test_an_error_of_the_first_training_step_keeps_its_traceback(tmp_path, monkeypatch):
+    """Errors before the first step are bad input (one paragraph, exit 2); one the model
+    raises in its first training step is its own failure and reaches the user as it is."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    with pytest.raises(ValueError, match="^the model's own bug$"):
+        main(["fit", "--model", "tests.cli_models.FailsInTraining", "--data", DATA, "--recipe", "r.yaml",
+              "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+
+
 def test_fit_with_a_csv_logger_ends_with_exit_0(tmp_path, monkeypatch, capsys):
     """After fit, the command prints where a W&B run was written; it asked every logger
     for a W&B run directory, and a CSVLogger's writer has none (AttributeError, exit 1)."""

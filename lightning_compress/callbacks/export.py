@@ -23,7 +23,13 @@ from lightning_compress.formats.config import ExportConfig
 from lightning_compress.formats.dry_export import dry_export
 from lightning_compress.formats.export import ExportReport, export
 from lightning_compress.formats.failed_export import failed_path, keep_elsewhere
-from lightning_compress.formats.inputs import batch_inputs, guessed_inputs_error, inputs_mismatch, mismatch_error
+from lightning_compress.formats.inputs import (
+    batch_inputs,
+    guessed_inputs_error,
+    inputs_mismatch,
+    mismatch_error,
+    missing_forward_error,
+)
 from lightning_compress.formats.packed import METADATA_FILE
 from lightning_compress.formats.target import check_export_target, check_keeps_apart
 
@@ -249,6 +255,8 @@ class CompressedExport(CompressionCallback):
         if not self.parity and "onnx" not in self.formats:
             return []
         target = self._target(pl_module)
+        if check and (missing := missing_forward_error(target)) is not None:
+            raise missing
         input_fn = self.input_fn or (lambda batch: batch_inputs(batch, target))
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         inputs = []

@@ -18,8 +18,10 @@ def reset() -> None:
 
 
 class MarkTrainingStarted(Callback):
-    """Records that the first training step is about to run."""
+    """Records that the first training step is about to run: after every other callback's
+    ``on_train_batch_start`` of the first batch (it is the Trainer's last callback), where
+    the export's dry run checks the settings on the model before anything trains."""
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         global _started
         _started = True

@@ -98,6 +98,30 @@ def mismatch_error(module: nn.Module, batch: Any, inputs: Any, problem: str, *, 
     )
 
 
+def missing_forward_error(module: nn.Module, argument: str = "module") -> Optional[ArgumentError]:
+    """The error for an export target whose class defines no ``forward`` (a LightningModule
+    that computes in ``training_step`` alone, as Lightning's demo ``LightningLSTM``): the
+    export runs it to check the packed copy. ``None`` when it has one."""
+    if _computes(module):
+        return None
+    computing = [name for name, child in module.named_children() if _computes(child)]
+    hint = (f"; or export the submodule that computes: CompressedExport(module={computing[0]!r}) (in a recipe:"
+            f" export.module: {computing[0]})") if computing else ""
+    return ArgumentError(
+        argument,
+        f"{type(module).__name__} has no forward (it computes in training_step alone), and the export runs the model"
+        f" on a few inputs to check the packed copy against it (parity) and to trace ONNX: add a forward to"
+        f" {type(module).__name__}{hint}; or pass parity=False (export.parity: false) to export without the check",
+    )
+
+
+def _computes(module: nn.Module) -> bool:
+    """Whether ``module``'s class defines a ``forward`` (``nn.Module``'s and
+    ``LightningModule``'s own only raise that there is none)."""
+    forward = type(module).forward
+    return forward is not nn.Module.forward and getattr(forward, "__qualname__", "") != "LightningModule.forward"
+
+
 def model_call_note(module: nn.Module, inputs: Any, index: int) -> str:
     """The note added to an error ``module`` raised on the export's ``inputs[index]``: how
     ``forward`` bound them, and that the export runs the model on them."""
@@ -300,5 +324,5 @@ def _describe(module: nn.Module) -> str:
     return f"{type(module).__name__}.forward"
 
 
-__all__ = ["LABEL_KEYS", "batch_inputs", "guessed_inputs_error", "inputs_mismatch", "mismatch_error",
+__all__ = ["LABEL_KEYS", "batch_inputs", "guessed_inputs_error", "inputs_mismatch", "mismatch_error", "missing_forward_error",
            "model_call_note"]
