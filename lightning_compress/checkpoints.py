@@ -184,6 +184,12 @@ def export_checkpoint(
         loaded = load_recipe(recipe, [*changes, f"export.overwrite={str(bool(overwrite)).lower()}"], **options)
         writers = [c for c in loaded.callbacks() if isinstance(c, CompressedExport)]
     (writer,) = writers
+    if writer.dirpath.exists() and not writer.dirpath.is_dir():  # --overwrite would not help: say so now
+        raise FileExistsError(
+            f"{writer.dirpath} is a file, not a directory; the export writes a directory and never replaces a file"
+            " (overwrite replaces only a directory): choose another output directory, or move the file away;"
+            " nothing was written"
+        )
     if writer.dirpath.exists() and not writer.config.overwrite:  # before the model is rebuilt
         raise FileExistsError(
             f"{writer.dirpath} already exists; choose another output directory or pass overwrite=True"

@@ -50,6 +50,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "sensitivity": _sensitivity,
         "demo": _demo,
     }
+    if command not in handlers and command.startswith("-"):
+        named = next((word for word in rest if word in handlers), None)
+        where = (f"`lightning-compress {named} {command} ...`" if named else
+                 f"`lightning-compress COMMAND {command} ...`, with COMMAND one of {', '.join(COMMANDS)}")
+        return _fail("lightning-compress", f"{command} comes before the command; options go after it: {where}")
     if command not in handlers:
         close = difflib.get_close_matches(command, COMMANDS, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""

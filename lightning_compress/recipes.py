@@ -186,12 +186,33 @@ def load_recipe(
         raise RecipeError(str(err)) from None
     kept = {key: value for key, value in resolved.values.items() if key not in exclude}
     user_keys = None if trusted else _override_keys(overrides)
-    arguments = _validate(kept, user_keys)
-    config = _recorded(resolved)
-    recipe = Recipe(config=config, source=origin, excluded=tuple(exclude), _arguments=arguments)
-    # Out-of-range values fail now, in the callbacks' own validation; then combinations.
-    check_recipe(recipe.callbacks(), error=RecipeError)
+    try:
+        arguments = _validate(kept, user_keys)
+        config = _recorded(resolved)
+        recipe = Recipe(config=config, source=origin, excluded=tuple(exclude), _arguments=arguments)
+        # Out-of-range values fail now, in the callbacks' own validation; then combinations.
+        check_recipe(recipe.callbacks(), error=RecipeError)
+    except RecipeError as err:
+        hint = _glob_key_hint(overrides)
+        if hint:
+            raise RecipeError(f"{err}; {hint}") from None
+        raise
     return recipe
+
+
+def _glob_key_hint(overrides: Union[Sequence[str], Mapping[str, Any], None]) -> str:
+    """For a dotlist override that reaches inside a mapping keyed by layer-name globs
+    (``qat.overrides``, ``qat.mappings``): its dots split the glob too."""
+    if overrides is None or isinstance(overrides, Mapping):
+        return ""
+    for item in overrides:
+        path = item.split("=", 1)[0].split(".")
+        if path[:2] in (["qat", "overrides"], ["qat", "mappings"]) and len(path) > 3:
+            field = ".".join(path[:2])
+            return (f"the override {item.split('=', 1)[0]} splits at every dot, layer names included, so it does not"
+                    f" reach a glob such as '{'.'.join(path[2:-1])}'; replace the whole mapping instead:"
+                    f" {field}={{\"{'.'.join(path[2:-1])}\": {{{path[-1]}: VALUE}}}}")
+    return ""
 
 
 def from_recipe(source: RecipeSource, overrides: Union[Sequence[str], Mapping[str, Any], None] = None) -> List[Callback]:

@@ -122,6 +122,14 @@ def test_export_from_the_checkpoint_reproduces_the_fit_export(fitted):
     assert refused.returncode == 2
     assert_one_paragraph_error(refused.stderr, "again already exists; choose another output directory or pass"
                                                " overwrite=True (on the command line: --overwrite)")
+    # A file is never replaced: said at once, not after --overwrite was tried as the first message suggested.
+    (cwd / "afile.bin").write_bytes(b"keep me")
+    for extra in ([], ["--overwrite"]):
+        refused = run_cli(["export", "--checkpoint", "ckpt/last.ckpt", "--model", MODEL, "-o", "afile.bin", *extra], cwd)
+        assert refused.returncode == 2
+        assert_one_paragraph_error(refused.stderr, "afile.bin is a file, not a directory; the export writes a directory"
+                                                   " and never replaces a file")
+    assert (cwd / "afile.bin").read_bytes() == b"keep me"
     # Without -o the stored recipe's export.dirpath is not used: a checkpoint does not choose where to write.
     default = run_cli(["export", "--checkpoint", "ckpt/last.ckpt", "--model", MODEL], cwd)
     assert default.returncode == 2
@@ -161,6 +169,11 @@ def test_subprocess_errors_exit_2_with_one_paragraph(tmp_path):
 
 ERRORS = [
     (["fitt"], "unknown command 'fitt'; did you mean 'fit'?"),
+    # An option before the command was "unknown command '--recipe'; did you mean 'recipes'?".
+    (["--recipe", "r.yaml", "fit"], "--recipe comes before the command; options go after it: `lightning-compress fit"
+                                    " --recipe ...`"),
+    (["-o", "x"], "-o comes before the command; options go after it: `lightning-compress COMMAND -o ...`, with"
+                  " COMMAND one of fit, export"),
     (["fit", "--recipe", "missing.yaml", "--model", MODEL], "recipe file 'missing.yaml' not found"),
     (["fit", "--recipe", "int4_weight_onyl", "--model", MODEL], "did you mean 'int4_weight_only'?"),
     (["recipes", "int8_qt"], "did you mean 'int8_qat'?"),

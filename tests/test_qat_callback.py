@@ -263,6 +263,9 @@ def test_dynamic_activation_quantization_changes_layer_inputs(seeded):
         (dict(overrides={"fc1": 8}), "must be a dict of options"),
         (dict(overrides={"fc1": {"bitz": 8}}), r"unknown option\(s\) \['bitz'\]"),
         (dict(overrides={"fc1": {"bits": 12}}), "`overrides\\['fc1'\\].bits` must be"),
+        (dict(group_size=32, overrides={"fc1": {"group_size": None}}),
+         r"`overrides\['fc1'\]`: `group_size` must be an int >= 2 for granularity='group', got None; for one scale"
+         r" per output channel instead, set granularity='channel'"),
         (dict(targets=[nn.LayerNorm]), "`targets` names the layer type LayerNorm"),
         (dict(range_lr=0), "`range_lr` must be a positive number"),
         (dict(name=3), "`name` must be a non-empty string"),

@@ -384,3 +384,15 @@ def test_loading_a_recipe_warns_nothing():
     result = subprocess.run([sys.executable, "-W", "error:register_new_resolver:UserWarning", "-c", script],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_an_override_into_a_glob_with_dots_names_the_whole_mapping_form():
+    """`qat.overrides.model.decoder.bits=6` reads as overrides['model']['decoder']['bits']: the
+    error says so and gives the form that reaches the glob, which then works."""
+    recipe = {"qat": {"weights": "int4", "group_size": 32, "overrides": {"model.decoder": {"bits": 8}}}}
+    with pytest.raises(RecipeError, match=r"`overrides\['model'\]` has unknown option\(s\) \['decoder'\].*the override"
+                       r" qat.overrides.model.decoder.bits splits at every dot.*replace the whole mapping instead:"
+                       r" qat.overrides=\{\"model.decoder\": \{bits: VALUE\}\}"):
+        load_recipe(recipe, ["qat.overrides.model.decoder.bits=6"])
+    fixed = load_recipe(recipe, ['qat.overrides={"model.decoder": {bits: 6}}'])
+    assert fixed.config["qat"]["overrides"] == {"model.decoder": {"bits": 6}}

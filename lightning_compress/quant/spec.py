@@ -47,6 +47,8 @@ class QuantSpec:
                 raise ArgumentError(
                     "group_size",
                     f"`group_size` must be an int >= 2 for granularity='group', got {self.group_size!r}"
+                    + ("; for one scale per output channel instead, set granularity='channel'"
+                       if self.group_size is None else "")
                 )
         elif self.group_size is not None:
             raise ArgumentError(
