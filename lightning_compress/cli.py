@@ -83,9 +83,16 @@ def _is_user_error(err: BaseException) -> bool:
     from lightning_compress.formats.errors import ExportError, PackedFormatError, ParityError
     from lightning_compress.recipes import RecipeError
 
+    from lightning_compress.callbacks.export import DRY_EXPORT_NOTE
+    from lightning_compress.core.validate import ArgumentError
+
     explicit = (CommandError, RecipeError, PackedFormatError, ExportError, ParityError, FileNotFoundError, argparse.ArgumentError)
     before = (ValueError, TypeError, FileExistsError, IsADirectoryError)  # IsADirectoryError: a --ckpt_path folder
-    return isinstance(err, explicit) or (isinstance(err, before) or _weights_of_another_model(err)) and not training_started()
+    # The export's dry run checks its settings (`input_fn`) at the first batch, after
+    # `on_train_start` but before any step; an error the model itself raises there keeps its traceback.
+    dry_run = isinstance(err, ArgumentError) and DRY_EXPORT_NOTE in getattr(err, "__notes__", ())
+    return isinstance(err, explicit) or dry_run or (
+        isinstance(err, before) or _weights_of_another_model(err)) and not training_started()
 
 
 def _weights_of_another_model(err: BaseException) -> bool:

@@ -106,3 +106,9 @@ class FailsInTraining(RecipeMLP):
 
     def training_step(self, batch, batch_idx):
         raise ValueError("the model's own bug")
+
+
+def three_inputs(batch):
+    """An `input_fn` that gives RecipeMLP's forward (one input) three."""
+    x, _ = batch
+    return (x, x, x)

@@ -451,9 +451,9 @@ def test_fit_resumes_a_checkpoint_a_plain_trainer_saved(tmp_path, monkeypatch):
 
 
 def test_a_module_without_forward_is_named_before_training_in_one_paragraph(tmp_path, monkeypatch, capsys):
-    """The export's dry run (first batch start) found it, after `on_train_start`: the command
-    printed a NotImplementedError traceback from inside torch. It names the submodule to
-    export instead; with it, the run exports."""
+    """The export's dry run found it at the first batch: the command printed a
+    NotImplementedError traceback from inside torch. The export's setup names it, with the
+    submodule to export instead; with that, the run exports."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(REPO))
     (tmp_path / "r.yaml").write_text("qat:\n  weights: int8\nexport:\n  dirpath: packed\n")
@@ -467,6 +467,19 @@ def test_a_module_without_forward_is_named_before_training_in_one_paragraph(tmp_
     assert not (tmp_path / "packed").exists()
     assert main([*argv, "--override", "export.module=net"]) == 0
     assert (tmp_path / "packed" / "model.safetensors").is_file()
+
+
+def test_a_dry_export_settings_error_is_one_paragraph(tmp_path, monkeypatch, capsys):
+    """The dry run checks `input_fn` at the first batch, after on_train_start: its ArgumentError
+    is bad input (exit 2, one paragraph), not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    (tmp_path / "r.yaml").write_text("qat:\n  weights: int8\nexport:\n  dirpath: packed\n"
+                                     "  input_fn: tests.cli_models.three_inputs\n")
+    assert main(["fit", "--model", MODEL, "--data", DATA, "--recipe", "r.yaml", "--trainer.max_epochs", "1",
+                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]) == 2
+    assert_one_paragraph_error(capsys.readouterr().err, "input_fn made 3 positional inputs")
+    assert not (tmp_path / "packed").exists()
 
 
 def test_an_error_of_the_first_training_step_keeps_its_traceback(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from lightning_compress import (
     load_packed,
     quantized_weights,
 )
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import round_to_nearest
@@ -271,3 +272,30 @@ def test_onnx_export_keeps_trained_activation_quantization(tmp_path, seeded):
     ops = [node.op_type for node in onnx.load(str(tmp_path / "packed" / "model.onnx")).graph.node]
     # One activation fake quantization (round, then clamp) in front of each of fc1 and fc2.
     assert ops.count("Round") == ops.count("MatMul") == 2, ops
+
+
+class _Heads(TinyRegressor):
+    """An export target (`heads`, a ModuleDict: no forward of its own) whose child computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleDict({"cls": nn.Linear(8, 3)})
+
+
+@pytest.mark.parametrize("options, says, not_says", [
+    (dict(module="heads"), r"the submodule 'heads' has no forward, and the export runs the model on a few inputs to"
+     r" check the packed copy against it \(parity\): add a forward to ModuleDict; or export a submodule that computes:"
+     r" CompressedExport\(module='heads.cls'\).*; or pass parity=False", "training_step"),
+    (dict(module="heads", parity=False, formats=["safetensors", "onnx"]), r"inputs to trace the ONNX graph: add a forward", "parity=False"),
+])
+def test_an_export_target_without_forward_is_named_at_setup(tmp_path, options, says, not_says):
+    model = _Heads()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ArgumentError, match=says) as error:
+        make_trainer(max_steps=1, callbacks=[CompressedExport(tmp_path / "out", **options)]).fit(model, tiny_loader())
+    assert not_says not in str(error.value) and error.value.argument == "module"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not (tmp_path / "out").exists()
+    # Without parity or ONNX the export never runs the model: no forward needed.
+    make_trainer(max_steps=1, callbacks=[CompressedExport(tmp_path / "plain", module="heads", parity=False)]).fit(
+        _Heads(), tiny_loader())
+    assert (tmp_path / "plain" / WEIGHTS_FILE).is_file()

@@ -33,7 +33,7 @@ from lightning_compress.formats.inputs import (
 from lightning_compress.formats.packed import METADATA_FILE
 from lightning_compress.formats.target import check_export_target, check_keeps_apart
 
-_DRY_NOTE = (
+DRY_EXPORT_NOTE = (
     "found by CompressedExport's dry export before the first training step: nothing was trained or written; the"
     " export at the end of fit would fail the same way. dry_export=False (in a recipe: export.dry_export=false)"
     " skips this check"
@@ -160,7 +160,10 @@ class CompressedExport(CompressionCallback):
     @override
     def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._target(pl_module)  # a wrong `module` fails before training
+            target = self._target(pl_module)  # a wrong `module` fails before training
+            missing = missing_forward_error(target, self.module, parity=self.parity, onnx="onnx" in self.formats)
+            if missing is not None:
+                raise missing
             check_export_target(self.dirpath, self.overwrite)  # a file, an unwritable folder
             # Before the existence check: a logger writing inside `dirpath` made it exist.
             check_keeps_apart(self.dirpath, _run_folders(trainer), self.overwrite)
@@ -202,7 +205,7 @@ class CompressedExport(CompressionCallback):
                     raise
                 raise guessed from error
 
-        self._on_rank_zero(trainer, dry, "dry export (before the first training step)", _DRY_NOTE)
+        self._on_rank_zero(trainer, dry, "dry export (before the first training step)", DRY_EXPORT_NOTE)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -255,8 +258,6 @@ class CompressedExport(CompressionCallback):
         if not self.parity and "onnx" not in self.formats:
             return []
         target = self._target(pl_module)
-        if check and (missing := missing_forward_error(target)) is not None:
-            raise missing
         input_fn = self.input_fn or (lambda batch: batch_inputs(batch, target))
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         inputs = []

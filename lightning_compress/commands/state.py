@@ -18,10 +18,9 @@ def reset() -> None:
 
 
 class MarkTrainingStarted(Callback):
-    """Records that the first training step is about to run: after every other callback's
-    ``on_train_batch_start`` of the first batch (it is the Trainer's last callback), where
-    the export's dry run checks the settings on the model before anything trains."""
+    """Records that training is about to start (``on_train_start``): from there on the
+    data and the model run, and their errors are failures, with their tracebacks."""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
         global _started
         _started = True

@@ -98,20 +98,28 @@ def mismatch_error(module: nn.Module, batch: Any, inputs: Any, problem: str, *, 
     )
 
 
-def missing_forward_error(module: nn.Module, argument: str = "module") -> Optional[ArgumentError]:
-    """The error for an export target whose class defines no ``forward`` (a LightningModule
-    that computes in ``training_step`` alone, as Lightning's demo ``LightningLSTM``): the
-    export runs it to check the packed copy. ``None`` when it has one."""
-    if _computes(module):
+def missing_forward_error(module: nn.Module, path: Optional[str] = None, *, parity: bool = True,
+                          onnx: bool = False) -> Optional[ArgumentError]:
+    """The error for an export target (``path``: its attribute path in the LightningModule,
+    ``None`` for the module itself) whose class defines no ``forward``, when the export
+    runs it (``parity``, ``onnx``). ``None`` when it has one or is not run."""
+    if _computes(module) or not (parity or onnx):
         return None
-    computing = [name for name, child in module.named_children() if _computes(child)]
-    hint = (f"; or export the submodule that computes: CompressedExport(module={computing[0]!r}) (in a recipe:"
-            f" export.module: {computing[0]})") if computing else ""
+    prefix = f"{path}." if path else ""
+    computing = [prefix + name for name, child in module.named_children() if _computes(child)]
+    where = f"the submodule {path!r}" if path else type(module).__name__
+    why = " (it computes in training_step alone)" if not path else ""
+    uses = " and ".join(use for use, on in (("to check the packed copy against it (parity)", parity),
+                                           ("to trace the ONNX graph", onnx)) if on)
+    fixes = [f"add a forward to {type(module).__name__}"]
+    if computing:
+        fixes.append(f"export a submodule that computes: CompressedExport(module={computing[0]!r}) (in a recipe:"
+                     f" export.module: {computing[0]})")
+    if parity and not onnx:
+        fixes.append("pass parity=False (export.parity: false) to export without the check")
     return ArgumentError(
-        argument,
-        f"{type(module).__name__} has no forward (it computes in training_step alone), and the export runs the model"
-        f" on a few inputs to check the packed copy against it (parity) and to trace ONNX: add a forward to"
-        f" {type(module).__name__}{hint}; or pass parity=False (export.parity: false) to export without the check",
+        "module",
+        f"{where} has no forward{why}, and the export runs the model on a few inputs {uses}: {'; or '.join(fixes)}",
     )
 
 
