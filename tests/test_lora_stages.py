@@ -179,3 +179,27 @@ def test_a_tied_head_in_modules_to_save_is_saved_with_its_embedding_and_peft_rep
 def test_target_errors_name_loras_own_arguments(options, message):
     with pytest.raises(ValueError, match=message):
         make_trainer(callbacks=[LoRA(r=4, **options)]).fit(TinyRegressor(), tiny_loader())
+
+
+def _two_loras(tmp_path=None):
+    dirs = {} if tmp_path is None else {"a": dict(adapter_dir=tmp_path / "a"), "b": dict(adapter_dir=tmp_path / "b")}
+    return [LoRA(r=4, target_modules=["fc1"], name="a", **dirs.get("a", {})),
+            LoRA(r=2, lora_alpha=4, target_modules=["fc2"], name="b", **dirs.get("b", {}))]
+
+
+def test_two_lora_callbacks_train_both_adapters_over_two_stages_and_save_their_own(seeded, tmp_path):
+    model = TinyRegressor()
+    make_trainer(max_epochs=1, callbacks=_two_loras(tmp_path)).fit(model, tiny_loader())
+    first = _adapters(model)
+    # the second callback's setup froze the first's adapters: they stayed at B = 0
+    assert torch.count_nonzero(first["fc1.lora_B"]) > 0 and torch.count_nonzero(first["fc2.lora_B"]) > 0
+    # each callback wrote its own adapters with its own r and alpha (one file could not hold both ranks)
+    assert sorted(load_file(str(tmp_path / "a" / "adapter_model.safetensors"))) == ["base_model.model.fc1.lora_A.weight",
+                                                                                  "base_model.model.fc1.lora_B.weight"]
+    assert load_file(str(tmp_path / "b" / "adapter_model.safetensors"))["base_model.model.fc2.lora_A.weight"].shape == (2, 32)
+
+    # A second stage with both callbacks again takes both over (each one's was "not among the targets" of the other).
+    make_trainer(max_epochs=1, callbacks=_two_loras()).fit(model, tiny_loader())
+    second = _adapters(model)
+    assert sorted(second) == sorted(first)
+    assert all(not torch.equal(second[n], first[n]) for n in first if "lora_B" in n)

@@ -313,3 +313,25 @@ def test_layer_table_and_inspect_give_each_recurrent_matrix_its_own_grid(tmp_pat
     for key in gru:
         assert printed[f"rnn.{key.split('.')[1]}"][2] == ("8" if "_hh_" in key else "4"), key
     assert printed["head.weight"][2] == "4" and printed["head.bias"][2] == "32"
+
+
+def test_layer_table_names_the_recurrent_matrices_a_method_left_out():
+    """group_size=32 fits the 32-wide inputs of the hidden-to-hidden and second-layer
+    matrices, not the 16-wide first-layer inputs: QAT leaves those out (`skip`). Their rows
+    say so, in float; the quantized matrices' rows carry no skip (they all did)."""
+    from tests.test_pruning_callback import TableLogger
+
+    pl.seed_everything(0, verbose=False)
+    model, logger = RecurrentLM("GRU"), TableLogger()
+    qat = QuantizationAwareTraining("int4", group_size=32, start_step=0, on_incompatible="skip", targets=[nn.GRU])
+    with pytest.warns(UserWarning, match="rnn.weight_ih_l0"):
+        make_trainer(callbacks=[qat], max_steps=1, logger=logger).fit(model, token_loader())
+    columns, rows = logger.tables["compression/layers"]
+    table = {row[0]: dict(zip(columns, row)) for row in rows}
+    left_out = {"rnn.weight_ih_l0", "rnn.weight_ih_l0_reverse"}
+    assert set(qat.skipped_layers) == left_out
+    gru = [f"rnn.weight_{kind}_l{layer}{suffix}" for layer in (0, 1) for suffix in ("", "_reverse") for kind in ("ih", "hh")]
+    assert sorted(table) == sorted(gru)
+    for key in gru:
+        expected = (32, "float", "qat") if key in left_out else (4, "g32", "")
+        assert (table[key]["weight_bits"], table[key]["granularity"], table[key]["skipped"]) == expected, key

@@ -264,7 +264,7 @@ class CompressionCallback(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Before any subclass work (a LoRA merge) changes the model.
-        report_layer_table(trainer, pl_module, _skipped_by_layer(trainer.callbacks, pl_module))
+        report_layer_table(trainer, pl_module, _skipped_by_layer(trainer.callbacks))
 
     def log_once(self, pl_module: LightningModule, step: int, metrics: Dict[str, float]) -> None:
         """Log ``metrics`` at the first batch of optimizer step ``step`` only (gradient
@@ -354,16 +354,14 @@ class CompressionCallback(Callback):
 _FOREIGN = "it was edited or written by something else; resume from a checkpoint this run wrote"
 
 
-def _skipped_by_layer(callbacks: Any, model: nn.Module) -> Dict[str, List[str]]:
-    """``{module name: sections of the callbacks that left it out}`` (a recurrent
-    layer's weight keys, ``rnn.weight_ih_l0``, count for their module)."""
-    modules = {name for name, _ in model.named_modules()}
+def _skipped_by_layer(callbacks: Any) -> Dict[str, List[str]]:
+    """``{layer name or weight key (a recurrent layer's ``rnn.weight_ih_l0``): sections of
+    the callbacks that left it out}``."""
     found: Dict[str, List[str]] = {}
     for callback in callbacks:
         for key in getattr(callback, "skipped_layers", None) or ():
-            name = key if key in modules else key.rpartition(".")[0]
-            if callback.section not in found.setdefault(name, []):
-                found[name].append(callback.section)
+            if callback.section not in found.setdefault(key, []):
+                found[key].append(callback.section)
     return found
 
 

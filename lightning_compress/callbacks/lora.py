@@ -42,7 +42,8 @@ class LoRA(CompressionCallback):
 
     Each targeted layer computes with ``W + scaling · B·A`` where ``A`` (``r × in``,
     Kaiming-initialised) and ``B`` (``out × r``, zeros) are new parameters registered on
-    the layer as ``lora_A``/``lora_B`` and ``scaling = lora_alpha / r``. They are added in
+    the layer as ``lora_A``/``lora_B`` (or those it holds already, from an earlier Trainer
+    or ``load_adapters``) and ``scaling = lora_alpha / r``. They are added in
     ``setup`` (or right after your ``configure_model``), before ``configure_optimizers``
     runs, so your optimizer gets them; then every parameter except the adapters and
     ``modules_to_save`` is frozen and dropped from the optimizer. The adapter is the
@@ -123,10 +124,9 @@ class LoRA(CompressionCallback):
         ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
         IncompatibleSettings: (a ``ValueError``) at setup, naming every targeted layer
             LoRA cannot adapt (with ``on_incompatible="error"``).
-        ValueError: at setup, for targets that match no adaptable layer; when resuming,
-            for a checkpoint of adapters with
-            another rank, scaling, base or layers, or frozen weights that differ from
-            those trained on.
+        ValueError: at setup, for targets that match no adaptable layer, or adapters the
+            model holds already that do not fit; when resuming, for a checkpoint of adapters
+            with another rank, scaling, base or layers, or other frozen weights.
     """
 
     section = "lora"
@@ -300,12 +300,12 @@ class LoRA(CompressionCallback):
         return self._merged
 
     def save_adapters(self, directory: str | Path) -> Path:
-        """Write the adapters (and ``modules_to_save``) in PEFT's format to ``directory``.
+        """Write this callback's adapters (and ``modules_to_save``) in PEFT's format to ``directory``.
 
         Raises:
             ArgumentError: ``peft_root`` or ``modules_to_save`` cannot be written (checked before training too)
         """
-        return save_adapters(self._checked_peft_root(), directory, self.config)
+        return save_adapters(self._checked_peft_root(), directory, self.config, only=self._adapters.values())
 
     def load_adapters(self, directory: str | Path) -> None:
         """Start from adapters saved in PEFT's format (ours or PEFT's own): loaded now if
@@ -358,9 +358,10 @@ class LoRA(CompressionCallback):
         if self.adapter_dir is not None:  # not after training, when the file is written
             self._checked_peft_root(pl_module, layers)
         rivals = self.rivals(trainer)
-        self._adapters = inject_adapters(
-            pl_module, self.config, layers, dropout=self._dropout, owner=self.owner_token, active_owners=rivals
-        )
+        # adapters an earlier stage left on the layers of this Trainer's other LoRA callbacks are theirs to take over
+        theirs = {n for cb in trainer.callbacks if isinstance(cb, LoRA) and cb is not self for n in cb.select(pl_module)}
+        self._adapters = inject_adapters(pl_module, self.config, layers, dropout=self._dropout, owner=self.owner_token,
+                                         active_owners=rivals, rival_layers=theirs)
         self._module, self._merged, self._fingerprint = pl_module, [], None
         self._dropped_keys = [
             key
@@ -431,20 +432,15 @@ class LoRA(CompressionCallback):
 
 
 def _wrap_on_load_checkpoint(pl_module: LightningModule, before_load) -> None:
-    """Run ``before_load(checkpoint)`` after the module's own ``on_load_checkpoint``, which
-    Lightning calls right before it loads the weights (callback hooks run only after)."""
-    _chain_hook(pl_module, "on_load_checkpoint", before_load)
-
-
-def _chain_hook(pl_module: LightningModule, hook: str, after) -> None:
-    """Make the instance's ``hook(*args)`` call the class's hook, then ``after(*args)``.
-    Lightning looks hooks up on the instance. A hook already wrapped is left as it is."""
-    if hook in vars(pl_module):
+    """Make the instance's ``on_load_checkpoint(checkpoint)`` run the class's, then
+    ``before_load(checkpoint)``: Lightning calls it right before it loads the weights
+    (callback hooks run only after), looking it up on the instance. Wrapped once."""
+    if "on_load_checkpoint" in vars(pl_module):
         return
-    own = getattr(pl_module, hook)
+    own = pl_module.on_load_checkpoint
 
-    def wrapper(*args):
-        own(*args)
-        after(*args)
+    def wrapper(checkpoint):
+        own(checkpoint)
+        before_load(checkpoint)
 
-    setattr(pl_module, hook, wrapper)
+    pl_module.on_load_checkpoint = wrapper

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_compress.core.targeting import layer_weights
 from lightning_compress.core.tracking import log_table
 from lightning_compress.core.transforms import INPUT, Stage, all_transforms, transformed_slots, weight_before
 
@@ -48,23 +49,24 @@ def report_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Seque
 
 def layer_rows(module: nn.Module, skipped: Mapping[str, Sequence[str]] | None = None) -> List[List[Any]]:
     """One row (in :data:`LAYER_COLUMNS` order) per layer under ``module`` that has a
-    transform or is named in ``skipped`` (``{layer name: methods that left it out}``), or
-    one per transformed weight of a layer that has several (each matrix of a recurrent
-    layer may have its own grid: ``rnn.weight_hh_l0``, as QAT and the export name it).
-    ``params`` and ``sparsity`` cover the row's weights (all the layer's weights when none
-    is transformed); ``sparsity`` counts the zeros of the weights entering fake
+    transform or is left out by a method (``skipped``: ``{layer name or weight key:
+    methods that left it out}``); a layer with several weight matrices (a recurrent
+    layer, whose matrices may each have their own grid) has one row per such matrix,
+    keyed as QAT and the export key it (``rnn.weight_hh_l0``). ``params`` and ``sparsity``
+    cover the row's weights; ``sparsity`` counts the zeros of the weights entering fake
     quantization: pruned weights, not weights that quantization rounds to zero."""
     skipped = skipped or {}
     rows = []
     for name, layer in module.named_modules():
+        keys = layer_weights(name, layer)  # {weight key: parameter}: several for a recurrent layer
         transformed = [slot for slot in transformed_slots(layer) if slot != INPUT]
-        weights = transformed or ([slot for slot, p in layer.named_parameters(recurse=False) if p.dim() > 1]
-                                  if name in skipped else [])
-        if len(transformed) > 1:
-            groups = [(f"{name}.{slot}", [slot]) for slot in transformed]
+        if len(keys) > 1:
+            groups = [([slot], key) for key, slot in keys.items() if slot in transformed or key in skipped or name in skipped]
+        elif transformed or name in skipped:
+            groups = [(transformed or [slot for slot, p in layer.named_parameters(recurse=False) if p.dim() > 1], name)]
         else:
-            groups = [(name, weights)] if weights else []
-        for row_name, slots in groups:
+            groups = []
+        for slots, row_name in groups:
             fields: Dict[str, Any] = dict(_DEFAULTS)
             for slot, _, transform in all_transforms(layer):
                 if slot == INPUT or slot in slots:
@@ -73,8 +75,9 @@ def layer_rows(module: nn.Module, skipped: Mapping[str, Sequence[str]] | None = 
             for slot in slots:
                 weight = weight_before(layer, Stage.FAKE_QUANT, slot).detach()
                 numel, zeros = numel + weight.numel(), zeros + int((weight == 0).sum())
+            methods = [*skipped.get(name, ()), *(skipped.get(row_name, ()) if row_name != name else ())]
             fields.update(layer=row_name, type=type(layer).__name__, params=numel, sparsity=zeros / max(numel, 1),
-                          skipped=",".join(skipped.get(name, ())))
+                          skipped=",".join(dict.fromkeys(methods)))
             rows.append([fields[column] for column in LAYER_COLUMNS])
     return rows
 

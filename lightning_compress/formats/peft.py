@@ -17,7 +17,7 @@ import fnmatch
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -29,7 +29,7 @@ from lightning_compress.core.attention import compressible_attention
 from lightning_compress.core.targeting import close_names_hint, match_modules, tied_parameter_names
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.peft_attention import from_peft_names, peft_unpaired, to_peft_names, warn_out_proj_delta
-from lightning_compress.lora.adapter import adapter_shapes
+from lightning_compress.lora.adapter import LoRAAdapter, adapter_shapes
 from lightning_compress.lora.config import ADAPTABLE_TYPES, LoRAConfig
 from lightning_compress.lora.inject import adapters_of, inject_adapters
 
@@ -46,8 +46,10 @@ class AdapterFormatError(ValueError):
     the file and the entry."""
 
 
-def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -> Path:
-    """Write ``model``'s adapters (and its ``config.modules_to_save``) in PEFT's format.
+def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig, *,
+                  only: Iterable[LoRAAdapter] | None = None) -> Path:
+    """Write ``model``'s adapters (and its ``config.modules_to_save``) in PEFT's format;
+    ``only``: just these of them (one LoRA callback's, where several adapt the model).
 
     Layer names are relative to ``model``: pass the module PEFT will see as its base model
     (for a LightningModule that wraps a transformers model, that inner model). The
@@ -71,6 +73,9 @@ def save_adapters(model: nn.Module, directory: str | Path, config: LoRAConfig) -
             naming the lock file and the writer's pid).
     """
     adapters = adapters_of(model)
+    if only is not None:
+        chosen = {id(adapter) for adapter in only}
+        adapters = {name: adapter for name, adapter in adapters.items() if id(adapter) in chosen}
     if not adapters:
         raise ValueError("no LoRA adapters to save under this module: save before merging, or pass the"
                          " module that holds the adapters")

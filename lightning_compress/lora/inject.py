@@ -120,6 +120,7 @@ def inject_adapters(
     dropout: DropoutRNG | None = None,
     owner: str = "lora",
     active_owners: set = frozenset(),
+    rival_layers: set = frozenset(),
 ) -> Dict[str, LoRAAdapter]:
     """Give every selected layer an adapter (``B = 0``, so outputs are unchanged), store
     its base in NF4 for ``base="nf4"``, and freeze every parameter of ``model`` except the
@@ -128,6 +129,8 @@ def inject_adapters(
     A model that already holds adapters (an earlier Trainer's LoRA, or
     :func:`~lightning_compress.formats.peft.load_adapters`) keeps them: they are taken
     over, with their values, where they fit ``config`` (see :func:`adapters_to_keep`).
+    ``active_owners``/``rival_layers``: the other LoRA callbacks of the Trainer and the
+    layers they adapt; their adapters (and what they train) stay trainable.
 
     Everything is checked before the model is changed.
     """
@@ -135,7 +138,8 @@ def inject_adapters(
     to_save = match_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else {}
     check_adaptable(layers, config)
     check_not_saved(layers, to_save)
-    kept = adapters_to_keep(model, layers, config, active_owners)
+    kept = adapters_to_keep(model, layers, config, active_owners, rival_layers)
+    rivals_in = any(adapter.owner in active_owners for adapter in adapters_of(model).values())
     dropout = dropout or DropoutRNG(config.lora_dropout)
     adapters = {}
     for name, layer in layers.items():
@@ -153,15 +157,21 @@ def inject_adapters(
             set_forward(layer, adapter.forward)
         layer.__dict__.pop(MERGED_MARK, None)
         adapters[name] = adapter
-    freeze_except(model, adapters, to_save)
+    if rivals_in:  # another LoRA of this Trainer froze the rest already, and trains its own: leave those
+        for parameter in _trainable(adapters, to_save):
+            parameter.requires_grad_(True)
+    else:
+        freeze_except(model, adapters, to_save)
     return adapters
 
 
 def adapters_to_keep(
-    model: nn.Module, layers: Mapping[str, nn.Module], config: LoRAConfig, active_owners: set = frozenset()
+    model: nn.Module, layers: Mapping[str, nn.Module], config: LoRAConfig, active_owners: set = frozenset(),
+    rival_layers: set = frozenset(),
 ) -> Dict[str, LoRAAdapter]:
-    """The adapters ``model`` already holds, outside any callback in ``active_owners``,
-    that a new injection of ``layers`` with ``config`` takes over: a second Trainer's LoRA
+    """The adapters ``model`` already holds, outside any callback in ``active_owners`` and
+    the ``rival_layers`` they adapt, that a new injection of ``layers`` with ``config``
+    takes over: a second Trainer's LoRA
     (another training stage, or a ``validate``) goes on with the adapters the first one
     trained instead of starting new ones from ``B = 0``.
 
@@ -177,7 +187,8 @@ def adapters_to_keep(
             f"{', '.join(map(repr, rival[:6]))}{' ...' if len(rival) > 6 else ''} already hold an adapter of another"
             " LoRA callback in this Trainer; give the two disjoint `target_modules`/`exclude_modules`"
         )
-    held = {name: adapter for name, adapter in present.items() if adapter.owner not in active_owners}
+    held = {name: adapter for name, adapter in present.items()
+            if adapter.owner not in active_owners and name not in rival_layers}
     differences = [f"{name!r} has an adapter and is not among this LoRA's targets" for name in held if name not in layers]
     for name, adapter in held.items():
         rank, nf4 = adapter.layer.lora_A.shape[0], is_nf4(raw_weight(adapter.layer, adapter.param))
@@ -221,10 +232,14 @@ def _saved_owner(name: str, to_save: Dict[str, nn.Module]) -> str | None:
 
 def freeze_except(model: nn.Module, adapters: Dict[str, LoRAAdapter], modules_to_save: Dict[str, nn.Module]) -> None:
     """``requires_grad`` only for adapter parameters and those of ``modules_to_save``."""
-    trainable = {id(p) for m in modules_to_save.values() for p in m.parameters()}
-    trainable |= {id(getattr(a.layer, n)) for a in adapters.values() for n in ADAPTER_PARAMETERS}
+    trainable = {id(p) for p in _trainable(adapters, modules_to_save)}
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in trainable)
+
+
+def _trainable(adapters: Dict[str, LoRAAdapter], modules_to_save: Dict[str, nn.Module]) -> List[nn.Parameter]:
+    return [p for m in modules_to_save.values() for p in m.parameters()] + [
+        getattr(a.layer, n) for a in adapters.values() for n in ADAPTER_PARAMETERS]
 
 
 def adapters_of(model: nn.Module) -> Dict[str, LoRAAdapter]:
