@@ -569,3 +569,38 @@ def test_outputs_that_drift_between_calls_are_refused_for_reference_kl():
                        r" \[0\]\).*reset that state") as error:
         layer_sensitivity(Running(), batches, bits=(8,), reference="kl")
     assert error.value.argument == "batches"
+
+
+def test_a_loss_that_samples_is_measured_on_the_same_draws_and_the_callers_rng_is_untouched():
+    """A denoising loss draws noise: each case sees batch i's noise (seeded with i), so the
+    drift check passes and an 8-bit delta is the quantization's alone, not a new noise draw.
+    The caller's generator state is as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def denoising(module, x):
+        return F.mse_loss(module(x + 0.5 * torch.randn_like(x)), x)
+
+    state = torch.get_rng_state()
+    report = layer_sensitivity(model, batches, denoising, bits=(8,))
+    assert torch.equal(torch.get_rng_state(), state)
+    # the reference by hand: batch i's noise is what torch.manual_seed(i) draws
+    expected = []
+    for name in ("0", "2"):
+        quantized = copy.deepcopy(model)
+        layer = quantized.get_submodule(name)
+        spec = QuantSpec(8, "channel")
+        scale, zero_point = choose_qparams(as_matrix(layer.weight.data), spec)
+        layer.weight.data = fake_quantize(layer.weight.data, scale, zero_point, spec)
+
+        def mean_loss(module):
+            losses = []
+            for i, x in enumerate(batches):
+                torch.manual_seed(i)
+                losses.append(float(denoising(module, x).detach().double()))
+            return math.fsum(losses) / len(losses)
+
+        expected.append(mean_loss(quantized) - mean_loss(model))
+    torch.set_rng_state(state)
+    assert [row.delta for row in report.rows] == pytest.approx(expected, rel=1e-9, abs=1e-12)

@@ -154,17 +154,22 @@ def layer_sensitivity(
 
 
 class _Evaluator:
-    """The float model's value on the batches (measured once), then each case's delta."""
+    """The float model's value on the batches (measured once), then each case's delta.
+
+    Every evaluation of batch ``i`` draws the same random numbers (torch's generators
+    seeded with ``i`` inside ``torch.random.fork_rng``, the caller's left as they were):
+    a loss that samples (noise, random masks) compares its cases on the same draws."""
 
     def __init__(self, model: nn.Module, batches: List[Any], loss_fn: LossFn | None, reference: str) -> None:
         self.model, self.batches, self.loss_fn, self.reference = model, batches, loss_fn, reference
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if reference == "loss":
-            self.float_losses = [self._loss(batch) for batch in batches]
+            self.float_losses = self._losses()
             self.baseline = math.fsum(self.float_losses) / len(batches)
             unusable = [i for i, loss in enumerate(self.float_losses) if not math.isfinite(loss)]
             what = "loss"
         else:
-            self.float_log_probs = [_log_probs(_outputs(model, batch)) for batch in batches]
+            self.float_log_probs = self._all_log_probs()
             self.baseline = 0.0
             unusable = [i for i, log_probs in enumerate(self.float_log_probs) if not log_probs.isfinite().all()]
             what = "outputs"
@@ -188,37 +193,53 @@ class _Evaluator:
                 with both values and the fixes.
         """
         if what == "loss":
-            again = [self._loss(batch) for batch in self.batches]
+            again = self._losses()
             moved = [(i, a, b) for i, (a, b) in enumerate(zip(self.float_losses, again))
                      if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)]
             shown = ", ".join(f"batch {i}: {a:.6g} then {b:.6g}" for i, a, b in moved[:3])
         else:
-            again = [_log_probs(_outputs(self.model, batch)) for batch in self.batches]
+            again = self._all_log_probs()
             moved = [i for i, (a, b) in enumerate(zip(self.float_log_probs, again))
                      if not torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)]
             shown = f"batch(es) {moved[:8]}"
         if moved:
             argument, fix = (("loss_fn", "pass a `loss_fn(model, batch)` that starts every batch afresh, or"
-                              " reference='kl' (the outputs of `model(batch)`)") if what == "loss" else
+                              " reference='kl' (the outputs of `model(batch)`; --reference kl on the command line)")
+                             if what == "loss" else
                              ("batches", "reset that state in the model's forward, or use reference='loss' with a"
                               " `loss_fn` that does"))
             raise ArgumentError(
                 argument,
-                f"the float model's {what} on the same batches changed between two evaluations ({shown}): the model"
-                " keeps state from one call to the next (a training_step that carries a hidden state over, as"
-                " Lightning's demo LightningLSTM does, or dropout left on in eval mode), so every layer's delta would"
-                f" measure that drift, not the layer; {fix}",
+                f"the float model's {what} on the same batches changed between two evaluations ({shown}), with the"
+                " same random draws both times: the model keeps state from one call to the next (a training_step"
+                " that carries a hidden state over, as Lightning's demo LightningLSTM does), so every layer's delta"
+                f" would measure that drift, not the layer; {fix}",
             )
 
     def __call__(self) -> float:
         if self.reference == "loss":
-            return math.fsum(self._loss(batch) for batch in self.batches) / len(self.batches) - self.baseline
+            return math.fsum(self._losses()) / len(self.batches) - self.baseline
         total = 0.0
-        for batch, reference in zip(self.batches, self.float_log_probs):
-            log_probs = _log_probs(_outputs(self.model, batch))
+        for log_probs, reference in zip(self._all_log_probs(), self.float_log_probs):
             kl = torch.nn.functional.kl_div(log_probs, reference, log_target=True, reduction="none").sum(-1)
             total += float(kl.mean())
         return total / len(self.batches)
+
+    def _losses(self) -> List[float]:
+        return [self._with_draws(index, lambda: self._loss(batch)) for index, batch in enumerate(self.batches)]
+
+    def _all_log_probs(self) -> List[Tensor]:
+        return [self._with_draws(index, lambda: _log_probs(_outputs(self.model, batch)))
+                for index, batch in enumerate(self.batches)]
+
+    def _with_draws(self, index: int, compute: Callable[[], Any]) -> Any:
+        """``compute()`` with torch's random generators (the CPU's, and the model's
+        accelerator's) seeded with ``index``, restored afterwards."""
+        accelerator = self.device.type if self.device.type != "cpu" else "cuda"
+        devices = [self.device.index or 0] if self.device.type != "cpu" else []
+        with torch.random.fork_rng(devices=devices, device_type=accelerator):
+            torch.manual_seed(index)
+            return compute()
 
     def _loss(self, batch: Any) -> float:
         value = self.loss_fn(self.model, batch)
