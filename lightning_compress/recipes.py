@@ -193,25 +193,30 @@ def load_recipe(
         # Out-of-range values fail now, in the callbacks' own validation; then combinations.
         check_recipe(recipe.callbacks(), error=RecipeError)
     except RecipeError as err:
-        hint = _glob_key_hint(overrides)
+        hint = _glob_key_hint(overrides, str(err))
         if hint:
             raise RecipeError(f"{err}; {hint}") from None
         raise
     return recipe
 
 
-def _glob_key_hint(overrides: Union[Sequence[str], Mapping[str, Any], None]) -> str:
-    """For a dotlist override that reaches inside a mapping keyed by layer-name globs
-    (``qat.overrides``, ``qat.mappings``): its dots split the glob too."""
+def _glob_key_hint(overrides: Union[Sequence[str], Mapping[str, Any], None], error: str) -> str:
+    """For a dotlist override that reaches inside a mapping keyed by layer-name globs and
+    fails there (``qat.overrides.model.decoder.bits=6`` read as
+    ``overrides['model']['decoder']['bits']``): the form that reaches a glob with dots."""
     if overrides is None or isinstance(overrides, Mapping):
         return ""
     for item in overrides:
-        path = item.split("=", 1)[0].split(".")
-        if path[:2] in (["qat", "overrides"], ["qat", "mappings"]) and len(path) > 3:
-            field = ".".join(path[:2])
-            return (f"the override {item.split('=', 1)[0]} splits at every dot, layer names included, so it does not"
-                    f" reach a glob such as '{'.'.join(path[2:-1])}'; replace the whole mapping instead:"
-                    f" {field}={{\"{'.'.join(path[2:-1])}\": {{{path[-1]}: VALUE}}}}")
+        key = item.split("=", 1)[0]
+        path = key.split(".")
+        if path[:2] == ["qat", "overrides"] and len(path) > 4 and f"overrides[{path[2]!r}]" in error:
+            glob, value = ".".join(path[2:-1]), f"{{{path[-1]}: VALUE}}"
+        elif path[:2] == ["qat", "mappings"] and len(path) > 3 and "mappings" in error:
+            glob, value = ".".join(path[2:]), "[LAYERS]"
+        else:
+            continue
+        return (f"the override {key} splits at every dot, layer names included, so it does not reach a glob such"
+                f" as '{glob}'; replace the whole mapping instead: {'.'.join(path[:2])}={{\"{glob}\": {value}}}")
     return ""
 
 

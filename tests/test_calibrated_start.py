@@ -618,6 +618,18 @@ def test_multihead_attention_out_proj_is_refused_at_setup_naming_the_exclude(see
         steps=2, loader=tiny_loader())
 
 
+def test_an_out_proj_replaced_by_a_plain_linear_is_known_by_where_it_sits(seeded):
+    """The setup check knows an out_proj by its class; the calibrated start's own check, by
+    the attention layer that holds it: a plain nn.Linear put there is still refused."""
+    model = AttentionRegressor()
+    model.attn.out_proj = nn.Linear(model.attn.embed_dim, model.attn.embed_dim)
+    qat = QuantizationAwareTraining("int4", group_size=4, init="gptq", calibration_batches=1, start_step=1,
+                                    exclude=[nn.MultiheadAttention, "conv"])
+    with pytest.raises(ValueError, match=r"'attn.out_proj' is an nn.MultiheadAttention's out_proj, whose weight the"
+                                         r" attention reads without calling it"):
+        fit(model, [qat], steps=2, loader=tiny_loader())
+
+
 class FunctionalRegressor(TinyRegressor):
     """fc2's weight is used without calling fc2."""
 

@@ -396,3 +396,15 @@ def test_an_override_into_a_glob_with_dots_names_the_whole_mapping_form():
         load_recipe(recipe, ["qat.overrides.model.decoder.bits=6"])
     fixed = load_recipe(recipe, ['qat.overrides={"model.decoder": {bits: 6}}'])
     assert fixed.config["qat"]["overrides"] == {"model.decoder": {"bits": 6}}
+
+
+def test_the_glob_hint_only_comes_with_an_error_it_explains():
+    recipe = {"qat": {"weights": "int4", "group_size": 32, "overrides": {"fc": {"bits": 8}}}}
+    assert load_recipe(recipe, ["qat.overrides.fc.bits=6"]).config["qat"]["overrides"] == {"fc": {"bits": 6}}
+    with pytest.raises(RecipeError) as error:  # a glob without dots, and another key's error: no hint
+        load_recipe(recipe, ["qat.overrides.fc.bits=6", "qat.start_step=-3"])
+    assert "`start_step` must be >= 0" in str(error.value) and "splits at every dot" not in str(error.value)
+    mapped = {"qat": {"weights": "int4", "init": "awq", "mappings": {"norm": ["fc"]}}}
+    with pytest.raises(RecipeError, match=r"recipe key qat.mappings expects .* the override qat.mappings.model.norm"
+                       r" splits at every dot.*qat.mappings=\{\"model.norm\": \[LAYERS\]\}$"):
+        load_recipe(mapped, ["qat.mappings.model.norm=[fc]"])

@@ -31,7 +31,7 @@ from lightning_compress.core.recompute import counts_as_training_forward
 from lightning_compress.core.targeting import tied_parameter_names
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
 from lightning_compress.quant.fake_quant import as_matrix
-from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_quantize
+from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_issue, gptq_issue_message, gptq_quantize
 from lightning_compress.quant.mappings import ScaleMapping, covering_mappings
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.smoothing import (
@@ -366,24 +366,10 @@ def plan_calibrated_start(
     setting = describe_setting(init, smoothing)
     written = {}
     if init == "gptq":
-        others = [key for key, layer in layers.items()
-                  if not isinstance(layer, nn.Linear) and not (isinstance(layer, nn.Conv2d) and layer.groups == 1)]
-        if others:
-            raise ValueError(
-                f"init='gptq' rounds the weights of nn.Linear and (ungrouped) nn.Conv2d layers from their inputs;"
-                f" {others} are neither. Exclude them (`exclude`; an nn.MultiheadAttention's out_proj too, whose"
-                " inputs cannot be recorded), or quantize them in a second QuantizationAwareTraining callback without"
-                " `init`"
-            )
         fused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-        unrecorded = [key for key, layer in layers.items() if id(layer) in fused]
-        if unrecorded:
-            raise ValueError(
-                f"init='gptq' rounds each layer from the inputs its forward receives, but {unrecorded} are"
-                " nn.MultiheadAttention's out_proj, whose weight the attention uses without calling the layer: its"
-                f" inputs cannot be recorded. Exclude them (`exclude={unrecorded}`), or quantize them in a second"
-                " QuantizationAwareTraining callback without `init`"
-            )
+        issues = [gptq_issue_message(key, why) for key, layer in layers.items() if (why := gptq_issue(layer, fused))]
+        if issues:
+            raise ValueError("; ".join(issues[:4]) + (f"; and {len(issues) - 4} more" if len(issues) > 4 else ""))
         written.update({key: raw_weight(layer) for key, layer in layers.items()})
     mappings: List[ScaleMapping] = []
     if init == "awq" or smoothing is not None:

@@ -14,6 +14,7 @@ from lightning_compress.core.targeting import Target, validate_name, validate_ta
 from lightning_compress.core.validate import ArgumentError, check_bool, check_choice, check_int, check_positive
 from lightning_compress.quant.activations import ACTIVATION_MODES, OBSERVERS
 from lightning_compress.quant.fake_quant import check_divisible
+from lightning_compress.quant.gptq import gptq_issue, gptq_issue_message
 from lightning_compress.quant.spec import GRANULARITIES, QuantSpec, parse_bits, spec_from_options
 from lightning_compress.quant.weights import DEFAULT_TARGET_TYPES, QUANTIZABLE_TYPES, WEIGHT_RANGES
 
@@ -79,10 +80,8 @@ class QATConfig:
         ``group_size`` (of the main grid or of an override) that does not divide its
         inputs, or ``init="gptq"`` on a layer GPTQ cannot round (not an ``nn.Linear`` or
         ungrouped ``nn.Conv2d``)."""
-        if self.init == "gptq" and (why := _gptq_issue(key, layer)) is not None:
-            return LayerIssue("init", "gptq", f"init='gptq' rounds the weights of nn.Linear and ungrouped nn.Conv2d"
-                              f" layers from the inputs their forward receives, and {key!r} {why}; quantize it in a"
-                              " second QuantizationAwareTraining callback without `init`")
+        if self.init == "gptq" and (why := gptq_issue(layer)) is not None:
+            return LayerIssue("init", "gptq", gptq_issue_message(key, why))
         spec, pattern = self.spec_for(key)
         try:
             check_divisible(key, compressed_weight(key, layer), spec)
@@ -190,11 +189,3 @@ def _parse_overrides(overrides: Any, base: QuantSpec) -> Dict[str, QuantSpec]:
 
 __all__ = ["QATConfig", "override_matches"]
 
-
-def _gptq_issue(key: str, layer: nn.Module) -> str | None:
-    """Why GPTQ cannot round ``layer``'s weight from its recorded inputs, or ``None``."""
-    if isinstance(layer, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return "is an nn.MultiheadAttention's out_proj, whose weight the attention reads without calling it"
-    if isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1):
-        return None
-    return f"is an nn.{type(layer).__name__}"

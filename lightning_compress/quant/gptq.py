@@ -9,7 +9,7 @@ so a QAT run that starts from GPTQ weights trains, packs and exports them unchan
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -280,3 +280,23 @@ def _round_column(column: Tensor, scale: Tensor, zero_point: Tensor, spec: Quant
     codes = torch.clamp(codes, spec.qmin, spec.qmax)
     rounded = (codes - zero_point.to(torch.float32)) * scale
     return codes.to(torch.int32), rounded.to(torch.float64)
+
+
+def gptq_issue(layer: nn.Module, attention_outputs: Collection[int] = ()) -> str | None:
+    """Why GPTQ cannot round ``layer``'s weight from the inputs its forward records (a
+    phrase completing "the layer ..."), or ``None``: it must be an ``nn.Linear`` or an
+    ungrouped ``nn.Conv2d``, and not an ``nn.MultiheadAttention``'s ``out_proj``, whose
+    weight the attention reads without calling it (known by its class, or, given the
+    model's ``attention_outputs`` (their ids), by where it sits)."""
+    if id(layer) in attention_outputs or isinstance(layer, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return "is an nn.MultiheadAttention's out_proj, whose weight the attention reads without calling it"
+    if isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1):
+        return None
+    return f"is an nn.{type(layer).__name__}"
+
+
+def gptq_issue_message(key: str, why: str) -> str:
+    """The sentence naming layer ``key`` GPTQ cannot round (``why``: :func:`gptq_issue`'s)."""
+    return (f"init='gptq' rounds the weights of nn.Linear and ungrouped nn.Conv2d layers from the inputs their"
+            f" forward receives, and {key!r} {why}; quantize it in a second QuantizationAwareTraining callback"
+            " without `init`")
