@@ -23,6 +23,7 @@ from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_c
 from lightning_compress.core.batches import as_steps_get_them
 from lightning_compress.core.filesystem import user_path
 from lightning_compress.formats.export import ExportReport
+from lightning_compress.formats.target import check_keeps_apart
 from lightning_compress.recipes import Recipe, RecipeError, load_recipe
 
 # Sections that do not change the student's weights, so a rebuilt model does without them.
@@ -184,6 +185,10 @@ def export_checkpoint(
         loaded = load_recipe(recipe, [*changes, f"export.overwrite={str(bool(overwrite)).lower()}"], **options)
         writers = [c for c in loaded.callbacks() if isinstance(c, CompressedExport)]
     (writer,) = writers
+    if writer.config.overwrite:  # replaced whole: it must not hold what this export reads
+        check_keeps_apart(writer.dirpath, {"the checkpoint this export reads": checkpoint_path, **(
+            {"the recipe file": recipe} if isinstance(recipe, (str, os.PathLike)) and Path(recipe).is_file() else {})},
+            overwrite=True)
     if writer.dirpath.exists() and not writer.dirpath.is_dir():  # --overwrite would not help: say so now
         raise FileExistsError(
             f"{writer.dirpath} is a file, not a directory; the export writes a directory and never replaces a file"

@@ -493,6 +493,24 @@ def test_an_error_of_the_first_training_step_keeps_its_traceback(tmp_path, monke
               "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
 
 
+def test_export_overwrite_refuses_a_folder_holding_what_it_reads(tmp_path, monkeypatch, capsys):
+    """`-o ck --overwrite` replaced ck whole, deleting the checkpoint it had just read (and
+    every other one there) with exit 0; so did a folder holding the --recipe file."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "rec" / "r.yaml").write_text(RECIPE)
+    trainer = make_trainer(max_steps=4, callbacks=from_recipe("rec/r.yaml", overrides=["export.dirpath=first"]))
+    trainer.fit(RecipeMLP(), RecipeData())
+    (tmp_path / "ck").mkdir()
+    trainer.save_checkpoint(tmp_path / "ck" / "last.ckpt")
+    for argv, held in ((["-o", "ck"], "the checkpoint this export reads (ck/last.ckpt)"),
+                       (["--recipe", "rec/r.yaml", "-o", "rec"], "the recipe file (rec/r.yaml)")):
+        assert main(["export", "--checkpoint", "ck/last.ckpt", "--model", MODEL, "--overwrite", *argv]) == 2
+        assert held in capsys.readouterr().err
+    assert (tmp_path / "ck" / "last.ckpt").is_file() and (tmp_path / "rec" / "r.yaml").is_file()
+
+
 def test_fit_with_a_csv_logger_ends_with_exit_0(tmp_path, monkeypatch, capsys):
     """After fit, the command prints where a W&B run was written; it asked every logger
     for a W&B run directory, and a CSVLogger's writer has none (AttributeError, exit 1)."""
