@@ -249,3 +249,19 @@ def test_a_dirpath_holding_the_loggers_folder_is_refused_before_training(tmp_pat
     with pytest.raises(ArgumentError, match=rf"`dirpath` {out} holds CSVLogger's folder \({out}/logs/version_0\)"):
         trainer.fit(TinyRegressor(), tiny_loader(batches=2))
     assert steps.count == 0
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_dirpath_holding_the_teacher_cache_is_refused_before_training(tmp_path, overwrite):
+    """A distillation cache on disk inside the export folder: overwrite=True deleted it at the
+    end, and without it the export found the folder the cache made (after the whole run)."""
+    from lightning_compress import KnowledgeDistillation
+
+    out, steps = tmp_path / "out", Steps()
+    kd = KnowledgeDistillation(teacher=TinyRegressor(), cache="disk", cache_dir=out / "teacher_cache",
+                               index_fn=lambda batch: batch[0])
+    trainer = make_trainer(max_steps=2, callbacks=[kd, CompressedExport(out, overwrite=overwrite), steps])
+    with pytest.raises(ArgumentError, match=rf"`dirpath` {out} holds KnowledgeDistillation's cache_dir"
+                                            rf" \({out / 'teacher_cache'}\)"):
+        trainer.fit(TinyRegressor(), tiny_loader(batches=2))
+    assert steps.count == 0 and not out.exists()

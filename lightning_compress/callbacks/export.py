@@ -333,11 +333,15 @@ def _add_note(error: BaseException, note: str) -> None:
 
 def _run_folders(trainer: Trainer) -> dict:
     """The folders the run writes besides the export: its ModelCheckpoint folders (those
-    decided yet) and its loggers' folders, by what each is."""
+    decided yet), its loggers' folders and a teacher-output cache on disk, by what each is."""
     kept = {f"{type(callback).__name__}'s dirpath": callback.dirpath
             for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)}
     for logger in trainer.loggers:
         folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if folder:
             kept[f"{type(logger).__name__}'s folder"] = folder
+    for callback in trainer.callbacks:  # a distillation teacher cache on disk
+        config = getattr(callback, "config", None)
+        if getattr(config, "cache", None) == "disk" and getattr(config, "cache_dir", None):
+            kept[f"{type(callback).__name__}'s cache_dir"] = config.cache_dir
     return kept
