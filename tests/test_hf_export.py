@@ -9,6 +9,7 @@ fake-quantized weights. Tiny models built from configs; nothing is downloaded.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import compressed_tensors  # noqa: E402,F401  (a dev dependency: a missing one fails, never skips)
 import transformers  # noqa: E402
 
-from lightning_compress import CompressedExport, QuantizationAwareTraining, export, load_packed  # noqa: E402
+from lightning_compress import CompressedExport, ExportError, QuantizationAwareTraining, export, load_packed  # noqa: E402
 from lightning_compress.core.transforms import raw_weight  # noqa: E402
 from lightning_compress.formats.inspection import verify_packed  # noqa: E402
 from lightning_compress.formats.packed import METADATA_FILE  # noqa: E402
@@ -249,3 +250,18 @@ def test_trained_head_model_exports_from_dict_batches_and_loads_in_transformers(
         assert F.cross_entropy(task(**inputs).logits, held_out["labels"]).isfinite()
     for name, q in quantized_weights(model).items():
         assert torch.equal(task.get_submodule(name).weight, q.dequantize()), name
+
+
+def test_a_bfloat16_bert_the_onnx_exporter_cannot_trace_says_what_to_do(tmp_path):
+    """PyTorch's TorchScript exporter fails inside torch on a bfloat16 BERT ("ScalarType
+    ComplexDouble ..."); the error says it is the dtype and names the two ways out, and the
+    float32 copy of the same quantized model exports."""
+    model = tiny_bert_classifier()
+    round_to_nearest(model, QuantSpec(8, "channel"), targets=[nn.Linear])
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ExportError) as error:
+        export(copy.deepcopy(model).bfloat16(), tmp_path / "bf16", inputs=[(ids,)], formats=["safetensors", "onnx"])
+    assert "computes in bfloat16, which PyTorch's ONNX exporter fails to trace" in str(error.value)
+    assert "leave 'onnx' out of `formats`, or export a float32 copy" in str(error.value)
+    export(model, tmp_path / "f32", inputs=[(ids,)], formats=["safetensors", "onnx"])
+    assert (tmp_path / "f32" / "model.onnx").is_file()

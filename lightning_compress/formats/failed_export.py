@@ -138,10 +138,10 @@ def keep_failed(
                             f"{refused.format(failed / PARITY_FILE)}"), failed
     if isinstance(error, ParityError):
         return ParityError(f"{error}{where}", error.report, directory)
+    notes = "".join(f" {note}" for note in getattr(error, "__notes__", ()))
     if raised_by_the_model(error) or isinstance(error, ArgumentError):  # not the files' fault
-        notes = "".join(f" {note}" for note in getattr(error, "__notes__", ()))
         return ExportError(f"the packed files could not be checked: {what}.{notes}{where}", directory)
-    return ExportError(f"the check of the packed files failed ({what}){where}", directory)
+    return ExportError(f"the check of the packed files failed ({what}){notes}{where}", directory)
 
 
 def keep_elsewhere(out_dir: Path, error: OSError, write: Callable[[Path], None]) -> ExportError:

@@ -339,17 +339,27 @@ def _export_torchscript(model, example_inputs, path, input_names, output_names, 
         # The TorchScript exporter is deprecated but still the one without extra
         # dependencies; its warnings say nothing the user can act on here.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            example_inputs,
-            str(path),
-            dynamo=False,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
-            opset_version=opset,
-            do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                model,
+                example_inputs,
+                str(path),
+                dynamo=False,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        except RuntimeError as error:
+            if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+                # e.g. transformers' attention masks: "ScalarType ComplexDouble is an unexpected tensor scalar type"
+                error.add_note("lightning_compress: the model computes in bfloat16, which PyTorch's ONNX exporter"
+                               " fails to trace for some models (a float32 model of the same layers traces): leave"
+                               " 'onnx' out of `formats`, or export a float32 copy of the trained model afterwards"
+                               " (lightning_compress.export(copy.deepcopy(model).float(), ..., formats=[...,"
+                               " 'onnx']))")
+            raise
 
 
 def _export_dynamo(model, example_inputs, path, input_names, output_names, opset) -> None:
