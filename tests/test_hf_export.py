@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import logging
+import warnings
 import os
 
 import pytest
@@ -265,3 +266,23 @@ def test_a_bfloat16_bert_the_onnx_exporter_cannot_trace_says_what_to_do(tmp_path
     assert "leave 'onnx' out of `formats`, or export a float32 copy" in str(error.value)
     export(model, tmp_path / "f32", inputs=[(ids,)], formats=["safetensors", "onnx"])
     assert (tmp_path / "f32" / "model.onnx").is_file()
+
+
+def test_loading_a_bfloat16_export_into_a_float32_model_warns_and_the_export_dtype_matches(tmp_path):
+    """A bfloat16 run's export loaded into a float32 model computes in float32 (about 1e-3
+    off what training computed), silently before; in bfloat16 it computes as trained."""
+    model = tiny_bert_classifier().bfloat16()
+    round_to_nearest(model, QuantSpec(8, "channel"), targets=[nn.Linear])
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    export(model, tmp_path / "bf16", inputs=[(ids,)])
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    with pytest.warns(UserWarning, match=r"the export's float tensors are bfloat16 \(e.g. '.*'\), this model's"
+                                         r" float32: .*model.to\(torch.bfloat16\)"):
+        as_float32 = load_packed(tmp_path / "bf16", tiny_bert_classifier(), backend="dequantize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model in the export's dtype: no warning
+        as_trained = load_packed(tmp_path / "bf16", tiny_bert_classifier().bfloat16(), backend="dequantize")
+    with torch.no_grad():
+        assert torch.equal(as_trained(input_ids=ids).logits, trained)
+        assert not torch.equal(as_float32(input_ids=ids).logits.bfloat16(), trained)

@@ -16,7 +16,7 @@ from lightning_compress.core.validate import check_bool
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.failed_export import failed_path, recorded_failure, refusal
 from lightning_compress.formats.meta_load import build_on_meta, check_fit, check_meta_covered, load_tensors
-from lightning_compress.formats.packed import METADATA_FILE, PackedModel, open_packed
+from lightning_compress.formats.packed import DTYPES, METADATA_FILE, PackedModel, open_packed
 from lightning_compress.core.attention import keep_padded_batches
 from lightning_compress.core.targeting import module_name, names_of, parameter_key, shared_module_names
 from lightning_compress.formats.runtime import (
@@ -146,6 +146,7 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
         expected.pop(key, None)
     _check_same_ties(model, packed, expected)
     check_fit(model, packed, expected)
+    _warn_on_another_float_dtype(model, packed, expected)
     check_meta_covered(model, expected, weight_keys)
     load_tensors(model, list(packed.tensors), packed.tensor, expected)  # first: packed layers take their biases
     release_freed_memory()
@@ -166,6 +167,25 @@ def install_packed(model: nn.Module, packed: PackedModel, backend: str, cache: b
     keep_padded_batches(model)  # packed layers quantize their input in a pre-hook
     model.packed_kernels = kernel_report(model)
     return originals
+
+
+def _warn_on_another_float_dtype(model: nn.Module, packed: PackedModel, expected: Mapping[str, torch.Tensor]) -> None:
+    """Warn when ``model``'s float tensors (not on the meta device: those take the file's)
+    have another dtype than the file's (a bfloat16 run loaded into a float32 model):
+    loaded into them, the model computes in its own dtype, not as training computed."""
+    differ = {}
+    for key, entry in packed.metadata["tensors"].items():
+        tensor, stored = expected.get(key), DTYPES.get(entry.get("dtype"))
+        if (isinstance(tensor, torch.Tensor) and tensor.device.type != "meta" and stored is not None
+                and tensor.is_floating_point() and stored.is_floating_point and tensor.dtype != stored):
+            differ.setdefault((stored, tensor.dtype), key)
+    if differ:
+        (stored, mine), key = next(iter(differ.items()))
+        warnings.warn(
+            f"the export's float tensors are {str(stored).removeprefix('torch.')} (e.g. {key!r}), this model's"
+            f" {str(mine).removeprefix('torch.')}: loaded, it computes in {str(mine).removeprefix('torch.')}, not as"
+            f" training computed; build the model in the export's dtype (model.to({stored})) to compute as trained",
+            UserWarning, stacklevel=4)
 
 
 def _check_same_sharing(model: nn.Module, packed: PackedModel, shared: Mapping[str, str]) -> None:
