@@ -563,3 +563,29 @@ def test_side_optimizers_refuse_fp16_loss_scaling():
     trainer = SimpleNamespace(precision="16-mixed", optimizers=[torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)])
     with pytest.raises(ValueError, match="`learn_ranges` trains parameters outside your optimizer.*bf16-mixed"):
         SideOptimizer(1e-3).follow(trainer, "`learn_ranges`")
+
+
+class BatchForward(TinyRegressor):
+    """forward(batch): the student takes the whole batch, which the teacher cannot."""
+
+    def forward(self, batch):
+        x = batch["x"] if isinstance(batch, dict) else batch
+        return super().forward(x)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self(batch), batch["y"])
+
+
+def _dict_loader():
+    x, y = tiny_loader(batches=2).dataset.tensors
+    return torch.utils.data.DataLoader([{"x": a, "y": b} for a, b in zip(x, y)], batch_size=16)
+
+
+def test_a_teacher_that_cannot_take_the_students_inputs_is_told_about_teacher_inputs(seeded):
+    kd = KnowledgeDistillation(teacher=TinyRegressor(), temperature=1.0, alpha=0.5)
+    with pytest.raises((TypeError, AttributeError)) as error:
+        make_trainer(max_steps=1, callbacks=[kd]).fit(BatchForward(), _dict_loader())
+    note = " ".join(getattr(error.value, "__notes__", ()))
+    assert "the teacher (TinyRegressor) was called with (dict)" in note and "teacher_inputs=" in note
+    kd = KnowledgeDistillation(teacher=TinyRegressor(), temperature=1.0, alpha=0.5, teacher_inputs=lambda b: b["x"])
+    make_trainer(max_steps=1, callbacks=[kd]).fit(BatchForward(), _dict_loader())  # the fix it names

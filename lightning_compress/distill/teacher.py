@@ -200,7 +200,17 @@ def run_teacher(teacher: nn.Module, args: Tuple[Any, ...], kwargs: dict, dtype: 
     # logits for its backward), while an inference tensor would need a copy first: a
     # 32000-token vocabulary's logits, 0.13x of a 134M LLaMA at the step's peak.
     with torch.no_grad():
-        return teacher(*args, **kwargs)
+        try:
+            return teacher(*args, **kwargs)
+        except (TypeError, AttributeError) as error:  # e.g. a student's forward(batch) handed on a dict
+            given = [type(a).__name__ for a in args] + [f"{k}={type(v).__name__}" for k, v in kwargs.items()]
+            error.add_note(
+                f"lightning_compress: the teacher ({type(teacher).__name__}) was called with ({', '.join(given)}): what"
+                " the student's forward received, or `teacher_inputs(batch)`; if the teacher takes other inputs, pass"
+                " KnowledgeDistillation(teacher_inputs=...), a function from the batch to its positional inputs"
+                " (a tuple, or one tensor: e.g. lambda batch: (batch['input_ids'], batch['attention_mask']))"
+            )
+            raise
 
 
 def to_host(teacher: nn.Module | None) -> None:
