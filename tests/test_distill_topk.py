@@ -3,6 +3,7 @@ teacher-output cache in a real Trainer (memory and disk, sizes, refusals, resume
 teacher="self" with `fit(ckpt_path=...)` (the QAD recipe's way to start from float weights)."""
 
 import math
+import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -335,3 +336,45 @@ def test_the_cache_refuses_outputs_of_another_kind():
     with pytest.raises(ValueError, match="over 5 outputs, not 6"):
         cache.store([2], TopKTargets.from_logits(torch.randn(1, 6), 2, 1.0))
     assert cache.lookup([1, 0], (2, 5)).shape == (2, 5) and cache.lookup([3], (1, 5)) is None
+
+
+def padding_mask(batch):
+    """The last 3 input positions of every sequence as padding, the first 2 of sample 0 too."""
+    indices, tokens = batch
+    mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool, device=tokens.device)
+    mask[:, -3:] = False
+    mask[indices == 0, :2] = False
+    return mask
+
+
+class MaskedChecker(Checker):
+    """Checker's references over the positions ``padding_mask`` keeps, by hand."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        tokens, keep = batch[1][:, :-1], padding_mask(batch)
+        self.teacher.to(pl_module.device)
+        with torch.no_grad():
+            s, t = pl_module(tokens)[keep], self.teacher(tokens)[keep]  # [kept positions, vocab]
+        coarse = brute_coarsened_kl(s, t, self.k, self.temperature) if self.k else None
+        self.pending = (coarse, kl_divergence(s, t, self.temperature).item())
+
+
+@pytest.mark.parametrize("options", [{}, {"cache": "memory", "cache_top_k": 8}], ids=["teacher", "top-8 cache"])
+def test_mask_fn_leaves_padding_out_of_the_distillation_loss(lm_states, options, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "Checker", MaskedChecker)  # lm_run's checker: the masked references
+    _, _, _, rows = lm_run(*lm_states, epochs=2, mask_fn=padding_mask, **options)
+    _, _, _, unmasked = lm_run(*lm_states, epochs=1, **options)
+    for coarse, full, logged, _ in rows:
+        assert logged == pytest.approx(coarse if options else full, rel=1e-5)
+    assert rows[0][2] != pytest.approx(unmasked[0][2], rel=1e-3)  # the padding counted before
+
+
+@pytest.mark.parametrize("mask_fn, message", [
+    (lambda batch: torch.ones(3, dtype=torch.bool), r"`mask_fn` must return a bool \(or 0/1 integer\) tensor of the"
+     r" outputs' positions, shape \(8, 8\) for outputs of shape \(8, 8, 512\), got a torch.bool tensor of shape \(3,\)"),
+    (lambda batch: torch.ones(8, 8), r"got a torch.float32 tensor"),
+    (lambda batch: torch.zeros(8, 8, dtype=torch.bool), r"`mask_fn` keeps no position of this batch"),
+])
+def test_a_mask_that_does_not_fit_the_outputs_is_refused(lm_states, mask_fn, message):
+    with pytest.raises(ValueError, match=message):
+        lm_run(*lm_states, epochs=1, mask_fn=mask_fn)

@@ -443,6 +443,7 @@ def ddp_cache_errors(tmp_path_factory):
         (dict(features=[("fc1", "fc1")], cache="memory", index_fn=lambda b: b[0]), r"`features` cannot be combined with `cache`"),
         (dict(teacher_dtype=torch.int8), r"`teacher_dtype` must be a floating torch dtype"),
         (dict(teacher_strategy="shard"), r"unknown `teacher_strategy` 'shard'; choose one of \('replicate', 'fsdp2'\)"),
+        (dict(mask_fn="attention_mask"), r"`mask_fn` must be a callable batch -> bool tensor of the output positions"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, message):

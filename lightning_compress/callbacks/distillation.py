@@ -19,9 +19,11 @@ from lightning_compress.distill.cache import TeacherOutputCache, cached_top_k, s
 from lightning_compress.distill.cache_ranks import CacheRankAgreement
 from lightning_compress.distill.capture import OutputCapture, StepCapture, submodule
 from lightning_compress.distill.config import CACHES, DistillationConfig
-from lightning_compress.distill.losses import SOFTMAX_LOSSES, TopKTargets, distillation_loss, top1_agreement
+from lightning_compress.distill.losses import (
+    SOFTMAX_LOSSES, TopKTargets, distillation_loss, kept_positions, top1_agreement)
 from lightning_compress.distill.projections import FeatureProjections, match_features
-from lightning_compress.distill.teacher import check_not_shared, freeze, frozen_copy, is_self, load_teacher, shard_teacher, to_host
+from lightning_compress.distill.teacher import (
+    check_not_shared, freeze, frozen_copy, is_self, load_self_teacher, load_teacher, shard_teacher, to_host)
 
 CACHE_FILE = "teacher_outputs.safetensors"
 
@@ -79,6 +81,9 @@ class KnowledgeDistillation(CompressionCallback):
             ``teacher="self"`` the teacher runs the same submodule of its copy.
         teacher_inputs: ``callable(batch) -> args tuple or tensor`` giving the teacher's
             inputs, when they differ from the student's.
+        mask_fn: ``callable(batch) -> bool tensor`` of the output positions the loss counts
+            (``[..., C]`` outputs: a mask of their ``[...]`` shape, e.g. ``lambda b:
+            b["attention_mask"].bool()``); default every position, padding included.
         teacher_dtype: run the teacher in this dtype (e.g. ``torch.bfloat16``); its
             outputs are compared in float32.
         teacher_strategy: under FSDP2 (``ModelParallelStrategy``): ``"replicate"`` (a
@@ -112,12 +117,12 @@ class KnowledgeDistillation(CompressionCallback):
     Raises:
         ArgumentError: (a ``ValueError``) at construction, naming a bad argument.
         ValueError: at setup, for a ``student_layer`` or ``features`` layer that does not
-            exist, a teacher that shares parameters with the student or a checkpoint that
-            does not fit ``teacher_class``; while training, for teacher and student outputs
-            of different shapes, a ``cache_top_k`` above the outputs per position or an
-            ``alpha`` schedule that leaves ``[0, 1]``; when resuming, for a checkpoint
-            distilled with other ``features`` or ``cache_top_k``, or (``teacher="self"``)
-            other starting weights; for a disk cache of another ``cache_top_k`` or ``temperature``.
+            exist, a teacher sharing parameters with the student or a checkpoint that does not
+            fit ``teacher_class``; while training, for outputs of different shapes, a mask of
+            another shape, a ``cache_top_k`` above the outputs per position or an ``alpha``
+            schedule outside ``[0, 1]``; when resuming, for a checkpoint distilled with other
+            ``features``/``cache_top_k``, other starting weights (``teacher="self"``), or a
+            disk cache of another ``cache_top_k`` or ``temperature``.
         RuntimeError: under manual optimization, for a step that did not read ``kd.loss``.
     """
 
@@ -389,6 +394,8 @@ class KnowledgeDistillation(CompressionCallback):
                 " `student_layer`/`teacher_inputs` so both produce the same shape"
             )
         teacher = teacher.to(student.device)
+        if self.mask_fn is not None:  # the positions the loss counts (no padding)
+            student, teacher = kept_positions(self.mask_fn(step.batch), student, teacher)
         kd = distillation_loss(self.config.loss, student, teacher, self.temperature)
         if self.features:
             pairs = match_features(self.features, step.features, self._capture.take_teacher_features())
@@ -429,18 +436,7 @@ class KnowledgeDistillation(CompressionCallback):
 
     def _teacher_from(self, checkpoint: Mapping[str, Any]) -> None:
         """Load teacher="self" with the weights of the checkpoint being fine-tuned."""
-        weights, teacher = checkpoint.get("state_dict"), self._teacher
-        own = teacher.state_dict()
-        missing = [key for key in own if not isinstance(weights, Mapping) or key not in weights]
-        try:
-            if missing or is_sharded_model(teacher):
-                raise RuntimeError(f"it lacks {missing[:4]}" if missing else "a sharded teacher")
-            teacher.load_state_dict({key: weights[key] for key in own})
-        except RuntimeError as error:
-            raise ValueError(
-                f"teacher='self' copies the weights of the checkpoint `ckpt_path` fine-tunes, but cannot take them ({error});"
-                " load them before fit (`YourModule.load_from_checkpoint`) and drop `ckpt_path`, or pass the teacher"
-            ) from None
+        load_self_teacher(self._teacher, checkpoint)
         self._fingerprint = None
 
     def _detach(self) -> None:

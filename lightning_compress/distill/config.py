@@ -40,6 +40,7 @@ class DistillationConfig:
     loss: str = "kl"
     student_layer: str | None = None
     teacher_inputs: Callable[[Any], Any] | None = None
+    mask_fn: Callable[[Any], Any] | None = None
     teacher_dtype: torch.dtype | None = None
     teacher_strategy: str = "replicate"
     features: Sequence[Tuple[str, str]] | None = None
@@ -69,6 +70,7 @@ class DistillationConfig:
                 "student_layer", f"`student_layer` must be a module name such as 'model.classifier', got {self.student_layer!r}"
             )
         check_callable("teacher_inputs", self.teacher_inputs, what="a callable batch -> args tuple (or tensor), or None")
+        check_callable("mask_fn", self.mask_fn, what="a callable batch -> bool tensor of the output positions, or None")
         dtype = self.teacher_dtype
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ArgumentError(

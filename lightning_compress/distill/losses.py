@@ -177,6 +177,32 @@ class TopKTargets:
         return replace(self, **{name: function(getattr(self, name)) for name in tensors})
 
 
+def kept_positions(mask: Any, student: Tensor, teacher: Tensor | TopKTargets) -> Tuple[Tensor, Tensor | TopKTargets]:
+    """The rows of ``[..., C]`` student and teacher outputs where ``mask`` (a bool or 0/1
+    tensor of their ``[...]`` shape) is true, as ``[M, C]``: the positions a loss averages
+    over (padding left out).
+
+    Raises:
+        ValueError: ``mask`` is not such a tensor (naming ``mask_fn`` and both shapes).
+    """
+    positions = tuple(student.shape[:-1])
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != positions or mask.is_floating_point() or mask.is_complex():
+        got = f"a {mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            f"`mask_fn` must return a bool (or 0/1 integer) tensor of the outputs' positions, shape {positions} for"
+            f" outputs of shape {tuple(student.shape)}, got {got}"
+        )
+    rows = mask.to(device=student.device, dtype=torch.bool).reshape(-1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        raise ValueError("`mask_fn` keeps no position of this batch, so the distillation loss would average over"
+                         " nothing; leave batches of only padding out of the data")
+    flat_student = student.reshape(-1, student.shape[-1])
+    if isinstance(teacher, TopKTargets):
+        flat_teacher = teacher._map(lambda tensor: tensor.reshape(-1, *tensor.shape[len(positions):]))
+        return flat_student[rows], flat_teacher.select(rows)
+    return flat_student[rows], teacher.reshape(-1, teacher.shape[-1])[rows]
+
+
 def top_k_kl_divergence(student: Tensor, teacher: TopKTargets, temperature: float = 1.0, reverse: bool = False) -> Tensor:
     """``T**2 * KL`` between the teacher's and the student's distributions coarsened to
     ``k + 1`` outcomes: the teacher's top-k entries one by one, and one "rest" bucket

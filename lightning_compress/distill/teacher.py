@@ -213,6 +213,28 @@ def run_teacher(teacher: nn.Module, args: Tuple[Any, ...], kwargs: dict, dtype: 
             raise
 
 
+def load_self_teacher(teacher: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Give a ``teacher="self"`` copy the weights of the checkpoint ``fit(ckpt_path=...)``
+    fine-tunes (its start).
+
+    Raises:
+        ValueError: the checkpoint lacks some of its weights, they do not fit, or the
+            teacher is sharded; naming the fix.
+    """
+    weights = checkpoint.get("state_dict")
+    own = teacher.state_dict()
+    missing = [key for key in own if not isinstance(weights, Mapping) or key not in weights]
+    try:
+        if missing or is_sharded_model(teacher):
+            raise RuntimeError(f"it lacks {missing[:4]}" if missing else "a sharded teacher")
+        teacher.load_state_dict({key: weights[key] for key in own})
+    except RuntimeError as error:
+        raise ValueError(
+            f"teacher='self' copies the weights of the checkpoint `ckpt_path` fine-tunes, but cannot take them ({error});"
+            " load them before fit (`YourModule.load_from_checkpoint`) and drop `ckpt_path`, or pass the teacher"
+        ) from None
+
+
 def to_host(teacher: nn.Module | None) -> None:
     """The frozen ``teacher`` to the CPU at the end of a fit, finished or failed, as
     Lightning moves the student: off the GPU, whose memory it would hold. A sharded teacher
@@ -231,6 +253,7 @@ __all__ = [
     "freeze",
     "frozen_copy",
     "is_self",
+    "load_self_teacher",
     "load_teacher",
     "run_teacher",
 ]
