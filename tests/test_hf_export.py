@@ -280,9 +280,13 @@ def test_loading_a_bfloat16_export_into_a_float32_model_warns_and_the_export_dty
     with pytest.warns(UserWarning, match=r"the export's float tensors are bfloat16 \(e.g. '.*'\), this model's"
                                          r" float32: .*model.to\(torch.bfloat16\)"):
         as_float32 = load_packed(tmp_path / "bf16", tiny_bert_classifier(), backend="dequantize")
+    with pytest.warns(UserWarning, match=r"the export's float tensors are bfloat16 .* this model's float32"):
+        load_packed(tmp_path / "bf16", tiny_bert_classifier, backend="dequantize")  # built on meta: the same
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the model in the export's dtype: no warning
+        warnings.simplefilter("error")  # the model in the export's dtype, built either way: no warning
         as_trained = load_packed(tmp_path / "bf16", tiny_bert_classifier().bfloat16(), backend="dequantize")
+        on_meta = load_packed(tmp_path / "bf16", lambda: tiny_bert_classifier().bfloat16(), backend="dequantize")
     with torch.no_grad():
         assert torch.equal(as_trained(input_ids=ids).logits, trained)
+        assert torch.equal(on_meta(input_ids=ids).logits, trained)
         assert not torch.equal(as_float32(input_ids=ids).logits.bfloat16(), trained)
