@@ -374,6 +374,8 @@ def test_mask_fn_leaves_padding_out_of_the_distillation_loss(lm_states, options,
      r" outputs' positions, shape \(8, 8\) for outputs of shape \(8, 8, 512\), got a torch.bool tensor of shape \(3,\)"),
     (lambda batch: torch.ones(8, 8), r"got a torch.float32 tensor"),
     (lambda batch: torch.zeros(8, 8, dtype=torch.bool), r"`mask_fn` keeps no position of this batch"),
+    (lambda batch: torch.full((8, 8), -100), r"`mask_fn` returned a torch.int64 tensor holding values other than 0 and 1"
+     r" \(e.g. labels, whose -100 would count as kept\); return a bool mask"),
 ])
 def test_a_mask_that_does_not_fit_the_outputs_is_refused(lm_states, mask_fn, message):
     with pytest.raises(ValueError, match=message):

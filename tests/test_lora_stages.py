@@ -203,3 +203,23 @@ def test_two_lora_callbacks_train_both_adapters_over_two_stages_and_save_their_o
     second = _adapters(model)
     assert sorted(second) == sorted(first)
     assert all(not torch.equal(second[n], first[n]) for n in first if "lora_B" in n)
+
+
+def test_a_second_qlora_stage_with_other_nf4_blocks_is_refused(seeded):
+    """The NF4 base stays as the first stage stored it: another block size would be silently
+    ignored (and a later resume refused as "other base weights")."""
+    model = TinyRegressor()
+    make_trainer(max_steps=2, callbacks=[LoRA(r=4, target_modules=["fc1", "fc2"], **TINY_NF4)]).fit(model, tiny_loader())
+    other = {**TINY_NF4, "nf4_block_size": 16}
+    with pytest.raises(ValueError, match=r"'fc1' has nf4_block_size 32, this LoRA 16"):
+        make_trainer(callbacks=[LoRA(r=4, target_modules=["fc1", "fc2"], **other)]).validate(model, tiny_loader())
+    make_trainer(callbacks=[LoRA(r=4, target_modules=["fc1", "fc2"], **TINY_NF4)]).validate(model, tiny_loader())
+
+
+def test_the_callbacks_merge_after_merge_adapters_says_so(seeded):
+    model = TinyRegressor()
+    lora = LoRA(r=4, target_modules=["fc1"])
+    make_trainer(max_steps=2, callbacks=[lora]).fit(model, tiny_loader())
+    merge_adapters(model)
+    with pytest.raises(ValueError, match=r"this LoRA's adapters are no longer on the model: merged already"):
+        lora.merge()

@@ -604,3 +604,35 @@ def test_a_loss_that_samples_is_measured_on_the_same_draws_and_the_callers_rng_i
         expected.append(mean_loss(quantized) - mean_loss(model))
     torch.set_rng_state(state)
     assert [row.delta for row in report.rows] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_a_loss_drawing_from_numpy_and_python_is_measured_on_the_same_draws():
+    import random
+
+    import numpy
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def noisy(module, x):  # numpy's and Python's generators: seeded per batch as torch's are
+        noise = torch.from_numpy(numpy.random.rand(*x.shape).astype("float32")) * random.random()
+        return F.mse_loss(module(x + noise), x)
+
+    states = random.getstate(), numpy.random.get_state()
+    report = layer_sensitivity(model, batches, noisy, bits=(8, 2))
+    assert random.getstate() == states[0] and numpy.array_equal(numpy.random.get_state()[1], states[1][1])
+    for layer in ("0", "2"):
+        delta = {row.bits: row.delta for row in report.rows if row.layer == layer}
+        assert abs(delta[8]) < abs(delta[2])
+
+
+def test_a_half_precision_loss_is_warned_about_and_kl_on_dict_batches_names_its_call():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)).bfloat16()
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(2)]
+    with pytest.warns(UserWarning, match=r"the loss is a bfloat16 number, whose rounding step .* hides most layers'"
+                                         r" deltas .*\(copy.deepcopy\(model\).float\(\)\)"):
+        layer_sensitivity(model, batches, lambda m, x: F.mse_loss(m(x), x), bits=(8,))
+    with pytest.raises(TypeError) as error:
+        layer_sensitivity(nn.Sequential(nn.Linear(16, 4)), [{"input_ids": torch.randn(2, 16)}], bits=(8,), reference="kl")
+    assert "reference='kl' calls model(batch) for a tensor batch, model(batch[0]) for a tuple or list," \
+           " model(**batch) for a dict" in " ".join(error.value.__notes__)

@@ -295,6 +295,9 @@ class LoRA(CompressionCallback):
             if self._merged:
                 raise ValueError(f"the LoRA adapters were already merged (into {', '.join(self._merged[:5])}); merge once")
             raise ValueError("LoRA has no adapters to merge yet: merge after fit (or validate/test) has set them up")
+        if any(adapter_of(a.layer) is not a for a in self._adapters.values()):
+            raise ValueError("this LoRA's adapters are no longer on the model: merged already (merge_adapters, or another"
+                             " LoRA callback that took them over); merge once")
         merge_into(self._module, self._adapters)
         self._merged, self._adapters = list(self._adapters), {}
         return self._merged

@@ -192,6 +192,9 @@ def kept_positions(mask: Any, student: Tensor, teacher: Tensor | TopKTargets) ->
             f"`mask_fn` must return a bool (or 0/1 integer) tensor of the outputs' positions, shape {positions} for"
             f" outputs of shape {tuple(student.shape)}, got {got}"
         )
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():  # labels with -100 are no mask
+        raise ValueError(f"`mask_fn` returned a {mask.dtype} tensor holding values other than 0 and 1 (e.g. labels,"
+                         " whose -100 would count as kept); return a bool mask, e.g. labels != -100")
     rows = mask.to(device=student.device, dtype=torch.bool).reshape(-1).nonzero().squeeze(1)
     if rows.numel() == 0:
         raise ValueError("`mask_fn` keeps no position of this batch, so the distillation loss would average over"

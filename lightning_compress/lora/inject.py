@@ -176,7 +176,7 @@ def adapters_to_keep(
     trained instead of starting new ones from ``B = 0``.
 
     Raises:
-        ValueError: they do not fit ``config`` (another ``r``, scaling or ``base``), or sit
+        ValueError: they do not fit ``config`` (another ``r``, scaling, ``base`` or NF4 blocks), or sit
             on layers ``layers`` leaves out; every difference named, with the two fixes.
             Or a layer of ``layers`` holds an adapter of a callback in ``active_owners``.
     """
@@ -191,11 +191,15 @@ def adapters_to_keep(
             if adapter.owner not in active_owners and name not in rival_layers}
     differences = [f"{name!r} has an adapter and is not among this LoRA's targets" for name in held if name not in layers]
     for name, adapter in held.items():
-        rank, nf4 = adapter.layer.lora_A.shape[0], is_nf4(raw_weight(adapter.layer, adapter.param))
-        for setting, theirs, mine in (("r", rank, config.r), ("scaling (lora_alpha/r, or rsLoRA's)", adapter.scaling,
-                                      config.scaling), ("base", "nf4" if nf4 else "float", config.base)):
-            if name in layers and theirs != mine:
-                differences.append(f"{name!r} has {setting} {theirs!r}, this LoRA {mine!r}")
+        weight = raw_weight(adapter.layer, adapter.param)
+        settings = [("r", adapter.layer.lora_A.shape[0], config.r),
+                    ("scaling (lora_alpha/r, or rsLoRA's)", adapter.scaling, config.scaling),
+                    ("base", "nf4" if is_nf4(weight) else "float", config.base)]
+        if is_nf4(weight) and config.base == "nf4":  # the base stays as stored: its blocks are the first stage's
+            settings += [("nf4_block_size", weight.block_size, config.nf4_block_size),
+                         ("nf4_scaler_block_size", weight.scaler_block_size, config.nf4_scaler_block_size)]
+        differences += [f"{name!r} has {setting} {theirs!r}, this LoRA {mine!r}"
+                        for setting, theirs, mine in settings if name in layers and theirs != mine]
     if differences:
         shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
         raise ValueError(

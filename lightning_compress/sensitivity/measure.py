@@ -12,6 +12,7 @@ restored, no transform left that was not there before).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence
 
 import torch
@@ -210,10 +211,11 @@ class _Evaluator:
                               " `loss_fn` that does"))
             raise ArgumentError(
                 argument,
-                f"the float model's {what} on the same batches changed between two evaluations ({shown}), with the"
-                " same random draws both times: the model keeps state from one call to the next (a training_step"
-                " that carries a hidden state over, as Lightning's demo LightningLSTM does), so every layer's delta"
-                f" would measure that drift, not the layer; {fix}",
+                f"the float model's {what} on the same batches changed between two evaluations ({shown}), with torch's,"
+                " numpy's and Python's global generators seeded the same both times: the model keeps state from one"
+                " call to the next (a training_step that carries a hidden state over, as Lightning's demo"
+                " LightningLSTM does), or draws from a generator of its own, so every layer's delta would measure"
+                f" that drift, not the layer; {fix}",
             )
 
     def __call__(self) -> float:
@@ -234,12 +236,23 @@ class _Evaluator:
 
     def _with_draws(self, index: int, compute: Callable[[], Any]) -> Any:
         """``compute()`` with torch's random generators (the CPU's, and the model's
-        accelerator's) seeded with ``index``, restored afterwards."""
+        accelerator's), numpy's and Python's seeded with ``index``, restored afterwards."""
+        import random
+
+        import numpy
+
         accelerator = self.device.type if self.device.type != "cpu" else "cuda"
         devices = [self.device.index or 0] if self.device.type != "cpu" else []
-        with torch.random.fork_rng(devices=devices, device_type=accelerator):
-            torch.manual_seed(index)
-            return compute()
+        python_state, numpy_state = random.getstate(), numpy.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=devices, device_type=accelerator):
+                torch.manual_seed(index)
+                random.seed(index)
+                numpy.random.seed(index)
+                return compute()
+        finally:
+            random.setstate(python_state)
+            numpy.random.set_state(numpy_state)
 
     def _loss(self, batch: Any) -> float:
         value = self.loss_fn(self.model, batch)
@@ -249,6 +262,12 @@ class _Evaluator:
             raise ArgumentError(
                 "loss_fn", f"the loss must be a scalar tensor (or a dict with a 'loss' tensor), got {type(value).__name__}"
             )
+        if value.dtype in (torch.bfloat16, torch.float16) and not getattr(self, "_warned_dtype", False):
+            self._warned_dtype = True
+            warnings.warn(f"the loss is a {str(value.dtype).removeprefix('torch.')} number, whose rounding step (about"
+                          f" {torch.finfo(value.dtype).eps:.1e} of its size) hides most layers' deltas (they round to"
+                          " 0 or to one step); measure a float32 copy of the model (copy.deepcopy(model).float()), or"
+                          " use reference='kl', which compares the outputs in float64", UserWarning, stacklevel=4)
         return float(value.detach().double())
 
 
@@ -279,17 +298,13 @@ def _default_loss(model: nn.Module) -> LossFn:
 
 
 def _outputs(model: nn.Module, batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        out = model(batch)
-    elif isinstance(batch, (tuple, list)) and batch:
-        out = model(batch[0])
-    elif isinstance(batch, Mapping):
-        out = model(**batch)
-    else:
-        raise ArgumentError(
-            "batches",
-            f"reference='kl' cannot call the model on a {type(batch).__name__} batch; use reference='loss' with a loss_fn",
-        )
+    try:
+        out = _call(model, batch)
+    except TypeError as error:  # a forward that does not take the batch as reference='kl' passes it
+        error.add_note("(lightning_compress: reference='kl' calls model(batch) for a tensor batch, model(batch[0]) for a"
+                       " tuple or list, model(**batch) for a dict; for another forward, pass reference='loss' with a"
+                       " loss_fn(model, batch))")
+        raise
     if isinstance(out, Mapping) and "logits" in out:
         out = out["logits"]
     elif not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
@@ -299,6 +314,19 @@ def _outputs(model: nn.Module, batch: Any) -> Tensor:
     if not isinstance(out, Tensor) or not out.is_floating_point():
         raise ArgumentError("reference", f"reference='kl' needs float outputs (logits), the model returned {type(out).__name__}")
     return out
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    raise ArgumentError(
+        "batches",
+        f"reference='kl' cannot call the model on a {type(batch).__name__} batch; use reference='loss' with a loss_fn",
+    )
 
 
 def _log_probs(logits: Tensor) -> Tensor:
