@@ -221,5 +221,27 @@ def test_the_callbacks_merge_after_merge_adapters_says_so(seeded):
     lora = LoRA(r=4, target_modules=["fc1"])
     make_trainer(max_steps=2, callbacks=[lora]).fit(model, tiny_loader())
     merge_adapters(model)
-    with pytest.raises(ValueError, match=r"this LoRA's adapters are no longer on the model: merged already"):
+    with pytest.raises(ValueError, match=r"this LoRA.s adapters are no longer on the model: merged already, or taken"):
         lora.merge()
+
+
+def test_resuming_with_a_renamed_qlora_callback_names_the_state_no_callback_takes(seeded, tmp_path):
+    """The checkpoint leaves NF4 bases out; a renamed callback did not put them back, and
+    torch's "Missing key(s) ... fc1.weight" came first."""
+    def loras(first="a"):
+        return [LoRA(r=4, target_modules=["fc1"], name=first, **TINY_NF4), LoRA(r=2, target_modules=["fc2"], name="b")]
+
+    pretrained = TinyRegressor().state_dict()
+
+    def model():
+        built = TinyRegressor()
+        built.load_state_dict(pretrained)
+        return built
+
+    trainer = make_trainer(max_steps=2, callbacks=loras())
+    trainer.fit(model(), tiny_loader())
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    with pytest.raises(ValueError, match=r"the checkpoint holds state of LoRA \(\[.LoRA\{'name': 'a'\}.\]\) but no"
+                                         r" callback of this Trainer takes it.*with the same `name`"):
+        make_trainer(max_steps=4, callbacks=loras(first="x")).fit(model(), tiny_loader(), ckpt_path=tmp_path / "run.ckpt")
+    make_trainer(max_steps=4, callbacks=loras()).fit(model(), tiny_loader(), ckpt_path=tmp_path / "run.ckpt")

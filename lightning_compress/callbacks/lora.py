@@ -220,6 +220,8 @@ class LoRA(CompressionCallback):
         """Runs just before Lightning loads the model's weights (from the module's
         ``on_load_checkpoint``): refuse a checkpoint of other adapters with a clear
         message, and put back the frozen weights the checkpoint leaves out."""
+        if self._module is not None:  # a method's state no callback takes: named before torch's missing-key error
+            self.on_load_checkpoint(self._module.trainer, self._module, checkpoint)
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if not state or not self._adapters:
             return
@@ -296,8 +298,7 @@ class LoRA(CompressionCallback):
                 raise ValueError(f"the LoRA adapters were already merged (into {', '.join(self._merged[:5])}); merge once")
             raise ValueError("LoRA has no adapters to merge yet: merge after fit (or validate/test) has set them up")
         if any(adapter_of(a.layer) is not a for a in self._adapters.values()):
-            raise ValueError("this LoRA's adapters are no longer on the model: merged already (merge_adapters, or another"
-                             " LoRA callback that took them over); merge once")
+            raise ValueError("this LoRA's adapters are no longer on the model: merged already, or taken over; merge once")
         merge_into(self._module, self._adapters)
         self._merged, self._adapters = list(self._adapters), {}
         return self._merged
