@@ -23,7 +23,7 @@ from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_c
 from lightning_compress.core.batches import as_steps_get_them
 from lightning_compress.core.filesystem import user_path
 from lightning_compress.formats.export import ExportReport
-from lightning_compress.formats.target import check_keeps_apart
+from lightning_compress.formats.target import first_held
 from lightning_compress.recipes import Recipe, RecipeError, load_recipe
 
 # Sections that do not change the student's weights, so a rebuilt model does without them.
@@ -154,8 +154,9 @@ def export_checkpoint(
     Raises:
         RecipeError: for a checkpoint without a recipe (and no ``recipe``), no output
             directory, a stored dotted path without ``trust_recipe``, or a bad recipe.
-        FileExistsError: when the output directory exists and ``overwrite`` is False;
-            checked before the model is rebuilt, nothing is written.
+        FileExistsError: when the output directory exists and ``overwrite`` is False, or
+            (with ``overwrite``) holds the checkpoint or the recipe file it reads; checked
+            before the model is rebuilt, nothing is written.
     """
     if not (isinstance(model_class, type) and issubclass(model_class, pl.LightningModule)):
         raise RecipeError(f"--model must be a LightningModule class, got {model_class!r}")
@@ -185,10 +186,15 @@ def export_checkpoint(
         loaded = load_recipe(recipe, [*changes, f"export.overwrite={str(bool(overwrite)).lower()}"], **options)
         writers = [c for c in loaded.callbacks() if isinstance(c, CompressedExport)]
     (writer,) = writers
-    if writer.config.overwrite:  # replaced whole: it must not hold what this export reads
-        check_keeps_apart(writer.dirpath, {"the checkpoint this export reads": checkpoint_path, **(
-            {"the recipe file": recipe} if isinstance(recipe, (str, os.PathLike)) and Path(recipe).is_file() else {})},
-            overwrite=True)
+    read = {"the checkpoint this export reads": checkpoint_path, **(
+        {"the recipe file": recipe} if isinstance(recipe, (str, os.PathLike)) and user_path(recipe, "recipe").is_file()
+        else {})}
+    if writer.config.overwrite and (held := first_held(writer.dirpath, read)) is not None:  # it is replaced whole
+        raise FileExistsError(
+            f"{writer.dirpath} holds {held[0]} ({held[1]}), which overwrite (on the command line: --overwrite) would"
+            " delete with the folder it replaces: choose another output directory (-o/--output), or move it out"
+            " first; nothing was written"
+        )
     if writer.dirpath.exists() and not writer.dirpath.is_dir():  # --overwrite would not help: say so now
         raise FileExistsError(
             f"{writer.dirpath} is a file, not a directory; the export writes a directory and never replaces a file"

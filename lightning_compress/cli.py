@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from lightning_compress.core.notes import add_note
 from lightning_compress.commands.errors import CommandError
 
 USAGE_ERROR = 2
@@ -101,7 +102,7 @@ def _weights_of_another_model(err: BaseException) -> bool:
     if not (isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict")):
         return False
     if not any("--model" in note for note in getattr(err, "__notes__", ())):
-        err.add_note("the checkpoint holds another model's weights: pass the --model (and its arguments) the run"
+        add_note(err, "the checkpoint holds another model's weights: pass the --model (and its arguments) the run"
                      " was trained with")
     return True
 

@@ -504,10 +504,14 @@ def test_export_overwrite_refuses_a_folder_holding_what_it_reads(tmp_path, monke
     trainer.fit(RecipeMLP(), RecipeData())
     (tmp_path / "ck").mkdir()
     trainer.save_checkpoint(tmp_path / "ck" / "last.ckpt")
-    for argv, held in ((["-o", "ck"], "the checkpoint this export reads (ck/last.ckpt)"),
-                       (["--recipe", "rec/r.yaml", "-o", "rec"], "the recipe file (rec/r.yaml)")):
-        assert main(["export", "--checkpoint", "ck/last.ckpt", "--model", MODEL, "--overwrite", *argv]) == 2
-        assert held in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))  # `~` is expanded by the readers and the export: by the check too
+    for checkpoint, argv, held in (
+            ("ck/last.ckpt", ["-o", "ck"], "holds the checkpoint this export reads (ck/last.ckpt), which overwrite"),
+            ("~/ck/last.ckpt", ["-o", "~/ck"], "holds the checkpoint this export reads (~/ck/last.ckpt)"),
+            ("ck/last.ckpt", ["--recipe", "rec/r.yaml", "-o", "rec"], "holds the recipe file (rec/r.yaml)")):
+        assert main(["export", "--checkpoint", checkpoint, "--model", MODEL, "--overwrite", *argv]) == 2
+        error = capsys.readouterr().err
+        assert held in error and "choose another output directory (-o/--output)" in error
     assert (tmp_path / "ck" / "last.ckpt").is_file() and (tmp_path / "rec" / "r.yaml").is_file()
 
 

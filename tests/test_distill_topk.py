@@ -373,10 +373,19 @@ def test_mask_fn_leaves_padding_out_of_the_distillation_loss(lm_states, options,
     (lambda batch: torch.ones(3, dtype=torch.bool), r"`mask_fn` must return a bool \(or 0/1 integer\) tensor of the"
      r" outputs' positions, shape \(8, 8\) for outputs of shape \(8, 8, 512\), got a torch.bool tensor of shape \(3,\)"),
     (lambda batch: torch.ones(8, 8), r"got a torch.float32 tensor"),
-    (lambda batch: torch.zeros(8, 8, dtype=torch.bool), r"`mask_fn` keeps no position of this batch"),
     (lambda batch: torch.full((8, 8), -100), r"`mask_fn` returned a torch.int64 tensor holding values other than 0 and 1"
      r" \(e.g. labels, whose -100 would count as kept\); return a bool mask"),
 ])
 def test_a_mask_that_does_not_fit_the_outputs_is_refused(lm_states, mask_fn, message):
     with pytest.raises(ValueError, match=message):
         lm_run(*lm_states, epochs=1, mask_fn=mask_fn)
+
+
+def test_a_batch_of_only_padding_distils_nothing_and_training_goes_on(lm_states):
+    """An error there would stop one DDP rank alone (the others wait in the all-reduce): its
+    distillation loss is 0, with a warning, and the task loss trains on."""
+    with pytest.warns(UserWarning, match=r"`mask_fn` keeps no position of this batch \(only padding\?\): its"
+                                         r" distillation loss is 0"):
+        model, _, _, rows = lm_run(*lm_states, epochs=1, mask_fn=lambda batch: torch.zeros(8, 8, dtype=torch.bool))
+    assert [logged for _, _, logged, _ in rows] == [0.0] * len(rows)
+    assert all(math.isfinite(loss) and loss > 0 for *_, loss in rows)

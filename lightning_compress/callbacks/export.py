@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import warnings
 from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import torch
@@ -15,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.core.notes import add_note
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.batches import as_steps_get_them
 from lightning_compress.core.sharding import gathered
@@ -282,7 +282,7 @@ class CompressedExport(CompressionCallback):
                     work()
                 except Exception as err:  # re-raised below, on every rank
                     if note:
-                        _add_note(err, note)
+                        add_note(err, note)
                     error = f"{type(err).__name__}: {err}{' (' + note + ')' if note else ''}"
                     if trainer.world_size == 1:
                         raise
@@ -324,11 +324,6 @@ class CompressedExport(CompressionCallback):
             rank_zero_warn(f"CompressedExport: the export in {self.dirpath} is complete, but logging it as a W&B artifact failed: {err}")
 
 
-def _add_note(error: BaseException, note: str) -> None:
-    if hasattr(error, "add_note"):
-        error.add_note(note)
-    else:  # Python 3.10
-        warnings.warn(note, RuntimeWarning, stacklevel=3)
 
 
 def _run_folders(trainer: Trainer) -> dict:

@@ -220,8 +220,8 @@ class LoRA(CompressionCallback):
         """Runs just before Lightning loads the model's weights (from the module's
         ``on_load_checkpoint``): refuse a checkpoint of other adapters with a clear
         message, and put back the frozen weights the checkpoint leaves out."""
-        if self._module is not None:  # a method's state no callback takes: named before torch's missing-key error
-            self.on_load_checkpoint(self._module.trainer, self._module, checkpoint)
+        if getattr(self._module, "_trainer", None) is not None:  # a state no callback takes: named before torch's
+            self.on_load_checkpoint(self._module._trainer, self._module, checkpoint)  # missing-key error
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if not state or not self._adapters:
             return

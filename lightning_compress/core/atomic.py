@@ -66,6 +66,7 @@ from lightning_compress.core.filesystem import (
     rename_noreplace,
     write_lock,
 )
+from lightning_compress.core.notes import add_note
 
 # "locked": lock held, debris removed, nothing built; "building": half of a file written;
 # "built": the new directory complete, no rename yet; "aside": the old one moved to
@@ -384,15 +385,10 @@ def _put_back(aside: Path, target: Path, error: BaseException) -> None:
                 kept = _sibling(target, "kept")
                 os.rename(aside, kept)
                 where, then = kept, ""
-        _add_note(error, f"The old {target.name} could not be put back ({second!r}); it is at {where}: rename it"
+        add_note(error, f"The old {target.name} could not be put back ({second!r}); it is at {where}: rename it"
                          f" to {target}{then}")
 
 
-def _add_note(error: BaseException, note: str) -> None:
-    if hasattr(error, "add_note"):
-        error.add_note(note)
-    else:  # Python 3.10
-        warnings.warn(note, RuntimeWarning, stacklevel=3)
 
 
 def _settle(target: Path, old: Optional[Path]) -> None:

@@ -9,6 +9,7 @@ does not lose the small probabilities a soft-target KL is made of.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -182,6 +183,9 @@ def kept_positions(mask: Any, student: Tensor, teacher: Tensor | TopKTargets) ->
     tensor of their ``[...]`` shape) is true, as ``[M, C]``: the positions a loss averages
     over (padding left out).
 
+    A mask that keeps nothing gives no rows (with a warning): :func:`distillation_loss` is
+    then 0.
+
     Raises:
         ValueError: ``mask`` is not such a tensor (naming ``mask_fn`` and both shapes).
     """
@@ -196,9 +200,9 @@ def kept_positions(mask: Any, student: Tensor, teacher: Tensor | TopKTargets) ->
         raise ValueError(f"`mask_fn` returned a {mask.dtype} tensor holding values other than 0 and 1 (e.g. labels,"
                          " whose -100 would count as kept); return a bool mask, e.g. labels != -100")
     rows = mask.to(device=student.device, dtype=torch.bool).reshape(-1).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        raise ValueError("`mask_fn` keeps no position of this batch, so the distillation loss would average over"
-                         " nothing; leave batches of only padding out of the data")
+    if rows.numel() == 0:  # one rank's batch of only padding: not an error, which would stop that rank alone
+        warnings.warn("`mask_fn` keeps no position of this batch (only padding?): its distillation loss is 0",
+                      UserWarning, stacklevel=3)
     flat_student = student.reshape(-1, student.shape[-1])
     if isinstance(teacher, TopKTargets):
         flat_teacher = teacher._map(lambda tensor: tensor.reshape(-1, *tensor.shape[len(positions):]))
@@ -257,7 +261,11 @@ def distillation_loss(name: str, student: Tensor, teacher: Tensor | TopKTargets,
     if isinstance(teacher, TopKTargets):
         if name not in TOP_K_LOSSES:
             raise ValueError(f"loss {name!r} needs the teacher's full outputs, not top-k targets; use one of {TOP_K_LOSSES}")
+        if student.numel() == 0:  # no position kept (see kept_positions): nothing to distil, gradient 0
+            return student.sum() * 0.0
         return top_k_kl_divergence(student, teacher, temperature, reverse=name == "reverse_kl")
+    if student.numel() == 0:
+        return student.sum() * 0.0
     return LOSSES[name](student, teacher, temperature)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Tuple
 import torch
 from torch import nn
 
+from lightning_compress.core.notes import add_note
 from lightning_compress.core.sharding import is_sharded_model
 from lightning_compress.core.transforms import detach_all
 from lightning_compress.core.validate import ArgumentError
@@ -204,7 +205,8 @@ def run_teacher(teacher: nn.Module, args: Tuple[Any, ...], kwargs: dict, dtype: 
             return teacher(*args, **kwargs)
         except (TypeError, AttributeError) as error:  # e.g. a student's forward(batch) handed on a dict
             given = [type(a).__name__ for a in args] + [f"{k}={type(v).__name__}" for k, v in kwargs.items()]
-            error.add_note(
+            add_note(
+                error,
                 f"lightning_compress: the teacher ({type(teacher).__name__}) was called with ({', '.join(given)}): what"
                 " the student's forward received, or `teacher_inputs(batch)`; if the teacher takes other inputs, pass"
                 " KnowledgeDistillation(teacher_inputs=...), a function from the batch to its positional inputs"

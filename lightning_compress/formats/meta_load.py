@@ -18,6 +18,7 @@ from typing import Callable, Dict, Iterable, Iterator, Mapping, Set
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.notes import add_note
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.packed import WEIGHTS_FILE, PackedModel, entry_dtype, entry_shape
 
@@ -52,9 +53,8 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         with parameters_on_meta():
             model = factory()
     except Exception as error:
-        if hasattr(error, "add_note"):
-            error.add_note("load_packed builds the model with its parameters on the meta device; if the factory"
-                           " needs real parameter values, pass the model itself: load_packed(dir, factory())")
+        add_note(error, "load_packed builds the model with its parameters on the meta device; if the factory"
+                        " needs real parameter values, pass the model itself: load_packed(dir, factory())")
         raise
     if not isinstance(model, nn.Module):
         raise TypeError(f"the `model` factory returned {type(model).__name__}, not an nn.Module")

@@ -10,6 +10,7 @@ from typing import Any, Iterator, List, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.notes import add_note
 from lightning_compress.formats.inputs import model_call_note
 
 
@@ -124,7 +125,7 @@ def call_model(model: nn.Module, inputs: Any, index: int | None = None, *, packe
             return model(inputs)
     except Exception as error:
         if index is not None and not packed_failed:
-            error.add_note(model_call_note(model, inputs, index))
+            add_note(error, model_call_note(model, inputs, index))
             error.lc_raised_by_the_model = True
         raise
 

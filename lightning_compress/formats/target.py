@@ -27,7 +27,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 from lightning_compress.core.validate import ArgumentError
 
@@ -83,17 +83,27 @@ def check_keeps_apart(dirpath: str | os.PathLike, kept: Mapping[str, str | os.Pa
     Raises:
         ArgumentError: (naming ``dirpath``) which path it holds.
     """
-    target = Path(os.path.realpath(dirpath))
-    for what, path in kept.items():
-        held = Path(os.path.realpath(path))
+    held = first_held(dirpath, kept)
+    if held is not None:
+        what, path = held
+        fate = ("which overwrite=True would delete with the folder it replaces at the end of the run" if overwrite
+                else "which the run creates, so the export at the end would find `dirpath` taken")
+        raise ArgumentError(
+            "dirpath",
+            f"CompressedExport: `dirpath` {dirpath} holds {what} ({path}), {fate}: {_ELSEWHERE}, or keep {what}"
+            f" outside it{_CHECKED}",
+        )
+
+
+def first_held(dirpath: str | os.PathLike, paths: Mapping[str, str | os.PathLike]) -> Optional[Tuple[str, Any]]:
+    """The first ``(what, path)`` of ``paths`` that is ``dirpath`` or lies inside it (``~``
+    expanded and links followed on both sides, as the export and the readers do), if any."""
+    target = Path(os.path.realpath(os.path.expanduser(dirpath)))
+    for what, path in paths.items():
+        held = Path(os.path.realpath(os.path.expanduser(path)))
         if held == target or target in held.parents:
-            fate = ("which overwrite=True would delete with the folder it replaces at the end of the run" if overwrite
-                    else "which the run creates, so the export at the end would find `dirpath` taken")
-            raise ArgumentError(
-                "dirpath",
-                f"CompressedExport: `dirpath` {dirpath} holds {what} ({path}), {fate}: {_ELSEWHERE}, or keep {what}"
-                f" outside it{_CHECKED}",
-            )
+            return what, path
+    return None
 
 
 def _refuse_unreplaceable(dirpath, target: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.notes import add_note
 from lightning_compress.core.targeting import Target, select_layers, validate_targets, weight_param
 from lightning_compress.core.transforms import (
     Stage,
@@ -286,7 +287,7 @@ def _default_loss(model: nn.Module) -> LossFn:
         try:
             out = module.training_step(batch, 0)
         except Exception as err:
-            err.add_note("(lightning_compress: the default loss calls training_step(batch, 0) outside a Trainer; pass loss_fn=...)")
+            add_note(err, "(lightning_compress: the default loss calls training_step(batch, 0) outside a Trainer; pass loss_fn=...)")
             raise
         if out is None:
             raise ArgumentError(
@@ -301,7 +302,7 @@ def _outputs(model: nn.Module, batch: Any) -> Tensor:
     try:
         out = _call(model, batch)
     except TypeError as error:  # a forward that does not take the batch as reference='kl' passes it
-        error.add_note("(lightning_compress: reference='kl' calls model(batch) for a tensor batch, model(batch[0]) for a"
+        add_note(error, "(lightning_compress: reference='kl' calls model(batch) for a tensor batch, model(batch[0]) for a"
                        " tuple or list, model(**batch) for a dict; for another forward, pass reference='loss' with a"
                        " loss_fn(model, batch))")
         raise

@@ -87,7 +87,8 @@ def _compare(reference: torch.Tensor, arrays, max_relative_error: float, min_sqn
         error, sqnr = math.inf, -math.inf
     if not error <= max_relative_error and not (rounded and sqnr >= min_sqnr_db):
         limit = (f"SQNR {sqnr:.2f} dB < {min_sqnr_db:g}" if rounded else
-                 f"> max_relative_error={max_relative_error:g}; raise it to accept the file")
+                 f"> max_relative_error={max_relative_error:g}; raise it to accept the file" if math.isfinite(error) else
+                 "NaN where the model has none, or another number of outputs: the file computes something else")
         fix = "; lower min_sqnr_db, or export with onnx_activations='float' (exact)" if int8_activations else ""
         raise ParityError(f"model.onnx in onnxruntime differs from the fake-quant model: relative error {error:.2e}"
                           f" ({limit}){fix}", None, onnx_sqnr_missed=rounded)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_compress.core.notes import add_note
 from lightning_compress.core.atomic import atomic_write_bytes, replace_file
 from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.transforms import Stage, detach_all, get_input_transform, remove_input_transform, weight_slots
@@ -354,7 +355,7 @@ def _export_torchscript(model, example_inputs, path, input_names, output_names, 
         except RuntimeError as error:
             if any(p.dtype == torch.bfloat16 for p in model.parameters()):
                 # e.g. transformers' attention masks: "ScalarType ComplexDouble is an unexpected tensor scalar type"
-                error.add_note("lightning_compress: the model computes in bfloat16, which PyTorch's ONNX exporter"
+                add_note(error, "lightning_compress: the model computes in bfloat16, which PyTorch's ONNX exporter"
                                " fails to trace for some models (a float32 model of the same layers traces): leave"
                                " 'onnx' out of `formats`, or export a float32 copy of the trained model afterwards"
                                " (lightning_compress.export(copy.deepcopy(model).float(), ..., formats=[...,"
