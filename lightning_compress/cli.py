@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from lightning_compress.core.notes import add_note
 from lightning_compress.commands.errors import CommandError
+from lightning_compress.core.notes import add_note
 
 USAGE_ERROR = 2
 COMMANDS = ("fit", "export", "inspect", "recipes", "sensitivity", "demo")

@@ -14,9 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.core.notes import add_note
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.batches import as_steps_get_them
+from lightning_compress.core.notes import add_note
 from lightning_compress.core.sharding import gathered
 from lightning_compress.core.tracking import log_artifact
 from lightning_compress.formats.config import ExportConfig

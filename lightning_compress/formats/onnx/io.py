@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_compress.core.notes import add_note
 from lightning_compress.core.atomic import atomic_write_bytes, replace_file
 from lightning_compress.core.attention import fast_path_disabled
+from lightning_compress.core.notes import add_note
 from lightning_compress.core.transforms import Stage, detach_all, get_input_transform, remove_input_transform, weight_slots
 from lightning_compress.formats.errors import ExportError
 from lightning_compress.formats.onnx.exporter_gaps import cast_bool_cumsum, missing_symbolics
