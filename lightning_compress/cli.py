@@ -80,12 +80,11 @@ def _is_user_error(err: BaseException) -> bool:
     ValueError, TypeError or FileExistsError; once training has started, the same types
     are real failures and keep their traceback.
     """
+    from lightning_compress.callbacks.export import DRY_EXPORT_NOTE
     from lightning_compress.commands.state import training_started
+    from lightning_compress.core.validate import ArgumentError
     from lightning_compress.formats.errors import ExportError, PackedFormatError, ParityError
     from lightning_compress.recipes import RecipeError
-
-    from lightning_compress.callbacks.export import DRY_EXPORT_NOTE
-    from lightning_compress.core.validate import ArgumentError
 
     explicit = (CommandError, RecipeError, PackedFormatError, ExportError, ParityError, FileNotFoundError, argparse.ArgumentError)
     before = (ValueError, TypeError, FileExistsError, IsADirectoryError)  # IsADirectoryError: a --ckpt_path folder

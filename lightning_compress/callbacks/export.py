@@ -324,8 +324,6 @@ class CompressedExport(CompressionCallback):
             rank_zero_warn(f"CompressedExport: the export in {self.dirpath} is complete, but logging it as a W&B artifact failed: {err}")
 
 
-
-
 def _run_folders(trainer: Trainer) -> dict:
     """The folders the run writes besides the export: its ModelCheckpoint folders (those
     decided yet), its loggers' folders and a teacher-output cache on disk, by what each is."""

@@ -389,8 +389,6 @@ def _put_back(aside: Path, target: Path, error: BaseException) -> None:
                          f" to {target}{then}")
 
 
-
-
 def _settle(target: Path, old: Optional[Path]) -> None:
     """After the swap: the write has happened, so nothing here raises an OSError."""
     try:

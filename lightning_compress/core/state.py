@@ -40,4 +40,3 @@ def plain_setting(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
-

@@ -173,6 +173,11 @@ class TopKTargets:
         """The samples ``rows`` (indices along the first dimension) of these targets."""
         return self._map(lambda tensor: tensor[rows.to(tensor.device)])
 
+    def flattened(self) -> "TopKTargets":
+        """These targets with their positions in one dimension: ``shape`` ``(N, C)``."""
+        positions = len(self.shape) - 1
+        return self._map(lambda tensor: tensor.reshape(-1, *tensor.shape[positions:]))
+
     def _map(self, function) -> "TopKTargets":
         tensors = ("values", "indices", "log_normalizer", "log_rest")
         return replace(self, **{name: function(getattr(self, name)) for name in tensors})
@@ -205,8 +210,7 @@ def kept_positions(mask: Any, student: Tensor, teacher: Tensor | TopKTargets) ->
                       UserWarning, stacklevel=3)
     flat_student = student.reshape(-1, student.shape[-1])
     if isinstance(teacher, TopKTargets):
-        flat_teacher = teacher._map(lambda tensor: tensor.reshape(-1, *tensor.shape[len(positions):]))
-        return flat_student[rows], flat_teacher.select(rows)
+        return flat_student[rows], teacher.flattened().select(rows)
     return flat_student[rows], teacher.reshape(-1, teacher.shape[-1])[rows]
 
 
@@ -258,14 +262,13 @@ def distillation_loss(name: str, student: Tensor, teacher: Tensor | TopKTargets,
     coarsened KL of :func:`top_k_kl_divergence` (``"kl"`` and ``"reverse_kl"`` only)."""
     if name not in LOSSES:
         raise ValueError(f"unknown distillation loss {name!r}; choose one of {tuple(LOSSES)}")
-    if isinstance(teacher, TopKTargets):
-        if name not in TOP_K_LOSSES:
-            raise ValueError(f"loss {name!r} needs the teacher's full outputs, not top-k targets; use one of {TOP_K_LOSSES}")
-        if student.numel() == 0:  # no position kept (see kept_positions): nothing to distil, gradient 0
-            return student.sum() * 0.0
-        return top_k_kl_divergence(student, teacher, temperature, reverse=name == "reverse_kl")
-    if student.numel() == 0:
+    top_k = isinstance(teacher, TopKTargets)
+    if top_k and name not in TOP_K_LOSSES:
+        raise ValueError(f"loss {name!r} needs the teacher's full outputs, not top-k targets; use one of {TOP_K_LOSSES}")
+    if student.numel() == 0:  # no position kept (see kept_positions): nothing to distil, gradient 0
         return student.sum() * 0.0
+    if top_k:
+        return top_k_kl_divergence(student, teacher, temperature, reverse=name == "reverse_kl")
     return LOSSES[name](student, teacher, temperature)
 
 

@@ -173,20 +173,19 @@ def _warn_on_another_float_dtype(model: nn.Module, packed: PackedModel, expected
     """Warn when ``model``'s float tensors (built on the meta device or not: both keep their
     dtype) have another dtype than the file's (a bfloat16 run loaded into a float32 model):
     loaded into them, the model computes in its own dtype, not as training computed."""
-    differ = {}
     for key, entry in packed.metadata["tensors"].items():
         tensor, stored = expected.get(key), DTYPES.get(entry.get("dtype"))
-        if (isinstance(tensor, torch.Tensor) and stored is not None
+        if not (isinstance(tensor, torch.Tensor) and stored is not None
                 and tensor.is_floating_point() and stored.is_floating_point and tensor.dtype != stored):
-            differ.setdefault((stored, tensor.dtype), key)
-    if differ:
-        (stored, mine), key = next(iter(differ.items()))
+            continue
+        mine = tensor.dtype
         warnings.warn(
             f"the export's float tensors are {str(stored).removeprefix('torch.')} (e.g. {key!r}), this model's"
             f" {str(mine).removeprefix('torch.')}: loaded, it computes in {str(mine).removeprefix('torch.')}, not as"
             f" training computed; build the model in the export's dtype (model.to({stored}), or pass a function that"
             f" builds it so: lambda: MyModel().to({stored})) to compute as trained",
             UserWarning, stacklevel=4)
+        return  # one warning: the first tensor that differs
 
 
 def _check_same_sharing(model: nn.Module, packed: PackedModel, shared: Mapping[str, str]) -> None:

@@ -171,13 +171,13 @@ def adapters_to_keep(
 ) -> Dict[str, LoRAAdapter]:
     """The adapters ``model`` already holds, outside any callback in ``active_owners`` and
     the ``rival_layers`` they adapt, that a new injection of ``layers`` with ``config``
-    takes over: a second Trainer's LoRA
-    (another training stage, or a ``validate``) goes on with the adapters the first one
-    trained instead of starting new ones from ``B = 0``.
+    takes over: a second Trainer's LoRA (another training stage, or a ``validate``) goes
+    on with the adapters the first one trained instead of starting new ones from ``B = 0``.
 
     Raises:
-        ValueError: they do not fit ``config`` (another ``r``, scaling, ``base`` or NF4 blocks), or sit
-            on layers ``layers`` leaves out; every difference named, with the two fixes.
+        ValueError: they do not fit ``config`` (another ``r``, scaling, ``base`` or NF4
+            blocks), or sit on layers ``layers`` leaves out; every difference named, with
+            the two fixes.
             Or a layer of ``layers`` holds an adapter of a callback in ``active_owners``.
     """
     present = adapters_of(model)

@@ -188,4 +188,3 @@ def _parse_overrides(overrides: Any, base: QuantSpec) -> Dict[str, QuantSpec]:
 
 
 __all__ = ["QATConfig", "override_matches"]
-

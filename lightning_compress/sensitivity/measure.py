@@ -12,9 +12,11 @@ restored, no transform left that was not there before).
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence
 
+import numpy
 import torch
 from torch import Tensor, nn
 
@@ -158,13 +160,14 @@ def layer_sensitivity(
 class _Evaluator:
     """The float model's value on the batches (measured once), then each case's delta.
 
-    Every evaluation of batch ``i`` draws the same random numbers (torch's generators
-    seeded with ``i`` inside ``torch.random.fork_rng``, the caller's left as they were):
-    a loss that samples (noise, random masks) compares its cases on the same draws."""
+    Every evaluation of batch ``i`` draws the same random numbers (torch's, numpy's and
+    Python's global generators seeded with ``i``, the caller's states put back): a loss
+    that samples (noise, random masks) compares its cases on the same draws."""
 
     def __init__(self, model: nn.Module, batches: List[Any], loss_fn: LossFn | None, reference: str) -> None:
         self.model, self.batches, self.loss_fn, self.reference = model, batches, loss_fn, reference
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.warned_dtype = False  # a half-precision loss is warned about once
         if reference == "loss":
             self.float_losses = self._losses()
             self.baseline = math.fsum(self.float_losses) / len(batches)
@@ -238,10 +241,6 @@ class _Evaluator:
     def _with_draws(self, index: int, compute: Callable[[], Any]) -> Any:
         """``compute()`` with torch's random generators (the CPU's, and the model's
         accelerator's), numpy's and Python's seeded with ``index``, restored afterwards."""
-        import random
-
-        import numpy
-
         accelerator = self.device.type if self.device.type != "cpu" else "cuda"
         devices = [self.device.index or 0] if self.device.type != "cpu" else []
         python_state, numpy_state = random.getstate(), numpy.random.get_state()
@@ -263,8 +262,8 @@ class _Evaluator:
             raise ArgumentError(
                 "loss_fn", f"the loss must be a scalar tensor (or a dict with a 'loss' tensor), got {type(value).__name__}"
             )
-        if value.dtype in (torch.bfloat16, torch.float16) and not getattr(self, "_warned_dtype", False):
-            self._warned_dtype = True
+        if value.dtype in (torch.bfloat16, torch.float16) and not self.warned_dtype:
+            self.warned_dtype = True
             warnings.warn(f"the loss is a {str(value.dtype).removeprefix('torch.')} number, whose rounding step (about"
                           f" {torch.finfo(value.dtype).eps:.1e} of its size) hides most layers' deltas (they round to"
                           " 0 or to one step); measure a float32 copy of the model (copy.deepcopy(model).float()), or"
