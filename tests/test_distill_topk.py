@@ -389,3 +389,4 @@ def test_a_batch_of_only_padding_distils_nothing_and_training_goes_on(lm_states)
         model, _, _, rows = lm_run(*lm_states, epochs=1, mask_fn=lambda batch: torch.zeros(8, 8, dtype=torch.bool))
     assert [logged for _, _, logged, _ in rows] == [0.0] * len(rows)
     assert all(math.isfinite(loss) and loss > 0 for *_, loss in rows)
+    assert "distill/top1_agreement" not in model.trainer.callback_metrics  # not NaN: no position to agree on

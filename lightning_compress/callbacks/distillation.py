@@ -403,7 +403,8 @@ class KnowledgeDistillation(CompressionCallback):
         self._steps += 1
         self._log("distill/kd_loss", kd.detach())
         self._log("distill/alpha", self._alpha_at(step.global_step))
-        self._log("distill/top1_agreement", top1_agreement(student, teacher))
+        if student.numel():  # a batch of only padding has no agreement to log (the mean of none is NaN)
+            self._log("distill/top1_agreement", top1_agreement(student, teacher))
         return kd
 
     def _teacher_outputs(self, step: StepCapture, shape: torch.Size) -> Tensor | TopKTargets:
