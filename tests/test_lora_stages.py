@@ -225,6 +225,28 @@ def test_the_callbacks_merge_after_merge_adapters_says_so(seeded):
         lora.merge()
 
 
+def test_the_callbacks_save_adapters_says_why_it_has_none_to_save(seeded, tmp_path):
+    """Before setup, after a merge, and once a later Trainer's LoRA took the adapters over
+    (that one saves them): "save before merging" named the wrong cause for the last."""
+    model = TinyRegressor()
+    first = LoRA(r=4, target_modules=["fc1"])
+    with pytest.raises(ValueError, match=r"LoRA has no adapters to save yet: save after fit \(or validate/test\)"):
+        first.save_adapters(tmp_path / "early")
+    make_trainer(max_steps=2, callbacks=[first]).fit(model, tiny_loader())
+    second = LoRA(r=4, target_modules=["fc1"])
+    make_trainer(max_steps=2, callbacks=[second]).fit(model, tiny_loader())
+    with pytest.raises(ValueError, match=r"no longer on the model: merged already, or taken over by a later Trainer's"
+                                         r" LoRA callback; save before merging, or with the LoRA callback that took"):
+        first.save_adapters(tmp_path / "first")
+    second.save_adapters(tmp_path / "second")
+    assert torch.equal(load_file(str(tmp_path / "second" / "adapter_model.safetensors"))[
+        "base_model.model.fc1.lora_B.weight"], model.fc1.lora_B.detach())
+    second.merge()
+    with pytest.raises(ValueError, match=r"the LoRA adapters were already merged \(into fc1\); save before merging"):
+        second.save_adapters(tmp_path / "after")
+    assert not (tmp_path / "first").exists() and not (tmp_path / "after").exists()
+
+
 def test_resuming_with_a_renamed_qlora_callback_names_the_state_no_callback_takes(seeded, tmp_path):
     """The checkpoint leaves NF4 bases out; a renamed callback did not put them back, and
     torch's "Missing key(s) ... fc1.weight" came first."""

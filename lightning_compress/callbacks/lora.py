@@ -25,7 +25,7 @@ from lightning_compress.core.transforms import is_bound
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
 from lightning_compress.formats.peft_attention import peft_unpaired
-from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter, adapter_of
+from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter, adapter_of, check_on_model
 from lightning_compress.lora.config import LoRAConfig
 from lightning_compress.lora.inject import (
     check_nf4_shardable,
@@ -293,12 +293,7 @@ class LoRA(CompressionCallback):
             ValueError: nothing to merge: the adapters were merged already, or the
                 callback has not set up a model yet.
         """
-        if not self._adapters:
-            if self._merged:
-                raise ValueError(f"the LoRA adapters were already merged (into {', '.join(self._merged[:5])}); merge once")
-            raise ValueError("LoRA has no adapters to merge yet: merge after fit (or validate/test) has set them up")
-        if any(adapter_of(a.layer) is not a for a in self._adapters.values()):
-            raise ValueError("this LoRA's adapters are no longer on the model: merged already, or taken over; merge once")
+        check_on_model(self._adapters, self._merged, "merge", "merge once")
         merge_into(self._module, self._adapters)
         self._merged, self._adapters = list(self._adapters), {}
         return self._merged
@@ -308,7 +303,10 @@ class LoRA(CompressionCallback):
 
         Raises:
             ArgumentError: ``peft_root`` or ``modules_to_save`` cannot be written (checked before training too)
+            ValueError: the adapters are merged, not set up yet, or taken over by another LoRA callback
         """
+        check_on_model(self._adapters, self._merged, "save",
+                       "save before merging, or with the LoRA callback that took them over")
         return save_adapters(self._checked_peft_root(), directory, self.config, only=self._adapters.values())
 
     def load_adapters(self, directory: str | Path) -> None:

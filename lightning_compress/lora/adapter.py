@@ -199,6 +199,24 @@ def adapter_of(layer: nn.Module) -> LoRAAdapter | None:
     return adapter if isinstance(adapter, LoRAAdapter) else None
 
 
+def check_on_model(adapters: Dict[str, LoRAAdapter], merged: list, action: str, fix: str) -> None:
+    """Refuse to ``action`` (merge, save) one LoRA callback's ``adapters`` that are no longer
+    on the model, naming why and ``fix``.
+
+    Raises:
+        ValueError: none set up yet, merged already (``merged`` names the layers), or
+            replaced (by :func:`~lightning_compress.merge_adapters`, or a later Trainer's LoRA
+            callback that took them over).
+    """
+    if not adapters:
+        if merged:
+            raise ValueError(f"the LoRA adapters were already merged (into {', '.join(merged[:5])}); {fix}")
+        raise ValueError(f"LoRA has no adapters to {action} yet: {action} after fit (or validate/test) has set them up")
+    if any(adapter_of(adapter.layer) is not adapter for adapter in adapters.values()):
+        raise ValueError("this LoRA's adapters are no longer on the model: merged already, or taken over by a later"
+                         f" Trainer's LoRA callback; {fix}")
+
+
 def adapter_shapes(layer: nn.Module, r: int) -> tuple:
     """PEFT's shapes of ``(A, B)`` for a rank-``r`` adapter on ``layer``."""
     if isinstance(layer, nn.Embedding):
