@@ -488,3 +488,68 @@ def test_a_start_step_the_run_never_reaches_is_warned_about(seeded):
                                          r" step trains with fake quantization"):
         make_trainer(max_steps=4, callbacks=[qat]).fit(model, tiny_loader())
     assert torch.equal(model.fc1.weight, raw_weight(model.fc1))  # in float
+
+
+def _trained_state(model):
+    """Everything the trained fake quantization holds: effective weights and quantizer state."""
+    state = {f"{n}.weight": model.get_submodule(n).weight.detach().clone() for n in LAYERS}
+    for name, codes in quantized_weights(model).items():
+        state[f"{name}.scale"] = codes.scale.clone()
+    return state
+
+
+QAT_SETTINGS = dict(weights="int4", group_size=4, weight_range="mse", learn_ranges=True, activations="int8_static",
+                    start_step=0)
+
+
+def test_a_new_qat_callback_takes_over_the_trained_grid_in_validate_and_a_second_fit(seeded):
+    """An earlier Trainer's quantizers were replaced by new ones, off until training starts:
+    `validate` measured the float model and left it float (an export then packed PTQ)."""
+    model, val = TinyRegressor(), tiny_loader(batches=2, seed=3)
+    make_trainer(max_steps=6, callbacks=[QuantizationAwareTraining(**QAT_SETTINGS)]).fit(model, tiny_loader())
+    trained = _trained_state(model)
+    quantized_loss = make_trainer().validate(model, val, verbose=False)[0]["val/loss"]
+    float_loss = make_trainer().validate(_float_copy(model), val, verbose=False)[0]["val/loss"]
+    assert quantized_loss != pytest.approx(float_loss, rel=1e-4)
+
+    again = QuantizationAwareTraining(**QAT_SETTINGS)
+    assert make_trainer(callbacks=[again]).validate(model, val, verbose=False)[0]["val/loss"] == quantized_loss
+    after = _trained_state(model)
+    assert all(torch.equal(after[key], trained[key]) for key in trained)
+
+    # A second fit goes on from the trained grid: its first forward computes with the trained weights.
+    first_forward = {}
+
+    class FirstWeights(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                first_forward.update(_trained_state(pl_module))
+
+    make_trainer(max_steps=1, callbacks=[QuantizationAwareTraining(**QAT_SETTINGS), FirstWeights()]).fit(
+        model, tiny_loader())
+    assert all(torch.equal(first_forward[key], trained[key]) for key in trained)
+
+
+def _float_copy(model):
+    plain = TinyRegressor()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "log_scale" not in k}, strict=False)
+    return plain
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"weights": "int8", "group_size": None}, r"layer 'conv' has grid 'int4 g4 sym', this callback 'int8 channel sym';"
+     r" layer 'fc1' .*\. This callback would replace its trained grid with one that is off until training starts, so"
+     r" the validate would measure the float model; validate with the settings that trained it, or with no"),
+    ({"learn_ranges": False}, r"layer 'conv' has learn_ranges True, this callback False"),
+    ({"activations": "int8_dynamic"}, r"layer 'conv' has activations 'int8_static', this callback 'int8_dynamic'"),
+])
+def test_validating_with_other_qat_settings_is_refused_and_leaves_the_trained_grid(seeded, change, message):
+    model, val = TinyRegressor(), tiny_loader(batches=2, seed=3)
+    make_trainer(max_steps=4, callbacks=[QuantizationAwareTraining(**QAT_SETTINGS)]).fit(model, tiny_loader())
+    trained = _trained_state(model)
+    other = QuantizationAwareTraining(**{**QAT_SETTINGS, **change})
+    with pytest.raises(ValueError, match=r"the model holds fake quantization from an earlier QuantizationAwareTraining:"
+                                         r" " + message):
+        make_trainer(callbacks=[other]).validate(model, val, verbose=False)
+    after = _trained_state(model)
+    assert all(torch.equal(after[key], trained[key]) for key in trained)

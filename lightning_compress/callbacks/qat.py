@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -28,6 +27,7 @@ from lightning_compress.core.transforms import (
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver
 from lightning_compress.quant.calibrated_start import CalibratedStart, plan_calibrated_start
 from lightning_compress.quant.config import QATConfig, override_matches
+from lightning_compress.quant.quantizer_state import held_differences, held_quantizers, load_entry, quantizer_entry
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import WeightFakeQuantizer, attach_weight_quantizers
 
@@ -196,6 +196,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         # Checked before anything is attached: a refused setting leaves the model as it was.
         mappings = plan_calibrated_start(pl_module, layers, specs, init=self.init, smoothing=self.smoothing,
                                          rules=self.mappings) if calibrated else []
+        taken = self._held_to_take_over(layers, specs, rivals, stage)
         self._weight_quantizers = attach_weight_quantizers(
             layers, specs, self.learn_ranges, weight_range=self.weight_range,
             owner=self.owner_token, active_owners=rivals,
@@ -213,6 +214,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                 self._add_input_quantizer(name, layer, rivals)
         if self.activations is not None:
             keep_padded_batches(pl_module)  # a padded eval batch must reach the quantizers as in training
+        for name, entry in taken.items():  # an earlier Trainer's QAT: its trained grid goes on
+            load_entry(self._weight_quantizers[name], self._input_quantizers.get(name), entry)
         if calibrated:
             calibration = CalibratedStart(pl_module, layers, self._weight_quantizers, init=self.init,
                                           smoothing=self.smoothing, mappings=mappings)
@@ -303,22 +306,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
     # ------------------------------------------------------------------ base-class hooks
     @override
     def method_state(self) -> Dict[str, Any]:
-        layers = {}
-        for name, quantizer in self._weight_quantizers.items():
-            entry: Dict[str, Any] = {"spec": quantizer.spec.describe(), "enabled": quantizer.enabled,
-                                     "weight_range": quantizer.weight_range}
-            if quantizer.clip is not None:
-                entry["clip"] = quantizer.clip.cpu().clone()
-            if quantizer.grid is not None:
-                entry["grid"] = [t.cpu().clone() for t in quantizer.grid]
-            if quantizer.learned:
-                entry["log_scale"] = quantizer.log_scale.detach().cpu().clone()
-                entry["zero_point"] = quantizer.zero_point.cpu().clone()
-                entry["initialized"] = quantizer.initialized
-            observer = self._input_quantizers.get(name)
-            if isinstance(observer, StaticRangeObserver):
-                entry["observer"] = observer.state_dict()
-            layers[name] = entry
+        layers = {name: quantizer_entry(quantizer, self._input_quantizers.get(name))
+                  for name, quantizer in self._weight_quantizers.items()}
         state: Dict[str, Any] = {"layers": layers}
         if self._calibration is not None:
             state["calibration"] = self._calibration.state_dict()
@@ -359,6 +348,24 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             layer, Stage.INPUT_QUANT, quantizer, owner=self.owner_token, active_owners=rivals, param=INPUT
         )
         self._input_quantizers[name] = quantizer
+
+    def _held_to_take_over(self, layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec], rivals: set,
+                           stage: str) -> Dict[str, Dict[str, Any]]:
+        """The entries of the quantizers an earlier Trainer's QAT left on ``layers``, which
+        this callback goes on with where its settings are theirs; another ``fit`` with other
+        settings replaces them (a new stage), an evaluation is refused (it would measure the
+        float model and leave the trained grid replaced)."""
+        held, stage = held_quantizers(layers, rivals), getattr(stage, "value", stage)  # TrainerFn -> "validate"
+        differences = held_differences(held, specs, learned=self.learn_ranges, weight_range=self.weight_range,
+                                       activations=self.activations, observer=self.observer)
+        if differences and stage != "fit":
+            raise ValueError(
+                f"the model holds fake quantization from an earlier QuantizationAwareTraining: {'; '.join(differences)}."
+                f" This callback would replace its trained grid with one that is off until training starts, so the"
+                f" {stage} would measure the float model; {stage} with the settings that trained it, or with no"
+                " QuantizationAwareTraining callback (the trained fake quantization stays on the model)"
+            )
+        return {} if differences else {name: quantizer_entry(*pair) for name, pair in held.items()}
 
     def _weight_bits(self) -> float:
         """Mean bits of the quantized weights, weighted by each layer's parameter count."""
@@ -408,19 +415,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                 " resume or export with the QAT settings of the run that trained it"
             )
         for name, entry in layers.items():
-            quantizer = self._weight_quantizers[name]
-            quantizer.enabled = entry["enabled"]
-            quantizer.clip = entry.get("clip")
-            grid = entry.get("grid")
-            quantizer.grid = None if grid is None else (grid[0].float(), grid[1].to(torch.int32))
-            if quantizer.learned and "log_scale" in entry:
-                with torch.no_grad():
-                    quantizer.log_scale.copy_(entry["log_scale"])
-                quantizer.zero_point = entry["zero_point"].to(quantizer.log_scale.device)
-                quantizer.initialized = entry["initialized"]
-            observer = self._input_quantizers.get(name)
-            if isinstance(observer, StaticRangeObserver) and "observer" in entry:
-                observer.load_state_dict(entry["observer"])
+            load_entry(self._weight_quantizers[name], self._input_quantizers.get(name), entry)
         for name, quantizer in self._input_quantizers.items():
             quantizer.enabled = self._weight_quantizers[name].enabled
         if "range_optimizer" in state:

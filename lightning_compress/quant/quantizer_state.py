@@ -1,0 +1,95 @@
+"""What a layer's fake quantizers hold between runs.
+
+One layer's entry of ``QuantizationAwareTraining``'s checkpoint state is read from its
+weight quantizer (and static input observer) and loaded back into new ones. The same
+entries let a new QAT callback take over the quantizers an earlier Trainer's callback
+left on a model: ``Trainer(callbacks=[QuantizationAwareTraining(...)]).validate(model)``
+after ``fit`` must measure the trained grid, not replace it with a new one that is off
+until training starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Tuple
+
+import torch
+from torch import nn
+
+from lightning_compress.core.targeting import weight_param
+from lightning_compress.core.transforms import Stage, get_weight_transform
+from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver, input_quantizer_of
+from lightning_compress.quant.spec import QuantSpec
+from lightning_compress.quant.weights import WeightFakeQuantizer
+
+Held = Tuple[WeightFakeQuantizer, Any]  # a layer's weight quantizer and its input quantizer (or None)
+
+
+def quantizer_entry(quantizer: WeightFakeQuantizer, inputs: Any = None) -> Dict[str, Any]:
+    """One layer's checkpoint entry: its grid, whether it is on, its chosen ranges (mse
+    clips, a calibrated start's grid, learned scales) and a static observer's range."""
+    entry: Dict[str, Any] = {"spec": quantizer.spec.describe(), "enabled": quantizer.enabled,
+                             "weight_range": quantizer.weight_range}
+    if quantizer.clip is not None:
+        entry["clip"] = quantizer.clip.cpu().clone()
+    if quantizer.grid is not None:
+        entry["grid"] = [t.cpu().clone() for t in quantizer.grid]
+    if quantizer.learned:
+        entry["log_scale"] = quantizer.log_scale.detach().cpu().clone()
+        entry["zero_point"] = quantizer.zero_point.cpu().clone()
+        entry["initialized"] = quantizer.initialized
+    if isinstance(inputs, StaticRangeObserver):
+        entry["observer"] = {key: value.clone() if isinstance(value, torch.Tensor) else value
+                             for key, value in inputs.state_dict().items()}
+    return entry
+
+
+def load_entry(quantizer: WeightFakeQuantizer, inputs: Any, entry: Mapping[str, Any]) -> None:
+    """Set ``quantizer`` (and the layer's input quantizer ``inputs``) to what ``entry``
+    (:func:`quantizer_entry`'s) holds; the grids must be the same (checked by the caller)."""
+    quantizer.enabled = entry["enabled"]
+    quantizer.clip = entry.get("clip")
+    grid = entry.get("grid")
+    quantizer.grid = None if grid is None else (grid[0].float(), grid[1].to(torch.int32))
+    if quantizer.learned and "log_scale" in entry:
+        with torch.no_grad():
+            quantizer.log_scale.copy_(entry["log_scale"])
+        quantizer.zero_point = entry["zero_point"].to(quantizer.log_scale.device)
+        quantizer.initialized = entry["initialized"]
+    if inputs is not None:
+        inputs.enabled = entry["enabled"]
+        if isinstance(inputs, StaticRangeObserver) and "observer" in entry:
+            inputs.load_state_dict(entry["observer"])
+
+
+def held_quantizers(layers: Mapping[str, nn.Module], active_owners: set) -> Dict[str, Held]:
+    """``{name: (weight quantizer, input quantizer)}`` of the ``layers`` that hold fake
+    quantization from outside ``active_owners``: an earlier Trainer's QAT callback, or
+    :func:`~lightning_compress.round_to_nearest`."""
+    held = {}
+    for name, layer in layers.items():
+        quantizer = get_weight_transform(layer, Stage.FAKE_QUANT, weight_param(name, layer))
+        if isinstance(quantizer, WeightFakeQuantizer) and getattr(quantizer, "owner", None) not in active_owners:
+            held[name] = (quantizer, input_quantizer_of(layer))
+    return held
+
+
+def held_differences(held: Mapping[str, Held], specs: Mapping[str, QuantSpec], *, learned: bool, weight_range: str,
+                     activations: str | None, observer: str) -> List[str]:
+    """How the ``held`` quantizers differ from those a callback with these settings would
+    attach (``specs``: its grid per layer); at most four named, then a count."""
+    differences = []
+    for name, (quantizer, inputs) in held.items():
+        held_activations = (None if inputs is None else "int8_dynamic" if isinstance(inputs, DynamicTokenQuantizer)
+                            else "int8_static")
+        settings = [("grid", quantizer.spec.describe(), specs[name].describe()),
+                    ("learn_ranges", quantizer.learned, learned),
+                    ("weight_range", quantizer.weight_range, weight_range),
+                    ("activations", held_activations, activations)]
+        if isinstance(inputs, StaticRangeObserver) and activations == "int8_static":
+            settings.append(("observer", inputs.kind, observer))
+        differences += [f"layer {name!r} has {setting} {theirs!r}, this callback {mine!r}"
+                        for setting, theirs, mine in settings if theirs != mine]
+    return differences[:4] + ([f"{len(differences) - 4} more"] if len(differences) > 4 else [])
+
+
+__all__ = ["quantizer_entry", "load_entry", "held_quantizers", "held_differences"]
