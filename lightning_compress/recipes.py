@@ -170,8 +170,9 @@ def load_recipe(
     """
     _check_sections(exclude)
     raw, origin = _read(source)
+    given = _overrides(overrides)  # its own errors name what is wrong with the overrides
     try:
-        raw = OmegaConf.merge(raw, _overrides(overrides))
+        raw = OmegaConf.merge(raw, given)
     except (OmegaConfBaseException, TypeError, ValueError) as err:  # e.g. a key under a list
         raise RecipeError(
             f"the overrides {list(overrides) if not isinstance(overrides, Mapping) else dict(overrides)} cannot be"
@@ -319,7 +320,8 @@ def _overrides(overrides: Union[Sequence[str], Mapping[str, Any], None]) -> Dict
     if isinstance(overrides, Mapping):
         return _as_dictconfig(overrides, "overrides")
     if isinstance(overrides, str):
-        raise RecipeError(f"overrides must be a list of 'key=value' strings, got the single string {overrides!r}")
+        raise RecipeError(f"overrides must be a list of 'key=value' strings, got the single string {overrides!r}:"
+                          f" pass [{overrides!r}]")
     for item in overrides:
         if not isinstance(item, str) or not _OVERRIDE.match(item):
             raise RecipeError(

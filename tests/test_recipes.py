@@ -408,3 +408,12 @@ def test_the_glob_hint_only_comes_with_an_error_it_explains():
     with pytest.raises(RecipeError, match=r"recipe key qat.mappings expects .* the override qat.mappings.model.norm"
                        r" splits at every dot.*qat.mappings=\{\"model.norm\": \[LAYERS\]\}$"):
         load_recipe(mapped, ["qat.mappings.model.norm=[fc]"])
+
+
+def test_overrides_given_as_one_string_are_named_once():
+    """The string's characters were listed as "the overrides ['p', 'r', ...] cannot be applied"
+    before the reason, which ended with an unrelated hint about keeping a key's shape."""
+    with pytest.raises(RecipeError) as caught:
+        load_recipe("int8_qat", "qat.start_step=0.2")
+    assert str(caught.value) == ("overrides must be a list of 'key=value' strings, got the single string"
+                                 " 'qat.start_step=0.2': pass ['qat.start_step=0.2']")
