@@ -110,7 +110,8 @@ class KnowledgeDistillation(CompressionCallback):
             top-k entries and one "rest" bucket): at most the full KL, equal to it when
             ``k`` is the vocabulary size. Not for ``"mse"``/``"cosine"``.
         index_fn: ``callable(batch) -> LongTensor`` of the batch's sample indices.
-        name: distinguishes the checkpoint state of several distillation callbacks.
+        name: distinguishes the checkpoint state of several distillation callbacks;
+            each needs its own (Lightning refuses two of one class without: "Found more than one stateful callback").
         config: a built :class:`~lightning_compress.distill.config.DistillationConfig`
             instead of the arguments above.
 

@@ -116,7 +116,8 @@ class LoRA(CompressionCallback):
             at setup and counted (``lora/skipped_layers``, the layer table's ``skipped``
             column). A grouped convolution selected by type is left out either way; one a
             name glob selects stays an error.
-        name: distinguishes the checkpoint state of several LoRA callbacks in one Trainer.
+        name: distinguishes the checkpoint state of several LoRA callbacks in one Trainer;
+            each needs its own (Lightning refuses two of one class without: "Found more than one stateful callback").
         config: a built :class:`~lightning_compress.LoRAConfig` instead of the arguments
             above.
 

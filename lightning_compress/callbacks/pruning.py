@@ -105,8 +105,8 @@ class MagnitudePruning(LayerCompressionCallback):
             ``skipped`` column). A grouped or depthwise convolution selected by type that
             the pattern cannot prune is left out either way; one a name glob selects stays
             an error.
-        name: distinguishes the checkpoint state of several pruning callbacks in one
-            Trainer (e.g. different sparsities for different layers).
+        name: distinguishes the checkpoint state of several pruning callbacks in one Trainer (e.g. different
+            sparsities for different layers); each needs its own (Lightning refuses two of one class without).
         config: a built :class:`~lightning_compress.sparsity.config.PruningConfig`
             instead of the arguments above.
 

@@ -136,7 +136,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             ``skipped`` column). A grouped or depthwise convolution selected by type that
             the grid cannot quantize is left out either way; one a name glob selects stays
             an error.
-        name: distinguishes the checkpoint state of several QAT callbacks in one Trainer.
+        name: distinguishes the checkpoint state of several QAT callbacks in one Trainer;
+            each needs its own (Lightning refuses two of one class without: "Found more than one stateful callback").
         config: a built :class:`~lightning_compress.quant.config.QATConfig` instead of
             the arguments above.
 
