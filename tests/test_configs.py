@@ -41,6 +41,9 @@ BAD = [
     (LoRA, dict(lora_alpha=math.inf), "lora_alpha", "positive number"),
     (LoRA, dict(adapter_dir=""), "adapter_dir", "directory path"),
     (LoRA, dict(compute_dtype="float64", base="nf4"), "compute_dtype", "unknown `compute_dtype`"),
+    (QuantizationAwareTraining, dict(scale_dtype=torch.float64), "scale_dtype", "unknown `scale_dtype` 'float64'"),
+    (KnowledgeDistillation, dict(teacher=TEACHER, teacher_dtype="int8"), "teacher_dtype", "floating torch dtype"),
+    (KnowledgeDistillation, dict(teacher=TEACHER, teacher_dtype="bfloat61"), "teacher_dtype", "got 'bfloat61'"),
     (KnowledgeDistillation, dict(teacher=TEACHER, feature_weight=math.inf), "feature_weight", "number >= 0"),
     (KnowledgeDistillation, dict(teacher=TEACHER, projection_lr=math.nan), "projection_lr", "positive number"),
     (KnowledgeDistillation, dict(teacher=TEACHER, cache="disk", index_fn=len, cache_dir=5), "cache_dir", "folder path"),
@@ -117,3 +120,13 @@ def test_a_built_config_is_accepted_and_validated_once():
     assert MagnitudePruning(config=config).config is config
     assert LoRA(config=LoRA(4, 8.0, ["fc"]).config).config.target_modules == ("fc",)
     assert torch.float16 is LoRA(base="nf4", compute_dtype="float16").config.compute_dtype
+
+
+def test_dtypes_are_taken_as_torch_dtypes_or_their_names():
+    """scale_dtype refused torch.float16 and teacher_dtype refused "bfloat16" (LoRA's
+    compute_dtype took both): one argument, two spellings, each accepted by one callback."""
+    by_dtype = QuantizationAwareTraining("int4", group_size=32, scale_dtype=torch.float16)
+    assert by_dtype.config == QuantizationAwareTraining("int4", group_size=32, scale_dtype="float16").config
+    assert by_dtype.config.spec.scale_dtype == "float16"
+    for spelling in ("bfloat16", "torch.bfloat16", torch.bfloat16):
+        assert KnowledgeDistillation(TEACHER, teacher_dtype=spelling).teacher_dtype is torch.bfloat16

@@ -84,7 +84,7 @@ class KnowledgeDistillation(CompressionCallback):
         mask_fn: ``callable(batch) -> bool tensor`` of the output positions the loss counts
             (``[..., C]`` outputs: a mask of their ``[...]`` shape, e.g. ``lambda b:
             b["attention_mask"].bool()``); default every position, padding included.
-        teacher_dtype: run the teacher in this dtype (e.g. ``torch.bfloat16``); its
+        teacher_dtype: run the teacher in this dtype (e.g. ``torch.bfloat16`` or ``"bfloat16"``); its
             outputs are compared in float32.
         teacher_strategy: under FSDP2 (``ModelParallelStrategy``): ``"replicate"`` (a
             whole frozen teacher on every rank) or ``"fsdp2"`` (the teacher sharded on

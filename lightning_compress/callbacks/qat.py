@@ -63,7 +63,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         group_size: inputs per scale for ``granularity="group"``; must divide every
             targeted layer's input size (Conv: ``in_channels * kernel``).
         symmetric: zero point 0 (default), or an integer zero point per scale.
-        scale_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``: the dtype
+        scale_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"`` (or the torch dtype): the dtype
             the export stores scales in. Scales are rounded to it while training, so the
             exported model computes exactly what was trained; ``"float16"`` makes int4
             group-128 files about 3% smaller.

@@ -11,6 +11,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 
 class ArgumentError(ValueError):
@@ -133,7 +134,23 @@ def _describe_range(low, high, low_open, high_open) -> str:
     return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
+def dtype_name(value: Any) -> Any:
+    """``torch.bfloat16`` as ``"bfloat16"`` (the spelling recipes use); any other value as
+    it is, for the caller to check."""
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+
+
+def named_dtype(value: Any) -> Any:
+    """``"bfloat16"`` (or ``"torch.bfloat16"``) as ``torch.bfloat16``; any other value as it
+    is, for the caller to check."""
+    if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, value.removeprefix("torch."))
+    return value
+
+
 __all__ = [
+    "dtype_name",
+    "named_dtype",
     "ArgumentError",
     "plain_values",
     "is_number",

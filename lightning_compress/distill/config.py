@@ -11,7 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.targeting import validate_name
-from lightning_compress.core.validate import ArgumentError, check_callable, check_choice, check_number, check_positive, is_int, is_number
+from lightning_compress.core.validate import (
+    ArgumentError, check_callable, check_choice, check_number, check_positive, is_int, is_number, named_dtype,
+)
 from lightning_compress.distill.capture import check_features
 from lightning_compress.distill.losses import LOSSES, TOP_K_LOSSES
 from lightning_compress.distill.teacher import check_teacher
@@ -71,7 +73,8 @@ class DistillationConfig:
             )
         check_callable("teacher_inputs", self.teacher_inputs, what="a callable batch -> args tuple (or tensor), or None")
         check_callable("mask_fn", self.mask_fn, what="a callable batch -> bool tensor of the output positions, or None")
-        dtype = self.teacher_dtype
+        dtype = named_dtype(self.teacher_dtype)  # "bfloat16" (a recipe's spelling) as torch.bfloat16
+        object.__setattr__(self, "teacher_dtype", dtype)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ArgumentError(
                 "teacher_dtype", f"`teacher_dtype` must be a floating torch dtype such as torch.bfloat16, got {dtype!r}"
