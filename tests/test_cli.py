@@ -86,6 +86,24 @@ def fitted(tmp_path_factory):
     return cwd, result
 
 
+def test_fit_runs_ddp_on_two_processes(tmp_path):
+    """Lightning starts the second rank with this process's sys.argv, which `fit` had cut
+    to the program name: that rank printed the usage and exited 2, and rank 0 was killed."""
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    result = run_cli(
+        ["fit", "--recipe", "r.yaml", "--model", MODEL, "--data", DATA, "--trainer.max_epochs", "2",
+         "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+         "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+         "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=ckpt", "--trainer.callbacks.save_last=true"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    # 192 training samples in batches of 32, split over 2 ranks: 3 steps an epoch (6 on one process)
+    assert checkpoint["global_step"] == 2 * 3
+    assert read_metadata(tmp_path / "packed")["recipe"]["qat"] == {"weights": "int4", "group_size": 32, "start_step": 0.5}
+
+
 def test_fit_trains_with_the_recipe_and_tracks_the_run_offline(fitted):
     cwd, result = fitted
     expected = {

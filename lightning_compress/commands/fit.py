@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
@@ -214,8 +214,11 @@ def run_fit(argv: List[str], *, trust_checkpoint_recipe: bool = False) -> int:
     """Run ``fit`` with LightningCLI on ``argv``; print where the W&B run was written.
 
     ``trust_checkpoint_recipe``: see :class:`CompressionCLI`."""
-    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both argv and args are set
-    try:
+    # sys.argv stays whole: Lightning's DDP launcher starts each other rank with it (a
+    # truncated one ran `lightning-compress` with no arguments there). LightningCLI's
+    # warning about both argv and `args` being set is about mistakes this is not.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         cli = CompressionCLI(
             model_class=None,
             datamodule_class=None,
@@ -228,8 +231,6 @@ def run_fit(argv: List[str], *, trust_checkpoint_recipe: bool = False) -> int:
             # a short run and its resume can start within the same second).
             save_config_kwargs={"config_filename": f"config-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.yaml"},
         )
-    finally:
-        sys.argv = saved
     from lightning.pytorch.loggers import WandbLogger
 
     from lightning_compress.core.tracking import wandb_run_dir
