@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -22,6 +21,7 @@ from lightning_compress.callbacks.export import CompressedExport
 from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_checkpoint
 from lightning_compress.core.batches import as_steps_get_them
 from lightning_compress.core.filesystem import user_path
+from lightning_compress.core.notes import add_note
 from lightning_compress.formats.export import ExportReport
 from lightning_compress.formats.target import first_held
 from lightning_compress.recipes import Recipe, RecipeError, load_recipe
@@ -83,8 +83,8 @@ def restore_from_checkpoint(
 ) -> pl.LightningModule:
     """Put ``model`` in the compressed state ``checkpoint`` holds: masks, quantizers,
     adapters (NF4 bases included), in Lightning's own restore order: callbacks set up,
-    the module's ``on_load_checkpoint``, its weights, then the callbacks'
-    ``on_load_checkpoint`` and state.
+    the module's ``configure_model`` and ``on_load_checkpoint``, its weights, then the
+    callbacks' ``on_load_checkpoint`` and state.
 
     Raises:
         RecipeError: when the checkpoint has no state for a callback of the recipe.
@@ -109,6 +109,7 @@ def restore_from_checkpoint(
     checkpoint = dict(checkpoint)  # on_load_checkpoint hooks may add to it (LoRA puts NF4 bases back)
     for callback in callbacks:
         callback.setup(trainer, model, stage="validate")
+    _configure_model(model)
     model.on_load_checkpoint(checkpoint)
     load_weights(model, checkpoint)
     for callback in callbacks:
@@ -116,6 +117,21 @@ def restore_from_checkpoint(
         callback.load_state_dict(states[callback.state_key])
     model.eval()
     return model
+
+
+def _configure_model(model: pl.LightningModule) -> None:
+    """The module's ``configure_model``, as ``Trainer.validate`` calls it after the callbacks'
+    ``setup``: layers built there hold checkpoint weights, and callbacks queued work after
+    it (LoRA adapts a module that has one only then)."""
+    if not is_overridden("configure_model", model):
+        return
+    try:
+        model.configure_model()
+    except Exception as err:
+        add_note(err, "(lightning-compress restores a checkpoint on one CPU process and calls the module's"
+                      " configure_model there, as Trainer.validate does: one that shards the model must skip that"
+                      " when `self.device_mesh` is None)")
+        raise
 
 
 def export_checkpoint(

@@ -112,3 +112,28 @@ def three_inputs(batch):
     """An `input_fn` that gives RecipeMLP's forward (one input) three."""
     x, _ = batch
     return (x, x, x)
+
+
+class HeadInConfigureModel(RecipeMLP):
+    """Builds its head in ``configure_model``, as large models (and FSDP2 users) do."""
+
+    def __init__(self, hidden: int = 128, lr: float = 1e-2) -> None:
+        super().__init__(hidden=hidden, lr=lr)
+        self.net = self.net[:-1]  # the head comes in configure_model
+
+    def configure_model(self):
+        if not hasattr(self, "head"):
+            self.head = nn.Linear(128, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.net(x))
+
+
+class ShardsInConfigureModel(RecipeMLP):
+    """Shards in ``configure_model`` without checking for a device mesh (only under
+    ``ModelParallelStrategy`` is there one)."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self.net, mesh=self.device_mesh["data_parallel"])

@@ -22,7 +22,7 @@ from lightning_compress.checkpoints import export_checkpoint
 from lightning_compress.cli import main
 from lightning_compress.formats.packed import read_metadata
 from lightning_compress.recipes import BUILTIN_RECIPES_DIR, load_recipe
-from tests.cli_models import RecipeData, RecipeMLP
+from tests.cli_models import HeadInConfigureModel, RecipeData, RecipeMLP, ShardsInConfigureModel
 from tests.conftest import make_trainer
 from tests.wandb_offline import read_offline_run
 
@@ -326,6 +326,28 @@ def test_export_of_a_distilled_run_does_not_need_the_teacher(tmp_path, monkeypat
     report = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", RecipeMLP, output=tmp_path / "again")
     assert report.parity.weights_exact
     assert read_metadata(tmp_path / "again")["weights_sha256"] == read_metadata(tmp_path / "packed")["weights_sha256"]
+
+
+def test_export_of_a_lora_run_calls_the_modules_configure_model(tmp_path):
+    """LoRA adapts a module with a `configure_model` only after it, which the checkpoint's
+    restore never called: the adapters' weights were "unexpected keys" of the right class."""
+    recipe = {"lora": {"r": 4}, "qat": {"weights": "int4", "group_size": 32, "targets": ["net.*"]},
+              "export": {"dirpath": str(tmp_path / "packed")}}
+    fit_recipe_with_last_checkpoint(tmp_path, recipe, HeadInConfigureModel, epochs=1, samples=64)
+    report = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", HeadInConfigureModel, output=tmp_path / "again")
+    assert report.parity.weights_exact
+    assert read_metadata(tmp_path / "again")["weights_sha256"] == read_metadata(tmp_path / "packed")["weights_sha256"]
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.count_nonzero(state["head.lora_B"]) > 0  # the head built there was adapted and trained
+
+
+def test_a_configure_model_that_needs_a_device_mesh_is_named_in_the_export_error(tmp_path):
+    recipe = {"qat": {"weights": "int4", "group_size": 32}, "export": {"dirpath": str(tmp_path / "packed")}}
+    fit_recipe_with_last_checkpoint(tmp_path, recipe, RecipeMLP, epochs=1, samples=64)
+    with pytest.raises(TypeError) as caught:
+        export_checkpoint(tmp_path / "ckpt" / "last.ckpt", ShardsInConfigureModel, output=tmp_path / "again")
+    assert "one that shards the model must skip that when `self.device_mesh` is None" in "".join(caught.value.__notes__)
+    assert not (tmp_path / "again").exists()
 
 
 class Wrapped(pl.LightningModule):
