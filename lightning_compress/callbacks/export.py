@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -333,6 +334,8 @@ def _run_folders(trainer: Trainer) -> dict:
         folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if folder:
             kept[f"{type(logger).__name__}'s folder"] = folder
+        if isinstance(logger, WandbLogger):  # wandb writes every run (offline ones to sync later) under <dir>/wandb
+            kept["WandbLogger's runs"] = os.path.join(logger.save_dir or os.environ.get("WANDB_DIR") or ".", "wandb")
     for callback in trainer.callbacks:  # a distillation teacher cache on disk
         config = getattr(callback, "config", None)
         if getattr(config, "cache", None) == "disk" and getattr(config, "cache_dir", None):
