@@ -274,7 +274,7 @@ def _read(source: RecipeSource) -> tuple[DictConfig, Optional[str]]:
         held = yaml.safe_load(path.read_text(encoding="utf-8"))
         loaded = OmegaConf.load(path) if isinstance(held, dict) or held is None else None
     except Exception as err:  # yaml's errors carry the line and column
-        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {_first_line(err, lines=3)}") from None
+        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(loaded, DictConfig):
         raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of sections, not a list or a value")
     return loaded, str(path)
@@ -417,6 +417,19 @@ def _instantiate(section: str, arguments: Dict[str, Any]) -> Callback:
         raise RecipeError(f"recipe key {section}.{err.argument.split('[')[0]}: {err}") from None
     except (ValueError, TypeError) as err:  # not one argument's fault: the section's
         raise RecipeError(f"recipe section {section}: {err}") from None
+
+
+def _yaml_problem(err: BaseException) -> str:
+    """What YAML found wrong and where (1-based, as editors count), then what it was
+    parsing: the problem's own line, which a first line of the message leaves out."""
+    mark = getattr(err, "problem_mark", None)
+    if not isinstance(err, yaml.MarkedYAMLError) or mark is None:
+        return _first_line(err, lines=3)
+    where = lambda m: f"line {m.line + 1}, column {m.column + 1}"  # noqa: E731
+    text = f"{err.problem} at {where(mark)}"
+    if err.context and err.context_mark is not None:
+        text += f" ({err.context} at {where(err.context_mark)})"
+    return text
 
 
 def _first_line(err: BaseException, lines: int = 1) -> str:

@@ -198,6 +198,9 @@ MALFORMED = [
     ({"pruning": {"final_sparsity": 0.5}}, "pruning.final_sparsity=0.5", "a list of 'key=value' strings"),
     ({"pruning": {"final_sparsity": 0.5}}, ["pruning.final_sparsity=high"], "pruning.final_sparsity expects a float"),
     ("pruning: [unclosed", None, "is not valid YAML"),
+    # where the problem is, not only where the mapping it broke began ("line 1, column 1: qat:")
+    ("qat:\n  weights: int4\n group_size: 32\n", None, "is not valid YAML: expected <block end>, but found"
+     " '<block mapping start>' at line 3, column 2 (while parsing a block mapping at line 1, column 1)"),
     ("- pruning\n- qat\n", None, "must hold a mapping of sections"),
     ("just a string\n", None, "must hold a mapping of sections"),  # was "unknown recipe top-level section 'just a string'"
     ("root:x:0:0:root:/root:/bin/bash\n", None, "must hold a mapping of sections"),  # not a file's text echoed back
