@@ -20,7 +20,7 @@ from torch import nn
 from lightning_compress.callbacks.export import CompressedExport
 from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_checkpoint
 from lightning_compress.core.batches import as_steps_get_them
-from lightning_compress.core.filesystem import user_path
+from lightning_compress.core.filesystem import distributed_checkpoint_problem, user_path
 from lightning_compress.core.notes import add_note
 from lightning_compress.formats.export import ExportReport
 from lightning_compress.formats.target import first_held
@@ -41,7 +41,8 @@ def read_checkpoint(path: Union[str, os.PathLike], mmap: bool = False) -> Dict[s
     """
     path = user_path(path, "checkpoint")
     if path.is_dir():
-        raise RecipeError(f"checkpoint {str(path)!r} is a directory; pass the checkpoint file (a .ckpt) in it")
+        raise RecipeError(distributed_checkpoint_problem(path)
+                          or f"checkpoint {str(path)!r} is a directory; pass the checkpoint file (a .ckpt) in it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
     try:

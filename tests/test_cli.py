@@ -154,6 +154,22 @@ def test_export_from_the_checkpoint_reproduces_the_fit_export(fitted):
     assert_one_paragraph_error(default.stderr, "no output directory: pass -o/--output")
 
 
+@pytest.mark.parametrize("command", [["export", "--model", MODEL, "--checkpoint", "last.ckpt"], ["inspect", "last.ckpt"]])
+def test_a_distributed_checkpoint_folder_is_named_with_the_fix(tmp_path, command):
+    """ModelParallelStrategy's default checkpoint is a folder of .distcp files: export said
+    "pass the checkpoint file (a .ckpt) in it", which it does not hold, and inspect that it
+    was not a lightning-compress export."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"state_dict": {"net.0.weight": torch.randn(4, 4)}}, checkpoint_id=tmp_path / "last.ckpt")
+    result = run_cli(command, tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert_one_paragraph_error(result.stderr, "'last.ckpt' is a distributed checkpoint (a folder of .distcp files, one"
+                               " per rank, as ModelParallelStrategy saves by default), which is read only by a run"
+                               " with as many processes; save a single-file checkpoint with"
+                               " ModelParallelStrategy(save_distributed_checkpoint=False) to export or inspect it")
+
+
 def test_inspect_tables_of_the_packed_directory_and_the_checkpoint(fitted):
     cwd, _ = fitted
     params = 128 * 128 + 128 + 128 * 128 + 128 + 128 * 8 + 8

@@ -215,3 +215,15 @@ def user_path(path: str | os.PathLike, argument: str) -> Path:
     except RuntimeError:  # pathlib: "Could not determine home directory"
         raise ArgumentError(argument, f"`{argument}`={str(path)!r}: its leading ~ names no home directory on this"
                                       " machine; give the path in full") from None
+
+
+def distributed_checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the folder ``path`` cannot be read as a checkpoint file when it is a distributed
+    checkpoint (torch.distributed.checkpoint's ``.metadata`` and a ``.distcp`` file per
+    rank, as ``ModelParallelStrategy`` saves by default), naming the fix; else ``None``."""
+    if not (path / ".metadata").is_file():
+        return None
+    return (f"{str(path)!r} is a distributed checkpoint (a folder of .distcp files, one per rank, as"
+            " ModelParallelStrategy saves by default), which is read only by a run with as many processes; save a"
+            " single-file checkpoint with ModelParallelStrategy(save_distributed_checkpoint=False) to export or"
+            " inspect it")

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Union
 
 import torch
 
-from lightning_compress.core.filesystem import user_path
+from lightning_compress.core.filesystem import distributed_checkpoint_problem, user_path
 from lightning_compress.core.reporting import format_table
 from lightning_compress.formats.companions import verify_companions
 from lightning_compress.formats.errors import PackedFormatError
@@ -33,6 +33,9 @@ def inspect_path(path: Union[str, os.PathLike]) -> str:
     """The per-layer table and totals of a packed directory or a Lightning checkpoint."""
     path = user_path(path, "path")
     if path.is_dir():
+        problem = distributed_checkpoint_problem(path)
+        if problem is not None:
+            raise PackedFormatError(problem)
         return inspect_packed(path)
     if path.is_file():
         return inspect_checkpoint(path)
