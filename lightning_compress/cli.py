@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -34,6 +35,14 @@ USAGE_ERROR = 2
 COMMANDS = ("fit", "export", "inspect", "recipes", "sensitivity", "demo")
 # A checkpoint's stored recipe is data; this flag lets its dotted paths be imported and called.
 TRUST_FLAG = "--trust-checkpoint-recipe"
+
+
+def _import_from_the_working_directory() -> None:
+    """``--model my_model.Net`` finds ``./my_model.py``, as under ``python -m`` or a
+    LightningCLI script of one's own (a console script has its own folder on the path
+    instead); appended last, so the directory shadows no installed package."""
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -62,6 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail("lightning-compress", f"unknown command {command!r}; {hint}commands are {', '.join(COMMANDS)}")
     from lightning_compress.commands import state
 
+    _import_from_the_working_directory()
     state.reset()
     try:
         return handlers[command](rest)

@@ -170,6 +170,17 @@ def test_a_distributed_checkpoint_folder_is_named_with_the_fix(tmp_path, command
                                " ModelParallelStrategy(save_distributed_checkpoint=False) to export or inspect it")
 
 
+def test_fit_imports_the_model_from_a_file_in_the_working_directory(tmp_path):
+    """The console script put its own folder on the path, not the working directory:
+    `--model my_model.Net` for ./my_model.py was "No module named 'my_model'"."""
+    (tmp_path / "my_model.py").write_text("from tests.cli_models import RecipeMLP\n\n\nclass Net(RecipeMLP):\n    pass\n")
+    result = run_cli(["fit", "--recipe", "int8_qat", "--model", "my_model.Net", "--data", DATA,
+                      "--override", "export.dirpath=packed", "--trainer.max_steps", "2", "--trainer.logger", "false",
+                      "--trainer.enable_progress_bar", "false"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_metadata(tmp_path / "packed")["layers"]
+
+
 def test_inspect_tables_of_the_packed_directory_and_the_checkpoint(fitted):
     cwd, _ = fitted
     params = 128 * 128 + 128 + 128 * 128 + 128 + 128 * 8 + 8
