@@ -270,6 +270,19 @@ def test_bad_input_exits_2_with_one_paragraph(tmp_path, monkeypatch, capsys, arg
     assert_one_paragraph_error(capsys.readouterr().err, fragment)
 
 
+def test_sensitivity_refusing_a_layer_names_the_commands_fix_and_leaves_no_output_folder(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """It advised QAT's fix, an override the command does not have, and left -o made and empty."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    assert main(["sensitivity", "--model", MODEL, "--data", "tests.cli_models.RecipeData", "--group-size", "48",
+                 "-o", "sens"]) == 2
+    assert_one_paragraph_error(capsys.readouterr().err, "`group_size`=48 does not divide the input size 128 of layer"
+                               " 'net.0'; every layer is measured on one grid: leave it out (`exclude`, --exclude on"
+                               " the command line), or choose a `group_size` that divides it, or none")
+    assert not (tmp_path / "sens").exists()
+
+
 def test_help_exits_0_and_no_command_exits_2(capsys):
     assert main(["--help"]) == 0
     assert "lightning-compress fit" in capsys.readouterr().out

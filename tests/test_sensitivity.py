@@ -296,7 +296,8 @@ def test_ranking_names_what_was_not_measured(fragile):
 
 
 def test_layer_problems_name_the_layer():
-    with pytest.raises(ValueError, match=r"`group_size`=12 does not divide the input size 16 of layer 'a'"):
+    with pytest.raises(ValueError, match=r"`group_size`=12 does not divide the input size 16 of layer 'a'; every layer"
+                                         r" is measured on one grid: leave it out"):
         layer_sensitivity(_model(), _batches(), group_size=12)
     with pytest.raises(ValueError, match="pattern 'nope' matches no module"):
         layer_sensitivity(_model(), _batches(), targets=["nope"])

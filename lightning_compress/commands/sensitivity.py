@@ -92,11 +92,17 @@ def run_sensitivity(argv: List[str]) -> int:
     batches = list(itertools.islice(_loader(model, args.data, checkpoint), args.batches))
     if not batches:
         raise CommandError("the data gave no batches; check --data (its validation set may be empty)")
+    made = not output.exists()
     _check_writable(output)  # before the measurement, once nothing else can fail first
-    report = layer_sensitivity(
-        model, batches, bits=candidate_bits, sparsities=args.sparsity, group_size=args.group_size,
-        targets=_targets(args.targets), exclude=_targets(args.exclude), reference=args.reference,
-    )
+    try:
+        report = layer_sensitivity(
+            model, batches, bits=candidate_bits, sparsities=args.sparsity, group_size=args.group_size,
+            targets=_targets(args.targets), exclude=_targets(args.exclude), reference=args.reference,
+        )
+    except BaseException:
+        if made and not any(output.iterdir()):  # no empty -o folder left by a refusal or an interruption
+            output.rmdir()
+        raise
     print(report.table())
     print(f"wrote {report.write_csv(output / CSV_NAME)}")  # kept whatever the budget's choice says
     if report.plot(output / PLOT_NAME):
