@@ -405,9 +405,19 @@ def _convert(value: Any, annotation: Any, key: str, trusted: bool = True) -> Any
         raise RecipeError(f"recipe key {key}: {err}") from None
     except Mismatch:
         hint = "; quote it in YAML ('2:4'): unquoted, YAML reads 2:4 as the number 124" if isinstance(value, int) and text_only(annotation) else ""
+        if isinstance(value, str) and _reads_as_value(value):  # ${oc.env:...} is text, "0.6" included
+            hint = "; a value from an environment variable is text: read it as YAML with ${oc.decode:${oc.env:NAME}}"
         raise RecipeError(
             f"recipe key {key} expects {describe(annotation)}, got {value!r} ({type(value).__name__}){hint}"
         ) from None
+
+
+def _reads_as_value(text: str) -> bool:
+    """Whether YAML reads ``text`` as a number, bool or null rather than as text."""
+    try:
+        return not isinstance(yaml.safe_load(text), (str, dict, list))
+    except yaml.YAMLError:
+        return False
 
 
 def _instantiate(section: str, arguments: Dict[str, Any]) -> Callback:

@@ -420,3 +420,13 @@ def test_overrides_given_as_one_string_are_named_once():
         load_recipe("int8_qat", "qat.start_step=0.2")
     assert str(caught.value) == ("overrides must be a list of 'key=value' strings, got the single string"
                                  " 'qat.start_step=0.2': pass ['qat.start_step=0.2']")
+
+
+def test_a_number_from_an_environment_variable_names_oc_decode(monkeypatch):
+    monkeypatch.setenv("LC_TEST_SPARSITY", "0.6")
+    with pytest.raises(RecipeError, match=r"recipe key pruning.final_sparsity expects a float or null, got '0.6' \(str\);"
+                                          r" a value from an environment variable is text: read it as YAML with"
+                                          r" \$\{oc.decode:\$\{oc.env:NAME\}\}"):
+        load_recipe({"pruning": {"final_sparsity": "${oc.env:LC_TEST_SPARSITY}"}})
+    (pruning, _record) = from_recipe({"pruning": {"final_sparsity": "${oc.decode:${oc.env:LC_TEST_SPARSITY}}"}})
+    assert pruning.final_sparsity == 0.6
