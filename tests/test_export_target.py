@@ -266,23 +266,3 @@ def test_a_dirpath_holding_the_teacher_cache_is_refused_before_training(tmp_path
         trainer.fit(TinyRegressor(), tiny_loader(batches=2))
     assert steps.count == 0 and not out.exists()
 
-
-@pytest.mark.parametrize("overwrite", [True, False])
-def test_a_dirpath_holding_the_wandb_runs_is_refused_before_training(tmp_path, monkeypatch, overwrite):
-    """wandb writes its runs to <save_dir>/wandb, not to the logger's save_dir itself: an
-    export to ./wandb with overwrite=True deleted every offline run, this one's too."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for variable, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
-                            "WANDB_CONSOLE": "off"}.items():
-        monkeypatch.setenv(variable, value)
-    monkeypatch.chdir(tmp_path)
-    earlier = tmp_path / "wandb" / "offline-run-20261130_000000-earlier"
-    earlier.mkdir(parents=True)
-    (earlier / "run-earlier.wandb").write_bytes(b"kept")
-    steps = Steps()
-    trainer = make_trainer(max_steps=2, logger=WandbLogger(project="p"), callbacks=[
-        QuantizationAwareTraining("int8"), CompressedExport("wandb", overwrite=overwrite), steps])
-    with pytest.raises(ArgumentError, match=r"`dirpath` wandb holds WandbLogger's runs \(\./wandb\)"):
-        trainer.fit(TinyRegressor(), tiny_loader(batches=2))
-    assert steps.count == 0 and (earlier / "run-earlier.wandb").read_bytes() == b"kept"

@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,40 @@ def test_artifact_names_are_sanitized(tmp_path):
 def test_importing_the_package_does_not_import_wandb():
     code = "import sys, lightning_compress, lightning_compress.core.tracking; assert 'wandb' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_an_export_to_the_wandb_runs_folder_is_refused_before_training(wandb_env, overwrite):
+    """wandb writes its runs to <save_dir>/wandb, not to the logger's save_dir itself: an
+    export there with overwrite=True deleted every offline run, this one's too."""
+    from lightning_compress import ArgumentError, CompressedExport, QuantizationAwareTraining
+
+    runs = wandb_env / "runs" / "wandb"
+    earlier = runs / "offline-run-20261130_000000-earlier"
+    earlier.mkdir(parents=True)
+    (earlier / "run-earlier.wandb").write_bytes(b"kept")
+    trainer = make_trainer(max_steps=2, logger=wandb_logger(offline=True, save_dir=wandb_env / "runs", project="p"),
+                           callbacks=[QuantizationAwareTraining("int8"), CompressedExport(runs, overwrite=overwrite)])
+    model = TinyRegressor()
+    with pytest.raises(ArgumentError, match=rf"`dirpath` {runs} holds WandbLogger's runs \({runs}\)"):
+        trainer.fit(model, tiny_loader(batches=2))
+    assert trainer.global_step == 0 and (earlier / "run-earlier.wandb").read_bytes() == b"kept"
+
+
+def test_a_relative_save_dir_is_written_after_a_change_of_directory(wandb_env, monkeypatch):
+    """wandb's service, started by this process's first run, resolves a relative `dir`
+    against its own working directory: after a chdir the run's log went nowhere (the
+    sensitivity command's `-o out --wandb` in a process that had run W&B before)."""
+    (wandb_env / "first").mkdir()
+    (wandb_env / "second").mkdir()
+    monkeypatch.chdir(wandb_env / "first")
+    first = wandb_logger(save_dir="runs", project="p")
+    first.log_metrics({"a": 1.0})
+    first.experiment.finish()
+    monkeypatch.chdir(wandb_env / "second")
+    second = wandb_logger(save_dir="runs", project="p")
+    second.log_metrics({"b": 2.0})
+    run_dir = Path(second.experiment.dir).parent
+    second.experiment.finish()
+    assert run_dir.parent == wandb_env / "second" / "runs" / "wandb"
+    assert [row["b"] for row in read_offline_run(run_dir)["history"]] == [2.0]

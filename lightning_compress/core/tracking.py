@@ -47,7 +47,10 @@ def wandb_logger(project: str = "lightning-compress", save_dir: str | os.PathLik
         kwargs["offline"] = not online_configured()
     # wandb 0.18 (seen) writes the run to the system's temporary folder when ``dir`` does not exist.
     os.makedirs(save_dir, exist_ok=True)
-    return WandbLogger(project=project, save_dir=os.fspath(save_dir), **kwargs)
+    # Absolute: wandb's service process, started by the first run of this process, resolves
+    # a relative path against its own working directory, which a later chdir leaves behind
+    # (the run's files then went nowhere).
+    return WandbLogger(project=project, save_dir=os.path.abspath(save_dir), **kwargs)
 
 
 def online_configured() -> bool:
