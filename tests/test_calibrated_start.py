@@ -650,3 +650,21 @@ def test_a_layer_whose_forward_is_never_called_is_named_at_the_start(seeded):
                                          r"Exclude \['fc2'\]"):
         fit(FunctionalRegressor(), [smoothing], steps=2, loader=tiny_loader())
 
+
+
+def test_a_second_fit_with_the_same_gptq_settings_goes_on_from_the_trained_grid(seeded):
+    """The new callback took the quantizers over but built its calibrated start again:
+    GPTQ ran a second time on the trained weights, replacing the grid they trained on."""
+    model = llama()
+    layers = names(model, LINEAR_TARGETS)
+
+    def qat():
+        return QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=1, start_step=1,
+                                         targets=LINEAR_TARGETS)
+
+    fit(model, [qat()], steps=3)
+    trained = {name: quantized_weights(model)[name].scale.clone() for name in layers}
+    second = qat()
+    fit(model, [second], steps=3)
+    assert second._calibration.applied
+    assert all(torch.equal(quantized_weights(model)[name].scale, trained[name]) for name in layers)

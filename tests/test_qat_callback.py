@@ -538,8 +538,9 @@ def _float_copy(model):
 
 @pytest.mark.parametrize("change, message", [
     ({"weights": "int8", "group_size": None}, r"layer 'conv' has grid 'int4 g4 sym', this callback 'int8 channel sym';"
-     r" layer 'fc1' .*\. This callback would replace its trained grid with one that is off until training starts, so"
-     r" the validate would measure the float model; validate with the settings that trained it, or with no"),
+     r" layer 'fc1' .*\. This callback would put a new grid on those layers, off until training starts, so the"
+     r" validate would measure them in float; validate with the settings the model was quantized with and the same"
+     r" targets, from a checkpoint \(`ckpt_path`\), or with no"),
     ({"learn_ranges": False}, r"layer 'conv' has learn_ranges True, this callback False"),
     ({"activations": "int8_dynamic"}, r"layer 'conv' has activations 'int8_static', this callback 'int8_dynamic'"),
 ])
@@ -553,3 +554,83 @@ def test_validating_with_other_qat_settings_is_refused_and_leaves_the_trained_gr
         make_trainer(callbacks=[other]).validate(model, val, verbose=False)
     after = _trained_state(model)
     assert all(torch.equal(after[key], trained[key]) for key in trained)
+
+
+def _observers(model):
+    from lightning_compress.quant.activations import input_quantizer_of
+
+    return {n: input_quantizer_of(model.get_submodule(n)).state_dict() for n in LAYERS}
+
+
+def test_static_observers_are_taken_over_with_their_ranges(seeded):
+    model = TinyRegressor()
+    make_trainer(max_steps=4, callbacks=[QuantizationAwareTraining(**QAT_SETTINGS)]).fit(model, tiny_loader())
+    trained = _observers(model)
+    make_trainer(callbacks=[QuantizationAwareTraining(**QAT_SETTINGS)]).validate(model, tiny_loader(batches=1),
+                                                                             verbose=False)
+    after = _observers(model)
+    for name in LAYERS:
+        assert torch.equal(after[name]["low"], trained[name]["low"])
+        assert torch.equal(after[name]["high"], trained[name]["high"])
+        assert after[name]["calibrating"] == trained[name]["calibrating"]
+
+
+class RecurrentRegressor(TinyRegressor):
+    """A GRU between the conv and the head: weight-only under `activations` (no input quantizer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+
+    def forward(self, x):
+        h, _ = self.rnn(torch.relu(self.conv(x)).transpose(1, 2))
+        return self.fc2(torch.relu(self.fc1(h.transpose(1, 2).flatten(1))))
+
+
+def test_a_recurrent_layer_without_input_quantizer_is_taken_over_with_activations(seeded):
+    """QAT puts no input quantizer on a recurrent layer: its "activations None" was read as a
+    difference from the callback's, so an evaluation with the same settings was refused."""
+    settings = dict(weights="int4", group_size=4, activations="int8_dynamic", start_step=0)
+    model, val = RecurrentRegressor(), tiny_loader(batches=2, seed=3)
+    make_trainer(max_steps=3, callbacks=[QuantizationAwareTraining(**settings)]).fit(model, tiny_loader())
+    quantized = make_trainer().validate(model, val, verbose=False)[0]["val/loss"]
+    again = make_trainer(callbacks=[QuantizationAwareTraining(**settings)]).validate(model, val, verbose=False)
+    assert again[0]["val/loss"] == quantized
+
+
+def test_an_evaluation_of_a_model_quantized_on_fewer_layers_is_refused_naming_them(seeded):
+    """fc1 taken over, conv and fc2 new and off: the validate measured them in float."""
+    model = TinyRegressor()
+    make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8", targets=["fc1"])]).fit(
+        model, tiny_loader())
+    with pytest.raises(ValueError, match=r"from an earlier QuantizationAwareTraining: 'conv', 'fc2' hold none\. This"
+                                         r" callback would put a new grid on those layers"):
+        make_trainer(callbacks=[QuantizationAwareTraining("int8")]).validate(model, tiny_loader(batches=1))
+    assert quantized_weights(model).keys() == {"fc1"}
+
+
+def test_an_evaluation_from_a_checkpoint_is_not_refused_for_what_the_model_holds(tmp_path, seeded):
+    """The checkpoint restores this callback's grid: what the model in memory holds before is replaced."""
+    model = TinyRegressor()
+    trainer = make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8", start_step=0)])
+    trainer.fit(model, tiny_loader())
+    trainer.save_checkpoint(tmp_path / "int8.ckpt")
+    expected = make_trainer().validate(model, tiny_loader(batches=1), verbose=False)[0]["val/loss"]
+    make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int4", group_size=4, start_step=0)]).fit(
+        model, tiny_loader())
+    evaluated = make_trainer(callbacks=[QuantizationAwareTraining("int8", start_step=0)]).validate(
+        model, tiny_loader(batches=1), ckpt_path=tmp_path / "int8.ckpt", verbose=False)
+    assert evaluated[0]["val/loss"] == expected
+
+
+def test_a_round_to_nearest_model_is_named_as_such_when_refused(seeded):
+    from lightning_compress.quant import round_to_nearest
+
+    model = TinyRegressor()
+    round_to_nearest(model, QuantSpec(4, "group", 4))
+    with pytest.raises(ValueError, match=r"the model holds fake quantization from round_to_nearest: layer 'conv' has"
+                                         r" grid 'int4 g4 sym', this callback 'int8 channel sym'"):
+        make_trainer(callbacks=[QuantizationAwareTraining("int8")]).validate(model, tiny_loader(batches=1))
+    taken = make_trainer(callbacks=[QuantizationAwareTraining("int4", group_size=4)])
+    assert taken.validate(model, tiny_loader(batches=1), verbose=False)[0]["val/loss"] == make_trainer().validate(
+        model, tiny_loader(batches=1), verbose=False)[0]["val/loss"]

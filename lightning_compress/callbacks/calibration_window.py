@@ -52,6 +52,8 @@ class CalibrationWindow:
         """
         if self._start is not None and (self.applied or self._recorded_steps):
             return self._start  # decided by the run this one resumes
+        if self.applied:  # by the run whose quantizers a new callback took over: nothing to record
+            return requested
         if is_sharded_model(pl_module):
             raise ValueError(
                 f"{self.setting} is not supported under FSDP2 (`fully_shard`) yet: it rewrites whole weights at"

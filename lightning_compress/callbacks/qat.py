@@ -27,7 +27,7 @@ from lightning_compress.core.transforms import (
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver
 from lightning_compress.quant.calibrated_start import CalibratedStart, plan_calibrated_start
 from lightning_compress.quant.config import QATConfig, override_matches
-from lightning_compress.quant.quantizer_state import held_differences, held_quantizers, load_entry, quantizer_entry
+from lightning_compress.quant.quantizer_state import load_entry, put_back, quantizer_entry, take_over
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import WeightFakeQuantizer, attach_weight_quantizers
 
@@ -173,6 +173,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         self._restored = None
         self._ranges = SideOptimizer(self.range_lr)
         self._calibration: CalibrationWindow | None = None  # with `init`/`smoothing`
+        self._refused: Any = None  # an evaluation refused unless a checkpoint restores (quant.quantizer_state.TakeOver)
 
     @property
     def layer_specs(self) -> Dict[str, QuantSpec]:
@@ -197,7 +198,9 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         # Checked before anything is attached: a refused setting leaves the model as it was.
         mappings = plan_calibrated_start(pl_module, layers, specs, init=self.init, smoothing=self.smoothing,
                                          rules=self.mappings) if calibrated else []
-        taken = self._held_to_take_over(layers, specs, rivals, stage)
+        plan = take_over(layers, specs, rivals, stage=getattr(stage, "value", stage), calibrated=calibrated,
+                         learned=self.learn_ranges, weight_range=self.weight_range, activations=self.activations,
+                         observer=self.observer)  # quantizers of an earlier Trainer's QAT
         self._weight_quantizers = attach_weight_quantizers(
             layers, specs, self.learn_ranges, weight_range=self.weight_range,
             owner=self.owner_token, active_owners=rivals,
@@ -215,13 +218,21 @@ class QuantizationAwareTraining(LayerCompressionCallback):
                 self._add_input_quantizer(name, layer, rivals)
         if self.activations is not None:
             keep_padded_batches(pl_module)  # a padded eval batch must reach the quantizers as in training
-        for name, entry in taken.items():  # an earlier Trainer's QAT: its trained grid goes on
+        for name, entry in plan.entries.items():
             load_entry(self._weight_quantizers[name], self._input_quantizers.get(name), entry)
+        self._refused = plan if plan.refusal else None  # unless a checkpoint restores the grid (see restore)
         if calibrated:
             calibration = CalibratedStart(pl_module, layers, self._weight_quantizers, init=self.init,
                                           smoothing=self.smoothing, mappings=mappings)
             self._calibration = CalibrationWindow(calibration, self.calibration_batches, self._set_enabled)
+            self._calibration.applied = bool(plan.entries)  # by the run that trained those quantizers
         self.finish_install(pl_module)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._refuse_evaluation()
+
+    on_test_start = on_predict_start = on_validation_start
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -350,23 +361,14 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         )
         self._input_quantizers[name] = quantizer
 
-    def _held_to_take_over(self, layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec], rivals: set,
-                           stage: str) -> Dict[str, Dict[str, Any]]:
-        """The entries of the quantizers an earlier Trainer's QAT left on ``layers``, which
-        this callback goes on with where its settings are theirs; another ``fit`` with other
-        settings replaces them (a new stage), an evaluation is refused (it would measure the
-        float model and leave the trained grid replaced)."""
-        held, stage = held_quantizers(layers, rivals), getattr(stage, "value", stage)  # TrainerFn -> "validate"
-        differences = held_differences(held, specs, learned=self.learn_ranges, weight_range=self.weight_range,
-                                       activations=self.activations, observer=self.observer)
-        if differences and stage != "fit":
-            raise ValueError(
-                f"the model holds fake quantization from an earlier QuantizationAwareTraining: {'; '.join(differences)}."
-                f" This callback would replace its trained grid with one that is off until training starts, so the"
-                f" {stage} would measure the float model; {stage} with the settings that trained it, or with no"
-                " QuantizationAwareTraining callback (the trained fake quantization stays on the model)"
-            )
-        return {} if differences else {name: quantizer_entry(*pair) for name, pair in held.items()}
+    def _refuse_evaluation(self) -> None:
+        """An evaluation that would measure in float layers an earlier Trainer quantized:
+        the model gets its quantizers back, and the refusal is raised."""
+        plan, self._refused = self._refused, None
+        if plan is not None:
+            put_back(self._layers, plan.held)
+            self._reset()
+            raise ValueError(plan.refusal)
 
     def _weight_bits(self) -> float:
         """Mean bits of the quantized weights, weighted by each layer's parameter count."""
@@ -417,8 +419,9 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             )
         for name, entry in layers.items():
             load_entry(self._weight_quantizers[name], self._input_quantizers.get(name), entry)
-        for name, quantizer in self._input_quantizers.items():
+        for name, quantizer in self._input_quantizers.items():  # (a layer the checkpoint has no entry for too)
             quantizer.enabled = self._weight_quantizers[name].enabled
+        self._refused = None  # the checkpoint gave the grid an evaluation measures
         if "range_optimizer" in state:
             self._ranges.load_state_dict(state["range_optimizer"])
         if self._calibration is not None:

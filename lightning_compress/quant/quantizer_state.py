@@ -10,13 +10,21 @@ until training starts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 from torch import nn
 
 from lightning_compress.core.targeting import weight_param
-from lightning_compress.core.transforms import Stage, get_weight_transform
+from lightning_compress.core.transforms import (
+    Stage,
+    add_input_transform,
+    add_weight_transform,
+    get_weight_transform,
+    remove_input_transform,
+    remove_weight_transform,
+)
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver, input_quantizer_of
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import WeightFakeQuantizer
@@ -74,9 +82,10 @@ def held_quantizers(layers: Mapping[str, nn.Module], active_owners: set) -> Dict
 
 
 def held_differences(held: Mapping[str, Held], specs: Mapping[str, QuantSpec], *, learned: bool, weight_range: str,
-                     activations: str | None, observer: str) -> List[str]:
+                     activations: Mapping[str, str | None], observer: str) -> List[str]:
     """How the ``held`` quantizers differ from those a callback with these settings would
-    attach (``specs``: its grid per layer); at most four named, then a count."""
+    attach (``specs``: its grid per layer; ``activations``: its input quantization per
+    layer, ``None`` where it puts none); at most four named, then a count."""
     differences = []
     for name, (quantizer, inputs) in held.items():
         held_activations = (None if inputs is None else "int8_dynamic" if isinstance(inputs, DynamicTokenQuantizer)
@@ -84,12 +93,70 @@ def held_differences(held: Mapping[str, Held], specs: Mapping[str, QuantSpec], *
         settings = [("grid", quantizer.spec.describe(), specs[name].describe()),
                     ("learn_ranges", quantizer.learned, learned),
                     ("weight_range", quantizer.weight_range, weight_range),
-                    ("activations", held_activations, activations)]
-        if isinstance(inputs, StaticRangeObserver) and activations == "int8_static":
+                    ("activations", held_activations, activations[name])]
+        if isinstance(inputs, StaticRangeObserver) and activations[name] == "int8_static":
             settings.append(("observer", inputs.kind, observer))
         differences += [f"layer {name!r} has {setting} {theirs!r}, this callback {mine!r}"
                         for setting, theirs, mine in settings if theirs != mine]
     return differences[:4] + ([f"{len(differences) - 4} more"] if len(differences) > 4 else [])
 
 
-__all__ = ["quantizer_entry", "load_entry", "held_quantizers", "held_differences"]
+@dataclass
+class TakeOver:
+    """What a new QAT callback does with the quantizers ``layers`` hold (:func:`take_over`):
+    ``entries`` to go on with; ``held``, the quantizers found; and ``refusal``, for an
+    evaluation that cannot go on with them, the error to raise unless a checkpoint
+    restores the callback's grid first (only then is that known)."""
+
+    entries: Dict[str, Dict[str, Any]]
+    held: Dict[str, Held]
+    refusal: str | None = None
+
+
+def take_over(layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec], active_owners: set, *, stage: str,
+              calibrated: bool, learned: bool, weight_range: str, activations: str | None, observer: str) -> TakeOver:
+    """What a new QAT callback with these settings does with the quantizers ``layers``
+    hold from outside ``active_owners`` (an earlier Trainer's QAT, or ``round_to_nearest``):
+    goes on with all of them where their settings are its own (with a calibrated start,
+    ``calibrated``, applied once already, only when they cover every layer); otherwise
+    with none: a ``fit`` starts a new stage, and an evaluation (``stage`` other than
+    ``"fit"``), which would put a grid on those layers that is off until training starts
+    and measure them in float, is refused unless a checkpoint gives the grid (``refusal``).
+    """
+    held = held_quantizers(layers, active_owners)
+    inputs = {name: None if isinstance(layer, (nn.Embedding, nn.RNNBase)) else activations  # weight-only there
+              for name, layer in layers.items()}
+    differences = held_differences(held, specs, learned=learned, weight_range=weight_range, activations=inputs,
+                                   observer=observer)
+    unheld = [name for name in layers if name not in held]
+    going_on = not differences and not (calibrated and unheld)
+    entries = {name: quantizer_entry(*pair) for name, pair in held.items()} if going_on else {}
+    if not held or stage == "fit" or not (differences or unheld):
+        return TakeOver(entries, held)
+    owners = {getattr(quantizer, "owner", None) for quantizer, _ in held.values()}
+    source = "round_to_nearest" if owners == {"round_to_nearest"} else "an earlier QuantizationAwareTraining"
+    problems = differences + ([f"{', '.join(map(repr, unheld[:4]))}{' ...' if len(unheld) > 4 else ''} hold none"]
+                              if unheld else [])
+    return TakeOver(entries, held, (
+        f"the model holds fake quantization from {source}: {'; '.join(problems)}. This callback would put a new"
+        f" grid on those layers, off until training starts, so the {stage} would measure them in float; {stage}"
+        " with the settings the model was quantized with and the same targets, from a checkpoint (`ckpt_path`), or"
+        " with no QuantizationAwareTraining callback (its fake quantization stays on the model)"
+    ))
+
+
+def put_back(layers: Mapping[str, nn.Module], held: Mapping[str, Held]) -> None:
+    """Give ``layers`` the quantizers they ``held`` before a new callback attached its own
+    (none where they held none): the model as it was."""
+    for name, layer in layers.items():
+        param = weight_param(name, layer)
+        remove_weight_transform(layer, Stage.FAKE_QUANT, param)
+        remove_input_transform(layer, Stage.INPUT_QUANT)
+    for name, (quantizer, inputs) in held.items():
+        layer = layers[name]
+        add_weight_transform(layer, Stage.FAKE_QUANT, quantizer, weight_param(name, layer))
+        if inputs is not None and input_quantizer_of(layer) is None:  # one per layer (attention: q, k, v share it)
+            add_input_transform(layer, Stage.INPUT_QUANT, inputs)
+
+
+__all__ = ["TakeOver", "quantizer_entry", "load_entry", "held_quantizers", "held_differences", "take_over", "put_back"]
