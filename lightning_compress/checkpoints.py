@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
@@ -18,10 +19,10 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_compress.callbacks.export import CompressedExport
+from lightning_compress.callbacks.hooks import run_queued_only
 from lightning_compress.callbacks.recipe_record import RecipeRecord, recipe_in_checkpoint
 from lightning_compress.core.batches import as_steps_get_them
 from lightning_compress.core.filesystem import distributed_checkpoint_problem, user_path
-from lightning_compress.core.notes import add_note
 from lightning_compress.formats.export import ExportReport
 from lightning_compress.formats.target import first_held
 from lightning_compress.recipes import Recipe, RecipeError, load_recipe
@@ -110,7 +111,7 @@ def restore_from_checkpoint(
     checkpoint = dict(checkpoint)  # on_load_checkpoint hooks may add to it (LoRA puts NF4 bases back)
     for callback in callbacks:
         callback.setup(trainer, model, stage="validate")
-    _configure_model(model)
+    configure_model(model)
     model.on_load_checkpoint(checkpoint)
     load_weights(model, checkpoint)
     for callback in callbacks:
@@ -120,19 +121,24 @@ def restore_from_checkpoint(
     return model
 
 
-def _configure_model(model: pl.LightningModule) -> None:
-    """The module's ``configure_model``, as ``Trainer.validate`` calls it after the callbacks'
-    ``setup``: layers built there hold checkpoint weights, and callbacks queued work after
-    it (LoRA adapts a module that has one only then)."""
+def configure_model(model: pl.LightningModule) -> None:
+    """The module's ``configure_model``, as ``Trainer.validate`` calls it (after the
+    callbacks' ``setup``, when there are callbacks): layers built there hold checkpoint
+    weights, and callbacks queued work after it (LoRA adapts a module that has one only
+    then). On this one process there is no device mesh: a ``configure_model`` that fails
+    without one (it shards, as under ``ModelParallelStrategy``) is skipped with a warning,
+    and only the callbacks' queued work runs."""
     if not is_overridden("configure_model", model):
         return
     try:
         model.configure_model()
     except Exception as err:
-        add_note(err, "(lightning-compress restores a checkpoint on one CPU process and calls the module's"
-                      " configure_model there, as Trainer.validate does: one that shards the model must skip that"
-                      " when `self.device_mesh` is None)")
-        raise
+        if model.device_mesh is not None:
+            raise
+        warnings.warn(f"{type(model).__name__}.configure_model failed on this one process, which has no device mesh"
+                      f" ({type(err).__name__}: {err}); it was skipped, as sharding is: layers it builds are missing"
+                      " (let it return when `self.device_mesh` is None to skip it quietly)", UserWarning, stacklevel=2)
+        run_queued_only(model)
 
 
 def export_checkpoint(

@@ -41,6 +41,15 @@ def after_configure_model(pl_module: LightningModule, action: Callable[[], Any])
     queue.append(action)
 
 
+def run_queued_only(pl_module: LightningModule) -> None:
+    """Run the actions queued by :func:`after_configure_model` without the module's own
+    ``configure_model`` (one that needs what this process lacks, a device mesh)."""
+    if _QUEUE in vars(pl_module):
+        del pl_module.configure_model
+        for queued in pl_module.__dict__.pop(_QUEUE):
+            queued()
+
+
 def refuse_late_layers(callback: Any, pl_module: LightningModule) -> None:
     """After ``configure_model``: the layers ``callback`` targets now must be those it set
     up in ``setup``; a targeted layer built later would train uncompressed, unnoticed.

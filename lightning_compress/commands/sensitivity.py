@@ -175,7 +175,7 @@ def _import(path: str, option: str) -> Any:
 
 
 def _model(path: str, checkpoint_path: Optional[str]):
-    from lightning_compress.checkpoints import build_from_hyperparameters, load_weights, read_checkpoint
+    from lightning_compress.checkpoints import build_from_hyperparameters, configure_model, load_weights, read_checkpoint
     from lightning_compress.recipes import RecipeError
 
     model_class = _import(path, "--model")
@@ -188,6 +188,7 @@ def _model(path: str, checkpoint_path: Optional[str]):
         model = build_from_hyperparameters(model_class, checkpoint.get("hyper_parameters"), checkpoint=bool(checkpoint))
     except RecipeError as err:
         raise CommandError(f"--model {path}: {err}") from None
+    configure_model(model)  # as Trainer.validate calls it: layers built there are measured (and hold weights)
     if checkpoint:
         model.on_load_checkpoint(checkpoint)
         load_weights(model, checkpoint)
