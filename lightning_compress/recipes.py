@@ -188,7 +188,7 @@ def load_recipe(
     kept = {key: value for key, value in resolved.values.items() if key not in exclude}
     user_keys = None if trusted else _override_keys(overrides)
     try:
-        arguments = _validate(kept, user_keys)
+        arguments = _validate(kept, user_keys, set(resolved.expressions))
         config = _recorded(resolved)
         recipe = Recipe(config=config, source=origin, excluded=tuple(exclude), _arguments=arguments)
         # Out-of-range values fail now, in the callbacks' own validation; then combinations.
@@ -347,10 +347,12 @@ def _quote_if_text(item: str) -> str:
 
 
 # ---------------------------------------------------------------------- validation
-def _validate(resolved: Any, user_keys: Optional[set] = None) -> Dict[str, Dict[str, Any]]:
+def _validate(resolved: Any, user_keys: Optional[set] = None,
+              interpolated: set = frozenset()) -> Dict[str, Dict[str, Any]]:
     """Check every key against the schema; return the converted arguments by section.
 
-    ``user_keys`` (an untrusted recipe): nothing is imported except for these keys."""
+    ``user_keys`` (an untrusted recipe): nothing is imported except for these keys.
+    ``interpolated``: the keys whose values an interpolation (``${oc.env:...}``) gave."""
     schema = recipe_schema()
     unknown = [key for key in resolved if key not in schema and key != VARS_SECTION]
     if unknown:
@@ -374,7 +376,8 @@ def _validate(resolved: Any, user_keys: Optional[set] = None) -> Dict[str, Dict[
             if key not in fields:
                 raise RecipeError(_unknown_key(f"{section}.{key}", list(fields), "key"))
             name = f"{section}.{key}"
-            converted[key] = _convert(value, fields[key].annotation, name, user_keys is None or name in user_keys)
+            converted[key] = _convert(value, fields[key].annotation, name, user_keys is None or name in user_keys,
+                                      name in interpolated)
         missing = [name for name, spec in fields.items() if spec.required and name not in values]
         if missing:
             raise RecipeError(f"recipe key {section}.{missing[0]} is required; set it in the recipe")
@@ -392,7 +395,7 @@ def _unknown_key(key: str, names: List[str], kind: str) -> str:
     return f"{message}; {'valid keys of ' + section if section else 'valid sections'} are {names}"
 
 
-def _convert(value: Any, annotation: Any, key: str, trusted: bool = True) -> Any:
+def _convert(value: Any, annotation: Any, key: str, trusted: bool = True, interpolated: bool = False) -> Any:
     try:
         return coerce(value, annotation, trusted=trusted)
     except UntrustedImport as err:
@@ -406,7 +409,8 @@ def _convert(value: Any, annotation: Any, key: str, trusted: bool = True) -> Any
     except Mismatch:
         hint = "; quote it in YAML ('2:4'): unquoted, YAML reads 2:4 as the number 124" if isinstance(value, int) and text_only(annotation) else ""
         if isinstance(value, str) and _reads_as_value(value):  # ${oc.env:...} is text, "0.6" included
-            hint = "; a value from an environment variable is text: read it as YAML with ${oc.decode:${oc.env:NAME}}"
+            hint = ("; a value from an environment variable is text: read it as YAML with ${oc.decode:${oc.env:NAME}}"
+                    if interpolated else "; it is quoted, so YAML reads it as text: remove the quotes")
         raise RecipeError(
             f"recipe key {key} expects {describe(annotation)}, got {value!r} ({type(value).__name__}){hint}"
         ) from None

@@ -430,3 +430,6 @@ def test_a_number_from_an_environment_variable_names_oc_decode(monkeypatch):
         load_recipe({"pruning": {"final_sparsity": "${oc.env:LC_TEST_SPARSITY}"}})
     (pruning, _record) = from_recipe({"pruning": {"final_sparsity": "${oc.decode:${oc.env:LC_TEST_SPARSITY}}"}})
     assert pruning.final_sparsity == 0.6
+    with pytest.raises(RecipeError, match=r"got '0.6' \(str\); it is quoted, so YAML reads it as text: remove the"
+                                          r" quotes$"):
+        load_recipe({"pruning": {"final_sparsity": "0.6"}})  # as `final_sparsity: '0.6'` in a file
