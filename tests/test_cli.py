@@ -279,7 +279,8 @@ def test_sensitivity_refusing_a_layer_names_the_commands_fix_and_leaves_no_outpu
                  "-o", "sens"]) == 2
     assert_one_paragraph_error(capsys.readouterr().err, "`group_size`=48 does not divide the input size 128 of layer"
                                " 'net.0'; every layer is measured on one grid: leave it out (`exclude`, --exclude on"
-                               " the command line), or choose a `group_size` that divides it, or none")
+                               " the command line), or choose a `group_size` that divides it (e.g. 64), or none"
+                               " (one scale per output channel)")
     assert not (tmp_path / "sens").exists()
 
 

@@ -45,19 +45,26 @@ def group_width(matrix_shape: torch.Size | tuple, spec: QuantSpec) -> int:
     return matrix_shape[0] * matrix_shape[1]
 
 
-def check_divisible(name: str, weight: Tensor, spec: QuantSpec) -> None:
-    """Raise ``ValueError`` naming the layer when ``group_size`` does not divide its rows."""
+def check_divisible(name: str, weight: Tensor, spec: QuantSpec, one_grid: bool = False) -> None:
+    """Raise ``ValueError`` naming the layer when ``group_size`` does not divide its rows,
+    with the fix: another grid for the layer (an override), or, with ``one_grid`` (every
+    layer on the same grid, as the sensitivity analysis measures), another for all."""
     if spec.granularity != "group":
         return
     # From the shape alone: an NF4 base (QLoRA) has no float view to reshape.
     width = math.prod(weight.shape[1:])
     if width % spec.group_size:
         divisors = [g for g in (256, 128, 64, 32, 16, 8) if width % g == 0]
-        fix = f"use group_size={divisors[0]}" if divisors else "use granularity='channel'"
-        raise ValueError(
-            f"`group_size`={spec.group_size} does not divide the input size {width} of layer"
-            f" {name!r}; {fix} for it with an override, or add it to `exclude`"
-        )
+        if one_grid:
+            smaller = [g for g in divisors if g < width]
+            other = f"a `group_size` that divides it (e.g. {smaller[0]}), or none" if smaller else "no `group_size`"
+            fix = ("every layer is measured on one grid: leave it out (`exclude`, --exclude on the command line), or"
+                   f" choose {other} (one scale per output channel)")
+        else:
+            fix = (f"use group_size={divisors[0]}" if divisors else "use granularity='channel'") + \
+                " for it with an override, or add it to `exclude`"
+        raise ValueError(f"`group_size`={spec.group_size} does not divide the input size {width} of layer"
+                         f" {name!r}; {fix}")
 
 
 def choose_qparams(

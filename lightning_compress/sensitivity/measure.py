@@ -383,14 +383,7 @@ def _check_layers(layers: Mapping[str, nn.Module], specs: Mapping[int, QuantSpec
     for key, layer in layers.items():
         param = weight_param(key, layer)
         for spec in specs.values():
-            try:
-                check_divisible(key, layer._parameters[param], spec)
-            except ValueError as err:  # its fix (an override for the layer) is QAT's: here one grid for all
-                raise ValueError(
-                    f"{str(err).split(';')[0]}; every layer is measured on one grid: leave it out (`exclude`,"
-                    " --exclude on the command line), or choose a `group_size` that divides it, or none (one scale"
-                    " per output channel)"
-                ) from None
+            check_divisible(key, layer._parameters[param], spec, one_grid=True)
         for stage, needed in ((Stage.FAKE_QUANT, bool(specs)), (Stage.MASK, prune)):
             if needed and get_weight_transform(layer, stage, param) is not None:
                 raise ValueError(
