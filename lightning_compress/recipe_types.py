@@ -19,6 +19,8 @@ from typing import Any, Union
 
 import torch
 
+from lightning_compress.core.validate import dtype_of
+
 
 class ImportPathError(ValueError):
     """A dotted import path that does not import."""
@@ -91,7 +93,7 @@ def _coerce(value: Any, tp: Any, trusted: bool, or_text: bool) -> Any:
     if tp is str or tp is os.PathLike or tp is Path or origin is os.PathLike:
         return _exact(value, str)
     if tp is torch.dtype:
-        dtype = getattr(torch, value, None) if isinstance(value, str) else None
+        dtype = dtype_of(value) if isinstance(value, str) else None  # "bfloat16" or "torch.bfloat16"
         if not isinstance(dtype, torch.dtype):
             raise Mismatch
         return dtype

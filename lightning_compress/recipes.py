@@ -416,8 +416,7 @@ def _convert(value: Any, annotation: Any, key: str, trusted: bool = True, interp
         ) from None
 
 
-def _reads_as_value(text: str) -> bool:
-    """Whether YAML reads ``text`` as a number, bool or null rather than as text."""
+def _reads_as_value(text: str) -> bool:  # as a number, bool or null, not as text
     try:
         return not isinstance(yaml.safe_load(text), (str, dict, list))
     except yaml.YAMLError:

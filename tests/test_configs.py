@@ -126,7 +126,8 @@ def test_dtypes_are_taken_as_torch_dtypes_or_their_names():
     """scale_dtype refused torch.float16 and teacher_dtype refused "bfloat16" (LoRA's
     compute_dtype took both): one argument, two spellings, each accepted by one callback."""
     by_dtype = QuantizationAwareTraining("int4", group_size=32, scale_dtype=torch.float16)
-    assert by_dtype.config == QuantizationAwareTraining("int4", group_size=32, scale_dtype="float16").config
+    for spelling in ("float16", "torch.float16"):
+        assert by_dtype.config == QuantizationAwareTraining("int4", group_size=32, scale_dtype=spelling).config
     assert by_dtype.config.spec.scale_dtype == "float16"
     for spelling in ("bfloat16", "torch.bfloat16", torch.bfloat16):
         assert KnowledgeDistillation(TEACHER, teacher_dtype=spelling).teacher_dtype is torch.bfloat16

@@ -433,3 +433,10 @@ def test_a_number_from_an_environment_variable_names_oc_decode(monkeypatch):
     with pytest.raises(RecipeError, match=r"got '0.6' \(str\); it is quoted, so YAML reads it as text: remove the"
                                           r" quotes$"):
         load_recipe({"pruning": {"final_sparsity": "0.6"}})  # as `final_sparsity: '0.6'` in a file
+
+
+@pytest.mark.parametrize("spelling", ["bfloat16", "torch.bfloat16"])
+def test_a_recipe_takes_a_teacher_dtype_as_python_does(spelling):
+    """The recipe refused "torch.bfloat16", which KnowledgeDistillation itself takes."""
+    (kd, _record) = from_recipe({"distillation": {"teacher": "self", "teacher_dtype": spelling}})
+    assert kd.teacher_dtype is torch.bfloat16

@@ -134,23 +134,24 @@ def _describe_range(low, high, low_open, high_open) -> str:
     return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
-def dtype_name(value: Any) -> Any:
-    """``torch.bfloat16`` as ``"bfloat16"`` (the spelling recipes use); any other value as
-    it is, for the caller to check."""
-    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+def dtype_spelled(value: Any) -> Any:
+    """``torch.bfloat16`` (or ``"torch.bfloat16"``) as ``"bfloat16"``, the spelling recipes
+    use; any other value as it is, for the caller to check."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return value.removeprefix("torch.") if isinstance(value, str) else value
 
 
-def named_dtype(value: Any) -> Any:
+def dtype_of(value: Any) -> Any:
     """``"bfloat16"`` (or ``"torch.bfloat16"``) as ``torch.bfloat16``; any other value as it
     is, for the caller to check."""
-    if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
-        return getattr(torch, value.removeprefix("torch."))
-    return value
+    found = getattr(torch, dtype_spelled(value), None) if isinstance(value, str) else None
+    return found if isinstance(found, torch.dtype) else value
 
 
 __all__ = [
-    "dtype_name",
-    "named_dtype",
+    "dtype_spelled",
+    "dtype_of",
     "ArgumentError",
     "plain_values",
     "is_number",

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.targeting import validate_name
 from lightning_compress.core.validate import (
-    ArgumentError, check_callable, check_choice, check_number, check_positive, is_int, is_number, named_dtype,
+    ArgumentError, check_callable, check_choice, check_number, check_positive, is_int, is_number, dtype_of,
 )
 from lightning_compress.distill.capture import check_features
 from lightning_compress.distill.losses import LOSSES, TOP_K_LOSSES
@@ -73,7 +73,7 @@ class DistillationConfig:
             )
         check_callable("teacher_inputs", self.teacher_inputs, what="a callable batch -> args tuple (or tensor), or None")
         check_callable("mask_fn", self.mask_fn, what="a callable batch -> bool tensor of the output positions, or None")
-        dtype = named_dtype(self.teacher_dtype)  # "bfloat16" (a recipe's spelling) as torch.bfloat16
+        dtype = dtype_of(self.teacher_dtype)  # "bfloat16" (a recipe's spelling) as torch.bfloat16
         object.__setattr__(self, "teacher_dtype", dtype)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ArgumentError(

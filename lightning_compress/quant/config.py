@@ -11,7 +11,7 @@ from torch import nn
 from lightning_compress.core.incompatible import LayerIssue, check_on_incompatible, compressed_weight
 from lightning_compress.core.schedule import StepLike, validate_step
 from lightning_compress.core.targeting import Target, validate_name, validate_targets
-from lightning_compress.core.validate import ArgumentError, check_bool, check_choice, check_int, check_positive, dtype_name
+from lightning_compress.core.validate import ArgumentError, check_bool, check_choice, check_int, check_positive, dtype_spelled
 from lightning_compress.quant.activations import ACTIVATION_MODES, OBSERVERS
 from lightning_compress.quant.fake_quant import check_divisible
 from lightning_compress.quant.gptq import gptq_issue, gptq_issue_message
@@ -92,7 +92,7 @@ class QATConfig:
         return None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale_dtype", dtype_name(self.scale_dtype))  # torch.float16 as "float16"
+        object.__setattr__(self, "scale_dtype", dtype_spelled(self.scale_dtype))  # torch.float16 as "float16"
         bits = parse_bits("weights", self.weights)
         granularity = self.granularity
         if granularity is None:

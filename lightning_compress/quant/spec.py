@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from lightning_compress.core.validate import ArgumentError, dtype_name
+from lightning_compress.core.validate import ArgumentError, dtype_spelled
 
 GRANULARITIES = ("tensor", "channel", "group")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
@@ -58,7 +58,7 @@ class QuantSpec:
             )
         if not isinstance(self.symmetric, bool):
             raise ArgumentError("symmetric", f"`symmetric` must be True or False, got {self.symmetric!r}")
-        object.__setattr__(self, "scale_dtype", dtype_name(self.scale_dtype))  # torch.float16 as "float16"
+        object.__setattr__(self, "scale_dtype", dtype_spelled(self.scale_dtype))  # torch.float16 as "float16"
         if self.scale_dtype not in SCALE_DTYPES:
             raise ArgumentError("scale_dtype", f"unknown `scale_dtype` {self.scale_dtype!r}; choose one of {SCALE_DTYPES}")
 
