@@ -334,8 +334,10 @@ def _run_folders(trainer: Trainer) -> dict:
         folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if folder:
             kept[f"{type(logger).__name__}'s folder"] = folder
-        if isinstance(logger, WandbLogger):  # wandb writes every run (offline ones to sync later) under <dir>/wandb
-            kept["WandbLogger's runs"] = os.path.join(logger.save_dir or os.environ.get("WANDB_DIR") or ".", "wandb")
+        if isinstance(logger, WandbLogger):  # every run (offline ones to sync later) under <dir>/wandb, or .wandb
+            root = logger.save_dir or os.environ.get("WANDB_DIR") or "."
+            hidden = os.path.join(root, ".wandb")
+            kept["WandbLogger's runs"] = hidden if os.path.isdir(hidden) else os.path.join(root, "wandb")
     for callback in trainer.callbacks:  # a distillation teacher cache on disk
         config = getattr(callback, "config", None)
         if getattr(config, "cache", None) == "disk" and getattr(config, "cache_dir", None):

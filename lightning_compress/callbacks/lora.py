@@ -306,7 +306,7 @@ class LoRA(CompressionCallback):
             ArgumentError: ``peft_root`` or ``modules_to_save`` cannot be written (checked before training too)
             ValueError: the adapters are merged, not set up yet, or taken over by another LoRA callback
         """
-        check_on_model(self._adapters, self._merged, "save",
+        check_on_model(self._adapters, self._merged, "save", "save before merging",
                        "save before merging, or with the LoRA callback that took them over")
         return save_adapters(self._checked_peft_root(), directory, self.config, only=self._adapters.values())
 

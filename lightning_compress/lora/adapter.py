@@ -199,9 +199,10 @@ def adapter_of(layer: nn.Module) -> LoRAAdapter | None:
     return adapter if isinstance(adapter, LoRAAdapter) else None
 
 
-def check_on_model(adapters: Dict[str, LoRAAdapter], merged: list, action: str, fix: str) -> None:
+def check_on_model(adapters: Dict[str, LoRAAdapter], merged: list, action: str, fix: str,
+                   fix_replaced: str | None = None) -> None:
     """Refuse to ``action`` (merge, save) one LoRA callback's ``adapters`` that are no longer
-    on the model, naming why and ``fix``.
+    on the model, naming why and ``fix`` (``fix_replaced`` for adapters replaced on it).
 
     Raises:
         ValueError: none set up yet, merged already (``merged`` names the layers), or
@@ -214,7 +215,7 @@ def check_on_model(adapters: Dict[str, LoRAAdapter], merged: list, action: str, 
         raise ValueError(f"LoRA has no adapters to {action} yet: {action} after fit (or validate/test) has set them up")
     if any(adapter_of(adapter.layer) is not adapter for adapter in adapters.values()):
         raise ValueError("this LoRA's adapters are no longer on the model: merged already, or taken over by a later"
-                         f" Trainer's LoRA callback; {fix}")
+                         f" Trainer's LoRA callback; {fix_replaced or fix}")
 
 
 def adapter_shapes(layer: nn.Module, r: int) -> tuple:
