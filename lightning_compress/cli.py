@@ -71,7 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail("lightning-compress", f"unknown command {command!r}; {hint}commands are {', '.join(COMMANDS)}")
     from lightning_compress.commands import state
 
-    _import_from_the_working_directory()
+    if command in ("fit", "export", "sensitivity"):  # the commands that import the user's classes
+        _import_from_the_working_directory()
     state.reset()
     try:
         return handlers[command](rest)
