@@ -263,12 +263,16 @@ def test_an_export_to_the_wandb_runs_folder_is_refused_before_training(wandb_env
     earlier = runs / "offline-run-20261130_000000-earlier"
     earlier.mkdir(parents=True)
     (earlier / "run-earlier.wandb").write_bytes(b"kept")
-    trainer = make_trainer(max_steps=2, logger=wandb_logger(offline=True, save_dir=wandb_env / "runs", project="p"),
-                           callbacks=[QuantizationAwareTraining("int8"), CompressedExport(runs, overwrite=overwrite)])
-    model = TinyRegressor()
-    with pytest.raises(ArgumentError, match=rf"`dirpath` {runs} holds WandbLogger's runs \({runs}\)"):
-        trainer.fit(model, tiny_loader(batches=2))
-    assert trainer.global_step == 0 and (earlier / "run-earlier.wandb").read_bytes() == b"kept"
+    for dirpath, message in [(runs, rf"`dirpath` {runs} holds WandbLogger's runs \({runs}\)"),
+                             (earlier, rf"`dirpath` {earlier} lies in WandbLogger's runs \({runs}\), whose folders"),
+                             (runs / "latest-run", r"lies in WandbLogger's runs")]:  # wandb links it to this run
+        logger = wandb_logger(offline=True, save_dir=wandb_env / "runs", project="p")
+        trainer = make_trainer(max_steps=2, logger=logger, callbacks=[
+            QuantizationAwareTraining("int8"), CompressedExport(dirpath, overwrite=overwrite)])
+        with pytest.raises(ArgumentError, match=message):
+            trainer.fit(TinyRegressor(), tiny_loader(batches=2))
+        wandb.finish()
+        assert trainer.global_step == 0 and (earlier / "run-earlier.wandb").read_bytes() == b"kept"
 
 
 def test_a_relative_save_dir_is_written_after_a_change_of_directory(wandb_env, monkeypatch):

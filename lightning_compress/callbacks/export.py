@@ -167,7 +167,7 @@ class CompressedExport(CompressionCallback):
                 raise missing
             check_export_target(self.dirpath, self.overwrite)  # a file, an unwritable folder
             # Before the existence check: a logger writing inside `dirpath` made it exist.
-            check_keeps_apart(self.dirpath, _run_folders(trainer), self.overwrite)
+            check_keeps_apart(self.dirpath, _run_folders(trainer), self.overwrite, _wandb_runs(trainer))
             if self.dirpath.exists() and not self.overwrite:
                 raise FileExistsError(
                     f"CompressedExport: {self.dirpath} already exists; choose another `dirpath` or pass"
@@ -187,7 +187,7 @@ class CompressedExport(CompressionCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         # Again after every callback's setup, where a ModelCheckpoint without a dirpath decides it.
-        check_keeps_apart(self.dirpath, _run_folders(trainer), self.overwrite)
+        check_keeps_apart(self.dirpath, _run_folders(trainer), self.overwrite, _wandb_runs(trainer))
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -334,12 +334,20 @@ def _run_folders(trainer: Trainer) -> dict:
         folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if folder:
             kept[f"{type(logger).__name__}'s folder"] = folder
-        if isinstance(logger, WandbLogger):  # every run (offline ones to sync later) under <dir>/wandb, or .wandb
-            root = logger.save_dir or os.environ.get("WANDB_DIR") or "."
-            hidden = os.path.join(root, ".wandb")
-            kept["WandbLogger's runs"] = hidden if os.path.isdir(hidden) else os.path.join(root, "wandb")
     for callback in trainer.callbacks:  # a distillation teacher cache on disk
         config = getattr(callback, "config", None)
         if getattr(config, "cache", None) == "disk" and getattr(config, "cache_dir", None):
             kept[f"{type(callback).__name__}'s cache_dir"] = config.cache_dir
     return kept
+
+
+def _wandb_runs(trainer: Trainer) -> dict:
+    """The folders its ``WandbLogger`` writes every run to (offline ones waiting for
+    ``wandb sync`` too): ``<save_dir>/wandb``, or ``.wandb`` where wandb would use that."""
+    runs = {}
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            root = logger.save_dir or os.environ.get("WANDB_DIR") or "."
+            hidden = os.path.join(root, ".wandb")
+            runs["WandbLogger's runs"] = hidden if os.path.isdir(hidden) else os.path.join(root, "wandb")
+    return runs

@@ -74,16 +74,26 @@ def check_export_target(dirpath: str | os.PathLike, overwrite: bool) -> None:
         )
 
 
-def check_keeps_apart(dirpath: str | os.PathLike, kept: Mapping[str, str | os.PathLike], overwrite: bool) -> None:
+def check_keeps_apart(dirpath: str | os.PathLike, kept: Mapping[str, str | os.PathLike], overwrite: bool,
+                      owned: Optional[Mapping[str, str | os.PathLike]] = None) -> None:
     """Refuse a ``dirpath`` that is or holds a path the run writes itself (``kept``, what
     each is -> its path: a ModelCheckpoint's folder), existing yet or not: the export at
     the end replaces ``dirpath`` whole with ``overwrite=True``, deleting it, and without
-    ``overwrite`` finds ``dirpath`` made by it and cannot write there.
+    ``overwrite`` finds ``dirpath`` made by it and cannot write there. A ``dirpath`` inside
+    a folder of ``owned`` (W&B's runs, each a folder of its own) is refused too.
 
     Raises:
-        ArgumentError: (naming ``dirpath``) which path it holds.
+        ArgumentError: (naming ``dirpath``) which path it holds, or lies in.
     """
-    held = first_held(dirpath, kept)
+    target = Path(os.path.realpath(os.path.expanduser(dirpath)))
+    for what, path in (owned or {}).items():
+        if Path(os.path.realpath(os.path.expanduser(path))) in target.parents:
+            raise ArgumentError(
+                "dirpath",
+                f"CompressedExport: `dirpath` {dirpath} lies in {what} ({path}), whose folders are its own (runs"
+                f" waiting for `wandb sync`, `latest-run`, this run's): {_ELSEWHERE}{_CHECKED}",
+            )
+    held = first_held(dirpath, {**kept, **(owned or {})})
     if held is not None:
         what, path = held
         fate = ("which overwrite=True would delete with the folder it replaces at the end of the run" if overwrite
