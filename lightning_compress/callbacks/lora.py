@@ -19,7 +19,7 @@ from lightning_compress.callbacks.compatibility import settle_layers
 from lightning_compress.callbacks.hooks import after_configure_model, overrides_configure_model
 from lightning_compress.core.attention import out_proj_owner
 from lightning_compress.core.incompatible import LayerIssue
-from lightning_compress.core.sharding import full, is_shard
+from lightning_compress.core.sharding import full, is_shard, saves_distributed_checkpoint
 from lightning_compress.core.targeting import close_names_hint, match_modules
 from lightning_compress.core.transforms import is_bound
 from lightning_compress.core.validate import ArgumentError
@@ -212,8 +212,9 @@ class LoRA(CompressionCallback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
         # NF4 bases (which Lightning's loader cannot map to a device) and, with
         # `adapter_only_checkpoints`, every frozen weight stay out: they are rebuilt from
-        # the user's module, and a fingerprint proves they are the same on resume.
-        if self._adapters:
+        # the user's module, and a fingerprint proves they are the same on resume. Not from
+        # a distributed checkpoint, which torch.distributed.checkpoint loads whole first.
+        if self._adapters and not saves_distributed_checkpoint(trainer):
             for key in self._dropped_keys:
                 checkpoint["state_dict"].pop(key, None)
 
@@ -228,7 +229,7 @@ class LoRA(CompressionCallback):
             return
         self._check_compatible(state)
         dropped = state.get("dropped_keys") or []
-        if not dropped:
+        if not dropped or "state_dict" not in checkpoint:  # a distributed checkpoint: loaded whole by the strategy
             return
         if state.get("base_fingerprint") != self._base_fingerprint(dropped):
             raise ValueError(

@@ -65,6 +65,16 @@ def shard_like(value: Tensor, like: Tensor) -> Tensor:
     return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
+def saves_distributed_checkpoint(trainer: object) -> bool:
+    """Whether ``trainer`` saves Lightning's distributed checkpoint (a folder of shards,
+    ``ModelParallelStrategy``'s default), which torch.distributed.checkpoint loads into
+    the whole model before any hook sees the checkpoint."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    return isinstance(strategy, ModelParallelStrategy) and bool(getattr(strategy, "_save_distributed_checkpoint", True))
+
+
 def is_sharded_model(module: nn.Module) -> bool:
     """Whether ``fully_shard`` was applied to ``module`` or anything under it."""
     return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in module.modules())

@@ -200,10 +200,11 @@ def fit(mode, out_dir, devices, *, ckpt_path=None, stop_at=None, distributed_che
 def run(mode, out_dir):
     out_dir.mkdir(exist_ok=True)
     if mode.startswith("resume"):  # stop after epoch 1, then resume in a new Trainer
-        distributed = mode == "resume-sharded"
+        distributed = mode in ("resume-sharded", "resume-qlora-sharded")
+        method = "qlora" if "qlora" in mode else "resumed"  # (the stack without an export)
         checkpoint = out_dir / ("stopped.ckpt" if not distributed else "stopped")
-        fit("resumed", out_dir, 2, stop_at=checkpoint, distributed_checkpoint=distributed)
-        return fit("resumed", out_dir, 2, ckpt_path=checkpoint, distributed_checkpoint=distributed)
+        fit(method, out_dir, 2, stop_at=checkpoint, distributed_checkpoint=distributed)
+        return fit(method, out_dir, 2, ckpt_path=checkpoint, distributed_checkpoint=distributed)
     if mode in REFUSED:
         try:
             fit(mode, out_dir, 2)
