@@ -59,6 +59,25 @@ def read_checkpoint(path: Union[str, os.PathLike], mmap: bool = False) -> Dict[s
     return checkpoint
 
 
+def read_checkpoint_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """What a checkpoint holds besides the weights and optimizer states (the recipe, the
+    callbacks' state, the hyperparameters): from the file, or from ``meta.pt`` in the
+    folder of a distributed checkpoint (``ModelParallelStrategy``'s default), where
+    Lightning keeps them.
+
+    Raises:
+        FileNotFoundError, RecipeError: as :func:`read_checkpoint`.
+    """
+    folder = user_path(path, "checkpoint")
+    if distributed_checkpoint_problem(folder) is None:
+        return read_checkpoint(path, mmap=True)
+    try:
+        return dict(torch.load(folder / "meta.pt", map_location="cpu", weights_only=True))
+    except Exception as err:
+        raise RecipeError(f"the distributed checkpoint {str(folder)!r} has no readable meta.pt ({type(err).__name__}:"
+                          f" {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
 def load_weights(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
     """``model.load_state_dict`` of the checkpoint's weights.
 

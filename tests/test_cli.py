@@ -104,6 +104,28 @@ def test_fit_runs_ddp_on_two_processes(tmp_path):
     assert read_metadata(tmp_path / "packed")["recipe"]["qat"] == {"weights": "int4", "group_size": 32, "start_step": 0.5}
 
 
+def test_fit_resumes_a_distributed_checkpoint_with_the_recipe_it_stores(tmp_path):
+    """ModelParallelStrategy's checkpoint is a folder; its recipe is in meta.pt, which
+    `fit --ckpt_path` without --recipe did not read ("is a distributed checkpoint ...")."""
+    (tmp_path / "r.yaml").write_text("qat:\n  weights: int4\n  group_size: 4\n")
+    common = ["--model", "tests.scripts.fsdp_run.Sharded", "--data", "tests.scripts.fsdp_run.Data",
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+              "--trainer.devices", "2", "--trainer.strategy", "ModelParallelStrategy",
+              "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1",
+              "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=ckpt",
+              "--trainer.callbacks.save_last=true"]
+    first = run_cli(["fit", "--recipe", "r.yaml", "--trainer.max_epochs", "1", *common], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "last.ckpt" / "meta.pt").is_file()  # a folder of shards
+    steps = torch.load(tmp_path / "ckpt" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"]
+    resumed = run_cli(["fit", "--ckpt_path", "ckpt/last.ckpt", "--trainer.max_epochs", "2", *common], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming with the recipe stored in ckpt/last.ckpt" in resumed.stdout
+    meta = torch.load(tmp_path / "ckpt" / "last.ckpt" / "meta.pt", weights_only=True)
+    assert meta["global_step"] == 2 * steps
+    assert meta["lightning_compress"]["recipe"] == {"qat": {"weights": "int4", "group_size": 4}}
+
+
 def test_fit_trains_with_the_recipe_and_tracks_the_run_offline(fitted):
     cwd, result = fitted
     expected = {

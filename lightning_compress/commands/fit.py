@@ -123,7 +123,7 @@ class CompressionCLI(LightningCLI):
         """The recipe's callbacks; a resume without --recipe uses the one its checkpoint stores."""
         from lightning_compress.callbacks.export import CompressedExport
         from lightning_compress.callbacks.recipe_record import recipe_in_checkpoint
-        from lightning_compress.checkpoints import read_checkpoint
+        from lightning_compress.checkpoints import read_checkpoint_metadata
         from lightning_compress.commands.errors import CommandError
         from lightning_compress.formats.target import check_keeps_apart
         from lightning_compress.recipes import load_recipe
@@ -141,7 +141,7 @@ class CompressionCLI(LightningCLI):
         resume_from = config.get("ckpt_path")
         stored = None
         if resume_from not in (None, "last", "best", "hpc", "registry"):
-            stored = recipe_in_checkpoint(read_checkpoint(resume_from))
+            stored = recipe_in_checkpoint(read_checkpoint_metadata(resume_from))  # a distributed one's meta.pt too
         if stored is None:
             if overrides:
                 raise CommandError("--override changes a recipe; pass --recipe too")
