@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
+import yaml
 
-from lightning_compress.core.validate import dtype_of
+from lightning_compress.core.validate import dtype_of, dtype_spelled
 
 
 class ImportPathError(ValueError):
@@ -225,6 +226,26 @@ def _would_import(module_name: str) -> bool:
     return False
 
 
+def dtypes_spelled(value: Any) -> Any:
+    """``value`` (dicts, lists and tuples within) with torch dtypes as their recipe
+    spelling, ``torch.bfloat16`` as ``"bfloat16"``: OmegaConf holds no torch dtype."""
+    if isinstance(value, dict):
+        return {key: dtypes_spelled(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(dtypes_spelled(item) for item in value)
+    return dtype_spelled(value) if isinstance(value, torch.dtype) else value
+
+
+def reads_as_value(text: str) -> bool:
+    """Whether YAML reads ``text`` as a number, bool or null rather than as text."""
+    try:
+        return not isinstance(yaml.safe_load(text), (str, dict, list))
+    except yaml.YAMLError:
+        return False
+
+
 __all__ = [
+    "dtypes_spelled",
+    "reads_as_value",
     "ImportPathError", "Mismatch", "UntrustedImport", "coerce", "describe", "import_object", "loaded_object", "text_only",
 ]

@@ -58,7 +58,9 @@ from lightning_compress.callbacks.recipe_record import RecipeRecord
 from lightning_compress.callbacks.registry import METHODS, Method
 from lightning_compress.core.validate import ArgumentError, plain_values
 from lightning_compress.recipe_resolve import Resolved, ResolutionError, resolve_recipe
-from lightning_compress.recipe_types import ImportPathError, Mismatch, UntrustedImport, coerce, describe, text_only
+from lightning_compress.recipe_types import (
+    ImportPathError, Mismatch, UntrustedImport, coerce, describe, dtypes_spelled, reads_as_value, text_only,
+)
 
 RecipeSource = Union[str, os.PathLike, Mapping[str, Any], DictConfig]
 
@@ -309,7 +311,7 @@ def _locate(source: Union[str, os.PathLike]) -> Path:
 
 def _as_dictconfig(source: Any, what: str) -> DictConfig:
     try:
-        return source if isinstance(source, DictConfig) else OmegaConf.create(plain_values(dict(source)))
+        return source if isinstance(source, DictConfig) else OmegaConf.create(dtypes_spelled(plain_values(dict(source))))
     except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as err:
         raise RecipeError(f"{what} cannot be read: {_first_line(err)}") from None
 
@@ -408,19 +410,12 @@ def _convert(value: Any, annotation: Any, key: str, trusted: bool = True, interp
         raise RecipeError(f"recipe key {key}: {err}") from None
     except Mismatch:
         hint = "; quote it in YAML ('2:4'): unquoted, YAML reads 2:4 as the number 124" if isinstance(value, int) and text_only(annotation) else ""
-        if isinstance(value, str) and _reads_as_value(value):  # ${oc.env:...} is text, "0.6" included
+        if isinstance(value, str) and reads_as_value(value):  # ${oc.env:...} is text, "0.6" included
             hint = ("; a value from an environment variable is text: read it as YAML with ${oc.decode:${oc.env:NAME}}"
                     if interpolated else "; it is quoted, so YAML reads it as text: remove the quotes")
         raise RecipeError(
             f"recipe key {key} expects {describe(annotation)}, got {value!r} ({type(value).__name__}){hint}"
         ) from None
-
-
-def _reads_as_value(text: str) -> bool:  # as a number, bool or null, not as text
-    try:
-        return not isinstance(yaml.safe_load(text), (str, dict, list))
-    except yaml.YAMLError:
-        return False
 
 
 def _instantiate(section: str, arguments: Dict[str, Any]) -> Callback:

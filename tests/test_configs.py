@@ -131,3 +131,7 @@ def test_dtypes_are_taken_as_torch_dtypes_or_their_names():
     assert by_dtype.config.spec.scale_dtype == "float16"
     for spelling in ("bfloat16", "torch.bfloat16", torch.bfloat16):
         assert KnowledgeDistillation(TEACHER, teacher_dtype=spelling).teacher_dtype is torch.bfloat16
+        assert LoRA(base="nf4", compute_dtype=spelling).config.compute_dtype is torch.bfloat16
+    with pytest.raises(ArgumentError, match=r"unknown `compute_dtype` torch.float64; choose one of \['bfloat16',"
+                                            r" 'float16', 'float32'\] \(or the torch dtype\)"):
+        LoRA(base="nf4", compute_dtype=torch.float64)  # it said "must be a float dtype", which float64 is

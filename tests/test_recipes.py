@@ -435,8 +435,16 @@ def test_a_number_from_an_environment_variable_names_oc_decode(monkeypatch):
         load_recipe({"pruning": {"final_sparsity": "0.6"}})  # as `final_sparsity: '0.6'` in a file
 
 
-@pytest.mark.parametrize("spelling", ["bfloat16", "torch.bfloat16"])
+@pytest.mark.parametrize("spelling", ["bfloat16", "torch.bfloat16", torch.bfloat16])
 def test_a_recipe_takes_a_teacher_dtype_as_python_does(spelling):
     """The recipe refused "torch.bfloat16", which KnowledgeDistillation itself takes."""
     (kd, _record) = from_recipe({"distillation": {"teacher": "self", "teacher_dtype": spelling}})
     assert kd.teacher_dtype is torch.bfloat16
+
+
+def test_a_recipe_mapping_holding_torch_dtypes_reads_them_as_their_names():
+    """OmegaConf refused the mapping ("Value 'dtype' is not a supported primitive type"),
+    naming no key, while the callbacks take torch dtypes."""
+    (qat, _record) = from_recipe({"qat": {"weights": "int4", "group_size": 32, "scale_dtype": torch.float16,
+                                          "targets": ["torch.nn.Linear"]}})
+    assert qat.config.scale_dtype == "float16" and qat.targets == (torch.nn.Linear,)  # other text kept as written

@@ -14,7 +14,7 @@ from torch import nn
 from lightning_compress.core.incompatible import LayerIssue, check_on_incompatible, grouped_convolution
 from lightning_compress.core.targeting import Target, validate_name, validate_targets, weight_name
 from lightning_compress.core.transforms import raw_weight
-from lightning_compress.core.validate import ArgumentError, check_bool, check_fraction, check_name, check_positive, is_int
+from lightning_compress.core.validate import ArgumentError, check_bool, check_fraction, check_name, check_positive, dtype_of, is_int
 from lightning_compress.quant.nf4 import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, check_nf4_compatible
 
 # nn.MultiheadAttention: its packed `in_proj_weight` (query, key and value of one width); its
@@ -155,14 +155,10 @@ def _plain_targets(targets: Sequence[Target] | None) -> list | None:
 
 
 def _compute_dtype(dtype, base: str) -> torch.dtype | None:
-    if isinstance(dtype, str):
-        if dtype not in _COMPUTE_DTYPES:
-            raise ArgumentError("compute_dtype", f"unknown `compute_dtype` {dtype!r}; choose one of {sorted(_COMPUTE_DTYPES)}")
-        dtype = _COMPUTE_DTYPES[dtype]
-    if dtype is not None and dtype not in _COMPUTE_DTYPES.values():
-        raise ArgumentError(
-            "compute_dtype", f"`compute_dtype` must be a float dtype such as torch.bfloat16, got {dtype!r}"
-        )
+    if dtype is not None and dtype_of(dtype) not in _COMPUTE_DTYPES.values():  # "torch.float16" and "half" too
+        raise ArgumentError("compute_dtype", f"unknown `compute_dtype` {dtype!r}; choose one of"
+                                             f" {sorted(_COMPUTE_DTYPES)} (or the torch dtype)")
+    dtype = dtype_of(dtype)
     if dtype is not None and base != "nf4":
         raise ArgumentError(
             "compute_dtype",
