@@ -37,6 +37,28 @@ def test_a_targeted_layer_built_after_setup_is_refused_by_name(make_callback, se
         make_trainer(max_steps=2, callbacks=[make_callback()]).fit(model, tiny_loader(batches=2))
 
 
+class AllInConfigureModel(TinyRegressor):
+    """Every layer is built in ``configure_model``."""
+
+    def __init__(self):
+        super().__init__()
+        del self.conv, self.fc1, self.fc2
+
+    def configure_model(self):
+        if not hasattr(self, "fc2"):
+            self.conv, self.fc1, self.fc2 = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(64, 32), nn.Linear(32, 8)
+
+
+@pytest.mark.parametrize("make_callback", [lambda: MagnitudePruning(0.5, start_step=0, end_step=2),
+                                           lambda: QuantizationAwareTraining("int8")],
+                         ids=["pruning", "qat"])
+def test_targets_built_in_configure_model_alone_are_named_as_too_late(make_callback, seeded):
+    """With no targeted layer there at setup, the message only said to check `targets`."""
+    with pytest.raises(ValueError, match=r"`targets` selects no layer of AllInConfigureModel .* Layers `configure_model`"
+                                         r" builds are not there yet when the callbacks set up: build them in `__init__`"):
+        make_trainer(max_steps=2, callbacks=[make_callback()]).fit(AllInConfigureModel(), tiny_loader(batches=2))
+
+
 def test_layers_built_in_configure_model_get_lora_adapters(seeded):
     model = HeadInConfigureModel()
     lora = LoRA(r=2, target_modules=["fc1", "fc2"])

@@ -154,12 +154,21 @@ def select_layers(
             if key in selected or name in selected and key not in _excluded_keys(name, module, exclude, pool):
                 keyed[key] = module
     if not keyed:
+        later = (" Layers `configure_model` builds are not there yet when the callbacks set up: build them in"
+                 " `__init__` (`configure_model` may shard them).") if _builds_later(root) else ""
         raise ValueError(
             f"`{argument}` selects no layer of {type(root).__name__}"
             f" (supported types: {', '.join(t.__name__ for t in supported)})."
-            f" Check `{argument}` and `{exclude_argument}`."
+            f" Check `{argument}` and `{exclude_argument}`.{later}"
         )
     return keyed
+
+
+def _builds_later(root: nn.Module) -> bool:
+    """Whether ``root`` is a LightningModule with a ``configure_model`` of its own."""
+    from lightning.pytorch import LightningModule
+
+    return isinstance(root, LightningModule) and type(root).configure_model is not LightningModule.configure_model
 
 
 def _excluded_keys(name: str, module: nn.Module, exclude: Sequence[Target] | None, pool) -> set:
