@@ -488,6 +488,13 @@ def test_the_command_writes_the_table_csv_recipe_and_wandb_table(tmp_path, monke
     assert "`bits` must be 'int2'..'int8'" in capsys.readouterr().err
     assert main(["sensitivity", "--model", "tests.cli_models.RecipeMLP", "-o", "other"]) == 2
     assert "no batches: pass --data" in capsys.readouterr().err
+    # Without --budget-bits the earlier run's recipe (measured on other candidates) is no
+    # longer beside the table: refused without --overwrite, removed with it.
+    without_budget = [a for a in argv[:-1] if a not in ("--budget-bits", "4.5")]
+    assert main(without_budget) == 2
+    assert "mixed_precision.yaml already exist" in capsys.readouterr().err.replace("exists", "exist")
+    assert main([*without_budget, "--overwrite"]) == 0
+    assert not (tmp_path / "out" / "mixed_precision.yaml").exists() and (tmp_path / "out" / "sensitivity.csv").exists()
 
 
 def test_the_command_refuses_a_budget_before_measuring_and_keeps_the_table_when_the_choice_fails(

@@ -78,7 +78,9 @@ def run_sensitivity(argv: List[str]) -> int:
     )
 
     output = user_path(args.output, "-o")
-    written = [output / CSV_NAME, output / PLOT_NAME] + ([output / RECIPE_NAME] if args.budget_bits is not None else [])
+    # All three, whether written this time or not: an earlier run's plot or recipe kept beside
+    # this run's table would describe other measurements.
+    written = [output / CSV_NAME, output / PLOT_NAME, output / RECIPE_NAME]
     existing = [str(path) for path in written if path.exists()]
     if existing and not args.overwrite:  # before any work
         raise CommandError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass --overwrite to"
@@ -108,12 +110,15 @@ def run_sensitivity(argv: List[str]) -> int:
     if report.plot(output / PLOT_NAME):
         print(f"wrote {output / PLOT_NAME}")
     else:
+        (output / PLOT_NAME).unlink(missing_ok=True)  # an earlier run's (--overwrite)
         print(f"{PLOT_NAME} not written: matplotlib is not installed (pip install matplotlib)")
     recipe = None
     if args.budget_bits is not None:
         allocation = allocate_bits(report, args.budget_bits)
         recipe = recipe_from_allocation(report, allocation)
         _write_recipe(report, allocation, recipe, args.budget_bits, output / RECIPE_NAME)
+    else:
+        (output / RECIPE_NAME).unlink(missing_ok=True)  # an earlier run's budget (--overwrite)
     if args.wandb:
         _log_to_wandb(report, recipe, output)
     return 0
