@@ -150,14 +150,14 @@ def configure_model(model: pl.LightningModule) -> None:
     if not is_overridden("configure_model", model):
         return
     try:
-        model.configure_model()
+        type(model).configure_model(model)  # the module's own; the callbacks' queued work below, outside the try
     except Exception as err:
         if model.device_mesh is not None:
             raise
         warnings.warn(f"{type(model).__name__}.configure_model failed on this one process, which has no device mesh"
                       f" ({type(err).__name__}: {err}); it was skipped, as sharding is: layers it builds are missing"
                       " (let it return when `self.device_mesh` is None to skip it quietly)", UserWarning, stacklevel=2)
-        run_queued_only(model)
+    run_queued_only(model)
 
 
 def export_checkpoint(

@@ -239,7 +239,7 @@ def dtypes_spelled(value: Any) -> Any:
 def reads_as_value(text: str) -> bool:
     """Whether YAML reads ``text`` as a number, bool or null rather than as text."""
     try:
-        return not isinstance(yaml.safe_load(text), (str, dict, list))
+        return bool(text.strip()) and not isinstance(yaml.safe_load(text), (str, dict, list))  # "" is text
     except yaml.YAMLError:
         return False
 

@@ -424,6 +424,16 @@ def test_a_lora_run_exports_through_a_configure_model_skipped_for_want_of_a_devi
     assert read_metadata(tmp_path / "again")["weights_sha256"] == read_metadata(tmp_path / "packed")["weights_sha256"]
 
 
+def test_an_error_of_work_queued_after_configure_model_is_raised_by_the_export(tmp_path):
+    """The export caught it with the module's own configure_model and warned of a missing
+    device mesh: QAT's refusal of a layer built there too late became a warning."""
+    recipe = {"qat": {"weights": "int4", "group_size": 32}, "export": {"dirpath": str(tmp_path / "packed")}}
+    fit_recipe_with_last_checkpoint(tmp_path, recipe, RecipeMLP, epochs=1, samples=64)
+    with pytest.raises(ValueError, match=r"before `configure_model` built \['head'\], which it also targets"):
+        export_checkpoint(tmp_path / "ckpt" / "last.ckpt", HeadInConfigureModel, output=tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
 def test_sensitivity_measures_layers_built_in_configure_model(tmp_path, monkeypatch, capsys):
     """It loaded the checkpoint without calling configure_model: 'unexpected keys head.weight'."""
     monkeypatch.chdir(tmp_path)

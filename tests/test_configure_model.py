@@ -54,8 +54,8 @@ class AllInConfigureModel(TinyRegressor):
                          ids=["pruning", "qat"])
 def test_targets_built_in_configure_model_alone_are_named_as_too_late(make_callback, seeded):
     """With no targeted layer there at setup, the message only said to check `targets`."""
-    with pytest.raises(ValueError, match=r"`targets` selects no layer of AllInConfigureModel .* Layers `configure_model`"
-                                         r" builds are not there yet when the callbacks set up: build them in `__init__`"):
+    with pytest.raises(ValueError, match=r"`targets` selects no layer of AllInConfigureModel .* If `configure_model`"
+                                         r" builds the layers, they are not there yet when the callbacks set up: build"):
         make_trainer(max_steps=2, callbacks=[make_callback()]).fit(AllInConfigureModel(), tiny_loader(batches=2))
 
 

@@ -522,8 +522,11 @@ def test_the_command_refuses_a_budget_before_measuring_and_keeps_the_table_when_
         raise ArgumentError("report", "no choice")
 
     monkeypatch.setattr(lightning_compress.sensitivity, "allocate_bits", no_choice)
-    assert main([*argv, "--budget-bits", "6", "-o", "b"]) == 2
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mixed_precision.yaml").write_text("qat: {}\n")  # an earlier run's choice
+    assert main([*argv, "--budget-bits", "6", "-o", "b", "--overwrite"]) == 2
     assert measured == [1] and (tmp_path / "b" / "sensitivity.csv").is_file()  # the measurement is kept
+    assert not (tmp_path / "b" / "mixed_precision.yaml").exists()  # and no choice of other measurements beside it
 
 
 class _TinyDemoLSTM(pl.LightningModule):

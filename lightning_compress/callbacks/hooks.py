@@ -42,8 +42,8 @@ def after_configure_model(pl_module: LightningModule, action: Callable[[], Any])
 
 
 def run_queued_only(pl_module: LightningModule) -> None:
-    """Run the actions queued by :func:`after_configure_model` without the module's own
-    ``configure_model`` (one that needs what this process lacks, a device mesh)."""
+    """Run the actions queued by :func:`after_configure_model`, for a caller that ran the
+    module's own ``configure_model`` itself (or skipped it: it needs a device mesh)."""
     if _QUEUE in vars(pl_module):
         del pl_module.configure_model
         for queued in pl_module.__dict__.pop(_QUEUE):

@@ -106,19 +106,18 @@ def run_sensitivity(argv: List[str]) -> int:
             output.rmdir()
         raise
     print(report.table())
+    for earlier in (PLOT_NAME, RECIPE_NAME):  # an earlier run's (--overwrite): not beside this table, whatever fails next
+        (output / earlier).unlink(missing_ok=True)
     print(f"wrote {report.write_csv(output / CSV_NAME)}")  # kept whatever the budget's choice says
     if report.plot(output / PLOT_NAME):
         print(f"wrote {output / PLOT_NAME}")
     else:
-        (output / PLOT_NAME).unlink(missing_ok=True)  # an earlier run's (--overwrite)
         print(f"{PLOT_NAME} not written: matplotlib is not installed (pip install matplotlib)")
     recipe = None
     if args.budget_bits is not None:
         allocation = allocate_bits(report, args.budget_bits)
         recipe = recipe_from_allocation(report, allocation)
         _write_recipe(report, allocation, recipe, args.budget_bits, output / RECIPE_NAME)
-    else:
-        (output / RECIPE_NAME).unlink(missing_ok=True)  # an earlier run's budget (--overwrite)
     if args.wandb:
         _log_to_wandb(report, recipe, output)
     return 0

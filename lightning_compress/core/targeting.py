@@ -154,8 +154,8 @@ def select_layers(
             if key in selected or name in selected and key not in _excluded_keys(name, module, exclude, pool):
                 keyed[key] = module
     if not keyed:
-        later = (" Layers `configure_model` builds are not there yet when the callbacks set up: build them in"
-                 " `__init__` (`configure_model` may shard them).") if _builds_later(root) else ""
+        later = (" If `configure_model` builds the layers, they are not there yet when the callbacks set up: build"
+                 " them in `__init__` (`configure_model` may shard them).") if _builds_later(root) else ""
         raise ValueError(
             f"`{argument}` selects no layer of {type(root).__name__}"
             f" (supported types: {', '.join(t.__name__ for t in supported)})."
