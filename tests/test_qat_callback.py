@@ -634,3 +634,24 @@ def test_a_round_to_nearest_model_is_named_as_such_when_refused(seeded):
     taken = make_trainer(callbacks=[QuantizationAwareTraining("int4", group_size=4)])
     assert taken.validate(model, tiny_loader(batches=1), verbose=False)[0]["val/loss"] == make_trainer().validate(
         model, tiny_loader(batches=1), verbose=False)[0]["val/loss"]
+
+
+def test_a_refused_evaluation_leaves_the_model_as_it_was_whatever_stops_it(tmp_path, seeded):
+    """The new callback's quantizers were attached at setup and put back only at the
+    evaluation's start: a loop with no batches, or an error before it (a mistyped
+    ckpt_path), left them on the model, off, and the trained grid gone."""
+    model = TinyRegressor()
+    make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int4", group_size=4, start_step=0)]).fit(
+        model, tiny_loader())
+    trained = _trained_state(model)
+    other = QuantizationAwareTraining("int8")
+    make_trainer(callbacks=[other], limit_val_batches=0).validate(model, tiny_loader(batches=1))  # nothing measured
+    with pytest.raises(FileNotFoundError):
+        make_trainer(callbacks=[QuantizationAwareTraining("int8")]).validate(
+            model, tiny_loader(batches=1), ckpt_path=tmp_path / "missing.ckpt")
+    after = _trained_state(model)
+    assert all(torch.equal(after[key], trained[key]) for key in trained)
+    assert {codes.spec for codes in quantized_weights(model).values()} == {QuantSpec(4, "group", 4)}
+    # The callback is not left half set up: a fit with it starts a new stage on the int8 grid.
+    make_trainer(max_steps=1, callbacks=[other]).fit(model, tiny_loader())
+    assert {codes.spec for codes in quantized_weights(model).values()} == {QuantSpec(8, "channel")}

@@ -12,7 +12,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import LayerCompressionCallback
 from lightning_compress.callbacks.calibration_window import CalibrationWindow
 from lightning_compress.callbacks.compatibility import check_quantization_trains
-from lightning_compress.core.attention import keep_padded_batches, out_proj_owner
+from lightning_compress.core.attention import keep_padded_batches
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import fractional_steps, resolve_step
 from lightning_compress.core.targeting import module_name, weight_param
@@ -24,10 +24,10 @@ from lightning_compress.core.transforms import (
     raw_weight,
     remove_input_transform,
 )
-from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver
+from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver, check_output_projections
 from lightning_compress.quant.calibrated_start import CalibratedStart, plan_calibrated_start
 from lightning_compress.quant.config import QATConfig, override_matches
-from lightning_compress.quant.quantizer_state import load_entry, put_back, quantizer_entry, take_over
+from lightning_compress.quant.quantizer_state import load_entry, quantizer_entry, take_over
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import WeightFakeQuantizer, attach_weight_quantizers
 
@@ -173,7 +173,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         self._restored = None
         self._ranges = SideOptimizer(self.range_lr)
         self._calibration: CalibrationWindow | None = None  # with `init`/`smoothing`
-        self._refused: Any = None  # an evaluation refused unless a checkpoint restores (quant.quantizer_state.TakeOver)
+        self._refused: Any = None  # what an evaluation would attach, refused unless a checkpoint gives the grid
 
     @property
     def layer_specs(self) -> Dict[str, QuantSpec]:
@@ -191,7 +191,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             self._reset()  # this callback is reused for another model
         layers = self.select(pl_module)
         if self.activations is not None:
-            _check_output_projections(pl_module, layers, self.activations)
+            check_output_projections(pl_module, layers, self.activations)
         rivals = self.rivals(trainer)
         specs = self._layer_specs(layers)
         calibrated = self.init is not None or self.smoothing is not None
@@ -201,6 +201,15 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         plan = take_over(layers, specs, rivals, stage=getattr(stage, "value", stage), calibrated=calibrated,
                          learned=self.learn_ranges, weight_range=self.weight_range, activations=self.activations,
                          observer=self.observer)  # quantizers of an earlier Trainer's QAT
+        attach = (pl_module, layers, specs, rivals, plan, mappings)
+        if plan.refusal is not None:  # an evaluation: the model stays as it is unless a checkpoint gives the grid
+            self._refused = attach  # (attached in load_state_dict; refused at the evaluation's start)
+            return
+        self._attach(*attach)
+
+    def _attach(self, pl_module: LightningModule, layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec],
+                rivals: set, plan: Any, mappings: list) -> None:
+        calibrated = self.init is not None or self.smoothing is not None
         self._weight_quantizers = attach_weight_quantizers(
             layers, specs, self.learn_ranges, weight_range=self.weight_range,
             owner=self.owner_token, active_owners=rivals,
@@ -220,7 +229,6 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             keep_padded_batches(pl_module)  # a padded eval batch must reach the quantizers as in training
         for name, entry in plan.entries.items():
             load_entry(self._weight_quantizers[name], self._input_quantizers.get(name), entry)
-        self._refused = plan if plan.refusal else None  # unless a checkpoint restores the grid (see restore)
         if calibrated:
             calibration = CalibratedStart(pl_module, layers, self._weight_quantizers, init=self.init,
                                           smoothing=self.smoothing, mappings=mappings)
@@ -229,8 +237,17 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         self.finish_install(pl_module)
 
     @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # checked, and kept until the quantizers exist
+        attach, self._refused = self._refused, None
+        if attach is not None:  # the checkpoint gives the grid the evaluation measures
+            self._attach(*attach)
+
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._refuse_evaluation()
+        attach, self._refused = self._refused, None
+        if attach is not None:
+            raise ValueError(attach[4].refusal)  # nothing attached: the model is as it was
 
     on_test_start = on_predict_start = on_validation_start
 
@@ -300,9 +317,11 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         if self._calibration is not None:
             self._calibration.stop()
         self._mark_training_batch(False)
+        self._refused = None
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._refused = None  # an evaluation that never started (no batches): nothing was attached
         if stage == "fit":
             self._mark_training_batch(False)
             self._ranges.stop()
@@ -361,15 +380,6 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         )
         self._input_quantizers[name] = quantizer
 
-    def _refuse_evaluation(self) -> None:
-        """An evaluation that would measure in float layers an earlier Trainer quantized:
-        the model gets its quantizers back, and the refusal is raised."""
-        plan, self._refused = self._refused, None
-        if plan is not None:
-            put_back(self._layers, plan.held)
-            self._reset()
-            raise ValueError(plan.refusal)
-
     def _weight_bits(self) -> float:
         """Mean bits of the quantized weights, weighted by each layer's parameter count."""
         counts = {name: raw_weight(layer, weight_param(name, layer)).numel() for name, layer in self._layers.items()}
@@ -421,28 +431,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             load_entry(self._weight_quantizers[name], self._input_quantizers.get(name), entry)
         for name, quantizer in self._input_quantizers.items():  # (a layer the checkpoint has no entry for too)
             quantizer.enabled = self._weight_quantizers[name].enabled
-        self._refused = None  # the checkpoint gave the grid an evaluation measures
         if "range_optimizer" in state:
             self._ranges.load_state_dict(state["range_optimizer"])
         if self._calibration is not None:
             self._calibration.load_state_dict(state["calibration"])
-
-
-def _check_output_projections(model: nn.Module, layers: Mapping[str, nn.Module], activations: str) -> None:
-    """An attention layer's ``out_proj`` gets its input quantized only where the attention
-    layer calls it, which a quantized attention layer does (see ``core.attention``).
-
-    Raises:
-        ValueError: naming the layer, its attention layer and the fix.
-    """
-    quantized = {module_name(key, weight_param(key, layer)) for key, layer in layers.items()}
-    for name in layers:
-        owner = out_proj_owner(model, name)
-        if owner is not None and owner not in quantized:
-            raise ValueError(
-                f"`activations`={activations!r} on {name!r}: nn.MultiheadAttention {owner!r} computes its output"
-                " projection inside its own forward, which quantizes that input only when this callback quantizes"
-                f" the attention layer too; add {owner!r} (or nn.MultiheadAttention) to `targets` (and take it out"
-                f" of `exclude`), or exclude {name!r}"
-            )
-

@@ -9,14 +9,16 @@ channel vector at each position for Conv.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from lightning_compress.core.attention import out_proj_owner
 from lightning_compress.core.distributed import all_reduce_max
 from lightning_compress.core.recompute import counts_as_training_forward
+from lightning_compress.core.targeting import module_name, weight_param
 from lightning_compress.core.transforms import Stage, get_input_transform
 from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
 from lightning_compress.quant.spec import QuantSpec
@@ -205,3 +207,22 @@ class StaticRangeObserver:
 def input_quantizer_of(layer) -> "DynamicTokenQuantizer | StaticRangeObserver | None":
     """The activation quantizer at ``layer``'s ``INPUT_QUANT`` stage, if any."""
     return get_input_transform(layer, Stage.INPUT_QUANT)
+
+
+def check_output_projections(model: nn.Module, layers: Mapping[str, nn.Module], activations: str) -> None:
+    """An attention layer's ``out_proj`` gets its input quantized only where the attention
+    layer calls it, which a quantized attention layer does (see ``core.attention``).
+
+    Raises:
+        ValueError: naming the layer, its attention layer and the fix.
+    """
+    quantized = {module_name(key, weight_param(key, layer)) for key, layer in layers.items()}
+    for name in layers:
+        owner = out_proj_owner(model, name)
+        if owner is not None and owner not in quantized:
+            raise ValueError(
+                f"`activations`={activations!r} on {name!r}: nn.MultiheadAttention {owner!r} computes its output"
+                " projection inside its own forward, which quantizes that input only when this callback quantizes"
+                f" the attention layer too; add {owner!r} (or nn.MultiheadAttention) to `targets` (and take it out"
+                f" of `exclude`), or exclude {name!r}"
+            )

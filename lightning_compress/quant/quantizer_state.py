@@ -17,14 +17,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.targeting import weight_param
-from lightning_compress.core.transforms import (
-    Stage,
-    add_input_transform,
-    add_weight_transform,
-    get_weight_transform,
-    remove_input_transform,
-    remove_weight_transform,
-)
+from lightning_compress.core.transforms import Stage, get_weight_transform
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver, input_quantizer_of
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import WeightFakeQuantizer
@@ -104,12 +97,11 @@ def held_differences(held: Mapping[str, Held], specs: Mapping[str, QuantSpec], *
 @dataclass
 class TakeOver:
     """What a new QAT callback does with the quantizers ``layers`` hold (:func:`take_over`):
-    ``entries`` to go on with; ``held``, the quantizers found; and ``refusal``, for an
-    evaluation that cannot go on with them, the error to raise unless a checkpoint
-    restores the callback's grid first (only then is that known)."""
+    ``entries`` to go on with; and ``refusal``, for an evaluation that cannot go on with
+    them, the error to raise unless a checkpoint gives the callback's grid (known only
+    when its state is loaded, after setup)."""
 
     entries: Dict[str, Dict[str, Any]]
-    held: Dict[str, Held]
     refusal: str | None = None
 
 
@@ -132,12 +124,12 @@ def take_over(layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec], a
     going_on = not differences and not (calibrated and unheld)
     entries = {name: quantizer_entry(*pair) for name, pair in held.items()} if going_on else {}
     if not held or stage == "fit" or not (differences or unheld):
-        return TakeOver(entries, held)
+        return TakeOver(entries)
     owners = {getattr(quantizer, "owner", None) for quantizer, _ in held.values()}
     source = "round_to_nearest" if owners == {"round_to_nearest"} else "an earlier QuantizationAwareTraining"
     problems = differences + ([f"{', '.join(map(repr, unheld[:4]))}{' ...' if len(unheld) > 4 else ''} hold none"]
                               if unheld else [])
-    return TakeOver(entries, held, (
+    return TakeOver(entries, (
         f"the model holds fake quantization from {source}: {'; '.join(problems)}. This callback would put a new"
         f" grid on those layers, off until training starts, so the {stage} would measure them in float; {stage}"
         " with the settings the model was quantized with and the same targets, from a checkpoint (`ckpt_path`), or"
@@ -145,18 +137,4 @@ def take_over(layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec], a
     ))
 
 
-def put_back(layers: Mapping[str, nn.Module], held: Mapping[str, Held]) -> None:
-    """Give ``layers`` the quantizers they ``held`` before a new callback attached its own
-    (none where they held none): the model as it was."""
-    for name, layer in layers.items():
-        param = weight_param(name, layer)
-        remove_weight_transform(layer, Stage.FAKE_QUANT, param)
-        remove_input_transform(layer, Stage.INPUT_QUANT)
-    for name, (quantizer, inputs) in held.items():
-        layer = layers[name]
-        add_weight_transform(layer, Stage.FAKE_QUANT, quantizer, weight_param(name, layer))
-        if inputs is not None and input_quantizer_of(layer) is None:  # one per layer (attention: q, k, v share it)
-            add_input_transform(layer, Stage.INPUT_QUANT, inputs)
-
-
-__all__ = ["TakeOver", "quantizer_entry", "load_entry", "held_quantizers", "held_differences", "take_over", "put_back"]
+__all__ = ["TakeOver", "quantizer_entry", "load_entry", "held_quantizers", "held_differences", "take_over"]
