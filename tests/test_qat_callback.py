@@ -6,7 +6,7 @@ from lightning.pytorch import Callback
 from torch import nn
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining, quantized_weights
-from lightning_compress.core.transforms import raw_weight
+from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight
 from lightning_compress._torchao import import_torchao
 from lightning_compress.quant.fake_quant import as_matrix
 from lightning_compress.quant.spec import QuantSpec
@@ -655,3 +655,33 @@ def test_a_refused_evaluation_leaves_the_model_as_it_was_whatever_stops_it(tmp_p
     # The callback is not left half set up: a fit with it starts a new stage on the int8 grid.
     make_trainer(max_steps=1, callbacks=[other]).fit(model, tiny_loader())
     assert {codes.spec for codes in quantized_weights(model).values()} == {QuantSpec(8, "channel")}
+
+
+def test_an_evaluation_from_a_checkpoint_that_does_not_give_the_grid_leaves_the_model_as_it_was(tmp_path, seeded):
+    """The new quantizers were attached when the checkpoint's state arrived, and the state
+    refused only then: the model lost its trained grid. A checkpoint of fewer layers lifted
+    the refusal, and the others were measured in float."""
+    model = TinyRegressor()
+    trainer = make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int4", group_size=4, start_step=0)])
+    trainer.fit(model, tiny_loader())
+    trainer.save_checkpoint(tmp_path / "int4.ckpt")
+    partial = TinyRegressor()
+    fewer = make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8", targets=["fc1"], start_step=0)])
+    fewer.fit(partial, tiny_loader())
+    fewer.save_checkpoint(tmp_path / "fc1.ckpt")
+    plain = make_trainer(max_steps=1)
+    plain.fit(TinyRegressor(), tiny_loader())
+    plain.save_checkpoint(tmp_path / "float.ckpt")
+    held = {name: get_weight_transform(model.get_submodule(name), Stage.FAKE_QUANT) for name in LAYERS}
+    cases = [("int4.ckpt", r"layer 'conv' was trained with int4 g4 sym but this callback quantizes it as int8 channel"
+                           r" sym; .*so it would be evaluated on a grid it was not trained on"),
+             ("fc1.ckpt", r"the checkpoint holds no QAT state for 'conv'; the checkpoint holds no QAT state for 'fc2'"),
+             ("float.ckpt", r"from an earlier QuantizationAwareTraining: .*; the checkpoint given \(.*float.ckpt\) holds"
+                            r" no QAT state$")]
+    for checkpoint, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make_trainer(callbacks=[QuantizationAwareTraining("int8")]).validate(
+                model, tiny_loader(batches=1), ckpt_path=tmp_path / checkpoint)
+        # (Lightning loads the checkpoint's weights into the model first; the quantizers stay)
+        assert all(get_weight_transform(model.get_submodule(n), Stage.FAKE_QUANT) is held[n] for n in LAYERS)
+        assert all(held[n].enabled and held[n].spec == QuantSpec(4, "group", 4) for n in LAYERS), checkpoint

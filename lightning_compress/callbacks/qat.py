@@ -27,7 +27,7 @@ from lightning_compress.core.transforms import (
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver, check_output_projections
 from lightning_compress.quant.calibrated_start import CalibratedStart, plan_calibrated_start
 from lightning_compress.quant.config import QATConfig, override_matches
-from lightning_compress.quant.quantizer_state import load_entry, quantizer_entry, take_over
+from lightning_compress.quant.quantizer_state import checkpoint_misfit, load_entry, quantizer_entry, take_over
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import WeightFakeQuantizer, attach_weight_quantizers
 
@@ -238,16 +238,29 @@ class QuantizationAwareTraining(LayerCompressionCallback):
 
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)  # checked, and kept until the quantizers exist
-        attach, self._refused = self._refused, None
+        attach = self._refused
+        misfit = [] if attach is None else checkpoint_misfit(dict(state_dict.get("layers") or {}), attach[2],
+                                                             self.weight_range)
+        try:
+            super().load_state_dict(state_dict)  # checked, and kept until the quantizers exist
+        except ValueError as err:
+            if misfit:
+                raise ValueError("; ".join([str(err), *misfit])) from None  # one error naming every difference
+            raise
+        if misfit:  # the checkpoint does not give the grid either: nothing attached, the model as it was
+            self._restored = None
+            raise ValueError(f"{'; '.join(misfit)}, so it would be evaluated on a grid it was not trained on;"
+                             f" evaluate with the QAT settings of the run that trained it")
         if attach is not None:  # the checkpoint gives the grid the evaluation measures
+            self._refused = None
             self._attach(*attach)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         attach, self._refused = self._refused, None
-        if attach is not None:
-            raise ValueError(attach[4].refusal)  # nothing attached: the model is as it was
+        if attach is not None:  # nothing attached: the model is as it was
+            given = f"; the checkpoint given ({trainer.ckpt_path}) holds no QAT state" if trainer.ckpt_path else ""
+            raise ValueError(attach[4].refusal + given)
 
     on_test_start = on_predict_start = on_validation_start
 

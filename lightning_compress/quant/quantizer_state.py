@@ -137,4 +137,24 @@ def take_over(layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec], a
     ))
 
 
-__all__ = ["TakeOver", "quantizer_entry", "load_entry", "held_quantizers", "held_differences", "take_over"]
+def checkpoint_misfit(entries: Mapping[str, Mapping[str, Any]], specs: Mapping[str, QuantSpec],
+                      weight_range: str) -> List[str]:
+    """How a checkpoint's QAT ``entries`` (``{layer: entry}``) fail to give the grid a
+    callback would put on the layers of ``specs``: layers it holds no entry for, or holds
+    one of another grid or ``weight_range`` (checkpoints older than it: min/max), or entries
+    for layers the callback does not target; at most four named, then a count."""
+    problems = [f"the checkpoint holds no QAT state for {name!r}" for name in specs if name not in entries]
+    problems += [f"the checkpoint holds QAT state for {name!r}, which this callback does not target"
+                 for name in entries if name not in specs]
+    for name, entry in entries.items():
+        if name in specs and entry.get("spec") != specs[name].describe():
+            problems.append(f"layer {name!r} was trained with {entry.get('spec')} but this callback quantizes it as"
+                            f" {specs[name].describe()}")
+        elif name in specs and entry.get("weight_range", "minmax") != weight_range:
+            problems.append(f"layer {name!r} was trained with weight_range={entry.get('weight_range', 'minmax')!r}"
+                            f" but this callback uses weight_range={weight_range!r}")
+    return problems[:4] + ([f"{len(problems) - 4} more"] if len(problems) > 4 else [])
+
+
+__all__ = ["TakeOver", "quantizer_entry", "load_entry", "held_quantizers", "held_differences", "take_over",
+           "checkpoint_misfit"]
