@@ -685,3 +685,13 @@ def test_an_evaluation_from_a_checkpoint_that_does_not_give_the_grid_leaves_the_
         # (Lightning loads the checkpoint's weights into the model first; the quantizers stay)
         assert all(get_weight_transform(model.get_submodule(n), Stage.FAKE_QUANT) is held[n] for n in LAYERS)
         assert all(held[n].enabled and held[n].spec == QuantSpec(4, "group", 4) for n in LAYERS), checkpoint
+
+
+def test_static_observers_in_eval_mode_during_training_are_warned_about(seeded):
+    """model.eval() before fit: Lightning keeps the mode, the observers never saw a range,
+    and only the export at the end said so."""
+    model = TinyRegressor()
+    model.eval()
+    with pytest.warns(UserWarning, match=r"a layer with static int8 activations ran in eval mode in a training step"):
+        make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8", activations="int8_static",
+                                                                       start_step=0)]).fit(model, tiny_loader())

@@ -9,6 +9,7 @@ channel vector at each position for Conv.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -24,6 +25,9 @@ from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
 from lightning_compress.quant.spec import QuantSpec
 
 ACTIVATION_MODES = ("int8_dynamic", "int8_static")
+EVAL_MODE_NOTE = ("a layer with static int8 activations ran in eval mode in a training step (the model, or the layer, was"
+                  " put in eval mode: model.eval() before fit?): its input range is not observed, and an export refuses"
+                  " a range never observed; keep the model in train mode while it trains")
 OBSERVERS = ("minmax", "moving_average")
 # torchao's per-token activation grid: int8, asymmetric, one scale per token.
 PER_TOKEN = QuantSpec(bits=8, granularity="channel", symmetric=False)
@@ -179,8 +183,11 @@ class StaticRangeObserver:
         # must neither count the batch twice nor see another range than the forward did.
         # Grad mode is no test of a training forward: reentrant checkpointing runs the
         # forward itself under no_grad.
-        if self.calibrating and training and self.in_training_batch and counts_as_training_forward():
-            self.observe(x)
+        if self.calibrating and self.in_training_batch and counts_as_training_forward():
+            if training:
+                self.observe(x)
+            else:  # the layer (or the model) put in eval mode, e.g. model.eval() before fit
+                warnings.warn(EVAL_MODE_NOTE, UserWarning, stacklevel=2)
         if self.low is None:
             return x
         if self.low.device != x.device:  # restored from a checkpoint on CPU
