@@ -695,3 +695,32 @@ def test_static_observers_in_eval_mode_during_training_are_warned_about(seeded):
     with pytest.warns(UserWarning, match=r"a layer with static int8 activations ran in eval mode in a training step"):
         make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8", activations="int8_static",
                                                                        start_step=0)]).fit(model, tiny_loader())
+
+
+class CrossAttention(TinyRegressor):
+    """nn.MultiheadAttention with separate q/k/v weights (kdim != embed_dim): one input stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)
+
+    def forward(self, x):
+        tokens = x.transpose(1, 2)  # [batch, 8 positions, 4 channels]
+        h = torch.relu(self.conv(x)).transpose(1, 2)  # [batch, 8, 8]
+        return self.fc2(torch.relu(self.fc1(self.cross(h, tokens, tokens, need_weights=False)[0].flatten(1))))
+
+
+def test_an_evaluation_targeting_another_weight_of_a_quantized_attention_layer_is_refused(seeded):
+    """q_proj_weight quantized before holds the layer's input range; a callback on
+    k_proj_weight found nothing held and replaced that observer."""
+    from lightning_compress.quant.activations import input_quantizer_of
+
+    settings = dict(weights="int8", activations="int8_static", start_step=0)
+    model = CrossAttention()
+    make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining(targets=["cross.q_proj_weight"], **settings)]).fit(
+        model, tiny_loader())
+    observer = input_quantizer_of(model.cross)
+    with pytest.raises(ValueError, match=r"from an earlier QuantizationAwareTraining: 'cross.k_proj_weight' hold none"):
+        make_trainer(callbacks=[QuantizationAwareTraining(targets=["cross.k_proj_weight"], **settings)]).validate(
+            model, tiny_loader(batches=1))
+    assert input_quantizer_of(model.cross) is observer and observer.low is not None

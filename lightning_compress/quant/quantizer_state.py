@@ -123,9 +123,13 @@ def take_over(layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec], a
     unheld = [name for name in layers if name not in held]
     going_on = not differences and not (calibrated and unheld)
     entries = {name: quantizer_entry(*pair) for name, pair in held.items()} if going_on else {}
-    if not held or stage == "fit" or not (differences or unheld):
+    # An attention layer's q/k/v weights share one input quantizer: one of them quantized
+    # before holds the layer's input range, which this callback would replace.
+    shared = [inputs for name in unheld if (inputs := input_quantizer_of(layers[name])) is not None
+              and getattr(inputs, "owner", None) not in active_owners]
+    if not (held or shared) or stage == "fit" or not (differences or unheld):
         return TakeOver(entries)
-    owners = {getattr(quantizer, "owner", None) for quantizer, _ in held.values()}
+    owners = {getattr(quantizer, "owner", None) for quantizer, _ in held.values()} | {q.owner for q in shared}
     source = "round_to_nearest" if owners == {"round_to_nearest"} else "an earlier QuantizationAwareTraining"
     problems = differences + ([f"{', '.join(map(repr, unheld[:4]))}{' ...' if len(unheld) > 4 else ''} hold none"]
                               if unheld else [])
