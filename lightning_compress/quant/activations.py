@@ -151,8 +151,9 @@ class StaticRangeObserver:
         self.calibrating = True
         # Whether the forwards now are a training batch's: the QAT callback clears it between
         # batches, so a forward outside one (validation in train mode, a forward after fit)
-        # does not move the range. True for an observer used without a Trainer.
-        self.in_training_batch = True
+        # does not move the range. None for an observer used without a Trainer: the layer's
+        # mode alone decides.
+        self.in_training_batch: bool | None = None
         self.low: Tensor | None = None
         self.high: Tensor | None = None
 
@@ -183,10 +184,10 @@ class StaticRangeObserver:
         # must neither count the batch twice nor see another range than the forward did.
         # Grad mode is no test of a training forward: reentrant checkpointing runs the
         # forward itself under no_grad.
-        if self.calibrating and self.in_training_batch and counts_as_training_forward():
+        if self.calibrating and self.in_training_batch is not False and counts_as_training_forward():
             if training:
                 self.observe(x)
-            else:  # the layer (or the model) put in eval mode, e.g. model.eval() before fit
+            elif self.in_training_batch:  # a Trainer's training step, the layer in eval mode (model.eval() before fit)
                 warnings.warn(EVAL_MODE_NOTE, UserWarning, stacklevel=2)
         if self.low is None:
             return x
