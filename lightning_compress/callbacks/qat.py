@@ -27,7 +27,8 @@ from lightning_compress.core.transforms import (
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver, check_output_projections
 from lightning_compress.quant.calibrated_start import CalibratedStart, plan_calibrated_start
 from lightning_compress.quant.config import QATConfig, override_matches
-from lightning_compress.quant.quantizer_state import checkpoint_misfit, load_entry, quantizer_entry, take_over
+from lightning_compress.quant.quantizer_state import (
+    checkpoint_misfit, grid_differences, load_entry, quantizer_entry, take_over)
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import WeightFakeQuantizer, attach_weight_quantizers
 
@@ -411,19 +412,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
 
     @override
     def state_differences(self, state: Mapping[str, Any]) -> List[str]:
-        differences = []
-        for name, entry in state["layers"].items():
-            quantizer = self._weight_quantizers.get(name)
-            if quantizer is None:
-                continue  # refused by `restore`, naming the targets
-            if entry["spec"] != quantizer.spec.describe():
-                differences.append(f"layer {name!r} was trained with {entry['spec']} but this callback quantizes it"
-                                   f" as {quantizer.spec.describe()}")
-            trained_range = entry.get("weight_range", "minmax")  # checkpoints from before it existed: min/max
-            if trained_range != quantizer.weight_range:
-                differences.append(f"layer {name!r} was trained with weight_range={trained_range!r} but this callback"
-                                   f" uses weight_range={quantizer.weight_range!r}")
-        return differences[:4] + ([f"{len(differences) - 4} more"] if len(differences) > 4 else [])
+        return grid_differences(state["layers"], self.layer_specs, self.weight_range)  # other layers: see restore
 
     @override
     def restore(self, state: Mapping[str, Any]) -> None:

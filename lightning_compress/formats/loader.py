@@ -12,7 +12,7 @@ from torch import nn
 from lightning_compress.core.filesystem import user_path
 from lightning_compress.core.memory import ReleasePacer, release_freed_memory
 from lightning_compress.core.transforms import is_transformed
-from lightning_compress.core.validate import check_bool
+from lightning_compress.core.validate import check_bool, dtype_spelled
 from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.failed_export import failed_path, recorded_failure, refusal
 from lightning_compress.formats.meta_load import build_on_meta, check_fit, check_meta_covered, load_tensors
@@ -178,10 +178,10 @@ def _warn_on_another_float_dtype(model: nn.Module, packed: PackedModel, expected
         if not (isinstance(tensor, torch.Tensor) and stored is not None
                 and tensor.is_floating_point() and stored.is_floating_point and tensor.dtype != stored):
             continue
-        mine = tensor.dtype
+        mine = dtype_spelled(tensor.dtype)
         warnings.warn(
-            f"the export's float tensors are {str(stored).removeprefix('torch.')} (e.g. {key!r}), this model's"
-            f" {str(mine).removeprefix('torch.')}: loaded, it computes in {str(mine).removeprefix('torch.')}, not as"
+            f"the export's float tensors are {dtype_spelled(stored)} (e.g. {key!r}), this model's"
+            f" {mine}: loaded, it computes in {mine}, not as"
             f" training computed; build the model in the export's dtype (model.to({stored}), or pass a function that"
             f" builds it so: lambda: MyModel().to({stored})) to compute as trained",
             UserWarning, stacklevel=4)

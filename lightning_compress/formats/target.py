@@ -85,9 +85,9 @@ def check_keeps_apart(dirpath: str | os.PathLike, kept: Mapping[str, str | os.Pa
     Raises:
         ArgumentError: (naming ``dirpath``) which path it holds, or lies in.
     """
-    target = Path(os.path.realpath(os.path.expanduser(dirpath)))
+    target = _followed(dirpath)
     for what, path in (owned or {}).items():
-        if Path(os.path.realpath(os.path.expanduser(path))) in target.parents:
+        if _followed(path) in target.parents:
             raise ArgumentError(
                 "dirpath",
                 f"CompressedExport: `dirpath` {dirpath} lies in {what} ({path}), whose folders are its own (runs"
@@ -108,12 +108,17 @@ def check_keeps_apart(dirpath: str | os.PathLike, kept: Mapping[str, str | os.Pa
 def first_held(dirpath: str | os.PathLike, paths: Mapping[str, str | os.PathLike]) -> Optional[Tuple[str, Any]]:
     """The first ``(what, path)`` of ``paths`` that is ``dirpath`` or lies inside it (``~``
     expanded and links followed on both sides, as the export and the readers do), if any."""
-    target = Path(os.path.realpath(os.path.expanduser(dirpath)))
+    target = _followed(dirpath)
     for what, path in paths.items():
-        held = Path(os.path.realpath(os.path.expanduser(path)))
+        held = _followed(path)
         if held == target or target in held.parents:
             return what, path
     return None
+
+
+def _followed(path: str | os.PathLike) -> Path:
+    """``path`` as the export and the readers reach it: ``~`` expanded, links followed."""
+    return Path(os.path.realpath(os.path.expanduser(path)))
 
 
 def _refuse_unreplaceable(dirpath, target: Path) -> None:

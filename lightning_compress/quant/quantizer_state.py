@@ -91,7 +91,7 @@ def held_differences(held: Mapping[str, Held], specs: Mapping[str, QuantSpec], *
             settings.append(("observer", inputs.kind, observer))
         differences += [f"layer {name!r} has {setting} {theirs!r}, this callback {mine!r}"
                         for setting, theirs, mine in settings if theirs != mine]
-    return differences[:4] + ([f"{len(differences) - 4} more"] if len(differences) > 4 else [])
+    return first_four(differences)
 
 
 @dataclass
@@ -141,24 +141,40 @@ def take_over(layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec], a
     ))
 
 
+def grid_differences(entries: Mapping[str, Mapping[str, Any]], specs: Mapping[str, QuantSpec],
+                     weight_range: str) -> List[str]:
+    """How a checkpoint's QAT ``entries`` (``{layer: entry}``) of the layers in ``specs``
+    differ from the grid a callback puts on them: another grid, or ``weight_range``
+    (checkpoints older than it: min/max); at most four named, then a count."""
+    differences = []
+    for name, entry in entries.items():
+        if name not in specs:
+            continue  # (an entry for a layer not targeted is the caller's to name)
+        if entry.get("spec") != specs[name].describe():
+            differences.append(f"layer {name!r} was trained with {entry.get('spec')} but this callback quantizes it"
+                               f" as {specs[name].describe()}")
+        trained_range = entry.get("weight_range", "minmax")
+        if trained_range != weight_range:
+            differences.append(f"layer {name!r} was trained with weight_range={trained_range!r} but this callback"
+                               f" uses weight_range={weight_range!r}")
+    return first_four(differences)
+
+
 def checkpoint_misfit(entries: Mapping[str, Mapping[str, Any]], specs: Mapping[str, QuantSpec],
                       weight_range: str) -> List[str]:
-    """How a checkpoint's QAT ``entries`` (``{layer: entry}``) fail to give the grid a
-    callback would put on the layers of ``specs``: layers it holds no entry for, or holds
-    one of another grid or ``weight_range`` (checkpoints older than it: min/max), or entries
-    for layers the callback does not target; at most four named, then a count."""
+    """:func:`grid_differences`, and the layers of ``specs`` the checkpoint holds no entry
+    for, or entries for layers not in ``specs``: what keeps a checkpoint from giving the
+    grid; at most four named, then a count."""
     problems = [f"the checkpoint holds no QAT state for {name!r}" for name in specs if name not in entries]
     problems += [f"the checkpoint holds QAT state for {name!r}, which this callback does not target"
                  for name in entries if name not in specs]
-    for name, entry in entries.items():
-        if name in specs and entry.get("spec") != specs[name].describe():
-            problems.append(f"layer {name!r} was trained with {entry.get('spec')} but this callback quantizes it as"
-                            f" {specs[name].describe()}")
-        elif name in specs and entry.get("weight_range", "minmax") != weight_range:
-            problems.append(f"layer {name!r} was trained with weight_range={entry.get('weight_range', 'minmax')!r}"
-                            f" but this callback uses weight_range={weight_range!r}")
+    return first_four(problems + grid_differences(entries, specs, weight_range))
+
+
+def first_four(problems: List[str]) -> List[str]:
+    """``problems`` to name in a message: the first four, then how many more."""
     return problems[:4] + ([f"{len(problems) - 4} more"] if len(problems) > 4 else [])
 
 
 __all__ = ["TakeOver", "quantizer_entry", "load_entry", "held_quantizers", "held_differences", "take_over",
-           "checkpoint_misfit"]
+           "checkpoint_misfit", "grid_differences", "first_four"]
