@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, NamedTuple
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
@@ -33,6 +33,17 @@ from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import WeightFakeQuantizer, attach_weight_quantizers
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _Attach(NamedTuple):
+    """The arguments of ``_attach``, kept while an evaluation waits for a checkpoint."""
+
+    pl_module: Any
+    layers: Mapping[str, nn.Module]
+    specs: Mapping[str, QuantSpec]
+    rivals: set
+    plan: Any  # quant.quantizer_state.TakeOver
+    mappings: list
 
 
 class QuantizationAwareTraining(LayerCompressionCallback):
@@ -202,7 +213,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         plan = take_over(layers, specs, rivals, stage=getattr(stage, "value", stage), calibrated=calibrated,
                          learned=self.learn_ranges, weight_range=self.weight_range, activations=self.activations,
                          observer=self.observer)  # quantizers of an earlier Trainer's QAT
-        attach = (pl_module, layers, specs, rivals, plan, mappings)
+        attach = _Attach(pl_module, layers, specs, rivals, plan, mappings)
         if plan.refusal is not None:  # an evaluation: the model stays as it is unless a checkpoint gives the grid
             self._refused = attach  # (attached in load_state_dict; refused at the evaluation's start)
             return
@@ -240,8 +251,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         attach = self._refused
-        misfit = [] if attach is None else checkpoint_misfit(dict(state_dict.get("layers") or {}), attach[2],
-                                                             self.weight_range)
+        misfit = [] if attach is None else checkpoint_misfit(dict(state_dict.get("layers") or {}),
+                                                             attach.specs, self.weight_range)
         try:
             super().load_state_dict(state_dict)  # checked, and kept until the quantizers exist
         except ValueError as err:
@@ -261,7 +272,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         attach, self._refused = self._refused, None
         if attach is not None:  # nothing attached: the model is as it was
             given = f"; the checkpoint given ({trainer.ckpt_path}) holds no QAT state" if trainer.ckpt_path else ""
-            raise ValueError(attach[4].refusal + given)
+            raise ValueError(attach.plan.refusal + given)
 
     on_test_start = on_predict_start = on_validation_start
 
