@@ -7,7 +7,8 @@ keeps learning during the QAT window. Here the float model is the one trained fo
 steps at the learning rate its schedule ended on (a tenth of the peak, constant, a fresh
 AdamW: the float model's optimizer state is not kept), once in float and once with QAT
 from each start (int4 group 32, QAT from the 17th step, so the calibrated start records
-the first 16 batches). Two shares of the RTN PTQ perplexity gap are reported:
+the first 16 batches), and once more from the best start with ``KnowledgeDistillation``
+from the finished float model (quantization-aware distillation, as in qat_init.py). Two shares of the RTN PTQ perplexity gap are reported:
 
 - against the float model fine-tuned alike (the issue's measure: the float baseline gets
   the same training as the QAT model);
@@ -32,10 +33,13 @@ from common import seed_summary as summary
 
 from qat_init import CALIBRATION_BATCHES, STARTS, CharLMSeed, qat_callbacks
 from qat_regimes import REGIME_STARTS, SPEC, gap_closed
+from lightning_compress import KnowledgeDistillation
 from lightning_compress.examples.charlm import CharTransformer, perplexity
 from lightning_compress.quant import round_to_nearest
 
 FINE_TUNE_STEPS = (200, 400)
+DISTILLED = "gptq + mse"  # the best start of qat_init.py, again with the float model as teacher
+ROWS = (*REGIME_STARTS, f"{DISTILLED} + KD")
 # CharTransformer's schedule decays the learning rate linearly to a tenth of its peak.
 FINAL_LR_FACTOR = 0.1
 
@@ -65,6 +69,9 @@ def measure(run: CharLMSeed, steps: int) -> dict:
     for name in REGIME_STARTS:
         callbacks = qat_callbacks(STARTS[name], CALIBRATION_BATCHES, weights=SPEC.bits, group_size=SPEC.group_size)
         results[name] = perplexity(fine_tune(run, steps, callbacks), run.val)
+    callbacks = qat_callbacks(STARTS[DISTILLED], CALIBRATION_BATCHES, weights=SPEC.bits, group_size=SPEC.group_size)
+    teacher = KnowledgeDistillation(teacher=copy.deepcopy(run.float_model), temperature=1.0, alpha=0.5)
+    results[f"{DISTILLED} + KD"] = perplexity(fine_tune(run, steps, [*callbacks, teacher]), run.val)
     return results
 
 
@@ -81,13 +88,13 @@ def main() -> None:
     for steps in FINE_TUNE_STEPS:
         runs = [measure(run, steps) for run in seeds]
         mean = {key: summary(runs, key)[0] for key in runs[0]}
-        for name in REGIME_STARTS:
+        for name in ROWS:
             alike = gap_closed(mean["rtn"], mean[name], mean["float"])
             each = "/".join(f"{gap_closed(r['rtn'], r[name], r['float']):.0%}".rstrip("%") for r in runs)
             started = gap_closed(mean["start rtn"], mean[name], mean["start float"])
             print(f"| {steps} steps | {mean['start float']:.3f} / {mean['float']:.3f} | {mean['start rtn']:.3f} /"
                   f" {mean['rtn']:.3f} | {name} | {alike:.0%} ({each}) | {started:.0%} |")
-            if name == "gptq + mse":
+            if name.startswith(DISTILLED):
                 headline("accuracy vs PTQ", f"char LM int4 g32 QAT {name} as a {steps}-step fine-tune of the"
                          " finished float model: gap closed vs the float fine-tuned alike / vs the float it"
                          " started from", f"{alike:.0%} (seeds {each}) / {started:.0%}", None)
