@@ -128,7 +128,7 @@ class Fed(Callback):
         self.pruning, self.rows = pruning, []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        sums = self.pruning.state_dict()["activation_norms"]
+        sums = self.pruning.state_dict()["activation_norms"]["sums"]
         self.rows.append((trainer.global_step, batch[0].clone().cpu(), {k: v.clone().cpu() for k, v in sums.items()}))
 
 
@@ -185,7 +185,8 @@ def test_resume_between_two_updates_is_bit_identical(tmp_path):
     )
     state = torch.load(ckpt, weights_only=True)["callbacks"][_wanda().state_key]
     assert state["score"] == "wanda"  # checkpointed at step 16, two batches after the update at 14
-    assert all(torch.count_nonzero(sums) > 0 for sums in state["activation_norms"].values())
+    assert all(torch.count_nonzero(sums) > 0 for sums in state["activation_norms"]["sums"].values())
+    assert set(state["activation_norms"]["previous"]) == set(LAYERS)  # the norms of the update at 14
     for key, value in reference.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[key], value), key
     for name, entry in uninterrupted.state_dict()["masks"].items():
@@ -284,6 +285,112 @@ def test_a_first_update_at_step_zero_is_refused(settings):
     with pytest.raises(ArgumentError, match=r"`start_step`=0.01 puts the first update at step 0"):
         trainer.fit(TinyRegressor(), tiny_loader())
     assert trainer.global_step == 0
+
+
+class SometimesRouted(TinyRegressor):
+    """``expert`` runs only on the training batches whose index in the epoch is in
+    ``routed`` (a branch, or an expert of a mixture no token was routed to): some intervals
+    between two mask updates have no statistics for it."""
+
+    def __init__(self, routed):
+        super().__init__(optimizer="sgd", lr=0.0)
+        self.routed = set(routed)
+        self.expert = nn.Linear(4, 6)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx in self.routed:
+            loss = loss + self.expert(batch[0][:, :, 0]).pow(2).mean()  # [16, 4] inputs
+        return loss
+
+
+class ExpertMasks(Callback):
+    """The expert's mask after each training batch (after the pruning callback's update)."""
+
+    def __init__(self, pruning):
+        self.pruning, self.masks = pruning, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        entry = self.pruning.state_dict()["masks"].get("expert")
+        if entry is not None:
+            self.masks[trainer.global_step] = unpack_mask(entry["packed"], pl_module.expert.weight.shape)
+
+
+def test_a_layer_no_forward_reached_since_the_last_update_keeps_its_previous_norms():
+    torch.manual_seed(0)
+    loader = tiny_loader(batches=10)
+    # An update at every step from 2 to 9 (after batches 0-1, then one batch each): the
+    # updates at steps 3-6 follow batches that skip the expert.
+    pruning = MagnitudePruning(0.5, initial_sparsity=0.1, start_step=2, end_step=9, update_every=1,
+                               score="wanda", targets=["expert"])
+    recorded = ExpertMasks(pruning)
+    model = SometimesRouted(routed=(0, 6, 7, 8))
+    weight = model.expert.weight.detach().clone().double()  # lr=0: what every update ranks
+    with pytest.warns(UserWarning, match=r"no training forward reached \['expert'\] since the last mask update"):
+        make_trainer(max_steps=10, callbacks=[pruning, recorded]).fit(model, loader)
+    inputs = [batch[0][:, :, 0].double() for batch in loader]
+
+    def reference(batches, before, after):
+        """``before`` (the mask so far: a pruned weight scores zero) with the weights of the
+        lowest |W_ij| · ‖X_j‖₂ pruned, down to ``after``'s count."""
+        scores = torch.where(before, weight.abs() * torch.cat([inputs[i] for i in batches]).norm(dim=0), -1.0)
+        return scores >= scores.flatten().sort().values[int((~after).sum())]
+
+    counts = [int((~recorded.masks[step]).sum()) for step in range(2, 8)]
+    assert counts == sorted(counts) and len(set(counts)) == 6  # a weight more pruned at each of these updates
+    other_norms_differ = []
+    for step in range(2, 8):  # batch 0 is the last the expert saw before the updates at steps 2-6
+        before = recorded.masks.get(step - 1, torch.ones_like(weight, dtype=torch.bool))
+        seen = [0] if step <= 6 else [6]
+        assert torch.equal(recorded.masks[step], reference(seen, before, recorded.masks[step])), step
+        # What ranking by the inputs of the batch before (had the expert seen it) would prune.
+        other_norms_differ.append(not torch.equal(recorded.masks[step], reference([step - 1], before, recorded.masks[step])))
+    assert any(other_norms_differ[1:5])  # the check above tells the norms apart
+
+
+def test_resume_between_two_updates_without_statistics_is_bit_identical(tmp_path):
+    """Checkpointed after a stale update at step 3 (batch 2 skips the expert), resumed
+    into another (batch 0 of the next epoch skips it too): the norms of the update at step 2
+    come back from the checkpoint."""
+
+    def run(extra=(), ckpt_path=None):
+        torch.manual_seed(0)
+        model = SometimesRouted(routed=(1,))
+        pruning = MagnitudePruning(0.5, initial_sparsity=0.1, start_step=2, end_step=8, update_every=1,
+                                   score="wanda", targets=["expert"])
+        recorded = ExpertMasks(pruning)
+        with pytest.warns(UserWarning, match="no training forward reached"):
+            make_trainer(max_epochs=3, callbacks=[pruning, recorded, *extra]).fit(
+                model, tiny_loader(batches=3), ckpt_path=ckpt_path)
+        return recorded.masks, pruning
+
+    uninterrupted, _ = run()
+    checkpoint = tmp_path / "epoch0.ckpt"
+    run([StopAfterEpoch(0, checkpoint)])
+    saved = torch.load(checkpoint, weights_only=True)["callbacks"][MagnitudePruning(0.5).state_key]["activation_norms"]
+    assert saved["previous"]["expert"].count_nonzero() == 4 and saved["sums"]["expert"].count_nonzero() == 0
+    resumed, _ = run(ckpt_path=checkpoint)
+    assert set(resumed) == {4, 5, 6, 7, 8, 9}
+    for step, mask in resumed.items():
+        assert torch.equal(mask, uninterrupted[step]), step
+    assert not torch.equal(uninterrupted[4], uninterrupted[3])  # the update at step 4 pruned more
+
+
+def test_wanda_statistics_of_a_checkpoint_written_before_the_last_norms_were_kept_load():
+    layer = nn.Linear(3, 2)
+    norms = InputNorms({"fc": layer})
+    norms.load({"fc": torch.tensor([1.0, 4.0, 9.0])})  # the totals alone, as earlier checkpoints hold them
+    assert torch.equal(norms.take_scales()["fc"], torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"cover \['other'\] but this MagnitudePruning ranks \['fc'\]"):
+        norms.load({"sums": {"other": torch.ones(3)}, "previous": {}})
+    with pytest.raises(ValueError, match=r"cover \['fc', 'other'\] but"):
+        norms.load({"sums": {"fc": torch.ones(3)}, "previous": {"other": torch.ones(3)}})
+    with pytest.raises(ValueError, match="statistics of layer 'fc' do not fit its input size"):
+        norms.load({"sums": {"fc": torch.ones(3)}, "previous": {"fc": torch.ones(4)}})
+    with pytest.raises(ValueError, match=r"cover \{'sums': 3\} but"):
+        norms.load({"sums": 3})
+    with pytest.raises(ValueError, match=r"cover \{'sums': None\} but"):
+        norms.load(None)
 
 
 def test_an_update_without_statistics_names_the_layer():

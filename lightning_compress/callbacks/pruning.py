@@ -157,7 +157,7 @@ class MagnitudePruning(LayerCompressionCallback):
                                      param=weight_param(name, layer))
             self._masks[name] = transform
         self._layers, self._model = layers, pl_module
-        self._norms = InputNorms(layers) if self.score == "wanda" else None
+        self._norms = InputNorms(layers, warn=rank_zero_warn) if self.score == "wanda" else None
         self._measure()  # logged from the first step, before any mask exists
         self.finish_install(pl_module)
 

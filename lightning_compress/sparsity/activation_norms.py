@@ -14,7 +14,8 @@ Pure torch (``torch.distributed`` for the sum over ranks), no Lightning.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping
+import warnings
+from typing import Any, Callable, Dict, List, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -70,11 +71,15 @@ class InputNorms:
 
     Args:
         layers: ``{weight key: layer}``: Linear and Conv layers (see :func:`wanda_issue`).
+        warn: how to warn of a layer ranked by older norms (``rank_zero_warn`` under
+            Lightning: every rank holds the same totals).
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+    def __init__(self, layers: Mapping[str, nn.Module], warn: Callable[[str], Any] = warnings.warn) -> None:
         self._layers = dict(layers)
+        self._warn = warn
         self._sums = {name: torch.zeros(_width(layer)) for name, layer in self._layers.items()}
+        self._previous: Dict[str, Tensor] = {}  # {key: ‖X_j‖₂ of the last update it had statistics for}
         self._pending: Dict[str, Tensor] = {}
         self._handles: List[Any] = []
         self.collecting = False
@@ -87,6 +92,8 @@ class InputNorms:
             device = raw_weight(layer).device
             self._pending[name] = torch.zeros(_width(layer), device=device)
             self._sums[name] = self._sums[name].to(device)
+            if name in self._previous:
+                self._previous[name] = self._previous[name].to(device)
             self._handles.append(layer.register_forward_hook(self._observer(name), with_kwargs=True))
 
     def detach(self) -> None:
@@ -118,20 +125,29 @@ class InputNorms:
 
     def take_scales(self) -> Dict[str, Tensor]:
         """``{key: ‖X_j‖₂}`` shaped to multiply the layer's weight (``[out, in, *kernel]``),
-        from the totals, which start again from zero.
+        from the totals, which start again from zero. A layer no training forward reached
+        since the last update (an expert no token was routed to, a branch some batches
+        take) is ranked by the norms of the last update it had, with a warning.
 
         Raises:
-            ValueError: naming the layers no training forward has reached since the last
-                update (all their feature norms are zero).
+            ValueError: naming the layers no training forward has reached since training
+                started (all their feature norms are zero).
         """
         empty = [name for name, sums in self._sums.items() if not bool(sums.any())]
-        if empty:
+        never = [name for name in empty if name not in self._previous]
+        if never:
             raise ValueError(
-                f"score='wanda' has no activation statistics for {empty}: no training forward passed through"
-                " them since the last mask update (or their inputs were all zero); make sure they run in"
+                f"score='wanda' has no activation statistics for {never}: no training forward passed through"
+                " them since training started (or their inputs were all zero); make sure they run in"
                 " `training_step`, add them to `exclude`, or use score='magnitude'"
             )
-        scales = {name: _shaped(self._layers[name], sums.sqrt()) for name, sums in self._sums.items()}
+        if empty:
+            self._warn(
+                f"score='wanda': no training forward reached {empty} since the last mask update (a branch or expert"
+                " some batches skip); their weights are ranked by the input norms of the update before"
+            )
+        self._previous.update({name: sums.sqrt() for name, sums in self._sums.items() if name not in empty})
+        scales = {name: _shaped(self._layers[name], norms) for name, norms in self._previous.items()}
         self.reset()
         return scales
 
@@ -139,24 +155,38 @@ class InputNorms:
         """A copy of the totals, ``{key: sum of squares per input feature}``."""
         return {name: sums.clone() for name, sums in self._sums.items()}
 
-    def state(self) -> Dict[str, Tensor]:
-        return {name: sums.detach().cpu().clone() for name, sums in self._sums.items()}
+    def state(self) -> Dict[str, Dict[str, Tensor]]:
+        """The totals since the last update (``"sums"``) and each layer's norms of the last
+        update it had statistics for (``"previous"``)."""
+        return {part: {name: tensor.detach().cpu().clone() for name, tensor in tensors.items()}
+                for part, tensors in (("sums", self._sums), ("previous", self._previous))}
 
-    def load(self, state: Mapping[str, Tensor]) -> None:
-        """Take the totals of :meth:`state`.
+    def load(self, state: Mapping[str, Any]) -> None:
+        """Take the totals and last norms of :meth:`state` (or the totals alone, as
+        checkpoints before the last norms were kept hold them).
 
         Raises:
             ValueError: for other layers or widths than these layers'.
         """
-        if set(state) != set(self._sums):
+        if not isinstance(state, Mapping):
+            state = {"sums": state}
+        totals_only = all(isinstance(saved, Tensor) for saved in state.values())
+        sums, previous = (state, {}) if totals_only else (state.get("sums"), state.get("previous"))
+        layers = set(self._sums)
+        if not (isinstance(sums, Mapping) and isinstance(previous, Mapping)) or set(sums) != layers \
+                or not set(previous) <= layers:
+            covered = sorted({*sums, *previous}) if isinstance(sums, Mapping) and isinstance(previous, Mapping) else state
             raise ValueError(
-                f"the checkpoint's wanda statistics cover {sorted(state)} but this MagnitudePruning ranks"
-                f" {sorted(self._sums)}; resume with the same `targets` and `exclude`"
+                f"the checkpoint's wanda statistics cover {covered} but this MagnitudePruning ranks"
+                f" {sorted(layers)}; resume with the same `targets` and `exclude`"
             )
-        for name, saved in state.items():
-            if not isinstance(saved, Tensor) or saved.shape != self._sums[name].shape:
-                raise ValueError(f"the checkpoint's wanda statistics of layer {name!r} do not fit its input size")
-            self._sums[name] = saved.to(device=self._sums[name].device, dtype=torch.float32).clone()
+        loaded = {part: {} for part in ("sums", "previous")}
+        for part, tensors in (("sums", sums), ("previous", previous)):
+            for name, saved in tensors.items():
+                if not isinstance(saved, Tensor) or saved.shape != self._sums[name].shape:
+                    raise ValueError(f"the checkpoint's wanda statistics of layer {name!r} do not fit its input size")
+                loaded[part][name] = saved.to(device=self._sums[name].device, dtype=torch.float32).clone()
+        self._sums, self._previous = loaded["sums"], loaded["previous"]
 
     def _observer(self, name: str):
         def observe(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
