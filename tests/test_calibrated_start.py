@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export, quantized_weights
+from lightning_compress import IncompatibleLayersSkipped, MagnitudePruning, QuantizationAwareTraining, export
+from lightning_compress import quantized_weights
 from lightning_compress.callbacks.compatibility import IncompatibleSettings
 from lightning_compress.core.transforms import Stage, get_weight_transform, is_transformed
 from lightning_compress.core.validate import ArgumentError
@@ -307,10 +308,45 @@ def test_awq_under_grouped_query_attention_leaves_o_proj_unmapped_and_names_it(s
         fit(model, [qat], steps=2)
 
 
+def test_awq_under_grouped_query_attention_names_o_proj_and_skips_it_when_asked(seeded):
+    # A new user's trial: `on_incompatible="skip"` left AWQ's uncovered layers an error.
+    o_proj = "model.model.layers.0.self_attn.o_proj"
+    qat = QuantizationAwareTraining("int4", group_size=16, init="awq", calibration_batches=1, start_step=1,
+                                    exclude=["lm_head"])
+    with pytest.raises(IncompatibleSettings, match=rf"cannot quantize layer '{o_proj}' \(Linear\): init='awq' has"
+                       r" nowhere.*grouped-query attention(?s:.*)on_incompatible='skip'") as error:
+        fit(llama(kv_heads=1), [qat], steps=2)
+    assert f"exclude=['{o_proj}']" in str(error.value)
+    model = llama(kv_heads=1)
+    qat = QuantizationAwareTraining("int4", group_size=16, init="awq", calibration_batches=1, start_step=1,
+                                    exclude=["lm_head"], on_incompatible="skip")
+    with pytest.warns(IncompatibleLayersSkipped, match=rf"leaves 1 layer in float:\n  - '{o_proj}': init='awq'"):
+        fit(model, [qat], steps=3)
+    assert qat._calibration.applied
+    assert set(qat.layer_specs) == set(names(model, LINEAR_TARGETS)) - {o_proj}
+    assert not is_transformed(dict(model.named_modules())[o_proj])
+
+
+def test_the_readme_awq_example_trains_a_grouped_query_mistral(seeded):
+    """README: AWQ on every Linear but the head and o_proj, o_proj in a second callback."""
+    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
+    model = TinyLlama()
+    model.model = transformers.MistralForCausalLM(config)
+    awq = QuantizationAwareTraining("int4", group_size=16, init="awq", exclude=["lm_head", "o_proj"], name="awq",
+                                    calibration_batches=1, start_step=1)
+    rest = QuantizationAwareTraining("int4", group_size=16, weight_range="mse", targets=["o_proj"], name="o_proj",
+                                     start_step=1)
+    fit(model, [awq, rest], steps=3)
+    assert awq._calibration.applied
+    assert set(rest.layer_specs) == {"model.model.layers.0.self_attn.o_proj"}
+    assert set(awq.layer_specs) == set(names(model, LINEAR_TARGETS)) - set(rest.layer_specs)
+
+
 def test_awq_on_a_model_without_mappings_names_every_layer_and_mappings_fix_it(seeded):
     qat = QuantizationAwareTraining("int4", group_size=16, init="awq", calibration_batches=1, start_step=1,
                                     targets=[nn.Linear])
-    with pytest.raises(ValueError, match=r"fc1.*fc2|fc2.*fc1"):
+    with pytest.raises(IncompatibleSettings, match=r"(?s)'fc1'.*no built-in mapping.*covers it.*'fc2'.*covers it"):
         fit(TinyRegressor(), [qat], steps=2, loader=tiny_loader())
     # fc1 reads relu(conv(x)), which is not linear in conv's output: only fc1 -> fc2 with a
     # norm in between could be folded, so a user mapping of fc1 -> fc2 is accepted (the
@@ -333,7 +369,8 @@ def test_user_mappings_that_match_nothing_say_why(seeded, mappings, reason):
     # They all used to give one message, "no `mappings` ... covers ['fc2']" (a new user's trial).
     qat = QuantizationAwareTraining("int8", init="awq", calibration_batches=1, start_step=1, targets=["fc2"],
                                     mappings=mappings)
-    with pytest.raises(ValueError, match=r"covers \['fc2'\]") as error:
+    with pytest.raises(IncompatibleSettings, match=r"nowhere to fold its per-channel scales for 'fc2': no `mappings`"
+                       r" \{.*\} covers it") as error:
         fit(TinyRegressor(), [qat], steps=2, loader=tiny_loader())
     assert re.search(reason, str(error.value)), str(error.value)
 

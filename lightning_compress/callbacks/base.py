@@ -172,15 +172,20 @@ class CompressionCallback(Callback):
         """
         return None
 
-    def layer_issues(self, layers: Mapping[str, nn.Module]) -> Dict[str, LayerIssue]:
-        """``{name: why}`` for the ``layers`` (of :meth:`target_layers`) this method cannot
-        compress with its settings; asked before training, before any callback changes the
-        model. The config answers, layer by layer (``config.layer_issue``)."""
+    def layer_issues(self, layers: Mapping[str, nn.Module], model: nn.Module) -> Dict[str, LayerIssue]:
+        """``{name: why}`` for the ``layers`` (of :meth:`target_layers` on ``model``) this
+        method cannot compress with its settings; asked before training, before any
+        callback changes the model. The config answers, layer by layer
+        (``config.layer_issue``), then for what depends on the rest of the model
+        (``config.model_issues``: where AWQ's scales would fold)."""
         issue_of = getattr(self.config, "layer_issue", None)
-        if issue_of is None:
-            return {}
-        issues = {name: issue_of(name, layer) for name, layer in layers.items()}
-        return {name: issue for name, issue in issues.items() if issue is not None}
+        issues = {} if issue_of is None else {name: issue_of(name, layer) for name, layer in layers.items()}
+        issues = {name: issue for name, issue in issues.items() if issue is not None}
+        across = getattr(self.config, "model_issues", None)
+        if across is not None:
+            rest = {name: layer for name, layer in layers.items() if name not in issues}
+            issues.update(across(model, rest))
+        return issues
 
     @property
     def on_incompatible(self) -> str:

@@ -295,7 +295,7 @@ def examine(callbacks: Sequence[Any], model: nn.Module) -> Verdict:
         verdict.known.add(id(callback))
         verdict.targeted_count[id(callback)] = len(layers)
         targets = targets_of(callback)
-        issues = callback.layer_issues(layers)
+        issues = callback.layer_issues(layers, model)
         if callback.section == "pruning":  # a weight the mask's zeros would change for another module
             issues.update(tied_weight_issues(model, {n: layers[n] for n in layers if n not in issues}, adapted,
                                              callback.config.targets))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import weakref
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
@@ -144,7 +143,6 @@ class LoRA(CompressionCallback):
         self._dropped_keys: list = []
         self._fingerprint: tuple | None = None
         self._pending_adapter_dir: Path | None = None
-        self._targeted_in: weakref.ref | None = None
 
     @override
     def set_up_layer_names(self) -> set:
@@ -244,15 +242,12 @@ class LoRA(CompressionCallback):
     @override
     def target_layers(self, model: nn.Module) -> Dict[str, nn.Module]:
         # Each layer's fit is a layer issue (`LoRAConfig.layer_issue`), decided before training.
-        layers = select_adapter_layers(model, self.config, check=False)
-        self._targeted_in = weakref.ref(model)  # what `layer_issues` asks about next
-        return layers
+        return select_adapter_layers(model, self.config, check=False)
 
     @override
-    def layer_issues(self, layers: Mapping[str, nn.Module]) -> Dict[str, LayerIssue]:
-        issues = super().layer_issues(layers)
-        model = self._targeted_in() if self._targeted_in is not None else None
-        if self.adapter_dir is not None and model is not None:
+    def layer_issues(self, layers: Mapping[str, nn.Module], model: nn.Module) -> Dict[str, LayerIssue]:
+        issues = super().layer_issues(layers, model)
+        if self.adapter_dir is not None:
             for name, why in peft_unpaired(model, [n for n in layers if n not in issues]).items():
                 issues[name] = LayerIssue("adapter_dir", str(self.adapter_dir), f"{why}; or set adapter_dir=None")
         return issues

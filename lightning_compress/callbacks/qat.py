@@ -141,8 +141,8 @@ class QuantizationAwareTraining(LayerCompressionCallback):
             quantizable when targeted.
         exclude: layer types and/or name globs to keep in float.
         on_incompatible: ``"error"`` (default): targeted layers this grid cannot quantize
-            (a ``group_size`` that does not divide them, a grid another callback's setting
-            rules out there) stop the run before training, all named in one
+            (a ``group_size`` that does not divide them, a layer GPTQ cannot round or no AWQ
+            mapping covers, a grid another callback rules out) stop the run, all named in one
             ``IncompatibleSettings``; ``"skip"``: they stay in float, named in one warning
             at setup and counted in the report (``qat/skipped_layers``, the layer table's
             ``skipped`` column). A grouped or depthwise convolution selected by type that

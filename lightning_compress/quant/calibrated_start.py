@@ -32,7 +32,7 @@ from lightning_compress.core.targeting import tied_parameter_names
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
 from lightning_compress.quant.fake_quant import as_matrix
 from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_issue, gptq_issue_message, gptq_quantize
-from lightning_compress.quant.mappings import ScaleMapping, covering_mappings
+from lightning_compress.quant.mappings import ScaleMapping, covering_mappings, describe_setting
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.smoothing import (
     awq_scales,
@@ -335,12 +335,6 @@ def _float_output(module: nn.Module, inputs: Tensor) -> Tensor:
             bias = None if module.bias is None else module.bias.float()
             return F.linear(inputs.float(), weight_before(module, Stage.FAKE_QUANT).float(), bias)
         return module(inputs).float()
-
-
-def describe_setting(init: str | None, smoothing: float | None) -> str:
-    """``init='gptq' with smoothing=0.5``: the user's setting, for messages."""
-    parts = ([f"init={init!r}"] if init is not None else []) + ([f"smoothing={smoothing}"] if smoothing is not None else [])
-    return " with ".join(parts)
 
 
 def plan_calibrated_start(

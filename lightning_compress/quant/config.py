@@ -15,6 +15,7 @@ from lightning_compress.core.validate import ArgumentError, check_bool, check_ch
 from lightning_compress.quant.activations import ACTIVATION_MODES, OBSERVERS
 from lightning_compress.quant.fake_quant import check_divisible
 from lightning_compress.quant.gptq import gptq_issue, gptq_issue_message
+from lightning_compress.quant.mappings import describe_setting, uncovered_layers
 from lightning_compress.quant.spec import GRANULARITIES, QuantSpec, parse_bits, spec_from_options
 from lightning_compress.quant.weights import DEFAULT_TARGET_TYPES, QUANTIZABLE_TYPES, WEIGHT_RANGES
 
@@ -90,6 +91,16 @@ class QATConfig:
                 return LayerIssue("group_size", spec.group_size, str(err))
             return LayerIssue(f"overrides[{pattern!r}]", spec.describe(), str(err))
         return None
+
+    def model_issues(self, model: nn.Module, layers: Mapping[str, nn.Module]) -> Dict[str, LayerIssue]:
+        """``{name: why}`` for the selected ``layers`` of ``model`` that ``init="awq"`` or
+        ``smoothing`` has nowhere to fold scales for: no mapping covers them."""
+        if self.init != "awq" and self.smoothing is None:
+            return {}
+        setting = describe_setting(self.init, self.smoothing)
+        argument, value = ("init", self.init) if self.init == "awq" else ("smoothing", self.smoothing)
+        return {name: LayerIssue(argument, value, why) for name, why in uncovered_layers(model, layers, setting,
+                                                                                         self.mappings).items()}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale_dtype", dtype_spelled(self.scale_dtype))  # torch.float16 as "float16"

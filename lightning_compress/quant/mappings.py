@@ -136,20 +136,14 @@ def covering_mappings(
                     " columns can take the scales of one mapping only; keep it under the module whose output it reads"
                 )
             owners[name] = mapping.smooth
-    uncovered = [key for key in layers if key not in owners]
+    uncovered = uncovered_layers(model, layers, setting, rules)
     if uncovered:
-        reasons = unmatched_rules(model, rules) if rules is not None else []
-        known = (
-            f"`mappings` {dict(rules)}" if rules is not None else "built-in mapping (LLaMA-style `input_layernorm ->"
-            " q/k/v_proj`, `post_attention_layernorm -> gate/up_proj`, `up_proj -> down_proj`, `v_proj -> o_proj`"
-            " where their sizes agree, which grouped-query attention breaks; BERT's `attention.self.value ->"
-            " attention.output.dense`)"
-        )
+        names = list(uncovered)
         raise ValueError(
-            f"{setting} folds per-channel scales into the norm or layer before each quantized layer, and no {known}"
-            f" covers {uncovered}" + (f": {'; '.join(reasons[:6])}." if reasons else ".") + " Give `mappings` for"
-            " your blocks (e.g. {'norm1': ['qkv']}), exclude them (`exclude`), or quantize them in a second"
-            " QuantizationAwareTraining callback without it"
+            f"{setting} folds per-channel scales into the norm or layer before each quantized layer, and no"
+            f" {_known(rules)} covers {names}" + _reasons(model, rules) + " Give `mappings` for your blocks (e.g."
+            " {'norm1': ['qkv']}), exclude them (`exclude`), or quantize them in a second QuantizationAwareTraining"
+            " callback without it"
         )
     if init == "awq":
         for mapping in mappings:
@@ -160,6 +154,50 @@ def covering_mappings(
                     " put on different grids; give them one grid"
                 )
     return mappings
+
+
+def describe_setting(init: str | None, smoothing: float | None) -> str:
+    """``init='gptq' with smoothing=0.5``: the user's setting, for messages."""
+    parts = ([f"init={init!r}"] if init is not None else []) + ([f"smoothing={smoothing}"] if smoothing is not None else [])
+    return " with ".join(parts)
+
+
+def uncovered_layers(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    setting: str,
+    rules: Mapping[str, Sequence[str]] | None,
+) -> Dict[str, str]:
+    """``{name: why}`` for the quantized ``layers`` no mapping of ``rules`` (else the
+    built-in ones) covers: AWQ or SmoothQuant (``setting``) has nowhere to fold their
+    scales. Each message names the layer and the fixes."""
+    covered = {name for m in find_mappings(model, rules) for name in m.balance}
+    missing = [key for key in layers if key not in covered]
+    if not missing:
+        return {}
+    known = f"`mappings` {dict(rules)}" if rules is not None else (
+        "built-in mapping (LLaMA, Mistral, Qwen2 and BERT blocks; `v_proj -> o_proj` only where grouped-query"
+        " attention leaves their sizes equal)")
+    reasons = _reasons(model, rules)
+    return {
+        key: f"{setting} has nowhere to fold its per-channel scales for {key!r}: no {known} covers it{reasons} Give"
+             f" `mappings` for it, or quantize it in a second QuantizationAwareTraining callback without {setting}"
+        for key in missing
+    }
+
+
+def _known(rules: Mapping[str, Sequence[str]] | None) -> str:
+    if rules is not None:
+        return f"`mappings` {dict(rules)}"
+    return ("built-in mapping (LLaMA-style `input_layernorm -> q/k/v_proj`, `post_attention_layernorm -> gate/up_proj`,"
+            " `up_proj -> down_proj`, `v_proj -> o_proj` where their sizes agree, which grouped-query attention"
+            " breaks; BERT's `attention.self.value -> attention.output.dense`)")
+
+
+def _reasons(model: nn.Module, rules: Mapping[str, Sequence[str]] | None) -> str:
+    """``": why the rules miss; ..."`` (the user's rules only), else ``"."``."""
+    reasons = unmatched_rules(model, rules) if rules is not None else []
+    return f": {'; '.join(reasons[:6])}." if reasons else "."
 
 
 def _block_prefix(name: str, suffix: str) -> str | None:
@@ -183,4 +221,4 @@ def _reads(layer: nn.Module | None, size: int | None) -> bool:
     return isinstance(layer, nn.Linear) and size is not None and layer.in_features == size
 
 
-__all__ = ["ScaleMapping", "covering_mappings", "find_mappings", "unmatched_rules"]
+__all__ = ["ScaleMapping", "covering_mappings", "describe_setting", "find_mappings", "uncovered_layers", "unmatched_rules"]
