@@ -31,6 +31,7 @@ from lightning_compress.core.recompute import counts_as_training_forward
 from lightning_compress.core.targeting import tied_parameter_names
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
 from lightning_compress.quant.fake_quant import as_matrix
+from lightning_compress.quant.fold_check import FOLD_TOLERANCE, FoldCheck, fold_deviation
 from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_issue, gptq_issue_message, gptq_quantize
 from lightning_compress.quant.mappings import ScaleMapping, covering_mappings, describe_setting
 from lightning_compress.quant.spec import QuantSpec
@@ -49,6 +50,9 @@ AWQ_ROWS = 1024
 _PROBE_ROWS = 8
 
 
+_FIELDS = ("hessians", "rows", "absmax", "probes", "folds")
+
+
 class CalibrationStatistics:
     """What the recorded forwards saw, per layer (GPTQ's Hessians) or per mapping (AWQ's
     input rows, SmoothQuant's per-channel maxima), and how many batches: plain tensors,
@@ -60,21 +64,22 @@ class CalibrationStatistics:
         self.rows: Dict[str, Tensor] = {}
         self.absmax: Dict[str, Tensor] = {}
         self.probes: Dict[str, Tensor] = {}
+        self.folds: Dict[str, Tensor] = {}  # per mapping, what shows whether its fold keeps the loss (fold_check)
 
     def state_dict(self) -> Dict[str, object]:
         # Copies: the accumulators keep growing in place after a checkpoint is taken.
         return {"batches": self.batches, **{field: {k: v.clone() for k, v in getattr(self, field).items()}
-                                            for field in ("hessians", "rows", "absmax", "probes")}}
+                                            for field in _FIELDS}}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.batches = int(state["batches"])
-        for field in ("hessians", "rows", "absmax", "probes"):
-            setattr(self, field, {str(k): v.clone() for k, v in state[field].items()})
+        for field in _FIELDS:  # (a checkpoint from before `folds` was measured has none)
+            setattr(self, field, {str(k): v.clone() for k, v in state.get(field, {}).items()})
 
     def to(self, device: torch.device) -> None:
         """Every statistic on ``device``: those restored from a checkpoint are on the CPU, and
         a resume after the last calibration batch records none that would move them."""
-        for field in ("hessians", "rows", "absmax", "probes"):
+        for field in _FIELDS:
             setattr(self, field, {k: v.to(device) for k, v in getattr(self, field).items()})
 
 
@@ -114,6 +119,7 @@ class CalibratedStart:
         self.statistics = CalibrationStatistics()
         self.mappings: List[ScaleMapping] = list(mappings)
         self._handles: list = []
+        self._fold_check = FoldCheck(model, {m.smooth: m.balance for m in self.mappings}, lambda: self.statistics.folds)
 
     # ------------------------------------------------------------------ recording
     def start_recording(self) -> None:
@@ -129,11 +135,13 @@ class CalibratedStart:
         for mapping in self.mappings:
             self._hook(modules[mapping.balance[0]], self._mapping_recorder(mapping.smooth))
             self._hook(modules[mapping.smooth], self._probe_recorder(mapping.smooth))
+        self._fold_check.attach()
 
     def stop_recording(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._fold_check.detach()
 
     def _hook(self, module: nn.Module, record: Callable[[Tensor], None]) -> None:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -194,7 +202,8 @@ class CalibratedStart:
         Raises:
             ValueError: naming a layer that saw no input while recording (its forward is
                 not called as a module: e.g. an attention layer's fused output
-                projection), or a smooth module whose output did not scale as folded.
+                projection), a smooth module whose output did not scale as folded, or a
+                mapping whose fold would change the loss (:mod:`fold_check`).
         """
         self.stop_recording()
         self._check_everything_recorded()
@@ -212,7 +221,29 @@ class CalibratedStart:
                 tensor.copy_(before)
             raise
 
+    def _check_folds_keep_the_loss(self) -> None:
+        """Each mapping's fold must leave the loss of the calibration steps unchanged (see
+        :mod:`~lightning_compress.quant.fold_check`): else something besides its balance
+        layers reads the smooth module's output, or a step between them does not commute
+        with a per-channel scale."""
+        measured = [m for m in self.mappings if m.smooth in self.statistics.folds]
+        sums = [self.statistics.folds[m.smooth] for m in measured]
+        all_reduce_sum_(sums)  # every rank decides alike
+        for mapping, totals in zip(measured, sums):
+            found = fold_deviation(totals)
+            if found is not None and found[0] > FOLD_TOLERANCE:
+                raise ValueError(
+                    f"{describe_setting(self.init, self.smoothing)} would fold scales into {mapping.smooth!r} and the"
+                    f" input columns of {list(mapping.balance)}, but that changes what the model computes: on the"
+                    f" calibration batches the loss is not invariant to the rescaling (input channel {found[1]} off by"
+                    f" {found[0]:.0%} of its size). Something besides those layers reads {mapping.smooth!r}'s output"
+                    " (a residual connection, a parallel branch, a layer left out of the mapping), or a step between"
+                    " them does not commute with a per-channel scale (GELU, a norm, an addition). Fix `mappings`, or"
+                    f" exclude {list(mapping.balance)}"
+                )
+
     def _fold_all(self, changed: List[tuple]) -> None:
+        self._check_folds_keep_the_loss()
         modules = dict(self.model.named_modules())
         for mapping in self.mappings:
             scales = self._mapping_scales(mapping, modules)
