@@ -278,10 +278,13 @@ def build_from_hyperparameters(cls: type, saved: Any, what: str = "hyperparamete
 
 
 def evaluation_batches(datamodule: pl.LightningDataModule):
-    """The datamodule's validation batches, or its training batches when it has none."""
+    """The datamodule's validation batches, or its training batches when it has none
+    (with a warning: figures on training batches read better than held-out ones)."""
     datamodule.prepare_data()
     datamodule.setup("validate")
     if is_overridden("val_dataloader", datamodule, pl.LightningDataModule):
         return iter(datamodule.val_dataloader())
+    warnings.warn(f"{type(datamodule).__name__} has no val_dataloader: its training batches are used instead",
+                  UserWarning, stacklevel=2)
     datamodule.setup("fit")
     return iter(datamodule.train_dataloader())

@@ -67,6 +67,17 @@ class RecipeData(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size)
 
 
+class TrainOnlyData(pl.LightningDataModule):
+    """RecipeData's training set alone: no val_dataloader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = RecipeData()
+
+    def train_dataloader(self):
+        return self.inner.train_dataloader()
+
+
 class ByteData(RecipeData):
     """RecipeData's features as uint8 codes (a stored dataset), made floats again by
     ``ScalesItsBytes.on_after_batch_transfer`` on the device."""

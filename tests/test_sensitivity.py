@@ -529,6 +529,38 @@ def test_the_command_refuses_a_budget_before_measuring_and_keeps_the_table_when_
     assert not (tmp_path / "b" / "mixed_precision.yaml").exists()  # and no choice of other measurements beside it
 
 
+def test_data_without_validation_batches_is_measured_on_training_batches_with_a_warning(tmp_path, monkeypatch):
+    # A new user's trial: the training batches were used without a word.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    torch.manual_seed(0)
+    torch.save({"state_dict": RecipeMLP(hidden=16).state_dict(), "hyper_parameters": {"hidden": 16}}, "float.ckpt")
+    argv = ["sensitivity", "--model", "tests.cli_models.RecipeMLP", "--checkpoint", "float.ckpt", "--data",
+            "tests.cli_models.TrainOnlyData", "--batches", "1", "--bits", "4", "-o", "t"]
+    with pytest.warns(UserWarning, match="TrainOnlyData has no val_dataloader: its training batches are used instead"):
+        assert main(argv) == 0
+    torch.manual_seed(0)
+    model = RecipeMLP(hidden=16)
+    expected = layer_sensitivity(model, [next(iter(RecipeData().train_dataloader()))], bits=(4,))
+    rows = list(csv.reader(open(tmp_path / "t" / "sensitivity.csv")))[1:]
+    assert [float(r[5]) for r in rows] == pytest.approx([e.delta for e in expected.rows], rel=1e-6)
+
+
+@pytest.mark.parametrize("trained_with", [["QuantizationAwareTraining"], ["MagnitudePruning", "QuantizationAwareTraining"]])
+def test_a_checkpoint_trained_with_qat_or_pruning_is_measured_as_float_with_a_warning(tmp_path, monkeypatch,
+                                                                                      trained_with):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    states = {f"{name}{{'name': None}}": {} for name in trained_with}
+    torch.save({"state_dict": RecipeMLP(hidden=16).state_dict(), "hyper_parameters": {"hidden": 16},
+                "callbacks": states}, "qat.ckpt")
+    argv = ["sensitivity", "--model", "tests.cli_models.RecipeMLP", "--checkpoint", "qat.ckpt", "--data",
+            "tests.cli_models.RecipeData", "--batches", "1", "--bits", "4", "-o", "q"]
+    with pytest.warns(UserWarning, match=rf"trained with {' and '.join(trained_with)}: sensitivity measures its"
+                      " weights as a float, dense model"):
+        assert main(argv) == 0
+
+
 class _TinyDemoLSTM(pl.LightningModule):
     """Lightning's demo LightningLSTM (its training_step carries `self.hidden` over from one
     call to the next) on a tiny SimpleLSTM."""

@@ -19,6 +19,7 @@ import argparse
 import itertools
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
@@ -46,8 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the LightningModule class, as a dotted import path")
     p.add_argument("--checkpoint", help="a Lightning checkpoint of the trained float model (default: --model built"
                                         " with no arguments)")
-    p.add_argument("--data", help="a LightningDataModule class path: its validation batches (default: the model's"
-                                  " own val_dataloader)")
+    p.add_argument("--data", help="a LightningDataModule class path: its validation batches, or its training batches"
+                                  " (with a warning) when it has none (default: the model's own val_dataloader)")
     p.add_argument("--batches", type=int, default=8, help="how many batches to evaluate each case on (default 8)")
     p.add_argument("--bits", nargs="+", default=["8", "4", "3"], help="candidate bit widths, 2..8 (default 8 4 3)")
     p.add_argument("--sparsity", nargs="+", type=float, default=[], help="candidate sparsities in (0, 1) (default none)")
@@ -188,6 +189,7 @@ def _model(path: str, checkpoint_path: Optional[str]):
     checkpoint = {}
     if checkpoint_path is not None:
         checkpoint = read_checkpoint(checkpoint_path)
+        _warn_of_compression(checkpoint)
     try:
         model = build_from_hyperparameters(model_class, checkpoint.get("hyper_parameters"), checkpoint=bool(checkpoint))
     except RecipeError as err:
@@ -197,6 +199,21 @@ def _model(path: str, checkpoint_path: Optional[str]):
         model.on_load_checkpoint(checkpoint)
         load_weights(model, checkpoint)
     return model, checkpoint
+
+
+def _warn_of_compression(checkpoint: Mapping[str, Any]) -> None:
+    """A checkpoint trained with QAT or pruning holds float, dense weights beside the
+    quantizer and mask state this command does not apply: say what it measures."""
+    states = checkpoint.get("callbacks")
+    held = sorted({key.partition("{")[0] for key in states or {} if isinstance(key, str)}
+                  & {"QuantizationAwareTraining", "MagnitudePruning"}) if isinstance(states, Mapping) else []
+    if held:
+        warnings.warn(
+            f"the checkpoint was trained with {' and '.join(held)}: sensitivity measures its weights as a float,"
+            " dense model (the quantization and masks it trained with are not applied), so the table's float"
+            " reference is those weights; to choose bits for a QAT run, measure the float checkpoint it starts from",
+            UserWarning, stacklevel=3,
+        )
 
 
 def _loader(model: pl.LightningModule, data: Optional[str], checkpoint: Mapping[str, Any]):
