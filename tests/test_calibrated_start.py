@@ -447,7 +447,8 @@ def test_resume_inside_the_calibration_window_and_after_the_start_is_bit_exact(t
 # ---------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("kwargs, argument", [
     (dict(init="gtpq"), "init"),
-    (dict(calibration_batches=0), "calibration_batches"),
+    (dict(init="gptq", calibration_batches=0), "calibration_batches"),
+    (dict(calibration_batches=8), "calibration_batches"),  # no init, no smoothing: it would do nothing
     (dict(smoothing=0.5), "smoothing"),  # weight-only
     (dict(smoothing=1.5, activations="int8_dynamic"), "smoothing"),
     (dict(smoothing=True, activations="int8_dynamic"), "smoothing"),
@@ -460,6 +461,14 @@ def test_bad_calibrated_start_arguments_name_the_argument(kwargs, argument):
     with pytest.raises(ArgumentError) as err:
         QuantizationAwareTraining("int4", group_size=16, **kwargs)
     assert err.value.argument == argument and f"`{argument}" in str(err.value)
+
+
+def test_calibration_batches_defaults_to_16_and_applies_only_to_a_calibrated_start():
+    assert QuantizationAwareTraining("int4", group_size=16, init="gptq").calibration_batches == 16
+    assert QuantizationAwareTraining("int4", group_size=16, init="awq", calibration_batches=4).calibration_batches == 4
+    with pytest.raises(ArgumentError, match="`calibration_batches` sets how many batches init='gptq'/'awq' or"
+                       " `smoothing` record before `start_step`; set one of them, or drop `calibration_batches`"):
+        QuantizationAwareTraining("int4", group_size=16, calibration_batches=16)
 
 
 def test_a_mappings_key_that_is_not_a_name_is_blamed_as_the_key():

@@ -54,7 +54,7 @@ class QATConfig:
     calibration_steps: int = 100
     init: str | None = None
     smoothing: float | None = None
-    calibration_batches: int = 16
+    calibration_batches: int | None = None  # 16 when init/smoothing is set
     mappings: Dict[str, List[str]] | None = None
     start_step: StepLike = 0
     freeze_bn_step: StepLike | None = None
@@ -142,6 +142,11 @@ class QATConfig:
 
     def _check_calibrated_start(self) -> None:
         check_choice("init", self.init, INITS, allow_none=True)
+        if self.calibration_batches is None:
+            object.__setattr__(self, "calibration_batches", 16)
+        elif self.init is None and self.smoothing is None:
+            raise ArgumentError("calibration_batches", "`calibration_batches` sets how many batches init='gptq'/'awq' or"
+                                " `smoothing` record before `start_step`; set one of them, or drop `calibration_batches`")
         check_int("calibration_batches", self.calibration_batches, minimum=1)
         if self.smoothing is None:
             return
