@@ -57,6 +57,17 @@ def fit_and_warnings(model, callbacks):
     return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
+def test_targets_that_select_nothing_name_the_unsupported_layers_with_weights():
+    # A new user's trial: GPT-2 with exclude=["lm_head"] said only "`targets` selects no layer".
+    qat = QuantizationAwareTraining("int8", exclude=["lm_head"])
+    with pytest.raises(ValueError, match=r"`targets` selects no layer of CausalLM \(supported types: .*\)\. Check"
+                       r" `targets` and `exclude`\. Its other layers with weights are of types this method does not"
+                       r" compress: Conv1D \('model\.transformer\.h\.0\.attn\.c_attn', 'model\.transformer\.h\.0\.attn\.c_proj',"
+                       r" 'model\.transformer\.h\.0\.mlp\.c_fc', \.\.\.\): transformers' Conv1D \(GPT-2's projections\) is a"
+                       r" Linear with a transposed weight, which this package does not compress yet\."):
+        make_trainer(callbacks=[qat], max_steps=1).fit(CausalLM(tiny_gpt2()), ids_loader())
+
+
 def test_default_targets_name_the_layers_they_leave_out_by_type():
     """GPT-2's blocks are transformers' Conv1D: QAT's default targets quantize its lm_head
     only, and say which layers (by type) they leave in float."""

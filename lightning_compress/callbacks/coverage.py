@@ -16,7 +16,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.core.incompatible import LayerIssue
-from lightning_compress.core.targeting import module_name, tied_parameter_names, weight_param
+from lightning_compress.core.targeting import CONV1D_NOTE, module_name, tied_parameter_names, uncompressed_by_type
+from lightning_compress.core.targeting import weight_param
 from lightning_compress.core.transforms import raw_weight
 
 # Sections whose default targets mean "every layer we can compress".
@@ -34,23 +35,6 @@ def warn_about_coverage(callbacks: Sequence[Any], model: nn.Module) -> None:
             if left:
                 rank_zero_warn(f"{type(callback).__name__} (default targets) leaves in float the layers of types it does"
                                f" not compress: {_by_type(left)}. {_hint(left)}", category=UserWarning)
-
-
-def uncompressed_by_type(model: nn.Module, supported: tuple) -> Dict[str, str]:
-    """``{name: type}`` of the modules that hold a floating weight of 2 or more dimensions
-    of their own and are not of a ``supported`` type (or inside one)."""
-    found: Dict[str, str] = {}
-    covered: List[str] = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if isinstance(module, supported):
-            covered.append(name + ".")
-            continue
-        own = [p for p in module._parameters.values() if p is not None and p.is_floating_point() and p.dim() >= 2]
-        if own and not any(name.startswith(prefix) for prefix in covered):
-            found[name] = type(module).__name__
-    return found
 
 
 def shared_weights(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, List[str]]:
@@ -104,8 +88,7 @@ def _by_type(left: Dict[str, str]) -> str:
 
 def _hint(left: Dict[str, str]) -> str:
     if "Conv1D" in left.values():
-        return ("transformers' Conv1D (GPT-2's projections) is a Linear with a transposed weight, which this package"
-                " does not compress yet; see the README's support matrix")
+        return f"{CONV1D_NOTE}; see the README's support matrix"
     return "See the README's support matrix for the layer types each method compresses"
 
 

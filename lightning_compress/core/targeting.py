@@ -156,12 +156,39 @@ def select_layers(
     if not keyed:
         later = (" If `configure_model` builds the layers, they are not there yet when the callbacks set up: build"
                  " them in `__init__` (`configure_model` may shard them).") if _builds_later(root) else ""
+        others = uncompressed_by_type(root, tuple(supported))
+        kinds = sorted(set(others.values()))
+        unsupported = (f" Its other layers with weights are of types this method does not compress: {', '.join(kinds)}"
+                       f" ({', '.join(map(repr, list(others)[:3]))}{', ...' if len(others) > 3 else ''})"
+                       + (f": {CONV1D_NOTE}." if "Conv1D" in kinds else ".")) if others else ""
         raise ValueError(
             f"`{argument}` selects no layer of {type(root).__name__}"
             f" (supported types: {', '.join(t.__name__ for t in supported)})."
-            f" Check `{argument}` and `{exclude_argument}`.{later}"
+            f" Check `{argument}` and `{exclude_argument}`.{later}{unsupported}"
         )
     return keyed
+
+
+# Why GPT-2 is left out: its projections are transformers' Conv1D.
+CONV1D_NOTE = ("transformers' Conv1D (GPT-2's projections) is a Linear with a transposed weight, which this package does"
+               " not compress yet")
+
+
+def uncompressed_by_type(model: nn.Module, supported: tuple) -> Dict[str, str]:
+    """``{name: type}`` of the modules that hold a floating weight of 2 or more dimensions
+    of their own and are not of a ``supported`` type (or inside one)."""
+    found: Dict[str, str] = {}
+    covered: List[str] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if isinstance(module, supported):
+            covered.append(name + ".")
+            continue
+        own = [p for p in module._parameters.values() if p is not None and p.is_floating_point() and p.dim() >= 2]
+        if own and not any(name.startswith(prefix) for prefix in covered):
+            found[name] = type(module).__name__
+    return found
 
 
 def _builds_later(root: nn.Module) -> bool:
