@@ -154,6 +154,14 @@ def test_replace_keeps_an_explicit_group_size_so_a_wrong_one_is_refused():
         grouped.replace(granularity="channel", group_size=16)
 
 
+def test_a_group_size_alone_means_group_granularity_as_in_qat():
+    # A new user's trial: QuantSpec(bits=4, group_size=32) was refused while
+    # QuantizationAwareTraining("int4", group_size=32) inferred the granularity.
+    assert QuantSpec(bits=4, group_size=32) == QuantSpec(4, "group", 32)
+    assert QuantSpec(bits=4).granularity == "channel"
+    assert QuantSpec(bits=4, group_size=32).replace(group_size=None, granularity="channel") == QuantSpec(4)
+
+
 def test_mse_and_cosine_by_hand():
     student = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     teacher = torch.tensor([[0.0, 1.0], [0.0, 3.0]])

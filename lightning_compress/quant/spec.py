@@ -22,7 +22,8 @@ class QuantSpec:
 
     Args:
         bits: 2 to 8.
-        granularity: ``"tensor"``, ``"channel"`` or ``"group"``.
+        granularity: ``"tensor"``, ``"channel"`` or ``"group"``; by default ``"group"``
+            when ``group_size`` is given, else ``"channel"`` (as QAT's argument).
         group_size: inputs sharing a scale; required for (and only for) ``"group"``.
         symmetric: zero point fixed at 0 (else a per-scale integer zero point). Both
             keep 0.0 exactly representable, so pruned weights stay exactly zero.
@@ -32,7 +33,7 @@ class QuantSpec:
     """
 
     bits: int = 8
-    granularity: str = "channel"
+    granularity: str | None = None
     group_size: int | None = None
     symmetric: bool = True
     scale_dtype: str = "float32"
@@ -40,6 +41,8 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ArgumentError("bits", f"`bits` must be an int from 2 to 8, got {self.bits!r}")
+        if self.granularity is None:
+            object.__setattr__(self, "granularity", "channel" if self.group_size is None else "group")
         if self.granularity not in GRANULARITIES:
             raise ArgumentError("granularity", f"unknown `granularity` {self.granularity!r}; choose one of {GRANULARITIES}")
         if self.granularity == "group":
