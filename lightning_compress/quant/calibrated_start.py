@@ -31,7 +31,7 @@ from lightning_compress.core.recompute import counts_as_training_forward
 from lightning_compress.core.targeting import tied_parameter_names
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
 from lightning_compress.quant.fake_quant import as_matrix
-from lightning_compress.quant.fold_check import FOLD_TOLERANCE, FoldCheck, fold_deviation
+from lightning_compress.quant.fold_check import FoldCheck
 from lightning_compress.quant.gptq import accumulate_hessian, conv_columns, gptq_issue, gptq_issue_message, gptq_quantize
 from lightning_compress.quant.mappings import ScaleMapping, covering_mappings, describe_setting
 from lightning_compress.quant.spec import QuantSpec
@@ -221,29 +221,8 @@ class CalibratedStart:
                 tensor.copy_(before)
             raise
 
-    def _check_folds_keep_the_loss(self) -> None:
-        """Each mapping's fold must leave the loss of the calibration steps unchanged (see
-        :mod:`~lightning_compress.quant.fold_check`): else something besides its balance
-        layers reads the smooth module's output, or a step between them does not commute
-        with a per-channel scale."""
-        measured = [m for m in self.mappings if m.smooth in self.statistics.folds]
-        sums = [self.statistics.folds[m.smooth] for m in measured]
-        all_reduce_sum_(sums)  # every rank decides alike
-        for mapping, totals in zip(measured, sums):
-            found = fold_deviation(totals)
-            if found is not None and found[0] > FOLD_TOLERANCE:
-                raise ValueError(
-                    f"{describe_setting(self.init, self.smoothing)} would fold scales into {mapping.smooth!r} and the"
-                    f" input columns of {list(mapping.balance)}, but that changes what the model computes: on the"
-                    f" calibration batches the loss is not invariant to the rescaling (input channel {found[1]} off by"
-                    f" {found[0]:.0%} of its size). Something besides those layers reads {mapping.smooth!r}'s output"
-                    " (a residual connection, a parallel branch, a layer left out of the mapping), or a step between"
-                    " them does not commute with a per-channel scale (GELU, a norm, an addition). Fix `mappings`, or"
-                    f" exclude {list(mapping.balance)}"
-                )
-
     def _fold_all(self, changed: List[tuple]) -> None:
-        self._check_folds_keep_the_loss()
+        self._fold_check.verify(self.statistics.folds, describe_setting(self.init, self.smoothing))
         modules = dict(self.model.named_modules())
         for mapping in self.mappings:
             scales = self._mapping_scales(mapping, modules)

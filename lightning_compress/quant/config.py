@@ -21,6 +21,7 @@ from lightning_compress.quant.weights import DEFAULT_TARGET_TYPES, QUANTIZABLE_T
 
 # Calibrated starting points (see lightning_compress.quant.calibrated_start).
 INITS = ("gptq", "awq")
+CALIBRATION_BATCHES = 16  # the default count of batches they record
 
 
 def override_matches(name: str, pattern: str) -> bool:
@@ -54,7 +55,7 @@ class QATConfig:
     calibration_steps: int = 100
     init: str | None = None
     smoothing: float | None = None
-    calibration_batches: int | None = None  # 16 when init/smoothing is set
+    calibration_batches: int = CALIBRATION_BATCHES
     mappings: Dict[str, List[str]] | None = None
     start_step: StepLike = 0
     freeze_bn_step: StepLike | None = None
@@ -142,9 +143,9 @@ class QATConfig:
 
     def _check_calibrated_start(self) -> None:
         check_choice("init", self.init, INITS, allow_none=True)
-        if self.calibration_batches is None:
-            object.__setattr__(self, "calibration_batches", 16)
-        elif self.init is None and self.smoothing is None:
+        # Another count without a calibrated start would do nothing. (The default stays in
+        # the config of every callback: `dataclasses.replace` of one rebuilds it as given.)
+        if self.calibration_batches != CALIBRATION_BATCHES and self.init is None and self.smoothing is None:
             raise ArgumentError("calibration_batches", "`calibration_batches` sets how many batches init='gptq'/'awq' or"
                                 " `smoothing` record before `start_step`; set one of them, or drop `calibration_batches`")
         check_int("calibration_batches", self.calibration_batches, minimum=1)

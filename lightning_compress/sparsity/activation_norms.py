@@ -138,7 +138,8 @@ class InputNorms:
         if never:
             raise ValueError(
                 f"score='wanda' has no activation statistics for {never}: no training forward passed through"
-                " them since training started (or their inputs were all zero); make sure they run in"
+                " them since the last mask update, and no earlier update ranked them (or their inputs were all"
+                " zero); make sure they run in"
                 " `training_step`, add them to `exclude`, or use score='magnitude'"
             )
         if empty:
