@@ -122,6 +122,14 @@ def test_a_fold_into_a_layer_with_a_lora_adapter_is_refused():
         make_trainer(max_steps=4, callbacks=[lora, qat]).fit(model, loader())
 
 
+def test_a_fold_into_a_smooth_linear_with_a_lora_adapter_is_refused():
+    lora = LoRA(r=2, target_modules=["attention.self.value"])
+    qat = smoothing(targets=["attention.output.dense"])  # the built-in value -> output.dense
+    with pytest.raises(ValueError, match=r"\['model\.bert\.encoder\.layer\.0\.attention\.self\.value'\] compute with"
+                       " a LoRA adapter"):
+        make_trainer(max_steps=4, callbacks=[qat, lora]).fit(bert(), loader())
+
+
 class Perturbed(HFModule):
     """Takes the gradient of the loss with respect to the embeddings first (an adversarial
     perturbation, as FGSM does): an extra backward pass that forms no weight gradient."""
@@ -271,14 +279,48 @@ def test_batches_with_non_finite_gradients_are_left_out():
 
 def test_frozen_parameters_are_not_measured_and_say_so():
     block = Block(0.5)
+    x, target = block_data(64)
+    totals = {}
+    check = FoldCheck(block, {"norm": ["fc"]}, lambda: totals)
     block.fc.weight.requires_grad_(False)
-    check = FoldCheck(block, {"norm": ["fc"]}, lambda: {})
-    check.attach()
+    check.attach()  # frozen from the start: no hook at all
+    nn.functional.cross_entropy(block(x), target).backward()
     check.detach()
-    assert check.frozen == ["norm"]
+    block.fc.weight.requires_grad_(True)
+    check.attach()
+    block.fc.weight.requires_grad_(False)  # frozen inside the batch (a review's finding: refused as broken)
+    nn.functional.cross_entropy(block(x), target).backward()
+    check.detach()
+    assert totals == {}
     with pytest.warns(UserWarning, match=r"smoothing=0\.5: could not check that folding into \['norm'\] keeps the"
                       " model's function"):
-        check.verify({}, "smoothing=0.5")
+        check.verify(totals, "smoothing=0.5")
+
+
+def test_hooks_go_at_each_batch_end_and_after_an_exception_in_the_window():
+    block = Block(0.0)
+    x, target = block_data(64)
+    totals = {}
+    check = FoldCheck(block, {"norm": ["fc"]}, lambda: totals)
+    check.attach()
+    nn.functional.cross_entropy(block(x), target).backward()
+    check.detach()
+    recorded = {k: v.clone() for k, v in totals.items()}
+    nn.functional.cross_entropy(block(x), target).backward()  # outside a batch: not recorded
+    assert torch.equal(totals["norm"], recorded["norm"])
+    assert not any(p._backward_hooks for p in block.parameters())
+
+    class FailsInTheWindow(HFModule):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("out of memory, say")
+            return super().training_step(batch, batch_idx)
+
+    model = FailsInTheWindow(bert().model)
+    qat = smoothing(targets=["attention.output.dense"])
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        make_trainer(max_steps=4, callbacks=[qat]).fit(model, loader())
+    assert not any(p._backward_hooks for p in model.parameters())
 
 
 def test_nothing_measured_is_no_verdict():
