@@ -232,15 +232,19 @@ def check_packing(model: nn.Module, packing: Packing, packed: Optional[PackedMod
         body["parity"] = report.parity.as_dict()
     if "onnx" in formats:
         from lightning_compress.formats.onnx.check import export_and_check
+        from lightning_compress.formats.onnx.layouts import QDQ
 
         body["onnx"] = export_and_check(model, packing.layers, list(inputs), directory / ONNX_FILE, max_relative_error,
                                         min_sqnr_db, int8_activations=onnx_activations == "int8",
                                         dynamic_sequence=onnx_dynamic_sequence)
         sqnr = body["onnx"]["sqnr_db"]
+        qdq = sum(op == QDQ for op in body["onnx"]["layers"].values())
+        session = (f" with session.qdq_matmulnbits_accuracy_level=0, as run_onnx sets it (onnxruntime's default session"
+                   f" also rounds the inputs of its {qdq} int8 QDQ layers to int8)") if qdq else ""
         report.notes.append(
             f"model.onnx: {len(body['onnx']['layers'])} integer layers"
             f"{', int8 activations' if body['onnx']['int8_activations'] else ''}, onnxruntime relative error"
-            f" {body['onnx']['relative_error']:.2e}" + ("" if sqnr is None else f" ({sqnr:.1f} dB)")
+            f" {body['onnx']['relative_error']:.2e}" + ("" if sqnr is None else f" ({sqnr:.1f} dB)") + session
             + (f"; any sequence length (checked at {body['onnx']['dynamic_sequence']['checked_lengths']} too)"
                if "dynamic_sequence" in body["onnx"] else "")
         )
