@@ -354,8 +354,11 @@ def test_awq_on_a_model_without_mappings_names_every_layer_and_mappings_fix_it(s
     # user asserts it), and the run trains.
     model = TinyRegressor()
     qat = QuantizationAwareTraining("int8", init="awq", calibration_batches=1, start_step=1, targets=["fc2"],
-                                    mappings={"fc1": ["fc2"]})
-    fit(model, [qat], steps=2, loader=tiny_loader())
+                                    mappings={"fc1": ["fc2"], "fc_1": ["fc2"]})
+    # A new user's trial: an entry the targeted layers did not need passed in silence.
+    with pytest.warns(UserWarning, match=r"`mappings` entries \['fc_1'\] match nothing in the model and are not"
+                      r" used: 'fc_1' names no module\. Close names: fc1"):
+        fit(model, [qat], steps=2, loader=tiny_loader())
     assert qat._calibration.applied
 
 

@@ -13,6 +13,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_rank_zero() -> bool:
+    """Whether this process speaks for all (rank 0, or the only process)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def broadcast_from_rank_zero(tensors: List[Tensor]) -> List[Tensor]:
     """Return ``tensors`` as rank 0 holds them, on every rank, in one collective.
 

@@ -36,10 +36,9 @@ import warnings
 from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_compress.core.distributed import all_reduce_sum_
+from lightning_compress.core.distributed import all_reduce_sum_, is_rank_zero
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight
 
 # Largest deviation a fold may show: 9x the bf16 round-off of a valid fold measured
@@ -168,17 +167,13 @@ class FoldCheck:
                     " addition), or the loss penalizes these weights. Fix `mappings`, or exclude"
                     f" {list(balance)}"
                 )
-        if unmeasured and _rank_zero():
+        if unmeasured and is_rank_zero():
             warnings.warn(
                 f"{setting}: could not check that folding into {unmeasured} keeps the model's function (their or"
                 " their layers' parameters are frozen, or no calibration batch gave them all finite, non-zero"
                 " gradients); folded as given",
                 UserWarning, stacklevel=2,
             )
-
-
-def _rank_zero() -> bool:
-    return not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0
 
 
 def fold_deviation(totals: Tensor) -> tuple[float, int] | None:

@@ -21,11 +21,13 @@ layers, which holds for these names and no others:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 from torch import nn
 
+from lightning_compress.core.distributed import is_rank_zero
 from lightning_compress.core.targeting import close_names_hint
 from lightning_compress.quant.spec import QuantSpec
 
@@ -126,7 +128,10 @@ def covering_mappings(
             a layer under two mappings, or (``init='awq'``) a mapping whose layers are on
             different grids.
     """
-    mappings = [m for m in find_mappings(model, rules) if any(name in layers for name in m.balance)]
+    found = find_mappings(model, rules)
+    mappings = [m for m in found if any(name in layers for name in m.balance)]
+    if rules is not None:
+        _warn_of_unused_rules(model, rules, found)
     owners: Dict[str, str] = {}
     for mapping in mappings:
         for name in mapping.balance:
@@ -178,12 +183,25 @@ def uncovered_layers(
     known = f"`mappings` {dict(rules)}" if rules is not None else (
         "built-in mapping (LLaMA, Mistral, Qwen2 and BERT blocks; `v_proj -> o_proj` only where grouped-query"
         " attention leaves their sizes equal)")
-    reasons = _reasons(model, rules)
+    reasons = _reasons(model, rules)  # why the rules miss: said once, at the first layer
     return {
-        key: f"{setting} has nowhere to fold its per-channel scales for {key!r}: no {known} covers it{reasons} Give"
-             f" `mappings` for it, or quantize it in a second QuantizationAwareTraining callback without {setting}"
-        for key in missing
+        key: f"{setting} has nowhere to fold its per-channel scales for {key!r}: no "
+             + (f"{known} covers it{reasons}" if index == 0 else
+                f"{'`mappings` entry' if rules is not None else 'built-in mapping'} covers it (see {missing[0]!r}).")
+             + f" Give `mappings` for it, or quantize it in a second QuantizationAwareTraining callback without {setting}"
+        for index, key in enumerate(missing)
     }
+
+
+def _warn_of_unused_rules(model: nn.Module, rules: Mapping[str, Sequence[str]], found: Sequence[ScaleMapping]) -> None:
+    """The user's entries that match nothing in ``model``: a typo the targeted layers did
+    not need would otherwise pass in silence."""
+    unused = {smooth: balance for smooth, balance in rules.items()
+              if not any(_block_prefix(m.smooth, smooth) is not None for m in found)}
+    if unused and is_rank_zero():
+        reasons = unmatched_rules(model, unused)
+        warnings.warn(f"`mappings` entries {sorted(unused)} match nothing in the model and are not used"
+                      + (f": {'; '.join(reasons[:4])}" if reasons else ""), UserWarning, stacklevel=3)
 
 
 def _known(rules: Mapping[str, Sequence[str]] | None) -> str:
