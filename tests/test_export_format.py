@@ -172,6 +172,22 @@ def test_two_four_layers_store_half_the_values(tmp_path):
     assert entry["sparsity"] == "bitmask" and entry["kept"] <= 64 * 64 // 2
 
 
+def test_the_report_gives_the_zeros_of_a_pruned_layer_stored_whole(tmp_path):
+    # A new user's trial: a 2:4-pruned layer stored as whole codes read "dense".
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 8, bias=False))
+    with torch.no_grad():
+        groups = model[0].weight.view(-1, 4)
+        groups.scatter_(1, groups.abs().topk(2, dim=1, largest=False).indices, 0.0)
+    round_to_nearest(model, QuantSpec(4, "channel"))
+    report = export(model, tmp_path / "out", sparse_threshold=None)  # codes stored whole
+    rows = {row[0]: row for row in report.rows}
+    rounded_to_zero = float((model[1].weight == 0).float().mean())  # RTN codes of 0 in the unpruned layer
+    assert rows["0"][4] == "dense, 50% zeros" and rows["1"][4] == f"dense, {rounded_to_zero:.0%} zeros"
+    report = export(model, tmp_path / "sparse")
+    assert {row[0]: row for row in report.rows}["0"][4] == "bitmask 50%"
+
+
 def test_pruned_float_tensor_is_stored_sparse_and_restored(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 4))

@@ -400,12 +400,15 @@ def _check_finite(name: str, tensor: Tensor, allow_infinite: bool = False) -> No
 
 
 def _sparsity_text(entry: Mapping[str, Any]) -> str:
-    if entry["sparsity"] == "dense":
-        return "dense"
+    """How a tensor is stored, and its zeros: a pruned layer whose codes are stored
+    whole (a bitmask would not be smaller) says how much of it is pruned."""
     total = 1
     for dim in entry["shape"]:
         total *= dim
-    return f"bitmask {1 - entry['kept'] / max(total, 1):.0%}"
+    zeros = 1 - entry.get("kept", total) / max(total, 1)
+    if entry["sparsity"] == "dense":
+        return f"dense, {zeros:.0%} zeros" if entry.get("kept", total) < total else "dense"
+    return f"bitmask {zeros:.0%}"
 
 
 def _versions() -> Dict[str, str]:
