@@ -261,35 +261,37 @@ def test_a_fold_that_changes_the_model_is_still_found_once_the_model_is_trained(
     assert deviations[0.0] < 1e-5 and deviations[0.5] > 5 * FOLD_TOLERANCE, deviations
 
 
-def test_batches_with_non_finite_gradients_are_left_out():
-    block = Block(0.0)
-    x, target = block_data(64)
+def watched(leak):
+    """A block, 64 samples, and a check of its norm -> fc fold recording into ``totals``."""
+    block = Block(leak)
     totals = {}
-    check = FoldCheck(block, {"norm": ["fc"]}, lambda: totals)
+    return block, block_data(64), totals, FoldCheck(block, {"norm": ["fc"]}, lambda: totals)
+
+
+def one_batch(check, block, data, scale=1.0):
+    """One training batch between attach and detach, as the calibration window runs it."""
     check.attach()
-    (nn.functional.cross_entropy(block(x), target) * float("inf")).backward()  # a loss scaler's overflow
+    (nn.functional.cross_entropy(block(data[0]), data[1]) * scale).backward()
     check.detach()
-    assert totals == {}
     block.zero_grad()
-    check.attach()
-    nn.functional.cross_entropy(block(x), target).backward()
-    check.detach()
+
+
+def test_batches_with_non_finite_gradients_are_left_out():
+    block, data, totals, check = watched(0.0)
+    one_batch(check, block, data, scale=float("inf"))  # a loss scaler's overflow
+    assert totals == {}
+    one_batch(check, block, data)
     assert fold_deviation(totals["norm"])[0] < 1e-5
 
 
 def test_frozen_parameters_are_not_measured_and_say_so():
-    block = Block(0.5)
-    x, target = block_data(64)
-    totals = {}
-    check = FoldCheck(block, {"norm": ["fc"]}, lambda: totals)
+    block, data, totals, check = watched(0.5)
     block.fc.weight.requires_grad_(False)
-    check.attach()  # frozen from the start: no hook at all
-    nn.functional.cross_entropy(block(x), target).backward()
-    check.detach()
+    one_batch(check, block, data)  # frozen from the start: no hook at all
     block.fc.weight.requires_grad_(True)
     check.attach()
     block.fc.weight.requires_grad_(False)  # frozen inside the batch (a review's finding: refused as broken)
-    nn.functional.cross_entropy(block(x), target).backward()
+    nn.functional.cross_entropy(block(data[0]), data[1]).backward()
     check.detach()
     assert totals == {}
     with pytest.warns(UserWarning, match=r"smoothing=0\.5: could not check that folding into \['norm'\] keeps the"
@@ -298,15 +300,10 @@ def test_frozen_parameters_are_not_measured_and_say_so():
 
 
 def test_hooks_go_at_each_batch_end_and_after_an_exception_in_the_window():
-    block = Block(0.0)
-    x, target = block_data(64)
-    totals = {}
-    check = FoldCheck(block, {"norm": ["fc"]}, lambda: totals)
-    check.attach()
-    nn.functional.cross_entropy(block(x), target).backward()
-    check.detach()
+    block, data, totals, check = watched(0.0)
+    one_batch(check, block, data)
     recorded = {k: v.clone() for k, v in totals.items()}
-    nn.functional.cross_entropy(block(x), target).backward()  # outside a batch: not recorded
+    nn.functional.cross_entropy(block(data[0]), data[1]).backward()  # outside a batch: not recorded
     assert torch.equal(totals["norm"], recorded["norm"])
     assert not any(p._backward_hooks for p in block.parameters())
 
