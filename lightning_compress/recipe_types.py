@@ -244,6 +244,21 @@ def reads_as_value(text: str) -> bool:
         return False
 
 
+
+def unread_vars(recipe_yaml: str, recipe_vars: Any, override_vars: Any) -> str | None:
+    """Why an override's new ``vars`` key is an error: nothing in the recipe (or the
+    overrides; ``recipe_yaml`` is their merge, unresolved) reads it, so it would be
+    dropped in silence, as a misspelt ``vars.masks_final`` was in a new user's trial."""
+    if not isinstance(override_vars, collections.abc.Mapping):
+        return None
+    known = list(recipe_vars) if isinstance(recipe_vars, collections.abc.Mapping) else []
+    unread = [key for key in override_vars if key not in known and f"vars.{key}" not in recipe_yaml]
+    if not unread:
+        return None
+    close = difflib.get_close_matches(str(unread[0]), [str(k) for k in known], n=1)
+    return (f"override vars.{unread[0]} sets a value nothing in the recipe reads (no ${{vars.{unread[0]}}}); the"
+            f" recipe's vars are {known}" + (f"; did you mean vars.{close[0]}?" if close else ""))
+
 __all__ = [
     "dtypes_spelled",
     "reads_as_value",

@@ -60,6 +60,7 @@ from lightning_compress.core.validate import ArgumentError, plain_values
 from lightning_compress.recipe_resolve import Resolved, ResolutionError, resolve_recipe
 from lightning_compress.recipe_types import (
     ImportPathError, Mismatch, UntrustedImport, coerce, describe, dtypes_spelled, reads_as_value, text_only,
+    unread_vars,
 )
 
 RecipeSource = Union[str, os.PathLike, Mapping[str, Any], DictConfig]
@@ -174,6 +175,7 @@ def load_recipe(
     raw, origin = _read(source)
     given = _overrides(overrides)  # its own errors name what is wrong with the overrides
     try:
+        unread = unread_vars(OmegaConf.to_yaml(OmegaConf.merge(raw, given)), raw.get(VARS_SECTION), given.get(VARS_SECTION))
         raw = OmegaConf.merge(raw, given)
     except (OmegaConfBaseException, TypeError, ValueError) as err:  # e.g. a key under a list
         raise RecipeError(
@@ -181,6 +183,8 @@ def load_recipe(
             f" applied to the recipe: {_first_line(err)}; an override must keep the shape of the key it"
             " replaces (a value for a value, a list for a list)"
         ) from None
+    if unread:
+        raise RecipeError(unread)
     # Value by value, with size limits; excluded sections keep what does not resolve as
     # written (their `???` and references may be unset).
     try:

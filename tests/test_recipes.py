@@ -127,6 +127,14 @@ qat:
     assert qat.start_step == 0.7 and isinstance(record, RecipeRecord) and record.recipe == recipe.config
     # overrides as a mapping do the same
     assert load_recipe(path, {"pruning": {"final_sparsity": 0.25}}).config["pruning"]["final_sparsity"] == 0.25
+    # A misspelt vars key was dropped in silence (a new user's trial); a new one that an
+    # override reads is fine.
+    with pytest.raises(RecipeError, match=r"override vars\.swtich sets a value nothing in the recipe reads \(no"
+                       r" \$\{vars\.swtich\}\); the recipe's vars are \['switch'\]; did you mean vars\.switch\?"):
+        load_recipe(path, ["vars.swtich=0.7"])
+    with pytest.raises(RecipeError, match=r"override vars\.other sets a value nothing in the recipe reads"):
+        load_recipe(path, {"vars": {"other": 1}})
+    assert load_recipe(path, ["vars.late=20", "pruning.start_step=${vars.late}"]).config["pruning"]["start_step"] == 20
 
 
 def test_callbacks_come_in_canonical_order_whatever_the_file_order(tmp_path):
