@@ -30,6 +30,32 @@ class WideTeacher(nn.Module):
         return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
 
 
+class CallsItsNetwork(TinyRegressor):
+    """A training_step that calls its network directly (as ``self.model(**batch).loss``
+    does for a transformers model), never the LightningModule's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(32, 8))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+def test_a_training_step_that_never_calls_forward_names_student_layer_and_teacher_inputs(seeded):
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(32, 8))
+    with pytest.raises(RuntimeError, match=r"saw no call of the LightningModule's forward in this training_step;.*"
+                       r"set `student_layer` to the module that computes the outputs \(e\.g\. 'model' for a"
+                       r" training_step that calls self\.model\(\*\*batch\)\);.*needs `teacher_inputs`"):
+        make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(teacher=teacher)]).fit(CallsItsNetwork(),
+                                                                                          tiny_loader())
+    # Naming the module that computes the outputs distils them: the teacher gets its inputs.
+    trainer = make_trainer(max_steps=2, callbacks=[KnowledgeDistillation(teacher=teacher, student_layer="net")])
+    trainer.fit(CallsItsNetwork(), tiny_loader())
+    assert math.isfinite(float(trainer.callback_metrics["distill/kd_loss"]))
+
+
 def clone_state(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

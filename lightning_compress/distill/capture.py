@@ -111,6 +111,9 @@ class StepCapture:
             raise RuntimeError(
                 f"KnowledgeDistillation saw no call of {where} in this training_step; call the model"
                 " (self(x)) in training_step, or set `student_layer` to the module that computes the outputs"
+                " (e.g. 'model' for a training_step that calls self.model(**batch)); the teacher then receives"
+                " that module's inputs, so a teacher whose forward takes others (a checkpoint of this"
+                " LightningModule) needs `teacher_inputs`, a function from the batch to them"
             )
         student = first_tensor(self.output, "student_layer")
         if self.output_version is not None and student._version != self.output_version:
