@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:
         if not _is_user_error(err):
             raise
-        return _fail(f"lightning-compress {command}", "\n".join([str(err), *getattr(err, "__notes__", ())]))
+        return _fail(f"lightning-compress {command}", _with_notes(err))
 
 
 def _is_user_error(err: BaseException) -> bool:
@@ -115,6 +115,14 @@ def _weights_of_another_model(err: BaseException) -> bool:
         add_note(err, "the checkpoint holds another model's weights: pass the --model (and its arguments) the run"
                      " was trained with")
     return True
+
+
+def _with_notes(err: BaseException) -> str:
+    """The error and its notes, each note a sentence of its own (they are printed on one line)."""
+    text = str(err).rstrip()
+    for note in getattr(err, "__notes__", ()):
+        text += ("" if not text or text[-1] in ".;:!?" else ".") + "\n" + note
+    return text
 
 
 def _fail(prefix: str, message: str) -> int:

@@ -615,7 +615,10 @@ def test_a_dry_export_settings_error_is_one_paragraph(tmp_path, monkeypatch, cap
                                      "  input_fn: tests.cli_models.three_inputs\n")
     assert main(["fit", "--model", MODEL, "--data", DATA, "--recipe", "r.yaml", "--trainer.max_epochs", "1",
                  "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]) == 2
-    assert_one_paragraph_error(capsys.readouterr().err, "input_fn made 3 positional inputs")
+    error = capsys.readouterr().err
+    assert_one_paragraph_error(error, "input_fn made 3 positional inputs")
+    # The note is a sentence of its own (a new user read "... got X found by CompressedExport's dry export").
+    assert re.search(r"[.;:!?] found by CompressedExport's dry export before the first training step", error), error
     assert not (tmp_path / "packed").exists()
 
 
