@@ -193,6 +193,11 @@ def test_the_ready_recipe_on_a_convnet_names_every_layer_in_one_error_and_the_fi
     assert "pass on_incompatible='skip' to MagnitudePruning and QuantizationAwareTraining (recipe keys" \
            " pruning.on_incompatible, qat.on_incompatible)" in message
     assert not (tmp_path / "out").exists()
+    # One setting behind every layer of a callback comes first (a new user was told to
+    # exclude every layer but one of a tiny model, not to change group_size).
+    assert "Fix: change `pattern` of MagnitudePruning (recipe key pruning.pattern) and `group_size` of" \
+           " QuantizationAwareTraining (recipe key qat.group_size) to values every layer above takes; or add" \
+           " exclude=['stem', 'head'] to MagnitudePruning" in message
 
     # The second run, with what the message said: it trains and exports.
     overrides = [f"{section}.exclude=[{','.join(names)}]" for section, names in ERRORS.items()]
@@ -223,6 +228,8 @@ def test_layer_problems_and_conflicts_of_every_callback_come_in_one_message(tmp_
            in message
     # One fix per callback, every name: the layers of the first two conflicts give way in pruning.
     assert suggested_excludes(message) == {"pruning": ["stem", "head", "block.pw", "neck"], "qat": ["neck", "head"]}
+    # Changing pruning's pattern would not resolve the conflicts: no such shortcut is offered.
+    assert "Fix: change" not in message
 
 
 def test_recipe_check_names_every_combination_and_skip_resolves_them():

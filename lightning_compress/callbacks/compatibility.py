@@ -268,7 +268,18 @@ class Verdict:
             parts.append(f"{argument}={names!r} to {_label(callback)} (recipe key {callback.section}.{argument})")
             if skippable[id(callback)]:
                 skips.append(callback)
-        text = f"Fix: add {'; and '.join(parts)}" if parts else ""
+        # One setting behind all of each callback's problems (a group size several layers do
+        # not divide): changing those comes first, not excluding nearly every layer.
+        settings = []
+        for callback, problems in _by_callback(self.problems).items():
+            arguments = {p.issue.argument for p in problems}
+            if len(problems) > 1 and len(arguments) == 1 and next(iter(arguments)).isidentifier():
+                (argument,) = arguments
+                settings.append(f"`{argument}` of {_label(callback)} (recipe key {callback.section}.{argument})")
+        complete = settings and len(settings) == len(_by_callback(self.problems)) and not (with_conflicts and self.conflicts)
+        change = f"change {' and '.join(settings)} to values every layer above takes" if complete else ""
+        text = "; or ".join(filter(None, [change, f"add {'; and '.join(parts)}" if parts else ""]))
+        text = f"Fix: {text}" if text else ""
         if skips:
             keys = ", ".join(f"{cb.section}.on_incompatible" for cb in skips)
             names = " and ".join(_label(cb) for cb in skips)
