@@ -141,15 +141,9 @@ def covering_mappings(
                     " columns can take the scales of one mapping only; keep it under the module whose output it reads"
                 )
             owners[name] = mapping.smooth
-    uncovered = uncovered_layers(model, layers, setting, rules)
+    uncovered = uncovered_layers(model, layers, setting, rules)  # (the compatibility check names them first)
     if uncovered:
-        names = list(uncovered)
-        raise ValueError(
-            f"{setting} folds per-channel scales into the norm or layer before each quantized layer, and no"
-            f" {_known(rules)} covers {names}" + _reasons(model, rules) + " Give `mappings` for your blocks (e.g."
-            " {'norm1': ['qkv']}), exclude them (`exclude`), or quantize them in a second QuantizationAwareTraining"
-            " callback without it"
-        )
+        raise ValueError("; ".join(uncovered.values()))
     if init == "awq":
         for mapping in mappings:
             grids = {specs[n] for n in mapping.balance if n in specs}
@@ -180,13 +174,10 @@ def uncovered_layers(
     missing = [key for key in layers if key not in covered]
     if not missing:
         return {}
-    known = f"`mappings` {dict(rules)}" if rules is not None else (
-        "built-in mapping (LLaMA, Mistral, Qwen2 and BERT blocks; `v_proj -> o_proj` only where grouped-query"
-        " attention leaves their sizes equal)")
-    reasons = _reasons(model, rules)  # why the rules miss: said once, at the first layer
+    reasons = _reasons(model, rules)  # which rules there are and why they miss: said once, at the first layer
     return {
         key: f"{setting} has nowhere to fold its per-channel scales for {key!r}: no "
-             + (f"{known} covers it{reasons}" if index == 0 else
+             + (f"{_known(rules)} covers it{reasons}" if index == 0 else
                 f"{'`mappings` entry' if rules is not None else 'built-in mapping'} covers it (see {missing[0]!r}).")
              + f" Give `mappings` for it, or quantize it in a second QuantizationAwareTraining callback without {setting}"
         for index, key in enumerate(missing)

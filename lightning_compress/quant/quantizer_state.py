@@ -131,8 +131,7 @@ def take_over(layers: Mapping[str, nn.Module], specs: Mapping[str, QuantSpec], a
         return TakeOver(entries)
     owners = {getattr(quantizer, "owner", None) for quantizer, _ in held.values()} | {q.owner for q in shared}
     source = "round_to_nearest" if owners == {"round_to_nearest"} else "an earlier QuantizationAwareTraining"
-    problems = differences + ([f"{', '.join(map(repr, unheld[:4]))}{' ...' if len(unheld) > 4 else ''} hold none"]
-                              if unheld else [])
+    problems = differences + ([f"{', '.join(first_four([repr(name) for name in unheld]))} hold none"] if unheld else [])
     return TakeOver(entries, (
         f"the model holds fake quantization from {source}: {'; '.join(problems)}. This callback would put a new"
         f" grid on those layers, off until training starts, so the {stage} would measure them in float; {stage}"
