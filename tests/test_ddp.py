@@ -133,6 +133,17 @@ def test_a_dry_export_failure_stops_every_rank_before_training(tmp_path):
     assert not any(tmp_path.glob("packed*")) and not any(tmp_path.glob("rank*.pt"))  # fit never ended
 
 
+def test_a_layer_silent_on_one_rank_stops_both_ranks_with_its_name(tmp_path):
+    """fc2 records calibration inputs on rank 0 only: rank 1 alone would refuse while
+    rank 0 waited in the Hessian all-reduce. Both ranks refuse, naming fc2."""
+    result = run_script(SCRIPT, tmp_path, "qat-calibrated-silent", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("['fc2'] received no input in the 2 calibration batch(es) on at least one of the 2 processes") == 2
+    assert "Timeout" not in output and "Connection closed" not in output
+    assert not any(tmp_path.glob("rank*.pt"))  # fit never ended
+
+
 def test_calibrated_start_uses_the_statistics_of_both_ranks(tmp_path):
     """GPTQ + SmoothQuant: the maxima are maxed and the Hessians summed over the ranks, so
     both ranks start from the GPTQ rounding of the smoothed weight under both ranks' data."""

@@ -13,6 +13,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    """The number of processes (1 when not distributed)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def is_rank_zero() -> bool:
     """Whether this process speaks for all (rank 0, or the only process)."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -45,8 +50,10 @@ def all_reduce_max(tensor: Tensor) -> Tensor:
     if not is_distributed():
         return tensor
     reduced = tensor.detach().clone()
+    if dist.get_backend() == "nccl":  # (a CPU tensor, e.g. flags, travels through the GPU)
+        reduced = reduced.cuda()
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-    return reduced
+    return reduced.to(tensor.device)
 
 
 def all_reduce_mean_(tensors: List[Tensor]) -> None:

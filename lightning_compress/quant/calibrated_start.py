@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.core.distributed import all_reduce_max, all_reduce_sum_, broadcast_from_rank_zero
+from lightning_compress.core.distributed import all_reduce_max, all_reduce_sum_, broadcast_from_rank_zero, world_size
 from lightning_compress.core.recompute import counts_as_training_forward
 from lightning_compress.core.targeting import tied_parameter_names
 from lightning_compress.core.transforms import Stage, get_weight_transform, raw_weight, weight_before
@@ -235,24 +235,31 @@ class CalibratedStart:
 
     def _check_everything_recorded(self) -> None:
         """Every GPTQ layer has a Hessian and every mapping its activation statistics
-        (recorded on the inputs of its first balance layer): else name what saw no input."""
+        (recorded on the inputs of its first balance layer) on every rank: else name what
+        saw no input. Decided over the ranks together, so that a layer silent on one rank
+        only stops every rank with this message (rather than one rank raising while the
+        others wait for it in the statistics' all-reduce)."""
         stats, setting, batches = self.statistics, describe_setting(self.init, self.smoothing), self.statistics.batches
-        if self.init == "gptq":
-            silent = [key for key in self.layers if key not in stats.hessians]
-            if silent:
-                raise ValueError(
-                    f"{setting}: {silent} received no input in the {batches} calibration batch(es): their forward is"
-                    " not called as a module. Exclude them (`exclude`) or quantize them in a second"
-                    " QuantizationAwareTraining callback without `init`"
-                )
+        layers = list(self.layers) if self.init == "gptq" else []
         recorded = stats.rows if self.init == "awq" else stats.absmax
-        silent_mappings = [m for m in self.mappings if m.smooth not in recorded]
+        missing = _missing_on_any_rank([key not in stats.hessians for key in layers]
+                                       + [m.smooth not in recorded for m in self.mappings])
+        where = f"in the {batches} calibration batch(es)"
+        if world_size() > 1:
+            where += f" on at least one of the {world_size()} processes"
+        silent = [key for key, gone in zip(layers, missing) if gone]
+        if silent:
+            raise ValueError(
+                f"{setting}: {silent} received no input {where}: their forward is not called as a module. Exclude"
+                " them (`exclude`) or quantize them in a second QuantizationAwareTraining callback without `init`"
+            )
+        silent_mappings = [m for m, gone in zip(self.mappings, missing[len(layers):]) if gone]
         if silent_mappings:
             balance = [name for m in silent_mappings for name in m.balance]
             raise ValueError(
-                f"{setting}: {[m.balance[0] for m in silent_mappings]} received no input in the {batches} calibration"
-                f" batch(es): their forward is not called as a module, so the scales of the mappings they belong to"
-                f" cannot be chosen. Exclude {balance} (`exclude`), or fix `mappings`"
+                f"{setting}: {[m.balance[0] for m in silent_mappings]} received no input {where}: their forward is"
+                f" not called as a module, so the scales of the mappings they belong to cannot be chosen. Exclude"
+                f" {balance} (`exclude`), or fix `mappings`"
             )
 
     def _mapping_scales(self, mapping: ScaleMapping, modules: Mapping[str, nn.Module]) -> Tensor:
@@ -299,6 +306,12 @@ def _through_log(scale: Tensor, zero_point: Tensor) -> tuple:
             break
         scale = again
     return scale, zero_point
+
+
+def _missing_on_any_rank(missing: List[bool]) -> List[bool]:
+    """``missing`` or-ed over the ranks (one all-reduce)."""
+    flags = all_reduce_max(torch.tensor(missing, dtype=torch.int32)) if missing else torch.zeros(0)
+    return [bool(flag) for flag in flags.tolist()]
 
 
 def _fold(mapping: ScaleMapping, scales: Tensor, modules: Mapping[str, nn.Module], probe: Tensor | None,

@@ -5,6 +5,7 @@
     python ddp_run.py OUT_DIR prune-wanda     # score="wanda"; the ranks see different data
     python ddp_run.py OUT_DIR qat             # QAT: learned scales + static observers
     python ddp_run.py OUT_DIR qat-calibrated  # QAT init="gptq" + smoothing; ranks see different data
+    python ddp_run.py OUT_DIR qat-calibrated-silent  # ... fc2's forward not called as a module on rank 1
     python ddp_run.py OUT_DIR lora            # LoRA with dropout on conv, fc1, fc2
     python ddp_run.py OUT_DIR qlora           # QLoRA; rank 1's base differs before setup
     python ddp_run.py OUT_DIR export          # QAT int8 + CompressedExport (rank 0 writes)
@@ -133,8 +134,19 @@ class RecordCalibration(Callback):
                    self.out_dir / f"calibration_rank{trainer.global_rank}.pt")
 
 
+class FunctionalFc2OnRankOne(TinyRegressor):
+    """On rank 1, fc2 is applied through its parameters (``F.linear``), not called as a
+    module: that rank's calibration hooks record no input for it, rank 0's do."""
+
+    def forward(self, x):
+        if self.trainer.global_rank == 0:
+            return super().forward(x)
+        h = torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1)))
+        return torch.nn.functional.linear(h, self.fc2.weight, self.fc2.bias)
+
+
 def build(mode: str, pattern: str):
-    if mode == "qat-calibrated":  # relu(x / s) == relu(x) / s, so fc1 -> fc2 is a valid mapping
+    if mode.startswith("qat-calibrated"):  # relu(x / s) == relu(x) / s, so fc1 -> fc2 is a valid mapping
         return QuantizationAwareTraining("int4", group_size=8, init="gptq", activations="int8_dynamic", smoothing=0.5,
                                          mappings={"fc1": ["fc2"]}, targets=["fc2"], calibration_batches=2,
                                          start_step=2)
@@ -182,7 +194,7 @@ if __name__ == "__main__":
         + ([PerturbBaseOnRankOne()] if mode == "qlora" else [])
         + [compression, SaveRankState(compression, out_dir)] + exporting,
     )
-    model = TinyRegressor()
+    model = FunctionalFc2OnRankOne() if mode == "qat-calibrated-silent" else TinyRegressor()
     if mode == "export-dry-fail":  # a buffer holding NaN (a diverged running statistic): the export refuses it
         model.register_buffer("running_stat", torch.tensor([1.0, float("nan"), 2.0]))
     loader = tiny_loader(batches=8)
