@@ -8,7 +8,7 @@ from typing import Any, Dict, Mapping, Tuple
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Size, Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
@@ -408,7 +408,7 @@ class KnowledgeDistillation(CompressionCallback):
             self._log("distill/top1_agreement", top1_agreement(student, teacher))
         return kd
 
-    def _teacher_outputs(self, step: StepCapture, shape: torch.Size) -> Tensor | TopKTargets:
+    def _teacher_outputs(self, step: StepCapture, shape: Size) -> Tensor | TopKTargets:
         args = lambda: step.teacher_args(self.teacher_inputs)  # noqa: E731
         if self._cache is None:
             return self._run_teacher(args())

@@ -6,7 +6,6 @@ import importlib.util
 import inspect
 import os
 from dataclasses import KW_ONLY, dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from torch import Tensor

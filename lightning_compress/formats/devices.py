@@ -6,7 +6,6 @@ import itertools
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from lightning_compress.core.sharding import has_collective_forward
