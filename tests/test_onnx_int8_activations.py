@@ -157,6 +157,49 @@ def test_int8_layers_round_each_token_as_training_did(tmp_path, symmetric):
     assert _sqnr_db(reference, alone) > 100 and _sqnr_db(reference, beside) > 100
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_where_uint8_x_int8_saturates_the_weights_are_uint8_and_exact(tmp_path, monkeypatch, symmetric):
+    """On a CPU without VNNI onnxruntime's uint8 x int8 kernel adds products in saturating
+    int16 (12 dB SQNR on this file here): the export then writes the codes and zero
+    points shifted by 128 as uint8, and the file computes what training did on any CPU."""
+    from lightning_compress.formats.onnx import layouts
+
+    monkeypatch.setattr(layouts, "uint8_int8_matmul_exact", lambda: False)
+    model = _dynamic_trained(QuantSpec(8, symmetric=symmetric))
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    export(model, tmp_path / "out", inputs=[x], formats=["safetensors", "onnx"], onnx_activations="int8")
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    codes = {name: array for name, array in weights.items() if name.endswith(".weight_int8")}
+    points = {name: array for name, array in weights.items() if name.endswith(".weight_zero_point")}
+    assert len(codes) == len(points) == 2 and all(a.dtype == np.uint8 for a in [*codes.values(), *points.values()])
+    # full-range codes: 255 * (q + 128) pairs are what overflows int16 without VNNI
+    assert max(int(a.max()) for a in codes.values()) > 200 and min(int(a.min()) for a in codes.values()) < 55
+    with torch.no_grad():
+        reference = model(x).numpy()
+    assert _sqnr_db(reference, run_onnx(tmp_path / "out" / "model.onnx", (x,))[0]) > 100
+
+
+def test_the_onnxruntime_probe_says_whether_uint8_x_int8_sums_exactly():
+    """The probe's answer is what onnxruntime computes on this CPU for int8 weights: a
+    random full-range product, compared with integers summed in numpy."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lightning_compress.formats.onnx.layouts import uint8_int8_matmul_exact
+
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-128, 128, (256, 64)).astype(np.int8)
+    inputs = rng.integers(200, 256, (8, 256)).astype(np.uint8)
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.UINT8, [8, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [8, 64])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    got = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": inputs})[0]
+    assert uint8_int8_matmul_exact() == np.array_equal(got, inputs.astype(np.int64) @ weight.astype(np.int64))
+
+
 def test_a_weight_only_int8_layer_rounds_its_tokens_per_token(tmp_path):
     """Weight-only int8: each token rounded to 8 bits on its own grid (what load_packed's
     int8 GEMM does), the same outputs alone or beside a loud sample."""

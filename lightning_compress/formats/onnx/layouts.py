@@ -38,10 +38,14 @@ Per bit width:
   sample 50x louder). Weights are int8 codes with an int8 ``b_zero_point``, the uint8 x
   int8 layout onnxruntime's own ``quantize_dynamic`` writes: its kernel for it (VNNI, AMX)
   was 10x its uint8 x uint8 one at 128 tokens here (144 us against 1,538 us for a
-  768 x 3072 weight). Caveat, as for onnxruntime's own int8 models: on x86 CPUs without
-  VNNI (Intel before Cascade Lake, AMD before Zen 4) that kernel adds pairs of products in
-  saturating int16 (``vpmaddubsw``), which full-range codes can overflow; export on the
-  serving machine (the export's check runs the file in onnxruntime) to see its numbers.
+  768 x 3072 weight). On x86 CPUs without VNNI (Intel before Cascade Lake, AMD before
+  Zen 4) that kernel adds pairs of products in saturating int16 (``vpmaddubsw``), which
+  full-range codes overflow (12 dB SQNR on an MLP here): where
+  :func:`uint8_int8_matmul_exact` finds that on the exporting machine, the weights are
+  written as uint8 codes shifted by 128 with a uint8 zero point instead, the same
+  products, which onnxruntime sums exactly there (and as fast, on an AVX2 CPU). A file
+  with int8 weights served on a CPU without VNNI saturates as onnxruntime's own do:
+  export on (a CPU like) the serving machine; the export's check runs the file there.
 
 Anything else (int2/3/5/6/7, int8 groups, int4 groups that are not a power of two >= 16,
 Conv layers) is refused with a ``ValueError`` naming the layer, before anything is
@@ -50,6 +54,7 @@ exported.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -228,11 +233,13 @@ def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int,
     sums, consts = f"{plan.name}.weight_column_sums", "lightning_compress.token_grid"
     per_channel = q.spec.granularity == "channel"
     if weight not in inits:
-        # int8 codes and zero points: onnxruntime's fast uint8 x int8 kernel (module docstring).
+        # int8 codes and zero points: onnxruntime's fast uint8 x int8 kernel, or both shifted
+        # to uint8 where that kernel saturates (module docstring); (q + 128) - (z + 128) = q - z.
         codes = q.codes.cpu().numpy().T.astype(np.int32)  # [K, N]
         points = q.zero_point.cpu().numpy().reshape(-1).astype(np.int32)
-        inits[weight] = _tensor(weight, codes.astype(np.int8))
-        inits[wzp] = _tensor(wzp, points.astype(np.int8) if per_channel else np.int8(points[0]))
+        shift, dtype = (0, np.int8) if uint8_int8_matmul_exact() else (128, np.uint8)
+        inits[weight] = _tensor(weight, (codes + shift).astype(dtype))
+        inits[wzp] = _tensor(wzp, (points + shift).astype(dtype) if per_channel else dtype(points[0] + shift))
         inits[sums] = _tensor(sums, (codes - points).sum(axis=0).astype(np.int32))  # sum_k (q - zero_point)
         scales = q.scale.detach().float().cpu().numpy().reshape(-1)
         inits[wscale] = _tensor(wscale, scales if per_channel else scales.reshape(()))
@@ -295,6 +302,29 @@ def _dynamic_nodes(plan: LayerPlan, a: str, y: str, prefix: str, elem_type: int,
         node("Mul", [t["float"], wscale], "channel_scaled"),
         helper.make_node("Mul", [t["channel_scaled"], t["checked_scale"]], [y], name=f"{prefix}/rescale"),
     ]
+
+
+@functools.lru_cache(maxsize=None)
+def uint8_int8_matmul_exact() -> bool:
+    """Whether onnxruntime's uint8 x int8 ``MatMulInteger`` sums exactly on this CPU
+    (checked once, on products that overflow int16 in pairs: 255 * 127 + 255 * 127);
+    ``True`` without onnxruntime, whose absence the export reports on its own."""
+    try:
+        import onnxruntime
+        from onnx import TensorProto, helper
+    except ImportError:
+        return True
+    codes = np.array([[127] * 64, [-128] * 64, [127, -128] * 32], dtype=np.int8).T  # [K, N]
+    inputs = np.array([[255] * 64, [255, 0] * 32], dtype=np.uint8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 3])],
+        [_tensor("w", codes)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": inputs})[0]
+    return bool(np.array_equal(got, inputs.astype(np.int64) @ codes.astype(np.int64)))
 
 
 def _tensor(name: str, array: np.ndarray, elem_type: int | None = None):
