@@ -70,6 +70,39 @@ def test_a_file_at_dirpath_is_refused_before_training_whatever_overwrite_says(tm
     assert (tmp_path / "out").read_text() == "not a directory"
 
 
+def test_overwrite_replaces_an_earlier_export_or_an_empty_folder_never_other_files(tmp_path):
+    """overwrite=True on a folder of the user's files (a home directory, say) would have
+    deleted them at the end of fit: refused before training, naming what it holds; an
+    empty folder and an earlier export are replaced."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "thesis.txt").write_text("keep me")
+    with pytest.raises(ArgumentError, match=r"`dirpath` .*photos cannot be replaced: it holds thesis.txt but no"
+                                            r" compression.json, so it is not an earlier export.*empty that folder")\
+            as caught:
+        fit(tmp_path / "photos", overwrite=True)
+    assert caught.value.argument == "dirpath" and fit.steps == 0
+    assert (tmp_path / "photos" / "thesis.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    fit(tmp_path / "empty", overwrite=True)
+    first = (tmp_path / "empty" / WEIGHTS_FILE).read_bytes()
+    fit(tmp_path / "empty", overwrite=True)  # now an earlier export
+    assert (tmp_path / "empty" / WEIGHTS_FILE).is_file() and fit.steps > 0 and first
+
+
+def test_export_with_overwrite_refuses_a_folder_of_other_files(tmp_path):
+    from lightning_compress import export
+    from lightning_compress.quant.spec import QuantSpec
+    from lightning_compress.quant.weights import round_to_nearest
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    round_to_nearest(model, QuantSpec(8))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / ".bashrc").write_text("keep me")
+    with pytest.raises(ExportError, match=r"home cannot be replaced: it holds .bashrc but no compression.json"):
+        export(model, tmp_path / "home", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == [".bashrc"]
+
+
 def test_a_dirpath_under_a_file_is_refused_before_training(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArgumentError, match=r"`dirpath` .*file/sub/out cannot be created: .*file is a file, not a"

@@ -134,10 +134,16 @@ def test_a_stored_overwrite_does_not_replace_the_output_directory(trained, tmp_p
     assert main(["export", "--checkpoint", str(checkpoint), "--model", MODEL, "-o", str(target)]) == 2
     assert "victim already exists" in last_error(capsys)
     assert sorted(p.name for p in target.iterdir()) == ["thesis.tex"]
-    # Only --overwrite on this command line replaces it.
-    assert main(["export", "--checkpoint", str(checkpoint), "--model", MODEL, "-o", str(target), "--overwrite"]) == 0
-    assert (target / "model.safetensors").is_file() and not (target / "thesis.tex").exists()
-    assert read_metadata(target)["recipe"]["export"]["overwrite"] is True  # what this command was told
+    # --overwrite on this command line does not replace it either: it is not an export.
+    assert main(["export", "--checkpoint", str(checkpoint), "--model", MODEL, "-o", str(target), "--overwrite"]) == 2
+    assert "holds thesis.tex but no compression.json" in last_error(capsys)
+    assert sorted(p.name for p in target.iterdir()) == ["thesis.tex"]
+    # Only --overwrite on this command line replaces an earlier export.
+    earlier = tmp_path / "earlier"
+    assert main(["export", "--checkpoint", str(checkpoint), "--model", MODEL, "-o", str(earlier)]) == 0
+    assert main(["export", "--checkpoint", str(checkpoint), "--model", MODEL, "-o", str(earlier)]) == 2
+    assert main(["export", "--checkpoint", str(checkpoint), "--model", MODEL, "-o", str(earlier), "--overwrite"]) == 0
+    assert read_metadata(earlier)["recipe"]["export"]["overwrite"] is True  # what this command was told
 
 
 @pytest.mark.parametrize("stored", ["absolute", "relative"])

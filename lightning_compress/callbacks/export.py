@@ -32,7 +32,7 @@ from lightning_compress.formats.inputs import (
     missing_forward_error,
 )
 from lightning_compress.formats.packed import METADATA_FILE
-from lightning_compress.formats.target import check_export_target, check_keeps_apart
+from lightning_compress.formats.target import check_export_target, check_keeps_apart, refuse_foreign
 
 DRY_EXPORT_NOTE = (
     "found by CompressedExport's dry export before the first training step: nothing was trained or written; the"
@@ -168,6 +168,8 @@ class CompressedExport(CompressionCallback):
             check_export_target(self.dirpath, self.overwrite)  # a file, an unwritable folder
             # Before the existence check: a logger writing inside `dirpath` made it exist.
             check_keeps_apart(self.dirpath, _run_folders(trainer), self.overwrite, _wandb_runs(trainer))
+            if self.overwrite:
+                refuse_foreign(self.dirpath)  # overwrite replaces an earlier export, not a folder of other files
             if self.dirpath.exists() and not self.overwrite:
                 raise FileExistsError(
                     f"CompressedExport: {self.dirpath} already exists; choose another `dirpath` or pass"

@@ -25,6 +25,7 @@ from lightning_compress.formats.packed import METADATA_FILE, PackedModel, metada
 from lightning_compress.formats.packing import CONFIG_FILE, ExportReport, Packing, collect, pack, pack_into, plan_layers
 from lightning_compress.formats.outputs import raised_by_the_model
 from lightning_compress.formats.parity import check_parity
+from lightning_compress.formats.target import foreign_contents
 
 REPORT_FILE = "report.txt"
 
@@ -149,6 +150,9 @@ def export(
         raise ExportError(f"{out_dir} exists and is not a directory; export to a directory path")
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    foreign = foreign_contents(out_dir) if out_dir.exists() else None
+    if foreign is not None:
+        raise ExportError(f"{out_dir} cannot be replaced: {foreign}; export to another directory, or empty that one")
     refuse_stale(out_dir, overwrite)
     if "onnx" in formats:
         _refuse_onnx_misfits(model, onnx_activations)

@@ -7,7 +7,9 @@ fit could not write stops the run before its first step instead of after its las
   directory and never replaces a file);
 - with ``overwrite=True``, an existing ``dirpath`` that is a mount point, or that is or
   holds the current working directory, is refused (replacing it would fail, or strand
-  this process in a deleted folder);
+  this process in a deleted folder), and so is one that holds files but no
+  ``compression.json`` (:func:`refuse_foreign`): overwrite replaces an earlier export
+  or an empty folder, never a folder of other files (a home directory, say);
 - a ``dirpath`` that is or holds the folder of the run's checkpoints is refused
   (:func:`check_keeps_apart`: ``overwrite=True`` would delete them, and without it the
   export would find the folder taken);
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Tuple
 
 from lightning_compress.core.validate import ArgumentError
+from lightning_compress.formats.packed import METADATA_FILE
 
 _CHECKED = "; checked before training, so no run is lost"
 _ELSEWHERE = "choose another `dirpath` (in a recipe: export.dirpath)"
@@ -121,6 +124,37 @@ def _followed(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
+def foreign_contents(directory: str | os.PathLike) -> Optional[str]:
+    """Why ``overwrite=True`` must not replace the existing directory ``directory``: a
+    description of what it holds when that is not an export (entries, no
+    ``compression.json``), or ``None`` (empty, or an export: complete or a failed check's)."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return None  # (not listable: the write itself reports it)
+    if not names or METADATA_FILE in names:
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"it holds {shown} but no {METADATA_FILE}, so it is not an earlier export; overwrite=True replaces"
+            " only an export's folder (or an empty one), never other files")
+
+
+def refuse_foreign(dirpath: str | os.PathLike) -> None:
+    """Refuse to replace the existing directory ``dirpath`` when it is not an export
+    (:func:`foreign_contents`); called for ``overwrite=True`` once the checks of the
+    folders a run keeps (:func:`check_keeps_apart`) have named theirs.
+
+    Raises:
+        ArgumentError: (naming ``dirpath``) what it holds and what to do instead.
+    """
+    foreign = foreign_contents(dirpath) if os.path.isdir(dirpath) else None
+    if foreign is not None:
+        raise ArgumentError(
+            "dirpath", f"CompressedExport: `dirpath` {dirpath} cannot be replaced: {foreign}: {_ELSEWHERE}, or empty"
+            f" that folder{_CHECKED}",
+        )
+
+
 def _refuse_unreplaceable(dirpath, target: Path) -> None:
     if os.path.ismount(target):
         raise ArgumentError(
@@ -152,4 +186,4 @@ def _cannot_create_in(folder: Path) -> Optional[str]:
     return None
 
 
-__all__ = ["check_export_target", "check_keeps_apart"]
+__all__ = ["check_export_target", "check_keeps_apart", "foreign_contents", "refuse_foreign"]
