@@ -15,6 +15,38 @@ warnings.filterwarnings("ignore", ".*LeafSpec.*")
 # `LC_TEST_ACCELERATOR=gpu` runs every test's Trainer on that accelerator (`make test-gpu`):
 # the device check of the callbacks, the exports and the loaders from a model trained there.
 ACCELERATOR = os.environ.get("LC_TEST_ACCELERATOR", "cpu")
+
+
+def _int8_gemm_missing():
+    from lightning_compress.formats.int8_gemm import int8_gemm_available, one_token_gemm_available
+
+    return int8_gemm_available() or one_token_gemm_available()
+
+
+# Why PyTorch's int8 GEMM (fbgemm/oneDNN u8 x s8) does not run exactly on this CPU, or None:
+# on x86 without VNNI its pairs of products saturate in int16, and the package runs int8
+# layers on the exact dequantize path instead (tested on every CPU with an emulated
+# saturating kernel: test_int8_gemm.py, test_one_token_gemm.py). Tests of the kernel's own
+# numbers need it; tests that only name the kernel expect the one this CPU runs.
+INT8_GEMM_MISSING = _int8_gemm_missing()
+FAST_INT8 = "fbgemm" if INT8_GEMM_MISSING is None else "dequantize"
+needs_int8_gemm = pytest.mark.skipif(
+    INT8_GEMM_MISSING is not None,
+    reason=f"tests PyTorch's int8 GEMM, which is not exact on this CPU ({INT8_GEMM_MISSING}); the exact fallback"
+           " such a CPU gets is tested with an emulated saturating kernel",
+)
+
+
+@pytest.fixture
+def int8_gemm_runs(monkeypatch):
+    """For tests of what happens when the int8 GEMM's figures miss a threshold (min_sqnr_db=200,
+    which its rounded activations never meet): on a CPU where it is not exact the package
+    would not run it at all, so its probe is told it is; its saturated figures miss the
+    threshold further. Nothing else changes."""
+    from lightning_compress.formats import int8_gemm
+
+    if INT8_GEMM_MISSING is not None:
+        monkeypatch.setattr(int8_gemm, "int8_gemm_available", lambda: None)
 if ACCELERATOR != "cpu":
     # Resume and stacking tests compare runs bit for bit; CUDA's fastest kernels are not
     # deterministic (atomic adds in some backward passes).

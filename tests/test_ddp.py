@@ -108,13 +108,13 @@ def test_lora_adapters_and_bases_are_identical_on_both_ranks(tmp_path, mode):
 
 def test_export_is_written_once_by_rank_zero(tmp_path):
     from lightning_compress import load_packed
-    from tests.conftest import TinyRegressor
+    from tests.conftest import FAST_INT8, TinyRegressor
 
     rank0, rank1 = run_ddp(tmp_path, "export")
     assert_same_weights(rank0, rank1)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["packed"]  # no temporary left
     loaded = load_packed(tmp_path / "packed", TinyRegressor())
-    assert loaded.packed_kernels == {"conv": "dequantize", "fc1": "fbgemm", "fc2": "fbgemm"}
+    assert loaded.packed_kernels == {"conv": "dequantize", "fc1": FAST_INT8, "fc2": FAST_INT8}
 
 
 def test_failed_export_fails_every_rank_without_hanging(tmp_path):

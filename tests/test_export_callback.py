@@ -24,7 +24,7 @@ from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import round_to_nearest
-from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+from tests.conftest import FAST_INT8, INT8_GEMM_MISSING, TinyRegressor, make_trainer, tiny_loader
 
 
 def test_stacked_fit_exports_exactly_what_was_trained(tmp_path, seeded):
@@ -84,10 +84,13 @@ def test_int8_dynamic_activations_run_on_the_int8_gemm(tmp_path, seeded):
                            max_steps=4)
     trainer.fit(model, tiny_loader(), tiny_loader(batches=2, seed=1))
     parity = export_cb.report.parity
-    assert parity.fast_layers == ["fc1", "fc2"] and parity.sqnr_db >= 35
+    if INT8_GEMM_MISSING is None:
+        assert parity.fast_layers == ["fc1", "fc2"] and parity.sqnr_db >= 35
+    else:  # this CPU's int8 GEMM saturates: every layer runs exact
+        assert parity.fast_layers == [] and parity.sqnr_db is None
     assert parity.relative_error <= 1e-5  # the exact path applies the same activation fake-quant
     loaded = load_packed(tmp_path / "packed", TinyRegressor())
-    assert loaded.packed_kernels == {"conv": "dequantize", "fc1": "fbgemm", "fc2": "fbgemm"}
+    assert loaded.packed_kernels == {"conv": "dequantize", "fc1": FAST_INT8, "fc2": FAST_INT8}
 
 
 def test_lora_adapters_are_merged_into_the_export(tmp_path, seeded):

@@ -15,6 +15,7 @@ from lightning_compress.core.transforms import raw_weight
 from lightning_compress.quant.packing import pack_codes, unpack_biased, unpack_codes
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import quantized_weights, round_to_nearest
+from tests.conftest import needs_int8_gemm
 
 
 def mlp(seed: int = 0, width: int = 64) -> nn.Module:
@@ -248,6 +249,7 @@ def test_conv_and_embedding_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------------- the int8 GEMM path
+@needs_int8_gemm
 def test_int8_gemm_backend_reaches_35db_and_says_which_kernel_ran(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 16))
@@ -263,7 +265,7 @@ def test_int8_gemm_backend_reaches_35db_and_says_which_kernel_ran(tmp_path):
     assert exact.packed_kernels == {"0": "dequantize", "2": "dequantize"}  # weight-only stays exact
 
 
-def test_failed_parity_leaves_out_dir_unwritten_and_names_the_worst_layers(tmp_path):
+def test_failed_parity_leaves_out_dir_unwritten_and_names_the_worst_layers(tmp_path, int8_gemm_runs):
     model = quantized_mlp(QuantSpec(8))
     with pytest.raises(ParityError, match="worst layers: ") as caught:
         export(model, tmp_path / "out", inputs=[torch.randn(8, 32)], backend="fbgemm", min_sqnr_db=200)
@@ -282,7 +284,7 @@ def test_nan_weight_aborts_naming_the_layer(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_directory_needs_overwrite_and_survives_a_failed_export(tmp_path):
+def test_existing_directory_needs_overwrite_and_survives_a_failed_export(tmp_path, int8_gemm_runs):
     model = quantized_mlp(QuantSpec(8))
     export(model, tmp_path / "out")
     before = (tmp_path / "out" / WEIGHTS_FILE).read_bytes()

@@ -68,7 +68,8 @@ def _sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 # ====================================================================== nothing lost at the end
-def test_failed_final_parity_keeps_the_trained_model_in_a_failed_parity_directory(tmp_path, seeded, recwarn):
+def test_failed_final_parity_keeps_the_trained_model_in_a_failed_parity_directory(tmp_path, seeded, recwarn,
+                                                                                   int8_gemm_runs):
     """min_sqnr_db=200: the int8 GEMM rounds activations, so no trained model meets it. The
     dry export only warns about that figure (it depends on the trained weights), so the
     run trains, fails at the end, and its packed files land beside the export directory."""
@@ -160,7 +161,8 @@ def test_a_crashed_check_keeps_the_files_and_names_them(tmp_path, monkeypatch):
     assert torch.equal(loaded[0].weight, _mlp()[0].weight)
 
 
-def test_files_that_cannot_be_kept_beside_the_export_go_to_the_temporary_directory(tmp_path, monkeypatch):
+def test_files_that_cannot_be_kept_beside_the_export_go_to_the_temporary_directory(tmp_path, monkeypatch,
+                                                                                  int8_gemm_runs):
     """A directory of that name appears while the export checks: it is not replaced
     (no overwrite); the packed files go to a new folder of the system's temporary
     directory, marked failed like the sibling, and the error says so. If that fails too,
@@ -213,7 +215,7 @@ def _failing_export(tmp_path, model, **options) -> ParityError:
     return caught.value
 
 
-def test_a_stale_failed_parity_directory_is_refused_replaced_or_removed(tmp_path):
+def test_a_stale_failed_parity_directory_is_refused_replaced_or_removed(tmp_path, int8_gemm_runs):
     first = _int8_mlp(0)
     _failing_export(tmp_path, first)
     failed = tmp_path / "out.failed-parity"
@@ -236,7 +238,7 @@ def test_a_stale_failed_parity_directory_is_refused_replaced_or_removed(tmp_path
                                                                    nn.Linear(64, 8)))[0].weight, second[0].weight)
 
 
-def test_a_stale_failed_parity_directory_that_cannot_be_removed_is_a_warning(tmp_path, monkeypatch):
+def test_a_stale_failed_parity_directory_that_cannot_be_removed_is_a_warning(tmp_path, monkeypatch, int8_gemm_runs):
     _failing_export(tmp_path, _int8_mlp(0))
 
     def refuse(path):

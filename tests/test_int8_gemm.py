@@ -18,6 +18,7 @@ from lightning_compress.formats.runtime import kernel_report
 from lightning_compress.quant.activations import PER_TOKEN, DynamicTokenQuantizer, token_codes
 from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
 from tests.test_numeric_core import _dynamic_int8
+from tests.conftest import needs_int8_gemm
 
 
 def _db(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -51,6 +52,7 @@ def test_token_codes_are_trainings_codes_bit_for_bit():
 
 
 @pytest.mark.parametrize("zero_points", ["symmetric", "per-channel", "per-tensor"])
+@needs_int8_gemm
 def test_integer_products_equal_float64_on_training_codes(zero_points):
     """``(x_hat) @ ((codes - zero_point) * scale).T`` in float64, x_hat being training's per-token
     rounding of x: with weight zero points (asymmetric grids) and a per-tensor scale too."""
@@ -113,6 +115,7 @@ def test_a_cpu_that_saturates_runs_the_exact_path_and_says_why(tmp_path, saturat
         load_packed(tmp_path / "out", _mlp(), backend="fbgemm")
 
 
+@needs_int8_gemm
 def test_a_model_pickled_here_loads_exact_where_the_int8_gemm_would_saturate(tmp_path, monkeypatch):
     """Unpickling probes again (the machine may be another one): where the probe fails the
     layers run exact, say so, and compute the fake-quant model's numbers."""
@@ -133,6 +136,7 @@ def test_a_model_pickled_here_loads_exact_where_the_int8_gemm_would_saturate(tmp
         assert torch.equal(unpickled(x), model(x))
 
 
+@needs_int8_gemm
 def test_an_input_of_another_width_gets_torchs_shape_error(tmp_path):
     _, loaded = _loaded_dynamic(tmp_path)
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"), torch.no_grad():
@@ -154,6 +158,7 @@ def test_the_probe_passes_where_products_do_not_saturate(monkeypatch):
         int8_gemm_available.cache_clear()
 
 
+@needs_int8_gemm
 def test_tokens_with_outliers_of_both_signs_lose_nothing_to_cancellation(monkeypatch):
     """All-positive weight rows (large row sums) and tokens of small values with one
     outlier of each sign: each token's zero point sits mid-grid, and taking it out in
@@ -183,6 +188,7 @@ def _loaded_dynamic(tmp_path):
     return model, loaded
 
 
+@needs_int8_gemm
 def test_a_loaded_model_copies_and_pickles_with_its_int8_gemm(tmp_path):
     """oneDNN's prepared weight has no storage: deepcopy and pickling prepare it again
     from the copied codes (both raised NotImplementedError), and the copy computes alone."""
@@ -198,6 +204,7 @@ def test_a_loaded_model_copies_and_pickles_with_its_int8_gemm(tmp_path):
         assert _db(model(x), expected) > 120
 
 
+@needs_int8_gemm
 def test_a_dtype_round_trip_prepares_the_int8_gemm_from_the_rounded_scales(tmp_path):
     """.half().float() rounds the scale buffers to float16 and back: the int8 GEMM (batch 1
     and batched) computes with those, as the exact path does (it kept the float32 scales:
@@ -215,6 +222,7 @@ def test_a_dtype_round_trip_prepares_the_int8_gemm_from_the_rounded_scales(tmp_p
         assert _db(exact, fast) > 120
 
 
+@needs_int8_gemm
 def test_tracing_runs_the_exact_path_and_compiling_keeps_the_int8_gemm(tmp_path):
     """torch.jit graphs cannot hold the prepared weight (trace raised "Unsupported value
     kind: Tensor"): traced, the layers compute exactly; torch.compile runs the GEMM eagerly
@@ -241,6 +249,7 @@ def test_tracing_runs_the_exact_path_and_compiling_keeps_the_int8_gemm(tmp_path)
         assert torch.allclose(got, loaded(x), rtol=0, atol=1e-6)
 
 
+@needs_int8_gemm
 def test_a_weight_only_attention_out_proj_holds_no_int8_gemm_it_never_runs(tmp_path):
     """PyTorch's attention reads ``out_proj.weight`` itself (``out_proj`` is its
     ``NonDynamicallyQuantizableLinear``): weight-only, those layers stay on the exact path
@@ -286,6 +295,7 @@ def test_a_weight_only_attention_out_proj_holds_no_int8_gemm_it_never_runs(tmp_p
         assert _db(model(src, tgt), got) > 40
 
 
+@needs_int8_gemm
 def test_a_token_of_nan_or_overflow_gives_its_own_row_nan_and_leaves_the_others():
     """The fake-quant model's answer: NaN where a token's range is NaN or overflows, the
     other tokens untouched (the batch's zero point came from a NaN: ValueError)."""

@@ -23,7 +23,7 @@ from lightning_compress.formats.parity import CHOICE_MARGIN_DB
 from lightning_compress.quant.activations import DynamicTokenQuantizer
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import round_to_nearest
-from tests.conftest import make_trainer
+from tests.conftest import make_trainer, needs_int8_gemm
 from tests.test_numeric_core import _dynamic_int8  # int8 weights + QAT's dynamic int8 input stage
 
 
@@ -61,6 +61,7 @@ STRICT_DB = 45.0
 where the other two pass (51 to 52 dB)."""
 
 
+@needs_int8_gemm
 def test_a_layer_the_int8_gemm_cannot_hold_runs_exact_and_the_export_passes(tmp_path):
     """Without the kernel choice this export fails (the model's int8-GEMM SQNR under the
     threshold because of its first layer). That layer alone runs exact, the others run the
@@ -85,6 +86,7 @@ def test_a_layer_the_int8_gemm_cannot_hold_runs_exact_and_the_export_passes(tmp_
         assert torch.equal(exact(x), reference)
 
 
+@needs_int8_gemm
 def test_layers_trained_with_dynamic_int8_activations_compute_their_training_codes(tmp_path):
     """The int8 GEMM quantizes each token as training did and multiplies the integer codes
     exactly: the loaded model is as close to the fake-quant model computed in float64 as
@@ -107,6 +109,7 @@ def test_layers_trained_with_dynamic_int8_activations_compute_their_training_cod
             h = torch.relu(layer(h))
 
 
+@needs_int8_gemm
 def test_weight_only_int8_runs_the_int8_gemm_on_the_layers_the_model_can_afford(tmp_path):
     """Every layer passes alone (43 to 44 dB); together they do not (38 dB with all four,
     against 40 dB). The kept set is the largest prefix of the layers ranked by their own
@@ -164,6 +167,7 @@ def test_a_stricter_threshold_keeps_every_layer_exact(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+@needs_int8_gemm
 def test_without_inputs_nothing_is_measured_and_only_dynamic_int8_layers_run_the_int8_gemm(tmp_path):
     weight_only = _mlp()
     round_to_nearest(weight_only, QuantSpec(8))
@@ -174,6 +178,7 @@ def test_without_inputs_nothing_is_measured_and_only_dynamic_int8_layers_run_the
     assert set(load_packed(tmp_path / "d", _mlp(1)).packed_kernels.values()) == {"fbgemm"}
 
 
+@needs_int8_gemm
 def test_an_explicit_backend_is_measured_as_asked_and_chooses_nothing(tmp_path):
     model, x = _dynamic_int8(_mlp()), _heavy_tailed_inputs()
     report = export(model, tmp_path / "out", inputs=[x], backend="dequantize")
@@ -207,6 +212,7 @@ def test_cache_dequantized_keeps_one_float_weight_and_computes_the_exact_path(tm
         assert cached[1].packed._float.dtype == torch.float64  # another dtype: computed again, one copy kept
 
 
+@needs_int8_gemm
 def test_cache_dequantized_leaves_int8_gemm_layers_on_it(tmp_path):
     model, x = _weight_only_int8(_mlp()), _heavy_tailed_inputs()
     export(model, tmp_path / "out", inputs=[x], min_sqnr_db=STRICT_DB)
@@ -256,6 +262,7 @@ def test_a_trained_llama_with_dynamic_int8_activations_exports_by_default(tmp_pa
         assert _db(module.model.eval()(input_ids=ids).logits, loaded(input_ids=ids).logits) >= 35.0
 
 
+@needs_int8_gemm
 def test_one_token_of_tiny_values_is_rescaled_like_a_batch(tmp_path):
     """The int8 GEMM's activation range includes 0 with a rounded zero point: a lone token
     of 1e-5-sized values came out as zeros before it was rescaled per token like a batch."""
@@ -272,6 +279,7 @@ def test_one_token_of_tiny_values_is_rescaled_like_a_batch(tmp_path):
         assert _db(model(x), loaded(x)) >= 35.0
 
 
+@needs_int8_gemm
 def test_a_bfloat16_model_is_not_put_on_a_kernel_its_inputs_never_reached(tmp_path):
     """The int8 GEMM runs on float32 CPU inputs only: measuring a bfloat16 model ran the
     exact path and would have recorded every layer as passing. They run exact, and say why."""
@@ -283,6 +291,7 @@ def test_a_bfloat16_model_is_not_put_on_a_kernel_its_inputs_never_reached(tmp_pa
     assert report.parity.fast_layers == [] and report.parity.sqnr_db is None
 
 
+@needs_int8_gemm
 def test_new_state_reaches_the_int8_gemm_and_the_kept_float_weight(tmp_path):
     """load_state_dict replaces the codes and scales; the prepacked int8 weight and the
     kept float weight are made again from them, not left from the first model."""
@@ -299,6 +308,7 @@ def test_new_state_reaches_the_int8_gemm_and_the_kept_float_weight(tmp_path):
             assert torch.equal(first(x), second(x))
 
 
+@needs_int8_gemm
 def test_a_gradient_through_the_loaded_model_takes_the_exact_path(tmp_path):
     """The int8 GEMM has no backward: asked for an input gradient, a layer computes on the
     exact path, and the gradient is the fake-quant model's."""

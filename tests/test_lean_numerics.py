@@ -32,6 +32,7 @@ from lightning_compress.quant.fake_quant import (
 )
 from lightning_compress.quant.spec import QuantSpec
 from lightning_compress.quant.weights import round_to_nearest
+from tests.conftest import needs_int8_gemm
 
 SPECS = [QuantSpec(bits, "group", 32, symmetric) for bits in (2, 3, 4, 8) for symmetric in (True, False)] + [
     QuantSpec(4, "channel"), QuantSpec(8, "tensor", symmetric=False)]
@@ -147,6 +148,7 @@ class _Chain(nn.Module):
         return self.second(torch.relu(self.first(x)))
 
 
+@needs_int8_gemm
 def test_per_layer_figures_over_several_batches_equal_the_layers_run_by_hand(tmp_path):
     """The check compares each layer as the model runs (nothing held per layer); its figures
     equal those of the loaded packed layers fed the recorded inputs, joined over the batches."""
@@ -328,6 +330,7 @@ class _Thresholded(nn.Module):
         return y[y > 0.05]
 
 
+@needs_int8_gemm
 def test_an_output_whose_size_changes_on_the_int8_gemm_keeps_the_layers_exact(tmp_path):
     """The int8 GEMM moves values across the threshold, so the output has another size: that
     is an infinite error, and the layers run exact (a kernel choice never fails a correct

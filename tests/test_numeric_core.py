@@ -56,6 +56,7 @@ from lightning_compress.sparsity.masks import (
     unpack_mask,
 )
 from lightning_compress.sparsity.schedules import scheduled_sparsity
+from tests.conftest import needs_int8_gemm
 
 
 # ---------------------------------------------------------------------- activation observers
@@ -855,6 +856,7 @@ def _dynamic_int8(model: nn.Module) -> nn.Module:
     return model
 
 
+@needs_int8_gemm
 def test_parity_uses_the_int8_gemm_where_training_quantized_activations(tmp_path):
     model = _dynamic_int8(_Skips())
     inputs = [torch.randn(8, 16, generator=torch.Generator().manual_seed(1))]

@@ -16,6 +16,7 @@ from lightning_compress.quant.activations import (PER_TOKEN, single_token_codes,
 from lightning_compress.quant.fake_quant import choose_qparams, fake_quantize
 from tests.test_int8_gemm import _db, _training_rounding
 from tests.test_numeric_core import _dynamic_int8
+from tests.conftest import needs_int8_gemm
 
 
 def _rows(width: int) -> list[torch.Tensor]:
@@ -88,6 +89,7 @@ def _fbgemm_codes(x: torch.Tensor, trained_codes: bool) -> tuple[torch.Tensor, t
     return got, single_token_codes(x, scale, shift).double()
 
 
+@needs_int8_gemm
 def test_a_layer_trained_with_dynamic_activations_gets_trainings_codes_at_midpoints_too():
     """fbgemm adds the zero point before it rounds: on tokens whose values sit on code
     midpoints (integer-valued features, a symmetric range's minimum, values a float32 step
@@ -113,6 +115,7 @@ def test_a_layer_trained_with_dynamic_activations_gets_trainings_codes_at_midpoi
 
 
 @pytest.mark.parametrize("zero_points", [False, True], ids=["symmetric", "asymmetric"])
+@needs_int8_gemm
 def test_one_token_equals_float64_on_training_codes(zero_points):
     """fbgemm (symmetric weights) and the batched oneDNN path (asymmetric weights) on one
     token, 1-D, 2-D and 3-D, with the bias, on every branch, near midpoints and on
@@ -128,6 +131,7 @@ def test_one_token_equals_float64_on_training_codes(zero_points):
     assert (gemm._one_token_weight is None) == zero_points
 
 
+@needs_int8_gemm
 def test_a_token_of_a_tiny_range_keeps_float32_precision():
     """Values around 1e-37: token scale x weight scale falls below float32's normal numbers,
     where fbgemm's requantization lost bits (3.6e-5 relative error, 89 dB): the token runs
@@ -139,6 +143,7 @@ def test_a_token_of_a_tiny_range_keeps_float32_precision():
         assert _db(expected, gemm(x)) > 120
 
 
+@needs_int8_gemm
 def test_a_token_of_a_huge_range_runs_the_batched_path():
     """Values past ~1e32 (a scale past 2**100): fbgemm's float32 requantization lost about
     1% at 1.6e38, so the token runs the batched path, which keeps training's numbers (at
@@ -152,6 +157,7 @@ def test_a_token_of_a_huge_range_runs_the_batched_path():
     assert gemm._one_token_weight is None  # fbgemm was not asked
 
 
+@needs_int8_gemm
 def test_a_changed_bias_is_packed_again():
     """fbgemm packs the bias with the weight: a bias changed in place, or another bias
     tensor, gives the new sums."""
@@ -165,6 +171,7 @@ def test_a_changed_bias_is_packed_again():
 
 
 @pytest.mark.parametrize("fault", ["rounding", "saturation", "missing"])
+@needs_int8_gemm
 def test_the_probe_refuses_fbgemm_where_it_is_not_exact_and_onednn_runs(monkeypatch, fault):
     """Emulated: fbgemm rounding every value a code up, saturating u8 x s8 pairs, or no
     fbgemm at all: the probe says why, and one token runs oneDNN's path (training's codes,
@@ -193,6 +200,7 @@ def test_the_probe_refuses_fbgemm_where_it_is_not_exact_and_onednn_runs(monkeypa
         one_token_gemm_available.cache_clear()
 
 
+@needs_int8_gemm
 def test_a_loaded_model_decodes_one_token_at_a_time_as_it_trained(tmp_path):
     """A packed model trained with int8 dynamic activations, fed one token at a time (as a
     decoder generates): each row is the fake-quant model's and the batched call's to float
@@ -219,6 +227,7 @@ def test_a_loaded_model_decodes_one_token_at_a_time_as_it_trained(tmp_path):
         assert _db(other(x[:1]), loaded(x[:1])) > 110
 
 
+@needs_int8_gemm
 def test_an_inference_mode_bias_is_added_apart_and_follows_its_changes():
     """An inference tensor has no version counter: its bias is added after the GEMM, so an
     in-place change inside inference mode shows, and going back to a packed bias works."""
@@ -234,6 +243,7 @@ def test_an_inference_mode_bias_is_added_apart_and_follows_its_changes():
     assert _db(rounded + bias.double(), gemm(x, bias)) > 120
 
 
+@needs_int8_gemm
 def test_a_bias_whose_data_is_replaced_or_that_asks_for_a_gradient():
     """``bias.data = ...`` (as Module.half()/.float() do) keeps the object and its version:
     the one-token path sees the new values; a bias that requires a gradient is added
@@ -253,6 +263,7 @@ def test_a_bias_whose_data_is_replaced_or_that_asks_for_a_gradient():
         assert _db(rounded, gemm(x, parameter)) > 120 and gemm._one_token_bias is parameter
 
 
+@needs_int8_gemm
 def test_concurrent_first_tokens_put_the_quantized_engine_back():
     """fbgemm's weight is packed with PyTorch's quantized engine switched to it: threads
     packing at once each put back what the user had (7 of 20 runs left it switched)."""
