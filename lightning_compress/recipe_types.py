@@ -72,14 +72,17 @@ def _coerce(value: Any, tp: Any, trusted: bool, or_text: bool) -> Any:
         # A dotted path that imports the class a member asks for is that class, not a name
         # (`targets: [torch.nn.Linear]`); a string that imports nothing stays a string.
         classes = [m for m in members if typing.get_origin(m) is type]
+        unimported = None
         for member in [*classes, *(m for m in members if m not in classes)]:
             try:
                 return _coerce(value, member, trusted, str in members)
             except Mismatch:
                 continue
-            except ImportPathError:
+            except ImportPathError as err:
                 if str not in members:
-                    raise
+                    unimported = err
+        if unimported is not None:  # say what else the setting takes, not only that it imports nothing
+            raise ImportPathError(f"{unimported}; it takes {describe(tp)}") from None
         raise Mismatch
     if tp is bool:
         return _exact(value, bool)

@@ -297,6 +297,19 @@ def test_qad_recipe_fine_tuning_a_float_checkpoint_distils_from_the_checkpoints_
         resume("self")
     resumed = resume(str(float_ckpt), teacher_class=RecipeMLP)
     assert resumed.state_dict()["steps"] == 6  # 3 steps an epoch: epoch 1 before the stop, epoch 2 after
+    # Another teacher checkpoint (a new user's trial swapped it on resume, silently), or another alpha.
+    other_ckpt = tmp_path / "other.ckpt"
+    pl.seed_everything(1, verbose=False)
+    other = make_trainer(max_epochs=1)
+    other.fit(RecipeMLP(), RecipeData(samples=128))
+    other.save_checkpoint(other_ckpt)
+    with pytest.raises(ValueError, match=r"distilled from a teacher with other weights than this run's `teacher`"):
+        resume(str(other_ckpt), teacher_class=RecipeMLP)
+    with pytest.raises(ValueError, match=r"other settings \(`alpha`: 0.5 in the checkpoint, 0.9 now\)"):
+        make_trainer(max_epochs=3, callbacks=[
+            KnowledgeDistillation(str(float_ckpt), teacher_class=RecipeMLP, temperature=1.0, alpha=0.9),
+            *(c for c in load_recipe("qad_int4").callbacks() if isinstance(c, QuantizationAwareTraining))
+        ]).fit(RecipeMLP(), RecipeData(samples=128), ckpt_path=tmp_path / "qad.ckpt")
 
 
 # ---------------------------------------------------------------------- bad input
@@ -390,3 +403,26 @@ def test_a_batch_of_only_padding_distils_nothing_and_training_goes_on(lm_states)
     assert [logged for _, _, logged, _ in rows] == [0.0] * len(rows)
     assert all(math.isfinite(loss) and loss > 0 for *_, loss in rows)
     assert "distill/top1_agreement" not in model.trainer.callback_metrics  # not NaN: no position to agree on
+
+
+def _alpha_schedule(step):
+    return 0.5
+
+
+def _other_alpha_schedule(step):
+    return 0.9
+
+
+def test_a_function_alpha_is_compared_on_resume_by_where_it_is_defined():
+    """A schedule's repr names its address, which differs in every process: recorded as
+    its module and name instead, so the same function resumes and another is refused."""
+    import functools
+
+    from lightning_compress.core.state import plain_setting
+
+    assert plain_setting(_alpha_schedule) == "tests.test_distill_topk._alpha_schedule"
+    assert " at 0x" not in plain_setting(functools.partial(_alpha_schedule))
+    saved = {"settings": KnowledgeDistillation(nn.Linear(2, 2), alpha=_alpha_schedule)._settings()}
+    KnowledgeDistillation(nn.Linear(2, 2), alpha=_alpha_schedule)._check_settings(saved)
+    with pytest.raises(ValueError, match=r"`alpha`: 'tests.test_distill_topk._alpha_schedule' in the checkpoint"):
+        KnowledgeDistillation(nn.Linear(2, 2), alpha=_other_alpha_schedule)._check_settings(saved)

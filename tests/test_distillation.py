@@ -11,6 +11,7 @@ from torch import nn
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.callbacks.distillation import CACHE_FILE, KnowledgeDistillation
 from lightning_compress.distill import losses
+from lightning_compress.distill.cache import weights_fingerprint
 from tests.conftest import StopAfterEpoch, TinyRegressor, fit_interrupted_and_resumed, make_trainer, tiny_loader
 from tests.ddp_process import run_script
 
@@ -158,8 +159,11 @@ def test_teacher_stays_frozen_and_out_of_the_checkpoint(tmp_path, seeded):
     checkpoint = torch.load(tmp_path / "student.ckpt", weights_only=True)
     assert set(checkpoint["state_dict"]) == set(TinyRegressor().state_dict())
     state = checkpoint["callbacks"][kd.state_key]
-    assert set(state) == {"version", "features", "steps", "settings", "projections", "projection_optimizer"}
-    assert state["settings"] == {"temperature": 4.0, "loss": "kl", "student_layer": None, "feature_weight": 1.0}
+    assert set(state) == {"version", "features", "steps", "settings", "projections", "projection_optimizer",
+                          "teacher_fingerprint"}
+    assert state["teacher_fingerprint"] == weights_fingerprint(teacher)  # its SHA-256, never its weights
+    assert state["settings"] == {"temperature": 4.0, "alpha": 0.5, "loss": "kl", "student_layer": None,
+                                 "feature_weight": 1.0}
     saved = [t for entry in state["projections"].values() for t in entry.values()]
     teacher_tensors = list(teacher.state_dict().values())
     for tensor in saved + [t for t in checkpoint["state_dict"].values()]:
@@ -466,6 +470,7 @@ def ddp_cache_errors(tmp_path_factory):
         (dict(cache="memory"), r"`cache`='memory' needs `index_fn`"),
         (dict(cache="disk", index_fn=lambda b: b[0]), r"`cache`='disk' needs `cache_dir`"),
         (dict(index_fn=lambda b: b[0]), r"`index_fn` .* is only used with `cache`"),
+        (dict(cache="memory", index_fn=128), r"`index_fn` must be a callable batch -> sample indices .* got int 128"),
         (dict(features=[("fc1", "fc1")], cache="memory", index_fn=lambda b: b[0]), r"`features` cannot be combined with `cache`"),
         (dict(teacher_dtype=torch.int8), r"`teacher_dtype` must be a floating torch dtype"),
         (dict(teacher_strategy="shard"), r"unknown `teacher_strategy` 'shard'; choose one of \('replicate', 'fsdp2'\)"),

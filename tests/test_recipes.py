@@ -187,6 +187,9 @@ MALFORMED = [
     ({"qat": {"weights": "int9"}}, None, "recipe key qat.weights:"),
     ({"qat": {"weights": "int4", "group_size": 0}}, None, "recipe key qat.group_size:"),
     ({"qat": {"symmetric": "yes"}}, None, "qat.symmetric expects true/false"),
+    ({"distillation": {"teacher": "torch.nn.Identity", "alpha": "high"}}, None,
+     "distillation.alpha: 'high' is not a dotted import path like 'my_pkg.models.Teacher'; it takes a float or a"
+     " function as a dotted import path"),
     ({"qat": [1, 2]}, None, "recipe section qat must be a mapping of QuantizationAwareTraining arguments"),
     ({"lora": {"r": 4, "target_modules": "fc1"}}, None, "lora.target_modules expects a list of"),
     ({"lora": {"r": -1}}, None, "recipe key lora.r:"),

@@ -124,6 +124,19 @@ def test_a_cache_path_that_cannot_be_opened_is_refused_naming_it_and_the_fix(lm_
         run(student, teacher, loader(), cache="disk", cache_dir=tmp_path)
 
 
+def test_a_cache_dir_that_cannot_be_created_is_refused_before_training_naming_it(lm_states, tmp_path):
+    """It was written first at the end of the first epoch, where a raw "[Errno 20] Not a
+    directory" ended the run without naming `cache_dir`."""
+    from lightning_compress import ArgumentError
+
+    student, teacher = lm_states
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArgumentError, match=r"`cache_dir` .*file/cache cannot be created \(Not a directory\); choose"
+                                            r" a folder this process can write to") as caught:
+        run(student, teacher, loader(), cache="disk", cache_dir=tmp_path / "file" / "cache")
+    assert caught.value.argument == "cache_dir"
+
+
 def test_a_refused_disk_cache_deleted_as_advised_is_not_refused_again_by_the_same_callback(lm_states, tmp_path):
     # From a review: the callback kept the refused file's samples in memory and refused them
     # again after the file was deleted, naming a file that no longer existed.

@@ -15,7 +15,8 @@ from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.memory import parameter_bytes, release_after
 from lightning_compress.core.sharding import has_collective_forward, is_sharded_model
 from lightning_compress.core.validate import is_number
-from lightning_compress.distill.cache import TeacherOutputCache, cached_top_k, sample_keys, weights_fingerprint
+from lightning_compress.distill.cache import (TeacherOutputCache, cached_top_k, check_cache_dir, sample_keys,
+                                             weights_fingerprint)
 from lightning_compress.distill.cache_ranks import CacheRankAgreement
 from lightning_compress.distill.capture import OutputCapture, StepCapture, submodule
 from lightning_compress.distill.config import CACHES, DistillationConfig
@@ -23,7 +24,8 @@ from lightning_compress.distill.losses import (
     SOFTMAX_LOSSES, TopKTargets, distillation_loss, kept_positions, top1_agreement)
 from lightning_compress.distill.projections import FeatureProjections, match_features
 from lightning_compress.distill.teacher import (
-    check_not_shared, freeze, frozen_copy, is_self, load_self_teacher, load_teacher, shard_teacher, to_host)
+    check_not_shared, freeze, frozen_copy, is_self, load_self_teacher, load_teacher, other_teacher_error, shard_teacher,
+    to_host)
 
 CACHE_FILE = "teacher_outputs.safetensors"
 
@@ -129,8 +131,9 @@ class KnowledgeDistillation(CompressionCallback):
 
     section = "distillation"
     config_class = DistillationConfig
-    # (`features` has its own check; `alpha` may be a function, and the teacher a model.)
-    resume_settings = ("temperature", "loss", "student_layer", "feature_weight")
+    # (`features` has its own check; a function `alpha` is compared by where it is defined;
+    # the teacher by its weights: `teacher_fingerprint`.)
+    resume_settings = ("temperature", "alpha", "loss", "student_layer", "feature_weight")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -145,7 +148,7 @@ class KnowledgeDistillation(CompressionCallback):
         self._cache = TeacherOutputCache(self.cache_top_k, self.temperature) if self.cache else None
         self._cache_file: Path | None = None
         self._ranks = CacheRankAgreement()
-        self._fingerprint: str | None = None  # of a teacher="self" copy, checked on resume
+        self._fingerprint: str | None = None  # of the teacher's weights, checked on resume
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -233,6 +236,7 @@ class KnowledgeDistillation(CompressionCallback):
         if self.features:
             self._projections.optimizer.follow(trainer, "`features` (projections)")
         if self.cache == "disk":
+            check_cache_dir(self.cache_dir)
             suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
             self._cache_file = self.cache_dir / CACHE_FILE.replace(".safetensors", f"{suffix}.safetensors")
             failure, self._cache = None, TeacherOutputCache(self.cache_top_k, self.temperature)  # the file or nothing
@@ -311,7 +315,7 @@ class KnowledgeDistillation(CompressionCallback):
         state = {"features": [list(pair) for pair in self.features], "steps": self._steps, **projections}
         if self.cache_top_k is not None:
             state["cache_top_k"] = self.cache_top_k
-        fingerprint = self._teacher_fingerprint() if is_self(self.config.teacher) else None
+        fingerprint = self._teacher_fingerprint()
         if fingerprint is not None:
             state["teacher_fingerprint"] = fingerprint
         return state
@@ -337,12 +341,7 @@ class KnowledgeDistillation(CompressionCallback):
             self._projections.load_state_dict(state)
         saved = state.get("teacher_fingerprint")
         if saved is not None and self._teacher_fingerprint() not in (None, saved):
-            raise ValueError(
-                "the checkpoint was distilled from teacher='self' with other starting weights than the teacher this"
-                " run has (the model is built differently, or that run fine-tuned a checkpoint's weights), so the"
-                " resumed run would distil from another teacher; build the model with the weights that run started"
-                " from, or pass them as `teacher` (a model, or that checkpoint with `teacher_class`)"
-            )
+            raise other_teacher_error(is_self(self.config.teacher))
 
     # ------------------------------------------------------------------ training_step
     def _finish_step(self, output: Any) -> Any:
@@ -444,5 +443,7 @@ class KnowledgeDistillation(CompressionCallback):
     def _detach(self) -> None:
         self._capture.detach()
         self._projections.optimizer.stop()
+
+
 
 __all__ = ["KnowledgeDistillation", "CACHES", "CACHE_FILE"]

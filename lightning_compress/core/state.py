@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, Mapping, Optional
 
 STATE_VERSION = 1
@@ -29,6 +30,9 @@ def recipe_in_checkpoint(checkpoint: Mapping[str, Any]) -> Optional[Dict[str, An
     return dict(recipe) if isinstance(recipe, Mapping) else None
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def plain_setting(value: Any) -> Any:
     """A setting as plain data, comparable after a checkpoint round trip."""
     if isinstance(value, type):
@@ -39,4 +43,6 @@ def plain_setting(value: Any) -> Any:
         return {str(k): plain_setting(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return repr(value)
+    if callable(value) and hasattr(value, "__qualname__"):  # a function: where it is defined, not its address
+        return f"{getattr(value, '__module__', None)}.{value.__qualname__}"
+    return _ADDRESS.sub("", repr(value))  # (a repr naming an address would differ in every process)

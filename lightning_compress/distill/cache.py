@@ -29,6 +29,7 @@ teacher or on other data under the same indices.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.atomic import atomic_write
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.distill.cache_check import difference_from
 from lightning_compress.distill.capture import as_float
 from lightning_compress.distill.losses import TopKTargets
@@ -364,6 +366,22 @@ class TeacherOutputCache:
         tensors = (outputs.values, outputs.indices, outputs.log_normalizer, outputs.log_rest)
         return {name: tensor.detach().cpu() for name, tensor in zip(TOP_K_FIELDS, tensors)}
 
+def check_cache_dir(folder: Path) -> None:
+    """Create the disk cache's folder before the first step, or name `cache_dir` and why
+    not (it is written at the end of each epoch: an unwritable one failed there, unnamed)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ArgumentError(
+            "cache_dir", f"`cache_dir` {folder} cannot be created ({error.strerror or error}); choose a folder this"
+            " process can write to (in a recipe: distillation.cache_dir)"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArgumentError(
+            "cache_dir", f"`cache_dir` {folder} cannot be written (no write permission); choose a folder this process"
+            " can write to (in a recipe: distillation.cache_dir)"
+        )
+
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """SHA-256 of ``module``'s state (names, dtypes, shapes and bytes): which teacher a
@@ -401,5 +419,5 @@ def sample_keys(indices: Any) -> List[int]:
     return keys
 
 
-__all__ = ["TeacherOutputCache", "FORMAT", "TOP_K_FIELDS", "cached_top_k", "sample_keys", "select_samples",
+__all__ = ["TeacherOutputCache", "FORMAT", "TOP_K_FIELDS", "cached_top_k", "check_cache_dir", "sample_keys", "select_samples",
            "weights_fingerprint"]

@@ -96,7 +96,12 @@ class DistillationConfig:
                 f"`cache`={cache!r} needs `index_fn`: a callable batch -> LongTensor of sample indices,"
                 " so teacher outputs can be reused per sample",
             )
-        if index_fn is not None and (cache is None or not callable(index_fn)):
+        if index_fn is not None and not callable(index_fn):
+            raise ArgumentError(
+                "index_fn", f"`index_fn` must be a callable batch -> sample indices (a function, or its dotted path in a"
+                f" recipe), got {type(index_fn).__name__} {index_fn!r}"
+            )
+        if index_fn is not None and cache is None:
             raise ArgumentError(
                 "index_fn", "`index_fn` (a callable batch -> sample indices) is only used with `cache`; set both"
             )

@@ -246,7 +246,24 @@ def to_host(teacher: nn.Module | None) -> None:
         teacher.cpu()
 
 
-__all__ = [
+def other_teacher_error(from_self: bool) -> ValueError:
+    """The refusal of a resume whose teacher's weights differ from the checkpoint's
+    (``teacher_fingerprint``): the resumed run would distil from another teacher."""
+    if from_self:
+        return ValueError(
+            "the checkpoint was distilled from teacher='self' with other starting weights than the teacher this run"
+            " has (the model is built differently, or that run fine-tuned a checkpoint's weights), so the resumed run"
+            " would distil from another teacher; build the model with the weights that run started from, or pass"
+            " them as `teacher` (a model, or that checkpoint with `teacher_class`)"
+        )
+    return ValueError(
+        "the checkpoint was distilled from a teacher with other weights than this run's `teacher` (another checkpoint"
+        " file or model), so the resumed run would distil from another teacher; resume with the teacher that run"
+        " used (its weights are compared, by SHA-256), or start a new run"
+    )
+
+
+__all__ = ["other_teacher_error", 
     "to_host",
     "cast_floats",
     "check_not_shared",
