@@ -131,3 +131,35 @@ def test_a_target_error_in_a_trainer_names_the_callback_it_came_from():
         torch.manual_seed(0)
         with pytest.raises(ValueError, match=message):
             make_trainer(max_steps=1, callbacks=callbacks).fit(TinyRegressor(), tiny_loader(batches=1))
+
+
+def test_a_name_holding_glob_characters_is_matched_as_written():
+    """A layer named 'fc[1]' (an nn.ModuleDict key): the compatibility error suggests
+    exclude=['blocks.fc[1]'], which as a glob matched nothing ('[1]' is a character class)
+    and was refused with 'Close names: blocks.fc[1]'. The name as written matches it, and
+    as the last part of a longer name too; globs still work."""
+    from lightning_compress import MagnitudePruning, QuantizationAwareTraining
+    from tests.conftest import TinyRegressor, make_trainer, tiny_loader
+
+    class Odd(TinyRegressor):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleDict({"fc[1]": nn.Linear(4, 4), "fc?": nn.Linear(4, 4)})
+
+        def forward(self, x):
+            return super().forward(x) + 0 * self.blocks["fc?"](self.blocks["fc[1]"](x[:, 0, :4])).sum()
+
+    def selected(**options):
+        return list(select_layers(Odd(), supported=(nn.Linear,), default=(nn.Linear,), **options))
+
+    assert selected(targets=None, exclude=["blocks.fc[1]", "blocks.fc?"]) == ["fc1", "fc2"]
+    assert selected(targets=["blocks.fc[1]"], exclude=None) == ["blocks.fc[1]"]
+    assert selected(targets=["fc[1]"], exclude=None) == ["fc1", "blocks.fc[1]"]  # as a glob and as written
+    assert selected(targets=["blocks.fc[?]"], exclude=None) == ["blocks.fc?"]  # still a glob
+    model = Odd()
+    qat = QuantizationAwareTraining("int8", targets=[nn.Linear], overrides={"blocks.fc[1]": {"bits": 4}})
+    pruning = MagnitudePruning(0.5, exclude=["blocks.fc[1]"], schedule="one_shot", start_step=0)
+    make_trainer(max_steps=1, callbacks=[qat, pruning]).fit(model, tiny_loader(batches=1))
+    assert qat.layer_specs["blocks.fc[1]"].bits == 4 and qat.layer_specs["fc1"].bits == 8
+    assert (model.blocks["fc[1]"].weight == 0).float().mean() < 0.25  # excluded from pruning (int4 rounds 1 to 0)
+    assert (model.blocks["fc?"].weight == 0).float().mean() == 0.5

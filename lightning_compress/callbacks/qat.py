@@ -15,7 +15,7 @@ from lightning_compress.callbacks.compatibility import check_quantization_trains
 from lightning_compress.core.attention import keep_padded_batches
 from lightning_compress.core.side_optimizer import SideOptimizer
 from lightning_compress.core.schedule import fractional_steps, resolve_step
-from lightning_compress.core.targeting import module_name, weight_param
+from lightning_compress.core.targeting import module_name, name_matches, weight_param
 from lightning_compress.core.transforms import (
     INPUT,
     Stage,
@@ -26,7 +26,7 @@ from lightning_compress.core.transforms import (
 )
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver, check_output_projections
 from lightning_compress.quant.calibrated_start import CalibratedStart, plan_calibrated_start
-from lightning_compress.quant.config import QATConfig, override_matches
+from lightning_compress.quant.config import QATConfig
 from lightning_compress.quant.quantizer_state import (
     checkpoint_misfit, grid_differences, load_entry, quantizer_entry, take_over)
 from lightning_compress.quant.spec import QuantSpec
@@ -382,7 +382,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
         if unused:
             shadowed = []  # patterns that match, after an earlier one that matches first
             for pattern in unused:
-                names = [name for name in layers if override_matches(name, pattern)]
+                names = [name for name in layers if name_matches(name, pattern)]
                 if names:
                     earlier = self.config.spec_for(names[0])[1]
                     shadowed.append(f"{pattern!r} matches {', '.join(names)}, which an earlier pattern ({earlier!r})"

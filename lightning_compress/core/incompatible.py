@@ -17,13 +17,12 @@ happens then is one rule for every method (applied before training by
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from torch import Tensor, nn
 
-from lightning_compress.core.targeting import weight_param
+from lightning_compress.core.targeting import name_matches, weight_param
 from lightning_compress.core.transforms import raw_weight
 from lightning_compress.core.validate import ArgumentError
 
@@ -79,10 +78,7 @@ def limited_by_type(layer: nn.Module) -> str | None:
 def named_by(name: str, targets: Sequence[Any] | None) -> bool:
     """Whether a name glob of ``targets`` selects layer ``name`` (the targeting rule: the
     whole name or a trailing part of it), rather than only a layer type."""
-    return any(
-        isinstance(t, str) and (fnmatch.fnmatchcase(name, t) or fnmatch.fnmatchcase(name, "*." + t))
-        for t in targets or ()
-    )
+    return any(isinstance(t, str) and name_matches(name, t) for t in targets or ())
 
 
 def compressed_weight(key: str, layer: nn.Module) -> Tensor:

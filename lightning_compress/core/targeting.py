@@ -322,13 +322,18 @@ def _compressible(module: nn.Module, supported: Tuple[type, ...]) -> bool:
     return isinstance(module, supported) and module._parameters.get("weight") is not None
 
 
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether the name pattern ``pattern`` (of ``targets``, ``exclude``, ``overrides``)
+    selects module ``name``: the whole name or its last dot-separated parts, literally
+    (a name holding ``[``, ``]``, ``?`` or ``*``, as the names an error message suggests
+    do) or as an ``fnmatch`` glob."""
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern) \
+        or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
 def _match(target: Target, named: Iterable[Tuple[str, nn.Module]]) -> Dict[str, nn.Module]:
     if isinstance(target, str):
-        return {
-            n: m
-            for n, m in named
-            if fnmatch.fnmatchcase(n, target) or fnmatch.fnmatchcase(n, "*." + target)
-        }
+        return {n: m for n, m in named if name_matches(n, target)}
     return {n: m for n, m in named if isinstance(m, target)}
 
 

@@ -13,7 +13,6 @@ Attention layers: see :mod:`~lightning_compress.formats.peft_attention`.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 
 from lightning_compress.core.atomic import atomic_write_directory
 from lightning_compress.core.attention import compressible_attention
-from lightning_compress.core.targeting import close_names_hint, match_modules, tied_parameter_names
+from lightning_compress.core.targeting import close_names_hint, match_modules, name_matches, tied_parameter_names
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.peft_attention import from_peft_names, peft_unpaired, to_peft_names, warn_out_proj_delta
 from lightning_compress.lora.adapter import LoRAAdapter, adapter_shapes
@@ -368,8 +367,7 @@ def _module_tensor_owners(path: Path, named: Dict[str, nn.Module], module_tensor
         module_name, _, tensor_name = key.rpartition(".")
         parts = module_name.split(".")
         owners_of_key = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if module_name else [""]
-        if not any(fnmatch.fnmatchcase(owner, pattern) or fnmatch.fnmatchcase(owner, "*." + pattern)
-                   for owner in owners_of_key for pattern in modules_to_save or ()):
+        if not any(name_matches(owner, pattern) for owner in owners_of_key for pattern in modules_to_save or ()):
             raise AdapterFormatError(
                 f"{path}: tensor {_PREFIX + key!r} is neither a LoRA weight (lora_A/lora_B) nor part of the"
                 f" `modules_to_save` of {ADAPTER_CONFIG} ({modules_to_save!r}); refusing to overwrite the model's"

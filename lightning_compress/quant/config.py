@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Sequence, Tuple
 
@@ -10,7 +9,7 @@ from torch import nn
 
 from lightning_compress.core.incompatible import LayerIssue, check_on_incompatible, compressed_weight
 from lightning_compress.core.schedule import StepLike, validate_step
-from lightning_compress.core.targeting import Target, validate_name, validate_targets
+from lightning_compress.core.targeting import Target, name_matches, validate_name, validate_targets
 from lightning_compress.core.validate import ArgumentError, check_bool, check_choice, check_int, check_positive, dtype_spelled
 from lightning_compress.quant.activations import ACTIVATION_MODES, OBSERVERS
 from lightning_compress.quant.fake_quant import check_divisible
@@ -22,11 +21,6 @@ from lightning_compress.quant.weights import DEFAULT_TARGET_TYPES, QUANTIZABLE_T
 # Calibrated starting points (see lightning_compress.quant.calibrated_start).
 INITS = ("gptq", "awq")
 CALIBRATION_BATCHES = 16  # the default count of batches they record
-
-
-def override_matches(name: str, pattern: str) -> bool:
-    """Whether an ``overrides`` glob selects layer ``name``: the whole name or its last parts."""
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
 @dataclass(frozen=True)
@@ -73,7 +67,7 @@ class QATConfig:
         """The grid of layer ``name``: the first ``overrides`` glob that matches it (a whole
         name or its last parts), else the main spec; and that glob (``None``: the main spec)."""
         for pattern, spec in self.layer_overrides.items():
-            if override_matches(name, pattern):
+            if name_matches(name, pattern):
                 return spec, pattern
         return self.spec, None
 
@@ -205,4 +199,4 @@ def _parse_overrides(overrides: Any, base: QuantSpec) -> Dict[str, QuantSpec]:
     return specs
 
 
-__all__ = ["QATConfig", "override_matches"]
+__all__ = ["QATConfig"]
