@@ -37,6 +37,24 @@ def test_a_targeted_layer_built_after_setup_is_refused_by_name(make_callback, se
         make_trainer(max_steps=2, callbacks=[make_callback()]).fit(model, tiny_loader(batches=2))
 
 
+class HeadReplacedInConfigureModel(TinyRegressor):
+    """fc2 exists at setup and ``configure_model`` replaces it with a new module (a new
+    user's LLaMA swapped its lm_head there: it trained uncompressed, silently)."""
+
+    def configure_model(self):
+        if not getattr(self, "_replaced", False):
+            self.fc2, self._replaced = nn.Linear(32, 8), True
+
+
+@pytest.mark.parametrize("make_callback", [lambda: MagnitudePruning(0.5, start_step=0, end_step=2),
+                                           lambda: QuantizationAwareTraining("int8")],
+                         ids=["pruning", "qat"])
+def test_a_targeted_layer_replaced_after_setup_is_refused_by_name(make_callback, seeded):
+    with pytest.raises(ValueError, match=r"before `configure_model` replaced \['fc2'\] with new modules, which hold"
+                                         r" none of its stages and would train uncompressed"):
+        make_trainer(max_steps=2, callbacks=[make_callback()]).fit(HeadReplacedInConfigureModel(), tiny_loader(batches=2))
+
+
 class AllInConfigureModel(TinyRegressor):
     """Every layer is built in ``configure_model``."""
 

@@ -130,9 +130,9 @@ class CompressionCallback(Callback):
         """Select the layers and put this method's stages on them, then call
         :meth:`finish_install`. Runs in ``setup`` after the stack check."""
 
-    def set_up_layer_names(self) -> set:
-        """Names of the layers this callback has put its stages on."""
-        return set(self._layers)
+    def set_up_layers(self) -> Dict[str, nn.Module]:
+        """The layers this callback has put its stages on, by name."""
+        return dict(self._layers)
 
     def is_set_up(self) -> bool:
         """Whether the stages are in place (restored state can be applied)."""

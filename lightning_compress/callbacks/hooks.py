@@ -57,10 +57,21 @@ def refuse_late_layers(callback: Any, pl_module: LightningModule) -> None:
     Raises:
         ValueError: naming the layers built too late, and the fix.
     """
-    installed = callback.set_up_layer_names()
+    installed = callback.set_up_layers()
     if not installed:  # nothing set up in `setup` (nothing targeted, or set up after this)
         return
-    late = sorted(set(callback.selected_layers(pl_module) or {}) - installed)
+    selected = callback.selected_layers(pl_module) or {}
+    # A new module under a set-up name (`self.model.lm_head = nn.Linear(...)`) holds none of its stages.
+    replaced = sorted(name for name, layer in selected.items()
+                      if name in installed and layer is not None and layer is not installed[name])
+    if replaced:
+        shown = f"{replaced[:4]}{' ...' if len(replaced) > 4 else ''}"
+        raise ValueError(
+            f"{type(callback).__name__} set up its layers in `setup`, before `configure_model` replaced {shown} with"
+            " new modules, which hold none of its stages and would train uncompressed; build or replace them in"
+            " `__init__` (`configure_model` may shard them, which keeps the modules)"
+        )
+    late = sorted(set(selected) - set(installed))
     if late:
         shown = f"{late[:4]}{' ...' if len(late) > 4 else ''}"
         exclude = "exclude_modules" if hasattr(callback.config, "exclude_modules") else "exclude"  # LoRA: PEFT's name

@@ -145,8 +145,8 @@ class LoRA(CompressionCallback):
         self._pending_adapter_dir: Path | None = None
 
     @override
-    def set_up_layer_names(self) -> set:
-        return set(self._adapters)
+    def set_up_layers(self) -> Dict[str, nn.Module]:
+        return {name: adapter.layer for name, adapter in self._adapters.items()}
 
     @property
     def adapters(self) -> Dict[str, LoRAAdapter]:
