@@ -194,6 +194,9 @@ def test_settings_fsdp2_cannot_shard_are_refused_before_training(sharded):
         assert "_wrap_tensor_autograd" in rank["error"] and "upgrade torchao" in rank["error"]
     for rank in runs["qat-gptq"]:
         assert "init='gptq' is not supported under FSDP2" in rank["error"] and "train with DDP" in rank["error"]
+    for rank in runs["export-onnx"]:  # refused before training, not by a pickling error in the dry export
+        assert "formats=[..., 'onnx'] cannot trace a model sharded by ModelParallelStrategy" in rank["error"]
+        assert "save_distributed_checkpoint=False" in rank["error"] and "--format onnx" in rank["error"]
 
 
 def test_export_is_written_once(sharded):

@@ -11,6 +11,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -18,6 +19,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.batches import as_steps_get_them
 from lightning_compress.core.notes import add_note
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.core.sharding import gathered
 from lightning_compress.core.tracking import log_artifact
 from lightning_compress.formats.config import ExportConfig
@@ -165,6 +167,14 @@ class CompressedExport(CompressionCallback):
             missing = missing_forward_error(target, self.module, parity=self.parity, onnx="onnx" in self.formats)
             if missing is not None:
                 raise missing
+            if "onnx" in self.formats and isinstance(trainer.strategy, ModelParallelStrategy):
+                raise ArgumentError(
+                    "formats", "CompressedExport: formats=[..., 'onnx'] cannot trace a model sharded by"
+                    " ModelParallelStrategy (its copy holds the process group). Export safetensors in the run, and"
+                    " the ONNX file afterwards from a one-file checkpoint (ModelParallelStrategy("
+                    "save_distributed_checkpoint=False)): `lightning-compress export --checkpoint ... --format onnx"
+                    " --data ...`; checked before training so no run is lost"
+                )
             check_export_target(self.dirpath, self.overwrite)  # a file, an unwritable folder
             # Before the existence check: a logger writing inside `dirpath` made it exist.
             check_keeps_apart(self.dirpath, _run_folders(trainer), self.overwrite, _wandb_runs(trainer))

@@ -161,6 +161,9 @@ def build(mode, out_dir):
         scaler_block = 4 if mode == "qlora" else 8
         return [LoRA(r=4, target_modules=["fc1", "fc2"], base="nf4", nf4_block_size=32,
                      nf4_scaler_block_size=scaler_block)]
+    if mode == "export-onnx":  # the ONNX exporter copies the model, whose FSDP2 state holds the process group
+        return [QuantizationAwareTraining("int8"),
+                CompressedExport(Path(out_dir) / "packed", formats=["safetensors", "onnx"])]
     if mode == "kd-self-layer-sharded":
         return [KnowledgeDistillation("self", student_layer="fc2", teacher_strategy="fsdp2")]
     if mode in ("lora-late", "lora-late-partial"):  # fc1 is built in configure_model
@@ -214,7 +217,8 @@ def run(mode, out_dir):
     return fit(mode, out_dir, 2)
 
 
-REFUSED = ("qlora-unshardable", "lora-late", "lora-late-partial", "kd-self-layer-sharded", "qat-gptq")  # settings that must be refused before training
+REFUSED = ("qlora-unshardable", "lora-late", "lora-late-partial", "kd-self-layer-sharded", "qat-gptq",
+           "export-onnx")  # settings that must be refused before training
 # QLoRA is refused too where this torch and torchao cannot all-gather NF4 (the floor
 # versions of `make test-min`: torch 2.13 with torchao 0.13).
 NF4_UNSHARDABLE = nf4_sharding_issue() is not None
