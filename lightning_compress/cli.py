@@ -229,6 +229,9 @@ def _export(argv: List[str]) -> int:
     parser.add_argument(TRUST_FLAG, action="store_true",
                         help="import and call the dotted paths of the checkpoint's stored recipe (export.input_fn)")
     args = parser.parse_args(argv)
+    if "onnx" in args.format and not args.data:  # (the library's message names its `inputs` argument)
+        raise CommandError("--format onnx traces the model with a batch of the data: pass --data, a"
+                           " LightningDataModule class path")
 
     from lightning_compress.checkpoints import export_checkpoint, read_checkpoint
 

@@ -269,6 +269,9 @@ ERRORS = [
       "garbage.ckpt"], "checkpoint 'garbage.ckpt' cannot be loaded with weights_only=True"),
     (["sensitivity", "--model", "tests.cli_models.NeedsWidth", "--data", "tests.cli_models.RecipeData"],
      "cannot build NeedsWidth without arguments: "),  # it named "the checkpoint's hyperparameters []", with none
+    # It said "pass `inputs`", an argument of the Python function the command has no option for.
+    (["export", "--checkpoint", "plain.ckpt", "--model", MODEL, "-o", "x", "--format", "onnx"],
+     "--format onnx traces the model with a batch of the data: pass --data"),
     (["inspect", "missing"], "'missing' is neither a packed directory nor a checkpoint file"),
     (["inspect", "garbage.ckpt"], "cannot be loaded with weights_only=True"),
     (["inspect", "fake_packed"], "not a lightning-compress packed model"),

@@ -299,3 +299,21 @@ def test_a_dirpath_holding_the_teacher_cache_is_refused_before_training(tmp_path
         trainer.fit(TinyRegressor(), tiny_loader(batches=2))
     assert steps.count == 0 and not out.exists()
 
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda export, model: export(model, 5), r"`out_dir` must be a path \(a str or os.PathLike\), got int 5"),
+    (lambda export, model: export(None, "d"), r"`model` must be an nn.Module .*got NoneType None"),
+    (lambda export, model: export(torch.nn.Linear, "d"), r"got type .*Linear.*; pass an instance, not the class"),
+], ids=["path", "none", "class"])
+def test_export_names_a_wrong_model_or_path(tmp_path, monkeypatch, call, message):
+    """They were a TypeError/AttributeError from inside the package (a new user's trial)."""
+    from lightning_compress import export
+    from lightning_compress.quant import quantized_weights
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ArgumentError, match=message):
+        call(export, torch.nn.Linear(4, 4))
+    with pytest.raises(ArgumentError, match=r"`model` must be an nn.Module .*got NoneType None"):
+        quantized_weights(None)
+    assert list(tmp_path.iterdir()) == []

@@ -210,6 +210,9 @@ def user_path(path: str | os.PathLike, argument: str) -> Path:
     """
     from lightning_compress.core.validate import ArgumentError
 
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ArgumentError(argument, f"`{argument}` must be a path (a str or os.PathLike), got"
+                                      f" {type(path).__name__} {path!r}")
     try:
         return Path(path).expanduser()
     except RuntimeError:  # pathlib: "Could not determine home directory"

@@ -108,6 +108,16 @@ def check_callable(argument: str, value: Any, *, what: str, allow_none: bool = T
     return value
 
 
+def check_module(argument: str, value: Any, *, what: str = "an nn.Module (a LightningModule)") -> Any:
+    """An ``nn.Module`` instance (a class or ``None`` failed deep inside otherwise)."""
+    import torch.nn as nn
+
+    if not isinstance(value, nn.Module):
+        hint = "; pass an instance, not the class" if isinstance(value, type) else ""
+        raise ArgumentError(argument, f"`{argument}` must be {what}, got {type(value).__name__} {value!r}{hint}")
+    return value
+
+
 def check_name(argument: str, value: Any, *, what: str, allow_none: bool = True) -> str | None:
     """A non-empty string such as a module name."""
     if value is None and allow_none:

@@ -14,7 +14,7 @@ from lightning_compress.core.atomic import atomic_write_directory, remove_direct
 from lightning_compress.core.filesystem import user_path
 from lightning_compress.core.memory import release_freed_memory
 from lightning_compress.core.recompute import export_checks
-from lightning_compress.core.validate import ArgumentError, plain_values
+from lightning_compress.core.validate import ArgumentError, check_module, plain_values
 from lightning_compress.formats.companions import ONNX_FILE, RECORD_KEY, companion_checksums
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.devices import on_the_cpu
@@ -143,6 +143,7 @@ def export(
             (a folder of the system's temporary directory if that could not be written,
             ``None`` if nothing could; the message says why).
     """
+    check_module("model", model)
     validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
     validate_export_formats(formats, inputs, tokenizer, onnx_activations, onnx_dynamic_sequence, model)
     out_dir = user_path(out_dir, "out_dir")

@@ -16,6 +16,7 @@ from lightning_compress.core.transforms import (
     raw_weight,
     weight_before,
 )
+from lightning_compress.core.validate import check_module
 from lightning_compress.quant.fake_quant import (
     QuantizedWeight,
     as_matrix,
@@ -188,6 +189,7 @@ def quantized_weights(model: nn.Module) -> Dict[str, QuantizedWeight]:
     whose fake quantization has not started yet are included with the grid they would use
     now. Reading them changes nothing.
     """
+    check_module("model", model)
     out = {}
     for key, layer, param, quantizer in _fake_quantized(model):
         weight = weight_before(layer, Stage.FAKE_QUANT, param).detach()
