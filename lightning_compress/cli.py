@@ -74,30 +74,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command in ("fit", "export", "sensitivity"):  # the commands that import the user's classes
         _import_from_the_working_directory()
     state.reset()
-    finished = False
     try:
-        code = handlers[command](rest)
-        finished = True
-        return code
+        return handlers[command](rest)
     except Exception as err:
         if not _is_user_error(err):
             raise
         return _fail(f"lightning-compress {command}", _with_notes(err))
     finally:
-        _end_process_group(finished)
+        _end_process_group()
 
 
-def _end_process_group(finished: bool) -> None:
+def _end_process_group() -> None:
     """Destroy the process group a distributed run left (its ranks each run this command)
     while the interpreter is whole: Lightning leaves it to an atexit hook, during shutdown,
     where a rank of a finished ``ModelParallelStrategy`` fit in this suite aborted with
-    "terminate called without an active exception" (exit -6). After a failure the other
-    ranks may be gone, so no barrier then."""
+    "terminate called without an active exception" (exit -6). No barrier: a rank that
+    failed after the last collective would leave the others waiting in it."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        if finished:
-            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -426,3 +426,35 @@ def test_a_function_alpha_is_compared_on_resume_by_where_it_is_defined():
     KnowledgeDistillation(nn.Linear(2, 2), alpha=_alpha_schedule)._check_settings(saved)
     with pytest.raises(ValueError, match=r"`alpha`: 'tests.test_distill_topk._alpha_schedule' in the checkpoint"):
         KnowledgeDistillation(nn.Linear(2, 2), alpha=_other_alpha_schedule)._check_settings(saved)
+    # Lambdas share a name ('<lambda>'): their code tells them apart, and the same code matches.
+    half, most = (lambda step: 0.5), (lambda step: 0.9)
+    assert plain_setting(half) != plain_setting(most) and plain_setting(half) == plain_setting(lambda step: 0.5)
+    # teacher_dtype changes the distillation loss too
+    saved = {"settings": KnowledgeDistillation(nn.Linear(2, 2), teacher_dtype=torch.bfloat16)._settings()}
+    with pytest.raises(ValueError, match=r"`teacher_dtype`: 'torch.bfloat16' in the checkpoint, None now"):
+        KnowledgeDistillation(nn.Linear(2, 2))._check_settings(saved)
+
+
+def test_the_teacher_fingerprint_covers_extra_state():
+    """A teacher whose state_dict holds more than tensors (get_extra_state; a dynamically
+    quantized module's dtype): fingerprinted, not an AttributeError at the first save."""
+    from lightning_compress.distill.cache import weights_fingerprint
+
+    class WithExtra(nn.Linear):
+        def __init__(self, tag):
+            super().__init__(2, 2)
+            self.tag = tag
+
+        def get_extra_state(self):
+            return {"tag": self.tag}
+
+        def set_extra_state(self, state):
+            self.tag = state["tag"]
+
+    torch.manual_seed(0)
+    first = WithExtra("a")
+    second = WithExtra("b")
+    second.load_state_dict({k: v for k, v in first.state_dict().items() if k != "_extra_state"}, strict=False)
+    assert weights_fingerprint(first) != weights_fingerprint(second)
+    second.tag = "a"
+    assert weights_fingerprint(first) == weights_fingerprint(second)

@@ -163,7 +163,7 @@ def test_teacher_stays_frozen_and_out_of_the_checkpoint(tmp_path, seeded):
                           "teacher_fingerprint"}
     assert state["teacher_fingerprint"] == weights_fingerprint(teacher)  # its SHA-256, never its weights
     assert state["settings"] == {"temperature": 4.0, "alpha": 0.5, "loss": "kl", "student_layer": None,
-                                 "feature_weight": 1.0}
+                                 "feature_weight": 1.0, "teacher_dtype": None}
     saved = [t for entry in state["projections"].values() for t in entry.values()]
     teacher_tensors = list(teacher.state_dict().values())
     for tensor in saved + [t for t in checkpoint["state_dict"].values()]:

@@ -222,10 +222,16 @@ def test_when_nothing_can_be_written_the_error_says_the_model_is_in_memory(tmp_p
     assert list(system_temp.iterdir()) == [] and not (tmp_path / "out").exists()
 
 
-def test_a_folder_made_at_dirpath_during_training_does_not_lose_the_trained_model(tmp_path, system_temp, seeded):
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_made_at_dirpath_during_training_does_not_lose_the_trained_model(tmp_path, system_temp, seeded,
+                                                                                   overwrite):
     """Another process (or a ModelCheckpoint saving there) makes `dirpath` after the setup
-    check: the export goes to the temporary directory, not nowhere."""
+    check: the export goes to the temporary directory, not nowhere. With overwrite=True
+    too, which replaces only an export's folder: another's files are kept, and so is the
+    trained model (it raised before packing, and nothing was written anywhere)."""
     out = tmp_path / "out"
+    if overwrite:
+        out.mkdir()  # empty at setup: replaceable then
 
     class MakesTheFolder(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -233,14 +239,16 @@ def test_a_folder_made_at_dirpath_during_training_does_not_lose_the_trained_mode
             (out / "theirs.txt").write_text("kept")
 
     model, steps = TinyRegressor(), Steps()
-    trainer = make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8"), CompressedExport(out),
-                                                   MakesTheFolder(), steps])
+    trainer = make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining("int8"),
+                                                   CompressedExport(out, overwrite=overwrite), MakesTheFolder(), steps])
     with pytest.raises(ExportError) as caught:
         trainer.fit(model, tiny_loader(batches=2), tiny_loader(batches=1, seed=1))
     kept = caught.value.directory
     assert steps.count == 2 and sorted(p.name for p in out.iterdir()) == ["theirs.txt"]  # theirs untouched
     assert kept is not None and kept.parent.parent == system_temp and kept.name == "out"
-    assert f"{out} could not be written (FileExistsError: {out} was made during training)" in str(caught.value)
+    why = (f"{out} cannot be replaced: it holds theirs.txt but no compression.json" if overwrite else
+           f"{out} was made during training")
+    assert f"{out} could not be written (FileExistsError: {why}" in str(caught.value)
     x, _ = next(iter(tiny_loader(batches=1, seed=2)))
     model.eval()
     with torch.no_grad():

@@ -209,6 +209,13 @@ def test_fit_resume_refuses_a_stored_alpha_unless_trusted(trained, tmp_path, mon
     monkeypatch.syspath_prepend(str(REPO))
     checkpoint = crafted(trained, tmp_path / "run.ckpt", distillation={"alpha": "planted_code.alpha"},
                          export={"dirpath": str(tmp_path / "resumed")})
+    # The distillation state records the schedule it trained with (by module and name): a
+    # crafted file consistent with its recipe, so only the trust gate stands in its way.
+    state = torch.load(checkpoint, weights_only=True)
+    for key, value in state["callbacks"].items():
+        if key.startswith("KnowledgeDistillation"):
+            value["settings"]["alpha"] = "planted_code.alpha"
+    torch.save(state, checkpoint)
     assert main(fit_args(tmp_path, checkpoint)) == 2
     error = last_error(capsys)
     assert "recipe key distillation.alpha: 'planted_code.alpha' would be imported" in error

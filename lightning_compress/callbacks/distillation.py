@@ -133,7 +133,7 @@ class KnowledgeDistillation(CompressionCallback):
     config_class = DistillationConfig
     # (`features` has its own check; a function `alpha` is compared by where it is defined;
     # the teacher by its weights: `teacher_fingerprint`.)
-    resume_settings = ("temperature", "alpha", "loss", "student_layer", "feature_weight")
+    resume_settings = ("temperature", "alpha", "loss", "student_layer", "feature_weight", "teacher_dtype")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -236,11 +236,11 @@ class KnowledgeDistillation(CompressionCallback):
         if self.features:
             self._projections.optimizer.follow(trainer, "`features` (projections)")
         if self.cache == "disk":
-            check_cache_dir(self.cache_dir)
             suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
             self._cache_file = self.cache_dir / CACHE_FILE.replace(".safetensors", f"{suffix}.safetensors")
             failure, self._cache = None, TeacherOutputCache(self.cache_top_k, self.temperature)  # the file or nothing
             try:
+                check_cache_dir(self.cache_dir)
                 if self._cache_file.exists():
                     self._cache = TeacherOutputCache.load(self._cache_file, self.cache_top_k, self.temperature)
             except Exception as error:  # noqa: BLE001 - every rank stops, not only the one whose file it is

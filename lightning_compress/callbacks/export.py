@@ -34,7 +34,7 @@ from lightning_compress.formats.inputs import (
     missing_forward_error,
 )
 from lightning_compress.formats.packed import METADATA_FILE
-from lightning_compress.formats.target import check_export_target, check_keeps_apart, refuse_foreign
+from lightning_compress.formats.target import check_export_target, check_keeps_apart, foreign_contents, refuse_foreign
 
 DRY_EXPORT_NOTE = (
     "found by CompressedExport's dry export before the first training step: nothing was trained or written; the"
@@ -252,11 +252,14 @@ class CompressedExport(CompressionCallback):
             # (<dirpath>.failed-parity): the error may end the process, and the run with it.
             return export(target, folder, inputs=inputs, **self.options, keep_unchecked=True)
 
-        if self.dirpath.exists() and not self.overwrite:
-            # Absent at setup (checked there), so made during training: by another process,
-            # or a ModelCheckpoint saving there. The trained model is exported to the system's
-            # temporary directory, which the error names, instead of being lost with the process.
-            appeared = FileExistsError(f"{self.dirpath} was made during training")
+        foreign = foreign_contents(self.dirpath) if self.overwrite and self.dirpath.is_dir() else None
+        if (self.dirpath.exists() and not self.overwrite) or foreign is not None:
+            # Absent at setup (checked there), or then empty or an export, so made (or filled
+            # with other files) during training: by another process, or a ModelCheckpoint saving
+            # there. The trained model is exported to the system's temporary directory, which the
+            # error names, instead of being lost with the process.
+            appeared = FileExistsError(f"{self.dirpath} was made during training" if foreign is None else
+                                       f"{self.dirpath} cannot be replaced: {foreign} (since setup)")
             raise keep_elsewhere(self.dirpath, appeared, write)
         self.report = write(self.dirpath)
 

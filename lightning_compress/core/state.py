@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, Dict, Mapping, Optional
 
@@ -44,5 +45,9 @@ def plain_setting(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if callable(value) and hasattr(value, "__qualname__"):  # a function: where it is defined, not its address
-        return f"{getattr(value, '__module__', None)}.{value.__qualname__}"
+        name = f"{getattr(value, '__module__', None)}.{value.__qualname__}"
+        code = getattr(value, "__code__", None)
+        if code is not None and "<" in value.__qualname__:  # a lambda or a local function: its name says little
+            name += f"#{hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:12]}"
+        return name
     return _ADDRESS.sub("", repr(value))  # (a repr naming an address would differ in every process)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.atomic import atomic_write
+from lightning_compress.core.state import plain_setting
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.distill.cache_check import difference_from
 from lightning_compress.distill.capture import as_float
@@ -388,6 +389,9 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     checkpoint was distilled from, without storing it."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):  # extra state (get_extra_state), a quantized module's dtype
+            digest.update(f"{name}={plain_setting(tensor)!r};".encode())
+            continue
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
