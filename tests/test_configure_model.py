@@ -10,6 +10,12 @@ from lightning_compress.core.transforms import is_transformed
 from tests.conftest import TinyRegressor, make_trainer, tiny_loader
 
 
+# Each refusal, for both callbacks that set up in `setup`.
+PRUNING_OR_QAT = pytest.mark.parametrize("make_callback", [lambda: MagnitudePruning(0.5, start_step=0, end_step=2),
+                                                           lambda: QuantizationAwareTraining("int8")],
+                                         ids=["pruning", "qat"])
+
+
 class HeadInConfigureModel(TinyRegressor):
     """fc2 is built in ``configure_model`` (once: Lightning calls it for every stage)."""
 
@@ -27,9 +33,7 @@ class AllInInit(TinyRegressor):
         pass
 
 
-@pytest.mark.parametrize("make_callback", [lambda: MagnitudePruning(0.5, start_step=0, end_step=2),
-                                           lambda: QuantizationAwareTraining("int8")],
-                         ids=["pruning", "qat"])
+@PRUNING_OR_QAT
 def test_a_targeted_layer_built_after_setup_is_refused_by_name(make_callback, seeded):
     model = HeadInConfigureModel()
     with pytest.raises(ValueError, match=r"before `configure_model` built \['fc2'\], which it also targets .*"
@@ -46,13 +50,12 @@ class HeadReplacedInConfigureModel(TinyRegressor):
             self.fc2, self._replaced = nn.Linear(32, 8), True
 
 
-@pytest.mark.parametrize("make_callback", [lambda: MagnitudePruning(0.5, start_step=0, end_step=2),
-                                           lambda: QuantizationAwareTraining("int8")],
-                         ids=["pruning", "qat"])
+@PRUNING_OR_QAT
 def test_a_targeted_layer_replaced_after_setup_is_refused_by_name(make_callback, seeded):
     with pytest.raises(ValueError, match=r"before `configure_model` replaced \['fc2'\] with new modules, which hold"
                                          r" none of its stages and would train uncompressed"):
-        make_trainer(max_steps=2, callbacks=[make_callback()]).fit(HeadReplacedInConfigureModel(), tiny_loader(batches=2))
+        make_trainer(max_steps=2, callbacks=[make_callback()]).fit(HeadReplacedInConfigureModel(),
+                                                                   tiny_loader(batches=2))
 
 
 class AllInConfigureModel(TinyRegressor):
@@ -67,9 +70,7 @@ class AllInConfigureModel(TinyRegressor):
             self.conv, self.fc1, self.fc2 = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(64, 32), nn.Linear(32, 8)
 
 
-@pytest.mark.parametrize("make_callback", [lambda: MagnitudePruning(0.5, start_step=0, end_step=2),
-                                           lambda: QuantizationAwareTraining("int8")],
-                         ids=["pruning", "qat"])
+@PRUNING_OR_QAT
 def test_targets_built_in_configure_model_alone_are_named_as_too_late(make_callback, seeded):
     """With no targeted layer there at setup, the message only said to check `targets`."""
     with pytest.raises(ValueError, match=r"`targets` selects no layer of AllInConfigureModel .* If `configure_model`"
