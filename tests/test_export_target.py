@@ -87,6 +87,12 @@ def test_overwrite_replaces_an_earlier_export_or_an_empty_folder_never_other_fil
     first = (tmp_path / "empty" / WEIGHTS_FILE).read_bytes()
     fit(tmp_path / "empty", overwrite=True)  # now an earlier export
     assert (tmp_path / "empty" / WEIGHTS_FILE).is_file() and fit.steps > 0 and first
+    # An earlier export with a file of the user's added: it would have been deleted with it.
+    (tmp_path / "empty" / "my_eval_results.txt").write_text("keep me")
+    with pytest.raises(ArgumentError, match=r"cannot be replaced: it holds an earlier export and my_eval_results.txt,"
+                                            r" which no export writes and overwrite=True would delete with it"):
+        fit(tmp_path / "empty", overwrite=True)
+    assert (tmp_path / "empty" / "my_eval_results.txt").read_text() == "keep me"
 
 
 def test_export_with_overwrite_refuses_a_folder_of_other_files(tmp_path):

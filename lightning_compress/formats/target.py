@@ -124,19 +124,43 @@ def _followed(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
+def export_files() -> frozenset:
+    """The names an export writes into its directory (whatever its formats)."""
+    # (Imported here: these modules import this one.)
+    from lightning_compress.formats.companions import ONNX_FILE
+    from lightning_compress.formats.export import REPORT_FILE
+    from lightning_compress.formats.failed_export import PARITY_FILE
+    from lightning_compress.formats.gguf import GGUF_FILE
+    from lightning_compress.formats.packed import WEIGHTS_FILE
+    from lightning_compress.formats.packing import CONFIG_FILE
+
+    return frozenset({METADATA_FILE, WEIGHTS_FILE, CONFIG_FILE, REPORT_FILE, PARITY_FILE, ONNX_FILE,
+                      f"{ONNX_FILE}.data", GGUF_FILE})
+
+
 def foreign_contents(directory: str | os.PathLike) -> Optional[str]:
     """Why ``overwrite=True`` must not replace the existing directory ``directory``: a
-    description of what it holds when that is not an export (entries, no
-    ``compression.json``), or ``None`` (empty, or an export: complete or a failed check's)."""
+    description of what it holds that no export writes (any entry, without
+    ``compression.json``: not an export at all), or ``None`` (empty, or only an export's
+    files: complete, or a failed check's)."""
     try:
         names = sorted(os.listdir(directory))
     except OSError:
         return None  # (not listable: the write itself reports it)
-    if not names or METADATA_FILE in names:
+    if METADATA_FILE in names:
+        names = [name for name in names if name not in export_files()]
+        if names:
+            return (f"it holds an earlier export and {_first_three(names)}, which no export writes and overwrite=True"
+                    " would delete with it")
         return None
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return (f"it holds {shown} but no {METADATA_FILE}, so it is not an earlier export; overwrite=True replaces"
-            " only an export's folder (or an empty one), never other files")
+    if not names:
+        return None
+    return (f"it holds {_first_three(names)} but no {METADATA_FILE}, so it is not an earlier export; overwrite=True"
+            " replaces only an export's folder (or an empty one), never other files")
+
+
+def _first_three(names) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def refuse_foreign(dirpath: str | os.PathLike) -> None:
@@ -186,4 +210,4 @@ def _cannot_create_in(folder: Path) -> Optional[str]:
     return None
 
 
-__all__ = ["check_export_target", "check_keeps_apart", "foreign_contents", "refuse_foreign"]
+__all__ = ["check_export_target", "check_keeps_apart", "export_files", "foreign_contents", "refuse_foreign"]
