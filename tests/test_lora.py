@@ -325,6 +325,32 @@ def test_resume_with_another_rank_is_refused(tmp_path):
         )
 
 
+def test_resume_with_other_modules_to_save_or_from_another_model_is_refused(tmp_path):
+    """Without `modules_to_save` the optimizer's state did not fit (torch's raw "parameter
+    group that doesn't match" error); a checkpoint whose adapters sit on layers this model
+    has none of was told to change `target_modules` (a new user's trial)."""
+    _, _, _, _, checkpoint = fit_interrupted_and_resumed(
+        lambda: LoRA(r=4, target_modules=["fc1"], modules_to_save=["fc2"]), tmp_path, epochs=1, stop_after=0
+    )
+    with pytest.raises(ValueError, match=r"other settings \(`modules_to_save`: \['fc2'\] in the checkpoint, None now\)"):
+        make_trainer(max_epochs=2, callbacks=[LoRA(r=4, target_modules=["fc1"])]).fit(
+            TinyRegressor(), tiny_loader(), ckpt_path=checkpoint)
+
+    class Renamed(TinyRegressor):  # another model: its layers have other names
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = self.fc1, self.fc2
+            del self.fc1, self.fc2
+
+        def forward(self, x):
+            return self.second(torch.relu(self.first(torch.relu(self.conv(x)).flatten(1))))
+
+    with pytest.raises(ValueError, match=r"adapters sit on \['fc1'\]\.\.\., none of which this model has: the"
+                                         r" checkpoint is from another model"):
+        make_trainer(max_epochs=2, callbacks=[LoRA(r=4, target_modules=["first"], modules_to_save=["second"])]).fit(
+            Renamed(), tiny_loader(), ckpt_path=checkpoint)
+
+
 def test_test_from_a_checkpoint_in_a_fresh_model_reproduces_the_trained_outputs(seeded, tmp_path):
     model = TinyRegressor()
     trainer = make_trainer(max_epochs=1, callbacks=[LoRA(r=4, target_modules=["fc1"])])
@@ -381,7 +407,9 @@ def test_bad_arguments_fail_when_the_callback_is_built(kwargs, message):
          " layers to adapt in `target_modules`"),
         (dict(target_modules=["conv"], base="nf4"), "'conv' is a Conv1d; base='nf4' .* Linear and attention layers only"),
         (dict(target_modules=["fc1"], base="nf4", nf4_block_size=96), r"'fc1': `nf4_block_size`=96 does not divide its 2048 weights"),
-        (dict(target_modules=["fc2"], base="nf4"), r"'fc2': its 4 NF4 blocks do not split into `nf4_scaler_block_size`=256"),
+        # The first line named nf4_block_size, whose blocks fit (a new user's trial).
+        (dict(target_modules=["fc2"], base="nf4"), r"^LoRA\(nf4_scaler_block_size=256\) cannot adapt layer 'fc2' .*'fc2':"
+                                                   r" its 4 NF4 blocks do not split into `nf4_scaler_block_size`=256"),
     ],
 )
 def test_bad_targets_fail_before_training_and_leave_the_model_unchanged(kwargs, message):

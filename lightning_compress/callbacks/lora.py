@@ -132,7 +132,7 @@ class LoRA(CompressionCallback):
     section = "lora"
     config_class = LoRAConfig
     # (`r`, the scaling, the base and the adapted layers have their own checks.)
-    resume_settings = ("lora_dropout",)
+    resume_settings = ("lora_dropout", "modules_to_save")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -381,6 +381,10 @@ class LoRA(CompressionCallback):
                     f" {key}={mine!r}; resume with the same `{argument}`"
                 )
         if self._adapters and state["layers"] and state["layers"] != list(self._adapters):
+            known = {name for name, _ in self._module.named_modules()} if self._module is not None else set()
+            if known.issuperset(self._adapters) and known.isdisjoint(state["layers"]):  # another model's checkpoint
+                raise ValueError(f"the checkpoint's LoRA adapters sit on {state['layers'][:3]}..., none of which this"
+                                 " model has: the checkpoint is from another model; resume from one of this model")
             raise ValueError(
                 f"the checkpoint's LoRA adapters sit on {state['layers']}, this callback adapts"
                 f" {list(self._adapters)}; resume with the same `target_modules` and `exclude_modules`"

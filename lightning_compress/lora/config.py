@@ -112,11 +112,13 @@ class LoRAConfig:
                 return LayerIssue("base", self.base, f"layer {name!r} is a {type(layer).__name__}; base='nf4' (QLoRA)"
                                                      " stores the weights of Linear and attention layers only. Exclude"
                                                      " it, or use base='float'")
+            weight = raw_weight(layer, weight_name(layer))
             try:
-                check_nf4_compatible(name, raw_weight(layer, weight_name(layer)), self.nf4_block_size,
-                                     self.nf4_scaler_block_size)
-            except ValueError as err:
-                return LayerIssue("nf4_block_size", self.nf4_block_size, str(err))
+                check_nf4_compatible(name, weight, self.nf4_block_size, self.nf4_scaler_block_size)
+            except ValueError as err:  # the blocks fit, so the scale blocks do not: name the setting behind it
+                blocks_fit = weight.dim() <= 2 and weight.numel() % self.nf4_block_size == 0
+                setting = "nf4_scaler_block_size" if blocks_fit else "nf4_block_size"
+                return LayerIssue(setting, getattr(self, setting), str(err))
         try:
             check_rank(name, layer, self.r)
         except ArgumentError as err:
