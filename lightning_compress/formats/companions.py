@@ -23,6 +23,7 @@ from lightning_compress.formats.packing import CONFIG_FILE
 from lightning_compress.formats.safetensors_stream import file_sha256
 
 ONNX_FILE = "model.onnx"
+REPORT_FILE = "report.txt"  # the export's per-layer table, as text
 COMPANION_FILES = (CONFIG_FILE, ONNX_FILE, ONNX_FILE + ".data", GGUF_FILE)
 RECORD_KEY = "files_sha256"
 

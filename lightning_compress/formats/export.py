@@ -15,7 +15,7 @@ from lightning_compress.core.filesystem import user_path
 from lightning_compress.core.memory import release_freed_memory
 from lightning_compress.core.recompute import export_checks
 from lightning_compress.core.validate import ArgumentError, check_module, plain_values
-from lightning_compress.formats.companions import ONNX_FILE, RECORD_KEY, companion_checksums
+from lightning_compress.formats.companions import ONNX_FILE, RECORD_KEY, REPORT_FILE, companion_checksums
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.devices import on_the_cpu
 from lightning_compress.formats.errors import ExportError, ParityError
@@ -27,7 +27,6 @@ from lightning_compress.formats.outputs import raised_by_the_model
 from lightning_compress.formats.parity import check_parity
 from lightning_compress.formats.target import foreign_contents
 
-REPORT_FILE = "report.txt"
 
 
 @export_checks()  # its forwards are not training forwards, even inside a training batch

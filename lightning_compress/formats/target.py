@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Tuple
 
 from lightning_compress.core.validate import ArgumentError
-from lightning_compress.formats.packed import METADATA_FILE
+from lightning_compress.formats.companions import COMPANION_FILES, REPORT_FILE
+from lightning_compress.formats.failed_export import PARITY_FILE
+from lightning_compress.formats.packed import METADATA_FILE, WEIGHTS_FILE
 
 _CHECKED = "; checked before training, so no run is lost"
 _ELSEWHERE = "choose another `dirpath` (in a recipe: export.dirpath)"
@@ -126,16 +128,7 @@ def _followed(path: str | os.PathLike) -> Path:
 
 def export_files() -> frozenset:
     """The names an export writes into its directory (whatever its formats)."""
-    # (Imported here: these modules import this one.)
-    from lightning_compress.formats.companions import ONNX_FILE
-    from lightning_compress.formats.export import REPORT_FILE
-    from lightning_compress.formats.failed_export import PARITY_FILE
-    from lightning_compress.formats.gguf import GGUF_FILE
-    from lightning_compress.formats.packed import WEIGHTS_FILE
-    from lightning_compress.formats.packing import CONFIG_FILE
-
-    return frozenset({METADATA_FILE, WEIGHTS_FILE, CONFIG_FILE, REPORT_FILE, PARITY_FILE, ONNX_FILE,
-                      f"{ONNX_FILE}.data", GGUF_FILE})
+    return frozenset({METADATA_FILE, WEIGHTS_FILE, REPORT_FILE, PARITY_FILE, *COMPANION_FILES})
 
 
 def foreign_contents(directory: str | os.PathLike) -> Optional[str]:
