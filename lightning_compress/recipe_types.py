@@ -247,7 +247,6 @@ def reads_as_value(text: str) -> bool:
         return False
 
 
-
 def unread_vars(recipe_yaml: str, recipe_vars: Any, override_vars: Any) -> str | None:
     """Why an override's new ``vars`` key is an error: nothing in the recipe (or the
     overrides; ``recipe_yaml`` is their merge, unresolved) reads it, so it would be
@@ -261,6 +260,7 @@ def unread_vars(recipe_yaml: str, recipe_vars: Any, override_vars: Any) -> str |
     close = difflib.get_close_matches(str(unread[0]), [str(k) for k in known], n=1)
     return (f"override vars.{unread[0]} sets a value nothing in the recipe reads (no ${{vars.{unread[0]}}}); the"
             f" recipe's vars are {known}" + (f"; did you mean vars.{close[0]}?" if close else ""))
+
 
 __all__ = [
     "dtypes_spelled",

@@ -445,5 +445,4 @@ class KnowledgeDistillation(CompressionCallback):
         self._projections.optimizer.stop()
 
 
-
 __all__ = ["KnowledgeDistillation", "CACHES", "CACHE_FILE"]

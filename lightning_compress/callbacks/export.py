@@ -19,9 +19,9 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.batches import as_steps_get_them
 from lightning_compress.core.notes import add_note
-from lightning_compress.core.validate import ArgumentError
 from lightning_compress.core.sharding import gathered
 from lightning_compress.core.tracking import log_artifact
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.config import ExportConfig
 from lightning_compress.formats.dry_export import dry_export
 from lightning_compress.formats.export import ExportReport, export
@@ -252,7 +252,7 @@ class CompressedExport(CompressionCallback):
             # (<dirpath>.failed-parity): the error may end the process, and the run with it.
             return export(target, folder, inputs=inputs, **self.options, keep_unchecked=True)
 
-        foreign = foreign_contents(self.dirpath) if self.overwrite and self.dirpath.is_dir() else None
+        foreign = foreign_contents(self.dirpath) if self.overwrite else None
         if (self.dirpath.exists() and not self.overwrite) or foreign is not None:
             # Absent at setup (checked there), or then empty or an export, so made (or filled
             # with other files) during training: by another process, or a ModelCheckpoint saving

@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 from lightning.pytorch import LightningModule
 
+from lightning_compress.core.notes import first_four
+
 _QUEUE = "_lc_after_configure_model"  # instance attribute: actions to run once, in order
 
 
@@ -65,18 +67,17 @@ def refuse_late_layers(callback: Any, pl_module: LightningModule) -> None:
     replaced = sorted(name for name, layer in selected.items()
                       if name in installed and layer is not None and layer is not installed[name])
     if replaced:
-        shown = f"{replaced[:4]}{' ...' if len(replaced) > 4 else ''}"
         raise ValueError(
-            f"{type(callback).__name__} set up its layers in `setup`, before `configure_model` replaced {shown} with"
+            f"{type(callback).__name__} set up its layers in `setup`, before `configure_model` replaced"
+            f" {first_four(replaced)} with"
             " new modules, which hold none of its stages and would train uncompressed; build or replace them in"
             " `__init__` (`configure_model` may shard them, which keeps the modules)"
         )
     late = sorted(set(selected) - set(installed))
     if late:
-        shown = f"{late[:4]}{' ...' if len(late) > 4 else ''}"
         exclude = "exclude_modules" if hasattr(callback.config, "exclude_modules") else "exclude"  # LoRA: PEFT's name
         raise ValueError(
-            f"{type(callback).__name__} set up its layers in `setup`, before `configure_model` built {shown}, which"
+            f"{type(callback).__name__} set up its layers in `setup`, before `configure_model` built {first_four(late)}, which"
             " it also targets and would leave uncompressed; build them in `__init__` (`configure_model` may shard"
             f" them) or leave them out with `{exclude}`"
         )

@@ -33,9 +33,7 @@ def broadcast_from_rank_zero(tensors: List[Tensor]) -> List[Tensor]:
     """
     if not tensors or not is_distributed():
         return tensors
-    flat = torch.cat([t.detach().flatten() for t in tensors])
-    if dist.get_backend() == "nccl":
-        flat = flat.cuda()
+    flat = _for_backend(torch.cat([t.detach().flatten() for t in tensors]))
     dist.broadcast(flat, src=0)
     out, offset = [], 0
     for tensor in tensors:
@@ -49,35 +47,39 @@ def all_reduce_max(tensor: Tensor) -> Tensor:
     """Element-wise maximum over ranks (``tensor`` itself when not distributed)."""
     if not is_distributed():
         return tensor
-    reduced = tensor.detach().clone()
-    if dist.get_backend() == "nccl":  # (a CPU tensor, e.g. flags, travels through the GPU)
-        reduced = reduced.cuda()
+    reduced = _for_backend(tensor.detach().clone())
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
     return reduced.to(tensor.device)
 
 
 def all_reduce_mean_(tensors: List[Tensor]) -> None:
     """Average ``tensors`` over ranks in place (gradients DDP does not see)."""
-    if not tensors or not is_distributed():
-        return
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for tensor in tensors:
-        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-        offset += tensor.numel()
+    if tensors and is_distributed():
+        _copy_back(_summed(tensors) / dist.get_world_size(), tensors)
 
 
 def all_reduce_sum_(tensors: List[Tensor]) -> None:
     """Sum ``tensors`` over ranks in place, in one collective (statistics each rank
     gathered from its own batches: calibration Hessians, input-feature norms)."""
-    if not tensors or not is_distributed():
-        return
+    if tensors and is_distributed():
+        _copy_back(_summed(tensors), tensors)
+
+
+def _for_backend(tensor: Tensor) -> Tensor:
+    """``tensor`` where the backend can reduce it: NCCL takes CUDA tensors only (a CPU
+    one, flags or statistics, travels through the GPU)."""
+    return tensor.cuda() if dist.get_backend() == "nccl" else tensor
+
+
+def _summed(tensors: List[Tensor]) -> Tensor:
+    """``tensors`` flattened into one, summed over ranks (one collective), on their device."""
     flat = torch.cat([t.flatten() for t in tensors])
-    reduced = flat.cuda() if dist.get_backend() == "nccl" else flat
+    reduced = _for_backend(flat)
     dist.all_reduce(reduced)
-    flat = reduced.to(flat.device)
+    return reduced.to(flat.device)
+
+
+def _copy_back(flat: Tensor, tensors: List[Tensor]) -> None:
     offset = 0
     for tensor in tensors:
         tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))

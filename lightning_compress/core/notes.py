@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import List
 
 
 def add_note(error: BaseException, note: str) -> None:
@@ -16,4 +17,9 @@ def add_note(error: BaseException, note: str) -> None:
         warnings.warn(note, RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["add_note"]
+def first_four(items: List[str]) -> List[str]:
+    """``items`` to name in a message: the first four, then how many more."""
+    return items[:4] + ([f"{len(items) - 4} more"] if len(items) > 4 else [])
+
+
+__all__ = ["add_note", "first_four"]

@@ -367,6 +367,7 @@ class TeacherOutputCache:
         tensors = (outputs.values, outputs.indices, outputs.log_normalizer, outputs.log_rest)
         return {name: tensor.detach().cpu() for name, tensor in zip(TOP_K_FIELDS, tensors)}
 
+
 def check_cache_dir(folder: Path) -> None:
     """Create the disk cache's folder before the first step, or name `cache_dir` and why
     not (it is written at the end of each epoch: an unwritable one failed there, unnamed)."""
@@ -423,5 +424,5 @@ def sample_keys(indices: Any) -> List[int]:
     return keys
 
 
-__all__ = ["TeacherOutputCache", "FORMAT", "TOP_K_FIELDS", "cached_top_k", "check_cache_dir", "sample_keys", "select_samples",
-           "weights_fingerprint"]
+__all__ = ["TeacherOutputCache", "FORMAT", "TOP_K_FIELDS", "cached_top_k", "check_cache_dir", "sample_keys",
+           "select_samples", "weights_fingerprint"]

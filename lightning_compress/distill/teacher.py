@@ -263,7 +263,8 @@ def other_teacher_error(from_self: bool) -> ValueError:
     )
 
 
-__all__ = ["other_teacher_error", 
+__all__ = [
+    "other_teacher_error",
     "to_host",
     "cast_floats",
     "check_not_shared",

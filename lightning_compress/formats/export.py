@@ -28,7 +28,6 @@ from lightning_compress.formats.parity import check_parity
 from lightning_compress.formats.target import foreign_contents
 
 
-
 @export_checks()  # its forwards are not training forwards, even inside a training batch
 def export(
     model: nn.Module,
@@ -150,7 +149,7 @@ def export(
         raise ExportError(f"{out_dir} exists and is not a directory; export to a directory path")
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    foreign = foreign_contents(out_dir) if out_dir.exists() else None
+    foreign = foreign_contents(out_dir)
     if foreign is not None:
         raise ExportError(f"{out_dir} cannot be replaced: {foreign}; export to another directory, or empty that one")
     refuse_stale(out_dir, overwrite)

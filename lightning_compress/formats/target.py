@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Tuple
 
+from lightning_compress.core.notes import first_four
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.companions import COMPANION_FILES, REPORT_FILE
 from lightning_compress.formats.failed_export import PARITY_FILE
@@ -139,21 +140,15 @@ def foreign_contents(directory: str | os.PathLike) -> Optional[str]:
     try:
         names = sorted(os.listdir(directory))
     except OSError:
-        return None  # (not listable: the write itself reports it)
+        return None  # (absent, a file, or not listable: the write itself reports it)
     if METADATA_FILE in names:
-        names = [name for name in names if name not in export_files()]
-        if names:
-            return (f"it holds an earlier export and {_first_three(names)}, which no export writes and overwrite=True"
-                    " would delete with it")
-        return None
-    if not names:
-        return None
-    return (f"it holds {_first_three(names)} but no {METADATA_FILE}, so it is not an earlier export; overwrite=True"
-            " replaces only an export's folder (or an empty one), never other files")
-
-
-def _first_three(names) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        others = [name for name in names if name not in export_files()]
+        return None if not others else (
+            f"it holds an earlier export and {', '.join(first_four(others))}, which no export writes and"
+            " overwrite=True would delete with it")
+    return None if not names else (
+        f"it holds {', '.join(first_four(names))} but no {METADATA_FILE}, so it is not an earlier export;"
+        " overwrite=True replaces only an export's folder (or an empty one), never other files")
 
 
 def refuse_foreign(dirpath: str | os.PathLike) -> None:
@@ -164,7 +159,7 @@ def refuse_foreign(dirpath: str | os.PathLike) -> None:
     Raises:
         ArgumentError: (naming ``dirpath``) what it holds and what to do instead.
     """
-    foreign = foreign_contents(dirpath) if os.path.isdir(dirpath) else None
+    foreign = foreign_contents(dirpath)
     if foreign is not None:
         raise ArgumentError(
             "dirpath", f"CompressedExport: `dirpath` {dirpath} cannot be replaced: {foreign}: {_ELSEWHERE}, or empty"

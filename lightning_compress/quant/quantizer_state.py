@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import torch
 from torch import nn
 
+from lightning_compress.core.notes import first_four
 from lightning_compress.core.targeting import weight_param
 from lightning_compress.core.transforms import Stage, get_weight_transform
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver, input_quantizer_of
@@ -170,10 +171,5 @@ def checkpoint_misfit(entries: Mapping[str, Mapping[str, Any]], specs: Mapping[s
     return first_four(problems + grid_differences(entries, specs, weight_range))
 
 
-def first_four(problems: List[str]) -> List[str]:
-    """``problems`` to name in a message: the first four, then how many more."""
-    return problems[:4] + ([f"{len(problems) - 4} more"] if len(problems) > 4 else [])
-
-
 __all__ = ["TakeOver", "quantizer_entry", "load_entry", "held_quantizers", "held_differences", "take_over",
-           "checkpoint_misfit", "grid_differences", "first_four"]
+           "checkpoint_misfit", "grid_differences"]

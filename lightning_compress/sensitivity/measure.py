@@ -29,7 +29,7 @@ from lightning_compress.core.transforms import (
     remove_weight_transform,
     weight_before,
 )
-from lightning_compress.core.validate import ArgumentError, check_callable, check_choice, check_int, is_number
+from lightning_compress.core.validate import ArgumentError, check_callable, check_choice, check_int, check_module, is_number
 from lightning_compress.quant.fake_quant import check_divisible
 from lightning_compress.quant.spec import QuantSpec, parse_bits
 from lightning_compress.quant.weights import DEFAULT_TARGET_TYPES, QUANTIZABLE_TYPES, attach_weight_quantizers
@@ -98,8 +98,7 @@ def layer_sensitivity(
             divide a layer's inputs, or a layer that already carries the stage a
             candidate needs (a model under QAT or pruning: measure the float model).
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentError("model", f"`model` must be an nn.Module (a LightningModule), got {type(model).__name__}")
+    check_module("model", model)
     candidate_bits = check_bits(bits)
     candidate_sparsities = _check_sparsities(sparsities)
     if not candidate_bits and not candidate_sparsities:
