@@ -136,6 +136,44 @@ def test_int4_sparse_lstm_lm_packs_its_recurrent_weights(tmp_path):
     assert sqnr_db(expected, run_onnxruntime(tmp_path / "packed" / "model.onnx", (tokens,))) >= 35
 
 
+class TimeMajorTagger(nn.Module):
+    """A GRU without ``batch_first``: fed ``[time, batch, features]``, as README's ONNX note says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(WIDTH, HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, steps):
+        return self.head(self.rnn(steps)[0])
+
+
+@pytest.mark.parametrize("dynamic_sequence", [False, True])
+def test_a_time_major_models_onnx_graph_takes_other_batches_only_with_dynamic_sequence(tmp_path, dynamic_sequence):
+    """Dimension 0 of a time-major input is time: by default the graph takes any number of
+    steps but only the example's batch size, and with ``onnx_dynamic_sequence=True``
+    both. Checked in onnxruntime against PyTorch, at lengths and batch sizes other than
+    the example's (10 x 4)."""
+    from lightning_compress import export
+    from lightning_compress.quant import round_to_nearest
+    from lightning_compress.quant.spec import QuantSpec
+
+    torch.manual_seed(0)
+    model = TimeMajorTagger()
+    round_to_nearest(model, QuantSpec(4, "group", 16), targets=[nn.Linear])
+    export(model, tmp_path / "out", inputs=[torch.randn(LENGTH, 4, WIDTH)], formats=["safetensors", "onnx"],
+           onnx_dynamic_sequence=dynamic_sequence)
+    for shape in [(LENGTH, 4), (LENGTH + 3, 4), (LENGTH, 3), (LENGTH - 4, 2)]:
+        steps = torch.randn(*shape, WIDTH)
+        if shape[1] != 4 and not dynamic_sequence:
+            with pytest.raises(Exception, match=r"(?s)Got invalid dimensions.*index: 1 Got: \d Expected: 4"):
+                run_onnxruntime(tmp_path / "out" / "model.onnx", (steps,))
+            continue
+        with torch.no_grad():
+            expected = model(steps)
+        assert sqnr_db(expected, run_onnxruntime(tmp_path / "out" / "model.onnx", (steps,))) >= 35
+
+
 def test_onnx_refusal_of_lstm_projections_is_one_line_and_nothing_is_written(tmp_path):
     """PyTorch cannot export an LSTM with ``proj_size`` to ONNX: ``export`` says so in one
     line (the exporter's message goes on with the whole traced graph), writes nothing at
