@@ -78,6 +78,17 @@ def test_targets_built_in_configure_model_alone_are_named_as_too_late(make_callb
         make_trainer(max_steps=2, callbacks=[make_callback()]).fit(AllInConfigureModel(), tiny_loader(batches=2))
 
 
+@pytest.mark.parametrize("argument", ["targets", "exclude"])
+def test_a_name_pattern_for_a_layer_built_in_configure_model_says_why_it_matches_nothing(argument, seeded):
+    """A new user's `targets=["net.2"]` on layers built in `configure_model` was told
+    "Module names look like: " and an empty list."""
+    with pytest.raises(ValueError, match=rf"MagnitudePruning: `{argument}` pattern 'fc1' matches no module\. The model"
+                                         r" has no submodules\. If `configure_model` builds the layers, they are not"
+                                         r" there yet when the callbacks set up: build them in `__init__`"):
+        make_trainer(max_steps=2, callbacks=[MagnitudePruning(0.5, start_step=0, end_step=2, **{argument: ["fc1"]})]
+                     ).fit(AllInConfigureModel(), tiny_loader(batches=2))
+
+
 def test_layers_built_in_configure_model_get_lora_adapters(seeded):
     model = HeadInConfigureModel()
     lora = LoRA(r=2, target_modules=["fc1", "fc2"])

@@ -154,8 +154,7 @@ def select_layers(
             if key in selected or name in selected and key not in _excluded_keys(name, module, exclude, pool):
                 keyed[key] = module
     if not keyed:
-        later = (" If `configure_model` builds the layers, they are not there yet when the callbacks set up: build"
-                 " them in `__init__` (`configure_model` may shard them).") if _builds_later(root) else ""
+        later = _later_hint(root)
         others = uncompressed_by_type(root, tuple(supported))
         kinds = sorted(set(others.values()))
         unsupported = (f" Its other layers with weights are of types this method does not compress: {', '.join(kinds)}"
@@ -189,6 +188,14 @@ def uncompressed_by_type(model: nn.Module, supported: tuple) -> Dict[str, str]:
         if own and not any(name.startswith(prefix) for prefix in covered):
             found[name] = type(module).__name__
     return found
+
+
+def _later_hint(root: nn.Module) -> str:
+    """Why a layer may be missing at setup, where ``root`` builds some in ``configure_model``."""
+    if not _builds_later(root):
+        return ""
+    return (" If `configure_model` builds the layers, they are not there yet when the callbacks set up: build"
+            " them in `__init__` (`configure_model` may shard them).")
 
 
 def _builds_later(root: nn.Module) -> bool:
@@ -343,6 +350,8 @@ def close_names_hint(name: str, names: Sequence[str]) -> str:
     pool = sorted(set(names) | {n.rsplit(".", 1)[-1] for n in names})
     close = difflib.get_close_matches(name, pool, n=5, cutoff=0.5)
     hint = f" Close names: {', '.join(close)}." if close else ""
+    if not names:
+        return " The model has no submodules."
     sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
     return f"{hint} Module names look like: {sample}"
 
@@ -355,7 +364,8 @@ def _no_match_message(argument: str, pattern: str, named: Iterable[Tuple[str, nn
         return (f"`{argument}` pattern {pattern!r} matches only {later[0]!r}, another name of {first!r} (one module"
                 f" registered under both names); a shared module is compressed as one, wherever it is used: name"
                 f" {first!r}")
-    return f"`{argument}` pattern {pattern!r} matches no module." + close_names_hint(pattern, [n for n, _ in named])
+    return (f"`{argument}` pattern {pattern!r} matches no module." + close_names_hint(pattern, [n for n, _ in named])
+            + _later_hint(root))
 
 
 def match_modules(root: nn.Module, patterns: Sequence[str], argument: str) -> Dict[str, nn.Module]:
