@@ -517,6 +517,49 @@ def test_a_run_without_the_batches_before_start_step_records_its_first_batches_t
     assert enabled.enabled == {3: False, 4: True, 5: True} and qat._calibration.applied
 
 
+class TwoOptimizerLlama(TinyLlama):
+    """Manual optimization stepping two optimizers a batch: Lightning's `global_step`
+    advances by 2 per batch (0, 2, 4, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        first.zero_grad(), second.zero_grad()
+        self.manual_backward(loss)
+        first.step(), second.step()
+
+    def configure_optimizers(self):
+        embeddings = list(self.model.model.embed_tokens.parameters())
+        rest = [p for p in self.parameters() if all(p is not e for e in embeddings)]
+        return torch.optim.SGD(embeddings, lr=0.1), torch.optim.AdamW(rest, lr=1e-3)
+
+
+def test_a_window_whose_steps_hold_fewer_batches_records_on_and_starts_after_them(seeded):
+    """A new user's two optimizers stepped per batch: the one-step window before
+    `start_step=2` was skipped over and the start failed, blaming the layers' forward
+    ("received no input in the 0 calibration batch(es)"). Now it records the batches of
+    steps 0 and 2, warns, and starts at step 4 from GPTQ of exactly those two batches."""
+    torch.manual_seed(0)
+    model = TwoOptimizerLlama()
+    layers = names(model, LINEAR_TARGETS)
+    recorder = Recorder(layers, step=4)
+    qat = QuantizationAwareTraining("int4", group_size=16, init="gptq", calibration_batches=2, start_step=2,
+                                    targets=LINEAR_TARGETS)
+    enabled = EnabledSteps(qat)
+    with pytest.warns(UserWarning, match=r"init='gptq' recorded 1 of its 2 calibration batch\(es\) by step 2:"
+                                         r" `global_step` advanced more than once per batch"):
+        fit(model, [qat, recorder, enabled], steps=8)
+    assert enabled.enabled == {0: False, 2: False, 4: True, 6: True}
+    assert qat._calibration.calibration.statistics.batches == 2
+    for name in layers:
+        expected, _, _ = gptq_quantize(recorder.before[name].float(), hessian(recorder.inputs[name][:2]), SPEC)
+        assert torch.equal(recorder.effective[name], expected), name
+
+
 def test_gptq_names_layers_that_are_not_linear_or_conv2d_with_the_other_callbacks_problems(seeded):
     """Before training, in the one error that names every callback's problems (a pruning
     setting's too), and `on_incompatible="skip"` leaves them out."""

@@ -41,6 +41,7 @@ class CalibrationWindow:
         self._recorded_steps = 0
         self._last_recorded = -1
         self._pending = None
+        self._postponed = False  # warned that the start moved for want of batches
 
     def start_step(self, trainer: Trainer, pl_module: LightningModule, requested: int) -> int:
         """The first fake-quantized step: ``requested``, or later when the batches before
@@ -76,10 +77,19 @@ class CalibrationWindow:
         self._first_recorded, self._start = start - steps, start
         return start
 
-    def on_batch_start(self, step: int) -> None:
-        """Record this step's batches inside the window; arm the start at its step."""
+    def on_batch_start(self, step: int, start: int) -> int:
+        """Record this step's batches inside the window; arm the start at its step.
+
+        Returns the first fake-quantized step (``start`` where this window decides none):
+        later than decided while fewer than ``calibration_batches`` batches are recorded.
+        The window counts optimizer steps, and manual optimization that steps several
+        optimizers a batch advances ``global_step`` once for each: its steps hold fewer
+        batches.
+        """
         if self.applied or self._start is None:
-            return
+            return start if self._start is None else self._start
+        if step >= self._start and self.calibration.statistics.batches < self.batches:
+            self._postpone(step)
         if step >= self._start:
             self._arm()
         elif step >= self._first_recorded:
@@ -87,6 +97,18 @@ class CalibrationWindow:
             self.calibration.statistics.batches += 1
             if step != self._last_recorded:
                 self._recorded_steps, self._last_recorded = self._recorded_steps + 1, step
+        return self._start
+
+    def _postpone(self, step: int) -> None:
+        if not self._postponed:
+            self._postponed = True
+            rank_zero_warn(
+                f"QuantizationAwareTraining: {self.setting} recorded {self.calibration.statistics.batches} of its"
+                f" {self.batches} calibration batch(es) by step {self._start}: `global_step` advanced more than once"
+                " per batch (manual optimization counts a step for each optimizer it steps). It records on, and"
+                " fake quantization starts at the step after the last of them"
+            )
+        self._start = step + 1
 
     def on_batch_end(self) -> None:
         """Stop recording until the next training batch: validation between two batches of

@@ -310,9 +310,9 @@ class QuantizationAwareTraining(LayerCompressionCallback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        if self._calibration is not None:  # later than decided where its window held too few batches
+            self._start = self._calibration.on_batch_start(step, self._start)
         enabled = step >= self._start
-        if self._calibration is not None:
-            self._calibration.on_batch_start(step)
         self._set_enabled(enabled)
         metrics = {"qat/enabled": float(enabled), "qat/weight_bits": self._weight_bits() if enabled else 32.0}
         if self.activations is not None:
