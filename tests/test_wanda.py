@@ -120,6 +120,44 @@ def test_wanda_masks_equal_a_sort_of_weight_times_input_norm(pattern, scope):
         assert loud_kept == 1.0
 
 
+class SharedWeight(TinyRegressor):
+    """fc3 holds fc1's weight (one parameter), fed other inputs than fc1: fc2's outputs."""
+
+    def __init__(self):
+        super().__init__(optimizer="sgd", lr=0.0)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.fc3.weight = self.fc1.weight
+        del self.conv
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1)[:, :32])))))[:, :8]
+
+
+def test_layers_sharing_a_weight_rank_it_by_the_inputs_of_both_and_keep_one_mask():
+    """A new user's two Linear layers holding one weight, each with its own inputs: each
+    ranked it by its own inputs and the zeros of both masks landed in the one weight
+    (0.5348 sparse for a 0.5 target). Now both rank it by ``|W| · sqrt(‖X_1‖² + ‖X_3‖²)``."""
+    torch.manual_seed(0)
+    model = SharedWeight()
+    reference = SharedWeight()
+    reference.load_state_dict(model.state_dict())
+    pruning = MagnitudePruning(0.5, schedule="one_shot", start_step=4, score="wanda", targets=["fc1", "fc3"])
+    make_trainer(max_steps=5, callbacks=[pruning]).fit(model, loud_loader())
+
+    with torch.no_grad():  # the inputs of the 4 batches before the update, computed by hand
+        x1 = torch.cat([x.flatten(1)[:, :32] for _, (x, _) in zip(range(4), loud_loader())]).double()
+        x3 = torch.relu(reference.fc2(torch.relu(reference.fc1(x1.float())))).double()
+    weight = reference.fc1.weight.detach().double()
+    scores = weight.abs() * (x1.square().sum(0) + x3.square().sum(0)).sqrt()
+    expected = torch.ones(scores.numel(), dtype=torch.bool)
+    expected[torch.sort(scores.flatten()).indices[: scores.numel() // 2]] = False
+    state = pruning.state_dict()["masks"]
+    for name in ("fc1", "fc3"):
+        assert torch.equal(unpack_mask(state[name]["packed"], weight.shape), expected.view_as(weight)), name
+    assert int((model.fc1.weight == 0).sum()) == weight.numel() // 2  # the one weight, at the target
+    assert model.fc3.weight is model.fc1.weight or torch.equal(model.fc3.weight, model.fc1.weight)
+
+
 class Fed(Callback):
     """After each training batch (after the pruning callback's batch end): the batch fed
     and the pruning state's statistics."""

@@ -133,7 +133,8 @@ class InputNorms:
             ValueError: naming the layers no training forward has reached since training
                 started (all their feature norms are zero).
         """
-        empty = [name for name, sums in self._sums.items() if not bool(sums.any())]
+        totals = self._shared_totals()
+        empty = [name for name, sums in totals.items() if not bool(sums.any())]
         never = [name for name in empty if name not in self._previous]
         if never:
             raise ValueError(
@@ -147,10 +148,25 @@ class InputNorms:
                 f"score='wanda': no training forward reached {empty} since the last mask update (a branch or expert"
                 " some batches skip); their weights are ranked by the input norms of the update before"
             )
-        self._previous.update({name: sums.sqrt() for name, sums in self._sums.items() if name not in empty})
+        self._previous.update({name: sums.sqrt() for name, sums in totals.items() if name not in empty})
         scales = {name: _shaped(self._layers[name], norms) for name, norms in self._previous.items()}
         self.reset()
         return scales
+
+    def _shared_totals(self) -> Dict[str, Tensor]:
+        """The totals, those of layers that share one weight (two modules holding one
+        parameter, each fed its own inputs) added together: that weight multiplies the
+        inputs of both, so both rank it alike and their masks agree (apart, the zeros of
+        both masks landed in the one weight, past the target sparsity)."""
+        sharing: Dict[int, List[str]] = {}
+        for name, layer in self._layers.items():
+            sharing.setdefault(id(raw_weight(layer)), []).append(name)
+        totals = dict(self._sums)
+        for names in sharing.values():
+            if len(names) > 1:
+                combined = sum(self._sums[name] for name in names)
+                totals.update({name: combined for name in names})
+        return totals
 
     def sums(self) -> Dict[str, Tensor]:
         """A copy of the totals, ``{key: sum of squares per input feature}``."""
