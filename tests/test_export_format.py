@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_compress import ExportError, PackedFormatError, ParityError, export, load_packed
+from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.packed import FORMAT_VERSION, METADATA_FILE, WEIGHTS_FILE, metadata_bytes
 from lightning_compress.core.transforms import raw_weight
 from lightning_compress.quant.packing import pack_codes, unpack_biased, unpack_codes
@@ -557,3 +558,63 @@ def test_a_loaded_model_follows_half_and_float_in_its_embedding_and_attention(tm
         assert torch.allclose(halved.float(), expected, rtol=0.0, atol=2e-2)
         loaded.float()  # (the float parameters and scales keep their float16 rounding)
         assert loaded.embed.weight.dtype == torch.float32 and loaded(ids).dtype == torch.float32
+
+
+@pytest.mark.parametrize("argument", ["overwrite", "parity", "keep_unchecked"])
+def test_export_flags_must_be_booleans_naming_the_argument(tmp_path, argument):
+    """`export(..., overwrite="yes")` replaced the folder (CompressedExport refused it)."""
+    export(quantized_mlp(QuantSpec(8)), tmp_path / "out")
+    before = (tmp_path / "out" / WEIGHTS_FILE).read_bytes()
+    with pytest.raises(ArgumentError, match=rf"`{argument}` must be True or False, got 'yes'"):
+        export(quantized_mlp(QuantSpec(4, "channel"), seed=3), tmp_path / "out", **{argument: "yes"})
+    assert (tmp_path / "out" / WEIGHTS_FILE).read_bytes() == before
+
+
+def test_a_model_loaded_packed_is_refused_and_its_export_left_as_it_is(tmp_path):
+    """A new user's re-export of `load_packed`'s model passed its check and wrote a folder
+    without the packed layers, which `load_packed` then refused ("missing ['a.weight']")."""
+    export(quantized_mlp(QuantSpec(4, "group", 16)), tmp_path / "out")
+    loaded = load_packed(tmp_path / "out", lambda: mlp())
+    with pytest.raises(ExportError, match=r"`model` holds layers loaded packed by load_packed \(\['0', '2', '4'\]\): export"
+                                          r" packs a trained model's compressed layers, not packed ones"):
+        export(loaded, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    again = quantized_mlp(QuantSpec(4, "group", 16))  # the trained model exports again, and loads
+    export(again, tmp_path / "again")
+    x = torch.randn(3, 32)
+    assert torch.equal(load_packed(tmp_path / "again", lambda: mlp())(x), loaded(x))
+
+
+class RandomScale(nn.Module):
+    """Seeded, with a random buffer it does not save: the parameters' initialisation
+    consumes random numbers before it is drawn."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(32, 32)
+        self.register_buffer("s", torch.rand(32) + 0.5, persistent=False)
+        self.register_buffer("mask", torch.ones(32), persistent=False)  # computed alike every time
+
+    def forward(self, x):
+        return self.a(x) * self.s * self.mask
+
+
+def test_unsaved_buffers_the_loaded_model_computes_otherwise_are_named(tmp_path):
+    """A new user's factory-built model drew another random buffer (load_packed builds
+    it with parameters on the meta device) and computed 1.14 off the trained model,
+    without a word."""
+    import warnings
+
+    model = RandomScale()
+    round_to_nearest(model, QuantSpec(8))
+    export(model, tmp_path / "out")
+    x = torch.randn(3, 32)
+    with pytest.warns(UserWarning, match=r"persistent=False\) have other values in this model than in the model"
+                                         r" exported: \['s'\], so it does not compute as the trained model did"):
+        from_factory = load_packed(tmp_path / "out", RandomScale)
+    assert not torch.equal(from_factory.s, model.s)  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        built = load_packed(tmp_path / "out", RandomScale())
+    assert torch.equal(built(x), model(x))

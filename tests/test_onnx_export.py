@@ -507,6 +507,28 @@ class _ReturnsCache(nn.Module):
         return self.fc(x), _KeyValueCache()
 
 
+class _ReturnsCount(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return {"y": self.fc(x), "steps": 3, "extra": (self.fc(x), None, "tag")}
+
+
+def test_python_values_among_the_outputs_are_named(tmp_path):
+    """A new user's `{"y": t, "n": 3}` reached the tracer's "did not have observable data
+    dependence" error; a `None` beside tensors exports."""
+    from lightning_compress import ExportError, export
+
+    model = _ReturnsCount().eval()
+    round_to_nearest(model, QuantSpec(4, "group", 16))
+    with pytest.raises(ExportError, match=r"_ReturnsCount returns Python values: output\['steps'\] \(int\),"
+                                          r" output\['extra'\]\[2\] \(str\)\. Return them as tensors"):
+        export(model, tmp_path / "out", inputs=[torch.randn(2, 32)], formats=["safetensors", "onnx"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_model_returning_a_cache_object_gets_the_way_out(tmp_path):
     """The TorchScript tracer refuses an output that is not tensors with a RuntimeError
     about JIT inputs; the export says which type, and how a transformers model drops its cache."""

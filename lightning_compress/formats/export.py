@@ -14,7 +14,8 @@ from lightning_compress.core.atomic import atomic_write_directory, remove_direct
 from lightning_compress.core.filesystem import user_path
 from lightning_compress.core.memory import release_freed_memory
 from lightning_compress.core.recompute import export_checks
-from lightning_compress.core.validate import ArgumentError, check_module, plain_values
+from lightning_compress.core.notes import first_four
+from lightning_compress.core.validate import ArgumentError, check_bool, check_module, plain_values
 from lightning_compress.formats.companions import ONNX_FILE, RECORD_KEY, REPORT_FILE, companion_checksums
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.devices import on_the_cpu
@@ -25,6 +26,7 @@ from lightning_compress.formats.packed import METADATA_FILE, PackedModel, metada
 from lightning_compress.formats.packing import CONFIG_FILE, ExportReport, Packing, collect, pack, pack_into, plan_layers
 from lightning_compress.formats.outputs import raised_by_the_model
 from lightning_compress.formats.parity import check_parity
+from lightning_compress.formats.runtime import PackedWeight
 from lightning_compress.formats.target import foreign_contents
 
 
@@ -142,6 +144,9 @@ def export(
             ``None`` if nothing could; the message says why).
     """
     check_module("model", model)
+    for argument, value in (("overwrite", overwrite), ("parity", parity), ("keep_unchecked", keep_unchecked)):
+        check_bool(argument, value)
+    _refuse_packed(model)
     validate_export_options(backend, sparse_threshold, max_relative_error, min_sqnr_db, inputs, compressed_tensors)
     validate_export_formats(formats, inputs, tokenizer, onnx_activations, onnx_dynamic_sequence, model)
     out_dir = user_path(out_dir, "out_dir")
@@ -280,3 +285,16 @@ def _remove_stale_failure(out_dir: Path) -> None:
 
 __all__ = ["CONFIG_FILE", "ExportReport", "ONNX_FILE", "Packing", "REPORT_FILE", "check_packing", "collect",
            "export", "pack"]
+
+
+def _refuse_packed(model: nn.Module) -> None:
+    """A model :func:`load_packed` returned holds its layers packed, which the packing
+    reads as plain modules: the export passed its check and wrote a folder without them,
+    which the loader then refused."""
+    packed = [name.rpartition(".")[0] for name, module in model.named_modules() if isinstance(module, PackedWeight)]
+    if packed:
+        raise ExportError(
+            f"`model` holds layers loaded packed by load_packed ({first_four(packed)}): export packs a trained model's"
+            " compressed layers, not packed ones. To move or copy an export, copy its folder; to export again,"
+            " export the trained model (or load its Lightning checkpoint into the module and export that)"
+        )

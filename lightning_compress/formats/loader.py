@@ -17,6 +17,7 @@ from lightning_compress.formats.errors import PackedFormatError
 from lightning_compress.formats.failed_export import failed_path, recorded_failure, refusal
 from lightning_compress.formats.meta_load import build_on_meta, check_fit, check_meta_covered, load_tensors
 from lightning_compress.formats.packed import DTYPES, METADATA_FILE, PackedModel, open_packed
+from lightning_compress.formats.unsaved_buffers import warn_on_other_unsaved_buffers
 from lightning_compress.core.attention import keep_padded_batches
 from lightning_compress.core.targeting import module_name, names_of, parameter_key, shared_module_names
 from lightning_compress.formats.runtime import (
@@ -109,6 +110,7 @@ def load_packed(
             f" model (e.g. {type(model).__name__}(...)), or a function that builds one"
         )
     install_packed(model, packed, backend, cache_dequantized)
+    warn_on_other_unsaved_buffers(model, packed.metadata.get("unsaved_buffers"))
     return model.eval()
 
 

@@ -43,6 +43,7 @@ from lightning_compress.formats.packed import (
 from lightning_compress.formats.packed_encode import encode_layer, encode_tensor
 from lightning_compress.formats.parity import ParityReport
 from lightning_compress.formats.safetensors_stream import SafetensorsReader, SafetensorsWriter
+from lightning_compress.formats.unsaved_buffers import unsaved_buffer_digests
 from lightning_compress.lora.inject import ADAPTER_PARAMETERS
 from lightning_compress.quant.activations import DynamicTokenQuantizer, StaticRangeObserver, input_quantizer_of
 from lightning_compress.quant.fake_quant import QuantizedWeight, as_matrix
@@ -202,6 +203,7 @@ def _encode(model, out_dir, writer: SafetensorsWriter, sparse_threshold, compres
         "tensors": tensor_meta,
         "aliases": aliases,
         "compressed_tensors": use_ct,
+        "unsaved_buffers": unsaved_buffer_digests(model),
     }
     report = ExportReport(out_dir, rows, float32_bytes, 0, None, use_ct, notes)
     return body, report, grids if use_ct else None

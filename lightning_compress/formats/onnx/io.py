@@ -253,6 +253,17 @@ def graph_tensors(value: Any) -> list[torch.Tensor]:
     return found
 
 
+def _python_scalars(value: Any, where: str) -> list[str]:
+    """Where ``value`` holds Python numbers or strings (``output['steps'] (int)``)."""
+    if isinstance(value, (bool, int, float, complex, str)):
+        return [f"{where} ({type(value).__name__})"]
+    if isinstance(value, (list, tuple)):
+        return [found for index, item in enumerate(value) for found in _python_scalars(item, f"{where}[{index}]")]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _python_scalars(item, f"{where}[{key!r}]")]
+    return []
+
+
 def _export_float(
     model: nn.Module, example_inputs: tuple, path: Path, plans: Mapping[str, LayerPlan], opset: int | None,
     dynamic_sequence: bool = False,
@@ -265,7 +276,15 @@ def _export_float(
 
 def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | None, dynamic_sequence: bool) -> None:
     with torch.no_grad():
-        outputs = graph_tensors(clone(*example_inputs))
+        returned = clone(*example_inputs)
+    constants = _python_scalars(returned, "output")
+    if constants:  # the tracer's own error is about "observable data dependence"
+        raise ExportError(
+            f"PyTorch's ONNX exporter takes tensors (in tuples, lists and dicts) as outputs; {type(clone).__name__}"
+            f" returns Python values: {', '.join(constants[:4])}. Return them as tensors, or leave them out of"
+            " `forward`'s result, or leave 'onnx' out of `formats`"
+        )
+    outputs = graph_tensors(returned)
     tensor_inputs = graph_tensors(example_inputs)
     input_names = [f"input_{i}" for i in range(len(tensor_inputs))]
     output_names = [f"output_{i}" for i in range(len(outputs))]

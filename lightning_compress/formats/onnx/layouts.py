@@ -70,7 +70,7 @@ MATMUL_INTEGER = "MatMulInteger"
 SUPPORTED = (
     "int4 per group (group_size a power of two >= 16), per channel or per tensor, symmetric or"
     " asymmetric (MatMulNBits); int8 per channel or per tensor (QDQ, or MatMulInteger with"
-    " dynamic_int8_activations=True)"
+    " onnx_activations=\"int8\")"
 )
 
 INTEGER_BITS = (4, 8)
