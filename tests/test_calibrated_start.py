@@ -373,8 +373,8 @@ def test_user_mappings_that_match_nothing_say_why(seeded, mappings, reason):
     # They all used to give one message, "no `mappings` ... covers ['fc2']" (a new user's trial).
     qat = QuantizationAwareTraining("int8", init="awq", calibration_batches=1, start_step=1, targets=["fc2"],
                                     mappings=mappings)
-    with pytest.raises(IncompatibleSettings, match=r"nowhere to fold its per-channel scales for 'fc2': no `mappings`"
-                       r" \{.*\} covers it") as error:
+    with pytest.raises(IncompatibleSettings, match=r"nowhere to fold its per-channel scales for 'fc2': no entry of"
+                       r" `mappings` \{.*\} can cover it: ") as error:
         fit(TinyRegressor(), [qat], steps=2, loader=tiny_loader())
     assert re.search(reason, str(error.value)), str(error.value)
 

@@ -176,9 +176,10 @@ def uncovered_layers(
         return {}
     reasons = _reasons(model, rules)  # which rules there are and why they miss: said once, at the first layer
     return {
-        key: f"{setting} has nowhere to fold its per-channel scales for {key!r}: no "
-             + (f"{_known(rules)} covers it{reasons}" if index == 0 else
-                f"{'`mappings` entry' if rules is not None else 'built-in mapping'} covers it (see {missing[0]!r}).")
+        key: f"{setting} has nowhere to fold its per-channel scales for {key!r}: "
+             + (f"{_known(rules)}{reasons}" if index == 0 else
+                f"no {'usable `mappings` entry' if rules is not None else 'built-in mapping'} covers it (see"
+                f" {missing[0]!r}).")
              + f" Give `mappings` for it, or quantize it in a second QuantizationAwareTraining callback without {setting}"
         for index, key in enumerate(missing)
     }
@@ -196,11 +197,11 @@ def _warn_of_unused_rules(model: nn.Module, rules: Mapping[str, Sequence[str]], 
 
 
 def _known(rules: Mapping[str, Sequence[str]] | None) -> str:
-    if rules is not None:
-        return f"`mappings` {dict(rules)}"
-    return ("built-in mapping (LLaMA-style `input_layernorm -> q/k/v_proj`, `post_attention_layernorm -> gate/up_proj`,"
+    if rules is not None:  # ("no `mappings` {'c3': ['c4']} covers it" read wrong where the entry names it)
+        return f"no entry of `mappings` {dict(rules)} can cover it"
+    return ("no built-in mapping (LLaMA-style `input_layernorm -> q/k/v_proj`, `post_attention_layernorm -> gate/up_proj`,"
             " `up_proj -> down_proj`, `v_proj -> o_proj` where their sizes agree, which grouped-query attention"
-            " breaks; BERT's `attention.self.value -> attention.output.dense`)")
+            " breaks; BERT's `attention.self.value -> attention.output.dense`) covers it")
 
 
 def _reasons(model: nn.Module, rules: Mapping[str, Sequence[str]] | None) -> str:
