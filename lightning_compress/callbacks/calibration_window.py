@@ -83,8 +83,8 @@ class CalibrationWindow:
         Returns the first fake-quantized step (``start`` where this window decides none):
         later than decided while fewer than ``calibration_batches`` batches are recorded.
         The window counts optimizer steps, and manual optimization that steps several
-        optimizers a batch advances ``global_step`` once for each: its steps hold fewer
-        batches.
+        optimizers a batch advances ``global_step`` once for each (as an epoch's last
+        step holds fewer accumulated batches): its steps hold fewer batches.
         """
         if self.applied or self._start is None:
             return start if self._start is None else self._start
@@ -104,9 +104,10 @@ class CalibrationWindow:
             self._postponed = True
             rank_zero_warn(
                 f"QuantizationAwareTraining: {self.setting} recorded {self.calibration.statistics.batches} of its"
-                f" {self.batches} calibration batch(es) by step {self._start}: `global_step` advanced more than once"
-                " per batch (manual optimization counts a step for each optimizer it steps). It records on, and"
-                " fake quantization starts at the step after the last of them"
+                f" {self.batches} calibration batch(es) by step {self._start}: the window's optimizer steps held"
+                " fewer batches (manual optimization counts a step for each optimizer it steps; with gradient"
+                " accumulation, an epoch's last step may hold fewer batches). It records on, and fake quantization"
+                " starts at the step after the last of them"
             )
         self._start = step + 1
 

@@ -40,6 +40,12 @@ class ExportError(RuntimeError):
         self.directory = directory
 
 
+class UnexportableModel(ExportError):
+    """A format asked for cannot hold this model (PyTorch's ONNX exporter refuses an op,
+    or an output that is not tensors): the packed files are not at fault, so none are kept
+    as a failed check's are."""
+
+
 class ParityError(ExportError):
     """The packed model does not compute what the fake-quant model computes, beyond the
     thresholds. ``report`` holds the figures, worst layers first (``None`` when the ONNX

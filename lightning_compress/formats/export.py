@@ -19,7 +19,7 @@ from lightning_compress.core.validate import ArgumentError, check_bool, check_mo
 from lightning_compress.formats.companions import ONNX_FILE, RECORD_KEY, REPORT_FILE, companion_checksums
 from lightning_compress.formats.config import validate_export_formats, validate_export_options
 from lightning_compress.formats.devices import on_the_cpu
-from lightning_compress.formats.errors import ExportError, ParityError
+from lightning_compress.formats.errors import ExportError, ParityError, UnexportableModel
 from lightning_compress.formats.failed_export import failed_path, keep_elsewhere, keep_failed, refuse_stale
 from lightning_compress.formats.gguf import summary_line, write_gguf
 from lightning_compress.formats.packed import METADATA_FILE, PackedModel, metadata_bytes, open_packed
@@ -183,7 +183,7 @@ def export(
                               min_sqnr_db=min_sqnr_db, formats=formats, onnx_activations=onnx_activations,
                               onnx_dynamic_sequence=onnx_dynamic_sequence)
             except Exception as error:
-                unchecked = raised_by_the_model(error) or isinstance(error, ArgumentError)
+                unchecked = raised_by_the_model(error) or isinstance(error, (ArgumentError, UnexportableModel))
                 if unchecked and not keep_unchecked:
                     raise  # the model cannot run on `inputs`, or an option does not fit it: the files are not at fault
                 # The packed files and the check's own (model.onnx) are kept beside the export; only

@@ -20,39 +20,40 @@ from torch import Tensor, nn
 from lightning_compress.core.notes import first_four
 
 
-def unsaved_buffer_digests(model: nn.Module) -> Dict[str, List[str]]:
-    """``{buffer name: [dtype, SHA-256 of its shape and bytes]}`` for each buffer of
-    ``model`` registered with ``persistent=False`` (those on the meta device left out)."""
+def unsaved_buffer_digests(model: nn.Module) -> Dict[str, List]:
+    """``{buffer name: [dtype, shape, SHA-256 of its bytes]}`` for each buffer of ``model``
+    registered with ``persistent=False``: plain dense tensors only (one on the meta
+    device, sparse, quantized or sharded (a DTensor) is left out)."""
     digests = {}
     for prefix, module in model.named_modules():
         for name in sorted(module._non_persistent_buffers_set):
             buffer = module._buffers.get(name)
-            if isinstance(buffer, Tensor) and not buffer.is_meta:
-                digests[f"{prefix}.{name}" if prefix else name] = [str(buffer.dtype), _digest(buffer)]
+            if type(buffer) is Tensor and buffer.layout == torch.strided and not (buffer.is_quantized or buffer.is_meta):
+                digests[f"{prefix}.{name}" if prefix else name] = [str(buffer.dtype), list(buffer.shape), _digest(buffer)]
     return digests
 
 
-def warn_on_other_unsaved_buffers(model: nn.Module, recorded: Mapping[str, List[str]] | None) -> None:
+def warn_on_other_unsaved_buffers(model: nn.Module, recorded: Mapping[str, List] | None) -> None:
     """Warn, naming them, when buffers the export recorded (an export without the record:
-    nothing to compare) hold other values in ``model``, in the same dtype."""
+    nothing to compare) hold other values in ``model``, of the same dtype and shape (a
+    cache ``forward`` grows, or a model loaded in another dtype, is not compared)."""
     if not isinstance(recorded, Mapping):
         return
     here = unsaved_buffer_digests(model)
     other = [name for name, entry in recorded.items()
-             if name in here and list(entry) != here[name] and here[name][0] == entry[0]]
+             if name in here and list(entry) != here[name] and list(entry)[:2] == here[name][:2]]
     if other:
         warnings.warn(
             f"buffers the export does not hold (registered with persistent=False) have other values in this model"
-            f" than in the model exported: {first_four(other)}, so it does not compute as the trained model did. They"
-            " come from the model's constructor: one drawn at random draws another value when load_packed builds"
-            " the model from a function (its parameters, on the meta device, draw no random numbers before it);"
-            " pass a model built as the trained one was (load_packed(dir, MyModel())), or save that buffer"
-            " (persistent=True)",
+            f" than in the model exported: {first_four(other)}, and the loaded model computes with this model's."
+            " A constructor that draws them at random draws others when load_packed builds the model from a"
+            " function (its parameters, on the meta device, draw no random numbers before them) or when the draw"
+            " is not seeded: build the model as the trained one was built (seeded alike) and pass it"
+            " (load_packed(dir, MyModel())), or register them with persistent=True, which the export then holds."
+            " (A buffer `forward` updates, such as a cache, differs for that reason alone.)",
             UserWarning, stacklevel=3)
 
 
 def _digest(tensor: Tensor) -> str:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    digest = hashlib.sha256(str(tuple(tensor.shape)).encode())
-    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()

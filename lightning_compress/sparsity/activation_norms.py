@@ -158,9 +158,9 @@ class InputNorms:
         parameter, each fed its own inputs) added together: that weight multiplies the
         inputs of both, so both rank it alike and their masks agree (apart, the zeros of
         both masks landed in the one weight, past the target sparsity)."""
-        sharing: Dict[int, List[str]] = {}
-        for name, layer in self._layers.items():
-            sharing.setdefault(id(raw_weight(layer)), []).append(name)
+        sharing: Dict[tuple, List[str]] = {}
+        for name, layer in self._layers.items():  # (two convolutions of other `groups` read other widths)
+            sharing.setdefault((id(raw_weight(layer)), self._sums[name].shape), []).append(name)
         totals = dict(self._sums)
         for names in sharing.values():
             if len(names) > 1:

@@ -40,7 +40,7 @@ from lightning_compress.core.atomic import atomic_write_bytes, replace_file
 from lightning_compress.core.attention import fast_path_disabled
 from lightning_compress.core.notes import add_note
 from lightning_compress.core.transforms import Stage, detach_all, get_input_transform, remove_input_transform, weight_slots
-from lightning_compress.formats.errors import ExportError
+from lightning_compress.formats.errors import UnexportableModel
 from lightning_compress.formats.onnx.exporter_gaps import cast_bool_cumsum, missing_symbolics
 from lightning_compress.formats.onnx.graph import plan_layers, rewrite_graph
 from lightning_compress.formats.onnx.layouts import MATMUL_INTEGER, LayerPlan
@@ -279,7 +279,7 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
         returned = clone(*example_inputs)
     constants = _python_scalars(returned, "output")
     if constants:  # the tracer's own error is about "observable data dependence"
-        raise ExportError(
+        raise UnexportableModel(
             f"PyTorch's ONNX exporter takes tensors (in tuples, lists and dicts) as outputs; {type(clone).__name__}"
             f" returns Python values: {', '.join(constants[:4])}. Return them as tensors, or leave them out of"
             " `forward`'s result, or leave 'onnx' out of `formats`"
@@ -301,7 +301,7 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
         # Its message goes on with the whole traced graph; the first line says what failed. (An
         # op it has no conversion for asserts: scaled_dot_product_attention with enable_gqa.)
         reason = str(unsupported).splitlines()[0].split(" [Caused by")[0].split(" Please feel free")[0].rstrip(". ")
-        raise ExportError(
+        raise UnexportableModel(
             f"PyTorch's ONNX exporter cannot export this model: {reason}. Leave 'onnx' out of `formats`"
             " (the packed safetensors export does not need it), or change that layer"
         ) from None
@@ -310,7 +310,7 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
         if unsupported_type is None:
             raise
         # An output that is not tensors: a transformers model with use_cache on returns its cache.
-        raise ExportError(
+        raise UnexportableModel(
             f"PyTorch's ONNX exporter takes tensors (in tuples, lists and dicts) as outputs; {type(clone).__name__}"
             f" returns a {unsupported_type.group(1)}. A transformers model returns its key/value cache unless"
             " `model.config.use_cache = False`; otherwise leave 'onnx' out of `formats`"
@@ -318,7 +318,7 @@ def _trace(clone: nn.Module, example_inputs: tuple, path: Path, opset: int | Non
     except (TypeError, NotImplementedError, AttributeError) as legacy_error:
         if isinstance(legacy_error, TypeError) and _CALL_MISMATCH.search(str(legacy_error)):
             # The exporter called forward with other arguments than the call above did.
-            raise ExportError(
+            raise UnexportableModel(
                 f"PyTorch's ONNX exporter could not call {type(clone).__name__}.forward with the example inputs"
                 f" ({type(legacy_error).__name__}: {legacy_error}). It takes a tuple of tensors (and of tuples, lists"
                 " and dicts of them) as positional inputs: pass CompressedExport an `input_fn` returning one, or"

@@ -47,9 +47,10 @@ Per bit width:
   with int8 weights served on a CPU without VNNI saturates as onnxruntime's own do:
   export on (a CPU like) the serving machine; the export's check runs the file there.
 
-Anything else (int2/3/5/6/7, int8 groups, int4 groups that are not a power of two >= 16,
-Conv layers) is refused with a ``ValueError`` naming the layer, before anything is
-exported.
+Linear layers of other widths (int2/3/5/6/7) stay float in the graph, as their
+dequantized weights (:data:`INTEGER_BITS`), as Conv layers do. int8 groups and int4
+groups that are not a power of two >= 16 are refused with a ``ValueError`` naming the
+layer, before anything is exported.
 """
 
 from __future__ import annotations
