@@ -43,6 +43,7 @@ ARGS = {
     "qat_regimes.py": ["--seeds", "3"],
     "qat_trajectory.py": ["--seeds", "3"],
     "qat_finetune.py": ["--seeds", "3"],
+    "qat_ewgs.py": ["--seeds", "5"],
 }
 NOISE_NOTE = (
     "On this 2-core shared machine, repeated runs of the same overhead benchmark moved by up"

@@ -490,6 +490,43 @@ def test_a_start_step_the_run_never_reaches_is_warned_about(seeded):
     assert torch.equal(model.fc1.weight, raw_weight(model.fc1))  # in float
 
 
+class RawGradients(Callback):
+    """The raw (latent) weights' gradients of the first backward."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.grads is None:
+            self.grads = {n: raw_weight(pl_module.get_submodule(n)).grad.clone() for n in ("conv", "fc1", "fc2")}
+
+
+def test_ewgs_scales_the_latent_weights_gradients_in_a_training_step(seeded):
+    """The same batch and weights with and without `ewgs_delta`: each latent weight's
+    gradient is the plain STE's times 1 + delta * sign(g) * (w/s - round(w/s)), on the grid
+    the quantizer used (hand formula; the plain STE is checked against torchao elsewhere)."""
+    grads, grids, weights = {}, {}, {}
+    for delta in (0.0, 0.3):
+        torch.manual_seed(0)
+        model, capture = TinyRegressor(optimizer="sgd", lr=0.0), RawGradients()
+        qat = QuantizationAwareTraining("int4", group_size=16, weight_range="mse", ewgs_delta=delta,
+                                        overrides={"conv": {"granularity": "channel"}})
+        make_trainer(max_steps=1, callbacks=[qat, capture]).fit(model, tiny_loader())
+        grads[delta] = capture.grads
+        grids[delta] = {k: (q.scale, q.zero_point, q.spec) for k, q in quantized_weights(model).items()}
+        weights[delta] = {n: raw_weight(model.get_submodule(n)).detach() for n in ("conv", "fc1", "fc2")}
+    for name, plain in grads[0.0].items():
+        assert torch.equal(weights[0.3][name], weights[0.0][name])  # lr 0: the weights of the backward
+        scale, zero_point, spec = grids[0.3][name]
+        matrix = as_matrix(weights[0.3][name]).double()
+        width = matrix.numel() // scale.numel()
+        steps = (matrix.reshape(-1, width).float() * (1.0 / scale.reshape(-1, 1))).double()
+        residual = (steps - steps.round()).reshape(plain.shape)
+        expected = plain.double() * (1 + 0.3 * plain.double().sign() * residual)
+        torch.testing.assert_close(grads[0.3][name].double(), expected, rtol=1e-5, atol=1e-7, msg=name)
+        assert not torch.equal(grads[0.3][name], plain), name
+
+
 def _trained_state(model):
     """Everything the trained fake quantization holds: effective weights and quantizer state."""
     state = {f"{n}.weight": model.get_submodule(n).weight.detach().clone() for n in LAYERS}

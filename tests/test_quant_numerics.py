@@ -121,6 +121,53 @@ def test_ste_passes_gradients_inside_the_range_and_clips_outside():
     assert x.grad.tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0, 1.0]]
 
 
+def test_ewgs_scales_each_gradient_by_where_its_weight_sits_between_two_codes():
+    """Lee et al. 2021, eq. 5: g_x = g_q (1 + delta sign(g_q) (x/s - round(x/s))), by hand."""
+    spec = QuantSpec(4, "tensor")
+    scale = torch.tensor([0.1])
+    zero_point = torch.tensor([0], dtype=torch.int32)
+    # x/s: 2.3 (0.3 above its code), 1.8 (0.2 below), -3.4, 0.9 and -1.0 (clipped: the grid is [-0.8, 0.7])
+    x = torch.tensor([[0.23, 0.18, -0.34, 0.9, -1.0, 0.23]], requires_grad=True)
+    upstream = torch.tensor([[1.0, 1.0, -2.0, 1.0, 1.0, -1.0]])
+    out = fake_quantize(x, scale, zero_point, spec, ewgs_delta=0.5)
+    assert torch.equal(out, fake_quantize(x.detach(), scale, zero_point, spec))  # the forward is unchanged
+    out.backward(upstream)
+    # 1 + 0.5 * (+1) * 0.3; 1 + 0.5 * (+1) * (-0.2); -2 * (1 + 0.5 * (-1) * (-0.4)); clipped; clipped;
+    # -1 * (1 + 0.5 * (-1) * 0.3)
+    expected = torch.tensor([[1.15, 0.9, -2.4, 0.0, 0.0, -0.85]])
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, "group", 32), QuantSpec(3, "channel", symmetric=False)],
+                         ids=lambda s: s.describe())
+def test_ewgs_matches_the_formula_on_a_matrix_and_learned_scales_keep_their_lsq_gradient(spec):
+    """Every weight against the formula in float64; with learned ranges the weights get the
+    same gradient and the scales the gradient they get without EWGS."""
+    weight, delta = sample(), 0.2
+    scale, zero_point = choose_qparams(weight, spec)
+    upstream = torch.randn_like(weight)
+    x = weight.clone().requires_grad_(True)
+    fake_quantize(x, scale, zero_point, spec, ewgs_delta=delta).backward(upstream)
+    width = weight.numel() // scale.numel()
+    # The codes as the forward rounds them (float32 x * (1/s)): a weight half a step past the
+    # grid's end is clipped or not by that arithmetic.
+    steps = (weight.reshape(-1, width) * (1.0 / scale.reshape(-1, 1))).double()
+    codes = torch.round(steps) + zero_point.double().reshape(-1, 1)
+    inside = ((codes >= spec.qmin) & (codes <= spec.qmax)).reshape(weight.shape)
+    residual = (steps - torch.round(steps)).reshape(weight.shape)
+    expected = torch.where(inside, upstream.double() * (1 + delta * upstream.double().sign() * residual), 0.0)
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-6)
+
+    grads = {}
+    for ewgs in (0.0, delta):
+        x = weight.clone().requires_grad_(True)
+        learned = torch.nn.Parameter(scale.clone())
+        fake_quantize_learned(x, learned, zero_point, spec, ewgs_delta=ewgs).backward(upstream)
+        grads[ewgs] = (x.grad, learned.grad)
+    torch.testing.assert_close(grads[delta][0].double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(grads[delta][1], grads[0.0][1])
+
+
 def test_learned_ranges_receive_gradients_and_match_the_fixed_grid_forward():
     weight = sample()
     spec = QuantSpec(4, "group", 32)

@@ -187,6 +187,8 @@ MALFORMED = [
     ({"qat": {"weights": "int9"}}, None, "recipe key qat.weights:"),
     ({"qat": {"weights": "int4", "group_size": 0}}, None, "recipe key qat.group_size:"),
     ({"qat": {"symmetric": "yes"}}, None, "qat.symmetric expects true/false"),
+    ({"qat": {"weights": "int4", "group_size": 32, "ewgs_delta": 3}}, None,
+     "recipe key qat.ewgs_delta: `ewgs_delta` must be a number in [0, 2)"),
     ({"distillation": {"teacher": "torch.nn.Identity", "alpha": "high"}}, None,
      "distillation.alpha: 'high' is not a dotted import path like 'my_pkg.models.Teacher'; it takes a float or a"
      " function as a dotted import path"),

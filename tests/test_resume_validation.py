@@ -69,8 +69,10 @@ def test_edited_masks_are_refused(stopped, change, message):
          r"QuantizationAwareTraining was trained with other settings \(`start_step`: 4 in the checkpoint, 6 now\)"),
         ([QuantizationAwareTraining("int8", start_step=4)],
          r"holds state of MagnitudePruning .* no callback of this Trainer takes it"),
+        ([pruning(), QuantizationAwareTraining("int8", start_step=4, ewgs_delta=0.2)],
+         r"\(`ewgs_delta`: 0\.0 in the checkpoint, 0\.2 now\)"),
     ],
-    ids=["final_sparsity", "end_step", "qat-start_step", "pruning-left-out"],
+    ids=["final_sparsity", "end_step", "qat-start_step", "pruning-left-out", "qat-ewgs_delta"],
 )
 def test_changed_settings_or_a_left_out_method_are_refused(stopped, callbacks, message):
     with pytest.raises(ValueError, match=message):

@@ -10,7 +10,9 @@ from torch import nn
 from lightning_compress.core.incompatible import LayerIssue, check_on_incompatible, compressed_weight
 from lightning_compress.core.schedule import StepLike, validate_step
 from lightning_compress.core.targeting import Target, name_matches, validate_name, validate_targets
-from lightning_compress.core.validate import ArgumentError, check_bool, check_choice, check_int, check_positive, dtype_spelled
+from lightning_compress.core.validate import (
+    ArgumentError, check_bool, check_choice, check_int, check_number, check_positive, dtype_spelled,
+)
 from lightning_compress.quant.activations import ACTIVATION_MODES, OBSERVERS
 from lightning_compress.quant.fake_quant import check_divisible
 from lightning_compress.quant.gptq import gptq_issue, gptq_issue_message
@@ -44,6 +46,7 @@ class QATConfig:
     weight_range: str = "minmax"
     learn_ranges: bool = False
     range_lr: float = 1e-3
+    ewgs_delta: float = 0.0
     activations: str | None = None
     observer: str = "minmax"
     calibration_steps: int = 100
@@ -117,6 +120,10 @@ class QATConfig:
                 " round at export; use scale_dtype='float32' with learned ranges",
             )
         check_positive("range_lr", self.range_lr)
+        # Below 2 the factor 1 +- delta/2 stays positive: no gradient is turned around.
+        check_number("ewgs_delta", self.ewgs_delta, low=0.0, high=2.0, high_open=True,
+                     what="a number in [0, 2) (0: the plain straight-through estimator; EWGS's usual 0.1 to 0.3)")
+        object.__setattr__(self, "ewgs_delta", float(self.ewgs_delta))
         check_choice("activations", self.activations, ACTIVATION_MODES, allow_none=True)
         check_choice("observer", self.observer, OBSERVERS)
         check_int("calibration_steps", self.calibration_steps)

@@ -167,12 +167,47 @@ class _RoundClampSTE(torch.autograd.Function):
         return torch.where(inside, grad, 0.0), None, None, None
 
 
-def fake_quantize(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
-    """Quantize-dequantize ``matrix`` on the grid (STE with clipping in backward)."""
+class _ScaledRoundClampSTE(torch.autograd.Function):
+    """:class:`_RoundClampSTE`'s forward; EWGS's gradient (see :func:`ewgs_gradient`)."""
+
+    @staticmethod
+    def forward(ctx, groups: Tensor, scale: Tensor, low, high, delta: float) -> Tensor:
+        # The weight and scales are held anyway: the backward recomputes the codes from them.
+        ctx.save_for_backward(groups, scale)
+        ctx.low, ctx.high, ctx.delta = low, high, delta
+        return _on_grid(groups, scale, low, high)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        groups, scale = ctx.saved_tensors
+        return ewgs_gradient(grad, groups, scale, ctx.low, ctx.high, ctx.delta), None, None, None, None
+
+
+def ewgs_gradient(grad: Tensor, groups: Tensor, scale: Tensor, low, high, delta: float) -> Tensor:
+    """Element-wise gradient scaling (Lee et al. 2021, EWGS): the straight-through gradient
+    of each weight times ``1 + delta * sign(g) * (x/s - round(x/s))``, zero where the code
+    is clipped. The plain STE moves a weight by its gradient wherever it sits between two
+    codes; EWGS moves it further when it sits further from the rounding boundary the
+    gradient moves it toward (it has further to go to change its code), and less when it
+    sits nearer."""
+    steps = groups * (1.0 / scale)
+    codes = steps.round()
+    inside = codes.ge(low).logical_and_(codes.le(high))
+    residual = steps.sub_(codes)  # in [-0.5, 0.5]
+    scaled = grad * residual.mul_(grad.sign()).mul_(delta).add_(1.0)
+    return torch.where(inside, scaled, 0.0)
+
+
+def fake_quantize(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, *, ewgs_delta: float = 0.0
+                  ) -> Tensor:
+    """Quantize-dequantize ``matrix`` on the grid (STE with clipping in backward; with
+    ``ewgs_delta`` > 0, EWGS's element-wise scaled STE, see :func:`ewgs_gradient`)."""
     groups = matrix.reshape(-1, group_width(matrix.shape, spec))
     scale = scale.reshape(-1, 1)
     low, high = _code_bounds(zero_point, scale, spec)
     if torch.is_grad_enabled() and (groups.requires_grad or scale.requires_grad):
+        if ewgs_delta:
+            return _ScaledRoundClampSTE.apply(groups, scale, low, high, ewgs_delta).view(matrix.shape)
         return _RoundClampSTE.apply(groups, scale, low, high).view(matrix.shape)
     # Nothing to differentiate (evaluation, the export's parity check): the same arithmetic
     # in place on one temporary, without the clipping mask.
@@ -198,9 +233,9 @@ class _LearnedScaleSTE(torch.autograd.Function):
     """:class:`_RoundClampSTE`'s forward, and the LSQ gradient of the scale."""
 
     @staticmethod
-    def forward(ctx, groups: Tensor, scale: Tensor, low, high, grad_factor: float) -> Tensor:
+    def forward(ctx, groups: Tensor, scale: Tensor, low, high, grad_factor: float, delta: float) -> Tensor:
         ctx.save_for_backward(groups, scale)
-        ctx.low, ctx.high, ctx.grad_factor = low, high, grad_factor
+        ctx.low, ctx.high, ctx.grad_factor, ctx.delta = low, high, grad_factor, delta
         return _on_grid(groups, scale, low, high)
 
     @staticmethod
@@ -212,12 +247,18 @@ class _LearnedScaleSTE(torch.autograd.Function):
         # d x_hat / d s: round(x/s) - x/s inside the grid, the clamped code outside it.
         slope = torch.where(inside, codes - steps, codes.clamp_(ctx.low, ctx.high))
         grad_scale = grad.mul(slope).sum(dim=1, keepdim=True).mul_(ctx.grad_factor)
-        return torch.where(inside, grad, 0.0), grad_scale, None, None, None
+        if ctx.delta:
+            grad_weights = ewgs_gradient(grad, groups, scale, ctx.low, ctx.high, ctx.delta)
+        else:
+            grad_weights = torch.where(inside, grad, 0.0)
+        return grad_weights, grad_scale, None, None, None, None
 
 
-def fake_quantize_learned(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+def fake_quantize_learned(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, *,
+                          ewgs_delta: float = 0.0) -> Tensor:
     """LSQ (Esser et al. 2020): like :func:`fake_quantize`, and ``scale`` (a parameter)
-    receives the LSQ gradient, scaled by ``1 / sqrt(group_width * qmax)``.
+    receives the LSQ gradient, scaled by ``1 / sqrt(group_width * qmax)``; the weights'
+    gradient as :func:`fake_quantize`'s (``ewgs_delta``: see :func:`ewgs_gradient`).
 
     The forward is :func:`fake_quantize`'s arithmetic (PyTorch's learnable fake-quant
     kernel computed the same bits on the CPU and on an H200, but the export's check compares
@@ -227,7 +268,7 @@ def fake_quantize_learned(matrix: Tensor, scale: Tensor, zero_point: Tensor, spe
     groups, scale = matrix.reshape(-1, width), scale.reshape(-1, 1)
     low, high = _code_bounds(zero_point, scale, spec)
     grad_factor = 1.0 / (width * spec.qmax) ** 0.5
-    return _LearnedScaleSTE.apply(groups, scale, low, high, grad_factor).view(matrix.shape)
+    return _LearnedScaleSTE.apply(groups, scale, low, high, grad_factor, ewgs_delta).view(matrix.shape)
 
 
 def quantize_codes(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:

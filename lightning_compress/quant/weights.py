@@ -51,8 +51,10 @@ class WeightFakeQuantizer:
     does not depend on the order callbacks are listed in.
     """
 
-    def __init__(self, spec: QuantSpec, learned: bool = False, weight_range: str = "minmax") -> None:
+    def __init__(self, spec: QuantSpec, learned: bool = False, weight_range: str = "minmax",
+                 ewgs_delta: float = 0.0) -> None:
         self.spec = spec
+        self.ewgs_delta = ewgs_delta  # the backward: the plain STE (0) or EWGS (see ewgs_gradient)
         self.enabled = False
         self.learned = learned
         self.weight_range = weight_range
@@ -108,7 +110,8 @@ class WeightFakeQuantizer:
         if self.learned:
             if not self.initialized:
                 self._initialize(compute)
-            out = fake_quantize_learned(compute, self.log_scale.exp(), self.zero_point, self.spec)
+            out = fake_quantize_learned(compute, self.log_scale.exp(), self.zero_point, self.spec,
+                                        ewgs_delta=self.ewgs_delta)
         else:
             if self.grid is not None:
                 scale, zero_point = self.grid
@@ -116,7 +119,7 @@ class WeightFakeQuantizer:
                 if self.weight_range == "mse" and self.clip is None:
                     self.clip = choose_qparams_mse(compute, self.spec)[2]
                 scale, zero_point = choose_qparams(compute, self.spec, clip=self.clip)
-            out = fake_quantize(compute, scale, zero_point, self.spec)
+            out = fake_quantize(compute, scale, zero_point, self.spec, ewgs_delta=self.ewgs_delta)
         return out.to(weight.dtype).view(weight.shape)
 
     @torch.no_grad()
@@ -227,6 +230,7 @@ def attach_weight_quantizers(
     learned: bool = False,
     *,
     weight_range: str = "minmax",
+    ewgs_delta: float = 0.0,
     owner: str = "round_to_nearest",
     active_owners: set = frozenset(),
 ) -> Dict[str, WeightFakeQuantizer]:
@@ -248,7 +252,7 @@ def attach_weight_quantizers(
             )
     quantizers = {}
     for name, layer in layers.items():
-        quantizer = WeightFakeQuantizer(specs[name], learned=learned, weight_range=weight_range)
+        quantizer = WeightFakeQuantizer(specs[name], learned=learned, weight_range=weight_range, ewgs_delta=ewgs_delta)
         if learned:
             quantizer.create_parameters(raw_weight(layer, weight_param(name, layer)))
         install_weight_transform(layer, Stage.FAKE_QUANT, quantizer, owner=owner, active_owners=active_owners,

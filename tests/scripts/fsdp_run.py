@@ -144,7 +144,7 @@ def build(mode, out_dir):
                                           start_step=QAT_START, calibration_batches=2)]
     if mode == "qat":
         # Asymmetric: see tests/scripts/ddp_stack.py (symmetric groups sit on rounding ties).
-        return [QuantizationAwareTraining("int4", group_size=4, symmetric=False, learn_ranges=True,
+        return [QuantizationAwareTraining("int4", group_size=4, symmetric=False, learn_ranges=True, ewgs_delta=0.2,
                                           activations="int8_static", start_step=QAT_START, calibration_steps=4)]
     if mode in ("kd", "kd-sharded-teacher"):
         strategy = "fsdp2" if mode == "kd-sharded-teacher" else "replicate"
