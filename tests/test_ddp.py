@@ -87,6 +87,43 @@ def test_qat_observer_ranges_are_all_reduced_and_learned_scales_agree(tmp_path):
     assert_same_weights(rank0, rank1)
 
 
+def test_ewgs_scales_each_ranks_gradient_before_ddp_averages_them(tmp_path):
+    """EWGS acts in the backward, on each rank's batch, as on each micro-batch under
+    gradient accumulation (README): DDP's first step equals one process accumulating rank
+    0's batch, then rank 1's, not one process on both batches at once."""
+    import lightning.pytorch as pl
+    from lightning.pytorch import Callback
+
+    from lightning_compress import QuantizationAwareTraining
+    from lightning_compress.core.transforms import raw_weight
+    from tests.conftest import TinyRegressor, make_trainer
+
+    run_ddp(tmp_path, "qat-ewgs")
+    ddp = [torch.load(tmp_path / f"grads{r}.pt", weights_only=True) for r in range(2)]
+
+    class FirstGradients(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 0:
+                self.grads = {n: raw_weight(pl_module.get_submodule(n)).grad.clone() for n in ("conv", "fc1", "fc2")}
+
+    def first_gradients(batch_size, accumulate):
+        pl.seed_everything(0, verbose=False)  # as the script seeds: the same initial weights
+        model, record = TinyRegressor(), FirstGradients()
+        assert all(torch.equal(value, ddp[0]["weights"][key]) for key, value in model.state_dict().items())
+        x, y = (torch.cat([ddp[0]["batch"][i], ddp[1]["batch"][i]]) for i in (0, 1))  # each rank's first batch
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+        make_trainer(max_steps=1, accumulate_grad_batches=accumulate, callbacks=[
+            QuantizationAwareTraining("int4", group_size=4, ewgs_delta=0.5, start_step=0), record]).fit(model, loader)
+        return record.grads
+
+    per_rank = len(ddp[0]["batch"][0])
+    accumulated, global_batch = first_gradients(per_rank, 2), first_gradients(2 * per_rank, 1)
+    for name in ("conv", "fc1", "fc2"):
+        assert torch.equal(ddp[0]["grads"][name], ddp[1]["grads"][name]), name
+        torch.testing.assert_close(ddp[0]["grads"][name], accumulated[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert not torch.allclose(ddp[0]["grads"][name], global_batch[name], rtol=1e-3, atol=0), name
+
+
 @pytest.mark.parametrize("mode", ["lora", "qlora"])
 def test_lora_adapters_and_bases_are_identical_on_both_ranks(tmp_path, mode):
     rank0, rank1 = run_ddp(tmp_path, mode)

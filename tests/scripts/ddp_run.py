@@ -5,6 +5,7 @@
     python ddp_run.py OUT_DIR prune-wanda     # score="wanda"; the ranks see different data
     python ddp_run.py OUT_DIR qat             # QAT: learned scales + static observers
     python ddp_run.py OUT_DIR qat-calibrated  # QAT init="gptq" + smoothing; ranks see different data
+    python ddp_run.py OUT_DIR qat-ewgs        # QAT ewgs_delta: the first step's reduced gradients
     python ddp_run.py OUT_DIR qat-calibrated-silent  # ... fc2's forward not called as a module on rank 1
     python ddp_run.py OUT_DIR lora            # LoRA with dropout on conv, fc1, fc2
     python ddp_run.py OUT_DIR qlora           # QLoRA; rank 1's base differs before setup
@@ -50,6 +51,26 @@ class PerturbBaseOnRankOne(Callback):
         if trainer.global_rank == 1:
             with torch.no_grad():
                 pl_module.fc1.weight.add_(1.0)
+
+
+class RecordFirstGradients(Callback):
+    """The latent weights' gradients of the first optimizer step, after DDP averaged them."""
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            self.batch = [t.clone() for t in batch]
+            self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 0:
+            from lightning_compress.core.transforms import raw_weight
+
+            grads = {name: raw_weight(pl_module.get_submodule(name)).grad.clone() for name in ("conv", "fc1", "fc2")}
+            torch.save({"grads": grads, "batch": self.batch, "weights": self.weights},
+                       self.out_dir / f"grads{trainer.global_rank}.pt")
 
 
 class SaveRankState(Callback):
@@ -150,6 +171,8 @@ def build(mode: str, pattern: str):
         return QuantizationAwareTraining("int4", group_size=8, init="gptq", activations="int8_dynamic", smoothing=0.5,
                                          mappings={"fc1": ["fc2"]}, targets=["fc2"], calibration_batches=2,
                                          start_step=2)
+    if mode == "qat-ewgs":
+        return QuantizationAwareTraining("int4", group_size=4, ewgs_delta=0.5, start_step=0)
     if mode == "prune-wanda":
         return MagnitudePruning(0.5, schedule="one_shot", start_step=3, scope="global", score="wanda")
     if mode == "lora":
@@ -198,6 +221,7 @@ if __name__ == "__main__":
         + ([RecordWanda(out_dir)] if mode == "prune-wanda" else [])
         + ([RecordCalibration(out_dir)] if mode == "qat-calibrated" else [])
         + ([PerturbBaseOnRankOne()] if mode == "qlora" else [])
+        + ([RecordFirstGradients(out_dir)] if mode == "qat-ewgs" else [])
         + [compression, SaveRankState(compression, out_dir)] + exporting,
     )
     model = FunctionalFc2OnRankOne() if mode == "qat-calibrated-silent" else TinyRegressor()

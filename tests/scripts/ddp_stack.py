@@ -124,7 +124,7 @@ def fit(export_dir, devices):
     # Asymmetric: the symmetric grid (torchao's scale = max|w| / 7.5) puts every group's
     # largest weight exactly on a rounding tie, so the last-bit differences between a sum
     # over two ranks and over one batch flip whole codes and the runs drift apart.
-    qat = QuantizationAwareTraining("int4", group_size=4, symmetric=False, learn_ranges=True, ewgs_delta=0.2,
+    qat = QuantizationAwareTraining("int4", group_size=4, symmetric=False, learn_ranges=True,
                                     activations="int8_static", start_step=QAT_START, calibration_steps=4,
                                     overrides={"fc2": {"bits": 8}})
     export = CompressedExport(export_dir, min_sqnr_db=20.0)
