@@ -122,7 +122,8 @@ def test_ste_passes_gradients_inside_the_range_and_clips_outside():
 
 
 def test_ewgs_scales_each_gradient_by_where_its_weight_sits_between_two_codes():
-    """Lee et al. 2021, eq. 5: g_x = g_q (1 + delta sign(g_q) (x/s - round(x/s))), by hand."""
+    """Lee et al. 2021: g_x = g_q (1 + delta sign(g_q) (x_n - x_q)), here with the residual in
+    code steps, x/s - round(x/s) (the paper's delta is this one times 2^b - 1), by hand."""
     spec = QuantSpec(4, "tensor")
     scale = torch.tensor([0.1])
     zero_point = torch.tensor([0], dtype=torch.int32)
@@ -166,6 +167,37 @@ def test_ewgs_matches_the_formula_on_a_matrix_and_learned_scales_keep_their_lsq_
         grads[ewgs] = (x.grad, learned.grad)
     torch.testing.assert_close(grads[delta][0].double(), expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(grads[delta][1], grads[0.0][1])
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned"])
+def test_ewgs_keeps_a_bf16_weight_in_bf16_for_its_backward_and_computes_as_in_float32(learned):
+    """A reviewer measured a float32 copy of every bf16 weight kept until the backward (4
+    bytes a weight where the plain STE keeps a 1-byte mask): now the weight itself is kept,
+    and the gradient is the float32 computation's, rounded to bf16."""
+    from lightning_compress.quant.weights import WeightFakeQuantizer
+
+    spec = QuantSpec(4, "group", 32)
+    weight = sample().to(torch.bfloat16)
+    upstream = torch.randn(weight.shape, dtype=torch.bfloat16)
+
+    def run(dtype):
+        quantizer = WeightFakeQuantizer(spec, learned=learned, ewgs_delta=0.3)
+        if learned:
+            quantizer.create_parameters(weight)
+        quantizer.enabled = True
+        x = weight.to(dtype).clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = quantizer(x)
+        out.backward(upstream.to(dtype))
+        return out, x.grad, saved
+
+    out, grad, saved = run(torch.bfloat16)
+    reference_out, reference_grad, _ = run(torch.float32)
+    assert torch.equal(out, reference_out.to(torch.bfloat16))
+    assert torch.equal(grad, reference_grad.to(torch.bfloat16))
+    weight_sized = [t for t in saved if t.numel() == weight.numel()]
+    assert weight_sized and all(t.dtype == torch.bfloat16 for t in weight_sized), [t.dtype for t in weight_sized]
 
 
 def test_learned_ranges_receive_gradients_and_match_the_fixed_grid_forward():

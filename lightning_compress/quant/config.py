@@ -122,7 +122,8 @@ class QATConfig:
         check_positive("range_lr", self.range_lr)
         # Below 2 the factor 1 +- delta/2 stays positive: no gradient is turned around.
         check_number("ewgs_delta", self.ewgs_delta, low=0.0, high=2.0, high_open=True,
-                     what="a number in [0, 2) (0: the plain straight-through estimator; EWGS's usual 0.1 to 0.3)")
+                     what="a number in [0, 2) (0: the plain straight-through estimator; per code step, 0.1 to 0.3"
+                          " on the benchmarks' char LM)")
         object.__setattr__(self, "ewgs_delta", float(self.ewgs_delta))
         check_choice("activations", self.activations, ACTIVATION_MODES, allow_none=True)
         check_choice("observer", self.observer, OBSERVERS)

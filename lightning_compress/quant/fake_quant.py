@@ -172,21 +172,25 @@ class _ScaledRoundClampSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, groups: Tensor, scale: Tensor, low, high, delta: float) -> Tensor:
-        # The weight and scales are held anyway: the backward recomputes the codes from them.
+        # The backward recomputes the codes from the weight, kept in its own dtype (a bf16
+        # weight: not a float32 copy, which would be twice its size); the float32 forward and
+        # backward compute on an exact float32 view of it.
         ctx.save_for_backward(groups, scale)
         ctx.low, ctx.high, ctx.delta = low, high, delta
-        return _on_grid(groups, scale, low, high)
+        return _on_grid(groups.to(scale.dtype), scale, low, high)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         groups, scale = ctx.saved_tensors
-        return ewgs_gradient(grad, groups, scale, ctx.low, ctx.high, ctx.delta), None, None, None, None
+        scaled = ewgs_gradient(grad, groups.to(scale.dtype), scale, ctx.low, ctx.high, ctx.delta)
+        return scaled.to(groups.dtype), None, None, None, None
 
 
 def ewgs_gradient(grad: Tensor, groups: Tensor, scale: Tensor, low, high, delta: float) -> Tensor:
     """Element-wise gradient scaling (Lee et al. 2021, EWGS): the straight-through gradient
     of each weight times ``1 + delta * sign(g) * (x/s - round(x/s))``, zero where the code
-    is clipped. The plain STE moves a weight by its gradient wherever it sits between two
+    is clipped. The residual is in code steps (in ``[-0.5, 0.5]``); the paper's is on its
+    ``[0, 1]`` scale of ``2^b - 1`` steps, so its delta is this one times ``2^b - 1``. The plain STE moves a weight by its gradient wherever it sits between two
     codes; EWGS moves it further when it sits further from the rounding boundary the
     gradient moves it toward (it has further to go to change its code), and less when it
     sits nearer."""
@@ -234,13 +238,14 @@ class _LearnedScaleSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, groups: Tensor, scale: Tensor, low, high, grad_factor: float, delta: float) -> Tensor:
-        ctx.save_for_backward(groups, scale)
+        ctx.save_for_backward(groups, scale)  # the weight in its own dtype, as _ScaledRoundClampSTE
         ctx.low, ctx.high, ctx.grad_factor, ctx.delta = low, high, grad_factor, delta
-        return _on_grid(groups, scale, low, high)
+        return _on_grid(groups.to(scale.dtype), scale, low, high)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        groups, scale = ctx.saved_tensors
+        saved, scale = ctx.saved_tensors
+        groups = saved.to(scale.dtype)
         steps = groups * (1.0 / scale)
         codes = steps.round()
         inside = codes.ge(ctx.low).logical_and_(codes.le(ctx.high))
@@ -251,7 +256,7 @@ class _LearnedScaleSTE(torch.autograd.Function):
             grad_weights = ewgs_gradient(grad, groups, scale, ctx.low, ctx.high, ctx.delta)
         else:
             grad_weights = torch.where(inside, grad, 0.0)
-        return grad_weights, grad_scale, None, None, None, None
+        return grad_weights.to(saved.dtype), grad_scale, None, None, None, None
 
 
 def fake_quantize_learned(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, *,

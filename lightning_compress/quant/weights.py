@@ -107,10 +107,12 @@ class WeightFakeQuantizer:
         matrix = as_matrix(weight)
         compute = matrix if matrix.dtype == torch.float32 else matrix.float()
         self.follow_device(weight.device)
+        # What the backward keeps is the weight in its own dtype where it recomputes the codes
+        # (learned ranges, EWGS), not the float32 copy; only a bool mask otherwise.
         if self.learned:
             if not self.initialized:
                 self._initialize(compute)
-            out = fake_quantize_learned(compute, self.log_scale.exp(), self.zero_point, self.spec,
+            out = fake_quantize_learned(matrix, self.log_scale.exp(), self.zero_point, self.spec,
                                         ewgs_delta=self.ewgs_delta)
         else:
             if self.grid is not None:
@@ -119,7 +121,8 @@ class WeightFakeQuantizer:
                 if self.weight_range == "mse" and self.clip is None:
                     self.clip = choose_qparams_mse(compute, self.spec)[2]
                 scale, zero_point = choose_qparams(compute, self.spec, clip=self.clip)
-            out = fake_quantize(compute, scale, zero_point, self.spec, ewgs_delta=self.ewgs_delta)
+            out = fake_quantize(matrix if self.ewgs_delta else compute, scale, zero_point, self.spec,
+                                ewgs_delta=self.ewgs_delta)
         return out.to(weight.dtype).view(weight.shape)
 
     @torch.no_grad()
