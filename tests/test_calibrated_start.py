@@ -8,7 +8,6 @@ runs resume bit for bit.
 """
 
 import dataclasses
-import math
 import re
 
 import lightning.pytorch as pl

@@ -2,7 +2,6 @@
 callbacks' ``setup``: compressed as any other, or refused by name, never left out unnoticed."""
 
 import pytest
-import torch
 from torch import nn
 
 from lightning_compress import LoRA, MagnitudePruning, QuantizationAwareTraining
