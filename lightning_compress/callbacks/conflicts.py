@@ -48,11 +48,15 @@ class Conflict:
     def for_callbacks(self, classes: Mapping[str, str]) -> str:
         """The message for callbacks; ``classes`` maps a section to its callback's class name."""
         named = " and ".join(f"{classes[s.section]}({s.argument}={s.value!r})" for s in self.settings)
-        return f"{named} cannot be used together: {self.problem}. {self.fix}"
+        return f"{named} {self._verb()}: {self.problem}. {self.fix}"
 
     def for_recipe(self) -> str:
         keys = " and ".join(f"{s.section}.{s.argument}={s.value!r}" for s in self.settings)
-        return f"recipe keys {keys} cannot be used together: {self.problem}. {self.fix}"
+        return f"recipe {'keys' if len(self.settings) > 1 else 'key'} {keys} {self._verb()}: {self.problem}. {self.fix}"
+
+    def _verb(self) -> str:
+        # One setting conflicts with the model itself (an LSTM with proj_size and 'onnx').
+        return "cannot be used together" if len(self.settings) > 1 else "cannot be used with this model"
 
 
 def conflicts(stack: "Stack") -> Iterator[Conflict]:
@@ -286,7 +290,7 @@ def _onnx_unexportable(stack: Stack, export: Any) -> Iterator[Conflict]:
                       if isinstance(module, nn.LSTM) and getattr(module, "proj_size", 0) > 0)
     if projected:
         yield Conflict(
-            (Setting("export", "formats", list(export.config.formats)), Setting("export", "module", export.config.module)),
+            (Setting("export", "formats", list(export.config.formats)),),
             f"the exported model holds the LSTM {_layers(list(projected))} with proj_size > 0, which PyTorch's"
             " ONNX exporter cannot export (\"LSTMs with projections\")",
             "Drop 'onnx' from CompressedExport(formats=...) (the packed safetensors export holds the model), or build"
