@@ -134,6 +134,9 @@ def test_stacked_run_is_recorded_in_the_offline_run(wandb_env, seeded):
     assert set(run["tables"]) == {LAYER_TABLE_KEY, "pruning/schedule_table"}
     (table,) = run["tables"][LAYER_TABLE_KEY]
     assert table["columns"] == list(LAYER_COLUMNS)
+    # Filed at the fit's last step, not at the last step a scalar happened to be logged at.
+    (logged_at,) = [row["trainer/global_step"] for row in run["history"] if LAYER_TABLE_KEY in row]
+    assert logged_at == STEPS
     rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
     assert set(rows) == set(PARAMS)
     for name, row in rows.items():

@@ -10,6 +10,7 @@ initializes it.
 
 from __future__ import annotations
 
+import inspect
 import netrc
 import os
 import re
@@ -91,7 +92,17 @@ def log_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Sequence
     for logger in trainer.loggers:
         log = getattr(logger, "log_table", None)
         if callable(log):
-            log(key=key, columns=list(columns), data=[list(row) for row in rows])
+            # At the step the table describes (WandbLogger records it as trainer/global_step);
+            # without it W&B files the table under the last step a scalar was logged at.
+            at = {"step": trainer.global_step} if _takes_step(log) else {}
+            log(key=key, columns=list(columns), data=[list(row) for row in rows], **at)
+
+
+def _takes_step(log: Callable) -> bool:
+    try:
+        return "step" in inspect.signature(log).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
 
 
 def log_line_chart(
