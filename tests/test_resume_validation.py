@@ -86,6 +86,35 @@ def test_a_checkpoint_from_before_settings_were_recorded_still_resumes(stopped):
     assert prune.sparsity == pytest.approx(0.5, abs=0.01)
 
 
+def _edit_qat(path, change):
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if k.startswith("QuantizationAware"))])
+    torch.save(checkpoint, path)
+
+
+def test_a_checkpoint_from_before_ewgs_delta_trained_with_the_plain_ste(stopped):
+    """A new user's checkpoint without the key (written before the option existed)
+    resumed with any `ewgs_delta`, silently: its run trained with the plain STE (0.0)."""
+    _edit_qat(stopped, lambda state: state["settings"].pop("ewgs_delta"))
+    with pytest.raises(ValueError, match=r"\(`ewgs_delta`: 0\.0 in the checkpoint, 0\.2 now\)"):
+        resume(stopped, pruning(), QuantizationAwareTraining("int8", start_step=4, ewgs_delta=0.2))
+    resume(stopped, pruning(), QuantizationAwareTraining("int8", start_step=4))  # as trained: continues
+
+
+def test_an_evaluation_does_not_check_a_setting_of_the_backward_alone(stopped):
+    """`ewgs_delta` changes only how training steps compute: validating the checkpoint with
+    another value measures the same model (it was refused as a "resumed run")."""
+    val = tiny_loader(batches=2, seed=3)
+    as_trained = make_trainer(callbacks=[pruning(), QuantizationAwareTraining("int8", start_step=4)]).validate(
+        TinyRegressor(), val, ckpt_path=stopped, verbose=False)
+    other = make_trainer(callbacks=[pruning(), QuantizationAwareTraining("int8", start_step=4, ewgs_delta=0.3)]).validate(
+        TinyRegressor(), val, ckpt_path=stopped, verbose=False)
+    assert other == as_trained
+    with pytest.raises(ValueError, match=r"`start_step`: 4 in the checkpoint, 6 now"):  # other settings still are
+        make_trainer(callbacks=[pruning(), QuantizationAwareTraining("int8", start_step=6)]).validate(
+            TinyRegressor(), val, ckpt_path=stopped, verbose=False)
+
+
 def test_evaluating_with_a_subset_of_the_methods_is_allowed(stopped):
     # validate/test from a checkpoint may rebuild part of the stack on purpose
     trainer = make_trainer(callbacks=[QuantizationAwareTraining("int8", start_step=4)])

@@ -65,10 +65,11 @@ class CompressionCallback(Callback):
 
     section: ClassVar[str] = ""
     config_class: ClassVar[Optional[type]] = None
-    # Config fields that shape the trained state: a resume with other values is refused.
-    resume_settings: ClassVar[Tuple[str, ...]] = ()
-    # False for a method that keeps nothing in checkpoints (the export).
-    stateful: ClassVar[bool] = True
+    resume_settings: ClassVar[Tuple[str, ...]] = ()  # config fields shaping the trained state: a resume must match
+    # Of those, added later and changing only how training steps compute: {field: the value of a
+    # checkpoint that records the others but not it}; an evaluation does not check them.
+    training_settings: ClassVar[Mapping[str, Any]] = {}
+    stateful: ClassVar[bool] = True  # False: a method that keeps nothing in checkpoints (the export)
 
     def __init__(self, *args: Any, config: Any = None, **kwargs: Any) -> None:
         cls = type(self).config_class
@@ -243,6 +244,7 @@ class CompressionCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.run_length.begin(stage)  # before a checkpoint's state, restored after setup
+        self._evaluating = stage != "fit"
         prepare_stack(trainer, pl_module, stage)
         self.install(trainer, pl_module, stage)
         if overrides_configure_model(pl_module):  # a layer it builds would come after this setup
@@ -332,7 +334,9 @@ class CompressionCallback(Callback):
         if not isinstance(saved, Mapping):
             raise ValueError(f"the checkpoint's {type(self).__name__} settings are malformed; {_FOREIGN}")
         now = self._settings()
-        changed = [f"`{k}`: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
+        saved = {**{k: plain_setting(v) for k, v in self.training_settings.items() if saved}, **saved}
+        changed = [f"`{k}`: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]
+                   and not (k in self.training_settings and getattr(self, "_evaluating", False))]
         if changed and self.is_set_up():  # every difference in one error, the installed layers' too
             self._guarded(lambda state: changed.extend(self.state_differences(state)), state)
         if changed:

@@ -170,6 +170,7 @@ class QuantizationAwareTraining(LayerCompressionCallback):
     # (The grid and `weight_range` are checked per layer, with their own messages.)
     resume_settings = ("start_step", "learn_ranges", "activations", "observer", "calibration_steps", "freeze_bn_step",
                        "init", "smoothing", "calibration_batches", "mappings", "ewgs_delta")
+    training_settings = {"ewgs_delta": 0.0}  # the backward only; 0.0 before the option existed
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
