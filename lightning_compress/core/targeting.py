@@ -347,11 +347,11 @@ def _match(target: Target, named: Iterable[Tuple[str, nn.Module]]) -> Dict[str, 
 def close_names_hint(name: str, names: Sequence[str]) -> str:
     """" Close names: ... Module names look like: ..." for an error about ``name``."""
     # Compare against whole names and their last components ("qurey" vs "query").
+    if not names:
+        return " The model has no submodules."
     pool = sorted(set(names) | {n.rsplit(".", 1)[-1] for n in names})
     close = difflib.get_close_matches(name, pool, n=5, cutoff=0.5)
     hint = f" Close names: {', '.join(close)}." if close else ""
-    if not names:
-        return " The model has no submodules."
     sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
     return f"{hint} Module names look like: {sample}"
 

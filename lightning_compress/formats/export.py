@@ -283,10 +283,6 @@ def _remove_stale_failure(out_dir: Path) -> None:
                       f" removed ({error}); remove them by hand", RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["CONFIG_FILE", "ExportReport", "ONNX_FILE", "Packing", "REPORT_FILE", "check_packing", "collect",
-           "export", "pack"]
-
-
 def _refuse_packed(model: nn.Module) -> None:
     """A model :func:`load_packed` returned holds its layers packed, which the packing
     reads as plain modules: the export passed its check and wrote a folder without them,
@@ -298,3 +294,8 @@ def _refuse_packed(model: nn.Module) -> None:
             " compressed layers, not packed ones. To move or copy an export, copy its folder; to export again,"
             " export the trained model (or load its Lightning checkpoint into the module and export that)"
         )
+
+
+__all__ = ["CONFIG_FILE", "ExportReport", "ONNX_FILE", "Packing", "REPORT_FILE", "check_packing", "collect",
+           "export", "pack"]
+

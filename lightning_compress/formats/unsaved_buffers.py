@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.notes import first_four
+from lightning_compress.formats.safetensors_stream import tensor_bytes
 
 
 def unsaved_buffer_digests(model: nn.Module) -> Dict[str, List]:
@@ -55,5 +56,4 @@ def warn_on_other_unsaved_buffers(model: nn.Module, recorded: Mapping[str, List]
 
 
 def _digest(tensor: Tensor) -> str:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
+    return hashlib.sha256(tensor_bytes(tensor.to("cpu").contiguous())).hexdigest()

@@ -182,24 +182,27 @@ class _ScaledRoundClampSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         groups, scale = ctx.saved_tensors
-        scaled = ewgs_gradient(grad, groups.to(scale.dtype), scale, ctx.low, ctx.high, ctx.delta)
-        return scaled.to(groups.dtype), None, None, None, None
+        steps, codes, inside = _codes(groups.to(scale.dtype), scale, ctx.low, ctx.high)
+        return ewgs_gradient(grad, steps.sub_(codes), inside, ctx.delta).to(groups.dtype), None, None, None, None
 
 
-def ewgs_gradient(grad: Tensor, groups: Tensor, scale: Tensor, low, high, delta: float) -> Tensor:
-    """Element-wise gradient scaling (Lee et al. 2021, EWGS): the straight-through gradient
-    of each weight times ``1 + delta * sign(g) * (x/s - round(x/s))``, zero where the code
-    is clipped. The residual is in code steps (in ``[-0.5, 0.5]``); the paper's is on its
-    ``[0, 1]`` scale of ``2^b - 1`` steps, so its delta is this one times ``2^b - 1``. The plain STE moves a weight by its gradient wherever it sits between two
-    codes; EWGS moves it further when it sits further from the rounding boundary the
-    gradient moves it toward (it has further to go to change its code), and less when it
-    sits nearer."""
+def _codes(groups: Tensor, scale: Tensor, low, high) -> tuple[Tensor, Tensor, Tensor]:
+    """``x / s``, its rounding, and where that code is inside ``[low, high]`` (not clipped)."""
     steps = groups * (1.0 / scale)
     codes = steps.round()
-    inside = codes.ge(low).logical_and_(codes.le(high))
-    residual = steps.sub_(codes)  # in [-0.5, 0.5]
-    scaled = grad * residual.mul_(grad.sign()).mul_(delta).add_(1.0)
-    return torch.where(inside, scaled, 0.0)
+    return steps, codes, codes.ge(low).logical_and_(codes.le(high))
+
+
+def ewgs_gradient(grad: Tensor, residual: Tensor, inside: Tensor, delta: float) -> Tensor:
+    """Element-wise gradient scaling (Lee et al. 2021, EWGS): the straight-through gradient
+    of each weight times ``1 + delta * sign(g) * residual``, zero where the code is clipped;
+    ``residual`` is ``x/s - round(x/s)``, in code steps (the paper's is on its ``[0, 1]``
+    scale of ``2^b - 1`` steps, so its delta is this one times ``2^b - 1``).
+
+    The plain STE moves a weight by its gradient wherever it sits between two codes; EWGS
+    moves it further when it sits further from the rounding boundary the gradient moves it
+    toward (it has further to go to change its code), and less when it sits nearer."""
+    return torch.where(inside, grad * (residual * grad.sign()).mul_(delta).add_(1.0), 0.0)
 
 
 def fake_quantize(matrix: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, *, ewgs_delta: float = 0.0
@@ -245,15 +248,12 @@ class _LearnedScaleSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         saved, scale = ctx.saved_tensors
-        groups = saved.to(scale.dtype)
-        steps = groups * (1.0 / scale)
-        codes = steps.round()
-        inside = codes.ge(ctx.low).logical_and_(codes.le(ctx.high))
+        steps, codes, inside = _codes(saved.to(scale.dtype), scale, ctx.low, ctx.high)
         # d x_hat / d s: round(x/s) - x/s inside the grid, the clamped code outside it.
         slope = torch.where(inside, codes - steps, codes.clamp_(ctx.low, ctx.high))
         grad_scale = grad.mul(slope).sum(dim=1, keepdim=True).mul_(ctx.grad_factor)
-        if ctx.delta:
-            grad_weights = ewgs_gradient(grad, groups, scale, ctx.low, ctx.high, ctx.delta)
+        if ctx.delta:  # inside the grid, where EWGS acts, the slope is minus the residual
+            grad_weights = ewgs_gradient(grad, slope.neg(), inside, ctx.delta)
         else:
             grad_weights = torch.where(inside, grad, 0.0)
         return grad_weights.to(saved.dtype), grad_scale, None, None, None, None
