@@ -44,6 +44,7 @@ ARGS = {
     "qat_trajectory.py": ["--seeds", "3"],
     "qat_finetune.py": ["--seeds", "3"],
     "qat_ewgs.py": ["--seeds", "5"],
+    "qat_averaging.py": ["--seeds", "5"],
 }
 NOISE_NOTE = (
     "On this 2-core shared machine, repeated runs of the same overhead benchmark moved by up"

@@ -14,7 +14,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
-from lightning_compress.callbacks.compatibility import settle_layers
+from lightning_compress.callbacks.compatibility import check_weight_averaging, settle_layers
 from lightning_compress.callbacks.hooks import after_configure_model, overrides_configure_model
 from lightning_compress.core.attention import out_proj_owner
 from lightning_compress.core.incompatible import LayerIssue
@@ -157,6 +157,7 @@ class LoRA(CompressionCallback):
     @override
     def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _wrap_on_load_checkpoint(pl_module, self._before_model_load)
+        check_weight_averaging(trainer, self, stage)
         if self._in_place(pl_module):
             return  # a later validate/test/fit of the same model
         if self._merged and self._module is pl_module and stage != "fit":
