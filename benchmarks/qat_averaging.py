@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
+from statistics import mean
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging
@@ -40,7 +40,7 @@ EWGS = 0.25
 
 
 class ScaleLearningRate(pl.Callback):
-    """From ``from_step`` on, every optimizer's learning rate is its scheduler's value
+    """From ``from_step`` on, each scheduled optimizer's learning rate is its scheduler's value
     times ``factor`` (set again before each step, so the scheduler's own state is kept and
     a resume restores it)."""
 
@@ -50,8 +50,8 @@ class ScaleLearningRate(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step < self.from_step:
             return
-        for config, optimizer in zip(trainer.lr_scheduler_configs, trainer.optimizers):
-            for group, rate in zip(optimizer.param_groups, config.scheduler.get_last_lr()):
+        for config in trainer.lr_scheduler_configs:  # LambdaLR: get_last_lr is the schedule's own value
+            for group, rate in zip(config.scheduler.optimizer.param_groups, config.scheduler.get_last_lr()):
                 group["lr"] = rate * self.factor
 
 
@@ -92,9 +92,6 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
     seeds = [one_seed(seed) for seed in range(args.seeds)]
-
-    def mean(values):
-        return statistics.mean(values)
 
     print(f"# Weight averaging stacked on QAT: char LM d=64, int4 g32, mse ranges, QAT from step {LATER_START}"
           f" to {BASE_STEPS + EXTRA_STEPS}, {args.seeds} seeds; {machine()}")

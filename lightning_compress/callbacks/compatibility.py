@@ -5,8 +5,8 @@ Each callback checks its own arguments when it is built. What fails only on a gi
 it, N:M blocks that do not fit it, a grouped convolution LoRA cannot adapt) or only in
 combination (one callback's setting that another cannot honour on the same layer, the
 rules of :mod:`~lightning_compress.callbacks.conflicts`) is checked here, from two entry
-points, reading the callbacks through their public API only (this module imports no
-callback):
+points, reading the callbacks through their public API only (this module imports none of this
+package's callbacks):
 
 - :func:`prepare_stack`, first thing in every compression callback's ``setup``: the first
   callback to set up examines the whole stack on the model, before any callback has
@@ -158,26 +158,27 @@ def check_weight_averaging(trainer: Any, lora: Any, stage: str) -> None:
     ``copy.deepcopy``) and from then on pairs the copy's parameters with the model's by
     position. QAT, pruning and distillation leave the model's parameters as they are, so
     they stack with it in any order; LoRA adds parameters, so it must set up first, and its
-    NF4 base cannot be copied that way (torchao's NF4 ``deepcopy`` quantizes the weight
-    again with its default block sizes: an error, or another frozen base, copied back over
-    this one at the end of fit).
+    NF4 base cannot be averaged (torchao's NF4 ``deepcopy`` quantizes the weight again with
+    its default block sizes, which fails where they do not divide it, and NF4 tensors have
+    no arithmetic for the average's first update where they do).
 
     Raises:
         IncompatibleSettings: naming the two callbacks, their positions and the fix.
     """
+    if stage != "fit":  # it averages only while fitting
+        return
     callbacks = list(trainer.callbacks)
     averaging = [(i, cb) for i, cb in enumerate(callbacks) if isinstance(cb, WeightAveraging)]
-    if stage != "fit" or not averaging:  # it averages only while fitting
+    if not averaging:
         return
     here = next((i for i, cb in enumerate(callbacks) if cb is lora), len(callbacks))
     index, found = averaging[0]
     named = f"Lightning's {type(found).__name__} (callbacks[{index}])"
     if lora.config.base == "nf4":
         raise IncompatibleSettings(
-            f"LoRA(base='nf4') (callbacks[{here}]) cannot train with {named}: the averaged copy of the model is made"
-            " with copy.deepcopy, which quantizes torchao's NF4 base weights again with the default block sizes (an"
-            " error, or a different frozen base copied back over this one at the end of fit). Remove the weight"
-            " averaging callback, or use LoRA(base='float')")
+            f"LoRA(base='nf4') (callbacks[{here}]) cannot train with {named}: it cannot average torchao's NF4 base"
+            " weights (copy.deepcopy quantizes them again with the default block sizes, and NF4 tensors have no"
+            " arithmetic for the average's update). Remove the weight averaging callback, or use LoRA(base='float')")
     if index < here:
         raise IncompatibleSettings(
             f"{named} copies the model in its setup, before LoRA (callbacks[{here}]) adds its adapters in its own, and"

@@ -156,8 +156,8 @@ class LoRA(CompressionCallback):
     # ------------------------------------------------------------------ hooks
     @override
     def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        check_weight_averaging(trainer, self, stage)  # before anything is done to the model
         _wrap_on_load_checkpoint(pl_module, self._before_model_load)
-        check_weight_averaging(trainer, self, stage)
         if self._in_place(pl_module):
             return  # a later validate/test/fit of the same model
         if self._merged and self._module is pl_module and stage != "fit":
