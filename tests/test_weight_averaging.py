@@ -1,17 +1,20 @@
-"""Lightning's weight averaging (``EMAWeightAveraging``) stacked with the compression callbacks.
+"""Lightning's weight averaging (``EMAWeightAveraging``, ``StochasticWeightAveraging``)
+stacked with the compression callbacks.
 
-``WeightAveraging`` copies the model in its ``setup`` and pairs the copy's parameters with
-the model's by position. QAT and pruning keep the model's parameters, so the average is of
-the latent (raw) weights, the masks and fake quantization act on it, the export packs it,
-and a resume restores it exactly. LoRA adds parameters and must set up first; its NF4 base
-cannot be copied by ``copy.deepcopy``: both refused before training, in any order.
+Both copy the model in their ``setup`` and pair the copy's parameters with the model's by
+position. QAT and pruning keep the model's parameters, so the average is of the latent
+(raw) weights, the masks and fake quantization act on it, the export packs it, and a
+resume restores it exactly. LoRA adds parameters and must set up first (unless its
+adapters are on the model already); its NF4 base cannot be copied by ``copy.deepcopy``;
+and the copy goes into every checkpoint whole, so adapter-only checkpoints cannot be
+kept: all refused before training, in any order.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, StochasticWeightAveraging
 
 from lightning_compress import (
     CompressedExport,
@@ -81,7 +84,8 @@ def test_the_average_is_of_the_latent_weights_and_compression_acts_on_it(tmp_pat
         assert torch.equal(loaded(x), model.eval()(x))
 
 
-def test_resume_restores_the_average_exactly(tmp_path, seeded):
+@pytest.mark.parametrize("averaging", ["ema", "swa"])
+def test_resume_restores_the_average_exactly(averaging, tmp_path, seeded):
     torch.manual_seed(0)
     initial = {k: v.clone() for k, v in TinyRegressor().state_dict().items()}
 
@@ -89,39 +93,122 @@ def test_resume_restores_the_average_exactly(tmp_path, seeded):
         model = TinyRegressor()
         model.load_state_dict(initial)
         torch.manual_seed(1)
-        averaging = EMAWeightAveraging(decay=DECAY, update_starting_at_step=FROM_STEP)
-        trainer = make_trainer(max_epochs=3, callbacks=[*compression(), averaging, *extra])
+        average = (EMAWeightAveraging(decay=DECAY, update_starting_at_step=FROM_STEP) if averaging == "ema"
+                   else StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=2))
+        trainer = make_trainer(max_epochs=3, callbacks=[*compression(), average, *extra])
         trainer.fit(model, tiny_loader(batches=4), ckpt_path=ckpt_path)
         return model
 
     reference = run()
     checkpoint = tmp_path / "mid.ckpt"
-    run([StopAfterEpoch(1, checkpoint)])  # 8 steps: the average has taken 2 of them
+    run([StopAfterEpoch(1, checkpoint)])  # 8 steps: EMA has taken 2 of them, SWA the weights of epoch 0
     resumed = run(ckpt_path=checkpoint)
     saved = torch.load(checkpoint, weights_only=True)
-    assert "current_model_state" in saved  # the checkpoint held both the model and its average
+    if averaging == "ema":  # the checkpoint held both the model and its average
+        assert "current_model_state" in saved
+    else:
+        (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("StochasticWeightAveraging")]
+        assert state["n_averaged"] == 1 and state["average_model_state"] is not None
     for key, value in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
 
 
+AVERAGING = {"ema": lambda: EMAWeightAveraging(decay=DECAY), "swa": lambda: StochasticWeightAveraging(swa_lrs=1e-2)}
+
+
+@pytest.mark.parametrize("averaging", sorted(AVERAGING))
 @pytest.mark.parametrize("order", ["averaging first", "lora first"])
-def test_qlora_is_refused_before_training(order, seeded):
+def test_qlora_is_refused_before_training(order, averaging, seeded):
     lora = LoRA(r=2, base="nf4", target_modules=["fc1"], nf4_block_size=32, nf4_scaler_block_size=16)
-    callbacks = [EMAWeightAveraging(decay=DECAY), lora]
+    callbacks = [AVERAGING[averaging](), lora]
     model = TinyRegressor()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = make_trainer(callbacks=callbacks if order == "averaging first" else callbacks[::-1], max_steps=4)
-    with pytest.raises(IncompatibleSettings, match=r"LoRA\(base='nf4'\).*EMAWeightAveraging.*use LoRA\(base='float'\)"):
+    name = type(callbacks[0]).__name__
+    with pytest.raises(IncompatibleSettings, match=rf"LoRA\(base='nf4'\).*{name}.*use LoRA\(base='float'\)"):
         trainer.fit(model, tiny_loader(batches=4))
     assert trainer.global_step == 0
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-def test_lora_after_the_averaging_callback_is_refused_with_the_order_that_works(seeded):
-    trainer = make_trainer(callbacks=[EMAWeightAveraging(decay=DECAY), LoRA(r=2, target_modules=["fc1"])], max_steps=4)
+def test_qlora_validated_with_swa_listed_after_it_is_refused(seeded):
+    """``StochasticWeightAveraging`` copies the model in every stage, so the NF4 base LoRA
+    adds before it is copied in a validation too (torchao's ``deepcopy`` would fail)."""
+    lora = LoRA(r=2, base="nf4", target_modules=["fc1"], nf4_block_size=32, nf4_scaler_block_size=16)
+    trainer = make_trainer(callbacks=[lora, StochasticWeightAveraging(swa_lrs=1e-2)])
+    with pytest.raises(IncompatibleSettings, match=r"LoRA\(base='nf4'\) \(callbacks\[0\]\).*StochasticWeightAveraging"):
+        trainer.validate(TinyRegressor(), tiny_loader(batches=2))
+
+
+@pytest.mark.parametrize("averaging", sorted(AVERAGING))
+def test_lora_after_the_averaging_callback_is_refused_with_the_order_that_works(averaging, seeded):
+    trainer = make_trainer(callbacks=[AVERAGING[averaging](), LoRA(r=2, target_modules=["fc1"])], max_steps=4)
     with pytest.raises(IncompatibleSettings, match=r"callbacks\[0\].*LoRA \(callbacks\[1\]\).*Put LoRA before"):
         trainer.fit(TinyRegressor(), tiny_loader(batches=4))
     assert trainer.global_step == 0
+
+
+class LoRAFromTheModule(TinyRegressor):
+    """A module that returns its callbacks from ``configure_callbacks``: Lightning puts them
+    after the Trainer's, in the order returned."""
+
+    def __init__(self, averaging_too: bool) -> None:
+        super().__init__()
+        self.averaging_too = averaging_too
+
+    def configure_callbacks(self):
+        lora = LoRA(r=2, target_modules=["fc1"], merge_on_fit_end=False)
+        return [lora, EMAWeightAveraging(decay=DECAY)] if self.averaging_too else [lora]
+
+
+def test_lora_from_configure_callbacks_is_refused_with_a_fix_that_can_be_followed(seeded):
+    trainer = make_trainer(callbacks=[EMAWeightAveraging(decay=DECAY)], max_steps=4)
+    with pytest.raises(IncompatibleSettings, match=r"configure_callbacks.*return EMAWeightAveraging from there too, after LoRA"):
+        trainer.fit(LoRAFromTheModule(averaging_too=False), tiny_loader(batches=4))
+    # the fix the message names: both from configure_callbacks (it replaces the Trainer's own)
+    model = LoRAFromTheModule(averaging_too=True)
+    trainer = make_trainer(callbacks=[EMAWeightAveraging(decay=DECAY)], max_steps=4)
+    trainer.fit(model, tiny_loader(batches=4))
+    assert trainer.global_step == 4 and not torch.equal(model.fc1.lora_B.detach(), torch.zeros_like(model.fc1.lora_B))
+
+
+@pytest.mark.parametrize("averaging", sorted(AVERAGING))
+def test_adapter_only_checkpoints_with_weight_averaging_are_refused(averaging, seeded):
+    """The averaging callback saves its whole copy of the model in every checkpoint; with
+    ``EMAWeightAveraging`` a resume then failed inside Lightning's strict load."""
+    lora = LoRA(r=2, target_modules=["fc1"], adapter_only_checkpoints=True)
+    trainer = make_trainer(callbacks=[lora, AVERAGING[averaging]()], max_steps=4)
+    with pytest.raises(IncompatibleSettings, match=r"adapter_only_checkpoints=True.*Set adapter_only_checkpoints=False"):
+        trainer.fit(TinyRegressor(), tiny_loader(batches=4))
+    assert trainer.global_step == 0
+
+
+def test_swa_averages_the_latent_weights_and_compression_acts_on_it(tmp_path, seeded):
+    """``StochasticWeightAveraging``: the equal-weight average of the raw weights at the
+    start of each epoch from ``swa_epoch_start`` on (1-based: 2 is the second epoch, whose
+    start holds the weights the first one trained) replaces them at the end of fit."""
+
+    class RecordAtEpochStart(Callback):
+        def __init__(self) -> None:
+            self.epochs = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch >= 1:
+                self.epochs.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    model, recorder = TinyRegressor(), RecordAtEpochStart()
+    swa, export = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=2), CompressedExport(tmp_path / "packed")
+    make_trainer(callbacks=[*compression(), swa, recorder, export], max_epochs=4).fit(model, tiny_loader(batches=4))
+    assert len(recorder.epochs) == 3
+    for name, parameter in model.named_parameters():
+        expected = sum(epoch[name] for epoch in recorder.epochs) / len(recorder.epochs)
+        torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-6)
+    assert export.report.parity.passed and export.report.parity.weights_exact
+    loaded = load_packed(tmp_path / "packed", TinyRegressor())
+    for name, q in quantized_weights(model).items():
+        assert int((q.dequantize() == 0).sum()) >= q.codes.numel() // 2
+        assert int(q.codes.abs().max()) <= 8
+        assert torch.equal(loaded.get_submodule(name).weight, q.dequantize())
 
 
 def test_lora_before_the_averaging_callback_averages_the_adapters(seeded):
@@ -143,3 +230,16 @@ def test_validate_with_lora_after_the_averaging_callback_is_not_refused(seeded):
     trainer = make_trainer(callbacks=[EMAWeightAveraging(decay=DECAY), LoRA(r=2, target_modules=["fc1"])])
     (metrics,) = trainer.validate(TinyRegressor(), tiny_loader(batches=2, seed=1))
     assert metrics["val/loss"] > 0
+
+
+def test_a_refit_with_the_adapters_in_place_averages_them_in_any_order(seeded):
+    """A second fit of a model whose adapters an earlier fit added: the averaging callback
+    copies them with the model, so its place in the list does not matter."""
+    model, lora = TinyRegressor(), LoRA(r=2, target_modules=["fc1"], merge_on_fit_end=False)
+    make_trainer(callbacks=[lora], max_steps=4).fit(model, tiny_loader(batches=4))
+    recorder = RecordRawWeights()
+    averaging = EMAWeightAveraging(decay=DECAY, update_starting_at_step=FROM_STEP)
+    make_trainer(callbacks=[averaging, lora, recorder], max_steps=10).fit(model, tiny_loader())
+    expected = hand_ema(recorder.steps)
+    for name in ("fc1.lora_A", "fc1.lora_B"):
+        torch.testing.assert_close(model.get_parameter(name).detach(), expected[name], rtol=0, atol=1e-6)

@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -148,42 +147,6 @@ def check_quantization_trains(trainer: Any, qat: Any, start: int, total: float) 
             " or `smoothing`, leave room for `calibration_batches` before it, or lower them), or train for more steps",
         )
         raise IncompatibleSettings(conflict.for_callbacks(_class_names(trainer.callbacks)))
-
-
-def check_weight_averaging(trainer: Any, lora: Any, stage: str) -> None:
-    """From LoRA's ``setup``, before it adds its adapters: refuse a Lightning
-    ``WeightAveraging`` callback (``EMAWeightAveraging``) that cannot average this model.
-
-    ``WeightAveraging`` copies the model in its own ``setup`` (``AveragedModel``, a
-    ``copy.deepcopy``) and from then on pairs the copy's parameters with the model's by
-    position. QAT, pruning and distillation leave the model's parameters as they are, so
-    they stack with it in any order; LoRA adds parameters, so it must set up first, and its
-    NF4 base cannot be averaged (torchao's NF4 ``deepcopy`` quantizes the weight again with
-    its default block sizes, which fails where they do not divide it, and NF4 tensors have
-    no arithmetic for the average's first update where they do).
-
-    Raises:
-        IncompatibleSettings: naming the two callbacks, their positions and the fix.
-    """
-    if stage != "fit":  # it averages only while fitting
-        return
-    callbacks = list(trainer.callbacks)
-    averaging = [(i, cb) for i, cb in enumerate(callbacks) if isinstance(cb, WeightAveraging)]
-    if not averaging:
-        return
-    here = next((i for i, cb in enumerate(callbacks) if cb is lora), len(callbacks))
-    index, found = averaging[0]
-    named = f"Lightning's {type(found).__name__} (callbacks[{index}])"
-    if lora.config.base == "nf4":
-        raise IncompatibleSettings(
-            f"LoRA(base='nf4') (callbacks[{here}]) cannot train with {named}: it cannot average torchao's NF4 base"
-            " weights (copy.deepcopy quantizes them again with the default block sizes, and NF4 tensors have no"
-            " arithmetic for the average's update). Remove the weight averaging callback, or use LoRA(base='float')")
-    if index < here:
-        raise IncompatibleSettings(
-            f"{named} copies the model in its setup, before LoRA (callbacks[{here}]) adds its adapters in its own, and"
-            " then pairs the two models' parameters by position, so the adapters would be averaged with other"
-            f" parameters. Put LoRA before {type(found).__name__} in the Trainer's `callbacks`")
 
 
 # ---------------------------------------------------------------------- the examination
@@ -439,6 +402,5 @@ __all__ = [
     "settle_layers",
     "check_recipe",
     "check_quantization_trains",
-    "check_weight_averaging",
     "examine",
 ]

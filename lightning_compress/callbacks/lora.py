@@ -13,8 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.callbacks.averaging import check_weight_averaging
 from lightning_compress.callbacks.base import CompressionCallback
-from lightning_compress.callbacks.compatibility import check_weight_averaging, settle_layers
+from lightning_compress.callbacks.compatibility import settle_layers
 from lightning_compress.callbacks.hooks import after_configure_model, overrides_configure_model
 from lightning_compress.core.attention import out_proj_owner
 from lightning_compress.core.incompatible import LayerIssue
@@ -26,13 +27,8 @@ from lightning_compress.formats.peft import load_adapters, read_adapter_config, 
 from lightning_compress.formats.peft_attention import peft_unpaired
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter, adapter_of, check_on_model
 from lightning_compress.lora.config import LoRAConfig
-from lightning_compress.lora.inject import (
-    check_nf4_shardable,
-    inject_adapters,
-    merge_into,
-    parameter_counts,
-    select_adapter_layers,
-)
+from lightning_compress.lora.inject import (check_nf4_shardable, inject_adapters, merge_into, parameter_counts,
+                                             select_adapter_layers)
 from lightning_compress.quant.nf4 import is_nf4, nf4_sharding_issue, tensor_digest
 
 
@@ -156,7 +152,7 @@ class LoRA(CompressionCallback):
     # ------------------------------------------------------------------ hooks
     @override
     def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_weight_averaging(trainer, self, stage)  # before anything is done to the model
+        check_weight_averaging(trainer, self, stage, in_place=self._in_place(pl_module))  # before anything is done
         _wrap_on_load_checkpoint(pl_module, self._before_model_load)
         if self._in_place(pl_module):
             return  # a later validate/test/fit of the same model
