@@ -12,12 +12,16 @@ kept: all refused before training, in any order.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, StochasticWeightAveraging
 
 from lightning_compress import (
     CompressedExport,
+    KnowledgeDistillation,
     LoRA,
     MagnitudePruning,
     QuantizationAwareTraining,
@@ -131,19 +135,30 @@ def test_qlora_is_refused_before_training(order, averaging, seeded):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-def test_qlora_validated_with_swa_listed_after_it_is_refused(seeded):
-    """``StochasticWeightAveraging`` copies the model in every stage, so the NF4 base LoRA
-    adds before it is copied in a validation too (torchao's ``deepcopy`` would fail)."""
-    lora = LoRA(r=2, base="nf4", target_modules=["fc1"], nf4_block_size=32, nf4_scaler_block_size=16)
-    trainer = make_trainer(callbacks=[lora, StochasticWeightAveraging(swa_lrs=1e-2)])
-    with pytest.raises(IncompatibleSettings, match=r"LoRA\(base='nf4'\) \(callbacks\[0\]\).*StochasticWeightAveraging"):
-        trainer.validate(TinyRegressor(), tiny_loader(batches=2))
+class WideLinear(TinyRegressor):
+    """fc1 64 -> 256: 16384 weights, which torchao's default NF4 blocks (64, in groups of
+    256) divide, so its ``deepcopy`` (which quantizes again with them) works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 256), nn.Linear(256, 8)
+
+
+@pytest.mark.parametrize("averaging", sorted(AVERAGING))
+def test_qlora_validates_beside_either_averaging_callback(averaging, seeded):
+    """Outside fit nothing is averaged: EMA copies nothing, SWA copies the QLoRA model and
+    leaves the copy unused, so the validation is the one without the callback."""
+    model, loader = WideLinear(), tiny_loader(batches=2, seed=1)
+    lora = LoRA(r=2, base="nf4", target_modules=["fc1"])
+    (alone,) = make_trainer(callbacks=[lora]).validate(model, loader)
+    (beside,) = make_trainer(callbacks=[lora, AVERAGING[averaging]()]).validate(model, loader)
+    assert beside["val/loss"] == alone["val/loss"]
 
 
 @pytest.mark.parametrize("averaging", sorted(AVERAGING))
 def test_lora_after_the_averaging_callback_is_refused_with_the_order_that_works(averaging, seeded):
     trainer = make_trainer(callbacks=[AVERAGING[averaging](), LoRA(r=2, target_modules=["fc1"])], max_steps=4)
-    with pytest.raises(IncompatibleSettings, match=r"callbacks\[0\].*LoRA \(callbacks\[1\]\).*Put LoRA before"):
+    with pytest.raises(IncompatibleSettings, match=r"callbacks\[0\].*LoRA \(callbacks\[1\]\).*List LoRA before"):
         trainer.fit(TinyRegressor(), tiny_loader(batches=4))
     assert trainer.global_step == 0
 
@@ -232,14 +247,162 @@ def test_validate_with_lora_after_the_averaging_callback_is_not_refused(seeded):
     assert metrics["val/loss"] > 0
 
 
-def test_a_refit_with_the_adapters_in_place_averages_them_in_any_order(seeded):
-    """A second fit of a model whose adapters an earlier fit added: the averaging callback
-    copies them with the model, so its place in the list does not matter."""
+@pytest.mark.parametrize("instance", ["same LoRA", "new LoRA"])
+def test_a_refit_with_the_adapters_in_place_averages_them_in_any_order(instance, seeded):
+    """A second fit of a model whose adapters an earlier fit added (the same callback, or a
+    new one that takes them over): the averaging callback copies them with the model, so
+    its place in the list does not matter."""
     model, lora = TinyRegressor(), LoRA(r=2, target_modules=["fc1"], merge_on_fit_end=False)
     make_trainer(callbacks=[lora], max_steps=4).fit(model, tiny_loader(batches=4))
+    names = [n for n, _ in model.named_parameters()]
+    if instance == "new LoRA":
+        lora = LoRA(r=2, target_modules=["fc1"], merge_on_fit_end=False)
     recorder = RecordRawWeights()
     averaging = EMAWeightAveraging(decay=DECAY, update_starting_at_step=FROM_STEP)
     make_trainer(callbacks=[averaging, lora, recorder], max_steps=10).fit(model, tiny_loader())
+    assert [n for n, _ in model.named_parameters()] == names
     expected = hand_ema(recorder.steps)
     for name in ("fc1.lora_A", "fc1.lora_B"):
         torch.testing.assert_close(model.get_parameter(name).detach(), expected[name], rtol=0, atol=1e-6)
+
+
+class BuiltInConfigureModel(TinyRegressor):
+    """Overrides ``configure_model`` (a no-op), so LoRA adds its adapters after it."""
+
+    def configure_model(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("order", ["averaging first", "lora first"])
+def test_swa_with_adapters_added_after_configure_model_is_refused_in_any_order(order, seeded):
+    """SWA copies in its setup, before ``configure_model``: its copy would lack the adapters
+    (targeting the last layer, the positional pairing then silently skipped them)."""
+    callbacks = [StochasticWeightAveraging(swa_lrs=1e-2), LoRA(r=2, target_modules=["fc2"])]
+    trainer = make_trainer(callbacks=callbacks if order == "averaging first" else callbacks[::-1], max_epochs=3)
+    with pytest.raises(IncompatibleSettings, match=r"before `configure_model`.*Use Lightning's WeightAveraging\(\)"):
+        trainer.fit(BuiltInConfigureModel(), tiny_loader(batches=4))
+    assert trainer.global_step == 0
+
+
+def test_ema_after_lora_averages_adapters_added_after_configure_model(seeded):
+    """The fix that message names: ``WeightAveraging`` calls ``configure_model`` (and so
+    LoRA's injection) before it copies."""
+    model, recorder = BuiltInConfigureModel(), RecordRawWeights()
+    callbacks = [LoRA(r=2, target_modules=["fc2"], merge_on_fit_end=False),
+                 EMAWeightAveraging(decay=DECAY, update_starting_at_step=FROM_STEP), recorder]
+    make_trainer(callbacks=callbacks, max_steps=10).fit(model, tiny_loader())
+    expected = hand_ema(recorder.steps)
+    for name in ("fc2.lora_A", "fc2.lora_B"):
+        torch.testing.assert_close(model.get_parameter(name).detach(), expected[name], rtol=0, atol=1e-6)
+
+
+def _fit_with_checkpoint(tmp_path, callbacks):
+    model = TinyRegressor()
+    trainer = make_trainer(callbacks=callbacks, max_epochs=3)
+    trainer.fit(model, tiny_loader(batches=4))
+    trainer.save_checkpoint(tmp_path / "fit.ckpt")
+    return model, trainer
+
+
+def test_evaluating_a_swa_checkpoint_with_swa_listed_before_lora_is_refused(tmp_path, seeded):
+    """SWA copies the model in every stage and loads the checkpoint's average into its copy:
+    listed before LoRA, its copy lacks the adapters (Lightning's strict load failed)."""
+    _fit_with_checkpoint(tmp_path, [LoRA(r=2, target_modules=["fc1"]), StochasticWeightAveraging(swa_lrs=1e-2)])
+    loader = tiny_loader(batches=2, seed=1)
+    for order, refused in (("lora first", False), ("averaging first", True)):
+        callbacks = [LoRA(r=2, target_modules=["fc1"]), StochasticWeightAveraging(swa_lrs=1e-2)]
+        trainer = make_trainer(callbacks=callbacks if order == "lora first" else callbacks[::-1])
+        if refused:
+            with pytest.raises(IncompatibleSettings, match=r"callbacks\[0\].*List LoRA before StochasticWeightAveraging"):
+                trainer.validate(TinyRegressor(), loader, ckpt_path=tmp_path / "fit.ckpt")
+        else:
+            (metrics,) = trainer.validate(TinyRegressor(), loader, ckpt_path=tmp_path / "fit.ckpt")
+            assert metrics["val/loss"] > 0
+    # without a checkpoint to load, SWA's copy is never used outside fit: any order validates
+    trainer = make_trainer(callbacks=[StochasticWeightAveraging(swa_lrs=1e-2), LoRA(r=2, target_modules=["fc1"])])
+    (metrics,) = trainer.validate(TinyRegressor(), loader)
+    assert metrics["val/loss"] > 0
+
+
+def test_validating_after_the_merge_ignores_the_averages_stale_copy(seeded):
+    """EMA swaps its copy in at every validation, even after the fit; once LoRA has merged
+    the adapters the copy no longer pairs with the model (shapes failed, or other tensors
+    were evaluated in silence), so the validation is that of the merged model alone."""
+    model, loader = TinyRegressor(), tiny_loader(batches=2, seed=1)
+    lora = LoRA(r=2, target_modules=["fc1"], merge_on_fit_end=True)
+    trainer = make_trainer(callbacks=[lora, EMAWeightAveraging(decay=0.5)], max_steps=8)
+    trainer.fit(model, tiny_loader(batches=4))
+    assert not any("lora_" in n for n, _ in model.named_parameters())  # merged
+    (same_trainer,) = trainer.validate(model, loader)
+    (fresh_trainer,) = make_trainer().validate(model, loader)
+    assert same_trainer["val/loss"] == fresh_trainer["val/loss"]
+
+
+@pytest.mark.parametrize("averaging", ["none", "swa"])
+def test_a_merged_model_evaluates_a_checkpoint_that_holds_its_adapters(averaging, tmp_path, seeded):
+    """``trainer.test(ckpt_path=...)`` after a fit that merged: the checkpoint holds the
+    adapters, so they are put back for it (Lightning's strict load failed on them)."""
+    extra = [StochasticWeightAveraging(swa_lrs=1e-2)] if averaging == "swa" else []
+    lora = LoRA(r=2, target_modules=["fc1"], merge_on_fit_end=False)
+    model, trainer = _fit_with_checkpoint(tmp_path, [lora, *extra])
+    loader = tiny_loader(batches=2, seed=1)
+    (adapted,) = trainer.validate(model, loader)
+    lora.merge()
+    (merged,) = trainer.validate(model, loader)
+    (restored,) = trainer.validate(model, loader, ckpt_path=tmp_path / "fit.ckpt")
+    assert {n for n, _ in model.named_parameters() if "lora_" in n} == {"fc1.lora_A", "fc1.lora_B"}
+    assert restored["val/loss"] == pytest.approx(adapted["val/loss"], rel=1e-6)
+    assert merged["val/loss"] == pytest.approx(adapted["val/loss"], rel=1e-5)
+
+
+def test_the_same_lora_on_a_copy_of_its_model_acts_on_the_copy(seeded):
+    """A ``copy.deepcopy`` of an adapted model carries the adapters' marks; the callback
+    that fits the copy must then merge (and save) the copy's adapters, not the original's."""
+    original, lora = TinyRegressor(), LoRA(r=2, target_modules=["fc1"], merge_on_fit_end=False)
+    make_trainer(callbacks=[lora], max_steps=4).fit(original, tiny_loader(batches=4))
+    twin = copy.deepcopy(original)
+    make_trainer(callbacks=[lora], max_steps=4).fit(twin, tiny_loader(batches=4, seed=3))
+    assert not torch.equal(twin.fc1.lora_B.detach(), original.fc1.lora_B.detach())
+    lora.merge()
+    assert not any("lora_" in n for n, _ in twin.named_parameters())
+    assert {n for n, _ in original.named_parameters() if "lora_" in n} == {"fc1.lora_A", "fc1.lora_B"}
+
+
+class WithBatchNorm(TinyRegressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv(x))).flatten(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+@pytest.mark.parametrize("model_class", [WithBatchNorm, TinyRegressor])
+def test_swa_with_qat_freezing_batch_norm_is_refused_on_a_model_with_batch_norm(model_class, seeded):
+    """SWA recomputes the BatchNorm statistics in an extra epoch in train mode; QAT's
+    ``freeze_bn_step`` keeps BatchNorm in eval mode, which left them at mean 0, variance 1."""
+    qat = QuantizationAwareTraining("int8", start_step=0, freeze_bn_step=2)
+    model = model_class()
+    trainer = make_trainer(callbacks=[qat, StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=2)], max_epochs=3)
+    if model_class is TinyRegressor:  # no BatchNorm: nothing to recompute
+        trainer.fit(model, tiny_loader(batches=4))
+        assert trainer.global_step == 12
+        return
+    with pytest.raises(IncompatibleSettings, match=r"freeze_bn_step=2.*Set freeze_bn_step=None, or use EMAWeightAveraging"):
+        trainer.fit(model, tiny_loader(batches=4))
+    assert trainer.global_step == 0
+
+
+def test_distillation_stacks_with_ema(seeded):
+    """The teacher is not a parameter of the model, so the average is of the student's
+    latent weights alone."""
+    model, recorder = TinyRegressor(), RecordRawWeights()
+    teacher = TinyRegressor()
+    kd = KnowledgeDistillation(teacher, loss="mse", alpha=0.5)
+    callbacks = [kd, *compression(), EMAWeightAveraging(decay=DECAY, update_starting_at_step=FROM_STEP), recorder]
+    make_trainer(callbacks=callbacks, max_steps=10).fit(model, tiny_loader())
+    expected = hand_ema(recorder.steps)
+    assert set(expected) == {n for n, _ in TinyRegressor().named_parameters()}
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), expected[name], rtol=0, atol=1e-6)

@@ -1,62 +1,124 @@
 """Lightning's weight averaging callbacks beside LoRA: the combinations that cannot train,
-refused before LoRA touches the model.
+refused before LoRA touches the model, and the stale copy a merge leaves behind.
 
 Lightning's ``WeightAveraging`` (``EMAWeightAveraging``) and ``StochasticWeightAveraging``
-copy the model in their own ``setup`` (``copy.deepcopy``; ``WeightAveraging`` only when
-fitting, ``StochasticWeightAveraging`` in every stage) and then pair the copy's parameters
-with the model's by position. QAT, pruning and distillation leave the model's parameters
-as they are, so they stack with either in any order. LoRA adds parameters, so the copy
-must be made after its adapters exist; its NF4 base cannot be copied or averaged; and the
-copy goes into every checkpoint whole, so the checkpoint cannot hold only the adapters.
+copy the model in their own ``setup`` (``copy.deepcopy``) and then pair the copy's
+parameters with the model's by position:
+
+- ``WeightAveraging`` copies only when fitting, after calling ``configure_model`` itself
+  (which runs LoRA's injection where LoRA waits for it), and swaps the copy in at every
+  validation, even after the fit;
+- ``StochasticWeightAveraging`` copies in every stage, before ``configure_model``, and
+  loads the average a checkpoint holds into its copy in every stage.
+
+QAT, pruning and distillation leave the model's parameters as they are, so they stack
+with either in any order. LoRA adds parameters, so the copy must be made after its
+adapters exist; its NF4 base cannot be averaged; and the copy goes into every checkpoint
+whole, so the checkpoint cannot hold only the adapters.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from lightning_compress.callbacks.compatibility import IncompatibleSettings
+from lightning_compress.lora.adapter import adapter_of
 
-AVERAGING = (WeightAveraging, StochasticWeightAveraging)
 
-
-def check_weight_averaging(trainer: Any, lora: Any, stage: str, *, in_place: bool) -> None:
+def check_weight_averaging(trainer: Any, lora: Any, pl_module: nn.Module, stage: str, *, in_place: bool,
+                           deferred: bool) -> None:
     """From LoRA's ``setup``, before it adds its adapters: refuse an averaging callback
-    that cannot copy or average the model LoRA adapts. ``in_place``: the adapters (and NF4
-    bases) are on the model already, from an earlier fit, so any copy holds them.
+    that cannot copy or average the model LoRA adapts. ``in_place``: LoRA's adapters are on
+    the model already, from an earlier fit; ``deferred``: LoRA adds them after the module's
+    ``configure_model``.
 
     Raises:
         IncompatibleSettings: naming the two callbacks, their positions and the fix.
     """
     callbacks = list(trainer.callbacks)
     here = next((i for i, cb in enumerate(callbacks) if cb is lora), len(callbacks))
+    layers = lora.selected_layers(pl_module) or {}
+    # Adapters another LoRA callback left on these layers are taken over, not added.
+    adds = not in_place and (deferred or any(adapter_of(layer) is None for layer in layers.values()))
     for index, found in enumerate(callbacks):
-        if not isinstance(found, AVERAGING) or not (stage == "fit" or isinstance(found, StochasticWeightAveraging)):
-            continue  # no averaging callback, or one that copies nothing in this stage
+        if not isinstance(found, (WeightAveraging, StochasticWeightAveraging)):
+            continue
+        swa = isinstance(found, StochasticWeightAveraging)
         name = type(found).__name__
         named = f"Lightning's {name} (callbacks[{index}])"
-        copies_the_adapted_model = in_place or index > here
-        if lora.config.base == "nf4" and (stage == "fit" or copies_the_adapted_model):
+        if stage == "fit" and lora.config.base == "nf4":
             raise IncompatibleSettings(
-                f"LoRA(base='nf4') (callbacks[{here}]) cannot run with {named}: it cannot copy or average torchao's"
-                " NF4 base weights (copy.deepcopy quantizes them again with the default block sizes, and NF4 tensors"
+                f"LoRA(base='nf4') (callbacks[{here}]) cannot train with {named}: it cannot average torchao's NF4"
+                " base weights (copy.deepcopy quantizes them again with the default block sizes, and NF4 tensors"
                 " have no arithmetic for the average's update). Remove the weight averaging callback, or use"
                 " LoRA(base='float')")
-        if stage != "fit":
-            continue
-        if not copies_the_adapted_model:
+        if not adds or stage != "fit":
+            pass  # its copy holds the adapters, or it pairs nothing with the model before a load (below)
+        elif swa and deferred:
+            raise IncompatibleSettings(
+                f"{named} copies the model in its setup, before `configure_model` (which this module overrides),"
+                f" and LoRA (callbacks[{here}]) adds its adapters after `configure_model`, so in any order the copy"
+                " would lack them and pair the model's parameters with others. Use Lightning's WeightAveraging()"
+                " (an equal average of every step's weights) or EMAWeightAveraging, listed after LoRA: they call"
+                " `configure_model` before they copy")
+        elif index < here:
             raise IncompatibleSettings(
                 f"{named} copies the model in its setup, before LoRA (callbacks[{here}]) adds its adapters in its own,"
-                " and then pairs the two models' parameters by position, so the adapters would be averaged with other"
-                f" parameters. Put LoRA before {name} in the Trainer's `callbacks` (callbacks a LightningModule returns"
-                f" from `configure_callbacks` come after the Trainer's: return {name} from there too, after LoRA)")
-        if lora.adapter_only_checkpoints:
+                " and then pairs the two models' parameters by position, so the adapters would be averaged with (or"
+                f" loaded into) other parameters. List LoRA before {name} (callbacks a LightningModule returns from"
+                f" `configure_callbacks` come after the Trainer's: return {name} from there too, after LoRA)")
+        if stage == "fit" and lora.adapter_only_checkpoints:
+            why = ("so the checkpoint holds the frozen weights anyway" if swa else
+                   "and a resume restores the model from it, which then lacks the frozen weights")
             raise IncompatibleSettings(
                 f"LoRA(adapter_only_checkpoints=True) (callbacks[{here}]) cannot keep the frozen weights out of"
-                f" checkpoints with {named}, which saves its whole copy of the model (frozen weights included) in"
-                " every checkpoint, and a resume would restore the model from it. Set adapter_only_checkpoints=False,"
-                " or remove the weight averaging callback")
+                f" checkpoints with {named}: it saves its whole copy of the model (frozen weights included) in every"
+                f" checkpoint, {why}. Set adapter_only_checkpoints=False, or remove the weight averaging callback")
 
 
-__all__ = ["AVERAGING", "check_weight_averaging"]
+def check_averages_to_load(trainer: Any, lora: Any, pl_module: nn.Module) -> None:
+    """From LoRA's hook before Lightning loads a checkpoint, after LoRA set up, for a
+    ``StochasticWeightAveraging`` whose copy (made in its setup, in every stage) lacks the
+    adapters, since Lightning is about to load the checkpoint's average into it strictly:
+    listed after LoRA, it copied a model LoRA had merged, or one whose adapters come after
+    ``configure_model``, so it copies the model again, as it meant to; listed before LoRA,
+    it is refused.
+
+    Raises:
+        IncompatibleSettings: naming the callback and the order that works.
+    """
+    callbacks = list(trainer.callbacks)
+    here = next((i for i, cb in enumerate(callbacks) if cb is lora), len(callbacks))
+    shapes = [p.shape for p in pl_module.parameters()]
+    for index, callback in enumerate(callbacks):
+        average = getattr(callback, "_average_model", None) if isinstance(callback, StochasticWeightAveraging) else None
+        if average is None or [p.shape for p in average.parameters()] == shapes:
+            continue
+        if index < here:
+            raise IncompatibleSettings(
+                f"Lightning's StochasticWeightAveraging (callbacks[{index}]) copied the model in its setup, before LoRA"
+                f" (callbacks[{here}]) added its adapters, so it cannot load the average this checkpoint holds into"
+                " its copy. List LoRA before StochasticWeightAveraging")
+        callback._average_model = copy.deepcopy(pl_module)  # what its setup copies, now with the adapters
+
+
+def drop_stale_averages(trainer: Any, pl_module: nn.Module) -> None:
+    """Outside fit: forget a ``WeightAveraging`` copy whose parameters no longer pair with
+    the model's (LoRA merged its adapters after the fit that made it). The average was
+    copied into the model at the end of that fit; swapping the stale copy in at each
+    validation would put other tensors in the adapters' places, or fail on their shapes."""
+    shapes = [p.shape for p in pl_module.parameters()]
+    for callback in trainer.callbacks:
+        average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+        if average is not None and [p.shape for p in average.module.parameters()] != shapes:
+            callback._average_model = None  # what WeightAveraging holds outside a fit it set up
+            rank_zero_info(f"{type(callback).__name__}: its copy from the last fit no longer matches the model's"
+                           " parameters (LoRA merged its adapters), so validation uses the model as it is")
+
+
+__all__ = ["check_averages_to_load", "check_weight_averaging", "drop_stale_averages"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -87,6 +88,7 @@ def prepare_stack(trainer: Any, pl_module: nn.Module, stage: str) -> None:
         verdict.apply()
         if fit:
             warn_about_coverage(callbacks, pl_module)
+            check_batch_norm_update(callbacks, pl_module)
         trainer.__dict__[_CHECKED_ATTR] = key
     if not fit:
         return
@@ -94,6 +96,28 @@ def prepare_stack(trainer: Any, pl_module: nn.Module, stage: str) -> None:
         before = getattr(callback, "before_compression_setup", None)
         if callable(before):
             before(trainer, pl_module)
+
+
+def check_batch_norm_update(callbacks: Sequence[Any], model: nn.Module) -> None:
+    """Refuse QAT's ``freeze_bn_step`` beside Lightning's ``StochasticWeightAveraging`` on
+    a model with BatchNorm: SWA resets the running statistics of the averaged model and
+    recomputes them in one extra epoch in train mode, which QAT keeps BatchNorm out of, so
+    the model (and its export) would end with mean 0 and variance 1 in every channel.
+
+    Raises:
+        IncompatibleSettings: naming both callbacks and the fix.
+    """
+    swa = [i for i, cb in enumerate(callbacks) if isinstance(cb, StochasticWeightAveraging)]
+    if not swa or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    for index, callback in enumerate(callbacks):
+        if getattr(callback, "section", None) == "qat" and getattr(callback, "freeze_bn_step", None) is not None:
+            raise IncompatibleSettings(
+                f"QuantizationAwareTraining(freeze_bn_step={callback.freeze_bn_step!r}) (callbacks[{index}]) keeps"
+                f" BatchNorm in eval mode, so Lightning's StochasticWeightAveraging (callbacks[{swa[0]}]) cannot"
+                " recompute the BatchNorm statistics of the averaged model in its extra epoch: they would stay reset"
+                " (mean 0, variance 1). Set freeze_bn_step=None, or use EMAWeightAveraging, which averages the"
+                " statistics with the weights")
 
 
 def settle_layers(callback: Any, model: nn.Module) -> None:
@@ -402,5 +426,6 @@ __all__ = [
     "settle_layers",
     "check_recipe",
     "check_quantization_trains",
+    "check_batch_norm_update",
     "examine",
 ]

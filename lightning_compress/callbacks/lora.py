@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.callbacks.averaging import check_weight_averaging
+from lightning_compress.callbacks.averaging import check_averages_to_load, check_weight_averaging, drop_stale_averages
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.callbacks.compatibility import settle_layers
 from lightning_compress.callbacks.hooks import after_configure_model, overrides_configure_model
@@ -152,17 +152,20 @@ class LoRA(CompressionCallback):
     # ------------------------------------------------------------------ hooks
     @override
     def install(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_weight_averaging(trainer, self, stage, in_place=self._in_place(pl_module))  # before anything is done
-        _wrap_on_load_checkpoint(pl_module, self._before_model_load)
-        if self._in_place(pl_module):
-            return  # a later validate/test/fit of the same model
-        if self._merged and self._module is pl_module and stage != "fit":
-            return  # merged: evaluate the merged model as it is
         # Under ModelParallelStrategy `configure_model` shards the layers, so the adapters
         # (and NF4 bases) must exist before it: FSDP2 then shards them with the layer.
         # Layers built there too are adapted after it (refused if they are sharded then).
         early = isinstance(trainer.strategy, ModelParallelStrategy) and bool(self.selected_layers(pl_module))
-        if overrides_configure_model(pl_module) and not early:
+        deferred = overrides_configure_model(pl_module) and not early
+        check_weight_averaging(trainer, self, pl_module, stage, in_place=self._in_place(pl_module), deferred=deferred)
+        if stage != "fit":
+            drop_stale_averages(trainer, pl_module)
+        _wrap_on_load_checkpoint(pl_module, self._before_model_load)
+        if self._in_place(pl_module):
+            return  # a later validate/test/fit of the same model
+        if self._merged and self._module is pl_module and stage != "fit":
+            return  # merged: evaluate the merged model as it is (a checkpoint it loads puts adapters back)
+        if deferred:
             after_configure_model(pl_module, lambda: self._inject(trainer, pl_module))
         else:
             self._inject(trainer, pl_module)
@@ -217,9 +220,12 @@ class LoRA(CompressionCallback):
         """Runs just before Lightning loads the model's weights (from the module's
         ``on_load_checkpoint``): refuse a checkpoint of other adapters with a clear
         message, and put back the frozen weights the checkpoint leaves out."""
-        if getattr(self._module, "_trainer", None) is not None:  # a state no callback takes: named before torch's
-            self.on_load_checkpoint(self._module._trainer, self._module, checkpoint)  # missing-key error
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        trainer, state = getattr(self._module, "_trainer", None), checkpoint.get("callbacks", {}).get(self.state_key)
+        if self._merged and trainer is not None and state and state.get("layers"):  # merged since this checkpoint,
+            self._inject(trainer, self._module)  # which holds adapters: fresh ones take its values
+        if trainer is not None:  # a state no callback takes: named before torch's missing-key error
+            self.on_load_checkpoint(trainer, self._module, checkpoint)
+            check_averages_to_load(trainer, self, self._module)
         if not state or not self._adapters:
             return
         self._check_compatible(state)
@@ -227,10 +233,8 @@ class LoRA(CompressionCallback):
         if not dropped or "state_dict" not in checkpoint:  # a distributed checkpoint: loaded whole by the strategy
             return
         if state.get("base_fingerprint") != self._base_fingerprint(dropped):
-            raise ValueError(
-                "the frozen base weights of this model differ from those the adapters in this checkpoint"
-                " were trained on; build the model from the same pretrained weights"
-            )
+            raise ValueError("the frozen base weights of this model differ from those the adapters in this checkpoint were"
+                             " trained on (or hold merged adapters); build the model from the same pretrained weights")
         current = self._module.state_dict(keep_vars=True)
         for key in dropped:
             checkpoint["state_dict"][key] = current[key]
@@ -321,9 +325,8 @@ class LoRA(CompressionCallback):
 
     # ------------------------------------------------------------------ internals
     def _in_place(self, pl_module: LightningModule) -> bool:
-        return bool(self._adapters) and is_bound(pl_module, self.owner_token) and all(
-            adapter_of(a.layer) is a for a in self._adapters.values()
-        )
+        return bool(self._adapters) and self._module is pl_module and is_bound(pl_module, self.owner_token) and all(
+            adapter_of(a.layer) is a for a in self._adapters.values())  # not a copy of the model (deepcopy)
 
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.examined(pl_module):  # its layers were built in `configure_model`, after the stack check
