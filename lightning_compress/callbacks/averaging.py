@@ -20,6 +20,7 @@ whole, so the checkpoint cannot hold only the adapters.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
@@ -27,15 +28,22 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_compress.callbacks.compatibility import IncompatibleSettings
+from lightning_compress.core.targeting import weight_name
+from lightning_compress.core.transforms import raw_weight
 from lightning_compress.lora.adapter import adapter_of
+
+# torchao's NF4Tensor defaults: blocks of 64 weights, their scales quantized in blocks of
+# 256, so a weight it quantizes with them must hold a multiple of 64 * 256
+NF4_DEFAULT_BLOCKS = 64 * 256
 
 
 def check_weight_averaging(trainer: Any, lora: Any, pl_module: nn.Module, stage: str, *, in_place: bool,
-                           deferred: bool) -> None:
+                           deferred: bool, injects: bool) -> None:
     """From LoRA's ``setup``, before it adds its adapters: refuse an averaging callback
     that cannot copy or average the model LoRA adapts. ``in_place``: LoRA's adapters are on
     the model already, from an earlier fit; ``deferred``: LoRA adds them after the module's
-    ``configure_model``.
+    ``configure_model``; ``injects``: LoRA puts adapters on the model in this stage (not a
+    merged model it evaluates as it is).
 
     Raises:
         IncompatibleSettings: naming the two callbacks, their positions and the fix.
@@ -43,14 +51,24 @@ def check_weight_averaging(trainer: Any, lora: Any, pl_module: nn.Module, stage:
     callbacks = list(trainer.callbacks)
     here = next((i for i, cb in enumerate(callbacks) if cb is lora), len(callbacks))
     layers = lora.selected_layers(pl_module) or {}
-    # Adapters another LoRA callback left on these layers are taken over, not added.
-    adds = not in_place and (deferred or any(adapter_of(layer) is None for layer in layers.values()))
+    # Adapters another LoRA callback left on these layers are taken over, not added; layers
+    # a deferred LoRA adapts may not exist before `configure_model`.
+    adds = not in_place and (any(adapter_of(layer) is None for layer in layers.values()) or (deferred and not layers))
     for index, found in enumerate(callbacks):
         if not isinstance(found, (WeightAveraging, StochasticWeightAveraging)):
             continue
         swa = isinstance(found, StochasticWeightAveraging)
         name = type(found).__name__
         named = f"Lightning's {name} (callbacks[{index}])"
+        if stage != "fit" and swa and index > here and lora.config.base == "nf4" and (in_place or injects):
+            sizes = {name: math.prod(raw_weight(layer, weight_name(layer)).shape) for name, layer in layers.items()}
+            odd = [name for name, size in sizes.items() if size % NF4_DEFAULT_BLOCKS]
+            if odd:
+                raise IncompatibleSettings(
+                    f"{named} copies the model in every stage, and after LoRA(base='nf4') (callbacks[{here}]) the copy"
+                    f" holds the NF4 bases of {odd[:3]}, which torchao's deepcopy quantizes again with its default"
+                    f" blocks ({NF4_DEFAULT_BLOCKS} weights a group of scales), which do not divide them. Leave"
+                    f" {name} out of the Trainer that evaluates this model: it averages nothing outside fit")
         if stage == "fit" and lora.config.base == "nf4":
             raise IncompatibleSettings(
                 f"LoRA(base='nf4') (callbacks[{here}]) cannot train with {named}: it cannot average torchao's NF4"
@@ -81,10 +99,10 @@ def check_weight_averaging(trainer: Any, lora: Any, pl_module: nn.Module, stage:
                 f" checkpoint, {why}. Set adapter_only_checkpoints=False, or remove the weight averaging callback")
 
 
-def check_averages_to_load(trainer: Any, lora: Any, pl_module: nn.Module) -> None:
-    """From LoRA's hook before Lightning loads a checkpoint, after LoRA set up, for a
+def check_averages_to_load(trainer: Any, lora: Any, pl_module: nn.Module, checkpoint: dict) -> None:
+    """From LoRA's hook before Lightning loads ``checkpoint``, after LoRA set up, for a
     ``StochasticWeightAveraging`` whose copy (made in its setup, in every stage) lacks the
-    adapters, since Lightning is about to load the checkpoint's average into it strictly:
+    adapters while the checkpoint holds an average Lightning will load into it strictly:
     listed after LoRA, it copied a model LoRA had merged, or one whose adapters come after
     ``configure_model``, so it copies the model again, as it meant to; listed before LoRA,
     it is refused.
@@ -97,7 +115,8 @@ def check_averages_to_load(trainer: Any, lora: Any, pl_module: nn.Module) -> Non
     shapes = [p.shape for p in pl_module.parameters()]
     for index, callback in enumerate(callbacks):
         average = getattr(callback, "_average_model", None) if isinstance(callback, StochasticWeightAveraging) else None
-        if average is None or [p.shape for p in average.parameters()] == shapes:
+        saved = checkpoint.get("callbacks", {}).get(callback.state_key) or {}
+        if average is None or saved.get("average_model_state") is None or [p.shape for p in average.parameters()] == shapes:
             continue
         if index < here:
             raise IncompatibleSettings(
@@ -109,7 +128,8 @@ def check_averages_to_load(trainer: Any, lora: Any, pl_module: nn.Module) -> Non
 
 def drop_stale_averages(trainer: Any, pl_module: nn.Module) -> None:
     """Outside fit: forget a ``WeightAveraging`` copy whose parameters no longer pair with
-    the model's (LoRA merged its adapters after the fit that made it). The average was
+    the model's (LoRA merged its adapters after the fit that made it). ``_average_model``
+    is Lightning's (2.6) name for the copy, ``None`` outside a fit it set up. The average was
     copied into the model at the end of that fit; swapping the stale copy in at each
     validation would put other tensors in the adapters' places, or fail on their shapes."""
     shapes = [p.shape for p in pl_module.parameters()]
@@ -118,7 +138,7 @@ def drop_stale_averages(trainer: Any, pl_module: nn.Module) -> None:
         if average is not None and [p.shape for p in average.module.parameters()] != shapes:
             callback._average_model = None  # what WeightAveraging holds outside a fit it set up
             rank_zero_info(f"{type(callback).__name__}: its copy from the last fit no longer matches the model's"
-                           " parameters (LoRA merged its adapters), so validation uses the model as it is")
+                           " parameters (merged LoRA adapters, or another model), so validation uses the model as it is")
 
 
 __all__ = ["check_averages_to_load", "check_weight_averaging", "drop_stale_averages"]

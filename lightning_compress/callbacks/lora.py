@@ -26,6 +26,7 @@ from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
 from lightning_compress.formats.peft_attention import peft_unpaired
 from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter, adapter_of, check_on_model
+from lightning_compress.lora.checkpoint import check_checkpoint_adapters, check_merged_reload
 from lightning_compress.lora.config import LoRAConfig
 from lightning_compress.lora.inject import (check_nf4_shardable, inject_adapters, merge_into, parameter_counts,
                                              select_adapter_layers)
@@ -157,13 +158,15 @@ class LoRA(CompressionCallback):
         # Layers built there too are adapted after it (refused if they are sharded then).
         early = isinstance(trainer.strategy, ModelParallelStrategy) and bool(self.selected_layers(pl_module))
         deferred = overrides_configure_model(pl_module) and not early
-        check_weight_averaging(trainer, self, pl_module, stage, in_place=self._in_place(pl_module), deferred=deferred)
+        merged = bool(self._merged) and self._module is pl_module and stage != "fit"
+        check_weight_averaging(trainer, self, pl_module, stage, in_place=self._in_place(pl_module), deferred=deferred,
+                               injects=not merged)
         if stage != "fit":
             drop_stale_averages(trainer, pl_module)
         _wrap_on_load_checkpoint(pl_module, self._before_model_load)
         if self._in_place(pl_module):
             return  # a later validate/test/fit of the same model
-        if self._merged and self._module is pl_module and stage != "fit":
+        if merged:
             return  # merged: evaluate the merged model as it is (a checkpoint it loads puts adapters back)
         if deferred:
             after_configure_model(pl_module, lambda: self._inject(trainer, pl_module))
@@ -222,19 +225,23 @@ class LoRA(CompressionCallback):
         message, and put back the frozen weights the checkpoint leaves out."""
         trainer, state = getattr(self._module, "_trainer", None), checkpoint.get("callbacks", {}).get(self.state_key)
         if self._merged and trainer is not None and state and state.get("layers"):  # merged since this checkpoint,
-            self._inject(trainer, self._module)  # which holds adapters: fresh ones take its values
+            check_merged_reload(state)  # which holds adapters: fresh ones take its values
+            merged = self._merged
+            self._inject(trainer, self._module)
+            rank_zero_warn(f"LoRA: the adapters merged into {merged[:3]} are back, with the values of the checkpoint"
+                           " being loaded; call `merge()` again to merge them")
         if trainer is not None:  # a state no callback takes: named before torch's missing-key error
             self.on_load_checkpoint(trainer, self._module, checkpoint)
-            check_averages_to_load(trainer, self, self._module)
+            check_averages_to_load(trainer, self, self._module, checkpoint)
         if not state or not self._adapters:
             return
-        self._check_compatible(state)
+        check_checkpoint_adapters(state, self.config, self._adapters, self._module)
         dropped = state.get("dropped_keys") or []
         if not dropped or "state_dict" not in checkpoint:  # a distributed checkpoint: loaded whole by the strategy
             return
         if state.get("base_fingerprint") != self._base_fingerprint(dropped):
             raise ValueError("the frozen base weights of this model differ from those the adapters in this checkpoint were"
-                             " trained on (or hold merged adapters); build the model from the same pretrained weights")
+                             " trained on; build the model from the same pretrained weights")
         current = self._module.state_dict(keep_vars=True)
         for key in dropped:
             checkpoint["state_dict"][key] = current[key]
@@ -276,11 +283,11 @@ class LoRA(CompressionCallback):
 
     @override
     def check_state(self, state: Dict[str, Any]) -> None:
-        self._check_compatible(state)
+        check_checkpoint_adapters(state, self.config, self._adapters, self._module)
 
     @override
     def restore(self, state: Dict[str, Any]) -> None:
-        self._check_compatible(state)
+        check_checkpoint_adapters(state, self.config, self._adapters, self._module)
         self._dropout.load_state_dict(state["dropout"])
 
     # ------------------------------------------------------------------ public helpers
@@ -372,24 +379,6 @@ class LoRA(CompressionCallback):
             load_adapters(self._peft_root(), directory)
         self.finish_install(pl_module)
 
-    def _check_compatible(self, state: Dict[str, Any]) -> None:
-        for key, argument, mine in (("r", "r", self.config.r), ("scaling", "lora_alpha/use_rslora", self.config.scaling),
-                                    ("base", "base", self.config.base)):
-            if state[key] != mine:
-                raise ValueError(
-                    f"the checkpoint's LoRA adapters have {key}={state[key]!r} but this callback has"
-                    f" {key}={mine!r}; resume with the same `{argument}`"
-                )
-        if self._adapters and state["layers"] and state["layers"] != list(self._adapters):
-            known = {name for name, _ in self._module.named_modules()} if self._module is not None else set()
-            if known.issuperset(self._adapters) and known.isdisjoint(state["layers"]):  # another model's checkpoint
-                raise ValueError(f"the checkpoint's LoRA adapters sit on {state['layers'][:3]}..., none of which this"
-                                 " model has: the checkpoint is from another model; resume from one of this model")
-            raise ValueError(
-                f"the checkpoint's LoRA adapters sit on {state['layers']}, this callback adapts"
-                f" {list(self._adapters)}; resume with the same `target_modules` and `exclude_modules`"
-            )
-
     def _peft_root(self, module: nn.Module | None = None) -> nn.Module:
         module = module if module is not None else self._module
         if module is None:
@@ -435,15 +424,21 @@ class LoRA(CompressionCallback):
 
 
 def _wrap_on_load_checkpoint(pl_module: LightningModule, before_load) -> None:
-    """Make the instance's ``on_load_checkpoint(checkpoint)`` run the class's, then
-    ``before_load(checkpoint)``: Lightning calls it right before it loads the weights
-    (callback hooks run only after), looking it up on the instance. Wrapped once."""
-    if "on_load_checkpoint" in vars(pl_module):
-        return
-    own = pl_module.on_load_checkpoint
+    """Make the instance's ``on_load_checkpoint(checkpoint)`` run the class's, then each
+    LoRA callback's ``before_load(checkpoint)``: Lightning calls it right before it loads the
+    weights (callback hooks run only after), looking it up on the instance. Wrapped once;
+    the hooks are kept on the wrapper (a function, which ``copy.deepcopy`` shares rather than
+    copying the callbacks along with a model)."""
+    wrapper = vars(pl_module).get("on_load_checkpoint")
+    if wrapper is None:
+        own, hooks = pl_module.on_load_checkpoint, []
 
-    def wrapper(checkpoint):
-        own(checkpoint)
-        before_load(checkpoint)
+        def wrapper(checkpoint):
+            own(checkpoint)
+            for hook in list(wrapper.before_load):
+                hook(checkpoint)
 
-    pl_module.on_load_checkpoint = wrapper
+        wrapper.before_load = hooks
+        pl_module.on_load_checkpoint = wrapper
+    if before_load not in getattr(wrapper, "before_load", [before_load]):
+        wrapper.before_load.append(before_load)
