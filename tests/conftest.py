@@ -135,6 +135,16 @@ def fit_interrupted_and_resumed(make_callback, tmp_path, *, epochs, stop_after, 
     return reference, reference_callback, resumed, resumed_callback, checkpoint
 
 
+def fit_and_save(tmp_path, callbacks, *, epochs: int = 3):
+    """Fit a fresh TinyRegressor with ``callbacks`` for ``epochs`` epochs of 4 batches and save
+    the Trainer's checkpoint at ``tmp_path / "fit.ckpt"``; returns the model and Trainer."""
+    model = TinyRegressor()
+    trainer = make_trainer(callbacks=callbacks, max_epochs=epochs)
+    trainer.fit(model, tiny_loader(batches=4))
+    trainer.save_checkpoint(tmp_path / "fit.ckpt")
+    return model, trainer
+
+
 def tiny_loader(batches: int = 8, batch_size: int = 16, seed: int = 0, scale: float = 1.0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batches * batch_size, 4, 8, generator=generator) * scale

@@ -1,7 +1,11 @@
-"""A model whose LoRA adapters were merged, then asked to evaluate (or resume from) a
-checkpoint written before the merge, which holds the adapters: LoRA puts fresh adapters
-back for the checkpoint's values (Lightning's strict load failed on their keys), with a
-warning, or refuses before touching the model where the frozen weights cannot be rebuilt."""
+"""Merged LoRA models and checkpoints.
+
+A model whose adapters were merged, asked to evaluate a checkpoint written before the
+merge (which holds the adapters): LoRA puts fresh adapters back for the checkpoint's values
+(Lightning's strict load failed on their keys) and merges them again after the load, or
+refuses before touching the model where the frozen weights cannot be rebuilt. A checkpoint
+written after the merge, evaluated with a LoRA callback: its fresh adapters are merged
+before the load (Lightning's strict load missed their keys)."""
 
 from __future__ import annotations
 
@@ -9,15 +13,7 @@ import pytest
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 
 from lightning_compress import LoRA
-from tests.conftest import TinyRegressor, make_trainer, tiny_loader
-
-
-def fit_and_save(tmp_path, callbacks):
-    model = TinyRegressor()
-    trainer = make_trainer(callbacks=callbacks, max_epochs=3)
-    trainer.fit(model, tiny_loader(batches=4))
-    trainer.save_checkpoint(tmp_path / "fit.ckpt")
-    return model, trainer
+from tests.conftest import TinyRegressor, fit_and_save, make_trainer, tiny_loader
 
 
 def adapter_names(model):
@@ -33,14 +29,11 @@ def test_a_merged_model_evaluates_a_checkpoint_that_holds_its_adapters(averaging
     (adapted,) = trainer.validate(model, loader)
     lora.merge()
     (merged,) = trainer.validate(model, loader)
-    with pytest.warns(UserWarning, match=r"adapters merged into \['fc1'\] are back.*call `merge\(\)` again"):
-        (restored,) = trainer.validate(model, loader, ckpt_path=tmp_path / "fit.ckpt")
-    assert adapter_names(model) == {"fc1.lora_A", "fc1.lora_B"}
-    assert restored["val/loss"] == pytest.approx(adapted["val/loss"], rel=1e-6)
+    (restored,) = trainer.validate(model, loader, ckpt_path=tmp_path / "fit.ckpt")
+    assert not adapter_names(model) and lora.adapters == {}  # merged again after the load, as the user left it
+    assert restored["val/loss"] == pytest.approx(adapted["val/loss"], rel=1e-5)
     assert merged["val/loss"] == pytest.approx(adapted["val/loss"], rel=1e-5)
-    lora.merge()  # what the warning says: merged again, the model computes as before
-    assert not adapter_names(model)
-    assert trainer.validate(model, loader)[0]["val/loss"] == pytest.approx(adapted["val/loss"], rel=1e-5)
+    assert make_trainer().validate(model, loader)[0]["val/loss"] == restored["val/loss"]
 
 
 def test_two_merged_lora_callbacks_both_take_their_adapters_back(tmp_path, seeded):
@@ -50,10 +43,24 @@ def test_two_merged_lora_callbacks_both_take_their_adapters_back(tmp_path, seede
     loader = tiny_loader(batches=2, seed=1)
     (adapted,) = trainer.validate(model, loader)
     first.merge(), second.merge()
-    with pytest.warns(UserWarning, match="are back"):
-        (restored,) = trainer.validate(model, loader, ckpt_path=tmp_path / "fit.ckpt")
-    assert adapter_names(model) == {"fc1.lora_A", "fc1.lora_B", "fc2.lora_A", "fc2.lora_B"}
-    assert restored["val/loss"] == pytest.approx(adapted["val/loss"], rel=1e-6)
+    model.fc1.weight.data.zero_(), model.fc2.weight.data.zero_()  # the checkpoint's weights must come back
+    (restored,) = trainer.validate(model, loader, ckpt_path=tmp_path / "fit.ckpt")
+    assert not adapter_names(model)
+    assert restored["val/loss"] == pytest.approx(adapted["val/loss"], rel=1e-5)
+
+
+def test_a_checkpoint_written_after_the_merge_evaluates_with_a_lora_callback(tmp_path, seeded):
+    """The checkpoint holds the merged weights and no adapter: the fresh adapters a LoRA
+    callback adds for it are merged before the load."""
+    model, trainer = fit_and_save(tmp_path, [LoRA(r=2, target_modules=["fc1"], merge_on_fit_end=True)])
+    assert not adapter_names(model)
+    loader = tiny_loader(batches=2, seed=1)
+    (merged,) = trainer.validate(model, loader)
+    fresh = TinyRegressor()
+    (metrics,) = make_trainer(callbacks=[LoRA(r=2, target_modules=["fc1"])]).validate(
+        fresh, loader, ckpt_path=tmp_path / "fit.ckpt")
+    assert metrics["val/loss"] == merged["val/loss"]
+    assert not adapter_names(fresh)
 
 
 @pytest.mark.parametrize("setting", ["adapter_only_checkpoints", "nf4"])

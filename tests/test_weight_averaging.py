@@ -29,7 +29,7 @@ from lightning_compress import (
     quantized_weights,
 )
 from lightning_compress.callbacks.compatibility import IncompatibleSettings
-from tests.conftest import StopAfterEpoch, TinyRegressor, make_trainer, tiny_loader
+from tests.conftest import StopAfterEpoch, TinyRegressor, fit_and_save, make_trainer, tiny_loader
 
 DECAY, FROM_STEP = 0.8, 6
 
@@ -311,18 +311,10 @@ def test_ema_after_lora_averages_adapters_added_after_configure_model(seeded):
         torch.testing.assert_close(model.get_parameter(name).detach(), expected[name], rtol=0, atol=1e-6)
 
 
-def _fit_with_checkpoint(tmp_path, callbacks):
-    model = TinyRegressor()
-    trainer = make_trainer(callbacks=callbacks, max_epochs=3)
-    trainer.fit(model, tiny_loader(batches=4))
-    trainer.save_checkpoint(tmp_path / "fit.ckpt")
-    return model, trainer
-
-
 def test_evaluating_a_swa_checkpoint_with_swa_listed_before_lora_is_refused(tmp_path, seeded):
     """SWA copies the model in every stage and loads the checkpoint's average into its copy:
     listed before LoRA, its copy lacks the adapters (Lightning's strict load failed)."""
-    _fit_with_checkpoint(tmp_path, [LoRA(r=2, target_modules=["fc1"]), StochasticWeightAveraging(swa_lrs=1e-2)])
+    fit_and_save(tmp_path, [LoRA(r=2, target_modules=["fc1"]), StochasticWeightAveraging(swa_lrs=1e-2)])
     loader, checkpoint = tiny_loader(batches=2, seed=1), tmp_path / "fit.ckpt"
     (reference,) = make_trainer(callbacks=[LoRA(r=2, target_modules=["fc1"])]).validate(TinyRegressor(), loader,
                                                                                        ckpt_path=checkpoint)
@@ -340,7 +332,7 @@ def test_evaluating_a_swa_checkpoint_with_swa_listed_before_lora_is_refused(tmp_
 
 def test_swa_listed_before_lora_evaluates_a_checkpoint_without_an_average(tmp_path, seeded):
     """The checkpoint of a fit without SWA holds no average to load into SWA's copy."""
-    _fit_with_checkpoint(tmp_path, [LoRA(r=2, target_modules=["fc1"])])
+    fit_and_save(tmp_path, [LoRA(r=2, target_modules=["fc1"])])
     loader, checkpoint = tiny_loader(batches=2, seed=1), tmp_path / "fit.ckpt"
     (reference,) = make_trainer(callbacks=[LoRA(r=2, target_modules=["fc1"])]).validate(TinyRegressor(), loader,
                                                                                        ckpt_path=checkpoint)
@@ -385,6 +377,26 @@ def test_adapter_only_checkpoints_evaluate_beside_either_averaging_callback(aver
     (alone,) = make_trainer(callbacks=[lora]).validate(model, loader)
     (beside,) = make_trainer(callbacks=[lora, AVERAGING[averaging]()]).validate(model, loader)
     assert beside["val/loss"] == alone["val/loss"]
+
+
+@pytest.mark.parametrize("merge", ["merge_on_fit_end", "lora.merge()"])
+def test_a_checkpoint_saved_after_the_merge_holds_the_merged_model(merge, tmp_path, seeded):
+    """EMA's copy from the fit still holds the adapters; saved after the merge, the
+    checkpoint must hold the merged model that the Trainer evaluates, not that copy."""
+    model, loader = TinyRegressor(), tiny_loader(batches=2, seed=1)
+    lora = LoRA(r=2, target_modules=["fc1"], merge_on_fit_end=merge == "merge_on_fit_end")
+    trainer = make_trainer(callbacks=[lora, EMAWeightAveraging(decay=0.5)], max_steps=8)
+    trainer.fit(model, tiny_loader(batches=4))
+    if merge == "lora.merge()":
+        lora.merge()
+    trainer.save_checkpoint(tmp_path / "merged.ckpt")
+    saved = torch.load(tmp_path / "merged.ckpt", weights_only=True)["state_dict"]
+    assert not [k for k in saved if "lora_" in k]
+    for key, value in model.state_dict().items():
+        assert torch.equal(saved[key], value), key
+    (merged,) = make_trainer().validate(model, loader)
+    (evaluated,) = make_trainer().validate(TinyRegressor(), loader, ckpt_path=tmp_path / "merged.ckpt")
+    assert evaluated["val/loss"] == merged["val/loss"]
 
 
 def test_validating_after_the_merge_ignores_the_averages_stale_copy(seeded):

@@ -140,6 +140,7 @@ class LoRA(CompressionCallback):
         self._dropped_keys: list = []
         self._fingerprint: tuple | None = None
         self._pending_adapter_dir: Path | None = None
+        self._merge_after_load = False  # a merged model took adapters back for a checkpoint's values
 
     @override
     def set_up_layers(self) -> Dict[str, nn.Module]:
@@ -225,11 +226,11 @@ class LoRA(CompressionCallback):
         message, and put back the frozen weights the checkpoint leaves out."""
         trainer, state = getattr(self._module, "_trainer", None), checkpoint.get("callbacks", {}).get(self.state_key)
         if self._merged and trainer is not None and state and state.get("layers"):  # merged since this checkpoint,
-            check_merged_reload(state)  # which holds adapters: fresh ones take its values
-            merged = self._merged
+            check_merged_reload(state)  # which holds adapters: fresh ones take its values, merged after the load
             self._inject(trainer, self._module)
-            rank_zero_warn(f"LoRA: the adapters merged into {merged[:3]} are back, with the values of the checkpoint"
-                           " being loaded; call `merge()` again to merge them")
+            self._merge_after_load = True
+        elif self._adapters and state and not state.get("layers") and state.get("merged"):  # a merged model's checkpoint:
+            self.merge()  # the fresh adapters (B = 0) merge into nothing, and the layers take its merged weights
         if trainer is not None:  # a state no callback takes: named before torch's missing-key error
             self.on_load_checkpoint(trainer, self._module, checkpoint)
             check_averages_to_load(trainer, self, self._module, checkpoint)
@@ -289,6 +290,9 @@ class LoRA(CompressionCallback):
     def restore(self, state: Dict[str, Any]) -> None:
         check_checkpoint_adapters(state, self.config, self._adapters, self._module)
         self._dropout.load_state_dict(state["dropout"])
+        if self._merge_after_load:  # the weights are loaded (callback states come after them): merged as before
+            self._merge_after_load = False
+            self.merge()
 
     # ------------------------------------------------------------------ public helpers
     def merge(self) -> list:
@@ -301,6 +305,8 @@ class LoRA(CompressionCallback):
         check_on_model(self._adapters, self._merged, "merge", "merge once")
         merge_into(self._module, self._adapters)
         self._merged, self._adapters = list(self._adapters), {}
+        if getattr(self._module, "_trainer", None) is not None:  # a checkpoint saved now holds the merged model
+            drop_stale_averages(self._module._trainer, self._module)
         return self._merged
 
     def save_adapters(self, directory: str | Path) -> Path:
