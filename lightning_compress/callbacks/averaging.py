@@ -32,6 +32,8 @@ from lightning_compress.core.targeting import weight_name
 from lightning_compress.core.transforms import raw_weight
 from lightning_compress.lora.adapter import adapter_of
 
+AVERAGING = (WeightAveraging, StochasticWeightAveraging)
+
 # torchao's NF4Tensor defaults: blocks of 64 weights, their scales quantized in blocks of
 # 256, so a weight it quantizes with them must hold a multiple of 64 * 256
 NF4_DEFAULT_BLOCKS = 64 * 256
@@ -55,7 +57,7 @@ def check_weight_averaging(trainer: Any, lora: Any, pl_module: nn.Module, stage:
     # a deferred LoRA adapts may not exist before `configure_model`.
     adds = not in_place and (any(adapter_of(layer) is None for layer in layers.values()) or (deferred and not layers))
     for index, found in enumerate(callbacks):
-        if not isinstance(found, (WeightAveraging, StochasticWeightAveraging)):
+        if not isinstance(found, AVERAGING):
             continue
         swa = isinstance(found, StochasticWeightAveraging)
         name = type(found).__name__
@@ -126,19 +128,26 @@ def check_averages_to_load(trainer: Any, lora: Any, pl_module: nn.Module, checkp
         callback._average_model = copy.deepcopy(pl_module)  # what its setup copies, now with the adapters
 
 
-def drop_stale_averages(trainer: Any, pl_module: nn.Module) -> None:
-    """Outside fit: forget a ``WeightAveraging`` copy whose parameters no longer pair with
-    the model's (LoRA merged its adapters after the fit that made it). ``_average_model``
-    is Lightning's (2.6) name for the copy, ``None`` outside a fit it set up. The average was
-    copied into the model at the end of that fit; swapping the stale copy in at each
-    validation would put other tensors in the adapters' places, or fail on their shapes."""
+def drop_stale_averages(trainer: Any, pl_module: nn.Module, *, copy_swa: bool = False) -> None:
+    """Outside fit, or once LoRA merged its adapters: forget a ``WeightAveraging`` copy
+    whose parameters no longer pair with the model's. The average was copied into the
+    model at the end of the fit that made it; swapping the stale copy in at each validation
+    would put other tensors in the adapters' places, or fail on their shapes, and a
+    checkpoint saved now would hold it. With ``copy_swa``, a ``StochasticWeightAveraging``
+    copy copies the model again, as its setup would. ``_average_model`` is Lightning's
+    (2.6) name for the copy, ``None`` outside a fit it set up."""
     shapes = [p.shape for p in pl_module.parameters()]
     for callback in trainer.callbacks:
-        average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
-        if average is not None and [p.shape for p in average.module.parameters()] != shapes:
-            callback._average_model = None  # what WeightAveraging holds outside a fit it set up
-            rank_zero_info(f"{type(callback).__name__}: its copy from the last fit no longer matches the model's"
-                           " parameters (merged LoRA adapters, or another model), so validation uses the model as it is")
+        average = getattr(callback, "_average_model", None) if isinstance(callback, AVERAGING) else None
+        if average is None or [p.shape for p in average.parameters()] == shapes:
+            continue
+        if isinstance(callback, StochasticWeightAveraging):
+            if copy_swa:
+                callback._average_model = copy.deepcopy(pl_module)
+            continue
+        callback._average_model = None
+        rank_zero_info(f"{type(callback).__name__}: its copy from the last fit no longer matches the model's"
+                       " parameters (merged LoRA adapters, or another model), so validation uses the model as it is")
 
 
 __all__ = ["check_averages_to_load", "check_weight_averaging", "drop_stale_averages"]

@@ -25,8 +25,9 @@ from lightning_compress.core.transforms import is_bound
 from lightning_compress.core.validate import ArgumentError
 from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
 from lightning_compress.formats.peft_attention import peft_unpaired
-from lightning_compress.lora.adapter import DropoutRNG, LoRAAdapter, adapter_of, check_on_model
-from lightning_compress.lora.checkpoint import check_checkpoint_adapters, check_merged_reload
+from lightning_compress.lora.adapter import MERGED_MARK, DropoutRNG, LoRAAdapter, adapter_of, check_on_model
+from lightning_compress.lora.checkpoint import (check_checkpoint_adapters, check_merged_reload, check_merged_resume,
+                                                wrap_on_load_checkpoint)
 from lightning_compress.lora.config import LoRAConfig
 from lightning_compress.lora.inject import (check_nf4_shardable, inject_adapters, merge_into, parameter_counts,
                                              select_adapter_layers)
@@ -141,6 +142,7 @@ class LoRA(CompressionCallback):
         self._fingerprint: tuple | None = None
         self._pending_adapter_dir: Path | None = None
         self._merge_after_load = False  # a merged model took adapters back for a checkpoint's values
+        self._loading = False  # merging while Lightning loads a checkpoint
 
     @override
     def set_up_layers(self) -> Dict[str, nn.Module]:
@@ -159,12 +161,13 @@ class LoRA(CompressionCallback):
         # Layers built there too are adapted after it (refused if they are sharded then).
         early = isinstance(trainer.strategy, ModelParallelStrategy) and bool(self.selected_layers(pl_module))
         deferred = overrides_configure_model(pl_module) and not early
+        self._note_outside_merge()
         merged = bool(self._merged) and self._module is pl_module and stage != "fit"
         check_weight_averaging(trainer, self, pl_module, stage, in_place=self._in_place(pl_module), deferred=deferred,
                                injects=not merged)
         if stage != "fit":
             drop_stale_averages(trainer, pl_module)
-        _wrap_on_load_checkpoint(pl_module, self._before_model_load)
+        wrap_on_load_checkpoint(pl_module, self._check_load, self._before_model_load)
         if self._in_place(pl_module):
             return  # a later validate/test/fit of the same model
         if merged:
@@ -189,11 +192,9 @@ class LoRA(CompressionCallback):
         if self.skipped_layers:
             metrics["lora/skipped_layers"] = float(len(self.skipped_layers))
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)
-        rank_zero_info(
-            f"LoRA: {len(self._adapters)} adapted layers; {counts['trainable_params']:,} trainable of"
-            f" {counts['total_params']:,} parameters ({counts['trainable_share']:.2%}); frozen weights"
-            f" {counts['base_weight_bytes'] / 2**20:.1f} MiB"
-        )
+        rank_zero_info(f"LoRA: {len(self._adapters)} adapted layers; {counts['trainable_params']:,} trainable of"
+                       f" {counts['total_params']:,} parameters ({counts['trainable_share']:.2%}); frozen weights"
+                       f" {counts['base_weight_bytes'] / 2**20:.1f} MiB")
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -212,22 +213,30 @@ class LoRA(CompressionCallback):
     # ------------------------------------------------------------------ checkpoint
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
-        # NF4 bases (which Lightning's loader cannot map to a device) and, with
-        # `adapter_only_checkpoints`, every frozen weight stay out: they are rebuilt from
-        # the user's module, and a fingerprint proves they are the same on resume. Not from
-        # a distributed checkpoint, which torch.distributed.checkpoint loads whole first.
+        # NF4 bases (which Lightning's loader cannot map to a device) and, with `adapter_only_checkpoints`, every
+        # frozen weight stay out: they are rebuilt from the user's module, and a fingerprint proves they are the same
+        # on resume. Not from a distributed checkpoint, which torch.distributed.checkpoint loads whole first.
+        self._note_outside_merge()
         if self._adapters and not saves_distributed_checkpoint(trainer):
             for key in self._dropped_keys:
                 checkpoint["state_dict"].pop(key, None)
 
+    def _check_load(self, checkpoint: Dict[str, Any]) -> None:
+        """Before any LoRA callback changes the model for ``checkpoint``: what a merged model cannot load."""
+        trainer, state = getattr(self._module, "_trainer", None), checkpoint.get("callbacks", {}).get(self.state_key)
+        self._note_outside_merge()
+        check_merged_resume(state, getattr(getattr(trainer, "state", None), "fn", None))
+        if self._merged and state and state.get("layers"):
+            check_merged_reload(state)
+            check_checkpoint_adapters(state, self.config, {}, self._module)
+
     def _before_model_load(self, checkpoint: Dict[str, Any]) -> None:
-        """Runs just before Lightning loads the model's weights (from the module's
-        ``on_load_checkpoint``): refuse a checkpoint of other adapters with a clear
-        message, and put back the frozen weights the checkpoint leaves out."""
+        """Runs just before Lightning loads the model's weights (from the module's ``on_load_checkpoint``, after
+        every LoRA callback's :meth:`_check_load`): refuse a checkpoint of other adapters with a clear message, and
+        put back the frozen weights the checkpoint leaves out."""
         trainer, state = getattr(self._module, "_trainer", None), checkpoint.get("callbacks", {}).get(self.state_key)
         if self._merged and trainer is not None and state and state.get("layers"):  # merged since this checkpoint,
-            check_merged_reload(state)  # which holds adapters: fresh ones take its values, merged after the load
-            self._inject(trainer, self._module)
+            self._inject(trainer, self._module)  # which holds adapters: fresh ones take its values, merged after the load
             self._merge_after_load = True
         elif self._adapters and state and not state.get("layers") and state.get("merged"):  # a merged model's checkpoint:
             self.merge()  # the fresh adapters (B = 0) merge into nothing, and the layers take its merged weights
@@ -242,7 +251,8 @@ class LoRA(CompressionCallback):
             return
         if state.get("base_fingerprint") != self._base_fingerprint(dropped):
             raise ValueError("the frozen base weights of this model differ from those the adapters in this checkpoint were"
-                             " trained on; build the model from the same pretrained weights")
+                             " trained on; build the model from the same pretrained weights (or, where LoRA merged"
+                             " its adapters into them since, use a model built anew)")
         current = self._module.state_dict(keep_vars=True)
         for key in dropped:
             checkpoint["state_dict"][key] = current[key]
@@ -271,6 +281,7 @@ class LoRA(CompressionCallback):
 
     @override
     def method_state(self) -> Dict[str, Any]:
+        self._note_outside_merge()  # Lightning takes the callbacks' states before their on_save_checkpoint
         return {
             "r": self.config.r,
             "scaling": self.config.scaling,
@@ -291,8 +302,9 @@ class LoRA(CompressionCallback):
         check_checkpoint_adapters(state, self.config, self._adapters, self._module)
         self._dropout.load_state_dict(state["dropout"])
         if self._merge_after_load:  # the weights are loaded (callback states come after them): merged as before
-            self._merge_after_load = False
-            self.merge()
+            self._merge_after_load, self._loading = False, True  # an SWA listed later loads its average (with
+            self.merge()  # the adapters) into its copy after this: that copy is not made again
+            self._loading = False
 
     # ------------------------------------------------------------------ public helpers
     def merge(self) -> list:
@@ -306,8 +318,16 @@ class LoRA(CompressionCallback):
         merge_into(self._module, self._adapters)
         self._merged, self._adapters = list(self._adapters), {}
         if getattr(self._module, "_trainer", None) is not None:  # a checkpoint saved now holds the merged model
-            drop_stale_averages(self._module._trainer, self._module)
+            drop_stale_averages(self._module._trainer, self._module, copy_swa=not self._loading)
         return self._merged
+
+    def _note_outside_merge(self) -> None:
+        """Adapters of this callback that ``merge_adapters(model)`` merged: as if by :meth:`merge`."""
+        if self._adapters and all(a.layer.__dict__.get(MERGED_MARK) and adapter_of(a.layer) is None
+                                  for a in self._adapters.values()):
+            self._merged, self._adapters = list(self._adapters), {}
+            if getattr(self._module, "_trainer", None) is not None:
+                drop_stale_averages(self._module._trainer, self._module, copy_swa=True)
 
     def save_adapters(self, directory: str | Path) -> Path:
         """Write this callback's adapters (and ``modules_to_save``) in PEFT's format to ``directory``.
@@ -427,24 +447,3 @@ class LoRA(CompressionCallback):
                 tensor_digest(digest, full(named[key]))  # FSDP2: the whole base, as one process digests it
             self._fingerprint = (cache_key, digest.hexdigest())
         return self._fingerprint[1]
-
-
-def _wrap_on_load_checkpoint(pl_module: LightningModule, before_load) -> None:
-    """Make the instance's ``on_load_checkpoint(checkpoint)`` run the class's, then each
-    LoRA callback's ``before_load(checkpoint)``: Lightning calls it right before it loads the
-    weights (callback hooks run only after), looking it up on the instance. Wrapped once;
-    the hooks are kept on the wrapper (a function, which ``copy.deepcopy`` shares rather than
-    copying the callbacks along with a model)."""
-    wrapper = vars(pl_module).get("on_load_checkpoint")
-    if wrapper is None:
-        own, hooks = pl_module.on_load_checkpoint, []
-
-        def wrapper(checkpoint):
-            own(checkpoint)
-            for hook in list(wrapper.before_load):
-                hook(checkpoint)
-
-        wrapper.before_load = hooks
-        pl_module.on_load_checkpoint = wrapper
-    if before_load not in getattr(wrapper, "before_load", [before_load]):
-        wrapper.before_load.append(before_load)
