@@ -173,3 +173,23 @@ def test_swa_saved_after_the_merge_holds_the_merged_model(tmp_path, seeded):
                       [LoRA(r=2, target_modules=["fc1"]), StochasticWeightAveraging(swa_lrs=1e-2)]):
         (metrics,) = make_trainer(callbacks=callbacks).validate(TinyRegressor(), loader, ckpt_path=tmp_path / "fit.ckpt")
         assert metrics["val/loss"] == merged["val/loss"]
+
+
+def test_a_refusal_after_the_adapters_went_back_merges_them_again(tmp_path, seeded):
+    """SWA listed before LoRA cannot load the checkpoint's average: refused once LoRA put
+    fresh adapters back for the checkpoint, which are merged again (zero B: the model as it
+    was), so the callback still knows its adapters are merged, and no load hook is left
+    on the model (Lightning skips teardown after an exception)."""
+    lora = LoRA(r=2, target_modules=["fc1"], merge_on_fit_end=False)
+    model, trainer = fit_and_save(tmp_path, [lora, StochasticWeightAveraging(swa_lrs=1e-2)])
+    lora.merge()
+    loader = tiny_loader(batches=2, seed=1)
+    (merged,) = make_trainer().validate(model, loader)
+    trainer = make_trainer(callbacks=[StochasticWeightAveraging(swa_lrs=1e-2), lora])
+    with pytest.raises(Exception, match="List LoRA before StochasticWeightAveraging"):
+        trainer.validate(model, loader, ckpt_path=tmp_path / "fit.ckpt")
+    assert not adapter_names(model) and lora.adapters == {}
+    assert "on_load_checkpoint" not in vars(model)
+    with pytest.raises(ValueError, match="merge"):
+        lora.save_adapters(tmp_path / "adapters")  # merged: nothing to save
+    assert make_trainer().validate(model, loader)[0]["val/loss"] == pytest.approx(merged["val/loss"], rel=1e-6)

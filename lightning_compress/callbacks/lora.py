@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
@@ -19,19 +18,19 @@ from lightning_compress.callbacks.compatibility import settle_layers
 from lightning_compress.callbacks.hooks import after_configure_model, overrides_configure_model
 from lightning_compress.core.attention import out_proj_owner
 from lightning_compress.core.incompatible import LayerIssue
-from lightning_compress.core.sharding import full, is_shard, saves_distributed_checkpoint
-from lightning_compress.core.targeting import close_names_hint, match_modules
+from lightning_compress.core.sharding import is_shard, saves_distributed_checkpoint
+from lightning_compress.core.targeting import match_modules
 from lightning_compress.core.transforms import is_bound
 from lightning_compress.core.validate import ArgumentError
-from lightning_compress.formats.peft import load_adapters, read_adapter_config, save_adapters
+from lightning_compress.formats.peft import load_adapters, peft_root_of, read_adapter_config, save_adapters
 from lightning_compress.formats.peft_attention import peft_unpaired
 from lightning_compress.lora.adapter import MERGED_MARK, DropoutRNG, LoRAAdapter, adapter_of, check_on_model
 from lightning_compress.lora.checkpoint import (check_checkpoint_adapters, check_merged_reload, check_merged_resume,
-                                                wrap_on_load_checkpoint)
+                                                weights_fingerprint, wrap_on_load_checkpoint)
 from lightning_compress.lora.config import LoRAConfig
 from lightning_compress.lora.inject import (check_nf4_shardable, inject_adapters, merge_into, parameter_counts,
                                              select_adapter_layers)
-from lightning_compress.quant.nf4 import is_nf4, nf4_sharding_issue, tensor_digest
+from lightning_compress.quant.nf4 import is_nf4, nf4_sharding_issue
 
 
 class LoRA(CompressionCallback):
@@ -210,6 +209,10 @@ class LoRA(CompressionCallback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         pl_module.__dict__.pop("on_load_checkpoint", None)
 
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "")  # Lightning skips teardown after an exception: no load hook left behind
+
     # ------------------------------------------------------------------ checkpoint
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
@@ -235,11 +238,21 @@ class LoRA(CompressionCallback):
         every LoRA callback's :meth:`_check_load`): refuse a checkpoint of other adapters with a clear message, and
         put back the frozen weights the checkpoint leaves out."""
         trainer, state = getattr(self._module, "_trainer", None), checkpoint.get("callbacks", {}).get(self.state_key)
-        if self._merged and trainer is not None and state and state.get("layers"):  # merged since this checkpoint,
-            self._inject(trainer, self._module)  # which holds adapters: fresh ones take its values, merged after the load
+        reloading = bool(self._merged and trainer is not None and state and state.get("layers"))
+        if reloading:  # merged since this checkpoint, which holds adapters: fresh ones take its values, merged after
+            self._inject(trainer, self._module)
             self._merge_after_load = True
         elif self._adapters and state and not state.get("layers") and state.get("merged"):  # a merged model's checkpoint:
             self.merge()  # the fresh adapters (B = 0) merge into nothing, and the layers take its merged weights
+        try:
+            self._check_before_load(trainer, state, checkpoint)
+        except BaseException:
+            if reloading:  # refused with the fresh adapters on (B = 0): merged back, the model as it was
+                self._merge_after_load = False
+                self.merge()
+            raise
+
+    def _check_before_load(self, trainer: Trainer | None, state: Dict[str, Any] | None, checkpoint: Dict[str, Any]) -> None:
         if trainer is not None:  # a state no callback takes: named before torch's missing-key error
             self.on_load_checkpoint(trainer, self._module, checkpoint)
             check_averages_to_load(trainer, self, self._module, checkpoint)
@@ -409,14 +422,7 @@ class LoRA(CompressionCallback):
         module = module if module is not None else self._module
         if module is None:
             raise ValueError("LoRA has not set up a model yet: call this after fit (or validate/test) starts")
-        if self.peft_root is None:
-            return module
-        try:
-            return module.get_submodule(self.peft_root)
-        except AttributeError:
-            names = [name for name, _ in module.named_modules() if name]
-            raise ArgumentError("peft_root", f"`peft_root`={self.peft_root!r} is no submodule of"
-                                f" {type(module).__name__}.{close_names_hint(self.peft_root, names)}") from None
+        return peft_root_of(module, self.peft_root)
 
     def _checked_peft_root(self, module: nn.Module | None = None, layers: Dict[str, nn.Module] | None = None) -> nn.Module:
         """The PEFT root, holding every adapted layer (``layers``, by default those adapted)
@@ -438,12 +444,6 @@ class LoRA(CompressionCallback):
 
     def _base_fingerprint(self, keys) -> str:
         """SHA-256 of the frozen weights ``keys`` (an NF4 weight's codes and scales)."""
-        cache_key = tuple(keys)
-        if self._fingerprint is None or self._fingerprint[0] != cache_key:
-            digest = hashlib.sha256()
-            named = self._module.state_dict(keep_vars=True)
-            for key in keys:
-                digest.update(key.encode())
-                tensor_digest(digest, full(named[key]))  # FSDP2: the whole base, as one process digests it
-            self._fingerprint = (cache_key, digest.hexdigest())
+        if self._fingerprint is None or self._fingerprint[0] != tuple(keys):
+            self._fingerprint = (tuple(keys), weights_fingerprint(self._module, keys))
         return self._fingerprint[1]

@@ -398,3 +398,20 @@ def _target_modules(model: nn.Module, names: list):
     if any(other.endswith("." + name) for other in others for name in names):
         return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
     return sorted(names)
+
+
+def peft_root_of(module: nn.Module, peft_root: str | None) -> nn.Module:
+    """The submodule ``peft_root`` names (the module whose names PEFT's files use), or
+    ``module`` itself for ``None``.
+
+    Raises:
+        ArgumentError: ``peft_root`` names no submodule, with the close names.
+    """
+    if peft_root is None:
+        return module
+    try:
+        return module.get_submodule(peft_root)
+    except AttributeError:
+        names = [name for name, _ in module.named_modules() if name]
+        raise ArgumentError("peft_root", f"`peft_root`={peft_root!r} is no submodule of"
+                            f" {type(module).__name__}.{close_names_hint(peft_root, names)}") from None

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+import hashlib
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from torch import nn
+
+from lightning_compress.core.sharding import full
+from lightning_compress.quant.nf4 import tensor_digest
 
 from lightning_compress.lora.config import LoRAConfig
 
@@ -62,6 +66,17 @@ def check_merged_resume(state: Optional[Mapping[str, Any]], stage: Any) -> None:
             " a new fit without `ckpt_path`")
 
 
+def weights_fingerprint(module: nn.Module, keys: Sequence[str]) -> str:
+    """SHA-256 of ``module``'s weights ``keys`` (an NF4 weight's codes and scales): what
+    proves on resume that the frozen weights a checkpoint leaves out are the same."""
+    digest = hashlib.sha256()
+    named = module.state_dict(keep_vars=True)
+    for key in keys:
+        digest.update(key.encode())
+        tensor_digest(digest, full(named[key]))  # FSDP2: the whole base, as one process digests it
+    return digest.hexdigest()
+
+
 def wrap_on_load_checkpoint(pl_module: nn.Module, check: Callable[[dict], None],
                             before_load: Callable[[dict], None]) -> None:
     """Make the instance's ``on_load_checkpoint(checkpoint)`` run the class's, then every
@@ -86,4 +101,5 @@ def wrap_on_load_checkpoint(pl_module: nn.Module, check: Callable[[dict], None],
         wrapper.lora_hooks.append((check, before_load))
 
 
-__all__ = ["check_checkpoint_adapters", "check_merged_reload", "check_merged_resume", "wrap_on_load_checkpoint"]
+__all__ = ["check_checkpoint_adapters", "check_merged_reload", "check_merged_resume", "weights_fingerprint",
+           "wrap_on_load_checkpoint"]
