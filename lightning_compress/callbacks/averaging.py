@@ -39,6 +39,17 @@ AVERAGING = (WeightAveraging, StochasticWeightAveraging)
 NF4_DEFAULT_BLOCKS = 64 * 256
 
 
+def _position(callbacks: list, lora: Any) -> int:
+    return next((i for i, cb in enumerate(callbacks) if cb is lora), len(callbacks))
+
+
+def _stale_copy(callback: Any, kinds: tuple, shapes: list) -> Any:
+    """``callback``'s copy of the model (Lightning 2.6 names it ``_average_model``) if it is
+    one of ``kinds`` and the copy's parameters no longer pair with ``shapes``, else ``None``."""
+    average = getattr(callback, "_average_model", None) if isinstance(callback, kinds) else None
+    return None if average is None or [p.shape for p in average.parameters()] == shapes else average
+
+
 def check_weight_averaging(trainer: Any, lora: Any, pl_module: nn.Module, stage: str, *, in_place: bool,
                            deferred: bool, injects: bool) -> None:
     """From LoRA's ``setup``, before it adds its adapters: refuse an averaging callback
@@ -51,7 +62,7 @@ def check_weight_averaging(trainer: Any, lora: Any, pl_module: nn.Module, stage:
         IncompatibleSettings: naming the two callbacks, their positions and the fix.
     """
     callbacks = list(trainer.callbacks)
-    here = next((i for i, cb in enumerate(callbacks) if cb is lora), len(callbacks))
+    here = _position(callbacks, lora)
     layers = lora.selected_layers(pl_module) or {}
     # Adapters another LoRA callback left on these layers are taken over, not added; layers
     # a deferred LoRA adapts may not exist before `configure_model`.
@@ -63,8 +74,8 @@ def check_weight_averaging(trainer: Any, lora: Any, pl_module: nn.Module, stage:
         name = type(found).__name__
         named = f"Lightning's {name} (callbacks[{index}])"
         if stage != "fit" and swa and index > here and lora.config.base == "nf4" and (in_place or injects):
-            sizes = {name: math.prod(raw_weight(layer, weight_name(layer)).shape) for name, layer in layers.items()}
-            odd = [name for name, size in sizes.items() if size % NF4_DEFAULT_BLOCKS]
+            odd = [layer_name for layer_name, layer in layers.items()
+                   if math.prod(raw_weight(layer, weight_name(layer)).shape) % NF4_DEFAULT_BLOCKS]
             if odd:
                 raise IncompatibleSettings(
                     f"{named} copies the model in every stage, and after LoRA(base='nf4') (callbacks[{here}]) the copy"
@@ -77,16 +88,15 @@ def check_weight_averaging(trainer: Any, lora: Any, pl_module: nn.Module, stage:
                 " base weights (copy.deepcopy quantizes them again with the default block sizes, and NF4 tensors"
                 " have no arithmetic for the average's update). Remove the weight averaging callback, or use"
                 " LoRA(base='float')")
-        if not adds or stage != "fit":
-            pass  # its copy holds the adapters, or it pairs nothing with the model before a load (below)
-        elif swa and deferred:
+        # Otherwise its copy holds the adapters, or pairs nothing with the model before a load (see below).
+        if stage == "fit" and adds and swa and deferred:
             raise IncompatibleSettings(
                 f"{named} copies the model in its setup, before `configure_model` (which this module overrides),"
                 f" and LoRA (callbacks[{here}]) adds its adapters after `configure_model`, so in any order the copy"
                 " would lack them and pair the model's parameters with others. Use Lightning's WeightAveraging()"
                 " (an equal average of every step's weights) or EMAWeightAveraging, listed after LoRA: they call"
                 " `configure_model` before they copy")
-        elif index < here:
+        if stage == "fit" and adds and index < here:
             raise IncompatibleSettings(
                 f"{named} copies the model in its setup, before LoRA (callbacks[{here}]) adds its adapters in its own,"
                 " and then pairs the two models' parameters by position, so the adapters would be averaged with (or"
@@ -113,12 +123,11 @@ def check_averages_to_load(trainer: Any, lora: Any, pl_module: nn.Module, checkp
         IncompatibleSettings: naming the callback and the order that works.
     """
     callbacks = list(trainer.callbacks)
-    here = next((i for i, cb in enumerate(callbacks) if cb is lora), len(callbacks))
+    here = _position(callbacks, lora)
     shapes = [p.shape for p in pl_module.parameters()]
     for index, callback in enumerate(callbacks):
-        average = getattr(callback, "_average_model", None) if isinstance(callback, StochasticWeightAveraging) else None
         saved = checkpoint.get("callbacks", {}).get(callback.state_key) or {}
-        if average is None or saved.get("average_model_state") is None or [p.shape for p in average.parameters()] == shapes:
+        if saved.get("average_model_state") is None or _stale_copy(callback, (StochasticWeightAveraging,), shapes) is None:
             continue
         if index < here:
             raise IncompatibleSettings(
@@ -134,12 +143,10 @@ def drop_stale_averages(trainer: Any, pl_module: nn.Module, *, copy_swa: bool = 
     model at the end of the fit that made it; swapping the stale copy in at each validation
     would put other tensors in the adapters' places, or fail on their shapes, and a
     checkpoint saved now would hold it. With ``copy_swa``, a ``StochasticWeightAveraging``
-    copy copies the model again, as its setup would. ``_average_model`` is Lightning's
-    (2.6) name for the copy, ``None`` outside a fit it set up."""
+    copy copies the model again, as its setup would."""
     shapes = [p.shape for p in pl_module.parameters()]
     for callback in trainer.callbacks:
-        average = getattr(callback, "_average_model", None) if isinstance(callback, AVERAGING) else None
-        if average is None or [p.shape for p in average.parameters()] == shapes:
+        if _stale_copy(callback, AVERAGING, shapes) is None:
             continue
         if isinstance(callback, StochasticWeightAveraging):
             if copy_swa:

@@ -141,7 +141,6 @@ class LoRA(CompressionCallback):
         self._fingerprint: tuple | None = None
         self._pending_adapter_dir: Path | None = None
         self._merge_after_load = False  # a merged model took adapters back for a checkpoint's values
-        self._loading = False  # merging while Lightning loads a checkpoint
 
     @override
     def set_up_layers(self) -> Dict[str, nn.Module]:
@@ -315,9 +314,8 @@ class LoRA(CompressionCallback):
         check_checkpoint_adapters(state, self.config, self._adapters, self._module)
         self._dropout.load_state_dict(state["dropout"])
         if self._merge_after_load:  # the weights are loaded (callback states come after them): merged as before
-            self._merge_after_load, self._loading = False, True  # an SWA listed later loads its average (with
-            self.merge()  # the adapters) into its copy after this: that copy is not made again
-            self._loading = False
+            self._merge_after_load = False  # an SWA listed later loads its average (with the adapters) into
+            self._merge(copy_swa=False)  # its copy after this: that copy is not made again
 
     # ------------------------------------------------------------------ public helpers
     def merge(self) -> list:
@@ -327,20 +325,22 @@ class LoRA(CompressionCallback):
             ValueError: nothing to merge: the adapters were merged already, or the
                 callback has not set up a model yet.
         """
-        check_on_model(self._adapters, self._merged, "merge", "merge once")
-        merge_into(self._module, self._adapters)
+        return self._merge(copy_swa=True)
+
+    def _merge(self, *, copy_swa: bool, merged_already: bool = False) -> list:
+        if not merged_already:  # (`merge_adapters(model)` merged them)
+            check_on_model(self._adapters, self._merged, "merge", "merge once")
+            merge_into(self._module, self._adapters)
         self._merged, self._adapters = list(self._adapters), {}
         if getattr(self._module, "_trainer", None) is not None:  # a checkpoint saved now holds the merged model
-            drop_stale_averages(self._module._trainer, self._module, copy_swa=not self._loading)
+            drop_stale_averages(self._module._trainer, self._module, copy_swa=copy_swa)
         return self._merged
 
     def _note_outside_merge(self) -> None:
         """Adapters of this callback that ``merge_adapters(model)`` merged: as if by :meth:`merge`."""
         if self._adapters and all(a.layer.__dict__.get(MERGED_MARK) and adapter_of(a.layer) is None
                                   for a in self._adapters.values()):
-            self._merged, self._adapters = list(self._adapters), {}
-            if getattr(self._module, "_trainer", None) is not None:
-                drop_stale_averages(self._module._trainer, self._module, copy_swa=True)
+            self._merge(copy_swa=True, merged_already=True)
 
     def save_adapters(self, directory: str | Path) -> Path:
         """Write this callback's adapters (and ``modules_to_save``) in PEFT's format to ``directory``.
